@@ -1,0 +1,16 @@
+"""pagoda: an attention engine for LLM inference serving, in Python and Triton.
+
+The public API follows FlashInfer's names, arguments and shapes, so a serving
+framework can switch by changing an import.
+"""
+from . import triton_compat  # noqa: F401  (interpreter fixes, before any kernel runs)
+from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper,
+                        BatchPrefillWithRaggedKVCacheWrapper, merge_state, merge_state_in_place, merge_states,
+                        single_decode_with_kv_cache, single_prefill_with_kv_cache)
+
+__version__ = "0.1.0"
+__all__ = [
+    "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper", "merge_state", "merge_state_in_place", "merge_states",
+    "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+]

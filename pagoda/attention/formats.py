@@ -1,0 +1,153 @@
+"""KV-cache formats and their validation; every format lowers to one BSR description.
+
+The kernel sees a batch as rows of query tiles and columns of KV: for a paged cache a
+column block is a page (``kv_indices[kv_indptr[b] : kv_indptr[b + 1]]`` are request b's
+pages, the last one holding ``last_page_len`` tokens); for a ragged KV a request's KV
+is one dense column block starting at token ``kv_indptr[b]``. Either way the planner
+needs, per request, a KV length and a base offset, which is what these helpers return.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_PAGE_SIZE = 128
+
+
+def to_host_array(name: str, x, length: int | None = None) -> np.ndarray:
+    """A 1-D integer tensor/sequence as an int64 NumPy array (copies device tensors)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
+        if x.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+        arr = x.detach().to("cpu", torch.int64).numpy()
+    else:
+        arr = np.asarray(x, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {arr.shape[0]}")
+    return arr
+
+
+def check_indptr(name: str, x, length: int | None = None) -> np.ndarray:
+    """An indptr: at least 1 entry, non-negative, non-decreasing."""
+    arr = to_host_array(name, x, length)
+    if arr.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one entry (batch_size + 1)")
+    if arr[0] < 0:
+        raise ValueError(f"{name} must start at a non-negative offset, got {arr[0]}")
+    if np.any(np.diff(arr) < 0):
+        bad = int(np.nonzero(np.diff(arr) < 0)[0][0])
+        raise ValueError(f"{name} must be non-decreasing: {name}[{bad}]={arr[bad]} > "
+                         f"{name}[{bad + 1}]={arr[bad + 1]}")
+    return arr
+
+
+def check_heads(num_qo_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    if num_kv_heads < 1 or num_qo_heads < 1:
+        raise ValueError(f"num_qo_heads and num_kv_heads must be >= 1, got {num_qo_heads}, {num_kv_heads}")
+    if num_qo_heads % num_kv_heads != 0:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+
+
+def check_dtype(name: str, dtype) -> torch.dtype:
+    dtype = canonical_dtype(name, dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def canonical_dtype(name: str, dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"{name}: unknown dtype {dtype!r}")
+        return value
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must be a torch.dtype or its name, got {dtype!r}")
+    return dtype
+
+
+def check_kv_layout(kv_layout: str) -> str:
+    if kv_layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    return kv_layout
+
+
+def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int) -> np.ndarray:
+    """Tokens per request of a paged cache; validates last_page_len."""
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
+    num_pages = np.diff(indptr)
+    has = num_pages > 0
+    bad = has & ((last_page_len < 1) | (last_page_len > page_size))
+    if np.any(bad):
+        i = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"last_page_len[{i}]={last_page_len[i]} must be in 1..page_size ({page_size})")
+    return np.where(has, (num_pages - 1) * page_size + last_page_len, 0)
+
+
+def check_page_indices(indices, indptr: np.ndarray) -> tuple[torch.Tensor, int]:
+    """Returns (indices as an int32 tensor, largest index or -1); checks its length and sign."""
+    if not isinstance(indices, torch.Tensor):
+        indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"paged_kv_indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if indices.shape[0] < indptr[-1]:
+        raise ValueError(f"paged_kv_indices has {indices.shape[0]} entries but the indptr needs {indptr[-1]}")
+    used = indices[int(indptr[0]):int(indptr[-1])]
+    if used.numel() == 0:
+        return indices.to(torch.int32), -1
+    lo, hi = int(used.min()), int(used.max())  # a sync if on the GPU: build page tables on the host
+    if lo < 0:
+        raise ValueError(f"paged_kv_indices must be >= 0, found {lo}")
+    if hi >= 2**31:
+        raise ValueError(f"paged_kv_indices must fit in int32, found {hi}")
+    return indices.to(torch.int32), hi
+
+
+def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache), each [max_num_pages, page_size, num_kv_heads, head_dim] (NHD)
+    or [max_num_pages, num_kv_heads, page_size, head_dim] (HND), from either the single
+    tensor [max_num_pages, 2, ...] or a (k_cache, v_cache) tuple."""
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError("paged_kv_cache as a tuple must be (k_cache, v_cache)")
+        k, v = paged_kv_cache
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise ValueError("paged_kv_cache tuple must hold two tensors")
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"paged_kv_cache k/v must be 4-D and of one shape, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != v.dtype or k.device != v.device:
+            raise ValueError("paged_kv_cache k and v must share dtype and device")
+    elif isinstance(paged_kv_cache, torch.Tensor):
+        if paged_kv_cache.dim() != 5 or paged_kv_cache.shape[1] != 2:
+            raise ValueError("paged_kv_cache must be [max_num_pages, 2, page_size, num_kv_heads, head_dim] "
+                             f"(NHD) or its HND form, got {tuple(paged_kv_cache.shape)}")
+        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+    else:
+        raise ValueError(f"paged_kv_cache must be a tensor or a (k, v) tuple, got {type(paged_kv_cache)}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("paged_kv_cache must be contiguous in head_dim")
+    return k, v
+
+
+def paged_cache_geometry(k: torch.Tensor, kv_layout: str) -> tuple[int, int, int, int]:
+    """(max_num_pages, page_size, num_kv_heads, head_dim) of one unpacked cache tensor."""
+    if kv_layout == "NHD":
+        return k.shape[0], k.shape[1], k.shape[2], k.shape[3]
+    return k.shape[0], k.shape[2], k.shape[1], k.shape[3]
+
+
+def paged_strides(t: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
+    """(page, slot, head) strides in elements of an unpacked cache tensor."""
+    if kv_layout == "NHD":
+        return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride(0), t.stride(2), t.stride(1)

@@ -1,0 +1,297 @@
+"""One attention kernel over the BSR description of a batch (DESIGN.md).
+
+A *work item* is one query tile of one request against one contiguous chunk of that
+request's KV. The planner writes items as int32 rows of ``WORK_FIELDS`` entries:
+
+    0 q_start    first query token of the tile (row of q / out)
+    1 q_len      tokens in the tile (<= BLOCK_M // heads_per_prog)
+    2 kv_base    paged: offset of the request's first page in kv_indices;
+                 ragged: offset of the request's first token in k / v
+    3 kv_start   first KV position (within the request) of the chunk
+    4 kv_end     one past the last KV position of the chunk
+    5 diag       KV position that query row 0 of the tile aligns with: row t sees
+                 kv <= diag + t when causal, kv >= diag + t - window_left with a window
+    6 partial    -1: write the tile to out / lse; otherwise the first row of this
+                 chunk's partial result in tmp_o / tmp_lse (merged later)
+    7 unused
+
+A task is (item, kv_head, head_split). A persistent grid fetches tasks from an atomic
+counter (items are sorted longest first, so this is greedy longest-processing-time
+scheduling) and the last program to finish resets the counters, so ``run()`` is one
+launch that a CUDA graph can replay after any new plan.
+"""
+import triton
+import triton.language as tl
+
+WORK_FIELDS = 8
+MERGE_FIELDS = 4
+# counters: 0 next task, 1 programs done, 2 number of tasks, 3 number of merge tasks
+NUM_COUNTERS = 4
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp2: stable for large |x| and available in every Triton backend.
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _attend_block(
+    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
+    row_hi, row_lo, offs_d,
+    BLOCK_N: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_valid = offs_n < kv_end
+    if PAGED:
+        if MASKED:
+            page = tl.load(KV_INDICES + kv_base + offs_n // page_size, mask=n_valid, other=0)
+        else:
+            page = tl.load(KV_INDICES + kv_base + offs_n // page_size)
+        page = page.to(tl.int64)
+        slot = offs_n % page_size
+        k_off = page * stride_kp + slot * stride_ks
+        v_off = page * stride_vp + slot * stride_vs
+    else:
+        tok = (kv_base + offs_n).to(tl.int64)
+        k_off = tok * stride_kp
+        v_off = tok * stride_vp
+    k_ptrs = K + k_head_off + k_off[None, :] + offs_d[:, None]
+    v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_valid[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k)
+    if SOFTCAP:
+        s = soft_cap_log2 * _tanh(s * qk_scale)
+    else:
+        s = s * qk_scale
+    if MASKED:
+        keep = n_valid[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= row_hi[:, None])
+        if WINDOW:
+            keep = keep & (offs_n[None, :] >= row_lo[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # a row that has seen nothing yet keeps m = -inf; shift by 0 to avoid inf - inf
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=n_valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attention_kernel(
+    Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES,
+    stride_qt, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_lt,
+    stride_tt, stride_th, stride_tl,
+    num_kv_heads, group_size, heads_per_prog, page_size,
+    qk_scale, soft_cap_log2, window_left,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
+    sm_scale / cap with a soft cap, then multiplied back by cap * log2(e))."""
+    n_hsplit = tl.cdiv(group_size, heads_per_prog)
+    tasks_per_item = num_kv_heads * n_hsplit
+    num_tasks = tl.load(COUNTERS + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = offs_m // heads_per_prog
+    sub = offs_m % heads_per_prog
+
+    task = tl.atomic_add(COUNTERS, 1)
+    while task < num_tasks:
+        item = task // tasks_per_item
+        rem = task % tasks_per_item
+        kvh = rem // n_hsplit
+        hsplit = rem % n_hsplit
+        wp = WORK + item * 8
+        q_start = tl.load(wp)
+        q_len = tl.load(wp + 1)
+        kv_base = tl.load(wp + 2)
+        kv_start = tl.load(wp + 3)
+        kv_end = tl.load(wp + 4)
+        diag = tl.load(wp + 5)
+        partial = tl.load(wp + 6)
+
+        head_in_group = hsplit * heads_per_prog + sub
+        row_valid = (tok < q_len) & (head_in_group < group_size)
+        qo_head = kvh * group_size + head_in_group
+        q_row = (q_start + tok).to(tl.int64)
+        q = tl.load(Q + q_row[:, None] * stride_qt + qo_head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0)
+        row_hi = diag + tok
+        row_lo = row_hi - window_left
+
+        # Blocks in [full_lo, full_hi) need no mask: every row sees every column.
+        full_lo = kv_start
+        if WINDOW:
+            lo_need = diag + q_len - 1 - window_left
+            n_pre = tl.maximum(lo_need - kv_start, 0)
+            full_lo = tl.minimum(kv_start + tl.cdiv(n_pre, BLOCK_N) * BLOCK_N, kv_end)
+        hi_lim = kv_end
+        if CAUSAL:
+            hi_lim = tl.minimum(kv_end, diag + 1)
+        full_hi = full_lo + tl.maximum(hi_lim - full_lo, 0) // BLOCK_N * BLOCK_N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_head_off = kvh.to(tl.int64) * stride_kh
+        v_head_off = kvh.to(tl.int64) * stride_vh
+        for start in range(kv_start, full_lo, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, True, CAUSAL, WINDOW)
+        for start in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, False, CAUSAL, WINDOW)
+        for start in range(full_hi, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, True, CAUSAL, WINDOW)
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+        if partial < 0:
+            tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=row_valid[:, None])
+            if WRITE_LSE:
+                tl.store(LSE + q_row * stride_lt + qo_head, lse, mask=row_valid)
+        else:
+            p_row = (partial + tok).to(tl.int64)
+            tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
+                     out, mask=row_valid[:, None])
+            tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
+        task = tl.atomic_add(COUNTERS, 1)
+
+    # The last program out resets the counters for the next launch (graph replay).
+    done = tl.atomic_add(COUNTERS + 1, 1)
+    if done == tl.num_programs(0) - 1:
+        tl.store(COUNTERS, 0)
+        tl.store(COUNTERS + 1, 0)
+
+
+@triton.jit
+def merge_kernel(
+    O, LSE, V, S, TASKS, COUNTERS,
+    num_heads, stride_ot, stride_oh, stride_lt, stride_vr, stride_vh, stride_sr,
+    num_tasks_arg, num_states_arg,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    FROM_TABLE: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Merge attention states through their base-2 log-sum-exp.
+
+    FROM_TABLE: tasks are rows (out_row, first_state_row, state_row_stride, num_states)
+    of TASKS, their count at COUNTERS[3] (split-KV merge; graph-safe). Otherwise task i
+    merges state rows i*num_states .. i*num_states + num_states - 1 into out row i.
+    State row r, head h: V + r*stride_vr + h*stride_vh (+ d), S + r*stride_sr + h.
+    """
+    if FROM_TABLE:
+        num_tasks = tl.load(COUNTERS + 3)
+    else:
+        num_tasks = num_tasks_arg
+    offs_d = tl.arange(0, HEAD_DIM)
+    for task in range(tl.program_id(0), num_tasks, tl.num_programs(0)):
+        if FROM_TABLE:
+            out_row = tl.load(TASKS + task * 4)
+            first = tl.load(TASKS + task * 4 + 1)
+            step = tl.load(TASKS + task * 4 + 2)
+            n = tl.load(TASKS + task * 4 + 3)
+        else:
+            out_row = task
+            first = task * num_states_arg
+            step = 1
+            n = num_states_arg
+        out_row = out_row.to(tl.int64)
+        for h0 in range(0, num_heads, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            hmask = heads < num_heads
+            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            d = tl.zeros([BLOCK_H], tl.float32)
+            acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+            for c in range(n):
+                r = (first + c * step).to(tl.int64)
+                s = tl.load(S + r * stride_sr + heads, mask=hmask, other=float("-inf"))
+                v = tl.load(V + r * stride_vr + heads[:, None] * stride_vh + offs_d[None, :],
+                            mask=hmask[:, None], other=0.0).to(tl.float32)
+                m_new = tl.maximum(m, s)
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_new)
+                w = tl.exp2(s - m_new)
+                d = d * alpha + w
+                acc = acc * alpha[:, None] + w[:, None] * v
+                m = m_new
+            empty = d == 0.0
+            d_safe = tl.where(empty, 1.0, d)
+            tl.store(O + out_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     (acc / d_safe[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+            if WRITE_LSE:
+                tl.store(LSE + out_row * stride_lt + heads,
+                         tl.where(empty, float("-inf"), m + tl.log2(d_safe)), mask=hmask)
+
+
+@triton.jit
+def merge_two_kernel(
+    VA, SA, VB, SB, VO, SO, MASK, num_rows, num_heads,
+    stride_va_r, stride_va_h, stride_sa_r, stride_vb_r, stride_vb_h, stride_sb_r,
+    stride_vo_r, stride_vo_h, stride_so_r,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """(VO, SO) = merge of states A and B per (row, head); VO/SO may alias VA/SA.
+    With HAS_MASK, rows whose MASK is false keep A (written as is)."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < num_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    sa = tl.load(SA + row * stride_sa_r + heads, mask=hmask, other=float("-inf"))
+    sb = tl.load(SB + row * stride_sb_r + heads, mask=hmask, other=float("-inf"))
+    va = tl.load(VA + row * stride_va_r + heads[:, None] * stride_va_h + offs_d[None, :],
+                 mask=hmask[:, None], other=0.0).to(tl.float32)
+    vb = tl.load(VB + row * stride_vb_r + heads[:, None] * stride_vb_h + offs_d[None, :],
+                 mask=hmask[:, None], other=0.0).to(tl.float32)
+    if HAS_MASK:
+        use_b = tl.load(MASK + row) != 0
+        sb = tl.where(use_b, sb, float("-inf"))
+    m = tl.maximum(sa, sb)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp2(sa - m)
+    wb = tl.exp2(sb - m)
+    d = wa + wb
+    empty = d == 0.0
+    d_safe = tl.where(empty, 1.0, d)
+    out = (va * wa[:, None] + vb * wb[:, None]) / d_safe[:, None]
+    if HAS_MASK:
+        out = tl.where(use_b, out, va)
+    tl.store(VO + row * stride_vo_r + heads[:, None] * stride_vo_h + offs_d[None, :],
+             out.to(VO.dtype.element_ty), mask=hmask[:, None])
+    s_out = tl.where(empty, float("-inf"), m + tl.log2(d_safe))
+    if HAS_MASK:
+        s_out = tl.where(use_b, s_out, sa)
+    tl.store(SO + row * stride_so_r + heads, s_out, mask=hmask)

@@ -1,0 +1,193 @@
+"""The scheduler: turns a batch's lengths into a load-balanced work list.
+
+``plan_work`` runs on the host with NumPy (no per-request Python loop). It splits every
+query tile's visible KV range into chunks of one length ``L`` chosen by a cost model,
+so that the persistent grid finishes its tasks at about the same time
+(FlashInfer's load-balanced scheduling), and writes the items longest first so the
+kernel's dynamic fetch is greedy longest-processing-time scheduling.
+
+Cost model, in units of "KV tokens of one head": an item costs its KV length plus a
+fixed overhead ``item_cost`` (loading the query tile, the epilogue, fetch latency);
+splitting a tile into chunks adds the partial rows that the merge writes and reads.
+The makespan of ``num_ctas`` programs that take tasks greedily is at most
+``total / num_ctas + largest task``; the chunk length minimising that bound wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .kernels.attention import MERGE_FIELDS, WORK_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the attention kernel for one problem class.
+
+    block_m rows of a query tile hold ``heads_per_prog`` query heads of one KV head
+    (GQA packing) times ``block_m // heads_per_prog`` tokens.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int
+    heads_per_prog: int
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.block_m // self.heads_per_prog
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm) on a CUDA GPU.
+# block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
+_CUDA_CONFIGS = {
+    ("decode", 64): (16, 64, 4, 4, 4),
+    ("decode", 128): (16, 64, 4, 4, 4),
+    ("decode", 256): (16, 32, 4, 4, 2),
+    ("prefill", 64): (128, 64, 4, 3, 2),
+    ("prefill", 128): (128, 64, 8, 3, 1),
+    ("prefill", 256): (64, 32, 4, 2, 1),
+}
+# Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
+_INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1), "prefill": (32, 16, 1, 1, 1)}
+_INTERPRETER_CTAS = 3
+
+
+def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool) -> KernelConfig:
+    """Pick the kernel configuration for ``mode`` ("decode" or "prefill")."""
+    if on_cuda:
+        block_m, block_n, warps, stages, ctas = _CUDA_CONFIGS[(mode, head_dim)]
+    else:
+        block_m, block_n, warps, stages, ctas = _INTERPRETER_CONFIG[mode]
+    if mode == "decode":
+        block_m = max(block_m, min(_next_pow2(group_size), 64))
+    return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m))
+
+
+@dataclasses.dataclass
+class WorkPlan:
+    """Host side of a plan: what ``run()`` launches over."""
+
+    work: np.ndarray  # [num_items, WORK_FIELDS] int32, longest first
+    merge: np.ndarray  # [num_merge, MERGE_FIELDS] int32: out_row, first, step, count
+    partial_rows: int  # rows of tmp_o / tmp_lse in use
+    chunk_len: int  # KV chunk length chosen (>= the longest range: no split)
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(x)
+    np.cumsum(x[:-1], out=out[1:])
+    return out
+
+
+def _segment_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For counts [c0, c1, ...]: (owner of each element, index within its owner)."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    within = np.arange(len(owner)) - np.repeat(_exclusive_cumsum(counts), counts)
+    return owner, within
+
+
+def plan_work(
+    qo_indptr: np.ndarray,
+    kv_lens: np.ndarray,
+    kv_base: np.ndarray,
+    *,
+    causal: bool,
+    window_left: int,
+    config: KernelConfig,
+    tasks_per_item: int,
+    num_ctas: int,
+    max_partial_rows: int,
+    item_cost: int | None = None,
+) -> WorkPlan:
+    """Build the work list.
+
+    qo_indptr: [batch + 1] int64, query rows of each request.
+    kv_lens:   [batch] int64, KV tokens of each request.
+    kv_base:   [batch] int64, where each request's KV starts (page-list offset or token).
+    Causal masking is bottom-right aligned: query i of a request with qo_len queries
+    and kv_len keys sees keys j <= i + kv_len - qo_len; a window keeps
+    j >= i + kv_len - qo_len - window_left.
+    """
+    T = config.tokens_per_tile
+    qo_lens = np.diff(qo_indptr)
+    n_tiles = -(-qo_lens // T)
+    tile_req, tile_idx = _segment_index(n_tiles)
+    kv_len_t = kv_lens[tile_req]
+    tq0 = tile_idx * T
+    tlen = np.minimum(T, qo_lens[tile_req] - tq0)
+    diag = tq0 + kv_len_t - qo_lens[tile_req]
+    hi = np.clip(diag + tlen, 0, kv_len_t) if causal else kv_len_t
+    lo = np.clip(diag - window_left, 0, kv_len_t) if window_left >= 0 else np.zeros_like(hi)
+    lo = np.minimum(lo, hi)
+    rng = hi - lo
+
+    chunk_len = _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas,
+                                  max_partial_rows, item_cost)
+    n_chunks = np.maximum(1, -(-rng // chunk_len))
+    item_tile, chunk = _segment_index(n_chunks)
+    kv_s = lo[item_tile] + chunk * chunk_len
+    kv_e = np.minimum(kv_s + chunk_len, hi[item_tile])
+    split = n_chunks > 1
+    rows_t = np.where(split, tlen * n_chunks, 0)
+    base_t = _exclusive_cumsum(rows_t)
+    partial = np.where(split[item_tile], base_t[item_tile] + chunk * tlen[item_tile], -1)
+    q_start_t = qo_indptr[:-1][tile_req] + tq0
+
+    work = np.zeros((len(item_tile), WORK_FIELDS), dtype=np.int32)
+    work[:, 0] = q_start_t[item_tile]
+    work[:, 1] = tlen[item_tile]
+    work[:, 2] = kv_base[tile_req][item_tile]
+    work[:, 3] = kv_s
+    work[:, 4] = kv_e
+    work[:, 5] = diag[item_tile]
+    work[:, 6] = partial
+    work = work[np.argsort(-(kv_e - kv_s), kind="stable")]
+
+    split_tiles = np.nonzero(split)[0]
+    m_tile, m_tok = _segment_index(tlen[split_tiles])
+    tiles = split_tiles[m_tile]
+    merge = np.empty((len(tiles), MERGE_FIELDS), dtype=np.int32)
+    merge[:, 0] = q_start_t[tiles] + m_tok
+    merge[:, 1] = base_t[tiles] + m_tok
+    merge[:, 2] = tlen[tiles]
+    merge[:, 3] = n_chunks[tiles]
+    return WorkPlan(work, merge, int(rows_t.sum()), int(chunk_len))
+
+
+def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows, item_cost):
+    """The chunk length that minimises the makespan bound (see module docstring)."""
+    bn = config.block_n
+    longest = int(rng.max()) if len(rng) else 0
+    no_split = max(bn, -(-longest // bn) * bn)
+    if item_cost is None:
+        item_cost = 2 * bn
+    # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
+    # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
+    row_cost = 2 * config.heads_per_prog
+    best, best_est = no_split, None
+    cand = bn * 4
+    candidates = []
+    while cand < no_split:
+        candidates.append(cand)
+        cand *= 2
+    candidates.append(no_split)
+    total_kv = float(rng.sum())
+    for L in candidates:
+        n_chunks = np.maximum(1, -(-rng // L))
+        split = n_chunks > 1
+        rows = int((tlen * n_chunks)[split].sum())
+        if rows > max_partial_rows:
+            continue
+        total = tasks_per_item * (total_kv + n_chunks.sum() * item_cost + rows * row_cost)
+        est = total / num_ctas + min(L, longest) + item_cost
+        if best_est is None or est < best_est:
+            best, best_est = L, est
+    return best

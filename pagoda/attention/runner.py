@@ -1,0 +1,309 @@
+"""The machinery every batch wrapper shares: buffers, plan() bookkeeping, launches.
+
+A wrapper owns (allocated once, so CUDA graphs can capture ``run()``):
+- an int32 buffer: 4 counters | work list | merge list (kernels/attention.py);
+- a page-index buffer the kernel reads (paged formats);
+- tmp_o / tmp_lse for split-KV partial results, carved from the user's float
+  workspace buffer (as FlashInfer does).
+``plan()`` validates on the host, builds the work list with ``plan.plan_work`` and
+copies it in; ``run()`` checks tensor metadata against the plan and launches a fixed
+grid of the attention kernel plus the merge kernel, reading no host data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import torch
+
+from . import reference
+from .formats import check_dtype, check_heads
+from .kernels.attention import MERGE_FIELDS, NUM_COUNTERS, WORK_FIELDS, attention_kernel, merge_kernel
+from .plan import KernelConfig, WorkPlan, plan_work, select_config
+
+LOG2E = 1.4426950408889634
+# Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
+GRAPH_MAX_ITEMS = 1 << 16
+GRAPH_MAX_MERGE = 1 << 17
+GRAPH_MAX_PAGES = 1 << 20
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" is "triton" on CUDA and "torch" elsewhere; Triton on the CPU needs the interpreter."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (Triton's interpreter); "
+                         "use backend='torch' or a CUDA device")
+    return backend
+
+
+def num_programs(device: torch.device, config: KernelConfig) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count * config.ctas_per_sm
+    from .plan import _INTERPRETER_CTAS
+
+    return _INTERPRETER_CTAS
+
+
+@dataclasses.dataclass
+class PlanState:
+    """What run() needs to know about the last plan()."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    causal: bool
+    window_left: int
+    sm_scale: float
+    logits_soft_cap: float
+    config: KernelConfig
+    grid: int
+    nnz_qo: int
+    batch_size: int
+    max_page: int  # largest page index used (-1: none)
+    host_qo_indptr: np.ndarray
+    host_kv_lens: np.ndarray
+    host_kv_base: np.ndarray
+    host_indices: torch.Tensor | None
+    work: WorkPlan
+
+
+class BatchAttention:
+    """Base of the batch wrappers (not public): see the module docstring."""
+
+    _mode = "prefill"
+    _paged = True
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, backend: str = "auto",
+                 paged_kv_indices_buffer: torch.Tensor | None = None):
+        from .formats import check_kv_layout
+
+        if not isinstance(float_workspace_buffer, torch.Tensor):
+            raise ValueError("float_workspace_buffer must be a torch.Tensor")
+        self._float_ws = float_workspace_buffer
+        self.device = float_workspace_buffer.device
+        self._kv_layout = check_kv_layout(kv_layout)
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._backend = resolve_backend(backend, self.device)
+        self._plan: PlanState | None = None
+        self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
+        items, merges, pages = (GRAPH_MAX_ITEMS, GRAPH_MAX_MERGE, GRAPH_MAX_PAGES) if use_cuda_graph else (256, 256, 256)
+        if paged_kv_indices_buffer is not None:
+            if paged_kv_indices_buffer.device != self.device:
+                raise ValueError("paged_kv_indices_buffer must be on the workspace's device")
+            pages = paged_kv_indices_buffer.numel()
+        self._alloc_int(items, merges)
+        self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
+
+    # -- buffers -------------------------------------------------------------------
+    def _alloc_int(self, items: int, merges: int) -> None:
+        self._max_items, self._max_merge = items, merges
+        n = NUM_COUNTERS + items * WORK_FIELDS + merges * MERGE_FIELDS
+        self._int_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"
+        self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self._counters = self._int_buf[:NUM_COUNTERS]
+        self._work_buf = self._int_buf[NUM_COUNTERS:NUM_COUNTERS + items * WORK_FIELDS]
+        self._merge_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
+
+    def _ensure_capacity(self, items: int, merges: int, pages: int) -> None:
+        if items <= self._max_items and merges <= self._max_merge and pages <= self._indices.numel():
+            return
+        if self._use_cuda_graph:
+            raise ValueError(f"batch too large for the CUDA-graph buffers of this wrapper: {items} work items "
+                             f"(max {self._max_items}), {merges} merge rows (max {self._max_merge}), {pages} "
+                             f"pages (max {self._indices.numel()}); pass a larger paged_kv_indices_buffer or "
+                             f"split the batch")
+        self._wait_staging()
+        if items > self._max_items or merges > self._max_merge:
+            self._alloc_int(max(items, 2 * self._max_items), max(merges, 2 * self._max_merge))
+        if pages > self._indices.numel():
+            self._indices = torch.zeros(max(pages, 2 * self._indices.numel()), dtype=torch.int32,
+                                        device=self.device)
+
+    def _wait_staging(self) -> None:
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
+
+    def _partial_capacity(self, num_qo_heads: int, head_dim: int) -> int:
+        floats = self._float_ws.numel() * self._float_ws.element_size() // 4
+        return floats // (num_qo_heads * (head_dim + 1))
+
+    # -- plan ----------------------------------------------------------------------
+    def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
+                    indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
+                    head_dim: int, page_size: int, causal: bool, window_left: int,
+                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, item_cost=None) -> None:
+        check_heads(num_qo_heads, num_kv_heads, head_dim)
+        q_dtype = check_dtype("q_data_type", q_data_type)
+        kv_dtype = q_dtype if kv_data_type is None else check_dtype("kv_data_type", kv_data_type)
+        if kv_dtype != q_dtype:
+            raise ValueError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
+        if not isinstance(window_left, int) or window_left < -1:
+            raise ValueError(f"window_left must be an int >= -1, got {window_left!r}")
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(head_dim)
+        if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be a positive finite float, got {sm_scale!r}")
+        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+        if not math.isfinite(cap) or cap < 0:
+            raise ValueError(f"logits_soft_cap must be None or >= 0, got {logits_soft_cap!r}")
+
+        group = num_qo_heads // num_kv_heads
+        config = select_config(self._mode, head_dim, group, self.device.type == "cuda")
+        grid = num_programs(self.device, config)
+        tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
+        work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
+                         config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
+                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
+                         item_cost=item_cost)
+        n_items, n_merge = len(work.work), len(work.merge)
+        n_pages = 0 if indices is None else int(indices.numel())
+        self._ensure_capacity(n_items, n_merge, n_pages)
+        if self._backend == "triton":
+            self._upload(work, n_items * tasks_per_item, indices)
+        self._plan = PlanState(
+            num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal), window_left,
+            float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
+            qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
+            work)
+
+    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
+        self._wait_staging()
+        n_w, n_m = work.work.size, work.merge.size
+        st = self._staging.numpy()
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, len(work.merge))
+        st[NUM_COUNTERS:NUM_COUNTERS + n_w] = work.work.reshape(-1)
+        m0 = NUM_COUNTERS + self._max_items * WORK_FIELDS
+        st[m0:m0 + n_m] = work.merge.reshape(-1)
+        nb = self.device.type == "cuda"
+        self._int_buf[:NUM_COUNTERS + n_w].copy_(self._staging[:NUM_COUNTERS + n_w], non_blocking=nb)
+        if n_m:
+            self._int_buf[m0:m0 + n_m].copy_(self._staging[m0:m0 + n_m], non_blocking=nb)
+        if indices is not None and indices.numel():
+            self._indices[:indices.numel()].copy_(indices, non_blocking=nb)
+        if nb:
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+
+    # -- run -----------------------------------------------------------------------
+    def _require_plan(self) -> PlanState:
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.run() called before plan(): call plan() first")
+        return self._plan
+
+    def _check_q(self, q: torch.Tensor, p: PlanState) -> None:
+        if not isinstance(q, torch.Tensor):
+            raise ValueError("q must be a torch.Tensor")
+        want = (p.nnz_qo, p.num_qo_heads, p.head_dim)
+        if tuple(q.shape) != want:
+            raise ValueError(f"q must have shape {want} from plan(), got {tuple(q.shape)}")
+        if q.dtype != p.q_dtype:
+            raise ValueError(f"q dtype {q.dtype} differs from q_data_type {p.q_dtype} given to plan()")
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device} but the workspace is on {self.device}")
+        if q.stride(-1) != 1:
+            raise ValueError("q must be contiguous in head_dim")
+
+    def _check_kv(self, name: str, k: torch.Tensor, p: PlanState, num_kv_heads: int, head_dim: int) -> None:
+        if k.dtype != p.kv_dtype:
+            raise ValueError(f"{name} dtype {k.dtype} differs from kv_data_type {p.kv_dtype} given to plan()")
+        if k.device != self.device:
+            raise ValueError(f"{name} is on {k.device} but the workspace is on {self.device}")
+        if num_kv_heads != p.num_kv_heads or head_dim != p.head_dim:
+            raise ValueError(f"{name} has {num_kv_heads} KV heads of dim {head_dim}; plan() was given "
+                             f"{p.num_kv_heads} and {p.head_dim}")
+
+    def _outputs(self, q, p: PlanState, out, lse, return_lse):
+        if out is None:
+            out = torch.empty_like(q)
+        elif tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if lse is None:
+            if return_lse:
+                lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        elif tuple(lse.shape) != (q.shape[0], q.shape[1]) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be float32 of shape {(q.shape[0], q.shape[1])}, got "
+                             f"{lse.dtype} {tuple(lse.shape)}")
+        return out, lse
+
+    def _partial_buffers(self, p: PlanState):
+        """tmp_o [rows, heads, dim] and tmp_lse [rows, heads] float32 views of the workspace: the rows
+        the plan uses, or in CUDA-graph mode all that fit (fixed addresses whatever the plan)."""
+        rows = self._partial_capacity(p.num_qo_heads, p.head_dim) if self._use_cuda_graph else p.work.partial_rows
+        h, d = p.num_qo_heads, p.head_dim
+        if rows == 0:  # nothing split: the kernel never touches tmp, any float32 pointer will do
+            return self._counters.view(torch.float32)[None, None, :1], self._counters.view(torch.float32)[None, :1]
+        raw = self._float_ws.reshape(-1).view(torch.uint8)
+        tmp = raw[:raw.numel() // 4 * 4].view(torch.float32)
+        tmp_o = tmp[:rows * h * d].view(rows, h, d)
+        tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
+        return tmp_o, tmp_lse
+
+    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState) -> None:
+        """strides_*: (page-or-token, slot, head) element strides of the KV tensors."""
+        cfg = p.config
+        tmp_o, tmp_lse = self._partial_buffers(p)
+        write_lse = lse is not None
+        lse_arg = lse if write_lse else tmp_lse
+        cap = p.logits_soft_cap
+        qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
+        group = p.num_qo_heads // p.num_kv_heads
+        attention_kernel[(p.grid,)](
+            q, k, v, out, lse_arg, tmp_o, tmp_lse, self._work_buf, self._counters, self._indices,
+            q.stride(0), q.stride(1), *strides_k, *strides_v,
+            out.stride(0), out.stride(1), lse_arg.stride(0),
+            tmp_o.stride(0), tmp_o.stride(1), tmp_lse.stride(0),
+            p.num_kv_heads, group, cfg.heads_per_prog, p.page_size,
+            qk_scale, cap * LOG2E, p.window_left,
+            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=self._paged,
+            CAUSAL=p.causal, SOFTCAP=cap > 0, WINDOW=p.window_left >= 0, WRITE_LSE=write_lse,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if len(p.work.merge) or self._use_cuda_graph:
+            launch_merge(out, lse_arg, tmp_o, tmp_lse, write_lse, self._merge_buf, self._counters,
+                         num_tasks=0, num_states=0, from_table=True, grid=p.grid)
+
+    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState) -> None:
+        """backend="torch": per-request reference attention in float32."""
+        for b in range(p.batch_size):
+            s, e = int(p.host_qo_indptr[b]), int(p.host_qo_indptr[b + 1])
+            if e == s:
+                continue
+            k, v = kv_of_request(b)
+            o, l2 = reference.attention(q[s:e], k, v, causal=p.causal, sm_scale=p.sm_scale,
+                                        window_left=p.window_left,
+                                        logits_soft_cap=p.logits_soft_cap or None)
+            out[s:e] = o
+            if lse is not None:
+                lse[s:e] = l2
+
+
+def launch_merge(out, lse, v, s, write_lse, tasks, counters, *, num_tasks, num_states, from_table, grid=None):
+    """Launch merge_kernel; v/s are [rows, heads, dim] / [rows, heads] state tensors."""
+    num_heads, head_dim = out.shape[1], out.shape[2]
+    block_h = min(triton_next_pow2(num_heads), max(1, 4096 // head_dim))
+    if grid is None:
+        grid = max(1, num_tasks)
+    merge_kernel[(grid,)](
+        out, lse, v, s, tasks, counters, num_heads,
+        out.stride(0), out.stride(1), lse.stride(0), v.stride(0), v.stride(1), s.stride(0),
+        num_tasks, num_states,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, FROM_TABLE=from_table, WRITE_LSE=write_lse, num_warps=4,
+    )
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())

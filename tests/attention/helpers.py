@@ -1,0 +1,90 @@
+"""Builders shared by the attention tests: random paged batches and float64 oracles."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pagoda.attention import reference
+
+from ..conftest import DEVICE
+
+# Relative L2 error bounds (METHOD.md): bf16 operands land between 1e-3 and 1e-2.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or poisoned elements read)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_lse(lse: torch.Tensor, ref: torch.Tensor, atol: float = 2e-2):
+    lse, ref = lse.cpu(), ref.cpu()
+    assert not torch.isnan(lse).any(), "lse has NaN (unwritten)"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(lse), inf), "lse -inf pattern differs from the reference"
+    if (~inf).any():
+        assert (lse[~inf] - ref[~inf]).abs().max().item() <= atol
+
+
+class PagedBatch:
+    """A random paged KV cache holding ``kv_lens`` requests in shuffled pages.
+
+    Pages no request uses, and slots past each request's end, hold NaN: a kernel that
+    reads them produces NaN and fails.
+    """
+
+    def __init__(self, kv_lens, num_kv_heads, head_dim, page_size, dtype, layout="NHD", spare_pages=3,
+                 device=DEVICE):
+        self.kv_lens = list(kv_lens)
+        self.page_size, self.layout = page_size, layout
+        pages_per = [math.ceil(n / page_size) for n in self.kv_lens]
+        total = sum(pages_per) + spare_pages
+        perm = torch.randperm(total)
+        self.indptr = torch.tensor([0] + list(torch.tensor(pages_per).cumsum(0).tolist()), dtype=torch.int32)
+        self.indices = perm[:sum(pages_per)].to(torch.int32)
+        self.last_page_len = torch.tensor([(n - 1) % page_size + 1 if n else 0 for n in self.kv_lens],
+                                          dtype=torch.int32)
+        shape = (total, 2, page_size, num_kv_heads, head_dim) if layout == "NHD" else \
+            (total, 2, num_kv_heads, page_size, head_dim)
+        self.cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        self.k, self.v = [], []  # per request [kv_len, H, D]
+        for b, n in enumerate(self.kv_lens):
+            k = torch.randn(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+            v = torch.randn(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+            self.k.append(k)
+            self.v.append(v)
+            for j in range(pages_per[b]):
+                page = int(self.indices[int(self.indptr[b]) + j])
+                s, e = j * page_size, min(n, (j + 1) * page_size)
+                for which, src in ((0, k), (1, v)):
+                    if layout == "NHD":
+                        self.cache[page, which, :e - s] = src[s:e]
+                    else:
+                        self.cache[page, which, :, :e - s] = src[s:e].transpose(0, 1)
+
+    def tuple_cache(self):
+        return self.cache[:, 0].contiguous(), self.cache[:, 1].contiguous()
+
+
+def oracle(q, qo_indptr, ks, vs, **kw):
+    """Float64 reference over a batch: (out float64, lse float32)."""
+    outs, lses = [], []
+    for b in range(len(ks)):
+        s, e = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        o, l2 = reference.attention(q[s:e], ks[b], vs[b], compute_dtype=torch.float64,
+                                    out_dtype=torch.float64, **kw)
+        outs.append(o)
+        lses.append(l2)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def poisoned_like(q):
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def workspace(mb=16, device=DEVICE):
+    return torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=device)

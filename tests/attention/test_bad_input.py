@@ -1,0 +1,103 @@
+"""Bad input gets a clear exception naming the argument."""
+import pytest
+import torch
+
+import pagoda
+
+from ..conftest import DEVICE
+from .helpers import PagedBatch, workspace
+
+
+def decode_wrapper():
+    return pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(1), "NHD", backend="triton")
+
+
+@pytest.fixture
+def batch():
+    return PagedBatch([10, 20], 2, 64, 4, torch.float16)
+
+
+def plan(w, b, **kw):
+    args = dict(indptr=b.indptr, indices=b.indices, last_page_len=b.last_page_len, num_qo_heads=4,
+                num_kv_heads=2, head_dim=64, page_size=4, q_data_type=torch.float16)
+    args.update(kw)
+    w.plan(**args)
+
+
+def test_run_before_plan():
+    w = decode_wrapper()
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(torch.randn(2, 4, 64, dtype=torch.float16, device=DEVICE), torch.zeros(1, 2, 4, 2, 64))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"num_qo_heads": 5}, "multiple of num_kv_heads"),
+    ({"head_dim": 96}, "head_dim"),
+    ({"indptr": torch.tensor([0, 5, 3], dtype=torch.int32)}, "indptr.*non-decreasing"),
+    ({"last_page_len": torch.tensor([3], dtype=torch.int32)}, "last_page_len must have 2"),
+    ({"last_page_len": torch.tensor([5, 4], dtype=torch.int32)}, r"last_page_len\[0\]"),
+    ({"last_page_len": torch.tensor([2, 0], dtype=torch.int32)}, r"last_page_len\[1\]"),
+    ({"indices": torch.tensor([0, 1], dtype=torch.int32)}, "paged_kv_indices has 2 entries"),
+    ({"indices": torch.tensor([0, 1, 2, -1, 4, 5, 6, 7], dtype=torch.int32)}, "paged_kv_indices must be >= 0"),
+    ({"page_size": 0}, "page_size"),
+    ({"page_size": 129}, "page_size"),
+    ({"q_data_type": torch.float32}, "q_data_type"),
+    ({"kv_data_type": torch.bfloat16}, "kv_data_type"),
+    ({"window_left": -3}, "window_left"),
+    ({"logits_soft_cap": -1.0}, "logits_soft_cap"),
+    ({"sm_scale": float("nan")}, "sm_scale"),
+    ({"indptr": torch.tensor([0.0, 3.0, 8.0])}, "indptr must be an integer"),
+])
+def test_plan_rejects(batch, kw, match):
+    with pytest.raises(ValueError, match=match):
+        plan(decode_wrapper(), batch, **kw)
+
+
+def test_run_rejects_mismatches(batch):
+    w = decode_wrapper()
+    plan(w, batch)
+    q = torch.randn(2, 4, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="q must have shape"):
+        w.run(q[:1], batch.cache)
+    with pytest.raises(ValueError, match="q dtype"):
+        w.run(q.bfloat16(), batch.cache)
+    with pytest.raises(ValueError, match="paged_kv_cache dtype"):
+        w.run(q, batch.cache.bfloat16())
+    with pytest.raises(ValueError, match="page_size"):
+        w.run(q, batch.cache.reshape(batch.cache.shape[0], 2, 2, 2, 2, 64)[:, :, :, 0])
+    with pytest.raises(ValueError, match="refers to page"):
+        w.run(q, batch.cache[:3])
+    with pytest.raises(ValueError, match="KV heads"):
+        w.run(q, torch.zeros(8, 2, 4, 1, 64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        w.run(q, batch.cache, out=torch.empty(2, 4, 32, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, batch.cache, lse=torch.empty(2, 4, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="paged_kv_cache"):
+        w.run(q, torch.zeros(3, 3, dtype=torch.float16, device=DEVICE))
+
+
+def test_bad_layout_and_backend():
+    with pytest.raises(ValueError, match="kv_layout"):
+        pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(1), "NDH")
+    with pytest.raises(ValueError, match="backend"):
+        pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(1), backend="cuda")
+
+
+def test_prefill_rejects(batch):
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(1), backend="triton")
+    with pytest.raises(ValueError, match="qo_indptr"):
+        w.plan(torch.tensor([0, 3, 1]), batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 4)
+    with pytest.raises(ValueError, match="paged_kv_indptr must have 3"):
+        w.plan(torch.tensor([0, 3, 5]), batch.indptr[:2], batch.indices, batch.last_page_len, 4, 2, 64, 4)
+    with pytest.raises(ValueError, match="custom_mask"):
+        w.plan(torch.tensor([0, 3, 5]), batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 4,
+               custom_mask=torch.ones(10, dtype=torch.bool))
+    r = pagoda.BatchPrefillWithRaggedKVCacheWrapper(workspace(1), backend="triton")
+    r.plan([0, 3], [0, 10], 4, 2, 64, q_data_type=torch.float16)
+    q = torch.randn(3, 4, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(5, 2, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="needs 10 KV tokens"):
+        r.run(q, k, k)
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        r.run(q, torch.randn(10, 2, 64, dtype=torch.float16, device=DEVICE), k)

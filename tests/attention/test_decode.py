@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+import pagoda
+from pagoda.attention import reference
+
+from ..conftest import DEVICE
+from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, workspace
+
+BACKEND = "triton"  # on the CPU this is Triton's interpreter (conftest)
+
+
+def run_decode(batch: PagedBatch, num_qo_heads, head_dim, dtype, *, cache_form="tensor", ws_mb=16,
+               backend=BACKEND, **plan_kw):
+    num_kv_heads = batch.k[0].shape[1] if batch.k else 1
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(ws_mb), batch.layout, backend=backend)
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, num_qo_heads, num_kv_heads, head_dim,
+           batch.page_size, q_data_type=dtype, **plan_kw)
+    q = torch.randn(len(batch.kv_lens), num_qo_heads, head_dim, dtype=dtype, device=DEVICE)
+    out, lse = poisoned_like(q)
+    cache = batch.cache if cache_form == "tensor" else batch.tuple_cache()
+    o, l2 = w.run(q, cache, out=out, lse=lse, return_lse=True)
+    assert o.data_ptr() == out.data_ptr() and l2.data_ptr() == lse.data_ptr()
+    ref_kw = {k: plan_kw[k] for k in ("window_left", "logits_soft_cap", "sm_scale") if k in plan_kw}
+    ro, rl = oracle(q[:, None].reshape(-1, num_qo_heads, head_dim), list(range(len(batch.kv_lens) + 1)),
+                    batch.k, batch.v, **ref_kw)
+    return w, o, l2, ro, rl
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 2), (4, 1)])
+def test_decode_matches_reference(dtype, layout, page_size, heads):
+    kv_lens = [1, 17, 33, 70]
+    batch = PagedBatch(kv_lens, heads[1], 64, page_size, dtype, layout)
+    _, o, l2, ro, rl = run_decode(batch, heads[0], 64, dtype)
+    assert rel_err(o, ro) < TOL[dtype]
+    check_lse(l2, rl)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_decode_head_dims(head_dim):
+    batch = PagedBatch([9, 40], 2, head_dim, 16, torch.bfloat16, "NHD")
+    _, o, l2, ro, rl = run_decode(batch, 8, head_dim, torch.bfloat16, cache_form="tuple")
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+
+
+@pytest.mark.parametrize("plan_kw", [{"window_left": 10}, {"window_left": 0}, {"logits_soft_cap": 3.0},
+                                     {"sm_scale": 0.3}, {"window_left": 25, "logits_soft_cap": 30.0}])
+def test_decode_variants(plan_kw):
+    batch = PagedBatch([1, 31, 64, 90], 2, 64, 8, torch.float16, "NHD")
+    _, o, l2, ro, rl = run_decode(batch, 8, 64, torch.float16, **plan_kw)
+    assert rel_err(o, ro) < TOL[torch.float16]
+    check_lse(l2, rl)
+
+
+def test_decode_split_kv_on_and_off():
+    """One long request among short ones: with a workspace the planner splits its KV
+    (and merges); with no room for partial rows it cannot. Both must match."""
+    kv_lens = [700, 3, 20]
+    batch = PagedBatch(kv_lens, 2, 64, 16, torch.bfloat16, "NHD")
+    w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16)
+    assert w._plan.work.chunk_len < 700 and len(w._plan.work.merge) > 0, "expected a split plan"
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+    w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16, ws_mb=0)
+    assert len(w._plan.work.merge) == 0, "no workspace: no split"
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+
+
+def test_decode_empty_request_gives_zero_and_minus_inf():
+    batch = PagedBatch([5, 0, 12], 2, 64, 4, torch.float16, "NHD")
+    _, o, l2, ro, rl = run_decode(batch, 4, 64, torch.float16)
+    assert torch.equal(o[1].cpu(), torch.zeros_like(o[1]).cpu())
+    assert torch.isinf(l2[1]).all() and (l2[1] < 0).all()
+    assert rel_err(o, ro) < TOL[torch.float16]
+    check_lse(l2, rl)
+
+
+def test_replan_with_other_lengths_reuses_wrapper():
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", backend=BACKEND)
+    for kv_lens in ([3, 50], [100, 1, 1, 7], [260]):
+        batch = PagedBatch(kv_lens, 2, 64, 16, torch.float16)
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16, q_data_type=torch.float16)
+        q = torch.randn(len(kv_lens), 4, 64, dtype=torch.float16, device=DEVICE)
+        o = w.run(q, batch.cache)
+        ro, _ = oracle(q, list(range(len(kv_lens) + 1)), batch.k, batch.v)
+        assert rel_err(o, ro) < TOL[torch.float16]
+
+
+def test_single_decode_layouts():
+    for layout in ("NHD", "HND"):
+        q = torch.randn(8, 64, dtype=torch.bfloat16, device=DEVICE)
+        k = torch.randn(45, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+        v = torch.randn(45, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+        kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+        o, l2 = pagoda.single_decode_with_kv_cache(q, kk, vv, kv_layout=layout, return_lse=True,
+                                                   backend=BACKEND)
+        ro, rl = reference.attention(q[None], k, v, compute_dtype=torch.float64, out_dtype=torch.float64)
+        assert o.shape == (8, 64) and l2.shape == (8,)
+        assert rel_err(o, ro[0]) < TOL[torch.bfloat16]
+        check_lse(l2, rl[0])
+
+
+def test_torch_backend_matches_triton():
+    batch = PagedBatch([4, 29, 50], 2, 64, 7, torch.float16, "HND")
+    _, o_t, l_t, ro, rl = run_decode(batch, 8, 64, torch.float16, backend="torch")
+    assert rel_err(o_t, ro) < TOL[torch.float16]
+    check_lse(l_t, rl)

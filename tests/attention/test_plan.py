@@ -1,0 +1,92 @@
+"""The planner: every (query row, visible KV position) is covered exactly once."""
+import time
+
+import numpy as np
+import pytest
+
+from pagoda.attention.plan import KernelConfig, plan_work
+
+
+def coverage(plan, qo_indptr, T):
+    """Per query token: the set of KV positions some item covers for it, and the partial rows."""
+    seen = {}
+    for q_start, q_len, _, kv_s, kv_e, _, partial, _ in plan.work:
+        for t in range(q_len):
+            seen.setdefault(q_start + t, []).append((kv_s, kv_e, partial))
+    return seen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_left", [-1, 7])
+@pytest.mark.parametrize("num_ctas", [1, 8, 132])
+def test_plan_covers_each_visible_position_once(causal, window_left, num_ctas):
+    rng = np.random.default_rng(0)
+    qo_lens = rng.integers(0, 40, size=9)
+    kv_lens = qo_lens + rng.integers(0, 300, size=9)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+    cfg = KernelConfig(32, 16, 4, 2, 1, 4)
+    plan = plan_work(qo_indptr, kv_lens, np.arange(9) * 1000, causal=causal, window_left=window_left,
+                     config=cfg, tasks_per_item=2, num_ctas=num_ctas, max_partial_rows=10_000)
+    seen = coverage(plan, qo_indptr, cfg.tokens_per_tile)
+    assert sorted(seen) == list(range(qo_indptr[-1])), "every query row has an item"
+    for b in range(9):
+        for i in range(qo_lens[b]):
+            row = qo_indptr[b] + i
+            spans = sorted(seen[row])
+            hi = i + kv_lens[b] - qo_lens[b] + 1 if causal else kv_lens[b]
+            lo = max(0, i + kv_lens[b] - qo_lens[b] - window_left) if window_left >= 0 else 0
+            covered = set()
+            for s, e, _ in spans:
+                assert not covered & set(range(s, e)), "overlapping chunks"
+                covered |= set(range(s, e))
+            visible = set(range(max(lo, 0), max(hi, 0)))
+            assert visible <= covered, "a visible key is never attended"
+            assert len(spans) == 1 or all(p >= 0 for _, _, p in spans), "split chunks go to partial rows"
+    # merge rows: one per token of a split tile, pointing at distinct partial rows
+    firsts = {(int(r[1]) + c * int(r[2])) for r in plan.merge for c in range(int(r[3]))}
+    assert len(firsts) == int(plan.merge[:, 3].sum()) if len(plan.merge) else True
+    assert plan.partial_rows == len(firsts)
+
+
+def test_plan_splits_a_long_request_to_fill_the_gpu():
+    cfg = KernelConfig(16, 64, 4, 3, 4, 4)
+    plan = plan_work(np.array([0, 1]), np.array([32768]), np.array([0]), causal=False, window_left=-1,
+                     config=cfg, tasks_per_item=8, num_ctas=528, max_partial_rows=100_000)
+    assert len(plan.work) * 8 >= 264, f"only {len(plan.work)} items for 132 SMs"
+    lengths = plan.work[:, 4] - plan.work[:, 3]
+    assert lengths.sum() == 32768 and lengths.max() <= plan.chunk_len
+
+
+def test_plan_balances_skewed_batch():
+    """One 32k request among 63 of 512: the long one is split so no task dominates."""
+    cfg = KernelConfig(16, 64, 4, 3, 4, 4)
+    kv = np.array([32768] + [512] * 63)
+    plan = plan_work(np.arange(65), kv, np.zeros(64, dtype=np.int64), causal=False, window_left=-1,
+                     config=cfg, tasks_per_item=8, num_ctas=528, max_partial_rows=100_000)
+    lengths = plan.work[:, 4] - plan.work[:, 3]
+    per_cta = kv.sum() * 8 / 528
+    assert lengths.max() <= 2 * per_cta, (lengths.max(), per_cta)
+    assert np.all(np.diff(lengths) <= 0), "items are ordered longest first"
+
+
+def test_plan_respects_partial_capacity():
+    cfg = KernelConfig(16, 64, 4, 3, 4, 4)
+    plan = plan_work(np.array([0, 1]), np.array([32768]), np.array([0]), causal=False, window_left=-1,
+                     config=cfg, tasks_per_item=8, num_ctas=528, max_partial_rows=0)
+    assert len(plan.work) == 1 and len(plan.merge) == 0
+
+
+def test_plan_time_for_256_requests():
+    """Host cost of a decode plan (reported; the bound is generous for slow CI machines)."""
+    rng = np.random.default_rng(1)
+    kv = rng.integers(128, 8192, size=256)
+    cfg = KernelConfig(16, 64, 4, 3, 4, 4)
+    args = dict(causal=False, window_left=-1, config=cfg, tasks_per_item=8, num_ctas=528,
+                max_partial_rows=100_000)
+    plan_work(np.arange(257), kv, np.zeros(256, dtype=np.int64), **args)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        plan_work(np.arange(257), kv, np.zeros(256, dtype=np.int64), **args)
+    per = (time.perf_counter() - t0) / 20
+    print(f"plan_work(256 requests): {per * 1e6:.0f} us")
+    assert per < 5e-3

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import pagoda
+from pagoda.attention import reference
+
+from ..conftest import DEVICE
+from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, workspace
+
+BACKEND = "triton"
+
+
+def ragged_indptr(lens):
+    return [0] + torch.tensor(lens).cumsum(0).tolist()
+
+
+def run_paged_prefill(qo_lens, kv_lens, heads, head_dim, page_size, dtype, layout="NHD", ws_mb=16, **kw):
+    batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, dtype, layout)
+    qo_indptr = ragged_indptr(qo_lens)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(ws_mb), layout, backend=BACKEND)
+    w.plan(torch.tensor(qo_indptr, dtype=torch.int32), batch.indptr, batch.indices, batch.last_page_len,
+           heads[0], heads[1], head_dim, page_size, q_data_type=dtype, **kw)
+    q = torch.randn(qo_indptr[-1], heads[0], head_dim, dtype=dtype, device=DEVICE)
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse, return_lse=True)
+    ro, rl = oracle(q, qo_indptr, batch.k, batch.v, **kw)
+    return w, out, lse, ro, rl
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (3, 1)])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_paged_prefill(dtype, causal, heads, page_size):
+    # full prefill, append (qo < kv), a single token, a page-crossing odd length
+    qo_lens, kv_lens = [37, 5, 1, 20], [37, 50, 13, 20]
+    _, o, l2, ro, rl = run_paged_prefill(qo_lens, kv_lens, heads, 64, page_size, dtype, causal=causal)
+    assert rel_err(o, ro) < TOL[dtype]
+    check_lse(l2, rl)
+
+
+@pytest.mark.parametrize("kw", [{"causal": True, "window_left": 8}, {"causal": False, "window_left": 5},
+                                {"causal": True, "logits_soft_cap": 2.0}, {"causal": True, "sm_scale": 0.05}])
+def test_paged_prefill_variants(kw):
+    _, o, l2, ro, rl = run_paged_prefill([30, 9], [30, 61], (4, 2), 64, 8, torch.float16, "HND", **kw)
+    assert rel_err(o, ro) < TOL[torch.float16]
+    check_lse(l2, rl)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_paged_prefill_head_dims(head_dim):
+    _, o, l2, ro, rl = run_paged_prefill([18], [40], (4, 2), head_dim, 16, torch.bfloat16, causal=True)
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+
+
+def test_prefill_split_kv():
+    """Few query tiles over a long KV: the planner splits the KV and merges."""
+    w, o, l2, ro, rl = run_paged_prefill([3, 2], [900, 40], (4, 2), 64, 16, torch.bfloat16, causal=True)
+    assert len(w._plan.work.merge) > 0, "expected a split plan"
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+
+
+def test_prefill_rows_that_see_nothing():
+    """Causal with qo_len > kv_len: the first queries see no key (out 0, lse -inf)."""
+    _, o, l2, ro, rl = run_paged_prefill([6], [2], (2, 1), 64, 4, torch.float16, causal=True)
+    assert torch.equal(o[:4].cpu(), torch.zeros_like(o[:4]).cpu())
+    assert torch.isinf(l2[:4]).all()
+    assert rel_err(o, ro) < TOL[torch.float16]
+    check_lse(l2, rl)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_ragged_prefill(layout, causal):
+    qo_lens, kv_lens = [21, 4, 33], [21, 40, 33]
+    heads, d, dtype = (8, 2), 64, torch.bfloat16
+    q = torch.randn(sum(qo_lens), heads[0], d, dtype=dtype, device=DEVICE)
+    ks = [torch.randn(n, heads[1], d, dtype=dtype, device=DEVICE) for n in kv_lens]
+    vs = [torch.randn(n, heads[1], d, dtype=dtype, device=DEVICE) for n in kv_lens]
+    k, v = torch.cat(ks), torch.cat(vs)
+    if layout == "HND":
+        k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+    w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(workspace(), layout, backend=BACKEND)
+    w.plan(ragged_indptr(qo_lens), ragged_indptr(kv_lens), heads[0], heads[1], d, causal=causal,
+           q_data_type=dtype)
+    out, lse = poisoned_like(q)
+    w.run(q, k, v, out=out, lse=lse, return_lse=True)
+    ro, rl = oracle(q, ragged_indptr(qo_lens), ks, vs, causal=causal)
+    assert rel_err(out, ro) < TOL[dtype]
+    check_lse(lse, rl)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_single_prefill(causal):
+    q = torch.randn(24, 4, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(50, 4, 64, dtype=torch.float16, device=DEVICE)
+    v = torch.randn(50, 4, 64, dtype=torch.float16, device=DEVICE)
+    o = pagoda.single_prefill_with_kv_cache(q, k, v, causal=causal, backend=BACKEND)
+    ro, _ = reference.attention(q, k, v, causal=causal, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert rel_err(o, ro) < TOL[torch.float16]
+
+
+def test_torch_backend_prefill():
+    batch = PagedBatch([30, 12], 2, 64, 5, torch.float16)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(), backend="torch")
+    w.plan([0, 10, 22], batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 5, causal=True,
+           q_data_type=torch.float16)
+    q = torch.randn(22, 4, 64, dtype=torch.float16, device=DEVICE)
+    o, l2 = w.run(q, batch.cache, return_lse=True)
+    ro, rl = oracle(q, [0, 10, 22], batch.k, batch.v, causal=True)
+    assert rel_err(o, ro) < TOL[torch.float16]
+    check_lse(l2, rl)
