@@ -35,6 +35,7 @@ class KernelConfig:
     num_stages: int
     ctas_per_sm: int
     heads_per_prog: int
+    item_cost: int = 128  # fixed cost of a work item, in KV tokens of one head (cost model)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -45,30 +46,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm) on a CUDA GPU.
-# block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
-_CUDA_CONFIGS = {
-    ("decode", 64): (16, 64, 4, 4, 4),
-    ("decode", 128): (16, 64, 4, 4, 4),
-    ("decode", 256): (16, 32, 4, 4, 2),
-    ("prefill", 64): (128, 64, 4, 3, 2),
-    ("prefill", 128): (128, 64, 8, 3, 1),
-    ("prefill", 256): (64, 32, 4, 2, 1),
+# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on a
+# CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
+CUDA_CONFIGS = {
+    ("decode", 64): (16, 64, 4, 4, 4, 128),
+    ("decode", 128): (16, 64, 4, 4, 4, 128),
+    ("decode", 256): (16, 32, 4, 4, 2, 128),
+    ("prefill", 64): (128, 64, 4, 3, 2, 128),
+    ("prefill", 128): (128, 64, 8, 3, 1, 128),
+    ("prefill", 256): (64, 32, 4, 2, 1, 128),
 }
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
-_INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1), "prefill": (32, 16, 1, 1, 1)}
+_INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1, 1, 32)}
 _INTERPRETER_CTAS = 3
 
 
 def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool) -> KernelConfig:
     """Pick the kernel configuration for ``mode`` ("decode" or "prefill")."""
     if on_cuda:
-        block_m, block_n, warps, stages, ctas = _CUDA_CONFIGS[(mode, head_dim)]
+        block_m, block_n, warps, stages, ctas, item_cost = CUDA_CONFIGS[(mode, head_dim)]
     else:
-        block_m, block_n, warps, stages, ctas = _INTERPRETER_CONFIG[mode]
+        block_m, block_n, warps, stages, ctas, item_cost = _INTERPRETER_CONFIG[mode]
     if mode == "decode":
         block_m = max(block_m, min(_next_pow2(group_size), 64))
-    return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m))
+    return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost)
 
 
 @dataclasses.dataclass
@@ -105,7 +106,6 @@ def plan_work(
     tasks_per_item: int,
     num_ctas: int,
     max_partial_rows: int,
-    item_cost: int | None = None,
 ) -> WorkPlan:
     """Build the work list.
 
@@ -129,8 +129,7 @@ def plan_work(
     lo = np.minimum(lo, hi)
     rng = hi - lo
 
-    chunk_len = _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas,
-                                  max_partial_rows, item_cost)
+    chunk_len = _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows)
     n_chunks = np.maximum(1, -(-rng // chunk_len))
     item_tile, chunk = _segment_index(n_chunks)
     kv_s = lo[item_tile] + chunk * chunk_len
@@ -162,13 +161,12 @@ def plan_work(
     return WorkPlan(work, merge, int(rows_t.sum()), int(chunk_len))
 
 
-def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows, item_cost):
+def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
     """The chunk length that minimises the makespan bound (see module docstring)."""
     bn = config.block_n
     longest = int(rng.max()) if len(rng) else 0
     no_split = max(bn, -(-longest // bn) * bn)
-    if item_cost is None:
-        item_cost = 2 * bn
+    item_cost = config.item_cost
     # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
     row_cost = 2 * config.heads_per_prog

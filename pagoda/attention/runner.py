@@ -144,7 +144,7 @@ class BatchAttention:
     def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
                     indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
                     head_dim: int, page_size: int, causal: bool, window_left: int,
-                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, item_cost=None) -> None:
+                    logits_soft_cap, sm_scale, q_data_type, kv_data_type) -> None:
         check_heads(num_qo_heads, num_kv_heads, head_dim)
         q_dtype = check_dtype("q_data_type", q_data_type)
         kv_dtype = q_dtype if kv_data_type is None else check_dtype("kv_data_type", kv_data_type)
@@ -166,8 +166,7 @@ class BatchAttention:
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
                          config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
-                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
-                         item_cost=item_cost)
+                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim))
         n_items, n_merge = len(work.work), len(work.merge)
         n_pages = 0 if indices is None else int(indices.numel())
         self._ensure_capacity(n_items, n_merge, n_pages)
@@ -274,7 +273,7 @@ class BatchAttention:
         )
         if len(p.work.merge) or self._use_cuda_graph:
             launch_merge(out, lse_arg, tmp_o, tmp_lse, write_lse, self._merge_buf, self._counters,
-                         num_tasks=0, num_states=0, from_table=True, grid=p.grid)
+                         num_tasks=0, num_states=0, from_table=True, grid=4 * p.grid)
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState) -> None:
         """backend="torch": per-request reference attention in float32."""
@@ -294,14 +293,13 @@ class BatchAttention:
 def launch_merge(out, lse, v, s, write_lse, tasks, counters, *, num_tasks, num_states, from_table, grid=None):
     """Launch merge_kernel; v/s are [rows, heads, dim] / [rows, heads] state tensors."""
     num_heads, head_dim = out.shape[1], out.shape[2]
-    block_h = min(triton_next_pow2(num_heads), max(1, 4096 // head_dim))
     if grid is None:
-        grid = max(1, num_tasks)
+        grid = max(1, num_tasks * num_heads)
     merge_kernel[(grid,)](
         out, lse, v, s, tasks, counters, num_heads,
         out.stride(0), out.stride(1), lse.stride(0), v.stride(0), v.stride(1), s.stride(0),
         num_tasks, num_states,
-        HEAD_DIM=head_dim, BLOCK_H=block_h, FROM_TABLE=from_table, WRITE_LSE=write_lse, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_C=16, FROM_TABLE=from_table, WRITE_LSE=write_lse, num_warps=4,
     )
 
 

@@ -203,7 +203,7 @@ def merge_kernel(
     O, LSE, V, S, TASKS, COUNTERS,
     num_heads, stride_ot, stride_oh, stride_lt, stride_vr, stride_vh, stride_sr,
     num_tasks_arg, num_states_arg,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
     FROM_TABLE: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Merge attention states through their base-2 log-sum-exp.
@@ -212,13 +212,18 @@ def merge_kernel(
     of TASKS, their count at COUNTERS[3] (split-KV merge; graph-safe). Otherwise task i
     merges state rows i*num_states .. i*num_states + num_states - 1 into out row i.
     State row r, head h: V + r*stride_vr + h*stride_vh (+ d), S + r*stride_sr + h.
+    A program takes (task, head) units of a persistent grid and reads BLOCK_C states
+    at a time, so a request split into many chunks merges in a few wide loads.
     """
     if FROM_TABLE:
         num_tasks = tl.load(COUNTERS + 3)
     else:
         num_tasks = num_tasks_arg
     offs_d = tl.arange(0, HEAD_DIM)
-    for task in range(tl.program_id(0), num_tasks, tl.num_programs(0)):
+    offs_c = tl.arange(0, BLOCK_C)
+    for unit in range(tl.program_id(0), num_tasks * num_heads, tl.num_programs(0)):
+        task = unit // num_heads
+        h = unit % num_heads
         if FROM_TABLE:
             out_row = tl.load(TASKS + task * 4)
             first = tl.load(TASKS + task * 4 + 1)
@@ -229,32 +234,28 @@ def merge_kernel(
             first = task * num_states_arg
             step = 1
             n = num_states_arg
+        m = float("-inf")
+        d = 0.0
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for c0 in range(0, n, BLOCK_C):
+            cmask = c0 + offs_c < n
+            rows = (first + (c0 + offs_c) * step).to(tl.int64)
+            s = tl.load(S + rows * stride_sr + h, mask=cmask, other=float("-inf"))
+            v = tl.load(V + rows[:, None] * stride_vr + h * stride_vh + offs_d[None, :],
+                        mask=cmask[:, None], other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(s, 0))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(s - m_new)
+            d = d * alpha + tl.sum(w, 0)
+            acc = acc * alpha + tl.sum(w[:, None] * v, 0)
+            m = m_new
+        empty = d == 0.0
+        d_safe = tl.where(empty, 1.0, d)
         out_row = out_row.to(tl.int64)
-        for h0 in range(0, num_heads, BLOCK_H):
-            heads = h0 + tl.arange(0, BLOCK_H)
-            hmask = heads < num_heads
-            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-            d = tl.zeros([BLOCK_H], tl.float32)
-            acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-            for c in range(n):
-                r = (first + c * step).to(tl.int64)
-                s = tl.load(S + r * stride_sr + heads, mask=hmask, other=float("-inf"))
-                v = tl.load(V + r * stride_vr + heads[:, None] * stride_vh + offs_d[None, :],
-                            mask=hmask[:, None], other=0.0).to(tl.float32)
-                m_new = tl.maximum(m, s)
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(s - m_new)
-                d = d * alpha + w
-                acc = acc * alpha[:, None] + w[:, None] * v
-                m = m_new
-            empty = d == 0.0
-            d_safe = tl.where(empty, 1.0, d)
-            tl.store(O + out_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     (acc / d_safe[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
-            if WRITE_LSE:
-                tl.store(LSE + out_row * stride_lt + heads,
-                         tl.where(empty, float("-inf"), m + tl.log2(d_safe)), mask=hmask)
+        tl.store(O + out_row * stride_ot + h * stride_oh + offs_d, (acc / d_safe).to(O.dtype.element_ty))
+        if WRITE_LSE:
+            tl.store(LSE + out_row * stride_lt + h, tl.where(empty, float("-inf"), m + tl.log2(d_safe)))
 
 
 @triton.jit

@@ -1,0 +1,190 @@
+"""Attention benchmark: pagoda vs FlashInfer, FlexAttention and SDPA on one GPU, one run.
+
+    python -m pagoda.bench.attention [--quick] [--json FILE]
+
+Llama-3.1-8B attention shape by default (32 query heads, 8 KV heads, head_dim 128, bf16,
+page_size 16, pages in random order). Decode reports effective KV bandwidth (bytes of K
+and V read once / time); prefill reports TFLOP/s over the visible (causal) pairs.
+Peers run only when importable; ratios are pagoda's speed over the peer's (> 1: faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+import pagoda
+
+DECODE_CASES = [
+    ("1x32768", [32768]), ("16x4096", [4096] * 16), ("64x2048", [2048] * 64), ("128x1024", [1024] * 128),
+    ("256x512", [512] * 256), ("32x8192", [8192] * 32), ("skewed 32768+63x512", [32768] + [512] * 63),
+    ("64 random 128..8192", None),
+]
+PREFILL_CASES = [  # (name, qo_lens, kv_lens)
+    ("1x8192", [8192], [8192]), ("8x1024", [1024] * 8, [1024] * 8),
+    ("8x(512 onto 4096)", [512] * 8, [4608] * 8), ("1x16384", [16384], [16384]),
+]
+
+
+def bench(fn, rep_ms=200):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median") * 1e-3  # seconds
+
+
+class PagedSetup:
+    def __init__(self, kv_lens, hk, d, page_size, dtype, device="cuda", seed=0):
+        g = torch.Generator().manual_seed(seed)
+        pages = [math.ceil(n / page_size) for n in kv_lens]
+        total = sum(pages)
+        self.indptr = torch.tensor([0] + np.cumsum(pages).tolist(), dtype=torch.int32)
+        self.indices = torch.randperm(total, generator=g).to(torch.int32)
+        self.last = torch.tensor([(n - 1) % page_size + 1 for n in kv_lens], dtype=torch.int32)
+        self.cache = torch.randn(total, 2, page_size, hk, d, dtype=dtype, device=device)
+        self.kv_lens = kv_lens
+        self.kv_bytes = sum(kv_lens) * hk * d * 2 * self.cache.element_size()
+
+
+def flashinfer_or_none():
+    try:
+        import flashinfer  # noqa: F401
+
+        return flashinfer
+    except Exception as e:  # noqa: BLE001 - any import failure means "peer absent"
+        print(f"# FlashInfer not importable: {type(e).__name__}: {e}")
+        return None
+
+
+def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws):
+    s = PagedSetup(kv_lens, hk, d, ps, dtype)
+    b = len(kv_lens)
+    q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+    t0 = time.perf_counter()
+    w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dtype)
+    plan_us = (time.perf_counter() - t0) * 1e6
+    out = w.run(q, s.cache)
+    row = {"case": name, "kind": "decode", "kv_MB": s.kv_bytes / 1e6, "plan_us": plan_us,
+           "pagoda_us": bench(lambda: w.run(q, s.cache, out=out)) * 1e6}
+    if fi is not None:
+        best = None
+        for tc in (False, True):
+            fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+            fw.plan(s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, q_data_type=dtype)
+            ref = fw.run(q, s.cache)
+            err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
+            assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
+            t = bench(lambda: fw.run(q, s.cache)) * 1e6
+            best = t if best is None else min(best, t)
+        row["flashinfer_us"] = best
+    if len(set(kv_lens)) == 1:  # dense peers need equal lengths
+        L = kv_lens[0]
+        k = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")
+        v = torch.randn_like(k)
+        q4 = q[:, :, None]
+        row["sdpa_us"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q4, k, v, enable_gqa=True)) * 1e6
+    return row
+
+
+def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex):
+    s = PagedSetup(kv_lens, hk, d, ps, dtype)
+    qo_indptr = torch.tensor([0] + np.cumsum(qo_lens).tolist(), dtype=torch.int32)
+    q = torch.randn(int(qo_indptr[-1]), hq, d, dtype=dtype, device="cuda")
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+    w.plan(qo_indptr, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dtype)
+    out = w.run(q, s.cache)
+    flops = sum(4 * hq * d * (qo * (kv - qo) + qo * (qo + 1) / 2) for qo, kv in zip(qo_lens, kv_lens))
+    row = {"case": name, "kind": "prefill", "tflop": flops / 1e12,
+           "pagoda_us": bench(lambda: w.run(q, s.cache, out=out)) * 1e6}
+    if fi is not None:
+        fw = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        fw.plan(qo_indptr.cuda(), s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, causal=True,
+                q_data_type=dtype)
+        ref = fw.run(q, s.cache)
+        err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
+        assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
+        row["flashinfer_us"] = bench(lambda: fw.run(q, s.cache)) * 1e6
+    if len(set(qo_lens)) == 1 and qo_lens == kv_lens:  # dense peers: plain causal self-attention
+        b, L = len(qo_lens), qo_lens[0]
+        qd = torch.randn(b, hq, L, d, dtype=dtype, device="cuda")
+        kd = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")
+        vd = torch.randn_like(kd)
+        row["sdpa_us"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, is_causal=True, enable_gqa=True)) * 1e6
+        if flex is not None:
+            fa, cbm = flex
+            bm = cbm(lambda b_, h, qi, ki: qi >= ki, None, None, L, L, device="cuda")
+            row["flex_us"] = bench(lambda: fa(qd, kd, vd, block_mask=bm, enable_gqa=True)) * 1e6
+    return row
+
+
+def fmt_table(rows):
+    lines = []
+    hdr = f"{'case':<22} {'pagoda':>9} {'rate':>11} {'FlashInfer':>10} {'x FI':>6} {'SDPA':>9} {'x SDPA':>7} {'Flex':>9} {'x Flex':>7}"
+    lines.append(hdr)
+    for r in rows:
+        if r["kind"] == "decode":
+            rate = f"{r['kv_MB'] * 1e6 / (r['pagoda_us'] * 1e-6) / 1e9:6.0f} GB/s"
+        else:
+            rate = f"{r['tflop'] / (r['pagoda_us'] * 1e-6):6.0f} TF/s"
+
+        def peer(key):
+            if key not in r:
+                return f"{'-':>9}", f"{'-':>7}"
+            return f"{r[key]:8.1f}u", f"{r[key] / r['pagoda_us']:6.2f}x"
+        fi_t, fi_x = peer("flashinfer_us")
+        sd_t, sd_x = peer("sdpa_us")
+        fl_t, fl_x = peer("flex_us")
+        lines.append(f"{r['kind'][:3] + ' ' + r['case']:<22} {r['pagoda_us']:8.1f}u {rate:>11} {fi_t:>10} {fi_x[1:]:>6} "
+                     f"{sd_t:>9} {sd_x:>7} {fl_t:>9} {fl_x:>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--heads", default="32,8")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--only", choices=["decode", "prefill"])
+    args = ap.parse_args(argv)
+    hq, hk = map(int, args.heads.split(","))
+    d, ps, dtype = args.head_dim, args.page_size, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    fi = flashinfer_or_none()
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = (torch.compile(flex_attention), create_block_mask)
+    ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, heads {hq}/{hk}, head_dim {d}, "
+          f"page_size {ps}, {args.dtype}, FlashInfer {getattr(fi, '__version__', 'absent')}")
+    rows = []
+    rng = np.random.default_rng(0)
+    if args.only != "prefill":
+        for name, lens in DECODE_CASES[: 3 if args.quick else None]:
+            lens = lens if lens is not None else rng.integers(128, 8193, size=64).tolist()
+            rows.append(decode_row(name, lens, hq, hk, d, ps, dtype, fi, ws))
+            print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+    if args.only != "decode":
+        for name, qo, kv in PREFILL_CASES[: 2 if args.quick else None]:
+            rows.append(prefill_row(name, qo, kv, hq, hk, d, ps, dtype, fi, ws, flex))
+            print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+    print()
+    print(fmt_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""GPU tests at real sizes (run on the device: scripts/gpu_check.sh)."""
+import pytest
+import torch
+
+import pagoda
+
+from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, workspace
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("gpu tests need CUDA: deselect them with -m 'not gpu' on a CPU machine")
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 37, 128])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (64, 8), (32, 1), (40, 8)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_real_sizes(page_size, heads, head_dim):
+    kv_lens = [1, 4096, 333, 17, 2048, 8191]
+    batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, page_size,
+           q_data_type=torch.bfloat16)
+    q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse)
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads", [(32, 8), (16, 16)])
+@pytest.mark.parametrize("kw", [{"causal": True}, {"causal": False}, {"causal": True, "window_left": 300},
+                                {"causal": True, "logits_soft_cap": 30.0}])
+def test_prefill_real_sizes(head_dim, heads, kw):
+    qo_lens, kv_lens = [1000, 129, 1, 512], [1000, 700, 64, 4608]
+    batch = PagedBatch(kv_lens, heads[1], head_dim, 16, torch.float16, "HND")
+    qo_indptr = [0] + torch.tensor(qo_lens).cumsum(0).tolist()
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128), "HND")
+    w.plan(torch.tensor(qo_indptr, dtype=torch.int32), batch.indptr, batch.indices, batch.last_page_len,
+           heads[0], heads[1], head_dim, 16, q_data_type=torch.float16, **kw)
+    q = torch.randn(qo_indptr[-1], heads[0], head_dim, dtype=torch.float16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse)
+    ro, rl = oracle(q.cpu(), qo_indptr, [k.cpu() for k in batch.k], [v.cpu() for v in batch.v], **kw)
+    assert rel_err(out, ro) < TOL[torch.float16]
+    check_lse(lse, rl)
+
+
+def test_decode_cuda_graph_replays_after_new_plan():
+    hq, hk, d, ps, bsz = 32, 8, 128, 16, 16
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128), use_cuda_graph=True)
+    first = PagedBatch([100] * bsz, hk, d, ps, torch.bfloat16, spare_pages=4000)
+    q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device="cuda")
+    w.plan(first.indptr, first.indices, first.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    out = torch.empty_like(q)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            w.run(q, first.cache, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, first.cache, out=out)
+    # New lengths (one long request gets split, one request is empty), same cache tensor.
+    for lens in ([5000, 1] + [300] * (bsz - 2), [0] + [2000] * (bsz - 1), [100] * bsz):
+        nxt = PagedBatch(lens, hk, d, ps, torch.bfloat16, spare_pages=0)
+        first.cache.fill_(float("nan"))
+        first.cache[: nxt.cache.shape[0]] = nxt.cache
+        w.plan(nxt.indptr, nxt.indices, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ro, _ = oracle(q.cpu(), list(range(bsz + 1)), [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v])
+        assert rel_err(out, ro) < TOL[torch.bfloat16], lens
+
+
+def test_prefill_cuda_graph_replays_after_new_plan():
+    hq, hk, d, ps = 32, 8, 128, 16
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128), use_cuda_graph=True)
+    qo = [0, 256, 512]
+    first = PagedBatch([256, 256], hk, d, ps, torch.bfloat16, spare_pages=600)
+    w.plan(torch.tensor(qo), first.indptr, first.indices, first.last_page_len, hq, hk, d, ps, causal=True,
+           q_data_type=torch.bfloat16)
+    q = torch.randn(512, hq, d, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    w.run(q, first.cache, out=out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, first.cache, out=out)
+    nxt = PagedBatch([4096, 300], hk, d, ps, torch.bfloat16, spare_pages=0)
+    first.cache.fill_(float("nan"))
+    first.cache[: nxt.cache.shape[0]] = nxt.cache
+    w.plan(torch.tensor([0, 12, 512]), nxt.indptr, nxt.indices, nxt.last_page_len, hq, hk, d, ps, causal=True,
+           q_data_type=torch.bfloat16)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ro, _ = oracle(q.cpu(), [0, 12, 512], [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v], causal=True)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
