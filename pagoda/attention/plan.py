@@ -49,12 +49,12 @@ def _next_pow2(x: int) -> int:
 # (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on a
 # CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
 CUDA_CONFIGS = {
-    ("decode", 64): (16, 64, 4, 4, 4, 128),
-    ("decode", 128): (16, 64, 4, 4, 4, 128),
-    ("decode", 256): (16, 32, 4, 4, 2, 128),
-    ("prefill", 64): (128, 64, 4, 3, 2, 128),
-    ("prefill", 128): (128, 64, 8, 3, 1, 128),
-    ("prefill", 256): (64, 32, 4, 2, 1, 128),
+    ("decode", 64): (16, 64, 4, 3, 4, 1024),
+    ("decode", 128): (16, 64, 4, 3, 4, 1024),
+    ("decode", 256): (16, 32, 4, 3, 2, 1024),
+    ("prefill", 64): (128, 64, 8, 3, 1, 512),
+    ("prefill", 128): (128, 64, 8, 3, 1, 512),
+    ("prefill", 256): (64, 32, 4, 2, 1, 512),
 }
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
 _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1, 1, 32)}

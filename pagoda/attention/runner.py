@@ -51,6 +51,13 @@ def num_programs(device: torch.device, config: KernelConfig) -> int:
     return _INTERPRETER_CTAS
 
 
+def merge_programs(device: torch.device) -> int:
+    """Grid of the split-KV merge: a few programs per SM; idle ones cost launch time."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
 @dataclasses.dataclass
 class PlanState:
     """What run() needs to know about the last plan()."""
@@ -265,15 +272,16 @@ class BatchAttention:
             q.stride(0), q.stride(1), *strides_k, *strides_v,
             out.stride(0), out.stride(1), lse_arg.stride(0),
             tmp_o.stride(0), tmp_o.stride(1), tmp_lse.stride(0),
-            p.num_kv_heads, group, cfg.heads_per_prog, p.page_size,
+            p.num_kv_heads, group, cfg.heads_per_prog,
             qk_scale, cap * LOG2E, p.window_left,
-            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=self._paged,
+            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
+            PAGED=self._paged, INDEX_ASM=self.device.type == "cuda",
             CAUSAL=p.causal, SOFTCAP=cap > 0, WINDOW=p.window_left >= 0, WRITE_LSE=write_lse,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if len(p.work.merge) or self._use_cuda_graph:
             launch_merge(out, lse_arg, tmp_o, tmp_lse, write_lse, self._merge_buf, self._counters,
-                         num_tasks=0, num_states=0, from_table=True, grid=4 * p.grid)
+                         num_tasks=0, num_states=0, from_table=True, grid=merge_programs(self.device))
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState) -> None:
         """backend="torch": per-request reference attention in float32."""

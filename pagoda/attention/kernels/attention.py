@@ -38,40 +38,56 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_page_index(ptrs, INDEX_ASM: tl.constexpr):
+    """Page ids of a block of tokens. On CUDA they are read with a plain (inline PTX) load:
+    a tl.load here becomes a cp.async that Triton's pipeliner commits after the K/V copies,
+    and waiting for it then waits for every copy in flight (no overlap of loads and math).
+    """
+    if INDEX_ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:  # the interpreter: callers clamp masked pointers, so a plain load is in bounds
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _attend_block(
     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-    stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
     row_hi, row_lo, offs_d,
-    BLOCK_N: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
 ):
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         n_valid = offs_n < kv_end
     if PAGED:
-        if MASKED:
-            page = tl.load(KV_INDICES + kv_base + offs_n // page_size, mask=n_valid, other=0)
+        if MASKED:  # clamp: tokens past the end read the request's first page id (unused)
+            page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE,
+                                    INDEX_ASM)
         else:
-            page = tl.load(KV_INDICES + kv_base + offs_n // page_size)
+            page = _load_page_index(KV_INDICES + kv_base + offs_n // PAGE_SIZE, INDEX_ASM)
         page = page.to(tl.int64)
-        slot = offs_n % page_size
+        slot = offs_n % PAGE_SIZE
         k_off = page * stride_kp + slot * stride_ks
         v_off = page * stride_vp + slot * stride_vs
     else:
         tok = (kv_base + offs_n).to(tl.int64)
         k_off = tok * stride_kp
         v_off = tok * stride_vp
-    k_ptrs = K + k_head_off + k_off[None, :] + offs_d[:, None]
+    k_ptrs = K + k_head_off + k_off[:, None] + offs_d[None, :]
     v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
     if MASKED:
-        k = tl.load(k_ptrs, mask=n_valid[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=n_valid[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, k)
+    s = tl.dot(q, tl.trans(k))
     if SOFTCAP:
         s = soft_cap_log2 * _tanh(s * qk_scale)
-    else:
-        s = s * qk_scale
+        scale = 1.0
+    else:  # the scale is folded into the exponent below (one FMA per score)
+        scale = qk_scale
     if MASKED:
         keep = n_valid[None, :]
         if CAUSAL:
@@ -79,12 +95,12 @@ def _attend_block(
         if WINDOW:
             keep = keep & (offs_n[None, :] >= row_lo[:, None])
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     if MASKED:
         # a row that has seen nothing yet keeps m = -inf; shift by 0 to avoid inf - inf
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=n_valid[:, None], other=0.0)
@@ -103,10 +119,10 @@ def attention_kernel(
     stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_lt,
     stride_tt, stride_th, stride_tl,
-    num_kv_heads, group_size, heads_per_prog, page_size,
+    num_kv_heads, group_size, heads_per_prog,
     qk_scale, soft_cap_log2, window_left,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
@@ -162,18 +178,18 @@ def attention_kernel(
         for start in range(kv_start, full_lo, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, True, CAUSAL, WINDOW)
+                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, False, CAUSAL, WINDOW)
+                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW)
         for start in range(full_hi, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, page_size, qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGED, SOFTCAP, True, CAUSAL, WINDOW)
+                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
