@@ -18,8 +18,8 @@ import os
 import torch
 
 from . import reference
-from .kernels.attention import merge_two_kernel
-from .runner import launch_merge, triton_next_pow2
+from .kernels.attention import merge_states_kernel, merge_two_kernel
+from .runner import triton_next_pow2
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -122,9 +122,8 @@ def merge_states(v: torch.Tensor, s: torch.Tensor):
     lse = torch.empty(seq, heads, dtype=torch.float32, device=v.device)
     if seq == 0:
         return out, lse
-    flat_v = v.view(seq * states, heads, dim)
-    flat_s = s.view(seq * states, heads)
-    dummy = torch.zeros(4, dtype=torch.int32, device=v.device)
-    launch_merge(out, lse, flat_v, flat_s, True, dummy, dummy, num_tasks=seq, num_states=states,
-                 from_table=False)
+    grid = min(seq * heads, 4096)
+    merge_states_kernel[(grid,)](
+        out, lse, v, s, seq, states, heads, out.stride(0), out.stride(1), lse.stride(0),
+        v.stride(1), v.stride(2), s.stride(1), HEAD_DIM=dim, BLOCK_C=16, num_warps=4)
     return out, lse

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .kernels.attention import MERGE_FIELDS, WORK_FIELDS
+from .kernels.attention import SPLIT_FIELDS, WORK_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ class WorkPlan:
     """Host side of a plan: what ``run()`` launches over."""
 
     work: np.ndarray  # [num_items, WORK_FIELDS] int32, longest first
-    merge: np.ndarray  # [num_merge, MERGE_FIELDS] int32: out_row, first, step, count
+    splits: np.ndarray  # [num_split_tiles, SPLIT_FIELDS] int32: first partial row, chunks
     partial_rows: int  # rows of tmp_o / tmp_lse in use
     chunk_len: int  # KV chunk length chosen (>= the longest range: no split)
 
@@ -148,17 +148,16 @@ def plan_work(
     work[:, 4] = kv_e
     work[:, 5] = diag[item_tile]
     work[:, 6] = partial
+    split_tiles = np.nonzero(split)[0]
+    split_id = np.full(len(split), -1, dtype=np.int64)
+    split_id[split_tiles] = np.arange(len(split_tiles))
+    work[:, 7] = split_id[item_tile]
     work = work[np.argsort(-(kv_e - kv_s), kind="stable")]
 
-    split_tiles = np.nonzero(split)[0]
-    m_tile, m_tok = _segment_index(tlen[split_tiles])
-    tiles = split_tiles[m_tile]
-    merge = np.empty((len(tiles), MERGE_FIELDS), dtype=np.int32)
-    merge[:, 0] = q_start_t[tiles] + m_tok
-    merge[:, 1] = base_t[tiles] + m_tok
-    merge[:, 2] = tlen[tiles]
-    merge[:, 3] = n_chunks[tiles]
-    return WorkPlan(work, merge, int(rows_t.sum()), int(chunk_len))
+    splits = np.empty((len(split_tiles), SPLIT_FIELDS), dtype=np.int32)
+    splits[:, 0] = base_t[split_tiles]
+    splits[:, 1] = n_chunks[split_tiles]
+    return WorkPlan(work, splits, int(rows_t.sum()), int(chunk_len))
 
 
 def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):

@@ -1,13 +1,14 @@
 """The machinery every batch wrapper shares: buffers, plan() bookkeeping, launches.
 
 A wrapper owns (allocated once, so CUDA graphs can capture ``run()``):
-- an int32 buffer: 4 counters | work list | merge list (kernels/attention.py);
+- an int32 buffer: 4 counters | work list | split-tile table (kernels/attention.py), and
+  the arrival counters of split tiles (zero between launches);
 - a page-index buffer the kernel reads (paged formats);
 - tmp_o / tmp_lse for split-KV partial results, carved from the user's float
   workspace buffer (as FlashInfer does).
 ``plan()`` validates on the host, builds the work list with ``plan.plan_work`` and
 copies it in; ``run()`` checks tensor metadata against the plan and launches a fixed
-grid of the attention kernel plus the merge kernel, reading no host data.
+grid of the attention kernel (split tiles merge inside it), reading no host data.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import torch
 
 from . import reference
 from .formats import check_dtype, check_heads
-from .kernels.attention import MERGE_FIELDS, NUM_COUNTERS, WORK_FIELDS, attention_kernel, merge_kernel
+from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
 LOG2E = 1.4426950408889634
 # Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
 GRAPH_MAX_ITEMS = 1 << 16
-GRAPH_MAX_MERGE = 1 << 17
+GRAPH_MAX_SPLITS = 1 << 14
+GRAPH_MAX_ARRIVALS = 1 << 17
 GRAPH_MAX_PAGES = 1 << 20
 
 
@@ -49,13 +51,6 @@ def num_programs(device: torch.device, config: KernelConfig) -> int:
     from .plan import _INTERPRETER_CTAS
 
     return _INTERPRETER_CTAS
-
-
-def merge_programs(device: torch.device) -> int:
-    """Grid of the split-KV merge: a few programs per SM; idle ones cost launch time."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 @dataclasses.dataclass
@@ -82,6 +77,10 @@ class PlanState:
     host_kv_base: np.ndarray
     host_indices: torch.Tensor | None
     work: WorkPlan
+    tmp_o: torch.Tensor | None = None  # views of the float workspace (split partial results)
+    tmp_lse: torch.Tensor | None = None
+    scalars: tuple = ()  # the kernel's scalar arguments after the strides
+    constexprs: dict | None = None
 
 
 class BatchAttention:
@@ -104,36 +103,42 @@ class BatchAttention:
         self._backend = resolve_backend(backend, self.device)
         self._plan: PlanState | None = None
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
-        items, merges, pages = (GRAPH_MAX_ITEMS, GRAPH_MAX_MERGE, GRAPH_MAX_PAGES) if use_cuda_graph else (256, 256, 256)
+        items, splits, arrivals, pages = ((GRAPH_MAX_ITEMS, GRAPH_MAX_SPLITS, GRAPH_MAX_ARRIVALS, GRAPH_MAX_PAGES)
+                                          if use_cuda_graph else (256, 64, 1024, 256))
         if paged_kv_indices_buffer is not None:
             if paged_kv_indices_buffer.device != self.device:
                 raise ValueError("paged_kv_indices_buffer must be on the workspace's device")
             pages = paged_kv_indices_buffer.numel()
-        self._alloc_int(items, merges)
+        self._alloc_int(items, splits)
+        self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
         self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
 
     # -- buffers -------------------------------------------------------------------
-    def _alloc_int(self, items: int, merges: int) -> None:
-        self._max_items, self._max_merge = items, merges
-        n = NUM_COUNTERS + items * WORK_FIELDS + merges * MERGE_FIELDS
+    def _alloc_int(self, items: int, splits: int) -> None:
+        self._max_items, self._max_splits = items, splits
+        n = NUM_COUNTERS + items * WORK_FIELDS + splits * SPLIT_FIELDS
         self._int_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
         pin = self.device.type == "cuda"
         self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
         self._counters = self._int_buf[:NUM_COUNTERS]
         self._work_buf = self._int_buf[NUM_COUNTERS:NUM_COUNTERS + items * WORK_FIELDS]
-        self._merge_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
+        self._splits_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
 
-    def _ensure_capacity(self, items: int, merges: int, pages: int) -> None:
-        if items <= self._max_items and merges <= self._max_merge and pages <= self._indices.numel():
+    def _ensure_capacity(self, items: int, splits: int, arrivals: int, pages: int) -> None:
+        if (items <= self._max_items and splits <= self._max_splits and arrivals <= self._arrivals.numel()
+                and pages <= self._indices.numel()):
             return
         if self._use_cuda_graph:
             raise ValueError(f"batch too large for the CUDA-graph buffers of this wrapper: {items} work items "
-                             f"(max {self._max_items}), {merges} merge rows (max {self._max_merge}), {pages} "
-                             f"pages (max {self._indices.numel()}); pass a larger paged_kv_indices_buffer or "
-                             f"split the batch")
+                             f"(max {self._max_items}), {splits} split tiles (max {self._max_splits}), "
+                             f"{arrivals} arrival counters (max {self._arrivals.numel()}), {pages} pages (max "
+                             f"{self._indices.numel()}); pass a larger paged_kv_indices_buffer or split the batch")
         self._wait_staging()
-        if items > self._max_items or merges > self._max_merge:
-            self._alloc_int(max(items, 2 * self._max_items), max(merges, 2 * self._max_merge))
+        if items > self._max_items or splits > self._max_splits:
+            self._alloc_int(max(items, 2 * self._max_items), max(splits, 2 * self._max_splits))
+        if arrivals > self._arrivals.numel():
+            self._arrivals = torch.zeros(max(arrivals, 2 * self._arrivals.numel()), dtype=torch.int32,
+                                         device=self.device)
         if pages > self._indices.numel():
             self._indices = torch.zeros(max(pages, 2 * self._indices.numel()), dtype=torch.int32,
                                         device=self.device)
@@ -174,9 +179,9 @@ class BatchAttention:
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
                          config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_qo_heads, head_dim))
-        n_items, n_merge = len(work.work), len(work.merge)
+        n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
-        self._ensure_capacity(n_items, n_merge, n_pages)
+        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, n_pages)
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, indices)
         self._plan = PlanState(
@@ -184,15 +189,30 @@ class BatchAttention:
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work)
+        self._prepare_launch(self._plan)
+
+    def _prepare_launch(self, p: PlanState) -> None:
+        """Everything run() passes to the kernel that does not depend on its tensors."""
+        p.tmp_o, p.tmp_lse = self._partial_buffers(p)
+        cap = p.logits_soft_cap
+        qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
+        cfg = p.config
+        p.scalars = (p.tmp_o.stride(0), p.tmp_o.stride(1), p.tmp_lse.stride(0),
+                     p.num_kv_heads, p.num_qo_heads // p.num_kv_heads, cfg.heads_per_prog,
+                     qk_scale, cap * LOG2E, p.window_left)
+        p.constexprs = dict(
+            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
+            PAGED=self._paged, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal, SOFTCAP=cap > 0,
+            WINDOW=p.window_left >= 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
         self._wait_staging()
-        n_w, n_m = work.work.size, work.merge.size
+        n_w, n_m = work.work.size, work.splits.size
         st = self._staging.numpy()
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, len(work.merge))
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, 0)
         st[NUM_COUNTERS:NUM_COUNTERS + n_w] = work.work.reshape(-1)
         m0 = NUM_COUNTERS + self._max_items * WORK_FIELDS
-        st[m0:m0 + n_m] = work.merge.reshape(-1)
+        st[m0:m0 + n_m] = work.splits.reshape(-1)
         nb = self.device.type == "cuda"
         self._int_buf[:NUM_COUNTERS + n_w].copy_(self._staging[:NUM_COUNTERS + n_w], non_blocking=nb)
         if n_m:
@@ -260,28 +280,13 @@ class BatchAttention:
 
     def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState) -> None:
         """strides_*: (page-or-token, slot, head) element strides of the KV tensors."""
-        cfg = p.config
-        tmp_o, tmp_lse = self._partial_buffers(p)
-        write_lse = lse is not None
-        lse_arg = lse if write_lse else tmp_lse
-        cap = p.logits_soft_cap
-        qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
-        group = p.num_qo_heads // p.num_kv_heads
+        lse_arg = lse if lse is not None else p.tmp_lse
         attention_kernel[(p.grid,)](
-            q, k, v, out, lse_arg, tmp_o, tmp_lse, self._work_buf, self._counters, self._indices,
-            q.stride(0), q.stride(1), *strides_k, *strides_v,
-            out.stride(0), out.stride(1), lse_arg.stride(0),
-            tmp_o.stride(0), tmp_o.stride(1), tmp_lse.stride(0),
-            p.num_kv_heads, group, cfg.heads_per_prog,
-            qk_scale, cap * LOG2E, p.window_left,
-            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
-            PAGED=self._paged, INDEX_ASM=self.device.type == "cuda",
-            CAUSAL=p.causal, SOFTCAP=cap > 0, WINDOW=p.window_left >= 0, WRITE_LSE=write_lse,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
+            self._splits_buf, self._arrivals,
+            q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
+            *p.scalars, WRITE_LSE=lse is not None, **p.constexprs,
         )
-        if len(p.work.merge) or self._use_cuda_graph:
-            launch_merge(out, lse_arg, tmp_o, tmp_lse, write_lse, self._merge_buf, self._counters,
-                         num_tasks=0, num_states=0, from_table=True, grid=merge_programs(self.device))
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState) -> None:
         """backend="torch": per-request reference attention in float32."""
@@ -296,19 +301,6 @@ class BatchAttention:
             out[s:e] = o
             if lse is not None:
                 lse[s:e] = l2
-
-
-def launch_merge(out, lse, v, s, write_lse, tasks, counters, *, num_tasks, num_states, from_table, grid=None):
-    """Launch merge_kernel; v/s are [rows, heads, dim] / [rows, heads] state tensors."""
-    num_heads, head_dim = out.shape[1], out.shape[2]
-    if grid is None:
-        grid = max(1, num_tasks * num_heads)
-    merge_kernel[(grid,)](
-        out, lse, v, s, tasks, counters, num_heads,
-        out.stride(0), out.stride(1), lse.stride(0), v.stride(0), v.stride(1), s.stride(0),
-        num_tasks, num_states,
-        HEAD_DIM=head_dim, BLOCK_C=16, FROM_TABLE=from_table, WRITE_LSE=write_lse, num_warps=4,
-    )
 
 
 def triton_next_pow2(x: int) -> int:

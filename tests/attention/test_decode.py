@@ -62,11 +62,11 @@ def test_decode_split_kv_on_and_off():
     kv_lens = [700, 3, 20]
     batch = PagedBatch(kv_lens, 2, 64, 16, torch.bfloat16, "NHD")
     w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16)
-    assert w._plan.work.chunk_len < 700 and len(w._plan.work.merge) > 0, "expected a split plan"
+    assert w._plan.work.chunk_len < 700 and len(w._plan.work.splits) > 0, "expected a split plan"
     assert rel_err(o, ro) < TOL[torch.bfloat16]
     check_lse(l2, rl)
     w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16, ws_mb=0)
-    assert len(w._plan.work.merge) == 0, "no workspace: no split"
+    assert len(w._plan.work.splits) == 0, "no workspace: no split"
     assert rel_err(o, ro) < TOL[torch.bfloat16]
     check_lse(l2, rl)
 

@@ -42,10 +42,16 @@ def test_plan_covers_each_visible_position_once(causal, window_left, num_ctas):
             visible = set(range(max(lo, 0), max(hi, 0)))
             assert visible <= covered, "a visible key is never attended"
             assert len(spans) == 1 or all(p >= 0 for _, _, p in spans), "split chunks go to partial rows"
-    # merge rows: one per token of a split tile, pointing at distinct partial rows
-    firsts = {(int(r[1]) + c * int(r[2])) for r in plan.merge for c in range(int(r[3]))}
-    assert len(firsts) == int(plan.merge[:, 3].sum()) if len(plan.merge) else True
-    assert plan.partial_rows == len(firsts)
+    # split tiles: n_chunks items each, whose partial rows are first + c * q_len + t, all distinct
+    rows = []
+    for sid, (first, n_chunks) in enumerate(plan.splits):
+        items = plan.work[plan.work[:, 7] == sid]
+        assert len(items) == n_chunks
+        q_len = items[0, 1]
+        assert sorted(items[:, 6]) == [first + c * q_len for c in range(n_chunks)]
+        rows += [p + t for p in items[:, 6] for t in range(q_len)]
+    assert len(rows) == len(set(rows)) == plan.partial_rows
+    assert np.all(plan.work[plan.work[:, 7] < 0, 6] == -1), "unsplit items write out directly"
 
 
 def test_plan_splits_a_long_request_to_fill_the_gpu():
@@ -73,7 +79,7 @@ def test_plan_respects_partial_capacity():
     cfg = KernelConfig(16, 64, 4, 3, 4, 4)
     plan = plan_work(np.array([0, 1]), np.array([32768]), np.array([0]), causal=False, window_left=-1,
                      config=cfg, tasks_per_item=8, num_ctas=528, max_partial_rows=0)
-    assert len(plan.work) == 1 and len(plan.merge) == 0
+    assert len(plan.work) == 1 and len(plan.splits) == 0
 
 
 def test_plan_time_for_256_requests():

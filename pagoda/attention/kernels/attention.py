@@ -12,8 +12,12 @@ request's KV. The planner writes items as int32 rows of ``WORK_FIELDS`` entries:
     5 diag       KV position that query row 0 of the tile aligns with: row t sees
                  kv <= diag + t when causal, kv >= diag + t - window_left with a window
     6 partial    -1: write the tile to out / lse; otherwise the first row of this
-                 chunk's partial result in tmp_o / tmp_lse (merged later)
-    7 unused
+                 chunk's partial result in tmp_o / tmp_lse
+    7 split      -1, or the index of the tile in SPLITS: (first partial row, chunks)
+
+Split tiles merge in place: each chunk's program stores its partial state, then bumps
+the tile's arrival counter (one per task slot); the program that arrives last merges
+the chunks through their LSE, writes out / lse and resets the counter. No second launch.
 
 A task is (item, kv_head, head_split). A persistent grid fetches tasks from an atomic
 counter (items are sorted longest first, so this is greedy longest-processing-time
@@ -24,8 +28,8 @@ import triton
 import triton.language as tl
 
 WORK_FIELDS = 8
-MERGE_FIELDS = 4
-# counters: 0 next task, 1 programs done, 2 number of tasks, 3 number of merge tasks
+SPLIT_FIELDS = 2
+# counters: 0 next task, 1 programs done, 2 number of tasks, 3 unused
 NUM_COUNTERS = 4
 
 
@@ -112,8 +116,36 @@ def _attend_block(
 
 
 @triton.jit
+def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
+                    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr):
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for c in range(n_chunks):
+        r = (first + c * q_len + tok).to(tl.int64)
+        s = tl.load(TMP_LSE + r * stride_tl + qo_head, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        v = tl.load(TMP_O + r[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, s)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(s - m_new)
+        d = d * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * v
+        m = m_new
+    empty = d == 0.0
+    d_safe = tl.where(empty, 1.0, d)
+    tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
+             (acc / d_safe[:, None]).to(O.dtype.element_ty), mask=row_valid[:, None])
+    if WRITE_LSE:
+        tl.store(LSE + q_row * stride_lt + qo_head, tl.where(empty, float("-inf"), m + tl.log2(d_safe)),
+                 mask=row_valid)
+
+
+@triton.jit
 def attention_kernel(
-    Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES,
+    Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -205,6 +237,16 @@ def attention_kernel(
             tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
                      out, mask=row_valid[:, None])
             tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
+            split = tl.load(wp + 7)
+            first = tl.load(SPLITS + split * 2)
+            n_chunks = tl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + split * tasks_per_item + rem
+            # acq_rel: our partial is published before the bump; the last one sees them all
+            if tl.atomic_add(arrival, 1) == n_chunks - 1:
+                tl.atomic_xchg(arrival, 0)
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
+                                row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE)
         task = tl.atomic_add(COUNTERS, 1)
 
     # The last program out resets the counters for the next launch (graph replay).
@@ -215,47 +257,27 @@ def attention_kernel(
 
 
 @triton.jit
-def merge_kernel(
-    O, LSE, V, S, TASKS, COUNTERS,
-    num_heads, stride_ot, stride_oh, stride_lt, stride_vr, stride_vh, stride_sr,
-    num_tasks_arg, num_states_arg,
+def merge_states_kernel(
+    O, LSE, V, S, num_rows, num_states, num_heads,
+    stride_ot, stride_oh, stride_lt, stride_vr, stride_vh, stride_sr,
     HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
-    FROM_TABLE: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """Merge attention states through their base-2 log-sum-exp.
-
-    FROM_TABLE: tasks are rows (out_row, first_state_row, state_row_stride, num_states)
-    of TASKS, their count at COUNTERS[3] (split-KV merge; graph-safe). Otherwise task i
-    merges state rows i*num_states .. i*num_states + num_states - 1 into out row i.
-    State row r, head h: V + r*stride_vr + h*stride_vh (+ d), S + r*stride_sr + h.
-    A program takes (task, head) units of a persistent grid and reads BLOCK_C states
-    at a time, so a request split into many chunks merges in a few wide loads.
-    """
-    if FROM_TABLE:
-        num_tasks = tl.load(COUNTERS + 3)
-    else:
-        num_tasks = num_tasks_arg
+    """Merge attention states through their base-2 log-sum-exp: out row i merges state rows
+    i*num_states .. i*num_states + num_states - 1 (row r, head h: V + r*stride_vr +
+    h*stride_vh, S + r*stride_sr + h). A program takes (row, head) units of a persistent
+    grid and reads BLOCK_C states at a time."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_c = tl.arange(0, BLOCK_C)
-    for unit in range(tl.program_id(0), num_tasks * num_heads, tl.num_programs(0)):
-        task = unit // num_heads
+    for unit in range(tl.program_id(0), num_rows * num_heads, tl.num_programs(0)):
+        row = unit // num_heads
         h = unit % num_heads
-        if FROM_TABLE:
-            out_row = tl.load(TASKS + task * 4)
-            first = tl.load(TASKS + task * 4 + 1)
-            step = tl.load(TASKS + task * 4 + 2)
-            n = tl.load(TASKS + task * 4 + 3)
-        else:
-            out_row = task
-            first = task * num_states_arg
-            step = 1
-            n = num_states_arg
+        first = row * num_states
         m = float("-inf")
         d = 0.0
         acc = tl.zeros([HEAD_DIM], tl.float32)
-        for c0 in range(0, n, BLOCK_C):
-            cmask = c0 + offs_c < n
-            rows = (first + (c0 + offs_c) * step).to(tl.int64)
+        for c0 in range(0, num_states, BLOCK_C):
+            cmask = c0 + offs_c < num_states
+            rows = (first + c0 + offs_c).to(tl.int64)
             s = tl.load(S + rows * stride_sr + h, mask=cmask, other=float("-inf"))
             v = tl.load(V + rows[:, None] * stride_vr + h * stride_vh + offs_d[None, :],
                         mask=cmask[:, None], other=0.0).to(tl.float32)
@@ -268,10 +290,9 @@ def merge_kernel(
             m = m_new
         empty = d == 0.0
         d_safe = tl.where(empty, 1.0, d)
-        out_row = out_row.to(tl.int64)
-        tl.store(O + out_row * stride_ot + h * stride_oh + offs_d, (acc / d_safe).to(O.dtype.element_ty))
-        if WRITE_LSE:
-            tl.store(LSE + out_row * stride_lt + h, tl.where(empty, float("-inf"), m + tl.log2(d_safe)))
+        row64 = row.to(tl.int64)
+        tl.store(O + row64 * stride_ot + h * stride_oh + offs_d, (acc / d_safe).to(O.dtype.element_ty))
+        tl.store(LSE + row64 * stride_lt + h, tl.where(empty, float("-inf"), m + tl.log2(d_safe)))
 
 
 @triton.jit
