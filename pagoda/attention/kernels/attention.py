@@ -122,18 +122,22 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for c in range(n_chunks):
-        r = (first + c * q_len + tok).to(tl.int64)
-        s = tl.load(TMP_LSE + r * stride_tl + qo_head, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        v = tl.load(TMP_O + r[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
-                    mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, s)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(s - m_new)
-        d = d * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * v
-        m = m_new
+    # 8 chunks per step, unrolled, so their loads are in flight together (latency, not bandwidth,
+    # bounds a merge of many chunks).
+    for c0 in range(0, n_chunks, 8):
+        for j in tl.static_range(8):
+            live = row_valid & (c0 + j < n_chunks)
+            r = (first + (c0 + j) * q_len + tok).to(tl.int64)
+            s = tl.load(TMP_LSE + r * stride_tl + qo_head, mask=live, other=float("-inf"), cache_modifier=".cg")
+            v = tl.load(TMP_O + r[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
+                        mask=live[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, s)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(s - m_new)
+            d = d * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * v
+            m = m_new
     empty = d == 0.0
     d_safe = tl.where(empty, 1.0, d)
     tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
