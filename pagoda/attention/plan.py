@@ -49,9 +49,9 @@ def _next_pow2(x: int) -> int:
 # (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on a
 # CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
 CUDA_CONFIGS = {
-    ("decode", 64): (16, 64, 4, 3, 4, 1024),
-    ("decode", 128): (16, 64, 4, 3, 4, 1024),
-    ("decode", 256): (16, 32, 4, 3, 2, 1024),
+    ("decode", 64): (16, 64, 4, 3, 2, 2048),
+    ("decode", 128): (16, 64, 4, 3, 2, 2048),
+    ("decode", 256): (16, 32, 4, 3, 2, 2048),
     ("prefill", 64): (128, 64, 8, 3, 1, 512),
     ("prefill", 128): (128, 64, 8, 3, 1, 512),
     ("prefill", 256): (64, 32, 4, 2, 1, 512),
