@@ -55,18 +55,6 @@ def _load_page_index(ptrs, INDEX_ASM: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_page_ids(KV_INDICES, kv_base, kv_start, kv_end, PAGE_SIZE: tl.constexpr, LINES: tl.constexpr):
-    """Bring the chunk's page ids into L1 (one prefetch per 128-byte line, up to LINES lines),
-    so the per-block id loads in the loop hit L1 instead of waiting on DRAM."""
-    first = kv_start // PAGE_SIZE
-    count = tl.cdiv(kv_end, PAGE_SIZE) - first
-    offs = tl.arange(0, LINES) * 32
-    ptrs = KV_INDICES + kv_base + first + tl.where(offs < count, offs, 0)
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _attend_block(
     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
     stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
@@ -218,8 +206,6 @@ def attention_kernel(
             hi_lim = tl.minimum(kv_end, diag + 1)
         full_hi = full_lo + tl.maximum(hi_lim - full_lo, 0) // BLOCK_N * BLOCK_N
 
-        if PAGED and INDEX_ASM:
-            _prefetch_page_ids(KV_INDICES, kv_base, kv_start, kv_end, PAGE_SIZE, 32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
