@@ -60,12 +60,7 @@ def main(argv=None):
         times = []
         try:
             for name, (s, q, qo) in setups.items():
-                if args.mode == "decode":
-                    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-                    w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)
-                else:
-                    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
-                    w.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
+                w = planned_wrapper(args.mode, ws, s, qo, hq, hk, d, ps, dt)
                 out = w.run(q, s.cache)
                 times.append(bench(lambda: w.run(q, s.cache, out=out), rep_ms=100) * 1e6)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is reported
@@ -83,16 +78,21 @@ def main(argv=None):
         profile(args.mode, setups, ws, hq, hk, d, ps, dt)
 
 
+def planned_wrapper(mode, ws, s, qo, hq, hk, d, ps, dt):
+    if mode == "decode":
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)
+    else:
+        w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+        w.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
+    return w
+
+
 def profile(mode, setups, ws, hq, hk, d, ps, dt):
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     for name, (s, q, qo) in setups.items():
-        if mode == "decode":
-            w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-            w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)
-        else:
-            w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
-            w.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
+        w = planned_wrapper(mode, ws, s, qo, hq, hk, d, ps, dt)
         out = w.run(q, s.cache)
         torch.cuda.synchronize()
         with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
