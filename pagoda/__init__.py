@@ -5,12 +5,14 @@ framework can switch by changing an import.
 """
 from . import triton_compat  # noqa: F401  (interpreter fixes, before any kernel runs)
 from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper,
-                        BatchPrefillWithRaggedKVCacheWrapper, merge_state, merge_state_in_place, merge_states,
+                        BatchPrefillWithRaggedKVCacheWrapper, MultiLevelCascadeAttentionWrapper,
+                        cascade_levels_from_page_table, merge_state, merge_state_in_place, merge_states,
                         single_decode_with_kv_cache, single_prefill_with_kv_cache)
 
 __version__ = "0.1.0"
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
-    "BatchPrefillWithRaggedKVCacheWrapper", "merge_state", "merge_state_in_place", "merge_states",
+    "BatchPrefillWithRaggedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper", "cascade_levels_from_page_table",
+    "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
 ]

@@ -10,15 +10,24 @@ KV sets A and B merge into the state over A u B:
 
 A state over an empty set is (0, -inf) and is the identity. Split-KV decode, cascade
 (shared prefix + unique suffix) and sparse + dense compositions all use this operator.
+
+``MultiLevelCascadeAttentionWrapper`` composes formats with it: each level is a batch
+prefill over pages that a group of requests shares (the group's queries packed together,
+so the shared KV is read once per query tile instead of once per request), and the levels'
+states merge exactly. ``cascade_levels_from_page_table`` builds the levels from a batch's
+page tables (longest common full-page prefix of consecutive requests).
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from . import reference
 from .kernels.attention import merge_states_kernel, merge_two_kernel
+from .formats import check_indptr, to_host_array
+from .prefill import BatchPrefillWithPagedKVCacheWrapper
 from .runner import triton_next_pow2
 
 
@@ -127,3 +136,131 @@ def merge_states(v: torch.Tensor, s: torch.Tensor):
         out, lse, v, s, seq, states, heads, out.stride(0), out.stride(1), lse.stride(0),
         v.stride(1), v.stride(2), s.stride(1), HEAD_DIM=dim, BLOCK_C=16, num_warps=4)
     return out, lse
+
+
+class MultiLevelCascadeAttentionWrapper:
+    """Attention over KV stored as levels of a shared page pool (FlashInfer-compatible).
+
+    Level i groups the queries with ``qo_indptr_arr[i]`` (group g owns query rows
+    qo_indptr_arr[i][g] .. qo_indptr_arr[i][g+1]-1) and gives each group its pages with
+    ``paged_kv_indptr_arr[i]``, ``paged_kv_indices_arr[i]`` and ``paged_kv_last_page_len[i]``;
+    the last level is usually one group per request (its unique suffix). A query's result
+    is attention over the concatenation of its groups' KV across levels, in level order.
+    ``causal`` masks the last level only (bottom-right aligned): queries must come after
+    the KV of the shared levels, as in decode, append and parallel sampling.
+
+    Every level runs the batch prefill kernel (one plan() per level, CUDA-graph safe with
+    ``use_cuda_graph=True``); states merge in place with ``merge_state_in_place``.
+    """
+
+    def __init__(self, num_levels: int, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None,
+                 paged_kv_indices_buf_arr=None, paged_kv_last_page_len_buf_arr=None, backend: str = "auto"):
+        if not isinstance(num_levels, int) or num_levels < 1:
+            raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
+        if paged_kv_indices_buf_arr is not None and len(paged_kv_indices_buf_arr) != num_levels:
+            raise ValueError(f"paged_kv_indices_buf_arr must have num_levels ({num_levels}) buffers")
+        self._levels = [
+            BatchPrefillWithPagedKVCacheWrapper(
+                float_workspace_buffer, kv_layout, use_cuda_graph,
+                paged_kv_indices_buf=None if paged_kv_indices_buf_arr is None else paged_kv_indices_buf_arr[i],
+                backend=backend)
+            for i in range(num_levels)]
+        self._states = None  # (out, lse) of the levels after the first, reused across runs
+
+    def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
+             num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,
+             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+             window_left: int = -1, logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None,
+             q_data_type="float16", kv_data_type=None) -> None:
+        """Plan every level; each *_arr is a list with one entry per level."""
+        n = len(self._levels)
+        arrays = dict(qo_indptr_arr=qo_indptr_arr, paged_kv_indptr_arr=paged_kv_indptr_arr,
+                      paged_kv_indices_arr=paged_kv_indices_arr, paged_kv_last_page_len=paged_kv_last_page_len)
+        for name, arr in arrays.items():
+            if not isinstance(arr, (list, tuple)) or len(arr) != n:
+                raise ValueError(f"{name} must be a list of num_levels ({n}) entries")
+        if window_left != -1:
+            raise ValueError("window_left is not supported across cascade levels (it would cut shared levels)")
+        nnz = None
+        for i, qo in enumerate(qo_indptr_arr):
+            qo_host = check_indptr(f"qo_indptr_arr[{i}]", qo)
+            if qo_host[0] != 0:
+                raise ValueError(f"qo_indptr_arr[{i}] must start at 0")
+            if nnz is not None and qo_host[-1] != nnz:
+                raise ValueError(f"qo_indptr_arr[{i}] covers {qo_host[-1]} queries, level 0 covers {nnz}")
+            nnz = qo_host[-1]
+        for i, w in enumerate(self._levels):
+            w.plan(qo_indptr_arr[i], paged_kv_indptr_arr[i], paged_kv_indices_arr[i], paged_kv_last_page_len[i],
+                   num_qo_heads, num_kv_heads, head_dim, page_size, causal=causal and i == n - 1,
+                   pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                   q_data_type=q_data_type, kv_data_type=kv_data_type)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False):
+        """q: [nnz, num_qo_heads, head_dim]; paged_kv_cache as in the batch wrappers (one pool for
+        all levels). Returns out like q (and lse [nnz, num_qo_heads], base 2, when return_lse)."""
+        out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True)
+        if len(self._levels) > 1:
+            if self._states is None or self._states[0].shape != q.shape or self._states[0].dtype != q.dtype:
+                self._states = (torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+            o_i, s_i = self._states
+            for w in self._levels[1:]:
+                w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True)
+                merge_state_in_place(out, lse, o_i, s_i)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+
+def cascade_levels_from_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size: int,
+                                   qo_indptr=None):
+    """Two cascade levels from a batch's page tables (for a serving engine's prefix cache).
+
+    Consecutive requests whose page lists start with the same page form a group; the group
+    shares its longest common prefix of *full* pages (level 0) and each request keeps the
+    rest of its pages (level 1). A request alone in its group shares nothing. qo_indptr
+    defaults to one query per request (decode).
+
+    Returns a dict with ``qo_indptr_arr``, ``paged_kv_indptr_arr``, ``paged_kv_indices_arr``
+    and ``paged_kv_last_page_len`` (lists of two int32 tensors each, on the host), ready for
+    ``MultiLevelCascadeAttentionWrapper(2, ...).plan(**levels, ...)``.
+    """
+    indptr = check_indptr("paged_kv_indptr", paged_kv_indptr)
+    batch = len(indptr) - 1
+    indices = to_host_array("paged_kv_indices", paged_kv_indices)
+    last = to_host_array("paged_kv_last_page_len", paged_kv_last_page_len, batch)
+    qo = np.arange(batch + 1) if qo_indptr is None else check_indptr("qo_indptr", qo_indptr, batch + 1)
+    num_pages = np.diff(indptr)
+    full = num_pages - ((last < page_size) & (num_pages > 0))
+    first_page = np.where(num_pages > 0, indices[np.minimum(indptr[:-1], max(len(indices) - 1, 0))], -1)
+    starts = [0] + [b for b in range(1, batch) if first_page[b] < 0 or first_page[b] != first_page[b - 1]]
+    bounds = starts + [batch]
+    shared = np.zeros(batch, dtype=np.int64)
+    g_qo, g_indptr, g_indices = [0], [0], []
+    for g in range(len(starts)):
+        lo, hi = bounds[g], bounds[g + 1]
+        n_shared = 0
+        if hi - lo > 1:
+            n_shared = int(full[lo:hi].min())
+            base = indices[indptr[lo]:indptr[lo] + n_shared]
+            for b in range(lo + 1, hi):
+                same = indices[indptr[b]:indptr[b] + n_shared] == base
+                n_shared = int(np.argmin(same)) if not same.all() else n_shared
+                base = base[:n_shared]
+        shared[lo:hi] = n_shared
+        g_indices.append(indices[indptr[lo]:indptr[lo] + n_shared])
+        g_indptr.append(g_indptr[-1] + n_shared)
+        g_qo.append(qo[hi])
+    rest = num_pages - shared
+    l1_indices = [indices[indptr[b] + shared[b]:indptr[b + 1]] for b in range(batch)]
+    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64)).to(torch.int32)  # noqa: E731
+    return dict(
+        qo_indptr_arr=[as_t(g_qo), as_t(qo)],
+        paged_kv_indptr_arr=[as_t(g_indptr), as_t(np.concatenate([[0], np.cumsum(rest)]))],
+        paged_kv_indices_arr=[as_t(np.concatenate(g_indices) if g_indices else []),
+                              as_t(np.concatenate(l1_indices) if l1_indices else [])],
+        paged_kv_last_page_len=[as_t(np.full(len(starts), page_size)), as_t(np.where(rest > 0, last, page_size))],
+    )

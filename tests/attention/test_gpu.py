@@ -104,3 +104,44 @@ def test_prefill_cuda_graph_replays_after_new_plan():
     torch.cuda.synchronize()
     ro, _ = oracle(q.cpu(), [0, 12, 512], [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v], causal=True)
     assert rel_err(out, ro) < TOL[torch.bfloat16]
+
+
+def _shared_prefix_batch(n_req, prefix, suffix, hk, d, ps, dtype):
+    shared_pages = prefix // ps
+    uniq_pages = -(-suffix // ps)
+    total = shared_pages + n_req * uniq_pages
+    cache = torch.randn(total, 2, ps, hk, d, dtype=dtype, device="cuda")
+    perm = torch.randperm(total).to(torch.int32)
+    tables = [torch.cat([perm[:shared_pages], perm[shared_pages + r * uniq_pages:shared_pages + (r + 1) * uniq_pages]])
+              for r in range(n_req)]
+    indptr = torch.tensor([0] + [len(t) * (r + 1) for r, t in enumerate(tables)], dtype=torch.int32)
+    last = torch.full((n_req,), (suffix - 1) % ps + 1, dtype=torch.int32)
+    return cache, indptr, torch.cat(tables), last
+
+
+def test_cascade_matches_flat_and_replays_in_cuda_graph():
+    hq, hk, d, ps, dtype, n = 32, 8, 128, 16, torch.bfloat16, 32
+    cache, indptr, indices, last = _shared_prefix_batch(n, 4096, 200, hk, d, ps, dtype)
+    q = torch.randn(n, hq, d, dtype=dtype, device="cuda")
+    flat = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
+    flat.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dtype)
+    levels = pagoda.cascade_levels_from_page_table(indptr, indices, last, ps)
+    assert levels["paged_kv_indptr_arr"][0].tolist() == [0, 4096 // ps]
+    w = pagoda.MultiLevelCascadeAttentionWrapper(2, workspace(128), use_cuda_graph=True)
+    w.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
+    out = torch.empty_like(q)
+    w.run(q, cache, out=out)
+    assert rel_err(out, flat.run(q, cache)) < TOL[dtype]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, cache, out=out)
+    # replan with another prefix split and replay
+    cache2, indptr2, indices2, last2 = _shared_prefix_batch(n, 1024, 900, hk, d, ps, dtype)
+    cache[: cache2.shape[0]] = cache2
+    levels2 = pagoda.cascade_levels_from_page_table(indptr2, indices2, last2, ps)
+    w.plan(**levels2, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    g.replay()
+    flat.plan(indptr2, indices2, last2, hq, hk, d, ps, q_data_type=dtype)
+    assert rel_err(out, flat.run(q, cache)) < TOL[dtype]

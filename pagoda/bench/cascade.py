@@ -1,0 +1,81 @@
+"""Cascade benchmark: requests sharing a long prefix, decode, on one GPU, one run.
+
+    python -m pagoda.bench.cascade [--json FILE]
+
+pagoda's MultiLevelCascadeAttentionWrapper (levels from cascade_levels_from_page_table)
+against pagoda's flat paged decode over the same page tables and FlashInfer 0.6's
+cascade wrapper when importable. Llama-3.1-8B attention shape, bf16, page_size 16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import pagoda
+
+from .attention import bench, flashinfer_or_none
+
+CASES = [("64 x (8192 shared + 256)", 64, 8192, 256), ("16 x (32768 shared + 1024)", 16, 32768, 1024)]
+
+
+def setup(n, prefix, suffix, hk, d, ps, dtype):
+    shared = prefix // ps
+    uniq = -(-suffix // ps)
+    total = shared + n * uniq
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(total, generator=g).to(torch.int32)
+    tables = [torch.cat([perm[:shared], perm[shared + r * uniq:shared + (r + 1) * uniq]]) for r in range(n)]
+    indptr = torch.arange(0, n + 1, dtype=torch.int32) * (shared + uniq)
+    last = torch.full((n,), (suffix - 1) % ps + 1, dtype=torch.int32)
+    cache = torch.randn(total, 2, ps, hk, d, dtype=dtype, device="cuda")
+    return cache, indptr, torch.cat(tables), last
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    hq, hk, d, ps, dtype = 32, 8, 128, 16, torch.bfloat16
+    fi = flashinfer_or_none()
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    rows = []
+    print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
+    for name, n, prefix, suffix in CASES:
+        cache, indptr, indices, last = setup(n, prefix, suffix, hk, d, ps, dtype)
+        q = torch.randn(n, hq, d, dtype=dtype, device="cuda")
+        flat = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+        flat.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dtype)
+        ref = flat.run(q, cache)
+        levels = pagoda.cascade_levels_from_page_table(indptr, indices, last, ps)
+        casc = pagoda.MultiLevelCascadeAttentionWrapper(2, ws)
+        casc.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
+        out = casc.run(q, cache)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 2e-2, f"cascade and flat disagree on {name}: {err}"
+        row = {"case": name, "flat_us": bench(lambda: flat.run(q, cache)) * 1e6,
+               "cascade_us": bench(lambda: casc.run(q, cache, out=out)) * 1e6}
+        if fi is not None:
+            fw = fi.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
+            fw.plan([t.cuda() for t in levels["qo_indptr_arr"]], [t.cuda() for t in levels["paged_kv_indptr_arr"]],
+                    [t.cuda() for t in levels["paged_kv_indices_arr"]],
+                    [t.cuda() for t in levels["paged_kv_last_page_len"]], hq, hk, d, ps, q_data_type=dtype)
+            fo = fw.run(q, cache)
+            err = ((fo.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 2e-2, f"FlashInfer cascade disagrees on {name}: {err}"
+            row["flashinfer_cascade_us"] = bench(lambda: fw.run(q, cache)) * 1e6
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\n{'case':<28} {'flat':>9} {'cascade':>9} {'flat/casc':>9} {'FI cascade':>10} {'FI/pagoda':>9}")
+    for r in rows:
+        fi_t = r.get("flashinfer_cascade_us")
+        print(f"{r['case']:<28} {r['flat_us']:8.1f}u {r['cascade_us']:8.1f}u {r['flat_us'] / r['cascade_us']:8.2f}x "
+              + (f"{fi_t:9.1f}u {fi_t / r['cascade_us']:8.2f}x" if fi_t else f"{'-':>10} {'-':>9}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
