@@ -136,7 +136,7 @@ def test_cascade_matches_flat_and_replays_in_cuda_graph():
     with torch.cuda.graph(g):
         w.run(q, cache, out=out)
     # replan with another prefix split and replay
-    cache2, indptr2, indices2, last2 = _shared_prefix_batch(n, 1024, 900, hk, d, ps, dtype)
+    cache2, indptr2, indices2, last2 = _shared_prefix_batch(n, 1024, 250, hk, d, ps, dtype)  # 576 <= 672 pages
     cache[: cache2.shape[0]] = cache2
     levels2 = pagoda.cascade_levels_from_page_table(indptr2, indices2, last2, ps)
     w.plan(**levels2, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
