@@ -104,7 +104,11 @@ def check_page_indices(indices, indptr: np.ndarray) -> tuple[torch.Tensor, int]:
     used = indices[int(indptr[0]):int(indptr[-1])]
     if used.numel() == 0:
         return indices.to(torch.int32), -1
-    lo, hi = int(used.min()), int(used.max())  # a sync if on the GPU: build page tables on the host
+    if used.device.type == "cpu":
+        host = used.numpy()
+        lo, hi = int(host.min()), int(host.max())
+    else:
+        lo, hi = int(used.min()), int(used.max())  # a sync: build page tables on the host
     if lo < 0:
         raise ValueError(f"paged_kv_indices must be >= 0, found {lo}")
     if hi >= 2**31:

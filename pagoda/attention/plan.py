@@ -169,22 +169,11 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
     row_cost = 2 * config.heads_per_prog
-    best, best_est = no_split, None
-    cand = bn * 4
-    candidates = []
-    while cand < no_split:
-        candidates.append(cand)
-        cand *= 2
-    candidates.append(no_split)
-    total_kv = float(rng.sum())
-    for L in candidates:
-        n_chunks = np.maximum(1, -(-rng // L))
-        split = n_chunks > 1
-        rows = int((tlen * n_chunks)[split].sum())
-        if rows > max_partial_rows:
-            continue
-        total = tasks_per_item * (total_kv + n_chunks.sum() * item_cost + rows * row_cost)
-        est = total / num_ctas + min(L, longest) + item_cost
-        if best_est is None or est < best_est:
-            best, best_est = L, est
-    return best
+    candidates = [bn * 4 << k for k in range(32) if bn * 4 << k < no_split] + [no_split]
+    L = np.array(candidates, dtype=np.int64)[:, None]
+    n_chunks = np.maximum(1, -(-rng[None, :] // L))  # [candidates, tiles], all at once
+    rows = (tlen[None, :] * n_chunks * (n_chunks > 1)).sum(axis=1)
+    total = tasks_per_item * (float(rng.sum()) + n_chunks.sum(axis=1) * item_cost + rows * row_cost)
+    est = total / num_ctas + np.minimum(L[:, 0], longest) + item_cost
+    est[rows > max_partial_rows] = np.inf  # no_split needs no rows, so something always fits
+    return int(candidates[int(np.argmin(est))])

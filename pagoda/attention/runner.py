@@ -111,7 +111,7 @@ class BatchAttention:
             pages = paged_kv_indices_buffer.numel()
         self._alloc_int(items, splits)
         self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
-        self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
+        self._alloc_indices(pages)
 
     # -- buffers -------------------------------------------------------------------
     def _alloc_int(self, items: int, splits: int) -> None:
@@ -140,8 +140,12 @@ class BatchAttention:
             self._arrivals = torch.zeros(max(arrivals, 2 * self._arrivals.numel()), dtype=torch.int32,
                                          device=self.device)
         if pages > self._indices.numel():
-            self._indices = torch.zeros(max(pages, 2 * self._indices.numel()), dtype=torch.int32,
-                                        device=self.device)
+            self._alloc_indices(max(pages, 2 * self._indices.numel()))
+
+    def _alloc_indices(self, pages: int) -> None:
+        self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
+        # host page tables go through pinned memory: a pageable copy would block plan()
+        self._indices_staging = torch.zeros(pages, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
     def _wait_staging(self) -> None:
         if self._copy_done is not None:
@@ -220,7 +224,12 @@ class BatchAttention:
         if n_m:
             self._int_buf[m0:m0 + n_m].copy_(self._staging[m0:m0 + n_m], non_blocking=nb)
         if indices is not None and indices.numel():
-            self._indices[:indices.numel()].copy_(indices, non_blocking=nb)
+            n = indices.numel()
+            if indices.device.type == "cpu":
+                self._indices_staging[:n].copy_(indices)
+                self._indices[:n].copy_(self._indices_staging[:n], non_blocking=nb)
+            else:
+                self._indices[:n].copy_(indices, non_blocking=nb)
         if nb:
             self._copy_done = torch.cuda.Event()
             self._copy_done.record()
