@@ -1,0 +1,83 @@
+"""Paged KV cache writes (FlashInfer names and arguments)."""
+from __future__ import annotations
+
+import torch
+
+from ..attention.formats import check_kv_layout, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+from ._dispatch import use_triton
+from .kernels.page import append_paged_kv_kernel
+
+
+def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int):
+    """For appended tokens laid out by ``append_indptr`` [batch + 1]: each token's request and
+    its position in that request's KV, given ``seq_lens`` [batch] = KV lengths *after* the
+    append. Returns (batch_indices [nnz] int32, positions [nnz] int32) on append_indptr's device.
+    """
+    if append_indptr.dim() != 1 or seq_lens.dim() != 1 or seq_lens.shape[0] != append_indptr.shape[0] - 1:
+        raise ValueError(f"append_indptr must be [batch + 1] and seq_lens [batch], got "
+                         f"{tuple(append_indptr.shape)} and {tuple(seq_lens.shape)}")
+    indptr = append_indptr.long()
+    lens = indptr[1:] - indptr[:-1]
+    batch = torch.repeat_interleave(torch.arange(len(lens), device=indptr.device), lens, output_size=nnz)
+    tok = torch.arange(nnz, device=indptr.device)
+    pos = tok - indptr[batch] + seq_lens.to(indptr.device).long()[batch] - lens[batch]
+    return batch.to(torch.int32), pos.to(torch.int32)
+
+
+def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
+                          positions: torch.Tensor, paged_kv_cache, kv_indices: torch.Tensor,
+                          kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, kv_layout: str = "NHD") -> None:
+    """Write append_key / append_value [nnz, num_kv_heads, head_dim] into the paged cache (one
+    tensor [pages, 2, ...] or a (k, v) tuple, NHD or HND) at each token's (request, position).
+
+    The page table (kv_indices, kv_indptr, kv_last_page_len) must already cover the new tokens;
+    a position outside its request's pages is a ValueError (checked on the host: a device sync
+    when the indices live on the GPU).
+    """
+    check_kv_layout(kv_layout)
+    k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    num_pages, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
+    for name, t in (("append_key", append_key), ("append_value", append_value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != (heads, dim):
+            raise ValueError(f"{name} must be [nnz, {heads}, {dim}], got {getattr(t, 'shape', t)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} must be on the cache's device {k_cache.device}")
+    nnz = append_key.shape[0]
+    if append_value.shape[0] != nnz or batch_indices.shape != (nnz,) or positions.shape != (nnz,):
+        raise ValueError(f"append_value, batch_indices and positions must have {nnz} tokens")
+    if nnz == 0:
+        return
+    indptr = kv_indptr.detach().cpu().long()
+    last = kv_last_page_len.detach().cpu().long()
+    b_host, p_host = batch_indices.detach().cpu().long(), positions.detach().cpu().long()
+    if b_host.min() < 0 or b_host.max() >= len(last):
+        raise ValueError(f"batch_indices must be in 0..{len(last) - 1}")
+    pages = indptr[1:] - indptr[:-1]
+    kv_len = torch.where(pages > 0, (pages - 1) * page_size + last, torch.zeros_like(pages))
+    bad = (p_host < 0) | (p_host >= kv_len[b_host])
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"positions[{i}]={int(p_host[i])} is outside request {int(b_host[i])}'s "
+                         f"{int(kv_len[b_host[i]])} KV slots")
+    used = kv_indices.detach().cpu().long()[: int(indptr[-1])]
+    if used.numel() and (used.min() < 0 or used.max() >= num_pages):
+        raise ValueError(f"kv_indices must be in 0..{num_pages - 1}")
+    if not use_triton(append_key):
+        for cache, src in ((k_cache, append_key), (v_cache, append_value)):
+            page = kv_indices.long()[indptr.to(kv_indices.device)[batch_indices.long()] + positions.long() // page_size]
+            slot = positions.long() % page_size
+            if kv_layout == "NHD":
+                cache[page, slot] = src.to(cache.dtype)
+            else:
+                cache[page, :, slot] = src.to(cache.dtype)
+        return
+    sk, sv = paged_strides(k_cache, kv_layout), paged_strides(v_cache, kv_layout)
+    dev = k_cache.device
+    append_paged_kv_kernel[(nnz,)](
+        append_key, append_value, k_cache, v_cache, batch_indices.to(dev, torch.int32),
+        positions.to(dev, torch.int32), kv_indices.to(dev, torch.int32), kv_indptr.to(dev, torch.int32),
+        append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
+        *sk, *sv, heads, dim, page_size,
+        BLOCK_H=1 << max(0, (heads - 1).bit_length()), BLOCK_D=1 << max(4, (dim - 1).bit_length()), num_warps=4)

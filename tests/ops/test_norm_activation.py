@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+import pagoda
+
+from ..conftest import DEVICE
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+
+
+def rel(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def rms_ref(x, w, eps, offset=0.0):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 200), (2, 5000)])  # 5000 > one block: two passes
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rmsnorm(dtype, shape, gemma):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3
+    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    out = torch.full_like(x, float("nan"))
+    fn = pagoda.gemma_rmsnorm if gemma else pagoda.rmsnorm
+    y = fn(x, w, eps=1e-5, out=out)
+    assert y is out
+    assert rel(out, rms_ref(x, w, 1e-5, 1.0 if gemma else 0.0)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_fused_add_rmsnorm_in_place(dtype, gemma):
+    x = torch.randn(9, 300, dtype=dtype, device=DEVICE)
+    r = torch.randn(9, 300, dtype=dtype, device=DEVICE)
+    w = torch.randn(300, dtype=dtype, device=DEVICE)
+    ref_r = (x.double() + r.double())
+    ref_y = rms_ref(ref_r.to(dtype), w, 1e-6, 1.0 if gemma else 0.0)
+    (pagoda.gemma_fused_add_rmsnorm if gemma else pagoda.fused_add_rmsnorm)(x, r, w)
+    assert rel(r, ref_r) < TOL[dtype]
+    assert rel(x, ref_y) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn,ref", [
+    (pagoda.silu_and_mul, lambda a: torch.nn.functional.silu(a)),
+    (pagoda.gelu_and_mul, lambda a: torch.nn.functional.gelu(a)),
+    (pagoda.gelu_tanh_and_mul, lambda a: torch.nn.functional.gelu(a, approximate="tanh")),
+])
+@pytest.mark.parametrize("shape", [(5, 2 * 48), (2, 3, 2 * 1500)])
+def test_act_and_mul(dtype, fn, ref, shape):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 2
+    d = shape[-1] // 2
+    out = torch.full((*shape[:-1], d), float("nan"), dtype=dtype, device=DEVICE)
+    fn(x, out=out)
+    xd = x.double()
+    assert rel(out, ref(xd[..., :d]) * xd[..., d:]) < TOL[dtype]
+    assert fn(x).shape == (*shape[:-1], d)
+
+
+def test_bad_input():
+    x = torch.randn(4, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.rmsnorm(x, torch.randn(63, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="residual"):
+        pagoda.fused_add_rmsnorm(x, x[:2].clone(), torch.randn(64, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        pagoda.rmsnorm(x, torch.randn(64, dtype=torch.float16, device=DEVICE), out=torch.empty(4, 64))
+    with pytest.raises(ValueError, match="2 \\* d"):
+        pagoda.silu_and_mul(torch.randn(3, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        pagoda.silu_and_mul(x, out=torch.empty(4, 64, dtype=torch.float16, device=DEVICE))
