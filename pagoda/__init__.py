@@ -8,8 +8,8 @@ from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPage
                         BatchPrefillWithRaggedKVCacheWrapper, MultiLevelCascadeAttentionWrapper,
                         cascade_levels_from_page_table, merge_state, merge_state_in_place, merge_states,
                         single_decode_with_kv_cache, single_prefill_with_kv_cache)
-from .ops import (append_paged_kv_cache, fused_add_rmsnorm, gelu_and_mul, gelu_tanh_and_mul,
-                  gemma_fused_add_rmsnorm, gemma_rmsnorm, get_batch_indices_positions, rmsnorm, silu_and_mul)
+from .ops import *  # noqa: F401,F403  (FlashInfer exposes its ops at the top level too)
+from .ops import __all__ as _ops_all
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,6 +17,5 @@ __all__ = [
     "BatchPrefillWithRaggedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper", "cascade_levels_from_page_table",
     "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
-    "append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm",
-    "gemma_rmsnorm", "get_batch_indices_positions", "rmsnorm", "silu_and_mul",
+    *_ops_all,
 ]

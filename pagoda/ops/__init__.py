@@ -2,6 +2,12 @@
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
 from .page import append_paged_kv_cache, get_batch_indices_positions
+from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
+                   apply_llama31_rope_pos_ids_inplace, apply_rope, apply_rope_inplace, apply_rope_pos_ids,
+                   apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache, apply_rope_with_cos_sin_cache_inplace)
 
-__all__ = ["append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
+__all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
+           "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids",
+           "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
+           "append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "get_batch_indices_positions", "rmsnorm", "silu_and_mul"]

@@ -56,3 +56,22 @@ def test_append_paged_kv_real_size():
         gk, gv = reference.gather_paged_kv(cache[:, 0], cache[:, 1], indices[indptr[r]:indptr[r + 1]], n)
         assert torch.equal(gk, k[start:start + n]) and torch.equal(gv, v[start:start + n])
         start += n
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_rope_real_size(interleave):
+    q = torch.randn(4096, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(4096, 8, 128, dtype=torch.bfloat16, device="cuda")
+    pos = torch.randint(0, 32768, (4096,), device="cuda")
+    qo, ko = pagoda.apply_llama31_rope_pos_ids(q, k, pos, interleave=interleave)
+    from pagoda.ops.rope import rope_inv_freq
+    inv = rope_inv_freq(128, 5e5, llama31=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               old_context_len=8192), device="cuda").double()
+    ang = pos.double()[:, None] * inv[None, :]
+    c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+    i = torch.arange(64, device="cuda")
+    i1, i2 = (2 * i, 2 * i + 1) if interleave else (i, i + 64)
+    x = q.double()
+    ref = x.clone()
+    ref[..., i1], ref[..., i2] = x[..., i1] * c - x[..., i2] * s, x[..., i2] * c + x[..., i1] * s
+    assert rel(qo, ref) < 1.2e-2 and ko.shape == k.shape

@@ -1,0 +1,183 @@
+"""Rotary position embedding (FlashInfer names and arguments).
+
+q: [nnz, num_qo_heads, head_dim], k: [nnz, num_kv_heads, head_dim]. The first ``rotary_dim``
+dims (default head_dim) rotate: pairs (i, i + rotary_dim/2) by default (NeoX / Llama) or
+(2i, 2i + 1) with ``interleave=True`` (GPT-J), by angle ``pos / rope_scale * rope_theta **
+(-2i / rotary_dim)``. Positions come from ``pos_ids`` [nnz] or from ``indptr`` [batch + 1]
+and ``offsets`` [batch] (token j of request b sits at offsets[b] + j - indptr[b]).
+Math in fp32; outputs in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._dispatch import use_triton
+from .kernels.rope import rope_kernel
+
+
+def _pos_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    if indptr.dim() != 1 or offsets.dim() != 1 or offsets.shape[0] != indptr.shape[0] - 1:
+        raise ValueError(f"indptr must be [batch + 1] and offsets [batch], got {tuple(indptr.shape)}, "
+                         f"{tuple(offsets.shape)}")
+    indptr = indptr.long()
+    lens = indptr[1:] - indptr[:-1]
+    batch = torch.repeat_interleave(torch.arange(len(lens), device=indptr.device), lens, output_size=nnz)
+    return (offsets.to(indptr.device).long()[batch] + torch.arange(nnz, device=indptr.device) - indptr[batch])
+
+
+def rope_inv_freq(rotary_dim: int, rope_theta: float, rope_scale: float = 1.0, llama31: dict | None = None,
+                  device=None) -> torch.Tensor:
+    """Per-pair angular frequencies [rotary_dim / 2] (float32), Llama 3.1's scaling optional."""
+    inv = 1.0 / (rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if llama31 is not None:
+        factor, low, high, old = (llama31[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "old_context_len"))
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    else:
+        inv = inv / rope_scale
+    return inv.to(device=device, dtype=torch.float32)
+
+
+def _check(q, k, pos, rotary_dim):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be [nnz, num_heads, head_dim], got {getattr(t, 'shape', t)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.device != q.device:
+        raise ValueError(f"q and k must share nnz, head_dim and device: {tuple(q.shape)} vs {tuple(k.shape)}")
+    if pos.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(pos.shape)}")
+    rd = q.shape[2] if rotary_dim is None else rotary_dim
+    if rd % 2 or not 0 < rd <= q.shape[2]:
+        raise ValueError(f"rotary_dim must be even and in 2..head_dim ({q.shape[2]}), got {rotary_dim}")
+    return rd
+
+
+def _rotate(x, out, pos, freq, cos_sin, half, interleave):
+    """out <- rope(x); out may be x (in place)."""
+    nnz, heads, dim = x.shape
+    if nnz == 0:
+        return
+    if not use_triton(x):
+        xf = x.float()
+        if cos_sin is not None:
+            c, s = cos_sin[pos.long(), :half].float(), cos_sin[pos.long(), half:2 * half].float()
+        else:
+            ang = pos.float()[:, None] * freq[None, :]
+            c, s = torch.cos(ang), torch.sin(ang)
+        c, s = c[:, None, :], s[:, None, :]
+        idx = torch.arange(half, device=x.device)
+        i1, i2 = (2 * idx, 2 * idx + 1) if interleave else (idx, idx + half)
+        x1, x2 = xf[..., i1], xf[..., i2]
+        y = xf.clone()
+        y[..., i1], y[..., i2] = x1 * c - x2 * s, x2 * c + x1 * s
+        out.copy_(y.to(out.dtype))
+        return
+    block_h = min(16, 1 << max(0, (heads - 1).bit_length()))
+    rope_kernel[(nnz, -(-heads // block_h))](
+        x, out, pos, freq if freq is not None else x, cos_sin if cos_sin is not None else x,
+        heads, dim, half, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        cos_sin.stride(0) if cos_sin is not None else 0,
+        BLOCK_H=block_h, BLOCK_R=1 << max(0, (half - 1).bit_length()), BLOCK_D=1 << max(0, (dim - 1).bit_length()),
+        INTERLEAVE=interleave, FROM_CACHE=cos_sin is not None, COPY_REST=out.data_ptr() != x.data_ptr() and
+        2 * half < dim, num_warps=4)
+
+
+def _apply(q, k, pos, rotary_dim, interleave, inplace, *, theta=1e4, scale=1.0, llama31=None, cos_sin=None):
+    rd = _check(q, k, pos, rotary_dim)
+    pos = pos.to(q.device, torch.int32)
+    freq = None if cos_sin is not None else rope_inv_freq(rd, theta, scale, llama31, q.device)
+    q_out = q if inplace else torch.empty_like(q)
+    k_out = k if inplace else torch.empty_like(k)
+    _rotate(q, q_out, pos, freq, cos_sin, rd // 2, interleave)
+    _rotate(k, k_out, pos, freq, cos_sin, rd // 2, interleave)
+    return None if inplace else (q_out, k_out)
+
+
+def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    """Returns (q_rope, k_rope) for positions pos_ids [nnz]."""
+    return _apply(q, k, pos_ids, rotary_dim, interleave, False, theta=rope_theta, scale=rope_scale)
+
+
+def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    _apply(q, k, pos_ids, rotary_dim, interleave, True, theta=rope_theta, scale=rope_scale)
+
+
+def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    """Returns (q_rope, k_rope); positions from indptr / offsets (module docstring)."""
+    return apply_rope_pos_ids(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                              rope_scale, rope_theta)
+
+
+def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    apply_rope_pos_ids_inplace(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                               rope_scale, rope_theta)
+
+
+def _llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len):
+    return dict(factor=rope_scale, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                old_context_len=old_context_len)
+
+
+def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8.0, rope_theta=5e5,
+                               low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    """Llama 3.1 frequency scaling: rope_scale is the low-frequency factor."""
+    return _apply(q, k, pos_ids, rotary_dim, interleave, False, theta=rope_theta,
+                  llama31=_llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len))
+
+
+def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8.0,
+                                       rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       old_context_len=8192):
+    _apply(q, k, pos_ids, rotary_dim, interleave, True, theta=rope_theta,
+           llama31=_llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len))
+
+
+def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8.0, rope_theta=5e5,
+                       low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    return apply_llama31_rope_pos_ids(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                                      rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len)
+
+
+def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8.0,
+                               rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    apply_llama31_rope_pos_ids_inplace(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim,
+                                       interleave, rope_scale, rope_theta, low_freq_factor, high_freq_factor,
+                                       old_context_len)
+
+
+def _cos_sin_args(positions, query, key, head_size, cos_sin_cache):
+    if query.dim() != 2 or key.dim() != 2 or query.shape[1] % head_size or key.shape[1] % head_size:
+        raise ValueError(f"query and key must be [nnz, heads * head_size ({head_size})], got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] % 2 or cos_sin_cache.shape[1] > head_size:
+        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim <= head_size], got "
+                         f"{tuple(cos_sin_cache.shape)}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must be in 0..{cos_sin_cache.shape[0] - 1}")
+    q = query.view(query.shape[0], -1, head_size)
+    k = key.view(key.shape[0], -1, head_size)
+    return q, k, cos_sin_cache.shape[1]
+
+
+def apply_rope_with_cos_sin_cache(positions, query, key, head_size: int, cos_sin_cache, is_neox: bool = True):
+    """vLLM / SGLang form: query [nnz, heads * head_size], cos_sin_cache [max_pos, rotary_dim]
+    = [cos | sin] float32. Returns (query_out, key_out) shaped like the inputs."""
+    q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
+    return q_out.view_as(query), k_out.view_as(key)
+
+
+def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int, cos_sin_cache,
+                                          is_neox: bool = True) -> None:
+    q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    _apply(q, k, positions, rd, not is_neox, True, cos_sin=cos_sin_cache)

@@ -1,0 +1,65 @@
+"""The PyTorch forms of the ops (used without CUDA and without the interpreter) agree with the kernels."""
+import pytest
+import torch
+
+import pagoda
+from pagoda.ops import activation, norm, page, rope
+
+from ..conftest import DEVICE
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    def use(flag):
+        for mod in (activation, norm, page, rope):
+            monkeypatch.setattr(mod, "use_triton", lambda t: flag)
+    return use
+
+
+def both(torch_path, fn):
+    torch_path(True)
+    a = fn()
+    torch_path(False)
+    b = fn()
+    return a, b
+
+
+def close(a, b, tol=1e-2):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
+
+
+def test_ops_torch_forms(torch_path):
+    x = torch.randn(6, 256, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.randn(256, dtype=torch.bfloat16, device=DEVICE)
+    a, b = both(torch_path, lambda: pagoda.gemma_rmsnorm(x, w))
+    assert close(a, b)
+    a, b = both(torch_path, lambda: pagoda.gelu_tanh_and_mul(x))
+    assert close(a, b)
+
+    def fused():
+        xi, r = x.clone(), (x * 0.5).clone()
+        pagoda.fused_add_rmsnorm(xi, r, w)
+        return torch.cat([xi, r])
+    a, b = both(torch_path, fused)
+    assert close(a, b)
+    q = torch.randn(4, 4, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(4, 2, 64, dtype=torch.float16, device=DEVICE)
+    for inter in (False, True):
+        a, b = both(torch_path, lambda: torch.cat(
+            [t.reshape(4, -1) for t in pagoda.apply_rope_pos_ids(q, k, torch.tensor([0, 9, 99, 999]),
+                                                                   rotary_dim=32, interleave=inter)], 1))
+        assert close(a, b, 2e-3)
+
+
+def test_append_torch_form(torch_path):
+    cache_a = torch.zeros(3, 2, 4, 2, 64, dtype=torch.float16, device=DEVICE)
+    cache_b = cache_a.clone()
+    k = torch.randn(5, 2, 64, dtype=torch.float16, device=DEVICE)
+    v = torch.randn(5, 2, 64, dtype=torch.float16, device=DEVICE)
+    args = (torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 3, 4]))
+    table = (torch.tensor([2, 0, 1]), torch.tensor([0, 1, 3]), torch.tensor([3, 1]))
+    torch_path(True)
+    pagoda.append_paged_kv_cache(k, v, *args, cache_a, *table)
+    torch_path(False)
+    pagoda.append_paged_kv_cache(k, v, *args, cache_b, *table)
+    assert torch.equal(cache_a, cache_b) and cache_a.abs().sum() > 0
