@@ -15,16 +15,16 @@ import torch
 
 from ._dispatch import use_triton
 from .kernels.rope import rope_kernel
+from .page import get_batch_indices_positions
 
 
 def _pos_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     if indptr.dim() != 1 or offsets.dim() != 1 or offsets.shape[0] != indptr.shape[0] - 1:
         raise ValueError(f"indptr must be [batch + 1] and offsets [batch], got {tuple(indptr.shape)}, "
                          f"{tuple(offsets.shape)}")
-    indptr = indptr.long()
-    lens = indptr[1:] - indptr[:-1]
-    batch = torch.repeat_interleave(torch.arange(len(lens), device=indptr.device), lens, output_size=nnz)
-    return (offsets.to(indptr.device).long()[batch] + torch.arange(nnz, device=indptr.device) - indptr[batch])
+    # token j of request b: offsets[b] + j - indptr[b], i.e. an append that ends at offsets + lengths
+    lens = indptr[1:].long() - indptr[:-1].long()
+    return get_batch_indices_positions(indptr, offsets.to(indptr.device).long() + lens, nnz)[1]
 
 
 def rope_inv_freq(rotary_dim: int, rope_theta: float, rope_scale: float = 1.0, llama31: dict | None = None,
