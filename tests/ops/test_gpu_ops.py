@@ -75,3 +75,16 @@ def test_rope_real_size(interleave):
     ref = x.clone()
     ref[..., i1], ref[..., i2] = x[..., i1] * c - x[..., i2] * s, x[..., i2] * c + x[..., i1] * s
     assert rel(qo, ref) < 1.2e-2 and ko.shape == k.shape
+
+
+def test_sampling_large_vocab():
+    """Vocab 152064: top_k=1 is argmax, top_k >= vocab and top_p = 1 are plain sampling."""
+    p = torch.softmax(torch.randn(256, 152064, device="cuda") * 3, -1)
+    assert torch.equal(pagoda.top_k_sampling_from_probs(p, 1).long(), p.argmax(-1))
+    t = pagoda.top_k_top_p_sampling_from_probs(p, 200000, 1.0, generator=torch.Generator("cuda").manual_seed(0))
+    assert t.shape == (256,) and (t >= 0).all() and (t < 152064).all()
+    t = pagoda.top_p_sampling_from_probs(p, 0.9)
+    s, order = p.sort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(152064, device="cuda").expand(256, -1))
+    before = (s.cumsum(-1) - s).gather(1, rank.gather(1, t.long()[:, None]))
+    assert (before < 0.9 + 1e-5).all(), "a token outside the nucleus was drawn"

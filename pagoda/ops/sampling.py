@@ -1,0 +1,117 @@
+"""Sampling on the GPU without sorting the vocabulary (FlashInfer names and arguments).
+
+probs: [batch, vocab] float (rows need not be normalized); per-request parameters are
+scalars or [batch] tensors. Returns int32 token ids [batch]. ``generator`` (a
+torch.Generator) makes draws reproducible: the same seed gives the same tokens.
+Bad input (top_p outside (0, 1], top_k < 1, min_p outside [0, 1], NaN probabilities when
+check_nan) raises ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+from .kernels.sampling import sample_kernel
+
+NONE, TOP_K, TOP_P, MIN_P, TOP_K_TOP_P = 0, 1, 2, 3, 4
+
+
+def _param(name, value, batch, dtype, device, lo, hi, lo_open=False):
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got {tuple(t.shape)}")
+    tc = t.detach().cpu()
+    below = (tc <= lo).any() if lo_open else (tc < lo).any()
+    if below or (tc > hi).any():
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {tc.tolist()[:8]}")
+    return t.contiguous()
+
+
+def _seed_offset(generator, device):
+    g = generator
+    draw = torch.randint(0, 2**31 - 1, (2,), generator=g, device=g.device if g is not None else "cpu")
+    return int(draw[0]), int(draw[1]) & 0x3FFFFFFF
+
+
+def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, generator=None, check_nan=True):
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.dtype.is_floating_point:
+        raise ValueError(f"probs must be a float [batch, vocab] tensor, got {getattr(probs, 'shape', probs)}")
+    if indices is not None:
+        probs = probs[indices.long()]
+    if probs.stride(-1) != 1:
+        probs = probs.contiguous()
+    batch, vocab = probs.shape
+    dev = probs.device
+    if check_nan and torch.isnan(probs).any():
+        raise ValueError("probs contains NaN")
+    k = _param("top_k", top_k if top_k is not None else 1, batch, torch.int32, dev, 1, 2**31 - 1)
+    p = _param("top_p", top_p if top_p is not None else 1.0, batch, torch.float32, dev, 0.0, 1.0, lo_open=True)
+    m = _param("min_p", min_p if min_p is not None else 0.0, batch, torch.float32, dev, 0.0, 1.0)
+    out = torch.empty(batch, dtype=torch.int32, device=dev)
+    if batch == 0:
+        return out
+    seed, offset = _seed_offset(generator, dev)
+    if not use_triton(probs):
+        return _sample_torch(probs.float(), filt, k, p, m, seed, offset).to(torch.int32)
+    sample_kernel[(batch,)](probs, out, k, p, m, probs.stride(0), vocab, seed, offset, FILTER=filt,
+                            BLOCK=min(1024, 1 << max(4, (vocab - 1).bit_length())), num_warps=4)
+    return out
+
+
+def _sample_torch(probs, filt, k, p, m, seed, offset):
+    """PyTorch form (CPU fallback): filter by sorting, then inverse-CDF sampling."""
+    g = torch.Generator(device=probs.device).manual_seed(seed + offset)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if filt in (TOP_K, TOP_K_TOP_P):
+        kth = sorted_p.gather(1, (k.long().clamp(max=probs.shape[1]) - 1)[:, None])
+        keep &= probs >= kth
+    if filt in (TOP_P, TOP_K_TOP_P):
+        above = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each sorted position
+        inside = above < p[:, None] * probs.sum(-1, keepdim=True)
+        keep &= torch.zeros_like(keep).scatter(1, order, inside)
+    if filt == MIN_P:
+        keep &= probs >= m[:, None] * probs.max(-1, keepdim=True).values
+    w = torch.where(keep, probs, 0.0)
+    return torch.multinomial(w, 1, generator=g)[:, 0]
+
+
+def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=True, seed=None,
+                        offset=None):
+    """Sample one token per row from probs."""
+    return _sample(probs, NONE, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=True):
+    """Sample among the top_k most likely tokens (ties at the k-th probability are kept)."""
+    return _sample(probs, TOP_K, top_k=top_k, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=True):
+    """Sample from the nucleus: the most likely tokens whose preceding mass is below top_p."""
+    return _sample(probs, TOP_P, top_p=top_p, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=True):
+    """Sample among tokens with p >= min_p * max(p)."""
+    return _sample(probs, MIN_P, min_p=min_p, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="joint",
+                                    deterministic=True, generator=None, check_nan=True):
+    """Sample with both filters applied to the original probabilities ("joint")."""
+    if filter_apply_order != "joint":
+        raise ValueError(f"filter_apply_order {filter_apply_order!r} is not supported yet; use 'joint'")
+    return _sample(probs, TOP_K_TOP_P, top_k=top_k, top_p=top_p, indices=indices, generator=generator,
+                   check_nan=check_nan)
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="joint",
+                                     deterministic=True, generator=None, check_nan=True):
+    """softmax(logits) then top_k_top_p_sampling_from_probs."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a [batch, vocab] tensor")
+    return top_k_top_p_sampling_from_probs(torch.softmax(logits.float(), dim=-1), top_k, top_p, indices,
+                                           filter_apply_order, deterministic, generator, check_nan)
