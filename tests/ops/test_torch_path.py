@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pagoda
-from pagoda.ops import activation, norm, page, rope
+from pagoda.ops import activation, norm, page, rope, sampling
 
 from ..conftest import DEVICE
 
@@ -11,7 +11,7 @@ from ..conftest import DEVICE
 @pytest.fixture
 def torch_path(monkeypatch):
     def use(flag):
-        for mod in (activation, norm, page, rope):
+        for mod in (activation, norm, page, rope, sampling):
             monkeypatch.setattr(mod, "use_triton", lambda t: flag)
     return use
 
@@ -63,3 +63,16 @@ def test_append_torch_form(torch_path):
     torch_path(False)
     pagoda.append_paged_kv_cache(k, v, *args, cache_b, *table)
     assert torch.equal(cache_a, cache_b) and cache_a.abs().sum() > 0
+
+
+def test_sampling_torch_form(torch_path):
+    torch_path(False)
+    p = torch.softmax(torch.randn(2000, 12, device=DEVICE) * 2, -1)
+    assert torch.equal(pagoda.top_k_sampling_from_probs(p, 1).long(), p.argmax(-1))
+    t = pagoda.top_p_sampling_from_probs(p, 0.6, generator=torch.Generator().manual_seed(0)).long()
+    s, order = p.sort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(12).expand(2000, -1))
+    before = (s.cumsum(-1) - s).gather(1, rank.gather(1, t[:, None]))
+    assert (before < 0.6 + 1e-6).all()
+    t = pagoda.min_p_sampling_from_probs(p, 0.5).long()
+    assert (p.gather(1, t[:, None]) >= 0.5 * p.max(-1, keepdim=True).values - 1e-7).all()
