@@ -2,9 +2,10 @@
 
     python scripts/kernel_variants.py
 
-Each variant rewrites kernels/attention.py's text, loads it as a module and swaps it into
-the runner, so the wrappers, plans and checks stay the same. Results go to
-benchmarks/results/notes.md by hand.
+Written against the kernel text of notes.md v2-v3: the edits no longer match the current
+kernel; the script stays as the record of those measurements. Each variant rewrites
+kernels/attention.py's text, loads it as a module and swaps it into the runner, so the
+wrappers, plans and checks stay the same. Results go to benchmarks/results/notes.md by hand.
 """
 import importlib.util
 import pathlib
