@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from .kernels.sampling import sample_kernel
+from .kernels.sampling import filter_kernel, sample_kernel
 
 NONE, TOP_K, TOP_P, MIN_P, TOP_K_TOP_P = 0, 1, 2, 3, 4
 
@@ -115,3 +115,48 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
         raise ValueError("logits must be a [batch, vocab] tensor")
     return top_k_top_p_sampling_from_probs(torch.softmax(logits.float(), dim=-1), top_k, top_p, indices,
                                            filter_apply_order, deterministic, generator, check_nan)
+
+
+def _filter(x, mode, top_k=None, top_p=None, name="probs"):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float [batch, vocab] tensor, got {getattr(x, 'shape', x)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, vocab = x.shape
+    k = _param("top_k", top_k if top_k is not None else 1, batch, torch.int32, x.device, 1, 2**31 - 1)
+    p = _param("top_p", top_p if top_p is not None else 1.0, batch, torch.float32, x.device, 0.0, 1.0,
+               lo_open=True)
+    out = torch.empty_like(x)
+    if batch == 0:
+        return out
+    if not use_triton(x):
+        xf = x.float()
+        if mode == 1:
+            s, order = xf.sort(-1, descending=True)
+            inside = (s.cumsum(-1) - s) < p[:, None] * xf.sum(-1, keepdim=True)
+            thr = torch.where(inside, s, float("inf")).min(-1, keepdim=True).values
+        else:
+            thr = xf.topk(int(k.max().clamp(max=vocab)), dim=-1).values.gather(
+                1, (k.long().clamp(max=vocab) - 1)[:, None])
+        keep = xf >= thr
+        y = torch.where(keep, xf, float("-inf")) if mode == 2 else torch.where(keep, xf, 0.0)
+        if mode != 2:
+            y = y / y.sum(-1, keepdim=True)
+        return out.copy_(y.to(out.dtype))
+    filter_kernel[(batch,)](x, out, k, p, x.stride(0), out.stride(0), vocab, MODE=mode,
+                            BLOCK=min(1024, 1 << max(4, (vocab - 1).bit_length())), num_warps=4)
+    return out
+
+
+def top_k_renorm_probs(probs, top_k):
+    """Keep the top_k most likely tokens (ties at the k-th value kept), renormalized; others 0."""
+    return _filter(probs, 0, top_k=top_k)
+
+
+def top_p_renorm_probs(probs, top_p):
+    """Keep the nucleus (tokens whose more likely mass is below top_p), renormalized; others 0."""
+    return _filter(probs, 1, top_p=top_p)
+
+
+def top_k_mask_logits(logits, top_k):
+    """Logits of the top_k largest kept, the others set to -inf."""
+    return _filter(logits, 2, top_k=top_k, name="logits")

@@ -109,3 +109,48 @@ def test_sampling_bad_input():
         pagoda.sampling_from_probs(bad)
     with pytest.raises(ValueError, match="probs"):
         pagoda.sampling_from_probs(p[0])
+
+
+def sort_based_keep(x, k=None, p=None):
+    s, order = x.double().sort(-1, descending=True)
+    if k is not None:
+        thr = s[:, min(k, x.shape[1]) - 1:min(k, x.shape[1])]
+    else:
+        inside = (s.cumsum(-1) - s) < p * x.double().sum(-1, keepdim=True)
+        thr = torch.where(inside, s, float("inf")).min(-1, keepdim=True).values
+    return x.double() >= thr
+
+
+@pytest.mark.parametrize("k", [1, 5, 33, 500])
+def test_top_k_renorm_and_mask(k):
+    p = torch.softmax(torch.randn(6, 300, device=DEVICE) * 2, -1)
+    p[0, 10] = p[0, 11] = p[0].max()  # a tie at the top
+    r = pagoda.top_k_renorm_probs(p, k)
+    keep = sort_based_keep(p.cpu(), k=k)
+    assert torch.equal(r.cpu() > 0, keep)
+    assert torch.allclose(r.cpu().double(), torch.where(keep, p.cpu().double(), 0.0)
+                          / torch.where(keep, p.cpu().double(), 0.0).sum(-1, keepdim=True), atol=1e-6)
+    logits = torch.randn(6, 300, device=DEVICE) * 4 - 2  # mostly negative
+    m = pagoda.top_k_mask_logits(logits, k)
+    keep = sort_based_keep(logits.cpu(), k=k)
+    assert torch.equal(torch.isfinite(m).cpu(), keep)
+    assert torch.equal(m.cpu()[keep], logits.cpu()[keep])
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.95, 1.0])
+def test_top_p_renorm(top_p):
+    p = torch.softmax(torch.randn(5, 257, device=DEVICE) * 2, -1)
+    r = pagoda.top_p_renorm_probs(p, top_p)
+    keep = sort_based_keep(p.cpu(), p=top_p) if top_p < 1 else torch.ones(5, 257, dtype=torch.bool)
+    assert torch.equal(r.cpu() > 0, keep)
+    assert torch.allclose(r.sum(-1).cpu(), torch.ones(5), atol=1e-5)
+
+
+def test_filters_bad_input():
+    p = torch.softmax(torch.randn(2, 10, device=DEVICE), -1)
+    with pytest.raises(ValueError, match="top_k"):
+        pagoda.top_k_renorm_probs(p, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        pagoda.top_p_renorm_probs(p, 2.0)
+    with pytest.raises(ValueError, match="logits"):
+        pagoda.top_k_mask_logits(p[0], 3)

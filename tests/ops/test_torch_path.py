@@ -76,3 +76,14 @@ def test_sampling_torch_form(torch_path):
     assert (before < 0.6 + 1e-6).all()
     t = pagoda.min_p_sampling_from_probs(p, 0.5).long()
     assert (p.gather(1, t[:, None]) >= 0.5 * p.max(-1, keepdim=True).values - 1e-7).all()
+
+
+def test_filters_torch_form(torch_path):
+    p = torch.softmax(torch.randn(4, 90, device=DEVICE) * 2, -1)
+    logits = torch.randn(4, 90, device=DEVICE) - 3
+    for fn, arg, x in ((pagoda.top_k_renorm_probs, 7, p), (pagoda.top_p_renorm_probs, 0.7, p),
+                       (pagoda.top_k_mask_logits, 9, logits)):
+        a, b = both(torch_path, lambda: fn(x, arg))
+        assert torch.equal(torch.isfinite(a) & (a != 0), torch.isfinite(b) & (b != 0))
+        keep = torch.isfinite(a) & (a != 0)
+        assert torch.allclose(a[keep], b[keep], atol=1e-6)

@@ -86,3 +86,74 @@ def sample_kernel(P, OUT, TOP_K, TOP_P, MIN_P, stride_p, vocab, seed, offset,
         low = px
         rnd += 1
     tl.store(OUT + r, result)
+
+
+@triton.jit
+def _order_key(x):
+    """int32 keys that order like the float32 values (negative floats flip)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def filter_kernel(X, Y, TOP_K, TOP_P, stride_x, stride_y, vocab, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Exact top-k / top-p threshold by bisection on the values' order keys (no sort), then one
+    writing pass. MODE 0: top-k renorm of probs; 1: top-p renorm of probs; 2: top-k mask of logits
+    (others -> -inf). Ties with the threshold value are kept."""
+    r = tl.program_id(0)
+    row = X + r.to(tl.int64) * stride_x
+    out = Y + r.to(tl.int64) * stride_y
+    kmin = tl.full([BLOCK], 2147483647, tl.int32)
+    kmax = tl.full([BLOCK], -2147483648, tl.int32)
+    tot = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, vocab, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < vocab
+        x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+        key = _order_key(x)
+        kmin = tl.where(m, tl.minimum(kmin, key), kmin)
+        kmax = tl.where(m, tl.maximum(kmax, key), kmax)
+        tot += tl.where(m, x, 0.0)
+    total = tl.sum(tot, 0)
+    lo = tl.min(kmin, 0).to(tl.int64)  # invariant: the kept set of lo satisfies the filter's need
+    hi = tl.max(kmax, 0).to(tl.int64) + 1
+    if MODE == 1:
+        need = tl.load(TOP_P + r) * total
+        if tl.load(TOP_P + r) >= 1.0:
+            hi = lo + 1  # keep everything (rounding must not drop the tail)
+    else:
+        k = tl.load(TOP_K + r)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt = tl.zeros([BLOCK], tl.int32)
+        mass = tl.zeros([BLOCK], tl.float32)
+        for s in range(0, vocab, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            m = offs < vocab
+            x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+            ge = m & (_order_key(x).to(tl.int64) >= mid)
+            cnt += ge.to(tl.int32)
+            mass += tl.where(ge, x, 0.0)
+        if MODE == 1:
+            ok = tl.sum(mass, 0) >= need
+        else:
+            ok = tl.sum(cnt, 0) >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    kept = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, vocab, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < vocab
+        x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+        kept += tl.where(m & (_order_key(x).to(tl.int64) >= lo), x, 0.0)
+    denom = tl.sum(kept, 0)
+    for s in range(0, vocab, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < vocab
+        x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+        keep = _order_key(x).to(tl.int64) >= lo
+        if MODE == 2:
+            y = tl.where(keep, x, float("-inf"))
+        else:
+            y = tl.where(keep, x / denom, 0.0)
+        tl.store(out + offs, y.to(Y.dtype.element_ty), mask=m)
