@@ -99,16 +99,20 @@ def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, ge
     return _sample(probs, MIN_P, min_p=min_p, indices=indices, generator=generator, check_nan=check_nan)
 
 
-def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="joint",
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
                                     deterministic=True, generator=None, check_nan=True):
-    """Sample with both filters applied to the original probabilities ("joint")."""
+    """Sample with both filters: "joint" applies both to the original probabilities; "top_k_first"
+    renormalizes the top-k set first and takes the nucleus of that."""
+    if filter_apply_order == "top_k_first":
+        return _sample(top_k_renorm_probs(probs if indices is None else probs[indices.long()], top_k), TOP_P,
+                       top_p=top_p, generator=generator, check_nan=check_nan)
     if filter_apply_order != "joint":
-        raise ValueError(f"filter_apply_order {filter_apply_order!r} is not supported yet; use 'joint'")
+        raise ValueError(f"filter_apply_order must be 'top_k_first' or 'joint', got {filter_apply_order!r}")
     return _sample(probs, TOP_K_TOP_P, top_k=top_k, top_p=top_p, indices=indices, generator=generator,
                    check_nan=check_nan)
 
 
-def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="joint",
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
                                      deterministic=True, generator=None, check_nan=True):
     """softmax(logits) then top_k_top_p_sampling_from_probs."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:

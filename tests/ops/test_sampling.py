@@ -154,3 +154,13 @@ def test_filters_bad_input():
         pagoda.top_p_renorm_probs(p, 2.0)
     with pytest.raises(ValueError, match="logits"):
         pagoda.top_k_mask_logits(p[0], 3)
+
+
+def test_top_k_first_order():
+    """top_k_first: nucleus of the renormalized top-k; with top_k=2 and top_p=0.5 only the argmax
+    (whose renormalized mass is > 0.5 when it beats the runner-up) can be drawn."""
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 200, device=DEVICE)
+    t = pagoda.top_k_top_p_sampling_from_probs(p, 2, 0.5, filter_apply_order="top_k_first")
+    assert (t == 0).all()
+    t = pagoda.top_k_top_p_sampling_from_probs(p, 3, 0.5, filter_apply_order="joint")
+    assert set(t.tolist()) <= {0, 1}
