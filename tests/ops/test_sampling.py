@@ -56,10 +56,7 @@ def test_top_k(dist, k):
 @pytest.mark.parametrize("top_p", [0.2, 0.5, 0.9, 1.0])
 def test_top_p(dist, top_p):
     t = pagoda.top_p_sampling_from_probs(rows(dist), top_p, generator=torch.Generator().manual_seed(3))
-    s, order = dist.sort(descending=True)
-    inside = torch.zeros(24, dtype=torch.bool)
-    inside[order] = (s.cumsum(0) - s) < top_p
-    inside |= dist >= dist[inside].min()  # ties with the last kept token stay in
+    inside = sort_based_keep(dist[None], p=top_p)[0]  # ties with the last kept token stay in
     target = torch.where(inside, dist, 0.0)
     target /= target.sum()
     emp = empirical(t, 24)
