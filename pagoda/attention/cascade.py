@@ -23,12 +23,12 @@ import os
 
 import numpy as np
 import torch
+import triton
 
 from . import reference
 from .kernels.attention import merge_states_kernel, merge_two_kernel
 from .formats import check_indptr, to_host_array
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
-from .runner import triton_next_pow2
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -61,18 +61,14 @@ def _merge_two(v_a, s_a, v_b, s_b, v_o, s_o, mask=None):
     rows, heads, dim = v_a.shape
     if rows == 0:
         return
-    block_h = min(triton_next_pow2(heads), max(1, 4096 // dim))
-    grid = (rows, triton_cdiv(heads, block_h))
+    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // dim))
+    grid = (rows, triton.cdiv(heads, block_h))
     merge_two_kernel[grid](
         v_a, s_a, v_b, s_b, v_o, s_o, mask if mask is not None else s_a, rows, heads,
         v_a.stride(0), v_a.stride(1), s_a.stride(0), v_b.stride(0), v_b.stride(1), s_b.stride(0),
         v_o.stride(0), v_o.stride(1), s_o.stride(0),
         HEAD_DIM=dim, BLOCK_H=block_h, HAS_MASK=mask is not None, num_warps=4,
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import triton
 
 from .kernels.attention import SPLIT_FIELDS, WORK_FIELDS
 
@@ -42,10 +43,6 @@ class KernelConfig:
         return self.block_m // self.heads_per_prog
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 # (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on a
 # CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
 CUDA_CONFIGS = {
@@ -68,7 +65,7 @@ def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool) -> K
     else:
         block_m, block_n, warps, stages, ctas, item_cost = _INTERPRETER_CONFIG[mode]
     if mode == "decode":
-        block_m = max(block_m, min(_next_pow2(group_size), 64))
+        block_m = max(block_m, min(triton.next_power_of_2(group_size), 64))
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost)
 
 

@@ -313,6 +313,3 @@ class BatchAttention:
             if lse is not None:
                 lse[s:e] = l2
 
-
-def triton_next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())

@@ -2,9 +2,9 @@
 out = act(input[..., :d]) * input[..., d:], computed in fp32."""
 from __future__ import annotations
 
-import math
 
 import torch
+import triton
 
 from ._dispatch import rows_view, use_triton
 from .kernels.activation import act_and_mul_kernel
@@ -34,8 +34,8 @@ def _act_and_mul(input, out, act):
         out.copy_((_TORCH[act](x[..., :d]) * x[..., d:]).to(out.dtype))
         return out
     x2, y2 = rows_view("input", input), rows_view("out", out)
-    block = min(1024, 1 << max(4, (d - 1).bit_length()))
-    act_and_mul_kernel[(x2.shape[0], math.ceil(d / block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act,
+    block = min(1024, max(16, triton.next_power_of_2(d)))
+    act_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act,
                                                              BLOCK=block, num_warps=4)
     return out
 

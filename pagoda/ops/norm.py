@@ -6,13 +6,14 @@ contiguous last dimension; ``weight`` is [hidden].
 from __future__ import annotations
 
 import torch
+import triton
 
 from ._dispatch import check_same, rows_view, use_triton
 from .kernels.norm import rmsnorm_kernel
 
 
 def _block(hidden: int) -> int:
-    return min(4096, 1 << max(4, (hidden - 1).bit_length()))
+    return min(4096, max(16, triton.next_power_of_2(hidden)))
 
 
 def _check(input, weight, name="input"):

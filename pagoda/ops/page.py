@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..attention.formats import check_kv_layout, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from ._dispatch import use_triton
@@ -80,4 +81,4 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
         positions.to(dev, torch.int32), kv_indices.to(dev, torch.int32), kv_indptr.to(dev, torch.int32),
         append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
         *sk, *sv, heads, dim, page_size,
-        BLOCK_H=1 << max(0, (heads - 1).bit_length()), BLOCK_D=1 << max(4, (dim - 1).bit_length()), num_warps=4)
+        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4)

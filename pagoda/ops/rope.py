@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from ._dispatch import use_triton
 from .kernels.rope import rope_kernel
@@ -80,12 +81,12 @@ def _rotate(x, out, pos, freq, cos_sin, half, interleave):
         y[..., i1], y[..., i2] = x1 * c - x2 * s, x2 * c + x1 * s
         out.copy_(y.to(out.dtype))
         return
-    block_h = min(16, 1 << max(0, (heads - 1).bit_length()))
+    block_h = min(16, triton.next_power_of_2(heads))
     rope_kernel[(nnz, -(-heads // block_h))](
         x, out, pos, freq if freq is not None else x, cos_sin if cos_sin is not None else x,
         heads, dim, half, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         cos_sin.stride(0) if cos_sin is not None else 0,
-        BLOCK_H=block_h, BLOCK_R=1 << max(0, (half - 1).bit_length()), BLOCK_D=1 << max(0, (dim - 1).bit_length()),
+        BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(dim),
         INTERLEAVE=interleave, FROM_CACHE=cos_sin is not None, COPY_REST=out.data_ptr() != x.data_ptr() and
         2 * half < dim, num_warps=4)
 

@@ -9,6 +9,7 @@ check_nan) raises ValueError naming the argument.
 from __future__ import annotations
 
 import torch
+import triton
 
 from ._dispatch import use_triton
 from .kernels.sampling import filter_kernel, sample_kernel
@@ -56,7 +57,7 @@ def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, gener
     if not use_triton(probs):
         return _sample_torch(probs.float(), filt, k, p, m, seed, offset).to(torch.int32)
     sample_kernel[(batch,)](probs, out, k, p, m, probs.stride(0), vocab, seed, offset, FILTER=filt,
-                            BLOCK=min(1024, 1 << max(4, (vocab - 1).bit_length())), num_warps=4)
+                            BLOCK=min(1024, max(16, triton.next_power_of_2(vocab))), num_warps=4)
     return out
 
 
@@ -147,7 +148,7 @@ def _filter(x, mode, top_k=None, top_p=None, name="probs"):
             y = y / y.sum(-1, keepdim=True)
         return out.copy_(y.to(out.dtype))
     filter_kernel[(batch,)](x, out, k, p, x.stride(0), out.stride(0), vocab, MODE=mode,
-                            BLOCK=min(1024, 1 << max(4, (vocab - 1).bit_length())), num_warps=4)
+                            BLOCK=min(1024, max(16, triton.next_power_of_2(vocab))), num_warps=4)
     return out
 
 

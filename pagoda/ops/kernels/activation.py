@@ -3,7 +3,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
