@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the attention benchmark; a short table last.
-# Usage (from the repo root, on the device): bash scripts/gpu_check.sh [bench args...]
+# One device call: GPU tests, then benchmarks; a short table last.
+# Usage (from the repo root, on the device): bash scripts/gpu_check.sh [attention-bench args...]
+#   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
+#   BENCHES="ops attention cascade"   which pagoda.bench modules to run (default: attention)
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,6 +13,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -x -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+  python3 -m pytest -q -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
 fi
-python3 -m pagoda.bench.attention --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+for b in ${BENCHES:-attention}; do
+  if [ "$b" = attention ]; then
+    python3 -m pagoda.bench.attention --json "$OUT/bench_$b.json" "$@" 2>&1 | tee "$OUT/bench_$b.log"
+  else
+    python3 -m pagoda.bench."$b" --json "$OUT/bench_$b.json" 2>&1 | tee "$OUT/bench_$b.log"
+  fi
+done
