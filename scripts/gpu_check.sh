@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,nohea
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
 fi
-for b in ${BENCHES:-attention}; do
+for b in ${BENCHES-attention}; do
   if [ "$b" = attention ]; then
     python3 -m pagoda.bench.attention --json "$OUT/bench_$b.json" "$@" 2>&1 | tee "$OUT/bench_$b.log"
   else

@@ -5,10 +5,14 @@ dims (default head_dim) rotate: pairs (i, i + rotary_dim/2) by default (NeoX / L
 (2i, 2i + 1) with ``interleave=True`` (GPT-J), by angle ``pos / rope_scale * rope_theta **
 (-2i / rotary_dim)``. Positions come from ``pos_ids`` [nnz] or from ``indptr`` [batch + 1]
 and ``offsets`` [batch] (token j of request b sits at offsets[b] + j - indptr[b]).
-Math in fp32; outputs in the input dtype.
+Math in fp32; outputs in the input dtype. One kernel launch rotates q and k.
+The cos/sin-cache forms check positions on the host when they live on the CPU; positions in a
+CUDA tensor are not read back (that would synchronize): a row whose position falls outside the
+cache is written as NaN.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,11 +34,18 @@ def _pos_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int) -> t
 
 def rope_inv_freq(rotary_dim: int, rope_theta: float, rope_scale: float = 1.0, llama31: dict | None = None,
                   device=None) -> torch.Tensor:
-    """Per-pair angular frequencies [rotary_dim / 2] (float32), Llama 3.1's scaling optional."""
+    """Per-pair angular frequencies [rotary_dim / 2] (float32), Llama 3.1's scaling optional.
+    Cached per arguments and device, so a call in a decode step copies nothing to the GPU."""
+    key = tuple(sorted(llama31.items())) if llama31 is not None else None
+    return _inv_freq(int(rotary_dim), float(rope_theta), float(rope_scale), key, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(rotary_dim, rope_theta, rope_scale, llama31, device):
     inv = 1.0 / (rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     if llama31 is not None:
-        factor, low, high, old = (llama31[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                        "old_context_len"))
+        c = dict(llama31)
+        factor, low, high, old = c["factor"], c["low_freq_factor"], c["high_freq_factor"], c["old_context_len"]
         wavelen = 2 * math.pi / inv
         smooth = (old / wavelen - low) / (high - low)
         scaled = torch.where(wavelen > old / low, inv / factor, inv)
@@ -61,44 +72,46 @@ def _check(q, k, pos, rotary_dim):
     return rd
 
 
-def _rotate(x, out, pos, freq, cos_sin, half, interleave):
-    """out <- rope(x); out may be x (in place)."""
-    nnz, heads, dim = x.shape
-    if nnz == 0:
-        return
-    if not use_triton(x):
-        xf = x.float()
-        if cos_sin is not None:
-            c, s = cos_sin[pos.long(), :half].float(), cos_sin[pos.long(), half:2 * half].float()
-        else:
-            ang = pos.float()[:, None] * freq[None, :]
-            c, s = torch.cos(ang), torch.sin(ang)
-        c, s = c[:, None, :], s[:, None, :]
-        idx = torch.arange(half, device=x.device)
-        i1, i2 = (2 * idx, 2 * idx + 1) if interleave else (idx, idx + half)
-        x1, x2 = xf[..., i1], xf[..., i2]
-        y = xf.clone()
-        y[..., i1], y[..., i2] = x1 * c - x2 * s, x2 * c + x1 * s
-        out.copy_(y.to(out.dtype))
-        return
-    block_h = min(16, triton.next_power_of_2(heads))
-    rope_kernel[(nnz, -(-heads // block_h))](
-        x, out, pos, freq if freq is not None else x, cos_sin if cos_sin is not None else x,
-        heads, dim, half, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        cos_sin.stride(0) if cos_sin is not None else 0,
-        BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(dim),
-        INTERLEAVE=interleave, FROM_CACHE=cos_sin is not None, COPY_REST=out.data_ptr() != x.data_ptr() and
-        2 * half < dim, num_warps=4)
+def _rotate_torch(x, out, pos, freq, cos_sin, half, interleave):
+    """out <- rope(x) in PyTorch (the CPU path); out may be x (in place)."""
+    xf = x.float()
+    if cos_sin is not None:
+        c, s = cos_sin[pos.long(), :half].float(), cos_sin[pos.long(), half:2 * half].float()
+    else:
+        ang = pos.float()[:, None] * freq[None, :]
+        c, s = torch.cos(ang), torch.sin(ang)
+    c, s = c[:, None, :], s[:, None, :]
+    idx = torch.arange(half, device=x.device)
+    i1, i2 = (2 * idx, 2 * idx + 1) if interleave else (idx, idx + half)
+    x1, x2 = xf[..., i1], xf[..., i2]
+    y = xf.clone()
+    y[..., i1], y[..., i2] = x1 * c - x2 * s, x2 * c + x1 * s
+    out.copy_(y.to(out.dtype))
 
 
 def _apply(q, k, pos, rotary_dim, interleave, inplace, *, theta=1e4, scale=1.0, llama31=None, cos_sin=None):
     rd = _check(q, k, pos, rotary_dim)
     pos = pos.to(q.device, torch.int32)
+    half = rd // 2
     freq = None if cos_sin is not None else rope_inv_freq(rd, theta, scale, llama31, q.device)
     q_out = q if inplace else torch.empty_like(q)
     k_out = k if inplace else torch.empty_like(k)
-    _rotate(q, q_out, pos, freq, cos_sin, rd // 2, interleave)
-    _rotate(k, k_out, pos, freq, cos_sin, rd // 2, interleave)
+    nnz, dim = q.shape[0], q.shape[2]
+    if nnz:
+        if not use_triton(q):
+            _rotate_torch(q, q_out, pos, freq, cos_sin, half, interleave)
+            _rotate_torch(k, k_out, pos, freq, cos_sin, half, interleave)
+        else:
+            bh = min(32, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
+            grid = (nnz, triton.cdiv(q.shape[1], bh) + triton.cdiv(k.shape[1], bh))
+            rope_kernel[grid](
+                q, k, q_out, k_out, pos, freq if freq is not None else q, cos_sin if cos_sin is not None else q,
+                q.shape[1], k.shape[1], dim, half, cos_sin.shape[0] if cos_sin is not None else 0,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
+                k_out.stride(0), k_out.stride(1), cos_sin.stride(0) if cos_sin is not None else 0,
+                BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(dim),
+                INTERLEAVE=interleave, FROM_CACHE=cos_sin is not None, COPY_REST=not inplace and 2 * half < dim,
+                num_warps=4)
     return None if inplace else (q_out, k_out)
 
 
@@ -163,7 +176,10 @@ def _cos_sin_args(positions, query, key, head_size, cos_sin_cache):
                          f"{tuple(cos_sin_cache.shape)}")
     if cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+    # Checked here when that is free (positions on the CPU); on the GPU the kernel writes NaN for a
+    # position outside the cache rather than synchronize to look.
+    if positions.device.type == "cpu" and positions.numel() and (
+            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
         raise ValueError(f"positions must be in 0..{cos_sin_cache.shape[0] - 1}")
     q = query.view(query.shape[0], -1, head_size)
     k = key.view(key.shape[0], -1, head_size)

@@ -88,3 +88,44 @@ def test_sampling_large_vocab():
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(152064, device="cuda").expand(256, -1))
     before = (s.cumsum(-1) - s).gather(1, rank.gather(1, t.long()[:, None]))
     assert (before < 0.9 + 1e-5).all(), "a token outside the nucleus was drawn"
+
+
+def test_sampling_large_vocab_filters_and_seeds():
+    """Vocab 128256, per-request CUDA tensors: top-k renorm / mask match a sort; the sampler never
+    leaves the joint top-k/top-p set; a CUDA generator with the same seed repeats the draws; a
+    bad parameter in a CUDA tensor gives -1 for its row only."""
+    v = 128256
+    logits = torch.randn(64, v, device="cuda") * 3
+    p = torch.softmax(logits, -1)
+    k = torch.randint(1, 2000, (64,), device="cuda", dtype=torch.int32)
+    r = pagoda.top_k_renorm_probs(p, k)
+    kth = p.sort(-1, descending=True).values.gather(1, (k.long() - 1)[:, None])
+    assert torch.equal(r > 0, p >= kth)
+    m = pagoda.top_k_mask_logits(logits, k)
+    assert torch.equal(torch.isfinite(m), logits >= logits.sort(-1, descending=True).values.gather(1, (k.long() - 1)[:, None]))
+    top_p = torch.rand(64, device="cuda") * 0.9 + 0.05
+    g = torch.Generator("cuda")
+    t1 = pagoda.top_k_top_p_sampling_from_probs(p, k, top_p, filter_apply_order="joint", generator=g.manual_seed(5))
+    t2 = pagoda.top_k_top_p_sampling_from_probs(p, k, top_p, filter_apply_order="joint", generator=g.manual_seed(5))
+    assert torch.equal(t1, t2)
+    s, order = p.sort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(v, device="cuda").expand(64, -1))
+    rk = rank.gather(1, t1.long()[:, None])[:, 0]
+    assert (rk < k).all(), "a token outside the top-k was drawn"
+    before = (s.cumsum(-1) - s).gather(1, rk[:, None])[:, 0]
+    assert (before < top_p + 1e-5).all(), "a token outside the nucleus was drawn"
+    bad = top_p.clone()
+    bad[3] = 1.5
+    t = pagoda.top_p_sampling_from_probs(p, bad)
+    assert t[3] == -1 and (t[torch.arange(64, device="cuda") != 3] >= 0).all()
+
+
+def test_rope_cos_sin_cache_position_outside_cache_is_nan():
+    q = torch.randn(64, 8 * 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(64, 2 * 128, dtype=torch.bfloat16, device="cuda")
+    cs = torch.randn(1024, 128, device="cuda")
+    pos = torch.randint(0, 1024, (64,), device="cuda")
+    pos[5] = 1024
+    qo, ko = pagoda.apply_rope_with_cos_sin_cache(pos, q, k, 128, cs)
+    assert torch.isnan(qo[5]).all() and torch.isnan(ko[5]).all()
+    assert torch.isfinite(qo[:5]).all() and torch.isfinite(ko[6:]).all()

@@ -103,9 +103,34 @@ def test_sampling_bad_input():
     bad = p.clone()
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        pagoda.sampling_from_probs(bad)
+        pagoda.sampling_from_probs(bad, check_nan=True)
+    t = pagoda.sampling_from_probs(bad)  # without the (synchronizing) check: that row says -1
+    assert t[1] == -1 and 0 <= t[0] < 10
+    neg = p.clone()
+    neg[0, 2] = -0.5
+    assert pagoda.top_p_sampling_from_probs(neg, 0.9)[0] == -1
+    assert (pagoda.sampling_from_probs(torch.zeros(2, 10, device=DEVICE)) == -1).all()
     with pytest.raises(ValueError, match="probs"):
         pagoda.sampling_from_probs(p[0])
+
+
+def test_device_tensor_parameters_out_of_range(monkeypatch):
+    """Parameters in a CUDA tensor are checked in the kernel (reading them on the host would
+    synchronize): a row with a bad one samples -1 and a filter writes it as NaN. On the CPU the
+    host check is switched off to reach the same kernel path."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(pagoda.ops.sampling._Param, "_check", lambda *a: None)
+    p = torch.softmax(torch.randn(4, 50, device=DEVICE), -1)
+    t = pagoda.top_p_sampling_from_probs(p, torch.tensor([0.5, 0.0, 1.5, 1.0], device=DEVICE))
+    assert t[1] == -1 and t[2] == -1 and 0 <= t[0] < 50 and 0 <= t[3] < 50
+    t = pagoda.top_k_sampling_from_probs(p, torch.tensor([0, 3, 1, -2], dtype=torch.int32, device=DEVICE))
+    assert t[0] == -1 and t[3] == -1 and t[2] == p[2].argmax()
+    t = pagoda.min_p_sampling_from_probs(p, torch.tensor([0.1, -1.0, 2.0, 0.0], device=DEVICE))
+    assert t[1] == -1 and t[2] == -1 and t[0] >= 0 and t[3] >= 0
+    r = pagoda.top_k_renorm_probs(p, torch.tensor([0, 3, 1, 2], dtype=torch.int32, device=DEVICE))
+    assert torch.isnan(r[0]).all() and torch.isfinite(r[1:]).all()
+    r = pagoda.top_p_renorm_probs(p, torch.tensor([0.5, 0.5, 1.5, 0.5], device=DEVICE))
+    assert torch.isnan(r[2]).all() and torch.isfinite(r[[0, 1, 3]]).all()
 
 
 def sort_based_keep(x, k=None, p=None):
