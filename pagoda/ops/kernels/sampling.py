@@ -151,17 +151,16 @@ def _kth_largest_key(row, vocab, k, BLOCK: tl.constexpr):
     prefix = 0  # raw bits of the chosen bytes
     bins = tl.arange(0, 256)
     for d in tl.static_range(4):
-        SHIFT: tl.constexpr = 24 - 8 * d
         hist = tl.zeros([256], tl.int32)
         for s in range(0, vocab, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             m = offs < vocab
             key = _order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
-            digit = (key >> SHIFT) & 0xFF
+            digit = (key >> (24 - 8 * d)) & 0xFF
             if d == 0:
                 digit = digit ^ 0x80  # the sign byte: flip so that unsigned digit order is key order
             else:
-                m = m & (((key >> (SHIFT + 8)) & ((1 << (8 * d)) - 1)) == prefix)
+                m = m & (((key >> (32 - 8 * d)) & ((1 << (8 * d)) - 1)) == prefix)
             hist += tl.histogram(digit, 256, mask=m)
         ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # how many have this byte or a larger one
         b = tl.max(tl.where(ge >= k_rem, bins, 0), 0)
