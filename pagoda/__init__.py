@@ -10,6 +10,7 @@ from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPage
                         single_decode_with_kv_cache, single_prefill_with_kv_cache)
 from .ops import *  # noqa: F401,F403  (FlashInfer exposes its ops at the top level too)
 from .ops import __all__ as _ops_all
+from .engine import LLM, CompletionOutput, LLMEngine, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
     *_ops_all,
+    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
 ]

@@ -47,19 +47,21 @@ def check_indptr(name: str, x, length: int | None = None) -> np.ndarray:
     return arr
 
 
-def check_heads(num_qo_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def check_heads(num_qo_heads: int, num_kv_heads: int, head_dim: int, any_head_dim: bool = False) -> None:
+    """any_head_dim: the PyTorch reference path takes any head_dim >= 1 (the kernels: 64, 128, 256)."""
     if num_kv_heads < 1 or num_qo_heads < 1:
         raise ValueError(f"num_qo_heads and num_kv_heads must be >= 1, got {num_qo_heads}, {num_kv_heads}")
     if num_qo_heads % num_kv_heads != 0:
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+    if (head_dim not in SUPPORTED_HEAD_DIMS) if not any_head_dim else head_dim < 1:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
 
 
-def check_dtype(name: str, dtype) -> torch.dtype:
+def check_dtype(name: str, dtype, allow_fp32: bool = False) -> torch.dtype:
+    """allow_fp32: the PyTorch reference path also takes float32 (the kernels: fp16 / bf16)."""
     dtype = canonical_dtype(name, dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} must be float16 or bfloat16, got {dtype}")
+    if dtype not in SUPPORTED_DTYPES and not (allow_fp32 and dtype == torch.float32):
+        raise ValueError(f"{name} must be float16 or bfloat16{' or float32' if allow_fp32 else ''}, got {dtype}")
     return dtype
 
 

@@ -161,9 +161,10 @@ class BatchAttention:
                     indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
                     head_dim: int, page_size: int, causal: bool, window_left: int,
                     logits_soft_cap, sm_scale, q_data_type, kv_data_type) -> None:
-        check_heads(num_qo_heads, num_kv_heads, head_dim)
-        q_dtype = check_dtype("q_data_type", q_data_type)
-        kv_dtype = q_dtype if kv_data_type is None else check_dtype("kv_data_type", kv_data_type)
+        ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
+        check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
+        q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
+        kv_dtype = q_dtype if kv_data_type is None else check_dtype("kv_data_type", kv_data_type, allow_fp32=ref)
         if kv_dtype != q_dtype:
             raise ValueError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
         if not isinstance(window_left, int) or window_left < -1:

@@ -27,13 +27,16 @@ def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Ten
 
 def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
                           positions: torch.Tensor, paged_kv_cache, kv_indices: torch.Tensor,
-                          kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, kv_layout: str = "NHD") -> None:
+                          kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, kv_layout: str = "NHD",
+                          *, check: bool = True) -> None:
     """Write append_key / append_value [nnz, num_kv_heads, head_dim] into the paged cache (one
     tensor [pages, 2, ...] or a (k, v) tuple, NHD or HND) at each token's (request, position).
 
     The page table (kv_indices, kv_indptr, kv_last_page_len) must already cover the new tokens;
     a position outside its request's pages is a ValueError (checked on the host: a device sync
-    when the indices live on the GPU).
+    when the indices live on the GPU). ``check=False`` (pagoda's extension, for callers that
+    built the indices themselves, e.g. a serving engine inside a CUDA graph) skips those reads:
+    shapes are still checked, positions and page ids are trusted.
     """
     check_kv_layout(kv_layout)
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
@@ -50,6 +53,9 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
         raise ValueError(f"append_value, batch_indices and positions must have {nnz} tokens")
     if nnz == 0:
         return
+    if not check and use_triton(append_key):  # (the PyTorch path reads them anyway: it checks)
+        return _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices,
+                              kv_indptr, kv_layout, heads, dim, page_size)
     indptr = kv_indptr.detach().cpu().long()
     last = kv_last_page_len.detach().cpu().long()
     b_host, p_host = batch_indices.detach().cpu().long(), positions.detach().cpu().long()
@@ -74,6 +80,13 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
             else:
                 cache[page, :, slot] = src.to(cache.dtype)
         return
+    _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
+                   kv_layout, heads, dim, page_size)
+
+
+def _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
+                   kv_layout, heads, dim, page_size):
+    nnz = append_key.shape[0]
     sk, sv = paged_strides(k_cache, kv_layout), paged_strides(v_cache, kv_layout)
     dev = k_cache.device
     append_paged_kv_kernel[(nnz,)](

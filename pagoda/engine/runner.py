@@ -1,0 +1,291 @@
+"""Model runner: one forward per step over the scheduled tokens of all requests.
+
+Per step: build the batch's page tables on the host (NumPy), copy them to the device in one
+transfer, ``plan()`` the attention wrapper once, run the model (every layer writes its new K/V
+into the paged cache, then attends), compute logits only where a request samples, sample.
+Pure-decode steps on CUDA replay a CUDA graph captured at a padded batch size (padding rows
+attend to the reserved page 0); ``plan()`` still runs each step, outside the graph.
+
+``attention_backend``: "pagoda" (Triton kernels on CUDA, the PyTorch reference on the CPU),
+"flashinfer" (FlashInfer 0.6 wrappers, the side-by-side peer; CUDA only), "torch" (pagoda's
+wrappers on their PyTorch reference path, anywhere).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+import pagoda
+
+from .config import ModelConfig
+from .sampler import sample
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Host arrays of one step (int32 unless noted)."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    batch_indices: np.ndarray  # [T] request of each token
+    qo_indptr: np.ndarray  # [B + 1]
+    kv_indptr: np.ndarray  # [B + 1]
+    kv_indices: np.ndarray  # [P]
+    kv_last_page_len: np.ndarray  # [B]
+    logits_indices: np.ndarray  # [S] token rows whose logits are sampled
+    sample_rows: list[int]  # [S] which requests sample
+    is_decode: bool
+
+
+def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
+    ids, pos, bidx, kv_idx = [], [], [], []
+    qo, kv, last, logit_rows, sample_rows = [0], [0], [], [], []
+    for b, (r, n) in enumerate(zip(requests, num_new_tokens)):
+        start = r.num_computed
+        toks = r.all_token_ids[start:start + n]
+        ids.append(np.asarray(toks, dtype=np.int32))
+        pos.append(np.arange(start, start + n, dtype=np.int32))
+        bidx.append(np.full(n, b, dtype=np.int32))
+        kv_len = start + n
+        npages = -(-kv_len // page_size)
+        kv_idx.append(np.asarray(r.pages[:npages], dtype=np.int32))
+        qo.append(qo[-1] + n)
+        kv.append(kv[-1] + npages)
+        last.append((kv_len - 1) % page_size + 1)
+        if kv_len == r.num_tokens:
+            logit_rows.append(qo[-1] - 1)
+            sample_rows.append(b)
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
+    return StepInputs(cat(ids), cat(pos), cat(bidx), np.asarray(qo, np.int32), np.asarray(kv, np.int32),
+                      cat(kv_idx), np.asarray(last, np.int32), np.asarray(logit_rows, np.int32), sample_rows,
+                      all(n == 1 for n in num_new_tokens) and len(sample_rows) == len(requests))
+
+
+class _DeviceInputs:
+    """The step's arrays on the device, sent in one copy from a pinned buffer."""
+
+    def __init__(self, inp: StepInputs, device, pinned: torch.Tensor | None):
+        arrays = [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
+                  inp.kv_last_page_len, inp.logits_indices]
+        sizes = [a.shape[0] for a in arrays]
+        flat = np.concatenate(arrays).astype(np.int32, copy=False)
+        if device.type == "cuda":
+            if pinned is None or pinned.numel() < flat.size:
+                raise RuntimeError("pinned staging buffer too small")
+            host = pinned[:flat.size]
+            host.numpy()[:] = flat
+            dev = host.to(device, non_blocking=True)
+        else:
+            dev = torch.from_numpy(flat.copy())
+        parts = torch.split(dev, sizes)
+        (self.input_ids, self.positions, self.batch_indices, self.qo_indptr, self.kv_indptr, self.kv_indices,
+         self.kv_last_page_len, self.logits_indices) = parts
+
+
+class _Context:
+    """What the model's attention layers call: append K/V, then attend."""
+
+    def __init__(self, runner, attn, dev: _DeviceInputs):
+        self.runner, self.attn, self.dev = runner, attn, dev
+
+    def attention(self, layer: int, q, k, v):
+        cache = self.runner.kv_caches[layer]
+        d = self.dev
+        self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr, d.kv_last_page_len)
+        return self.attn.run(q, cache)
+
+
+class _PagodaAttention:
+    def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
+        self.r = runner
+        self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
+                                                                  backend=backend)
+        self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs) -> None:
+        c = self.r.config
+        self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
+                          torch.from_numpy(inp.kv_indices), torch.from_numpy(inp.kv_last_page_len),
+                          c.num_heads, c.num_kv_heads, c.head_dim, self.r.page_size, causal=True,
+                          window_left=self.r.window_left, q_data_type=self.r.dtype, kv_data_type=self.r.dtype)
+
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
+        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False)
+
+    def run(self, q, cache):
+        return self.wrapper.run(q, cache)
+
+
+class _FlashInferAttention:
+    def __init__(self, runner):
+        import flashinfer
+
+        self.fi, self.r = flashinfer, runner
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(runner.workspace, "NHD", use_tensor_cores=True)
+        self.active = None
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs) -> None:
+        c, r = self.r.config, self.r
+        if inp.is_decode:
+            self.decode.plan(dev.kv_indptr, dev.kv_indices, dev.kv_last_page_len, c.num_heads, c.num_kv_heads,
+                             c.head_dim, r.page_size, window_left=r.window_left, q_data_type=r.dtype,
+                             kv_data_type=r.dtype)
+            self.active = self.decode
+        else:
+            self.prefill.plan(dev.qo_indptr, dev.kv_indptr, dev.kv_indices, dev.kv_last_page_len, c.num_heads,
+                              c.num_kv_heads, c.head_dim, r.page_size, causal=True, window_left=r.window_left,
+                              q_data_type=r.dtype, kv_data_type=r.dtype)
+            self.active = self.prefill
+
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
+        self.fi.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last)
+
+    def run(self, q, cache):
+        return self.active.run(q.contiguous(), cache)
+
+
+class _DecodeGraph:
+    """A CUDA graph of the model over a padded decode batch of ``size`` rows."""
+
+    def __init__(self, runner, size: int, pool):
+        self.r, self.size = runner, size
+        self.attn = _PagodaAttention(runner, "triton", use_cuda_graph=True)
+        s = runner.static
+        self.dev = _StaticView(s, size)
+        inp = runner.padded_decode_inputs([], size)
+        runner.write_static(inp)
+        self.attn.plan(inp, self.dev)
+        ctx = _Context(runner, self.attn, self.dev)
+        with torch.no_grad():
+            for _ in range(2):  # compile and warm up outside the graph
+                runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
+                self.logits = runner.model.compute_logits(hidden)
+
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        self.r.write_static(inp)
+        self.attn.plan(inp, self.dev)
+        self.graph.replay()
+        return self.logits
+
+
+class _StaticView:
+    def __init__(self, s, size):
+        self.input_ids, self.positions = s["input_ids"][:size], s["positions"][:size]
+        self.batch_indices = s["batch_indices"][:size]
+        self.kv_indptr, self.kv_last_page_len = s["kv_indptr"][:size + 1], s["kv_last_page_len"][:size]
+        self.kv_indices = s["kv_indices"]
+        self.qo_indptr = s["qo_indptr"][:size + 1]
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
+                 attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 enable_cuda_graph: bool):
+        self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
+        self.page_size, self.num_pages = page_size, num_pages
+        self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
+        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim, dtype=dtype,
+                                      device=self.device) for _ in range(config.num_layers)]
+        ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
+        self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
+        if attention_backend == "flashinfer":
+            if self.device.type != "cuda":
+                raise ValueError("attention_backend='flashinfer' needs a CUDA device")
+            self.attn = _FlashInferAttention(self)
+        elif attention_backend == "pagoda":
+            self.attn = _PagodaAttention(self, "auto")
+        elif attention_backend == "torch":
+            self.attn = _PagodaAttention(self, "torch")
+        else:
+            raise ValueError(f"attention_backend must be 'pagoda', 'flashinfer' or 'torch', got {attention_backend!r}")
+        self.attention_backend = attention_backend
+        max_pages_step = max_num_seqs * (-(-max_model_len // page_size))
+        n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + min(max_pages_step, num_pages + max_num_seqs)
+        self.pinned = (torch.empty(n_pinned, dtype=torch.int32, pin_memory=True)
+                       if self.device.type == "cuda" else None)
+        self.use_graphs = (enable_cuda_graph and self.device.type == "cuda" and attention_backend == "pagoda")
+        self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self.last_step_graph = False
+        self.graph_pool = None
+        if self.use_graphs:
+            mx = self.graph_sizes[-1]
+            self.static = {n: torch.zeros(k, dtype=torch.int32, device=self.device) for n, k in (
+                ("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
+                ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", min(max_pages_step, num_pages) + mx))}
+        self.model.init_rope(max_model_len)
+
+    # -- CUDA graphs --------------------------------------------------------------------
+    def padded_decode_inputs(self, inp: StepInputs | list, size: int) -> StepInputs:
+        """A decode batch padded to ``size`` rows: padding rows are one token at position 0
+        attending to one slot of the reserved page 0."""
+        if isinstance(inp, list):
+            b = 0
+            ids = pos = bidx = kvi = last = np.zeros(0, np.int32)
+            kv = qo = np.zeros(1, np.int32)
+        else:
+            b = len(inp.sample_rows)
+            ids, pos, bidx, kvi, last = inp.input_ids, inp.positions, inp.batch_indices, inp.kv_indices, inp.kv_last_page_len
+            kv, qo = inp.kv_indptr, inp.qo_indptr
+        pad = size - b
+        z = np.zeros(pad, np.int32)
+        return StepInputs(
+            np.concatenate([ids, z]), np.concatenate([pos, z]), np.concatenate([bidx, np.arange(b, size, dtype=np.int32)]),
+            np.concatenate([qo, qo[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+            np.concatenate([kv, kv[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+            np.concatenate([kvi, z]), np.concatenate([last, np.ones(pad, np.int32)]),
+            np.arange(size, dtype=np.int32), list(range(size)), True)
+
+    def write_static(self, inp: StepInputs) -> None:
+        s = self.static
+        arrays = [("input_ids", inp.input_ids), ("positions", inp.positions), ("batch_indices", inp.batch_indices),
+                  ("kv_indptr", inp.kv_indptr), ("qo_indptr", inp.qo_indptr),
+                  ("kv_last_page_len", inp.kv_last_page_len), ("kv_indices", inp.kv_indices)]
+        flat = np.concatenate([a for _, a in arrays]).astype(np.int32, copy=False)
+        host = self.pinned[:flat.size]
+        host.numpy()[:] = flat
+        dev = host.to(self.device, non_blocking=True)
+        off = 0
+        for name, a in arrays:
+            s[name][:a.size].copy_(dev[off:off + a.size])
+            off += a.size
+
+    def _graph_for(self, batch: int) -> _DecodeGraph | None:
+        size = next((s for s in self.graph_sizes if s >= batch), None)
+        if size is None:
+            return None
+        if size not in self.graphs:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            self.graphs[size] = _DecodeGraph(self, size, self.graph_pool)
+        return self.graphs[size]
+
+    # -- one step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, batch, generator=None):
+        """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
+        batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
+        inp = build_inputs(batch.requests, batch.num_new_tokens, self.page_size)
+        graph = self._graph_for(len(batch.requests)) if (self.use_graphs and inp.is_decode) else None
+        self.last_step_graph = graph is not None
+        if graph is not None:
+            logits = graph.run(self.padded_decode_inputs(inp, graph.size))[:len(inp.sample_rows)]
+        else:
+            dev = _DeviceInputs(inp, self.device, self.pinned)
+            self.attn.plan(inp, dev)
+            hidden = self.model(dev.input_ids, dev.positions, _Context(self, self.attn, dev))
+            logits = self.model.compute_logits(hidden[dev.logits_indices.long()]) if inp.sample_rows else None
+        if not inp.sample_rows:
+            return [], [], []
+        reqs = [batch.requests[i] for i in inp.sample_rows]
+        tokens, logprobs = sample(logits, reqs, generator)
+        return reqs, tokens, logprobs
