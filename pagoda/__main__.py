@@ -1,4 +1,7 @@
-"""Command line: ``pagoda demo`` (also ``python -m pagoda demo``).
+"""Command line (also ``python -m pagoda ...``):
+
+- ``pagoda generate [PROMPT ...]``: text from the bundled pagoda-demo model (or ``--model``),
+- ``pagoda demo``: the attention kernels checked against the reference.
 
 The demo runs batch decode and batch prefill (paged KV cache, GQA) on the available
 device, checks each against the float64 PyTorch reference and prints a table. Without a
@@ -88,14 +91,61 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
+DEFAULT_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\n\ndef "]
+
+
+def _generate(args) -> int:
+    import torch
+
+    import pagoda
+
+    t0 = time.perf_counter()
+    llm = pagoda.LLM(args.model, max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                     load_format=args.load_format)
+    load_s = time.perf_counter() - t0
+    sp = pagoda.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                               max_tokens=args.max_tokens, seed=args.seed)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    gen_s = time.perf_counter() - t0
+    n_tok = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    for o in outs:
+        for c in o.outputs:
+            print(f"--- {o.prompt!r} (sample {c.index}, {len(c.token_ids)} tokens, {c.finish_reason})")
+            print(o.prompt + c.text)
+    dev = torch.cuda.get_device_name() if llm.engine.device.type == "cuda" else "CPU"
+    print(f"--- {llm.engine.model_name} on {dev} ({llm.engine.dtype}): loaded in {load_s:.1f}s, "
+          f"{n_tok} tokens in {gen_s:.2f}s ({n_tok / gen_s:.0f} tokens/s)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pagoda", description="pagoda: attention engine for LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="batch decode + prefill on this machine, checked against the reference")
     demo.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    gen = sub.add_parser("generate", help="generate text with a model (default: the bundled pagoda-demo model)")
+    gen.add_argument("prompt", nargs="*", help="prompts (default: three Python openings)")
+    gen.add_argument("--model", default=None, help="a local Hugging Face folder or a bundled name")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--attention-backend", default=None, choices=["pagoda", "flashinfer", "torch"])
+    gen.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         return _demo(args)
+    if args.cmd == "generate":
+        try:
+            return _generate(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"pagoda generate: error: {e}", file=sys.stderr)
+            return 2
     return 2
 
 

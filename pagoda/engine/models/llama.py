@@ -64,8 +64,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.qk_norm:
-            q = self.q_norm(q.reshape(t, self.hq, self.d)).view(t, -1)
-            k = self.k_norm(k.reshape(t, self.hk, self.d)).view(t, -1)
+            q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
+            k = self.k_norm(k.reshape(t, self.hk, self.d).contiguous()).view(t, -1)
         pagoda.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.d, cos_sin, is_neox=True)
         o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
                           v.view(t, self.hk, self.d))

@@ -1,0 +1,70 @@
+"""The bundled pagoda-demo model through the text path: tokenizer, chat template, stop strings,
+detokenization, the CLI; and the folder itself against transformers."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pagoda
+from pagoda.engine.loader import DEMO_MODEL
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return pagoda.LLM()
+
+
+def test_bundled_folder_is_small_and_loads_in_transformers():
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    size = sum(os.path.getsize(os.path.join(DEMO_MODEL, f)) for f in os.listdir(DEMO_MODEL))
+    assert size < 16 * 2**20
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    assert sum(p.numel() for p in hf.parameters()) < 8.5e6
+
+
+def test_text_prompts_and_greedy_matches_transformers(llm):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    tok = llm.get_tokenizer()
+    prompts = ["def fibonacci(n):", "for i in range("]
+    outs = llm.generate(prompts, pagoda.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ids = tok(p, return_tensors="pt").input_ids
+        assert o.prompt == p and o.prompt_token_ids == ids[0].tolist()
+        ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        assert o.outputs[0].token_ids == ref
+        assert o.outputs[0].text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_stop_string_truncates(llm):
+    sp = pagoda.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    full = llm.generate(["def fibonacci(n):"], sp, use_tqdm=False)[0].outputs[0].text
+    stop = full[10:14]
+    assert stop and stop in full
+    sp = pagoda.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    out = llm.generate(["def fibonacci(n):"], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.index(stop)]
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "Write a Python function: Return the sum of a list."}],
+                   pagoda.SamplingParams(max_tokens=48, temperature=0), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    assert tok.decode(out.prompt_token_ids).endswith("<|assistant|>\n")
+    assert "def " in out.outputs[0].text
+
+
+def test_cli_generate():
+    r = subprocess.run([sys.executable, "-m", "pagoda", "generate", "def add(a, b):", "--max-tokens", "16"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "def add(a, b):" in r.stdout and "tokens/s" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pagoda", "generate", "x", "--max-tokens", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "max_tokens" in r.stderr

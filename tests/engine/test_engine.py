@@ -1,0 +1,178 @@
+"""The engine's machinery against transformers' greedy output: prefix-cache hits, chunked
+prefill mixed with decodes, preemption under KV pressure, aborts, seeds, n > 1, stops."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import pagoda
+
+from .test_models import hf_greedy, make_llm
+
+PROMPTS = [list(range(3, 40)), [7, 8, 9, 10, 11], list(range(100, 121)), [250, 251] * 9]
+
+
+def greedy(n=10):
+    return pagoda.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def spy_batches(llm):
+    seen = []
+    sched = llm.engine.scheduler
+    orig = sched.schedule
+
+    def schedule():
+        b = orig()
+        seen.append([(r.num_computed, r.num_tokens, n) for r, n in zip(b.requests, b.num_new_tokens)])
+        return b
+    sched.schedule = schedule
+    return seen
+
+
+def test_prefix_cache_hit_skips_prefill(tiny_models):
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path)
+    first = llm.generate([PROMPTS[0]], greedy(), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    seen = spy_batches(llm)
+    second = llm.generate([PROMPTS[0] + [5, 6]], greedy(), use_tqdm=False)[0]
+    # 37 + 2 prompt tokens, page_size 4: the first 36 are cached pages, only 3 are computed
+    assert second.num_cached_tokens == 36
+    assert seen[0] == [(36, 39, 3)]
+    st = llm.engine.stats
+    assert st.prefix_hit_tokens == 36 and 0 < st.prefix_hit_rate < 1
+    assert first.outputs[0].token_ids == hf_greedy(hf, PROMPTS[0], 10)
+    assert second.outputs[0].token_ids == hf_greedy(hf, PROMPTS[0] + [5, 6], 10)
+
+
+def test_chunked_prefill_mixes_with_decodes(tiny_models):
+    path, hf = tiny_models["qwen2"]
+    llm = make_llm(path, max_num_batched_tokens=8, enable_prefix_caching=False)
+    seen = spy_batches(llm)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    for p, o in zip(PROMPTS, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 10)
+    assert all(sum(n for _, _, n in step) <= 8 for step in seen), "token budget exceeded"
+    mixed = [s for s in seen if any(c == t - 1 and n == 1 for c, t, n in s) and any(n > 1 or c < t - 1 for c, t, n in s)]
+    assert mixed, "no step mixed a decode with a prefill chunk"
+    # a 37-token prompt under an 8-token budget is prefilled in several chunks
+    assert any(c > 0 and c + n < t for step in seen for c, t, n in step)
+
+
+def test_preemption_recomputes_and_loses_nothing(tiny_models):
+    path, hf = tiny_models["qwen3"]
+    # 14 usable pages of 4 tokens: not enough for the four requests at once
+    llm = make_llm(path, num_kv_pages=15, enable_prefix_caching=False)
+    outs = llm.generate(PROMPTS, greedy(12), use_tqdm=False)
+    assert llm.engine.stats.preemptions > 0
+    for p, o in zip(PROMPTS, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)
+    assert llm.engine.pool.num_free == llm.engine.pool.usable, "pages leaked"
+
+
+def test_preemption_with_prefix_cache(tiny_models):
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path, num_kv_pages=16)
+    outs = llm.generate(PROMPTS, greedy(12), use_tqdm=False)
+    for p, o in zip(PROMPTS, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)
+    e = llm.engine
+    e.prefix_cache.reset()
+    assert e.pool.num_free == e.pool.usable
+
+
+def test_abort_frees_pages(tiny_models):
+    path, _ = tiny_models["llama"]
+    llm = make_llm(path, enable_prefix_caching=False)
+    e = llm.engine
+    ids = [e.add_request(p, greedy(50)) for p in PROMPTS]
+    for _ in range(4):
+        e.step()
+    assert e.pool.num_free < e.pool.usable
+    assert e.abort(ids[0]) and e.abort(ids[2])
+    assert not e.abort("no-such-request")
+    while e.has_unfinished():
+        e.step()
+    assert e.pool.num_free == e.pool.usable
+
+
+def test_seeds_repeat_and_batching_does_not_change_them(tiny_models):
+    path, _ = tiny_models["mistral"]
+    llm = make_llm(path)
+    sp = pagoda.SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPTS[1]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    batched = llm.generate(PROMPTS, [greedy(), sp, greedy(), sp], use_tqdm=False)
+    assert batched[1].outputs[0].token_ids == alone
+    assert batched[3].outputs[0].token_ids != alone or PROMPTS[3] == PROMPTS[1]
+    other = pagoda.SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True)
+    outs = [llm.generate([PROMPTS[1]], other, use_tqdm=False)[0].outputs[0].token_ids for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+def test_parallel_samples_share_the_prompt(tiny_models):
+    path, _ = tiny_models["llama"]
+    llm = make_llm(path)
+    sp = pagoda.SamplingParams(n=4, max_tokens=6, temperature=1.0, seed=7, ignore_eos=True, logprobs=2)
+    out = llm.generate([PROMPTS[0]], sp, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 6 and len(c.logprobs) == 6 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1, "the n samples should differ"
+    # samples 1..3 reuse the 9 full prompt pages the first one computed
+    assert llm.engine.stats.prefix_hit_tokens == 3 * 36
+
+
+def test_stop_token_ids_and_max_model_len(tiny_models):
+    path, hf = tiny_models["llama"]
+    ref = hf_greedy(hf, PROMPTS[2], 10)
+    llm = make_llm(path, max_model_len=len(PROMPTS[2]) + 4)
+    out = llm.generate([PROMPTS[2]], pagoda.SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[ref[2]],
+                                                            ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref[:3] and out.finish_reason == "stop" and out.stop_reason == ref[2]
+    out = llm.generate([PROMPTS[2]], greedy(10), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref[:4] and out.finish_reason == "length"
+
+
+def test_bad_requests(tiny_models, tmp_path):
+    path, _ = tiny_models["llama"]
+    llm = make_llm(path, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([list(range(3, 80))], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[5, 999999]], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate(["text needs a tokenizer"], greedy(), use_tqdm=False)
+    for field, value in (("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0), ("n", 0),
+                         ("min_p", 1.5), ("logprobs", 50)):
+        with pytest.raises(ValueError, match=field):
+            pagoda.SamplingParams(**{field: value})
+    assert llm.engine.pool.num_free == llm.engine.pool.usable  # nothing half-admitted
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        pagoda.LLM(str(bad), skip_tokenizer_init=True)
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        pagoda.LLM(str(tmp_path / "nowhere"))
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pagoda.LLM(str(empty))
+    shutil.copy(path / "config.json", empty / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        pagoda.LLM(str(empty), skip_tokenizer_init=True)
+    out = pagoda.LLM(str(empty), skip_tokenizer_init=True, load_format="dummy", num_kv_pages=64).generate(
+        [[1, 2, 3]], greedy(3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_sharded_checkpoint(tiny_models, tmp_path):
+    path, hf = tiny_models["qwen2"]
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    llm = make_llm(tmp_path)
+    assert llm.generate([PROMPTS[1]], greedy(), use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[1], 10)
