@@ -149,12 +149,37 @@ class _FlashInferAttention:
         return self.active.run(q.contiguous(), cache)
 
 
+class _FlashInferGraphAttention(_FlashInferAttention):
+    """FlashInfer's decode wrapper in CUDA-graph mode (its own fixed index buffers)."""
+
+    def __init__(self, runner, size: int):
+        import flashinfer
+
+        self.fi, self.r = flashinfer, runner
+        dev, pages = runner.device, runner.static["kv_indices"].numel()
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            runner.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(size + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(pages, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32, device=dev))
+        self.active = self.decode
+
+    def plan(self, inp: StepInputs, dev) -> None:
+        c, r = self.r.config, self.r
+        self.decode.plan(torch.from_numpy(inp.kv_indptr), torch.from_numpy(inp.kv_indices),
+                         torch.from_numpy(inp.kv_last_page_len), c.num_heads, c.num_kv_heads, c.head_dim,
+                         r.page_size, window_left=r.window_left, q_data_type=r.dtype, kv_data_type=r.dtype)
+
+
 class _DecodeGraph:
     """A CUDA graph of the model over a padded decode batch of ``size`` rows."""
 
     def __init__(self, runner, size: int, pool):
         self.r, self.size = runner, size
-        self.attn = _PagodaAttention(runner, "triton", use_cuda_graph=True)
+        if runner.attention_backend == "flashinfer":
+            self.attn = _FlashInferGraphAttention(runner, size)
+        else:
+            self.attn = _PagodaAttention(runner, "triton", use_cuda_graph=True)
         s = runner.static
         self.dev = _StaticView(s, size)
         inp = runner.padded_decode_inputs([], size)
@@ -212,7 +237,8 @@ class ModelRunner:
         n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + min(max_pages_step, num_pages + max_num_seqs)
         self.pinned = (torch.empty(n_pinned, dtype=torch.int32, pin_memory=True)
                        if self.device.type == "cuda" else None)
-        self.use_graphs = (enable_cuda_graph and self.device.type == "cuda" and attention_backend == "pagoda")
+        self.use_graphs = (enable_cuda_graph and self.device.type == "cuda"
+                           and attention_backend in ("pagoda", "flashinfer"))
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
         self.graphs: dict[int, _DecodeGraph] = {}
         self.last_step_graph = False

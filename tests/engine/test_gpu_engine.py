@@ -1,0 +1,53 @@
+"""The engine on the GPU (scripts/gpu_check.sh): CUDA-graph decode against eager steps, and the
+pagoda attention backend against transformers on the bundled model."""
+import pytest
+import torch
+
+import pagoda
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, x):", "import os\n", "for i in range("]
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("gpu tests need CUDA: deselect them with -m 'not gpu' on a CPU machine")
+
+
+def test_cuda_graph_decode_matches_eager():
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    graph = pagoda.LLM(dtype="bfloat16", max_num_seqs=8)
+    eager = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, enforce_eager=True)
+    a = graph.generate(PROMPTS, sp, use_tqdm=False)
+    b = eager.generate(PROMPTS, sp, use_tqdm=False)
+    assert graph.engine.stats.cuda_graph_steps > 0 and eager.engine.stats.cuda_graph_steps == 0
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+
+
+def test_first_token_logprobs_match_transformers_bf16():
+    from transformers import AutoModelForCausalLM
+
+    from pagoda.engine.loader import DEMO_MODEL
+
+    llm = pagoda.LLM(dtype="bfloat16")
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).cuda().eval()
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, pagoda.SamplingParams(max_tokens=1, temperature=0, logprobs=3), use_tqdm=False)
+    for p, o in zip(PROMPTS, outs):
+        ids = tok(p, return_tensors="pt").input_ids.cuda()
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
+        for t, lp in o.outputs[0].logprobs[0].items():
+            assert abs(lp - ref[t].item()) < 0.1  # bf16 weights and activations vs fp32
+
+
+def test_parallel_sampling_and_prefix_cache_on_gpu():
+    llm = pagoda.LLM(dtype="bfloat16")
+    sp = pagoda.SamplingParams(n=4, max_tokens=16, temperature=0.8, seed=3, ignore_eos=True)
+    out = llm.generate([PROMPTS[1] * 8], sp, use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and llm.engine.stats.prefix_hit_tokens > 0
+    again = llm.generate([PROMPTS[1] * 8], sp, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
