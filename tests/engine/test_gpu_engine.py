@@ -18,8 +18,8 @@ def _need_cuda():
 
 def test_cuda_graph_decode_matches_eager():
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    graph = pagoda.LLM(dtype="bfloat16", max_num_seqs=8)
-    eager = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, enforce_eager=True)
+    graph = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+    eager = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enforce_eager=True)
     a = graph.generate(PROMPTS, sp, use_tqdm=False)
     b = eager.generate(PROMPTS, sp, use_tqdm=False)
     assert graph.engine.stats.cuda_graph_steps > 0 and eager.engine.stats.cuda_graph_steps == 0
@@ -32,7 +32,7 @@ def test_first_token_logprobs_match_transformers_bf16():
 
     from pagoda.engine.loader import DEMO_MODEL
 
-    llm = pagoda.LLM(dtype="bfloat16")
+    llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048)
     hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).cuda().eval()
     tok = llm.get_tokenizer()
     outs = llm.generate(PROMPTS, pagoda.SamplingParams(max_tokens=1, temperature=0, logprobs=3), use_tqdm=False)
@@ -45,10 +45,10 @@ def test_first_token_logprobs_match_transformers_bf16():
 
 
 def test_parallel_sampling_and_prefix_cache_on_gpu():
-    llm = pagoda.LLM(dtype="bfloat16")
+    llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048)
     sp = pagoda.SamplingParams(n=4, max_tokens=16, temperature=0.8, seed=3, ignore_eos=True)
     out = llm.generate([PROMPTS[1] * 8], sp, use_tqdm=False)[0]
     assert len(out.outputs) == 4 and llm.engine.stats.prefix_hit_tokens > 0
-    plain = pagoda.LLM(dtype="bfloat16", enable_prefix_caching=False)
+    plain = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, enable_prefix_caching=False)
     a, b = (plain.generate([PROMPTS[1] * 8], sp, use_tqdm=False)[0] for _ in range(2))
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]  # same seed, same tokens

@@ -1,0 +1,57 @@
+"""Where a decode step's time goes: torch.profiler over a few steps of the engine on the device.
+
+    python scripts/profile_engine.py [--batch 64] [--ctx 1024] [--backend pagoda] [--eager]
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import pagoda
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="Llama-3.1-8B")
+ap.add_argument("--batch", type=int, default=64)
+ap.add_argument("--ctx", type=int, default=1024)
+ap.add_argument("--backend", default="pagoda")
+ap.add_argument("--eager", action="store_true")
+args = ap.parse_args()
+llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=args.backend, skip_tokenizer_init=True,
+                 max_model_len=4096, enforce_eager=args.eager)
+e = llm.engine
+rng = np.random.default_rng(0)
+sp = pagoda.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+for _ in range(args.batch):
+    e.add_request(rng.integers(0, e.config.vocab_size, size=args.ctx).tolist(), sp)
+for _ in range(12):
+    e.step()
+torch.cuda.synchronize()
+phases = {"schedule": 0.0, "execute": 0.0, "rest": 0.0}
+orig_sched, orig_exec = e.scheduler.schedule, e.runner.execute
+
+
+def timed(name, fn):
+    def f(*a, **k):
+        t0 = time.perf_counter()
+        r = fn(*a, **k)
+        phases[name] += time.perf_counter() - t0
+        return r
+    return f
+
+
+e.scheduler.schedule = timed("schedule", orig_sched)
+e.runner.execute = timed("execute", orig_exec)
+t0 = time.perf_counter()
+for _ in range(20):
+    e.step()
+torch.cuda.synchronize()
+total = time.perf_counter() - t0
+print(f"batch {args.batch} ctx {args.ctx} {args.backend} graphs={not args.eager}: {total / 20 * 1e3:.2f} ms/step; "
+      + ", ".join(f"{k} {v / 20 * 1e3:.2f} ms" for k, v in phases.items() if k != "rest"))
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        e.step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
