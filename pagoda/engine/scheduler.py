@@ -133,7 +133,8 @@ class Scheduler:
         if need <= 0:
             return True
         if need > self.pool.num_free and self.cache is not None:
-            self.cache.evict(need - self.pool.num_free)
+            # evict in bulk: one pass over the tree frees pages for many later steps
+            self.cache.evict(max(need - self.pool.num_free, self.pool.usable // 32))
         try:
             req.pages += self.pool.alloc(need)
         except OutOfPages:

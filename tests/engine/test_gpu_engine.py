@@ -40,8 +40,10 @@ def test_first_token_logprobs_match_transformers_bf16():
         ids = tok(p, return_tensors="pt").input_ids.cuda()
         with torch.no_grad():
             ref = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
-        for t, lp in o.outputs[0].logprobs[0].items():
-            assert abs(lp - ref[t].item()) < 0.1  # bf16 weights and activations vs fp32
+        got = o.outputs[0].logprobs[0]
+        assert o.outputs[0].token_ids[0] == int(ref.argmax()) or ref.exp().topk(2).values.diff().abs() < 0.02
+        for t, lp in got.items():  # bf16 weights and activations vs fp32: compare probabilities
+            assert abs(torch.tensor(lp).exp() - ref[t].exp()) < 0.02
 
 
 def test_parallel_sampling_and_prefix_cache_on_gpu():
