@@ -1,6 +1,8 @@
 """Command line (also ``python -m pagoda ...``):
 
 - ``pagoda generate [PROMPT ...]``: text from the bundled pagoda-demo model (or ``--model``),
+- ``pagoda serve [MODEL]``: the OpenAI-compatible server,
+- ``pagoda bench serve --base-url ...``: the load client,
 - ``pagoda demo``: the attention kernels checked against the reference.
 
 The demo runs batch decode and batch prefill (paged KV cache, GQA) on the available
@@ -137,7 +139,22 @@ def main(argv=None) -> int:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--attention-backend", default=None, choices=["pagoda", "flashinfer", "torch"])
     gen.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    from .server.cli import add_parser as add_serve
+    add_serve(sub)
+    bench = sub.add_parser("bench", help="benchmarks: 'pagoda bench serve ...' drives an OpenAI-compatible server")
+    bench.add_argument("what", choices=["serve"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        from .server.cli import serve
+        try:
+            return serve(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"pagoda serve: error: {e}", file=sys.stderr)
+            return 2
+    if args.cmd == "bench":
+        from .bench.serve import main as bench_serve
+        return bench_serve(args.rest)
     if args.cmd == "demo":
         return _demo(args)
     if args.cmd == "generate":

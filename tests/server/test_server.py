@@ -1,0 +1,207 @@
+"""The real server in a subprocess on loopback, with the bundled model, driven by the official
+openai client and raw HTTP."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+MODEL = "pagoda-demo"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*extra):
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the engine's ops take their PyTorch path on the CPU
+    proc = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--num-kv-pages", "1024",
+                             "--log-level", "warning", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server()
+    yield url
+    assert stop(proc) == 0
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="none")
+
+
+def metric(url, name):
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_models_health_and_completion(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0)
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    again = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+
+
+def test_streaming_completion_matches_non_streaming(client):
+    full = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="import os\n", max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 16
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_stream_and_not(client):
+    msgs = [{"role": "user", "content": "Write a Python function: Return the sum of a list."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    s = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == r.choices[0].message.content
+
+
+def test_n_seed_stop_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="class Stack:", max_tokens=10, n=3, temperature=1.0,
+                                  seed=11)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.usage.completion_tokens == 30
+    r2 = client.completions.create(model=MODEL, prompt="class Stack:", max_tokens=10, n=3, temperature=1.0,
+                                   seed=11)
+    assert [c.text for c in r.choices] == [c.text for c in r2.choices]
+    full = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) >= 3 for t in lp.top_logprobs)
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    assert len(c.choices[0].logprobs.content) == 3
+
+
+def test_error_paths_keep_serving(server, client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x " * 3000, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+    for body in ({"model": MODEL}, {"model": MODEL, "prompt": "x", "max_tokens": 0},
+                 {"model": MODEL, "prompt": "x", "top_p": 1.5}, {"model": MODEL, "prompt": [99999999]},
+                 {"model": MODEL, "prompt": "x", "n": "many"}):
+        r = httpx.post(server + "/v1/completions", json=body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400
+    r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert httpx.get(server + "/health").status_code == 200
+    assert metric(server, 'pagoda_requests_total{status="400"}') >= 5
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    with httpx.stream("POST", server + "/v1/completions",
+                      json={"model": MODEL, "prompt": "def f():", "max_tokens": 900, "stream": True,
+                            "ignore_eos": True}) as r:
+        n = 0
+        for line in r.iter_lines():
+            n += line.startswith("data: ")
+            if n >= 3:
+                assert metric(server, "pagoda_kv_pages_held_by_requests") > 0
+                break  # leaving the iterator closes the connection mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if metric(server, "pagoda_kv_pages_held_by_requests") == 0 and metric(server, "pagoda_num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the aborted request still holds pages")
+
+
+def test_bounded_load(server):
+    from pagoda.bench.serve import main as bench_main
+
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pagoda-load-{os.getpid()}.json")
+    rc = bench_main(["--base-url", server, "--num-prompts", "240", "--max-concurrency", "64", "--input-len", "24",
+                     "--output-len", "6", "--json", out])
+    res = json.load(open(out))
+    assert rc == 0 and res["completed"] == 240 and res["failed"] == 0
+    assert metric(server, "pagoda_num_requests_running") == 0
+
+
+def test_overload_answers_503_with_retry_after():
+    proc, url = start_server("--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        async def go():
+            async with httpx.AsyncClient(timeout=120) as c:
+                body = {"model": MODEL, "prompt": "def f():", "max_tokens": 40, "ignore_eos": True}
+                return await asyncio.gather(*[c.post(url + "/v1/completions", json=body) for _ in range(6)])
+        rs = asyncio.run(go())
+        codes = sorted(r.status_code for r in rs)
+        assert 503 in codes and 200 in codes, codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] and busy.json()["error"]["type"] == "server_error"
+        assert all(r.json()["usage"]["completion_tokens"] == 40 for r in rs if r.status_code == 200)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_sigterm_finishes_in_flight_and_exits_0():
+    proc, url = start_server("--shutdown-timeout", "20")
+    result = {}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            task = asyncio.create_task(c.post(url + "/v1/completions", json={
+                "model": MODEL, "prompt": "def f():", "max_tokens": 30, "ignore_eos": True}))
+            await asyncio.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            result["r"] = await task
+    asyncio.run(go())
+    assert proc.wait(60) == 0
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 30
