@@ -40,7 +40,8 @@ async def _one(client, url, model, prompt, max_tokens, sem, results):
                         chunk = json.loads(data)
                         if chunk.get("usage"):
                             usage = chunk["usage"]
-                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        ch = chunk.get("choices")
+                        if ch and (ch[0].get("text") or ch[0].get("token_ids")):  # token_ids: pagoda's extra field
                             times.append(time.perf_counter() - t0)
                             text_chunks += 1
         except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash

@@ -262,14 +262,15 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 if first_t is None and any(c.token_ids for c in item.outputs):
                     first_t = time.monotonic()
                 for c in item.outputs:
-                    prev = sent.get(c.index, 0)
-                    delta = c.text[prev:]
-                    if delta or c.finish_reason:
-                        sent[c.index] = len(c.text)
+                    prev, prev_tok = sent.get(c.index, (0, 0))
+                    delta, new_ids = c.text[prev:], c.token_ids[prev_tok:]
+                    if delta or new_ids or c.finish_reason:
+                        sent[c.index] = (len(c.text), len(c.token_ids))
                         chunk = {"id": rid, "object": "text_completion", "created": created,
                                  "model": served_model_name,
                                  "choices": [{"index": c.index, "text": delta, "finish_reason": c.finish_reason,
-                                              "stop_reason": c.stop_reason, "logprobs": None}]}
+                                              "stop_reason": c.stop_reason, "logprobs": None,
+                                              "token_ids": new_ids}]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                 final = item
                 if item.finished:
