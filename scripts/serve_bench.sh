@@ -12,6 +12,8 @@ for backend in pagoda flashinfer; do
     --max-model-len 4096 --log-level warning > "$OUT/server_$backend.log" 2>&1 &
   pid=$!
   for i in $(seq 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+  python3 -m pagoda bench serve --base-url http://127.0.0.1:8000 --num-prompts 32 --input-len 512 --output-len 64 \
+    --vocab-size 128000 > /dev/null  # warm-up: kernel compilation and CUDA-graph capture
   for rate in $RATES; do
     echo "== $backend rate $rate"
     python3 -m pagoda bench serve --base-url http://127.0.0.1:8000 --num-prompts $N --request-rate $rate \
