@@ -139,6 +139,10 @@ class LLMEngine:
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager)
+        if self.runner.use_graphs:
+            t0 = time.perf_counter()
+            self.runner.capture_graphs()
+            self.graph_capture_seconds = time.perf_counter() - t0
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_ids = set(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

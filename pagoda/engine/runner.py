@@ -285,6 +285,13 @@ class ModelRunner:
             s[name][:a.size].copy_(dev[off:off + a.size])
             off += a.size
 
+    def capture_graphs(self) -> None:
+        """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a
+        capture when the running batch reaches a new size."""
+        for size in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its memory pool
+            self._graph_for(size)
+        torch.cuda.synchronize()
+
     def _graph_for(self, batch: int) -> _DecodeGraph | None:
         size = next((s for s in self.graph_sizes if s >= batch), None)
         if size is None:
