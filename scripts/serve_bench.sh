@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Serving benchmark on the device (issue 8): pagoda serve with Llama-3.1-8B-shaped dummy weights,
 # pagoda bench serve at several request rates, attention_backend pagoda vs flashinfer.
-# Usage (repo root, on the device; .whl/ and .whl/srv/ carried): bash scripts/serve_bench.sh [rates] [num_prompts]
+# Usage (repo root, on the device; .whl/ and .whl/srv/ carried): [BACKENDS="pagoda flashinfer"] bash scripts/serve_bench.sh [rates] [num_prompts]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl/srv/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RATES=${1:-"4 16 64"}; N=${2:-120}
-for backend in pagoda flashinfer; do
+for backend in ${BACKENDS:-pagoda flashinfer}; do
   python3 -m pagoda serve Llama-3.1-8B --load-format dummy --attention-backend $backend --port 8000 \
     --max-model-len 4096 --log-level warning > "$OUT/server_$backend.log" 2>&1 &
   pid=$!

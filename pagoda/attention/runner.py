@@ -282,8 +282,12 @@ class BatchAttention:
         the plan uses, or in CUDA-graph mode all that fit (fixed addresses whatever the plan)."""
         rows = self._partial_capacity(p.num_qo_heads, p.head_dim) if self._use_cuda_graph else p.work.partial_rows
         h, d = p.num_qo_heads, p.head_dim
-        if rows == 0:  # nothing split: the kernel never touches tmp, any float32 pointer will do
+        # Nothing split: the kernel never touches tmp, but one real row keeps its strides those of a
+        # split plan, so Triton does not compile a second specialization (stride == 1) of the kernel
+        # the first time a step without splits follows one with them (a multi-second stall in a server).
+        if rows == 0 and self._partial_capacity(h, d) == 0:  # no workspace at all: any float32 pointer
             return self._counters.view(torch.float32)[None, None, :1], self._counters.view(torch.float32)[None, :1]
+        rows = max(rows, 1)
         raw = self._float_ws.reshape(-1).view(torch.uint8)
         tmp = raw[:raw.numel() // 4 * 4].view(torch.float32)
         tmp_o = tmp[:rows * h * d].view(rows, h, d)
