@@ -145,26 +145,20 @@ def main(argv=None) -> int:
     bench.add_argument("what", choices=["serve"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
-    if args.cmd == "serve":
-        from .server.cli import serve
-        try:
-            return serve(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"pagoda serve: error: {e}", file=sys.stderr)
-            return 2
     if args.cmd == "bench":
         from .bench.serve import main as bench_serve
         return bench_serve(args.rest)
     if args.cmd == "demo":
         return _demo(args)
-    if args.cmd == "generate":
-        try:
-            return _generate(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"pagoda generate: error: {e}", file=sys.stderr)
-            return 2
-    return 2
-
+    if args.cmd == "serve":
+        from .server.cli import serve as run
+    else:
+        run = _generate
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments, missing model files
+        print(f"pagoda {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

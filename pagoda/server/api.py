@@ -252,11 +252,16 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": usage}
 
-    async def _stream_completion(first, gen, req, rid, created, t0, prompt_text):
+    async def _stream(first, gen, req, t0, base, choice_of, prelude=()):
+        """SSE of one request: ``prelude`` chunks, then a chunk per output with new text or tokens
+        (``choice_of(output, text_delta, new_token_ids)`` builds its choice), the usage chunk when
+        asked, ``[DONE]``. Leaving early (a disconnect) closes ``gen``, which aborts the request."""
         sent = {}
         first_t = None
         final = first
         try:
+            for chunk in prelude:
+                yield f"data: {json.dumps(chunk)}\n\n"
             item = first
             while True:
                 if first_t is None and any(c.token_ids for c in item.outputs):
@@ -266,12 +271,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                     delta, new_ids = c.text[prev:], c.token_ids[prev_tok:]
                     if delta or new_ids or c.finish_reason:
                         sent[c.index] = (len(c.text), len(c.token_ids))
-                        chunk = {"id": rid, "object": "text_completion", "created": created,
-                                 "model": served_model_name,
-                                 "choices": [{"index": c.index, "text": delta, "finish_reason": c.finish_reason,
-                                              "stop_reason": c.stop_reason, "logprobs": None,
-                                              "token_ids": new_ids}]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield f"data: {json.dumps(dict(base, choices=[choice_of(c, delta, new_ids)]))}\n\n"
                 final = item
                 if item.finished:
                     break
@@ -281,11 +281,17 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 n_out = sum(len(c.token_ids) for c in final.outputs)
                 usage = {"prompt_tokens": len(final.prompt_token_ids), "completion_tokens": n_out,
                          "total_tokens": len(final.prompt_token_ids) + n_out}
-                yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': served_model_name, 'choices': [], 'usage': usage})}\n\n"
+                yield f"data: {json.dumps(dict(base, choices=[], usage=usage))}\n\n"
             yield "data: [DONE]\n\n"
             metrics.requests.labels(status="200").inc()
         finally:
             await gen.aclose()
+
+    def _stream_completion(first, gen, req, rid, created, t0, prompt_text):
+        base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
+        return _stream(first, gen, req, t0, base, lambda c, delta, ids: {
+            "index": c.index, "text": delta, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+            "logprobs": None, "token_ids": ids})
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -329,39 +335,12 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
-    async def _stream_chat(first, gen, req, rid, created, t0):
-        sent = {}
-        first_t = None
-        final = first
+    def _stream_chat(first, gen, req, rid, created, t0):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name}
-        try:
-            for i in range(req.n):
-                yield f"data: {json.dumps(dict(base, choices=[{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]))}\n\n"
-            item = first
-            while True:
-                if first_t is None and any(c.token_ids for c in item.outputs):
-                    first_t = time.monotonic()
-                for c in item.outputs:
-                    prev = sent.get(c.index, 0)
-                    delta = c.text[prev:]
-                    if delta or c.finish_reason:
-                        sent[c.index] = len(c.text)
-                        choice = {"index": c.index, "delta": {"content": delta} if delta else {},
-                                  "finish_reason": c.finish_reason}
-                        yield f"data: {json.dumps(dict(base, choices=[choice]))}\n\n"
-                final = item
-                if item.finished:
-                    break
-                item = await gen.__anext__()
-            record_finished(final, t0, first_t)
-            if req.stream_options and req.stream_options.include_usage:
-                n_out = sum(len(c.token_ids) for c in final.outputs)
-                usage = {"prompt_tokens": len(final.prompt_token_ids), "completion_tokens": n_out,
-                         "total_tokens": len(final.prompt_token_ids) + n_out}
-                yield f"data: {json.dumps(dict(base, choices=[], usage=usage))}\n\n"
-            yield "data: [DONE]\n\n"
-            metrics.requests.labels(status="200").inc()
-        finally:
-            await gen.aclose()
+        prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]) for i in range(req.n)]
+        return _stream(first, gen, req, t0, base, lambda c, delta, ids: {
+            "index": c.index, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason},
+            prelude)
 
     return app
