@@ -217,6 +217,11 @@ class LLMEngine:
         now = time.monotonic()
         touched = {}
         for r, tok, lp in zip(reqs, tokens, logprobs):
+            if tok < 0:  # the sampler found NaN / infinite logits for this request: end it, keep serving
+                r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "error", "invalid logits"
+                self.scheduler.finish(r)
+                touched[r.request_id] = True
+                continue
             if r.first_token_time is None:
                 r.first_token_time = now
             r.output_token_ids.append(tok)
@@ -270,7 +275,15 @@ class LLMEngine:
         for r in group:
             if self.tokenizer is not None and not (r.params.stop and r.finish_reason == "stop"
                                                     and isinstance(r.stop_reason, str)):
-                r.text = self._decode(r)
+                text = self._decode(r)
+                if not r.finished:
+                    # what a stream may already show: not the start of a stop string that the next
+                    # token could complete, not a byte sequence the next token completes (U+FFFD)
+                    if r.params.stop:
+                        hold = max(len(x) for x in r.params.stop) - 1
+                        text = text[:len(text) - hold] if hold else text
+                    text = text.rstrip("\ufffd")
+                r.text = text
             lps = r.output_logprobs if r.params.logprobs is not None else None
             cum = (sum(d[t] for d, t in zip(lps, r.output_token_ids)) if lps else None)
             outs.append(CompletionOutput(r.index, r.text, list(r.output_token_ids), cum, lps, r.finish_reason,

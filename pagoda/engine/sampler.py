@@ -8,10 +8,6 @@ import torch
 import pagoda
 
 
-class SamplingError(RuntimeError):
-    pass
-
-
 def _sample_rows(logits: torch.Tensor, params, generator) -> torch.Tensor:
     """logits [n, vocab] float32 (already divided by temperature); params: SamplingParams per row."""
     vocab = logits.shape[1]
@@ -43,13 +39,15 @@ def _sample_rows(logits: torch.Tensor, params, generator) -> torch.Tensor:
 def sample(logits: torch.Tensor, requests, generator: torch.Generator | None = None):
     """logits [n, vocab] float32 for n requests. Returns (tokens: list[int], logprobs: list[dict | None])
     where logprobs[i] maps token id -> log-probability (of the model's distribution) for the
-    sampled token and the request's top ``logprobs`` tokens."""
+    sampled token and the request's top ``logprobs`` tokens. A row whose logits are not finite
+    samples -1 (greedy rows too)."""
     n = logits.shape[0]
     out = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy:
         gi = torch.tensor(greedy, device=logits.device)
-        out[gi] = logits[gi].argmax(-1)
+        rows = logits[gi]
+        out[gi] = torch.where(torch.isfinite(rows).all(-1), rows.argmax(-1), -1)
     shared = [i for i, r in enumerate(requests) if not r.params.greedy and r.generator is None]
     if shared:
         si = torch.tensor(shared, device=logits.device)
@@ -66,13 +64,12 @@ def sample(logits: torch.Tensor, requests, generator: torch.Generator | None = N
         lp = torch.log_softmax(logits[wi], -1)
         kmax = max(requests[i].params.logprobs for i in want)
         top_v, top_i = lp.topk(max(kmax, 1), dim=-1) if kmax else (None, None)
-        chosen = lp.gather(1, out[wi][:, None])[:, 0]
+        chosen = lp.gather(1, out[wi].clamp(min=0)[:, None])[:, 0]
         chosen, top_v, top_i = chosen.tolist(), (top_v.tolist() if kmax else None), (top_i.tolist() if kmax else None)
-    tokens = out.tolist()
-    if any(t < 0 for t in tokens):
-        bad = [requests[i].request_id for i, t in enumerate(tokens) if t < 0]
-        raise SamplingError(f"sampling failed (NaN or infinite logits) for requests {bad}")
+    tokens = out.tolist()  # -1: NaN / infinite logits (the engine ends that request with "error")
     for j, i in enumerate(want):
+        if tokens[i] < 0:
+            continue
         k = requests[i].params.logprobs
         d = {top_i[j][m]: top_v[j][m] for m in range(k)} if k else {}
         d[tokens[i]] = chosen[j]

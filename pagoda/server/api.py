@@ -166,6 +166,11 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                                              for k, v in tops]})
         return {"content": content}
 
+    def check_failed(final):
+        bad = [c for c in final.outputs if c.finish_reason == "error"]
+        if bad:
+            raise APIError(500, f"generation failed: {bad[0].stop_reason}", type_="server_error")
+
     def record_finished(final, t0, first_t):
         done = time.monotonic()
         n_out = sum(len(c.token_ids) for c in final.outputs)
@@ -227,6 +232,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             final, first_t = first, time.monotonic()
             async for final in gen:
                 pass
+            check_failed(final)
             record_finished(final, t0, first_t)
             return text, ids, final
 
@@ -325,6 +331,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         final, first_t = first, time.monotonic()
         async for final in gen:
             pass
+        check_failed(final)
         record_finished(final, t0, first_t)
         n_out = sum(len(c.token_ids) for c in final.outputs)
         metrics.requests.labels(status="200").inc()

@@ -176,3 +176,27 @@ def test_sharded_checkpoint(tiny_models, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     llm = make_llm(tmp_path)
     assert llm.generate([PROMPTS[1]], greedy(), use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[1], 10)
+
+
+def test_invalid_logits_end_only_that_request(tiny_models):
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path, enable_prefix_caching=False)
+    e = llm.engine
+    model = e.runner.model
+    orig = model.compute_logits
+    calls = {"n": 0}
+
+    def poisoned(hidden):
+        logits = orig(hidden)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step: NaN for the first sampled row only
+            logits[0] = float("nan")
+        return logits
+    model.compute_logits = poisoned
+    outs = llm.generate(PROMPTS[:2], [greedy(8), pagoda.SamplingParams(max_tokens=8, temperature=0.7, seed=1,
+                                                                        ignore_eos=True)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and len(outs[0].outputs[0].token_ids) == 2
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 8
+    model.compute_logits = orig
+    assert e.pool.num_free == e.pool.usable
+    assert llm.generate([PROMPTS[2]], greedy(4), use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[2], 4)

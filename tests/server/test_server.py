@@ -109,6 +109,10 @@ def test_n_seed_stop_and_logprobs(client):
     stop = full[8:11]
     r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+    # streamed text never shows the start of a stop string that a later token completes
+    s = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop],
+                                  stream=True)
+    assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
     r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=4, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 4 and all(v <= 0 for v in lp.token_logprobs)
