@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
 
 import torch
@@ -116,7 +117,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be in 2..{limit} for this model, got {max_model_len}")
         if attention_backend is None:
             attention_backend = "pagoda"
-        if load_format == "auto" and not any(f.endswith(".safetensors") for f in _ls(path)):
+        if load_format == "auto" and not any(f.endswith(".safetensors") for f in os.listdir(path)):
             raise FileNotFoundError(f"{path} has no *.safetensors: pass load_format='dummy' for random weights")
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
         if self.max_num_batched_tokens < 1:
@@ -302,12 +303,6 @@ class LLMEngine:
             s.prefix_query_tokens, s.prefix_hit_tokens = self.prefix_cache.query_tokens, self.prefix_cache.hit_tokens
 
 
-def _ls(path):
-    import os
-
-    return os.listdir(path)
-
-
 class LLM:
     """vLLM's offline API on pagoda: ``generate`` and ``chat``."""
 
@@ -333,9 +328,7 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
         ids = []
-        for p, sp in zip(prompts, params):  # validate all before running any
-            self.engine.tokenize(p) if isinstance(p, str) else None
-        try:
+        try:  # add all before running any: a bad prompt aborts the ones already added
             for p, sp in zip(prompts, params):
                 ids.append(self.engine.add_request(p, sp))
         except Exception:
