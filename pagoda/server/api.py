@@ -210,8 +210,6 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             prompts = list(p)
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if req.stream and len(prompts) > 1:
-            raise APIError(400, "streaming takes one prompt", param="prompt")
         tokenized = [tokenize_prompt(x) for x in prompts]
         for _, ids in tokenized:
             prompt_len_check(ids)
@@ -221,11 +219,14 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         created = int(time.time())
         t0 = time.monotonic()
         if req.stream:
-            text, ids = tokenized[0]
-            params = _params(req, req.logprobs, default_max(len(ids)))
-            first, gen = await run_one(ids, params, rid)
-            return StreamingResponse(_stream_completion(first, gen, req, rid, created, t0, text),
-                                     media_type="text/event-stream")
+            got = await asyncio.gather(*(run_one(ids, _params(req, req.logprobs, default_max(len(ids))), f"{rid}-{i}")
+                                         for i, (_, ids) in enumerate(tokenized)), return_exceptions=True)
+            starts = [g for g in got if not isinstance(g, BaseException)]
+            if len(starts) < len(got):  # one failed: release the others, answer with its error
+                for _, gen in starts:
+                    await gen.aclose()
+                raise next(g for g in got if isinstance(g, BaseException))
+            return StreamingResponse(_stream_completion(starts, req, rid, created, t0), media_type="text/event-stream")
         async def one(i, text, ids):
             params = _params(req, req.logprobs, default_max(len(ids)))
             first, gen = await run_one(ids, params, f"{rid}-{i}")
@@ -258,45 +259,63 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": usage}
 
-    async def _stream(first, gen, req, t0, base, choice_of, prelude=()):
-        """SSE of one request: ``prelude`` chunks, then a chunk per output with new text or tokens
-        (``choice_of(output, text_delta, new_token_ids)`` builds its choice), the usage chunk when
-        asked, ``[DONE]``. Leaving early (a disconnect) closes ``gen``, which aborts the request."""
-        sent = {}
-        first_t = None
-        final = first
+    async def _stream(starts, req, t0, base, choice_of, prelude=()):
+        """SSE of one or more requests (``starts``: (first output, iterator) pairs; prompt k's choice i
+        is choice k * n + i): ``prelude`` chunks, a chunk per output with new text or tokens
+        (``choice_of(output, index, text_delta, new_token_ids)`` builds its choice), the usage chunk
+        when asked, ``[DONE]``. Leaving early (a disconnect) closes the iterators: the requests abort."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k, first, gen):
+            try:
+                item = first
+                while True:
+                    await merged.put((k, item))
+                    if item.finished:
+                        return
+                    item = await gen.__anext__()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await merged.put((k, e))
+
+        pumps = [asyncio.ensure_future(pump(k, f, g)) for k, (f, g) in enumerate(starts)]
+        sent, finals, first_t = {}, {}, None
         try:
             for chunk in prelude:
                 yield f"data: {json.dumps(chunk)}\n\n"
-            item = first
-            while True:
+            while len(finals) < len(starts):
+                k, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
                 if first_t is None and any(c.token_ids for c in item.outputs):
                     first_t = time.monotonic()
                 for c in item.outputs:
-                    prev, prev_tok = sent.get(c.index, (0, 0))
+                    idx = k * req.n + c.index
+                    prev, prev_tok = sent.get(idx, (0, 0))
                     delta, new_ids = c.text[prev:], c.token_ids[prev_tok:]
                     if delta or new_ids or c.finish_reason:
-                        sent[c.index] = (len(c.text), len(c.token_ids))
-                        yield f"data: {json.dumps(dict(base, choices=[choice_of(c, delta, new_ids)]))}\n\n"
-                final = item
+                        sent[idx] = (len(c.text), len(c.token_ids))
+                        yield f"data: {json.dumps(dict(base, choices=[choice_of(c, idx, delta, new_ids)]))}\n\n"
                 if item.finished:
-                    break
-                item = await gen.__anext__()
-            record_finished(final, t0, first_t)
+                    finals[k] = item
+            for final in finals.values():
+                record_finished(final, t0, first_t)
             if req.stream_options and req.stream_options.include_usage:
-                n_out = sum(len(c.token_ids) for c in final.outputs)
-                usage = {"prompt_tokens": len(final.prompt_token_ids), "completion_tokens": n_out,
-                         "total_tokens": len(final.prompt_token_ids) + n_out}
+                n_in = sum(len(f.prompt_token_ids) for f in finals.values())
+                n_out = sum(len(c.token_ids) for f in finals.values() for c in f.outputs)
+                usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
                 yield f"data: {json.dumps(dict(base, choices=[], usage=usage))}\n\n"
             yield "data: [DONE]\n\n"
             metrics.requests.labels(status="200").inc()
         finally:
-            await gen.aclose()
+            for t in pumps:
+                t.cancel()
+            for _, gen in starts:
+                await gen.aclose()
 
-    def _stream_completion(first, gen, req, rid, created, t0, prompt_text):
+    def _stream_completion(starts, req, rid, created, t0):
         base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
-        return _stream(first, gen, req, t0, base, lambda c, delta, ids: {
-            "index": c.index, "text": delta, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
+            "index": idx, "text": delta, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
             "logprobs": None, "token_ids": ids})
 
     @app.post("/v1/chat/completions")
@@ -327,7 +346,8 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         t0 = time.monotonic()
         first, gen = await run_one(ids, params, rid)
         if req.stream:
-            return StreamingResponse(_stream_chat(first, gen, req, rid, created, t0), media_type="text/event-stream")
+            return StreamingResponse(_stream_chat([(first, gen)], req, rid, created, t0),
+                                     media_type="text/event-stream")
         final, first_t = first, time.monotonic()
         async for final in gen:
             pass
@@ -342,12 +362,12 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
-    def _stream_chat(first, gen, req, rid, created, t0):
+    def _stream_chat(starts, req, rid, created, t0):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name}
         prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]) for i in range(req.n)]
-        return _stream(first, gen, req, t0, base, lambda c, delta, ids: {
-            "index": c.index, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason},
+        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
+            "index": idx, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason},
             prelude)
 
     return app

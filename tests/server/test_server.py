@@ -90,6 +90,22 @@ def test_streaming_completion_matches_non_streaming(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_streaming_several_prompts_and_samples(client):
+    prompts = ["import os\n", "def add(a, b):"]
+    full = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert texts == {c.index: c.text for c in full.choices}
+    assert chunks[-1].usage.completion_tokens == 16
+    s = list(client.completions.create(model=MODEL, prompt="class A:", max_tokens=5, n=2, temperature=1.0, seed=3,
+                                       stream=True))
+    assert {ch.index for c in s for ch in c.choices} == {0, 1}
+
+
 def test_chat_stream_and_not(client):
     msgs = [{"role": "user", "content": "Write a Python function: Return the sum of a list."}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
