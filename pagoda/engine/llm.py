@@ -253,7 +253,7 @@ class LLMEngine:
         elif tok in p.stop_token_ids:
             r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", tok
         if p.stop and self.tokenizer is not None and not r.finished:
-            text = self._decode(r)
+            text = self._live_text(r)
             for s in p.stop:
                 at = text.find(s, max(0, len(r.text) - len(s)))
                 if at >= 0:
@@ -264,6 +264,21 @@ class LLMEngine:
         if not r.finished and ((p.max_tokens is not None and len(r.output_token_ids) >= p.max_tokens)
                                or r.num_tokens >= self.max_model_len):
             r.status, r.finish_reason = Status.FINISHED, "length"
+
+    def _live_text(self, r: Request) -> str:
+        """The request's text so far, decoded incrementally (vLLM's scheme): each step decodes only
+        the tokens since the last complete character, against the text of the same window without
+        the new tokens, so a step costs O(new tokens) rather than O(output length)."""
+        ids = r.output_token_ids
+        if r.detok_read == len(ids):
+            return r.live_text
+        skip = r.params.skip_special_tokens
+        before = self.tokenizer.decode(ids[r.detok_prefix:r.detok_read], skip_special_tokens=skip)
+        now = self.tokenizer.decode(ids[r.detok_prefix:], skip_special_tokens=skip)
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # complete characters only
+            r.live_text += now[len(before):]
+            r.detok_prefix, r.detok_read = r.detok_read, len(ids)
+        return r.live_text
 
     def _decode(self, r: Request) -> str:
         ids = r.output_token_ids
@@ -276,7 +291,7 @@ class LLMEngine:
         for r in group:
             if self.tokenizer is not None and not (r.params.stop and r.finish_reason == "stop"
                                                     and isinstance(r.stop_reason, str)):
-                text = self._decode(r)
+                text = self._decode(r) if r.finished else self._live_text(r)
                 if not r.finished:
                     # what a stream may already show: not the start of a stop string that the next
                     # token could complete, not a byte sequence the next token completes (U+FFFD)

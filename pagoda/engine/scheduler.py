@@ -53,6 +53,8 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason = None
         self.text = ""
+        self.live_text = ""  # incremental detokenization (LLMEngine._live_text)
+        self.detok_prefix = self.detok_read = 0
         self.arrival = time.monotonic() if arrival is None else arrival
         self.first_token_time: float | None = None
         self.num_preemptions = 0

@@ -68,3 +68,24 @@ def test_cli_generate():
     r = subprocess.run([sys.executable, "-m", "pagoda", "generate", "x", "--max-tokens", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "max_tokens" in r.stderr
+
+
+def test_incremental_text_is_a_prefix_of_the_final_text(llm):
+    """What a stream shows at every step is a prefix of the final text, which equals a full decode."""
+    e = llm.engine
+    tok = llm.get_tokenizer()
+    prompts = ["# -*- coding: utf-8 -*-\n\"\"\"Émile's café: naïve ", "def f(x):\n    return x"]
+    sp = [pagoda.SamplingParams(max_tokens=120, temperature=1.2, seed=s, ignore_eos=True) for s in (1, 2)]
+    ids = [e.add_request(p, q) for p, q in zip(prompts, sp)]
+    seen = {i: [] for i in ids}
+    final = {}
+    while e.has_unfinished():
+        for out in e.step():
+            seen[out.request_id].append(out.outputs[0].text)
+            if out.finished:
+                final[out.request_id] = out.outputs[0]
+    for rid in ids:
+        f = final[rid]
+        assert f.text == tok.decode(f.token_ids, skip_special_tokens=True)
+        assert all(f.text.startswith(t) for t in seen[rid])
+        assert len(seen[rid]) >= 100
