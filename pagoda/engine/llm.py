@@ -205,8 +205,10 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One scheduler step; returns the outputs of the request groups that made progress."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """One scheduler step; returns the outputs of the request groups that made progress (with
+        ``only_finished``: of those that finished, which skips building and detokenizing the
+        in-progress outputs that an offline caller would throw away)."""
         batch: ScheduledBatch = self.scheduler.schedule()
         if not batch.requests:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -238,7 +240,7 @@ class LLMEngine:
         outs = []
         for rid in touched:
             group = self.requests.get(rid)
-            if group is None:
+            if group is None or (only_finished and not all(r.finished for r in group)):
                 continue
             out = self._output(group)
             outs.append(out)
@@ -358,7 +360,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generate", unit="req", leave=False)
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(only_finished=True):
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:
