@@ -233,8 +233,10 @@ class ModelRunner:
         else:
             raise ValueError(f"attention_backend must be 'pagoda', 'flashinfer' or 'torch', got {attention_backend!r}")
         self.attention_backend = attention_backend
+        # page-table entries of one step: requests that share prefix pages each list them, so the bound
+        # is per request, not the pool size
         max_pages_step = max_num_seqs * (-(-max_model_len // page_size))
-        n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + min(max_pages_step, num_pages + max_num_seqs)
+        n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + max_pages_step
         self.pinned = (torch.empty(n_pinned, dtype=torch.int32, pin_memory=True)
                        if self.device.type == "cuda" else None)
         self.use_graphs = (enable_cuda_graph and self.device.type == "cuda"
@@ -247,7 +249,7 @@ class ModelRunner:
             mx = self.graph_sizes[-1]
             self.static = {n: torch.zeros(k, dtype=torch.int32, device=self.device) for n, k in (
                 ("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
-                ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", min(max_pages_step, num_pages) + mx))}
+                ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", max_pages_step + mx))}
         self.model.init_rope(max_model_len)
 
     # -- CUDA graphs --------------------------------------------------------------------
