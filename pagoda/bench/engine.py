@@ -23,18 +23,7 @@ import numpy as np
 import torch
 
 import pagoda
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 20 / (time.perf_counter() - t0)
+from pagoda.bench.ops import copy_bandwidth
 
 
 def run_requests(llm, prompts, params):

@@ -65,25 +65,41 @@ def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
                       all(n == 1 for n in num_new_tokens) and len(sample_rows) == len(requests))
 
 
-class _DeviceInputs:
-    """The step's arrays on the device, sent in one copy from a pinned buffer."""
+class _Staging:
+    """Host-to-device copies of int32 arrays through one pinned buffer. A copy is asynchronous, so
+    before the buffer is rewritten the previous copy must have left it (a step without sampling
+    does not synchronize): an event guards it."""
 
-    def __init__(self, inp: StepInputs, device, pinned: torch.Tensor | None):
-        arrays = [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
-                  inp.kv_last_page_len, inp.logits_indices]
-        sizes = [a.shape[0] for a in arrays]
+    def __init__(self, size: int, device):
+        self.device = device
+        self.pinned = torch.empty(size, dtype=torch.int32, pin_memory=True) if device.type == "cuda" else None
+        self.done = None
+
+    def upload(self, arrays) -> list[torch.Tensor]:
         flat = np.concatenate(arrays).astype(np.int32, copy=False)
-        if device.type == "cuda":
-            if pinned is None or pinned.numel() < flat.size:
-                raise RuntimeError("pinned staging buffer too small")
-            host = pinned[:flat.size]
-            host.numpy()[:] = flat
-            dev = host.to(device, non_blocking=True)
-        else:
+        if self.pinned is None:
             dev = torch.from_numpy(flat.copy())
-        parts = torch.split(dev, sizes)
+        else:
+            if self.pinned.numel() < flat.size:
+                raise RuntimeError(f"pinned staging buffer too small ({self.pinned.numel()} < {flat.size})")
+            if self.done is not None:
+                self.done.synchronize()
+            host = self.pinned[:flat.size]
+            host.numpy()[:] = flat
+            dev = host.to(self.device, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        return list(torch.split(dev, [a.shape[0] for a in arrays]))
+
+
+class _DeviceInputs:
+    """The step's arrays on the device, sent in one copy."""
+
+    def __init__(self, inp: StepInputs, staging: _Staging):
         (self.input_ids, self.positions, self.batch_indices, self.qo_indptr, self.kv_indptr, self.kv_indices,
-         self.kv_last_page_len, self.logits_indices) = parts
+         self.kv_last_page_len, self.logits_indices) = staging.upload(
+            [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
+             inp.kv_last_page_len, inp.logits_indices])
 
 
 class _Context:
@@ -237,8 +253,7 @@ class ModelRunner:
         # is per request, not the pool size
         max_pages_step = max_num_seqs * (-(-max_model_len // page_size))
         n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + max_pages_step
-        self.pinned = (torch.empty(n_pinned, dtype=torch.int32, pin_memory=True)
-                       if self.device.type == "cuda" else None)
+        self.staging = _Staging(n_pinned, self.device)
         self.use_graphs = (enable_cuda_graph and self.device.type == "cuda"
                            and attention_backend in ("pagoda", "flashinfer"))
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
@@ -278,14 +293,8 @@ class ModelRunner:
         arrays = [("input_ids", inp.input_ids), ("positions", inp.positions), ("batch_indices", inp.batch_indices),
                   ("kv_indptr", inp.kv_indptr), ("qo_indptr", inp.qo_indptr),
                   ("kv_last_page_len", inp.kv_last_page_len), ("kv_indices", inp.kv_indices)]
-        flat = np.concatenate([a for _, a in arrays]).astype(np.int32, copy=False)
-        host = self.pinned[:flat.size]
-        host.numpy()[:] = flat
-        dev = host.to(self.device, non_blocking=True)
-        off = 0
-        for name, a in arrays:
-            s[name][:a.size].copy_(dev[off:off + a.size])
-            off += a.size
+        for (name, a), part in zip(arrays, self.staging.upload([a for _, a in arrays])):
+            s[name][:a.size].copy_(part)
 
     def capture_graphs(self) -> None:
         """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a
@@ -315,7 +324,7 @@ class ModelRunner:
         if graph is not None:
             logits = graph.run(self.padded_decode_inputs(inp, graph.size))[:len(inp.sample_rows)]
         else:
-            dev = _DeviceInputs(inp, self.device, self.pinned)
+            dev = _DeviceInputs(inp, self.staging)
             self.attn.plan(inp, dev)
             hidden = self.model(dev.input_ids, dev.positions, _Context(self, self.attn, dev))
             logits = self.model.compute_logits(hidden[dev.logits_indices.long()]) if inp.sample_rows else None
