@@ -4,7 +4,8 @@ The public API follows FlashInfer's names, arguments and shapes, so a serving
 framework can switch by changing an import.
 """
 from . import triton_compat  # noqa: F401  (interpreter fixes, before any kernel runs)
-from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper,
+from .attention import (BatchDecodeWithPagedKVCacheWrapper, BatchMLAPagedAttentionWrapper,
+                        BatchPrefillWithPagedKVCacheWrapper,
                         BatchPrefillWithRaggedKVCacheWrapper, MultiLevelCascadeAttentionWrapper,
                         cascade_levels_from_page_table, merge_state, merge_state_in_place, merge_states,
                         single_decode_with_kv_cache, single_prefill_with_kv_cache)
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper", "cascade_levels_from_page_table",
+    "BatchMLAPagedAttentionWrapper",
     "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
     *_ops_all,

@@ -38,15 +38,53 @@ def cases():
                                                                       COPY_REST=True), 4
 
 
+def attention_cases():
+    from pagoda.attention.kernels import attention, mla
+    att = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
+               WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32",
+               V_SCALE="*fp32", qk_scale="fp32", soft_cap_log2="fp32", k_scale="fp32", v_scale="fp32")
+    base = dict(HEAD_DIM=128, PAGE_SIZE=16, PAGED=True, INDEX_ASM=True, SOFTCAP=False, WINDOW=False, WRITE_LSE=False)
+    for kv in ("bf16", "fp8e4nv", "fp8e5"):
+        for mode, extra, warps, stages in (("decode", dict(BLOCK_M=16, BLOCK_N=64, CAUSAL=False), 4, 3),
+                                          ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
+            for scale_ptr in (False, True):
+                yield (f"attention {mode} kv={kv} SCALE_PTR={scale_ptr}", attention.attention_kernel,
+                       dict(att, K="*" + kv, V="*" + kv), dict(base, **extra, SCALE_PTR=scale_ptr), warps, stages)
+    m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",
+             TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32",
+             qk_scale="fp32", ckv_scale="fp32")
+    for bm, bn, warps, stages in ((64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)):
+        yield (f"mla BLOCK_M={bm} BLOCK_N={bn} warps={warps}", mla.mla_kernel, m,
+               dict(D_CKV=512, D_KPE=64, BLOCK_M=bm, BLOCK_N=bn, PAGE_SIZE=64, INDEX_ASM=True, CAUSAL=False,
+                    WRITE_LSE=False, MERGE_UNROLL=1), warps, stages)
+
+
+def ptxas_report(k) -> str:
+    """Registers and stack (spills) of the cubin Triton built, from cuobjdump -res-usage."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool) or "cubin" not in k.asm:
+        return ""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    res = [ln.strip() for ln in r.stdout.splitlines() if "REG:" in ln]
+    return f"; {res[0] if res else r.stderr.strip()[:200]}"
+
+
 def main():
     want = sys.argv[1:]
     failed = 0
-    for name, fn, types, consts, warps in cases():
+    all_cases = [(*c, 3) for c in cases()] + list(attention_cases())
+    for name, fn, types, consts, warps, stages in all_cases:
         if want and not any(w in name for w in want):
             continue
         try:
-            k = compile_one(fn, types, consts, warps)
-            print(f"ok   {name}: {k.metadata.shared} B shared")
+            k = compile_one(fn, types, consts, warps, stages)
+            print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")

@@ -195,16 +195,18 @@ class MultiLevelCascadeAttentionWrapper:
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
         """q: [nnz, num_qo_heads, head_dim]; paged_kv_cache as in the batch wrappers (one pool for
-        all levels). Returns out like q (and lse [nnz, num_qo_heads], base 2, when return_lse)."""
-        out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True)
+        all levels). Returns out like q (and lse [nnz, num_qo_heads], base 2, when return_lse).
+        k_scale / v_scale: dequantization scales of an fp8 cache (as in the batch wrappers)."""
+        sc = dict(k_scale=k_scale, v_scale=v_scale)
+        out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
         if len(self._levels) > 1:
             if self._states is None or self._states[0].shape != q.shape or self._states[0].dtype != q.dtype:
                 self._states = (torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
             o_i, s_i = self._states
             for w in self._levels[1:]:
-                w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True)
+                w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True, **sc)
                 merge_state_in_place(out, lse, o_i, s_i)
         return (out, lse) if return_lse else out
 

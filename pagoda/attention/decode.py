@@ -76,13 +76,16 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
         """q: [batch, num_qo_heads, head_dim]; paged_kv_cache: [max_num_pages, 2, page_size,
         num_kv_heads, head_dim] (NHD; HND swaps page_size and num_kv_heads) or a (k, v) tuple of
         [max_num_pages, page_size, num_kv_heads, head_dim].
         Returns out [batch, num_qo_heads, head_dim] (q.dtype), and lse [batch, num_qo_heads]
-        float32 base-2 log-sum-exp when return_lse."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse)
+        float32 base-2 log-sum-exp when return_lse.
+        k_scale / v_scale: the cache holds K / k_scale and V / v_scale (a float, or a float32 tensor
+        of per-KV-head scales); required for an fp8 cache (kv_data_type=torch.float8_e4m3fn or
+        float8_e5m2 in plan()), which the kernel dequantizes after the load."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
 
     forward = run
 
@@ -91,7 +94,7 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
                                 sm_scale: float | None = None, window_left: int = -1,
                                 logits_soft_cap: float | None = None, return_lse: bool = False,
-                                backend: str = "auto"):
+                                backend: str = "auto", k_scale=None, v_scale=None):
     """Decode attention of one query against one request's KV.
 
     q: [num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim] (NHD) or
@@ -104,7 +107,8 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise ValueError(f"pos_encoding_mode={pos_encoding_mode!r} is not supported; pass 'NONE'")
     res = single_prefill_with_kv_cache(q[None], k, v, causal=False, kv_layout=kv_layout, sm_scale=sm_scale,
                                        window_left=window_left, logits_soft_cap=logits_soft_cap,
-                                       return_lse=return_lse, backend=backend, _mode="decode")
+                                       return_lse=return_lse, backend=backend, k_scale=k_scale,
+                                       v_scale=v_scale, _mode="decode")
     if return_lse:
         return res[0][0], res[1][0]
     return res[0]

@@ -13,6 +13,9 @@ import torch
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# KV caches may also be fp8: the kernels dequantize after the load (value * scale).
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MAX_PAGE_SIZE = 128
 
 
@@ -63,6 +66,47 @@ def check_dtype(name: str, dtype, allow_fp32: bool = False) -> torch.dtype:
     if dtype not in SUPPORTED_DTYPES and not (allow_fp32 and dtype == torch.float32):
         raise ValueError(f"{name} must be float16 or bfloat16{' or float32' if allow_fp32 else ''}, got {dtype}")
     return dtype
+
+
+def check_kv_dtype(kv_data_type, q_dtype: torch.dtype, allow_fp32: bool = False) -> torch.dtype:
+    """The KV dtype of a plan: q's dtype (default), or fp8 (e4m3fn / e5m2) under fp16 / bf16 queries."""
+    if kv_data_type is None:
+        return q_dtype
+    kv = canonical_dtype("kv_data_type", kv_data_type)
+    if kv in FP8_DTYPES:
+        if q_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"an fp8 KV cache needs float16 or bfloat16 queries, q_data_type is {q_dtype}")
+        return kv
+    kv = check_dtype("kv_data_type", kv, allow_fp32=allow_fp32)
+    if kv != q_dtype:
+        raise ValueError(f"kv_data_type ({kv}) must equal q_data_type ({q_dtype}) or be an fp8 type "
+                         f"(torch.float8_e4m3fn, torch.float8_e5m2)")
+    return kv
+
+
+def check_kv_scale(name: str, scale, num_kv_heads: int, device: torch.device, required: bool):
+    """k_scale / v_scale of run(): None (1.0; an error when ``required``, i.e. for an fp8 cache), a
+    positive float, or a float32 tensor of num_kv_heads per-head scales (or one) on the KV's device.
+    Returns (float factor, tensor or None)."""
+    if scale is None:
+        if required:
+            raise ValueError(f"{name} is required for an fp8 KV cache (the cache holds value / {name}); "
+                             f"pass a float or a per-head float32 tensor")
+        return 1.0, None
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {scale.dtype}")
+        if scale.device != device:
+            raise ValueError(f"{name} is on {scale.device} but the KV cache is on {device}")
+        if scale.numel() == 1:
+            scale = scale.reshape(1).expand(num_kv_heads)
+        elif tuple(scale.shape) != (num_kv_heads,):
+            raise ValueError(f"{name} must be a float or a tensor of num_kv_heads ({num_kv_heads}) scales, "
+                             f"got shape {tuple(scale.shape)}")
+        return 1.0, scale
+    if not isinstance(scale, (int, float)) or not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"{name} must be a positive finite float or a float32 tensor, got {scale!r}")
+    return float(scale), None
 
 
 def canonical_dtype(name: str, dtype) -> torch.dtype:

@@ -37,6 +37,9 @@ class KernelConfig:
     ctas_per_sm: int
     heads_per_prog: int
     item_cost: int = 128  # fixed cost of a work item, in KV tokens of one head (cost model)
+    # cost of one partial-result row per query head, in KV tokens of one head: (D + 1) fp32
+    # written and read back vs 2 x D fp16 of K and V -> ~2 (MLA: 513 fp32 x 2 vs 576 bf16 -> ~3.6)
+    partial_cost: float = 2.0
 
     @property
     def tokens_per_tile(self) -> int:
@@ -165,7 +168,7 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     item_cost = config.item_cost
     # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
-    row_cost = 2 * config.heads_per_prog
+    row_cost = config.partial_cost * config.heads_per_prog
     candidates = [bn * 4 << k for k in range(32) if bn * 4 << k < no_split] + [no_split]
     L = np.array(candidates, dtype=np.int64)[:, None]
     n_chunks = np.maximum(1, -(-rng[None, :] // L))  # [candidates, tiles], all at once

@@ -69,10 +69,12 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; paged_kv_cache as in the decode wrapper.
-        Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse)
+        Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse.
+        k_scale / v_scale: the cache holds K / k_scale and V / v_scale (float, or float32 per-KV-head
+        tensor); required when kv_data_type is fp8, 1.0 by default otherwise."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
 
     forward = run
 
@@ -112,7 +114,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; k, v: [kv_indptr[-1] or more, num_kv_heads,
         head_dim] (NHD). Returns out like q (and lse [nnz, num_qo_heads] float32, base 2)."""
         p = self._require_plan()
@@ -130,6 +132,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
         self._check_kv("v", v, p, heads, v.shape[2])
         if p.max_page >= nnz:
             raise ValueError(f"kv_indptr needs {p.max_page + 1} KV tokens but k has {nnz}")
+        scales = self._kv_scales(p, k_scale, v_scale)
         out, lse = self._outputs(q, p, out, lse, return_lse)
         if self._backend == "torch":
             kk, vv = (k, v) if nhd else (k.transpose(0, 1), v.transpose(0, 1))
@@ -137,11 +140,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
             def kv_of(b):
                 s = int(p.host_kv_base[b])
                 return kk[s:s + int(p.host_kv_lens[b])], vv[s:s + int(p.host_kv_lens[b])]
-            self._run_reference(q, kv_of, out, lse, p)
+            self._run_reference(q, kv_of, out, lse, p, scales)
         else:
             def strides(t):
                 return (t.stride(0), 0, t.stride(1)) if nhd else (t.stride(1), 0, t.stride(0))
-            self._launch(q, k, v, strides(k), strides(v), out, lse, p)
+            self._launch(q, k, v, strides(k), strides(v), out, lse, p, scales)
         return (out, lse) if return_lse else out
 
     forward = run
@@ -152,7 +155,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
                                  sm_scale: float | None = None, window_left: int = -1,
                                  logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None,
-                                 return_lse: bool = False, backend: str = "auto", _mode: str = "prefill"):
+                                 return_lse: bool = False, backend: str = "auto", k_scale=None, v_scale=None,
+                                 _mode: str = "prefill"):
     """Attention of one request: q [qo_len, num_qo_heads, head_dim]; k, v [kv_len, num_kv_heads,
     head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND). Causal is bottom-right aligned.
     Returns out [qo_len, num_qo_heads, head_dim] (and lse [qo_len, num_qo_heads] float32, base 2)."""
@@ -172,10 +176,10 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                  packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
                  window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                  q_data_type=q.dtype, kv_data_type=k.dtype)
-    return wrapper.run(q, k, v, return_lse=return_lse)
+    return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
-def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse):
+def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None):
     """run() of the paged wrappers (decode and prefill share it)."""
     p = wrapper._require_plan()
     wrapper._check_q(q, p)
@@ -186,15 +190,16 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse):
         raise ValueError(f"paged_kv_cache has page_size {page_size}, plan() was given {p.page_size}")
     if p.max_page >= num_pages:
         raise ValueError(f"paged_kv_indices refers to page {p.max_page} but paged_kv_cache has {num_pages} pages")
+    scales = wrapper._kv_scales(p, k_scale, v_scale)
     out, lse = wrapper._outputs(q, p, out, lse, return_lse)
     if wrapper._backend == "torch":
         def kv_of(b):
             s, e = int(p.host_kv_base[b]), int(p.host_kv_base[b]) + -(-int(p.host_kv_lens[b]) // p.page_size)
             return gather_paged_kv(k, v, p.host_indices[s:e], int(p.host_kv_lens[b]), wrapper._kv_layout)
-        wrapper._run_reference(q, kv_of, out, lse, p)
+        wrapper._run_reference(q, kv_of, out, lse, p, scales)
     else:
         wrapper._launch(q, k, v, paged_strides(k, wrapper._kv_layout), paged_strides(v, wrapper._kv_layout),
-                        out, lse, p)
+                        out, lse, p, scales)
     return (out, lse) if return_lse else out
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import reference
-from .formats import check_dtype, check_heads
+from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
 from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
@@ -164,9 +164,7 @@ class BatchAttention:
         ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
         check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
         q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
-        kv_dtype = q_dtype if kv_data_type is None else check_dtype("kv_data_type", kv_data_type, allow_fp32=ref)
-        if kv_dtype != q_dtype:
-            raise ValueError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
+        kv_dtype = check_kv_dtype(kv_data_type, q_dtype, allow_fp32=ref)
         if not isinstance(window_left, int) or window_left < -1:
             raise ValueError(f"window_left must be an int >= -1, got {window_left!r}")
         if sm_scale is None:
@@ -294,23 +292,47 @@ class BatchAttention:
         tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
         return tmp_o, tmp_lse
 
-    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState) -> None:
-        """strides_*: (page-or-token, slot, head) element strides of the KV tensors."""
+    def _kv_scales(self, p: PlanState, k_scale, v_scale):
+        """((k factor, k tensor or None), (v factor, v tensor or None)) of run()'s k_scale / v_scale:
+        required for an fp8 cache, optional (default 1.0) otherwise."""
+        fp8 = p.kv_dtype in FP8_DTYPES
+        return (check_kv_scale("k_scale", k_scale, p.num_kv_heads, self.device, fp8),
+                check_kv_scale("v_scale", v_scale, p.num_kv_heads, self.device, fp8))
+
+    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None) -> None:
+        """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
+        scales: the result of _kv_scales (None: 1.0)."""
         lse_arg = lse if lse is not None else p.tmp_lse
+        (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
+        per_head = kt is not None or vt is not None
+        if per_head:  # one tensor given: the other is its scalar factor on every head
+            kt = kt if kt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
+            vt = vt if vt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
+        dummy = p.tmp_lse  # any float32 pointer: not read without SCALE_PTR
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
-            self._splits_buf, self._arrivals,
+            self._splits_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
             q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
-            *p.scalars, WRITE_LSE=lse is not None, **p.constexprs,
+            *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
+            WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.constexprs,
         )
 
-    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState) -> None:
-        """backend="torch": per-request reference attention in float32."""
+    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
+        """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""
+        deq = None
+        if scales is not None:
+            (kf, kt), (vf, vt) = scales
+            ks = kf * (kt.float() if kt is not None else torch.ones(p.num_kv_heads, device=self.device))
+            vs = vf * (vt.float() if vt is not None else torch.ones(p.num_kv_heads, device=self.device))
+            if p.kv_dtype in FP8_DTYPES or kf != 1.0 or vf != 1.0 or kt is not None or vt is not None:
+                deq = (ks[None, :, None], vs[None, :, None])
         for b in range(p.batch_size):
             s, e = int(p.host_qo_indptr[b]), int(p.host_qo_indptr[b + 1])
             if e == s:
                 continue
             k, v = kv_of_request(b)
+            if deq is not None:
+                k, v = k.float() * deq[0], v.float() * deq[1]
             o, l2 = reference.attention(q[s:e], k, v, causal=p.causal, sm_scale=p.sm_scale,
                                         window_left=p.window_left,
                                         logits_soft_cap=p.logits_soft_cap or None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..attention.formats import check_kv_layout, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+from ..attention.formats import (FP8_DTYPES, FP8_MAX, check_kv_layout, check_kv_scale, paged_cache_geometry,
+                                 paged_strides, unpack_paged_kv_cache)
 from ._dispatch import use_triton
 from .kernels.page import append_paged_kv_kernel
 
@@ -28,7 +29,7 @@ def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Ten
 def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
                           positions: torch.Tensor, paged_kv_cache, kv_indices: torch.Tensor,
                           kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, kv_layout: str = "NHD",
-                          *, check: bool = True) -> None:
+                          *, k_scale=None, v_scale=None, check: bool = True) -> None:
     """Write append_key / append_value [nnz, num_kv_heads, head_dim] into the paged cache (one
     tensor [pages, 2, ...] or a (k, v) tuple, NHD or HND) at each token's (request, position).
 
@@ -37,6 +38,12 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     when the indices live on the GPU). ``check=False`` (pagoda's extension, for callers that
     built the indices themselves, e.g. a serving engine inside a CUDA graph) skips those reads:
     shapes are still checked, positions and page ids are trusted.
+
+    An fp8 cache (torch.float8_e4m3fn / float8_e5m2) with fp16 / bf16 / fp32 inputs is quantized
+    on write: the cache gets ``clamp(x / scale, -max, max)`` rounded to the nearest fp8 value,
+    with ``k_scale`` / ``v_scale`` (required then: a float or a float32 tensor of per-head
+    scales; the same ones go to the attention wrappers' ``run()``). Inputs already in the cache's
+    dtype are copied as they are (scales must then be None).
     """
     check_kv_layout(kv_layout)
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
@@ -48,6 +55,20 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
             raise ValueError(f"{name} must be contiguous in head_dim")
         if t.device != k_cache.device:
             raise ValueError(f"{name} must be on the cache's device {k_cache.device}")
+    quant = k_cache.dtype in FP8_DTYPES and append_key.dtype != k_cache.dtype
+    if k_cache.dtype in FP8_DTYPES and append_key.dtype == k_cache.dtype:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale / v_scale are for quantizing on write: append_key is already in the "
+                             f"cache's dtype {k_cache.dtype}")
+    if append_value.dtype != append_key.dtype:
+        raise ValueError(f"append_value dtype {append_value.dtype} differs from append_key's {append_key.dtype}")
+    if quant:
+        scales = (check_kv_scale("k_scale", k_scale, heads, k_cache.device, True),
+                  check_kv_scale("v_scale", v_scale, heads, k_cache.device, True))
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError("k_scale / v_scale apply to an fp8 cache only")
+    else:
+        scales = None
     nnz = append_key.shape[0]
     if append_value.shape[0] != nnz or batch_indices.shape != (nnz,) or positions.shape != (nnz,):
         raise ValueError(f"append_value, batch_indices and positions must have {nnz} tokens")
@@ -55,7 +76,7 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
         return
     if not check and use_triton(append_key):  # (the PyTorch path reads them anyway: it checks)
         return _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices,
-                              kv_indptr, kv_layout, heads, dim, page_size)
+                              kv_indptr, kv_layout, heads, dim, page_size, scales)
     indptr = kv_indptr.detach().cpu().long()
     last = kv_last_page_len.detach().cpu().long()
     b_host, p_host = batch_indices.detach().cpu().long(), positions.detach().cpu().long()
@@ -72,26 +93,48 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     if used.numel() and (used.min() < 0 or used.max() >= num_pages):
         raise ValueError(f"kv_indices must be in 0..{num_pages - 1}")
     if not use_triton(append_key):
-        for cache, src in ((k_cache, append_key), (v_cache, append_value)):
+        for i, (cache, src) in enumerate(((k_cache, append_key), (v_cache, append_value))):
             page = kv_indices.long()[indptr.to(kv_indices.device)[batch_indices.long()] + positions.long() // page_size]
             slot = positions.long() % page_size
+            if scales is not None:
+                src = quantize_fp8(src, scales[i], cache.dtype)
             if kv_layout == "NHD":
                 cache[page, slot] = src.to(cache.dtype)
             else:
                 cache[page, :, slot] = src.to(cache.dtype)
         return
     _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
-                   kv_layout, heads, dim, page_size)
+                   kv_layout, heads, dim, page_size, scales)
+
+
+def quantize_fp8(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """The reference of quantize-on-write: x [..., heads, dim] -> clamp(x / scale) in ``dtype``;
+    scale is (float, per-head float32 tensor or None) as check_kv_scale returns it."""
+    f, t = scale
+    inv = torch.full((x.shape[-2],), 1.0 / f, dtype=torch.float32, device=x.device)  # as the kernel rounds it
+    if t is not None:
+        inv = inv / t.float()
+    y = x.float() * inv[:, None]
+    m = FP8_MAX[dtype]
+    return y.clamp(-m, m).to(dtype)
 
 
 def _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
-                   kv_layout, heads, dim, page_size):
+                   kv_layout, heads, dim, page_size, scales=None):
     nnz = append_key.shape[0]
     sk, sv = paged_strides(k_cache, kv_layout), paged_strides(v_cache, kv_layout)
     dev = k_cache.device
+    (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
+    per_head = kt is not None or vt is not None
+    if per_head:
+        kt = kt.contiguous() if kt is not None else torch.ones(heads, dtype=torch.float32, device=dev)
+        vt = vt.contiguous() if vt is not None else torch.ones(heads, dtype=torch.float32, device=dev)
+    clamp = FP8_MAX.get(k_cache.dtype, 0.0)
     append_paged_kv_kernel[(nnz,)](
         append_key, append_value, k_cache, v_cache, batch_indices.to(dev, torch.int32),
         positions.to(dev, torch.int32), kv_indices.to(dev, torch.int32), kv_indptr.to(dev, torch.int32),
         append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
-        *sk, *sv, heads, dim, page_size,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4)
+        *sk, *sv, heads, dim, page_size, kt if per_head else append_key, vt if per_head else append_key,
+        1.0 / kf, 1.0 / vf, clamp,
+        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        QUANT=scales is not None, SCALE_PTR=per_head, num_warps=4)

@@ -145,3 +145,124 @@ def test_cascade_matches_flat_and_replays_in_cuda_graph():
     g.replay()
     flat.plan(indptr2, indices2, last2, hq, hk, d, ps, q_data_type=dtype)
     assert rel_err(out, flat.run(q, cache)) < TOL[dtype]
+
+
+# -- fp8 KV cache -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_fp8_decode_real_sizes(fp8, head_dim, per_head):
+    from .test_fp8 import quantized_batch
+
+    kv_lens = [1, 4096, 333, 17, 2048, 8191]
+    batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, 8, head_dim, 16, fp8, per_head=per_head)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, 32, 8, head_dim, 16, q_data_type=torch.bfloat16,
+           kv_data_type=fp8)
+    q = torch.randn(len(kv_lens), 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, cache, out=out, lse=lse, k_scale=ks, v_scale=vs)
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
+def test_fp8_prefill_append_and_graph_replay():
+    from .test_fp8 import quantized_batch
+
+    fp8, hq, hk, d, ps = torch.float8_e4m3fn, 32, 8, 128, 16
+    qo_lens, kv_lens = [1000, 129, 1, 512], [1000, 700, 64, 4608]
+    batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, hk, d, ps, fp8, layout="HND")
+    qo = [0] + torch.tensor(qo_lens).cumsum(0).tolist()
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128), "HND", use_cuda_graph=True)
+    w.plan(torch.tensor(qo), batch.indptr, batch.indices, batch.last_page_len, hq, hk, d, ps, causal=True,
+           q_data_type=torch.bfloat16, kv_data_type=fp8)
+    q = torch.randn(qo[-1], hq, d, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    w.run(q, cache, out=out, k_scale=ks, v_scale=vs)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, cache, out=out, k_scale=ks, v_scale=vs)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ro, _ = oracle(q.cpu(), qo, dk, dv, causal=True)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+
+
+def test_fp8_append_then_decode_matches_bf16():
+    """The serving path: quantize-on-write with append_paged_kv_cache, then fp8 decode, vs bf16."""
+    hq, hk, d, ps, n = 32, 8, 128, 16, 3000
+    k = torch.randn(n, hk, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(n, hk, d, dtype=torch.bfloat16, device="cuda")
+    ks = (k.float().abs().amax(dim=(0, 2)) / 448).contiguous()
+    vs = (v.float().abs().amax(dim=(0, 2)) / 448).contiguous()
+    pages = -(-n // ps)
+    indptr = torch.tensor([0, pages], dtype=torch.int32, device="cuda")
+    indices = torch.randperm(pages, device="cuda").to(torch.int32)
+    last = torch.tensor([(n - 1) % ps + 1], dtype=torch.int32, device="cuda")
+    c8 = torch.empty(pages, 2, ps, hk, d, dtype=torch.float8_e4m3fn, device="cuda")
+    c16 = torch.empty(pages, 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")
+    b, pos = pagoda.get_batch_indices_positions(torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+                                                torch.tensor([n], dtype=torch.int32, device="cuda"), n)
+    pagoda.append_paged_kv_cache(k, v, b, pos, c8, indices, indptr, last, k_scale=ks, v_scale=vs)
+    pagoda.append_paged_kv_cache(k, v, b, pos, c16, indices, indptr, last)
+    q = torch.randn(1, hq, d, dtype=torch.bfloat16, device="cuda")
+    outs = []
+    for cache, kv_dt, sc in ((c8, torch.float8_e4m3fn, dict(k_scale=ks, v_scale=vs)), (c16, None, {})):
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(64))
+        w.plan(indptr.cpu(), indices.cpu(), last.cpu(), hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=kv_dt)
+        outs.append(w.run(q, cache, **sc))
+    err = rel_err(outs[0], outs[1])
+    assert 1e-3 < err < 0.05, err
+
+
+# -- MLA --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("qo_lens,kv_lens,causal", [([1] * 8, [1, 100, 1024, 4097, 64, 32768, 7, 2000], False),
+                                                    ([300, 1, 64], [300, 5000, 1024], True)])
+def test_mla_real_sizes(heads, qo_lens, kv_lens, causal):
+    from .test_mla import MLABatch, run_mla
+
+    batch = MLABatch(kv_lens, 64)
+    _, out, lse, ro, rl = run_mla(batch, qo_lens, heads, causal=causal, ws_mb=256)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
+def test_mla_cuda_graph_replays_after_new_plan():
+    import math
+
+    from .test_mla import MLABatch
+    from pagoda.attention.mla import mla_reference
+
+    h, ps, bsz = 128, 64, 8
+    first = MLABatch([100] * bsz, ps, spare=2000)
+    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(256), use_cuda_graph=True)
+    sm = 1 / math.sqrt(192)
+    qo = torch.arange(bsz + 1, dtype=torch.int32)
+
+    def plan(b):
+        w.plan(qo, b.indptr, b.indices, torch.tensor(b.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
+               torch.bfloat16)
+    plan(first)
+    qn = torch.randn(bsz, h, 512, dtype=torch.bfloat16, device="cuda") * 0.3
+    qp = torch.randn(bsz, h, 64, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(bsz, h, 512, dtype=torch.bfloat16, device="cuda")
+    w.run(qn, qp, first.ckv, first.kpe, out=out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(qn, qp, first.ckv, first.kpe, out=out)
+    for lens in ([20000, 1] + [300] * (bsz - 2), [0] + [3000] * (bsz - 1)):
+        nxt = MLABatch(lens, ps, spare=0)
+        first.ckv.fill_(float("nan"))
+        first.kpe.fill_(float("nan"))
+        first.ckv[: nxt.ckv.shape[0]] = nxt.ckv
+        first.kpe[: nxt.kpe.shape[0]] = nxt.kpe
+        plan(nxt)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ro = torch.cat([mla_reference(qn[i:i + 1], qp[i:i + 1], nxt.c[i], nxt.r[i], sm_scale=sm,
+                                      compute_dtype=torch.float64)[0] for i in range(bsz)])
+        assert rel_err(out, ro) < TOL[torch.bfloat16], lens

@@ -86,7 +86,8 @@ def _attend_block(
         k = tl.load(k_ptrs, mask=n_valid[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k))
+    # fp8 caches dequantize here, after the load (the scale is folded into qk_scale / the output)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if SOFTCAP:
         s = soft_cap_log2 * _tanh(s * qk_scale)
         scale = 1.0
@@ -111,21 +112,22 @@ def _attend_block(
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    UNROLL: tl.constexpr):
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # 8 chunks per step, unrolled, so their loads are in flight together (latency, not bandwidth,
-    # bounds a merge of many chunks).
-    for c0 in range(0, n_chunks, 8):
-        for j in tl.static_range(8):
+    # UNROLL chunks per step (8 for head_dim <= 256), so their loads are in flight together
+    # (latency, not bandwidth, bounds a merge of many chunks).
+    for c0 in range(0, n_chunks, UNROLL):
+        for j in tl.static_range(UNROLL):
             live = row_valid & (c0 + j < n_chunks)
             r = (first + (c0 + j) * q_len + tok).to(tl.int64)
             s = tl.load(TMP_LSE + r * stride_tl + qo_head, mask=live, other=float("-inf"), cache_modifier=".cg")
@@ -149,20 +151,23 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 
 @triton.jit
 def attention_kernel(
-    Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+    Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_lt,
     stride_tt, stride_th, stride_tl,
     num_kv_heads, group_size, heads_per_prog,
-    qk_scale, soft_cap_log2, window_left,
+    qk_scale, soft_cap_log2, window_left, k_scale, v_scale, stride_ksh, stride_vsh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
+    WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
-    sm_scale / cap with a soft cap, then multiplied back by cap * log2(e))."""
+    sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
+    The cache holds K / k_scale and V / v_scale (fp8 caches; 1.0 otherwise): k_scale
+    multiplies the logits' scale, v_scale the output; with SCALE_PTR they are also
+    multiplied by per-KV-head factors K_SCALE[h * stride_ksh], V_SCALE[h * stride_vsh]."""
     n_hsplit = tl.cdiv(group_size, heads_per_prog)
     tasks_per_item = num_kv_heads * n_hsplit
     num_tasks = tl.load(COUNTERS + 2)
@@ -209,27 +214,32 @@ def attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        task_qk_scale = qk_scale * k_scale
+        task_v_scale = v_scale
+        if SCALE_PTR:
+            task_qk_scale = task_qk_scale * tl.load(K_SCALE + kvh * stride_ksh)
+            task_v_scale = task_v_scale * tl.load(V_SCALE + kvh * stride_vsh)
         k_head_off = kvh.to(tl.int64) * stride_kh
         v_head_off = kvh.to(tl.int64) * stride_vh
         for start in range(kv_start, full_lo, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                 row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
         for start in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                 row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW)
         for start in range(full_hi, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                 row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
+        out = acc * (task_v_scale / l_safe)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
         if partial < 0:
             tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
@@ -250,7 +260,7 @@ def attention_kernel(
                 tl.atomic_xchg(arrival, 0)
                 _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
                                 row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE)
+                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8)
         task = tl.atomic_add(COUNTERS, 1)
 
     # The last program out resets the counters for the next launch (graph replay).
