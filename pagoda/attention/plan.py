@@ -52,6 +52,10 @@ CUDA_CONFIGS = {
     ("decode", 64): (16, 64, 4, 3, 2, 2048),
     ("decode", 128): (16, 64, 4, 3, 2, 2048),
     ("decode", 256): (16, 32, 4, 3, 2, 2048),
+    # an fp8 cache moves half the bytes per block: twice the block keeps as many bytes in flight
+    ("decode-fp8", 64): (16, 128, 4, 3, 2, 2048),
+    ("decode-fp8", 128): (16, 128, 4, 3, 2, 2048),
+    ("decode-fp8", 256): (16, 64, 4, 3, 2, 2048),
     ("prefill", 64): (128, 64, 8, 3, 1, 512),
     ("prefill", 128): (128, 64, 8, 3, 1, 512),
     ("prefill", 256): (64, 32, 4, 2, 1, 512),
@@ -61,10 +65,12 @@ _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1
 _INTERPRETER_CTAS = 3
 
 
-def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool) -> KernelConfig:
-    """Pick the kernel configuration for ``mode`` ("decode" or "prefill")."""
+def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_bytes: int = 2) -> KernelConfig:
+    """Pick the kernel configuration for ``mode`` ("decode" or "prefill"); kv_bytes 1: an fp8 cache."""
     if on_cuda:
-        block_m, block_n, warps, stages, ctas, item_cost = CUDA_CONFIGS[(mode, head_dim)]
+        key = (f"{mode}-fp8", head_dim) if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS else \
+            (mode, head_dim)
+        block_m, block_n, warps, stages, ctas, item_cost = CUDA_CONFIGS[key]
     else:
         block_m, block_n, warps, stages, ctas, item_cost = _INTERPRETER_CONFIG[mode]
     if mode == "decode":

@@ -115,7 +115,9 @@ def fp8_decode_row(name, kv_lens, hq, hk, d, ps, dtype, kv_dtype, fi, ws):
     row["pagoda_16bit_us"] = bench(lambda: w16.run(q, s16.cache, out=out16)) * 1e6
     if fi is not None:
         best = None
-        for tc in (False, True):
+        # FlashInfer 0.6.0's tensor-core (sm90 prefill) path does not compile for bf16 queries over an
+        # e4m3 cache ("No eligible GMMA operator", measured on the H100), so only its decode kernel runs.
+        for tc in (False,):
             try:
                 fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
                 fw.plan(s8.indptr.cuda(), s8.indices.cuda(), s8.last.cuda(), hq, hk, d, ps, q_data_type=dtype,

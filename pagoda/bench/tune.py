@@ -16,6 +16,8 @@ from pagoda.attention import plan as plan_mod
 
 from .attention import PagedSetup, bench
 
+DECODE_FP8 = [(16, 128, 4, 3, 2, 2048), (16, 128, 4, 4, 2, 2048), (16, 256, 4, 3, 1, 2048), (16, 128, 8, 3, 2, 2048),
+              (16, 64, 4, 4, 2, 2048), (16, 64, 4, 6, 2, 2048), (16, 128, 4, 2, 3, 2048), (16, 64, 4, 3, 2, 2048)]
 DECODE = [(16, 64, 4, 4, 4, 128), (16, 64, 4, 2, 4, 128), (16, 64, 4, 3, 2, 128), (16, 32, 4, 3, 4, 128),
           (16, 32, 2, 3, 8, 128), (16, 64, 2, 2, 8, 128), (16, 128, 4, 2, 2, 128), (16, 128, 8, 2, 2, 128),
           (16, 128, 4, 3, 2, 128), (16, 64, 4, 2, 4, 512), (16, 64, 4, 2, 4, 1024), (16, 32, 4, 3, 4, 512)]
@@ -24,6 +26,7 @@ PREFILL = [(128, 64, 8, 3, 1, 128), (128, 64, 4, 3, 1, 128), (128, 128, 8, 2, 1,
            (128, 128, 4, 2, 1, 128), (64, 64, 4, 4, 2, 128)]
 DECODE_CASES = {"64x2048": ([2048] * 64,), "1x32768": ([32768],), "16x4096": ([4096] * 16,),
                 "skewed": ([32768] + [512] * 63,)}
+KV_DTYPE = None  # set by --kv-dtype
 PREFILL_CASES = {"1x8192": ([8192], [8192]), "8x1024": ([1024] * 8, [1024] * 8)}
 
 
@@ -34,17 +37,20 @@ def main(argv=None):
     ap.add_argument("--heads", default="32,8")
     ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item' tuples to try instead")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times of the best config")
+    ap.add_argument("--kv-dtype", help="float8_e4m3fn: tune decode over an fp8 cache (CUDA_CONFIGS['decode-fp8'])")
     args = ap.parse_args(argv)
     hq, hk = map(int, args.heads.split(","))
     d, ps, dt = args.head_dim, 16, torch.bfloat16
+    global KV_DTYPE
+    KV_DTYPE = getattr(torch, args.kv_dtype) if args.kv_dtype else None
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    key = (args.mode, d)
+    key = (args.mode + ("-fp8" if KV_DTYPE is not None else ""), d)
     results = []
     cases = DECODE_CASES if args.mode == "decode" else PREFILL_CASES
     setups = {}
     for name, spec in cases.items():
         if args.mode == "decode":
-            s = PagedSetup(spec[0], hk, d, ps, dt)
+            s = PagedSetup(spec[0], hk, d, ps, dt, kv_dtype=KV_DTYPE)
             q = torch.randn(len(spec[0]), hq, d, dtype=dt, device="cuda")
             setups[name] = (s, q, None)
         else:
@@ -52,7 +58,7 @@ def main(argv=None):
             qo = torch.tensor([0] + torch.tensor(spec[0]).cumsum(0).tolist(), dtype=torch.int32)
             q = torch.randn(int(qo[-1]), hq, d, dtype=dt, device="cuda")
             setups[name] = (s, q, qo)
-    configs = DECODE if args.mode == "decode" else PREFILL
+    configs = (DECODE_FP8 if KV_DTYPE is not None else DECODE) if args.mode == "decode" else PREFILL
     if args.configs:
         configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     for cfg in configs:
@@ -61,8 +67,9 @@ def main(argv=None):
         try:
             for name, (s, q, qo) in setups.items():
                 w = planned_wrapper(args.mode, ws, s, qo, hq, hk, d, ps, dt)
-                out = w.run(q, s.cache)
-                times.append(bench(lambda: w.run(q, s.cache, out=out), rep_ms=100) * 1e6)
+                sc = dict(k_scale=1.0, v_scale=1.0) if KV_DTYPE is not None else {}
+                out = w.run(q, s.cache, **sc)
+                times.append(bench(lambda: w.run(q, s.cache, out=out, **sc), rep_ms=100) * 1e6)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is reported
             print(f"{cfg}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
@@ -81,7 +88,7 @@ def main(argv=None):
 def planned_wrapper(mode, ws, s, qo, hq, hk, d, ps, dt):
     if mode == "decode":
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-        w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)
+        w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt, kv_data_type=KV_DTYPE)
     else:
         w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
         w.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
