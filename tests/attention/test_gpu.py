@@ -148,18 +148,20 @@ def test_cascade_matches_flat_and_replays_in_cuda_graph():
 
 
 # -- fp8 KV cache -----------------------------------------------------------------------------
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("fp8,q_dtype", [(torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e5m2, torch.bfloat16),
+                                          (torch.float8_e4m3fn, torch.float16)])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("per_head", [True, False])
-def test_fp8_decode_real_sizes(fp8, head_dim, per_head):
+def test_fp8_decode_real_sizes(fp8, q_dtype, head_dim, per_head):
+    """bf16 queries take the PTX dequantization (kernels/attention.py), fp16 ones Triton's conversion."""
     from .test_fp8 import quantized_batch
 
     kv_lens = [1, 4096, 333, 17, 2048, 8191]
-    batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, 8, head_dim, 16, fp8, per_head=per_head)
+    batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, 8, head_dim, 16, fp8, per_head=per_head, dtype=q_dtype)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
-    w.plan(batch.indptr, batch.indices, batch.last_page_len, 32, 8, head_dim, 16, q_data_type=torch.bfloat16,
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, 32, 8, head_dim, 16, q_data_type=q_dtype,
            kv_data_type=fp8)
-    q = torch.randn(len(kv_lens), 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(len(kv_lens), 32, head_dim, dtype=q_dtype, device="cuda")
     out, lse = poisoned_like(q)
     w.run(q, cache, out=out, lse=lse, k_scale=ks, v_scale=vs)
     ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
@@ -266,3 +268,27 @@ def test_mla_cuda_graph_replays_after_new_plan():
         ro = torch.cat([mla_reference(qn[i:i + 1], qp[i:i + 1], nxt.c[i], nxt.r[i], sm_scale=sm,
                                       compute_dtype=torch.float64)[0] for i in range(bsz)])
         assert rel_err(out, ro) < TOL[torch.bfloat16], lens
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_dequantization_covers_every_code(fp8):
+    """Caches of random fp8 *bit patterns* (every finite code: zeros, subnormals, the largest values)
+    against the float64 reference of the same codes: checks the PTX conversion bit for bit."""
+    hq, hk, d, ps, n = 8, 2, 64, 16, 4096
+    codes = torch.randint(0, 256, (n // ps, 2, ps, hk, d), dtype=torch.uint8)
+    vals = codes.view(fp8).float()
+    codes[~torch.isfinite(vals)] = 0  # NaN / inf codes are not finite values of the cache
+    cache = codes.view(fp8).cuda()
+    scale = 1.0 / float(vals[torch.isfinite(vals)].abs().max())
+    indptr = torch.tensor([0, n // ps], dtype=torch.int32)
+    indices = torch.arange(n // ps, dtype=torch.int32)
+    last = torch.tensor([ps], dtype=torch.int32)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(64))
+    w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=fp8)
+    q = torch.randn(1, hq, d, dtype=torch.bfloat16, device="cuda")
+    out = w.run(q, cache, k_scale=scale, v_scale=scale)
+    kv = cache.cpu().double() * scale  # [pages, 2, ps, hk, d]
+    k = kv[:, 0].reshape(n, hk, d)
+    v = kv[:, 1].reshape(n, hk, d)
+    ro, _ = oracle(q.cpu(), [0, 1], [k], [v])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
