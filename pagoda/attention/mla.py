@@ -29,7 +29,8 @@ from .runner import LOG2E, BatchAttention, num_programs
 SUPPORTED_CKV = (128, 256, 512)
 SUPPORTED_KPE = (32, 64)
 # (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on CUDA; heads_per_prog = min(heads, block_m)
-MLA_CUDA_CONFIG = (64, 32, 8, 2, 1, 512)
+# measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
+MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6

@@ -4,7 +4,7 @@ Two kinds of check:
 - exactness of the kernel: the fp8 run must match a float64 oracle over the *dequantized*
   cache (fp8 value * scale) within the usual bf16 tolerance; this is the kernel's contract.
 - accuracy of the format: the fp8 result against the unquantized bf16 result, within the
-  bounds documented in docs/fp8.md (quantization error, not a kernel error).
+  bounds documented in the README (FP8 KV cache) (quantization error, not a kernel error).
 Triton's interpreter converts fp8 <-> fp16/bf16/fp32 (numpy has no fp8 type: the interpreter
 emulates the conversions), so the CPU runs the Triton kernels here too; GPU tests at real
 sizes are in test_gpu.py.
@@ -20,7 +20,7 @@ from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err,
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
-# fp8 vs bf16 relative L2 error of the attention output (docs/fp8.md), per-head amax scales; over 5
+# fp8 vs bf16 relative L2 error of the attention output (README, FP8 KV cache), per-head amax scales; over 5
 # seeds measured 0.036-0.038 (e4m3) and 0.069-0.080 (e5m2) on random KV, 0.047-0.093 / 0.11-0.29
 # with 10x / 20x outlier channels in K / V (K's error moves the logits: the larger part).
 FP8_ACCURACY = {(E4M3, None): 0.05, (E5M2, None): 0.10, (E4M3, "channels"): 0.15, (E5M2, "channels"): 0.35}
