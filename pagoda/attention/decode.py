@@ -37,11 +37,12 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
                  paged_kv_indptr_buffer: torch.Tensor | None = None,
                  paged_kv_indices_buffer: torch.Tensor | None = None,
                  paged_kv_last_page_len_buffer: torch.Tensor | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", variant=None) -> None:
         # use_tensor_cores is accepted for FlashInfer compatibility: the kernel always
         # packs the GQA group into tensor-core tiles. The indptr / last_page_len
         # buffers are not needed: the plan reduces them to the work list.
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buffer)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buffer,
+                         variant)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
@@ -94,7 +95,7 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
                                 sm_scale: float | None = None, window_left: int = -1,
                                 logits_soft_cap: float | None = None, return_lse: bool = False,
-                                backend: str = "auto", k_scale=None, v_scale=None):
+                                backend: str = "auto", k_scale=None, v_scale=None, variant=None):
     """Decode attention of one query against one request's KV.
 
     q: [num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim] (NHD) or
@@ -108,7 +109,7 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     res = single_prefill_with_kv_cache(q[None], k, v, causal=False, kv_layout=kv_layout, sm_scale=sm_scale,
                                        window_left=window_left, logits_soft_cap=logits_soft_cap,
                                        return_lse=return_lse, backend=backend, k_scale=k_scale,
-                                       v_scale=v_scale, _mode="decode")
+                                       v_scale=v_scale, variant=variant, _mode="decode")
     if return_lse:
         return res[0][0], res[1][0]
     return res[0]

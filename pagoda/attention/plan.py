@@ -158,6 +158,7 @@ def plan_work(
     split_id = np.full(len(split), -1, dtype=np.int64)
     split_id[split_tiles] = np.arange(len(split_tiles))
     work[:, 7] = split_id[item_tile]
+    work[:, 8] = tile_req[item_tile]
     work = work[np.argsort(-(kv_e - kv_s), kind="stable")]
 
     splits = np.empty((len(split_tiles), SPLIT_FIELDS), dtype=np.int32)

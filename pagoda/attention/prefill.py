@@ -16,11 +16,9 @@ from .reference import gather_paged_kv
 from .runner import BatchAttention
 
 
-def _check_unsupported(head_dim_qk, head_dim_vo, custom_mask, packed_custom_mask, pos_encoding_mode):
+def _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode):
     if head_dim_vo is not None and head_dim_vo != head_dim_qk:
         raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({head_dim_qk})")
-    if custom_mask is not None or packed_custom_mask is not None:
-        raise ValueError("custom_mask / packed_custom_mask are not supported by this version of pagoda")
     if pos_encoding_mode != "NONE":
         raise ValueError(f"pos_encoding_mode={pos_encoding_mode!r} is not supported: apply RoPE before "
                          f"attention (pagoda.ops) and pass 'NONE'")
@@ -41,8 +39,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
                  paged_kv_indices_buf: torch.Tensor | None = None, paged_kv_last_page_len_buf=None,
-                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto") -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buf)
+                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto", variant=None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buf, variant)
+        if custom_mask_buf is not None:
+            self._mask = custom_mask_buf.view(torch.uint8).reshape(-1)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
              num_qo_heads: int, num_kv_heads: int, head_dim_qk: int, page_size: int,
@@ -50,10 +50,13 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
              causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
              sm_scale: float | None = None, window_left: int = -1, logits_soft_cap: float | None = None,
              rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True) -> None:
+             non_blocking: bool = True, mask_indptr=None) -> None:
         """Plan a batch. qo_indptr: [batch + 1]; paged_kv_indptr: [batch + 1];
-        paged_kv_indices: [paged_kv_indptr[-1]]; paged_kv_last_page_len: [batch] in 1..page_size."""
-        _check_unsupported(head_dim_qk, head_dim_vo, custom_mask, packed_custom_mask, pos_encoding_mode)
+        paged_kv_indices: [paged_kv_indptr[-1]]; paged_kv_last_page_len: [batch] in 1..page_size.
+        custom_mask: bool [sum(qo_len * kv_len)] (request by request, row-major: True keeps the pair;
+        combined with causal / window_left when given); packed_custom_mask: the same bits packed
+        little-endian per request (pagoda.segment_packbits), request b starting at byte mask_indptr[b]."""
+        _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
         qo = check_indptr("qo_indptr", qo_indptr)
         batch = qo.shape[0] - 1
         kv_indptr = check_indptr("paged_kv_indptr", paged_kv_indptr, batch + 1)
@@ -64,7 +67,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
                          page_size=page_size, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
-                         kv_data_type=kv_data_type)
+                         kv_data_type=kv_data_type, custom_mask=custom_mask,
+                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
 
     begin_forward = plan
 
@@ -92,24 +96,28 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf=None, kv_indptr_buf=None,
-                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto") -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto", variant=None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, variant=variant)
+        if custom_mask_buf is not None:
+            self._mask = custom_mask_buf.view(torch.uint8).reshape(-1)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None,
              causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
              window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
              rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True) -> None:
-        """Plan a batch. qo_indptr, kv_indptr: [batch + 1] row offsets into q and k/v."""
-        _check_unsupported(head_dim_qk, head_dim_vo, custom_mask, packed_custom_mask, pos_encoding_mode)
+             non_blocking: bool = True, mask_indptr=None) -> None:
+        """Plan a batch. qo_indptr, kv_indptr: [batch + 1] row offsets into q and k/v; custom_mask /
+        packed_custom_mask / mask_indptr as in BatchPrefillWithPagedKVCacheWrapper.plan."""
+        _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
         qo = check_indptr("qo_indptr", qo_indptr)
         kv = check_indptr("kv_indptr", kv_indptr, qo.shape[0])
         self._plan_batch(qo_indptr=qo, kv_lens=np.diff(kv), kv_base=kv[:-1], indices=None,
                          max_page=int(kv[-1]) - 1, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim_qk, page_size=1, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
-                         kv_data_type=kv_data_type)
+                         kv_data_type=kv_data_type, custom_mask=custom_mask,
+                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
 
     begin_forward = plan
 
@@ -156,7 +164,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  sm_scale: float | None = None, window_left: int = -1,
                                  logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None,
                                  return_lse: bool = False, backend: str = "auto", k_scale=None, v_scale=None,
-                                 _mode: str = "prefill"):
+                                 variant=None, _mode: str = "prefill"):
     """Attention of one request: q [qo_len, num_qo_heads, head_dim]; k, v [kv_len, num_kv_heads,
     head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND). Causal is bottom-right aligned.
     Returns out [qo_len, num_qo_heads, head_dim] (and lse [qo_len, num_qo_heads] float32, base 2)."""
@@ -170,7 +178,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     kv_len, heads = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
     ws = torch.empty(8 * 1024 * 1024, dtype=torch.uint8, device=q.device)
-    wrapper = BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout, backend=backend)
+    wrapper = BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout, backend=backend, variant=variant)
     wrapper._mode = _mode
     wrapper.plan([0, q.shape[0]], [0, kv_len], q.shape[1], heads, q.shape[2], custom_mask=custom_mask,
                  packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,

@@ -16,12 +16,14 @@ import torch
 
 
 def attention(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=None,
-              compute_dtype=torch.float32, out_dtype=None):
+              compute_dtype=torch.float32, out_dtype=None, variant=None, batch_idx=0, mask=None):
     """Attention of one request.
 
     q: [qo_len, num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim].
     Returns (out [qo_len, num_qo_heads, head_dim] in ``out_dtype`` (default q.dtype), lse
     [qo_len, num_qo_heads] float32), computed in ``compute_dtype`` (float64 for test oracles).
+    variant: an AttentionVariant (its PyTorch form; request index ``batch_idx``); mask: a
+    [qo_len, kv_len] bool custom mask (True: keep).
     """
     qo_len, hq, d = q.shape
     kv_len, hk = k.shape[0], k.shape[1]
@@ -41,6 +43,12 @@ def attention(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_so
         keep &= kj <= qi
     if window_left >= 0:
         keep &= kj >= qi - window_left
+    if variant is not None:
+        logits, vkeep = variant.apply_torch(logits, batch_idx, qi[:, 0], kj[0])
+        if vkeep is not None:
+            keep = keep & vkeep
+    if mask is not None:
+        keep = keep & mask.to(keep.device)
     logits = logits.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [h, q], -inf where nothing is visible
     probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])

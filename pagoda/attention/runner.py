@@ -89,6 +89,8 @@ class PlanState:
     tmp_lse: torch.Tensor | None = None
     scalars: tuple = ()  # the kernel's scalar arguments after the strides
     constexprs: dict | None = None
+    mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
+    mask_bits: np.ndarray | None = None  # first bit of each request's mask
 
 
 class BatchAttention:
@@ -99,8 +101,13 @@ class BatchAttention:
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, backend: str = "auto",
-                 paged_kv_indices_buffer: torch.Tensor | None = None):
+                 paged_kv_indices_buffer: torch.Tensor | None = None, variant=None):
         from .formats import check_kv_layout
+        from .variants import check_variant
+
+        self._variant = check_variant(variant)
+        self._reqs = None  # int64 [batch, 3] request table of variant / custom-mask plans
+        self._mask = None  # uint8 packed custom mask
 
         if not isinstance(float_workspace_buffer, torch.Tensor):
             raise ValueError("float_workspace_buffer must be a torch.Tensor")
@@ -168,7 +175,10 @@ class BatchAttention:
     def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
                     indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
                     head_dim: int, page_size: int, causal: bool, window_left: int,
-                    logits_soft_cap, sm_scale, q_data_type, kv_data_type) -> None:
+                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
+                    packed_custom_mask=None, mask_indptr=None) -> None:
+        from .variants import prepare_custom_mask
+
         ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
         check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
         q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
@@ -182,6 +192,11 @@ class BatchAttention:
         cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
         if not math.isfinite(cap) or cap < 0:
             raise ValueError(f"logits_soft_cap must be None or >= 0, got {logits_soft_cap!r}")
+        if cap > 0 and self._variant is not None and self._variant.score_mod is not None:
+            raise ValueError(f"logits_soft_cap and the score_mod of variant {self._variant.name!r} both change "
+                             f"the logits: fold the cap into the variant (pagoda.variants.soft_cap)")
+        mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr,
+                                                 np.diff(qo_indptr), kv_lens)
 
         group = num_qo_heads // num_kv_heads
         # One query per request is decode whatever the wrapper: small tiles, decode tuning.
@@ -195,13 +210,16 @@ class BatchAttention:
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, n_pages)
+        use_reqs = self._variant is not None or mask_np is not None
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, indices)
+            if use_reqs:
+                self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
         self._plan = PlanState(
             num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal), window_left,
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
-            work)
+            work, mask=mask_np, mask_bits=mask_bits)
         self._prepare_launch(self._plan)
 
     def _prepare_launch(self, p: PlanState) -> None:
@@ -218,6 +236,39 @@ class BatchAttention:
             PAGED=self._paged, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal, SOFTCAP=cap > 0,
             WINDOW=p.window_left >= 0, KV_DEQUANT=kv_dequant_mode(p.q_dtype, p.kv_dtype, self.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        from .kernels.attention import _no_mod
+
+        var = self._variant
+        p.constexprs.update(
+            VARIANT=var is not None or p.mask is not None,
+            SCORE_MOD=var.score_mod if var is not None and var.score_mod is not None else _no_mod,
+            MASK_MOD=var.mask_mod if var is not None and var.mask_mod is not None else _no_mod,
+            HAS_SCORE_MOD=var is not None and var.score_mod is not None,
+            HAS_MASK_MOD=var is not None and var.mask_mod is not None, CUSTOM_MASK=p.mask is not None)
+
+    def _upload_requests(self, qo_indptr, kv_lens, mask_np, mask_bits) -> None:
+        """The request table (first query row, kv_len, first mask bit) and the packed custom mask."""
+        batch = len(kv_lens)
+        reqs = np.zeros((batch, 3), dtype=np.int64)
+        reqs[:, 0] = qo_indptr[:-1]
+        reqs[:, 1] = kv_lens
+        if mask_bits is not None:
+            reqs[:, 2] = mask_bits
+        if self._reqs is None or self._reqs.shape[0] < max(batch, 1):
+            if self._reqs is not None and self._use_cuda_graph:
+                raise ValueError(f"batch of {batch} requests exceeds this CUDA-graph wrapper's request table "
+                                 f"({self._reqs.shape[0]}, sized by the first plan with a variant or mask)")
+            cap = max(batch, 4096 if self._use_cuda_graph else 1)
+            self._reqs = torch.zeros(cap, 3, dtype=torch.int64, device=self.device)
+        self._reqs[:batch].copy_(torch.from_numpy(reqs))
+        if mask_np is not None:
+            n = max(len(mask_np), 1)
+            if self._mask is None or self._mask.numel() < n:
+                if self._mask is not None and self._use_cuda_graph:
+                    raise ValueError(f"custom mask of {n} bytes exceeds this CUDA-graph wrapper's mask buffer "
+                                     f"({self._mask.numel()}); pass a larger custom_mask_buf")
+                self._mask = torch.zeros(n, dtype=torch.uint8, device=self.device)
+            self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
     def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
         self._wait_staging()
@@ -318,9 +369,25 @@ class BatchAttention:
             kt = kt if kt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
             vt = vt if vt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
         dummy = p.tmp_lse  # any float32 pointer: not read without SCALE_PTR
+        var = self._variant
+        vparams = var.params_on(self.device) if var is not None else None
+        try:
+            self._launch_kernel(q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head,
+                                dummy, vparams)
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is named, with the cause
+            if var is None or isinstance(e, ValueError):
+                raise
+            raise ValueError(f"variant {var.name!r} does not compile into the attention kernel: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
+                       vparams):
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
             self._splits_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
+            self._reqs if self._reqs is not None else self._counters,
+            self._mask if (self._mask is not None and p.mask is not None) else self._counters,
+            vparams if vparams is not None else dummy,
             q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
             *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
             WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.constexprs,
@@ -342,9 +409,14 @@ class BatchAttention:
             k, v = kv_of_request(b)
             if deq is not None:
                 k, v = k.float() * deq[0], v.float() * deq[1]
+            mask = None
+            if p.mask is not None:
+                from .variants import unpack_request_mask
+                mask = unpack_request_mask(p.mask, int(p.mask_bits[b]), e - s, k.shape[0])
             o, l2 = reference.attention(q[s:e], k, v, causal=p.causal, sm_scale=p.sm_scale,
                                         window_left=p.window_left,
-                                        logits_soft_cap=p.logits_soft_cap or None)
+                                        logits_soft_cap=p.logits_soft_cap or None,
+                                        variant=self._variant, batch_idx=b, mask=mask)
             out[s:e] = o
             if lse is not None:
                 lse[s:e] = l2

@@ -14,6 +14,7 @@ request's KV. The planner writes items as int32 rows of ``WORK_FIELDS`` entries:
     6 partial    -1: write the tile to out / lse; otherwise the first row of this
                  chunk's partial result in tmp_o / tmp_lse
     7 split      -1, or the index of the tile in SPLITS: (first partial row, chunks)
+    8 request    the request the tile belongs to (for variants and custom masks)
 
 Split tiles merge in place: each chunk's program stores its partial state, then bumps
 the tile's arrival counter (one per task slot); the program that arrives last merges
@@ -27,7 +28,7 @@ launch that a CUDA graph can replay after any new plan.
 import triton
 import triton.language as tl
 
-WORK_FIELDS = 8
+WORK_FIELDS = 9
 SPLIT_FIELDS = 2
 # counters: 0 next task, 1 programs done, 2 number of tasks, 3 unused
 NUM_COUNTERS = 4
@@ -170,6 +171,78 @@ def _attend_block(
 
 
 @triton.jit
+def _no_mod(*args):
+    """Placeholder passed for SCORE_MOD / MASK_MOD when a plan has no variant (never called)."""
+    return 0
+
+
+@triton.jit
+def _attend_block_variant(
+    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+    row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
+    SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    CUSTOM_MASK: tl.constexpr,
+):
+    """_attend_block for plans with a variant (AttentionVariant score_mod / mask_mod) or a custom
+    mask. The mask is evaluated first, from indices only: a block it leaves empty is skipped
+    (no K/V load, no MMA). score_mod sees natural-log logits (q.k * sm_scale)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_end
+    keep = tl.broadcast_to(n_valid[None, :], (q.shape[0], BLOCK_N))
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= row_hi[:, None])
+    if WINDOW:
+        keep = keep & (offs_n[None, :] >= row_lo[:, None])
+    if HAS_MASK_MOD:
+        mm = MASK_MOD(req, qo_head[:, None], row_hi[:, None], offs_n[None, :], VPARAMS)
+        tl.static_assert(mm.dtype == tl.int1, "mask_mod must return a boolean (int1) tensor")
+        tl.static_assert(len(mm.shape) == 2, "mask_mod must return a [rows, cols] tensor (broadcast its inputs)")
+        keep = keep & mm
+    if CUSTOM_MASK:
+        bit = mask_bit0 + q_local[:, None].to(tl.int64) * req_kv_len + offs_n[None, :]
+        byte = tl.load(MASK + (bit >> 3), mask=keep, other=0)
+        keep = keep & (((byte >> (bit & 7).to(tl.uint8)) & 1) != 0)
+    if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+        if PAGED:
+            page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
+            page = page.to(tl.int64)
+            slot = offs_n % PAGE_SIZE
+            k_off = page * stride_kp + slot * stride_ks
+            v_off = page * stride_vp + slot * stride_vs
+        else:
+            tok = (kv_base + offs_n).to(tl.int64)
+            k_off = tok * stride_kp
+            v_off = tok * stride_vp
+        k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
+        if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
+            x = SCORE_MOD(s * (qk_scale * 0.6931471805599453), req, qo_head[:, None], row_hi[:, None],
+                          offs_n[None, :], VPARAMS)
+            tl.static_assert(len(x.shape) == 2, "score_mod must return a [rows, cols] tensor")
+            s = x.to(tl.float32) * 1.4426950408889634
+            scale = 1.0
+        elif SOFTCAP:
+            s = soft_cap_log2 * _tanh(s * qk_scale)
+            scale = 1.0
+        else:
+            scale = qk_scale
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_head_off + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, KV_DEQUANT), acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
@@ -205,6 +278,7 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 @triton.jit
 def attention_kernel(
     Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
+    REQS, MASK, VPARAMS,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -215,6 +289,8 @@ def attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
+    VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
@@ -235,7 +311,7 @@ def attention_kernel(
         rem = task % tasks_per_item
         kvh = rem // n_hsplit
         hsplit = rem % n_hsplit
-        wp = WORK + item * 8
+        wp = WORK + item * 9
         q_start = tl.load(wp)
         q_len = tl.load(wp + 1)
         kv_base = tl.load(wp + 2)
@@ -267,6 +343,11 @@ def attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if VARIANT:  # REQS[request] = (first query row, kv_len, first bit of its custom mask), int64
+            req = tl.load(wp + 8)
+            q_local = q_row - tl.load(REQS + req * 3)
+            req_kv_len = tl.load(REQS + req * 3 + 1)
+            mask_bit0 = tl.load(REQS + req * 3 + 2)
         task_qk_scale = qk_scale * k_scale
         task_v_scale = v_scale
         if SCALE_PTR:
@@ -274,21 +355,30 @@ def attention_kernel(
             task_v_scale = task_v_scale * tl.load(V_SCALE + kvh * stride_vsh)
         k_head_off = kvh.to(tl.int64) * stride_kh
         v_head_off = kvh.to(tl.int64) * stride_vh
-        for start in range(kv_start, full_lo, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
-        for start in range(full_lo, full_hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW, KV_DEQUANT)
-        for start in range(full_hi, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
+        if VARIANT:
+            for start in range(kv_start, kv_end, BLOCK_N):
+                acc, m_i, l_i = _attend_block_variant(
+                    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
+                    BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW, KV_DEQUANT,
+                    SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK)
+        else:
+            for start in range(kv_start, full_lo, BLOCK_N):
+                acc, m_i, l_i = _attend_block(
+                    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
+            for start in range(full_lo, full_hi, BLOCK_N):
+                acc, m_i, l_i = _attend_block(
+                    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW, KV_DEQUANT)
+            for start in range(full_hi, kv_end, BLOCK_N):
+                acc, m_i, l_i = _attend_block(
+                    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)

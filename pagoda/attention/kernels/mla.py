@@ -84,7 +84,7 @@ def mla_kernel(
     while task < num_tasks:
         item = task // n_hsplit
         hsplit = task % n_hsplit
-        wp = WORK + item * 8
+        wp = WORK + item * 9
         q_start = tl.load(wp)
         q_len = tl.load(wp + 1)
         kv_base = tl.load(wp + 2)
