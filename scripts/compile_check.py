@@ -50,7 +50,20 @@ def attention_cases():
                                           ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
             for scale_ptr in (False, True):
                 yield (f"attention {mode} kv={kv} SCALE_PTR={scale_ptr}", attention.attention_kernel,
-                       dict(att, K="*" + kv, V="*" + kv), dict(base, **extra, SCALE_PTR=scale_ptr, KV_DEQUANT=deq[kv]), warps, stages)
+                       dict(att, K="*" + kv, V="*" + kv, REQS="*i64", MASK="*u8", VPARAMS="*fp32"),
+                       dict(base, **extra, SCALE_PTR=scale_ptr, KV_DEQUANT=deq[kv], VARIANT=False,
+                            SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
+                            HAS_MASK_MOD=False, CUSTOM_MASK=False), warps, stages)
+    from pagoda.attention import variants
+    no = dict(VARIANT=False, SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
+              HAS_MASK_MOD=False, CUSTOM_MASK=False)
+    att_v = dict(att, REQS="*i64", MASK="*u8", VPARAMS="*fp32")
+    for name, extra in (("alibi", dict(SCORE_MOD=variants._alibi_score, HAS_SCORE_MOD=True)),
+                        ("sink_window", dict(MASK_MOD=variants._sink_window_mask, HAS_MASK_MOD=True)),
+                        ("custom_mask", dict(CUSTOM_MASK=True))):
+        yield (f"attention prefill variant={name}", attention.attention_kernel, att_v,
+               dict(base, BLOCK_M=128, BLOCK_N=64, CAUSAL=True, SCALE_PTR=False, KV_DEQUANT=0,
+                    **dict(no, **extra, VARIANT=True)), 8, 3)
     m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",
              TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32",
              qk_scale="fp32", ckv_scale="fp32")

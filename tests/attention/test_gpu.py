@@ -292,3 +292,47 @@ def test_fp8_dequantization_covers_every_code(fp8):
     v = kv[:, 1].reshape(n, hk, d)
     ro, _ = oracle(q.cpu(), [0, 1], [k], [v])
     assert rel_err(out, ro) < TOL[torch.bfloat16]
+
+
+# -- variants, custom masks, block-sparse (real sizes) ------------------------------------------
+def test_variants_real_sizes():
+    from .test_variants import dense_ref, positions
+
+    hq, hk, d = 32, 8, 128
+    q = torch.randn(1000, hq, d, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1500, hk, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    qpos, kpos = positions(1000, 1500)
+    slopes = pagoda.variants.alibi_slopes(hq)
+    out = pagoda.single_prefill_with_kv_cache(q, k, v, causal=True, variant=pagoda.variants.alibi(slopes))
+    bias = slopes.double()[:, None, None] * (kpos - qpos).double()[None]
+    ro, _ = dense_ref(q, k, v, bias=bias, keep=(kpos <= qpos)[None])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    out = pagoda.single_prefill_with_kv_cache(q, k, v, variant=pagoda.variants.sink_window(64, 256))
+    keep = (kpos <= qpos) & ((kpos < 64) | (kpos >= qpos - 256))
+    ro, _ = dense_ref(q, k, v, keep=keep[None])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    m = torch.rand(1000 * 1500) > 0.5
+    out = pagoda.single_prefill_with_kv_cache(q, k, v, custom_mask=m)
+    ro, _ = dense_ref(q, k, v, keep=m.view(1, 1000, 1500))
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_real_size(causal):
+    from .test_variants import _dense_from_bsr, _random_bsr, dense_ref
+
+    M = N = 2048
+    R = C = 64
+    hq, hk, d = 32, 8, 128
+    indptr, indices = _random_bsr(M // R, N // C, 0.3, 7)
+    q = torch.randn(M, hq, d, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(N, hk, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    w = pagoda.BlockSparseAttentionWrapper(workspace(128))
+    w.plan(indptr, indices, M, N, R, C, hq, hk, d, causal=causal, q_data_type=torch.bfloat16)
+    out = w.run(q, k, v)
+    keep = _dense_from_bsr(M, N, R, C, indptr, indices, causal=causal)
+    ro, _ = dense_ref(q, k, v, keep=keep[None])
+    seen = keep.any(1)
+    assert rel_err(out[seen.cuda()], ro[seen]) < TOL[torch.bfloat16]
