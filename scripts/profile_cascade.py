@@ -25,3 +25,27 @@ for n, prefix, suffix in ((64, 8192, 256),):
             w.run(q, cache, out=out)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=50))
+    from pagoda.bench.attention import bench
+
+    o_i, s_i = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
+    for i, lv in enumerate(w._levels):
+        t = bench(lambda: lv.run(q, cache, out=o_i, lse=s_i, return_lse=True)) * 1e6
+        print(f"level {i} alone: {t:.1f} us")
+    # level 0 with other chunk lengths (cost-model check): force the planner's choice
+    from pagoda.attention import plan as plan_mod
+    orig = plan_mod._choose_chunk_len
+    for L in (256, 512, 1024, 2048, 8192):
+        plan_mod._choose_chunk_len = lambda *a, L=L: L
+        w0 = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+        w0.plan(levels["qo_indptr_arr"][0], levels["paged_kv_indptr_arr"][0], levels["paged_kv_indices_arr"][0],
+                levels["paged_kv_last_page_len"][0], hq, hk, d, ps, q_data_type=dt)
+        t = bench(lambda: w0.run(q, cache, out=o_i, lse=s_i, return_lse=True)) * 1e6
+        print(f"level 0 chunk_len {L}: items {len(w0._plan.work.work)}, {t:.1f} us")
+    plan_mod._choose_chunk_len = orig
+    # level 0 as decode-mode tiles (16 rows = 4 tokens x 4 heads): more, smaller tiles
+    w0 = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+    w0._mode = "decode"
+    w0.plan(levels["qo_indptr_arr"][0], levels["paged_kv_indptr_arr"][0], levels["paged_kv_indices_arr"][0],
+            levels["paged_kv_last_page_len"][0], hq, hk, d, ps, q_data_type=dt)
+    t = bench(lambda: w0.run(q, cache, out=o_i, lse=s_i, return_lse=True)) * 1e6
+    print(f"level 0 with decode tiles: items {len(w0._plan.work.work)}, chunk {w0._plan.work.chunk_len}, {t:.1f} us")
