@@ -10,7 +10,8 @@ from pagoda.attention.plan import KernelConfig, plan_work
 def coverage(plan, qo_indptr, T):
     """Per query token: the set of KV positions some item covers for it, and the partial rows."""
     seen = {}
-    for q_start, q_len, _, kv_s, kv_e, _, partial, _ in plan.work:
+    for q_start, q_len, _, kv_s, kv_e, _, partial, _, req in plan.work:
+        assert qo_indptr[req] <= q_start and q_start + q_len <= qo_indptr[req + 1], "item's request field"
         for t in range(q_len):
             seen.setdefault(q_start + t, []).append((kv_s, kv_e, partial))
     return seen
