@@ -112,6 +112,7 @@ def plan_work(
     tasks_per_item: int,
     num_ctas: int,
     max_partial_rows: int,
+    kv_ranges=None,
 ) -> WorkPlan:
     """Build the work list.
 
@@ -121,6 +122,10 @@ def plan_work(
     Causal masking is bottom-right aligned: query i of a request with qo_len queries
     and kv_len keys sees keys j <= i + kv_len - qo_len; a window keeps
     j >= i + kv_len - qo_len - window_left.
+    kv_ranges: optional ``f(q_first, q_last, kv_len) -> [(lo, hi), ...]`` over arrays (one entry per
+    query tile: the KV positions of its first and last query, its request's kv_len) giving the KV
+    intervals the tile can see (a variant's mask, e.g. sinks + window); only those are planned,
+    as chunks of the tile that merge like split-KV chunks.
     """
     T = config.tokens_per_tile
     qo_lens = np.diff(qo_indptr)
@@ -133,17 +138,42 @@ def plan_work(
     hi = np.clip(diag + tlen, 0, kv_len_t) if causal else kv_len_t
     lo = np.clip(diag - window_left, 0, kv_len_t) if window_left >= 0 else np.zeros_like(hi)
     lo = np.minimum(lo, hi)
-    rng = hi - lo
+    n_t = len(tlen)
+    # KV segments: one per tile, or the visible intervals a variant states (at least one per tile,
+    # possibly empty, so every tile has an item that writes its output)
+    if kv_ranges is None:
+        seg_tile, seg_lo, seg_hi = np.arange(n_t), lo, hi
+    else:
+        parts = []
+        for a, b in kv_ranges(diag, diag + tlen - 1, kv_len_t):
+            a2 = np.maximum(np.broadcast_to(np.asarray(a, dtype=np.int64), (n_t,)), lo)
+            b2 = np.minimum(np.broadcast_to(np.asarray(b, dtype=np.int64), (n_t,)), hi)
+            nz = np.nonzero(b2 > a2)[0]
+            parts.append((nz, a2[nz], b2[nz]))
+        has = np.zeros(n_t, dtype=bool)
+        for nz, _, _ in parts:
+            has[nz] = True
+        none = np.nonzero(~has)[0]
+        parts.append((none, lo[none], lo[none]))
+        seg_tile = np.concatenate([p[0] for p in parts])
+        order = np.argsort(seg_tile, kind="stable")
+        seg_tile = seg_tile[order]
+        seg_lo = np.concatenate([p[1] for p in parts])[order]
+        seg_hi = np.concatenate([p[2] for p in parts])[order]
+    rng = seg_hi - seg_lo
 
-    chunk_len = _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows)
-    n_chunks = np.maximum(1, -(-rng // chunk_len))
-    item_tile, chunk = _segment_index(n_chunks)
-    kv_s = lo[item_tile] + chunk * chunk_len
-    kv_e = np.minimum(kv_s + chunk_len, hi[item_tile])
+    chunk_len = _choose_chunk_len(rng, tlen[seg_tile], config, tasks_per_item, num_ctas, max_partial_rows)
+    seg_chunks = np.maximum(1, -(-rng // chunk_len))
+    item_seg, chunk = _segment_index(seg_chunks)
+    item_tile = seg_tile[item_seg]
+    kv_s = seg_lo[item_seg] + chunk * chunk_len
+    kv_e = np.minimum(kv_s + chunk_len, seg_hi[item_seg])
+    n_chunks = np.bincount(seg_tile, weights=seg_chunks, minlength=n_t).astype(np.int64)
+    _, within = _segment_index(n_chunks)  # items are grouped by tile: index of each within its tile
     split = n_chunks > 1
     rows_t = np.where(split, tlen * n_chunks, 0)
     base_t = _exclusive_cumsum(rows_t)
-    partial = np.where(split[item_tile], base_t[item_tile] + chunk * tlen[item_tile], -1)
+    partial = np.where(split[item_tile], base_t[item_tile] + within * tlen[item_tile], -1)
     q_start_t = qo_indptr[:-1][tile_req] + tq0
 
     work = np.zeros((len(item_tile), WORK_FIELDS), dtype=np.int32)

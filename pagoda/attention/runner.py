@@ -206,7 +206,8 @@ class BatchAttention:
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
                          config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
-                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim))
+                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
+                         kv_ranges=self._variant.kv_ranges if self._variant is not None else None)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, n_pages)

@@ -58,10 +58,16 @@ class AttentionVariant:
                                     torch_score_mod=lambda s, b, h, q, k, p: s + p[h] * (k - q),
                                     params=slopes)
         wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws, variant=v)
+
+    ``kv_ranges`` (optional, host side): ``f(q_first, q_last, kv_len) -> [(lo, hi), ...]`` over NumPy
+    arrays (one entry per query tile: the KV positions of its first and last query, its request's
+    kv_len), the KV intervals a tile may see. The planner schedules only those (a sliding window
+    then costs the window, not the causal triangle); the mask still decides inside them. Without
+    it every block of the tile's range is visited and masked.
     """
 
     def __init__(self, name: str, *, score_mod=None, mask_mod=None, torch_score_mod=None, torch_mask_mod=None,
-                 params: torch.Tensor | None = None):
+                 params: torch.Tensor | None = None, kv_ranges=None):
         if not isinstance(name, str) or not name:
             raise ValueError("AttentionVariant needs a non-empty name")
         for fname, fn, tfn, tname in (("score_mod", score_mod, torch_score_mod, "torch_score_mod"),
@@ -80,7 +86,10 @@ class AttentionVariant:
                 raise ValueError(f"variant {name!r}: params must be a 1-D float32 tensor, got "
                                  f"{getattr(params, 'dtype', type(params))} {tuple(getattr(params, 'shape', ()))}")
             params = params.contiguous()
+        if kv_ranges is not None and not callable(kv_ranges):
+            raise ValueError(f"variant {name!r}: kv_ranges must be callable")
         self.name = name
+        self.kv_ranges = kv_ranges
         self.score_mod, self.mask_mod = score_mod, mask_mod
         self.torch_score_mod, self.torch_mask_mod = torch_score_mod, torch_mask_mod
         self.params = params
@@ -175,7 +184,8 @@ def _causal_mask(b, h, q_pos, kv_pos, params):
 
 def causal() -> AttentionVariant:
     """Causal masking as a mask_mod (the wrappers' ``causal=True`` does it without a variant)."""
-    return AttentionVariant("causal", mask_mod=_causal_mask, torch_mask_mod=lambda b, h, q, k, p: k <= q)
+    return AttentionVariant("causal", mask_mod=_causal_mask, torch_mask_mod=lambda b, h, q, k, p: k <= q,
+                            kv_ranges=lambda q0, q1, n: [(0, q1 + 1)])
 
 
 @triton.jit
@@ -190,7 +200,8 @@ def sliding_window(window_left: int) -> AttentionVariant:
     if not isinstance(window_left, int) or window_left < 0:
         raise ValueError(f"window_left must be an int >= 0, got {window_left!r}")
     return AttentionVariant("sliding_window", mask_mod=_window_mask, params=torch.tensor([float(window_left)]),
-                            torch_mask_mod=lambda b, h, q, k, p: (k <= q) & (k >= q - int(p[0])))
+                            torch_mask_mod=lambda b, h, q, k, p: (k <= q) & (k >= q - int(p[0])),
+                            kv_ranges=lambda q0, q1, n: [(q0 - window_left, q1 + 1)])
 
 
 @triton.jit
@@ -208,7 +219,10 @@ def sink_window(sink_tokens: int, window_left: int) -> AttentionVariant:
             raise ValueError(f"{n} must be an int >= 0, got {v!r}")
     return AttentionVariant(
         "sink_window", mask_mod=_sink_window_mask, params=torch.tensor([float(sink_tokens), float(window_left)]),
-        torch_mask_mod=lambda b, h, q, k, p: (k <= q) & ((k < int(p[0])) | (k >= q - int(p[1]))))
+        torch_mask_mod=lambda b, h, q, k, p: (k <= q) & ((k < int(p[0])) | (k >= q - int(p[1]))),
+        # the sinks, then the window (from the sinks on: the two never overlap)
+        kv_ranges=lambda q0, q1, n: [(0, np.minimum(sink_tokens, q1 + 1)),
+                                     (np.maximum(sink_tokens, q0 - window_left), q1 + 1)])
 
 
 # -- custom masks (FlashInfer's custom_mask / packed_custom_mask) ----------------------------------

@@ -97,3 +97,30 @@ def test_plan_time_for_256_requests():
     per = (time.perf_counter() - t0) / 20
     print(f"plan_work(256 requests): {per * 1e6:.0f} us")
     assert per < 5e-3
+
+
+def test_plan_with_variant_kv_ranges_covers_only_the_visible_intervals():
+    """A sink + window variant: each row's visible keys are covered exactly once, and the middle
+    of a long sequence (neither sink nor window) is not planned at all."""
+    import pagoda
+
+    var = pagoda.variants.sink_window(16, 100)
+    qo_lens = np.array([300, 1, 57])
+    kv_lens = np.array([2000, 3000, 57])
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+    cfg = KernelConfig(32, 16, 4, 2, 1, 4)
+    plan = plan_work(qo_indptr, kv_lens, np.zeros(3, dtype=np.int64), causal=True, window_left=-1, config=cfg,
+                     tasks_per_item=2, num_ctas=8, max_partial_rows=100_000, kv_ranges=var.kv_ranges)
+    seen = coverage(plan, qo_indptr, cfg.tokens_per_tile)
+    for b in range(3):
+        for i in range(qo_lens[b]):
+            q = i + kv_lens[b] - qo_lens[b]
+            covered = []
+            for s, e, _ in seen[qo_indptr[b] + i]:
+                covered.extend(range(s, e))
+            assert len(covered) == len(set(covered)), "overlapping chunks"
+            visible = {j for j in range(q + 1) if j < 16 or j >= q - 100}
+            assert visible <= set(covered)
+            assert len(covered) <= len(visible) + 2 * cfg.tokens_per_tile  # tile-wide window, nothing more
+    planned = int((plan.work[:, 4] - plan.work[:, 3]).sum())
+    assert planned < 0.2 * int(kv_lens[0] * qo_lens[0] / cfg.tokens_per_tile)

@@ -177,6 +177,49 @@ def _no_mod(*args):
 
 
 @triton.jit
+def _variant_block_compute(
+    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head, VPARAMS,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, SOFTCAP: tl.constexpr,
+    KV_DEQUANT: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+):
+    if PAGED:
+        page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
+        page = page.to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        k_off = page * stride_kp + slot * stride_ks
+        v_off = page * stride_vp + slot * stride_vs
+    else:
+        tok = (kv_base + offs_n).to(tl.int64)
+        k_off = tok * stride_kp
+        v_off = tok * stride_vp
+    k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
+    if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
+        x = SCORE_MOD(s * (qk_scale * 0.6931471805599453), req, qo_head[:, None], row_hi[:, None],
+                      offs_n[None, :], VPARAMS)
+        tl.static_assert(len(x.shape) == 2, "score_mod must return a [rows, cols] tensor")
+        s = x.to(tl.float32) * 1.4426950408889634
+        scale = 1.0
+    elif SOFTCAP:
+        s = soft_cap_log2 * _tanh(s * qk_scale)
+        scale = 1.0
+    else:
+        scale = qk_scale
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + v_head_off + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, KV_DEQUANT), acc)
+    m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_block_variant(
     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
     stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
@@ -184,11 +227,11 @@ def _attend_block_variant(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
     SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
-    CUSTOM_MASK: tl.constexpr,
+    CUSTOM_MASK: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     """_attend_block for plans with a variant (AttentionVariant score_mod / mask_mod) or a custom
-    mask. The mask is evaluated first, from indices only: a block it leaves empty is skipped
-    (no K/V load, no MMA). score_mod sees natural-log logits (q.k * sm_scale)."""
+    mask. The mask is evaluated first, from indices only; with SKIP_EMPTY (custom masks) a block
+    it leaves empty is skipped (no K/V load, no MMA). score_mod sees natural-log logits."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_end
     keep = tl.broadcast_to(n_valid[None, :], (q.shape[0], BLOCK_N))
@@ -205,40 +248,19 @@ def _attend_block_variant(
         bit = mask_bit0 + q_local[:, None].to(tl.int64) * req_kv_len + offs_n[None, :]
         byte = tl.load(MASK + (bit >> 3), mask=keep, other=0)
         keep = keep & (((byte >> (bit & 7).to(tl.uint8)) & 1) != 0)
-    if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
-        if PAGED:
-            page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
-            page = page.to(tl.int64)
-            slot = offs_n % PAGE_SIZE
-            k_off = page * stride_kp + slot * stride_ks
-            v_off = page * stride_vp + slot * stride_vs
-        else:
-            tok = (kv_base + offs_n).to(tl.int64)
-            k_off = tok * stride_kp
-            v_off = tok * stride_vp
-        k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
-        if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
-            x = SCORE_MOD(s * (qk_scale * 0.6931471805599453), req, qo_head[:, None], row_hi[:, None],
-                          offs_n[None, :], VPARAMS)
-            tl.static_assert(len(x.shape) == 2, "score_mod must return a [rows, cols] tensor")
-            s = x.to(tl.float32) * 1.4426950408889634
-            scale = 1.0
-        elif SOFTCAP:
-            s = soft_cap_log2 * _tanh(s * qk_scale)
-            scale = 1.0
-        else:
-            scale = qk_scale
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_head_off + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, KV_DEQUANT), acc)
-        m_i = m_new
+    if SKIP_EMPTY:  # custom masks: a block the mask leaves empty costs no load (the branch costs pipelining)
+        if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+            acc, m_i, l_i = _variant_block_compute(
+                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
+                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head,
+                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, KV_DEQUANT,
+                                                   SCORE_MOD, HAS_SCORE_MOD)
+    else:  # variants: the planner already dropped the KV ranges their kv_ranges excludes
+        acc, m_i, l_i = _variant_block_compute(
+                q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
+                stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head,
+                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, KV_DEQUANT,
+                                               SCORE_MOD, HAS_SCORE_MOD)
     return acc, m_i, l_i
 
 
@@ -362,7 +384,7 @@ def attention_kernel(
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                     row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
                     BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW, KV_DEQUANT,
-                    SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK)
+                    SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK, CUSTOM_MASK)
         else:
             for start in range(kv_start, full_lo, BLOCK_N):
                 acc, m_i, l_i = _attend_block(
