@@ -172,6 +172,11 @@ def plan_work(
     _, within = _segment_index(n_chunks)  # items are grouped by tile: index of each within its tile
     split = n_chunks > 1
     rows_t = np.where(split, tlen * n_chunks, 0)
+    if kv_ranges is not None and int(rows_t.sum()) > max_partial_rows:
+        # tiles with several intervals must merge partial results: without the workspace for
+        # them, plan each tile's whole range (the kernel's mask keeps the answer the same)
+        return plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left, config=config,
+                         tasks_per_item=tasks_per_item, num_ctas=num_ctas, max_partial_rows=max_partial_rows)
     base_t = _exclusive_cumsum(rows_t)
     partial = np.where(split[item_tile], base_t[item_tile] + within * tlen[item_tile], -1)
     q_start_t = qo_indptr[:-1][tile_req] + tq0

@@ -158,6 +158,18 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
     forward = run
 
 
+_SINGLE_WS: dict = {}
+
+
+def _single_workspace(device: torch.device) -> torch.Tensor:
+    """One 32 MB workspace per device for the single_* functions (as FlashInfer caches its tmp buffer):
+    launches on one stream run in order, so calls can share it."""
+    key = str(device)
+    if key not in _SINGLE_WS:
+        _SINGLE_WS[key] = torch.empty(32 * 1024 * 1024, dtype=torch.uint8, device=device)
+    return _SINGLE_WS[key]
+
+
 def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, custom_mask=None,
                                  packed_custom_mask=None, causal: bool = False, kv_layout: str = "NHD",
                                  pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
@@ -177,7 +189,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if q.device != k.device or k.device != v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     kv_len, heads = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
-    ws = torch.empty(8 * 1024 * 1024, dtype=torch.uint8, device=q.device)
+    ws = _single_workspace(q.device)
     wrapper = BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout, backend=backend, variant=variant)
     wrapper._mode = _mode
     wrapper.plan([0, q.shape[0]], [0, kv_len], q.shape[1], heads, q.shape[2], custom_mask=custom_mask,

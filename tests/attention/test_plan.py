@@ -124,3 +124,17 @@ def test_plan_with_variant_kv_ranges_covers_only_the_visible_intervals():
             assert len(covered) <= len(visible) + 2 * cfg.tokens_per_tile  # tile-wide window, nothing more
     planned = int((plan.work[:, 4] - plan.work[:, 3]).sum())
     assert planned < 0.2 * int(kv_lens[0] * qo_lens[0] / cfg.tokens_per_tile)
+
+
+def test_plan_with_kv_ranges_falls_back_without_workspace():
+    """Several intervals per tile need partial rows; with no room for them the plan covers each
+    tile's whole range in one item (still exact: the kernel's mask decides)."""
+    import pagoda
+
+    var = pagoda.variants.sink_window(16, 100)
+    cfg = KernelConfig(32, 16, 4, 2, 1, 4)
+    qo_indptr, kv = np.array([0, 64]), np.array([1000])
+    plan = plan_work(qo_indptr, kv, np.zeros(1, dtype=np.int64), causal=True, window_left=-1, config=cfg,
+                     tasks_per_item=2, num_ctas=8, max_partial_rows=0, kv_ranges=var.kv_ranges)
+    assert plan.partial_rows == 0 and np.all(plan.work[:, 6] == -1)
+    assert np.all(plan.work[:, 3] == 0)  # from the first key: the whole causal range
