@@ -40,13 +40,14 @@ class KernelConfig:
     # cost of one partial-result row per query head, in KV tokens of one head: (D + 1) fp32
     # written and read back vs 2 x D fp16 of K and V -> ~2 (MLA: 513 fp32 x 2 vs 576 bf16 -> ~3.6)
     partial_cost: float = 2.0
+    maxnreg: int | None = None  # register cap per thread (CUDA): more resident programs per SM
 
     @property
     def tokens_per_tile(self) -> int:
         return self.block_m // self.heads_per_prog
 
 
-# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on a
+# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost[, maxnreg]) on a
 # CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
 CUDA_CONFIGS = {
     ("decode", 64): (16, 64, 4, 3, 2, 2048),
@@ -70,12 +71,13 @@ def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_b
     if on_cuda:
         key = (f"{mode}-fp8", head_dim) if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS else \
             (mode, head_dim)
-        block_m, block_n, warps, stages, ctas, item_cost = CUDA_CONFIGS[key]
+        block_m, block_n, warps, stages, ctas, item_cost, *rest = CUDA_CONFIGS[key]
     else:
-        block_m, block_n, warps, stages, ctas, item_cost = _INTERPRETER_CONFIG[mode]
+        block_m, block_n, warps, stages, ctas, item_cost, *rest = _INTERPRETER_CONFIG[mode]
     if mode == "decode":
         block_m = max(block_m, min(triton.next_power_of_2(group_size), 64))
-    return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost)
+    return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost,
+                        maxnreg=rest[0] if rest and on_cuda else None)
 
 
 @dataclasses.dataclass

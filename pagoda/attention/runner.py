@@ -237,6 +237,8 @@ class BatchAttention:
             PAGED=self._paged, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal, SOFTCAP=cap > 0,
             WINDOW=p.window_left >= 0, KV_DEQUANT=kv_dequant_mode(p.q_dtype, p.kv_dtype, self.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.maxnreg:
+            p.constexprs["maxnreg"] = cfg.maxnreg
         from .kernels.attention import _no_mod
 
         var = self._variant

@@ -25,7 +25,7 @@ PREFILL = [(128, 64, 8, 3, 1, 128), (128, 64, 4, 3, 1, 128), (128, 128, 8, 2, 1,
            (128, 64, 8, 4, 1, 128), (64, 64, 4, 3, 2, 128), (64, 128, 4, 3, 2, 128), (128, 32, 4, 3, 2, 128),
            (128, 128, 4, 2, 1, 128), (64, 64, 4, 4, 2, 128)]
 DECODE_CASES = {"64x2048": ([2048] * 64,), "1x32768": ([32768],), "16x4096": ([4096] * 16,),
-                "skewed": ([32768] + [512] * 63,)}
+                "skewed": ([32768] + [512] * 63,), "64x256": ([256] * 64,)}
 KV_DTYPE = None  # set by --kv-dtype
 PREFILL_CASES = {"1x8192": ([8192], [8192]), "8x1024": ([1024] * 8, [1024] * 8)}
 
@@ -35,7 +35,7 @@ def main(argv=None):
     ap.add_argument("mode", choices=["decode", "prefill"])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--heads", default="32,8")
-    ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item' tuples to try instead")
+    ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item[,maxnreg]' tuples to try instead")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times of the best config")
     ap.add_argument("--kv-dtype", help="float8_e4m3fn: tune decode over an fp8 cache (CUDA_CONFIGS['decode-fp8'])")
     args = ap.parse_args(argv)
