@@ -201,7 +201,8 @@ class BatchAttention:
         group = num_qo_heads // num_kv_heads
         # One query per request is decode whatever the wrapper: small tiles, decode tuning.
         mode = "decode" if len(qo_indptr) > 1 and int(np.diff(qo_indptr).max()) <= 1 else self._mode
-        config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize)
+        config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
+                               float(kv_lens.mean()) if len(kv_lens) else 0.0)
         grid = num_programs(self.device, config)
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
