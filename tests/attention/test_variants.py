@@ -315,3 +315,22 @@ def test_variable_block_sparse(causal):
         ro, _ = dense_ref(q[sl].transpose(0, 1), k[g][:, None], v[g][:, None], keep=keep[None])
         seen = keep.any(1)
         assert rel_err(out[sl].transpose(0, 1)[seen], ro[seen]) < TOL[BF16]
+
+
+@pytest.mark.parametrize("R,C", [(64, 64), (128, 128), (128, 64)])
+def test_block_sparse_large_blocks(R, C):
+    """R and C of 64 and 128 (the sizes of the issue), with in-block masks."""
+    M = N = 256
+    hq, hk, d = 2, 1, 64
+    indptr, indices = _random_bsr(M // R, N // C, 0.5, R + C)
+    nnz = int(indptr[-1])
+    bm = torch.rand(nnz, R, C) > 0.2
+    q, k, v = rand(M, hq, d), rand(N, hk, d), rand(N, hk, d)
+    w = pagoda.BlockSparseAttentionWrapper(workspace(), backend="triton")
+    w.plan(indptr, indices, M, N, R, C, hq, hk, d, mask=bm, q_data_type=BF16)
+    out, _ = poisoned_like(q)
+    w.run(q, k, v, out=out)
+    keep = _dense_from_bsr(M, N, R, C, indptr, indices, bm)
+    ro, _ = dense_ref(q, k, v, keep=keep[None])
+    seen = keep.any(1)
+    assert rel_err(out[seen], ro[seen]) < TOL[BF16]
