@@ -162,30 +162,16 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             raise ValueError("kv_len / page_table run() arguments are not supported: pass them to plan()")
         h = p.num_heads
         for name, t, d in (("q_nope", q_nope, p.head_dim_ckv), ("q_pe", q_pe, p.head_dim_kpe)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (p.nnz_qo, h, d):
-                raise ValueError(f"{name} must have shape {(p.nnz_qo, h, d)} from plan(), got "
-                                 f"{tuple(getattr(t, 'shape', ()))}")
-            if t.dtype != p.q_dtype:
-                raise ValueError(f"{name} dtype {t.dtype} differs from q_data_type {p.q_dtype} given to plan()")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device} but the workspace is on {self.device}")
-            if t.stride(-1) != 1:
-                raise ValueError(f"{name} must be contiguous in its last dimension")
+            self._check_input(name, t, (p.nnz_qo, h, d), "from plan()", p.q_dtype, "q_data_type")
         num_pages = None
         for name, t, d in (("ckv_cache", ckv_cache, p.head_dim_ckv), ("kpe_cache", kpe_cache, p.head_dim_kpe)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[1:] != (p.page_size, d):
-                raise ValueError(f"{name} must be [num_pages, {p.page_size}, {d}] (page_size, head dim from "
-                                 f"plan()), got {tuple(getattr(t, 'shape', ()))}")
-            if t.dtype != p.kv_dtype:
-                raise ValueError(f"{name} dtype {t.dtype} differs from kv_data_type {p.kv_dtype} given to plan()")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device} but the workspace is on {self.device}")
-            if t.stride(-1) != 1:
-                raise ValueError(f"{name} must be contiguous in its last dimension")
-            if num_pages is not None and t.shape[0] != num_pages:
+            pages = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 3 else -1
+            self._check_input(name, t, (pages, p.page_size, d), "(num_pages, page_size and head dim from plan())",
+                              p.kv_dtype, "kv_data_type")
+            if num_pages is not None and pages != num_pages:
                 raise ValueError(f"ckv_cache and kpe_cache must have one number of pages, got {num_pages} "
-                                 f"and {t.shape[0]}")
-            num_pages = t.shape[0]
+                                 f"and {pages}")
+            num_pages = pages
         if p.max_page >= num_pages:
             raise ValueError(f"kv_indices refers to page {p.max_page} but the caches have {num_pages} pages")
         shape = (p.nnz_qo, h, p.head_dim_ckv)
@@ -218,6 +204,16 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         return (out, lse) if return_lse else out
 
     forward = run
+
+    def _check_input(self, name, t, shape, what, dtype, dtype_arg) -> None:
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)} {what}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from {dtype_arg} {dtype} given to plan()")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device} but the workspace is on {self.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
 
     def _run_mla_reference(self, q_nope, q_pe, ckv, kpe, out, lse, p: MLAPlan) -> None:
         for b in range(p.batch_size):

@@ -236,9 +236,15 @@ def main(argv=None):
             print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
     print()
     print(fmt_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, rows, args)
+
+
+def write_json(path, rows, args=None, **extra) -> None:
+    """The benchmarks' raw results: device, arguments and rows (committed next to the tables)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args) if args is not None else None,
+                       "rows": rows, **extra}, f, indent=1)
 
 
 if __name__ == "__main__":

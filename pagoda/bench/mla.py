@@ -9,13 +9,12 @@ bytes read once / time); ratios are pagoda's speed over FlashInfer's (> 1: faste
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
 import pagoda
-from pagoda.bench.attention import bench, flashinfer_or_none
+from pagoda.bench.attention import bench, flashinfer_or_none, write_json
 
 CASES = [(b, kv) for b in (1, 16, 64, 128) for kv in (1024, 8192, 32768)]
 
@@ -116,9 +115,7 @@ def main(argv=None):
         print(fmt(rows[-1:]).splitlines()[1], flush=True)
     print()
     print(fmt(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, rows, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Llama-3.1-8B attention shape (32/8 heads, head_dim 128), bf16.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 import pagoda
 
-from .attention import bench
+from .attention import bench, write_json
 
 
 def window_rows(ws, hq, hk, d):
@@ -111,9 +110,7 @@ def main(argv=None):
         tf = f"{r['tflops']:6.0f}" if "tflops" in r else f"{'-':>6}"
         print(f"{r['case']:<40} {r['us']:9.1f}u {r['x_full']:6.3f} {tf}")
     print(f"{comp['case']:<40} first call {comp['first_s']:.2f} s (compile + run), second {comp['second_s'] * 1e3:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "compile": comp}, f, indent=1)
+    write_json(args.json, rows, args, compile=comp)
 
 
 if __name__ == "__main__":

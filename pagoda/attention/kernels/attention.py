@@ -55,6 +55,29 @@ def _load_page_index(ptrs, INDEX_ASM: tl.constexpr):
         return tl.load(ptrs)
 
 
+def _fp8_to_bf16_asm(shift: int, pow2: str) -> str:
+    """PTX for 4 fp8 values in $2 -> 4 bf16 in $0, $1: each byte under a bf16 lane's sign and
+    exponent (>> shift), then a bf16x2 multiply by pow2 (2^120 for e4m3, 2^112 for e5m2)."""
+    return f"""{{
+        .reg .b32 a<2>, b<2>, c;
+        prmt.b32 a0, 0, $2, 0x5040;
+        prmt.b32 a1, 0, $2, 0x7060;
+        and.b32 b0, a0, 0x7fff7fff;
+        and.b32 b1, a1, 0x7fff7fff;
+        shr.b32 b0, b0, {shift};
+        shr.b32 b1, b1, {shift};
+        lop3.b32 b0, b0, 0x80008000, a0, 0xf8;
+        lop3.b32 b1, b1, 0x80008000, a1, 0xf8;
+        mov.b32 c, {pow2};
+        mul.rn.bf16x2 $0, b0, c;
+        mul.rn.bf16x2 $1, b1, c;
+        }}"""
+
+
+_E4M3_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(4, "0x7B807B80"))
+_E5M2_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(3, "0x77807780"))
+
+
 @triton.jit
 def _fp8_to_bf16(x, E5M2: tl.constexpr):
     """fp8 (e4m3fn, or e5m2) -> bf16 with integer ops and one bf16x2 multiply per 2 values: the fp8
@@ -63,35 +86,9 @@ def _fp8_to_bf16(x, E5M2: tl.constexpr):
     with one F2F instruction per value, whose throughput bounds an fp8 decode at ~1.5 TB/s on H100.
     The fp8 NaN pattern reads as a finite value (caches written by append_paged_kv_cache are clamped)."""
     if E5M2:
-        asm: tl.constexpr = """{
-        .reg .b32 a<2>, b<2>, c;
-        prmt.b32 a0, 0, $2, 0x5040;
-        prmt.b32 a1, 0, $2, 0x7060;
-        and.b32 b0, a0, 0x7fff7fff;
-        and.b32 b1, a1, 0x7fff7fff;
-        shr.b32 b0, b0, 3;
-        shr.b32 b1, b1, 3;
-        lop3.b32 b0, b0, 0x80008000, a0, 0xf8;
-        lop3.b32 b1, b1, 0x80008000, a1, 0xf8;
-        mov.b32 c, 0x77807780;
-        mul.rn.bf16x2 $0, b0, c;
-        mul.rn.bf16x2 $1, b1, c;
-        }"""
+        asm: tl.constexpr = _E5M2_TO_BF16
     else:
-        asm: tl.constexpr = """{
-        .reg .b32 a<2>, b<2>, c;
-        prmt.b32 a0, 0, $2, 0x5040;
-        prmt.b32 a1, 0, $2, 0x7060;
-        and.b32 b0, a0, 0x7fff7fff;
-        and.b32 b1, a1, 0x7fff7fff;
-        shr.b32 b0, b0, 4;
-        shr.b32 b1, b1, 4;
-        lop3.b32 b0, b0, 0x80008000, a0, 0xf8;
-        lop3.b32 b1, b1, 0x80008000, a1, 0xf8;
-        mov.b32 c, 0x7B807B80;
-        mul.rn.bf16x2 $0, b0, c;
-        mul.rn.bf16x2 $1, b1, c;
-        }"""
+        asm: tl.constexpr = _E4M3_TO_BF16
     return tl.inline_asm_elementwise(asm, "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
                                      is_pure=True, pack=4)
 
@@ -109,21 +106,12 @@ def _dequant(x, dtype: tl.constexpr, KV_DEQUANT: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(
-    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
-    row_hi, row_lo, offs_d,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
-):
-    offs_n = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        n_valid = offs_n < kv_end
+def _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
+                PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, MASKED: tl.constexpr):
+    """Element offsets of the K and V rows of KV positions offs_n (paged: through the page table)."""
     if PAGED:
         if MASKED:  # clamp: tokens past the end read the request's first page id (unused)
-            page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE,
-                                    INDEX_ASM)
+            page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
         else:
             page = _load_page_index(KV_INDICES + kv_base + offs_n // PAGE_SIZE, INDEX_ASM)
         page = page.to(tl.int64)
@@ -134,6 +122,30 @@ def _attend_block(
         tok = (kv_base + offs_n).to(tl.int64)
         k_off = tok * stride_kp
         v_off = tok * stride_vp
+    return k_off, v_off
+
+
+@triton.jit
+def _load_item(WORK, item):
+    """Work item fields (module docstring): q_start, q_len, kv_base, kv_start, kv_end, diag, partial."""
+    wp = WORK + item * 9
+    return (wp, tl.load(wp), tl.load(wp + 1), tl.load(wp + 2), tl.load(wp + 3), tl.load(wp + 4), tl.load(wp + 5),
+            tl.load(wp + 6))
+
+
+@triton.jit
+def _attend_block(
+    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+    row_hi, row_lo, offs_d,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
+):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_end  # (unused, and removed by the compiler, in unmasked blocks)
+    k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
+                               PAGE_SIZE, PAGED, INDEX_ASM, MASKED)
     k_ptrs = K + k_head_off + k_off[:, None] + offs_d[None, :]
     v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
     if MASKED:
@@ -183,16 +195,8 @@ def _variant_block_compute(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, SOFTCAP: tl.constexpr,
     KV_DEQUANT: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
 ):
-    if PAGED:
-        page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
-        page = page.to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        k_off = page * stride_kp + slot * stride_ks
-        v_off = page * stride_vp + slot * stride_vs
-    else:
-        tok = (kv_base + offs_n).to(tl.int64)
-        k_off = tok * stride_kp
-        v_off = tok * stride_vp
+    k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
+                               PAGE_SIZE, PAGED, INDEX_ASM, True)
     k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
     if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
@@ -298,6 +302,49 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 
 
 @triton.jit
+def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, LSE, TMP_O, TMP_LSE, SPLITS,
+                 ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
+                 stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr):
+    """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk
+    of a split tile, its partial state; the chunk that arrives last (one counter per tile and task
+    slot) merges the tile's partials and resets the counter."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (v_scale / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    if partial < 0:
+        tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_valid[:, None])
+        if WRITE_LSE:
+            tl.store(LSE + q_row * stride_lt + qo_head, lse, mask=row_valid)
+    else:
+        p_row = (partial + tok).to(tl.int64)
+        tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
+                 out, mask=row_valid[:, None])
+        tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
+        split = tl.load(wp + 7)
+        first = tl.load(SPLITS + split * 2)
+        n_chunks = tl.load(SPLITS + split * 2 + 1)
+        arrival = ARRIVALS + split * slots_per_split + slot
+        # acq_rel: our partial is published before the bump; the last one sees them all
+        if tl.atomic_add(arrival, 1) == n_chunks - 1:
+            tl.atomic_xchg(arrival, 0)
+            _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
+                            row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                            stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL)
+
+
+@triton.jit
+def _reset_counters(COUNTERS):
+    """The last program out resets the task counters for the next launch (CUDA-graph replay)."""
+    done = tl.atomic_add(COUNTERS + 1, 1)
+    if done == tl.num_programs(0) - 1:
+        tl.store(COUNTERS, 0)
+        tl.store(COUNTERS + 1, 0)
+
+
+@triton.jit
 def attention_kernel(
     Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
     REQS, MASK, VPARAMS,
@@ -333,14 +380,7 @@ def attention_kernel(
         rem = task % tasks_per_item
         kvh = rem // n_hsplit
         hsplit = rem % n_hsplit
-        wp = WORK + item * 9
-        q_start = tl.load(wp)
-        q_len = tl.load(wp + 1)
-        kv_base = tl.load(wp + 2)
-        kv_start = tl.load(wp + 3)
-        kv_end = tl.load(wp + 4)
-        diag = tl.load(wp + 5)
-        partial = tl.load(wp + 6)
+        wp, q_start, q_len, kv_base, kv_start, kv_end, diag, partial = _load_item(WORK, item)
 
         head_in_group = hsplit * heads_per_prog + sub
         row_valid = (tok < q_len) & (head_in_group < group_size)
@@ -402,37 +442,12 @@ def attention_kernel(
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                     row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc * (task_v_scale / l_safe)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        if partial < 0:
-            tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
-                     out.to(O.dtype.element_ty), mask=row_valid[:, None])
-            if WRITE_LSE:
-                tl.store(LSE + q_row * stride_lt + qo_head, lse, mask=row_valid)
-        else:
-            p_row = (partial + tok).to(tl.int64)
-            tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
-                     out, mask=row_valid[:, None])
-            tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
-            split = tl.load(wp + 7)
-            first = tl.load(SPLITS + split * 2)
-            n_chunks = tl.load(SPLITS + split * 2 + 1)
-            arrival = ARRIVALS + split * tasks_per_item + rem
-            # acq_rel: our partial is published before the bump; the last one sees them all
-            if tl.atomic_add(arrival, 1) == n_chunks - 1:
-                tl.atomic_xchg(arrival, 0)
-                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
-                                row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8)
+        _finish_tile(acc, m_i, l_i, task_v_scale, partial, wp, rem, tasks_per_item, O, LSE, TMP_O, TMP_LSE,
+                     SPLITS, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
+                     stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8)
         task = tl.atomic_add(COUNTERS, 1)
 
-    # The last program out resets the counters for the next launch (graph replay).
-    done = tl.atomic_add(COUNTERS + 1, 1)
-    if done == tl.num_programs(0) - 1:
-        tl.store(COUNTERS, 0)
-        tl.store(COUNTERS + 1, 0)
+    _reset_counters(COUNTERS)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ ones of the attention kernel (same WORK / SPLITS layout, same planner).
 import triton
 import triton.language as tl
 
-from .attention import _load_page_index, _merge_partials
+from .attention import _finish_tile, _load_item, _load_page_index, _reset_counters
 
 
 @triton.jit
@@ -84,14 +84,7 @@ def mla_kernel(
     while task < num_tasks:
         item = task // n_hsplit
         hsplit = task % n_hsplit
-        wp = WORK + item * 9
-        q_start = tl.load(wp)
-        q_len = tl.load(wp + 1)
-        kv_base = tl.load(wp + 2)
-        kv_start = tl.load(wp + 3)
-        kv_end = tl.load(wp + 4)
-        diag = tl.load(wp + 5)
-        partial = tl.load(wp + 6)
+        wp, q_start, q_len, kv_base, kv_start, kv_end, diag, partial = _load_item(WORK, item)
 
         head = hsplit * heads_per_prog + sub
         row_valid = (tok < q_len) & (head < num_heads)
@@ -118,32 +111,9 @@ def mla_kernel(
                                        stride_cp, stride_cs, stride_pp, stride_ps, qk_scale, row_hi, offs_c,
                                        offs_p, BLOCK_N, PAGE_SIZE, INDEX_ASM, True, CAUSAL)
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc * (ckv_scale / l_safe)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        if partial < 0:
-            tl.store(O + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_c[None, :],
-                     out.to(O.dtype.element_ty), mask=row_valid[:, None])
-            if WRITE_LSE:
-                tl.store(LSE + q_row * stride_lt + head, lse, mask=row_valid)
-        else:
-            p_row = (partial + tok).to(tl.int64)
-            tl.store(TMP_O + p_row[:, None] * stride_tt + head[:, None] * stride_th + offs_c[None, :],
-                     out, mask=row_valid[:, None])
-            tl.store(TMP_LSE + p_row * stride_tl + head, lse, mask=row_valid)
-            split = tl.load(wp + 7)
-            first = tl.load(SPLITS + split * 2)
-            n_chunks = tl.load(SPLITS + split * 2 + 1)
-            arrival = ARRIVALS + split * n_hsplit + hsplit
-            if tl.atomic_add(arrival, 1) == n_chunks - 1:
-                tl.atomic_xchg(arrival, 0)
-                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, head, row_valid,
-                                offs_c, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL)
+        _finish_tile(acc, m_i, l_i, ckv_scale, partial, wp, hsplit, n_hsplit, O, LSE, TMP_O, TMP_LSE, SPLITS,
+                     ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
+                     stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL)
         task = tl.atomic_add(COUNTERS, 1)
 
-    done = tl.atomic_add(COUNTERS + 1, 1)
-    if done == tl.num_programs(0) - 1:
-        tl.store(COUNTERS, 0)
-        tl.store(COUNTERS + 1, 0)
+    _reset_counters(COUNTERS)
