@@ -143,12 +143,19 @@ def plan_work(
     """
     T = config.tokens_per_tile
     qo_lens = np.diff(qo_indptr)
-    n_tiles = -(-qo_lens // T)
-    tile_req, tile_idx = _segment_index(n_tiles)
-    kv_len_t = kv_lens[tile_req]
-    tq0 = tile_idx * T
-    tlen = np.minimum(T, qo_lens[tile_req] - tq0)
-    diag = tq0 + kv_len_t - qo_lens[tile_req]
+    if qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1:  # decode: one one-token tile per request
+        tile_req = np.arange(len(qo_lens))
+        kv_len_t = kv_lens
+        tq0 = np.zeros_like(qo_lens)
+        tlen = qo_lens
+        diag = kv_lens - 1
+    else:
+        n_tiles = -(-qo_lens // T)
+        tile_req, tile_idx = _segment_index(n_tiles)
+        kv_len_t = kv_lens[tile_req]
+        tq0 = tile_idx * T
+        tlen = np.minimum(T, qo_lens[tile_req] - tq0)
+        diag = tq0 + kv_len_t - qo_lens[tile_req]
     hi = np.clip(diag + tlen, 0, kv_len_t) if causal else kv_len_t
     lo = np.clip(diag - window_left, 0, kv_len_t) if window_left >= 0 else np.zeros_like(hi)
     lo = np.minimum(lo, hi)
