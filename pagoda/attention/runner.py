@@ -356,6 +356,14 @@ class BatchAttention:
         tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
         return tmp_o, tmp_lse
 
+    def _unit_scales(self, n: int) -> torch.Tensor:
+        """n per-head scales of 1.0 (the partner of a per-head tensor given for only one of K / V),
+        allocated once, not in every run()."""
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.numel() < n:
+            ones = self._ones = torch.ones(max(n, 64), dtype=torch.float32, device=self.device)
+        return ones[:n]
+
     def _kv_scales(self, p: PlanState, k_scale, v_scale):
         """((k factor, k tensor or None), (v factor, v tensor or None)) of run()'s k_scale / v_scale:
         required for an fp8 cache, optional (default 1.0) otherwise."""
@@ -370,8 +378,8 @@ class BatchAttention:
         (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
         per_head = kt is not None or vt is not None
         if per_head:  # one tensor given: the other is its scalar factor on every head
-            kt = kt if kt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
-            vt = vt if vt is not None else torch.ones(p.num_kv_heads, dtype=torch.float32, device=self.device)
+            kt = kt if kt is not None else self._unit_scales(p.num_kv_heads)
+            vt = vt if vt is not None else self._unit_scales(p.num_kv_heads)
         dummy = p.tmp_lse  # any float32 pointer: not read without SCALE_PTR
         var = self._variant
         vparams = var.params_on(self.device) if var is not None else None

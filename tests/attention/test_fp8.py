@@ -277,3 +277,23 @@ def test_fp8_bad_input():
     with pytest.raises(ValueError, match="k_scale"):
         pagoda.append_paged_kv_cache(k, k, one, one, cache, batch.indices.to(DEVICE), ip,
                                      batch.last_page_len.to(DEVICE), v_scale=1.0)
+
+
+def test_fp8_one_per_head_scale_and_one_float():
+    """k_scale per head, v_scale a float (the kernel pairs the float with unit per-head scales)."""
+    batch, cache, ks, _, dk, _ = quantized_batch([9, 30], 2, 64, 8, E4M3, per_head=True)
+    vs = 0.05
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(), backend="triton")
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 8, q_data_type=torch.bfloat16,
+           kv_data_type=E4M3)
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    for _ in range(2):  # the second run reuses the unit scales
+        out = w.run(q, cache, k_scale=ks, v_scale=vs)
+    v8 = cache[:, 1].float().cpu()
+    ip = batch.indptr.tolist()
+    dv = []
+    for b, n in enumerate(batch.kv_lens):
+        pages = batch.indices[ip[b]:ip[b + 1]].long()
+        dv.append(v8[pages].reshape(-1, 2, 64)[:n].double() * vs)
+    ro, _ = oracle(q, [0, 1, 2], dk, dv)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
