@@ -24,6 +24,7 @@ import torch
 from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
 from .kernels.mla import mla_kernel
 from .plan import KernelConfig, plan_work
+from .reference import gather_paged_kv
 from .runner import LOG2E, BatchAttention, num_programs
 
 SUPPORTED_CKV = (128, 256, 512)
@@ -136,19 +137,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         self._plan = MLAPlan(num_heads, head_dim_ckv, head_dim_kpe, page_size, bool(causal), float(sm_scale),
                              q_dtype, kv_dtype, config, grid, int(qo[-1]), batch, max_page, qo, kv_lens,
                              kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows)
-        p = self._plan
-        rows = self._partial_capacity(num_heads, head_dim_ckv) if self._use_cuda_graph else p.partial_rows
-        p.tmp_o, p.tmp_lse = self._mla_partials(max(rows, 1), num_heads, head_dim_ckv)
+        self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
 
     begin_forward = plan
-
-    def _mla_partials(self, rows: int, h: int, d: int):
-        if self._partial_capacity(h, d) == 0:
-            f = self._counters.view(torch.float32)
-            return f[None, None, :1].expand(1, 1, d), f[None, :1]
-        raw = self._float_ws.reshape(-1).view(torch.uint8)
-        tmp = raw[:raw.numel() // 4 * 4].view(torch.float32)
-        return tmp[:rows * h * d].view(rows, h, d), tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
@@ -221,10 +212,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             if e == s:
                 continue
             n = int(p.host_kv_lens[b])
-            pages = p.host_indices[int(p.host_kv_base[b]):int(p.host_kv_base[b]) + -(-n // p.page_size)].long()
-            c = ckv[pages].reshape(-1, p.head_dim_ckv)[:n]
-            r = kpe[pages].reshape(-1, p.head_dim_kpe)[:n]
-            o, l2 = mla_reference(q_nope[s:e], q_pe[s:e], c, r, sm_scale=p.sm_scale, causal=p.causal)
+            pages = p.host_indices[int(p.host_kv_base[b]):int(p.host_kv_base[b]) + -(-n // p.page_size)]
+            c, r = gather_paged_kv(ckv[:, :, None], kpe[:, :, None], pages, n)  # one "head" each
+            o, l2 = mla_reference(q_nope[s:e], q_pe[s:e], c[:, 0], r[:, 0], sm_scale=p.sm_scale, causal=p.causal)
             out[s:e] = o
             if lse is not None:
                 lse[s:e] = l2

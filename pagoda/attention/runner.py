@@ -21,7 +21,7 @@ import torch
 
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
-from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, attention_kernel
+from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
 LOG2E = 1.4426950408889634
@@ -226,7 +226,7 @@ class BatchAttention:
 
     def _prepare_launch(self, p: PlanState) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors."""
-        p.tmp_o, p.tmp_lse = self._partial_buffers(p)
+        p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
         qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
         cfg = p.config
@@ -240,8 +240,6 @@ class BatchAttention:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg
-        from .kernels.attention import _no_mod
-
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -339,16 +337,16 @@ class BatchAttention:
                              f"{lse.dtype} {tuple(lse.shape)}")
         return out, lse
 
-    def _partial_buffers(self, p: PlanState):
-        """tmp_o [rows, heads, dim] and tmp_lse [rows, heads] float32 views of the workspace: the rows
-        the plan uses, or in CUDA-graph mode all that fit (fixed addresses whatever the plan)."""
-        rows = self._partial_capacity(p.num_qo_heads, p.head_dim) if self._use_cuda_graph else p.work.partial_rows
-        h, d = p.num_qo_heads, p.head_dim
+    def _partial_buffers(self, partial_rows: int, h: int, d: int):
+        """tmp_o [rows, h, d] and tmp_lse [rows, h] float32 views of the workspace: the rows the plan
+        uses (partial_rows), or in CUDA-graph mode all that fit (fixed addresses whatever the plan)."""
+        rows = self._partial_capacity(h, d) if self._use_cuda_graph else partial_rows
         # Nothing split: the kernel never touches tmp, but one real row keeps its strides those of a
         # split plan, so Triton does not compile a second specialization (stride == 1) of the kernel
         # the first time a step without splits follows one with them (a multi-second stall in a server).
         if rows == 0 and self._partial_capacity(h, d) == 0:  # no workspace at all: any float32 pointer
-            return self._counters.view(torch.float32)[None, None, :1], self._counters.view(torch.float32)[None, :1]
+            f = self._counters.view(torch.float32)
+            return f[None, None, :1].expand(1, 1, d), f[None, :1]
         rows = max(rows, 1)
         raw = self._float_ws.reshape(-1).view(torch.uint8)
         tmp = raw[:raw.numel() // 4 * 4].view(torch.float32)

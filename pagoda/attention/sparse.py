@@ -226,9 +226,8 @@ class VariableBlockSparseAttentionWrapper:
         for g, w in enumerate(self._heads):
             sl = slice(g * group, (g + 1) * group)
             cache = (k[g][:, None, None, :], v[g][:, None, None, :])  # [kv_len pages, 1 slot, 1 head, D]
-            o_g = torch.empty(qo_len, group, d, dtype=q.dtype, device=q.device)
-            res = w.run(q[sl].transpose(0, 1), cache, out=o_g, return_lse=return_lse)
-            out[sl] = o_g.transpose(0, 1)
+            # out's head slice, viewed [qo_len, group, D], is written in place (strided rows are fine)
+            res = w.run(q[sl].transpose(0, 1), cache, out=out[sl].transpose(0, 1), return_lse=return_lse)
             if return_lse:
                 lse[sl] = res[1].transpose(0, 1)
         return (out, lse) if return_lse else out
