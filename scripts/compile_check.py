@@ -13,9 +13,11 @@ from triton.compiler import ASTSource
 def compile_one(fn, types, consts, num_warps=4, num_stages=3):
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    ptrs = [i for i, n in enumerate(names) if sig[n].startswith("*")]
+    # pointers and strides divisible by 16, as Triton's launcher specializes them at run time for
+    # 16-byte aligned tensors with row lengths that are multiples of 16 (vectorized, async loads)
+    div = [i for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride_")]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in ptrs})
+                    attrs={(i,): [["tt.divisibility", 16]] for i in div})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     return k
 

@@ -30,6 +30,10 @@ GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 17
 GRAPH_MAX_PAGES = 1 << 20
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
+SM90_BLOCK_N = 64
+SM90_STAGES = 4
+SM90_Q_IN_REGS = True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -91,6 +95,7 @@ class PlanState:
     constexprs: dict | None = None
     mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
+    sm90: bool = False  # launch the Gluon prefill kernel for Hopper (kernels/prefill_sm90.py)
 
 
 class BatchAttention:
@@ -222,7 +227,23 @@ class BatchAttention:
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
+        self._plan.sm90 = mode == "prefill" and self._sm90_eligible(
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
         self._prepare_launch(self._plan)
+
+    def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+        """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
+        head_dim 64 / 128, no window / soft cap / variant / custom mask.
+        PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+        if self._backend != "triton" or self.device.type != "cuda" or not no_mask or self._variant is not None:
+            return False
+        if os.environ.get("PAGODA_PREFILL_KERNEL", "auto") == "triton":
+            return False
+        from .kernels.prefill_sm90 import HAVE_GLUON
+
+        return (HAVE_GLUON and torch.cuda.get_device_capability(self.device) == (9, 0) and head_dim in (64, 128)
+                and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
+                and cap == 0)
 
     def _prepare_launch(self, p: PlanState) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors."""
@@ -392,6 +413,18 @@ class BatchAttention:
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
                        vparams):
+        if p.sm90 and kf == 1.0 and vf == 1.0 and not per_head:
+            from .kernels.prefill_sm90 import prefill_sm90_kernel
+
+            c = p.constexprs
+            prefill_sm90_kernel[(p.grid,)](
+                q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
+                self._splits_buf, self._arrivals,
+                q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
+                *p.scalars[:7], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=c["BLOCK_M"], BLOCK_N=SM90_BLOCK_N,
+                PAGE_SIZE=c["PAGE_SIZE"], PAGED=c["PAGED"], CAUSAL=c["CAUSAL"], WRITE_LSE=lse is not None,
+                STAGES=SM90_STAGES, Q_IN_REGS=SM90_Q_IN_REGS, num_warps=8)
+            return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
             self._splits_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,

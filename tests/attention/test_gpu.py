@@ -336,3 +336,42 @@ def test_block_sparse_real_size(causal):
     ro, _ = dense_ref(q, k, v, keep=keep[None])
     seen = keep.any(1)
     assert rel_err(out[seen.cuda()], ro[seen]) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32), (40, 8), (32, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_sm90_kernel(paged, head_dim, heads, causal, dtype, monkeypatch):
+    """The Gluon prefill kernel (Hopper) against the float64 reference and the Triton kernel: lengths that
+    end mid-block and mid-page, a single-token request, appends (qo < kv), a query longer than its KV."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon prefill kernel is for sm_90")
+    hq, hk = heads
+    qo_lens, kv_lens = [1000, 129, 1, 512, 77, 300], [1000, 700, 64, 4608, 77, 200]
+    qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+    batch = PagedBatch(kv_lens, hk, head_dim, 16, dtype)
+    q = torch.randn(int(qo_indptr[-1]), hq, head_dim, dtype=dtype, device="cuda")
+    results = {}
+    for kernel in ("auto", "triton"):
+        monkeypatch.setenv("PAGODA_PREFILL_KERNEL", kernel)
+        if paged:
+            w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128))
+            w.plan(qo_indptr, batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, 16,
+                   causal=causal, q_data_type=dtype)
+            out, lse = poisoned_like(q)
+            w.run(q, batch.cache, out=out, lse=lse)
+        else:
+            kv_indptr = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
+            w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(workspace(128))
+            w.plan(qo_indptr, kv_indptr, hq, hk, head_dim, causal=causal, q_data_type=dtype)
+            out, lse = poisoned_like(q)
+            w.run(q, torch.cat(batch.k), torch.cat(batch.v), out=out, lse=lse)
+        assert w._plan.sm90 == (kernel == "auto"), "the plan did not pick the kernel under test"
+        results[kernel] = (out, lse)
+    ro, rl = oracle(q.cpu(), qo_indptr.tolist(), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v],
+                    causal=causal)
+    for out, lse in results.values():
+        assert rel_err(out, ro) < TOL[dtype]
+        check_lse(lse, rl)

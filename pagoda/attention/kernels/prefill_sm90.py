@@ -1,0 +1,326 @@
+"""Prefill attention for Hopper (sm_90) in Gluon: the same work list as kernels/attention.py,
+scheduled by hand where Triton's pipeliner cannot.
+
+Why a second kernel: the Triton kernel's loop waits for each Q K^T wgmma before the softmax and
+both warpgroups run in lockstep, so the tensor cores sit idle during every softmax (about a third
+of an iteration at head_dim 128). Here, FlashAttention-3's intra-warpgroup pipelining:
+
+    iteration j:  issue S_j = Q K_j^T  |  issue O += P_{j-1} V_{j-1}  |  wait S_j
+                  softmax of S_j (exp2, row max / sum) while P_{j-1} V_{j-1} runs on the tensor cores
+                  wait O, rescale O by the change of the row maximum
+
+K / V blocks stream through a ring of ``STAGES`` shared-memory buffers with cp.async (a paged
+cache is a gather: one page id per token row, loaded a whole iteration before the copy that
+needs it, so its latency hides behind the softmax).
+
+Scope: 16-bit queries and cache, head_dim 64 / 128, causal or not, no window / soft cap /
+variant / fp8. The runner uses it for such plans on sm_90 and the Triton kernel for everything
+else. The task loop, counters, work-item fields and the in-kernel merge of split tiles are those
+of kernels/attention.py.
+"""
+from __future__ import annotations
+
+import triton
+
+# Gluon is experimental and its API changes between releases (Triton 3.9 renamed the cp.async and
+# barrier calls used here): the kernel is used only with the Triton it was written and tested for.
+GLUON_TRITON = ("3.6",)
+
+try:
+    if not triton.__version__.startswith(GLUON_TRITON):
+        raise ImportError(f"the Gluon prefill kernel targets Triton {GLUON_TRITON}, not {triton.__version__}")
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    HAVE_GLUON = True
+    # a CTA-wide barrier: gl.thread_barrier in Triton 3.5 / 3.6, gl.barrier later
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+except ImportError:  # other Triton versions: the Triton kernel serves every plan
+    HAVE_GLUON = False
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_kv_load(K, V, k_smem, v_smem, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                       stride_kp, stride_ks, stride_vp, stride_vs, pages,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                       PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+        """cp.async of K and V rows start .. start + BLOCK_N into one ring slot (rows past kv_end read
+        as zeros). ``pages``: the page ids of those rows, loaded earlier (paged caches)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        valid = offs_n < kv_end
+        if PAGED:
+            slot = offs_n % PAGE_SIZE
+            row_k = pages.to(gl.int64) * stride_kp + slot * stride_ks
+            row_v = pages.to(gl.int64) * stride_vp + slot * stride_vs
+        else:
+            tok = (kv_base + offs_n).to(gl.int64)
+            row_k = tok * stride_kp
+            row_v = tok * stride_vp
+        mask = gl.expand_dims(valid, 1)
+        async_copy.async_copy_global_to_shared(
+            k_smem, K + k_head_off + gl.expand_dims(row_k, 1) + gl.expand_dims(offs_d, 0), mask=mask)
+        async_copy.async_copy_global_to_shared(
+            v_smem, V + v_head_off + gl.expand_dims(row_v, 1) + gl.expand_dims(offs_d, 0), mask=mask)
+
+    @gluon.jit
+    def _page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
+        if PAGED:
+            # rows past the end read the request's first page id (their copy is masked off)
+            return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+        else:
+            return offs_n
+
+    @gluon.jit
+    def _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, j, k_head_off, v_head_off,
+                 stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                 PAGED: gl.constexpr, STAGES: gl.constexpr, LOAD_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr):
+        """Wait for K_j, refill the ring slot every warp is done with, issue S_j = Q K_j^T (async)."""
+        # K_j has landed (at most STAGES - 3 younger groups in flight), for every thread
+        async_copy.wait_group(STAGES - 3)
+        fence_async_shared()
+        _cta_barrier()
+        # every warp is past iteration j - 1, so P_{j-2} V_{j-2} is done: refill that slot
+        nb = j + STAGES - 2
+        n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+        if nb < n_blocks:
+            _issue_kv_load(K, V, k_ring.index(nb % STAGES), v_ring.index(nb % STAGES), KV_INDICES, kv_base,
+                           kv_start + nb * BLOCK_N, kv_end, k_head_off, v_head_off,
+                           stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
+                           BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+        async_copy.commit_group()
+        return warpgroup_mma(q_op, k_ring.index(j % STAGES).permute((1, 0)),
+                             gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale, masked, CAUSAL: gl.constexpr,
+                       BLOCK_N: gl.constexpr, S_LAYOUT: gl.constexpr):
+        """Online softmax of one score block (log2 domain): P, new row max, row sum, rescale factor.
+        ``masked``: the block crosses the causal diagonal or the end of the KV (else no mask)."""
+        if masked:
+            offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+            keep = gl.expand_dims(offs_n < kv_end, 0)
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(row_hi, 1))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # a row that has seen nothing keeps m = -inf: shift by 0 (no inf - inf)
+        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
+                        heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                        BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
+                        LAYOUT: gl.constexpr):
+        """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
+        as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
+        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LAYOUT))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
+        tok = offs_m // heads_per_prog
+        hg = hsplit * heads_per_prog + offs_m % heads_per_prog
+        valid = (tok < q_len) & (hg < group_size)
+        qh = kvh * group_size + hg
+        m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LAYOUT))
+        d = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, LAYOUT))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=LAYOUT)
+        for c in range(0, n_chunks):
+            r = (first + c * q_len + tok).to(gl.int64)
+            s = gl.load(TMP_LSE + r * stride_tl + qh, mask=valid, other=float("-inf"), cache_modifier=".cg")
+            v = gl.load(TMP_O + gl.expand_dims(r * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
+                        mask=gl.expand_dims(valid, 1), other=0.0, cache_modifier=".cg")
+            m_new = gl.maximum(m, s)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_new)
+            w = gl.exp2(s - m_new)
+            d = d * alpha + w
+            acc = acc * gl.expand_dims(alpha, 1) + gl.expand_dims(w, 1) * v
+            m = m_new
+        empty = d == 0.0
+        d_safe = gl.where(empty, 1.0, d)
+        q_row = (q_start + tok).to(gl.int64)
+        gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
+                 (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
+        if WRITE_LSE:
+            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
+
+    @gluon.jit
+    def prefill_sm90_kernel(
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        stride_qt, stride_qh,
+        stride_kp, stride_ks, stride_kh,
+        stride_vp, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_kv_heads, group_size, heads_per_prog, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
+        Q_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        # register layouts: scores [BLOCK_M, BLOCK_N] and output [BLOCK_M, HEAD_DIM] as wgmma
+        # accumulators (one warpgroup per 64 rows); P as the register A operand of P V
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        # global -> shared copies: 16-byte vectors along head_dim
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
+        SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        # Q as the A operand of Q K^T: in registers (Q_IN_REGS; the wgmma then reads only K from shared
+        # memory: with both operands there, a 64 x 64 x 16 step needs the whole shared-memory bandwidth)
+        Q_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
+        if not Q_IN_REGS:
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], SMEM_LAYOUT)
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
+        tasks_per_item = num_kv_heads * n_hsplit
+        num_tasks = gl.load(COUNTERS + 2)
+        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD_LAYOUT)
+        COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
+        SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+
+        task = gl.atomic_add(COUNTERS, 1)
+        while task < num_tasks:
+            item = task // tasks_per_item
+            rem = task % tasks_per_item
+            kvh = rem // n_hsplit
+            hsplit = rem % n_hsplit
+            wp = WORK + item * 9
+            q_start = gl.load(wp)
+            q_len = gl.load(wp + 1)
+            kv_base = gl.load(wp + 2)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            diag = gl.load(wp + 5)
+            partial = gl.load(wp + 6)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            hi_lim = kv_end
+            if CAUSAL:
+                hi_lim = gl.minimum(kv_end, diag + 1)
+            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+
+            _cta_barrier()  # the previous task's readers of the shared buffers are done
+            # prologue: K / V of blocks 0 .. STAGES - 3 in flight (one commit group per block)
+            for b in gl.static_range(STAGES - 2):
+                st = kv_start + b * BLOCK_N
+                if b < n_blocks:
+                    pg = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                    _issue_kv_load(K, V, k_ring.index(b), v_ring.index(b), KV_INDICES, kv_base, st, kv_end,
+                                   k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
+                                   BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                async_copy.commit_group()
+            # page ids of the block whose copy the first iteration issues
+            pg_next = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 2) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
+                                PAGED, LOAD_LAYOUT)
+
+            # the query tile: rows (token, head of the group) -> shared memory
+            offs_m = gl.arange(0, BLOCK_M, layout=ROW_L)
+            tok = offs_m // heads_per_prog
+            head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
+            row_valid = (tok < q_len) & (head_in_group < group_size)
+            qo_head = kvh * group_size + head_in_group
+            q_row = (q_start + tok).to(gl.int64)
+            offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
+            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                        mask=gl.expand_dims(row_valid, 1), other=0.0)
+            if Q_IN_REGS:
+                q_op = gl.convert_layout(q, Q_LAYOUT)
+            else:
+                q_smem.store(q)
+                q_op = q_smem
+
+            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
+
+            if n_blocks > 0:
+                # block 0: S_0 and its softmax (no P V yet)
+                s = _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, 0,
+                             k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, STAGES, LOAD_LAYOUT, S_LAYOUT)
+                pg_next = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N,
+                                    PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
+                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                for j in range(1, n_blocks):
+                    start = kv_start + j * BLOCK_N
+                    s = _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, j,
+                                 k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, STAGES, LOAD_LAYOUT, S_LAYOUT)
+                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
+                    acc = warpgroup_mma(p, v_ring.index((j - 1) % STAGES), acc, is_async=True)
+                    # page ids for the next iteration's copy, while the tensor cores work
+                    pg_next = _page_ids(KV_INDICES, kv_base, start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N,
+                                        PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
+                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                # the last block's P V
+                acc = warpgroup_mma(p, v_ring.index((n_blocks - 1) % STAGES), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+            async_copy.wait_group(0)
+
+            # epilogue: normalize and store rows of out (and lse)
+            l_o = gl.convert_layout(l_i, OROW_L)
+            empty = l_o == 0.0
+            l_safe = gl.where(empty, 1.0, l_o)
+            out = acc / gl.expand_dims(l_safe, 1)
+            offs_mo = gl.arange(0, BLOCK_M, layout=OROW_L)
+            tok_o = offs_mo // heads_per_prog
+            hg_o = hsplit * heads_per_prog + offs_mo % heads_per_prog
+            valid_o = (tok_o < q_len) & (hg_o < group_size)
+            qh_o = kvh * group_size + hg_o
+            qr_o = (q_start + tok_o).to(gl.int64)
+            offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
+            lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
+            if partial < 0:
+                gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
+                         out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
+                if WRITE_LSE:
+                    gl.store(LSE + qr_o * stride_lt + qh_o, lse_o, mask=valid_o)
+            else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
+                p_row = (partial + tok_o).to(gl.int64)
+                gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
+                         out, mask=gl.expand_dims(valid_o, 1))
+                gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
+                split = gl.load(wp + 7)
+                first = gl.load(SPLITS + split * 2)
+                n_chunks = gl.load(SPLITS + split * 2 + 1)
+                arrival = ARRIVALS + split * tasks_per_item + rem
+                _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+                if gl.atomic_add(arrival, 1) == n_chunks - 1:
+                    gl.atomic_xchg(arrival, 0)
+                    _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                    group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT)
+            task = gl.atomic_add(COUNTERS, 1)
+
+        # the last program out resets the counters (CUDA-graph replay), as in kernels/attention.py
+        done = gl.atomic_add(COUNTERS + 1, 1)
+        if done == gl.num_programs(0) - 1:
+            gl.store(COUNTERS, 0)
+            gl.store(COUNTERS + 1, 0)

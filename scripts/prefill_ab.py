@@ -1,0 +1,54 @@
+"""A/B of the prefill kernels on the device: the Gluon sm_90 kernel vs the Triton kernel
+(PAGODA_PREFILL_KERNEL), paged and ragged, at the benchmark's prefill cases.
+
+    python scripts/prefill_ab.py
+"""
+import os
+
+import torch
+import triton
+
+import pagoda
+from pagoda.attention import runner
+from pagoda.bench.attention import PagedSetup
+
+# Gluon kernel configurations to compare: (block_n, stages, q_in_regs)
+SM90 = [(64, 4, True), (64, 4, False), (128, 3, True), (128, 3, False)]
+
+
+def main():
+    hq, hk, d, ps, dt = 32, 8, 128, 16, torch.bfloat16
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    print(f"{'case':24s} {'kernel':22s} {'paged us':>9s} {'TF/s':>6s} {'ragged us':>9s} {'TF/s':>6s}")
+    for name, qo_lens, kv_lens in (("1x8192", [8192], [8192]), ("8x1024", [1024] * 8, [1024] * 8),
+                                   ("8x(512 onto 4096)", [512] * 8, [4608] * 8), ("1x16384", [16384], [16384])):
+        s = PagedSetup(kv_lens, hk, d, ps, dt)
+        qo = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+        kvi = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
+        q = torch.randn(int(qo[-1]), hq, d, dtype=dt, device="cuda")
+        k = torch.randn(int(kvi[-1]), hk, d, dtype=dt, device="cuda")
+        v = torch.randn_like(k)
+        flops = sum(4 * hq * d * (kv - qn / 2) * qn for qn, kv in zip(qo_lens, kv_lens))
+        outs = {}
+        for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
+            os.environ["PAGODA_PREFILL_KERNEL"] = kernel
+            if cfg:
+                runner.SM90_BLOCK_N, runner.SM90_STAGES, runner.SM90_Q_IN_REGS = cfg
+            wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+            wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
+            wr = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws)
+            wr.plan(qo, kvi, hq, hk, d, causal=True, q_data_type=dt)
+            tp = triton.testing.do_bench(lambda: wp.run(q, s.cache), warmup=50, rep=300) * 1e3
+            tr = triton.testing.do_bench(lambda: wr.run(q, k, v), warmup=50, rep=300) * 1e3
+            outs[cfg] = (wp.run(q, s.cache), wr.run(q, k, v))
+            tag = f"sm90 {cfg}" if wp._plan.sm90 else "triton"
+            print(f"{name:24s} {tag:22s} {tp:9.1f} {flops / tp / 1e6:6.0f} {tr:9.1f} {flops / tr / 1e6:6.0f}", flush=True)
+        for cfg in SM90:
+            for a, b in zip(outs[None], outs[cfg]):
+                err = ((a.float() - b.float()).norm() / a.float().norm()).item()
+                assert err < 1e-2, f"{name} {cfg}: kernels differ, rel err {err:.3g}"
+    os.environ.pop("PAGODA_PREFILL_KERNEL")
+
+
+if __name__ == "__main__":
+    main()
