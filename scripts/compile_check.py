@@ -13,10 +13,13 @@ from triton.compiler import ASTSource
 def compile_one(fn, types, consts, num_warps=4, num_stages=3):
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
     # pointers and strides divisible by 16, as Triton's launcher specializes them at run time for
     # 16-byte aligned tensors with row lengths that are multiples of 16 (vectorized, async loads)
     div = [i for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride_")]
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+    src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     return k
@@ -75,6 +78,22 @@ def attention_cases():
                     WRITE_LSE=False, MERGE_UNROLL=1), warps, stages)
 
 
+def gluon_cases():
+    """The Gluon prefill kernel for sm_90 (only with the Triton it targets: kernels/prefill_sm90.py)."""
+    from pagoda.attention.kernels import prefill_sm90
+
+    if not prefill_sm90.HAVE_GLUON:
+        return
+    types = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
+                 WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", qk_scale="fp32")
+    for d in (64, 128):
+        for paged in (True, False):
+            for causal in (True, False):
+                yield (f"prefill_sm90 D={d} paged={paged} causal={causal}", prefill_sm90.prefill_sm90_kernel, types,
+                       dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
+                            WRITE_LSE=True, STAGES=3, Q_IN_REGS=True, num_warps=8), 8, 1)
+
+
 def ptxas_report(k) -> str:
     """Registers and stack (spills) of the cubin Triton built, from cuobjdump -res-usage."""
     import os
@@ -94,7 +113,7 @@ def ptxas_report(k) -> str:
 def main():
     want = sys.argv[1:]
     failed = 0
-    all_cases = [(*c, 3) for c in cases()] + list(attention_cases())
+    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases())
     for name, fn, types, consts, warps, stages in all_cases:
         if want and not any(w in name for w in want):
             continue

@@ -31,8 +31,9 @@ GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 17
 GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
-SM90_BLOCK_N = 64
-SM90_STAGES = 4
+# (scripts/prefill_ab.py, H100: 128 / 3 was fastest at 8k-16k, within 2% of 64 / 4 at 8 x 1024)
+SM90_BLOCK_N = 128
+SM90_STAGES = 3
 SM90_Q_IN_REGS = True
 
 
