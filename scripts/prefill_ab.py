@@ -12,8 +12,8 @@ import pagoda
 from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup
 
-# Gluon kernel configurations to compare: (block_n, stages, q_in_regs)
-SM90 = [(64, 4, True), (64, 4, False), (128, 3, True), (128, 3, False)]
+# Gluon kernel configurations to compare: (warp-specialized, block_n, stages)
+SM90 = [(False, 128, 3), (True, 64, 5), (True, 64, 4), (True, 128, 3)]
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
             if cfg:
-                runner.SM90_BLOCK_N, runner.SM90_STAGES, runner.SM90_Q_IN_REGS = cfg
+                runner.SM90_CONFIG = dict(ws=cfg[0], block_n=cfg[1], stages=cfg[2])
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
             wr = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws)

@@ -30,11 +30,9 @@ GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 17
 GRAPH_MAX_PAGES = 1 << 20
-# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
-# (scripts/prefill_ab.py, H100: 128 / 3 was fastest at 8k-16k, within 2% of 64 / 4 at 8 x 1024)
-SM90_BLOCK_N = 128
-SM90_STAGES = 3
-SM90_Q_IN_REGS = True
+# The Gluon prefill kernels for sm_90 (kernels/prefill_sm90.py): warp-specialized or not, KV block,
+# ring depth (scripts/prefill_ab.py compares them on the device)
+SM90_CONFIG = dict(ws=True, block_n=64, stages=5)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -415,16 +413,18 @@ class BatchAttention:
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
                        vparams):
         if p.sm90 and kf == 1.0 and vf == 1.0 and not per_head:
-            from .kernels.prefill_sm90 import prefill_sm90_kernel
+            from .kernels import prefill_sm90
 
-            c = p.constexprs
-            prefill_sm90_kernel[(p.grid,)](
+            c, cfg = p.constexprs, SM90_CONFIG
+            kernel, extra = ((prefill_sm90.prefill_sm90_ws_kernel, dict(PRODUCER_REGS=88)) if cfg["ws"] else
+                             (prefill_sm90.prefill_sm90_kernel, dict(Q_IN_REGS=True)))
+            kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
                 self._splits_buf, self._arrivals,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
-                *p.scalars[:7], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=c["BLOCK_M"], BLOCK_N=SM90_BLOCK_N,
+                *p.scalars[:7], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=c["BLOCK_M"], BLOCK_N=cfg["block_n"],
                 PAGE_SIZE=c["PAGE_SIZE"], PAGED=c["PAGED"], CAUSAL=c["CAUSAL"], WRITE_LSE=lse is not None,
-                STAGES=SM90_STAGES, Q_IN_REGS=SM90_Q_IN_REGS, num_warps=8)
+                STAGES=cfg["stages"], num_warps=8, **extra)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,

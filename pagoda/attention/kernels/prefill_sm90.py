@@ -31,8 +31,8 @@ try:
         raise ImportError(f"the Gluon prefill kernel targets Triton {GLUON_TRITON}, not {triton.__version__}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
     HAVE_GLUON = True
     # a CTA-wide barrier: gl.thread_barrier in Triton 3.5 / 3.6, gl.barrier later
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -151,6 +151,49 @@ if HAVE_GLUON:
                  (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
         if WRITE_LSE:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
+
+    @gluon.jit
+    def _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
+                  heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                  stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+        """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
+        state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile)."""
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+        # epilogue: normalize and store rows of out (and lse)
+        l_o = gl.convert_layout(l_i, OROW_L)
+        empty = l_o == 0.0
+        l_safe = gl.where(empty, 1.0, l_o)
+        out = acc / gl.expand_dims(l_safe, 1)
+        offs_mo = gl.arange(0, BLOCK_M, layout=OROW_L)
+        tok_o = offs_mo // heads_per_prog
+        hg_o = hsplit * heads_per_prog + offs_mo % heads_per_prog
+        valid_o = (tok_o < q_len) & (hg_o < group_size)
+        qh_o = kvh * group_size + hg_o
+        qr_o = (q_start + tok_o).to(gl.int64)
+        offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
+        lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
+        if partial < 0:
+            gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
+                     out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
+            if WRITE_LSE:
+                gl.store(LSE + qr_o * stride_lt + qh_o, lse_o, mask=valid_o)
+        else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
+            p_row = (partial + tok_o).to(gl.int64)
+            gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
+                     out, mask=gl.expand_dims(valid_o, 1))
+            gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
+            split = gl.load(wp + 7)
+            first = gl.load(SPLITS + split * 2)
+            n_chunks = gl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + split * tasks_per_item + rem
+            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+            if gl.atomic_add(arrival, 1) == n_chunks - 1:
+                gl.atomic_xchg(arrival, 0)
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT)
 
     @gluon.jit
     def prefill_sm90_kernel(
@@ -284,39 +327,9 @@ if HAVE_GLUON:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
             async_copy.wait_group(0)
 
-            # epilogue: normalize and store rows of out (and lse)
-            l_o = gl.convert_layout(l_i, OROW_L)
-            empty = l_o == 0.0
-            l_safe = gl.where(empty, 1.0, l_o)
-            out = acc / gl.expand_dims(l_safe, 1)
-            offs_mo = gl.arange(0, BLOCK_M, layout=OROW_L)
-            tok_o = offs_mo // heads_per_prog
-            hg_o = hsplit * heads_per_prog + offs_mo % heads_per_prog
-            valid_o = (tok_o < q_len) & (hg_o < group_size)
-            qh_o = kvh * group_size + hg_o
-            qr_o = (q_start + tok_o).to(gl.int64)
-            offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
-            lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
-            if partial < 0:
-                gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
-                         out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
-                if WRITE_LSE:
-                    gl.store(LSE + qr_o * stride_lt + qh_o, lse_o, mask=valid_o)
-            else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
-                p_row = (partial + tok_o).to(gl.int64)
-                gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
-                         out, mask=gl.expand_dims(valid_o, 1))
-                gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
-                split = gl.load(wp + 7)
-                first = gl.load(SPLITS + split * 2)
-                n_chunks = gl.load(SPLITS + split * 2 + 1)
-                arrival = ARRIVALS + split * tasks_per_item + rem
-                _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-                if gl.atomic_add(arrival, 1) == n_chunks - 1:
-                    gl.atomic_xchg(arrival, 0)
-                    _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
-                                    group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT)
+            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
+                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT)
             task = gl.atomic_add(COUNTERS, 1)
 
         # the last program out resets the counters (CUDA-graph replay), as in kernels/attention.py
@@ -324,3 +337,178 @@ if HAVE_GLUON:
         if done == gl.num_programs(0) - 1:
             gl.store(COUNTERS, 0)
             gl.store(COUNTERS + 1, 0)
+
+    # -- warp-specialized version -------------------------------------------------------------
+    # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
+    # per-thread mbarrier arrival when its copies land) and runs ahead across task boundaries, so
+    # a task's first blocks load during the previous task's last ones; the two consumer
+    # warpgroups only wait on "ready" barriers, compute, and release slots through "empty" ones.
+    # Tasks go round-robin over the persistent grid (both roles walk the same sequence).
+
+    @gluon.jit
+    def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+                     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                     num_kv_heads, group_size, heads_per_prog,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
+        tasks_per_item = num_kv_heads * n_hsplit
+        num_tasks = gl.load(COUNTERS + 2)
+        it = 0
+        for task in range(gl.program_id(0), num_tasks, gl.num_programs(0)):
+            item = task // tasks_per_item
+            kvh = (task % tasks_per_item) // n_hsplit
+            wp = WORK + item * 9
+            kv_base = gl.load(wp + 2)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                st = kv_start + j * BLOCK_N
+                pg = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                slot = it % STAGES
+                # the consumers released this slot's previous block (a fresh barrier passes parity 1)
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                _issue_kv_load(K, V, k_ring.index(slot), v_ring.index(slot), KV_INDICES, kv_base, st, kv_end,
+                               k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
+                               BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _ws_wait_ready(ready, it, STAGES: gl.constexpr):
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        fence_async_shared()  # the producer's copies (generic proxy) before the wgmma reads (async proxy)
+        return slot
+
+    @gluon.jit
+    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+                     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                     num_kv_heads, group_size, heads_per_prog, qk_scale,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                     WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        Q_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [CONSUMER_WARPS, 1], [1, 0])
+        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD_LAYOUT)
+        COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
+        SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
+        tasks_per_item = num_kv_heads * n_hsplit
+        num_tasks = gl.load(COUNTERS + 2)
+        it = 0
+        for task in range(gl.program_id(0), num_tasks, gl.num_programs(0)):
+            item = task // tasks_per_item
+            rem = task % tasks_per_item
+            kvh = rem // n_hsplit
+            hsplit = rem % n_hsplit
+            wp = WORK + item * 9
+            q_start = gl.load(wp)
+            q_len = gl.load(wp + 1)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            diag = gl.load(wp + 5)
+            partial = gl.load(wp + 6)
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            hi_lim = kv_end
+            if CAUSAL:
+                hi_lim = gl.minimum(kv_end, diag + 1)
+            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+
+            offs_m = gl.arange(0, BLOCK_M, layout=ROW_L)
+            tok = offs_m // heads_per_prog
+            head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
+            row_valid = (tok < q_len) & (head_in_group < group_size)
+            qo_head = kvh * group_size + head_in_group
+            q_row = (q_start + tok).to(gl.int64)
+            offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
+            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                        mask=gl.expand_dims(row_valid, 1), other=0.0)
+            q_op = gl.convert_layout(q, Q_LAYOUT)
+
+            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
+            if n_blocks > 0:
+                slot = _ws_wait_ready(ready, it, STAGES)
+                s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
+                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                prev = slot
+                it += 1
+                for j in range(1, n_blocks):
+                    start = kv_start + j * BLOCK_N
+                    slot = _ws_wait_ready(ready, it, STAGES)
+                    s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
+                                      is_async=True)
+                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
+                    acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
+                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    _cta_barrier()  # both warpgroups are done with block j - 1's slot
+                    mbarrier.arrive(empty.index(prev))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                    prev = slot
+                    it += 1
+                acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                _cta_barrier()
+                mbarrier.arrive(empty.index(prev))
+            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
+                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT)
+
+    @gluon.jit
+    def prefill_sm90_ws_kernel(
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        stride_qt, stride_qh,
+        stride_kp, stride_ks, stride_kh,
+        stride_vp, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_kv_heads, group_size, heads_per_prog, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """prefill_sm90_kernel with a producer warpgroup (module docstring); same arguments, plus the
+        producer's register budget. Launch with num_warps=8 (the consumers); 4 producer warps are added."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
+            mbarrier.init(empty.index(i), count=1)  # one arrival by the consumers (after their barrier)
+        gl.warp_specialize([
+            (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                            num_kv_heads, group_size, heads_per_prog, qk_scale,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, num_warps)),
+            (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+                            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                            num_kv_heads, group_size, heads_per_prog,
+                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4)),
+        ], [4], [PRODUCER_REGS])
