@@ -16,6 +16,7 @@ ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--ctx", type=int, default=1024)
 ap.add_argument("--backend", default="pagoda")
 ap.add_argument("--eager", action="store_true")
+ap.add_argument("--breakdown", action="store_true", help="host time of each part of a step (no profiler tables)")
 args = ap.parse_args()
 llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=args.backend, skip_tokenizer_init=True,
                  max_model_len=4096, enforce_eager=args.eager)
@@ -49,6 +50,36 @@ torch.cuda.synchronize()
 total = time.perf_counter() - t0
 print(f"batch {args.batch} ctx {args.ctx} {args.backend} graphs={not args.eager}: {total / 20 * 1e3:.2f} ms/step; "
       + ", ".join(f"{k} {v / 20 * 1e3:.2f} ms" for k, v in phases.items() if k != "rest"))
+if args.breakdown:  # host time inside execute(), per part (the sampler's read-back waits for the GPU)
+    from pagoda.engine import runner as runner_mod
+    parts = {}
+
+    def timed_part(name, fn):
+        def f(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
+            return r
+        return f
+
+    runner_mod.build_inputs = timed_part("build_inputs", runner_mod.build_inputs)
+    runner_mod.sample = timed_part("sample+readback", runner_mod.sample)
+    R = runner_mod.ModelRunner
+    R.padded_decode_inputs = timed_part("padded_inputs", R.padded_decode_inputs)
+    R.write_static = timed_part("write_static", R.write_static)
+    for cls in (runner_mod._PagodaAttention, runner_mod._FlashInferGraphAttention):
+        cls.plan = timed_part("attn.plan", cls.plan)
+    torch.cuda.CUDAGraph.replay = timed_part("graph.replay", torch.cuda.CUDAGraph.replay)
+    for k in phases:
+        phases[k] = 0.0
+    t0 = time.perf_counter()
+    for _ in range(20):
+        e.step()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    print(f"  breakdown over 20 steps: {total / 20 * 1e3:.2f} ms/step; schedule {phases['schedule'] / 20 * 1e3:.2f}, "
+          f"execute {phases['execute'] / 20 * 1e3:.2f}; " + ", ".join(f"{k} {v / 20 * 1e3:.3f} ms" for k, v in parts.items()))
+    raise SystemExit(0)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(5):
         e.step()

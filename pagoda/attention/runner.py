@@ -28,11 +28,11 @@ LOG2E = 1.4426950408889634
 # Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
 GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
-GRAPH_MAX_ARRIVALS = 1 << 17
+GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
-# The Gluon prefill kernels for sm_90 (kernels/prefill_sm90.py): warp-specialized or not, KV block,
-# ring depth (scripts/prefill_ab.py compares them on the device)
-SM90_CONFIG = dict(ws=True, block_n=64, stages=5)
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block, ring depth, explicit
+# ping-pong of the consumer warp groups (scripts/prefill_ab.py compares configurations on the device)
+SM90_CONFIG = dict(block_n=64, stages=5, pingpong=False)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -215,7 +215,8 @@ class BatchAttention:
                          kv_ranges=self._variant.kv_ranges if self._variant is not None else None)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
-        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, n_pages)
+        # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
+        self._ensure_capacity(n_items, n_splits, 2 * n_splits * tasks_per_item, n_pages)
         use_reqs = self._variant is not None or mask_np is not None
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, indices)
@@ -416,15 +417,13 @@ class BatchAttention:
             from .kernels import prefill_sm90
 
             c, cfg = p.constexprs, SM90_CONFIG
-            kernel, extra = ((prefill_sm90.prefill_sm90_ws_kernel, dict(PRODUCER_REGS=88)) if cfg["ws"] else
-                             (prefill_sm90.prefill_sm90_kernel, dict(Q_IN_REGS=True)))
-            kernel[(p.grid,)](
+            prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
                 self._splits_buf, self._arrivals,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=c["BLOCK_M"], BLOCK_N=cfg["block_n"],
                 PAGE_SIZE=c["PAGE_SIZE"], PAGED=c["PAGED"], CAUSAL=c["CAUSAL"], WRITE_LSE=lse is not None,
-                STAGES=cfg["stages"], num_warps=8, **extra)
+                STAGES=cfg["stages"], PRODUCER_REGS=88, CONSUMER_REGS=208, PINGPONG=cfg["pingpong"], num_warps=4)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,

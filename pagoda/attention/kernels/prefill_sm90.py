@@ -1,22 +1,29 @@
-"""Prefill attention for Hopper (sm_90) in Gluon: the same work list as kernels/attention.py,
-scheduled by hand where Triton's pipeliner cannot.
+"""Prefill attention for Hopper (sm_90) in Gluon: the work list of kernels/attention.py, with
+the scheduling Triton's compiler does not do for us.
 
-Why a second kernel: the Triton kernel's loop waits for each Q K^T wgmma before the softmax and
-both warpgroups run in lockstep, so the tensor cores sit idle during every softmax (about a third
-of an iteration at head_dim 128). Here, FlashAttention-3's intra-warpgroup pipelining:
+Why a second kernel (notes.md, Session 4): in the Triton kernel every warp both loads and
+computes, each Q K^T wgmma is waited for right away, and a CTA-wide barrier per KV block keeps the
+two warp groups in lockstep: Nsight Compute shows the tensor pipe 37% busy, warps stalled on
+barriers and on short dependency chains. Here, as in FlashAttention-3:
 
-    iteration j:  issue S_j = Q K_j^T  |  issue O += P_{j-1} V_{j-1}  |  wait S_j
-                  softmax of S_j (exp2, row max / sum) while P_{j-1} V_{j-1} runs on the tensor cores
-                  wait O, rescale O by the change of the row maximum
+- a producer warp group streams K / V blocks through a ring of ``STAGES`` shared-memory slots
+  (page ids one block ahead, cp.async gathers, a per-thread mbarrier arrival when its copies
+  land) and runs ahead across task boundaries, so a task's first blocks load during the last
+  ones of the previous task;
+- two consumer warp groups, each 64 rows of the 128-row query tile, wait only on the slot's
+  "ready" barrier and release it through an "empty" one, so they drift apart and one group's
+  softmax overlaps the other's MMAs (``PINGPONG`` enforces the alternation explicitly);
+- inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T and runs during
+  the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
+  memory).
 
-K / V blocks stream through a ring of ``STAGES`` shared-memory buffers with cp.async (a paged
-cache is a gather: one page id per token row, loaded a whole iteration before the copy that
-needs it, so its latency hides behind the softmax).
+Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
+roles compute (no task counter to share); split tiles write partial states and the last chunk to
+arrive merges them, as in kernels/attention.py.
 
 Scope: 16-bit queries and cache, head_dim 64 / 128, causal or not, no window / soft cap /
-variant / fp8. The runner uses it for such plans on sm_90 and the Triton kernel for everything
-else. The task loop, counters, work-item fields and the in-kernel merge of split tiles are those
-of kernels/attention.py.
+variant / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
+written for) and the Triton kernel for everything else.
 """
 from __future__ import annotations
 
@@ -76,28 +83,6 @@ if HAVE_GLUON:
             return offs_n
 
     @gluon.jit
-    def _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, j, k_head_off, v_head_off,
-                 stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                 PAGED: gl.constexpr, STAGES: gl.constexpr, LOAD_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr):
-        """Wait for K_j, refill the ring slot every warp is done with, issue S_j = Q K_j^T (async)."""
-        # K_j has landed (at most STAGES - 3 younger groups in flight), for every thread
-        async_copy.wait_group(STAGES - 3)
-        fence_async_shared()
-        _cta_barrier()
-        # every warp is past iteration j - 1, so P_{j-2} V_{j-2} is done: refill that slot
-        nb = j + STAGES - 2
-        n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
-        if nb < n_blocks:
-            _issue_kv_load(K, V, k_ring.index(nb % STAGES), v_ring.index(nb % STAGES), KV_INDICES, kv_base,
-                           kv_start + nb * BLOCK_N, kv_end, k_head_off, v_head_off,
-                           stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
-                           BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-        async_copy.commit_group()
-        return warpgroup_mma(q_op, k_ring.index(j % STAGES).permute((1, 0)),
-                             gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False, is_async=True)
-
-    @gluon.jit
     def _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale, masked, CAUSAL: gl.constexpr,
                        BLOCK_N: gl.constexpr, S_LAYOUT: gl.constexpr):
         """Online softmax of one score block (log2 domain): P, new row max, row sum, rescale factor.
@@ -120,10 +105,10 @@ if HAVE_GLUON:
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                         BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
-                        LAYOUT: gl.constexpr):
+                        LAYOUT: gl.constexpr, ROW0: gl.constexpr):
         """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
         as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
-        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LAYOUT))
+        offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LAYOUT))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
         tok = offs_m // heads_per_prog
         hg = hsplit * heads_per_prog + offs_m % heads_per_prog
@@ -156,9 +141,12 @@ if HAVE_GLUON:
     def _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                   heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+                  WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
+                  ROW0: gl.constexpr = 0, WG: gl.constexpr = 0, NUM_WG: gl.constexpr = 1):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
-        state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile)."""
+        state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
+        ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
+        arrival counter)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         # epilogue: normalize and store rows of out (and lse)
@@ -166,7 +154,7 @@ if HAVE_GLUON:
         empty = l_o == 0.0
         l_safe = gl.where(empty, 1.0, l_o)
         out = acc / gl.expand_dims(l_safe, 1)
-        offs_mo = gl.arange(0, BLOCK_M, layout=OROW_L)
+        offs_mo = ROW0 + gl.arange(0, BLOCK_M, layout=OROW_L)
         tok_o = offs_mo // heads_per_prog
         hg_o = hsplit * heads_per_prog + offs_mo % heads_per_prog
         valid_o = (tok_o < q_len) & (hg_o < group_size)
@@ -187,163 +175,28 @@ if HAVE_GLUON:
             split = gl.load(wp + 7)
             first = gl.load(SPLITS + split * 2)
             n_chunks = gl.load(SPLITS + split * 2 + 1)
-            arrival = ARRIVALS + split * tasks_per_item + rem
+            arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
             if gl.atomic_add(arrival, 1) == n_chunks - 1:
                 gl.atomic_xchg(arrival, 0)
                 _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
                                 group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT)
-
-    @gluon.jit
-    def prefill_sm90_kernel(
-        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
-        stride_qt, stride_qh,
-        stride_kp, stride_ks, stride_kh,
-        stride_vp, stride_vs, stride_vh,
-        stride_ot, stride_oh, stride_lt,
-        stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-        PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
-        Q_IN_REGS: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        dtype: gl.constexpr = Q.dtype.element_ty
-        # register layouts: scores [BLOCK_M, BLOCK_N] and output [BLOCK_M, HEAD_DIM] as wgmma
-        # accumulators (one warpgroup per 64 rows); P as the register A operand of P V
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-        # global -> shared copies: 16-byte vectors along head_dim
-        TPW_D: gl.constexpr = HEAD_DIM // 8
-        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
-        SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        # Q as the A operand of Q K^T: in registers (Q_IN_REGS; the wgmma then reads only K from shared
-        # memory: with both operands there, a 64 x 64 x 16 step needs the whole shared-memory bandwidth)
-        Q_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
-        if not Q_IN_REGS:
-            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], SMEM_LAYOUT)
-        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
-        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
-
-        n_hsplit = gl.cdiv(group_size, heads_per_prog)
-        tasks_per_item = num_kv_heads * n_hsplit
-        num_tasks = gl.load(COUNTERS + 2)
-        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD_LAYOUT)
-        COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
-        SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
-
-        task = gl.atomic_add(COUNTERS, 1)
-        while task < num_tasks:
-            item = task // tasks_per_item
-            rem = task % tasks_per_item
-            kvh = rem // n_hsplit
-            hsplit = rem % n_hsplit
-            wp = WORK + item * 9
-            q_start = gl.load(wp)
-            q_len = gl.load(wp + 1)
-            kv_base = gl.load(wp + 2)
-            kv_start = gl.load(wp + 3)
-            kv_end = gl.load(wp + 4)
-            diag = gl.load(wp + 5)
-            partial = gl.load(wp + 6)
-            k_head_off = kvh.to(gl.int64) * stride_kh
-            v_head_off = kvh.to(gl.int64) * stride_vh
-            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
-            hi_lim = kv_end
-            if CAUSAL:
-                hi_lim = gl.minimum(kv_end, diag + 1)
-            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
-
-            _cta_barrier()  # the previous task's readers of the shared buffers are done
-            # prologue: K / V of blocks 0 .. STAGES - 3 in flight (one commit group per block)
-            for b in gl.static_range(STAGES - 2):
-                st = kv_start + b * BLOCK_N
-                if b < n_blocks:
-                    pg = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                    _issue_kv_load(K, V, k_ring.index(b), v_ring.index(b), KV_INDICES, kv_base, st, kv_end,
-                                   k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
-                                   BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                async_copy.commit_group()
-            # page ids of the block whose copy the first iteration issues
-            pg_next = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 2) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                                PAGED, LOAD_LAYOUT)
-
-            # the query tile: rows (token, head of the group) -> shared memory
-            offs_m = gl.arange(0, BLOCK_M, layout=ROW_L)
-            tok = offs_m // heads_per_prog
-            head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
-            row_valid = (tok < q_len) & (head_in_group < group_size)
-            qo_head = kvh * group_size + head_in_group
-            q_row = (q_start + tok).to(gl.int64)
-            offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
-            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
-                        mask=gl.expand_dims(row_valid, 1), other=0.0)
-            if Q_IN_REGS:
-                q_op = gl.convert_layout(q, Q_LAYOUT)
-            else:
-                q_smem.store(q)
-                q_op = q_smem
-
-            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
-            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
-
-            if n_blocks > 0:
-                # block 0: S_0 and its softmax (no P V yet)
-                s = _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, 0,
-                             k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
-                             BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, STAGES, LOAD_LAYOUT, S_LAYOUT)
-                pg_next = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N,
-                                    PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                s = warpgroup_mma_wait(0, deps=(s,))
-                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
-                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
-                for j in range(1, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    s = _qk_step(q_op, k_ring, v_ring, K, V, KV_INDICES, kv_base, kv_start, kv_end, j,
-                                 k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg_next,
-                                 BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, STAGES, LOAD_LAYOUT, S_LAYOUT)
-                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
-                    acc = warpgroup_mma(p, v_ring.index((j - 1) % STAGES), acc, is_async=True)
-                    # page ids for the next iteration's copy, while the tensor cores work
-                    pg_next = _page_ids(KV_INDICES, kv_base, start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N,
-                                        PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                    s = warpgroup_mma_wait(1, deps=(s,))
-                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
-                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
-                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
-                # the last block's P V
-                acc = warpgroup_mma(p, v_ring.index((n_blocks - 1) % STAGES), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-            async_copy.wait_group(0)
-
-            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
-                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
-                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT)
-            task = gl.atomic_add(COUNTERS, 1)
-
-        # the last program out resets the counters (CUDA-graph replay), as in kernels/attention.py
-        done = gl.atomic_add(COUNTERS + 1, 1)
-        if done == gl.num_programs(0) - 1:
-            gl.store(COUNTERS, 0)
-            gl.store(COUNTERS + 1, 0)
+                                stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
 
     # -- warp-specialized version -------------------------------------------------------------
     # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
     # per-thread mbarrier arrival when its copies land) and runs ahead across task boundaries, so
     # a task's first blocks load during the previous task's last ones; the two consumer
     # warpgroups only wait on "ready" barriers, compute, and release slots through "empty" ones.
-    # Tasks go round-robin over the persistent grid (both roles walk the same sequence).
+    # Tasks go over the persistent grid in a snake order (both roles walk the same sequence).
+
+    @gluon.jit
+    def _ws_task(rnd):
+        """The task of this program in round rnd: programs take tasks in a snake order (left to right,
+        then right to left), which balances a list sorted longest first better than round-robin."""
+        nprog = gl.num_programs(0)
+        pid = gl.program_id(0)
+        return rnd * nprog + gl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
 
     @gluon.jit
     def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
@@ -357,7 +210,10 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         num_tasks = gl.load(COUNTERS + 2)
         it = 0
-        for task in range(gl.program_id(0), num_tasks, gl.num_programs(0)):
+        n_rounds = gl.cdiv(num_tasks, gl.num_programs(0))
+        n_rounds = gl.where(_ws_task(n_rounds - 1) < num_tasks, n_rounds, n_rounds - 1)
+        for rnd in range(0, n_rounds):
+            task = _ws_task(rnd)
             item = task // tasks_per_item
             kvh = (task % tasks_per_item) // n_hsplit
             wp = WORK + item * 9
@@ -366,9 +222,12 @@ if HAVE_GLUON:
             kv_end = gl.load(wp + 4)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
+            pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
             for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
                 st = kv_start + j * BLOCK_N
-                pg = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                # page ids one block ahead: their load latency hides behind this block's wait and copies
+                pg = pg_next
+                pg_next = _page_ids(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
                 slot = it % STAGES
                 # the consumers released this slot's previous block (a fresh barrier passes parity 1)
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
@@ -386,11 +245,26 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
-    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+    def _ws_turn(turn, n, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Ping-pong (FlashAttention-3): warp group WG issues its n-th round of wgmmas only after the other
+        one issued its own (WG 0 goes first), so one group's softmax runs under the other's MMAs."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (n & 1) ^ (1 - WG))
+
+    @gluon.jit
+    def _ws_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))
+
+    @gluon.jit
+    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty, turn,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                      num_kv_heads, group_size, heads_per_prog, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                     WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+                     WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+                     WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64)."""
+        ROW0: gl.constexpr = WG * BLOCK_M
         dtype: gl.constexpr = Q.dtype.element_ty
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -408,7 +282,12 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         num_tasks = gl.load(COUNTERS + 2)
         it = 0
-        for task in range(gl.program_id(0), num_tasks, gl.num_programs(0)):
+        rounds = 0  # wgmma issue rounds (ping-pong turns)
+        # rounds this program takes: a task of the last round may be past the end
+        n_rounds = gl.cdiv(num_tasks, gl.num_programs(0))
+        n_rounds = gl.where(_ws_task(n_rounds - 1) < num_tasks, n_rounds, n_rounds - 1)
+        for rnd in range(0, n_rounds):
+            task = _ws_task(rnd)
             item = task // tasks_per_item
             rem = task % tasks_per_item
             kvh = rem // n_hsplit
@@ -426,7 +305,7 @@ if HAVE_GLUON:
                 hi_lim = gl.minimum(kv_end, diag + 1)
             full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
 
-            offs_m = gl.arange(0, BLOCK_M, layout=ROW_L)
+            offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=ROW_L)
             tok = offs_m // heads_per_prog
             head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
             row_valid = (tok < q_len) & (head_in_group < group_size)
@@ -437,15 +316,18 @@ if HAVE_GLUON:
                         mask=gl.expand_dims(row_valid, 1), other=0.0)
             q_op = gl.convert_layout(q, Q_LAYOUT)
 
-            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
+            row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
             l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
             if n_blocks > 0:
                 slot = _ws_wait_ready(ready, it, STAGES)
+                _ws_turn(turn, rounds, WG, PINGPONG)
                 s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                   is_async=True)
+                _ws_pass(turn, WG, PINGPONG)
+                rounds += 1
                 s = warpgroup_mma_wait(0, deps=(s,))
                 p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
                                                       kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
@@ -455,28 +337,35 @@ if HAVE_GLUON:
                 for j in range(1, n_blocks):
                     start = kv_start + j * BLOCK_N
                     slot = _ws_wait_ready(ready, it, STAGES)
+                    _ws_turn(turn, rounds, WG, PINGPONG)
                     s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                       is_async=True)
                     # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
                     acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                    _ws_pass(turn, WG, PINGPONG)
+                    rounds += 1
                     s = warpgroup_mma_wait(1, deps=(s,))
                     p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
                                                           start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
                     acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _cta_barrier()  # both warpgroups are done with block j - 1's slot
+                    _cta_barrier()  # every warp of this group is done with block j - 1's slot
                     mbarrier.arrive(empty.index(prev))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
                     p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                     prev = slot
                     it += 1
+                _ws_turn(turn, rounds, WG, PINGPONG)
                 acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                _ws_pass(turn, WG, PINGPONG)
+                rounds += 1
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()
                 mbarrier.arrive(empty.index(prev))
             _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                       heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
-                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT)
+                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
+                      ROW0, WG, 2)
 
     @gluon.jit
     def prefill_sm90_ws_kernel(
@@ -489,26 +378,37 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """prefill_sm90_kernel with a producer warpgroup (module docstring); same arguments, plus the
-        producer's register budget. Launch with num_warps=8 (the consumers); 4 producer warps are added."""
+        """prefill_sm90_kernel with a producer warp group (module docstring); same arguments, plus the
+        register budgets of the producer and of the second consumer. Launch with num_warps=4: the first
+        consumer warp group (rows 0-63 of each 128-row tile); the second (rows 64-127) and the producer
+        are 8 more warps."""
+        gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
-            mbarrier.init(empty.index(i), count=1)  # one arrival by the consumers (after their barrier)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        HALF: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
-                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                            turn, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                             num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, num_warps)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, PINGPONG)),
+            (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+                            turn, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                            num_kv_heads, group_size, heads_per_prog, qk_scale,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, PINGPONG)),
             (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             num_kv_heads, group_size, heads_per_prog,
                             HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4)),
-        ], [4], [PRODUCER_REGS])
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
