@@ -13,6 +13,7 @@ grid of the attention kernel (split tiles merge inside it), reading no host data
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -45,6 +46,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (Triton's interpreter); "
                          "use backend='torch' or a CUDA device")
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def num_programs(device: torch.device, config: KernelConfig) -> int:
@@ -235,13 +241,15 @@ class BatchAttention:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
         head_dim 64 / 128, no window / soft cap / variant / custom mask.
         PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
-        if self._backend != "triton" or self.device.type != "cuda" or not no_mask or self._variant is not None:
-            return False
-        if os.environ.get("PAGODA_PREFILL_KERNEL", "auto") == "triton":
+        choice = os.environ.get("PAGODA_PREFILL_KERNEL", "auto")
+        if choice not in ("auto", "triton"):
+            raise ValueError(f"PAGODA_PREFILL_KERNEL must be 'auto' or 'triton', got {choice!r}")
+        if (choice == "triton" or self._backend != "triton" or self.device.type != "cuda" or not no_mask
+                or self._variant is not None):
             return False
         from .kernels.prefill_sm90 import HAVE_GLUON
 
-        return (HAVE_GLUON and torch.cuda.get_device_capability(self.device) == (9, 0) and head_dim in (64, 128)
+        return (HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128)
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 

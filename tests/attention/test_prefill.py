@@ -112,3 +112,17 @@ def test_torch_backend_prefill():
     ro, rl = oracle(q, [0, 10, 22], batch.k, batch.v, causal=True)
     assert rel_err(o, ro) < TOL[torch.float16]
     check_lse(l2, rl)
+
+
+def test_prefill_kernel_choice_is_validated(monkeypatch):
+    """PAGODA_PREFILL_KERNEL picks between the Gluon sm_90 kernel and the Triton one: a typo is an error,
+    not a silent fallback; on the CPU no plan uses the sm_90 kernel."""
+    batch = PagedBatch([20], 2, 64, 16, torch.bfloat16)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(4), backend=BACKEND)
+    args = (torch.tensor([0, 20], dtype=torch.int32), batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16)
+    monkeypatch.setenv("PAGODA_PREFILL_KERNEL", "gluon")
+    with pytest.raises(ValueError, match="PAGODA_PREFILL_KERNEL"):
+        w.plan(*args, causal=True, q_data_type=torch.bfloat16)
+    monkeypatch.setenv("PAGODA_PREFILL_KERNEL", "triton")
+    w.plan(*args, causal=True, q_data_type=torch.bfloat16)
+    assert not w._plan.sm90
