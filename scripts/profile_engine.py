@@ -32,22 +32,30 @@ phases = {"schedule": 0.0, "execute": 0.0, "rest": 0.0}
 orig_sched, orig_exec = e.scheduler.schedule, e.runner.execute
 
 
-def timed(name, fn):
+def timed(name, fn, into=phases):
+    """fn, adding its host time to into[name]."""
     def f(*a, **k):
         t0 = time.perf_counter()
         r = fn(*a, **k)
-        phases[name] += time.perf_counter() - t0
+        into[name] = into.get(name, 0.0) + time.perf_counter() - t0
         return r
     return f
 
 
+def steps(n=20):
+    """Seconds per step over n engine steps (phases and parts reset first)."""
+    for k in phases:
+        phases[k] = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        e.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
 e.scheduler.schedule = timed("schedule", orig_sched)
 e.runner.execute = timed("execute", orig_exec)
-t0 = time.perf_counter()
-for _ in range(20):
-    e.step()
-torch.cuda.synchronize()
-total = time.perf_counter() - t0
+total = steps() * 20
 print(f"batch {args.batch} ctx {args.ctx} {args.backend} graphs={not args.eager}: {total / 20 * 1e3:.2f} ms/step; "
       + ", ".join(f"{k} {v / 20 * 1e3:.2f} ms" for k, v in phases.items() if k != "rest"))
 if args.breakdown:  # host time inside execute(), per part (the sampler's read-back waits for the GPU)
@@ -55,12 +63,7 @@ if args.breakdown:  # host time inside execute(), per part (the sampler's read-b
     parts = {}
 
     def timed_part(name, fn):
-        def f(*a, **k):
-            t0 = time.perf_counter()
-            r = fn(*a, **k)
-            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
-            return r
-        return f
+        return timed(name, fn, parts)
 
     runner_mod.build_inputs = timed_part("build_inputs", runner_mod.build_inputs)
     runner_mod.sample = timed_part("sample+readback", runner_mod.sample)
@@ -70,13 +73,7 @@ if args.breakdown:  # host time inside execute(), per part (the sampler's read-b
     for cls in (runner_mod._PagodaAttention, runner_mod._FlashInferGraphAttention):
         cls.plan = timed_part("attn.plan", cls.plan)
     torch.cuda.CUDAGraph.replay = timed_part("graph.replay", torch.cuda.CUDAGraph.replay)
-    for k in phases:
-        phases[k] = 0.0
-    t0 = time.perf_counter()
-    for _ in range(20):
-        e.step()
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t0
+    total = steps() * 20
     print(f"  breakdown over 20 steps: {total / 20 * 1e3:.2f} ms/step; schedule {phases['schedule'] / 20 * 1e3:.2f}, "
           f"execute {phases['execute'] / 20 * 1e3:.2f}; " + ", ".join(f"{k} {v / 20 * 1e3:.3f} ms" for k, v in parts.items()))
     raise SystemExit(0)

@@ -102,18 +102,26 @@ if HAVE_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _tile_rows(ROW0: gl.constexpr, BLOCK_M: gl.constexpr, LAYOUT: gl.constexpr, q_start, q_len, kvh, hsplit,
+                   group_size, heads_per_prog):
+        """Rows ROW0 .. ROW0 + BLOCK_M of a query tile (token-major, the heads of the group packed):
+        (token in the tile, query head, row in use, row of q / out), in LAYOUT's row slice."""
+        offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=LAYOUT)
+        tok = offs_m // heads_per_prog
+        head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
+        valid = (tok < q_len) & (head_in_group < group_size)
+        return tok, kvh * group_size + head_in_group, valid, (q_start + tok).to(gl.int64)
+
+    @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                         BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
                         LAYOUT: gl.constexpr, ROW0: gl.constexpr):
         """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
         as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
-        offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LAYOUT))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
-        tok = offs_m // heads_per_prog
-        hg = hsplit * heads_per_prog + offs_m % heads_per_prog
-        valid = (tok < q_len) & (hg < group_size)
-        qh = kvh * group_size + hg
+        tok, qh, valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LAYOUT), q_start, q_len, kvh, hsplit,
+                                           group_size, heads_per_prog)
         m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LAYOUT))
         d = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, LAYOUT))
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=LAYOUT)
@@ -131,7 +139,6 @@ if HAVE_GLUON:
             m = m_new
         empty = d == 0.0
         d_safe = gl.where(empty, 1.0, d)
-        q_row = (q_start + tok).to(gl.int64)
         gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
                  (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
         if WRITE_LSE:
@@ -154,12 +161,8 @@ if HAVE_GLUON:
         empty = l_o == 0.0
         l_safe = gl.where(empty, 1.0, l_o)
         out = acc / gl.expand_dims(l_safe, 1)
-        offs_mo = ROW0 + gl.arange(0, BLOCK_M, layout=OROW_L)
-        tok_o = offs_mo // heads_per_prog
-        hg_o = hsplit * heads_per_prog + offs_mo % heads_per_prog
-        valid_o = (tok_o < q_len) & (hg_o < group_size)
-        qh_o = kvh * group_size + hg_o
-        qr_o = (q_start + tok_o).to(gl.int64)
+        tok_o, qh_o, valid_o, qr_o = _tile_rows(ROW0, BLOCK_M, OROW_L, q_start, q_len, kvh, hsplit, group_size,
+                                                heads_per_prog)
         offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
         lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
         if partial < 0:
@@ -305,12 +308,8 @@ if HAVE_GLUON:
                 hi_lim = gl.minimum(kv_end, diag + 1)
             full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
 
-            offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=ROW_L)
-            tok = offs_m // heads_per_prog
-            head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
-            row_valid = (tok < q_len) & (head_in_group < group_size)
-            qo_head = kvh * group_size + head_in_group
-            q_row = (q_start + tok).to(gl.int64)
+            tok, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
+                                                        group_size, heads_per_prog)
             offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
             q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
                         mask=gl.expand_dims(row_valid, 1), other=0.0)
