@@ -138,3 +138,20 @@ def test_plan_with_kv_ranges_falls_back_without_workspace():
                      tasks_per_item=2, num_ctas=8, max_partial_rows=0, kv_ranges=var.kv_ranges)
     assert plan.partial_rows == 0 and np.all(plan.work[:, 6] == -1)
     assert np.all(plan.work[:, 3] == 0)  # from the first key: the whole causal range
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_unsplit_fast_path_equals_general_path(decode):
+    """Plans with no split chunk are built directly; the general path (forced here through kv_ranges that
+    state each tile's whole range) must give the same work list."""
+    rng = np.random.default_rng(2)
+    kv = rng.integers(1, 3000, size=40)
+    qo = np.ones(40, dtype=np.int64) if decode else np.minimum(rng.integers(1, 300, size=40), kv)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo)])
+    cfg = KernelConfig(16, 64, 4, 3, 4, 4) if decode else KernelConfig(64, 32, 4, 3, 1, 4)
+    args = dict(causal=not decode, window_left=-1, config=cfg, tasks_per_item=8, num_ctas=8, max_partial_rows=0)
+    base = np.cumsum(kv) - kv
+    fast = plan_work(qo_indptr, kv, base, **args)
+    general = plan_work(qo_indptr, kv, base, kv_ranges=lambda q0, q1, n: [(0, n)], **args)
+    assert len(fast.splits) == 0 and fast.partial_rows == 0
+    np.testing.assert_array_equal(fast.work, general.work)
