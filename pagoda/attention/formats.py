@@ -26,7 +26,10 @@ def to_host_array(name: str, x, length: int | None = None) -> np.ndarray:
             raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
         if x.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
-        arr = x.detach().to("cpu", torch.int64).numpy()
+        if x.device.type == "cpu" and x.dtype in (torch.int32, torch.int64):  # no torch dispatch (plan() per step)
+            arr = x.detach().numpy().astype(np.int64)
+        else:
+            arr = x.detach().to("cpu", torch.int64).numpy()
     else:
         arr = np.asarray(x, dtype=np.int64)
         if arr.ndim != 1:
@@ -43,8 +46,9 @@ def check_indptr(name: str, x, length: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must have at least one entry (batch_size + 1)")
     if arr[0] < 0:
         raise ValueError(f"{name} must start at a non-negative offset, got {arr[0]}")
-    if np.any(np.diff(arr) < 0):
-        bad = int(np.nonzero(np.diff(arr) < 0)[0][0])
+    dec = arr[1:] < arr[:-1]
+    if dec.any():
+        bad = int(np.argmax(dec))
         raise ValueError(f"{name} must be non-decreasing: {name}[{bad}]={arr[bad]} > "
                          f"{name}[{bad + 1}]={arr[bad + 1]}")
     return arr
