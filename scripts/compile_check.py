@@ -91,7 +91,7 @@ def gluon_cases():
             for causal in (True, False):
                 yield (f"prefill_sm90_ws D={d} paged={paged} causal={causal}", prefill_sm90.prefill_sm90_ws_kernel,
                        types, dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
-                                   WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208, PINGPONG=True,
+                                   WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208,
                                    num_warps=4), 4, 1)
 
 

@@ -13,8 +13,8 @@ import pagoda
 from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup
 
-# Gluon kernel configurations to compare: (block_n, stages, ping-pong)
-SM90 = [(64, 5, False), (64, 5, True), (64, 4, False)]
+# Gluon kernel configurations to compare: (block_n, stages)
+SM90 = [(64, 5), (64, 4)]
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
             if cfg:
-                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], pingpong=cfg[2])
+                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1])
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
             wr = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws)

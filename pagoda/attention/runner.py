@@ -22,6 +22,7 @@ import torch
 
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
+from .kernels import prefill_sm90
 from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
@@ -31,9 +32,9 @@ GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
-# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block, ring depth, explicit
-# ping-pong of the consumer warp groups (scripts/prefill_ab.py compares configurations on the device)
-SM90_CONFIG = dict(block_n=64, stages=5, pingpong=False)
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
+# (scripts/prefill_ab.py compares configurations on the device)
+SM90_CONFIG = dict(block_n=64, stages=5)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -100,7 +101,12 @@ class PlanState:
     constexprs: dict | None = None
     mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
-    sm90: bool = False  # launch the Gluon prefill kernel for Hopper (kernels/prefill_sm90.py)
+    sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
+
+    @property
+    def sm90(self) -> bool:
+        """The plan runs the Gluon prefill kernel for Hopper."""
+        return self.sm90_constexprs is not None
 
 
 class BatchAttention:
@@ -233,9 +239,8 @@ class BatchAttention:
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
-        self._plan.sm90 = mode == "prefill" and self._sm90_eligible(
-            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
-        self._prepare_launch(self._plan)
+        self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None))
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
@@ -247,14 +252,13 @@ class BatchAttention:
         if (choice == "triton" or self._backend != "triton" or self.device.type != "cuda" or not no_mask
                 or self._variant is not None):
             return False
-        from .kernels.prefill_sm90 import HAVE_GLUON
-
-        return (HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128)
+        return (prefill_sm90.HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128)
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState) -> None:
-        """Everything run() passes to the kernel that does not depend on its tensors."""
+    def _prepare_launch(self, p: PlanState, sm90: bool = False) -> None:
+        """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
+        runs the Gluon prefill kernel)."""
         p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
         qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
@@ -269,6 +273,11 @@ class BatchAttention:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg
+        if sm90:
+            p.sm90_constexprs = dict(
+                HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
+                PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"], PRODUCER_REGS=88,
+                CONSUMER_REGS=208, num_warps=4)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -421,17 +430,12 @@ class BatchAttention:
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
                        vparams):
-        if p.sm90 and kf == 1.0 and vf == 1.0 and not per_head:
-            from .kernels import prefill_sm90
-
-            c, cfg = p.constexprs, SM90_CONFIG
+        if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head:
             prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
                 self._splits_buf, self._arrivals,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
-                *p.scalars[:7], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=c["BLOCK_M"], BLOCK_N=cfg["block_n"],
-                PAGE_SIZE=c["PAGE_SIZE"], PAGED=c["PAGED"], CAUSAL=c["CAUSAL"], WRITE_LSE=lse is not None,
-                STAGES=cfg["stages"], PRODUCER_REGS=88, CONSUMER_REGS=208, PINGPONG=cfg["pingpong"], num_warps=4)
+                *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,

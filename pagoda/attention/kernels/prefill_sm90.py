@@ -12,7 +12,7 @@ barriers and on short dependency chains. Here, as in FlashAttention-3:
   ones of the previous task;
 - two consumer warp groups, each 64 rows of the 128-row query tile, wait only on the slot's
   "ready" barrier and release it through an "empty" one, so they drift apart and one group's
-  softmax overlaps the other's MMAs (``PINGPONG`` enforces the alternation explicitly);
+  softmax overlaps the other's MMAs (FA3's explicit ping-pong on top measured no better: notes.md);
 - inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T and runs during
   the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
   memory).
@@ -49,7 +49,7 @@ except ImportError:  # other Triton versions: the Triton kernel serves every pla
 if HAVE_GLUON:
 
     @gluon.jit
-    def _issue_kv_load(K, V, k_smem, v_smem, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    def _issue_kv_load(K, V, k_smem, v_smem, kv_base, start, kv_end, k_head_off, v_head_off,
                        stride_kp, stride_ks, stride_vp, stride_vs, pages,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
                        PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
@@ -149,14 +149,13 @@ if HAVE_GLUON:
                   heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
-                  ROW0: gl.constexpr = 0, WG: gl.constexpr = 0, NUM_WG: gl.constexpr = 1):
+                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
-        # epilogue: normalize and store rows of out (and lse)
         l_o = gl.convert_layout(l_i, OROW_L)
         empty = l_o == 0.0
         l_safe = gl.where(empty, 1.0, l_o)
@@ -202,6 +201,12 @@ if HAVE_GLUON:
         return rnd * nprog + gl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
 
     @gluon.jit
+    def _ws_rounds(num_tasks):
+        """Rounds this program takes (a task of the last round may be past the end)."""
+        n = gl.cdiv(num_tasks, gl.num_programs(0))
+        return gl.where(_ws_task(n - 1) < num_tasks, n, n - 1)
+
+    @gluon.jit
     def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                      stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                      num_kv_heads, group_size, heads_per_prog,
@@ -213,9 +218,7 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         num_tasks = gl.load(COUNTERS + 2)
         it = 0
-        n_rounds = gl.cdiv(num_tasks, gl.num_programs(0))
-        n_rounds = gl.where(_ws_task(n_rounds - 1) < num_tasks, n_rounds, n_rounds - 1)
-        for rnd in range(0, n_rounds):
+        for rnd in range(0, _ws_rounds(num_tasks)):
             task = _ws_task(rnd)
             item = task // tasks_per_item
             kvh = (task % tasks_per_item) // n_hsplit
@@ -234,7 +237,7 @@ if HAVE_GLUON:
                 slot = it % STAGES
                 # the consumers released this slot's previous block (a fresh barrier passes parity 1)
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                _issue_kv_load(K, V, k_ring.index(slot), v_ring.index(slot), KV_INDICES, kv_base, st, kv_end,
+                _issue_kv_load(K, V, k_ring.index(slot), v_ring.index(slot), kv_base, st, kv_end,
                                k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
                                BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
@@ -248,24 +251,12 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
-    def _ws_turn(turn, n, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        """Ping-pong (FlashAttention-3): warp group WG issues its n-th round of wgmmas only after the other
-        one issued its own (WG 0 goes first), so one group's softmax runs under the other's MMAs."""
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), (n & 1) ^ (1 - WG))
-
-    @gluon.jit
-    def _ws_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG))
-
-    @gluon.jit
-    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty, turn,
+    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                      num_kv_heads, group_size, heads_per_prog, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, PINGPONG: gl.constexpr):
+                     WG: gl.constexpr):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64)."""
         ROW0: gl.constexpr = WG * BLOCK_M
         dtype: gl.constexpr = Q.dtype.element_ty
@@ -285,11 +276,7 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         num_tasks = gl.load(COUNTERS + 2)
         it = 0
-        rounds = 0  # wgmma issue rounds (ping-pong turns)
-        # rounds this program takes: a task of the last round may be past the end
-        n_rounds = gl.cdiv(num_tasks, gl.num_programs(0))
-        n_rounds = gl.where(_ws_task(n_rounds - 1) < num_tasks, n_rounds, n_rounds - 1)
-        for rnd in range(0, n_rounds):
+        for rnd in range(0, _ws_rounds(num_tasks)):
             task = _ws_task(rnd)
             item = task // tasks_per_item
             rem = task % tasks_per_item
@@ -321,12 +308,9 @@ if HAVE_GLUON:
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
             if n_blocks > 0:
                 slot = _ws_wait_ready(ready, it, STAGES)
-                _ws_turn(turn, rounds, WG, PINGPONG)
                 s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                   is_async=True)
-                _ws_pass(turn, WG, PINGPONG)
-                rounds += 1
                 s = warpgroup_mma_wait(0, deps=(s,))
                 p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
                                                       kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
@@ -336,14 +320,11 @@ if HAVE_GLUON:
                 for j in range(1, n_blocks):
                     start = kv_start + j * BLOCK_N
                     slot = _ws_wait_ready(ready, it, STAGES)
-                    _ws_turn(turn, rounds, WG, PINGPONG)
                     s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                       is_async=True)
                     # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
                     acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-                    _ws_pass(turn, WG, PINGPONG)
-                    rounds += 1
                     s = warpgroup_mma_wait(1, deps=(s,))
                     p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
                                                           start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
@@ -354,10 +335,7 @@ if HAVE_GLUON:
                     p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                     prev = slot
                     it += 1
-                _ws_turn(turn, rounds, WG, PINGPONG)
                 acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-                _ws_pass(turn, WG, PINGPONG)
-                rounds += 1
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()
                 mbarrier.arrive(empty.index(prev))
@@ -377,12 +355,12 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """prefill_sm90_kernel with a producer warp group (module docstring); same arguments, plus the
-        register budgets of the producer and of the second consumer. Launch with num_warps=4: the first
-        consumer warp group (rows 0-63 of each 128-row tile); the second (rows 64-127) and the producer
-        are 8 more warps."""
+        """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
+        register budgets of the producer and of the second consumer (module docstring). Launch with
+        num_warps=4: the first consumer warp group (rows 0-63 of each 128-row tile); the second (rows
+        64-127) and the producer are 8 more warps."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -390,22 +368,19 @@ if HAVE_GLUON:
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
         HALF: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
-                            turn, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                             num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, PINGPONG)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
-                            turn, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                             num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, PINGPONG)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1)),
             (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             num_kv_heads, group_size, heads_per_prog,
