@@ -193,7 +193,7 @@ if HAVE_GLUON:
     # Tasks go over the persistent grid in a snake order (both roles walk the same sequence).
 
     @gluon.jit
-    def _ws_task(rnd):
+    def _ws_task_index(rnd):
         """The task of this program in round rnd: programs take tasks in a snake order (left to right,
         then right to left), which balances a list sorted longest first better than round-robin."""
         nprog = gl.num_programs(0)
@@ -201,10 +201,20 @@ if HAVE_GLUON:
         return rnd * nprog + gl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
 
     @gluon.jit
-    def _ws_rounds(num_tasks):
-        """Rounds this program takes (a task of the last round may be past the end)."""
+    def _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog):
+        """(rounds this program takes, tasks per work item, head splits per KV head); a task of the last
+        round may be past the end of the plan's tasks (COUNTERS[2])."""
+        num_tasks = gl.load(COUNTERS + 2)
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
         n = gl.cdiv(num_tasks, gl.num_programs(0))
-        return gl.where(_ws_task(n - 1) < num_tasks, n, n - 1)
+        return gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1), num_kv_heads * n_hsplit, n_hsplit
+
+    @gluon.jit
+    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit):
+        """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split)."""
+        task = _ws_task_index(rnd)
+        rem = task % tasks_per_item
+        return WORK + task // tasks_per_item * 9, rem, rem // n_hsplit, rem % n_hsplit
 
     @gluon.jit
     def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
@@ -214,15 +224,10 @@ if HAVE_GLUON:
                      STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
-        n_hsplit = gl.cdiv(group_size, heads_per_prog)
-        tasks_per_item = num_kv_heads * n_hsplit
-        num_tasks = gl.load(COUNTERS + 2)
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         it = 0
-        for rnd in range(0, _ws_rounds(num_tasks)):
-            task = _ws_task(rnd)
-            item = task // tasks_per_item
-            kvh = (task % tasks_per_item) // n_hsplit
-            wp = WORK + item * 9
+        for rnd in range(0, n_rounds):
+            wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             kv_base = gl.load(wp + 2)
             kv_start = gl.load(wp + 3)
             kv_end = gl.load(wp + 4)
@@ -272,17 +277,10 @@ if HAVE_GLUON:
         COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
         SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        n_hsplit = gl.cdiv(group_size, heads_per_prog)
-        tasks_per_item = num_kv_heads * n_hsplit
-        num_tasks = gl.load(COUNTERS + 2)
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         it = 0
-        for rnd in range(0, _ws_rounds(num_tasks)):
-            task = _ws_task(rnd)
-            item = task // tasks_per_item
-            rem = task % tasks_per_item
-            kvh = rem // n_hsplit
-            hsplit = rem % n_hsplit
-            wp = WORK + item * 9
+        for rnd in range(0, n_rounds):
+            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             q_start = gl.load(wp)
             q_len = gl.load(wp + 1)
             kv_start = gl.load(wp + 3)
