@@ -143,7 +143,8 @@ def plan_work(
     """
     T = config.tokens_per_tile
     qo_lens = np.diff(qo_indptr)
-    if qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1:  # decode: one one-token tile per request
+    decode = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
+    if decode:  # one one-token tile per request
         tile_req = np.arange(len(qo_lens))
         kv_len_t = kv_lens
         tq0 = np.zeros_like(qo_lens)
@@ -196,7 +197,7 @@ def plan_work(
         work[:, 5] = diag
         work[:, 6:8] = -1
         work[:, 8] = tile_req
-        work = work[np.argsort(lo - hi, kind="stable")]
+        work = work[_item_order(hi - lo, tile_req, decode)]
         return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(chunk_len))
     seg_chunks = np.maximum(1, -(-rng // chunk_len))
     item_seg, chunk = _segment_index(seg_chunks)
@@ -229,12 +230,28 @@ def plan_work(
     split_id[split_tiles] = np.arange(len(split_tiles))
     work[:, 7] = split_id[item_tile]
     work[:, 8] = tile_req[item_tile]
-    work = work[np.argsort(-(kv_e - kv_s), kind="stable")]
+    work = work[_item_order(kv_e - kv_s, tile_req[item_tile], decode)]
 
     splits = np.empty((len(split_tiles), SPLIT_FIELDS), dtype=np.int32)
     splits[:, 0] = base_t[split_tiles]
     splits[:, 1] = n_chunks[split_tiles]
     return WorkPlan(work, splits, int(rows_t.sum()), int(chunk_len))
+
+
+def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray:
+    """The order of the work list: longest first (greedy longest-processing-time scheduling).
+    Prefill keeps the items of one request together within bands of similar length (band width
+    1/8 of the longest item; bands longest first, requests in order, items longest first): the
+    programs running at the same time then read the same request's KV, which stays in L2 across
+    its query tiles. Sorted by length alone, a batch of equal requests interleaves them (tile t of
+    every request, then tile t - 1, ...) and the KV of all of them is in use at once
+    (33 x (512 onto 4096): 620 MB; measured on the H200 2844 us grouped vs 3267 interleaved).
+    Grouping without bands breaks the longest-first order the static schedules rely on
+    (8 x 1024: 320 us vs 234). ``req`` is non-decreasing (items are built request by request)."""
+    if decode or len(req) == 0:
+        return np.argsort(-length, kind="stable")
+    band = length // max(1, -(-int(length.max()) // 8))
+    return np.lexsort((-length, req, -band))
 
 
 def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
