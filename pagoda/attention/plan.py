@@ -15,6 +15,7 @@ The makespan of ``num_ctas`` programs that take tasks greedily is at most
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import triton
@@ -78,12 +79,19 @@ def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_b
                   mean_kv: float = 0.0) -> KernelConfig:
     """Pick the kernel configuration for ``mode`` ("decode" or "prefill"); kv_bytes 1: an fp8 cache;
     mean_kv: the batch's mean KV length (long decode contexts have their own entry)."""
+    name = mode
     if on_cuda:
-        name = f"{mode}-fp8" if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS else mode
+        if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS:
+            name = f"{mode}-fp8"
         if mean_kv >= 16384 and (f"{name}-long", head_dim) in CUDA_CONFIGS:
             name = f"{name}-long"
-        key = (name, head_dim)
-        block_m, block_n, warps, stages, ctas, item_cost, *rest = CUDA_CONFIGS[key]
+    return _config(mode, name, head_dim, group_size, on_cuda)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(mode: str, name: str, head_dim: int, group_size: int, on_cuda: bool) -> KernelConfig:
+    if on_cuda:
+        block_m, block_n, warps, stages, ctas, item_cost, *rest = CUDA_CONFIGS[(name, head_dim)]
     else:
         block_m, block_n, warps, stages, ctas, item_cost, *rest = _INTERPRETER_CONFIG[mode]
     if mode == "decode":
@@ -144,6 +152,21 @@ def plan_work(
     T = config.tokens_per_tile
     qo_lens = np.diff(qo_indptr)
     decode = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
+    if decode and window_left < 0 and kv_ranges is None:  # the common decode step, in few NumPy calls
+        chunk_len = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
+        if chunk_len >= int(kv_lens.max()):
+            order = np.argsort(-kv_lens, kind="stable")
+            kv_sorted = kv_lens[order]
+            work = np.empty((len(order), WORK_FIELDS), dtype=np.int32)
+            work[:, 0] = qo_indptr[:-1][order]
+            work[:, 1] = 1
+            work[:, 2] = kv_base[order]
+            work[:, 3] = 0
+            work[:, 4] = kv_sorted
+            work[:, 5] = kv_sorted - 1
+            work[:, 6:8] = -1
+            work[:, 8] = order
+            return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(chunk_len))
     if decode:  # one one-token tile per request
         tile_req = np.arange(len(qo_lens))
         kv_len_t = kv_lens
@@ -255,7 +278,8 @@ def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray
 
 
 def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
-    """The chunk length that minimises the makespan bound (see module docstring)."""
+    """The chunk length that minimises the makespan bound (see module docstring); tlen: tokens of
+    each tile (None: one each, decode)."""
     bn = config.block_n
     longest = int(rng.max()) if len(rng) else 0
     no_split = max(bn, -(-longest // bn) * bn)
@@ -263,10 +287,13 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
     row_cost = config.partial_cost * config.heads_per_prog
-    candidates = [bn * 4 << k for k in range(32) if bn * 4 << k < no_split] + [no_split]
-    L = np.array(candidates, dtype=np.int64)[:, None]
-    n_chunks = np.maximum(1, -(-rng[None, :] // L))  # [candidates, tiles], all at once
-    rows = (tlen[None, :] * n_chunks * (n_chunks > 1)).sum(axis=1)
+    candidates = [bn * 4 << k for k in range(((no_split - 1) // (bn * 4)).bit_length())] + [no_split]
+    L = np.array(candidates, dtype=np.float64)[:, None]
+    # [candidates, tiles] at once, in float64 (exact: lengths < 2^53, and a true division of a multiple
+    # of L is an integer); a tile with no KV is still one item
+    n_chunks = np.maximum(np.ceil(rng / L), 1.0)
+    split = np.where(n_chunks > 1, n_chunks, 0.0)
+    rows = split.sum(axis=1) if tlen is None else split @ tlen.astype(np.float64)  # tlen None: all 1
     total = tasks_per_item * (float(rng.sum()) + n_chunks.sum(axis=1) * item_cost + rows * row_cost)
     est = total / num_ctas + np.minimum(L[:, 0], longest) + item_cost
     est[rows > max_partial_rows] = np.inf  # no_split needs no rows, so something always fits

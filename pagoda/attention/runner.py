@@ -54,10 +54,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def num_programs(device: torch.device, config: KernelConfig) -> int:
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.multi_processor_count * config.ctas_per_sm
+        return _sm_count(device) * config.ctas_per_sm
     from .plan import _INTERPRETER_CTAS
 
     return _INTERPRETER_CTAS
@@ -151,6 +155,7 @@ class BatchAttention:
         self._int_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
         pin = self.device.type == "cuda"
         self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self._staging_np = self._staging.numpy()
         self._counters = self._int_buf[:NUM_COUNTERS]
         self._work_buf = self._int_buf[NUM_COUNTERS:NUM_COUNTERS + items * WORK_FIELDS]
         self._splits_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
@@ -177,6 +182,7 @@ class BatchAttention:
         self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
         # host page tables go through pinned memory: a pageable copy would block plan()
         self._indices_staging = torch.zeros(pages, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._indices_staging_np = self._indices_staging.numpy()
 
     def _wait_staging(self) -> None:
         if self._copy_done is not None:
@@ -193,8 +199,6 @@ class BatchAttention:
                     head_dim: int, page_size: int, causal: bool, window_left: int,
                     logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
                     packed_custom_mask=None, mask_indptr=None) -> None:
-        from .variants import prepare_custom_mask
-
         ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
         check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
         q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
@@ -211,14 +215,18 @@ class BatchAttention:
         if cap > 0 and self._variant is not None and self._variant.score_mod is not None:
             raise ValueError(f"logits_soft_cap and the score_mod of variant {self._variant.name!r} both change "
                              f"the logits: fold the cap into the variant (pagoda.variants.soft_cap)")
-        mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr,
-                                                 np.diff(qo_indptr), kv_lens)
+        qo_lens = np.diff(qo_indptr)
+        mask_np = mask_bits = None
+        if custom_mask is not None or packed_custom_mask is not None or mask_indptr is not None:
+            from .variants import prepare_custom_mask
+
+            mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
 
         group = num_qo_heads // num_kv_heads
         # One query per request is decode whatever the wrapper: small tiles, decode tuning.
-        mode = "decode" if len(qo_indptr) > 1 and int(np.diff(qo_indptr).max()) <= 1 else self._mode
+        mode = "decode" if len(qo_lens) and int(qo_lens.max()) <= 1 else self._mode
         config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
-                               float(kv_lens.mean()) if len(kv_lens) else 0.0)
+                               int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0)
         grid = num_programs(self.device, config)
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
@@ -311,9 +319,11 @@ class BatchAttention:
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
     def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
+        """Work list, split table and page ids through pinned staging buffers (NumPy writes, no torch
+        op per field) to the device, asynchronously; _wait_staging() before the next write."""
         self._wait_staging()
         n_w, n_m = work.work.size, work.splits.size
-        st = self._staging.numpy()
+        st = self._staging_np
         st[:NUM_COUNTERS] = (0, 0, num_tasks, 0)
         st[NUM_COUNTERS:NUM_COUNTERS + n_w] = work.work.reshape(-1)
         m0 = NUM_COUNTERS + self._max_items * WORK_FIELDS
@@ -325,7 +335,7 @@ class BatchAttention:
         if indices is not None and indices.numel():
             n = indices.numel()
             if indices.device.type == "cpu":
-                self._indices_staging[:n].copy_(indices)
+                self._indices_staging_np[:n] = indices.numpy()
                 self._indices[:n].copy_(self._indices_staging[:n], non_blocking=nb)
             else:
                 self._indices[:n].copy_(indices, non_blocking=nb)
@@ -386,8 +396,10 @@ class BatchAttention:
             f = self._counters.view(torch.float32)
             return f[None, None, :1].expand(1, 1, d), f[None, :1]
         rows = max(rows, 1)
-        raw = self._float_ws.reshape(-1).view(torch.uint8)
-        tmp = raw[:raw.numel() // 4 * 4].view(torch.float32)
+        tmp = getattr(self, "_ws_f32", None)
+        if tmp is None:
+            raw = self._float_ws.reshape(-1).view(torch.uint8)
+            tmp = self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)
         tmp_o = tmp[:rows * h * d].view(rows, h, d)
         tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
         return tmp_o, tmp_lse

@@ -63,6 +63,7 @@ def main(argv=None):
         configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     for cfg in configs:
         plan_mod.CUDA_CONFIGS[key] = cfg
+        plan_mod._config.cache_clear()  # select_config caches its answers
         times = []
         try:
             for name, (s, q, qo) in setups.items():
@@ -82,6 +83,7 @@ def main(argv=None):
         print(f"{str(cfg):<34}" + "".join(f"{t:10.1f}u" for t in times) + mark)
     if args.profile:
         plan_mod.CUDA_CONFIGS[key] = best[0]
+        plan_mod._config.cache_clear()  # select_config caches its answers
         profile(args.mode, setups, ws, hq, hk, d, ps, dt)
 
 
