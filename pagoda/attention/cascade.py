@@ -162,6 +162,9 @@ class MultiLevelCascadeAttentionWrapper:
                 paged_kv_indices_buf=None if paged_kv_indices_buf_arr is None else paged_kv_indices_buf_arr[i],
                 backend=backend)
             for i in range(num_levels)]
+        if use_cuda_graph:  # shared levels pack many queries per group: their kernel is the prefill one, fixed
+            for w in self._levels[:-1]:  # now (a captured run() keeps the kernel of the first plan)
+                w._fixed_mode = "prefill"
         self._states = None  # (out, lse) of the levels after the first, reused across runs
 
     def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
@@ -229,36 +232,54 @@ def cascade_levels_from_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_l
     indptr = check_indptr("paged_kv_indptr", paged_kv_indptr)
     batch = len(indptr) - 1
     indices = to_host_array("paged_kv_indices", paged_kv_indices)
+    if len(indices) < indptr[-1]:
+        raise ValueError(f"paged_kv_indices has {len(indices)} entries but paged_kv_indptr needs {indptr[-1]}")
     last = to_host_array("paged_kv_last_page_len", paged_kv_last_page_len, batch)
     qo = np.arange(batch + 1) if qo_indptr is None else check_indptr("qo_indptr", qo_indptr, batch + 1)
+    # NumPy throughout (a serving engine calls this every step): no loop over requests or groups
     num_pages = np.diff(indptr)
     full = num_pages - ((last < page_size) & (num_pages > 0))
-    first_page = np.where(num_pages > 0, indices[np.minimum(indptr[:-1], max(len(indices) - 1, 0))], -1)
-    starts = [0] + [b for b in range(1, batch) if first_page[b] < 0 or first_page[b] != first_page[b - 1]]
-    bounds = starts + [batch]
-    shared = np.zeros(batch, dtype=np.int64)
-    g_qo, g_indptr, g_indices = [0], [0], []
-    for g in range(len(starts)):
-        lo, hi = bounds[g], bounds[g + 1]
-        n_shared = 0
-        if hi - lo > 1:
-            n_shared = int(full[lo:hi].min())
-            base = indices[indptr[lo]:indptr[lo] + n_shared]
-            for b in range(lo + 1, hi):
-                same = indices[indptr[b]:indptr[b] + n_shared] == base
-                n_shared = int(np.argmin(same)) if not same.all() else n_shared
-                base = base[:n_shared]
-        shared[lo:hi] = n_shared
-        g_indices.append(indices[indptr[lo]:indptr[lo] + n_shared])
-        g_indptr.append(g_indptr[-1] + n_shared)
-        g_qo.append(qo[hi])
+    first_page = np.full(batch, -1, dtype=np.int64)
+    has = num_pages > 0
+    first_page[has] = indices[indptr[:-1][has]]
+    new_group = np.ones(batch, dtype=bool)
+    new_group[1:] = (first_page[1:] < 0) | (first_page[1:] != first_page[:-1])
+    starts = np.flatnonzero(new_group) if batch else np.zeros(1, dtype=np.int64)  # no requests: one empty group
+    sizes = np.diff(np.append(starts, batch))
+    leader = np.repeat(starts, sizes)
+    # each request's common prefix with its group's first request (compared page by page, followers
+    # only), then the group's minimum
+    lcp = np.minimum(full, full[leader])
+    follow = np.flatnonzero(leader != np.arange(batch))
+    cap = lcp[follow]
+    owner, j = _segment_index(cap)
+    pos = indptr[follow][owner] + j
+    differ = indices[pos] != indices[pos + (indptr[leader[follow]] - indptr[follow])[owner]]
+    od, jd = owner[differ], j[differ]
+    if len(od):  # the first mismatch of each follower (od is sorted)
+        first = np.flatnonzero(np.r_[True, od[1:] != od[:-1]])
+        lcp[follow[od[first]]] = jd[first]
+    n_shared = np.minimum.reduceat(lcp, starts) if batch else np.zeros(1, dtype=np.int64)
+    n_shared[sizes < 2] = 0
+    shared = np.repeat(n_shared, sizes)
+    g_owner, g_j = _segment_index(n_shared)
+    l0_indices = indices[indptr[starts[g_owner]] + g_j]
     rest = num_pages - shared
-    l1_indices = [indices[indptr[b] + shared[b]:indptr[b + 1]] for b in range(batch)]
+    r_owner, r_j = _segment_index(rest)
+    l1_indices = indices[indptr[r_owner] + shared[r_owner] + r_j]
     as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64)).to(torch.int32)  # noqa: E731
     return dict(
-        qo_indptr_arr=[as_t(g_qo), as_t(qo)],
-        paged_kv_indptr_arr=[as_t(g_indptr), as_t(np.concatenate([[0], np.cumsum(rest)]))],
-        paged_kv_indices_arr=[as_t(np.concatenate(g_indices) if g_indices else []),
-                              as_t(np.concatenate(l1_indices) if l1_indices else [])],
+        qo_indptr_arr=[as_t(np.append(qo[starts], qo[batch])), as_t(qo)],
+        paged_kv_indptr_arr=[as_t(np.concatenate([[0], np.cumsum(n_shared)])),
+                             as_t(np.concatenate([[0], np.cumsum(rest)]))],
+        paged_kv_indices_arr=[as_t(l0_indices), as_t(l1_indices)],
         paged_kv_last_page_len=[as_t(np.full(len(starts), page_size)), as_t(np.where(rest > 0, last, page_size))],
     )
+
+
+def _segment_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For counts [c0, c1, ...]: (owner of each element, index within its owner)."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    return owner, np.arange(len(owner)) - first[owner]

@@ -137,6 +137,11 @@ class BatchAttention:
         self._use_cuda_graph = bool(use_cuda_graph)
         self._backend = resolve_backend(backend, self.device)
         self._plan: PlanState | None = None
+        # CUDA-graph mode: (kernel key, mode, config) of the first plan, kept by later ones
+        self._graph_kernel = None
+        # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
+        # every request has one query); the cascade sets "prefill" on its shared levels
+        self._fixed_mode: str | None = None
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
         items, splits, arrivals, pages = ((GRAPH_MAX_ITEMS, GRAPH_MAX_SPLITS, GRAPH_MAX_ARRIVALS, GRAPH_MAX_PAGES)
                                           if use_cuda_graph else (256, 64, 1024, 256))
@@ -223,10 +228,25 @@ class BatchAttention:
             mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
 
         group = num_qo_heads // num_kv_heads
-        # One query per request is decode whatever the wrapper: small tiles, decode tuning.
-        mode = "decode" if len(qo_lens) and int(qo_lens.max()) <= 1 else self._mode
-        config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
-                               int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0)
+        # What a launch compiles in (constexprs, block shapes): in CUDA-graph mode the first plan fixes it,
+        # since a captured run() replays that kernel whatever later plans choose.
+        kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
+                      window_left >= 0, cap > 0, mask_np is not None)
+        if self._use_cuda_graph and self._graph_kernel is not None:
+            key0, mode, config = self._graph_kernel
+            if key0 != kernel_key:
+                names = ("num_qo_heads", "num_kv_heads", "head_dim", "page_size", "q_data_type", "kv_data_type",
+                         "causal", "window_left >= 0", "logits_soft_cap > 0", "custom mask")
+                diff = [f"{n}: {a} -> {b}" for n, a, b in zip(names, key0, kernel_key) if a != b]
+                raise ValueError(f"a CUDA-graph wrapper keeps the kernel of its first plan() (a captured run() "
+                                 f"replays it); this plan changes {', '.join(diff)}: use another wrapper")
+        else:
+            # One query per request is decode whatever the wrapper: small tiles, decode tuning.
+            mode = self._fixed_mode or ("decode" if len(qo_lens) and int(qo_lens.max()) <= 1 else self._mode)
+            config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
+                                   int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0)
+            if self._use_cuda_graph:
+                self._graph_kernel = (kernel_key, mode, config)
         grid = num_programs(self.device, config)
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
