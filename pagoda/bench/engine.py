@@ -125,9 +125,12 @@ def main(argv=None):
     print(f"# {results['device']}, {args.model} (dummy weights, bf16), copy bandwidth {bw / 1e9:.0f} GB/s")
     for backend in args.backends.split(","):
         t0 = time.perf_counter()
+        # "pagoda:nocascade": the pagoda backend with cascade decode off (the parallel case's comparison)
+        attn, _, option = backend.partition(":")
         try:
-            llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=backend, skip_tokenizer_init=True,
-                             max_model_len=33280, max_num_batched_tokens=8192)
+            llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=attn, skip_tokenizer_init=True,
+                             max_model_len=33280, max_num_batched_tokens=8192,
+                             enable_cascade=option != "nocascade")
         except Exception as e:  # noqa: BLE001 - a missing peer must not stop the table
             print(f"# backend {backend} unavailable: {type(e).__name__}: {e}")
             continue
@@ -150,6 +153,7 @@ def main(argv=None):
             row["parallel"] = case_parallel(llm, rng)
             print(backend, "parallel", row["parallel"], flush=True)
         row["cuda_graph_steps"] = llm.engine.stats.cuda_graph_steps
+        row["cascade_steps"] = llm.engine.stats.cascade_steps
         row["steps"] = llm.engine.stats.steps
         results["rows"].append(row)
         del llm

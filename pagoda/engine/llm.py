@@ -61,6 +61,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     cuda_graph_steps: int = 0
+    cascade_steps: int = 0  # decode steps that ran the cascade wrapper (requests sharing prefix pages)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -93,7 +94,7 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
                  enable_prefix_caching: bool = True, load_format: str = "auto", page_size: int = 16,
                  num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
-                 seed: int = 0, skip_tokenizer_init: bool = False):
+                 seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True):
         path = resolve_model_path(model)
         self.model_path = path
         self.model_name = model or "pagoda-demo"
@@ -139,7 +140,8 @@ class LLMEngine:
                                   num_pages=int(num_kv_pages), page_size=page_size,
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager)
+                                  max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager,
+                                  enable_cascade=enable_cascade)
         if self.runner.use_graphs:
             t0 = time.perf_counter()
             self.runner.capture_graphs()
@@ -216,6 +218,7 @@ class LLMEngine:
             return []
         reqs, tokens, logprobs = self.runner.execute(batch, self.generator)
         self.stats.cuda_graph_steps += self.runner.last_step_graph
+        self.stats.cascade_steps += self.runner.last_step_cascade
         self.scheduler.after_step(batch)
         now = time.monotonic()
         touched = {}

@@ -22,6 +22,8 @@ import pagoda
 from .config import ModelConfig
 from .sampler import sample
 
+# a decode step uses the cascade when sharing saves at least this fraction of its KV page reads
+CASCADE_MIN_SAVED = 0.25
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
 
 
@@ -136,6 +138,27 @@ class _PagodaAttention:
         return self.wrapper.run(q, cache)
 
 
+class _PagodaCascadeAttention(_PagodaAttention):
+    """Decode steps whose requests share prefix pages (parallel samples of one prompt, prefix-cache
+    hits on a common system prompt): a two-level MultiLevelCascadeAttentionWrapper whose shared
+    level attends each group's prefix once for all of the group's queries; levels come from the
+    step's page tables (cascade_levels_from_page_table). K/V are appended through the flat tables."""
+
+    def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
+        self.r = runner
+        self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
+                                                                backend=backend)
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
+        c = self.r.config
+        if levels is None:
+            levels = pagoda.cascade_levels_from_page_table(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                                           self.r.page_size, inp.qo_indptr)
+        self.wrapper.plan(**levels, num_qo_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                          page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
+                          kv_data_type=self.r.dtype)
+
+
 class _FlashInferAttention:
     def __init__(self, runner):
         import flashinfer
@@ -190,10 +213,12 @@ class _FlashInferGraphAttention(_FlashInferAttention):
 class _DecodeGraph:
     """A CUDA graph of the model over a padded decode batch of ``size`` rows."""
 
-    def __init__(self, runner, size: int, pool):
-        self.r, self.size = runner, size
+    def __init__(self, runner, size: int, pool, cascade: bool = False):
+        self.r, self.size, self.cascade = runner, size, cascade
         if runner.attention_backend == "flashinfer":
             self.attn = _FlashInferGraphAttention(runner, size)
+        elif cascade:
+            self.attn = _PagodaCascadeAttention(runner, "triton", use_cuda_graph=True)
         else:
             self.attn = _PagodaAttention(runner, "triton", use_cuda_graph=True)
         s = runner.static
@@ -211,9 +236,12 @@ class _DecodeGraph:
                 hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
                 self.logits = runner.model.compute_logits(hidden)
 
-    def run(self, inp: StepInputs) -> torch.Tensor:
+    def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
         self.r.write_static(inp)
-        self.attn.plan(inp, self.dev)
+        if self.cascade:
+            self.attn.plan(inp, self.dev, levels)
+        else:
+            self.attn.plan(inp, self.dev)
         self.graph.replay()
         return self.logits
 
@@ -230,7 +258,7 @@ class _StaticView:
 class ModelRunner:
     def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
                  attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 enable_cuda_graph: bool):
+                 enable_cuda_graph: bool, enable_cascade: bool = True):
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.page_size, self.num_pages = page_size, num_pages
         self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
@@ -249,6 +277,13 @@ class ModelRunner:
         else:
             raise ValueError(f"attention_backend must be 'pagoda', 'flashinfer' or 'torch', got {attention_backend!r}")
         self.attention_backend = attention_backend
+        # cascade decode (pagoda's wrappers only): used when the pages shared within groups of requests save at
+        # least this fraction of the step's KV page reads
+        self.enable_cascade = enable_cascade and attention_backend in ("pagoda", "torch")
+        self.cascade_min_saved = CASCADE_MIN_SAVED
+        self.cascade_attn = (_PagodaCascadeAttention(self, "auto" if attention_backend == "pagoda" else "torch")
+                             if self.enable_cascade else None)
+        self.last_step_cascade = False
         # page-table entries of one step: requests that share prefix pages each list them, so the bound
         # is per request, not the pool size
         max_pages_step = max_num_seqs * (-(-max_model_len // page_size))
@@ -257,7 +292,7 @@ class ModelRunner:
         self.use_graphs = (enable_cuda_graph and self.device.type == "cuda"
                            and attention_backend in ("pagoda", "flashinfer"))
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
-        self.graphs: dict[int, _DecodeGraph] = {}
+        self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
         self.last_step_graph = False
         self.graph_pool = None
         if self.use_graphs:
@@ -303,33 +338,85 @@ class ModelRunner:
             self._graph_for(size)
         torch.cuda.synchronize()
 
-    def _graph_for(self, batch: int) -> _DecodeGraph | None:
+    def _graph_for(self, batch: int, cascade: bool = False) -> _DecodeGraph | None:
+        """The decode graph of the smallest padded size >= batch (captured on first use; cascade graphs
+        are captured only when a step first needs them)."""
         size = next((s for s in self.graph_sizes if s >= batch), None)
         if size is None:
             return None
-        if size not in self.graphs:
+        if (size, cascade) not in self.graphs:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
-            self.graphs[size] = _DecodeGraph(self, size, self.graph_pool)
-        return self.graphs[size]
+            self.graphs[size, cascade] = _DecodeGraph(self, size, self.graph_pool, cascade)
+        return self.graphs[size, cascade]
 
     # -- one step -----------------------------------------------------------------------
     @torch.no_grad()
     def execute(self, batch, generator=None):
         """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
         batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
-        inp = build_inputs(batch.requests, batch.num_new_tokens, self.page_size)
-        graph = self._graph_for(len(batch.requests)) if (self.use_graphs and inp.is_decode) else None
+        requests, num_new = batch.requests, batch.num_new_tokens
+        cascade = self.enable_cascade and batch.is_decode and len(requests) > 1
+        if cascade:  # requests that share pages next to each other (the levels group consecutive requests)
+            requests, num_new, cascade = _group_by_first_page(requests, num_new)
+        inp = build_inputs(requests, num_new, self.page_size)
+        levels = self._cascade_levels(inp) if cascade else None
+        self.last_step_cascade = levels is not None
+        graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
         self.last_step_graph = graph is not None
         if graph is not None:
-            logits = graph.run(self.padded_decode_inputs(inp, graph.size))[:len(inp.sample_rows)]
+            padded = self.padded_decode_inputs(inp, graph.size)
+            if levels is not None:
+                levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
+            logits = graph.run(padded, levels)[:len(inp.sample_rows)]
         else:
             dev = _DeviceInputs(inp, self.staging)
-            self.attn.plan(inp, dev)
-            hidden = self.model(dev.input_ids, dev.positions, _Context(self, self.attn, dev))
+            attn = self.cascade_attn if levels is not None else self.attn
+            if levels is not None:
+                attn.plan(inp, dev, levels)
+            else:
+                attn.plan(inp, dev)
+            hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
             logits = self.model.compute_logits(hidden[dev.logits_indices.long()]) if inp.sample_rows else None
         if not inp.sample_rows:
             return [], [], []
-        reqs = [batch.requests[i] for i in inp.sample_rows]
+        reqs = [requests[i] for i in inp.sample_rows]
         tokens, logprobs = sample(logits, reqs, generator)
         return reqs, tokens, logprobs
+
+    def _cascade_levels(self, inp: StepInputs, force: bool = False):
+        """The step's two cascade levels, or None when sharing saves less than cascade_min_saved of the
+        KV page reads (force: return them anyway)."""
+        levels = pagoda.cascade_levels_from_page_table(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                                       self.page_size, inp.qo_indptr)
+        total = int(inp.kv_indptr[-1])
+        read = int(levels["paged_kv_indptr_arr"][0][-1]) + int(levels["paged_kv_indptr_arr"][1][-1])
+        if not force and (total == 0 or total - read < self.cascade_min_saved * total):
+            return None
+        return levels
+
+
+def _pad_levels(levels, pad: int, page_size: int):
+    """Cascade levels of a decode batch extended by ``pad`` padding rows (padded_decode_inputs: one token
+    attending to slot 0 of page 0), each a group of its own that shares nothing."""
+    if pad == 0:
+        return levels
+    ar = torch.arange(1, pad + 1, dtype=torch.int32)
+    (qo0, qo1), (kv0, kv1) = levels["qo_indptr_arr"], levels["paged_kv_indptr_arr"]
+    (ix0, ix1), (last0, last1) = levels["paged_kv_indices_arr"], levels["paged_kv_last_page_len"]
+    return dict(
+        qo_indptr_arr=[torch.cat([qo0, qo0[-1] + ar]), torch.cat([qo1, qo1[-1] + ar])],
+        paged_kv_indptr_arr=[torch.cat([kv0, kv0[-1].expand(pad)]), torch.cat([kv1, kv1[-1] + ar])],
+        paged_kv_indices_arr=[ix0, torch.cat([ix1, torch.zeros(pad, dtype=torch.int32)])],
+        paged_kv_last_page_len=[torch.cat([last0, torch.full((pad,), page_size, dtype=torch.int32)]),
+                                torch.cat([last1, torch.ones(pad, dtype=torch.int32)])])
+
+
+def _group_by_first_page(requests, num_new):
+    """(requests, num_new, any shared first page): the batch reordered (stably) so that requests whose
+    page lists start with the same page are consecutive; unchanged when no two share one."""
+    first = [r.pages[0] if r.pages else -1 - i for i, r in enumerate(requests)]
+    if len(set(first)) == len(first):
+        return requests, num_new, False
+    order = sorted(range(len(requests)), key=first.__getitem__)
+    return [requests[i] for i in order], [num_new[i] for i in order], True

@@ -126,3 +126,37 @@ def test_prefill_kernel_choice_is_validated(monkeypatch):
     monkeypatch.setenv("PAGODA_PREFILL_KERNEL", "triton")
     w.plan(*args, causal=True, q_data_type=torch.bfloat16)
     assert not w._plan.sm90
+
+
+def test_cuda_graph_wrapper_keeps_its_first_kernel():
+    """A CUDA-graph wrapper's first plan fixes the kernel (a captured run() replays it): a decode-shaped
+    first plan keeps the decode configuration for a later prefill-shaped batch (whose answer must still be
+    right), and a plan that changes a compiled-in parameter is refused, naming it."""
+    heads, d, ps, dt = (8, 2), 64, 4, torch.bfloat16
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(16), use_cuda_graph=True, backend=BACKEND)
+    first = PagedBatch([5, 9], heads[1], d, ps, dt)
+    w.plan(torch.tensor([0, 1, 2], dtype=torch.int32), first.indptr, first.indices, first.last_page_len,
+           *heads, d, ps, causal=True, q_data_type=dt)
+    decode_config = w._plan.config
+    nxt = PagedBatch([23, 40], heads[1], d, ps, dt)
+    qo = [0, 17, 30]
+    w.plan(torch.tensor(qo, dtype=torch.int32), nxt.indptr, nxt.indices, nxt.last_page_len, *heads, d, ps,
+           causal=True, q_data_type=dt)
+    assert w._plan.config is decode_config
+    q = torch.randn(qo[-1], heads[0], d, dtype=dt, device=DEVICE)
+    out, lse = poisoned_like(q)
+    w.run(q, nxt.cache, out=out, lse=lse, return_lse=True)
+    ro, rl = oracle(q, qo, nxt.k, nxt.v, causal=True)
+    assert rel_err(out, ro) < TOL[dt]
+    check_lse(lse, rl)
+    # an eager wrapper chooses again (the prefill configuration for this batch)
+    e = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(16), backend=BACKEND)
+    e.plan(torch.tensor(qo, dtype=torch.int32), nxt.indptr, nxt.indices, nxt.last_page_len, *heads, d, ps,
+           causal=True, q_data_type=dt)
+    assert e._plan.config != decode_config
+    with pytest.raises(ValueError, match="causal"):
+        w.plan(torch.tensor(qo, dtype=torch.int32), nxt.indptr, nxt.indices, nxt.last_page_len, *heads, d, ps,
+               causal=False, q_data_type=dt)
+    with pytest.raises(ValueError, match="page_size"):
+        w.plan(torch.tensor(qo, dtype=torch.int32), nxt.indptr, nxt.indices, nxt.last_page_len, *heads, d, 8,
+               causal=True, q_data_type=dt)

@@ -200,3 +200,35 @@ def test_invalid_logits_end_only_that_request(tiny_models):
     model.compute_logits = orig
     assert e.pool.num_free == e.pool.usable
     assert llm.generate([PROMPTS[2]], greedy(4), use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[2], 4)
+
+
+def test_cascade_decode_for_shared_prompts(tiny_models):
+    """Parallel samples of a prompt share its full pages: their decode steps run the cascade wrapper (one
+    attention over the shared pages per group), with the same greedy tokens as flat attention and
+    transformers."""
+    path, hf = tiny_models["llama"]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    params = [pagoda.SamplingParams(n=3, max_tokens=8, temperature=0, ignore_eos=True),
+              pagoda.SamplingParams(n=2, max_tokens=8, temperature=0, ignore_eos=True), greedy(8)]
+    runs = {}
+    for cascade in (True, False):
+        llm = make_llm(path, enable_cascade=cascade)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[cascade] = [[c.token_ids for c in o.outputs] for o in outs]
+        assert (llm.engine.stats.cascade_steps > 0) == cascade
+    assert runs[True] == runs[False]
+    for p, samples in zip(prompts, runs[True]):
+        assert all(s == hf_greedy(hf, p, 8) for s in samples)
+
+
+def test_cascade_groups_requests_by_first_page():
+    from pagoda.engine.runner import _group_by_first_page
+
+    class R:
+        def __init__(self, pages):
+            self.pages = pages
+    reqs = [R([4, 5]), R([9]), R([4, 6]), R([]), R([9, 1]), R([7])]
+    out, n, shared = _group_by_first_page(reqs, [1, 2, 3, 4, 5, 6])
+    assert shared and [r.pages for r in out] == [[], [4, 5], [4, 6], [7], [9], [9, 1]] and n == [4, 1, 3, 6, 2, 5]
+    alone = [R([1]), R([2])]
+    assert _group_by_first_page(alone, [1, 1]) == (alone, [1, 1], False)
