@@ -165,7 +165,9 @@ class MultiLevelCascadeAttentionWrapper:
         if use_cuda_graph:  # shared levels pack many queries per group: their kernel is the prefill one, fixed
             for w in self._levels[:-1]:  # now (a captured run() keeps the kernel of the first plan)
                 w._fixed_mode = "prefill"
-        self._states = None  # (out, lse) of the levels after the first, reused across runs
+        # (out, lse) of the levels after the first, one pair per (shape, dtype) of q and kept: a CUDA graph
+        # captured for one batch size keeps pointing at its pair while graphs of other sizes are captured
+        self._states: dict = {}
 
     def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,
@@ -205,9 +207,10 @@ class MultiLevelCascadeAttentionWrapper:
         sc = dict(k_scale=k_scale, v_scale=v_scale)
         out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
         if len(self._levels) > 1:
-            if self._states is None or self._states[0].shape != q.shape or self._states[0].dtype != q.dtype:
-                self._states = (torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
-            o_i, s_i = self._states
+            key = (tuple(q.shape), q.dtype, q.device)
+            if key not in self._states:
+                self._states[key] = (torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+            o_i, s_i = self._states[key]
             for w in self._levels[1:]:
                 w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True, **sc)
                 merge_state_in_place(out, lse, o_i, s_i)

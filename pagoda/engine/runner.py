@@ -217,10 +217,8 @@ class _DecodeGraph:
         self.r, self.size, self.cascade = runner, size, cascade
         if runner.attention_backend == "flashinfer":
             self.attn = _FlashInferGraphAttention(runner, size)
-        elif cascade:
-            self.attn = _PagodaCascadeAttention(runner, "triton", use_cuda_graph=True)
         else:
-            self.attn = _PagodaAttention(runner, "triton", use_cuda_graph=True)
+            self.attn = runner.graph_attention(cascade)
         s = runner.static
         self.dev = _StaticView(s, size)
         inp = runner.padded_decode_inputs([], size)
@@ -293,6 +291,7 @@ class ModelRunner:
                            and attention_backend in ("pagoda", "flashinfer"))
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
         self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
+        self._graph_attn: dict[bool, _PagodaAttention] = {}
         self.last_step_graph = False
         self.graph_pool = None
         if self.use_graphs:
@@ -333,10 +332,19 @@ class ModelRunner:
 
     def capture_graphs(self) -> None:
         """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a
-        capture when the running batch reaches a new size."""
-        for size in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its memory pool
-            self._graph_for(size)
+        capture when the running batch reaches a new size; with cascade decode, its graphs too."""
+        for cascade in (False, True) if self.enable_cascade else (False,):
+            for size in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its memory pool
+                self._graph_for(size, cascade)
         torch.cuda.synchronize()
+
+    def graph_attention(self, cascade: bool):
+        """The attention of the pagoda decode graphs: one CUDA-graph wrapper for every batch size (a step
+        plans it, then replays its size's graph), one for the flat graphs and one for the cascade ones."""
+        if cascade not in self._graph_attn:
+            cls = _PagodaCascadeAttention if cascade else _PagodaAttention
+            self._graph_attn[cascade] = cls(self, "triton", use_cuda_graph=True)
+        return self._graph_attn[cascade]
 
     def _graph_for(self, batch: int, cascade: bool = False) -> _DecodeGraph | None:
         """The decode graph of the smallest padded size >= batch (captured on first use; cascade graphs
