@@ -219,6 +219,11 @@ def test_cascade_decode_for_shared_prompts(tiny_models):
     assert runs[True] == runs[False]
     for p, samples in zip(prompts, runs[True]):
         assert all(s == hf_greedy(hf, p, 8) for s in samples)
+    # below the byte threshold (a GPU's, here raised) the step stays flat
+    llm = make_llm(path)
+    llm.engine.runner.cascade_min_saved_bytes = 1 << 60
+    assert [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)] == runs[True]
+    assert llm.engine.stats.cascade_steps == 0
 
 
 def test_cascade_groups_requests_by_first_page():
