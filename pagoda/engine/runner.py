@@ -371,11 +371,15 @@ class ModelRunner:
         """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
         batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
         requests, num_new = batch.requests, batch.num_new_tokens
-        cascade = self.enable_cascade and batch.is_decode and len(requests) > 1
-        if cascade:  # requests that share pages next to each other (the levels group consecutive requests)
-            requests, num_new, cascade = _group_by_first_page(requests, num_new)
         inp = build_inputs(requests, num_new, self.page_size)
-        levels = self._cascade_levels(inp) if cascade else None
+        levels = None
+        if self.enable_cascade and inp.is_decode and len(requests) > 1:
+            order = _first_page_order(inp)
+            if order is not None:  # requests that share pages next to each other (levels group neighbours)
+                if (np.diff(order) != 1).any():
+                    requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
+                    inp = build_inputs(requests, num_new, self.page_size)
+                levels = self._cascade_levels(inp)
         self.last_step_cascade = levels is not None
         graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
         self.last_step_graph = graph is not None
@@ -428,11 +432,10 @@ def _pad_levels(levels, pad: int, page_size: int):
                                 torch.cat([last1, torch.ones(pad, dtype=torch.int32)])])
 
 
-def _group_by_first_page(requests, num_new):
-    """(requests, num_new, any shared first page): the batch reordered (stably) so that requests whose
-    page lists start with the same page are consecutive; unchanged when no two share one."""
-    first = [r.pages[0] if r.pages else -1 - i for i, r in enumerate(requests)]
-    if len(set(first)) == len(first):
-        return requests, num_new, False
-    order = sorted(range(len(requests)), key=first.__getitem__)
-    return [requests[i] for i in order], [num_new[i] for i in order], True
+def _first_page_order(inp: StepInputs) -> np.ndarray | None:
+    """The (stable) order of a decode batch by the first page of each request, or None when no two
+    requests start with the same page (nothing to share: the common case costs one np.unique)."""
+    first = inp.kv_indices[inp.kv_indptr[:-1]]  # decode requests have at least one page
+    if len(np.unique(first)) == len(first):
+        return None
+    return np.argsort(first, kind="stable")

@@ -227,13 +227,14 @@ def test_cascade_decode_for_shared_prompts(tiny_models):
 
 
 def test_cascade_groups_requests_by_first_page():
-    from pagoda.engine.runner import _group_by_first_page
+    import numpy as np
 
-    class R:
-        def __init__(self, pages):
-            self.pages = pages
-    reqs = [R([4, 5]), R([9]), R([4, 6]), R([]), R([9, 1]), R([7])]
-    out, n, shared = _group_by_first_page(reqs, [1, 2, 3, 4, 5, 6])
-    assert shared and [r.pages for r in out] == [[], [4, 5], [4, 6], [7], [9], [9, 1]] and n == [4, 1, 3, 6, 2, 5]
-    alone = [R([1]), R([2])]
-    assert _group_by_first_page(alone, [1, 1]) == (alone, [1, 1], False)
+    from pagoda.engine.runner import _first_page_order
+
+    class Inp:
+        def __init__(self, tables):
+            self.kv_indptr = np.cumsum([0] + [len(t) for t in tables])
+            self.kv_indices = np.concatenate([np.asarray(t) for t in tables])
+    order = _first_page_order(Inp([[4, 5], [9], [4, 6], [3], [9, 1], [7]]))
+    assert order.tolist() == [3, 0, 2, 5, 1, 4]
+    assert _first_page_order(Inp([[1, 2], [2, 1]])) is None
