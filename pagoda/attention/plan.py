@@ -153,20 +153,7 @@ def plan_work(
     qo_lens = np.diff(qo_indptr)
     decode = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
     if decode and window_left < 0 and kv_ranges is None:  # the common decode step, in few NumPy calls
-        chunk_len = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
-        if chunk_len >= int(kv_lens.max()):
-            order = np.argsort(-kv_lens, kind="stable")
-            kv_sorted = kv_lens[order]
-            work = np.empty((len(order), WORK_FIELDS), dtype=np.int32)
-            work[:, 0] = qo_indptr[:-1][order]
-            work[:, 1] = 1
-            work[:, 2] = kv_base[order]
-            work[:, 3] = 0
-            work[:, 4] = kv_sorted
-            work[:, 5] = kv_sorted - 1
-            work[:, 6:8] = -1
-            work[:, 8] = order
-            return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(chunk_len))
+        return _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
     if decode:  # one one-token tile per request
         tile_req = np.arange(len(qo_lens))
         kv_len_t = kv_lens
@@ -259,6 +246,53 @@ def plan_work(
     splits[:, 0] = base_t[split_tiles]
     splits[:, 1] = n_chunks[split_tiles]
     return WorkPlan(work, splits, int(rows_t.sum()), int(chunk_len))
+
+
+def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows) -> WorkPlan:
+    """plan_work for a decode batch without a window or variant (one query per request): the same
+    work list as the general path (tests/attention/test_plan.py compares them), built with a few
+    whole-array NumPy calls; plan() runs once per decode step."""
+    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
+    n = len(kv_lens)
+    if L >= int(kv_lens.max()):  # nothing split (most steps)
+        order = np.argsort(-kv_lens, kind="stable")
+        kv_sorted = kv_lens[order]
+        work = np.empty((n, WORK_FIELDS), dtype=np.int32)
+        work[:, 0] = qo_indptr[:-1][order]
+        work[:, 1] = 1
+        work[:, 2] = kv_base[order]
+        work[:, 3] = 0
+        work[:, 4] = kv_sorted
+        work[:, 5] = kv_sorted - 1
+        work[:, 6:8] = -1
+        work[:, 8] = order
+        return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(L))
+    n_chunks = np.maximum(1, -(-kv_lens // L))
+    req, chunk = _segment_index(n_chunks)
+    kv_s = chunk * L
+    kv_e = np.minimum(kv_s + L, kv_lens[req])
+    split = n_chunks > 1
+    rows = np.where(split, n_chunks, 0)  # one partial row per chunk of a split request
+    base = _exclusive_cumsum(rows)
+    split_id = np.cumsum(split) - 1
+    order = np.argsort(kv_s - kv_e, kind="stable")
+    req, chunk, kv_s, kv_e = req[order], chunk[order], kv_s[order], kv_e[order]
+    split_r = split[req]
+    work = np.empty((len(req), WORK_FIELDS), dtype=np.int32)
+    work[:, 0] = qo_indptr[:-1][req]
+    work[:, 1] = 1
+    work[:, 2] = kv_base[req]
+    work[:, 3] = kv_s
+    work[:, 4] = kv_e
+    work[:, 5] = kv_lens[req] - 1
+    work[:, 6] = np.where(split_r, base[req] + chunk, -1)
+    work[:, 7] = np.where(split_r, split_id[req], -1)
+    work[:, 8] = req
+    split_reqs = np.flatnonzero(split)
+    splits = np.empty((len(split_reqs), SPLIT_FIELDS), dtype=np.int32)
+    splits[:, 0] = base[split_reqs]
+    splits[:, 1] = n_chunks[split_reqs]
+    return WorkPlan(work, splits, int(rows.sum()), int(L))
 
 
 def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray:

@@ -155,3 +155,23 @@ def test_unsplit_fast_path_equals_general_path(decode):
     general = plan_work(qo_indptr, kv, base, kv_ranges=lambda q0, q1, n: [(0, n)], **args)
     assert len(fast.splits) == 0 and fast.partial_rows == 0
     np.testing.assert_array_equal(fast.work, general.work)
+
+
+@pytest.mark.parametrize("num_ctas", [4, 132, 528])
+def test_decode_path_equals_general_path(num_ctas):
+    """Decode batches (split or not) are planned by _plan_decode; the general path (forced through kv_ranges
+    that state each request's whole range) must give the same work list, split table and partial rows."""
+    rng = np.random.default_rng(num_ctas)
+    split_tiles = 0
+    for kv in (rng.integers(1, 40000, size=7), np.array([32768] + [512] * 63), rng.integers(0, 3000, size=50)):
+        qo_indptr = np.arange(len(kv) + 1)
+        args = dict(causal=False, window_left=-1, config=KernelConfig(16, 64, 4, 3, 4, 4), tasks_per_item=8,
+                    num_ctas=num_ctas, max_partial_rows=100_000)
+        base = rng.integers(0, 1000, size=len(kv))
+        fast = plan_work(qo_indptr, kv, base, **args)
+        general = plan_work(qo_indptr, kv, base, kv_ranges=lambda q0, q1, n: [(0, n)], **args)
+        assert fast.chunk_len == general.chunk_len and fast.partial_rows == general.partial_rows
+        np.testing.assert_array_equal(fast.work, general.work)
+        np.testing.assert_array_equal(fast.splits, general.splits)
+        split_tiles += len(fast.splits)
+    assert split_tiles > 0, "no case split: the split path went untested"
