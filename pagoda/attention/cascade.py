@@ -209,7 +209,8 @@ class MultiLevelCascadeAttentionWrapper:
         if len(self._levels) > 1:
             key = (tuple(q.shape), q.dtype, q.device)
             if key not in self._states:
-                self._states[key] = (torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+                self._states[key] = (torch.empty_like(q),
+                                     torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
             o_i, s_i = self._states[key]
             for w in self._levels[1:]:
                 w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True, **sc)

@@ -15,7 +15,7 @@ import torch
 
 import pagoda
 
-from .attention import bench, flashinfer_or_none
+from .attention import bench, flashinfer_or_none, gpu_time
 
 CASES = [("64 x (8192 shared + 256)", 64, 8192, 256), ("16 x (32768 shared + 1024)", 16, 32768, 1024)]
 
@@ -31,20 +31,6 @@ def setup(n, prefix, suffix, hk, d, ps, dtype):
     last = torch.full((n,), (suffix - 1) % ps + 1, dtype=torch.int32)
     cache = torch.randn(total, 2, ps, hk, d, dtype=dtype, device="cuda")
     return cache, indptr, torch.cat(tables), last
-
-
-def graph_bench(fn):
-    """Median time of fn captured in a CUDA graph (what a serving engine replays): no host launch cost."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
 
 
 def main(argv=None):
@@ -76,8 +62,8 @@ def main(argv=None):
         gcasc = pagoda.MultiLevelCascadeAttentionWrapper(2, ws, use_cuda_graph=True)
         gcasc.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
         out_f, out_c = torch.empty_like(q), torch.empty_like(q)
-        row["flat_graph_us"] = graph_bench(lambda: gflat.run(q, cache, out=out_f)) * 1e6
-        row["cascade_graph_us"] = graph_bench(lambda: gcasc.run(q, cache, out=out_c)) * 1e6
+        row["flat_graph_us"] = gpu_time(lambda: gflat.run(q, cache, out=out_f), "pagoda flat graph") * 1e6
+        row["cascade_graph_us"] = gpu_time(lambda: gcasc.run(q, cache, out=out_c), "pagoda cascade graph") * 1e6
         err = ((out_c.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 2e-2, f"graph-replayed cascade disagrees on {name}: {err}"
         if fi is not None:
@@ -91,7 +77,8 @@ def main(argv=None):
             row["flashinfer_cascade_us"] = bench(lambda: fw.run(q, cache)) * 1e6
             fo_g = torch.empty_like(q)
             try:
-                row["flashinfer_cascade_graph_us"] = graph_bench(lambda: fo_g.copy_(fw.run(q, cache))) * 1e6
+                row["flashinfer_cascade_graph_us"] = gpu_time(lambda: fo_g.copy_(fw.run(q, cache)),
+                                                              "flashinfer cascade graph") * 1e6
             except Exception as e:  # noqa: BLE001 - a peer that cannot be captured is reported, not fatal
                 print(f"# FlashInfer cascade in a CUDA graph failed: {type(e).__name__}: {e}")
         rows.append(row)

@@ -150,8 +150,8 @@ class _PagodaCascadeAttention(_PagodaAttention):
 
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
-        self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
-                                                                backend=backend)
+        self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD",
+                                                                use_cuda_graph=use_cuda_graph, backend=backend)
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         c = self.r.config
@@ -411,7 +411,8 @@ class ModelRunner:
         total = int(inp.kv_indptr[-1])
         read = int(levels["paged_kv_indptr_arr"][0][-1]) + int(levels["paged_kv_indptr_arr"][1][-1])
         saved = total - read
-        if total == 0 or saved < self.cascade_min_saved * total or saved * self.page_bytes < self.cascade_min_saved_bytes:
+        if (total == 0 or saved < self.cascade_min_saved * total
+                or saved * self.page_bytes < self.cascade_min_saved_bytes):
             return None
         return levels
 
