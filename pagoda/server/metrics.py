@@ -29,6 +29,9 @@ class _EngineCollector:
             ("pagoda_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up",
              s.prefix_hit_rate),
             ("pagoda_num_preemptions", "Requests preempted so far", s.preemptions),
+            ("pagoda_cuda_graph_steps", "Engine steps replayed from a CUDA graph", s.cuda_graph_steps),
+            ("pagoda_cascade_steps", "Decode steps that ran cascade attention over shared prefix pages",
+             s.cascade_steps),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))

@@ -225,3 +225,13 @@ def test_sigterm_finishes_in_flight_and_exits_0():
     asyncio.run(go())
     assert proc.wait(60) == 0
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 30
+
+
+def test_parallel_samples_run_cascade_decode(server, client):
+    """n=3 samples of one long prompt share its full pages: the engine's decode steps run cascade attention
+    (pagoda_cascade_steps grows) and greedy samples agree."""
+    before = metric(server, "pagoda_cascade_steps")
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    " * 12
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, n=3)
+    assert len(r.choices) == 3 and len({c.text for c in r.choices}) == 1
+    assert metric(server, "pagoda_cascade_steps") > before
