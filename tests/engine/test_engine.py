@@ -238,3 +238,18 @@ def test_cascade_groups_requests_by_first_page():
     order = _first_page_order(Inp([[4, 5], [9], [4, 6], [3], [9, 1], [7]]))
     assert order.tolist() == [3, 0, 2, 5, 1, 4]
     assert _first_page_order(Inp([[1, 2], [2, 1]])) is None
+
+
+def test_page_array_follows_the_page_list():
+    """Request.page_array converts pages incrementally; appends, replacement and clearing all show."""
+    r = pagoda.engine.scheduler.Request("r", None, [1, 2, 3], pagoda.SamplingParams())
+    r.pages += [5, 6]
+    assert r.page_array().tolist() == [5, 6]
+    r.pages += [7]
+    assert r.page_array().tolist() == [5, 6, 7]
+    r.pages = [9]  # preemption / a prefix-cache match assigns a new list
+    assert r.page_array().tolist() == [9]
+    r.pages = []
+    r.pages += [3, 4]
+    assert r.page_array().tolist() == [3, 4]
+    assert str(r.page_array().dtype) == "int32"
