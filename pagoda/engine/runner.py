@@ -293,7 +293,8 @@ class ModelRunner:
         self.attention_backend = attention_backend
         # cascade decode (pagoda's wrappers only): used when the pages shared within groups of requests save at
         # least this fraction of the step's KV page reads
-        self.enable_cascade = enable_cascade and attention_backend in ("pagoda", "torch")
+        # (not with a sliding window: the shared level would attend past it)
+        self.enable_cascade = enable_cascade and attention_backend in ("pagoda", "torch") and self.window_left < 0
         self.cascade_min_saved = CASCADE_MIN_SAVED
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES if self.device.type == "cuda" else 0
         self.page_bytes = (config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim

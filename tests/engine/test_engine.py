@@ -253,3 +253,17 @@ def test_page_array_follows_the_page_list():
     r.pages += [3, 4]
     assert r.page_array().tolist() == [3, 4]
     assert str(r.page_array().dtype) == "int32"
+
+
+def test_no_cascade_with_a_sliding_window(tiny_models, tmp_path):
+    """A sliding-window model keeps flat attention (the cascade's shared level would attend past the window)."""
+    path, _ = tiny_models["mistral"]
+    shutil.copytree(path, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    llm = make_llm(tmp_path / "m")
+    assert llm.engine.runner.window_left == 63 and not llm.engine.runner.enable_cascade
+    llm.generate([PROMPTS[0]], pagoda.SamplingParams(n=3, max_tokens=4, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    assert llm.engine.stats.cascade_steps == 0
