@@ -135,6 +135,10 @@ def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int)
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
     num_pages = np.diff(indptr)
+    if not len(num_pages):
+        return num_pages
+    if last_page_len.min() >= 1 and last_page_len.max() <= page_size and num_pages.min() > 0:  # the usual case
+        return (num_pages - 1) * page_size + last_page_len
     has = num_pages > 0
     bad = has & ((last_page_len < 1) | (last_page_len > page_size))
     if np.any(bad):
@@ -151,6 +155,13 @@ def check_page_indices(indices, indptr: np.ndarray) -> tuple[torch.Tensor, int]:
         raise ValueError(f"paged_kv_indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
     if indices.shape[0] < indptr[-1]:
         raise ValueError(f"paged_kv_indices has {indices.shape[0]} entries but the indptr needs {indptr[-1]}")
+    if indices.device.type == "cpu" and indices.dtype == torch.int32:  # the usual host page table: NumPy only
+        host = indices.numpy()[int(indptr[0]):int(indptr[-1])]
+        if host.size == 0:
+            return indices, -1
+        hi_u = int(host.view(np.uint32).max())  # one pass: negative ids read as huge unsigned ones
+        if hi_u < 2**31:
+            return indices, hi_u
     used = indices[int(indptr[0]):int(indptr[-1])]
     if used.numel() == 0:
         return indices.to(torch.int32), -1

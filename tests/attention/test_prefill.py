@@ -160,3 +160,29 @@ def test_cuda_graph_wrapper_keeps_its_first_kernel():
     with pytest.raises(ValueError, match="page_size"):
         w.plan(torch.tensor(qo, dtype=torch.int32), nxt.indptr, nxt.indices, nxt.last_page_len, *heads, d, 8,
                causal=True, q_data_type=dt)
+
+
+def test_replans_with_other_parameters_use_them():
+    """plan() reuses the previous plan's launch arguments when nothing they depend on changed: a re-plan
+    that changes causal, sm_scale or the split layout on the same wrapper must still get its own."""
+    heads, d, ps, dt = (4, 2), 64, 4, torch.bfloat16
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(16), backend=BACKEND)
+    hits = 0
+    for kv_lens, qo_lens, kw in (([30, 7], [5, 7], dict(causal=True)), ([12, 20], [4, 6], dict(causal=True)),
+                                 ([30, 7], [5, 7], dict(causal=False)),
+                                 ([30, 7], [5, 7], dict(causal=False, sm_scale=0.3)),
+                                 ([300, 9], [3, 9], dict(causal=True, sm_scale=0.3)),
+                                 ([30, 7], [5, 7], dict(causal=True))):
+        batch = PagedBatch(kv_lens, heads[1], d, ps, dt)
+        qo = ragged_indptr(qo_lens)
+        before = getattr(w, "_launch_cache", None)
+        w.plan(torch.tensor(qo, dtype=torch.int32), batch.indptr, batch.indices, batch.last_page_len, *heads, d, ps,
+               q_data_type=dt, **kw)
+        hits += w._launch_cache is before
+        q = torch.randn(qo[-1], heads[0], d, dtype=dt, device=DEVICE)
+        out, lse = poisoned_like(q)
+        w.run(q, batch.cache, out=out, lse=lse, return_lse=True)
+        ro, rl = oracle(q, qo, batch.k, batch.v, **kw)
+        assert rel_err(out, ro) < TOL[dt], kw
+        check_lse(lse, rl)
+    assert hits == 1, "the second plan (same parameters) should reuse the launch arguments"
