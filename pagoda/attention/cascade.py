@@ -28,6 +28,7 @@ import triton
 from . import reference
 from .kernels.attention import merge_states_kernel, merge_two_kernel
 from .formats import check_indptr, to_host_array
+from .plan import _segment_index
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
 
 
@@ -280,10 +281,3 @@ def cascade_levels_from_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_l
         paged_kv_last_page_len=[as_t(np.full(len(starts), page_size)), as_t(np.where(rest > 0, last, page_size))],
     )
 
-
-def _segment_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For counts [c0, c1, ...]: (owner of each element, index within its owner)."""
-    owner = np.repeat(np.arange(len(counts)), counts)
-    first = np.zeros(len(counts), dtype=np.int64)
-    np.cumsum(counts[:-1], out=first[1:])
-    return owner, np.arange(len(owner)) - first[owner]

@@ -167,10 +167,6 @@ def check_page_indices(indices, indptr: np.ndarray) -> tuple[torch.Tensor, int]:
         return indices.to(torch.int32), -1
     if used.device.type == "cpu":
         host = used.numpy()
-        if host.dtype == np.int32:  # one pass: negative ids read as huge unsigned ones
-            hi_u = int(host.view(np.uint32).max())
-            if hi_u < 2**31:
-                return indices.to(torch.int32), hi_u
         lo, hi = int(host.min()), int(host.max())
     else:
         lo, hi = int(used.min()), int(used.max())  # a sync: build page tables on the host

@@ -142,6 +142,9 @@ class BatchAttention:
         # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
         # every request has one query); the cascade sets "prefill" on its shared levels
         self._fixed_mode: str | None = None
+        self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
+        raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
+        self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
         items, splits, arrivals, pages = ((GRAPH_MAX_ITEMS, GRAPH_MAX_SPLITS, GRAPH_MAX_ARRIVALS, GRAPH_MAX_PAGES)
                                           if use_cuda_graph else (256, 64, 1024, 256))
@@ -291,7 +294,7 @@ class BatchAttention:
         key = (p.config, p.head_dim, p.page_size, p.causal, p.window_left, p.logits_soft_cap, p.sm_scale,
                p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90,
                tuple(SM90_CONFIG.items()), None if self._use_cuda_graph else p.work.partial_rows)
-        last = getattr(self, "_launch_cache", None)
+        last = self._launch_cache
         if last is not None and last[0] == key:
             p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs = last[1]
             return
@@ -425,10 +428,7 @@ class BatchAttention:
             f = self._counters.view(torch.float32)
             return f[None, None, :1].expand(1, 1, d), f[None, :1]
         rows = max(rows, 1)
-        tmp = getattr(self, "_ws_f32", None)
-        if tmp is None:
-            raw = self._float_ws.reshape(-1).view(torch.uint8)
-            tmp = self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)
+        tmp = self._ws_f32
         tmp_o = tmp[:rows * h * d].view(rows, h, d)
         tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
         return tmp_o, tmp_lse

@@ -140,7 +140,8 @@ class _PagodaAttention:
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
 
-    def plan(self, inp: StepInputs, dev: _DeviceInputs) -> None:
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
+        """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
         c = self.r.config
         self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
                           torch.from_numpy(inp.kv_indices), torch.from_numpy(inp.kv_last_page_len),
@@ -184,7 +185,7 @@ class _FlashInferAttention:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(runner.workspace, "NHD", use_tensor_cores=True)
         self.active = None
 
-    def plan(self, inp: StepInputs, dev: _DeviceInputs) -> None:
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         c, r = self.r.config, self.r
         if inp.is_decode:
             self.decode.plan(dev.kv_indptr, dev.kv_indices, dev.kv_last_page_len, c.num_heads, c.num_kv_heads,
@@ -219,7 +220,7 @@ class _FlashInferGraphAttention(_FlashInferAttention):
             paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32, device=dev))
         self.active = self.decode
 
-    def plan(self, inp: StepInputs, dev) -> None:
+    def plan(self, inp: StepInputs, dev, levels=None) -> None:
         c, r = self.r.config, self.r
         self.decode.plan(torch.from_numpy(inp.kv_indptr), torch.from_numpy(inp.kv_indices),
                          torch.from_numpy(inp.kv_last_page_len), c.num_heads, c.num_kv_heads, c.head_dim,
@@ -230,7 +231,7 @@ class _DecodeGraph:
     """A CUDA graph of the model over a padded decode batch of ``size`` rows."""
 
     def __init__(self, runner, size: int, pool, cascade: bool = False):
-        self.r, self.size, self.cascade = runner, size, cascade
+        self.r, self.size = runner, size
         if runner.attention_backend == "flashinfer":
             self.attn = _FlashInferGraphAttention(runner, size)
         else:
@@ -252,10 +253,7 @@ class _DecodeGraph:
 
     def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
         self.r.write_static(inp)
-        if self.cascade:
-            self.attn.plan(inp, self.dev, levels)
-        else:
-            self.attn.plan(inp, self.dev)
+        self.attn.plan(inp, self.dev, levels)
         self.graph.replay()
         return self.logits
 
@@ -384,15 +382,11 @@ class ModelRunner:
         """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
         batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
         requests, num_new = batch.requests, batch.num_new_tokens
+        order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
+        if order is not None:  # requests that share pages next to each other (levels group neighbours)
+            requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
         inp = build_inputs(requests, num_new, self.page_size)
-        levels = None
-        if self.enable_cascade and inp.is_decode and len(requests) > 1:
-            order = _first_page_order(inp)
-            if order is not None:  # requests that share pages next to each other (levels group neighbours)
-                if (np.diff(order) != 1).any():
-                    requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
-                    inp = build_inputs(requests, num_new, self.page_size)
-                levels = self._cascade_levels(inp)
+        levels = self._cascade_levels(inp) if order is not None and inp.is_decode else None
         self.last_step_cascade = levels is not None
         graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
         self.last_step_graph = graph is not None
@@ -404,10 +398,7 @@ class ModelRunner:
         else:
             dev = _DeviceInputs(inp, self.staging)
             attn = self.cascade_attn if levels is not None else self.attn
-            if levels is not None:
-                attn.plan(inp, dev, levels)
-            else:
-                attn.plan(inp, dev)
+            attn.plan(inp, dev, levels)
             hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
             logits = self.model.compute_logits(hidden[dev.logits_indices.long()]) if inp.sample_rows else None
         if not inp.sample_rows:
@@ -446,10 +437,10 @@ def _pad_levels(levels, pad: int, page_size: int):
                                 torch.cat([last1, torch.ones(pad, dtype=torch.int32)])])
 
 
-def _first_page_order(inp: StepInputs) -> np.ndarray | None:
-    """The (stable) order of a decode batch by the first page of each request, or None when no two
-    requests start with the same page (nothing to share: the common case costs one np.unique)."""
-    first = inp.kv_indices[inp.kv_indptr[:-1]]  # decode requests have at least one page
-    if len(np.unique(first)) == len(first):
+def _first_page_order(requests) -> list[int] | None:
+    """The (stable) order of a batch by the first page of each request, or None when no two requests
+    start with the same page (nothing to share: the common case is one pass over the batch)."""
+    first = [r.pages[0] if r.pages else -1 - i for i, r in enumerate(requests)]
+    if len(set(first)) == len(first):
         return None
-    return np.argsort(first, kind="stable")
+    return sorted(range(len(first)), key=first.__getitem__)

@@ -227,17 +227,14 @@ def test_cascade_decode_for_shared_prompts(tiny_models):
 
 
 def test_cascade_groups_requests_by_first_page():
-    import numpy as np
-
     from pagoda.engine.runner import _first_page_order
 
-    class Inp:
-        def __init__(self, tables):
-            self.kv_indptr = np.cumsum([0] + [len(t) for t in tables])
-            self.kv_indices = np.concatenate([np.asarray(t) for t in tables])
-    order = _first_page_order(Inp([[4, 5], [9], [4, 6], [3], [9, 1], [7]]))
-    assert order.tolist() == [3, 0, 2, 5, 1, 4]
-    assert _first_page_order(Inp([[1, 2], [2, 1]])) is None
+    class R:
+        def __init__(self, pages):
+            self.pages = pages
+    order = _first_page_order([R([4, 5]), R([9]), R([4, 6]), R([3]), R([9, 1]), R([7])])
+    assert order == [3, 0, 2, 5, 1, 4]
+    assert _first_page_order([R([1, 2]), R([2, 1])]) is None
 
 
 def test_page_array_follows_the_page_list():
