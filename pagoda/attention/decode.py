@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import check_indptr, check_page_indices, paged_kv_lens, to_host_array
+from .formats import check_page_indices, paged_decode_lens
 from .prefill import run_paged, single_prefill_with_kv_cache
 from .runner import BatchAttention
 
@@ -62,17 +62,15 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
                              f"attention (pagoda.ops) and pass 'NONE'")
         if data_type is not None and kv_data_type is None:
             kv_data_type = data_type
-        kv_indptr = check_indptr("indptr", indptr)
+        kv_indptr, kv_lens = paged_decode_lens(indptr, last_page_len, page_size)
         batch = kv_indptr.shape[0] - 1
-        last = to_host_array("last_page_len", last_page_len, batch)
-        kv_lens = paged_kv_lens(kv_indptr, last, page_size)
         idx, max_page = check_page_indices(indices, kv_indptr)
         self._plan_batch(qo_indptr=np.arange(batch + 1, dtype=np.int64), kv_lens=kv_lens,
                          kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                          page_size=page_size, causal=False, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
-                         kv_data_type=kv_data_type)
+                         kv_data_type=kv_data_type, one_query=True)
 
     begin_forward = plan
 

@@ -135,6 +135,7 @@ def plan_work(
     num_ctas: int,
     max_partial_rows: int,
     kv_ranges=None,
+    one_query: bool = False,
 ) -> WorkPlan:
     """Build the work list.
 
@@ -148,8 +149,11 @@ def plan_work(
     query tile: the KV positions of its first and last query, its request's kv_len) giving the KV
     intervals the tile can see (a variant's mask, e.g. sinks + window); only those are planned,
     as chunks of the tile that merge like split-KV chunks.
+    one_query: the caller knows every request has one query (qo_indptr = arange(batch + 1)).
     """
     T = config.tokens_per_tile
+    if one_query and len(kv_lens) and window_left < 0 and kv_ranges is None:
+        return _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
     qo_lens = np.diff(qo_indptr)
     decode = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
     if decode and window_left < 0 and kv_ranges is None:  # the common decode step, in few NumPy calls
@@ -322,13 +326,32 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
     row_cost = config.partial_cost * config.heads_per_prog
     candidates = [bn * 4 << k for k in range(((no_split - 1) // (bn * 4)).bit_length())] + [no_split]
-    L = np.array(candidates, dtype=np.float64)[:, None]
-    # [candidates, tiles] at once, in float64 (exact: lengths < 2^53, and a true division of a multiple
-    # of L is an integer); a tile with no KV is still one item
-    n_chunks = np.maximum(np.ceil(rng / L), 1.0)
-    split = np.where(n_chunks > 1, n_chunks, 0.0)
-    rows = split.sum(axis=1) if tlen is None else split @ tlen.astype(np.float64)  # tlen None: all 1
-    total = tasks_per_item * (float(rng.sum()) + n_chunks.sum(axis=1) * item_cost + rows * row_cost)
-    est = total / num_ctas + np.minimum(L[:, 0], longest) + item_cost
-    est[rows > max_partial_rows] = np.inf  # no_split needs no rows, so something always fits
-    return int(candidates[int(np.argmin(est))])
+    if len(candidates) == 1:
+        return no_split
+    # Candidates that cannot win are dropped before the search over [candidates, tiles] (a large decode
+    # batch usually keeps none): splitting at L adds at least max(sum / L - n, ceil(longest / L) - 1)
+    # items and saves at most longest - L of the bound, so when that cannot pay (by more than a token,
+    # against rounding) L's bound exceeds no_split's and the full search would not pick it either.
+    total_kv = float(rng.sum())
+    per_item = tasks_per_item * item_cost / num_ctas
+    n = len(rng)
+    candidates = [c for c in candidates[:-1]
+                  if per_item * max(total_kv / c - n, -(-longest // c) - 1) < longest - c + 1] + [no_split]
+    if len(candidates) == 1:
+        return no_split
+    # the survivors' chunk counts over [candidates, tiles] at once, in float64 (exact: lengths < 2^53, and a
+    # true division of a multiple of L is an integer); a tile with no KV is still one item; no_split is
+    # one item per tile and no partial rows
+    ch = np.ceil(rng / np.array(candidates[:-1], dtype=np.float64)[:, None])
+    nch = ch.sum(axis=1)
+    items = (nch + (n - np.count_nonzero(rng))).tolist() + [n]
+    if tlen is None:
+        rows = (nch - (ch == 1.0).sum(axis=1)).tolist() + [0]
+    else:
+        rows = (np.where(ch > 1, ch, 0.0) @ tlen.astype(np.float64)).tolist() + [0]
+    best, best_est = no_split, None
+    for c, it, r in zip(candidates, items, rows):
+        est = tasks_per_item * (total_kv + it * item_cost + r * row_cost) / num_ctas + min(c, longest) + item_cost
+        if r <= max_partial_rows and (best_est is None or est < best_est):
+            best, best_est = c, est
+    return int(best)

@@ -143,6 +143,8 @@ class BatchAttention:
         # every request has one query); the cascade sets "prefill" on its shared levels
         self._fixed_mode: str | None = None
         self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
+        self._checked = None  # (scalar arguments, checked values) of the last plan (_check_params)
+        self._grid = None  # (config, persistent grid size) of the last plan
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
@@ -202,11 +204,9 @@ class BatchAttention:
         return floats // (num_qo_heads * (head_dim + 1))
 
     # -- plan ----------------------------------------------------------------------
-    def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
-                    indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
-                    head_dim: int, page_size: int, causal: bool, window_left: int,
-                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
-                    packed_custom_mask=None, mask_indptr=None) -> None:
+    def _check_params(self, num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale,
+                      q_data_type, kv_data_type):
+        """plan()'s scalar arguments: returns (q dtype, kv dtype, sm_scale, soft cap) or raises ValueError."""
         ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
         check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
         q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
@@ -223,9 +223,34 @@ class BatchAttention:
         if cap > 0 and self._variant is not None and self._variant.score_mod is not None:
             raise ValueError(f"logits_soft_cap and the score_mod of variant {self._variant.name!r} both change "
                              f"the logits: fold the cap into the variant (pagoda.variants.soft_cap)")
-        qo_lens = np.diff(qo_indptr)
+        return q_dtype, kv_dtype, float(sm_scale), cap
+
+    def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
+                    indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
+                    head_dim: int, page_size: int, causal: bool, window_left: int,
+                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
+                    packed_custom_mask=None, mask_indptr=None, one_query: bool = False) -> None:
+        """one_query: every request has one query (qo_indptr is arange(batch + 1)), as the decode wrapper
+        plans."""
+        # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
+        pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
+                kv_data_type)
+        try:
+            same = self._checked is not None and bool(self._checked[0] == pkey)
+        except (TypeError, ValueError, RuntimeError):  # e.g. a tensor where a number belongs: check it
+            same = False
+        if same:
+            q_dtype, kv_dtype, sm_scale, cap = self._checked[1]
+        else:
+            q_dtype, kv_dtype, sm_scale, cap = self._check_params(
+                num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
+                kv_data_type)
+            self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap))
+        qo_lens = None if one_query else np.diff(qo_indptr)
         mask_np = mask_bits = None
         if custom_mask is not None or packed_custom_mask is not None or mask_indptr is not None:
+            if qo_lens is None:
+                qo_lens = np.diff(qo_indptr)
             from .variants import prepare_custom_mask
 
             mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
@@ -245,17 +270,21 @@ class BatchAttention:
                                  f"replays it); this plan changes {', '.join(diff)}: use another wrapper")
         else:
             # One query per request is decode whatever the wrapper: small tiles, decode tuning.
-            mode = self._fixed_mode or ("decode" if len(qo_lens) and int(qo_lens.max()) <= 1 else self._mode)
+            mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
+                                        else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0)
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config)
-        grid = num_programs(self.device, config)
+        if self._grid is None or self._grid[0] is not config:
+            self._grid = (config, num_programs(self.device, config))
+        grid = self._grid[1]
         tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
         work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
                          config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
-                         kv_ranges=self._variant.kv_ranges if self._variant is not None else None)
+                         kv_ranges=self._variant.kv_ranges if self._variant is not None else None,
+                         one_query=one_query)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)

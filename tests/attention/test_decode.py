@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,44 @@ def test_torch_backend_matches_triton():
     _, o_t, l_t, ro, rl = run_decode(batch, 8, 64, torch.float16, backend="torch")
     assert rel_err(o_t, ro) < TOL[torch.float16]
     check_lse(l_t, rl)
+
+
+def test_replan_with_changed_scalars_and_bad_ones():
+    """plan() reuses its checks of the scalar arguments while they repeat: a changed sm_scale / soft cap must
+    still take effect, and a bad value after good plans must still be rejected."""
+    batch = PagedBatch([9, 40, 3], 2, 64, 16, torch.bfloat16, "NHD")
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(16), "NHD", backend=BACKEND)
+    q = torch.randn(3, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    for kw in ({"sm_scale": 0.05}, {"sm_scale": 0.05}, {"sm_scale": 0.4}, {"sm_scale": 0.4, "logits_soft_cap": 5.0}):
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16, q_data_type=torch.bfloat16, **kw)
+        out, _ = poisoned_like(q)
+        w.run(q, batch.cache, out=out)
+        ro, _ = oracle(q, list(range(4)), batch.k, batch.v, **kw)
+        assert rel_err(out, ro) < TOL[torch.bfloat16], kw
+    for bad, match in (({"sm_scale": -1.0}, "sm_scale"), ({"logits_soft_cap": float("nan")}, "logits_soft_cap"),
+                       ({"window_left": -5}, "window_left")):
+        with pytest.raises(ValueError, match=match):
+            w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16, q_data_type=torch.bfloat16, **bad)
+
+
+@pytest.mark.parametrize("form", ["int32", "int64", "list", "zero-page request"])
+def test_decode_lens_fast_path_equals_checks(form):
+    """paged_decode_lens (the decode plan's few-call path for host int tensors) and the general checks it
+    falls back to give the same lengths; bad input gets the general path's errors."""
+    from pagoda.attention.formats import check_indptr, paged_decode_lens, paged_kv_lens, to_host_array
+
+    indptr, last = [0, 3, 4, 9], [16, 1, 7]
+    if form == "zero-page request":
+        indptr, last = [0, 3, 3, 9], [16, 5, 7]
+    args = {"int32": lambda x: torch.tensor(x, dtype=torch.int32), "int64": lambda x: torch.tensor(x),
+            "list": list, "zero-page request": lambda x: torch.tensor(x, dtype=torch.int32)}[form]
+    ip, lens = paged_decode_lens(args(indptr), args(last), 16)
+    ref_ip = check_indptr("indptr", indptr)
+    np.testing.assert_array_equal(ip, ref_ip)
+    np.testing.assert_array_equal(lens, paged_kv_lens(ref_ip, to_host_array("last", last), 16))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        paged_decode_lens(args([0, 3, 2, 9]), args(last), 16)
+    with pytest.raises(ValueError, match="last_page_len"):
+        paged_decode_lens(args(indptr), args([16, 1, 17]), 16)
+    with pytest.raises(ValueError, match="last_page_len"):
+        paged_decode_lens(args(indptr), args([16, 1]), 16)

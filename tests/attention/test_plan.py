@@ -175,3 +175,68 @@ def test_decode_path_equals_general_path(num_ctas):
         np.testing.assert_array_equal(fast.splits, general.splits)
         split_tiles += len(fast.splits)
     assert split_tiles > 0, "no case split: the split path went untested"
+
+
+def _chunk_len_full_search(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
+    """The cost model's search written plainly (every candidate, every tile): what _choose_chunk_len's
+    candidate pruning and counting must reproduce exactly."""
+    bn = config.block_n
+    longest = int(max(rng, default=0))
+    no_split = max(bn, -(-longest // bn) * bn)
+    cands, L = [], bn * 4
+    while L < no_split:
+        cands.append(L)
+        L *= 2
+    cands.append(no_split)
+    best, best_est = None, None
+    for L in cands:
+        n_chunks = [max(1, -(-int(x) // L)) for x in rng]
+        rows = sum(c * (1 if tlen is None else int(t)) for c, t in zip(n_chunks, tlen if tlen is not None
+                                                                         else [1] * len(rng)) if c > 1)
+        total = tasks_per_item * (float(sum(int(x) for x in rng)) + sum(n_chunks) * config.item_cost
+                                  + rows * config.partial_cost * config.heads_per_prog)
+        est = total / num_ctas + min(L, longest) + config.item_cost
+        if rows <= max_partial_rows and (best_est is None or est < best_est):
+            best, best_est = L, est
+    return best
+
+
+def test_chunk_len_equals_full_search():
+    from pagoda.attention.plan import _choose_chunk_len
+
+    rng = np.random.default_rng(5)
+    chosen = set()
+    for trial in range(400):
+        n = int(rng.integers(1, 200))
+        kind = trial % 4
+        if kind == 0:
+            lens = rng.integers(0, 40000, n)
+        elif kind == 1:
+            lens = np.full(n, int(rng.integers(1, 9000)))
+        elif kind == 2:  # one long request among short ones (the skewed case)
+            lens = np.r_[rng.integers(1, 600, n - 1), rng.integers(1, 70000)]
+        else:
+            lens = rng.integers(0, 3000, n)
+        cfg = KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 512, 2048])))
+        tlen = None if trial % 3 else rng.integers(1, 17, n)
+        args = (cfg, int(rng.choice([2, 8, 32])), int(rng.choice([3, 132, 528])),
+                int(rng.choice([0, 100, 10**6])))
+        got = _choose_chunk_len(lens.astype(np.int64), tlen, *args)
+        assert got == _chunk_len_full_search(lens, tlen, *args), (trial, n, kind)
+        chosen.add(got >= int(lens.max()))
+    assert chosen == {True, False}, "both split and unsplit answers must be exercised"
+
+
+@pytest.mark.parametrize("num_ctas", [3, 528])
+def test_one_query_flag_equals_detection(num_ctas):
+    """The decode wrapper tells plan_work that every request has one query; the plan must be the one the
+    general entry point finds by looking at qo_indptr."""
+    rng = np.random.default_rng(num_ctas)
+    kv = rng.integers(0, 20000, size=33)
+    args = dict(causal=False, window_left=-1, config=KernelConfig(16, 32, 4, 3, 4, 4, item_cost=2048),
+                tasks_per_item=8, num_ctas=num_ctas, max_partial_rows=100_000)
+    base = rng.integers(0, 1000, size=33)
+    a = plan_work(np.arange(34), kv, base, one_query=True, **args)
+    b = plan_work(np.arange(34), kv, base, **args)
+    np.testing.assert_array_equal(a.work, b.work)
+    np.testing.assert_array_equal(a.splits, b.splits)
