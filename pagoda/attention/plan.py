@@ -76,15 +76,18 @@ _INTERPRETER_CTAS = 3
 
 
 def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_bytes: int = 2,
-                  mean_kv: float = 0.0) -> KernelConfig:
+                  mean_kv: float = 0.0, page_size: int = 16) -> KernelConfig:
     """Pick the kernel configuration for ``mode`` ("decode" or "prefill"); kv_bytes 1: an fp8 cache;
-    mean_kv: the batch's mean KV length (long decode contexts have their own entry)."""
+    mean_kv: the batch's mean KV length (long decode contexts have their own entry); page_size 1 (a
+    token-granular cache) has its own entries where one is tuned."""
     name = mode
     if on_cuda:
         if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS:
             name = f"{mode}-fp8"
         if mean_kv >= 16384 and (f"{name}-long", head_dim) in CUDA_CONFIGS:
             name = f"{name}-long"
+        if page_size == 1 and (f"{name}-page1", head_dim) in CUDA_CONFIGS:
+            name = f"{name}-page1"
     return _config(mode, name, head_dim, group_size, on_cuda)
 
 

@@ -34,7 +34,7 @@ GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
 # (scripts/prefill_ab.py compares configurations on the device)
-SM90_CONFIG = dict(block_n=64, stages=5)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -273,7 +273,7 @@ class BatchAttention:
             mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
-                                   int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0)
+                                   int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config)
         if self._grid is None or self._grid[0] is not config:
@@ -344,8 +344,8 @@ class BatchAttention:
         if sm90:
             p.sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
-                PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"], PRODUCER_REGS=88,
-                CONSUMER_REGS=208, num_warps=4)
+                PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
+                PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"], num_warps=4)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -1,9 +1,10 @@
 """Sweep kernel configurations on the device and print a table (feeds plan.CUDA_CONFIGS).
 
-    python -m pagoda.bench.tune decode|prefill [--head-dim 128] [--heads 32,8]
+    python -m pagoda.bench.tune decode|prefill [--head-dim 128] [--heads 32,8] [--page-size 16]
 
 Each row is one (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) tried on
-the benchmark's cases; the fastest total is marked.
+the benchmark's cases (every case, the long ones included, runs the swept configuration); the fastest
+total is marked. Times are CUDA-graph replays (bench.attention.gpu_time), as in the benchmarks.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import pagoda
 from pagoda.attention import plan as plan_mod
 
-from .attention import PagedSetup, bench
+from .attention import PagedSetup, gpu_time
 
 DECODE_FP8 = [(16, 64, 4, 3, 4, 2048, 128), (16, 32, 4, 3, 4, 2048, 128), (16, 128, 4, 3, 2, 2048), (16, 128, 4, 4, 2, 2048), (16, 256, 4, 3, 1, 2048), (16, 128, 8, 3, 2, 2048),
               (16, 64, 4, 4, 2, 2048), (16, 64, 4, 6, 2, 2048), (16, 128, 4, 2, 3, 2048), (16, 64, 4, 3, 2, 2048)]
@@ -35,16 +36,20 @@ def main(argv=None):
     ap.add_argument("mode", choices=["decode", "prefill"])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--heads", default="32,8")
+    ap.add_argument("--page-size", type=int, default=16, help="1: tune CUDA_CONFIGS['decode-page1']")
     ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item[,maxnreg]' tuples to try instead")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times of the best config")
     ap.add_argument("--kv-dtype", help="float8_e4m3fn: tune decode over an fp8 cache (CUDA_CONFIGS['decode-fp8'])")
     args = ap.parse_args(argv)
     hq, hk = map(int, args.heads.split(","))
-    d, ps, dt = args.head_dim, 16, torch.bfloat16
+    d, ps, dt = args.head_dim, args.page_size, torch.bfloat16
     global KV_DTYPE
     KV_DTYPE = getattr(torch, args.kv_dtype) if args.kv_dtype else None
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    key = (args.mode + ("-fp8" if KV_DTYPE is not None else ""), d)
+    name = args.mode + ("-fp8" if KV_DTYPE is not None else "")
+    keys = [(name, d), (name + "-long", d)]
+    if ps == 1:
+        keys = [(k + "-page1", d) for k, _ in keys]
     results = []
     cases = DECODE_CASES if args.mode == "decode" else PREFILL_CASES
     setups = {}
@@ -62,7 +67,8 @@ def main(argv=None):
     if args.configs:
         configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     for cfg in configs:
-        plan_mod.CUDA_CONFIGS[key] = cfg
+        for key in keys:
+            plan_mod.CUDA_CONFIGS[key] = cfg
         plan_mod._config.cache_clear()  # select_config caches its answers
         times = []
         try:
@@ -70,7 +76,7 @@ def main(argv=None):
                 w = planned_wrapper(args.mode, ws, s, qo, hq, hk, d, ps, dt)
                 sc = dict(k_scale=1.0, v_scale=1.0) if KV_DTYPE is not None else {}
                 out = w.run(q, s.cache, **sc)
-                times.append(bench(lambda: w.run(q, s.cache, out=out, **sc), rep_ms=100) * 1e6)
+                times.append(gpu_time(lambda: w.run(q, s.cache, out=out, **sc), name, rep_ms=100) * 1e6)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is reported
             print(f"{cfg}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
@@ -82,7 +88,8 @@ def main(argv=None):
         mark = " <- best" if cfg == best[0] else ""
         print(f"{str(cfg):<34}" + "".join(f"{t:10.1f}u" for t in times) + mark)
     if args.profile:
-        plan_mod.CUDA_CONFIGS[key] = best[0]
+        for key in keys:
+            plan_mod.CUDA_CONFIGS[key] = best[0]
         plan_mod._config.cache_clear()  # select_config caches its answers
         profile(args.mode, setups, ws, hq, hk, d, ps, dt)
 
@@ -109,7 +116,7 @@ def profile(mode, setups, ws, hq, hk, d, ps, dt):
                 w.run(q, s.cache, out=out)
             torch.cuda.synchronize()
         print(f"--- {name}: chunk_len {w._plan.work.chunk_len}, items {len(w._plan.work.work)}, "
-              f"merge rows {len(w._plan.work.merge)}")
+              f"split tiles {len(w._plan.work.splits)}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=4, max_name_column_width=40))
 
 
