@@ -147,22 +147,25 @@ def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int)
     return np.where(has, (num_pages - 1) * page_size + last_page_len, 0)
 
 
-def paged_decode_lens(indptr, last_page_len, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+def paged_decode_lens(indptr, last_page_len, page_size: int, names=("indptr", "last_page_len"),
+                      length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indptr as int64, kv_lens) of a paged batch: check_indptr + to_host_array + paged_kv_lens in few
     NumPy calls for the usual input (host int tensors, every request with pages, valid last_page_len);
-    anything else goes through those checks (and their error messages)."""
+    anything else goes through those checks (and their error messages, naming ``names``). length: the
+    entries indptr must have (None: any)."""
     if (isinstance(indptr, torch.Tensor) and isinstance(last_page_len, torch.Tensor)
             and indptr.device.type == "cpu" and last_page_len.device.type == "cpu"
             and indptr.dtype in (torch.int32, torch.int64) and last_page_len.dtype in (torch.int32, torch.int64)
             and indptr.dim() == 1 and last_page_len.dim() == 1 and indptr.shape[0] == last_page_len.shape[0] + 1
-            and indptr.shape[0] > 1 and 1 <= page_size <= MAX_PAGE_SIZE):
+            and indptr.shape[0] > 1 and 1 <= page_size <= MAX_PAGE_SIZE
+            and (length is None or indptr.shape[0] == length)):
         ip = indptr.detach().numpy().astype(np.int64)
         last = last_page_len.detach().numpy()
         num_pages = ip[1:] - ip[:-1]
         if ip[0] >= 0 and num_pages.min() > 0 and last.min() >= 1 and last.max() <= page_size:
             return ip, num_pages * page_size + (last - page_size)
-    ip = check_indptr("indptr", indptr)
-    last = to_host_array("last_page_len", last_page_len, ip.shape[0] - 1)
+    ip = check_indptr(names[0], indptr, length)
+    last = to_host_array(names[1], last_page_len, ip.shape[0] - 1)
     return ip, paged_kv_lens(ip, last, page_size)
 
 
