@@ -258,9 +258,12 @@ def plan_work(
 def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows) -> WorkPlan:
     """plan_work for a decode batch without a window or variant (one query per request): the same
     work list as the general path (tests/attention/test_plan.py compares them), built with a few
-    whole-array NumPy calls; plan() runs once per decode step."""
-    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
+    whole-array NumPy calls (a few requests: plain Python, cheaper than NumPy calls on tiny arrays);
+    plan() runs once per decode step."""
     n = len(kv_lens)
+    if n <= SMALL_BATCH:
+        return _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
+    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
     if L >= int(kv_lens.max()):  # nothing split (most steps)
         order = np.argsort(-kv_lens, kind="stable")
         kv_sorted = kv_lens[order]
@@ -300,6 +303,58 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     splits[:, 0] = base[split_reqs]
     splits[:, 1] = n_chunks[split_reqs]
     return WorkPlan(work, splits, int(rows.sum()), int(L))
+
+
+SMALL_BATCH = 8  # decode batches up to this size are planned in plain Python (_plan_decode_small)
+
+
+def _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows
+                       ) -> WorkPlan:
+    """_plan_decode for a few requests, in Python lists: the same work list, split table and chunk length
+    (tests/attention/test_plan.py compares them)."""
+    lens = kv_lens.tolist()
+    q0 = qo_indptr[:-1].tolist()
+    base = kv_base.tolist()
+    L = _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_rows)
+    items, splits, rows = [], [], 0
+    for r, n in enumerate(lens):
+        chunks = max(1, -(-n // L))
+        split_id, first = (len(splits), rows) if chunks > 1 else (-1, -1)
+        if chunks > 1:
+            splits.append((rows, chunks))
+            rows += chunks
+        for c in range(chunks):
+            s = c * L
+            e = min(s + L, n)
+            items.append((q0[r], 1, base[r], s, e, n - 1, first + c if chunks > 1 else -1, split_id, r))
+    items.sort(key=lambda it: it[3] - it[4])  # longest first, stable (Python's sort is)
+    work = np.array(items, dtype=np.int32).reshape(-1, WORK_FIELDS)
+    split_arr = np.array(splits, dtype=np.int32).reshape(-1, SPLIT_FIELDS)
+    return WorkPlan(work, split_arr, rows, int(L))
+
+
+def _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_rows):
+    """_choose_chunk_len for a list of a few decode lengths (one query each), same arithmetic."""
+    bn = config.block_n
+    longest = max(lens)
+    no_split = max(bn, -(-longest // bn) * bn)
+    item_cost = config.item_cost
+    row_cost = config.partial_cost * config.heads_per_prog
+    total_kv = float(sum(lens))
+    best, best_est = no_split, None
+    c = bn * 4
+    while c < no_split:
+        chunks = [max(1, -(-x // c)) for x in lens]
+        it = float(sum(chunks))
+        r = float(sum(k for k in chunks if k > 1))
+        est = tasks_per_item * (total_kv + it * item_cost + r * row_cost) / num_ctas + min(c, longest) + item_cost
+        if r <= max_partial_rows and (best_est is None or est < best_est):
+            best, best_est = c, est
+        c *= 2
+    est = tasks_per_item * (total_kv + len(lens) * item_cost + 0 * row_cost) / num_ctas + longest + item_cost
+    if best_est is None or est < best_est:
+        best = no_split
+    return best
 
 
 def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray:

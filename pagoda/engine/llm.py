@@ -110,9 +110,8 @@ class LLMEngine:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        # a sliding-window model serves its whole position range: the kernels apply the window (window_left)
         limit = config.max_position_embeddings
-        if config.sliding_window:
-            limit = min(limit, config.sliding_window)
         self.max_model_len = max_model_len or limit
         if self.max_model_len > limit or self.max_model_len < 2:
             raise ValueError(f"max_model_len must be in 2..{limit} for this model, got {max_model_len}")

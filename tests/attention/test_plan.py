@@ -240,3 +240,32 @@ def test_one_query_flag_equals_detection(num_ctas):
     b = plan_work(np.arange(34), kv, base, **args)
     np.testing.assert_array_equal(a.work, b.work)
     np.testing.assert_array_equal(a.splits, b.splits)
+
+
+def test_small_decode_batches_equal_numpy_path(monkeypatch):
+    """Decode batches of up to SMALL_BATCH requests are planned in plain Python; the NumPy path (forced by
+    setting SMALL_BATCH to 0) must give the same work list, split table, partial rows and chunk length."""
+    from pagoda.attention import plan as plan_mod
+
+    rng = np.random.default_rng(11)
+    small_batch = plan_mod.SMALL_BATCH
+    seen_split = seen_unsplit = False
+    for trial in range(300):
+        n = int(rng.integers(1, small_batch + 1))
+        kv = rng.integers(0, 40000, size=n) if trial % 3 else rng.integers(0, 3, size=n) * rng.integers(1, 9000)
+        args = dict(causal=False, window_left=-1, tasks_per_item=int(rng.choice([2, 8, 32])),
+                    config=KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 2048]))),
+                    num_ctas=int(rng.choice([3, 132, 528])), max_partial_rows=int(rng.choice([0, 5, 100_000])),
+                    one_query=True)
+        base = rng.integers(0, 1000, size=n)
+        small = plan_work(np.arange(n + 1), kv, base, **args)
+        monkeypatch.setattr(plan_mod, "SMALL_BATCH", 0)
+        full = plan_work(np.arange(n + 1), kv, base, **args)
+        monkeypatch.setattr(plan_mod, "SMALL_BATCH", small_batch)
+        assert small.chunk_len == full.chunk_len and small.partial_rows == full.partial_rows, trial
+        np.testing.assert_array_equal(small.work, full.work)
+        np.testing.assert_array_equal(small.splits, full.splits)
+        assert small.work.dtype == full.work.dtype and small.splits.shape == full.splits.shape
+        seen_split |= len(full.splits) > 0
+        seen_unsplit |= len(full.splits) == 0
+    assert seen_split and seen_unsplit

@@ -48,3 +48,37 @@ def test_greedy_generation_matches_transformers(tiny_models, family):
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12), family
         assert out.outputs[0].finish_reason == "length"
+
+
+def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
+    """A Mistral-style model with a sliding window serves contexts longer than the window (the kernels apply
+    window_left = sliding_window - 1): greedy tokens equal transformers' (which masks with the same window),
+    through chunked prefill, a prefix-cache hit and mixed batches."""
+    import json
+    import shutil
+
+    import transformers
+
+    path, _ = tiny_models["mistral"]
+    shutil.copytree(path, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["sliding_window"] = 12
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    prompts = [list(range(40, 77)), [300, 1, 200, 13] * 6, list(range(40, 77)) + [5, 6]]
+    refs = [hf_greedy(hf, p, 12) for p in prompts]
+    # the window matters for these prompts: without it transformers' own answer differs
+    cfg["sliding_window"] = None
+    (tmp_path / "full").mkdir()
+    for f in (tmp_path / "m").iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, tmp_path / "full" / f.name)
+    (tmp_path / "full" / "config.json").write_text(json.dumps(cfg))
+    hf_full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", attn_implementation="eager").eval()
+    assert any(hf_greedy(hf_full, p, 12) != r for p, r in zip(prompts, refs)), "window has no effect here"
+    llm = make_llm(tmp_path / "m", max_num_batched_tokens=16)  # prompts of 24-39 tokens: chunked prefill
+    assert llm.engine.max_model_len == 512 and llm.engine.runner.window_left == 11
+    outs = llm.generate(prompts, pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert llm.engine.stats.prefix_hit_tokens > 0, "prompt 3 extends prompt 1: its pages should be reused"
