@@ -264,10 +264,12 @@ def main(argv=None):
             else:
                 rows.append(decode_row(name, lens, hq, hk, d, ps, dtype, fi, ws))
             print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+            write_json(args.json, rows, args, partial=True)  # a time-limited device call keeps finished rows
     if args.only != "decode" and kv_dtype is None:
         for name, qo, kv in PREFILL_CASES[: 2 if args.quick else None]:
             rows.append(prefill_row(name, qo, kv, hq, hk, d, ps, dtype, fi, ws, flex))
             print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+            write_json(args.json, rows, args, partial=True)
     print()
     print(fmt_table(rows))
     if EAGER_FALLBACKS:

@@ -40,7 +40,7 @@ def _host_us(fn, n=50):
     return float(np.min(ts[3:])) * 1e6
 
 
-def graph_rows(fi, ws, kv_len=1024):
+def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):
     hq, hk, d, ps, dt = 32, 8, 128, 16, torch.bfloat16
     rows = []
     for b in BATCHES:
@@ -67,17 +67,19 @@ def graph_rows(fi, ws, kv_len=1024):
             row["flashinfer_plan_us"] = _host_us(fplan)
             row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
         rows.append(row)
+        save(rows)
         print(fmt_graph([row]).splitlines()[-1], flush=True)
     return rows
 
 
-def variant_rows(fi, ws):
+def variant_rows(fi, ws, save=lambda rows: None):
     rows = []
     for label, (hq, hk), d, ps, dt in VARIANTS:
         for name, lens in (("64x2048", [2048] * 64), ("1x32768", [32768])):
             row = decode_row(name, lens, hq, hk, d, ps, dt, fi, ws)
             row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
             rows.append(row)
+            save(rows)
             print(fmt_variants([row]).splitlines()[-1], flush=True)
     return rows
 
@@ -110,10 +112,16 @@ def main(argv=None):
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
     res = {}
+
+    def save(part):  # after every row: a time-limited device call keeps what finished
+        def f(rows):
+            res[part] = rows
+            write_json(args.json, res.get("graph", []) + res.get("variants", []), args, partial=True)
+        return f
     if "graph" in args.parts:
-        res["graph"] = graph_rows(fi, ws)
+        res["graph"] = graph_rows(fi, ws, save=save("graph"))
     if "variants" in args.parts:
-        res["variants"] = variant_rows(fi, ws)
+        res["variants"] = variant_rows(fi, ws, save=save("variants"))
     print()
     if "graph" in res:
         print(fmt_graph(res["graph"]))
