@@ -59,6 +59,13 @@ def attention_cases():
                        dict(base, **extra, SCALE_PTR=scale_ptr, KV_DEQUANT=deq[kv], VARIANT=False,
                             SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
                             HAS_MASK_MOD=False, CUSTOM_MASK=False), warps, stages)
+    for mode, extra, warps, stages in (("decode", dict(BLOCK_M=16, BLOCK_N=32, CAUSAL=False), 4, 3),
+                                      ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
+        yield (f"attention {mode} MERGE_OUT (a cascade level merging into out / lse)", attention.attention_kernel,
+               dict(att, REQS="*i64", MASK="*u8", VPARAMS="*fp32"),
+               dict(base, **extra, WRITE_LSE=True, SCALE_PTR=False, KV_DEQUANT=0, VARIANT=False,
+                    SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
+                    HAS_MASK_MOD=False, CUSTOM_MASK=False, MERGE_OUT=True), warps, stages)
     from pagoda.attention import variants
     no = dict(VARIANT=False, SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
               HAS_MASK_MOD=False, CUSTOM_MASK=False)

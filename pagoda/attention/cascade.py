@@ -147,7 +147,9 @@ class MultiLevelCascadeAttentionWrapper:
     the KV of the shared levels, as in decode, append and parallel sampling.
 
     Every level runs the batch prefill kernel (one plan() per level, CUDA-graph safe with
-    ``use_cuda_graph=True``); states merge in place with ``merge_state_in_place``.
+    ``use_cuda_graph=True``); a level after the first merges its state into the running (out, lse) in
+    the attention kernel's epilogue (no merge launch), or, where its plan runs the sm_90 prefill kernel
+    or the PyTorch reference, through ``merge_state_in_place``.
     """
 
     def __init__(self, num_levels: int, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
@@ -207,15 +209,21 @@ class MultiLevelCascadeAttentionWrapper:
         k_scale / v_scale: dequantization scales of an fp8 cache (as in the batch wrappers)."""
         sc = dict(k_scale=k_scale, v_scale=v_scale)
         out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
-        if len(self._levels) > 1:
+        for w in self._levels[1:]:
+            if w.merge_into_out():  # the kernel's epilogue merges into (out, lse): no merge launch
+                w._merge_out = True
+                try:
+                    w.run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
+                finally:
+                    w._merge_out = False
+                continue
             key = (tuple(q.shape), q.dtype, q.device)
             if key not in self._states:
                 self._states[key] = (torch.empty_like(q),
                                      torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
             o_i, s_i = self._states[key]
-            for w in self._levels[1:]:
-                w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True, **sc)
-                merge_state_in_place(out, lse, o_i, s_i)
+            w.run(q, paged_kv_cache, out=o_i, lse=s_i, return_lse=True, **sc)
+            merge_state_in_place(out, lse, o_i, s_i)
         return (out, lse) if return_lse else out
 
     forward = run

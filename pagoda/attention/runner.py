@@ -144,6 +144,9 @@ class BatchAttention:
         self._fixed_mode: str | None = None
         self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
         self._checked = None  # (scalar arguments, checked values) of the last plan (_check_params)
+        # run() merges its result into the (out, lse) it is given instead of overwriting them (a cascade's
+        # levels after the first; Triton kernel only: see merge_into_out())
+        self._merge_out = False
         self._grid = None  # (config, persistent grid size) of the last plan
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
@@ -500,7 +503,7 @@ class BatchAttention:
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
                        vparams):
-        if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head:
+        if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
             prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
                 self._splits_buf, self._arrivals,
@@ -515,8 +518,15 @@ class BatchAttention:
             vparams if vparams is not None else dummy,
             q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
             *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-            WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.constexprs,
+            WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
         )
+
+    def merge_into_out(self) -> bool:
+        """Whether run(out=, lse=) of the current plan can merge its result into the given state in the
+        attention kernel's epilogue (the Triton kernel: not the sm_90 prefill kernel, not the PyTorch
+        reference path). The cascade wrapper uses it to skip its separate merge."""
+        p = self._plan
+        return self._backend == "triton" and p is not None and p.sm90_constexprs is None
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
         """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""

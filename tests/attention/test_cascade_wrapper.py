@@ -134,3 +134,44 @@ def test_cascade_bad_input():
         w.plan([one, torch.tensor([0, 2], dtype=torch.int32)], [one, one], [one, one], [one, one], 4, 2, 64, 4)
     with pytest.raises(ValueError, match="num_levels"):
         pagoda.MultiLevelCascadeAttentionWrapper(0, workspace(1))
+
+
+@pytest.mark.parametrize("suffix_lens", [[0, 5, 9], [5, 600]])  # short / long enough to split (3 programs)
+def test_levels_merge_in_the_kernel_epilogue(monkeypatch, suffix_lens):
+    """Levels after the first merge into (out, lse) in the attention kernel's epilogue (unsplit tiles) or in
+    the split tiles' merge: no merge_state_in_place call, and the answer equals flat attention and the
+    separate-merge path, for empty, short and split suffixes."""
+    from pagoda.attention import cascade as cascade_mod
+
+    hq, hk, d, ps, dtype = 8, 2, 64, 4, torch.bfloat16
+    pool = PagePool(200, ps, hk, d, dtype)
+    prefix = kv(22, hk, d, dtype)
+    suffixes = [kv(n, hk, d, dtype) for n in suffix_lens]
+    l0, l1 = level([prefix], pool), level(suffixes, pool)
+    b = len(suffix_lens)
+    q = torch.randn(b, hq, d, dtype=dtype, device=DEVICE)
+    levels = dict(qo_indptr_arr=[torch.tensor([0, b], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32)],
+                  paged_kv_indptr_arr=[l0[0], l1[0]], paged_kv_indices_arr=[l0[1], l1[1]],
+                  paged_kv_last_page_len=[l0[2], l1[2]])
+    w = pagoda.MultiLevelCascadeAttentionWrapper(2, workspace(), backend="triton")
+    w.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
+    assert w._levels[1].merge_into_out()
+    assert (len(w._levels[1]._plan.work.splits) > 0) == (max(suffix_lens) > 300), "split coverage as intended"
+
+    def no_merge(*a, **k):
+        raise AssertionError("the fused path should not call merge_state_in_place")
+    monkeypatch.setattr(cascade_mod, "merge_state_in_place", no_merge)
+    out, lse = poisoned_like(q)
+    w.run(q, pool.cache, out=out, lse=lse, return_lse=True)
+    monkeypatch.undo()
+    for r in range(b):
+        k = torch.cat([prefix[0], suffixes[r][0]])
+        v = torch.cat([prefix[1], suffixes[r][1]])
+        ro, rl = reference.attention(q[r:r + 1], k, v, compute_dtype=torch.float64, out_dtype=torch.float64)
+        assert rel_err(out[r:r + 1], ro) < TOL[dtype]
+        check_lse(lse[r:r + 1], rl)
+    # the separate-merge path (what the sm_90 / reference plans take) gives the same answer
+    monkeypatch.setattr(type(w._levels[1]), "merge_into_out", lambda self: False)
+    out2, lse2 = w.run(q, pool.cache, return_lse=True)
+    assert rel_err(out2, out) < TOL[dtype]
+    check_lse(lse2, lse)

@@ -291,10 +291,21 @@ def _attend_block_variant(
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
-                    UNROLL: tl.constexpr):
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    d = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                    UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False):
+    """MERGE_OUT: (O, LSE) already hold a state over other KV (a cascade's earlier level): it is merged in
+    as one more partial, and the result replaces it."""
+    if MERGE_OUT:
+        m0 = tl.load(LSE + q_row * stride_lt + qo_head, mask=row_valid, other=float("-inf"))
+        acc = tl.load(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
+                      mask=row_valid[:, None], other=0.0).to(tl.float32)
+        live0 = m0 > float("-inf")
+        m = tl.where(live0, m0, 0.0)
+        d = tl.where(live0, 1.0, 0.0)
+        acc = tl.where(live0[:, None], acc, 0.0)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        d = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # UNROLL chunks per step (8 for head_dim <= 256), so their loads are in flight together
     # (latency, not bandwidth, bounds a merge of many chunks).
     for c0 in range(0, n_chunks, UNROLL):
@@ -324,14 +335,31 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, LSE, TMP_O, TMP_LSE, SPLITS,
                  ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
                  stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr):
+                 WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False):
     """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk
     of a split tile, its partial state; the chunk that arrives last (one counter per tile and task
-    slot) merges the tile's partials and resets the counter."""
+    slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state over
+    other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's
+    formula), so a cascade needs no separate merge kernel."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (v_scale / l_safe)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    if MERGE_OUT:
+        # (a chunk of a split tile merges in _merge_partials instead)
+        s0 = tl.load(LSE + q_row * stride_lt + qo_head, mask=row_valid, other=float("-inf"))
+        o0 = tl.load(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
+                     mask=row_valid[:, None], other=0.0).to(tl.float32)
+        mx = tl.maximum(lse, s0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w_new = tl.exp2(lse - mx)
+        w_old = tl.exp2(s0 - mx)
+        w_sum = w_new + w_old
+        none = w_sum == 0.0
+        w_safe = tl.where(none, 1.0, w_sum)
+        unsplit = partial < 0
+        out = tl.where(unsplit, (out * w_new[:, None] + o0 * w_old[:, None]) / w_safe[:, None], out)
+        lse = tl.where(unsplit, tl.where(none, float("-inf"), mx + tl.log2(w_safe)), lse)
     if partial < 0:
         tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_valid[:, None])
@@ -351,7 +379,7 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, 
             tl.atomic_xchg(arrival, 0)
             _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
                             row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL)
+                            stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT)
 
 
 @triton.jit
@@ -378,7 +406,7 @@ def attention_kernel(
     PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
     VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-    HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr,
+    HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr, MERGE_OUT: tl.constexpr = False,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
@@ -463,7 +491,7 @@ def attention_kernel(
 
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, wp, rem, tasks_per_item, O, LSE, TMP_O, TMP_LSE,
                      SPLITS, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
-                     stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8)
+                     stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT)
         task = tl.atomic_add(COUNTERS, 1)
 
     _reset_counters(COUNTERS)
