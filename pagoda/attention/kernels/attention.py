@@ -288,6 +288,20 @@ def _attend_block_variant(
 
 
 @triton.jit
+def _merge_two_states(va, sa, vb, sb):
+    """merge_state's formula on [rows, D] float32 values and [rows] base-2 LSEs: (v, s) over both KV sets
+    (an empty state, s = -inf, is the identity; two empty ones give (0, -inf))."""
+    m = tl.maximum(sa, sb)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp2(sa - m)
+    wb = tl.exp2(sb - m)
+    d = wa + wb
+    empty = d == 0.0
+    d_safe = tl.where(empty, 1.0, d)
+    return (va * wa[:, None] + vb * wb[:, None]) / d_safe[:, None], tl.where(empty, float("-inf"), m + tl.log2(d_safe))
+
+
+@triton.jit
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
@@ -350,16 +364,10 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, 
         s0 = tl.load(LSE + q_row * stride_lt + qo_head, mask=row_valid, other=float("-inf"))
         o0 = tl.load(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
                      mask=row_valid[:, None], other=0.0).to(tl.float32)
-        mx = tl.maximum(lse, s0)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        w_new = tl.exp2(lse - mx)
-        w_old = tl.exp2(s0 - mx)
-        w_sum = w_new + w_old
-        none = w_sum == 0.0
-        w_safe = tl.where(none, 1.0, w_sum)
+        merged_o, merged_s = _merge_two_states(out, lse, o0, s0)
         unsplit = partial < 0
-        out = tl.where(unsplit, (out * w_new[:, None] + o0 * w_old[:, None]) / w_safe[:, None], out)
-        lse = tl.where(unsplit, tl.where(none, float("-inf"), mx + tl.log2(w_safe)), lse)
+        out = tl.where(unsplit, merged_o, out)
+        lse = tl.where(unsplit, merged_s, lse)
     if partial < 0:
         tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_valid[:, None])
@@ -558,19 +566,11 @@ def merge_two_kernel(
     if HAS_MASK:
         use_b = tl.load(MASK + row) != 0
         sb = tl.where(use_b, sb, float("-inf"))
-    m = tl.maximum(sa, sb)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    wa = tl.exp2(sa - m)
-    wb = tl.exp2(sb - m)
-    d = wa + wb
-    empty = d == 0.0
-    d_safe = tl.where(empty, 1.0, d)
-    out = (va * wa[:, None] + vb * wb[:, None]) / d_safe[:, None]
+    out, s_out = _merge_two_states(va, sa, vb, sb)
     if HAS_MASK:
         out = tl.where(use_b, out, va)
     tl.store(VO + row * stride_vo_r + heads[:, None] * stride_vo_h + offs_d[None, :],
              out.to(VO.dtype.element_ty), mask=hmask[:, None])
-    s_out = tl.where(empty, float("-inf"), m + tl.log2(d_safe))
     if HAS_MASK:
         s_out = tl.where(use_b, s_out, sa)
     tl.store(SO + row * stride_so_r + heads, s_out, mask=hmask)
