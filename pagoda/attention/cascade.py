@@ -210,7 +210,7 @@ class MultiLevelCascadeAttentionWrapper:
         sc = dict(k_scale=k_scale, v_scale=v_scale)
         out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
         for w in self._levels[1:]:
-            if w.merge_into_out():  # the kernel's epilogue merges into (out, lse): no merge launch
+            if w._can_merge_into_out():  # the kernel's epilogue merges into (out, lse): no merge launch
                 w._merge_out = True
                 try:
                     w.run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)

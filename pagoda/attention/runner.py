@@ -145,7 +145,7 @@ class BatchAttention:
         self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
         self._checked = None  # (scalar arguments, checked values) of the last plan (_check_params)
         # run() merges its result into the (out, lse) it is given instead of overwriting them (a cascade's
-        # levels after the first; Triton kernel only: see merge_into_out())
+        # levels after the first; Triton kernel only: see _can_merge_into_out())
         self._merge_out = False
         self._grid = None  # (config, persistent grid size) of the last plan
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
@@ -521,7 +521,7 @@ class BatchAttention:
             WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
         )
 
-    def merge_into_out(self) -> bool:
+    def _can_merge_into_out(self) -> bool:
         """Whether run(out=, lse=) of the current plan can merge its result into the given state in the
         attention kernel's epilogue (the Triton kernel: not the sm_90 prefill kernel, not the PyTorch
         reference path). The cascade wrapper uses it to skip its separate merge."""
