@@ -199,6 +199,9 @@ class MultiLevelCascadeAttentionWrapper:
                    num_qo_heads, num_kv_heads, head_dim, page_size, causal=causal and i == n - 1,
                    pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
                    q_data_type=q_data_type, kv_data_type=kv_data_type)
+            # levels after the first merge into the running (out, lse) in their kernel's epilogue where the
+            # plan runs the Triton kernel (not the sm_90 prefill kernel or the reference path)
+            w._merge_out = i > 0 and w._can_merge_into_out()
 
     begin_forward = plan
 
@@ -210,12 +213,8 @@ class MultiLevelCascadeAttentionWrapper:
         sc = dict(k_scale=k_scale, v_scale=v_scale)
         out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
         for w in self._levels[1:]:
-            if w._can_merge_into_out():  # the kernel's epilogue merges into (out, lse): no merge launch
-                w._merge_out = True
-                try:
-                    w.run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
-                finally:
-                    w._merge_out = False
+            if w._merge_out:  # the kernel's epilogue merges into (out, lse): no merge launch
+                w.run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
                 continue
             key = (tuple(q.shape), q.dtype, q.device)
             if key not in self._states:

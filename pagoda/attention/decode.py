@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import check_page_indices, paged_decode_lens
+from .formats import check_page_indices, check_paged_lens
 from .prefill import run_paged, single_prefill_with_kv_cache
 from .runner import BatchAttention
 
@@ -62,7 +62,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
                              f"attention (pagoda.ops) and pass 'NONE'")
         if data_type is not None and kv_data_type is None:
             kv_data_type = data_type
-        kv_indptr, kv_lens = paged_decode_lens(indptr, last_page_len, page_size)
+        kv_indptr, kv_lens = check_paged_lens(indptr, last_page_len, page_size)
         batch = kv_indptr.shape[0] - 1
         idx, max_page = check_page_indices(indices, kv_indptr)
         self._plan_batch(qo_indptr=np.arange(batch + 1, dtype=np.int64), kv_lens=kv_lens,

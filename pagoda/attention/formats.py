@@ -147,8 +147,8 @@ def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int)
     return np.where(has, (num_pages - 1) * page_size + last_page_len, 0)
 
 
-def paged_decode_lens(indptr, last_page_len, page_size: int, names=("indptr", "last_page_len"),
-                      length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def check_paged_lens(indptr, last_page_len, page_size: int, names=("indptr", "last_page_len"),
+                     length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indptr as int64, kv_lens) of a paged batch: check_indptr + to_host_array + paged_kv_lens in few
     NumPy calls for the usual input (host int tensors, every request with pages, valid last_page_len);
     anything else goes through those checks (and their error messages, naming ``names``). length: the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import (check_indptr, check_kv_layout, check_page_indices, paged_cache_geometry, paged_decode_lens,
+from .formats import (check_indptr, check_kv_layout, check_page_indices, paged_cache_geometry, check_paged_lens,
                       paged_strides, unpack_paged_kv_cache)
 from .reference import gather_paged_kv
 from .runner import BatchAttention
@@ -59,17 +59,15 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
         _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
         qo = check_indptr("qo_indptr", qo_indptr)
         batch = qo.shape[0] - 1
-        kv_indptr, kv_lens = paged_decode_lens(paged_kv_indptr, paged_kv_last_page_len, page_size,
-                                               ("paged_kv_indptr", "paged_kv_last_page_len"), batch + 1)
+        kv_indptr, kv_lens = check_paged_lens(paged_kv_indptr, paged_kv_last_page_len, page_size,
+                                              ("paged_kv_indptr", "paged_kv_last_page_len"), batch + 1)
         idx, max_page = check_page_indices(paged_kv_indices, kv_indptr)
-        # one query per request (a decode step planned through this wrapper, as a serving engine does)
-        one_query = bool(batch and qo[0] == 0 and qo[-1] == batch and np.diff(qo).max() == 1)
         self._plan_batch(qo_indptr=qo, kv_lens=kv_lens, kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
                          page_size=page_size, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
                          kv_data_type=kv_data_type, custom_mask=custom_mask,
-                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr, one_query=one_query)
+                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
 
     begin_forward = plan
 

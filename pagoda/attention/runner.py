@@ -233,8 +233,8 @@ class BatchAttention:
                     head_dim: int, page_size: int, causal: bool, window_left: int,
                     logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
                     packed_custom_mask=None, mask_indptr=None, one_query: bool = False) -> None:
-        """one_query: every request has one query (qo_indptr is arange(batch + 1)), as the decode wrapper
-        plans."""
+        """one_query: the caller knows every request has one query (qo_indptr is arange(batch + 1)), as the
+        decode wrapper does; otherwise it is found here, once, for the planner."""
         # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
         pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type)
@@ -249,7 +249,10 @@ class BatchAttention:
                 num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type)
             self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap))
-        qo_lens = None if one_query else np.diff(qo_indptr)
+        qo_lens = None
+        if not one_query:
+            qo_lens = np.diff(qo_indptr)
+            one_query = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
         mask_np = mask_bits = None
         if custom_mask is not None or packed_custom_mask is not None or mask_indptr is not None:
             if qo_lens is None:

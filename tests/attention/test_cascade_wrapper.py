@@ -155,7 +155,7 @@ def test_levels_merge_in_the_kernel_epilogue(monkeypatch, suffix_lens):
                   paged_kv_last_page_len=[l0[2], l1[2]])
     w = pagoda.MultiLevelCascadeAttentionWrapper(2, workspace(), backend="triton")
     w.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
-    assert w._levels[1]._can_merge_into_out()
+    assert w._levels[1]._can_merge_into_out() and w._levels[1]._merge_out
     assert (len(w._levels[1]._plan.work.splits) > 0) == (max(suffix_lens) > 300), "split coverage as intended"
 
     def no_merge(*a, **k):
@@ -172,6 +172,8 @@ def test_levels_merge_in_the_kernel_epilogue(monkeypatch, suffix_lens):
         check_lse(lse[r:r + 1], rl)
     # the separate-merge path (what the sm_90 / reference plans take) gives the same answer
     monkeypatch.setattr(type(w._levels[1]), "_can_merge_into_out", lambda self: False)
+    w.plan(**levels, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, page_size=ps, q_data_type=dtype)
+    assert not w._levels[1]._merge_out
     out2, lse2 = w.run(q, pool.cache, return_lse=True)
     assert rel_err(out2, out) < TOL[dtype]
     check_lse(lse2, lse)
