@@ -1,5 +1,6 @@
-"""Host time of plan() (timeit minimum), decode and prefill wrappers, eager and CUDA-graph mode, for 1 and
-256 decode requests of random length 128..8192 (page_size 16, 32/8 heads, head_dim 128). Runs anywhere:
+"""Host time of plan() (timeit minimum), decode and prefill wrappers, eager and CUDA-graph mode, for 1 and 256
+decode requests of random length 128..8192 (page_size 16, 32/8 heads, head_dim 128); on a GPU also of an eager
+decode run(). Runs anywhere:
 
     TRITON_INTERPRET=1 python scripts/plan_time.py      # CPU (the planner is host code)
     TRITON_INTERPRET=1 python scripts/plan_time.py --emulate-h100   # CPU, with the CUDA kernel configs and
@@ -59,6 +60,13 @@ def main():
                 times.append(_min_us(fn, dev))
             print(f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
                   f"decode-wrapper plan {times[1]:6.0f} us")
+        if dev == "cuda":  # host time of an eager run() (the launch: argument checks, Triton's launcher)
+            q = torch.randn(n, 32, 128, dtype=torch.bfloat16, device=dev)
+            out = torch.empty_like(q)
+            dw.run(q, s.cache, out=out)
+            t = _min_us(lambda: dw.run(q, s.cache, out=out), dev, n=300)
+            torch.cuda.synchronize()
+            print(f"{n:4d} requests: decode-wrapper run() host time {t:6.0f} us (minimum; the kernel not waited for)")
 
 
 if __name__ == "__main__":
