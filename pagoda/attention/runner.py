@@ -67,12 +67,10 @@ def num_programs(device: torch.device, config: KernelConfig) -> int:
     return _INTERPRETER_CTAS
 
 
-def kv_dequant_mode(q_dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device) -> int:
-    """The kernels' KV_DEQUANT: 1 / 2 for an e4m3 / e5m2 cache under bf16 queries on CUDA (PTX
-    conversion), else 0 (Triton's conversion: fp16 queries, 16-bit caches, the interpreter)."""
-    if device.type != "cuda" or q_dtype != torch.bfloat16:
-        return 0
-    return {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(kv_dtype, 0)
+def kv_dequant_mode(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> int:
+    """The attention kernel's KV_DEQUANT: 1 for bf16 queries over an fp8 cache (the kernel computes in fp16:
+    kernels/attention.py), else 0 (K / V converted to the queries' dtype)."""
+    return int(q_dtype == torch.bfloat16 and kv_dtype in FP8_DTYPES)
 
 
 @dataclasses.dataclass
@@ -343,7 +341,7 @@ class BatchAttention:
         p.constexprs = dict(
             HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
             PAGED=self._paged, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal, SOFTCAP=cap > 0,
-            WINDOW=p.window_left >= 0, KV_DEQUANT=kv_dequant_mode(p.q_dtype, p.kv_dtype, self.device),
+            WINDOW=p.window_left >= 0, KV_DEQUANT=kv_dequant_mode(p.q_dtype, p.kv_dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg

@@ -108,6 +108,20 @@ def test_fp8_decode_matches_dequantized_reference(fp8, per_head, layout):
     check_lse(lse, rl)
 
 
+def test_fp8_bf16_queries_beyond_fp16_range_are_clamped():
+    """bf16 queries over an fp8 cache compute in fp16 (kernels/attention.py): elements beyond fp16's range
+    (|q| > 65504) are clamped to it, not turned into inf / NaN. The oracle gets the clamped queries."""
+    batch, cache, ks, vs, dk, dv = quantized_batch([3, 20], 2, 64, 8, E4M3)
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16, device=DEVICE) * 0.02
+    q[0, 1, 5] = 2.0e5
+    q[1, 3, 7] = -1.0e6
+    _, out, lse = _decode(batch, cache, ks, vs, 4, 64, E4M3, q=q)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    ro, rl = oracle(q.float().clamp(-65504.0, 65504.0), list(range(3)), dk, dv)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
 @pytest.mark.parametrize("fp8", [E4M3, E5M2])
 def test_fp8_torch_backend_matches_triton(fp8):
     batch, cache, ks, vs, dk, dv = quantized_batch([5, 33], 2, 64, 16, fp8)

@@ -153,7 +153,7 @@ def test_cascade_matches_flat_and_replays_in_cuda_graph():
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("per_head", [True, False])
 def test_fp8_decode_real_sizes(fp8, q_dtype, head_dim, per_head):
-    """bf16 queries take the PTX dequantization (kernels/attention.py), fp16 ones Triton's conversion."""
+    """bf16 queries compute in fp16 over the fp8 cache (kernels/attention.py), fp16 ones natively."""
     from .test_fp8 import quantized_batch
 
     kv_lens = [1, 4096, 333, 17, 2048, 8191]
@@ -273,7 +273,7 @@ def test_mla_cuda_graph_replays_after_new_plan():
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_dequantization_covers_every_code(fp8):
     """Caches of random fp8 *bit patterns* (every finite code: zeros, subnormals, the largest values)
-    against the float64 reference of the same codes: checks the PTX conversion bit for bit."""
+    against the float64 reference of the same codes: checks the fp8 -> fp16 conversion of every code."""
     hq, hk, d, ps, n = 8, 2, 64, 16, 4096
     codes = torch.randint(0, 256, (n // ps, 2, ps, hk, d), dtype=torch.uint8)
     vals = codes.view(fp8).float()

@@ -72,54 +72,11 @@ def _prefetch_page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N: tl.constexpr
                               [KV_INDICES + kv_base + tok // PAGE_SIZE], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def _fp8_to_bf16_asm(shift: int, pow2: str) -> str:
-    """PTX for 4 fp8 values in $2 -> 4 bf16 in $0, $1: each byte under a bf16 lane's sign and
-    exponent (>> shift), then a bf16x2 multiply by pow2 (2^120 for e4m3, 2^112 for e5m2)."""
-    return f"""{{
-        .reg .b32 a<2>, b<2>, c;
-        prmt.b32 a0, 0, $2, 0x5040;
-        prmt.b32 a1, 0, $2, 0x7060;
-        and.b32 b0, a0, 0x7fff7fff;
-        and.b32 b1, a1, 0x7fff7fff;
-        shr.b32 b0, b0, {shift};
-        shr.b32 b1, b1, {shift};
-        lop3.b32 b0, b0, 0x80008000, a0, 0xf8;
-        lop3.b32 b1, b1, 0x80008000, a1, 0xf8;
-        mov.b32 c, {pow2};
-        mul.rn.bf16x2 $0, b0, c;
-        mul.rn.bf16x2 $1, b1, c;
-        }}"""
-
-
-_E4M3_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(4, "0x7B807B80"))
-_E5M2_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(3, "0x77807780"))
-
-
 @triton.jit
-def _fp8_to_bf16(x, E5M2: tl.constexpr):
-    """fp8 (e4m3fn, or e5m2) -> bf16 with integer ops and one bf16x2 multiply per 2 values: the fp8
-    bits go under a bf16 exponent (value * 2^-120, or 2^-112 for e5m2; exact, subnormals included)
-    and a multiply by 2^120 (2^112) restores them. Triton's own conversion goes fp8 -> f16 -> bf16
-    with one F2F instruction per value, whose throughput bounds an fp8 decode at ~1.5 TB/s on H100.
-    The fp8 NaN pattern reads as a finite value (caches written by append_paged_kv_cache are clamped)."""
-    if E5M2:
-        asm: tl.constexpr = _E5M2_TO_BF16
-    else:
-        asm: tl.constexpr = _E4M3_TO_BF16
-    return tl.inline_asm_elementwise(asm, "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
-                                     is_pure=True, pack=4)
-
-
-@triton.jit
-def _dequant(x, dtype: tl.constexpr, KV_DEQUANT: tl.constexpr):
-    """KV tile -> the compute dtype. KV_DEQUANT 1 / 2: an e4m3 / e5m2 tile under bf16 queries on
-    CUDA (PTX, above); 0: a plain conversion (no-op for 16-bit caches)."""
-    if KV_DEQUANT == 1:
-        return _fp8_to_bf16(x, False)
-    elif KV_DEQUANT == 2:
-        return _fp8_to_bf16(x, True)
-    else:
-        return x.to(dtype)
+def _dequant(x, dtype: tl.constexpr):
+    """A K / V tile in the compute dtype (fp8 caches are dequantized here, after the load; their scales are
+    folded into qk_scale and the output)."""
+    return x.to(dtype)
 
 
 @triton.jit
@@ -157,7 +114,7 @@ def _attend_block(
     row_hi, row_lo, offs_d,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
     SOFTCAP: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
 ):
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_end  # (unused, and removed by the compiler, in unmasked blocks)
@@ -172,7 +129,7 @@ def _attend_block(
     else:
         k = tl.load(k_ptrs)
     # fp8 caches dequantize here, after the load (the scale is folded into qk_scale / the output)
-    s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
+    s = tl.dot(q, tl.trans(_dequant(k, q.dtype)))
     if SOFTCAP:
         s = soft_cap_log2 * _tanh(s * qk_scale)
         scale = 1.0
@@ -197,7 +154,7 @@ def _attend_block(
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, KV_DEQUANT), acc)
+    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype), acc)
     return acc, m_new, l_i
 
 
@@ -212,12 +169,12 @@ def _variant_block_compute(
     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
     stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head, VPARAMS,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr, SOFTCAP: tl.constexpr,
-    KV_DEQUANT: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
 ):
     k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
                                PAGE_SIZE, PAGED, INDEX_ASM, True)
     k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(_dequant(k, q.dtype, KV_DEQUANT)))
+    s = tl.dot(q, tl.trans(_dequant(k, q.dtype)))
     if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
         x = SCORE_MOD(s * (qk_scale * 0.6931471805599453), req, qo_head[:, None], row_hi[:, None],
                       offs_n[None, :], VPARAMS)
@@ -237,7 +194,7 @@ def _variant_block_compute(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V + v_head_off + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, KV_DEQUANT), acc)
+    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype), acc)
     m_i = m_new
     return acc, m_i, l_i
 
@@ -248,7 +205,7 @@ def _attend_block_variant(
     stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
     row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
-    SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_DEQUANT: tl.constexpr,
+    SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     CUSTOM_MASK: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
@@ -276,14 +233,12 @@ def _attend_block_variant(
             acc, m_i, l_i = _variant_block_compute(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
                 stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head,
-                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, KV_DEQUANT,
-                                                   SCORE_MOD, HAS_SCORE_MOD)
+                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, SCORE_MOD, HAS_SCORE_MOD)
     else:  # variants: the planner already dropped the KV ranges their kv_ranges excludes
         acc, m_i, l_i = _variant_block_compute(
                 q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, offs_n, n_valid, keep, k_head_off, v_head_off,
                 stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2, row_hi, offs_d, req, qo_head,
-                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, KV_DEQUANT,
-                                               SCORE_MOD, HAS_SCORE_MOD)
+                VPARAMS, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, SCORE_MOD, HAS_SCORE_MOD)
     return acc, m_i, l_i
 
 
@@ -443,6 +398,12 @@ def attention_kernel(
         q_row = (q_start + tok).to(tl.int64)
         q = tl.load(Q + q_row[:, None] * stride_qt + qo_head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_valid[:, None], other=0.0)
+        if KV_DEQUANT:
+            # bf16 queries over an fp8 cache compute in fp16: fp8 -> fp16 is one instruction per two values
+            # (fp8 -> bf16 is not: bit placement and a multiply, or two conversions through fp16), fp16 holds
+            # every e4m3 / e5m2 value exactly, P keeps 3 more mantissa bits than in bf16, and decode runs 1.2x
+            # faster on the H200 (notes.md, session 7). q is clamped to fp16's range (|q| <= 65504).
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         row_hi = diag + tok
         row_lo = row_hi - window_left
 
@@ -478,24 +439,24 @@ def attention_kernel(
                     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                     row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
-                    BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW, KV_DEQUANT,
+                    BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW,
                     SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK, CUSTOM_MASK)
         else:
             for start in range(kv_start, full_lo, BLOCK_N):
                 acc, m_i, l_i = _attend_block(
                     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
             for start in range(full_lo, full_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block(
                     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW, KV_DEQUANT)
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW)
             for start in range(full_hi, kv_end, BLOCK_N):
                 acc, m_i, l_i = _attend_block(
                     q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, KV_DEQUANT)
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
 
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, wp, rem, tasks_per_item, O, LSE, TMP_O, TMP_LSE,
                      SPLITS, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
