@@ -1,7 +1,7 @@
 import sys, os, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import importlib.util,os; spec=importlib.util.spec_from_file_location("k", os.environ["KFILE"]); m=importlib.util.module_from_spec(spec); spec.loader.exec_module(m); attention_kernel=m.attention_kernel
+import importlib.util; spec=importlib.util.spec_from_file_location("k", os.environ["KFILE"]); m=importlib.util.module_from_spec(spec); spec.loader.exec_module(m); attention_kernel=m.attention_kernel
 mode = sys.argv[1]
 ptr = lambda t: "*" + t
 sig = {}

@@ -15,7 +15,6 @@ import tempfile
 import torch
 
 import pagoda
-from pagoda.attention import plan as plan_mod
 from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, bench
 
@@ -112,7 +111,7 @@ def main():
     }
     setups = {n: PagedSetup(kv, hk, d, ps, dt) for n, (_, _, kv) in cases.items()}
     orig_programs = runner.num_programs
-    orig_select = runner.select_config
+    base_outs = {}
     print(f"{'variant':<22}" + "".join(f"{n:>13}" for n in cases))
     for name, edits in VARIANTS.items():
         runner.attention_kernel = load_variant(name, edits)
@@ -132,11 +131,16 @@ def main():
                 w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
                 w.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
                 q = torch.randn(int(qo[-1]), hq, d, dtype=dt, device="cuda")
+            torch.manual_seed(0)  # the same q for every variant: outputs are compared with the base kernel's
+            q = torch.randn_like(q)
             ref = w.run(q, s.cache).float()
             out = w.run(q, s.cache)
             t = bench(lambda: w.run(q, s.cache, out=out), rep_ms=100) * 1e6
             if name == "base":
-                base_out = ref
+                base_outs[cname] = ref
+            else:
+                err = ((ref - base_outs[cname]).norm() / base_outs[cname].norm()).item()
+                assert err < 1e-2, f"variant {name} on {cname}: output differs from the base kernel's ({err:.3g})"
             row.append(t)
         print(f"{name:<22}" + "".join(f"{t:12.1f}u" for t in row), flush=True)
     runner.num_programs = orig_programs

@@ -32,9 +32,10 @@ GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
-# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth
-# (scripts/prefill_ab.py compares configurations on the device)
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split,
+# P through shared memory (p_smem: compiled and checked offline in session 7, not yet timed on the device);
+# scripts/prefill_ab.py compares configurations on the device
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, p_smem=False)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -349,7 +350,8 @@ class BatchAttention:
             p.sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
-                PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"], num_warps=4)
+                PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
+                P_SMEM=SM90_CONFIG["p_smem"], num_warps=4)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -5,7 +5,6 @@ SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish for 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 
