@@ -340,14 +340,14 @@ if HAVE_GLUON:
                     if P_SMEM:  # P_j into the other buffer while the wgmma reads P_{j-1}
                         p_smem.index(j % 2).store(p_f.to(dtype))
                         fence_async_shared()
-                        acc = warpgroup_mma_wait(0, deps=(acc,))
-                        p = p_smem.index(j % 2)
-                    else:
-                        acc = warpgroup_mma_wait(0, deps=(acc,))
-                        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
                     _cta_barrier()  # every warp of this group is done with block j - 1's slot (and wrote P_j)
                     mbarrier.arrive(empty.index(prev))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                    if P_SMEM:
+                        p = p_smem.index(j % 2)
+                    else:
+                        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                     prev = slot
                     it += 1
                 acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
