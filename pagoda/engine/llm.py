@@ -62,6 +62,7 @@ class EngineStats:
     waiting: int = 0
     cuda_graph_steps: int = 0
     cascade_steps: int = 0  # decode steps that ran the cascade wrapper (requests sharing prefix pages)
+    prepared_steps: int = 0  # decode steps prepared while the previous step ran (async scheduling)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -94,7 +95,8 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
                  enable_prefix_caching: bool = True, load_format: str = "auto", page_size: int = 16,
                  num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
-                 seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True):
+                 seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
+                 async_scheduling: bool = True):
         path = resolve_model_path(model)
         self.model_path = path
         self.model_name = model or "pagoda-demo"
@@ -150,6 +152,10 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, list[Request]] = {}
+        # async scheduling: while a decode step runs on the device, the next one is prepared (inputs, plan)
+        # as if every request goes on; it runs if the scheduler picks that batch (LLMEngine.step)
+        self.async_scheduling = async_scheduling
+        self._prepared = None
         self.stats = EngineStats(kv_pages_total=self.pool.usable)
         self._ids = itertools.count()
 
@@ -211,11 +217,16 @@ class LLMEngine:
         ``only_finished``: of those that finished, which skips building and detokenizing the
         in-progress outputs that an offline caller would throw away)."""
         batch: ScheduledBatch = self.scheduler.schedule()
+        prepared, self._prepared = self._prepared, None
         if not batch.requests:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no request could be scheduled: the KV cache is too small for the next prompt")
             return []
-        reqs, tokens, logprobs = self.runner.execute(batch, self.generator)
+        pending = self.runner.launch(batch, self.generator, prepared)
+        self.stats.prepared_steps += self.runner.last_step_prepared
+        if self.async_scheduling:  # the host prepares the next decode step while the device runs this one
+            self._prepared = self.runner.prepare_next(pending, self.scheduler.grow)
+        reqs, tokens, logprobs = self.runner.collect(pending)
         self.stats.cuda_graph_steps += self.runner.last_step_graph
         self.stats.cascade_steps += self.runner.last_step_cascade
         self.scheduler.after_step(batch)

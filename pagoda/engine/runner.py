@@ -20,7 +20,7 @@ import torch
 import pagoda
 
 from .config import ModelConfig
-from .sampler import sample
+from .sampler import sample_collect, sample_launch
 
 # a decode step uses the cascade when sharing saves at least this fraction of its KV page reads and, on a
 # GPU, at least this many bytes of KV reads (all layers): the cascade's host work per step (levels, a second
@@ -81,6 +81,54 @@ def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
                       np.array(kv, i32), np.concatenate(pages) if pages else np.zeros(0, i32),
                       np.array(last, i32), np.array(logit_rows, i32), sample_rows,
                       decode and len(sample_rows) == len(requests))
+
+
+def build_next_decode_inputs(requests, page_size: int) -> StepInputs:
+    """The inputs of the decode step after the one in flight, for requests that each gain one token from
+    it: position = the request's token count now, KV length one more. The token ids are not known yet (they
+    are on the device, being sampled): zeros here, the runner copies the sampled ids in on the device."""
+    b = len(requests)
+    pos = [r.num_tokens for r in requests]
+    pages, last = [], []
+    for r, p in zip(requests, pos):
+        npages = p // page_size + 1  # pages of p + 1 tokens
+        arr = r.page_array()
+        pages.append(arr if len(arr) == npages else arr[:npages])
+        last.append(p % page_size + 1)
+    i32 = np.int32
+    ar = np.arange(b + 1, dtype=i32)
+    kv = np.zeros(b + 1, i32)
+    np.cumsum([len(a) for a in pages], out=kv[1:])
+    return StepInputs(np.zeros(b, i32), np.array(pos, i32), ar[:-1].copy(), ar, kv,
+                      np.concatenate(pages) if pages else np.zeros(0, i32), np.array(last, i32), ar[:-1].copy(),
+                      list(range(b)), True)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A decode step prepared while the previous one ran (ModelRunner.prepare_next): its inputs are on the
+    device and its attention planned; it runs if the scheduler then picks the same requests, each at the
+    position it was prepared for."""
+
+    requests: list
+    positions: list[int]
+    inp: StepInputs
+    graph: object = None  # _DecodeGraph, or None: eager, with dev
+    dev: object = None
+
+    def matches(self, requests, num_new) -> bool:
+        return (len(requests) == len(self.requests) and all(a is b for a, b in zip(requests, self.requests))
+                and all(n == 1 for n in num_new)
+                and all(r.num_computed == p and r.num_tokens == p + 1 for r, p in zip(requests, self.positions)))
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A launched step: the requests that sample and their sampling, not yet read back."""
+
+    requests: list
+    sampled: object  # sampler.Sampled, or None (nothing samples)
+    decode: bool  # a decode step without cascade levels (the next one can be prepared during it)
 
 
 class _Staging:
@@ -251,11 +299,17 @@ class _DecodeGraph:
                 hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
                 self.logits = runner.model.compute_logits(hidden)
 
-    def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
+    def prepare(self, inp: StepInputs, levels=None) -> None:
         self.r.write_static(inp)
         self.attn.plan(inp, self.dev, levels)
+
+    def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.logits
+
+    def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
+        self.prepare(inp, levels)
+        return self.replay()
 
 
 class _StaticView:
@@ -311,12 +365,14 @@ class ModelRunner:
         self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
         self._graph_attn: dict[bool, _PagodaAttention] = {}
         self.last_step_graph = False
+        self.last_step_prepared = False
         self.graph_pool = None
         if self.use_graphs:
             mx = self.graph_sizes[-1]
             self.static = {n: torch.zeros(k, dtype=torch.int32, device=self.device) for n, k in (
                 ("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
                 ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", max_pages_step + mx))}
+        self.max_model_len = max_model_len
         self.model.init_rope(max_model_len)
 
     # -- CUDA graphs --------------------------------------------------------------------
@@ -377,11 +433,26 @@ class ModelRunner:
         return self.graphs[size, cascade]
 
     # -- one step -----------------------------------------------------------------------
-    @torch.no_grad()
     def execute(self, batch, generator=None):
         """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
         batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
+        return self.collect(self.launch(batch, generator))
+
+    @torch.no_grad()
+    def launch(self, batch, generator=None, prepared: _Prepared | None = None) -> _Pending:
+        """Queue the batch's forward and sampling on the device (collect() reads the tokens back). With a
+        ``prepared`` step (prepare_next) that matches the batch, its inputs and plan are used as they are."""
         requests, num_new = batch.requests, batch.num_new_tokens
+        self.last_step_prepared = prepared is not None and prepared.matches(requests, num_new)
+        if self.last_step_prepared:
+            self.last_step_cascade = False
+            self.last_step_graph = prepared.graph is not None
+            if prepared.graph is not None:
+                logits = prepared.graph.replay()[:len(requests)]
+            else:
+                logits = self._forward(prepared.dev, self.attn)
+            reqs = list(requests)
+            return _Pending(reqs, sample_launch(logits, reqs, generator), True)
         order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
         if order is not None:  # requests that share pages next to each other (levels group neighbours)
             requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
@@ -399,13 +470,54 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
-            hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
-            logits = self.model.compute_logits(hidden[dev.logits_indices.long()]) if inp.sample_rows else None
+            logits = self._forward(dev, attn) if inp.sample_rows else None
+            if logits is None:
+                self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
         if not inp.sample_rows:
-            return [], [], []
+            return _Pending([], None, False)
         reqs = [requests[i] for i in inp.sample_rows]
-        tokens, logprobs = sample(logits, reqs, generator)
-        return reqs, tokens, logprobs
+        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and levels is None)
+
+    def _forward(self, dev: _DeviceInputs, attn) -> torch.Tensor:
+        hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+        return self.model.compute_logits(hidden[dev.logits_indices.long()])
+
+    def collect(self, pending: _Pending):
+        """Read a launched step's tokens back (waits for the device): (requests, tokens, logprobs)."""
+        if pending.sampled is None:
+            return [], [], []
+        tokens, logprobs = sample_collect(pending.sampled)
+        return pending.requests, tokens, logprobs
+
+    @torch.no_grad()
+    def prepare_next(self, pending: _Pending, grow) -> _Prepared | None:
+        """While a decode step runs on the device, prepare the next one as if every request goes on (the
+        common case; LLMEngine.step runs it only if the scheduler then picks the same batch): one more page
+        where a request needs it (``grow(request, num_tokens)``, the scheduler's), the inputs written to the
+        device behind the running step, the sampled tokens copied in as the next input ids on the device,
+        and the attention planned. Returns None when the next step could not be such a decode step (cascade
+        sharing, the model's length limit, no free pages)."""
+        reqs = pending.requests
+        if not pending.decode or not reqs or pending.sampled is None:
+            return None
+        if any(r.num_tokens + 1 > self.max_model_len for r in reqs):
+            return None
+        if self.enable_cascade and len(reqs) > 1 and _first_page_order(reqs) is not None:
+            return None  # the step may run cascade levels: planned when it is scheduled
+        for r in reqs:
+            if not grow(r, r.num_tokens + 1):
+                return None
+        inp = build_next_decode_inputs(reqs, self.page_size)
+        ids = pending.sampled.out
+        graph = self._graph_for(len(reqs), False) if self.use_graphs else None
+        if graph is not None:
+            graph.prepare(self.padded_decode_inputs(inp, graph.size))
+            self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
+            return _Prepared(list(reqs), [r.num_tokens for r in reqs], inp, graph=graph)
+        dev = _DeviceInputs(inp, self.staging)
+        dev.input_ids.copy_(ids, non_blocking=True)
+        self.attn.plan(inp, dev)
+        return _Prepared(list(reqs), [r.num_tokens for r in reqs], inp, dev=dev)
 
     def _cascade_levels(self, inp: StepInputs):
         """The step's two cascade levels, or None when sharing saves less than cascade_min_saved of the

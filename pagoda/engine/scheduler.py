@@ -168,6 +168,11 @@ class Scheduler:
             return False
         return True
 
+    def grow(self, req: Request, num_tokens: int) -> bool:
+        """Make sure a running request has pages for num_tokens tokens (the engine reserves the next decode
+        step's page while the current step runs); False when the pool cannot give them."""
+        return req.status == Status.RUNNING and self._grow(req, num_tokens)
+
     def _cache_pages(self, req: Request, computed: int) -> None:
         """Index the request's full, computed pages in the prefix tree."""
         if self.cache is None:

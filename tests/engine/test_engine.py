@@ -263,3 +263,50 @@ def test_no_cascade_with_a_sliding_window(tiny_models, tmp_path):
     llm.generate([PROMPTS[0]], pagoda.SamplingParams(n=3, max_tokens=4, temperature=0, ignore_eos=True),
                  use_tqdm=False)
     assert llm.engine.stats.cascade_steps == 0
+
+
+def test_async_scheduling_prepares_decode_steps_and_changes_nothing(tiny_models):
+    """While a decode step runs, the engine prepares the next one as if every request goes on; a step runs
+    prepared only when the scheduler picks exactly that batch. Against the same engine without it: the same
+    tokens (greedy, seeded sampling, stop tokens, max_tokens reached mid-batch, a request arriving while
+    others decode, an abort), no page left behind, and most decode steps prepared."""
+    path, hf = tiny_models["llama"]
+    ref2 = hf_greedy(hf, PROMPTS[2], 12)
+    params = [greedy(12), pagoda.SamplingParams(max_tokens=9, temperature=0.8, seed=5, ignore_eos=True, logprobs=2),
+              pagoda.SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[ref2[4]], ignore_eos=True),
+              greedy(3)]
+    runs = {}
+    for on in (True, False):
+        llm = make_llm(path, async_scheduling=on, enable_prefix_caching=False)
+        e = llm.engine
+        ids = [e.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+        outs, late, aborted = {}, None, None
+        for step in range(200):
+            if not e.has_unfinished():
+                break
+            if step == 6:  # arrives while the others decode: the prepared step does not match, nothing breaks
+                late = e.add_request([9, 8, 7, 6, 5], greedy(5))
+                aborted = e.add_request([1, 2, 3], greedy(40))
+            if step == 9:
+                assert e.abort(aborted)
+            for out in e.step():
+                if out.finished:
+                    outs[out.request_id] = out
+        assert e.pool.num_free == e.pool.usable, "pages left allocated"
+        runs[on] = ([outs[i].outputs[0].token_ids for i in ids + [late]],
+                    [outs[i].outputs[0].finish_reason for i in ids + [late]], outs[ids[1]].outputs[0].logprobs,
+                    e.stats)
+    (tok_on, why_on, lp_on, st_on), (tok_off, why_off, lp_off, st_off) = runs[True], runs[False]
+    assert tok_on == tok_off and why_on == why_off
+    assert [sorted(d) for d in lp_on] == [sorted(d) for d in lp_off]
+    assert tok_on[0] == hf_greedy(hf, PROMPTS[0], 12)
+    assert tok_on[2] == ref2[:5] and why_on[2] == "stop"
+    assert tok_on[4] == hf_greedy(hf, [9, 8, 7, 6, 5], 5)
+    assert st_off.prepared_steps == 0 and st_on.prepared_steps > 0
+    # steady decoding (nothing arrives or ends until the last step): every decode step after the first one
+    # runs prepared (one prefill step, 7 decode steps)
+    llm = make_llm(path)
+    outs = llm.generate(PROMPTS, greedy(8), use_tqdm=False)
+    st = llm.engine.stats
+    assert st.steps == 8 and st.prepared_steps == 6, (st.steps, st.prepared_steps)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in PROMPTS]

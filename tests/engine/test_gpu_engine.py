@@ -27,6 +27,24 @@ def test_cuda_graph_decode_matches_eager():
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
 
 
+def test_async_scheduling_in_cuda_graphs_changes_nothing():
+    """CUDA-graph decode steps prepared while the previous step runs (the sampled ids copied into the graph's
+    inputs on the device) give the tokens of the engine without async scheduling."""
+    sps = [pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+           pagoda.SamplingParams(max_tokens=17, temperature=0.9, seed=11, ignore_eos=True),
+           pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2),
+           pagoda.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)]
+    on = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+    off = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, async_scheduling=False)
+    a = on.generate(PROMPTS, sps, use_tqdm=False)
+    b = off.generate(PROMPTS, sps, use_tqdm=False)
+    st = on.engine.stats
+    assert st.prepared_steps > 10 and st.cuda_graph_steps > st.prepared_steps // 2
+    assert off.engine.stats.prepared_steps == 0
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+
+
 def test_first_token_logprobs_match_transformers_bf16():
     from transformers import AutoModelForCausalLM
 
