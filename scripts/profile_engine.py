@@ -1,6 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few steps of the engine on the device.
 
-    python scripts/profile_engine.py [--batch 64] [--ctx 1024] [--backend pagoda] [--eager]
+    python scripts/profile_engine.py [--batch 64] [--ctx 1024] [--backend pagoda] [--eager] [--no-async]
+                                     [--breakdown]
 """
 import argparse
 import time
@@ -16,10 +17,11 @@ ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--ctx", type=int, default=1024)
 ap.add_argument("--backend", default="pagoda")
 ap.add_argument("--eager", action="store_true")
+ap.add_argument("--no-async", action="store_true", help="async_scheduling=False")
 ap.add_argument("--breakdown", action="store_true", help="host time of each part of a step (no profiler tables)")
 args = ap.parse_args()
 llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=args.backend, skip_tokenizer_init=True,
-                 max_model_len=4096, enforce_eager=args.eager)
+                 max_model_len=4096, enforce_eager=args.eager, async_scheduling=not args.no_async)
 e = llm.engine
 rng = np.random.default_rng(0)
 sp = pagoda.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -28,8 +30,8 @@ for _ in range(args.batch):
 for _ in range(12):
     e.step()
 torch.cuda.synchronize()
-phases = {"schedule": 0.0, "execute": 0.0, "rest": 0.0}
-orig_sched, orig_exec = e.scheduler.schedule, e.runner.execute
+phases = {"schedule": 0.0, "launch": 0.0, "prepare_next": 0.0, "collect": 0.0, "rest": 0.0}
+orig_sched = e.scheduler.schedule
 
 
 def timed(name, fn, into=phases):
@@ -54,11 +56,13 @@ def steps(n=20):
 
 
 e.scheduler.schedule = timed("schedule", orig_sched)
-e.runner.execute = timed("execute", orig_exec)
+for name in ("launch", "prepare_next", "collect"):  # collect waits for the device (the sampler's read-back)
+    setattr(e.runner, name, timed(name, getattr(e.runner, name)))
 total = steps() * 20
-print(f"batch {args.batch} ctx {args.ctx} {args.backend} graphs={not args.eager}: {total / 20 * 1e3:.2f} ms/step; "
+print(f"batch {args.batch} ctx {args.ctx} {args.backend} graphs={not args.eager} async={not args.no_async}: "
+      f"{total / 20 * 1e3:.2f} ms/step, {e.stats.prepared_steps} steps prepared so far; "
       + ", ".join(f"{k} {v / 20 * 1e3:.2f} ms" for k, v in phases.items() if k != "rest"))
-if args.breakdown:  # host time inside execute(), per part (the sampler's read-back waits for the GPU)
+if args.breakdown:  # host time of each part of a step (sample_collect waits for the GPU)
     from pagoda.engine import runner as runner_mod
     parts = {}
 
@@ -66,7 +70,8 @@ if args.breakdown:  # host time inside execute(), per part (the sampler's read-b
         return timed(name, fn, parts)
 
     runner_mod.build_inputs = timed_part("build_inputs", runner_mod.build_inputs)
-    runner_mod.sample = timed_part("sample+readback", runner_mod.sample)
+    runner_mod.sample_launch = timed_part("sample_launch", runner_mod.sample_launch)
+    runner_mod.sample_collect = timed_part("sample_collect (read-back)", runner_mod.sample_collect)
     R = runner_mod.ModelRunner
     R.padded_decode_inputs = timed_part("padded_inputs", R.padded_decode_inputs)
     R.write_static = timed_part("write_static", R.write_static)
@@ -74,8 +79,9 @@ if args.breakdown:  # host time inside execute(), per part (the sampler's read-b
         cls.plan = timed_part("attn.plan", cls.plan)
     torch.cuda.CUDAGraph.replay = timed_part("graph.replay", torch.cuda.CUDAGraph.replay)
     total = steps() * 20
-    print(f"  breakdown over 20 steps: {total / 20 * 1e3:.2f} ms/step; schedule {phases['schedule'] / 20 * 1e3:.2f}, "
-          f"execute {phases['execute'] / 20 * 1e3:.2f}; " + ", ".join(f"{k} {v / 20 * 1e3:.3f} ms" for k, v in parts.items()))
+    print(f"  breakdown over 20 steps: {total / 20 * 1e3:.2f} ms/step; "
+          + ", ".join(f"{k} {v / 20 * 1e3:.2f}" for k, v in phases.items() if k != "rest") + "; "
+          + ", ".join(f"{k} {v / 20 * 1e3:.3f} ms" for k, v in parts.items()))
     raise SystemExit(0)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(5):

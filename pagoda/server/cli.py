@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="do not prepare the next decode step while the current one runs")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
 
@@ -43,6 +45,7 @@ def serve(args) -> int:
                        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
                        enable_prefix_caching=not args.no_prefix_caching, load_format=args.load_format,
                        num_kv_pages=args.num_kv_pages, enforce_eager=args.enforce_eager,
+                       async_scheduling=not args.no_async_scheduling,
                        skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
     name = args.served_model_name or engine.model_name
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
