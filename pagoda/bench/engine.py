@@ -10,6 +10,7 @@ Dummy (random) weights of the bundled 8B-shaped configs, bf16, ignore_eos. Cases
   of reading the weights once per step at the copy bandwidth measured in the same run;
 - long: one 32k-token prompt, 256 output tokens: time to first token and inter-token latency;
 - parallel: 64 prompts of 512 tokens x n=8 samples (the samples share the prompt's pages).
+A backend may carry an option: "pagoda:nocascade" (cascade decode off), "pagoda:noasync" (async scheduling off).
 transformers' generate on a small batch gives the floor the issue asks for (--hf).
 """
 from __future__ import annotations
@@ -125,12 +126,13 @@ def main(argv=None):
     print(f"# {results['device']}, {args.model} (dummy weights, bf16), copy bandwidth {bw / 1e9:.0f} GB/s")
     for backend in args.backends.split(","):
         t0 = time.perf_counter()
-        # "pagoda:nocascade": the pagoda backend with cascade decode off (the parallel case's comparison)
+        # "pagoda:nocascade": the pagoda backend with cascade decode off (the parallel case's comparison);
+        # "<backend>:noasync": without async scheduling (the latency case's comparison)
         attn, _, option = backend.partition(":")
         try:
             llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=attn, skip_tokenizer_init=True,
                              max_model_len=33280, max_num_batched_tokens=8192,
-                             enable_cascade=option != "nocascade")
+                             enable_cascade=option != "nocascade", async_scheduling=option != "noasync")
         except Exception as e:  # noqa: BLE001 - a missing peer must not stop the table
             print(f"# backend {backend} unavailable: {type(e).__name__}: {e}")
             continue
