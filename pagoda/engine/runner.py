@@ -112,7 +112,6 @@ class _Prepared:
 
     requests: list
     positions: list[int]
-    inp: StepInputs
     graph: object = None  # _DecodeGraph, or None: eager, with dev
     dev: object = None
 
@@ -513,11 +512,11 @@ class ModelRunner:
         if graph is not None:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))
             self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
-            return _Prepared(list(reqs), [r.num_tokens for r in reqs], inp, graph=graph)
+            return _Prepared(list(reqs), [r.num_tokens for r in reqs], graph=graph)
         dev = _DeviceInputs(inp, self.staging)
         dev.input_ids.copy_(ids, non_blocking=True)
         self.attn.plan(inp, dev)
-        return _Prepared(list(reqs), [r.num_tokens for r in reqs], inp, dev=dev)
+        return _Prepared(list(reqs), [r.num_tokens for r in reqs], dev=dev)
 
     def _cascade_levels(self, inp: StepInputs):
         """The step's two cascade levels, or None when sharing saves less than cascade_min_saved of the
