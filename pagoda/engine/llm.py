@@ -136,7 +136,8 @@ class LLMEngine:
         self.pool = PagePool(int(num_kv_pages), page_size)
         self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len,
+                                   window_left=(config.sliding_window - 1) if config.sliding_window else -1)
         self.runner = ModelRunner(config, self.model, device=self.device, dtype=self.dtype,
                                   num_pages=int(num_kv_pages), page_size=page_size,
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,

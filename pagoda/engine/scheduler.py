@@ -49,6 +49,9 @@ class Request:
         # other change assigns a new list (page_array() relies on it)
         self.pages: list[int] = []
         self._pages_np = (None, None)  # (the list page_array() converted, its int32 copy)
+        # leading pages given back because they lie wholly behind a sliding window: their entries in
+        # self.pages are the reserved page 0 (kept so the list stays positional; attention never reads them)
+        self.released = 0
         self.num_computed = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.tree_node = None
@@ -118,8 +121,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: PagePool, prefix_cache: PrefixCache | None, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, window_left: int = -1):
+        """window_left >= 0: a sliding-window model (a query at position i attends to i - window_left .. i);
+        the pages wholly behind every future query's window go back to the pool after each step."""
         self.pool, self.cache = pool, prefix_cache
+        self.window_left = window_left
         self.max_num_seqs, self.budget, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -147,9 +153,20 @@ class Scheduler:
 
     # -- pages -------------------------------------------------------------------------
     def _release(self, req: Request) -> None:
-        self.pool.unref(req.pages)
-        req.pages = []
+        self.pool.unref(req.pages[req.released:])
+        req.pages, req.released = [], 0
         req.tree_node, req.tree_pages = None, 0
+
+    def _release_behind_window(self, req: Request) -> None:
+        """Give back the pages no query of req can see again: the next query is at position num_computed and
+        sees positions >= num_computed - window_left, so pages ending before that are done with (pages in the
+        prefix tree stay cached there; _cache_pages indexed them first)."""
+        keep_from = max(0, req.num_computed - self.window_left) // self.pool.page_size
+        if keep_from > req.released:
+            self.pool.unref(req.pages[req.released:keep_from])
+            # a new list (Request.pages' invariant): page 0 is the pool's reserved page
+            req.pages = [0] * keep_from + req.pages[keep_from:]
+            req.released = keep_from
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.pool.page_size)
@@ -256,3 +273,5 @@ class Scheduler:
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed += n
             self._cache_pages(req, req.num_computed)
+            if self.window_left >= 0:
+                self._release_behind_window(req)

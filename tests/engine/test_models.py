@@ -76,9 +76,24 @@ def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
     (tmp_path / "full" / "config.json").write_text(json.dumps(cfg))
     hf_full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", attn_implementation="eager").eval()
     assert any(hf_greedy(hf_full, p, 12) != r for p, r in zip(prompts, refs)), "window has no effect here"
-    llm = make_llm(tmp_path / "m", max_num_batched_tokens=16)  # prompts of 24-39 tokens: chunked prefill
-    assert llm.engine.max_model_len == 512 and llm.engine.runner.window_left == 11
-    outs = llm.generate(prompts, pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-                        use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == refs
-    assert llm.engine.stats.prefix_hit_tokens > 0, "prompt 3 extends prompt 1: its pages should be reused"
+    for caching in (True, False):
+        llm = make_llm(tmp_path / "m", max_num_batched_tokens=16, enable_prefix_caching=caching)  # chunked prefill
+        assert llm.engine.max_model_len == 512 and llm.engine.runner.window_left == 11
+        sched, live = llm.engine.scheduler, []
+        after = sched.after_step
+
+        def spy(batch):  # pages each request still holds after a step: those behind the window go back
+            after(batch)
+            live.extend((r.num_computed, len(r.pages) - r.released, r.pages[:r.released]) for r in batch.requests)
+        sched.after_step = spy
+        outs = llm.generate(prompts, pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                            use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == refs
+        # page_size 4, window_left 11: a request keeps the pages of positions >= num_computed - 11 (<= 4 pages)
+        # and the next step's (1 more), whatever its length (up to 50 tokens here)
+        assert max(n for _, n, _ in live) <= 5 and max(c for c, _, _ in live) >= 40
+        assert all(set(dropped) <= {0} for _, _, dropped in live), "released entries must be the reserved page"
+        if caching:
+            assert llm.engine.stats.prefix_hit_tokens > 0, "prompt 3 extends prompt 1: its pages should be reused"
+        else:
+            assert llm.engine.pool.num_free == llm.engine.pool.usable, "pages left allocated"
