@@ -13,9 +13,10 @@ barriers and on short dependency chains. Here, as in FlashAttention-3:
 - two consumer warp groups, each 64 rows of the 128-row query tile, wait only on the slot's
   "ready" barrier and release it through an "empty" one, so they drift apart and one group's
   softmax overlaps the other's MMAs (FA3's explicit ping-pong on top measured no better: notes.md);
-- inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T and runs during
+- inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T, meant to run during
   the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
-  memory).
+  memory). With P in registers ptxas serializes the two (it waits for the wgmma before the softmax:
+  notes.md, session 7); with P_SMEM (P through shared memory) the SASS overlaps them.
 
 Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
 roles compute (no task counter to share); split tiles write partial states and the last chunk to
