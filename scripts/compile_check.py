@@ -11,6 +11,11 @@ from triton.compiler import ASTSource
 
 
 def compile_one(fn, types, consts, num_warps=4, num_stages=3):
+    import inspect
+
+    # constexpr parameters left out take their defaults, as at a launch (not an i32 argument)
+    consts = dict({p.name: p.default for p in getattr(fn, "params", ())
+                   if p.is_constexpr and p.default is not inspect.Parameter.empty}, **consts)
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
     source = ASTSource
@@ -66,6 +71,12 @@ def attention_cases():
                dict(base, **extra, WRITE_LSE=True, SCALE_PTR=False, KV_DEQUANT=0, VARIANT=False,
                     SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
                     HAS_MASK_MOD=False, CUSTOM_MASK=False, MERGE_OUT=True), warps, stages)
+    for kv in ("bf16", "fp8e4nv"):
+        yield (f"attention decode kv={kv} SLICES=4 (per-warp KV slices)", attention.attention_kernel,
+               dict(att, K="*" + kv, V="*" + kv, REQS="*i64", MASK="*u8", VPARAMS="*fp32"),
+               dict(base, BLOCK_M=16, BLOCK_N=64, CAUSAL=False, SCALE_PTR=False, KV_DEQUANT=deq[kv], VARIANT=False,
+                    SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
+                    HAS_MASK_MOD=False, CUSTOM_MASK=False, SLICES=4), 4, 3)
     from pagoda.attention import variants
     no = dict(VARIANT=False, SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
               HAS_MASK_MOD=False, CUSTOM_MASK=False)

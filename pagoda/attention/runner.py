@@ -346,6 +346,8 @@ class BatchAttention:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg
+        if cfg.slices > 1:
+            p.constexprs["SLICES"] = cfg.slices
         if sm90:
             p.sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,

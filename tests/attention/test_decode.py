@@ -152,3 +152,25 @@ def test_decode_lens_fast_path_equals_checks(form):
         check_paged_lens(args(indptr), args([16, 1, 17]), 16)
     with pytest.raises(ValueError, match="last_page_len"):
         check_paged_lens(args(indptr), args([16, 1]), 16)
+
+
+@pytest.mark.parametrize("plan_kw", [{}, {"window_left": 20}, {"logits_soft_cap": 3.0}])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_per_warp_slices(plan_kw, page_size, monkeypatch):
+    """The decode path whose KV blocks are cut into per-warp slices, each with its own softmax state merged at
+    the end (KernelConfig.slices, the kernel's SLICES): lengths ending mid-slice and mid-block, a split
+    request, GQA, a window, a soft cap, page sizes 1 and 16."""
+    from pagoda.attention import plan as plan_mod
+
+    monkeypatch.setitem(plan_mod._INTERPRETER_CONFIG, "decode", (16, 32, 1, 1, 1, 32, 0, 2))
+    plan_mod._config.cache_clear()
+    try:
+        batch = PagedBatch([700, 1, 17, 40], 2, 64, page_size, torch.bfloat16, "NHD")
+        w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16, **plan_kw)
+        assert w._plan.config.slices == 2 and w._plan.constexprs["SLICES"] == 2
+        if "window_left" not in plan_kw:  # (with the window only the last 21 positions are planned)
+            assert len(w._plan.work.splits) > 0, "the long request should be split into chunks"
+        assert rel_err(o, ro) < TOL[torch.bfloat16]
+        check_lse(l2, rl)
+    finally:
+        plan_mod._config.cache_clear()

@@ -159,6 +159,72 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_block_sliced(
+    q3, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+    row_hi, row_lo, offs_d,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SLICES: tl.constexpr,
+):
+    """_attend_block with the KV block cut into SLICES slices of BLOCK_N // SLICES tokens, each with its own
+    running max / sum / accumulator (q3, acc [SLICES, rows, D]; m_i, l_i [SLICES, rows]): the dots are
+    batched over the slices, so each warp owns a slice and the row max / sum stay inside it (no CTA barrier
+    per block, as a 16-row tile whose columns the warps split needs); _merge_slices combines them once."""
+    SN: tl.constexpr = BLOCK_N // SLICES
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < kv_end
+    if PAGED and INDEX_ASM and PAGE_SIZE < BLOCK_N:
+        _prefetch_page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N, PAGE_SIZE)
+    k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
+                               PAGE_SIZE, PAGED, INDEX_ASM, MASKED)
+    k_ptrs = K + k_head_off + k_off[:, None] + offs_d[None, :]
+    v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    k3 = tl.reshape(_dequant(k, q3.dtype), (SLICES, SN, q3.shape[2]))
+    s = tl.dot(q3, tl.permute(k3, (0, 2, 1)))  # [SLICES, rows, SN]
+    if SOFTCAP:
+        s = soft_cap_log2 * _tanh(s * qk_scale)
+        scale = 1.0
+    else:
+        scale = qk_scale
+    if MASKED:
+        offs3 = tl.reshape(offs_n, (SLICES, SN))[:, None, :]
+        keep = tl.reshape(n_valid, (SLICES, SN))[:, None, :]
+        if CAUSAL:
+            keep = keep & (offs3 <= row_hi[None, :, None])
+        if WINDOW:
+            keep = keep & (offs3 >= row_lo[None, :, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 2) * scale)
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale - m_new[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, 2)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=n_valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    v3 = tl.reshape(_dequant(v, q3.dtype), (SLICES, SN, q3.shape[2]))
+    acc = acc * alpha[:, :, None]
+    acc = tl.dot(p.to(q3.dtype), v3, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _merge_slices(acc3, m3, l3):
+    """The per-slice states of _attend_block_sliced as one ([rows, D], [rows], [rows])."""
+    m = tl.max(m3, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(m3 - m[None, :])
+    return tl.sum(acc3 * w[:, :, None], 0), m, tl.sum(l3 * w, 0)
+
+
+@triton.jit
 def _no_mod(*args):
     """Placeholder passed for SCORE_MOD / MASK_MOD when a plan has no variant (never called)."""
     return 0
@@ -370,6 +436,7 @@ def attention_kernel(
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
     VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr, MERGE_OUT: tl.constexpr = False,
+    SLICES: tl.constexpr = 1,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
@@ -441,6 +508,28 @@ def attention_kernel(
                     row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
                     BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW,
                     SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK, CUSTOM_MASK)
+        elif SLICES > 1:
+            q3 = tl.broadcast_to(q[None, :, :], (SLICES, BLOCK_M, HEAD_DIM))
+            m3 = tl.full([SLICES, BLOCK_M], float("-inf"), tl.float32)
+            l3 = tl.zeros([SLICES, BLOCK_M], tl.float32)
+            acc3 = tl.zeros([SLICES, BLOCK_M, HEAD_DIM], tl.float32)
+            for start in range(kv_start, full_lo, BLOCK_N):
+                acc3, m3, l3 = _attend_block_sliced(
+                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, SLICES)
+            for start in range(full_lo, full_hi, BLOCK_N):
+                acc3, m3, l3 = _attend_block_sliced(
+                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW,
+                    SLICES)
+            for start in range(full_hi, kv_end, BLOCK_N):
+                acc3, m3, l3 = _attend_block_sliced(
+                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
+                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, SLICES)
+            acc, m_i, l_i = _merge_slices(acc3, m3, l3)
         else:
             for start in range(kv_start, full_lo, BLOCK_N):
                 acc, m_i, l_i = _attend_block(
