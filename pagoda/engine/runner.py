@@ -127,7 +127,7 @@ class _Pending:
 
     requests: list
     sampled: object  # sampler.Sampled, or None (nothing samples)
-    decode: bool  # a decode step without cascade levels (the next one can be prepared during it)
+    preparable: bool  # a decode step whose requests share no pages: the next one can be prepared during it
 
 
 class _Staging:
@@ -432,15 +432,11 @@ class ModelRunner:
         return self.graphs[size, cascade]
 
     # -- one step -----------------------------------------------------------------------
-    def execute(self, batch, generator=None):
-        """Run the scheduled batch; returns (tokens, logprobs) for the requests that sample, in
-        batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows)."""
-        return self.collect(self.launch(batch, generator))
-
     @torch.no_grad()
     def launch(self, batch, generator=None, prepared: _Prepared | None = None) -> _Pending:
-        """Queue the batch's forward and sampling on the device (collect() reads the tokens back). With a
-        ``prepared`` step (prepare_next) that matches the batch, its inputs and plan are used as they are."""
+        """Queue the batch's forward and sampling on the device; collect() reads back the tokens of the
+        requests that sample, in batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows).
+        With a ``prepared`` step (prepare_next) that matches the batch, its inputs and plan are used as they are."""
         requests, num_new = batch.requests, batch.num_new_tokens
         self.last_step_prepared = prepared is not None and prepared.matches(requests, num_new)
         if self.last_step_prepared:
@@ -469,13 +465,13 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
-            logits = self._forward(dev, attn) if inp.sample_rows else None
-            if logits is None:
+            if not inp.sample_rows:  # prefill chunks only: the forward fills the cache, nothing samples
                 self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
-        if not inp.sample_rows:
-            return _Pending([], None, False)
+                return _Pending([], None, False)
+            logits = self._forward(dev, attn)
         reqs = [requests[i] for i in inp.sample_rows]
-        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and levels is None)
+        # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
+        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None)
 
     def _forward(self, dev: _DeviceInputs, attn) -> torch.Tensor:
         hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
@@ -497,12 +493,8 @@ class ModelRunner:
         and the attention planned. Returns None when the next step could not be such a decode step (cascade
         sharing, the model's length limit, no free pages)."""
         reqs = pending.requests
-        if not pending.decode or not reqs or pending.sampled is None:
+        if not pending.preparable or any(r.num_tokens + 1 > self.max_model_len for r in reqs):
             return None
-        if any(r.num_tokens + 1 > self.max_model_len for r in reqs):
-            return None
-        if self.enable_cascade and len(reqs) > 1 and _first_page_order(reqs) is not None:
-            return None  # the step may run cascade levels: planned when it is scheduled
         for r in reqs:
             if not grow(r, r.num_tokens + 1):
                 return None

@@ -107,8 +107,3 @@ def sample_collect(s: Sampled):
             d[tokens[i]] = chosen[j]
             logprobs[i] = d
     return tokens, logprobs
-
-
-def sample(logits: torch.Tensor, requests, generator: torch.Generator | None = None):
-    """logits [n, vocab] float32 for n requests -> (tokens, logprobs): sample_launch then sample_collect."""
-    return sample_collect(sample_launch(logits, requests, generator))
