@@ -6,6 +6,8 @@ decode run(). Runs anywhere:
     TRITON_INTERPRET=1 python scripts/plan_time.py --emulate-h100   # CPU, with the CUDA kernel configs and
                                                          # a 132-SM grid (the plans a GPU host would build)
     python scripts/plan_time.py                          # on a GPU host
+    python scripts/plan_time.py --profile                # also cProfile 300 decode-wrapper plans of
+                                                         # each batch (top functions by own time)
 
 Also times the engine's way of planning a decode step (the prefill wrapper with one query per request)
 and 256 requests of 1024 tokens (the decode sweep's batch).
@@ -60,6 +62,16 @@ def main():
                 times.append(_min_us(fn, dev))
             print(f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
                   f"decode-wrapper plan {times[1]:6.0f} us")
+        if "--profile" in sys.argv:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(300):
+                dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
         if dev == "cuda":  # host time of an eager run() (the launch: argument checks, Triton's launcher)
             q = torch.randn(n, 32, 128, dtype=torch.bfloat16, device=dev)
             out = torch.empty_like(q)

@@ -38,6 +38,8 @@ class KernelConfig:
     ctas_per_sm: int
     heads_per_prog: int
     item_cost: int = 128  # fixed cost of a work item, in KV tokens of one head (cost model)
+    # item_cost for a batch of at most LATENCY_BOUND_TILES tiles (None: item_cost): a few requests are latency-bound
+    small_item_cost: int | None = None
     # cost of one partial-result row per query head, in KV tokens of one head: (D + 1) fp32
     # written and read back vs 2 x D fp16 of K and V -> ~2 (MLA: 513 fp32 x 2 vs 576 bf16 -> ~3.6)
     partial_cost: float = 2.0
@@ -69,12 +71,20 @@ CUDA_CONFIGS = {
     ("decode-fp8", 128): (16, 64, 4, 3, 4, 2048, 128),
     ("decode-fp8", 256): (16, 64, 4, 3, 2, 2048),
     ("decode-fp8-long", 64): (16, 128, 4, 2, 3, 2048),
-    # 8 warps once the kernel computes in fp16 (session 7): 1x32768 52.3 vs 56.8 us (H200)
-    ("decode-fp8-long", 128): (16, 128, 8, 3, 2, 2048),
+    # session 8 `tune decode --kv-dtype float8_e4m3fn` (H200): 4 warps, 2 stages beat session 7's 8 warps, 3
+    # stages in every case (1x32768 56.9 vs 66.2 us, 64x2048 141 vs 176: session 7 had measured the reverse, 52.3
+    # vs 56.8 us at 1x32768, on another machine)
+    ("decode-fp8-long", 128): (16, 128, 4, 2, 2, 2048),
     ("prefill", 64): (128, 64, 8, 3, 1, 512),
     ("prefill", 128): (128, 64, 8, 3, 1, 512),
     ("prefill", 256): (64, 32, 4, 2, 1, 512),
 }
+# item_cost of batches of at most LATENCY_BOUND_TILES tiles, where the tuned item_cost (throughput cases) splits too
+# little: `python scripts/small_batch_probe.py` (H200, session 8), batch 1..8 x 1k / 4k at forced chunk lengths:
+# the 8 cases' sum at the planner's choice 309 us with 2048, 253 us with 512 (the best possible 247); 8x1024 42.4 ->
+# 30.1 us (FlashInfer 42.1)
+SMALL_BATCH_ITEM_COST = {("decode", 64): 512, ("decode", 128): 512}
+LATENCY_BOUND_TILES = 8
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
 _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1, 1, 32)}
 _INTERPRETER_CTAS = 3
@@ -105,6 +115,7 @@ def _config(mode: str, name: str, head_dim: int, group_size: int, on_cuda: bool)
     if mode == "decode":
         block_m = max(block_m, min(triton.next_power_of_2(group_size), 64))
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost,
+                        small_item_cost=SMALL_BATCH_ITEM_COST.get((name, head_dim)) if on_cuda else None,
                         maxnreg=(rest[0] or None) if rest and on_cuda else None,
                         slices=rest[1] if len(rest) > 1 and mode == "decode" else 1)
 
@@ -360,18 +371,26 @@ def _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_
                            config, tasks_per_item, num_ctas, max_partial_rows)
 
 
+def _item_cost(config, n_tiles) -> int:
+    """The cost model's fixed cost per work item for a batch of n_tiles query tiles."""
+    if config.small_item_cost is not None and n_tiles <= LATENCY_BOUND_TILES:
+        return config.small_item_cost
+    return config.item_cost
+
+
 def _best_chunk_len(candidates, items, rows, total_kv, longest, config, tasks_per_item, num_ctas,
                     max_partial_rows):
     """The candidate chunk length with the smallest makespan bound (the first on a tie), given each one's
     work items and partial rows; candidates whose rows exceed the workspace are out (the last, no split,
     has none)."""
     best, best_est = candidates[-1], None
+    item_cost = _item_cost(config, items[-1])  # the last candidate (no split) has one item per tile
     # A partial row of one tile token: heads_per_prog rows of (D + 1) fp32 written and
     # read once more by the merge, about 2 * heads KV tokens' worth of bytes.
     row_cost = config.partial_cost * config.heads_per_prog
     for c, it, r in zip(candidates, items, rows):
-        est = (tasks_per_item * (total_kv + it * config.item_cost + r * row_cost) / num_ctas + min(c, longest)
-               + config.item_cost)
+        est = (tasks_per_item * (total_kv + it * item_cost + r * row_cost) / num_ctas + min(c, longest)
+               + item_cost)
         if r <= max_partial_rows and (best_est is None or est < best_est):
             best, best_est = c, est
     return int(best)
@@ -407,8 +426,8 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     # items and saves at most longest - L of the bound, so when that cannot pay (by more than a token,
     # against rounding) L's bound exceeds no_split's and the full search would not pick it either.
     total_kv = float(rng.sum())
-    per_item = tasks_per_item * config.item_cost / num_ctas
     n = len(rng)
+    per_item = tasks_per_item * _item_cost(config, n) / num_ctas
     candidates = [c for c in candidates[:-1]
                   if per_item * max(total_kv / c - n, -(-longest // c) - 1) < longest - c + 1] + [no_split]
     if len(candidates) == 1:

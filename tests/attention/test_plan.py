@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from pagoda.attention.plan import KernelConfig, plan_work
+from pagoda.attention.plan import LATENCY_BOUND_TILES, KernelConfig, plan_work
 
 
 def coverage(plan, qo_indptr, T):
@@ -189,13 +189,16 @@ def _chunk_len_full_search(rng, tlen, config, tasks_per_item, num_ctas, max_part
         L *= 2
     cands.append(no_split)
     best, best_est = None, None
+    item_cost = config.item_cost
+    if config.small_item_cost is not None and len(rng) <= LATENCY_BOUND_TILES:
+        item_cost = config.small_item_cost
     for L in cands:
         n_chunks = [max(1, -(-int(x) // L)) for x in rng]
         rows = sum(c * (1 if tlen is None else int(t)) for c, t in zip(n_chunks, tlen if tlen is not None
                                                                          else [1] * len(rng)) if c > 1)
-        total = tasks_per_item * (float(sum(int(x) for x in rng)) + sum(n_chunks) * config.item_cost
+        total = tasks_per_item * (float(sum(int(x) for x in rng)) + sum(n_chunks) * item_cost
                                   + rows * config.partial_cost * config.heads_per_prog)
-        est = total / num_ctas + min(L, longest) + config.item_cost
+        est = total / num_ctas + min(L, longest) + item_cost
         if rows <= max_partial_rows and (best_est is None or est < best_est):
             best, best_est = L, est
     return best
@@ -207,7 +210,7 @@ def test_chunk_len_equals_full_search():
     rng = np.random.default_rng(5)
     chosen = set()
     for trial in range(400):
-        n = int(rng.integers(1, 200))
+        n = int(rng.integers(1, 200)) if trial % 5 else int(rng.integers(1, 12))  # some latency-bound batches
         kind = trial % 4
         if kind == 0:
             lens = rng.integers(0, 40000, n)
@@ -217,7 +220,8 @@ def test_chunk_len_equals_full_search():
             lens = np.r_[rng.integers(1, 600, n - 1), rng.integers(1, 70000)]
         else:
             lens = rng.integers(0, 3000, n)
-        cfg = KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 512, 2048])))
+        cfg = KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 512, 2048])),
+                           small_item_cost=[None, 512][trial % 2])
         tlen = None if trial % 3 else rng.integers(1, 17, n)
         args = (cfg, int(rng.choice([2, 8, 32])), int(rng.choice([3, 132, 528])),
                 int(rng.choice([0, 100, 10**6])))
@@ -254,7 +258,8 @@ def test_small_decode_batches_equal_numpy_path(monkeypatch):
         n = int(rng.integers(1, small_batch + 1))
         kv = rng.integers(0, 40000, size=n) if trial % 3 else rng.integers(0, 3, size=n) * rng.integers(1, 9000)
         args = dict(causal=False, window_left=-1, tasks_per_item=int(rng.choice([2, 8, 32])),
-                    config=KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 2048]))),
+                    config=KernelConfig(16, int(rng.choice([32, 64])), 4, 3, 4, 4, item_cost=int(rng.choice([32, 2048])),
+                                        small_item_cost=[None, 512][trial % 2]),
                     num_ctas=int(rng.choice([3, 132, 528])), max_partial_rows=int(rng.choice([0, 5, 100_000])),
                     one_query=True)
         base = rng.integers(0, 1000, size=n)
@@ -269,3 +274,20 @@ def test_small_decode_batches_equal_numpy_path(monkeypatch):
         seen_split |= len(full.splits) > 0
         seen_unsplit |= len(full.splits) == 0
     assert seen_split and seen_unsplit
+
+
+def test_latency_bound_batches_use_their_item_cost():
+    """A few decode requests are planned with small_item_cost (shorter chunks, more of them); past
+    LATENCY_BOUND_TILES requests the tuned item_cost is back."""
+    cfg = KernelConfig(16, 32, 4, 3, 4, 4, item_cost=2048)
+    small = KernelConfig(16, 32, 4, 3, 4, 4, item_cost=2048, small_item_cost=512)
+    args = dict(causal=False, window_left=-1, tasks_per_item=8, num_ctas=528, max_partial_rows=10**6,
+                one_query=True)
+    n = LATENCY_BOUND_TILES
+    kv = np.full(n, 1024)
+    # 8 x 1024 on 528 programs: 512-token chunks with the throughput cost, 256 with the latency-bound one
+    assert plan_work(np.arange(n + 1), kv, np.zeros(n, dtype=np.int64), config=cfg, **args).chunk_len == 512
+    assert plan_work(np.arange(n + 1), kv, np.zeros(n, dtype=np.int64), config=small, **args).chunk_len == 256
+    kv = np.full(n + 1, 1024)
+    assert (plan_work(np.arange(n + 2), kv, np.zeros(n + 1, dtype=np.int64), config=small, **args).chunk_len
+            == plan_work(np.arange(n + 2), kv, np.zeros(n + 1, dtype=np.int64), config=cfg, **args).chunk_len)
