@@ -71,12 +71,6 @@ def attention_cases():
                dict(base, **extra, WRITE_LSE=True, SCALE_PTR=False, KV_DEQUANT=0, VARIANT=False,
                     SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
                     HAS_MASK_MOD=False, CUSTOM_MASK=False, MERGE_OUT=True), warps, stages)
-    for kv in ("bf16", "fp8e4nv"):
-        yield (f"attention decode kv={kv} SLICES=4 (per-warp KV slices)", attention.attention_kernel,
-               dict(att, K="*" + kv, V="*" + kv, REQS="*i64", MASK="*u8", VPARAMS="*fp32"),
-               dict(base, BLOCK_M=16, BLOCK_N=64, CAUSAL=False, SCALE_PTR=False, KV_DEQUANT=deq[kv], VARIANT=False,
-                    SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
-                    HAS_MASK_MOD=False, CUSTOM_MASK=False, SLICES=4), 4, 3)
     from pagoda.attention import variants
     no = dict(VARIANT=False, SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
               HAS_MASK_MOD=False, CUSTOM_MASK=False)

@@ -44,16 +44,13 @@ class KernelConfig:
     # written and read back vs 2 x D fp16 of K and V -> ~2 (MLA: 513 fp32 x 2 vs 576 bf16 -> ~3.6)
     partial_cost: float = 2.0
     maxnreg: int | None = None  # register cap per thread (CUDA): more resident programs per SM
-    # decode: KV blocks cut into this many slices, one per warp, each with its own softmax state (the
-    # attention kernel's SLICES; no CTA barrier per block). 1: off (the tuned configs); see notes.md session 7
-    slices: int = 1
 
     @property
     def tokens_per_tile(self) -> int:
         return self.block_m // self.heads_per_prog
 
 
-# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost[, maxnreg[, slices]]) on a
+# (mode, head_dim) -> (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost[, maxnreg]) on a
 # CUDA GPU. block_m of "decode" is the minimum; it grows to hold the whole GQA group (<= 64).
 CUDA_CONFIGS = {
     # 4 programs per SM under a 128-register cap: short contexts (64x256) 1.63x faster, long ones within
@@ -116,8 +113,7 @@ def _config(mode: str, name: str, head_dim: int, group_size: int, on_cuda: bool)
         block_m = max(block_m, min(triton.next_power_of_2(group_size), 64))
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(group_size, block_m), item_cost,
                         small_item_cost=SMALL_BATCH_ITEM_COST.get((name, head_dim)) if on_cuda else None,
-                        maxnreg=(rest[0] or None) if rest and on_cuda else None,
-                        slices=rest[1] if len(rest) > 1 and mode == "decode" else 1)
+                        maxnreg=(rest[0] or None) if rest and on_cuda else None)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ import torch
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
 from .kernels import prefill_sm90
-from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, _no_mod, attention_kernel
+from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
 LOG2E = 1.4426950408889634
@@ -33,7 +33,8 @@ GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split,
-# P through shared memory (p_smem: compiled and checked offline in session 7, not yet timed on the device);
+# P through shared memory (p_smem: timed in session 8 on the H200, 5-14% slower on the paged path, 1-7% on the
+# ragged one than P in registers, although its SASS overlaps the softmax with the P V wgmma: off);
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, p_smem=False)
 
@@ -149,57 +150,52 @@ class BatchAttention:
         self._grid = None  # (config, persistent grid size) of the last plan
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
-        self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
+        self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
+        self._copy_pending = False
+        self._stream = (None, None)  # (raw id, torch Stream) of the stream the last plan copied on
         items, splits, arrivals, pages = ((GRAPH_MAX_ITEMS, GRAPH_MAX_SPLITS, GRAPH_MAX_ARRIVALS, GRAPH_MAX_PAGES)
                                           if use_cuda_graph else (256, 64, 1024, 256))
         if paged_kv_indices_buffer is not None:
             if paged_kv_indices_buffer.device != self.device:
                 raise ValueError("paged_kv_indices_buffer must be on the workspace's device")
             pages = paged_kv_indices_buffer.numel()
-        self._alloc_int(items, splits)
+        self._alloc_int(items, splits, pages)
         self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
-        self._alloc_indices(pages)
 
     # -- buffers -------------------------------------------------------------------
-    def _alloc_int(self, items: int, splits: int) -> None:
-        self._max_items, self._max_splits = items, splits
-        n = NUM_COUNTERS + items * WORK_FIELDS + splits * SPLIT_FIELDS
+    def _alloc_int(self, items: int, splits: int, pages: int) -> None:
+        """The plan buffer (kernels/attention.py: header, work list, split table, page ids, packed in this
+        order by each plan) and its pinned host staging twin: a plan is one host-to-device copy."""
+        self._max_items, self._max_splits, self._max_pages = items, splits, pages
+        n = NUM_COUNTERS + items * WORK_FIELDS + splits * SPLIT_FIELDS + 4 + pages
         self._int_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
-        pin = self.device.type == "cuda"
-        self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._staging_np = self._staging.numpy()
         self._counters = self._int_buf[:NUM_COUNTERS]
-        self._work_buf = self._int_buf[NUM_COUNTERS:NUM_COUNTERS + items * WORK_FIELDS]
-        self._splits_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
+        self._work_buf = self._int_buf[NUM_COUNTERS:]
 
     def _ensure_capacity(self, items: int, splits: int, arrivals: int, pages: int) -> None:
         if (items <= self._max_items and splits <= self._max_splits and arrivals <= self._arrivals.numel()
-                and pages <= self._indices.numel()):
+                and pages <= self._max_pages):
             return
         if self._use_cuda_graph:
             raise ValueError(f"batch too large for the CUDA-graph buffers of this wrapper: {items} work items "
                              f"(max {self._max_items}), {splits} split tiles (max {self._max_splits}), "
                              f"{arrivals} arrival counters (max {self._arrivals.numel()}), {pages} pages (max "
-                             f"{self._indices.numel()}); pass a larger paged_kv_indices_buffer or split the batch")
+                             f"{self._max_pages}); pass a larger paged_kv_indices_buffer or split the batch")
         self._wait_staging()
-        if items > self._max_items or splits > self._max_splits:
-            self._alloc_int(max(items, 2 * self._max_items), max(splits, 2 * self._max_splits))
+        if items > self._max_items or splits > self._max_splits or pages > self._max_pages:
+            grow = (lambda need, have: have if need <= have else max(need, 2 * have))
+            self._alloc_int(grow(items, self._max_items), grow(splits, self._max_splits),
+                            grow(pages, self._max_pages))
         if arrivals > self._arrivals.numel():
             self._arrivals = torch.zeros(max(arrivals, 2 * self._arrivals.numel()), dtype=torch.int32,
                                          device=self.device)
-        if pages > self._indices.numel():
-            self._alloc_indices(max(pages, 2 * self._indices.numel()))
-
-    def _alloc_indices(self, pages: int) -> None:
-        self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
-        # host page tables go through pinned memory: a pageable copy would block plan()
-        self._indices_staging = torch.zeros(pages, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self._indices_staging_np = self._indices_staging.numpy()
 
     def _wait_staging(self) -> None:
-        if self._copy_done is not None:
+        if self._copy_pending:
             self._copy_done.synchronize()
-            self._copy_done = None
+            self._copy_pending = False
 
     def _partial_capacity(self, num_qo_heads: int, head_dim: int) -> int:
         floats = self._float_ws.numel() * self._float_ws.element_size() // 4
@@ -346,8 +342,6 @@ class BatchAttention:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg
-        if cfg.slices > 1:
-            p.constexprs["SLICES"] = cfg.slices
         if sm90:
             p.sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
@@ -388,29 +382,42 @@ class BatchAttention:
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
     def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
-        """Work list, split table and page ids through pinned staging buffers (NumPy writes, no torch
-        op per field) to the device, asynchronously; _wait_staging() before the next write."""
+        """The plan buffer's contents (header, work list, split table, host page ids, packed) written
+        into the pinned staging buffer with NumPy, then one asynchronous copy to the device (page ids
+        already on the device: a second, device-to-device); _wait_staging() before the next write.
+        On the device's host each torch call costs ~10 us: one copy instead of three and one reused
+        event are a third of plan() for a small batch (notes.md, session 8)."""
         self._wait_staging()
         n_w, n_m = work.work.size, work.splits.size
+        s0 = NUM_COUNTERS + n_w
+        i0 = -(-(s0 + n_m) // 4) * 4  # page ids 16-byte aligned
+        n = 0 if indices is None else indices.numel()
+        host_ids = n > 0 and indices.device.type == "cpu"
         st = self._staging_np
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, 0)
-        st[NUM_COUNTERS:NUM_COUNTERS + n_w] = work.work.reshape(-1)
-        m0 = NUM_COUNTERS + self._max_items * WORK_FIELDS
-        st[m0:m0 + n_m] = work.splits.reshape(-1)
-        nb = self.device.type == "cuda"
-        self._int_buf[:NUM_COUNTERS + n_w].copy_(self._staging[:NUM_COUNTERS + n_w], non_blocking=nb)
-        if n_m:
-            self._int_buf[m0:m0 + n_m].copy_(self._staging[m0:m0 + n_m], non_blocking=nb)
-        if indices is not None and indices.numel():
-            n = indices.numel()
-            if indices.device.type == "cpu":
-                self._indices_staging_np[:n] = indices.numpy()
-                self._indices[:n].copy_(self._indices_staging[:n], non_blocking=nb)
-            else:
-                self._indices[:n].copy_(indices, non_blocking=nb)
-        if nb:
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, 0, 0, 0)
+        assert SPLITS_AT == 3 and INDICES_AT == 4
+        st[NUM_COUNTERS:s0] = work.work.reshape(-1)
+        st[s0:s0 + n_m] = work.splits.reshape(-1)
+        if host_ids:
+            st[i0:i0 + n] = indices.numpy()
+        end = i0 + n if host_ids else s0 + n_m
+        if self.device.type != "cuda":
+            self._int_buf[:end].copy_(self._staging[:end])
+            if n and not host_ids:
+                self._int_buf[i0:i0 + n].copy_(indices)
+            return
+        self._int_buf[:end].copy_(self._staging[:end], non_blocking=True)
+        if n and not host_ids:
+            self._int_buf[i0:i0 + n].copy_(indices, non_blocking=True)
+        # the event records on the current stream; finding it through torch.cuda.current_stream() builds a
+        # Stream object per call, so the raw handle (what Triton's launcher reads too) keys a cached one
+        raw = torch._C._cuda_getCurrentRawStream(self.device.index)
+        if raw != self._stream[0]:
+            self._stream = (raw, torch.cuda.current_stream(self.device))
+        if self._copy_done is None:
             self._copy_done = torch.cuda.Event()
-            self._copy_done.record()
+        self._copy_done.record(self._stream[1])
+        self._copy_pending = True
 
     # -- run -----------------------------------------------------------------------
     def _require_plan(self) -> PlanState:
@@ -510,14 +517,14 @@ class BatchAttention:
                        vparams):
         if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
             prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
-                q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
-                self._splits_buf, self._arrivals,
+                q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
+                self._int_buf, self._arrivals,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
         attention_kernel[(p.grid,)](
-            q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
-            self._splits_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
+            q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
+            self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
             self._reqs if self._reqs is not None else self._counters,
             self._mask if (self._mask is not None and p.mask is not None) else self._counters,
             vparams if vparams is not None else dummy,

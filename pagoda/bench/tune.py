@@ -37,8 +37,8 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--heads", default="32,8")
     ap.add_argument("--page-size", type=int, default=16, help="1: tune CUDA_CONFIGS['decode-page1']")
-    ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item[,maxnreg[,slices]]' tuples to try "
-                                      "instead (maxnreg 0: no cap; slices: per-warp KV slices in decode)")
+    ap.add_argument("--configs", help="';'-separated 'bm,bn,warps,stages,ctas,item[,maxnreg]' tuples to try "
+                                      "instead (maxnreg 0: no cap)")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times of the best config")
     ap.add_argument("--kv-dtype", help="float8_e4m3fn: tune decode over an fp8 cache (CUDA_CONFIGS['decode-fp8'])")
     args = ap.parse_args(argv)

@@ -92,6 +92,29 @@ def test_replan_with_other_lengths_reuses_wrapper():
         assert rel_err(o, ro) < TOL[torch.float16]
 
 
+def test_replans_that_grow_the_plan_buffer():
+    """An eager wrapper starts with room for 256 work items, 64 split tiles and 256 page ids in its plan
+    buffer; plans past each grow it (page ids move behind a longer work list / split table) and later
+    smaller plans reuse it. Every run must match the reference."""
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", backend=BACKEND)
+    rng = np.random.default_rng(3)
+    for kv_lens, page_size in (([3, 50], 4),                                          # small
+                               (rng.integers(1, 6, 300).tolist(), 1),                 # 300 items, ~900 pages
+                               ([700, 650, 2] + [1] * 70, 1),                         # split tiles, 1.4k pages
+                               ([9, 1, 33], 16)):                                     # small again
+        batch = PagedBatch(kv_lens, 1, 64, page_size, torch.float16)
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, 2, 1, 64, page_size, q_data_type=torch.float16)
+        q = torch.randn(len(kv_lens), 2, 64, dtype=torch.float16, device=DEVICE)
+        out, lse = poisoned_like(q)
+        w.run(q, batch.cache, out=out, lse=lse)
+        ro, rl = oracle(q, list(range(len(kv_lens) + 1)), batch.k, batch.v)
+        assert rel_err(out, ro) < TOL[torch.float16], kv_lens[:5]
+        check_lse(lse, rl)
+        if kv_lens[0] == 700:
+            assert len(w._plan.work.splits) > 0, "expected split tiles"
+    assert w._max_items >= 300 and w._max_pages >= 1400
+
+
 def test_single_decode_layouts():
     for layout in ("NHD", "HND"):
         q = torch.randn(8, 64, dtype=torch.bfloat16, device=DEVICE)
@@ -152,25 +175,3 @@ def test_decode_lens_fast_path_equals_checks(form):
         check_paged_lens(args(indptr), args([16, 1, 17]), 16)
     with pytest.raises(ValueError, match="last_page_len"):
         check_paged_lens(args(indptr), args([16, 1]), 16)
-
-
-@pytest.mark.parametrize("plan_kw", [{}, {"window_left": 20}, {"logits_soft_cap": 3.0}])
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_decode_per_warp_slices(plan_kw, page_size, monkeypatch):
-    """The decode path whose KV blocks are cut into per-warp slices, each with its own softmax state merged at
-    the end (KernelConfig.slices, the kernel's SLICES): lengths ending mid-slice and mid-block, a split
-    request, GQA, a window, a soft cap, page sizes 1 and 16."""
-    from pagoda.attention import plan as plan_mod
-
-    monkeypatch.setitem(plan_mod._INTERPRETER_CONFIG, "decode", (16, 32, 1, 1, 1, 32, 0, 2))
-    plan_mod._config.cache_clear()
-    try:
-        batch = PagedBatch([700, 1, 17, 40], 2, 64, page_size, torch.bfloat16, "NHD")
-        w, o, l2, ro, rl = run_decode(batch, 8, 64, torch.bfloat16, **plan_kw)
-        assert w._plan.config.slices == 2 and w._plan.constexprs["SLICES"] == 2
-        if "window_left" not in plan_kw:  # (with the window only the last 21 positions are planned)
-            assert len(w._plan.work.splits) > 0, "the long request should be split into chunks"
-        assert rel_err(o, ro) < TOL[torch.bfloat16]
-        check_lse(l2, rl)
-    finally:
-        plan_mod._config.cache_clear()

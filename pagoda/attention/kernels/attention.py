@@ -30,8 +30,12 @@ import triton.language as tl
 
 WORK_FIELDS = 9
 SPLIT_FIELDS = 2
-# counters: 0 next task, 1 programs done, 2 number of tasks, 3 unused
-NUM_COUNTERS = 4
+# The plan's int32 buffer (one host-to-device copy per plan): a header of NUM_COUNTERS ints, then the work
+# list (WORK points there), the split table, the page ids. Header: 0 next task, 1 programs done, 2 number of
+# tasks, 3 where the split table starts, 4 where the page ids start (offsets from the buffer's start, which
+# SPLITS and KV_INDICES point at), 5..7 padding (the work list 32-byte aligned).
+NUM_COUNTERS = 8
+SPLITS_AT, INDICES_AT = 3, 4
 
 
 @triton.jit
@@ -169,63 +173,6 @@ def _attend_block(
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype), acc)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _attend_block_sliced(
-    q3, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
-    row_hi, row_lo, offs_d,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SLICES: tl.constexpr,
-):
-    """_attend_block with the KV block cut into SLICES slices of BLOCK_N // SLICES tokens, each with its own
-    running max / sum / accumulator (q3, acc [SLICES, rows, D]; m_i, l_i [SLICES, rows]): the dots are
-    batched over the slices, so each warp owns a slice and the row max / sum stay inside it (no CTA barrier
-    per block, as a 16-row tile whose columns the warps split needs); _merge_slices combines them once."""
-    SN: tl.constexpr = BLOCK_N // SLICES
-    offs_n, n_valid, k, v_ptrs = _load_k_block(K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                                               stride_kp, stride_ks, stride_vp, stride_vs, offs_d, BLOCK_N,
-                                               PAGE_SIZE, PAGED, INDEX_ASM, MASKED)
-    k3 = tl.reshape(_dequant(k, q3.dtype), (SLICES, SN, q3.shape[2]))
-    s = tl.dot(q3, tl.permute(k3, (0, 2, 1)))  # [SLICES, rows, SN]
-    if SOFTCAP:
-        s = soft_cap_log2 * _tanh(s * qk_scale)
-        scale = 1.0
-    else:
-        scale = qk_scale
-    if MASKED:
-        offs3 = tl.reshape(offs_n, (SLICES, SN))[:, None, :]
-        keep = tl.reshape(n_valid, (SLICES, SN))[:, None, :]
-        if CAUSAL:
-            keep = keep & (offs3 <= row_hi[None, :, None])
-        if WINDOW:
-            keep = keep & (offs3 >= row_lo[None, :, None])
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 2) * scale)
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * scale - m_new[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, 2)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=n_valid[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    v3 = tl.reshape(_dequant(v, q3.dtype), (SLICES, SN, q3.shape[2]))
-    acc = acc * alpha[:, :, None]
-    acc = tl.dot(p.to(q3.dtype), v3, acc)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _merge_slices(acc3, m3, l3):
-    """The per-slice states of _attend_block_sliced as one ([rows, D], [rows], [rows])."""
-    m = tl.max(m3, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(m3 - m[None, :])
-    return tl.sum(acc3 * w[:, :, None], 0), m, tl.sum(l3 * w, 0)
 
 
 @triton.jit
@@ -440,7 +387,6 @@ def attention_kernel(
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
     VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr, MERGE_OUT: tl.constexpr = False,
-    SLICES: tl.constexpr = 1,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
@@ -450,6 +396,8 @@ def attention_kernel(
     n_hsplit = tl.cdiv(group_size, heads_per_prog)
     tasks_per_item = num_kv_heads * n_hsplit
     num_tasks = tl.load(COUNTERS + 2)
+    SPLITS = SPLITS + tl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
+    KV_INDICES = KV_INDICES + tl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     tok = offs_m // heads_per_prog
@@ -512,28 +460,6 @@ def attention_kernel(
                     row_hi, row_lo, offs_d, req, qo_head, q_local, req_kv_len, mask_bit0, MASK, VPARAMS,
                     BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, CAUSAL, WINDOW,
                     SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK_MOD, CUSTOM_MASK, CUSTOM_MASK)
-        elif SLICES > 1:
-            q3 = tl.broadcast_to(q[None, :, :], (SLICES, BLOCK_M, HEAD_DIM))
-            m3 = tl.full([SLICES, BLOCK_M], float("-inf"), tl.float32)
-            l3 = tl.zeros([SLICES, BLOCK_M], tl.float32)
-            acc3 = tl.zeros([SLICES, BLOCK_M, HEAD_DIM], tl.float32)
-            for start in range(kv_start, full_lo, BLOCK_N):
-                acc3, m3, l3 = _attend_block_sliced(
-                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, SLICES)
-            for start in range(full_lo, full_hi, BLOCK_N):
-                acc3, m3, l3 = _attend_block_sliced(
-                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, False, CAUSAL, WINDOW,
-                    SLICES)
-            for start in range(full_hi, kv_end, BLOCK_N):
-                acc3, m3, l3 = _attend_block_sliced(
-                    q3, acc3, m3, l3, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                    stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
-                    row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW, SLICES)
-            acc, m_i, l_i = _merge_slices(acc3, m3, l3)
         else:
             for start in range(kv_start, full_lo, BLOCK_N):
                 acc, m_i, l_i = _attend_block(

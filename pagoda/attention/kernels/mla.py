@@ -74,6 +74,8 @@ def mla_kernel(
     ckv_scale multiplies the output (the fp8 cache's scale; 1.0 otherwise)."""
     n_hsplit = tl.cdiv(num_heads, heads_per_prog)
     num_tasks = tl.load(COUNTERS + 2)
+    SPLITS = SPLITS + tl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
+    KV_INDICES = KV_INDICES + tl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
     offs_m = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, D_CKV)
     offs_p = tl.arange(0, D_KPE)

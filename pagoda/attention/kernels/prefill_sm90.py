@@ -16,7 +16,8 @@ barriers and on short dependency chains. Here, as in FlashAttention-3:
 - inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T, meant to run during
   the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
   memory). With P in registers ptxas serializes the two (it waits for the wgmma before the softmax:
-  notes.md, session 7); with P_SMEM (P through shared memory) the SASS overlaps them.
+  notes.md, session 7); with P_SMEM (P through shared memory) the SASS overlaps them, but it ran
+  5-14% slower on the H200 (session 8: the extra shared-memory traffic and barrier), so it is off.
 
 Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
 roles compute (no task counter to share); split tiles write partial states and the last chunk to
@@ -226,6 +227,7 @@ if HAVE_GLUON:
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
@@ -284,6 +286,7 @@ if HAVE_GLUON:
         SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
         it = 0
         for rnd in range(0, n_rounds):
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
