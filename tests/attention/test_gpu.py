@@ -67,12 +67,14 @@ def test_decode_cuda_graph_replays_after_new_plan():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         w.run(q, first.cache, out=out)
-    # New lengths (one long request gets split, one request is empty), same cache tensor.
-    for lens in ([5000, 1] + [300] * (bsz - 2), [0] + [2000] * (bsz - 1), [100] * bsz):
+    # New lengths (one long request gets split, one request is empty), same cache tensor; the second plan
+    # takes its page ids on the device (copied into the plan buffer on the device, not through the host)
+    for i, lens in enumerate(([5000, 1] + [300] * (bsz - 2), [0] + [2000] * (bsz - 1), [100] * bsz)):
         nxt = PagedBatch(lens, hk, d, ps, torch.bfloat16, spare_pages=0)
         first.cache.fill_(float("nan"))
         first.cache[: nxt.cache.shape[0]] = nxt.cache
-        w.plan(nxt.indptr, nxt.indices, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+        ids = nxt.indices.cuda() if i == 1 else nxt.indices
+        w.plan(nxt.indptr, ids, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
         q.copy_(torch.randn_like(q))
         out.fill_(float("nan"))
         g.replay()
