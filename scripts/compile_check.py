@@ -101,12 +101,10 @@ def gluon_cases():
     for d in (64, 128):
         for paged in (True, False):
             for causal in (True, False):
-                for p_smem in (False, True):
-                    yield (f"prefill_sm90_ws D={d} paged={paged} causal={causal} P_SMEM={p_smem}",
-                           prefill_sm90.prefill_sm90_ws_kernel, types,
-                           dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
-                                WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4,
-                                P_SMEM=p_smem), 4, 1)
+                yield (f"prefill_sm90_ws D={d} paged={paged} causal={causal}",
+                       prefill_sm90.prefill_sm90_ws_kernel, types,
+                       dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
+                            WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4), 4, 1)
 
 
 def ptxas_report(k) -> str:

@@ -11,10 +11,10 @@ import pagoda
 from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
-# Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers[, P through
-# shared memory]); PREFILL_AB="64,5,88,208,1;64,5,88,208" overrides
+# Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers);
+# PREFILL_AB="64,5,88,208;64,4,88,208" overrides
 SM90 = [tuple(int(x) for x in c.split(",")) for c in os.environ.get(
-    "PREFILL_AB", "64,5,88,208;64,5,88,208,1;64,4,88,208,1;64,5,56,224,1").split(";")]
+    "PREFILL_AB", "64,5,88,208;64,4,88,208;64,5,56,224").split(";")]
 
 
 def main():
@@ -34,8 +34,7 @@ def main():
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
             if cfg:
-                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
-                                          p_smem=bool(cfg[4]) if len(cfg) > 4 else False)
+                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3])
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
             wr = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws)

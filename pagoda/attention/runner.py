@@ -32,11 +32,9 @@ GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
 GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
-# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split,
-# P through shared memory (p_smem: timed in session 8 on the H200, 5-14% slower on the paged path, 1-7% on the
-# ragged one than P in registers, although its SASS overlaps the softmax with the P V wgmma: off);
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, p_smem=False)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -347,7 +345,7 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
-                P_SMEM=SM90_CONFIG["p_smem"], num_warps=4)
+                num_warps=4)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -16,8 +16,8 @@ barriers and on short dependency chains. Here, as in FlashAttention-3:
 - inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T, meant to run during
   the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
   memory). With P in registers ptxas serializes the two (it waits for the wgmma before the softmax:
-  notes.md, session 7); with P_SMEM (P through shared memory) the SASS overlaps them, but it ran
-  5-14% slower on the H200 (session 8: the extra shared-memory traffic and barrier), so it is off.
+  notes.md, session 7). P through a double-buffered shared-memory tile overlaps them in the SASS, but
+  ran 5-14% slower on the H200 (session 8: the extra shared-memory traffic and barrier; removed).
 
 Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
 roles compute (no task counter to share); split tiles write partial states and the last chunk to
@@ -259,18 +259,13 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
-    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty, p_smem,
+    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                      num_kv_heads, group_size, heads_per_prog, qk_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, P_SMEM: gl.constexpr):
-        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64).
-
-        P_SMEM: P goes to a double-buffered shared-memory tile (``p_smem``, [2, BLOCK_M, BLOCK_N]) and the
-        P V wgmma reads it there. With P in registers (the default) ptxas writes block j's exp2 results into
-        the registers the running P_{j-1} V wgmma still reads, so it waits for that wgmma before the softmax
-        and the two never overlap (SASS, notes.md session 7); from shared memory they can."""
+                     WG: gl.constexpr):
+        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64)."""
         ROW0: gl.constexpr = WG * BLOCK_M
         dtype: gl.constexpr = Q.dtype.element_ty
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
@@ -321,13 +316,7 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(0, deps=(s,))
                 p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
                                                       kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                if P_SMEM:
-                    p_smem.index(0).store(p_f.to(dtype))
-                    fence_async_shared()
-                    _cta_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
-                    p = p_smem.index(0)
-                else:
-                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                 prev = slot
                 it += 1
                 for j in range(1, n_blocks):
@@ -341,17 +330,11 @@ if HAVE_GLUON:
                     s = warpgroup_mma_wait(1, deps=(s,))
                     p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
                                                           start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                    if P_SMEM:  # P_j into the other buffer while the wgmma reads P_{j-1}
-                        p_smem.index(j % 2).store(p_f.to(dtype))
-                        fence_async_shared()
                     acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _cta_barrier()  # every warp of this group is done with block j - 1's slot (and wrote P_j)
+                    _cta_barrier()  # every warp of this group is done with block j - 1's slot
                     mbarrier.arrive(empty.index(prev))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
-                    if P_SMEM:
-                        p = p_smem.index(j % 2)
-                    else:
-                        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                     prev = slot
                     it += 1
                 acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
@@ -375,7 +358,6 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-        P_SMEM: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -392,23 +374,15 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         HALF: gl.constexpr = BLOCK_M // 2
-        if P_SMEM:  # each consumer warp group's P, double-buffered (_ws_consumer)
-            P_SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, BLOCK_N * 2),
-                                                               element_bitwidth=16, rank=2)
-            p_smem0 = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], P_SMEM_LAYOUT)
-            p_smem1 = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], P_SMEM_LAYOUT)
-        else:  # not used
-            p_smem0 = ready
-            p_smem1 = ready
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
-                            p_smem0, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, P_SMEM)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
-                            p_smem1, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, P_SMEM)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1)),
             (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             num_kv_heads, group_size, heads_per_prog,

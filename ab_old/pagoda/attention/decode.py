@@ -1,0 +1,113 @@
+"""Decode attention: one query token per request against a paged KV cache.
+
+FlashInfer-compatible: ``BatchDecodeWithPagedKVCacheWrapper`` (plan()/run()) and
+``single_decode_with_kv_cache``. Decode is the batch kernel with one-token query
+tiles; the GQA group of a KV head fills the tile's rows (tensor cores even in decode).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .formats import check_page_indices, check_paged_lens
+from .prefill import run_paged, single_prefill_with_kv_cache
+from .runner import BatchAttention
+
+
+class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
+    """Batch decode over a paged KV cache.
+
+    Example::
+
+        ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, 32, 8, 128, 16)
+        out = wrapper.run(q, paged_kv_cache)   # q [batch, 32, 128]
+
+    With ``use_cuda_graph=True`` all device buffers are preallocated, so a captured
+    ``run()`` replays correctly after any later ``plan()`` of a batch that fits them.
+    ``backend``: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton", "torch".
+    """
+
+    _mode = "decode"
+    _paged = True
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, use_tensor_cores: bool = False,
+                 paged_kv_indptr_buffer: torch.Tensor | None = None,
+                 paged_kv_indices_buffer: torch.Tensor | None = None,
+                 paged_kv_last_page_len_buffer: torch.Tensor | None = None,
+                 backend: str = "auto", variant=None) -> None:
+        # use_tensor_cores is accepted for FlashInfer compatibility: the kernel always
+        # packs the GQA group into tensor-core tiles. The indptr / last_page_len
+        # buffers are not needed: the plan reduces them to the work list.
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buffer,
+                         variant)
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+             page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
+             logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
+             data_type=None, sm_scale: float | None = None, rope_scale=None, rope_theta=None,
+             non_blocking: bool = True) -> None:
+        """Plan a decode step.
+
+        indptr: [batch + 1] int, request b owns pages indices[indptr[b]:indptr[b+1]].
+        indices: [indptr[-1]] int page ids into the cache's first dimension.
+        last_page_len: [batch] int in 1..page_size, tokens in each request's last page
+            (ignored for a request with no pages: its kv_len is 0, output 0, lse -inf).
+        Host tensors keep plan() free of device syncs; device tensors are copied back.
+        """
+        if pos_encoding_mode != "NONE":
+            raise ValueError(f"pos_encoding_mode={pos_encoding_mode!r} is not supported: apply RoPE before "
+                             f"attention (pagoda.ops) and pass 'NONE'")
+        if data_type is not None and kv_data_type is None:
+            kv_data_type = data_type
+        kv_indptr, kv_lens = check_paged_lens(indptr, last_page_len, page_size)
+        batch = kv_indptr.shape[0] - 1
+        idx, max_page = check_page_indices(indices, kv_indptr)
+        self._plan_batch(qo_indptr=np.arange(batch + 1, dtype=np.int64), kv_lens=kv_lens,
+                         kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
+                         num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         page_size=page_size, causal=False, window_left=window_left,
+                         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
+                         kv_data_type=kv_data_type, one_query=True)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+        """q: [batch, num_qo_heads, head_dim]; paged_kv_cache: [max_num_pages, 2, page_size,
+        num_kv_heads, head_dim] (NHD; HND swaps page_size and num_kv_heads) or a (k, v) tuple of
+        [max_num_pages, page_size, num_kv_heads, head_dim].
+        Returns out [batch, num_qo_heads, head_dim] (q.dtype), and lse [batch, num_qo_heads]
+        float32 base-2 log-sum-exp when return_lse.
+        k_scale / v_scale: the cache holds K / k_scale and V / v_scale (a float, or a float32 tensor
+        of per-KV-head scales); required for an fp8 cache (kv_data_type=torch.float8_e4m3fn or
+        float8_e5m2 in plan()), which the kernel dequantizes after the load."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
+
+    forward = run
+
+
+def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",
+                                pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
+                                sm_scale: float | None = None, window_left: int = -1,
+                                logits_soft_cap: float | None = None, return_lse: bool = False,
+                                backend: str = "auto", k_scale=None, v_scale=None, variant=None):
+    """Decode attention of one query against one request's KV.
+
+    q: [num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim] (NHD) or
+    [num_kv_heads, kv_len, head_dim] (HND). Returns out [num_qo_heads, head_dim], and
+    lse [num_qo_heads] (float32, base 2) when return_lse.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 2:
+        raise ValueError(f"q must be [num_qo_heads, head_dim], got {getattr(q, 'shape', q)}")
+    if pos_encoding_mode != "NONE":
+        raise ValueError(f"pos_encoding_mode={pos_encoding_mode!r} is not supported; pass 'NONE'")
+    res = single_prefill_with_kv_cache(q[None], k, v, causal=False, kv_layout=kv_layout, sm_scale=sm_scale,
+                                       window_left=window_left, logits_soft_cap=logits_soft_cap,
+                                       return_lse=return_lse, backend=backend, k_scale=k_scale,
+                                       v_scale=v_scale, variant=variant, _mode="decode")
+    if return_lse:
+        return res[0][0], res[1][0]
+    return res[0]

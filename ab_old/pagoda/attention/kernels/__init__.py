@@ -1,0 +1,1 @@
+"""Triton kernels. Host logic (validation, planning, buffers) lives in the wrapper modules."""

@@ -1,0 +1,119 @@
+"""Multi-head latent attention (DeepSeek-V2/V3 MLA), absorbed form, over a paged latent cache.
+
+All query heads share one latent KV per token: ``ckv`` (head_dim_ckv, 512 in DeepSeek) and
+the rotary part ``kpe`` (64). For query row i (a token t and a head h):
+
+    logit_j = (q_nope[t, h] . ckv[j] + q_pe[t, h] . kpe[j]) * sm_scale
+    out[t, h] = sum_j softmax(logit)_j * ckv[j]          (head_dim_ckv wide)
+
+It is attention with one KV head (MQA) whose keys are [ckv, kpe] and values ckv: the
+kernel packs heads (and tokens) into the rows of a tile, exactly like GQA packing in
+kernels/attention.py, so each latent byte is read once per tile of heads_per_prog heads.
+Work list, persistent grid, atomic task fetch, split-KV and the in-kernel merge are the
+ones of the attention kernel (same WORK / SPLITS layout, same planner).
+"""
+import triton
+import triton.language as tl
+
+from .attention import _finish_tile, _load_item, _load_page_index, _reset_counters
+
+
+@triton.jit
+def _mla_block(q_nope, q_pe, acc, m_i, l_i, CKV, KPE, KV_INDICES, kv_base, start, kv_end,
+               stride_cp, stride_cs, stride_pp, stride_ps, qk_scale, row_hi, offs_c, offs_p,
+               BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, INDEX_ASM: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_valid = offs_n < kv_end
+        page = _load_page_index(KV_INDICES + kv_base + tl.where(n_valid, offs_n, 0) // PAGE_SIZE, INDEX_ASM)
+    else:
+        page = _load_page_index(KV_INDICES + kv_base + offs_n // PAGE_SIZE, INDEX_ASM)
+    page = page.to(tl.int64)
+    slot = offs_n % PAGE_SIZE
+    c_ptrs = CKV + (page * stride_cp + slot * stride_cs)[:, None] + offs_c[None, :]
+    p_ptrs = KPE + (page * stride_pp + slot * stride_ps)[:, None] + offs_p[None, :]
+    if MASKED:
+        ckv = tl.load(c_ptrs, mask=n_valid[:, None], other=0.0)
+        kpe = tl.load(p_ptrs, mask=n_valid[:, None], other=0.0)
+    else:
+        ckv = tl.load(c_ptrs)
+        kpe = tl.load(p_ptrs)
+    ckv = ckv.to(q_nope.dtype)
+    s = tl.dot(q_pe, tl.trans(kpe.to(q_nope.dtype)))
+    s = tl.dot(q_nope, tl.trans(ckv), s)
+    if MASKED:
+        keep = n_valid[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= row_hi[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q_nope.dtype), ckv, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def mla_kernel(
+    QN, QP, CKV, KPE, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+    stride_qnt, stride_qnh, stride_qpt, stride_qph,
+    stride_cp, stride_cs, stride_pp, stride_ps,
+    stride_ot, stride_oh, stride_lt,
+    stride_tt, stride_th, stride_tl,
+    num_heads, heads_per_prog, qk_scale, ckv_scale,
+    D_CKV: tl.constexpr, D_KPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr,
+):
+    """A task is (item, head split). qk_scale = sm_scale * log2(e) * (kv scale of an fp8 cache);
+    ckv_scale multiplies the output (the fp8 cache's scale; 1.0 otherwise)."""
+    n_hsplit = tl.cdiv(num_heads, heads_per_prog)
+    num_tasks = tl.load(COUNTERS + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, D_CKV)
+    offs_p = tl.arange(0, D_KPE)
+    tok = offs_m // heads_per_prog
+    sub = offs_m % heads_per_prog
+
+    task = tl.atomic_add(COUNTERS, 1)
+    while task < num_tasks:
+        item = task // n_hsplit
+        hsplit = task % n_hsplit
+        wp, q_start, q_len, kv_base, kv_start, kv_end, diag, partial = _load_item(WORK, item)
+
+        head = hsplit * heads_per_prog + sub
+        row_valid = (tok < q_len) & (head < num_heads)
+        q_row = (q_start + tok).to(tl.int64)
+        q_nope = tl.load(QN + q_row[:, None] * stride_qnt + head[:, None] * stride_qnh + offs_c[None, :],
+                         mask=row_valid[:, None], other=0.0)
+        q_pe = tl.load(QP + q_row[:, None] * stride_qpt + head[:, None] * stride_qph + offs_p[None, :],
+                       mask=row_valid[:, None], other=0.0)
+        row_hi = diag + tok
+        hi_lim = kv_end
+        if CAUSAL:
+            hi_lim = tl.minimum(kv_end, diag + 1)
+        full_hi = kv_start + tl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_CKV], tl.float32)
+        for start in range(kv_start, full_hi, BLOCK_N):
+            acc, m_i, l_i = _mla_block(q_nope, q_pe, acc, m_i, l_i, CKV, KPE, KV_INDICES, kv_base, start, kv_end,
+                                       stride_cp, stride_cs, stride_pp, stride_ps, qk_scale, row_hi, offs_c,
+                                       offs_p, BLOCK_N, PAGE_SIZE, INDEX_ASM, False, CAUSAL)
+        for start in range(full_hi, kv_end, BLOCK_N):
+            acc, m_i, l_i = _mla_block(q_nope, q_pe, acc, m_i, l_i, CKV, KPE, KV_INDICES, kv_base, start, kv_end,
+                                       stride_cp, stride_cs, stride_pp, stride_ps, qk_scale, row_hi, offs_c,
+                                       offs_p, BLOCK_N, PAGE_SIZE, INDEX_ASM, True, CAUSAL)
+
+        _finish_tile(acc, m_i, l_i, ckv_scale, partial, wp, hsplit, n_hsplit, O, LSE, TMP_O, TMP_LSE, SPLITS,
+                     ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
+                     stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL)
+        task = tl.atomic_add(COUNTERS, 1)
+
+    _reset_counters(COUNTERS)

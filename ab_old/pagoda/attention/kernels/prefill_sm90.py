@@ -1,0 +1,413 @@
+"""Prefill attention for Hopper (sm_90) in Gluon: the work list of kernels/attention.py, with
+the scheduling Triton's compiler does not do for us.
+
+Why a second kernel (notes.md, Session 4): in the Triton kernel every warp both loads and
+computes, each Q K^T wgmma is waited for right away, and a CTA-wide barrier per KV block keeps the
+two warp groups in lockstep: Nsight Compute shows the tensor pipe 37% busy, warps stalled on
+barriers and on short dependency chains. Here, as in FlashAttention-3:
+
+- a producer warp group streams K / V blocks through a ring of ``STAGES`` shared-memory slots
+  (page ids one block ahead, cp.async gathers, a per-thread mbarrier arrival when its copies
+  land) and runs ahead across task boundaries, so a task's first blocks load during the last
+  ones of the previous task;
+- two consumer warp groups, each 64 rows of the 128-row query tile, wait only on the slot's
+  "ready" barrier and release it through an "empty" one, so they drift apart and one group's
+  softmax overlaps the other's MMAs (FA3's explicit ping-pong on top measured no better: notes.md);
+- inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T, meant to run during
+  the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
+  memory). With P in registers ptxas serializes the two (it waits for the wgmma before the softmax:
+  notes.md, session 7); with P_SMEM (P through shared memory) the SASS overlaps them.
+
+Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
+roles compute (no task counter to share); split tiles write partial states and the last chunk to
+arrive merges them, as in kernels/attention.py.
+
+Scope: 16-bit queries and cache, head_dim 64 / 128, causal or not, no window / soft cap /
+variant / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
+written for) and the Triton kernel for everything else.
+"""
+from __future__ import annotations
+
+import triton
+
+# Gluon is experimental and its API changes between releases (Triton 3.9 renamed the cp.async and
+# barrier calls used here): the kernel is used only with the Triton it was written and tested for.
+GLUON_TRITON = ("3.6",)
+
+try:
+    if not triton.__version__.startswith(GLUON_TRITON):
+        raise ImportError(f"the Gluon prefill kernel targets Triton {GLUON_TRITON}, not {triton.__version__}")
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    HAVE_GLUON = True
+    # a CTA-wide barrier: gl.thread_barrier in Triton 3.5 / 3.6, gl.barrier later
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+except ImportError:  # other Triton versions: the Triton kernel serves every plan
+    HAVE_GLUON = False
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_kv_load(K, V, k_smem, v_smem, kv_base, start, kv_end, k_head_off, v_head_off,
+                       stride_kp, stride_ks, stride_vp, stride_vs, pages,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                       PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+        """cp.async of K and V rows start .. start + BLOCK_N into one ring slot (rows past kv_end read
+        as zeros). ``pages``: the page ids of those rows, loaded earlier (paged caches)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        valid = offs_n < kv_end
+        if PAGED:
+            slot = offs_n % PAGE_SIZE
+            row_k = pages.to(gl.int64) * stride_kp + slot * stride_ks
+            row_v = pages.to(gl.int64) * stride_vp + slot * stride_vs
+        else:
+            tok = (kv_base + offs_n).to(gl.int64)
+            row_k = tok * stride_kp
+            row_v = tok * stride_vp
+        mask = gl.expand_dims(valid, 1)
+        async_copy.async_copy_global_to_shared(
+            k_smem, K + k_head_off + gl.expand_dims(row_k, 1) + gl.expand_dims(offs_d, 0), mask=mask)
+        async_copy.async_copy_global_to_shared(
+            v_smem, V + v_head_off + gl.expand_dims(row_v, 1) + gl.expand_dims(offs_d, 0), mask=mask)
+
+    @gluon.jit
+    def _page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
+        if PAGED:
+            # rows past the end read the request's first page id (their copy is masked off)
+            return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+        else:
+            return offs_n
+
+    @gluon.jit
+    def _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale, masked, CAUSAL: gl.constexpr,
+                       BLOCK_N: gl.constexpr, S_LAYOUT: gl.constexpr):
+        """Online softmax of one score block (log2 domain): P, new row max, row sum, rescale factor.
+        ``masked``: the block crosses the causal diagonal or the end of the KV (else no mask)."""
+        if masked:
+            offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+            keep = gl.expand_dims(offs_n < kv_end, 0)
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(row_hi, 1))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # a row that has seen nothing keeps m = -inf: shift by 0 (no inf - inf)
+        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _tile_rows(ROW0: gl.constexpr, BLOCK_M: gl.constexpr, LAYOUT: gl.constexpr, q_start, q_len, kvh, hsplit,
+                   group_size, heads_per_prog):
+        """Rows ROW0 .. ROW0 + BLOCK_M of a query tile (token-major, the heads of the group packed):
+        (token in the tile, query head, row in use, row of q / out), in LAYOUT's row slice."""
+        offs_m = ROW0 + gl.arange(0, BLOCK_M, layout=LAYOUT)
+        tok = offs_m // heads_per_prog
+        head_in_group = hsplit * heads_per_prog + offs_m % heads_per_prog
+        valid = (tok < q_len) & (head_in_group < group_size)
+        return tok, kvh * group_size + head_in_group, valid, (q_start + tok).to(gl.int64)
+
+    @gluon.jit
+    def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
+                        heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                        BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
+                        LAYOUT: gl.constexpr, ROW0: gl.constexpr):
+        """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
+        as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
+        tok, qh, valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LAYOUT), q_start, q_len, kvh, hsplit,
+                                           group_size, heads_per_prog)
+        m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LAYOUT))
+        d = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, LAYOUT))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=LAYOUT)
+        for c in range(0, n_chunks):
+            r = (first + c * q_len + tok).to(gl.int64)
+            s = gl.load(TMP_LSE + r * stride_tl + qh, mask=valid, other=float("-inf"), cache_modifier=".cg")
+            v = gl.load(TMP_O + gl.expand_dims(r * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
+                        mask=gl.expand_dims(valid, 1), other=0.0, cache_modifier=".cg")
+            m_new = gl.maximum(m, s)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_new)
+            w = gl.exp2(s - m_new)
+            d = d * alpha + w
+            acc = acc * gl.expand_dims(alpha, 1) + gl.expand_dims(w, 1) * v
+            m = m_new
+        empty = d == 0.0
+        d_safe = gl.where(empty, 1.0, d)
+        gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
+                 (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
+        if WRITE_LSE:
+            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
+
+    @gluon.jit
+    def _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
+                  heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                  stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
+                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr):
+        """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
+        state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
+        ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
+        arrival counter)."""
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+        l_o = gl.convert_layout(l_i, OROW_L)
+        empty = l_o == 0.0
+        l_safe = gl.where(empty, 1.0, l_o)
+        out = acc / gl.expand_dims(l_safe, 1)
+        tok_o, qh_o, valid_o, qr_o = _tile_rows(ROW0, BLOCK_M, OROW_L, q_start, q_len, kvh, hsplit, group_size,
+                                                heads_per_prog)
+        offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
+        lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
+        if partial < 0:
+            gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
+                     out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
+            if WRITE_LSE:
+                gl.store(LSE + qr_o * stride_lt + qh_o, lse_o, mask=valid_o)
+        else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
+            p_row = (partial + tok_o).to(gl.int64)
+            gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
+                     out, mask=gl.expand_dims(valid_o, 1))
+            gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
+            split = gl.load(wp + 7)
+            first = gl.load(SPLITS + split * 2)
+            n_chunks = gl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
+            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+            if gl.atomic_add(arrival, 1) == n_chunks - 1:
+                gl.atomic_xchg(arrival, 0)
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
+
+    # -- warp-specialized version -------------------------------------------------------------
+    # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
+    # per-thread mbarrier arrival when its copies land) and runs ahead across task boundaries, so
+    # a task's first blocks load during the previous task's last ones; the two consumer
+    # warpgroups only wait on "ready" barriers, compute, and release slots through "empty" ones.
+    # Tasks go over the persistent grid in a snake order (both roles walk the same sequence).
+
+    @gluon.jit
+    def _ws_task_index(rnd):
+        """The task of this program in round rnd: programs take tasks in a snake order (left to right,
+        then right to left), which balances a list sorted longest first better than round-robin."""
+        nprog = gl.num_programs(0)
+        pid = gl.program_id(0)
+        return rnd * nprog + gl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
+
+    @gluon.jit
+    def _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog):
+        """(rounds this program takes, tasks per work item, head splits per KV head); a task of the last
+        round may be past the end of the plan's tasks (COUNTERS[2])."""
+        num_tasks = gl.load(COUNTERS + 2)
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
+        n = gl.cdiv(num_tasks, gl.num_programs(0))
+        return gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1), num_kv_heads * n_hsplit, n_hsplit
+
+    @gluon.jit
+    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit):
+        """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split)."""
+        task = _ws_task_index(rnd)
+        rem = task % tasks_per_item
+        return WORK + task // tasks_per_item * 9, rem, rem // n_hsplit, rem % n_hsplit
+
+    @gluon.jit
+    def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+                     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                     num_kv_heads, group_size, heads_per_prog,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        it = 0
+        for rnd in range(0, n_rounds):
+            wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            kv_base = gl.load(wp + 2)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                st = kv_start + j * BLOCK_N
+                # page ids one block ahead: their load latency hides behind this block's wait and copies
+                pg = pg_next
+                pg_next = _page_ids(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                slot = it % STAGES
+                # the consumers released this slot's previous block (a fresh barrier passes parity 1)
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                _issue_kv_load(K, V, k_ring.index(slot), v_ring.index(slot), kv_base, st, kv_end,
+                               k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
+                               BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _ws_wait_ready(ready, it, STAGES: gl.constexpr):
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        fence_async_shared()  # the producer's copies (generic proxy) before the wgmma reads (async proxy)
+        return slot
+
+    @gluon.jit
+    def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty, p_smem,
+                     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                     num_kv_heads, group_size, heads_per_prog, qk_scale,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                     WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+                     WG: gl.constexpr, P_SMEM: gl.constexpr):
+        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64).
+
+        P_SMEM: P goes to a double-buffered shared-memory tile (``p_smem``, [2, BLOCK_M, BLOCK_N]) and the
+        P V wgmma reads it there. With P in registers (the default) ptxas writes block j's exp2 results into
+        the registers the running P_{j-1} V wgmma still reads, so it waits for that wgmma before the softmax
+        and the two never overlap (SASS, notes.md session 7); from shared memory they can."""
+        ROW0: gl.constexpr = WG * BLOCK_M
+        dtype: gl.constexpr = Q.dtype.element_ty
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        Q_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [CONSUMER_WARPS, 1], [1, 0])
+        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD_LAYOUT)
+        COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
+        SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        it = 0
+        for rnd in range(0, n_rounds):
+            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            q_start = gl.load(wp)
+            q_len = gl.load(wp + 1)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            diag = gl.load(wp + 5)
+            partial = gl.load(wp + 6)
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            hi_lim = kv_end
+            if CAUSAL:
+                hi_lim = gl.minimum(kv_end, diag + 1)
+            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+
+            tok, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
+                                                        group_size, heads_per_prog)
+            offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
+            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                        mask=gl.expand_dims(row_valid, 1), other=0.0)
+            q_op = gl.convert_layout(q, Q_LAYOUT)
+
+            row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
+            if n_blocks > 0:
+                slot = _ws_wait_ready(ready, it, STAGES)
+                s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
+                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                if P_SMEM:
+                    p_smem.index(0).store(p_f.to(dtype))
+                    fence_async_shared()
+                    _cta_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
+                    p = p_smem.index(0)
+                else:
+                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                prev = slot
+                it += 1
+                for j in range(1, n_blocks):
+                    start = kv_start + j * BLOCK_N
+                    slot = _ws_wait_ready(ready, it, STAGES)
+                    s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
+                                      is_async=True)
+                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
+                    acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
+                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                    if P_SMEM:  # P_j into the other buffer while the wgmma reads P_{j-1}
+                        p_smem.index(j % 2).store(p_f.to(dtype))
+                        fence_async_shared()
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    _cta_barrier()  # every warp of this group is done with block j - 1's slot (and wrote P_j)
+                    mbarrier.arrive(empty.index(prev))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                    if P_SMEM:
+                        p = p_smem.index(j % 2)
+                    else:
+                        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                    prev = slot
+                    it += 1
+                acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                _cta_barrier()
+                mbarrier.arrive(empty.index(prev))
+            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
+                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                      stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
+                      ROW0, WG, 2)
+
+    @gluon.jit
+    def prefill_sm90_ws_kernel(
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        stride_qt, stride_qh,
+        stride_kp, stride_ks, stride_kh,
+        stride_vp, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_kv_heads, group_size, heads_per_prog, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        P_SMEM: gl.constexpr = False,
+    ):
+        """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
+        register budgets of the producer and of the second consumer (module docstring). Launch with
+        num_warps=4: the first consumer warp group (rows 0-63 of each 128-row tile); the second (rows
+        64-127) and the producer are 8 more warps."""
+        gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
+        dtype: gl.constexpr = Q.dtype.element_ty
+        SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
+        HALF: gl.constexpr = BLOCK_M // 2
+        if P_SMEM:  # each consumer warp group's P, double-buffered (_ws_consumer)
+            P_SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, BLOCK_N * 2),
+                                                               element_bitwidth=16, rank=2)
+            p_smem0 = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], P_SMEM_LAYOUT)
+            p_smem1 = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], P_SMEM_LAYOUT)
+        else:  # not used
+            p_smem0 = ready
+            p_smem1 = ready
+        gl.warp_specialize([
+            (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+                            p_smem0, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, P_SMEM)),
+            (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
+                            p_smem1, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, P_SMEM)),
+            (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+                            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                            num_kv_heads, group_size, heads_per_prog,
+                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])

@@ -1,0 +1,240 @@
+"""DeepSeek MLA (multi-head latent attention), FlashInfer-compatible.
+
+``BatchMLAPagedAttentionWrapper`` runs the absorbed form: queries are split into
+``q_nope`` [nnz, num_heads, head_dim_ckv] (already multiplied by W_UK) and ``q_pe``
+[nnz, num_heads, head_dim_kpe]; the paged cache holds per token one latent vector
+``ckv`` [head_dim_ckv] and its rotary key ``kpe`` [head_dim_kpe], shared by all heads:
+
+    logits[t, h, j] = (q_nope[t, h] . ckv[j] + q_pe[t, h] . kpe[j]) * sm_scale
+    out[t, h] = softmax_j(logits[t, h]) @ ckv                [nnz, num_heads, head_dim_ckv]
+
+(the caller applies W_UV to ``out``). Decode (qo_len 1) and append / prefill (qo_len > 1,
+``causal`` bottom-right aligned) share one kernel (kernels/mla.py) and the planner of the
+other wrappers: split-KV with load balancing, a persistent grid, CUDA-graph replay.
+The LSE is base 2, as everywhere in pagoda.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
+from .kernels.mla import mla_kernel
+from .plan import KernelConfig, plan_work
+from .reference import gather_paged_kv
+from .runner import LOG2E, BatchAttention, num_programs
+
+SUPPORTED_CKV = (128, 256, 512)
+SUPPORTED_KPE = (32, 64)
+# (block_m, block_n, num_warps, num_stages, ctas_per_sm, item_cost) on CUDA; heads_per_prog = min(heads, block_m)
+# measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
+MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
+_MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
+# one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
+MLA_PARTIAL_COST = 3.6
+
+
+def mla_config(num_heads: int, on_cuda: bool) -> KernelConfig:
+    block_m, block_n, warps, stages, ctas, item_cost = MLA_CUDA_CONFIG if on_cuda else _MLA_INTERPRETER_CONFIG
+    return KernelConfig(block_m, block_n, warps, stages, ctas, min(num_heads, block_m), item_cost,
+                        partial_cost=MLA_PARTIAL_COST)
+
+
+@dataclasses.dataclass
+class MLAPlan:
+    num_heads: int
+    head_dim_ckv: int
+    head_dim_kpe: int
+    page_size: int
+    causal: bool
+    sm_scale: float
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    config: KernelConfig
+    grid: int
+    nnz_qo: int
+    batch_size: int
+    max_page: int
+    host_qo_indptr: np.ndarray
+    host_kv_lens: np.ndarray
+    host_kv_base: np.ndarray
+    host_indices: torch.Tensor | None
+    partial_rows: int
+    tmp_o: torch.Tensor | None = None
+    tmp_lse: torch.Tensor | None = None
+
+
+class BatchMLAPagedAttentionWrapper(BatchAttention):
+    """MLA over a paged latent cache (see the module docstring).
+
+    Example (DeepSeek-V3 decode)::
+
+        w = pagoda.BatchMLAPagedAttentionWrapper(workspace)
+        w.plan(qo_indptr, kv_indptr, kv_indices, kv_lens, 128, 512, 64, 64, False, sm_scale,
+               torch.bfloat16, torch.bfloat16)
+        out = w.run(q_nope, q_pe, ckv_cache, kpe_cache)   # [batch, 128, 512]
+    """
+
+    _mode = "mla"
+    _paged = True
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, use_cuda_graph: bool = False,
+                 qo_indptr: torch.Tensor | None = None, kv_indptr: torch.Tensor | None = None,
+                 kv_indices: torch.Tensor | None = None, kv_len_arr: torch.Tensor | None = None,
+                 backend: str = "auto") -> None:
+        # The FlashInfer buffer arguments are accepted; pagoda's plan owns its device buffers
+        # (kv_indices, when given, sizes the page-index buffer as in the other wrappers).
+        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, backend, kv_indices)
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_heads: int, head_dim_ckv: int,
+             head_dim_kpe: int, page_size: int, causal: bool, sm_scale: float, q_data_type, kv_data_type,
+             use_profiler: bool = False) -> None:
+        """qo_indptr: [batch + 1] query rows per request; kv_indptr: [batch + 1] page offsets into
+        kv_indices; kv_indices: page ids; kv_len_arr: [batch] KV tokens per request (its pages must
+        hold them: kv_len <= pages * page_size); sm_scale: the logits' scale (DeepSeek:
+        1 / sqrt(qk_nope_head_dim + qk_rope_head_dim), times the YaRN mscale^2 where used)."""
+        ref = self._backend == "torch"
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+        if head_dim_ckv not in SUPPORTED_CKV:
+            raise ValueError(f"head_dim_ckv must be one of {SUPPORTED_CKV}, got {head_dim_ckv}")
+        if head_dim_kpe not in SUPPORTED_KPE:
+            raise ValueError(f"head_dim_kpe must be one of {SUPPORTED_KPE}, got {head_dim_kpe}")
+        if not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be an int in 1..{MAX_PAGE_SIZE}, got {page_size!r}")
+        if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be a positive finite float, got {sm_scale!r}")
+        q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
+        kv_dtype = check_dtype("kv_data_type", kv_data_type, allow_fp32=ref)
+        if kv_dtype != q_dtype:
+            raise ValueError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype}) for MLA")
+        qo = check_indptr("qo_indptr", qo_indptr)
+        batch = len(qo) - 1
+        kv_ip = check_indptr("kv_indptr", kv_indptr, batch + 1)
+        kv_lens = to_host_array("kv_len_arr", kv_len_arr, batch)
+        pages = np.diff(kv_ip)
+        bad = (kv_lens < 0) | (kv_lens > pages * page_size) | (kv_lens <= (pages - 1) * page_size)
+        bad &= ~((pages == 0) & (kv_lens == 0))
+        if np.any(bad):
+            b = int(np.nonzero(bad)[0][0])
+            raise ValueError(f"kv_len_arr[{b}]={kv_lens[b]} does not fit request {b}'s {pages[b]} pages of "
+                             f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
+        idx, max_page = check_page_indices(kv_indices, kv_ip)
+
+        config = mla_config(num_heads, self.device.type == "cuda")
+        grid = num_programs(self.device, config)
+        tasks_per_item = -(-num_heads // config.heads_per_prog)
+        work = plan_work(qo, kv_lens, kv_ip[:-1], causal=bool(causal), window_left=-1, config=config,
+                         tasks_per_item=tasks_per_item, num_ctas=grid,
+                         max_partial_rows=self._partial_capacity(num_heads, head_dim_ckv))
+        n_items, n_splits = len(work.work), len(work.splits)
+        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, int(idx.numel()))
+        if self._backend == "triton":
+            self._upload(work, n_items * tasks_per_item, idx)
+        self._plan = MLAPlan(num_heads, head_dim_ckv, head_dim_kpe, page_size, bool(causal), float(sm_scale),
+                             q_dtype, kv_dtype, config, grid, int(qo[-1]), batch, max_page, qo, kv_lens,
+                             kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows)
+        self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
+
+    begin_forward = plan
+
+    def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
+            profiler_buffer=None, kv_len=None, page_table=None):
+        """q_nope [nnz, num_heads, head_dim_ckv], q_pe [nnz, num_heads, head_dim_kpe];
+        ckv_cache [num_pages, page_size, head_dim_ckv], kpe_cache [num_pages, page_size, head_dim_kpe].
+        Returns out [nnz, num_heads, head_dim_ckv] in q's dtype (and lse [nnz, num_heads] float32,
+        base 2, when return_lse)."""
+        p = self._require_plan()
+        if kv_len is not None or page_table is not None:
+            raise ValueError("kv_len / page_table run() arguments are not supported: pass them to plan()")
+        h = p.num_heads
+        for name, t, d in (("q_nope", q_nope, p.head_dim_ckv), ("q_pe", q_pe, p.head_dim_kpe)):
+            self._check_input(name, t, (p.nnz_qo, h, d), "from plan()", p.q_dtype, "q_data_type")
+        num_pages = None
+        for name, t, d in (("ckv_cache", ckv_cache, p.head_dim_ckv), ("kpe_cache", kpe_cache, p.head_dim_kpe)):
+            pages = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 3 else -1
+            self._check_input(name, t, (pages, p.page_size, d), "(num_pages, page_size and head dim from plan())",
+                              p.kv_dtype, "kv_data_type")
+            if num_pages is not None and pages != num_pages:
+                raise ValueError(f"ckv_cache and kpe_cache must have one number of pages, got {num_pages} "
+                                 f"and {pages}")
+            num_pages = pages
+        if p.max_page >= num_pages:
+            raise ValueError(f"kv_indices refers to page {p.max_page} but the caches have {num_pages} pages")
+        shape = (p.nnz_qo, h, p.head_dim_ckv)
+        if out is None:
+            out = torch.empty(shape, dtype=p.q_dtype, device=self.device)
+        elif tuple(out.shape) != shape or out.dtype != p.q_dtype or out.device != self.device or out.stride(-1) != 1:
+            raise ValueError(f"out must be {shape} {p.q_dtype} on {self.device}, got {tuple(out.shape)} {out.dtype}")
+        if lse is None:
+            if return_lse:
+                lse = torch.empty(p.nnz_qo, h, dtype=torch.float32, device=self.device)
+        elif tuple(lse.shape) != (p.nnz_qo, h) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be float32 of shape {(p.nnz_qo, h)}, got {lse.dtype} {tuple(lse.shape)}")
+        if self._backend == "torch":
+            self._run_mla_reference(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, p)
+        else:
+            cfg = p.config
+            lse_arg = lse if lse is not None else p.tmp_lse
+            mla_kernel[(p.grid,)](
+                q_nope, q_pe, ckv_cache, kpe_cache, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
+                self._indices, self._splits_buf, self._arrivals,
+                q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+                ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
+                out.stride(0), out.stride(1), lse_arg.stride(0),
+                p.tmp_o.stride(0), p.tmp_o.stride(1), p.tmp_lse.stride(0),
+                h, cfg.heads_per_prog, p.sm_scale * LOG2E, 1.0,
+                D_CKV=p.head_dim_ckv, D_KPE=p.head_dim_kpe, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                PAGE_SIZE=p.page_size, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal,
+                WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+    def _check_input(self, name, t, shape, what, dtype, dtype_arg) -> None:
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)} {what}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from {dtype_arg} {dtype} given to plan()")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device} but the workspace is on {self.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+    def _run_mla_reference(self, q_nope, q_pe, ckv, kpe, out, lse, p: MLAPlan) -> None:
+        for b in range(p.batch_size):
+            s, e = int(p.host_qo_indptr[b]), int(p.host_qo_indptr[b + 1])
+            if e == s:
+                continue
+            n = int(p.host_kv_lens[b])
+            pages = p.host_indices[int(p.host_kv_base[b]):int(p.host_kv_base[b]) + -(-n // p.page_size)]
+            c, r = gather_paged_kv(ckv[:, :, None], kpe[:, :, None], pages, n)  # one "head" each
+            o, l2 = mla_reference(q_nope[s:e], q_pe[s:e], c[:, 0], r[:, 0], sm_scale=p.sm_scale, causal=p.causal)
+            out[s:e] = o
+            if lse is not None:
+                lse[s:e] = l2
+
+
+def mla_reference(q_nope, q_pe, ckv, kpe, *, sm_scale, causal=False, compute_dtype=torch.float32, out_dtype=None):
+    """MLA of one request in plain PyTorch: q_nope [qo, H, Dc], q_pe [qo, H, Dp], ckv [kv, Dc],
+    kpe [kv, Dp]. Returns (out [qo, H, Dc], lse [qo, H] float32, base 2)."""
+    qo, kv = q_nope.shape[0], ckv.shape[0]
+    c = ckv.to(compute_dtype)
+    logits = (torch.einsum("qhd,kd->hqk", q_nope.to(compute_dtype), c)
+              + torch.einsum("qhd,kd->hqk", q_pe.to(compute_dtype), kpe.to(compute_dtype))) * sm_scale
+    if causal:
+        qi = torch.arange(qo, device=ckv.device)[:, None] + (kv - qo)
+        kj = torch.arange(kv, device=ckv.device)[None, :]
+        logits = logits.masked_fill(~(kj <= qi), float("-inf"))
+    l = torch.logsumexp(logits, dim=-1)  # noqa: E741
+    probs = torch.exp(logits - torch.where(torch.isinf(l), 0.0, l)[..., None])
+    out = torch.einsum("hqk,kd->qhd", probs, c)
+    return out.to(out_dtype or q_nope.dtype), (l / math.log(2.0)).transpose(0, 1).to(torch.float32)
+
+
+__all__ = ["BatchMLAPagedAttentionWrapper", "mla_reference"]

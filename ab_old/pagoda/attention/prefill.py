@@ -1,0 +1,224 @@
+"""Prefill / append attention: many query tokens per request, paged or ragged KV.
+
+FlashInfer-compatible: ``BatchPrefillWithPagedKVCacheWrapper`` (also chunked prefill and
+append: qo_len < kv_len, causal bottom-right aligned), ``BatchPrefillWithRaggedKVCacheWrapper``
+and ``single_prefill_with_kv_cache``. In prefill the GQA group is folded into the query
+tile: a tile of block_m rows holds (block_m // group) tokens x group heads.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .formats import (check_indptr, check_kv_layout, check_page_indices, paged_cache_geometry, check_paged_lens,
+                      paged_strides, unpack_paged_kv_cache)
+from .reference import gather_paged_kv
+from .runner import BatchAttention
+
+
+def _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode):
+    if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+        raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({head_dim_qk})")
+    if pos_encoding_mode != "NONE":
+        raise ValueError(f"pos_encoding_mode={pos_encoding_mode!r} is not supported: apply RoPE before "
+                         f"attention (pagoda.ops) and pass 'NONE'")
+
+
+class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
+    """Batch prefill / append attention: ragged queries against a paged KV cache.
+
+    Request b's queries are q[qo_indptr[b]:qo_indptr[b+1]]; its KV is the paged cache's
+    pages paged_kv_indices[paged_kv_indptr[b]:paged_kv_indptr[b+1]] with
+    paged_kv_last_page_len[b] tokens in the last page. qo_len may be smaller than kv_len
+    (append / chunked prefill): with causal=True query i sees keys j <= i + kv_len - qo_len.
+    """
+
+    _mode = "prefill"
+    _paged = True
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
+                 paged_kv_indices_buf: torch.Tensor | None = None, paged_kv_last_page_len_buf=None,
+                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto", variant=None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, paged_kv_indices_buf, variant)
+        if custom_mask_buf is not None:
+            self._mask = custom_mask_buf.view(torch.uint8).reshape(-1)
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+             num_qo_heads: int, num_kv_heads: int, head_dim_qk: int, page_size: int,
+             head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None,
+             causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+             sm_scale: float | None = None, window_left: int = -1, logits_soft_cap: float | None = None,
+             rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
+             non_blocking: bool = True, mask_indptr=None) -> None:
+        """Plan a batch. qo_indptr: [batch + 1]; paged_kv_indptr: [batch + 1];
+        paged_kv_indices: [paged_kv_indptr[-1]]; paged_kv_last_page_len: [batch] in 1..page_size.
+        custom_mask: bool [sum(qo_len * kv_len)] (request by request, row-major: True keeps the pair;
+        combined with causal / window_left when given); packed_custom_mask: the same bits packed
+        little-endian per request (pagoda.segment_packbits), request b starting at byte mask_indptr[b]."""
+        _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
+        qo = check_indptr("qo_indptr", qo_indptr)
+        batch = qo.shape[0] - 1
+        kv_indptr, kv_lens = check_paged_lens(paged_kv_indptr, paged_kv_last_page_len, page_size,
+                                              ("paged_kv_indptr", "paged_kv_last_page_len"), batch + 1)
+        idx, max_page = check_page_indices(paged_kv_indices, kv_indptr)
+        self._plan_batch(qo_indptr=qo, kv_lens=kv_lens, kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
+                         num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
+                         page_size=page_size, causal=causal, window_left=window_left,
+                         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
+                         kv_data_type=kv_data_type, custom_mask=custom_mask,
+                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+        """q: [qo_indptr[-1], num_qo_heads, head_dim]; paged_kv_cache as in the decode wrapper.
+        Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse.
+        k_scale / v_scale: the cache holds K / k_scale and V / v_scale (float, or float32 per-KV-head
+        tensor); required when kv_data_type is fp8, 1.0 by default otherwise."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
+
+    forward = run
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
+    """Batch prefill attention with ragged (contiguous, variable-length) KV.
+
+    Request b's queries are q[qo_indptr[b]:qo_indptr[b+1]] and its keys/values
+    k[kv_indptr[b]:kv_indptr[b+1]] (NHD: k [nnz_kv, num_kv_heads, head_dim]; HND:
+    [num_kv_heads, nnz_kv, head_dim]).
+    """
+
+    _mode = "prefill"
+    _paged = False
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf=None, kv_indptr_buf=None,
+                 custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto", variant=None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, variant=variant)
+        if custom_mask_buf is not None:
+            self._mask = custom_mask_buf.view(torch.uint8).reshape(-1)
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None,
+             causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+             window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
+             rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
+             non_blocking: bool = True, mask_indptr=None) -> None:
+        """Plan a batch. qo_indptr, kv_indptr: [batch + 1] row offsets into q and k/v; custom_mask /
+        packed_custom_mask / mask_indptr as in BatchPrefillWithPagedKVCacheWrapper.plan."""
+        _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
+        qo = check_indptr("qo_indptr", qo_indptr)
+        kv = check_indptr("kv_indptr", kv_indptr, qo.shape[0])
+        self._plan_batch(qo_indptr=qo, kv_lens=np.diff(kv), kv_base=kv[:-1], indices=None,
+                         max_page=int(kv[-1]) - 1, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim_qk, page_size=1, causal=causal, window_left=window_left,
+                         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
+                         kv_data_type=kv_data_type, custom_mask=custom_mask,
+                         packed_custom_mask=packed_custom_mask, mask_indptr=mask_indptr)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+        """q: [qo_indptr[-1], num_qo_heads, head_dim]; k, v: [kv_indptr[-1] or more, num_kv_heads,
+        head_dim] (NHD). Returns out like q (and lse [nnz, num_qo_heads] float32, base 2)."""
+        p = self._require_plan()
+        self._check_q(q, p)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D tensor [nnz_kv, num_kv_heads, head_dim]")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in head_dim")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        nhd = self._kv_layout == "NHD"
+        nnz, heads = (k.shape[0], k.shape[1]) if nhd else (k.shape[1], k.shape[0])
+        self._check_kv("k", k, p, heads, k.shape[2])
+        self._check_kv("v", v, p, heads, v.shape[2])
+        if p.max_page >= nnz:
+            raise ValueError(f"kv_indptr needs {p.max_page + 1} KV tokens but k has {nnz}")
+        scales = self._kv_scales(p, k_scale, v_scale)
+        out, lse = self._outputs(q, p, out, lse, return_lse)
+        if self._backend == "torch":
+            kk, vv = (k, v) if nhd else (k.transpose(0, 1), v.transpose(0, 1))
+
+            def kv_of(b):
+                s = int(p.host_kv_base[b])
+                return kk[s:s + int(p.host_kv_lens[b])], vv[s:s + int(p.host_kv_lens[b])]
+            self._run_reference(q, kv_of, out, lse, p, scales)
+        else:
+            def strides(t):
+                return (t.stride(0), 0, t.stride(1)) if nhd else (t.stride(1), 0, t.stride(0))
+            self._launch(q, k, v, strides(k), strides(v), out, lse, p, scales)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+
+_SINGLE_WS: dict = {}
+
+
+def _single_workspace(device: torch.device) -> torch.Tensor:
+    """One 32 MB workspace per device for the single_* functions (as FlashInfer caches its tmp buffer):
+    launches on one stream run in order, so calls can share it."""
+    key = str(device)
+    if key not in _SINGLE_WS:
+        _SINGLE_WS[key] = torch.empty(32 * 1024 * 1024, dtype=torch.uint8, device=device)
+    return _SINGLE_WS[key]
+
+
+def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, custom_mask=None,
+                                 packed_custom_mask=None, causal: bool = False, kv_layout: str = "NHD",
+                                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                                 sm_scale: float | None = None, window_left: int = -1,
+                                 logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None,
+                                 return_lse: bool = False, backend: str = "auto", k_scale=None, v_scale=None,
+                                 variant=None, _mode: str = "prefill"):
+    """Attention of one request: q [qo_len, num_qo_heads, head_dim]; k, v [kv_len, num_kv_heads,
+    head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND). Causal is bottom-right aligned.
+    Returns out [qo_len, num_qo_heads, head_dim] (and lse [qo_len, num_qo_heads] float32, base 2)."""
+    check_kv_layout(kv_layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor, got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.device != k.device or k.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    kv_len, heads = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
+    ws = _single_workspace(q.device)
+    wrapper = BatchPrefillWithRaggedKVCacheWrapper(ws, kv_layout, backend=backend, variant=variant)
+    wrapper._mode = _mode
+    wrapper.plan([0, q.shape[0]], [0, kv_len], q.shape[1], heads, q.shape[2], custom_mask=custom_mask,
+                 packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                 q_data_type=q.dtype, kv_data_type=k.dtype)
+    return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+
+
+def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None):
+    """run() of the paged wrappers (decode and prefill share it)."""
+    p = wrapper._require_plan()
+    wrapper._check_q(q, p)
+    k, v = unpack_paged_kv_cache(paged_kv_cache, wrapper._kv_layout)
+    num_pages, page_size, num_kv_heads, head_dim = paged_cache_geometry(k, wrapper._kv_layout)
+    wrapper._check_kv("paged_kv_cache", k, p, num_kv_heads, head_dim)
+    if page_size != p.page_size:
+        raise ValueError(f"paged_kv_cache has page_size {page_size}, plan() was given {p.page_size}")
+    if p.max_page >= num_pages:
+        raise ValueError(f"paged_kv_indices refers to page {p.max_page} but paged_kv_cache has {num_pages} pages")
+    scales = wrapper._kv_scales(p, k_scale, v_scale)
+    out, lse = wrapper._outputs(q, p, out, lse, return_lse)
+    if wrapper._backend == "torch":
+        def kv_of(b):
+            s, e = int(p.host_kv_base[b]), int(p.host_kv_base[b]) + -(-int(p.host_kv_lens[b]) // p.page_size)
+            return gather_paged_kv(k, v, p.host_indices[s:e], int(p.host_kv_lens[b]), wrapper._kv_layout)
+        wrapper._run_reference(q, kv_of, out, lse, p, scales)
+    else:
+        wrapper._launch(q, k, v, paged_strides(k, wrapper._kv_layout), paged_strides(v, wrapper._kv_layout),
+                        out, lse, p, scales)
+    return (out, lse) if return_lse else out
+
+

@@ -1,0 +1,563 @@
+"""The machinery every batch wrapper shares: buffers, plan() bookkeeping, launches.
+
+A wrapper owns (allocated once, so CUDA graphs can capture ``run()``):
+- an int32 buffer: 4 counters | work list | split-tile table (kernels/attention.py), and
+  the arrival counters of split tiles (zero between launches);
+- a page-index buffer the kernel reads (paged formats);
+- tmp_o / tmp_lse for split-KV partial results, carved from the user's float
+  workspace buffer (as FlashInfer does).
+``plan()`` validates on the host, builds the work list with ``plan.plan_work`` and
+copies it in; ``run()`` checks tensor metadata against the plan and launches a fixed
+grid of the attention kernel (split tiles merge inside it), reading no host data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+from . import reference
+from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
+from .kernels import prefill_sm90
+from .kernels.attention import NUM_COUNTERS, SPLIT_FIELDS, WORK_FIELDS, _no_mod, attention_kernel
+from .plan import KernelConfig, WorkPlan, plan_work, select_config
+
+LOG2E = 1.4426950408889634
+# Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
+GRAPH_MAX_ITEMS = 1 << 16
+GRAPH_MAX_SPLITS = 1 << 14
+GRAPH_MAX_ARRIVALS = 1 << 18
+GRAPH_MAX_PAGES = 1 << 20
+# The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split,
+# P through shared memory (p_smem: compiled and checked offline in session 7, not yet timed on the device);
+# scripts/prefill_ab.py compares configurations on the device
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, p_smem=False)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" is "triton" on CUDA and "torch" elsewhere; Triton on the CPU needs the interpreter."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (Triton's interpreter); "
+                         "use backend='torch' or a CUDA device")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_programs(device: torch.device, config: KernelConfig) -> int:
+    if device.type == "cuda":
+        return _sm_count(device) * config.ctas_per_sm
+    from .plan import _INTERPRETER_CTAS
+
+    return _INTERPRETER_CTAS
+
+
+def kv_dequant_mode(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> int:
+    """The attention kernel's KV_DEQUANT: 1 for bf16 queries over an fp8 cache (the kernel computes in fp16:
+    kernels/attention.py), else 0 (K / V converted to the queries' dtype)."""
+    return int(q_dtype == torch.bfloat16 and kv_dtype in FP8_DTYPES)
+
+
+@dataclasses.dataclass
+class PlanState:
+    """What run() needs to know about the last plan()."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    causal: bool
+    window_left: int
+    sm_scale: float
+    logits_soft_cap: float
+    config: KernelConfig
+    grid: int
+    nnz_qo: int
+    batch_size: int
+    max_page: int  # largest page index used (-1: none)
+    host_qo_indptr: np.ndarray
+    host_kv_lens: np.ndarray
+    host_kv_base: np.ndarray
+    host_indices: torch.Tensor | None
+    work: WorkPlan
+    tmp_o: torch.Tensor | None = None  # views of the float workspace (split partial results)
+    tmp_lse: torch.Tensor | None = None
+    scalars: tuple = ()  # the kernel's scalar arguments after the strides
+    constexprs: dict | None = None
+    mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
+    mask_bits: np.ndarray | None = None  # first bit of each request's mask
+    sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
+
+    @property
+    def sm90(self) -> bool:
+        """The plan runs the Gluon prefill kernel for Hopper."""
+        return self.sm90_constexprs is not None
+
+
+class BatchAttention:
+    """Base of the batch wrappers (not public): see the module docstring."""
+
+    _mode = "prefill"
+    _paged = True
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, backend: str = "auto",
+                 paged_kv_indices_buffer: torch.Tensor | None = None, variant=None):
+        from .formats import check_kv_layout
+        from .variants import check_variant
+
+        self._variant = check_variant(variant)
+        self._reqs = None  # int64 [batch, 3] request table of variant / custom-mask plans
+        self._mask = None  # uint8 packed custom mask
+
+        if not isinstance(float_workspace_buffer, torch.Tensor):
+            raise ValueError("float_workspace_buffer must be a torch.Tensor")
+        self._float_ws = float_workspace_buffer
+        self.device = float_workspace_buffer.device
+        self._kv_layout = check_kv_layout(kv_layout)
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._backend = resolve_backend(backend, self.device)
+        self._plan: PlanState | None = None
+        # CUDA-graph mode: (kernel key, mode, config) of the first plan, kept by later ones
+        self._graph_kernel = None
+        # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
+        # every request has one query); the cascade sets "prefill" on its shared levels
+        self._fixed_mode: str | None = None
+        self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
+        self._checked = None  # (scalar arguments, checked values) of the last plan (_check_params)
+        # run() merges its result into the (out, lse) it is given instead of overwriting them (a cascade's
+        # levels after the first; Triton kernel only: see _can_merge_into_out())
+        self._merge_out = False
+        self._grid = None  # (config, persistent grid size) of the last plan
+        raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
+        self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
+        self._copy_done = None  # event: the last host-to-device copy out of the staging buffer
+        items, splits, arrivals, pages = ((GRAPH_MAX_ITEMS, GRAPH_MAX_SPLITS, GRAPH_MAX_ARRIVALS, GRAPH_MAX_PAGES)
+                                          if use_cuda_graph else (256, 64, 1024, 256))
+        if paged_kv_indices_buffer is not None:
+            if paged_kv_indices_buffer.device != self.device:
+                raise ValueError("paged_kv_indices_buffer must be on the workspace's device")
+            pages = paged_kv_indices_buffer.numel()
+        self._alloc_int(items, splits)
+        self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
+        self._alloc_indices(pages)
+
+    # -- buffers -------------------------------------------------------------------
+    def _alloc_int(self, items: int, splits: int) -> None:
+        self._max_items, self._max_splits = items, splits
+        n = NUM_COUNTERS + items * WORK_FIELDS + splits * SPLIT_FIELDS
+        self._int_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"
+        self._staging = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self._staging_np = self._staging.numpy()
+        self._counters = self._int_buf[:NUM_COUNTERS]
+        self._work_buf = self._int_buf[NUM_COUNTERS:NUM_COUNTERS + items * WORK_FIELDS]
+        self._splits_buf = self._int_buf[NUM_COUNTERS + items * WORK_FIELDS:]
+
+    def _ensure_capacity(self, items: int, splits: int, arrivals: int, pages: int) -> None:
+        if (items <= self._max_items and splits <= self._max_splits and arrivals <= self._arrivals.numel()
+                and pages <= self._indices.numel()):
+            return
+        if self._use_cuda_graph:
+            raise ValueError(f"batch too large for the CUDA-graph buffers of this wrapper: {items} work items "
+                             f"(max {self._max_items}), {splits} split tiles (max {self._max_splits}), "
+                             f"{arrivals} arrival counters (max {self._arrivals.numel()}), {pages} pages (max "
+                             f"{self._indices.numel()}); pass a larger paged_kv_indices_buffer or split the batch")
+        self._wait_staging()
+        if items > self._max_items or splits > self._max_splits:
+            self._alloc_int(max(items, 2 * self._max_items), max(splits, 2 * self._max_splits))
+        if arrivals > self._arrivals.numel():
+            self._arrivals = torch.zeros(max(arrivals, 2 * self._arrivals.numel()), dtype=torch.int32,
+                                         device=self.device)
+        if pages > self._indices.numel():
+            self._alloc_indices(max(pages, 2 * self._indices.numel()))
+
+    def _alloc_indices(self, pages: int) -> None:
+        self._indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
+        # host page tables go through pinned memory: a pageable copy would block plan()
+        self._indices_staging = torch.zeros(pages, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._indices_staging_np = self._indices_staging.numpy()
+
+    def _wait_staging(self) -> None:
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
+
+    def _partial_capacity(self, num_qo_heads: int, head_dim: int) -> int:
+        floats = self._float_ws.numel() * self._float_ws.element_size() // 4
+        return floats // (num_qo_heads * (head_dim + 1))
+
+    # -- plan ----------------------------------------------------------------------
+    def _check_params(self, num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale,
+                      q_data_type, kv_data_type):
+        """plan()'s scalar arguments: returns (q dtype, kv dtype, sm_scale, soft cap) or raises ValueError."""
+        ref = self._backend == "torch"  # the reference path also takes float32 and any head_dim
+        check_heads(num_qo_heads, num_kv_heads, head_dim, any_head_dim=ref)
+        q_dtype = check_dtype("q_data_type", q_data_type, allow_fp32=ref)
+        kv_dtype = check_kv_dtype(kv_data_type, q_dtype, allow_fp32=ref)
+        if not isinstance(window_left, int) or window_left < -1:
+            raise ValueError(f"window_left must be an int >= -1, got {window_left!r}")
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(head_dim)
+        if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be a positive finite float, got {sm_scale!r}")
+        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+        if not math.isfinite(cap) or cap < 0:
+            raise ValueError(f"logits_soft_cap must be None or >= 0, got {logits_soft_cap!r}")
+        if cap > 0 and self._variant is not None and self._variant.score_mod is not None:
+            raise ValueError(f"logits_soft_cap and the score_mod of variant {self._variant.name!r} both change "
+                             f"the logits: fold the cap into the variant (pagoda.variants.soft_cap)")
+        return q_dtype, kv_dtype, float(sm_scale), cap
+
+    def _plan_batch(self, *, qo_indptr: np.ndarray, kv_lens: np.ndarray, kv_base: np.ndarray,
+                    indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
+                    head_dim: int, page_size: int, causal: bool, window_left: int,
+                    logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
+                    packed_custom_mask=None, mask_indptr=None, one_query: bool = False) -> None:
+        """one_query: the caller knows every request has one query (qo_indptr is arange(batch + 1)), as the
+        decode wrapper does; otherwise it is found here, once, for the planner."""
+        # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
+        pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
+                kv_data_type)
+        try:
+            same = self._checked is not None and bool(self._checked[0] == pkey)
+        except (TypeError, ValueError, RuntimeError):  # e.g. a tensor where a number belongs: check it
+            same = False
+        if same:
+            q_dtype, kv_dtype, sm_scale, cap = self._checked[1]
+        else:
+            q_dtype, kv_dtype, sm_scale, cap = self._check_params(
+                num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
+                kv_data_type)
+            self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap))
+        qo_lens = None
+        if not one_query:
+            qo_lens = np.diff(qo_indptr)
+            one_query = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
+        mask_np = mask_bits = None
+        if custom_mask is not None or packed_custom_mask is not None or mask_indptr is not None:
+            if qo_lens is None:
+                qo_lens = np.diff(qo_indptr)
+            from .variants import prepare_custom_mask
+
+            mask_np, mask_bits = prepare_custom_mask(custom_mask, packed_custom_mask, mask_indptr, qo_lens, kv_lens)
+
+        group = num_qo_heads // num_kv_heads
+        # What a launch compiles in (constexprs, block shapes): in CUDA-graph mode the first plan fixes it,
+        # since a captured run() replays that kernel whatever later plans choose.
+        kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
+                      window_left >= 0, cap > 0, mask_np is not None)
+        if self._use_cuda_graph and self._graph_kernel is not None:
+            key0, mode, config = self._graph_kernel
+            if key0 != kernel_key:
+                names = ("num_qo_heads", "num_kv_heads", "head_dim", "page_size", "q_data_type", "kv_data_type",
+                         "causal", "window_left >= 0", "logits_soft_cap > 0", "custom mask")
+                diff = [f"{n}: {a} -> {b}" for n, a, b in zip(names, key0, kernel_key) if a != b]
+                raise ValueError(f"a CUDA-graph wrapper keeps the kernel of its first plan() (a captured run() "
+                                 f"replays it); this plan changes {', '.join(diff)}: use another wrapper")
+        else:
+            # One query per request is decode whatever the wrapper: small tiles, decode tuning.
+            mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
+                                        else self._mode)
+            config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
+                                   int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
+            if self._use_cuda_graph:
+                self._graph_kernel = (kernel_key, mode, config)
+        if self._grid is None or self._grid[0] is not config:
+            self._grid = (config, num_programs(self.device, config))
+        grid = self._grid[1]
+        tasks_per_item = num_kv_heads * -(-group // config.heads_per_prog)
+        work = plan_work(qo_indptr, kv_lens, kv_base, causal=causal, window_left=window_left,
+                         config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
+                         max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
+                         kv_ranges=self._variant.kv_ranges if self._variant is not None else None,
+                         one_query=one_query)
+        n_items, n_splits = len(work.work), len(work.splits)
+        n_pages = 0 if indices is None else int(indices.numel())
+        # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
+        self._ensure_capacity(n_items, n_splits, 2 * n_splits * tasks_per_item, n_pages)
+        use_reqs = self._variant is not None or mask_np is not None
+        if self._backend == "triton":
+            self._upload(work, n_items * tasks_per_item, indices)
+            if use_reqs:
+                self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
+        self._plan = PlanState(
+            num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal), window_left,
+            float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
+            qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
+            work, mask=mask_np, mask_bits=mask_bits)
+        self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None))
+
+    def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+        """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
+        head_dim 64 / 128, no window / soft cap / variant / custom mask.
+        PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+        choice = os.environ.get("PAGODA_PREFILL_KERNEL", "auto")
+        if choice not in ("auto", "triton"):
+            raise ValueError(f"PAGODA_PREFILL_KERNEL must be 'auto' or 'triton', got {choice!r}")
+        if (choice == "triton" or self._backend != "triton" or self.device.type != "cuda" or not no_mask
+                or self._variant is not None):
+            return False
+        return (prefill_sm90.HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128)
+                and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
+                and cap == 0)
+
+    def _prepare_launch(self, p: PlanState, sm90: bool = False) -> None:
+        """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
+        runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
+        decode step of a server) reuses its launch arguments."""
+        key = (p.config, p.head_dim, p.page_size, p.causal, p.window_left, p.logits_soft_cap, p.sm_scale,
+               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90,
+               tuple(SM90_CONFIG.items()), None if self._use_cuda_graph else p.work.partial_rows)
+        last = self._launch_cache
+        if last is not None and last[0] == key:
+            p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs = last[1]
+            return
+        p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
+        cap = p.logits_soft_cap
+        qk_scale = p.sm_scale / cap if cap > 0 else p.sm_scale * LOG2E
+        cfg = p.config
+        p.scalars = (p.tmp_o.stride(0), p.tmp_o.stride(1), p.tmp_lse.stride(0),
+                     p.num_kv_heads, p.num_qo_heads // p.num_kv_heads, cfg.heads_per_prog,
+                     qk_scale, cap * LOG2E, p.window_left)
+        p.constexprs = dict(
+            HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
+            PAGED=self._paged, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal, SOFTCAP=cap > 0,
+            WINDOW=p.window_left >= 0, KV_DEQUANT=kv_dequant_mode(p.q_dtype, p.kv_dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.maxnreg:
+            p.constexprs["maxnreg"] = cfg.maxnreg
+        if cfg.slices > 1:
+            p.constexprs["SLICES"] = cfg.slices
+        if sm90:
+            p.sm90_constexprs = dict(
+                HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
+                PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
+                PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
+                P_SMEM=SM90_CONFIG["p_smem"], num_warps=4)
+        var = self._variant
+        p.constexprs.update(
+            VARIANT=var is not None or p.mask is not None,
+            SCORE_MOD=var.score_mod if var is not None and var.score_mod is not None else _no_mod,
+            MASK_MOD=var.mask_mod if var is not None and var.mask_mod is not None else _no_mod,
+            HAS_SCORE_MOD=var is not None and var.score_mod is not None,
+            HAS_MASK_MOD=var is not None and var.mask_mod is not None, CUSTOM_MASK=p.mask is not None)
+        self._launch_cache = (key, (p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs))
+
+    def _upload_requests(self, qo_indptr, kv_lens, mask_np, mask_bits) -> None:
+        """The request table (first query row, kv_len, first mask bit) and the packed custom mask."""
+        batch = len(kv_lens)
+        reqs = np.zeros((batch, 3), dtype=np.int64)
+        reqs[:, 0] = qo_indptr[:-1]
+        reqs[:, 1] = kv_lens
+        if mask_bits is not None:
+            reqs[:, 2] = mask_bits
+        if self._reqs is None or self._reqs.shape[0] < max(batch, 1):
+            if self._reqs is not None and self._use_cuda_graph:
+                raise ValueError(f"batch of {batch} requests exceeds this CUDA-graph wrapper's request table "
+                                 f"({self._reqs.shape[0]}, sized by the first plan with a variant or mask)")
+            cap = max(batch, 4096 if self._use_cuda_graph else 1)
+            self._reqs = torch.zeros(cap, 3, dtype=torch.int64, device=self.device)
+        self._reqs[:batch].copy_(torch.from_numpy(reqs))
+        if mask_np is not None:
+            n = max(len(mask_np), 1)
+            if self._mask is None or self._mask.numel() < n:
+                if self._mask is not None and self._use_cuda_graph:
+                    raise ValueError(f"custom mask of {n} bytes exceeds this CUDA-graph wrapper's mask buffer "
+                                     f"({self._mask.numel()}); pass a larger custom_mask_buf")
+                self._mask = torch.zeros(n, dtype=torch.uint8, device=self.device)
+            self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
+
+    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
+        """Work list, split table and page ids through pinned staging buffers (NumPy writes, no torch
+        op per field) to the device, asynchronously; _wait_staging() before the next write."""
+        self._wait_staging()
+        n_w, n_m = work.work.size, work.splits.size
+        st = self._staging_np
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, 0)
+        st[NUM_COUNTERS:NUM_COUNTERS + n_w] = work.work.reshape(-1)
+        m0 = NUM_COUNTERS + self._max_items * WORK_FIELDS
+        st[m0:m0 + n_m] = work.splits.reshape(-1)
+        nb = self.device.type == "cuda"
+        self._int_buf[:NUM_COUNTERS + n_w].copy_(self._staging[:NUM_COUNTERS + n_w], non_blocking=nb)
+        if n_m:
+            self._int_buf[m0:m0 + n_m].copy_(self._staging[m0:m0 + n_m], non_blocking=nb)
+        if indices is not None and indices.numel():
+            n = indices.numel()
+            if indices.device.type == "cpu":
+                self._indices_staging_np[:n] = indices.numpy()
+                self._indices[:n].copy_(self._indices_staging[:n], non_blocking=nb)
+            else:
+                self._indices[:n].copy_(indices, non_blocking=nb)
+        if nb:
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+
+    # -- run -----------------------------------------------------------------------
+    def _require_plan(self) -> PlanState:
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.run() called before plan(): call plan() first")
+        return self._plan
+
+    def _check_q(self, q: torch.Tensor, p: PlanState) -> None:
+        if not isinstance(q, torch.Tensor):
+            raise ValueError("q must be a torch.Tensor")
+        want = (p.nnz_qo, p.num_qo_heads, p.head_dim)
+        if tuple(q.shape) != want:
+            raise ValueError(f"q must have shape {want} from plan(), got {tuple(q.shape)}")
+        if q.dtype != p.q_dtype:
+            raise ValueError(f"q dtype {q.dtype} differs from q_data_type {p.q_dtype} given to plan()")
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device} but the workspace is on {self.device}")
+        if q.stride(-1) != 1:
+            raise ValueError("q must be contiguous in head_dim")
+
+    def _check_kv(self, name: str, k: torch.Tensor, p: PlanState, num_kv_heads: int, head_dim: int) -> None:
+        if k.dtype != p.kv_dtype:
+            raise ValueError(f"{name} dtype {k.dtype} differs from kv_data_type {p.kv_dtype} given to plan()")
+        if k.device != self.device:
+            raise ValueError(f"{name} is on {k.device} but the workspace is on {self.device}")
+        if num_kv_heads != p.num_kv_heads or head_dim != p.head_dim:
+            raise ValueError(f"{name} has {num_kv_heads} KV heads of dim {head_dim}; plan() was given "
+                             f"{p.num_kv_heads} and {p.head_dim}")
+
+    def _outputs(self, q, p: PlanState, out, lse, return_lse):
+        if out is None:
+            out = torch.empty_like(q)
+        elif tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if lse is None:
+            if return_lse:
+                lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        elif tuple(lse.shape) != (q.shape[0], q.shape[1]) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be float32 of shape {(q.shape[0], q.shape[1])}, got "
+                             f"{lse.dtype} {tuple(lse.shape)}")
+        return out, lse
+
+    def _partial_buffers(self, partial_rows: int, h: int, d: int):
+        """tmp_o [rows, h, d] and tmp_lse [rows, h] float32 views of the workspace: the rows the plan
+        uses (partial_rows), or in CUDA-graph mode all that fit (fixed addresses whatever the plan)."""
+        rows = self._partial_capacity(h, d) if self._use_cuda_graph else partial_rows
+        # Nothing split: the kernel never touches tmp, but one real row keeps its strides those of a
+        # split plan, so Triton does not compile a second specialization (stride == 1) of the kernel
+        # the first time a step without splits follows one with them (a multi-second stall in a server).
+        if rows == 0 and self._partial_capacity(h, d) == 0:  # no workspace at all: any float32 pointer
+            f = self._counters.view(torch.float32)
+            return f[None, None, :1].expand(1, 1, d), f[None, :1]
+        rows = max(rows, 1)
+        tmp = self._ws_f32
+        tmp_o = tmp[:rows * h * d].view(rows, h, d)
+        tmp_lse = tmp[rows * h * d:rows * h * (d + 1)].view(rows, h)
+        return tmp_o, tmp_lse
+
+    def _unit_scales(self, n: int) -> torch.Tensor:
+        """n per-head scales of 1.0 (the partner of a per-head tensor given for only one of K / V),
+        allocated once, not in every run()."""
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.numel() < n:
+            ones = self._ones = torch.ones(max(n, 64), dtype=torch.float32, device=self.device)
+        return ones[:n]
+
+    def _kv_scales(self, p: PlanState, k_scale, v_scale):
+        """((k factor, k tensor or None), (v factor, v tensor or None)) of run()'s k_scale / v_scale:
+        required for an fp8 cache, optional (default 1.0) otherwise."""
+        fp8 = p.kv_dtype in FP8_DTYPES
+        return (check_kv_scale("k_scale", k_scale, p.num_kv_heads, self.device, fp8),
+                check_kv_scale("v_scale", v_scale, p.num_kv_heads, self.device, fp8))
+
+    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None) -> None:
+        """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
+        scales: the result of _kv_scales (None: 1.0)."""
+        lse_arg = lse if lse is not None else p.tmp_lse
+        (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
+        per_head = kt is not None or vt is not None
+        if per_head:  # one tensor given: the other is its scalar factor on every head
+            kt = kt if kt is not None else self._unit_scales(p.num_kv_heads)
+            vt = vt if vt is not None else self._unit_scales(p.num_kv_heads)
+        dummy = p.tmp_lse  # any float32 pointer: not read without SCALE_PTR
+        var = self._variant
+        vparams = var.params_on(self.device) if var is not None else None
+        try:
+            self._launch_kernel(q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head,
+                                dummy, vparams)
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is named, with the cause
+            if var is None or isinstance(e, ValueError):
+                raise
+            raise ValueError(f"variant {var.name!r} does not compile into the attention kernel: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
+                       vparams):
+        if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
+            prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
+                q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
+                self._splits_buf, self._arrivals,
+                q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
+                *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
+            return
+        attention_kernel[(p.grid,)](
+            q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._indices,
+            self._splits_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
+            self._reqs if self._reqs is not None else self._counters,
+            self._mask if (self._mask is not None and p.mask is not None) else self._counters,
+            vparams if vparams is not None else dummy,
+            q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
+            *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
+            WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
+        )
+
+    def _can_merge_into_out(self) -> bool:
+        """Whether run(out=, lse=) of the current plan can merge its result into the given state in the
+        attention kernel's epilogue (the Triton kernel: not the sm_90 prefill kernel, not the PyTorch
+        reference path). The cascade wrapper uses it to skip its separate merge."""
+        p = self._plan
+        return self._backend == "triton" and p is not None and p.sm90_constexprs is None
+
+    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
+        """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""
+        deq = None
+        if scales is not None:
+            (kf, kt), (vf, vt) = scales
+            ks = kf * (kt.float() if kt is not None else torch.ones(p.num_kv_heads, device=self.device))
+            vs = vf * (vt.float() if vt is not None else torch.ones(p.num_kv_heads, device=self.device))
+            if p.kv_dtype in FP8_DTYPES or kf != 1.0 or vf != 1.0 or kt is not None or vt is not None:
+                deq = (ks[None, :, None], vs[None, :, None])
+        for b in range(p.batch_size):
+            s, e = int(p.host_qo_indptr[b]), int(p.host_qo_indptr[b + 1])
+            if e == s:
+                continue
+            k, v = kv_of_request(b)
+            if deq is not None:
+                k, v = k.float() * deq[0], v.float() * deq[1]
+            mask = None
+            if p.mask is not None:
+                from .variants import unpack_request_mask
+                mask = unpack_request_mask(p.mask, int(p.mask_bits[b]), e - s, k.shape[0])
+            o, l2 = reference.attention(q[s:e], k, v, causal=p.causal, sm_scale=p.sm_scale,
+                                        window_left=p.window_left,
+                                        logits_soft_cap=p.logits_soft_cap or None,
+                                        variant=self._variant, batch_idx=b, mask=mask)
+            out[s:e] = o
+            if lse is not None:
+                lse[s:e] = l2
+

@@ -1,0 +1,1 @@
+"""Benchmarks against peers (not timed tests): each prints a table."""

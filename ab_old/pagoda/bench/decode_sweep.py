@@ -1,0 +1,134 @@
+"""Decode beyond the main attention table (the performance issue's extra rows), pagoda vs FlashInfer in
+one run:
+
+  graph     CUDA-graph wrappers at batch 1..256 (KV 1024 each, Llama-3.1-8B attention shape): GPU time of
+            a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans)
+  variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16
+
+    python -m pagoda.bench.decode_sweep [--parts graph,variants] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import pagoda
+
+from .attention import PagedSetup, decode_row, flashinfer_or_none, gpu_time, write_json
+
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
+    ("base", (32, 8), 128, 16, torch.bfloat16), ("page 1", (32, 8), 128, 1, torch.bfloat16),
+    ("head_dim 64", (32, 8), 64, 16, torch.bfloat16), ("head_dim 256", (32, 8), 256, 16, torch.bfloat16),
+    ("group 1", (32, 32), 128, 16, torch.bfloat16), ("group 8", (64, 8), 128, 16, torch.bfloat16),
+    ("fp16", (32, 8), 128, 16, torch.float16),
+]
+
+
+def _host_us(fn, n=50):
+    """Host time of fn in microseconds: the minimum of n calls (after 3 warm-up calls). A shared host adds
+    noise only upward (the median of 20 plans moved by up to 2x between two runs on the device's host,
+    for FlashInfer and pagoda alike), so the minimum is the repeatable number."""
+    ts = []
+    for _ in range(n + 3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.min(ts[3:])) * 1e6
+
+
+def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):
+    hq, hk, d, ps, dt = 32, 8, 128, 16, torch.bfloat16
+    rows = []
+    for b in BATCHES:
+        s = PagedSetup([kv_len] * b, hk, d, ps, dt)
+        q = torch.randn(b, hq, d, dtype=dt, device="cuda")
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, use_cuda_graph=True)
+        plan = lambda: w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)  # noqa: E731
+        plan()
+        out = torch.empty_like(q)
+        w.run(q, s.cache, out=out)
+        row = {"batch": b, "kv_len": kv_len, "kv_MB": s.kv_bytes / 1e6, "pagoda_plan_us": _host_us(plan),
+               "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
+        if fi is not None:
+            fw = fi.BatchDecodeWithPagedKVCacheWrapper(
+                ws, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
+                paged_kv_indices_buffer=torch.zeros(s.indices.numel(), dtype=torch.int32, device="cuda"),
+                paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device="cuda"))
+            fplan = lambda: fw.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)  # noqa: E731
+            fplan()
+            ref = fw.run(q, s.cache)
+            err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
+            assert err < 2e-2, f"pagoda and FlashInfer disagree at batch {b}: {err}"
+            row["flashinfer_plan_us"] = _host_us(fplan)
+            row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
+        rows.append(row)
+        save(rows)
+        print(fmt_graph([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def variant_rows(fi, ws, save=lambda rows: None):
+    rows = []
+    for label, (hq, hk), d, ps, dt in VARIANTS:
+        for name, lens in (("64x2048", [2048] * 64), ("1x32768", [32768])):
+            row = decode_row(name, lens, hq, hk, d, ps, dt, fi, ws)
+            row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
+            rows.append(row)
+            save(rows)
+            print(fmt_variants([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def fmt_graph(rows):
+    lines = [f"{'batch':>5} {'pagoda us':>10} {'FI us':>8} {'x FI':>6} {'plan us':>8} {'FI plan':>8}"]
+    for r in rows:
+        fi = r.get("flashinfer_us")
+        lines.append(f"{r['batch']:5d} {r['pagoda_us']:10.1f} {fi or float('nan'):8.1f} "
+                     f"{(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x {r['pagoda_plan_us']:8.0f} "
+                     f"{r.get('flashinfer_plan_us', float('nan')):8.0f}")
+    return "\n".join(lines)
+
+
+def fmt_variants(rows):
+    lines = [f"{'variant':14s} {'case':9s} {'pagoda us':>10} {'GB/s':>6} {'FI us':>8} {'x FI':>6}"]
+    for r in rows:
+        fi = r.get("flashinfer_us")
+        lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {r['kv_MB'] / r['pagoda_us'] * 1e3:6.0f} "
+                     f"{fi or float('nan'):8.1f} {(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="graph,variants")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    fi = flashinfer_or_none()
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
+    res = {}
+
+    def save(part):  # after every row: a time-limited device call keeps what finished
+        def f(rows):
+            res[part] = rows
+            write_json(args.json, res.get("graph", []) + res.get("variants", []), args, partial=True)
+        return f
+    if "graph" in args.parts:
+        res["graph"] = graph_rows(fi, ws, save=save("graph"))
+    if "variants" in args.parts:
+        res["variants"] = variant_rows(fi, ws, save=save("variants"))
+    print()
+    if "graph" in res:
+        print(fmt_graph(res["graph"]))
+    if "variants" in res:
+        print(fmt_variants(res["variants"]))
+    write_json(args.json, res.get("graph", []) + res.get("variants", []), args)
+
+
+if __name__ == "__main__":
+    main()

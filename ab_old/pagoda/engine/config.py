@@ -1,0 +1,159 @@
+"""Engine configuration: the model's shape (from a Hugging Face config.json) and sampling.
+
+``ModelConfig.from_dict`` reads the families the engine serves: Llama (2, 3, 3.1 with
+"llama3" RoPE scaling, 3.2), Mistral, Qwen2 / Qwen2.5 (q/k/v bias) and Qwen3 (per-head q/k
+RMSNorm). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
+(transformers 4) and ``rope_parameters`` (transformers 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", ...} or None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    dtype: torch.dtype
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    raw: dict
+
+    @classmethod
+    def from_dict(cls, c: dict, generation_config: dict | None = None) -> "ModelConfig":
+        archs = c.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"unsupported model architecture {archs or c.get('model_type')!r}: pagoda serves "
+                             f"{', '.join(ARCHITECTURES)}")
+        family = ARCHITECTURES[arch]
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in c]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        heads = c["num_attention_heads"]
+        rope = dict(c.get("rope_parameters") or {})
+        theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in (None, "default"):
+                scaling = None
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"unsupported rope scaling {kind!r} (pagoda supports 'llama3' and 'linear')")
+            else:
+                scaling = dict(scaling, rope_type=kind)
+        eos = (generation_config or {}).get("eos_token_id", c.get("eos_token_id"))
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding = c.get("sliding_window") if c.get("use_sliding_window", family == "mistral") else None
+        return cls(
+            architecture=arch, family=family, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=bool(c.get("attention_bias", family == "qwen2")), qk_norm=family == "qwen3",
+            sliding_window=sliding, dtype=_dtype(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
+            bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids, raw=c,
+        )
+
+    @classmethod
+    def from_path(cls, path: str) -> "ModelConfig":
+        cfg = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError(f"{cfg} not found: a model is a local Hugging Face folder with config.json")
+        with open(cfg) as f:
+            c = json.load(f)
+        gen = None
+        gpath = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gpath):
+            with open(gpath) as f:
+                gen = json.load(f)
+        return cls.from_dict(c, gen)
+
+
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "half": torch.float16,
+             "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "float": torch.float32}
+    if name not in table:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return table[name]
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """vLLM's sampling parameters. temperature=0 is greedy; the same seed gives the same output."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("temperature", _num(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "-1 or >= 1"),
+            ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "an integer >= 1"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "an integer in 0..20"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) for t in self.stop_token_ids), "integers"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x

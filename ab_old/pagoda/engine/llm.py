@@ -1,0 +1,402 @@
+"""The engine (a step loop over scheduler -> runner -> detokenizer) and the offline ``LLM`` API.
+
+    llm = pagoda.LLM("path/to/hf-folder")          # or None / "pagoda-demo": the bundled model
+    outs = llm.generate(["def fib(n):"], pagoda.SamplingParams(max_tokens=64, temperature=0))
+    outs[0].outputs[0].text
+
+``LLMEngine`` is what the server drives: ``add_request`` / ``abort`` / ``step`` (returns the
+requests that made progress), with statistics (prefix-cache hits, KV usage, preemptions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+
+import torch
+
+from .config import ModelConfig, SamplingParams
+from .kv_cache import PagePool, PrefixCache
+from .loader import load_model, load_tokenizer, resolve_model_path
+from .runner import ModelRunner
+from .scheduler import Request, ScheduledBatch, Scheduler, Status
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    preemptions: int = 0
+    kv_pages_total: int = 0
+    kv_pages_used: int = 0
+    running: int = 0
+    waiting: int = 0
+    cuda_graph_steps: int = 0
+    cascade_steps: int = 0  # decode steps that ran the cascade wrapper (requests sharing prefix pages)
+    prepared_steps: int = 0  # decode steps prepared while the previous step ran (async scheduling)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+
+def _kv_pages_from_memory(config: ModelConfig, dtype, page_size, utilization, max_num_batched_tokens, max_num_seqs,
+                          device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    used_elsewhere = total - free  # weights and everything allocated so far
+    c = config
+    act = max_num_batched_tokens * (c.hidden_size * 6 + 2 * c.intermediate_size * 3 +
+                                    (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 2) * 4
+    act += max_num_seqs * c.vocab_size * 4 * 4 + (512 << 20)  # logits + sampling, graphs, workspace
+    page_bytes = c.num_layers * 2 * page_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+    budget = int(total * utilization) - used_elsewhere - act
+    if budget < page_bytes * 16:
+        raise ValueError(f"gpu_memory_utilization={utilization} leaves {budget / 2**30:.2f} GiB for the KV cache: "
+                         f"raise it or lower max_num_batched_tokens / max_num_seqs")
+    return budget // page_bytes
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
+                 enable_prefix_caching: bool = True, load_format: str = "auto", page_size: int = 16,
+                 num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
+                 seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
+                 async_scheduling: bool = True):
+        path = resolve_model_path(model)
+        self.model_path = path
+        self.model_name = model or "pagoda-demo"
+        self.config = config = ModelConfig.from_path(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            self.dtype = config.dtype if self.device.type == "cuda" else torch.float32
+        else:
+            from .config import _dtype
+
+            self.dtype = _dtype(dtype)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        # a sliding-window model serves its whole position range: the kernels apply the window (window_left)
+        limit = config.max_position_embeddings
+        self.max_model_len = max_model_len or limit
+        if self.max_model_len > limit or self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be in 2..{limit} for this model, got {max_model_len}")
+        if attention_backend is None:
+            attention_backend = "pagoda"
+        if load_format == "auto" and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise FileNotFoundError(f"{path} has no *.safetensors: pass load_format='dummy' for random weights")
+        self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        torch.manual_seed(seed)
+        self.model = load_model(path, config, self.dtype, self.device, load_format, seed)
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
+        if num_kv_pages is None:
+            if self.device.type == "cuda":
+                num_kv_pages = _kv_pages_from_memory(config, self.dtype, page_size, gpu_memory_utilization,
+                                                     self.max_num_batched_tokens, max_num_seqs, self.device)
+            else:
+                num_kv_pages = min(max_num_seqs * -(-self.max_model_len // page_size), 4096) + 1
+        self.pool = PagePool(int(num_kv_pages), page_size)
+        self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
+                                   self.max_model_len,
+                                   window_left=(config.sliding_window - 1) if config.sliding_window else -1)
+        self.runner = ModelRunner(config, self.model, device=self.device, dtype=self.dtype,
+                                  num_pages=int(num_kv_pages), page_size=page_size,
+                                  attention_backend=attention_backend, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=self.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager,
+                                  enable_cascade=enable_cascade)
+        if self.runner.use_graphs:
+            t0 = time.perf_counter()
+            self.runner.capture_graphs()
+            self.graph_capture_seconds = time.perf_counter() - t0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos_ids = set(config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, list[Request]] = {}
+        # async scheduling: while a decode step runs on the device, the next one is prepared (inputs, plan)
+        # as if every request goes on; it runs if the scheduler picks that batch (LLMEngine.step)
+        self.async_scheduling = async_scheduling
+        self._prepared = None
+        self.stats = EngineStats(kv_pages_total=self.pool.usable)
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer (skip_tokenizer_init): give prompts as token ids")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}, got {bad[:4]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's max_model_len is {self.max_model_len} "
+                             f"(prompt + at least one generated token)")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
+        first = group[0]
+        for r in group[1:]:  # the other samples start once the first one's prompt pages are cached
+            r.held_until = (lambda f=first: f.num_computed >= len(f.prompt_token_ids) or f.finished
+                            or self.prefix_cache is None)
+        self.requests[request_id] = group
+        for r in group:
+            self.scheduler.add(r)
+        self.stats.prompt_tokens += len(ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return False
+        for r in group:
+            if not r.finished:
+                self.scheduler.abort(r)
+                r.status, r.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """One scheduler step; returns the outputs of the request groups that made progress (with
+        ``only_finished``: of those that finished, which skips building and detokenizing the
+        in-progress outputs that an offline caller would throw away)."""
+        batch: ScheduledBatch = self.scheduler.schedule()
+        prepared, self._prepared = self._prepared, None
+        if not batch.requests:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no request could be scheduled: the KV cache is too small for the next prompt")
+            return []
+        pending = self.runner.launch(batch, self.generator, prepared)
+        self.stats.prepared_steps += self.runner.last_step_prepared
+        if self.async_scheduling:  # the host prepares the next decode step while the device runs this one
+            self._prepared = self.runner.prepare_next(pending, self.scheduler.grow)
+        reqs, tokens, logprobs = self.runner.collect(pending)
+        self.stats.cuda_graph_steps += self.runner.last_step_graph
+        self.stats.cascade_steps += self.runner.last_step_cascade
+        self.scheduler.after_step(batch)
+        now = time.monotonic()
+        touched = {}
+        for r, tok, lp in zip(reqs, tokens, logprobs):
+            if tok < 0:  # the sampler found NaN / infinite logits for this request: end it, keep serving
+                r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "error", "invalid logits"
+                self.scheduler.finish(r)
+                touched[r.request_id] = True
+                continue
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.output_token_ids.append(tok)
+            if lp is not None:
+                r.output_logprobs.append(lp)
+            self.stats.generation_tokens += 1
+            self._check_stop(r, tok)
+            if r.finished:
+                self.scheduler.finish(r)
+            touched[r.request_id] = True
+        self.stats.steps += 1
+        self._refresh_stats()
+        outs = []
+        for rid in touched:
+            group = self.requests.get(rid)
+            if group is None or (only_finished and not all(r.finished for r in group)):
+                continue
+            out = self._output(group)
+            outs.append(out)
+            if out.finished:
+                del self.requests[rid]
+        return outs
+
+    def _check_stop(self, r: Request, tok: int) -> None:
+        p = r.params
+        if not p.ignore_eos and tok in self.eos_ids:
+            r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", None
+        elif tok in p.stop_token_ids:
+            r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", tok
+        if p.stop and self.tokenizer is not None and not r.finished:
+            text = self._live_text(r)
+            for s in p.stop:
+                at = text.find(s, max(0, len(r.text) - len(s)))
+                if at >= 0:
+                    r.text = text[:at]
+                    r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", s
+                    return
+            r.text = text
+        if not r.finished and ((p.max_tokens is not None and len(r.output_token_ids) >= p.max_tokens)
+                               or r.num_tokens >= self.max_model_len):
+            r.status, r.finish_reason = Status.FINISHED, "length"
+
+    def _live_text(self, r: Request) -> str:
+        """The request's text so far, decoded incrementally (vLLM's scheme): each step decodes only
+        the tokens since the last complete character, against the text of the same window without
+        the new tokens, so a step costs O(new tokens) rather than O(output length)."""
+        ids = r.output_token_ids
+        if r.detok_read == len(ids):
+            return r.live_text
+        skip = r.params.skip_special_tokens
+        before = self.tokenizer.decode(ids[r.detok_prefix:r.detok_read], skip_special_tokens=skip)
+        now = self.tokenizer.decode(ids[r.detok_prefix:], skip_special_tokens=skip)
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # complete characters only
+            r.live_text += now[len(before):]
+            r.detok_prefix, r.detok_read = r.detok_read, len(ids)
+        return r.live_text
+
+    def _decode(self, r: Request) -> str:
+        ids = r.output_token_ids
+        if r.finish_reason == "stop" and r.stop_reason is None and ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens)
+
+    def _output(self, group: list[Request]) -> RequestOutput:
+        outs = []
+        for r in group:
+            if self.tokenizer is not None and not (r.params.stop and r.finish_reason == "stop"
+                                                    and isinstance(r.stop_reason, str)):
+                text = self._decode(r) if r.finished else self._live_text(r)
+                if not r.finished:
+                    # what a stream may already show: not the start of a stop string that the next
+                    # token could complete, not a byte sequence the next token completes (U+FFFD)
+                    if r.params.stop:
+                        hold = max(len(x) for x in r.params.stop) - 1
+                        text = text[:len(text) - hold] if hold else text
+                    text = text.rstrip("\ufffd")
+                r.text = text
+            lps = r.output_logprobs if r.params.logprobs is not None else None
+            cum = (sum(d[t] for d, t in zip(lps, r.output_token_ids)) if lps else None)
+            outs.append(CompletionOutput(r.index, r.text, list(r.output_token_ids), cum, lps, r.finish_reason,
+                                         r.stop_reason))
+        first = group[0]
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outs,
+                             all(r.finished for r in group), first.num_cached_tokens,
+                             {"arrival": first.arrival, "first_token": first.first_token_time})
+
+    def _refresh_stats(self) -> None:
+        s = self.stats
+        s.kv_pages_used = self.pool.usable - self.pool.num_free
+        s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.preemptions = self.scheduler.num_preemptions
+        if self.prefix_cache is not None:
+            s.prefix_query_tokens, s.prefix_hit_tokens = self.prefix_cache.query_tokens, self.prefix_cache.hit_tokens
+
+
+class LLM:
+    """vLLM's offline API on pagoda: ``generate`` and ``chat``."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
+                 max_num_seqs: int = 256, gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
+                 enable_prefix_caching: bool = True, load_format: str = "auto", **kwargs):
+        self.engine = LLMEngine(model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                gpu_memory_utilization=gpu_memory_utilization, attention_backend=attention_backend,
+                                enable_prefix_caching=enable_prefix_caching, load_format=load_format, **kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        ids = []
+        try:  # add all before running any: a bad prompt aborts the ones already added
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req", leave=False)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step(only_finished=True):
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"}) or a list of them."""
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=add_generation_prompt)
+                   for c in convs]
+        prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+        return self.generate(prompts, sampling_params, use_tqdm)

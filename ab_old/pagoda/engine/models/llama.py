@@ -1,0 +1,176 @@
+"""The Llama family on pagoda's kernels: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (q/k/v bias),
+Qwen3 (per-head q/k RMSNorm). Tied or separate output embeddings.
+
+Tokens of all requests in a step are one flat batch [num_tokens]: the projections and MLP
+are plain GEMMs, RoPE / norms / SiLU are pagoda ops, and attention goes through the step's
+``AttentionContext`` (writes the new K/V into the paged cache, then paged attention).
+q/k/v and gate/up projections are fused into one GEMM each; ``load_weights`` maps Hugging
+Face checkpoint names onto them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import pagoda
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with residual: residual += x and x <- norm(residual), in place (returns both)."""
+        if residual is None:
+            return pagoda.rmsnorm(x, self.weight, self.eps)
+        pagoda.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        return x, residual
+
+
+def rope_cos_sin_cache(c: ModelConfig, max_positions: int, device) -> torch.Tensor:
+    """[max_positions, head_dim] float32 = [cos | sin] of each position (vLLM's cache layout)."""
+    llama31, scale = None, 1.0
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        if s["rope_type"] == "llama3":
+            llama31 = dict(factor=float(s["factor"]), low_freq_factor=float(s.get("low_freq_factor", 1.0)),
+                           high_freq_factor=float(s.get("high_freq_factor", 4.0)),
+                           old_context_len=float(s.get("original_max_position_embeddings", 8192)))
+        else:  # linear
+            scale = float(s["factor"])
+    inv = pagoda.ops.rope.rope_inv_freq(c.head_dim, c.rope_theta, scale, llama31, "cpu").double()
+    ang = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1).float().to(device)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.hq, self.hk, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.d, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+
+    def forward(self, x, positions, cos_sin, ctx):
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
+            k = self.k_norm(k.reshape(t, self.hk, self.d).contiguous()).view(t, -1)
+        pagoda.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.d, cos_sin, is_neox=True)
+        o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
+                          v.view(t, self.hk, self.d))
+        return self.o_proj(o.view(t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(pagoda.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(c, layer_id)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, residual, positions, cos_sin, ctx):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self, max_positions: int) -> None:
+        self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w).float()
+
+    # -- weights ---------------------------------------------------------------------
+    def load_weights(self, weights) -> None:
+        """weights: iterable of (Hugging Face name, tensor). Every parameter must be loaded once."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        c = self.config
+        qkv_offsets = {"q_proj": (0, c.num_heads * c.head_dim),
+                       "k_proj": (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim),
+                       "v_proj": ((c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim)}
+        gate_up = {"gate_proj": (0, c.intermediate_size), "up_proj": (c.intermediate_size, c.intermediate_size)}
+        for name, w in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            target, rows = _map_name(name, qkv_offsets, gate_up)
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint (no parameter {target!r})")
+            p = params[target]
+            dst = p.data if rows is None else p.data.narrow(0, rows[0], rows[1])
+            if tuple(dst.shape) != tuple(w.shape):
+                raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
+            dst.copy_(w)
+            loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+        expected = set()
+        for n, p in params.items():
+            if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
+                expected |= {f"{n}[{o}]" for o, _ in qkv_offsets.values()}
+            elif n.endswith("gate_up_proj.weight"):
+                expected |= {f"{n}[{o}]" for o, _ in gate_up.values()}
+            else:
+                expected.add(n)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:4]}")
+
+
+def _map_name(name: str, qkv_offsets, gate_up):
+    """Hugging Face name -> (our parameter name, (row offset, rows) or None)."""
+    n = name.removeprefix("model.")
+    for proj, rows in qkv_offsets.items():
+        if f"self_attn.{proj}." in n:
+            return n.replace(f"self_attn.{proj}.", "self_attn.qkv_proj."), rows
+    for proj, rows in gate_up.items():
+        if f"mlp.{proj}." in n:
+            return n.replace(f"mlp.{proj}.", "mlp.gate_up_proj."), rows
+    return n, None

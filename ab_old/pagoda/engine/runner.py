@@ -1,0 +1,549 @@
+"""Model runner: one forward per step over the scheduled tokens of all requests.
+
+Per step: build the batch's page tables on the host (NumPy), copy them to the device in one
+transfer, ``plan()`` the attention wrapper once, run the model (every layer writes its new K/V
+into the paged cache, then attends), compute logits only where a request samples, sample.
+Pure-decode steps on CUDA replay a CUDA graph captured at a padded batch size (padding rows
+attend to the reserved page 0); ``plan()`` still runs each step, outside the graph.
+
+``attention_backend``: "pagoda" (Triton kernels on CUDA, the PyTorch reference on the CPU),
+"flashinfer" (FlashInfer 0.6 wrappers, the side-by-side peer; CUDA only), "torch" (pagoda's
+wrappers on their PyTorch reference path, anywhere).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+import pagoda
+
+from .config import ModelConfig
+from .sampler import sample_collect, sample_launch
+
+# a decode step uses the cascade when sharing saves at least this fraction of its KV page reads and, on a
+# GPU, at least this many bytes of KV reads (all layers): the cascade's host work per step (levels, a second
+# plan()) is ~2-3 ms on the H200's host, about what 8 GiB of HBM reads take. Measured (H200, 64 prompts of 512
+# tokens x n=8, 14.7 GB saved per step): 19.9 s with cascade vs 18.9 s without, inside the run-to-run spread.
+CASCADE_MIN_SAVED = 0.25
+CASCADE_MIN_SAVED_BYTES = 8 << 30
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Host arrays of one step (int32 unless noted)."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    batch_indices: np.ndarray  # [T] request of each token
+    qo_indptr: np.ndarray  # [B + 1]
+    kv_indptr: np.ndarray  # [B + 1]
+    kv_indices: np.ndarray  # [P]
+    kv_last_page_len: np.ndarray  # [B]
+    logits_indices: np.ndarray  # [S] token rows whose logits are sampled
+    sample_rows: list[int]  # [S] which requests sample
+    is_decode: bool
+
+
+def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
+    """The step's host arrays: Python lists filled per request, converted once (a decode step of 256
+    requests: ~0.3 ms on the CI machine, from 2.1 ms with per-request arrays and full token lists)."""
+    ids, pos, bidx, pages = [], [], [], []
+    qo, kv, last, logit_rows, sample_rows = [0], [0], [], [], []
+    q = k = 0
+    decode = True
+    for b, (r, n) in enumerate(zip(requests, num_new_tokens)):
+        start = r.num_computed
+        kv_len = start + n
+        ids += r.token_ids(start, kv_len)
+        if n == 1:
+            pos.append(start)
+            bidx.append(b)
+        else:
+            decode = False
+            pos += range(start, kv_len)
+            bidx += [b] * n
+        npages = -(-kv_len // page_size)
+        arr = r.page_array()
+        pages.append(arr if len(arr) == npages else arr[:npages])
+        q += n
+        k += npages
+        qo.append(q)
+        kv.append(k)
+        last.append((kv_len - 1) % page_size + 1)
+        if kv_len == r.num_tokens:
+            logit_rows.append(q - 1)
+            sample_rows.append(b)
+    i32 = np.int32
+    return StepInputs(np.array(ids, i32), np.array(pos, i32), np.array(bidx, i32), np.array(qo, i32),
+                      np.array(kv, i32), np.concatenate(pages) if pages else np.zeros(0, i32),
+                      np.array(last, i32), np.array(logit_rows, i32), sample_rows,
+                      decode and len(sample_rows) == len(requests))
+
+
+def build_next_decode_inputs(requests, page_size: int) -> StepInputs:
+    """The inputs of the decode step after the one in flight, for requests that each gain one token from
+    it: position = the request's token count now, KV length one more. The token ids are not known yet (they
+    are on the device, being sampled): zeros here, the runner copies the sampled ids in on the device."""
+    b = len(requests)
+    pos = [r.num_tokens for r in requests]
+    pages, last = [], []
+    for r, p in zip(requests, pos):
+        npages = p // page_size + 1  # pages of p + 1 tokens
+        arr = r.page_array()
+        pages.append(arr if len(arr) == npages else arr[:npages])
+        last.append(p % page_size + 1)
+    i32 = np.int32
+    ar = np.arange(b + 1, dtype=i32)
+    kv = np.zeros(b + 1, i32)
+    np.cumsum([len(a) for a in pages], out=kv[1:])
+    return StepInputs(np.zeros(b, i32), np.array(pos, i32), ar[:-1].copy(), ar, kv,
+                      np.concatenate(pages) if pages else np.zeros(0, i32), np.array(last, i32), ar[:-1].copy(),
+                      list(range(b)), True)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A decode step prepared while the previous one ran (ModelRunner.prepare_next): its inputs are on the
+    device and its attention planned; it runs if the scheduler then picks the same requests, each at the
+    position it was prepared for."""
+
+    requests: list
+    positions: list[int]
+    graph: object = None  # _DecodeGraph, or None: eager, with dev
+    dev: object = None
+
+    def matches(self, requests, num_new) -> bool:
+        return (len(requests) == len(self.requests) and all(a is b for a, b in zip(requests, self.requests))
+                and all(n == 1 for n in num_new)
+                and all(r.num_computed == p and r.num_tokens == p + 1 for r, p in zip(requests, self.positions)))
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A launched step: the requests that sample and their sampling, not yet read back."""
+
+    requests: list
+    sampled: object  # sampler.Sampled, or None (nothing samples)
+    preparable: bool  # a decode step whose requests share no pages: the next one can be prepared during it
+
+
+class _Staging:
+    """Host-to-device copies of int32 arrays through one pinned buffer. A copy is asynchronous, so
+    before the buffer is rewritten the previous copy must have left it (a step without sampling
+    does not synchronize): an event guards it."""
+
+    def __init__(self, size: int, device):
+        self.device = device
+        self.pinned = torch.empty(size, dtype=torch.int32, pin_memory=True) if device.type == "cuda" else None
+        self.done = None
+
+    def upload(self, arrays) -> list[torch.Tensor]:
+        flat = np.concatenate(arrays).astype(np.int32, copy=False)
+        if self.pinned is None:
+            dev = torch.from_numpy(flat.copy())
+        else:
+            if self.pinned.numel() < flat.size:
+                raise RuntimeError(f"pinned staging buffer too small ({self.pinned.numel()} < {flat.size})")
+            if self.done is not None:
+                self.done.synchronize()
+            host = self.pinned[:flat.size]
+            host.numpy()[:] = flat
+            dev = host.to(self.device, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        return list(torch.split(dev, [a.shape[0] for a in arrays]))
+
+
+class _DeviceInputs:
+    """The step's arrays on the device, sent in one copy."""
+
+    def __init__(self, inp: StepInputs, staging: _Staging):
+        (self.input_ids, self.positions, self.batch_indices, self.qo_indptr, self.kv_indptr, self.kv_indices,
+         self.kv_last_page_len, self.logits_indices) = staging.upload(
+            [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
+             inp.kv_last_page_len, inp.logits_indices])
+
+
+class _Context:
+    """What the model's attention layers call: append K/V, then attend."""
+
+    def __init__(self, runner, attn, dev: _DeviceInputs):
+        self.runner, self.attn, self.dev = runner, attn, dev
+
+    def attention(self, layer: int, q, k, v):
+        cache = self.runner.kv_caches[layer]
+        d = self.dev
+        self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr, d.kv_last_page_len)
+        return self.attn.run(q, cache)
+
+
+class _PagodaAttention:
+    def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
+        self.r = runner
+        self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
+                                                                  backend=backend)
+        self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
+        """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
+        c = self.r.config
+        self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
+                          torch.from_numpy(inp.kv_indices), torch.from_numpy(inp.kv_last_page_len),
+                          c.num_heads, c.num_kv_heads, c.head_dim, self.r.page_size, causal=True,
+                          window_left=self.r.window_left, q_data_type=self.r.dtype, kv_data_type=self.r.dtype)
+
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
+        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False)
+
+    def run(self, q, cache):
+        return self.wrapper.run(q, cache)
+
+
+class _PagodaCascadeAttention(_PagodaAttention):
+    """Decode steps whose requests share prefix pages (parallel samples of one prompt, prefix-cache
+    hits on a common system prompt): a two-level MultiLevelCascadeAttentionWrapper whose shared
+    level attends each group's prefix once for all of the group's queries; levels come from the
+    step's page tables (cascade_levels_from_page_table). K/V are appended through the flat tables."""
+
+    def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
+        self.r = runner
+        self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD",
+                                                                use_cuda_graph=use_cuda_graph, backend=backend)
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
+        c = self.r.config
+        if levels is None:
+            levels = pagoda.cascade_levels_from_page_table(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                                           self.r.page_size, inp.qo_indptr)
+        self.wrapper.plan(**levels, num_qo_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                          page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
+                          kv_data_type=self.r.dtype)
+
+
+class _FlashInferAttention:
+    def __init__(self, runner):
+        import flashinfer
+
+        self.fi, self.r = flashinfer, runner
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(runner.workspace, "NHD", use_tensor_cores=True)
+        self.active = None
+
+    def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
+        c, r = self.r.config, self.r
+        if inp.is_decode:
+            self.decode.plan(dev.kv_indptr, dev.kv_indices, dev.kv_last_page_len, c.num_heads, c.num_kv_heads,
+                             c.head_dim, r.page_size, window_left=r.window_left, q_data_type=r.dtype,
+                             kv_data_type=r.dtype)
+            self.active = self.decode
+        else:
+            self.prefill.plan(dev.qo_indptr, dev.kv_indptr, dev.kv_indices, dev.kv_last_page_len, c.num_heads,
+                              c.num_kv_heads, c.head_dim, r.page_size, causal=True, window_left=r.window_left,
+                              q_data_type=r.dtype, kv_data_type=r.dtype)
+            self.active = self.prefill
+
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
+        self.fi.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last)
+
+    def run(self, q, cache):
+        return self.active.run(q.contiguous(), cache)
+
+
+class _FlashInferGraphAttention(_FlashInferAttention):
+    """FlashInfer's decode wrapper in CUDA-graph mode (its own fixed index buffers)."""
+
+    def __init__(self, runner, size: int):
+        import flashinfer
+
+        self.fi, self.r = flashinfer, runner
+        dev, pages = runner.device, runner.static["kv_indices"].numel()
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            runner.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(size + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(pages, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32, device=dev))
+        self.active = self.decode
+
+    def plan(self, inp: StepInputs, dev, levels=None) -> None:
+        c, r = self.r.config, self.r
+        self.decode.plan(torch.from_numpy(inp.kv_indptr), torch.from_numpy(inp.kv_indices),
+                         torch.from_numpy(inp.kv_last_page_len), c.num_heads, c.num_kv_heads, c.head_dim,
+                         r.page_size, window_left=r.window_left, q_data_type=r.dtype, kv_data_type=r.dtype)
+
+
+class _DecodeGraph:
+    """A CUDA graph of the model over a padded decode batch of ``size`` rows."""
+
+    def __init__(self, runner, size: int, pool, cascade: bool = False):
+        self.r, self.size = runner, size
+        if runner.attention_backend == "flashinfer":
+            self.attn = _FlashInferGraphAttention(runner, size)
+        else:
+            self.attn = runner.graph_attention(cascade)
+        s = runner.static
+        self.dev = _StaticView(s, size)
+        inp = runner.padded_decode_inputs([], size)
+        runner.write_static(inp)
+        self.attn.plan(inp, self.dev)
+        ctx = _Context(runner, self.attn, self.dev)
+        with torch.no_grad():
+            for _ in range(2):  # compile and warm up outside the graph
+                runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
+                self.logits = runner.model.compute_logits(hidden)
+
+    def prepare(self, inp: StepInputs, levels=None) -> None:
+        self.r.write_static(inp)
+        self.attn.plan(inp, self.dev, levels)
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
+
+    def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
+        self.prepare(inp, levels)
+        return self.replay()
+
+
+class _StaticView:
+    def __init__(self, s, size):
+        self.input_ids, self.positions = s["input_ids"][:size], s["positions"][:size]
+        self.batch_indices = s["batch_indices"][:size]
+        self.kv_indptr, self.kv_last_page_len = s["kv_indptr"][:size + 1], s["kv_last_page_len"][:size]
+        self.kv_indices = s["kv_indices"]
+        self.qo_indptr = s["qo_indptr"][:size + 1]
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
+                 attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 enable_cuda_graph: bool, enable_cascade: bool = True):
+        self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
+        self.page_size, self.num_pages = page_size, num_pages
+        self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
+        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim, dtype=dtype,
+                                      device=self.device) for _ in range(config.num_layers)]
+        ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
+        self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
+        if attention_backend == "flashinfer":
+            if self.device.type != "cuda":
+                raise ValueError("attention_backend='flashinfer' needs a CUDA device")
+            self.attn = _FlashInferAttention(self)
+        elif attention_backend == "pagoda":
+            self.attn = _PagodaAttention(self, "auto")
+        elif attention_backend == "torch":
+            self.attn = _PagodaAttention(self, "torch")
+        else:
+            raise ValueError(f"attention_backend must be 'pagoda', 'flashinfer' or 'torch', got {attention_backend!r}")
+        self.attention_backend = attention_backend
+        # cascade decode (pagoda's wrappers only): used when the pages shared within groups of requests save at
+        # least this fraction of the step's KV page reads
+        # (not with a sliding window: the shared level would attend past it)
+        self.enable_cascade = enable_cascade and attention_backend in ("pagoda", "torch") and self.window_left < 0
+        self.cascade_min_saved = CASCADE_MIN_SAVED
+        self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES if self.device.type == "cuda" else 0
+        self.page_bytes = (config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim
+                           * torch.finfo(dtype).bits // 8)
+        self.cascade_attn = (_PagodaCascadeAttention(self, "auto" if attention_backend == "pagoda" else "torch")
+                             if self.enable_cascade else None)
+        self.last_step_cascade = False
+        # page-table entries of one step: requests that share prefix pages each list them, so the bound
+        # is per request, not the pool size
+        max_pages_step = max_num_seqs * (-(-max_model_len // page_size))
+        n_pinned = 6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + max_pages_step
+        self.staging = _Staging(n_pinned, self.device)
+        self.use_graphs = (enable_cuda_graph and self.device.type == "cuda"
+                           and attention_backend in ("pagoda", "flashinfer"))
+        self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
+        self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
+        self._graph_attn: dict[bool, _PagodaAttention] = {}
+        self.last_step_graph = False
+        self.last_step_prepared = False
+        self.graph_pool = None
+        if self.use_graphs:
+            mx = self.graph_sizes[-1]
+            self.static = {n: torch.zeros(k, dtype=torch.int32, device=self.device) for n, k in (
+                ("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
+                ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", max_pages_step + mx))}
+        self.max_model_len = max_model_len
+        self.model.init_rope(max_model_len)
+
+    # -- CUDA graphs --------------------------------------------------------------------
+    def padded_decode_inputs(self, inp: StepInputs | list, size: int) -> StepInputs:
+        """A decode batch padded to ``size`` rows: padding rows are one token at position 0
+        attending to one slot of the reserved page 0."""
+        if isinstance(inp, list):
+            b = 0
+            ids = pos = bidx = kvi = last = np.zeros(0, np.int32)
+            kv = qo = np.zeros(1, np.int32)
+        else:
+            b = len(inp.sample_rows)
+            ids, pos, bidx, kvi, last = inp.input_ids, inp.positions, inp.batch_indices, inp.kv_indices, inp.kv_last_page_len
+            kv, qo = inp.kv_indptr, inp.qo_indptr
+        pad = size - b
+        z = np.zeros(pad, np.int32)
+        return StepInputs(
+            np.concatenate([ids, z]), np.concatenate([pos, z]), np.concatenate([bidx, np.arange(b, size, dtype=np.int32)]),
+            np.concatenate([qo, qo[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+            np.concatenate([kv, kv[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
+            np.concatenate([kvi, z]), np.concatenate([last, np.ones(pad, np.int32)]),
+            np.arange(size, dtype=np.int32), list(range(size)), True)
+
+    def write_static(self, inp: StepInputs) -> None:
+        s = self.static
+        arrays = [("input_ids", inp.input_ids), ("positions", inp.positions), ("batch_indices", inp.batch_indices),
+                  ("kv_indptr", inp.kv_indptr), ("qo_indptr", inp.qo_indptr),
+                  ("kv_last_page_len", inp.kv_last_page_len), ("kv_indices", inp.kv_indices)]
+        for (name, a), part in zip(arrays, self.staging.upload([a for _, a in arrays])):
+            s[name][:a.size].copy_(part)
+
+    def capture_graphs(self) -> None:
+        """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a
+        capture when the running batch reaches a new size; with cascade decode, its graphs too."""
+        for cascade in (False, True) if self.enable_cascade else (False,):
+            for size in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its memory pool
+                self._graph_for(size, cascade)
+        torch.cuda.synchronize()
+
+    def graph_attention(self, cascade: bool):
+        """The attention of the pagoda decode graphs: one CUDA-graph wrapper for every batch size (a step
+        plans it, then replays its size's graph), one for the flat graphs and one for the cascade ones."""
+        if cascade not in self._graph_attn:
+            cls = _PagodaCascadeAttention if cascade else _PagodaAttention
+            self._graph_attn[cascade] = cls(self, "triton", use_cuda_graph=True)
+        return self._graph_attn[cascade]
+
+    def _graph_for(self, batch: int, cascade: bool = False) -> _DecodeGraph | None:
+        """The decode graph of the smallest padded size >= batch (captured on first use; cascade graphs
+        are captured only when a step first needs them)."""
+        size = next((s for s in self.graph_sizes if s >= batch), None)
+        if size is None:
+            return None
+        if (size, cascade) not in self.graphs:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            self.graphs[size, cascade] = _DecodeGraph(self, size, self.graph_pool, cascade)
+        return self.graphs[size, cascade]
+
+    # -- one step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def launch(self, batch, generator=None, prepared: _Prepared | None = None) -> _Pending:
+        """Queue the batch's forward and sampling on the device; collect() reads back the tokens of the
+        requests that sample, in batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows).
+        With a ``prepared`` step (prepare_next) that matches the batch, its inputs and plan are used as they are."""
+        requests, num_new = batch.requests, batch.num_new_tokens
+        self.last_step_prepared = prepared is not None and prepared.matches(requests, num_new)
+        if self.last_step_prepared:
+            self.last_step_cascade = False
+            self.last_step_graph = prepared.graph is not None
+            if prepared.graph is not None:
+                logits = prepared.graph.replay()[:len(requests)]
+            else:
+                logits = self._forward(prepared.dev, self.attn)
+            reqs = list(requests)
+            return _Pending(reqs, sample_launch(logits, reqs, generator), True)
+        order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
+        if order is not None:  # requests that share pages next to each other (levels group neighbours)
+            requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
+        inp = build_inputs(requests, num_new, self.page_size)
+        levels = self._cascade_levels(inp) if order is not None and inp.is_decode else None
+        self.last_step_cascade = levels is not None
+        graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
+        self.last_step_graph = graph is not None
+        if graph is not None:
+            padded = self.padded_decode_inputs(inp, graph.size)
+            if levels is not None:
+                levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
+            logits = graph.run(padded, levels)[:len(inp.sample_rows)]
+        else:
+            dev = _DeviceInputs(inp, self.staging)
+            attn = self.cascade_attn if levels is not None else self.attn
+            attn.plan(inp, dev, levels)
+            if not inp.sample_rows:  # prefill chunks only: the forward fills the cache, nothing samples
+                self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+                return _Pending([], None, False)
+            logits = self._forward(dev, attn)
+        reqs = [requests[i] for i in inp.sample_rows]
+        # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
+        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None)
+
+    def _forward(self, dev: _DeviceInputs, attn) -> torch.Tensor:
+        hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+        return self.model.compute_logits(hidden[dev.logits_indices.long()])
+
+    def collect(self, pending: _Pending):
+        """Read a launched step's tokens back (waits for the device): (requests, tokens, logprobs)."""
+        if pending.sampled is None:
+            return [], [], []
+        tokens, logprobs = sample_collect(pending.sampled)
+        return pending.requests, tokens, logprobs
+
+    @torch.no_grad()
+    def prepare_next(self, pending: _Pending, grow) -> _Prepared | None:
+        """While a decode step runs on the device, prepare the next one as if every request goes on (the
+        common case; LLMEngine.step runs it only if the scheduler then picks the same batch): one more page
+        where a request needs it (``grow(request, num_tokens)``, the scheduler's), the inputs written to the
+        device behind the running step, the sampled tokens copied in as the next input ids on the device,
+        and the attention planned. Returns None when the next step could not be such a decode step (cascade
+        sharing, the model's length limit, no free pages)."""
+        reqs = pending.requests
+        if not pending.preparable or any(r.num_tokens + 1 > self.max_model_len for r in reqs):
+            return None
+        for r in reqs:
+            if not grow(r, r.num_tokens + 1):
+                return None
+        inp = build_next_decode_inputs(reqs, self.page_size)
+        ids = pending.sampled.out
+        graph = self._graph_for(len(reqs), False) if self.use_graphs else None
+        if graph is not None:
+            graph.prepare(self.padded_decode_inputs(inp, graph.size))
+            self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
+            return _Prepared(list(reqs), [r.num_tokens for r in reqs], graph=graph)
+        dev = _DeviceInputs(inp, self.staging)
+        dev.input_ids.copy_(ids, non_blocking=True)
+        self.attn.plan(inp, dev)
+        return _Prepared(list(reqs), [r.num_tokens for r in reqs], dev=dev)
+
+    def _cascade_levels(self, inp: StepInputs):
+        """The step's two cascade levels, or None when sharing saves less than cascade_min_saved of the
+        KV page reads or than cascade_min_saved_bytes."""
+        levels = pagoda.cascade_levels_from_page_table(inp.kv_indptr, inp.kv_indices, inp.kv_last_page_len,
+                                                       self.page_size, inp.qo_indptr)
+        total = int(inp.kv_indptr[-1])
+        read = int(levels["paged_kv_indptr_arr"][0][-1]) + int(levels["paged_kv_indptr_arr"][1][-1])
+        saved = total - read
+        if (total == 0 or saved < self.cascade_min_saved * total
+                or saved * self.page_bytes < self.cascade_min_saved_bytes):
+            return None
+        return levels
+
+
+def _pad_levels(levels, pad: int, page_size: int):
+    """Cascade levels of a decode batch extended by ``pad`` padding rows (padded_decode_inputs: one token
+    attending to slot 0 of page 0), each a group of its own that shares nothing."""
+    if pad == 0:
+        return levels
+    ar = torch.arange(1, pad + 1, dtype=torch.int32)
+    (qo0, qo1), (kv0, kv1) = levels["qo_indptr_arr"], levels["paged_kv_indptr_arr"]
+    (ix0, ix1), (last0, last1) = levels["paged_kv_indices_arr"], levels["paged_kv_last_page_len"]
+    return dict(
+        qo_indptr_arr=[torch.cat([qo0, qo0[-1] + ar]), torch.cat([qo1, qo1[-1] + ar])],
+        paged_kv_indptr_arr=[torch.cat([kv0, kv0[-1].expand(pad)]), torch.cat([kv1, kv1[-1] + ar])],
+        paged_kv_indices_arr=[ix0, torch.cat([ix1, torch.zeros(pad, dtype=torch.int32)])],
+        paged_kv_last_page_len=[torch.cat([last0, torch.full((pad,), page_size, dtype=torch.int32)]),
+                                torch.cat([last1, torch.ones(pad, dtype=torch.int32)])])
+
+
+def _first_page_order(requests) -> list[int] | None:
+    """The (stable) order of a batch by the first page of each request, or None when no two requests
+    start with the same page (nothing to share: the common case is one pass over the batch)."""
+    first = [r.pages[0] if r.pages else -1 - i for i, r in enumerate(requests)]
+    if len(set(first)) == len(first):
+        return None
+    return sorted(range(len(first)), key=first.__getitem__)

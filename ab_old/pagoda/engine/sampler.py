@@ -1,0 +1,109 @@
+"""Token sampling for a step: greedy rows by argmax, the others through pagoda's sorting-free
+samplers (temperature, top-k, top-p, min-p), requests with a seed on their own generator so
+that the same seed gives the same tokens whatever else is in the batch."""
+from __future__ import annotations
+
+import torch
+
+import pagoda
+
+
+def _sample_rows(logits: torch.Tensor, params, generator) -> torch.Tensor:
+    """logits [n, vocab] float32 (already divided by temperature); params: SamplingParams per row."""
+    vocab = logits.shape[1]
+    dev = logits.device
+    k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    use_k, use_p, use_m = any(x < vocab for x in k), any(x < 1.0 for x in top_p), any(x > 0 for x in min_p)
+    kt = _device_tensor(k, torch.int32, dev) if use_k else None
+    pt = _device_tensor(top_p, torch.float32, dev) if use_p else None
+    if use_m:
+        probs = torch.softmax(logits, -1)
+        if use_k:
+            probs = pagoda.top_k_renorm_probs(probs, kt)
+        if use_p:
+            probs = pagoda.top_p_renorm_probs(probs, pt)
+        mt = _device_tensor(min_p, torch.float32, dev)
+        return pagoda.min_p_sampling_from_probs(probs, mt, generator=generator)
+    if use_k and use_p:
+        return pagoda.top_k_top_p_sampling_from_logits(logits, kt, pt, generator=generator)
+    probs = torch.softmax(logits, -1)
+    if use_k:
+        return pagoda.top_k_sampling_from_probs(probs, kt, generator=generator)
+    if use_p:
+        return pagoda.top_p_sampling_from_probs(probs, pt, generator=generator)
+    return pagoda.sampling_from_probs(probs, generator=generator)
+
+
+class Sampled:
+    """A step's sampling, launched on the device (sample_launch) and not yet read back (sample_collect)."""
+
+    def __init__(self, out, requests, want, chosen, top_v, top_i):
+        self.out, self.requests, self.want = out, requests, want
+        self.chosen, self.top_v, self.top_i = chosen, top_v, top_i
+
+
+def _device_tensor(values, dtype, device) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream: a copy from pageable memory would
+    wait for every kernel queued before it (the step's forward), pinned memory does not."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None) -> Sampled:
+    """Queue the sampling of logits [n, vocab] float32 for n requests on the device; no read-back, and no
+    copy that waits for the forward (so the host can prepare the next step meanwhile)."""
+    n = logits.shape[0]
+    dev = logits.device
+    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    if len(greedy) == n:  # all greedy (the common serving case): no index tensors at all
+        out = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+    else:
+        out = torch.empty(n, dtype=torch.long, device=dev)
+        if greedy:
+            gi = _device_tensor(greedy, torch.long, dev)
+            rows = logits[gi]
+            out[gi] = torch.where(torch.isfinite(rows).all(-1), rows.argmax(-1), -1)
+        shared = [i for i, r in enumerate(requests) if not r.params.greedy and r.generator is None]
+        if shared:
+            si = _device_tensor(shared, torch.long, dev)
+            temp = _device_tensor([requests[i].params.temperature for i in shared], torch.float32, dev)
+            out[si] = _sample_rows(logits[si] / temp[:, None], [requests[i].params for i in shared],
+                                   generator).long()
+        for i, r in enumerate(requests):
+            if not r.params.greedy and r.generator is not None:
+                row = logits[i:i + 1] / r.params.temperature
+                out[i] = _sample_rows(row, [r.params], r.generator).long()[0]
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    chosen = top_v = top_i = None
+    if want:
+        wi = _device_tensor(want, torch.long, dev)
+        lp = torch.log_softmax(logits[wi], -1)
+        kmax = max(requests[i].params.logprobs for i in want)
+        if kmax:
+            top_v, top_i = lp.topk(kmax, dim=-1)
+        chosen = lp.gather(1, out[wi].clamp(min=0)[:, None])[:, 0]
+    return Sampled(out, requests, want, chosen, top_v, top_i)
+
+
+def sample_collect(s: Sampled):
+    """Read a launched sampling back: (tokens: list[int], logprobs: list[dict | None]) where logprobs[i] maps
+    token id -> log-probability (of the model's distribution) for the sampled token and the request's top
+    ``logprobs`` tokens. A row whose logits are not finite samples -1 (greedy rows too)."""
+    tokens = s.out.tolist()  # -1: NaN / infinite logits (the engine ends that request with "error")
+    logprobs: list[dict | None] = [None] * len(tokens)
+    if s.want:
+        chosen = s.chosen.tolist()
+        top_v = s.top_v.tolist() if s.top_v is not None else None
+        top_i = s.top_i.tolist() if s.top_i is not None else None
+        for j, i in enumerate(s.want):
+            if tokens[i] < 0:
+                continue
+            k = s.requests[i].params.logprobs
+            d = {top_i[j][m]: top_v[j][m] for m in range(k)} if k else {}
+            d[tokens[i]] = chosen[j]
+            logprobs[i] = d
+    return tokens, logprobs

@@ -1,0 +1,1 @@
+"""Triton kernels of the serving ops (host logic lives in pagoda/ops/*.py)."""

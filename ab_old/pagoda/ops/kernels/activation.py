@@ -1,0 +1,26 @@
+"""Gated activations: out = act(x[..., :d]) * x[..., d:]."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def act_and_mul_kernel(X, Y, d, stride_x, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < d
+    a = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(X + row * stride_x + d + offs, mask=m, other=0.0).to(tl.float32)
+    if ACT == 0:
+        g = a / (1.0 + tl.exp(-a))
+    elif ACT == 1:
+        g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    else:
+        g = 0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a)))
+    tl.store(Y + row * stride_y + offs, (g * b).to(Y.dtype.element_ty), mask=m)

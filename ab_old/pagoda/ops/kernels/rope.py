@@ -1,0 +1,57 @@
+"""Rotary position embedding: one launch rotates q and k; a program per (token, block of heads)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rope_kernel(
+    Q, K, QO, KO, POS, FREQ, COS_SIN, num_q_heads, num_k_heads, head_dim, half, max_pos,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERLEAVE: tl.constexpr, FROM_CACHE: tl.constexpr, COPY_REST: tl.constexpr,
+):
+    """Rotates pairs of the first 2 * half dims by angle pos * FREQ[i] (or reads cos/sin from
+    COS_SIN[pos] = [cos(half) | sin(half)]). Pairs are (i, i + half) (NeoX) or (2i, 2i + 1)
+    (INTERLEAVE). COPY_REST copies dims past the rotary ones (out of place, partial rotary).
+    Program (t, j): token t, head block j of q (j < q blocks) or of k (after them). A position
+    outside 0..max_pos-1 of the cos/sin cache writes NaN (it is never read out of bounds)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    if j < q_blocks:
+        X, Y, num_heads, hb = Q, QO, num_q_heads, j
+        sxt, sxh, syt, syh = stride_qt, stride_qh, stride_qot, stride_qoh
+    else:
+        X, Y, num_heads, hb = K, KO, num_k_heads, j - q_blocks
+        sxt, sxh, syt, syh = stride_kt, stride_kh, stride_kot, stride_koh
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < num_heads
+    pos = tl.load(POS + t)
+    i = tl.arange(0, BLOCK_R)
+    im = i < half
+    if FROM_CACHE:
+        ok = (pos >= 0) & (pos < max_pos)
+        row = COS_SIN + pos.to(tl.int64) * stride_cs
+        cos = tl.load(row + i, mask=im & ok, other=float("nan")).to(tl.float32)
+        sin = tl.load(row + half + i, mask=im & ok, other=float("nan")).to(tl.float32)
+    else:
+        ang = pos.to(tl.float32) * tl.load(FREQ + i, mask=im, other=0.0)
+        cos = tl.cos(ang)
+        sin = tl.sin(ang)
+    if INTERLEAVE:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + half
+    m = hm[:, None] & im[None, :]
+    xrow = X + t * sxt + heads[:, None] * sxh
+    yrow = Y + t * syt + heads[:, None] * syh
+    x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(yrow + i1[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(Y.dtype.element_ty), mask=m)
+    tl.store(yrow + i2[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(Y.dtype.element_ty), mask=m)
+    if COPY_REST:
+        d = tl.arange(0, BLOCK_D)
+        dm = hm[:, None] & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
+        tl.store(yrow + d[None, :], tl.load(xrow + d[None, :], mask=dm), mask=dm)

@@ -1,0 +1,91 @@
+"""RMSNorm and its fused-residual and Gemma forms (FlashInfer names and arguments).
+
+All compute in fp32 and return the input dtype. ``input`` is [..., hidden] with a
+contiguous last dimension; ``weight`` is [hidden].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._dispatch import check_same, rows_view, use_triton
+from .kernels.norm import rmsnorm_kernel
+
+
+def _block(hidden: int) -> int:
+    return min(4096, max(16, triton.next_power_of_2(hidden)))
+
+
+def _check(input, weight, name="input"):
+    if not isinstance(input, torch.Tensor) or input.dim() < 1:
+        raise ValueError(f"{name} must be a tensor [..., hidden]")
+    if not isinstance(weight, torch.Tensor) or weight.shape != (input.shape[-1],):
+        raise ValueError(f"weight must have shape ({input.shape[-1]},), got {getattr(weight, 'shape', weight)}")
+    if weight.device != input.device:
+        raise ValueError("weight must be on the device of input")
+    if not input.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {input.dtype}")
+
+
+def _norm(input, weight, eps, out, offset):
+    _check(input, weight)
+    if out is None:
+        out = torch.empty_like(input)
+    else:
+        check_same("out", out, input)
+    if input.numel() == 0:
+        return out
+    if not use_triton(input):
+        x = input.float()
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)
+        out.copy_(y.to(out.dtype))
+        return out
+    x2, y2 = rows_view("input", input), rows_view("out", out)
+    hidden = input.shape[-1]
+    rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, y2, hidden, x2.stride(0), x2.stride(0), y2.stride(0),
+                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=False,
+                                   num_warps=4)
+    return out
+
+
+def _fused(input, residual, weight, eps, offset):
+    _check(input, weight)
+    check_same("residual", residual, input)
+    if input.numel() == 0:
+        return
+    if not use_triton(input):
+        x = input.float() + residual.float()
+        residual.copy_(x.to(residual.dtype))
+        x = residual.float()
+        input.copy_((x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset))
+                    .to(input.dtype))
+        return
+    x2, r2 = rows_view("input", input), rows_view("residual", residual)
+    hidden = input.shape[-1]
+    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, x2, hidden, x2.stride(0), r2.stride(0), x2.stride(0),
+                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=True,
+                                   num_warps=4)
+
+
+def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
+            enable_pdl: bool | None = None) -> torch.Tensor:
+    """out = input / sqrt(mean(input^2) + eps) * weight."""
+    return _norm(input, weight, eps, out, 0.0)
+
+
+def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                      enable_pdl: bool | None = None) -> None:
+    """In place: residual <- input + residual; input <- rmsnorm(residual) * weight."""
+    _fused(input, residual, weight, eps, 0.0)
+
+
+def gemma_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
+                  enable_pdl: bool | None = None) -> torch.Tensor:
+    """Gemma's form: out = input / sqrt(mean(input^2) + eps) * (1 + weight)."""
+    return _norm(input, weight, eps, out, 1.0)
+
+
+def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
+    """In place: residual <- input + residual; input <- gemma_rmsnorm(residual)."""
+    _fused(input, residual, weight, eps, 1.0)

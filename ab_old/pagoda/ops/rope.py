@@ -1,0 +1,200 @@
+"""Rotary position embedding (FlashInfer names and arguments).
+
+q: [nnz, num_qo_heads, head_dim], k: [nnz, num_kv_heads, head_dim]. The first ``rotary_dim``
+dims (default head_dim) rotate: pairs (i, i + rotary_dim/2) by default (NeoX / Llama) or
+(2i, 2i + 1) with ``interleave=True`` (GPT-J), by angle ``pos / rope_scale * rope_theta **
+(-2i / rotary_dim)``. Positions come from ``pos_ids`` [nnz] or from ``indptr`` [batch + 1]
+and ``offsets`` [batch] (token j of request b sits at offsets[b] + j - indptr[b]).
+Math in fp32; outputs in the input dtype. One kernel launch rotates q and k.
+The cos/sin-cache forms check positions on the host when they live on the CPU; positions in a
+CUDA tensor are not read back (that would synchronize): a row whose position falls outside the
+cache is written as NaN.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+from ._dispatch import use_triton
+from .kernels.rope import rope_kernel
+from .page import get_batch_indices_positions
+
+
+def _pos_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    if indptr.dim() != 1 or offsets.dim() != 1 or offsets.shape[0] != indptr.shape[0] - 1:
+        raise ValueError(f"indptr must be [batch + 1] and offsets [batch], got {tuple(indptr.shape)}, "
+                         f"{tuple(offsets.shape)}")
+    # token j of request b: offsets[b] + j - indptr[b], i.e. an append that ends at offsets + lengths
+    lens = indptr[1:].long() - indptr[:-1].long()
+    return get_batch_indices_positions(indptr, offsets.to(indptr.device).long() + lens, nnz)[1]
+
+
+def rope_inv_freq(rotary_dim: int, rope_theta: float, rope_scale: float = 1.0, llama31: dict | None = None,
+                  device=None) -> torch.Tensor:
+    """Per-pair angular frequencies [rotary_dim / 2] (float32), Llama 3.1's scaling optional.
+    Cached per arguments and device, so a call in a decode step copies nothing to the GPU."""
+    key = tuple(sorted(llama31.items())) if llama31 is not None else None
+    return _inv_freq(int(rotary_dim), float(rope_theta), float(rope_scale), key, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(rotary_dim, rope_theta, rope_scale, llama31, device):
+    inv = 1.0 / (rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if llama31 is not None:
+        c = dict(llama31)
+        factor, low, high, old = c["factor"], c["low_freq_factor"], c["high_freq_factor"], c["old_context_len"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    else:
+        inv = inv / rope_scale
+    return inv.to(device=device, dtype=torch.float32)
+
+
+def _check(q, k, pos, rotary_dim):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be [nnz, num_heads, head_dim], got {getattr(t, 'shape', t)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.device != q.device:
+        raise ValueError(f"q and k must share nnz, head_dim and device: {tuple(q.shape)} vs {tuple(k.shape)}")
+    if pos.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(pos.shape)}")
+    rd = q.shape[2] if rotary_dim is None else rotary_dim
+    if rd % 2 or not 0 < rd <= q.shape[2]:
+        raise ValueError(f"rotary_dim must be even and in 2..head_dim ({q.shape[2]}), got {rotary_dim}")
+    return rd
+
+
+def _rotate_torch(x, out, pos, freq, cos_sin, half, interleave):
+    """out <- rope(x) in PyTorch (the CPU path); out may be x (in place)."""
+    xf = x.float()
+    if cos_sin is not None:
+        c, s = cos_sin[pos.long(), :half].float(), cos_sin[pos.long(), half:2 * half].float()
+    else:
+        ang = pos.float()[:, None] * freq[None, :]
+        c, s = torch.cos(ang), torch.sin(ang)
+    c, s = c[:, None, :], s[:, None, :]
+    idx = torch.arange(half, device=x.device)
+    i1, i2 = (2 * idx, 2 * idx + 1) if interleave else (idx, idx + half)
+    x1, x2 = xf[..., i1], xf[..., i2]
+    y = xf.clone()
+    y[..., i1], y[..., i2] = x1 * c - x2 * s, x2 * c + x1 * s
+    out.copy_(y.to(out.dtype))
+
+
+def _apply(q, k, pos, rotary_dim, interleave, inplace, *, theta=1e4, scale=1.0, llama31=None, cos_sin=None):
+    rd = _check(q, k, pos, rotary_dim)
+    pos = pos.to(q.device, torch.int32)
+    half = rd // 2
+    freq = None if cos_sin is not None else rope_inv_freq(rd, theta, scale, llama31, q.device)
+    q_out = q if inplace else torch.empty_like(q)
+    k_out = k if inplace else torch.empty_like(k)
+    nnz, dim = q.shape[0], q.shape[2]
+    if nnz:
+        if not use_triton(q):
+            _rotate_torch(q, q_out, pos, freq, cos_sin, half, interleave)
+            _rotate_torch(k, k_out, pos, freq, cos_sin, half, interleave)
+        else:
+            bh = min(32, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
+            grid = (nnz, triton.cdiv(q.shape[1], bh) + triton.cdiv(k.shape[1], bh))
+            rope_kernel[grid](
+                q, k, q_out, k_out, pos, freq if freq is not None else q, cos_sin if cos_sin is not None else q,
+                q.shape[1], k.shape[1], dim, half, cos_sin.shape[0] if cos_sin is not None else 0,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
+                k_out.stride(0), k_out.stride(1), cos_sin.stride(0) if cos_sin is not None else 0,
+                BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(dim),
+                INTERLEAVE=interleave, FROM_CACHE=cos_sin is not None, COPY_REST=not inplace and 2 * half < dim,
+                num_warps=4)
+    return None if inplace else (q_out, k_out)
+
+
+def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    """Returns (q_rope, k_rope) for positions pos_ids [nnz]."""
+    return _apply(q, k, pos_ids, rotary_dim, interleave, False, theta=rope_theta, scale=rope_scale)
+
+
+def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    _apply(q, k, pos_ids, rotary_dim, interleave, True, theta=rope_theta, scale=rope_scale)
+
+
+def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    """Returns (q_rope, k_rope); positions from indptr / offsets (module docstring)."""
+    return apply_rope_pos_ids(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                              rope_scale, rope_theta)
+
+
+def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4):
+    apply_rope_pos_ids_inplace(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                               rope_scale, rope_theta)
+
+
+def _llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len):
+    return dict(factor=rope_scale, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                old_context_len=old_context_len)
+
+
+def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8.0, rope_theta=5e5,
+                               low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    """Llama 3.1 frequency scaling: rope_scale is the low-frequency factor."""
+    return _apply(q, k, pos_ids, rotary_dim, interleave, False, theta=rope_theta,
+                  llama31=_llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len))
+
+
+def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8.0,
+                                       rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       old_context_len=8192):
+    _apply(q, k, pos_ids, rotary_dim, interleave, True, theta=rope_theta,
+           llama31=_llama31(rope_scale, low_freq_factor, high_freq_factor, old_context_len))
+
+
+def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8.0, rope_theta=5e5,
+                       low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    return apply_llama31_rope_pos_ids(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim, interleave,
+                                      rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len)
+
+
+def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8.0,
+                               rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+    apply_llama31_rope_pos_ids_inplace(q, k, _pos_from_indptr(indptr, offsets, q.shape[0]), rotary_dim,
+                                       interleave, rope_scale, rope_theta, low_freq_factor, high_freq_factor,
+                                       old_context_len)
+
+
+def _cos_sin_args(positions, query, key, head_size, cos_sin_cache):
+    if query.dim() != 2 or key.dim() != 2 or query.shape[1] % head_size or key.shape[1] % head_size:
+        raise ValueError(f"query and key must be [nnz, heads * head_size ({head_size})], got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] % 2 or cos_sin_cache.shape[1] > head_size:
+        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim <= head_size], got "
+                         f"{tuple(cos_sin_cache.shape)}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    # Checked here when that is free (positions on the CPU); on the GPU the kernel writes NaN for a
+    # position outside the cache rather than synchronize to look.
+    if positions.device.type == "cpu" and positions.numel() and (
+            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must be in 0..{cos_sin_cache.shape[0] - 1}")
+    q = query.view(query.shape[0], -1, head_size)
+    k = key.view(key.shape[0], -1, head_size)
+    return q, k, cos_sin_cache.shape[1]
+
+
+def apply_rope_with_cos_sin_cache(positions, query, key, head_size: int, cos_sin_cache, is_neox: bool = True):
+    """vLLM / SGLang form: query [nnz, heads * head_size], cos_sin_cache [max_pos, rotary_dim]
+    = [cos | sin] float32. Returns (query_out, key_out) shaped like the inputs."""
+    q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
+    return q_out.view_as(query), k_out.view_as(key)
+
+
+def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int, cos_sin_cache,
+                                          is_neox: bool = True) -> None:
+    q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    _apply(q, k, positions, rd, not is_neox, True, cos_sin=cos_sin_cache)

@@ -1,0 +1,221 @@
+"""Sampling on the GPU without sorting the vocabulary (FlashInfer names and arguments).
+
+probs: [batch, vocab] float (rows need not be normalized); per-request parameters are
+scalars or [batch] tensors. Returns int32 token ids [batch]. ``generator`` (a
+torch.Generator) makes draws reproducible: the same seed gives the same tokens.
+Bad input raises ValueError naming the argument when it can be seen without reading the GPU:
+shapes, dtypes, and parameters given as Python numbers or CPU tensors (top_p outside (0, 1],
+top_k < 1, min_p outside [0, 1]); NaN probabilities with ``check_nan=True`` (a device
+synchronization, as in FlashInfer; off by default). What can only be seen on the GPU is
+reported in the result, never as a token: a row with NaN, negative or infinite probabilities,
+zero total mass, or a parameter (given as a CUDA tensor) out of range samples -1; the filters
+(top_k_renorm_probs, top_p_renorm_probs, top_k_mask_logits) write that row as NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._dispatch import use_triton
+from .kernels.sampling import filter_kernel, sample_kernel
+
+NONE, TOP_K, TOP_P, MIN_P, TOP_K_TOP_P = 0, 1, 2, 3, 4
+
+
+class _Param:
+    """A sampling parameter: a Python scalar, or a [batch] tensor on the probabilities' device."""
+
+    def __init__(self, name, value, batch, dtype, device, lo, hi, lo_open=False):
+        self.name, self.tensor, self.scalar = name, None, value
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 and value.device.type == "cpu":
+                self.scalar = value.item()
+            else:
+                t = value.expand(batch) if value.dim() == 0 else value
+                if t.shape != (batch,):
+                    raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got {tuple(t.shape)}")
+                if t.device.type == "cpu":  # free to check here; a GPU tensor is checked in the kernel
+                    self._check(t, lo, hi, lo_open)
+                self.tensor = t.to(device=device, dtype=dtype).contiguous()
+                return
+        if not isinstance(self.scalar, (int, float)):
+            raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+        self._check(torch.tensor([self.scalar], dtype=torch.float64), lo, hi, lo_open)
+        self.scalar = int(self.scalar) if dtype == torch.int32 else float(self.scalar)
+        self.dtype, self.batch, self.device = dtype, batch, device
+
+    def _check(self, t, lo, hi, lo_open):
+        bad = (t <= lo) if lo_open else (t < lo)
+        bad |= (t > hi) | torch.isnan(t.double())
+        if bad.any():
+            raise ValueError(f"{self.name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {t.tolist()[:8]}")
+
+    def as_tensor(self):
+        if self.tensor is not None:
+            return self.tensor
+        return torch.full((self.batch,), self.scalar, dtype=self.dtype, device=self.device)
+
+    def kernel_args(self, dummy):
+        """(pointer, scalar, per-row flag) for a kernel launch."""
+        if self.tensor is not None:
+            return self.tensor, 0, True
+        return dummy, self.scalar, False
+
+
+def _seed_offset(generator):
+    """Philox seed and offset for one call. A CUDA generator advances its own offset (no device
+    read, so no synchronization); any other generator (or the default CPU one) draws them."""
+    if generator is not None and generator.device.type == "cuda":
+        seed, off = generator.initial_seed() & 0x7FFFFFFF, generator.get_offset()
+        generator.set_offset(off + 4)
+        return seed, (off // 4) & 0x3FFFFFFF
+    draw = torch.randint(0, 2**31 - 1, (2,), generator=generator)
+    return int(draw[0]), int(draw[1]) & 0x3FFFFFFF
+
+
+def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, generator=None, check_nan=False):
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.dtype.is_floating_point:
+        raise ValueError(f"probs must be a float [batch, vocab] tensor, got {getattr(probs, 'shape', probs)}")
+    if indices is not None:
+        probs = probs[indices.long()]
+    if probs.stride(-1) != 1:
+        probs = probs.contiguous()
+    batch, vocab = probs.shape
+    dev = probs.device
+    if check_nan and torch.isnan(probs).any():
+        raise ValueError("probs contains NaN")
+    k = _Param("top_k", top_k if top_k is not None else 1, batch, torch.int32, dev, 1, 2**31 - 1)
+    p = _Param("top_p", top_p if top_p is not None else 1.0, batch, torch.float32, dev, 0.0, 1.0, lo_open=True)
+    m = _Param("min_p", min_p if min_p is not None else 0.0, batch, torch.float32, dev, 0.0, 1.0)
+    out = torch.empty(batch, dtype=torch.int32, device=dev)
+    if batch == 0:
+        return out
+    seed, offset = _seed_offset(generator)
+    if not use_triton(probs):
+        return _sample_torch(probs.float(), filt, k.as_tensor(), p.as_tensor(), m.as_tensor(), seed,
+                             offset).to(torch.int32)
+    kt, kv, kr = k.kernel_args(out)
+    pt, pv, pr = p.kernel_args(out)
+    mt, mv, mr = m.kernel_args(out)
+    block = min(4096, max(16, triton.next_power_of_2(vocab)))
+    sample_kernel[(batch,)](probs, out, kt, pt, mt, kv, pv, mv, probs.stride(0), vocab, seed, offset,
+                            FILTER=filt, K_ROWS=kr, P_ROWS=pr, M_ROWS=mr, BLOCK=block,
+                            num_warps=max(1, min(16, block // 256)))
+    return out
+
+
+def _sample_torch(probs, filt, k, p, m, seed, offset):
+    """PyTorch form (CPU fallback): filter by sorting, then inverse-CDF sampling."""
+    g = torch.Generator(device=probs.device).manual_seed(seed + offset)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if filt in (TOP_K, TOP_K_TOP_P):
+        kth = sorted_p.gather(1, (k.long().clamp(max=probs.shape[1]) - 1)[:, None])
+        keep &= probs >= kth
+    if filt in (TOP_P, TOP_K_TOP_P):
+        above = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each sorted position
+        inside = above < p[:, None] * probs.sum(-1, keepdim=True)
+        keep &= torch.zeros_like(keep).scatter(1, order, inside)
+    if filt == MIN_P:
+        keep &= probs >= m[:, None] * probs.max(-1, keepdim=True).values
+    w = torch.where(keep, probs, 0.0)
+    invalid = ~(torch.isfinite(probs).all(-1) & (probs >= 0).all(-1) & (probs.sum(-1) > 0))
+    invalid |= (k < 1) | ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))  # device tensors, unchecked
+    w[invalid] = 1.0
+    tokens = torch.multinomial(w, 1, generator=g)[:, 0]
+    return torch.where(invalid, -1, tokens)
+
+
+def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                        offset=None):
+    """Sample one token per row from probs."""
+    return _sample(probs, NONE, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False):
+    """Sample among the top_k most likely tokens (ties at the k-th probability are kept)."""
+    return _sample(probs, TOP_K, top_k=top_k, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False):
+    """Sample from the nucleus: the most likely tokens whose preceding mass is below top_p."""
+    return _sample(probs, TOP_P, top_p=top_p, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False):
+    """Sample among tokens with p >= min_p * max(p)."""
+    return _sample(probs, MIN_P, min_p=min_p, indices=indices, generator=generator, check_nan=check_nan)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                    deterministic=True, generator=None, check_nan=False):
+    """Sample with both filters: "joint" applies both to the original probabilities; "top_k_first"
+    renormalizes the top-k set first and takes the nucleus of that."""
+    if filter_apply_order == "top_k_first":
+        return _sample(top_k_renorm_probs(probs if indices is None else probs[indices.long()], top_k), TOP_P,
+                       top_p=top_p, generator=generator, check_nan=check_nan)
+    if filter_apply_order != "joint":
+        raise ValueError(f"filter_apply_order must be 'top_k_first' or 'joint', got {filter_apply_order!r}")
+    return _sample(probs, TOP_K_TOP_P, top_k=top_k, top_p=top_p, indices=indices, generator=generator,
+                   check_nan=check_nan)
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False):
+    """softmax(logits) then top_k_top_p_sampling_from_probs."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a [batch, vocab] tensor")
+    return top_k_top_p_sampling_from_probs(torch.softmax(logits.float(), dim=-1), top_k, top_p, indices,
+                                           filter_apply_order, deterministic, generator, check_nan)
+
+
+def _filter(x, mode, top_k=None, top_p=None, name="probs"):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float [batch, vocab] tensor, got {getattr(x, 'shape', x)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, vocab = x.shape
+    k = _Param("top_k", top_k if top_k is not None else 1, batch, torch.int32, x.device, 1, 2**31 - 1)
+    p = _Param("top_p", top_p if top_p is not None else 1.0, batch, torch.float32, x.device, 0.0, 1.0,
+               lo_open=True)
+    out = torch.empty_like(x)
+    if batch == 0:
+        return out
+    if not use_triton(x):
+        xf = x.float()
+        kk, pp = k.as_tensor(), p.as_tensor()
+        if mode == 1:
+            s, order = xf.sort(-1, descending=True)
+            inside = (s.cumsum(-1) - s) < pp[:, None] * xf.sum(-1, keepdim=True)
+            thr = torch.where(inside, s, float("inf")).min(-1, keepdim=True).values
+            invalid = ~((pp > 0) & (pp <= 1))
+        else:
+            kc = kk.long().clamp(1, vocab)
+            thr = xf.topk(int(kc.max()), dim=-1).values.gather(1, (kc - 1)[:, None])
+            invalid = kk < 1
+        keep = xf >= thr
+        y = torch.where(keep, xf, float("-inf")) if mode == 2 else torch.where(keep, xf, 0.0)
+        if mode != 2:
+            y = y / y.sum(-1, keepdim=True)
+        y[invalid] = float("nan")
+        return out.copy_(y.to(out.dtype))
+    kt, kv, kr = k.kernel_args(out)
+    pt, pv, pr = p.kernel_args(out)
+    block = min(4096, max(16, triton.next_power_of_2(vocab)))
+    filter_kernel[(batch,)](x, out, kt, pt, kv, pv, x.stride(0), out.stride(0), vocab, MODE=mode, K_ROWS=kr,
+                            P_ROWS=pr, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+    return out
+
+
+def top_k_renorm_probs(probs, top_k):
+    """Keep the top_k most likely tokens (ties at the k-th value kept), renormalized; others 0."""
+    return _filter(probs, 0, top_k=top_k)
+
+
+def top_p_renorm_probs(probs, top_p):
+    """Keep the nucleus (tokens whose more likely mass is below top_p), renormalized; others 0."""
+    return _filter(probs, 1, top_p=top_p)
+
+
+def top_k_mask_logits(logits, top_k):
+    """Logits of the top_k largest kept, the others set to -inf."""
+    return _filter(logits, 2, top_k=top_k, name="logits")

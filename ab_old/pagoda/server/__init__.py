@@ -1,0 +1,1 @@
+"""OpenAI-compatible server over the engine: ``pagoda serve MODEL`` (see api.py)."""

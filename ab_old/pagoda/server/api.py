@@ -1,0 +1,373 @@
+"""OpenAI-compatible HTTP API over the engine (FastAPI).
+
+POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events, ending with
+``data: [DONE]``; ``stream_options.include_usage``), GET /v1/models, GET /health, GET /metrics
+(Prometheus). Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+400 for invalid parameters or a prompt longer than the model allows, 404 for an unknown model,
+503 with Retry-After when the waiting queue is over its limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..engine import SamplingParams
+from .async_engine import AsyncEngine, EngineDead, Overloaded
+from .metrics import Metrics
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status, message, type_, param, code, headers)
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+                        status_code=e.status, headers=e.headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+
+
+def _params(req: _Common, logprobs: int | None, default_max: int) -> SamplingParams:
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    try:
+        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              min_p=req.min_p, seed=req.seed, max_tokens=max_tokens if max_tokens is not None
+                              else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ValueError as e:
+        msg = str(e)
+        field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
+        raise APIError(400, msg, param=field) from None
+
+
+def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None) -> FastAPI:
+    engine = async_engine.engine
+    tok = engine.tokenizer
+    metrics = metrics or Metrics(engine)
+    app = FastAPI(title="pagoda", version="0.1.0")
+    app.state.async_engine = async_engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        metrics.requests.labels(status=str(e.status)).inc()
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        metrics.requests.labels(status="400").inc()
+        return error_response(APIError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}",
+                                       param=loc[0] if loc else None))
+
+    def check_model(name: str) -> None:
+        if name != served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{served_model_name}`.",
+                           param="model", code="model_not_found")
+
+    def default_max(prompt_len: int) -> int:
+        return max(1, engine.max_model_len - prompt_len)
+
+    def prompt_len_check(ids: list[int]) -> None:
+        if len(ids) >= engine.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
+                                f"has {len(ids)} tokens (and at least one must be generated).",
+                           param="prompt", code="context_length_exceeded")
+
+    def tokenize_prompt(p) -> tuple[str | None, list[int]]:
+        try:
+            return engine.tokenize(p)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def run_one(prompt, params, rid):
+        """Start a request; returns the async iterator once the engine accepted it (errors raise)."""
+        gen = async_engine.generate(prompt, params, rid)
+        try:
+            first = await gen.__anext__()
+        except Overloaded as e:
+            raise APIError(503, f"The server is overloaded ({e}); retry later.", type_="server_error",
+                           code="overloaded", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        except EngineDead as e:
+            raise APIError(500, str(e), type_="server_error") from None
+        return first, gen
+
+    def logprob_block_completion(out, token_ids, offset0=0):
+        lps = out.logprobs or []
+        toks = [tok.decode([t]) if tok else str(t) for t in token_ids]
+        offsets, pos = [], offset0
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": [d.get(t) for d, t in zip(lps, token_ids)],
+                "top_logprobs": [{(tok.decode([k]) if tok else str(k)): v for k, v in d.items()} for d in lps],
+                "text_offset": offsets}
+
+    def logprob_block_chat(out, token_ids, top_n):
+        content = []
+        for d, t in zip(out.logprobs or [], token_ids):
+            s = tok.decode([t]) if tok else str(t)
+            tops = sorted(((k, v) for k, v in d.items()), key=lambda kv: -kv[1])[:top_n]
+            content.append({"token": s, "logprob": d.get(t), "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": tok.decode([k]) if tok else str(k), "logprob": v,
+                                              "bytes": list((tok.decode([k]) if tok else str(k)).encode())}
+                                             for k, v in tops]})
+        return {"content": content}
+
+    def check_failed(final):
+        bad = [c for c in final.outputs if c.finish_reason == "error"]
+        if bad:
+            raise APIError(500, f"generation failed: {bad[0].stop_reason}", type_="server_error")
+
+    def record_finished(final, t0, first_t):
+        done = time.monotonic()
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        metrics.prompt_tokens.inc(len(final.prompt_token_ids))
+        metrics.generation_tokens.inc(n_out)
+        if first_t is not None:
+            metrics.ttft.observe(first_t - t0)
+            per = max(len(c.token_ids) for c in final.outputs)
+            if per > 1:
+                metrics.itl.observe((done - first_t) / (per - 1))
+        metrics.e2e.observe(done - t0)
+
+    # -- endpoints ----------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if async_engine.error is not None or async_engine.stopped:
+            return JSONResponse({"status": "error"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "pagoda", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prom():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        p = req.prompt
+        if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        tokenized = [tokenize_prompt(x) for x in prompts]
+        for _, ids in tokenized:
+            prompt_len_check(ids)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise APIError(400, "logprobs must be in 0..20", param="logprobs")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        t0 = time.monotonic()
+        if req.stream:
+            got = await asyncio.gather(*(run_one(ids, _params(req, req.logprobs, default_max(len(ids))), f"{rid}-{i}")
+                                         for i, (_, ids) in enumerate(tokenized)), return_exceptions=True)
+            starts = [g for g in got if not isinstance(g, BaseException)]
+            if len(starts) < len(got):  # one failed: release the others, answer with its error
+                for _, gen in starts:
+                    await gen.aclose()
+                raise next(g for g in got if isinstance(g, BaseException))
+            return StreamingResponse(_stream_completion(starts, req, rid, created, t0), media_type="text/event-stream")
+        async def one(i, text, ids):
+            params = _params(req, req.logprobs, default_max(len(ids)))
+            first, gen = await run_one(ids, params, f"{rid}-{i}")
+            final, first_t = first, time.monotonic()
+            async for final in gen:
+                pass
+            check_failed(final)
+            record_finished(final, t0, first_t)
+            return text, ids, final
+
+        tasks = [asyncio.ensure_future(one(i, text, ids)) for i, (text, ids) in enumerate(tokenized)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for text, ids, final in results:
+            for c in final.outputs:
+                body = (text or "") + c.text if req.echo else c.text
+                choices.append({"index": len(choices), "text": body, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason,
+                                "logprobs": logprob_block_completion(c, c.token_ids) if req.logprobs is not None
+                                else None})
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += sum(len(c.token_ids) for c in final.outputs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        metrics.requests.labels(status="200").inc()
+        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                "choices": choices, "usage": usage}
+
+    async def _stream(starts, req, t0, base, choice_of, prelude=()):
+        """SSE of one or more requests (``starts``: (first output, iterator) pairs; prompt k's choice i
+        is choice k * n + i): ``prelude`` chunks, a chunk per output with new text or tokens
+        (``choice_of(output, index, text_delta, new_token_ids)`` builds its choice), the usage chunk
+        when asked, ``[DONE]``. Leaving early (a disconnect) closes the iterators: the requests abort."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k, first, gen):
+            try:
+                item = first
+                while True:
+                    await merged.put((k, item))
+                    if item.finished:
+                        return
+                    item = await gen.__anext__()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await merged.put((k, e))
+
+        pumps = [asyncio.ensure_future(pump(k, f, g)) for k, (f, g) in enumerate(starts)]
+        sent, finals, first_t = {}, {}, None
+        try:
+            for chunk in prelude:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            while len(finals) < len(starts):
+                k, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if first_t is None and any(c.token_ids for c in item.outputs):
+                    first_t = time.monotonic()
+                for c in item.outputs:
+                    idx = k * req.n + c.index
+                    prev, prev_tok = sent.get(idx, (0, 0))
+                    delta, new_ids = c.text[prev:], c.token_ids[prev_tok:]
+                    if delta or new_ids or c.finish_reason:
+                        sent[idx] = (len(c.text), len(c.token_ids))
+                        yield f"data: {json.dumps(dict(base, choices=[choice_of(c, idx, delta, new_ids)]))}\n\n"
+                if item.finished:
+                    finals[k] = item
+            for final in finals.values():
+                record_finished(final, t0, first_t)
+            if req.stream_options and req.stream_options.include_usage:
+                n_in = sum(len(f.prompt_token_ids) for f in finals.values())
+                n_out = sum(len(c.token_ids) for f in finals.values() for c in f.outputs)
+                usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+                yield f"data: {json.dumps(dict(base, choices=[], usage=usage))}\n\n"
+            yield "data: [DONE]\n\n"
+            metrics.requests.labels(status="200").inc()
+        finally:
+            for t in pumps:
+                t.cancel()
+            for _, gen in starts:
+                await gen.aclose()
+
+    def _stream_completion(starts, req, rid, created, t0):
+        base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
+        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
+            "index": idx, "text": delta, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+            "logprobs": None, "token_ids": ids})
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        check_model(req.model)
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template", param="messages")
+        msgs = []
+        for m in req.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            msgs.append({"role": m.role, "content": content or ""})
+        try:
+            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=req.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        prompt_len_check(ids)
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")
+        n_lp = (req.top_logprobs or 0) if req.logprobs else None
+        params = _params(req, n_lp, default_max(len(ids)))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        t0 = time.monotonic()
+        first, gen = await run_one(ids, params, rid)
+        if req.stream:
+            return StreamingResponse(_stream_chat([(first, gen)], req, rid, created, t0),
+                                     media_type="text/event-stream")
+        final, first_t = first, time.monotonic()
+        async for final in gen:
+            pass
+        check_failed(final)
+        record_finished(final, t0, first_t)
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        metrics.requests.labels(status="200").inc()
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                             "logprobs": logprob_block_chat(c, c.token_ids, req.top_logprobs or 0)
+                             if req.logprobs else None} for c in final.outputs],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+    def _stream_chat(starts, req, rid, created, t0):
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name}
+        prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]) for i in range(req.n)]
+        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
+            "index": idx, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason},
+            prelude)
+
+    return app

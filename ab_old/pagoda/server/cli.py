@@ -1,0 +1,75 @@
+"""``pagoda serve [MODEL] --host 127.0.0.1 --port 8000 ...``: the engine behind an OpenAI API.
+
+SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish for up to
+``--shutdown-timeout`` seconds, abort the rest (their pages are freed), exit 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: the bundled pagoda-demo)")
+    p.add_argument("model", nargs="?", default=None, help="a local Hugging Face folder or a bundled name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-waiting", type=int, default=1024, help="waiting requests beyond which the server answers 503")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-pages", type=int, default=None)
+    p.add_argument("--attention-backend", default=None, choices=["pagoda", "flashinfer", "torch"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="do not prepare the next decode step while the current one runs")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument("--log-level", default="info")
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from ..engine import LLMEngine
+    from .api import create_app
+    from .async_engine import AsyncEngine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+                       enable_prefix_caching=not args.no_prefix_caching, load_format=args.load_format,
+                       num_kv_pages=args.num_kv_pages, enforce_eager=args.enforce_eager,
+                       async_scheduling=not args.no_async_scheduling,
+                       skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
+    name = args.served_model_name or engine.model_name
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    app = create_app(async_engine, name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    server = uvicorn.Server(config)
+    logging.getLogger("pagoda").info("serving %s on http://%s:%d (attention: %s, device: %s)", name, args.host,
+                                     args.port, engine.runner.attention_backend, engine.device)
+    # uvicorn handles SIGTERM/SIGINT with a graceful shutdown, then restores the previous handlers
+    # and re-raises the signal: make those handlers no-ops so that a clean shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        async_engine.stop()
+    return 0
+
+
+def _no_tokenizer(model) -> bool:
+    import os
+
+    from ..engine.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    return not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
