@@ -1,1 +1,0 @@
-"""Triton kernels. Host logic (validation, planning, buffers) lives in the wrapper modules."""

@@ -1,1 +1,0 @@
-"""Benchmarks against peers (not timed tests): each prints a table."""

@@ -1,1 +1,0 @@
-"""Triton kernels of the serving ops (host logic lives in pagoda/ops/*.py)."""

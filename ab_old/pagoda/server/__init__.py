@@ -1,1 +1,0 @@
-"""OpenAI-compatible server over the engine: ``pagoda serve MODEL`` (see api.py)."""
