@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then benchmarks; a short table last.
+# One device call: benchmarks, then GPU tests; a short table last.
 # Usage (from the repo root, on the device): bash scripts/gpu_check.sh [attention-bench args...]
 #   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
 #   BENCHES="ops attention cascade decode_sweep"   which pagoda.bench modules to run (default: attention);
@@ -13,9 +13,6 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
-fi
 for b in ${BENCHES-attention}; do
   if [ "$b" = attention ]; then
     python3 -m pagoda.bench.attention --json "$OUT/bench_$b.json" "$@" 2>&1 | tee "$OUT/bench_$b.log"
@@ -25,4 +22,12 @@ for b in ${BENCHES-attention}; do
   else
     python3 -m pagoda.bench."$b" --json "$OUT/bench_$b.json" 2>&1 | tee "$OUT/bench_$b.log"
   fi
+done
+# tests after the benchmarks: the whole GPU suite takes ~8 minutes, and a call that runs out of time should
+# still bring back the numbers (session 7 lost its benchmarks that way)
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -q -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+fi
+for b in ${BENCHES-attention}; do  # the short table last
+  echo "== $b"; grep -v '^#' "$OUT/bench_$b.log" | tail -n 12
 done
