@@ -63,6 +63,7 @@ class EngineStats:
     cuda_graph_steps: int = 0
     cascade_steps: int = 0  # decode steps that ran the cascade wrapper (requests sharing prefix pages)
     prepared_steps: int = 0  # decode steps prepared while the previous step ran (async scheduling)
+    ahead_steps: int = 0  # of those, launched before the previous step's tokens were read back
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -154,9 +155,11 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, list[Request]] = {}
         # async scheduling: while a decode step runs on the device, the next one is prepared (inputs, plan)
-        # as if every request goes on; it runs if the scheduler picks that batch (LLMEngine.step)
+        # as if every request goes on, and in steady decoding launched before this one's tokens are read
+        # back (LLMEngine.step)
         self.async_scheduling = async_scheduling
-        self._prepared = None
+        self._prepared = None  # a prepared step that runs if the scheduler picks its batch
+        self._ahead = None  # (batch, pending): a step launched during the previous step() call
         self.stats = EngineStats(kv_pages_total=self.pool.usable)
         self._ids = itertools.count()
 
@@ -217,23 +220,34 @@ class LLMEngine:
         """One scheduler step; returns the outputs of the request groups that made progress (with
         ``only_finished``: of those that finished, which skips building and detokenizing the
         in-progress outputs that an offline caller would throw away)."""
-        batch: ScheduledBatch = self.scheduler.schedule()
-        prepared, self._prepared = self._prepared, None
-        if not batch.requests:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("no request could be scheduled: the KV cache is too small for the next prompt")
-            return []
-        pending = self.runner.launch(batch, self.generator, prepared)
-        self.stats.prepared_steps += self.runner.last_step_prepared
+        if self._ahead is not None and all(r.finished for r in self._ahead[0].requests):
+            self.runner.collect(self._ahead[1])  # every request it ran for ended (or was aborted): dropped
+            self._ahead = None
+        if self._ahead is not None:  # this step was launched during the previous call (steady decoding)
+            (batch, pending, graph), self._ahead = self._ahead, None
+            self.stats.prepared_steps += 1
+            self.stats.ahead_steps += 1
+            self.stats.cuda_graph_steps += graph
+        else:
+            batch: ScheduledBatch = self.scheduler.schedule()
+            prepared, self._prepared = self._prepared, None
+            if not batch.requests:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    raise RuntimeError("no request could be scheduled: the KV cache is too small for the next prompt")
+                return []
+            pending = self.runner.launch(batch, self.generator, prepared)
+            self.stats.prepared_steps += self.runner.last_step_prepared
+            self.stats.cuda_graph_steps += self.runner.last_step_graph
+            self.stats.cascade_steps += self.runner.last_step_cascade
         if self.async_scheduling:  # the host prepares the next decode step while the device runs this one
-            self._prepared = self.runner.prepare_next(pending, self.scheduler.grow)
+            self._prepare_or_run_ahead(pending)
         reqs, tokens, logprobs = self.runner.collect(pending)
-        self.stats.cuda_graph_steps += self.runner.last_step_graph
-        self.stats.cascade_steps += self.runner.last_step_cascade
         self.scheduler.after_step(batch)
         now = time.monotonic()
         touched = {}
         for r, tok, lp in zip(reqs, tokens, logprobs):
+            if r.finished:  # ended (or aborted) after this step was launched ahead: its token is dropped
+                continue
             if tok < 0:  # the sampler found NaN / infinite logits for this request: end it, keep serving
                 r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "error", "invalid logits"
                 self.scheduler.finish(r)
@@ -261,6 +275,37 @@ class LLMEngine:
             if out.finished:
                 del self.requests[rid]
         return outs
+
+    def _prepare_or_run_ahead(self, pending) -> None:
+        """Prepare the decode step after ``pending`` (still running on the device) as if every request goes
+        on. If the scheduler would pick exactly that batch (nothing waiting, every running request decoding
+        in it, within the token budget), launch it now, before ``pending``'s tokens are read back, so the
+        device does not wait for the host between steps (vLLM's async scheduling); a request that ends
+        with ``pending``'s token has its next token dropped (LLMEngine.step), and its pages were grown for
+        nothing and given back with the rest. Otherwise keep it for the next call, which runs it if the
+        scheduler picks its batch."""
+        reqs = pending.requests
+        if any(r.finished for r in reqs):  # a step run ahead for requests that ended: nothing to follow it
+            return
+        prepared = self.runner.prepare_next(pending, self.scheduler.grow)
+        if prepared is None:
+            return
+        sched = self.scheduler
+        steady = (not sched.waiting and len(sched.running) == len(reqs) and len(reqs) <= sched.budget
+                  and set(map(id, sched.running)) == set(map(id, reqs))
+                  and not all(self._ends_by_length(r) for r in reqs))
+        if not steady:
+            self._prepared = prepared
+            return
+        ahead = self.runner.launch_prepared(prepared, self.generator)
+        batch = ScheduledBatch(list(prepared.requests), [1] * len(prepared.requests), [])
+        self._ahead = (batch, ahead, self.runner.last_step_graph)
+
+    def _ends_by_length(self, r: Request) -> bool:
+        """Whether the token being sampled for r is its last (max_tokens or the model's length)."""
+        p = r.params
+        return ((p.max_tokens is not None and len(r.output_token_ids) + 1 >= p.max_tokens)
+                or r.num_tokens + 1 >= self.max_model_len)
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params

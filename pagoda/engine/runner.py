@@ -438,16 +438,9 @@ class ModelRunner:
         requests that sample, in batch order (ScheduledBatch.requests filtered by StepInputs.sample_rows).
         With a ``prepared`` step (prepare_next) that matches the batch, its inputs and plan are used as they are."""
         requests, num_new = batch.requests, batch.num_new_tokens
-        self.last_step_prepared = prepared is not None and prepared.matches(requests, num_new)
-        if self.last_step_prepared:
-            self.last_step_cascade = False
-            self.last_step_graph = prepared.graph is not None
-            if prepared.graph is not None:
-                logits = prepared.graph.replay()[:len(requests)]
-            else:
-                logits = self._forward(prepared.dev, self.attn)
-            reqs = list(requests)
-            return _Pending(reqs, sample_launch(logits, reqs, generator), True)
+        if prepared is not None and prepared.matches(requests, num_new):
+            return self.launch_prepared(prepared, generator)
+        self.last_step_prepared = False
         order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
         if order is not None:  # requests that share pages next to each other (levels group neighbours)
             requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
@@ -472,6 +465,19 @@ class ModelRunner:
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
         return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None)
+
+    @torch.no_grad()
+    def launch_prepared(self, prepared: _Prepared, generator=None) -> _Pending:
+        """Queue a prepared decode step (prepare_next) and its sampling: the graph replay (or the eager
+        forward) over the inputs and plan already on the device."""
+        self.last_step_prepared, self.last_step_cascade = True, False
+        self.last_step_graph = prepared.graph is not None
+        reqs = list(prepared.requests)
+        if prepared.graph is not None:
+            logits = prepared.graph.replay()[:len(reqs)]
+        else:
+            logits = self._forward(prepared.dev, self.attn)
+        return _Pending(reqs, sample_launch(logits, reqs, generator), True)
 
     def _forward(self, dev: _DeviceInputs, attn) -> torch.Tensor:
         hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
@@ -499,7 +505,9 @@ class ModelRunner:
             if not grow(r, r.num_tokens + 1):
                 return None
         inp = build_next_decode_inputs(reqs, self.page_size)
-        ids = pending.sampled.out
+        # -1 marks a row whose logits were not finite (the engine ends that request); a step run ahead still
+        # computes the row, so it must hold a valid token id
+        ids = pending.sampled.out.clamp(min=0)
         graph = self._graph_for(len(reqs), False) if self.use_graphs else None
         if graph is not None:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))

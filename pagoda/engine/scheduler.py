@@ -269,8 +269,12 @@ class Scheduler:
         return ScheduledBatch(reqs, [chosen[id(r)] for r in reqs], preempted)
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and index newly full pages in the prefix tree."""
+        """Advance computed counts and index newly full pages in the prefix tree. A request that finished
+        (or was aborted) after the step was launched is skipped: a step run ahead (LLMEngine.step) computed it
+        for nothing, and its pages are already given back."""
         for req, n in zip(batch.requests, batch.num_new_tokens):
+            if req.finished:
+                continue
             req.num_computed += n
             self._cache_pages(req, req.num_computed)
             if self.window_left >= 0:

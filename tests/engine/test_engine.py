@@ -267,9 +267,11 @@ def test_no_cascade_with_a_sliding_window(tiny_models, tmp_path):
 
 def test_async_scheduling_prepares_decode_steps_and_changes_nothing(tiny_models):
     """While a decode step runs, the engine prepares the next one as if every request goes on; a step runs
-    prepared only when the scheduler picks exactly that batch. Against the same engine without it: the same
-    tokens (greedy, seeded sampling, stop tokens, max_tokens reached mid-batch, a request arriving while
-    others decode, an abort), no page left behind, and most decode steps prepared."""
+    prepared only when the scheduler picks exactly that batch, and in steady decoding it is launched before
+    the running step's tokens are read back (a request that ends meanwhile has its extra token dropped).
+    Against the same engine without it: the same tokens (greedy, seeded sampling, stop tokens, max_tokens
+    reached mid-batch, a request arriving while others decode, an abort), no page left behind, and most
+    decode steps prepared."""
     path, hf = tiny_models["llama"]
     ref2 = hf_greedy(hf, PROMPTS[2], 12)
     params = [greedy(12), pagoda.SamplingParams(max_tokens=9, temperature=0.8, seed=5, ignore_eos=True, logprobs=2),
@@ -302,11 +304,14 @@ def test_async_scheduling_prepares_decode_steps_and_changes_nothing(tiny_models)
     assert tok_on[0] == hf_greedy(hf, PROMPTS[0], 12)
     assert tok_on[2] == ref2[:5] and why_on[2] == "stop"
     assert tok_on[4] == hf_greedy(hf, [9, 8, 7, 6, 5], 5)
-    assert st_off.prepared_steps == 0 and st_on.prepared_steps > 0
+    assert st_off.prepared_steps == 0 and st_on.prepared_steps > 0 and st_on.ahead_steps > 0
+    assert st_off.ahead_steps == 0
     # steady decoding (nothing arrives or ends until the last step): every decode step after the first one
     # runs prepared (one prefill step, 7 decode steps)
     llm = make_llm(path)
     outs = llm.generate(PROMPTS, greedy(8), use_tqdm=False)
     st = llm.engine.stats
     assert st.steps == 8 and st.prepared_steps == 6, (st.steps, st.prepared_steps)
+    # ... and launched before the previous step's tokens were read back (nothing waits, nobody ends early)
+    assert st.ahead_steps == 6, st.ahead_steps
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in PROMPTS]
