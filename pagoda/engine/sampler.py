@@ -37,11 +37,27 @@ def _sample_rows(logits: torch.Tensor, params, generator) -> torch.Tensor:
 
 
 class Sampled:
-    """A step's sampling, launched on the device (sample_launch) and not yet read back (sample_collect)."""
+    """A step's sampling, launched on the device (sample_launch) and not yet read back (sample_collect).
+
+    On a GPU its results are copied to pinned host memory right behind the sampling kernels, and an event
+    marks the copies done: sample_collect waits for that event, not for the stream, on which the engine may
+    already have queued the next step (LLMEngine.step runs steps ahead)."""
 
     def __init__(self, out, requests, want, chosen, top_v, top_i):
         self.out, self.requests, self.want = out, requests, want
         self.chosen, self.top_v, self.top_i = chosen, top_v, top_i
+        self.host = (out, chosen, top_v, top_i)
+        self.copied = None
+        if out.device.type == "cuda":  # non-blocking device-to-host copies land in pinned memory
+            self.host = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in self.host)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def read(self):
+        """(out, chosen, top_v, top_i) as host tensors, once the device has produced them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host
 
 
 def _device_tensor(values, dtype, device) -> torch.Tensor:
@@ -93,12 +109,13 @@ def sample_collect(s: Sampled):
     """Read a launched sampling back: (tokens: list[int], logprobs: list[dict | None]) where logprobs[i] maps
     token id -> log-probability (of the model's distribution) for the sampled token and the request's top
     ``logprobs`` tokens. A row whose logits are not finite samples -1 (greedy rows too)."""
-    tokens = s.out.tolist()  # -1: NaN / infinite logits (the engine ends that request with "error")
+    out, chosen, top_v, top_i = s.read()
+    tokens = out.tolist()  # -1: NaN / infinite logits (the engine ends that request with "error")
     logprobs: list[dict | None] = [None] * len(tokens)
     if s.want:
-        chosen = s.chosen.tolist()
-        top_v = s.top_v.tolist() if s.top_v is not None else None
-        top_i = s.top_i.tolist() if s.top_i is not None else None
+        chosen = chosen.tolist()
+        top_v = top_v.tolist() if top_v is not None else None
+        top_i = top_i.tolist() if top_i is not None else None
         for j, i in enumerate(s.want):
             if tokens[i] < 0:
                 continue
