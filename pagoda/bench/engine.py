@@ -157,6 +157,8 @@ def main(argv=None):
         row["cuda_graph_steps"] = llm.engine.stats.cuda_graph_steps
         row["cascade_steps"] = llm.engine.stats.cascade_steps
         row["steps"] = llm.engine.stats.steps
+        row["prepared_steps"] = llm.engine.stats.prepared_steps
+        row["ahead_steps"] = llm.engine.stats.ahead_steps
         results["rows"].append(row)
         del llm
         gc.collect()
