@@ -27,6 +27,9 @@ from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
 LOG2E = 1.4426950408889634
+# _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
+_HEADER_LAYOUT = (NUM_COUNTERS, SPLITS_AT, INDICES_AT)
+assert _HEADER_LAYOUT == (8, 3, 4), _HEADER_LAYOUT
 # Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
 GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
@@ -392,8 +395,7 @@ class BatchAttention:
         n = 0 if indices is None else indices.numel()
         host_ids = n > 0 and indices.device.type == "cpu"
         st = self._staging_np
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, 0, 0, 0)
-        assert SPLITS_AT == 3 and INDICES_AT == 4
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, 0, 0, 0)  # the header (_HEADER_LAYOUT)
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)
         st[s0:s0 + n_m] = work.splits.reshape(-1)
         if host_ids:
