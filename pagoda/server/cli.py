@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true",
-                   help="do not prepare the next decode step while the current one runs")
+                   help="do not prepare (or, in steady decoding, launch) the next decode step while the "
+                        "current one runs")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
 
