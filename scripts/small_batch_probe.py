@@ -6,8 +6,10 @@ config, tuned on throughput cases); at batch 1..8 with short contexts latency is
 into more, shorter chunks may finish sooner. For batch 1, 2, 4, 8 at 1024 and 4096 tokens, times pagoda's
 decode (CUDA-graph replays) at the planner's chunk length and at forced ones, and FlashInfer's decode.
 
-    python scripts/small_batch_probe.py
+    python scripts/small_batch_probe.py [--no-peer]    # --no-peer: skip FlashInfer (and its ~1 min JIT)
 """
+import sys
+
 import torch
 
 import pagoda
@@ -26,7 +28,7 @@ def force(chunk):
 
 
 def main():
-    fi = flashinfer_or_none()
+    fi = None if "--no-peer" in sys.argv else flashinfer_or_none()
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'case':9s} " + " ".join(f"{'plan' if c is None else 'L=' + str(c):>8s}" for c in FORCED)
           + f" {'chosen L':>8s} {'FI':>8s}   (us)", flush=True)
