@@ -115,6 +115,24 @@ def test_replans_that_grow_the_plan_buffer():
     assert w._max_items >= 300 and w._max_pages >= 1400
 
 
+def test_runs_without_replan_reset_the_counters():
+    """A plan runs any number of times (a CUDA graph replays run() without a new plan): the kernel's last
+    program puts the task counters back, so every run computes every task. Three programs (the interpreter's
+    grid) over 24 tasks: most come from the counter, the first of each program does not."""
+    batch = PagedBatch([700, 3, 20, 55, 1, 130], 2, 64, 16, torch.float16)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", backend=BACKEND)
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16, q_data_type=torch.float16)
+    q = torch.randn(6, 4, 64, dtype=torch.float16, device=DEVICE)
+    ro, rl = oracle(q, list(range(7)), batch.k, batch.v)
+    assert int(w._counters[2]) > w._plan.grid, "more tasks than programs expected"
+    for _ in range(3):
+        out, lse = poisoned_like(q)
+        w.run(q, batch.cache, out=out, lse=lse)
+        assert rel_err(out, ro) < TOL[torch.float16]
+        check_lse(lse, rl)
+        assert w._counters[:2].tolist() == [0, 0], "counters not reset for the next run"
+
+
 def test_single_decode_layouts():
     for layout in ("NHD", "HND"):
         q = torch.randn(8, 64, dtype=torch.bfloat16, device=DEVICE)

@@ -20,10 +20,11 @@ Split tiles merge in place: each chunk's program stores its partial state, then 
 the tile's arrival counter (one per task slot); the program that arrives last merges
 the chunks through their LSE, writes out / lse and resets the counter. No second launch.
 
-A task is (item, kv_head, head_split). A persistent grid fetches tasks from an atomic
-counter (items are sorted longest first, so this is greedy longest-processing-time
-scheduling) and the last program to finish resets the counters, so ``run()`` is one
-launch that a CUDA graph can replay after any new plan.
+A task is (item, kv_head, head_split). A persistent grid takes tasks longest first (items
+are sorted so): program p starts with task p, then fetches the next from an atomic counter
+(greedy longest-processing-time scheduling; no atomic round trip before the first task),
+and the last program to finish resets the counters, so ``run()`` is one launch that a
+CUDA graph can replay after any new plan.
 """
 import triton
 import triton.language as tl
@@ -403,7 +404,7 @@ def attention_kernel(
     tok = offs_m // heads_per_prog
     sub = offs_m % heads_per_prog
 
-    task = tl.atomic_add(COUNTERS, 1)
+    task = tl.program_id(0)  # the first task needs no fetch; later ones come from the counter
     while task < num_tasks:
         item = task // tasks_per_item
         rem = task % tasks_per_item
@@ -480,7 +481,7 @@ def attention_kernel(
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, wp, rem, tasks_per_item, O, LSE, TMP_O, TMP_LSE,
                      SPLITS, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT)
-        task = tl.atomic_add(COUNTERS, 1)
+        task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
 
     _reset_counters(COUNTERS)
 

@@ -82,7 +82,7 @@ def mla_kernel(
     tok = offs_m // heads_per_prog
     sub = offs_m % heads_per_prog
 
-    task = tl.atomic_add(COUNTERS, 1)
+    task = tl.program_id(0)  # the first task needs no fetch; later ones come from the counter
     while task < num_tasks:
         item = task // n_hsplit
         hsplit = task % n_hsplit
@@ -116,6 +116,6 @@ def mla_kernel(
         _finish_tile(acc, m_i, l_i, ckv_scale, partial, wp, hsplit, n_hsplit, O, LSE, TMP_O, TMP_LSE, SPLITS,
                      ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
                      stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL)
-        task = tl.atomic_add(COUNTERS, 1)
+        task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
 
     _reset_counters(COUNTERS)
