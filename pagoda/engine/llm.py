@@ -293,7 +293,7 @@ class LLMEngine:
         sched = self.scheduler
         steady = (not sched.waiting and len(sched.running) == len(reqs) and len(reqs) <= sched.budget
                   and set(map(id, sched.running)) == set(map(id, reqs))
-                  and not all(self._ends_by_length(r) for r in reqs))
+                  and not all(self._reaches_length(r, 1) for r in reqs))
         if not steady:
             self._prepared = prepared
             return
@@ -301,11 +301,12 @@ class LLMEngine:
         batch = ScheduledBatch(list(prepared.requests), [1] * len(prepared.requests), [])
         self._ahead = (batch, ahead, self.runner.last_step_graph)
 
-    def _ends_by_length(self, r: Request) -> bool:
-        """Whether the token being sampled for r is its last (max_tokens or the model's length)."""
+    def _reaches_length(self, r: Request, new_tokens: int = 0) -> bool:
+        """Whether r, with new_tokens more tokens (1: the one being sampled), is at max_tokens or the model's
+        length."""
         p = r.params
-        return ((p.max_tokens is not None and len(r.output_token_ids) + 1 >= p.max_tokens)
-                or r.num_tokens + 1 >= self.max_model_len)
+        return ((p.max_tokens is not None and len(r.output_token_ids) + new_tokens >= p.max_tokens)
+                or r.num_tokens + new_tokens >= self.max_model_len)
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
@@ -322,8 +323,7 @@ class LLMEngine:
                     r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", s
                     return
             r.text = text
-        if not r.finished and ((p.max_tokens is not None and len(r.output_token_ids) >= p.max_tokens)
-                               or r.num_tokens >= self.max_model_len):
+        if not r.finished and self._reaches_length(r):
             r.status, r.finish_reason = Status.FINISHED, "length"
 
     def _live_text(self, r: Request) -> str:

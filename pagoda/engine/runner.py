@@ -508,15 +508,16 @@ class ModelRunner:
         # -1 marks a row whose logits were not finite (the engine ends that request); a step run ahead still
         # computes the row, so it must hold a valid token id
         ids = pending.sampled.out.clamp(min=0)
+        positions = inp.positions.tolist()
         graph = self._graph_for(len(reqs), False) if self.use_graphs else None
         if graph is not None:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))
             self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
-            return _Prepared(list(reqs), [r.num_tokens for r in reqs], graph=graph)
+            return _Prepared(list(reqs), positions, graph=graph)
         dev = _DeviceInputs(inp, self.staging)
         dev.input_ids.copy_(ids, non_blocking=True)
         self.attn.plan(inp, dev)
-        return _Prepared(list(reqs), [r.num_tokens for r in reqs], dev=dev)
+        return _Prepared(list(reqs), positions, dev=dev)
 
     def _cascade_levels(self, inp: StepInputs):
         """The step's two cascade levels, or None when sharing saves less than cascade_min_saved of the

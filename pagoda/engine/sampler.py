@@ -44,8 +44,7 @@ class Sampled:
     already have queued the next step (LLMEngine.step runs steps ahead)."""
 
     def __init__(self, out, requests, want, chosen, top_v, top_i):
-        self.out, self.requests, self.want = out, requests, want
-        self.chosen, self.top_v, self.top_i = chosen, top_v, top_i
+        self.out, self.requests, self.want = out, requests, want  # out stays on the device (prepare_next)
         self.host = (out, chosen, top_v, top_i)
         self.copied = None
         if out.device.type == "cuda":  # non-blocking device-to-host copies land in pinned memory

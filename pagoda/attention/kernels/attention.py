@@ -113,14 +113,16 @@ def _load_item(WORK, item):
 
 
 @triton.jit
-def _load_k_block(K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                  stride_kp, stride_ks, stride_vp, stride_vs, offs_d,
-                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """A KV block's positions (offs_n, n_valid: unused, and removed by the compiler, in unmasked blocks), its
-    K tile, and the pointers of its V tile (loaded later, after the softmax, by the caller)."""
+def _attend_block(
+    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
+    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
+    row_hi, row_lo, offs_d,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+):
     offs_n = start + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_end
+    n_valid = offs_n < kv_end  # (unused, and removed by the compiler, in unmasked blocks)
     if PAGED and INDEX_ASM and PAGE_SIZE < BLOCK_N:
         _prefetch_page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N, PAGE_SIZE)
     k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
@@ -131,21 +133,6 @@ def _load_k_block(K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_o
         k = tl.load(k_ptrs, mask=n_valid[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    return offs_n, n_valid, k, v_ptrs
-
-
-@triton.jit
-def _attend_block(
-    q, acc, m_i, l_i, K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-    stride_kp, stride_ks, stride_vp, stride_vs, qk_scale, soft_cap_log2,
-    row_hi, row_lo, offs_d,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, INDEX_ASM: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-):
-    offs_n, n_valid, k, v_ptrs = _load_k_block(K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off,
-                                               stride_kp, stride_ks, stride_vp, stride_vs, offs_d, BLOCK_N,
-                                               PAGE_SIZE, PAGED, INDEX_ASM, MASKED)
     # fp8 caches dequantize here, after the load (the scale is folded into qk_scale / the output)
     s = tl.dot(q, tl.trans(_dequant(k, q.dtype)))
     if SOFTCAP:
