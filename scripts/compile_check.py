@@ -105,6 +105,15 @@ def gluon_cases():
                        prefill_sm90.prefill_sm90_ws_kernel, types,
                        dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
                             WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4), 4, 1)
+    from pagoda.attention.kernels import mla_sm90
+
+    m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",
+             TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32",
+             qk_scale="fp32")
+    for page_size, causal in ((64, False), (1, True)):
+        yield (f"mla_sm90 PAGE_SIZE={page_size} causal={causal}", mla_sm90.mla_sm90_kernel, m,
+               dict(D_KPE=64, BLOCK_N=64, PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=True, STAGES=2,
+                    PV_REGS=168, PRODUCER_REGS=56, num_warps=4), 4, 1)
 
 
 def ptxas_report(k) -> str:

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import torch
 
 from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
+from .kernels import mla_sm90
 from .kernels.mla import mla_kernel
 from .plan import KernelConfig, plan_work
 from .reference import gather_paged_kv
-from .runner import LOG2E, BatchAttention, num_programs
+from .runner import LOG2E, BatchAttention, _capability, num_programs
 
 SUPPORTED_CKV = (128, 256, 512)
 SUPPORTED_KPE = (32, 64)
@@ -35,12 +37,29 @@ MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
+# The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
+# KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner
+MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=56, item_cost=512)
 
 
-def mla_config(num_heads: int, on_cuda: bool) -> KernelConfig:
+def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfig:
+    if sm90:
+        c = MLA_SM90_CONFIG
+        return KernelConfig(mla_sm90.BLOCK_M, c["block_n"], 4, 1, 1, min(num_heads, mla_sm90.BLOCK_M),
+                            c["item_cost"], partial_cost=MLA_PARTIAL_COST)
     block_m, block_n, warps, stages, ctas, item_cost = MLA_CUDA_CONFIG if on_cuda else _MLA_INTERPRETER_CONFIG
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(num_heads, block_m), item_cost,
                         partial_cost=MLA_PARTIAL_COST)
+
+
+def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype) -> bool:
+    """Plans the Gluon kernel serves: sm_90 (with the Triton it was written for), head_dim_ckv 512,
+    head_dim_kpe 64, fp16 / bf16. PAGODA_MLA_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+    choice = os.environ.get("PAGODA_MLA_KERNEL", "auto")
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto' or 'triton', got {choice!r}")
+    return (choice == "auto" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
+            and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16))
 
 
 @dataclasses.dataclass
@@ -63,6 +82,7 @@ class MLAPlan:
     host_kv_base: np.ndarray
     host_indices: torch.Tensor | None
     partial_rows: int
+    sm90: bool = False  # run the Gluon kernel (kernels/mla_sm90.py)
     tmp_o: torch.Tensor | None = None
     tmp_lse: torch.Tensor | None = None
 
@@ -124,19 +144,21 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                              f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
         idx, max_page = check_page_indices(kv_indices, kv_ip)
 
-        config = mla_config(num_heads, self.device.type == "cuda")
+        sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype)
+        config = mla_config(num_heads, self.device.type == "cuda", sm90)
         grid = num_programs(self.device, config)
         tasks_per_item = -(-num_heads // config.heads_per_prog)
         work = plan_work(qo, kv_lens, kv_ip[:-1], causal=bool(causal), window_left=-1, config=config,
                          tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_heads, head_dim_ckv))
         n_items, n_splits = len(work.work), len(work.splits)
-        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, int(idx.numel()))
+        # (the Gluon kernel's two consumer warp groups count their arrivals separately)
+        self._ensure_capacity(n_items, n_splits, (2 if sm90 else 1) * n_splits * tasks_per_item, int(idx.numel()))
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, idx)
         self._plan = MLAPlan(num_heads, head_dim_ckv, head_dim_kpe, page_size, bool(causal), float(sm_scale),
                              q_dtype, kv_dtype, config, grid, int(qo[-1]), batch, max_page, qo, kv_lens,
-                             kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows)
+                             kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90)
         self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
 
     begin_forward = plan
@@ -177,6 +199,20 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             raise ValueError(f"lse must be float32 of shape {(p.nnz_qo, h)}, got {lse.dtype} {tuple(lse.shape)}")
         if self._backend == "torch":
             self._run_mla_reference(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, p)
+        elif p.sm90:
+            c = MLA_SM90_CONFIG
+            lse_arg = lse if lse is not None else p.tmp_lse
+            mla_sm90.mla_sm90_kernel[(p.grid,)](
+                q_nope, q_pe, ckv_cache, kpe_cache, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
+                self._int_buf, self._int_buf, self._arrivals,
+                q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+                ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
+                out.stride(0), out.stride(1), lse_arg.stride(0),
+                p.tmp_o.stride(0), p.tmp_o.stride(1), p.tmp_lse.stride(0),
+                h, p.config.heads_per_prog, p.sm_scale * LOG2E,
+                D_KPE=p.head_dim_kpe, BLOCK_N=c["block_n"], PAGE_SIZE=p.page_size, CAUSAL=p.causal,
+                WRITE_LSE=lse is not None, STAGES=c["stages"], PV_REGS=c["pv_regs"],
+                PRODUCER_REGS=c["producer_regs"], num_warps=4)
         else:
             cfg = p.config
             lse_arg = lse if lse is not None else p.tmp_lse

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -37,8 +38,20 @@ def mla_row(batch, kv_len, heads, page_size, fi, ws, dtype=torch.bfloat16):
     w.plan(qo, indptr, indices, kv_lens, heads, dc, dp, page_size, False, sm, dtype, dtype)
     out = w.run(qn, qp, ckv, kpe)
     nbytes = batch * kv_len * (dc + dp) * ckv.element_size()
-    row = {"case": f"{batch}x{kv_len}", "batch": batch, "kv_len": kv_len, "MB": nbytes / 1e6,
+    flops = 2 * batch * heads * kv_len * (dc + dp + dc)
+    row = {"case": f"{batch}x{kv_len}", "batch": batch, "kv_len": kv_len, "MB": nbytes / 1e6, "GFLOP": flops / 1e9,
+           "kernel": "gluon-sm90" if w._plan.sm90 else "triton",
            "pagoda_us": bench(lambda: w.run(qn, qp, ckv, kpe, out=out)) * 1e6}
+    if w._plan.sm90:  # the Triton kernel on the same inputs (what the Gluon kernel replaces)
+        os.environ["PAGODA_MLA_KERNEL"] = "triton"
+        try:
+            wt = pagoda.BatchMLAPagedAttentionWrapper(ws)
+            wt.plan(qo, indptr, indices, kv_lens, heads, dc, dp, page_size, False, sm, dtype, dtype)
+            err = ((wt.run(qn, qp, ckv, kpe).float() - out.float()).norm() / out.float().norm()).item()
+            assert err < 2e-2, f"pagoda's two MLA kernels disagree on {row['case']}: {err}"
+            row["triton_us"] = bench(lambda: wt.run(qn, qp, ckv, kpe)) * 1e6
+        finally:
+            del os.environ["PAGODA_MLA_KERNEL"]
     if fi is not None:
         try:
             fw = fi.mla.BatchMLAPagedAttentionWrapper(ws)
@@ -79,15 +92,18 @@ def sweep(heads, page_size, ws):
 
 
 def fmt(rows):
-    lines = [f"{'case':<12} {'latent MB':>9} {'pagoda':>9} {'GB/s':>6} {'FlashInfer':>10} {'GB/s':>6} {'x FI':>6}"]
+    lines = [f"{'case':<12} {'latent MB':>9} {'pagoda':>9} {'GB/s':>6} {'TFLOP/s':>7} {'FlashInfer':>10} {'GB/s':>6} "
+             f"{'x FI':>6} {'Triton kernel':>13}"]
     for r in rows:
         gbs = r["MB"] * 1e6 / (r["pagoda_us"] * 1e-6) / 1e9
+        tf = r["GFLOP"] / (r["pagoda_us"] * 1e-6) / 1e3
+        old = f"{r['triton_us']:12.1f}u" if "triton_us" in r else f"{'-':>13}"
         if "flashinfer_us" in r:
             fgbs = r["MB"] * 1e6 / (r["flashinfer_us"] * 1e-6) / 1e9
             peer = f"{r['flashinfer_us']:9.1f}u {fgbs:6.0f} {r['flashinfer_us'] / r['pagoda_us']:5.2f}x"
         else:
             peer = f"{'-':>10} {'-':>6} {'-':>6}"
-        lines.append(f"{r['case']:<12} {r['MB']:9.1f} {r['pagoda_us']:8.1f}u {gbs:6.0f} {peer}")
+        lines.append(f"{r['case']:<12} {r['MB']:9.1f} {r['pagoda_us']:8.1f}u {gbs:6.0f} {tf:7.0f} {peer} {old}")
     return "\n".join(lines)
 
 

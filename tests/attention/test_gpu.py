@@ -272,6 +272,41 @@ def test_mla_cuda_graph_replays_after_new_plan():
         assert rel_err(out, ro) < TOL[torch.bfloat16], lens
 
 
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("heads,dtype", [(128, torch.bfloat16), (16, torch.bfloat16), (64, torch.float16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
+    """The Gluon MLA kernel (Hopper) against the float64 reference and the Triton kernel: decode and appends
+    (qo > 1, several tokens per tile at 16 heads), lengths that end mid-block and mid-page, an empty KV,
+    split tiles (32k), one plan run three times (the snake schedule needs no counter reset)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA kernel is for sm_90")
+    from .test_mla import MLABatch, run_mla
+
+    qo_lens, kv_lens = ([1] * 6 + [5, 33], [1, 100, 1024, 32768, 0, 4097, 70, 2000]) if not causal else \
+        ([300, 1, 64, 7], [300, 5000, 1024, 7])
+    batch = MLABatch(kv_lens, page_size, dtype=dtype)
+    results = {}
+    for kernel in ("auto", "triton"):
+        monkeypatch.setenv("PAGODA_MLA_KERNEL", kernel)
+        torch.manual_seed(0)
+        w, out, lse, ro, rl = run_mla(batch, qo_lens, heads, causal=causal, ws_mb=256, dtype=dtype)
+        assert w._plan.sm90 == (kernel == "auto"), "the plan did not pick the kernel under test"
+        results[kernel] = (out, lse)
+        assert rel_err(out, ro) < TOL[dtype], kernel
+        check_lse(lse, rl)
+    assert rel_err(*[r[0] for r in results.values()]) < TOL[dtype]
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", "auto")
+    qn = torch.randn(out.shape, dtype=dtype, device="cuda") * 0.3
+    qp = torch.randn(*out.shape[:2], 64, dtype=dtype, device="cuda")
+    first = w.run(qn, qp, batch.ckv, batch.kpe)  # w is the Triton kernel's: plan again for the Gluon one
+    w.plan(torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32), batch.indptr, batch.indices,
+           torch.tensor(kv_lens, dtype=torch.int32), heads, 512, 64, page_size, causal, 1 / 192 ** 0.5, dtype, dtype)
+    for _ in range(3):
+        again = w.run(qn, qp, batch.ckv, batch.kpe)
+        assert rel_err(again, first) < TOL[dtype]
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_dequantization_covers_every_code(fp8):
     """Caches of random fp8 *bit patterns* (every finite code: zeros, subnormals, the largest values)

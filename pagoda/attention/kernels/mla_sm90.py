@@ -1,0 +1,311 @@
+"""MLA (absorbed form) for Hopper (sm_90) in Gluon: head_dim_ckv 512, head_dim_kpe 64, 16-bit.
+
+Why a second MLA kernel (benchmarks/results/mla_h100.md): at 128 heads MLA decode is compute-bound
+(2 x 128 x 1088 FLOP per 1152-byte latent token), and the Triton kernel holds a [rows, 512] fp32
+accumulator plus the query tile in registers: it spills and reaches 130-230 TFLOP/s, 0.15-0.42x
+FlashInfer. This kernel follows FlashMLA's division of the work over three roles of one CTA:
+
+- a producer warp group gathers the latent rows of each KV block (ckv in two 256-column halves and
+  kpe; page ids one block ahead, cp.async, a per-thread mbarrier arrival) into a ring of shared-memory
+  slots, running ahead across task boundaries;
+- warp group 0 holds the 64-row query tile (64 heads, or tokens x heads) in shared memory, computes
+  S = Q_nope ckv^T + Q_pe kpe^T (three wgmmas), the online softmax, and O[:, :256] += P ckv[:, :256]
+  with P in registers (queued behind the next block's S, as in kernels/prefill_sm90.py); it publishes
+  P (bf16) and the rescale factor through shared memory;
+- warp group 1 rescales and accumulates O[:, 256:] += P ckv[:, 256:] with P read from shared memory.
+
+Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: Q 72 KB,
+two ring slots of 72 KB, P 8 KB. Tasks (item, head split) go over the persistent grid in the snake
+order of kernels/prefill_sm90.py; a split tile's chunks write partial states and the last to arrive
+merges them (one arrival counter per warp group, each merging its column half).
+"""
+from __future__ import annotations
+
+from .prefill_sm90 import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+
+    from .prefill_sm90 import (_cta_barrier, _epilogue, _softmax_block, _tile_rows, _ws_schedule, _ws_task,
+                               _ws_wait_ready)
+
+    HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
+    BLOCK_M = gl.constexpr(64)  # query rows of a tile: one wgmma M
+
+    @gluon.jit
+    def _mla_rows(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  ROW_L: gl.constexpr):
+        """Page ids of rows start .. start + BLOCK_N (rows past kv_end read the request's first page)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=ROW_L)
+        return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+
+    @gluon.jit
+    def _mla_gather(SRC, dst, pages, start, kv_end, stride_p, stride_s, col0,
+                    BLOCK_N: gl.constexpr, WIDTH: gl.constexpr, LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """cp.async of columns col0 .. col0 + WIDTH of rows start .. start + BLOCK_N into dst (rows past
+        kv_end read as zeros)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LAYOUT))
+        offs_d = col0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, LAYOUT))
+        row = pages.to(gl.int64) * stride_p + (offs_n % PAGE_SIZE) * stride_s
+        async_copy.async_copy_global_to_shared(dst, SRC + gl.expand_dims(row, 1) + gl.expand_dims(offs_d, 0),
+                                               mask=gl.expand_dims(offs_n < kv_end, 1))
+
+    @gluon.jit
+    def _mla_producer(CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
+                      stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
+                      D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr):
+        C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
+        CROW_L: gl.constexpr = gl.SliceLayout(1, C_LAYOUT)
+        PROW_L: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
+        KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
+        it = 0
+        for rnd in range(0, n_rounds):
+            wp, _, _, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            kv_base = gl.load(wp + 2)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            pc_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
+            pp_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                st = kv_start + j * BLOCK_N
+                pc = pc_next  # page ids one block ahead: their latency hides behind this block's copies
+                pp = pp_next
+                pc_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
+                pp_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                slot = it % STAGES
+                # both consumers released this slot's previous block (a fresh barrier passes parity 1)
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                _mla_gather(CKV, lo_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, 0,
+                            BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+                _mla_gather(CKV, hi_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, HALF,
+                            BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+                _mla_gather(KPE, pe_ring.index(slot), pp, st, kv_end, stride_pp, stride_ps, 0,
+                            BLOCK_N, D_KPE, P_LAYOUT, PAGE_SIZE)
+                async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _mla_load_q(QN, QP, q_lo, q_hi, q_pe, q_start, q_len, hsplit, num_heads, heads_per_prog,
+                    stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE: gl.constexpr):
+        """The task's query tile into shared memory (rows past the tile's tokens / heads are zeros)."""
+        C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
+        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, C_LAYOUT), q_start, q_len, 0, hsplit,
+                                           num_heads, heads_per_prog)
+        ptr = QN + gl.expand_dims(q_row * stride_qnt + head * stride_qnh, 1) + gl.expand_dims(
+            gl.arange(0, HALF, layout=gl.SliceLayout(0, C_LAYOUT)), 0)
+        q_lo.store(gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0))
+        q_hi.store(gl.load(ptr + HALF, mask=gl.expand_dims(valid, 1), other=0.0))
+        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, P_LAYOUT), q_start, q_len, 0, hsplit,
+                                           num_heads, heads_per_prog)
+        ptr = QP + gl.expand_dims(q_row * stride_qpt + head * stride_qph, 1) + gl.expand_dims(
+            gl.arange(0, D_KPE, layout=gl.SliceLayout(0, P_LAYOUT)), 0)
+        q_pe.store(gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0))
+        fence_async_shared()  # the stores (generic proxy) before the wgmmas read them (async proxy)
+        _cta_barrier()
+
+    @gluon.jit
+    def _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT: gl.constexpr,
+                    BLOCK_N: gl.constexpr):
+        """S = Q_pe kpe^T + Q_lo ckv_lo^T + Q_hi ckv_hi^T of one ring slot, issued (not waited for)."""
+        s = warpgroup_mma(q_pe, pe_ring.index(slot).permute((1, 0)),
+                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False, is_async=True)
+        s = warpgroup_mma(q_lo, lo_ring.index(slot).permute((1, 0)), s, is_async=True)
+        return warpgroup_mma(q_hi, hi_ring.index(slot).permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it):
+        """Hand block it's P (16-bit) and rescale factor to warp group 1, once it is done with the last."""
+        mbarrier.wait(pfree, (it & 1) ^ 1)
+        p_smem.store(p_f.to(p_smem.dtype))
+        alpha_smem.store(alpha)
+        fence_async_shared()  # P is read by warp group 1's wgmma (async proxy)
+        _cta_barrier()
+        mbarrier.arrive(pfull)
+
+    @gluon.jit
+    def _mla_softmax_wg(QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
+                        q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, p_smem, alpha_smem, m_smem, l_smem,
+                        ready, empty, pfull, pfree, statfull, statfree,
+                        stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
+                        stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
+                        D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr):
+        """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring)."""
+        dtype: gl.constexpr = QN.dtype.element_ty
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
+        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
+        it = 0
+        for rnd in range(0, n_rounds):
+            wp, rem, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            q_start = gl.load(wp)
+            q_len = gl.load(wp + 1)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            diag = gl.load(wp + 5)
+            partial = gl.load(wp + 6)
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            hi_lim = kv_end
+            if CAUSAL:
+                hi_lim = gl.minimum(kv_end, diag + 1)
+            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+            _mla_load_q(QN, QP, q_lo, q_hi, q_pe, q_start, q_len, hsplit, num_heads, heads_per_prog,
+                        stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE)
+
+            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
+            acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
+            if n_blocks > 0:
+                slot = _ws_wait_ready(ready, it, STAGES)
+                s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
+                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it)
+                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                prev = slot
+                it += 1
+                for j in range(1, n_blocks):
+                    start = kv_start + j * BLOCK_N
+                    slot = _ws_wait_ready(ready, it, STAGES)
+                    s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
+                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
+                    acc = warpgroup_mma(p, lo_ring.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
+                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    _cta_barrier()  # every warp of this group is done with block j - 1's slot
+                    mbarrier.arrive(empty.index(prev))
+                    _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                    prev = slot
+                    it += 1
+                acc = warpgroup_mma(p, lo_ring.index(prev), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                _cta_barrier()
+                mbarrier.arrive(empty.index(prev))
+            # the row max and sum for warp group 1's epilogue
+            mbarrier.wait(statfree, (rnd & 1) ^ 1)
+            m_smem.store(m_i)
+            l_smem.store(l_i)
+            _cta_barrier()
+            mbarrier.arrive(statfull)
+            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, 0, hsplit, num_heads,
+                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                      stride_tt, stride_th, stride_tl, BLOCK_M, HALF, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
+                      0, 0, 2)
+
+    @gluon.jit
+    def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_smem, alpha_smem,
+                   m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
+                   stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads, heads_per_prog,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Warp group 1: output columns 256 .. 511 from warp group 0's P (module docstring)."""
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
+        SPLITS = SPLITS + gl.load(COUNTERS + 3)
+        it = 0
+        for rnd in range(0, n_rounds):
+            wp, rem, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            q_start = gl.load(wp)
+            q_len = gl.load(wp + 1)
+            kv_start = gl.load(wp + 3)
+            kv_end = gl.load(wp + 4)
+            partial = gl.load(wp + 6)
+            acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
+            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                slot = _ws_wait_ready(ready, it, STAGES)
+                mbarrier.wait(pfull, it & 1)
+                acc = acc * gl.expand_dims(alpha_smem.load(OROW_L), 1)
+                acc = warpgroup_mma(p_smem, hi_ring.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                _cta_barrier()  # every warp is done with P and the slot
+                mbarrier.arrive(pfree)
+                mbarrier.arrive(empty.index(slot))
+                it += 1
+            mbarrier.wait(statfull, rnd & 1)
+            m_i = m_smem.load(OROW_L)
+            l_i = l_smem.load(OROW_L)
+            _cta_barrier()
+            mbarrier.arrive(statfree)
+            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, 0, hsplit, num_heads,
+                      heads_per_prog, O + HALF, LSE, TMP_O + HALF, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
+                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HALF, False, O_LAYOUT, LOAD_LAYOUT,
+                      0, 1, 2)
+
+    @gluon.jit
+    def mla_sm90_kernel(
+        QN, QP, CKV, KPE, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        stride_qnt, stride_qnh, stride_qpt, stride_qph,
+        stride_cp, stride_cs, stride_pp, stride_ps,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_heads, heads_per_prog, qk_scale,
+        D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
+        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, PV_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """The arguments of kernels/mla.py's mla_kernel that a 16-bit MLA with head_dim_ckv 512 uses
+        (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer.
+        Launch with num_warps=4 (warp group 0); warp group 1 and the producer are 8 more warps.
+        ARRIVALS needs two counters per split tile and task (one per consumer warp group)."""
+        gl.static_assert(num_warps == 4, "launch with num_warps=4 (warp group 0)")
+        dtype: gl.constexpr = QN.dtype.element_ty
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        q_lo = gl.allocate_shared_memory(dtype, [BLOCK_M, HALF], SMEM)
+        q_hi = gl.allocate_shared_memory(dtype, [BLOCK_M, HALF], SMEM)
+        q_pe = gl.allocate_shared_memory(dtype, [BLOCK_M, D_KPE], SMEM)
+        lo_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
+        hi_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
+        pe_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_KPE], SMEM)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], SMEM)
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
+        m_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
+        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        sync = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
+        for i in gl.static_range(4):
+            mbarrier.init(sync.index(i), count=1)
+        pfull = sync.index(0)
+        pfree = sync.index(1)
+        statfull = sync.index(2)
+        statfree = sync.index(3)
+        gl.warp_specialize([
+            (_mla_softmax_wg, (QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
+                               q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, p_smem, alpha_smem, m_smem, l_smem,
+                               ready, empty, pfull, pfree, statfull, statfree,
+                               stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
+                               stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
+                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES)),
+            (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_smem, alpha_smem,
+                          m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
+                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
+                          heads_per_prog, BLOCK_N, STAGES)),
+            (_mla_producer, (CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
+                             stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
+                             D_KPE, BLOCK_N, PAGE_SIZE, STAGES)),
+        ], [4, 4], [PV_REGS, PRODUCER_REGS])
