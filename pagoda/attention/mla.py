@@ -45,7 +45,7 @@ MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=56, item
 def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfig:
     if sm90:
         c = MLA_SM90_CONFIG
-        return KernelConfig(mla_sm90.BLOCK_M, c["block_n"], 4, 1, 1, min(num_heads, mla_sm90.BLOCK_M),
+        return KernelConfig(mla_sm90.TILE_ROWS, c["block_n"], 4, 1, 1, min(num_heads, mla_sm90.TILE_ROWS),
                             c["item_cost"], partial_cost=MLA_PARTIAL_COST)
     block_m, block_n, warps, stages, ctas, item_cost = MLA_CUDA_CONFIG if on_cuda else _MLA_INTERPRETER_CONFIG
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(num_heads, block_m), item_cost,

@@ -23,17 +23,20 @@ from __future__ import annotations
 
 from .prefill_sm90 import HAVE_GLUON
 
+TILE_ROWS = 64  # query rows of a tile (heads x tokens): one wgmma M
+
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
-                                                                  warpgroup_mma, warpgroup_mma_wait)
+                                                                  warpgroup_mma, warpgroup_mma_init,
+                                                                  warpgroup_mma_wait)
 
-    from .prefill_sm90 import (_cta_barrier, _epilogue, _softmax_block, _tile_rows, _ws_schedule, _ws_task,
-                               _ws_wait_ready)
+    from .prefill_sm90 import (_cta_barrier, _merge_partials, _softmax_block, _tile_rows, _ws_schedule,
+                               _ws_task, _ws_wait_ready)
 
     HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
-    BLOCK_M = gl.constexpr(64)  # query rows of a tile: one wgmma M
+    BLOCK_M = gl.constexpr(TILE_ROWS)  # query rows of a tile: one wgmma M
 
     @gluon.jit
     def _mla_rows(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
@@ -90,24 +93,26 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _mla_load_q(QN, QP, q_lo, q_hi, q_pe, q_start, q_len, hsplit, num_heads, heads_per_prog,
-                    stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE: gl.constexpr):
-        """The task's query tile into shared memory (rows past the tile's tokens / heads are zeros)."""
+    def _mla_load_q(QN, QP, q_lo, q_hi, q_start, q_len, hsplit, num_heads, heads_per_prog,
+                    stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE: gl.constexpr, QPE_LAYOUT: gl.constexpr):
+        """The task's query tile: q_nope into shared memory, q_pe returned in registers (rows past the
+        tile's tokens / heads are zeros)."""
         C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
         _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, C_LAYOUT), q_start, q_len, 0, hsplit,
                                            num_heads, heads_per_prog)
         ptr = QN + gl.expand_dims(q_row * stride_qnt + head * stride_qnh, 1) + gl.expand_dims(
             gl.arange(0, HALF, layout=gl.SliceLayout(0, C_LAYOUT)), 0)
         q_lo.store(gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0))
         q_hi.store(gl.load(ptr + HALF, mask=gl.expand_dims(valid, 1), other=0.0))
-        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, P_LAYOUT), q_start, q_len, 0, hsplit,
+        # straight into the wgmma operand layout (a layout conversion would take 8 KB of scratch memory)
+        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, QPE_LAYOUT), q_start, q_len, 0, hsplit,
                                            num_heads, heads_per_prog)
         ptr = QP + gl.expand_dims(q_row * stride_qpt + head * stride_qph, 1) + gl.expand_dims(
-            gl.arange(0, D_KPE, layout=gl.SliceLayout(0, P_LAYOUT)), 0)
-        q_pe.store(gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0))
+            gl.arange(0, D_KPE, layout=gl.SliceLayout(0, QPE_LAYOUT)), 0)
+        q_pe = gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0)
         fence_async_shared()  # the stores (generic proxy) before the wgmmas read them (async proxy)
         _cta_barrier()
+        return q_pe
 
     @gluon.jit
     def _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT: gl.constexpr,
@@ -119,33 +124,82 @@ if HAVE_GLUON:
         return warpgroup_mma(q_hi, hi_ring.index(slot).permute((1, 0)), s, is_async=True)
 
     @gluon.jit
-    def _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it):
-        """Hand block it's P (16-bit) and rescale factor to warp group 1, once it is done with the last."""
-        mbarrier.wait(pfree, (it & 1) ^ 1)
-        p_smem.store(p_f.to(p_smem.dtype))
-        alpha_smem.store(alpha)
-        fence_async_shared()  # P is read by warp group 1's wgmma (async proxy)
+    def _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it):
+        """Block it's P (16-bit) and rescale factor into buffer it % 2, for both warp groups' P V, once
+        warp group 1 is done with the block that used it before."""
+        b = it % 2
+        mbarrier.wait(pfree.index(b), ((it // 2) & 1) ^ 1)
+        p_ring.index(b).store(p_f.to(p_ring.dtype))
+        if b == 0:
+            alpha0.store(alpha)
+        else:
+            alpha1.store(alpha)
+        fence_async_shared()  # P is read by the wgmmas (async proxy)
         _cta_barrier()
-        mbarrier.arrive(pfull)
+        mbarrier.arrive(pfull.index(b))
+        return b
+
+    @gluon.jit
+    def _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
+                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                      stride_tt, stride_th, stride_tl, WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr,
+                      WG: gl.constexpr):
+        """Warp group WG's output columns (O and TMP_O point at them): normalized into out / lse, or a
+        split tile's partial state; the last chunk to arrive (per warp group) merges its columns, 64 at a
+        time (a [64, 256] fp32 tile per chunk would not fit in registers)."""
+        OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        MERGE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+        l_o = gl.convert_layout(l_i, OROW_L)
+        empty = l_o == 0.0
+        l_safe = gl.where(empty, 1.0, l_o)
+        out = acc / gl.expand_dims(l_safe, 1)
+        _, qh, valid, q_row = _tile_rows(0, BLOCK_M, OROW_L, q_start, q_len, 0, hsplit, num_heads, heads_per_prog)
+        offs_d = gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
+        lse = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
+        if partial < 0:
+            gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
+                     out.to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
+            if WRITE_LSE:
+                gl.store(LSE + q_row * stride_lt + qh, lse, mask=valid)
+        else:
+            # each warp group writes the LSE with its columns: its merge reads only its own group's writes
+            tok = gl.arange(0, BLOCK_M, layout=OROW_L) // heads_per_prog
+            p_row = (partial + tok).to(gl.int64)
+            gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
+                     out, mask=gl.expand_dims(valid, 1))
+            gl.store(TMP_LSE + p_row * stride_tl + qh, lse, mask=valid)
+            split = gl.load(wp + 7)
+            first = gl.load(SPLITS + split * 2)
+            n_chunks = gl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + (split * tasks_per_item + rem) * 2 + WG
+            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+            if gl.atomic_add(arrival, 1) == n_chunks - 1:
+                gl.atomic_xchg(arrival, 0)
+                for c in gl.static_range(HALF // 64):
+                    _merge_partials(O + c * 64, LSE, TMP_O + c * 64, TMP_LSE, first, n_chunks, q_start, q_len, 0,
+                                    hsplit, num_heads, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                    stride_th, stride_tl, BLOCK_M, 64, WRITE_LSE and c == 0, MERGE_LAYOUT, 0)
 
     @gluon.jit
     def _mla_softmax_wg(QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
-                        q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, p_smem, alpha_smem, m_smem, l_smem,
+                        q_lo, q_hi, lo_ring, hi_ring, pe_ring, p_ring, alpha0, alpha1, m_smem, l_smem,
                         ready, empty, pfull, pfree, statfull, statfree,
                         stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                         stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                         WRITE_LSE: gl.constexpr, STAGES: gl.constexpr):
-        """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring)."""
-        dtype: gl.constexpr = QN.dtype.element_ty
+        """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring).
+
+        Per block j: S_j (queued behind P_{j-1} V_{j-1}), wait, release block j - 1's slot, softmax,
+        rescale O, publish P_j, queue P_j V_j: the softmax runs while warp group 1's P V holds the
+        tensor cores, and P_j V_j while this group waits for the next block."""
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HALF, 16])
-        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        QPE_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
         SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
         it = 0
@@ -162,43 +216,33 @@ if HAVE_GLUON:
             if CAUSAL:
                 hi_lim = gl.minimum(kv_end, diag + 1)
             full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
-            _mla_load_q(QN, QP, q_lo, q_hi, q_pe, q_start, q_len, hsplit, num_heads, heads_per_prog,
-                        stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE)
+            q_pe = _mla_load_q(QN, QP, q_lo, q_hi, q_start, q_len, hsplit, num_heads, heads_per_prog,
+                               stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE, QPE_LAYOUT)
 
             row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
             l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
-            acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
-            if n_blocks > 0:
+            # (a pending-wgmma accumulator, as the loop leaves it)
+            acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT))
+            prev = 0
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
                 slot = _ws_wait_ready(ready, it, STAGES)
                 s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
-                s = warpgroup_mma_wait(0, deps=(s,))
-                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
-                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it)
-                p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+                # S_j and (queued before it) P_{j-1} V_{j-1} complete in order
+                s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+                if j > 0:
+                    mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
+                                                      start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
+                acc = warpgroup_mma(p_ring.index(b), lo_ring.index(slot), acc, is_async=True)
                 prev = slot
                 it += 1
-                for j in range(1, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    slot = _ws_wait_ready(ready, it, STAGES)
-                    s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
-                    # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
-                    acc = warpgroup_mma(p, lo_ring.index(prev), acc, is_async=True)
-                    s = warpgroup_mma_wait(1, deps=(s,))
-                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
-                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _cta_barrier()  # every warp of this group is done with block j - 1's slot
-                    mbarrier.arrive(empty.index(prev))
-                    _mla_publish(p_f, alpha, p_smem, alpha_smem, pfree, pfull, it)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
-                    p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
-                    prev = slot
-                    it += 1
-                acc = warpgroup_mma(p, lo_ring.index(prev), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                _cta_barrier()
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _cta_barrier()
+            if n_blocks > 0:
                 mbarrier.arrive(empty.index(prev))
             # the row max and sum for warp group 1's epilogue
             mbarrier.wait(statfree, (rnd & 1) ^ 1)
@@ -206,13 +250,12 @@ if HAVE_GLUON:
             l_smem.store(l_i)
             _cta_barrier()
             mbarrier.arrive(statfull)
-            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, 0, hsplit, num_heads,
-                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
-                      stride_tt, stride_th, stride_tl, BLOCK_M, HALF, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
-                      0, 0, 2)
+            _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
+                          heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
+                          stride_tt, stride_th, stride_tl, WRITE_LSE, O_LAYOUT, 0)
 
     @gluon.jit
-    def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_smem, alpha_smem,
+    def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
                    m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads, heads_per_prog,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -220,7 +263,6 @@ if HAVE_GLUON:
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HALF, 16])
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)
         it = 0
@@ -234,12 +276,17 @@ if HAVE_GLUON:
             acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
             for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
                 slot = _ws_wait_ready(ready, it, STAGES)
-                mbarrier.wait(pfull, it & 1)
-                acc = acc * gl.expand_dims(alpha_smem.load(OROW_L), 1)
-                acc = warpgroup_mma(p_smem, hi_ring.index(slot), acc, is_async=True)
+                b = it % 2
+                mbarrier.wait(pfull.index(b), (it // 2) & 1)
+                if b == 0:
+                    alpha = alpha0.load(OROW_L)
+                else:
+                    alpha = alpha1.load(OROW_L)
+                acc = acc * gl.expand_dims(alpha, 1)
+                acc = warpgroup_mma(p_ring.index(b), hi_ring.index(slot), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()  # every warp is done with P and the slot
-                mbarrier.arrive(pfree)
+                mbarrier.arrive(pfree.index(b))
                 mbarrier.arrive(empty.index(slot))
                 it += 1
             mbarrier.wait(statfull, rnd & 1)
@@ -247,10 +294,9 @@ if HAVE_GLUON:
             l_i = l_smem.load(OROW_L)
             _cta_barrier()
             mbarrier.arrive(statfree)
-            _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, 0, hsplit, num_heads,
-                      heads_per_prog, O + HALF, LSE, TMP_O + HALF, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
-                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HALF, False, O_LAYOUT, LOAD_LAYOUT,
-                      0, 1, 2)
+            _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
+                          heads_per_prog, O + HALF, LSE, TMP_O + HALF, TMP_LSE, SPLITS, ARRIVALS, stride_ot,
+                          stride_oh, stride_lt, stride_tt, stride_th, stride_tl, False, O_LAYOUT, 1)
 
     @gluon.jit
     def mla_sm90_kernel(
@@ -274,34 +320,36 @@ if HAVE_GLUON:
         VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         q_lo = gl.allocate_shared_memory(dtype, [BLOCK_M, HALF], SMEM)
         q_hi = gl.allocate_shared_memory(dtype, [BLOCK_M, HALF], SMEM)
-        q_pe = gl.allocate_shared_memory(dtype, [BLOCK_M, D_KPE], SMEM)
         lo_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
         hi_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
         pe_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_KPE], SMEM)
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], SMEM)
-        alpha_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
+        p_ring = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], SMEM)
+        alpha0 = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
+        alpha1 = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
         m_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
         l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        sync = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        pfull = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        pfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        sync = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
-        for i in gl.static_range(4):
+        for i in gl.static_range(2):
+            mbarrier.init(pfull.index(i), count=1)
+            mbarrier.init(pfree.index(i), count=1)
             mbarrier.init(sync.index(i), count=1)
-        pfull = sync.index(0)
-        pfree = sync.index(1)
-        statfull = sync.index(2)
-        statfree = sync.index(3)
+        statfull = sync.index(0)
+        statfree = sync.index(1)
         gl.warp_specialize([
             (_mla_softmax_wg, (QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
-                               q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, p_smem, alpha_smem, m_smem, l_smem,
+                               q_lo, q_hi, lo_ring, hi_ring, pe_ring, p_ring, alpha0, alpha1, m_smem, l_smem,
                                ready, empty, pfull, pfree, statfull, statfree,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                                stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                                D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES)),
-            (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_smem, alpha_smem,
+            (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
                           heads_per_prog, BLOCK_N, STAGES)),

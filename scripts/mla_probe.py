@@ -1,0 +1,67 @@
+"""Where the Gluon MLA kernel's time goes (device): plan shape and time per case, with and without
+split-KV, at several planner item costs, against the Triton kernel.
+
+    python scripts/mla_probe.py [--cases 1x32768,128x8192]
+"""
+import argparse
+import math
+import os
+
+import torch
+
+import pagoda
+from pagoda.attention import mla
+from pagoda.bench.attention import bench
+
+
+def case(batch, kv_len, heads=128, page_size=64, dtype=torch.bfloat16):
+    pages_per = math.ceil(kv_len / page_size)
+    total = batch * pages_per
+    indices = torch.randperm(total).to(torch.int32)
+    indptr = torch.arange(0, total + 1, pages_per, dtype=torch.int32)
+    kv_lens = torch.full((batch,), kv_len, dtype=torch.int32)
+    qo = torch.arange(batch + 1, dtype=torch.int32)
+    ckv = torch.randn(total, page_size, 512, dtype=dtype, device="cuda")
+    kpe = torch.randn(total, page_size, 64, dtype=dtype, device="cuda")
+    qn = torch.randn(batch, heads, 512, dtype=dtype, device="cuda") * 0.1
+    qp = torch.randn(batch, heads, 64, dtype=dtype, device="cuda")
+    return (qo, indptr, indices, kv_lens, heads, 512, 64, page_size, False, 1 / math.sqrt(192), dtype, dtype), \
+        (qn, qp, ckv, kpe)
+
+
+def timed(plan_args, run_args, ws, no_split=False):
+    w = pagoda.BatchMLAPagedAttentionWrapper(ws)
+    if no_split:
+        w._partial_capacity = lambda *a: 0
+    w.plan(*plan_args)
+    p = w._plan
+    out = w.run(*run_args)
+    t = bench(lambda: w.run(*run_args, out=out)) * 1e6
+    return t, p, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1x8192,1x32768,16x8192,64x8192,128x8192")
+    args = ap.parse_args()
+    ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    for c in args.cases.split(","):
+        b, kv = map(int, c.split("x"))
+        pa, ra = case(b, kv)
+        flops = 2 * b * 128 * kv * (512 + 64 + 512)
+        cells = []
+        for label, env, cost, no_split in (("gluon", "auto", 512, False), ("gluon cost128", "auto", 128, False),
+                                           ("gluon cost2048", "auto", 2048, False),
+                                           ("gluon no-split", "auto", 512, True), ("triton", "triton", 512, False)):
+            os.environ["PAGODA_MLA_KERNEL"] = env
+            mla.MLA_SM90_CONFIG["item_cost"] = cost
+            t, p, _ = timed(pa, ra, ws, no_split)
+            cells.append(f"{label}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s "
+                         f" parts={p.partial_rows}")
+        mla.MLA_SM90_CONFIG["item_cost"] = 512
+        os.environ["PAGODA_MLA_KERNEL"] = "auto"
+        print(f"{c:>9} | " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
