@@ -61,6 +61,15 @@ def main():
         mla.MLA_SM90_CONFIG["item_cost"] = 512
         os.environ["PAGODA_MLA_KERNEL"] = "auto"
         print(f"{c:>9} | " + " | ".join(cells), flush=True)
+        # leave one stage out (kernels/mla_sm90.py ABLATE): what each costs
+        cells = []
+        for label, ablate in (("no loads", 1), ("no QK", 2), ("no PV", 4), ("loads only", 6), ("no loads/QK", 3),
+                              ("none", 7)):
+            mla._MLA_SM90_ABLATE = ablate
+            t, _, _ = timed(pa, ra, ws)
+            cells.append(f"{label}: {t:7.1f}us")
+        mla._MLA_SM90_ABLATE = 0
+        print(f"{c:>9} | " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

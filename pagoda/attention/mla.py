@@ -40,6 +40,7 @@ MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
 # KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner
 MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=56, item_cost=512)
+_MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 
 
 def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfig:
@@ -212,7 +213,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 h, p.config.heads_per_prog, p.sm_scale * LOG2E,
                 D_KPE=p.head_dim_kpe, BLOCK_N=c["block_n"], PAGE_SIZE=p.page_size, CAUSAL=p.causal,
                 WRITE_LSE=lse is not None, STAGES=c["stages"], PV_REGS=c["pv_regs"],
-                PRODUCER_REGS=c["producer_regs"], num_warps=4)
+                PRODUCER_REGS=c["producer_regs"], num_warps=4, ABLATE=_MLA_SM90_ABLATE)
         else:
             cfg = p.config
             lse_arg = lse if lse is not None else p.tmp_lse

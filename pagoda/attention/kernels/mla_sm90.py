@@ -59,7 +59,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _mla_producer(CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
                       stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
-                      D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr):
+                      D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr,
+                      ABLATE: gl.constexpr):
         C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
         CROW_L: gl.constexpr = gl.SliceLayout(1, C_LAYOUT)
@@ -83,12 +84,13 @@ if HAVE_GLUON:
                 slot = it % STAGES
                 # both consumers released this slot's previous block (a fresh barrier passes parity 1)
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                _mla_gather(CKV, lo_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, 0,
-                            BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
-                _mla_gather(CKV, hi_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, HALF,
-                            BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
-                _mla_gather(KPE, pe_ring.index(slot), pp, st, kv_end, stride_pp, stride_ps, 0,
-                            BLOCK_N, D_KPE, P_LAYOUT, PAGE_SIZE)
+                if ABLATE % 2 == 0:
+                    _mla_gather(CKV, lo_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, 0,
+                                BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+                    _mla_gather(CKV, hi_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, HALF,
+                                BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+                    _mla_gather(KPE, pe_ring.index(slot), pp, st, kv_end, stride_pp, stride_ps, 0,
+                                BLOCK_N, D_KPE, P_LAYOUT, PAGE_SIZE)
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
                 it += 1
 
@@ -187,7 +189,7 @@ if HAVE_GLUON:
                         stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                         stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr):
+                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr):
         """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring).
 
         Per block j: S_j (queued behind P_{j-1} V_{j-1}), wait, release block j - 1's slot, softmax,
@@ -228,7 +230,10 @@ if HAVE_GLUON:
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 slot = _ws_wait_ready(ready, it, STAGES)
-                s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
+                if (ABLATE // 2) % 2 == 0:
+                    s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
+                else:  # (timing: no Q K^T)
+                    s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT))
                 # S_j and (queued before it) P_{j-1} V_{j-1} complete in order
                 s, acc = warpgroup_mma_wait(0, deps=(s, acc))
                 if j > 0:
@@ -237,7 +242,10 @@ if HAVE_GLUON:
                                                       start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
                 b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
-                acc = warpgroup_mma(p_ring.index(b), lo_ring.index(slot), acc, is_async=True)
+                if (ABLATE // 4) % 2 == 0:
+                    acc = warpgroup_mma(p_ring.index(b), lo_ring.index(slot), acc, is_async=True)
+                else:  # (timing: no P V)
+                    acc = warpgroup_mma_init(acc)
                 prev = slot
                 it += 1
             acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -258,7 +266,7 @@ if HAVE_GLUON:
     def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
                    m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads, heads_per_prog,
-                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr):
         """Warp group 1: output columns 256 .. 511 from warp group 0's P (module docstring)."""
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HALF, 16])
@@ -283,8 +291,9 @@ if HAVE_GLUON:
                 else:
                     alpha = alpha1.load(OROW_L)
                 acc = acc * gl.expand_dims(alpha, 1)
-                acc = warpgroup_mma(p_ring.index(b), hi_ring.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
+                if (ABLATE // 4) % 2 == 0:
+                    acc = warpgroup_mma(p_ring.index(b), hi_ring.index(slot), acc, is_async=True)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()  # every warp is done with P and the slot
                 mbarrier.arrive(pfree.index(b))
                 mbarrier.arrive(empty.index(slot))
@@ -308,12 +317,14 @@ if HAVE_GLUON:
         num_heads, heads_per_prog, qk_scale,
         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
         WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, PV_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        num_warps: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """The arguments of kernels/mla.py's mla_kernel that a 16-bit MLA with head_dim_ckv 512 uses
         (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer.
         Launch with num_warps=4 (warp group 0); warp group 1 and the producer are 8 more warps.
-        ARRIVALS needs two counters per split tile and task (one per consumer warp group)."""
+        ARRIVALS needs two counters per split tile and task (one per consumer warp group).
+        ABLATE (timing only, wrong results): bit 0 skips the loads, bit 1 Q K^T, bit 2 P V
+        (scripts/mla_probe.py times the kernel without each stage)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (warp group 0)")
         dtype: gl.constexpr = QN.dtype.element_ty
         SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -348,12 +359,12 @@ if HAVE_GLUON:
                                ready, empty, pfull, pfree, statfull, statfree,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                                stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
-                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES)),
+                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE)),
             (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
-                          heads_per_prog, BLOCK_N, STAGES)),
+                          heads_per_prog, BLOCK_N, STAGES, ABLATE)),
             (_mla_producer, (CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
                              stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
-                             D_KPE, BLOCK_N, PAGE_SIZE, STAGES)),
+                             D_KPE, BLOCK_N, PAGE_SIZE, STAGES, ABLATE)),
         ], [4, 4], [PV_REGS, PRODUCER_REGS])
