@@ -61,6 +61,12 @@ def main():
         mla.MLA_SM90_CONFIG["item_cost"] = 512
         os.environ["PAGODA_MLA_KERNEL"] = "auto"
         print(f"{c:>9} | " + " | ".join(cells), flush=True)
+        for bn, stages in ((32, 4), (32, 3), (16, 8)):
+            mla.MLA_SM90_CONFIG.update(block_n=bn, stages=stages)
+            t, p, _ = timed(pa, ra, ws)
+            cells.append(f"bn{bn}/st{stages}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s parts={p.partial_rows}")
+        mla.MLA_SM90_CONFIG.update(block_n=64, stages=2)
+        print(f"{c:>9} | " + " | ".join(cells[-3:]), flush=True)
         # leave one stage out (kernels/mla_sm90.py ABLATE): what each costs
         cells = []
         for label, ablate in (("no loads", 1), ("no QK", 2), ("no PV", 4), ("loads only", 6), ("no loads/QK", 3),

@@ -334,7 +334,9 @@ if HAVE_GLUON:
         lo_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
         hi_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF], SMEM)
         pe_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_KPE], SMEM)
-        p_ring = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], SMEM)
+        P_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, BLOCK_N * 2), element_bitwidth=16,
+                                                     rank=2)
+        p_ring = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], P_SMEM)
         alpha0 = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
         alpha1 = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
         m_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], VEC)
