@@ -50,22 +50,22 @@ def main():
         pa, ra = case(b, kv)
         flops = 2 * b * 128 * kv * (512 + 64 + 512)
         cells = []
-        for label, env, cost, no_split in (("gluon", "auto", 512, False), ("gluon cost128", "auto", 128, False),
-                                           ("gluon cost2048", "auto", 2048, False),
-                                           ("gluon no-split", "auto", 512, True), ("triton", "triton", 512, False)):
+        for label, env, cost, no_split in (("gluon", "gluon", 512, False), ("gluon cost128", "gluon", 128, False),
+                                           ("gluon cost2048", "gluon", 2048, False),
+                                           ("gluon no-split", "gluon", 512, True), ("triton", "triton", 512, False)):
             os.environ["PAGODA_MLA_KERNEL"] = env
             mla.MLA_SM90_CONFIG["item_cost"] = cost
             t, p, _ = timed(pa, ra, ws, no_split)
             cells.append(f"{label}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s "
                          f" parts={p.partial_rows}")
         mla.MLA_SM90_CONFIG["item_cost"] = 512
-        os.environ["PAGODA_MLA_KERNEL"] = "auto"
+        os.environ["PAGODA_MLA_KERNEL"] = "gluon"
         print(f"{c:>9} | " + " | ".join(cells), flush=True)
-        for bn, stages in ((32, 4), (32, 3), (16, 8)):
+        for bn, stages in ((64, 2), (32, 3), (16, 8)):
             mla.MLA_SM90_CONFIG.update(block_n=bn, stages=stages)
             t, p, _ = timed(pa, ra, ws)
             cells.append(f"bn{bn}/st{stages}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s parts={p.partial_rows}")
-        mla.MLA_SM90_CONFIG.update(block_n=64, stages=2)
+        mla.MLA_SM90_CONFIG.update(block_n=32, stages=4)
         print(f"{c:>9} | " + " | ".join(cells[-3:]), flush=True)
         # leave one stage out (kernels/mla_sm90.py ABLATE): what each costs
         cells = []

@@ -39,7 +39,9 @@ _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
 # KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner
-MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=56, item_cost=512)
+# (32-token blocks in a 4-deep ring: loads overlap the MMAs better than 64 x 2, 1.4x at 128x8192;
+# scripts/mla_probe.py)
+MLA_SM90_CONFIG = dict(block_n=32, stages=4, pv_regs=168, producer_regs=56, item_cost=512)
 _MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 
 
@@ -53,14 +55,21 @@ def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfi
                         partial_cost=MLA_PARTIAL_COST)
 
 
-def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype) -> bool:
+def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype,
+                      num_heads: int, num_tiles: int) -> bool:
     """Plans the Gluon kernel serves: sm_90 (with the Triton it was written for), head_dim_ckv 512,
-    head_dim_kpe 64, fp16 / bf16. PAGODA_MLA_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+    head_dim_kpe 64, fp16 / bf16, and (PAGODA_MLA_KERNEL=auto) enough query tiles x head splits to fill
+    half the SMs without split-KV: a split tile's merge is a serial loop in this kernel (~3 us per
+    chunk), and a few long requests split into dozens of chunks run faster in the Triton kernel
+    (mla_h100.md, session 9). PAGODA_MLA_KERNEL=gluon takes it whenever it can, =triton never."""
     choice = os.environ.get("PAGODA_MLA_KERNEL", "auto")
-    if choice not in ("auto", "triton"):
-        raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto' or 'triton', got {choice!r}")
-    return (choice == "auto" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
-            and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16))
+    if choice not in ("auto", "gluon", "triton"):
+        raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto', 'gluon' or 'triton', got {choice!r}")
+    if not (choice != "triton" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
+            and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16)):
+        return False
+    tasks = num_tiles * -(-num_heads // mla_sm90.TILE_ROWS)
+    return choice == "gluon" or 2 * tasks >= num_programs(device, mla_config(num_heads, True, True))
 
 
 @dataclasses.dataclass
@@ -145,7 +154,11 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                              f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
         idx, max_page = check_page_indices(kv_indices, kv_ip)
 
-        sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype)
+        # query tiles of the Gluon kernel (64 rows: heads x tokens) over the requests
+        tokens_per_tile = max(1, mla_sm90.TILE_ROWS // min(num_heads, mla_sm90.TILE_ROWS))
+        num_tiles = int(np.sum(-(-np.diff(qo) // tokens_per_tile)))
+        sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype,
+                                                                num_heads, num_tiles)
         config = mla_config(num_heads, self.device.type == "cuda", sm90)
         grid = num_programs(self.device, config)
         tasks_per_item = -(-num_heads // config.heads_per_prog)

@@ -40,16 +40,19 @@ def mla_row(batch, kv_len, heads, page_size, fi, ws, dtype=torch.bfloat16):
     nbytes = batch * kv_len * (dc + dp) * ckv.element_size()
     flops = 2 * batch * heads * kv_len * (dc + dp + dc)
     row = {"case": f"{batch}x{kv_len}", "batch": batch, "kv_len": kv_len, "MB": nbytes / 1e6, "GFLOP": flops / 1e9,
-           "kernel": "gluon-sm90" if w._plan.sm90 else "triton",
+           "kernel": "gluon" if w._plan.sm90 else "triton",
            "pagoda_us": bench(lambda: w.run(qn, qp, ckv, kpe, out=out)) * 1e6}
-    if w._plan.sm90:  # the Triton kernel on the same inputs (what the Gluon kernel replaces)
-        os.environ["PAGODA_MLA_KERNEL"] = "triton"
+    # both of pagoda's kernels on the same inputs (auto picks one of them: mla.mla_sm90_eligible)
+    for kernel in ("gluon", "triton"):
+        os.environ["PAGODA_MLA_KERNEL"] = kernel
         try:
-            wt = pagoda.BatchMLAPagedAttentionWrapper(ws)
-            wt.plan(qo, indptr, indices, kv_lens, heads, dc, dp, page_size, False, sm, dtype, dtype)
-            err = ((wt.run(qn, qp, ckv, kpe).float() - out.float()).norm() / out.float().norm()).item()
+            wk = pagoda.BatchMLAPagedAttentionWrapper(ws)
+            wk.plan(qo, indptr, indices, kv_lens, heads, dc, dp, page_size, False, sm, dtype, dtype)
+            if kernel == "gluon" and not wk._plan.sm90:
+                continue  # (not an sm_90 GPU with the Triton the kernel targets)
+            err = ((wk.run(qn, qp, ckv, kpe).float() - out.float()).norm() / out.float().norm()).item()
             assert err < 2e-2, f"pagoda's two MLA kernels disagree on {row['case']}: {err}"
-            row["triton_us"] = bench(lambda: wt.run(qn, qp, ckv, kpe)) * 1e6
+            row[f"{kernel}_us"] = bench(lambda: wk.run(qn, qp, ckv, kpe)) * 1e6
         finally:
             del os.environ["PAGODA_MLA_KERNEL"]
     if fi is not None:
@@ -93,11 +96,11 @@ def sweep(heads, page_size, ws):
 
 def fmt(rows):
     lines = [f"{'case':<12} {'latent MB':>9} {'pagoda':>9} {'GB/s':>6} {'TFLOP/s':>7} {'FlashInfer':>10} {'GB/s':>6} "
-             f"{'x FI':>6} {'Triton kernel':>13}"]
+             f"{'x FI':>6} {'kernel':>7} {'Gluon':>9} {'Triton':>9}"]
     for r in rows:
         gbs = r["MB"] * 1e6 / (r["pagoda_us"] * 1e-6) / 1e9
         tf = r["GFLOP"] / (r["pagoda_us"] * 1e-6) / 1e3
-        old = f"{r['triton_us']:12.1f}u" if "triton_us" in r else f"{'-':>13}"
+        old = f"{r['kernel']:>7} " + " ".join(f"{r[k]:8.1f}u" if k in r else f"{'-':>9}" for k in ("gluon_us", "triton_us"))
         if "flashinfer_us" in r:
             fgbs = r["MB"] * 1e6 / (r["flashinfer_us"] * 1e-6) / 1e9
             peer = f"{r['flashinfer_us']:9.1f}u {fgbs:6.0f} {r['flashinfer_us'] / r['pagoda_us']:5.2f}x"

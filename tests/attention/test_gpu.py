@@ -287,24 +287,49 @@ def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
         ([300, 1, 64, 7], [300, 5000, 1024, 7])
     batch = MLABatch(kv_lens, page_size, dtype=dtype)
     results = {}
-    for kernel in ("auto", "triton"):
+    for kernel in ("gluon", "triton"):
         monkeypatch.setenv("PAGODA_MLA_KERNEL", kernel)
         torch.manual_seed(0)
         w, out, lse, ro, rl = run_mla(batch, qo_lens, heads, causal=causal, ws_mb=256, dtype=dtype)
-        assert w._plan.sm90 == (kernel == "auto"), "the plan did not pick the kernel under test"
+        assert w._plan.sm90 == (kernel == "gluon"), "the plan did not pick the kernel under test"
         results[kernel] = (out, lse)
         assert rel_err(out, ro) < TOL[dtype], kernel
         check_lse(lse, rl)
     assert rel_err(*[r[0] for r in results.values()]) < TOL[dtype]
-    monkeypatch.setenv("PAGODA_MLA_KERNEL", "auto")
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", "gluon")
     qn = torch.randn(out.shape, dtype=dtype, device="cuda") * 0.3
     qp = torch.randn(*out.shape[:2], 64, dtype=dtype, device="cuda")
     first = w.run(qn, qp, batch.ckv, batch.kpe)  # w is the Triton kernel's: plan again for the Gluon one
     w.plan(torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32), batch.indptr, batch.indices,
            torch.tensor(kv_lens, dtype=torch.int32), heads, 512, 64, page_size, causal, 1 / 192 ** 0.5, dtype, dtype)
+    assert w._plan.sm90
     for _ in range(3):
         again = w.run(qn, qp, batch.ckv, batch.kpe)
         assert rel_err(again, first) < TOL[dtype]
+
+
+def test_mla_kernel_choice(monkeypatch):
+    """auto: the Gluon kernel for batches that fill half the SMs without split-KV, the Triton one for a
+    few long requests (their many-chunk merges); PAGODA_MLA_KERNEL overrides; a bad value is refused."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA kernel is for sm_90")
+    from .test_mla import MLABatch
+
+    def picks(batch_size, heads=128):
+        b = MLABatch([100] * batch_size, 64)
+        w = pagoda.BatchMLAPagedAttentionWrapper(workspace(16))
+        w.plan(torch.arange(batch_size + 1, dtype=torch.int32), b.indptr, b.indices, torch.tensor(b.kv_lens),
+               heads, 512, 64, 64, False, 0.1, torch.bfloat16, torch.bfloat16)
+        return w._plan.sm90
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert picks(64) and picks(sms) and not picks(1) and not picks(8) and not picks(16, heads=16)
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", "gluon")
+    assert picks(1)
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", "triton")
+    assert not picks(128)
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", "gluon-please")
+    with pytest.raises(ValueError, match="PAGODA_MLA_KERNEL"):
+        picks(4)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
