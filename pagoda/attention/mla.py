@@ -56,12 +56,14 @@ def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfi
 
 
 def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype,
-                      num_heads: int, num_tiles: int) -> bool:
+                      num_heads: int, num_tiles: int, kv_tokens: int) -> bool:
     """Plans the Gluon kernel serves: sm_90 (with the Triton it was written for), head_dim_ckv 512,
-    head_dim_kpe 64, fp16 / bf16, and (PAGODA_MLA_KERNEL=auto) enough query tiles x head splits to fill
-    half the SMs without split-KV: a split tile's merge is a serial loop in this kernel (~3 us per
-    chunk), and a few long requests split into dozens of chunks run faster in the Triton kernel
-    (mla_h100.md, session 9). PAGODA_MLA_KERNEL=gluon takes it whenever it can, =triton never."""
+    head_dim_kpe 64, fp16 / bf16, and (PAGODA_MLA_KERNEL=auto) a batch that keeps the SMs busy without
+    splitting each tile's KV into many short chunks: either enough query tiles x head splits for half the
+    SMs, or at most ~8 chunks per tile of >= 1024 tokens each. A split tile's merge is a serial loop in
+    this kernel (~3 us per chunk), so a few requests split into dozens of chunks, or short ones, run
+    faster in the Triton kernel (mla_h100.md, session 9). PAGODA_MLA_KERNEL=gluon takes it whenever it
+    can, =triton never."""
     choice = os.environ.get("PAGODA_MLA_KERNEL", "auto")
     if choice not in ("auto", "gluon", "triton"):
         raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto', 'gluon' or 'triton', got {choice!r}")
@@ -69,7 +71,10 @@ def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int
             and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16)):
         return False
     tasks = num_tiles * -(-num_heads // mla_sm90.TILE_ROWS)
-    return choice == "gluon" or 2 * tasks >= num_programs(device, mla_config(num_heads, True, True))
+    grid = num_programs(device, mla_config(num_heads, True, True))
+    chunks = -(-grid // max(tasks, 1))  # about how many chunks the planner cuts each tile's KV into
+    long_chunks = 8 * tasks >= grid and kv_tokens / max(num_tiles, 1) / chunks >= 1024
+    return choice == "gluon" or 2 * tasks >= grid or long_chunks
 
 
 @dataclasses.dataclass
@@ -158,7 +163,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         tokens_per_tile = max(1, mla_sm90.TILE_ROWS // min(num_heads, mla_sm90.TILE_ROWS))
         num_tiles = int(np.sum(-(-np.diff(qo) // tokens_per_tile)))
         sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype,
-                                                                num_heads, num_tiles)
+                                                                num_heads, num_tiles, int(kv_lens.sum()))
         config = mla_config(num_heads, self.device.type == "cuda", sm90)
         grid = num_programs(self.device, config)
         tasks_per_item = -(-num_heads // config.heads_per_prog)
