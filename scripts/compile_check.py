@@ -110,10 +110,13 @@ def gluon_cases():
     m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",
              TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32",
              qk_scale="fp32")
-    for page_size, causal in ((64, False), (1, True)):
-        yield (f"mla_sm90 PAGE_SIZE={page_size} causal={causal}", mla_sm90.mla_sm90_kernel, m,
-               dict(D_KPE=64, BLOCK_N=64, PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=True, STAGES=2,
-                    PV_REGS=168, PRODUCER_REGS=56, num_warps=4), 4, 1)
+    lay = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=False, fp4_padded=False, cga_layout=[])"
+    for page_size, causal, tma in ((64, False, True), (1, True, False)):
+        types = dict(m, CKV_DESC=f"tensordesc<bf16[32,256],{lay}>", KPE_DESC=f"tensordesc<bf16[32,64],{lay}>")
+        descs = {} if tma else dict(CKV_DESC=None, KPE_DESC=None)
+        yield (f"mla_sm90 PAGE_SIZE={page_size} causal={causal} TMA={tma}", mla_sm90.mla_sm90_kernel, types,
+               dict(D_KPE=64, BLOCK_N=32, PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=True, STAGES=4,
+                    PV_REGS=168, PRODUCER_REGS=56, TMA=tma, num_warps=4, **descs), 4, 1)
 
 
 def ptxas_report(k) -> str:

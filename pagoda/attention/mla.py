@@ -221,8 +221,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         elif p.sm90:
             c = MLA_SM90_CONFIG
             lse_arg = lse if lse is not None else p.tmp_lse
+            descs = self._tma_descriptors(ckv_cache, kpe_cache, p.page_size, c["block_n"])
             mla_sm90.mla_sm90_kernel[(p.grid,)](
-                q_nope, q_pe, ckv_cache, kpe_cache, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
+                q_nope, q_pe, ckv_cache, kpe_cache, *descs, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
                 self._int_buf, self._int_buf, self._arrivals,
                 q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
                 ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
@@ -231,7 +232,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 h, p.config.heads_per_prog, p.sm_scale * LOG2E,
                 D_KPE=p.head_dim_kpe, BLOCK_N=c["block_n"], PAGE_SIZE=p.page_size, CAUSAL=p.causal,
                 WRITE_LSE=lse is not None, STAGES=c["stages"], PV_REGS=c["pv_regs"],
-                PRODUCER_REGS=c["producer_regs"], num_warps=4, ABLATE=_MLA_SM90_ABLATE)
+                PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE)
         else:
             cfg = p.config
             lse_arg = lse if lse is not None else p.tmp_lse
@@ -250,6 +251,14 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         return (out, lse) if return_lse else out
 
     forward = run
+
+    def _tma_descriptors(self, ckv, kpe, page_size: int, block_n: int):
+        """The Gluon kernel's tensor descriptors of the caches (kernels/mla_sm90.tma_descriptors), kept
+        while the caches stay the same tensors (a server's every step)."""
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (ckv, kpe)) + (page_size, block_n)
+        if getattr(self, "_tma_cache", (None,))[0] != key:
+            self._tma_cache = (key, mla_sm90.tma_descriptors(ckv, kpe, page_size, block_n))
+        return self._tma_cache[1]
 
     def _check_input(self, name, t, shape, what, dtype, dtype_arg) -> None:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):

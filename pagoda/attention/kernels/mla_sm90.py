@@ -28,9 +28,10 @@ TILE_ROWS = 64  # query rows of a tile (heads x tokens): one wgmma M
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_init,
                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .prefill_sm90 import (_cta_barrier, _merge_partials, _softmax_block, _tile_rows, _ws_schedule,
                                _ws_task, _ws_wait_ready)
@@ -57,14 +58,31 @@ if HAVE_GLUON:
                                                mask=gl.expand_dims(offs_n < kv_end, 1))
 
     @gluon.jit
-    def _mla_producer(CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
-                      stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
+    def _mla_gather_block(CKV, KPE, KV_INDICES, lo, hi, pe, pc, pp, kv_base, st, kv_end, stride_cp, stride_cs,
+                          stride_pp, stride_ps, D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                          C_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr):
+        """cp.async of one block's ckv halves and kpe rows (page ids pc / pp in the two load layouts)."""
+        _mla_gather(CKV, lo, pc, st, kv_end, stride_cp, stride_cs, 0, BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+        _mla_gather(CKV, hi, pc, st, kv_end, stride_cp, stride_cs, HALF, BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
+        _mla_gather(KPE, pe, pp, st, kv_end, stride_pp, stride_ps, 0, BLOCK_N, D_KPE, P_LAYOUT, PAGE_SIZE)
+
+    @gluon.jit
+    def _mla_producer(CKV, KPE, CKV_DESC, KPE_DESC, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring,
+                      ready, empty, stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
                       D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr,
-                      ABLATE: gl.constexpr):
+                      TMA: gl.constexpr, ABLATE: gl.constexpr):
+        """Fills ring slot it % STAGES with each task's KV blocks in turn. TMA (a contiguous cache, pages of
+        >= BLOCK_N tokens): a block that lies in one page and before the end of the KV is three bulk copies
+        (ckv halves and kpe rows of the cache viewed as [pages * page_size, dim]); the others (and every
+        block without TMA) are cp.async gathers with the rows past the end zero-filled: a page's unused
+        slots may hold anything, and 0 x NaN in P V would poison the output. The slot's "ready" barrier
+        takes 129 arrivals: every producer thread's (cp.async: when its copies land) and one more that is
+        the bulk copies' byte count (TMA) or plain."""
         C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
         CROW_L: gl.constexpr = gl.SliceLayout(1, C_LAYOUT)
         PROW_L: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)
+        BLOCK_BYTES: gl.constexpr = BLOCK_N * (2 * HALF + D_KPE) * 2
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
         it = 0
@@ -73,24 +91,51 @@ if HAVE_GLUON:
             kv_base = gl.load(wp + 2)
             kv_start = gl.load(wp + 3)
             kv_end = gl.load(wp + 4)
-            pc_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
-            pp_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+            # page ids one block ahead: their latency hides behind this block's copies
+            if TMA:
+                pg_next = gl.load(KV_INDICES + kv_base + kv_start // PAGE_SIZE, mask=kv_end > kv_start, other=0)
+            else:
+                pc_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
+                pp_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
             for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
                 st = kv_start + j * BLOCK_N
-                pc = pc_next  # page ids one block ahead: their latency hides behind this block's copies
-                pp = pp_next
-                pc_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
-                pp_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                if TMA:
+                    pg = pg_next
+                    nxt = st + BLOCK_N
+                    pg_next = gl.load(KV_INDICES + kv_base + nxt // PAGE_SIZE, mask=nxt < kv_end, other=0)
+                else:
+                    pc = pc_next
+                    pp = pp_next
+                    pc_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
+                    pp_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
                 slot = it % STAGES
                 # both consumers released this slot's previous block (a fresh barrier passes parity 1)
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 if ABLATE % 2 == 0:
-                    _mla_gather(CKV, lo_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, 0,
-                                BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
-                    _mla_gather(CKV, hi_ring.index(slot), pc, st, kv_end, stride_cp, stride_cs, HALF,
-                                BLOCK_N, HALF, C_LAYOUT, PAGE_SIZE)
-                    _mla_gather(KPE, pe_ring.index(slot), pp, st, kv_end, stride_pp, stride_ps, 0,
-                                BLOCK_N, D_KPE, P_LAYOUT, PAGE_SIZE)
+                    if TMA:
+                        if (st + BLOCK_N <= kv_end) & (st % PAGE_SIZE + BLOCK_N <= PAGE_SIZE):
+                            row = pg * PAGE_SIZE + st % PAGE_SIZE
+                            mbarrier.expect(ready.index(slot), BLOCK_BYTES)
+                            tma.async_copy_global_to_shared(CKV_DESC, [row, 0], ready.index(slot),
+                                                            lo_ring.index(slot))
+                            tma.async_copy_global_to_shared(CKV_DESC, [row, HALF], ready.index(slot),
+                                                            hi_ring.index(slot))
+                            tma.async_copy_global_to_shared(KPE_DESC, [row, 0], ready.index(slot),
+                                                            pe_ring.index(slot))
+                        else:
+                            pc = _mla_rows(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
+                            pp = _mla_rows(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                            _mla_gather_block(CKV, KPE, KV_INDICES, lo_ring.index(slot), hi_ring.index(slot),
+                                              pe_ring.index(slot), pc, pp, kv_base, st, kv_end, stride_cp, stride_cs,
+                                              stride_pp, stride_ps, D_KPE, BLOCK_N, PAGE_SIZE, C_LAYOUT, P_LAYOUT)
+                            mbarrier.arrive(ready.index(slot))
+                    else:
+                        _mla_gather_block(CKV, KPE, KV_INDICES, lo_ring.index(slot), hi_ring.index(slot),
+                                          pe_ring.index(slot), pc, pp, kv_base, st, kv_end, stride_cp, stride_cs,
+                                          stride_pp, stride_ps, D_KPE, BLOCK_N, PAGE_SIZE, C_LAYOUT, P_LAYOUT)
+                        mbarrier.arrive(ready.index(slot))
+                else:
+                    mbarrier.arrive(ready.index(slot))
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
                 it += 1
 
@@ -309,7 +354,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def mla_sm90_kernel(
-        QN, QP, CKV, KPE, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        QN, QP, CKV, KPE, CKV_DESC, KPE_DESC, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
         stride_qnt, stride_qnh, stride_qpt, stride_qph,
         stride_cp, stride_cs, stride_pp, stride_ps,
         stride_ot, stride_oh, stride_lt,
@@ -317,10 +362,11 @@ if HAVE_GLUON:
         num_heads, heads_per_prog, qk_scale,
         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
         WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, PV_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr, ABLATE: gl.constexpr = 0,
+        TMA: gl.constexpr, num_warps: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """The arguments of kernels/mla.py's mla_kernel that a 16-bit MLA with head_dim_ckv 512 uses
-        (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer.
+        (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer, and
+        with TMA the caches' tensor descriptors (tma_descriptors(); else None).
         Launch with num_warps=4 (warp group 0); warp group 1 and the producer are 8 more warps.
         ARRIVALS needs two counters per split tile and task (one per consumer warp group).
         ABLATE (timing only, wrong results): bit 0 skips the loads, bit 1 Q K^T, bit 2 P V
@@ -347,7 +393,7 @@ if HAVE_GLUON:
         pfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         sync = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
+            mbarrier.init(ready.index(i), count=4 * 32 + 1)  # (_mla_producer)
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         for i in gl.static_range(2):
             mbarrier.init(pfull.index(i), count=1)
@@ -366,7 +412,18 @@ if HAVE_GLUON:
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
                           heads_per_prog, BLOCK_N, STAGES, ABLATE)),
-            (_mla_producer, (CKV, KPE, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring, ready, empty,
-                             stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
-                             D_KPE, BLOCK_N, PAGE_SIZE, STAGES, ABLATE)),
+            (_mla_producer, (CKV, KPE, CKV_DESC, KPE_DESC, WORK, COUNTERS, KV_INDICES, lo_ring, hi_ring, pe_ring,
+                             ready, empty, stride_cp, stride_cs, stride_pp, stride_ps, num_heads, heads_per_prog,
+                             D_KPE, BLOCK_N, PAGE_SIZE, STAGES, TMA, ABLATE)),
         ], [4, 4], [PV_REGS, PRODUCER_REGS])
+
+    def tma_descriptors(ckv, kpe, page_size: int, block_n: int):
+        """Tensor descriptors of the caches for the producer's bulk copies, or (None, None) when they do not
+        apply: pages shorter than a KV block, or a cache whose pages are not one contiguous row block
+        ([pages, page_size, dim] with rows of dim elements)."""
+        if page_size < block_n or any(t.stride(1) != t.shape[2] or t.stride(0) != page_size * t.shape[2]
+                                      for t in (ckv, kpe)):
+            return None, None
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        return (TensorDescriptor.from_tensor(ckv.view(-1, ckv.shape[2]), [block_n, HALF.value], layout),
+                TensorDescriptor.from_tensor(kpe.view(-1, kpe.shape[2]), [block_n, kpe.shape[2]], layout))
