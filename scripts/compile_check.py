@@ -87,7 +87,11 @@ def attention_cases():
     for bm, bn, warps, stages in ((64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)):
         yield (f"mla BLOCK_M={bm} BLOCK_N={bn} warps={warps}", mla.mla_kernel, m,
                dict(D_CKV=512, D_KPE=64, BLOCK_M=bm, BLOCK_N=bn, PAGE_SIZE=64, INDEX_ASM=True, CAUSAL=False,
-                    WRITE_LSE=False, MERGE_UNROLL=1), warps, stages)
+                    WRITE_LSE=False, MERGE_UNROLL=1, DEFER_MERGE=bm == 32), warps, stages)
+    for lse in (True, False):
+        yield (f"mla_combine WRITE_LSE={lse}", mla.mla_combine_kernel,
+               dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32",
+                    SPLITS="*i32"), dict(D=512, BLOCK_H=16, WRITE_LSE=lse, UNROLL=2), 8, 1)
 
 
 def gluon_cases():

@@ -24,10 +24,10 @@ import torch
 
 from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
 from .kernels import mla_sm90
-from .kernels.mla import mla_kernel
+from .kernels.mla import mla_combine_kernel, mla_kernel
 from .plan import KernelConfig, plan_work
 from .reference import gather_paged_kv
-from .runner import LOG2E, BatchAttention, _capability, num_programs
+from .runner import LOG2E, BatchAttention, _capability, _sm_count, num_programs
 
 SUPPORTED_CKV = (128, 256, 512)
 SUPPORTED_KPE = (32, 64)
@@ -35,6 +35,8 @@ SUPPORTED_KPE = (32, 64)
 # measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
 MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
+# heads per program of the merge launch (mla_combine_kernel): a [16, 512] fp32 tile per chunk
+MLA_COMBINE_HEADS = 16
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -98,6 +100,10 @@ class MLAPlan:
     host_indices: torch.Tensor | None
     partial_rows: int
     sm90: bool = False  # run the Gluon kernel (kernels/mla_sm90.py)
+    # split tiles are merged by a second launch (mla_combine_kernel) instead of their last chunk: when the
+    # plan has split tiles, and always under CUDA graphs (the captured launches are fixed)
+    combine: bool = False
+    tasks_per_item: int = 1
     tmp_o: torch.Tensor | None = None
     tmp_lse: torch.Tensor | None = None
 
@@ -164,6 +170,14 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         num_tiles = int(np.sum(-(-np.diff(qo) // tokens_per_tile)))
         sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype,
                                                                 num_heads, num_tiles, int(kv_lens.sum()))
+        if self._use_cuda_graph:  # a captured graph replays one kernel: the first plan's choice stays
+            if getattr(self, "_graph_sm90", None) is None:
+                self._graph_sm90 = sm90
+            elif self._graph_sm90 and not sm90 and not mla_sm90_eligible(
+                    self.device, head_dim_ckv, head_dim_kpe, q_dtype, num_heads, 1 << 30, 0):
+                raise ValueError("this CUDA-graph wrapper was planned for the Gluon MLA kernel; head dims and "
+                                 "dtypes must stay those of its first plan")
+            sm90 = self._graph_sm90
         config = mla_config(num_heads, self.device.type == "cuda", sm90)
         grid = num_programs(self.device, config)
         tasks_per_item = -(-num_heads // config.heads_per_prog)
@@ -171,13 +185,13 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                          tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_heads, head_dim_ckv))
         n_items, n_splits = len(work.work), len(work.splits)
-        # (the Gluon kernel's two consumer warp groups count their arrivals separately)
-        self._ensure_capacity(n_items, n_splits, (2 if sm90 else 1) * n_splits * tasks_per_item, int(idx.numel()))
+        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, int(idx.numel()))
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, idx)
         self._plan = MLAPlan(num_heads, head_dim_ckv, head_dim_kpe, page_size, bool(causal), float(sm_scale),
                              q_dtype, kv_dtype, config, grid, int(qo[-1]), batch, max_page, qo, kv_lens,
-                             kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90)
+                             kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90,
+                             self._use_cuda_graph or n_splits > 0, tasks_per_item)
         self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
 
     begin_forward = plan
@@ -224,7 +238,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             descs = self._tma_descriptors(ckv_cache, kpe_cache, p.page_size, c["block_n"])
             mla_sm90.mla_sm90_kernel[(p.grid,)](
                 q_nope, q_pe, ckv_cache, kpe_cache, *descs, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
-                self._int_buf, self._int_buf, self._arrivals,
+                self._int_buf,
                 q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
                 ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
                 out.stride(0), out.stride(1), lse_arg.stride(0),
@@ -247,10 +261,22 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 D_CKV=p.head_dim_ckv, D_KPE=p.head_dim_kpe, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 PAGE_SIZE=p.page_size, INDEX_ASM=self.device.type == "cuda", CAUSAL=p.causal,
                 WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                DEFER_MERGE=p.combine, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if self._backend != "torch" and p.combine:
+            lse_arg = lse if lse is not None else p.tmp_lse
+            mla_combine_kernel[(self._combine_grid(),)](
+                out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
+                out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
+                p.tmp_lse.stride(0), h, p.tasks_per_item,
+                D=p.head_dim_ckv, BLOCK_H=MLA_COMBINE_HEADS, WRITE_LSE=lse is not None, UNROLL=2,
+                num_warps=8 if self.device.type == "cuda" else 1)
         return (out, lse) if return_lse else out
 
     forward = run
+
+    def _combine_grid(self) -> int:
+        """Programs of the merge launch: a fixed number (CUDA graphs), two per SM."""
+        return 2 * _sm_count(self.device) if self.device.type == "cuda" else num_programs(self.device, None)
 
     def _tma_descriptors(self, ckv, kpe, page_size: int, block_n: int):
         """The Gluon kernel's tensor descriptors of the caches (kernels/mla_sm90.tma_descriptors), kept

@@ -308,6 +308,51 @@ def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
         assert rel_err(again, first) < TOL[dtype]
 
 
+def test_mla_sm90_cuda_graph_replays_after_new_plan():
+    """The Gluon kernel and the merge launch captured once, replayed after plans of other lengths: the
+    first plan's kernel stays (a later plan that alone would pick the Triton kernel keeps the Gluon one),
+    and the merge launch, captured with a plan that had no split tiles, merges the next plan's."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA kernel is for sm_90")
+    import math
+
+    from .test_mla import MLABatch
+    from pagoda.attention.mla import mla_reference
+
+    h, ps, bsz = 128, 64, 96
+    first = MLABatch([100] * bsz, ps, spare=4000)
+    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(512), use_cuda_graph=True)
+    sm = 1 / math.sqrt(192)
+    qo = torch.arange(bsz + 1, dtype=torch.int32)
+
+    def plan(b):
+        w.plan(qo, b.indptr, b.indices, torch.tensor(b.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
+               torch.bfloat16)
+    plan(first)
+    assert w._plan.sm90 and w._plan.partial_rows == 0
+    qn = torch.randn(bsz, h, 512, dtype=torch.bfloat16, device="cuda") * 0.3
+    qp = torch.randn(bsz, h, 64, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(bsz, h, 512, dtype=torch.bfloat16, device="cuda")
+    w.run(qn, qp, first.ckv, first.kpe, out=out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(qn, qp, first.ckv, first.kpe, out=out)
+    for lens in ([40000, 1] + [3] * (bsz - 2), [0] + [2100] * (bsz - 1)):
+        nxt = MLABatch(lens, ps, spare=0)
+        first.ckv.fill_(float("nan"))
+        first.kpe.fill_(float("nan"))
+        first.ckv[: nxt.ckv.shape[0]] = nxt.ckv
+        first.kpe[: nxt.kpe.shape[0]] = nxt.kpe
+        plan(nxt)
+        assert w._plan.sm90
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ro = torch.cat([mla_reference(qn[i:i + 1], qp[i:i + 1], nxt.c[i], nxt.r[i], sm_scale=sm,
+                                      compute_dtype=torch.float64)[0] for i in range(bsz)])
+        assert rel_err(out, ro) < TOL[torch.bfloat16], lens
+
+
 def test_mla_kernel_choice(monkeypatch):
     """auto: the Gluon kernel for batches that fill half the SMs without split-KV or split into few long
     chunks, the Triton one for a few requests split into many or short chunks (the Gluon kernel's merge

@@ -80,12 +80,38 @@ def test_mla_append(causal):
 
 
 def test_mla_split_kv_and_fp16():
-    """A long request among short ones: its KV splits into chunks merged in the kernel (fp16)."""
+    """A long request among short ones: its KV splits into chunks, merged by the second launch (fp16)."""
     batch = MLABatch([400, 3, 7], 16, dtype=torch.float16)
     w, out, lse, ro, rl = run_mla(batch, [1, 1, 1], 16, dtype=torch.float16)
-    assert len(w._plan.config.__dict__) and w._plan.partial_rows > 0  # the plan really split
+    assert w._plan.partial_rows > 0 and w._plan.combine  # the plan really split
     assert rel_err(out, ro) < TOL[torch.float16]
     check_lse(lse, rl)
+
+
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_mla_split_append_merge(return_lse):
+    """Split tiles of several tokens (a causal append) and a head count that is not a multiple of the merge
+    launch's head block: the merge goes token by token over every head; with and without the LSE."""
+    batch = MLABatch([1200, 3, 37], 16)
+    qo_lens = [3, 1, 2]
+    qo = torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32)
+    heads, sm = 20, 1.0 / math.sqrt(192)
+    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(), backend="triton")
+    w.plan(qo, batch.indptr, batch.indices, torch.tensor(batch.kv_lens, dtype=torch.int32), heads, DC, DP, 16,
+           True, sm, torch.bfloat16, torch.bfloat16)
+    assert w._plan.partial_rows > 0 and w._plan.combine
+    q_nope = torch.randn(int(qo[-1]), heads, DC, dtype=torch.bfloat16, device=DEVICE) * 0.3
+    q_pe = torch.randn(int(qo[-1]), heads, DP, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.full((int(qo[-1]), heads, DC), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    lse = torch.full((int(qo[-1]), heads), float("nan"), device=DEVICE) if return_lse else None
+    w.run(q_nope, q_pe, batch.ckv, batch.kpe, out=out, lse=lse, return_lse=return_lse)
+    for b in range(3):
+        s, e = int(qo[b]), int(qo[b + 1])
+        o, l2 = mla_reference(q_nope[s:e], q_pe[s:e], batch.c[b], batch.r[b], sm_scale=sm, causal=True,
+                              compute_dtype=torch.float64, out_dtype=torch.float64)
+        assert rel_err(out[s:e], o) < TOL[torch.bfloat16], b
+        if return_lse:
+            check_lse(lse[s:e], l2)
 
 
 def test_mla_empty_request_and_small_dims():

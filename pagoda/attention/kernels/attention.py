@@ -309,12 +309,14 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, LSE, TMP_O, TMP_LSE, SPLITS,
                  ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
                  stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False):
+                 WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False,
+                 DEFER_MERGE: tl.constexpr = False):
     """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk
     of a split tile, its partial state; the chunk that arrives last (one counter per tile and task
     slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state over
     other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's
-    formula), so a cascade needs no separate merge kernel."""
+    formula), so a cascade needs no separate merge kernel. DEFER_MERGE: a chunk only writes its partial
+    state, and a second launch merges (MLA: kernels/mla.py's mla_combine_kernel)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (v_scale / l_safe)[:, None]
@@ -338,16 +340,17 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, 
         tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
                  out, mask=row_valid[:, None])
         tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
-        split = tl.load(wp + 7)
-        first = tl.load(SPLITS + split * 2)
-        n_chunks = tl.load(SPLITS + split * 2 + 1)
-        arrival = ARRIVALS + split * slots_per_split + slot
-        # acq_rel: our partial is published before the bump; the last one sees them all
-        if tl.atomic_add(arrival, 1) == n_chunks - 1:
-            tl.atomic_xchg(arrival, 0)
-            _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
-                            row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT)
+        if not DEFER_MERGE:
+            split = tl.load(wp + 7)
+            first = tl.load(SPLITS + split * 2)
+            n_chunks = tl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + split * slots_per_split + slot
+            # acq_rel: our partial is published before the bump; the last one sees them all
+            if tl.atomic_add(arrival, 1) == n_chunks - 1:
+                tl.atomic_xchg(arrival, 0)
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
+                                row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
+                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT)
 
 
 @triton.jit

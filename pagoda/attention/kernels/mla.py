@@ -15,7 +15,7 @@ ones of the attention kernel (same WORK / SPLITS layout, same planner).
 import triton
 import triton.language as tl
 
-from .attention import _finish_tile, _load_item, _load_page_index, _reset_counters
+from .attention import _finish_tile, _load_item, _load_page_index, _merge_partials, _reset_counters
 
 
 @triton.jit
@@ -68,10 +68,11 @@ def mla_kernel(
     num_heads, heads_per_prog, qk_scale, ckv_scale,
     D_CKV: tl.constexpr, D_KPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, INDEX_ASM: tl.constexpr, CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, DEFER_MERGE: tl.constexpr = False,
 ):
     """A task is (item, head split). qk_scale = sm_scale * log2(e) * (kv scale of an fp8 cache);
-    ckv_scale multiplies the output (the fp8 cache's scale; 1.0 otherwise)."""
+    ckv_scale multiplies the output (the fp8 cache's scale; 1.0 otherwise). DEFER_MERGE: split tiles
+    only write their partial states, and mla_combine_kernel merges them."""
     n_hsplit = tl.cdiv(num_heads, heads_per_prog)
     num_tasks = tl.load(COUNTERS + 2)
     SPLITS = SPLITS + tl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
@@ -115,7 +116,43 @@ def mla_kernel(
 
         _finish_tile(acc, m_i, l_i, ckv_scale, partial, wp, hsplit, n_hsplit, O, LSE, TMP_O, TMP_LSE, SPLITS,
                      ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
-                     stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL)
+                     stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL,
+                     DEFER_MERGE=DEFER_MERGE)
         task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
 
     _reset_counters(COUNTERS)
+
+
+@triton.jit
+def mla_combine_kernel(
+    O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS,
+    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+    num_heads, tasks_per_item,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """Merge the split tiles of an MLA launch (mla_kernel with DEFER_MERGE, kernels/mla_sm90.py always) in a
+    second launch: (work item, block of BLOCK_H heads) pairs go over the grid; the item that is the first
+    chunk of its split tile (its partial rows start the tile's) merges that tile's n_chunks partial states
+    for those heads, token by token. MLA's partial states are large (heads x 512 fp32 per token and
+    chunk): one CTA merging a tile's 64 heads, as the attention kernel's last chunk does, reads megabytes
+    through one SM (~200 us for 64 chunks in the Gluon kernel's first version); over the grid, a few us."""
+    num_items = tl.load(COUNTERS + 2) // tasks_per_item
+    SPLITS = SPLITS + tl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
+    n_hb = tl.cdiv(num_heads, BLOCK_H)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    for t in range(tl.program_id(0), num_items * n_hb, tl.num_programs(0)):
+        wp = WORK + (t // n_hb) * 9
+        partial = tl.load(wp + 6)
+        split = tl.load(wp + 7)
+        first = tl.load(SPLITS + tl.maximum(split, 0) * 2)
+        if (partial >= 0) & (partial == first):
+            n_chunks = tl.load(SPLITS + split * 2 + 1)
+            q_start = tl.load(wp)
+            q_len = tl.load(wp + 1)
+            head = (t % n_hb) * BLOCK_H + offs_h
+            for tok in range(0, q_len):
+                tokv = tl.zeros([BLOCK_H], tl.int32) + tok
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tokv, (q_start + tokv).to(tl.int64),
+                                head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
+                                stride_th, stride_tl, BLOCK_H, D, WRITE_LSE, UNROLL)

@@ -14,10 +14,10 @@ FlashInfer. This kernel follows FlashMLA's division of the work over three roles
   P (bf16) and the rescale factor through shared memory;
 - warp group 1 rescales and accumulates O[:, 256:] += P ckv[:, 256:] with P read from shared memory.
 
-Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: Q 72 KB,
-two ring slots of 72 KB, P 8 KB. Tasks (item, head split) go over the persistent grid in the snake
-order of kernels/prefill_sm90.py; a split tile's chunks write partial states and the last to arrive
-merges them (one arrival counter per warp group, each merging its column half).
+Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: Q 64 KB,
+four ring slots of 36 KB (32-token blocks), P 2 x 4 KB. Tasks (item, head split) go over the persistent
+grid in the snake order of kernels/prefill_sm90.py; a split tile's chunks write partial states, which a
+second launch merges in parallel (kernels/mla.py's mla_combine_kernel).
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ if HAVE_GLUON:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .prefill_sm90 import (_cta_barrier, _merge_partials, _softmax_block, _tile_rows, _ws_schedule,
-                               _ws_task, _ws_wait_ready)
+    from .prefill_sm90 import _cta_barrier, _softmax_block, _tile_rows, _ws_schedule, _ws_task, _ws_wait_ready
 
     HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
     BLOCK_M = gl.constexpr(TILE_ROWS)  # query rows of a tile: one wgmma M
@@ -187,15 +186,14 @@ if HAVE_GLUON:
         return b
 
     @gluon.jit
-    def _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
-                      heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
-                      stride_tt, stride_th, stride_tl, WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr,
-                      WG: gl.constexpr):
-        """Warp group WG's output columns (O and TMP_O point at them): normalized into out / lse, or a
-        split tile's partial state; the last chunk to arrive (per warp group) merges its columns, 64 at a
-        time (a [64, 256] fp32 tile per chunk would not fit in registers)."""
+    def _mla_epilogue(acc, m_i, l_i, partial, q_start, q_len, hsplit, num_heads, heads_per_prog, O, LSE, TMP_O,
+                      TMP_LSE, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                      WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LEAD: gl.constexpr):
+        """A warp group's output columns (O and TMP_O point at them) normalized into out / lse, or, for a
+        chunk of a split tile, its partial state: kernels/mla.py's mla_combine_kernel merges those in a
+        second launch (a merge here, by the last chunk, ran ~200 us at 1 x 32k: one CTA reading every
+        chunk's [64, 512] fp32 state). LEAD: warp group 0, which writes the (partial) LSE."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        MERGE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
         l_o = gl.convert_layout(l_i, OROW_L)
         empty = l_o == 0.0
         l_safe = gl.where(empty, 1.0, l_o)
@@ -206,29 +204,17 @@ if HAVE_GLUON:
         if partial < 0:
             gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
                      out.to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
-            if WRITE_LSE:
+            if WRITE_LSE and LEAD:
                 gl.store(LSE + q_row * stride_lt + qh, lse, mask=valid)
         else:
-            # each warp group writes the LSE with its columns: its merge reads only its own group's writes
-            tok = gl.arange(0, BLOCK_M, layout=OROW_L) // heads_per_prog
-            p_row = (partial + tok).to(gl.int64)
+            p_row = (partial + gl.arange(0, BLOCK_M, layout=OROW_L) // heads_per_prog).to(gl.int64)
             gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
                      out, mask=gl.expand_dims(valid, 1))
-            gl.store(TMP_LSE + p_row * stride_tl + qh, lse, mask=valid)
-            split = gl.load(wp + 7)
-            first = gl.load(SPLITS + split * 2)
-            n_chunks = gl.load(SPLITS + split * 2 + 1)
-            arrival = ARRIVALS + (split * tasks_per_item + rem) * 2 + WG
-            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-            if gl.atomic_add(arrival, 1) == n_chunks - 1:
-                gl.atomic_xchg(arrival, 0)
-                for c in gl.static_range(HALF // 64):
-                    _merge_partials(O + c * 64, LSE, TMP_O + c * 64, TMP_LSE, first, n_chunks, q_start, q_len, 0,
-                                    hsplit, num_heads, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                    stride_th, stride_tl, BLOCK_M, 64, WRITE_LSE and c == 0, MERGE_LAYOUT, 0)
+            if LEAD:
+                gl.store(TMP_LSE + p_row * stride_tl + qh, lse, mask=valid)
 
     @gluon.jit
-    def _mla_softmax_wg(QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
+    def _mla_softmax_wg(QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS,
                         q_lo, q_hi, lo_ring, hi_ring, pe_ring, p_ring, alpha0, alpha1, m_smem, l_smem,
                         ready, empty, pfull, pfree, statfull, statfree,
                         stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
@@ -248,10 +234,9 @@ if HAVE_GLUON:
         SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
-        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
         it = 0
         for rnd in range(0, n_rounds):
-            wp, rem, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             q_start = gl.load(wp)
             q_len = gl.load(wp + 1)
             kv_start = gl.load(wp + 3)
@@ -303,12 +288,12 @@ if HAVE_GLUON:
             l_smem.store(l_i)
             _cta_barrier()
             mbarrier.arrive(statfull)
-            _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
-                          heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
-                          stride_tt, stride_th, stride_tl, WRITE_LSE, O_LAYOUT, 0)
+            _mla_epilogue(acc, m_i, l_i, partial, q_start, q_len, hsplit, num_heads, heads_per_prog, O, LSE, TMP_O,
+                          TMP_LSE, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, WRITE_LSE,
+                          O_LAYOUT, True)
 
     @gluon.jit
-    def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
+    def _mla_pv_wg(O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, hi_ring, p_ring, alpha0, alpha1,
                    m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads, heads_per_prog,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr):
@@ -317,10 +302,9 @@ if HAVE_GLUON:
                                                            instr_shape=[16, HALF, 16])
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
-        SPLITS = SPLITS + gl.load(COUNTERS + 3)
         it = 0
         for rnd in range(0, n_rounds):
-            wp, rem, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             q_start = gl.load(wp)
             q_len = gl.load(wp + 1)
             kv_start = gl.load(wp + 3)
@@ -348,13 +332,13 @@ if HAVE_GLUON:
             l_i = l_smem.load(OROW_L)
             _cta_barrier()
             mbarrier.arrive(statfree)
-            _mla_epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, hsplit, num_heads,
-                          heads_per_prog, O + HALF, LSE, TMP_O + HALF, TMP_LSE, SPLITS, ARRIVALS, stride_ot,
-                          stride_oh, stride_lt, stride_tt, stride_th, stride_tl, False, O_LAYOUT, 1)
+            _mla_epilogue(acc, m_i, l_i, partial, q_start, q_len, hsplit, num_heads, heads_per_prog, O + HALF, LSE,
+                          TMP_O + HALF, TMP_LSE, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                          False, O_LAYOUT, False)
 
     @gluon.jit
     def mla_sm90_kernel(
-        QN, QP, CKV, KPE, CKV_DESC, KPE_DESC, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        QN, QP, CKV, KPE, CKV_DESC, KPE_DESC, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES,
         stride_qnt, stride_qnh, stride_qpt, stride_qph,
         stride_cp, stride_cs, stride_pp, stride_ps,
         stride_ot, stride_oh, stride_lt,
@@ -368,7 +352,7 @@ if HAVE_GLUON:
         (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer, and
         with TMA the caches' tensor descriptors (tma_descriptors(); else None).
         Launch with num_warps=4 (warp group 0); warp group 1 and the producer are 8 more warps.
-        ARRIVALS needs two counters per split tile and task (one per consumer warp group).
+        Split tiles leave partial states in TMP_O / TMP_LSE for kernels/mla.py's mla_combine_kernel.
         ABLATE (timing only, wrong results): bit 0 skips the loads, bit 1 Q K^T, bit 2 P V
         (scripts/mla_probe.py times the kernel without each stage)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (warp group 0)")
@@ -402,13 +386,13 @@ if HAVE_GLUON:
         statfull = sync.index(0)
         statfree = sync.index(1)
         gl.warp_specialize([
-            (_mla_softmax_wg, (QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS,
+            (_mla_softmax_wg, (QN, QP, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS,
                                q_lo, q_hi, lo_ring, hi_ring, pe_ring, p_ring, alpha0, alpha1, m_smem, l_smem,
                                ready, empty, pfull, pfree, statfull, statfree,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                                stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                                D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE)),
-            (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, hi_ring, p_ring, alpha0, alpha1,
+            (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, hi_ring, p_ring, alpha0, alpha1,
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
                           heads_per_prog, BLOCK_N, STAGES, ABLATE)),
