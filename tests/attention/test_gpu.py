@@ -309,9 +309,9 @@ def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
 
 
 def test_mla_sm90_cuda_graph_replays_after_new_plan():
-    """The Gluon kernel and the merge launch captured once, replayed after plans of other lengths: the
-    first plan's kernel stays (a later plan that alone would pick the Triton kernel keeps the Gluon one),
-    and the merge launch, captured with a plan that had no split tiles, merges the next plan's."""
+    """The Gluon kernel and the merge launch captured once, replayed after plans of other lengths (a lone
+    40k request among short ones, an empty one): the merge launch, captured with a plan that had no split
+    tiles, merges the later plans' split tiles."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon MLA kernel is for sm_90")
     import math
