@@ -1,10 +1,12 @@
 """MLA decode benchmark at DeepSeek-V3 shapes: pagoda vs FlashInfer's MLA, one run.
 
-    python -m pagoda.bench.mla [--quick] [--json FILE]
+    python -m pagoda.bench.mla [--quick] [--eager] [--json FILE]
 
 128 heads, head_dim_ckv 512, head_dim_kpe 64, bf16, page_size 64, pages in random order;
-batch 1..128 x kv 1k..32k. Reports time and the bandwidth of the latent cache (ckv + kpe
-bytes read once / time); ratios are pagoda's speed over FlashInfer's (> 1: faster).
+batch 1..128 x kv 1k..32k. Reports GPU time (each call captured in a CUDA graph and replayed, as
+the attention benchmark does; --eager times eager calls, host launch included, as sessions 1-9 did)
+and the bandwidth of the latent cache (ckv + kpe bytes read once / time); ratios are pagoda's speed
+over FlashInfer's (> 1: faster).
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import os
 import torch
 
 import pagoda
-from pagoda.bench.attention import bench, flashinfer_or_none, write_json
+from pagoda.bench import attention as _att
+from pagoda.bench.attention import flashinfer_or_none, write_json
+
+TIMER = _att.gpu_time  # CUDA-graph replay (GPU time); --eager: do_bench of the eager calls (host launch included)
+
+
+def bench(fn):
+    return TIMER(fn)
 
 CASES = [(b, kv) for b in (1, 16, 64, 128) for kv in (1024, 8192, 32768)]
 
@@ -116,16 +125,22 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--eager", action="store_true",
+                    help="time eager calls (host launch cost included; sessions 1-9) instead of graph replays")
     ap.add_argument("--sweep", action="store_true",
                     help="time pagoda's MLA kernel configurations (block_m,block_n,warps,stages) first")
     args = ap.parse_args(argv)
+    global TIMER
+    if args.eager:
+        TIMER = _att.bench
     torch.manual_seed(0)
     fi = flashinfer_or_none()
     if fi is not None:
         import flashinfer.mla  # noqa: F401
     ws = torch.empty(512 * 1024 * 1024, dtype=torch.uint8, device="cuda")
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, MLA {args.heads} heads, "
-          f"ckv 512 + kpe 64, bf16, page_size {args.page_size}, FlashInfer {getattr(fi, '__version__', 'absent')}")
+          f"ckv 512 + kpe 64, bf16, page_size {args.page_size}, FlashInfer {getattr(fi, '__version__', 'absent')}, "
+          f"{'eager calls' if args.eager else 'CUDA-graph replays'}")
     if args.sweep:
         sweep(args.heads, args.page_size, ws)
     rows = []
