@@ -74,14 +74,13 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
     n = logits.shape[0]
     dev = logits.device
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if len(greedy) == n:  # all greedy (the common serving case): no index tensors at all
-        out = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+    if len(greedy) == n:  # all greedy (the common serving case): one launch, no index tensors
+        out = pagoda.greedy_sample(logits)
     else:
         out = torch.empty(n, dtype=torch.long, device=dev)
         if greedy:
             gi = _device_tensor(greedy, torch.long, dev)
-            rows = logits[gi]
-            out[gi] = torch.where(torch.isfinite(rows).all(-1), rows.argmax(-1), -1)
+            out[gi] = pagoda.greedy_sample(logits[gi])
         shared = [i for i, r in enumerate(requests) if not r.params.greedy and r.generator is None]
         if shared:
             si = _device_tensor(shared, torch.long, dev)

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from ._dispatch import use_triton
-from .kernels.sampling import filter_kernel, sample_kernel
+from .kernels.sampling import filter_kernel, greedy_kernel, sample_kernel
 
 NONE, TOP_K, TOP_P, MIN_P, TOP_K_TOP_P = 0, 1, 2, 3, 4
 
@@ -219,3 +219,36 @@ def top_p_renorm_probs(probs, top_p):
 def top_k_mask_logits(logits, top_k):
     """Logits of the top_k largest kept, the others set to -inf."""
     return _filter(logits, 2, top_k=top_k, name="logits")
+
+
+_GREEDY_STATE: dict = {}  # device -> (keys, bad, count) of greedy_kernel, reset by each launch
+
+
+def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding of logits [batch, vocab] (any float dtype): int64 [batch], the first index of each
+    row's maximum (torch.argmax's choice), or -1 for a row with a NaN or an infinite logit. One launch
+    for the whole batch on the GPU (several programs per row); the PyTorch form elsewhere."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a float [batch, vocab] tensor, got {getattr(logits, 'shape', logits)}")
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have at least one column")
+    if not use_triton(logits):
+        return torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch == 0:
+        return out
+    state = _GREEDY_STATE.get(logits.device)
+    if state is None or state[0].numel() < batch:
+        n = max(batch, 2 * state[0].numel() if state is not None else 64)
+        state = (torch.full((n,), -2**63, dtype=torch.int64, device=logits.device),
+                 torch.zeros(n, dtype=torch.int32, device=logits.device),
+                 torch.zeros(n, dtype=torch.int32, device=logits.device))
+        _GREEDY_STATE[logits.device] = state
+    block = min(2048, triton.next_power_of_2(vocab))
+    span = block * 4  # 4 blocks per program: a 128k vocabulary is 16 programs per row
+    greedy_kernel[(batch, triton.cdiv(vocab, span))](logits, out, *state, logits.stride(0), vocab, span,
+                                                     BLOCK=block, num_warps=4)
+    return out

@@ -186,3 +186,31 @@ def test_top_k_first_order():
     assert (t == 0).all()
     t = pagoda.top_k_top_p_sampling_from_probs(p, 3, 0.5, filter_apply_order="joint")
     assert set(t.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 37, 20000])
+def test_greedy_sample_matches_argmax(dtype, vocab):
+    """One launch, several programs per row (20000 columns: 3 per row): torch.argmax's index, the first of
+    tied maxima (ties planted across programs), -1 for rows with NaN / +inf / -inf; repeated calls (the
+    kernel resets its own state) and a larger batch after a smaller one."""
+    g = torch.Generator().manual_seed(vocab)
+    for batch in (5, 70, 4):
+        x = torch.randn(batch, vocab, generator=g).to(dtype)
+        if vocab > 10:
+            x[0, vocab - 3] = x[0, 2] = 100.0  # a tie: the first index wins, across programs
+            x[1, 5] = float("nan")
+            x[2, vocab - 1] = float("inf")
+            x[3, 0] = float("-inf")
+        x = x.to(DEVICE)
+        want = torch.where(torch.isfinite(x.float()).all(-1), x.float().argmax(-1), -1)
+        got = pagoda.greedy_sample(x)
+        assert got.dtype == torch.int64 and got.tolist() == want.tolist()
+        if vocab > 10:
+            assert got[:4].tolist() == [2, -1, -1, -1]
+
+
+def test_greedy_sample_bad_input():
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 0), "x"):
+        with pytest.raises(ValueError, match="logits"):
+            pagoda.greedy_sample(bad)

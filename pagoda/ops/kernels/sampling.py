@@ -236,3 +236,32 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
             y = tl.where(keep, x / denom, 0.0)
         y = tl.where(invalid, float("nan"), y)
         tl.store(out + offs, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def greedy_kernel(X, OUT, KEYS, BAD, COUNT, stride_x, vocab, span, BLOCK: tl.constexpr):
+    """Argmax of each row of X (first index of the maximum, as torch.argmax), -1 for a row holding a NaN or
+    an infinity, in one launch: program (r, c) scans columns c * span .. (c + 1) * span of row r and folds
+    its best (value, index) into KEYS[r] with one atomic max (a 64-bit key that orders by value, then by
+    smaller index); the last program of the row writes OUT[r] and resets KEYS / BAD / COUNT for the next
+    launch (CUDA-graph safe; not for concurrent launches on several streams)."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    row = X + r.to(tl.int64) * stride_x
+    best = tl.full([BLOCK], -9223372036854775808, tl.int64)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for s in range(c * span, tl.minimum((c + 1) * span, vocab), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < vocab
+        x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, (m & ~(tl.abs(x) < float("inf"))).to(tl.int32))
+        key = _order_key(x).to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
+        best = tl.maximum(best, tl.where(m, key, -9223372036854775808))
+    tl.atomic_max(KEYS + r, tl.max(best, 0))
+    tl.atomic_max(BAD + r, tl.max(bad, 0))
+    if tl.atomic_add(COUNT + r, 1) == tl.num_programs(1) - 1:  # acq_rel: the others' atomics are visible
+        key = tl.atomic_xchg(KEYS + r, -9223372036854775808)
+        b = tl.atomic_xchg(BAD + r, 0)
+        tl.atomic_xchg(COUNT + r, 0)
+        idx = 2147483647 - (key & 4294967295)
+        tl.store(OUT + r, tl.where(b > 0, -1, idx))
