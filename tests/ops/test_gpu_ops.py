@@ -129,3 +129,29 @@ def test_rope_cos_sin_cache_position_outside_cache_is_nan():
     qo, ko = pagoda.apply_rope_with_cos_sin_cache(pos, q, k, 128, cs)
     assert torch.isnan(qo[5]).all() and torch.isnan(ko[5]).all()
     assert torch.isfinite(qo[:5]).all() and torch.isfinite(ko[6:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_sample_real_size(dtype):
+    """Llama-3's 128256-token vocabulary, batch 1 and 64: torch.argmax's index (a tie planted 100k columns
+    apart: the first wins), -1 for rows with NaN / inf; ten launches in a row reuse the self-reset state, and
+    a CUDA-graph replay gives the same tokens."""
+    vocab = 128256
+    for batch in (1, 64):
+        x = torch.randn(batch, vocab, dtype=dtype, device="cuda") * 4
+        x[0, 100000] = x[0, 7] = 60.0
+        if batch > 2:
+            x[1, 5000] = float("nan")
+            x[2, 0] = float("-inf")
+        want = torch.where(torch.isfinite(x.float()).all(-1), x.float().argmax(-1), -1)
+        for _ in range(10):
+            assert pagoda.greedy_sample(x).tolist() == want.tolist()
+        assert want[0] == 7
+        out = torch.empty(batch, dtype=torch.int64, device="cuda")
+        g = torch.cuda.CUDAGraph()
+        pagoda.greedy_sample(x)  # (the state buffers exist before the capture)
+        with torch.cuda.graph(g):
+            out.copy_(pagoda.greedy_sample(x))
+        out.fill_(-7)
+        g.replay()
+        assert out.tolist() == want.tolist()
