@@ -41,6 +41,10 @@ def cases():
     for mode in range(3):
         yield f"filter MODE={mode}", sampling.filter_kernel, f32, dict(MODE=mode, K_ROWS=True, P_ROWS=False,
                                                                          BLOCK=4096), 16
+    yield "rope_append", rope.rope_append_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", KC="*bf16", VC="*bf16",
+                                                       POS="*i32", BATCH="*i32", KV_INDICES="*i32",
+                                                       KV_INDPTR="*i32", COS_SIN="*fp32"), \
+        dict(BLOCK_H=32, BLOCK_R=64, BLOCK_D=128, INTERLEAVE=False), 4
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32"), \
         dict(BLOCK=2048), 4
     bf = dict(Q="*bf16", K="*bf16", QO="*bf16", KO="*bf16", POS="*i32", FREQ="*fp32", COS_SIN="*fp32")

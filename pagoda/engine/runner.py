@@ -168,19 +168,34 @@ class _DeviceInputs:
 
 
 class _Context:
-    """What the model's attention layers call: append K/V, then attend."""
+    """What the model's attention layers call: RoPE on q / k (when given), append K/V, then attend."""
 
     def __init__(self, runner, attn, dev: _DeviceInputs):
         self.runner, self.attn, self.dev = runner, attn, dev
 
-    def attention(self, layer: int, q, k, v):
+    def attention(self, layer: int, q, k, v, rope=None):
+        """q [t, hq, d], k / v [t, hk, d]; rope: (cos_sin_cache, is_neox) at the step's positions. pagoda's
+        attention rotates q and appends the rotated k with v in one launch
+        (apply_rope_with_cos_sin_cache_and_append); the others rotate q and k in place, then append."""
         cache = self.runner.kv_caches[layer]
         d = self.dev
-        self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr, d.kv_last_page_len)
+        t = q.shape[0]
+        if rope is not None and self.attn.fused_rope:
+            pagoda.apply_rope_with_cos_sin_cache_and_append(
+                d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
+                d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False)
+        else:
+            if rope is not None:
+                pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],
+                                                             rope[0], is_neox=rope[1])
+            self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
+                             d.kv_last_page_len)
         return self.attn.run(q, cache)
 
 
 class _PagodaAttention:
+    fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch
+
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
@@ -224,6 +239,8 @@ class _PagodaCascadeAttention(_PagodaAttention):
 
 
 class _FlashInferAttention:
+    fused_rope = False
+
     def __init__(self, runner):
         import flashinfer
 

@@ -7,11 +7,13 @@ from .sampling import (greedy_sample, min_p_sampling_from_probs, sampling_from_p
                        top_p_renorm_probs, top_p_sampling_from_probs)
 from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
                    apply_llama31_rope_pos_ids_inplace, apply_rope, apply_rope_inplace, apply_rope_pos_ids,
-                   apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache, apply_rope_with_cos_sin_cache_inplace)
+                   apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache, apply_rope_with_cos_sin_cache_and_append,
+                   apply_rope_with_cos_sin_cache_inplace)
 
 __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
            "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids",
-           "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
+           "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_and_append",
+           "apply_rope_with_cos_sin_cache_inplace",
            "append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "get_batch_indices_positions", "rmsnorm", "silu_and_mul",
            "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",

@@ -19,8 +19,9 @@ import torch
 import triton
 
 from ._dispatch import use_triton
-from .kernels.rope import rope_kernel
-from .page import get_batch_indices_positions
+from ..attention.formats import FP8_DTYPES, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+from .kernels.rope import rope_append_kernel, rope_kernel
+from .page import append_paged_kv_cache, get_batch_indices_positions
 
 
 def _pos_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -198,3 +199,49 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
                                           is_neox: bool = True) -> None:
     q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
     _apply(q, k, positions, rd, not is_neox, True, cos_sin=cos_sin_cache)
+
+
+def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_size: int, cos_sin_cache,
+                                             is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
+                                             kv_last_page_len, kv_layout: str = "NHD", check: bool = True) -> None:
+    """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and
+    of value, in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and
+    ``key`` itself is left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value
+    [nnz, kv_heads * head_size] or [nnz, kv_heads, head_size]; the cache and page-table arguments (and
+    ``check``) as in append_paged_kv_cache. 16-bit caches only (an fp8 cache quantizes on write with
+    scales: use the two ops)."""
+    q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    if not isinstance(value, torch.Tensor) or value.shape[0] != key.shape[0] or value.numel() != key.numel():
+        raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
+    v = value.reshape(k.shape)
+    k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    if k_cache.dtype in FP8_DTYPES:
+        raise ValueError("paged_kv_cache is fp8: quantizing on write needs k_scale / v_scale, use "
+                         "apply_rope_with_cos_sin_cache_inplace and append_paged_kv_cache(k_scale=, v_scale=)")
+    if check or not use_triton(q) or positions.shape != (q.shape[0],):
+        # host-checked page tables, or the PyTorch path: the two ops (append checks what the kernel trusts)
+        q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
+        q.copy_(q_out)
+        append_paged_kv_cache(k_out, v, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+                              kv_last_page_len, kv_layout, check=check)
+        return
+    _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
+    if (heads, dim) != tuple(k.shape[1:]) or v.stride(-1) != 1 or k.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"key / value must be [nnz, {heads} * {dim}] contiguous in head_size for this cache, "
+                         f"got {tuple(key.shape)}")
+    if batch_indices.shape != positions.shape:
+        raise ValueError(f"batch_indices and positions must have {q.shape[0]} tokens")
+    nnz = q.shape[0]
+    if nnz == 0:
+        return
+    dev = q.device
+    bh = min(32, triton.next_power_of_2(max(q.shape[1], heads)))
+    grid = (nnz, triton.cdiv(q.shape[1], bh) + triton.cdiv(heads, bh))
+    rope_append_kernel[grid](
+        q, k, v, k_cache, v_cache, positions.to(dev, torch.int32), batch_indices.to(dev, torch.int32),
+        kv_indices.to(dev, torch.int32), kv_indptr.to(dev, torch.int32), cos_sin_cache,
+        q.shape[1], heads, dim, rd // 2, cos_sin_cache.shape[0], page_size,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
+        BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        INTERLEAVE=not is_neox, num_warps=4)

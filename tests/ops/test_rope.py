@@ -106,3 +106,59 @@ def test_rope_bad_input():
     cache = torch.zeros(8, 64)
     with pytest.raises(ValueError, match="positions must be in"):
         pagoda.apply_rope_with_cos_sin_cache(torch.tensor([0, 1, 9]), q.view(3, -1), q.view(3, -1), 64, cache)
+
+
+@pytest.mark.parametrize("is_neox,rd,head,layout,page_size", [(True, 128, 128, "NHD", 16), (False, 48, 64, "HND", 1),
+                                                             (True, 64, 64, "NHD", 4)])
+def test_rope_and_append_fused(is_neox, rd, head, layout, page_size):
+    """The fused op (one launch, check=False) against RoPE then append: q rotated in place as the RoPE op
+    does (and matching the float64 reference), the cache written exactly as appending the rotated key
+    would (partial rotary: dims past rd copied), nothing else in the poisoned cache touched, key unchanged;
+    GQA (40 q heads over 8 KV heads: two q head blocks), three requests at scattered positions."""
+    g = torch.Generator().manual_seed(rd + head)
+    hq, hk, maxpos = 40, 8, 4096
+    inv = freq64(rd, 1e4)
+    ang = torch.arange(maxpos, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1).float().to(DEVICE)
+    kv_lens, new = [37, 5, 300], [3, 5, 1]  # tokens already there + appended now
+    pages = [-(-n // page_size) for n in kv_lens]
+    perm = torch.randperm(sum(pages) + 3, generator=g)
+    kv_indices = perm[:sum(pages)].to(torch.int32).to(DEVICE)
+    kv_indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    last = torch.tensor([(n - 1) % page_size + 1 for n in kv_lens], dtype=torch.int32, device=DEVICE)
+    bidx = torch.tensor(sum(([b] * m for b, m in enumerate(new)), []), dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor(sum((list(range(n - m, n)) for n, m in zip(kv_lens, new)), []), dtype=torch.int32,
+                       device=DEVICE)
+    nnz = int(pos.numel())
+    shape = (sum(pages) + 3, 2, page_size, hk, head) if layout == "NHD" else (sum(pages) + 3, 2, hk, page_size, head)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16).to(DEVICE)
+    q = torch.randn(nnz, hq * head, generator=g).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(nnz, hk * head, generator=g).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(nnz, hk, head, generator=g).to(torch.bfloat16).to(DEVICE)
+    q2, k_before, cache2, q_before, base0 = q.clone(), k.clone(), base.clone(), q.clone(), base.clone()
+    pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, head, cos_sin, is_neox, base, bidx, kv_indices,
+                                                    kv_indptr, last, layout, check=False)
+    assert torch.equal(k, k_before)
+    k2 = k.clone()
+    pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, head, cos_sin, is_neox=is_neox)
+    pagoda.append_paged_kv_cache(k2.view(nnz, hk, head), v, bidx, pos, cache2, kv_indices, kv_indptr, last, layout)
+    assert torch.equal(q, q2) and torch.equal(base, cache2)
+    rq = rope_ref(q_before.view(nnz, hq, head).cpu(), pos.cpu(), rd, not is_neox, inv).view(nnz, -1)
+    assert rel(q, rq) < TOL[torch.bfloat16]
+    assert (base != base0).sum() > 0.9 * 2 * nnz * hk * head  # the appended slots were written, K and V
+
+
+def test_rope_and_append_bad_input():
+    q = torch.randn(2, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, 64, dtype=torch.bfloat16)
+    cos_sin = torch.randn(16, 64)
+    pos = torch.tensor([0, 1], dtype=torch.int32)
+    t = torch.zeros(2, dtype=torch.int32)
+    cache = torch.zeros(2, 2, 4, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="value"):
+        pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, torch.randn(2, 32), 64, cos_sin, True, cache, t,
+                                                        t[:1], torch.tensor([0, 1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="fp8"):
+        pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, k, 64, cos_sin, True,
+                                                        cache.to(torch.float8_e4m3fn), t, t[:1], torch.tensor([0, 1]),
+                                                        torch.tensor([2]))

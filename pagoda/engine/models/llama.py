@@ -66,9 +66,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
             k = self.k_norm(k.reshape(t, self.hk, self.d).contiguous()).view(t, -1)
-        pagoda.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.d, cos_sin, is_neox=True)
+        # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can)
         o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
-                          v.view(t, self.hk, self.d))
+                          v.view(t, self.hk, self.d), rope=(cos_sin, True))
         return self.o_proj(o.view(t, self.hq * self.d))
 
 

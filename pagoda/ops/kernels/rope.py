@@ -55,3 +55,62 @@ def rope_kernel(
         d = tl.arange(0, BLOCK_D)
         dm = hm[:, None] & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
         tl.store(yrow + d[None, :], tl.load(xrow + d[None, :], mask=dm), mask=dm)
+
+
+@triton.jit
+def rope_append_kernel(
+    Q, K, V, KC, VC, POS, BATCH, KV_INDICES, KV_INDPTR, COS_SIN,
+    num_q_heads, num_kv_heads, head_dim, half, max_pos, page_size,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVE: tl.constexpr,
+):
+    """RoPE from a cos/sin cache on q (in place) and on k, whose rotated rows go straight into the paged
+    cache with v's (append_paged_kv_kernel's page / slot): one launch instead of rope_kernel plus
+    append_paged_kv_kernel, and k is not written back. Program (t, j): token t, head block j of q, or
+    (j past q's blocks) of k and v. Dims past the rotary ones are copied; a position outside the cos/sin
+    cache writes NaN, as rope_kernel does."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    pos = tl.load(POS + t)
+    i = tl.arange(0, BLOCK_R)
+    im = i < half
+    ok = (pos >= 0) & (pos < max_pos)
+    row = COS_SIN + pos.to(tl.int64) * stride_cos
+    cos = tl.load(row + i, mask=im & ok, other=float("nan")).to(tl.float32)[None, :]
+    sin = tl.load(row + half + i, mask=im & ok, other=float("nan")).to(tl.float32)[None, :]
+    if INTERLEAVE:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + half
+    d = tl.arange(0, BLOCK_D)
+    if j < q_blocks:
+        heads = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (heads < num_q_heads)[:, None] & im[None, :]
+        xrow = Q + t * stride_qt + heads[:, None] * stride_qh
+        x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(xrow + i1[None, :], (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=m)
+        tl.store(xrow + i2[None, :], (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=m)
+    else:
+        heads = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = (heads < num_kv_heads)[:, None]
+        m = hm & im[None, :]
+        b = tl.load(BATCH + t)
+        page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b) + pos // page_size).to(tl.int64)
+        slot = pos % page_size
+        xrow = K + t * stride_kt + heads[:, None] * stride_kh
+        crow = KC + page * stride_cp + slot * stride_cs + heads[:, None] * stride_ch
+        x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(crow + i1[None, :], (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=m)
+        tl.store(crow + i2[None, :], (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=m)
+        rest = hm & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
+        tl.store(crow + d[None, :], tl.load(xrow + d[None, :], mask=rest).to(KC.dtype.element_ty), mask=rest)
+        dm = hm & (d[None, :] < head_dim)
+        v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=dm)
+        tl.store(VC + page * stride_vcp + slot * stride_vcs + heads[:, None] * stride_vch + d[None, :],
+                 v.to(VC.dtype.element_ty), mask=dm)
