@@ -155,3 +155,32 @@ def test_greedy_sample_real_size(dtype):
         out.fill_(-7)
         g.replay()
         assert out.tolist() == want.tolist()
+
+
+def test_rope_and_append_real_size():
+    """Llama-3-8B shapes (32 / 8 heads of 128), 64 requests appending 1..8 tokens at scattered positions into
+    a 16-token-page cache: the fused launch writes exactly what RoPE then append write, q identically."""
+    hq, hk, d, ps, maxpos = 32, 8, 128, 16, 8192
+    ang = torch.arange(maxpos, dtype=torch.float64, device="cuda")[:, None] * (
+        1.0 / 500000 ** (torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d))[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float()
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(9, 4000, (64,), generator=g)
+    new = torch.randint(1, 9, (64,), generator=g)
+    pages = (lens + ps - 1) // ps
+    kv_indices = torch.randperm(int(pages.sum()) + 10, generator=g)[:int(pages.sum())].int().cuda()
+    kv_indptr = torch.cat([torch.zeros(1), pages.cumsum(0)]).int().cuda()
+    last = ((lens - 1) % ps + 1).int().cuda()
+    bidx = torch.repeat_interleave(torch.arange(64), new).int().cuda()
+    pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens.tolist(), new.tolist())]).int().cuda()
+    nnz = pos.numel()
+    qkv = torch.randn(nnz, (hq + 2 * hk) * d, dtype=torch.bfloat16, device="cuda")
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)  # strided views, as the engine's fused projection gives
+    cache = torch.randn(int(pages.sum()) + 10, 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")
+    cache2, q2, k2 = cache.clone(), q.clone(), k.clone()
+    pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, d, cos_sin, True, cache, bidx, kv_indices,
+                                                    kv_indptr, last, check=False)
+    pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, d, cos_sin, is_neox=True)
+    pagoda.append_paged_kv_cache(k2.view(nnz, hk, d), v.reshape(nnz, hk, d), bidx, pos, cache2, kv_indices,
+                                 kv_indptr, last)
+    assert torch.equal(q, q2) and torch.equal(cache, cache2)
