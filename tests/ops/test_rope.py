@@ -108,13 +108,16 @@ def test_rope_bad_input():
         pagoda.apply_rope_with_cos_sin_cache(torch.tensor([0, 1, 9]), q.view(3, -1), q.view(3, -1), 64, cache)
 
 
-@pytest.mark.parametrize("is_neox,rd,head,layout,page_size", [(True, 128, 128, "NHD", 16), (False, 48, 64, "HND", 1),
-                                                             (True, 64, 64, "NHD", 4)])
-def test_rope_and_append_fused(is_neox, rd, head, layout, page_size):
+@pytest.mark.parametrize("is_neox,rd,head,layout,page_size,check", [(True, 128, 128, "NHD", 16, False),
+                                                                   (False, 48, 64, "HND", 1, False),
+                                                                   (True, 64, 64, "NHD", 4, False),
+                                                                   (False, 48, 64, "NHD", 16, True)])
+def test_rope_and_append_fused(is_neox, rd, head, layout, page_size, check):
     """The fused op (one launch, check=False) against RoPE then append: q rotated in place as the RoPE op
     does (and matching the float64 reference), the cache written exactly as appending the rotated key
     would (partial rotary: dims past rd copied), nothing else in the poisoned cache touched, key unchanged;
-    GQA (40 q heads over 8 KV heads: two q head blocks), three requests at scattered positions."""
+    GQA (40 q heads over 8 KV heads: two q head blocks), three requests at scattered positions. check=True
+    takes the two ops inside (host-checked page tables)."""
     g = torch.Generator().manual_seed(rd + head)
     hq, hk, maxpos = 40, 8, 4096
     inv = freq64(rd, 1e4)
@@ -137,7 +140,7 @@ def test_rope_and_append_fused(is_neox, rd, head, layout, page_size):
     v = torch.randn(nnz, hk, head, generator=g).to(torch.bfloat16).to(DEVICE)
     q2, k_before, cache2, q_before, base0 = q.clone(), k.clone(), base.clone(), q.clone(), base.clone()
     pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, head, cos_sin, is_neox, base, bidx, kv_indices,
-                                                    kv_indptr, last, layout, check=False)
+                                                    kv_indptr, last, layout, check=check)
     assert torch.equal(k, k_before)
     k2 = k.clone()
     pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, head, cos_sin, is_neox=is_neox)
