@@ -234,15 +234,21 @@ def test_mla_real_sizes(heads, qo_lens, kv_lens, causal):
     check_lse(lse, rl)
 
 
-def test_mla_cuda_graph_replays_after_new_plan():
+@pytest.mark.parametrize("bsz,spare,later", [
+    (8, 2000, ([20000, 1] + [300] * 6, [0] + [3000] * 7)),  # a few requests: the Triton kernel
+    (96, 4000, ([40000, 1] + [3] * 94, [0] + [2100] * 95)),  # the Gluon kernel on sm_90
+])
+def test_mla_cuda_graph_replays_after_new_plan(bsz, spare, later):
+    """Captured once over a plan without split tiles, replayed after plans of other lengths (a lone long
+    request among short ones: split tiles, merged by the captured merge launch; an empty request)."""
     import math
 
     from .test_mla import MLABatch
     from pagoda.attention.mla import mla_reference
 
-    h, ps, bsz = 128, 64, 8
-    first = MLABatch([100] * bsz, ps, spare=2000)
-    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(256), use_cuda_graph=True)
+    h, ps = 128, 64
+    first = MLABatch([100] * bsz, ps, spare=spare)
+    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(512), use_cuda_graph=True)
     sm = 1 / math.sqrt(192)
     qo = torch.arange(bsz + 1, dtype=torch.int32)
 
@@ -250,6 +256,8 @@ def test_mla_cuda_graph_replays_after_new_plan():
         w.plan(qo, b.indptr, b.indices, torch.tensor(b.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
                torch.bfloat16)
     plan(first)
+    gluon = w._plan.sm90
+    assert gluon == (bsz > 8 and torch.cuda.get_device_capability() == (9, 0))
     qn = torch.randn(bsz, h, 512, dtype=torch.bfloat16, device="cuda") * 0.3
     qp = torch.randn(bsz, h, 64, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(bsz, h, 512, dtype=torch.bfloat16, device="cuda")
@@ -257,13 +265,14 @@ def test_mla_cuda_graph_replays_after_new_plan():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         w.run(qn, qp, first.ckv, first.kpe, out=out)
-    for lens in ([20000, 1] + [300] * (bsz - 2), [0] + [3000] * (bsz - 1)):
+    for lens in later:
         nxt = MLABatch(lens, ps, spare=0)
         first.ckv.fill_(float("nan"))
         first.kpe.fill_(float("nan"))
         first.ckv[: nxt.ckv.shape[0]] = nxt.ckv
         first.kpe[: nxt.kpe.shape[0]] = nxt.kpe
         plan(nxt)
+        assert w._plan.sm90 == gluon and w._plan.combine
         out.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
@@ -306,51 +315,6 @@ def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
     for _ in range(3):
         again = w.run(qn, qp, batch.ckv, batch.kpe)
         assert rel_err(again, first) < TOL[dtype]
-
-
-def test_mla_sm90_cuda_graph_replays_after_new_plan():
-    """The Gluon kernel and the merge launch captured once, replayed after plans of other lengths (a lone
-    40k request among short ones, an empty one): the merge launch, captured with a plan that had no split
-    tiles, merges the later plans' split tiles."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon MLA kernel is for sm_90")
-    import math
-
-    from .test_mla import MLABatch
-    from pagoda.attention.mla import mla_reference
-
-    h, ps, bsz = 128, 64, 96
-    first = MLABatch([100] * bsz, ps, spare=4000)
-    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(512), use_cuda_graph=True)
-    sm = 1 / math.sqrt(192)
-    qo = torch.arange(bsz + 1, dtype=torch.int32)
-
-    def plan(b):
-        w.plan(qo, b.indptr, b.indices, torch.tensor(b.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
-               torch.bfloat16)
-    plan(first)
-    assert w._plan.sm90 and w._plan.partial_rows == 0
-    qn = torch.randn(bsz, h, 512, dtype=torch.bfloat16, device="cuda") * 0.3
-    qp = torch.randn(bsz, h, 64, dtype=torch.bfloat16, device="cuda")
-    out = torch.empty(bsz, h, 512, dtype=torch.bfloat16, device="cuda")
-    w.run(qn, qp, first.ckv, first.kpe, out=out)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        w.run(qn, qp, first.ckv, first.kpe, out=out)
-    for lens in ([40000, 1] + [3] * (bsz - 2), [0] + [2100] * (bsz - 1)):
-        nxt = MLABatch(lens, ps, spare=0)
-        first.ckv.fill_(float("nan"))
-        first.kpe.fill_(float("nan"))
-        first.ckv[: nxt.ckv.shape[0]] = nxt.ckv
-        first.kpe[: nxt.kpe.shape[0]] = nxt.kpe
-        plan(nxt)
-        assert w._plan.sm90
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        ro = torch.cat([mla_reference(qn[i:i + 1], qp[i:i + 1], nxt.c[i], nxt.r[i], sm_scale=sm,
-                                      compute_dtype=torch.float64)[0] for i in range(bsz)])
-        assert rel_err(out, ro) < TOL[torch.bfloat16], lens
 
 
 def test_mla_kernel_choice(monkeypatch):

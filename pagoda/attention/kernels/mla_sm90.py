@@ -33,7 +33,8 @@ if HAVE_GLUON:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .prefill_sm90 import _cta_barrier, _softmax_block, _tile_rows, _ws_schedule, _ws_task, _ws_wait_ready
+    from .prefill_sm90 import (_cta_barrier, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task,
+                               _ws_wait_ready)
 
     HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
     BLOCK_M = gl.constexpr(TILE_ROWS)  # query rows of a tile: one wgmma M
@@ -237,17 +238,7 @@ if HAVE_GLUON:
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start = gl.load(wp)
-            q_len = gl.load(wp + 1)
-            kv_start = gl.load(wp + 3)
-            kv_end = gl.load(wp + 4)
-            diag = gl.load(wp + 5)
-            partial = gl.load(wp + 6)
-            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
-            hi_lim = kv_end
-            if CAUSAL:
-                hi_lim = gl.minimum(kv_end, diag + 1)
-            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
             q_pe = _mla_load_q(QN, QP, q_lo, q_hi, q_start, q_len, hsplit, num_heads, heads_per_prog,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE, QPE_LAYOUT)
 
@@ -305,13 +296,9 @@ if HAVE_GLUON:
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start = gl.load(wp)
-            q_len = gl.load(wp + 1)
-            kv_start = gl.load(wp + 3)
-            kv_end = gl.load(wp + 4)
-            partial = gl.load(wp + 6)
+            q_start, q_len, _, _, _, partial, n_blocks, _ = _ws_item(wp, BLOCK_N, False)
             acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
-            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+            for j in range(0, n_blocks):
                 slot = _ws_wait_ready(ready, it, STAGES)
                 b = it % 2
                 mbarrier.wait(pfull.index(b), (it // 2) & 1)

@@ -252,6 +252,22 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
+    def _ws_item(wp, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """A work item's fields and KV blocks: (q_start, q_len, kv_start, kv_end, diag, partial, blocks, and
+        full_hi: where the blocks that need a mask (causal diagonal, end of the KV) begin)."""
+        q_start = gl.load(wp)
+        q_len = gl.load(wp + 1)
+        kv_start = gl.load(wp + 3)
+        kv_end = gl.load(wp + 4)
+        diag = gl.load(wp + 5)
+        partial = gl.load(wp + 6)
+        hi_lim = kv_end
+        if CAUSAL:
+            hi_lim = gl.minimum(kv_end, diag + 1)
+        full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+        return q_start, q_len, kv_start, kv_end, diag, partial, gl.cdiv(kv_end - kv_start, BLOCK_N), full_hi
+
+    @gluon.jit
     def _ws_wait_ready(ready, it, STAGES: gl.constexpr):
         slot = it % STAGES
         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
@@ -285,17 +301,7 @@ if HAVE_GLUON:
         it = 0
         for rnd in range(0, n_rounds):
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start = gl.load(wp)
-            q_len = gl.load(wp + 1)
-            kv_start = gl.load(wp + 3)
-            kv_end = gl.load(wp + 4)
-            diag = gl.load(wp + 5)
-            partial = gl.load(wp + 6)
-            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
-            hi_lim = kv_end
-            if CAUSAL:
-                hi_lim = gl.minimum(kv_end, diag + 1)
-            full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
+            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
 
             tok, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
                                                         group_size, heads_per_prog)

@@ -4,6 +4,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs):
+    """cos / sin of rotary pairs i at pos from a [max_pos, 2 * half] = [cos | sin] cache (NaN for a position
+    outside it: the caller writes NaN rather than read out of bounds)."""
+    ok = (pos >= 0) & (pos < max_pos)
+    row = COS_SIN + pos.to(tl.int64) * stride_cs
+    cos = tl.load(row + i, mask=im & ok, other=float("nan")).to(tl.float32)
+    sin = tl.load(row + half + i, mask=im & ok, other=float("nan")).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _pairs(i, half, INTERLEAVE: tl.constexpr):
+    """The dims rotated together: (2i, 2i + 1) interleaved (GPT-J), (i, i + half) otherwise (NeoX)."""
+    if INTERLEAVE:
+        return 2 * i, 2 * i + 1
+    return i, i + half
+
+
+@triton.jit
 def rope_kernel(
     Q, K, QO, KO, POS, FREQ, COS_SIN, num_q_heads, num_k_heads, head_dim, half, max_pos,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
@@ -30,20 +49,12 @@ def rope_kernel(
     i = tl.arange(0, BLOCK_R)
     im = i < half
     if FROM_CACHE:
-        ok = (pos >= 0) & (pos < max_pos)
-        row = COS_SIN + pos.to(tl.int64) * stride_cs
-        cos = tl.load(row + i, mask=im & ok, other=float("nan")).to(tl.float32)
-        sin = tl.load(row + half + i, mask=im & ok, other=float("nan")).to(tl.float32)
+        cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs)
     else:
         ang = pos.to(tl.float32) * tl.load(FREQ + i, mask=im, other=0.0)
         cos = tl.cos(ang)
         sin = tl.sin(ang)
-    if INTERLEAVE:
-        i1 = 2 * i
-        i2 = 2 * i + 1
-    else:
-        i1 = i
-        i2 = i + half
+    i1, i2 = _pairs(i, half, INTERLEAVE)
     m = hm[:, None] & im[None, :]
     xrow = X + t * sxt + heads[:, None] * sxh
     yrow = Y + t * syt + heads[:, None] * syh
@@ -76,16 +87,10 @@ def rope_append_kernel(
     pos = tl.load(POS + t)
     i = tl.arange(0, BLOCK_R)
     im = i < half
-    ok = (pos >= 0) & (pos < max_pos)
-    row = COS_SIN + pos.to(tl.int64) * stride_cos
-    cos = tl.load(row + i, mask=im & ok, other=float("nan")).to(tl.float32)[None, :]
-    sin = tl.load(row + half + i, mask=im & ok, other=float("nan")).to(tl.float32)[None, :]
-    if INTERLEAVE:
-        i1 = 2 * i
-        i2 = 2 * i + 1
-    else:
-        i1 = i
-        i2 = i + half
+    cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cos)
+    cos = cos[None, :]
+    sin = sin[None, :]
+    i1, i2 = _pairs(i, half, INTERLEAVE)
     d = tl.arange(0, BLOCK_D)
     if j < q_blocks:
         heads = j * BLOCK_H + tl.arange(0, BLOCK_H)
