@@ -57,26 +57,31 @@ def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfi
                         partial_cost=MLA_PARTIAL_COST)
 
 
-def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype,
-                      num_heads: int, num_tiles: int, kv_tokens: int) -> bool:
-    """Plans the Gluon kernel serves: sm_90 (with the Triton it was written for), head_dim_ckv 512,
-    head_dim_kpe 64, fp16 / bf16, and (PAGODA_MLA_KERNEL=auto) a batch that keeps the SMs busy without
-    splitting each tile's KV into many short chunks: either enough query tiles x head splits for half the
-    SMs, or at most ~8 chunks per tile of >= 1024 tokens each. A split tile's merge is a serial loop in
-    this kernel (~3 us per chunk), so a few requests split into dozens of chunks, or short ones, run
-    faster in the Triton kernel (mla_h100.md, session 9). PAGODA_MLA_KERNEL=gluon takes it whenever it
-    can, =triton never."""
+def mla_sm90_supported(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype) -> bool:
+    """Whether the Gluon kernel can run these plans: sm_90 (with the Triton it was written for), head_dim_ckv
+    512, head_dim_kpe 64, fp16 / bf16, and PAGODA_MLA_KERNEL is not 'triton'."""
     choice = os.environ.get("PAGODA_MLA_KERNEL", "auto")
     if choice not in ("auto", "gluon", "triton"):
         raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto', 'gluon' or 'triton', got {choice!r}")
-    if not (choice != "triton" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
-            and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16)):
+    return (choice != "triton" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
+            and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16))
+
+
+def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype,
+                      num_heads: int, num_tiles: int, kv_tokens: int) -> bool:
+    """Whether a plan takes the Gluon kernel. PAGODA_MLA_KERNEL=gluon: whenever it is supported; auto: for a
+    batch that keeps the SMs busy without cutting each tile's KV into many short chunks, i.e. enough query
+    tiles x head splits for half the SMs, or <= ~8 chunks per tile of >= 1024 tokens each. Measured in
+    session 9 (mla_h100.md) while split tiles still merged inside the kernel (~200 us for 64 chunks at
+    1 x 32k): a few long requests, or short ones, ran faster in the Triton kernel. The merge launch has
+    since removed most of that; the bench times both kernels in every row to revisit this rule."""
+    if not mla_sm90_supported(device, head_dim_ckv, head_dim_kpe, q_dtype):
         return False
     tasks = num_tiles * -(-num_heads // mla_sm90.TILE_ROWS)
     grid = num_programs(device, mla_config(num_heads, True, True))
     chunks = -(-grid // max(tasks, 1))  # about how many chunks the planner cuts each tile's KV into
     long_chunks = 8 * tasks >= grid and kv_tokens / max(num_tiles, 1) / chunks >= 1024
-    return choice == "gluon" or 2 * tasks >= grid or long_chunks
+    return os.environ.get("PAGODA_MLA_KERNEL") == "gluon" or 2 * tasks >= grid or long_chunks
 
 
 @dataclasses.dataclass
@@ -129,6 +134,8 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         # The FlashInfer buffer arguments are accepted; pagoda's plan owns its device buffers
         # (kv_indices, when given, sizes the page-index buffer as in the other wrappers).
         super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, backend, kv_indices)
+        self._graph_sm90: bool | None = None  # CUDA-graph mode: the kernel of the first plan (see plan())
+        self._tma_cache = (None, (None, None))  # (caches' key, the Gluon kernel's tensor descriptors)
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_heads: int, head_dim_ckv: int,
              head_dim_kpe: int, page_size: int, causal: bool, sm_scale: float, q_data_type, kv_data_type,
@@ -171,10 +178,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype,
                                                                 num_heads, num_tiles, int(kv_lens.sum()))
         if self._use_cuda_graph:  # a captured graph replays one kernel: the first plan's choice stays
-            if getattr(self, "_graph_sm90", None) is None:
+            if self._graph_sm90 is None:
                 self._graph_sm90 = sm90
-            elif self._graph_sm90 and not sm90 and not mla_sm90_eligible(
-                    self.device, head_dim_ckv, head_dim_kpe, q_dtype, num_heads, 1 << 30, 0):
+            elif self._graph_sm90 and not mla_sm90_supported(self.device, head_dim_ckv, head_dim_kpe, q_dtype):
                 raise ValueError("this CUDA-graph wrapper was planned for the Gluon MLA kernel; head dims and "
                                  "dtypes must stay those of its first plan")
             sm90 = self._graph_sm90
@@ -282,7 +288,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         """The Gluon kernel's tensor descriptors of the caches (kernels/mla_sm90.tma_descriptors), kept
         while the caches stay the same tensors (a server's every step)."""
         key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (ckv, kpe)) + (page_size, block_n)
-        if getattr(self, "_tma_cache", (None,))[0] != key:
+        if self._tma_cache[0] != key:
             self._tma_cache = (key, mla_sm90.tma_descriptors(ckv, kpe, page_size, block_n))
         return self._tma_cache[1]
 
