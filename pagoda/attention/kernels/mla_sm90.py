@@ -5,19 +5,21 @@ Why a second MLA kernel (benchmarks/results/mla_h100.md): at 128 heads MLA decod
 accumulator plus the query tile in registers: it spills and reaches 130-230 TFLOP/s, 0.15-0.42x
 FlashInfer. This kernel follows FlashMLA's division of the work over three roles of one CTA:
 
-- a producer warp group gathers the latent rows of each KV block (ckv in two 256-column halves and
-  kpe; page ids one block ahead, cp.async, a per-thread mbarrier arrival) into a ring of shared-memory
-  slots, running ahead across task boundaries;
-- warp group 0 holds the 64-row query tile (64 heads, or tokens x heads) in shared memory, computes
-  S = Q_nope ckv^T + Q_pe kpe^T (three wgmmas), the online softmax, and O[:, :256] += P ckv[:, :256]
-  with P in registers (queued behind the next block's S, as in kernels/prefill_sm90.py); it publishes
-  P (bf16) and the rescale factor through shared memory;
-- warp group 1 rescales and accumulates O[:, 256:] += P ckv[:, 256:] with P read from shared memory.
+- a producer warp group fills a ring of shared-memory slots with the latent rows of each KV block (ckv
+  in two 256-column halves, and kpe): TMA bulk copies for a block inside one page of a contiguous cache,
+  zero-filled cp.async gathers otherwise (page ids one block ahead); it runs ahead across tasks;
+- warp group 0 keeps the 64-row query tile (64 heads, or tokens x heads) with q_nope in shared memory
+  and q_pe in registers, computes S = Q_pe kpe^T + Q_nope ckv^T (three wgmmas), the online softmax, and
+  O[:, :256] += P ckv[:, :256]; it hands P (16-bit) and the rescale factor to warp group 1 through a
+  double buffer in shared memory, and its own P V reads P from there too (with P in registers, ptxas
+  made every softmax wait for the previous P V);
+- warp group 1 rescales and accumulates O[:, 256:] += P ckv[:, 256:].
 
-Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: Q 64 KB,
-four ring slots of 36 KB (32-token blocks), P 2 x 4 KB. Tasks (item, head split) go over the persistent
-grid in the snake order of kernels/prefill_sm90.py; a split tile's chunks write partial states, which a
-second launch merges in parallel (kernels/mla.py's mla_combine_kernel).
+Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: q_nope
+64 KB, four ring slots of 36 KB (32-token blocks: loads run two blocks ahead of the MMAs), P 2 x 4 KB.
+Tasks (item, head split) go over the persistent grid in the snake order of kernels/prefill_sm90.py; a
+split tile's chunks write partial states, which a second launch merges in parallel (kernels/mla.py's
+mla_combine_kernel).
 """
 from __future__ import annotations
 
