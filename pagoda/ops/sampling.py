@@ -227,7 +227,9 @@ _GREEDY_STATE: dict = {}  # device -> (keys, bad, count) of greedy_kernel, reset
 def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     """Greedy decoding of logits [batch, vocab] (any float dtype): int64 [batch], the first index of each
     row's maximum (torch.argmax's choice), or -1 for a row with a NaN or an infinite logit. One launch
-    for the whole batch on the GPU (several programs per row); the PyTorch form elsewhere."""
+    for the whole batch on the GPU (several programs per row, reducing through a small per-device state
+    that each launch resets: calls on one stream, or synchronized, as a serving loop makes them); the
+    PyTorch form elsewhere."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a float [batch, vocab] tensor, got {getattr(logits, 'shape', logits)}")
     batch, vocab = logits.shape
