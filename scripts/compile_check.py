@@ -129,6 +129,22 @@ def gluon_cases():
                     PV_REGS=168, PRODUCER_REGS=56, TMA=tma, num_warps=4, **descs), 4, 1)
 
 
+def fp8_decode_cases():
+    """The Gluon fp8 decode kernel (kernels/decode_fp8.py; only with the Triton it targets)."""
+    from pagoda.attention.kernels import decode_fp8
+
+    if not decode_fp8.HAVE_GLUON:
+        return
+    types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
+                 WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32",
+                 V_SCALE="*fp32", qk_scale="fp32", k_scale="fp32", v_scale="fp32")
+    for d, kv, scale_ptr in ((128, "fp8e4nv", False), (64, "fp8e5", True)):
+        yield (f"decode_fp8 D={d} kv={kv} SCALE_PTR={scale_ptr}", decode_fp8.decode_fp8_kernel,
+               dict(types, K="*" + kv, V="*" + kv),
+               dict(HEAD_DIM=d, BLOCK_M=16, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
+                    STAGES=3, num_warps=4), 4, 1)
+
+
 def ptxas_report(k) -> str:
     """Registers and stack (spills) of the cubin Triton built, from cuobjdump -res-usage."""
     import os
@@ -148,7 +164,7 @@ def ptxas_report(k) -> str:
 def main():
     want = sys.argv[1:]
     failed = 0
-    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases())
+    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(fp8_decode_cases())
     for name, fn, types, consts, warps, stages in all_cases:
         if want and not any(w in name for w in want):
             continue

@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
-from .kernels import prefill_sm90
+from .kernels import decode_fp8, prefill_sm90
 from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 
@@ -38,6 +38,9 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
+# The Gluon fp8 decode kernel (kernels/decode_fp8.py; opt-in, PAGODA_FP8_DECODE_KERNEL=gluon): fp8 ring depth,
+# programs per SM (head_dim 128: 84 KB of shared memory and 187 registers a program -> 2 fit)
+FP8_DECODE_CONFIG = dict(stages=3, ctas_per_sm=2)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -107,6 +110,7 @@ class PlanState:
     mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
     sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
+    fp8_constexprs: dict | None = None  # set: launch the Gluon fp8 decode kernel (kernels/decode_fp8.py)
 
     @property
     def sm90(self) -> bool:
@@ -276,6 +280,9 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
+            if mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
+                                                             mask_np is None):
+                config = dataclasses.replace(config, ctas_per_sm=FP8_DECODE_CONFIG["ctas_per_sm"], maxnreg=None)
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config)
         if self._grid is None or self._grid[0] is not config:
@@ -302,7 +309,21 @@ class BatchAttention:
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
         self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
-            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None))
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None),
+            fp8=mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
+                                                              mask_np is None))
+
+    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+        """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py), when PAGODA_FP8_DECODE_KERNEL=gluon
+        asks for it (opt-in until measured): an fp8 cache under fp16 / bf16 queries on a CUDA GPU (with the
+        Triton the kernel was written for), head_dim 64 / 128, no window / soft cap / variant / custom mask."""
+        choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "triton")
+        if choice not in ("gluon", "triton"):
+            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'gluon' or 'triton', got {choice!r}")
+        return (choice == "gluon" and decode_fp8.HAVE_GLUON and self._backend == "triton"
+                and self.device.type == "cuda" and kv_dtype in FP8_DTYPES
+                and q_dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and window_left < 0
+                and cap == 0 and no_mask and self._variant is None and self._paged)
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
@@ -318,16 +339,16 @@ class BatchAttention:
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState, sm90: bool = False) -> None:
+    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: bool = False) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
         runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
         decode step of a server) reuses its launch arguments."""
         key = (p.config, p.head_dim, p.page_size, p.causal, p.window_left, p.logits_soft_cap, p.sm_scale,
-               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90,
+               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90, fp8,
                tuple(SM90_CONFIG.items()), None if self._use_cuda_graph else p.work.partial_rows)
         last = self._launch_cache
         if last is not None and last[0] == key:
-            p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs = last[1]
+            p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.fp8_constexprs = last[1]
             return
         p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
@@ -349,6 +370,9 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
                 num_warps=4)
+        if fp8:
+            p.fp8_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -356,7 +380,8 @@ class BatchAttention:
             MASK_MOD=var.mask_mod if var is not None and var.mask_mod is not None else _no_mod,
             HAS_SCORE_MOD=var is not None and var.score_mod is not None,
             HAS_MASK_MOD=var is not None and var.mask_mod is not None, CUSTOM_MASK=p.mask is not None)
-        self._launch_cache = (key, (p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs))
+        self._launch_cache = (key, (p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs,
+                                    p.fp8_constexprs))
 
     def _upload_requests(self, qo_indptr, kv_lens, mask_np, mask_bits) -> None:
         """The request table (first query row, kv_len, first mask bit) and the packed custom mask."""
@@ -522,6 +547,14 @@ class BatchAttention:
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
+        if p.fp8_constexprs is not None and not self._merge_out:
+            decode_fp8.decode_fp8_kernel[(p.grid,)](
+                q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
+                self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
+                q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
+                *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
+                WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.fp8_constexprs)
+            return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
             self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
@@ -538,7 +571,8 @@ class BatchAttention:
         attention kernel's epilogue (the Triton kernel: not the sm_90 prefill kernel, not the PyTorch
         reference path). The cascade wrapper uses it to skip its separate merge."""
         p = self._plan
-        return self._backend == "triton" and p is not None and p.sm90_constexprs is None
+        return (self._backend == "triton" and p is not None and p.sm90_constexprs is None
+                and p.fp8_constexprs is None)
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
         """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""

@@ -1,0 +1,139 @@
+"""Decode over an fp8 (e4m3 / e5m2) paged cache, in Gluon: the Triton kernel's work list, with V dequantized
+before it reaches the MMA.
+
+Why (benchmarks/results/notes.md, session 9): P V contracts over tokens, so the MMA's B fragment holds pairs
+of tokens at one head-dim column: a transposed read of V. For 16-bit V that is one transposing ldmatrix per
+8x8 tile; for 8-bit V there is none on sm_90, and the Triton kernel (which always converts after the
+shared-memory read, in the operand layout) reads V one byte per instruction: 128 LDS.U8 per 64-token block,
+the per-token work that keeps an fp8 cache at ~1.2x the bf16 decode instead of ~1.8x. Here each K / V block
+streams through a ring of fp8 shared-memory slots (cp.async, STAGES - 1 blocks ahead), is read back 8 bytes
+per thread, converted to fp16 in registers (one instruction per two values), stored as fp16 and read as MMA
+operands with ldmatrix (transposing for V): 8 STS.128 and 8 LDSM per tile instead of 128 byte loads.
+
+Queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
+scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent
+grid in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk
+merges them (_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, no window / soft
+cap / variant / custom mask. Opt-in (PAGODA_FP8_DECODE_KERNEL=gluon) until it is measured on the device.
+"""
+from __future__ import annotations
+
+from .prefill_sm90 import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+    from .prefill_sm90 import _epilogue, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task
+
+    @gluon.jit
+    def _page_rows(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                   ROW_L: gl.constexpr):
+        """Page ids of rows start .. start + BLOCK_N (rows past kv_end read the request's first page)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=ROW_L)
+        return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+
+    @gluon.jit
+    def _copy_kv(K, V, k_dst, v_dst, pages, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks, stride_vp,
+                 stride_vs, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                 LOAD: gl.constexpr):
+        """cp.async of the fp8 K and V rows start .. start + BLOCK_N of one KV head into a ring slot (rows past
+        kv_end: zeros), as one commit group."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+        offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD)), 0)
+        pg = pages.to(gl.int64)
+        slot = offs_n % PAGE_SIZE
+        mask = gl.expand_dims(offs_n < kv_end, 1)
+        async_copy.async_copy_global_to_shared(
+            k_dst, K + k_head_off + gl.expand_dims(pg * stride_kp + slot * stride_ks, 1) + offs_d, mask=mask)
+        async_copy.async_copy_global_to_shared(
+            v_dst, V + v_head_off + gl.expand_dims(pg * stride_vp + slot * stride_vs, 1) + offs_d, mask=mask)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def decode_fp8_kernel(
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
+        stride_qt, stride_qh,
+        stride_kp, stride_ks, stride_kh,
+        stride_vp, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
+        sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE)."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
+                                                      instr_shape=[16, 8])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
+        # rows of 8 fp16 (16 bytes) swizzled: conflict-free 16-byte stores, ldmatrix reads (transposed for V)
+        SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+        RING: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[1, 0])
+        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD)
+        SROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
+        k_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
+        v_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
+        k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
+        v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
+        KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
+        for rnd in range(0, n_rounds):
+            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
+            kv_base = gl.load(wp + 2)
+            _, qo_head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, A_L), q_start, q_len, kvh, hsplit,
+                                                  group_size, heads_per_prog)
+            offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_L))
+            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_qd, 0),
+                        mask=gl.expand_dims(valid, 1), other=0.0)
+            q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+            task_qk = qk_scale * k_scale
+            task_v = v_scale
+            if SCALE_PTR:
+                task_qk = task_qk * gl.load(K_SCALE + kvh * stride_ksh)
+                task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=MMA)
+            # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
+            for i in gl.static_range(STAGES - 1):
+                pages = _page_rows(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, ROW_L)
+                _copy_kv(K, V, k_ring.index(i), v_ring.index(i), pages, kv_start + i * BLOCK_N, kv_end, k_head_off,
+                         v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
+            pages = _page_rows(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
+                               ROW_L)
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
+                # block j + STAGES - 1 into the slot block j - 1 used (every warp read it before the last
+                # iteration's second barrier); the page ids of the block after it load meanwhile
+                ahead = start + (STAGES - 1) * BLOCK_N
+                nxt = (j + STAGES - 1) % STAGES
+                _copy_kv(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
+                         stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
+                pages = _page_rows(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, ROW_L)
+                async_copy.wait_group(STAGES - 1)  # this thread's copies of block j landed
+                gl.thread_barrier()  # everyone's, and every warp is done reading the last fp16 tiles
+                cur = j % STAGES
+                # 8-byte reads of the fp8 rows, two values per conversion, 16-byte stores of fp16
+                k_s.store(k_ring.index(cur).load(LOAD).to(gl.float16))
+                v_s.store(v_ring.index(cur).load(LOAD).to(gl.float16))
+                gl.thread_barrier()
+                s = mma_v2(q, k_s.permute((1, 0)).load(B_L), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=MMA))
+                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, task_qk, start >= full_hi,
+                                                    False, BLOCK_N, MMA)
+                acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_L), v_s.load(B_L),
+                             acc * gl.expand_dims(alpha, 1))
+            async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
+            gl.thread_barrier()
+            _epilogue(acc * task_v, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
+                      group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
+                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MMA, LOAD, 0, 0, 1)
