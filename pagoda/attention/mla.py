@@ -243,8 +243,8 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             lse_arg = lse if lse is not None else p.tmp_lse
             descs = self._tma_descriptors(ckv_cache, kpe_cache, p.page_size, c["block_n"])
             mla_sm90.mla_sm90_kernel[(p.grid,)](
-                q_nope, q_pe, ckv_cache, kpe_cache, *descs, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
-                self._int_buf,
+                q_nope, q_pe, ckv_cache, kpe_cache, *descs, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf,
+                self._counters, self._int_buf,
                 q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
                 ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
                 out.stride(0), out.stride(1), lse_arg.stride(0),

@@ -25,14 +25,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-    from .prefill_sm90 import _epilogue, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task
-
-    @gluon.jit
-    def _page_rows(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                   ROW_L: gl.constexpr):
-        """Page ids of rows start .. start + BLOCK_N (rows past kv_end read the request's first page)."""
-        offs_n = start + gl.arange(0, BLOCK_N, layout=ROW_L)
-        return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+    from .prefill_sm90 import _epilogue, _page_ids, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task
 
     @gluon.jit
     def _copy_kv(K, V, k_dst, v_dst, pages, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks, stride_vp,
@@ -74,7 +67,6 @@ if HAVE_GLUON:
         # rows of 8 fp16 (16 bytes) swizzled: conflict-free 16-byte stores, ldmatrix reads (transposed for V)
         SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
         RING: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[1, 0])
-        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD)
         SROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
         k_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
         v_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
@@ -106,11 +98,11 @@ if HAVE_GLUON:
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=MMA)
             # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
             for i in gl.static_range(STAGES - 1):
-                pages = _page_rows(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, ROW_L)
+                pages = _page_ids(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, LOAD)
                 _copy_kv(K, V, k_ring.index(i), v_ring.index(i), pages, kv_start + i * BLOCK_N, kv_end, k_head_off,
                          v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
-            pages = _page_rows(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                               ROW_L)
+            pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
+                              True, LOAD)
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 # block j + STAGES - 1 into the slot block j - 1 used (every warp read it before the last
@@ -119,7 +111,7 @@ if HAVE_GLUON:
                 nxt = (j + STAGES - 1) % STAGES
                 _copy_kv(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
                          stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
-                pages = _page_rows(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, ROW_L)
+                pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, LOAD)
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of block j landed
                 gl.thread_barrier()  # everyone's, and every warp is done reading the last fp16 tiles
                 cur = j % STAGES

@@ -35,18 +35,11 @@ if HAVE_GLUON:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .prefill_sm90 import (_cta_barrier, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task,
-                               _ws_wait_ready)
+    from .prefill_sm90 import (_cta_barrier, _page_ids, _softmax_block, _tile_rows, _ws_item, _ws_schedule,
+                               _ws_task, _ws_wait_ready)
 
     HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
     BLOCK_M = gl.constexpr(TILE_ROWS)  # query rows of a tile: one wgmma M
-
-    @gluon.jit
-    def _mla_rows(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                  ROW_L: gl.constexpr):
-        """Page ids of rows start .. start + BLOCK_N (rows past kv_end read the request's first page)."""
-        offs_n = start + gl.arange(0, BLOCK_N, layout=ROW_L)
-        return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
 
     @gluon.jit
     def _mla_gather(SRC, dst, pages, start, kv_end, stride_p, stride_s, col0,
@@ -82,8 +75,6 @@ if HAVE_GLUON:
         the bulk copies' byte count (TMA) or plain."""
         C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_KPE // 8), D_KPE // 8], [4, 1], [1, 0])
-        CROW_L: gl.constexpr = gl.SliceLayout(1, C_LAYOUT)
-        PROW_L: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)
         BLOCK_BYTES: gl.constexpr = BLOCK_N * (2 * HALF + D_KPE) * 2
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, 1, num_heads, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
@@ -97,8 +88,8 @@ if HAVE_GLUON:
             if TMA:
                 pg_next = gl.load(KV_INDICES + kv_base + kv_start // PAGE_SIZE, mask=kv_end > kv_start, other=0)
             else:
-                pc_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
-                pp_next = _mla_rows(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                pc_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, True, C_LAYOUT)
+                pp_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, True, P_LAYOUT)
             for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
                 st = kv_start + j * BLOCK_N
                 if TMA:
@@ -108,8 +99,8 @@ if HAVE_GLUON:
                 else:
                     pc = pc_next
                     pp = pp_next
-                    pc_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
-                    pp_next = _mla_rows(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                    pc_next = _page_ids(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, C_LAYOUT)
+                    pp_next = _page_ids(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, P_LAYOUT)
                 slot = it % STAGES
                 # both consumers released this slot's previous block (a fresh barrier passes parity 1)
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
@@ -125,8 +116,8 @@ if HAVE_GLUON:
                             tma.async_copy_global_to_shared(KPE_DESC, [row, 0], ready.index(slot),
                                                             pe_ring.index(slot))
                         else:
-                            pc = _mla_rows(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, CROW_L)
-                            pp = _mla_rows(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, PROW_L)
+                            pc = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, C_LAYOUT)
+                            pp = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, P_LAYOUT)
                             _mla_gather_block(CKV, KPE, KV_INDICES, lo_ring.index(slot), hi_ring.index(slot),
                                               pe_ring.index(slot), pc, pp, kv_base, st, kv_end, stride_cp, stride_cs,
                                               stride_pp, stride_ps, D_KPE, BLOCK_N, PAGE_SIZE, C_LAYOUT, P_LAYOUT)
