@@ -195,10 +195,12 @@ def test_greedy_sample_matches_argmax(dtype, vocab):
     tied maxima (ties planted across programs), -1 for rows with NaN / +inf / -inf; repeated calls (the
     kernel resets its own state) and a larger batch after a smaller one."""
     g = torch.Generator().manual_seed(vocab)
-    for batch in (5, 70, 4):
+    for batch in (5, 70, 6):
         x = torch.randn(batch, vocab, generator=g).to(dtype)
         if vocab > 10:
             x[0, vocab - 3] = x[0, 2] = 100.0  # a tie: the first index wins, across programs
+            x[4] = -1.0
+            x[4, 6], x[4, 9] = -0.0, 0.0  # the maximum 0 first as -0.0: torch.argmax takes index 6
             x[1, 5] = float("nan")
             x[2, vocab - 1] = float("inf")
             x[3, 0] = float("-inf")
@@ -207,7 +209,7 @@ def test_greedy_sample_matches_argmax(dtype, vocab):
         got = pagoda.greedy_sample(x)
         assert got.dtype == torch.int64 and got.tolist() == want.tolist()
         if vocab > 10:
-            assert got[:4].tolist() == [2, -1, -1, -1]
+            assert got[:5].tolist() == [2, -1, -1, -1, 6]
 
 
 def test_greedy_sample_bad_input():

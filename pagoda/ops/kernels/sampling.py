@@ -255,6 +255,7 @@ def greedy_kernel(X, OUT, KEYS, BAD, COUNT, stride_x, vocab, span, BLOCK: tl.con
         m = offs < vocab
         x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
         bad = tl.maximum(bad, (m & ~(tl.abs(x) < float("inf"))).to(tl.int32))
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in torch.argmax (their keys differ)
         key = _order_key(x).to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
         best = tl.maximum(best, tl.where(m, key, -9223372036854775808))
     tl.atomic_max(KEYS + r, tl.max(best, 0))
