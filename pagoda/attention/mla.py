@@ -236,11 +236,11 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 lse = torch.empty(p.nnz_qo, h, dtype=torch.float32, device=self.device)
         elif tuple(lse.shape) != (p.nnz_qo, h) or lse.dtype != torch.float32:
             raise ValueError(f"lse must be float32 of shape {(p.nnz_qo, h)}, got {lse.dtype} {tuple(lse.shape)}")
+        lse_arg = lse if lse is not None else p.tmp_lse  # (kernels without WRITE_LSE never write it)
         if self._backend == "torch":
             self._run_mla_reference(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, p)
         elif p.sm90:
             c = MLA_SM90_CONFIG
-            lse_arg = lse if lse is not None else p.tmp_lse
             descs = self._tma_descriptors(ckv_cache, kpe_cache, p.page_size, c["block_n"])
             mla_sm90.mla_sm90_kernel[(p.grid,)](
                 q_nope, q_pe, ckv_cache, kpe_cache, *descs, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf,
@@ -255,7 +255,6 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE)
         else:
             cfg = p.config
-            lse_arg = lse if lse is not None else p.tmp_lse
             mla_kernel[(p.grid,)](
                 q_nope, q_pe, ckv_cache, kpe_cache, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters,
                 self._int_buf, self._int_buf, self._arrivals,
@@ -269,7 +268,6 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
                 DEFER_MERGE=p.combine, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self._backend != "torch" and p.combine:
-            lse_arg = lse if lse is not None else p.tmp_lse
             mla_combine_kernel[(self._combine_grid(),)](
                 out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),

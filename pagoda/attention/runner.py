@@ -65,6 +65,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_decode_config(config: KernelConfig) -> KernelConfig:
+    """A decode config as the Gluon fp8 kernel runs it (its programs per SM, no register cap); one object per
+    config, so consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
+    return dataclasses.replace(config, ctas_per_sm=FP8_DECODE_CONFIG["ctas_per_sm"], maxnreg=None)
+
+
 def num_programs(device: torch.device, config: KernelConfig) -> int:
     if device.type == "cuda":
         return _sm_count(device) * config.ctas_per_sm
@@ -267,7 +274,7 @@ class BatchAttention:
         kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
                       window_left >= 0, cap > 0, mask_np is not None)
         if self._use_cuda_graph and self._graph_kernel is not None:
-            key0, mode, config = self._graph_kernel
+            key0, mode, config, fp8 = self._graph_kernel
             if key0 != kernel_key:
                 names = ("num_qo_heads", "num_kv_heads", "head_dim", "page_size", "q_data_type", "kv_data_type",
                          "causal", "window_left >= 0", "logits_soft_cap > 0", "custom mask")
@@ -280,11 +287,12 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            if mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
-                                                             mask_np is None):
-                config = dataclasses.replace(config, ctas_per_sm=FP8_DECODE_CONFIG["ctas_per_sm"], maxnreg=None)
+            fp8 = mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
+                                                                mask_np is None)
+            if fp8:
+                config = _fp8_decode_config(config)
             if self._use_cuda_graph:
-                self._graph_kernel = (kernel_key, mode, config)
+                self._graph_kernel = (kernel_key, mode, config, fp8)
         if self._grid is None or self._grid[0] is not config:
             self._grid = (config, num_programs(self.device, config))
         grid = self._grid[1]
@@ -309,9 +317,7 @@ class BatchAttention:
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
         self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
-            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None),
-            fp8=mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
-                                                              mask_np is None))
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), fp8=fp8)
 
     def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py), when PAGODA_FP8_DECODE_KERNEL=gluon

@@ -17,19 +17,16 @@ import os
 import torch
 
 import pagoda
-from pagoda.bench import attention as _att
-from pagoda.bench.attention import flashinfer_or_none, write_json
+from pagoda.bench.attention import bench as eager_time
+from pagoda.bench.attention import flashinfer_or_none, gpu_time, write_json
 
-TIMER = _att.gpu_time  # CUDA-graph replay (GPU time); --eager: do_bench of the eager calls (host launch included)
-
-
-def bench(fn):
-    return TIMER(fn)
 
 CASES = [(b, kv) for b in (1, 16, 64, 128) for kv in (1024, 8192, 32768)]
 
 
-def mla_row(batch, kv_len, heads, page_size, fi, ws, dtype=torch.bfloat16):
+def mla_row(batch, kv_len, heads, page_size, fi, ws, dtype=torch.bfloat16, bench=gpu_time):
+    """One case: pagoda (both kernels) and FlashInfer's MLA timed by ``bench`` (GPU time of graph replays, or
+    eager_time: do_bench of eager calls, host launch included)."""
     dc, dp = 512, 64
     pages_per = math.ceil(kv_len / page_size)
     total = batch * pages_per
@@ -84,7 +81,7 @@ SWEEP = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 64
          (32, 64, 4, 2), (16, 64, 8, 3)]
 
 
-def sweep(heads, page_size, ws):
+def sweep(heads, page_size, ws, bench=gpu_time):
     """Time each configuration of the MLA kernel on three cases (prints a table; the default stays)."""
     from pagoda.attention import mla
 
@@ -95,7 +92,7 @@ def sweep(heads, page_size, ws):
         ts = []
         for b, kv in ((1, 32768), (64, 8192), (128, 1024)):
             try:
-                r = mla_row(b, kv, heads, page_size, None, ws)
+                r = mla_row(b, kv, heads, page_size, None, ws, bench=bench)
                 ts.append(f"{r['pagoda_us']:10.1f}us")
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                 ts.append(f"{type(e).__name__[:12]:>12}")
@@ -130,9 +127,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help="time pagoda's MLA kernel configurations (block_m,block_n,warps,stages) first")
     args = ap.parse_args(argv)
-    global TIMER
-    if args.eager:
-        TIMER = _att.bench
+    timer = eager_time if args.eager else gpu_time
     torch.manual_seed(0)
     fi = flashinfer_or_none()
     if fi is not None:
@@ -142,10 +137,10 @@ def main(argv=None):
           f"ckv 512 + kpe 64, bf16, page_size {args.page_size}, FlashInfer {getattr(fi, '__version__', 'absent')}, "
           f"{'eager calls' if args.eager else 'CUDA-graph replays'}")
     if args.sweep:
-        sweep(args.heads, args.page_size, ws)
+        sweep(args.heads, args.page_size, ws, timer)
     rows = []
     for b, kv in CASES[::3] if args.quick else CASES:
-        rows.append(mla_row(b, kv, args.heads, args.page_size, fi, ws))
+        rows.append(mla_row(b, kv, args.heads, args.page_size, fi, ws, bench=timer))
         print(fmt(rows[-1:]).splitlines()[1], flush=True)
     print()
     print(fmt(rows))
