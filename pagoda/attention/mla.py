@@ -58,30 +58,13 @@ def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfi
 
 
 def mla_sm90_supported(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype) -> bool:
-    """Whether the Gluon kernel can run these plans: sm_90 (with the Triton it was written for), head_dim_ckv
-    512, head_dim_kpe 64, fp16 / bf16, and PAGODA_MLA_KERNEL is not 'triton'."""
+    """Whether plans take the Gluon kernel: sm_90 (with the Triton it was written for), head_dim_ckv 512,
+    head_dim_kpe 64, fp16 / bf16, and PAGODA_MLA_KERNEL is not 'triton' ('auto' and 'gluon' both take it)."""
     choice = os.environ.get("PAGODA_MLA_KERNEL", "auto")
     if choice not in ("auto", "gluon", "triton"):
         raise ValueError(f"PAGODA_MLA_KERNEL must be 'auto', 'gluon' or 'triton', got {choice!r}")
     return (choice != "triton" and mla_sm90.HAVE_GLUON and device.type == "cuda" and _capability(device) == (9, 0)
             and head_dim_ckv == 512 and head_dim_kpe == 64 and q_dtype in (torch.float16, torch.bfloat16))
-
-
-def mla_sm90_eligible(device: torch.device, head_dim_ckv: int, head_dim_kpe: int, q_dtype: torch.dtype,
-                      num_heads: int, num_tiles: int, kv_tokens: int) -> bool:
-    """Whether a plan takes the Gluon kernel. PAGODA_MLA_KERNEL=gluon: whenever it is supported; auto: for a
-    batch that keeps the SMs busy without cutting each tile's KV into many short chunks, i.e. enough query
-    tiles x head splits for half the SMs, or <= ~8 chunks per tile of >= 1024 tokens each. Measured in
-    session 9 (mla_h100.md) while split tiles still merged inside the kernel (~200 us for 64 chunks at
-    1 x 32k): a few long requests, or short ones, ran faster in the Triton kernel. The merge launch has
-    since removed most of that; the bench times both kernels in every row to revisit this rule."""
-    if not mla_sm90_supported(device, head_dim_ckv, head_dim_kpe, q_dtype):
-        return False
-    tasks = num_tiles * -(-num_heads // mla_sm90.TILE_ROWS)
-    grid = num_programs(device, mla_config(num_heads, True, True))
-    chunks = -(-grid // max(tasks, 1))  # about how many chunks the planner cuts each tile's KV into
-    long_chunks = 8 * tasks >= grid and kv_tokens / max(num_tiles, 1) / chunks >= 1024
-    return os.environ.get("PAGODA_MLA_KERNEL") == "gluon" or 2 * tasks >= grid or long_chunks
 
 
 @dataclasses.dataclass
@@ -172,11 +155,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                              f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
         idx, max_page = check_page_indices(kv_indices, kv_ip)
 
-        # query tiles of the Gluon kernel (64 rows: heads x tokens) over the requests
-        tokens_per_tile = max(1, mla_sm90.TILE_ROWS // min(num_heads, mla_sm90.TILE_ROWS))
-        num_tiles = int(np.sum(-(-np.diff(qo) // tokens_per_tile)))
-        sm90 = self._backend == "triton" and mla_sm90_eligible(self.device, head_dim_ckv, head_dim_kpe, q_dtype,
-                                                                num_heads, num_tiles, int(kv_lens.sum()))
+        # the Gluon kernel wherever it runs: faster than the Triton kernel in every row of the MLA bench, batch
+        # 1..128 x 1k..32k (1.3-2.4x, session 10, mla_h100.md)
+        sm90 = self._backend == "triton" and mla_sm90_supported(self.device, head_dim_ckv, head_dim_kpe, q_dtype)
         if self._use_cuda_graph:  # a captured graph replays one kernel: the first plan's choice stays
             if self._graph_sm90 is None:
                 self._graph_sm90 = sm90

@@ -365,27 +365,25 @@ def test_mla_sm90_kernel(page_size, heads, dtype, causal, monkeypatch):
 
 
 def test_mla_kernel_choice(monkeypatch):
-    """auto: the Gluon kernel for batches that fill half the SMs without split-KV or split into few long
-    chunks, the Triton one for a few requests split into many or short chunks (the Gluon kernel's merge
-    is serial); PAGODA_MLA_KERNEL overrides; a bad value is refused."""
+    """auto and gluon: the Gluon kernel for every supported plan, few or many, short or long requests;
+    triton: the Triton kernel; head dims the Gluon kernel lacks: the Triton kernel; a bad value is refused."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon MLA kernel is for sm_90")
     from .test_mla import MLABatch
 
-    def picks(batch_size, heads=128, kv=100):
+    def picks(batch_size, heads=128, kv=100, ckv=512):
         b = MLABatch([kv] * batch_size, 64)
         w = pagoda.BatchMLAPagedAttentionWrapper(workspace(16))
         w.plan(torch.arange(batch_size + 1, dtype=torch.int32), b.indptr, b.indices, torch.tensor(b.kv_lens),
-               heads, 512, 64, 64, False, 0.1, torch.bfloat16, torch.bfloat16)
+               heads, ckv, 64, 64, False, 0.1, torch.bfloat16, torch.bfloat16)
         return w._plan.sm90
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert picks(64) and picks(sms) and not picks(1) and not picks(8) and not picks(16, heads=16)
-    # a few long requests: Gluon while each tile's KV splits into few long chunks, Triton when into dozens
-    assert picks(16, kv=8192) and not picks(1, kv=32768) and not picks(16, kv=1024)
+    assert picks(64) and picks(sms) and picks(1) and picks(16, heads=16) and picks(1, kv=32768)
+    assert not picks(4, ckv=256)
     monkeypatch.setenv("PAGODA_MLA_KERNEL", "gluon")
     assert picks(1)
     monkeypatch.setenv("PAGODA_MLA_KERNEL", "triton")
-    assert not picks(128)
+    assert not picks(128) and not picks(1)
     monkeypatch.setenv("PAGODA_MLA_KERNEL", "gluon-please")
     with pytest.raises(ValueError, match="PAGODA_MLA_KERNEL"):
         picks(4)
