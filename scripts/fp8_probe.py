@@ -4,24 +4,34 @@ fp8 issue asks for (~1.8x KV tokens per second), without waiting for a peer's JI
 Times pagoda's decode (CUDA-graph replays) over an e4m3 cache (randn cast to fp8, scale 1.0) and over that
 cache widened to bf16, and checks the fp8 result against the bf16 one.
 
-    python scripts/fp8_probe.py
+    python scripts/fp8_probe.py [--sweep]
+
+--sweep also times the Gluon fp8 decode kernel (kernels/decode_fp8.py) in each configuration of SWEEP.
 
 Session 7 ran an earlier version of this script with three more fp8 paths, chosen by environment variables
 that no longer exist (the per-element PTX dequantization to bf16, 32-bit word loads): notes.md, Session 7.
 """
+import os
+import sys
+
 import torch
 
 import pagoda
+from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
          "32x8192": [8192] * 32}
+# Gluon fp8 decode kernel configurations (runner.FP8_DECODE_CONFIG): block_n, stages, programs per SM, register cap
+SWEEP = [(32, 4, 4, 128), (32, 3, 4, 128), (64, 2, 3, 128), (64, 3, 2, None), (32, 4, 3, None)]
 
 
 def main():
+    sweep = "--sweep" in sys.argv
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'case':9s} {'bf16 us':>8s} {'fp8 us':>8s} {'x bf16':>6s} {'fp8 GB/s':>8s}", flush=True)
+    names = ["triton"] + ([f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for c in SWEEP] if sweep else [])
+    print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)", flush=True)
     for name, lens in CASES.items():
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
         wide = s.cache.to(torch.bfloat16)
@@ -30,14 +40,23 @@ def main():
         w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16)
         ref = w.run(q, wide)
         t_bf16 = gpu_time(lambda: w.run(q, wide)) * 1e6
-        w8 = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-        w8.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16,
-                kv_data_type=torch.float8_e4m3fn)
-        out = w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert err < 1e-2, f"{name}: fp8 differs from the bf16 result, rel err {err:.3g}"
-        t = gpu_time(lambda: w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)) * 1e6
-        print(f"{name:9s} {t_bf16:8.1f} {t:8.1f} {t_bf16 / t:6.2f} {s.kv_bytes / t / 1e3:8.0f}", flush=True)
+        cells = []
+        for kname in names:
+            os.environ["PAGODA_FP8_DECODE_KERNEL"] = "triton" if kname == "triton" else "gluon"
+            if kname != "triton":
+                c = SWEEP[names.index(kname) - 1]
+                runner.FP8_DECODE_CONFIG.update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner._fp8_decode_config.cache_clear()
+            w8 = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+            w8.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16,
+                    kv_data_type=torch.float8_e4m3fn)
+            assert (w8._plan.fp8_constexprs is not None) == (kname != "triton"), kname
+            out = w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, f"{name} {kname}: fp8 differs from the bf16 result, rel err {err:.3g}"
+            t = gpu_time(lambda: w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)) * 1e6
+            cells.append(f"{t:7.1f} {t_bf16 / t:5.2f}x")
+        print(f"{name:9s} {t_bf16:8.1f} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

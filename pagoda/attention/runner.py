@@ -38,9 +38,12 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
-# The Gluon fp8 decode kernel (kernels/decode_fp8.py; opt-in, PAGODA_FP8_DECODE_KERNEL=gluon): fp8 ring depth,
-# programs per SM (head_dim 128: 84 KB of shared memory and 187 registers a program -> 2 fit)
-FP8_DECODE_CONFIG = dict(stages=3, ctas_per_sm=2)
+# The Gluon fp8 decode kernel (kernels/decode_fp8.py; opt-in, PAGODA_FP8_DECODE_KERNEL=gluon): KV block, fp8
+# ring depth, programs per SM, register cap. Its own block: the Triton kernel's long-context fp8 entry (128
+# tokens) needs 160 KB of shared memory here, one program per SM. Session 9's 64 x 3, 2 programs (84 KB, 187
+# registers) measured 0.82-1.06x the bf16 decode (session 10); 32 x 4 under 128 registers: 50 KB, 119
+# registers, no spills (scripts/compile_check.py) -> 4 programs per SM, as the Triton fp8 kernel runs.
+FP8_DECODE_CONFIG = dict(block_n=32, stages=4, ctas_per_sm=4, maxnreg=128)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,9 +70,10 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _fp8_decode_config(config: KernelConfig) -> KernelConfig:
-    """A decode config as the Gluon fp8 kernel runs it (its programs per SM, no register cap); one object per
-    config, so consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
-    return dataclasses.replace(config, ctas_per_sm=FP8_DECODE_CONFIG["ctas_per_sm"], maxnreg=None)
+    """A decode config as the Gluon fp8 kernel runs it (FP8_DECODE_CONFIG); one object per config, so
+    consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
+    c = FP8_DECODE_CONFIG
+    return dataclasses.replace(config, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
 
 
 def num_programs(device: torch.device, config: KernelConfig) -> int:
@@ -378,7 +382,8 @@ class BatchAttention:
                 num_warps=4)
         if fp8:
             p.fp8_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4)
+                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4,
+                                    maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
