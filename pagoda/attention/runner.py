@@ -40,10 +40,11 @@ GRAPH_MAX_PAGES = 1 << 20
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 # The Gluon fp8 decode kernel (kernels/decode_fp8.py; opt-in, PAGODA_FP8_DECODE_KERNEL=gluon): KV block, fp8
 # ring depth, programs per SM, register cap. Its own block: the Triton kernel's long-context fp8 entry (128
-# tokens) needs 160 KB of shared memory here, one program per SM. Session 9's 64 x 3, 2 programs (84 KB, 187
-# registers) measured 0.82-1.06x the bf16 decode (session 10); 32 x 4 under 128 registers: 50 KB, 119
-# registers, no spills (scripts/compile_check.py) -> 4 programs per SM, as the Triton fp8 kernel runs.
-FP8_DECODE_CONFIG = dict(block_n=32, stages=4, ctas_per_sm=4, maxnreg=128)
+# tokens) would need 160 KB of shared memory here, one program per SM. `python scripts/fp8_probe.py --sweep`
+# (H200, session 10), x the bf16 decode's KV tokens/s over 5 cases: session 9's 64 x 3, 2 programs (84 KB, 187
+# registers) 0.94-1.06x; 32 x 3, 4 programs under 128 registers (42 KB, 120 registers, no spills) 1.16-1.26x;
+# 32 x 4 x 4 programs 1.10-1.16x (the Triton fp8 kernel 1.03-1.27x: it stays the default).
+FP8_DECODE_CONFIG = dict(block_n=32, stages=3, ctas_per_sm=4, maxnreg=128)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -325,8 +326,9 @@ class BatchAttention:
 
     def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py), when PAGODA_FP8_DECODE_KERNEL=gluon
-        asks for it (opt-in until measured): an fp8 cache under fp16 / bf16 queries on a CUDA GPU (with the
-        Triton the kernel was written for), head_dim 64 / 128, no window / soft cap / variant / custom mask."""
+        asks for it (opt-in: not faster than the Triton kernel, session 10): an fp8 cache under fp16 / bf16
+        queries on a CUDA GPU (with the Triton the kernel was written for), head_dim 64 / 128, no window / soft
+        cap / variant / custom mask."""
         choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "triton")
         if choice not in ("gluon", "triton"):
             raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'gluon' or 'triton', got {choice!r}")
