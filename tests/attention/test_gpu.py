@@ -281,13 +281,15 @@ def test_mla_real_sizes(heads, qo_lens, kv_lens, causal):
     check_lse(lse, rl)
 
 
-@pytest.mark.parametrize("bsz,spare,later", [
-    (8, 2000, ([20000, 1] + [300] * 6, [0] + [3000] * 7)),  # a few requests: the Triton kernel
-    (96, 4000, ([40000, 1] + [3] * 94, [0] + [2100] * 95)),  # the Gluon kernel on sm_90
+@pytest.mark.parametrize("bsz,spare,later,kernel", [
+    (8, 2000, ([20000, 1] + [300] * 6, [0] + [3000] * 7), "triton"),
+    (8, 2000, ([20000, 1] + [300] * 6, [0] + [3000] * 7), "auto"),  # the Gluon kernel on sm_90
+    (96, 4000, ([40000, 1] + [3] * 94, [0] + [2100] * 95), "auto"),
 ])
-def test_mla_cuda_graph_replays_after_new_plan(bsz, spare, later):
+def test_mla_cuda_graph_replays_after_new_plan(bsz, spare, later, kernel, monkeypatch):
     """Captured once over a plan without split tiles, replayed after plans of other lengths (a lone long
-    request among short ones: split tiles, merged by the captured merge launch; an empty request)."""
+    request among short ones: split tiles, merged by the captured merge launch; an empty request); both
+    kernels (PAGODA_MLA_KERNEL=triton, and auto, which takes the Gluon one on sm_90)."""
     import math
 
     from .test_mla import MLABatch
@@ -302,9 +304,10 @@ def test_mla_cuda_graph_replays_after_new_plan(bsz, spare, later):
     def plan(b):
         w.plan(qo, b.indptr, b.indices, torch.tensor(b.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
                torch.bfloat16)
+    monkeypatch.setenv("PAGODA_MLA_KERNEL", kernel)
     plan(first)
     gluon = w._plan.sm90
-    assert gluon == (bsz > 8 and torch.cuda.get_device_capability() == (9, 0))
+    assert gluon == (kernel == "auto" and torch.cuda.get_device_capability() == (9, 0))
     qn = torch.randn(bsz, h, 512, dtype=torch.bfloat16, device="cuda") * 0.3
     qp = torch.randn(bsz, h, 64, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(bsz, h, 512, dtype=torch.bfloat16, device="cuda")
