@@ -1,7 +1,7 @@
 """Where the Gluon MLA kernel's time goes (device): plan shape and time per case, with and without
 split-KV, at several planner item costs, against the Triton kernel.
 
-    python scripts/mla_probe.py [--cases 1x32768,128x8192]
+    python scripts/mla_probe.py [--cases 1x32768,128x8192] [--costs-only]
 """
 import argparse
 import math
@@ -11,7 +11,7 @@ import torch
 
 import pagoda
 from pagoda.attention import mla
-from pagoda.bench.attention import bench
+from pagoda.bench.attention import gpu_time
 
 
 def case(batch, kv_len, heads=128, page_size=64, dtype=torch.bfloat16):
@@ -36,31 +36,36 @@ def timed(plan_args, run_args, ws, no_split=False):
     w.plan(*plan_args)
     p = w._plan
     out = w.run(*run_args)
-    t = bench(lambda: w.run(*run_args, out=out)) * 1e6
+    t = gpu_time(lambda: w.run(*run_args, out=out)) * 1e6  # CUDA-graph replays, as the MLA bench
     return t, p, out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1x8192,1x32768,16x8192,64x8192,128x8192")
+    ap.add_argument("--costs-only", action="store_true", help="only the planner item costs (no configs, ablations)")
     args = ap.parse_args()
     ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    defaults = dict(mla.MLA_SM90_CONFIG)
     for c in args.cases.split(","):
         b, kv = map(int, c.split("x"))
         pa, ra = case(b, kv)
         flops = 2 * b * 128 * kv * (512 + 64 + 512)
         cells = []
         for label, env, cost, no_split in (("gluon", "gluon", 512, False), ("gluon cost128", "gluon", 128, False),
+                                           ("gluon cost1024", "gluon", 1024, False),
                                            ("gluon cost2048", "gluon", 2048, False),
                                            ("gluon no-split", "gluon", 512, True), ("triton", "triton", 512, False)):
             os.environ["PAGODA_MLA_KERNEL"] = env
-            mla.MLA_SM90_CONFIG["item_cost"] = cost
+            mla.MLA_SM90_CONFIG.update(item_cost=cost, small_item_cost=cost)  # one cost for every batch
             t, p, _ = timed(pa, ra, ws, no_split)
             cells.append(f"{label}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s "
                          f" parts={p.partial_rows}")
-        mla.MLA_SM90_CONFIG["item_cost"] = 512
+        mla.MLA_SM90_CONFIG.update(defaults)
         os.environ["PAGODA_MLA_KERNEL"] = "gluon"
         print(f"{c:>9} | " + " | ".join(cells), flush=True)
+        if args.costs_only:
+            continue
         for bn, stages in ((64, 2), (32, 3), (16, 8)):
             mla.MLA_SM90_CONFIG.update(block_n=bn, stages=stages)
             t, p, _ = timed(pa, ra, ws)

@@ -42,8 +42,10 @@ MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
 # KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner
 # (32-token blocks in a 4-deep ring: loads overlap the MMAs better than 64 x 2, 1.4x at 128x8192;
-# scripts/mla_probe.py)
-MLA_SM90_CONFIG = dict(block_n=32, stages=4, pv_regs=168, producer_regs=56, item_cost=512)
+# scripts/mla_probe.py). Item cost 1024, 512 for <= plan.LATENCY_BOUND_TILES requests (`scripts/mla_probe.py
+# --costs-only`, H200, session 10, against 512 everywhere: 16x8192 123.6 -> 106.3 us, 16x32768 and 64x8192 -5%,
+# 8x4096 51.9 at 512 vs 60.2 at 1024, batch 1 and 64-128 x 1k within 3%)
+MLA_SM90_CONFIG = dict(block_n=32, stages=4, pv_regs=168, producer_regs=56, item_cost=1024, small_item_cost=512)
 _MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 
 
@@ -51,7 +53,7 @@ def mla_config(num_heads: int, on_cuda: bool, sm90: bool = False) -> KernelConfi
     if sm90:
         c = MLA_SM90_CONFIG
         return KernelConfig(mla_sm90.TILE_ROWS, c["block_n"], 4, 1, 1, min(num_heads, mla_sm90.TILE_ROWS),
-                            c["item_cost"], partial_cost=MLA_PARTIAL_COST)
+                            c["item_cost"], small_item_cost=c["small_item_cost"], partial_cost=MLA_PARTIAL_COST)
     block_m, block_n, warps, stages, ctas, item_cost = MLA_CUDA_CONFIG if on_cuda else _MLA_INTERPRETER_CONFIG
     return KernelConfig(block_m, block_n, warps, stages, ctas, min(num_heads, block_m), item_cost,
                         partial_cost=MLA_PARTIAL_COST)
