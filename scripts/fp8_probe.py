@@ -31,7 +31,8 @@ def main():
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     names = ["triton"] + ([f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for c in SWEEP] if sweep else [])
-    print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)", flush=True)
+    print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)",
+          flush=True)
     for name, lens in CASES.items():
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
         wide = s.cache.to(torch.bfloat16)

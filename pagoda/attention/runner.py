@@ -42,8 +42,8 @@ SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 # ring depth, programs per SM, register cap. Its own block: the Triton kernel's long-context fp8 entry (128
 # tokens) would need 160 KB of shared memory here, one program per SM. `python scripts/fp8_probe.py --sweep`
 # (H200, session 10), x the bf16 decode's KV tokens/s over 5 cases: session 9's 64 x 3, 2 programs (84 KB, 187
-# registers) 0.94-1.06x; 32 x 3, 4 programs under 128 registers (42 KB, 120 registers, no spills) 1.16-1.26x;
-# 32 x 4 x 4 programs 1.10-1.16x (the Triton fp8 kernel 1.03-1.27x: it stays the default).
+# registers) 0.94-1.06x; 32 x 3, 4 programs under 128 registers (42 KB, 120 registers, no spills) 0.95-1.26x;
+# 32 x 4 x 4 programs 0.91-1.16x (the Triton fp8 kernel 1.03-1.27x: it stays the default).
 FP8_DECODE_CONFIG = dict(block_n=32, stages=3, ctas_per_sm=4, maxnreg=128)
 
 

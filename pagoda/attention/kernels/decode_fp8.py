@@ -14,10 +14,10 @@ Queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels
 scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent
 grid in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk
 merges them (_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, no window / soft
-cap / variant / custom mask. Opt-in (PAGODA_FP8_DECODE_KERNEL=gluon): measured on the H200 (session 10, scripts/fp8_probe.py --sweep) at
-1.16-1.26x the bf16 decode's KV tokens/s against the Triton kernel's 1.03-1.27x, with fewer instructions per
-block: what it waits on is not measured yet (a double-buffered version with one barrier per block, converting
-block j + 1 while the MMAs read block j, measured 0.85-0.98x).
+cap / variant / custom mask. Opt-in (PAGODA_FP8_DECODE_KERNEL=gluon): measured on the H200 (session 10,
+scripts/fp8_probe.py --sweep) at 0.95-1.26x the bf16 decode's KV tokens/s against the Triton kernel's 1.03-1.27x,
+with fewer instructions per block: what it waits on is not measured yet (a double-buffered version with one barrier
+per block, converting block j + 1 while the MMAs read block j, measured 0.85-0.98x).
 """
 from __future__ import annotations
 
