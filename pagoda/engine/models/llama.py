@@ -15,6 +15,15 @@ import torch.nn as nn
 import pagoda
 
 from ..config import ModelConfig
+from ...ops.matmul import small_m_projections
+
+
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool) -> torch.Tensor:
+    """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
+    the weight read once, no split-K launch pair; ops/matmul.py)."""
+    if small_m and x.shape[0] == 1 and x.is_cuda:
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True)
+    return layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -58,10 +67,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
+        small_m = small_m_projections()
+        self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = _project(self.qkv_proj, x, self.small_m_qkv)
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
@@ -69,7 +80,7 @@ class Attention(nn.Module):
         # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can)
         o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
                           v.view(t, self.hk, self.d), rope=(cos_sin, True))
-        return self.o_proj(o.view(t, self.hq * self.d))
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o)
 
 
 class MLP(nn.Module):
@@ -77,9 +88,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        small_m = small_m_projections()
+        self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
 
     def forward(self, x):
-        return self.down_proj(pagoda.silu_and_mul(self.gate_up_proj(x)))
+        h = pagoda.silu_and_mul(_project(self.gate_up_proj, x, self.small_m_gate_up))
+        return _project(self.down_proj, h, self.small_m_down)
 
 
 class DecoderLayer(nn.Module):

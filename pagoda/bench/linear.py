@@ -1,0 +1,78 @@
+"""Decode-batch linear layers: pagoda's small-M kernel (ops/matmul.py) against torch (cuBLAS) on one GPU.
+
+    python -m pagoda.bench.linear [--rows 1] [--json FILE]
+
+Llama-3.1-8B's projections at M = rows (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336),
+CUDA-graph replays with L2 flushed (bench.attention.gpu_time), bandwidth of the weight read against the
+device-to-device copy measured in the same run. Every configuration in CONFIGS is timed (and checked
+against torch); the last lines name the best configuration over the four shapes and the projections where
+it beats torch, as `PAGODA_SMALL_M_CONFIG=...` and `PAGODA_SMALL_M_LINEAR=...` (what scripts/gpu_check.sh
+hands to the engine benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import pagoda
+from pagoda.bench.attention import gpu_time
+from pagoda.bench.ops import copy_bandwidth
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+CONFIGS = [(16, 256, 4, 6), (16, 256, 4, 4), (16, 128, 4, 8), (32, 256, 4, 4), (32, 128, 4, 6), (16, 512, 4, 4),
+           (16, 512, 8, 3), (64, 128, 4, 4), (16, 128, 4, 4), (32, 64, 4, 8)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    dev = torch.cuda.get_device_name()
+    print(f"# device: {dev}, torch {torch.__version__}, rows {args.rows}, bf16, copy {copy_bw / 1e9:.0f} GB/s")
+    rows, times = [], {}
+    for name, (n, k) in SHAPES.items():
+        x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+        ref = torch.nn.functional.linear(x, w)
+        t_torch = gpu_time(lambda: torch.nn.functional.linear(x, w), f"torch {name}") * 1e6
+        out = torch.empty_like(ref)
+        for cfg in CONFIGS:
+            out.fill_(float("nan"))
+            pagoda.ops.linear(x, w, out=out, small_m=True, config=cfg)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, f"{name} {cfg}: differs from torch, rel err {err:.3g}"
+            times[(name, cfg)] = gpu_time(lambda: pagoda.ops.linear(x, w, out=out, small_m=True, config=cfg),
+                                          f"small-M {name}") * 1e6
+        best = min(CONFIGS, key=lambda c: times[(name, c)])
+        nbytes = n * k * 2
+        row = dict(shape=name, n=n, k=k, rows=args.rows, torch_us=t_torch,
+                   small_m_us={",".join(map(str, c)): times[(name, c)] for c in CONFIGS},
+                   best=",".join(map(str, best)))
+        rows.append(row)
+        print(f"{name:8s} {n:6d}x{k:<6d} torch {t_torch:7.1f}u {nbytes / t_torch / 1e3:5.0f} GB/s | best "
+              f"{best} {times[(name, best)]:7.1f}u {nbytes / times[(name, best)] / 1e3:5.0f} GB/s "
+              f"({nbytes / times[(name, best)] * 1e6 / copy_bw:.0%} of copy) {t_torch / times[(name, best)]:5.2f}x",
+              flush=True)
+    overall = min(CONFIGS, key=lambda c: sum(times[(s, c)] for s in SHAPES))
+    print(f"\n{'config (bn,bk,warps,stages)':<28}" + "".join(f"{s:>10}" for s in SHAPES))
+    print(f"{'torch (cuBLAS)':<28}" + "".join(f"{r['torch_us']:9.1f}u" for r in rows))
+    for c in CONFIGS:
+        mark = " <- best" if c == overall else ""
+        print(f"{str(c):<28}" + "".join(f"{times[(s, c)]:9.1f}u" for s in SHAPES) + mark)
+    wins = [r["shape"] for r in rows if times[(r["shape"], overall)] < r["torch_us"]]
+    print(f"PAGODA_SMALL_M_CONFIG={','.join(map(str, overall))}")
+    print(f"PAGODA_SMALL_M_LINEAR={','.join(wins) or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, copy_GBps=copy_bw / 1e9, rows=rows, best=",".join(map(str, overall)),
+                           wins=wins), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

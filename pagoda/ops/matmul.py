@@ -1,0 +1,98 @@
+"""y = x @ weight.T + bias (torch.nn.functional.linear), with a Triton kernel for a few rows on the GPU.
+
+At decode batch 1 a linear layer is a read of its weight. `linear` sends inputs of at most
+SMALL_M_MAX_ROWS rows to kernels/matmul.py (each weight row read once, no split-K, one launch) and everything
+else to torch (cuBLAS). The engine uses it for the projections listed in SMALL_M_PROJECTIONS; the
+configuration and that list come from `python -m pagoda.bench.linear` on the device (benchmarks/results/).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ._dispatch import use_triton
+from .kernels.matmul import linear_small_m_kernel
+
+SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
+
+
+def _config_from_env() -> tuple[int, int, int, int] | None:
+    env = os.environ.get("PAGODA_SMALL_M_CONFIG")  # "BLOCK_N,BLOCK_K,num_warps,num_stages" (the bench sets it)
+    if not env:
+        return None
+    try:
+        bn, bk, warps, stages = (int(v) for v in env.split(","))
+    except ValueError:
+        raise ValueError(f"PAGODA_SMALL_M_CONFIG must be 'BLOCK_N,BLOCK_K,num_warps,num_stages', got {env!r}") from None
+    return bn, bk, warps, stages
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA; the interpreter runs small blocks (block boundaries)
+SMALL_M_CONFIG = _config_from_env() or (16, 256, 4, 6)
+_INTERPRETER_CONFIG = (16, 32, 1, 1)
+
+
+def small_m_projections() -> frozenset[str]:
+    """The engine's projections (qkv, o, gate_up, down) that take the small-M kernel at decode batch 1;
+    PAGODA_SMALL_M_LINEAR (comma-separated names, or 'none') overrides."""
+    env = os.environ.get("PAGODA_SMALL_M_LINEAR")
+    names = {"qkv", "o", "gate_up", "down"}
+    if env is None:
+        return frozenset({"qkv", "o"})
+    chosen = frozenset(n for n in env.split(",") if n and n != "none")
+    if not chosen <= names:
+        raise ValueError(f"PAGODA_SMALL_M_LINEAR must name projections among {sorted(names)} (or 'none'), "
+                         f"got {env!r}")
+    return chosen
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None, small_m: bool | None = None, config=None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
+
+    small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
+    at most SMALL_M_MAX_ROWS rows; False: torch); config: (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA
+    instead of SMALL_M_CONFIG (the bench sweeps them)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("x and weight must be torch.Tensors")
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [N, K] with K = x.shape[-1]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if not x.dtype.is_floating_point or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
+    n, k = weight.shape
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)
+                             or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be {x.dtype} [{n}] on {x.device}, got "
+                         f"{getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
+    shape = (*x.shape[:-1], n)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} {shape} on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    rows = x.numel() // k if k else 0
+    if small_m is None:
+        small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
+    if small_m and rows > SMALL_M_MAX_ROWS:
+        raise ValueError(f"the small-M kernel takes at most {SMALL_M_MAX_ROWS} rows, x has {rows}")
+    if not small_m or not use_triton(x) or rows == 0 or k == 0:
+        y = torch.nn.functional.linear(x, weight, bias)
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    y2 = out.view(rows, n)
+    bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
+    linear_small_m_kernel[(triton.cdiv(n, bn),)](
+        x2, w, bias if bias is not None else w, y2, rows, n, k, x2.stride(0), w.stride(0), y2.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
+        num_stages=stages)
+    return out

@@ -1,0 +1,67 @@
+"""pagoda.ops.linear: the small-M kernel (kernels/matmul.py) against a float64 reference, in the interpreter
+on the CPU (and on the GPU when there is one)."""
+import pytest
+import torch
+
+import pagoda
+from pagoda.ops import matmul as linear_mod
+
+from ..conftest import DEVICE
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+
+
+def rel(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 96), (1, 37, 70), (3, 40, 64), (16, 33, 100), (1, 16, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_m_kernel(dtype, rows, n, k, bias):
+    """Rows 1..16, N past a block (37, 33: the last program's rows past N), K past a block and not a multiple
+    of it (70, 100: masked K steps), with and without bias; output poisoned first."""
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = pagoda.ops.linear(x, w, b, out=out, small_m=True)
+    assert y is out
+    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_small_m_kernel_leading_dims_and_strided_weight():
+    """x [1, 1, K] keeps its leading dimensions; a weight whose rows are strided (a slice of a wider matrix)."""
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16, device=DEVICE)
+    wide = torch.randn(40, 96, dtype=torch.bfloat16, device=DEVICE)
+    w = wide[:, :64]
+    y = pagoda.ops.linear(x, w, small_m=True)
+    assert y.shape == (1, 1, 40)
+    assert rel(y, x.double() @ w.double().T) < TOL[torch.bfloat16]
+
+
+def test_linear_dispatch_and_bad_input(monkeypatch):
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    # small_m=None on the CPU is torch (the same numbers as torch.nn.functional.linear)
+    assert torch.equal(pagoda.ops.linear(x, w), torch.nn.functional.linear(x, w))
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.ops.linear(x, torch.randn(16, 31, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.ops.linear(x, w.float())
+    with pytest.raises(ValueError, match="bias"):
+        pagoda.ops.linear(x, w, torch.randn(15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out"):
+        pagoda.ops.linear(x, w, out=torch.empty(2, 15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        pagoda.ops.linear(torch.randn(17, 32, dtype=torch.bfloat16), w, small_m=True)
+    monkeypatch.setenv("PAGODA_SMALL_M_LINEAR", "qkv,down")
+    assert linear_mod.small_m_projections() == {"qkv", "down"}
+    monkeypatch.setenv("PAGODA_SMALL_M_LINEAR", "none")
+    assert linear_mod.small_m_projections() == frozenset()
+    monkeypatch.setenv("PAGODA_SMALL_M_LINEAR", "qkv,lm_head")
+    with pytest.raises(ValueError, match="PAGODA_SMALL_M_LINEAR"):
+        linear_mod.small_m_projections()
