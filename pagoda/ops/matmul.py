@@ -57,7 +57,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
-    at most SMALL_M_MAX_ROWS rows; False: torch); config: (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA
+    at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
+    would round its inputs to tf32); config: (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA
     instead of SMALL_M_CONFIG (the bench sweeps them)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("x and weight must be torch.Tensors")
@@ -81,7 +82,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
     if small_m and rows > SMALL_M_MAX_ROWS:
         raise ValueError(f"the small-M kernel takes at most {SMALL_M_MAX_ROWS} rows, x has {rows}")
-    if not small_m or not use_triton(x) or rows == 0 or k == 0:
+    if (not small_m or not use_triton(x) or rows == 0 or k == 0
+            or x.dtype not in (torch.float16, torch.bfloat16)):
         y = torch.nn.functional.linear(x, weight, bias)
         if out is None:
             return y

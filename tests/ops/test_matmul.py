@@ -46,8 +46,10 @@ def test_small_m_kernel_leading_dims_and_strided_weight():
 def test_linear_dispatch_and_bad_input(monkeypatch):
     x = torch.randn(2, 32, dtype=torch.bfloat16)
     w = torch.randn(16, 32, dtype=torch.bfloat16)
-    # small_m=None on the CPU is torch (the same numbers as torch.nn.functional.linear)
+    # small_m=None on the CPU is torch (the same numbers as torch.nn.functional.linear); fp32 is torch always
     assert torch.equal(pagoda.ops.linear(x, w), torch.nn.functional.linear(x, w))
+    xf, wf = x.float(), w.float()
+    assert torch.equal(pagoda.ops.linear(xf, wf, small_m=True), torch.nn.functional.linear(xf, wf))
     with pytest.raises(ValueError, match="weight"):
         pagoda.ops.linear(x, torch.randn(16, 31, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="weight"):
