@@ -6,8 +6,9 @@ Llama-3.1-8B's projections at M = rows (qkv 6144x4096, o 4096x4096, gate_up 2867
 CUDA-graph replays with L2 flushed (bench.attention.gpu_time), bandwidth of the weight read against the
 device-to-device copy measured in the same run. Every configuration in CONFIGS is timed (and checked
 against torch); the last lines name the best configuration over the four shapes and the projections where
-it beats torch, as `PAGODA_SMALL_M_CONFIG=...` and `PAGODA_SMALL_M_LINEAR=...` (what scripts/gpu_check.sh
-hands to the engine benchmark).
+it beats torch in isolation, as `PAGODA_SMALL_M_CONFIG=...` and `PAGODA_SMALL_M_LINEAR=...`, environment
+settings to try in `python -m pagoda.bench.engine --cases latency` (in the engine a kernel that only ties
+can still win: it saves cuBLAS's split-K reduction launch).
 """
 from __future__ import annotations
 

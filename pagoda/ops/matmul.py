@@ -2,8 +2,9 @@
 
 At decode batch 1 a linear layer is a read of its weight. `linear` sends inputs of at most
 SMALL_M_MAX_ROWS rows to kernels/matmul.py (each weight row read once, no split-K, one launch) and everything
-else to torch (cuBLAS). The engine uses it for the projections listed in SMALL_M_PROJECTIONS; the
-configuration and that list come from `python -m pagoda.bench.linear` on the device (benchmarks/results/).
+else to torch (cuBLAS). The engine uses it at batch 1 for the projections `small_m_projections()` names; the
+configuration comes from `python -m pagoda.bench.linear`, that list from the engine's latency benchmark
+(benchmarks/results/engine_h100.md, session 10).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _config_from_env() -> tuple[int, int, int, int] | None:
     try:
         bn, bk, warps, stages = (int(v) for v in env.split(","))
     except ValueError:
-        raise ValueError(f"PAGODA_SMALL_M_CONFIG must be 'BLOCK_N,BLOCK_K,num_warps,num_stages', got {env!r}") from None
+        raise ValueError(f"PAGODA_SMALL_M_CONFIG must be 'BLOCK_N,BLOCK_K,num_warps,num_stages', "
+                         f"got {env!r}") from None
     return bn, bk, warps, stages
 
 
