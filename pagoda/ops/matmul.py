@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ._dispatch import use_triton
+from .activation import silu_and_mul
 from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
@@ -42,7 +43,9 @@ def small_m_projections() -> frozenset[str]:
     PAGODA_SMALL_M_LINEAR (comma-separated names, or 'none') overrides. Default qkv and o: measured on the
     H200 (session 10, `python -m pagoda.bench.engine --cases latency`, batch 1, two runs each) none 5.00 /
     5.01 ms per token, o 4.93 / 4.93, qkv + o 4.81 / 4.82 / 4.81, + down 4.81 / 4.81, + gate_up and down 5.00
-    (cuBLAS reads gate_up faster: 67.8 vs 71.8 us in pagoda.bench.linear)."""
+    (cuBLAS reads gate_up faster: 67.8 vs 71.8 us in pagoda.bench.linear). 'down' now also folds the MLP's
+    silu_and_mul into the projection (one launch less per layer; added after that measurement, not yet timed:
+    the fused kernel holds 255 registers where the plain one holds 56)."""
     env = os.environ.get("PAGODA_SMALL_M_LINEAR")
     names = {"qkv", "o", "gate_up", "down"}
     if env is None:
@@ -55,8 +58,12 @@ def small_m_projections() -> frozenset[str]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, small_m: bool | None = None, config=None) -> torch.Tensor:
+           out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
+           activation: str | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
+
+    activation="silu_and_mul": x is [..., 2K] = [gate | up] and the product is silu_and_mul(x) @ weight.T
+    (an MLP's down projection; the small-M kernel applies the activation on the fly, no separate launch).
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
@@ -64,9 +71,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     instead of SMALL_M_CONFIG (the bench sweeps them)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("x and weight must be torch.Tensors")
-    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight must be [N, K] with K = x.shape[-1]; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
+    if activation not in (None, "silu_and_mul"):
+        raise ValueError(f"activation must be None or 'silu_and_mul', got {activation!r}")
+    act = activation is not None
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] * (2 if act else 1):
+        raise ValueError(f"weight must be [N, K] with K = x.shape[-1]{' / 2 (silu_and_mul)' if act else ''}; got "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if not x.dtype.is_floating_point or weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
     n, k = weight.shape
@@ -79,19 +89,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {x.dtype} {shape} on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)}")
-    rows = x.numel() // k if k else 0
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if small_m is None:
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
     if small_m and rows > SMALL_M_MAX_ROWS:
         raise ValueError(f"the small-M kernel takes at most {SMALL_M_MAX_ROWS} rows, x has {rows}")
     if (not small_m or not use_triton(x) or rows == 0 or k == 0
             or x.dtype not in (torch.float16, torch.bfloat16)):
-        y = torch.nn.functional.linear(x, weight, bias)
+        y = torch.nn.functional.linear(silu_and_mul(x) if act else x, weight, bias)
         if out is None:
             return y
         out.copy_(y)
         return out
-    x2 = x.reshape(rows, k)
+    x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -101,6 +111,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     linear_small_m_kernel[(triton.cdiv(n, bn),)](
         x2, w, bias if bias is not None else w, y2, rows, n, k, x2.stride(0), w.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
-        num_stages=stages)
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, ACT=int(act),
+        num_warps=warps, num_stages=stages)
     return out

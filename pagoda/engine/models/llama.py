@@ -92,8 +92,11 @@ class MLP(nn.Module):
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
 
     def forward(self, x):
-        h = pagoda.silu_and_mul(_project(self.gate_up_proj, x, self.small_m_gate_up))
-        return _project(self.down_proj, h, self.small_m_down)
+        h = _project(self.gate_up_proj, x, self.small_m_gate_up)
+        if self.small_m_down and h.shape[0] == 1 and h.is_cuda:  # the activation inside the down projection
+            return pagoda.ops.linear(h, self.down_proj.weight, self.down_proj.bias, small_m=True,
+                                     activation="silu_and_mul")
+        return self.down_proj(pagoda.silu_and_mul(h))
 
 
 class DecoderLayer(nn.Module):
