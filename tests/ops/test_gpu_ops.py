@@ -184,3 +184,23 @@ def test_rope_and_append_real_size():
     pagoda.append_paged_kv_cache(k2.view(nnz, hk, d), v.reshape(nnz, hk, d), bidx, pos, cache2, kv_indices,
                                  kv_indptr, last)
     assert torch.equal(q, q2) and torch.equal(cache, cache2)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("n,k,act,bias", [(6144, 4096, False, True), (4096, 4096, False, False),
+                                          (4096, 14336, True, False), (1000, 3000, False, True)])
+def test_small_m_linear_real_sizes(rows, n, k, act, bias):
+    """ops.linear's small-M kernel at Llama-3.1-8B projection sizes (qkv with a bias as Qwen2 has, o, down
+    with the activation folded in) and an uneven shape (N and K not multiples of the blocks), 1 and 16 rows,
+    against float64; output poisoned first."""
+    x = torch.randn(rows, 2 * k if act else k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    b = torch.randn(n, dtype=torch.bfloat16, device="cuda") if bias else None
+    out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pagoda.ops.linear(x, w, b, out=out, small_m=True, activation="silu_and_mul" if act else None)
+    h = x.double()
+    if act:
+        g, u = h[:, :k], h[:, k:]
+        h = (g * torch.sigmoid(g) * u).bfloat16().double()
+    ref = h @ w.double().T + (b.double() if bias else 0.0)
+    assert rel(out, ref) < 1.2e-2
