@@ -2,7 +2,8 @@
 # One device call: benchmarks, then GPU tests; a short table last.
 # Usage (from the repo root, on the device): bash scripts/gpu_check.sh [attention-bench args...]
 #   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
-#   BENCHES="ops attention cascade decode_sweep"   which pagoda.bench modules to run (default: attention);
+#   BENCHES="ops attention cascade decode_sweep linear mla engine"   which pagoda.bench modules to run (default:
+#                                     attention);
 #                                     "fp8" is the attention bench's decode over an fp8 cache, "fp8-gluon" the
 #                                     same with the Gluon fp8 decode kernel (PAGODA_FP8_DECODE_KERNEL=gluon)
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
