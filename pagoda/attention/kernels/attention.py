@@ -306,17 +306,30 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
 
 
 @triton.jit
-def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, LSE, TMP_O, TMP_LSE, SPLITS,
-                 ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
+def _split_entry(wp, SPLITS, partial):
+    """(split id, first partial row, chunks) of a chunk's split tile (zeros for an unsplit tile), loaded when
+    the task starts: work item field 7 goes out with the item's other fields and the split table's entry
+    right after it (masked loads, no branch: nothing waits for them), so they arrive under the KV loop
+    instead of adding two dependent round trips to the epilogue before its arrival counter."""
+    split = tl.load(wp + 7)
+    is_split = partial >= 0
+    first = tl.load(SPLITS + split * 2, mask=is_split, other=0)
+    n_chunks = tl.load(SPLITS + split * 2 + 1, mask=is_split, other=0)
+    return split, first, n_chunks
+
+
+@triton.jit
+def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, slots_per_split, O, LSE, TMP_O,
+                 TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
                  stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False,
                  DEFER_MERGE: tl.constexpr = False):
-    """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk
-    of a split tile, its partial state; the chunk that arrives last (one counter per tile and task
-    slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state over
-    other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's
-    formula), so a cascade needs no separate merge kernel. DEFER_MERGE: a chunk only writes its partial
-    state, and a second launch merges (MLA: kernels/mla.py's mla_combine_kernel)."""
+    """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk of a split tile
+    (split, first, n_chunks from _split_entry), its partial state; the chunk that arrives last (one counter per
+    tile and task slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state
+    over other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's formula),
+    so a cascade needs no separate merge kernel. DEFER_MERGE: a chunk only writes its partial state, and a
+    second launch merges (MLA: kernels/mla.py's mla_combine_kernel)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (v_scale / l_safe)[:, None]
@@ -340,10 +353,7 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, wp, slot, slots_per_split, O, 
         tl.store(TMP_O + p_row[:, None] * stride_tt + qo_head[:, None] * stride_th + offs_d[None, :],
                  out, mask=row_valid[:, None])
         tl.store(TMP_LSE + p_row * stride_tl + qo_head, lse, mask=row_valid)
-        if not DEFER_MERGE:
-            split = tl.load(wp + 7)
-            first = tl.load(SPLITS + split * 2)
-            n_chunks = tl.load(SPLITS + split * 2 + 1)
+        if not DEFER_MERGE:  # (split, first, n_chunks: _split_entry, at the task's start)
             arrival = ARRIVALS + split * slots_per_split + slot
             # acq_rel: our partial is published before the bump; the last one sees them all
             if tl.atomic_add(arrival, 1) == n_chunks - 1:
@@ -401,6 +411,7 @@ def attention_kernel(
         kvh = rem // n_hsplit
         hsplit = rem % n_hsplit
         wp, q_start, q_len, kv_base, kv_start, kv_end, diag, partial = _load_item(WORK, item)
+        split, first, n_chunks = _split_entry(wp, SPLITS, partial)
 
         head_in_group = hsplit * heads_per_prog + sub
         row_valid = (tok < q_len) & (head_in_group < group_size)
@@ -468,8 +479,8 @@ def attention_kernel(
                     stride_kp, stride_ks, stride_vp, stride_vs, task_qk_scale, soft_cap_log2,
                     row_hi, row_lo, offs_d, BLOCK_N, PAGE_SIZE, PAGED, INDEX_ASM, SOFTCAP, True, CAUSAL, WINDOW)
 
-        _finish_tile(acc, m_i, l_i, task_v_scale, partial, wp, rem, tasks_per_item, O, LSE, TMP_O, TMP_LSE,
-                     SPLITS, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
+        _finish_tile(acc, m_i, l_i, task_v_scale, partial, split, first, n_chunks, rem, tasks_per_item, O, LSE,
+                     TMP_O, TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT)
         task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
 

@@ -15,7 +15,7 @@ ones of the attention kernel (same WORK / SPLITS layout, same planner).
 import triton
 import triton.language as tl
 
-from .attention import _finish_tile, _load_item, _load_page_index, _merge_partials, _reset_counters
+from .attention import _finish_tile, _load_item, _load_page_index, _merge_partials, _reset_counters, _split_entry
 
 
 @triton.jit
@@ -88,6 +88,9 @@ def mla_kernel(
         item = task // n_hsplit
         hsplit = task % n_hsplit
         wp, q_start, q_len, kv_base, kv_start, kv_end, diag, partial = _load_item(WORK, item)
+        split, first, n_chunks = 0, 0, 0  # (a second launch merges split tiles: no split entry needed)
+        if not DEFER_MERGE:
+            split, first, n_chunks = _split_entry(wp, SPLITS, partial)
 
         head = hsplit * heads_per_prog + sub
         row_valid = (tok < q_len) & (head < num_heads)
@@ -114,8 +117,8 @@ def mla_kernel(
                                        stride_cp, stride_cs, stride_pp, stride_ps, qk_scale, row_hi, offs_c,
                                        offs_p, BLOCK_N, PAGE_SIZE, INDEX_ASM, True, CAUSAL)
 
-        _finish_tile(acc, m_i, l_i, ckv_scale, partial, wp, hsplit, n_hsplit, O, LSE, TMP_O, TMP_LSE, SPLITS,
-                     ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
+        _finish_tile(acc, m_i, l_i, ckv_scale, partial, split, first, n_chunks, hsplit, n_hsplit, O, LSE, TMP_O,
+                     TMP_LSE, ARRIVALS, q_len, tok, q_row, head, row_valid, offs_c, stride_ot, stride_oh, stride_lt,
                      stride_tt, stride_th, stride_tl, BLOCK_M, D_CKV, WRITE_LSE, MERGE_UNROLL,
                      DEFER_MERGE=DEFER_MERGE)
         task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
