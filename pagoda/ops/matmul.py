@@ -77,7 +77,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] * (2 if act else 1):
         raise ValueError(f"weight must be [N, K] with K = x.shape[-1]{' / 2 (silu_and_mul)' if act else ''}; got "
                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if not x.dtype.is_floating_point or weight.dtype != x.dtype or weight.device != x.device:
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
     n, k = weight.shape
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)

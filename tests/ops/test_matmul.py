@@ -54,6 +54,8 @@ def test_linear_dispatch_and_bad_input(monkeypatch):
         pagoda.ops.linear(x, torch.randn(16, 31, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="weight"):
         pagoda.ops.linear(x, w.float())
+    with pytest.raises(ValueError, match="x must be a floating"):
+        pagoda.ops.linear(torch.ones(2, 32, dtype=torch.int32), w)
     with pytest.raises(ValueError, match="bias"):
         pagoda.ops.linear(x, w, torch.randn(15, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out"):
