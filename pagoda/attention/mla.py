@@ -163,7 +163,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         if self._use_cuda_graph:  # a captured graph replays one kernel: the first plan's choice stays
             if self._graph_sm90 is None:
                 self._graph_sm90 = sm90
-            elif self._graph_sm90 and not mla_sm90_supported(self.device, head_dim_ckv, head_dim_kpe, q_dtype):
+            elif self._graph_sm90 and not sm90:
                 raise ValueError("this CUDA-graph wrapper was planned for the Gluon MLA kernel; head dims and "
                                  "dtypes must stay those of its first plan")
             sm90 = self._graph_sm90
