@@ -1,0 +1,97 @@
+"""Where the time of a small decode goes (device): the engine's batch-1 step runs 32 decodes of 1 x 1024 at
+~15.7 us each (profile, session 10), for 4 MB of KV that the copy bandwidth moves in ~1 us.
+
+Times pagoda's decode (32 / 8 heads, head_dim 128, page 16, bf16) at a few small shapes, each with
+  grid     the persistent grid (SMs x programs per SM: idle programs only fetch a task id and count
+           themselves out), one program per SM, or exactly one program per task;
+  chunk    the planner's KV chunk length, or a forced one;
+as CUDA-graph replays with L2 flushed (bench.attention.gpu_time), next to an empty kernel's replay (what a
+replay costs by itself).
+
+    python scripts/decode_latency_probe.py            # the table
+    python scripts/decode_latency_probe.py --ncu      # eager launches only, for ncu (default variant first:
+        ncu --clock-control none -k regex:attention_kernel --metrics gpu__time_duration.sum python ... --ncu)
+"""
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+import pagoda
+from pagoda.attention import plan as plan_mod
+from pagoda.attention import runner
+from pagoda.bench.attention import PagedSetup, gpu_time
+
+HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
+CASES = [(1, 1024), (1, 4096), (4, 1024), (1, 32768)]
+_small, _large, _programs = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len, runner.num_programs
+
+
+@triton.jit
+def _empty_kernel(X):
+    tl.store(X + tl.program_id(0), 1)
+
+
+def variant(grid: str, chunk: int | None):
+    """Patch the planner and the grid size for the next plan() of a fresh wrapper."""
+    plan_mod._choose_chunk_len_small = (lambda *a: chunk) if chunk else _small
+    plan_mod._choose_chunk_len = (lambda *a: chunk) if chunk else _large
+    if grid == "persistent":
+        runner.num_programs = _programs
+    elif grid == "per-SM":
+        runner.num_programs = lambda dev, cfg: _programs(dev, cfg) // cfg.ctas_per_sm
+    else:  # "per-task": set after the plan knows its task count (below)
+        runner.num_programs = _programs
+
+
+def build(b, ctx, grid, chunk, ws):
+    s = PagedSetup([ctx] * b, HK, D, PS, DT)
+    q = torch.randn(b, HQ, D, dtype=DT, device="cuda")
+    variant(grid, chunk)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+    w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+    if grid == "per-task":
+        tasks = len(w._plan.work.work) * HK  # (one head split per KV head: the whole group in one program)
+        runner.num_programs = lambda dev, cfg: tasks
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+    variant("persistent", None)
+    return s, q, w
+
+
+def main():
+    ncu = "--ncu" in sys.argv
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    x = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    if not ncu:
+        t_empty = gpu_time(lambda: _empty_kernel[(1,)](x)) * 1e6
+        t_empty528 = gpu_time(lambda: _empty_kernel[(528,)](x)) * 1e6
+        print(f"# empty kernel replay: 1 program {t_empty:.1f} us, 528 programs {t_empty528:.1f} us")
+        print(f"{'case':9s} {'grid':>10s} {'chunk':>6s} {'programs':>8s} {'tasks':>6s} {'us':>7s}")
+    variants = [("persistent", None), ("per-SM", None), ("per-task", None), ("persistent", 64),
+                ("persistent", 256), ("per-task", 64)]
+    for b, ctx in CASES:
+        ref = None
+        for grid, chunk in variants:
+            if ncu and (b, ctx) != (1, 1024):
+                continue
+            s, q, w = build(b, ctx, grid, chunk, ws)
+            out = w.run(q, s.cache)
+            if ref is None:
+                ref = out
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, f"{b}x{ctx} {grid} {chunk}: output differs ({err:.3g})"
+            if ncu:
+                for _ in range(3):
+                    w.run(q, s.cache, out=out)
+                torch.cuda.synchronize()
+                print(f"# ncu launches (1 + 3): {b}x{ctx} grid {grid} chunk {chunk} programs {w._plan.grid}")
+                continue
+            t = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+            print(f"{b}x{ctx:<7d} {grid:>10s} {str(w._plan.work.chunk_len):>6s} {w._plan.grid:8d} "
+                  f"{len(w._plan.work.work) * HK:6d} {t:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
