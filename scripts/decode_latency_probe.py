@@ -47,7 +47,7 @@ def variant(grid: str, chunk: int | None):
 
 def build(b, ctx, grid, chunk, ws):
     s = PagedSetup([ctx] * b, HK, D, PS, DT)
-    q = torch.randn(b, HQ, D, dtype=DT, device="cuda")
+    q = torch.randn(b, HQ, D, generator=torch.Generator().manual_seed(1)).to(DT).cuda()  # same q per variant
     variant(grid, chunk)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
     w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
@@ -60,6 +60,19 @@ def build(b, ctx, grid, chunk, ws):
     return s, q, w
 
 
+def reference(s, q):
+    """float64 decode of every request of setup s (float64, on the GPU)."""
+    outs = []
+    for r, n in enumerate(s.kv_lens):
+        pages = s.indices[s.indptr[r]:s.indptr[r + 1]].long().cuda()
+        k = s.cache[pages, 0].reshape(-1, HK, D)[:n].double()
+        v = s.cache[pages, 1].reshape(-1, HK, D)[:n].double()
+        qq = q[r].double().view(HK, HQ // HK, D)
+        p = (torch.einsum("hgd,nhd->hgn", qq, k) / D ** 0.5).softmax(-1)
+        outs.append(torch.einsum("hgn,nhd->hgd", p, v).reshape(HQ, D))
+    return torch.stack(outs)
+
+
 def main():
     ncu = "--ncu" in sys.argv
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -70,18 +83,15 @@ def main():
         print(f"# empty kernel replay: 1 program {t_empty:.1f} us, 528 programs {t_empty528:.1f} us")
         print(f"{'case':9s} {'grid':>10s} {'chunk':>6s} {'programs':>8s} {'tasks':>6s} {'us':>7s}")
     variants = [("persistent", None), ("per-SM", None), ("per-task", None), ("persistent", 64),
-                ("persistent", 256), ("per-task", 64)]
+                ("persistent", 256), ("per-task", 64), ("per-SM", 128), ("persistent", 32)]
     for b, ctx in CASES:
-        ref = None
         for grid, chunk in variants:
             if ncu and (b, ctx) != (1, 1024):
                 continue
             s, q, w = build(b, ctx, grid, chunk, ws)
             out = w.run(q, s.cache)
-            if ref is None:
-                ref = out
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            assert err < 1e-2, f"{b}x{ctx} {grid} {chunk}: output differs ({err:.3g})"
+            ref = reference(s, q)  # (each build draws its own cache)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
             if ncu:
                 for _ in range(3):
                     w.run(q, s.cache, out=out)
@@ -89,8 +99,10 @@ def main():
                 print(f"# ncu launches (1 + 3): {b}x{ctx} grid {grid} chunk {chunk} programs {w._plan.grid}")
                 continue
             t = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+            err2 = ((out.double() - ref).norm() / ref.norm()).item()
+            bad = "" if max(err, err2) < 1e-2 else f"  WRONG: rel. error {err:.3g} eager, {err2:.3g} replayed"
             print(f"{b}x{ctx:<7d} {grid:>10s} {str(w._plan.work.chunk_len):>6s} {w._plan.grid:8d} "
-                  f"{len(w._plan.work.work) * HK:6d} {t:7.1f}", flush=True)
+                  f"{len(w._plan.work.work) * HK:6d} {t:7.1f}{bad}", flush=True)
 
 
 if __name__ == "__main__":

@@ -204,3 +204,24 @@ def test_small_m_linear_real_sizes(rows, n, k, act, bias):
         h = (g * torch.sigmoid(g) * u).bfloat16().double()
     ref = h @ w.double().T + (b.double() if bias else 0.0)
     assert rel(out, ref) < 1.2e-2
+
+
+@pytest.mark.parametrize("fused_add", [False, True])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_small_m_linear_rmsnorm_real_sizes(fused_add, pdl):
+    """The input norm (and residual add) inside the qkv projection at Llama-3.1-8B size (6144 x 4096), with and
+    without a programmatic dependent launch, against float64; outputs poisoned first."""
+    k, n = 4096, 6144
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") * 3 + 0.5
+    r = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") if fused_add else None
+    g = torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    r_out = torch.full((1, k), float("nan"), dtype=torch.bfloat16, device="cuda") if fused_add else None
+    pagoda.ops.linear(x, w, out=out, small_m=True, pdl=pdl, norm_weight=g, eps=1e-5, residual=r, residual_out=r_out)
+    h = (x.float() + r.float()).bfloat16() if fused_add else x
+    if fused_add:
+        assert torch.equal(r_out, h)
+    hd = h.double()
+    ref = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()) @ w.double().T
+    assert rel(out, ref) < 1.2e-2
