@@ -65,6 +65,23 @@ def main():
             label = {"cublas": "cublas", False: "no PDL", True: "PDL"}[mode]
             print(f"{name:10s} {label:8s} {t:8.2f} {nbytes / t / 1e3:7.0f}", flush=True)
 
+    # the fused variants of a single projection (kernels/matmul.py NORM, ACT), one kernel per replay
+    g = torch.rand(4096, dtype=dt, device="cuda") + 0.5
+    r = torch.randn(1, 4096, dtype=dt, device="cuda")
+    ro = torch.empty_like(r)
+    h2 = torch.randn(1, 2 * 14336, dtype=dt, device="cuda")
+    h1 = torch.randn(1, 14336, dtype=dt, device="cuda")
+    wd = torch.randn(4096, 14336, dtype=dt, device="cuda") / 128
+    lin = pagoda.ops.linear
+    for name, fn in (("qkv", lambda: lin(x0, wqkv[0], small_m=True)),
+                     ("qkv+norm", lambda: lin(x0, wqkv[0], small_m=True, norm_weight=g)),
+                     ("qkv+add+norm", lambda: lin(x0, wqkv[0], small_m=True, norm_weight=g, residual=r,
+                                                  residual_out=ro)),
+                     ("down", lambda: lin(h1, wd, small_m=True)),
+                     ("down+act", lambda: lin(h2, wd, small_m=True, activation="silu_and_mul")),
+                     ("down cublas", lambda: torch.nn.functional.linear(h1, wd))):
+        print(f"{name:14s} {gpu_time(fn, name) * 1e6:8.2f} us", flush=True)
+
 
 if __name__ == "__main__":
     main()
