@@ -22,9 +22,10 @@ def main():
     q = torch.randn(b, hq, d, dtype=torch.bfloat16, device="cuda")
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
-    out = w.run(q, s.cache)
+    sc = dict(k_scale=1.0, v_scale=1.0) if kv_dtype.itemsize == 1 else {}
+    out = w.run(q, s.cache, **sc)
     for _ in range(4):
-        w.run(q, s.cache, out=out)
+        w.run(q, s.cache, out=out, **sc)
     torch.cuda.synchronize()
     print(f"{b}x{ctx} {kv_dtype}: grid {w._plan.grid}, config {w._plan.config}")
 
