@@ -75,7 +75,8 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
+            enable_pdl: bool | None = None):
         """q: [batch, num_qo_heads, head_dim]; paged_kv_cache: [max_num_pages, 2, page_size,
         num_kv_heads, head_dim] (NHD; HND swaps page_size and num_kv_heads) or a (k, v) tuple of
         [max_num_pages, page_size, num_kv_heads, head_dim].
@@ -83,8 +84,10 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
         float32 base-2 log-sum-exp when return_lse.
         k_scale / v_scale: the cache holds K / k_scale and V / v_scale (a float, or a float32 tensor
         of per-KV-head scales); required for an fp8 cache (kv_data_type=torch.float8_e4m3fn or
-        float8_e5m2 in plan()), which the kernel dequantizes after the load."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
+        float8_e5m2 in plan()), which the kernel dequantizes after the load.
+        enable_pdl: launch the kernel as a programmatic dependent launch on a Hopper GPU (it may start while
+        the kernel before it runs, and waits for it before touching memory: ops/kernels/pdl.py); None: off."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
 
     forward = run
 

@@ -72,12 +72,14 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
+            enable_pdl: bool | None = None):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; paged_kv_cache as in the decode wrapper.
         Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse.
         k_scale / v_scale: the cache holds K / k_scale and V / v_scale (float, or float32 per-KV-head
-        tensor); required when kv_data_type is fp8, 1.0 by default otherwise."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale)
+        tensor); required when kv_data_type is fp8, 1.0 by default otherwise. enable_pdl: as the decode
+        wrapper's (the Triton kernel only; the sm_90 prefill kernel ignores it)."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
 
     forward = run
 
@@ -198,7 +200,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
-def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None):
+def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None,
+              enable_pdl=None):
     """run() of the paged wrappers (decode and prefill share it)."""
     p = wrapper._require_plan()
     wrapper._check_q(q, p)
@@ -218,7 +221,7 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, 
         wrapper._run_reference(q, kv_of, out, lse, p, scales)
     else:
         wrapper._launch(q, k, v, paged_strides(k, wrapper._kv_layout), paged_strides(v, wrapper._kv_layout),
-                        out, lse, p, scales)
+                        out, lse, p, scales, enable_pdl)
     return (out, lse) if return_lse else out
 
 

@@ -25,6 +25,7 @@ from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check
 from .kernels import decode_fp8, prefill_sm90
 from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
+from ..ops._dispatch import pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
@@ -530,9 +531,10 @@ class BatchAttention:
         return (check_kv_scale("k_scale", k_scale, p.num_kv_heads, self.device, fp8),
                 check_kv_scale("v_scale", v_scale, p.num_kv_heads, self.device, fp8))
 
-    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None) -> None:
+    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None, enable_pdl=None) -> None:
         """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
-        scales: the result of _kv_scales (None: 1.0)."""
+        scales: the result of _kv_scales (None: 1.0); enable_pdl: launch the Triton attention kernel as a
+        programmatic dependent launch on a Hopper GPU (ops/kernels/pdl.py; the Gluon kernels ignore it)."""
         lse_arg = lse if lse is not None else p.tmp_lse
         (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
         per_head = kt is not None or vt is not None
@@ -544,7 +546,7 @@ class BatchAttention:
         vparams = var.params_on(self.device) if var is not None else None
         try:
             self._launch_kernel(q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head,
-                                dummy, vparams)
+                                dummy, vparams, enable_pdl)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is named, with the cause
             if var is None or isinstance(e, ValueError):
                 raise
@@ -552,7 +554,7 @@ class BatchAttention:
                              f"{type(e).__name__}: {e}") from e
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
-                       vparams):
+                       vparams, enable_pdl=None):
         if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
             prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
@@ -577,6 +579,7 @@ class BatchAttention:
             q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
             *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
             WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
+            **pdl_launch(enable_pdl, q),
         )
 
     def _can_merge_into_out(self) -> bool:

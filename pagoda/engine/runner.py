@@ -19,6 +19,7 @@ import torch
 
 import pagoda
 
+from ..ops._dispatch import pdl_default
 from .config import ModelConfig
 from .sampler import sample_collect, sample_launch
 
@@ -172,6 +173,7 @@ class _Context:
 
     def __init__(self, runner, attn, dev: _DeviceInputs):
         self.runner, self.attn, self.dev = runner, attn, dev
+        self.pdl = runner.pdl
 
     def attention(self, layer: int, q, k, v, rope=None):
         """q [t, hq, d], k / v [t, hk, d]; rope: (cos_sin_cache, is_neox) at the step's positions. pagoda's
@@ -183,13 +185,15 @@ class _Context:
         if rope is not None and self.attn.fused_rope:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
-                d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False)
+                d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],
                                                              rope[0], is_neox=rope[1])
             self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
                              d.kv_last_page_len)
+        if self.pdl and type(self.attn) is _PagodaAttention:  # (PAGODA_PDL: the plain wrapper's Triton kernel)
+            return self.attn.wrapper.run(q, cache, enable_pdl=True)
         return self.attn.run(q, cache)
 
 
@@ -344,6 +348,7 @@ class ModelRunner:
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.page_size, self.num_pages = page_size, num_pages
         self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
+        self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
         self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim, dtype=dtype,
                                       device=self.device) for _ in range(config.num_layers)]
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)

@@ -1,6 +1,7 @@
 """Shared host checks of the ops: which backend runs, and row views of [..., hidden] tensors."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,3 +26,27 @@ def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, t.shape[-1])
     except RuntimeError as e:
         raise ValueError(f"{name}: leading dimensions must flatten without a copy ({e})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def pdl_launch(enable_pdl, t: torch.Tensor) -> dict:
+    """Launch arguments of a kernel with a PDL constexpr (kernels/pdl.py): {"PDL": True, "launch_pdl": True}
+    for a programmatic dependent launch when enable_pdl is set and t is on a Hopper-or-later GPU (griddepcontrol
+    is sm_90 PTX), else {"PDL": False}. enable_pdl None is off (FlashInfer's ops take None as "where the device
+    supports it"; here the caller opts in: the engine's decode steps do)."""
+    if enable_pdl and t.device.type == "cuda" and _capability_major(t.device) >= 9:
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+def pdl_default() -> bool:
+    """Whether the engine launches its decode-path Triton kernels as programmatic dependent launches
+    (PAGODA_PDL=1 / 0; models/llama.py and engine/runner.py read it when they are built)."""
+    env = os.environ.get("PAGODA_PDL", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"PAGODA_PDL must be 0 or 1, got {env!r}")
+    return env == "1"

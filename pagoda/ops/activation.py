@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._dispatch import rows_view, use_triton
+from ._dispatch import pdl_launch, rows_view, use_triton
 from .kernels.activation import act_and_mul_kernel
 
 _TORCH = {
@@ -16,7 +16,7 @@ _TORCH = {
 }
 
 
-def _act_and_mul(input, out, act):
+def _act_and_mul(input, out, act, enable_pdl=None):
     if not isinstance(input, torch.Tensor) or input.dim() < 1 or input.shape[-1] % 2:
         raise ValueError(f"input must be [..., 2 * d], got {getattr(input, 'shape', input)}")
     if not input.dtype.is_floating_point:
@@ -36,20 +36,22 @@ def _act_and_mul(input, out, act):
     x2, y2 = rows_view("input", input), rows_view("out", out)
     block = min(1024, max(16, triton.next_power_of_2(d)))
     act_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act,
-                                                             BLOCK=block, num_warps=4)
+                                                             BLOCK=block, num_warps=4,
+                                                             **pdl_launch(enable_pdl, input))
     return out
 
 
 def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
-    """SwiGLU: silu(gate) * up."""
-    return _act_and_mul(input, out, 0)
+    """SwiGLU: silu(gate) * up. enable_pdl: a programmatic dependent launch on a Hopper GPU
+    (ops/kernels/pdl.py; None: off)."""
+    return _act_and_mul(input, out, 0, enable_pdl)
 
 
 def gelu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
     """GeGLU with the exact (erf) GELU."""
-    return _act_and_mul(input, out, 1)
+    return _act_and_mul(input, out, 1, enable_pdl)
 
 
 def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
     """GeGLU with the tanh approximation of GELU."""
-    return _act_and_mul(input, out, 2)
+    return _act_and_mul(input, out, 2, enable_pdl)

@@ -13,8 +13,7 @@ import os
 import torch
 import triton
 
-from ._dispatch import use_triton
-from .activation import silu_and_mul
+from ._dispatch import pdl_launch, use_triton
 from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
@@ -43,82 +42,39 @@ def small_m_projections() -> frozenset[str]:
     PAGODA_SMALL_M_LINEAR (comma-separated names, or 'none') overrides. Default qkv and o: measured on the
     H200 (session 10, `python -m pagoda.bench.engine --cases latency`, batch 1, two runs each) none 5.00 /
     5.01 ms per token, o 4.93 / 4.93, qkv + o 4.81 / 4.82 / 4.81, + down 4.81 / 4.81, + gate_up and down 5.00
-    (cuBLAS reads gate_up faster: 67.8 vs 71.8 us in pagoda.bench.linear). 'down' now also folds the MLP's
-    silu_and_mul into the projection (one launch less per layer; added after that measurement, not yet timed:
-    the fused kernel holds 255 registers where the plain one holds 56).
-
-    Two more names are switches: 'norm' puts each layer's input RMSNorm (and residual add) inside its qkv
-    projection (linear's norm_weight; with 'qkv'), 'pdl' launches the small-M kernels as programmatic
-    dependent launches (linear's pdl)."""
+    (cuBLAS reads gate_up faster: 67.8 vs 71.8 us in pagoda.bench.linear)."""
     env = os.environ.get("PAGODA_SMALL_M_LINEAR")
-    names = {"qkv", "o", "gate_up", "down", "norm", "pdl"}
+    names = {"qkv", "o", "gate_up", "down"}
     if env is None:
         return frozenset({"qkv", "o"})
     chosen = frozenset(n for n in env.split(",") if n and n != "none")
     if not chosen <= names:
-        raise ValueError(f"PAGODA_SMALL_M_LINEAR must name projections / switches among {sorted(names)} (or 'none'), "
+        raise ValueError(f"PAGODA_SMALL_M_LINEAR must name projections among {sorted(names)} (or 'none'), "
                          f"got {env!r}")
     return chosen
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
-           activation: str | None = None, pdl: bool = False, norm_weight: torch.Tensor | None = None,
-           eps: float = 1e-6, residual: torch.Tensor | None = None,
-           residual_out: torch.Tensor | None = None) -> torch.Tensor:
+           pdl: bool = False) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
-
-    activation="silu_and_mul": x is [..., 2K] = [gate | up] and the product is silu_and_mul(x) @ weight.T
-    (an MLP's down projection; the small-M kernel applies the activation on the fly, no separate launch).
-
-    norm_weight: x is first normalized, rmsnorm(x, norm_weight, eps) (a decoder layer's norm in front of its
-    projection, in the same launch on the small-M kernel); with residual (and residual_out, another tensor
-    of x's shape): h = x + residual is stored to residual_out and rmsnorm(h, norm_weight, eps) is projected,
-    as fused_add_rmsnorm and then a linear would.
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
     would round its inputs to tf32); config: (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA
     instead of SMALL_M_CONFIG (the bench sweeps them).
 
-    pdl (small-M kernel on CUDA only): launch it as a programmatic dependent launch: it may start while the
-    kernel before it in the stream runs, and waits for it before touching memory (kernels/matmul.py)."""
+    pdl (small-M kernel on a Hopper GPU): a programmatic dependent launch (kernels/pdl.py)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("x and weight must be torch.Tensors")
-    if activation not in (None, "silu_and_mul"):
-        raise ValueError(f"activation must be None or 'silu_and_mul', got {activation!r}")
-    act = activation is not None
-    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] * (2 if act else 1):
-        raise ValueError(f"weight must be [N, K] with K = x.shape[-1]{' / 2 (silu_and_mul)' if act else ''}; got "
-                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [N, K] with K = x.shape[-1]; got x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
     n, k = weight.shape
-    if norm_weight is not None:
-        if act:
-            raise ValueError("norm_weight and activation='silu_and_mul' do not combine")
-        if (not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (k,)
-                or norm_weight.device != x.device or not norm_weight.dtype.is_floating_point):
-            raise ValueError(f"norm_weight must be a floating [{k}] tensor on {x.device}, got "
-                             f"{getattr(norm_weight, 'dtype', type(norm_weight))} "
-                             f"{tuple(getattr(norm_weight, 'shape', ()))}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if residual is not None or residual_out is not None:
-        if norm_weight is None:
-            raise ValueError("residual needs norm_weight (the fused add + rmsnorm in front of the projection)")
-        for name, t in (("residual", residual), ("residual_out", residual_out)):
-            if (not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != x.dtype
-                    or t.device != x.device):
-                raise ValueError(f"{name} must be a {x.dtype} tensor of x's shape {tuple(x.shape)} on {x.device}, "
-                                 f"got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-        if residual_out.data_ptr() == residual.data_ptr() or residual_out.data_ptr() == x.data_ptr():
-            raise ValueError("residual_out must not alias residual or x (every program reads them while one "
-                             "writes the sum)")
-        if not residual_out.is_contiguous():
-            raise ValueError("residual_out must be contiguous")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)
                              or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be {x.dtype} [{n}] on {x.device}, got "
@@ -135,14 +91,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"the small-M kernel takes at most {SMALL_M_MAX_ROWS} rows, x has {rows}")
     if (not small_m or not use_triton(x) or rows == 0 or k == 0
             or x.dtype not in (torch.float16, torch.bfloat16)):
-        if norm_weight is not None:
-            from .norm import rmsnorm
-
-            if residual is not None:
-                residual_out.copy_((x.float() + residual.float()).to(x.dtype))
-                x = residual_out
-            x = rmsnorm(x, norm_weight, eps)
-        y = torch.nn.functional.linear(silu_and_mul(x) if act else x, weight, bias)
+        y = torch.nn.functional.linear(x, weight, bias)
         if out is None:
             return y
         out.copy_(y)
@@ -155,19 +104,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     y2 = out.view(rows, n)
     bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
-    pdl = bool(pdl) and x.is_cuda  # (griddepcontrol is PTX: not in the interpreter)
-    extra = {"launch_pdl": True} if pdl else {}
-    norm = 0 if norm_weight is None else 1 if residual is None else 2
-    if norm:
-        extra.update(G=norm_weight, eps=float(eps))
-    if norm == 2:
-        r2 = residual.reshape(rows, k)
-        ro2 = residual_out.view(rows, k)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-        extra.update(R=r2, R_OUT=ro2, stride_rm=r2.stride(0), stride_rom=ro2.stride(0))
     linear_small_m_kernel[(triton.cdiv(n, bn),)](
         x2, w, bias if bias is not None else w, y2, rows, n, k, x2.stride(0), w.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, ACT=int(act),
-        PDL=pdl, NORM=norm, num_warps=warps, num_stages=stages, **extra)
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
+        num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
     return out

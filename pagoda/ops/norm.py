@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._dispatch import check_same, rows_view, use_triton
+from ._dispatch import check_same, pdl_launch, rows_view, use_triton
 from .kernels.norm import rmsnorm_kernel
 
 
@@ -27,7 +27,7 @@ def _check(input, weight, name="input"):
         raise ValueError(f"{name} must be a floating tensor, got {input.dtype}")
 
 
-def _norm(input, weight, eps, out, offset):
+def _norm(input, weight, eps, out, offset, enable_pdl=None):
     _check(input, weight)
     if out is None:
         out = torch.empty_like(input)
@@ -44,11 +44,11 @@ def _norm(input, weight, eps, out, offset):
     hidden = input.shape[-1]
     rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, y2, hidden, x2.stride(0), x2.stride(0), y2.stride(0),
                                    float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=False,
-                                   num_warps=4)
+                                   num_warps=4, **pdl_launch(enable_pdl, input))
     return out
 
 
-def _fused(input, residual, weight, eps, offset):
+def _fused(input, residual, weight, eps, offset, enable_pdl=None):
     _check(input, weight)
     check_same("residual", residual, input)
     if input.numel() == 0:
@@ -64,28 +64,29 @@ def _fused(input, residual, weight, eps, offset):
     hidden = input.shape[-1]
     rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, x2, hidden, x2.stride(0), r2.stride(0), x2.stride(0),
                                    float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=True,
-                                   num_warps=4)
+                                   num_warps=4, **pdl_launch(enable_pdl, input))
 
 
 def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
             enable_pdl: bool | None = None) -> torch.Tensor:
-    """out = input / sqrt(mean(input^2) + eps) * weight."""
-    return _norm(input, weight, eps, out, 0.0)
+    """out = input / sqrt(mean(input^2) + eps) * weight. enable_pdl: a programmatic dependent launch on a
+    Hopper GPU (ops/kernels/pdl.py; None: off)."""
+    return _norm(input, weight, eps, out, 0.0, enable_pdl)
 
 
 def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                       enable_pdl: bool | None = None) -> None:
-    """In place: residual <- input + residual; input <- rmsnorm(residual) * weight."""
-    _fused(input, residual, weight, eps, 0.0)
+    """In place: residual <- input + residual; input <- rmsnorm(residual) * weight (enable_pdl: as rmsnorm's)."""
+    _fused(input, residual, weight, eps, 0.0, enable_pdl)
 
 
 def gemma_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
                   enable_pdl: bool | None = None) -> torch.Tensor:
     """Gemma's form: out = input / sqrt(mean(input^2) + eps) * (1 + weight)."""
-    return _norm(input, weight, eps, out, 1.0)
+    return _norm(input, weight, eps, out, 1.0, enable_pdl)
 
 
 def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                             eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
     """In place: residual <- input + residual; input <- gemma_rmsnorm(residual)."""
-    _fused(input, residual, weight, eps, 1.0)
+    _fused(input, residual, weight, eps, 1.0, enable_pdl)

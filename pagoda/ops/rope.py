@@ -18,7 +18,7 @@ import math
 import torch
 import triton
 
-from ._dispatch import use_triton
+from ._dispatch import pdl_launch, use_triton
 from ..attention.formats import FP8_DTYPES, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from .kernels.rope import rope_append_kernel, rope_kernel
 from .page import append_paged_kv_cache, get_batch_indices_positions
@@ -203,13 +203,15 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
 
 def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_size: int, cos_sin_cache,
                                              is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
-                                             kv_last_page_len, kv_layout: str = "NHD", check: bool = True) -> None:
+                                             kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
+                                             enable_pdl: bool | None = None) -> None:
     """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and
     of value, in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and
     ``key`` itself is left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value
     [nnz, kv_heads * head_size] or [nnz, kv_heads, head_size]; the cache and page-table arguments (and
     ``check``) as in append_paged_kv_cache. 16-bit caches only (an fp8 cache quantizes on write with
-    scales: use the two ops)."""
+    scales: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch on a
+    Hopper GPU (ops/kernels/pdl.py; None: off)."""
     q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
     if not isinstance(value, torch.Tensor) or value.shape[0] != key.shape[0] or value.numel() != key.numel():
         raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
@@ -244,4 +246,4 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
         BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        INTERLEAVE=not is_neox, num_warps=4)
+        INTERLEAVE=not is_neox, num_warps=4, **pdl_launch(enable_pdl, q))

@@ -71,80 +71,17 @@ def test_linear_dispatch_and_bad_input(monkeypatch):
         linear_mod.small_m_projections()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 37, 70)])
-def test_small_m_kernel_silu_and_mul(dtype, rows, n, k):
-    """activation='silu_and_mul': x = [gate | up] (2K columns), silu(gate) * up applied inside the kernel, K
-    masked or not; against float64 (with the activation rounded to dtype, as the separate op stores it), and
-    the torch path gives the same."""
-    x = torch.randn(rows, 2 * k, dtype=dtype, device=DEVICE) * 2
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-    out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
-    pagoda.ops.linear(x, w, out=out, small_m=True, activation="silu_and_mul")
-    g, u = x[:, :k].double(), x[:, k:].double()
-    h = (g * torch.sigmoid(g) * u).to(dtype).double()
-    assert rel(out, h @ w.double().T) < TOL[dtype]
-    torch_path = pagoda.ops.linear(x, w, small_m=False, activation="silu_and_mul")
-    assert rel(torch_path, h @ w.double().T) < TOL[dtype]
-    with pytest.raises(ValueError, match="silu_and_mul"):
-        pagoda.ops.linear(x[:, :k], w, activation="silu_and_mul")
-    with pytest.raises(ValueError, match="activation"):
-        pagoda.ops.linear(x, w, activation="gelu")
+def test_pdl_switches(monkeypatch):
+    """A programmatic dependent launch only on a CUDA GPU of compute capability 9 or more (the interpreter and
+    the CPU launch without); PAGODA_PDL takes 0 or 1."""
+    from pagoda.ops._dispatch import pdl_default, pdl_launch
 
-
-def _rms_ref(h, g, eps):
-    h = h.double()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * g.double()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (3, 37, 70), (16, 33, 100)])
-@pytest.mark.parametrize("fused_add", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_small_m_kernel_rmsnorm(dtype, rows, n, k, fused_add, bias):
-    """norm_weight: rmsnorm(x) (or, with residual, of h = x + residual, which lands in residual_out) in front
-    of the projection, inside the kernel: against float64; x, residual and norm weight random with a non-zero
-    mean (the norm is not the identity), outputs poisoned; the torch path gives the same."""
-    x = torch.randn(rows, k, dtype=dtype, device=DEVICE) * 3 + 0.5
-    r = torch.randn(rows, k, dtype=dtype, device=DEVICE) * 2 if fused_add else None
-    g = torch.rand(k, dtype=dtype, device=DEVICE) + 0.5
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
-    eps = 1e-5
-    h = (x.double() + r.double()).to(dtype) if fused_add else x
-    ref = _rms_ref(h, g, eps) @ w.double().T + (b.double() if bias else 0.0)
-    for small_m in (True, False):
-        out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
-        r_out = torch.full((rows, k), float("nan"), dtype=dtype, device=DEVICE) if fused_add else None
-        pagoda.ops.linear(x, w, b, out=out, small_m=small_m, norm_weight=g, eps=eps, residual=r, residual_out=r_out)
-        assert rel(out, ref) < TOL[dtype], small_m
-        if fused_add:  # x + residual rounded to the dtype (to nearest on the GPU; Triton's interpreter truncates
-            # float32 -> bfloat16 whatever the rounding asked for: one unit in the last place there)
-            if DEVICE.type == "cuda" or not small_m:
-                assert torch.equal(r_out.cpu(), h.cpu())
-            else:
-                ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
-                assert ((r_out.double() - h.double()).abs() <= h.double().abs() * ulp).all()
-
-
-def test_small_m_rmsnorm_bad_input():
-    x = torch.randn(1, 32, dtype=torch.bfloat16)
-    w = torch.randn(16, 32, dtype=torch.bfloat16)
-    g = torch.ones(32, dtype=torch.bfloat16)
-    r = torch.randn(1, 32, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="norm_weight"):
-        pagoda.ops.linear(x, w, norm_weight=torch.ones(31))
-    with pytest.raises(ValueError, match="norm_weight"):
-        pagoda.ops.linear(x, w, norm_weight=torch.ones(32, dtype=torch.int32))
-    with pytest.raises(ValueError, match="eps"):
-        pagoda.ops.linear(x, w, norm_weight=g, eps=-1.0)
-    with pytest.raises(ValueError, match="residual needs norm_weight"):
-        pagoda.ops.linear(x, w, residual=r, residual_out=torch.empty_like(r))
-    with pytest.raises(ValueError, match="residual_out"):
-        pagoda.ops.linear(x, w, norm_weight=g, residual=r)
-    with pytest.raises(ValueError, match="residual_out must not alias"):
-        pagoda.ops.linear(x, w, norm_weight=g, residual=r, residual_out=r)
-    with pytest.raises(ValueError, match="residual must be"):
-        pagoda.ops.linear(x, w, norm_weight=g, residual=r.float(), residual_out=torch.empty_like(r))
-    with pytest.raises(ValueError, match="do not combine"):
-        pagoda.ops.linear(torch.randn(1, 64, dtype=torch.bfloat16), w, norm_weight=g, activation="silu_and_mul")
+    assert pdl_launch(True, torch.zeros(1)) == {"PDL": False}
+    assert pdl_launch(None, torch.zeros(1)) == {"PDL": False}
+    monkeypatch.setenv("PAGODA_PDL", "1")
+    assert pdl_default() is True
+    monkeypatch.setenv("PAGODA_PDL", "0")
+    assert pdl_default() is False
+    monkeypatch.setenv("PAGODA_PDL", "yes")
+    with pytest.raises(ValueError, match="PAGODA_PDL"):
+        pdl_default()

@@ -29,6 +29,8 @@ CUDA graph can replay after any new plan.
 import triton
 import triton.language as tl
 
+from ...ops.kernels.pdl import pdl_enter
+
 WORK_FIELDS = 9
 SPLIT_FIELDS = 2
 # The plan's int32 buffer (one host-to-device copy per plan): a header of NUM_COUNTERS ints, then the work
@@ -388,12 +390,15 @@ def attention_kernel(
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
     VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr, MERGE_OUT: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
     The cache holds K / k_scale and V / v_scale (fp8 caches; 1.0 otherwise): k_scale
     multiplies the logits' scale, v_scale the output; with SCALE_PTR they are also
-    multiplied by per-KV-head factors K_SCALE[h * stride_ksh], V_SCALE[h * stride_vsh]."""
+    multiplied by per-KV-head factors K_SCALE[h * stride_ksh], V_SCALE[h * stride_vsh].
+    PDL: a programmatic dependent launch (ops/kernels/pdl.py)."""
+    pdl_enter(PDL)
     n_hsplit = tl.cdiv(group_size, heads_per_prog)
     tasks_per_item = num_kv_heads * n_hsplit
     num_tasks = tl.load(COUNTERS + 2)
@@ -482,7 +487,9 @@ def attention_kernel(
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, split, first, n_chunks, rem, tasks_per_item, O, LSE,
                      TMP_O, TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT)
-        task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1)
+        # relaxed: a task id orders nothing (the work list is read-only; partial results are published by the
+        # arrival counter's acq_rel), and acq_rel here cost a fence (waiting for this task's stores) per task
+        task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1, sem="relaxed")
 
     _reset_counters(COUNTERS)
 

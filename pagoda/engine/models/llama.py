@@ -15,25 +15,15 @@ import torch.nn as nn
 import pagoda
 
 from ..config import ModelConfig
+from ...ops._dispatch import pdl_default
 from ...ops.matmul import small_m_projections
 
 
-def _small_m(small_m: bool, x: torch.Tensor) -> bool:
-    return small_m and x.shape[0] == 1 and x.is_cuda
-
-
-def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, norm=None, pdl: bool = False) -> torch.Tensor:
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
-    the weight read once, no split-K launch pair; ops/matmul.py). norm (small-M only): (RMSNorm, residual,
-    residual_out), the norm in front of the projection, in the same launch (residual None: no add); pdl: a
-    programmatic dependent launch (ops/matmul.py)."""
-    if _small_m(small_m, x):
-        if norm is None:
-            return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl)
-        ln, res, res_out = norm
-        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, norm_weight=ln.weight,
-                                 eps=ln.eps, residual=res, residual_out=res_out)
-    assert norm is None
+    the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl."""
+    if small_m and x.shape[0] == 1 and x.is_cuda:
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl)
     return layer(x)
 
 
@@ -42,12 +32,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.pdl = pdl_default()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with residual: residual += x and x <- norm(residual), in place (returns both)."""
         if residual is None:
-            return pagoda.rmsnorm(x, self.weight, self.eps)
-        pagoda.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return pagoda.rmsnorm(x, self.weight, self.eps, enable_pdl=self.pdl)
+        pagoda.fused_add_rmsnorm(x, residual, self.weight, self.eps, enable_pdl=self.pdl)
         return x, residual
 
 
@@ -80,12 +71,11 @@ class Attention(nn.Module):
         self.qk_norm = c.qk_norm
         small_m = small_m_projections()
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
-        self.pdl = "pdl" in small_m
+        self.pdl = pdl_default()
 
-    def forward(self, x, positions, cos_sin, ctx, norm=None):
-        """norm: the layer's input norm, to apply inside the qkv projection (_project)."""
+    def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        qkv = _project(self.qkv_proj, x, self.small_m_qkv, norm, self.pdl)
+        qkv = _project(self.qkv_proj, x, self.small_m_qkv, self.pdl)
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
@@ -93,7 +83,7 @@ class Attention(nn.Module):
         # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can)
         o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
                           v.view(t, self.hk, self.d), rope=(cos_sin, True))
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, pdl=self.pdl)
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl)
 
 
 class MLP(nn.Module):
@@ -103,14 +93,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         small_m = small_m_projections()
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
-        self.pdl = "pdl" in small_m
+        self.pdl = pdl_default()
 
     def forward(self, x):
-        h = _project(self.gate_up_proj, x, self.small_m_gate_up, pdl=self.pdl)
-        if _small_m(self.small_m_down, h):  # the activation inside the down projection
-            return pagoda.ops.linear(h, self.down_proj.weight, self.down_proj.bias, small_m=True,
-                                     activation="silu_and_mul", pdl=self.pdl)
-        return self.down_proj(pagoda.silu_and_mul(h))
+        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl)
+        return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl)
 
 
 class DecoderLayer(nn.Module):
@@ -120,17 +107,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        small_m = small_m_projections()
-        self.fuse_input_norm = "norm" in small_m and "qkv" in small_m
 
     def forward(self, x, residual, positions, cos_sin, ctx):
-        if self.fuse_input_norm and _small_m(True, x):
-            # the input norm (and the residual add) inside the qkv projection's kernel: one launch less
-            new_residual = x if residual is None else torch.empty_like(residual)
-            norm = (self.input_layernorm, residual, None if residual is None else new_residual)
-            x = self.self_attn(x, positions, cos_sin, ctx, norm=norm)
-            x, residual = self.post_attention_layernorm(x, new_residual)
-            return self.mlp(x), residual
         if residual is None:
             residual = x
             x = self.input_layernorm(x)

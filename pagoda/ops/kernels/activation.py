@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter
+
 
 @triton.jit
 def _tanh(x):
@@ -11,7 +13,8 @@ def _tanh(x):
 
 
 @triton.jit
-def act_and_mul_kernel(X, Y, d, stride_x, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def act_and_mul_kernel(X, Y, d, stride_x, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)  # (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < d

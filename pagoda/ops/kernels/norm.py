@@ -2,12 +2,15 @@
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter
+
 
 @triton.jit
 def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight_offset,
-                   BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                   BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
     """Y = X / rms(X) * (W + weight_offset), or with ADD_RESIDUAL: R <- X + R, then Y = norm(R)
-    (Y aliases X for the in-place fused form). Rows longer than BLOCK take two passes."""
+    (Y aliases X for the in-place fused form). Rows longer than BLOCK take two passes. PDL: kernels/pdl.py."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, hidden, BLOCK):

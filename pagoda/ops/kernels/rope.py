@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter
+
 
 @triton.jit
 def _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs):
@@ -75,12 +77,14 @@ def rope_append_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """RoPE from a cos/sin cache on q (in place) and on k, whose rotated rows go straight into the paged
     cache with v's (append_paged_kv_kernel's page / slot): one launch instead of rope_kernel plus
     append_paged_kv_kernel, and k is not written back. Program (t, j): token t, head block j of q, or
     (j past q's blocks) of k and v. Dims past the rotary ones are copied; a position outside the cos/sin
-    cache writes NaN, as rope_kernel does."""
+    cache writes NaN, as rope_kernel does. PDL: kernels/pdl.py."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
