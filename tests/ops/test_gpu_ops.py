@@ -202,3 +202,34 @@ def test_small_m_linear_real_sizes(rows, pdl, n, k, bias):
     ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
     assert rel(out, ref) < 1.2e-2
 
+
+
+def test_enable_pdl_changes_nothing():
+    """enable_pdl=True (a programmatic dependent launch: the kernel waits for the one before it) gives the same
+    bits as without for rmsnorm, fused_add_rmsnorm, silu_and_mul and the decode wrapper's attention kernel, each
+    launched right behind a kernel that writes its input."""
+    x = torch.randn(7, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.rand(4096, dtype=torch.bfloat16, device="cuda")
+    outs = []
+    for pdl in (False, True):
+        src = x * 2  # the producer right before each PDL launch
+        y = pagoda.rmsnorm(src, w, 1e-5, enable_pdl=pdl)
+        h, r = (x * 3).contiguous(), (x * 0.5).contiguous()
+        pagoda.fused_add_rmsnorm(h, r, w, 1e-5, enable_pdl=pdl)
+        a = pagoda.silu_and_mul((x * 1.5).repeat(1, 2), enable_pdl=pdl)
+        outs.append((y, h, r, a))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    hq, hk, d, ps = 32, 8, 128, 16
+    lens = [1000, 37, 4096]
+    pages = [-(-n // ps) for n in lens]
+    indptr = torch.tensor([0] + list(torch.tensor(pages).cumsum(0)), dtype=torch.int32)
+    indices = torch.randperm(sum(pages)).to(torch.int32)
+    last = torch.tensor([(n - 1) % ps + 1 for n in lens], dtype=torch.int32)
+    cache = torch.randn(sum(pages), 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
+    wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
+    wrapper.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    res = [wrapper.run(q * 1, cache, enable_pdl=pdl) for pdl in (False, True)]
+    assert torch.equal(res[0], res[1])
+    assert torch.isfinite(res[1]).all()
