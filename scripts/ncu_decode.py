@@ -3,7 +3,7 @@ warps wait, bf16 against fp8 KV (the fp8 issue's ~1.8x is not reached: notes.md,
 
     ncu --clock-control none -k regex:attention_kernel --launch-skip 2 --launch-count 1 \\
         --section SpeedOfLight --section WarpStateStats --section SourceCounters -o rep \\
-        python scripts/ncu_decode.py 64x2048 [float8_e4m3fn]
+        python scripts/ncu_decode.py 64x2048 [float8_e4m3fn] [--page-size 1]
     ncu -i rep.ncu-rep --page source --csv --print-source sass > rep.csv   # stalls per instruction
 """
 import sys
@@ -16,8 +16,12 @@ from pagoda.bench.attention import PagedSetup
 
 def main():
     b, ctx = (int(v) for v in sys.argv[1].split("x"))
-    kv_dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
-    hq, hk, d, ps = 32, 8, 128, 16
+    args = [a for a in sys.argv[2:] if not a.startswith("--")]
+    kv_dtype = getattr(torch, args[0]) if args else torch.bfloat16
+    ps = int(sys.argv[sys.argv.index("--page-size") + 1]) if "--page-size" in sys.argv else 16
+    args = [a for a in args if a != str(ps)]
+    kv_dtype = getattr(torch, args[0]) if args else torch.bfloat16
+    hq, hk, d = 32, 8, 128
     s = PagedSetup([ctx] * b, hk, d, ps, torch.bfloat16, kv_dtype=kv_dtype)
     q = torch.randn(b, hq, d, dtype=torch.bfloat16, device="cuda")
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
