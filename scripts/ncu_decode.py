@@ -6,7 +6,7 @@ warps wait, bf16 against fp8 KV (the fp8 issue's ~1.8x is not reached: notes.md,
         python scripts/ncu_decode.py 64x2048 [float8_e4m3fn] [--page-size 1]
     ncu -i rep.ncu-rep --page source --csv --print-source sass > rep.csv   # stalls per instruction
 """
-import sys
+import argparse
 
 import torch
 
@@ -15,12 +15,13 @@ from pagoda.bench.attention import PagedSetup
 
 
 def main():
-    b, ctx = (int(v) for v in sys.argv[1].split("x"))
-    args = [a for a in sys.argv[2:] if not a.startswith("--")]
-    kv_dtype = getattr(torch, args[0]) if args else torch.bfloat16
-    ps = int(sys.argv[sys.argv.index("--page-size") + 1]) if "--page-size" in sys.argv else 16
-    args = [a for a in args if a != str(ps)]
-    kv_dtype = getattr(torch, args[0]) if args else torch.bfloat16
+    ap = argparse.ArgumentParser()
+    ap.add_argument("case", help="BATCHxCONTEXT, e.g. 64x2048")
+    ap.add_argument("kv_dtype", nargs="?", default="bfloat16")
+    ap.add_argument("--page-size", type=int, default=16)
+    args = ap.parse_args()
+    b, ctx = (int(v) for v in args.case.split("x"))
+    kv_dtype, ps = getattr(torch, args.kv_dtype), args.page_size
     hq, hk, d = 32, 8, 128
     s = PagedSetup([ctx] * b, hk, d, ps, torch.bfloat16, kv_dtype=kv_dtype)
     q = torch.randn(b, hq, d, dtype=torch.bfloat16, device="cuda")
