@@ -72,6 +72,22 @@ def test_decode_split_kv_on_and_off():
     check_lse(l2, rl)
 
 
+@pytest.mark.parametrize("heads,head_dim", [((8, 2), 64), ((16, 2), 128), ((3, 3), 64)])
+def test_decode_merges_many_chunks(monkeypatch, heads, head_dim):
+    """A request split into many more chunks than one round of the merge loads (kernels/attention.py
+    _merge_partials: 8 a round; here 90 and 12) next to one that is not split: the merge's rounds, its chunk
+    mask and the heads of a program (group 4 and 8, MHA) against the reference."""
+    from pagoda.attention import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_choose_chunk_len_small", lambda *a: 16)
+    monkeypatch.setattr(plan_mod, "_choose_chunk_len", lambda *a: 16)
+    batch = PagedBatch([1440, 190, 5], heads[1], head_dim, 16, torch.bfloat16, "NHD")
+    w, o, l2, ro, rl = run_decode(batch, heads[0], head_dim, torch.bfloat16)
+    assert [int(c) for c in w._plan.work.splits[:, 1]] == [90, 12]
+    assert rel_err(o, ro) < TOL[torch.bfloat16]
+    check_lse(l2, rl)
+
+
 def test_decode_empty_request_gives_zero_and_minus_inf():
     batch = PagedBatch([5, 0, 12], 2, 64, 4, torch.float16, "NHD")
     _, o, l2, ro, rl = run_decode(batch, 4, 64, torch.float16)
