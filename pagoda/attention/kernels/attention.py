@@ -80,21 +80,9 @@ def _prefetch_page_ids(KV_INDICES, kv_base, start, kv_end, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _dequant(x, dtype: tl.constexpr, ASM: tl.constexpr = False):
+def _dequant(x, dtype: tl.constexpr):
     """A K / V tile in the compute dtype (fp8 caches are dequantized here, after the load; their scales are
-    folded into qk_scale and the output).
-
-    ASM (CUDA): fp8 -> fp16 by inline PTX (cvt.rn.f16x2.e4m3x2 / e5m2x2, exact), marked impure so that Triton
-    cannot move it: the tile is converted in the layout it was loaded in and reaches the MMA as fp16 through
-    shared memory (ldmatrix). Written as ``x.to(fp16)``, Triton converts inside the MMA operand layout
-    instead, reading 8-bit fragments with 64-bit shared loads and marshalling registers: the decode loop was
-    706 SASS instructions per 16 KB of fp8 KV, 428 this way (bf16: 291), and the fp8 decode was issue-bound at
-    52% of DRAM bandwidth (ncu, 64 x 2048, session 11)."""
-    if ASM and dtype == tl.float16 and (x.dtype == tl.float8e4nv or x.dtype == tl.float8e5):
-        cvt: tl.constexpr = "cvt.rn.f16x2.e4m3x2" if x.dtype == tl.float8e4nv else "cvt.rn.f16x2.e5m2x2"
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; " + cvt + " $0, lo; " + cvt + " $1, hi; }",
-            "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+    folded into qk_scale and the output)."""
     return x.to(dtype)
 
 
@@ -148,7 +136,7 @@ def _attend_block(
     else:
         k = tl.load(k_ptrs)
     # fp8 caches dequantize here, after the load (the scale is folded into qk_scale / the output)
-    s = tl.dot(q, tl.trans(_dequant(k, q.dtype, INDEX_ASM)))
+    s = tl.dot(q, tl.trans(_dequant(k, q.dtype)))
     if SOFTCAP:
         s = soft_cap_log2 * _tanh(s * qk_scale)
         scale = 1.0
@@ -173,7 +161,7 @@ def _attend_block(
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, INDEX_ASM), acc)
+    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype), acc)
     return acc, m_new, l_i
 
 
@@ -193,7 +181,7 @@ def _variant_block_compute(
     k_off, v_off = _kv_offsets(KV_INDICES, kv_base, offs_n, n_valid, stride_kp, stride_ks, stride_vp, stride_vs,
                                PAGE_SIZE, PAGED, INDEX_ASM, True)
     k = tl.load(K + k_head_off + k_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(_dequant(k, q.dtype, INDEX_ASM)))
+    s = tl.dot(q, tl.trans(_dequant(k, q.dtype)))
     if HAS_SCORE_MOD:  # natural-log logits in, natural-log logits out
         x = SCORE_MOD(s * (qk_scale * 0.6931471805599453), req, qo_head[:, None], row_hi[:, None],
                       offs_n[None, :], VPARAMS)
@@ -213,7 +201,7 @@ def _variant_block_compute(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V + v_head_off + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype, INDEX_ASM), acc)
+    acc = tl.dot(p.to(q.dtype), _dequant(v, q.dtype), acc)
     m_i = m_new
     return acc, m_i, l_i
 
