@@ -192,8 +192,6 @@ class _Context:
                                                              rope[0], is_neox=rope[1])
             self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
                              d.kv_last_page_len)
-        if self.pdl and type(self.attn) is _PagodaAttention:  # (PAGODA_PDL: the plain wrapper's Triton kernel)
-            return self.attn.wrapper.run(q, cache, enable_pdl=True)
         return self.attn.run(q, cache)
 
 
@@ -205,6 +203,7 @@ class _PagodaAttention:
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
+        self.pdl = runner.pdl  # PAGODA_PDL: run() as a programmatic dependent launch
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
@@ -218,7 +217,7 @@ class _PagodaAttention:
         pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False)
 
     def run(self, q, cache):
-        return self.wrapper.run(q, cache)
+        return self.wrapper.run(q, cache, enable_pdl=self.pdl)
 
 
 class _PagodaCascadeAttention(_PagodaAttention):
@@ -240,6 +239,9 @@ class _PagodaCascadeAttention(_PagodaAttention):
         self.wrapper.plan(**levels, num_qo_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                           page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
                           kv_data_type=self.r.dtype)
+
+    def run(self, q, cache):
+        return self.wrapper.run(q, cache)
 
 
 class _FlashInferAttention:
