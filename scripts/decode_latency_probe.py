@@ -9,6 +9,7 @@ as CUDA-graph replays with L2 flushed (bench.attention.gpu_time), next to an emp
 replay costs by itself).
 
     python scripts/decode_latency_probe.py            # the table
+    python scripts/decode_latency_probe.py --same-tasks   # 256 tasks of 128 tokens, 4 to 32 chunks per tile
     python scripts/decode_latency_probe.py --ncu      # eager launches only, for ncu (default variant first:
         ncu --clock-control none -k regex:attention_kernel --metrics gpu__time_duration.sum python ... --ncu)
 """
@@ -73,8 +74,26 @@ def reference(s, q):
     return torch.stack(outs)
 
 
+def same_tasks(ws):
+    """1x4096 took 28.0 us and 4x1024 21.4 at the same 256 tasks of 128 tokens (session 11): the number of
+    chunks a split tile merges (32 vs 8; one arrival counter per tile and KV head) is the suspect. Every row
+    here has 256 tasks of 128 tokens; only the chunks per tile change."""
+    print(f"{'case':9s} {'chunks/tile':>11s} {'us':>7s}")
+    for b, ctx in ((1, 4096), (2, 2048), (4, 1024), (8, 512)):
+        s, q, w = build(b, ctx, "persistent", 128, ws)
+        out = w.run(q, s.cache)
+        ref = reference(s, q)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        t = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+        bad = "" if err < 1e-2 else f"  WRONG: rel. error {err:.3g}"
+        print(f"{b}x{ctx:<7d} {ctx // 128:11d} {t:7.1f}{bad}", flush=True)
+
+
 def main():
     ncu = "--ncu" in sys.argv
+    if "--same-tasks" in sys.argv:
+        same_tasks(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        return
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     x = torch.zeros(1024, dtype=torch.int32, device="cuda")
     if not ncu:
