@@ -25,7 +25,7 @@ from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check
 from .kernels import decode_fp8, prefill_sm90
 from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
-from ..ops._dispatch import pdl_launch
+from ..ops._dispatch import capability as _capability, pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
@@ -58,11 +58,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 (Triton's interpreter); "
                          "use backend='torch' or a CUDA device")
     return backend
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 @functools.lru_cache(maxsize=None)

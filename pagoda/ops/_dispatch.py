@@ -29,18 +29,24 @@ def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+def capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability, asked once per device."""
+    return torch.cuda.get_device_capability(device)
+
+
+_PDL_ON = {"PDL": True, "launch_pdl": True}
+_PDL_OFF = {"PDL": False}
 
 
 def pdl_launch(enable_pdl, t: torch.Tensor) -> dict:
     """Launch arguments of a kernel with a PDL constexpr (kernels/pdl.py): {"PDL": True, "launch_pdl": True}
     for a programmatic dependent launch when enable_pdl is set and t is on a Hopper-or-later GPU (griddepcontrol
-    is sm_90 PTX), else {"PDL": False}. enable_pdl None is off (FlashInfer's ops take None as "where the device
-    supports it"; here the caller opts in: the engine's decode steps do)."""
-    if enable_pdl and t.device.type == "cuda" and _capability_major(t.device) >= 9:
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+    is sm_90 PTX), else {"PDL": False} (shared dicts, for ** unpacking only: no allocation per launch).
+    enable_pdl None is off (FlashInfer's ops take None as "where the device supports it"; here the caller opts
+    in: the engine's decode steps do)."""
+    if enable_pdl and t.device.type == "cuda" and capability(t.device)[0] >= 9:
+        return _PDL_ON
+    return _PDL_OFF
 
 
 def pdl_default() -> bool:
