@@ -46,6 +46,9 @@ SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 # registers) 0.94-1.06x; 32 x 3, 4 programs under 128 registers (42 KB, 120 registers, no spills) 0.95-1.26x;
 # 32 x 4 x 4 programs 0.91-1.16x (the Triton fp8 kernel 1.03-1.27x: it stays the default).
 FP8_DECODE_CONFIG = dict(block_n=32, stages=3, ctas_per_sm=4, maxnreg=128)
+# The swapped-operand wgmma fp8 decode kernel (decode_fp8.decode_fp8_wgmma_kernel; PAGODA_FP8_DECODE_KERNEL=wgmma):
+# 64-token blocks (the wgmma M), 3 ring stages (~55 KB of shared memory), 4 programs per SM under 128 registers.
+FP8_WGMMA_CONFIG = dict(block_n=64, stages=3, ctas_per_sm=4, maxnreg=128)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -66,10 +69,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_decode_config(config: KernelConfig) -> KernelConfig:
-    """A decode config as the Gluon fp8 kernel runs it (FP8_DECODE_CONFIG); one object per config, so
-    consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
-    c = FP8_DECODE_CONFIG
+def _fp8_decode_config(config: KernelConfig, kind: str = "gluon") -> KernelConfig:
+    """A decode config as a Gluon fp8 kernel runs it (FP8_DECODE_CONFIG, FP8_WGMMA_CONFIG); one object per
+    config, so consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
+    c = FP8_WGMMA_CONFIG if kind == "wgmma" else FP8_DECODE_CONFIG
     return dataclasses.replace(config, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
 
 
@@ -119,6 +122,7 @@ class PlanState:
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
     sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
     fp8_constexprs: dict | None = None  # set: launch the Gluon fp8 decode kernel (kernels/decode_fp8.py)
+    fp8_kernel: str | None = None  # which one: "gluon" (decode_fp8_kernel) or "wgmma" (decode_fp8_wgmma_kernel)
 
     @property
     def sm90(self) -> bool:
@@ -288,10 +292,10 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            fp8 = mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
-                                                                mask_np is None)
+            fp8 = (mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
+                                                                 mask_np is None)) or None
             if fp8:
-                config = _fp8_decode_config(config)
+                config = _fp8_decode_config(config, fp8)
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config, fp8)
         if self._grid is None or self._grid[0] is not config:
@@ -320,18 +324,19 @@ class BatchAttention:
         self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
             head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), fp8=fp8)
 
-    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> str | None:
         """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py), when PAGODA_FP8_DECODE_KERNEL=gluon
         asks for it (opt-in: not faster than the Triton kernel, session 10): an fp8 cache under fp16 / bf16
         queries on a CUDA GPU (with the Triton the kernel was written for), head_dim 64 / 128, no window / soft
         cap / variant / custom mask."""
         choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "triton")
-        if choice not in ("gluon", "triton"):
-            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'gluon' or 'triton', got {choice!r}")
-        return (choice == "gluon" and decode_fp8.HAVE_GLUON and self._backend == "triton"
-                and self.device.type == "cuda" and kv_dtype in FP8_DTYPES
-                and q_dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and window_left < 0
-                and cap == 0 and no_mask and self._variant is None and self._paged)
+        if choice not in ("gluon", "wgmma", "triton"):
+            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'gluon', 'wgmma' or 'triton', got {choice!r}")
+        ok = (choice != "triton" and decode_fp8.HAVE_GLUON and self._backend == "triton"
+              and self.device.type == "cuda" and kv_dtype in FP8_DTYPES
+              and q_dtype in (torch.float16, torch.bfloat16) and head_dim in ((128,) if choice == "wgmma" else (64, 128))
+              and window_left < 0 and cap == 0 and no_mask and self._variant is None and self._paged)
+        return choice if ok else None
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
@@ -347,7 +352,7 @@ class BatchAttention:
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: bool = False) -> None:
+    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: str | None = None) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
         runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
         decode step of a server) reuses its launch arguments."""
@@ -357,6 +362,7 @@ class BatchAttention:
         last = self._launch_cache
         if last is not None and last[0] == key:
             p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.fp8_constexprs = last[1]
+            p.fp8_kernel = fp8
             return
         p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
@@ -378,10 +384,11 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
                 num_warps=4)
+        p.fp8_kernel = fp8
         if fp8:
+            stages = (FP8_WGMMA_CONFIG if fp8 == "wgmma" else FP8_DECODE_CONFIG)["stages"]
             p.fp8_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4,
-                                    maxnreg=cfg.maxnreg)
+                                    PAGE_SIZE=p.page_size, STAGES=stages, num_warps=4, maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -558,12 +565,17 @@ class BatchAttention:
                 *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
         if p.fp8_constexprs is not None and not self._merge_out:
-            decode_fp8.decode_fp8_kernel[(p.grid,)](
+            extra = {}
+            kernel = decode_fp8.decode_fp8_kernel
+            if p.fp8_kernel == "wgmma":
+                kernel = decode_fp8.decode_fp8_wgmma_kernel
+                extra["SAME_STRIDES"] = strides_k[:2] == strides_v[:2]
+            kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-                WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.fp8_constexprs)
+                WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.fp8_constexprs, **extra)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

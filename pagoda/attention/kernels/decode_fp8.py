@@ -132,3 +132,201 @@ if HAVE_GLUON:
             _epilogue(acc * task_v, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MMA, LOAD, 0, 0, 1)
+
+
+# -- swapped operands on wgmma (session 12) ---------------------------------------------------------------
+# S^T = K Q^T and O^T = V^T P^T: the KV block is the MMA's M (64 tokens / head_dim rows: one warpgroup's wgmma
+# shape, no padding of the 4-16 query rows of a decode tile to 64), the query rows its N (8 or 16). K and V go
+# from the fp8 ring into A fragments in registers, converted to fp16 there (one conversion per two values):
+# - K (tokens x head_dim) is read in the A layout itself: a thread's pairs are two adjacent bytes of a row
+#   (16-bit loads, conflict-free under the ring's 16-byte swizzle);
+# - V^T (head_dim x tokens) wants pairs of tokens at one head-dim row, which no load gives for 8-bit data.
+#   The head_dim rows are renumbered (the MMA's M index m is head_dim column perm(m)) so that a thread's
+#   register rows are 4 adjacent bytes of one token (32-bit loads through a shared-memory view with the
+#   renumbering and the swizzle in it); a register shuffle (byte permutes) then pairs tokens. The output rows
+#   come out renumbered and are stored through the same map.
+# Q^T and P^T are the B operands, in shared memory (fp16).
+
+if HAVE_GLUON:
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+    from .prefill_sm90 import _cta_barrier
+
+    @gluon.jit
+    def _page_ids_u(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                    LAYOUT: gl.constexpr):
+        """_page_ids with unsigned arithmetic (positions are never negative: a shift, not a signed division)."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LAYOUT))
+        pos = gl.where(offs_n < kv_end, offs_n, 0).to(gl.uint32)
+        return gl.load(KV_INDICES + kv_base + (pos // PAGE_SIZE).to(gl.int32))
+
+    @gluon.jit
+    def _copy_kv_rows(K, V, k_dst, v_dst, pages, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks,
+                      stride_vp, stride_vs, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                      SAME_STRIDES: gl.constexpr, LOAD: gl.constexpr):
+        """_copy_kv with unsigned slot arithmetic and, when K and V have the same page / slot strides
+        (SAME_STRIDES), one row offset for both."""
+        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
+        offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD)), 0)
+        slot = (offs_n.to(gl.uint32) % PAGE_SIZE).to(gl.int32)
+        pg = pages.to(gl.int64)
+        k_row = pg * stride_kp + slot * stride_ks
+        if SAME_STRIDES:
+            v_row = k_row
+        else:
+            v_row = pg * stride_vp + slot * stride_vs
+        mask = gl.expand_dims(offs_n < kv_end, 1)
+        async_copy.async_copy_global_to_shared(k_dst, K + k_head_off + gl.expand_dims(k_row, 1) + offs_d, mask=mask)
+        async_copy.async_copy_global_to_shared(v_dst, V + v_head_off + gl.expand_dims(v_row, 1) + offs_d, mask=mask)
+        async_copy.commit_group()
+
+    @gluon.constexpr_function
+    def _regs_first(ll, dim):
+        """The linear layout ll with its register bases along dimension ``dim`` moved first (same lanes /
+        warps: converting between the two is a register shuffle)."""
+        regs = [b for b in ll.reg_bases if b[1 - dim] == 0 and b[dim] != 0]
+        rest = [b for b in ll.reg_bases if b not in regs]
+        return gl.DistributedLinearLayout(regs + rest, ll.lane_bases, ll.warp_bases, ll.block_bases, ll.shape)
+
+    @gluon.constexpr_function
+    def _row_order(ll):
+        """perm[i] = the M row (power of two) that head-dim bit i holds: the register rows of ll first
+        (contiguous bytes per thread), then the lanes' and warps' rows."""
+        regs = [b[0] for b in ll.reg_bases if b[1] == 0 and b[0] != 0]
+        lanes = [b[0] for b in ll.lane_bases if b[1] == 0 and b[0] != 0]
+        warps = [b[0] for b in ll.warp_bases if b[1] == 0 and b[0] != 0]
+        return tuple(regs + lanes + warps)
+
+    @gluon.constexpr_function
+    def _v_view(perm, BLOCK_N, HEAD_DIM):
+        """Shared-memory view of a ring slot (BLOCK_N rows of HEAD_DIM bytes, 16-byte chunks swizzled by the
+        row mod 8) as V^T [HEAD_DIM, BLOCK_N] with the head-dim rows renumbered by perm: offset bit -> (m, t)."""
+        bases = [[perm[i], 0] for i in range(len(perm))]
+        for b in range(BLOCK_N.bit_length() - 1):
+            # row bit b (< 3) also flips head-dim bit 4 + b (the swizzle's chunk bit)
+            bases.append([perm[4 + b] if b < 3 else 0, 1 << b])
+        return gl.SharedLinearLayout(bases)
+
+    @gluon.constexpr_function
+    def _warp_partials(ll):
+        """[4, N] (one row per warp) with every thread holding the 4 rows of its columns of ll ([M, N], warps along
+        M): the max over dimension 0 then lands in ll's column slice."""
+        col = lambda bs: [[0, b[1]] for b in bs]  # noqa: E731
+        return gl.DistributedLinearLayout([[1, 0], [2, 0]] + [b for b in col(ll.reg_bases) if b[1]],
+                                          col(ll.lane_bases), col(ll.warp_bases), [], [4, ll.shape[1]])
+
+    @gluon.constexpr_function
+    def _transposed(ll):
+        t = lambda bs: [[b[1], b[0]] for b in bs]  # noqa: E731
+        return gl.DistributedLinearLayout(t(ll.reg_bases), t(ll.lane_bases), t(ll.warp_bases), t(ll.block_bases),
+                                          [ll.shape[1], ll.shape[0]])
+
+    @gluon.jit
+    def decode_fp8_wgmma_kernel(
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
+        stride_qt, stride_qh,
+        stride_kp, stride_ks, stride_kh,
+        stride_vp, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_lt,
+        stride_tt, stride_th, stride_tl,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        SAME_STRIDES: gl.constexpr = False,
+    ):
+        """decode_fp8_kernel's arguments; one warpgroup (num_warps 4), BLOCK_N 64, HEAD_DIM 128, BLOCK_M (the
+        tile's query rows, the MMA's N) 8 or 16."""
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(BLOCK_N == 64)
+        gl.static_assert(HEAD_DIM == 128)
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        K_LOAD: gl.constexpr = gl.to_linear_layout(A_L, [BLOCK_N, HEAD_DIM])
+        V_LOAD: gl.constexpr = _regs_first(gl.to_linear_layout(A_L, [HEAD_DIM, BLOCK_N]), 0)
+        PERM: gl.constexpr = _row_order(V_LOAD)
+        V_VIEW: gl.constexpr = _v_view(PERM, BLOCK_N, HEAD_DIM)
+        O_T: gl.constexpr = _transposed(gl.to_linear_layout(ACC, [HEAD_DIM, BLOCK_M]))
+        TPW_D: gl.constexpr = HEAD_DIM // 8
+        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
+        # the fp8 copies: 16 bytes per thread and row
+        COPY: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // HEAD_DIM, HEAD_DIM // 16], [num_warps, 1], [1, 0])
+        RING: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=8, order=[1, 0])
+        Q_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        P_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        COL_L: gl.constexpr = gl.SliceLayout(0, ACC)  # per query row of S^T / O^T
+        RED: gl.constexpr = _warp_partials(gl.to_linear_layout(ACC, [BLOCK_N, BLOCK_M]))
+        k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
+        v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
+        q_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, HEAD_DIM], Q_SL)
+        p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, BLOCK_N], P_SL)
+        red_s = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
+        KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
+        for rnd in range(0, n_rounds):
+            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
+            kv_base = gl.load(wp + 2)
+            _, qo_head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, LOAD), q_start, q_len, kvh, hsplit,
+                                                  group_size, heads_per_prog)
+            offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
+            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_qd, 0),
+                        mask=gl.expand_dims(valid, 1), other=0.0)
+            q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+            task_qk = qk_scale * k_scale
+            task_v = v_scale
+            if SCALE_PTR:
+                task_qk = task_qk * gl.load(K_SCALE + kvh * stride_ksh)
+                task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            _cta_barrier()  # the last task's MMAs are done with q_s
+            q_s.store(q)
+            fence_async_shared()
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
+            l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
+            acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
+            for i in gl.static_range(STAGES - 1):
+                pages = _page_ids_u(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+                _copy_kv_rows(K, V, k_ring.index(i), v_ring.index(i), pages, kv_start + i * BLOCK_N, kv_end, k_head_off,
+                         v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES, COPY)
+            pages = _page_ids_u(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
+                _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
+                ahead = start + (STAGES - 1) * BLOCK_N
+                nxt = (j + STAGES - 1) % STAGES
+                _copy_kv_rows(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
+                         stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES, COPY)
+                pages = _page_ids_u(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+                cur = j % STAGES
+                k16 = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
+                s = warpgroup_mma(k16, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
+                if start >= full_hi:  # the last block: tokens past the end
+                    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
+                    s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
+                # the block's column max: each warp's over its 16 rows, then one exchange through shared memory
+                red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
+                _cta_barrier()
+                m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
+                m_new = gl.maximum(m_i, m_blk * task_qk)
+                m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(s * task_qk - gl.expand_dims(m_new, 0))
+                l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+                m_i = m_new
+                p_s.store(gl.permute(p.to(gl.float16), (1, 0)))
+                fence_async_shared()
+                _cta_barrier()
+                v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
+                v16 = gl.convert_layout(v8.to(gl.float16), A_L)
+                acc = warpgroup_mma(v16, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+            async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
+            l_i = gl.sum(l_acc, 0)
+            out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
+            _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
+                      group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
+                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
+                      PERM)

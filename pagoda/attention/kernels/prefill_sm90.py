@@ -147,15 +147,23 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
     @gluon.jit
+    def _unperm_cols(m, perm: gl.constexpr):
+        """The head-dim column of renumbered column m: bit i of the column is bit perm[i] (a power of two) of m."""
+        d = m * 0
+        for i in gl.static_range(len(perm)):
+            d = d | (((m // perm[i]) & 1) << i)
+        return d
+
+    @gluon.jit
     def _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                   heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
-                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr):
+                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
-        arrival counter)."""
+        arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_fp8's _unperm)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -165,6 +173,8 @@ if HAVE_GLUON:
         tok_o, qh_o, valid_o, qr_o = _tile_rows(ROW0, BLOCK_M, OROW_L, q_start, q_len, kvh, hsplit, group_size,
                                                 heads_per_prog)
         offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
+        if DIM_PERM is not None:
+            offs_do = _unperm_cols(offs_do, DIM_PERM)
         lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
         if partial < 0:
             gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
