@@ -10,7 +10,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_one(fn, types, consts, num_warps=4, num_stages=3):
+def compile_one(fn, types, consts, num_warps=4, num_stages=3, maxnreg=None):
     import inspect
 
     # constexpr parameters left out take their defaults, as at a launch (not an i32 argument)
@@ -26,8 +26,10 @@ def compile_one(fn, types, consts, num_warps=4, num_stages=3):
     div = [i for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride_")]
     src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    return k
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def cases():
@@ -138,11 +140,11 @@ def fp8_decode_cases():
     types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
                  WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32",
                  V_SCALE="*fp32", qk_scale="fp32", k_scale="fp32", v_scale="fp32")
-    for d, kv, scale_ptr in ((128, "fp8e4nv", False), (64, "fp8e5", True)):
+    for d, kv, scale_ptr, same in ((128, "fp8e4nv", False, True), (64, "fp8e5", True, False)):
         yield (f"decode_fp8 D={d} kv={kv} SCALE_PTR={scale_ptr}", decode_fp8.decode_fp8_kernel,
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=16, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
-                    STAGES=3, num_warps=4), 4, 1)
+                    STAGES=2, SAME_STRIDES=same, num_warps=4), 4, 1, 128)
 
 
 def ptxas_report(k) -> str:
@@ -165,11 +167,11 @@ def main():
     want = sys.argv[1:]
     failed = 0
     all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(fp8_decode_cases())
-    for name, fn, types, consts, warps, stages in all_cases:
+    for name, fn, types, consts, warps, stages, *maxnreg in all_cases:
         if want and not any(w in name for w in want):
             continue
         try:
-            k = compile_one(fn, types, consts, warps, stages)
+            k = compile_one(fn, types, consts, warps, stages, *maxnreg)
             print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1

@@ -4,10 +4,10 @@ fp8 issue asks for (~1.8x KV tokens per second), without waiting for a peer's JI
 Times pagoda's decode (CUDA-graph replays) over an e4m3 cache (randn cast to fp8, scale 1.0) and over that
 cache widened to bf16, and checks the fp8 result against the bf16 one.
 
-    python scripts/fp8_probe.py [--sweep] [--wgmma]
+    python scripts/fp8_probe.py [--sweep]
 
---sweep also times the Gluon fp8 decode kernel (kernels/decode_fp8.py) in each configuration of SWEEP, --wgmma
-the swapped-operand wgmma kernel (decode_fp8_wgmma_kernel) in each of WGMMA_SWEEP.
+Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_fp8.py, the
+default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP.
 
 Session 7 ran an earlier version of this script with three more fp8 paths, chosen by environment variables
 that no longer exist (the per-element PTX dequantization to bf16, 32-bit word loads): notes.md, Session 7.
@@ -23,18 +23,18 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
          "32x8192": [8192] * 32}
-# Gluon fp8 decode kernel configurations (runner.FP8_DECODE_CONFIG): block_n, stages, programs per SM, register cap
-SWEEP = [(32, 3, 4, 128), (32, 4, 4, 128), (64, 2, 3, 128), (64, 3, 2, None), (32, 4, 3, None)]
-# the wgmma kernel (runner.FP8_WGMMA_CONFIG): block_n 64 always; stages, programs per SM, register cap
-WGMMA_SWEEP = [(64, 3, 4, 128), (64, 4, 3, 168), (64, 2, 4, 128), (64, 3, 3, 168)]
+# Gluon fp8 decode kernel configurations (runner.FP8_DECODE_CONFIG): block_n (64: the wgmma M), stages, programs
+# per SM, register cap
+SWEEP = [(64, 2, 4, 128), (64, 3, 4, 128), (64, 4, 3, 168), (64, 3, 3, 168)]
 
 
 def main():
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    kinds = [("triton", None)] + ([("gluon", c) for c in SWEEP] if "--sweep" in sys.argv else []) + (
-        [("wgmma", c) for c in WGMMA_SWEEP] if "--wgmma" in sys.argv else [])
-    names = [k if c is None else f"{k[0]}{c[0]}x{c[1]}c{c[2]}r{c[3]}" for k, c in kinds]
+    default = tuple(runner.FP8_DECODE_CONFIG.values())
+    kinds = [("triton", None), ("auto", default)] + ([("auto", c) for c in SWEEP if c != default]
+                                                     if "--sweep" in sys.argv else [])
+    names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
     print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)",
           flush=True)
     for name, lens in CASES.items():
@@ -49,13 +49,12 @@ def main():
         for kname, (kind, c) in zip(names, kinds):
             os.environ["PAGODA_FP8_DECODE_KERNEL"] = kind
             if c is not None:
-                cfg = runner.FP8_WGMMA_CONFIG if kind == "wgmma" else runner.FP8_DECODE_CONFIG
-                cfg.update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner.FP8_DECODE_CONFIG.update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
                 runner._fp8_decode_config.cache_clear()
             w8 = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
             w8.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16,
                     kv_data_type=torch.float8_e4m3fn)
-            assert w8._plan.fp8_kernel == (None if kind == "triton" else kind), kname
+            assert (w8._plan.fp8_constexprs is not None) == (kind == "auto"), kname
             out = w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             assert err < 1e-2, f"{name} {kname}: fp8 differs from the bf16 result, rel err {err:.3g}"

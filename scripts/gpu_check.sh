@@ -4,8 +4,8 @@
 #   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
 #   BENCHES="ops attention cascade decode_sweep linear mla engine"   which pagoda.bench modules to run (default:
 #                                     attention);
-#                                     "fp8" is the attention bench's decode over an fp8 cache, "fp8-gluon" the
-#                                     same with the Gluon fp8 decode kernel (PAGODA_FP8_DECODE_KERNEL=gluon)
+#                                     "fp8" is the attention bench's decode over an fp8 cache, "fp8-triton" the
+#                                     same with the Triton kernel instead of the Gluon one (PAGODA_FP8_DECODE_KERNEL)
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,8 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,nohea
 for b in ${BENCHES-attention}; do
   if [ "$b" = attention ]; then
     python3 -m pagoda.bench.attention --json "$OUT/bench_$b.json" "$@" 2>&1 | tee "$OUT/bench_$b.log"
-  elif [ "$b" = fp8 ] || [ "$b" = fp8-gluon ]; then  # decode over an fp8 (e4m3) cache vs 16-bit KV and FlashInfer fp8
-    PAGODA_FP8_DECODE_KERNEL=$([ "$b" = fp8-gluon ] && echo gluon || echo triton) \
+  elif [ "$b" = fp8 ] || [ "$b" = fp8-triton ]; then  # decode over an fp8 (e4m3) cache vs 16-bit KV and FlashInfer fp8
+    PAGODA_FP8_DECODE_KERNEL=$([ "$b" = fp8-triton ] && echo triton || echo auto) \
       python3 -m pagoda.bench.attention --only decode --kv-dtype float8_e4m3fn --no-flex --json "$OUT/bench_$b.json" \
       2>&1 | tee "$OUT/bench_$b.log"
   else

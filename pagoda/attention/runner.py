@@ -39,16 +39,11 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
-# The Gluon fp8 decode kernel (kernels/decode_fp8.py; opt-in, PAGODA_FP8_DECODE_KERNEL=gluon): KV block, fp8
-# ring depth, programs per SM, register cap. Its own block: the Triton kernel's long-context fp8 entry (128
-# tokens) would need 160 KB of shared memory here, one program per SM. `python scripts/fp8_probe.py --sweep`
-# (H200, session 10), x the bf16 decode's KV tokens/s over 5 cases: session 9's 64 x 3, 2 programs (84 KB, 187
-# registers) 0.94-1.06x; 32 x 3, 4 programs under 128 registers (42 KB, 120 registers, no spills) 0.95-1.26x;
-# 32 x 4 x 4 programs 0.91-1.16x (the Triton fp8 kernel 1.03-1.27x: it stays the default).
-FP8_DECODE_CONFIG = dict(block_n=32, stages=3, ctas_per_sm=4, maxnreg=128)
-# The swapped-operand wgmma fp8 decode kernel (decode_fp8.decode_fp8_wgmma_kernel; PAGODA_FP8_DECODE_KERNEL=wgmma):
-# 64-token blocks (the wgmma M), 3 ring stages (~55 KB of shared memory), 4 programs per SM under 128 registers.
-FP8_WGMMA_CONFIG = dict(block_n=64, stages=3, ctas_per_sm=4, maxnreg=128)
+# The Gluon fp8 decode kernel for sm_90 (kernels/decode_fp8.py): KV block (the wgmma M), fp8 ring depth, programs per
+# SM, register cap. `python scripts/fp8_probe.py --sweep` (H200, session 12), x the bf16 decode's KV tokens/s over
+# 5 cases: 2 stages x 4 programs under 128 registers 1.42-1.80x; 3 x 4 1.40-1.72x; 4 x 3 (168 registers)
+# 1.36-1.55x; 3 x 3 1.40-1.56x (the Triton kernel 1.06-1.27x).
+FP8_DECODE_CONFIG = dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -69,10 +64,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_decode_config(config: KernelConfig, kind: str = "gluon") -> KernelConfig:
-    """A decode config as a Gluon fp8 kernel runs it (FP8_DECODE_CONFIG, FP8_WGMMA_CONFIG); one object per
-    config, so consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
-    c = FP8_WGMMA_CONFIG if kind == "wgmma" else FP8_DECODE_CONFIG
+def _fp8_decode_config(config: KernelConfig) -> KernelConfig:
+    """A decode config as the Gluon fp8 kernel runs it (FP8_DECODE_CONFIG); one object per config, so
+    consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
+    c = FP8_DECODE_CONFIG
     return dataclasses.replace(config, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
 
 
@@ -122,7 +117,6 @@ class PlanState:
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
     sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
     fp8_constexprs: dict | None = None  # set: launch the Gluon fp8 decode kernel (kernels/decode_fp8.py)
-    fp8_kernel: str | None = None  # which one: "gluon" (decode_fp8_kernel) or "wgmma" (decode_fp8_wgmma_kernel)
 
     @property
     def sm90(self) -> bool:
@@ -292,10 +286,10 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            fp8 = (mode == "decode" and self._fp8_gluon_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
-                                                                 mask_np is None)) or None
+            fp8 = mode == "decode" and config.block_m <= 16 and self._fp8_gluon_eligible(
+                head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
             if fp8:
-                config = _fp8_decode_config(config, fp8)
+                config = _fp8_decode_config(config)
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config, fp8)
         if self._grid is None or self._grid[0] is not config:
@@ -324,19 +318,17 @@ class BatchAttention:
         self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
             head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), fp8=fp8)
 
-    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> str | None:
-        """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py), when PAGODA_FP8_DECODE_KERNEL=gluon
-        asks for it (opt-in: not faster than the Triton kernel, session 10): an fp8 cache under fp16 / bf16
-        queries on a CUDA GPU (with the Triton the kernel was written for), head_dim 64 / 128, no window / soft
-        cap / variant / custom mask."""
-        choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "triton")
-        if choice not in ("gluon", "wgmma", "triton"):
-            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'gluon', 'wgmma' or 'triton', got {choice!r}")
-        ok = (choice != "triton" and decode_fp8.HAVE_GLUON and self._backend == "triton"
-              and self.device.type == "cuda" and kv_dtype in FP8_DTYPES
-              and q_dtype in (torch.float16, torch.bfloat16) and head_dim in ((128,) if choice == "wgmma" else (64, 128))
-              and window_left < 0 and cap == 0 and no_mask and self._variant is None and self._paged)
-        return choice if ok else None
+    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+        """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py): an fp8 cache under fp16 / bf16
+        queries on sm_90 (with the Triton the kernel was written for), head_dim 64 / 128, no window / soft cap /
+        variant / custom mask. PAGODA_FP8_DECODE_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+        choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "auto")
+        if choice not in ("auto", "triton"):
+            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'auto' or 'triton', got {choice!r}")
+        return (choice == "auto" and decode_fp8.HAVE_GLUON and self._backend == "triton"
+                and self.device.type == "cuda" and _capability(self.device) == (9, 0) and kv_dtype in FP8_DTYPES
+                and q_dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and window_left < 0
+                and cap == 0 and no_mask and self._variant is None and self._paged)
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
@@ -352,7 +344,7 @@ class BatchAttention:
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: str | None = None) -> None:
+    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: bool = False) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
         runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
         decode step of a server) reuses its launch arguments."""
@@ -362,7 +354,6 @@ class BatchAttention:
         last = self._launch_cache
         if last is not None and last[0] == key:
             p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.fp8_constexprs = last[1]
-            p.fp8_kernel = fp8
             return
         p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
@@ -384,11 +375,10 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
                 num_warps=4)
-        p.fp8_kernel = fp8
         if fp8:
-            stages = (FP8_WGMMA_CONFIG if fp8 == "wgmma" else FP8_DECODE_CONFIG)["stages"]
             p.fp8_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    PAGE_SIZE=p.page_size, STAGES=stages, num_warps=4, maxnreg=cfg.maxnreg)
+                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4,
+                                    maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -565,17 +555,13 @@ class BatchAttention:
                 *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
         if p.fp8_constexprs is not None and not self._merge_out:
-            extra = {}
-            kernel = decode_fp8.decode_fp8_kernel
-            if p.fp8_kernel == "wgmma":
-                kernel = decode_fp8.decode_fp8_wgmma_kernel
-                extra["SAME_STRIDES"] = strides_k[:2] == strides_v[:2]
-            kernel[(p.grid,)](
+            decode_fp8.decode_fp8_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-                WRITE_LSE=lse is not None, SCALE_PTR=per_head, **p.fp8_constexprs, **extra)
+                WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
+                **p.fp8_constexprs)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

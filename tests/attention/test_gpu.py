@@ -171,17 +171,17 @@ def test_fp8_decode_real_sizes(fp8, q_dtype, head_dim, per_head):
     check_lse(lse, rl)
 
 
-@pytest.mark.parametrize("gluon,fp8,q_dtype,head_dim,page_size,per_head", [
-    ("gluon", torch.float8_e4m3fn, torch.bfloat16, 128, 16, False),
-    ("gluon", torch.float8_e4m3fn, torch.bfloat16, 128, 1, True),
-    ("gluon", torch.float8_e5m2, torch.float16, 64, 16, True), ("gluon", torch.float8_e4m3fn, torch.bfloat16, 64, 64, False),
-    ("wgmma", torch.float8_e4m3fn, torch.bfloat16, 128, 16, False),
-    ("wgmma", torch.float8_e4m3fn, torch.bfloat16, 128, 1, True),
-    ("wgmma", torch.float8_e5m2, torch.float16, 128, 64, True)])
-def test_fp8_decode_gluon_kernel(gluon, fp8, q_dtype, head_dim, page_size, per_head, monkeypatch):
-    """The Gluon fp8 decode kernels (PAGODA_FP8_DECODE_KERNEL=gluon / wgmma) against the float64 reference and
-    the Triton kernel: lengths that end mid-block and mid-page, a 1-token and a split 32k request, GQA 4 and
-    group 8 (at head_dim 64), per-head and scalar scales; then CUDA-graph replays after new plans."""
+@pytest.mark.parametrize("fp8,q_dtype,head_dim,page_size,per_head", [
+    (torch.float8_e4m3fn, torch.bfloat16, 128, 16, False), (torch.float8_e4m3fn, torch.bfloat16, 128, 1, True),
+    (torch.float8_e5m2, torch.float16, 128, 64, True), (torch.float8_e5m2, torch.float16, 64, 16, True),
+    (torch.float8_e4m3fn, torch.bfloat16, 64, 64, False)])
+def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, monkeypatch):
+    """The Gluon fp8 decode kernel (the default on sm_90) against the float64 reference and the Triton kernel
+    (PAGODA_FP8_DECODE_KERNEL=triton): lengths that end mid-block and mid-page, a 1-token and a split 32k
+    request, GQA 4 and group 8 (at head_dim 64), per-head and scalar scales, K and V as views of one cache
+    tensor; then CUDA-graph replays after new plans."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon fp8 decode kernel is for sm_90")
     from .test_fp8 import quantized_batch
 
     hq, hk = (32, 8) if head_dim == 128 else (64, 8)
@@ -191,20 +191,28 @@ def test_fp8_decode_gluon_kernel(gluon, fp8, q_dtype, head_dim, page_size, per_h
     q = torch.randn(len(kv_lens), hq, head_dim, dtype=q_dtype, device="cuda")
     ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
     outs = {}
-    for kernel in (gluon, "triton"):
+    for kernel in ("auto", "triton"):
         monkeypatch.setenv("PAGODA_FP8_DECODE_KERNEL", kernel)
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
         w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size, q_data_type=q_dtype,
                kv_data_type=fp8)
-        assert w._plan.fp8_kernel == (None if kernel == "triton" else kernel)
+        assert (w._plan.fp8_constexprs is not None) == (kernel == "auto")
         assert kernel == "triton" or w._plan.work.partial_rows > 0  # the 32k request splits
         out, lse = poisoned_like(q)
         w.run(q, cache, out=out, lse=lse, k_scale=ks, v_scale=vs)
         assert rel_err(out, ro) < TOL[torch.bfloat16], kernel
         check_lse(lse, rl)
         outs[kernel] = out
-    assert rel_err(outs[gluon], outs["triton"].double()) < 1e-2
-    monkeypatch.setenv("PAGODA_FP8_DECODE_KERNEL", gluon)
+        if kernel == "auto":
+            w_auto = w
+    assert rel_err(outs["auto"], outs["triton"].double()) < 1e-2
+    # K and V as separate tensors with different page / slot strides (the kernel's SAME_STRIDES=False path)
+    v_wide = torch.empty(*cache[:, 1].shape[:2], hk + 3, head_dim, dtype=fp8, device="cuda")[:, :, 2:2 + hk]
+    v_wide.copy_(cache[:, 1])
+    out = torch.full_like(q, float("nan"))
+    w_auto.run(q, (cache[:, 0], v_wide), out=out, k_scale=ks, v_scale=vs)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    monkeypatch.setenv("PAGODA_FP8_DECODE_KERNEL", "auto")
     wg = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
     wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size, q_data_type=q_dtype,
             kv_data_type=fp8)

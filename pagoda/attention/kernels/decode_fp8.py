@@ -1,23 +1,32 @@
-"""Decode over an fp8 (e4m3 / e5m2) paged cache, in Gluon: the Triton kernel's work list, with V dequantized
-before it reaches the MMA.
+"""Decode over an fp8 (e4m3 / e5m2) paged cache on Hopper, in Gluon: the Triton kernel's work list, with the
+operands of both MMAs swapped so that K and V dequantize in registers at one instruction per two values.
 
-Why (benchmarks/results/notes.md, session 9): P V contracts over tokens, so the MMA's B fragment holds pairs
-of tokens at one head-dim column: a transposed read of V. For 16-bit V that is one transposing ldmatrix per
-8x8 tile; for 8-bit V there is none on sm_90, and the Triton kernel (which always converts after the
-shared-memory read, in the operand layout) reads V one byte per instruction: 128 LDS.U8 per 64-token block,
-the per-token work that keeps an fp8 cache at ~1.2x the bf16 decode instead of ~1.8x. Here each K / V block
-streams through a ring of fp8 shared-memory slots (cp.async, STAGES - 1 blocks ahead), is read back 8 bytes
-per thread, converted to fp16 in registers (one instruction per two values), stored as fp16 and read as MMA
-operands with ldmatrix (transposing for V): 8 STS.128 and 8 LDSM per tile instead of 128 byte loads.
+Why (benchmarks/results/notes.md, sessions 9-12): P V contracts over tokens, so an MMA operand built from V holds
+pairs of tokens at one head-dim column, a transposed read that no load gives for 8-bit data on sm_90. The Triton
+kernel reads V one byte per instruction and marshals q's fragments every block: 706 instructions per 64-token
+block, issue-bound at ~1.25x the bf16 decode's KV tokens/s where the halved bytes promise ~1.8x.
+
+Here S^T = K Q^T and O^T = V^T P^T (wgmma, one warpgroup): the KV block is the MMA's M (64 tokens, or the
+head_dim rows of O^T), the tile's 4-16 query rows its N (no padding of a decode tile to 64 rows), and K and V
+are the A operands, in registers:
+- K (tokens x head_dim) is read from the fp8 ring in the A-fragment layout itself: a thread's pairs are two
+  adjacent bytes of a row (16-bit loads, conflict-free under the ring's 16-byte swizzle), converted in place;
+- V^T (head_dim x tokens) wants pairs of tokens at one head-dim row. The head-dim rows are renumbered (row m
+  of the MMA is head-dim column unperm(m)) so that a thread's register rows are adjacent bytes of one token:
+  32-bit loads through a shared-memory view (_v_view) with the renumbering and the ring's swizzle in it, a
+  conversion, then a register shuffle (one PRMT per pair) into A fragments. O^T's rows come out renumbered
+  and the epilogue stores them through the same map (prefill_sm90._epilogue's DIM_PERM).
+Q^T and P^T are the B operands, fp16 in shared memory; the softmax runs along M (each warp's column max over
+its 16 tokens, one exchange through shared memory), the row sums stay per thread until the task ends. 431
+SASS instructions per 64-token block at head_dim 128 (about 6.7 per token; the bf16 decode ~9): 1.7-1.8x the
+bf16 decode's KV tokens/s in the bandwidth-bound cases on the H200 (session 12, scripts/fp8_probe.py).
 
 Queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
 scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent
 grid in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk
-merges them (_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, no window / soft
-cap / variant / custom mask. Opt-in (PAGODA_FP8_DECODE_KERNEL=gluon): measured on the H200 (session 10,
-scripts/fp8_probe.py --sweep) at 0.95-1.26x the bf16 decode's KV tokens/s against the Triton kernel's 1.03-1.27x,
-with fewer instructions per block: what it waits on is not measured yet (a double-buffered version with one barrier
-per block, converting block j + 1 while the MMAs read block j, measured 0.85-0.98x).
+merges them (_epilogue). Scope: sm_90, decode plans (one query per request), head_dim 64 / 128, no window /
+soft cap / variant / custom mask; the runner uses the Triton kernel for everything else
+(PAGODA_FP8_DECODE_KERNEL=triton forces it).
 """
 from __future__ import annotations
 
@@ -26,131 +35,9 @@ from .prefill_sm90 import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    from .prefill_sm90 import _epilogue, _page_ids, _softmax_block, _tile_rows, _ws_item, _ws_schedule, _ws_task
-
-    @gluon.jit
-    def _copy_kv(K, V, k_dst, v_dst, pages, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks, stride_vp,
-                 stride_vs, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                 LOAD: gl.constexpr):
-        """cp.async of the fp8 K and V rows start .. start + BLOCK_N of one KV head into a ring slot (rows past
-        kv_end: zeros), as one commit group."""
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-        offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD)), 0)
-        pg = pages.to(gl.int64)
-        slot = offs_n % PAGE_SIZE
-        mask = gl.expand_dims(offs_n < kv_end, 1)
-        async_copy.async_copy_global_to_shared(
-            k_dst, K + k_head_off + gl.expand_dims(pg * stride_kp + slot * stride_ks, 1) + offs_d, mask=mask)
-        async_copy.async_copy_global_to_shared(
-            v_dst, V + v_head_off + gl.expand_dims(pg * stride_vp + slot * stride_vs, 1) + offs_d, mask=mask)
-        async_copy.commit_group()
-
-    @gluon.jit
-    def decode_fp8_kernel(
-        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
-        stride_qt, stride_qh,
-        stride_kp, stride_ks, stride_kh,
-        stride_vp, stride_vs, stride_vh,
-        stride_ot, stride_oh, stride_lt,
-        stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-        WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
-        sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE)."""
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
-                                                      instr_shape=[16, 8])
-        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-        TPW_D: gl.constexpr = HEAD_DIM // 8
-        LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
-        # rows of 8 fp16 (16 bytes) swizzled: conflict-free 16-byte stores, ldmatrix reads (transposed for V)
-        SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-        RING: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[1, 0])
-        SROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
-        k_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
-        v_s = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], SMEM)
-        k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
-        v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
-        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
-        SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
-        KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
-        for rnd in range(0, n_rounds):
-            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
-            kv_base = gl.load(wp + 2)
-            _, qo_head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, A_L), q_start, q_len, kvh, hsplit,
-                                                  group_size, heads_per_prog)
-            offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_L))
-            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_qd, 0),
-                        mask=gl.expand_dims(valid, 1), other=0.0)
-            q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
-            task_qk = qk_scale * k_scale
-            task_v = v_scale
-            if SCALE_PTR:
-                task_qk = task_qk * gl.load(K_SCALE + kvh * stride_ksh)
-                task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
-            k_head_off = kvh.to(gl.int64) * stride_kh
-            v_head_off = kvh.to(gl.int64) * stride_vh
-            row_hi = diag + gl.arange(0, BLOCK_M, layout=SROW_L) // heads_per_prog
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
-            l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=MMA)
-            # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
-            for i in gl.static_range(STAGES - 1):
-                pages = _page_ids(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, LOAD)
-                _copy_kv(K, V, k_ring.index(i), v_ring.index(i), pages, kv_start + i * BLOCK_N, kv_end, k_head_off,
-                         v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
-            pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                              True, LOAD)
-            for j in range(0, n_blocks):
-                start = kv_start + j * BLOCK_N
-                # block j + STAGES - 1 into the slot block j - 1 used (every warp read it before the last
-                # iteration's second barrier); the page ids of the block after it load meanwhile
-                ahead = start + (STAGES - 1) * BLOCK_N
-                nxt = (j + STAGES - 1) % STAGES
-                _copy_kv(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
-                         stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, LOAD)
-                pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, LOAD)
-                async_copy.wait_group(STAGES - 1)  # this thread's copies of block j landed
-                gl.thread_barrier()  # everyone's, and every warp is done reading the last fp16 tiles
-                cur = j % STAGES
-                # 8-byte reads of the fp8 rows, two values per conversion, 16-byte stores of fp16
-                k_s.store(k_ring.index(cur).load(LOAD).to(gl.float16))
-                v_s.store(v_ring.index(cur).load(LOAD).to(gl.float16))
-                gl.thread_barrier()
-                s = mma_v2(q, k_s.permute((1, 0)).load(B_L), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=MMA))
-                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, task_qk, start >= full_hi,
-                                                    False, BLOCK_N, MMA)
-                acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_L), v_s.load(B_L),
-                             acc * gl.expand_dims(alpha, 1))
-            async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
-            gl.thread_barrier()
-            _epilogue(acc * task_v, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
-                      group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
-                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MMA, LOAD, 0, 0, 1)
-
-
-# -- swapped operands on wgmma (session 12) ---------------------------------------------------------------
-# S^T = K Q^T and O^T = V^T P^T: the KV block is the MMA's M (64 tokens / head_dim rows: one warpgroup's wgmma
-# shape, no padding of the 4-16 query rows of a decode tile to 64), the query rows its N (8 or 16). K and V go
-# from the fp8 ring into A fragments in registers, converted to fp16 there (one conversion per two values):
-# - K (tokens x head_dim) is read in the A layout itself: a thread's pairs are two adjacent bytes of a row
-#   (16-bit loads, conflict-free under the ring's 16-byte swizzle);
-# - V^T (head_dim x tokens) wants pairs of tokens at one head-dim row, which no load gives for 8-bit data.
-#   The head_dim rows are renumbered (the MMA's M index m is head_dim column perm(m)) so that a thread's
-#   register rows are 4 adjacent bytes of one token (32-bit loads through a shared-memory view with the
-#   renumbering and the swizzle in it); a register shuffle (byte permutes) then pairs tokens. The output rows
-#   come out renumbered and are stored through the same map.
-# Q^T and P^T are the B operands, in shared memory (fp16).
-
-if HAVE_GLUON:
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
-
-    from .prefill_sm90 import _cta_barrier
+    from .prefill_sm90 import _cta_barrier, _epilogue, _tile_rows, _ws_item, _ws_schedule, _ws_task
 
     @gluon.jit
     def _page_ids_u(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
@@ -198,13 +85,21 @@ if HAVE_GLUON:
         return tuple(regs + lanes + warps)
 
     @gluon.constexpr_function
+    def _ring_swizzle(HEAD_DIM):
+        """(per_phase, max_phase) of the fp8 ring: 16-byte chunks of a row XORed with the row's phase, one phase
+        per 128 bytes of rows (Triton's usual swizzle for 8-bit rows of HEAD_DIM bytes)."""
+        return max(1, 128 // HEAD_DIM), min(8, HEAD_DIM // 16)
+
+    @gluon.constexpr_function
     def _v_view(perm, BLOCK_N, HEAD_DIM):
-        """Shared-memory view of a ring slot (BLOCK_N rows of HEAD_DIM bytes, 16-byte chunks swizzled by the
-        row mod 8) as V^T [HEAD_DIM, BLOCK_N] with the head-dim rows renumbered by perm: offset bit -> (m, t)."""
+        """Shared-memory view of a ring slot (BLOCK_N rows of HEAD_DIM bytes, swizzled as _ring_swizzle says) as
+        V^T [HEAD_DIM, BLOCK_N] with the head-dim rows renumbered by perm: offset bit -> (m, t)."""
+        per_phase, max_phase = _ring_swizzle(HEAD_DIM)
         bases = [[perm[i], 0] for i in range(len(perm))]
         for b in range(BLOCK_N.bit_length() - 1):
-            # row bit b (< 3) also flips head-dim bit 4 + b (the swizzle's chunk bit)
-            bases.append([perm[4 + b] if b < 3 else 0, 1 << b])
+            # row bit b is phase bit k = b - log2(per_phase), which flips chunk bit k (head-dim bit 4 + k)
+            k = b - (per_phase.bit_length() - 1)
+            bases.append([perm[4 + k] if 0 <= k < max_phase.bit_length() - 1 else 0, 1 << b])
         return gl.SharedLinearLayout(bases)
 
     @gluon.constexpr_function
@@ -222,7 +117,7 @@ if HAVE_GLUON:
                                           [ll.shape[1], ll.shape[0]])
 
     @gluon.jit
-    def decode_fp8_wgmma_kernel(
+    def decode_fp8_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
         stride_qt, stride_qh,
         stride_kp, stride_ks, stride_kh,
@@ -234,11 +129,13 @@ if HAVE_GLUON:
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False,
     ):
-        """decode_fp8_kernel's arguments; one warpgroup (num_warps 4), BLOCK_N 64, HEAD_DIM 128, BLOCK_M (the
-        tile's query rows, the MMA's N) 8 or 16."""
+        """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
+        sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
+        (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
+        SAME_STRIDES: K and V have the same page and slot strides (one row offset for both)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
-        gl.static_assert(HEAD_DIM == 128)
+        gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
@@ -251,7 +148,7 @@ if HAVE_GLUON:
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
         # the fp8 copies: 16 bytes per thread and row
         COPY: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // HEAD_DIM, HEAD_DIM // 16], [num_warps, 1], [1, 0])
-        RING: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=8, order=[1, 0])
+        RING: gl.constexpr = gl.SwizzledSharedLayout(16, _ring_swizzle(HEAD_DIM)[0], _ring_swizzle(HEAD_DIM)[1], [1, 0])
         Q_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         P_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         COL_L: gl.constexpr = gl.SliceLayout(0, ACC)  # per query row of S^T / O^T
