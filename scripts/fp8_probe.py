@@ -4,10 +4,11 @@ fp8 issue asks for (~1.8x KV tokens per second), without waiting for a peer's JI
 Times pagoda's decode (CUDA-graph replays) over an e4m3 cache (randn cast to fp8, scale 1.0) and over that
 cache widened to bf16, and checks the fp8 result against the bf16 one.
 
-    python scripts/fp8_probe.py [--sweep]
+    python scripts/fp8_probe.py [--sweep] [--chunks 512,1024,...]
 
 Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_fp8.py, the
-default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP.
+default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP; --chunks times it with the
+planner's KV chunk length forced to each of the given lengths (the cost model's choice first).
 
 Session 7 ran an earlier version of this script with three more fp8 paths, chosen by environment variables
 that no longer exist (the per-element PTX dequantization to bf16, 32-bit word loads): notes.md, Session 7.
@@ -18,14 +19,23 @@ import sys
 import torch
 
 import pagoda
-from pagoda.attention import runner
+from pagoda.attention import plan as plan_mod, runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
-         "32x8192": [8192] * 32}
+         "32x8192": [8192] * 32, "skewed": [32768] + [512] * 63}
 # Gluon fp8 decode kernel configurations (runner.FP8_DECODE_CONFIG): block_n (64: the wgmma M), stages, programs
 # per SM, register cap
 SWEEP = [(64, 2, 4, 128), (64, 3, 4, 128), (64, 4, 3, 168), (64, 3, 3, 168)]
+
+
+_CHOOSE = (plan_mod._choose_chunk_len, plan_mod._choose_chunk_len_small)
+
+
+def force_chunk(length):
+    """Force the planner's KV chunk length (None: its cost model)."""
+    plan_mod._choose_chunk_len = (lambda *a: length) if length else _CHOOSE[0]
+    plan_mod._choose_chunk_len_small = (lambda *a: length) if length else _CHOOSE[1]
 
 
 def main():
@@ -35,6 +45,10 @@ def main():
     kinds = [("triton", None), ("auto", default)] + ([("auto", c) for c in SWEEP if c != default]
                                                      if "--sweep" in sys.argv else [])
     names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
+    if "--chunks" in sys.argv:
+        chunks = [int(x) for x in sys.argv[sys.argv.index("--chunks") + 1].split(",")]
+        kinds = [("auto", default)] * (len(chunks) + 1)
+        names = ["planner"] + [f"chunk {c}" for c in chunks]
     print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)",
           flush=True)
     for name, lens in CASES.items():
@@ -46,7 +60,8 @@ def main():
         ref = w.run(q, wide)
         t_bf16 = gpu_time(lambda: w.run(q, wide)) * 1e6
         cells = []
-        for kname, (kind, c) in zip(names, kinds):
+        for i, (kname, (kind, c)) in enumerate(zip(names, kinds)):
+            force_chunk(chunks[i - 1] if names[0] == "planner" and i else None)
             os.environ["PAGODA_FP8_DECODE_KERNEL"] = kind
             if c is not None:
                 runner.FP8_DECODE_CONFIG.update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
@@ -59,7 +74,7 @@ def main():
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             assert err < 1e-2, f"{name} {kname}: fp8 differs from the bf16 result, rel err {err:.3g}"
             t = gpu_time(lambda: w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)) * 1e6
-            cells.append(f"{t:7.1f} {t_bf16 / t:5.2f}x")
+            cells.append(f"{t:7.1f} {t_bf16 / t:5.2f}x" + (f" L={w8._plan.work.chunk_len}" if kname == "planner" else ""))
         print(f"{name:9s} {t_bf16:8.1f} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
 
 
