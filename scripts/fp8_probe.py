@@ -52,6 +52,7 @@ def main():
     print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)",
           flush=True)
     for name, lens in CASES.items():
+        force_chunk(None)  # (the bf16 baseline: the planner's choice)
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
         wide = s.cache.to(torch.bfloat16)
         q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
