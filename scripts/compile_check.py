@@ -131,20 +131,21 @@ def gluon_cases():
                     PV_REGS=168, PRODUCER_REGS=56, TMA=tma, num_warps=4, **descs), 4, 1)
 
 
-def fp8_decode_cases():
-    """The Gluon fp8 decode kernel (kernels/decode_fp8.py; only with the Triton it targets)."""
-    from pagoda.attention.kernels import decode_fp8
+def decode_sm90_cases():
+    """The Gluon decode kernel (kernels/decode_sm90.py; only with the Triton it targets), over fp8 and bf16."""
+    from pagoda.attention.kernels import decode_sm90
 
-    if not decode_fp8.HAVE_GLUON:
+    if not decode_sm90.HAVE_GLUON:
         return
-    types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
-                 WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32",
-                 V_SCALE="*fp32", qk_scale="fp32", k_scale="fp32", v_scale="fp32")
-    for d, kv, scale_ptr, same in ((128, "fp8e4nv", False, True), (64, "fp8e5", True, False)):
-        yield (f"decode_fp8 D={d} kv={kv} SCALE_PTR={scale_ptr}", decode_fp8.decode_fp8_kernel,
+    types = dict(Q="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32",
+                 KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32", V_SCALE="*fp32", qk_scale="fp32",
+                 k_scale="fp32", v_scale="fp32")
+    for d, kv, scale_ptr, same, regs in ((128, "fp8e4nv", False, True, 128), (64, "fp8e5", True, False, 128),
+                                         (128, "bf16", False, True, 168)):
+        yield (f"decode_sm90 D={d} kv={kv} SCALE_PTR={scale_ptr}", decode_sm90.decode_sm90_kernel,
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=16, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
-                    STAGES=2, SAME_STRIDES=same, num_warps=4), 4, 1, 128)
+                    STAGES=2, SAME_STRIDES=same, num_warps=4), 4, 1, regs)
 
 
 def ptxas_report(k) -> str:
@@ -166,7 +167,7 @@ def ptxas_report(k) -> str:
 def main():
     want = sys.argv[1:]
     failed = 0
-    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(fp8_decode_cases())
+    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(decode_sm90_cases())
     for name, fn, types, consts, warps, stages, *maxnreg in all_cases:
         if want and not any(w in name for w in want):
             continue

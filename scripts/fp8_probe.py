@@ -5,8 +5,9 @@ Times pagoda's decode (CUDA-graph replays) over an e4m3 cache (randn cast to fp8
 cache widened to bf16, and checks the fp8 result against the bf16 one.
 
     python scripts/fp8_probe.py [--sweep] [--chunks 512,1024,...]
+    python scripts/fp8_probe.py --bf16     (the Gluon decode kernel over the bf16 cache vs the Triton kernel)
 
-Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_fp8.py, the
+Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_sm90.py, the
 default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP; --chunks times it with the
 planner's KV chunk length forced to each of the given lengths (the cost model's choice first).
 
@@ -24,9 +25,11 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
          "32x8192": [8192] * 32, "skewed": [32768] + [512] * 63}
-# Gluon fp8 decode kernel configurations (runner.FP8_DECODE_CONFIG): block_n (64: the wgmma M), stages, programs
+# Gluon decode kernel configurations (runner.DECODE_GLUON_CONFIG[1]): block_n (64: the wgmma M), stages, programs
 # per SM, register cap
 SWEEP = [(64, 2, 4, 128), (64, 3, 4, 128), (64, 4, 3, 168), (64, 3, 3, 168)]
+# the same kernel over a bf16 cache (--bf16; 32 KB per ring stage)
+SWEEP16 = [(64, 2, 3, 168), (64, 2, 4, 128), (64, 3, 2, None)]
 
 
 _CHOOSE = (plan_mod._choose_chunk_len, plan_mod._choose_chunk_len_small)
@@ -41,7 +44,7 @@ def force_chunk(length):
 def main():
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    default = tuple(runner.FP8_DECODE_CONFIG.values())
+    default = tuple(runner.DECODE_GLUON_CONFIG[1].values())
     kinds = [("triton", None), ("auto", default)] + ([("auto", c) for c in SWEEP if c != default]
                                                      if "--sweep" in sys.argv else [])
     names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
@@ -51,6 +54,8 @@ def main():
         names = ["planner"] + [f"chunk {c}" for c in chunks]
     print(f"{'case':9s} {'bf16 us':>8s} " + " ".join(f"{n:>14s}" for n in names) + "  (us, x bf16 KV tok/s)",
           flush=True)
+    if "--bf16" in sys.argv:
+        return bf16_main()
     for name, lens in CASES.items():
         force_chunk(None)  # (the bf16 baseline: the planner's choice)
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
@@ -65,18 +70,44 @@ def main():
             force_chunk(chunks[i - 1] if names[0] == "planner" and i else None)
             os.environ["PAGODA_FP8_DECODE_KERNEL"] = kind
             if c is not None:
-                runner.FP8_DECODE_CONFIG.update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
-                runner._fp8_decode_config.cache_clear()
+                runner.DECODE_GLUON_CONFIG[1].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner._gluon_decode_config.cache_clear()
             w8 = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
             w8.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16,
                     kv_data_type=torch.float8_e4m3fn)
-            assert (w8._plan.fp8_constexprs is not None) == (kind == "auto"), kname
+            assert (w8._plan.decode_sm90_constexprs is not None) == (kind == "auto"), kname
             out = w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             assert err < 1e-2, f"{name} {kname}: fp8 differs from the bf16 result, rel err {err:.3g}"
             t = gpu_time(lambda: w8.run(q, s.cache, k_scale=1.0, v_scale=1.0)) * 1e6
             cells.append(f"{t:7.1f} {t_bf16 / t:5.2f}x" + (f" L={w8._plan.work.chunk_len}" if kname == "planner" else ""))
         print(f"{name:9s} {t_bf16:8.1f} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
+
+
+def bf16_main():
+    hq, hk, d, ps = 32, 8, 128, 16
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    kinds = [("triton", None)] + [("gluon", c) for c in SWEEP16]
+    names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
+    print(f"{'case':9s} " + " ".join(f"{n:>16s}" for n in names) + "  (us, x triton)", flush=True)
+    for name, lens in CASES.items():
+        s = PagedSetup(lens, hk, d, ps, torch.bfloat16)
+        q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
+        res = {}
+        for kname, (kind, c) in zip(names, kinds):
+            os.environ["PAGODA_DECODE_KERNEL"] = "auto" if kind == "gluon" else kind
+            if c is not None:
+                runner.DECODE_GLUON_CONFIG[2].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner._gluon_decode_config.cache_clear()
+            w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+            w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16)
+            assert (w._plan.decode_sm90_constexprs is not None) == (kind == "gluon"), kind
+            out = w.run(q, s.cache)
+            res[kname] = (out, gpu_time(lambda: w.run(q, s.cache)) * 1e6)
+            err = ((out.float() - res["triton"][0].float()).norm() / res["triton"][0].float().norm()).item()
+            assert err < 1e-2, f"{name} {kname}: the Gluon kernel differs from the Triton one, rel err {err:.3g}"
+        t0 = res["triton"][1]
+        print(f"{name:9s} " + " ".join(f"{res[n][1]:8.1f} {t0 / res[n][1]:5.2f}x" for n in names), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
-from .kernels import decode_fp8, prefill_sm90
+from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
 from .plan import KernelConfig, WorkPlan, plan_work, select_config
 from ..ops._dispatch import capability as _capability, pdl_launch
@@ -39,11 +39,14 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
-# The Gluon fp8 decode kernel for sm_90 (kernels/decode_fp8.py): KV block (the wgmma M), fp8 ring depth, programs per
-# SM, register cap. `python scripts/fp8_probe.py --sweep` (H200, session 12), x the bf16 decode's KV tokens/s over
-# 5 cases: 2 stages x 4 programs under 128 registers 1.42-1.80x; 3 x 4 1.40-1.72x; 4 x 3 (168 registers)
-# 1.36-1.55x; 3 x 3 1.40-1.56x (the Triton kernel 1.06-1.27x).
-FP8_DECODE_CONFIG = dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128)
+# The Gluon decode kernel for sm_90 (kernels/decode_sm90.py), per KV element size: KV block (the wgmma M), ring
+# depth, programs per SM, register cap. `python scripts/fp8_probe.py --sweep` / `--bf16` (H200, session 12):
+# fp8, x the bf16 decode's KV tokens/s over 5 cases: 2 stages x 4 programs under 128 registers 1.42-1.80x;
+# 3 x 4 1.40-1.72x; 4 x 3 (168 registers) 1.36-1.55x; 3 x 3 1.40-1.56x (the Triton kernel 1.06-1.27x).
+# bf16 (32 KB per stage), x the Triton kernel over 6 cases: 2 x 3 under 168 registers 0.99-1.15x; 2 x 4 under
+# 128 0.91-1.12x; 3 x 2 0.94-1.12x; 3 x 3 0.91-1.13x.
+DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128),
+                       2: dict(block_n=64, stages=2, ctas_per_sm=3, maxnreg=168)}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -64,10 +67,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _fp8_decode_config(config: KernelConfig) -> KernelConfig:
-    """A decode config as the Gluon fp8 kernel runs it (FP8_DECODE_CONFIG); one object per config, so
+def _gluon_decode_config(config: KernelConfig, kv_bytes: int) -> KernelConfig:
+    """A decode config as the Gluon decode kernel runs it (DECODE_GLUON_CONFIG); one object per config, so
     consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
-    c = FP8_DECODE_CONFIG
+    c = DECODE_GLUON_CONFIG[kv_bytes]
     return dataclasses.replace(config, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
 
 
@@ -116,7 +119,7 @@ class PlanState:
     mask: np.ndarray | None = None  # packed custom mask (host copy, for the reference path)
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
     sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
-    fp8_constexprs: dict | None = None  # set: launch the Gluon fp8 decode kernel (kernels/decode_fp8.py)
+    decode_sm90_constexprs: dict | None = None  # set: launch the Gluon decode kernel (kernels/decode_sm90.py)
 
     @property
     def sm90(self) -> bool:
@@ -273,7 +276,7 @@ class BatchAttention:
         kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
                       window_left >= 0, cap > 0, mask_np is not None)
         if self._use_cuda_graph and self._graph_kernel is not None:
-            key0, mode, config, fp8 = self._graph_kernel
+            key0, mode, config, gluon_decode = self._graph_kernel
             if key0 != kernel_key:
                 names = ("num_qo_heads", "num_kv_heads", "head_dim", "page_size", "q_data_type", "kv_data_type",
                          "causal", "window_left >= 0", "logits_soft_cap > 0", "custom mask")
@@ -286,12 +289,12 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            fp8 = mode == "decode" and config.block_m <= 16 and self._fp8_gluon_eligible(
+            gluon_decode = mode == "decode" and config.block_m <= 16 and self._decode_gluon_eligible(
                 head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
-            if fp8:
-                config = _fp8_decode_config(config)
+            if gluon_decode:
+                config = _gluon_decode_config(config, kv_dtype.itemsize)
             if self._use_cuda_graph:
-                self._graph_kernel = (kernel_key, mode, config, fp8)
+                self._graph_kernel = (kernel_key, mode, config, gluon_decode)
         if self._grid is None or self._grid[0] is not config:
             self._grid = (config, num_programs(self.device, config))
         grid = self._grid[1]
@@ -316,19 +319,25 @@ class BatchAttention:
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
         self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
-            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), fp8=fp8)
+            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), gluon_decode=gluon_decode)
 
-    def _fp8_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
-        """Decode plans the Gluon fp8 kernel serves (kernels/decode_fp8.py): an fp8 cache under fp16 / bf16
-        queries on sm_90 (with the Triton the kernel was written for), head_dim 64 / 128, no window / soft cap /
-        variant / custom mask. PAGODA_FP8_DECODE_KERNEL=triton keeps the Triton kernel (for comparisons)."""
-        choice = os.environ.get("PAGODA_FP8_DECODE_KERNEL", "auto")
-        if choice not in ("auto", "triton"):
-            raise ValueError(f"PAGODA_FP8_DECODE_KERNEL must be 'auto' or 'triton', got {choice!r}")
-        return (choice == "auto" and decode_fp8.HAVE_GLUON and self._backend == "triton"
-                and self.device.type == "cuda" and _capability(self.device) == (9, 0) and kv_dtype in FP8_DTYPES
-                and q_dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and window_left < 0
-                and cap == 0 and no_mask and self._variant is None and self._paged)
+    def _decode_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+        """Decode plans the Gluon decode kernel serves (kernels/decode_sm90.py): on sm_90 (with the Triton the
+        kernel was written for), fp16 / bf16 queries over an fp8 cache (PAGODA_FP8_DECODE_KERNEL: "auto", the
+        default, or "triton" to keep the Triton kernel for comparisons) or over a cache of their own dtype
+        (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128, no window / soft cap /
+        variant / custom mask."""
+        fp8 = kv_dtype in FP8_DTYPES
+        var = "PAGODA_FP8_DECODE_KERNEL" if fp8 else "PAGODA_DECODE_KERNEL"
+        on = ("auto",)
+        choice = os.environ.get(var, "auto")
+        if choice not in on + ("triton",):
+            raise ValueError(f"{var} must be one of {on + ('triton',)}, got {choice!r}")
+        return (choice in on and decode_sm90.HAVE_GLUON and self._backend == "triton"
+                and self.device.type == "cuda" and _capability(self.device) == (9, 0)
+                and (fp8 or kv_dtype == q_dtype) and q_dtype in (torch.float16, torch.bfloat16)
+                and head_dim in (64, 128) and window_left < 0 and cap == 0 and no_mask and self._variant is None
+                and self._paged)
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
@@ -344,16 +353,16 @@ class BatchAttention:
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState, sm90: bool = False, fp8: bool = False) -> None:
+    def _prepare_launch(self, p: PlanState, sm90: bool = False, gluon_decode: bool = False) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
         runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
         decode step of a server) reuses its launch arguments."""
         key = (p.config, p.head_dim, p.page_size, p.causal, p.window_left, p.logits_soft_cap, p.sm_scale,
-               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90, fp8,
+               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90, gluon_decode,
                tuple(SM90_CONFIG.items()), None if self._use_cuda_graph else p.work.partial_rows)
         last = self._launch_cache
         if last is not None and last[0] == key:
-            p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.fp8_constexprs = last[1]
+            p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.decode_sm90_constexprs = last[1]
             return
         p.tmp_o, p.tmp_lse = self._partial_buffers(p.work.partial_rows, p.num_qo_heads, p.head_dim)
         cap = p.logits_soft_cap
@@ -375,10 +384,10 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
                 num_warps=4)
-        if fp8:
-            p.fp8_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    PAGE_SIZE=p.page_size, STAGES=FP8_DECODE_CONFIG["stages"], num_warps=4,
-                                    maxnreg=cfg.maxnreg)
+        if gluon_decode:
+            p.decode_sm90_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                    PAGE_SIZE=p.page_size, STAGES=DECODE_GLUON_CONFIG[p.kv_dtype.itemsize]["stages"],
+                                    num_warps=4, maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,
@@ -387,7 +396,7 @@ class BatchAttention:
             HAS_SCORE_MOD=var is not None and var.score_mod is not None,
             HAS_MASK_MOD=var is not None and var.mask_mod is not None, CUSTOM_MASK=p.mask is not None)
         self._launch_cache = (key, (p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs,
-                                    p.fp8_constexprs))
+                                    p.decode_sm90_constexprs))
 
     def _upload_requests(self, qo_indptr, kv_lens, mask_np, mask_bits) -> None:
         """The request table (first query row, kv_len, first mask bit) and the packed custom mask."""
@@ -554,14 +563,14 @@ class BatchAttention:
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
             return
-        if p.fp8_constexprs is not None and not self._merge_out:
-            decode_fp8.decode_fp8_kernel[(p.grid,)](
+        if p.decode_sm90_constexprs is not None and not self._merge_out:
+            decode_sm90.decode_sm90_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                **p.fp8_constexprs)
+                **p.decode_sm90_constexprs)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
@@ -581,7 +590,7 @@ class BatchAttention:
         reference path). The cascade wrapper uses it to skip its separate merge."""
         p = self._plan
         return (self._backend == "triton" and p is not None and p.sm90_constexprs is None
-                and p.fp8_constexprs is None)
+                and p.decode_sm90_constexprs is None)
 
     def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
         """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""

@@ -196,7 +196,7 @@ def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, mo
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
         w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size, q_data_type=q_dtype,
                kv_data_type=fp8)
-        assert (w._plan.fp8_constexprs is not None) == (kernel == "auto")
+        assert (w._plan.decode_sm90_constexprs is not None) == (kernel == "auto")
         assert kernel == "triton" or w._plan.work.partial_rows > 0  # the 32k request splits
         out, lse = poisoned_like(q)
         w.run(q, cache, out=out, lse=lse, k_scale=ks, v_scale=vs)

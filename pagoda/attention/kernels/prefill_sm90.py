@@ -182,7 +182,7 @@ if HAVE_GLUON:
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
-        arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_fp8's _unperm)."""
+        arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)

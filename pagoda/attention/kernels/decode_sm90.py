@@ -117,7 +117,7 @@ if HAVE_GLUON:
                                           [ll.shape[1], ll.shape[0]])
 
     @gluon.jit
-    def decode_fp8_kernel(
+    def decode_sm90_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
         stride_qt, stride_qh,
         stride_kp, stride_ks, stride_kh,
@@ -143,20 +143,28 @@ if HAVE_GLUON:
         V_LOAD: gl.constexpr = _regs_first(gl.to_linear_layout(A_L, [HEAD_DIM, BLOCK_N]), 0)
         PERM: gl.constexpr = _row_order(V_LOAD)
         V_VIEW: gl.constexpr = _v_view(PERM, BLOCK_N, HEAD_DIM)
+        # a 16-bit cache: both MMAs read K / V^T straight from the ring (wgmma transposes 16-bit A operands)
+        KV16: gl.constexpr = K.dtype.element_ty.primitive_bitwidth == 16
+        CDT: gl.constexpr = K.dtype.element_ty if KV16 else gl.float16  # the MMAs' operand type
         O_T: gl.constexpr = _transposed(gl.to_linear_layout(ACC, [HEAD_DIM, BLOCK_M]))
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
         # the fp8 copies: 16 bytes per thread and row
-        COPY: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // HEAD_DIM, HEAD_DIM // 16], [num_warps, 1], [1, 0])
-        RING: gl.constexpr = gl.SwizzledSharedLayout(16, _ring_swizzle(HEAD_DIM)[0], _ring_swizzle(HEAD_DIM)[1], [1, 0])
+        VEC: gl.constexpr = 8 if KV16 else 16  # 16 bytes per thread and row
+        COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // HEAD_DIM, HEAD_DIM // VEC], [num_warps, 1], [1, 0])
+        if KV16:
+            RING: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        else:
+            RING: gl.constexpr = gl.SwizzledSharedLayout(16, _ring_swizzle(HEAD_DIM)[0], _ring_swizzle(HEAD_DIM)[1],
+                                                         [1, 0])
         Q_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         P_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         COL_L: gl.constexpr = gl.SliceLayout(0, ACC)  # per query row of S^T / O^T
         RED: gl.constexpr = _warp_partials(gl.to_linear_layout(ACC, [BLOCK_N, BLOCK_M]))
         k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
         v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
-        q_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, HEAD_DIM], Q_SL)
-        p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_M, BLOCK_N], P_SL)
+        q_s = gl.allocate_shared_memory(CDT, [BLOCK_M, HEAD_DIM], Q_SL)
+        p_s = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_N], P_SL)
         red_s = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
@@ -170,7 +178,8 @@ if HAVE_GLUON:
             offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
             q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_qd, 0),
                         mask=gl.expand_dims(valid, 1), other=0.0)
-            q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+            if not KV16:
+                q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
             task_qk = qk_scale * k_scale
             task_v = v_scale
             if SCALE_PTR:
@@ -192,6 +201,8 @@ if HAVE_GLUON:
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
+                if KV16:
+                    fence_async_shared()  # (the MMAs read them from shared memory)
                 _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
                 ahead = start + (STAGES - 1) * BLOCK_N
                 nxt = (j + STAGES - 1) % STAGES
@@ -199,8 +210,11 @@ if HAVE_GLUON:
                          stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES, COPY)
                 pages = _page_ids_u(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
                 cur = j % STAGES
-                k16 = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
-                s = warpgroup_mma(k16, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
+                if KV16:
+                    k_op = k_ring.index(cur)
+                else:
+                    k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
+                s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
                 if start >= full_hi:  # the last block: tokens past the end
                     offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
                     s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
@@ -214,16 +228,19 @@ if HAVE_GLUON:
                 p = gl.exp2(s * task_qk - gl.expand_dims(m_new, 0))
                 l_acc = l_acc * gl.expand_dims(alpha, 0) + p
                 m_i = m_new
-                p_s.store(gl.permute(p.to(gl.float16), (1, 0)))
+                p_s.store(gl.permute(p.to(CDT), (1, 0)))
                 fence_async_shared()
                 _cta_barrier()
-                v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
-                v16 = gl.convert_layout(v8.to(gl.float16), A_L)
-                acc = warpgroup_mma(v16, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+                if KV16:
+                    v_op = v_ring.index(cur).permute((1, 0))
+                else:
+                    v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
+                    v_op = gl.convert_layout(v8.to(gl.float16), A_L)
+                acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
             async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
             l_i = gl.sum(l_acc, 0)
             out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      PERM)
+                      None if KV16 else PERM)
