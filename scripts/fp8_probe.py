@@ -5,7 +5,7 @@ Times pagoda's decode (CUDA-graph replays) over an e4m3 cache (randn cast to fp8
 cache widened to bf16, and checks the fp8 result against the bf16 one.
 
     python scripts/fp8_probe.py [--sweep] [--chunks 512,1024,...]
-    python scripts/fp8_probe.py --bf16     (the Gluon decode kernel over the bf16 cache vs the Triton kernel)
+    python scripts/fp8_probe.py --bf16 [--chunks ...]   (the Gluon decode kernel over a bf16 cache vs the Triton one)
 
 Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_sm90.py, the
 default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP; --chunks times it with the
@@ -89,12 +89,18 @@ def bf16_main():
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     kinds = [("triton", None)] + [("gluon", c) for c in SWEEP16]
     names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
+    chunks = []
+    if "--chunks" in sys.argv:  # the default Gluon config at forced chunk lengths
+        chunks = [int(x) for x in sys.argv[sys.argv.index("--chunks") + 1].split(",")]
+        kinds = [("triton", None)] + [("gluon", SWEEP16[0])] * (len(chunks) + 1)
+        names = ["triton", "planner"] + [f"chunk {c}" for c in chunks]
     print(f"{'case':9s} " + " ".join(f"{n:>16s}" for n in names) + "  (us, x triton)", flush=True)
     for name, lens in CASES.items():
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16)
         q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
         res = {}
-        for kname, (kind, c) in zip(names, kinds):
+        for i, (kname, (kind, c)) in enumerate(zip(names, kinds)):
+            force_chunk(chunks[i - 2] if chunks and i >= 2 else None)
             os.environ["PAGODA_DECODE_KERNEL"] = "auto" if kind == "gluon" else kind
             if c is not None:
                 runner.DECODE_GLUON_CONFIG[2].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
@@ -108,6 +114,7 @@ def bf16_main():
             assert err < 1e-2, f"{name} {kname}: the Gluon kernel differs from the Triton one, rel err {err:.3g}"
         t0 = res["triton"][1]
         print(f"{name:9s} " + " ".join(f"{res[n][1]:8.1f} {t0 / res[n][1]:5.2f}x" for n in names), flush=True)
+    force_chunk(None)
 
 
 if __name__ == "__main__":
