@@ -109,11 +109,12 @@ def bf16_main():
             w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16)
             assert (w._plan.decode_sm90_constexprs is not None) == (kind == "gluon"), kind
             out = w.run(q, s.cache)
-            res[kname] = (out, gpu_time(lambda: w.run(q, s.cache)) * 1e6)
+            res[kname] = (out, gpu_time(lambda: w.run(q, s.cache)) * 1e6, w._plan.work.chunk_len)
             err = ((out.float() - res["triton"][0].float()).norm() / res["triton"][0].float().norm()).item()
             assert err < 1e-2, f"{name} {kname}: the Gluon kernel differs from the Triton one, rel err {err:.3g}"
         t0 = res["triton"][1]
-        print(f"{name:9s} " + " ".join(f"{res[n][1]:8.1f} {t0 / res[n][1]:5.2f}x" for n in names), flush=True)
+        print(f"{name:9s} " + " ".join(f"{res[n][1]:8.1f} {t0 / res[n][1]:5.2f}x" for n in names)
+              + f"  (planner L={res[names[1]][2]})", flush=True)
     force_chunk(None)
 
 
