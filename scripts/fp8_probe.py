@@ -26,10 +26,10 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
          "32x8192": [8192] * 32, "skewed": [32768] + [512] * 63}
 # Gluon decode kernel configurations (runner.DECODE_GLUON_CONFIG[1]): block_n (64: the wgmma M), stages, programs
-# per SM, register cap
-SWEEP = [(64, 2, 4, 128), (64, 3, 4, 128), (64, 4, 3, 168), (64, 3, 3, 168)]
+# per SM, register cap, query rows (the wgmma N, at least the group)
+SWEEP = [(64, 2, 4, 128, 8), (64, 2, 4, 128, 16), (64, 2, 5, 96, 8), (64, 3, 4, 128, 8)]
 # the same kernel over a bf16 cache (--bf16; 32 KB per ring stage)
-SWEEP16 = [(64, 2, 3, 168), (64, 2, 4, 128), (64, 3, 2, None)]
+SWEEP16 = [(64, 2, 3, 168, 8), (64, 2, 3, 168, 16), (64, 2, 4, 128, 8), (64, 2, 4, 104, 8)]
 
 
 _CHOOSE = (plan_mod._choose_chunk_len, plan_mod._choose_chunk_len_small)
@@ -47,7 +47,7 @@ def main():
     default = tuple(runner.DECODE_GLUON_CONFIG[1].values())
     kinds = [("triton", None), ("auto", default)] + ([("auto", c) for c in SWEEP if c != default]
                                                      if "--sweep" in sys.argv else [])
-    names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
+    names = ["triton"] + [f"g{c[1]}c{c[2]}r{c[3]}n{c[4]}" for _, c in kinds[1:]]
     if "--chunks" in sys.argv:
         chunks = [int(x) for x in sys.argv[sys.argv.index("--chunks") + 1].split(",")]
         kinds = [("auto", default)] * (len(chunks) + 1)
@@ -70,7 +70,7 @@ def main():
             force_chunk(chunks[i - 1] if names[0] == "planner" and i else None)
             os.environ["PAGODA_FP8_DECODE_KERNEL"] = kind
             if c is not None:
-                runner.DECODE_GLUON_CONFIG[1].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner.DECODE_GLUON_CONFIG[1].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3], rows=c[4])
                 runner._gluon_decode_config.cache_clear()
             w8 = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
             w8.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16,
@@ -88,7 +88,7 @@ def bf16_main():
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     kinds = [("triton", None)] + [("gluon", c) for c in SWEEP16]
-    names = ["triton"] + [f"g{c[0]}x{c[1]}c{c[2]}r{c[3]}" for _, c in kinds[1:]]
+    names = ["triton"] + [f"g{c[1]}c{c[2]}r{c[3]}n{c[4]}" for _, c in kinds[1:]]
     chunks = []
     if "--chunks" in sys.argv:  # the default Gluon config at forced chunk lengths
         chunks = [int(x) for x in sys.argv[sys.argv.index("--chunks") + 1].split(",")]
@@ -103,7 +103,7 @@ def bf16_main():
             force_chunk(chunks[i - 2] if chunks and i >= 2 else None)
             os.environ["PAGODA_DECODE_KERNEL"] = "auto" if kind == "gluon" else kind
             if c is not None:
-                runner.DECODE_GLUON_CONFIG[2].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3])
+                runner.DECODE_GLUON_CONFIG[2].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3], rows=c[4])
                 runner._gluon_decode_config.cache_clear()
             w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
             w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=torch.bfloat16)

@@ -45,8 +45,8 @@ SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 # 3 x 4 1.40-1.72x; 4 x 3 (168 registers) 1.36-1.55x; 3 x 3 1.40-1.56x (the Triton kernel 1.06-1.27x).
 # bf16 (32 KB per stage), x the Triton kernel over 6 cases: 2 x 3 under 168 registers 0.99-1.15x; 2 x 4 under
 # 128 0.91-1.12x; 3 x 2 0.94-1.12x; 3 x 3 0.91-1.13x.
-DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128),
-                       2: dict(block_n=64, stages=2, ctas_per_sm=3, maxnreg=168)}
+DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8),
+                       2: dict(block_n=64, stages=2, ctas_per_sm=3, maxnreg=168, rows=8)}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -71,7 +71,11 @@ def _gluon_decode_config(config: KernelConfig, kv_bytes: int) -> KernelConfig:
     """A decode config as the Gluon decode kernel runs it (DECODE_GLUON_CONFIG); one object per config, so
     consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
     c = DECODE_GLUON_CONFIG[kv_bytes]
-    return dataclasses.replace(config, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
+    # the tile's query rows are the MMA's N: the group's heads, at least 8 (wgmma's smallest N), not the Triton
+    # kernel's 16 (one-query decode tiles hold one token: the rest of the rows would be padding)
+    rows = max(c["rows"], 1 << (config.heads_per_prog - 1).bit_length())
+    return dataclasses.replace(config, block_m=rows, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"],
+                               maxnreg=c["maxnreg"])
 
 
 def num_programs(device: torch.device, config: KernelConfig) -> int:
@@ -289,7 +293,7 @@ class BatchAttention:
                                         else self._mode)
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
                                    int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            gluon_decode = mode == "decode" and config.block_m <= 16 and self._decode_gluon_eligible(
+            gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                 head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
             if gluon_decode:
                 config = _gluon_decode_config(config, kv_dtype.itemsize)
