@@ -40,11 +40,12 @@ GRAPH_MAX_PAGES = 1 << 20
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
 # The Gluon decode kernel for sm_90 (kernels/decode_sm90.py), per KV element size: KV block (the wgmma M), ring
-# depth, programs per SM, register cap. `python scripts/fp8_probe.py --sweep` / `--bf16` (H200, session 12):
-# fp8, x the bf16 decode's KV tokens/s over 5 cases: 2 stages x 4 programs under 128 registers 1.42-1.80x;
-# 3 x 4 1.40-1.72x; 4 x 3 (168 registers) 1.36-1.55x; 3 x 3 1.40-1.56x (the Triton kernel 1.06-1.27x).
-# bf16 (32 KB per stage), x the Triton kernel over 6 cases: 2 x 3 under 168 registers 0.99-1.15x; 2 x 4 under
-# 128 0.91-1.12x; 3 x 2 0.94-1.12x; 3 x 3 0.91-1.13x.
+# depth, programs per SM, register cap, minimum query rows (the wgmma N). `python scripts/fp8_probe.py --sweep` /
+# `--bf16` (H200, session 12): fp8, x the bf16 decode's KV tokens/s over 6 cases: 2 stages x 4 programs under
+# 128 registers, 8 rows 1.37-1.87x (16 rows 1.25-1.82x; 5 programs under 96 registers 1.35-1.85x; 3 stages
+# 1.38-1.80x; earlier at 16 rows: 4 x 3 under 168 1.36-1.55x). bf16 (32 KB per stage), x the Triton kernel over
+# 6 cases: 2 x 3 under 168 registers, 8 rows 1.00-1.22x (16 rows 0.99-1.16x; 2 x 4 under 128 0.95-1.21x;
+# earlier 3 x 2 0.94-1.12x, 3 x 3 0.91-1.13x).
 DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8),
                        2: dict(block_n=64, stages=2, ctas_per_sm=3, maxnreg=168, rows=8)}
 
