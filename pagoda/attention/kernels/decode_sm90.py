@@ -1,32 +1,35 @@
-"""Decode over an fp8 (e4m3 / e5m2) paged cache on Hopper, in Gluon: the Triton kernel's work list, with the
-operands of both MMAs swapped so that K and V dequantize in registers at one instruction per two values.
+"""Decode on Hopper (sm_90), in Gluon, over 16-bit and fp8 (e4m3 / e5m2) paged caches: the Triton kernel's work
+list, with the operands of both MMAs swapped (the KV block is the MMA's M).
 
 Why (benchmarks/results/notes.md, sessions 9-12): P V contracts over tokens, so an MMA operand built from V holds
 pairs of tokens at one head-dim column, a transposed read that no load gives for 8-bit data on sm_90. The Triton
-kernel reads V one byte per instruction and marshals q's fragments every block: 706 instructions per 64-token
-block, issue-bound at ~1.25x the bf16 decode's KV tokens/s where the halved bytes promise ~1.8x.
+kernel reads fp8 V one byte per instruction and marshals q's fragments every block: 706 instructions per 64-token
+block, issue-bound at ~1.25x the bf16 decode's KV tokens/s where the halved bytes promise ~1.8x. And its decode
+tile is 16 query rows of which one-query decode uses the group's 4.
 
 Here S^T = K Q^T and O^T = V^T P^T (wgmma, one warpgroup): the KV block is the MMA's M (64 tokens, or the
-head_dim rows of O^T), the tile's 4-16 query rows its N (no padding of a decode tile to 64 rows), and K and V
-are the A operands, in registers:
-- K (tokens x head_dim) is read from the fp8 ring in the A-fragment layout itself: a thread's pairs are two
-  adjacent bytes of a row (16-bit loads, conflict-free under the ring's 16-byte swizzle), converted in place;
-- V^T (head_dim x tokens) wants pairs of tokens at one head-dim row. The head-dim rows are renumbered (row m
-  of the MMA is head-dim column unperm(m)) so that a thread's register rows are adjacent bytes of one token:
-  32-bit loads through a shared-memory view (_v_view) with the renumbering and the ring's swizzle in it, a
-  conversion, then a register shuffle (one PRMT per pair) into A fragments. O^T's rows come out renumbered
+head_dim rows of O^T), the tile's query rows its N (the group's heads, at least 8: nothing padded to 64 rows),
+and K and V are the A operands:
+- a 16-bit cache: both read straight from the shared-memory ring (wgmma transposes 16-bit A operands for V^T);
+- fp8, in registers. K (tokens x head_dim) is read from the ring in the A-fragment layout itself: a thread's
+  pairs are two adjacent bytes of a row (16-bit loads, conflict-free under the ring's 16-byte swizzle),
+  converted in place. V^T (head_dim x tokens) wants pairs of tokens at one head-dim row: the head-dim rows are
+  renumbered (MMA row m is head-dim column unperm(m)) so that a thread's register rows are adjacent bytes of one
+  token: 32-bit loads through a shared-memory view (_v_view) with the renumbering and the ring's swizzle in it,
+  a conversion, then a register shuffle (one PRMT per pair) into A fragments. O^T's rows come out renumbered
   and the epilogue stores them through the same map (prefill_sm90._epilogue's DIM_PERM).
-Q^T and P^T are the B operands, fp16 in shared memory; the softmax runs along M (each warp's column max over
-its 16 tokens, one exchange through shared memory), the row sums stay per thread until the task ends. 431
-SASS instructions per 64-token block at head_dim 128 (about 6.7 per token; the bf16 decode ~9): 1.7-1.8x the
-bf16 decode's KV tokens/s in the bandwidth-bound cases on the H200 (session 12, scripts/fp8_probe.py).
+Q^T and P^T are the B operands in shared memory; the softmax runs along M (each warp's column max over its 16
+tokens, one exchange through shared memory), the row sums stay per thread until the task ends. SASS per
+64-token block at head_dim 128 and 8 rows: fp8 378 instructions (the Triton kernel 706), bf16 ~375 (the Triton
+kernel ~580). On the H200 (session 12, scripts/fp8_probe.py): fp8 1.7-1.9x the bf16 decode's KV tokens/s where
+that is bandwidth-bound; over bf16 1.00-1.22x the Triton kernel (the long and small decodes gain most).
 
-Queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
-scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent
-grid in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk
-merges them (_epilogue). Scope: sm_90, decode plans (one query per request), head_dim 64 / 128, no window /
-soft cap / variant / custom mask; the runner uses the Triton kernel for everything else
-(PAGODA_FP8_DECODE_KERNEL=triton forces it).
+fp8: queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
+scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent grid
+in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk merges them
+(_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, groups up to 16, no window / soft
+cap / variant / custom mask, not a cascade level; the runner uses the Triton kernel for everything else
+(PAGODA_DECODE_KERNEL=triton / PAGODA_FP8_DECODE_KERNEL=triton force it).
 """
 from __future__ import annotations
 
