@@ -288,6 +288,10 @@ class BatchAttention:
                 diff = [f"{n}: {a} -> {b}" for n, a, b in zip(names, key0, kernel_key) if a != b]
                 raise ValueError(f"a CUDA-graph wrapper keeps the kernel of its first plan() (a captured run() "
                                  f"replays it); this plan changes {', '.join(diff)}: use another wrapper")
+            if gluon_decode and not one_query and len(qo_lens) and int(qo_lens.max()) > 1:
+                # (the Triton kernel's decode tiles take any query count; the Gluon decode kernel's only one)
+                raise ValueError(f"this CUDA-graph wrapper replays the one-query decode kernel of its first plan(); "
+                                 f"this plan has a request with {int(qo_lens.max())} queries: use another wrapper")
         else:
             # One query per request is decode whatever the wrapper: small tiles, decode tuning.
             mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)

@@ -101,3 +101,36 @@ def test_prefill_rejects(batch):
         r.run(q, k, k)
     with pytest.raises(ValueError, match="k and v must have one shape"):
         r.run(q, torch.randn(10, 2, 64, dtype=torch.float16, device=DEVICE), k)
+
+
+@pytest.mark.parametrize("var,kv_dtype", [("PAGODA_DECODE_KERNEL", torch.float16),
+                                          ("PAGODA_FP8_DECODE_KERNEL", torch.float8_e4m3fn)])
+def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
+    """The environment switch between the Gluon and the Triton decode kernels names itself when misspelt (on
+    any machine: the choice is read before the device is looked at); "triton" and "auto" plan normally."""
+    monkeypatch.setenv(var, "gluon-please")
+    with pytest.raises(ValueError, match=var):
+        plan(decode_wrapper(), batch, kv_data_type=kv_dtype)
+    for ok in ("triton", "auto"):
+        monkeypatch.setenv(var, ok)
+        w = decode_wrapper()
+        plan(w, batch, kv_data_type=kv_dtype)
+        assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
+
+
+def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monkeypatch):
+    """A CUDA-graph prefill wrapper whose first plan ran the one-query Gluon decode kernel (sm_90) replays it:
+    a later plan with several queries in a request would need causal tiles that kernel does not have, so it is
+    refused with a ValueError rather than computed wrong. (The kernel choice is forced here: this runs
+    anywhere.)"""
+    from pagoda.attention import runner
+
+    monkeypatch.setattr(runner.BatchAttention, "_decode_gluon_eligible", lambda self, *a: True)
+    b = PagedBatch([10, 20], 2, 64, 4, torch.float16)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(1), "NHD", backend="triton", use_cuda_graph=True)
+    args = (b.indptr, b.indices, b.last_page_len, 4, 2, 64, 4)
+    w.plan(torch.tensor([0, 1, 2], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)
+    assert w._plan.decode_sm90_constexprs is not None
+    w.plan(torch.tensor([0, 1, 2], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)  # decode again
+    with pytest.raises(ValueError, match="one-query decode kernel"):
+        w.plan(torch.tensor([0, 1, 3], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)

@@ -291,3 +291,21 @@ def test_latency_bound_batches_use_their_item_cost():
     kv = np.full(n + 1, 1024)
     assert (plan_work(np.arange(n + 2), kv, np.zeros(n + 1, dtype=np.int64), config=small, **args).chunk_len
             == plan_work(np.arange(n + 2), kv, np.zeros(n + 1, dtype=np.int64), config=cfg, **args).chunk_len)
+
+
+@pytest.mark.parametrize("group,rows", [(1, 8), (4, 8), (8, 8), (16, 16)])
+def test_gluon_decode_config_rows(group, rows):
+    """The Gluon decode kernel's tile is the group's query heads (the wgmma's N), at least 8 rows, whatever the
+    Triton decode config's minimum (16); its KV block, programs per SM and register cap come from
+    runner.DECODE_GLUON_CONFIG per KV element size, and the same config gives the same object (stable grid)."""
+    from pagoda.attention import runner
+    from pagoda.attention.plan import select_config
+
+    base = select_config("decode", 128, group, True)
+    for kv_bytes in (1, 2):
+        cfg = runner._gluon_decode_config(base, kv_bytes)
+        want = runner.DECODE_GLUON_CONFIG[kv_bytes]
+        assert (cfg.block_m, cfg.heads_per_prog, cfg.block_n) == (rows, group, want["block_n"])
+        assert (cfg.ctas_per_sm, cfg.maxnreg) == (want["ctas_per_sm"], want["maxnreg"])
+        assert cfg.tokens_per_tile == rows // group
+        assert runner._gluon_decode_config(base, kv_bytes) is cfg
