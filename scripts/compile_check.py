@@ -140,8 +140,8 @@ def decode_sm90_cases():
     types = dict(Q="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32",
                  KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32", V_SCALE="*fp32", qk_scale="fp32",
                  k_scale="fp32", v_scale="fp32")
-    for d, kv, scale_ptr, same, regs, rows in ((128, "fp8e4nv", False, True, 128, 8), (64, "fp8e5", True, False, 128, 16),
-                                               (128, "bf16", False, True, 168, 8)):
+    for d, kv, scale_ptr, same, regs, rows in ((128, "fp8e4nv", False, True, 128, 8),
+                                               (64, "fp8e5", True, False, 128, 16), (128, "bf16", False, True, 168, 8)):
         yield (f"decode_sm90 D={d} kv={kv} SCALE_PTR={scale_ptr} rows={rows}", decode_sm90.decode_sm90_kernel,
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,

@@ -86,7 +86,9 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
         of per-KV-head scales); required for an fp8 cache (kv_data_type=torch.float8_e4m3fn or
         float8_e5m2 in plan()), which the kernel dequantizes after the load.
         enable_pdl: launch the kernel as a programmatic dependent launch on a Hopper GPU (it may start while
-        the kernel before it runs, and waits for it before touching memory: ops/kernels/pdl.py); None: off."""
+        the kernel before it runs, and waits for it before touching memory: ops/kernels/pdl.py); None: off.
+        It applies to the Triton attention kernel; the Gluon kernels for sm_90 (kernels/decode_sm90.py, which
+        runs most decode plans there, and the prefill one) launch plainly, whatever it says."""
         return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
 
     forward = run

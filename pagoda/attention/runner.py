@@ -394,9 +394,9 @@ class BatchAttention:
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
                 num_warps=4)
         if gluon_decode:
-            p.decode_sm90_constexprs = dict(HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                    PAGE_SIZE=p.page_size, STAGES=DECODE_GLUON_CONFIG[p.kv_dtype.itemsize]["stages"],
-                                    num_warps=4, maxnreg=cfg.maxnreg)
+            p.decode_sm90_constexprs = dict(
+                HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
+                STAGES=DECODE_GLUON_CONFIG[p.kv_dtype.itemsize]["stages"], num_warps=4, maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -152,8 +152,7 @@ if HAVE_GLUON:
         O_T: gl.constexpr = _transposed(gl.to_linear_layout(ACC, [HEAD_DIM, BLOCK_M]))
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
-        # the fp8 copies: 16 bytes per thread and row
-        VEC: gl.constexpr = 8 if KV16 else 16  # 16 bytes per thread and row
+        VEC: gl.constexpr = 8 if KV16 else 16  # the copies: 16 bytes per thread and row
         COPY: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // HEAD_DIM, HEAD_DIM // VEC], [num_warps, 1], [1, 0])
         if KV16:
             RING: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -196,11 +195,15 @@ if HAVE_GLUON:
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
             l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
             acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
+            # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
             for i in gl.static_range(STAGES - 1):
-                pages = _page_ids_u(KV_INDICES, kv_base, kv_start + i * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
-                _copy_kv_rows(K, V, k_ring.index(i), v_ring.index(i), pages, kv_start + i * BLOCK_N, kv_end, k_head_off,
-                         v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES, COPY)
-            pages = _page_ids_u(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+                st = kv_start + i * BLOCK_N
+                pages = _page_ids_u(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+                _copy_kv_rows(K, V, k_ring.index(i), v_ring.index(i), pages, st, kv_end, k_head_off, v_head_off,
+                              stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES,
+                              COPY)
+            pages = _page_ids_u(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
+                                COPY)
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
@@ -209,8 +212,11 @@ if HAVE_GLUON:
                 _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
                 ahead = start + (STAGES - 1) * BLOCK_N
                 nxt = (j + STAGES - 1) % STAGES
+                # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
+                # none still reads it); the page ids of the block after it load meanwhile
                 _copy_kv_rows(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
-                         stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES, COPY)
+                              stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES,
+                              COPY)
                 pages = _page_ids_u(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
                 cur = j % STAGES
                 if KV16:
