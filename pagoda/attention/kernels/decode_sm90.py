@@ -21,8 +21,9 @@ and K and V are the A operands:
 Q^T and P^T are the B operands in shared memory; the softmax runs along M (each warp's column max over its 16
 tokens, one exchange through shared memory), the row sums stay per thread until the task ends. SASS per
 64-token block at head_dim 128 and 8 rows, 2 stages (`python scripts/sass_loop.py decode_sm90`): fp8 356
-instructions (the Triton kernel 706), bf16 362 (the Triton kernel ~580). On the H200 (session 12, scripts/fp8_probe.py): fp8 1.7-1.9x the bf16 decode's KV tokens/s where
-that is bandwidth-bound; over bf16 1.00-1.22x the Triton kernel (the long and small decodes gain most).
+instructions (the Triton kernel 706), bf16 362 (the Triton kernel ~580). On the H200 (session 12,
+scripts/fp8_probe.py): fp8 1.7-1.9x the bf16 decode's KV tokens/s where that is bandwidth-bound; over bf16
+1.00-1.22x the Triton kernel (the long and small decodes gain most).
 
 fp8: queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
 scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent grid
