@@ -32,6 +32,25 @@ def test_decode_real_sizes(page_size, heads, head_dim):
     check_lse(lse, rl)
 
 
+@pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
+def test_decode_triton_kernel_where_gluon_is_default(page_size, heads, head_dim, monkeypatch):
+    """PAGODA_DECODE_KERNEL=triton: the Triton decode kernel (what GPUs other than sm_90 run) on plans the Gluon
+    kernel serves by default on sm_90, against the same reference as test_decode_real_sizes."""
+    monkeypatch.setenv("PAGODA_DECODE_KERNEL", "triton")
+    kv_lens = [1, 4096, 333, 17, 2048, 8191]
+    batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, page_size,
+           q_data_type=torch.bfloat16)
+    assert w._plan.decode_sm90_constexprs is None
+    q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse)
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("heads", [(32, 8), (16, 16)])
 @pytest.mark.parametrize("kw", [{"causal": True}, {"causal": False}, {"causal": True, "window_left": 300},
