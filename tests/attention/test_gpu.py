@@ -19,6 +19,11 @@ def _need_cuda():
 @pytest.mark.parametrize("heads", [(32, 8), (32, 32), (64, 8), (32, 1), (40, 8)])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_decode_real_sizes(page_size, heads, head_dim):
+    decode_against_reference(page_size, heads, head_dim)
+
+
+def decode_against_reference(page_size, heads, head_dim):
+    """A bf16 decode batch (1 token .. 8k, ends mid-page) against the float64 oracle; returns the wrapper."""
     kv_lens = [1, 4096, 333, 17, 2048, 8191]
     batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
@@ -30,6 +35,7 @@ def test_decode_real_sizes(page_size, heads, head_dim):
     ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
     assert rel_err(out, ro) < TOL[torch.bfloat16]
     check_lse(lse, rl)
+    return w
 
 
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
@@ -37,18 +43,7 @@ def test_decode_triton_kernel_where_gluon_is_default(page_size, heads, head_dim,
     """PAGODA_DECODE_KERNEL=triton: the Triton decode kernel (what GPUs other than sm_90 run) on plans the Gluon
     kernel serves by default on sm_90, against the same reference as test_decode_real_sizes."""
     monkeypatch.setenv("PAGODA_DECODE_KERNEL", "triton")
-    kv_lens = [1, 4096, 333, 17, 2048, 8191]
-    batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
-    w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, page_size,
-           q_data_type=torch.bfloat16)
-    assert w._plan.decode_sm90_constexprs is None
-    q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
-    out, lse = poisoned_like(q)
-    w.run(q, batch.cache, out=out, lse=lse)
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
-    assert rel_err(out, ro) < TOL[torch.bfloat16]
-    check_lse(lse, rl)
+    assert decode_against_reference(page_size, heads, head_dim)._plan.decode_sm90_constexprs is None
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
