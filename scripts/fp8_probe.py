@@ -20,7 +20,8 @@ import sys
 import torch
 
 import pagoda
-from pagoda.attention import plan as plan_mod, runner
+from decode_latency_probe import variant
+from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
 CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "128x1024": [1024] * 128,
@@ -30,15 +31,6 @@ CASES = {"64x2048": [2048] * 64, "1x32768": [32768], "16x4096": [4096] * 16, "12
 SWEEP = [(64, 2, 4, 128, 8), (64, 2, 4, 128, 16), (64, 2, 5, 96, 8), (64, 3, 4, 128, 8)]
 # the same kernel over a bf16 cache (--bf16; 32 KB per ring stage)
 SWEEP16 = [(64, 2, 3, 168, 8), (64, 2, 3, 168, 16), (64, 2, 4, 128, 8), (64, 2, 4, 104, 8)]
-
-
-_CHOOSE = (plan_mod._choose_chunk_len, plan_mod._choose_chunk_len_small)
-
-
-def force_chunk(length):
-    """Force the planner's KV chunk length (None: its cost model)."""
-    plan_mod._choose_chunk_len = (lambda *a: length) if length else _CHOOSE[0]
-    plan_mod._choose_chunk_len_small = (lambda *a: length) if length else _CHOOSE[1]
 
 
 def main():
@@ -57,7 +49,7 @@ def main():
     if "--bf16" in sys.argv:
         return bf16_main()
     for name, lens in CASES.items():
-        force_chunk(None)  # (the bf16 baseline: the planner's choice)
+        variant("persistent", None)  # (the bf16 baseline: the planner's chunk)
         s = PagedSetup(lens, hk, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
         wide = s.cache.to(torch.bfloat16)
         q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
@@ -67,7 +59,7 @@ def main():
         t_bf16 = gpu_time(lambda: w.run(q, wide)) * 1e6
         cells = []
         for i, (kname, (kind, c)) in enumerate(zip(names, kinds)):
-            force_chunk(chunks[i - 1] if names[0] == "planner" and i else None)
+            variant("persistent", chunks[i - 1] if names[0] == "planner" and i else None)  # forced chunk
             os.environ["PAGODA_FP8_DECODE_KERNEL"] = kind
             if c is not None:
                 runner.DECODE_GLUON_CONFIG[1].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3], rows=c[4])
@@ -100,7 +92,7 @@ def bf16_main():
         q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device="cuda")
         res = {}
         for i, (kname, (kind, c)) in enumerate(zip(names, kinds)):
-            force_chunk(chunks[i - 2] if chunks and i >= 2 else None)
+            variant("persistent", chunks[i - 2] if chunks and i >= 2 else None)
             os.environ["PAGODA_DECODE_KERNEL"] = "auto" if kind == "gluon" else kind
             if c is not None:
                 runner.DECODE_GLUON_CONFIG[2].update(block_n=c[0], stages=c[1], ctas_per_sm=c[2], maxnreg=c[3], rows=c[4])
@@ -115,7 +107,7 @@ def bf16_main():
         t0 = res["triton"][1]
         print(f"{name:9s} " + " ".join(f"{res[n][1]:8.1f} {t0 / res[n][1]:5.2f}x" for n in names)
               + f"  (planner L={res[names[1]][2]})", flush=True)
-    force_chunk(None)
+    variant("persistent", None)
 
 
 if __name__ == "__main__":

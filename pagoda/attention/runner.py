@@ -75,8 +75,8 @@ def _gluon_decode_config(config: KernelConfig, kv_bytes: int) -> KernelConfig:
     # the tile's query rows are the MMA's N: the group's heads, at least 8 (wgmma's smallest N), not the Triton
     # kernel's 16 (one-query decode tiles hold one token: the rest of the rows would be padding)
     rows = max(c["rows"], 1 << (config.heads_per_prog - 1).bit_length())
-    return dataclasses.replace(config, block_m=rows, block_n=c["block_n"], ctas_per_sm=c["ctas_per_sm"],
-                               maxnreg=c["maxnreg"])
+    return dataclasses.replace(config, block_m=rows, block_n=c["block_n"], num_stages=c["stages"],
+                               ctas_per_sm=c["ctas_per_sm"], maxnreg=c["maxnreg"])
 
 
 def num_programs(device: torch.device, config: KernelConfig) -> int:
@@ -338,11 +338,10 @@ class BatchAttention:
         variant / custom mask."""
         fp8 = kv_dtype in FP8_DTYPES
         var = "PAGODA_FP8_DECODE_KERNEL" if fp8 else "PAGODA_DECODE_KERNEL"
-        on = ("auto",)
         choice = os.environ.get(var, "auto")
-        if choice not in on + ("triton",):
-            raise ValueError(f"{var} must be one of {on + ('triton',)}, got {choice!r}")
-        return (choice in on and decode_sm90.HAVE_GLUON and self._backend == "triton"
+        if choice not in ("auto", "triton"):
+            raise ValueError(f"{var} must be 'auto' or 'triton', got {choice!r}")
+        return (choice == "auto" and decode_sm90.HAVE_GLUON and self._backend == "triton"
                 and self.device.type == "cuda" and _capability(self.device) == (9, 0)
                 and (fp8 or kv_dtype == q_dtype) and q_dtype in (torch.float16, torch.bfloat16)
                 and head_dim in (64, 128) and window_left < 0 and cap == 0 and no_mask and self._variant is None
@@ -396,7 +395,7 @@ class BatchAttention:
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
-                STAGES=DECODE_GLUON_CONFIG[p.kv_dtype.itemsize]["stages"], num_warps=4, maxnreg=cfg.maxnreg)
+                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -306,6 +306,6 @@ def test_gluon_decode_config_rows(group, rows):
         cfg = runner._gluon_decode_config(base, kv_bytes)
         want = runner.DECODE_GLUON_CONFIG[kv_bytes]
         assert (cfg.block_m, cfg.heads_per_prog, cfg.block_n) == (rows, group, want["block_n"])
-        assert (cfg.ctas_per_sm, cfg.maxnreg) == (want["ctas_per_sm"], want["maxnreg"])
+        assert (cfg.num_stages, cfg.ctas_per_sm, cfg.maxnreg) == (want["stages"], want["ctas_per_sm"], want["maxnreg"])
         assert cfg.tokens_per_tile == rows // group
         assert runner._gluon_decode_config(base, kv_bytes) is cfg

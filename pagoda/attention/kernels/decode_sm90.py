@@ -41,35 +41,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    from .prefill_sm90 import _cta_barrier, _epilogue, _tile_rows, _ws_item, _ws_schedule, _ws_task
-
-    @gluon.jit
-    def _page_ids_u(KV_INDICES, kv_base, start, kv_end, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                    LAYOUT: gl.constexpr):
-        """_page_ids with unsigned arithmetic (positions are never negative: a shift, not a signed division)."""
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LAYOUT))
-        pos = gl.where(offs_n < kv_end, offs_n, 0).to(gl.uint32)
-        return gl.load(KV_INDICES + kv_base + (pos // PAGE_SIZE).to(gl.int32))
-
-    @gluon.jit
-    def _copy_kv_rows(K, V, k_dst, v_dst, pages, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks,
-                      stride_vp, stride_vs, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                      SAME_STRIDES: gl.constexpr, LOAD: gl.constexpr):
-        """_copy_kv with unsigned slot arithmetic and, when K and V have the same page / slot strides
-        (SAME_STRIDES), one row offset for both."""
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-        offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD)), 0)
-        slot = (offs_n.to(gl.uint32) % PAGE_SIZE).to(gl.int32)
-        pg = pages.to(gl.int64)
-        k_row = pg * stride_kp + slot * stride_ks
-        if SAME_STRIDES:
-            v_row = k_row
-        else:
-            v_row = pg * stride_vp + slot * stride_vs
-        mask = gl.expand_dims(offs_n < kv_end, 1)
-        async_copy.async_copy_global_to_shared(k_dst, K + k_head_off + gl.expand_dims(k_row, 1) + offs_d, mask=mask)
-        async_copy.async_copy_global_to_shared(v_dst, V + v_head_off + gl.expand_dims(v_row, 1) + offs_d, mask=mask)
-        async_copy.commit_group()
+    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _tile_rows, _ws_item,
+                               _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -199,12 +172,13 @@ if HAVE_GLUON:
             # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
             for i in gl.static_range(STAGES - 1):
                 st = kv_start + i * BLOCK_N
-                pages = _page_ids_u(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, COPY)
-                _copy_kv_rows(K, V, k_ring.index(i), v_ring.index(i), pages, st, kv_end, k_head_off, v_head_off,
-                              stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES,
+                pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off, v_head_off,
+                               stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True,
+                               COPY, SAME_STRIDES)
+                async_copy.commit_group()
+            pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True,
                               COPY)
-            pages = _page_ids_u(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                                COPY)
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
@@ -215,10 +189,11 @@ if HAVE_GLUON:
                 nxt = (j + STAGES - 1) % STAGES
                 # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
                 # none still reads it); the page ids of the block after it load meanwhile
-                _copy_kv_rows(K, V, k_ring.index(nxt), v_ring.index(nxt), pages, ahead, kv_end, k_head_off, v_head_off,
-                              stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE_SIZE, SAME_STRIDES,
-                              COPY)
-                pages = _page_ids_u(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, COPY)
+                _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, ahead, kv_end, k_head_off,
+                               v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
+                               PAGE_SIZE, True, COPY, SAME_STRIDES)
+                async_copy.commit_group()
+                pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
                 cur = j % STAGES
                 if KV16:
                     k_op = k_ring.index(cur)

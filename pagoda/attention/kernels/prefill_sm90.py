@@ -54,16 +54,21 @@ if HAVE_GLUON:
     def _issue_kv_load(K, V, k_smem, v_smem, kv_base, start, kv_end, k_head_off, v_head_off,
                        stride_kp, stride_ks, stride_vp, stride_vs, pages,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                       PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
+                       PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr, SAME_STRIDES: gl.constexpr = False):
         """cp.async of K and V rows start .. start + BLOCK_N into one ring slot (rows past kv_end read
-        as zeros). ``pages``: the page ids of those rows, loaded earlier (paged caches)."""
+        as zeros). ``pages``: the page ids of those rows, loaded earlier (paged caches). Positions are never
+        negative: unsigned slot arithmetic (a mask, not a signed remainder). SAME_STRIDES: K and V have the same
+        page and slot strides, one row offset serves both."""
         offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD_LAYOUT))
         valid = offs_n < kv_end
         if PAGED:
-            slot = offs_n % PAGE_SIZE
+            slot = (offs_n.to(gl.uint32) % PAGE_SIZE).to(gl.int32)
             row_k = pages.to(gl.int64) * stride_kp + slot * stride_ks
-            row_v = pages.to(gl.int64) * stride_vp + slot * stride_vs
+            if SAME_STRIDES:
+                row_v = row_k
+            else:
+                row_v = pages.to(gl.int64) * stride_vp + slot * stride_vs
         else:
             tok = (kv_base + offs_n).to(gl.int64)
             row_k = tok * stride_kp
@@ -79,8 +84,10 @@ if HAVE_GLUON:
                   PAGED: gl.constexpr, LOAD_LAYOUT: gl.constexpr):
         offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         if PAGED:
-            # rows past the end read the request's first page id (their copy is masked off)
-            return gl.load(KV_INDICES + kv_base + gl.where(offs_n < kv_end, offs_n, 0) // PAGE_SIZE)
+            # rows past the end read the request's first page id (their copy is masked off); unsigned: a shift,
+            # not a signed division
+            pos = gl.where(offs_n < kv_end, offs_n, 0).to(gl.uint32)
+            return gl.load(KV_INDICES + kv_base + (pos // PAGE_SIZE).to(gl.int32))
         else:
             return offs_n
 
