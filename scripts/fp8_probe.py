@@ -6,6 +6,8 @@ cache widened to bf16, and checks the fp8 result against the bf16 one.
 
     python scripts/fp8_probe.py [--sweep] [--chunks 512,1024,...]
     python scripts/fp8_probe.py --bf16 [--chunks ...]   (the Gluon decode kernel over a bf16 cache vs the Triton one)
+    python scripts/fp8_probe.py --bf16 --configs 64,3,2,168,8/64,2,3,168,8   (other configurations than SWEEP16:
+        block_n, stages, programs per SM, register cap, query rows; also with --sweep for fp8)
 
 Times the Triton fp8 kernel (PAGODA_FP8_DECODE_KERNEL=triton) and the Gluon one (kernels/decode_sm90.py, the
 default on sm_90); --sweep times the Gluon kernel in each configuration of SWEEP; --chunks times it with the
@@ -33,7 +35,17 @@ SWEEP = [(64, 2, 4, 128, 8), (64, 2, 4, 128, 16), (64, 2, 5, 96, 8), (64, 3, 4, 
 SWEEP16 = [(64, 2, 3, 168, 8), (64, 2, 3, 168, 16), (64, 2, 4, 128, 8), (64, 2, 4, 104, 8)]
 
 
+def _configs_arg():
+    """--configs a,b,c,d,e/...: the configurations to sweep instead of SWEEP / SWEEP16."""
+    if "--configs" not in sys.argv:
+        return None
+    return [tuple(int(x) for x in c.split(",")) for c in sys.argv[sys.argv.index("--configs") + 1].split("/")]
+
+
 def main():
+    global SWEEP, SWEEP16
+    SWEEP = _configs_arg() or SWEEP
+    SWEEP16 = _configs_arg() or SWEEP16
     hq, hk, d, ps = 32, 8, 128, 16
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     default = tuple(runner.DECODE_GLUON_CONFIG[1].values())

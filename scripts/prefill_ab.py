@@ -11,8 +11,9 @@ import pagoda
 from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
-# Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers);
-# PREFILL_AB="64,5,88,208;64,4,88,208" overrides
+# Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers[, q_smem[,
+# band]]) (q_smem 1: Q K^T reads Q from shared memory; band: the task order, 0 item by item, 1 banded, 2 the
+# planner's choice, the default: runner.PREFILL_BAND); PREFILL_AB="64,5,88,208;128,3,88,208,1" overrides
 SM90 = [tuple(int(x) for x in c.split(",")) for c in os.environ.get(
     "PREFILL_AB", "64,5,88,208;64,4,88,208;64,5,56,224").split(";")]
 
@@ -34,7 +35,9 @@ def main():
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
             if cfg:
-                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3])
+                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
+                                          q_smem=cfg[4] if len(cfg) > 4 else 0)
+                runner.PREFILL_BAND = ("off", "on", "auto")[cfg[5] if len(cfg) > 5 else 2]
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
             wr = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws)

@@ -21,9 +21,9 @@ MMA = ("HMMA", "HGMMA", "QGMMA")
 
 def loop_body(sass: str) -> list[str]:
     """The instructions of the shortest loop (a backward BRA) that contains an MMA."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
-    addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    ins = [re.sub(r"\s*/\*[0-9a-f]{4}\*/\s*", "", ln.split(";")[0]).strip() for ln in lines]
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,5}\*/", ln)]
+    addr = [int(re.search(r"/\*([0-9a-f]{4,5})\*/", ln).group(1), 16) for ln in lines]
+    ins = [re.sub(r"\s*/\*[0-9a-f]{4,5}\*/\s*", "", ln.split(";")[0]).strip() for ln in lines]
     best = None
     for i, text in enumerate(ins):
         m = re.search(r"BRA 0x([0-9a-f]+)", text)

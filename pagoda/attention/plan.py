@@ -392,6 +392,22 @@ def _best_chunk_len(candidates, items, rows, total_kv, longest, config, tasks_pe
     return int(best)
 
 
+# KV bytes that the programs of a long prefill may read at once and still find in L2 (H100 / H200: 50 MB)
+PREFILL_L2_BYTES = 32 << 20
+
+
+def prefill_band(all_heads_kv_bytes: int, num_ctas: int, n_hsplit: int, force: bool = False) -> int:
+    """The Gluon prefill kernel's task band (prefill_sm90._ws_task; 0: item by item). Its tasks go item by
+    item, every KV head of an item together, so the programs running at once read the longest items' KV of
+    all heads (1 x 16384, 8 KV heads, head_dim 128: 64 MB, more than L2). In bands of num_ctas / 2 items, KV
+    head by KV head, a round of num_ctas tasks reads about two heads' KV; the snake order stays balanced
+    (1 x 16384: the busiest program 1.005x the mean, 1 x 8192 1.03x; scripts: notes.md session 13).
+    all_heads_kv_bytes: the longest item's KV over all heads."""
+    if not force and all_heads_kv_bytes <= PREFILL_L2_BYTES:
+        return 0
+    return max(1, num_ctas // (2 * n_hsplit))
+
+
 def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray:
     """The order of the work list: longest first (greedy longest-processing-time scheduling).
     Prefill keeps the items of one request together within bands of similar length (band width

@@ -24,7 +24,7 @@ from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
-from .plan import KernelConfig, WorkPlan, plan_work, select_config
+from .plan import KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, pdl_launch
 
 LOG2E = 1.4426950408889634
@@ -38,7 +38,10 @@ GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0)
+# Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
+# programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
+PREFILL_BAND = os.environ.get("PAGODA_PREFILL_BAND", "auto")
 # The Gluon decode kernel for sm_90 (kernels/decode_sm90.py), per KV element size: KV block (the wgmma M), ring
 # depth, programs per SM, register cap, minimum query rows (the wgmma N). `python scripts/fp8_probe.py --sweep` /
 # `--bf16` (H200, session 12): fp8, x the bf16 decode's KV tokens/s over 6 cases: 2 stages x 4 programs under
@@ -318,8 +321,15 @@ class BatchAttention:
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
         self._ensure_capacity(n_items, n_splits, 2 * n_splits * tasks_per_item, n_pages)
         use_reqs = self._variant is not None or mask_np is not None
+        sm90 = mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
+                                                          mask_np is None)
+        band = 0
+        if sm90 and PREFILL_BAND != "off" and n_items:
+            longest = int((work.work[:, 4] - work.work[:, 3]).max())
+            band = prefill_band(longest * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
+                                tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")
         if self._backend == "triton":
-            self._upload(work, n_items * tasks_per_item, indices)
+            self._upload(work, n_items * tasks_per_item, indices, band)
             if use_reqs:
                 self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
         self._plan = PlanState(
@@ -327,8 +337,7 @@ class BatchAttention:
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
-        self._prepare_launch(self._plan, sm90=mode == "prefill" and self._sm90_eligible(
-            head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None), gluon_decode=gluon_decode)
+        self._prepare_launch(self._plan, sm90=sm90, gluon_decode=gluon_decode)
 
     def _decode_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Decode plans the Gluon decode kernel serves (kernels/decode_sm90.py): on sm_90 (with the Triton the
@@ -391,6 +400,7 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
                 PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
+                Q_SMEM=bool(SM90_CONFIG.get("q_smem", 0)),
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
@@ -430,7 +440,7 @@ class BatchAttention:
                 self._mask = torch.zeros(n, dtype=torch.uint8, device=self.device)
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
-    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None) -> None:
+    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0) -> None:
         """The plan buffer's contents (header, work list, split table, host page ids, packed) written
         into the pinned staging buffer with NumPy, then one asynchronous copy to the device (page ids
         already on the device: a second, device-to-device); _wait_staging() before the next write.
@@ -443,7 +453,7 @@ class BatchAttention:
         n = 0 if indices is None else indices.numel()
         host_ids = n > 0 and indices.device.type == "cpu"
         st = self._staging_np
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, 0, 0, 0)  # the header (_HEADER_LAYOUT)
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, 0, 0)  # the header (_HEADER_LAYOUT)
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)
         st[s0:s0 + n_m] = work.splits.reshape(-1)
         if host_ids:

@@ -495,6 +495,27 @@ def test_prefill_sm90_kernel(paged, head_dim, causal, heads, dtype, monkeypatch)
     """The Gluon prefill kernel (Hopper) against the float64
     reference and the Triton kernel: lengths that end mid-block and mid-page, a single-token request, appends
     (qo < kv), a query longer than its KV."""
+    prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("config", [(64, 5, 88, 208, 1), (128, 3, 88, 208, 1), (128, 3, 88, 208, 0)])
+@pytest.mark.parametrize("band", ["on", "off"])
+@pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64)])
+def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
+    """The Gluon prefill kernel's other configurations (runner.SM90_CONFIG: 128-token KV blocks copied 64 rows at
+    a time, Q read from shared memory) and the banded task order (plan.prefill_band, forced on: the
+    tasks of band items go KV head by KV head; the test's batch is too small for "auto" to band it)."""
+    from pagoda.attention import runner
+
+    monkeypatch.setattr(runner, "SM90_CONFIG", dict(block_n=config[0], stages=config[1], producer_regs=config[2],
+                                                    consumer_regs=config[3], q_smem=config[4]))
+    monkeypatch.setattr(runner, "PREFILL_BAND", band)
+    w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch)
+    assert w._counters[5].item() == (0 if band == "off" else runner.num_programs(w.device, w._plan.config) // 2)
+
+
+def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch):
+    """test_prefill_sm90_kernel's check; returns the Gluon kernel's wrapper."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill kernel is for sm_90")
     hq, hk = heads
@@ -518,9 +539,10 @@ def test_prefill_sm90_kernel(paged, head_dim, causal, heads, dtype, monkeypatch)
             out, lse = poisoned_like(q)
             w.run(q, torch.cat(batch.k), torch.cat(batch.v), out=out, lse=lse)
         assert w._plan.sm90 == (kernel == "auto"), "the plan did not pick the kernel under test"
-        results[kernel] = (out, lse)
+        results[kernel] = (out, lse, w)
     ro, rl = oracle(q.cpu(), qo_indptr.tolist(), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v],
                     causal=causal)
-    for out, lse in results.values():
+    for out, lse, _ in results.values():
         assert rel_err(out, ro) < TOL[dtype]
         check_lse(lse, rl)
+    return results["auto"][2]

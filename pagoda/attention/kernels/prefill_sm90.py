@@ -249,11 +249,23 @@ if HAVE_GLUON:
         return gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1), num_kv_heads * n_hsplit, n_hsplit
 
     @gluon.jit
-    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit):
-        """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split)."""
+    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band=0, n_items=0):
+        """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split).
+        Tasks are the items' task slots (KV head x head split) item by item, or, with ``band`` > 0 (of
+        ``n_items``), band items at a time slot by slot: the programs running together then read the KV of
+        fewer heads (a long causal prefill's KV of all heads does not fit in L2; plan.prefill_band)."""
         task = _ws_task_index(rnd)
-        rem = task % tasks_per_item
-        return WORK + task // tasks_per_item * 9, rem, rem // n_hsplit, rem % n_hsplit
+        if band > 0:
+            span = band * tasks_per_item
+            first = task // span * band
+            r = task % span
+            blen = gl.minimum(band, n_items - first)
+            rem = r // blen
+            item = first + r % blen
+        else:
+            rem = task % tasks_per_item
+            item = task // tasks_per_item
+        return WORK + item * 9, rem, rem // n_hsplit, rem % n_hsplit
 
     @gluon.jit
     def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
@@ -263,28 +275,39 @@ if HAVE_GLUON:
                      STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
+        # a block's copies go out 64 rows at a time (a 128-row block's page ids and row addresses at once
+        # spill the producer's registers)
+        SUB: gl.constexpr = min(BLOCK_N, 64)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
+        band = gl.load(COUNTERS + 5)  # (header field BAND_AT)
+        n_items = gl.load(COUNTERS + 2) // tasks_per_item
         it = 0
         for rnd in range(0, n_rounds):
-            wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
             kv_base = gl.load(wp + 2)
             kv_start = gl.load(wp + 3)
             kv_end = gl.load(wp + 4)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
-            pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+            pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
             for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
-                st = kv_start + j * BLOCK_N
-                # page ids one block ahead: their load latency hides behind this block's wait and copies
-                pg = pg_next
-                pg_next = _page_ids(KV_INDICES, kv_base, st + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, PAGED, LOAD_LAYOUT)
                 slot = it % STAGES
-                # the consumers released this slot's previous block (a fresh barrier passes parity 1)
-                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                _issue_kv_load(K, V, k_ring.index(slot), v_ring.index(slot), kv_base, st, kv_end,
-                               k_head_off, v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pg,
-                               BLOCK_N, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                for h in gl.static_range(BLOCK_N // SUB):
+                    st = kv_start + j * BLOCK_N + h * SUB
+                    # page ids one copy ahead: their load latency hides behind the wait and the copies
+                    pg = pg_next
+                    pg_next = _page_ids(KV_INDICES, kv_base, st + SUB, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                    if h == 0:
+                        # the consumers released this slot's previous block (a fresh barrier passes parity 1)
+                        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                    k_dst = k_ring.index(slot)
+                    v_dst = v_ring.index(slot)
+                    if SUB < BLOCK_N:
+                        k_dst = k_dst.slice(h * SUB, SUB)
+                        v_dst = v_dst.slice(h * SUB, SUB)
+                    _issue_kv_load(K, V, k_dst, v_dst, kv_base, st, kv_end, k_head_off, v_head_off, stride_kp,
+                                   stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
                 it += 1
 
@@ -314,11 +337,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                     num_kv_heads, group_size, heads_per_prog, qk_scale,
+                     num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr):
-        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64)."""
+                     WG: gl.constexpr, Q_SMEM: gl.constexpr):
+        """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
+        Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
+        fewer at head_dim 128: room for 128-token KV blocks)."""
         ROW0: gl.constexpr = WG * BLOCK_M
         dtype: gl.constexpr = Q.dtype.element_ty
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
@@ -335,9 +360,11 @@ if HAVE_GLUON:
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
+        band = gl.load(COUNTERS + 5)
+        n_items = gl.load(COUNTERS + 2) // tasks_per_item
         it = 0
         for rnd in range(0, n_rounds):
-            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
             q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
 
             tok, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
@@ -345,7 +372,14 @@ if HAVE_GLUON:
             offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
             q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
                         mask=gl.expand_dims(row_valid, 1), other=0.0)
-            q_op = gl.convert_layout(q, Q_LAYOUT)
+            if Q_SMEM:
+                q_op = q_all.index(WG)
+                _cta_barrier()  # the group's MMAs of the last task are done with it
+                q_op.store(q)
+                fence_async_shared()
+                _cta_barrier()
+            else:
+                q_op = gl.convert_layout(q, Q_LAYOUT)
 
             row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
@@ -401,6 +435,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        Q_SMEM: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -417,15 +452,19 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         HALF: gl.constexpr = BLOCK_M // 2
+        if Q_SMEM:
+            q_all = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], SMEM_LAYOUT)
+        else:
+            q_all = k_ring  # (not read)
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM)),
             (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             num_kv_heads, group_size, heads_per_prog,
