@@ -14,8 +14,10 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 # Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers[, q_smem[,
 # band]]) (q_smem 1: Q K^T reads Q from shared memory; band: the task order, 0 item by item, 1 banded, 2 the
 # planner's choice, the default: runner.PREFILL_BAND); PREFILL_AB="64,5,88,208;128,3,88,208,1" overrides
-SM90 = [tuple(int(x) for x in c.split(",")) for c in os.environ.get(
-    "PREFILL_AB", "64,5,88,208;64,4,88,208;64,5,56,224").split(";")]
+# ("planner": the runner's own choice, SM90_CONFIG or SM90_LONG_CONFIG, and its task band)
+SM90 = [() if c == "planner" else tuple(int(x) for x in c.split(",")) for c in os.environ.get(
+    "PREFILL_AB", "planner;64,5,88,208,0;128,3,88,208,1;128,3,72,216,1").split(";")]
+DEFAULTS = (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.PREFILL_BAND)
 
 
 def main():
@@ -34,9 +36,11 @@ def main():
         outs = {}
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
+            runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.PREFILL_BAND = DEFAULTS
             if cfg:
-                runner.SM90_CONFIG = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
-                                          q_smem=cfg[4] if len(cfg) > 4 else 0)
+                runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = dict(  # (every plan in this configuration)
+                    block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
+                    q_smem=cfg[4] if len(cfg) > 4 else 0)
                 runner.PREFILL_BAND = ("off", "on", "auto")[cfg[5] if len(cfg) > 5 else 2]
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
@@ -49,7 +53,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported
                 print(f"{name:24s} sm90 {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            tag = f"sm90 {cfg}" if wp._plan.sm90 else "triton"
+            tag = (f"sm90 {cfg or 'planner'}" if wp._plan.sm90 else "triton")
             print(f"{name:24s} {tag:28s} {tp:9.1f} {flops / tp / 1e6:6.0f} {tr:9.1f} {flops / tr / 1e6:6.0f}", flush=True)
         for cfg in SM90:
             for a, b in zip(outs[None], outs.get(cfg, ())):

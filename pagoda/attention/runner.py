@@ -39,6 +39,11 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0)
+# ... for plans whose work items read SM90_LONG_KV KV tokens or more on average: 128-token KV blocks, Q K^T reading
+# Q from shared memory (no room for it in registers next to a 128-column S); H200, session 13: 1x8192 1320 ->
+# 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short prompts keep 64)
+SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1)
+SM90_LONG_KV = 2048
 # Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
 # programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
 PREFILL_BAND = os.environ.get("PAGODA_PREFILL_BAND", "auto")
@@ -161,6 +166,7 @@ class BatchAttention:
         self._plan: PlanState | None = None
         # CUDA-graph mode: (kernel key, mode, config) of the first plan, kept by later ones
         self._graph_kernel = None
+        self._graph_sm90 = None
         # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
         # every request has one query); the cascade sets "prefill" on its shared levels
         self._fixed_mode: str | None = None
@@ -321,13 +327,18 @@ class BatchAttention:
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
         self._ensure_capacity(n_items, n_splits, 2 * n_splits * tasks_per_item, n_pages)
         use_reqs = self._variant is not None or mask_np is not None
-        sm90 = mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap,
-                                                          mask_np is None)
-        band = 0
-        if sm90 and PREFILL_BAND != "off" and n_items:
-            longest = int((work.work[:, 4] - work.work[:, 3]).max())
-            band = prefill_band(longest * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
-                                tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")
+        sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
+        if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None):
+            lens = work.work[:, 4] - work.work[:, 3]
+            if self._use_cuda_graph and self._graph_sm90 is not None:  # (a captured run() replays its kernel)
+                sm90 = self._graph_sm90
+            else:
+                sm90 = SM90_LONG_CONFIG if n_items and lens.mean() >= SM90_LONG_KV else SM90_CONFIG
+                if self._use_cuda_graph:
+                    self._graph_sm90 = sm90
+            if PREFILL_BAND != "off" and n_items:
+                band = prefill_band(int(lens.max()) * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
+                                    tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")
         if self._backend == "triton":
             self._upload(work, n_items * tasks_per_item, indices, band)
             if use_reqs:
@@ -370,13 +381,13 @@ class BatchAttention:
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 
-    def _prepare_launch(self, p: PlanState, sm90: bool = False, gluon_decode: bool = False) -> None:
+    def _prepare_launch(self, p: PlanState, sm90: dict | None = None, gluon_decode: bool = False) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
-        runs the Gluon prefill kernel). A plan with the same parameters as the previous one (every
-        decode step of a server) reuses its launch arguments."""
+        runs the Gluon prefill kernel in this configuration). A plan with the same parameters as the previous one
+        (every decode step of a server) reuses its launch arguments."""
         key = (p.config, p.head_dim, p.page_size, p.causal, p.window_left, p.logits_soft_cap, p.sm_scale,
-               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, sm90, gluon_decode,
-               tuple(SM90_CONFIG.items()), None if self._use_cuda_graph else p.work.partial_rows)
+               p.q_dtype, p.kv_dtype, p.num_qo_heads, p.num_kv_heads, p.mask is not None, gluon_decode,
+               None if sm90 is None else tuple(sm90.items()), None if self._use_cuda_graph else p.work.partial_rows)
         last = self._launch_cache
         if last is not None and last[0] == key:
             p.tmp_o, p.tmp_lse, p.scalars, p.constexprs, p.sm90_constexprs, p.decode_sm90_constexprs = last[1]
@@ -395,12 +406,11 @@ class BatchAttention:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.maxnreg:
             p.constexprs["maxnreg"] = cfg.maxnreg
-        if sm90:
+        if sm90 is not None:
             p.sm90_constexprs = dict(
-                HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=SM90_CONFIG["block_n"], PAGE_SIZE=p.page_size,
-                PAGED=self._paged, CAUSAL=p.causal, STAGES=SM90_CONFIG["stages"],
-                PRODUCER_REGS=SM90_CONFIG["producer_regs"], CONSUMER_REGS=SM90_CONFIG["consumer_regs"],
-                Q_SMEM=bool(SM90_CONFIG.get("q_smem", 0)),
+                HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=sm90["block_n"], PAGE_SIZE=p.page_size,
+                PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
+                CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]),
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(

@@ -507,19 +507,37 @@ def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
     tasks of band items go KV head by KV head; the test's batch is too small for "auto" to band it)."""
     from pagoda.attention import runner
 
-    monkeypatch.setattr(runner, "SM90_CONFIG", dict(block_n=config[0], stages=config[1], producer_regs=config[2],
-                                                    consumer_regs=config[3], q_smem=config[4]))
+    cfg = dict(block_n=config[0], stages=config[1], producer_regs=config[2], consumer_regs=config[3],
+               q_smem=config[4])
+    monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
+    monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
     monkeypatch.setattr(runner, "PREFILL_BAND", band)
     w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch)
     assert w._counters[5].item() == (0 if band == "off" else runner.num_programs(w.device, w._plan.config) // 2)
+    assert w._plan.sm90_constexprs["BLOCK_N"] == config[0]
 
 
-def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch):
+@pytest.mark.parametrize("paged", [True, False])
+def test_prefill_sm90_long_items(paged, monkeypatch):
+    """A plan whose work items read >= SM90_LONG_KV KV tokens on average runs SM90_LONG_CONFIG (128-token blocks),
+    a short one SM90_CONFIG; both against the reference."""
+    from pagoda.attention import runner
+
+    w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
+                                       qo_lens=[256, 64, 33], kv_lens=[4096, 3000, 2500])
+    assert w._plan.sm90_constexprs["BLOCK_N"] == runner.SM90_LONG_CONFIG["block_n"] == 128
+    w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
+                                       qo_lens=[512, 64], kv_lens=[512, 300])
+    assert w._plan.sm90_constexprs["BLOCK_N"] == runner.SM90_CONFIG["block_n"] == 64
+
+
+def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch,
+                                   qo_lens=(1000, 129, 1, 512, 77, 300), kv_lens=(1000, 700, 64, 4608, 77, 200)):
     """test_prefill_sm90_kernel's check; returns the Gluon kernel's wrapper."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill kernel is for sm_90")
     hq, hk = heads
-    qo_lens, kv_lens = [1000, 129, 1, 512, 77, 300], [1000, 700, 64, 4608, 77, 200]
+    qo_lens, kv_lens = list(qo_lens), list(kv_lens)
     qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
     batch = PagedBatch(kv_lens, hk, head_dim, 16, dtype)
     q = torch.randn(int(qo_indptr[-1]), hq, head_dim, dtype=dtype, device="cuda")
