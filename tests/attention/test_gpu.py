@@ -520,11 +520,12 @@ def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
 @pytest.mark.parametrize("paged", [True, False])
 def test_prefill_sm90_long_items(paged, monkeypatch):
     """A plan whose work items read >= SM90_LONG_KV KV tokens on average runs SM90_LONG_CONFIG (128-token blocks),
-    a short one SM90_CONFIG; both against the reference."""
+    a short one SM90_CONFIG; both against the reference. (The items are what the planner made: a few long tiles
+    are split into shorter chunks to fill the SMs, so the long case has enough tiles not to be split.)"""
     from pagoda.attention import runner
 
     w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
-                                       qo_lens=[256, 64, 33], kv_lens=[4096, 3000, 2500])
+                                       qo_lens=[1024, 512, 33], kv_lens=[4096, 3000, 2500])
     assert w._plan.sm90_constexprs["BLOCK_N"] == runner.SM90_LONG_CONFIG["block_n"] == 128
     w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
                                        qo_lens=[512, 64], kv_lens=[512, 300])
