@@ -23,14 +23,15 @@ import torch
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
 from .kernels import decode_sm90, prefill_sm90
-from .kernels.attention import INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod, attention_kernel
+from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
+                                attention_kernel)
 from .plan import KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
-_HEADER_LAYOUT = (NUM_COUNTERS, SPLITS_AT, INDICES_AT)
-assert _HEADER_LAYOUT == (8, 3, 4), _HEADER_LAYOUT
+_HEADER_LAYOUT = (NUM_COUNTERS, SPLITS_AT, INDICES_AT, BAND_AT)
+assert _HEADER_LAYOUT == (8, 3, 4, 5), _HEADER_LAYOUT
 # Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
 GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
@@ -411,7 +412,6 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=sm90["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
                 CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]),
-                RELEASE_BARRIER=not sm90.get("lean_release", 0),
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(

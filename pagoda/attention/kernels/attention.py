@@ -36,9 +36,10 @@ SPLIT_FIELDS = 2
 # The plan's int32 buffer (one host-to-device copy per plan): a header of NUM_COUNTERS ints, then the work
 # list (WORK points there), the split table, the page ids. Header: 0 next task, 1 programs done, 2 number of
 # tasks, 3 where the split table starts, 4 where the page ids start (offsets from the buffer's start, which
-# SPLITS and KV_INDICES point at), 5..7 padding (the work list 32-byte aligned).
+# SPLITS and KV_INDICES point at), 5 the task band of the Gluon prefill kernel (prefill_sm90._ws_task; 0 in other
+# plans), 6..7 padding (the work list 32-byte aligned).
 NUM_COUNTERS = 8
-SPLITS_AT, INDICES_AT = 3, 4
+SPLITS_AT, INDICES_AT, BAND_AT = 3, 4, 5
 
 
 @triton.jit

@@ -280,7 +280,7 @@ if HAVE_GLUON:
         SUB: gl.constexpr = min(BLOCK_N, 64)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
-        band = gl.load(COUNTERS + 5)  # (header field BAND_AT)
+        band = gl.load(COUNTERS + 5)  # (header field BAND_AT of kernels/attention.py)
         n_items = gl.load(COUNTERS + 2) // tasks_per_item
         it = 0
         for rnd in range(0, n_rounds):
@@ -340,7 +340,7 @@ if HAVE_GLUON:
                      num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, Q_SMEM: gl.constexpr, RELEASE_BARRIER: gl.constexpr):
+                     WG: gl.constexpr, Q_SMEM: gl.constexpr):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
         Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
         fewer at head_dim 128: room for 128-token KV blocks)."""
@@ -408,8 +408,7 @@ if HAVE_GLUON:
                     p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
                                                           start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
                     acc = warpgroup_mma_wait(0, deps=(acc,))
-                    if RELEASE_BARRIER:
-                        _cta_barrier()  # every warp of this group is done with block j - 1's slot
+                    _cta_barrier()  # every warp of this group is done with block j - 1's slot
                     mbarrier.arrive(empty.index(prev))
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
                     p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
@@ -436,7 +435,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-        Q_SMEM: gl.constexpr = False, RELEASE_BARRIER: gl.constexpr = True,
+        Q_SMEM: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -461,13 +460,11 @@ if HAVE_GLUON:
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM,
-                            RELEASE_BARRIER)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM,
-                            RELEASE_BARRIER)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM)),
             (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             num_kv_heads, group_size, heads_per_prog,
