@@ -309,3 +309,50 @@ def test_gluon_decode_config_rows(group, rows):
         assert (cfg.num_stages, cfg.ctas_per_sm, cfg.maxnreg) == (want["stages"], want["ctas_per_sm"], want["maxnreg"])
         assert cfg.tokens_per_tile == rows // group
         assert runner._gluon_decode_config(base, kv_bytes) is cfg
+
+
+def test_prefill_band_threshold():
+    """plan.prefill_band: no band while the longest item's KV over all heads fits PREFILL_L2_BYTES, else
+    num_ctas / 2 items per head split (a round of tasks then reads about two KV heads); force bands anyway."""
+    from pagoda.attention.plan import PREFILL_L2_BYTES, prefill_band
+
+    assert prefill_band(PREFILL_L2_BYTES, 132, 1) == 0
+    assert prefill_band(PREFILL_L2_BYTES + 1, 132, 1) == 66
+    assert prefill_band(PREFILL_L2_BYTES + 1, 132, 2) == 33
+    assert prefill_band(1, 132, 1, force=True) == 66
+    assert prefill_band(10**12, 1, 1) == 1
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_gluon_prefill_plan_choices(graph, monkeypatch):
+    """What a plan for the Gluon prefill kernel chooses (on the CPU, with the kernel's eligibility forced; only
+    plan() runs): long items (>= SM90_LONG_KV KV tokens on average) take SM90_LONG_CONFIG, short ones SM90_CONFIG;
+    the band goes into the plan buffer's header (field BAND_AT) when the KV of all heads exceeds L2's share; a
+    CUDA-graph wrapper keeps its first plan's configuration (a captured run() replays that kernel)."""
+    import torch
+
+    import pagoda
+    from pagoda.attention import runner
+    from pagoda.attention.kernels.attention import BAND_AT
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runner.BatchAttention, "_sm90_eligible", lambda self, *a: True)
+    monkeypatch.setattr(runner, "num_programs", lambda device, cfg: 132)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8), backend="triton",
+                                                   use_cuda_graph=graph)
+
+    def plan(qo_lens, kv_lens):
+        pages = [-(-n // 16) for n in kv_lens]
+        indptr = torch.tensor([0] + np.cumsum(pages).tolist(), dtype=torch.int32)
+        last = torch.tensor([(n - 1) % 16 + 1 for n in kv_lens], dtype=torch.int32)
+        qo = torch.tensor([0] + np.cumsum(qo_lens).tolist(), dtype=torch.int32)
+        w.plan(qo, indptr, torch.randperm(int(indptr[-1]), dtype=torch.int32), last, 32, 8, 128, 16, causal=True,
+               q_data_type=torch.bfloat16)
+        work = w._plan.work.work
+        return float((work[:, 4] - work[:, 3]).mean()), w._plan.sm90_constexprs["BLOCK_N"], int(w._counters[BAND_AT])
+
+    mean, block_n, band = plan([16384], [16384])  # 64 MB of KV over 8 heads: banded, long items
+    assert mean >= runner.SM90_LONG_KV and block_n == runner.SM90_LONG_CONFIG["block_n"] == 128 and band == 66
+    mean, block_n, band = plan([64] * 4, [256] * 4)
+    assert mean < runner.SM90_LONG_KV and band == 0
+    assert block_n == (128 if graph else runner.SM90_CONFIG["block_n"])
