@@ -117,12 +117,12 @@ def gluon_cases():
                        prefill_sm90.prefill_sm90_ws_kernel, types,
                        dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal,
                             WRITE_LSE=True, STAGES=5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4), 4, 1)
-    # 128-token KV blocks with Q read from shared memory (SM90_CONFIG q_smem)
-    for n, st, pr, cr in ((128, 3, 56, 224), (128, 3, 24, 240), (64, 5, 88, 208)):
-        yield (f"prefill_sm90_ws D=128 paged=True causal=True q_smem BLOCK_N={n} regs={pr},{cr}",
-               prefill_sm90.prefill_sm90_ws_kernel, types,
-               dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=n, PAGE_SIZE=16, PAGED=True, CAUSAL=True, WRITE_LSE=True,
-                    STAGES=st, PRODUCER_REGS=pr, CONSUMER_REGS=cr, num_warps=4, Q_SMEM=True), 4, 1)
+        # runner.SM90_LONG_CONFIG: 128-token KV blocks, Q read from shared memory
+        for paged in (True, False):
+            yield (f"prefill_sm90_ws D={d} paged={paged} causal=True long (BLOCK_N=128 Q_SMEM)",
+                   prefill_sm90.prefill_sm90_ws_kernel, types,
+                   dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
+                        STAGES=3, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=True), 4, 1)
     from pagoda.attention.kernels import mla_sm90
 
     m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",

@@ -40,7 +40,8 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0)
-# ... for plans whose work items read SM90_LONG_KV KV tokens or more on average: 128-token KV blocks, Q K^T reading
+# ... for head_dim 128 plans whose work items read SM90_LONG_KV KV tokens or more on average (head_dim 64 is
+# correct in it, GPU-tested, but not timed): 128-token KV blocks, Q K^T reading
 # Q from shared memory (no room for it in registers next to a 128-column S); H200, session 13: 1x8192 1320 ->
 # 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short prompts keep 64)
 SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1)
@@ -334,7 +335,8 @@ class BatchAttention:
             if self._use_cuda_graph and self._graph_sm90 is not None:  # (a captured run() replays its kernel)
                 sm90 = self._graph_sm90
             else:
-                sm90 = SM90_LONG_CONFIG if n_items and lens.mean() >= SM90_LONG_KV else SM90_CONFIG
+                long = head_dim == 128 and n_items and lens.mean() >= SM90_LONG_KV  # (measured at head_dim 128)
+                sm90 = SM90_LONG_CONFIG if long else SM90_CONFIG
                 if self._use_cuda_graph:
                     self._graph_sm90 = sm90
             if PREFILL_BAND != "off" and n_items:

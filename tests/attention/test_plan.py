@@ -341,13 +341,13 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8), backend="triton",
                                                    use_cuda_graph=graph)
 
-    def plan(qo_lens, kv_lens):
+    def plan(qo_lens, kv_lens, head_dim=128):
         pages = [-(-n // 16) for n in kv_lens]
         indptr = torch.tensor([0] + np.cumsum(pages).tolist(), dtype=torch.int32)
         last = torch.tensor([(n - 1) % 16 + 1 for n in kv_lens], dtype=torch.int32)
         qo = torch.tensor([0] + np.cumsum(qo_lens).tolist(), dtype=torch.int32)
-        w.plan(qo, indptr, torch.randperm(int(indptr[-1]), dtype=torch.int32), last, 32, 8, 128, 16, causal=True,
-               q_data_type=torch.bfloat16)
+        w.plan(qo, indptr, torch.randperm(int(indptr[-1]), dtype=torch.int32), last, 32, 8, head_dim, 16,
+               causal=True, q_data_type=torch.bfloat16)
         work = w._plan.work.work
         return float((work[:, 4] - work[:, 3]).mean()), w._plan.sm90_constexprs["BLOCK_N"], int(w._counters[BAND_AT])
 
@@ -356,3 +356,6 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
     mean, block_n, band = plan([64] * 4, [256] * 4)
     assert mean < runner.SM90_LONG_KV and band == 0
     assert block_n == (128 if graph else runner.SM90_CONFIG["block_n"])
+    if not graph:  # head_dim 64 keeps the 64-token configuration (the long one is timed at 128 only)
+        mean, block_n, band = plan([16384], [16384], head_dim=64)
+        assert mean >= runner.SM90_LONG_KV and block_n == 64 and band == 66
