@@ -159,10 +159,12 @@ def check_paged_lens(indptr, last_page_len, page_size: int, names=("indptr", "la
             and indptr.dim() == 1 and last_page_len.dim() == 1 and indptr.shape[0] == last_page_len.shape[0] + 1
             and indptr.shape[0] > 1 and 1 <= page_size <= MAX_PAGE_SIZE
             and (length is None or indptr.shape[0] == length)):
-        ip = indptr.detach().numpy().astype(np.int64)
-        last = last_page_len.detach().numpy()
+        ip = indptr.numpy().astype(np.int64)  # (integer tensors carry no autograd history: no detach)
+        last = last_page_len.numpy()
         num_pages = ip[1:] - ip[:-1]
-        if ip[0] >= 0 and num_pages.min() > 0 and last.min() >= 1 and last.max() <= page_size:
+        # 1 <= last <= page_size in one reduction: last - 1 read as unsigned wraps 0 and negatives past page_size
+        last_u = (last - 1).view(np.uint32 if last.dtype == np.int32 else np.uint64)
+        if ip[0] >= 0 and num_pages.min() > 0 and last_u.max() < page_size:
             return ip, num_pages * page_size + (last - page_size)
     ip = check_indptr(names[0], indptr, length)
     last = to_host_array(names[1], last_page_len, ip.shape[0] - 1)

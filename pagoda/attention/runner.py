@@ -414,6 +414,7 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=sm90["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
                 CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]),
+                PINGPONG=bool(sm90.get("pingpong", 0)),
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
