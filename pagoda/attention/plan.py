@@ -280,10 +280,12 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     n = len(kv_lens)
     if n <= SMALL_BATCH:
         return _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
-    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows)
-    if L >= int(kv_lens.max()):  # nothing split (most steps)
-        order = np.argsort(-kv_lens, kind="stable")
-        kv_sorted = kv_lens[order]
+    neg = -kv_lens
+    order = np.argsort(neg, kind="stable")  # longest first (the work list's order when nothing is split)
+    neg_sorted = neg[order]
+    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted)
+    if L >= -int(neg_sorted[0]):  # nothing split (most steps)
+        kv_sorted = -neg_sorted
         work = np.empty((n, WORK_FIELDS), dtype=np.int32)
         work[:, 0] = qo_indptr[:-1][order]
         work[:, 1] = 1
@@ -424,9 +426,10 @@ def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray
     return np.lexsort((-length, req, -band))
 
 
-def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
+def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted=None):
     """The chunk length that minimises the makespan bound (see module docstring); tlen: tokens of
-    each tile (None: one each, decode)."""
+    each tile (None: one each, decode); neg_sorted: -rng sorted ascending, if the caller has it (a tighter
+    filter of the candidates, one call for all of them)."""
     bn = config.block_n
     longest = int(rng.max()) if len(rng) else 0
     no_split = max(bn, -(-longest // bn) * bn)
@@ -440,8 +443,12 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     total_kv = float(rng.sum())
     n = len(rng)
     per_item = tasks_per_item * _item_cost(config, n) / num_ctas
-    candidates = [c for c in candidates[:-1]
-                  if per_item * max(total_kv / c - n, -(-longest // c) - 1) < longest - c + 1] + [no_split]
+    # every range longer than L is at least one more item: with the sorted lengths, those counts for all
+    # candidates in one call (a wide batch, e.g. 256 requests of 128..8192, then keeps none)
+    longer = (np.searchsorted(neg_sorted, [-c for c in candidates[:-1]]).tolist() if neg_sorted is not None
+              else [0] * (len(candidates) - 1))
+    candidates = [c for c, k in zip(candidates[:-1], longer)
+                  if per_item * max(total_kv / c - n, -(-longest // c) - 1, k) < longest - c + 1] + [no_split]
     if len(candidates) == 1:
         return no_split
     # the survivors' chunk counts over [candidates, tiles] at once, in float64 (exact: lengths < 2^53, and a

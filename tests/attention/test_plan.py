@@ -227,6 +227,9 @@ def test_chunk_len_equals_full_search():
                 int(rng.choice([0, 100, 10**6])))
         got = _choose_chunk_len(lens.astype(np.int64), tlen, *args)
         assert got == _chunk_len_full_search(lens, tlen, *args), (trial, n, kind)
+        if tlen is None:  # the decode planner's call, with the sorted lengths (a tighter candidate filter)
+            neg_sorted = np.sort(-lens.astype(np.int64))
+            assert _choose_chunk_len(lens.astype(np.int64), None, *args, neg_sorted) == got, (trial, n, kind)
         chosen.add(got >= int(lens.max()))
     assert chosen == {True, False}, "both split and unsplit answers must be exercised"
 
