@@ -21,7 +21,12 @@ barriers and on short dependency chains. Here, as in FlashAttention-3:
 
 Tasks (item, KV head, head split) go over the persistent grid in a fixed snake order that both
 roles compute (no task counter to share); split tiles write partial states and the last chunk to
-arrive merges them, as in kernels/attention.py.
+arrive merges them, as in kernels/attention.py. A long prefill's tasks go in bands, KV head by KV head,
+so that the programs running at once read fewer heads' KV from L2 (_ws_task, plan.prefill_band:
+1 x 16384 +5-8%, notes.md session 13).
+
+KV blocks: 64 tokens, Q in registers; or (Q_SMEM) 128 tokens with Q read from shared memory, which
+leaves the registers a 128-column S needs (runner.SM90_LONG_CONFIG, for long items: +7-9% there).
 
 Scope: 16-bit queries and cache, head_dim 64 / 128, causal or not, no window / soft cap /
 variant / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
@@ -464,7 +469,8 @@ if HAVE_GLUON:
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
         num_warps=4: the first consumer warp group (rows 0-63 of each 128-row tile); the second (rows
-        64-127) and the producer are 8 more warps."""
+        64-127) and the producer are 8 more warps. Q_SMEM: Q K^T reads Q from shared memory (for 128-token
+        blocks); PINGPONG: the consumer groups take turns issuing their wgmmas (_ws_turn; an A/B option)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
