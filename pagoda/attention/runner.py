@@ -228,8 +228,7 @@ class BatchAttention:
             self._copy_pending = False
 
     def _partial_capacity(self, num_qo_heads: int, head_dim: int) -> int:
-        floats = self._float_ws.numel() * self._float_ws.element_size() // 4
-        return floats // (num_qo_heads * (head_dim + 1))
+        return self._ws_f32.numel() // (num_qo_heads * (head_dim + 1))
 
     # -- plan ----------------------------------------------------------------------
     def _check_params(self, num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale,
