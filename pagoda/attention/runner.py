@@ -338,6 +338,8 @@ class BatchAttention:
                 sm90 = SM90_LONG_CONFIG if long else SM90_CONFIG
                 if self._use_cuda_graph:
                     self._graph_sm90 = sm90
+            if PREFILL_BAND not in ("auto", "on", "off"):
+                raise ValueError(f"PAGODA_PREFILL_BAND must be 'auto', 'on' or 'off', got {PREFILL_BAND!r}")
             if PREFILL_BAND != "off" and n_items:
                 band = prefill_band(int(lens.max()) * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
                                     tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")

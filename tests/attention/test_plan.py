@@ -359,6 +359,10 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
     mean, block_n, band = plan([64] * 4, [256] * 4)
     assert mean < runner.SM90_LONG_KV and band == 0
     assert block_n == (128 if graph else runner.SM90_CONFIG["block_n"])
+    monkeypatch.setattr(runner, "PREFILL_BAND", "sometimes")
+    with pytest.raises(ValueError, match="PAGODA_PREFILL_BAND"):
+        plan([64], [256])
+    monkeypatch.setattr(runner, "PREFILL_BAND", "auto")
     if not graph:  # head_dim 64 keeps the 64-token configuration (the long one is timed at 128 only); its KV over
         # all heads is half as large: 32 MB at 16k fits PREFILL_L2_BYTES (no band), 64 MB at 32k does not
         mean, block_n, band = plan([16384], [16384], head_dim=64)
