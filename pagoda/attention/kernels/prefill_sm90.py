@@ -254,6 +254,11 @@ if HAVE_GLUON:
         return gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1), num_kv_heads * n_hsplit, n_hsplit
 
     @gluon.jit
+    def _ws_band(COUNTERS, tasks_per_item):
+        """(task band, work items) of the plan: header fields BAND_AT and the task count (kernels/attention.py)."""
+        return gl.load(COUNTERS + 5), gl.load(COUNTERS + 2) // tasks_per_item
+
+    @gluon.jit
     def _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band=0, n_items=0):
         """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split).
         Tasks are the items' task slots (KV head x head split) item by item, or, with ``band`` > 0 (of
@@ -285,8 +290,7 @@ if HAVE_GLUON:
         SUB: gl.constexpr = min(BLOCK_N, 64)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
-        band = gl.load(COUNTERS + 5)  # (header field BAND_AT of kernels/attention.py)
-        n_items = gl.load(COUNTERS + 2) // tasks_per_item
+        band, n_items = _ws_band(COUNTERS, tasks_per_item)
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
@@ -379,8 +383,7 @@ if HAVE_GLUON:
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
-        band = gl.load(COUNTERS + 5)
-        n_items = gl.load(COUNTERS + 2) // tasks_per_item
+        band, n_items = _ws_band(COUNTERS, tasks_per_item)
         it = 0
         turns = 0  # wgmma issue rounds (PINGPONG)
         for rnd in range(0, n_rounds):
