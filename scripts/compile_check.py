@@ -109,7 +109,21 @@ def gluon_cases():
     if not prefill_sm90.HAVE_GLUON:
         return
     types = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
-                 WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", qk_scale="fp32")
+                 WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", qk_scale="fp32",
+                 KD="*bf16", VD="*bf16")
+    lay = ("NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=False, "
+           "fp4_padded=False, cga_layout=[])")
+    # TMA producer (runner's default where the cache allows: prefill_sm90.tma_views): paged 16-row copies,
+    # ragged one copy per block
+    for d, bn, paged, long in ((128, 128, True, True), (128, 128, False, True), (128, 64, True, False),
+                               (64, 64, False, False), (64, 128, True, True)):
+        tr = 16 if paged else bn
+        desc = f"tensordesc<bf16[{tr},{d}],{lay}>"
+        yield (f"prefill_sm90_ws D={d} paged={paged} causal=True BLOCK_N={bn} TMA",
+               prefill_sm90.prefill_sm90_ws_kernel, dict(types, KD=desc, VD=desc),
+               dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
+                    STAGES=3 if long else 5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=long,
+                    TMA=True), 4, 1)
     for d in (64, 128):
         for paged in (True, False):
             for causal in (True, False):

@@ -39,12 +39,13 @@ GRAPH_MAX_ARRIVALS = 1 << 18
 GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, pingpong=0)
+# (tma 1: full KV blocks go by bulk copies where the cache's layout allows, prefill_sm90.tma_views)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, pingpong=0, tma=1)
 # ... for head_dim 128 plans whose work items read SM90_LONG_KV KV tokens or more on average (head_dim 64 is
 # correct in it, GPU-tested, but not timed): 128-token KV blocks, Q K^T reading
 # Q from shared memory (no room for it in registers next to a 128-column S); H200, session 13: 1x8192 1320 ->
 # 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short prompts keep 64)
-SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, pingpong=0)
+SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, pingpong=0, tma=1)
 SM90_LONG_KV = 2048
 # Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
 # programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
@@ -173,6 +174,7 @@ class BatchAttention:
         # every request has one query); the cascade sets "prefill" on its shared levels
         self._fixed_mode: str | None = None
         self._launch_cache = None  # (key, launch arguments) of the last plan (_prepare_launch)
+        self._tma_cache = None  # (key, prefill_sm90.tma_views) of the last cache the Gluon prefill read
         self._checked = None  # (scalar arguments, checked values) of the last plan (_check_params)
         # run() merges its result into the (out, lse) it is given instead of overwriting them (a cascade's
         # levels after the first; Triton kernel only: see _can_merge_into_out())
@@ -415,6 +417,7 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=sm90["block_n"], PAGE_SIZE=p.page_size,
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
                 CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]), PINGPONG=bool(sm90["pingpong"]),
+                TMA=bool(sm90["tma"]),  # (where the run's K / V allow: _launch_kernel)
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
@@ -589,11 +592,14 @@ class BatchAttention:
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
                        vparams, enable_pdl=None):
         if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
+            cx = p.sm90_constexprs
+            views = self._prefill_tma_views(k, v, strides_k, strides_v, p) if cx["TMA"] else None
+            kd, vd, *tma_geom = views if views is not None else (k, v, 0, 0, 0)
             prefill_sm90.prefill_sm90_ws_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
-                self._int_buf, self._arrivals,
+                self._int_buf, self._arrivals, kd, vd,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
-                *p.scalars[:7], WRITE_LSE=lse is not None, **p.sm90_constexprs)
+                *p.scalars[:7], *tma_geom, WRITE_LSE=lse is not None, **dict(cx, TMA=views is not None))
             return
         if p.decode_sm90_constexprs is not None and not self._merge_out:
             decode_sm90.decode_sm90_kernel[(p.grid,)](
@@ -615,6 +621,17 @@ class BatchAttention:
             WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
             **pdl_launch(enable_pdl, q),
         )
+
+    def _prefill_tma_views(self, k, v, strides_k, strides_v, p: PlanState):
+        """prefill_sm90.tma_views of this run's K / V, kept while they stay the same tensors (a paged cache
+        does from step to step)."""
+        key = (k.data_ptr(), v.data_ptr(), tuple(k.shape), tuple(v.shape), tuple(strides_k), tuple(strides_v),
+               k.dtype, self._paged, p.page_size, p.sm90_constexprs["BLOCK_N"], p.head_dim, p.num_kv_heads)
+        if self._tma_cache is None or self._tma_cache[0] != key:
+            self._tma_cache = (key, prefill_sm90.tma_views(k, v, strides_k, strides_v, self._paged, p.page_size,
+                                                           p.sm90_constexprs["BLOCK_N"], p.head_dim,
+                                                           p.num_kv_heads))
+        return self._tma_cache[1]
 
     def _can_merge_into_out(self) -> bool:
         """Whether run(out=, lse=) of the current plan can merge its result into the given state in the

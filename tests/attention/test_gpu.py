@@ -499,7 +499,8 @@ def test_prefill_sm90_kernel(paged, head_dim, causal, heads, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("config", [(64, 5, 88, 208, 1), (128, 3, 88, 208, 1), (128, 3, 88, 208, 0),
-                                    (128, 3, 88, 208, 1, 1), (64, 5, 88, 208, 0, 1)])
+                                    (128, 3, 88, 208, 1, 1), (64, 5, 88, 208, 0, 1), (128, 3, 88, 208, 1, 0, 0),
+                                    (64, 5, 88, 208, 0, 0, 0)])
 @pytest.mark.parametrize("band", ["on", "off"])
 @pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64)])
 def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
@@ -509,13 +510,37 @@ def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
     from pagoda.attention import runner
 
     cfg = dict(block_n=config[0], stages=config[1], producer_regs=config[2], consumer_regs=config[3],
-               q_smem=config[4], pingpong=config[5] if len(config) > 5 else 0)
+               q_smem=config[4], pingpong=config[5] if len(config) > 5 else 0, tma=config[6] if len(config) > 6 else 1)
     monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
     monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
     monkeypatch.setattr(runner, "PREFILL_BAND", band)
     w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch)
     assert w._counters[5].item() == (0 if band == "off" else runner.num_programs(w.device, w._plan.config) // 2)
     assert w._plan.sm90_constexprs["BLOCK_N"] == config[0]
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("page_size,layout,tuple_cache,head_dim", [
+    (16, "NHD", False, 128), (16, "HND", False, 128), (8, "NHD", True, 128), (32, "HND", True, 64),
+    (64, "NHD", False, 128), (128, "NHD", False, 64), (256, "HND", False, 128), (1, "NHD", False, 128),
+    (24, "NHD", False, 128)])
+def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, monkeypatch):
+    """The Gluon prefill producer's bulk copies (prefill_sm90.tma_views): NHD and HND caches, the single tensor
+    and the (k, v) tuple, pages smaller than, equal to and larger than a KV block, against the reference (the
+    cache's unused slots hold NaN: the block holding a request's end must not be bulk-copied). Page sizes that
+    are not a power of two of >= 8 tokens take the cp.async producer."""
+    from pagoda.attention import runner
+
+    cfg = dict(runner.SM90_LONG_CONFIG if block_n == 128 else runner.SM90_CONFIG, tma=1)
+    monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
+    monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
+    w = prefill_sm90_against_reference(True, head_dim, True, (16, 4), torch.bfloat16, monkeypatch,
+                                       qo_lens=(700, 129, 1, 300, 64), kv_lens=(1000, 700, 64, 4100, 200),
+                                       page_size=page_size, layout=layout, tuple_cache=tuple_cache)
+    tma = page_size >= 8 and page_size & (page_size - 1) == 0
+    assert (w._tma_cache[1] is not None) == tma
+    if tma:
+        assert w._tma_cache[1][0].block_shape == [min(page_size, block_n), head_dim]
 
 
 @pytest.mark.parametrize("paged", [True, False])
@@ -534,24 +559,26 @@ def test_prefill_sm90_long_items(paged, monkeypatch):
 
 
 def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch,
-                                   qo_lens=(1000, 129, 1, 512, 77, 300), kv_lens=(1000, 700, 64, 4608, 77, 200)):
+                                   qo_lens=(1000, 129, 1, 512, 77, 300), kv_lens=(1000, 700, 64, 4608, 77, 200),
+                                   page_size=16, layout="NHD", tuple_cache=False):
     """test_prefill_sm90_kernel's check; returns the Gluon kernel's wrapper."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill kernel is for sm_90")
     hq, hk = heads
     qo_lens, kv_lens = list(qo_lens), list(kv_lens)
     qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
-    batch = PagedBatch(kv_lens, hk, head_dim, 16, dtype)
+    batch = PagedBatch(kv_lens, hk, head_dim, page_size, dtype, layout=layout)
+    cache = batch.tuple_cache() if tuple_cache else batch.cache
     q = torch.randn(int(qo_indptr[-1]), hq, head_dim, dtype=dtype, device="cuda")
     results = {}
     for kernel in ("auto", "triton"):
         monkeypatch.setenv("PAGODA_PREFILL_KERNEL", kernel)
         if paged:
-            w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128))
-            w.plan(qo_indptr, batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, 16,
+            w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128), kv_layout=layout)
+            w.plan(qo_indptr, batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
                    causal=causal, q_data_type=dtype)
             out, lse = poisoned_like(q)
-            w.run(q, batch.cache, out=out, lse=lse)
+            w.run(q, cache, out=out, lse=lse)
         else:
             kv_indptr = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
             w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(workspace(128))

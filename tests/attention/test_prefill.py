@@ -186,3 +186,80 @@ def test_replans_with_other_parameters_use_them():
         assert rel_err(out, ro) < TOL[dt], kw
         check_lse(lse, rl)
     assert hits == 1, "the second plan (same parameters) should reuse the launch arguments"
+
+
+@pytest.mark.parametrize("form", ["NHD", "HND", "NHD-tuple", "ragged", "ragged-HND", "ragged-qkv"])
+@pytest.mark.parametrize("page_size,block_n", [(16, 128), (8, 64), (256, 128), (64, 64)])
+def test_gluon_prefill_tma_views(form, page_size, block_n):
+    """The geometry of the Gluon prefill producer's bulk copies (kernels/prefill_sm90.tma_views; the kernel
+    itself runs only on the device, test_gpu.py): a copy at row page * rows_per_page + slot + head * head_rows
+    (ragged: token + head * head_rows), column head * head_cols of the descriptor's 2-D view must read exactly
+    the cache's K / V rows of that page, slot and head, and the view must lie inside the tensor's storage."""
+    from pagoda.attention.formats import paged_strides, unpack_paged_kv_cache
+    from pagoda.attention.kernels import prefill_sm90
+
+    if not prefill_sm90.HAVE_GLUON:
+        pytest.skip("the Gluon kernel targets another Triton version")
+    pages, h, d = 6, 4, 64
+    torch.manual_seed(0)
+    paged = not form.startswith("ragged")
+    if paged:
+        layout = form[:3]
+        shape = (pages, 2, page_size, h, d) if layout == "NHD" else (pages, 2, h, page_size, d)
+        cache = torch.randn(shape, dtype=torch.bfloat16)
+        if form.endswith("tuple"):
+            cache = (cache[:, 0].contiguous(), cache[:, 1].contiguous())
+        k, v = unpack_paged_kv_cache(cache, layout)
+        sk, sv = paged_strides(k, layout), paged_strides(v, layout)
+    else:
+        t = 50
+        if form == "ragged-qkv":  # K and V as slices of one fused projection [T, (Hq + 2 Hk) * D]
+            qkv = torch.randn(t, (8 + 2 * h) * d, dtype=torch.bfloat16)
+            k = qkv[:, 8 * d:(8 + h) * d].view(t, h, d)
+            v = qkv[:, (8 + h) * d:].view(t, h, d)
+        else:
+            k, v = torch.randn(2, t, h, d, dtype=torch.bfloat16).unbind(0)
+            if form == "ragged-HND":  # [H, T, D]
+                k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        nhd = form != "ragged-HND"
+        sk, sv = [(x.stride(0), 0, x.stride(1)) if nhd else (x.stride(1), 0, x.stride(0)) for x in (k, v)]
+    views = prefill_sm90.tma_views(k, v, sk, sv, paged, page_size, block_n, d, h)
+    assert views is not None
+    kd, vd, rpp, hrows, hcols = views
+    assert kd.block_shape == [min(page_size, block_n) if paged else block_n, d]
+    for desc, x, st in ((kd, k, sk), (vd, v, sv)):
+        flat = torch.as_strided(x, desc.shape, desc.strides)  # raises if the view leaves the storage
+        for _ in range(20):
+            head = int(torch.randint(h, ()))
+            if paged:
+                page, slot = int(torch.randint(pages, ())), int(torch.randint(page_size, ()))
+                row = page * rpp + slot + head * hrows
+                want = x[page, slot, head] if form[:3] == "NHD" else x[page, head, slot]
+            else:
+                tok = int(torch.randint(x.shape[0] if nhd else x.shape[1], ()))
+                row = tok * rpp + head * hrows
+                want = x[tok, head] if nhd else x[head, tok]
+            assert torch.equal(flat[row, head * hcols:head * hcols + d], want)
+
+
+def test_gluon_prefill_tma_views_refused():
+    """Caches the bulk copies cannot address give None (the producer's cp.async gathers serve them): pages of
+    fewer than 8 or a non-power-of-two number of tokens, K and V of different geometries, rows not 16-byte
+    aligned."""
+    from pagoda.attention.formats import paged_strides
+    from pagoda.attention.kernels import prefill_sm90
+
+    if not prefill_sm90.HAVE_GLUON:
+        pytest.skip("the Gluon kernel targets another Triton version")
+    for ps in (1, 4, 24):
+        c = torch.randn(5, 2, ps, 2, 64, dtype=torch.bfloat16)
+        k, v = c[:, 0], c[:, 1]
+        assert prefill_sm90.tma_views(k, v, paged_strides(k, "NHD"), paged_strides(v, "NHD"), True, ps, 64, 64,
+                                      2) is None
+    c = torch.randn(5, 2, 16, 2, 64, dtype=torch.bfloat16)
+    k, v = c[:, 0], c[:, 1].contiguous()
+    assert prefill_sm90.tma_views(k, v, paged_strides(k, "NHD"), paged_strides(v, "NHD"), True, 16, 64, 64,
+                                  2) is None
+    x = torch.randn(40, 2 * 60 + 4, dtype=torch.bfloat16)[:, 4:].view(40, 2, 60)  # 120-byte rows
+    assert prefill_sm90.tma_views(x, x, (x.stride(0), 0, x.stride(1)), (x.stride(0), 0, x.stride(1)), False, 16,
+                                  64, 60, 2) is None

@@ -45,8 +45,9 @@ try:
         raise ImportError(f"the Gluon prefill kernel targets Triton {GLUON_TRITON}, not {triton.__version__}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier,
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
                                                                   warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
     # a CTA-wide barrier: gl.thread_barrier in Triton 3.5 / 3.6, gl.barrier later
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -278,16 +279,37 @@ if HAVE_GLUON:
         return WORK + item * 9, rem, rem // n_hsplit, rem % n_hsplit
 
     @gluon.jit
-    def _ws_producer(K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+    def _block_pages(KV_INDICES, kv_base, st, ok, NP: gl.constexpr, TR: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """The page ids of a KV block's NP bulk copies of TR rows (rows st + i * TR ..), a tuple of scalars
+        (masked off: zeros)."""
+        pages = ()
+        for i in gl.static_range(NP):
+            pos = (st + i * TR).to(gl.uint32)
+            pages = pages + (gl.load(KV_INDICES + kv_base + (pos // PAGE_SIZE).to(gl.int32), mask=ok, other=0),)
+        return pages
+
+    @gluon.jit
+    def _ws_producer(K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                      stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                     num_kv_heads, group_size, heads_per_prog,
+                     tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
                      HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
+                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr, TMA: gl.constexpr):
+        """Fills ring slot it % STAGES with each task's KV blocks in turn. Without TMA every block is cp.async
+        row gathers (page ids one copy ahead) and each producer thread's arrival when its copies land completes
+        the slot's "ready" barrier. TMA (tensor descriptors KD / VD of the caches viewed as rows, tma_views()):
+        a block that ends before the KV does (and, paged, starts on a copy boundary) is bulk copies of TR rows,
+        one per page (or one per block: ragged, and pages of >= BLOCK_N tokens); the block holding the end of
+        the KV stays a cp.async gather, whose masked rows read as zeros (a page's unused slots may hold
+        anything, and 0 x NaN in P V would poison the output). Then "ready" takes one arrival more: the bulk
+        copies' byte count, or plain after a gather (as in mla_sm90)."""
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
         # a block's copies go out 64 rows at a time (a 128-row block's page ids and row addresses at once
         # spill the producer's registers)
         SUB: gl.constexpr = min(BLOCK_N, 64)
+        TR: gl.constexpr = min(PAGE_SIZE, BLOCK_N) if PAGED else BLOCK_N  # rows per bulk copy
+        NP: gl.constexpr = BLOCK_N // TR
+        BLOCK_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # where the page ids start in the plan buffer
         band, n_items = _ws_band(COUNTERS, tasks_per_item)
@@ -299,26 +321,69 @@ if HAVE_GLUON:
             kv_end = gl.load(wp + 4)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
-            pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-            for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
-                slot = it % STAGES
-                for h in gl.static_range(BLOCK_N // SUB):
-                    st = kv_start + j * BLOCK_N + h * SUB
-                    # page ids one copy ahead: their load latency hides behind the wait and the copies
-                    pg = pg_next
-                    pg_next = _page_ids(KV_INDICES, kv_base, st + SUB, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                    if h == 0:
-                        # the consumers released this slot's previous block (a fresh barrier passes parity 1)
-                        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                    k_dst = k_ring.index(slot)
-                    v_dst = v_ring.index(slot)
-                    if SUB < BLOCK_N:
-                        k_dst = k_dst.slice(h * SUB, SUB)
-                        v_dst = v_dst.slice(h * SUB, SUB)
-                    _issue_kv_load(K, V, k_dst, v_dst, kv_base, st, kv_end, k_head_off, v_head_off, stride_kp,
-                                   stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
-                it += 1
+            if TMA:
+                head_row = kvh * tma_hrows
+                head_col = kvh * tma_hcols
+                aligned = kv_start.to(gl.uint32) % TR == 0
+                for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                    slot = it % STAGES
+                    st = kv_start + j * BLOCK_N
+                    bulk = (st + BLOCK_N <= kv_end) & aligned
+                    if PAGED:  # loaded before the wait: their latency hides behind it
+                        pages = _block_pages(KV_INDICES, kv_base, st, bulk, NP, TR, PAGE_SIZE)
+                    mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                    if bulk:
+                        mbarrier.expect(ready.index(slot), BLOCK_BYTES)
+                        for i in gl.static_range(NP):
+                            if PAGED:
+                                row = pages[i] * tma_rpp + ((st + i * TR).to(gl.uint32) % PAGE_SIZE).to(gl.int32)
+                            else:
+                                row = kv_base + st + i * TR
+                            k_box = k_ring.index(slot)
+                            v_box = v_ring.index(slot)
+                            if NP > 1:
+                                k_box = k_box.slice(i * TR, TR)
+                                v_box = v_box.slice(i * TR, TR)
+                            tma.async_copy_global_to_shared(KD, [row + head_row, head_col], ready.index(slot), k_box)
+                            tma.async_copy_global_to_shared(VD, [row + head_row, head_col], ready.index(slot), v_box)
+                    else:
+                        for h in gl.static_range(BLOCK_N // SUB):
+                            sub = st + h * SUB
+                            pg = _page_ids(KV_INDICES, kv_base, sub, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                            k_dst = k_ring.index(slot)
+                            v_dst = v_ring.index(slot)
+                            if SUB < BLOCK_N:
+                                k_dst = k_dst.slice(h * SUB, SUB)
+                                v_dst = v_dst.slice(h * SUB, SUB)
+                            _issue_kv_load(K, V, k_dst, v_dst, kv_base, sub, kv_end, k_head_off, v_head_off,
+                                           stride_kp, stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE,
+                                           PAGED, LOAD_LAYOUT)
+                        mbarrier.arrive(ready.index(slot))
+                    async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                    it += 1
+            else:
+                pg_next = _page_ids(KV_INDICES, kv_base, kv_start, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
+                for j in range(0, gl.cdiv(kv_end - kv_start, BLOCK_N)):
+                    slot = it % STAGES
+                    for h in gl.static_range(BLOCK_N // SUB):
+                        st = kv_start + j * BLOCK_N + h * SUB
+                        # page ids one copy ahead: their load latency hides behind the wait and the copies
+                        pg = pg_next
+                        pg_next = _page_ids(KV_INDICES, kv_base, st + SUB, kv_end, SUB, PAGE_SIZE, PAGED,
+                                            LOAD_LAYOUT)
+                        if h == 0:
+                            # the consumers released this slot's previous block (a fresh barrier passes parity 1)
+                            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                        k_dst = k_ring.index(slot)
+                        v_dst = v_ring.index(slot)
+                        if SUB < BLOCK_N:
+                            k_dst = k_dst.slice(h * SUB, SUB)
+                            v_dst = v_dst.slice(h * SUB, SUB)
+                        _issue_kv_load(K, V, k_dst, v_dst, kv_base, st, kv_end, k_head_off, v_head_off, stride_kp,
+                                       stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE, PAGED,
+                                       LOAD_LAYOUT)
+                    async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                    it += 1
 
     @gluon.jit
     def _ws_item(wp, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
@@ -457,23 +522,26 @@ if HAVE_GLUON:
 
     @gluon.jit
     def prefill_sm90_ws_kernel(
-        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS,
+        Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, KD, VD,
         stride_qt, stride_qh,
         stride_kp, stride_ks, stride_kh,
         stride_vp, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_lt,
         stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, tma_rpp, tma_hrows, tma_hcols,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-        Q_SMEM: gl.constexpr = False, PINGPONG: gl.constexpr = False,
+        Q_SMEM: gl.constexpr = False, PINGPONG: gl.constexpr = False, TMA: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
         num_warps=4: the first consumer warp group (rows 0-63 of each 128-row tile); the second (rows
         64-127) and the producer are 8 more warps. Q_SMEM: Q K^T reads Q from shared memory (for 128-token
-        blocks); PINGPONG: the consumer groups take turns issuing their wgmmas (_ws_turn; an A/B option)."""
+        blocks); PINGPONG: the consumer groups take turns issuing their wgmmas (_ws_turn; an A/B option);
+        TMA: the producer bulk-copies whole KV blocks through the tensor descriptors KD / VD, row
+        page * tma_rpp + slot + kv_head * tma_hrows, column kv_head * tma_hcols (tma_views(); without TMA,
+        KD / VD are not read)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -482,7 +550,8 @@ if HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=4 * 32)  # one cp.async arrival per producer thread
+            # one cp.async arrival per producer thread (and with TMA one more: _ws_producer)
+            mbarrier.init(ready.index(i), count=4 * 32 + (1 if TMA else 0))
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         HALF: gl.constexpr = BLOCK_M // 2
         if PINGPONG:
@@ -504,8 +573,44 @@ if HAVE_GLUON:
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all, turn,
                             HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM, PINGPONG)),
-            (_ws_producer, (K, V, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
+            (_ws_producer, (K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                            num_kv_heads, group_size, heads_per_prog,
-                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4)),
+                            tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
+                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4, TMA)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+    def tma_views(k, v, strides_k, strides_v, paged: bool, page_size: int, block_n: int, head_dim: int,
+                  num_kv_heads: int):
+        """(KD, VD, rows per page, rows per KV head, columns per KV head) for the producer's bulk copies
+        (prefill_sm90_ws_kernel's TMA), or None where they do not apply. The cache (or ragged K / V) is viewed
+        as a 2-D tensor of token rows (its slot stride; ragged: token stride) with the KV heads side by side in
+        a row (NHD) or in whole rows apart (HND); a copy is [TR, head_dim] with TR = min(page_size, block_n)
+        (ragged: block_n). Needs K and V of one geometry, 16-byte aligned rows and bases, pages of >= 8 tokens
+        that split or fill a KV block (a power of two)."""
+        if strides_k != strides_v or k.dtype != v.dtype or k.element_size() != 2:
+            return None
+        sp, ss, sh = strides_k
+        if paged:
+            if page_size < 8 or page_size & (page_size - 1):
+                return None
+            rs, tr = ss, min(page_size, block_n)
+        else:
+            rs, tr = sp, block_n
+        if rs <= 0 or rs % 8 or sp % rs or min(sh, sp) < 0:
+            return None
+        if (num_kv_heads - 1) * sh + head_dim <= rs:  # heads side by side in a row (NHD, ragged)
+            hrows, hcols, cols = 0, sh, (num_kv_heads - 1) * sh + head_dim
+        elif sh % rs == 0 and head_dim <= rs:  # heads whole rows apart (HND)
+            hrows, hcols, cols = sh // rs, 0, head_dim
+        else:
+            return None
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        descs = []
+        for t in (k, v):
+            if t.data_ptr() % 16 or t.numel() == 0:
+                return None
+            rows = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) // rs + 1
+            if rows >= 2**31:  # (copy coordinates are 32-bit)
+                return None
+            descs.append(TensorDescriptor(t, [rows, cols], [rs, 1], [tr, head_dim], layout))
+        return descs[0], descs[1], sp // rs, hrows, hcols
