@@ -137,10 +137,6 @@ def gluon_cases():
                    prefill_sm90.prefill_sm90_ws_kernel, types,
                    dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
                         STAGES=3, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=True), 4, 1)
-        yield (f"prefill_sm90_ws D={d} paged=True causal=True long pingpong",
-               prefill_sm90.prefill_sm90_ws_kernel, types,
-               dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, PAGE_SIZE=16, PAGED=True, CAUSAL=True, WRITE_LSE=True,
-                    STAGES=3, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=True, PINGPONG=True), 4, 1)
     from pagoda.attention.kernels import mla_sm90
 
     m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",

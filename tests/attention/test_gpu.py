@@ -499,18 +499,18 @@ def test_prefill_sm90_kernel(paged, head_dim, causal, heads, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("config", [(64, 5, 88, 208, 1), (128, 3, 88, 208, 1), (128, 3, 88, 208, 0),
-                                    (128, 3, 88, 208, 1, 1), (64, 5, 88, 208, 0, 1), (128, 3, 88, 208, 1, 0, 0),
-                                    (64, 5, 88, 208, 0, 0, 0)])
+                                    (128, 3, 88, 208, 1, 0), (64, 5, 88, 208, 0, 0)])
 @pytest.mark.parametrize("band", ["on", "off"])
 @pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64)])
 def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
     """The Gluon prefill kernel's other configurations (runner.SM90_CONFIG: 128-token KV blocks copied 64 rows at
-    a time, Q read from shared memory, consumer groups taking turns (pingpong)) and the banded task order (plan.prefill_band, forced on: the
-    tasks of band items go KV head by KV head; the test's batch is too small for "auto" to band it)."""
+    a time, Q read from shared memory, the cp.async producer without bulk copies: tma 0) and the banded task order
+    (plan.prefill_band, forced on: the tasks of band items go KV head by KV head; the test's batch is too small for
+    "auto" to band it)."""
     from pagoda.attention import runner
 
     cfg = dict(block_n=config[0], stages=config[1], producer_regs=config[2], consumer_regs=config[3],
-               q_smem=config[4], pingpong=config[5] if len(config) > 5 else 0, tma=config[6] if len(config) > 6 else 1)
+               q_smem=config[4], tma=config[5] if len(config) > 5 else 1)
     monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
     monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
     monkeypatch.setattr(runner, "PREFILL_BAND", band)
@@ -522,7 +522,7 @@ def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
 @pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("page_size,layout,tuple_cache,head_dim", [
     (16, "NHD", False, 128), (16, "HND", False, 128), (8, "NHD", True, 128), (32, "HND", True, 64),
-    (64, "NHD", False, 128), (128, "NHD", False, 64), (256, "HND", False, 128), (1, "NHD", False, 128),
+    (64, "NHD", False, 128), (128, "NHD", False, 64), (128, "HND", False, 128), (1, "NHD", False, 128),
     (24, "NHD", False, 128)])
 def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, monkeypatch):
     """The Gluon prefill producer's bulk copies (prefill_sm90.tma_views): NHD and HND caches, the single tensor

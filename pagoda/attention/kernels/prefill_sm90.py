@@ -7,12 +7,16 @@ two warp groups in lockstep: Nsight Compute shows the tensor pipe 37% busy, warp
 barriers and on short dependency chains. Here, as in FlashAttention-3:
 
 - a producer warp group streams K / V blocks through a ring of ``STAGES`` shared-memory slots
-  (page ids one block ahead, cp.async gathers, a per-thread mbarrier arrival when its copies
-  land) and runs ahead across task boundaries, so a task's first blocks load during the last
-  ones of the previous task;
+  and runs ahead across task boundaries, so a task's first blocks load during the last ones of
+  the previous task. A block is TMA bulk copies, one per page (the cache viewed as token rows:
+  tma_views), except the block holding the end of a request's KV, which is cp.async row gathers
+  with the rows past the end zero-filled (and every block of a cache TMA cannot address: pages of
+  fewer than 8 tokens, say). The bulk copies took the producer's instructions off the consumers'
+  issue slots: 1 x 8192 1207 -> 1008 us, 1 x 16384 4611 -> 3801 (H200, notes.md session 14);
 - two consumer warp groups, each 64 rows of the 128-row query tile, wait only on the slot's
   "ready" barrier and release it through an "empty" one, so they drift apart and one group's
-  softmax overlaps the other's MMAs (FA3's explicit ping-pong on top measured no better: notes.md);
+  softmax overlaps the other's MMAs (FA3's explicit ping-pong on top measured no better, with
+  cp.async in sessions 4 and 14 and with TMA in session 14: removed);
 - inside a group, the P V wgmma of block j - 1 is queued behind S_j = Q K_j^T, meant to run during
   the softmax of block j (Q stays in registers: the Q K^T wgmma then reads only K from shared
   memory). With P in registers ptxas serializes the two (it waits for the wgmma before the softmax:
@@ -409,26 +413,12 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
-    def _ws_turn(turn, n, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        """Ping-pong (FlashAttention-3): warp group WG issues its n-th round of wgmmas only after the other
-        group issued its own (group 0 goes first: a fresh barrier passes parity 1), so that one group's softmax
-        runs under the other's MMAs instead of both groups computing the softmax at once (they wait on the
-        same ready barriers and so tend to run in step)."""
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), (n & 1) ^ (1 - WG))
-
-    @gluon.jit
-    def _ws_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG))
-
-    @gluon.jit
     def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                     num_kv_heads, group_size, heads_per_prog, qk_scale, q_all, turn,
+                     num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, Q_SMEM: gl.constexpr, PINGPONG: gl.constexpr):
+                     WG: gl.constexpr, Q_SMEM: gl.constexpr):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
         Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
         fewer at head_dim 128: room for 128-token KV blocks)."""
@@ -450,7 +440,6 @@ if HAVE_GLUON:
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
         band, n_items = _ws_band(COUNTERS, tasks_per_item)
         it = 0
-        turns = 0  # wgmma issue rounds (PINGPONG)
         for rnd in range(0, n_rounds):
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
             q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
@@ -475,12 +464,9 @@ if HAVE_GLUON:
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
             if n_blocks > 0:
                 slot = _ws_wait_ready(ready, it, STAGES)
-                _ws_turn(turn, turns, WG, PINGPONG)
                 s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                   is_async=True)
-                _ws_pass(turn, WG, PINGPONG)
-                turns += 1
                 s = warpgroup_mma_wait(0, deps=(s,))
                 p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
                                                       kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
@@ -490,14 +476,11 @@ if HAVE_GLUON:
                 for j in range(1, n_blocks):
                     start = kv_start + j * BLOCK_N
                     slot = _ws_wait_ready(ready, it, STAGES)
-                    _ws_turn(turn, turns, WG, PINGPONG)
                     s = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)),
                                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                       is_async=True)
                     # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
                     acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-                    _ws_pass(turn, WG, PINGPONG)
-                    turns += 1
                     s = warpgroup_mma_wait(1, deps=(s,))
                     p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
                                                           start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
@@ -508,10 +491,7 @@ if HAVE_GLUON:
                     p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                     prev = slot
                     it += 1
-                _ws_turn(turn, turns, WG, PINGPONG)
                 acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-                _ws_pass(turn, WG, PINGPONG)
-                turns += 1
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()
                 mbarrier.arrive(empty.index(prev))
@@ -532,14 +512,13 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-        Q_SMEM: gl.constexpr = False, PINGPONG: gl.constexpr = False, TMA: gl.constexpr = False,
+        Q_SMEM: gl.constexpr = False, TMA: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
         num_warps=4: the first consumer warp group (rows 0-63 of each 128-row tile); the second (rows
         64-127) and the producer are 8 more warps. Q_SMEM: Q K^T reads Q from shared memory (for 128-token
-        blocks); PINGPONG: the consumer groups take turns issuing their wgmmas (_ws_turn; an A/B option);
-        TMA: the producer bulk-copies whole KV blocks through the tensor descriptors KD / VD, row
+        blocks); TMA: the producer bulk-copies whole KV blocks through the tensor descriptors KD / VD, row
         page * tma_rpp + slot + kv_head * tma_hrows, column kv_head * tma_hcols (tma_views(); without TMA,
         KD / VD are not read)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
@@ -554,12 +533,6 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=4 * 32 + (1 if TMA else 0))
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         HALF: gl.constexpr = BLOCK_M // 2
-        if PINGPONG:
-            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(turn.index(i), count=1)
-        else:
-            turn = ready  # (not used)
         if Q_SMEM:
             q_all = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], SMEM_LAYOUT)
         else:
@@ -567,12 +540,12 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all, turn,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM, PINGPONG)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all, turn,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM, PINGPONG)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM)),
             (_ws_producer, (K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
