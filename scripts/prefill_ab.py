@@ -2,7 +2,8 @@
 runner.SM90_CONFIG) vs the Triton kernel (PAGODA_PREFILL_KERNEL=triton), paged and ragged, at the
 benchmark's prefill cases; outputs are compared with the Triton kernel's.
 
-    python scripts/prefill_ab.py
+    python scripts/prefill_ab.py                        # head_dim 128
+    PREFILL_AB_HEAD_DIM=64 python scripts/prefill_ab.py   # head_dim 64
 """
 import os
 
@@ -22,7 +23,8 @@ DEFAULTS = (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.PREFILL_BAND)
 
 
 def main():
-    hq, hk, d, ps, dt = 32, 8, 128, 16, torch.bfloat16
+    hq, hk, ps, dt = 32, 8, 16, torch.bfloat16
+    d = int(os.environ.get("PREFILL_AB_HEAD_DIM", "128"))
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'case':24s} {'kernel':28s} {'paged us':>9s} {'TF/s':>6s} {'ragged us':>9s} {'TF/s':>6s}")
     for name, qo_lens, kv_lens in (("1x8192", [8192], [8192]), ("8x1024", [1024] * 8, [1024] * 8),
