@@ -152,6 +152,7 @@ def plan_work(
     max_partial_rows: int,
     kv_ranges=None,
     one_query: bool | None = None,
+    total_kv: int | None = None,
 ) -> WorkPlan:
     """Build the work list.
 
@@ -166,7 +167,8 @@ def plan_work(
     intervals the tile can see (a variant's mask, e.g. sinks + window); only those are planned,
     as chunks of the tile that merge like split-KV chunks.
     one_query: whether every request has exactly one query (None: found from qo_indptr; the wrappers
-    pass what they know or found, so the lengths are not diffed twice).
+    pass what they know or found, so the lengths are not diffed twice). total_kv: kv_lens.sum(), if the
+    caller has it (the decode planner's cost model reads it).
     """
     T = config.tokens_per_tile
     qo_lens = None
@@ -175,7 +177,8 @@ def plan_work(
         one_query = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
     decode = one_query and len(kv_lens) > 0
     if decode and window_left < 0 and kv_ranges is None:  # the common decode step, in few NumPy calls
-        return _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
+        return _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
+                            total_kv)
     if qo_lens is None:
         qo_lens = np.diff(qo_indptr)
     if decode:  # one one-token tile per request
@@ -272,7 +275,8 @@ def plan_work(
     return WorkPlan(work, splits, int(rows_t.sum()), int(chunk_len))
 
 
-def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows) -> WorkPlan:
+def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
+                 total_kv=None) -> WorkPlan:
     """plan_work for a decode batch without a window or variant (one query per request): the same
     work list as the general path (tests/attention/test_plan.py compares them), built with a few
     whole-array NumPy calls (a few requests: plain Python, cheaper than NumPy calls on tiny arrays);
@@ -283,7 +287,7 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     neg = -kv_lens
     order = np.argsort(neg, kind="stable")  # longest first (the work list's order when nothing is split)
     neg_sorted = neg[order]
-    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted)
+    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted, total_kv)
     if L >= -int(neg_sorted[0]):  # nothing split (most steps)
         kv_sorted = -neg_sorted
         work = np.empty((n, WORK_FIELDS), dtype=np.int32)
@@ -426,12 +430,16 @@ def _item_order(length: np.ndarray, req: np.ndarray, decode: bool) -> np.ndarray
     return np.lexsort((-length, req, -band))
 
 
-def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted=None):
+def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted=None, total=None):
     """The chunk length that minimises the makespan bound (see module docstring); tlen: tokens of
     each tile (None: one each, decode); neg_sorted: -rng sorted ascending, if the caller has it (a tighter
-    filter of the candidates, one call for all of them)."""
+    filter of the candidates, one call for all of them, and the longest range); total: rng.sum(), if the
+    caller has it."""
     bn = config.block_n
-    longest = int(rng.max()) if len(rng) else 0
+    if neg_sorted is not None:
+        longest = -int(neg_sorted[0]) if len(neg_sorted) else 0
+    else:
+        longest = int(rng.max()) if len(rng) else 0
     no_split = max(bn, -(-longest // bn) * bn)
     candidates = [bn * 4 << k for k in range(((no_split - 1) // (bn * 4)).bit_length())] + [no_split]
     if len(candidates) == 1:
@@ -440,7 +448,7 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     # batch usually keeps none): splitting at L adds at least max(sum / L - n, ceil(longest / L) - 1)
     # items and saves at most longest - L of the bound, so when that cannot pay (by more than a token,
     # against rounding) L's bound exceeds no_split's and the full search would not pick it either.
-    total_kv = float(rng.sum())
+    total_kv = float(rng.sum() if total is None else total)
     n = len(rng)
     per_item = tasks_per_item * _item_cost(config, n) / num_ctas
     # every range longer than L is at least one more item: with the sorted lengths, those counts for all

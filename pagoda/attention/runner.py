@@ -291,6 +291,7 @@ class BatchAttention:
         group = num_qo_heads // num_kv_heads
         # What a launch compiles in (constexprs, block shapes): in CUDA-graph mode the first plan fixes it,
         # since a captured run() replays that kernel whatever later plans choose.
+        total_kv = None  # (kv_lens.sum(), where the configuration choice needs it)
         kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
                       window_left >= 0, cap > 0, mask_np is not None)
         if self._use_cuda_graph and self._graph_kernel is not None:
@@ -309,8 +310,9 @@ class BatchAttention:
             # One query per request is decode whatever the wrapper: small tiles, decode tuning.
             mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
                                         else self._mode)
+            total_kv = int(kv_lens.sum())
             config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
-                                   int(kv_lens.sum()) / len(kv_lens) if len(kv_lens) else 0.0, page_size)
+                                   total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size)
             gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                 head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
             if gluon_decode:
@@ -325,7 +327,7 @@ class BatchAttention:
                          config=config, tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
                          kv_ranges=self._variant.kv_ranges if self._variant is not None else None,
-                         one_query=one_query)
+                         one_query=one_query, total_kv=total_kv)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
