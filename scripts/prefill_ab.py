@@ -13,12 +13,14 @@ from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
 # Gluon kernel configurations to compare: (block_n, stages, producer registers, consumer registers[, q_smem[,
-# band[, tma]]]) (q_smem 1: Q K^T reads Q from shared memory; band: the task order, 0 item by item, 1 banded,
-# 2 the planner's choice, the default: runner.PREFILL_BAND; tma 1 (default): full KV blocks by bulk copies,
-# prefill_sm90.tma_views, 0: cp.async gathers); PREFILL_AB="64,5,88,208;128,3,88,208,1,2,0" overrides
-# ("planner": the runner's own choice, SM90_CONFIG or SM90_LONG_CONFIG, and its task band)
+# band[, tma[, q_ahead]]]]) (q_smem 1: Q K^T reads Q from shared memory; band: the task order, 0 item by item, 1
+# banded, 2 the planner's choice, the default: runner.PREFILL_BAND; tma 1 (default): full KV blocks by bulk copies,
+# prefill_sm90.tma_views, 0: cp.async gathers; q_ahead 1: the next task's Q copied ahead, prefill_sm90._ws_fetch_q);
+# PREFILL_AB="64,5,88,208;128,3,88,208,1,2,0" overrides ("planner": the runner's own choice, SM90_CONFIG or
+# SM90_LONG_CONFIG, and its task band). The default compares the planner's configurations without and with q_ahead.
 SM90 = [() if c == "planner" else tuple(int(x) for x in c.split(",")) for c in os.environ.get(
-    "PREFILL_AB", "planner;128,3,88,208,1,2,0;64,5,88,208,0,2,0;128,3,88,208,1,2,1;64,5,88,208,0,2,1").split(";")]
+    "PREFILL_AB", "planner;128,3,88,208,1,2,1,0;128,3,88,208,1,2,1,1;64,5,88,208,0,2,1,0;64,5,88,208,0,2,1,1"
+).split(";")]
 DEFAULTS = (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.PREFILL_BAND)
 
 
@@ -43,7 +45,8 @@ def main():
             if cfg:
                 runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = dict(  # (every plan in this configuration)
                     block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
-                    q_smem=cfg[4] if len(cfg) > 4 else 0, tma=cfg[6] if len(cfg) > 6 else 1)
+                    q_smem=cfg[4] if len(cfg) > 4 else 0, tma=cfg[6] if len(cfg) > 6 else 1,
+                    q_ahead=cfg[7] if len(cfg) > 7 else 0)
                 runner.PREFILL_BAND = ("off", "on", "auto")[cfg[5] if len(cfg) > 5 else 2]
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)

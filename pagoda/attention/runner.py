@@ -40,13 +40,15 @@ GRAPH_MAX_PAGES = 1 << 20
 # The Gluon prefill kernel for sm_90 (kernels/prefill_sm90.py): KV block and ring depth, register split;
 # scripts/prefill_ab.py compares configurations on the device
 # tma 1: full KV blocks go by bulk copies where the cache's layout allows (prefill_sm90.tma_views; H200, session 14:
-# 1x8192 1207 -> 1008 us, 8x1024 231 -> 208, 1x16384 4611 -> 3801, paged; ragged likewise)
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, tma=1)
+# 1x8192 1207 -> 1008 us, 8x1024 231 -> 208, 1x16384 4611 -> 3801, paged; ragged likewise); q_ahead 1: each
+# consumer group copies the next task's Q into shared memory ahead of time (prefill_sm90._ws_fetch_q; written
+# after session 14's device budget, compiled for sm_90 but not yet run: off until scripts/prefill_ab.py times it)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, tma=1, q_ahead=0)
 # ... for head_dim 128 plans whose work items read SM90_LONG_KV KV tokens or more on average (head_dim 64 is
 # correct in it, GPU-tested, but not timed): 128-token KV blocks, Q K^T reading
 # Q from shared memory (no room for it in registers next to a 128-column S); H200, session 13: 1x8192 1320 ->
 # 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short prompts keep 64)
-SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, tma=1)
+SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, tma=1, q_ahead=0)
 SM90_LONG_KV = 2048
 # Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
 # programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
@@ -421,6 +423,7 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
                 CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]),
                 TMA=bool(sm90["tma"]),  # (where the run's K / V allow: _launch_kernel)
+                Q_AHEAD=bool(sm90["q_ahead"]),
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(

@@ -499,18 +499,19 @@ def test_prefill_sm90_kernel(paged, head_dim, causal, heads, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("config", [(64, 5, 88, 208, 1), (128, 3, 88, 208, 1), (128, 3, 88, 208, 0),
-                                    (128, 3, 88, 208, 1, 0), (64, 5, 88, 208, 0, 0)])
+                                    (128, 3, 88, 208, 1, 0), (64, 5, 88, 208, 0, 0), (64, 5, 88, 208, 0, 1, 1),
+                                    (128, 3, 88, 208, 1, 1, 1), (128, 3, 88, 208, 1, 0, 1)])
 @pytest.mark.parametrize("band", ["on", "off"])
 @pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64)])
 def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
     """The Gluon prefill kernel's other configurations (runner.SM90_CONFIG: 128-token KV blocks copied 64 rows at
-    a time, Q read from shared memory, the cp.async producer without bulk copies: tma 0) and the banded task order
-    (plan.prefill_band, forced on: the tasks of band items go KV head by KV head; the test's batch is too small for
-    "auto" to band it)."""
+    a time, Q read from shared memory, the cp.async producer without bulk copies: tma 0, the next task's Q copied
+    ahead: q_ahead 1) and the banded task order (plan.prefill_band, forced on: the tasks of band items go KV head by
+    KV head; the test's batch is too small for "auto" to band it)."""
     from pagoda.attention import runner
 
     cfg = dict(block_n=config[0], stages=config[1], producer_regs=config[2], consumer_regs=config[3],
-               q_smem=config[4], tma=config[5] if len(config) > 5 else 1)
+               q_smem=config[4], tma=config[5] if len(config) > 5 else 1, q_ahead=config[6] if len(config) > 6 else 0)
     monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
     monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
     monkeypatch.setattr(runner, "PREFILL_BAND", band)

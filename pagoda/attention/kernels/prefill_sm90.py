@@ -31,6 +31,8 @@ so that the programs running at once read fewer heads' KV from L2 (_ws_task, pla
 
 KV blocks: 64 tokens, Q in registers; or (Q_SMEM) 128 tokens with Q read from shared memory, which
 leaves the registers a 128-column S needs (runner.SM90_LONG_CONFIG, for long items: +7-9% there).
+Q_AHEAD (off by default until timed): the consumers cp.async the next task's Q into shared memory
+while this task runs, for plans of many short tasks where each task's Q load waits at its start.
 
 Scope: 16-bit queries and cache, head_dim 64 / 128, causal or not, no window / soft cap /
 variant / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
@@ -413,15 +415,35 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
+    def _ws_fetch_q(Q, q_dst, WORK, rnd, n_rounds, tasks_per_item, n_hsplit, band, n_items, stride_qt, stride_qh,
+                    group_size, heads_per_prog, ROW0: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    LOAD_LAYOUT: gl.constexpr):
+        """cp.async of rows ROW0 .. ROW0 + BLOCK_M of round rnd's query tile into q_dst (rows not in use, and
+        every row from rnd = n_rounds on, a round this program does not take, read as zeros), one commit group."""
+        wp, _, kvh, hsplit = _ws_task(WORK, gl.minimum(rnd, n_rounds - 1), tasks_per_item, n_hsplit, band, n_items)
+        q_start = gl.load(wp)
+        q_len = gl.load(wp + 1)
+        _, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LOAD_LAYOUT), q_start, q_len,
+                                                  kvh, hsplit, group_size, heads_per_prog)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        async_copy.async_copy_global_to_shared(
+            q_dst, Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+            mask=gl.expand_dims(row_valid & (rnd < n_rounds), 1))
+        async_copy.commit_group()
+
+    @gluon.jit
     def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                      num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, Q_SMEM: gl.constexpr):
+                     WG: gl.constexpr, Q_SMEM: gl.constexpr, Q_AHEAD: gl.constexpr):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
         Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
-        fewer at head_dim 128: room for 128-token KV blocks)."""
+        fewer at head_dim 128: room for 128-token KV blocks). Q_AHEAD: the next task's Q is copied into q_all[WG]
+        ahead of time (cp.async: no registers held), as soon as this task's MMAs no longer read it (Q in
+        registers: right after it is loaded; Q_SMEM: after the KV loop), so that its latency does not delay the
+        next task's first wgmma (many short tasks: batched short prompts)."""
         ROW0: gl.constexpr = WG * BLOCK_M
         dtype: gl.constexpr = Q.dtype.element_ty
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
@@ -440,23 +462,40 @@ if HAVE_GLUON:
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
         band, n_items = _ws_band(COUNTERS, tasks_per_item)
         it = 0
+        if Q_AHEAD:
+            _ws_fetch_q(Q, q_all.index(WG), WORK, 0, n_rounds, tasks_per_item, n_hsplit, band, n_items, stride_qt,
+                        stride_qh, group_size, heads_per_prog, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT)
         for rnd in range(0, n_rounds):
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
             q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
 
-            tok, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
-                                                        group_size, heads_per_prog)
-            offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
-            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
-                        mask=gl.expand_dims(row_valid, 1), other=0.0)
-            if Q_SMEM:
-                q_op = q_all.index(WG)
-                _cta_barrier()  # the group's MMAs of the last task are done with it
-                q_op.store(q)
-                fence_async_shared()
-                _cta_barrier()
+            if Q_AHEAD:
+                async_copy.wait_group(0)  # this thread's copies of the task's Q landed
+                if Q_SMEM:
+                    fence_async_shared()  # (the wgmma reads them)
+                _cta_barrier()  # everyone's
+                if Q_SMEM:
+                    q_op = q_all.index(WG)
+                else:
+                    q_op = q_all.index(WG).load(Q_LAYOUT)
+                    _cta_barrier()  # every warp has read it: the next task's Q may come in now
+                    _ws_fetch_q(Q, q_all.index(WG), WORK, rnd + 1, n_rounds, tasks_per_item, n_hsplit, band,
+                                n_items, stride_qt, stride_qh, group_size, heads_per_prog, ROW0, BLOCK_M, HEAD_DIM,
+                                LOAD_LAYOUT)
             else:
-                q_op = gl.convert_layout(q, Q_LAYOUT)
+                _, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
+                                                          group_size, heads_per_prog)
+                offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
+                q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1)
+                            + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_valid, 1), other=0.0)
+                if Q_SMEM:
+                    q_op = q_all.index(WG)
+                    _cta_barrier()  # the group's MMAs of the last task are done with it
+                    q_op.store(q)
+                    fence_async_shared()
+                    _cta_barrier()
+                else:
+                    q_op = gl.convert_layout(q, Q_LAYOUT)
 
             row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
@@ -495,6 +534,10 @@ if HAVE_GLUON:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 _cta_barrier()
                 mbarrier.arrive(empty.index(prev))
+            if Q_AHEAD and Q_SMEM:
+                _cta_barrier()  # the group's MMAs are done with q_all[WG] (also when the task had no KV block)
+                _ws_fetch_q(Q, q_all.index(WG), WORK, rnd + 1, n_rounds, tasks_per_item, n_hsplit, band, n_items,
+                            stride_qt, stride_qh, group_size, heads_per_prog, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT)
             _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                       heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                       stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
@@ -512,7 +555,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-        Q_SMEM: gl.constexpr = False, TMA: gl.constexpr = False,
+        Q_SMEM: gl.constexpr = False, TMA: gl.constexpr = False, Q_AHEAD: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -520,7 +563,8 @@ if HAVE_GLUON:
         64-127) and the producer are 8 more warps. Q_SMEM: Q K^T reads Q from shared memory (for 128-token
         blocks); TMA: the producer bulk-copies whole KV blocks through the tensor descriptors KD / VD, row
         page * tma_rpp + slot + kv_head * tma_hrows, column kv_head * tma_hcols (tma_views(); without TMA,
-        KD / VD are not read)."""
+        KD / VD are not read); Q_AHEAD: each consumer group loads the next task's Q before this task's epilogue
+        (_ws_consumer)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -533,7 +577,7 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=4 * 32 + (1 if TMA else 0))
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warp group
         HALF: gl.constexpr = BLOCK_M // 2
-        if Q_SMEM:
+        if Q_SMEM or Q_AHEAD:
             q_all = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], SMEM_LAYOUT)
         else:
             q_all = k_ring  # (not read)
@@ -541,11 +585,11 @@ if HAVE_GLUON:
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM, Q_AHEAD)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM)),
+                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM, Q_AHEAD)),
             (_ws_producer, (K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
