@@ -41,7 +41,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _tile_rows, _ws_item,
+    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _q_tile, _ws_item,
                                _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
@@ -149,11 +149,9 @@ if HAVE_GLUON:
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
             kv_base = gl.load(wp + 2)
-            _, qo_head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, LOAD), q_start, q_len, kvh, hsplit,
-                                                  group_size, heads_per_prog)
-            offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD))
-            q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_qd, 0),
-                        mask=gl.expand_dims(valid, 1), other=0.0)
+            q_ptrs, q_rows = _q_tile(Q, 0, BLOCK_M, HEAD_DIM, LOAD, q_start, q_len, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_qt, stride_qh)
+            q = gl.load(q_ptrs, mask=q_rows, other=0.0)
             if not KV16:
                 q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
             task_qk = qk_scale * k_scale

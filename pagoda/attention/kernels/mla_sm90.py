@@ -35,7 +35,7 @@ if HAVE_GLUON:
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .prefill_sm90 import (_cta_barrier, _page_ids, _softmax_block, _tile_rows, _ws_item, _ws_schedule,
+    from .prefill_sm90 import (_cta_barrier, _page_ids, _q_tile, _softmax_block, _tile_rows, _ws_item, _ws_schedule,
                                _ws_task, _ws_wait_ready)
 
     HALF = gl.constexpr(256)  # the ckv columns (and output columns) of one consumer warp group
@@ -138,18 +138,14 @@ if HAVE_GLUON:
         """The task's query tile: q_nope into shared memory, q_pe returned in registers (rows past the
         tile's tokens / heads are zeros)."""
         C_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, C_LAYOUT), q_start, q_len, 0, hsplit,
-                                           num_heads, heads_per_prog)
-        ptr = QN + gl.expand_dims(q_row * stride_qnt + head * stride_qnh, 1) + gl.expand_dims(
-            gl.arange(0, HALF, layout=gl.SliceLayout(0, C_LAYOUT)), 0)
-        q_lo.store(gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0))
-        q_hi.store(gl.load(ptr + HALF, mask=gl.expand_dims(valid, 1), other=0.0))
+        ptr, rows = _q_tile(QN, 0, BLOCK_M, HALF, C_LAYOUT, q_start, q_len, 0, hsplit, num_heads, heads_per_prog,
+                            stride_qnt, stride_qnh)
+        q_lo.store(gl.load(ptr, mask=rows, other=0.0))
+        q_hi.store(gl.load(ptr + HALF, mask=rows, other=0.0))
         # straight into the wgmma operand layout (a layout conversion would take 8 KB of scratch memory)
-        _, head, valid, q_row = _tile_rows(0, BLOCK_M, gl.SliceLayout(1, QPE_LAYOUT), q_start, q_len, 0, hsplit,
-                                           num_heads, heads_per_prog)
-        ptr = QP + gl.expand_dims(q_row * stride_qpt + head * stride_qph, 1) + gl.expand_dims(
-            gl.arange(0, D_KPE, layout=gl.SliceLayout(0, QPE_LAYOUT)), 0)
-        q_pe = gl.load(ptr, mask=gl.expand_dims(valid, 1), other=0.0)
+        ptr, rows = _q_tile(QP, 0, BLOCK_M, D_KPE, QPE_LAYOUT, q_start, q_len, 0, hsplit, num_heads, heads_per_prog,
+                            stride_qpt, stride_qph)
+        q_pe = gl.load(ptr, mask=rows, other=0.0)
         fence_async_shared()  # the stores (generic proxy) before the wgmmas read them (async proxy)
         _cta_barrier()
         return q_pe

@@ -134,6 +134,24 @@ if HAVE_GLUON:
         return tok, kvh * group_size + head_in_group, valid, (q_start + tok).to(gl.int64)
 
     @gluon.jit
+    def _q_tile(Q, ROW0: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, LAYOUT: gl.constexpr, q_start,
+                q_len, kvh, hsplit, group_size, heads_per_prog, stride_qt, stride_qh):
+        """(pointers, row mask) of rows ROW0 .. ROW0 + BLOCK_M of a query tile, [BLOCK_M, HEAD_DIM] in LAYOUT."""
+        _, qo_head, valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LAYOUT), q_start, q_len, kvh, hsplit,
+                                              group_size, heads_per_prog)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
+        return (Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                gl.expand_dims(valid, 1))
+
+    @gluon.jit
+    def _slot_rows(ring, slot, first: gl.constexpr, n: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Rows first .. first + n of ring slot ``slot`` (the whole slot when n is BLOCK_N)."""
+        dst = ring.index(slot)
+        if n < BLOCK_N:
+            dst = dst.slice(first, n)
+        return dst
+
+    @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                         BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
@@ -345,23 +363,17 @@ if HAVE_GLUON:
                                 row = pages[i] * tma_rpp + ((st + i * TR).to(gl.uint32) % PAGE_SIZE).to(gl.int32)
                             else:
                                 row = kv_base + st + i * TR
-                            k_box = k_ring.index(slot)
-                            v_box = v_ring.index(slot)
-                            if NP > 1:
-                                k_box = k_box.slice(i * TR, TR)
-                                v_box = v_box.slice(i * TR, TR)
-                            tma.async_copy_global_to_shared(KD, [row + head_row, head_col], ready.index(slot), k_box)
-                            tma.async_copy_global_to_shared(VD, [row + head_row, head_col], ready.index(slot), v_box)
+                            tma.async_copy_global_to_shared(KD, [row + head_row, head_col], ready.index(slot),
+                                                            _slot_rows(k_ring, slot, i * TR, TR, BLOCK_N))
+                            tma.async_copy_global_to_shared(VD, [row + head_row, head_col], ready.index(slot),
+                                                            _slot_rows(v_ring, slot, i * TR, TR, BLOCK_N))
                     else:
                         for h in gl.static_range(BLOCK_N // SUB):
                             sub = st + h * SUB
                             pg = _page_ids(KV_INDICES, kv_base, sub, kv_end, SUB, PAGE_SIZE, PAGED, LOAD_LAYOUT)
-                            k_dst = k_ring.index(slot)
-                            v_dst = v_ring.index(slot)
-                            if SUB < BLOCK_N:
-                                k_dst = k_dst.slice(h * SUB, SUB)
-                                v_dst = v_dst.slice(h * SUB, SUB)
-                            _issue_kv_load(K, V, k_dst, v_dst, kv_base, sub, kv_end, k_head_off, v_head_off,
+                            _issue_kv_load(K, V, _slot_rows(k_ring, slot, h * SUB, SUB, BLOCK_N),
+                                           _slot_rows(v_ring, slot, h * SUB, SUB, BLOCK_N), kv_base, sub, kv_end,
+                                           k_head_off, v_head_off,
                                            stride_kp, stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE,
                                            PAGED, LOAD_LAYOUT)
                         mbarrier.arrive(ready.index(slot))
@@ -380,12 +392,9 @@ if HAVE_GLUON:
                         if h == 0:
                             # the consumers released this slot's previous block (a fresh barrier passes parity 1)
                             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                        k_dst = k_ring.index(slot)
-                        v_dst = v_ring.index(slot)
-                        if SUB < BLOCK_N:
-                            k_dst = k_dst.slice(h * SUB, SUB)
-                            v_dst = v_dst.slice(h * SUB, SUB)
-                        _issue_kv_load(K, V, k_dst, v_dst, kv_base, st, kv_end, k_head_off, v_head_off, stride_kp,
+                        _issue_kv_load(K, V, _slot_rows(k_ring, slot, h * SUB, SUB, BLOCK_N),
+                                       _slot_rows(v_ring, slot, h * SUB, SUB, BLOCK_N), kv_base, st, kv_end,
+                                       k_head_off, v_head_off, stride_kp,
                                        stride_ks, stride_vp, stride_vs, pg, SUB, HEAD_DIM, PAGE_SIZE, PAGED,
                                        LOAD_LAYOUT)
                     async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
@@ -421,14 +430,9 @@ if HAVE_GLUON:
         """cp.async of rows ROW0 .. ROW0 + BLOCK_M of round rnd's query tile into q_dst (rows not in use, and
         every row from rnd = n_rounds on, a round this program does not take, read as zeros), one commit group."""
         wp, _, kvh, hsplit = _ws_task(WORK, gl.minimum(rnd, n_rounds - 1), tasks_per_item, n_hsplit, band, n_items)
-        q_start = gl.load(wp)
-        q_len = gl.load(wp + 1)
-        _, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LOAD_LAYOUT), q_start, q_len,
-                                                  kvh, hsplit, group_size, heads_per_prog)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LOAD_LAYOUT))
-        async_copy.async_copy_global_to_shared(
-            q_dst, Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1) + gl.expand_dims(offs_d, 0),
-            mask=gl.expand_dims(row_valid & (rnd < n_rounds), 1))
+        ptrs, rows = _q_tile(Q, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT, gl.load(wp), gl.load(wp + 1), kvh, hsplit,
+                             group_size, heads_per_prog, stride_qt, stride_qh)
+        async_copy.async_copy_global_to_shared(q_dst, ptrs, mask=rows & (rnd < n_rounds))
         async_copy.commit_group()
 
     @gluon.jit
@@ -454,8 +458,6 @@ if HAVE_GLUON:
         Q_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [CONSUMER_WARPS, 1], [1, 0])
-        ROW_L: gl.constexpr = gl.SliceLayout(1, LOAD_LAYOUT)
-        COL_L: gl.constexpr = gl.SliceLayout(0, LOAD_LAYOUT)
         SROW_L: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
@@ -483,11 +485,9 @@ if HAVE_GLUON:
                                 n_items, stride_qt, stride_qh, group_size, heads_per_prog, ROW0, BLOCK_M, HEAD_DIM,
                                 LOAD_LAYOUT)
             else:
-                _, qo_head, row_valid, q_row = _tile_rows(ROW0, BLOCK_M, ROW_L, q_start, q_len, kvh, hsplit,
-                                                          group_size, heads_per_prog)
-                offs_d = gl.arange(0, HEAD_DIM, layout=COL_L)
-                q = gl.load(Q + gl.expand_dims(q_row * stride_qt + qo_head * stride_qh, 1)
-                            + gl.expand_dims(offs_d, 0), mask=gl.expand_dims(row_valid, 1), other=0.0)
+                ptrs, rows = _q_tile(Q, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT, q_start, q_len, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_qt, stride_qh)
+                q = gl.load(ptrs, mask=rows, other=0.0)
                 if Q_SMEM:
                     q_op = q_all.index(WG)
                     _cta_barrier()  # the group's MMAs of the last task are done with it
