@@ -13,9 +13,11 @@ from triton.compiler import ASTSource
 def compile_one(fn, types, consts, num_warps=4, num_stages=3, maxnreg=None):
     import inspect
 
-    # constexpr parameters left out take their defaults, as at a launch (not an i32 argument)
+    # constexpr parameters left out take their defaults, as at a launch (not an i32 argument), and so do
+    # parameters whose default is None (a launch specializes a None argument as a constexpr)
     consts = dict({p.name: p.default for p in getattr(fn, "params", ())
-                   if p.is_constexpr and p.default is not inspect.Parameter.empty}, **consts)
+                   if (p.is_constexpr and p.default is not inspect.Parameter.empty) or
+                   (p.default is None and p.name not in types)}, **consts)
     names = fn.arg_names
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
     source = ASTSource
@@ -174,6 +176,10 @@ def decode_sm90_cases():
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
                     STAGES=2, SAME_STRIDES=same, num_warps=4), 4, 1, regs)
+    yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
+           dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
+           dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
+                SAME_STRIDES=True, num_warps=4), 4, 1, 168)
 
 
 def ptxas_report(k) -> str:

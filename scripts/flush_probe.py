@@ -18,7 +18,7 @@ import torch
 
 import pagoda
 from pagoda.bench.attention import PagedSetup, flashinfer_or_none
-from pagoda.bench.ops import copy_bandwidth
+from pagoda.bench.attention import copy_bandwidth
 
 
 def capture(fn):

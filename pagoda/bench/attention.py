@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -30,10 +31,60 @@ PREFILL_CASES = [  # (name, qo_lens, kv_lens)
 ]
 
 
-def bench(fn, rep_ms=200):
-    from triton.testing import do_bench
+# How bench() empties L2 before each timed call: "read" (default) sums a 512 MB buffer that nothing writes, so
+# the L2 ends full of clean lines; "write" is triton.testing.do_bench's own flush (zeroing 256 MB), which leaves
+# the L2 full of dirty lines, and the timed kernel's first misses write them back: ~50-60 MB more DRAM traffic,
+# ~8 us at 1 x 32768 decode on the H200, as much as a copy of the same bytes pays (scripts/flush_probe.py,
+# notes.md session 15). PAGODA_BENCH_FLUSH=write reproduces the numbers of sessions 1-14.
+FLUSH = os.environ.get("PAGODA_BENCH_FLUSH", "read")
+_flush_buf: list = []
 
-    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median") * 1e-3  # seconds
+
+def _flush_l2() -> None:
+    if not _flush_buf:
+        _flush_buf.append(torch.randn(128 << 20, device="cuda"))  # 512 MB, ~10x the L2 of an H100 / H200
+    _flush_buf[0].sum()
+
+
+def bench(fn, rep_ms=200):
+    """Median time of fn (seconds) between CUDA events, L2 emptied before each call (FLUSH); warm-up and
+    repetitions as triton.testing.do_bench (50 ms, rep_ms)."""
+    if FLUSH == "write":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median") * 1e-3
+    if FLUSH != "read":
+        raise ValueError(f"PAGODA_BENCH_FLUSH must be 'read' or 'write', got {FLUSH!r}")
+    fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(5):
+        _flush_l2()
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    per_call_ms = max(e0.elapsed_time(e1) / 5, 1e-3)
+    for _ in range(max(1, int(50 / per_call_ms))):
+        fn()
+    n = max(1, int(rep_ms / per_call_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        _flush_l2()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(np.median([a.elapsed_time(b) for a, b in zip(starts, ends)])) * 1e-3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GB copy: the ceiling that decode
+    bandwidths are quoted against."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / bench(lambda: b.copy_(a))
 
 
 EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerly instead)
@@ -41,7 +92,7 @@ EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerl
 
 def gpu_time(fn, what: str = "", rep_ms=200):
     """Median GPU time of fn (seconds): fn is captured once in a CUDA graph and the graph replayed,
-    with L2 flushed before each replay (do_bench). The host cost of launching fn is not in it:
+    with L2 emptied before each replay (bench). The host cost of launching fn is not in it:
     eager timings of a ~60 us kernel moved by up to 1.6x between identical runs on the H200 (the
     Python launch path of a run() is 30-50 us, so a replay sometimes waited on the host). Every
     library is timed the same way; a callable that cannot be captured is timed eagerly and named
@@ -201,14 +252,17 @@ def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex):
     return row
 
 
-def fmt_table(rows):
+def fmt_table(rows, copy_bw=None):
+    """The rows as a table; copy_bw (bytes / s): decode rates also as a fraction of it."""
     lines = []
-    hdr = (f"{'case':<22} {'pagoda':>9} {'rate':>11} {'FlashInfer':>10} {'x FI':>6} {'SDPA':>9} {'x SDPA':>7} "
+    hdr = (f"{'case':<22} {'pagoda':>9} {'rate' + (' (of copy)' if copy_bw else ''):>{16 if copy_bw else 11}} {'FlashInfer':>10} {'x FI':>6} {'SDPA':>9} {'x SDPA':>7} "
            f"{'Flex':>9} {'x Flex':>7} {'plan':>8}")
     lines.append(hdr)
     for r in rows:
         if r["kind"].startswith("decode"):
             rate = f"{r['kv_MB'] * 1e6 / (r['pagoda_us'] * 1e-6) / 1e9:6.0f} GB/s"
+            if copy_bw:
+                rate += f" {r['kv_MB'] * 1e12 / r['pagoda_us'] / copy_bw:4.0%}"
         else:
             rate = f"{r['tflop'] / (r['pagoda_us'] * 1e-6):6.0f} TF/s"
 
@@ -220,7 +274,7 @@ def fmt_table(rows):
         sd_t, sd_x = peer("sdpa_us")
         fl_t, fl_x = peer("flex_us")
         kind = "fp8" if r["kind"] == "decode-fp8" else r["kind"][:3]
-        lines.append(f"{kind + ' ' + r['case']:<22} {r['pagoda_us']:8.1f}u {rate:>11} {fi_t:>10} {fi_x[1:]:>6} "
+        lines.append(f"{kind + ' ' + r['case']:<22} {r['pagoda_us']:8.1f}u {rate:>{16 if copy_bw else 11}} {fi_t:>10} {fi_x[1:]:>6} "
                      f"{sd_t:>9} {sd_x:>7} {fl_t:>9} {fl_x:>7} "
                      + (f"{r['plan_us']:7.0f}u" if "plan_us" in r else f"{'-':>8}")
                      + (f"  {r['pagoda_16bit_us'] / r['pagoda_us']:5.2f}x 16-bit KV tok/s ({r['pagoda_16bit_us']:.1f}u)"
@@ -251,8 +305,10 @@ def main(argv=None):
 
         flex = (torch.compile(flex_attention), create_block_mask)
     ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    copy_bw = copy_bandwidth()
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, heads {hq}/{hk}, head_dim {d}, "
-          f"page_size {ps}, {args.dtype}, FlashInfer {getattr(fi, '__version__', 'absent')}")
+          f"page_size {ps}, {args.dtype}, FlashInfer {getattr(fi, '__version__', 'absent')}, copy bandwidth "
+          f"{copy_bw / 1e9:.0f} GB/s, L2 flush: {FLUSH}")
     rows = []
     rng = np.random.default_rng(0)
     kv_dtype = getattr(torch, args.kv_dtype) if args.kv_dtype else None
@@ -263,18 +319,19 @@ def main(argv=None):
                 rows.append(fp8_decode_row(name, lens, hq, hk, d, ps, dtype, kv_dtype, fi, ws))
             else:
                 rows.append(decode_row(name, lens, hq, hk, d, ps, dtype, fi, ws))
-            print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+            print(fmt_table(rows[-1:], copy_bw).splitlines()[1], flush=True)
             write_json(args.json, rows, args, partial=True)  # a time-limited device call keeps finished rows
     if args.only != "decode" and kv_dtype is None:
         for name, qo, kv in PREFILL_CASES[: 2 if args.quick else None]:
             rows.append(prefill_row(name, qo, kv, hq, hk, d, ps, dtype, fi, ws, flex))
-            print(fmt_table(rows[-1:]).splitlines()[1], flush=True)
+            print(fmt_table(rows[-1:], copy_bw).splitlines()[1], flush=True)
             write_json(args.json, rows, args, partial=True)
     print()
-    print(fmt_table(rows))
+    print(fmt_table(rows, copy_bw))
     if EAGER_FALLBACKS:
         print(f"# timed eagerly (not capturable): {sorted(set(EAGER_FALLBACKS))}")
-    write_json(args.json, rows, args, timing="CUDA-graph replay, L2 flushed", eager=sorted(set(EAGER_FALLBACKS)))
+    write_json(args.json, rows, args, timing=f"CUDA-graph replay, L2 flushed ({FLUSH})", copy_GBps=copy_bw / 1e9,
+               eager=sorted(set(EAGER_FALLBACKS)))
 
 
 def write_json(path, rows, args=None, **extra) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.bench.ops import copy_bandwidth
+from pagoda.bench.attention import copy_bandwidth
 
 
 def run_requests(llm, prompts, params):

@@ -19,7 +19,7 @@ import torch
 
 import pagoda
 from pagoda.bench.attention import gpu_time
-from pagoda.bench.ops import copy_bandwidth
+from pagoda.bench.attention import copy_bandwidth
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)

@@ -18,15 +18,9 @@ import time
 import torch
 
 import pagoda
-from pagoda.bench.attention import bench, flashinfer_or_none
+from pagoda.bench.attention import bench, copy_bandwidth, flashinfer_or_none
 
 VOCAB = 128256
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / bench(lambda: b.copy_(a))
 
 
 def torch_top_p(probs, top_p):

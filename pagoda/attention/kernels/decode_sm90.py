@@ -93,6 +93,18 @@ if HAVE_GLUON:
         return gl.DistributedLinearLayout(t(ll.reg_bases), t(ll.lane_bases), t(ll.warp_bases), t(ll.block_bases),
                                           [ll.shape[1], ll.shape[0]])
 
+    TRACE_ROUNDS = gl.constexpr(6)  # rounds a TRACE buffer has room for (later rounds are not stamped)
+
+    @gluon.jit
+    def _globaltimer():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def _stamp(trace, rnd, k: gl.constexpr):
+        if rnd < TRACE_ROUNDS:
+            gl.store(trace + 1 + rnd * 4 + (k - 1), _globaltimer())
+
     @gluon.jit
     def decode_sm90_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
@@ -104,12 +116,14 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-        SAME_STRIDES: gl.constexpr = False,
+        SAME_STRIDES: gl.constexpr = False, TRACE=None,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
         (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
-        SAME_STRIDES: K and V have the same page and slot strides (one row offset for both)."""
+        SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). TRACE (probes only,
+        scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer stamps: the program's
+        start, then per round its task's start, its first KV block landed, its loop's end and its epilogue's end."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -145,7 +159,12 @@ if HAVE_GLUON:
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
+        if TRACE is not None:
+            trace = TRACE + gl.program_id(0) * (1 + 4 * TRACE_ROUNDS)
+            gl.store(trace, _globaltimer())
         for rnd in range(0, n_rounds):
+            if TRACE is not None:
+                _stamp(trace, rnd, 1)
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
             q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
             kv_base = gl.load(wp + 2)
@@ -183,6 +202,9 @@ if HAVE_GLUON:
                 if KV16:
                     fence_async_shared()  # (the MMAs read them from shared memory)
                 _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
+                if TRACE is not None:
+                    if j == 0:
+                        _stamp(trace, rnd, 2)
                 ahead = start + (STAGES - 1) * BLOCK_N
                 nxt = (j + STAGES - 1) % STAGES
                 # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
@@ -221,9 +243,13 @@ if HAVE_GLUON:
                     v_op = gl.convert_layout(v8.to(gl.float16), A_L)
                 acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
             async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
+            if TRACE is not None:
+                _stamp(trace, rnd, 3)
             l_i = gl.sum(l_acc, 0)
             out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
                       None if KV16 else PERM)
+            if TRACE is not None:
+                _stamp(trace, rnd, 4)

@@ -1,0 +1,97 @@
+"""Where a decode's time goes, program by program (device only): the Gluon decode kernel run with a TRACE buffer
+(kernels/decode_sm90.py: %globaltimer stamps at each program's start and, per task, its start, first KV block
+landed, loop end and epilogue end), after a read flush of L2.
+
+    python scripts/decode_timeline.py [CASE ...]      # cases as in bench.attention: 1x32768 16x4096 64x2048 ...
+
+Prints, per case: the CUDA-graph time (bench.attention.gpu_time), the span of the stamps (first program start to
+last epilogue end), when programs start (median / max after the first), per-task phases (median / max): fetch
+(task start -> first block landed: task, Q, page ids, first KV block), loop, epilogue (merging ones apart), and
+the critical program's breakdown (the one that ends last).
+"""
+import sys
+
+import numpy as np
+import torch
+
+import pagoda
+from pagoda.attention.kernels import decode_sm90
+from pagoda.bench.attention import DECODE_CASES, PagedSetup, gpu_time
+
+HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
+
+
+class _Traced:
+    """Stands in for decode_sm90.decode_sm90_kernel: every launch gets TRACE=buf."""
+
+    def __init__(self, kernel, buf):
+        self.kernel, self.buf = kernel, buf
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.kernel[grid](*a, TRACE=self.buf, **kw)
+
+
+def phases(tr):
+    """Per task (program, round): (fetch, loop, epilogue) in us from a trace [programs, SLOTS] (ns, -1 unused)."""
+    rows = []
+    for p in range(tr.shape[0]):
+        for r in range((tr.shape[1] - 1) // 4):
+            t = tr[p, 1 + 4 * r: 5 + 4 * r]
+            if (t < 0).any():
+                break
+            rows.append((p, r, (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3))
+    return np.array(rows)
+
+
+def main():
+    want = sys.argv[1:] or ["1x32768", "16x4096", "64x2048", "1x1024"]
+    cases = dict(DECODE_CASES)
+    cases["1x1024"] = [1024]
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.randn(128 << 20, device="cuda")
+    slots = 1 + 4 * decode_sm90.TRACE_ROUNDS.value
+    buf = torch.full((132 * 8, slots), -1, dtype=torch.int64, device="cuda")
+    kernel = decode_sm90.decode_sm90_kernel
+    for name in want:
+        s = PagedSetup(cases[name], HK, D, PS, DT)
+        q = torch.randn(len(cases[name]), HQ, D, dtype=DT, device="cuda")
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+        out = w.run(q, s.cache)
+        t_graph = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+        decode_sm90.decode_sm90_kernel = _Traced(kernel, buf)
+        try:
+            spans = []
+            for _ in range(5):  # the last of a few runs (the first loads the traced kernel)
+                buf.fill_(-1)
+                flush.sum()
+                w.run(q, s.cache, out=out)
+                torch.cuda.synchronize()
+                tr = buf.cpu().numpy()
+                tr = tr[tr[:, 0] >= 0]
+                spans.append(tr)
+        finally:
+            decode_sm90.decode_sm90_kernel = kernel
+        tr = spans[-1]
+        t0 = tr[:, 0].min()
+        ends = np.where(tr[:, 4::4] >= 0, tr[:, 4::4], 0).max(axis=1)
+        span = (ends.max() - t0) / 1e3
+        starts = (tr[:, 0] - t0) / 1e3
+        ph = phases(tr)
+        crit = int(ends.argmax())
+        mine = ph[ph[:, 0] == crit]
+        print(f"== {name}: {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, stamps span {span:.1f} us "
+              f"({s.kv_bytes / span / 1e3:.0f} GB/s), {tr.shape[0]} programs, {len(ph)} tasks")
+        print(f"   program start after the first: median {np.median(starts):.2f} max {starts.max():.2f} us")
+        for i, what in ((2, "fetch"), (3, "loop"), (4, "epilogue")):
+            print(f"   {what:9s} median {np.median(ph[:, i]):6.2f}  p90 {np.percentile(ph[:, i], 90):6.2f}  "
+                  f"max {ph[:, i].max():6.2f} us")
+        print(f"   program ending last (#{crit}): start {starts[crit]:.2f} us, tasks (fetch, loop, epilogue): "
+              + ", ".join(f"({a:.2f}, {b:.2f}, {c:.2f})" for a, b, c in mine[:, 2:]))
+        last_loop = np.where(tr[:, 3::4] >= 0, tr[:, 3::4], 0).max(axis=1)
+        print(f"   last loop end {(last_loop.max() - t0) / 1e3:.2f} us; median program's last loop end "
+              f"{(np.median(last_loop) - t0) / 1e3:.2f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
