@@ -170,16 +170,19 @@ def decode_sm90_cases():
     types = dict(Q="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32",
                  KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", K_SCALE="*fp32", V_SCALE="*fp32", qk_scale="fp32",
                  k_scale="fp32", v_scale="fp32")
-    for d, kv, scale_ptr, same, regs, rows in ((128, "fp8e4nv", False, True, 128, 8),
-                                               (64, "fp8e5", True, False, 128, 16), (128, "bf16", False, True, 168, 8)):
-        yield (f"decode_sm90 D={d} kv={kv} SCALE_PTR={scale_ptr} rows={rows}", decode_sm90.decode_sm90_kernel,
+    for d, kv, scale_ptr, same, regs, rows, mr in ((128, "fp8e4nv", False, True, 128, 8, 4),
+                                                   (64, "fp8e5", True, False, 128, 16, 16),
+                                                   (128, "bf16", False, True, 168, 8, 4),
+                                                   (128, "bf16", False, True, 168, 16, 8)):
+        yield (f"decode_sm90 D={d} kv={kv} SCALE_PTR={scale_ptr} rows={rows} MERGE_ROWS={mr}",
+               decode_sm90.decode_sm90_kernel,
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
-                    STAGES=2, SAME_STRIDES=same, num_warps=4), 4, 1, regs)
+                    STAGES=2, SAME_STRIDES=same, MERGE_ROWS=mr, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                SAME_STRIDES=True, num_warps=4), 4, 1, 168)
+                SAME_STRIDES=True, MERGE_ROWS=4, num_warps=4), 4, 1, 168)
 
 
 def ptxas_report(k) -> str:

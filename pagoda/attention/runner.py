@@ -332,8 +332,11 @@ class BatchAttention:
                          one_query=one_query, total_kv=total_kv)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
-        # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups)
-        self._ensure_capacity(n_items, n_splits, 2 * n_splits * tasks_per_item, n_pages)
+        # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups); work
+        # items: room for grid / tasks_per_item at least (the Gluon decode kernel loads its first item before the
+        # task count)
+        self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), n_splits, 2 * n_splits * tasks_per_item,
+                              n_pages)
         use_reqs = self._variant is not None or mask_np is not None
         sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
         if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None):
@@ -428,7 +431,8 @@ class BatchAttention:
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
-                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg)
+                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()))
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

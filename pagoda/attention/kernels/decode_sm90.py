@@ -41,8 +41,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _q_tile, _ws_item,
-                               _ws_schedule, _ws_task)
+    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _q_tile, _ws_schedule,
+                               _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -106,6 +106,16 @@ if HAVE_GLUON:
             gl.store(trace + 1 + rnd * 4 + (k - 1), _globaltimer())
 
     @gluon.jit
+    def _decode_task(WORK, rnd, tasks_per_item, n_hsplit, ok):
+        """Round rnd's task (prefill_sm90._ws_task, item by item) and the fields of its work item that a decode
+        uses, loaded under ``ok``: (wp, task slot, KV head, head split, q_start, q_len, kv_base, kv_start, kv_end,
+        partial)."""
+        wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+        return (wp, rem, kvh, hsplit, gl.load(wp, mask=ok, other=0), gl.load(wp + 1, mask=ok, other=0),
+                gl.load(wp + 2, mask=ok, other=0), gl.load(wp + 3, mask=ok, other=0), gl.load(wp + 4, mask=ok, other=0),
+                gl.load(wp + 6, mask=ok, other=0))
+
+    @gluon.jit
     def decode_sm90_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
         stride_qt, stride_qh,
@@ -116,12 +126,13 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-        SAME_STRIDES: gl.constexpr = False, TRACE=None,
+        SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
         (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
-        SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). TRACE (probes only,
+        SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). MERGE_ROWS: the
+        query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M). TRACE (probes only,
         scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer stamps: the program's
         start, then per round its task's start, its first KV block landed, its loop's end and its epilogue's end."""
         gl.static_assert(num_warps == 4)
@@ -156,6 +167,13 @@ if HAVE_GLUON:
         q_s = gl.allocate_shared_memory(CDT, [BLOCK_M, HEAD_DIM], Q_SL)
         p_s = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_N], P_SL)
         red_s = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        # round 0's work item loads before the plan's header: the header (task count, offsets) and the item go
+        # out together, not one round trip after the other (plan() keeps room for grid / tasks_per_item items,
+        # so the item of a task past the end is still in the buffer; no such program enters the loop)
+        n_hsplit = gl.cdiv(group_size, heads_per_prog)
+        tasks_per_item = num_kv_heads * n_hsplit
+        (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
+         npartial) = _decode_task(WORK, 0, tasks_per_item, n_hsplit, True)
         n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
@@ -165,14 +183,16 @@ if HAVE_GLUON:
         for rnd in range(0, n_rounds):
             if TRACE is not None:
                 _stamp(trace, rnd, 1)
-            wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, False)
-            kv_base = gl.load(wp + 2)
+            wp, rem, kvh, hsplit, q_start, q_len, kv_base, kv_start, kv_end, partial = (
+                nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end, npartial)
+            # the next round's item loads now; the KV loop hides them
+            (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
+             npartial) = _decode_task(WORK, rnd + 1, tasks_per_item, n_hsplit, rnd + 1 < n_rounds)
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            full_hi = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
             q_ptrs, q_rows = _q_tile(Q, 0, BLOCK_M, HEAD_DIM, LOAD, q_start, q_len, kvh, hsplit, group_size,
                                      heads_per_prog, stride_qt, stride_qh)
             q = gl.load(q_ptrs, mask=q_rows, other=0.0)
-            if not KV16:
-                q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
             task_qk = qk_scale * k_scale
             task_v = v_scale
             if SCALE_PTR:
@@ -180,9 +200,7 @@ if HAVE_GLUON:
                 task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
-            _cta_barrier()  # the last task's MMAs are done with q_s
-            q_s.store(q)
-            fence_async_shared()
+            _cta_barrier()  # the last task's MMAs are done with the ring and q_s
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
             l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
             acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
@@ -196,6 +214,12 @@ if HAVE_GLUON:
                 async_copy.commit_group()
             pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True,
                               COPY)
+            # q into shared memory only now: waiting for its load before the page ids and the first KV copies went
+            # out put one more round trip in front of every task's first block
+            if not KV16:
+                q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+            q_s.store(q)
+            fence_async_shared()  # (the loop's first barrier makes every warp's part of q_s visible to the MMAs)
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
@@ -250,6 +274,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM)
+                      None if KV16 else PERM, MERGE_ROWS)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

@@ -204,6 +204,57 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
     @gluon.jit
+    def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
+                         stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
+                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr):
+        """_merge_partials for a tile of one query token (decode: chunk c's partial is row first + c) and only its
+        ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
+        online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
+        1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
+        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
+        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
+        RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
+        CH: gl.constexpr = 16 // RPT  # chunks per load: 64 fp32 of partial state per thread
+        S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CH, ROWS]
+        A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
+        offs_c = gl.arange(0, CH, layout=gl.SliceLayout(1, S_L))
+        offs_r = gl.arange(0, ROWS, layout=gl.SliceLayout(0, S_L))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_L))
+        head = hsplit * heads_per_prog + offs_r
+        r_ok = (offs_r < heads_per_prog) & (head < group_size)
+        qh = kvh * group_size + head
+        o3 = gl.expand_dims(gl.expand_dims(qh * stride_th, 0), 2) + gl.expand_dims(gl.expand_dims(offs_d, 0), 0)
+        m = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, S_L))
+        d = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(0, S_L))
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
+        for c0 in range(0, n_chunks, CH):
+            row = (first + c0 + offs_c).to(gl.int64)
+            live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
+            s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
+                        other=float("-inf"), cache_modifier=".cg")
+            v = gl.load(TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2) + o3,
+                        mask=gl.expand_dims(live, 2), other=0.0, cache_modifier=".cg")
+            m_new = gl.maximum(m, gl.max(s, 0))
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_new)
+            w = gl.exp2(s - gl.expand_dims(m_new, 0))
+            d = d * alpha + gl.sum(w, 0)
+            alpha_a = gl.convert_layout(alpha, gl.SliceLayout(1, A_L))
+            acc = acc * gl.expand_dims(alpha_a, 1) + gl.sum(gl.expand_dims(w, 2) * v, 0)
+            m = m_new
+        empty = d == 0.0
+        d_safe = gl.where(empty, 1.0, d)
+        qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
+        ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
+        out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
+        q_row = q_start.to(gl.int64)
+        gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
+                 out.to(O.dtype.element_ty), mask=gl.expand_dims(ok_a, 1))
+        if WRITE_LSE:
+            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=r_ok)
+
+    @gluon.jit
     def _unperm_cols(m, perm: gl.constexpr):
         """The head-dim column of renumbered column m: bit i of the column is bit perm[i] (a power of two) of m."""
         d = m * 0
@@ -216,11 +267,13 @@ if HAVE_GLUON:
                   heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
-                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None):
+                  ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
+                  MERGE_ROWS: gl.constexpr = 0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
-        arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order)."""
+        arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
+        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -250,9 +303,14 @@ if HAVE_GLUON:
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
             if gl.atomic_add(arrival, 1) == n_chunks - 1:
                 gl.atomic_xchg(arrival, 0)
-                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
-                                group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
+                if MERGE_ROWS > 0:
+                    _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE)
+                else:
+                    _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                    group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
 
     # -- warp-specialized version -------------------------------------------------------------
     # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
