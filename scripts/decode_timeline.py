@@ -3,6 +3,7 @@
 landed, loop end and epilogue end), after a read flush of L2.
 
     python scripts/decode_timeline.py [CASE ...]      # cases as in bench.attention: 1x32768 16x4096 64x2048 ...
+    python scripts/decode_timeline.py --chunk 704 1x32768    # the planner's chunk length forced
 
 Prints, per case: the CUDA-graph time (bench.attention.gpu_time), the span of the stamps (first program start to
 last epilogue end), when programs start (median / max after the first), per-task phases (median / max): fetch
@@ -44,7 +45,15 @@ def phases(tr):
 
 
 def main():
-    want = sys.argv[1:] or ["1x32768", "16x4096", "64x2048", "1x1024"]
+    args = sys.argv[1:]
+    if "--chunk" in args:
+        from pagoda.attention import plan as plan_mod
+
+        i = args.index("--chunk")
+        chunk = int(args[i + 1])
+        del args[i: i + 2]
+        plan_mod._choose_chunk_len_small = plan_mod._choose_chunk_len = lambda *a, **k: chunk
+    want = args or ["1x32768", "16x4096", "64x2048", "1x1024"]
     cases = dict(DECODE_CASES)
     cases["1x1024"] = [1024]
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -80,7 +89,7 @@ def main():
         ph = phases(tr)
         crit = int(ends.argmax())
         mine = ph[ph[:, 0] == crit]
-        print(f"== {name}: {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, stamps span {span:.1f} us "
+        print(f"== {name} (chunk {w._plan.work.chunk_len}): {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, stamps span {span:.1f} us "
               f"({s.kv_bytes / span / 1e3:.0f} GB/s), {tr.shape[0]} programs, {len(ph)} tasks")
         print(f"   program start after the first: median {np.median(starts):.2f} max {starts.max():.2f} us")
         for i, what in ((2, "fetch"), (3, "loop"), (4, "epilogue")):
@@ -89,6 +98,7 @@ def main():
         print(f"   program ending last (#{crit}): start {starts[crit]:.2f} us, tasks (fetch, loop, epilogue): "
               + ", ".join(f"({a:.2f}, {b:.2f}, {c:.2f})" for a, b, c in mine[:, 2:]))
         last_loop = np.where(tr[:, 3::4] >= 0, tr[:, 3::4], 0).max(axis=1)
+        last_loop = last_loop[last_loop > 0]
         print(f"   last loop end {(last_loop.max() - t0) / 1e3:.2f} us; median program's last loop end "
               f"{(np.median(last_loop) - t0) / 1e3:.2f} us", flush=True)
 

@@ -41,14 +41,19 @@ GRAPH_MAX_PAGES = 1 << 20
 # scripts/prefill_ab.py compares configurations on the device
 # tma 1: full KV blocks go by bulk copies where the cache's layout allows (prefill_sm90.tma_views; H200, session 14:
 # 1x8192 1207 -> 1008 us, 8x1024 231 -> 208, 1x16384 4611 -> 3801, paged; ragged likewise); q_ahead 1: each
-# consumer group copies the next task's Q into shared memory ahead of time (prefill_sm90._ws_fetch_q; written
-# after session 14's device budget, compiled for sm_90 but not yet run: off until scripts/prefill_ab.py times it)
-SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, tma=1, q_ahead=0)
-# ... for head_dim 128 plans whose work items read SM90_LONG_KV KV tokens or more on average (head_dim 64 is
-# correct in it, GPU-tested, but not timed): 128-token KV blocks, Q K^T reading
-# Q from shared memory (no room for it in registers next to a 128-column S); H200, session 13: 1x8192 1320 ->
-# 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short prompts keep 64)
-SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, tma=1, q_ahead=0)
+# consumer group copies the next task's Q into shared memory ahead of time (prefill_sm90._ws_fetch_q; H200, session
+# 15, scripts/prefill_ab.py: 8x1024 207.8 -> 201.0 us, 1x8192 on 128-token blocks 1031 -> 1002 / 1023 -> 1008;
+# 8x(512 onto 4096) and 1x16384 within the run-to-run spread of 2-5%, either way)
+SM90_CONFIG = dict(block_n=64, stages=5, producer_regs=88, consumer_regs=208, q_smem=0, tma=1, q_ahead=1)
+# ... for plans whose work items read SM90_LONG_KV KV tokens or more on average: head_dim 128, 128-token KV
+# blocks, Q K^T reading Q from shared memory (no room for it in registers next to a 128-column S); H200, session
+# 13: 1x8192 1320 -> 1233 us, 8x(512 onto 4096) 760 -> 696, 1x16384 5427 -> 4976 (8x1024: 232 -> 254, so short
+# prompts keep 64)
+SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=208, q_smem=1, tma=1, q_ahead=1)
+# head_dim 64: half the registers for O and Q's fragments, so Q stays in registers and a fourth stage fits
+# (session 15, `PREFILL_AB_HEAD_DIM=64 python scripts/prefill_ab.py`, paged: 1x8192 749 -> 678 us, 8x(512 onto
+# 4096) 419 -> 381, 1x16384 2916 -> 2616 against the 64-token configuration; 8x1024 157 vs 144, so it keeps 64)
+SM90_LONG_CONFIG_D64 = dict(block_n=128, stages=4, producer_regs=88, consumer_regs=208, q_smem=0, tma=1, q_ahead=0)
 SM90_LONG_KV = 2048
 # Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
 # programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
@@ -344,8 +349,8 @@ class BatchAttention:
             if self._use_cuda_graph and self._graph_sm90 is not None:  # (a captured run() replays its kernel)
                 sm90 = self._graph_sm90
             else:
-                long = head_dim == 128 and n_items and lens.mean() >= SM90_LONG_KV  # (measured at head_dim 128)
-                sm90 = SM90_LONG_CONFIG if long else SM90_CONFIG
+                long = n_items and lens.mean() >= SM90_LONG_KV
+                sm90 = (SM90_LONG_CONFIG if head_dim == 128 else SM90_LONG_CONFIG_D64) if long else SM90_CONFIG
                 if self._use_cuda_graph:
                     self._graph_sm90 = sm90
             if PREFILL_BAND not in ("auto", "on", "off"):

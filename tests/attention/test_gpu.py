@@ -532,8 +532,8 @@ def test_prefill_sm90_configs(config, band, paged, head_dim, monkeypatch):
 
     cfg = dict(block_n=config[0], stages=config[1], producer_regs=config[2], consumer_regs=config[3],
                q_smem=config[4], tma=config[5] if len(config) > 5 else 1, q_ahead=config[6] if len(config) > 6 else 0)
-    monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
-    monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
+    for name in ("SM90_CONFIG", "SM90_LONG_CONFIG", "SM90_LONG_CONFIG_D64"):
+        monkeypatch.setattr(runner, name, cfg)
     monkeypatch.setattr(runner, "PREFILL_BAND", band)
     w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch)
     assert w._counters[5].item() == (0 if band == "off" else runner.num_programs(w.device, w._plan.config) // 2)
@@ -553,8 +553,8 @@ def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, mon
     from pagoda.attention import runner
 
     cfg = dict(runner.SM90_LONG_CONFIG if block_n == 128 else runner.SM90_CONFIG, tma=1)
-    monkeypatch.setattr(runner, "SM90_CONFIG", cfg)
-    monkeypatch.setattr(runner, "SM90_LONG_CONFIG", cfg)
+    for name in ("SM90_CONFIG", "SM90_LONG_CONFIG", "SM90_LONG_CONFIG_D64"):
+        monkeypatch.setattr(runner, name, cfg)
     w = prefill_sm90_against_reference(True, head_dim, True, (16, 4), torch.bfloat16, monkeypatch,
                                        qo_lens=(700, 129, 1, 300, 64), kv_lens=(1000, 700, 64, 4100, 200),
                                        page_size=page_size, layout=layout, tuple_cache=tuple_cache)
@@ -564,17 +564,20 @@ def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, mon
         assert w._tma_cache[1][0].block_shape == [min(page_size, block_n), head_dim]
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_prefill_sm90_long_items(paged, monkeypatch):
-    """A plan whose work items read >= SM90_LONG_KV KV tokens on average runs SM90_LONG_CONFIG (128-token blocks),
-    a short one SM90_CONFIG; both against the reference. (The items are what the planner made: a few long tiles
-    are split into shorter chunks to fill the SMs, so the long case has enough tiles not to be split.)"""
+@pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64), (False, 64)])
+def test_prefill_sm90_long_items(paged, head_dim, monkeypatch):
+    """A plan whose work items read >= SM90_LONG_KV KV tokens on average runs SM90_LONG_CONFIG (128-token blocks;
+    head_dim 64: SM90_LONG_CONFIG_D64, Q in registers, 4 stages), a short one SM90_CONFIG; both against the
+    reference. (The items are what the planner made: a few long tiles are split into shorter chunks to fill the
+    SMs, so the long case has enough tiles not to be split.)"""
     from pagoda.attention import runner
 
-    w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
+    w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch,
                                        qo_lens=[1024, 512, 33], kv_lens=[4096, 3000, 2500])
-    assert w._plan.sm90_constexprs["BLOCK_N"] == runner.SM90_LONG_CONFIG["block_n"] == 128
-    w = prefill_sm90_against_reference(paged, 128, True, (32, 8), torch.bfloat16, monkeypatch,
+    long = runner.SM90_LONG_CONFIG if head_dim == 128 else runner.SM90_LONG_CONFIG_D64
+    assert w._plan.sm90_constexprs["BLOCK_N"] == long["block_n"] == 128
+    assert w._plan.sm90_constexprs["STAGES"] == long["stages"]
+    w = prefill_sm90_against_reference(paged, head_dim, True, (32, 8), torch.bfloat16, monkeypatch,
                                        qo_lens=[512, 64], kv_lens=[512, 300])
     assert w._plan.sm90_constexprs["BLOCK_N"] == runner.SM90_CONFIG["block_n"] == 64
 

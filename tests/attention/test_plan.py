@@ -356,6 +356,12 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
 
     mean, block_n, band = plan([16384], [16384])  # 64 MB of KV over 8 heads: banded, long items
     assert mean >= runner.SM90_LONG_KV and block_n == runner.SM90_LONG_CONFIG["block_n"] == 128 and band == 66
+    assert w._plan.sm90_constexprs["Q_SMEM"] == bool(runner.SM90_LONG_CONFIG["q_smem"])
+    if not graph:  # head_dim 64's long configuration: Q in registers, 4 stages
+        plan([16384], [16384], head_dim=64)
+        assert (w._plan.sm90_constexprs["BLOCK_N"], w._plan.sm90_constexprs["STAGES"],
+                w._plan.sm90_constexprs["Q_SMEM"]) == (128, runner.SM90_LONG_CONFIG_D64["stages"], False)
+        plan([16384], [16384])  # (back to head_dim 128)
     mean, block_n, band = plan([64] * 4, [256] * 4)
     assert mean < runner.SM90_LONG_KV and band == 0
     assert block_n == (128 if graph else runner.SM90_CONFIG["block_n"])
@@ -363,8 +369,8 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
     with pytest.raises(ValueError, match="PAGODA_PREFILL_BAND"):
         plan([64], [256])
     monkeypatch.setattr(runner, "PREFILL_BAND", "auto")
-    if not graph:  # head_dim 64 keeps the 64-token configuration (the long one is timed at 128 only); its KV over
-        # all heads is half as large: 32 MB at 16k fits PREFILL_L2_BYTES (no band), 64 MB at 32k does not
+    if not graph:  # head_dim 64: its KV over all heads is half as large: 32 MB at 16k fits PREFILL_L2_BYTES (no
+        # band), 64 MB at 32k does not
         mean, block_n, band = plan([16384], [16384], head_dim=64)
-        assert mean >= runner.SM90_LONG_KV and block_n == 64 and band == 0
-        assert plan([16384], [32768], head_dim=64)[1:] == (64, 66)
+        assert mean >= runner.SM90_LONG_KV and block_n == 128 and band == 0
+        assert plan([16384], [32768], head_dim=64)[1:] == (128, 66)
