@@ -487,10 +487,14 @@ if HAVE_GLUON:
                     LOAD_LAYOUT: gl.constexpr):
         """cp.async of rows ROW0 .. ROW0 + BLOCK_M of round rnd's query tile into q_dst (rows not in use, and
         every row from rnd = n_rounds on, a round this program does not take, read as zeros), one commit group."""
-        wp, _, kvh, hsplit = _ws_task(WORK, gl.minimum(rnd, n_rounds - 1), tasks_per_item, n_hsplit, band, n_items)
-        ptrs, rows = _q_tile(Q, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT, gl.load(wp), gl.load(wp + 1), kvh, hsplit,
-                             group_size, heads_per_prog, stride_qt, stride_qh)
-        async_copy.async_copy_global_to_shared(q_dst, ptrs, mask=rows & (rnd < n_rounds))
+        # (a program with no task has n_rounds 0: round 0's item is not read, and no index goes negative)
+        ok = rnd < n_rounds
+        wp, _, kvh, hsplit = _ws_task(WORK, gl.maximum(gl.minimum(rnd, n_rounds - 1), 0), tasks_per_item, n_hsplit,
+                                      band, n_items)
+        ptrs, rows = _q_tile(Q, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT, gl.load(wp, mask=ok, other=0),
+                             gl.load(wp + 1, mask=ok, other=0), kvh, hsplit, group_size, heads_per_prog, stride_qt,
+                             stride_qh)
+        async_copy.async_copy_global_to_shared(q_dst, ptrs, mask=rows & ok)
         async_copy.commit_group()
 
     @gluon.jit
