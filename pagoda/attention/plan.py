@@ -290,14 +290,11 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted, total_kv)
     if L >= -int(neg_sorted[0]):  # nothing split (most steps)
         kv_sorted = -neg_sorted
-        work = np.empty((n, WORK_FIELDS), dtype=np.int32)
+        work = _unsplit_decode_rows(n)  # (the constant fields filled: q_len 1, kv_start 0, no partial / split)
         work[:, 0] = qo_indptr[:-1][order]
-        work[:, 1] = 1
         work[:, 2] = kv_base[order]
-        work[:, 3] = 0
         work[:, 4] = kv_sorted
         work[:, 5] = kv_sorted - 1
-        work[:, 6:8] = -1
         work[:, 8] = order
         return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(L))
     n_chunks = np.maximum(1, -(-kv_lens // L))
@@ -326,6 +323,22 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     splits[:, 0] = base[split_reqs]
     splits[:, 1] = n_chunks[split_reqs]
     return WorkPlan(work, splits, int(rows.sum()), int(L))
+
+
+_UNSPLIT_TEMPLATE = [np.empty((0, WORK_FIELDS), dtype=np.int32)]
+
+
+def _unsplit_decode_rows(n: int) -> np.ndarray:
+    """A fresh [n, WORK_FIELDS] work list with the fields that every unsplit decode item shares already written
+    (q_len 1, kv_start 0, partial row and split id -1): one copy of a kept template instead of three column
+    writes per plan."""
+    t = _UNSPLIT_TEMPLATE[0]
+    if t.shape[0] < n:
+        t = np.zeros((max(n, 2 * t.shape[0], 256), WORK_FIELDS), dtype=np.int32)
+        t[:, 1] = 1
+        t[:, 6:8] = -1
+        _UNSPLIT_TEMPLATE[0] = t
+    return t[:n].copy()
 
 
 SMALL_BATCH = 8  # decode batches up to this size are planned in plain Python (_plan_decode_small)
