@@ -255,8 +255,9 @@ def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex):
 def fmt_table(rows, copy_bw=None):
     """The rows as a table; copy_bw (bytes / s): decode rates also as a fraction of it."""
     lines = []
-    hdr = (f"{'case':<22} {'pagoda':>9} {'rate' + (' (of copy)' if copy_bw else ''):>{16 if copy_bw else 11}} {'FlashInfer':>10} {'x FI':>6} {'SDPA':>9} {'x SDPA':>7} "
-           f"{'Flex':>9} {'x Flex':>7} {'plan':>8}")
+    rw = 16 if copy_bw else 11  # the rate column's width
+    hdr = (f"{'case':<22} {'pagoda':>9} {'rate' + (' (of copy)' if copy_bw else ''):>{rw}} {'FlashInfer':>10} "
+           f"{'x FI':>6} {'SDPA':>9} {'x SDPA':>7} {'Flex':>9} {'x Flex':>7} {'plan':>8}")
     lines.append(hdr)
     for r in rows:
         if r["kind"].startswith("decode"):
@@ -274,7 +275,7 @@ def fmt_table(rows, copy_bw=None):
         sd_t, sd_x = peer("sdpa_us")
         fl_t, fl_x = peer("flex_us")
         kind = "fp8" if r["kind"] == "decode-fp8" else r["kind"][:3]
-        lines.append(f"{kind + ' ' + r['case']:<22} {r['pagoda_us']:8.1f}u {rate:>{16 if copy_bw else 11}} {fi_t:>10} {fi_x[1:]:>6} "
+        lines.append(f"{kind + ' ' + r['case']:<22} {r['pagoda_us']:8.1f}u {rate:>{rw}} {fi_t:>10} {fi_x[1:]:>6} "
                      f"{sd_t:>9} {sd_x:>7} {fl_t:>9} {fl_x:>7} "
                      + (f"{r['plan_us']:7.0f}u" if "plan_us" in r else f"{'-':>8}")
                      + (f"  {r['pagoda_16bit_us'] / r['pagoda_us']:5.2f}x 16-bit KV tok/s ({r['pagoda_16bit_us']:.1f}u)"

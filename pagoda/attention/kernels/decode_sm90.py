@@ -132,9 +132,10 @@ if HAVE_GLUON:
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
         (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
         SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). MERGE_ROWS: the
-        query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M). TRACE (probes only,
-        scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer stamps: the program's
-        start, then per round its task's start, its first KV block landed, its loop's end and its epilogue's end."""
+        query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M rows).
+        TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer
+        stamps: the program's start, then per round its task's start, its first KV block landed, its loop's end
+        and its epilogue's end."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
