@@ -21,19 +21,6 @@ from pagoda.bench.attention import PagedSetup, flashinfer_or_none
 from pagoda.bench.attention import copy_bandwidth
 
 
-def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def timed(graphs, flush, reps=200):
     """Median event time of one replay, graphs replayed in turn, flush() before each (outside the events)."""
     start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -90,6 +90,20 @@ def copy_bandwidth() -> float:
 EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerly instead)
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after two warm-up calls on a side stream (as torch's docs do it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def gpu_time(fn, what: str = "", rep_ms=200):
     """Median GPU time of fn (seconds): fn is captured once in a CUDA graph and the graph replayed,
     with L2 emptied before each replay (bench). The host cost of launching fn is not in it:
@@ -98,15 +112,7 @@ def gpu_time(fn, what: str = "", rep_ms=200):
     library is timed the same way; a callable that cannot be captured is timed eagerly and named
     in EAGER_FALLBACKS."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture_graph(fn)
     except Exception as e:  # noqa: BLE001 - a peer whose call is not capturable
         torch.cuda.synchronize()
         EAGER_FALLBACKS.append(f"{what}: {type(e).__name__}")

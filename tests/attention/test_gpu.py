@@ -22,13 +22,16 @@ def test_decode_real_sizes(page_size, heads, head_dim):
     decode_against_reference(page_size, heads, head_dim)
 
 
-def decode_against_reference(page_size, heads, head_dim):
-    """A bf16 decode batch (1 token .. 8k, ends mid-page) against the float64 oracle; returns the wrapper."""
-    kv_lens = [1, 4096, 333, 17, 2048, 8191]
+def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 17, 2048, 8191), planned=None):
+    """A bf16 decode batch (by default 1 token .. 8k, ends mid-page) against the float64 oracle; returns the
+    wrapper. planned(w): checks of the plan, before the run."""
+    kv_lens = list(kv_lens)
     batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128))
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
     w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, page_size,
            q_data_type=torch.bfloat16)
+    if planned is not None:
+        planned(w)
     q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
     out, lse = poisoned_like(q)
     w.run(q, batch.cache, out=out, lse=lse)
@@ -45,17 +48,10 @@ def test_decode_many_chunks(heads, head_dim, kv_lens):
     """Split tiles of many chunks (a lone 32k request is ~32 per KV head): the Gluon decode kernel's one-query
     merge (prefill_sm90._merge_one_query) takes several rounds of chunks there, with groups 1, 4, 5, 8 and 16
     (merge rows 1, 4, 8, 8, 16), against the float64 oracle; output and LSE poisoned first."""
-    batch = PagedBatch(kv_lens, heads[1], head_dim, 16, torch.bfloat16)
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
-    w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, 16,
-           q_data_type=torch.bfloat16)
-    assert int(w._plan.work.splits[:, 1].max()) > 8  # chunks in flight per round of the merge: 4 to 16
-    q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
-    out, lse = poisoned_like(q)
-    w.run(q, batch.cache, out=out, lse=lse)
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
-    assert rel_err(out, ro) < TOL[torch.bfloat16]
-    check_lse(lse, rl)
+    def many_chunks(w):  # more chunks than one round of the merge's loads (4 to 16 chunks)
+        assert int(w._plan.work.splits[:, 1].max()) > 8
+
+    decode_against_reference(16, heads, head_dim, kv_lens, many_chunks)
 
 
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
