@@ -84,7 +84,9 @@ def copy_bandwidth() -> float:
     bandwidths are quoted against."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    return 2 * a.numel() / bench(lambda: b.copy_(a))
+    bw = 2 * a.numel() / bench(lambda: b.copy_(a))
+    _flush_buf.clear()  # (a caller that sizes a KV pool from free memory next, as bench.engine does, gets it back)
+    return bw
 
 
 EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerly instead)
