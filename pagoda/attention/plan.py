@@ -464,12 +464,15 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     total_kv = float(rng.sum() if total is None else total)
     n = len(rng)
     per_item = tasks_per_item * _item_cost(config, n) / num_ctas
-    # every range longer than L is at least one more item: with the sorted lengths, those counts for all
-    # candidates in one call (a wide batch, e.g. 256 requests of 128..8192, then keeps none)
-    longer = (np.searchsorted(neg_sorted, [-c for c in candidates[:-1]]).tolist() if neg_sorted is not None
-              else [0] * (len(candidates) - 1))
-    candidates = [c for c, k in zip(candidates[:-1], longer)
-                  if per_item * max(total_kv / c - n, -(-longest // c) - 1, k) < longest - c + 1] + [no_split]
+    candidates = [c for c in candidates[:-1] if per_item * max(total_kv / c - n, -(-longest // c) - 1)
+                  < longest - c + 1]
+    if candidates and neg_sorted is not None:
+        # every range longer than L is at least one more item: with the sorted lengths, those counts for the
+        # candidates left, in one call (a wide batch, e.g. 256 requests of 128..8192, keeps none; the two
+        # bounds above are Python arithmetic, so most plans skip this call)
+        longer = np.searchsorted(neg_sorted, [-c for c in candidates]).tolist()
+        candidates = [c for c, k in zip(candidates, longer) if per_item * k < longest - c + 1]
+    candidates.append(no_split)
     if len(candidates) == 1:
         return no_split
     # the survivors' chunk counts over [candidates, tiles] at once, in float64 (exact: lengths < 2^53, and a
