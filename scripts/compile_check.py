@@ -126,7 +126,7 @@ def gluon_cases():
                dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
                     STAGES=3 if long else 5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=long,
                     TMA=True), 4, 1)
-    # Q_AHEAD (runner config q_ahead: the next task's Q loaded before this task's epilogue), both block sizes
+    # Q_AHEAD (runner config q_ahead: the next task's Q copied into shared memory ahead), both block sizes
     for d, bn, long in ((128, 64, False), (128, 128, True), (64, 64, False)):
         desc = f"tensordesc<bf16[16,{d}],{lay}>"
         yield (f"prefill_sm90_ws D={d} paged=True causal=True BLOCK_N={bn} TMA Q_AHEAD",

@@ -17,7 +17,7 @@ import torch
 
 import pagoda
 from pagoda.attention.kernels import decode_sm90
-from pagoda.bench.attention import DECODE_CASES, PagedSetup, gpu_time
+from pagoda.bench.attention import DECODE_CASES, PagedSetup, flush_l2, gpu_time
 
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
 
@@ -57,7 +57,6 @@ def main():
     cases = dict(DECODE_CASES)
     cases["1x1024"] = [1024]
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    flush = torch.randn(128 << 20, device="cuda")
     slots = 1 + 4 * decode_sm90.TRACE_ROUNDS.value
     buf = torch.full((132 * 8, slots), -1, dtype=torch.int64, device="cuda")
     kernel = decode_sm90.decode_sm90_kernel
@@ -73,7 +72,7 @@ def main():
             spans = []
             for _ in range(5):  # the last of a few runs (the first loads the traced kernel)
                 buf.fill_(-1)
-                flush.sum()
+                flush_l2()
                 w.run(q, s.cache, out=out)
                 torch.cuda.synchronize()
                 tr = buf.cpu().numpy()

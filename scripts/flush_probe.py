@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.bench.attention import PagedSetup, flashinfer_or_none
-from pagoda.bench.attention import copy_bandwidth
+from pagoda.bench.attention import PagedSetup, capture_graph as capture, copy_bandwidth, flashinfer_or_none, flush_l2
 
 
 def timed(graphs, flush, reps=200):
@@ -43,10 +42,9 @@ def main():
     fi = flashinfer_or_none()
     bw = copy_bandwidth()
     zbuf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    rbuf = torch.randn(128 << 20, device="cuda")  # 512 MB, written once here
-    flushes = {"zero": zbuf.zero_, "read": rbuf.sum, "none": lambda: None}
+    flushes = {"zero": zbuf.zero_, "read": flush_l2, "none": lambda: None}
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"# copy bandwidth (1 GB copy, do_bench) {bw / 1e9:.0f} GB/s")
+    print(f"# copy bandwidth (1 GB copy, bench.attention.copy_bandwidth) {bw / 1e9:.0f} GB/s")
     print(f"{'case':10s} {'what':10s} " + " ".join(f"{f + ' us':>9s} {'%copy':>6s}" for f in flushes))
     for name, lens in (("1x32768", [32768]), ("16x4096", [4096] * 16), ("64x2048", [2048] * 64),
                        ("32x8192", [8192] * 32)):

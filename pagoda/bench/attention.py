@@ -40,7 +40,8 @@ FLUSH = os.environ.get("PAGODA_BENCH_FLUSH", "read")
 _flush_buf: list = []
 
 
-def _flush_l2() -> None:
+def flush_l2() -> None:
+    """Empty L2 by a read of a 512 MB buffer that nothing writes (FLUSH "read")."""
     if not _flush_buf:
         _flush_buf.append(torch.randn(128 << 20, device="cuda"))  # 512 MB, ~10x the L2 of an H100 / H200
     _flush_buf[0].sum()
@@ -60,7 +61,7 @@ def bench(fn, rep_ms=200):
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(5):
-        _flush_l2()
+        flush_l2()
         fn()
     e1.record()
     torch.cuda.synchronize()
@@ -71,7 +72,7 @@ def bench(fn, rep_ms=200):
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        _flush_l2()
+        flush_l2()
         starts[i].record()
         fn()
         ends[i].record()

@@ -175,7 +175,7 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
          npartial) = _decode_task(WORK, 0, tasks_per_item, n_hsplit, True)
-        n_rounds, tasks_per_item, n_hsplit = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
         if TRACE is not None:
