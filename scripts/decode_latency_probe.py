@@ -9,6 +9,7 @@ as CUDA-graph replays with L2 flushed (bench.attention.gpu_time), next to an emp
 replay costs by itself).
 
     python scripts/decode_latency_probe.py            # the table
+    python scripts/decode_latency_probe.py --quick    # the planner's chunk vs 128 / 256 / 512, persistent grid
     python scripts/decode_latency_probe.py --same-tasks   # 256 tasks of 128 tokens, 4 to 32 chunks per tile
     python scripts/decode_latency_probe.py --ncu      # eager launches only, for ncu (default variant first:
         ncu --clock-control none -k regex:attention_kernel --metrics gpu__time_duration.sum python ... --ncu)
@@ -25,7 +26,7 @@ from pagoda.attention import runner
 from pagoda.bench.attention import PagedSetup, gpu_time
 
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
-CASES = [(1, 1024), (1, 4096), (4, 1024), (1, 32768)]
+CASES = [(1, 1024), (1, 2048), (2, 1024), (1, 4096), (4, 1024), (8, 1024), (1, 32768)]
 _small, _large, _programs = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len, runner.num_programs
 
 
@@ -102,7 +103,9 @@ def main():
         print(f"# empty kernel replay: 1 program {t_empty:.1f} us, 528 programs {t_empty528:.1f} us")
         print(f"{'case':9s} {'grid':>10s} {'chunk':>6s} {'programs':>8s} {'tasks':>6s} {'us':>7s}")
     variants = [("persistent", None), ("per-SM", None), ("per-task", None), ("persistent", 64),
-                ("persistent", 256), ("per-task", 64), ("per-SM", 128), ("persistent", 32)]
+                ("persistent", 128), ("persistent", 256), ("per-task", 64), ("per-SM", 128), ("persistent", 32)]
+    if "--quick" in sys.argv:  # the planner's choice against forced 128 / 256 / 512 chunks, persistent grid only
+        variants = [("persistent", None), ("persistent", 128), ("persistent", 256), ("persistent", 512)]
     for b, ctx in CASES:
         for grid, chunk in variants:
             if ncu and (b, ctx) != (1, 1024):

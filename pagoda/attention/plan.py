@@ -375,7 +375,7 @@ def _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_
     longest = max(lens)
     no_split = max(bn, -(-longest // bn) * bn)
     candidates, items, rows = [], [], []
-    c = bn * 4
+    c = _shortest_chunk(config, len(lens))
     while c < no_split:
         chunks = [max(1, -(-x // c)) for x in lens]
         candidates.append(c)
@@ -384,6 +384,16 @@ def _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_
         c *= 2
     return _best_chunk_len(candidates + [no_split], items + [len(lens)], rows + [0], float(sum(lens)), longest,
                            config, tasks_per_item, num_ctas, max_partial_rows)
+
+
+def _shortest_chunk(config, n_tiles) -> int:
+    """The shortest chunk length the planner considers: 4 KV blocks, or 2 for a latency-bound batch (at most
+    LATENCY_BOUND_TILES tiles, with a small_item_cost), where more programs pay since session 15's one-pass merge
+    (scripts/decode_latency_probe.py, H200: 1 x 1024 in 128-token chunks 11.5 us, in the 256-token chunks that
+    4 blocks allowed 12.8)."""
+    if config.small_item_cost is not None and n_tiles <= LATENCY_BOUND_TILES:
+        return 2 * config.block_n
+    return 4 * config.block_n
 
 
 def _item_cost(config, n_tiles) -> int:
@@ -454,7 +464,8 @@ def _choose_chunk_len(rng, tlen, config, tasks_per_item, num_ctas, max_partial_r
     else:
         longest = int(rng.max()) if len(rng) else 0
     no_split = max(bn, -(-longest // bn) * bn)
-    candidates = [bn * 4 << k for k in range(((no_split - 1) // (bn * 4)).bit_length())] + [no_split]
+    shortest = _shortest_chunk(config, len(rng))
+    candidates = [shortest << k for k in range(((no_split - 1) // shortest).bit_length())] + [no_split]
     if len(candidates) == 1:
         return no_split
     # Candidates that cannot win are dropped before the search over [candidates, tiles] (a large decode

@@ -183,15 +183,14 @@ def _chunk_len_full_search(rng, tlen, config, tasks_per_item, num_ctas, max_part
     bn = config.block_n
     longest = int(max(rng, default=0))
     no_split = max(bn, -(-longest // bn) * bn)
-    cands, L = [], bn * 4
+    latency_bound = config.small_item_cost is not None and len(rng) <= LATENCY_BOUND_TILES
+    cands, L = [], bn * (2 if latency_bound else 4)  # (a latency-bound batch may split into 2-block chunks)
     while L < no_split:
         cands.append(L)
         L *= 2
     cands.append(no_split)
     best, best_est = None, None
-    item_cost = config.item_cost
-    if config.small_item_cost is not None and len(rng) <= LATENCY_BOUND_TILES:
-        item_cost = config.small_item_cost
+    item_cost = config.small_item_cost if latency_bound else config.item_cost
     for L in cands:
         n_chunks = [max(1, -(-int(x) // L)) for x in rng]
         rows = sum(c * (1 if tlen is None else int(t)) for c, t in zip(n_chunks, tlen if tlen is not None

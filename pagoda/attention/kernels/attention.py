@@ -360,7 +360,7 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
             arrival = ARRIVALS + split * slots_per_split + slot
             # acq_rel: our partial is published before the bump; the last one sees them all
             if tl.atomic_add(arrival, 1) == n_chunks - 1:
-                tl.atomic_xchg(arrival, 0)
+                tl.store(arrival, 0)  # (every chunk arrived: a plain store, not an acq_rel exchange to wait for)
                 _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
                                 row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                                 stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT)

@@ -303,7 +303,9 @@ if HAVE_GLUON:
             arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
             if gl.atomic_add(arrival, 1) == n_chunks - 1:
-                gl.atomic_xchg(arrival, 0)
+                # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
+                # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
+                gl.store(arrival, 0)
                 if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
