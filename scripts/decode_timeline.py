@@ -4,6 +4,7 @@ landed, loop end and epilogue end), after a read flush of L2.
 
     python scripts/decode_timeline.py [CASE ...]      # cases as in bench.attention: 1x32768 16x4096 64x2048 ...
     python scripts/decode_timeline.py --chunk 704 1x32768    # the planner's chunk length forced
+    python scripts/decode_timeline.py --ring 4,1 1x32768     # the 16-bit kernel's ring stages and programs per SM
 
 Prints, per case: the CUDA-graph time (bench.attention.gpu_time), the span of the stamps (first program start to
 last epilogue end), when programs start (median / max after the first), per-task phases (median / max): fetch
@@ -53,6 +54,14 @@ def main():
         chunk = int(args[i + 1])
         del args[i: i + 2]
         plan_mod._choose_chunk_len_small = plan_mod._choose_chunk_len = lambda *a, **k: chunk
+    if "--ring" in args:  # the Gluon decode kernel's ring and residency forced: --ring STAGES,PROGRAMS_PER_SM
+        from pagoda.attention import runner
+
+        i = args.index("--ring")
+        stages, ctas = (int(x) for x in args[i + 1].split(","))
+        del args[i: i + 2]
+        runner.DECODE_GLUON_CONFIG[2] = dict(runner.DECODE_GLUON_CONFIG[2], stages=stages, ctas_per_sm=ctas)
+        runner._gluon_decode_config.cache_clear()
     want = args or ["1x32768", "16x4096", "64x2048", "1x1024"]
     cases = dict(DECODE_CASES)
     cases["1x1024"] = [1024]
