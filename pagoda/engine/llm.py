@@ -77,7 +77,10 @@ class EngineStats:
 def _kv_pages_from_memory(config: ModelConfig, dtype, page_size, utilization, max_num_batched_tokens, max_num_seqs,
                           device) -> int:
     free, total = torch.cuda.mem_get_info(device)
-    used_elsewhere = total - free  # weights and everything allocated so far
+    # weights and everything allocated so far; memory PyTorch's allocator holds in its cache but no tensor uses
+    # (freed buffers of earlier work, e.g. a benchmark's) is free for the pool, which PyTorch allocates too
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    used_elsewhere = total - free - cached
     c = config
     act = max_num_batched_tokens * (c.hidden_size * 6 + 2 * c.intermediate_size * 3 +
                                     (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 2) * 4

@@ -315,3 +315,36 @@ def test_async_scheduling_prepares_decode_steps_and_changes_nothing(tiny_models)
     # ... and launched before the previous step's tokens were read back (nothing waits, nobody ends early)
     assert st.ahead_steps == 6, st.ahead_steps
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in PROMPTS]
+
+
+def test_kv_pool_counts_memory_cached_by_pytorch(monkeypatch):
+    """The KV pool sized from free memory also takes what PyTorch's allocator caches but no tensor uses (freed
+    buffers of earlier work): torch.cuda's memory queries faked, Llama-3.1-8B's shape."""
+    import json
+    import os
+
+    import torch
+
+    from pagoda.engine.config import ModelConfig
+    from pagoda.engine.llm import _kv_pages_from_memory
+    from pagoda.engine.loader import DUMMY_CONFIGS
+
+    with open(os.path.join(DUMMY_CONFIGS["Llama-3.1-8B"], "config.json")) as f:
+        cfg = ModelConfig.from_dict(json.load(f))
+    gib = 1 << 30
+    page_bytes = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 2
+
+    def pages(free, reserved, allocated, util=0.9):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+        return _kv_pages_from_memory(cfg, torch.bfloat16, 16, util, 8192, 256, "cuda")
+
+    base = pages(60 * gib, 17 * gib, 17 * gib)  # weights allocated, nothing cached
+    cached = pages(58 * gib, 19 * gib, 17 * gib)  # 2 GiB more reserved, by freed tensors only
+    used = pages(58 * gib, 19 * gib, 19 * gib)  # 2 GiB more reserved and in use
+    assert base > 0
+    assert cached == base
+    assert base - used == -(-2 * gib // page_bytes) or base - used == 2 * gib // page_bytes
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        pages(60 * gib, 17 * gib, 17 * gib, util=0.25)
