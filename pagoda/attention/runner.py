@@ -435,12 +435,10 @@ class BatchAttention:
                 Q_AHEAD=bool(sm90["q_ahead"]),
                 num_warps=4)
         if gluon_decode:
-            merge_rows = min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length())
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
-                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg, MERGE_ROWS=merge_rows,
-                MERGE_STAGED=decode_sm90.merge_staged(p.head_dim, merge_rows, cfg.num_stages, cfg.block_n,
-                                                      p.kv_dtype.itemsize * 8))
+                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()))
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

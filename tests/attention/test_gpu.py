@@ -54,24 +54,6 @@ def test_decode_many_chunks(heads, head_dim, kv_lens):
     decode_against_reference(16, heads, head_dim, kv_lens, many_chunks)
 
 
-@pytest.mark.parametrize("merge", ["auto", "registers"])
-@pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((32, 32), 128), ((64, 8), 128), ((40, 8), 64),
-                                            ((128, 8), 128)])
-def test_decode_merge_paths(heads, head_dim, merge, monkeypatch):
-    """Both merges of a split tile's chunks (PAGODA_DECODE_MERGE): staged through the K / V ring where that pays
-    (kernels/decode_sm90.merge_staged: here bf16 with groups 1, 4, 8, 16) and in registers, over a lone 50000-token
-    request (49 chunks per tile on 132 SMs: two staged rounds of 32, the second partly empty), against the float64
-    oracle with output and LSE poisoned first."""
-    monkeypatch.setenv("PAGODA_DECODE_MERGE", merge)
-
-    def planned(w):
-        assert int(w._plan.work.splits[:, 1].max()) > 32
-        staged = w._plan.decode_sm90_constexprs["MERGE_STAGED"]
-        assert staged == (merge == "auto" and heads[0] // heads[1] != 5), staged  # (group 5: 8 rows at head_dim 64)
-
-    decode_against_reference(16, heads, head_dim, [50000], planned)
-
-
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
 def test_decode_triton_kernel_where_gluon_is_default(page_size, heads, head_dim, monkeypatch):
     """PAGODA_DECODE_KERNEL=triton: the Triton decode kernel (what GPUs other than sm_90 run) on plans the Gluon

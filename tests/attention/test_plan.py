@@ -373,22 +373,3 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
         mean, block_n, band = plan([16384], [16384], head_dim=64)
         assert mean >= runner.SM90_LONG_KV and block_n == 128 and band == 0
         assert plan([16384], [32768], head_dim=64)[1:] == (128, 66)
-
-
-def test_decode_merge_staged_where_it_takes_more_chunks(monkeypatch):
-    """kernels/decode_sm90.merge_staged: the staged merge (the chunks' states through the K / V ring) where a
-    round of it holds more chunks than the register merge's 16 per rows-per-thread, and nowhere with
-    PAGODA_DECODE_MERGE=registers; a bad value names the variable."""
-    from pagoda.attention.kernels.decode_sm90 import merge_staged
-
-    monkeypatch.delenv("PAGODA_DECODE_MERGE", raising=False)
-    # bf16 ring of 2 x 64 tokens: 32 chunks of 4 rows at head_dim 128 (vs 16 in registers), 16 of 8 rows (vs 8)
-    assert merge_staged(128, 4, 2, 64, 16) and merge_staged(128, 8, 2, 64, 16) and merge_staged(128, 1, 2, 64, 16)
-    assert not merge_staged(128, 4, 2, 64, 8)  # an fp8 ring holds 16 chunks: what registers hold
-    assert not merge_staged(64, 8, 2, 64, 16)  # 8 rows at head_dim 64: 16 either way
-    assert not merge_staged(128, 0, 2, 64, 16)  # no one-query merge
-    monkeypatch.setenv("PAGODA_DECODE_MERGE", "registers")
-    assert not merge_staged(128, 4, 2, 64, 16)
-    monkeypatch.setenv("PAGODA_DECODE_MERGE", "smem")
-    with pytest.raises(ValueError, match="PAGODA_DECODE_MERGE"):
-        merge_staged(128, 4, 2, 64, 16)

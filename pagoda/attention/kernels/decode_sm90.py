@@ -34,26 +34,7 @@ cap / variant / custom mask, not a cascade level; the runner uses the Triton ker
 """
 from __future__ import annotations
 
-import os
-
 from .prefill_sm90 import HAVE_GLUON
-
-
-def merge_staged(head_dim: int, merge_rows: int, stages: int, block_n: int, kv_bits: int) -> bool:
-    """Whether the kernel's split-tile merge stages the chunks' states in its K / V ring (MERGE_STAGED): where that
-    takes more chunks per round trip than the register merge's 16 / rows-per-thread (bf16 at head_dim 128 and a
-    group of 4: 32 vs 16; an fp8 ring holds half as many: no gain there). PAGODA_DECODE_MERGE=registers keeps the
-    register merge everywhere (comparisons)."""
-    choice = os.environ.get("PAGODA_DECODE_MERGE", "auto")
-    if choice not in ("auto", "registers"):
-        raise ValueError(f"PAGODA_DECODE_MERGE must be 'auto' or 'registers', got {choice!r}")
-    if choice == "registers" or merge_rows <= 0:
-        return False
-    # chunks per ring (K or V) of fp32 [merge_rows, head_dim] states, at most 16 (more: the merge spills registers)
-    cap = min(16, stages * block_n * kv_bits // (32 * merge_rows))
-    rows_per_thread = max(1, merge_rows // (32 // (head_dim // 4) * 4))
-    return 2 * cap > 16 // rows_per_thread
-
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -145,16 +126,13 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-        SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, MERGE_STAGED: gl.constexpr = False,
-        TRACE=None,
+        SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
         (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
         SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). MERGE_ROWS: the
         query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M rows).
-        MERGE_STAGED (with MERGE_ROWS): a split tile's last chunk stages the partial states it merges in the K / V
-        ring with cp.async (prefill_sm90._merge_one_query_staged), where that takes more chunks per round trip.
         TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer
         stamps: the program's start, then per round its task's start, its first KV block landed, its loop's end
         and its epilogue's end."""
@@ -190,17 +168,6 @@ if HAVE_GLUON:
         q_s = gl.allocate_shared_memory(CDT, [BLOCK_M, HEAD_DIM], Q_SL)
         p_s = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_N], P_SL)
         red_s = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        # the merge's staging buffers (MERGE_STAGED): fp32 views of the K and V rings (free once a task's loop
-        # is over) holding CAP chunks' partial states of MERGE_ROWS rows each (merge_staged), and of p_s for their
-        # weights
-        STAGE = None
-        if MERGE_STAGED and MERGE_ROWS > 0:
-            CAP: gl.constexpr = min(16, STAGES * BLOCK_N * K.dtype.element_ty.primitive_bitwidth // (32 * MERGE_ROWS))
-            gl.static_assert(2 * CAP * MERGE_ROWS * 32 <= BLOCK_M * BLOCK_N * CDT.primitive_bitwidth)
-            ST_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-            STAGE = (k_ring._reinterpret(gl.float32, [CAP, MERGE_ROWS, HEAD_DIM], ST_L),
-                     v_ring._reinterpret(gl.float32, [CAP, MERGE_ROWS, HEAD_DIM], ST_L),
-                     p_s._reinterpret(gl.float32, [2 * CAP, MERGE_ROWS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])))
         # round 0's work item loads before the plan's header: the header (task count, offsets) and the item go
         # out together, not one round trip after the other (plan() keeps room for grid / tasks_per_item items,
         # so the item of a task past the end is still in the buffer; no such program enters the loop)
@@ -308,6 +275,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, STAGE)
+                      None if KV16 else PERM, MERGE_ROWS)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

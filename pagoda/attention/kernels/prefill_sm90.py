@@ -256,92 +256,6 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=r_ok)
 
     @gluon.jit
-    def _merge_one_query_staged(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
-                                heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                STAGE, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr):
-        """_merge_one_query with the chunks' partial states staged in shared memory: STAGE = (a, b, w), two fp32
-        views [CAP, ROWS, HEAD_DIM] of memory the task no longer uses (decode_sm90: its K / V ring) and one
-        [2 CAP, ROWS] for the rescale weights. Each round copies 2 CAP chunks' states with cp.async (no registers
-        held: the register merge's CH chunks per round is what 64 registers of state per thread allow) while
-        their LSEs load (one per thread) and turn into weights, then sums them out of shared memory CH at a time:
-        one round trip to L2 per 2 CAP chunks (1 x 32768's 32 chunks per tile: one instead of two)."""
-        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes, one cp.async) each
-        L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
-        RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
-        CAP: gl.constexpr = STAGE[0].shape[0]
-        CH: gl.constexpr = min(16 // RPT, CAP)  # chunks per copy / read (_merge_one_query's loads)
-        gl.static_assert(CAP % CH == 0)
-        S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CH, ROWS]
-        A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
-        W_L: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, 4], [0, 1])  # [2 CAP, ROWS]: an LSE per thread
-        R_L: gl.constexpr = gl.SliceLayout(0, W_L)  # per row
-        offs_ch = gl.arange(0, CH, layout=gl.SliceLayout(1, S_L))
-        offs_r = gl.arange(0, ROWS, layout=gl.SliceLayout(0, S_L))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_L))
-        head = hsplit * heads_per_prog + offs_r
-        r_ok = (offs_r < heads_per_prog) & (head < group_size)
-        qh = kvh * group_size + head
-        o3 = gl.expand_dims(gl.expand_dims(qh * stride_th, 0), 2) + gl.expand_dims(gl.expand_dims(offs_d, 0), 0)
-        offs_w = gl.arange(0, 2 * CAP, layout=gl.SliceLayout(1, W_L))
-        offs_rw = gl.arange(0, ROWS, layout=R_L)
-        head_w = hsplit * heads_per_prog + offs_rw
-        r_ok_w = (offs_rw < heads_per_prog) & (head_w < group_size)
-        qh_w = kvh * group_size + head_w
-        m = gl.full([ROWS], float("-inf"), gl.float32, layout=R_L)
-        d = gl.zeros([ROWS], gl.float32, layout=R_L)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
-        for c0 in range(0, n_chunks, 2 * CAP):
-            # the LSEs and the copies go out together; the weights' math reads the LSEs back from shared memory
-            # behind the copies' barrier (on registers ptxas hoisted it between the copies, which then went out one
-            # round trip to L2 after the first ones)
-            ch2 = c0 + offs_w
-            live2 = gl.expand_dims(ch2 < n_chunks, 1) & gl.expand_dims(r_ok_w, 0)
-            s = gl.load(TMP_LSE + gl.expand_dims((first + ch2).to(gl.int64) * stride_tl, 1) + gl.expand_dims(qh_w, 0),
-                        mask=live2, other=float("-inf"), cache_modifier=".cg")
-            for b in gl.static_range(2):  # chunks c0 + b CAP .. into STAGE[b], CH at a time
-                for k in gl.static_range(CAP // CH):
-                    ch = c0 + b * CAP + k * CH + offs_ch
-                    live = gl.expand_dims(ch < n_chunks, 1) & gl.expand_dims(r_ok, 0)
-                    ptrs = TMP_O + gl.expand_dims(gl.expand_dims((first + ch).to(gl.int64) * stride_tt, 1), 2) + o3
-                    async_copy.async_copy_global_to_shared(STAGE[b].slice(k * CH, CH), ptrs,
-                                                           mask=gl.expand_dims(live, 2))
-            async_copy.commit_group()
-            async_copy.wait_group(0)
-            _cta_barrier()  # every thread's copies are in shared memory
-            STAGE[2].store(s)
-            s = STAGE[2].load(W_L)  # (each thread reads back what it wrote)
-            m_new = gl.maximum(m, gl.max(s, 0))
-            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_new)
-            w = gl.exp2(s - gl.expand_dims(m_new, 0))
-            d = d * alpha + gl.sum(w, 0)
-            m = m_new
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, A_L)), 1)
-            STAGE[2].store(w)
-            _cta_barrier()  # and the weights
-            for b in gl.static_range(2):
-                for k in gl.static_range(CAP // CH):
-                    # (the chunks past n_chunks were not copied: whatever the buffer holds there, their weight
-                    # 0 must not meet a NaN)
-                    ok = gl.expand_dims(c0 + b * CAP + k * CH + offs_ch < n_chunks, 1) & gl.expand_dims(r_ok, 0)
-                    v = STAGE[b].slice(k * CH, CH).load(L3)
-                    v = gl.where(gl.expand_dims(ok, 2), v, 0.0)
-                    wk = STAGE[2].slice(b * CAP + k * CH, CH).load(S_L)
-                    acc = acc + gl.sum(gl.expand_dims(wk, 2) * v, 0)
-            _cta_barrier()  # everyone is done with the buffers before the next round's copies
-        empty = d == 0.0
-        d_safe = gl.where(empty, 1.0, d)
-        qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
-        ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
-        out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
-        q_row = q_start.to(gl.int64)
-        gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
-                 out.to(O.dtype.element_ty), mask=gl.expand_dims(ok_a, 1))
-        if WRITE_LSE:
-            gl.store(LSE + q_row * stride_lt + qh_w, gl.where(empty, float("-inf"), m + gl.log2(d_safe)),
-                     mask=r_ok_w)
-
-    @gluon.jit
     def _unperm_cols(m, perm: gl.constexpr):
         """The head-dim column of renumbered column m: bit i of the column is bit perm[i] (a power of two) of m."""
         d = m * 0
@@ -355,13 +269,12 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, STAGE=None):
+                  MERGE_ROWS: gl.constexpr = 0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
-        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query, or
-        _merge_one_query_staged through the shared memory STAGE when given)."""
+        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -393,11 +306,7 @@ if HAVE_GLUON:
                 # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
                 # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
                 gl.store(arrival, 0)
-                if MERGE_ROWS > 0 and STAGE is not None:
-                    _merge_one_query_staged(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit,
-                                            group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                            stride_th, stride_tl, STAGE, MERGE_ROWS, HEAD_DIM, WRITE_LSE)
-                elif MERGE_ROWS > 0:
+                if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                                      MERGE_ROWS, HEAD_DIM, WRITE_LSE)
