@@ -1,6 +1,7 @@
 """Where a decode's time goes, program by program (device only): the Gluon decode kernel run with a TRACE buffer
 (kernels/decode_sm90.py: %globaltimer stamps at each program's start and, per task, its start, first KV block
-landed, loop end and epilogue end), after a read flush of L2.
+landed, loop end and epilogue end, and for a split chunk its partial stored, its arrival counted and the merge's
+first round summed: prefill_sm90._stamp), after a read flush of L2.
 
     python scripts/decode_timeline.py [CASE ...]      # cases as in bench.attention: 1x32768 16x4096 64x2048 ...
     python scripts/decode_timeline.py --chunk 704 1x32768    # the planner's chunk length forced
@@ -9,7 +10,8 @@ landed, loop end and epilogue end), after a read flush of L2.
 Prints, per case: the CUDA-graph time (bench.attention.gpu_time), the span of the stamps (first program start to
 last epilogue end), when programs start (median / max after the first), per-task phases (median / max): fetch
 (task start -> first block landed: task, Q, page ids, first KV block), loop, epilogue (merging ones apart), and
-the critical program's breakdown (the one that ends last).
+a split chunk's epilogue (store, arrival; the merging chunk's first merge round and the rest) and the critical
+program's breakdown (the one that ends last).
 """
 import sys
 
@@ -34,14 +36,20 @@ class _Traced:
 
 
 def phases(tr):
-    """Per task (program, round): (fetch, loop, epilogue) in us from a trace [programs, SLOTS] (ns, -1 unused)."""
+    """Per task (program, round) from a trace [programs, 1 + SLOTS * rounds] (ns, -1 unused; the slots:
+    prefill_sm90._stamp): (program, round, fetch, loop, epilogue, store, arrival, merge 1st round, merge rest) in
+    us; the last four NaN where the task is not a split chunk / not the merging one."""
     rows = []
+    k = decode_sm90.TRACE_SLOTS.value
     for p in range(tr.shape[0]):
-        for r in range((tr.shape[1] - 1) // 4):
-            t = tr[p, 1 + 4 * r: 5 + 4 * r]
-            if (t < 0).any():
+        for r in range((tr.shape[1] - 1) // k):
+            t = tr[p, 1 + k * r: 1 + k * (r + 1)].astype(np.float64)
+            if (t[:4] < 0).any():
                 break
-            rows.append((p, r, (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3))
+            t[t < 0] = np.nan
+            # store: loop end -> partial stored; arrival: -> counted; merge: -> first round summed -> epilogue end
+            rows.append((p, r, (t[1] - t[0]) / 1e3, (t[2] - t[1]) / 1e3, (t[3] - t[2]) / 1e3, (t[4] - t[2]) / 1e3,
+                         (t[5] - t[4]) / 1e3, (t[6] - t[5]) / 1e3, (t[3] - t[6]) / 1e3))
     return np.array(rows)
 
 
@@ -66,7 +74,7 @@ def main():
     cases = dict(DECODE_CASES)
     cases["1x1024"] = [1024]
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    slots = 1 + 4 * decode_sm90.TRACE_ROUNDS.value
+    slots = 1 + decode_sm90.TRACE_SLOTS.value * decode_sm90.TRACE_ROUNDS.value
     buf = torch.full((132 * 8, slots), -1, dtype=torch.int64, device="cuda")
     kernel = decode_sm90.decode_sm90_kernel
     for name in want:
@@ -91,7 +99,8 @@ def main():
             decode_sm90.decode_sm90_kernel = kernel
         tr = spans[-1]
         t0 = tr[:, 0].min()
-        ends = np.where(tr[:, 4::4] >= 0, tr[:, 4::4], 0).max(axis=1)
+        k = decode_sm90.TRACE_SLOTS.value
+        ends = np.where(tr[:, 4::k] >= 0, tr[:, 4::k], 0).max(axis=1)
         span = (ends.max() - t0) / 1e3
         starts = (tr[:, 0] - t0) / 1e3
         ph = phases(tr)
@@ -104,9 +113,19 @@ def main():
         for i, what in ((2, "fetch"), (3, "loop"), (4, "epilogue")):
             print(f"   {what:9s} median {np.median(ph[:, i]):6.2f}  p90 {np.percentile(ph[:, i], 90):6.2f}  "
                   f"max {ph[:, i].max():6.2f} us")
-        print(f"   program ending last (#{crit}): start {starts[crit]:.2f} us, tasks (fetch, loop, epilogue): "
-              + ", ".join(f"({a:.2f}, {b:.2f}, {c:.2f})" for a, b, c in mine[:, 2:]))
-        last_loop = np.where(tr[:, 3::4] >= 0, tr[:, 3::4], 0).max(axis=1)
+        # a split chunk's epilogue: its partial stored, its arrival counted; the merging chunk's merge (first
+        # round of partial states summed, then the rest and the output)
+        for i, what, rows in ((5, "store", ~np.isnan(ph[:, 5])), (6, "arrival", ~np.isnan(ph[:, 6])),
+                              (7, "merge 1st", ~np.isnan(ph[:, 7])), (8, "merge rest", ~np.isnan(ph[:, 7]))):
+            if rows.any():
+                v = ph[rows, i]
+                print(f"   {what:10s} median {np.median(v):5.2f}  p90 {np.percentile(v, 90):5.2f}  max {v.max():5.2f} us"
+                      f"  ({rows.sum()} tasks)")
+        print(f"   program ending last (#{crit}): start {starts[crit]:.2f} us, tasks (fetch, loop, epilogue; store, "
+              f"arrival, merge 1st, merge rest): "
+              + ", ".join("(" + ", ".join(f"{x:.2f}" for x in row[2:5]) + "; "
+                          + ", ".join("-" if np.isnan(x) else f"{x:.2f}" for x in row[5:]) + ")" for row in mine))
+        last_loop = np.where(tr[:, 3::k] >= 0, tr[:, 3::k], 0).max(axis=1)
         last_loop = last_loop[last_loop > 0]
         print(f"   last loop end {(last_loop.max() - t0) / 1e3:.2f} us; median program's last loop end "
               f"{(np.median(last_loop) - t0) / 1e3:.2f} us", flush=True)

@@ -41,8 +41,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    from .prefill_sm90 import (_cta_barrier, _epilogue, _issue_kv_load, _page_ids, _q_tile, _ws_schedule,
-                               _ws_task)
+    from .prefill_sm90 import (TRACE_ROUNDS, TRACE_SLOTS, _cta_barrier, _epilogue, _globaltimer, _issue_kv_load,
+                               _page_ids, _q_tile, _stamp, _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -93,18 +93,6 @@ if HAVE_GLUON:
         return gl.DistributedLinearLayout(t(ll.reg_bases), t(ll.lane_bases), t(ll.warp_bases), t(ll.block_bases),
                                           [ll.shape[1], ll.shape[0]])
 
-    TRACE_ROUNDS = gl.constexpr(6)  # rounds a TRACE buffer has room for (later rounds are not stamped)
-
-    @gluon.jit
-    def _globaltimer():
-        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
-                                         pack=1)
-
-    @gluon.jit
-    def _stamp(trace, rnd, k: gl.constexpr):
-        if rnd < TRACE_ROUNDS:
-            gl.store(trace + 1 + rnd * 4 + (k - 1), _globaltimer())
-
     @gluon.jit
     def _decode_task(WORK, rnd, tasks_per_item, n_hsplit, ok):
         """Round rnd's task (prefill_sm90._ws_task, item by item) and the fields of its work item that a decode
@@ -133,9 +121,10 @@ if HAVE_GLUON:
         (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
         SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). MERGE_ROWS: the
         query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M rows).
-        TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + 4 * TRACE_ROUNDS] of %globaltimer
-        stamps: the program's start, then per round its task's start, its first KV block landed, its loop's end
-        and its epilogue's end."""
+        TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + TRACE_SLOTS * TRACE_ROUNDS] of
+        %globaltimer stamps: the program's start, then per round its task's start, its first KV block landed, its
+        loop's end, its epilogue's end, and for a split chunk its partial stored, its arrival counted and (the
+        merging chunk) its merge's first round summed (prefill_sm90._stamp)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -179,7 +168,7 @@ if HAVE_GLUON:
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
         if TRACE is not None:
-            trace = TRACE + gl.program_id(0) * (1 + 4 * TRACE_ROUNDS)
+            trace = TRACE + gl.program_id(0) * (1 + TRACE_SLOTS * TRACE_ROUNDS)
             gl.store(trace, _globaltimer())
         for rnd in range(0, n_rounds):
             if TRACE is not None:
@@ -275,6 +264,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

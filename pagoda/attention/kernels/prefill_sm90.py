@@ -62,6 +62,23 @@ except ImportError:  # other Triton versions: the Triton kernel serves every pla
     HAVE_GLUON = False
 
 if HAVE_GLUON:
+    # In-kernel timeline probes (decode_sm90's TRACE; scripts/decode_timeline.py): %globaltimer stamps, per program
+    # its start then TRACE_SLOTS per round: 1 task start, 2 first KV block landed, 3 loop end, 4 epilogue end,
+    # 5 a split chunk's partial state stored (issued), 6 its arrival counted, 7 the merging chunk's first round of
+    # partial states summed (slots 5-7 stay -1 where a task does not get there).
+    TRACE_ROUNDS = gl.constexpr(6)  # rounds a TRACE buffer has room for (later rounds are not stamped)
+    TRACE_SLOTS = gl.constexpr(7)
+
+    @gluon.jit
+    def _globaltimer():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def _stamp(trace, rnd, k: gl.constexpr):
+        if rnd < TRACE_ROUNDS:
+            gl.store(trace + 1 + rnd * TRACE_SLOTS + (k - 1), _globaltimer())
+
 
     @gluon.jit
     def _issue_kv_load(K, V, k_smem, v_smem, kv_base, start, kv_end, k_head_off, v_head_off,
@@ -207,7 +224,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
-                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr):
+                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0):
         """_merge_partials for a tile of one query token (decode: chunk c's partial is row first + c) and only its
         ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
         online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
@@ -244,6 +261,9 @@ if HAVE_GLUON:
             alpha_a = gl.convert_layout(alpha, gl.SliceLayout(1, A_L))
             acc = acc * gl.expand_dims(alpha_a, 1) + gl.sum(gl.expand_dims(w, 2) * v, 0)
             m = m_new
+            if trace is not None:
+                if c0 == 0:
+                    _stamp(trace, rnd, 7)
         empty = d == 0.0
         d_safe = gl.where(empty, 1.0, d)
         qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
@@ -269,12 +289,13 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
-        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query)."""
+        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
+        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -301,15 +322,20 @@ if HAVE_GLUON:
             first = gl.load(SPLITS + split * 2)
             n_chunks = gl.load(SPLITS + split * 2 + 1)
             arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
+            if trace is not None:
+                _stamp(trace, rnd, 5)
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-            if gl.atomic_add(arrival, 1) == n_chunks - 1:
+            arrived = gl.atomic_add(arrival, 1)
+            if trace is not None:
+                _stamp(trace, rnd, 6)
+            if arrived == n_chunks - 1:
                 # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
                 # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
                 gl.store(arrival, 0)
                 if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE)
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
                 else:
                     _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
                                     group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
