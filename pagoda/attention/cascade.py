@@ -27,7 +27,7 @@ import triton
 
 from . import reference
 from .kernels.attention import merge_states_kernel, merge_two_kernel
-from .formats import check_indptr, to_host_array
+from .formats import check_indptr, not_planned, to_host_array
 from .plan import _segment_index
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
 
@@ -159,6 +159,7 @@ class MultiLevelCascadeAttentionWrapper:
             raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
         if paged_kv_indices_buf_arr is not None and len(paged_kv_indices_buf_arr) != num_levels:
             raise ValueError(f"paged_kv_indices_buf_arr must have num_levels ({num_levels}) buffers")
+        self._planned = False  # (every level planned by the last plan(): run() checks it)
         self._levels = [
             BatchPrefillWithPagedKVCacheWrapper(
                 float_workspace_buffer, kv_layout, use_cuda_graph,
@@ -194,6 +195,7 @@ class MultiLevelCascadeAttentionWrapper:
             if nnz is not None and qo_host[-1] != nnz:
                 raise ValueError(f"qo_indptr_arr[{i}] covers {qo_host[-1]} queries, level 0 covers {nnz}")
             nnz = qo_host[-1]
+        self._planned = False  # (a level whose plan() raises leaves the wrapper unplanned)
         for i, w in enumerate(self._levels):
             w.plan(qo_indptr_arr[i], paged_kv_indptr_arr[i], paged_kv_indices_arr[i], paged_kv_last_page_len[i],
                    num_qo_heads, num_kv_heads, head_dim, page_size, causal=causal and i == n - 1,
@@ -202,6 +204,7 @@ class MultiLevelCascadeAttentionWrapper:
             # levels after the first merge into the running (out, lse) in their kernel's epilogue where the
             # plan runs the Triton kernel (not the sm_90 prefill kernel or the reference path)
             w._merge_out = i > 0 and w._can_merge_into_out()
+        self._planned = True
 
     begin_forward = plan
 
@@ -210,6 +213,8 @@ class MultiLevelCascadeAttentionWrapper:
         """q: [nnz, num_qo_heads, head_dim]; paged_kv_cache as in the batch wrappers (one pool for
         all levels). Returns out like q (and lse [nnz, num_qo_heads], base 2, when return_lse).
         k_scale / v_scale: dequantization scales of an fp8 cache (as in the batch wrappers)."""
+        if not self._planned:
+            raise not_planned(self)
         sc = dict(k_scale=k_scale, v_scale=v_scale)
         out, lse = self._levels[0].run(q, paged_kv_cache, out=out, lse=lse, return_lse=True, **sc)
         for w in self._levels[1:]:

@@ -19,6 +19,15 @@ FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MAX_PAGE_SIZE = 128
 
 
+class NotPlannedError(ValueError, RuntimeError):
+    """run() called before plan(): a ValueError, as every misuse of the API is, and a RuntimeError, as it was
+    before (and as FlashInfer's wrappers fail), so that either ``except`` catches it."""
+
+
+def not_planned(wrapper) -> NotPlannedError:
+    return NotPlannedError(f"{type(wrapper).__name__}.run() called before plan(): call plan() first")
+
+
 def to_host_array(name: str, x, length: int | None = None) -> np.ndarray:
     """A 1-D integer tensor/sequence as an int64 NumPy array (copies device tensors)."""
     if isinstance(x, torch.Tensor):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import reference
-from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale
+from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale, not_planned
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
                                 attention_kernel)
@@ -521,7 +521,7 @@ class BatchAttention:
     # -- run -----------------------------------------------------------------------
     def _require_plan(self) -> PlanState:
         if self._plan is None:
-            raise RuntimeError(f"{type(self).__name__}.run() called before plan(): call plan() first")
+            raise not_planned(self)
         return self._plan
 
     def _check_q(self, q: torch.Tensor, p: PlanState) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import check_indptr, to_host_array
+from .formats import check_indptr, not_planned, to_host_array
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
 
 
@@ -125,7 +125,7 @@ class BlockSparseAttentionWrapper:
             lse: torch.Tensor | None = None, return_lse: bool = False):
         """q [M, num_qo_heads, D], k / v [N, num_kv_heads, D] -> out like q (and lse [M, heads], base 2)."""
         if self._shape is None:
-            raise RuntimeError("BlockSparseAttentionWrapper.run() called before plan(): call plan() first")
+            raise not_planned(self)
         M, N, C, hk, d = self._shape
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (N, hk, d):
@@ -212,7 +212,7 @@ class VariableBlockSparseAttentionWrapper:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False):
         if self._shape is None:
-            raise RuntimeError("VariableBlockSparseAttentionWrapper.run() called before plan(): call plan() first")
+            raise not_planned(self)
         hq, hk, qo_len, kv_len, d, group = self._shape
         if not isinstance(q, torch.Tensor) or tuple(q.shape) != (hq, qo_len, d):
             raise ValueError(f"q must be [{hq}, {qo_len}, {d}] (HND), got {tuple(getattr(q, 'shape', ()))}")

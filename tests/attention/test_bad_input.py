@@ -24,10 +24,24 @@ def plan(w, b, **kw):
     w.plan(**args)
 
 
-def test_run_before_plan():
-    w = decode_wrapper()
-    with pytest.raises(RuntimeError, match="before plan"):
-        w.run(torch.randn(2, 4, 64, dtype=torch.float16, device=DEVICE), torch.zeros(1, 2, 4, 2, 64))
+@pytest.mark.parametrize("catch", [ValueError, RuntimeError])
+@pytest.mark.parametrize("make", ["decode", "prefill", "cascade", "block_sparse", "variable_block_sparse"])
+def test_run_before_plan(make, catch):
+    """run() before plan() raises an error naming the wrapper that is both a ValueError (as every misuse of the
+    API) and a RuntimeError (as before, and as FlashInfer's wrappers fail)."""
+    ws = torch.empty(1 << 20, dtype=torch.uint8, device=DEVICE)
+    q = torch.randn(2, 4, 64, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(1, 2, 4, 2, 64, dtype=torch.float16, device=DEVICE)
+    w, args = {
+        "decode": (lambda: decode_wrapper(), (q, cache)),
+        "prefill": (lambda: pagoda.BatchPrefillWithPagedKVCacheWrapper(ws), (q, cache)),
+        "cascade": (lambda: pagoda.MultiLevelCascadeAttentionWrapper(2, ws), (q, cache)),
+        "block_sparse": (lambda: pagoda.BlockSparseAttentionWrapper(ws), (q, q, q)),
+        "variable_block_sparse": (lambda: pagoda.VariableBlockSparseAttentionWrapper(ws), (q, q, q)),
+    }[make]
+    w = w()
+    with pytest.raises(catch, match=f"{type(w).__name__}.run\\(\\) called before plan"):
+        w.run(*args)
 
 
 @pytest.mark.parametrize("kw, match", [
