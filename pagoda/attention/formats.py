@@ -63,8 +63,18 @@ def check_indptr(name: str, x, length: int | None = None) -> np.ndarray:
     return arr
 
 
+def check_int(name: str, value) -> int:
+    """An integer argument (a Python or NumPy int, not a bool / float / string): ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def check_heads(num_qo_heads: int, num_kv_heads: int, head_dim: int, any_head_dim: bool = False) -> None:
     """any_head_dim: the PyTorch reference path takes any head_dim >= 1 (the kernels: 64, 128, 256)."""
+    check_int("num_qo_heads", num_qo_heads)
+    check_int("num_kv_heads", num_kv_heads)
+    check_int("head_dim", head_dim)
     if num_kv_heads < 1 or num_qo_heads < 1:
         raise ValueError(f"num_qo_heads and num_kv_heads must be >= 1, got {num_qo_heads}, {num_kv_heads}")
     if num_qo_heads % num_kv_heads != 0:
@@ -141,7 +151,7 @@ def check_kv_layout(kv_layout: str) -> str:
 
 def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int) -> np.ndarray:
     """Tokens per request of a paged cache; validates last_page_len."""
-    if not 1 <= page_size <= MAX_PAGE_SIZE:
+    if not 1 <= check_int("page_size", page_size) <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
     num_pages = np.diff(indptr)
     if not len(num_pages):
@@ -166,7 +176,7 @@ def check_paged_lens(indptr, last_page_len, page_size: int, names=("indptr", "la
             and indptr.device.type == "cpu" and last_page_len.device.type == "cpu"
             and indptr.dtype in (torch.int32, torch.int64) and last_page_len.dtype in (torch.int32, torch.int64)
             and indptr.dim() == 1 and last_page_len.dim() == 1 and indptr.shape[0] == last_page_len.shape[0] + 1
-            and indptr.shape[0] > 1 and 1 <= page_size <= MAX_PAGE_SIZE
+            and indptr.shape[0] > 1 and type(page_size) is int and 1 <= page_size <= MAX_PAGE_SIZE
             and (length is None or indptr.shape[0] == length)):
         ip = indptr.numpy().astype(np.int64)  # (integer tensors carry no autograd history: no detach)
         last = last_page_len.numpy()

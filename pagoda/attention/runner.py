@@ -272,18 +272,21 @@ class BatchAttention:
         decode wrapper does; otherwise it is found here, once, for the planner."""
         # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
         pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
-                kv_data_type)
+                kv_data_type, type(num_qo_heads), type(num_kv_heads), type(head_dim))  # (4.0 == 4: the types too)
         try:
             same = self._checked is not None and bool(self._checked[0] == pkey)
         except (TypeError, ValueError, RuntimeError):  # e.g. a tensor where a number belongs: check it
             same = False
         if same:
-            q_dtype, kv_dtype, sm_scale, cap = self._checked[1]
+            q_dtype, kv_dtype, sm_scale, cap, num_qo_heads, num_kv_heads, head_dim = self._checked[1]
         else:
             q_dtype, kv_dtype, sm_scale, cap = self._check_params(
                 num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type)
-            self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap))
+            # (NumPy ints pass the checks: plain ints from here on, for the launches)
+            num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
+            self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap, num_qo_heads, num_kv_heads, head_dim))
+        page_size = int(page_size)  # (checked by the caller: check_paged_lens; a NumPy int becomes a plain one)
         qo_lens = None
         if not one_query:
             qo_lens = np.diff(qo_indptr)

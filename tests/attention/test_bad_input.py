@@ -1,4 +1,5 @@
 """Bad input gets a clear exception naming the argument."""
+import numpy as np
 import pytest
 import torch
 
@@ -61,10 +62,24 @@ def test_run_before_plan(make, catch):
     ({"logits_soft_cap": -1.0}, "logits_soft_cap"),
     ({"sm_scale": float("nan")}, "sm_scale"),
     ({"indptr": torch.tensor([0.0, 3.0, 8.0])}, "indptr must be an integer"),
+    ({"num_qo_heads": 4.0}, "num_qo_heads must be an int"),
+    ({"num_kv_heads": "2"}, "num_kv_heads must be an int"),
+    ({"head_dim": None}, "head_dim must be an int"),
+    ({"page_size": "4"}, "page_size must be an int"),
+    ({"page_size": 4.0}, "page_size must be an int"),
 ])
 def test_plan_rejects(batch, kw, match):
     with pytest.raises(ValueError, match=match):
         plan(decode_wrapper(), batch, **kw)
+
+
+def test_plan_checks_scalars_again_when_only_their_type_changes(batch):
+    """plan() checks its scalar parameters once while they repeat; 4.0 == 4, so the types count as a change."""
+    w = decode_wrapper()
+    plan(w, batch)
+    with pytest.raises(ValueError, match="num_qo_heads must be an int"):
+        plan(w, batch, num_qo_heads=4.0)
+    plan(w, batch, num_qo_heads=np.int64(4))  # (NumPy ints are ints)
 
 
 def test_run_rejects_mismatches(batch):
