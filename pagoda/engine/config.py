@@ -128,6 +128,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        for name in ("stop", "stop_token_ids"):  # None, a string (stop) or a list / tuple of them
+            v = getattr(self, name)
+            if not (v is None or isinstance(v, (list, tuple)) or (name == "stop" and isinstance(v, str))):
+                raise ValueError(f"SamplingParams.{name} must be "
+                                 f"{'a string or ' if name == 'stop' else ''}a list, got {v!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -144,7 +149,10 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "an integer in 0..20"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) for t in self.stop_token_ids), "integers"),
+            ("stop_token_ids", all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                   for t in self.stop_token_ids), "integers >= 0"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
         ]
         for name, ok, what in checks:
             if not ok:

@@ -118,8 +118,9 @@ class LLMEngine:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         # a sliding-window model serves its whole position range: the kernels apply the window (window_left)
         limit = config.max_position_embeddings
-        self.max_model_len = max_model_len or limit
-        if self.max_model_len > limit or self.max_model_len < 2:
+        self.max_model_len = limit if max_model_len is None else max_model_len
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or not (
+                2 <= self.max_model_len <= limit):
             raise ValueError(f"max_model_len must be in 2..{limit} for this model, got {max_model_len}")
         if attention_backend is None:
             attention_backend = "pagoda"
@@ -399,6 +400,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string, a list of token ids, or a list of those, got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
@@ -443,7 +447,27 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts (or a list of such "
+                             f"lists), got {messages!r:.80}")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        for i, conv in enumerate(convs):
+            if not isinstance(conv, (list, tuple)) or not conv:
+                raise ValueError(f"conversation {i} must be a non-empty list of messages, got {conv!r:.80}")
+            msgs = []
+            for j, m in enumerate(conv):
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, list):  # OpenAI-style parts: the text ones, as the server takes them
+                    if not all(isinstance(part, dict) for part in content):
+                        content = 0  # (rejected below)
+                    else:
+                        content = "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and (content is None or isinstance(content, str))):
+                    raise ValueError(f"message {j} of conversation {i} must be a dict with a string 'role' and a "
+                                     f"string (or text parts) 'content', got {m!r:.80}")
+                msgs.append(dict(m, content=content or ""))
+            convs[i] = msgs
         prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=add_generation_prompt)
                    for c in convs]
         prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]

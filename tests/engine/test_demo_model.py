@@ -60,6 +60,20 @@ def test_chat_uses_the_template(llm):
     assert "def " in out.outputs[0].text
 
 
+def test_chat_messages_are_checked_and_text_parts_taken(llm):
+    """chat() names what is wrong with its messages (ValueError), and takes OpenAI-style text parts as the server
+    does: the same prompt as the plain string."""
+    sp = pagoda.SamplingParams(max_tokens=2, temperature=0)
+    for bad, match in (("hi", "messages must be"), ([], "messages must be"), ([{"role": "user", "content": 5}],
+                       "message 0 of conversation 0"), ([[{"role": "user", "content": "a"}], "b"], "conversation 1")):
+        with pytest.raises(ValueError, match=match):
+            llm.chat(bad, sp, use_tqdm=False)
+    plain = llm.chat([{"role": "user", "content": "Say hi."}], sp, use_tqdm=False)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]}],
+                     sp, use_tqdm=False)[0]
+    assert parts.prompt_token_ids == plain.prompt_token_ids
+
+
 def test_cli_generate():
     r = subprocess.run([sys.executable, "-m", "pagoda", "generate", "def add(a, b):", "--max-tokens", "16"],
                        capture_output=True, text=True, timeout=300)

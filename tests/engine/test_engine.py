@@ -143,11 +143,17 @@ def test_bad_requests(tiny_models, tmp_path):
         llm.generate([[]], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate(["text needs a tokenizer"], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompts must be"):
+        llm.generate(5, greedy(), use_tqdm=False)
     for field, value in (("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0), ("n", 0),
-                         ("min_p", 1.5), ("logprobs", 50)):
+                         ("min_p", 1.5), ("logprobs", 50), ("stop", 5), ("stop_token_ids", 7),
+                         ("stop_token_ids", [-1]), ("ignore_eos", "yes")):
         with pytest.raises(ValueError, match=field):
             pagoda.SamplingParams(**{field: value})
     assert llm.engine.pool.num_free == llm.engine.pool.usable  # nothing half-admitted
+    for bad_len in (0, 1.5, 10**6):
+        with pytest.raises(ValueError, match="max_model_len"):
+            make_llm(path, max_model_len=bad_len)
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     cfg = json.loads((bad / "config.json").read_text())
