@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -56,12 +57,26 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
+    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    min_tokens: int = 0
+    use_beam_search: bool = False
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -75,6 +90,37 @@ class ChatRequest(_Common):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+def unsupported(req: _Common) -> None:
+    """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
+    neutral values): a client asking for penalties, biases, tools or a response format must not get an answer
+    generated without them."""
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+               "use_beam_search": False}
+    for name, value in neutral.items():
+        if getattr(req, name) != value:
+            raise APIError(400, f"{name} is not supported by this server (pagoda); leave it at {value}", param=name)
+    for name in ("logit_bias", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "suffix", "tools",
+                 "functions", "function_call"):
+        if getattr(req, name, None):
+            raise APIError(400, f"{name} is not supported by this server (pagoda)", param=name)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of (other than n) is not supported by this server (pagoda), got {req.best_of}",
+                       param="best_of")
+    choice = getattr(req, "tool_choice", None)
+    if choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice {choice!r} is not supported by this server (pagoda): it has no tool calling",
+                       param="tool_choice")
+    fmt = getattr(req, "response_format", None)
+    if fmt and fmt.get("type", "text") != "text":
+        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported by this server (pagoda)",
+                       param="response_format")
 
 
 def _params(req: _Common, logprobs: int | None, default_max: int) -> SamplingParams:
@@ -101,6 +147,15 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     async def _api_error(request: Request, e: APIError):
         metrics.requests.labels(status=str(e.status)).inc()
         return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        # unknown routes (404), wrong methods (405), ...: the same OpenAI-style error body as every other error
+        metrics.requests.labels(status=str(e.status_code)).inc()
+        detail = e.detail if isinstance(e.detail, str) else str(e.detail)
+        return error_response(APIError(e.status_code, f"{detail}: {request.method} {request.url.path}",
+                                       type_="not_found_error" if e.status_code == 404 else "invalid_request_error",
+                                       headers=getattr(e, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
@@ -203,6 +258,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req.model)
+        unsupported(req)
         p = req.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
             prompts = [p]
@@ -321,6 +377,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         check_model(req.model)
+        unsupported(req)
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", param="messages")
         msgs = []

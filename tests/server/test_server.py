@@ -156,10 +156,27 @@ def test_error_paths_keep_serving(server, client):
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    # parameters that would change the answer and that pagoda does not implement: a 400 naming them, not ignored
+    for url, extra in (("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}),
+                       ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}),
+                       ("/v1/completions", {"prompt": "x", "suffix": "y"}),
+                       ("/v1/completions", {"prompt": "x", "best_of": 3}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "response_format": {"type": "json_object"}}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "tools": [{"type": "function", "function": {"name": "f"}}]})):
+        r = httpx.post(server + url, json={"model": MODEL, "max_tokens": 2, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == next(k for k in extra if k not in ("prompt", "messages")), r.text
+    for extra in ({"presence_penalty": 0.0, "best_of": 1}, {"logit_bias": {}, "frequency_penalty": 0}):  # neutral
+        r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
     r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert r.status_code == 400
     r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    for r, status in ((httpx.post(server + "/v1/nothing", json={}), 404), (httpx.get(server + "/v1/completions"), 405)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
     assert httpx.get(server + "/health").status_code == 200
     assert metric(server, 'pagoda_requests_total{status="400"}') >= 5
 
