@@ -126,6 +126,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's / OpenAI's logit processors (after the positional fields above, which follow the serving issue's order):
+    # presence / frequency penalties subtract p per token already generated / f per time it was generated,
+    # repetition_penalty divides (positive logits) or multiplies (negative) the logit of every token in the prompt
+    # or the output (as transformers' RepetitionPenaltyLogitsProcessor), logit_bias adds to given token ids
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         for name in ("stop", "stop_token_ids"):  # None, a string (stop) or a list / tuple of them
@@ -152,6 +160,13 @@ class SamplingParams:
             ("stop_token_ids", all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                    for t in self.stop_token_ids), "integers >= 0"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("repetition_penalty", _num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+             "a number > 0"),
+            ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _num(b) and -100 <= b <= 100
+                for t, b in self.logit_bias.items())), "a dict of token ids >= 0 to numbers in [-100, 100]"),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
         ]
         for name, ok, what in checks:
@@ -161,6 +176,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty or logit bias changes the logits before sampling (sampler._penalized)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 def _num(x) -> bool:

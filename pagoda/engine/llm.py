@@ -186,6 +186,9 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:
+            raise ValueError(f"logit_bias token ids must be in 0..{self.config.vocab_size - 1}, got "
+                             f"{max(params.logit_bias)}")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}, got {bad[:4]}")
@@ -295,9 +298,12 @@ class LLMEngine:
         if prepared is None:
             return
         sched = self.scheduler
+        # (penalties read each request's tokens so far, which a step launched ahead would not have: such batches
+        # are prepared, and launched once the pending step's tokens are in)
         steady = (not sched.waiting and len(sched.running) == len(reqs) and len(reqs) <= sched.budget
                   and set(map(id, sched.running)) == set(map(id, reqs))
-                  and not all(self._reaches_length(r, 1) for r in reqs))
+                  and not all(self._reaches_length(r, 1) for r in reqs)
+                  and not any(r.params.penalized for r in reqs))
         if not steady:
             self._prepared = prepared
             return

@@ -68,11 +68,59 @@ def _device_tensor(values, dtype, device) -> torch.Tensor:
     return t
 
 
+def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
+    """logits with the requests' penalties and logit biases applied (SamplingParams.penalized; a copy where
+    any row has one: the logprobs stay those of the model's distribution). The counts come from each request's
+    tokens so far on the host (the engine launches no step ahead for such requests)."""
+    rows = [i for i, r in enumerate(requests) if r.params.penalized]
+    if not rows:
+        return logits
+    dev, vocab = logits.device, logits.shape[1]
+    logits = logits.clone()
+    sub = logits[_device_tensor(rows, torch.long, dev)] if len(rows) < len(requests) else logits
+    k = len(rows)
+    reqs = [requests[i] for i in rows]
+    out_r, out_t, all_r, all_t, bias_r, bias_t, bias_v = [], [], [], [], [], [], []
+    for j, r in enumerate(reqs):
+        p = r.params
+        if p.presence_penalty or p.frequency_penalty:
+            out_r += [j] * len(r.output_token_ids)
+            out_t += r.output_token_ids
+        if p.repetition_penalty != 1.0:
+            all_r += [j] * (len(r.prompt_token_ids) + len(r.output_token_ids))
+            all_t += r.prompt_token_ids + r.output_token_ids
+        if p.logit_bias:
+            bias_r += [j] * len(p.logit_bias)
+            bias_t += list(p.logit_bias)
+            bias_v += [float(b) for b in p.logit_bias.values()]
+    if all_t:  # transformers' RepetitionPenaltyLogitsProcessor: every token of the prompt and the output, once
+        rp = _device_tensor([r.params.repetition_penalty for r in reqs], torch.float32, dev)[:, None]
+        seen = torch.zeros(k, vocab, dtype=torch.bool, device=dev)
+        seen[_device_tensor(all_r, torch.long, dev), _device_tensor(all_t, torch.long, dev)] = True
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    if out_t:  # OpenAI's presence / frequency penalties over the tokens generated so far
+        counts = torch.zeros(k, vocab, dtype=torch.float32, device=dev)
+        counts.index_put_((_device_tensor(out_r, torch.long, dev), _device_tensor(out_t, torch.long, dev)),
+                          torch.ones(len(out_t), device=dev), accumulate=True)
+        pres = _device_tensor([float(r.params.presence_penalty) for r in reqs], torch.float32, dev)[:, None]
+        freq = _device_tensor([float(r.params.frequency_penalty) for r in reqs], torch.float32, dev)[:, None]
+        sub = sub - freq * counts - pres * (counts > 0)
+    if bias_t:
+        sub = sub.index_put((_device_tensor(bias_r, torch.long, dev), _device_tensor(bias_t, torch.long, dev)),
+                            _device_tensor(bias_v, torch.float32, dev), accumulate=True)
+    if len(rows) < len(requests):
+        logits[_device_tensor(rows, torch.long, dev)] = sub
+        return logits
+    return sub
+
+
 def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None) -> Sampled:
     """Queue the sampling of logits [n, vocab] float32 for n requests on the device; no read-back, and no
-    copy that waits for the forward (so the host can prepare the next step meanwhile)."""
+    copy that waits for the forward (so the host can prepare the next step meanwhile). Penalties and logit
+    biases (SamplingParams) change the distribution sampled from, not the logprobs reported."""
     n = logits.shape[0]
     dev = logits.device
+    model_logits, logits = logits, _penalized(logits, requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     if len(greedy) == n:  # all greedy (the common serving case): one launch, no index tensors
         out = pagoda.greedy_sample(logits)
@@ -95,7 +143,7 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
     chosen = top_v = top_i = None
     if want:
         wi = _device_tensor(want, torch.long, dev)
-        lp = torch.log_softmax(logits[wi], -1)
+        lp = torch.log_softmax(model_logits[wi], -1)
         kmax = max(requests[i].params.logprobs for i in want)
         if kmax:
             top_v, top_i = lp.topk(kmax, dim=-1)

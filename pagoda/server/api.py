@@ -57,12 +57,12 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
-    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = 1.0  # (vLLM's extension)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias
+    # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
+    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
     best_of: int | None = None
     min_tokens: int = 0
     use_beam_search: bool = False
@@ -99,14 +99,13 @@ class ChatRequest(_Common):
 
 def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
-    neutral values): a client asking for penalties, biases, tools or a response format must not get an answer
-    generated without them."""
-    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
-               "use_beam_search": False}
+    neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
+    answer generated without them."""
+    neutral = {"min_tokens": 0, "use_beam_search": False}
     for name, value in neutral.items():
         if getattr(req, name) != value:
             raise APIError(400, f"{name} is not supported by this server (pagoda); leave it at {value}", param=name)
-    for name in ("logit_bias", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "suffix", "tools",
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "suffix", "tools",
                  "functions", "function_call"):
         if getattr(req, name, None):
             raise APIError(400, f"{name} is not supported by this server (pagoda)", param=name)
@@ -125,11 +124,20 @@ def unsupported(req: _Common) -> None:
 
 def _params(req: _Common, logprobs: int | None, default_max: int) -> SamplingParams:
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(t): b for t, b in req.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {list(req.logit_bias)[:4]}",
+                           param="logit_bias") from None
     try:
         return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               min_p=req.min_p, seed=req.seed, max_tokens=max_tokens if max_tokens is not None
                               else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                              logit_bias=bias)
     except ValueError as e:
         msg = str(e)
         field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
@@ -194,7 +202,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(503, f"The server is overloaded ({e}); retry later.", type_="server_error",
                            code="overloaded", headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
+            raise APIError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else "prompt") from None
         except EngineDead as e:
             raise APIError(500, str(e), type_="server_error") from None
         return first, gen

@@ -354,3 +354,81 @@ def test_kv_pool_counts_memory_cached_by_pytorch(monkeypatch):
     assert base - used == -(-2 * gib // page_bytes) or base - used == 2 * gib // page_bytes
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         pages(60 * gib, 17 * gib, 17 * gib, util=0.25)
+
+
+def _penalized_reference(logits, prompt, output, p):
+    """The logit processors of SamplingParams written plainly, in float64, on one row."""
+    x = logits.double().clone()
+    if p.repetition_penalty != 1.0:
+        for t in set(prompt + output):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    return x
+
+
+def test_penalties_and_logit_bias_in_the_sampler():
+    """sampler._penalized over a batch mixing plain and penalized rows, against the plain float64 reference;
+    the plain rows are untouched and the caller's logits too (logprobs report the model's distribution)."""
+    import types
+
+    import torch
+
+    from pagoda.engine.sampler import _penalized
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    logits = torch.randn(4, vocab, generator=g) * 3
+    before = logits.clone()
+    P = pagoda.SamplingParams
+    rows = [([1, 2, 3], [4, 4, 9], P(presence_penalty=0.5, frequency_penalty=0.25)),
+            ([7, 7, 8], [], P()),
+            ([5, 6], [6, 10, 10, 10], P(repetition_penalty=1.5, frequency_penalty=-0.5, logit_bias={11: 3.0, 6: -2})),
+            ([2], [3, 2], P(repetition_penalty=0.7, presence_penalty=-1.0, logit_bias={0: 100}))]
+    reqs = [types.SimpleNamespace(prompt_token_ids=a, output_token_ids=b, params=p) for a, b, p in rows]
+    got = _penalized(logits, reqs)
+    assert torch.equal(logits, before)
+    for i, (a, b, p) in enumerate(rows):
+        want = _penalized_reference(before[i], a, b, p)
+        assert torch.allclose(got[i].double(), want, rtol=1e-6, atol=1e-5), i
+    assert _penalized(logits, [reqs[1]] * 4) is logits  # nothing penalized: no copy
+
+
+def test_penalties_match_a_step_by_step_reference(tiny_models):
+    """Greedy generation with penalties and a logit bias through the whole engine (batched with a plain request,
+    paged cache, CUDA-graph-free CPU path) against transformers' forward with the same logit processors applied by
+    hand each step; repetition_penalty alone against transformers' own generate(repetition_penalty=...)."""
+    import torch
+
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path)
+    prompt = [5, 17, 99, 3, 250, 41, 7]
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, presence_penalty=1.5,
+                               frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={13: 2.0, 99: -5.0})
+    outs = llm.generate([prompt, [11] * 3], [sp, greedy(12)], use_tqdm=False)
+    # no step of a penalized batch was launched ahead of its previous step's tokens (which the penalties read)
+    assert llm.engine.stats.ahead_steps == 0 and llm.engine.stats.steps >= 12
+    llm.generate([prompt, [11] * 3], greedy(12), use_tqdm=False)
+    assert llm.engine.stats.ahead_steps > 0  # (while plain batches are)
+    want = []
+    with torch.no_grad():
+        for _ in range(12):
+            row = hf(torch.tensor([prompt + want])).logits[0, -1]
+            want.append(int(_penalized_reference(row, prompt, want, sp).argmax()))
+    assert outs[0].outputs[0].token_ids == want
+    assert outs[1].outputs[0].token_ids == hf_greedy(hf, [11] * 3, 12)
+    rp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    got = llm.generate([prompt], rp, use_tqdm=False)[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=1.3,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == ref
+    assert got != hf_greedy(hf, prompt, 12)  # (the penalty changed something: the test can fail)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate([prompt], pagoda.SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)
+    for field, value in (("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
+                         ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 500})):
+        with pytest.raises(ValueError, match=field):
+            pagoda.SamplingParams(**{field: value})

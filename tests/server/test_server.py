@@ -157,8 +157,7 @@ def test_error_paths_keep_serving(server, client):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     # parameters that would change the answer and that pagoda does not implement: a 400 naming them, not ignored
-    for url, extra in (("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}),
-                       ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}),
+    for url, extra in (("/v1/completions", {"prompt": "x", "min_tokens": 3}),
                        ("/v1/completions", {"prompt": "x", "suffix": "y"}),
                        ("/v1/completions", {"prompt": "x", "best_of": 3}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -168,9 +167,25 @@ def test_error_paths_keep_serving(server, client):
         r = httpx.post(server + url, json={"model": MODEL, "max_tokens": 2, **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == next(k for k in extra if k not in ("prompt", "messages")), r.text
-    for extra in ({"presence_penalty": 0.0, "best_of": 1}, {"logit_bias": {}, "frequency_penalty": 0}):  # neutral
+    for extra in ({"presence_penalty": 0.0, "best_of": 1}, {"logit_bias": {}, "min_tokens": 0}):  # neutral
         r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
         assert r.status_code == 200, (extra, r.text)
+    # penalties and logit_bias are honoured (tests/engine: against a reference); a bias of +100 on one token makes
+    # greedy decoding pick it every time, and bad values name the field
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4,
+                                                     "temperature": 0, "logit_bias": {"42": 100},
+                                                     "presence_penalty": 0.5, "frequency_penalty": 0.1,
+                                                     "repetition_penalty": 1.1, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    from transformers import AutoTokenizer
+
+    from pagoda.engine.loader import DEMO_MODEL
+
+    assert r.json()["choices"][0]["logprobs"]["tokens"] == [AutoTokenizer.from_pretrained(DEMO_MODEL).decode([42])] * 4
+    for extra, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                         ({"presence_penalty": 5}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty")):
+        r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert r.status_code == 400
     r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
