@@ -70,6 +70,21 @@ def check_int(name: str, value) -> int:
     return int(value)
 
 
+def check_qo_indptr(name: str, x) -> tuple[np.ndarray, np.ndarray, bool]:
+    """check_indptr for a query indptr, with what the planner needs of it from the same pass: (indptr as int64,
+    query rows per request, whether every request has exactly one: a decode step, which the engine plans through
+    the prefill wrapper)."""
+    arr = to_host_array(name, x)
+    if arr.shape[0] < 2:
+        return check_indptr(name, arr), np.zeros(0, dtype=np.int64), False
+    lens = arr[1:] - arr[:-1]
+    lo = int(lens.min())
+    if lo < 0 or arr[0] < 0:
+        check_indptr(name, arr)  # (raises, with its message)
+    # every length >= 1 and their sum the request count: all ones (no max() pass)
+    return arr, lens, lo >= 1 and int(arr[-1] - arr[0]) == lens.shape[0]
+
+
 def check_heads(num_qo_heads: int, num_kv_heads: int, head_dim: int, any_head_dim: bool = False) -> None:
     """any_head_dim: the PyTorch reference path takes any head_dim >= 1 (the kernels: 64, 128, 256)."""
     check_int("num_qo_heads", num_qo_heads)

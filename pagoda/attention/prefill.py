@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import (check_indptr, check_kv_layout, check_page_indices, paged_cache_geometry, check_paged_lens,
-                      paged_strides, unpack_paged_kv_cache)
+from .formats import (check_indptr, check_kv_layout, check_page_indices, check_paged_lens, check_qo_indptr,
+                      paged_cache_geometry, paged_strides, unpack_paged_kv_cache)
 from .reference import gather_paged_kv
 from .runner import BatchAttention
 
@@ -57,12 +57,13 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
         combined with causal / window_left when given); packed_custom_mask: the same bits packed
         little-endian per request (pagoda.segment_packbits), request b starting at byte mask_indptr[b]."""
         _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
-        qo = check_indptr("qo_indptr", qo_indptr)
+        qo, qo_lens, one_query = check_qo_indptr("qo_indptr", qo_indptr)
         batch = qo.shape[0] - 1
         kv_indptr, kv_lens = check_paged_lens(paged_kv_indptr, paged_kv_last_page_len, page_size,
                                               ("paged_kv_indptr", "paged_kv_last_page_len"), batch + 1)
         idx, max_page = check_page_indices(paged_kv_indices, kv_indptr)
-        self._plan_batch(qo_indptr=qo, kv_lens=kv_lens, kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
+        self._plan_batch(qo_indptr=qo, qo_lens=qo_lens, one_query=one_query, kv_lens=kv_lens,
+                         kv_base=kv_indptr[:-1], indices=idx, max_page=max_page,
                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
                          page_size=page_size, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
@@ -111,9 +112,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
         """Plan a batch. qo_indptr, kv_indptr: [batch + 1] row offsets into q and k/v; custom_mask /
         packed_custom_mask / mask_indptr as in BatchPrefillWithPagedKVCacheWrapper.plan."""
         _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
-        qo = check_indptr("qo_indptr", qo_indptr)
+        qo, qo_lens, one_query = check_qo_indptr("qo_indptr", qo_indptr)
         kv = check_indptr("kv_indptr", kv_indptr, qo.shape[0])
-        self._plan_batch(qo_indptr=qo, kv_lens=np.diff(kv), kv_base=kv[:-1], indices=None,
+        self._plan_batch(qo_indptr=qo, qo_lens=qo_lens, one_query=one_query, kv_lens=np.diff(kv), kv_base=kv[:-1], indices=None,
                          max_page=int(kv[-1]) - 1, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim_qk, page_size=1, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,

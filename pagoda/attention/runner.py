@@ -267,9 +267,11 @@ class BatchAttention:
                     indices: torch.Tensor | None, max_page: int, num_qo_heads: int, num_kv_heads: int,
                     head_dim: int, page_size: int, causal: bool, window_left: int,
                     logits_soft_cap, sm_scale, q_data_type, kv_data_type, custom_mask=None,
-                    packed_custom_mask=None, mask_indptr=None, one_query: bool = False) -> None:
+                    packed_custom_mask=None, mask_indptr=None, one_query: bool = False,
+                    qo_lens: np.ndarray | None = None) -> None:
         """one_query: the caller knows every request has one query (qo_indptr is arange(batch + 1)), as the
-        decode wrapper does; otherwise it is found here, once, for the planner."""
+        decode wrapper does; otherwise it is found here, once, for the planner. qo_lens: the caller's
+        np.diff(qo_indptr), with one_query found from it (formats.check_qo_indptr), if it has them."""
         # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
         pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type, type(num_qo_heads), type(num_kv_heads), type(head_dim))  # (4.0 == 4: the types too)
@@ -287,8 +289,7 @@ class BatchAttention:
             num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
             self._checked = (pkey, (q_dtype, kv_dtype, sm_scale, cap, num_qo_heads, num_kv_heads, head_dim))
         page_size = int(page_size)  # (checked by the caller: check_paged_lens; a NumPy int becomes a plain one)
-        qo_lens = None
-        if not one_query:
+        if not one_query and qo_lens is None:
             qo_lens = np.diff(qo_indptr)
             one_query = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
         mask_np = mask_bits = None
