@@ -373,3 +373,21 @@ def test_gluon_prefill_plan_choices(graph, monkeypatch):
         mean, block_n, band = plan([16384], [16384], head_dim=64)
         assert mean >= runner.SM90_LONG_KV and block_n == 128 and band == 0
         assert plan([16384], [32768], head_dim=64)[1:] == (128, 66)
+
+
+def test_check_qo_indptr_finds_one_query_batches():
+    """formats.check_qo_indptr: lengths and the one-query flag from one pass (all lengths >= 1 summing to the
+    request count), and check_indptr's errors."""
+    import torch
+
+    from pagoda.attention.formats import check_qo_indptr
+
+    for qo, one in (([0, 1, 2, 3], True), ([5, 6, 7], True), ([0, 0, 2, 3], False), ([0, 2, 3, 4], False),
+                    ([0, 1, 1, 3], False), ([0], False), ([0, 3], False)):
+        arr, lens, got = check_qo_indptr("qo_indptr", torch.tensor(qo, dtype=torch.int32))
+        assert got == one and arr.dtype == np.int64 and arr.tolist() == qo, qo
+        assert lens.tolist() == np.diff(qo).tolist()
+    with pytest.raises(ValueError, match="qo_indptr must be non-decreasing"):
+        check_qo_indptr("qo_indptr", [0, 2, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        check_qo_indptr("qo_indptr", [-1, 0, 1])
