@@ -119,8 +119,8 @@ def main():
                               (7, "merge 1st", ~np.isnan(ph[:, 7])), (8, "merge rest", ~np.isnan(ph[:, 7]))):
             if rows.any():
                 v = ph[rows, i]
-                print(f"   {what:10s} median {np.median(v):5.2f}  p90 {np.percentile(v, 90):5.2f}  max {v.max():5.2f} us"
-                      f"  ({rows.sum()} tasks)")
+                print(f"   {what:10s} median {np.median(v):5.2f}  p90 {np.percentile(v, 90):5.2f}  "
+                      f"max {v.max():5.2f} us  ({rows.sum()} tasks)")
         print(f"   program ending last (#{crit}): start {starts[crit]:.2f} us, tasks (fetch, loop, epilogue; store, "
               f"arrival, merge 1st, merge rest): "
               + ", ".join("(" + ", ".join(f"{x:.2f}" for x in row[2:5]) + "; "

@@ -114,8 +114,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
         _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
         qo, qo_lens, one_query = check_qo_indptr("qo_indptr", qo_indptr)
         kv = check_indptr("kv_indptr", kv_indptr, qo.shape[0])
-        self._plan_batch(qo_indptr=qo, qo_lens=qo_lens, one_query=one_query, kv_lens=np.diff(kv), kv_base=kv[:-1], indices=None,
-                         max_page=int(kv[-1]) - 1, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+        self._plan_batch(qo_indptr=qo, qo_lens=qo_lens, one_query=one_query, kv_lens=np.diff(kv), kv_base=kv[:-1],
+                         indices=None, max_page=int(kv[-1]) - 1, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim_qk, page_size=1, causal=causal, window_left=window_left,
                          logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, q_data_type=q_data_type,
                          kv_data_type=kv_data_type, custom_mask=custom_mask,

@@ -183,7 +183,8 @@ def test_error_paths_keep_serving(server, client):
 
     assert r.json()["choices"][0]["logprobs"]["tokens"] == [AutoTokenizer.from_pretrained(DEMO_MODEL).decode([42])] * 4
     for extra, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
-                         ({"presence_penalty": 5}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty")):
+                         ({"presence_penalty": 5}, "presence_penalty"),
+                         ({"repetition_penalty": 0}, "repetition_penalty")):
         r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": []})

@@ -79,7 +79,6 @@ if HAVE_GLUON:
         if rnd < TRACE_ROUNDS:
             gl.store(trace + 1 + rnd * TRACE_SLOTS + (k - 1), _globaltimer())
 
-
     @gluon.jit
     def _issue_kv_load(K, V, k_smem, v_smem, kv_base, start, kv_end, k_head_off, v_head_off,
                        stride_kp, stride_ks, stride_vp, stride_vs, pages,
