@@ -6,6 +6,7 @@ first round summed: prefill_sm90._stamp), after a read flush of L2.
     python scripts/decode_timeline.py [CASE ...]      # cases as in bench.attention: 1x32768 16x4096 64x2048 ...
     python scripts/decode_timeline.py --chunk 704 1x32768    # the planner's chunk length forced
     python scripts/decode_timeline.py --ring 4,1 1x32768     # the 16-bit kernel's ring stages and programs per SM
+    python scripts/decode_timeline.py --head-dim 64 64x2048  # another head_dim (default 128; 32 / 8 heads)
 
 Prints, per case: the CUDA-graph time (bench.attention.gpu_time), the span of the stamps (first program start to
 last epilogue end), when programs start (median / max after the first), per-task phases (median / max): fetch
@@ -70,6 +71,11 @@ def main():
         del args[i: i + 2]
         runner.DECODE_GLUON_CONFIG[2] = dict(runner.DECODE_GLUON_CONFIG[2], stages=stages, ctas_per_sm=ctas)
         runner._gluon_decode_config.cache_clear()
+    global D
+    if "--head-dim" in args:  # head_dim 64 decodes read 57-77% of the copy rate (session 16's variants table)
+        i = args.index("--head-dim")
+        D = int(args[i + 1])
+        del args[i: i + 2]
     want = args or ["1x32768", "16x4096", "64x2048", "1x1024"]
     cases = dict(DECODE_CASES)
     cases["1x1024"] = [1024]
@@ -106,7 +112,7 @@ def main():
         ph = phases(tr)
         crit = int(ends.argmax())
         mine = ph[ph[:, 0] == crit]
-        print(f"== {name} (chunk {w._plan.work.chunk_len}): {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, "
+        print(f"== {name} (head_dim {D}, chunk {w._plan.work.chunk_len}): {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, "
               f"stamps span {span:.1f} us ({s.kv_bytes / span / 1e3:.0f} GB/s), {tr.shape[0]} programs, "
               f"{len(ph)} tasks")
         print(f"   program start after the first: median {np.median(starts):.2f} max {starts.max():.2f} us")
