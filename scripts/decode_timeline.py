@@ -112,8 +112,8 @@ def main():
         ph = phases(tr)
         crit = int(ends.argmax())
         mine = ph[ph[:, 0] == crit]
-        print(f"== {name} (head_dim {D}, chunk {w._plan.work.chunk_len}): {s.kv_bytes / 1e6:.0f} MB, graph {t_graph:.1f} us, "
-              f"stamps span {span:.1f} us ({s.kv_bytes / span / 1e3:.0f} GB/s), {tr.shape[0]} programs, "
+        print(f"== {name} (head_dim {D}, chunk {w._plan.work.chunk_len}): {s.kv_bytes / 1e6:.0f} MB, "
+              f"graph {t_graph:.1f} us, stamps span {span:.1f} us ({s.kv_bytes / span / 1e3:.0f} GB/s), {tr.shape[0]} programs, "
               f"{len(ph)} tasks")
         print(f"   program start after the first: median {np.median(starts):.2f} max {starts.max():.2f} us")
         for i, what in ((2, "fetch"), (3, "loop"), (4, "epilogue")):
