@@ -68,48 +68,76 @@ def _device_tensor(values, dtype, device) -> torch.Tensor:
     return t
 
 
+class _PenaltyState:
+    """A penalized request's token statistics on the device, kept up to date step by step (its new output tokens
+    only): which tokens its prompt or output holds (repetition_penalty) and how often each was generated
+    (presence / frequency penalties). Rebuilding them from the token lists each step would copy the whole prompt
+    to the device every step (32k tokens of a long prompt)."""
+
+    def __init__(self, r, vocab: int, dev: torch.device):
+        p = r.params
+        self.seen = self.counts = None
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.seen[_device_tensor(r.prompt_token_ids, torch.long, dev)] = True
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=dev)
+        self.done = 0  # output tokens counted so far
+
+    def update(self, out_ids: list[int], dev: torch.device) -> None:
+        new = out_ids[self.done:]
+        if new:
+            t = _device_tensor(new, torch.long, dev)
+            if self.seen is not None:
+                self.seen[t] = True
+            if self.counts is not None:
+                self.counts.index_put_((t,), torch.ones(len(new), device=dev), accumulate=True)
+            self.done = len(out_ids)
+
+
 def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     """logits with the requests' penalties and logit biases applied (SamplingParams.penalized; a copy where
-    any row has one: the logprobs stay those of the model's distribution). The counts come from each request's
-    tokens so far on the host (the engine launches no step ahead for such requests)."""
+    any row has one: the logprobs stay those of the model's distribution). Each penalized request keeps its
+    token statistics on the device (_PenaltyState, updated with the output tokens the host has; the engine
+    launches no step ahead for such requests)."""
     rows = [i for i, r in enumerate(requests) if r.params.penalized]
     if not rows:
         return logits
     dev, vocab = logits.device, logits.shape[1]
     logits = logits.clone()
-    sub = logits[_device_tensor(rows, torch.long, dev)] if len(rows) < len(requests) else logits
-    k = len(rows)
+    idx = _device_tensor(rows, torch.long, dev) if len(rows) < len(requests) else None
+    sub = logits[idx] if idx is not None else logits
     reqs = [requests[i] for i in rows]
-    out_r, out_t, all_r, all_t, bias_r, bias_t, bias_v = [], [], [], [], [], [], []
-    for j, r in enumerate(reqs):
-        p = r.params
-        if p.presence_penalty or p.frequency_penalty:
-            out_r += [j] * len(r.output_token_ids)
-            out_t += r.output_token_ids
-        if p.repetition_penalty != 1.0:
-            all_r += [j] * (len(r.prompt_token_ids) + len(r.output_token_ids))
-            all_t += r.prompt_token_ids + r.output_token_ids
-        if p.logit_bias:
-            bias_r += [j] * len(p.logit_bias)
-            bias_t += list(p.logit_bias)
-            bias_v += [float(b) for b in p.logit_bias.values()]
-    if all_t:  # transformers' RepetitionPenaltyLogitsProcessor: every token of the prompt and the output, once
-        rp = _device_tensor([r.params.repetition_penalty for r in reqs], torch.float32, dev)[:, None]
-        seen = torch.zeros(k, vocab, dtype=torch.bool, device=dev)
-        seen[_device_tensor(all_r, torch.long, dev), _device_tensor(all_t, torch.long, dev)] = True
+    states = []
+    for r in reqs:
+        st = getattr(r, "penalty_state", None)
+        if st is None:
+            st = r.penalty_state = _PenaltyState(r, vocab, dev)
+        st.update(r.output_token_ids, dev)
+        states.append(st)
+    # (one stack per statistic: rows without it take a shared zero row)
+    if any(st.seen is not None for st in states):  # transformers' RepetitionPenaltyLogitsProcessor: every token
+        none = torch.zeros(vocab, dtype=torch.bool, device=dev)  # of the prompt and the output, once
+        seen = torch.stack([none if st.seen is None else st.seen for st in states])
+        rp = _device_tensor([float(r.params.repetition_penalty) for r in reqs], torch.float32, dev)[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
-    if out_t:  # OpenAI's presence / frequency penalties over the tokens generated so far
-        counts = torch.zeros(k, vocab, dtype=torch.float32, device=dev)
-        counts.index_put_((_device_tensor(out_r, torch.long, dev), _device_tensor(out_t, torch.long, dev)),
-                          torch.ones(len(out_t), device=dev), accumulate=True)
+    if any(st.counts is not None for st in states):  # OpenAI's presence / frequency penalties over the output
+        none = torch.zeros(vocab, dtype=torch.float32, device=dev)
+        counts = torch.stack([none if st.counts is None else st.counts for st in states])
         pres = _device_tensor([float(r.params.presence_penalty) for r in reqs], torch.float32, dev)[:, None]
         freq = _device_tensor([float(r.params.frequency_penalty) for r in reqs], torch.float32, dev)[:, None]
         sub = sub - freq * counts - pres * (counts > 0)
+    bias_r, bias_t, bias_v = [], [], []
+    for j, r in enumerate(reqs):
+        if r.params.logit_bias:
+            bias_r += [j] * len(r.params.logit_bias)
+            bias_t += list(r.params.logit_bias)
+            bias_v += [float(b) for b in r.params.logit_bias.values()]
     if bias_t:
         sub = sub.index_put((_device_tensor(bias_r, torch.long, dev), _device_tensor(bias_t, torch.long, dev)),
                             _device_tensor(bias_v, torch.float32, dev), accumulate=True)
-    if len(rows) < len(requests):
-        logits[_device_tensor(rows, torch.long, dev)] = sub
+    if idx is not None:
+        logits[idx] = sub
         return logits
     return sub
 

@@ -57,6 +57,7 @@ class Request:
         self.tree_node = None
         self.tree_pages = 0  # leading pages indexed in the prefix tree
         self.status = Status.WAITING
+        self.penalty_state = None  # (sampler._PenaltyState of a request with penalties: its token statistics)
         self.finish_reason: str | None = None
         self.stop_reason = None
         self.text = ""
