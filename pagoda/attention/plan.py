@@ -386,21 +386,21 @@ def _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_
                            config, tasks_per_item, num_ctas, max_partial_rows)
 
 
+def _latency_bound(config, n_tiles) -> bool:
+    """A batch of at most LATENCY_BOUND_TILES tiles under a config with a small_item_cost (CUDA decode)."""
+    return config.small_item_cost is not None and n_tiles <= LATENCY_BOUND_TILES
+
+
 def _shortest_chunk(config, n_tiles) -> int:
-    """The shortest chunk length the planner considers: 4 KV blocks, or 2 for a latency-bound batch (at most
-    LATENCY_BOUND_TILES tiles, with a small_item_cost), where more programs pay since session 15's one-pass merge
-    (scripts/decode_latency_probe.py, H200: 1 x 1024 in 128-token chunks 11.5 us, in the 256-token chunks that
-    4 blocks allowed 12.8)."""
-    if config.small_item_cost is not None and n_tiles <= LATENCY_BOUND_TILES:
-        return 2 * config.block_n
-    return 4 * config.block_n
+    """The shortest chunk length the planner considers: 4 KV blocks, or 2 for a latency-bound batch, where more
+    programs pay since session 15's one-pass merge (scripts/decode_latency_probe.py, H200: 1 x 1024 in 128-token
+    chunks 11.5 us, in the 256-token chunks that 4 blocks allowed 12.8)."""
+    return (2 if _latency_bound(config, n_tiles) else 4) * config.block_n
 
 
 def _item_cost(config, n_tiles) -> int:
     """The cost model's fixed cost per work item for a batch of n_tiles query tiles."""
-    if config.small_item_cost is not None and n_tiles <= LATENCY_BOUND_TILES:
-        return config.small_item_cost
-    return config.item_cost
+    return config.small_item_cost if _latency_bound(config, n_tiles) else config.item_cost
 
 
 def _best_chunk_len(candidates, items, rows, total_kv, longest, config, tasks_per_item, num_ctas,

@@ -134,6 +134,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
+    # since the sampler and the engine's step ask it of every running request each step
+    penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         for name in ("stop", "stop_token_ids"):  # None, a string (stop) or a list / tuple of them
@@ -172,16 +175,12 @@ class SamplingParams:
         for name, ok, what in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
+        self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                              or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
-
-    @property
-    def penalized(self) -> bool:
-        """Whether a penalty or logit bias changes the logits before sampling (sampler._penalized)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
 
 
 def _num(x) -> bool:

@@ -74,6 +74,16 @@ class EngineStats:
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
 
 
+def chat_text(content) -> str:
+    """A chat message's content as a chat template takes it: a string as it is, OpenAI-style parts as their text
+    parts joined, None as ""; ValueError otherwise (LLM.chat and the server's chat endpoint)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+    raise ValueError(f"a message's content must be a string or a list of parts, got {content!r:.80}")
+
+
 def _kv_pages_from_memory(config: ModelConfig, dtype, page_size, utilization, max_num_batched_tokens, max_num_seqs,
                           device) -> int:
     free, total = torch.cuda.mem_get_info(device)
@@ -462,17 +472,13 @@ class LLM:
                 raise ValueError(f"conversation {i} must be a non-empty list of messages, got {conv!r:.80}")
             msgs = []
             for j, m in enumerate(conv):
-                content = m.get("content") if isinstance(m, dict) else None
-                if isinstance(content, list):  # OpenAI-style parts: the text ones, as the server takes them
-                    if not all(isinstance(part, dict) for part in content):
-                        content = 0  # (rejected below)
-                    else:
-                        content = "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and (content is None or isinstance(content, str))):
+                try:
+                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+                        raise ValueError
+                    msgs.append(dict(m, content=chat_text(m.get("content"))))
+                except ValueError:
                     raise ValueError(f"message {j} of conversation {i} must be a dict with a string 'role' and a "
-                                     f"string (or text parts) 'content', got {m!r:.80}")
-                msgs.append(dict(m, content=content or ""))
+                                     f"string (or text parts) 'content', got {m!r:.80}") from None
             convs[i] = msgs
         prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=add_generation_prompt)
                    for c in convs]

@@ -76,12 +76,16 @@ class _PenaltyState:
 
     def __init__(self, r, vocab: int, dev: torch.device):
         p = r.params
-        self.seen = self.counts = None
+        self.seen = self.counts = self.bias = None
         if p.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
             self.seen[_device_tensor(r.prompt_token_ids, torch.long, dev)] = True
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(vocab, dtype=torch.float32, device=dev)
+        if p.logit_bias:  # (a row to add: built once, not from the dict each step)
+            self.bias = torch.zeros(vocab, dtype=torch.float32, device=dev)
+            self.bias[_device_tensor(list(p.logit_bias), torch.long, dev)] = _device_tensor(
+                [float(b) for b in p.logit_bias.values()], torch.float32, dev)
         self.done = 0  # output tokens counted so far
 
     def update(self, out_ids: list[int], dev: torch.device) -> None:
@@ -127,15 +131,9 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
         pres = _device_tensor([float(r.params.presence_penalty) for r in reqs], torch.float32, dev)[:, None]
         freq = _device_tensor([float(r.params.frequency_penalty) for r in reqs], torch.float32, dev)[:, None]
         sub = sub - freq * counts - pres * (counts > 0)
-    bias_r, bias_t, bias_v = [], [], []
-    for j, r in enumerate(reqs):
-        if r.params.logit_bias:
-            bias_r += [j] * len(r.params.logit_bias)
-            bias_t += list(r.params.logit_bias)
-            bias_v += [float(b) for b in r.params.logit_bias.values()]
-    if bias_t:
-        sub = sub.index_put((_device_tensor(bias_r, torch.long, dev), _device_tensor(bias_t, torch.long, dev)),
-                            _device_tensor(bias_v, torch.float32, dev), accumulate=True)
+    if any(st.bias is not None for st in states):
+        none = torch.zeros(vocab, dtype=torch.float32, device=dev)
+        sub = sub + torch.stack([none if st.bias is None else st.bias for st in states])
     if idx is not None:
         logits[idx] = sub
         return logits

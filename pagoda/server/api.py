@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..engine import SamplingParams
+from ..engine.llm import chat_text
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
 
@@ -390,10 +391,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(400, "this model has no chat template", param="messages")
         msgs = []
         for m in req.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            msgs.append({"role": m.role, "content": content or ""})
+            msgs.append({"role": m.role, "content": chat_text(m.content)})
         try:
             ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=req.add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
