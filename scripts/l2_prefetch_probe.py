@@ -1,7 +1,10 @@
-"""Does an L2 prefetch of a GEMM's weight, issued on a side stream while a latency-bound kernel runs, make the
-GEMM faster? (the engine's batch-1 decode: pagoda/ops/prefetch.py)
+"""Session 17's probe (the engine integration measured slower and was reverted: commit d05461e has it and
+scripts/prefetch_ab.py; benchmarks/results/notes.md, session 17).
 
-One CUDA graph per row: L2 emptied by a 256 MB read, then [a 1-program kernel spinning T us (the norms /
+Does an L2 prefetch of a GEMM's weight, issued on a side stream while a latency-bound kernel runs, make the
+GEMM faster? (the engine's batch-1 decode)
+
+One CUDA graph per row: L2 emptied by a 128 MB read, then [a 1-program kernel spinning T us (the norms /
 attention of a decode step) -> the GEMM y = x @ W.T at one row], with, on a side stream forked after the
 emptying read, prefetch_l2(W, P MB). Time per replay minus the same graph without the GEMM = the GEMM's cost.
 
@@ -14,7 +17,54 @@ import triton
 import triton.language as tl
 
 import pagoda
-from pagoda.ops.prefetch import prefetch_l2
+
+
+# MODE 0 / 1 cut the byte range into CHUNK-byte pieces, one per thread and round, each prefetched by one
+# instruction without a destination (0: cp.async.bulk.prefetch.L2, the TMA engine; 1: prefetch.global.L2, one
+# 128-byte line); MODE 2 reads the bytes into registers (CHUNK bytes per program and round) and folds them into a
+# word stored only if it equals a value the data does not reach (the store keeps the loads alive).
+@triton.jit
+def prefetch_l2_kernel(X, OUT, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if MODE == 2:
+        words = X.to(tl.pointer_type(tl.int32))
+        nwords = tl.multiple_of(nbytes // 4, 4)  # nbytes is a multiple of 16: 16-byte vector loads
+        W: tl.constexpr = CHUNK // 4
+        acc = tl.zeros([W], dtype=tl.int32)
+        for start in range(pid * W, nwords, nprog * W):
+            o = start + tl.arange(0, W)
+            acc ^= tl.load(words + o, mask=o < nwords, other=0)
+        folded = tl.reduce_or(acc, 0)
+        if folded == -1234567:
+            tl.store(OUT, folded)
+    else:
+        base = X.to(tl.pointer_type(tl.int8))
+        nchunks = tl.cdiv(nbytes, CHUNK)
+        for start in range(pid * BLOCK, nchunks, nprog * BLOCK):
+            c = start + tl.arange(0, BLOCK)
+            ok = c < nchunks
+            # pieces past the end re-issue the range's first bytes (harmless) instead of a zero-byte prefetch
+            off = tl.where(ok, c.to(tl.int64) * CHUNK, 0)
+            if MODE == 0:
+                size = tl.where(ok, tl.minimum(nbytes - off, CHUNK), 16).to(tl.int32)
+                tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                          [base + off, size], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [base + off],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+
+_scratch = {}
+
+
+def prefetch_l2(t, nbytes, num_programs, config):
+    """Prefetch bytes [0, nbytes) of t into L2 with prefetch_l2_kernel; config (CHUNK, BLOCK, MODE)."""
+    chunk, block, mode = config
+    nbytes -= nbytes % 16
+    grid = min(num_programs, triton.cdiv(nbytes, chunk * (block if mode != 2 else 1)))
+    out = _scratch.setdefault(t.device, torch.zeros(1, dtype=torch.int32, device=t.device))
+    prefetch_l2_kernel[(grid,)](t, out, nbytes, CHUNK=chunk, BLOCK=block, MODE=mode,
+                                num_warps=4 if mode == 2 else max(1, block // 32))
 
 
 @triton.jit

@@ -312,23 +312,14 @@ class _DecodeGraph:
         runner.write_static(inp)
         self.attn.plan(inp, self.dev)
         ctx = _Context(runner, self.attn, self.dev)
-        # the graph's forward prefetches each GEMM's weight into L2 ahead of it (ops/prefetch.py); eager steps
-        # do not (host-bound: one more launch per GEMM)
-        prefetch = getattr(runner.model, "weight_prefetch", None)
-        if prefetch is not None:
-            prefetch.enabled = True
-        try:
-            with torch.no_grad():
-                for _ in range(2):  # compile and warm up outside the graph
-                    runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
-                torch.cuda.synchronize()
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, pool=pool):
-                    hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
-                    self.logits = runner.model.compute_logits(hidden)
-        finally:
-            if prefetch is not None:
-                prefetch.enabled = False
+        with torch.no_grad():
+            for _ in range(2):  # compile and warm up outside the graph
+                runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
+                self.logits = runner.model.compute_logits(hidden)
 
     def prepare(self, inp: StepInputs, levels=None) -> None:
         self.r.write_static(inp)

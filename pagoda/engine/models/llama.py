@@ -17,7 +17,6 @@ import pagoda
 from ..config import ModelConfig
 from ...ops._dispatch import pdl_default
 from ...ops.matmul import small_m_projections
-from ...ops.prefetch import WeightPrefetch
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False) -> torch.Tensor:
@@ -74,11 +73,9 @@ class Attention(nn.Module):
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
         self.pdl = pdl_default()
 
-    def forward(self, x, positions, cos_sin, ctx, prefetch=None):
+    def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
         qkv = _project(self.qkv_proj, x, self.small_m_qkv, self.pdl)
-        if prefetch is not None:  # o_proj's weight comes into L2 while RoPE and attention run
-            prefetch("o", self.o_proj.weight)
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
@@ -98,10 +95,8 @@ class MLP(nn.Module):
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
         self.pdl = pdl_default()
 
-    def forward(self, x, prefetch=None):
+    def forward(self, x):
         h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl)
-        if prefetch is not None:
-            prefetch("down", self.down_proj.weight)
         return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl)
 
 
@@ -113,17 +108,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, residual, positions, cos_sin, ctx, prefetch=None):
+    def forward(self, x, residual, positions, cos_sin, ctx):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, cos_sin, ctx, prefetch)
-        if prefetch is not None:
-            prefetch("gate_up", self.mlp.gate_up_proj.weight)
+        x = self.self_attn(x, positions, cos_sin, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x, prefetch), residual
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,35 +128,22 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
-        # L2 prefetch of each GEMM's weight on a side stream while the kernels before it run (ops/prefetch.py);
-        # the engine turns it on for the forward passes of its decode CUDA graphs (runner._DecodeGraph)
-        self.weight_prefetch = WeightPrefetch()
 
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
-        pf = self.weight_prefetch.begin(input_ids.shape[0], input_ids.device)
-        if pf is not None:
-            pf("qkv", self.layers[0].self_attn.qkv_proj.weight)
         x = self.embed_tokens(input_ids)
         residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.cos_sin, ctx, pf)
-            if pf is not None:  # the next GEMM's weight while this layer's down output is normed
-                nxt = self.layers[i + 1].self_attn.qkv_proj.weight if i + 1 < len(self.layers) else self._head()
-                pf("qkv" if i + 1 < len(self.layers) else "lm_head", nxt)
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin, ctx)
         x, _ = self.norm(x, residual)
-        if pf is not None:
-            pf.join()
         return x
 
-    def _head(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self._head()).float()
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w).float()
 
     # -- weights ---------------------------------------------------------------------
     def load_weights(self, weights) -> None:
