@@ -34,10 +34,11 @@ def test_rmsnorm(dtype, shape, gemma):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gemma", [False, True])
-def test_fused_add_rmsnorm_in_place(dtype, gemma):
-    x = torch.randn(9, 300, dtype=dtype, device=DEVICE)
-    r = torch.randn(9, 300, dtype=dtype, device=DEVICE)
-    w = torch.randn(300, dtype=dtype, device=DEVICE)
+@pytest.mark.parametrize("hidden", [300, 5000])  # one pass, two passes
+def test_fused_add_rmsnorm_in_place(dtype, gemma, hidden):
+    x = torch.randn(9, hidden, dtype=dtype, device=DEVICE)
+    r = torch.randn(9, hidden, dtype=dtype, device=DEVICE)
+    w = torch.randn(hidden, dtype=dtype, device=DEVICE)
     ref_r = (x.double() + r.double())
     ref_y = rms_ref(ref_r.to(dtype), w, 1e-6, 1.0 if gemma else 0.0)
     (pagoda.gemma_fused_add_rmsnorm if gemma else pagoda.fused_add_rmsnorm)(x, r, w)

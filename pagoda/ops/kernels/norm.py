@@ -9,26 +9,42 @@ from .pdl import pdl_enter
 def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight_offset,
                    BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
     """Y = X / rms(X) * (W + weight_offset), or with ADD_RESIDUAL: R <- X + R, then Y = norm(R)
-    (Y aliases X for the in-place fused form). Rows longer than BLOCK take two passes. PDL: kernels/pdl.py."""
+    (Y aliases X for the in-place fused form). A row of at most BLOCK elements is one pass, its weight
+    loaded with it (one round of loads: at decode batch 1 the kernel is that round's latency); longer rows
+    take two passes. PDL: kernels/pdl.py."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, hidden, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    if hidden <= BLOCK:
+        offs = tl.arange(0, BLOCK)
         m = offs < hidden
         x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32) + weight_offset
         if ADD_RESIDUAL:
             x += tl.load(R + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(R + row * stride_r + offs, x.to(R.dtype.element_ty), mask=m)
-        acc += x * x
-    inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / hidden + eps)
-    for start in range(0, hidden, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < hidden
+            xr = x.to(R.dtype.element_ty)
+            tl.store(R + row * stride_r + offs, xr, mask=m)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
         if ADD_RESIDUAL:
-            # re-read the sum in the residual's dtype, as FlashInfer's fused kernel does
-            x = tl.load(R + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
-        w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32) + weight_offset
+            x = xr.to(tl.float32)  # the sum in the residual's dtype, as the two-pass form re-reads it
         tl.store(Y + row * stride_y + offs, (x * inv * w).to(Y.dtype.element_ty), mask=m)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < hidden
+            x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                x += tl.load(R + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+                tl.store(R + row * stride_r + offs, x.to(R.dtype.element_ty), mask=m)
+            acc += x * x
+        inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / hidden + eps)
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < hidden
+            if ADD_RESIDUAL:
+                # re-read the sum in the residual's dtype, as FlashInfer's fused kernel does
+                x = tl.load(R + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32) + weight_offset
+            tl.store(Y + row * stride_y + offs, (x * inv * w).to(Y.dtype.element_ty), mask=m)

@@ -89,6 +89,9 @@ def rope_append_kernel(
     j = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     pos = tl.load(POS + t)
+    # the k / v programs' page chain (batch -> indptr -> page id) starts with the position's load, not after
+    # the cos / sin it waits for: at decode batch 1 the kernel is its chain of dependent loads
+    b = tl.load(BATCH + t, mask=j >= q_blocks, other=0)
     i = tl.arange(0, BLOCK_R)
     im = i < half
     cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cos)
@@ -108,7 +111,6 @@ def rope_append_kernel(
         heads = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = (heads < num_kv_heads)[:, None]
         m = hm & im[None, :]
-        b = tl.load(BATCH + t)
         page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b) + pos // page_size).to(tl.int64)
         slot = pos % page_size
         xrow = K + t * stride_kt + heads[:, None] * stride_kh
