@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few steps of the engine on the device.
 
     python scripts/profile_engine.py [--batch 64] [--ctx 1024] [--backend pagoda] [--eager] [--no-async]
-                                     [--breakdown]
+                                     [--breakdown] [--gaps]
 """
 import argparse
 import time
@@ -19,6 +19,9 @@ ap.add_argument("--backend", default="pagoda")
 ap.add_argument("--eager", action="store_true")
 ap.add_argument("--no-async", action="store_true", help="async_scheduling=False")
 ap.add_argument("--breakdown", action="store_true", help="host time of each part of a step (no profiler tables)")
+ap.add_argument("--gaps", action="store_true",
+                help="also the GPU timeline: for each kernel, its median time and the median idle time from its "
+                     "end to the next kernel's start (kernels inside the CUDA graphs, from the profiler's trace)")
 args = ap.parse_args()
 llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=args.backend, skip_tokenizer_init=True,
                  max_model_len=4096, enforce_eager=args.eager, async_scheduling=not args.no_async)
@@ -92,3 +95,29 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, tor
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+if args.gaps:
+    import json
+    import os
+    import tempfile
+    from collections import defaultdict
+
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    ev = sorted((x for x in json.load(open(path))["traceEvents"]
+                 if x.get("cat") == "kernel" and x.get("ph") == "X"), key=lambda x: x["ts"])
+    dur, gap = defaultdict(list), defaultdict(list)
+    for a, b in zip(ev, ev[1:]):
+        name = a["name"][:48]
+        dur[name].append(a["dur"])
+        g = b["ts"] - (a["ts"] + a["dur"])
+        if g < 50:  # within a step (not the host's wait between steps)
+            gap[name].append(g)
+    busy = sum(x["dur"] for x in ev)
+    span = ev[-1]["ts"] + ev[-1]["dur"] - ev[0]["ts"]
+    print(f"GPU timeline: {len(ev)} kernels over 5 steps, busy {busy / 5e3:.3f} ms per step, span "
+          f"{span / 5e3:.3f} ms per step; idle gaps under 50 us: {sum(map(sum, gap.values())) / 5e3:.3f} ms per step")
+    print(f"{'kernel':48} {'count':>6} {'median us':>10} {'gap after (median us)':>22}")
+    for name in sorted(dur, key=lambda n: -sum(dur[n])):
+        g = sorted(gap[name])
+        print(f"{name:48} {len(dur[name]):6} {sorted(dur[name])[len(dur[name]) // 2]:10.2f} "
+              f"{(g[len(g) // 2] if g else float('nan')):22.2f}")

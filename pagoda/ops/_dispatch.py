@@ -51,8 +51,10 @@ def pdl_launch(enable_pdl, t: torch.Tensor) -> dict:
 
 def pdl_default() -> bool:
     """Whether the engine launches its decode-path Triton kernels as programmatic dependent launches
-    (PAGODA_PDL=1 / 0; models/llama.py and engine/runner.py read it when they are built)."""
-    env = os.environ.get("PAGODA_PDL", "0")
+    (PAGODA_PDL=1 / 0, default 1; models/llama.py and engine/runner.py read it when they are built). On since
+    session 17: batch-1 decode 4.69 -> 4.64 ms per token on the H200 (two interleaved runs each; session 11 had
+    measured it 1% slower, before the Gluon decode kernel; benchmarks/results/engine_h100.md)."""
+    env = os.environ.get("PAGODA_PDL", "1")
     if env not in ("0", "1"):
         raise ValueError(f"PAGODA_PDL must be 0 or 1, got {env!r}")
     return env == "1"

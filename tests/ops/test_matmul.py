@@ -73,11 +73,13 @@ def test_linear_dispatch_and_bad_input(monkeypatch):
 
 def test_pdl_switches(monkeypatch):
     """A programmatic dependent launch only on a CUDA GPU of compute capability 9 or more (the interpreter and
-    the CPU launch without); PAGODA_PDL takes 0 or 1."""
+    the CPU launch without); PAGODA_PDL takes 0 or 1, 1 when unset."""
     from pagoda.ops._dispatch import pdl_default, pdl_launch
 
     assert pdl_launch(True, torch.zeros(1)) == {"PDL": False}
     assert pdl_launch(None, torch.zeros(1)) == {"PDL": False}
+    monkeypatch.delenv("PAGODA_PDL", raising=False)
+    assert pdl_default() is True  # on by default since session 17
     monkeypatch.setenv("PAGODA_PDL", "1")
     assert pdl_default() is True
     monkeypatch.setenv("PAGODA_PDL", "0")
