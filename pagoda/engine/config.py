@@ -134,6 +134,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    # vLLM's prompt_logprobs: the log-probability of each prompt token after the ones before it (None for the
+    # first), with the top prompt_logprobs tokens at that position (RequestOutput.prompt_logprobs); a request that
+    # asks for them is not served from the prefix cache for the positions still to report
+    prompt_logprobs: int | None = None
     # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
     # since the sampler and the engine's step ask it of every running request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
@@ -157,7 +161,11 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "an integer >= 1"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                                   and 0 <= self.logprobs <= 20), "an integer in 0..20"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                                 and not isinstance(self.prompt_logprobs, bool)
+                                                                 and 0 <= self.prompt_logprobs <= 20),
              "an integer in 0..20"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and not isinstance(t, bool) and t >= 0

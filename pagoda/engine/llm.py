@@ -46,6 +46,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict | None = None
+    # SamplingParams.prompt_logprobs: per prompt token, {token id: log-probability} of it and the top tokens at
+    # its position given the tokens before it; None for the first token (vLLM's format). None when not asked.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -388,7 +391,8 @@ class LLMEngine:
         first = group[0]
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outs,
                              all(r.finished for r in group), first.num_cached_tokens,
-                             {"arrival": first.arrival, "first_token": first.first_token_time})
+                             {"arrival": first.arrival, "first_token": first.first_token_time},
+                             list(first.prompt_logprobs) if first.prompt_logprobs is not None else None)
 
     def _refresh_stats(self) -> None:
         s = self.stats

@@ -129,6 +129,62 @@ class _Pending:
     requests: list
     sampled: object  # sampler.Sampled, or None (nothing samples)
     preparable: bool  # a decode step whose requests share no pages: the next one can be prepared during it
+    prompt_lp: object = None  # _PromptLogprobs of the step's prompt positions (SamplingParams.prompt_logprobs)
+
+
+class _PromptLogprobs:
+    """The log-probabilities of prompt tokens a step's prefill chunks computed (SamplingParams.prompt_logprobs):
+    the logits of prompt position p give token p + 1's. Launched with the step (device tensors), read back by
+    collect() into each request's prompt_logprobs list."""
+
+    ROWS = 256  # logits rows at a time: [256, vocab] fp32 (128 MB at a 128k vocabulary)
+
+    def __init__(self, model, hidden: torch.Tensor, want):
+        """want: (request, first position, flat rows of the step's hidden states, target token ids) per request."""
+        self.want = [(r, p0, len(rows)) for r, p0, rows, _ in want]
+        dev = hidden.device
+        rows = torch.tensor([i for _, _, rr, _ in want for i in rr], dtype=torch.long, device=dev)
+        targets = torch.tensor([t for _, _, _, tt in want for t in tt], dtype=torch.long, device=dev)
+        self.k = max(r.params.prompt_logprobs for r, _, _, _ in want)
+        chosen, top_v, top_i = [], [], []
+        for a in range(0, rows.numel(), self.ROWS):
+            lp = torch.log_softmax(model.compute_logits(hidden[rows[a:a + self.ROWS]]), -1)
+            chosen.append(lp.gather(1, targets[a:a + self.ROWS, None])[:, 0])
+            if self.k:
+                v, i = lp.topk(self.k, dim=-1)
+                top_v.append(v)
+                top_i.append(i)
+        self.targets = targets
+        self.chosen = torch.cat(chosen)
+        self.top = (torch.cat(top_v), torch.cat(top_i)) if self.k else None
+
+    def collect(self) -> None:
+        targets, chosen = self.targets.tolist(), self.chosen.tolist()
+        top_v, top_i = (self.top[0].tolist(), self.top[1].tolist()) if self.top is not None else (None, None)
+        j = 0
+        for r, p0, n in self.want:
+            k = r.params.prompt_logprobs
+            for p in range(p0, p0 + n):
+                d = {top_i[j][m]: top_v[j][m] for m in range(k)} if k else {}
+                d[targets[j]] = chosen[j]
+                r.prompt_logprobs[p + 1] = d
+                j += 1
+            r.prompt_lp_next = max(r.prompt_lp_next, p0 + n)
+
+
+def _prompt_lp_rows(requests, num_new, qo_indptr):
+    """(request, first position, flat rows, target token ids) of each request in a step whose chunk holds prompt
+    positions with logprobs still to take; [] when none does."""
+    want = []
+    for b, (r, n) in enumerate(zip(requests, num_new)):
+        if not r.prompt_lp_pending:
+            continue
+        start = r.num_computed
+        p0, p1 = max(start, r.prompt_lp_next), min(start + n, len(r.prompt_token_ids) - 1)
+        if p1 > p0:
+            q = int(qo_indptr[b]) - start
+            want.append((r, p0, range(q + p0, q + p1), r.prompt_token_ids[p0 + 1:p1 + 1]))
+    return want
 
 
 class _Staging:
@@ -478,17 +534,20 @@ class ModelRunner:
             if levels is not None:
                 levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
             logits = graph.run(padded, levels)[:len(inp.sample_rows)]
-        else:
+        prompt_lp = None
+        if graph is None:
             dev = _DeviceInputs(inp, self.staging)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
+            hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+            want = _prompt_lp_rows(requests, num_new, inp.qo_indptr)
+            prompt_lp = _PromptLogprobs(self.model, hidden, want) if want else None
             if not inp.sample_rows:  # prefill chunks only: the forward fills the cache, nothing samples
-                self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
-                return _Pending([], None, False)
-            logits = self._forward(dev, attn)
+                return _Pending([], None, False, prompt_lp)
+            logits = self.model.compute_logits(hidden[dev.logits_indices.long()])
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
-        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None)
+        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None, prompt_lp)
 
     @torch.no_grad()
     def launch_prepared(self, prepared: _Prepared, generator=None) -> _Pending:
@@ -508,7 +567,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[dev.logits_indices.long()])
 
     def collect(self, pending: _Pending):
-        """Read a launched step's tokens back (waits for the device): (requests, tokens, logprobs)."""
+        """Read a launched step's tokens back (waits for the device): (requests, tokens, logprobs); the prompt
+        logprobs its prefill chunks computed go into their requests."""
+        if pending.prompt_lp is not None:
+            pending.prompt_lp.collect()
+            pending.prompt_lp = None
         if pending.sampled is None:
             return [], [], []
         tokens, logprobs = sample_collect(pending.sampled)

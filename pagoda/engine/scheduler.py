@@ -45,6 +45,13 @@ class Request:
         self.index = index  # which of the n samples
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
+        # SamplingParams.prompt_logprobs (the first sample of n only: the others share its prompt): entry p is
+        # prompt token p's log-probability dict (None for p = 0), filled as the prompt's chunks run;
+        # prompt_lp_next is the first position whose logits are still to take (the prompt's last position is
+        # not one: its logits give the first output token)
+        wants = params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[dict[int, float] | None] | None = [None] * len(prompt_token_ids) if wants else None
+        self.prompt_lp_next = 0
         # KV pages of this request, in order. Invariant: the list only grows in place by appending; any
         # other change assigns a new list (page_array() relies on it)
         self.pages: list[int] = []
@@ -95,6 +102,11 @@ class Request:
         if start >= n:
             return self.output_token_ids[start - n:end - n]
         return p[start:] + self.output_token_ids[:end - n]
+
+    @property
+    def prompt_lp_pending(self) -> bool:
+        """Whether prompt positions' logprobs are still to take (SamplingParams.prompt_logprobs)."""
+        return self.prompt_logprobs is not None and self.prompt_lp_next < len(self.prompt_token_ids) - 1
 
     @property
     def num_tokens(self) -> int:
@@ -246,8 +258,10 @@ class Scheduler:
                 skipped.append(req)
                 continue
             if not req.pages and self.cache is not None:
-                # leave at least one token to compute: its logits give the next token
-                pages, node = self.cache.match(req.all_token_ids, (req.num_tokens - 1) // self.pool.page_size)
+                # leave at least one token to compute: its logits give the next token; and the prompt positions
+                # whose logprobs are still to report (SamplingParams.prompt_logprobs)
+                limit = min(req.num_tokens - 1, req.prompt_lp_next) if req.prompt_lp_pending else req.num_tokens - 1
+                pages, node = self.cache.match(req.all_token_ids, limit // self.pool.page_size)
                 self.pool.ref(pages)
                 req.pages, req.tree_node, req.tree_pages = list(pages), node, len(pages)
                 req.num_computed = len(pages) * self.pool.page_size

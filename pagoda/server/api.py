@@ -58,6 +58,8 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension: the prompt tokens' logprobs (completions: in each choice; chat: at the top level)
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # (vLLM's extension)
@@ -76,7 +78,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion; with logprobs, the prompt tokens' logprobs too
     suffix: str | None = None
 
 
@@ -123,7 +125,7 @@ def unsupported(req: _Common) -> None:
                        param="response_format")
 
 
-def _params(req: _Common, logprobs: int | None, default_max: int) -> SamplingParams:
+def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprobs: int | None = None) -> SamplingParams:
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     bias = None
     if req.logit_bias:
@@ -138,7 +140,7 @@ def _params(req: _Common, logprobs: int | None, default_max: int) -> SamplingPar
                               else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                              logit_bias=bias)
+                              logit_bias=bias, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         msg = str(e)
         field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
@@ -208,20 +210,63 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(500, str(e), type_="server_error") from None
         return first, gen
 
-    def logprob_block_completion(out, token_ids, offset0=0):
-        lps = out.logprobs or []
-        toks = [tok.decode([t]) if tok else str(t) for t in token_ids]
+    def token_text(t: int) -> str:
+        return tok.decode([t]) if tok else str(t)
+
+    def logprob_block_completion(lps, token_ids, offset0=0, top_n=None):
+        """OpenAI's completion logprobs of token_ids (lps: their {token id: logprob} dicts, None for a token
+        without one: a prompt's first); top_n: at most that many entries in top_logprobs (the token itself
+        and the likeliest others), all of each dict when None."""
+        toks = [token_text(t) for t in token_ids]
         offsets, pos = [], offset0
         for t in toks:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": toks, "token_logprobs": [d.get(t) for d, t in zip(lps, token_ids)],
-                "top_logprobs": [{(tok.decode([k]) if tok else str(k)): v for k, v in d.items()} for d in lps],
-                "text_offset": offsets}
+        tops = []
+        for d, t in zip(lps, token_ids):
+            if d is None:
+                tops.append(None)
+                continue
+            items = sorted(d.items(), key=lambda kv: -kv[1])
+            if top_n is not None:  # the likeliest top_n, and the token itself
+                items = items[:top_n] + [(t, d[t])] * (t not in dict(items[:top_n]))
+            tops.append({token_text(k): v for k, v in items})
+        return {"tokens": toks, "token_logprobs": [None if d is None else d.get(t) for d, t in zip(lps, token_ids)],
+                "top_logprobs": tops, "text_offset": offsets}
 
-    def logprob_block_chat(out, token_ids, top_n):
+    def join_blocks(a, b):
+        return {k: a[k] + b[k] for k in a}
+
+    def echo_text(text, ids) -> str:
+        """The prompt as echoed: its text, or its tokens decoded (a prompt of token ids)."""
+        return text if text is not None else (tok.decode(ids) if tok else "")
+
+    def completion_logprobs(req, text, ids, final, c):
+        """The choice's logprobs block (None without logprobs): with echo, the prompt's tokens first (the
+        first one without a logprob, as OpenAI's)."""
+        if req.logprobs is None:
+            return None
+        if not req.echo:
+            return logprob_block_completion(c.logprobs or [], c.token_ids)
+        pre = logprob_block_completion(final.prompt_logprobs, ids, 0, top_n=req.logprobs)
+        return join_blocks(pre, logprob_block_completion(c.logprobs or [], c.token_ids, len(echo_text(text, ids))))
+
+    def prompt_lp_wanted(req) -> int | None:
+        """SamplingParams.prompt_logprobs of a completion request: vLLM's prompt_logprobs, or echo's logprobs."""
+        want = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            want = max(want or 0, req.logprobs)
+        return want
+
+    def prompt_logprobs_field(final):
+        """vLLM's "prompt_logprobs" of a choice: per prompt token None (the first) or {token id: {logprob,
+        decoded_token}}."""
+        return [None if d is None else {str(k): {"logprob": v, "decoded_token": token_text(k)} for k, v in d.items()}
+                for d in final.prompt_logprobs]
+
+    def logprob_block_chat(lps, token_ids, top_n):
         content = []
-        for d, t in zip(out.logprobs or [], token_ids):
+        for d, t in zip(lps, token_ids):
             s = tok.decode([t]) if tok else str(t)
             tops = sorted(((k, v) for k, v in d.items()), key=lambda kv: -kv[1])[:top_n]
             content.append({"token": s, "logprob": d.get(t), "bytes": list(s.encode()),
@@ -284,16 +329,19 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         created = int(time.time())
         t0 = time.monotonic()
         if req.stream:
-            got = await asyncio.gather(*(run_one(ids, _params(req, req.logprobs, default_max(len(ids))), f"{rid}-{i}")
+            got = await asyncio.gather(*(run_one(ids, _params(req, req.logprobs, default_max(len(ids)),
+                                                             prompt_lp_wanted(req)), f"{rid}-{i}")
                                          for i, (_, ids) in enumerate(tokenized)), return_exceptions=True)
             starts = [g for g in got if not isinstance(g, BaseException)]
             if len(starts) < len(got):  # one failed: release the others, answer with its error
                 for _, gen in starts:
                     await gen.aclose()
                 raise next(g for g in got if isinstance(g, BaseException))
-            return StreamingResponse(_stream_completion(starts, req, rid, created, t0), media_type="text/event-stream")
+            return StreamingResponse(_stream_completion(starts, req, rid, created, t0, tokenized),
+                                     media_type="text/event-stream")
+
         async def one(i, text, ids):
-            params = _params(req, req.logprobs, default_max(len(ids)))
+            params = _params(req, req.logprobs, default_max(len(ids)), prompt_lp_wanted(req))
             first, gen = await run_one(ids, params, f"{rid}-{i}")
             final, first_t = first, time.monotonic()
             async for final in gen:
@@ -312,11 +360,14 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for text, ids, final in results:
             for c in final.outputs:
-                body = (text or "") + c.text if req.echo else c.text
+                body = echo_text(text, ids) + c.text if req.echo else c.text
+                if req.prompt_logprobs is not None:
+                    extra = {"prompt_logprobs": prompt_logprobs_field(final)}
+                else:
+                    extra = {}
                 choices.append({"index": len(choices), "text": body, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason,
-                                "logprobs": logprob_block_completion(c, c.token_ids) if req.logprobs is not None
-                                else None})
+                                "stop_reason": c.stop_reason, **extra,
+                                "logprobs": completion_logprobs(req, text, ids, final, c)})
             usage["prompt_tokens"] += len(ids)
             usage["completion_tokens"] += sum(len(c.token_ids) for c in final.outputs)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -327,7 +378,8 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     async def _stream(starts, req, t0, base, choice_of, prelude=()):
         """SSE of one or more requests (``starts``: (first output, iterator) pairs; prompt k's choice i
         is choice k * n + i): ``prelude`` chunks, a chunk per output with new text or tokens
-        (``choice_of(output, index, text_delta, new_token_ids)`` builds its choice), the usage chunk
+        (``choice_of(request_output, output, index, text_delta, new_token_ids, first)`` builds its choice;
+        first: the choice's first chunk), the usage chunk
         when asked, ``[DONE]``. Leaving early (a disconnect) closes the iterators: the requests abort."""
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -358,8 +410,10 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                     prev, prev_tok = sent.get(idx, (0, 0))
                     delta, new_ids = c.text[prev:], c.token_ids[prev_tok:]
                     if delta or new_ids or c.finish_reason:
+                        first = idx not in sent
                         sent[idx] = (len(c.text), len(c.token_ids))
-                        yield f"data: {json.dumps(dict(base, choices=[choice_of(c, idx, delta, new_ids)]))}\n\n"
+                        choice = choice_of(item, c, idx, delta, new_ids, first)
+                        yield f"data: {json.dumps(dict(base, choices=[choice]))}\n\n"
                 if item.finished:
                     finals[k] = item
             for final in finals.values():
@@ -377,11 +431,27 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             for _, gen in starts:
                 await gen.aclose()
 
-    def _stream_completion(starts, req, rid, created, t0):
+    def _stream_completion(starts, req, rid, created, t0, tokenized):
         base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
-        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
-            "index": idx, "text": delta, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-            "logprobs": None, "token_ids": ids})
+
+        def choice(item, c, idx, delta, ids, first):
+            text, prompt_ids = tokenized[idx // req.n]
+            echo = echo_text(text, prompt_ids) if req.echo else ""
+            out = {"index": idx, "text": echo + delta if first else delta, "finish_reason": c.finish_reason,
+                   "stop_reason": c.stop_reason, "logprobs": None, "token_ids": ids}
+            if req.logprobs is not None:
+                done = len(c.token_ids) - len(ids)
+                block = logprob_block_completion((c.logprobs or [])[done:done + len(ids)], ids,
+                                                 len(echo) + len(c.text) - len(delta))
+                if req.echo and first:
+                    block = join_blocks(logprob_block_completion(item.prompt_logprobs, prompt_ids, 0,
+                                                                 top_n=req.logprobs), block)
+                out["logprobs"] = block
+            if first and req.prompt_logprobs is not None:
+                out["prompt_logprobs"] = prompt_logprobs_field(item)
+            return out
+
+        return _stream(starts, req, t0, base, choice)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -403,7 +473,10 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
-        params = _params(req, n_lp, default_max(len(ids)))
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",
+                           param="prompt_logprobs")
+        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.monotonic()
@@ -418,10 +491,11 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         record_finished(final, t0, first_t)
         n_out = sum(len(c.token_ids) for c in final.outputs)
         metrics.requests.labels(status="200").inc()
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+        extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_field(final)}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name, **extra,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                             "logprobs": logprob_block_chat(c, c.token_ids, req.top_logprobs or 0)
+                             "logprobs": logprob_block_chat(c.logprobs or [], c.token_ids, req.top_logprobs or 0)
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
@@ -429,8 +503,14 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name}
         prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]) for i in range(req.n)]
-        return _stream(starts, req, t0, base, lambda c, idx, delta, ids: {
-            "index": idx, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason},
-            prelude)
+        def choice(item, c, idx, delta, ids, first):
+            out = {"index": idx, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason}
+            if req.logprobs:
+                done = len(c.token_ids) - len(ids)
+                out["logprobs"] = logprob_block_chat((c.logprobs or [])[done:done + len(ids)], ids,
+                                                     req.top_logprobs or 0)
+            return out
+
+        return _stream(starts, req, t0, base, choice, prelude)
 
     return app

@@ -147,7 +147,8 @@ def test_bad_requests(tiny_models, tmp_path):
         llm.generate(5, greedy(), use_tqdm=False)
     for field, value in (("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0), ("n", 0),
                          ("min_p", 1.5), ("logprobs", 50), ("stop", 5), ("stop_token_ids", 7),
-                         ("stop_token_ids", [-1]), ("ignore_eos", "yes")):
+                         ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("prompt_logprobs", 21),
+                         ("prompt_logprobs", -1), ("prompt_logprobs", True), ("logprobs", True)):
         with pytest.raises(ValueError, match=field):
             pagoda.SamplingParams(**{field: value})
     assert llm.engine.pool.num_free == llm.engine.pool.usable  # nothing half-admitted
@@ -432,3 +433,67 @@ def test_penalties_match_a_step_by_step_reference(tiny_models):
                          ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 500})):
         with pytest.raises(ValueError, match=field):
             pagoda.SamplingParams(**{field: value})
+
+
+def _hf_prompt_logprobs(hf, prompt):
+    """log_softmax of transformers' logits at every prompt position but the last, float64: row p gives token
+    p + 1's distribution."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].double(), -1)
+
+
+def _check_prompt_logprobs(got, prompt, ref, k):
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+    for p in range(1, len(prompt)):
+        d = got[p]
+        top = ref[p - 1].topk(k).indices.tolist() if k else []
+        assert set(d) == set(top) | {prompt[p]}, (p, d, top)
+        for tok, lp in d.items():
+            assert abs(lp - ref[p - 1, tok].item()) < 1e-4, (p, tok, lp, ref[p - 1, tok].item())
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prompt_logprobs_match_transformers(tiny_models, chunked):
+    """SamplingParams.prompt_logprobs (vLLM's): each prompt token's log-probability given the ones before it, with
+    the top-k tokens there, against transformers' logits; through chunked prefill mixed with other requests'
+    decodes (an 8-token budget), a second request with the same prompt (not served from the prefix cache for the
+    positions it must report: the first request's pages are cached), n = 2 (reported once) and k = 0."""
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path, max_num_batched_tokens=8 if chunked else 2048)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], [42]]
+    params = [pagoda.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=k)
+              for k in (3, 0, 2, 1)]
+    params.append(pagoda.SamplingParams(n=2, max_tokens=3, temperature=0.7, seed=1, ignore_eos=True,
+                                        prompt_logprobs=1))
+    prompts.append(PROMPTS[1])
+    plain = greedy(4)
+    outs = llm.generate(prompts + [PROMPTS[3]], params + [plain], use_tqdm=False)
+    for prompt, sp, out in zip(prompts, params, outs):
+        _check_prompt_logprobs(out.prompt_logprobs, prompt, _hf_prompt_logprobs(hf, prompt) if len(prompt) > 1
+                               else None, sp.prompt_logprobs)
+        assert len(out.outputs) == sp.n
+    assert outs[-1].prompt_logprobs is None  # not asked for
+    for prompt, out in zip(prompts[:3] + [PROMPTS[3]], outs[:3] + outs[-1:]):  # generation itself unchanged
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 4)
+    # the prompt again, now cached: the plain request hits the cache, the one asking for prompt logprobs
+    # computes its prompt (and reports it in full)
+    again = llm.generate([PROMPTS[0], PROMPTS[0]], [plain, params[0]], use_tqdm=False)
+    assert again[0].num_cached_tokens == 36 and again[1].num_cached_tokens == 0
+    _check_prompt_logprobs(again[1].prompt_logprobs, PROMPTS[0], _hf_prompt_logprobs(hf, PROMPTS[0]), 3)
+
+
+def test_prompt_logprobs_survive_preemption(tiny_models):
+    """A request preempted while (or after) its prompt was prefilled reports every prompt position once, with
+    the right values, and generates what transformers does."""
+    path, hf = tiny_models["qwen3"]
+    llm = make_llm(path, num_kv_pages=15, max_num_batched_tokens=8)
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert llm.engine.stats.preemptions > 0
+    for p, o in zip(PROMPTS, outs):
+        _check_prompt_logprobs(o.prompt_logprobs, p, _hf_prompt_logprobs(hf, p), 2)
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)
+    llm.engine.prefix_cache.reset()
+    assert llm.engine.pool.num_free == llm.engine.pool.usable, "pages leaked"

@@ -268,3 +268,48 @@ def test_parallel_samples_run_cascade_decode(server, client):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, n=3)
     assert len(r.choices) == 3 and len({c.text for c in r.choices}) == 1
     assert metric(server, "pagoda_cascade_steps") > before
+
+
+def test_echo_logprobs_and_prompt_logprobs(server, client):
+    """echo with logprobs reports the prompt's tokens too (the first without a logprob), as OpenAI's legacy
+    completions do (what evaluation harnesses read for log-likelihoods): checked against the logprobs of the
+    same tokens when they were generated; streamed, the same text and tokens; vLLM's prompt_logprobs in
+    completions (per choice) and chat (top level); streamed chat chunks carry their tokens' logprobs."""
+    q = [10, 11, 12, 13]
+    gen = client.completions.create(model=MODEL, prompt=q, max_tokens=5, temperature=0, logprobs=1)
+    g = gen.choices[0].logprobs
+    ids = q + [t for c in client.completions.create(model=MODEL, prompt=q, max_tokens=5, temperature=0, stream=True)
+               for ch in c.choices for t in (ch.model_extra or {}).get("token_ids", [])]
+    assert len(ids) == 9
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, logprobs=1).choices[0]
+    assert r.choices[0].text.endswith(plain.text) and len(r.choices[0].text) > len(plain.text)
+    assert lp.token_logprobs[9:] == plain.logprobs.token_logprobs
+    assert len(lp.tokens) == 9 + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    for a, b in zip(lp.token_logprobs[4:9], g.token_logprobs):  # the greedy tokens, now part of the prompt
+        assert abs(a - b) < 1e-4, (lp.token_logprobs, g.token_logprobs)
+    assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    s = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                                       stream=True))
+    assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
+    assert [t for c in s if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    body = httpx.post(server + "/v1/completions", json=dict(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                                            prompt_logprobs=2)).json()
+    pl = body["choices"][0]["prompt_logprobs"]
+    assert len(pl) == 9 and pl[0] is None and all(str(t) in d for t, d in zip(ids[1:], pl[1:]))
+    assert abs(pl[5][str(ids[5])]["logprob"] - g.token_logprobs[1]) < 1e-4
+    chat = httpx.post(server + "/v1/chat/completions", json=dict(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+        prompt_logprobs=0)).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    bad = httpx.post(server + "/v1/chat/completions", json=dict(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, prompt_logprobs=0, stream=True))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+    bad = httpx.post(server + "/v1/completions", json=dict(model=MODEL, prompt="a", max_tokens=2, prompt_logprobs=25))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+    cs = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                             temperature=0, logprobs=True, top_logprobs=2, stream=True))
+    assert sum(len(c.choices[0].logprobs.content) for c in cs if c.choices and c.choices[0].logprobs) == 3
