@@ -138,6 +138,9 @@ class SamplingParams:
     # first), with the top prompt_logprobs tokens at that position (RequestOutput.prompt_logprobs); a request that
     # asks for them is not served from the prefix cache for the positions still to report
     prompt_logprobs: int | None = None
+    # vLLM's min_tokens: until the output has that many tokens, EOS (unless ignore_eos) and stop_token_ids are not
+    # sampled and stop strings do not end the request
+    min_tokens: int = 0
     # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
     # since the sampler and the engine's step ask it of every running request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
@@ -179,12 +182,16 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _num(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())), "a dict of token ids >= 0 to numbers in [-100, 100]"),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
+            ("min_tokens", isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool)
+             and self.min_tokens >= 0 and (self.max_tokens is None or not isinstance(self.max_tokens, int)
+                                           or self.min_tokens <= self.max_tokens),
+             "an integer in 0..max_tokens"),
         ]
         for name, ok, what in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
         self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                              or self.logit_bias)
+                              or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -212,6 +212,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
+        if params.min_tokens:  # the ids the sampler bans until the output has min_tokens tokens
+            ban = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+            for r in group:
+                r.min_tokens_ban = [t for t in ban if 0 <= t < self.config.vocab_size]
         first = group[0]
         for r in group[1:]:  # the other samples start once the first one's prompt pages are cached
             r.held_until = (lambda f=first: f.num_computed >= len(f.prompt_token_ids) or f.finished
@@ -333,6 +337,12 @@ class LLMEngine:
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
+        if len(r.output_token_ids) < p.min_tokens:  # vLLM's min_tokens: nothing stops it yet but its length
+            if p.stop and self.tokenizer is not None:
+                r.text = self._live_text(r)  # (a stop string is looked for in the text that comes after)
+            if self._reaches_length(r):
+                r.status, r.finish_reason = Status.FINISHED, "length"
+            return
         if not p.ignore_eos and tok in self.eos_ids:
             r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", None
         elif tok in p.stop_token_ids:

@@ -82,6 +82,10 @@ class _PenaltyState:
             self.seen[_device_tensor(r.prompt_token_ids, torch.long, dev)] = True
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(vocab, dtype=torch.float32, device=dev)
+        # min_tokens: the ids banned until the output has min_tokens tokens (LLMEngine.add_request sets
+        # Request.min_tokens_ban: EOS unless ignore_eos, and stop_token_ids)
+        ban = getattr(r, "min_tokens_ban", None)
+        self.ban = _device_tensor(ban, torch.long, dev) if p.min_tokens and ban else None
         if p.logit_bias:  # (a row to add: built once, not from the dict each step)
             self.bias = torch.zeros(vocab, dtype=torch.float32, device=dev)
             self.bias[_device_tensor(list(p.logit_bias), torch.long, dev)] = _device_tensor(
@@ -97,6 +101,9 @@ class _PenaltyState:
             if self.counts is not None:
                 self.counts.index_put_((t,), torch.ones(len(new), device=dev), accumulate=True)
             self.done = len(out_ids)
+
+
+_BANNED = -1e30  # a banned token's logit: finite (an infinite logit marks a broken row: sample_collect's -1)
 
 
 def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
@@ -134,6 +141,9 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     if any(st.bias is not None for st in states):
         none = torch.zeros(vocab, dtype=torch.float32, device=dev)
         sub = sub + torch.stack([none if st.bias is None else st.bias for st in states])
+    for j, (r, st) in enumerate(zip(reqs, states)):  # min_tokens, last: nothing scales the banned logits after
+        if st.ban is not None and len(r.output_token_ids) < r.params.min_tokens:
+            sub[j].index_fill_(0, st.ban, _BANNED)
     if idx is not None:
         logits[idx] = sub
         return logits

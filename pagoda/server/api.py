@@ -67,7 +67,7 @@ class _Common(BaseModel):
     # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
     # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
     best_of: int | None = None
-    min_tokens: int = 0
+    min_tokens: int = 0  # (honoured: SamplingParams.min_tokens)
     use_beam_search: bool = False
     guided_json: Any = None
     guided_regex: str | None = None
@@ -104,7 +104,7 @@ def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
     neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
     answer generated without them."""
-    neutral = {"min_tokens": 0, "use_beam_search": False}
+    neutral = {"use_beam_search": False}
     for name, value in neutral.items():
         if getattr(req, name) != value:
             raise APIError(400, f"{name} is not supported by this server (pagoda); leave it at {value}", param=name)
@@ -140,7 +140,7 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                              logit_bias=bias, prompt_logprobs=prompt_logprobs)
+                              logit_bias=bias, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens)
     except ValueError as e:
         msg = str(e)
         field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None

@@ -497,3 +497,35 @@ def test_prompt_logprobs_survive_preemption(tiny_models):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)
     llm.engine.prefix_cache.reset()
     assert llm.engine.pool.num_free == llm.engine.pool.usable, "pages leaked"
+
+
+def test_min_tokens_matches_transformers(tiny_models):
+    """min_tokens (vLLM's): the stop token id is not sampled before the output has min_tokens tokens, then ends
+    the request as usual: greedy tokens equal transformers' generate(min_new_tokens=..., eos_token_id=stop id)
+    (MinNewTokensLengthLogitsProcessor); without min_tokens the request stops at the id's first appearance;
+    a request without it in the same batch is unchanged; bad values name the field."""
+    import torch
+
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path)
+    prompt = PROMPTS[2]
+    free = hf_greedy(hf, prompt, 12)
+    stop_id = free[2]  # the third greedy token
+    assert stop_id not in free[:2]
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id], ignore_eos=True)
+    outs = llm.generate([prompt, prompt, PROMPTS[0]],
+                        [sp, pagoda.SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id],
+                                                   ignore_eos=True, min_tokens=6), greedy(6)], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == free[:3] and outs[0].outputs[0].finish_reason == "stop"
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, max_new_tokens=12, min_new_tokens=6, do_sample=False, eos_token_id=stop_id,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    got = outs[1].outputs[0]
+    assert got.token_ids == ref, (got.token_ids, ref)
+    assert stop_id not in got.token_ids[:6] and len(got.token_ids) >= 6
+    assert got.finish_reason == ("stop" if got.token_ids[-1] == stop_id else "length")
+    assert outs[2].outputs[0].token_ids == hf_greedy(hf, PROMPTS[0], 6)
+    for bad in (-1, 13, 1.5, True):
+        with pytest.raises(ValueError, match="min_tokens"):
+            pagoda.SamplingParams(max_tokens=12, min_tokens=bad)

@@ -157,7 +157,7 @@ def test_error_paths_keep_serving(server, client):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     # parameters that would change the answer and that pagoda does not implement: a 400 naming them, not ignored
-    for url, extra in (("/v1/completions", {"prompt": "x", "min_tokens": 3}),
+    for url, extra in (("/v1/completions", {"prompt": "x", "use_beam_search": True}),
                        ("/v1/completions", {"prompt": "x", "suffix": "y"}),
                        ("/v1/completions", {"prompt": "x", "best_of": 3}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -170,6 +170,18 @@ def test_error_paths_keep_serving(server, client):
     for extra in ({"presence_penalty": 0.0, "best_of": 1}, {"logit_bias": {}, "min_tokens": 0}):  # neutral
         r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
         assert r.status_code == 200, (extra, r.text)
+    # min_tokens is honoured: the first greedy token as a stop id ends the answer at once, unless min_tokens holds it
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0}
+    first = httpx.post(server + "/v1/completions", json=body).json()["choices"][0]["text"]
+    ids = [t for c in httpx.post(server + "/v1/completions", json=dict(body, stream=True)).text.split("\n\n")
+           if c.startswith("data: {") for ch in json.loads(c[6:])["choices"] for t in ch.get("token_ids", [])]
+    assert first and len(ids) == 6
+    r = httpx.post(server + "/v1/completions", json=dict(body, stop_token_ids=[ids[0]])).json()
+    assert r["usage"]["completion_tokens"] == 1 and r["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(server + "/v1/completions", json=dict(body, stop_token_ids=[ids[0]], min_tokens=4)).json()
+    assert r["usage"]["completion_tokens"] >= 4
+    r = httpx.post(server + "/v1/completions", json=dict(body, min_tokens=7))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
     # penalties and logit_bias are honoured (tests/engine: against a reference); a bias of +100 on one token makes
     # greedy decoding pick it every time, and bad values name the field
     r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4,
