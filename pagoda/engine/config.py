@@ -141,6 +141,11 @@ class SamplingParams:
     # vLLM's min_tokens: until the output has that many tokens, EOS (unless ignore_eos) and stop_token_ids are not
     # sampled and stop strings do not end the request
     min_tokens: int = 0
+    # vLLM's: the matched stop string kept at the end of the text; only these token ids sampled (None: all); only
+    # the prompt's last truncate_prompt_tokens tokens used (None: all of it)
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
     # since the sampler and the engine's step ask it of every running request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
@@ -182,6 +187,14 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _num(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())), "a dict of token ids >= 0 to numbers in [-100, 100]"),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
+            ("include_stop_str_in_output", isinstance(self.include_stop_str_in_output, bool), "a bool"),
+            ("allowed_token_ids", self.allowed_token_ids is None or (
+                isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.allowed_token_ids)),
+             "a non-empty list of token ids >= 0"),
+            ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
+                isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
+                and self.truncate_prompt_tokens >= 1), "an integer >= 1"),
             ("min_tokens", isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool)
              and self.min_tokens >= 0 and (self.max_tokens is None or not isinstance(self.max_tokens, int)
                                            or self.min_tokens <= self.max_tokens),
@@ -191,7 +204,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
         self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                              or self.logit_bias or self.min_tokens)
+                              or self.logit_bias or self.min_tokens or self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -199,6 +199,11 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= self.config.vocab_size:
+            raise ValueError(f"SamplingParams.allowed_token_ids must be in 0..{self.config.vocab_size - 1}, got "
+                             f"{max(params.allowed_token_ids)}")
         if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:
             raise ValueError(f"logit_bias token ids must be in 0..{self.config.vocab_size - 1}, got "
                              f"{max(params.logit_bias)}")
@@ -352,7 +357,7 @@ class LLMEngine:
             for s in p.stop:
                 at = text.find(s, max(0, len(r.text) - len(s)))
                 if at >= 0:
-                    r.text = text[:at]
+                    r.text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]
                     r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", s
                     return
             r.text = text

@@ -86,6 +86,10 @@ class _PenaltyState:
         # Request.min_tokens_ban: EOS unless ignore_eos, and stop_token_ids)
         ban = getattr(r, "min_tokens_ban", None)
         self.ban = _device_tensor(ban, torch.long, dev) if p.min_tokens and ban else None
+        self.allowed = None
+        if p.allowed_token_ids:  # everything else banned
+            self.allowed = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.allowed[_device_tensor(list(p.allowed_token_ids), torch.long, dev)] = True
         if p.logit_bias:  # (a row to add: built once, not from the dict each step)
             self.bias = torch.zeros(vocab, dtype=torch.float32, device=dev)
             self.bias[_device_tensor(list(p.logit_bias), torch.long, dev)] = _device_tensor(
@@ -141,9 +145,12 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     if any(st.bias is not None for st in states):
         none = torch.zeros(vocab, dtype=torch.float32, device=dev)
         sub = sub + torch.stack([none if st.bias is None else st.bias for st in states])
-    for j, (r, st) in enumerate(zip(reqs, states)):  # min_tokens, last: nothing scales the banned logits after
+    # bans last (min_tokens, allowed_token_ids): nothing scales the banned logits after
+    for j, (r, st) in enumerate(zip(reqs, states)):
         if st.ban is not None and len(r.output_token_ids) < r.params.min_tokens:
             sub[j].index_fill_(0, st.ban, _BANNED)
+        if st.allowed is not None:
+            sub[j].masked_fill_(~st.allowed, _BANNED)
     if idx is not None:
         logits[idx] = sub
         return logits

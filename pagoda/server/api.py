@@ -60,6 +60,10 @@ class _Common(BaseModel):
     user: str | None = None
     # vLLM's extension: the prompt tokens' logprobs (completions: in each choice; chat: at the top level)
     prompt_logprobs: int | None = None
+    # vLLM's extensions (SamplingParams)
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # (vLLM's extension)
@@ -140,7 +144,10 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
                               ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                              logit_bias=bias, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens)
+                              logit_bias=bias, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens,
+                              include_stop_str_in_output=req.include_stop_str_in_output,
+                              allowed_token_ids=req.allowed_token_ids,
+                              truncate_prompt_tokens=req.truncate_prompt_tokens)
     except ValueError as e:
         msg = str(e)
         field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
@@ -183,6 +190,18 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
     def default_max(prompt_len: int) -> int:
         return max(1, engine.max_model_len - prompt_len)
+
+    def truncated(text_ids, req):
+        """(text, ids) with truncate_prompt_tokens applied (the text then is the kept tokens', decoded for echo);
+        a bad value is the 400 that SamplingParams names."""
+        text, ids = text_ids
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return text, ids
+        if isinstance(k, bool) or k < 1:
+            raise APIError(400, f"truncate_prompt_tokens must be an integer >= 1, got {k!r}",
+                           param="truncate_prompt_tokens")
+        return (text, ids) if len(ids) <= k else (None, ids[-k:])
 
     def prompt_len_check(ids: list[int]) -> None:
         if len(ids) >= engine.max_model_len:
@@ -320,7 +339,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             prompts = list(p)
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        tokenized = [tokenize_prompt(x) for x in prompts]
+        tokenized = [truncated(tokenize_prompt(x), req) for x in prompts]
         for _, ids in tokenized:
             prompt_len_check(ids)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
@@ -468,7 +487,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        ids = list(ids)
+        _, ids = truncated((None, list(ids)), req)
         prompt_len_check(ids)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")

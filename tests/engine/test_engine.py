@@ -529,3 +529,36 @@ def test_min_tokens_matches_transformers(tiny_models):
     for bad in (-1, 13, 1.5, True):
         with pytest.raises(ValueError, match="min_tokens"):
             pagoda.SamplingParams(max_tokens=12, min_tokens=bad)
+
+
+def test_allowed_token_ids_and_truncate_prompt_tokens(tiny_models):
+    """allowed_token_ids: every token sampled is one of them, and greedy picks the likeliest of them (checked
+    against transformers' logits step by step); truncate_prompt_tokens: the request runs on the prompt's last k
+    tokens (the output equals the short prompt's); bad values name the field."""
+    import torch
+
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path)
+    allowed = [3, 50, 77, 120, 200, 301]
+    prompt = PROMPTS[0]
+    outs = llm.generate([prompt, prompt], [
+        pagoda.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, allowed_token_ids=allowed),
+        pagoda.SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, allowed_token_ids=allowed)],
+        use_tqdm=False)
+    ids = list(prompt)
+    for tok in outs[0].outputs[0].token_ids:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1]
+        assert tok == allowed[int(logits[allowed].argmax())]
+        ids.append(tok)
+    assert set(outs[1].outputs[0].token_ids) <= set(allowed)
+    short = llm.generate([prompt], pagoda.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                         truncate_prompt_tokens=9), use_tqdm=False)[0]
+    assert short.prompt_token_ids == prompt[-9:]
+    assert short.outputs[0].token_ids == hf_greedy(hf, prompt[-9:], 6)
+    for field, value in (("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("truncate_prompt_tokens", 0),
+                         ("include_stop_str_in_output", 1)):
+        with pytest.raises(ValueError, match=field):
+            pagoda.SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate([prompt], pagoda.SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)

@@ -125,6 +125,20 @@ def test_n_seed_stop_and_logprobs(client):
     stop = full[8:11]
     r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+    kept = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == full[:full.index(stop) + len(stop)]
+    only = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=1.0, seed=2,
+                                     extra_body={"allowed_token_ids": [40, 41, 42], "stream": False})
+    assert only.choices[0].text and only.usage.completion_tokens == 6
+    ids = [t for c in client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=1.0,
+                                                seed=2, stream=True, extra_body={"allowed_token_ids": [40, 41, 42]})
+           for ch in c.choices for t in (ch.model_extra or {}).get("token_ids", [])]
+    assert len(ids) == 6 and set(ids) <= {40, 41, 42}
+    long_prompt = "x = 1\n" * 40
+    t = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 5})
+    assert t.usage.prompt_tokens == 5
     # streamed text never shows the start of a stop string that a later token completes
     s = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop],
                                   stream=True)
