@@ -179,6 +179,9 @@ def decode_sm90_cases():
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=scale_ptr,
                     STAGES=2, SAME_STRIDES=same, MERGE_ROWS=mr, num_warps=4), 4, 1, regs)
+    yield ("decode_sm90 D=128 kv=bf16 PDL", decode_sm90.decode_sm90_kernel, dict(types, K="*bf16", V="*bf16"),
+           dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
+                SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, num_warps=4), 4, 1, 168)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

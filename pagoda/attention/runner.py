@@ -597,8 +597,9 @@ class BatchAttention:
 
     def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None, enable_pdl=None) -> None:
         """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
-        scales: the result of _kv_scales (None: 1.0); enable_pdl: launch the Triton attention kernel as a
-        programmatic dependent launch on a Hopper GPU (ops/kernels/pdl.py; the Gluon kernels ignore it)."""
+        scales: the result of _kv_scales (None: 1.0); enable_pdl: launch the Triton attention kernel or the Gluon
+        decode kernel as a programmatic dependent launch on a Hopper GPU (ops/kernels/pdl.py; the Gluon prefill
+        kernel ignores it)."""
         lse_arg = lse if lse is not None else p.tmp_lse
         (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
         per_head = kt is not None or vt is not None
@@ -636,7 +637,7 @@ class BatchAttention:
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                **p.decode_sm90_constexprs)
+                **p.decode_sm90_constexprs, **pdl_launch(enable_pdl, q))
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

@@ -114,7 +114,7 @@ if HAVE_GLUON:
         num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
-        SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None,
+        SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -124,7 +124,11 @@ if HAVE_GLUON:
         TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + TRACE_SLOTS * TRACE_ROUNDS] of
         %globaltimer stamps: the program's start, then per round its task's start, its first KV block landed, its
         loop's end, its epilogue's end, and for a split chunk its partial stored, its arrival counted and (the
-        merging chunk) its merge's first round summed (prefill_sm90._stamp)."""
+        merging chunk) its merge's first round summed (prefill_sm90._stamp).
+        PDL (a programmatic dependent launch, ops/kernels/pdl.py): the plan's header and the first work item load
+        before griddepcontrol.wait, which the queries and the cache (RoPE + append's output, in the engine) wait
+        behind; the plan was written before the kernel ahead of this one ran, as was everything the epilogue
+        touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -167,6 +171,9 @@ if HAVE_GLUON:
         n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
         if TRACE is not None:
             trace = TRACE + gl.program_id(0) * (1 + TRACE_SLOTS * TRACE_ROUNDS)
             gl.store(trace, _globaltimer())
