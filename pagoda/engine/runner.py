@@ -241,7 +241,8 @@ class _Context:
         if rope is not None and self.attn.fused_rope:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
-                d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl)
+                d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl,
+                pdl_tables_early=True)  # (the step's inputs are host copies made before the step)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],

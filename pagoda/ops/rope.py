@@ -204,14 +204,18 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
 def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_size: int, cos_sin_cache,
                                              is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
                                              kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
-                                             enable_pdl: bool | None = None) -> None:
+                                             enable_pdl: bool | None = None, pdl_tables_early: bool = False) -> None:
     """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and
     of value, in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and
     ``key`` itself is left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value
     [nnz, kv_heads * head_size] or [nnz, kv_heads, head_size]; the cache and page-table arguments (and
     ``check``) as in append_paged_kv_cache. 16-bit caches only (an fp8 cache quantizes on write with
     scales: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch on a
-    Hopper GPU (ops/kernels/pdl.py; None: off)."""
+    Hopper GPU (ops/kernels/pdl.py; None: off). pdl_tables_early (with enable_pdl): positions, batch_indices,
+    kv_indices and kv_indptr are not the output of the kernel launched right before this one (host copies made
+    before it, as the engine's step inputs are): the kernel reads them, and the cos / sin rows, before waiting for
+    that kernel, and only the query / key / value reads wait (pagoda's extension; ignored where an index tensor
+    needs a conversion, which would be that kernel)."""
     q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
     if not isinstance(value, torch.Tensor) or value.shape[0] != key.shape[0] or value.numel() != key.numel():
         raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
@@ -239,11 +243,13 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
     dev = q.device
     bh = min(32, triton.next_power_of_2(max(q.shape[1], heads)))
     grid = (nnz, triton.cdiv(q.shape[1], bh) + triton.cdiv(heads, bh))
+    tables = [positions, batch_indices, kv_indices, kv_indptr]
+    conv = [t.to(dev, torch.int32) for t in tables]
+    early = bool(pdl_tables_early) and all(c is t for c, t in zip(conv, tables))
     rope_append_kernel[grid](
-        q, k, v, k_cache, v_cache, positions.to(dev, torch.int32), batch_indices.to(dev, torch.int32),
-        kv_indices.to(dev, torch.int32), kv_indptr.to(dev, torch.int32), cos_sin_cache,
+        q, k, v, k_cache, v_cache, *conv, cos_sin_cache,
         q.shape[1], heads, dim, rd // 2, cos_sin_cache.shape[0], page_size,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
         BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        INTERLEAVE=not is_neox, num_warps=4, **pdl_launch(enable_pdl, q))
+        INTERLEAVE=not is_neox, TABLES_EARLY=early, num_warps=4, **pdl_launch(enable_pdl, q))

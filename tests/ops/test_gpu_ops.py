@@ -178,8 +178,17 @@ def test_rope_and_append_real_size():
     q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)  # strided views, as the engine's fused projection gives
     cache = torch.randn(int(pages.sum()) + 10, 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")
     cache2, q2, k2 = cache.clone(), q.clone(), k.clone()
+    qkv2 = qkv.clone()
     pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, d, cos_sin, True, cache, bidx, kv_indices,
                                                     kv_indptr, last, check=False)
+    # as a PDL launch right behind the kernel that writes q / k / v, the tables read before its wait: the same
+    cache3 = cache2.clone()
+    qkv3 = qkv2 * 1
+    q3, k3, v3 = qkv3.split([hq * d, hk * d, hk * d], -1)
+    pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q3, k3, v3, d, cos_sin, True, cache3, bidx, kv_indices,
+                                                    kv_indptr, last, check=False, enable_pdl=True,
+                                                    pdl_tables_early=True)
+    assert torch.equal(q3, q) and torch.equal(cache3, cache)
     pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, d, cos_sin, is_neox=True)
     pagoda.append_paged_kv_cache(k2.view(nnz, hk, d), v.reshape(nnz, hk, d), bidx, pos, cache2, kv_indices,
                                  kv_indptr, last)

@@ -112,12 +112,14 @@ def test_rope_bad_input():
                                                                    (False, 48, 64, "HND", 1, False),
                                                                    (True, 64, 64, "NHD", 4, False),
                                                                    (False, 48, 64, "NHD", 16, True)])
-def test_rope_and_append_fused(is_neox, rd, head, layout, page_size, check):
+@pytest.mark.parametrize("early", [False, True])
+def test_rope_and_append_fused(is_neox, rd, head, layout, page_size, check, early):
     """The fused op (one launch, check=False) against RoPE then append: q rotated in place as the RoPE op
     does (and matching the float64 reference), the cache written exactly as appending the rotated key
     would (partial rotary: dims past rd copied), nothing else in the poisoned cache touched, key unchanged;
     GQA (40 q heads over 8 KV heads: two q head blocks), three requests at scattered positions. check=True
-    takes the two ops inside (host-checked page tables)."""
+    takes the two ops inside (host-checked page tables). early: pdl_tables_early (the tables read before the PDL
+    wait; the same results)."""
     g = torch.Generator().manual_seed(rd + head)
     hq, hk, maxpos = 40, 8, 4096
     inv = freq64(rd, 1e4)
@@ -140,7 +142,7 @@ def test_rope_and_append_fused(is_neox, rd, head, layout, page_size, check):
     v = torch.randn(nnz, hk, head, generator=g).to(torch.bfloat16).to(DEVICE)
     q2, k_before, cache2, q_before, base0 = q.clone(), k.clone(), base.clone(), q.clone(), base.clone()
     pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, head, cos_sin, is_neox, base, bidx, kv_indices,
-                                                    kv_indptr, last, layout, check=check)
+                                                    kv_indptr, last, layout, check=check, pdl_tables_early=early)
     assert torch.equal(k, k_before)
     k2 = k.clone()
     pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, head, cos_sin, is_neox=is_neox)

@@ -77,24 +77,33 @@ def rope_append_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, TABLES_EARLY: tl.constexpr = False,
 ):
     """RoPE from a cos/sin cache on q (in place) and on k, whose rotated rows go straight into the paged
     cache with v's (append_paged_kv_kernel's page / slot): one launch instead of rope_kernel plus
     append_paged_kv_kernel, and k is not written back. Program (t, j): token t, head block j of q, or
     (j past q's blocks) of k and v. Dims past the rotary ones are copied; a position outside the cos/sin
-    cache writes NaN, as rope_kernel does. PDL: kernels/pdl.py."""
-    pdl_enter(PDL)
+    cache writes NaN, as rope_kernel does. PDL: kernels/pdl.py. TABLES_EARLY (with PDL): the positions, the
+    cos / sin rows and the page chain load before the wait for the kernel ahead (the caller promises that none
+    of them is that kernel's output: the engine's step inputs are host copies made before the step), so that
+    only the q / k / v loads wait for it: at decode batch 1 the kernel is its chain of dependent loads."""
+    if not TABLES_EARLY:
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     pos = tl.load(POS + t)
     # the k / v programs' page chain (batch -> indptr -> page id) starts with the position's load, not after
-    # the cos / sin it waits for: at decode batch 1 the kernel is its chain of dependent loads
+    # the cos / sin it waits for
     b = tl.load(BATCH + t, mask=j >= q_blocks, other=0)
     i = tl.arange(0, BLOCK_R)
     im = i < half
     cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cos)
+    is_kv = j >= q_blocks
+    page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b, mask=is_kv, other=0) + pos // page_size, mask=is_kv,
+                   other=0).to(tl.int64)
+    if TABLES_EARLY:
+        pdl_enter(PDL)
     cos = cos[None, :]
     sin = sin[None, :]
     i1, i2 = _pairs(i, half, INTERLEAVE)
@@ -111,7 +120,6 @@ def rope_append_kernel(
         heads = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         hm = (heads < num_kv_heads)[:, None]
         m = hm & im[None, :]
-        page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b) + pos // page_size).to(tl.int64)
         slot = pos % page_size
         xrow = K + t * stride_kt + heads[:, None] * stride_kh
         crow = KC + page * stride_cp + slot * stride_cs + heads[:, None] * stride_ch
