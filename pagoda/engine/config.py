@@ -146,6 +146,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    # vLLM's bad_words: the last token of each word's tokens (with and without a leading space) is not sampled
+    # where it would complete the word (a word of one token: never); needs the tokenizer
+    bad_words: list[str] | None = None
     # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
     # since the sampler and the engine's step ask it of every running request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
@@ -192,6 +195,8 @@ class SamplingParams:
                 isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
                 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.allowed_token_ids)),
              "a non-empty list of token ids >= 0"),
+            ("bad_words", self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
+                isinstance(w, str) and w.strip() for w in self.bad_words)), "a list of non-blank strings"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
                 and self.truncate_prompt_tokens >= 1), "an integer >= 1"),
@@ -204,7 +209,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
         self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                              or self.logit_bias or self.min_tokens or self.allowed_token_ids)
+                              or self.logit_bias or self.min_tokens or self.allowed_token_ids or self.bad_words)
 
     @property
     def greedy(self) -> bool:

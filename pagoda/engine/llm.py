@@ -217,6 +217,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
+        if params.bad_words:
+            words = self._bad_words_ids(params.bad_words)
+            for r in group:
+                r.bad_words_ids = words
         if params.min_tokens:  # the ids the sampler bans until the output has min_tokens tokens
             ban = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
             for r in group:
@@ -230,6 +234,20 @@ class LLMEngine:
             self.scheduler.add(r)
         self.stats.prompt_tokens += len(ids) * params.n
         return request_id
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """SamplingParams.bad_words as token sequences, vLLM's way: each word as it stands and with one leading
+        space, the second kept only where the space makes a different first token of the same length."""
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs the model's tokenizer (the engine was built without one)")
+        out = []
+        for w in words:
+            plain = self.tokenizer.encode(w.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + w.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if spaced and len(spaced) == len(plain) and spaced[0] != plain[0]:
+                out.append(spaced)
+        return [s for s in out if s and all(0 <= t < self.config.vocab_size for t in s)]
 
     def abort(self, request_id: str) -> bool:
         group = self.requests.pop(request_id, None)

@@ -151,6 +151,13 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
             sub[j].index_fill_(0, st.ban, _BANNED)
         if st.allowed is not None:
             sub[j].masked_fill_(~st.allowed, _BANNED)
+        words = getattr(r, "bad_words_ids", None)
+        if words:  # the last token of each bad word that the output so far would complete
+            out = r.output_token_ids
+            ban = sorted({w[-1] for w in words if len(w) == 1 or (len(out) >= len(w) - 1
+                                                                  and out[len(out) - len(w) + 1:] == w[:-1])})
+            if ban:
+                sub[j].index_fill_(0, _device_tensor(ban, torch.long, dev), _BANNED)
     if idx is not None:
         logits[idx] = sub
         return logits

@@ -64,6 +64,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # (vLLM's extension)
@@ -147,7 +148,7 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               logit_bias=bias, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens,
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               allowed_token_ids=req.allowed_token_ids,
-                              truncate_prompt_tokens=req.truncate_prompt_tokens)
+                              truncate_prompt_tokens=req.truncate_prompt_tokens, bad_words=req.bad_words)
     except ValueError as e:
         msg = str(e)
         field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
@@ -224,7 +225,10 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(503, f"The server is overloaded ({e}); retry later.", type_="server_error",
                            code="overloaded", headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            raise APIError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else "prompt") from None
+            msg = str(e)
+            field = ("logit_bias" if msg.startswith("logit_bias") else msg.split(".")[1].split(" ")[0]
+                     if msg.startswith("SamplingParams.") else "prompt")
+            raise APIError(400, msg, param=field) from None
         except EngineDead as e:
             raise APIError(500, str(e), type_="server_error") from None
         return first, gen

@@ -103,3 +103,37 @@ def test_incremental_text_is_a_prefix_of_the_final_text(llm):
         assert f.text == tok.decode(f.token_ids, skip_special_tokens=True)
         assert all(f.text.startswith(t) for t in seen[rid])
         assert len(seen[rid]) >= 100
+
+
+def test_bad_words(llm):
+    """bad_words (vLLM's): a word of one token is never sampled, and greedy output equals transformers'
+    generate(bad_words_ids=...) over the same token sequences; a word of several tokens never appears whole;
+    without a tokenizer it is a ValueError naming the field."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    tok = llm.get_tokenizer()
+    prompt = "def fibonacci(n):"
+    free = llm.generate([prompt], pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    # a single-token word that greedy decoding emits
+    single = next(t for t in free.token_ids if tok.decode([t]).strip() and len(tok.encode(
+        tok.decode([t]).strip(), add_special_tokens=False)) == 1)
+    word = tok.decode([single]).strip()
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, bad_words=[word])
+    got = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    seqs = llm.engine._bad_words_ids([word])
+    assert all(t not in got for s in seqs if len(s) == 1 for t in s)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, bad_words_ids=seqs)[0, ids.shape[1]:]
+    assert got == ref.tolist()
+    multi = next(w for w in free.text.split() if len(tok.encode(w, add_special_tokens=False)) >= 2)
+    got = llm.generate([prompt], pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                       bad_words=[multi]), use_tqdm=False)[0].outputs[0].token_ids
+    for s in llm.engine._bad_words_ids([multi]):
+        assert not any(got[i:i + len(s)] == s for i in range(len(got))), (multi, s, got)
+    with pytest.raises(ValueError, match="bad_words"):
+        pagoda.SamplingParams(bad_words=[" "])
+    bare = pagoda.LLM(skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="bad_words"):
+        bare.generate([[5, 6, 7]], pagoda.SamplingParams(bad_words=["x"]), use_tqdm=False)

@@ -135,6 +135,9 @@ def test_n_seed_stop_and_logprobs(client):
                                                 seed=2, stream=True, extra_body={"allowed_token_ids": [40, 41, 42]})
            for ch in c.choices for t in (ch.model_extra or {}).get("token_ids", [])]
     assert len(ids) == 6 and set(ids) <= {40, 41, 42}
+    banned = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0,
+                                       extra_body={"bad_words": [full.split()[0]]}).choices[0].text
+    assert full.split()[0] not in banned.split() and banned != full
     long_prompt = "x = 1\n" * 40
     t = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0,
                                   extra_body={"truncate_prompt_tokens": 5})
