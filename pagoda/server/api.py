@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -18,12 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import SamplingParams
 from ..engine.llm import chat_text
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
+
+log = logging.getLogger("pagoda.server")
 
 
 class APIError(Exception):
@@ -44,6 +47,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
+    # fields this server does not know are kept, so that unsupported() can log them (vLLM's way: a client library
+    # may send fields that change nothing; the ones known to change the answer are 400s)
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -109,6 +115,8 @@ def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
     neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
     answer generated without them."""
+    if req.model_extra:
+        log.warning("request fields ignored (not known to this server): %s", sorted(req.model_extra))
     neutral = {"use_beam_search": False}
     for name, value in neutral.items():
         if getattr(req, name) != value:

@@ -342,3 +342,17 @@ def test_echo_logprobs_and_prompt_logprobs(server, client):
     cs = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                              temperature=0, logprobs=True, top_logprobs=2, stream=True))
     assert sum(len(c.choices[0].logprobs.content) for c in cs if c.choices and c.choices[0].logprobs) == 3
+
+
+def test_unknown_fields_are_logged(caplog):
+    """A field this server does not know is not an error (client libraries send some that change nothing) but is
+    logged by name, never dropped without a trace; the known ones that would change the answer are 400s."""
+    import logging
+
+    from pagoda.server.api import APIError, CompletionRequest, unsupported
+
+    with caplog.at_level(logging.WARNING, logger="pagoda.server"):
+        unsupported(CompletionRequest(model=MODEL, prompt="x", some_new_field=1))
+    assert "some_new_field" in caplog.text
+    with pytest.raises(APIError):
+        unsupported(CompletionRequest(model=MODEL, prompt="x", use_beam_search=True))
