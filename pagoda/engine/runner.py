@@ -540,12 +540,12 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
-            hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+            hidden = self._hidden(dev, attn)
             want = _prompt_lp_rows(requests, num_new, inp.qo_indptr)
             prompt_lp = _PromptLogprobs(self.model, hidden, want) if want else None
             if not inp.sample_rows:  # prefill chunks only: the forward fills the cache, nothing samples
                 return _Pending([], None, False, prompt_lp)
-            logits = self.model.compute_logits(hidden[dev.logits_indices.long()])
+            logits = self._logits(hidden, dev)
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
         return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None, prompt_lp)
@@ -560,11 +560,15 @@ class ModelRunner:
         if prepared.graph is not None:
             logits = prepared.graph.replay()[:len(reqs)]
         else:
-            logits = self._forward(prepared.dev, self.attn)
+            logits = self._logits(self._hidden(prepared.dev, self.attn), prepared.dev)
         return _Pending(reqs, sample_launch(logits, reqs, generator), True)
 
-    def _forward(self, dev: _DeviceInputs, attn) -> torch.Tensor:
-        hidden = self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+    def _hidden(self, dev: _DeviceInputs, attn) -> torch.Tensor:
+        """The eager forward: the final hidden states of every token of the step."""
+        return self.model(dev.input_ids, dev.positions, _Context(self, attn, dev))
+
+    def _logits(self, hidden: torch.Tensor, dev: _DeviceInputs) -> torch.Tensor:
+        """The logits of the rows that sample."""
         return self.model.compute_logits(hidden[dev.logits_indices.long()])
 
     def collect(self, pending: _Pending):
