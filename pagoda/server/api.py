@@ -111,6 +111,20 @@ class ChatRequest(_Common):
     response_format: dict[str, Any] | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
     neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
@@ -484,22 +498,51 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
         return _stream(starts, req, t0, base, choice)
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        check_model(req.model)
-        unsupported(req)
+    def chat_ids(messages, add_generation_prompt: bool) -> list[int]:
+        """The chat template's token ids of the messages (400s for a model without one and a template error)."""
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", param="messages")
-        msgs = []
-        for m in req.messages:
-            msgs.append({"role": m.role, "content": chat_text(m.content)})
+        msgs = [{"role": m.role, "content": chat_text(m.content)} for m in messages]
         try:
-            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=req.add_generation_prompt)
+            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        _, ids = truncated((None, list(ids)), req)
+        return list(ids)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        """vLLM's: {"count", "max_model_len", "tokens"} of a prompt or of chat messages."""
+        if req.model is not None:
+            check_model(req.model)
+        if tok is None:
+            raise APIError(400, "this server has no tokenizer", param="prompt")
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if req.messages is not None:
+            ids = chat_ids(req.messages, req.add_generation_prompt)
+        else:
+            ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        """vLLM's: {"prompt"}, the text of token ids."""
+        if req.model is not None:
+            check_model(req.model)
+        if tok is None:
+            raise APIError(400, "this server has no tokenizer", param="tokens")
+        bad = [t for t in req.tokens if not 0 <= t < engine.config.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens must be in 0..{engine.config.vocab_size - 1}, got {bad[:4]}", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        check_model(req.model)
+        unsupported(req)
+        _, ids = truncated((None, chat_ids(req.messages, req.add_generation_prompt)), req)
         prompt_len_check(ids)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")

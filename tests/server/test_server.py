@@ -356,3 +356,21 @@ def test_unknown_fields_are_logged(caplog):
     assert "some_new_field" in caplog.text
     with pytest.raises(APIError):
         unsupported(CompletionRequest(model=MODEL, prompt="x", use_beam_search=True))
+
+
+def test_tokenize_and_detokenize(server, client):
+    """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize: the ids are the ones
+    a completion counts as its prompt, and decode back to the text; bad input is a 400 naming the field."""
+    t = httpx.post(server + "/tokenize", json={"model": MODEL, "prompt": "def add(a, b):"}).json()
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=1, temperature=0)
+    assert t["count"] == len(t["tokens"]) == r.usage.prompt_tokens and t["max_model_len"] > 0
+    assert httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"].endswith("def add(a, b):")
+    msgs = [{"role": "user", "content": "hi"}]
+    c = httpx.post(server + "/tokenize", json={"messages": msgs}).json()
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1, temperature=0)
+    assert c["count"] == chat.usage.prompt_tokens
+    for path, body, param in (("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/tokenize", {"model": "other", "prompt": "a"}, "model")):
+        bad = httpx.post(server + path, json=body)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, body, bad.text)
