@@ -425,7 +425,7 @@ class LLMEngine:
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outs,
                              all(r.finished for r in group), first.num_cached_tokens,
                              {"arrival": first.arrival, "first_token": first.first_token_time},
-                             list(first.prompt_logprobs) if first.prompt_logprobs is not None else None)
+                             first.prompt_logprobs)  # (complete once the prompt ran; not copied per step)
 
     def _refresh_stats(self) -> None:
         s = self.stats
