@@ -6,6 +6,9 @@
 #                                     attention);
 #                                     "fp8" is the attention bench's decode over an fp8 cache, "fp8-triton" the
 #                                     same with the Triton kernel instead of the Gluon one (PAGODA_FP8_DECODE_KERNEL)
+#   ENGINE_AB=DIR                     also the engine's batch-1 / batch-64 latency, this tree against the pagoda
+#                                     package in DIR (e.g. ab_base/ from `git archive REV pagoda | tar -x -C ab_base`,
+#                                     carried), interleaved over two rounds, a table last
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -26,6 +29,18 @@ for b in ${BENCHES-attention}; do
     python3 -m pagoda.bench."$b" --json "$OUT/bench_$b.json" 2>&1 | tee "$OUT/bench_$b.log"
   fi
 done
+if [ -n "${ENGINE_AB:-}" ]; then  # same machine, interleaved: machines of one kind differ by ~1%
+  for r in 1 2; do
+    for side in base new; do
+      root=$([ $side = base ] && echo "$PWD/$ENGINE_AB" || echo "$PWD")
+      # (run from the root: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+      # base tree given by PYTHONPATH alone would be shadowed by this one; session 17's first A/B was void so)
+      line=$(cd "$root" && PYTHONPATH=$root:${PYTHONPATH#$PWD:} python3 -m pagoda.bench.engine --cases latency \
+             --backends pagoda 2>&1 | grep '^pagoda latency')
+      echo "engine_ab round $r $side: $line" | tee -a "$OUT/engine_ab.log"
+    done
+  done
+fi
 # tests after the benchmarks: the whole GPU suite takes ~4-8 minutes, and a call that runs out of time should
 # still bring back the numbers (session 7 lost its benchmarks that way)
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -36,3 +51,7 @@ fi
 for b in ${BENCHES-attention}; do  # the short table last
   echo "== $b"; grep -v '^#' "$OUT/bench_$b.log" | tail -n 12
 done
+if [ -n "${ENGINE_AB:-}" ]; then
+  echo "== engine A/B (ms per token, batch 1 / 64)"
+  sed -E "s/^engine_ab (round [0-9]) ([a-z]+): .*'batch': 1, [^}]*'ms_per_token': ([0-9.]+).*'batch': 64, [^}]*'ms_per_token': ([0-9.]+).*/\1 \2: \3 \4/" "$OUT/engine_ab.log"
+fi
