@@ -149,6 +149,10 @@ class SamplingParams:
     # vLLM's bad_words: the last token of each word's tokens (with and without a leading space) is not sampled
     # where it would complete the word (a word of one token: never); needs the tokenizer
     bad_words: list[str] | None = None
+    # vLLM's per-request logits processors: fn(output_token_ids, logits) or fn(prompt_token_ids, output_token_ids,
+    # logits) -> logits, on the request's float32 row of the vocabulary before penalties and sampling, each step
+    # (host code on a device row: for research, not for speed; such a request is not launched ahead)
+    logits_processors: list | None = None
     # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
     # since the sampler and the engine's step ask it of every running request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
@@ -197,6 +201,9 @@ class SamplingParams:
              "a non-empty list of token ids >= 0"),
             ("bad_words", self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
                 isinstance(w, str) and w.strip() for w in self.bad_words)), "a list of non-blank strings"),
+            ("logits_processors", self.logits_processors is None or (
+                isinstance(self.logits_processors, (list, tuple)) and all(callable(f) for f in self.logits_processors)),
+             "a list of callables"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
                 and self.truncate_prompt_tokens >= 1), "an integer >= 1"),
@@ -209,7 +216,8 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
         self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                              or self.logit_bias or self.min_tokens or self.allowed_token_ids or self.bad_words)
+                              or self.logit_bias or self.min_tokens or self.allowed_token_ids or self.bad_words
+                              or self.logits_processors)
 
     @property
     def greedy(self) -> bool:

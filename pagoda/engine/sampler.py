@@ -107,6 +107,29 @@ class _PenaltyState:
             self.done = len(out_ids)
 
 
+def _apply_processor(fn, r, row: torch.Tensor) -> torch.Tensor:
+    """SamplingParams.logits_processors' fn on a request's logits row: fn(output ids, row) or, with three
+    parameters, fn(prompt ids, output ids, row). A processor that raises or returns something other than a
+    tensor of the row's shape fails only its request: the row becomes NaN, which the sampler reports as invalid
+    logits and the engine ends that request with finish_reason "error" (the others go on); the error is logged."""
+    import inspect
+    import logging
+
+    try:
+        try:
+            three = len(inspect.signature(fn).parameters) == 3
+        except (TypeError, ValueError):
+            three = False
+        out = fn(list(r.prompt_token_ids), list(r.output_token_ids), row) if three else fn(list(r.output_token_ids), row)
+        if not isinstance(out, torch.Tensor) or out.shape != row.shape:
+            raise ValueError(f"a logits processor must return a tensor of shape {tuple(row.shape)}, got "
+                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        return out.to(row.dtype)
+    except Exception:  # noqa: BLE001 - the user's code: its request ends, the engine goes on
+        logging.getLogger("pagoda.engine").exception("logits processor %r failed; its request ends", fn)
+        return torch.full_like(row, float("nan"))
+
+
 _BANNED = -1e30  # a banned token's logit: finite (an infinite logit marks a broken row: sample_collect's -1)
 
 
@@ -123,6 +146,9 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     idx = _device_tensor(rows, torch.long, dev) if len(rows) < len(requests) else None
     sub = logits[idx] if idx is not None else logits
     reqs = [requests[i] for i in rows]
+    for j, r in enumerate(reqs):  # logits processors first (vLLM applies them before penalties)
+        for fn in r.params.logits_processors or ():
+            sub[j] = _apply_processor(fn, r, sub[j])
     states = []
     for r in reqs:
         st = getattr(r, "penalty_state", None)

@@ -562,3 +562,40 @@ def test_allowed_token_ids_and_truncate_prompt_tokens(tiny_models):
             pagoda.SamplingParams(**{field: value})
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate([prompt], pagoda.SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+
+
+def test_logits_processors(tiny_models):
+    """vLLM's per-request logits_processors: fn(output ids, logits) and fn(prompt ids, output ids, logits), applied
+    each step before sampling (here forcing a token sequence, so greedy output is that sequence, and the ids passed
+    in are checked on every call); one that raises ends only its own request (finish_reason "error"), the batch's
+    other request goes on unchanged; a non-callable is a ValueError naming the field."""
+    path, hf = tiny_models["llama"]
+    llm = make_llm(path)
+    seen = []
+
+    def two(out, logits):
+        seen.append(list(out))
+        logits[5 + len(out)] += 1000.0
+        return logits
+
+    def three(prompt, out, logits):
+        assert prompt == PROMPTS[2]
+        logits = logits.clone()
+        logits[prompt[len(out)]] = 1e4
+        return logits
+
+    def broken(out, logits):
+        raise RuntimeError("a user bug")
+
+    outs = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]], [
+        pagoda.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logits_processors=[two]),
+        pagoda.SamplingParams(max_tokens=4, temperature=0.8, seed=1, ignore_eos=True, logits_processors=[three]),
+        pagoda.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logits_processors=[broken]),
+        greedy(4)], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == [5, 6, 7, 8]
+    assert seen == [[], [5], [5, 6], [5, 6, 7]]
+    assert outs[1].outputs[0].token_ids == PROMPTS[2][:4]
+    assert outs[2].outputs[0].finish_reason == "error" and outs[2].outputs[0].token_ids == []
+    assert outs[3].outputs[0].token_ids == hf_greedy(hf, PROMPTS[3], 4)
+    with pytest.raises(ValueError, match="logits_processors"):
+        pagoda.SamplingParams(logits_processors=[1])
