@@ -546,6 +546,8 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         prompt_len_check(ids)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")
+        if req.top_logprobs and not req.logprobs:  # OpenAI's rule (it would be dropped otherwise)
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",

@@ -337,6 +337,9 @@ def test_echo_logprobs_and_prompt_logprobs(server, client):
     bad = httpx.post(server + "/v1/chat/completions", json=dict(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, prompt_logprobs=0, stream=True))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+    bad = httpx.post(server + "/v1/chat/completions", json=dict(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, top_logprobs=2))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
     bad = httpx.post(server + "/v1/completions", json=dict(model=MODEL, prompt="a", max_tokens=2, prompt_logprobs=25))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
     cs = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
