@@ -3,6 +3,9 @@ samplers (temperature, top-k, top-p, min-p), requests with a seed on their own g
 that the same seed gives the same tokens whatever else is in the batch."""
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 
 import pagoda
@@ -112,9 +115,6 @@ def _apply_processor(fn, r, row: torch.Tensor) -> torch.Tensor:
     parameters, fn(prompt ids, output ids, row). A processor that raises or returns something other than a
     tensor of the row's shape fails only its request: the row becomes NaN, which the sampler reports as invalid
     logits and the engine ends that request with finish_reason "error" (the others go on); the error is logged."""
-    import inspect
-    import logging
-
     try:
         try:
             three = len(inspect.signature(fn).parameters) == 3
