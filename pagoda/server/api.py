@@ -511,13 +511,18 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             ids = ids["input_ids"]
         return list(ids)
 
+    def tokenizer_for(model: str | None, param: str):
+        """The tokenizer of /tokenize and /detokenize (model optional there; a 400 naming param without one)."""
+        if model is not None:
+            check_model(model)
+        if tok is None:
+            raise APIError(400, "this server has no tokenizer", param=param)
+        return tok
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         """vLLM's: {"count", "max_model_len", "tokens"} of a prompt or of chat messages."""
-        if req.model is not None:
-            check_model(req.model)
-        if tok is None:
-            raise APIError(400, "this server has no tokenizer", param="prompt")
+        tokenizer_for(req.model, "prompt")
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
@@ -529,10 +534,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         """vLLM's: {"prompt"}, the text of token ids."""
-        if req.model is not None:
-            check_model(req.model)
-        if tok is None:
-            raise APIError(400, "this server has no tokenizer", param="tokens")
+        tokenizer_for(req.model, "tokens")
         bad = [t for t in req.tokens if not 0 <= t < engine.config.vocab_size]
         if bad:
             raise APIError(400, f"tokens must be in 0..{engine.config.vocab_size - 1}, got {bad[:4]}", param="tokens")
