@@ -153,8 +153,10 @@ class SamplingParams:
     # logits) -> logits, on the request's float32 row of the vocabulary before penalties and sampling, each step
     # (host code on a device row: for research, not for speed; such a request is not launched ahead)
     logits_processors: list | None = None
-    # whether a penalty or logit bias changes the logits before sampling (sampler._penalized): found once here,
-    # since the sampler and the engine's step ask it of every running request each step
+    # whether anything above changes the logits before sampling (penalties, logit bias, min_tokens, allowed ids,
+    # bad words, logits processors: sampler._penalized; such requests are not launched ahead, since their changes
+    # read the output so far): found once here, since the sampler and the engine's step ask it of every running
+    # request each step
     penalized: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
