@@ -338,8 +338,8 @@ class LLMEngine:
         if prepared is None:
             return
         sched = self.scheduler
-        # (penalties, bans and logits processors read each request's tokens so far, which a step launched ahead would not
-        # have: such batches are prepared, and launched once the pending step's tokens are in)
+        # (penalties, bans and logits processors read each request's tokens so far, which a step launched ahead
+        # would not have: such batches are prepared, and launched once the pending step's tokens are in)
         steady = (not sched.waiting and len(sched.running) == len(reqs) and len(reqs) <= sched.budget
                   and set(map(id, sched.running)) == set(map(id, reqs))
                   and not all(self._reaches_length(r, 1) for r in reqs)
