@@ -178,7 +178,8 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "an integer >= 1"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
+                                                   and not isinstance(self.logprobs, bool)
                                                    and 0 <= self.logprobs <= 20), "an integer in 0..20"),
             ("prompt_logprobs", self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
                                                                  and not isinstance(self.prompt_logprobs, bool)

@@ -120,7 +120,8 @@ def _apply_processor(fn, r, row: torch.Tensor) -> torch.Tensor:
             three = len(inspect.signature(fn).parameters) == 3
         except (TypeError, ValueError):
             three = False
-        out = fn(list(r.prompt_token_ids), list(r.output_token_ids), row) if three else fn(list(r.output_token_ids), row)
+        out_ids = list(r.output_token_ids)
+        out = fn(list(r.prompt_token_ids), out_ids, row) if three else fn(out_ids, row)
         if not isinstance(out, torch.Tensor) or out.shape != row.shape:
             raise ValueError(f"a logits processor must return a tensor of shape {tuple(row.shape)}, got "
                              f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
