@@ -4,7 +4,7 @@ from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .matmul import linear
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
 from .page import append_paged_kv_cache, get_batch_indices_positions
-from .sampling import (greedy_sample, min_p_sampling_from_probs, sampling_from_probs, top_k_mask_logits, top_k_renorm_probs,
+from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling_from_probs, sampling_from_probs, top_k_mask_logits, top_k_renorm_probs,
                        top_k_sampling_from_probs, top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs,
                        top_p_renorm_probs, top_p_sampling_from_probs)
 from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
@@ -19,6 +19,6 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "get_batch_indices_positions", "linear", "rmsnorm",
            "silu_and_mul",
-           "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",
+           "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",
            "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs", "top_p_sampling_from_probs",
            "top_k_mask_logits", "top_k_renorm_probs", "top_p_renorm_probs"]

@@ -73,7 +73,8 @@ def _seed_offset(generator):
     return int(draw[0]), int(draw[1]) & 0x3FFFFFFF
 
 
-def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, generator=None, check_nan=False):
+def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, generator=None, check_nan=False,
+            seed=None, offset=None):
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.dtype.is_floating_point:
         raise ValueError(f"probs must be a float [batch, vocab] tensor, got {getattr(probs, 'shape', probs)}")
     if indices is not None:
@@ -90,7 +91,9 @@ def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, gener
     out = torch.empty(batch, dtype=torch.int32, device=dev)
     if batch == 0:
         return out
-    seed, offset = _seed_offset(generator)
+    if seed is None:  # (an explicit seed, and offset, as FlashInfer's sampling_from_probs takes them)
+        seed, offset = _seed_offset(generator)
+    seed, offset = int(seed) & 0x7FFFFFFF, int(offset or 0) & 0x3FFFFFFF
     if not use_triton(probs):
         return _sample_torch(probs.float(), filt, k.as_tensor(), p.as_tensor(), m.as_tensor(), seed,
                              offset).to(torch.int32)
@@ -128,8 +131,8 @@ def _sample_torch(probs, filt, k, p, m, seed, offset):
 
 def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
                         offset=None):
-    """Sample one token per row from probs."""
-    return _sample(probs, NONE, indices=indices, generator=generator, check_nan=check_nan)
+    """Sample one token per row from probs (seed / offset: a reproducible draw instead of the generator's)."""
+    return _sample(probs, NONE, indices=indices, generator=generator, check_nan=check_nan, seed=seed, offset=offset)
 
 
 def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False):
@@ -254,3 +257,72 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     greedy_kernel[(batch, triton.cdiv(vocab, span))](logits, out, *state, logits.stride(0), vocab, span,
                                                      BLOCK=block, num_warps=4)
     return out
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
+                               maybe_output_emitted_draft_token_num=None, deterministic=True, generator=None,
+                               seed=None, offset=None):
+    """Verify a chain of draft tokens against the target model (speculative sampling, Chen et al. 2023), as
+    FlashInfer's ``chain_speculative_sampling``: draft token i of row b is accepted while u_i * q < p (q, p: the
+    draft's and the target's probability of that token at position i, u_i uniform); at the first rejection the
+    output's position i is drawn from max(0, target - draft) at i, renormalized (from target itself where that
+    is all zero); when all are accepted, position n (the bonus token) is drawn from target[:, n]. The emitted
+    tokens are distributed as the target model's.
+
+    draft_probs [batch, n, vocab], draft_token_ids [batch, n], target_probs [batch, n + 1, vocab]. Returns
+    (output_token_ids int32 [batch, n + 1], -1 after the first drawn token; accepted_num int32 [batch], the draft
+    tokens that pass their test each on its own (a measure of the models' agreement); emitted_num int32 [batch],
+    the accepted prefix's length). Given output tensors are added to in place, as FlashInfer does. Randomness:
+    ``generator``, or ``seed`` (and ``offset``) for a reproducible draw; not the Philox stream of FlashInfer's
+    kernel, so the same seed gives the same tokens here but not the ones FlashInfer would draw. PyTorch on any
+    device (a handful of [batch, vocab] operations a step)."""
+    for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float [batch, n, vocab] tensor, got {getattr(t, 'shape', t)}")
+    b, n, vocab = draft_probs.shape
+    if tuple(target_probs.shape) != (b, n + 1, vocab):
+        raise ValueError(f"target_probs must be [{b}, {n + 1}, {vocab}] (one more position than draft_probs), got "
+                         f"{tuple(target_probs.shape)}")
+    if (not isinstance(draft_token_ids, torch.Tensor) or tuple(draft_token_ids.shape) != (b, n)
+            or draft_token_ids.dtype.is_floating_point):
+        raise ValueError(f"draft_token_ids must be an integer [{b}, {n}] tensor, got "
+                         f"{getattr(draft_token_ids, 'shape', draft_token_ids)}")
+    dev = draft_probs.device
+    if target_probs.device != dev or draft_token_ids.device != dev:
+        raise ValueError(f"draft_token_ids and target_probs must be on {dev} like draft_probs")
+    ids = draft_token_ids.long()
+    if ids.numel() and (draft_token_ids.device.type == "cpu") and not ((ids >= 0) & (ids < vocab)).all():
+        raise ValueError(f"draft_token_ids must be in 0..{vocab - 1}")
+    ids = ids.clamp(0, max(vocab - 1, 0))  # (a device tensor is not read back to check it)
+    outs = []
+    for name, t in (("maybe_output_accepted_token_num", maybe_output_accepted_token_num),
+                    ("maybe_output_emitted_draft_token_num", maybe_output_emitted_draft_token_num)):
+        if t is None:
+            t = torch.zeros(b, dtype=torch.int32, device=dev)
+        elif not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,) or t.device != dev:
+            raise ValueError(f"{name} must be a [{b}] tensor on {dev}, got {getattr(t, 'shape', t)}")
+        outs.append(t)
+    out = torch.full((b, n + 1), -1, dtype=torch.int32, device=dev)
+    if b == 0:
+        return out, outs[0], outs[1]
+    if seed is None:
+        seed, offset = _seed_offset(generator)
+    g = torch.Generator(device=dev).manual_seed(int(seed) * 1000003 + int(offset or 0))
+    u = torch.rand((b, n + 1), generator=g, device=dev)
+    draft, target = draft_probs.float(), target_probs.float()
+    q = draft.gather(2, ids[..., None])[..., 0]
+    p = target[:, :n].gather(2, ids[..., None])[..., 0]
+    accepted = u[:, :n] * q < p
+    emitted = accepted.int().cumprod(1).sum(1)  # the accepted prefix
+    rows = torch.arange(b, device=dev)
+    final = target[rows, emitted]  # [b, vocab]: the bonus row where all were accepted
+    resid = (final - torch.cat([draft, torch.zeros_like(draft[:, :1])], 1)[rows, emitted]).clamp(min=0)
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, final)
+    cdf = resid.cumsum(-1)
+    token = torch.searchsorted(cdf, (u[:, n] * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+    pos = torch.arange(n, device=dev)[None, :]
+    out[:, :n] = torch.where(pos < emitted[:, None], ids, -1).to(torch.int32)
+    out[rows, emitted] = token.to(torch.int32)
+    outs[0] += accepted.sum(1).to(outs[0].dtype)
+    outs[1] += emitted.to(outs[1].dtype)
+    return out, outs[0], outs[1]

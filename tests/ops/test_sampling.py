@@ -216,3 +216,55 @@ def test_greedy_sample_bad_input():
     for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 0), "x"):
         with pytest.raises(ValueError, match="logits"):
             pagoda.greedy_sample(bad)
+
+
+def test_sampling_from_probs_takes_a_seed():
+    """seed / offset (FlashInfer's arguments) give a reproducible draw; another seed another one."""
+    p = torch.softmax(torch.randn(256, 50, device=DEVICE), -1)
+    a = pagoda.sampling_from_probs(p, seed=3, offset=0)
+    assert torch.equal(a, pagoda.sampling_from_probs(p, seed=3, offset=0))
+    assert not torch.equal(a, pagoda.sampling_from_probs(p, seed=4, offset=0))
+
+
+def test_chain_speculative_sampling():
+    """FlashInfer's documented example exactly (the first draft token always passes, the second never: the
+    residual has one token); the emitted tokens follow the target distribution whatever the draft (the first one,
+    over many rows, against target[0] when the draft tokens are drawn from the draft distribution); the counters
+    (emitted <= accepted, -1 after the drawn token, given tensors added to); seeds repeat; bad input names the
+    argument."""
+    d = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]], device=DEVICE)
+    t = torch.tensor([[[0.0, 0.1, 0.6, 0.3], [1.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.1, 0.1]]], device=DEVICE)
+    out, acc, emit = pagoda.chain_speculative_sampling(d, torch.tensor([[2, 1]], dtype=torch.int32, device=DEVICE), t)
+    assert out.tolist() == [[2, 0, -1]] and acc.tolist() == [1] and emit.tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    n, vocab, rows_ = 3, 6, 20000 if DEVICE.type == "cuda" else 4000
+    q = torch.softmax(torch.randn(n, vocab, generator=g) * 1.5, -1)
+    p = torch.softmax(torch.randn(n + 1, vocab, generator=g) * 1.5, -1)
+    ids = torch.stack([torch.multinomial(q[i], rows_, replacement=True, generator=g) for i in range(n)], 1)
+    dq, tp = q[None].expand(rows_, -1, -1).to(DEVICE), p[None].expand(rows_, -1, -1).to(DEVICE)
+    acc0 = torch.full((rows_,), 5, dtype=torch.int32, device=DEVICE)
+    out, acc, emit = pagoda.chain_speculative_sampling(dq, ids.to(DEVICE), tp, maybe_output_accepted_token_num=acc0,
+                                                       seed=11, offset=2)
+    assert acc is acc0
+    acc, emit, out = (acc - 5).cpu(), emit.cpu(), out.cpu()
+    first = out[:, 0].long()
+    assert (first >= 0).all()
+    assert tv(empirical(first, vocab), p[0].double()) < 3.0 / rows_ ** 0.5 + 0.01  # (~0.02 of sampling noise)
+    # the chance of accepting the first draft token is sum_x min(q(x), p(x))
+    rate = (emit >= 1).double().mean().item()
+    assert abs(rate - torch.minimum(q[0], p[0]).sum().item()) < 4.5 * (0.25 / rows_) ** 0.5
+    assert (emit <= acc).all() and (acc <= n).all()
+    k = torch.arange(n + 1)[None]
+    assert ((out >= 0) == (k <= emit[:, None])).all()
+    assert (out[:, :n][k[:, :n] < emit[:, None]] == ids[k[:, :n] < emit[:, None]]).all()
+    again = pagoda.chain_speculative_sampling(dq, ids.to(DEVICE), tp, seed=11, offset=2)[0].cpu()
+    assert torch.equal(again, out)
+    with pytest.raises(ValueError, match="target_probs"):
+        pagoda.chain_speculative_sampling(d, torch.tensor([[2, 1]], device=DEVICE), t[:, :2])
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        pagoda.chain_speculative_sampling(d, torch.tensor([[2]], device=DEVICE), t)
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        pagoda.chain_speculative_sampling(d.cpu(), torch.tensor([[2, 9]]), t.cpu())
+    with pytest.raises(ValueError, match="maybe_output_emitted_draft_token_num"):
+        pagoda.chain_speculative_sampling(d, torch.tensor([[2, 1]], device=DEVICE), t,
+                                          maybe_output_emitted_draft_token_num=torch.zeros(3, device=DEVICE))
