@@ -360,19 +360,14 @@ class LLMEngine:
 
     def _check_stop(self, r: Request, tok: int) -> None:
         p = r.params
-        if len(r.output_token_ids) < p.min_tokens:  # vLLM's min_tokens: nothing stops it yet but its length
-            if p.stop and self.tokenizer is not None:
-                r.text = self._live_text(r)  # (a stop string is looked for in the text that comes after)
-            if self._reaches_length(r):
-                r.status, r.finish_reason = Status.FINISHED, "length"
-            return
-        if not p.ignore_eos and tok in self.eos_ids:
+        may_stop = len(r.output_token_ids) >= p.min_tokens  # vLLM's min_tokens: before it, only the length ends it
+        if may_stop and not p.ignore_eos and tok in self.eos_ids:
             r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", None
-        elif tok in p.stop_token_ids:
+        elif may_stop and tok in p.stop_token_ids:
             r.status, r.finish_reason, r.stop_reason = Status.FINISHED, "stop", tok
         if p.stop and self.tokenizer is not None and not r.finished:
-            text = self._live_text(r)
-            for s in p.stop:
+            text = self._live_text(r)  # (kept within min_tokens too: a stop string is looked for after it)
+            for s in p.stop if may_stop else ():
                 at = text.find(s, max(0, len(r.text) - len(s)))
                 if at >= 0:
                     r.text = text[:at + len(s)] if p.include_stop_str_in_output else text[:at]

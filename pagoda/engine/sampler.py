@@ -87,8 +87,7 @@ class _PenaltyState:
             self.counts = torch.zeros(vocab, dtype=torch.float32, device=dev)
         # min_tokens: the ids banned until the output has min_tokens tokens (LLMEngine.add_request sets
         # Request.min_tokens_ban: EOS unless ignore_eos, and stop_token_ids)
-        ban = getattr(r, "min_tokens_ban", None)
-        self.ban = _device_tensor(ban, torch.long, dev) if p.min_tokens and ban else None
+        self.ban = _device_tensor(r.min_tokens_ban, torch.long, dev) if p.min_tokens and r.min_tokens_ban else None
         self.allowed = None
         if p.allowed_token_ids:  # everything else banned
             self.allowed = torch.zeros(vocab, dtype=torch.bool, device=dev)
@@ -97,6 +96,9 @@ class _PenaltyState:
             self.bias = torch.zeros(vocab, dtype=torch.float32, device=dev)
             self.bias[_device_tensor(list(p.logit_bias), torch.long, dev)] = _device_tensor(
                 [float(b) for b in p.logit_bias.values()], torch.float32, dev)
+        # logits processors with whether each takes the prompt too (three parameters): inspected once here, not
+        # every step
+        self.processors = [(fn, _takes_prompt(fn)) for fn in p.logits_processors or ()]
         self.done = 0  # output tokens counted so far
 
     def update(self, out_ids: list[int], dev: torch.device) -> None:
@@ -110,16 +112,20 @@ class _PenaltyState:
             self.done = len(out_ids)
 
 
-def _apply_processor(fn, r, row: torch.Tensor) -> torch.Tensor:
+def _takes_prompt(fn) -> bool:
+    """Whether a logits processor has vLLM's three-parameter form fn(prompt ids, output ids, logits)."""
+    try:
+        return len(inspect.signature(fn).parameters) == 3
+    except (TypeError, ValueError):
+        return False
+
+
+def _apply_processor(fn, three: bool, r, row: torch.Tensor) -> torch.Tensor:
     """SamplingParams.logits_processors' fn on a request's logits row: fn(output ids, row) or, with three
     parameters, fn(prompt ids, output ids, row). A processor that raises or returns something other than a
     tensor of the row's shape fails only its request: the row becomes NaN, which the sampler reports as invalid
     logits and the engine ends that request with finish_reason "error" (the others go on); the error is logged."""
     try:
-        try:
-            three = len(inspect.signature(fn).parameters) == 3
-        except (TypeError, ValueError):
-            three = False
         out_ids = list(r.output_token_ids)
         out = fn(list(r.prompt_token_ids), out_ids, row) if three else fn(out_ids, row)
         if not isinstance(out, torch.Tensor) or out.shape != row.shape:
@@ -147,16 +153,15 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     idx = _device_tensor(rows, torch.long, dev) if len(rows) < len(requests) else None
     sub = logits[idx] if idx is not None else logits
     reqs = [requests[i] for i in rows]
-    for j, r in enumerate(reqs):  # logits processors first (vLLM applies them before penalties)
-        for fn in r.params.logits_processors or ():
-            sub[j] = _apply_processor(fn, r, sub[j])
     states = []
     for r in reqs:
-        st = getattr(r, "penalty_state", None)
-        if st is None:
-            st = r.penalty_state = _PenaltyState(r, vocab, dev)
-        st.update(r.output_token_ids, dev)
-        states.append(st)
+        if r.penalty_state is None:
+            r.penalty_state = _PenaltyState(r, vocab, dev)
+        r.penalty_state.update(r.output_token_ids, dev)
+        states.append(r.penalty_state)
+    for j, (r, st) in enumerate(zip(reqs, states)):  # logits processors first (vLLM applies them before penalties)
+        for fn, three in st.processors:
+            sub[j] = _apply_processor(fn, three, r, sub[j])
     # (one stack per statistic: rows without it take a shared zero row)
     if any(st.seen is not None for st in states):  # transformers' RepetitionPenaltyLogitsProcessor: every token
         none = torch.zeros(vocab, dtype=torch.bool, device=dev)  # of the prompt and the output, once
@@ -178,7 +183,7 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
             sub[j].index_fill_(0, st.ban, _BANNED)
         if st.allowed is not None:
             sub[j].masked_fill_(~st.allowed, _BANNED)
-        words = getattr(r, "bad_words_ids", None)
+        words = r.bad_words_ids
         if words:  # the last token of each bad word that the output so far would complete
             out = r.output_token_ids
             ban = sorted({w[-1] for w in words if len(w) == 1 or (len(out) >= len(w) - 1

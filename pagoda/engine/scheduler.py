@@ -65,6 +65,10 @@ class Request:
         self.tree_pages = 0  # leading pages indexed in the prefix tree
         self.status = Status.WAITING
         self.penalty_state = None  # (sampler._PenaltyState of a request with penalties: its token statistics)
+        # set by LLMEngine.add_request from SamplingParams and the tokenizer: the ids min_tokens bans, bad_words
+        # as token sequences
+        self.min_tokens_ban: list[int] | None = None
+        self.bad_words_ids: list[list[int]] | None = None
         self.finish_reason: str | None = None
         self.stop_reason = None
         self.text = ""

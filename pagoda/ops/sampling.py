@@ -62,9 +62,12 @@ class _Param:
         return dummy, self.scalar, False
 
 
-def _seed_offset(generator):
-    """Philox seed and offset for one call. A CUDA generator advances its own offset (no device
-    read, so no synchronization); any other generator (or the default CPU one) draws them."""
+def _seed_offset(generator, seed=None, offset=None):
+    """Philox seed and offset for one call: an explicit seed (and offset), as FlashInfer's ops take them; else a
+    CUDA generator advances its own offset (no device read, so no synchronization); any other generator (or the
+    default CPU one) draws them."""
+    if seed is not None:
+        return int(seed) & 0x7FFFFFFF, int(offset or 0) & 0x3FFFFFFF
     if generator is not None and generator.device.type == "cuda":
         seed, off = generator.initial_seed() & 0x7FFFFFFF, generator.get_offset()
         generator.set_offset(off + 4)
@@ -91,9 +94,7 @@ def _sample(probs, filt, top_k=None, top_p=None, min_p=None, indices=None, gener
     out = torch.empty(batch, dtype=torch.int32, device=dev)
     if batch == 0:
         return out
-    if seed is None:  # (an explicit seed, and offset, as FlashInfer's sampling_from_probs takes them)
-        seed, offset = _seed_offset(generator)
-    seed, offset = int(seed) & 0x7FFFFFFF, int(offset or 0) & 0x3FFFFFFF
+    seed, offset = _seed_offset(generator, seed, offset)
     if not use_triton(probs):
         return _sample_torch(probs.float(), filt, k.as_tensor(), p.as_tensor(), m.as_tensor(), seed,
                              offset).to(torch.int32)
@@ -305,9 +306,8 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     out = torch.full((b, n + 1), -1, dtype=torch.int32, device=dev)
     if b == 0:
         return out, outs[0], outs[1]
-    if seed is None:
-        seed, offset = _seed_offset(generator)
-    g = torch.Generator(device=dev).manual_seed(int(seed) * 1000003 + int(offset or 0))
+    seed, offset = _seed_offset(generator, seed, offset)
+    g = torch.Generator(device=dev).manual_seed(seed * 1000003 + offset)
     u = torch.rand((b, n + 1), generator=g, device=dev)
     draft, target = draft_probs.float(), target_probs.float()
     q = draft.gather(2, ids[..., None])[..., 0]

@@ -172,9 +172,15 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               allowed_token_ids=req.allowed_token_ids,
                               truncate_prompt_tokens=req.truncate_prompt_tokens, bad_words=req.bad_words)
     except ValueError as e:
-        msg = str(e)
-        field = msg.split(".")[1].split(" ")[0] if msg.startswith("SamplingParams.") else None
-        raise APIError(400, msg, param=field) from None
+        raise APIError(400, str(e), param=_field_of(str(e), None)) from None
+
+
+def _field_of(msg: str, default: str | None) -> str | None:
+    """The request field a ValueError of SamplingParams ("SamplingParams.<field> must ...") or of the engine's
+    logit_bias check names; default otherwise."""
+    if msg.startswith("SamplingParams."):
+        return msg.split(".")[1].split(" ")[0]
+    return "logit_bias" if msg.startswith("logit_bias") else default
 
 
 def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None) -> FastAPI:
@@ -247,10 +253,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise APIError(503, f"The server is overloaded ({e}); retry later.", type_="server_error",
                            code="overloaded", headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            msg = str(e)
-            field = ("logit_bias" if msg.startswith("logit_bias") else msg.split(".")[1].split(" ")[0]
-                     if msg.startswith("SamplingParams.") else "prompt")
-            raise APIError(400, msg, param=field) from None
+            raise APIError(400, str(e), param=_field_of(str(e), "prompt")) from None
         except EngineDead as e:
             raise APIError(500, str(e), type_="server_error") from None
         return first, gen
@@ -286,15 +289,15 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         """The prompt as echoed: its text, or its tokens decoded (a prompt of token ids)."""
         return text if text is not None else (tok.decode(ids) if tok else "")
 
-    def completion_logprobs(req, text, ids, final, c):
-        """The choice's logprobs block (None without logprobs): with echo, the prompt's tokens first (the
-        first one without a logprob, as OpenAI's)."""
-        if req.logprobs is None:
-            return None
-        if not req.echo:
-            return logprob_block_completion(c.logprobs or [], c.token_ids)
-        pre = logprob_block_completion(final.prompt_logprobs, ids, 0, top_n=req.logprobs)
-        return join_blocks(pre, logprob_block_completion(c.logprobs or [], c.token_ids, len(echo_text(text, ids))))
+    def completion_block(req, final, prompt_ids, lps, token_ids, offset, with_prompt):
+        """A completion choice's logprobs block of token_ids (from text offset ``offset``); with_prompt (echo,
+        whole answers or a stream's first chunk): the prompt's tokens first, the first one without a logprob, as
+        OpenAI's."""
+        block = logprob_block_completion(lps, token_ids, offset)
+        if with_prompt:
+            block = join_blocks(logprob_block_completion(final.prompt_logprobs, prompt_ids, 0, top_n=req.logprobs),
+                                block)
+        return block
 
     def prompt_lp_wanted(req) -> int | None:
         """SamplingParams.prompt_logprobs of a completion request: vLLM's prompt_logprobs, or echo's logprobs."""
@@ -404,15 +407,13 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             raise
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for text, ids, final in results:
+            echo = echo_text(text, ids) if req.echo else ""  # (once per prompt, not per sample)
+            extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_field(final)}
             for c in final.outputs:
-                body = echo_text(text, ids) + c.text if req.echo else c.text
-                if req.prompt_logprobs is not None:
-                    extra = {"prompt_logprobs": prompt_logprobs_field(final)}
-                else:
-                    extra = {}
-                choices.append({"index": len(choices), "text": body, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason, **extra,
-                                "logprobs": completion_logprobs(req, text, ids, final, c)})
+                lp = (None if req.logprobs is None else
+                      completion_block(req, final, ids, c.logprobs or [], c.token_ids, len(echo), req.echo))
+                choices.append({"index": len(choices), "text": echo + c.text, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason, **extra, "logprobs": lp})
             usage["prompt_tokens"] += len(ids)
             usage["completion_tokens"] += sum(len(c.token_ids) for c in final.outputs)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -479,19 +480,16 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     def _stream_completion(starts, req, rid, created, t0, tokenized):
         base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
 
+        echoes = [echo_text(text, ids) if req.echo else "" for text, ids in tokenized]  # (once, not per chunk)
+
         def choice(item, c, idx, delta, ids, first):
-            text, prompt_ids = tokenized[idx // req.n]
-            echo = echo_text(text, prompt_ids) if req.echo else ""
+            prompt_ids, echo = tokenized[idx // req.n][1], echoes[idx // req.n]
             out = {"index": idx, "text": echo + delta if first else delta, "finish_reason": c.finish_reason,
                    "stop_reason": c.stop_reason, "logprobs": None, "token_ids": ids}
             if req.logprobs is not None:
                 done = len(c.token_ids) - len(ids)
-                block = logprob_block_completion((c.logprobs or [])[done:done + len(ids)], ids,
-                                                 len(echo) + len(c.text) - len(delta))
-                if req.echo and first:
-                    block = join_blocks(logprob_block_completion(item.prompt_logprobs, prompt_ids, 0,
-                                                                 top_n=req.logprobs), block)
-                out["logprobs"] = block
+                out["logprobs"] = completion_block(req, item, prompt_ids, (c.logprobs or [])[done:done + len(ids)],
+                                                   ids, len(echo) + len(c.text) - len(delta), req.echo and first)
             if first and req.prompt_logprobs is not None:
                 out["prompt_logprobs"] = prompt_logprobs_field(item)
             return out

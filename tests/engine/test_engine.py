@@ -373,8 +373,6 @@ def _penalized_reference(logits, prompt, output, p):
 def test_penalties_and_logit_bias_in_the_sampler():
     """sampler._penalized over a batch mixing plain and penalized rows, against the plain float64 reference;
     the plain rows are untouched and the caller's logits too (logprobs report the model's distribution)."""
-    import types
-
     import torch
 
     from pagoda.engine.sampler import _penalized
@@ -388,7 +386,11 @@ def test_penalties_and_logit_bias_in_the_sampler():
             ([7, 7, 8], [], P()),
             ([5, 6], [6, 10, 10, 10], P(repetition_penalty=1.5, frequency_penalty=-0.5, logit_bias={11: 3.0, 6: -2})),
             ([2], [3, 2], P(repetition_penalty=0.7, presence_penalty=-1.0, logit_bias={0: 100}))]
-    reqs = [types.SimpleNamespace(prompt_token_ids=a, output_token_ids=b, params=p) for a, b, p in rows]
+    from pagoda.engine.scheduler import Request
+
+    reqs = [Request(str(i), None, a, p) for i, (a, _, p) in enumerate(rows)]
+    for r, (_, b, _) in zip(reqs, rows):
+        r.output_token_ids = list(b)
     got = _penalized(logits, reqs)
     assert torch.equal(logits, before)
     for i, (a, b, p) in enumerate(rows):
