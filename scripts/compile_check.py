@@ -55,6 +55,15 @@ def cases():
                                                 TABLES_EARLY=True), 4
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32"), \
         dict(BLOCK=2048), 4
+    from pagoda.ops.kernels import activation, matmul
+    lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", eps="fp32")
+    for norm, res in ((0, False), (1, False), (0, True), (1, True), (4, False)):
+        yield f"linear_small_m NORM_ROWS={norm} HAS_RES={res} PDL", matmul.linear_small_m_kernel, lin, dict(
+            HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm, NORM_K=4096,
+            HAS_RES=res, PDL=True), 4, 4
+    for nb in (0, 4096):
+        yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
+            X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4
     bf = dict(Q="*bf16", K="*bf16", QO="*bf16", KO="*bf16", POS="*i32", FREQ="*fp32", COS_SIN="*fp32")
     for cache in (False, True):
         yield f"rope FROM_CACHE={cache}", rope.rope_kernel, bf, dict(BLOCK_H=32, BLOCK_R=64, BLOCK_D=128,
@@ -211,13 +220,15 @@ def ptxas_report(k) -> str:
 def main():
     want = sys.argv[1:]
     failed = 0
-    all_cases = [(*c, 3) for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(decode_sm90_cases())
+    all_cases = [(*c, 3) if len(c) == 5 else c for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(decode_sm90_cases())
     for name, fn, types, consts, warps, stages, *maxnreg in all_cases:
         if want and not any(w in name for w in want):
             continue
         try:
             k = compile_one(fn, types, consts, warps, stages, *maxnreg)
-            print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}", flush=True)
+            ptx = k.asm.get("ptx", "")
+            print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}; cp.async "
+                  f"{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")

@@ -323,7 +323,9 @@ class BatchAttention:
             mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
                                         else self._mode)
             total_kv = int(kv_lens.sum())
-            config = select_config(mode, head_dim, group, self.device.type == "cuda", kv_dtype.itemsize,
+            # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
+            config = select_config(mode, head_dim, group, self._backend == "triton" and self.device.type == "cuda",
+                                   kv_dtype.itemsize,
                                    total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size)
             gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                 head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import time
 
 import torch
 
+from ..attention.formats import SUPPORTED_HEAD_DIMS
 from .config import ModelConfig, SamplingParams
 from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .runner import ModelRunner
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
+
+logger = logging.getLogger("pagoda.engine")
 
 
 @dataclasses.dataclass
@@ -137,6 +141,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be in 2..{limit} for this model, got {max_model_len}")
         if attention_backend is None:
             attention_backend = "pagoda"
+            if self.device.type == "cuda" and (config.head_dim not in SUPPORTED_HEAD_DIMS
+                                               or self.dtype not in (torch.float16, torch.bfloat16)):
+                # vLLM's way: the backend follows what the kernels take; said once, in the log
+                attention_backend = "torch"
+                logger.warning("head_dim %d / %s: pagoda's attention kernels take head_dim %s in fp16 / bf16; "
+                               "attention_backend='torch' (the PyTorch reference) serves this model",
+                               config.head_dim, self.dtype, SUPPORTED_HEAD_DIMS)
         if load_format == "auto" and not any(f.endswith(".safetensors") for f in os.listdir(path)):
             raise FileNotFoundError(f"{path} has no *.safetensors: pass load_format='dummy' for random weights")
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))

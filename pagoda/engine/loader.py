@@ -74,6 +74,7 @@ def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_
                     p.uniform_(-0.02, 0.02, generator=g)
     else:
         model.load_weights(iter_safetensors(safetensors_files(path), device))
+    model.fold_norm_weights()
     return model.eval()
 
 

@@ -16,7 +16,10 @@ _TORCH = {
 }
 
 
-def _act_and_mul(input, out, act, enable_pdl=None):
+NORM_MAX_HIDDEN = 16384  # the longest norm_input row a program reduces (in registers)
+
+
+def _act_and_mul(input, out, act, enable_pdl=None, norm_input=None, norm_eps=1e-6):
     if not isinstance(input, torch.Tensor) or input.dim() < 1 or input.shape[-1] % 2:
         raise ValueError(f"input must be [..., 2 * d], got {getattr(input, 'shape', input)}")
     if not input.dtype.is_floating_point:
@@ -27,24 +30,42 @@ def _act_and_mul(input, out, act, enable_pdl=None):
         out = torch.empty(shape, dtype=input.dtype, device=input.device)
     elif tuple(out.shape) != shape or out.dtype != input.dtype or out.device != input.device:
         raise ValueError(f"out must be {input.dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
+    if norm_input is not None:
+        if (not isinstance(norm_input, torch.Tensor) or norm_input.dim() < 1
+                or tuple(norm_input.shape[:-1]) != tuple(input.shape[:-1]) or norm_input.device != input.device
+                or not norm_input.dtype.is_floating_point or not 0 < norm_input.shape[-1] <= NORM_MAX_HIDDEN):
+            raise ValueError(f"norm_input must be a floating [..., hidden] tensor (hidden 1..{NORM_MAX_HIDDEN}) "
+                             f"with input's rows {tuple(input.shape[:-1])} on {input.device}, got "
+                             f"{getattr(norm_input, 'dtype', type(norm_input))} "
+                             f"{tuple(getattr(norm_input, 'shape', ()))}")
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0:
+            raise ValueError(f"norm_eps must be a float >= 0, got {norm_eps!r}")
     if input.numel() == 0:
         return out
     if not use_triton(input):
         x = input.float()
+        if norm_input is not None:
+            x = x * torch.rsqrt(norm_input.float().pow(2).mean(-1, keepdim=True) + norm_eps)
         out.copy_((_TORCH[act](x[..., :d]) * x[..., d:]).to(out.dtype))
         return out
     x2, y2 = rows_view("input", input), rows_view("out", out)
+    n2 = rows_view("norm_input", norm_input) if norm_input is not None else x2
     block = min(1024, max(16, triton.next_power_of_2(d)))
-    act_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, y2, d, x2.stride(0), y2.stride(0), ACT=act,
-                                                             BLOCK=block, num_warps=4,
-                                                             **pdl_launch(enable_pdl, input))
+    act_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+        x2, y2, d, x2.stride(0), y2.stride(0), n2, n2.stride(0), n2.shape[-1], float(norm_eps), ACT=act,
+        BLOCK=block, NORM_BLOCK=triton.next_power_of_2(n2.shape[-1]) if norm_input is not None else 0,
+        num_warps=4, **pdl_launch(enable_pdl, input))
     return out
 
 
-def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
+def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None,
+                 norm_input: torch.Tensor | None = None, norm_eps: float = 1e-6):
     """SwiGLU: silu(gate) * up. enable_pdl: a programmatic dependent launch on a Hopper GPU
-    (ops/kernels/pdl.py; None: off)."""
-    return _act_and_mul(input, out, 0, enable_pdl)
+    (ops/kernels/pdl.py; None: off). norm_input [..., hidden] (pagoda's, for an RMSNorm deferred past the
+    gate / up projection): input is that projection of norm_input without the norm's factor (its weight folded
+    into the projection), and each row of input is scaled by rsqrt(mean(norm_input[row]^2) + norm_eps) first,
+    which is the same as projecting the normalized row (the projection is linear)."""
+    return _act_and_mul(input, out, 0, enable_pdl, norm_input, norm_eps)
 
 
 def gelu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):

@@ -54,10 +54,19 @@ def small_m_projections() -> frozenset[str]:
     return chosen
 
 
+NORM_MAX_ROWS = 4  # rows whose RMSNorm factor the small-M kernel computes (one vector of K each, in registers)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
-           pdl: bool = False) -> torch.Tensor:
+           pdl: bool = False, rms_norm_eps: float | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
+
+    rms_norm_eps: x is RMS-normalized first, without a weight: y = (x * rsqrt(mean(x^2) + eps)) @ weight.T
+    (+ bias); the norm's weight, folded into ``weight`` (weight * norm_weight[None, :]), makes it the whole
+    RMSNorm. The small-M kernel scales its accumulators (at most NORM_MAX_ROWS rows). residual [..., N]: y +=
+    residual; ``out`` may be ``residual`` (an in-place residual add).
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
@@ -84,14 +93,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {x.dtype} {shape} on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual must be {x.dtype} {shape} on {x.device}, got "
+                         f"{getattr(residual, 'dtype', type(residual))} {tuple(getattr(residual, 'shape', ()))}")
+    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
+                                     or not rms_norm_eps >= 0):
+        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if small_m is None:
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
     if small_m and rows > SMALL_M_MAX_ROWS:
         raise ValueError(f"the small-M kernel takes at most {SMALL_M_MAX_ROWS} rows, x has {rows}")
+    norm_k = triton.next_power_of_2(k) if k else 1
     if (not small_m or not use_triton(x) or rows == 0 or k == 0
-            or x.dtype not in (torch.float16, torch.bfloat16)):
-        y = torch.nn.functional.linear(x, weight, bias)
+            or x.dtype not in (torch.float16, torch.bfloat16)
+            or (rms_norm_eps is not None and (rows > NORM_MAX_ROWS or norm_k > 16384))):
+        if rms_norm_eps is None and residual is None:
+            y = torch.nn.functional.linear(x, weight, bias)
+        else:
+            y = torch.nn.functional.linear(x, weight).float()
+            if rms_norm_eps is not None:
+                y = y * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + rms_norm_eps)
+            if bias is not None:
+                y = y + bias.float()
+            if residual is not None:
+                y = y + residual.float()
+            y = y.to(x.dtype)
         if out is None:
             return y
         out.copy_(y)
@@ -103,9 +131,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     y2 = out.view(rows, n)
+    r2 = None
+    if residual is not None:
+        r2 = residual.view(rows, n) if residual.is_contiguous() else residual.reshape(rows, n).contiguous()
     bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     linear_small_m_kernel[(triton.cdiv(n, bn),)](
-        x2, w, bias if bias is not None else w, y2, rows, n, k, x2.stride(0), w.stride(0), y2.stride(0),
+        x2, w, bias if bias is not None else w, r2 if r2 is not None else w, y2, rows, n, k, x2.stride(0),
+        w.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
+        float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
-        num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
+        NORM_ROWS=rows if rms_norm_eps is not None else 0, NORM_K=norm_k if rms_norm_eps is not None else 16,
+        HAS_RES=residual is not None, num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
     return out

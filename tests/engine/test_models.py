@@ -50,6 +50,44 @@ def test_greedy_generation_matches_transformers(tiny_models, family):
         assert out.outputs[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
+    """A lone request decodes one token a step: the layers run with their RMSNorms deferred into the
+    projections and the activation (DecoderLayer.forward_one_token, the norm weights folded into qkv_proj and
+    gate_up_proj at load). Its greedy tokens and every step's log-probabilities equal transformers' (fp32
+    tolerance), and equal the undeferred layers' (model.defer_norms off) to fp32 rounding."""
+    from pagoda.engine.models import llama
+
+    path, hf = tiny_models[family]
+    calls = {"n": 0}
+    orig = llama.DecoderLayer.forward_one_token
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(llama.DecoderLayer, "forward_one_token", counted)
+    prompt = PROMPTS[3]
+    sp = pagoda.SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
+    outs = {}
+    for defer in (True, False):
+        llm = make_llm(path, enforce_eager=True)
+        assert llm.engine.model.norms_folded
+        llm.engine.model.defer_norms = defer
+        before = calls["n"]
+        outs[defer] = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+        assert (calls["n"] - before > 0) == defer
+    got = outs[True]
+    assert got.token_ids == hf_greedy(hf, prompt, 8) == outs[False].token_ids
+    ids = prompt + got.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    for i, (tok, step) in enumerate(zip(got.token_ids, got.logprobs)):
+        for t, lp in step.items():
+            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (family, i, t)
+            assert abs(lp - outs[False].logprobs[i][t]) < 1e-5, (family, i, t)
+
+
 def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
     """A Mistral-style model with a sliding window serves contexts longer than the window (the kernels apply
     window_left = sliding_window - 1): greedy tokens equal transformers' (which masks with the same window),

@@ -33,6 +33,53 @@ def test_small_m_kernel(dtype, rows, n, k, bias):
     assert rel(out, ref) < TOL[dtype]
 
 
+def rms_factor(x):
+    return torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 96), (1, 37, 70), (2, 40, 64), (3, 33, 100), (4, 16, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_m_rms_norm_and_residual(dtype, rows, n, k, bias):
+    """rms_norm_eps: y = rmsnorm(x) (no weight) @ w.T + bias, each row's factor from the row (rows of different
+    scale, so a factor applied to the wrong row shows); residual: + r, in place when out is r; output poisoned;
+    the same through the torch fallback (small_m=False)."""
+    scales = torch.tensor([0.5, 3.0, 1.0, 8.0][:rows], device=DEVICE)[:, None]
+    x = (torch.randn(rows, k, device=DEVICE) * scales).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    ref = (x.double() * rms_factor(x)) @ w.double().T + (b.double() if bias else 0.0)
+    for small_m in (True, False):
+        out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+        pagoda.ops.linear(x, w, b, out=out, small_m=small_m, rms_norm_eps=1e-5)
+        assert rel(out, ref) < TOL[dtype], small_m
+        r = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+        r0 = r.double()
+        y = pagoda.ops.linear(x, w, b, out=r, small_m=small_m, rms_norm_eps=1e-5, residual=r)
+        assert y is r
+        assert rel(r, ref + r0) < TOL[dtype], small_m
+        res = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+        out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+        pagoda.ops.linear(x, w, b, out=out, small_m=small_m, residual=res)  # residual alone
+        assert rel(out, x.double() @ w.double().T + (b.double() if bias else 0.0) + res.double()) < TOL[dtype]
+
+
+def test_small_m_rms_norm_more_rows_and_bad_input():
+    """More rows than the kernel reduces (NORM_MAX_ROWS) go to the torch form, same numbers; bad arguments
+    name themselves."""
+    x = torch.randn(6, 64, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.randn(24, 64, dtype=torch.bfloat16, device=DEVICE) / 8
+    y = pagoda.ops.linear(x, w, small_m=True, rms_norm_eps=1e-5)
+    assert rel(y, (x.double() * rms_factor(x)) @ w.double().T) < TOL[torch.bfloat16]
+    for eps in (-1.0, True, "1e-5"):
+        with pytest.raises(ValueError, match="rms_norm_eps"):
+            pagoda.ops.linear(x, w, rms_norm_eps=eps)
+    with pytest.raises(ValueError, match="residual"):
+        pagoda.ops.linear(x, w, residual=torch.randn(6, 23, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="residual"):
+        pagoda.ops.linear(x, w, residual=torch.randn(6, 24, device=DEVICE))
+
+
 def test_small_m_kernel_leading_dims_and_strided_weight():
     """x [1, 1, K] keeps its leading dimensions; a weight whose rows are strided (a slice of a wider matrix)."""
     x = torch.randn(1, 1, 64, dtype=torch.bfloat16, device=DEVICE)

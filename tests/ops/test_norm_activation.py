@@ -63,6 +63,33 @@ def test_act_and_mul(dtype, fn, ref, shape):
     assert fn(x).shape == (*shape[:-1], d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,hidden", [((5, 2 * 48), 40), ((2, 3, 2 * 1500), 96)])
+def test_silu_and_mul_norm_input(dtype, shape, hidden, monkeypatch):
+    """norm_input: gate and up scaled by the RMSNorm factor of their row of norm_input first (rows of different
+    scale: a factor from the wrong row shows); output poisoned; the PyTorch form gives the same numbers."""
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 2
+    scales = torch.linspace(0.25, 6.0, x[..., 0].numel(), device=DEVICE).view(x.shape[:-1])[..., None]
+    n_in = (torch.randn(*shape[:-1], hidden, device=DEVICE) * scales).to(dtype)
+    d = shape[-1] // 2
+    f = torch.rsqrt(n_in.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    xd = x.double() * f
+    ref = torch.nn.functional.silu(xd[..., :d]) * xd[..., d:]
+    out = torch.full((*shape[:-1], d), float("nan"), dtype=dtype, device=DEVICE)
+    pagoda.silu_and_mul(x, out=out, norm_input=n_in, norm_eps=1e-5)
+    assert rel(out, ref) < TOL[dtype]
+    from pagoda.ops import activation
+
+    monkeypatch.setattr(activation, "use_triton", lambda t: False)  # the PyTorch form (CPU without Triton)
+    out = torch.full((*shape[:-1], d), float("nan"), dtype=dtype, device=DEVICE)
+    pagoda.silu_and_mul(x, out=out, norm_input=n_in, norm_eps=1e-5)
+    assert rel(out, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="norm_input"):
+        pagoda.silu_and_mul(x, norm_input=n_in[..., :1, :] if x.dim() == 3 else n_in[:2])
+    with pytest.raises(ValueError, match="norm_eps"):
+        pagoda.silu_and_mul(x, norm_input=n_in, norm_eps=-1.0)
+
+
 def test_bad_input():
     x = torch.randn(4, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):

@@ -9,6 +9,8 @@ Face checkpoint names onto them.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -16,6 +18,15 @@ import pagoda
 
 from ..config import ModelConfig
 from ...ops._dispatch import pdl_default
+
+
+def defer_norms_default() -> bool:
+    """Whether one-token steps defer the layers' RMSNorms into the projections and the activation
+    (DecoderLayer.forward_one_token; PAGODA_DEFER_NORMS=1 / 0, default 1)."""
+    env = os.environ.get("PAGODA_DEFER_NORMS", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"PAGODA_DEFER_NORMS must be 0 or 1, got {env!r}")
+    return env == "1"
 from ...ops.matmul import small_m_projections
 
 
@@ -75,15 +86,19 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        qkv = _project(self.qkv_proj, x, self.small_m_qkv, self.pdl)
+        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl), cos_sin, ctx)
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl)
+
+    def attend(self, qkv, cos_sin, ctx):
+        """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
+        t = qkv.shape[0]
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
             k = self.k_norm(k.reshape(t, self.hk, self.d).contiguous()).view(t, -1)
         # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can)
-        o = ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
-                          v.view(t, self.hk, self.d), rope=(cos_sin, True))
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl)
+        return ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
+                             v.view(t, self.hk, self.d), rope=(cos_sin, True))
 
 
 class MLP(nn.Module):
@@ -118,6 +133,27 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_one_token(self, r, cos_sin, ctx) -> None:
+        """The layer for one token with both norms deferred (the model's norm weights folded into qkv_proj and
+        gate_up_proj: fold_norm_weights): r [1, hidden], the residual stream, is updated in place. The input
+        norm's factor scales the qkv projection's accumulators (small-M kernel), the o projection adds its
+        output into r in its epilogue, the post-attention norm's factor scales gate / up in the activation, and
+        the down projection adds into r (cuBLAS with beta = 1, or the small-M kernel's epilogue): no norm
+        launch and no residual add launch; RMSNorm(r) @ W.T = rsqrt(mean(r^2) + eps) * (r @ (W * w).T)."""
+        a, mlp = self.self_attn, self.mlp
+        cuda = r.is_cuda
+        qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
+                                pdl=a.pdl, rms_norm_eps=self.input_layernorm.eps)
+        o = a.attend(qkv, cos_sin, ctx)
+        pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
+                          out=r)
+        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl)
+        h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl, norm_input=r, norm_eps=self.post_attention_layernorm.eps)
+        if cuda and mlp.small_m_down:
+            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r)
+        else:
+            r.addmm_(h, mlp.down_proj.weight.t())
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, c: ModelConfig):
@@ -128,6 +164,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self.norms_folded = False  # fold_norm_weights
+        self.defer_norms = defer_norms_default()
 
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
@@ -135,11 +173,30 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        if x.shape[0] == 1 and self.norms_folded and self.defer_norms:
+            for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
+                layer.forward_one_token(x, self.cos_sin, ctx)
+            return self.norm(x)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin, ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    @torch.no_grad()
+    def fold_norm_weights(self) -> None:
+        """Each layer's input / post-attention RMSNorm weight into the projection after it (qkv_proj, gate_up_proj
+        columns times the weight, in fp32, rounded once); the norms keep weight 1. Then one-token steps defer the
+        norms into the kernels around them (DecoderLayer.forward_one_token) and other steps run unit-weight norms
+        before the same projections. Called by the loader after the weights are in; once."""
+        if self.norms_folded:
+            raise RuntimeError("the norm weights are folded already")
+        for layer in self.layers:
+            for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                               (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                proj.weight.copy_((proj.weight.float() * norm.weight.float()[None, :]).to(proj.weight.dtype))
+                norm.weight.fill_(1.0)
+        self.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -13,13 +13,24 @@ def _tanh(x):
 
 
 @triton.jit
-def act_and_mul_kernel(X, Y, d, stride_x, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def act_and_mul_kernel(X, Y, d, stride_x, stride_y, N_IN, stride_n, n_in, eps, ACT: tl.constexpr,
+                       BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """NORM_BLOCK > 0 (= next_power_of_2(n_in)): the row's gate and up are first multiplied by
+    rsqrt(mean(N_IN[row]^2) + eps), the RMSNorm factor of the projection's input (its weight folded into the
+    projection): every program reduces the row of N_IN, a load beside the gate / up loads."""
     pdl_enter(PDL)  # (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < d
+    if NORM_BLOCK > 0:
+        offs_in = tl.arange(0, NORM_BLOCK)
+        xin = tl.load(N_IN + row * stride_n + offs_in, mask=offs_in < n_in, other=0.0).to(tl.float32)
     a = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
     b = tl.load(X + row * stride_x + d + offs, mask=m, other=0.0).to(tl.float32)
+    if NORM_BLOCK > 0:
+        scale = tl.rsqrt(tl.sum(xin * xin, axis=0) / n_in + eps)
+        a = a * scale
+        b = b * scale
     if ACT == 0:
         g = a / (1.0 + tl.exp(-a))
     elif ACT == 1:

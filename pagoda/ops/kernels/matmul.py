@@ -13,6 +13,12 @@ per CUDA-graph replay, scripts/pdl_probe.py) made the kernel 2.4-3.6x slower: RM
 projection (X * norm weight in the loop, the RMS factored out to the end) 23.1 -> 55.3 us, with the residual
 add 96.5 us; silu(gate) * up inside the down projection 42.8 -> 155.6 us. Those fusions were removed.
 
+Two epilogues for the engine's batch-1 decode (models/llama.py): NORM_ROWS rows of X scaled by their RMSNorm
+factor rsqrt(mean(x^2) + eps) (the norm's weight folded into W when the model is loaded: y = rmsnorm(x) @ W.T
+without a norm launch; X goes into the dot unchanged, each row is read once more, as one vector loaded before
+the loop and reduced after it, so the dot's pipeline is as without), and a residual added to Y (Y may be the
+residual itself: each program reads and writes only its own columns).
+
 PDL: a programmatic dependent launch (kernels/pdl.py). A decode step at batch 1 is a chain of ~10 short
 kernels a layer: PDL hides a launch and a program start behind the previous kernel's tail (32 o projections
 in a graph: 11.99 -> 11.34 us each, H200; scripts/pdl_probe.py). Letting the next
@@ -27,6 +33,13 @@ from .pdl import pdl_enter
 
 
 @triton.jit
+def _rms_factor(x_row, K, eps):
+    """rsqrt(mean(x^2) + eps) of one row (padding loaded as 0), in fp32 (RMSNorm's)."""
+    xf = x_row.to(tl.float32)
+    return tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+
+
+@triton.jit
 def _step(acc, x_ptrs, w_ptrs, x_mask, w_mask, K_MASKED: tl.constexpr):
     """acc += X tile @ W tile.T (masked columns: 0)."""
     if K_MASKED:
@@ -38,12 +51,14 @@ def _step(acc, x_ptrs, w_ptrs, x_mask, w_mask, K_MASKED: tl.constexpr):
 
 
 @triton.jit
-def linear_small_m_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
+def linear_small_m_kernel(X, W, BIAS, R, Y, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NORM_ROWS: tl.constexpr = 0,
+                          NORM_K: tl.constexpr = 16, HAS_RES: tl.constexpr = False, PDL: tl.constexpr = False):
     """EVEN_K: K % BLOCK_K == 0. The loop runs over whole K blocks without K masks (a loop with masks that
     depend on k0 is not pipelined: no cp.async in the sm_90 PTX), then one masked step for the rest.
-    Rows of W past N read row 0 (in bounds, dropped)."""
+    Rows of W past N read row 0 (in bounds, dropped). NORM_ROWS (= M, at most 4; 0: none): each row's
+    accumulator times rsqrt(mean(x^2) + eps), NORM_K = next_power_of_2(K), before the bias; HAS_RES: + R."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -52,6 +67,15 @@ def linear_small_m_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_y
     x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     pdl_enter(PDL)  # (X, and Y that a kernel before may still read, belong to the previous kernels)
+    if NORM_ROWS > 0:  # the rows for their norms: loaded here, used after the loop (the loads overlap it)
+        offs_nk = tl.arange(0, NORM_K)
+        x_row0 = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 1:
+            x_row1 = tl.load(X + stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 2:
+            x_row2 = tl.load(X + 2 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 3:
+            x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_main = K if EVEN_K else K - K % BLOCK_K
     for k0 in range(0, k_main, BLOCK_K):
@@ -60,7 +84,20 @@ def linear_small_m_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_y
         mask_k = k_main + offs_k < K
         acc = _step(acc, x_ptrs + k_main, w_ptrs + k_main, mask_m[:, None] & mask_k[None, :], mask_k[None, :],
                     True)
+    if NORM_ROWS > 0:
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+        scale = tl.where(offs_m == 0, _rms_factor(x_row0, K, eps), scale)
+        if NORM_ROWS > 1:
+            scale = tl.where(offs_m == 1, _rms_factor(x_row1, K, eps), scale)
+        if NORM_ROWS > 2:
+            scale = tl.where(offs_m == 2, _rms_factor(x_row2, K, eps), scale)
+        if NORM_ROWS > 3:
+            scale = tl.where(offs_m == 3, _rms_factor(x_row3, K, eps), scale)
+        acc = acc * scale[:, None]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc += tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_m[:, None] & n_ok[None, :],
+                       other=0.0).to(tl.float32)
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & n_ok[None, :])
