@@ -100,15 +100,19 @@ def test_programmatic_dependent_launches_change_nothing(monkeypatch):
     """PAGODA_PDL=1 (the norms, small-M projections, RoPE + append, attention and activation as programmatic
     dependent launches: ops/kernels/pdl.py) gives the same greedy tokens as without, in CUDA graphs at batch 1
     (the small-M projections) and batch 4, and eagerly. Each kernel waits for its predecessor before it touches
-    memory, so the numbers are the same to the bit."""
+    memory, so the numbers are the same to the bit. With the norms deferred into the one-token layers
+    (PAGODA_DEFER_NORMS=1) and without: each setting compared with itself."""
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    runs = []
-    for pdl, eager in (("0", False), ("1", False), ("1", True)):
-        monkeypatch.setenv("PAGODA_PDL", pdl)
-        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enforce_eager=eager)
-        assert llm.engine.runner.pdl == (pdl == "1")
-        one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
-        four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-        assert (llm.engine.stats.cuda_graph_steps > 0) != eager
-        runs.append((one, four))
-    assert runs[0] == runs[1] == runs[2]
+    for defer in ("0", "1"):
+        monkeypatch.setenv("PAGODA_DEFER_NORMS", defer)
+        runs = []
+        for pdl, eager in (("0", False), ("1", False), ("1", True)):
+            monkeypatch.setenv("PAGODA_PDL", pdl)
+            llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enforce_eager=eager)
+            assert llm.engine.runner.pdl == (pdl == "1")
+            assert llm.engine.model.defer_norms == (defer == "1")
+            one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+            four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+            assert (llm.engine.stats.cuda_graph_steps > 0) != eager
+            runs.append((one, four))
+        assert runs[0] == runs[1] == runs[2], defer

@@ -88,6 +88,17 @@ def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
             assert abs(lp - outs[False].logprobs[i][t]) < 1e-5, (family, i, t)
 
 
+def test_defer_norms_switch(monkeypatch):
+    from pagoda.engine.models import llama
+
+    for env, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("PAGODA_DEFER_NORMS", env)
+        assert llama.defer_norms_default() is want
+    monkeypatch.setenv("PAGODA_DEFER_NORMS", "yes")
+    with pytest.raises(ValueError, match="PAGODA_DEFER_NORMS"):
+        llama.defer_norms_default()
+
+
 def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
     """A Mistral-style model with a sliding window serves contexts longer than the window (the kernels apply
     window_left = sliding_window - 1): greedy tokens equal transformers' (which masks with the same window),

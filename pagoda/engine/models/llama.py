@@ -17,26 +17,22 @@ import torch.nn as nn
 import pagoda
 
 from ..config import ModelConfig
-from ...ops._dispatch import capability, pdl_default
-
-
-def defer_norms_default(device: torch.device) -> bool:
-    """Whether one-token steps defer the layers' RMSNorms into the projections and the activation
-    (DecoderLayer.forward_one_token). PAGODA_DEFER_NORMS=1 / 0 decides; by default only where the engine's
-    kernels do not run as programmatic dependent launches (PAGODA_PDL=0, GPUs before Hopper, the CPU). Measured
-    on the H200 (session 18, `python -m pagoda.bench.engine --cases latency`, Llama-3.1-8B batch 1): without PDL
-    4.570 -> 4.470 ms per token; with PDL 4.426 -> 4.535 (4.444 at best, launching the qkv projection and
-    the activation without PDL): under PDL the norm kernels cost next to nothing (the small kernel after the
-    cuBLAS down projection takes the launch the qkv projection would wait for), and the deferred chain pays
-    the norm factors' reductions and a PDL launch of the big small-M kernel straight after cuBLAS."""
-    env = os.environ.get("PAGODA_DEFER_NORMS")
-    if env is not None:
-        if env not in ("0", "1"):
-            raise ValueError(f"PAGODA_DEFER_NORMS must be 0 or 1, got {env!r}")
-        return env == "1"
-    device = torch.device(device)
-    return not (pdl_default() and device.type == "cuda" and capability(device)[0] >= 9)
+from ...ops._dispatch import pdl_default
 from ...ops.matmul import small_m_projections
+
+
+def defer_norms_default() -> bool:
+    """Whether one-token steps defer the layers' RMSNorms into the projections and the activation
+    (DecoderLayer.forward_one_token); PAGODA_DEFER_NORMS=1 / 0, default 1. Measured on H200s (session 18,
+    `python -m pagoda.bench.engine --cases latency`, Llama-3.1-8B batch 1, ms per token): without PDL 4.570 ->
+    4.470 and 4.693 -> 4.554 (two machines); with PDL (the default) 4.588 / 4.589 -> 4.532 / 4.530 interleaved on
+    one machine, 4.41-4.43 -> 4.444 on the other (one run). Under PDL the norm kernels cost little (the small
+    kernel after the cuBLAS down projection takes the launch the qkv projection would wait for), so what the
+    deferral saves there is smaller and machine-dependent."""
+    env = os.environ.get("PAGODA_DEFER_NORMS", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"PAGODA_DEFER_NORMS must be 0 or 1, got {env!r}")
+    return env == "1"
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False) -> torch.Tensor:
@@ -152,7 +148,7 @@ class DecoderLayer(nn.Module):
         a, mlp = self.self_attn, self.mlp
         cuda = r.is_cuda
         # (the qkv projection and the activation follow cuBLAS kernels: as PDL launches they were slower, 4.535
-        # -> 4.444 ms per token without; defer_norms_default)
+        # -> 4.444 ms per token without, H200, session 18)
         qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                 rms_norm_eps=self.input_layernorm.eps)
         o = a.attend(qkv, cos_sin, ctx)
@@ -176,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.norms_folded = False  # fold_norm_weights
-        self.defer_norms = defer_norms_default(self.embed_tokens.weight.device)
+        self.defer_norms = defer_norms_default()
 
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
