@@ -56,11 +56,12 @@ def cases():
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32"), \
         dict(BLOCK=2048), 4
     from pagoda.ops.kernels import activation, matmul
-    lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", eps="fp32")
-    for norm, res in ((0, False), (1, False), (0, True), (1, True), (4, False)):
-        yield f"linear_small_m NORM_ROWS={norm} HAS_RES={res} PDL", matmul.linear_small_m_kernel, lin, dict(
-            HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm, NORM_K=4096,
-            HAS_RES=res, PDL=True), 4, 4
+    lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
+    for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1),
+                             (0, True, 4), (1, True, 2)):
+        yield f"linear_small_m NORM_ROWS={norm} HAS_RES={res} SPLIT_K={split} PDL", matmul.linear_small_m_kernel, \
+            lin, dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm,
+                      NORM_K=4096, HAS_RES=res, SPLIT_K=split, PDL=True), 4, 4
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4

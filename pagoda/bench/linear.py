@@ -1,6 +1,6 @@
 """Decode-batch linear layers: pagoda's small-M kernel (ops/matmul.py) against torch (cuBLAS) on one GPU.
 
-    python -m pagoda.bench.linear [--rows 1] [--json FILE]
+    python -m pagoda.bench.linear [--rows 1] [--json FILE] [--splits 1,2,4,7]
 
 Llama-3.1-8B's projections at M = rows (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336),
 CUDA-graph replays with L2 flushed (bench.attention.gpu_time), bandwidth of the weight read against the
@@ -9,6 +9,10 @@ against torch); the last lines name the best configuration over the four shapes 
 it beats torch in isolation, as `PAGODA_SMALL_M_CONFIG=...` and `PAGODA_SMALL_M_LINEAR=...`, environment
 settings to try in `python -m pagoda.bench.engine --cases latency` (in the engine a kernel that only ties
 can still win: it saves cuBLAS's split-K reduction launch).
+
+--splits: also each projection with the residual added in place (the engine's o / down in its one-token layers)
+on the default configuration at each K split (ops.linear split_k; PAGODA_SMALL_M_SPLIT in the engine), against
+cuBLAS's ``r.addmm_(x, w.T)``.
 """
 from __future__ import annotations
 
@@ -31,12 +35,40 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--splits", default=None, help="comma-separated K splits, e.g. 1,2,4,7")
+    ap.add_argument("--only-splits", action="store_true", help="skip the configuration sweep")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}, torch {torch.__version__}, rows {args.rows}, bf16, copy {copy_bw / 1e9:.0f} GB/s")
     rows, times = [], {}
+    if args.splits:
+        splits = [int(v) for v in args.splits.split(",")]
+        print(f"\n{'residual in place, us':<24}{'cuBLAS addmm_':>14}" + "".join(f"{'split ' + str(v):>10}"
+                                                                              for v in splits))
+        for name, (n, k) in SHAPES.items():
+            x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
+            w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+            r = torch.randn(args.rows, n, dtype=torch.bfloat16, device="cuda")
+            ref = r.float() + torch.nn.functional.linear(x, w).float()
+            t_cublas = gpu_time(lambda: r.addmm_(x, w.t()), f"cuBLAS addmm_ {name}") * 1e6
+            line = f"{name:<24}{t_cublas:13.1f}u"
+            for sk in splits:
+                y = r.clone()
+                pagoda.ops.linear(x, w, out=y, residual=y, small_m=True, split_k=sk)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"{name} split {sk}: rel err {err:.3g}"
+                t = gpu_time(lambda: pagoda.ops.linear(x, w, out=r, residual=r, small_m=True, split_k=sk),
+                             f"split {sk} {name}") * 1e6
+                line += f"{t:9.1f}u"
+                rows.append(dict(shape=name, split_k=sk, residual_us=t, cublas_addmm_us=t_cublas))
+            print(line + f"   ({n * k * 2 / 1e3 / copy_bw * 1e6:.1f}u at the copy rate)", flush=True)
+        if args.only_splits:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=dev, copy_GBps=copy_bw / 1e9, rows=rows), f, indent=1)
+            return
     for name, (n, k) in SHAPES.items():
         x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5

@@ -57,16 +57,49 @@ def small_m_projections() -> frozenset[str]:
 NORM_MAX_ROWS = 4  # rows whose RMSNorm factor the small-M kernel computes (one vector of K each, in registers)
 
 
+def small_m_split() -> dict[str, int]:
+    """K splits of the engine's small-M projections: PAGODA_SMALL_M_SPLIT, e.g. "down=4,o=2" (default none: one
+    program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch)."""
+    env = os.environ.get("PAGODA_SMALL_M_SPLIT", "")
+    out = {}
+    for item in filter(None, env.split(",")):
+        name, _, val = item.partition("=")
+        if name not in ("qkv", "o", "gate_up", "down") or not val.isdigit() or int(val) < 1:
+            raise ValueError(f"PAGODA_SMALL_M_SPLIT must be 'name=splits,...' with names among qkv, o, gate_up, "
+                             f"down and splits >= 1, got {env!r}")
+        out[name] = int(val)
+    return out
+
+
+_SPLIT_BUFFERS: dict = {}
+
+
+def _split_buffers(device, n_tiles: int, split_k: int, bn: int):
+    """The split-K partials (fp32) and the tiles' arrival counters (int32, zero: the kernel resets them), one pair
+    per (device, shape), kept: a CUDA graph replays the launch with the same buffers. Kernels on one stream
+    share them in turn; first made outside a graph capture."""
+    key = (str(device), n_tiles, split_k, bn)
+    if key not in _SPLIT_BUFFERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the small-M kernel's split-K buffers are made on its first call: make that call "
+                               "before capturing a CUDA graph (a warm-up run)")
+        _SPLIT_BUFFERS[key] = (torch.empty(split_k * n_tiles * 16 * bn, dtype=torch.float32, device=device),
+                               torch.zeros(n_tiles, dtype=torch.int32, device=device))
+    return _SPLIT_BUFFERS[key]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
            pdl: bool = False, rms_norm_eps: float | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
 
     rms_norm_eps: x is RMS-normalized first, without a weight: y = (x * rsqrt(mean(x^2) + eps)) @ weight.T
     (+ bias); the norm's weight, folded into ``weight`` (weight * norm_weight[None, :]), makes it the whole
     RMSNorm. The small-M kernel scales its accumulators (at most NORM_MAX_ROWS rows). residual [..., N]: y +=
-    residual; ``out`` may be ``residual`` (an in-place residual add).
+    residual; ``out`` may be ``residual`` (an in-place residual add). split_k (small-M kernel): K in that many
+    pieces over as many programs per BLOCK_N rows, the partials added by the tile's last program in a fixed
+    order (deterministic; one launch).
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
@@ -100,6 +133,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
                                      or not rms_norm_eps >= 0):
         raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if small_m is None:
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
@@ -135,11 +170,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         r2 = residual.view(rows, n) if residual.is_contiguous() else residual.reshape(rows, n).contiguous()
     bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
-    linear_small_m_kernel[(triton.cdiv(n, bn),)](
-        x2, w, bias if bias is not None else w, r2 if r2 is not None else w, y2, rows, n, k, x2.stride(0),
-        w.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
+    n_tiles = triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk  # whole K blocks per piece
+    split_k = triton.cdiv(k, k_split)  # (no empty piece)
+    ws, cnt = _split_buffers(x.device, n_tiles, split_k, bn) if split_k > 1 else (w, w)
+    linear_small_m_kernel[(n_tiles, split_k)](
+        x2, w, bias if bias is not None else w, r2 if r2 is not None else w, y2, ws, cnt, rows, n, k, k_split,
+        x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
         float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
         NORM_ROWS=rows if rms_norm_eps is not None else 0, NORM_K=norm_k if rms_norm_eps is not None else 16,
-        HAS_RES=residual is not None, num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
+        HAS_RES=residual is not None, SPLIT_K=split_k, num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
     return out

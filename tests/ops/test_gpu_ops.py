@@ -212,6 +212,31 @@ def test_small_m_linear_real_sizes(rows, pdl, n, k, bias):
     assert rel(out, ref) < 1.2e-2
 
 
+@pytest.mark.parametrize("split_k", [2, 4, 7])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 4096), (1000, 3000)])
+def test_small_m_split_k_real_sizes_and_graph(split_k, n, k):
+    """split_k at the down / o projection sizes (and an uneven one), one row, with the norm factor and the
+    residual added in place, a PDL launch, against float64; then captured in a CUDA graph and replayed twice:
+    the same bits each time (the arrival counters reset, the partials added in a fixed order)."""
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda") * 3
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    r0 = torch.randn(1, n, dtype=torch.bfloat16, device="cuda")
+    f = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = (x.double() * f) @ w.double().T + r0.double()
+    r = r0.clone()
+    pagoda.ops.linear(x, w, out=r, residual=r, small_m=True, pdl=True, rms_norm_eps=1e-5, split_k=split_k)
+    assert rel(r, ref) < 1.2e-2
+    first = r.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        r.copy_(r0)
+        pagoda.ops.linear(x, w, out=r, residual=r, small_m=True, pdl=True, rms_norm_eps=1e-5, split_k=split_k)
+    for _ in range(2):
+        r.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(r, first)
+
 
 def test_enable_pdl_changes_nothing():
     """enable_pdl=True (a programmatic dependent launch: the kernel waits for the one before it) gives the same

@@ -64,6 +64,48 @@ def test_small_m_rms_norm_and_residual(dtype, rows, n, k, bias):
         assert rel(out, x.double() @ w.double().T + (b.double() if bias else 0.0) + res.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 5])
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 96), (1, 37, 70), (3, 33, 100), (16, 40, 128)])
+def test_small_m_split_k(split_k, rows, n, k):
+    """split_k: K over several programs per tile, the last to arrive adds the partials and runs the epilogue
+    (norm factor, bias, residual in place); K not a multiple of a block (70, 100: the last piece masked); more
+    splits than K blocks (5 over 96 = 3 blocks: as many pieces as blocks). A second call gives the same bits (the
+    arrival counters were reset; the partials are added in a fixed order)."""
+    dtype = torch.bfloat16
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE) * 2
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype, device=DEVICE)
+    norm = rows <= linear_mod.NORM_MAX_ROWS
+    f = rms_factor(x) if norm else 1.0
+    r = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+    ref = (x.double() * f) @ w.double().T + b.double() + r.double()
+    outs = []
+    for _ in range(2):
+        out = r.clone()
+        pagoda.ops.linear(x, w, b, out=out, small_m=True, rms_norm_eps=1e-5 if norm else None, residual=out,
+                          split_k=split_k)
+        assert rel(out, ref) < TOL[dtype]
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    plain = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+    pagoda.ops.linear(x, w, out=plain, small_m=True, split_k=split_k)
+    assert rel(plain, x.double() @ w.double().T) < TOL[dtype]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="split_k"):
+            pagoda.ops.linear(x, w, small_m=True, split_k=bad)
+
+
+def test_small_m_split_env(monkeypatch):
+    monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "down=4,o=2")
+    assert linear_mod.small_m_split() == {"down": 4, "o": 2}
+    monkeypatch.delenv("PAGODA_SMALL_M_SPLIT")
+    assert linear_mod.small_m_split() == {}
+    for bad in ("down=0", "lm_head=2", "down", "down=x"):
+        monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", bad)
+        with pytest.raises(ValueError, match="PAGODA_SMALL_M_SPLIT"):
+            linear_mod.small_m_split()
+
+
 def test_small_m_rms_norm_more_rows_and_bad_input():
     """More rows than the kernel reduces (NORM_MAX_ROWS) go to the torch form, same numbers; bad arguments
     name themselves."""

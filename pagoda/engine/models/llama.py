@@ -18,7 +18,7 @@ import pagoda
 
 from ..config import ModelConfig
 from ...ops._dispatch import pdl_default
-from ...ops.matmul import small_m_projections
+from ...ops.matmul import small_m_projections, small_m_split
 
 
 def defer_norms_default() -> bool:
@@ -35,11 +35,12 @@ def defer_norms_default() -> bool:
     return env == "1"
 
 
-def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False) -> torch.Tensor:
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
-    the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl."""
+    the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
+    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT)."""
     if small_m and x.shape[0] == 1 and x.is_cuda:
-        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl)
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k)
     return layer(x)
 
 
@@ -85,14 +86,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
-        small_m = small_m_projections()
+        small_m, split = small_m_projections(), small_m_split()
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
+        self.split_qkv, self.split_o = split.get("qkv", 1), split.get("o", 1)
         self.pdl = pdl_default()
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl), cos_sin, ctx)
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl)
+        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv), cos_sin, ctx)
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o)
 
     def attend(self, qkv, cos_sin, ctx):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
@@ -111,13 +113,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        small_m = small_m_projections()
+        small_m, split = small_m_projections(), small_m_split()
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
+        self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
         self.pdl = pdl_default()
 
     def forward(self, x):
-        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl)
-        return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl)
+        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up)
+        return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl,
+                        self.split_down)
 
 
 class DecoderLayer(nn.Module):
@@ -147,17 +151,20 @@ class DecoderLayer(nn.Module):
         launch and no residual add launch; RMSNorm(r) @ W.T = rsqrt(mean(r^2) + eps) * (r @ (W * w).T)."""
         a, mlp = self.self_attn, self.mlp
         cuda = r.is_cuda
-        # (the qkv projection and the activation follow cuBLAS kernels: as PDL launches they were slower, 4.535
-        # -> 4.444 ms per token without, H200, session 18)
+        # (after a cuBLAS kernel the qkv projection and the activation launch without PDL: as PDL launches
+        # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
         qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
-                                rms_norm_eps=self.input_layernorm.eps)
+                                pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
+                                split_k=a.split_qkv)
         o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
-                          out=r)
-        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl)
-        h = pagoda.silu_and_mul(gu, norm_input=r, norm_eps=self.post_attention_layernorm.eps)
+                          out=r, split_k=a.split_o)
+        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
+        h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
+                                norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
-            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r)
+            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
+                              split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
 

@@ -51,39 +51,10 @@ def _step(acc, x_ptrs, w_ptrs, x_mask, w_mask, K_MASKED: tl.constexpr):
 
 
 @triton.jit
-def linear_small_m_kernel(X, W, BIAS, R, Y, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym, eps,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NORM_ROWS: tl.constexpr = 0,
-                          NORM_K: tl.constexpr = 16, HAS_RES: tl.constexpr = False, PDL: tl.constexpr = False):
-    """EVEN_K: K % BLOCK_K == 0. The loop runs over whole K blocks without K masks (a loop with masks that
-    depend on k0 is not pipelined: no cp.async in the sm_90 PTX), then one masked step for the rest.
-    Rows of W past N read row 0 (in bounds, dropped). NORM_ROWS (= M, at most 4; 0: none): each row's
-    accumulator times rsqrt(mean(x^2) + eps), NORM_K = next_power_of_2(K), before the bias; HAS_RES: + R."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    n_ok = offs_n < N
-    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    pdl_enter(PDL)  # (X, and Y that a kernel before may still read, belong to the previous kernels)
-    if NORM_ROWS > 0:  # the rows for their norms: loaded here, used after the loop (the loads overlap it)
-        offs_nk = tl.arange(0, NORM_K)
-        x_row0 = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
-        if NORM_ROWS > 1:
-            x_row1 = tl.load(X + stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
-        if NORM_ROWS > 2:
-            x_row2 = tl.load(X + 2 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
-        if NORM_ROWS > 3:
-            x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_main = K if EVEN_K else K - K % BLOCK_K
-    for k0 in range(0, k_main, BLOCK_K):
-        acc = _step(acc, x_ptrs + k0, w_ptrs + k0, mask_m[:, None], None, False)
-    if not EVEN_K:
-        mask_k = k_main + offs_k < K
-        acc = _step(acc, x_ptrs + k_main, w_ptrs + k_main, mask_m[:, None] & mask_k[None, :], mask_k[None, :],
-                    True)
+def _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m, n_ok,
+            x_row0, x_row1, x_row2, x_row3, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+            NORM_ROWS: tl.constexpr, HAS_RES: tl.constexpr):
+    """The epilogue: norm factors, bias, residual, store."""
     if NORM_ROWS > 0:
         scale = tl.zeros([BLOCK_M], dtype=tl.float32)
         scale = tl.where(offs_m == 0, _rms_factor(x_row0, K, eps), scale)
@@ -101,3 +72,74 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, M, N, K, stride_xm, stride_wn, strid
                        other=0.0).to(tl.float32)
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_rm, stride_ym,
+                          eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NORM_ROWS: tl.constexpr = 0,
+                          NORM_K: tl.constexpr = 16, HAS_RES: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+                          PDL: tl.constexpr = False):
+    """EVEN_K: K % BLOCK_K == 0. The loop runs over whole K blocks without K masks (a loop with masks that
+    depend on k0 is not pipelined: no cp.async in the sm_90 PTX), then one masked step for the rest.
+    Rows of W past N read row 0 (in bounds, dropped). NORM_ROWS (= M, at most 4; 0: none): each row's
+    accumulator times rsqrt(mean(x^2) + eps), NORM_K = next_power_of_2(K), before the bias; HAS_RES: + R.
+
+    SPLIT_K > 1: program (n, s) sums K_SPLIT (a multiple of BLOCK_K) columns from s * K_SPLIT, stores its fp32
+    partial in WS[s, n] and bumps CNT[n] (acq_rel); the last of the tile's SPLIT_K programs to arrive adds the
+    partials in the order s = 0, 1, ... (the same bits whichever arrives last), runs the epilogue and resets
+    CNT[n] to 0 for the next launch: one launch, no separate reduction kernel."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_bn = tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + offs_bn
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    n_ok = offs_n < N
+    if SPLIT_K > 1:
+        # (a multiple of BLOCK_K: said, the piece's loads are 16-byte aligned and stay cp.async-pipelined)
+        k_lo = tl.multiple_of(tl.program_id(1) * K_SPLIT, BLOCK_K)
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    else:
+        k_lo = 0
+        k_hi = K
+    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    pdl_enter(PDL)  # (X, and Y that a kernel before may still read, belong to the previous kernels)
+    x_row0 = 0.0
+    x_row1 = 0.0
+    x_row2 = 0.0
+    x_row3 = 0.0
+    if NORM_ROWS > 0:  # the rows for their norms: loaded here, used after the loop (the loads overlap it)
+        offs_nk = tl.arange(0, NORM_K)
+        x_row0 = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 1:
+            x_row1 = tl.load(X + stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 2:
+            x_row2 = tl.load(X + 2 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 3:
+            x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_main = k_hi if EVEN_K else k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for k0 in range(k_lo, k_main, BLOCK_K):
+        acc = _step(acc, x_ptrs + k0, w_ptrs + k0, mask_m[:, None], None, False)
+    if not EVEN_K:
+        if k_main < k_hi:
+            mask_k = k_main + offs_k < k_hi
+            acc = _step(acc, x_ptrs + k_main, w_ptrs + k_main, mask_m[:, None] & mask_k[None, :],
+                        mask_k[None, :], True)
+    if SPLIT_K > 1:
+        n_tiles = tl.num_programs(0)
+        tile = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
+        tl.store(WS + (tl.program_id(1) * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile, acc)
+        # acq_rel: our partial is published before the bump; the last one sees them all
+        if tl.atomic_add(CNT + tl.program_id(0), 1) == SPLIT_K - 1:
+            tl.store(CNT + tl.program_id(0), 0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(WS + (s * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile,
+                               cache_modifier=".cg")
+            _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m,
+                    n_ok, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
+    else:
+        _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m, n_ok,
+                x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
