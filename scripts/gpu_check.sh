@@ -9,6 +9,9 @@
 #   ENGINE_AB=DIR                     also the engine's batch-1 / batch-64 latency, this tree against the pagoda
 #                                     package in DIR (e.g. ab_base/ from `git archive REV pagoda | tar -x -C ab_base`,
 #                                     carried), interleaved over two rounds, a table last
+#   ENGINE_ENV_AB="A;B;..."           also the engine's latency under each environment setting (e.g.
+#                                     "PAGODA_DEFER_NORMS=0;PAGODA_SMALL_M_LINEAR=qkv,o,down PAGODA_SMALL_M_SPLIT=down=4"),
+#                                     this tree, interleaved over ENV_ROUNDS rounds (default 2), a table last
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,6 +44,15 @@ if [ -n "${ENGINE_AB:-}" ]; then  # same machine, interleaved: machines of one k
     done
   done
 fi
+if [ -n "${ENGINE_ENV_AB:-}" ]; then
+  IFS=';' read -r -a settings <<< "$ENGINE_ENV_AB"
+  for r in $(seq 1 "${ENV_ROUNDS:-2}"); do
+    for setting in "${settings[@]}"; do
+      line=$(env $setting python3 -m pagoda.bench.engine --cases latency --backends pagoda 2>&1 | grep '^pagoda latency')
+      echo "engine_env round $r [$setting]: $line" | tee -a "$OUT/engine_env.log"
+    done
+  done
+fi
 # tests after the benchmarks: the whole GPU suite takes ~4-8 minutes, and a call that runs out of time should
 # still bring back the numbers (session 7 lost its benchmarks that way)
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -51,6 +63,10 @@ fi
 for b in ${BENCHES-attention}; do  # the short table last
   echo "== $b"; grep -v '^#' "$OUT/bench_$b.log" | tail -n 12
 done
+if [ -n "${ENGINE_ENV_AB:-}" ]; then
+  echo "== engine settings (ms per token, batch 1 / 64)"
+  sed -E "s/^engine_env (round [0-9]+) (\[[^]]*\]): .*'batch': 1, [^}]*'ms_per_token': ([0-9.]+).*'batch': 64, [^}]*'ms_per_token': ([0-9.]+).*/\1 \2: \3 \4/" "$OUT/engine_env.log"
+fi
 if [ -n "${ENGINE_AB:-}" ]; then
   echo "== engine A/B (ms per token, batch 1 / 64)"
   sed -E "s/^engine_ab (round [0-9]) ([a-z]+): .*'batch': 1, [^}]*'ms_per_token': ([0-9.]+).*'batch': 64, [^}]*'ms_per_token': ([0-9.]+).*/\1 \2: \3 \4/" "$OUT/engine_ab.log"
