@@ -57,11 +57,13 @@ def cases():
         dict(BLOCK=2048), 4
     from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
-    for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1),
-                             (0, True, 4), (1, True, 2)):
-        yield f"linear_small_m NORM_ROWS={norm} HAS_RES={res} SPLIT_K={split} PDL", matmul.linear_small_m_kernel, \
-            lin, dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm,
-                      NORM_K=4096, HAS_RES=res, SPLIT_K=split, PDL=True), 4, 4
+    for norm, res, split, pre in ((0, False, 1, 0), (1, False, 1, 0), (0, True, 1, 0), (1, True, 1, 0),
+                                  (4, False, 1, 0), (0, True, 4, 0), (1, True, 2, 0), (0, False, 1, 2),
+                                  (1, True, 4, 1)):
+        yield (f"linear_small_m NORM_ROWS={norm} HAS_RES={res} SPLIT_K={split} PRELOAD={pre} PDL",
+               matmul.linear_small_m_kernel, lin,
+               dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm, NORM_K=4096,
+                    HAS_RES=res, SPLIT_K=split, PRELOAD=pre, PDL=True), 4, 4)
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4
@@ -196,6 +198,10 @@ def decode_sm90_cases():
     yield ("decode_sm90 D=128 kv=bf16 PDL", decode_sm90.decode_sm90_kernel, dict(types, K="*bf16", V="*bf16"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
                 SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, num_warps=4), 4, 1, 168)
+    yield ("decode_sm90 D=128 kv=bf16 PDL EARLY_TRIGGER", decode_sm90.decode_sm90_kernel,
+           dict(types, K="*bf16", V="*bf16"),
+           dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
+                SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_TRIGGER=True, num_warps=4), 4, 1, 168)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

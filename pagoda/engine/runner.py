@@ -13,6 +13,7 @@ wrappers on their PyTorch reference path, anywhere).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -260,7 +261,10 @@ class _PagodaAttention:
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
-        self.pdl = runner.pdl  # PAGODA_PDL: run() as a programmatic dependent launch
+        # PAGODA_PDL: run() as a programmatic dependent launch; PAGODA_PDL_EARLY_TRIGGER=1 (an experiment, with
+        # PAGODA_SMALL_M_PRELOAD): the Gluon decode kernel lets the o projection launch right after its wait
+        self.pdl = ("early" if runner.pdl and os.environ.get("PAGODA_PDL_EARLY_TRIGGER") == "1"
+                    else runner.pdl)
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""

@@ -18,7 +18,7 @@ import pagoda
 
 from ..config import ModelConfig
 from ...ops._dispatch import pdl_default
-from ...ops.matmul import small_m_projections, small_m_split
+from ...ops.matmul import small_m_preload, small_m_projections, small_m_split
 
 
 def defer_norms_default() -> bool:
@@ -35,12 +35,15 @@ def defer_norms_default() -> bool:
     return env == "1"
 
 
-def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
+             preload: int = 0) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
-    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT)."""
+    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT), preload W blocks before the PDL wait
+    (PAGODA_SMALL_M_PRELOAD)."""
     if small_m and x.shape[0] == 1 and x.is_cuda:
-        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k)
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k,
+                                 preload=preload)
     return layer(x)
 
 
@@ -89,12 +92,15 @@ class Attention(nn.Module):
         small_m, split = small_m_projections(), small_m_split()
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
         self.split_qkv, self.split_o = split.get("qkv", 1), split.get("o", 1)
+        self.preload = small_m_preload()
         self.pdl = pdl_default()
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv), cos_sin, ctx)
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o)
+        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv, self.preload),
+                        cos_sin, ctx)
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o,
+                        self.preload)
 
     def attend(self, qkv, cos_sin, ctx):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
@@ -116,12 +122,13 @@ class MLP(nn.Module):
         small_m, split = small_m_projections(), small_m_split()
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
         self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
+        self.preload = small_m_preload()
         self.pdl = pdl_default()
 
     def forward(self, x):
-        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up)
+        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up, self.preload)
         return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl,
-                        self.split_down)
+                        self.split_down, self.preload)
 
 
 class DecoderLayer(nn.Module):
@@ -155,16 +162,16 @@ class DecoderLayer(nn.Module):
         # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
         qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                 pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
-                                split_k=a.split_qkv)
+                                split_k=a.split_qkv, preload=a.preload)
         o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
-                          out=r, split_k=a.split_o)
-        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
+                          out=r, split_k=a.split_o, preload=a.preload)
+        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)
         h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
                                 norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
-                              split_k=mlp.split_down)
+                              split_k=mlp.split_down, preload=mlp.preload)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
 
