@@ -601,3 +601,45 @@ def test_logits_processors(tiny_models):
     assert outs[3].outputs[0].token_ids == hf_greedy(hf, PROMPTS[3], 4)
     with pytest.raises(ValueError, match="logits_processors"):
         pagoda.SamplingParams(logits_processors=[1])
+
+
+def test_graph_inputs_written_in_one_copy():
+    """write_static (the CUDA graphs' step inputs) puts every array at its region of the one flat buffer, in one
+    copy through the pinned staging buffer (here a CPU tensor stands in for both): each region's prefix holds its
+    array, whatever an earlier, longer step left in the staging buffer."""
+    import numpy as np
+    import torch
+
+    from pagoda.engine import runner as runner_mod
+
+    mx, pages = 8, 40
+    regions = (("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
+               ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", pages + mx))
+    offsets = np.cumsum([0] + [k for _, k in regions])
+
+    class Fake:
+        pass
+
+    fake = Fake()
+    fake.staging = runner_mod._Staging(int(offsets[-1]), torch.device("cpu"))
+    fake.staging.pinned = torch.full((int(offsets[-1]),), -7, dtype=torch.int32)  # (as on a GPU host)
+    fake.static_flat = torch.full((int(offsets[-1]),), -9, dtype=torch.int32)
+    fake.static_at = {n: int(o) for (n, _), o in zip(regions, offsets)}
+    fake.static = {n: fake.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
+    rng = np.random.default_rng(0)
+    for b, n_pages in ((4, 30), (2, 5)):
+        inp = runner_mod.StepInputs(
+            rng.integers(0, 100, b).astype(np.int32), rng.integers(0, 999, b).astype(np.int32),
+            np.arange(b, dtype=np.int32), np.arange(b + 1, dtype=np.int32),
+            np.linspace(0, n_pages, b + 1).astype(np.int32), rng.integers(1, 999, n_pages).astype(np.int32),
+            rng.integers(1, 16, b).astype(np.int32), np.arange(b, dtype=np.int32), list(range(b)), True)
+        runner_mod.ModelRunner.write_static(fake, inp)
+        for name, a in (("input_ids", inp.input_ids), ("positions", inp.positions),
+                        ("batch_indices", inp.batch_indices), ("kv_indptr", inp.kv_indptr),
+                        ("qo_indptr", inp.qo_indptr), ("kv_last_page_len", inp.kv_last_page_len),
+                        ("kv_indices", inp.kv_indices)):
+            assert fake.static[name][:a.size].tolist() == a.tolist(), name
+    too_long = runner_mod.StepInputs(*(np.zeros(n, np.int32) for n in (1, 1, 1, 2, 2, pages + mx + 1, 1, 1)),
+                                     [0], True)
+    with pytest.raises(RuntimeError, match="kv_indices"):
+        runner_mod.ModelRunner.write_static(fake, too_long)
