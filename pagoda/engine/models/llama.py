@@ -194,7 +194,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        if x.shape[0] == 1 and self.norms_folded and self.defer_norms:
+        a0 = self.layers[0].self_attn if len(self.layers) else None
+        # (on CUDA only where the qkv / o projections take the small-M kernel, whose epilogues do the norm's
+        # factor and the residual add; elsewhere the torch forms would add launches)
+        if (x.shape[0] == 1 and self.norms_folded and self.defer_norms
+                and (not x.is_cuda or (a0 is not None and a0.small_m_qkv and a0.small_m_o))):
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
                 layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x)

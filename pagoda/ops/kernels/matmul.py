@@ -144,7 +144,9 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
         n_tiles = tl.num_programs(0)
         tile = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
         tl.store(WS + (tl.program_id(1) * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile, acc)
-        # acq_rel: our partial is published before the bump; the last one sees them all
+        # every thread's part of the partial stored before the bump (a CTA barrier), which is acq_rel: the last
+        # one to arrive sees them all
+        tl.debug_barrier()
         if tl.atomic_add(CNT + tl.program_id(0), 1) == SPLIT_K - 1:
             tl.store(CNT + tl.program_id(0), 0)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
