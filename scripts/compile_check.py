@@ -64,6 +64,12 @@ def cases():
                matmul.linear_small_m_kernel, lin,
                dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm, NORM_K=4096,
                     HAS_RES=res, SPLIT_K=split, PRELOAD=pre, PDL=True), 4, 4)
+    for d, norm in ((128, True), (64, False)):
+        yield f"qkv_rope_append D={d} NORM={norm} PDL", matmul.qkv_rope_append_kernel, dict(
+            X="*bf16", W="*bf16", BIAS="*bf16", Q="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32",
+            KV_INDICES="*i32", KV_INDPTR="*i32", COS_SIN="*fp32", eps="fp32"), dict(
+            NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=d, HAS_BIAS=not norm, NORM=norm, NORM_K=4096, BLOCK_K=256,
+            EVEN_K=True, PDL=True), 4, 4
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4

@@ -273,6 +273,21 @@ class _Context:
                              d.kv_last_page_len)
         return self.attn.run(q, cache)
 
+    def qkv_rope_attention(self, layer: int, x, weight, bias, rms_norm_eps, cos_sin, num_heads: int,
+                           num_kv_heads: int, head_dim: int, pdl: bool):
+        """One token: the qkv projection with RoPE and the K/V append in its epilogue (ops.linear_rope_append),
+        then attention over the cache; None where this context's attention does not take it (its RoPE is not
+        pagoda's fused one)."""
+        if not self.attn.fused_rope:
+            return None
+        cache = self.runner.kv_caches[layer]
+        d = self.dev
+        q = torch.empty(1, num_heads, head_dim, dtype=x.dtype, device=x.device)
+        pagoda.ops.linear_rope_append(x, weight, bias, q, d.positions[:1], cos_sin, cache, d.batch_indices[:1],
+                                      d.kv_indices, d.kv_indptr[:2], d.kv_last_page_len[:1], num_heads,
+                                      num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl)
+        return self.attn.run(q, cache)
+
 
 class _PagodaAttention:
     fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch

@@ -196,3 +196,76 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_RES=residual is not None, SPLIT_K=split_k, PRELOAD=preload, num_warps=warps, num_stages=stages,
         **pdl_launch(pdl, x))
     return out
+
+
+def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_out: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, paged_kv_cache, batch_indices,
+                       kv_indices, kv_indptr, kv_last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                       rms_norm_eps: float | None = None, kv_layout: str = "NHD", pdl: bool = False) -> torch.Tensor:
+    """One token's qkv projection, RoPE and K / V append in one launch (pagoda's, for the engine's one-token
+    layers): ``qkv = linear(x, weight, bias, rms_norm_eps=...)`` split into q / k / v heads (rows of weight: the q
+    heads, then k, then v), RoPE with NeoX pairs at ``positions`` from ``cos_sin_cache`` ([max_pos, head_dim]
+    = [cos | sin], float32) on q and k, q written to ``q_out`` [1, num_qo_heads, head_dim] and k / v to the
+    token's slot of ``paged_kv_cache`` (the page tables as in append_paged_kv_cache, int32 on x's device). What
+    apply_rope_with_cos_sin_cache_and_append does after the projection, without its launch; the rotation
+    is applied to the fp32 accumulators (not to the projection rounded to x's dtype). head_dim 64 / 128 / 256,
+    the cache in x's dtype; without Triton, or in fp32, the same through linear() and the RoPE / append op."""
+    from .rope import apply_rope_with_cos_sin_cache_and_append
+    from ..attention.formats import paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+    from .kernels.matmul import qkv_rope_append_kernel
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"x must be one token [1, hidden], got {getattr(x, 'shape', x)}")
+    n_rows = (num_qo_heads + 2 * num_kv_heads) * head_dim
+    if (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n_rows, x.shape[1])
+            or weight.dtype != x.dtype or weight.device != x.device):
+        raise ValueError(f"weight must be {x.dtype} [{n_rows}, {x.shape[1]}] on {x.device}, got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if bias is not None and (tuple(bias.shape) != (n_rows,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be {x.dtype} [{n_rows}], got {bias.dtype} {tuple(bias.shape)}")
+    if (not isinstance(q_out, torch.Tensor) or tuple(q_out.shape) != (1, num_qo_heads, head_dim)
+            or q_out.dtype != x.dtype or not q_out.is_contiguous()):
+        raise ValueError(f"q_out must be a contiguous {x.dtype} [1, {num_qo_heads}, {head_dim}], got "
+                         f"{getattr(q_out, 'dtype', type(q_out))} {tuple(getattr(q_out, 'shape', ()))}")
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"head_dim must be 64, 128 or 256, got {head_dim}")
+    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
+                                     or not rms_norm_eps >= 0):
+        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    if (not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2
+            or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32):
+        raise ValueError(f"cos_sin_cache must be float32 [max_pos, {head_dim}] (= [cos | sin]), got "
+                         f"{getattr(cos_sin_cache, 'dtype', None)} {tuple(getattr(cos_sin_cache, 'shape', ()))}")
+    for name, t in (("positions", positions), ("batch_indices", batch_indices), ("kv_indices", kv_indices),
+                    ("kv_indptr", kv_indptr)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device != x.device:
+            raise ValueError(f"{name} must be int32 on {x.device}, got {getattr(t, 'dtype', type(t))}")
+    k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
+    if (heads, dim) != (num_kv_heads, head_dim) or k_cache.dtype != x.dtype:
+        raise ValueError(f"paged_kv_cache must be {x.dtype} with {num_kv_heads} heads of {head_dim}, got "
+                         f"{k_cache.dtype} with {heads} of {dim}")
+    k = x.shape[1]
+    norm_k = triton.next_power_of_2(k) if k else 1
+    if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or k == 0
+            or (rms_norm_eps is not None and norm_k > 16384)):
+        qkv = linear(x, weight, bias, rms_norm_eps=rms_norm_eps)
+        q, kk, v = qkv.split([num_qo_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q_out.view(1, -1).copy_(q)
+        apply_rope_with_cos_sin_cache_and_append(positions, q_out.view(1, -1), kk.contiguous(), v.contiguous(),
+                                                 head_dim, cos_sin_cache, True, paged_kv_cache, batch_indices,
+                                                 kv_indices, kv_indptr, kv_last_page_len, kv_layout, check=False)
+        return q_out
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    _, bk, warps, stages = SMALL_M_CONFIG if x.is_cuda else _INTERPRETER_CONFIG
+    grid = ((num_qo_heads + 2 * num_kv_heads) * (head_dim // 32),)
+    qkv_rope_append_kernel[grid](
+        x2, w, bias if bias is not None else w, q_out, k_cache, v_cache, positions, batch_indices, kv_indices,
+        kv_indptr, cos_sin_cache, k, w.stride(0), q_out.stride(1), *paged_strides(k_cache, kv_layout),
+        *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0), cos_sin_cache.shape[0], page_size,
+        float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
+        NUM_Q_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
+        NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0,
+        num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
+    return q_out

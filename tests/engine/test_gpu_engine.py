@@ -96,6 +96,26 @@ def test_cascade_decode_in_cuda_graphs_matches_flat():
 
 
 
+def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
+    """PAGODA_FUSED_QKV_ROPE=1 (the one-token layers' qkv projection, RoPE and K/V append in one kernel,
+    ops.linear_rope_append) in the batch-1 decode graphs: the same greedy tokens as the unfused layers, up to
+    bf16 near-ties (the fused kernel rotates the fp32 accumulators, the unfused path the projection rounded to
+    bf16), with and without PDL."""
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    runs = []
+    for fused, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
+        monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", fused)
+        monkeypatch.setenv("PAGODA_PDL", pdl)
+        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+        assert llm.engine.model.layers[0].self_attn.fused_qkv_rope == (fused == "1")
+        runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS])
+        assert llm.engine.stats.cuda_graph_steps > 0
+    assert runs[1] == runs[2]  # the fused kernel with and without PDL: the same bits
+    assert all(a[0] == b[0] for a, b in zip(runs[0], runs[1]))
+    same = sum(x == y for a, b in zip(runs[0], runs[1]) for x, y in zip(a, b))
+    assert same >= 0.9 * sum(len(a) for a in runs[0]), runs
+
+
 def test_programmatic_dependent_launches_change_nothing(monkeypatch):
     """PAGODA_PDL=1 (the norms, small-M projections, RoPE + append, attention and activation as programmatic
     dependent launches: ops/kernels/pdl.py) gives the same greedy tokens as without, in CUDA graphs at batch 1

@@ -88,6 +88,51 @@ def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
             assert abs(lp - outs[False].logprobs[i][t]) < 1e-5, (family, i, t)
 
 
+def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
+    """PAGODA_FUSED_QKV_ROPE=1: the one-token layers run the qkv projection, RoPE and the K/V append as one op
+    (ops.linear_rope_append; on the CPU in float32 its PyTorch form, the kernel itself is tested in
+    tests/ops/test_matmul.py): greedy tokens and each step's log-probabilities equal transformers' (a Llama of
+    head_dim 64, the smallest the op takes), and the op ran once per layer and decode step."""
+    import transformers
+
+    from .conftest import tiny_config
+
+    c = tiny_config("llama")
+    c.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
+    cfg.architectures = c["architectures"]
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norm weights other than 1: their folding into the projections shows
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    calls = {"n": 0}
+    orig = pagoda.ops.linear_rope_append
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(pagoda.ops, "linear_rope_append", counted)
+    monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "1")
+    llm = make_llm(tmp_path, enforce_eager=True)
+    prompt, n = PROMPTS[0], 6
+    out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert calls["n"] == cfg.num_hidden_layers * (n - 1)  # (the first token comes from the prefill)
+    assert out.token_ids == hf_greedy(hf, prompt, n)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
+    for i, step in enumerate(out.logprobs):
+        for t, lp in step.items():
+            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
+    monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "maybe")
+    with pytest.raises(ValueError, match="PAGODA_FUSED_QKV_ROPE"):
+        make_llm(tmp_path)
+
+
 def test_defer_norms_switch(monkeypatch):
     from pagoda.engine.models import llama
 

@@ -237,6 +237,44 @@ def test_small_m_split_k_real_sizes_and_graph(split_k, n, k):
         torch.cuda.synchronize()
         assert torch.equal(r, first)
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_rope_append_real_size(bias):
+    """ops.linear_rope_append at Llama-3.1-8B's qkv (32 / 8 heads of 128, hidden 4096) with the norm factor, as
+    a PDL launch, against float64: q rotated, k rotated and v at the token's slot; no other cache entry
+    written (the cache poisoned with NaN)."""
+    hq, hk, d, hidden, ps = 32, 8, 128, 4096, 16
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda") * 2
+    w = torch.randn((hq + 2 * hk) * d, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
+    b = torch.randn((hq + 2 * hk) * d, dtype=torch.bfloat16, device="cuda") if bias else None
+    half = d // 2
+    inv = 1.0 / (500000.0 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = torch.arange(4096, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float().cuda()
+    pos = 3000
+    kv_indices = torch.randperm(300, dtype=torch.int32, device="cuda")[:200]
+    kv_indptr = torch.tensor([0, 200], dtype=torch.int32, device="cuda")
+    cache = torch.full((300, 2, ps, hk, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    q = torch.full((1, hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pagoda.ops.linear_rope_append(x, w, b, q, torch.tensor([pos], dtype=torch.int32, device="cuda"), cos_sin,
+                                  cache, torch.zeros(1, dtype=torch.int32, device="cuda"), kv_indices, kv_indptr,
+                                  torch.tensor([pos % ps + 1], dtype=torch.int32, device="cuda"), hq, hk, d,
+                                  rms_norm_eps=1e-5, pdl=True)
+    xd = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    qkv = (xd @ w.double().T + (b.double() if bias else 0.0))[0]
+    qr, kr, vr = qkv.split([hq * d, hk * d, hk * d])
+    c, s_ = ang[pos].cos().cuda(), ang[pos].sin().cuda()
+
+    def rope(t):
+        t = t.view(-1, d)
+        return torch.cat([t[:, :half] * c - t[:, half:] * s_, t[:, half:] * c + t[:, :half] * s_], -1)
+
+    assert rel(q[0], rope(qr)) < 1.2e-2
+    page, slot = int(kv_indices[pos // ps]), pos % ps
+    assert rel(cache[page, 0, slot], rope(kr)) < 1.2e-2
+    assert rel(cache[page, 1, slot], vr.view(hk, d)) < 1.2e-2
+    cache[page, :, slot] = float("nan")
+    assert torch.isnan(cache.float()).all(), "an entry other than the token's slot was written"
+
 
 def test_enable_pdl_changes_nothing():
     """enable_pdl=True (a programmatic dependent launch: the kernel waits for the one before it) gives the same

@@ -203,3 +203,61 @@ def test_pdl_switches(monkeypatch):
     monkeypatch.setenv("PAGODA_PDL", "yes")
     with pytest.raises(ValueError, match="PAGODA_PDL"):
         pdl_default()
+
+
+@pytest.mark.parametrize("head_dim,hq,hk", [(64, 4, 2), (128, 2, 1)])
+@pytest.mark.parametrize("k", [96, 64])
+@pytest.mark.parametrize("bias,norm", [(False, True), (True, False)])
+def test_linear_rope_append(head_dim, hq, hk, k, bias, norm):
+    """One token's qkv projection with RoPE and the K / V append in the epilogue (linear_rope_append) against
+    float64: q rotated into q_out, k rotated and v at the token's slot of its page; every other cache entry
+    untouched (the cache poisoned with NaN first, q_out too); the norm factor and a bias; K not a multiple of a
+    block (96)."""
+    import math
+
+    dtype, page_size = torch.bfloat16, 4
+    n_rows = (hq + 2 * hk) * head_dim
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE) * 3
+    w = (torch.randn(n_rows, k, device=DEVICE) / k ** 0.5).to(dtype)
+    b = torch.randn(n_rows, dtype=dtype, device=DEVICE) if bias else None
+    max_pos, half = 64, head_dim // 2
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float().to(DEVICE)
+    pos = 22  # the request's sixth page, slot 2
+    kv_indices = torch.tensor([5, 0, 7, 3, 9, 1, 6, 2], dtype=torch.int32, device=DEVICE)
+    kv_indptr = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    cache = torch.full((10, 2, page_size, hk, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    q_out = torch.full((1, hq, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    pagoda.ops.linear_rope_append(x, w, b, q_out, torch.tensor([pos], dtype=torch.int32, device=DEVICE), cos_sin,
+                                  cache, torch.zeros(1, dtype=torch.int32, device=DEVICE), kv_indices, kv_indptr,
+                                  torch.tensor([3], dtype=torch.int32, device=DEVICE), hq, hk, head_dim,
+                                  rms_norm_eps=1e-5 if norm else None)
+    xd = x.double() * (rms_factor(x) if norm else 1.0)
+    qkv = (xd @ w.double().T + (b.double() if bias else 0.0))[0]
+    q, kk, v = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim])
+    c, s_ = ang[pos].cos().to(DEVICE), ang[pos].sin().to(DEVICE)
+
+    def rope(t):
+        t = t.view(-1, head_dim)
+        t1, t2 = t[:, :half], t[:, half:]
+        return torch.cat([t1 * c - t2 * s_, t2 * c + t1 * s_], -1)
+
+    assert rel(q_out[0], rope(q)) < TOL[dtype]
+    page, slot = int(kv_indices[pos // page_size]), pos % page_size
+    assert rel(cache[page, 0, slot], rope(kk)) < TOL[dtype]
+    assert rel(cache[page, 1, slot], v.view(hk, head_dim)) < TOL[dtype]
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    written[page, :, slot] = True
+    assert torch.isnan(cache[~written].float()).all(), "an entry other than the token's slot was written"
+    assert math.isfinite(float(q_out.float().abs().max()))
+    with pytest.raises(ValueError, match="x must be one token"):
+        pagoda.ops.linear_rope_append(x.repeat(2, 1), w, b, q_out, None, cos_sin, cache, None, kv_indices,
+                                      kv_indptr, None, hq, hk, head_dim)
+    with pytest.raises(ValueError, match="positions"):
+        pagoda.ops.linear_rope_append(x, w, b, q_out, torch.tensor([pos], device=DEVICE), cos_sin, cache,
+                                      torch.zeros(1, dtype=torch.int32, device=DEVICE), kv_indices, kv_indptr, None,
+                                      hq, hk, head_dim)
+    with pytest.raises(ValueError, match="q_out"):
+        pagoda.ops.linear_rope_append(x, w, b, q_out[:, :1], None, cos_sin, cache, None, kv_indices, kv_indptr,
+                                      None, hq, hk, head_dim)

@@ -35,6 +35,15 @@ def defer_norms_default() -> bool:
     return env == "1"
 
 
+def fused_qkv_rope_default() -> bool:
+    """Whether the one-token layers run their qkv projection, RoPE and K/V append as one kernel
+    (ops.linear_rope_append; PAGODA_FUSED_QKV_ROPE=1 / 0, default 0: an experiment waiting for the device)."""
+    env = os.environ.get("PAGODA_FUSED_QKV_ROPE", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"PAGODA_FUSED_QKV_ROPE must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
              preload: int = 0) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
@@ -94,6 +103,8 @@ class Attention(nn.Module):
         self.split_qkv, self.split_o = split.get("qkv", 1), split.get("o", 1)
         self.preload = small_m_preload()
         self.pdl = pdl_default()
+        # (the model's RoPE: NeoX pairs over the whole head; no per-head q / k norm between projection and RoPE)
+        self.fused_qkv_rope = fused_qkv_rope_default() and not c.qk_norm and self.d in (64, 128, 256)
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
@@ -160,10 +171,15 @@ class DecoderLayer(nn.Module):
         cuda = r.is_cuda
         # (after a cuBLAS kernel the qkv projection and the activation launch without PDL: as PDL launches
         # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
-        qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
-                                pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
-                                split_k=a.split_qkv, preload=a.preload)
-        o = a.attend(qkv, cos_sin, ctx)
+        o = None
+        if a.fused_qkv_rope:  # the projection, RoPE and the K/V append in one kernel (where ctx takes it)
+            o = ctx.qkv_rope_attention(a.layer_id, r, a.qkv_proj.weight, a.qkv_proj.bias, self.input_layernorm.eps,
+                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down)
+        if o is None:
+            qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
+                                    pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
+                                    split_k=a.split_qkv, preload=a.preload)
+            o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o, preload=a.preload)
         gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)

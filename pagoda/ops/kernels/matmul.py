@@ -158,3 +158,80 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
     else:
         _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m, n_ok,
                 x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
+
+
+@triton.jit
+def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_INDPTR, COS_SIN, K, stride_wn,
+                           stride_qh, stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
+                           max_pos, page_size, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                           NORM_K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    """One token's qkv projection with RoPE (NeoX pairs, from a [cos | sin] cache) and the paged-cache append in
+    its epilogue: rope_append_kernel's work without its launch. Program p: head p // CHUNKS (q heads, then k,
+    then v), rotary pairs (c * 16 + j, c * 16 + j + HEAD_DIM / 2), c = p % CHUNKS: its 32 rows of W are the
+    pairs' two halves, two accumulators side by side, so each pair's two outputs meet in one thread. q rows
+    rotated go to Q [heads, HEAD_DIM]; k rows rotated and v rows to the token's cache slot. NORM: the input's
+    RMSNorm factor (its weight folded into W), as linear_small_m_kernel's. The positions, the cos / sin rows and
+    the page chain load before the PDL wait (step inputs: host copies made before the step)."""
+    BLOCK_M: tl.constexpr = 16
+    BH: tl.constexpr = 16
+    HALF: tl.constexpr = HEAD_DIM // 2
+    CHUNKS: tl.constexpr = HALF // BH
+    pid = tl.program_id(0)
+    head = pid // CHUNKS
+    offs_j = (pid % CHUNKS) * BH + tl.arange(0, BH)
+    rows1 = head * HEAD_DIM + offs_j
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < 1
+    x_ptrs = X + offs_m[:, None] * 0 + offs_k[None, :]
+    w1_ptrs = W + rows1.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w2_ptrs = w1_ptrs + HALF * stride_wn
+    is_kv = head >= NUM_Q_HEADS
+    pos = tl.load(POS)
+    b = tl.load(BATCH, mask=is_kv, other=0)
+    ok = (pos >= 0) & (pos < max_pos)
+    crow = COS_SIN + pos.to(tl.int64) * stride_cos
+    cos = tl.load(crow + offs_j, mask=ok, other=float("nan")).to(tl.float32)[None, :]
+    sin = tl.load(crow + HALF + offs_j, mask=ok, other=float("nan")).to(tl.float32)[None, :]
+    page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b, mask=is_kv, other=0) + pos // page_size, mask=is_kv,
+                   other=0).to(tl.int64)
+    pdl_enter(PDL)
+    if NORM:
+        offs_nk = tl.arange(0, NORM_K)
+        x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    k_main = K if EVEN_K else K - K % BLOCK_K
+    for k0 in range(0, k_main, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
+    if not EVEN_K:
+        mk = (k_main + offs_k < K)[None, :]
+        x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
+    if NORM:
+        f = _rms_factor(x_row, K, eps)
+        acc1 = acc1 * f
+        acc2 = acc2 * f
+    if HAS_BIAS:
+        acc1 += tl.load(BIAS + rows1).to(tl.float32)[None, :]
+        acc2 += tl.load(BIAS + rows1 + HALF).to(tl.float32)[None, :]
+    row0 = mask_m[:, None]
+    cols = offs_m[:, None] * 0 + offs_j[None, :]
+    if head < NUM_Q_HEADS:
+        dst = Q + head * stride_qh + cols
+        tl.store(dst, (acc1 * cos - acc2 * sin).to(Q.dtype.element_ty), mask=row0)
+        tl.store(dst + HALF, (acc2 * cos + acc1 * sin).to(Q.dtype.element_ty), mask=row0)
+    elif head < NUM_Q_HEADS + NUM_KV_HEADS:
+        dst = KC + page * stride_cp + (pos % page_size) * stride_cs + (head - NUM_Q_HEADS) * stride_ch + cols
+        tl.store(dst, (acc1 * cos - acc2 * sin).to(KC.dtype.element_ty), mask=row0)
+        tl.store(dst + HALF, (acc2 * cos + acc1 * sin).to(KC.dtype.element_ty), mask=row0)
+    else:
+        dst = (VC + page * stride_vcp + (pos % page_size) * stride_vcs
+               + (head - NUM_Q_HEADS - NUM_KV_HEADS) * stride_vch + cols)
+        tl.store(dst, acc1.to(VC.dtype.element_ty), mask=row0)
+        tl.store(dst + HALF, acc2.to(VC.dtype.element_ty), mask=row0)
