@@ -54,6 +54,17 @@ def small_m_projections() -> frozenset[str]:
     return chosen
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory spans (first to last element) intersect."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 NORM_MAX_ROWS = 4  # rows whose RMSNorm factor the small-M kernel computes (one vector of K each, in registers)
 
 
@@ -136,6 +147,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {x.dtype} {shape} on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if out is not None and _overlap(out, x):
+        raise ValueError("out must not overlap x (the kernel's programs read x while others write out)")
     if residual is not None and (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape
                                  or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual must be {x.dtype} {shape} on {x.device}, got "

@@ -147,6 +147,9 @@ def test_small_m_rms_norm_more_rows_and_bad_input():
         pagoda.ops.linear(x, w, residual=torch.randn(6, 23, dtype=torch.bfloat16, device=DEVICE))
     with pytest.raises(ValueError, match="residual"):
         pagoda.ops.linear(x, w, residual=torch.randn(6, 24, device=DEVICE))
+    sq = torch.randn(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="overlap"):  # y = x @ w.T + x written over x
+        pagoda.ops.linear(sq, torch.randn(64, 64, dtype=torch.bfloat16, device=DEVICE), out=sq, residual=sq)
 
 
 def test_small_m_kernel_leading_dims_and_strided_weight():
