@@ -70,6 +70,8 @@ def cases():
             KV_INDICES="*i32", KV_INDPTR="*i32", COS_SIN="*fp32", eps="fp32"), dict(
             NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=d, HAS_BIAS=not norm, NORM=norm, NORM_K=4096, BLOCK_K=256,
             EVEN_K=True, PDL=True), 4, 4
+    yield "gate_up_act NORM PDL", matmul.gate_up_act_kernel, dict(X="*bf16", W="*bf16", Y="*bf16", eps="fp32"), \
+        dict(NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True, PDL=True), 4, 4
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4

@@ -37,12 +37,18 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--splits", default=None, help="comma-separated K splits, e.g. 1,2,4,7")
     ap.add_argument("--only-splits", action="store_true", help="skip the configuration sweep")
+    ap.add_argument("--fused", action="store_true",
+                    help="also the one-token fused kernels (linear_silu_and_mul, linear_rope_append) against the "
+                         "launches they replace, then stop")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}, torch {torch.__version__}, rows {args.rows}, bf16, copy {copy_bw / 1e9:.0f} GB/s")
     rows, times = [], {}
+    if args.fused:
+        fused_table(copy_bw)
+        return
     if args.splits:
         splits = [int(v) for v in args.splits.split(",")]
         print(f"\n{'residual in place, us':<24}{'cuBLAS addmm_':>14}" + "".join(f"{'split ' + str(v):>10}"
@@ -105,6 +111,44 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, copy_GBps=copy_bw / 1e9, rows=rows, best=",".join(map(str, overall)),
                            wins=wins), f, indent=1)
+
+
+def fused_table(copy_bw: float) -> None:
+    """Llama-3.1-8B at one token: gate / up + SwiGLU (cuBLAS + silu_and_mul, vs linear_silu_and_mul) and qkv +
+    RoPE + append (small-M + rope_append, vs linear_rope_append), the norm factor in both fused forms."""
+    hidden, inter, hq, hk, d, ps = 4096, 14336, 32, 8, 128, 16
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
+    w_gu = torch.randn(2 * inter, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
+    h = torch.empty(1, inter, dtype=torch.bfloat16, device="cuda")
+    t_ref = gpu_time(lambda: pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), out=h), "gate_up+act") * 1e6
+    t_fused = gpu_time(lambda: pagoda.ops.linear_silu_and_mul(x, w_gu, out=h, rms_norm_eps=1e-5), "fused") * 1e6
+    floor = w_gu.numel() * 2 / copy_bw * 1e6
+    print(f"\ngate_up + SwiGLU   cuBLAS + act {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
+    n_rows = (hq + 2 * hk) * d
+    w_qkv = torch.randn(n_rows, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
+    cache = torch.zeros(512, 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")
+    half = d // 2
+    ang = torch.arange(8192, dtype=torch.float64)[:, None] / (500000.0 ** (torch.arange(half) / half))[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float().cuda()
+    pos = torch.tensor([1000], dtype=torch.int32, device="cuda")
+    bidx = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kv_indices = torch.arange(128, dtype=torch.int32, device="cuda")
+    kv_indptr = torch.tensor([0, 128], dtype=torch.int32, device="cuda")
+    last = torch.tensor([1000 % ps + 1], dtype=torch.int32, device="cuda")
+    q = torch.empty(1, hq, d, dtype=torch.bfloat16, device="cuda")
+
+    def unfused():
+        qkv = pagoda.ops.linear(x, w_qkv, small_m=True)
+        qq, kk, vv = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        pagoda.apply_rope_with_cos_sin_cache_and_append(pos, qq, kk, vv, d, cos_sin, True, cache, bidx, kv_indices,
+                                                        kv_indptr, last, check=False)
+
+    t_ref = gpu_time(unfused, "qkv+rope_append") * 1e6
+    t_fused = gpu_time(lambda: pagoda.ops.linear_rope_append(x, w_qkv, None, q, pos, cos_sin, cache, bidx, kv_indices,
+                                                             kv_indptr, last, hq, hk, d, rms_norm_eps=1e-5),
+                       "fused qkv") * 1e6
+    floor = w_qkv.numel() * 2 / copy_bw * 1e6
+    print(f"qkv + RoPE/append  small-M + rope {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
 
 
 if __name__ == "__main__":

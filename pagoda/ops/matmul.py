@@ -282,3 +282,41 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0,
         num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
     return q_out
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                        rms_norm_eps: float | None = None, pdl: bool = False) -> torch.Tensor:
+    """One token's gate / up projection with SwiGLU in the epilogue (pagoda's, for the engine's one-token layers):
+    ``silu_and_mul(linear(x, weight, rms_norm_eps=...))`` with weight = [gate; up] [2 d, hidden], x [1, hidden]
+    -> [1, d], without the activation's launch (the activation applied to the fp32 accumulators). Without
+    Triton, or in fp32, the same through linear() and silu_and_mul."""
+    from .activation import silu_and_mul
+    from .kernels.matmul import gate_up_act_kernel
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1 or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be one token [1, hidden] of a floating dtype, got {getattr(x, 'shape', x)}")
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]
+            or weight.shape[0] % 2 or weight.dtype != x.dtype or weight.device != x.device):
+        raise ValueError(f"weight must be {x.dtype} [2 * d, {x.shape[1]}] on {x.device}, got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
+                                     or not rms_norm_eps >= 0):
+        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    d, k = weight.shape[0] // 2, x.shape[1]
+    if out is None:
+        out = torch.empty(1, d, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (1, d) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} [1, {d}] on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    norm_k = triton.next_power_of_2(k) if k else 1
+    if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or k == 0 or d == 0
+            or (rms_norm_eps is not None and norm_k > 16384)):
+        return silu_and_mul(linear(x, weight, rms_norm_eps=rms_norm_eps), out=out)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    _, bk, warps, stages = SMALL_M_CONFIG if x.is_cuda else _INTERPRETER_CONFIG
+    gate_up_act_kernel[(triton.cdiv(d, 16),)](
+        x2, w, out, k, d, w.stride(0), float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
+        NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
+        num_stages=stages, **pdl_launch(pdl, x))
+    return out

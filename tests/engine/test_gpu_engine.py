@@ -97,17 +97,20 @@ def test_cascade_decode_in_cuda_graphs_matches_flat():
 
 
 def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
-    """PAGODA_FUSED_QKV_ROPE=1 (the one-token layers' qkv projection, RoPE and K/V append in one kernel,
-    ops.linear_rope_append) in the batch-1 decode graphs: the same greedy tokens as the unfused layers, up to
-    bf16 near-ties (the fused kernel rotates the fp32 accumulators, the unfused path the projection rounded to
-    bf16), with and without PDL."""
+    """PAGODA_FUSED_QKV_ROPE=1 and PAGODA_FUSED_GATE_UP_ACT=1 (the one-token layers' qkv projection, RoPE and
+    K/V append in one kernel, ops.linear_rope_append; gate / up and SwiGLU in one, ops.linear_silu_and_mul) in
+    the batch-1 decode graphs: the same greedy tokens as the unfused layers, up to bf16 near-ties (the fused
+    kernels work on the fp32 accumulators, the unfused path on the projections rounded to bf16), with and without
+    PDL."""
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     runs = []
     for fused, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
         monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", fused)
+        monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", fused)
         monkeypatch.setenv("PAGODA_PDL", pdl)
         llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
         assert llm.engine.model.layers[0].self_attn.fused_qkv_rope == (fused == "1")
+        assert llm.engine.model.layers[0].mlp.fused_gate_up_act == (fused == "1")
         runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS])
         assert llm.engine.stats.cuda_graph_steps > 0
     assert runs[1] == runs[2]  # the fused kernel with and without PDL: the same bits

@@ -89,10 +89,11 @@ def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
 
 
 def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
-    """PAGODA_FUSED_QKV_ROPE=1: the one-token layers run the qkv projection, RoPE and the K/V append as one op
-    (ops.linear_rope_append; on the CPU in float32 its PyTorch form, the kernel itself is tested in
-    tests/ops/test_matmul.py): greedy tokens and each step's log-probabilities equal transformers' (a Llama of
-    head_dim 64, the smallest the op takes), and the op ran once per layer and decode step."""
+    """PAGODA_FUSED_QKV_ROPE=1 / PAGODA_FUSED_GATE_UP_ACT=1: the one-token layers run the qkv projection, RoPE
+    and the K/V append as one op (ops.linear_rope_append) and gate / up with SwiGLU as one
+    (ops.linear_silu_and_mul); on the CPU in float32 their PyTorch forms, the kernels themselves are tested in
+    tests/ops/test_matmul.py: greedy tokens and each step's log-probabilities equal transformers' (a Llama of
+    head_dim 64, the smallest the first op takes), and each op ran once per layer and decode step."""
     import transformers
 
     from .conftest import tiny_config
@@ -116,12 +117,21 @@ def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
         return orig(*a, **kw)
 
     monkeypatch.setattr(pagoda.ops, "linear_rope_append", counted)
+    act_calls = {"n": 0}
+    orig_act = pagoda.ops.linear_silu_and_mul
+
+    def counted_act(*a, **kw):
+        act_calls["n"] += 1
+        return orig_act(*a, **kw)
+
+    monkeypatch.setattr(pagoda.ops, "linear_silu_and_mul", counted_act)
     monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "1")
+    monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "1")
     llm = make_llm(tmp_path, enforce_eager=True)
     prompt, n = PROMPTS[0], 6
     out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
-    assert calls["n"] == cfg.num_hidden_layers * (n - 1)  # (the first token comes from the prefill)
+    assert calls["n"] == act_calls["n"] == cfg.num_hidden_layers * (n - 1)  # (the first from the prefill)
     assert out.token_ids == hf_greedy(hf, prompt, n)
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)

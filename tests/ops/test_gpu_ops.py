@@ -276,6 +276,18 @@ def test_linear_rope_append_real_size(bias):
     assert torch.isnan(cache.float()).all(), "an entry other than the token's slot was written"
 
 
+def test_linear_silu_and_mul_real_size():
+    """ops.linear_silu_and_mul at Llama-3.1-8B's gate / up (14336 x 2, hidden 4096) with the norm factor, as a
+    PDL launch, against float64; output poisoned."""
+    d, hidden = 14336, 4096
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda") * 2
+    w = torch.randn(2 * d, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5 * 2
+    out = torch.full((1, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pagoda.ops.linear_silu_and_mul(x, w, out=out, rms_norm_eps=1e-5, pdl=True)
+    h = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)) @ w.double().T
+    assert rel(out, torch.nn.functional.silu(h[:, :d]) * h[:, d:]) < 1.2e-2
+
+
 def test_enable_pdl_changes_nothing():
     """enable_pdl=True (a programmatic dependent launch: the kernel waits for the one before it) gives the same
     bits as without for rmsnorm, fused_add_rmsnorm, silu_and_mul and the decode wrapper's attention kernel, each

@@ -264,3 +264,25 @@ def test_linear_rope_append(head_dim, hq, hk, k, bias, norm):
     with pytest.raises(ValueError, match="q_out"):
         pagoda.ops.linear_rope_append(x, w, b, q_out[:, :1], None, cos_sin, cache, None, kv_indices, kv_indptr,
                                       None, hq, hk, head_dim)
+
+
+@pytest.mark.parametrize("d,k", [(48, 96), (40, 70), (16, 32)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_linear_silu_and_mul(d, k, norm):
+    """One token's gate / up projection with SwiGLU in the epilogue against float64: d not a multiple of the
+    16 columns a program takes (40), K not a multiple of a block (70), with the norm factor; output poisoned."""
+    dtype = torch.bfloat16
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE) * 3
+    w = (torch.randn(2 * d, k, device=DEVICE) / k ** 0.5 * 2).to(dtype)
+    out = torch.full((1, d), float("nan"), dtype=dtype, device=DEVICE)
+    y = pagoda.ops.linear_silu_and_mul(x, w, out=out, rms_norm_eps=1e-5 if norm else None)
+    assert y is out
+    h = (x.double() * (rms_factor(x) if norm else 1.0)) @ w.double().T
+    ref = torch.nn.functional.silu(h[:, :d]) * h[:, d:]
+    assert rel(out, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="x must be one token"):
+        pagoda.ops.linear_silu_and_mul(x.repeat(2, 1), w)
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.ops.linear_silu_and_mul(x, w[:-1])
+    with pytest.raises(ValueError, match="out"):
+        pagoda.ops.linear_silu_and_mul(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))

@@ -44,6 +44,15 @@ def fused_qkv_rope_default() -> bool:
     return env == "1"
 
 
+def fused_gate_up_act_default() -> bool:
+    """Whether the one-token layers run their gate / up projection and SwiGLU as one kernel
+    (ops.linear_silu_and_mul; PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 0: an experiment waiting for the device)."""
+    env = os.environ.get("PAGODA_FUSED_GATE_UP_ACT", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"PAGODA_FUSED_GATE_UP_ACT must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
              preload: int = 0) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
@@ -134,6 +143,7 @@ class MLP(nn.Module):
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
         self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
         self.preload = small_m_preload()
+        self.fused_gate_up_act = fused_gate_up_act_default()
         self.pdl = pdl_default()
 
     def forward(self, x):
@@ -182,9 +192,13 @@ class DecoderLayer(nn.Module):
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o, preload=a.preload)
-        gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)
-        h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
-                                norm_eps=self.post_attention_layernorm.eps)
+        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
+            h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
+                                               rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
+        else:
+            gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)
+            h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
+                                    norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
                               split_k=mlp.split_down, preload=mlp.preload)

@@ -235,3 +235,46 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
                + (head - NUM_Q_HEADS - NUM_KV_HEADS) * stride_vch + cols)
         tl.store(dst, acc1.to(VC.dtype.element_ty), mask=row0)
         tl.store(dst + HALF, acc2.to(VC.dtype.element_ty), mask=row0)
+
+
+@triton.jit
+def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K: tl.constexpr,
+                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
+    """One token's gate / up projection with SwiGLU in the epilogue: Y[j] = silu(g_j) * u_j, g = x @ W[j],
+    u = x @ W[D + j] (W = [gate; up], [2 D, K]). Program p: columns 16 p .. 16 p + 15, its rows of W the 16 gate
+    rows and the 16 up rows of those columns, two accumulators side by side (the pairs meet in one thread):
+    act_and_mul_kernel's work without its launch. NORM: x's RMSNorm factor (its weight folded into W), as
+    linear_small_m_kernel's."""
+    BLOCK_M: tl.constexpr = 16
+    BH: tl.constexpr = 16
+    offs_j = tl.program_id(0) * BH + tl.arange(0, BH)
+    j_ok = offs_j < D
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < 1
+    x_ptrs = X + offs_m[:, None] * 0 + offs_k[None, :]
+    rows = tl.where(j_ok, offs_j, 0).to(tl.int64)
+    w1_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
+    w2_ptrs = w1_ptrs + D.to(tl.int64) * stride_wn
+    pdl_enter(PDL)
+    if NORM:
+        offs_nk = tl.arange(0, NORM_K)
+        x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    k_main = K if EVEN_K else K - K % BLOCK_K
+    for k0 in range(0, k_main, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
+    if not EVEN_K:
+        mk = (k_main + offs_k < K)[None, :]
+        x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
+    if NORM:
+        f = _rms_factor(x_row, K, eps)
+        acc1 = acc1 * f
+        acc2 = acc2 * f
+    h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
+    tl.store(Y + offs_m[:, None] * 0 + offs_j[None, :], h.to(Y.dtype.element_ty), mask=mask_m[:, None] & j_ok[None, :])
