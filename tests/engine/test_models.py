@@ -50,6 +50,19 @@ def test_greedy_generation_matches_transformers(tiny_models, family):
         assert out.outputs[0].finish_reason == "length"
 
 
+def count_calls(monkeypatch, owner, name) -> dict:
+    """Replace owner.name by a wrapper that counts its calls in the returned {"n": ...}."""
+    calls = {"n": 0}
+    orig = getattr(owner, name)
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
     """A lone request decodes one token a step: the layers run with their RMSNorms deferred into the
@@ -59,14 +72,7 @@ def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
     from pagoda.engine.models import llama
 
     path, hf = tiny_models[family]
-    calls = {"n": 0}
-    orig = llama.DecoderLayer.forward_one_token
-
-    def counted(self, *a, **kw):
-        calls["n"] += 1
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(llama.DecoderLayer, "forward_one_token", counted)
+    calls = count_calls(monkeypatch, llama.DecoderLayer, "forward_one_token")
     prompt = PROMPTS[3]
     sp = pagoda.SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
     outs = {}
@@ -109,22 +115,8 @@ def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    calls = {"n": 0}
-    orig = pagoda.ops.linear_rope_append
-
-    def counted(*a, **kw):
-        calls["n"] += 1
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(pagoda.ops, "linear_rope_append", counted)
-    act_calls = {"n": 0}
-    orig_act = pagoda.ops.linear_silu_and_mul
-
-    def counted_act(*a, **kw):
-        act_calls["n"] += 1
-        return orig_act(*a, **kw)
-
-    monkeypatch.setattr(pagoda.ops, "linear_silu_and_mul", counted_act)
+    calls, act_calls = (count_calls(monkeypatch, pagoda.ops, name) for name in ("linear_rope_append",
+                                                                             "linear_silu_and_mul"))
     monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "1")
     monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "1")
     llm = make_llm(tmp_path, enforce_eager=True)

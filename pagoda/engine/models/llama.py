@@ -21,6 +21,13 @@ from ...ops._dispatch import pdl_default
 from ...ops.matmul import small_m_preload, small_m_projections, small_m_split
 
 
+def _switch(name: str, default: str) -> bool:
+    env = os.environ.get(name, default)
+    if env not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def defer_norms_default() -> bool:
     """Whether one-token steps defer the layers' RMSNorms into the projections and the activation
     (DecoderLayer.forward_one_token); PAGODA_DEFER_NORMS=1 / 0, default 1. Measured on H200s (session 18,
@@ -29,28 +36,19 @@ def defer_norms_default() -> bool:
     one machine, 4.41-4.43 -> 4.444 on the other (one run). Under PDL the norm kernels cost little (the small
     kernel after the cuBLAS down projection takes the launch the qkv projection would wait for), so what the
     deferral saves there is smaller and machine-dependent."""
-    env = os.environ.get("PAGODA_DEFER_NORMS", "1")
-    if env not in ("0", "1"):
-        raise ValueError(f"PAGODA_DEFER_NORMS must be 0 or 1, got {env!r}")
-    return env == "1"
+    return _switch("PAGODA_DEFER_NORMS", "1")
 
 
 def fused_qkv_rope_default() -> bool:
     """Whether the one-token layers run their qkv projection, RoPE and K/V append as one kernel
     (ops.linear_rope_append; PAGODA_FUSED_QKV_ROPE=1 / 0, default 0: an experiment waiting for the device)."""
-    env = os.environ.get("PAGODA_FUSED_QKV_ROPE", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"PAGODA_FUSED_QKV_ROPE must be 0 or 1, got {env!r}")
-    return env == "1"
+    return _switch("PAGODA_FUSED_QKV_ROPE", "0")
 
 
 def fused_gate_up_act_default() -> bool:
     """Whether the one-token layers run their gate / up projection and SwiGLU as one kernel
     (ops.linear_silu_and_mul; PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 0: an experiment waiting for the device)."""
-    env = os.environ.get("PAGODA_FUSED_GATE_UP_ACT", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"PAGODA_FUSED_GATE_UP_ACT must be 0 or 1, got {env!r}")
-    return env == "1"
+    return _switch("PAGODA_FUSED_GATE_UP_ACT", "0")
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,

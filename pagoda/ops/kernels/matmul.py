@@ -161,6 +161,34 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
 
 
 @triton.jit
+def _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM: tl.constexpr, NORM_K: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BH: tl.constexpr):
+    """One token (row 0 of the X tiles) times two sets of BH rows of W side by side (x @ W1.T, x @ W2.T: the two
+    halves of rotary pairs, or gate and up), K in BLOCK_K steps (whole blocks unmasked, so pipelined); NORM: times
+    x's RMSNorm factor."""
+    if NORM:
+        offs_nk = tl.arange(0, NORM_K)
+        x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    k_main = K if EVEN_K else K - K % BLOCK_K
+    for k0 in range(0, k_main, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
+    if not EVEN_K:
+        mk = (k_main + offs_k < K)[None, :]
+        x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
+        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
+    if NORM:
+        f = _rms_factor(x_row, K, eps)
+        acc1 = acc1 * f
+        acc2 = acc2 * f
+    return acc1, acc2
+
+
+@triton.jit
 def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_INDPTR, COS_SIN, K, stride_wn,
                            stride_qh, stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
                            max_pos, page_size, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
@@ -198,25 +226,8 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
     page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b, mask=is_kv, other=0) + pos // page_size, mask=is_kv,
                    other=0).to(tl.int64)
     pdl_enter(PDL)
-    if NORM:
-        offs_nk = tl.arange(0, NORM_K)
-        x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
-    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
-    k_main = K if EVEN_K else K - K % BLOCK_K
-    for k0 in range(0, k_main, BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
-    if not EVEN_K:
-        mk = (k_main + offs_k < K)[None, :]
-        x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
-    if NORM:
-        f = _rms_factor(x_row, K, eps)
-        acc1 = acc1 * f
-        acc2 = acc2 * f
+    acc1, acc2 = _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K,
+                              BLOCK_M, BH)
     if HAS_BIAS:
         acc1 += tl.load(BIAS + rows1).to(tl.float32)[None, :]
         acc2 += tl.load(BIAS + rows1 + HALF).to(tl.float32)[None, :]
@@ -257,24 +268,7 @@ def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K
     w1_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
     w2_ptrs = w1_ptrs + D.to(tl.int64) * stride_wn
     pdl_enter(PDL)
-    if NORM:
-        offs_nk = tl.arange(0, NORM_K)
-        x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
-    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
-    k_main = K if EVEN_K else K - K % BLOCK_K
-    for k0 in range(0, k_main, BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
-    if not EVEN_K:
-        mk = (k_main + offs_k < K)[None, :]
-        x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
-    if NORM:
-        f = _rms_factor(x_row, K, eps)
-        acc1 = acc1 * f
-        acc2 = acc2 * f
+    acc1, acc2 = _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K,
+                              BLOCK_M, BH)
     h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
     tl.store(Y + offs_m[:, None] * 0 + offs_j[None, :], h.to(Y.dtype.element_ty), mask=mask_m[:, None] & j_ok[None, :])
