@@ -13,14 +13,13 @@ wrappers on their PyTorch reference path, anywhere).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import torch
 
 import pagoda
 
-from ..ops._dispatch import pdl_default
+from ..ops._dispatch import env_switch, pdl_default
 from .config import ModelConfig
 from .sampler import sample_collect, sample_launch
 
@@ -201,12 +200,9 @@ class _Staging:
     def upload_into(self, dst: torch.Tensor, parts) -> None:
         """parts: (offset, int32 array) pairs, written at those offsets of ``dst`` (a flat int32 device tensor)
         in one copy of the span up to the last one's end (what lies between the parts is rewritten with
-        whatever the pinned buffer holds there: regions past an array's length are not read)."""
+        whatever the pinned buffer holds there: regions past an array's length are not read). The CUDA graphs'
+        inputs: a GPU host, where the buffer is pinned."""
         end = max(off + a.size for off, a in parts)
-        if self.pinned is None:
-            for off, a in parts:
-                dst[off:off + a.size].copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)))
-            return
         if self.pinned.numel() < end:
             raise RuntimeError(f"pinned staging buffer too small ({self.pinned.numel()} < {end})")
         if self.done is not None:
@@ -299,8 +295,7 @@ class _PagodaAttention:
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
         # PAGODA_PDL: run() as a programmatic dependent launch; PAGODA_PDL_EARLY_TRIGGER=1 (an experiment, with
         # PAGODA_SMALL_M_PRELOAD): the Gluon decode kernel lets the o projection launch right after its wait
-        self.pdl = ("early" if runner.pdl and os.environ.get("PAGODA_PDL_EARLY_TRIGGER") == "1"
-                    else runner.pdl)
+        self.pdl = "early" if runner.pdl and env_switch("PAGODA_PDL_EARLY_TRIGGER", "0") else runner.pdl
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
@@ -494,7 +489,6 @@ class ModelRunner:
         self.graph_pool = None
         if self.use_graphs:
             self.static_flat = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
-            self.static_at = {n: int(o) for (n, _), o in zip(regions, offsets)}
             self.static = {n: self.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
         self.max_model_len = max_model_len
         self.model.init_rope(max_model_len)
@@ -524,15 +518,14 @@ class ModelRunner:
         """The step's inputs into the graphs' buffer, in one host-to-device copy (session 18: the copy into a
         temporary and seven device-to-device copies out of it sat between two decode steps, ~50 us of idle GPU
         a step at batch 1 in the profile's timeline)."""
-        at = self.static_at
-        for name, a in (("kv_indices", inp.kv_indices), ("input_ids", inp.input_ids)):
-            if a.size > self.static[name].numel():
-                raise RuntimeError(f"{name}: {a.size} entries, the graphs' buffer holds {self.static[name].numel()}")
-        self.staging.upload_into(self.static_flat, [
-            (at["input_ids"], inp.input_ids), (at["positions"], inp.positions),
-            (at["batch_indices"], inp.batch_indices), (at["kv_indptr"], inp.kv_indptr),
-            (at["qo_indptr"], inp.qo_indptr), (at["kv_last_page_len"], inp.kv_last_page_len),
-            (at["kv_indices"], inp.kv_indices)])
+        parts = []
+        for name in ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len",
+                     "kv_indices"):
+            a, region = getattr(inp, name), self.static[name]
+            if a.size > region.numel():
+                raise RuntimeError(f"{name}: {a.size} entries, the graphs' buffer holds {region.numel()}")
+            parts.append((region.storage_offset(), a))
+        self.staging.upload_into(self.static_flat, parts)
 
     def capture_graphs(self) -> None:
         """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a

@@ -18,6 +18,21 @@ def check_same(name: str, t, like: torch.Tensor) -> None:
                          f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
 
 
+def check_eps(name: str, value) -> float:
+    """A norm's epsilon: a real number >= 0 (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    return float(value)
+
+
+def env_switch(name: str, default: str) -> bool:
+    """An environment switch of 0 / 1 (anything else is a ValueError naming it)."""
+    env = os.environ.get(name, default)
+    if env not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
     """[..., hidden] as a 2-D [rows, hidden] view (no copy); the last dimension must be contiguous."""
     if t.stride(-1) != 1:
@@ -54,7 +69,4 @@ def pdl_default() -> bool:
     (PAGODA_PDL=1 / 0, default 1; models/llama.py and engine/runner.py read it when they are built). On since
     session 17: batch-1 decode 4.69 -> 4.64 ms per token on the H200 (two interleaved runs each; session 11 had
     measured it 1% slower, before the Gluon decode kernel; benchmarks/results/engine_h100.md)."""
-    env = os.environ.get("PAGODA_PDL", "1")
-    if env not in ("0", "1"):
-        raise ValueError(f"PAGODA_PDL must be 0 or 1, got {env!r}")
-    return env == "1"
+    return env_switch("PAGODA_PDL", "1")

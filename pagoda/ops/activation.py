@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._dispatch import pdl_launch, rows_view, use_triton
+from ._dispatch import check_eps, pdl_launch, rows_view, use_triton
 from .kernels.activation import act_and_mul_kernel
 
 _TORCH = {
@@ -38,8 +38,7 @@ def _act_and_mul(input, out, act, enable_pdl=None, norm_input=None, norm_eps=1e-
                              f"with input's rows {tuple(input.shape[:-1])} on {input.device}, got "
                              f"{getattr(norm_input, 'dtype', type(norm_input))} "
                              f"{tuple(getattr(norm_input, 'shape', ()))}")
-        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0:
-            raise ValueError(f"norm_eps must be a float >= 0, got {norm_eps!r}")
+        check_eps("norm_eps", norm_eps)
     if input.numel() == 0:
         return out
     if not use_triton(input):

@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from ._dispatch import pdl_launch, use_triton
+from ._dispatch import check_eps, pdl_launch, use_triton
 from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
@@ -153,9 +153,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                  or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual must be {x.dtype} {shape} on {x.device}, got "
                          f"{getattr(residual, 'dtype', type(residual))} {tuple(getattr(residual, 'shape', ()))}")
-    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
-                                     or not rms_norm_eps >= 0):
-        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    if rms_norm_eps is not None:
+        check_eps("rms_norm_eps", rms_norm_eps)
     if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
     if isinstance(preload, bool) or not isinstance(preload, int) or not 0 <= preload <= 2:
@@ -242,9 +241,8 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                          f"{getattr(q_out, 'dtype', type(q_out))} {tuple(getattr(q_out, 'shape', ()))}")
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256, got {head_dim}")
-    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
-                                     or not rms_norm_eps >= 0):
-        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    if rms_norm_eps is not None:
+        check_eps("rms_norm_eps", rms_norm_eps)
     if (not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2
             or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32):
         raise ValueError(f"cos_sin_cache must be float32 [max_pos, {head_dim}] (= [cos | sin]), got "
@@ -299,9 +297,8 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
             or weight.shape[0] % 2 or weight.dtype != x.dtype or weight.device != x.device):
         raise ValueError(f"weight must be {x.dtype} [2 * d, {x.shape[1]}] on {x.device}, got "
                          f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
-    if rms_norm_eps is not None and (isinstance(rms_norm_eps, bool) or not isinstance(rms_norm_eps, (int, float))
-                                     or not rms_norm_eps >= 0):
-        raise ValueError(f"rms_norm_eps must be a float >= 0, got {rms_norm_eps!r}")
+    if rms_norm_eps is not None:
+        check_eps("rms_norm_eps", rms_norm_eps)
     d, k = weight.shape[0] // 2, x.shape[1]
     if out is None:
         out = torch.empty(1, d, dtype=x.dtype, device=x.device)

@@ -624,7 +624,6 @@ def test_graph_inputs_written_in_one_copy():
     fake.staging = runner_mod._Staging(int(offsets[-1]), torch.device("cpu"))
     fake.staging.pinned = torch.full((int(offsets[-1]),), -7, dtype=torch.int32)  # (as on a GPU host)
     fake.static_flat = torch.full((int(offsets[-1]),), -9, dtype=torch.int32)
-    fake.static_at = {n: int(o) for (n, _), o in zip(regions, offsets)}
     fake.static = {n: fake.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
     rng = np.random.default_rng(0)
     for b, n_pages in ((4, 30), (2, 5)):

@@ -9,23 +9,14 @@ Face checkpoint names onto them.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
 import pagoda
 
 from ..config import ModelConfig
-from ...ops._dispatch import pdl_default
+from ...ops._dispatch import env_switch, pdl_default
 from ...ops.matmul import small_m_preload, small_m_projections, small_m_split
-
-
-def _switch(name: str, default: str) -> bool:
-    env = os.environ.get(name, default)
-    if env not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {env!r}")
-    return env == "1"
 
 
 def defer_norms_default() -> bool:
@@ -36,19 +27,19 @@ def defer_norms_default() -> bool:
     one machine, 4.41-4.43 -> 4.444 on the other (one run). Under PDL the norm kernels cost little (the small
     kernel after the cuBLAS down projection takes the launch the qkv projection would wait for), so what the
     deferral saves there is smaller and machine-dependent."""
-    return _switch("PAGODA_DEFER_NORMS", "1")
+    return env_switch("PAGODA_DEFER_NORMS", "1")
 
 
 def fused_qkv_rope_default() -> bool:
     """Whether the one-token layers run their qkv projection, RoPE and K/V append as one kernel
     (ops.linear_rope_append; PAGODA_FUSED_QKV_ROPE=1 / 0, default 0: an experiment waiting for the device)."""
-    return _switch("PAGODA_FUSED_QKV_ROPE", "0")
+    return env_switch("PAGODA_FUSED_QKV_ROPE", "0")
 
 
 def fused_gate_up_act_default() -> bool:
     """Whether the one-token layers run their gate / up projection and SwiGLU as one kernel
     (ops.linear_silu_and_mul; PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 0: an experiment waiting for the device)."""
-    return _switch("PAGODA_FUSED_GATE_UP_ACT", "0")
+    return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
@@ -215,6 +206,11 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.norms_folded = False  # fold_norm_weights
         self.defer_norms = defer_norms_default()
+        # (on CUDA only where the qkv / o projections take the small-M kernel, whose epilogues do the norm's
+        # factor and the residual add; elsewhere the torch forms would add launches)
+        a0 = self.layers[0].self_attn if len(self.layers) else None
+        self._defer_fits = a0 is not None and (self.embed_tokens.weight.device.type != "cuda"
+                                               or (a0.small_m_qkv and a0.small_m_o))
 
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
@@ -222,11 +218,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        a0 = self.layers[0].self_attn if len(self.layers) else None
-        # (on CUDA only where the qkv / o projections take the small-M kernel, whose epilogues do the norm's
-        # factor and the residual add; elsewhere the torch forms would add launches)
-        if (x.shape[0] == 1 and self.norms_folded and self.defer_norms
-                and (not x.is_cuda or (a0 is not None and a0.small_m_qkv and a0.small_m_o))):
+        if x.shape[0] == 1 and self.norms_folded and self.defer_norms and self._defer_fits:
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
                 layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_enter
+from .rope import _cached_cos_sin
 
 
 @triton.jit
@@ -219,10 +220,9 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
     is_kv = head >= NUM_Q_HEADS
     pos = tl.load(POS)
     b = tl.load(BATCH, mask=is_kv, other=0)
-    ok = (pos >= 0) & (pos < max_pos)
-    crow = COS_SIN + pos.to(tl.int64) * stride_cos
-    cos = tl.load(crow + offs_j, mask=ok, other=float("nan")).to(tl.float32)[None, :]
-    sin = tl.load(crow + HALF + offs_j, mask=ok, other=float("nan")).to(tl.float32)[None, :]
+    cos, sin = _cached_cos_sin(COS_SIN, pos, offs_j, offs_j < HALF, HALF, max_pos, stride_cos)
+    cos = cos[None, :]
+    sin = sin[None, :]
     page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b, mask=is_kv, other=0) + pos // page_size, mask=is_kv,
                    other=0).to(tl.int64)
     pdl_enter(PDL)
