@@ -39,14 +39,16 @@ _INTERPRETER_CONFIG = (16, 32, 1, 1)
 
 def small_m_projections() -> frozenset[str]:
     """The engine's projections (qkv, o, gate_up, down) that take the small-M kernel at decode batch 1;
-    PAGODA_SMALL_M_LINEAR (comma-separated names, or 'none') overrides. Default qkv and o: measured on the
-    H200 (session 10, `python -m pagoda.bench.engine --cases latency`, batch 1, two runs each) none 5.00 /
-    5.01 ms per token, o 4.93 / 4.93, qkv + o 4.81 / 4.82 / 4.81, + down 4.81 / 4.81, + gate_up and down 5.00
-    (cuBLAS reads gate_up faster: 67.8 vs 71.8 us in pagoda.bench.linear)."""
+    PAGODA_SMALL_M_LINEAR (comma-separated names, or 'none') overrides. Default qkv, o and down (the down
+    projection split over K in two, small_m_split()): measured on the H200 (session 10, `python -m
+    pagoda.bench.engine --cases latency`, batch 1, two runs each) none 5.00 / 5.01 ms per token, o 4.93 / 4.93,
+    qkv + o 4.81 / 4.82 / 4.81, + down 4.81 / 4.81, + gate_up and down 5.00 (cuBLAS reads gate_up faster: 67.8
+    vs 71.8 us in pagoda.bench.linear); session 19, with the down projection split in two and its residual added
+    in the kernel: 4.428 / 4.427 against 4.455 / 4.456 (qkv + o), interleaved, one machine."""
     env = os.environ.get("PAGODA_SMALL_M_LINEAR")
     names = {"qkv", "o", "gate_up", "down"}
     if env is None:
-        return frozenset({"qkv", "o"})
+        return frozenset({"qkv", "o", "down"})
     chosen = frozenset(n for n in env.split(",") if n and n != "none")
     if not chosen <= names:
         raise ValueError(f"PAGODA_SMALL_M_LINEAR must name projections among {sorted(names)} (or 'none'), "
@@ -78,11 +80,17 @@ def small_m_preload() -> int:
 
 
 def small_m_split() -> dict[str, int]:
-    """K splits of the engine's small-M projections: PAGODA_SMALL_M_SPLIT, e.g. "down=4,o=2" (default none: one
-    program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch)."""
-    env = os.environ.get("PAGODA_SMALL_M_SPLIT", "")
+    """K splits of the engine's small-M projections: PAGODA_SMALL_M_SPLIT, e.g. "down=4,o=2" ('none' or empty:
+    one program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch). Default
+    down=2: the down projection (4096 x 14336) with its residual, `python -m pagoda.bench.linear --splits
+    1,2,4,7 --only-splits` (H200, session 19): cuBLAS addmm_ 35.7 us, split 1 35.3, 2 33.9, 4 41.5, 7 39.9."""
+    env = os.environ.get("PAGODA_SMALL_M_SPLIT")
+    if env is None:
+        return {"down": 2}
     out = {}
     for item in filter(None, env.split(",")):
+        if item == "none":
+            continue
         name, _, val = item.partition("=")
         if name not in ("qkv", "o", "gate_up", "down") or not val.isdigit() or int(val) < 1:
             raise ValueError(f"PAGODA_SMALL_M_SPLIT must be 'name=splits,...' with names among qkv, o, gate_up, "

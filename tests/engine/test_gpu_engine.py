@@ -99,10 +99,13 @@ def test_cascade_decode_in_cuda_graphs_matches_flat():
 def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
     """PAGODA_FUSED_QKV_ROPE=1 and PAGODA_FUSED_GATE_UP_ACT=1 (the one-token layers' qkv projection, RoPE and
     K/V append in one kernel, ops.linear_rope_append; gate / up and SwiGLU in one, ops.linear_silu_and_mul) in
-    the batch-1 decode graphs: the same greedy tokens as the unfused layers, up to bf16 near-ties (the fused
-    kernels work on the fp32 accumulators, the unfused path on the projections rounded to bf16), with and without
-    PDL."""
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    the batch-1 decode graphs: the same greedy tokens as the unfused layers up to bf16 near-ties (the fused
+    kernels work on the fp32 accumulators, the unfused path on the projections rounded to bf16; the dummy
+    model's distributions are flat, so a near-tie turns up within 24 tokens), and the same bits with and without
+    PDL. Until the first differing token each step's log-probability agrees; at it, the fused run's token is
+    among the unfused run's top 5 within 0.1 of its best (session 19's first form of this test counted equal
+    tokens, and one near-tie early in a prompt failed it)."""
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
     runs = []
     for fused, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
         monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", fused)
@@ -111,12 +114,21 @@ def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
         llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
         assert llm.engine.model.layers[0].self_attn.fused_qkv_rope == (fused == "1")
         assert llm.engine.model.layers[0].mlp.fused_gate_up_act == (fused == "1")
-        runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS])
+        runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in PROMPTS])
         assert llm.engine.stats.cuda_graph_steps > 0
-    assert runs[1] == runs[2]  # the fused kernel with and without PDL: the same bits
-    assert all(a[0] == b[0] for a, b in zip(runs[0], runs[1]))
-    same = sum(x == y for a, b in zip(runs[0], runs[1]) for x, y in zip(a, b))
-    assert same >= 0.9 * sum(len(a) for a in runs[0]), runs
+    assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[2]]  # with and without PDL: same bits
+    same = 0
+    for ref, got in zip(runs[0], runs[1]):
+        n = next((i for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)) if a != b), len(ref.token_ids))
+        same += n
+        for i in range(n):
+            tok = ref.token_ids[i]
+            assert abs(ref.logprobs[i][tok] - got.logprobs[i][tok]) < 0.05 + 0.02 * abs(ref.logprobs[i][tok]), i
+        if n < len(ref.token_ids):  # the first difference must be a near-tie of the unfused run
+            top = ref.logprobs[n]
+            assert got.token_ids[n] in top, (n, top, got.token_ids[n])
+            assert top[ref.token_ids[n]] - top[got.token_ids[n]] < 0.1, (n, top, got.token_ids[n])
+    assert same >= len(PROMPTS) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
 
 
 def test_programmatic_dependent_launches_change_nothing(monkeypatch):

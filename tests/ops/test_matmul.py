@@ -120,7 +120,10 @@ def test_small_m_split_env(monkeypatch):
     monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "down=4,o=2")
     assert linear_mod.small_m_split() == {"down": 4, "o": 2}
     monkeypatch.delenv("PAGODA_SMALL_M_SPLIT")
-    assert linear_mod.small_m_split() == {}
+    assert linear_mod.small_m_split() == {"down": 2}
+    for none in ("", "none"):
+        monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", none)
+        assert linear_mod.small_m_split() == {}
     for bad in ("down=0", "lm_head=2", "down", "down=x"):
         monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", bad)
         with pytest.raises(ValueError, match="PAGODA_SMALL_M_SPLIT"):
