@@ -115,14 +115,21 @@ def main(argv=None):
 
 
 def fused_table(copy_bw: float) -> None:
-    """Llama-3.1-8B at one token: gate / up + SwiGLU (cuBLAS + silu_and_mul, vs linear_silu_and_mul) and qkv +
-    RoPE + append (small-M + rope_append, vs linear_rope_append), the norm factor in both fused forms."""
+    """Llama-3.1-8B at one token, both sides with the deferred norm's factor as the engine runs them: gate / up +
+    SwiGLU (cuBLAS + silu_and_mul(norm_input=), vs linear_silu_and_mul) and qkv + RoPE + append (small-M with
+    the norm factor + rope_append, vs linear_rope_append), then the fused kernels at each configuration of
+    CONFIGS' (BLOCK_K, num_warps, num_stages) (session 19: the first form of this table ran the unfused qkv
+    without the norm factor)."""
+    from pagoda.ops import matmul as matmul_mod
     hidden, inter, hq, hk, d, ps = 4096, 14336, 32, 8, 128, 16
     x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
     w_gu = torch.randn(2 * inter, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
     h = torch.empty(1, inter, dtype=torch.bfloat16, device="cuda")
-    t_ref = gpu_time(lambda: pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), out=h), "gate_up+act") * 1e6
-    t_fused = gpu_time(lambda: pagoda.ops.linear_silu_and_mul(x, w_gu, out=h, rms_norm_eps=1e-5), "fused") * 1e6
+    ref_h = pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), norm_input=x, norm_eps=1e-5).float()
+    t_ref = gpu_time(lambda: pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), out=h, norm_input=x,
+                                                 norm_eps=1e-5), "gate_up+act") * 1e6
+    fused_gu = lambda: pagoda.ops.linear_silu_and_mul(x, w_gu, out=h, rms_norm_eps=1e-5)  # noqa: E731
+    t_fused = gpu_time(fused_gu, "fused") * 1e6
     floor = w_gu.numel() * 2 / copy_bw * 1e6
     print(f"\ngate_up + SwiGLU   cuBLAS + act {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
     n_rows = (hq + 2 * hk) * d
@@ -138,18 +145,33 @@ def fused_table(copy_bw: float) -> None:
     last = torch.tensor([1000 % ps + 1], dtype=torch.int32, device="cuda")
     q = torch.empty(1, hq, d, dtype=torch.bfloat16, device="cuda")
 
-    def unfused():
-        qkv = pagoda.ops.linear(x, w_qkv, small_m=True)
+    def unfused(eps=1e-5):
+        qkv = pagoda.ops.linear(x, w_qkv, small_m=True, rms_norm_eps=eps)
         qq, kk, vv = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         pagoda.apply_rope_with_cos_sin_cache_and_append(pos, qq, kk, vv, d, cos_sin, True, cache, bidx, kv_indices,
                                                         kv_indptr, last, check=False)
 
     t_ref = gpu_time(unfused, "qkv+rope_append") * 1e6
-    t_fused = gpu_time(lambda: pagoda.ops.linear_rope_append(x, w_qkv, None, q, pos, cos_sin, cache, bidx, kv_indices,
-                                                             kv_indptr, last, hq, hk, d, rms_norm_eps=1e-5),
-                       "fused qkv") * 1e6
+    t_plain = gpu_time(lambda: unfused(None), "qkv+rope_append, no norm") * 1e6
+    t_proj = gpu_time(lambda: pagoda.ops.linear(x, w_qkv, small_m=True, rms_norm_eps=1e-5), "qkv") * 1e6
+    fused_qkv = lambda: pagoda.ops.linear_rope_append(x, w_qkv, None, q, pos, cos_sin, cache, bidx,  # noqa: E731
+                                                      kv_indices, kv_indptr, last, hq, hk, d, rms_norm_eps=1e-5)
+    t_fused = gpu_time(fused_qkv, "fused qkv") * 1e6
     floor = w_qkv.numel() * 2 / copy_bw * 1e6
-    print(f"qkv + RoPE/append  small-M + rope {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
+    print(f"qkv + RoPE/append  small-M + rope {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u; "
+          f"the small-M projection alone {t_proj:.1f}u, both without the norm factor {t_plain:.1f}u)")
+    print(f"\n{'fused kernels by (BLOCK_K, warps, stages), us':<48}{'gate_up+act':>12}{'qkv+rope':>10}")
+    default = matmul_mod.SMALL_M_CONFIG
+    try:
+        for cfg in dict.fromkeys(c[1:] for c in CONFIGS):
+            matmul_mod.SMALL_M_CONFIG = (default[0],) + cfg
+            fused_gu()
+            err = ((h.float() - ref_h).norm() / ref_h.norm()).item()
+            assert err < 1e-2, f"linear_silu_and_mul {cfg}: rel err {err:.3g}"
+            print(f"{str(cfg):<48}{gpu_time(fused_gu, 'fused') * 1e6:11.1f}u"
+                  f"{gpu_time(fused_qkv, 'fused qkv') * 1e6:9.1f}u", flush=True)
+    finally:
+        matmul_mod.SMALL_M_CONFIG = default
 
 
 if __name__ == "__main__":

@@ -162,30 +162,29 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
 
 
 @triton.jit
-def _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM: tl.constexpr, NORM_K: tl.constexpr,
+def _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM: tl.constexpr, NORM_K: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BH: tl.constexpr):
     """One token (row 0 of the X tiles) times two sets of BH rows of W side by side (x @ W1.T, x @ W2.T: the two
     halves of rotary pairs, or gate and up), K in BLOCK_K steps (whole blocks unmasked, so pipelined); NORM: times
-    x's RMSNorm factor."""
+    x's RMSNorm factor. w_ptrs: [2 BH, BLOCK_K], W1's rows then W2's (gathered rows: one load and one dot per
+    step, as linear_small_m_kernel's BLOCK_N = 2 BH; session 19 measured two loads and two BH-wide dots 6 us
+    slower than it on Llama-3.1-8B's qkv), split into the two accumulators at the end."""
     if NORM:
         offs_nk = tl.arange(0, NORM_K)
         x_row = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
-    acc1 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BH], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, 2 * BH], dtype=tl.float32)
     k_main = K if EVEN_K else K - K % BLOCK_K
     for k0 in range(0, k_main, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k0)), acc2)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs + k0)), acc)
     if not EVEN_K:
         mk = (k_main + offs_k < K)[None, :]
         x = tl.load(x_ptrs + k_main, mask=mask_m[:, None] & mk, other=0.0)
-        acc1 = tl.dot(x, tl.trans(tl.load(w1_ptrs + k_main, mask=mk, other=0.0)), acc1)
-        acc2 = tl.dot(x, tl.trans(tl.load(w2_ptrs + k_main, mask=mk, other=0.0)), acc2)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs + k_main, mask=mk, other=0.0)), acc)
     if NORM:
-        f = _rms_factor(x_row, K, eps)
-        acc1 = acc1 * f
-        acc2 = acc2 * f
+        acc = acc * _rms_factor(x_row, K, eps)
+    # columns h * BH + j -> (j, h): the two halves as the last dimension, then apart
+    acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BH]), (0, 2, 1)))
     return acc1, acc2
 
 
@@ -215,8 +214,9 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < 1
     x_ptrs = X + offs_m[:, None] * 0 + offs_k[None, :]
-    w1_ptrs = W + rows1.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    w2_ptrs = w1_ptrs + HALF * stride_wn
+    offs_r = tl.arange(0, 2 * BH)  # the pairs' first halves, then their second halves
+    w_rows = head * HEAD_DIM + (offs_r // BH) * HALF + (pid % CHUNKS) * BH + offs_r % BH
+    w_ptrs = W + w_rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     is_kv = head >= NUM_Q_HEADS
     pos = tl.load(POS)
     b = tl.load(BATCH, mask=is_kv, other=0)
@@ -226,8 +226,7 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
     page = tl.load(KV_INDICES + tl.load(KV_INDPTR + b, mask=is_kv, other=0) + pos // page_size, mask=is_kv,
                    other=0).to(tl.int64)
     pdl_enter(PDL)
-    acc1, acc2 = _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K,
-                              BLOCK_M, BH)
+    acc1, acc2 = _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K, BLOCK_M, BH)
     if HAS_BIAS:
         acc1 += tl.load(BIAS + rows1).to(tl.float32)[None, :]
         acc2 += tl.load(BIAS + rows1 + HALF).to(tl.float32)[None, :]
@@ -264,11 +263,11 @@ def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < 1
     x_ptrs = X + offs_m[:, None] * 0 + offs_k[None, :]
-    rows = tl.where(j_ok, offs_j, 0).to(tl.int64)
-    w1_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
-    w2_ptrs = w1_ptrs + D.to(tl.int64) * stride_wn
+    offs_r = tl.arange(0, 2 * BH)  # the columns' gate rows, then their up rows
+    j_r = tl.program_id(0) * BH + offs_r % BH
+    rows = tl.where(j_r < D, j_r, 0).to(tl.int64) + (offs_r // BH).to(tl.int64) * D
+    w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
     pdl_enter(PDL)
-    acc1, acc2 = _paired_rows(X, x_ptrs, w1_ptrs, w2_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K,
-                              BLOCK_M, BH)
+    acc1, acc2 = _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K, BLOCK_M, BH)
     h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
     tl.store(Y + offs_m[:, None] * 0 + offs_j[None, :], h.to(Y.dtype.element_ty), mask=mask_m[:, None] & j_ok[None, :])
