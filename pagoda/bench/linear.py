@@ -162,12 +162,16 @@ def fused_table(copy_bw: float) -> None:
           f"the small-M projection alone {t_proj:.1f}u, both without the norm factor {t_plain:.1f}u)")
     print(f"\n{'fused kernels by (BLOCK_K, warps, stages), us':<48}{'gate_up+act':>12}{'qkv+rope':>10}")
     default = matmul_mod.SMALL_M_CONFIG
+    fused_qkv()
+    ref_q = q.float()  # (the default configuration's q, itself tested against float64 in tests/ops)
     try:
         for cfg in dict.fromkeys(c[1:] for c in CONFIGS):
             matmul_mod.SMALL_M_CONFIG = (default[0],) + cfg
             fused_gu()
-            err = ((h.float() - ref_h).norm() / ref_h.norm()).item()
-            assert err < 1e-2, f"linear_silu_and_mul {cfg}: rel err {err:.3g}"
+            fused_qkv()
+            for name, got, ref in (("linear_silu_and_mul", h, ref_h), ("linear_rope_append", q, ref_q)):
+                err = ((got.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"{name} {cfg}: rel err {err:.3g}"
             print(f"{str(cfg):<48}{gpu_time(fused_gu, 'fused') * 1e6:11.1f}u"
                   f"{gpu_time(fused_qkv, 'fused qkv') * 1e6:9.1f}u", flush=True)
     finally:
