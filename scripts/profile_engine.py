@@ -116,6 +116,11 @@ if args.gaps:
     span = ev[-1]["ts"] + ev[-1]["dur"] - ev[0]["ts"]
     print(f"GPU timeline: {len(ev)} kernels over 5 steps, busy {busy / 5e3:.3f} ms per step, span "
           f"{span / 5e3:.3f} ms per step; idle gaps under 50 us: {sum(map(sum, gap.values())) / 5e3:.3f} ms per step")
+    if os.environ.get("PAGODA_PDL", "1") != "0":
+        # (session 19: under PDL a kernel starts at its predecessor's trigger and waits inside, so durations
+        # include the overlap and gaps go negative: busy > span)
+        print("note: programmatic dependent launches on (PAGODA_PDL, the engine's default): a kernel's time includes "
+              "its wait for the one before it, and negative gaps are overlap; PAGODA_PDL=0 for each kernel's own time")
     print(f"{'kernel':48} {'count':>6} {'median us':>10} {'gap after (median us)':>22}")
     for name in sorted(dur, key=lambda n: -sum(dur[n])):
         g = sorted(gap[name])
