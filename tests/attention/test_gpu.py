@@ -54,6 +54,70 @@ def test_decode_many_chunks(heads, head_dim, kv_lens):
     decode_against_reference(16, heads, head_dim, kv_lens, many_chunks)
 
 
+@pytest.mark.parametrize("kv_lens,heads,head_dim,kv_dtype,mergers", [
+    ([32768], (32, 8), 128, torch.bfloat16, True), ([1024], (32, 8), 128, torch.bfloat16, True),
+    ([4096] * 4, (40, 8), 64, torch.bfloat16, True), ([32768, 70], (32, 8), 128, torch.float8_e4m3fn, True),
+    ([32768, 5, 3000], (64, 8), 128, torch.bfloat16, False)])
+def test_decode_waiting_merger(kv_lens, heads, head_dim, kv_dtype, mergers, monkeypatch):
+    """PAGODA_DECODE_MERGER=1 (plan.add_waiting_mergers, decode_sm90's WAIT_MERGE): the split tiles merged by
+    merge tasks that wait on the chunks' flags. The plan carries one merger per split (on a 132-SM H100 / H200;
+    the last case has more tasks than the grid and keeps the arrival merge), the output and LSE are the same
+    bits as the default kernel's (same fold order and arithmetic), and again in CUDA-graph replays after new
+    plans (the flags are back to 0 after every launch: a stale flag would let a merger read a partial before
+    it is written)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from pagoda.attention.kernels.attention import MERGE_ITEM
+
+    from .test_fp8 import quantized_batch
+
+    hq, hk = heads
+    if kv_dtype == torch.bfloat16:
+        batch = PagedBatch(kv_lens, hk, head_dim, 16, torch.bfloat16)
+        cache, scales = batch.cache, {}
+    else:
+        batch, cache, ks, vs, _, _ = quantized_batch(kv_lens, hk, head_dim, 16, kv_dtype, per_head=False,
+                                                     dtype=torch.bfloat16)
+        scales = dict(k_scale=ks, v_scale=vs)
+    q = torch.randn(len(kv_lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
+    res = {}
+    for merger in ("0", "1"):
+        monkeypatch.setenv("PAGODA_DECODE_MERGER", merger)
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, 16, q_data_type=torch.bfloat16,
+               kv_data_type=kv_dtype)
+        work = w._plan.work
+        assert w._plan.decode_sm90_constexprs["WAIT_MERGE"] == (merger == "1")
+        n_mergers = int((work.work[:, 6] == MERGE_ITEM).sum())
+        assert n_mergers == (len(work.splits) if merger == "1" and mergers else 0) and len(work.splits) > 0
+        assert (work.splits[:, 1] < 0).all() if n_mergers else (work.splits[:, 1] > 1).all()
+        out, lse = poisoned_like(q)
+        for _ in range(3):  # (repeated launches: each must find the flags it needs at 0)
+            w.run(q, cache, out=out, lse=lse, **scales)
+        res[merger] = (out.clone(), lse.clone())
+    assert torch.equal(res["0"][0], res["1"][0]) and torch.equal(res["0"][1], res["1"][1])
+    if kv_dtype == torch.bfloat16:
+        ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k],
+                        [v.cpu() for v in batch.v])
+        assert rel_err(res["1"][0], ro) < TOL[torch.bfloat16]
+        check_lse(res["1"][1], rl)
+    wg = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
+    wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, 16, q_data_type=torch.bfloat16,
+            kv_data_type=kv_dtype)
+    out = torch.empty_like(q)
+    wg.run(q, cache, out=out, **scales)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        wg.run(q, cache, out=out, **scales)
+    for _ in range(3):
+        wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, 16,
+                q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, res["0"][0])
+
+
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
 def test_decode_triton_kernel_where_gluon_is_default(page_size, heads, head_dim, monkeypatch):
     """PAGODA_DECODE_KERNEL=triton: the Triton decode kernel (what GPUs other than sm_90 run) on plans the Gluon
