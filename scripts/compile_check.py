@@ -217,10 +217,11 @@ def decode_sm90_cases():
                dict(types, K="*" + kv, V="*" + kv),
                dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
                     SAME_STRIDES=True, MERGE_ROWS=mr, PDL=True, WAIT_MERGE=True, num_warps=4), 4, 1, regs)
-    yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
-           dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
-           dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                SAME_STRIDES=True, MERGE_ROWS=4, num_warps=4), 4, 1, 168)
+    for wait in (False, True):  # (scripts/decode_timeline.py passes the plan's WAIT_MERGE through)
+        yield (f"decode_sm90 D=128 kv=bf16 TRACE{' WAIT_MERGE' if wait else ''}", decode_sm90.decode_sm90_kernel,
+               dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
+               dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
+                    SAME_STRIDES=True, MERGE_ROWS=4, WAIT_MERGE=wait, num_warps=4), 4, 1, 168)
 
 
 def ptxas_report(k) -> str:
