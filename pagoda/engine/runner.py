@@ -199,10 +199,10 @@ class _Staging:
 
     def upload_into(self, dst: torch.Tensor, parts) -> None:
         """parts: (offset, int32 array) pairs, written at those offsets of ``dst`` (a flat int32 device tensor)
-        in one copy of the span up to the last one's end (what lies between the parts is rewritten with
-        whatever the pinned buffer holds there: regions past an array's length are not read). The CUDA graphs'
-        inputs: a GPU host, where the buffer is pinned."""
-        end = max(off + a.size for off, a in parts)
+        in one copy of the span from the first one's start to the last one's end (what lies between the parts is
+        rewritten with whatever the pinned buffer holds there: regions past an array's length are not read). The
+        CUDA graphs' inputs: a GPU host, where the buffer is pinned."""
+        start, end = min(off for off, _ in parts), max(off + a.size for off, a in parts)
         if self.pinned.numel() < end:
             raise RuntimeError(f"pinned staging buffer too small ({self.pinned.numel()} < {end})")
         if self.done is not None:
@@ -210,7 +210,7 @@ class _Staging:
         host = self.pinned.numpy()
         for off, a in parts:
             host[off:off + a.size] = a
-        dst[:end].copy_(self.pinned[:end], non_blocking=True)
+        dst[start:end].copy_(self.pinned[start:end], non_blocking=True)
         self.done = torch.cuda.Event() if dst.is_cuda else None
         if self.done is not None:
             self.done.record()
@@ -413,8 +413,8 @@ class _DecodeGraph:
                 hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
                 self.logits = runner.model.compute_logits(hidden)
 
-    def prepare(self, inp: StepInputs, levels=None) -> None:
-        self.r.write_static(inp)
+    def prepare(self, inp: StepInputs, levels=None, skip_ids: bool = False) -> None:
+        self.r.write_static(inp, skip_ids)
         self.attn.plan(inp, self.dev, levels)
 
     def replay(self) -> torch.Tensor:
@@ -490,6 +490,16 @@ class ModelRunner:
         if self.use_graphs:
             self.static_flat = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
             self.static = {n: self.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
+        # PAGODA_STEP_OVERLAP=1 (an experiment, default 0; pagoda graphs): between two decode steps the compute
+        # stream runs only the sampling and the next ids' copy; the next step's other inputs and its attention
+        # plan go to the device on a copy stream once the graph before is done with them (during the sampling),
+        # and the sampled tokens come back on a read-back stream (the profile of session 19: ~50 us of a batch-1
+        # step between the graphs, copies and the gaps around them among it)
+        overlap = env_switch("PAGODA_STEP_OVERLAP", "0")
+        self.step_overlap = overlap and self.use_graphs and attention_backend == "pagoda"
+        if self.step_overlap:
+            self.copy_stream, self.readback_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+            self._graph_done = torch.cuda.Event()  # recorded after each graph replay, before its sampling
         self.max_model_len = max_model_len
         self.model.init_rope(max_model_len)
 
@@ -514,13 +524,14 @@ class ModelRunner:
             np.concatenate([kvi, z]), np.concatenate([last, np.ones(pad, np.int32)]),
             np.arange(size, dtype=np.int32), list(range(size)), True)
 
-    def write_static(self, inp: StepInputs) -> None:
+    def write_static(self, inp: StepInputs, skip_ids: bool = False) -> None:
         """The step's inputs into the graphs' buffer, in one host-to-device copy (session 18: the copy into a
         temporary and seven device-to-device copies out of it sat between two decode steps, ~50 us of idle GPU
-        a step at batch 1 in the profile's timeline)."""
+        a step at batch 1 in the profile's timeline). skip_ids: all but the input ids (the first region: the
+        copy starts after it), which the step before writes on the device (prepare_next)."""
         parts = []
         for name in ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len",
-                     "kv_indices"):
+                     "kv_indices")[int(skip_ids):]:
             a, region = getattr(inp, name), self.static[name]
             if a.size > region.numel():
                 raise RuntimeError(f"{name}: {a.size} entries, the graphs' buffer holds {region.numel()}")
@@ -565,6 +576,8 @@ class ModelRunner:
         if prepared is not None and prepared.matches(requests, num_new):
             return self.launch_prepared(prepared, generator)
         self.last_step_prepared = False
+        if self.step_overlap:  # (a step prepared on the copy stream and not run may still be writing the inputs)
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
         if order is not None:  # requests that share pages next to each other (levels group neighbours)
             requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
@@ -578,6 +591,8 @@ class ModelRunner:
             if levels is not None:
                 levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
             logits = graph.run(padded, levels)[:len(inp.sample_rows)]
+            if self.step_overlap:
+                self._graph_done.record()
         prompt_lp = None
         if graph is None:
             dev = _DeviceInputs(inp, self.staging)
@@ -591,7 +606,12 @@ class ModelRunner:
             logits = self._logits(hidden, dev)
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
-        return _Pending(reqs, sample_launch(logits, reqs, generator), inp.is_decode and order is None, prompt_lp)
+        sampled = sample_launch(logits, reqs, generator, self._readback())
+        return _Pending(reqs, sampled, inp.is_decode and order is None, prompt_lp)
+
+    def _readback(self):
+        """The stream the sampled tokens come back on (PAGODA_STEP_OVERLAP), or None: the compute stream."""
+        return self.readback_stream if self.step_overlap else None
 
     @torch.no_grad()
     def launch_prepared(self, prepared: _Prepared, generator=None) -> _Pending:
@@ -601,10 +621,14 @@ class ModelRunner:
         self.last_step_graph = prepared.graph is not None
         reqs = list(prepared.requests)
         if prepared.graph is not None:
+            if self.step_overlap:  # its inputs and plan, written on the copy stream (prepare_next)
+                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             logits = prepared.graph.replay()[:len(reqs)]
+            if self.step_overlap:
+                self._graph_done.record()
         else:
             logits = self._logits(self._hidden(prepared.dev, self.attn), prepared.dev)
-        return _Pending(reqs, sample_launch(logits, reqs, generator), True)
+        return _Pending(reqs, sample_launch(logits, reqs, generator, self._readback()), True)
 
     def _hidden(self, dev: _DeviceInputs, attn) -> torch.Tensor:
         """The eager forward: the final hidden states of every token of the step."""
@@ -645,6 +669,14 @@ class ModelRunner:
         ids = pending.sampled.out.clamp(min=0)
         positions = inp.positions.tolist()
         graph = self._graph_for(len(reqs), False) if self.use_graphs else None
+        if graph is not None and self.step_overlap:
+            # the ids behind the sampling on the compute stream; the rest on the copy stream once the graph
+            # before is done with the inputs and the plan (not behind the sampling: launch_prepared waits for it)
+            self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
+            self.copy_stream.wait_event(self._graph_done)
+            with torch.cuda.stream(self.copy_stream):
+                graph.prepare(self.padded_decode_inputs(inp, graph.size), skip_ids=True)
+            return _Prepared(list(reqs), positions, graph=graph)
         if graph is not None:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))
             self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext as _nullcontext
 
 import torch
 
@@ -46,14 +47,22 @@ class Sampled:
     marks the copies done: sample_collect waits for that event, not for the stream, on which the engine may
     already have queued the next step (LLMEngine.step runs steps ahead)."""
 
-    def __init__(self, out, requests, want, chosen, top_v, top_i):
+    def __init__(self, out, requests, want, chosen, top_v, top_i, readback_stream=None):
         self.out, self.requests, self.want = out, requests, want  # out stays on the device (prepare_next)
         self.host = (out, chosen, top_v, top_i)
         self.copied = None
         if out.device.type == "cuda":  # non-blocking device-to-host copies land in pinned memory
-            self.host = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in self.host)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+            if readback_stream is not None:
+                # (the engine's PAGODA_STEP_OVERLAP: the copies on their own stream, behind the sampling, so the
+                # compute stream goes on to the next step without them between)
+                readback_stream.wait_stream(torch.cuda.current_stream(out.device))
+                for t in self.host:
+                    if t is not None:
+                        t.record_stream(readback_stream)
+            with torch.cuda.stream(readback_stream) if readback_stream is not None else _nullcontext():
+                self.host = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in self.host)
+                self.copied = torch.cuda.Event()
+                self.copied.record()
 
     def read(self):
         """(out, chosen, top_v, top_i) as host tensors, once the device has produced them."""
@@ -196,10 +205,12 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
     return sub
 
 
-def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None) -> Sampled:
+def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None,
+                  readback_stream=None) -> Sampled:
     """Queue the sampling of logits [n, vocab] float32 for n requests on the device; no read-back, and no
     copy that waits for the forward (so the host can prepare the next step meanwhile). Penalties and logit
-    biases (SamplingParams) change the distribution sampled from, not the logprobs reported."""
+    biases (SamplingParams) change the distribution sampled from, not the logprobs reported. readback_stream:
+    the copies to the host go on that CUDA stream (Sampled)."""
     n = logits.shape[0]
     dev = logits.device
     model_logits, logits = logits, _penalized(logits, requests)
@@ -230,7 +241,7 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
         if kmax:
             top_v, top_i = lp.topk(kmax, dim=-1)
         chosen = lp.gather(1, out[wi].clamp(min=0)[:, None])[:, 0]
-    return Sampled(out, requests, want, chosen, top_v, top_i)
+    return Sampled(out, requests, want, chosen, top_v, top_i, readback_stream)
 
 
 def sample_collect(s: Sampled):

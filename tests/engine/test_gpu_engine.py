@@ -131,6 +131,27 @@ def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
     assert same >= len(PROMPTS) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
 
 
+def test_step_overlap_changes_nothing(monkeypatch):
+    """PAGODA_STEP_OVERLAP=1 (the next decode step's inputs and plan written on a copy stream while the sampling
+    runs, the tokens read back on their own stream): the same greedy tokens as without, at batch 1 (every step
+    run ahead) and in a batch whose requests end at different lengths (the batch shrinks: steps prepared on the
+    copy stream for a batch that is not run next, launch() waits for them before writing the inputs itself),
+    and with a sampled request (seeded) next to greedy ones."""
+    runs = []
+    for overlap in ("0", "1"):
+        monkeypatch.setenv("PAGODA_STEP_OVERLAP", overlap)
+        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+        assert llm.engine.runner.step_overlap == (overlap == "1")
+        sp = pagoda.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+        mixed = [pagoda.SamplingParams(max_tokens=8 + 9 * i, temperature=0, ignore_eos=True) for i in range(4)]
+        mixed[2] = pagoda.SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
+        four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, mixed, use_tqdm=False)]
+        assert llm.engine.stats.cuda_graph_steps > 0 and llm.engine.stats.ahead_steps > 0
+        runs.append((one, four))
+    assert runs[0] == runs[1]
+
+
 def test_programmatic_dependent_launches_change_nothing(monkeypatch):
     """PAGODA_PDL=1 (the norms, small-M projections, RoPE + append, attention and activation as programmatic
     dependent launches: ops/kernels/pdl.py) gives the same greedy tokens as without, in CUDA graphs at batch 1

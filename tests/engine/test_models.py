@@ -146,6 +146,23 @@ def test_defer_norms_switch(monkeypatch):
         llama.defer_norms_default()
 
 
+def test_step_overlap_switch(tiny_models, monkeypatch):
+    """PAGODA_STEP_OVERLAP (the GPU's copy / read-back streams between decode steps) is 0 or 1, else a ValueError
+    naming it; on the CPU (no graphs) it changes nothing: the same greedy tokens."""
+    path = tiny_models["llama"][0]
+    monkeypatch.setenv("PAGODA_STEP_OVERLAP", "on")
+    with pytest.raises(ValueError, match="PAGODA_STEP_OVERLAP"):
+        make_llm(path)
+    outs = []
+    for v in ("0", "1"):
+        monkeypatch.setenv("PAGODA_STEP_OVERLAP", v)
+        llm = make_llm(path)
+        assert not llm.engine.runner.step_overlap
+        outs.append(llm.generate([PROMPTS[0]], pagoda.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                                 use_tqdm=False)[0].outputs[0].token_ids)
+    assert outs[0] == outs[1]
+
+
 def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
     """A Mistral-style model with a sliding window serves contexts longer than the window (the kernels apply
     window_left = sliding_window - 1): greedy tokens equal transformers' (which masks with the same window),
