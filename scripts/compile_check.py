@@ -56,6 +56,8 @@ def cases():
                                                 TABLES_EARLY=True), 4
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32"), \
         dict(BLOCK=2048), 4
+    yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32",
+                                                      NEXT="*i32"), dict(BLOCK=2048), 4
     from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
     for norm, res, split, pre in ((0, False, 1, 0), (1, False, 1, 0), (0, True, 1, 0), (1, True, 1, 0),

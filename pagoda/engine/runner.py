@@ -606,12 +606,15 @@ class ModelRunner:
             logits = self._logits(hidden, dev)
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
-        sampled = sample_launch(logits, reqs, generator, self._readback())
+        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(graph is not None, len(reqs)))
         return _Pending(reqs, sampled, inp.is_decode and order is None, prompt_lp)
 
-    def _readback(self):
-        """The stream the sampled tokens come back on (PAGODA_STEP_OVERLAP), or None: the compute stream."""
-        return self.readback_stream if self.step_overlap else None
+    def _overlap_args(self, graph: bool, n: int):
+        """sample_launch's (readback_stream, next_ids) under PAGODA_STEP_OVERLAP: the read-back stream, and after
+        a graph step the graphs' input ids (the greedy sampler writes the next step's there), else (None, None)."""
+        if not self.step_overlap:
+            return None, None
+        return self.readback_stream, (self.static["input_ids"][:n] if graph else None)
 
     @torch.no_grad()
     def launch_prepared(self, prepared: _Prepared, generator=None) -> _Pending:
@@ -628,7 +631,8 @@ class ModelRunner:
                 self._graph_done.record()
         else:
             logits = self._logits(self._hidden(prepared.dev, self.attn), prepared.dev)
-        return _Pending(reqs, sample_launch(logits, reqs, generator, self._readback()), True)
+        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(prepared.graph is not None, len(reqs)))
+        return _Pending(reqs, sampled, True)
 
     def _hidden(self, dev: _DeviceInputs, attn) -> torch.Tensor:
         """The eager forward: the final hidden states of every token of the step."""
@@ -666,17 +670,19 @@ class ModelRunner:
         inp = build_next_decode_inputs(reqs, self.page_size)
         # -1 marks a row whose logits were not finite (the engine ends that request); a step run ahead still
         # computes the row, so it must hold a valid token id
-        ids = pending.sampled.out.clamp(min=0)
         positions = inp.positions.tolist()
         graph = self._graph_for(len(reqs), False) if self.use_graphs else None
         if graph is not None and self.step_overlap:
-            # the ids behind the sampling on the compute stream; the rest on the copy stream once the graph
-            # before is done with the inputs and the plan (not behind the sampling: launch_prepared waits for it)
-            self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
+            # the ids behind the sampling on the compute stream (written by the greedy sampler itself after a
+            # graph step); the rest on the copy stream once the graph before is done with the inputs and the
+            # plan (not behind the sampling: launch_prepared waits for it)
+            if not pending.sampled.next_written:
+                self.static["input_ids"][:len(reqs)].copy_(pending.sampled.out.clamp(min=0), non_blocking=True)
             self.copy_stream.wait_event(self._graph_done)
             with torch.cuda.stream(self.copy_stream):
                 graph.prepare(self.padded_decode_inputs(inp, graph.size), skip_ids=True)
             return _Prepared(list(reqs), positions, graph=graph)
+        ids = pending.sampled.out.clamp(min=0)
         if graph is not None:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))
             self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)

@@ -49,6 +49,7 @@ class Sampled:
 
     def __init__(self, out, requests, want, chosen, top_v, top_i, readback_stream=None):
         self.out, self.requests, self.want = out, requests, want  # out stays on the device (prepare_next)
+        self.next_written = False  # (sample_launch: the tokens are already the next step's input ids)
         self.host = (out, chosen, top_v, top_i)
         self.copied = None
         if out.device.type == "cuda":  # non-blocking device-to-host copies land in pinned memory
@@ -206,17 +207,19 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
 
 
 def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None,
-                  readback_stream=None) -> Sampled:
+                  readback_stream=None, next_ids: torch.Tensor | None = None) -> Sampled:
     """Queue the sampling of logits [n, vocab] float32 for n requests on the device; no read-back, and no
     copy that waits for the forward (so the host can prepare the next step meanwhile). Penalties and logit
     biases (SamplingParams) change the distribution sampled from, not the logprobs reported. readback_stream:
-    the copies to the host go on that CUDA stream (Sampled)."""
+    the copies to the host go on that CUDA stream (Sampled). next_ids: where an all-greedy batch's sampler also
+    writes the tokens as the next step's input ids (greedy_sample's next_ids; Sampled.next_written says so)."""
     n = logits.shape[0]
     dev = logits.device
     model_logits, logits = logits, _penalized(logits, requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    next_written = next_ids is not None and len(greedy) == n
     if len(greedy) == n:  # all greedy (the common serving case): one launch, no index tensors
-        out = pagoda.greedy_sample(logits)
+        out = pagoda.greedy_sample(logits, next_ids=next_ids if next_written else None)
     else:
         out = torch.empty(n, dtype=torch.long, device=dev)
         if greedy:
@@ -241,7 +244,9 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
         if kmax:
             top_v, top_i = lp.topk(kmax, dim=-1)
         chosen = lp.gather(1, out[wi].clamp(min=0)[:, None])[:, 0]
-    return Sampled(out, requests, want, chosen, top_v, top_i, readback_stream)
+    sampled = Sampled(out, requests, want, chosen, top_v, top_i, readback_stream)
+    sampled.next_written = next_written
+    return sampled
 
 
 def sample_collect(s: Sampled):

@@ -228,19 +228,29 @@ def top_k_mask_logits(logits, top_k):
 _GREEDY_STATE: dict = {}  # device -> (keys, bad, count) of greedy_kernel, reset by each launch
 
 
-def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+def greedy_sample(logits: torch.Tensor, next_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding of logits [batch, vocab] (any float dtype): int64 [batch], the first index of each
     row's maximum (torch.argmax's choice), or -1 for a row with a NaN or an infinite logit. One launch
     for the whole batch on the GPU (several programs per row, reducing through a small per-device state
     that each launch resets: calls on one stream, or synchronized, as a serving loop makes them); the
-    PyTorch form elsewhere."""
+    PyTorch form elsewhere. next_ids (pagoda's, for a serving loop): an integer [batch] tensor on logits'
+    device that also gets the indices, -1 written as 0 (the next decode step's input ids, in the same
+    launch)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a float [batch, vocab] tensor, got {getattr(logits, 'shape', logits)}")
     batch, vocab = logits.shape
     if vocab == 0:
         raise ValueError("logits must have at least one column")
+    if next_ids is not None and (not isinstance(next_ids, torch.Tensor) or tuple(next_ids.shape) != (batch,)
+                                 or next_ids.dtype not in (torch.int32, torch.int64)
+                                 or next_ids.device != logits.device or not next_ids.is_contiguous()):
+        raise ValueError(f"next_ids must be a contiguous int32 / int64 [{batch}] tensor on {logits.device}, got "
+                         f"{getattr(next_ids, 'dtype', type(next_ids))} {tuple(getattr(next_ids, 'shape', ()))}")
     if not use_triton(logits):
-        return torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+        out = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+        if next_ids is not None:
+            next_ids.copy_(out.clamp(min=0))
+        return out
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
@@ -256,7 +266,7 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     block = min(2048, triton.next_power_of_2(vocab))
     span = block * 4  # 4 blocks per program: a 128k vocabulary is 16 programs per row
     greedy_kernel[(batch, triton.cdiv(vocab, span))](logits, out, *state, logits.stride(0), vocab, span,
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, NEXT=next_ids, num_warps=4)
     return out
 
 

@@ -210,12 +210,21 @@ def test_greedy_sample_matches_argmax(dtype, vocab):
         assert got.dtype == torch.int64 and got.tolist() == want.tolist()
         if vocab > 10:
             assert got[:5].tolist() == [2, -1, -1, -1, 6]
+        for dt in (torch.int32, torch.int64):  # next_ids: the same launch writes the next step's input ids too
+            nxt = torch.full((batch,), -7, dtype=dt, device=DEVICE)
+            got = pagoda.greedy_sample(x, next_ids=nxt)
+            assert got.tolist() == want.tolist() and nxt.tolist() == want.clamp(min=0).tolist()
 
 
 def test_greedy_sample_bad_input():
     for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 0), "x"):
         with pytest.raises(ValueError, match="logits"):
             pagoda.greedy_sample(bad)
+    x = torch.randn(3, 10, device=DEVICE)
+    for bad in (torch.zeros(4, dtype=torch.int32, device=DEVICE), torch.zeros(3, device=DEVICE),
+                torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)[:, 0], [0, 0, 0]):
+        with pytest.raises(ValueError, match="next_ids"):
+            pagoda.greedy_sample(x, next_ids=bad)
 
 
 def test_sampling_from_probs_takes_a_seed():

@@ -239,12 +239,13 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
 
 
 @triton.jit
-def greedy_kernel(X, OUT, KEYS, BAD, COUNT, stride_x, vocab, span, BLOCK: tl.constexpr):
+def greedy_kernel(X, OUT, KEYS, BAD, COUNT, stride_x, vocab, span, BLOCK: tl.constexpr, NEXT=None):
     """Argmax of each row of X (first index of the maximum, as torch.argmax), -1 for a row holding a NaN or
     an infinity, in one launch: program (r, c) scans columns c * span .. (c + 1) * span of row r and folds
     its best (value, index) into KEYS[r] with one atomic max (a 64-bit key that orders by value, then by
     smaller index); the last program of the row writes OUT[r] and resets KEYS / BAD / COUNT for the next
-    launch (CUDA-graph safe; not for concurrent launches on several streams)."""
+    launch (CUDA-graph safe; not for concurrent launches on several streams). NEXT: also the index, -1 read as
+    0, into NEXT[r] (in NEXT's dtype: the next decode step's input id)."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     row = X + r.to(tl.int64) * stride_x
@@ -266,3 +267,5 @@ def greedy_kernel(X, OUT, KEYS, BAD, COUNT, stride_x, vocab, span, BLOCK: tl.con
         tl.atomic_xchg(COUNT + r, 0)
         idx = 2147483647 - (key & 4294967295)
         tl.store(OUT + r, tl.where(b > 0, -1, idx))
+        if NEXT is not None:
+            tl.store(NEXT + r, tl.where(b > 0, 0, idx).to(NEXT.dtype.element_ty))
