@@ -120,7 +120,6 @@ def fused_table(copy_bw: float) -> None:
     the norm factor + rope_append, vs linear_rope_append), then the fused kernels at each configuration of
     CONFIGS' (BLOCK_K, num_warps, num_stages) (session 19: the first form of this table ran the unfused qkv
     without the norm factor)."""
-    from pagoda.ops import matmul as matmul_mod
     hidden, inter, hq, hk, d, ps = 4096, 14336, 32, 8, 128, 16
     x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
     w_gu = torch.randn(2 * inter, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
@@ -128,7 +127,8 @@ def fused_table(copy_bw: float) -> None:
     ref_h = pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), norm_input=x, norm_eps=1e-5).float()
     t_ref = gpu_time(lambda: pagoda.silu_and_mul(torch.nn.functional.linear(x, w_gu), out=h, norm_input=x,
                                                  norm_eps=1e-5), "gate_up+act") * 1e6
-    fused_gu = lambda: pagoda.ops.linear_silu_and_mul(x, w_gu, out=h, rms_norm_eps=1e-5)  # noqa: E731
+    fused_gu = lambda cfg=None: pagoda.ops.linear_silu_and_mul(x, w_gu, out=h, rms_norm_eps=1e-5,  # noqa: E731
+                                                               config=cfg)
     t_fused = gpu_time(fused_gu, "fused") * 1e6
     floor = w_gu.numel() * 2 / copy_bw * 1e6
     print(f"\ngate_up + SwiGLU   cuBLAS + act {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
@@ -154,28 +154,24 @@ def fused_table(copy_bw: float) -> None:
     t_ref = gpu_time(unfused, "qkv+rope_append") * 1e6
     t_plain = gpu_time(lambda: unfused(None), "qkv+rope_append, no norm") * 1e6
     t_proj = gpu_time(lambda: pagoda.ops.linear(x, w_qkv, small_m=True, rms_norm_eps=1e-5), "qkv") * 1e6
-    fused_qkv = lambda: pagoda.ops.linear_rope_append(x, w_qkv, None, q, pos, cos_sin, cache, bidx,  # noqa: E731
-                                                      kv_indices, kv_indptr, last, hq, hk, d, rms_norm_eps=1e-5)
+    fused_qkv = lambda cfg=None: pagoda.ops.linear_rope_append(x, w_qkv, None, q, pos, cos_sin,  # noqa: E731
+                                                               cache, bidx, kv_indices, kv_indptr, last, hq, hk,
+                                                               d, rms_norm_eps=1e-5, config=cfg)
     t_fused = gpu_time(fused_qkv, "fused qkv") * 1e6
     floor = w_qkv.numel() * 2 / copy_bw * 1e6
     print(f"qkv + RoPE/append  small-M + rope {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u; "
           f"the small-M projection alone {t_proj:.1f}u, both without the norm factor {t_plain:.1f}u)")
     print(f"\n{'fused kernels by (BLOCK_K, warps, stages), us':<48}{'gate_up+act':>12}{'qkv+rope':>10}")
-    default = matmul_mod.SMALL_M_CONFIG
     fused_qkv()
     ref_q = q.float()  # (the default configuration's q, itself tested against float64 in tests/ops)
-    try:
-        for cfg in dict.fromkeys(c[1:] for c in CONFIGS):
-            matmul_mod.SMALL_M_CONFIG = (default[0],) + cfg
-            fused_gu()
-            fused_qkv()
-            for name, got, ref in (("linear_silu_and_mul", h, ref_h), ("linear_rope_append", q, ref_q)):
-                err = ((got.float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"{name} {cfg}: rel err {err:.3g}"
-            print(f"{str(cfg):<48}{gpu_time(fused_gu, 'fused') * 1e6:11.1f}u"
-                  f"{gpu_time(fused_qkv, 'fused qkv') * 1e6:9.1f}u", flush=True)
-    finally:
-        matmul_mod.SMALL_M_CONFIG = default
+    for cfg in dict.fromkeys((0,) + c[1:] for c in CONFIGS):  # (BLOCK_N unused by these kernels)
+        fused_gu(cfg)
+        fused_qkv(cfg)
+        for name, got, ref in (("linear_silu_and_mul", h, ref_h), ("linear_rope_append", q, ref_q)):
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"{name} {cfg[1:]}: rel err {err:.3g}"
+        print(f"{str(cfg[1:]):<48}{gpu_time(lambda: fused_gu(cfg), 'fused') * 1e6:11.1f}u"
+              f"{gpu_time(lambda: fused_qkv(cfg), 'fused qkv') * 1e6:9.1f}u", flush=True)
 
 
 if __name__ == "__main__":

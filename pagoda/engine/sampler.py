@@ -47,9 +47,9 @@ class Sampled:
     marks the copies done: sample_collect waits for that event, not for the stream, on which the engine may
     already have queued the next step (LLMEngine.step runs steps ahead)."""
 
-    def __init__(self, out, requests, want, chosen, top_v, top_i, readback_stream=None):
+    def __init__(self, out, requests, want, chosen, top_v, top_i, readback_stream=None, next_written=False):
         self.out, self.requests, self.want = out, requests, want  # out stays on the device (prepare_next)
-        self.next_written = False  # (sample_launch: the tokens are already the next step's input ids)
+        self.next_written = next_written  # (sample_launch: the tokens are already the next step's input ids)
         self.host = (out, chosen, top_v, top_i)
         self.copied = None
         if out.device.type == "cuda":  # non-blocking device-to-host copies land in pinned memory
@@ -244,9 +244,7 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
         if kmax:
             top_v, top_i = lp.topk(kmax, dim=-1)
         chosen = lp.gather(1, out[wi].clamp(min=0)[:, None])[:, 0]
-    sampled = Sampled(out, requests, want, chosen, top_v, top_i, readback_stream)
-    sampled.next_written = next_written
-    return sampled
+    return Sampled(out, requests, want, chosen, top_v, top_i, readback_stream, next_written)
 
 
 def sample_collect(s: Sampled):

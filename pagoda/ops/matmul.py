@@ -221,7 +221,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_out: torch.Tensor,
                        positions: torch.Tensor, cos_sin_cache: torch.Tensor, paged_kv_cache, batch_indices,
                        kv_indices, kv_indptr, kv_last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                       rms_norm_eps: float | None = None, kv_layout: str = "NHD", pdl: bool = False) -> torch.Tensor:
+                       rms_norm_eps: float | None = None, kv_layout: str = "NHD", pdl: bool = False,
+                       config=None) -> torch.Tensor:
     """One token's qkv projection, RoPE and K / V append in one launch (pagoda's, for the engine's one-token
     layers): ``qkv = linear(x, weight, bias, rms_norm_eps=...)`` split into q / k / v heads (rows of weight: the q
     heads, then k, then v), RoPE with NeoX pairs at ``positions`` from ``cos_sin_cache`` ([max_pos, head_dim]
@@ -229,7 +230,8 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     token's slot of ``paged_kv_cache`` (the page tables as in append_paged_kv_cache, int32 on x's device). What
     apply_rope_with_cos_sin_cache_and_append does after the projection, without its launch; the rotation
     is applied to the fp32 accumulators (not to the projection rounded to x's dtype). head_dim 64 / 128 / 256,
-    the cache in x's dtype; without Triton, or in fp32, the same through linear() and the RoPE / append op."""
+    the cache in x's dtype; without Triton, or in fp32, the same through linear() and the RoPE / append op.
+    config: as linear()'s (its BLOCK_N unused: a program takes 16 rotary pairs, 32 rows of W)."""
     from .rope import apply_rope_with_cos_sin_cache_and_append
     from ..attention.formats import paged_cache_geometry, paged_strides, unpack_paged_kv_cache
     from .kernels.matmul import qkv_rope_append_kernel
@@ -277,7 +279,7 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return q_out
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
-    _, bk, warps, stages = SMALL_M_CONFIG if x.is_cuda else _INTERPRETER_CONFIG
+    _, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     grid = ((num_qo_heads + 2 * num_kv_heads) * (head_dim // 32),)
     qkv_rope_append_kernel[grid](
         x2, w, bias if bias is not None else w, q_out, k_cache, v_cache, positions, batch_indices, kv_indices,
@@ -291,11 +293,12 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                        rms_norm_eps: float | None = None, pdl: bool = False) -> torch.Tensor:
+                        rms_norm_eps: float | None = None, pdl: bool = False, config=None) -> torch.Tensor:
     """One token's gate / up projection with SwiGLU in the epilogue (pagoda's, for the engine's one-token layers):
     ``silu_and_mul(linear(x, weight, rms_norm_eps=...))`` with weight = [gate; up] [2 d, hidden], x [1, hidden]
     -> [1, d], without the activation's launch (the activation applied to the fp32 accumulators). Without
-    Triton, or in fp32, the same through linear() and silu_and_mul."""
+    Triton, or in fp32, the same through linear() and silu_and_mul. config: as linear()'s (its BLOCK_N unused:
+    a program takes 16 columns, 32 rows of W)."""
     from .activation import silu_and_mul
     from .kernels.matmul import gate_up_act_kernel
 
@@ -319,7 +322,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         return silu_and_mul(linear(x, weight, rms_norm_eps=rms_norm_eps), out=out)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
-    _, bk, warps, stages = SMALL_M_CONFIG if x.is_cuda else _INTERPRETER_CONFIG
+    _, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     gate_up_act_kernel[(triton.cdiv(d, 16),)](
         x2, w, out, k, d, w.stride(0), float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
