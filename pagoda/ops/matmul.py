@@ -328,3 +328,69 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
         num_stages=stages, **pdl_launch(pdl, x))
     return out
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None, norm_input: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6, split_k: int = 1, pdl: bool = False, config=None) -> torch.Tensor:
+    """One token's SwiGLU and the projection after it in one launch (pagoda's, for the engine's one-token layers):
+    ``linear(silu_and_mul(x, norm_input=norm_input, norm_eps=norm_eps), weight, residual=residual)`` with x =
+    [gate | up] [1, 2 d] and weight [N, d] -> [1, N], without the activation's launch (the activation rounded to
+    x's dtype as silu_and_mul stores it, then the small-M kernel's dot). norm_input [1, hidden]: gate and up
+    are first scaled by its RMSNorm factor (silu_and_mul's norm_input: an RMSNorm deferred past the gate / up
+    projection). ``out`` may be ``residual`` unless ``residual`` is also ``norm_input`` (programs read the norm
+    input while others store out); it must not overlap x or norm_input. split_k, pdl, config: as linear()'s.
+    Without Triton, or in fp32, the same through silu_and_mul and linear()."""
+    from .activation import silu_and_mul
+    from .kernels.matmul import act_linear_small_m_kernel
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1 or x.shape[1] % 2 \
+            or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be one token's gate and up [1, 2 * d] of a floating dtype, got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    d = x.shape[1] // 2
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d
+            or weight.dtype != x.dtype or weight.device != x.device):
+        raise ValueError(f"weight must be {x.dtype} [N, {d}] on {x.device}, got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    n = weight.shape[0]
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, n) or t.dtype != x.dtype
+                              or t.device != x.device or (name == "out" and not t.is_contiguous())):
+            raise ValueError(f"{name} must be a{' contiguous' if name == 'out' else ''} {x.dtype} [1, {n}] on "
+                             f"{x.device}, got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if norm_input is not None:
+        if (not isinstance(norm_input, torch.Tensor) or norm_input.dim() != 2 or norm_input.shape[0] != 1
+                or norm_input.shape[1] == 0 or not norm_input.dtype.is_floating_point
+                or norm_input.device != x.device):
+            raise ValueError(f"norm_input must be one floating row [1, hidden] on {x.device}, got "
+                             f"{getattr(norm_input, 'dtype', type(norm_input))} "
+                             f"{tuple(getattr(norm_input, 'shape', ()))}")
+        check_eps("norm_eps", norm_eps)
+    if out is not None and (_overlap(out, x) or (norm_input is not None and _overlap(out, norm_input))):
+        raise ValueError("out must not overlap x or norm_input (the kernel's programs read them while others "
+                         "write out)")
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
+    nx_block = triton.next_power_of_2(norm_input.shape[1]) if norm_input is not None else 0
+    if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or d == 0 or n == 0
+            or nx_block > 16384):
+        h = silu_and_mul(x, norm_input=norm_input, norm_eps=norm_eps)
+        return linear(h, weight, residual=residual, out=out, small_m=False)
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    nx = None if norm_input is None else (norm_input if norm_input.stride(-1) == 1 else norm_input.contiguous())
+    r = None if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
+    bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
+    n_tiles = triton.cdiv(n, bn)
+    k_split = triton.cdiv(triton.cdiv(d, split_k), bk) * bk  # whole K blocks per piece
+    split_k = triton.cdiv(d, k_split)  # (no empty piece)
+    ws, cnt = _split_buffers(x.device, n_tiles, split_k, bn) if split_k > 1 else (w, w)
+    act_linear_small_m_kernel[(n_tiles, split_k)](
+        x2, nx if nx is not None else x2, w, r if r is not None else w, out, ws, cnt, n, d, k_split,
+        nx.shape[1] if nx is not None else 0, w.stride(0), float(norm_eps), NX_BLOCK=nx_block, BLOCK_N=bn,
+        BLOCK_K=bk, EVEN_K=d % bk == 0, HAS_RES=residual is not None, SPLIT_K=split_k, num_warps=warps,
+        num_stages=stages, **pdl_launch(pdl, x))
+    return out

@@ -289,3 +289,53 @@ def test_linear_silu_and_mul(d, k, norm):
         pagoda.ops.linear_silu_and_mul(x, w[:-1])
     with pytest.raises(ValueError, match="out"):
         pagoda.ops.linear_silu_and_mul(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("d,n,split", [(64, 48, 1), (70, 37, 1), (96, 40, 3), (32, 16, 2)])
+@pytest.mark.parametrize("norm,res", [(True, True), (False, False), (True, False)])
+def test_silu_and_mul_linear(d, n, split, norm, res):
+    """One token's SwiGLU and the projection after it in one kernel against float64: d not a multiple of a K block
+    (70: the masked step), N past a block (37), K split over programs (3, 2: the last piece shorter or whole), with
+    the norm factor of another row and the residual; output poisoned. The activation is rounded to bf16 before
+    the projection (silu_and_mul's output), as in the reference."""
+    dtype = torch.bfloat16
+    x = torch.randn(1, 2 * d, dtype=dtype, device=DEVICE) * 4
+    w = (torch.randn(n, d, device=DEVICE) / d ** 0.5).to(dtype)
+    nx = torch.randn(1, 3 * n, dtype=dtype, device=DEVICE) * 2 if norm else None
+    r = torch.randn(1, n, dtype=dtype, device=DEVICE) if res else None
+    out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = pagoda.ops.silu_and_mul_linear(x, w, residual=r, out=out, norm_input=nx, norm_eps=1e-5, split_k=split)
+    assert y is out
+    xd = x.double() * (rms_factor(nx) if norm else 1.0)
+    h = (torch.nn.functional.silu(xd[:, :d]) * xd[:, d:]).to(dtype).double()
+    ref = h @ w.double().T + (r.double() if res else 0.0)
+    assert rel(out, ref) < TOL[dtype]
+    if res:  # in place into the residual (the norm input another row)
+        r2 = r.clone()
+        pagoda.ops.silu_and_mul_linear(x, w, residual=r2, out=r2, norm_input=nx, norm_eps=1e-5, split_k=split)
+        assert torch.equal(r2, out)
+
+
+def test_silu_and_mul_linear_bad_input():
+    dtype = torch.bfloat16
+    x = torch.randn(1, 64, dtype=dtype, device=DEVICE)
+    w = torch.randn(16, 32, dtype=dtype, device=DEVICE)
+    r = torch.randn(1, 16, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="x must be one token"):
+        pagoda.ops.silu_and_mul_linear(x.repeat(2, 1), w)
+    with pytest.raises(ValueError, match="x must be one token"):
+        pagoda.ops.silu_and_mul_linear(x[:, :63], w)
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.ops.silu_and_mul_linear(x, w[:, :-1])
+    with pytest.raises(ValueError, match="residual"):
+        pagoda.ops.silu_and_mul_linear(x, w, residual=r[:, :-1])
+    with pytest.raises(ValueError, match="out"):
+        pagoda.ops.silu_and_mul_linear(x, w, out=torch.empty(1, 17, dtype=dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_input"):
+        pagoda.ops.silu_and_mul_linear(x, w, norm_input=torch.randn(2, 16, dtype=dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="out must not overlap"):  # the norm input read while out is written
+        pagoda.ops.silu_and_mul_linear(x, w, residual=r, out=r, norm_input=r)
+    with pytest.raises(ValueError, match="norm_eps"):
+        pagoda.ops.silu_and_mul_linear(x, w, norm_input=r, norm_eps=-1.0)
+    with pytest.raises(ValueError, match="split_k"):
+        pagoda.ops.silu_and_mul_linear(x, w, split_k=0)
