@@ -5,7 +5,7 @@ one run:
             a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans)
   variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16
 
-    python -m pagoda.bench.decode_sweep [--parts graph,variants] [--json FILE]
+    python -m pagoda.bench.decode_sweep [--parts graph,variants] [--variants fp16,...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -72,9 +72,11 @@ def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):
     return rows
 
 
-def variant_rows(fi, ws, save=lambda rows: None):
+def variant_rows(fi, ws, save=lambda rows: None, only=None):
     rows = []
     for label, (hq, hk), d, ps, dt in VARIANTS:
+        if only is not None and label not in only:
+            continue
         for name, lens in (("64x2048", [2048] * 64), ("1x32768", [32768])):
             row = decode_row(name, lens, hq, hk, d, ps, dt, fi, ws)
             row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
@@ -107,7 +109,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="graph,variants")
     ap.add_argument("--json")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated labels of the variants part to run (default all: "
+                         + ", ".join(v[0] for v in VARIANTS) + ")")
     args = ap.parse_args(argv)
+    only = None if args.variants is None else args.variants.split(",")
+    if only is not None and set(only) - {v[0] for v in VARIANTS}:
+        ap.error(f"--variants: unknown labels {sorted(set(only) - {v[0] for v in VARIANTS})}")
     fi = flashinfer_or_none()
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
@@ -121,7 +129,7 @@ def main(argv=None):
     if "graph" in args.parts:
         res["graph"] = graph_rows(fi, ws, save=save("graph"))
     if "variants" in args.parts:
-        res["variants"] = variant_rows(fi, ws, save=save("variants"))
+        res["variants"] = variant_rows(fi, ws, save=save("variants"), only=only)
     print()
     if "graph" in res:
         print(fmt_graph(res["graph"]))

@@ -490,12 +490,14 @@ class ModelRunner:
         if self.use_graphs:
             self.static_flat = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
             self.static = {n: self.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
-        # PAGODA_STEP_OVERLAP=1 (an experiment, default 0; pagoda graphs): between two decode steps the compute
-        # stream runs only the sampling and the next ids' copy; the next step's other inputs and its attention
-        # plan go to the device on a copy stream once the graph before is done with them (during the sampling),
-        # and the sampled tokens come back on a read-back stream (the profile of session 19: ~50 us of a batch-1
-        # step between the graphs, copies and the gaps around them among it)
-        overlap = env_switch("PAGODA_STEP_OVERLAP", "0")
+        # PAGODA_STEP_OVERLAP=1 / 0 (default 1; pagoda graphs): between two decode steps the compute stream runs
+        # only the sampling and the next ids' copy; the next step's other inputs and its attention plan go to the
+        # device on a copy stream once the graph before is done with them (during the sampling), and the sampled
+        # tokens come back on a read-back stream (the profile of session 19: ~50 us of a batch-1 step between the
+        # graphs, copies and the gaps around them among it). H200, session 20, `python -m pagoda.bench.engine
+        # --cases latency`, interleaved on one machine: batch 1 4.453 / 4.450 -> 4.420 / 4.416 ms per token,
+        # batch 64 7.191 / 7.196 -> 7.175 / 7.180
+        overlap = env_switch("PAGODA_STEP_OVERLAP", "1")
         self.step_overlap = overlap and self.use_graphs and attention_backend == "pagoda"
         if self.step_overlap:
             self.copy_stream, self.readback_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
