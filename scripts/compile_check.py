@@ -67,10 +67,6 @@ def cases():
                matmul.linear_small_m_kernel, lin,
                dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm, NORM_K=4096,
                     HAS_RES=res, SPLIT_K=split, PRELOAD=pre, PDL=True), 4, 4)
-    for nx, res, split in ((4096, True, 2), (0, False, 1), (4096, True, 1)):
-        yield (f"act_linear_small_m NX_BLOCK={nx} HAS_RES={res} SPLIT_K={split} PDL", matmul.act_linear_small_m_kernel,
-               dict(X="*bf16", NX="*bf16", W="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32"),
-               dict(NX_BLOCK=nx, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, HAS_RES=res, SPLIT_K=split, PDL=True), 4, 4)
     for d, norm in ((128, True), (64, False)):
         yield f"qkv_rope_append D={d} NORM={norm} PDL", matmul.qkv_rope_append_kernel, dict(
             X="*bf16", W="*bf16", BIAS="*bf16", Q="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32",

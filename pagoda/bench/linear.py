@@ -116,8 +116,7 @@ def main(argv=None):
 
 def fused_table(copy_bw: float) -> None:
     """Llama-3.1-8B at one token, both sides with the deferred norm's factor as the engine runs them: gate / up +
-    SwiGLU (cuBLAS + silu_and_mul(norm_input=), vs linear_silu_and_mul), SwiGLU + down with the residual
-    (silu_and_mul + the small-M projection split in two, vs silu_and_mul_linear split 1 / 2) and qkv + RoPE + append (small-M with
+    SwiGLU (cuBLAS + silu_and_mul(norm_input=), vs linear_silu_and_mul) and qkv + RoPE + append (small-M with
     the norm factor + rope_append, vs linear_rope_append), then the fused kernels at each configuration of
     CONFIGS' (BLOCK_K, num_warps, num_stages) (session 19: the first form of this table ran the unfused qkv
     without the norm factor)."""
@@ -133,23 +132,6 @@ def fused_table(copy_bw: float) -> None:
     t_fused = gpu_time(fused_gu, "fused") * 1e6
     floor = w_gu.numel() * 2 / copy_bw * 1e6
     print(f"\ngate_up + SwiGLU   cuBLAS + act {t_ref:7.1f}u   fused {t_fused:7.1f}u   (copy rate {floor:.1f}u)")
-    w_down = torch.randn(hidden, inter, dtype=torch.bfloat16, device="cuda") / inter ** 0.5
-    gu = torch.randn(1, 2 * inter, dtype=torch.bfloat16, device="cuda")
-    r = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(r)
-    ref_y = pagoda.ops.linear(pagoda.silu_and_mul(gu, norm_input=r, norm_eps=1e-5), w_down, residual=r, small_m=True,
-                              split_k=2).float()
-    t_ref = gpu_time(lambda: pagoda.ops.linear(pagoda.silu_and_mul(gu, out=h, norm_input=r, norm_eps=1e-5), w_down,
-                                               residual=r, out=y, small_m=True, split_k=2), "act+down") * 1e6
-    for split in (1, 2):
-        pagoda.ops.silu_and_mul_linear(gu, w_down, residual=r, out=y, norm_input=r, norm_eps=1e-5, split_k=split)
-        err = ((y.float() - ref_y).norm() / ref_y.norm()).item()
-        assert err < 1e-2, f"silu_and_mul_linear split {split}: rel err {err:.3g}"
-        t_fused = gpu_time(lambda: pagoda.ops.silu_and_mul_linear(gu, w_down, residual=r, out=y, norm_input=r,
-                                                                  norm_eps=1e-5, split_k=split), "fused act+down") * 1e6
-        floor = w_down.numel() * 2 / copy_bw * 1e6
-        print(f"SwiGLU + down      act + small-M split 2 {t_ref:7.1f}u   fused split {split} {t_fused:7.1f}u   "
-              f"(copy rate {floor:.1f}u)")
     n_rows = (hq + 2 * hk) * d
     w_qkv = torch.randn(n_rows, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5
     cache = torch.zeros(512, 2, ps, hk, d, dtype=torch.bfloat16, device="cuda")

@@ -117,15 +117,8 @@ def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
         runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in PROMPTS])
         assert llm.engine.stats.cuda_graph_steps > 0
     assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[2]]  # with and without PDL: same bits
-    _agree_up_to_near_ties(runs[0], runs[1])
-
-
-def _agree_up_to_near_ties(reference, fused):
-    """Greedy completions (logprobs=5) of the unfused and the fused layers: the same tokens until a first
-    difference, where the fused run's token must be a near-tie of the reference's (within 0.1 of its best, among
-    its top 5), the log-probabilities before it close; at least 4 equal tokens a prompt on average."""
     same = 0
-    for ref, got in zip(reference, fused):
+    for ref, got in zip(runs[0], runs[1]):
         n = next((i for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)) if a != b), len(ref.token_ids))
         same += n
         for i in range(n):
@@ -135,25 +128,7 @@ def _agree_up_to_near_ties(reference, fused):
             top = ref.logprobs[n]
             assert got.token_ids[n] in top, (n, top, got.token_ids[n])
             assert top[ref.token_ids[n]] - top[got.token_ids[n]] < 0.1, (n, top, got.token_ids[n])
-    assert same >= len(reference) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
-
-
-def test_fused_act_down_in_cuda_graphs(monkeypatch):
-    """PAGODA_FUSED_ACT_DOWN=1 (the one-token layers' SwiGLU, with the post-attention norm's factor, in the down
-    projection's kernel, ops.silu_and_mul_linear; the residual stream a new tensor after each layer) in the
-    batch-1 decode graphs: the same greedy tokens as the two launches it replaces up to bf16 near-ties (the
-    norm factor summed in another order), the same bits with and without PDL."""
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
-    runs = []
-    for fused, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
-        monkeypatch.setenv("PAGODA_FUSED_ACT_DOWN", fused)
-        monkeypatch.setenv("PAGODA_PDL", pdl)
-        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
-        assert llm.engine.model.layers[0].mlp.fused_act_down == (fused == "1")
-        runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in PROMPTS])
-        assert llm.engine.stats.cuda_graph_steps > 0
-    assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[2]]
-    _agree_up_to_near_ties(runs[0], runs[1])
+    assert same >= len(PROMPTS) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
 
 
 def test_step_overlap_changes_nothing(monkeypatch):

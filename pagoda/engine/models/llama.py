@@ -47,13 +47,6 @@ def fused_gate_up_act_default() -> bool:
     return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
 
 
-def fused_act_down_default() -> bool:
-    """Whether the one-token layers run SwiGLU and the down projection as one kernel (ops.silu_and_mul_linear,
-    the activation in the small-M kernel's X tiles: one launch fewer a layer); PAGODA_FUSED_ACT_DOWN=1 / 0,
-    default 0 (an experiment, waits for the device)."""
-    return env_switch("PAGODA_FUSED_ACT_DOWN", "0")
-
-
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
              preload: int = 0) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
@@ -145,7 +138,6 @@ class MLP(nn.Module):
         self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
         self.preload = small_m_preload()
         self.fused_gate_up_act = fused_gate_up_act_default()
-        self.fused_act_down = fused_act_down_default() and not self.fused_gate_up_act
         self.pdl = pdl_default()
 
     def forward(self, x):
@@ -172,11 +164,9 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_one_token(self, r, cos_sin, ctx) -> torch.Tensor:
+    def forward_one_token(self, r, cos_sin, ctx) -> None:
         """The layer for one token with both norms deferred (the model's norm weights folded into qkv_proj and
-        gate_up_proj: fold_norm_weights): r [1, hidden], the residual stream, is updated in place and returned
-        (with SwiGLU and the down projection in one kernel, MLP.fused_act_down, the residual stream after the
-        layer is a new tensor, returned: that kernel's programs read r's norm while others store). The input
+        gate_up_proj: fold_norm_weights): r [1, hidden], the residual stream, is updated in place. The input
         norm's factor scales the qkv projection's accumulators (small-M kernel), the o projection adds its
         output into r in its epilogue, the post-attention norm's factor scales gate / up in the activation, and
         the down projection adds into r (cuBLAS with beta = 1, or the small-M kernel's epilogue): no norm
@@ -201,10 +191,6 @@ class DecoderLayer(nn.Module):
                                                rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
         else:
             gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)
-            if mlp.fused_act_down and (mlp.small_m_down or not cuda):
-                return pagoda.ops.silu_and_mul_linear(gu, mlp.down_proj.weight, residual=r, out=torch.empty_like(r),
-                                                      norm_input=r, norm_eps=self.post_attention_layernorm.eps,
-                                                      split_k=mlp.split_down, pdl=mlp.pdl and mlp.small_m_gate_up)
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
@@ -212,7 +198,6 @@ class DecoderLayer(nn.Module):
                               split_k=mlp.split_down, preload=mlp.preload)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
-        return r
 
 
 class LlamaForCausalLM(nn.Module):
@@ -239,8 +224,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         if x.shape[0] == 1 and self.norms_folded and self.defer_norms and self._defer_fits:
-            for layer in self.layers:  # (x: the embedding's own output, the residual stream)
-                x = layer.forward_one_token(x, self.cos_sin, ctx)
+            for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
+                layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x)
         residual = None
         for layer in self.layers:

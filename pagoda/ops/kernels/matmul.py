@@ -142,104 +142,23 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
             acc = _step(acc, x_ptrs + k_main, w_ptrs + k_main, mask_m[:, None] & mask_k[None, :],
                         mask_k[None, :], True)
     if SPLIT_K > 1:
-        last, acc = _split_k_sum(acc, WS, CNT, offs_m, offs_bn, BLOCK_M, BLOCK_N, SPLIT_K)
-        if last:
+        n_tiles = tl.num_programs(0)
+        tile = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
+        tl.store(WS + (tl.program_id(1) * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile, acc)
+        # every thread's part of the partial stored before the bump (a CTA barrier), which is acq_rel: the last
+        # one to arrive sees them all
+        tl.debug_barrier()
+        if tl.atomic_add(CNT + tl.program_id(0), 1) == SPLIT_K - 1:
+            tl.store(CNT + tl.program_id(0), 0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(WS + (s * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile,
+                               cache_modifier=".cg")
             _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m,
                     n_ok, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
     else:
         _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m, n_ok,
                 x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
-
-
-@triton.jit
-def _split_k_sum(acc, WS, CNT, offs_m, offs_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
-    """Program (n, s)'s partial into WS[s, n], then CNT[n] bumped; returns (last, sum): whether this program
-    arrived last among the tile's SPLIT_K, and then the partials added in the order s = 0, 1, ... (the same bits
-    whichever arrives last; CNT[n] back to 0 for the next launch)."""
-    n_tiles = tl.num_programs(0)
-    tile = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
-    tl.store(WS + (tl.program_id(1) * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile, acc)
-    # every thread's part of the partial stored before the bump (a CTA barrier), which is acq_rel: the last one to
-    # arrive sees them all
-    tl.debug_barrier()
-    last = tl.atomic_add(CNT + tl.program_id(0), 1) == SPLIT_K - 1
-    if last:
-        tl.store(CNT + tl.program_id(0), 0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(WS + (s * n_tiles + tl.program_id(0)) * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
-    return last, acc
-
-
-@triton.jit
-def _act_tile(X, offs, K, f, mask, BLOCK_M: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr):
-    """The X tile of act_linear_small_m_kernel: silu(g) * u at columns offs (g = X[offs], u = X[K + offs], both
-    times f first when NORM), rounded to X's dtype as act_and_mul_kernel stores it, on every one of the tile's
-    BLOCK_M rows (the MMA's padding rows: their accumulators are never stored)."""
-    if MASKED:
-        a = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(X + K + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        a = tl.load(X + offs).to(tl.float32)
-        b = tl.load(X + K + offs).to(tl.float32)
-    if NORM:
-        a = a * f
-        b = b * f
-    h = (a / (1.0 + tl.exp(-a)) * b).to(X.dtype.element_ty)
-    return tl.broadcast_to(h[None, :], (BLOCK_M, h.shape[0]))
-
-
-@triton.jit
-def act_linear_small_m_kernel(X, NX, W, R, Y, WS, CNT, N, K, K_SPLIT, nx_len, stride_wn, eps,
-                              NX_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              EVEN_K: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
-                              PDL: tl.constexpr = False):
-    """One token's SwiGLU and the projection after it: Y[n] = sum_k silu(g_k) * u_k * W[n, k] (+ R[n]), X = [g | u]
-    ([1, 2 K], a gate / up projection's output): act_and_mul_kernel's work in the X tiles of
-    linear_small_m_kernel's loop (BLOCK_N rows of W a program, K in BLOCK_K steps, SPLIT_K pieces), without its
-    launch. The activation is computed on one vector of BLOCK_K and broadcast to the MMA's rows (session 11's
-    in-loop SwiGLU on all 16 rows of a masked tile made the kernel 3.6x slower). NX_BLOCK > 0
-    (next_power_of_2(nx_len)): g and u first times rsqrt(mean(NX^2) + eps), NX [1, nx_len] the RMSNorm input that
-    the gate / up projection skipped (its weight folded into that projection), reduced by every program before
-    its loop; Y must not be NX (programs still read NX while others store Y)."""
-    BLOCK_M: tl.constexpr = 16
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_bn = tl.arange(0, BLOCK_N)
-    offs_n = tl.program_id(0) * BLOCK_N + offs_bn
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < 1
-    n_ok = offs_n < N
-    if SPLIT_K > 1:
-        k_lo = tl.multiple_of(tl.program_id(1) * K_SPLIT, BLOCK_K)
-        k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    else:
-        k_lo = 0
-        k_hi = K
-    w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    pdl_enter(PDL)
-    f = 1.0
-    if NX_BLOCK > 0:
-        offs_x = tl.arange(0, NX_BLOCK)
-        f = _rms_factor(tl.load(NX + offs_x, mask=offs_x < nx_len, other=0.0), nx_len, eps)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_main = k_hi if EVEN_K else k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    for k0 in range(k_lo, k_main, BLOCK_K):
-        x = _act_tile(X, k0 + offs_k, K, f, None, BLOCK_M, NX_BLOCK > 0, False)
-        acc = tl.dot(x, tl.trans(tl.load(w_ptrs + k0)), acc)
-    if not EVEN_K:
-        if k_main < k_hi:
-            mask_k = k_main + offs_k < k_hi
-            x = _act_tile(X, k_main + offs_k, K, f, mask_k, BLOCK_M, NX_BLOCK > 0, True)
-            acc = tl.dot(x, tl.trans(tl.load(w_ptrs + k_main, mask=mask_k[None, :], other=0.0)), acc)
-    if SPLIT_K > 1:
-        last, acc = _split_k_sum(acc, WS, CNT, offs_m, offs_bn, BLOCK_M, BLOCK_N, SPLIT_K)
-        if last:
-            _finish(acc, X, W, R, Y, 1, N, K, 0, 0, 0, eps, offs_m, offs_n, mask_m, n_ok, 0.0, 0.0, 0.0, 0.0,
-                    False, BLOCK_M, 0, HAS_RES)
-    else:
-        _finish(acc, X, W, R, Y, 1, N, K, 0, 0, 0, eps, offs_m, offs_n, mask_m, n_ok, 0.0, 0.0, 0.0, 0.0,
-                False, BLOCK_M, 0, HAS_RES)
 
 
 @triton.jit
