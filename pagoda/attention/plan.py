@@ -20,7 +20,7 @@ import functools
 import numpy as np
 import triton
 
-from .kernels.attention import MERGE_ITEM, SPLIT_FIELDS, WORK_FIELDS
+from .kernels.attention import SPLIT_FIELDS, WORK_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,30 +326,6 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
 
 
 _UNSPLIT_TEMPLATE = [np.empty((0, WORK_FIELDS), dtype=np.int32)]
-
-
-def add_waiting_mergers(plan: WorkPlan, tasks_per_item: int, num_ctas: int) -> WorkPlan:
-    """The plan with a waiting merger for each split tile (kernels/decode_sm90.py, WAIT_MERGE; one query per
-    tile): one item per split after the chunks (partial field MERGE_ITEM, an empty KV range, the split's
-    request, its split id), whose tasks (one per task slot: KV head and head split, as the chunks') fold the
-    tile's partial states as the chunks store them, and the split's chunk count negated (the chunks then raise a
-    flag instead of counting arrivals). Only when every task, the mergers' too, is in the persistent grid's
-    first round (at most num_ctas tasks): a merger then never waits on a chunk that has no program (the grid
-    is sized to be resident at once; and the mergers' programs, the last of the round, start last). Otherwise,
-    or without split tiles, the plan unchanged."""
-    n_splits = len(plan.splits)
-    if n_splits == 0 or (len(plan.work) + n_splits) * tasks_per_item > num_ctas:
-        return plan
-    split = plan.work[:, 7]
-    chunk_of = np.empty(n_splits, dtype=np.int64)
-    chunk_of[split[split >= 0]] = np.flatnonzero(split >= 0)  # one chunk item of each split (any)
-    mergers = plan.work[chunk_of].copy()  # (q_start, q_len, kv_base, diag, split id, request: the tile's)
-    mergers[:, 3] = 0
-    mergers[:, 4] = 0
-    mergers[:, 6] = MERGE_ITEM
-    splits = plan.splits.copy()
-    splits[:, 1] = -splits[:, 1]
-    return dataclasses.replace(plan, work=np.concatenate([plan.work, mergers]), splits=splits)
 
 
 def _unsplit_decode_rows(n: int) -> np.ndarray:

@@ -25,8 +25,8 @@ from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
                                 attention_kernel)
-from .plan import KernelConfig, WorkPlan, add_waiting_mergers, plan_work, prefill_band, select_config
-from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
+from .plan import KernelConfig, WorkPlan, plan_work, prefill_band, select_config
+from ..ops._dispatch import capability as _capability, pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
@@ -187,9 +187,6 @@ class BatchAttention:
         # run() merges its result into the (out, lse) it is given instead of overwriting them (a cascade's
         # levels after the first; Triton kernel only: see _can_merge_into_out())
         self._merge_out = False
-        # PAGODA_DECODE_MERGER=1 (an experiment, default 0): the Gluon decode kernel's split tiles merged by a
-        # waiting merge task (plan.add_waiting_mergers); read once, since a captured run() keeps its kernel
-        self._wait_merge = env_switch("PAGODA_DECODE_MERGER", "0")
         self._grid = None  # (config, persistent grid size) of the last plan
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
@@ -345,16 +342,12 @@ class BatchAttention:
                          max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
                          kv_ranges=self._variant.kv_ranges if self._variant is not None else None,
                          one_query=one_query, total_kv=total_kv)
-        if gluon_decode and self._wait_merge:
-            work = add_waiting_mergers(work, tasks_per_item, grid)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups); work
         # items: room for grid / tasks_per_item at least (the Gluon decode kernel loads its first item before the
         # task count)
-        # (a waiting merger's chunks raise flags in the same buffer, one per partial row and task slot)
-        self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), n_splits,
-                              max(2 * n_splits, work.partial_rows if self._wait_merge else 0) * tasks_per_item,
+        self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), n_splits, 2 * n_splits * tasks_per_item,
                               n_pages)
         use_reqs = self._variant is not None or mask_np is not None
         sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
@@ -451,7 +444,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), WAIT_MERGE=self._wait_merge)
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()))
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -147,24 +147,6 @@ def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
         assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
 
 
-def test_decode_merger_switch_is_validated(batch, monkeypatch):
-    """PAGODA_DECODE_MERGER (the Gluon decode kernel's waiting merger) is 0 or 1, read when the wrapper is made;
-    anything else is a ValueError naming it. On 1, plans the Gluon kernel does not take (every plan off sm_90)
-    are the default's."""
-    monkeypatch.setenv("PAGODA_DECODE_MERGER", "yes")
-    with pytest.raises(ValueError, match="PAGODA_DECODE_MERGER"):
-        decode_wrapper()
-    plans = []
-    for v in ("0", "1"):
-        monkeypatch.setenv("PAGODA_DECODE_MERGER", v)
-        w = decode_wrapper()
-        plan(w, batch)
-        plans.append(w._plan.work)
-    if DEVICE != "cuda":
-        np.testing.assert_array_equal(plans[0].work, plans[1].work)
-        np.testing.assert_array_equal(plans[0].splits, plans[1].splits)
-
-
 def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monkeypatch):
     """A CUDA-graph prefill wrapper whose first plan ran the one-query Gluon decode kernel (sm_90) replays it:
     a later plan with several queries in a request would need causal tiles that kernel does not have, so it is

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from pagoda.attention.plan import LATENCY_BOUND_TILES, KernelConfig, plan_work, select_config
+from pagoda.attention.plan import LATENCY_BOUND_TILES, KernelConfig, plan_work
 
 
 def coverage(plan, qo_indptr, T):
@@ -391,61 +391,3 @@ def test_check_qo_indptr_finds_one_query_batches():
         check_qo_indptr("qo_indptr", [0, 2, 1])
     with pytest.raises(ValueError, match="non-negative"):
         check_qo_indptr("qo_indptr", [-1, 0, 1])
-
-
-@pytest.mark.parametrize("kv_lens,group,kv_bytes,fits", [([32768], 4, 2, True), ([1024], 4, 2, True),
-                                                          ([4096] * 4, 4, 2, True), ([32768, 70], 4, 1, True),
-                                                          ([3000, 2, 4000, 17, 9000], 8, 2, True),
-                                                          ([32768, 5, 3000], 8, 2, False)])
-def test_waiting_mergers(kv_lens, group, kv_bytes, fits):
-    """plan.add_waiting_mergers (the Gluon decode kernel's waiting merger, PAGODA_DECODE_MERGER=1): one merge
-    item per split tile after the chunks, its tile's fields, an empty KV range, partial MERGE_ITEM, the split's
-    chunk count negated; only when every task is in the grid's first round. And the flag protocol the kernel
-    runs, played on the host in task order: each chunk task of a split raises flag (partial row * tasks_per_item
-    + task slot), each merge task waits for exactly the flags of its tile's chunks in its task slot (the same
-    KV head and head split), every flag is raised once, and all lie in the buffer the runner sizes."""
-    from pagoda.attention.kernels.attention import MERGE_ITEM
-    from pagoda.attention.plan import add_waiting_mergers
-
-    from pagoda.attention.runner import _gluon_decode_config
-
-    kv = np.array(kv_lens)
-    # the configuration and grid the runner takes for these on an H100 / H200 (132 SMs), head_dim 128, 8 KV heads
-    cfg = _gluon_decode_config(select_config("decode", 128, group, True, kv_bytes, kv.mean(), 16), kv_bytes)
-    num_ctas, tpi = 132 * cfg.ctas_per_sm, 8 * -(-group // cfg.heads_per_prog)
-    plan = plan_work(np.arange(len(kv) + 1), kv, np.arange(len(kv)) * 10_000, causal=False, window_left=-1,
-                     config=cfg, tasks_per_item=tpi, num_ctas=num_ctas, max_partial_rows=100_000, one_query=True)
-    assert len(plan.splits) > 0, "no split: nothing to test"
-    out = add_waiting_mergers(plan, tpi, num_ctas)
-    assert fits == ((len(plan.work) + len(plan.splits)) * tpi <= num_ctas)
-    if not fits:
-        assert out is plan
-        return
-    n, s = len(plan.work), len(plan.splits)
-    np.testing.assert_array_equal(out.work[:n], plan.work)  # the chunks as they were, mergers after them
-    np.testing.assert_array_equal(out.splits[:, 0], plan.splits[:, 0])
-    np.testing.assert_array_equal(out.splits[:, 1], -plan.splits[:, 1])
-    assert out.partial_rows == plan.partial_rows and len(out.work) == n + s and len(out.work) * tpi <= num_ctas
-    m = out.work[n:]
-    assert (m[:, 6] == MERGE_ITEM).all() and (m[:, 3] == 0).all() and (m[:, 4] == 0).all()
-    assert sorted(m[:, 7].tolist()) == list(range(s))
-    for row in m:
-        chunks = plan.work[plan.work[:, 7] == row[7]]
-        assert len(chunks) == plan.splits[row[7], 1] and (chunks[:, 8] == row[8]).all()
-        assert (chunks[:, 0] == row[0]).all() and (chunks[:, 2] == row[2]).all()
-    raised, waited = {}, {}
-    for task in range(len(out.work) * tpi):  # round 0 of the static schedule: task = program
-        item, slot = out.work[task // tpi], task % tpi
-        if item[6] == MERGE_ITEM:
-            first, count = out.splits[item[7]]
-            waited[task] = {(first + c) * tpi + slot for c in range(-count)}
-        elif item[6] >= 0:
-            flag = int(item[6]) * tpi + slot
-            assert flag not in raised, "a flag raised twice"
-            raised[flag] = (int(item[7]), slot)
-    capacity = max(2 * s, out.partial_rows) * tpi  # (runner._ensure_capacity's arrivals)
-    assert max(raised) < capacity
-    assert set().union(*waited.values()) == set(raised)  # every raised flag has its merger, no merger waits forever
-    for task, flags in waited.items():
-        item = out.work[task // tpi]
-        assert {raised[f] for f in flags} == {(int(item[7]), task % tpi)}

@@ -12,8 +12,7 @@ request's KV. The planner writes items as int32 rows of ``WORK_FIELDS`` entries:
     5 diag       KV position that query row 0 of the tile aligns with: row t sees
                  kv <= diag + t when causal, kv >= diag + t - window_left with a window
     6 partial    -1: write the tile to out / lse; otherwise the first row of this
-                 chunk's partial result in tmp_o / tmp_lse; MERGE_ITEM: a merge task's item
-                 (decode_sm90's waiting merger, plan.add_waiting_mergers; kv_start = kv_end = 0)
+                 chunk's partial result in tmp_o / tmp_lse
     7 split      -1, or the index of the tile in SPLITS: (first partial row, chunks)
     8 request    the request the tile belongs to (for variants and custom masks)
 
@@ -34,7 +33,6 @@ from ...ops.kernels.pdl import pdl_enter
 
 WORK_FIELDS = 9
 SPLIT_FIELDS = 2
-MERGE_ITEM = -2  # work field 6 of a waiting merger's item (kernels/decode_sm90.py, WAIT_MERGE)
 # The plan's int32 buffer (one host-to-device copy per plan): a header of NUM_COUNTERS ints, then the work
 # list (WORK points there), the split table, the page ids. Header: 0 next task, 1 programs done, 2 number of
 # tasks, 3 where the split table starts, 4 where the page ids start (offsets from the buffer's start, which

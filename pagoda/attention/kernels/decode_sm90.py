@@ -34,7 +34,6 @@ cap / variant / custom mask, not a cascade level; the runner uses the Triton ker
 """
 from __future__ import annotations
 
-from .attention import MERGE_ITEM as _MERGE_ITEM
 from .prefill_sm90 import HAVE_GLUON
 
 if HAVE_GLUON:
@@ -42,10 +41,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
-    MERGE_ITEM = gl.constexpr(_MERGE_ITEM)
-
     from .prefill_sm90 import (TRACE_ROUNDS, TRACE_SLOTS, _cta_barrier, _epilogue, _globaltimer, _issue_kv_load,
-                               _merge_one_query, _page_ids, _q_tile, _stamp, _ws_schedule, _ws_task)
+                               _page_ids, _q_tile, _stamp, _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -118,7 +115,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_TRIGGER: gl.constexpr = False, WAIT_MERGE: gl.constexpr = False,
+        EARLY_TRIGGER: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -135,14 +132,7 @@ if HAVE_GLUON:
         touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots),
         unless EARLY_TRIGGER (with PDL; PAGODA_PDL_EARLY_TRIGGER=1 in the engine, an experiment): then right after
         the wait, so the kernel after it (the o projection, at batch 1 most of this grid's programs have no task
-        and leave at once) can start its weight stream during the attention (ops.linear's preload).
-        WAIT_MERGE (PAGODA_DECODE_MERGER=1, an experiment): a plan may carry merge tasks (plan.add_waiting_mergers:
-        an item whose partial field is attention.MERGE_ITEM, one task per split tile, in round 0 with every chunk of
-        it: the persistent grid holds them all at once). Such a task folds its tile's partial states as their
-        chunks raise their flags (prefill_sm90._merge_one_query with FLAGS), so the last chunk's merge is one
-        flag and one load instead of an arrival and two rounds of loads (~-1.5 us at 1 x 32768, predicted); its
-        chunks raise flags (prefill_sm90._epilogue) instead of counting arrivals. Without it, the same code as
-        before it (the branches are not built: compile_check prints the same PTX hash)."""
+        and leave at once) can start its weight stream during the attention (ops.linear's preload)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -202,100 +192,92 @@ if HAVE_GLUON:
             # the next round's item loads now; the KV loop hides them
             (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
              npartial) = _decode_task(WORK, rnd + 1, tasks_per_item, n_hsplit, rnd + 1 < n_rounds)
-            if WAIT_MERGE and partial == MERGE_ITEM:  # a waiting merger (a constexpr False: only the else is built)
-                split = gl.load(wp + 7)
-                _merge_one_query(O, LSE, TMP_O, TMP_LSE, gl.load(SPLITS + split * 2), -gl.load(SPLITS + split * 2 + 1),
-                                 q_start, kvh, hsplit, group_size, heads_per_prog, stride_ot, stride_oh, stride_lt,
-                                 stride_tt, stride_th, stride_tl, MERGE_ROWS if MERGE_ROWS > 0 else BLOCK_M, HEAD_DIM,
-                                 WRITE_LSE, None, rnd, ARRIVALS, tasks_per_item, rem)
-            else:
-                n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
-                full_hi = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
-                q_ptrs, q_rows = _q_tile(Q, 0, BLOCK_M, HEAD_DIM, LOAD, q_start, q_len, kvh, hsplit, group_size,
-                                         heads_per_prog, stride_qt, stride_qh)
-                q = gl.load(q_ptrs, mask=q_rows, other=0.0)
-                task_qk = qk_scale * k_scale
-                task_v = v_scale
-                if SCALE_PTR:
-                    task_qk = task_qk * gl.load(K_SCALE + kvh * stride_ksh)
-                    task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
-                k_head_off = kvh.to(gl.int64) * stride_kh
-                v_head_off = kvh.to(gl.int64) * stride_vh
-                _cta_barrier()  # the last task's MMAs are done with the ring and q_s
-                m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
-                l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
-                acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
-                # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
-                for i in gl.static_range(STAGES - 1):
-                    st = kv_start + i * BLOCK_N
-                    pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
-                    _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off,
-                                   v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
-                                   PAGE_SIZE, True, COPY, SAME_STRIDES)
-                    async_copy.commit_group()
-                pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                                  True, COPY)
-                # q into shared memory only now: waiting for its load before the page ids and the first KV copies went
-                # out put one more round trip in front of every task's first block
-                if not KV16:
-                    q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
-                q_s.store(q)
-                fence_async_shared()  # (the loop's first barrier makes every warp's part of q_s visible to the MMAs)
-                for j in range(0, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
-                    if KV16:
-                        fence_async_shared()  # (the MMAs read them from shared memory)
-                    _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
-                    if TRACE is not None:
-                        if j == 0:
-                            _stamp(trace, rnd, 2)
-                    ahead = start + (STAGES - 1) * BLOCK_N
-                    nxt = (j + STAGES - 1) % STAGES
-                    # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
-                    # none still reads it); the page ids of the block after it load meanwhile
-                    _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, ahead, kv_end, k_head_off,
-                                   v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
-                                   PAGE_SIZE, True, COPY, SAME_STRIDES)
-                    async_copy.commit_group()
-                    pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
-                    cur = j % STAGES
-                    if KV16:
-                        k_op = k_ring.index(cur)
-                    else:
-                        k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
-                    s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
-                    if start >= full_hi:  # the last block: tokens past the end
-                        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
-                        s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
-                    # the block's column max: each warp's over its 16 rows, then one exchange through shared memory
-                    red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
-                    _cta_barrier()
-                    m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
-                    m_new = gl.maximum(m_i, m_blk * task_qk)
-                    m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s * task_qk - gl.expand_dims(m_new, 0))
-                    l_acc = l_acc * gl.expand_dims(alpha, 0) + p
-                    m_i = m_new
-                    p_s.store(gl.permute(p.to(CDT), (1, 0)))
-                    fence_async_shared()
-                    _cta_barrier()
-                    if KV16:
-                        v_op = v_ring.index(cur).permute((1, 0))
-                    else:
-                        v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N],
-                                                            V_VIEW).load(V_LOAD)
-                        v_op = gl.convert_layout(v8.to(gl.float16), A_L)
-                    acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
-                async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
+            n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
+            full_hi = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
+            q_ptrs, q_rows = _q_tile(Q, 0, BLOCK_M, HEAD_DIM, LOAD, q_start, q_len, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_qt, stride_qh)
+            q = gl.load(q_ptrs, mask=q_rows, other=0.0)
+            task_qk = qk_scale * k_scale
+            task_v = v_scale
+            if SCALE_PTR:
+                task_qk = task_qk * gl.load(K_SCALE + kvh * stride_ksh)
+                task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
+            k_head_off = kvh.to(gl.int64) * stride_kh
+            v_head_off = kvh.to(gl.int64) * stride_vh
+            _cta_barrier()  # the last task's MMAs are done with the ring and q_s
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
+            l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
+            acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
+            # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
+            for i in gl.static_range(STAGES - 1):
+                st = kv_start + i * BLOCK_N
+                pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off, v_head_off,
+                               stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True,
+                               COPY, SAME_STRIDES)
+                async_copy.commit_group()
+            pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True,
+                              COPY)
+            # q into shared memory only now: waiting for its load before the page ids and the first KV copies went
+            # out put one more round trip in front of every task's first block
+            if not KV16:
+                q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+            q_s.store(q)
+            fence_async_shared()  # (the loop's first barrier makes every warp's part of q_s visible to the MMAs)
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
+                if KV16:
+                    fence_async_shared()  # (the MMAs read them from shared memory)
+                _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
                 if TRACE is not None:
-                    _stamp(trace, rnd, 3)
-                l_i = gl.sum(l_acc, 0)
-                out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
-                _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
-                          group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
-                          stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                          None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, WAIT_MERGE)
-                if TRACE is not None:
-                    _stamp(trace, rnd, 4)
+                    if j == 0:
+                        _stamp(trace, rnd, 2)
+                ahead = start + (STAGES - 1) * BLOCK_N
+                nxt = (j + STAGES - 1) % STAGES
+                # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
+                # none still reads it); the page ids of the block after it load meanwhile
+                _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, ahead, kv_end, k_head_off,
+                               v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
+                               PAGE_SIZE, True, COPY, SAME_STRIDES)
+                async_copy.commit_group()
+                pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                cur = j % STAGES
+                if KV16:
+                    k_op = k_ring.index(cur)
+                else:
+                    k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
+                s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
+                if start >= full_hi:  # the last block: tokens past the end
+                    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
+                    s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
+                # the block's column max: each warp's over its 16 rows, then one exchange through shared memory
+                red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
+                _cta_barrier()
+                m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
+                m_new = gl.maximum(m_i, m_blk * task_qk)
+                m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(s * task_qk - gl.expand_dims(m_new, 0))
+                l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+                m_i = m_new
+                p_s.store(gl.permute(p.to(CDT), (1, 0)))
+                fence_async_shared()
+                _cta_barrier()
+                if KV16:
+                    v_op = v_ring.index(cur).permute((1, 0))
+                else:
+                    v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
+                    v_op = gl.convert_layout(v8.to(gl.float16), A_L)
+                acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+            async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
+            if TRACE is not None:
+                _stamp(trace, rnd, 3)
+            l_i = gl.sum(l_acc, 0)
+            out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
+            _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
+                      group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
+                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
+            if TRACE is not None:
+                _stamp(trace, rnd, 4)

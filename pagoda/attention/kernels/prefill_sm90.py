@@ -223,18 +223,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
-                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0, FLAGS=None,
-                         flag_stride=0, flag_rem=0):
+                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0):
         """_merge_partials for a tile of one query token (decode: chunk c's partial is row first + c) and only its
         ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
         online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
         1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
-        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4).
-        FLAGS (a waiting merger, decode_sm90's WAIT_MERGE): the chunks' partials are still being written by
-        other programs; chunk c's is there once FLAGS[(first + c) * flag_stride + flag_rem] is 1 (_epilogue sets
-        it after the partial's stores). Each group of CH chunks is folded once all its flags are up (polled
-        with volatile loads, then an acquire fence), in the same order and arithmetic as without FLAGS (the
-        same bits), and its flags are put back to 0 for the next launch."""
+        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
         TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
         RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
@@ -253,18 +247,6 @@ if HAVE_GLUON:
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
         for c0 in range(0, n_chunks, CH):
             row = (first + c0 + offs_c).to(gl.int64)
-            if FLAGS is not None:
-                c_ok = c0 + offs_c < n_chunks
-                flags = FLAGS + row * flag_stride + flag_rem  # (every thread polls all CH: one layout row each)
-                need = gl.sum(c_ok.to(gl.int32), 0)
-                ready = gl.sum(gl.load(flags, mask=c_ok, other=0, volatile=True), 0)
-                while ready < need:
-                    ready = gl.sum(gl.load(flags, mask=c_ok, other=0, volatile=True), 0)
-                # (relaxed loads saw the flags; the fence makes this thread's loads below see what the flags'
-                # writers released: the partials)
-                gl.inline_asm_elementwise("fence.acq_rel.gpu; // dummy $0", "=r", [], dtype=gl.int32,
-                                          is_pure=False, pack=1)
-                gl.store(flags, gl.zeros_like(ready + offs_c), mask=c_ok)  # (read by no one else this launch)
             live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
             s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
                         other=float("-inf"), cache_modifier=".cg")
@@ -306,16 +288,13 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, WAIT_MERGE: gl.constexpr = False):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
         MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
-        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp).
-        WAIT_MERGE (decode_sm90): a split whose chunk count is stored negated has a merge task waiting for its
-        chunks (plan.add_waiting_mergers): the chunk raises its flag in ARRIVALS (row * tasks_per_item + task
-        slot) after its partial's stores instead of counting its arrival, and never merges."""
+        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -345,24 +324,21 @@ if HAVE_GLUON:
             if trace is not None:
                 _stamp(trace, rnd, 5)
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-            if WAIT_MERGE and n_chunks < 0:  # (a constexpr False short-circuits: only the else is built)
-                gl.atomic_xchg(ARRIVALS + partial.to(gl.int64) * tasks_per_item + rem, 1)  # (decode: one row)
-            else:
-                arrived = gl.atomic_add(arrival, 1)
-                if trace is not None:
-                    _stamp(trace, rnd, 6)
-                if arrived == n_chunks - 1:
-                    # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
-                    # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
-                    gl.store(arrival, 0)
-                    if MERGE_ROWS > 0:
-                        _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit,
-                                         group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                         stride_th, stride_tl, MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
-                    else:
-                        _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
-                                        group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                        stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
+            arrived = gl.atomic_add(arrival, 1)
+            if trace is not None:
+                _stamp(trace, rnd, 6)
+            if arrived == n_chunks - 1:
+                # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
+                # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
+                gl.store(arrival, 0)
+                if MERGE_ROWS > 0:
+                    _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
+                else:
+                    _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                    group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
 
     # -- warp-specialized version -------------------------------------------------------------
     # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
