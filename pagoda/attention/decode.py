@@ -88,8 +88,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
         enable_pdl: launch the kernel as a programmatic dependent launch on a Hopper GPU (it may start while
         the kernel before it runs, and waits for it before touching memory: ops/kernels/pdl.py); None: off.
         It applies to the Triton attention kernel and the Gluon decode kernel (kernels/decode_sm90.py, which
-        runs most decode plans on sm_90; the Gluon prefill kernel launches plainly). "early" (the Gluon decode
-        kernel): also let the kernel after it launch right after its wait instead of at its end."""
+        runs most decode plans on sm_90; the Gluon prefill kernel launches plainly)."""
         return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
 
     forward = run

@@ -639,7 +639,7 @@ class BatchAttention:
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                EARLY_TRIGGER=enable_pdl == "early", **p.decode_sm90_constexprs, **pdl_launch(enable_pdl, q))
+                **p.decode_sm90_constexprs, **pdl_launch(enable_pdl, q))
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

@@ -293,9 +293,7 @@ class _PagodaAttention:
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
-        # PAGODA_PDL: run() as a programmatic dependent launch; PAGODA_PDL_EARLY_TRIGGER=1 (an experiment, with
-        # PAGODA_SMALL_M_PRELOAD): the Gluon decode kernel lets the o projection launch right after its wait
-        self.pdl = "early" if runner.pdl and env_switch("PAGODA_PDL_EARLY_TRIGGER", "0") else runner.pdl
+        self.pdl = runner.pdl  # PAGODA_PDL: run() as a programmatic dependent launch
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""

@@ -70,15 +70,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 NORM_MAX_ROWS = 4  # rows whose RMSNorm factor the small-M kernel computes (one vector of K each, in registers)
 
 
-def small_m_preload() -> int:
-    """W blocks the engine's small-M projections load before their PDL wait: PAGODA_SMALL_M_PRELOAD (0-2,
-    default 0; an experiment with PAGODA_PDL_EARLY_TRIGGER=1)."""
-    env = os.environ.get("PAGODA_SMALL_M_PRELOAD", "0")
-    if env not in ("0", "1", "2"):
-        raise ValueError(f"PAGODA_SMALL_M_PRELOAD must be 0, 1 or 2, got {env!r}")
-    return int(env)
-
-
 def small_m_split() -> dict[str, int]:
     """K splits of the engine's small-M projections: PAGODA_SMALL_M_SPLIT, e.g. "down=4,o=2" ('none' or empty:
     one program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch). Default
@@ -119,7 +110,7 @@ def _split_buffers(device, n_tiles: int, split_k: int, bn: int):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
            pdl: bool = False, rms_norm_eps: float | None = None,
-           residual: torch.Tensor | None = None, split_k: int = 1, preload: int = 0) -> torch.Tensor:
+           residual: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
 
     rms_norm_eps: x is RMS-normalized first, without a weight: y = (x * rsqrt(mean(x^2) + eps)) @ weight.T
@@ -127,8 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     RMSNorm. The small-M kernel scales its accumulators (at most NORM_MAX_ROWS rows). residual [..., N]: y +=
     residual; ``out`` may be ``residual`` (an in-place residual add). split_k (small-M kernel): K in that many
     pieces over as many programs per BLOCK_N rows, the partials added by the tile's last program in a fixed
-    order (deterministic; one launch). preload (0-2, small-M kernel): W blocks loaded before the PDL wait (fewer
-    if a K piece has fewer whole blocks).
+    order (deterministic; one launch).
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
@@ -165,8 +155,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_eps("rms_norm_eps", rms_norm_eps)
     if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
-    if isinstance(preload, bool) or not isinstance(preload, int) or not 0 <= preload <= 2:
-        raise ValueError(f"preload must be 0, 1 or 2, got {preload!r}")
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if small_m is None:
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
@@ -206,14 +194,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk  # whole K blocks per piece
     split_k = triton.cdiv(k, k_split)  # (no empty piece)
     ws, cnt = _split_buffers(x.device, n_tiles, split_k, bn) if split_k > 1 else (w, w)
-    preload = min(preload, (k - (split_k - 1) * k_split) // bk)  # (the last piece is the shortest)
     linear_small_m_kernel[(n_tiles, split_k)](
         x2, w, bias if bias is not None else w, r2 if r2 is not None else w, y2, ws, cnt, rows, n, k, k_split,
         x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
         float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
         NORM_ROWS=rows if rms_norm_eps is not None else 0, NORM_K=norm_k if rms_norm_eps is not None else 16,
-        HAS_RES=residual is not None, SPLIT_K=split_k, PRELOAD=preload, num_warps=warps, num_stages=stages,
+        HAS_RES=residual is not None, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
         **pdl_launch(pdl, x))
     return out
 

@@ -157,19 +157,12 @@ def test_programmatic_dependent_launches_change_nothing(monkeypatch):
     dependent launches: ops/kernels/pdl.py) gives the same greedy tokens as without, in CUDA graphs at batch 1
     (the small-M projections) and batch 4, and eagerly. Each kernel waits for its predecessor before it touches
     memory, so the numbers are the same to the bit. With the norms deferred into the one-token layers
-    (PAGODA_DEFER_NORMS=1) and without: each setting compared with itself. Also the experiments on top of PDL:
-    the decode kernel's early trigger with the small-M projections' weight preload (the same bits: the preload
-    changes no order of additions)."""
+    (PAGODA_DEFER_NORMS=1) and without: each setting compared with itself."""
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for defer in ("0", "1"):
         monkeypatch.setenv("PAGODA_DEFER_NORMS", defer)
         runs = []
-        for pdl, eager, extra in (("0", False, {}), ("1", False, {}), ("1", True, {}),
-                                  ("1", False, {"PAGODA_PDL_EARLY_TRIGGER": "1", "PAGODA_SMALL_M_PRELOAD": "2"})):
-            for key in ("PAGODA_PDL_EARLY_TRIGGER", "PAGODA_SMALL_M_PRELOAD"):
-                monkeypatch.delenv(key, raising=False)
-            for key, val in extra.items():
-                monkeypatch.setenv(key, val)
+        for pdl, eager in (("0", False), ("1", False), ("1", True)):
             monkeypatch.setenv("PAGODA_PDL", pdl)
             llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enforce_eager=eager)
             assert llm.engine.runner.pdl == (pdl == "1")
@@ -178,4 +171,4 @@ def test_programmatic_dependent_launches_change_nothing(monkeypatch):
             four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
             assert (llm.engine.stats.cuda_graph_steps > 0) != eager
             runs.append((one, four))
-        assert runs[0] == runs[1] == runs[2] == runs[3], defer
+        assert runs[0] == runs[1] == runs[2], defer

@@ -95,27 +95,6 @@ def test_small_m_split_k(split_k, rows, n, k):
             pagoda.ops.linear(x, w, small_m=True, split_k=bad)
 
 
-@pytest.mark.parametrize("preload", [1, 2])
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("rows,n,k", [(1, 48, 96), (2, 37, 70), (1, 16, 32)])
-def test_small_m_preload(preload, split_k, rows, n, k):
-    """preload: the first W blocks loaded ahead (before the PDL wait); the same bits as without, with splits and
-    K not a multiple of a block; a piece with fewer whole blocks than asked (K 32 = one block) preloads fewer."""
-    x = torch.randn(rows, k, dtype=torch.bfloat16, device=DEVICE)
-    w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
-    b = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
-    outs = []
-    for pre in (0, preload):
-        out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        pagoda.ops.linear(x, w, b, out=out, small_m=True, split_k=split_k, preload=pre)
-        assert rel(out, x.double() @ w.double().T + b.double()) < TOL[torch.bfloat16]
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    for bad in (3, -1, True):
-        with pytest.raises(ValueError, match="preload"):
-            pagoda.ops.linear(x, w, small_m=True, preload=bad)
-
-
 def test_small_m_split_env(monkeypatch):
     monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "down=4,o=2")
     assert linear_mod.small_m_split() == {"down": 4, "o": 2}
@@ -128,12 +107,6 @@ def test_small_m_split_env(monkeypatch):
         monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", bad)
         with pytest.raises(ValueError, match="PAGODA_SMALL_M_SPLIT"):
             linear_mod.small_m_split()
-    assert linear_mod.small_m_preload() == 0
-    monkeypatch.setenv("PAGODA_SMALL_M_PRELOAD", "2")
-    assert linear_mod.small_m_preload() == 2
-    monkeypatch.setenv("PAGODA_SMALL_M_PRELOAD", "3")
-    with pytest.raises(ValueError, match="PAGODA_SMALL_M_PRELOAD"):
-        linear_mod.small_m_preload()
 
 
 def test_small_m_rms_norm_more_rows_and_bad_input():

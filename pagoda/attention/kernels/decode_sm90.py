@@ -115,7 +115,6 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_TRIGGER: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -129,10 +128,9 @@ if HAVE_GLUON:
         PDL (a programmatic dependent launch, ops/kernels/pdl.py): the plan's header and the first work item load
         before griddepcontrol.wait, which the queries and the cache (RoPE + append's output, in the engine) wait
         behind; the plan was written before the kernel ahead of this one ran, as was everything the epilogue
-        touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots),
-        unless EARLY_TRIGGER (with PDL; PAGODA_PDL_EARLY_TRIGGER=1 in the engine, an experiment): then right after
-        the wait, so the kernel after it (the o projection, at batch 1 most of this grid's programs have no task
-        and leave at once) can start its weight stream during the attention (ops.linear's preload)."""
+        touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots; an
+        early trigger right after the wait, with the o projection's first weight blocks loaded before its own
+        wait, made the engine's batch-1 step 0.05-0.09 ms slower: H200, session 19, removed in session 20)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -178,9 +176,6 @@ if HAVE_GLUON:
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
-            if EARLY_TRIGGER:
-                gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                          is_pure=False, pack=1)
         if TRACE is not None:
             trace = TRACE + gl.program_id(0) * (1 + TRACE_SLOTS * TRACE_ROUNDS)
             gl.store(trace, _globaltimer())

@@ -16,7 +16,7 @@ import pagoda
 
 from ..config import ModelConfig
 from ...ops._dispatch import env_switch, pdl_default
-from ...ops.matmul import small_m_preload, small_m_projections, small_m_split
+from ...ops.matmul import small_m_projections, small_m_split
 
 
 def defer_norms_default() -> bool:
@@ -47,15 +47,12 @@ def fused_gate_up_act_default() -> bool:
     return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
 
 
-def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1,
-             preload: int = 0) -> torch.Tensor:
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
-    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT), preload W blocks before the PDL wait
-    (PAGODA_SMALL_M_PRELOAD)."""
+    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT)."""
     if small_m and x.shape[0] == 1 and x.is_cuda:
-        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k,
-                                 preload=preload)
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k)
     return layer(x)
 
 
@@ -104,17 +101,15 @@ class Attention(nn.Module):
         small_m, split = small_m_projections(), small_m_split()
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
         self.split_qkv, self.split_o = split.get("qkv", 1), split.get("o", 1)
-        self.preload = small_m_preload()
         self.pdl = pdl_default()
         # (the model's RoPE: NeoX pairs over the whole head; no per-head q / k norm between projection and RoPE)
         self.fused_qkv_rope = fused_qkv_rope_default() and not c.qk_norm and self.d in (64, 128, 256)
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv, self.preload),
+        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv),
                         cos_sin, ctx)
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o,
-                        self.preload)
+        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o)
 
     def attend(self, qkv, cos_sin, ctx):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
@@ -136,14 +131,13 @@ class MLP(nn.Module):
         small_m, split = small_m_projections(), small_m_split()
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
         self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
-        self.preload = small_m_preload()
         self.fused_gate_up_act = fused_gate_up_act_default()
         self.pdl = pdl_default()
 
     def forward(self, x):
-        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up, self.preload)
+        h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up)
         return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl,
-                        self.split_down, self.preload)
+                        self.split_down)
 
 
 class DecoderLayer(nn.Module):
@@ -182,20 +176,20 @@ class DecoderLayer(nn.Module):
         if o is None:
             qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
-                                    split_k=a.split_qkv, preload=a.preload)
+                                    split_k=a.split_qkv)
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
-                          out=r, split_k=a.split_o, preload=a.preload)
+                          out=r, split_k=a.split_o)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
                                                rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
         else:
-            gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up, mlp.preload)
+            gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
-                              split_k=mlp.split_down, preload=mlp.preload)
+                              split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
 

@@ -80,7 +80,7 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
                           eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NORM_ROWS: tl.constexpr = 0,
                           NORM_K: tl.constexpr = 16, HAS_RES: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-                          PRELOAD: tl.constexpr = 0, PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     """EVEN_K: K % BLOCK_K == 0. The loop runs over whole K blocks without K masks (a loop with masks that
     depend on k0 is not pipelined: no cp.async in the sm_90 PTX), then one masked step for the rest.
     Rows of W past N read row 0 (in bounds, dropped). NORM_ROWS (= M, at most 4; 0: none): each row's
@@ -91,10 +91,9 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
     partials in the order s = 0, 1, ... (the same bits whichever arrives last), runs the epilogue and resets
     CNT[n] to 0 for the next launch: one launch, no separate reduction kernel.
 
-    PRELOAD (0-2; every piece has at least that many whole K blocks): the first W blocks are loaded before the
-    PDL wait (W is no kernel's output), so under a programmatic dependent launch that started early the weight
-    stream begins while the kernel ahead still runs (session 17: no gain behind kernels that let it launch only
-    at their end)."""
+    (The first W blocks loaded before the PDL wait, W being no kernel's output, gained nothing behind kernels
+    that let it launch only at their end, nor behind the decode kernel with an early trigger: sessions 17 and
+    19, removed in session 20.)"""
     offs_m = tl.arange(0, BLOCK_M)
     offs_bn = tl.arange(0, BLOCK_N)
     offs_n = tl.program_id(0) * BLOCK_N + offs_bn
@@ -110,10 +109,6 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
         k_hi = K
     x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    if PRELOAD > 0:
-        w_pre0 = tl.load(w_ptrs + k_lo)
-    if PRELOAD > 1:
-        w_pre1 = tl.load(w_ptrs + k_lo + BLOCK_K)
     pdl_enter(PDL)  # (X, and Y that a kernel before may still read, belong to the previous kernels)
     x_row0 = 0.0
     x_row1 = 0.0
@@ -129,12 +124,8 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
         if NORM_ROWS > 3:
             x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PRELOAD > 0:
-        acc = tl.dot(tl.load(x_ptrs + k_lo, mask=mask_m[:, None], other=0.0), tl.trans(w_pre0), acc)
-    if PRELOAD > 1:
-        acc = tl.dot(tl.load(x_ptrs + k_lo + BLOCK_K, mask=mask_m[:, None], other=0.0), tl.trans(w_pre1), acc)
     k_main = k_hi if EVEN_K else k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    for k0 in range(k_lo + PRELOAD * BLOCK_K, k_main, BLOCK_K):
+    for k0 in range(k_lo, k_main, BLOCK_K):
         acc = _step(acc, x_ptrs + k0, w_ptrs + k0, mask_m[:, None], None, False)
     if not EVEN_K:
         if k_main < k_hi:
