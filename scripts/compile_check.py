@@ -54,9 +54,9 @@ def cases():
         Q="*bf16", K="*bf16", V="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32", KV_INDICES="*i32",
         KV_INDPTR="*i32", COS_SIN="*fp32"), dict(BLOCK_H=32, BLOCK_R=64, BLOCK_D=128, INTERLEAVE=False, PDL=True,
                                                 TABLES_EARLY=True), 4
-    yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32"), \
+    yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32"), \
         dict(BLOCK=2048), 4
-    yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", BAD="*i32", COUNT="*i32",
+    yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",
                                                       NEXT="*i32"), dict(BLOCK=2048), 4
     from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")

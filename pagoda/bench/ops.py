@@ -1,6 +1,6 @@
 """Serving-ops benchmark: sampling, RMSNorm, RoPE, SiLU-and-mul on one GPU, peers in the same run.
 
-    python -m pagoda.bench.ops [--json FILE]
+    python -m pagoda.bench.ops [--parts sampling,greedy,bandwidth] [--json FILE]
 
 Sampling: batch 1..256 over a 128256-token vocabulary (Llama 3), pagoda's sorting-free
 rejection sampler against the torch sort-based top-p that servers fall back to
@@ -101,6 +101,22 @@ def bandwidth_rows(fi, copy_bw):
     return rows
 
 
+def greedy_rows():
+    """greedy_sample (argmax in one launch; with next_ids as the engine calls it) against torch.argmax, over
+    LLM-like logits (float32, as the engine's lm_head output is upcast)."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (1, 64, 256):
+        logits = 3 * torch.randn(batch, VOCAB, device="cuda", generator=g)
+        nxt = torch.empty(batch, dtype=torch.int32, device="cuda")
+        assert pagoda.greedy_sample(logits).tolist() == logits.argmax(-1).tolist()
+        ours = lambda: pagoda.greedy_sample(logits, next_ids=nxt)  # noqa: E731
+        ref = lambda: logits.argmax(-1)  # noqa: E731
+        rows.append({"op": "greedy (argmax)", "shape": f"{batch}x{VOCAB}", "pagoda_us": bench(ours) * 1e6,
+                     "wall_us": wall_per_call(ours, 50) * 1e6, "torch_us": bench(ref) * 1e6})
+    return rows
+
+
 def wall_per_call(fn, n=200):
     """Back-to-back calls without synchronizing: max(host cost, GPU time) per call."""
     fn()
@@ -143,11 +159,17 @@ def fmt_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", default="sampling,greedy,bandwidth", help="comma-separated: sampling, greedy, "
+                    "bandwidth (norm / RoPE / activation)")
     args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    if set(parts) - {"sampling", "greedy", "bandwidth"}:
+        ap.error(f"--parts: unknown {sorted(set(parts) - {'sampling', 'greedy', 'bandwidth'})}")
     fi = flashinfer_or_none()
     copy_bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-    rows = sampling_rows(fi) + bandwidth_rows(fi, copy_bw)
+    rows = ((sampling_rows(fi) if "sampling" in parts else []) + (greedy_rows() if "greedy" in parts else [])
+            + (bandwidth_rows(fi, copy_bw) if "bandwidth" in parts else []))
     print(fmt_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -225,7 +225,8 @@ def top_k_mask_logits(logits, top_k):
     return _filter(logits, 2, top_k=top_k, name="logits")
 
 
-_GREEDY_STATE: dict = {}  # device -> (keys, bad, count) of greedy_kernel, reset by each launch
+_GREEDY_STATE: dict = {}  # device -> (keys, count) of greedy_kernel, reset by each launch
+GREEDY_SMALL_GRID = 4096  # greedy_kernel takes one block a program up to this many programs, else four
 
 
 def greedy_sample(logits: torch.Tensor, next_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,11 +261,12 @@ def greedy_sample(logits: torch.Tensor, next_ids: torch.Tensor | None = None) ->
     if state is None or state[0].numel() < batch:
         n = max(batch, 2 * state[0].numel() if state is not None else 64)
         state = (torch.full((n,), -2**63, dtype=torch.int64, device=logits.device),
-                 torch.zeros(n, dtype=torch.int32, device=logits.device),
                  torch.zeros(n, dtype=torch.int32, device=logits.device))
         _GREEDY_STATE[logits.device] = state
     block = min(2048, triton.next_power_of_2(vocab))
-    span = block * 4  # 4 blocks per program: a 128k vocabulary is 16 programs per row
+    # one block per program while the grid stays small (a 128k vocabulary: 63 programs a row, one load round
+    # each), 4 blocks per program for large batches
+    span = block if batch * triton.cdiv(vocab, block) <= GREEDY_SMALL_GRID else block * 4
     greedy_kernel[(batch, triton.cdiv(vocab, span))](logits, out, *state, logits.stride(0), vocab, span,
                                                      BLOCK=block, NEXT=next_ids, num_warps=4)
     return out

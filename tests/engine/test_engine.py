@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import pagoda
 
@@ -642,3 +643,31 @@ def test_graph_inputs_written_in_one_copy():
                                      [0], True)
     with pytest.raises(RuntimeError, match="kv_indices"):
         runner_mod.ModelRunner.write_static(fake, too_long)
+
+
+def test_sample_launch_takes_model_dtype_logits():
+    """sample_launch on bf16 logits (what the decode graphs hand it, session 20): an all-greedy batch samples
+    them as they are (the argmax of their float32 upcast; -1 for a row with a NaN); a batch with logprobs, a
+    penalty or a temperature is upcast first, so its logprobs and samples are those of the float32 logits."""
+    from pagoda.engine.sampler import sample_collect, sample_launch
+    from pagoda.engine.scheduler import Request
+
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 500) * 3).to(torch.bfloat16)
+    logits[2, 7] = float("nan")
+    want = torch.where(torch.isfinite(logits.float()).all(-1), logits.float().argmax(-1), -1).tolist()
+
+    def reqs(*params):
+        return [Request(str(i), None, [1, 2], p) for i, p in enumerate(params)]
+    tokens, lps = sample_collect(sample_launch(logits, reqs(*[greedy(4)] * 4)))
+    assert tokens == want and lps == [None] * 4
+    lp_params = pagoda.SamplingParams(max_tokens=4, temperature=0, logprobs=2)
+    pen = pagoda.SamplingParams(max_tokens=4, temperature=0, logit_bias={3: 100.0})
+    hot = pagoda.SamplingParams(max_tokens=4, temperature=0.8, seed=3)
+    batch = reqs(lp_params, greedy(4), pen, hot)
+    batch[3].generator = torch.Generator().manual_seed(3)
+    tokens, lps = sample_collect(sample_launch(logits, batch))
+    assert tokens[:2] == want[:2] and tokens[2] == -1  # (a NaN row stays -1 with its bias)
+    ref = torch.log_softmax(logits[0].float(), -1)
+    assert abs(lps[0][want[0]] - ref[want[0]].item()) < 1e-6
+    assert 0 <= tokens[3] < 500

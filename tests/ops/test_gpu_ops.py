@@ -133,11 +133,12 @@ def test_rope_cos_sin_cache_position_outside_cache_is_nan():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_sample_real_size(dtype):
-    """Llama-3's 128256-token vocabulary, batch 1 and 64: torch.argmax's index (a tie planted 100k columns
-    apart: the first wins), -1 for rows with NaN / inf; ten launches in a row reuse the self-reset state, and
-    a CUDA-graph replay gives the same tokens."""
+    """Llama-3's 128256-token vocabulary, batch 1, 64 and 80 (one block a program, then four: past
+    GREEDY_SMALL_GRID programs): torch.argmax's index (a tie planted 100k columns apart: the first wins), -1 for
+    rows with NaN / inf; ten launches in a row reuse the self-reset state, and a CUDA-graph replay gives the
+    same tokens."""
     vocab = 128256
-    for batch in (1, 64):
+    for batch in (1, 64, 80):
         x = torch.randn(batch, vocab, dtype=dtype, device="cuda") * 4
         x[0, 100000] = x[0, 7] = 60.0
         if batch > 2:

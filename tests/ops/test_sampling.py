@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pagoda
+from pagoda.ops import sampling as sampling_mod
 
 from ..conftest import DEVICE
 
@@ -190,10 +191,13 @@ def test_top_k_first_order():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 37, 20000])
-def test_greedy_sample_matches_argmax(dtype, vocab):
-    """One launch, several programs per row (20000 columns: 3 per row): torch.argmax's index, the first of
-    tied maxima (ties planted across programs), -1 for rows with NaN / +inf / -inf; repeated calls (the
-    kernel resets its own state) and a larger batch after a smaller one."""
+@pytest.mark.parametrize("small_grid", [4096, 0])
+def test_greedy_sample_matches_argmax(dtype, vocab, small_grid, monkeypatch):
+    """One launch, several programs per row (20000 columns: 10 per row of one block each, or 3 of four blocks
+    when the grid would be larger than GREEDY_SMALL_GRID): torch.argmax's index, the first of tied maxima (ties
+    planted across programs), -1 for rows with NaN / +inf / -inf; repeated calls (the kernel resets its own
+    state) and a larger batch after a smaller one."""
+    monkeypatch.setattr(sampling_mod, "GREEDY_SMALL_GRID", small_grid)
     g = torch.Generator().manual_seed(vocab)
     for batch in (5, 70, 6):
         x = torch.randn(batch, vocab, generator=g).to(dtype)

@@ -242,9 +242,12 @@ class LlamaForCausalLM(nn.Module):
                 norm.weight.fill_(1.0)
         self.norms_folded = True
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """The logits of hidden's rows, float32 (upcast=False: in the model's dtype, for a decode graph whose
+        greedy sampling reads them as they are; engine/sampler.py's sample_launch upcasts where it needs to)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        logits = torch.nn.functional.linear(hidden, w)
+        return logits.float() if upcast else logits
 
     # -- weights ---------------------------------------------------------------------
     def load_weights(self, weights) -> None:
