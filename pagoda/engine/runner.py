@@ -245,9 +245,18 @@ class _DeviceInputs:
 class _Context:
     """What the model's attention layers call: RoPE on q / k (when given), append K/V, then attend."""
 
-    def __init__(self, runner, attn, dev: _DeviceInputs):
+    def __init__(self, runner, attn, dev: _DeviceInputs, inputs_read: torch.cuda.Event | None = None):
+        """inputs_read (a decode graph's, PAGODA_EARLY_INPUTS): recorded right after the last layer's attention,
+        the forward's last reader of the step's inputs and attention plan."""
         self.runner, self.attn, self.dev = runner, attn, dev
         self.pdl = runner.pdl
+        self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
+
+    def _attend(self, layer: int, q, cache):
+        out = self.attn.run(q, cache)
+        if self.inputs_read is not None and layer == self.last_layer:
+            self.inputs_read.record()
+        return out
 
     def attention(self, layer: int, q, k, v, rope=None):
         """q [t, hq, d], k / v [t, hk, d]; rope: (cos_sin_cache, is_neox) at the step's positions. pagoda's
@@ -267,7 +276,7 @@ class _Context:
                                                              rope[0], is_neox=rope[1])
             self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
                              d.kv_last_page_len)
-        return self.attn.run(q, cache)
+        return self._attend(layer, q, cache)
 
     def qkv_rope_attention(self, layer: int, x, weight, bias, rms_norm_eps, cos_sin, num_heads: int,
                            num_kv_heads: int, head_dim: int, pdl: bool):
@@ -282,7 +291,7 @@ class _Context:
         pagoda.ops.linear_rope_append(x, weight, bias, q, d.positions[:1], cos_sin, cache, d.batch_indices[:1],
                                       d.kv_indices, d.kv_indptr[:2], d.kv_last_page_len[:1], num_heads,
                                       num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl)
-        return self.attn.run(q, cache)
+        return self._attend(layer, q, cache)
 
 
 class _PagodaAttention:
@@ -402,11 +411,16 @@ class _DecodeGraph:
         runner.write_static(inp)
         self.attn.plan(inp, self.dev)
         ctx = _Context(runner, self.attn, self.dev)
+        # PAGODA_EARLY_INPUTS: an event node inside the graph after the last layer's attention (an external
+        # event: a stream outside the graph can wait for it), so the next step's inputs and plan may be written
+        # while this graph's last projections and the lm_head still run
+        self.inputs_read = torch.cuda.Event(external=True) if runner.early_inputs else None
         with torch.no_grad():
             for _ in range(2):  # compile and warm up outside the graph
                 runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
+            ctx = _Context(runner, self.attn, self.dev, self.inputs_read)
             with torch.cuda.graph(self.graph, pool=pool):
                 hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
                 # (in the model's dtype: an all-greedy batch samples them as they are, sample_launch upcasts
@@ -499,9 +513,17 @@ class ModelRunner:
         # batch 64 7.191 / 7.196 -> 7.175 / 7.180
         overlap = env_switch("PAGODA_STEP_OVERLAP", "1")
         self.step_overlap = overlap and self.use_graphs and attention_backend == "pagoda"
+        # PAGODA_EARLY_INPUTS=1 (with the step overlap; an experiment, default 0, waits for the device): the copy
+        # stream waits for the graph before only up to its last attention (an event inside the graph) instead of
+        # its end, so the next step's inputs and plan are on the device before the graph's last projections and
+        # lm_head are done, and between two graphs only the sampling remains (session 20's profile: a 12 us gap
+        # after the greedy kernel, the copy stream's copies after the graph's end)
+        early = env_switch("PAGODA_EARLY_INPUTS", "0")  # (read, and so checked, wherever the overlap is off too)
+        self.early_inputs = self.step_overlap and early
         if self.step_overlap:
             self.copy_stream, self.readback_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
             self._graph_done = torch.cuda.Event()  # recorded after each graph replay, before its sampling
+            self._inputs_free = self._graph_done  # what the copy stream waits for: the last graph's inputs read
         self.max_model_len = max_model_len
         self.model.init_rope(max_model_len)
 
@@ -594,7 +616,7 @@ class ModelRunner:
                 levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
             logits = graph.run(padded, levels)[:len(inp.sample_rows)]
             if self.step_overlap:
-                self._graph_done.record()
+                self._graph_launched(graph)
         prompt_lp = None
         if graph is None:
             dev = _DeviceInputs(inp, self.staging)
@@ -610,6 +632,15 @@ class ModelRunner:
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
         sampled = sample_launch(logits, reqs, generator, *self._overlap_args(graph is not None, len(reqs)))
         return _Pending(reqs, sampled, inp.is_decode and order is None, prompt_lp)
+
+    def _graph_launched(self, graph) -> None:
+        """After a graph's replay under the step overlap: what the copy stream waits for before it writes the next
+        step's inputs (the graph's own event after its last attention with PAGODA_EARLY_INPUTS, else its end)."""
+        if graph.inputs_read is not None:
+            self._inputs_free = graph.inputs_read
+        else:
+            self._graph_done.record()
+            self._inputs_free = self._graph_done
 
     def _overlap_args(self, graph: bool, n: int):
         """sample_launch's (readback_stream, next_ids) under PAGODA_STEP_OVERLAP: the read-back stream, and after
@@ -630,7 +661,7 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             logits = prepared.graph.replay()[:len(reqs)]
             if self.step_overlap:
-                self._graph_done.record()
+                self._graph_launched(prepared.graph)
         else:
             logits = self._logits(self._hidden(prepared.dev, self.attn), prepared.dev)
         sampled = sample_launch(logits, reqs, generator, *self._overlap_args(prepared.graph is not None, len(reqs)))
@@ -680,7 +711,7 @@ class ModelRunner:
             # plan (not behind the sampling: launch_prepared waits for it)
             if not pending.sampled.next_written:
                 self.static["input_ids"][:len(reqs)].copy_(pending.sampled.out.clamp(min=0), non_blocking=True)
-            self.copy_stream.wait_event(self._graph_done)
+            self.copy_stream.wait_event(self._inputs_free)
             with torch.cuda.stream(self.copy_stream):
                 graph.prepare(self.padded_decode_inputs(inp, graph.size), skip_ids=True)
             return _Prepared(list(reqs), positions, graph=graph)

@@ -136,12 +136,17 @@ def test_step_overlap_changes_nothing(monkeypatch):
     runs, the tokens read back on their own stream): the same greedy tokens as without, at batch 1 (every step
     run ahead) and in a batch whose requests end at different lengths (the batch shrinks: steps prepared on the
     copy stream for a batch that is not run next, launch() waits for them before writing the inputs itself),
-    and with a sampled request (seeded) next to greedy ones."""
+    and with a sampled request (seeded) next to greedy ones. Also with PAGODA_EARLY_INPUTS=1 (the copy stream
+    waits only for the graph before's last attention, an event inside the graph: inputs overwritten while that
+    graph still read them would change the tokens)."""
     runs = []
-    for overlap in ("0", "1"):
+    for overlap, early in (("0", "0"), ("1", "0"), ("1", "1")):
         monkeypatch.setenv("PAGODA_STEP_OVERLAP", overlap)
+        monkeypatch.setenv("PAGODA_EARLY_INPUTS", early)
         llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
         assert llm.engine.runner.step_overlap == (overlap == "1")
+        assert llm.engine.runner.early_inputs == (early == "1")
+        assert all((g.inputs_read is not None) == (early == "1") for g in llm.engine.runner.graphs.values())
         sp = pagoda.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
         one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
         mixed = [pagoda.SamplingParams(max_tokens=8 + 9 * i, temperature=0, ignore_eos=True) for i in range(4)]
@@ -149,7 +154,7 @@ def test_step_overlap_changes_nothing(monkeypatch):
         four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, mixed, use_tqdm=False)]
         assert llm.engine.stats.cuda_graph_steps > 0 and llm.engine.stats.ahead_steps > 0
         runs.append((one, four))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_programmatic_dependent_launches_change_nothing(monkeypatch):

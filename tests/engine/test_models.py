@@ -150,14 +150,16 @@ def test_step_overlap_switch(tiny_models, monkeypatch):
     """PAGODA_STEP_OVERLAP (the GPU's copy / read-back streams between decode steps) is 0 or 1, else a ValueError
     naming it; on the CPU (no graphs) it changes nothing: the same greedy tokens."""
     path = tiny_models["llama"][0]
-    monkeypatch.setenv("PAGODA_STEP_OVERLAP", "on")
-    with pytest.raises(ValueError, match="PAGODA_STEP_OVERLAP"):
-        make_llm(path)
+    for env in ("PAGODA_STEP_OVERLAP", "PAGODA_EARLY_INPUTS"):
+        monkeypatch.setenv(env, "on")
+        with pytest.raises(ValueError, match=env):
+            make_llm(path)
+        monkeypatch.setenv(env, "1")
     outs = []
     for v in ("0", "1"):
         monkeypatch.setenv("PAGODA_STEP_OVERLAP", v)
         llm = make_llm(path)
-        assert not llm.engine.runner.step_overlap
+        assert not llm.engine.runner.step_overlap and not llm.engine.runner.early_inputs
         outs.append(llm.generate([PROMPTS[0]], pagoda.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                                  use_tqdm=False)[0].outputs[0].token_ids)
     assert outs[0] == outs[1]
