@@ -207,6 +207,11 @@ def decode_sm90_cases():
     yield ("decode_sm90 D=128 kv=bf16 PDL", decode_sm90.decode_sm90_kernel, dict(types, K="*bf16", V="*bf16"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
                 SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, num_warps=4), 4, 1, 168)
+    for d, kv, regs, page in ((128, "bf16", 168, 16), (64, "fp8e4nv", 128, 1)):
+        yield (f"decode_sm90 D={d} kv={kv} page={page} PDL EARLY_PAGES", decode_sm90.decode_sm90_kernel,
+               dict(types, K="*" + kv, V="*" + kv),
+               dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
+                    SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=True, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

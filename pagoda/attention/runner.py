@@ -26,7 +26,7 @@ from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
                                 attention_kernel)
 from .plan import KernelConfig, WorkPlan, plan_work, prefill_band, select_config
-from ..ops._dispatch import capability as _capability, pdl_launch
+from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
@@ -188,6 +188,10 @@ class BatchAttention:
         # levels after the first; Triton kernel only: see _can_merge_into_out())
         self._merge_out = False
         self._grid = None  # (config, persistent grid size) of the last plan
+        # PAGODA_DECODE_EARLY_PAGES=1 (an experiment, default 0; waits for the device): the Gluon decode kernel
+        # as a PDL launch loads round 0's first page ids before its griddepcontrol.wait (decode_sm90's
+        # EARLY_PAGES); read once, since a captured run() keeps its kernel
+        self._early_pages = env_switch("PAGODA_DECODE_EARLY_PAGES", "0")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -444,7 +448,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()))
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

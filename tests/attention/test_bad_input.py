@@ -147,6 +147,25 @@ def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
         assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
 
 
+def test_decode_early_pages_switch_is_validated(batch, monkeypatch):
+    """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) is 0 or 1, read
+    when the wrapper is made; anything else is a ValueError naming it. The plan is the same either way (the
+    switch is a kernel constexpr only)."""
+    monkeypatch.setenv("PAGODA_DECODE_EARLY_PAGES", "yes")
+    with pytest.raises(ValueError, match="PAGODA_DECODE_EARLY_PAGES"):
+        decode_wrapper()
+    plans = []
+    for v in ("0", "1"):
+        monkeypatch.setenv("PAGODA_DECODE_EARLY_PAGES", v)
+        w = decode_wrapper()
+        plan(w, batch)
+        plans.append(w._plan)
+        if plans[-1].decode_sm90_constexprs is not None:
+            assert plans[-1].decode_sm90_constexprs["EARLY_PAGES"] == (v == "1")
+    np.testing.assert_array_equal(plans[0].work.work, plans[1].work.work)
+    np.testing.assert_array_equal(plans[0].work.splits, plans[1].work.splits)
+
+
 def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monkeypatch):
     """A CUDA-graph prefill wrapper whose first plan ran the one-query Gluon decode kernel (sm_90) replays it:
     a later plan with several queries in a request would need causal tiles that kernel does not have, so it is

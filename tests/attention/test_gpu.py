@@ -41,6 +41,64 @@ def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 
     return w
 
 
+@pytest.mark.parametrize("kv_lens,page_size,head_dim,kv_dtype", [
+    ([1024], 16, 128, torch.bfloat16), ([32768], 16, 128, torch.bfloat16), ([2048] * 64, 16, 128, torch.bfloat16),
+    ([700, 5, 3000], 1, 64, torch.bfloat16), ([4096] * 4, 16, 128, torch.float8_e4m3fn)])
+def test_decode_early_pages(kv_lens, page_size, head_dim, kv_dtype, monkeypatch):
+    """PAGODA_DECODE_EARLY_PAGES=1 (decode_sm90's EARLY_PAGES: round 0's first page ids loaded before the PDL
+    wait): as a PDL launch right behind the kernel that writes q, the same bits as the default kernel, for one
+    round (1 x 1024, 1 x 32768) and several (64 x 2048: rounds past 0 load their page ids as before), page size 1,
+    fp8; again in CUDA-graph replays after new plans."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from .test_fp8 import quantized_batch
+
+    hq, hk = 32, 8
+    if kv_dtype == torch.bfloat16:
+        batch = PagedBatch(kv_lens, hk, head_dim, page_size, torch.bfloat16)
+        cache, scales = batch.cache, {}
+    else:
+        batch, cache, ks, vs, _, _ = quantized_batch(kv_lens, hk, head_dim, page_size, kv_dtype, per_head=False,
+                                                     dtype=torch.bfloat16)
+        scales = dict(k_scale=ks, v_scale=vs)
+    q0 = torch.randn(len(kv_lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
+    res = {}
+    for early in ("0", "1"):
+        monkeypatch.setenv("PAGODA_DECODE_EARLY_PAGES", early)
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
+               q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+        assert w._plan.decode_sm90_constexprs["EARLY_PAGES"] == (early == "1")
+        out, lse = poisoned_like(q0)
+        for _ in range(3):
+            q = q0 * 1.0  # (the kernel right before the PDL launch writes its q)
+            w.run(q, cache, out=out, lse=lse, enable_pdl=True, **scales)
+        res[early] = (out.clone(), lse.clone())
+        wg = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
+        wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
+                q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+        qg, og = torch.empty_like(q0), torch.empty_like(q0)
+        qg.copy_(q0)
+        wg.run(qg, cache, out=og, enable_pdl=True, **scales)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            qg.copy_(q0)
+            wg.run(qg, cache, out=og, enable_pdl=True, **scales)
+        for _ in range(2):
+            wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
+                    q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+            og.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(og, res[early][0])
+    assert torch.equal(res["0"][0], res["1"][0]) and torch.equal(res["0"][1], res["1"][1])
+    if kv_dtype == torch.bfloat16:
+        ro, rl = oracle(q0.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k],
+                        [v.cpu() for v in batch.v])
+        assert rel_err(res["1"][0], ro) < TOL[torch.bfloat16]
+        check_lse(res["1"][1], rl)
+
+
 @pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((32, 32), 128), ((64, 8), 128), ((40, 8), 64),
                                             ((128, 8), 128)])
 @pytest.mark.parametrize("kv_lens", [[32768], [32768, 5, 3000], [65536]])

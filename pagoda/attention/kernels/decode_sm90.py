@@ -115,6 +115,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -130,7 +131,10 @@ if HAVE_GLUON:
         behind; the plan was written before the kernel ahead of this one ran, as was everything the epilogue
         touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots; an
         early trigger right after the wait, with the o projection's first weight blocks loaded before its own
-        wait, made the engine's batch-1 step 0.05-0.09 ms slower: H200, session 19, removed in session 20)."""
+        wait, made the engine's batch-1 step 0.05-0.09 ms slower: H200, session 19, removed in session 20).
+        EARLY_PAGES (with PDL; PAGODA_DECODE_EARLY_PAGES=1, an experiment): round 0's first KV block's page ids
+        load before the wait too (the page table is the plan's), so after it the block's copies go out at once
+        instead of one page-id round trip later."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -173,6 +177,8 @@ if HAVE_GLUON:
         n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
+        if PDL and EARLY_PAGES:  # (a constexpr False short-circuits: without it nothing of this is built)
+            pages0 = _page_ids(KV_INDICES, nkv_base, nkv_start, nkv_end, BLOCK_N, PAGE_SIZE, True, COPY)
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
@@ -206,7 +212,13 @@ if HAVE_GLUON:
             # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
             for i in gl.static_range(STAGES - 1):
                 st = kv_start + i * BLOCK_N
-                pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                if PDL and EARLY_PAGES and i == 0:
+                    if rnd == 0:
+                        pages = pages0
+                    else:
+                        pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                else:
+                    pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
                 _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off, v_head_off,
                                stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True,
                                COPY, SAME_STRIDES)
