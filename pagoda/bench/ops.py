@@ -103,17 +103,20 @@ def bandwidth_rows(fi, copy_bw):
 
 def greedy_rows():
     """greedy_sample (argmax in one launch; with next_ids as the engine calls it) against torch.argmax, over
-    LLM-like logits (float32, as the engine's lm_head output is upcast)."""
+    LLM-like logits in float32 and in bf16 (the engine's decode graphs hand greedy batches the lm_head's bf16
+    output since session 20)."""
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
-    for batch in (1, 64, 256):
-        logits = 3 * torch.randn(batch, VOCAB, device="cuda", generator=g)
-        nxt = torch.empty(batch, dtype=torch.int32, device="cuda")
-        assert pagoda.greedy_sample(logits).tolist() == logits.argmax(-1).tolist()
-        ours = lambda: pagoda.greedy_sample(logits, next_ids=nxt)  # noqa: E731
-        ref = lambda: logits.argmax(-1)  # noqa: E731
-        rows.append({"op": "greedy (argmax)", "shape": f"{batch}x{VOCAB}", "pagoda_us": bench(ours) * 1e6,
-                     "wall_us": wall_per_call(ours, 50) * 1e6, "torch_us": bench(ref) * 1e6})
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (1, 64, 256):
+            logits = (3 * torch.randn(batch, VOCAB, device="cuda", generator=g)).to(dtype)
+            nxt = torch.empty(batch, dtype=torch.int32, device="cuda")
+            assert pagoda.greedy_sample(logits).tolist() == logits.argmax(-1).tolist()
+            ours = lambda: pagoda.greedy_sample(logits, next_ids=nxt)  # noqa: E731
+            ref = lambda: logits.argmax(-1)  # noqa: E731
+            rows.append({"op": f"greedy (argmax) {str(dtype).split('.')[-1]}", "shape": f"{batch}x{VOCAB}",
+                         "pagoda_us": bench(ours) * 1e6, "wall_us": wall_per_call(ours, 50) * 1e6,
+                         "torch_us": bench(ref) * 1e6})
     return rows
 
 
