@@ -421,11 +421,22 @@ class _DecodeGraph:
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             ctx = _Context(runner, self.attn, self.dev, self.inputs_read)
+            # PAGODA_DEFER_FINAL_NORM (one-token graphs): no final RMSNorm in front of the lm_head; its factor is
+            # computed on a side stream beside the lm_head and applied by sample_launch where it upcasts
+            defer = runner.model.defers_final_norm(size)
+            self.logit_scale = None
             with torch.cuda.graph(self.graph, pool=pool):
-                hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx)
+                hidden = runner.model(s["input_ids"][:size], s["positions"][:size], ctx, final_norm=not defer)
+                if defer:
+                    main = torch.cuda.current_stream(runner.device)
+                    runner.side_stream.wait_stream(main)
+                    with torch.cuda.stream(runner.side_stream):
+                        self.logit_scale = runner.model.final_norm_scale(hidden)
                 # (in the model's dtype: an all-greedy batch samples them as they are, sample_launch upcasts
                 # for the rest; the upcast's launch and its gap were ~5 us of each batch-1 step, session 20)
                 self.logits = runner.model.compute_logits(hidden, upcast=False)
+                if defer:
+                    main.wait_stream(runner.side_stream)
 
     def prepare(self, inp: StepInputs, levels=None, skip_ids: bool = False) -> None:
         self.r.write_static(inp, skip_ids)
@@ -434,6 +445,10 @@ class _DecodeGraph:
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.logits
+
+    def scale(self, n: int) -> torch.Tensor | None:
+        """The first n rows' logit_scale (sample_launch's) when the graph leaves the final norm out, else None."""
+        return None if self.logit_scale is None else self.logit_scale[:n]
 
     def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
         self.prepare(inp, levels)
@@ -501,6 +516,8 @@ class ModelRunner:
         self.last_step_graph = False
         self.last_step_prepared = False
         self.graph_pool = None
+        # (a side stream inside the decode graphs: the deferred final norm's factor beside the lm_head)
+        self.side_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         if self.use_graphs:
             self.static_flat = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
             self.static = {n: self.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
@@ -610,11 +627,13 @@ class ModelRunner:
         self.last_step_cascade = levels is not None
         graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
         self.last_step_graph = graph is not None
+        scale = None  # (sample_launch's logit_scale: a graph that leaves the final norm out)
         if graph is not None:
             padded = self.padded_decode_inputs(inp, graph.size)
             if levels is not None:
                 levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
             logits = graph.run(padded, levels)[:len(inp.sample_rows)]
+            scale = graph.scale(len(inp.sample_rows))
             if self.step_overlap:
                 self._graph_launched(graph)
         prompt_lp = None
@@ -630,7 +649,8 @@ class ModelRunner:
             logits = self._logits(hidden, dev)
         reqs = [requests[i] for i in inp.sample_rows]
         # a batch whose requests share pages may run cascade levels next step: prepared only when scheduled
-        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(graph is not None, len(reqs)))
+        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(graph is not None, len(reqs)),
+                                logit_scale=scale)
         return _Pending(reqs, sampled, inp.is_decode and order is None, prompt_lp)
 
     def _graph_launched(self, graph) -> None:
@@ -660,11 +680,14 @@ class ModelRunner:
             if self.step_overlap:  # its inputs and plan, written on the copy stream (prepare_next)
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             logits = prepared.graph.replay()[:len(reqs)]
+            scale = prepared.graph.scale(len(reqs))
             if self.step_overlap:
                 self._graph_launched(prepared.graph)
         else:
             logits = self._logits(self._hidden(prepared.dev, self.attn), prepared.dev)
-        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(prepared.graph is not None, len(reqs)))
+            scale = None
+        sampled = sample_launch(logits, reqs, generator, *self._overlap_args(prepared.graph is not None, len(reqs)),
+                                logit_scale=scale)
         return _Pending(reqs, sampled, True)
 
     def _hidden(self, dev: _DeviceInputs, attn) -> torch.Tensor:

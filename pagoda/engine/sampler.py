@@ -207,19 +207,24 @@ def _penalized(logits: torch.Tensor, requests) -> torch.Tensor:
 
 
 def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | None = None,
-                  readback_stream=None, next_ids: torch.Tensor | None = None) -> Sampled:
+                  readback_stream=None, next_ids: torch.Tensor | None = None,
+                  logit_scale: torch.Tensor | None = None) -> Sampled:
     """Queue the sampling of logits [n, vocab] for n requests on the device (upcast to float32 first unless
     every request is greedy without penalties or logprobs: greedy_sample reads any float dtype, and the argmax
     of the upcast is the same); no read-back, and no
     copy that waits for the forward (so the host can prepare the next step meanwhile). Penalties and logit
     biases (SamplingParams) change the distribution sampled from, not the logprobs reported. readback_stream:
     the copies to the host go on that CUDA stream (Sampled). next_ids: where an all-greedy batch's sampler also
-    writes the tokens as the next step's input ids (greedy_sample's next_ids; Sampled.next_written says so)."""
+    writes the tokens as the next step's input ids (greedy_sample's next_ids; Sampled.next_written says so).
+    logit_scale (float32 [n], positive; a final RMSNorm deferred past the lm_head): the model's logits are
+    logits * logit_scale[:, None]; applied with the upcast (an all-greedy batch without logprobs skips both:
+    a positive factor per row changes no argmax)."""
     n = logits.shape[0]
     dev = logits.device
-    if logits.dtype != torch.float32 and any(not r.params.greedy or r.params.penalized
-                                             or r.params.logprobs is not None for r in requests):
-        logits = logits.float()
+    if (logits.dtype != torch.float32 or logit_scale is not None) and any(
+            not r.params.greedy or r.params.penalized or r.params.logprobs is not None for r in requests):
+        # (one kernel: a bf16 * fp32 product is fp32)
+        logits = logits.float() if logit_scale is None else logits * logit_scale[:, None]
     model_logits, logits = logits, _penalized(logits, requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     next_written = next_ids is not None and len(greedy) == n

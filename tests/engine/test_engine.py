@@ -648,7 +648,8 @@ def test_graph_inputs_written_in_one_copy():
 def test_sample_launch_takes_model_dtype_logits():
     """sample_launch on bf16 logits (what the decode graphs hand it, session 20): an all-greedy batch samples
     them as they are (the argmax of their float32 upcast; -1 for a row with a NaN); a batch with logprobs, a
-    penalty or a temperature is upcast first, so its logprobs and samples are those of the float32 logits."""
+    penalty or a temperature is upcast first, so its logprobs and samples are those of the float32 logits; with
+    a logit_scale, of the scaled logits."""
     from pagoda.engine.sampler import sample_collect, sample_launch
     from pagoda.engine.scheduler import Request
 
@@ -671,3 +672,11 @@ def test_sample_launch_takes_model_dtype_logits():
     ref = torch.log_softmax(logits[0].float(), -1)
     assert abs(lps[0][want[0]] - ref[want[0]].item()) < 1e-6
     assert 0 <= tokens[3] < 500
+    # logit_scale (a final norm left out of the graph): greedy-only batches ignore it, the others sample and
+    # report the scaled logits
+    scale = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    tokens, _ = sample_collect(sample_launch(logits, reqs(*[greedy(4)] * 4), logit_scale=scale))
+    assert tokens == want
+    tokens, lps = sample_collect(sample_launch(logits[:2], reqs(lp_params, greedy(4)), logit_scale=scale[:2]))
+    ref = torch.log_softmax(logits[0].float() * 0.5, -1)
+    assert tokens == want[:2] and abs(lps[0][want[0]] - ref[want[0]].item()) < 1e-6

@@ -117,8 +117,15 @@ def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
         runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in PROMPTS])
         assert llm.engine.stats.cuda_graph_steps > 0
     assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[2]]  # with and without PDL: same bits
+    _agree_up_to_near_ties(runs[0], runs[1])
+
+
+def _agree_up_to_near_ties(reference, other):
+    """Greedy completions (logprobs=5) of two forms of the same model: the same tokens until a first difference,
+    where the other run's token must be a near-tie of the reference's (within 0.1 of its best, among its top 5),
+    the log-probabilities before it close; at least 4 equal tokens a prompt on average."""
     same = 0
-    for ref, got in zip(runs[0], runs[1]):
+    for ref, got in zip(reference, other):
         n = next((i for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)) if a != b), len(ref.token_ids))
         same += n
         for i in range(n):
@@ -128,7 +135,33 @@ def test_fused_qkv_rope_in_cuda_graphs(monkeypatch):
             top = ref.logprobs[n]
             assert got.token_ids[n] in top, (n, top, got.token_ids[n])
             assert top[ref.token_ids[n]] - top[got.token_ids[n]] < 0.1, (n, top, got.token_ids[n])
-    assert same >= len(PROMPTS) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
+    assert same >= len(reference) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
+
+
+def test_defer_final_norm_in_cuda_graphs(monkeypatch):
+    """PAGODA_DEFER_FINAL_NORM=1 (the final norm's weight in the lm_head; the batch-1 decode graph leaves the norm
+    out, its factor computed on a side stream beside the lm_head and applied by sample_launch where it upcasts):
+    greedy tokens as without it up to bf16 near-ties (the logits round differently), log-probabilities close, with
+    and without PDL the same bits, with and without logprobs the same tokens (greedy skips the factor); larger
+    graphs keep the (unit-weight) norm."""
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
+    runs = []
+    for defer, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
+        monkeypatch.setenv("PAGODA_DEFER_FINAL_NORM", defer)
+        monkeypatch.setenv("PAGODA_PDL", pdl)
+        # (no prefix cache: the run without logprobs recomputes each prompt as the first did)
+        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enable_prefix_caching=False)
+        graphs = llm.engine.runner.graphs
+        assert (graphs[1, False].logit_scale is not None) == (defer == "1")
+        assert all(g.logit_scale is None for (size, _), g in graphs.items() if size > 1)
+        runs.append([llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in PROMPTS])
+        # without logprobs the greedy kernel takes the unscaled bf16 logits: the same argmax
+        plain = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        assert [llm.generate([p], plain, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS] == \
+            [c.token_ids for c in runs[-1]]
+        assert llm.engine.stats.cuda_graph_steps > 0
+    assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[2]]
+    _agree_up_to_near_ties(runs[0], runs[1])
 
 
 def test_step_overlap_changes_nothing(monkeypatch):

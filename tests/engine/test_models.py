@@ -212,3 +212,49 @@ def test_sliding_window_model_beyond_its_window(tiny_models, tmp_path):
             assert llm.engine.stats.prefix_hit_tokens > 0, "prompt 3 extends prompt 1: its pages should be reused"
         else:
             assert llm.engine.pool.num_free == llm.engine.pool.usable, "pages left allocated"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_defer_final_norm_folds_into_the_lm_head(tmp_path, monkeypatch, tied):
+    """PAGODA_DEFER_FINAL_NORM=1: an untied lm_head takes the final RMSNorm's weight (the norm keeps weight 1), so
+    one-token steps may leave the norm out (forward(final_norm=False), what the decode graphs do on the GPU):
+    the logits of the un-normed hidden state times final_norm_scale equal the model's, greedy tokens and
+    log-probabilities through the engine equal transformers' (norm weights other than 1, so the fold shows).
+    A tied model keeps its norm (the embedding table is no place for the weight); final_norm=False where it
+    cannot be left out is a ValueError."""
+    import transformers
+
+    from .conftest import tiny_config
+
+    c = tiny_config("llama")
+    c["tie_word_embeddings"] = tied
+    cfg = transformers.LlamaConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
+    cfg.architectures = c["architectures"]
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.model.norm.weight.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    monkeypatch.setenv("PAGODA_DEFER_FINAL_NORM", "1")
+    llm = make_llm(tmp_path, enforce_eager=True)
+    model = llm.engine.model
+    assert model.final_norm_folded == (not tied) and model.defers_final_norm(1) == (not tied)
+    prompt, n = PROMPTS[0], 5
+    out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(hf, prompt, n)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
+    for i, step in enumerate(out.logprobs):
+        for t, lp in step.items():
+            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
+    with pytest.raises(ValueError, match="final_norm=False"):
+        model(torch.tensor([1, 2]), torch.tensor([0, 1]), None, final_norm=False)
+    if not tied:  # the un-normed hidden state's logits, scaled, are the model's (one token, no attention needed)
+        h = torch.randn(1, c["hidden_size"]) * 3
+        want = model.compute_logits(model.norm(h))
+        got = model.compute_logits(h) * model.final_norm_scale(h)[:, None]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("PAGODA_DEFER_FINAL_NORM", "maybe")
+    with pytest.raises(ValueError, match="PAGODA_DEFER_FINAL_NORM"):
+        make_llm(tmp_path)

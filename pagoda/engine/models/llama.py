@@ -47,6 +47,15 @@ def fused_gate_up_act_default() -> bool:
     return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
 
 
+def defer_final_norm_default() -> bool:
+    """Whether the final RMSNorm's weight is folded into the lm_head (an untied one) so that one-token decode
+    graphs can leave the norm out: the lm_head reads the residual stream, greedy batches take the argmax of those
+    logits (a positive factor per row changes no argmax) and the factor scales the logits only where they are
+    upcast (engine/runner.py, sample_launch's logit_scale); PAGODA_DEFER_FINAL_NORM=1 / 0, default 0 (an
+    experiment, waits for the device)."""
+    return env_switch("PAGODA_DEFER_FINAL_NORM", "0")
+
+
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
@@ -205,6 +214,9 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.norms_folded = False  # fold_norm_weights
         self.defer_norms = defer_norms_default()
+        # (the final norm's weight folded into the lm_head: an untied one only, the embedding table is no place for it)
+        self.fold_final_norm = defer_final_norm_default() and self.lm_head is not None
+        self.final_norm_folded = False
         # (on CUDA only where the qkv / o projections take the small-M kernel, whose epilogues do the norm's
         # factor and the residual add; elsewhere the torch forms would add launches)
         a0 = self.layers[0].self_attn if len(self.layers) else None
@@ -214,13 +226,31 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden]."""
+    def defers_final_norm(self, num_tokens: int) -> bool:
+        """Whether forward(final_norm=False) may leave the final RMSNorm out for a step of num_tokens tokens
+        (one-token steps, with the norm's weight folded into the lm_head: defer_final_norm_default)."""
+        return num_tokens == 1 and self.final_norm_folded and self._one_token_path(num_tokens)
+
+    def _one_token_path(self, num_tokens: int) -> bool:
+        return num_tokens == 1 and self.norms_folded and self.defer_norms and self._defer_fits
+
+    def final_norm_scale(self, hidden: torch.Tensor) -> torch.Tensor:
+        """rsqrt(mean(hidden^2) + eps) per row, float32 [rows]: the factor the final RMSNorm (weight folded away)
+        would have applied, for the logits of forward(final_norm=False)."""
+        return torch.rsqrt(hidden.float().pow(2).mean(-1) + self.norm.eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, final_norm: bool = True) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns the final hidden states [num_tokens, hidden];
+        final_norm=False (where defers_final_norm(num_tokens)): the residual stream before the final RMSNorm,
+        whose logits are the model's divided by final_norm_scale(hidden) per row."""
+        if not final_norm and not self.defers_final_norm(input_ids.shape[0]):
+            raise ValueError("final_norm=False needs a one-token step with the final norm folded into the lm_head "
+                             "(defers_final_norm)")
         x = self.embed_tokens(input_ids)
-        if x.shape[0] == 1 and self.norms_folded and self.defer_norms and self._defer_fits:
+        if self._one_token_path(x.shape[0]):
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
                 layer.forward_one_token(x, self.cos_sin, ctx)
-            return self.norm(x)
+            return self.norm(x) if final_norm else x
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin, ctx)
@@ -232,7 +262,8 @@ class LlamaForCausalLM(nn.Module):
         """Each layer's input / post-attention RMSNorm weight into the projection after it (qkv_proj, gate_up_proj
         columns times the weight, in fp32, rounded once); the norms keep weight 1. Then one-token steps defer the
         norms into the kernels around them (DecoderLayer.forward_one_token) and other steps run unit-weight norms
-        before the same projections. Called by the loader after the weights are in; once."""
+        before the same projections. With PAGODA_DEFER_FINAL_NORM=1 the final norm's weight goes into an untied
+        lm_head too (forward(final_norm=False)). Called by the loader after the weights are in; once."""
         if self.norms_folded:
             raise RuntimeError("the norm weights are folded already")
         for layer in self.layers:
@@ -240,6 +271,11 @@ class LlamaForCausalLM(nn.Module):
                                (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
                 proj.weight.copy_((proj.weight.float() * norm.weight.float()[None, :]).to(proj.weight.dtype))
                 norm.weight.fill_(1.0)
+        if self.fold_final_norm:  # (PAGODA_DEFER_FINAL_NORM: the final norm's into the lm_head, the same way)
+            w = self.lm_head.weight
+            w.copy_((w.float() * self.norm.weight.float()[None, :]).to(w.dtype))
+            self.norm.weight.fill_(1.0)
+            self.final_norm_folded = True
         self.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
