@@ -23,6 +23,19 @@ def make_llm(path, **kw):
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [11] * 3, list(range(40, 77)), [300, 1, 200, 13, 13, 13, 9, 8, 77, 66, 55]]
 
 
+def assert_greedy_like_hf(llm, hf, prompt, n):
+    """n greedy tokens of prompt through the engine equal transformers', and each step's top-3 log-probabilities
+    agree with transformers' to 1e-4 (float32 models)."""
+    out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(hf, prompt, n)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
+    for i, step in enumerate(out.logprobs):
+        for t, lp in step.items():
+            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_next_token_logprobs_match_transformers(tiny_models, family):
     path, hf = tiny_models[family]
@@ -119,17 +132,9 @@ def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
                                                                              "linear_silu_and_mul"))
     monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "1")
     monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "1")
-    llm = make_llm(tmp_path, enforce_eager=True)
-    prompt, n = PROMPTS[0], 6
-    out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    n = 6
+    assert_greedy_like_hf(make_llm(tmp_path, enforce_eager=True), hf, PROMPTS[0], n)
     assert calls["n"] == act_calls["n"] == cfg.num_hidden_layers * (n - 1)  # (the first from the prefill)
-    assert out.token_ids == hf_greedy(hf, prompt, n)
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
-    for i, step in enumerate(out.logprobs):
-        for t, lp in step.items():
-            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
     monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "maybe")
     with pytest.raises(ValueError, match="PAGODA_FUSED_QKV_ROPE"):
         make_llm(tmp_path)
@@ -239,15 +244,7 @@ def test_defer_final_norm_folds_into_the_lm_head(tmp_path, monkeypatch, tied):
     llm = make_llm(tmp_path, enforce_eager=True)
     model = llm.engine.model
     assert model.final_norm_folded == (not tied) and model.defers_final_norm(1) == (not tied)
-    prompt, n = PROMPTS[0], 5
-    out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == hf_greedy(hf, prompt, n)
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
-    for i, step in enumerate(out.logprobs):
-        for t, lp in step.items():
-            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
+    assert_greedy_like_hf(llm, hf, PROMPTS[0], 5)
     with pytest.raises(ValueError, match="final_norm=False"):
         model(torch.tensor([1, 2]), torch.tensor([0, 1]), None, final_norm=False)
     if not tied:  # the un-normed hidden state's logits, scaled, are the model's (one token, no attention needed)
