@@ -442,17 +442,15 @@ class _DecodeGraph:
         self.r.write_static(inp, skip_ids)
         self.attn.plan(inp, self.dev, levels)
 
-    def replay(self) -> torch.Tensor:
+    def replay(self, n: int):
+        """The graph's run: (logits, logit_scale) of its first n rows, logit_scale (sample_launch's) None unless the
+        graph leaves the final norm out."""
         self.graph.replay()
-        return self.logits
+        return self.logits[:n], None if self.logit_scale is None else self.logit_scale[:n]
 
-    def scale(self, n: int) -> torch.Tensor | None:
-        """The first n rows' logit_scale (sample_launch's) when the graph leaves the final norm out, else None."""
-        return None if self.logit_scale is None else self.logit_scale[:n]
-
-    def run(self, inp: StepInputs, levels=None) -> torch.Tensor:
+    def run(self, inp: StepInputs, n: int, levels=None):
         self.prepare(inp, levels)
-        return self.replay()
+        return self.replay(n)
 
 
 class _StaticView:
@@ -632,8 +630,7 @@ class ModelRunner:
             padded = self.padded_decode_inputs(inp, graph.size)
             if levels is not None:
                 levels = _pad_levels(levels, graph.size - len(requests), self.page_size)
-            logits = graph.run(padded, levels)[:len(inp.sample_rows)]
-            scale = graph.scale(len(inp.sample_rows))
+            logits, scale = graph.run(padded, len(inp.sample_rows), levels)
             if self.step_overlap:
                 self._graph_launched(graph)
         prompt_lp = None
@@ -679,8 +676,7 @@ class ModelRunner:
         if prepared.graph is not None:
             if self.step_overlap:  # its inputs and plan, written on the copy stream (prepare_next)
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-            logits = prepared.graph.replay()[:len(reqs)]
-            scale = prepared.graph.scale(len(reqs))
+            logits, scale = prepared.graph.replay(len(reqs))
             if self.step_overlap:
                 self._graph_launched(prepared.graph)
         else:

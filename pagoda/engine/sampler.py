@@ -221,12 +221,13 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
     a positive factor per row changes no argmax)."""
     n = logits.shape[0]
     dev = logits.device
-    if (logits.dtype != torch.float32 or logit_scale is not None) and any(
-            not r.params.greedy or r.params.penalized or r.params.logprobs is not None for r in requests):
+    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if (logits.dtype != torch.float32 or logit_scale is not None) and (
+            len(greedy) < n or want or any(r.params.penalized for r in requests)):
         # (one kernel: a bf16 * fp32 product is fp32)
         logits = logits.float() if logit_scale is None else logits * logit_scale[:, None]
     model_logits, logits = logits, _penalized(logits, requests)
-    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     next_written = next_ids is not None and len(greedy) == n
     if len(greedy) == n:  # all greedy (the common serving case): one launch, no index tensors
         out = pagoda.greedy_sample(logits, next_ids=next_ids if next_written else None)
@@ -245,7 +246,6 @@ def sample_launch(logits: torch.Tensor, requests, generator: torch.Generator | N
             if not r.params.greedy and r.generator is not None:
                 row = logits[i:i + 1] / r.params.temperature
                 out[i] = _sample_rows(row, [r.params], r.generator).long()[0]
-    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     chosen = top_v = top_i = None
     if want:
         wi = _device_tensor(want, torch.long, dev)

@@ -212,11 +212,8 @@ if HAVE_GLUON:
             # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
             for i in gl.static_range(STAGES - 1):
                 st = kv_start + i * BLOCK_N
-                if PDL and EARLY_PAGES and i == 0:
-                    if rnd == 0:
-                        pages = pages0
-                    else:
-                        pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                if PDL and EARLY_PAGES and i == 0 and rnd == 0:  # (constexpr False: only the else is built)
+                    pages = pages0
                 else:
                     pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
                 _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off, v_head_off,

@@ -229,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
     def defers_final_norm(self, num_tokens: int) -> bool:
         """Whether forward(final_norm=False) may leave the final RMSNorm out for a step of num_tokens tokens
         (one-token steps, with the norm's weight folded into the lm_head: defer_final_norm_default)."""
-        return num_tokens == 1 and self.final_norm_folded and self._one_token_path(num_tokens)
+        return self.final_norm_folded and self._one_token_path(num_tokens)
 
     def _one_token_path(self, num_tokens: int) -> bool:
         return num_tokens == 1 and self.norms_folded and self.defer_norms and self._defer_fits
@@ -266,16 +266,14 @@ class LlamaForCausalLM(nn.Module):
         lm_head too (forward(final_norm=False)). Called by the loader after the weights are in; once."""
         if self.norms_folded:
             raise RuntimeError("the norm weights are folded already")
-        for layer in self.layers:
-            for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
-                               (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
-                proj.weight.copy_((proj.weight.float() * norm.weight.float()[None, :]).to(proj.weight.dtype))
-                norm.weight.fill_(1.0)
+        pairs = [pair for layer in self.layers for pair in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                                            (layer.post_attention_layernorm, layer.mlp.gate_up_proj))]
         if self.fold_final_norm:  # (PAGODA_DEFER_FINAL_NORM: the final norm's into the lm_head, the same way)
-            w = self.lm_head.weight
-            w.copy_((w.float() * self.norm.weight.float()[None, :]).to(w.dtype))
-            self.norm.weight.fill_(1.0)
-            self.final_norm_folded = True
+            pairs.append((self.norm, self.lm_head))
+        for norm, proj in pairs:
+            proj.weight.copy_((proj.weight.float() * norm.weight.float()[None, :]).to(proj.weight.dtype))
+            norm.weight.fill_(1.0)
+        self.final_norm_folded = self.fold_final_norm
         self.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
