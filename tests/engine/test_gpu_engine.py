@@ -138,19 +138,44 @@ def _agree_up_to_near_ties(reference, other):
     assert same >= len(reference) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
 
 
-def test_defer_final_norm_in_cuda_graphs(monkeypatch):
-    """PAGODA_DEFER_FINAL_NORM=1 (the final norm's weight in the lm_head; the batch-1 decode graph leaves the norm
-    out, its factor computed on a side stream beside the lm_head and applied by sample_launch where it upcasts):
-    greedy tokens as without it up to bf16 near-ties (the logits round differently), log-probabilities close, with
-    and without PDL the same bits, with and without logprobs the same tokens (greedy skips the factor); larger
-    graphs keep the (unit-weight) norm."""
+def _untied_demo(folder):
+    """The bundled model with its own lm_head (a copy of the embedding table, tie_word_embeddings false) in
+    folder: the bundled model is tied, and only an untied lm_head takes the final norm's weight."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pagoda.engine.loader import resolve_model_path
+
+    shutil.copytree(resolve_model_path("pagoda-demo"), folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def test_defer_final_norm_in_cuda_graphs(monkeypatch, tmp_path):
+    """PAGODA_DEFER_FINAL_NORM (default 1: the final norm's weight in an untied lm_head; the batch-1 decode graph
+    leaves the norm out, its factor computed on a side stream beside the lm_head and applied by sample_launch
+    where it upcasts), on the bundled model untied (its final norm's weight is not 1): greedy tokens as without
+    it up to bf16 near-ties (the logits round differently), log-probabilities close, with and without PDL the
+    same bits, with and without logprobs the same tokens (greedy skips the factor); larger graphs keep the
+    (unit-weight) norm; the tied model keeps its norm everywhere."""
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
+    model = _untied_demo(tmp_path / "untied")
+    tied = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+    assert all(g.logit_scale is None for g in tied.engine.runner.graphs.values())
+    del tied
     runs = []
     for defer, pdl in (("0", "1"), ("1", "1"), ("1", "0")):
         monkeypatch.setenv("PAGODA_DEFER_FINAL_NORM", defer)
         monkeypatch.setenv("PAGODA_PDL", pdl)
         # (no prefix cache: the run without logprobs recomputes each prompt as the first did)
-        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enable_prefix_caching=False)
+        llm = pagoda.LLM(model, dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, enable_prefix_caching=False)
         graphs = llm.engine.runner.graphs
         assert (graphs[1, False].logit_scale is not None) == (defer == "1")
         assert all(g.logit_scale is None for (size, _), g in graphs.items() if size > 1)

@@ -132,7 +132,7 @@ if HAVE_GLUON:
         touches. The kernels after this one launch when it ends (no early trigger: they would hold SM slots; an
         early trigger right after the wait, with the o projection's first weight blocks loaded before its own
         wait, made the engine's batch-1 step 0.05-0.09 ms slower: H200, session 19, removed in session 20).
-        EARLY_PAGES (with PDL; PAGODA_DECODE_EARLY_PAGES=1, an experiment): round 0's first KV block's page ids
+        EARLY_PAGES (with PDL; PAGODA_DECODE_EARLY_PAGES, default on): round 0's first KV block's page ids
         load before the wait too (the page table is the plan's), so after it the block's copies go out at once
         instead of one page-id round trip later."""
         gl.static_assert(num_warps == 4)
