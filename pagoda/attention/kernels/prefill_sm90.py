@@ -221,18 +221,6 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
     @gluon.jit
-    def _merge_round(TMP_O, TMP_LSE, first, c0, n_chunks, offs_c, r_ok, qh, o3, stride_tt, stride_tl):
-        """Chunks c0 .. c0 + CH - 1's LSEs [CH, ROWS] and partial states [CH, ROWS, HEAD_DIM] (rows of chunks past
-        n_chunks masked: -inf / 0, no memory touched)."""
-        row = (first + c0 + offs_c).to(gl.int64)
-        live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
-        s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
-                    other=float("-inf"), cache_modifier=".cg")
-        v = gl.load(TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2) + o3,
-                    mask=gl.expand_dims(live, 2), other=0.0, cache_modifier=".cg")
-        return s, v
-
-    @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
                          HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0):
@@ -240,8 +228,7 @@ if HAVE_GLUON:
         ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
         online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
         1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
-        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4), their loads one round
-        ahead of the math."""
+        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
         TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
         RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
@@ -258,14 +245,13 @@ if HAVE_GLUON:
         m = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, S_L))
         d = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(0, S_L))
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
-        s_next, v_next = _merge_round(TMP_O, TMP_LSE, first, 0, n_chunks, offs_c, r_ok, qh, o3, stride_tt, stride_tl)
         for c0 in range(0, n_chunks, CH):
-            s = s_next
-            v = v_next
-            # the next round's loads in flight during this round's math (masked off past the end: no memory
-            # touched): for 32 chunks one L2 round trip at the end of the kernel instead of two
-            s_next, v_next = _merge_round(TMP_O, TMP_LSE, first, c0 + CH, n_chunks, offs_c, r_ok, qh, o3,
-                                          stride_tt, stride_tl)
+            row = (first + c0 + offs_c).to(gl.int64)
+            live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
+            s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
+                        other=float("-inf"), cache_modifier=".cg")
+            v = gl.load(TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2) + o3,
+                        mask=gl.expand_dims(live, 2), other=0.0, cache_modifier=".cg")
             m_new = gl.maximum(m, gl.max(s, 0))
             m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = gl.exp2(m - m_new)
