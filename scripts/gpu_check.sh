@@ -21,6 +21,14 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu,driver_version --format=csv,noheader  # (machines of one kind differ: session 18 had 4.41 vs 4.59 ms per batch-1 token)
+# clocks, power and the driver's clock-event (throttle) reasons sampled every 200 ms while the call runs, summed
+# up at the end over the samples under load (machines of one kind differ by up to 0.07-0.17 ms per batch-1 token:
+# session 21 had a machine whose decode kernel ran 8-15% slower than others' while SDPA's did not)
+CLK_FIELDS=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
+nvidia-smi --query-gpu=$CLK_FIELDS --format=csv,noheader,nounits >/dev/null 2>&1 \
+  || CLK_FIELDS=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active
+nvidia-smi --query-gpu=$CLK_FIELDS --format=csv,noheader,nounits -lms 200 > "$OUT/clocks.csv" 2>/dev/null &
+CLK_PID=$!
 for b in ${BENCHES-attention}; do
   if [ "$b" = attention ]; then
     python3 -m pagoda.bench.attention --json "$OUT/bench_$b.json" "$@" 2>&1 | tee "$OUT/bench_$b.log"
@@ -71,3 +79,24 @@ if [ -n "${ENGINE_AB:-}" ]; then
   echo "== engine A/B (ms per token, batch 1 / 64)"
   sed -E "s/^engine_ab (round [0-9]) ([a-z]+): .*'batch': 1, [^}]*'ms_per_token': ([0-9.]+).*'batch': 64, [^}]*'ms_per_token': ([0-9.]+).*/\1 \2: \3 \4/" "$OUT/engine_ab.log"
 fi
+kill "$CLK_PID" 2>/dev/null
+python3 - "$OUT/clocks.csv" <<'PYEOF'
+import statistics, sys
+rows = []
+for line in open(sys.argv[1]):
+    f = [x.strip() for x in line.split(",")]
+    try:
+        rows.append((float(f[0]), float(f[1]), float(f[2]), float(f[3]), f[4]))
+    except (ValueError, IndexError):
+        pass
+busy = [r for r in rows if r[2] > 150.0]  # (watts: samples under load)
+if busy:
+    sm = [r[0] for r in busy]
+    reasons = sorted({r[4] for r in busy})
+    print(f"== clocks under load ({len(busy)} of {len(rows)} samples > 150 W): SM median {statistics.median(sm):.0f} "
+          f"min {min(sm):.0f} max {max(sm):.0f} MHz, mem {statistics.median(r[1] for r in busy):.0f} MHz, power median "
+          f"{statistics.median(r[2] for r in busy):.0f} max {max(r[2] for r in busy):.0f} W, temp max "
+          f"{max(r[3] for r in busy):.0f} C, event reasons {reasons}")
+else:
+    print(f"== clocks: no samples under load ({len(rows)} samples)")
+PYEOF
