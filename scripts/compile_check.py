@@ -56,8 +56,6 @@ def cases():
                                                 TABLES_EARLY=True), 4
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32"), \
         dict(BLOCK=2048), 4
-    from pagoda.ops.kernels import matmul as mm
-    yield "prefetch_rows_l2", mm.prefetch_rows_l2_kernel, dict(W="*bf16", stride_row_bytes="i64"), dict(BLOCK=128), 4
     yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",
                                                       NEXT="*i32"), dict(BLOCK=2048), 4
     from pagoda.ops.kernels import activation, matmul

@@ -20,7 +20,6 @@ import torch
 import pagoda
 
 from ..ops._dispatch import env_switch, pdl_default
-from ..ops.matmul import prefetch_o_bytes
 from .config import ModelConfig
 from .sampler import sample_collect, sample_launch
 
@@ -246,17 +245,12 @@ class _DeviceInputs:
 class _Context:
     """What the model's attention layers call: RoPE on q / k (when given), append K/V, then attend."""
 
-    def __init__(self, runner, attn, dev: _DeviceInputs, inputs_read: torch.cuda.Event | None = None,
-                 prefetch_bytes: int = 0):
+    def __init__(self, runner, attn, dev: _DeviceInputs, inputs_read: torch.cuda.Event | None = None):
         """inputs_read (a decode graph's, PAGODA_EARLY_INPUTS): recorded right after the last layer's attention,
-        the forward's last reader of the step's inputs and attention plan. prefetch_bytes (a one-token decode
-        graph's, PAGODA_PREFETCH_O_BYTES): the head of each o_proj row prefetched into L2 on the runner's side
-        stream while the attention runs (qkv_rope_attention's prefetch, joined by join_prefetch)."""
+        the forward's last reader of the step's inputs and attention plan."""
         self.runner, self.attn, self.dev = runner, attn, dev
         self.pdl = runner.pdl
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
-        self.prefetch_bytes = prefetch_bytes
-        self._prefetching = False
 
     def _attend(self, layer: int, q, cache):
         out = self.attn.run(q, cache)
@@ -285,12 +279,10 @@ class _Context:
         return self._attend(layer, q, cache)
 
     def qkv_rope_attention(self, layer: int, x, weight, bias, rms_norm_eps, cos_sin, num_heads: int,
-                           num_kv_heads: int, head_dim: int, pdl: bool, prefetch: torch.Tensor | None = None):
+                           num_kv_heads: int, head_dim: int, pdl: bool):
         """One token: the qkv projection with RoPE and the K/V append in its epilogue (ops.linear_rope_append),
         then attention over the cache; None where this context's attention does not take it (its RoPE is not
-        pagoda's fused one). prefetch (the o projection's weight): with prefetch_bytes, the head of each of its
-        rows is prefetched into L2 on the side stream, forked after the projection (the prefetch overlaps the
-        latency-bound attention, not the DRAM-bound projection); join_prefetch() joins it."""
+        pagoda's fused one)."""
         if not self.attn.fused_rope:
             return None
         cache = self.runner.kv_caches[layer]
@@ -299,21 +291,7 @@ class _Context:
         pagoda.ops.linear_rope_append(x, weight, bias, q, d.positions[:1], cos_sin, cache, d.batch_indices[:1],
                                       d.kv_indices, d.kv_indptr[:2], d.kv_last_page_len[:1], num_heads,
                                       num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl)
-        if prefetch is not None and self.prefetch_bytes:
-            side = self.runner.side_stream
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                pagoda.ops.prefetch_rows_l2(prefetch, min(self.prefetch_bytes,
-                                                          prefetch.shape[1] * prefetch.element_size()))
-            self._prefetching = True
         return self._attend(layer, q, cache)
-
-    def join_prefetch(self) -> None:
-        """The main stream waits for qkv_rope_attention's prefetch (called after the o projection, which must not
-        wait for it: the graph's side branch has to rejoin somewhere, and by then the prefetch is long done)."""
-        if self._prefetching:
-            torch.cuda.current_stream(self.runner.device).wait_stream(self.runner.side_stream)
-            self._prefetching = False
 
 
 class _PagodaAttention:
@@ -442,7 +420,7 @@ class _DecodeGraph:
                 runner.model.compute_logits(runner.model(s["input_ids"][:size], s["positions"][:size], ctx))
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            ctx = _Context(runner, self.attn, self.dev, self.inputs_read, runner.prefetch_o if size == 1 else 0)
+            ctx = _Context(runner, self.attn, self.dev, self.inputs_read)
             # PAGODA_DEFER_FINAL_NORM (one-token graphs): no final RMSNorm in front of the lm_head; its factor is
             # computed on a side stream beside the lm_head and applied by sample_launch where it upcasts
             defer = runner.model.defers_final_norm(size)
@@ -538,10 +516,6 @@ class ModelRunner:
         self.graph_pool = None
         # (a side stream inside the decode graphs: the deferred final norm's factor beside the lm_head)
         self.side_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
-        # PAGODA_PREFETCH_O_BYTES (an experiment, default 0): the batch-1 decode graph prefetches the head of each
-        # o_proj row into L2 while each layer's attention runs (_Context.qkv_rope_attention)
-        prefetch_o = prefetch_o_bytes()  # (read, and so checked, without graphs too)
-        self.prefetch_o = prefetch_o if self.use_graphs else 0
         if self.use_graphs:
             self.static_flat = torch.zeros(int(offsets[-1]), dtype=torch.int32, device=self.device)
             self.static = {n: self.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ._dispatch import check_eps, pdl_launch, use_triton
-from .kernels.matmul import linear_small_m_kernel, prefetch_rows_l2_kernel
+from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
 
@@ -315,39 +315,3 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
         num_stages=stages, **pdl_launch(pdl, x))
     return out
-
-
-def prefetch_o_bytes() -> int:
-    """Bytes at the head of each o_proj row that a one-token decode graph prefetches into L2 while the layer's
-    attention runs (latency-bound, the DRAM mostly idle), so that the o projection after it reads them from L2
-    (prefetch_rows_l2); PAGODA_PREFETCH_O_BYTES, a multiple of 16, 0 = off (default 0: an experiment). Session
-    17 measured prefetches of whole weights during the short windows before qkv / gate_up / down slower, and
-    the o projection's long window ~1.3 us faster with 16 MB of it prefetched (the first rows only)."""
-    env = os.environ.get("PAGODA_PREFETCH_O_BYTES", "0")
-    try:
-        n = int(env)
-    except ValueError:
-        n = -1
-    if n < 0 or n % 16:
-        raise ValueError(f"PAGODA_PREFETCH_O_BYTES must be a non-negative multiple of 16, got {env!r}")
-    return n
-
-
-def prefetch_rows_l2(weight: torch.Tensor, row_bytes: int) -> None:
-    """Prefetch the first row_bytes bytes of each row of weight [rows, cols] (CUDA, rows contiguous) into L2
-    (cp.async.bulk.prefetch.L2, sm_90): nothing is written, only the cache is warmed for a kernel that reads the
-    rows from their heads next (the small-M projection). row_bytes: a multiple of 16, at most one row."""
-    if weight.dim() != 2 or weight.stride(1) != 1:
-        raise ValueError(f"weight must be 2-D with contiguous rows, got shape {tuple(weight.shape)} strides "
-                         f"{tuple(weight.stride())}")
-    if not weight.is_cuda:
-        raise ValueError(f"weight must be a CUDA tensor (an L2 prefetch), got device {weight.device}")
-    row = weight.shape[1] * weight.element_size()
-    if row_bytes <= 0 or row_bytes % 16 or row_bytes > row:
-        raise ValueError(f"row_bytes must be a positive multiple of 16 of at most one row ({row} bytes), "
-                         f"got {row_bytes}")
-    if (weight.data_ptr() % 16) or (weight.stride(0) * weight.element_size()) % 16:
-        raise ValueError("weight's rows must start at 16-byte aligned addresses")
-    block = 128
-    prefetch_rows_l2_kernel[(triton.cdiv(weight.shape[0], block),)](
-        weight, weight.shape[0], weight.stride(0) * weight.element_size(), row_bytes, BLOCK=block, num_warps=4)

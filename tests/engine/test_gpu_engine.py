@@ -189,23 +189,6 @@ def test_defer_final_norm_in_cuda_graphs(monkeypatch, tmp_path):
     _agree_up_to_near_ties(runs[0], runs[1])
 
 
-def test_prefetch_o_changes_nothing(monkeypatch):
-    """PAGODA_PREFETCH_O_BYTES (the batch-1 decode graph prefetches the head of each o_proj row into L2 on a side
-    stream while the layer's attention runs, joined after the o projection): the same greedy tokens to the bit as
-    without, with and without PDL (the fork must not change which kernel reads what)."""
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    runs = {}
-    for nbytes, pdl in (("0", "1"), ("2048", "1"), ("8192", "1"), ("0", "0"), ("2048", "0")):
-        monkeypatch.setenv("PAGODA_PREFETCH_O_BYTES", nbytes)
-        monkeypatch.setenv("PAGODA_PDL", pdl)
-        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
-        assert llm.engine.runner.prefetch_o == int(nbytes)
-        runs[nbytes, pdl] = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
-        assert llm.engine.stats.cuda_graph_steps > 0
-    assert runs["0", "1"] == runs["2048", "1"] == runs["8192", "1"]
-    assert runs["0", "0"] == runs["2048", "0"]
-
-
 def test_step_overlap_changes_nothing(monkeypatch):
     """PAGODA_STEP_OVERLAP=1 (the next decode step's inputs and plan written on a copy stream while the sampling
     runs, the tokens read back on their own stream): the same greedy tokens as without, at batch 1 (every step

@@ -318,36 +318,3 @@ def test_enable_pdl_changes_nothing():
     res = [wrapper.run(q * 1, cache, enable_pdl=pdl) for pdl in (False, True)]
     assert torch.equal(res[0], res[1])
     assert torch.isfinite(res[1]).all()
-
-
-def test_prefetch_rows_l2_real_size_and_graph():
-    """ops.prefetch_rows_l2 on the o projection's weight (4096 x 4096 bf16): runs eagerly and in a CUDA graph on a
-    side stream beside a projection, changes no byte of the weight or the projection's output; row_bytes past one
-    row or not a multiple of 16 is a ValueError."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("cp.async.bulk.prefetch.L2 is sm_90+")
-    w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
-    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
-    keep = w.clone()
-    want = pagoda.ops.linear(x, w, small_m=True)
-    for nbytes in (16, 2048, 8192):
-        pagoda.ops.prefetch_rows_l2(w, nbytes)
-    for bad in (8200, 24, 0):
-        with pytest.raises(ValueError, match="row_bytes"):
-            pagoda.ops.prefetch_rows_l2(w, bad)
-    side = torch.cuda.Stream()
-    out = torch.empty_like(want)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        main = torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            pagoda.ops.prefetch_rows_l2(w, 2048)
-        out.copy_(pagoda.ops.linear(x, w, small_m=True))
-        main.wait_stream(side)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want)
-    assert torch.equal(w, keep)

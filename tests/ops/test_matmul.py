@@ -262,24 +262,3 @@ def test_linear_silu_and_mul(d, k, norm):
         pagoda.ops.linear_silu_and_mul(x, w[:-1])
     with pytest.raises(ValueError, match="out"):
         pagoda.ops.linear_silu_and_mul(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))
-
-
-def test_prefetch_rows_l2_bad_input(monkeypatch):
-    """ops.prefetch_rows_l2 (an L2 prefetch of each weight row's head, for the next projection; runs on sm_90 only,
-    tests/ops/test_gpu_ops.py) and its engine switch PAGODA_PREFETCH_O_BYTES: bad arguments are ValueErrors naming
-    them, checked before any launch."""
-    w = torch.randn(64, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="CUDA"):
-        pagoda.ops.prefetch_rows_l2(w, 64)
-    with pytest.raises(ValueError, match="2-D"):
-        pagoda.ops.prefetch_rows_l2(w.view(-1), 64)
-    with pytest.raises(ValueError, match="contiguous rows"):
-        pagoda.ops.prefetch_rows_l2(w.t(), 64)
-    monkeypatch.delenv("PAGODA_PREFETCH_O_BYTES", raising=False)
-    assert linear_mod.prefetch_o_bytes() == 0
-    monkeypatch.setenv("PAGODA_PREFETCH_O_BYTES", "2048")
-    assert linear_mod.prefetch_o_bytes() == 2048
-    for bad in ("-16", "24", "two", "1.5"):
-        monkeypatch.setenv("PAGODA_PREFETCH_O_BYTES", bad)
-        with pytest.raises(ValueError, match="PAGODA_PREFETCH_O_BYTES"):
-            linear_mod.prefetch_o_bytes()

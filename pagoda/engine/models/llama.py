@@ -182,8 +182,7 @@ class DecoderLayer(nn.Module):
         o = None
         if a.fused_qkv_rope:  # the projection, RoPE and the K/V append in one kernel (where ctx takes it)
             o = ctx.qkv_rope_attention(a.layer_id, r, a.qkv_proj.weight, a.qkv_proj.bias, self.input_layernorm.eps,
-                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down,
-                                       prefetch=a.o_proj.weight if cuda and a.small_m_o else None)
+                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down)
         if o is None:
             qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
@@ -191,7 +190,6 @@ class DecoderLayer(nn.Module):
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o)
-        ctx.join_prefetch()  # (the side branch of qkv_rope_attention's prefetch, if any, rejoins here)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
                                                rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)

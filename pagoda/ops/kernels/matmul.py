@@ -262,16 +262,3 @@ def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K
     acc1, acc2 = _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K, BLOCK_M, BH)
     h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
     tl.store(Y + offs_m[:, None] * 0 + offs_j[None, :], h.to(Y.dtype.element_ty), mask=mask_m[:, None] & j_ok[None, :])
-
-
-@triton.jit
-def prefetch_rows_l2_kernel(W, rows, stride_row_bytes, row_bytes, BLOCK: tl.constexpr):
-    """The first row_bytes (a multiple of 16) of each of W's rows into L2: one cp.async.bulk.prefetch.L2 (the
-    TMA engine; no destination, no registers) per row and thread. What the next projection reads first, so
-    that its programs, which all start at the head of their rows, find those bytes in L2."""
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = r < rows
-    # rows past the end re-issue row 0's prefetch (harmless) instead of an out-of-bounds address
-    base = W.to(tl.pointer_type(tl.int8)) + tl.where(ok, r, 0).to(tl.int64) * stride_row_bytes
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                              [base, tl.full([BLOCK], row_bytes, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
