@@ -76,7 +76,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
-            enable_pdl: bool | None = None):
+            enable_pdl: bool | None = None, pdl_early_kv: bool = False):
         """q: [batch, num_qo_heads, head_dim]; paged_kv_cache: [max_num_pages, 2, page_size,
         num_kv_heads, head_dim] (NHD; HND swaps page_size and num_kv_heads) or a (k, v) tuple of
         [max_num_pages, page_size, num_kv_heads, head_dim].
@@ -88,8 +88,12 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
         enable_pdl: launch the kernel as a programmatic dependent launch on a Hopper GPU (it may start while
         the kernel before it runs, and waits for it before touching memory: ops/kernels/pdl.py); None: off.
         It applies to the Triton attention kernel and the Gluon decode kernel (kernels/decode_sm90.py, which
-        runs most decode plans on sm_90; the Gluon prefill kernel launches plainly)."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
+        runs most decode plans on sm_90; the Gluon prefill kernel launches plainly).
+        pdl_early_kv (pagoda's, with enable_pdl): the caller promises that the kernel launched right before this
+        one writes no KV but each request's last token (a decode step's own K / V, as RoPE + append does), so the
+        Gluon decode kernel may copy its first KV blocks before its PDL wait (kernels/decode_sm90.py EARLY_KV);
+        elsewhere it changes nothing. A wrong promise reads stale KV."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl, pdl_early_kv)
 
     forward = run
 

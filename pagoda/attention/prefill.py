@@ -74,13 +74,16 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
-            enable_pdl: bool | None = None):
+            enable_pdl: bool | None = None, pdl_early_kv: bool = False):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; paged_kv_cache as in the decode wrapper.
         Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse.
         k_scale / v_scale: the cache holds K / k_scale and V / v_scale (float, or float32 per-KV-head
         tensor); required when kv_data_type is fp8, 1.0 by default otherwise. enable_pdl: as the decode
-        wrapper's (the Triton kernel only; the sm_90 prefill kernel ignores it)."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl)
+        wrapper's (the Triton kernel only; the sm_90 prefill kernel ignores it). pdl_early_kv: as the decode
+        wrapper's (the kernel ahead writes no KV but this step's own tokens; taken by the Gluon decode kernel,
+        which runs plans of one query per request)."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl,
+                         pdl_early_kv)
 
     forward = run
 
@@ -202,8 +205,10 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None,
-              enable_pdl=None):
-    """run() of the paged wrappers (decode and prefill share it)."""
+              enable_pdl=None, pdl_early_kv=False):
+    """run() of the paged wrappers (decode and prefill share it); pdl_early_kv: the decode wrapper's run()."""
+    if not isinstance(pdl_early_kv, bool):
+        raise ValueError(f"pdl_early_kv must be a bool, got {pdl_early_kv!r}")
     p = wrapper._require_plan()
     wrapper._check_q(q, p)
     k, v = unpack_paged_kv_cache(paged_kv_cache, wrapper._kv_layout)
@@ -222,7 +227,7 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, 
         wrapper._run_reference(q, kv_of, out, lse, p, scales)
     else:
         wrapper._launch(q, k, v, paged_strides(k, wrapper._kv_layout), paged_strides(v, wrapper._kv_layout),
-                        out, lse, p, scales, enable_pdl)
+                        out, lse, p, scales, enable_pdl, pdl_early_kv)
     return (out, lse) if return_lse else out
 
 

@@ -602,11 +602,12 @@ class BatchAttention:
         return (check_kv_scale("k_scale", k_scale, p.num_kv_heads, self.device, fp8),
                 check_kv_scale("v_scale", v_scale, p.num_kv_heads, self.device, fp8))
 
-    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None, enable_pdl=None) -> None:
+    def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None, enable_pdl=None,
+                pdl_early_kv=False) -> None:
         """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
         scales: the result of _kv_scales (None: 1.0); enable_pdl: launch the Triton attention kernel or the Gluon
         decode kernel as a programmatic dependent launch on a Hopper GPU (ops/kernels/pdl.py; the Gluon prefill
-        kernel ignores it)."""
+        kernel ignores it); pdl_early_kv: the Gluon decode kernel's EARLY_KV under PDL (decode.py's run())."""
         lse_arg = lse if lse is not None else p.tmp_lse
         (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
         per_head = kt is not None or vt is not None
@@ -618,7 +619,7 @@ class BatchAttention:
         vparams = var.params_on(self.device) if var is not None else None
         try:
             self._launch_kernel(q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head,
-                                dummy, vparams, enable_pdl)
+                                dummy, vparams, enable_pdl, pdl_early_kv)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is named, with the cause
             if var is None or isinstance(e, ValueError):
                 raise
@@ -626,7 +627,7 @@ class BatchAttention:
                              f"{type(e).__name__}: {e}") from e
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
-                       vparams, enable_pdl=None):
+                       vparams, enable_pdl=None, pdl_early_kv=False):
         if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
             cx = p.sm90_constexprs
             views = self._prefill_tma_views(k, v, strides_k, strides_v, p) if cx["TMA"] else None
@@ -638,13 +639,14 @@ class BatchAttention:
                 *p.scalars[:7], *tma_geom, WRITE_LSE=lse is not None, **dict(cx, TMA=views is not None))
             return
         if p.decode_sm90_constexprs is not None and not self._merge_out:
+            pdl = pdl_launch(enable_pdl, q)
             decode_sm90.decode_sm90_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                **p.decode_sm90_constexprs, **pdl_launch(enable_pdl, q))
+                EARLY_KV=pdl_early_kv and pdl["PDL"], **p.decode_sm90_constexprs, **pdl)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

@@ -303,6 +303,11 @@ class _PagodaAttention:
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
         self.pdl = runner.pdl  # PAGODA_PDL: run() as a programmatic dependent launch
+        # PAGODA_DECODE_EARLY_KV=1 (an experiment, default 0): run()'s pdl_early_kv, the decode kernel's first KV
+        # blocks copied before its PDL wait; true of every run() here: the kernel right before it is the step's
+        # RoPE + append (or the fused qkv projection with it), which writes only the step's own K / V
+        early_kv = env_switch("PAGODA_DECODE_EARLY_KV", "0")  # (read, and so checked, without PDL too)
+        self.early_kv = runner.pdl and early_kv
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
@@ -316,7 +321,7 @@ class _PagodaAttention:
         pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False)
 
     def run(self, q, cache):
-        return self.wrapper.run(q, cache, enable_pdl=self.pdl)
+        return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv)
 
 
 class _PagodaCascadeAttention(_PagodaAttention):

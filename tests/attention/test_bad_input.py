@@ -182,3 +182,25 @@ def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monk
     w.plan(torch.tensor([0, 1, 2], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)  # decode again
     with pytest.raises(ValueError, match="one-query decode kernel"):
         w.plan(torch.tensor([0, 1, 3], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)
+
+
+def test_pdl_early_kv_argument(batch):
+    """run()'s pdl_early_kv (the caller's promise that the kernel ahead writes only each request's last KV token;
+    the Gluon decode kernel then copies its first blocks before the PDL wait) must be a bool, in the decode and
+    the paged prefill wrapper; where no such kernel runs (here the Triton kernel in the interpreter) it changes
+    nothing."""
+    w = decode_wrapper()
+    plan(w, batch)
+    q = torch.randn(2, 4, 64, dtype=torch.float16, device=DEVICE)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="pdl_early_kv"):
+            w.run(q, batch.cache, pdl_early_kv=bad)
+    a = w.run(q, batch.cache)
+    b = w.run(q, batch.cache, enable_pdl=True, pdl_early_kv=True)
+    assert torch.equal(a, b)
+    p = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(1), "NHD", backend="triton")
+    p.plan(torch.arange(3, dtype=torch.int32), batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 4,
+           causal=True, q_data_type=torch.float16)
+    with pytest.raises(ValueError, match="pdl_early_kv"):
+        p.run(q, batch.cache, pdl_early_kv=1)
+    assert torch.equal(p.run(q, batch.cache, pdl_early_kv=True), a)

@@ -41,6 +41,74 @@ def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 
     return w
 
 
+@pytest.mark.parametrize("kv_lens,page_size,head_dim", [
+    ([1024], 16, 128), ([1025], 16, 128), ([65], 16, 128), ([32768], 16, 128), ([2048] * 64, 16, 128),
+    ([700, 5, 3000, 64], 1, 64), ([1, 129, 4096], 16, 128)])
+def test_decode_early_kv(kv_lens, page_size, head_dim):
+    """run(enable_pdl=True, pdl_early_kv=True) (decode_sm90's EARLY_KV: round 0's KV blocks before the one that
+    holds the request's last token copied before the PDL wait) right behind a kernel that writes each request's
+    last K / V token, as the engine's RoPE + append does: that slot holds NaN until the write, so a block read
+    ahead of the wait that held it would show. The same bits as pdl_early_kv=False; in CUDA graphs too; both
+    wrappers take the argument (the engine runs decode steps through the prefill wrapper)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    hq, hk = 32, 8
+    batch = PagedBatch(kv_lens, hk, head_dim, page_size, torch.bfloat16)
+    last = [(int(batch.indices[int(batch.indptr[b]) + (n - 1) // page_size]), (n - 1) % page_size)
+            for b, n in enumerate(kv_lens)]
+    pages = torch.tensor([p for p, _ in last], device="cuda")
+    slots = torch.tensor([s for _, s in last], device="cuda")
+    new_kv = torch.stack([torch.stack([batch.k[b][-1], batch.v[b][-1]]) for b in range(len(kv_lens))])
+
+    def write_last():  # one kernel: the last tokens' K and V into their slots
+        batch.cache[pages, :, slots] = new_kv
+
+    def stale():
+        batch.cache[pages, :, slots] = float("nan")
+
+    q0 = torch.randn(len(kv_lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
+    res = {}
+    for early in (False, True):
+        for cls in (pagoda.BatchDecodeWithPagedKVCacheWrapper, pagoda.BatchPrefillWithPagedKVCacheWrapper):
+            w = cls(workspace(256))
+            if cls is pagoda.BatchDecodeWithPagedKVCacheWrapper:
+                w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
+                       q_data_type=torch.bfloat16)
+            else:
+                w.plan(torch.arange(len(kv_lens) + 1, dtype=torch.int32), batch.indptr, batch.indices,
+                       batch.last_page_len, hq, hk, head_dim, page_size, causal=True, q_data_type=torch.bfloat16)
+            assert w._plan.decode_sm90_constexprs is not None
+            out, lse = poisoned_like(q0)
+            for _ in range(3):
+                stale()
+                q = q0 * 1.0
+                write_last()  # (the kernel right before the PDL launch)
+                w.run(q, batch.cache, out=out, lse=lse, enable_pdl=True, pdl_early_kv=early)
+                torch.cuda.synchronize()
+                assert torch.isfinite(out).all()
+                if (early, cls) in res:
+                    assert torch.equal(out, res[early, cls][0])
+                res[early, cls] = (out.clone(), lse.clone())
+            og = torch.empty_like(q0)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                qg = q0 * 1.0
+                write_last()
+                w.run(qg, batch.cache, out=og, enable_pdl=True, pdl_early_kv=early)
+            for _ in range(2):
+                stale()
+                og.fill_(float("nan"))
+                g.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(og, res[early, cls][0])
+    for cls in (pagoda.BatchDecodeWithPagedKVCacheWrapper, pagoda.BatchPrefillWithPagedKVCacheWrapper):
+        assert torch.equal(res[False, cls][0], res[True, cls][0]) and torch.equal(res[False, cls][1],
+                                                                                   res[True, cls][1])
+    ro, rl = oracle(q0.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    assert rel_err(res[True, pagoda.BatchDecodeWithPagedKVCacheWrapper][0], ro) < TOL[torch.bfloat16]
+    check_lse(res[True, pagoda.BatchDecodeWithPagedKVCacheWrapper][1], rl)
+
+
 @pytest.mark.parametrize("kv_lens,page_size,head_dim,kv_dtype", [
     ([1024], 16, 128, torch.bfloat16), ([32768], 16, 128, torch.bfloat16), ([2048] * 64, 16, 128, torch.bfloat16),
     ([700, 5, 3000], 1, 64, torch.bfloat16), ([4096] * 4, 16, 128, torch.float8_e4m3fn)])

@@ -155,7 +155,7 @@ def test_step_overlap_switch(tiny_models, monkeypatch):
     """PAGODA_STEP_OVERLAP (the GPU's copy / read-back streams between decode steps) is 0 or 1, else a ValueError
     naming it; on the CPU (no graphs) it changes nothing: the same greedy tokens."""
     path = tiny_models["llama"][0]
-    for env in ("PAGODA_STEP_OVERLAP", "PAGODA_EARLY_INPUTS"):
+    for env in ("PAGODA_STEP_OVERLAP", "PAGODA_EARLY_INPUTS", "PAGODA_DECODE_EARLY_KV"):
         monkeypatch.setenv(env, "on")
         with pytest.raises(ValueError, match=env):
             make_llm(path)

@@ -115,7 +115,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -134,7 +134,12 @@ if HAVE_GLUON:
         wait, made the engine's batch-1 step 0.05-0.09 ms slower: H200, session 19, removed in session 20).
         EARLY_PAGES (with PDL; PAGODA_DECODE_EARLY_PAGES, default on): round 0's first KV block's page ids
         load before the wait too (the page table is the plan's), so after it the block's copies go out at once
-        instead of one page-id round trip later."""
+        instead of one page-id round trip later.
+        EARLY_KV (with PDL; the caller's promise, run(pdl_early_kv=True): the kernel ahead writes no KV but each
+        request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
+        the block that holds the request's last token, work item field 5) are copied into the ring before the
+        wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
+        (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -179,6 +184,24 @@ if HAVE_GLUON:
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
         if PDL and EARLY_PAGES:  # (a constexpr False short-circuits: without it nothing of this is built)
             pages0 = _page_ids(KV_INDICES, nkv_base, nkv_start, nkv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+        diag0 = 0
+        if PDL and EARLY_KV:
+            # (a program without a task must not read KV through a stale item: the plan keeps room for one)
+            early = (n_rounds > 0).to(gl.int32)
+            diag0 = gl.load(nwp + 5, mask=n_rounds > 0, other=0)  # the request's last token: the one being written
+            for i in gl.static_range(STAGES - 1):
+                st = nkv_start + i * BLOCK_N
+                early = early * ((st + BLOCK_N <= diag0) | (st >= nkv_end)).to(gl.int32)  # a prefix of blocks
+                if early != 0:
+                    if EARLY_PAGES and i == 0:
+                        pages = pages0
+                    else:
+                        pages = _page_ids(KV_INDICES, nkv_base, st, nkv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                    _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), nkv_base, st, nkv_end,
+                                   nkvh.to(gl.int64) * stride_kh, nkvh.to(gl.int64) * stride_vh, stride_kp,
+                                   stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True, COPY,
+                                   SAME_STRIDES)
+                    async_copy.commit_group()
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
@@ -210,16 +233,20 @@ if HAVE_GLUON:
             l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
             acc = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=ACC)  # O^T, head-dim rows renumbered
             # blocks 0 .. STAGES - 2 in flight before the loop (each a commit group, empty ones past the end)
+            early = (rnd == 0).to(gl.int32)
             for i in gl.static_range(STAGES - 1):
                 st = kv_start + i * BLOCK_N
-                if PDL and EARLY_PAGES and i == 0 and rnd == 0:  # (constexpr False: only the else is built)
-                    pages = pages0
-                else:
-                    pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
-                _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off, v_head_off,
-                               stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True,
-                               COPY, SAME_STRIDES)
-                async_copy.commit_group()
+                if PDL and EARLY_KV:  # (round 0's blocks before the request's last one went out before the wait)
+                    early = early * ((st + BLOCK_N <= diag0) | (st >= kv_end)).to(gl.int32)
+                if (not (PDL and EARLY_KV)) or early == 0:
+                    if PDL and EARLY_PAGES and i == 0 and rnd == 0:  # (constexpr False: only the else is built)
+                        pages = pages0
+                    else:
+                        pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                    _issue_kv_load(K, V, k_ring.index(i), v_ring.index(i), kv_base, st, kv_end, k_head_off,
+                                   v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
+                                   PAGE_SIZE, True, COPY, SAME_STRIDES)
+                    async_copy.commit_group()
             pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True,
                               COPY)
             # q into shared memory only now: waiting for its load before the page ids and the first KV copies went
