@@ -184,6 +184,23 @@ def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monk
         w.plan(torch.tensor([0, 1, 3], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)
 
 
+def test_decode_l2_ahead_switch_is_validated(batch, monkeypatch):
+    """PAGODA_DECODE_L2_AHEAD (the Gluon decode kernel's L2 prefetch of its first blocks before its PDL wait) is 0
+    or 1, read when the wrapper is made, else a ValueError naming it; a kernel constexpr only (the same plan)."""
+    monkeypatch.setenv("PAGODA_DECODE_L2_AHEAD", "2")
+    with pytest.raises(ValueError, match="PAGODA_DECODE_L2_AHEAD"):
+        decode_wrapper()
+    plans = []
+    for v in ("0", "1"):
+        monkeypatch.setenv("PAGODA_DECODE_L2_AHEAD", v)
+        w = decode_wrapper()
+        plan(w, batch)
+        plans.append(w._plan)
+        if plans[-1].decode_sm90_constexprs is not None:
+            assert plans[-1].decode_sm90_constexprs["L2_AHEAD"] == (v == "1")
+    np.testing.assert_array_equal(plans[0].work.work, plans[1].work.work)
+
+
 def test_pdl_early_kv_argument(batch):
     """run()'s pdl_early_kv (the caller's promise that the kernel ahead writes only each request's last KV token;
     the Gluon decode kernel then copies its first blocks before the PDL wait) must be a bool, in the decode and
