@@ -147,21 +147,24 @@ def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
         assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
 
 
-def test_decode_early_pages_switch_is_validated(batch, monkeypatch):
-    """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) is 0 or 1, read
-    when the wrapper is made; anything else is a ValueError naming it. The plan is the same either way (the
-    switch is a kernel constexpr only)."""
-    monkeypatch.setenv("PAGODA_DECODE_EARLY_PAGES", "yes")
-    with pytest.raises(ValueError, match="PAGODA_DECODE_EARLY_PAGES"):
+@pytest.mark.parametrize("env,constexpr", [("PAGODA_DECODE_EARLY_PAGES", "EARLY_PAGES"),
+                                           ("PAGODA_DECODE_L2_AHEAD", "L2_AHEAD")])
+def test_decode_pdl_switches_are_validated(batch, monkeypatch, env, constexpr):
+    """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) and
+    PAGODA_DECODE_L2_AHEAD (its first blocks prefetched into L2 there) are 0 or 1, read when the wrapper is made;
+    anything else is a ValueError naming the variable. The plan is the same either way (each switch is a kernel
+    constexpr only)."""
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(ValueError, match=env):
         decode_wrapper()
     plans = []
     for v in ("0", "1"):
-        monkeypatch.setenv("PAGODA_DECODE_EARLY_PAGES", v)
+        monkeypatch.setenv(env, v)
         w = decode_wrapper()
         plan(w, batch)
         plans.append(w._plan)
         if plans[-1].decode_sm90_constexprs is not None:
-            assert plans[-1].decode_sm90_constexprs["EARLY_PAGES"] == (v == "1")
+            assert plans[-1].decode_sm90_constexprs[constexpr] == (v == "1")
     np.testing.assert_array_equal(plans[0].work.work, plans[1].work.work)
     np.testing.assert_array_equal(plans[0].work.splits, plans[1].work.splits)
 
@@ -182,23 +185,6 @@ def test_graph_wrapper_on_the_gluon_decode_kernel_refuses_multi_query_plans(monk
     w.plan(torch.tensor([0, 1, 2], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)  # decode again
     with pytest.raises(ValueError, match="one-query decode kernel"):
         w.plan(torch.tensor([0, 1, 3], dtype=torch.int32), *args, causal=True, q_data_type=torch.float16)
-
-
-def test_decode_l2_ahead_switch_is_validated(batch, monkeypatch):
-    """PAGODA_DECODE_L2_AHEAD (the Gluon decode kernel's L2 prefetch of its first blocks before its PDL wait) is 0
-    or 1, read when the wrapper is made, else a ValueError naming it; a kernel constexpr only (the same plan)."""
-    monkeypatch.setenv("PAGODA_DECODE_L2_AHEAD", "2")
-    with pytest.raises(ValueError, match="PAGODA_DECODE_L2_AHEAD"):
-        decode_wrapper()
-    plans = []
-    for v in ("0", "1"):
-        monkeypatch.setenv("PAGODA_DECODE_L2_AHEAD", v)
-        w = decode_wrapper()
-        plan(w, batch)
-        plans.append(w._plan)
-        if plans[-1].decode_sm90_constexprs is not None:
-            assert plans[-1].decode_sm90_constexprs["L2_AHEAD"] == (v == "1")
-    np.testing.assert_array_equal(plans[0].work.work, plans[1].work.work)
 
 
 def test_pdl_early_kv_argument(batch):
