@@ -209,7 +209,11 @@ if HAVE_GLUON:
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
         if PDL and EARLY_PAGES:  # (a constexpr False short-circuits: without it nothing of this is built)
-            pages0 = _page_ids(KV_INDICES, nkv_base, nkv_start, nkv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+            # (a program without a task reads its stale item as all zeros: the plan's page ids follow its work
+            # list, so a stale kv_base is any page id and could point past the page-id buffer)
+            has0 = n_rounds > 0
+            pages0 = _page_ids(KV_INDICES, gl.where(has0, nkv_base, 0), gl.where(has0, nkv_start, 0),
+                               gl.where(has0, nkv_end, 0), BLOCK_N, PAGE_SIZE, True, COPY)
         diag0 = 0
         if PDL and EARLY_KV:
             # (a program without a task must not read KV through a stale item: the plan keeps room for one)
