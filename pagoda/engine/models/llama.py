@@ -217,7 +217,6 @@ class LlamaForCausalLM(nn.Module):
         self.defer_norms = defer_norms_default()
         # (the final norm's weight folded into the lm_head: an untied one only, the embedding table is no place for it)
         self.fold_final_norm = defer_final_norm_default() and self.lm_head is not None
-        self.final_norm_folded = False
         # (on CUDA only where the qkv / o projections take the small-M kernel, whose epilogues do the norm's
         # factor and the residual add; elsewhere the torch forms would add launches)
         a0 = self.layers[0].self_attn if len(self.layers) else None
@@ -227,10 +226,15 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, max_positions: int) -> None:
         self.cos_sin = rope_cos_sin_cache(self.config, max_positions, self.embed_tokens.weight.device)
 
+    @property
+    def final_norm_folded(self) -> bool:
+        """Whether fold_norm_weights put the final norm's weight into the lm_head."""
+        return self.norms_folded and self.fold_final_norm
+
     def defers_final_norm(self, num_tokens: int) -> bool:
         """Whether forward(final_norm=False) may leave the final RMSNorm out for a step of num_tokens tokens
         (one-token steps, with the norm's weight folded into the lm_head: defer_final_norm_default)."""
-        return self.final_norm_folded and self._one_token_path(num_tokens)
+        return self.fold_final_norm and self._one_token_path(num_tokens)  # (the path needs the norms folded)
 
     def _one_token_path(self, num_tokens: int) -> bool:
         return num_tokens == 1 and self.norms_folded and self.defer_norms and self._defer_fits
@@ -274,7 +278,6 @@ class LlamaForCausalLM(nn.Module):
         for norm, proj in pairs:
             proj.weight.copy_((proj.weight.float() * norm.weight.float()[None, :]).to(proj.weight.dtype))
             norm.weight.fill_(1.0)
-        self.final_norm_folded = self.fold_final_norm
         self.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
