@@ -193,10 +193,6 @@ class BatchAttention:
         # captured run() keeps its kernel. H200, session 21, engine batch 1 interleaved on one machine: 4.361 /
         # 4.367 -> 4.363 / 4.355 ms per token alone (within noise), part of the three boundary changes' -0.011
         self._early_pages = env_switch("PAGODA_DECODE_EARLY_PAGES", "1")
-        # PAGODA_DECODE_L2_AHEAD=1 (an experiment, default 0; waits for the device): the Gluon decode kernel as a
-        # PDL launch prefetches round 0's first blocks into L2 before its wait (decode_sm90's L2_AHEAD), those
-        # the kernel ahead may still be writing too (a prefetch reads nothing into the kernel)
-        self._l2_ahead = env_switch("PAGODA_DECODE_L2_AHEAD", "0")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -453,8 +449,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages,
-                L2_AHEAD=self._l2_ahead)
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

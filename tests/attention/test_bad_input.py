@@ -147,13 +147,11 @@ def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
         assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
 
 
-@pytest.mark.parametrize("env,constexpr", [("PAGODA_DECODE_EARLY_PAGES", "EARLY_PAGES"),
-                                           ("PAGODA_DECODE_L2_AHEAD", "L2_AHEAD")])
+@pytest.mark.parametrize("env,constexpr", [("PAGODA_DECODE_EARLY_PAGES", "EARLY_PAGES")])
 def test_decode_pdl_switches_are_validated(batch, monkeypatch, env, constexpr):
-    """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) and
-    PAGODA_DECODE_L2_AHEAD (its first blocks prefetched into L2 there) are 0 or 1, read when the wrapper is made;
-    anything else is a ValueError naming the variable. The plan is the same either way (each switch is a kernel
-    constexpr only)."""
+    """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) is 0 or 1, read
+    when the wrapper is made; anything else is a ValueError naming the variable. The plan is the same either way
+    (the switch is a kernel constexpr only)."""
     monkeypatch.setenv(env, "yes")
     with pytest.raises(ValueError, match=env):
         decode_wrapper()

@@ -192,22 +192,20 @@ def test_defer_final_norm_in_cuda_graphs(monkeypatch, tmp_path):
 def test_decode_early_kv_changes_nothing(monkeypatch):
     """PAGODA_DECODE_EARLY_KV=1 (the decode steps' attention run with pdl_early_kv: its first KV blocks copied
     before its PDL wait, behind the qkv + RoPE + append kernel that writes the step's own K / V): the same greedy
-    tokens to the bit as without, in graphs at batch 1 and in a batch of four, fused qkv + RoPE or not; and with
-    PAGODA_DECODE_L2_AHEAD=1 too (the first blocks prefetched into L2 before the wait)."""
+    tokens to the bit as without, in graphs at batch 1 and in a batch of four, fused qkv + RoPE or not."""
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for fused in ("1", "0"):
         monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", fused)
         runs = []
-        for early, l2 in (("0", "0"), ("1", "0"), ("1", "1")):
+        for early in ("0", "1"):
             monkeypatch.setenv("PAGODA_DECODE_EARLY_KV", early)
-            monkeypatch.setenv("PAGODA_DECODE_L2_AHEAD", l2)
             llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
             assert llm.engine.runner.attn.early_kv == (early == "1")
             one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
             four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
             assert llm.engine.stats.cuda_graph_steps > 0
             runs.append((one, four))
-        assert runs[0] == runs[1] == runs[2]
+        assert runs[0] == runs[1]
 
 
 def test_step_overlap_changes_nothing(monkeypatch):

@@ -104,28 +104,6 @@ if HAVE_GLUON:
                 gl.load(wp + 6, mask=ok, other=0))
 
     @gluon.jit
-    def _prefetch_rows_l2(K, V, KV_INDICES, kv_base, start, kv_end, k_head_off, v_head_off, stride_kp, stride_ks,
-                          stride_vp, stride_vs, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                          PAGE_SIZE: gl.constexpr):
-        """prefetch.global.L2 of the K and V rows start .. start + BLOCK_N (one instruction per 128-byte line;
-        rows past kv_end prefetch the block's first row again): no destination, nothing waits for it, and L2 is
-        where a later cp.async reads, so a line the kernel ahead writes afterwards is read as written."""
-        ROW_BYTES: gl.constexpr = HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
-        LINES: gl.constexpr = max(1, ROW_BYTES // 128)
-        PF: gl.constexpr = gl.BlockedLayout([1, 1], [32 // LINES, LINES], [4, 1], [1, 0])  # (a line a thread)
-        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, PF))
-        offs_n = gl.where(offs_n < kv_end, offs_n, start)
-        pages = gl.load(KV_INDICES + kv_base + (offs_n.to(gl.uint32) // PAGE_SIZE).to(gl.int32))
-        slot = (offs_n.to(gl.uint32) % PAGE_SIZE).to(gl.int32)
-        line = gl.arange(0, LINES, layout=gl.SliceLayout(0, PF)) * (128 * 8 // K.dtype.element_ty.primitive_bitwidth)
-        rk = gl.expand_dims(pages.to(gl.int64) * stride_kp + slot * stride_ks, 1) + gl.expand_dims(line, 0)
-        rv = gl.expand_dims(pages.to(gl.int64) * stride_vp + slot * stride_vs, 1) + gl.expand_dims(line, 0)
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [K + k_head_off + rk],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [V + v_head_off + rv],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def decode_sm90_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
         stride_qt, stride_qh,
@@ -137,7 +115,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, L2_AHEAD: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -161,11 +139,7 @@ if HAVE_GLUON:
         request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
         the block that holds the request's last token, work item field 5) are copied into the ring before the
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
-        (one commit group a block either way).
-        L2_AHEAD (with PDL; PAGODA_DECODE_L2_AHEAD=1, an experiment): round 0's first STAGES blocks (those the
-        prologue and the loop's first step copy) prefetched into L2 before the wait, the block with the newest
-        token too (a prefetch reads nothing into the kernel: the copies after the wait read L2, which holds what
-        the kernel ahead wrote), so the copies that must wait for it find their lines in L2."""
+        (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -232,13 +206,6 @@ if HAVE_GLUON:
                                    stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM, PAGE_SIZE, True, COPY,
                                    SAME_STRIDES)
                     async_copy.commit_group()
-        if PDL and L2_AHEAD:
-            for i in gl.static_range(STAGES):
-                st = nkv_start + i * BLOCK_N
-                if (n_rounds > 0) & (st < nkv_end):  # (a program without a task: its item is stale)
-                    _prefetch_rows_l2(K, V, KV_INDICES, nkv_base, st, nkv_end, nkvh.to(gl.int64) * stride_kh,
-                                      nkvh.to(gl.int64) * stride_vh, stride_kp, stride_ks, stride_vp, stride_vs,
-                                      BLOCK_N, HEAD_DIM, PAGE_SIZE)
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
