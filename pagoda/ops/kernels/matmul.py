@@ -153,6 +153,96 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
 
 
 @triton.jit
+def linear_stream_k_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, KB, U, stride_xm, stride_wn, stride_rm, stride_ym, eps,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, NORM_ROWS: tl.constexpr = 0, NORM_K: tl.constexpr = 16,
+                           HAS_RES: tl.constexpr = False, MAX_SHARERS: tl.constexpr = 2, PDL: tl.constexpr = False):
+    """linear_small_m_kernel's product over a persistent grid, stream-K: the U = n_tiles * KB units of work (one
+    BLOCK_N x BLOCK_K block of W each; KB = K // BLOCK_K, K a multiple of BLOCK_K) are cut into equal runs, one a
+    program (program p: units p * U // P .. (p + 1) * U // P), so every program reads the same bytes of W whatever
+    N / BLOCK_N is against the grid: no partly filled last wave of programs. A run covers whole tiles (each
+    finished in place) and at each end at most part of one; a part's fp32 sum goes to WS[p, slot] (slot 0: the
+    run's first tile, 1: its last), the tile's counter CNT[t] is bumped (acq_rel) and the last of its sharers
+    (programs owner(t * KB) .. owner((t + 1) * KB - 1), at most MAX_SHARERS) adds their parts in program order
+    (the same bits whichever arrives last), runs the epilogue and resets CNT[t]. One launch, the epilogues of
+    linear_small_m_kernel (NORM_ROWS, bias, residual)."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    start = pid * U // P
+    end = (pid + 1) * U // P
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_bn = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    tile_idx = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
+    pdl_enter(PDL)
+    x_row0 = 0.0
+    x_row1 = 0.0
+    x_row2 = 0.0
+    x_row3 = 0.0
+    if NORM_ROWS > 0:
+        offs_nk = tl.arange(0, NORM_K)
+        x_row0 = tl.load(X + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 1:
+            x_row1 = tl.load(X + stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 2:
+            x_row2 = tl.load(X + 2 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+        if NORM_ROWS > 3:
+            x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
+    first_tile = start // KB
+    last_tile = (end - 1) // KB
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for u in range(start, end):
+        t = u // KB
+        kb = u - t * KB
+        offs_n = t * BLOCK_N + offs_bn
+        n_ok = offs_n < N
+        k0 = kb * BLOCK_K
+        acc = _step(acc, X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                    W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + (k0 + offs_k)[None, :],
+                    mask_m[:, None], None, False)
+        if (kb == KB - 1) | (u == end - 1):  # the run leaves tile t here
+            if (kb == KB - 1) & (t * KB >= start):  # the whole tile was this program's
+                _finish(acc, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m,
+                        n_ok, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
+            else:  # part of a tile: its sum, for the tile's last sharer (after the loop: a loop with the
+                # arrival inside is not pipelined, no cp.async in the sm_90 PTX)
+                tl.store(WS + (pid * 2 + (t != first_tile).to(tl.int32)) * (BLOCK_M * BLOCK_N) + tile_idx, acc)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    tl.debug_barrier()  # (every thread's part stored before the bumps, which are acq_rel)
+    if (start > first_tile * KB) | (end < (first_tile + 1) * KB):
+        _stream_k_arrive(X, BIAS, R, Y, WS, CNT, M, N, K, KB, U, P, first_tile, stride_xm, stride_rm, stride_ym,
+                         eps, offs_m, offs_bn, mask_m, tile_idx, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M,
+                         BLOCK_N, NORM_ROWS, HAS_RES, MAX_SHARERS)
+    if (last_tile != first_tile) & (end < (last_tile + 1) * KB):
+        _stream_k_arrive(X, BIAS, R, Y, WS, CNT, M, N, K, KB, U, P, last_tile, stride_xm, stride_rm, stride_ym,
+                         eps, offs_m, offs_bn, mask_m, tile_idx, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M,
+                         BLOCK_N, NORM_ROWS, HAS_RES, MAX_SHARERS)
+
+
+@triton.jit
+def _stream_k_arrive(X, BIAS, R, Y, WS, CNT, M, N, K, KB, U, P, t, stride_xm, stride_rm, stride_ym, eps, offs_m,
+                     offs_bn, mask_m, tile_idx, x_row0, x_row1, x_row2, x_row3, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM_ROWS: tl.constexpr, HAS_RES: tl.constexpr,
+                     MAX_SHARERS: tl.constexpr):
+    """linear_stream_k_kernel: a program's part of tile t is in WS; count it, and if it is the last of the tile's
+    sharers, add their parts in program order and run the epilogue."""
+    q_lo = ((t * KB + 1) * P - 1) // U  # the owners of the tile's first and last units
+    q_hi = ((t + 1) * KB * P - 1) // U
+    if tl.atomic_add(CNT + t, 1) == q_hi - q_lo:
+        tl.store(CNT + t, 0)
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(MAX_SHARERS):
+            q = q_lo + i
+            slot = (t != (q * U // P) // KB).to(tl.int32)
+            total += tl.load(WS + (q * 2 + slot) * (BLOCK_M * BLOCK_N) + tile_idx,
+                             mask=(q <= q_hi) & (tile_idx >= 0), other=0.0, cache_modifier=".cg")
+        offs_n = t * BLOCK_N + offs_bn
+        _finish(total, X, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, offs_m, offs_n, mask_m,
+                offs_n < N, x_row0, x_row1, x_row2, x_row3, HAS_BIAS, BLOCK_M, NORM_ROWS, HAS_RES)
+
+
+@triton.jit
 def _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM: tl.constexpr, NORM_K: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BH: tl.constexpr):
     """One token (row 0 of the X tiles) times two sets of BH rows of W side by side (x @ W1.T, x @ W2.T: the two
