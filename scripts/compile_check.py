@@ -65,11 +65,6 @@ def cases():
         yield (f"linear_small_m NORM_ROWS={norm} HAS_RES={res} SPLIT_K={split} PDL", matmul.linear_small_m_kernel,
                lin, dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm,
                          NORM_K=4096, HAS_RES=res, SPLIT_K=split, PDL=True), 4, 4)
-    for norm, res, sharers in ((0, False, 2), (0, True, 4), (1, False, 2)):
-        yield (f"linear_stream_k NORM_ROWS={norm} HAS_RES={res} MAX_SHARERS={sharers} PDL",
-               matmul.linear_stream_k_kernel, lin,
-               dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, NORM_ROWS=norm, NORM_K=4096, HAS_RES=res,
-                    MAX_SHARERS=sharers, PDL=True), 4, 4)
     for d, norm in ((128, True), (64, False)):
         yield f"qkv_rope_append D={d} NORM={norm} PDL", matmul.qkv_rope_append_kernel, dict(
             X="*bf16", W="*bf16", BIAS="*bf16", Q="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32",

@@ -1,6 +1,6 @@
 """Decode-batch linear layers: pagoda's small-M kernel (ops/matmul.py) against torch (cuBLAS) on one GPU.
 
-    python -m pagoda.bench.linear [--rows 1] [--json FILE] [--splits 1,2,4,7] [--stream-k 2,3]
+    python -m pagoda.bench.linear [--rows 1] [--json FILE] [--splits 1,2,4,7]
 
 Llama-3.1-8B's projections at M = rows (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336),
 CUDA-graph replays with L2 flushed (bench.attention.gpu_time), bandwidth of the weight read against the
@@ -37,10 +37,6 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--splits", default=None, help="comma-separated K splits, e.g. 1,2,4,7")
     ap.add_argument("--only-splits", action="store_true", help="skip the configuration sweep")
-    ap.add_argument("--stream-k", default=None,
-                    help="comma-separated programs per SM, e.g. 2,3: the four projections on the stream-K kernel "
-                         "(ops.linear stream_k) against cuBLAS and the small-M kernel (plain, and with the "
-                         "residual in place at the engine's split), then stop")
     ap.add_argument("--fused", action="store_true",
                     help="also the one-token fused kernels (linear_silu_and_mul, linear_rope_append) against the "
                          "launches they replace, then stop")
@@ -52,9 +48,6 @@ def main(argv=None):
     rows, times = [], {}
     if args.fused:
         fused_table(copy_bw)
-        return
-    if args.stream_k:
-        stream_k_table(copy_bw, [int(v) for v in args.stream_k.split(",")], args.rows, args.json, dev)
         return
     if args.splits:
         splits = [int(v) for v in args.splits.split(",")]
@@ -119,52 +112,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, copy_GBps=copy_bw / 1e9, rows=rows, best=",".join(map(str, overall)),
                            wins=wins), f, indent=1)
-
-
-def stream_k_table(copy_bw: float, per_sm: list[int], n_rows: int, json_path, dev) -> None:
-    """Each projection: cuBLAS, the small-M kernel and the stream-K kernel at each programs-per-SM count, plain
-    and with the residual added in place (the small-M kernel at the engine's split, ops.matmul.small_m_split)."""
-    from pagoda.ops import matmul
-
-    split = matmul.small_m_split()
-    default_per_sm = matmul.STREAM_K_PROGRAMS_PER_SM
-    head = f"{'us':<18}{'cuBLAS':>9}{'small-M':>9}" + "".join(f"{'sk/' + str(v):>9}" for v in per_sm)
-    print(f"\n{head}   (copy rate)")
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        x = torch.randn(n_rows, k, dtype=torch.bfloat16, device="cuda")
-        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
-        r = torch.randn(n_rows, n, dtype=torch.bfloat16, device="cuda")
-        for res in (False, True):
-            ref = torch.nn.functional.linear(x, w).float() + (r.float() if res else 0)
-            rt = r.clone()
-            out = torch.empty(n_rows, n, dtype=torch.bfloat16, device="cuda")
-            if res:
-                t_cublas = gpu_time(lambda: rt.addmm_(x, w.t()), f"cuBLAS addmm_ {name}") * 1e6
-                sk_split = split.get(name, 1) if isinstance(split.get(name, 1), int) else 1
-                t_small = gpu_time(lambda: pagoda.ops.linear(x, w, out=rt, residual=rt, small_m=True,
-                                                             split_k=sk_split), f"small-M {name}") * 1e6
-            else:
-                t_cublas = gpu_time(lambda: torch.nn.functional.linear(x, w), f"cuBLAS {name}") * 1e6
-                t_small = gpu_time(lambda: pagoda.ops.linear(x, w, out=out, small_m=True), f"small-M {name}") * 1e6
-            line = f"{name + (' +res' if res else ''):<18}{t_cublas:8.1f}u{t_small:8.1f}u"
-            row = dict(shape=name, residual=res, cublas_us=t_cublas, small_m_us=t_small, stream_k_us={})
-            for v in per_sm:
-                matmul.STREAM_K_PROGRAMS_PER_SM = v
-                y = r.clone() if res else out.fill_(float("nan"))
-                pagoda.ops.linear(x, w, out=y, residual=y if res else None, small_m=True, stream_k=True)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"{name} stream-K {v}/SM: rel err {err:.3g}"
-                t = gpu_time(lambda: pagoda.ops.linear(x, w, out=rt if res else out, residual=rt if res else None,
-                                                       small_m=True, stream_k=True), f"stream-K {name}") * 1e6
-                line += f"{t:8.1f}u"
-                row["stream_k_us"][v] = t
-            matmul.STREAM_K_PROGRAMS_PER_SM = default_per_sm
-            rows.append(row)
-            print(line + f"   ({n * k * 2 / copy_bw * 1e6:.1f}u)", flush=True)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(device=dev, copy_GBps=copy_bw / 1e9, rows=rows), f, indent=1)
 
 
 def fused_table(copy_bw: float) -> None:

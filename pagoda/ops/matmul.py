@@ -8,14 +8,13 @@ configuration comes from `python -m pagoda.bench.linear`, that list from the eng
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 
 from ._dispatch import check_eps, pdl_launch, use_triton
-from .kernels.matmul import linear_small_m_kernel, linear_stream_k_kernel
+from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
 
@@ -45,9 +44,7 @@ def small_m_projections() -> frozenset[str]:
     pagoda.bench.engine --cases latency`, batch 1, two runs each) none 5.00 / 5.01 ms per token, o 4.93 / 4.93,
     qkv + o 4.81 / 4.82 / 4.81, + down 4.81 / 4.81, + gate_up and down 5.00 (cuBLAS reads gate_up faster: 67.8
     vs 71.8 us in pagoda.bench.linear); session 19, with the down projection split in two and its residual added
-    in the kernel: 4.428 / 4.427 against 4.455 / 4.456 (qkv + o), interleaved, one machine. Session 22: gate_up
-    on the stream-K kernel (small_m_split): -0.016 ms on one machine, +0.026 on another (session 21 had measured
-    it on the plain small-M kernel +0.018)."""
+    in the kernel: 4.428 / 4.427 against 4.455 / 4.456 (qkv + o), interleaved, one machine."""
     env = os.environ.get("PAGODA_SMALL_M_LINEAR")
     names = {"qkv", "o", "gate_up", "down"}
     if env is None:
@@ -73,17 +70,11 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 NORM_MAX_ROWS = 4  # rows whose RMSNorm factor the small-M kernel computes (one vector of K each, in registers)
 
 
-def small_m_split() -> dict[str, int | str]:
+def small_m_split() -> dict[str, int]:
     """K splits of the engine's small-M projections: PAGODA_SMALL_M_SPLIT, e.g. "down=4,o=2" ('none' or empty:
-    one program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch; "stream",
-    e.g. "gate_up=stream": the stream-K kernel, equal shares of W over a persistent grid). Default
-    down=2. The down projection (4096 x 14336) with its residual, `python -m pagoda.bench.linear
-    --splits 1,2,4,7 --only-splits` (H200, session 19): cuBLAS addmm_ 35.7 us, split 1 35.3, 2 33.9, 4 41.5, 7
-    39.9. gate_up (28672 x 4096: 896 tiles of 32 rows, 3.4 waves of the plain kernel's programs) on the stream-K
-    kernel, H200, session 22, `python -m pagoda.bench.linear --stream-k 2,3`: 64.0 us alone (cuBLAS 62.6, plain
-    small-M 64.8); in the engine's batch-1 step (interleaved) 4.394 -> 4.378 ms per token against cuBLAS on one
-    machine, 4.356 -> 4.381 on another: not the default. o / down on it lost (alone +2-3 us each; in the engine
-    +0.36 ms with all three)."""
+    one program per BLOCK_N rows of W; a split spreads a projection over more programs, in one launch). Default
+    down=2: the down projection (4096 x 14336) with its residual, `python -m pagoda.bench.linear --splits
+    1,2,4,7 --only-splits` (H200, session 19): cuBLAS addmm_ 35.7 us, split 1 35.3, 2 33.9, 4 41.5, 7 39.9."""
     env = os.environ.get("PAGODA_SMALL_M_SPLIT")
     if env is None:
         return {"down": 2}
@@ -92,30 +83,21 @@ def small_m_split() -> dict[str, int | str]:
         if item == "none":
             continue
         name, _, val = item.partition("=")
-        if name not in ("qkv", "o", "gate_up", "down") or not (val == "stream" or val.isdigit() and int(val) >= 1):
+        if name not in ("qkv", "o", "gate_up", "down") or not val.isdigit() or int(val) < 1:
             raise ValueError(f"PAGODA_SMALL_M_SPLIT must be 'name=splits,...' with names among qkv, o, gate_up, "
-                             f"down and splits >= 1 or 'stream', got {env!r}")
-        out[name] = val if val == "stream" else int(val)
+                             f"down and splits >= 1, got {env!r}")
+        out[name] = int(val)
     return out
 
 
 _SPLIT_BUFFERS: dict = {}
-# the stream-K kernel's grid: programs per SM (its 4-stage ring of 24 KB stages fits two on an H100 / H200 SM);
-# under the interpreter a few programs, so that runs cut tiles
-STREAM_K_PROGRAMS_PER_SM = int(os.environ.get("PAGODA_STREAM_K_PER_SM", "2"))  # (EXPERIMENT, session 22)
-_INTERPRETER_PROGRAMS = 5
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_buffers(device, n_tiles: int, split_k: int, bn: int, kind: str = "split"):
+def _split_buffers(device, n_tiles: int, split_k: int, bn: int):
     """The split-K partials (fp32) and the tiles' arrival counters (int32, zero: the kernel resets them), one pair
     per (device, shape), kept: a CUDA graph replays the launch with the same buffers. Kernels on one stream
     share them in turn; first made outside a graph capture."""
-    key = (str(device), n_tiles, split_k, bn, kind)
+    key = (str(device), n_tiles, split_k, bn)
     if key not in _SPLIT_BUFFERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the small-M kernel's split-K buffers are made on its first call: make that call "
@@ -128,7 +110,7 @@ def _split_buffers(device, n_tiles: int, split_k: int, bn: int, kind: str = "spl
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, small_m: bool | None = None, config=None,
            pdl: bool = False, rms_norm_eps: float | None = None,
-           residual: torch.Tensor | None = None, split_k: int = 1, stream_k: bool = False) -> torch.Tensor:
+           residual: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, fp32 accumulation.
 
     rms_norm_eps: x is RMS-normalized first, without a weight: y = (x * rsqrt(mean(x^2) + eps)) @ weight.T
@@ -136,9 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     RMSNorm. The small-M kernel scales its accumulators (at most NORM_MAX_ROWS rows). residual [..., N]: y +=
     residual; ``out`` may be ``residual`` (an in-place residual add). split_k (small-M kernel): K in that many
     pieces over as many programs per BLOCK_N rows, the partials added by the tile's last program in a fixed
-    order (deterministic; one launch). stream_k (small-M kernel, K a multiple of its BLOCK_K; else as split_k=1):
-    a persistent grid whose programs each read the same share of W, cut across tiles and K
-    (kernels/matmul.py linear_stream_k_kernel; deterministic, one launch); not with split_k > 1.
+    order (deterministic; one launch).
 
     small_m: run the small-M kernel (True: on CUDA or under TRITON_INTERPRET, else torch; None: on CUDA for
     at most SMALL_M_MAX_ROWS rows; False: torch); fp16 / bf16 only (fp32 goes to torch: the kernel's dot
@@ -175,8 +155,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_eps("rms_norm_eps", rms_norm_eps)
     if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
-    if stream_k and split_k > 1:
-        raise ValueError(f"stream_k cuts K itself: it takes split_k=1, got split_k={split_k}")
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if small_m is None:
         small_m = x.is_cuda and rows <= SMALL_M_MAX_ROWS
@@ -213,20 +191,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         r2 = residual.view(rows, n) if residual.is_contiguous() else residual.reshape(rows, n).contiguous()
     bn, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     n_tiles = triton.cdiv(n, bn)
-    if stream_k and k % bk == 0:
-        kb = k // bk
-        units = n_tiles * kb
-        progs = min(units, _sm_count(x.device) * STREAM_K_PROGRAMS_PER_SM if x.is_cuda else _INTERPRETER_PROGRAMS)
-        ws, cnt = _split_buffers(x.device, n_tiles, 2 * progs, bn, "stream")
-        linear_stream_k_kernel[(progs,)](
-            x2, w, bias if bias is not None else w, r2 if r2 is not None else w, y2, ws, cnt, rows, n, k, kb, units,
-            x2.stride(0), w.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
-            float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
-            HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-            NORM_ROWS=rows if rms_norm_eps is not None else 0, NORM_K=norm_k if rms_norm_eps is not None else 16,
-            HAS_RES=residual is not None, MAX_SHARERS=-(-(kb - 1) // (units // progs)) + 1,
-            num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
-        return out
     k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk  # whole K blocks per piece
     split_k = triton.cdiv(k, k_split)  # (no empty piece)
     ws, cnt = _split_buffers(x.device, n_tiles, split_k, bn) if split_k > 1 else (w, w)

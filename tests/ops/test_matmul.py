@@ -95,51 +95,15 @@ def test_small_m_split_k(split_k, rows, n, k):
             pagoda.ops.linear(x, w, small_m=True, split_k=bad)
 
 
-@pytest.mark.parametrize("programs", [1, 2, 5, 7])
-@pytest.mark.parametrize("rows,n,k", [(1, 48, 96), (1, 16, 224), (3, 100, 64), (16, 40, 128), (2, 37, 70)])
-def test_small_m_stream_k(programs, rows, n, k, monkeypatch):
-    """stream_k: the units of W (BLOCK_N rows x BLOCK_K columns) in equal runs over a persistent grid of
-    `programs` (the interpreter's grid; on a GPU SMs x STREAM_K_PROGRAMS_PER_SM): whole tiles finished in place,
-    a tile shared by programs (up to all of them: 16 x 224 is one tile of 7 blocks) summed by its last sharer in
-    program order, with the norm factor, bias and the residual in place. K not a multiple of BLOCK_K (70) runs
-    the plain kernel. A second call gives the same bits (counters reset, a fixed order); split_k > 1 with it is
-    a ValueError."""
-    monkeypatch.setattr(linear_mod, "_INTERPRETER_PROGRAMS", programs)
-    monkeypatch.setattr(linear_mod, "STREAM_K_PROGRAMS_PER_SM", max(1, programs // 2))
-    dtype = torch.bfloat16
-    x = torch.randn(rows, k, dtype=dtype, device=DEVICE) * 2
-    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-    b = torch.randn(n, dtype=dtype, device=DEVICE)
-    norm = rows <= linear_mod.NORM_MAX_ROWS
-    f = rms_factor(x) if norm else 1.0
-    r = torch.randn(rows, n, dtype=dtype, device=DEVICE)
-    ref = (x.double() * f) @ w.double().T + b.double() + r.double()
-    outs = []
-    for _ in range(2):
-        out = r.clone()
-        pagoda.ops.linear(x, w, b, out=out, small_m=True, rms_norm_eps=1e-5 if norm else None, residual=out,
-                          stream_k=True)
-        assert rel(out, ref) < TOL[dtype]
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    plain = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
-    pagoda.ops.linear(x, w, out=plain, small_m=True, stream_k=True)
-    assert rel(plain, x.double() @ w.double().T) < TOL[dtype]
-    with pytest.raises(ValueError, match="split_k"):
-        pagoda.ops.linear(x, w, small_m=True, stream_k=True, split_k=2)
-
-
 def test_small_m_split_env(monkeypatch):
     monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "down=4,o=2")
     assert linear_mod.small_m_split() == {"down": 4, "o": 2}
-    monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "gate_up=stream,down=2")
-    assert linear_mod.small_m_split() == {"gate_up": "stream", "down": 2}
     monkeypatch.delenv("PAGODA_SMALL_M_SPLIT")
     assert linear_mod.small_m_split() == {"down": 2}
     for none in ("", "none"):
         monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", none)
         assert linear_mod.small_m_split() == {}
-    for bad in ("down=0", "lm_head=2", "down", "down=x", "down=Stream"):
+    for bad in ("down=0", "lm_head=2", "down", "down=x"):
         monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", bad)
         with pytest.raises(ValueError, match="PAGODA_SMALL_M_SPLIT"):
             linear_mod.small_m_split()
@@ -193,8 +157,6 @@ def test_linear_dispatch_and_bad_input(monkeypatch):
         pagoda.ops.linear(x, w, out=torch.empty(2, 15, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="at most 16 rows"):
         pagoda.ops.linear(torch.randn(17, 32, dtype=torch.bfloat16), w, small_m=True)
-    monkeypatch.delenv("PAGODA_SMALL_M_LINEAR", raising=False)
-    assert linear_mod.small_m_projections() == {"qkv", "o", "down"}
     monkeypatch.setenv("PAGODA_SMALL_M_LINEAR", "qkv,down")
     assert linear_mod.small_m_projections() == {"qkv", "down"}
     monkeypatch.setenv("PAGODA_SMALL_M_LINEAR", "none")

@@ -57,18 +57,12 @@ def defer_final_norm_default() -> bool:
     return env_switch("PAGODA_DEFER_FINAL_NORM", "1")
 
 
-def _split_args(split: int | str) -> dict:
-    """ops.linear's split_k / stream_k for a PAGODA_SMALL_M_SPLIT value (an int, or "stream")."""
-    return dict(split_k=1, stream_k=True) if split == "stream" else dict(split_k=split)
-
-
-def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False,
-             split_k: int | str = 1) -> torch.Tensor:
+def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
-    K over split_k programs per tile or "stream" (the stream-K kernel; PAGODA_SMALL_M_SPLIT)."""
+    K over split_k programs per tile (PAGODA_SMALL_M_SPLIT)."""
     if small_m and x.shape[0] == 1 and x.is_cuda:
-        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, **_split_args(split_k))
+        return pagoda.ops.linear(x, layer.weight, layer.bias, small_m=True, pdl=pdl, split_k=split_k)
     return layer(x)
 
 
@@ -192,10 +186,10 @@ class DecoderLayer(nn.Module):
         if o is None:
             qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
-                                    **_split_args(a.split_qkv))
+                                    split_k=a.split_qkv)
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
-                          out=r, **_split_args(a.split_o))
+                          out=r, split_k=a.split_o)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
                                                rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
@@ -205,7 +199,7 @@ class DecoderLayer(nn.Module):
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
-                              **_split_args(mlp.split_down))
+                              split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
 
