@@ -65,12 +65,6 @@ def cases():
         yield (f"linear_small_m NORM_ROWS={norm} HAS_RES={res} SPLIT_K={split} PDL", matmul.linear_small_m_kernel,
                lin, dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_ROWS=norm,
                          NORM_K=4096, HAS_RES=res, SPLIT_K=split, PDL=True), 4, 4)
-    for res, split in ((True, 2), (False, 1)):
-        yield (f"silu_and_mul_linear HAS_RES={res} SPLIT_K={split} PDL", matmul.silu_and_mul_linear_kernel,
-               dict(G="*bf16", W="*bf16", R="*bf16", Y="*bf16", H="*bf16", WS="*fp32", CNT="*i32", N_IN="*bf16",
-                    eps="fp32"),
-               dict(BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NORM_BLOCK=4096, ACT_BLOCK=1024, HAS_RES=res,
-                    SPLIT_K=split, PDL=True), 4, 4)
     for d, norm in ((128, True), (64, False)):
         yield f"qkv_rope_append D={d} NORM={norm} PDL", matmul.qkv_rope_append_kernel, dict(
             X="*bf16", W="*bf16", BIAS="*bf16", Q="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32",

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ._dispatch import check_eps, pdl_launch, use_triton
-from .kernels.matmul import linear_small_m_kernel, silu_and_mul_linear_kernel
+from .kernels.matmul import linear_small_m_kernel
 
 SMALL_M_MAX_ROWS = 16  # one tensor-core tile of rows
 
@@ -277,84 +277,6 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0,
         num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
     return q_out
-
-
-def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-                        out: torch.Tensor | None = None, norm_input: torch.Tensor | None = None,
-                        norm_eps: float = 1e-6, split_k: int = 1, pdl: bool = False) -> torch.Tensor:
-    """One token's ``linear(silu_and_mul(gate_up, norm_input=, norm_eps=), weight, residual=residual)`` in one
-    launch (pagoda's, for the engine's one-token MLP: the activation in the down projection's prologue, each
-    program computing the activation of its own K columns; kernels/matmul.py silu_and_mul_linear_kernel).
-    gate_up [1, 2 K] (gate, then up), weight [N, K], residual / out [1, N] (out may not be residual, nor
-    norm_input: its tiles are stored while other programs still read those), norm_input [1, n_in]. The same
-    values as the two launches. Without Triton, or in fp32, the same through silu_and_mul and linear()."""
-    from .activation import silu_and_mul
-
-    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 2 or gate_up.shape[0] != 1 \
-            or not gate_up.dtype.is_floating_point or gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up must be one token [1, 2 * K] of a floating dtype, got "
-                         f"{getattr(gate_up, 'shape', gate_up)}")
-    k = gate_up.shape[1] // 2
-    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k
-            or weight.dtype != gate_up.dtype or weight.device != gate_up.device):
-        raise ValueError(f"weight must be {gate_up.dtype} [N, {k}] on {gate_up.device}, got "
-                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
-    n = weight.shape[0]
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, n) or t.dtype != gate_up.dtype
-                              or t.device != gate_up.device or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {gate_up.dtype} [1, {n}] on {gate_up.device}, got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-    if norm_input is not None and (not isinstance(norm_input, torch.Tensor) or norm_input.dim() != 2
-                                   or norm_input.shape[0] != 1 or norm_input.device != gate_up.device
-                                   or not norm_input.is_contiguous()):
-        raise ValueError(f"norm_input must be a contiguous [1, n] tensor on {gate_up.device}, got "
-                         f"{tuple(getattr(norm_input, 'shape', ()))}")
-    check_eps("norm_eps", norm_eps)
-    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
-    if out is None:
-        out = torch.empty(1, n, dtype=gate_up.dtype, device=gate_up.device)
-    for name, t in (("residual", residual), ("norm_input", norm_input), ("gate_up", gate_up)):
-        if t is not None and _overlap(out, t):  # (programs still read those while others store their tiles)
-            raise ValueError(f"out must not be or overlap {name}: programs read all of it while others store "
-                             f"their tiles")
-    n_in = norm_input.shape[1] if norm_input is not None else 0
-    norm_block = triton.next_power_of_2(n_in) if n_in else 0
-    if (not use_triton(gate_up) or gate_up.dtype not in (torch.float16, torch.bfloat16) or k == 0 or n == 0
-            or norm_block > 16384):
-        h = silu_and_mul(gate_up, norm_input=norm_input, norm_eps=norm_eps)
-        return linear(h, weight, residual=residual, out=out)
-    g = gate_up if gate_up.is_contiguous() else gate_up.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    bn, bk, warps, stages = SMALL_M_CONFIG if gate_up.is_cuda else _INTERPRETER_CONFIG
-    n_tiles = triton.cdiv(n, bn)
-    k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
-    split_k = triton.cdiv(k, k_split)
-    ws, cnt = _split_buffers(gate_up.device, n_tiles, split_k, bn) if split_k > 1 else (w, w)
-    h = _act_copies(gate_up.device, gate_up.dtype, n_tiles * split_k * k_split)
-    silu_and_mul_linear_kernel[(n_tiles, split_k)](
-        g, w, residual if residual is not None else w, out, h, ws, cnt,
-        norm_input if norm_input is not None else g, n, k, k_split, n_in, w.stride(0), float(norm_eps),
-        BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, NORM_BLOCK=norm_block,
-        ACT_BLOCK=1024 if gate_up.is_cuda else 64, HAS_RES=residual is not None, SPLIT_K=split_k,
-        num_warps=warps, num_stages=stages, **pdl_launch(pdl, gate_up))
-    return out
-
-
-_ACT_COPIES: dict = {}
-
-
-def _act_copies(device, dtype, numel: int) -> torch.Tensor:
-    """silu_and_mul_linear's per-program copies of the activation (one buffer per device, dtype and size, kept:
-    a CUDA graph replays the launch with it; first made outside a graph capture)."""
-    key = (str(device), dtype, numel)
-    if key not in _ACT_COPIES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("silu_and_mul_linear's buffers are made on its first call: make that call before "
-                               "capturing a CUDA graph (a warm-up run)")
-        _ACT_COPIES[key] = torch.empty(numel, dtype=dtype, device=device)
-    return _ACT_COPIES[key]
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,

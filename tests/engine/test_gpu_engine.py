@@ -208,23 +208,6 @@ def test_decode_early_kv_changes_nothing(monkeypatch):
         assert runs[0] == runs[1]
 
 
-def test_fused_act_down_changes_nothing(monkeypatch):
-    """PAGODA_FUSED_ACT_DOWN=1 / 2 (SwiGLU in the down projection's prologue, the layers' outputs alternating
-    between two residual buffers; 2: a PDL launch behind cuBLAS's gate / up): the same greedy tokens to the bit
-    as without, in graphs at batch 1 and in a batch of four."""
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    runs = []
-    for env in ("0", "1", "2"):
-        monkeypatch.setenv("PAGODA_FUSED_ACT_DOWN", env)
-        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
-        assert llm.engine.model.layers[0].mlp.fused_act_down == int(env)
-        one = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
-        four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-        assert llm.engine.stats.cuda_graph_steps > 0
-        runs.append((one, four))
-    assert runs[0] == runs[1] == runs[2]
-
-
 def test_step_overlap_changes_nothing(monkeypatch):
     """PAGODA_STEP_OVERLAP=1 (the next decode step's inputs and plan written on a copy stream while the sampling
     runs, the tokens read back on their own stream): the same greedy tokens as without, at batch 1 (every step

@@ -140,31 +140,6 @@ def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
         make_llm(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_act_down_one_token_steps(tiny_models, family, monkeypatch):
-    """PAGODA_FUSED_ACT_DOWN=1: the one-token layers run SwiGLU inside the down projection (ops.silu_and_mul_linear,
-    once a layer and decode step), each layer's output in the other of two residual buffers (the op reads its
-    input whole while it stores): greedy tokens equal transformers', log-probabilities equal the unfused layers'
-    to fp32 rounding (on the CPU the op's two-step form; the kernel: tests/ops/test_matmul.py). Another value
-    is a ValueError naming the variable."""
-    path, hf = tiny_models[family]
-    calls = count_calls(monkeypatch, pagoda.ops, "silu_and_mul_linear")
-    sp = pagoda.SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
-    outs = {}
-    for env in ("0", "1"):
-        monkeypatch.setenv("PAGODA_FUSED_ACT_DOWN", env)
-        llm = make_llm(path, enforce_eager=True)
-        before = calls["n"]
-        outs[env] = llm.generate([PROMPTS[1]], sp, use_tqdm=False)[0].outputs[0]
-        assert calls["n"] - before == (llm.engine.model.config.num_layers * 5 if env == "1" else 0)
-    assert outs["1"].token_ids == outs["0"].token_ids == hf_greedy(hf, PROMPTS[1], 6)
-    for a, b in zip(outs["1"].logprobs, outs["0"].logprobs):
-        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-5 for t in a)
-    monkeypatch.setenv("PAGODA_FUSED_ACT_DOWN", "yes")
-    with pytest.raises(ValueError, match="PAGODA_FUSED_ACT_DOWN"):
-        make_llm(path)
-
-
 def test_defer_norms_switch(monkeypatch):
     from pagoda.engine.models import llama
 

@@ -95,44 +95,6 @@ def test_small_m_split_k(split_k, rows, n, k):
             pagoda.ops.linear(x, w, small_m=True, split_k=bad)
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize("n,k,norm,res", [(48, 96, True, True), (37, 70, True, True), (40, 128, False, False),
-                                          (16, 256, False, True), (33, 100, True, False)])
-def test_silu_and_mul_linear(split_k, n, k, norm, res):
-    """ops.silu_and_mul_linear (SwiGLU in the down projection's prologue, each program its own copy of its K
-    columns' activation): against float64, and to the bit the two launches it replaces (silu_and_mul with the
-    deferred norm, then linear with the residual at the same split), twice (the split's counters reset); K not
-    a multiple of a block (70, 100); output poisoned. Bad input: ValueErrors naming the argument."""
-    dtype = torch.bfloat16
-    gu = torch.randn(1, 2 * k, dtype=dtype, device=DEVICE) * 2
-    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-    r = torch.randn(1, n, dtype=dtype, device=DEVICE) if res else None
-    ni = torch.randn(1, 24, dtype=dtype, device=DEVICE) * 3 if norm else None
-    f = torch.rsqrt(ni.double().pow(2).mean() + 1e-5) if norm else 1.0
-    a, b = gu.double()[:, :k] * f, gu.double()[:, k:] * f
-    ref = (a * torch.sigmoid(a) * b) @ w.double().T + (r.double() if res else 0.0)
-    two = pagoda.ops.linear(pagoda.silu_and_mul(gu, norm_input=ni, norm_eps=1e-5), w, residual=r, small_m=True,
-                            split_k=split_k)
-    for _ in range(2):
-        out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
-        got = pagoda.ops.silu_and_mul_linear(gu, w, residual=r, out=out, norm_input=ni, norm_eps=1e-5,
-                                             split_k=split_k)
-        assert got is out
-        assert rel(out, ref) < TOL[dtype]
-        assert torch.equal(out, two)
-    rr = torch.randn(1, n, dtype=dtype, device=DEVICE)
-    for kw, match in ((dict(out=rr, residual=rr), "out must not be or overlap residual"),
-                      (dict(out=rr, norm_input=rr), "out must not be or overlap norm_input"),
-                      (dict(split_k=0), "split_k"), (dict(norm_eps=-1.0), "norm_eps"),
-                      (dict(residual=torch.randn(1, n + 1, dtype=dtype, device=DEVICE)), "residual")):
-        with pytest.raises(ValueError, match=match):
-            pagoda.ops.silu_and_mul_linear(gu, w, **kw)
-    with pytest.raises(ValueError, match="weight"):
-        pagoda.ops.silu_and_mul_linear(gu, w[:, :-1])
-    with pytest.raises(ValueError, match="gate_up"):
-        pagoda.ops.silu_and_mul_linear(gu[:, :-1], w)
-
-
 def test_small_m_split_env(monkeypatch):
     monkeypatch.setenv("PAGODA_SMALL_M_SPLIT", "down=4,o=2")
     assert linear_mod.small_m_split() == {"down": 4, "o": 2}

@@ -9,8 +9,6 @@ Face checkpoint names onto them.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
@@ -47,16 +45,6 @@ def fused_gate_up_act_default() -> bool:
     kernel reads gate / up in 67.3 us where cuBLAS + the activation take 64.7, and the engine's batch-1 step is
     0.08 ms slower with it)."""
     return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
-
-
-def fused_act_down_default() -> int:
-    """Whether the one-token layers run SwiGLU in the down projection's prologue (ops.silu_and_mul_linear: one
-    launch fewer a layer; the layer's output then goes to a second residual buffer, the next layer's input):
-    PAGODA_FUSED_ACT_DOWN=0 / 1 / 2 (2: a PDL launch behind cuBLAS's gate / up too). EXPERIMENT, session 22."""
-    env = os.environ.get("PAGODA_FUSED_ACT_DOWN", "0")
-    if env not in ("0", "1", "2"):
-        raise ValueError(f"PAGODA_FUSED_ACT_DOWN must be 0, 1 or 2, got {env!r}")
-    return int(env)
 
 
 def defer_final_norm_default() -> bool:
@@ -154,7 +142,6 @@ class MLP(nn.Module):
         self.small_m_gate_up, self.small_m_down = "gate_up" in small_m, "down" in small_m
         self.split_gate_up, self.split_down = split.get("gate_up", 1), split.get("down", 1)
         self.fused_gate_up_act = fused_gate_up_act_default()
-        self.fused_act_down = fused_act_down_default()
         self.pdl = pdl_default()
 
     def forward(self, x):
@@ -181,18 +168,9 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def fuses_act_down(self, r) -> bool:
-        """Whether forward_one_token writes its output to the spare buffer (the activation in the down
-        projection's prologue: fused_act_down_default, with the down projection on the small-M kernel and gate /
-        up not fused with the activation; without Triton the op runs its two-step fallback)."""
-        mlp = self.mlp
-        return bool(mlp.fused_act_down) and mlp.small_m_down and not mlp.fused_gate_up_act
-
-    def forward_one_token(self, r, cos_sin, ctx, spare=None) -> torch.Tensor:
+    def forward_one_token(self, r, cos_sin, ctx) -> None:
         """The layer for one token with both norms deferred (the model's norm weights folded into qkv_proj and
-        gate_up_proj: fold_norm_weights): r [1, hidden], the residual stream, is updated in place, or with the
-        activation fused into the down projection (fused_act_down_default) written to spare (the kernel reads r
-        whole while it stores): returns the buffer that holds the layer's output. The input
+        gate_up_proj: fold_norm_weights): r [1, hidden], the residual stream, is updated in place. The input
         norm's factor scales the qkv projection's accumulators (small-M kernel), the o projection adds its
         output into r in its epilogue, the post-attention norm's factor scales gate / up in the activation, and
         the down projection adds into r (cuBLAS with beta = 1, or the small-M kernel's epilogue): no norm
@@ -217,20 +195,13 @@ class DecoderLayer(nn.Module):
                                                rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
         else:
             gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
-            h = None if self.fuses_act_down(r) else pagoda.silu_and_mul(
-                gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
-                norm_eps=self.post_attention_layernorm.eps)
-        if h is None:
-            return pagoda.ops.silu_and_mul_linear(gu, mlp.down_proj.weight, residual=r, out=spare, norm_input=r,
-                                                  norm_eps=self.post_attention_layernorm.eps,
-                                                  split_k=mlp.split_down,
-                                                  pdl=mlp.pdl and (mlp.small_m_gate_up or mlp.fused_act_down == 2))
+            h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
+                                    norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
                               split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
-        return r
 
 
 class LlamaForCausalLM(nn.Module):
@@ -282,11 +253,8 @@ class LlamaForCausalLM(nn.Module):
                              "(defers_final_norm)")
         x = self.embed_tokens(input_ids)
         if self._one_token_path(x.shape[0]):
-            spare = torch.empty_like(x) if any(layer.fuses_act_down(x) for layer in self.layers) else None
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
-                out = layer.forward_one_token(x, self.cos_sin, ctx, spare)
-                if out is not x:  # (the layer wrote to spare: the buffers swap roles)
-                    x, spare = out, x
+                layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x) if final_norm else x
         residual = None
         for layer in self.layers:

@@ -123,68 +123,6 @@ def linear_small_m_kernel(X, W, BIAS, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_xm
             x_row2 = tl.load(X + 2 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
         if NORM_ROWS > 3:
             x_row3 = tl.load(X + 3 * stride_xm + offs_nk, mask=offs_nk < K, other=0.0)
-    _product_and_epilogue(X, BIAS, R, Y, WS, CNT, M, N, K, k_lo, k_hi, x_ptrs, w_ptrs, stride_xm, stride_rm,
-                          stride_ym, eps, offs_m, offs_bn, offs_n, offs_k, mask_m, n_ok, x_row0, x_row1, x_row2,
-                          x_row3, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NORM_ROWS, HAS_RES, SPLIT_K)
-
-
-@triton.jit
-def silu_and_mul_linear_kernel(G, W, R, Y, H, WS, CNT, N_IN, N, K, K_SPLIT, n_in, stride_wn, eps,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                               NORM_BLOCK: tl.constexpr, ACT_BLOCK: tl.constexpr, HAS_RES: tl.constexpr = False,
-                               SPLIT_K: tl.constexpr = 1, PDL: tl.constexpr = False):
-    """One token: Y = silu(g) * u @ W.T (+ R), [g | u] = G [1, 2 K] (a gate / up projection's output), W [N, K]:
-    act_and_mul_kernel's work in the program's prologue instead of its own launch. Program (n, s) computes
-    h = silu(g) * u over its K columns k_lo .. k_hi (each program its own copy, in H at (s * n_tiles + n) *
-    K_SPLIT: the same bf16 values act_and_mul_kernel would store, so the same product), then runs
-    linear_small_m_kernel's pipelined product over that copy and its epilogue (split-K arrival, residual). NORM_BLOCK
-    > 0 (= next_power_of_2(n_in)): g and u first times rsqrt(mean(N_IN^2) + eps), as act_and_mul_kernel's
-    deferred norm (N_IN must not be Y: every program reads all of it while others store their tiles)."""
-    BLOCK_M: tl.constexpr = 16
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_bn = tl.arange(0, BLOCK_N)
-    offs_n = tl.program_id(0) * BLOCK_N + offs_bn
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < 1
-    n_ok = offs_n < N
-    if SPLIT_K > 1:
-        k_lo = tl.multiple_of(tl.program_id(1) * K_SPLIT, BLOCK_K)
-        k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    else:
-        k_lo = 0
-        k_hi = K
-    # (the copy's offset a multiple of BLOCK_K, said: its X tiles then load as cp.async, pipelined with W's)
-    h = H + tl.multiple_of((tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * K_SPLIT
-                           - k_lo, BLOCK_K)
-    w_ptrs = W + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    pdl_enter(PDL)
-    if NORM_BLOCK > 0:
-        offs_in = tl.arange(0, NORM_BLOCK)
-        xin = tl.load(N_IN + offs_in, mask=offs_in < n_in, other=0.0).to(tl.float32)
-        scale = tl.rsqrt(tl.sum(xin * xin, axis=0) / n_in + eps)
-    for c in range(k_lo, k_hi, ACT_BLOCK):
-        offs = c + tl.arange(0, ACT_BLOCK)
-        m = offs < k_hi
-        a = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(G + K + offs, mask=m, other=0.0).to(tl.float32)
-        if NORM_BLOCK > 0:
-            a = a * scale
-            b = b * scale
-        tl.store(h + offs, (a / (1.0 + tl.exp(-a)) * b).to(H.dtype.element_ty), mask=m)
-    tl.debug_barrier()  # (the program's copy of h stored before its product reads it)
-    _product_and_epilogue(h, h, R, Y, WS, CNT, 1, N, K, k_lo, k_hi, h + offs_m[:, None] * 0 + offs_k[None, :],
-                          w_ptrs, 0, 0, 0, eps, offs_m, offs_bn, offs_n, offs_k, mask_m, n_ok, 0.0, 0.0, 0.0,
-                          0.0, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, 0, HAS_RES, SPLIT_K)
-
-
-@triton.jit
-def _product_and_epilogue(X, BIAS, R, Y, WS, CNT, M, N, K, k_lo, k_hi, x_ptrs, w_ptrs, stride_xm, stride_rm,
-                          stride_ym, eps, offs_m, offs_bn, offs_n, offs_k, mask_m, n_ok, x_row0, x_row1, x_row2,
-                          x_row3, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NORM_ROWS: tl.constexpr,
-                          HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr):
-    """linear_small_m_kernel's program after its setup: the X tiles (x_ptrs) times its rows of W (w_ptrs) over
-    columns k_lo .. k_hi, then the epilogue (with SPLIT_K > 1 through the tile's last program to arrive)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_main = k_hi if EVEN_K else k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
     for k0 in range(k_lo, k_main, BLOCK_K):
