@@ -147,11 +147,11 @@ def test_decode_kernel_choice_is_validated(batch, monkeypatch, var, kv_dtype):
         assert w._plan.decode_sm90_constexprs is None or DEVICE == "cuda"
 
 
-@pytest.mark.parametrize("env,constexpr", [("PAGODA_DECODE_EARLY_PAGES", "EARLY_PAGES")])
-def test_decode_pdl_switches_are_validated(batch, monkeypatch, env, constexpr):
+def test_decode_early_pages_switch_is_validated(batch, monkeypatch):
     """PAGODA_DECODE_EARLY_PAGES (the Gluon decode kernel's first page ids before its PDL wait) is 0 or 1, read
     when the wrapper is made; anything else is a ValueError naming the variable. The plan is the same either way
     (the switch is a kernel constexpr only)."""
+    env, constexpr = "PAGODA_DECODE_EARLY_PAGES", "EARLY_PAGES"
     monkeypatch.setenv(env, "yes")
     with pytest.raises(ValueError, match=env):
         decode_wrapper()
