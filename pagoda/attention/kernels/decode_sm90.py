@@ -104,6 +104,12 @@ if HAVE_GLUON:
                 gl.load(wp + 6, mask=ok, other=0))
 
     @gluon.jit
+    def _ahead_of_last(st, diag, kv_end, BLOCK_N: gl.constexpr):
+        """1 (int32) when KV block st .. st + BLOCK_N holds no token the kernel ahead may write under EARLY_KV: it
+        ends at or before the request's last token diag, or lies past the range's end kv_end; else 0."""
+        return ((st + BLOCK_N <= diag) | (st >= kv_end)).to(gl.int32)
+
+    @gluon.jit
     def decode_sm90_kernel(
         Q, K, V, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, KV_INDICES, SPLITS, ARRIVALS, K_SCALE, V_SCALE,
         stride_qt, stride_qh,
@@ -195,7 +201,7 @@ if HAVE_GLUON:
             diag0 = gl.load(nwp + 5, mask=n_rounds > 0, other=0)  # the request's last token: the one being written
             for i in gl.static_range(STAGES - 1):
                 st = nkv_start + i * BLOCK_N
-                early = early * ((st + BLOCK_N <= diag0) | (st >= nkv_end)).to(gl.int32)  # a prefix of blocks
+                early = early * _ahead_of_last(st, diag0, nkv_end, BLOCK_N)  # a prefix of blocks
                 if early != 0:
                     if EARLY_PAGES and i == 0:
                         pages = pages0
@@ -241,7 +247,7 @@ if HAVE_GLUON:
             for i in gl.static_range(STAGES - 1):
                 st = kv_start + i * BLOCK_N
                 if PDL and EARLY_KV:  # (round 0's blocks before the request's last one went out before the wait)
-                    early = early * ((st + BLOCK_N <= diag0) | (st >= kv_end)).to(gl.int32)
+                    early = early * _ahead_of_last(st, diag0, kv_end, BLOCK_N)
                 if (not (PDL and EARLY_KV)) or early == 0:
                     if PDL and EARLY_PAGES and i == 0 and rnd == 0:  # (constexpr False: only the else is built)
                         pages = pages0
