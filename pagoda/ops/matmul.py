@@ -315,3 +315,126 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
         num_stages=stages, **pdl_launch(pdl, x))
     return out
+
+
+_MLP_BUFFERS: dict = {}
+_MLP_GRID: dict = {}
+# (BLOCK_K, num_warps, num_stages, BH, BLOCK_N) on CUDA: the small-M kernel's K blocks and pipeline; BH gate
+# columns a phase-1 tile (2 BH rows of W_gu), BLOCK_N rows of W_d a phase-2 piece
+MLP_CONFIG = (256, 4, 4, 16, 32)
+_MLP_INTERPRETER_CONFIG = (32, 1, 1, 16, 16)
+
+
+def _mlp_buffers(device, dtype, d: int, n_tiles: int, split: int, block_n: int):
+    """The activation H [1, d], the down projection's split partials (fp32) and row-tile counters, and the grid's
+    counters (int32 [4], mlp.py), one set per (device, dtype, shape), kept for CUDA-graph replays; first made
+    outside a capture. The counters start at zero and each launch leaves them at zero."""
+    key = (str(device), dtype, d, n_tiles, split, block_n)
+    if key not in _MLP_BUFFERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("mlp_one_token's buffers are made on its first call: make that call before "
+                               "capturing a CUDA graph (a warm-up run)")
+        _MLP_BUFFERS[key] = (torch.empty(1, d, dtype=dtype, device=device),
+                             torch.empty(split * n_tiles * 16 * block_n, dtype=torch.float32, device=device),
+                             torch.zeros(n_tiles, dtype=torch.int32, device=device),
+                             torch.zeros(4, dtype=torch.int32, device=device))
+    return _MLP_BUFFERS[key]
+
+
+def mlp_programs_per_sm() -> int:
+    """Programs a SM of mlp_one_token's persistent grid (PAGODA_MLP_PROGRAMS_PER_SM, default 2; capped by what
+    the compiled kernel's registers and shared memory let reside at once)."""
+    env = os.environ.get("PAGODA_MLP_PROGRAMS_PER_SM", "2")
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"PAGODA_MLP_PROGRAMS_PER_SM must be an integer >= 1, got {env!r}")
+    return int(env)
+
+
+def _resident_grid(kernel, args: tuple, kwargs: dict, device, per_sm: int) -> int:
+    """How many programs of kernel (compiled for these arguments) the grid gets: per_sm on every SM, at most
+    what its registers and shared memory let reside at once (a grid barrier needs every program resident)."""
+    from triton.runtime import driver
+
+    key = (kernel, str(device), per_sm, tuple(sorted(kwargs.items())))
+    if key not in _MLP_GRID:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()
+        props = driver.active.utils.get_device_properties(device.index if device.index is not None
+                                                          else torch.cuda.current_device())
+        warps = kwargs.get("num_warps", 4)
+        by_regs = props["max_num_regs"] // max(1, compiled.n_regs * 32 * warps)
+        by_smem = props["max_shared_mem"] // max(1, compiled.metadata.shared + 1024)
+        fit = min(per_sm, by_regs, by_smem)
+        if fit < 1:
+            raise RuntimeError(f"mlp_one_token's kernel cannot reside on a SM ({compiled.n_regs} registers, "
+                               f"{compiled.metadata.shared} bytes of shared memory)")
+        _MLP_GRID[key] = fit * props["multiprocessor_count"]
+    return _MLP_GRID[key]
+
+
+def mlp_one_token(residual: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  rms_norm_eps: float | None = None, split: int = 2, pdl: bool = False, config=None,
+                  programs: int | None = None) -> torch.Tensor:
+    """One token's SwiGLU MLP added into its residual stream, in place, in one launch (pagoda's, for the engine's
+    one-token layers): ``residual += silu_and_mul(linear(residual, w_gate_up, rms_norm_eps=...)) @ w_down.T``,
+    residual [1, hidden], w_gate_up = [gate; up] [2 d, hidden] (the post-attention norm's weight folded in),
+    w_down [hidden, d]. A persistent grid (kernels/mlp.py): the gate / up read with SwiGLU in its epilogue, a grid
+    barrier, then the down read in pieces of K / split with the residual added by each row tile's last piece;
+    the activation is rounded to the model's dtype between the two, as between the separate kernels.
+    Without Triton, or in fp32, the same through linear() and silu_and_mul. config: (BLOCK_K, num_warps,
+    num_stages, BH, BLOCK_N) instead of MLP_CONFIG; programs: the grid (default: mlp_programs_per_sm() a SM,
+    what can reside; under the interpreter 3). Returns residual."""
+    from .activation import silu_and_mul
+    from .kernels.mlp import mlp_one_token_kernel
+
+    if (not isinstance(residual, torch.Tensor) or residual.dim() != 2 or residual.shape[0] != 1
+            or not residual.dtype.is_floating_point or not residual.is_contiguous()):
+        raise ValueError(f"residual must be one contiguous token [1, hidden] of a floating dtype, got "
+                         f"{getattr(residual, 'dtype', type(residual))} {tuple(getattr(residual, 'shape', ()))}")
+    k = residual.shape[1]
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != residual.dtype
+                or w.device != residual.device):
+            raise ValueError(f"{name} must be a 2-D {residual.dtype} tensor on {residual.device}, got "
+                             f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
+    if w_gate_up.shape[1] != k or w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must be [2 * d, {k}], got {tuple(w_gate_up.shape)}")
+    d = w_gate_up.shape[0] // 2
+    if tuple(w_down.shape) != (k, d):
+        raise ValueError(f"w_down must be [{k}, {d}] (hidden, d), got {tuple(w_down.shape)}")
+    if rms_norm_eps is not None:
+        check_eps("rms_norm_eps", rms_norm_eps)
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be an integer >= 1, got {split!r}")
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"programs must be an integer >= 1, got {programs!r}")
+    norm_k = triton.next_power_of_2(k) if k else 1
+    if (not use_triton(residual) or residual.dtype not in (torch.float16, torch.bfloat16) or k == 0 or d == 0
+            or (rms_norm_eps is not None and norm_k > 16384)):
+        h = silu_and_mul(linear(residual, w_gate_up, rms_norm_eps=rms_norm_eps))
+        return linear(h, w_down, residual=residual, out=residual)
+    wgu = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
+    wd = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
+    bk, warps, stages, bh, bn = (config or MLP_CONFIG) if residual.is_cuda else _MLP_INTERPRETER_CONFIG
+    d_split = triton.cdiv(triton.cdiv(d, split), bk) * bk  # whole K blocks per piece
+    split = triton.cdiv(d, d_split)  # (no empty piece)
+    n_tiles = triton.cdiv(k, bn)
+    h, ws, cnt, sync = _mlp_buffers(residual.device, residual.dtype, d, n_tiles, split, bn)
+    args = (residual, wgu, wd, h, ws, cnt, sync, k, d, d_split, wgu.stride(0), wd.stride(0),
+            float(rms_norm_eps) if rms_norm_eps is not None else 0.0)
+    kw = dict(NORM=rms_norm_eps is not None, NORM_K=norm_k if rms_norm_eps is not None else 16, BLOCK_K=bk,
+              EVEN_K=k % bk == 0, BH=bh, BLOCK_N=bn, SPLIT=split, EVEN_D=d % bk == 0,
+              num_warps=warps, num_stages=stages)
+    if residual.is_cuda:
+        kw.update(PHASE=0, **pdl_launch(pdl, residual))
+        resident = _resident_grid(mlp_one_token_kernel, args, {n: v for n, v in kw.items() if n != "launch_pdl"},
+                                  residual.device, mlp_programs_per_sm())
+        if programs is not None and programs > resident:
+            raise ValueError(f"programs must be at most {resident} (the programs that can reside at once: the "
+                             f"kernel's grid barrier waits for all of them), got {programs}")
+        mlp_one_token_kernel[(programs or resident,)](*args, **kw)
+    else:  # (the interpreter: the two phases as two launches, no barrier; their counters zeroed here)
+        for phase in (1, 2):
+            sync.zero_()
+            mlp_one_token_kernel[(programs or 3,)](*args, PHASE=phase, **kw)
+    return residual

@@ -262,3 +262,51 @@ def test_linear_silu_and_mul(d, k, norm):
         pagoda.ops.linear_silu_and_mul(x, w[:-1])
     with pytest.raises(ValueError, match="out"):
         pagoda.ops.linear_silu_and_mul(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,d,split,programs", [(64, 96, 2, 3), (40, 70, 3, 1), (48, 80, 1, 5)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_mlp_one_token(dtype, k, d, split, programs, norm):
+    """One token's MLP in one persistent launch (on the CPU its two phases as two launches) against float64:
+    the hidden size past a row tile and a K block (40, 48), d past a column tile and not a multiple of a K block
+    (70, 80), one program taking every tile (programs=1) and more programs than some phase has work; the
+    activation and the split partials poisoned (NaN) before the call, the residual updated in place."""
+    r0 = torch.randn(1, k, dtype=dtype, device=DEVICE) * 3
+    w_gu = (torch.randn(2 * d, k, device=DEVICE) / k ** 0.5 * 2).to(dtype)
+    w_d = (torch.randn(k, d, device=DEVICE) / d ** 0.5 * 4).to(dtype)
+    eps = 1e-5 if norm else None
+    pagoda.ops.mlp_one_token(r0.clone(), w_gu, w_d, rms_norm_eps=eps, split=split, programs=programs)
+    for buf in linear_mod._MLP_BUFFERS.values():
+        buf[0].fill_(float("nan"))
+        buf[1].fill_(float("nan"))
+    r = r0.clone()
+    assert pagoda.ops.mlp_one_token(r, w_gu, w_d, rms_norm_eps=eps, split=split, programs=programs) is r
+    h = (r0.double() * (rms_factor(r0) if norm else 1.0)) @ w_gu.double().T
+    act = (torch.nn.functional.silu(h[:, :d]) * h[:, d:]).to(dtype)  # (rounded between the phases, as the kernel)
+    ref = r0.double() + act.double() @ w_d.double().T
+    assert rel(r, ref) < TOL[dtype]
+    assert rel(r - r0, ref - r0.double()) < 2 * TOL[dtype]  # (the MLP's own part, not only the residual)
+    again = r0.clone()  # (the counters left at zero: a second launch gives the same bits)
+    pagoda.ops.mlp_one_token(again, w_gu, w_d, rms_norm_eps=eps, split=split, programs=programs)
+    assert torch.equal(again, r)
+
+
+def test_mlp_one_token_bad_input():
+    r = torch.randn(1, 32, dtype=torch.bfloat16, device=DEVICE)
+    w_gu = torch.randn(64, 32, dtype=torch.bfloat16, device=DEVICE)
+    w_d = torch.randn(32, 32, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="residual must be one contiguous token"):
+        pagoda.ops.mlp_one_token(r.repeat(2, 1), w_gu, w_d)
+    with pytest.raises(ValueError, match="w_gate_up"):
+        pagoda.ops.mlp_one_token(r, w_gu[:-1], w_d)
+    with pytest.raises(ValueError, match="w_down"):
+        pagoda.ops.mlp_one_token(r, w_gu, w_d[:, :-1])
+    with pytest.raises(ValueError, match="w_down"):
+        pagoda.ops.mlp_one_token(r, w_gu, w_d.half())
+    with pytest.raises(ValueError, match="split"):
+        pagoda.ops.mlp_one_token(r, w_gu, w_d, split=0)
+    with pytest.raises(ValueError, match="programs"):
+        pagoda.ops.mlp_one_token(r, w_gu, w_d, programs=0)
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        pagoda.ops.mlp_one_token(r, w_gu, w_d, rms_norm_eps=-1.0)
