@@ -213,7 +213,11 @@ def mlp_table(copy_bw: float, settings) -> None:
     print(f"{'cuBLAS + act + small-M':<28}{t3:7.1f}u{t3c:17.1f}u", flush=True)
     for per_sm, split in settings:
         r.copy_(r0)
-        one(*ws[0], per_sm, split)
+        try:
+            one(*ws[0], per_sm, split)
+        except ValueError as e:  # (more programs a SM than can reside)
+            print(f"{f'persistent {per_sm} a SM, split {split}':<28}  not run: {e}")
+            continue
         err = ((r.float() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, f"mlp_one_token {per_sm}:{split}: rel err {err:.3g}"
         t1 = gpu_time(lambda: one(*ws[0], per_sm, split), "mlp_one_token") * 1e6
