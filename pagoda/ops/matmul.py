@@ -374,7 +374,7 @@ def _resident_grid(kernel, args: tuple, kwargs: dict, device, per_sm: int) -> in
 
 def mlp_one_token(residual: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   rms_norm_eps: float | None = None, split: int = 2, pdl: bool = False, config=None,
-                  programs: int | None = None) -> torch.Tensor:
+                  programs: int | None = None, trace: torch.Tensor | None = None) -> torch.Tensor:
     """One token's SwiGLU MLP added into its residual stream, in place, in one launch (pagoda's, for the engine's
     one-token layers): ``residual += silu_and_mul(linear(residual, w_gate_up, rms_norm_eps=...)) @ w_down.T``,
     residual [1, hidden], w_gate_up = [gate; up] [2 d, hidden] (the post-attention norm's weight folded in),
@@ -383,7 +383,8 @@ def mlp_one_token(residual: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch
     the activation is rounded to the model's dtype between the two, as between the separate kernels.
     Without Triton, or in fp32, the same through linear() and silu_and_mul. config: (BLOCK_K, num_warps,
     num_stages, BH, BLOCK_N) instead of MLP_CONFIG; programs: the grid (default: mlp_programs_per_sm() a SM,
-    what can reside; under the interpreter 3). Returns residual."""
+    what can reside; under the interpreter 3); trace: int64 [programs, 4] for the kernel's timer stamps (CUDA,
+    scripts/mlp_timeline.py). Returns residual."""
     from .activation import silu_and_mul
     from .kernels.mlp import mlp_one_token_kernel
 
@@ -426,7 +427,7 @@ def mlp_one_token(residual: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch
               EVEN_K=k % bk == 0, BH=bh, BLOCK_N=bn, SPLIT=split, EVEN_D=d % bk == 0,
               num_warps=warps, num_stages=stages)
     if residual.is_cuda:
-        kw.update(PHASE=0, **pdl_launch(pdl, residual))
+        kw.update(PHASE=0, TRACE=trace, **pdl_launch(pdl, residual))
         resident = _resident_grid(mlp_one_token_kernel, args, {n: v for n, v in kw.items() if n != "launch_pdl"},
                                   residual.device, mlp_programs_per_sm())
         if programs is not None and programs > resident:

@@ -28,6 +28,11 @@ from .pdl import pdl_enter
 
 
 @triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def _grid_barrier(SYNC, num_programs):
     """Every program of the grid arrives before any goes on (sense-reversing: the generation read before the
     arrival, the last to arrive resets the counters and bumps it, the others spin until it moves). Each program's
@@ -116,14 +121,18 @@ def _down_piece(H, WD, R, WS, CNT, piece, N, D, D_SPLIT, stride_d, n_tiles, SPLI
 def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu, stride_d, eps,
                          PHASE: tl.constexpr, NORM: tl.constexpr, NORM_K: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, BH: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                         EVEN_D: tl.constexpr, PDL: tl.constexpr = False):
+                         EVEN_D: tl.constexpr, PDL: tl.constexpr = False, TRACE=None):
     """R [1, K] the residual stream (read in phase 1, += the MLP's output in phase 2), WGU [2 D, K] = [gate; up]
     (the post-attention norm's weight folded in; NORM: x = r * rsqrt(mean(r^2) + eps)), WD [K, D], H [1, D] the
-    activation, WS / CNT the split partials and their counters, SYNC the grid's counters (module docstring)."""
+    activation, WS / CNT the split partials and their counters, SYNC the grid's counters (module docstring).
+    TRACE (int64 [programs, 4], scripts/mlp_timeline.py): %globaltimer at the program's start (after the PDL
+    wait), its last phase-1 tile done, the barrier left, its last phase-2 piece done."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     N = K  # (the down projection's rows: back to the hidden size)
     pdl_enter(PDL)  # (R is the o projection's output; H and WS may still be read by the previous launch)
+    if TRACE is not None:
+        tl.store(TRACE + pid * 4, _globaltimer())
     if PHASE != 2:
         n_tiles1 = tl.cdiv(D, BH)
         tile = pid
@@ -133,8 +142,12 @@ def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu,
             tile = nxt
             if tile < n_tiles1:
                 nxt = num_programs + tl.atomic_add(SYNC + 2, 1, sem="relaxed")
+    if TRACE is not None:
+        tl.store(TRACE + pid * 4 + 1, _globaltimer())
     if PHASE == 0:
         _grid_barrier(SYNC, num_programs)
+    if TRACE is not None:
+        tl.store(TRACE + pid * 4 + 2, _globaltimer())
     if PHASE != 1:
         n_tiles2 = tl.cdiv(N, BLOCK_N)
         n_pieces = n_tiles2 * SPLIT
@@ -146,3 +159,5 @@ def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu,
             piece = nxt
             if piece < n_pieces:
                 nxt = num_programs + tl.atomic_add(SYNC + 3, 1, sem="relaxed")
+    if TRACE is not None:
+        tl.store(TRACE + pid * 4 + 3, _globaltimer())
