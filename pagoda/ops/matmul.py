@@ -337,7 +337,7 @@ def _mlp_buffers(device, dtype, d: int, n_tiles: int, split: int, block_n: int):
         _MLP_BUFFERS[key] = (torch.empty(1, d, dtype=dtype, device=device),
                              torch.empty(split * n_tiles * 16 * block_n, dtype=torch.float32, device=device),
                              torch.zeros(n_tiles, dtype=torch.int32, device=device),
-                             torch.zeros(4, dtype=torch.int32, device=device))
+                             torch.zeros(4 + split, dtype=torch.int32, device=device))
     return _MLP_BUFFERS[key]
 
 
@@ -427,13 +427,15 @@ def mlp_one_token(residual: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch
               EVEN_K=k % bk == 0, BH=bh, BLOCK_N=bn, SPLIT=split, EVEN_D=d % bk == 0,
               num_warps=warps, num_stages=stages)
     if residual.is_cuda:
-        kw.update(PHASE=0, TRACE=trace, **pdl_launch(pdl, residual))
+        kw.update(PHASE=int(os.environ.get("PAGODA_MLP_PHASE", "3")), TRACE=trace, **pdl_launch(pdl, residual))
         resident = _resident_grid(mlp_one_token_kernel, args, {n: v for n, v in kw.items() if n != "launch_pdl"},
                                   residual.device, mlp_programs_per_sm())
         if programs is not None and programs > resident:
             raise ValueError(f"programs must be at most {resident} (the programs that can reside at once: the "
                              f"kernel's grid barrier waits for all of them), got {programs}")
         mlp_one_token_kernel[(programs or resident,)](*args, **kw)
+    elif programs == 1:  # (the interpreter, one program: the one-launch flow, which it cannot wait in)
+        mlp_one_token_kernel[(1,)](*args, PHASE=3, **kw)
     else:  # (the interpreter: the two phases as two launches, no barrier; their counters zeroed here)
         for phase in (1, 2):
             sync.zero_()

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from .matmul import _paired_rows
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from .pdl import pdl_enter
 
 
@@ -51,8 +53,8 @@ def _grid_barrier(SYNC, num_programs):
 
 
 @triton.jit
-def _gate_up_tile(R, WGU, H, tile, K, D, stride_gu, eps, NORM: tl.constexpr, NORM_K: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BH: tl.constexpr):
+def _gate_up_tile(R, WGU, H, SLICE, tile, K, D, D_SPLIT, stride_gu, eps, NORM: tl.constexpr, NORM_K: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BH: tl.constexpr, FLOW: tl.constexpr):
     """H[j] = silu(g_j) * u_j for the tile's BH columns j (gate_up_act_kernel's program)."""
     BLOCK_M: tl.constexpr = 16
     offs_m = tl.arange(0, BLOCK_M)
@@ -68,6 +70,9 @@ def _gate_up_tile(R, WGU, H, tile, K, D, stride_gu, eps, NORM: tl.constexpr, NOR
     offs_j = tile * BH + tl.arange(0, BH)
     tl.store(H + offs_m[:, None] * 0 + offs_j[None, :], h.to(H.dtype.element_ty),
              mask=mask_m[:, None] & (offs_j < D)[None, :])
+    if FLOW:  # (the tile's columns stored by every thread, then counted for its slice: a release)
+        tl.debug_barrier()
+        tl.atomic_add(SLICE + (tile * BH) // D_SPLIT, 1, sem="release")
 
 
 @triton.jit
@@ -130,7 +135,11 @@ def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu,
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     N = K  # (the down projection's rows: back to the hidden size)
-    pdl_enter(PDL)  # (R is the o projection's output; H and WS may still be read by the previous launch)
+    if PHASE == 3:  # (the dependents launch once phase 2 begins: early ones held SM slots, session 23)
+        if PDL:
+            gdc_wait()
+    else:
+        pdl_enter(PDL)  # (R is the o projection's output; H and WS may still be read by the previous launch)
     if TRACE is not None:
         tl.store(TRACE + pid * 4, _globaltimer())
     if PHASE != 2:
@@ -138,7 +147,8 @@ def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu,
         tile = pid
         nxt = num_programs + tl.atomic_add(SYNC + 2, 1, sem="relaxed")  # (its round trip under the tile's loads)
         while tile < n_tiles1:
-            _gate_up_tile(R, WGU, H, tile, K, D, stride_gu, eps, NORM, NORM_K, BLOCK_K, EVEN_K, BH)
+            _gate_up_tile(R, WGU, H, SYNC + 4, tile, K, D, D_SPLIT, stride_gu, eps, NORM, NORM_K, BLOCK_K, EVEN_K,
+                          BH, PHASE == 3)
             tile = nxt
             if tile < n_tiles1:
                 nxt = num_programs + tl.atomic_add(SYNC + 2, 1, sem="relaxed")
@@ -148,16 +158,38 @@ def mlp_one_token_kernel(R, WGU, WD, H, WS, CNT, SYNC, K, D, D_SPLIT, stride_gu,
         _grid_barrier(SYNC, num_programs)
     if TRACE is not None:
         tl.store(TRACE + pid * 4 + 2, _globaltimer())
+    if PHASE == 3 and PDL:
+        gdc_launch_dependents()
     if PHASE != 1:
         n_tiles2 = tl.cdiv(N, BLOCK_N)
         n_pieces = n_tiles2 * SPLIT
         piece = pid
         nxt = num_programs + tl.atomic_add(SYNC + 3, 1, sem="relaxed")
+        ready = -1  # (the slices of H this program has seen complete: they complete in order, mostly)
         while piece < n_pieces:
-            _down_piece(H, WD, R, WS, CNT, piece, N, D, D_SPLIT, stride_d, n_tiles2, SPLIT, BLOCK_N, BLOCK_K,
-                        EVEN_D)
+            if PHASE == 3:
+                s = piece // n_tiles2  # (pieces slice-major: the early slices' first)
+                if s > ready:
+                    need = tl.cdiv(tl.minimum(D, (s + 1) * D_SPLIT) - s * D_SPLIT, BH)
+                    while tl.atomic_add(SYNC + 4 + s, 0, sem="acquire") < need:
+                        pass
+                    tl.debug_barrier()
+                    ready = s
+                _down_piece(H, WD, R, WS, CNT, (piece % n_tiles2) * SPLIT + s, N, D, D_SPLIT, stride_d, n_tiles2,
+                            SPLIT, BLOCK_N, BLOCK_K, EVEN_D)
+            else:
+                _down_piece(H, WD, R, WS, CNT, piece, N, D, D_SPLIT, stride_d, n_tiles2, SPLIT, BLOCK_N, BLOCK_K,
+                            EVEN_D)
             piece = nxt
             if piece < n_pieces:
                 nxt = num_programs + tl.atomic_add(SYNC + 3, 1, sem="relaxed")
     if TRACE is not None:
         tl.store(TRACE + pid * 4 + 3, _globaltimer())
+    if PHASE == 3:  # (the last program out resets the counters for the next launch: nobody reads them after it)
+        tl.debug_barrier()
+        if tl.atomic_add(SYNC, 1, sem="acq_rel") == num_programs - 1:
+            tl.atomic_xchg(SYNC, 0, sem="relaxed")
+            tl.atomic_xchg(SYNC + 2, 0, sem="relaxed")
+            tl.atomic_xchg(SYNC + 3, 0, sem="relaxed")
+            for i in tl.static_range(SPLIT):
+                tl.atomic_xchg(SYNC + 4 + i, 0, sem="relaxed")
