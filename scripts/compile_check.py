@@ -73,12 +73,6 @@ def cases():
             EVEN_K=True, PDL=True), 4, 4
     yield "gate_up_act NORM PDL", matmul.gate_up_act_kernel, dict(X="*bf16", W="*bf16", Y="*bf16", eps="fp32"), \
         dict(NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True, PDL=True), 4, 4
-    from pagoda.ops.kernels import mlp
-    for phase in (0, 1, 2, 3):
-        yield f"mlp_one_token PHASE={phase} NORM PDL", mlp.mlp_one_token_kernel, dict(
-            R="*bf16", WGU="*bf16", WD="*bf16", H="*bf16", WS="*fp32", CNT="*i32", SYNC="*i32", eps="fp32"), dict(
-            PHASE=phase, NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True, BH=16, BLOCK_N=32, SPLIT=2, EVEN_D=True,
-            PDL=True), 4, 4
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4

@@ -40,10 +40,6 @@ def main(argv=None):
     ap.add_argument("--fused", action="store_true",
                     help="also the one-token fused kernels (linear_silu_and_mul, linear_rope_append) against the "
                          "launches they replace, then stop")
-    ap.add_argument("--mlp", default=None,
-                    help="also the one-token MLP in one persistent launch (ops.mlp_one_token) at these "
-                         "'programs a SM:split' settings, e.g. 1:2,2:2,2:4, against the engine's three launches, "
-                         "one MLP and a chain of 8, then stop")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
@@ -52,9 +48,6 @@ def main(argv=None):
     rows, times = [], {}
     if args.fused:
         fused_table(copy_bw)
-        return
-    if args.mlp:
-        mlp_table(copy_bw, [tuple(int(v) for v in item.split(":")) for item in args.mlp.split(",")])
         return
     if args.splits:
         splits = [int(v) for v in args.splits.split(",")]
@@ -179,50 +172,6 @@ def fused_table(copy_bw: float) -> None:
             assert err < 1e-2, f"{name} {cfg[1:]}: rel err {err:.3g}"
         print(f"{str(cfg[1:]):<48}{gpu_time(lambda: fused_gu(cfg), 'fused') * 1e6:11.1f}u"
               f"{gpu_time(lambda: fused_qkv(cfg), 'fused qkv') * 1e6:9.1f}u", flush=True)
-
-
-def mlp_table(copy_bw: float, settings) -> None:
-    """Llama-3.1-8B's MLP at one token with the deferred post-attention norm, as the engine's one-token layers run
-    it (cuBLAS gate / up, silu_and_mul(norm_input=), the small-M down projection split in two with the residual in
-    place, the last two as PDL launches) against ops.mlp_one_token (one persistent launch) at each (programs a SM,
-    split): one MLP per graph replay, and 8 MLPs of different weights in a row (what a chain of layers sees: the
-    launches' boundaries, not the first launch). Each checked against the three-launch result."""
-    hidden, inter, chain = 4096, 14336, 8
-    ws = [(torch.randn(2 * inter, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5,
-           torch.randn(hidden, inter, dtype=torch.bfloat16, device="cuda") / inter ** 0.5) for _ in range(chain)]
-    r0 = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
-    r = r0.clone()
-
-    def three(w_gu, w_d):
-        gu = torch.nn.functional.linear(r, w_gu)
-        h = pagoda.silu_and_mul(gu, norm_input=r, norm_eps=1e-5)
-        pagoda.ops.linear(h, w_d, small_m=True, pdl=True, residual=r, out=r, split_k=2)
-
-    def one(w_gu, w_d, per_sm, split):
-        pagoda.ops.mlp_one_token(r, w_gu, w_d, rms_norm_eps=1e-5, split=split, pdl=True,
-                                 programs=per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
-
-    r.copy_(r0)
-    three(*ws[0])
-    ref = r.float().clone()
-    floor = (ws[0][0].numel() + ws[0][1].numel()) * 2 / copy_bw * 1e6
-    t3 = gpu_time(lambda: three(*ws[0]), "three launches") * 1e6
-    t3c = gpu_time(lambda: [three(*w) for w in ws], "three launches x8") * 1e6 / chain
-    print(f"\none-token MLP (gate_up 2x{inter}x{hidden} + SwiGLU + down, residual in place), us; copy rate {floor:.1f}u")
-    print(f"{'':<28}{'one':>8}{'chain of 8, each':>18}")
-    print(f"{'cuBLAS + act + small-M':<28}{t3:7.1f}u{t3c:17.1f}u", flush=True)
-    for per_sm, split in settings:
-        r.copy_(r0)
-        try:
-            one(*ws[0], per_sm, split)
-        except ValueError as e:  # (more programs a SM than can reside)
-            print(f"{f'persistent {per_sm} a SM, split {split}':<28}  not run: {e}")
-            continue
-        err = ((r.float() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, f"mlp_one_token {per_sm}:{split}: rel err {err:.3g}"
-        t1 = gpu_time(lambda: one(*ws[0], per_sm, split), "mlp_one_token") * 1e6
-        t1c = gpu_time(lambda: [one(*w, per_sm, split) for w in ws], "mlp_one_token x8") * 1e6 / chain
-        print(f"{f'persistent {per_sm} a SM, split {split}':<28}{t1:7.1f}u{t1c:17.1f}u", flush=True)
 
 
 if __name__ == "__main__":
