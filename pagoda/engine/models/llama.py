@@ -57,6 +57,12 @@ def defer_final_norm_default() -> bool:
     return env_switch("PAGODA_DEFER_FINAL_NORM", "1")
 
 
+import os  # (session 23 experiment switches, reverted after their A/B)
+_EXP_FUSED_ACT_PDL = os.environ.get("PAGODA_EXP_FUSED_ACT_PDL", "1") == "1"
+_EXP_FUSED_ACT_CONFIG = (tuple(int(v) for v in os.environ["PAGODA_EXP_FUSED_ACT_CONFIG"].split(","))
+                         if os.environ.get("PAGODA_EXP_FUSED_ACT_CONFIG") else None)
+
+
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
@@ -192,7 +198,8 @@ class DecoderLayer(nn.Module):
                           out=r, split_k=a.split_o)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
-                                               rms_norm_eps=self.post_attention_layernorm.eps, pdl=mlp.pdl)
+                                               rms_norm_eps=self.post_attention_layernorm.eps,
+                                               pdl=mlp.pdl and _EXP_FUSED_ACT_PDL, config=_EXP_FUSED_ACT_CONFIG)
         else:
             gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
