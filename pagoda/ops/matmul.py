@@ -35,6 +35,10 @@ def _config_from_env() -> tuple[int, int, int, int] | None:
 # `python -m pagoda.bench.linear` (H200, session 10); the interpreter runs small blocks (block boundaries)
 SMALL_M_CONFIG = _config_from_env() or (32, 256, 4, 4)
 _INTERPRETER_CONFIG = (16, 32, 1, 1)
+# linear_silu_and_mul's (BLOCK_N unused, BLOCK_K, num_warps, num_stages) on CUDA: `python -m pagoda.bench.linear
+# --fused` (H200, session 23): 3 stages 62.6 us, 2 stages 61.5, 4 (SMALL_M_CONFIG's) 67.5, cuBLAS + the activation
+# 64.7 (the qkv + RoPE kernel stays on SMALL_M_CONFIG: 19.7 us at 4 stages, 19.9 at 3, 25.3 at 2)
+FUSED_ACT_CONFIG = _config_from_env() or (0, 256, 4, 3)
 
 
 def small_m_projections() -> frozenset[str]:
@@ -285,7 +289,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     ``silu_and_mul(linear(x, weight, rms_norm_eps=...))`` with weight = [gate; up] [2 d, hidden], x [1, hidden]
     -> [1, d], without the activation's launch (the activation applied to the fp32 accumulators). Without
     Triton, or in fp32, the same through linear() and silu_and_mul. config: as linear()'s (its BLOCK_N unused:
-    a program takes 16 columns, 32 rows of W)."""
+    a program takes 16 columns, 32 rows of W), default FUSED_ACT_CONFIG."""
     from .activation import silu_and_mul
     from .kernels.matmul import gate_up_act_kernel
 
@@ -309,7 +313,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
         return silu_and_mul(linear(x, weight, rms_norm_eps=rms_norm_eps), out=out)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
-    _, bk, warps, stages = (config or SMALL_M_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
+    _, bk, warps, stages = (config or FUSED_ACT_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     gate_up_act_kernel[(triton.cdiv(d, 16),)](
         x2, w, out, k, d, w.stride(0), float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,

@@ -41,10 +41,13 @@ def fused_qkv_rope_default() -> bool:
 
 def fused_gate_up_act_default() -> bool:
     """Whether the one-token layers run their gate / up projection and SwiGLU as one kernel
-    (ops.linear_silu_and_mul; PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 0: on the H200 (session 19) the fused
-    kernel reads gate / up in 67.3 us where cuBLAS + the activation take 64.7, and the engine's batch-1 step is
-    0.08 ms slower with it)."""
-    return env_switch("PAGODA_FUSED_GATE_UP_ACT", "0")
+    (ops.linear_silu_and_mul, at its own 3-stage configuration ops.matmul.FUSED_ACT_CONFIG, launched without PDL;
+    PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 1). Measured on H200s (`python -m pagoda.bench.engine --cases
+    latency`, Llama-3.1-8B batch 1, interleaved, ms per token): session 23, **4.352 / 4.348 -> 4.284 / 4.285**
+    (the fused kernel 62.6 us where cuBLAS + the activation take 64.7, `python -m pagoda.bench.linear --fused`);
+    the same kernel as a programmatic dependent launch 4.472 / 4.423, at the small-M kernel's 4 stages with PDL
+    4.501 / 4.493 (session 19's form, off then: +0.08)."""
+    return env_switch("PAGODA_FUSED_GATE_UP_ACT", "1")
 
 
 def defer_final_norm_default() -> bool:
@@ -55,12 +58,6 @@ def defer_final_norm_default() -> bool:
     session 21, batch 1 interleaved on one machine: 4.361 / 4.367 -> 4.354 / 4.358 ms per token; with the early
     inputs and the decode kernel's early page ids 4.354 / 4.351)."""
     return env_switch("PAGODA_DEFER_FINAL_NORM", "1")
-
-
-import os  # (session 23 experiment switches, reverted after their A/B)
-_EXP_FUSED_ACT_PDL = os.environ.get("PAGODA_EXP_FUSED_ACT_PDL", "1") == "1"
-_EXP_FUSED_ACT_CONFIG = (tuple(int(v) for v in os.environ["PAGODA_EXP_FUSED_ACT_CONFIG"].split(","))
-                         if os.environ.get("PAGODA_EXP_FUSED_ACT_CONFIG") else None)
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
@@ -196,10 +193,10 @@ class DecoderLayer(nn.Module):
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o)
-        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel, after the o projection's (PDL)
+        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end: as a PDL
+            # launch its 896 programs waited on the SMs behind the o projection (+0.14..0.19 ms a step, session 23)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
-                                               rms_norm_eps=self.post_attention_layernorm.eps,
-                                               pdl=mlp.pdl and _EXP_FUSED_ACT_PDL, config=_EXP_FUSED_ACT_CONFIG)
+                                               rms_norm_eps=self.post_attention_layernorm.eps)
         else:
             gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
