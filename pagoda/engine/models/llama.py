@@ -60,13 +60,6 @@ def defer_final_norm_default() -> bool:
     return env_switch("PAGODA_DEFER_FINAL_NORM", "1")
 
 
-import os  # (session 23 experiment switches, reverted after their A/B)
-_EXP_QKV_PDL = os.environ.get("PAGODA_EXP_QKV_PDL", "1") == "1"
-_EXP_DOWN_PDL = os.environ.get("PAGODA_EXP_DOWN_PDL", "1") == "1"
-_EXP_FUSED_ACT_CONFIG = (tuple(int(v) for v in os.environ["PAGODA_EXP_FUSED_ACT_CONFIG"].split(","))
-                         if os.environ.get("PAGODA_EXP_FUSED_ACT_CONFIG") else None)
-
-
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
@@ -192,7 +185,7 @@ class DecoderLayer(nn.Module):
         o = None
         if a.fused_qkv_rope:  # the projection, RoPE and the K/V append in one kernel (where ctx takes it)
             o = ctx.qkv_rope_attention(a.layer_id, r, a.qkv_proj.weight, a.qkv_proj.bias, self.input_layernorm.eps,
-                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down and _EXP_QKV_PDL)
+                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down)
         if o is None:
             qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
@@ -203,14 +196,13 @@ class DecoderLayer(nn.Module):
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end: as a PDL
             # launch its 896 programs waited on the SMs behind the o projection (+0.14..0.19 ms a step, session 23)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
-                                               rms_norm_eps=self.post_attention_layernorm.eps,
-                                               config=_EXP_FUSED_ACT_CONFIG)
+                                               rms_norm_eps=self.post_attention_layernorm.eps)
         else:
             gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
-            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl and _EXP_DOWN_PDL, residual=r, out=r,
+            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
                               split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
