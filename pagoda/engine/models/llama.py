@@ -41,12 +41,13 @@ def fused_qkv_rope_default() -> bool:
 
 def fused_gate_up_act_default() -> bool:
     """Whether the one-token layers run their gate / up projection and SwiGLU as one kernel
-    (ops.linear_silu_and_mul, at its own 3-stage configuration ops.matmul.FUSED_ACT_CONFIG, launched without PDL;
-    PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 1). Measured on H200s (`python -m pagoda.bench.engine --cases
-    latency`, Llama-3.1-8B batch 1, interleaved, ms per token): session 23, **4.352 / 4.348 -> 4.284 / 4.285**
-    (the fused kernel 62.6 us where cuBLAS + the activation take 64.7, `python -m pagoda.bench.linear --fused`);
-    the same kernel as a programmatic dependent launch 4.472 / 4.423, at the small-M kernel's 4 stages with PDL
-    4.501 / 4.493 (session 19's form, off then: +0.08)."""
+    (ops.linear_silu_and_mul at its own 2-stage configuration ops.matmul.FUSED_ACT_CONFIG), it and the down
+    projection after it launched without PDL; PAGODA_FUSED_GATE_UP_ACT=1 / 0, default 1. Measured on H200s
+    (`python -m pagoda.bench.engine --cases latency`, Llama-3.1-8B batch 1, interleaved, ms per token, session
+    23; engine_h200_s23_latency.txt): at 3 stages, both launched plainly but the down projection as a PDL launch,
+    4.352 / 4.348 -> 4.284 / 4.285 on one machine, 4.398 / 4.398 -> 4.340 / 4.342 on another; there the down
+    projection launched plainly too 4.277 / 4.274, and at 2 stages 4.220 / 4.221. The fused kernel as a PDL
+    launch: 4.472 / 4.423 (3 stages), 4.501 / 4.493 (4 stages, session 19's form, off then: +0.08)."""
     return env_switch("PAGODA_FUSED_GATE_UP_ACT", "1")
 
 
@@ -193,8 +194,8 @@ class DecoderLayer(nn.Module):
             o = a.attend(qkv, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o)
-        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end: as a PDL
-            # launch its 896 programs waited on the SMs behind the o projection (+0.14..0.19 ms a step, session 23)
+        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end, and the down
+            # projection after its end (as PDL launches both were slower, +0.14..0.19 and +0.065 ms a step: session 23)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
                                                rms_norm_eps=self.post_attention_layernorm.eps)
         else:
@@ -202,7 +203,8 @@ class DecoderLayer(nn.Module):
             h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
-            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl, residual=r, out=r,
+            pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl and not mlp.fused_gate_up_act,
+                              residual=r, out=r,
                               split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
