@@ -107,6 +107,21 @@ def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
             assert abs(lp - outs[False].logprobs[i][t]) < 1e-5, (family, i, t)
 
 
+def test_fused_one_token_defaults(monkeypatch):
+    """The one-token layers' fused kernels are on by default (qkv + RoPE + append since session 19, gate / up +
+    SwiGLU since session 23) and each switch takes only 0 / 1."""
+    from pagoda.engine.models.llama import fused_gate_up_act_default, fused_qkv_rope_default
+
+    monkeypatch.delenv("PAGODA_FUSED_GATE_UP_ACT", raising=False)
+    monkeypatch.delenv("PAGODA_FUSED_QKV_ROPE", raising=False)
+    assert fused_gate_up_act_default() and fused_qkv_rope_default()
+    monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "0")
+    assert not fused_gate_up_act_default()
+    monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "yes")
+    with pytest.raises(ValueError, match="PAGODA_FUSED_GATE_UP_ACT"):
+        fused_gate_up_act_default()
+
+
 def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
     """PAGODA_FUSED_QKV_ROPE=1 / PAGODA_FUSED_GATE_UP_ACT=1: the one-token layers run the qkv projection, RoPE
     and the K/V append as one op (ops.linear_rope_append) and gate / up with SwiGLU as one
