@@ -61,10 +61,6 @@ def defer_final_norm_default() -> bool:
     return env_switch("PAGODA_DEFER_FINAL_NORM", "1")
 
 
-import os  # (session 23 experiment switch, reverted after its A/B)
-_EXP_O_PDL = os.environ.get("PAGODA_EXP_O_PDL", "1") == "1"
-
-
 def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False, split_k: int = 1) -> torch.Tensor:
     """layer(x); one token on the GPU through pagoda.ops.linear's small-M kernel when small_m (decode batch 1:
     the weight read once, no split-K launch pair; ops/matmul.py), as a programmatic dependent launch with pdl,
@@ -196,7 +192,7 @@ class DecoderLayer(nn.Module):
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
                                     split_k=a.split_qkv)
             o = a.attend(qkv, cos_sin, ctx)
-        pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl and _EXP_O_PDL, residual=r,
+        pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
                           out=r, split_k=a.split_o)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end, and the down
             # projection after its end (as PDL launches both were slower, +0.14..0.19 and +0.065 ms a step: session 23)
