@@ -204,8 +204,7 @@ class DecoderLayer(nn.Module):
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl and not mlp.fused_gate_up_act,
-                              residual=r, out=r,
-                              split_k=mlp.split_down)
+                              residual=r, out=r, split_k=mlp.split_down)
         else:
             r.addmm_(h, mlp.down_proj.weight.t())
 
