@@ -33,13 +33,14 @@ def _config_from_env() -> tuple[int, int, int, int] | None:
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA: the best total over Llama-3.1-8B's four projections in
 # `python -m pagoda.bench.linear` (H200, session 10); the interpreter runs small blocks (block boundaries)
-SMALL_M_CONFIG = _config_from_env() or (32, 256, 4, 4)
+_ENV_CONFIG = _config_from_env()
+SMALL_M_CONFIG = _ENV_CONFIG or (32, 256, 4, 4)
 _INTERPRETER_CONFIG = (16, 32, 1, 1)
 # linear_silu_and_mul's (BLOCK_N unused, BLOCK_K, num_warps, num_stages) on CUDA: `python -m pagoda.bench.linear
 # --fused` (H200, session 23): 2 stages 61.5 us, 3 62.6, 4 (SMALL_M_CONFIG's) 67.5, cuBLAS + the activation 64.7; in
 # the engine's batch-1 step 2 stages -0.055 ms against 3 (the qkv + RoPE kernel stays on SMALL_M_CONFIG: 19.7 us at
 # 4 stages, 19.9 at 3, 25.3 at 2)
-FUSED_ACT_CONFIG = _config_from_env() or (0, 256, 4, 2)
+FUSED_ACT_CONFIG = _ENV_CONFIG or (0, 256, 4, 2)
 
 
 def small_m_projections() -> frozenset[str]:
