@@ -131,6 +131,18 @@ def main():
               f"arrival, merge 1st, merge rest): "
               + ", ".join("(" + ", ".join(f"{x:.2f}" for x in row[2:5]) + "; "
                           + ", ".join("-" if np.isnan(x) else f"{x:.2f}" for x in row[5:]) + ")" for row in mine))
+        # working programs per SM (the SM id sits in each row's last slot) and the loop time by that count
+        sm = tr[:, -1]
+        busy = np.isin(np.arange(tr.shape[0]), ph[:, 0].astype(int))
+        per_sm = np.bincount(sm[busy].astype(int), minlength=int(sm.max()) + 1)
+        print(f"   SMs by working programs on them: "
+              + ", ".join(f"{c}: {(per_sm == c).sum()}" for c in range(per_sm.max() + 1)))
+        loop_of = {int(p): l for p, r, _, l, *_ in ph if r == 0}
+        for c in range(1, per_sm.max() + 1):
+            ls = [loop_of[p] for p in np.nonzero(busy)[0] if per_sm[int(sm[p])] == c and p in loop_of]
+            if ls:
+                print(f"   loop (round 0) of programs on SMs with {c}: median {np.median(ls):.2f} max {max(ls):.2f} us "
+                      f"({len(ls)})")
         last_loop = np.where(tr[:, 3::k] >= 0, tr[:, 3::k], 0).max(axis=1)
         last_loop = last_loop[last_loop > 0]
         print(f"   last loop end {(last_loop.max() - t0) / 1e3:.2f} us; median program's last loop end "

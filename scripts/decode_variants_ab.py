@@ -1,0 +1,84 @@
+"""Interleaved A/B of decode-kernel switches read at wrapper construction (device only): each variant is a set
+of environment settings (PAGODA_DECODE_*), its wrapper built under them, planned on the same requests, and the
+CUDA-graph times (bench.attention.gpu_time, L2 emptied before each replay) taken round after round, so machine
+drift falls on every variant alike. Each variant's output is checked against the first variant's.
+
+    python scripts/decode_variants_ab.py "PAGODA_DECODE_PARTIAL16=0;PAGODA_DECODE_PARTIAL16=1" [--rounds 3]
+        [--cases 1x32768,1x1024,16x4096]
+
+Prints, per case, the median of each variant's times over the rounds (and each round), GB/s and the ratio to
+the copy bandwidth measured in the same run.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+import pagoda
+from pagoda.bench.attention import DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time
+
+HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
+
+
+def parse_variant(text: str) -> dict:
+    env = {}
+    for item in filter(None, text.split(",")):
+        k, v = item.split("=", 1)
+        env[k.strip()] = v.strip()
+    return env
+
+
+def main():
+    args = sys.argv[1:]
+    rounds, cases = 3, ["1x32768", "1x1024", "16x4096"]
+    if "--rounds" in args:
+        i = args.index("--rounds")
+        rounds = int(args[i + 1])
+        del args[i: i + 2]
+    if "--cases" in args:
+        i = args.index("--cases")
+        cases = args[i + 1].split(",")
+        del args[i: i + 2]
+    variants = [parse_variant(v) for v in (args[0] if args else "").split(";")]
+    table = dict(DECODE_CASES)
+    table["1x1024"], table["1x2048"], table["4x1024"] = [1024], [2048], [1024] * 4
+    copy = copy_bandwidth()
+    print(f"# copy bandwidth {copy / 1e9:.0f} GB/s; variants: {variants}")
+    for name in cases:
+        s = PagedSetup(table[name], HK, D, PS, DT)
+        q = torch.randn(len(table[name]), HQ, D, dtype=DT, device="cuda")
+        runs = []
+        for env in variants:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+            out = torch.full_like(q, float("nan"))
+            w.run(q, s.cache, out=out)
+            runs.append((w, out))
+        ref = runs[0][1].float()
+        for (w, out), env in zip(runs, variants):
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert torch.isfinite(out).all() and err < 1e-2, f"{name} {env}: error {err} against the first variant"
+        times = np.zeros((rounds, len(runs)))
+        for r in range(rounds):
+            for j, (w, out) in enumerate(runs):
+                times[r, j] = gpu_time(lambda w=w, out=out: w.run(q, s.cache, out=out)) * 1e6
+        med = np.median(times, axis=0)
+        print(f"== {name}: {s.kv_bytes / 1e6:.0f} MB, programs {[w._plan.grid for w, _ in runs]}")
+        for j, env in enumerate(variants):
+            gbs = s.kv_bytes / med[j] / 1e3
+            print(f"   {med[j]:7.2f} us  {gbs:6.0f} GB/s  {gbs * 1e9 / copy:5.1%} of copy  rounds "
+                  + " ".join(f"{t:.2f}" for t in times[:, j]) + f"  {env or 'defaults'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
