@@ -219,15 +219,6 @@ def decode_sm90_cases():
                dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=pages, EARLY_KV=True,
                     num_warps=4), 4, 1, regs)
-    # 16-bit partial states (PAGODA_DECODE_PARTIAL16) and the arrive-first merge (PAGODA_DECODE_ARRIVE_FIRST)
-    for d, kv, regs, rows, mr, tmp, first in ((128, "bf16", 168, 8, 4, "*bf16", False), (128, "bf16", 168, 8, 4, "*bf16", True),
-                                              (128, "bf16", 168, 16, 8, "*bf16", True),
-                                              (64, "fp8e4nv", 128, 16, 16, "*fp16", True), (64, "fp8e4nv", 128, 16, 16, "*fp16", False),
-                                              (64, "fp8e4nv", 128, 16, 16, "*fp32", True), (128, "fp8e4nv", 128, 8, 4, "*fp16", True)):
-        yield (f"decode_sm90 D={d} kv={kv} rows={rows} TMP_O={tmp[1:]} ARRIVE_FIRST={first}",
-               decode_sm90.decode_sm90_kernel, dict(types, K="*" + kv, V="*" + kv, TMP_O=tmp),
-               dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                    SAME_STRIDES=True, MERGE_ROWS=mr, ARRIVE_FIRST=first, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

@@ -193,11 +193,13 @@ class BatchAttention:
         # captured run() keeps its kernel. H200, session 21, engine batch 1 interleaved on one machine: 4.361 /
         # 4.367 -> 4.363 / 4.355 ms per token alone (within noise), part of the three boundary changes' -0.011
         self._early_pages = env_switch("PAGODA_DECODE_EARLY_PAGES", "1")
-        # (session 24 experiments, issue 3's 1 x 32768 epilogue) the Gluon decode kernel's split partial states in
-        # the output's dtype, its arrive-first merge protocol, and a grid of no more programs than tasks
-        self._partial16 = env_switch("PAGODA_DECODE_PARTIAL16", "0")
-        self._arrive_first = env_switch("PAGODA_DECODE_ARRIVE_FIRST", "0")
-        self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "0")
+        # PAGODA_DECODE_TRIM_GRID (default 1; 0 turns it off): a wrapper without CUDA graphs launches the Gluon
+        # decode kernel on no more programs than its plan has tasks (the persistent grid's other programs only
+        # read the plan's header and leave). H200, session 24, interleaved (benchmarks/results/
+        # decode_epilogue_h200_s24.txt): 1 x 32768 40.61 -> 39.84 us, 16 x 4096 69.70 -> 68.32, 4 x 1024 14.37 ->
+        # 13.82, 1 x 1024 10.72 -> 10.59, 64 x 2048 (396 tasks) the same. A captured run() keeps its launch's grid,
+        # so CUDA-graph wrappers keep the whole persistent grid.
+        self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "1")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -456,11 +458,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages,
-                ARRIVE_FIRST=self._arrive_first)
-            if self._partial16 and p.tmp_o.dtype == torch.float32 and p.tmp_o.is_contiguous():
-                # the same element strides over the first half of the float32 rows' bytes
-                p.tmp_o = p.tmp_o.view(-1).view(p.q_dtype)[:p.tmp_o.numel()].view(p.tmp_o.shape)
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

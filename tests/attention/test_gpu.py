@@ -206,6 +206,38 @@ def test_prefill_real_sizes(head_dim, heads, kw):
     check_lse(lse, rl)
 
 
+@pytest.mark.parametrize("kv_lens", [[32768], [1024] * 4, [1, 129, 4096]])
+def test_decode_trimmed_grid(kv_lens, monkeypatch):
+    """A wrapper without CUDA graphs launches the Gluon decode kernel on as many programs as its plan has tasks
+    (PAGODA_DECODE_TRIM_GRID, default on): against the float64 oracle, and the same bits as on the whole
+    persistent grid (the same tasks, each program's first); a CUDA-graph wrapper keeps the whole grid (its
+    captured launch stays valid for later plans with more tasks)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    hq, hk, d, ps = 32, 8, 128, 16
+    batch = PagedBatch(kv_lens, hk, d, ps, torch.bfloat16)
+    q = torch.randn(len(kv_lens), hq, d, dtype=torch.bfloat16, device="cuda")
+    outs, grids = [], []
+    for trim, graph in (("1", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("PAGODA_DECODE_TRIM_GRID", trim)
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=graph)
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+        assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
+        tasks = int(w._counters[2])
+        out, lse = poisoned_like(q)
+        w.run(q, batch.cache, out=out, lse=lse)
+        outs.append((out, lse))
+        grids.append((w._plan.grid, tasks, w._grid[1]))
+    (t_grid, tasks, full), (u_grid, _, _), (g_grid, _, _) = grids
+    assert tasks < full, "a plan with fewer tasks than the persistent grid's programs expected"
+    assert t_grid == tasks and u_grid == full and g_grid == full, grids
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    for out, lse in outs[0], outs[2]:
+        assert rel_err(out, ro) < TOL[torch.bfloat16]
+        check_lse(lse, rl)
+    assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
+
+
 def test_decode_cuda_graph_replays_after_new_plan():
     hq, hk, d, ps, bsz = 32, 8, 128, 16, 16
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128), use_cuda_graph=True)

@@ -121,7 +121,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, ARRIVE_FIRST: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -145,9 +145,7 @@ if HAVE_GLUON:
         request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
         the block that holds the request's last token, work item field 5) are copied into the ring before the
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
-        (one commit group a block either way).
-        ARRIVE_FIRST: split chunks count their arrival before publishing their partial state
-        (prefill_sm90._epilogue). TMP_O float32 or 16-bit (the runner's PAGODA_DECODE_PARTIAL16)."""
+        (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -326,7 +324,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, ARRIVE_FIRST,
-                      KV16)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

@@ -212,7 +212,7 @@ if HAVE_GLUON:
                 s = gl.load(TMP_LSE + r * stride_tl + qh, mask=live, other=float("-inf"), cache_modifier=".cg")
                 v = gl.load(TMP_O + gl.expand_dims(r * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
                             mask=gl.expand_dims(live, 1), other=0.0, cache_modifier=".cg")
-                acc = acc + gl.expand_dims(gl.exp2(s - m), 1) * v.to(gl.float32)
+                acc = acc + gl.expand_dims(gl.exp2(s - m), 1) * v
         empty = d == 0.0
         d_safe = gl.where(empty, 1.0, d)
         gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
@@ -221,44 +221,18 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
     @gluon.jit
-    def _one_query_states(TMP_O, TMP_LSE, first, c0, n_chunks, offs_c, r_ok, qh, o3, stride_tt, stride_tl):
-        """Chunks c0 .. c0 + CH of _merge_one_query: their LSEs [CH, ROWS] and partial states [CH, ROWS,
-        HEAD_DIM] as stored (not converted: the caller's loads all go out before any math waits on one)."""
-        row = (first + c0 + offs_c).to(gl.int64)
-        live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
-        s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
-                    other=float("-inf"), cache_modifier=".cg")
-        v = gl.load(TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2) + o3,
-                    mask=gl.expand_dims(live, 2), other=0.0, cache_modifier=".cg")
-        return s, v
-
-    @gluon.jit
-    def _one_query_fold(m, d, acc, s, v, A_L: gl.constexpr):
-        """(m, d, acc) of an online merge after the chunks (s, v) of _one_query_states."""
-        m_new = gl.maximum(m, gl.max(s, 0))
-        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m - m_new)
-        w = gl.exp2(s - gl.expand_dims(m_new, 0))
-        d = d * alpha + gl.sum(w, 0)
-        alpha_a = gl.convert_layout(alpha, gl.SliceLayout(1, A_L))
-        acc = acc * gl.expand_dims(alpha_a, 1) + gl.sum(gl.expand_dims(w, 2) * v.to(gl.float32), 0)
-        return m_new, d, acc
-
-    @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
-                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0, WIDE: gl.constexpr = False):
+                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0):
         """_merge_partials for a tile of one query token (decode: chunk c's partial is row first + c) and only its
         ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
-        online rescale, CH chunks' states and LSEs loaded at once (WIDE, over 16-bit partial states: 2 CH, as two
-        halves, in the same registers; the decode kernels capped at 128 registers spill with it). The two-pass merge of all BLOCK_M rows made 1 + n_chunks / 8 dependent round
-        trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel, scripts/decode_timeline.py); this
-        makes n_chunks / CH (2 for 32 chunks at ROWS 4 over float32 states, 1 over 16-bit ones)."""
-        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 values each
+        online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
+        1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
+        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
+        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
         RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
-        CH: gl.constexpr = 16 // RPT  # chunks per load: 64 fp32 (or 64 16-bit pairs, two loads) per thread
-        HALVES: gl.constexpr = 2 if WIDE and TMP_O.dtype.element_ty.primitive_bitwidth == 16 else 1
+        CH: gl.constexpr = 16 // RPT  # chunks per load: 64 fp32 of partial state per thread
         S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CH, ROWS]
         A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
         offs_c = gl.arange(0, CH, layout=gl.SliceLayout(1, S_L))
@@ -271,14 +245,21 @@ if HAVE_GLUON:
         m = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, S_L))
         d = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(0, S_L))
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
-        for c0 in range(0, n_chunks, CH * HALVES):
-            s, v = _one_query_states(TMP_O, TMP_LSE, first, c0, n_chunks, offs_c, r_ok, qh, o3, stride_tt, stride_tl)
-            if HALVES == 2:
-                s2, v2 = _one_query_states(TMP_O, TMP_LSE, first, c0 + CH, n_chunks, offs_c, r_ok, qh, o3, stride_tt,
-                                           stride_tl)
-            m, d, acc = _one_query_fold(m, d, acc, s, v, A_L)
-            if HALVES == 2:
-                m, d, acc = _one_query_fold(m, d, acc, s2, v2, A_L)
+        for c0 in range(0, n_chunks, CH):
+            row = (first + c0 + offs_c).to(gl.int64)
+            live = gl.expand_dims(c0 + offs_c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
+            s = gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0), mask=live,
+                        other=float("-inf"), cache_modifier=".cg")
+            v = gl.load(TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2) + o3,
+                        mask=gl.expand_dims(live, 2), other=0.0, cache_modifier=".cg")
+            m_new = gl.maximum(m, gl.max(s, 0))
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_new)
+            w = gl.exp2(s - gl.expand_dims(m_new, 0))
+            d = d * alpha + gl.sum(w, 0)
+            alpha_a = gl.convert_layout(alpha, gl.SliceLayout(1, A_L))
+            acc = acc * gl.expand_dims(alpha_a, 1) + gl.sum(gl.expand_dims(w, 2) * v, 0)
+            m = m_new
             if trace is not None:
                 if c0 == 0:
                     _stamp(trace, rnd, 7)
@@ -307,20 +288,13 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, ARRIVE_FIRST: gl.constexpr = False,
-                  MERGE_WIDE: gl.constexpr = False):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
-        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query;
-        MERGE_WIDE its WIDE).
-        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp).
-        TMP_O may be 16-bit (the decode kernel's partial states in the output's dtype, as FlashInfer's decode keeps
-        them: half the bytes for the merging chunk to read). ARRIVE_FIRST: a chunk counts its arrival (relaxed, the
-        counter's low 16 bits) as soon as its partial is issued, and only the others then publish it (release,
-        the high 16 bits); the chunk that comes last waits for those n - 1 publications (acquire) instead of
-        fencing its own stores before it can learn that it is last."""
+        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
+        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -341,7 +315,7 @@ if HAVE_GLUON:
         else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
             p_row = (partial + tok_o).to(gl.int64)
             gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
-                     out.to(TMP_O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
+                     out, mask=gl.expand_dims(valid_o, 1))
             gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
             split = gl.load(wp + 7)
             first = gl.load(SPLITS + split * 2)
@@ -349,29 +323,18 @@ if HAVE_GLUON:
             arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
             if trace is not None:
                 _stamp(trace, rnd, 5)
-            if ARRIVE_FIRST:
-                arrived = gl.atomic_add(arrival, 1, sem="relaxed") & 0xFFFF
-                _cta_barrier()  # (the merging chunk's own partial, written by all its threads, read back below)
-                if arrived != n_chunks - 1:
-                    gl.atomic_add(arrival, 1 << 16, sem="release")  # this partial is visible: one publication more
-                else:
-                    seen = gl.atomic_add(arrival, 0, sem="acquire")
-                    while (seen >> 16) != n_chunks - 1:  # the others arrived before: their release is on its way
-                        seen = gl.atomic_add(arrival, 0, sem="acquire")
-            else:
-                _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-                arrived = gl.atomic_add(arrival, 1)
+            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+            arrived = gl.atomic_add(arrival, 1)
             if trace is not None:
                 _stamp(trace, rnd, 6)
             if arrived == n_chunks - 1:
-                # the counter back to 0 for the next launch by a plain store: every chunk has arrived (and
-                # published), so nothing else touches it in this one (an acq_rel exchange was a fence in front of
-                # the merge's loads)
+                # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
+                # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
                 gl.store(arrival, 0)
                 if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd, MERGE_WIDE)
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
                 else:
                     _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
                                     group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
