@@ -238,6 +238,32 @@ def test_decode_trimmed_grid(kv_lens, monkeypatch):
     assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
 
 
+def test_decode_plan_with_device_page_ids():
+    """plan() given its page ids on the GPU (as FlashInfer users pass them): checked with one reduction and one
+    copy back (formats.check_page_indices); a negative id or one past the cache still raises ValueError."""
+    hq, hk, d, ps = 32, 8, 128, 16
+    batch = PagedBatch([1, 700, 4096, 33], hk, d, ps, torch.bfloat16)
+    ids = batch.indices.cuda()
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(64))
+    w.plan(batch.indptr, ids, batch.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    assert w._plan.max_page == int(batch.indices[:int(batch.indptr[-1])].max())
+    q = torch.randn(4, hq, d, dtype=torch.bfloat16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse)
+    ro, rl = oracle(q.cpu(), list(range(5)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+    bad = ids.clone()
+    bad[5] = -1
+    with pytest.raises(ValueError, match="paged_kv_indices must be >= 0"):
+        w.plan(batch.indptr, bad, batch.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    past = ids.clone()
+    past[3] = batch.cache.shape[0]
+    w.plan(batch.indptr, past, batch.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="refers to page"):
+        w.run(q, batch.cache)
+
+
 def test_decode_cuda_graph_replays_after_new_plan():
     hq, hk, d, ps, bsz = 32, 8, 128, 16, 16
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(128), use_cuda_graph=True)
