@@ -137,7 +137,7 @@ def main():
         per_sm = np.bincount(sm[busy].astype(int), minlength=int(sm.max()) + 1)
         print(f"   SMs by working programs on them: "
               + ", ".join(f"{c}: {(per_sm == c).sum()}" for c in range(per_sm.max() + 1)))
-        loop_of = {int(p): l for p, r, _, l, *_ in ph if r == 0}
+        loop_of = {int(p): lp for p, r, _, lp, *_ in ph if r == 0}
         for c in range(1, per_sm.max() + 1):
             ls = [loop_of[p] for p in np.nonzero(busy)[0] if per_sm[int(sm[p])] == c and p in loop_of]
             if ls:

@@ -3,8 +3,8 @@ of environment settings (PAGODA_DECODE_*), its wrapper built under them, planned
 CUDA-graph times (bench.attention.gpu_time, L2 emptied before each replay) taken round after round, so machine
 drift falls on every variant alike. Each variant's output is checked against the first variant's.
 
-    python scripts/decode_variants_ab.py "PAGODA_DECODE_PARTIAL16=0;PAGODA_DECODE_PARTIAL16=1" [--rounds 3]
-        [--cases 1x32768,1x1024,16x4096]
+    python scripts/decode_variants_ab.py "PAGODA_DECODE_TRIM_GRID=0;PAGODA_DECODE_TRIM_GRID=1" [--rounds 3]
+        [--cases 1x32768,1x1024,16x4096]      # (a variant: comma-separated NAME=VALUE settings; "" the defaults)
 
 Prints, per case, the median of each variant's times over the rounds (and each round), GB/s and the ratio to
 the copy bandwidth measured in the same run.

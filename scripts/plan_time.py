@@ -63,7 +63,7 @@ def main():
                 times.append(_min_us(fn, dev))
             line = (f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
                     f"decode-wrapper plan {times[1]:6.0f} us")
-            if dev == "cuda":  # the page ids already on the device (as the engine passes them): no host copy of them
+            if dev == "cuda":  # page ids already on the device, as FlashInfer users pass them (the engine's: host)
                 ids = s.indices.to(dev)
                 fn = lambda: dw.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
                 fn()

@@ -223,8 +223,9 @@ def check_page_indices(indices, indptr: np.ndarray) -> tuple[torch.Tensor, int]:
     used = indices[int(indptr[0]):int(indptr[-1])]
     if used.numel() == 0:
         return indices.to(torch.int32), -1
-    # one reduction and one copy of its two values back (on a GPU a sync: build page tables on the host); the min
-    # and the max apart were two syncs, +63 us a plan() on session 24's device host against host page ids
+    # one reduction and one copy of its two values back (on a GPU a sync: build page tables on the host). Page ids
+    # on the device cost a plan() +63..69 us over host ones with the min and the max apart (two syncs; one of
+    # session 24's device hosts), +50 with this (another host: plan_time_h200_s24.txt)
     lo, hi = torch.stack(torch.aminmax(used)).tolist()
     if lo < 0:
         raise ValueError(f"paged_kv_indices must be >= 0, found {lo}")
