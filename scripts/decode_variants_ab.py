@@ -11,6 +11,7 @@ the copy bandwidth measured in the same run.
 """
 import os
 import sys
+from unittest import mock
 
 import numpy as np
 import torch
@@ -50,16 +51,8 @@ def main():
         q = torch.randn(len(table[name]), HQ, D, dtype=DT, device="cuda")
         runs = []
         for env in variants:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, env):  # (the switches are read when the wrapper is made)
                 w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
             out = torch.full_like(q, float("nan"))
             w.run(q, s.cache, out=out)
