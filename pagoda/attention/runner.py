@@ -462,7 +462,7 @@ class BatchAttention:
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
                 MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages,
-                STAGED_MERGE=self._staged_merge and p.kv_dtype.itemsize == 2)  # (an fp8 ring holds no more chunks)
+                STAGED_MERGE=self._staged_merge)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -220,11 +220,6 @@ if HAVE_GLUON:
         if WRITE_LSE:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
-    @gluon.constexpr_function
-    def _merge_chunks_per_round(ROWS, HEAD_DIM):
-        """The chunks _merge_one_query loads at once: 64 fp32 of partial state per thread."""
-        return 16 // max(1, ROWS // (32 // (HEAD_DIM // 4) * 4))
-
     @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
@@ -236,7 +231,8 @@ if HAVE_GLUON:
         scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
         TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
-        CH: gl.constexpr = _merge_chunks_per_round(ROWS, HEAD_DIM)
+        RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
+        CH: gl.constexpr = 16 // RPT  # chunks per load: 64 fp32 of partial state per thread
         S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CH, ROWS]
         A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
         offs_c = gl.arange(0, CH, layout=gl.SliceLayout(1, S_L))
@@ -288,9 +284,7 @@ if HAVE_GLUON:
         chunks (32 for a 16-bit cache, 16 for fp8, at ROWS 4 and head_dim 128) go out at once with their LSEs,
         so a round is one L2 round trip where _merge_one_query's 16-chunk rounds in registers were one each
         (1 x 32768 decode: 32 chunks, two dependent rounds of ~1 us on the H200, session 24's stamps). The sums
-        then read shared memory, CB chunks at a time, in the same order and arithmetic. _epilogue takes it only
-        for more chunks than one of _merge_one_query's rounds holds (with fewer, the copies of 2 CB chunks,
-        mostly masked off, cost more than they save: 1 x 1024, 8 chunks, +1.3 us)."""
+        then read shared memory, CB chunks at a time, in the same order and arithmetic."""
         TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
         CB: gl.constexpr = BUF_A.shape[0]  # chunks per buffer
@@ -407,7 +401,7 @@ if HAVE_GLUON:
                 # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
                 # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
                 gl.store(arrival, 0)
-                if MERGE_ROWS > 0 and MERGE_A is not None and n_chunks > _merge_chunks_per_round(MERGE_ROWS, HEAD_DIM):
+                if MERGE_ROWS > 0 and MERGE_A is not None:
                     _merge_one_query_staged(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit,
                                             group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
                                             stride_th, stride_tl, MERGE_ROWS, HEAD_DIM, WRITE_LSE, MERGE_A, MERGE_B,
