@@ -219,13 +219,6 @@ def decode_sm90_cases():
                dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=pages, EARLY_KV=True,
                     num_warps=4), 4, 1, regs)
-    for d, kv, regs, rows, mr in ((128, "bf16", 168, 8, 4), (128, "bf16", 168, 16, 8), (64, "bf16", 168, 8, 4),
-                                  (128, "fp8e4nv", 128, 8, 4), (64, "fp8e5", 128, 16, 16)):
-        yield (f"decode_sm90 D={d} kv={kv} rows={rows} MERGE_ROWS={mr} PDL STAGED_MERGE", decode_sm90.decode_sm90_kernel,
-               dict(types, K="*" + kv, V="*" + kv),
-               dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                    SAME_STRIDES=True, MERGE_ROWS=mr, PDL=True, EARLY_PAGES=True, STAGED_MERGE=True, num_warps=4),
-               4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

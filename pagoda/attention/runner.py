@@ -193,9 +193,6 @@ class BatchAttention:
         # captured run() keeps its kernel. H200, session 21, engine batch 1 interleaved on one machine: 4.361 /
         # 4.367 -> 4.363 / 4.355 ms per token alone (within noise), part of the three boundary changes' -0.011
         self._early_pages = env_switch("PAGODA_DECODE_EARLY_PAGES", "1")
-        # PAGODA_DECODE_STAGED_MERGE (experiment, default 0): the Gluon decode kernel's merging chunk reads the
-        # split's partial states through shared memory in one round (decode_sm90's STAGED_MERGE)
-        self._staged_merge = env_switch("PAGODA_DECODE_STAGED_MERGE", "0")
         # PAGODA_DECODE_TRIM_GRID (default 1; 0 turns it off): a wrapper without CUDA graphs launches the Gluon
         # decode kernel on no more programs than its plan has tasks (the persistent grid's other programs only
         # read the plan's header and leave). H200, session 24, interleaved (benchmarks/results/
@@ -461,8 +458,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages,
-                STAGED_MERGE=self._staged_merge)
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -121,7 +121,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, STAGED_MERGE: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -145,10 +145,7 @@ if HAVE_GLUON:
         request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
         the block that holds the request's last token, work item field 5) are copied into the ring before the
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
-        (one commit group a block either way).
-        STAGED_MERGE (with MERGE_ROWS; PAGODA_DECODE_STAGED_MERGE): the merging chunk copies the split's partial
-        states into the K / V rings (free after its loop) and merges from there (prefill_sm90._merge_one_query_staged:
-        one L2 round trip per 2 x CB chunks instead of one per 16 through registers)."""
+        (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -176,11 +173,6 @@ if HAVE_GLUON:
         P_SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         COL_L: gl.constexpr = gl.SliceLayout(0, ACC)  # per query row of S^T / O^T
         RED: gl.constexpr = _warp_partials(gl.to_linear_layout(ACC, [BLOCK_N, BLOCK_M]))
-        if STAGED_MERGE:
-            gl.static_assert(MERGE_ROWS > 0)
-            # chunks of MERGE_ROWS x HEAD_DIM fp32 states a ring holds (a power of two: STAGES, BLOCK_N, rows are)
-            MERGE_CB: gl.constexpr = STAGES * BLOCK_N * (K.dtype.element_ty.primitive_bitwidth // 8) // (MERGE_ROWS * 4)
-            MERGE_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
         k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
         v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], RING)
         q_s = gl.allocate_shared_memory(CDT, [BLOCK_M, HEAD_DIM], Q_SL)
@@ -329,17 +321,9 @@ if HAVE_GLUON:
                 _stamp(trace, rnd, 3)
             l_i = gl.sum(l_acc, 0)
             out = gl.convert_layout(gl.permute(acc * task_v, (1, 0)), O_T)
-            if STAGED_MERGE:
-                _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
-                          group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
-                          stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                          None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd,
-                          k_ring._reinterpret(gl.float32, [MERGE_CB, MERGE_ROWS, HEAD_DIM], MERGE_SL),
-                          v_ring._reinterpret(gl.float32, [MERGE_CB, MERGE_ROWS, HEAD_DIM], MERGE_SL))
-            else:
-                _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
-                          group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
-                          stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                          None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
+            _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
+                      group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
+                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

@@ -275,74 +275,6 @@ if HAVE_GLUON:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=r_ok)
 
     @gluon.jit
-    def _merge_one_query_staged(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
-                                heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, BUF_A, BUF_B,
-                                trace=None, rnd=0):
-        """_merge_one_query with the chunks' states copied into shared memory first (BUF_A, BUF_B: decode_sm90's
-        K and V rings, free once the task's loop is done, viewed as fp32 [CB, ROWS, HEAD_DIM]): the copies of 2 CB
-        chunks (32 for a 16-bit cache, 16 for fp8, at ROWS 4 and head_dim 128) go out at once with their LSEs,
-        so a round is one L2 round trip where _merge_one_query's 16-chunk rounds in registers were one each
-        (1 x 32768 decode: 32 chunks, two dependent rounds of ~1 us on the H200, session 24's stamps). The sums
-        then read shared memory, CB chunks at a time, in the same order and arithmetic."""
-        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
-        L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
-        CB: gl.constexpr = BUF_A.shape[0]  # chunks per buffer
-        S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CB, ROWS]
-        A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
-        offs_c = gl.arange(0, CB, layout=gl.SliceLayout(1, S_L))
-        offs_r = gl.arange(0, ROWS, layout=gl.SliceLayout(0, S_L))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_L))
-        head = hsplit * heads_per_prog + offs_r
-        r_ok = (offs_r < heads_per_prog) & (head < group_size)
-        qh = kvh * group_size + head
-        o3 = gl.expand_dims(gl.expand_dims(qh * stride_th, 0), 2) + gl.expand_dims(gl.expand_dims(offs_d, 0), 0)
-        m = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, S_L))
-        d = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(0, S_L))
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=A_L)
-        for c0 in range(0, n_chunks, 2 * CB):
-            s_pair = ()
-            for h in gl.static_range(2):
-                c = c0 + h * CB + offs_c
-                row = (first + c).to(gl.int64)
-                live = gl.expand_dims(c < n_chunks, 1) & gl.expand_dims(r_ok, 0)
-                buf = BUF_A if h == 0 else BUF_B
-                # (masked-off rows land as zeros; their LSE is -inf, so their weight is 0)
-                async_copy.async_copy_global_to_shared(buf, TMP_O + gl.expand_dims(gl.expand_dims(row * stride_tt, 1), 2)
-                                                       + o3, mask=gl.expand_dims(live, 2), cache_modifier=".cg")
-                s_pair = s_pair + (gl.load(TMP_LSE + gl.expand_dims(row * stride_tl, 1) + gl.expand_dims(qh, 0),
-                                           mask=live, other=float("-inf"), cache_modifier=".cg"),)
-            async_copy.commit_group()
-            async_copy.wait_group(0)
-            _cta_barrier()  # (each thread reads back what it copied, but the layouts are the compiler's to lower)
-            for h in gl.static_range(2):
-                buf = BUF_A if h == 0 else BUF_B
-                s = s_pair[h]
-                v = buf.load(L3)
-                m_new = gl.maximum(m, gl.max(s, 0))
-                m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = gl.exp2(m - m_new)
-                w = gl.exp2(s - gl.expand_dims(m_new, 0))
-                d = d * alpha + gl.sum(w, 0)
-                alpha_a = gl.convert_layout(alpha, gl.SliceLayout(1, A_L))
-                acc = acc * gl.expand_dims(alpha_a, 1) + gl.sum(gl.expand_dims(w, 2) * v, 0)
-                m = m_new
-            _cta_barrier()  # every thread is done with the buffers before the next round's copies
-            if trace is not None:
-                if c0 == 0:
-                    _stamp(trace, rnd, 7)
-        empty = d == 0.0
-        d_safe = gl.where(empty, 1.0, d)
-        qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
-        ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
-        out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
-        q_row = q_start.to(gl.int64)
-        gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
-                 out.to(O.dtype.element_ty), mask=gl.expand_dims(ok_a, 1))
-        if WRITE_LSE:
-            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=r_ok)
-
-    @gluon.jit
     def _unperm_cols(m, perm: gl.constexpr):
         """The head-dim column of renumbered column m: bit i of the column is bit perm[i] (a power of two) of m."""
         d = m * 0
@@ -356,14 +288,12 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, MERGE_A=None, MERGE_B=None):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
-        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query;
-        with MERGE_A / MERGE_B, two free shared-memory buffers of fp32 [CB, MERGE_ROWS, HEAD_DIM], through them:
-        _merge_one_query_staged).
+        MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
         trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
@@ -401,12 +331,7 @@ if HAVE_GLUON:
                 # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
                 # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
                 gl.store(arrival, 0)
-                if MERGE_ROWS > 0 and MERGE_A is not None:
-                    _merge_one_query_staged(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit,
-                                            group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                            stride_th, stride_tl, MERGE_ROWS, HEAD_DIM, WRITE_LSE, MERGE_A, MERGE_B,
-                                            trace, rnd)
-                elif MERGE_ROWS > 0:
+                if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                                      MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
