@@ -219,13 +219,6 @@ def decode_sm90_cases():
                dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=pages, EARLY_KV=True,
                     num_warps=4), 4, 1, regs)
-    for d, kv, regs, page, pdl in ((128, "bf16", 168, 16, False), (128, "bf16", 168, 64, True),
-                                   (64, "fp8e4nv", 128, 32, False), (128, "bf16", 168, 16, True)):
-        yield (f"decode_sm90 D={d} kv={kv} page={page} PDL={pdl} EARLY_PAGES FIRST_PAGES",
-               decode_sm90.decode_sm90_kernel, dict(types, K="*" + kv, V="*" + kv),
-               dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False, STAGES=2,
-                    SAME_STRIDES=True, MERGE_ROWS=4, PDL=pdl, EARLY_PAGES=True, EARLY_KV=pdl and page == 16,
-                    FIRST_PAGES=64 // page, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

@@ -144,8 +144,6 @@ class PlanState:
     mask_bits: np.ndarray | None = None  # first bit of each request's mask
     sm90_constexprs: dict | None = None  # set: launch the Gluon prefill kernel (kernels/prefill_sm90.py)
     decode_sm90_constexprs: dict | None = None  # set: launch the Gluon decode kernel (kernels/decode_sm90.py)
-    first_pages: int = 0  # the Gluon decode kernel's FIRST_PAGES: page ids per work item in the plan's table
-    first_pages_at: int = 0  # where that table starts in the plan buffer
 
     @property
     def sm90(self) -> bool:
@@ -202,9 +200,6 @@ class BatchAttention:
         # 13.82, 1 x 1024 10.72 -> 10.59, 64 x 2048 (396 tasks) the same. A captured run() keeps its launch's grid,
         # so CUDA-graph wrappers keep the whole persistent grid.
         self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "1")
-        # PAGODA_DECODE_FIRST_PAGES (experiment, default 0): a plan with host page ids for the Gluon decode kernel
-        # (no CUDA graphs) holds each work item's first KV block's page ids (decode_sm90's FIRST_PAGES)
-        self._first_pages = env_switch("PAGODA_DECODE_FIRST_PAGES", "0")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -361,15 +356,6 @@ class BatchAttention:
                          one_query=one_query, total_kv=total_kv)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
-        # the Gluon decode kernel's first-block page table (FIRST_PAGES): host page ids, pages that tile a KV
-        # block; a captured launch would keep the table's offset, so not under CUDA graphs
-        first_pages = 0
-        if (gluon_decode and self._first_pages and not self._use_cuda_graph and n_pages
-                and indices.device.type == "cpu" and 16 <= page_size <= config.block_n
-                and config.block_n % page_size == 0):
-            first_pages = config.block_n // page_size
-            # (room for a first item per program: a program without a task loads its table entry too)
-            n_pages += 4 + max(n_items, -(-grid // tasks_per_item)) * first_pages
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups); work
         # items: room for grid / tasks_per_item at least (the Gluon decode kernel loads its first item before the
         # task count)
@@ -392,7 +378,7 @@ class BatchAttention:
                 band = prefill_band(int(lens.max()) * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
                                     tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")
         if self._backend == "triton":
-            first_pages_at = self._upload(work, n_items * tasks_per_item, indices, band, first_pages, page_size)
+            self._upload(work, n_items * tasks_per_item, indices, band)
             if use_reqs:
                 self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
         if gluon_decode and self._trim_grid and not self._use_cuda_graph and n_items:
@@ -402,8 +388,6 @@ class BatchAttention:
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
             qo_indptr, kv_lens, kv_base, indices.cpu() if (indices is not None and self._backend == "torch") else None,
             work, mask=mask_np, mask_bits=mask_bits)
-        if first_pages:
-            self._plan.first_pages, self._plan.first_pages_at = first_pages, first_pages_at
         self._prepare_launch(self._plan, sm90=sm90, gluon_decode=gluon_decode)
 
     def _decode_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
@@ -509,15 +493,12 @@ class BatchAttention:
                 self._mask = torch.zeros(n, dtype=torch.uint8, device=self.device)
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
-    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0,
-                first_pages: int = 0, page_size: int = 0) -> int:
+    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0) -> None:
         """The plan buffer's contents (header, work list, split table, host page ids, packed) written
         into the pinned staging buffer with NumPy, then one asynchronous copy to the device (page ids
         already on the device: a second, device-to-device); _wait_staging() before the next write.
         On the device's host each torch call costs ~10 us: one copy instead of three and one reused
-        event are a third of plan() for a small batch (notes.md, session 8). first_pages > 0 (host page ids):
-        after the page ids, each work item's first KV block's first_pages page ids (decode_sm90's FIRST_PAGES);
-        returns where that table starts (0: none)."""
+        event are a third of plan() for a small batch (notes.md, session 8)."""
         self._wait_staging()
         n_w, n_m = work.work.size, work.splits.size
         s0 = NUM_COUNTERS + n_w
@@ -528,27 +509,14 @@ class BatchAttention:
         st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, 0, 0)  # the header (_HEADER_LAYOUT)
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)
         st[s0:s0 + n_m] = work.splits.reshape(-1)
-        f0 = 0
         if host_ids:
-            host = indices.numpy()
-            st[i0:i0 + n] = host
-            end = i0 + n
-            if first_pages:
-                # item j's first block starts on page kv_base + kv_start / page_size (chunks are whole blocks);
-                # ids past the used ones clip to the last (their rows are past the KV: masked copies)
-                f0 = -(-end // 4) * 4
-                w = work.work
-                firsts = w[:, 2] + w[:, 3] // page_size
-                end = f0 + len(w) * first_pages
-                np.take(host, firsts[:, None] + np.arange(first_pages, dtype=np.int32), mode="clip",
-                        out=st[f0:end].reshape(-1, first_pages))
-        else:
-            end = s0 + n_m
+            st[i0:i0 + n] = indices.numpy()
+        end = i0 + n if host_ids else s0 + n_m
         if self.device.type != "cuda":
             self._int_buf[:end].copy_(self._staging[:end])
             if n and not host_ids:
                 self._int_buf[i0:i0 + n].copy_(indices)
-            return f0
+            return
         # the copy's length rounded up to 1024 ints (4 KB; what lies past `end` is not read), so that the two
         # views repeat from step to step and are kept: a torch slice is ~1-2 us of host time on the device hosts
         end_r = min(-(-end // 1024) * 1024, self._staging.shape[0])
@@ -569,7 +537,6 @@ class BatchAttention:
             self._copy_done = torch.cuda.Event()
         self._copy_done.record(self._stream[1])
         self._copy_pending = True
-        return f0
 
     # -- run -----------------------------------------------------------------------
     def _require_plan(self) -> PlanState:
@@ -687,9 +654,8 @@ class BatchAttention:
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-                p.first_pages_at, WRITE_LSE=lse is not None, SCALE_PTR=per_head,
-                SAME_STRIDES=strides_k[:2] == strides_v[:2], EARLY_KV=pdl_early_kv and pdl["PDL"],
-                FIRST_PAGES=p.first_pages, **p.decode_sm90_constexprs, **pdl)
+                WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
+                EARLY_KV=pdl_early_kv and pdl["PDL"], **p.decode_sm90_constexprs, **pdl)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

@@ -238,51 +238,6 @@ def test_decode_trimmed_grid(kv_lens, monkeypatch):
     assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
 
 
-@pytest.mark.parametrize("page_size", [16, 32, 64, 1])
-@pytest.mark.parametrize("trim", ["1", "0"])
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_decode_first_pages(page_size, trim, kv_dtype, monkeypatch):
-    """PAGODA_DECODE_FIRST_PAGES=1 (decode_sm90's FIRST_PAGES: each work item's first KV block's page ids in the
-    plan, loaded with the header): against the float64 oracle and bit-identical to the kernel without the table;
-    on the trimmed and the whole persistent grid (programs without a task load a table entry too), split and
-    unsplit requests, a request shorter than a block; page ids in random order (PagedBatch); page size 1 (no
-    table: 64 ids a block), page ids on the device and CUDA-graph wrappers keep the kernel without it."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon decode kernel is for sm_90")
-    from .test_fp8 import quantized_batch
-
-    hq, hk, d = 32, 8, 128
-    kv_lens = [1, 37, 700, 4096, 9000, 64, 65]
-    if kv_dtype == torch.bfloat16:
-        batch = PagedBatch(kv_lens, hk, d, page_size, kv_dtype)
-        cache, scales, dk, dv = batch.cache, {}, [k.cpu() for k in batch.k], [v.cpu() for v in batch.v]
-    else:
-        batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, hk, d, page_size, kv_dtype)
-        scales = dict(k_scale=ks, v_scale=vs)
-    q = torch.randn(len(kv_lens), hq, d, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv("PAGODA_DECODE_TRIM_GRID", trim)
-    res = []
-    for first, ids, graph in (("1", batch.indices, False), ("0", batch.indices, False),
-                              ("1", batch.indices.cuda(), False), ("1", batch.indices, True)):
-        monkeypatch.setenv("PAGODA_DECODE_FIRST_PAGES", first)
-        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=graph)
-        w.plan(batch.indptr, ids, batch.last_page_len, hq, hk, d, page_size, q_data_type=torch.bfloat16,
-               kv_data_type=kv_dtype)
-        assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
-        res.append(w._plan.first_pages)
-        out, lse = poisoned_like(q)
-        w.run(q, cache, out=out, lse=lse, **scales)
-        res.append((out, lse))
-    want = 64 // page_size if page_size >= 16 else 0
-    assert [res[0], res[2], res[4], res[6]] == [want, 0, 0, 0]
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
-    out, lse = res[1]
-    assert rel_err(out, ro) < TOL[torch.bfloat16]
-    check_lse(lse, rl)
-    for other in res[3], res[5], res[7]:
-        assert torch.equal(other[0], out) and torch.equal(other[1], lse)
-
-
 def test_decode_plan_with_device_page_ids():
     """plan() given its page ids on the GPU (as FlashInfer users pass them): checked with one reduction and one
     copy back (formats.check_page_indices); a negative id or one past the cache still raises ValueError."""

@@ -117,11 +117,11 @@ if HAVE_GLUON:
         stride_vp, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_lt,
         stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh, first_pages_at,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, FIRST_PAGES: gl.constexpr = 0,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -145,11 +145,7 @@ if HAVE_GLUON:
         request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
         the block that holds the request's last token, work item field 5) are copied into the ring before the
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
-        (one commit group a block either way).
-        FIRST_PAGES > 0 (PAGODA_DECODE_FIRST_PAGES; plans with host page ids and pages that tile a KV block): the
-        plan holds each work item's first KV block's page ids (FIRST_PAGES of them, BLOCK_N // PAGE_SIZE) at
-        KV_INDICES + first_pages_at, so round 0's first block's page ids load together with the plan's header and
-        its work item (the table's address depends on neither) instead of one round trip after them."""
+        (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -190,16 +186,9 @@ if HAVE_GLUON:
         (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
          npartial) = _decode_task(WORK, 0, tasks_per_item, n_hsplit, True)
         n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
-        if FIRST_PAGES > 0:
-            # round 0's item is task program_id // tasks_per_item (prefill_sm90._ws_task); the block starts on a page
-            # (chunks are whole KV blocks, pages tile them), so row r is the block's page r // PAGE_SIZE
-            gl.static_assert(BLOCK_N // PAGE_SIZE == FIRST_PAGES)
-            offs_r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, COPY))
-            pages0 = gl.load(KV_INDICES + first_pages_at + (gl.program_id(0) // tasks_per_item) * FIRST_PAGES
-                             + offs_r // PAGE_SIZE)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
-        if PDL and EARLY_PAGES and FIRST_PAGES == 0:  # (a constexpr False short-circuits: nothing of this is built)
+        if PDL and EARLY_PAGES:  # (a constexpr False short-circuits: without it nothing of this is built)
             # (a program without a task reads its stale item as all zeros: the plan's page ids follow its work
             # list, so a stale kv_base is any page id and could point past the page-id buffer)
             has0 = n_rounds > 0
@@ -214,7 +203,7 @@ if HAVE_GLUON:
                 st = nkv_start + i * BLOCK_N
                 early = early * _ahead_of_last(st, diag0, nkv_end, BLOCK_N)  # a prefix of blocks
                 if early != 0:
-                    if (EARLY_PAGES or FIRST_PAGES > 0) and i == 0:
+                    if EARLY_PAGES and i == 0:
                         pages = pages0
                     else:
                         pages = _page_ids(KV_INDICES, nkv_base, st, nkv_end, BLOCK_N, PAGE_SIZE, True, COPY)
@@ -265,7 +254,7 @@ if HAVE_GLUON:
                 if PDL and EARLY_KV:  # (round 0's blocks before the request's last one went out before the wait)
                     early = early * _ahead_of_last(st, diag0, kv_end, BLOCK_N)
                 if (not (PDL and EARLY_KV)) or early == 0:
-                    if ((PDL and EARLY_PAGES) or FIRST_PAGES > 0) and i == 0 and rnd == 0:  # (constexpr False: the else)
+                    if PDL and EARLY_PAGES and i == 0 and rnd == 0:  # (constexpr False: only the else is built)
                         pages = pages0
                     else:
                         pages = _page_ids(KV_INDICES, kv_base, st, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
