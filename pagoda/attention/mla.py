@@ -156,6 +156,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             raise ValueError(f"kv_len_arr[{b}]={kv_lens[b]} does not fit request {b}'s {pages[b]} pages of "
                              f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
         idx, max_page = check_page_indices(kv_indices, kv_ip)
+        self._check_captured_pages(max_page, "kv_indices")
 
         # the Gluon kernel wherever it runs: faster than the Triton kernel in every row of the MLA bench, batch
         # 1..128 x 1k..32k (1.3-2.4x, session 10, mla_h100.md)
@@ -209,6 +210,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
             num_pages = pages
         if p.max_page >= num_pages:
             raise ValueError(f"kv_indices refers to page {p.max_page} but the caches have {num_pages} pages")
+        self._note_capture(num_pages)
         shape = (p.nnz_qo, h, p.head_dim_ckv)
         if out is None:
             out = torch.empty(shape, dtype=p.q_dtype, device=self.device)

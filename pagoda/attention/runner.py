@@ -177,6 +177,9 @@ class BatchAttention:
         self._plan: PlanState | None = None
         # CUDA-graph mode: (kernel key, mode, config) of the first plan, kept by later ones
         self._graph_kernel = None
+        # pages of the smallest paged cache a run() of this wrapper was captured with (CUDA-graph wrappers): a
+        # replay skips run()'s checks, so plan() checks the page ids against it (_check_captured_pages)
+        self._captured_pages = None
         self._graph_sm90 = None
         # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
         # every request has one query); the cascade sets "prefill" on its shared levels
@@ -245,6 +248,18 @@ class BatchAttention:
             self._arrivals = torch.zeros(max(arrivals, 2 * self._arrivals.numel()), dtype=torch.int32,
                                          device=self.device)
 
+    def _note_capture(self, num_pages: int) -> None:
+        """run() of a CUDA-graph wrapper: remember the cache's pages while a graph captures it."""
+        if self._use_cuda_graph and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._captured_pages = num_pages if self._captured_pages is None else min(self._captured_pages, num_pages)
+
+    def _check_captured_pages(self, max_page: int, name: str = "paged_kv_indices") -> None:
+        """plan() after a capture: a replayed run() reads the captured cache without run()'s page check, so a
+        page id past it is refused here (a ValueError, not an out-of-bounds read on the next replay)."""
+        if self._captured_pages is not None and max_page >= self._captured_pages:
+            raise ValueError(f"{name} refers to page {max_page} but the paged cache captured in this wrapper's "
+                             f"CUDA graph has {self._captured_pages} pages (a replay reads that cache)")
+
     def _wait_staging(self) -> None:
         if self._copy_pending:
             self._copy_done.synchronize()
@@ -284,6 +299,8 @@ class BatchAttention:
         """one_query: the caller knows every request has one query (qo_indptr is arange(batch + 1)), as the
         decode wrapper does; otherwise it is found here, once, for the planner. qo_lens: the caller's
         np.diff(qo_indptr), with one_query found from it (formats.check_qo_indptr), if it has them."""
+        if self._captured_pages is not None:
+            self._check_captured_pages(max_page)
         # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
         pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type, type(num_qo_heads), type(num_kv_heads), type(head_dim))  # (4.0 == 4: the types too)

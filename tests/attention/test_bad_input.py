@@ -106,6 +106,24 @@ def test_run_rejects_mismatches(batch):
         w.run(q, torch.zeros(3, 3, dtype=torch.float16, device=DEVICE))
 
 
+def test_plan_after_capture_checks_page_ids_against_the_captured_cache(batch):
+    """A CUDA-graph wrapper remembers the pages of the cache a run() was captured with (on a GPU: run() under
+    torch.cuda.graph, tests/attention/test_gpu.py) and refuses a later plan() whose page ids pass it, since a replay
+    skips run()'s check; the plan before stays. Here the capture is stood in for (no graphs on the CPU)."""
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(1), "NHD", use_cuda_graph=True, backend="triton")
+    plan(w, batch)
+    kept = w._plan
+    w._captured_pages = int(batch.indices.max())
+    with pytest.raises(ValueError, match=f"refers to page {int(batch.indices.max())} but the paged cache captured"):
+        plan(w, batch)
+    assert w._plan is kept
+    w._captured_pages += 1  # the largest page id inside the captured cache: planned
+    plan(w, batch)
+    assert w._plan is not kept
+    w._note_capture(1)  # (not capturing: nothing changes)
+    assert w._captured_pages == int(batch.indices.max()) + 1
+
+
 def test_bad_layout_and_backend():
     with pytest.raises(ValueError, match="kv_layout"):
         pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(1), "NDH")

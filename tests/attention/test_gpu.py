@@ -294,6 +294,20 @@ def test_decode_cuda_graph_replays_after_new_plan():
         torch.cuda.synchronize()
         ro, _ = oracle(q.cpu(), list(range(bsz + 1)), [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v])
         assert rel_err(out, ro) < TOL[torch.bfloat16], lens
+    # a replay skips run()'s page check: a plan whose page ids pass the captured cache is refused at plan(), on
+    # the host or the device, and the plan before it stays (the next replay still matches it)
+    pages = first.cache.shape[0]
+    for ids in (nxt.indices.clone(), nxt.indices.cuda()):
+        ids[-1] = pages
+        with pytest.raises(ValueError, match=f"refers to page {pages} but the paged cache captured"):
+            w.plan(nxt.indptr, ids, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    ids = nxt.indices.clone()
+    ids[-1] = pages - 1  # the last page of the captured cache is still in it
+    w.plan(nxt.indptr, ids, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
 
 
 def test_prefill_cuda_graph_replays_after_new_plan():
@@ -319,6 +333,11 @@ def test_prefill_cuda_graph_replays_after_new_plan():
     torch.cuda.synchronize()
     ro, _ = oracle(q.cpu(), [0, 12, 512], [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v], causal=True)
     assert rel_err(out, ro) < TOL[torch.bfloat16]
+    bad = nxt.indices.clone()  # a page past the captured cache: refused at plan() (a replay skips run()'s check)
+    bad[0] = first.cache.shape[0]
+    with pytest.raises(ValueError, match="but the paged cache captured"):
+        w.plan(torch.tensor([0, 12, 512]), nxt.indptr, bad, nxt.last_page_len, hq, hk, d, ps, causal=True,
+               q_data_type=torch.bfloat16)
 
 
 def _shared_prefix_batch(n_req, prefix, suffix, hk, d, ps, dtype):
@@ -554,6 +573,11 @@ def test_mla_cuda_graph_replays_after_new_plan(bsz, spare, later, kernel, monkey
         ro = torch.cat([mla_reference(qn[i:i + 1], qp[i:i + 1], nxt.c[i], nxt.r[i], sm_scale=sm,
                                       compute_dtype=torch.float64)[0] for i in range(bsz)])
         assert rel_err(out, ro) < TOL[torch.bfloat16], lens
+    bad = nxt.indices.clone()  # a page past the captured caches: refused at plan() (a replay skips run()'s check)
+    bad[-1] = first.ckv.shape[0]
+    with pytest.raises(ValueError, match="but the paged cache captured"):
+        w.plan(qo, nxt.indptr, bad, torch.tensor(nxt.kv_lens), h, 512, 64, ps, False, sm, torch.bfloat16,
+               torch.bfloat16)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
