@@ -9,6 +9,7 @@ decode run(). Runs anywhere:
     python scripts/plan_time.py --profile                # also cProfile 300 decode-wrapper plans of
                                                          # each batch (top functions by own time)
 
+First the host's speed: a fixed NumPy / Python workload (host_speed_us), for comparing hosts.
 Also times the engine's way of planning a decode step (the prefill wrapper with one query per request)
 and 256 requests of 1024 tokens (the decode sweep's batch); on a GPU also the decode wrapper given its page ids
 on the device (the plan then copies them device to device, not through the host's staging buffer).
@@ -37,8 +38,30 @@ def _min_us(fn, dev, n=1500):
     return best * 1e6
 
 
+def host_speed_us() -> float:
+    """A fixed host workload in plan()'s style (NumPy calls on a 257-entry batch, a short Python loop), minimum of
+    many timings: plan() times from different hosts compare through it (plan() / this), since the device hosts'
+    Python speed differs up to ~1.7x between machines of one kind (notes.md, sessions 24-25)."""
+    a = np.arange(257, dtype=np.int64) * 16 + 7
+
+    def work():
+        d = a[1:] - a[:-1]
+        o = np.argsort(-d, kind="stable")
+        w = np.empty((256, 9), dtype=np.int32)
+        w[:, 0] = d[o]
+        w[:, 1] = o
+        t = 0
+        for i in range(64):
+            t += i * 3 // 2
+        return int(d.max()) + int(w.sum()) + t
+
+    return min(timeit.repeat(work, number=20, repeat=200)) / 20 * 1e6
+
+
 def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = host_speed_us()
+    print(f"host speed: reference workload {ref:.1f} us (plan() times below also in these units)")
     if "--emulate-h100" in sys.argv:
         from pagoda.attention import runner
 
@@ -62,7 +85,7 @@ def main():
                 fn()
                 times.append(_min_us(fn, dev))
             line = (f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
-                    f"decode-wrapper plan {times[1]:6.0f} us")
+                    f"decode-wrapper plan {times[1]:6.0f} us ({times[1] / ref:4.1f} x reference)")
             if dev == "cuda":  # page ids already on the device, as FlashInfer users pass them (the engine's: host)
                 ids = s.indices.to(dev)
                 fn = lambda: dw.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
