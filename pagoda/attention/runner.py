@@ -521,7 +521,7 @@ class BatchAttention:
         s0 = NUM_COUNTERS + n_w
         i0 = -(-(s0 + n_m) // 4) * 4  # page ids 16-byte aligned
         n = 0 if indices is None else indices.numel()
-        host_ids = n > 0 and indices.device.type == "cpu"
+        host_ids = n > 0 and indices.is_cpu
         st = self._staging_np
         st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, 0, 0)  # the header (_HEADER_LAYOUT)
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)

@@ -188,24 +188,31 @@ def test_replan_with_changed_scalars_and_bad_ones():
             w.plan(batch.indptr, batch.indices, batch.last_page_len, 4, 2, 64, 16, q_data_type=torch.bfloat16, **bad)
 
 
+@pytest.mark.parametrize("batch", [3, 12])
 @pytest.mark.parametrize("form", ["int32", "int64", "list", "zero-page request"])
-def test_decode_lens_fast_path_equals_checks(form):
-    """check_paged_lens (the decode plan's few-call path for host int tensors) and the general checks it
-    falls back to give the same lengths; bad input gets the general path's errors."""
-    from pagoda.attention.formats import check_indptr, check_paged_lens, paged_kv_lens, to_host_array
+def test_decode_lens_fast_path_equals_checks(form, batch):
+    """check_paged_lens (the decode plan's few-call path for host int tensors: Python lists up to
+    formats.SMALL_INDPTR entries, NumPy past it) and the general checks it falls back to give the same lengths;
+    bad input gets the general path's errors."""
+    from pagoda.attention.formats import SMALL_INDPTR, check_indptr, check_paged_lens, paged_kv_lens, to_host_array
 
     indptr, last = [0, 3, 4, 9], [16, 1, 7]
     if form == "zero-page request":
         indptr, last = [0, 3, 3, 9], [16, 5, 7]
+    if batch > 3:  # the same requests four times: past SMALL_INDPTR
+        indptr = [0] + [indptr[-1] * k + p for k in range(4) for p in indptr[1:]]
+        last = last * 4
+        assert len(indptr) > SMALL_INDPTR
     args = {"int32": lambda x: torch.tensor(x, dtype=torch.int32), "int64": lambda x: torch.tensor(x),
             "list": list, "zero-page request": lambda x: torch.tensor(x, dtype=torch.int32)}[form]
     ip, lens = check_paged_lens(args(indptr), args(last), 16)
     ref_ip = check_indptr("indptr", indptr)
     np.testing.assert_array_equal(ip, ref_ip)
     np.testing.assert_array_equal(lens, paged_kv_lens(ref_ip, to_host_array("last", last), 16))
+    assert ip.dtype == np.int64 and lens.dtype == np.int64
     with pytest.raises(ValueError, match="non-decreasing"):
-        check_paged_lens(args([0, 3, 2, 9]), args(last), 16)
+        check_paged_lens(args(indptr[:2] + [2] + indptr[3:]), args(last), 16)
     with pytest.raises(ValueError, match="last_page_len"):
-        check_paged_lens(args(indptr), args([16, 1, 17]), 16)
+        check_paged_lens(args(indptr), args(last[:-1] + [17]), 16)
     with pytest.raises(ValueError, match="last_page_len"):
-        check_paged_lens(args(indptr), args([16, 1]), 16)
+        check_paged_lens(args(indptr), args(last[:-1]), 16)

@@ -382,12 +382,17 @@ def test_check_qo_indptr_finds_one_query_batches():
 
     from pagoda.attention.formats import check_qo_indptr
 
+    many = list(range(12))  # (past formats.SMALL_INDPTR: the NumPy path; the others the Python one)
     for qo, one in (([0, 1, 2, 3], True), ([5, 6, 7], True), ([0, 0, 2, 3], False), ([0, 2, 3, 4], False),
-                    ([0, 1, 1, 3], False), ([0], False), ([0, 3], False)):
+                    ([0, 1, 1, 3], False), ([0], False), ([0, 3], False), (many, True), (many[:-1] + [12], False),
+                    ([0] + many[2:], False)):
         arr, lens, got = check_qo_indptr("qo_indptr", torch.tensor(qo, dtype=torch.int32))
         assert got == one and arr.dtype == np.int64 and arr.tolist() == qo, qo
         assert lens.tolist() == np.diff(qo).tolist()
-    with pytest.raises(ValueError, match="qo_indptr must be non-decreasing"):
-        check_qo_indptr("qo_indptr", [0, 2, 1])
-    with pytest.raises(ValueError, match="non-negative"):
-        check_qo_indptr("qo_indptr", [-1, 0, 1])
+    for form in (list, lambda x: torch.tensor(x, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="qo_indptr must be non-decreasing"):
+            check_qo_indptr("qo_indptr", form([0, 2, 1]))
+        with pytest.raises(ValueError, match="non-negative"):
+            check_qo_indptr("qo_indptr", form([-1, 0, 1]))
+        with pytest.raises(ValueError, match="qo_indptr must be non-decreasing"):
+            check_qo_indptr("qo_indptr", form(many[:5] + [3] + many[6:]))
