@@ -9,7 +9,7 @@ decode run(). Runs anywhere:
     python scripts/plan_time.py --profile                # also cProfile 300 decode-wrapper plans of
                                                          # each batch (top functions by own time)
 
-First the host's speed: a fixed NumPy / Python workload (host_speed_us), for comparing hosts.
+First the host's speed: a fixed NumPy / Python workload (host_speed_us), a rough gauge of the host at the time.
 Also times the engine's way of planning a decode step (the prefill wrapper with one query per request)
 and 256 requests of 1024 tokens (the decode sweep's batch); on a GPU also the decode wrapper given its page ids
 on the device (the plan then copies them device to device, not through the host's staging buffer).
@@ -40,8 +40,9 @@ def _min_us(fn, dev, n=1500):
 
 def host_speed_us() -> float:
     """A fixed host workload in plan()'s style (NumPy calls on a 257-entry batch, a short Python loop), minimum of
-    many timings: plan() times from different hosts compare through it (plan() / this), since the device hosts'
-    Python speed differs up to ~1.7x between machines of one kind (notes.md, sessions 24-25)."""
+    many timings: a gauge of the host's speed when this run took place, printed with the plan() times. A rough
+    one: on the device hosts it moved 10-24 us, once 24 -> 16 us between two runs seconds apart (notes.md,
+    session 25)."""
     a = np.arange(257, dtype=np.int64) * 16 + 7
 
     def work():
