@@ -88,6 +88,11 @@ _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1
 _INTERPRETER_CTAS = 3
 
 
+# a batch whose mean KV length reaches this takes the "-long" configurations (select_config's only use of the
+# lengths: runner.BatchAttention keeps its last choice while the rest of its key repeats)
+LONG_DECODE_KV = 16384
+
+
 def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_bytes: int = 2,
                   mean_kv: float = 0.0, page_size: int = 16) -> KernelConfig:
     """Pick the kernel configuration for ``mode`` ("decode" or "prefill"); kv_bytes 1: an fp8 cache;
@@ -97,7 +102,7 @@ def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_b
     if on_cuda:
         if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS:
             name = f"{mode}-fp8"
-        if mean_kv >= 16384 and (f"{name}-long", head_dim) in CUDA_CONFIGS:
+        if mean_kv >= LONG_DECODE_KV and (f"{name}-long", head_dim) in CUDA_CONFIGS:
             name = f"{name}-long"
         if page_size == 1 and (f"{name}-page1", head_dim) in CUDA_CONFIGS:
             name = f"{name}-page1"

@@ -25,7 +25,7 @@ from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
                                 attention_kernel)
-from .plan import KernelConfig, WorkPlan, plan_work, prefill_band, select_config
+from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
 
 LOG2E = 1.4426950408889634
@@ -180,6 +180,8 @@ class BatchAttention:
         # pages of the smallest paged cache a run() of this wrapper was captured with (CUDA-graph wrappers): a
         # replay skips run()'s checks, so plan() checks the page ids against it (_check_captured_pages)
         self._captured_pages = None
+        # ((kernel key, mode, long decode), (config, Gluon decode kernel or not)) of the last plan (_plan_batch)
+        self._config_choice = None
         self._graph_sm90 = None
         # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
         # every request has one query); the cascade sets "prefill" on its shared levels
@@ -352,14 +354,21 @@ class BatchAttention:
             mode = self._fixed_mode or ("decode" if one_query or (len(qo_lens) and int(qo_lens.max()) <= 1)
                                         else self._mode)
             total_kv = int(kv_lens.sum())
-            # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
-            config = select_config(mode, head_dim, group, self._backend == "triton" and self.device.type == "cuda",
-                                   kv_dtype.itemsize,
-                                   total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size)
-            gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
-                head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
-            if gluon_decode:
-                config = _gluon_decode_config(config, kv_dtype.itemsize)
+            # the choice below depends on the lengths only through LONG_DECODE_KV: the last one is kept while its
+            # key repeats (every decode step of a server; ~4 us of host time a plan on the device hosts)
+            ckey = (kernel_key, mode, bool(len(kv_lens)) and total_kv >= LONG_DECODE_KV * len(kv_lens))
+            if self._config_choice is not None and self._config_choice[0] == ckey:
+                config, gluon_decode = self._config_choice[1]
+            else:
+                # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
+                config = select_config(mode, head_dim, group,
+                                       self._backend == "triton" and self.device.type == "cuda", kv_dtype.itemsize,
+                                       total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size)
+                gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
+                    head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
+                if gluon_decode:
+                    config = _gluon_decode_config(config, kv_dtype.itemsize)
+                self._config_choice = (ckey, (config, gluon_decode))
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config, gluon_decode)
         if self._grid is None or self._grid[0] is not config:
@@ -412,7 +421,8 @@ class BatchAttention:
         kernel was written for), fp16 / bf16 queries over an fp8 cache (PAGODA_FP8_DECODE_KERNEL: "auto", the
         default, or "triton" to keep the Triton kernel for comparisons) or over a cache of their own dtype
         (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128, no window / soft cap /
-        variant / custom mask."""
+        variant / custom mask. Asked when a wrapper's plan changes kernel key (_plan_batch keeps its last choice):
+        the switches are read then, not at every plan."""
         fp8 = kv_dtype in FP8_DTYPES
         var = "PAGODA_FP8_DECODE_KERNEL" if fp8 else "PAGODA_DECODE_KERNEL"
         choice = os.environ.get(var, "auto")

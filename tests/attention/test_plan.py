@@ -396,3 +396,38 @@ def test_check_qo_indptr_finds_one_query_batches():
             check_qo_indptr("qo_indptr", form([-1, 0, 1]))
         with pytest.raises(ValueError, match="qo_indptr must be non-decreasing"):
             check_qo_indptr("qo_indptr", form(many[:5] + [3] + many[6:]))
+
+
+def test_wrapper_keeps_its_config_choice_only_while_its_key_repeats(monkeypatch):
+    """A wrapper reuses its last kernel configuration choice while the kernel key and the long-decode class
+    (plan.LONG_DECODE_KV, select_config's only use of the lengths) repeat: across batches that cross that class,
+    head counts or dtypes, each plan's configuration is the one a fresh wrapper picks (the CUDA table, as a GPU
+    host would choose)."""
+    import torch
+
+    import pagoda
+    from pagoda.attention import plan as plan_mod, runner
+
+    select = runner.select_config
+    monkeypatch.setattr(runner, "select_config", lambda mode, hd, g, on_cuda, *a: select(mode, hd, g, True, *a))
+    ws = torch.empty(1 << 20, dtype=torch.uint8)
+
+    def plan(w, lens, heads=(32, 8), dtype=torch.bfloat16):
+        pages = [-(-n // 16) for n in lens]
+        indptr = torch.tensor(np.concatenate([[0], np.cumsum(pages)]), dtype=torch.int32)
+        last = torch.tensor([(n - 1) % 16 + 1 for n in lens], dtype=torch.int32)
+        w.plan(indptr, torch.arange(int(indptr[-1]), dtype=torch.int32), last, *heads, 128, 16, q_data_type=dtype)
+        return w._plan.config
+
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, backend="triton")
+    long = plan_mod.LONG_DECODE_KV
+    seen = set()
+    for lens, heads, dtype in (([100] * 4, (32, 8), torch.bfloat16), ([long] * 2, (32, 8), torch.bfloat16),
+                               ([long - 1] * 2, (32, 8), torch.bfloat16), ([long, long - 1], (32, 8), torch.bfloat16),
+                               ([2 * long, 1], (32, 8), torch.bfloat16), ([100] * 4, (32, 4), torch.bfloat16),
+                               ([100] * 4, (32, 4), torch.float16), ([long] * 2, (32, 8), torch.bfloat16)):
+        got = plan(w, lens, heads, dtype)
+        want = plan(pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, backend="triton"), lens, heads, dtype)
+        assert got is want, (lens, heads, dtype)
+        seen.add((got.block_n, got.num_stages, got.heads_per_prog))
+    assert len(seen) >= 3  # the long and the short decode configurations, and another group's
