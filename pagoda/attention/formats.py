@@ -29,7 +29,7 @@ def not_planned(wrapper) -> NotPlannedError:
 
 
 # indptrs of up to this many entries (7 requests) are checked on Python lists (check_paged_lens, check_qo_indptr):
-# 16 -> ~5 us and 8 -> ~3 us per plan on the CPU machine (session 25)
+# 16 -> ~6 us and 8 -> ~5 us per plan on the CPU machine (session 25)
 SMALL_INDPTR = 8
 
 
