@@ -218,8 +218,7 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, 
         raise ValueError(f"paged_kv_cache has page_size {page_size}, plan() was given {p.page_size}")
     if p.max_page >= num_pages:
         raise ValueError(f"paged_kv_indices refers to page {p.max_page} but paged_kv_cache has {num_pages} pages")
-    if wrapper._use_cuda_graph:
-        wrapper._note_capture(num_pages)
+    wrapper._note_capture(num_pages)
     scales = wrapper._kv_scales(p, k_scale, v_scale)
     out, lse = wrapper._outputs(q, p, out, lse, return_lse)
     if wrapper._backend == "torch":

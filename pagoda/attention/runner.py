@@ -301,8 +301,7 @@ class BatchAttention:
         """one_query: the caller knows every request has one query (qo_indptr is arange(batch + 1)), as the
         decode wrapper does; otherwise it is found here, once, for the planner. qo_lens: the caller's
         np.diff(qo_indptr), with one_query found from it (formats.check_qo_indptr), if it has them."""
-        if self._captured_pages is not None:
-            self._check_captured_pages(max_page)
+        self._check_captured_pages(max_page)
         # the scalar parameters are checked once and reused while they repeat (every decode step of a server)
         pkey = (num_qo_heads, num_kv_heads, head_dim, window_left, logits_soft_cap, sm_scale, q_data_type,
                 kv_data_type, type(num_qo_heads), type(num_kv_heads), type(head_dim))  # (4.0 == 4: the types too)
