@@ -90,6 +90,24 @@ def copy_bandwidth() -> float:
     return bw
 
 
+def copy_bandwidth_kernel() -> float | None:
+    """copy_bandwidth by kernel_time (the copy kernel's own span): the ceiling for the kernel-time rates."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = kernel_time(lambda: b.copy_(a), "copy", calls=10)
+    return None if t is None else 2 * a.numel() / t
+
+
+def same_bytes_copy(kv_bytes: int) -> tuple[float, float | None]:
+    """(gpu_time, kernel_time) in us of a copy that moves kv_bytes (kv_bytes / 2 read, as many written): what the
+    harness gives a kernel that moves a decode case's bytes at the copy rate, its floor included."""
+    a = torch.empty(kv_bytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = gpu_time(lambda: b.copy_(a), "copy")
+    k = kernel_time(lambda: b.copy_(a), "copy")
+    return t * 1e6, None if k is None else k * 1e6
+
+
 EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerly instead)
 
 
@@ -124,6 +142,70 @@ def gpu_time(fn, what: str = "", rep_ms=200):
     return bench(g.replay, rep_ms)
 
 
+def _call_spans(events, per_flush: int, per_call: int, calls: int) -> list[float]:
+    """Each call's device span from the profiler's device records of ``calls`` rounds of (an L2 flush, the
+    call): ``events`` the (start, end, name) of every record of the run (any order), ``per_flush`` / ``per_call``
+    the records one flush / one call leaves. A call's span runs from its first record's start to its last one's
+    end (gaps between its own kernels count; the launch before its first kernel does not). Raises
+    RuntimeError when the records do not fall into that pattern (a call that launched a different number of
+    kernels), rather than timing the wrong ones."""
+    ev = sorted(events)
+    step = per_flush + per_call
+    if per_call < 1 or len(ev) != calls * step:
+        raise RuntimeError(f"profiler records: {len(ev)} for {calls} rounds of {per_flush} flush + {per_call} call "
+                           f"records")
+    spans = []
+    for i in range(calls):
+        mine = ev[i * step + per_flush:(i + 1) * step]
+        spans.append(max(e[1] for e in mine) - mine[0][0])
+    return spans
+
+
+def kernel_time(fn, what: str = "", calls: int = 40) -> float | None:
+    """Median device span of fn (seconds) from CUPTI's records (torch.profiler): fn captured in a CUDA graph
+    (as gpu_time), each replay after an L2 flush, timed from its first kernel's start to its last kernel's end.
+    gpu_time's events also hold the launch of the replay (an empty graph's replay is ~4.5 us between the events
+    on the H200, notes.md session 13), which a 1 GB copy amortizes and a 40 us decode does not: this is the
+    kernels' own time, the figure to set against the copy rate (FlashInfer's benchmarks time kernels so, by
+    CUPTI). None when fn cannot be captured or the profiler records nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        g = capture_graph(fn)
+    except Exception:  # noqa: BLE001 - gpu_time already named it an eager fallback
+        torch.cuda.synchronize()
+        return None
+
+    def records(run, n):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                run()
+            torch.cuda.synchronize()
+        return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    flush_l2()
+    per_flush = len(records(flush_l2, 1))
+    call = g.replay
+    per_call = len(records(call, 1))
+    if per_call == 0:  # (a profiler that does not see into graphs: the calls eagerly; their kernels' own times
+        call = fn       # are the same, a multi-kernel call's gaps then the host's)
+        per_call = len(records(call, 1))
+        print(f"# {what}: kernel time of eager calls (no records from a graph replay)")
+
+    def rounds():
+        flush_l2()
+        call()
+
+    try:
+        spans = _call_spans(records(rounds, calls), per_flush, per_call, calls)
+    except RuntimeError as e:
+        print(f"# {what}: kernel time not taken ({e})")
+        return None
+    return float(np.median(spans)) * 1e-6  # (the profiler's times are in us)
+
+
 class PagedSetup:
     def __init__(self, kv_lens, hk, d, page_size, dtype, device="cuda", seed=0, kv_dtype=None):
         g = torch.Generator().manual_seed(seed)
@@ -149,7 +231,13 @@ def flashinfer_or_none():
         return None
 
 
-def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws):
+def _put_us(row, key, seconds) -> None:
+    if seconds is not None:
+        row[key] = seconds * 1e6
+
+
+def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
+    """kernel_times: also each library's kernel_time (and a copy of the same bytes, both ways)."""
     s = PagedSetup(kv_lens, hk, d, ps, dtype)
     b = len(kv_lens)
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
@@ -169,8 +257,11 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws):
     torch.cuda.synchronize()
     row = {"case": name, "kind": "decode", "kv_MB": s.kv_bytes / 1e6, "plan_us": plan_us, "run_host_us": run_host_us,
            "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
+    if kernel_times:
+        _put_us(row, "pagoda_kernel_us", kernel_time(lambda: w.run(q, s.cache, out=out), "pagoda"))
+        row["copy_same_bytes_us"], row["copy_same_bytes_kernel_us"] = same_bytes_copy(s.kv_bytes)
     if fi is not None:
-        best = None
+        best = best_k = None
         for tc in (False, True):
             fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
             fw.plan(s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, q_data_type=dtype)
@@ -179,7 +270,11 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws):
             assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
             t = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
             best = t if best is None else min(best, t)
+            k = kernel_time(lambda: fw.run(q, s.cache), "flashinfer") if kernel_times else None
+            if k is not None:
+                best_k = k if best_k is None else min(best_k, k)
         row["flashinfer_us"] = best
+        _put_us(row, "flashinfer_kernel_us", best_k)
     if len(set(kv_lens)) == 1:  # dense peers need equal lengths
         L = kv_lens[0]
         k = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")
@@ -292,6 +387,27 @@ def fmt_table(rows, copy_bw=None):
     return "\n".join(lines)
 
 
+def fmt_kernel_table(rows, copy_bw_kernel=None):
+    """The decode rows' kernel times (--kernel-times): pagoda's and FlashInfer's kernel_time, the rate of
+    pagoda's against copy_bw_kernel (the 1 GB copy's kernel rate), and a copy moving the same bytes timed both
+    ways (its graph time less its kernel time: what the harness adds to any kernel)."""
+    lines = [f"{'case':<22} {'pagoda kern':>11} {'rate (of copy)':>16} {'FI kern':>9} {'x FI':>6} "
+             f"{'pagoda graph':>12} {'same-bytes copy graph / kern':>28}"]
+    for r in rows:
+        if "pagoda_kernel_us" not in r:
+            continue
+        k = r["pagoda_kernel_us"]
+        rate = f"{r['kv_MB'] * 1e6 / (k * 1e-6) / 1e9:6.0f} GB/s"
+        if copy_bw_kernel:
+            rate += f" {r['kv_MB'] * 1e12 / k / copy_bw_kernel:4.0%}"
+        fk = r.get("flashinfer_kernel_us")
+        fi = f"{fk:8.1f}u {fk / k:5.2f}x" if fk is not None else f"{'-':>9} {'-':>6}"
+        ck = r.get("copy_same_bytes_kernel_us")
+        copy = f"{r['copy_same_bytes_us']:.1f}u / " + (f"{ck:.1f}u" if ck is not None else "-")
+        lines.append(f"{'dec ' + r['case']:<22} {k:10.1f}u {rate:>16} {fi} {r['pagoda_us']:11.1f}u {copy:>28}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")
@@ -302,6 +418,9 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--only", choices=["decode", "prefill"])
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="decode: also each library's kernel time from the profiler (kernel_time), against the 1 GB "
+                         "copy's kernel time, and a copy of each case's bytes")
     ap.add_argument("--kv-dtype", default=None,
                     help="float8_e4m3fn / float8_e5m2: decode over an fp8 cache (vs 16-bit KV and FlashInfer fp8)")
     args = ap.parse_args(argv)
@@ -316,9 +435,11 @@ def main(argv=None):
         flex = (torch.compile(flex_attention), create_block_mask)
     ws = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
     copy_bw = copy_bandwidth()
+    copy_bw_kernel = copy_bandwidth_kernel() if args.kernel_times else None
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, heads {hq}/{hk}, head_dim {d}, "
           f"page_size {ps}, {args.dtype}, FlashInfer {getattr(fi, '__version__', 'absent')}, copy bandwidth "
-          f"{copy_bw / 1e9:.0f} GB/s, L2 flush: {FLUSH}")
+          f"{copy_bw / 1e9:.0f} GB/s" + (f" ({copy_bw_kernel / 1e9:.0f} by kernel time)" if copy_bw_kernel else "")
+          + f", L2 flush: {FLUSH}")
     rows = []
     rng = np.random.default_rng(0)
     kv_dtype = getattr(torch, args.kv_dtype) if args.kv_dtype else None
@@ -328,7 +449,7 @@ def main(argv=None):
             if kv_dtype is not None:
                 rows.append(fp8_decode_row(name, lens, hq, hk, d, ps, dtype, kv_dtype, fi, ws))
             else:
-                rows.append(decode_row(name, lens, hq, hk, d, ps, dtype, fi, ws))
+                rows.append(decode_row(name, lens, hq, hk, d, ps, dtype, fi, ws, args.kernel_times))
             print(fmt_table(rows[-1:], copy_bw).splitlines()[1], flush=True)
             write_json(args.json, rows, args, partial=True)  # a time-limited device call keeps finished rows
     if args.only != "decode" and kv_dtype is None:
@@ -338,9 +459,13 @@ def main(argv=None):
             write_json(args.json, rows, args, partial=True)
     print()
     print(fmt_table(rows, copy_bw))
+    if args.kernel_times:
+        print()
+        print(fmt_kernel_table(rows, copy_bw_kernel))
     if EAGER_FALLBACKS:
         print(f"# timed eagerly (not capturable): {sorted(set(EAGER_FALLBACKS))}")
     write_json(args.json, rows, args, timing=f"CUDA-graph replay, L2 flushed ({FLUSH})", copy_GBps=copy_bw / 1e9,
+               copy_kernel_GBps=copy_bw_kernel / 1e9 if copy_bw_kernel else None,
                eager=sorted(set(EAGER_FALLBACKS)))
 
 

@@ -1,0 +1,50 @@
+"""The attention benchmark's kernel timing (pagoda.bench.attention.kernel_time): the grouping of the profiler's
+records on the CPU, the timing itself on the GPU."""
+import random
+
+import pytest
+import torch
+
+from pagoda.bench import attention as bench
+
+
+def test_call_spans_groups_records_by_round():
+    rng = random.Random(0)
+    events, want, t = [], [], 0.0
+    for _ in range(7):  # rounds of one flush record and a two-kernel call with a gap between its kernels
+        f0 = t + rng.uniform(0.5, 2.0)
+        events.append((f0, f0 + 100.0, "reduce_kernel"))
+        a = f0 + 100.0 + rng.uniform(1.0, 5.0)
+        b = a + rng.uniform(10.0, 40.0)
+        gap = rng.uniform(0.5, 2.0)
+        e = b + gap + rng.uniform(1.0, 3.0)
+        events += [(a, b, "decode"), (b + gap, e, "merge")]
+        want.append(e - a)
+        t = e
+    rng.shuffle(events)
+    got = bench._call_spans(events, 1, 2, 7)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_call_spans_refuses_a_record_count_off_the_pattern():
+    events = [(0.0, 1.0, "f"), (2.0, 3.0, "k"), (4.0, 5.0, "f")]
+    with pytest.raises(RuntimeError, match="3 for 2 rounds"):
+        bench._call_spans(events, 1, 1, 2)
+    with pytest.raises(RuntimeError):
+        bench._call_spans([], 1, 0, 0)
+
+
+@pytest.mark.gpu
+def test_kernel_time_against_event_time():
+    """A 256 MB copy: the kernel span and the events' time agree within the launch floor; a tiny kernel: the
+    kernel span is well under the events' time (which holds the replay's launch)."""
+    a = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = bench.gpu_time(lambda: b.copy_(a))
+    k = bench.kernel_time(lambda: b.copy_(a), "copy", calls=10)
+    assert k is not None and 0.9 * t < k <= t
+    x = torch.randn(1024, device="cuda")
+    y = torch.empty_like(x)
+    t = bench.gpu_time(lambda: torch.mul(x, 2.0, out=y))
+    k = bench.kernel_time(lambda: torch.mul(x, 2.0, out=y), "mul")
+    assert k is not None and 0 < k < t - 1e-6
