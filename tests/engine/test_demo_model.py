@@ -89,7 +89,8 @@ def test_incremental_text_is_a_prefix_of_the_final_text(llm):
     e = llm.engine
     tok = llm.get_tokenizer()
     prompts = ["# -*- coding: utf-8 -*-\n\"\"\"Émile's café: naïve ", "def f(x):\n    return x"]
-    sp = [pagoda.SamplingParams(max_tokens=120, temperature=1.2, seed=s, ignore_eos=True) for s in (1, 2)]
+    # (64 tokens: each step is ~0.7 s under the interpreter, the longest test of CI at 120)
+    sp = [pagoda.SamplingParams(max_tokens=64, temperature=1.2, seed=s, ignore_eos=True) for s in (1, 2)]
     ids = [e.add_request(p, q) for p, q in zip(prompts, sp)]
     seen = {i: [] for i in ids}
     final = {}
@@ -102,7 +103,7 @@ def test_incremental_text_is_a_prefix_of_the_final_text(llm):
         f = final[rid]
         assert f.text == tok.decode(f.token_ids, skip_special_tokens=True)
         assert all(f.text.startswith(t) for t in seen[rid])
-        assert len(seen[rid]) >= 100
+        assert len(seen[rid]) >= 50
 
 
 def test_bad_words(llm):
