@@ -5,6 +5,10 @@ drift falls on every variant alike. Each variant's output is checked against the
 
     python scripts/decode_variants_ab.py "PAGODA_DECODE_TRIM_GRID=0;PAGODA_DECODE_TRIM_GRID=1" [--rounds 3]
         [--cases 1x32768,1x1024,16x4096]      # (a variant: comma-separated NAME=VALUE settings; "" the defaults)
+        [--head-dim 64]
+    python scripts/decode_variants_ab.py ";cfg=64:3:4:128" --head-dim 64
+        # cfg=BLOCK_N:STAGES:CTAS_PER_SM:MAXNREG: the Gluon decode kernel's configuration for a 16-bit cache at
+        # this head_dim (runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM) while that variant's wrapper plans
 
 Prints, per case, the median of each variant's times over the rounds (and each round), GB/s and the ratio to
 the copy bandwidth measured in the same run.
@@ -20,6 +24,29 @@ import pagoda
 from pagoda.bench.attention import DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time
 
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
+
+
+def planned(env: dict, s, head_dim: int):
+    """A wrapper made and planned under env (its cfg= entry: the 16-bit Gluon decode configuration)."""
+    from pagoda.attention import runner
+
+    env = dict(env)
+    cfg = env.pop("cfg", None)
+    table = runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM
+    saved = dict(table)
+    if cfg is not None:
+        bn, st, ctas, regs = (int(x) for x in cfg.split(":"))
+        table[(2, head_dim)] = dict(block_n=bn, stages=st, ctas_per_sm=ctas, maxnreg=regs, rows=8)
+    runner._gluon_decode_config.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, env):  # (the switches are read when the wrapper is made)
+            w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        w.plan(s.indptr, s.indices, s.last, HQ, HK, head_dim, PS, q_data_type=DT)
+    finally:
+        table.clear()
+        table.update(saved)
+        runner._gluon_decode_config.cache_clear()
+    return w
 
 
 def parse_variant(text: str) -> dict:
@@ -41,19 +68,22 @@ def main():
         i = args.index("--cases")
         cases = args[i + 1].split(",")
         del args[i: i + 2]
+    head_dim = D
+    if "--head-dim" in args:
+        i = args.index("--head-dim")
+        head_dim = int(args[i + 1])
+        del args[i: i + 2]
     variants = [parse_variant(v) for v in (args[0] if args else "").split(";")]
     table = dict(DECODE_CASES)
     table["1x1024"], table["1x2048"], table["4x1024"] = [1024], [2048], [1024] * 4
     copy = copy_bandwidth()
     print(f"# copy bandwidth {copy / 1e9:.0f} GB/s; variants: {variants}")
     for name in cases:
-        s = PagedSetup(table[name], HK, D, PS, DT)
-        q = torch.randn(len(table[name]), HQ, D, dtype=DT, device="cuda")
+        s = PagedSetup(table[name], HK, head_dim, PS, DT)
+        q = torch.randn(len(table[name]), HQ, head_dim, dtype=DT, device="cuda")
         runs = []
         for env in variants:
-            with mock.patch.dict(os.environ, env):  # (the switches are read when the wrapper is made)
-                w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-            w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+            w = planned(env, s, head_dim)
             out = torch.full_like(q, float("nan"))
             w.run(q, s.cache, out=out)
             runs.append((w, out))
@@ -66,7 +96,8 @@ def main():
             for j, (w, out) in enumerate(runs):
                 times[r, j] = gpu_time(lambda w=w, out=out: w.run(q, s.cache, out=out)) * 1e6
         med = np.median(times, axis=0)
-        print(f"== {name}: {s.kv_bytes / 1e6:.0f} MB, programs {[w._plan.grid for w, _ in runs]}")
+        print(f"== {name} (head_dim {head_dim}): {s.kv_bytes / 1e6:.0f} MB, programs "
+              f"{[w._plan.grid for w, _ in runs]}")
         for j, env in enumerate(variants):
             gbs = s.kv_bytes / med[j] / 1e3
             print(f"   {med[j]:7.2f} us  {gbs:6.0f} GB/s  {gbs * 1e9 / copy:5.1%} of copy  rounds "

@@ -67,6 +67,12 @@ PREFILL_BAND = os.environ.get("PAGODA_PREFILL_BAND", "auto")
 # earlier 3 x 2 0.94-1.12x, 3 x 3 0.91-1.13x).
 DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8),
                        2: dict(block_n=64, stages=2, ctas_per_sm=3, maxnreg=168, rows=8)}
+# (KV element size, head_dim) that take another configuration. head_dim 64 over a 16-bit cache: a block is half
+# the bytes and the accumulator half the registers, so 4 programs per SM under 128 registers (no spill) keep more
+# of the DRAM busy: H200, session 26 (`scripts/decode_variants_ab.py ";cfg=64:2:4:128" --head-dim 64`), against
+# 3 under 168: 64x2048 82.9 -> 67.9 us, 32x8192 159.8 -> 132.8, 16x4096 43.8 -> 39.7, 128x1024 75.5 -> 69.0,
+# 256x512 80.7 -> 72.8, 1x32768 and 1x1024 the same; 3 stages x 3 / x 4 and 4 stages x 3 between the two
+DECODE_GLUON_CONFIG_BY_HEAD_DIM = {(2, 64): dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8)}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -87,10 +93,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _gluon_decode_config(config: KernelConfig, kv_bytes: int) -> KernelConfig:
-    """A decode config as the Gluon decode kernel runs it (DECODE_GLUON_CONFIG); one object per config, so
-    consecutive plans keep their grid (BatchAttention._grid compares by identity)."""
-    c = DECODE_GLUON_CONFIG[kv_bytes]
+def _gluon_decode_config(config: KernelConfig, kv_bytes: int, head_dim: int) -> KernelConfig:
+    """A decode config as the Gluon decode kernel runs it (DECODE_GLUON_CONFIG_BY_HEAD_DIM, else
+    DECODE_GLUON_CONFIG); one object per config, so consecutive plans keep their grid (BatchAttention._grid
+    compares by identity)."""
+    c = DECODE_GLUON_CONFIG_BY_HEAD_DIM.get((kv_bytes, head_dim)) or DECODE_GLUON_CONFIG[kv_bytes]
     # the tile's query rows are the MMA's N: the group's heads, at least 8 (wgmma's smallest N), not the Triton
     # kernel's 16 (one-query decode tiles hold one token: the rest of the rows would be padding)
     rows = max(c["rows"], 1 << (config.heads_per_prog - 1).bit_length())
@@ -366,7 +373,7 @@ class BatchAttention:
                 gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                     head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
                 if gluon_decode:
-                    config = _gluon_decode_config(config, kv_dtype.itemsize)
+                    config = _gluon_decode_config(config, kv_dtype.itemsize, head_dim)
                 self._config_choice = (ckey, (config, gluon_decode))
             if self._use_cuda_graph:
                 self._graph_kernel = (kernel_key, mode, config, gluon_decode)

@@ -296,21 +296,27 @@ def test_latency_bound_batches_use_their_item_cost():
 
 
 @pytest.mark.parametrize("group,rows", [(1, 8), (4, 8), (8, 8), (16, 16)])
-def test_gluon_decode_config_rows(group, rows):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gluon_decode_config_rows(group, rows, head_dim):
     """The Gluon decode kernel's tile is the group's query heads (the wgmma's N), at least 8 rows, whatever the
     Triton decode config's minimum (16); its KV block, programs per SM and register cap come from
-    runner.DECODE_GLUON_CONFIG per KV element size, and the same config gives the same object (stable grid)."""
+    runner.DECODE_GLUON_CONFIG per KV element size, or DECODE_GLUON_CONFIG_BY_HEAD_DIM where it names the element
+    size and head_dim (16-bit head_dim 64: 4 programs per SM), and the same config gives the same object (stable
+    grid)."""
     from pagoda.attention import runner
     from pagoda.attention.plan import select_config
 
-    base = select_config("decode", 128, group, True)
+    base = select_config("decode", head_dim, group, True)
     for kv_bytes in (1, 2):
-        cfg = runner._gluon_decode_config(base, kv_bytes)
-        want = runner.DECODE_GLUON_CONFIG[kv_bytes]
+        cfg = runner._gluon_decode_config(base, kv_bytes, head_dim)
+        want = runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM.get((kv_bytes, head_dim), runner.DECODE_GLUON_CONFIG[kv_bytes])
         assert (cfg.block_m, cfg.heads_per_prog, cfg.block_n) == (rows, group, want["block_n"])
         assert (cfg.num_stages, cfg.ctas_per_sm, cfg.maxnreg) == (want["stages"], want["ctas_per_sm"], want["maxnreg"])
         assert cfg.tokens_per_tile == rows // group
-        assert runner._gluon_decode_config(base, kv_bytes) is cfg
+        assert runner._gluon_decode_config(base, kv_bytes, head_dim) is cfg
+    if head_dim == 64:
+        assert runner._gluon_decode_config(base, 2, 64).ctas_per_sm == 4
+        assert runner._gluon_decode_config(base, 2, 64).maxnreg == 128
 
 
 def test_prefill_band_threshold():
