@@ -71,7 +71,8 @@ DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128,
 # the bytes and the accumulator half the registers, so 4 programs per SM under 128 registers (no spill) keep more
 # of the DRAM busy: H200, session 26 (`scripts/decode_variants_ab.py ";cfg=64:2:4:128" --head-dim 64`), against
 # 3 under 168: 64x2048 82.9 -> 67.9 us, 32x8192 159.8 -> 132.8, 16x4096 43.8 -> 39.7, 128x1024 75.5 -> 69.0,
-# 256x512 80.7 -> 72.8, 1x32768 and 1x1024 the same; 3 stages x 3 / x 4 and 4 stages x 3 between the two
+# 256x512 80.7 -> 72.8, 1x32768 and 1x1024 the same; 3 stages x 3 / x 4 and 4 stages x 3 between the two, 5
+# programs under 96 registers (64 B of stack) slower than 4 everywhere
 DECODE_GLUON_CONFIG_BY_HEAD_DIM = {(2, 64): dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8)}
 
 
