@@ -70,9 +70,11 @@ def main():
         stages, ctas = (int(x) for x in args[i + 1].split(","))
         del args[i: i + 2]
         runner.DECODE_GLUON_CONFIG[2] = dict(runner.DECODE_GLUON_CONFIG[2], stages=stages, ctas_per_sm=ctas)
+        for key in [k for k in runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM if k[0] == 2]:  # (at every head_dim)
+            del runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM[key]
         runner._gluon_decode_config.cache_clear()
     global D
-    if "--head-dim" in args:  # head_dim 64 decodes read 57-77% of the copy rate (session 16's variants table)
+    if "--head-dim" in args:  # (head_dim 64: 58-97% of the copy rate since session 26's 4 programs per SM)
         i = args.index("--head-dim")
         D = int(args[i + 1])
         del args[i: i + 2]

@@ -159,8 +159,9 @@ def kernel_time(fn, what: str = "", calls: int = 40) -> float | None:
     (as gpu_time), each replay after an L2 flush, timed from its first kernel's start to its last kernel's end.
     gpu_time's events also hold the launch of the replay (an empty graph's replay is ~4.5 us between the events
     on the H200, notes.md session 13), which a 1 GB copy amortizes and a 40 us decode does not: this is the
-    kernels' own time, the figure to set against the copy rate (FlashInfer's benchmarks time kernels so, by
-    CUPTI). None when fn cannot be captured or the profiler records nothing."""
+    kernels' own time, the figure to set against the copy rate (FlashInfer's own benchmarks prefer it:
+    flashinfer.testing.bench_gpu_time(enable_cupti=True)). None when fn cannot be captured or the profiler records
+    nothing."""
     from torch.profiler import ProfilerActivity, profile
 
     try:

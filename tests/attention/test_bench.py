@@ -42,7 +42,7 @@ def test_kernel_time_against_event_time():
     y = torch.empty_like(x)
     t = bench.gpu_time(lambda: torch.mul(x, 2.0, out=y))
     k = bench.kernel_time(lambda: torch.mul(x, 2.0, out=y), "mul", calls=10)
-    assert k is not None and 0.95 * t < k <= t
+    assert k is not None and 0.95 * t < k <= 1.01 * t  # (two medians of separate runs: 1% for their noise)
     x = torch.randn(1024, device="cuda")
     y = torch.empty_like(x)
     t = bench.gpu_time(lambda: torch.mul(x, 2.0, out=y))
