@@ -184,16 +184,11 @@ def kernel_time(fn, what: str = "", calls: int = 40) -> float | None:
 
     flush_l2()
     per_flush = len(records(flush_l2, 1))
-    call = g.replay
-    per_call = len(records(call, 1))
-    if per_call == 0:  # (a profiler that does not see into graphs: the calls eagerly; their kernels' own times
-        call = fn       # are the same, a multi-kernel call's gaps then the host's)
-        per_call = len(records(call, 1))
-        print(f"# {what}: kernel time of eager calls (no records from a graph replay)")
+    per_call = len(records(g.replay, 1))  # (0 where the profiler does not see into graphs: _call_spans refuses)
 
     def rounds():
         flush_l2()
-        call()
+        g.replay()
 
     try:
         spans = _call_spans(records(rounds, calls), per_flush, per_call, calls)
