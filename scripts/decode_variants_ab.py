@@ -5,7 +5,8 @@ drift falls on every variant alike. Each variant's output is checked against the
 
     python scripts/decode_variants_ab.py "PAGODA_DECODE_TRIM_GRID=0;PAGODA_DECODE_TRIM_GRID=1" [--rounds 3]
         [--cases 1x32768,1x1024,16x4096]      # (a variant: comma-separated NAME=VALUE settings; "" the defaults)
-        [--head-dim 64]
+        [--head-dim 64] [--kernel-times]     # (also each variant's kernel time, bench.attention.kernel_time: the
+                                             # profiler's span of the replayed kernels, without the replay's launch)
     python scripts/decode_variants_ab.py ";cfg=64:3:4:128" --head-dim 64
         # cfg=BLOCK_N:STAGES:CTAS_PER_SM:MAXNREG: the Gluon decode kernel's configuration for a 16-bit cache at
         # this head_dim (runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM) while that variant's wrapper plans
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.bench.attention import DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time
+from pagoda.bench.attention import DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time, kernel_time
 
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
 
@@ -73,6 +74,9 @@ def main():
         i = args.index("--head-dim")
         head_dim = int(args[i + 1])
         del args[i: i + 2]
+    ktimes = "--kernel-times" in args
+    if ktimes:
+        args.remove("--kernel-times")
     variants = [parse_variant(v) for v in (args[0] if args else "").split(";")]
     table = dict(DECODE_CASES)
     table["1x1024"], table["1x2048"], table["4x1024"] = [1024], [2048], [1024] * 4
@@ -92,16 +96,25 @@ def main():
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert torch.isfinite(out).all() and err < 1e-2, f"{name} {env}: error {err} against the first variant"
         times = np.zeros((rounds, len(runs)))
+        ktime = np.full((rounds, len(runs)), np.nan)
         for r in range(rounds):
             for j, (w, out) in enumerate(runs):
                 times[r, j] = gpu_time(lambda w=w, out=out: w.run(q, s.cache, out=out)) * 1e6
+                if ktimes:
+                    kt = kernel_time(lambda w=w, out=out: w.run(q, s.cache, out=out))
+                    ktime[r, j] = np.nan if kt is None else kt * 1e6
         med = np.median(times, axis=0)
+        kmed = np.median(ktime, axis=0)
         print(f"== {name} (head_dim {head_dim}): {s.kv_bytes / 1e6:.0f} MB, programs "
               f"{[w._plan.grid for w, _ in runs]}")
         for j, env in enumerate(variants):
             gbs = s.kv_bytes / med[j] / 1e3
+            kern = ""
+            if ktimes:
+                kern = (f"  kernel {kmed[j]:7.2f} us {s.kv_bytes / kmed[j] / 1e3 * 1e9 / copy:5.1%} of copy ("
+                        + " ".join(f"{t:.2f}" for t in ktime[:, j]) + ")")
             print(f"   {med[j]:7.2f} us  {gbs:6.0f} GB/s  {gbs * 1e9 / copy:5.1%} of copy  rounds "
-                  + " ".join(f"{t:.2f}" for t in times[:, j]) + f"  {env or 'defaults'}", flush=True)
+                  + " ".join(f"{t:.2f}" for t in times[:, j]) + kern + f"  {env or 'defaults'}", flush=True)
 
 
 if __name__ == "__main__":

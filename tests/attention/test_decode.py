@@ -216,3 +216,43 @@ def test_decode_lens_fast_path_equals_checks(form, batch):
         check_paged_lens(args(indptr), args(last[:-1] + [17]), 16)
     with pytest.raises(ValueError, match="last_page_len"):
         check_paged_lens(args(indptr), args(last[:-1]), 16)
+
+
+@pytest.mark.parametrize("chunks,block_c", [((32, 2, 5), 32), ((3, 40, 1, 7), 16)])
+def test_merge_splits_kernel(chunks, block_c):
+    """merge_splits_kernel (the Gluon decode kernel's separate merge, PAGODA_DECODE_MERGE_KERNEL) against a float64
+    merge of the partial states: split tiles of several chunk counts (more than BLOCK_C: several rounds), output
+    rows out of order and not all rows (the rows no split names stay poisoned), a split whose chunks are all empty
+    (lse -inf: out 0, lse -inf) and a chunk that is empty among live ones."""
+    from pagoda.attention.kernels.attention import merge_splits_kernel
+
+    g = torch.Generator().manual_seed(7)
+    heads, d = 4, 64
+    n_rows = sum(chunks)
+    tmp_o = torch.randn(n_rows, heads, d, generator=g, dtype=torch.float32).to(DEVICE)
+    tmp_lse = (torch.randn(n_rows, heads, generator=g) * 4).to(DEVICE)
+    firsts = np.concatenate([[0], np.cumsum(chunks)[:-1]])
+    tmp_lse[int(firsts[-1]):int(firsts[-1]) + chunks[-1]] = float("-inf")  # the last split: every chunk empty
+    tmp_lse[0, 1] = float("-inf")  # one empty chunk of a live split
+    splits = torch.tensor([[int(f), c] for f, c in zip(firsts, chunks)], dtype=torch.int32).reshape(-1).to(DEVICE)
+    q_rows = [2 * i + 1 for i in range(len(chunks))][::-1]
+    split_rows = torch.tensor(q_rows, dtype=torch.int32, device=DEVICE)
+    out = torch.full((2 * len(chunks) + 1, heads, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    lse = torch.full((2 * len(chunks) + 1, heads), float("nan"), dtype=torch.float32, device=DEVICE)
+    merge_splits_kernel[(len(chunks), heads)](
+        out, lse, tmp_o, tmp_lse, splits, split_rows, heads, out.stride(0), out.stride(1), lse.stride(0),
+        tmp_o.stride(0), tmp_o.stride(1), tmp_lse.stride(0), HEAD_DIM=d, BLOCK_C=block_c, WRITE_LSE=True, PDL=False)
+    for f, c, r in zip(firsts, chunks, q_rows):
+        s = tmp_lse[int(f):int(f) + c].double().cpu()  # [c, heads]
+        v = tmp_o[int(f):int(f) + c].double().cpu()
+        m = s.max(0).values
+        if torch.isinf(m).all():
+            ref_o, ref_l = torch.zeros(heads, d, dtype=torch.float64), torch.full((heads,), float("-inf"))
+        else:
+            w = torch.exp2(s - m)
+            ref_o = (w[:, :, None] * v).sum(0) / w.sum(0)[:, None]
+            ref_l = (m + torch.log2(w.sum(0))).float()
+        assert rel_err(out[r].float(), ref_o) < TOL[torch.bfloat16] or (ref_o == 0).all() and (out[r] == 0).all()
+        check_lse(lse[r], ref_l, atol=1e-4)
+    untouched = [i for i in range(out.shape[0]) if i not in q_rows]
+    assert torch.isnan(out[untouched].float()).all() and torch.isnan(lse[untouched]).all()
