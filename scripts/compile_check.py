@@ -90,9 +90,6 @@ def attention_cases():
                V_SCALE="*fp32", qk_scale="fp32", soft_cap_log2="fp32", k_scale="fp32", v_scale="fp32")
     base = dict(HEAD_DIM=128, PAGE_SIZE=16, PAGED=True, INDEX_ASM=True, SOFTCAP=False, WINDOW=False, WRITE_LSE=False)
     deq = {"bf16": 0, "fp8e4nv": 1, "fp8e5": 1}
-    yield ("merge_splits PDL", attention.merge_splits_kernel,
-           dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", SPLITS="*i32", SPLIT_ROWS="*i32"),
-           dict(HEAD_DIM=128, BLOCK_C=32, WRITE_LSE=True, PDL=True), 4, 1)
     for kv in ("bf16", "fp8e4nv", "fp8e5"):
         for mode, extra, warps, stages in (("decode", dict(BLOCK_M=16, BLOCK_N=64, CAUSAL=False), 4, 3),
                                           ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
@@ -222,11 +219,6 @@ def decode_sm90_cases():
                dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=pages, EARLY_KV=True,
                     num_warps=4), 4, 1, regs)
-    for d, kv, regs in ((128, "bf16", 168), (64, "fp8e4nv", 128)):
-        yield (f"decode_sm90 D={d} kv={kv} MERGE_KERNEL", decode_sm90.decode_sm90_kernel,
-               dict(types, K="*" + kv, V="*" + kv),
-               dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                    SAME_STRIDES=True, MERGE_ROWS=4, MERGE_KERNEL=True, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

@@ -24,7 +24,7 @@ from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale, not_planned
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
-                                attention_kernel, merge_splits_kernel)
+                                attention_kernel)
 from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
 
@@ -213,11 +213,6 @@ class BatchAttention:
         # 13.82, 1 x 1024 10.72 -> 10.59, 64 x 2048 (396 tasks) the same. A captured run() keeps its launch's grid,
         # so CUDA-graph wrappers keep the whole persistent grid.
         self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "1")
-        # PAGODA_DECODE_MERGE_KERNEL (experiment, default 0): a wrapper without CUDA graphs merges the split tiles of
-        # a Gluon decode plan in a kernel of its own (kernels/attention.py merge_splits_kernel, a PDL launch after
-        # the decode kernel) instead of the last chunk's arrival and merge inside it
-        self._merge_kernel = env_switch("PAGODA_DECODE_MERGE_KERNEL", "0")
-        self._split_rows = None  # int32: the query row of each split tile (the merge kernel's; decode_sm90 writes it)
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -688,24 +683,13 @@ class BatchAttention:
             return
         if p.decode_sm90_constexprs is not None and not self._merge_out:
             pdl = pdl_launch(enable_pdl, q)
-            n_split = len(p.work.splits)
-            merge_kernel = self._merge_kernel and n_split > 0 and not self._use_cuda_graph
-            if merge_kernel and (self._split_rows is None or self._split_rows.numel() < n_split):
-                self._split_rows = torch.empty(max(n_split, 64), dtype=torch.int32, device=self.device)
             decode_sm90.decode_sm90_kernel[(p.grid,)](
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
-                self._int_buf, self._split_rows if merge_kernel else self._arrivals, kt if per_head else dummy,
-                vt if per_head else dummy,
+                self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                EARLY_KV=pdl_early_kv and pdl["PDL"], MERGE_KERNEL=merge_kernel, **p.decode_sm90_constexprs, **pdl)
-            if merge_kernel:
-                merge_splits_kernel[(n_split, p.num_qo_heads)](
-                    out, lse_arg, p.tmp_o, p.tmp_lse, self._int_buf[NUM_COUNTERS + p.work.work.size:],
-                    self._split_rows, p.num_qo_heads, out.stride(0), out.stride(1), lse_arg.stride(0), *p.scalars[:3],
-                    HEAD_DIM=p.head_dim, BLOCK_C=32, WRITE_LSE=lse is not None, num_warps=4,
-                    **pdl_launch(True, q))
+                EARLY_KV=pdl_early_kv and pdl["PDL"], **p.decode_sm90_constexprs, **pdl)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

@@ -238,41 +238,6 @@ def test_decode_trimmed_grid(kv_lens, monkeypatch):
     assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
 
 
-@pytest.mark.parametrize("kv_lens,head_dim,kv_dtype", [
-    ([32768], 128, torch.bfloat16), ([1024] * 4, 128, torch.bfloat16), ([1, 129, 4096, 70000], 64, torch.bfloat16),
-    ([5000, 3], 128, torch.float8_e4m3fn), ([2048] * 64, 128, torch.bfloat16)])
-def test_decode_merge_kernel(kv_lens, head_dim, kv_dtype, monkeypatch):
-    """PAGODA_DECODE_MERGE_KERNEL=1: split tiles merged by merge_splits_kernel (a PDL launch behind the Gluon
-    decode kernel) instead of the last chunk inside it: against the float64 oracle, with and without the LSE, in
-    eager wrappers (a CUDA-graph wrapper keeps the in-kernel merge), and a plan without splits (64 x 2048) launches
-    no merge kernel; run twice, so a second launch over the same buffers is checked too."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon decode kernel is for sm_90")
-    monkeypatch.setenv("PAGODA_DECODE_MERGE_KERNEL", "1")
-    hq, hk, ps = 32, 8, 16
-    batch = PagedBatch(kv_lens, hk, head_dim, ps, torch.bfloat16)
-    cache = batch.cache.to(kv_dtype)
-    q = torch.randn(len(kv_lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
-    w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, ps, q_data_type=torch.bfloat16,
-           kv_data_type=kv_dtype)
-    assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
-    split = len(w._plan.work.splits) > 0
-    assert split == (kv_lens != [2048] * 64)
-    ks = [k.to(kv_dtype).float().cpu() for k in batch.k]
-    vs = [v.to(kv_dtype).float().cpu() for v in batch.v]
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), ks, vs)
-    kw = dict(k_scale=1.0, v_scale=1.0) if kv_dtype != torch.bfloat16 else {}
-    for _ in range(2):
-        out, lse = poisoned_like(q)
-        w.run(q, cache, out=out, lse=lse, **kw)
-        assert rel_err(out, ro) < TOL[torch.bfloat16]
-        check_lse(lse, rl)
-        out2 = torch.full_like(q, float("nan"))
-        w.run(q, cache, out=out2, **kw)
-        assert torch.equal(out2, out)
-
-
 def test_decode_plan_with_device_page_ids():
     """plan() given its page ids on the GPU (as FlashInfer users pass them): checked with one reduction and one
     copy back (formats.check_page_indices); a negative id or one past the cache still raises ValueError."""

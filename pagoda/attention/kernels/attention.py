@@ -535,48 +535,6 @@ def merge_states_kernel(
 
 
 @triton.jit
-def merge_splits_kernel(
-    O, LSE, TMP_O, TMP_LSE, SPLITS, SPLIT_ROWS, num_heads,
-    stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-    HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_LSE: tl.constexpr, PDL: tl.constexpr,
-):
-    """The merge of a one-query split plan as a kernel of its own (the Gluon decode kernel's MERGE_KERNEL):
-    program (s, h) merges query head h of split tile s, whose chunks' partial states are rows SPLITS[2 s] ..
-    + SPLITS[2 s + 1] - 1 of TMP_O / TMP_LSE, into row SPLIT_ROWS[s] of O (and LSE with WRITE_LSE).
-    SPLIT_ROWS is written by the decode kernel before it (its split chunks store their query row there), so
-    under PDL it is read after the wait; the split table is the plan's (written before the chain)."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    first = tl.load(SPLITS + 2 * s)
-    n_chunks = tl.load(SPLITS + 2 * s + 1)
-    pdl_enter(PDL)
-    q_row = tl.load(SPLIT_ROWS + s).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_c = tl.arange(0, BLOCK_C)
-    m = float("-inf")
-    d = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for c0 in range(0, n_chunks, BLOCK_C):
-        cmask = c0 + offs_c < n_chunks
-        rows = (first + c0 + offs_c).to(tl.int64)
-        lse = tl.load(TMP_LSE + rows * stride_tl + h, mask=cmask, other=float("-inf"))
-        v = tl.load(TMP_O + rows[:, None] * stride_tt + h * stride_th + offs_d[None, :], mask=cmask[:, None],
-                    other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        d = d * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * v, 0)
-        m = m_new
-    empty = d == 0.0
-    d_safe = tl.where(empty, 1.0, d)
-    tl.store(O + q_row * stride_ot + h * stride_oh + offs_d, (acc / d_safe).to(O.dtype.element_ty))
-    if WRITE_LSE:
-        tl.store(LSE + q_row * stride_lt + h, tl.where(empty, float("-inf"), m + tl.log2(d_safe)))
-
-
-@triton.jit
 def merge_two_kernel(
     VA, SA, VB, SB, VO, SO, MASK, num_rows, num_heads,
     stride_va_r, stride_va_h, stride_sa_r, stride_vb_r, stride_vb_h, stride_sb_r,

@@ -121,7 +121,7 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, MERGE_KERNEL: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -148,9 +148,6 @@ if HAVE_GLUON:
         (one commit group a block either way)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
-        if MERGE_KERNEL:  # (the merge kernel's programs start now and wait for this grid's end at their PDL wait)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
@@ -327,6 +324,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, MERGE_KERNEL)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

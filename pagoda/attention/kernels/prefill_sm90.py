@@ -288,11 +288,9 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, SKIP_MERGE: gl.constexpr = False):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
-        SKIP_MERGE (decode_sm90's MERGE_KERNEL): a chunk stores its partial state and, in task slot 0, the tile's
-        query row at ARRIVALS[split]; no arrival, kernels/attention.py's merge_splits_kernel merges after.
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
         MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
@@ -319,32 +317,28 @@ if HAVE_GLUON:
             gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
                      out, mask=gl.expand_dims(valid_o, 1))
             gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
-            if SKIP_MERGE:
-                if rem == 0:
-                    gl.store(ARRIVALS + gl.load(wp + 7), q_start)
-            else:
-                split = gl.load(wp + 7)
-                first = gl.load(SPLITS + split * 2)
-                n_chunks = gl.load(SPLITS + split * 2 + 1)
-                arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
-                if trace is not None:
-                    _stamp(trace, rnd, 5)
-                _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
-                arrived = gl.atomic_add(arrival, 1)
-                if trace is not None:
-                    _stamp(trace, rnd, 6)
-                if arrived == n_chunks - 1:
-                    # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
-                    # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
-                    gl.store(arrival, 0)
-                    if MERGE_ROWS > 0:
-                        _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
-                                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                         MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
-                    else:
-                        _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
-                                        group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                        stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
+            split = gl.load(wp + 7)
+            first = gl.load(SPLITS + split * 2)
+            n_chunks = gl.load(SPLITS + split * 2 + 1)
+            arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
+            if trace is not None:
+                _stamp(trace, rnd, 5)
+            _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
+            arrived = gl.atomic_add(arrival, 1)
+            if trace is not None:
+                _stamp(trace, rnd, 6)
+            if arrived == n_chunks - 1:
+                # the counter back to 0 for the next launch by a plain store: every chunk has arrived, so nothing
+                # else touches it in this one (an acq_rel exchange was a fence in front of the merge's loads)
+                gl.store(arrival, 0)
+                if MERGE_ROWS > 0:
+                    _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
+                                     heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
+                else:
+                    _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
+                                    group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
+                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
 
     # -- warp-specialized version -------------------------------------------------------------
     # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
