@@ -114,6 +114,23 @@ def num_programs(device: torch.device, config: KernelConfig) -> int:
     return _INTERPRETER_CTAS
 
 
+def balanced_grid(tasks: int, grid: int, ctas_per_sm: int) -> int:
+    """The programs a Gluon decode plan of ``tasks`` tasks launches on instead of the persistent ``grid``
+    (ctas_per_sm programs on each SM): the fewest programs per SM, down to 2, that take the tasks in as many rounds
+    (ceil(tasks / programs)) as the whole grid. Tasks go to programs in a fixed order, so a grid whose last round
+    is mostly empty leaves its last round to few programs, each capped at its own streaming rate, while a smaller
+    grid with the same rounds keeps them all busy to the end. H200, session 27, 16-bit cache at head_dim 128
+    (3 programs per SM -> 2; `python scripts/decode_variants_ab.py ";cfg=64:2:2:168" --cases ...`): 64 x 2048
+    (512 tasks: 1.29 -> 1.94 rounds) 133.3 -> 126.0 us, 32 x 8192 (512 tasks) 260.1 -> 246.0; where 2 a SM takes
+    more rounds it loses (128 x 1024: 127.5 -> 129.2, 256 x 512: 133.3 -> 134.0), so those keep 3."""
+    sms = grid // ctas_per_sm
+    rounds = -(-tasks // grid)
+    for k in range(2, ctas_per_sm):
+        if -(-tasks // (sms * k)) == rounds:
+            return sms * k
+    return grid
+
+
 def kv_dequant_mode(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> int:
     """The attention kernel's KV_DEQUANT: 1 for bf16 queries over an fp8 cache (the kernel computes in fp16:
     kernels/attention.py), else 0 (K / V converted to the queries' dtype)."""
@@ -213,6 +230,10 @@ class BatchAttention:
         # 13.82, 1 x 1024 10.72 -> 10.59, 64 x 2048 (396 tasks) the same. A captured run() keeps its launch's grid,
         # so CUDA-graph wrappers keep the whole persistent grid.
         self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "1")
+        # PAGODA_DECODE_BALANCE_GRID (default 1; 0 turns it off): with the trimmed grid, a 16-bit Gluon decode plan
+        # launches on the fewest programs per SM (down to 2) that take its tasks in as many rounds as the whole
+        # persistent grid does (balanced_grid)
+        self._balance_grid = env_switch("PAGODA_DECODE_BALANCE_GRID", "1")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -415,6 +436,8 @@ class BatchAttention:
             if use_reqs:
                 self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
         if gluon_decode and self._trim_grid and not self._use_cuda_graph and n_items:
+            if self._balance_grid and kv_dtype.itemsize == 2:
+                grid = balanced_grid(n_items * tasks_per_item, grid, config.ctas_per_sm)
             grid = min(grid, n_items * tasks_per_item)  # (the programs past the tasks only read the header)
         self._plan = PlanState(
             num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal), window_left,

@@ -238,6 +238,38 @@ def test_decode_trimmed_grid(kv_lens, monkeypatch):
     assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[1][1], outs[0][1])
 
 
+@pytest.mark.parametrize("kv_lens,head_dim", [([2048] * 64, 128), ([1024] * 70 + [3000] * 3, 64), ([700] * 40, 128)])
+def test_decode_balanced_grid(kv_lens, head_dim, monkeypatch):
+    """PAGODA_DECODE_BALANCE_GRID (default on): an eager wrapper's 16-bit Gluon decode plan launches on
+    runner.balanced_grid's programs (64 x 2048 at head_dim 128: 2 a SM instead of 3), against the float64 oracle
+    and with the same bits as on the trimmed whole grid (the same tasks, another program each)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from pagoda.attention.runner import balanced_grid
+
+    hq, hk, ps = 32, 8, 16
+    batch = PagedBatch(kv_lens, hk, head_dim, ps, torch.bfloat16)
+    q = torch.randn(len(kv_lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
+    outs, grids = [], []
+    for on in ("1", "0"):
+        monkeypatch.setenv("PAGODA_DECODE_BALANCE_GRID", on)
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, ps, q_data_type=torch.bfloat16)
+        assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
+        tasks, full = int(w._counters[2]), w._grid[1]
+        out, lse = poisoned_like(q)
+        w.run(q, batch.cache, out=out, lse=lse)
+        outs.append((out, lse))
+        grids.append(w._plan.grid)
+    assert grids == [min(tasks, balanced_grid(tasks, full, w._plan.config.ctas_per_sm)), min(tasks, full)]
+    if kv_lens == [2048] * 64:
+        assert grids[0] == 2 * full // 3, grids
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    assert rel_err(outs[0][0], ro) < TOL[torch.bfloat16]
+    check_lse(outs[0][1], rl)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_decode_plan_with_device_page_ids():
     """plan() given its page ids on the GPU (as FlashInfer users pass them): checked with one reduction and one
     copy back (formats.check_page_indices); a negative id or one past the cache still raises ValueError."""

@@ -437,3 +437,23 @@ def test_wrapper_keeps_its_config_choice_only_while_its_key_repeats(monkeypatch)
         assert got is want, (lens, heads, dtype)
         seen.add((got.block_n, got.num_stages, got.heads_per_prog))
     assert len(seen) >= 3  # the long and the short decode configurations, and another group's
+
+
+@pytest.mark.parametrize("ctas", [3, 4])
+def test_balanced_grid(ctas):
+    """runner.balanced_grid: the fewest programs per SM (2 .. ctas) taking the tasks in as many rounds as the whole
+    grid, against a brute-force search over task counts; the measured cases of its docstring (132 SMs, 3 a SM)."""
+    from pagoda.attention.runner import balanced_grid
+
+    sms = 132
+    grid = sms * ctas
+    for tasks in range(1, 4 * grid):
+        got = balanced_grid(tasks, grid, ctas)
+        rounds = -(-tasks // grid)
+        want = min([sms * k for k in range(2, ctas + 1) if -(-tasks // (sms * k)) == rounds])
+        assert got == want, (tasks, got, want)
+        assert got % sms == 0 and 2 * sms <= got <= grid and -(-tasks // got) == rounds
+    if ctas == 3:
+        assert balanced_grid(512, 396, 3) == 264  # 64 x 2048, 32 x 8192
+        assert balanced_grid(1024, 396, 3) == 396 and balanced_grid(2048, 396, 3) == 396  # 128 x 1024, 256 x 512
+        assert balanced_grid(760, 396, 3) == 396  # the skewed case
