@@ -7,6 +7,7 @@ drift falls on every variant alike. Each variant's output is checked against the
         [--cases 1x32768,1x1024,16x4096]      # (a variant: comma-separated NAME=VALUE settings; "" the defaults)
         [--head-dim 64] [--kernel-times]     # (also each variant's kernel time, bench.attention.kernel_time: the
                                              # profiler's span of the replayed kernels, without the replay's launch)
+        [--cuda-graph]                       # (wrappers made with use_cuda_graph=True, as the engine's)
     python scripts/decode_variants_ab.py ";cfg=64:3:4:128" --head-dim 64
         # cfg=BLOCK_N:STAGES:CTAS_PER_SM:MAXNREG: the Gluon decode kernel's configuration for a 16-bit cache at
         # this head_dim (runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM) while that variant's wrapper plans
@@ -27,7 +28,7 @@ from pagoda.bench.attention import DECODE_CASES, PagedSetup, copy_bandwidth, gpu
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
 
 
-def planned(env: dict, s, head_dim: int):
+def planned(env: dict, s, head_dim: int, graph: bool = False):
     """A wrapper made and planned under env (its cfg= entry: the 16-bit Gluon decode configuration)."""
     from pagoda.attention import runner
 
@@ -41,7 +42,8 @@ def planned(env: dict, s, head_dim: int):
     runner._gluon_decode_config.cache_clear()
     try:
         with mock.patch.dict(os.environ, env):  # (the switches are read when the wrapper is made)
-            w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+            w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                          use_cuda_graph=graph)
         w.plan(s.indptr, s.indices, s.last, HQ, HK, head_dim, PS, q_data_type=DT)
     finally:
         table.clear()
@@ -74,6 +76,9 @@ def main():
         i = args.index("--head-dim")
         head_dim = int(args[i + 1])
         del args[i: i + 2]
+    graph = "--cuda-graph" in args
+    if graph:
+        args.remove("--cuda-graph")
     ktimes = "--kernel-times" in args
     if ktimes:
         args.remove("--kernel-times")
@@ -87,7 +92,7 @@ def main():
         q = torch.randn(len(table[name]), HQ, head_dim, dtype=DT, device="cuda")
         runs = []
         for env in variants:
-            w = planned(env, s, head_dim)
+            w = planned(env, s, head_dim, graph)
             out = torch.full_like(q, float("nan"))
             w.run(q, s.cache, out=out)
             runs.append((w, out))

@@ -23,15 +23,15 @@ import torch
 from . import reference
 from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check_kv_scale, not_planned
 from .kernels import decode_sm90, prefill_sm90
-from .kernels.attention import (BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS, _no_mod,
-                                attention_kernel)
+from .kernels.attention import (ACTIVE_AT, BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS,
+                                _no_mod, attention_kernel)
 from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
-_HEADER_LAYOUT = (NUM_COUNTERS, SPLITS_AT, INDICES_AT, BAND_AT)
-assert _HEADER_LAYOUT == (8, 3, 4, 5), _HEADER_LAYOUT
+_HEADER_LAYOUT = (NUM_COUNTERS, SPLITS_AT, INDICES_AT, BAND_AT, ACTIVE_AT)
+assert _HEADER_LAYOUT == (8, 3, 4, 5, 6), _HEADER_LAYOUT
 # Capacities of the preallocated buffers in CUDA-graph mode (grown on demand otherwise).
 GRAPH_MAX_ITEMS = 1 << 16
 GRAPH_MAX_SPLITS = 1 << 14
@@ -230,9 +230,9 @@ class BatchAttention:
         # 13.82, 1 x 1024 10.72 -> 10.59, 64 x 2048 (396 tasks) the same. A captured run() keeps its launch's grid,
         # so CUDA-graph wrappers keep the whole persistent grid.
         self._trim_grid = env_switch("PAGODA_DECODE_TRIM_GRID", "1")
-        # PAGODA_DECODE_BALANCE_GRID (default 1; 0 turns it off): with the trimmed grid, a 16-bit Gluon decode plan
-        # launches on the fewest programs per SM (down to 2) that take its tasks in as many rounds as the whole
-        # persistent grid does (balanced_grid)
+        # PAGODA_DECODE_BALANCE_GRID (default 1; 0 turns it off): a 16-bit Gluon decode plan's tasks go to the fewest
+        # programs per SM (down to 2) that take them in as many rounds as the whole persistent grid does
+        # (balanced_grid; the others take none, and an eager wrapper with the trimmed grid does not launch them)
         self._balance_grid = env_switch("PAGODA_DECODE_BALANCE_GRID", "1")
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
@@ -415,6 +415,14 @@ class BatchAttention:
         # task count)
         self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), n_splits, 2 * n_splits * tasks_per_item,
                               n_pages)
+        # the Gluon decode kernel's programs: those that take tasks (the plan header's ACTIVE_AT) and the launch's
+        # (a captured run() keeps the whole persistent grid; an eager one launches only the active programs)
+        active = grid
+        if gluon_decode and n_items:
+            if self._balance_grid and kv_dtype.itemsize == 2:
+                active = balanced_grid(n_items * tasks_per_item, grid, config.ctas_per_sm)
+            if self._trim_grid and not self._use_cuda_graph:
+                grid = active = min(active, n_items * tasks_per_item)  # (past the tasks: read the header, leave)
         use_reqs = self._variant is not None or mask_np is not None
         sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
         if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None):
@@ -432,13 +440,9 @@ class BatchAttention:
                 band = prefill_band(int(lens.max()) * num_kv_heads * 2 * head_dim * kv_dtype.itemsize, grid,
                                     tasks_per_item // num_kv_heads, force=PREFILL_BAND == "on")
         if self._backend == "triton":
-            self._upload(work, n_items * tasks_per_item, indices, band)
+            self._upload(work, n_items * tasks_per_item, indices, band, active if gluon_decode else 0)
             if use_reqs:
                 self._upload_requests(qo_indptr, kv_lens, mask_np, mask_bits)
-        if gluon_decode and self._trim_grid and not self._use_cuda_graph and n_items:
-            if self._balance_grid and kv_dtype.itemsize == 2:
-                grid = balanced_grid(n_items * tasks_per_item, grid, config.ctas_per_sm)
-            grid = min(grid, n_items * tasks_per_item)  # (the programs past the tasks only read the header)
         self._plan = PlanState(
             num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal), window_left,
             float(sm_scale), cap, config, grid, int(qo_indptr[-1]), len(kv_lens), max_page,
@@ -550,7 +554,8 @@ class BatchAttention:
                 self._mask = torch.zeros(n, dtype=torch.uint8, device=self.device)
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
-    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0) -> None:
+    def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0,
+                active: int = 0) -> None:
         """The plan buffer's contents (header, work list, split table, host page ids, packed) written
         into the pinned staging buffer with NumPy, then one asynchronous copy to the device (page ids
         already on the device: a second, device-to-device); _wait_staging() before the next write.
@@ -563,7 +568,7 @@ class BatchAttention:
         n = 0 if indices is None else indices.numel()
         host_ids = n > 0 and indices.is_cpu
         st = self._staging_np
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, 0, 0)  # the header (_HEADER_LAYOUT)
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, active, 0)  # the header (_HEADER_LAYOUT)
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)
         st[s0:s0 + n_m] = work.splits.reshape(-1)
         if host_ids:

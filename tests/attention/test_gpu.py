@@ -270,6 +270,50 @@ def test_decode_balanced_grid(kv_lens, head_dim, monkeypatch):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def test_decode_balanced_grid_in_cuda_graph():
+    """A CUDA-graph wrapper's captured launch keeps the whole persistent grid; each plan's header says how many of
+    its programs take tasks (ACTIVE_AT, runner.balanced_grid): 2 a SM for 64 x 2048 (512 tasks), the whole grid
+    for plans of 760-832 tasks, then 64 x 2048 again, every replay against the float64 oracle (a program past the
+    active ones taking a task, or a task no program takes, shows as a wrong or NaN row)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from pagoda.attention.kernels.attention import ACTIVE_AT
+
+    hq, hk, d, ps, bsz = 32, 8, 128, 16, 64
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
+    cases = ([2048] * bsz, [5000] * 10 + [700] * 54, [8192] * 32 + [1] * 32, [2048] * bsz)
+    cache = PagedBatch(cases[0], hk, d, ps, torch.bfloat16, spare_pages=9000).cache
+    q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    g = None
+    for lens in cases:
+        nxt = PagedBatch(lens, hk, d, ps, torch.bfloat16, spare_pages=0)
+        cache.fill_(float("nan"))
+        cache[: nxt.cache.shape[0]] = nxt.cache
+        w.plan(nxt.indptr, nxt.indices, nxt.last_page_len, hq, hk, d, ps, q_data_type=torch.bfloat16)
+        assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
+        tasks, full = int(w._counters[2]), w._grid[1]
+        active = int(w._counters[ACTIVE_AT])
+        want = 2 * full // 3 if lens == cases[0] else full
+        assert w._plan.grid == full and active == want, (lens[:2], tasks, active, full)
+        if g is None:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    w.run(q, cache, out=out)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                w.run(q, cache, out=out)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ro, _ = oracle(q.cpu(), list(range(bsz + 1)), [k.cpu() for k in nxt.k], [v.cpu() for v in nxt.v])
+        assert rel_err(out, ro) < TOL[torch.bfloat16], (lens[:2], tasks, active)
+
+
 def test_decode_plan_with_device_page_ids():
     """plan() given its page ids on the GPU (as FlashInfer users pass them): checked with one reduction and one
     copy back (formats.check_page_indices); a negative id or one past the cache still raises ValueError."""

@@ -37,9 +37,10 @@ SPLIT_FIELDS = 2
 # list (WORK points there), the split table, the page ids. Header: 0 next task, 1 programs done, 2 number of
 # tasks, 3 where the split table starts, 4 where the page ids start (offsets from the buffer's start, which
 # SPLITS and KV_INDICES point at), 5 the task band of the Gluon prefill kernel (prefill_sm90._ws_task; 0 in other
-# plans), 6..7 padding (the work list 32-byte aligned).
+# plans), 6 the programs that take tasks in the Gluon decode kernel (runner.balanced_grid; 0 in other plans), 7
+# padding (the work list 32-byte aligned).
 NUM_COUNTERS = 8
-SPLITS_AT, INDICES_AT, BAND_AT = 3, 4, 5
+SPLITS_AT, INDICES_AT, BAND_AT, ACTIVE_AT = 3, 4, 5, 6
 
 
 @triton.jit

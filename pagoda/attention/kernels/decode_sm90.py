@@ -94,11 +94,11 @@ if HAVE_GLUON:
                                           [ll.shape[1], ll.shape[0]])
 
     @gluon.jit
-    def _decode_task(WORK, rnd, tasks_per_item, n_hsplit, ok):
-        """Round rnd's task (prefill_sm90._ws_task, item by item) and the fields of its work item that a decode
-        uses, loaded under ``ok``: (wp, task slot, KV head, head split, q_start, q_len, kv_base, kv_start, kv_end,
-        partial)."""
-        wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
+    def _decode_task(WORK, rnd, tasks_per_item, n_hsplit, ok, nprog=None):
+        """Round rnd's task (prefill_sm90._ws_task, item by item, over the first nprog programs) and the fields of
+        its work item that a decode uses, loaded under ``ok``: (wp, task slot, KV head, head split, q_start, q_len,
+        kv_base, kv_start, kv_end, partial)."""
+        wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, 0, 0, nprog)
         return (wp, rem, kvh, hsplit, gl.load(wp, mask=ok, other=0), gl.load(wp + 1, mask=ok, other=0),
                 gl.load(wp + 2, mask=ok, other=0), gl.load(wp + 3, mask=ok, other=0), gl.load(wp + 4, mask=ok, other=0),
                 gl.load(wp + 6, mask=ok, other=0))
@@ -185,7 +185,10 @@ if HAVE_GLUON:
         tasks_per_item = num_kv_heads * n_hsplit
         (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
          npartial) = _decode_task(WORK, 0, tasks_per_item, n_hsplit, True)
-        n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog)
+        # the programs that take tasks: the plan's (header field ACTIVE_AT, runner.balanced_grid; at most the grid,
+        # whose other programs take none); round 0's task is the program's own, whatever that count
+        nprog = gl.load(COUNTERS + 6)  # (kernels/attention.py ACTIVE_AT)
+        n_rounds, _, _ = _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog, nprog)
         SPLITS = SPLITS + gl.load(COUNTERS + 3)  # where the split table and the page ids start in the plan
         KV_INDICES = KV_INDICES + gl.load(COUNTERS + 4)  # buffer (header fields SPLITS_AT, INDICES_AT)
         if PDL and EARLY_PAGES:  # (a constexpr False short-circuits: without it nothing of this is built)
@@ -230,7 +233,7 @@ if HAVE_GLUON:
                 nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end, npartial)
             # the next round's item loads now; the KV loop hides them
             (nwp, nrem, nkvh, nhsplit, nq_start, nq_len, nkv_base, nkv_start, nkv_end,
-             npartial) = _decode_task(WORK, rnd + 1, tasks_per_item, n_hsplit, rnd + 1 < n_rounds)
+             npartial) = _decode_task(WORK, rnd + 1, tasks_per_item, n_hsplit, rnd + 1 < n_rounds, nprog)
             n_blocks = gl.cdiv(kv_end - kv_start, BLOCK_N)
             full_hi = kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
             q_ptrs, q_rows = _q_tile(Q, 0, BLOCK_M, HEAD_DIM, LOAD, q_start, q_len, kvh, hsplit, group_size,

@@ -348,21 +348,30 @@ if HAVE_GLUON:
     # Tasks go over the persistent grid in a snake order (both roles walk the same sequence).
 
     @gluon.jit
-    def _ws_task_index(rnd):
+    def _ws_task_index(rnd, nprog=None):
         """The task of this program in round rnd: programs take tasks in a snake order (left to right,
-        then right to left), which balances a list sorted longest first better than round-robin."""
-        nprog = gl.num_programs(0)
+        then right to left), which balances a list sorted longest first better than round-robin. nprog: the
+        programs that take tasks (None: the whole grid)."""
+        if nprog is None:
+            nprog = gl.num_programs(0)
         pid = gl.program_id(0)
         return rnd * nprog + gl.where(rnd % 2 == 0, pid, nprog - 1 - pid)
 
     @gluon.jit
-    def _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog):
+    def _ws_schedule(COUNTERS, num_kv_heads, group_size, heads_per_prog, nprog=None):
         """(rounds this program takes, tasks per work item, head splits per KV head); a task of the last
-        round may be past the end of the plan's tasks (COUNTERS[2])."""
+        round may be past the end of the plan's tasks (COUNTERS[2]). nprog: the programs that take tasks, the
+        first nprog of the grid (None: all; the others take none)."""
         num_tasks = gl.load(COUNTERS + 2)
         n_hsplit = gl.cdiv(group_size, heads_per_prog)
-        n = gl.cdiv(num_tasks, gl.num_programs(0))
-        return gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1), num_kv_heads * n_hsplit, n_hsplit
+        if nprog is None:
+            n = gl.cdiv(num_tasks, gl.num_programs(0))
+            rounds = gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1)
+        else:
+            n = gl.cdiv(num_tasks, nprog)
+            rounds = gl.where(gl.program_id(0) < nprog,
+                              gl.where(_ws_task_index(n - 1, nprog) < num_tasks, n, n - 1), 0)
+        return rounds, num_kv_heads * n_hsplit, n_hsplit
 
     @gluon.jit
     def _ws_band(COUNTERS, tasks_per_item):
@@ -370,12 +379,13 @@ if HAVE_GLUON:
         return gl.load(COUNTERS + 5), gl.load(COUNTERS + 2) // tasks_per_item
 
     @gluon.jit
-    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band=0, n_items=0):
+    def _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band=0, n_items=0, nprog=None):
         """Round rnd's task of this program: (its work item's fields, task slot, KV head, head split).
         Tasks are the items' task slots (KV head x head split) item by item, or, with ``band`` > 0 (of
         ``n_items``), band items at a time slot by slot: the programs running together then read the KV of
-        fewer heads (a long causal prefill's KV of all heads does not fit in L2; plan.prefill_band)."""
-        task = _ws_task_index(rnd)
+        fewer heads (a long causal prefill's KV of all heads does not fit in L2; plan.prefill_band). nprog: as in
+        _ws_task_index."""
+        task = _ws_task_index(rnd, nprog)
         if band > 0:
             span = band * tasks_per_item
             first = task // span * band
