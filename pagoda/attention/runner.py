@@ -122,7 +122,10 @@ def balanced_grid(tasks: int, grid: int, ctas_per_sm: int) -> int:
     grid with the same rounds keeps them all busy to the end. H200, session 27, 16-bit cache at head_dim 128
     (3 programs per SM -> 2; `python scripts/decode_variants_ab.py ";cfg=64:2:2:168" --cases ...`): 64 x 2048
     (512 tasks: 1.29 -> 1.94 rounds) 133.3 -> 126.0 us, 32 x 8192 (512 tasks) 260.1 -> 246.0; where 2 a SM takes
-    more rounds it loses (128 x 1024: 127.5 -> 129.2, 256 x 512: 133.3 -> 134.0), so those keep 3."""
+    more rounds it loses (128 x 1024: 127.5 -> 129.2, 256 x 512: 133.3 -> 134.0), so those keep 3. With the rule
+    (PAGODA_DECODE_BALANCE_GRID): eager 64 x 2048 135.4 -> 128.4 us, CUDA-graph wrappers 133.1 -> 126.4 (the plan
+    header's ACTIVE_AT: the captured grid stays, the programs past the count take no task), the engine's batch-64
+    step 7.04 -> 6.96 ms per token (benchmarks/results/notes.md, session 27)."""
     sms = grid // ctas_per_sm
     rounds = -(-tasks // grid)
     for k in range(2, ctas_per_sm):
