@@ -115,8 +115,9 @@ def num_programs(device: torch.device, config: KernelConfig) -> int:
 
 
 def balanced_grid(tasks: int, grid: int, ctas_per_sm: int) -> int:
-    """The programs a Gluon decode plan of ``tasks`` tasks launches on instead of the persistent ``grid``
-    (ctas_per_sm programs on each SM): the fewest programs per SM, down to 2, that take the tasks in as many rounds
+    """The programs that take a Gluon decode plan's ``tasks`` tasks instead of the whole persistent ``grid``
+    (ctas_per_sm programs on each SM; an eager wrapper launches only these, a CUDA-graph wrapper's captured grid
+    leaves the rest without a task): the fewest programs per SM, down to 2, that take the tasks in as many rounds
     (ceil(tasks / programs)) as the whole grid. Tasks go to programs in a fixed order, so a grid whose last round
     is mostly empty leaves its last round to few programs, each capped at its own streaming rate, while a smaller
     grid with the same rounds keeps them all busy to the end. H200, session 27, 16-bit cache at head_dim 128
