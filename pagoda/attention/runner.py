@@ -127,7 +127,9 @@ def balanced_grid(tasks: int, grid: int, ctas_per_sm: int) -> int:
     (PAGODA_DECODE_BALANCE_GRID): eager 64 x 2048 135.4 -> 128.4 us, CUDA-graph wrappers 133.1 -> 126.4 (the plan
     header's ACTIVE_AT: the captured grid stays, the programs past the count take no task), the engine's batch-64
     step 7.04 -> 6.96 ms per token (benchmarks/results/notes.md, session 27)."""
-    sms = grid // ctas_per_sm
+    sms, rest = divmod(grid, ctas_per_sm)
+    if rest or not sms:  # (not a grid of whole SMs, e.g. the interpreter's: kept as it is)
+        return grid
     rounds = -(-tasks // grid)
     for k in range(2, ctas_per_sm):
         if -(-tasks // (sms * k)) == rounds:

@@ -457,3 +457,5 @@ def test_balanced_grid(ctas):
         assert balanced_grid(512, 396, 3) == 264  # 64 x 2048, 32 x 8192
         assert balanced_grid(1024, 396, 3) == 396 and balanced_grid(2048, 396, 3) == 396  # 128 x 1024, 256 x 512
         assert balanced_grid(760, 396, 3) == 396  # the skewed case
+    # a grid that is not whole SMs of ctas programs (the interpreter's 3 programs) stays as it is
+    assert balanced_grid(4, 3, 4) == 3 and balanced_grid(100, 2 * ctas + 1, ctas) == 2 * ctas + 1
