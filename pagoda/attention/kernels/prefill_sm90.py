@@ -365,12 +365,13 @@ if HAVE_GLUON:
         num_tasks = gl.load(COUNTERS + 2)
         n_hsplit = gl.cdiv(group_size, heads_per_prog)
         if nprog is None:
-            n = gl.cdiv(num_tasks, gl.num_programs(0))
-            rounds = gl.where(_ws_task_index(n - 1) < num_tasks, n, n - 1)
+            takers = gl.num_programs(0)
         else:
-            n = gl.cdiv(num_tasks, nprog)
-            rounds = gl.where(gl.program_id(0) < nprog,
-                              gl.where(_ws_task_index(n - 1, nprog) < num_tasks, n, n - 1), 0)
+            takers = nprog
+        n = gl.cdiv(num_tasks, takers)
+        rounds = gl.where(_ws_task_index(n - 1, takers) < num_tasks, n, n - 1)
+        if nprog is not None:
+            rounds = gl.where(gl.program_id(0) < nprog, rounds, 0)
         return rounds, num_kv_heads * n_hsplit, n_hsplit
 
     @gluon.jit
