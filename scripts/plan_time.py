@@ -8,6 +8,11 @@ decode run(). Runs anywhere:
     python scripts/plan_time.py                          # on a GPU host
     python scripts/plan_time.py --profile                # also cProfile 300 decode-wrapper plans of
                                                          # each batch (top functions by own time)
+    python scripts/plan_time.py --cases                  # only the attention bench's eight decode cases'
+                                                         # plans (min / median, drained first and back to back)
+    python scripts/plan_time.py --cases --flashinfer     # and FlashInfer 0.6.0's decode plan() of each case
+    python scripts/plan_time.py --stats                  # also the decode-wrapper plan's median and p90,
+                                                         # with the stream drained first and back to back
 
 First the host's speed: a fixed NumPy / Python workload (host_speed_us), a rough gauge of the host at the time.
 Also times the engine's way of planning a decode step (the prefill wrapper with one query per request)
@@ -24,18 +29,24 @@ import pagoda
 from pagoda.bench.attention import PagedSetup
 
 
-def _min_us(fn, dev, n=1500):
-    """Minimum host time of fn over n calls. On a GPU the stream is drained before each call (outside the
-    timing), as in a serving step where the previous plan's copy finished long ago; back-to-back plans
-    would also time each plan's wait for the previous plan's host-to-device copy."""
-    best = float("inf")
-    for _ in range(n):
-        if dev == "cuda":
+def _times_us(fn, dev, n=1500, sync=True):
+    """Host times of fn over n calls (us, a NumPy array). sync: on a GPU the stream is drained before each call
+    (outside the timing), as in a serving step where the previous plan's copy finished long ago; without it
+    the calls run back to back as the attention bench's plan column times them, each plan then also waiting
+    for the previous plan's host-to-device copy."""
+    t = np.empty(n)
+    for i in range(n):
+        if sync and dev == "cuda":
             torch.cuda.synchronize()
         t0 = timeit.default_timer()
         fn()
-        best = min(best, timeit.default_timer() - t0)
-    return best * 1e6
+        t[i] = timeit.default_timer() - t0
+    return t * 1e6
+
+
+def _min_us(fn, dev, n=1500):
+    """Minimum host time of fn over n calls (_times_us, the stream drained before each)."""
+    return float(_times_us(fn, dev, n).min())
 
 
 def host_speed_us() -> float:
@@ -69,6 +80,36 @@ def main():
         select = runner.select_config
         runner.select_config = lambda mode, hd, g, on_cuda, *a: select(mode, hd, g, True, *a)
         runner.num_programs = lambda device, cfg: 132 * cfg.ctas_per_sm
+    if "--cases" in sys.argv:  # the attention bench's decode cases, each in a wrapper of its own as the bench
+        from pagoda.bench.attention import DECODE_CASES
+
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+        fi = None
+        if "--flashinfer" in sys.argv:  # FlashInfer's decode plan() of the same cases (host tensors, as pagoda's)
+            import flashinfer as fi
+        case_rng = np.random.default_rng(0)  # (the bench's "64 random" lengths)
+        for name, lens in DECODE_CASES:
+            lens = lens if lens is not None else case_rng.integers(128, 8193, size=64).tolist()
+            s = PagedSetup(lens, 8, 128, 16, torch.bfloat16, device=dev)
+            dw = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+            fn = lambda: dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
+            fn()
+            a, b = _times_us(fn, dev, 500), _times_us(fn, dev, 500, sync=False)
+            w = dw._plan.work
+            line = (f"case {name:22s} plan: stream drained first min {a.min():4.0f} median {np.median(a):4.0f} us, "
+                    f"back to back min {b.min():4.0f} median {np.median(b):4.0f} us ({len(w.work)} work items, "
+                    f"{len(w.splits)} split)")
+            if fi is not None:
+                fws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+                for tc in (False, True):
+                    fw = fi.BatchDecodeWithPagedKVCacheWrapper(fws, "NHD", use_tensor_cores=tc)
+                    ffn = lambda: fw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16,  # noqa: E731
+                                          q_data_type=torch.bfloat16)
+                    ffn()
+                    c = _times_us(ffn, dev, 500)
+                    line += f"; FlashInfer{' tc' if tc else ''} min {c.min():4.0f} median {np.median(c):4.0f}"
+            print(line)
+        return
     rng = np.random.default_rng(0)
     for n, lens in ((1, None), (256, None), (256, [1024] * 256)):
         print(f"{n} requests of {'1024 tokens' if lens else 'random length 128..8192'}:")
@@ -93,6 +134,12 @@ def main():
                 fn()
                 line += f", with the page ids on the device {_min_us(fn, dev):6.0f} us"
             print(line)
+            if "--stats" in sys.argv:  # the decode-wrapper plan's spread, and back to back (the bench's way)
+                fn = lambda: dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
+                a, b = _times_us(fn, dev), _times_us(fn, dev, sync=False)
+                print(f"     decode-wrapper plan, stream drained first: min {a.min():.0f} median {np.median(a):.0f} "
+                      f"p90 {np.percentile(a, 90):.0f} us; back to back: min {b.min():.0f} median {np.median(b):.0f} "
+                      f"p90 {np.percentile(b, 90):.0f} us")
         if "--profile" in sys.argv:
             import cProfile
             import pstats
