@@ -32,8 +32,8 @@ from pagoda.bench.attention import PagedSetup
 def _times_us(fn, dev, n=1500, sync=True):
     """Host times of fn over n calls (us, a NumPy array). sync: on a GPU the stream is drained before each call
     (outside the timing), as in a serving step where the previous plan's copy finished long ago; without it
-    the calls run back to back as the attention bench's plan column times them, each plan then also waiting
-    for the previous plan's host-to-device copy."""
+    the calls run back to back (as the attention bench's plan column timed them up to session 27), each plan
+    then also waiting for the previous plan's host-to-device copy."""
     t = np.empty(n)
     for i in range(n):
         if sync and dev == "cuda":
@@ -47,6 +47,23 @@ def _times_us(fn, dev, n=1500, sync=True):
 def _min_us(fn, dev, n=1500):
     """Minimum host time of fn over n calls (_times_us, the stream drained before each)."""
     return float(_times_us(fn, dev, n).min())
+
+
+def _decode_plan(wrapper, s, indices=None):
+    """A call of a decode wrapper's plan() (pagoda's or FlashInfer's: the same arguments) for PagedSetup s, 32 / 8
+    heads of 128; indices: the page ids to pass instead of s.indices."""
+    ids = s.indices if indices is None else indices
+    return lambda: wrapper.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+
+
+def _spread(fn, dev, n, p90=False) -> str:
+    """fn's host time, the stream drained before each call and back to back: min / median (/ p90) of n calls."""
+    out = []
+    for label, sync in (("stream drained first", True), ("back to back", False)):
+        t = _times_us(fn, dev, n, sync)
+        out.append(f"{label} min {t.min():4.0f} median {np.median(t):4.0f}"
+                   + (f" p90 {np.percentile(t, 90):4.0f}" if p90 else "") + " us")
+    return ", ".join(out)
 
 
 def host_speed_us() -> float:
@@ -92,19 +109,15 @@ def main():
             lens = lens if lens is not None else case_rng.integers(128, 8193, size=64).tolist()
             s = PagedSetup(lens, 8, 128, 16, torch.bfloat16, device=dev)
             dw = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-            fn = lambda: dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
+            fn = _decode_plan(dw, s)
             fn()
-            a, b = _times_us(fn, dev, 500), _times_us(fn, dev, 500, sync=False)
+            line = f"case {name:22s} plan: {_spread(fn, dev, 500)}"
             w = dw._plan.work
-            line = (f"case {name:22s} plan: stream drained first min {a.min():4.0f} median {np.median(a):4.0f} us, "
-                    f"back to back min {b.min():4.0f} median {np.median(b):4.0f} us ({len(w.work)} work items, "
-                    f"{len(w.splits)} split)")
+            line += f" ({len(w.work)} work items, {len(w.splits)} split)"
             if fi is not None:
                 fws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
                 for tc in (False, True):
-                    fw = fi.BatchDecodeWithPagedKVCacheWrapper(fws, "NHD", use_tensor_cores=tc)
-                    ffn = lambda: fw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16,  # noqa: E731
-                                          q_data_type=torch.bfloat16)
+                    ffn = _decode_plan(fi.BatchDecodeWithPagedKVCacheWrapper(fws, "NHD", use_tensor_cores=tc), s)
                     ffn()
                     c = _times_us(ffn, dev, 500)
                     line += f"; FlashInfer{' tc' if tc else ''} min {c.min():4.0f} median {np.median(c):4.0f}"
@@ -123,31 +136,27 @@ def main():
             times = []
             for fn in (lambda: pw.plan(qo, s.indptr, s.indices, s.last, 32, 8, 128, 16, causal=True,
                                        q_data_type=torch.bfloat16),
-                       lambda: dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)):
+                       _decode_plan(dw, s)):
                 fn()
                 times.append(_min_us(fn, dev))
             line = (f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
                     f"decode-wrapper plan {times[1]:6.0f} us ({times[1] / ref:4.1f} x reference)")
             if dev == "cuda":  # page ids already on the device, as FlashInfer users pass them (the engine's: host)
-                ids = s.indices.to(dev)
-                fn = lambda: dw.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
+                fn = _decode_plan(dw, s, s.indices.to(dev))
                 fn()
                 line += f", with the page ids on the device {_min_us(fn, dev):6.0f} us"
             print(line)
-            if "--stats" in sys.argv:  # the decode-wrapper plan's spread, and back to back (the bench's way)
-                fn = lambda: dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)  # noqa: E731
-                a, b = _times_us(fn, dev), _times_us(fn, dev, sync=False)
-                print(f"     decode-wrapper plan, stream drained first: min {a.min():.0f} median {np.median(a):.0f} "
-                      f"p90 {np.percentile(a, 90):.0f} us; back to back: min {b.min():.0f} median {np.median(b):.0f} "
-                      f"p90 {np.percentile(b, 90):.0f} us")
+            if "--stats" in sys.argv:  # the decode-wrapper plan's spread
+                print(f"     decode-wrapper plan: {_spread(_decode_plan(dw, s), dev, 1500, p90=True)}")
         if "--profile" in sys.argv:
             import cProfile
             import pstats
 
             prof = cProfile.Profile()
             prof.enable()
+            fn = _decode_plan(dw, s)
             for _ in range(300):
-                dw.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+                fn()
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
         if dev == "cuda":  # host time of an eager run() (the launch: argument checks, Triton's launcher)
