@@ -2,7 +2,9 @@
 one run:
 
   graph     CUDA-graph wrappers at batch 1..256 (KV 1024 each, Llama-3.1-8B attention shape): GPU time of
-            a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans)
+            a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans); FlashInfer
+            on the faster of its two decode paths (use_tensor_cores False / True, the "FI path" column: in
+            CUDA-graph mode its tensor-core path ran 1.2-3.4x its other one at batch 8-256 on the H200, session 28)
   variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16
 
     python -m pagoda.bench.decode_sweep [--parts graph,variants] [--variants fp16,...] [--json FILE]
@@ -53,19 +55,21 @@ def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):
         w.run(q, s.cache, out=out)
         row = {"batch": b, "kv_len": kv_len, "kv_MB": s.kv_bytes / 1e6, "pagoda_plan_us": _host_us(plan),
                "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
-        if fi is not None:
-            fw = fi.BatchDecodeWithPagedKVCacheWrapper(
-                ws, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
-                paged_kv_indices_buffer=torch.zeros(s.indices.numel(), dtype=torch.int32, device="cuda"),
-                paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device="cuda"))
-            fplan = lambda: fw.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)  # noqa: E731
-            fplan()
-            ref = fw.run(q, s.cache)
-            err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
-            assert err < 2e-2, f"pagoda and FlashInfer disagree at batch {b}: {err}"
-            row["flashinfer_plan_us"] = _host_us(fplan)
-            row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
+        if fi is not None:  # FlashInfer at its faster decode path (CUDA cores or tensor cores), as bench.attention
+            for tc in (False, True):
+                fw = fi.BatchDecodeWithPagedKVCacheWrapper(
+                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+                    paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device="cuda"),
+                    paged_kv_indices_buffer=torch.zeros(s.indices.numel(), dtype=torch.int32, device="cuda"),
+                    paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device="cuda"))
+                fplan = lambda fw=fw: fw.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)  # noqa: E731
+                fplan()
+                ref = fw.run(q, s.cache)
+                err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
+                assert err < 2e-2, f"pagoda and FlashInfer (tensor cores {tc}) disagree at batch {b}: {err}"
+                t = gpu_time(lambda fw=fw: fw.run(q, s.cache), "flashinfer") * 1e6
+                if "flashinfer_us" not in row or t < row["flashinfer_us"]:
+                    row.update(flashinfer_us=t, flashinfer_plan_us=_host_us(fplan), flashinfer_tensor_cores=tc)
         rows.append(row)
         save(rows)
         print(fmt_graph([row]).splitlines()[-1], flush=True)
@@ -87,12 +91,13 @@ def variant_rows(fi, ws, save=lambda rows: None, only=None):
 
 
 def fmt_graph(rows):
-    lines = [f"{'batch':>5} {'pagoda us':>10} {'FI us':>8} {'x FI':>6} {'plan us':>8} {'FI plan':>8}"]
+    lines = [f"{'batch':>5} {'pagoda us':>10} {'FI us':>8} {'x FI':>6} {'plan us':>8} {'FI plan':>8} {'FI path':>8}"]
     for r in rows:
         fi = r.get("flashinfer_us")
+        path = {None: "-", False: "cuda", True: "tensor"}[r.get("flashinfer_tensor_cores")]
         lines.append(f"{r['batch']:5d} {r['pagoda_us']:10.1f} {fi or float('nan'):8.1f} "
                      f"{(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x {r['pagoda_plan_us']:8.0f} "
-                     f"{r.get('flashinfer_plan_us', float('nan')):8.0f}")
+                     f"{r.get('flashinfer_plan_us', float('nan')):8.0f} {path:>8}")
     return "\n".join(lines)
 
 

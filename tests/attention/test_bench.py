@@ -1,5 +1,5 @@
 """The attention benchmark's kernel timing (pagoda.bench.attention.kernel_time): the grouping of the profiler's
-records on the CPU, the timing itself on the GPU."""
+records on the CPU, the timing itself on the GPU; the decode sweep's CUDA-graph table."""
 import random
 
 import pytest
@@ -48,3 +48,20 @@ def test_kernel_time_against_event_time():
     t = bench.gpu_time(lambda: torch.mul(x, 2.0, out=y))
     k = bench.kernel_time(lambda: torch.mul(x, 2.0, out=y), "mul")
     assert k is not None and 0 < k < t - 1e-6
+
+
+def test_graph_table_names_flashinfer_path():
+    """The decode sweep's CUDA-graph rows say which FlashInfer decode path was the faster one (and a row without
+    FlashInfer prints no path), with the time ratio FlashInfer / pagoda."""
+    from pagoda.bench.decode_sweep import fmt_graph
+
+    rows = [{"batch": 16, "pagoda_us": 27.1, "pagoda_plan_us": 78.0, "flashinfer_us": 36.0,
+             "flashinfer_plan_us": 68.0, "flashinfer_tensor_cores": False},
+            {"batch": 2, "pagoda_us": 12.1, "pagoda_plan_us": 102.0, "flashinfer_us": 23.4,
+             "flashinfer_plan_us": 156.0, "flashinfer_tensor_cores": True},
+            {"batch": 4, "pagoda_us": 14.8, "pagoda_plan_us": 113.0}]
+    head, *lines = fmt_graph(rows).splitlines()
+    assert head.split()[-2:] == ["FI", "path"]
+    assert lines[0].split() == ["16", "27.1", "36.0", "1.33x", "78", "68", "cuda"]
+    assert lines[1].split() == ["2", "12.1", "23.4", "1.93x", "102", "156", "tensor"]
+    assert lines[2].split()[0] == "4" and lines[2].split()[-1] == "-"
