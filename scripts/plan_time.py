@@ -26,27 +26,12 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.bench.attention import PagedSetup
+from pagoda.bench.attention import PagedSetup, host_times_us
 
 
-def _times_us(fn, dev, n=1500, sync=True):
-    """Host times of fn over n calls (us, a NumPy array). sync: on a GPU the stream is drained before each call
-    (outside the timing), as in a serving step where the previous plan's copy finished long ago; without it
-    the calls run back to back (as the attention bench's plan column timed them up to session 27), each plan
-    then also waiting for the previous plan's host-to-device copy."""
-    t = np.empty(n)
-    for i in range(n):
-        if sync and dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = timeit.default_timer()
-        fn()
-        t[i] = timeit.default_timer() - t0
-    return t * 1e6
-
-
-def _min_us(fn, dev, n=1500):
-    """Minimum host time of fn over n calls (_times_us, the stream drained before each)."""
-    return float(_times_us(fn, dev, n).min())
+def _min_us(fn, n=1500):
+    """Minimum host time of fn over n calls (bench.attention.host_times_us, the stream drained before each)."""
+    return float(host_times_us(fn, n).min())
 
 
 def _decode_plan(wrapper, s, indices=None):
@@ -56,11 +41,11 @@ def _decode_plan(wrapper, s, indices=None):
     return lambda: wrapper.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
 
 
-def _spread(fn, dev, n, p90=False) -> str:
+def _spread(fn, n, p90=False) -> str:
     """fn's host time, the stream drained before each call and back to back: min / median (/ p90) of n calls."""
     out = []
     for label, sync in (("stream drained first", True), ("back to back", False)):
-        t = _times_us(fn, dev, n, sync)
+        t = host_times_us(fn, n, sync)
         out.append(f"{label} min {t.min():4.0f} median {np.median(t):4.0f}"
                    + (f" p90 {np.percentile(t, 90):4.0f}" if p90 else "") + " us")
     return ", ".join(out)
@@ -111,7 +96,7 @@ def main():
             dw = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
             fn = _decode_plan(dw, s)
             fn()
-            line = f"case {name:22s} plan: {_spread(fn, dev, 500)}"
+            line = f"case {name:22s} plan: {_spread(fn, 500)}"
             w = dw._plan.work
             line += f" ({len(w.work)} work items, {len(w.splits)} split)"
             if fi is not None:
@@ -119,7 +104,7 @@ def main():
                 for tc in (False, True):
                     ffn = _decode_plan(fi.BatchDecodeWithPagedKVCacheWrapper(fws, "NHD", use_tensor_cores=tc), s)
                     ffn()
-                    c = _times_us(ffn, dev, 500)
+                    c = host_times_us(ffn, 500)
                     line += f"; FlashInfer{' tc' if tc else ''} min {c.min():4.0f} median {np.median(c):4.0f}"
             print(line)
         return
@@ -138,16 +123,16 @@ def main():
                                        q_data_type=torch.bfloat16),
                        _decode_plan(dw, s)):
                 fn()
-                times.append(_min_us(fn, dev))
+                times.append(_min_us(fn))
             line = (f"{n:4d} requests, cuda_graph={graph!s:5}: prefill-wrapper plan {times[0]:6.0f} us, "
                     f"decode-wrapper plan {times[1]:6.0f} us ({times[1] / ref:4.1f} x reference)")
             if dev == "cuda":  # page ids already on the device, as FlashInfer users pass them (the engine's: host)
                 fn = _decode_plan(dw, s, s.indices.to(dev))
                 fn()
-                line += f", with the page ids on the device {_min_us(fn, dev):6.0f} us"
+                line += f", with the page ids on the device {_min_us(fn):6.0f} us"
             print(line)
             if "--stats" in sys.argv:  # the decode-wrapper plan's spread
-                print(f"     decode-wrapper plan: {_spread(_decode_plan(dw, s), dev, 1500, p90=True)}")
+                print(f"     decode-wrapper plan: {_spread(_decode_plan(dw, s), 1500, p90=True)}")
         if "--profile" in sys.argv:
             import cProfile
             import pstats
@@ -163,7 +148,7 @@ def main():
             q = torch.randn(n, 32, 128, dtype=torch.bfloat16, device=dev)
             out = torch.empty_like(q)
             dw.run(q, s.cache, out=out)
-            t = _min_us(lambda: dw.run(q, s.cache, out=out), dev, n=300)
+            t = _min_us(lambda: dw.run(q, s.cache, out=out), n=300)
             torch.cuda.synchronize()
             print(f"{n:4d} requests: decode-wrapper run() host time {t:6.0f} us (minimum; the kernel not waited for)")
 

@@ -81,6 +81,23 @@ def bench(fn, rep_ms=200):
     return float(np.median([a.elapsed_time(b) for a, b in zip(starts, ends)])) * 1e-3
 
 
+def host_times_us(fn, n: int, sync: bool = True, warmup: int = 0) -> np.ndarray:
+    """Host times of n calls of fn (us) after ``warmup`` untimed ones. sync: the GPU stream is drained before each
+    call (outside the timing), as in a serving step whose previous plan's copy finished long ago; without it the
+    calls run back to back (each plan() then may wait for the previous one's host-to-device copy)."""
+    for _ in range(warmup):
+        fn()
+    t = np.empty(n)
+    drain = sync and torch.cuda.is_available()
+    for i in range(n):
+        if drain:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t[i] = time.perf_counter() - t0
+    return t * 1e6
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GB copy: the ceiling that decode
     bandwidths are quoted against."""
@@ -234,16 +251,11 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
     b = len(kv_lens)
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-    plan_times = []
-    for _ in range(103):  # host cost of a steady-state plan(): median after 3 warm-up plans, each plan after the
-        # stream drained (outside the timing), as in a serving step, whose previous plan's copy finished long ago
-        # (scripts/plan_time.py times it so too). Timed back to back, 20 plans, as up to session 27, the median ran
-        # up to 2.8x plan_time.py's for the same case (the bench's process, 64 random: 398 us vs 143; session 28)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dtype)
-        plan_times.append(time.perf_counter() - t0)
-    plan_us = float(np.median(plan_times[3:])) * 1e6
+    # host cost of a steady-state plan(): the median of 100 after 3 warm-up plans, each after the stream drained, as
+    # in a serving step (scripts/plan_time.py times it so too). Timed back to back, 20 plans, as up to session 27, the
+    # median ran up to 2.8x plan_time.py's for the same case (the bench's process, 64 random: 398 us vs 143; s28)
+    plan_us = float(np.median(host_times_us(
+        lambda: w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dtype), 100, warmup=3)))
     out = w.run(q, s.cache)
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -12,14 +12,12 @@ one run:
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import torch
 
 import pagoda
 
-from .attention import PagedSetup, decode_row, flashinfer_or_none, gpu_time, write_json
+from .attention import PagedSetup, decode_row, flashinfer_or_none, gpu_time, host_times_us, write_json
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
@@ -31,15 +29,10 @@ VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
 
 
 def _host_us(fn, n=50):
-    """Host time of fn in microseconds: the minimum of n calls (after 3 warm-up calls). A shared host adds
-    noise only upward (the median of 20 plans moved by up to 2x between two runs on the device's host,
+    """Host time of fn in microseconds: the minimum of n calls back to back (after 3 warm-up calls). A shared host
+    adds noise only upward (the median of 20 plans moved by up to 2x between two runs on the device's host,
     for FlashInfer and pagoda alike), so the minimum is the repeatable number."""
-    ts = []
-    for _ in range(n + 3):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.min(ts[3:])) * 1e6
+    return float(host_times_us(fn, n, sync=False, warmup=3).min())
 
 
 def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):

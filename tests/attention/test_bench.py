@@ -65,3 +65,12 @@ def test_graph_table_names_flashinfer_path():
     assert lines[0].split() == ["16", "27.1", "36.0", "1.33x", "78", "68", "cuda"]
     assert lines[1].split() == ["2", "12.1", "23.4", "1.93x", "102", "156", "tensor"]
     assert lines[2].split()[0] == "4" and lines[2].split()[-1] == "-"
+
+
+def test_host_times_counts_warmup_and_timed_calls():
+    """host_times_us: fn runs warmup + n times, n of them timed (us, each at least the call's own sleep)."""
+    import time
+
+    calls = []
+    t = bench.host_times_us(lambda: (calls.append(1), time.sleep(1e-3)), 4, warmup=2)
+    assert len(calls) == 6 and t.shape == (4,) and (t >= 1000.0).all()
