@@ -278,6 +278,7 @@ def test_decode_balanced_grid_in_cuda_graph():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon decode kernel is for sm_90")
     from pagoda.attention.kernels.attention import ACTIVE_AT
+    from pagoda.bench.attention import capture_graph  # (two warm-up runs on a side stream, then the capture)
 
     hq, hk, d, ps, bsz = 32, 8, 128, 16, 64
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
@@ -297,15 +298,7 @@ def test_decode_balanced_grid_in_cuda_graph():
         want = 2 * full // 3 if lens == cases[0] else full
         assert w._plan.grid == full and active == want, (lens[:2], tasks, active, full)
         if g is None:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    w.run(q, cache, out=out)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                w.run(q, cache, out=out)
+            g = capture_graph(lambda: w.run(q, cache, out=out))
         q.copy_(torch.randn_like(q))
         out.fill_(float("nan"))
         g.replay()
