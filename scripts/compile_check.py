@@ -159,6 +159,19 @@ def gluon_cases():
                dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=True, CAUSAL=True, WRITE_LSE=True,
                     STAGES=3 if long else 5, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=long,
                     TMA=True, Q_AHEAD=True), 4, 1)
+    # head_dim 256 (runner.SM90_CONFIG_D256): Q read from shared memory (no room for its fragments next to a
+    # [64, 256] fp32 O), 32-token blocks on 4 stages (Q 64 KB + ring 128 KB of shared memory); 64 x 2 and Q_AHEAD
+    # measured slower (session 29)
+    for paged, causal, bn, st, ahead in ((True, True, 32, 4, False), (False, True, 32, 4, False),
+                                         (True, False, 32, 4, False), (True, True, 64, 2, True)):
+        tr = 16 if paged else bn
+        desc = f"tensordesc<bf16[{tr},256],{lay}>"
+        yield (f"prefill_sm90_ws D=256 paged={paged} causal={causal} BLOCK_N={bn} STAGES={st} TMA Q_SMEM"
+               + (" Q_AHEAD" if ahead else ""),
+               prefill_sm90.prefill_sm90_ws_kernel, dict(types, KD=desc, VD=desc),
+               dict(HEAD_DIM=256, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal, WRITE_LSE=True,
+                    STAGES=st, PRODUCER_REGS=40, CONSUMER_REGS=232, num_warps=4, Q_SMEM=True, TMA=True,
+                    Q_AHEAD=ahead), 4, 1)
     for d in (64, 128):
         for paged in (True, False):
             for causal in (True, False):

@@ -3,7 +3,7 @@ runner.SM90_CONFIG) vs the Triton kernel (PAGODA_PREFILL_KERNEL=triton), paged a
 benchmark's prefill cases; outputs are compared with the Triton kernel's.
 
     python scripts/prefill_ab.py                        # head_dim 128
-    PREFILL_AB_HEAD_DIM=64 python scripts/prefill_ab.py   # head_dim 64
+    PREFILL_AB_HEAD_DIM=64 python scripts/prefill_ab.py   # head_dim 64 (256: SM90_CONFIG_D256's alternatives)
 """
 import os
 
@@ -21,7 +21,8 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 SM90 = [() if c == "planner" else tuple(int(x) for x in c.split(",")) for c in os.environ.get(
     "PREFILL_AB", "planner;128,3,88,208,1,2,1,0;128,3,88,208,1,2,1,1;64,5,88,208,0,2,1,0;64,5,88,208,0,2,1,1"
 ).split(";")]
-DEFAULTS = (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.SM90_LONG_CONFIG_D64, runner.PREFILL_BAND)
+DEFAULTS = (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.SM90_LONG_CONFIG_D64, runner.SM90_CONFIG_D256,
+            runner.PREFILL_BAND)
 
 
 def main():
@@ -41,9 +42,10 @@ def main():
         outs = {}
         for kernel, cfg in [("triton", None)] + [("auto", c) for c in SM90]:
             os.environ["PAGODA_PREFILL_KERNEL"] = kernel
-            runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.SM90_LONG_CONFIG_D64, runner.PREFILL_BAND = DEFAULTS
+            (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.SM90_LONG_CONFIG_D64, runner.SM90_CONFIG_D256,
+             runner.PREFILL_BAND) = DEFAULTS
             if cfg:
-                runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = runner.SM90_LONG_CONFIG_D64 = dict(  # (every plan)
+                runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = runner.SM90_LONG_CONFIG_D64 = runner.SM90_CONFIG_D256 = dict(
                     block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
                     q_smem=cfg[4] if len(cfg) > 4 else 0, tma=cfg[6] if len(cfg) > 6 else 1,
                     q_ahead=cfg[7] if len(cfg) > 7 else 0)

@@ -76,6 +76,10 @@ CUDA_CONFIGS = {
     ("prefill", 64): (128, 64, 8, 3, 1, 512),
     ("prefill", 128): (128, 64, 8, 3, 1, 512),
     ("prefill", 256): (64, 32, 4, 2, 1, 512),
+    # head_dim 256 on the Gluon prefill kernel (runner.SM90_CONFIG_D256): its tiles are 128 query rows, two
+    # consumer warp groups of 64 (the Triton kernel's 64 x 32 tiles above ran 0.39x FlashInfer at 1 x 8192, H200,
+    # session 29)
+    ("prefill-sm90", 256): (128, 64, 8, 3, 1, 512),
 }
 # item_cost of batches of at most LATENCY_BOUND_TILES tiles, where the tuned item_cost (throughput cases) splits too
 # little: `python scripts/small_batch_probe.py` (H200, session 8), batch 1..8 x 1k / 4k at forced chunk lengths:
@@ -94,11 +98,14 @@ LONG_DECODE_KV = 16384
 
 
 def select_config(mode: str, head_dim: int, group_size: int, on_cuda: bool, kv_bytes: int = 2,
-                  mean_kv: float = 0.0, page_size: int = 16) -> KernelConfig:
+                  mean_kv: float = 0.0, page_size: int = 16, sm90: bool = False) -> KernelConfig:
     """Pick the kernel configuration for ``mode`` ("decode" or "prefill"); kv_bytes 1: an fp8 cache;
     mean_kv: the batch's mean KV length (long decode contexts have their own entry); page_size 1 (a
-    token-granular cache) has its own entries where one is tuned."""
+    token-granular cache) has its own entries where one is tuned; sm90: the plan runs the Gluon prefill kernel
+    (its own entry where its tiles differ from the Triton kernel's)."""
     name = mode
+    if on_cuda and sm90 and (f"{mode}-sm90", head_dim) in CUDA_CONFIGS:
+        return _config(mode, f"{mode}-sm90", head_dim, group_size, on_cuda)
     if on_cuda:
         if kv_bytes == 1 and (f"{mode}-fp8", head_dim) in CUDA_CONFIGS:
             name = f"{mode}-fp8"

@@ -54,6 +54,13 @@ SM90_LONG_CONFIG = dict(block_n=128, stages=3, producer_regs=88, consumer_regs=2
 # (session 15, `PREFILL_AB_HEAD_DIM=64 python scripts/prefill_ab.py`, paged: 1x8192 749 -> 678 us, 8x(512 onto
 # 4096) 419 -> 381, 1x16384 2916 -> 2616 against the 64-token configuration; 8x1024 157 vs 144, so it keeps 64)
 SM90_LONG_CONFIG_D64 = dict(block_n=128, stages=4, producer_regs=88, consumer_regs=208, q_smem=0, tma=1, q_ahead=0)
+# head_dim 256: O ([64, 256] fp32 per consumer group) takes 128 registers, so Q is read from shared memory (64 KB
+# for the 128-row tile) beside a ring of 4 stages of 32-token blocks (128 KB), and the producer, whose bulk copies
+# need few registers, gives the consumers its share (offline: no spill in the KV loop). H200, session 29
+# (`PREFILL_AB_HEAD_DIM=256 python scripts/prefill_ab.py`, paged, us): 1x8192 2250 (64-token blocks on 2 stages 2563,
+# with q_ahead 2637; 32 x 4 with q_ahead 2372, 32 x 5 2328), 8x1024 415 (489 / 537; 459, 458), 8x(512 onto 4096)
+# 1238 (1401 / 1449), 1x16384 8625-9426 (9589 / 9829); the Triton kernel 6377 / 1013 / 3499 / 25048
+SM90_CONFIG_D256 = dict(block_n=32, stages=4, producer_regs=40, consumer_regs=232, q_smem=1, tma=1, q_ahead=0)
 SM90_LONG_KV = 2048
 # Task order of the Gluon prefill kernel (plan.prefill_band): "auto" bands the tasks when the KV that the running
 # programs read would not fit in L2, "on" / "off" always / never (scripts/prefill_ab.py compares them)
@@ -395,9 +402,12 @@ class BatchAttention:
                 config, gluon_decode = self._config_choice[1]
             else:
                 # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
+                # (head_dim 256 prefill: the Gluon kernel's tiles are not the Triton kernel's)
+                sm90_tiles = mode == "prefill" and head_dim == 256 and self._sm90_eligible(
+                    head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
                 config = select_config(mode, head_dim, group,
                                        self._backend == "triton" and self.device.type == "cuda", kv_dtype.itemsize,
-                                       total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size)
+                                       total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size, sm90_tiles)
                 gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                     head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
                 if gluon_decode:
@@ -437,7 +447,10 @@ class BatchAttention:
                 sm90 = self._graph_sm90
             else:
                 long = n_items and lens.mean() >= SM90_LONG_KV
-                sm90 = (SM90_LONG_CONFIG if head_dim == 128 else SM90_LONG_CONFIG_D64) if long else SM90_CONFIG
+                if head_dim == 256:
+                    sm90 = SM90_CONFIG_D256
+                else:
+                    sm90 = (SM90_LONG_CONFIG if head_dim == 128 else SM90_LONG_CONFIG_D64) if long else SM90_CONFIG
                 if self._use_cuda_graph:
                     self._graph_sm90 = sm90
             if PREFILL_BAND not in ("auto", "on", "off"):
@@ -476,7 +489,7 @@ class BatchAttention:
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
-        head_dim 64 / 128, no window / soft cap / variant / custom mask.
+        head_dim 64 / 128 / 256, no window / soft cap / variant / custom mask.
         PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
         choice = os.environ.get("PAGODA_PREFILL_KERNEL", "auto")
         if choice not in ("auto", "triton"):
@@ -484,7 +497,7 @@ class BatchAttention:
         if (choice == "triton" or self._backend != "triton" or self.device.type != "cuda" or not no_mask
                 or self._variant is not None):
             return False
-        return (prefill_sm90.HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128)
+        return (prefill_sm90.HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128, 256)
                 and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
                 and cap == 0)
 

@@ -1,13 +1,15 @@
-"""Decode beyond the main attention table (the performance issue's extra rows), pagoda vs FlashInfer in
-one run:
+"""Decode (and prefill) beyond the main attention table (the performance issue's extra rows), pagoda vs
+FlashInfer in one run:
 
   graph     CUDA-graph wrappers at batch 1..256 (KV 1024 each, Llama-3.1-8B attention shape): GPU time of
             a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans); FlashInfer
             on the faster of its two decode paths (use_tensor_cores False / True, the "FI path" column: in
             CUDA-graph mode its tensor-core path ran 1.2-3.4x its other one at batch 8-256 on the H200, session 28)
   variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16
+  prefill   the same variants in causal paged prefill, 1 x 8192 and 8 x 1024 (bench.attention.prefill_row:
+            FlashInfer, and dense SDPA over the same shapes; not in the default parts)
 
-    python -m pagoda.bench.decode_sweep [--parts graph,variants] [--variants fp16,...] [--json FILE]
+    python -m pagoda.bench.decode_sweep [--parts graph,variants,prefill] [--variants fp16,...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 
 import pagoda
 
-from .attention import PagedSetup, decode_row, flashinfer_or_none, gpu_time, host_times_us, write_json
+from .attention import (PagedSetup, decode_row, flashinfer_or_none, gpu_time, host_times_us, prefill_row,
+                        write_json)
 
+PARTS = ("graph", "variants", "prefill")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
     ("base", (32, 8), 128, 16, torch.bfloat16), ("page 1", (32, 8), 128, 1, torch.bfloat16),
@@ -83,6 +87,34 @@ def variant_rows(fi, ws, save=lambda rows: None, only=None):
     return rows
 
 
+PREFILL_CASES = [("1x8192", [8192], [8192]), ("8x1024", [1024] * 8, [1024] * 8)]
+
+
+def prefill_variant_rows(fi, ws, save=lambda rows: None, only=None):
+    rows = []
+    for label, (hq, hk), d, ps, dt in VARIANTS:
+        if only is not None and label not in only:
+            continue
+        for name, qo, kv in PREFILL_CASES:
+            row = prefill_row(name, qo, kv, hq, hk, d, ps, dt, fi, ws, None)
+            row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
+            rows.append(row)
+            save(rows)
+            print(fmt_prefill([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def fmt_prefill(rows):
+    lines = [f"{'variant':14s} {'case':9s} {'pagoda us':>10} {'TF/s':>6} {'FI us':>8} {'x FI':>6} {'SDPA us':>8} "
+             f"{'x SDPA':>6}"]
+    for r in rows:
+        fi, sd = r.get("flashinfer_us"), r.get("sdpa_us")
+        lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {r['tflop'] / r['pagoda_us'] * 1e6:6.0f} "
+                     f"{fi or float('nan'):8.1f} {(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x "
+                     f"{sd or float('nan'):8.1f} {(sd / r['pagoda_us']) if sd else float('nan'):5.2f}x")
+    return "\n".join(lines)
+
+
 def fmt_graph(rows):
     lines = [f"{'batch':>5} {'pagoda us':>10} {'FI us':>8} {'x FI':>6} {'plan us':>8} {'FI plan':>8} {'FI path':>8}"]
     for r in rows:
@@ -112,6 +144,9 @@ def main(argv=None):
                          + ", ".join(v[0] for v in VARIANTS) + ")")
     args = ap.parse_args(argv)
     only = None if args.variants is None else args.variants.split(",")
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: unknown parts {sorted(set(parts) - set(PARTS))} (known: {', '.join(PARTS)})")
     if only is not None and set(only) - {v[0] for v in VARIANTS}:
         ap.error(f"--variants: unknown labels {sorted(set(only) - {v[0] for v in VARIANTS})}")
     fi = flashinfer_or_none()
@@ -122,18 +157,22 @@ def main(argv=None):
     def save(part):  # after every row: a time-limited device call keeps what finished
         def f(rows):
             res[part] = rows
-            write_json(args.json, res.get("graph", []) + res.get("variants", []), args, partial=True)
+            write_json(args.json, sum((res.get(k, []) for k in PARTS), []), args, partial=True)
         return f
-    if "graph" in args.parts:
+    if "graph" in parts:
         res["graph"] = graph_rows(fi, ws, save=save("graph"))
-    if "variants" in args.parts:
+    if "variants" in parts:
         res["variants"] = variant_rows(fi, ws, save=save("variants"), only=only)
+    if "prefill" in parts:
+        res["prefill"] = prefill_variant_rows(fi, ws, save=save("prefill"), only=only)
     print()
     if "graph" in res:
         print(fmt_graph(res["graph"]))
     if "variants" in res:
         print(fmt_variants(res["variants"]))
-    write_json(args.json, res.get("graph", []) + res.get("variants", []), args)
+    if "prefill" in res:
+        print(fmt_prefill(res["prefill"]))
+    write_json(args.json, sum((res.get(k, []) for k in PARTS), []), args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The attention benchmark's kernel timing (pagoda.bench.attention.kernel_time): the grouping of the profiler's
-records on the CPU, the timing itself on the GPU; the decode sweep's CUDA-graph table."""
+records on the CPU, the timing itself on the GPU; the decode sweep's CUDA-graph and prefill tables."""
 import random
 
 import pytest
@@ -65,6 +65,22 @@ def test_graph_table_names_flashinfer_path():
     assert lines[0].split() == ["16", "27.1", "36.0", "1.33x", "78", "68", "cuda"]
     assert lines[1].split() == ["2", "12.1", "23.4", "1.93x", "102", "156", "tensor"]
     assert lines[2].split()[0] == "4" and lines[2].split()[-1] == "-"
+
+
+def test_prefill_variant_table_and_parts():
+    """The sweep's prefill rows: time, TFLOP/s and the time ratios FlashInfer / pagoda and SDPA / pagoda (a row
+    without a peer prints nan); an unknown --parts name is refused before any GPU work."""
+    from pagoda.bench import decode_sweep
+
+    rows = [{"variant": "head_dim 256", "case": "1x8192", "tflop": 1.1, "pagoda_us": 2267.0, "flashinfer_us": 2424.4,
+             "sdpa_us": 1766.6},
+            {"variant": "fp16", "case": "8x1024", "tflop": 0.0687, "pagoda_us": 206.6}]
+    head, *lines = decode_sweep.fmt_prefill(rows).splitlines()
+    assert head.split()[-4:] == ["SDPA", "us", "x", "SDPA"]
+    assert lines[0].split() == ["head_dim", "256", "1x8192", "2267.0", "485", "2424.4", "1.07x", "1766.6", "0.78x"]
+    assert lines[1].split()[2:4] == ["206.6", "333"] and lines[1].split()[-1] == "nanx"
+    with pytest.raises(SystemExit):
+        decode_sweep.main(["--parts", "prefil"])
 
 
 def test_host_times_counts_warmup_and_timed_calls():

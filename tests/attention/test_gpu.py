@@ -779,7 +779,7 @@ def test_block_sparse_real_size(causal):
 
 
 @pytest.mark.parametrize("paged", [True, False])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,dtype", [((32, 8), torch.bfloat16), ((40, 8), torch.bfloat16),
                                          ((32, 1), torch.bfloat16), ((32, 32), torch.float16)])
@@ -834,6 +834,25 @@ def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, mon
     assert (w._tma_cache[1] is not None) == tma
     if tma:
         assert w._tma_cache[1][0].block_shape == [min(page_size, block_n), head_dim]
+
+
+@pytest.mark.parametrize("page_size,layout,tuple_cache", [(16, "NHD", False), (16, "HND", True), (64, "NHD", False),
+                                                         (1, "NHD", False), (24, "HND", False)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_sm90_head_dim_256(page_size, layout, tuple_cache, causal, monkeypatch):
+    """head_dim 256 on the Gluon prefill kernel (runner.SM90_CONFIG_D256, plan CUDA_CONFIGS ("prefill-sm90", 256):
+    128-row tiles, Q in shared memory, 2 stages): bulk copies and cp.async gathers (pages of 1 and 24 tokens), and a
+    plan that splits its tiles' KV (few tiles, long KV), whose merge sums the outputs in two column slices."""
+    from pagoda.attention import runner
+
+    w = prefill_sm90_against_reference(True, 256, causal, (16, 4), torch.bfloat16, monkeypatch, page_size=page_size,
+                                       layout=layout, tuple_cache=tuple_cache)
+    assert w._plan.sm90_constexprs["STAGES"] == runner.SM90_CONFIG_D256["stages"]
+    assert w._plan.config.block_m == 128
+    w = prefill_sm90_against_reference(True, 256, causal, (16, 4), torch.bfloat16, monkeypatch, qo_lens=(64, 1, 20),
+                                       kv_lens=(8192, 3000, 5000), page_size=page_size, layout=layout,
+                                       tuple_cache=tuple_cache)
+    assert w._plan.work.partial_rows > 0, "the plan split no tile: the merge went untested"
 
 
 @pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64), (False, 64)])

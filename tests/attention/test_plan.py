@@ -459,3 +459,38 @@ def test_balanced_grid(ctas):
         assert balanced_grid(760, 396, 3) == 396  # the skewed case
     # a grid that is not whole SMs of ctas programs (the interpreter's 3 programs) stays as it is
     assert balanced_grid(4, 3, 4) == 3 and balanced_grid(100, 2 * ctas + 1, ctas) == 2 * ctas + 1
+
+
+@pytest.mark.parametrize("eligible", [True, False])
+def test_head_dim_256_prefill_tiles_follow_the_kernel(eligible, monkeypatch):
+    """A head_dim 256 prefill plan takes the Gluon prefill kernel's tiles (CUDA_CONFIGS ("prefill-sm90", 256): 128
+    rows, its two consumer warp groups' 64 each) and runner.SM90_CONFIG_D256 where that kernel serves it, and the
+    Triton kernel's 64-row tiles where not (the CUDA tables as a GPU host would choose; the kernel's eligibility
+    stood in for)."""
+    import torch
+
+    import pagoda
+    from pagoda.attention import runner
+
+    select = runner.select_config
+    monkeypatch.setattr(runner, "select_config", lambda mode, hd, g, on_cuda, *a: select(mode, hd, g, True, *a))
+    monkeypatch.setattr(runner.BatchAttention, "_sm90_eligible", lambda self, *a: eligible)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 22, dtype=torch.uint8), backend="triton")
+    qo = torch.tensor([0, 300, 301], dtype=torch.int32)
+    kv_lens = [300, 1000]
+    pages = [-(-n // 16) for n in kv_lens]
+    indptr = torch.tensor(np.concatenate([[0], np.cumsum(pages)]), dtype=torch.int32)
+    last = torch.tensor([(n - 1) % 16 + 1 for n in kv_lens], dtype=torch.int32)
+    w.plan(qo, indptr, torch.arange(int(indptr[-1]), dtype=torch.int32), last, 16, 4, 256, 16, causal=True,
+           q_data_type=torch.bfloat16)
+    cfg = w._plan.config
+    assert cfg.block_m == (128 if eligible else 64)
+    assert cfg.heads_per_prog == 4 and cfg.tokens_per_tile == cfg.block_m // 4
+    if eligible:
+        sm90 = w._plan.sm90_constexprs
+        want = runner.SM90_CONFIG_D256
+        assert (sm90["BLOCK_M"], sm90["BLOCK_N"], sm90["STAGES"], sm90["Q_SMEM"]) == (
+            128, want["block_n"], want["stages"], bool(want["q_smem"]))
+        assert (sm90["CONSUMER_REGS"], sm90["PRODUCER_REGS"]) == (want["consumer_regs"], want["producer_regs"])
+    else:
+        assert w._plan.sm90_constexprs is None

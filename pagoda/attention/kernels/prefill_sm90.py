@@ -168,6 +168,15 @@ if HAVE_GLUON:
             dst = dst.slice(first, n)
         return dst
 
+    @gluon.constexpr_function
+    def _merge_layout(layout, cols):
+        """``layout`` (rows of 8-element vectors, a warp across a row's HEAD_DIM columns) for a slice of ``cols``
+        columns: the same vectors, a warp across the slice (more rows a warp)."""
+        tpw = cols // 8
+        if layout.threads_per_warp[1] <= tpw:
+            return layout
+        return gl.BlockedLayout([1, 8], [32 // tpw, tpw], layout.warps_per_cta, [1, 0])
+
     @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
@@ -175,8 +184,11 @@ if HAVE_GLUON:
                         LAYOUT: gl.constexpr, ROW0: gl.constexpr):
         """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
         as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
-        tok, qh, valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, LAYOUT), q_start, q_len, kvh, hsplit,
+        # the outputs go in column slices of at most 128 (head_dim 256: a [64, 256] fp32 sum and its chunk's load
+        # at once would hold 256 registers a thread)
+        DC: gl.constexpr = min(HEAD_DIM, 128)
+        ML: gl.constexpr = _merge_layout(LAYOUT, DC)
+        tok, qh, valid, q_row = _tile_rows(ROW0, BLOCK_M, gl.SliceLayout(1, ML), q_start, q_len, kvh, hsplit,
                                            group_size, heads_per_prog)
         # Two passes, so that no load waits for the one before it (one chunk after another, a merge of 32 chunks
         # was 32 dependent round trips; this cut 2.4 us off a 1 x 32k fp8 decode, notes.md session 12). 1: the
@@ -201,22 +213,24 @@ if HAVE_GLUON:
             m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
             d2 = d2 * gl.exp2(m2 - m_new) + gl.sum(gl.exp2(s - gl.expand_dims(m_new, 0)), 0)
             m2 = m_new
-        m = gl.convert_layout(m2, gl.SliceLayout(1, LAYOUT))
-        d = gl.convert_layout(d2, gl.SliceLayout(1, LAYOUT))
-        UNROLL: gl.constexpr = max(1, 8192 // (BLOCK_M * HEAD_DIM))
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=LAYOUT)
-        for c0 in range(0, n_chunks, UNROLL):
-            for j in gl.static_range(UNROLL):
-                live = valid & (c0 + j < n_chunks)
-                r = (first + (c0 + j) * q_len + tok).to(gl.int64)
-                s = gl.load(TMP_LSE + r * stride_tl + qh, mask=live, other=float("-inf"), cache_modifier=".cg")
-                v = gl.load(TMP_O + gl.expand_dims(r * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
-                            mask=gl.expand_dims(live, 1), other=0.0, cache_modifier=".cg")
-                acc = acc + gl.expand_dims(gl.exp2(s - m), 1) * v
-        empty = d == 0.0
-        d_safe = gl.where(empty, 1.0, d)
-        gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
-                 (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
+        m = gl.convert_layout(m2, gl.SliceLayout(1, ML))
+        d = gl.convert_layout(d2, gl.SliceLayout(1, ML))
+        UNROLL: gl.constexpr = max(1, 8192 // (BLOCK_M * DC))
+        for h in gl.static_range(HEAD_DIM // DC):
+            offs_d = h * DC + gl.arange(0, DC, layout=gl.SliceLayout(0, ML))
+            acc = gl.zeros([BLOCK_M, DC], gl.float32, layout=ML)
+            for c0 in range(0, n_chunks, UNROLL):
+                for j in gl.static_range(UNROLL):
+                    live = valid & (c0 + j < n_chunks)
+                    r = (first + (c0 + j) * q_len + tok).to(gl.int64)
+                    s = gl.load(TMP_LSE + r * stride_tl + qh, mask=live, other=float("-inf"), cache_modifier=".cg")
+                    v = gl.load(TMP_O + gl.expand_dims(r * stride_tt + qh * stride_th, 1) + gl.expand_dims(offs_d, 0),
+                                mask=gl.expand_dims(live, 1), other=0.0, cache_modifier=".cg")
+                    acc = acc + gl.expand_dims(gl.exp2(s - m), 1) * v
+            empty = d == 0.0
+            d_safe = gl.where(empty, 1.0, d)
+            gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
+                     (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
         if WRITE_LSE:
             gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
 
@@ -426,8 +440,8 @@ if HAVE_GLUON:
         TPW_D: gl.constexpr = HEAD_DIM // 8
         LOAD_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [PRODUCER_WARPS, 1], [1, 0])
         # a block's copies go out 64 rows at a time (a 128-row block's page ids and row addresses at once
-        # spill the producer's registers)
-        SUB: gl.constexpr = min(BLOCK_N, 64)
+        # spill the producer's registers), 32 at head_dim 256
+        SUB: gl.constexpr = min(BLOCK_N, 64, 8192 // HEAD_DIM)
         TR: gl.constexpr = min(PAGE_SIZE, BLOCK_N) if PAGED else BLOCK_N  # rows per bulk copy
         NP: gl.constexpr = BLOCK_N // TR
         BLOCK_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
