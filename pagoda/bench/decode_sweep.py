@@ -22,7 +22,6 @@ import pagoda
 from .attention import (PagedSetup, decode_row, flashinfer_or_none, gpu_time, host_times_us, prefill_row,
                         write_json)
 
-PARTS = ("graph", "variants", "prefill")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
     ("base", (32, 8), 128, 16, torch.bfloat16), ("page 1", (32, 8), 128, 1, torch.bfloat16),
@@ -73,55 +72,57 @@ def graph_rows(fi, ws, kv_len=1024, save=lambda rows: None):
     return rows
 
 
-def variant_rows(fi, ws, save=lambda rows: None, only=None):
-    rows = []
-    for label, (hq, hk), d, ps, dt in VARIANTS:
-        if only is not None and label not in only:
-            continue
-        for name, lens in (("64x2048", [2048] * 64), ("1x32768", [32768])):
-            row = decode_row(name, lens, hq, hk, d, ps, dt, fi, ws)
-            row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
-            rows.append(row)
-            save(rows)
-            print(fmt_variants([row]).splitlines()[-1], flush=True)
-    return rows
-
-
+DECODE_CASES = [("64x2048", [2048] * 64), ("1x32768", [32768])]
 PREFILL_CASES = [("1x8192", [8192], [8192]), ("8x1024", [1024] * 8, [1024] * 8)]
 
 
-def prefill_variant_rows(fi, ws, save=lambda rows: None, only=None):
+def _sweep_variants(cases, row_of, fmt, save, only):
+    """row_of(case, heads, head_dim, page_size, dtype) for each case of each VARIANTS entry (those named in only,
+    or all), labelled with the variant; save(rows) and a printed line after each."""
     rows = []
     for label, (hq, hk), d, ps, dt in VARIANTS:
         if only is not None and label not in only:
             continue
-        for name, qo, kv in PREFILL_CASES:
-            row = prefill_row(name, qo, kv, hq, hk, d, ps, dt, fi, ws, None)
+        for case in cases:
+            row = row_of(case, hq, hk, d, ps, dt)
             row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
             rows.append(row)
             save(rows)
-            print(fmt_prefill([row]).splitlines()[-1], flush=True)
+            print(fmt([row]).splitlines()[-1], flush=True)
     return rows
+
+
+def variant_rows(fi, ws, save=lambda rows: None, only=None):
+    return _sweep_variants(DECODE_CASES, lambda c, hq, hk, d, ps, dt: decode_row(*c, hq, hk, d, ps, dt, fi, ws),
+                           fmt_variants, save, only)
+
+
+def prefill_variant_rows(fi, ws, save=lambda rows: None, only=None):
+    return _sweep_variants(PREFILL_CASES,
+                           lambda c, hq, hk, d, ps, dt: prefill_row(*c, hq, hk, d, ps, dt, fi, ws, None),
+                           fmt_prefill, save, only)
+
+
+def _peer(r, key) -> str:
+    """A peer's time column and its time / pagoda's time (nan where the row has no such peer)."""
+    t = r.get(key)
+    return f"{t or float('nan'):8.1f} {(t / r['pagoda_us']) if t else float('nan'):5.2f}x"
 
 
 def fmt_prefill(rows):
     lines = [f"{'variant':14s} {'case':9s} {'pagoda us':>10} {'TF/s':>6} {'FI us':>8} {'x FI':>6} {'SDPA us':>8} "
              f"{'x SDPA':>6}"]
     for r in rows:
-        fi, sd = r.get("flashinfer_us"), r.get("sdpa_us")
         lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {r['tflop'] / r['pagoda_us'] * 1e6:6.0f} "
-                     f"{fi or float('nan'):8.1f} {(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x "
-                     f"{sd or float('nan'):8.1f} {(sd / r['pagoda_us']) if sd else float('nan'):5.2f}x")
+                     f"{_peer(r, 'flashinfer_us')} {_peer(r, 'sdpa_us')}")
     return "\n".join(lines)
 
 
 def fmt_graph(rows):
     lines = [f"{'batch':>5} {'pagoda us':>10} {'FI us':>8} {'x FI':>6} {'plan us':>8} {'FI plan':>8} {'FI path':>8}"]
     for r in rows:
-        fi = r.get("flashinfer_us")
         path = {None: "-", False: "cuda", True: "tensor"}[r.get("flashinfer_tensor_cores")]
-        lines.append(f"{r['batch']:5d} {r['pagoda_us']:10.1f} {fi or float('nan'):8.1f} "
-                     f"{(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x {r['pagoda_plan_us']:8.0f} "
+        lines.append(f"{r['batch']:5d} {r['pagoda_us']:10.1f} {_peer(r, 'flashinfer_us')} {r['pagoda_plan_us']:8.0f} "
                      f"{r.get('flashinfer_plan_us', float('nan')):8.0f} {path:>8}")
     return "\n".join(lines)
 
@@ -129,10 +130,14 @@ def fmt_graph(rows):
 def fmt_variants(rows):
     lines = [f"{'variant':14s} {'case':9s} {'pagoda us':>10} {'GB/s':>6} {'FI us':>8} {'x FI':>6}"]
     for r in rows:
-        fi = r.get("flashinfer_us")
         lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {r['kv_MB'] / r['pagoda_us'] * 1e3:6.0f} "
-                     f"{fi or float('nan'):8.1f} {(fi / r['pagoda_us']) if fi else float('nan'):5.2f}x")
+                     f"{_peer(r, 'flashinfer_us')}")
     return "\n".join(lines)
+
+
+# each part: its rows (fi, ws, save, only) and its table
+PARTS = {"graph": (lambda fi, ws, save, only: graph_rows(fi, ws, save=save), fmt_graph),
+         "variants": (variant_rows, fmt_variants), "prefill": (prefill_variant_rows, fmt_prefill)}
 
 
 def main(argv=None):
@@ -159,19 +164,13 @@ def main(argv=None):
             res[part] = rows
             write_json(args.json, sum((res.get(k, []) for k in PARTS), []), args, partial=True)
         return f
-    if "graph" in parts:
-        res["graph"] = graph_rows(fi, ws, save=save("graph"))
-    if "variants" in parts:
-        res["variants"] = variant_rows(fi, ws, save=save("variants"), only=only)
-    if "prefill" in parts:
-        res["prefill"] = prefill_variant_rows(fi, ws, save=save("prefill"), only=only)
+    for part, (rows_of, _) in PARTS.items():
+        if part in parts:
+            res[part] = rows_of(fi, ws, save(part), only)
     print()
-    if "graph" in res:
-        print(fmt_graph(res["graph"]))
-    if "variants" in res:
-        print(fmt_variants(res["variants"]))
-    if "prefill" in res:
-        print(fmt_prefill(res["prefill"]))
+    for part, (_, fmt) in PARTS.items():
+        if part in res:
+            print(fmt(res[part]))
     write_json(args.json, sum((res.get(k, []) for k in PARTS), []), args)
 
 

@@ -83,6 +83,25 @@ def test_prefill_variant_table_and_parts():
         decode_sweep.main(["--parts", "prefil"])
 
 
+def test_variant_rows_label_each_case(monkeypatch):
+    """The decode and prefill variant rows: each case of each chosen variant, in order, labelled with the variant's
+    heads, head_dim, page size and dtype, the row saved after each (the rows themselves stood in for: no GPU)."""
+    from pagoda.bench import decode_sweep
+
+    monkeypatch.setattr(decode_sweep, "decode_row", lambda name, lens, hq, hk, d, ps, dt, fi, ws: dict(
+        case=name, kind="decode", pagoda_us=10.0, kv_MB=1.0))
+    monkeypatch.setattr(decode_sweep, "prefill_row", lambda name, qo, kv, hq, hk, d, ps, dt, fi, ws, flex: dict(
+        case=name, kind="prefill", pagoda_us=10.0, tflop=1e-6))
+    saved = []
+    for rows_of, cases in ((decode_sweep.variant_rows, decode_sweep.DECODE_CASES),
+                           (decode_sweep.prefill_variant_rows, decode_sweep.PREFILL_CASES)):
+        rows = rows_of(None, None, lambda r: saved.append(len(r)), ["head_dim 256", "fp16"])
+        assert [(r["variant"], r["case"]) for r in rows] == [(v, c[0]) for v in ("head_dim 256", "fp16") for c in cases]
+        assert [(r["heads"], r["head_dim"], r["page_size"], r["dtype"]) for r in rows[::len(cases)]] == [
+            ("32/8", 256, 16, "bfloat16"), ("32/8", 128, 16, "float16")]
+    assert saved == [1, 2, 3, 4] * 2
+
+
 def test_host_times_counts_warmup_and_timed_calls():
     """host_times_us: fn runs warmup + n times, n of them timed (us, each at least the call's own sleep)."""
     import time
