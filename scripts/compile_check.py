@@ -1,9 +1,10 @@
 """Compile pagoda's Triton kernels for sm_90 on any machine (no GPU): catches errors that the
 interpreter lets through (constexpr rules, types) before device time is spent.
 
-    python scripts/compile_check.py [name ...]
+    python scripts/compile_check.py [name ...]      (NO_PARAMS=1: PTX hashes without parameter lines)
 """
 import hashlib
+import os
 import sys
 
 import triton
@@ -137,7 +138,7 @@ def gluon_cases():
         return
     types = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32",
                  WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32", qk_scale="fp32",
-                 KD="*bf16", VD="*bf16")
+                 KD="*bf16", VD="*bf16", soft_cap_log2="fp32")
     lay = ("NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=False, "
            "fp4_padded=False, cga_layout=[])")
     # TMA producer (runner's default where the cache allows: prefill_sm90.tma_views): paged 16-row copies,
@@ -172,6 +173,22 @@ def gluon_cases():
                dict(HEAD_DIM=256, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=paged, CAUSAL=causal, WRITE_LSE=True,
                     STAGES=st, PRODUCER_REGS=40, CONSUMER_REGS=232, num_warps=4, Q_SMEM=True, TMA=True,
                     Q_AHEAD=ahead), 4, 1)
+    # logits soft cap and sliding window (Gemma-2 / 3, Mistral): the runner's configurations, a window's blocks
+    # aligned down to the bulk copies' rows (KV_ALIGN), and without bulk copies (no alignment)
+    for d, bn, st, paged, tma, cap, win, q_smem, ahead, regs in (
+            (128, 64, 5, True, True, True, True, False, True, (88, 208)),
+            (128, 128, 3, True, True, False, True, True, True, (88, 208)),
+            (128, 64, 5, True, False, True, True, False, True, (88, 208)),
+            (64, 64, 5, False, True, False, True, False, True, (88, 208)),
+            (256, 32, 4, True, True, True, True, True, False, (40, 232)),
+            (256, 32, 4, True, True, True, False, True, False, (40, 232))):
+        tr = 16 if paged else bn
+        desc = f"tensordesc<bf16[{tr},{d}],{lay}>"
+        yield (f"prefill_sm90_ws D={d} paged={paged} causal=True BLOCK_N={bn} TMA={tma} SOFTCAP={cap} WINDOW={win}",
+               prefill_sm90.prefill_sm90_ws_kernel, dict(types, KD=desc, VD=desc) if tma else types,
+               dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
+                    STAGES=st, PRODUCER_REGS=regs[0], CONSUMER_REGS=regs[1], num_warps=4, Q_SMEM=q_smem, TMA=tma,
+                    Q_AHEAD=ahead, SOFTCAP=cap, WINDOW=win), 4, 1)
     for d in (64, 128):
         for paged in (True, False):
             for causal in (True, False):
@@ -232,6 +249,12 @@ def decode_sm90_cases():
                dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=page, WRITE_LSE=False, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=4, PDL=True, EARLY_PAGES=pages, EARLY_KV=True,
                     num_warps=4), 4, 1, regs)
+    # logits soft cap (a window needs no code: the plan's range), 16-bit and fp8 caches
+    for d, kv, regs in ((128, "bf16", 168), (64, "fp8e4nv", 128)):
+        yield (f"decode_sm90 D={d} kv={kv} SOFTCAP", decode_sm90.decode_sm90_kernel,
+               dict(types, K="*" + kv, V="*" + kv, soft_cap_log2="fp32"),
+               dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
+                    SAME_STRIDES=True, MERGE_ROWS=4, SOFTCAP=True, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
@@ -269,8 +292,11 @@ def main():
             code = ptx.split(".section\t.debug")[0]  # (the DWARF sections hold line numbers too)
             # ($L__tmp labels mark inlined functions' lines for the debug sections: a helper moved out of a kernel
             # adds some and renumbers the rest)
-            body = "\n".join(ln for ln in code.splitlines()
-                              if not ln.lstrip().startswith((".loc", ".file", "//", "$L__tmp")))
+            # (NO_PARAMS=1: without the lines that declare or load kernel parameters, for a change that adds
+            # arguments the kernel does not read with its new constexprs off)
+            skip = (".loc", ".file", "//", "$L__tmp")
+            body = "\n".join(ln for ln in code.splitlines() if not ln.lstrip().startswith(skip)
+                              and not (os.environ.get("NO_PARAMS") == "1" and "param" in ln))
             digest = hashlib.sha1(body.encode()).hexdigest()[:10]
             print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}; cp.async "
                   f"{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}; ptx {digest}", flush=True)

@@ -404,12 +404,12 @@ class BatchAttention:
                 # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
                 # (head_dim 256 prefill: the Gluon kernel's tiles are not the Triton kernel's)
                 sm90_tiles = mode == "prefill" and head_dim == 256 and self._sm90_eligible(
-                    head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
+                    head_dim, q_dtype, kv_dtype, mask_np is None)
                 config = select_config(mode, head_dim, group,
                                        self._backend == "triton" and self.device.type == "cuda", kv_dtype.itemsize,
                                        total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size, sm90_tiles)
                 gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
-                    head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None)
+                    head_dim, q_dtype, kv_dtype, mask_np is None)
                 if gluon_decode:
                     config = _gluon_decode_config(config, kv_dtype.itemsize, head_dim)
                 self._config_choice = (ckey, (config, gluon_decode))
@@ -441,7 +441,7 @@ class BatchAttention:
                 grid = active = min(active, n_items * tasks_per_item)  # (past the tasks: read the header, leave)
         use_reqs = self._variant is not None or mask_np is not None
         sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
-        if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, window_left, cap, mask_np is None):
+        if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, mask_np is None):
             lens = work.work[:, 4] - work.work[:, 3]
             if self._use_cuda_graph and self._graph_sm90 is not None:  # (a captured run() replays its kernel)
                 sm90 = self._graph_sm90
@@ -469,11 +469,11 @@ class BatchAttention:
             work, mask=mask_np, mask_bits=mask_bits)
         self._prepare_launch(self._plan, sm90=sm90, gluon_decode=gluon_decode)
 
-    def _decode_gluon_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+    def _decode_gluon_eligible(self, head_dim, q_dtype, kv_dtype, no_mask) -> bool:
         """Decode plans the Gluon decode kernel serves (kernels/decode_sm90.py): on sm_90 (with the Triton the
         kernel was written for), fp16 / bf16 queries over an fp8 cache (PAGODA_FP8_DECODE_KERNEL: "auto", the
         default, or "triton" to keep the Triton kernel for comparisons) or over a cache of their own dtype
-        (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128, no window / soft cap /
+        (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128, windows and soft caps, no
         variant / custom mask. Asked when a wrapper's plan changes kernel key (_plan_batch keeps its last choice):
         the switches are read then, not at every plan."""
         fp8 = kv_dtype in FP8_DTYPES
@@ -484,12 +484,11 @@ class BatchAttention:
         return (choice == "auto" and decode_sm90.HAVE_GLUON and self._backend == "triton"
                 and self.device.type == "cuda" and _capability(self.device) == (9, 0)
                 and (fp8 or kv_dtype == q_dtype) and q_dtype in (torch.float16, torch.bfloat16)
-                and head_dim in (64, 128) and window_left < 0 and cap == 0 and no_mask and self._variant is None
-                and self._paged)
+                and head_dim in (64, 128) and no_mask and self._variant is None and self._paged)
 
-    def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, window_left, cap, no_mask) -> bool:
+    def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
-        head_dim 64 / 128 / 256, no window / soft cap / variant / custom mask.
+        head_dim 64 / 128 / 256, windows and soft caps, no variant / custom mask.
         PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
         choice = os.environ.get("PAGODA_PREFILL_KERNEL", "auto")
         if choice not in ("auto", "triton"):
@@ -498,8 +497,7 @@ class BatchAttention:
                 or self._variant is not None):
             return False
         return (prefill_sm90.HAVE_GLUON and _capability(self.device) == (9, 0) and head_dim in (64, 128, 256)
-                and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype and window_left < 0
-                and cap == 0)
+                and q_dtype in (torch.float16, torch.bfloat16) and kv_dtype == q_dtype)
 
     def _prepare_launch(self, p: PlanState, sm90: dict | None = None, gluon_decode: bool = False) -> None:
         """Everything run() passes to the kernel that does not depend on its tensors (sm90: the plan
@@ -532,12 +530,12 @@ class BatchAttention:
                 PAGED=self._paged, CAUSAL=p.causal, STAGES=sm90["stages"], PRODUCER_REGS=sm90["producer_regs"],
                 CONSUMER_REGS=sm90["consumer_regs"], Q_SMEM=bool(sm90["q_smem"]),
                 TMA=bool(sm90["tma"]),  # (where the run's K / V allow: _launch_kernel)
-                Q_AHEAD=bool(sm90["q_ahead"]),
+                Q_AHEAD=bool(sm90["q_ahead"]), SOFTCAP=cap > 0, WINDOW=p.window_left >= 0,
                 num_warps=4)
         if gluon_decode:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
-                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg,
+                STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg, SOFTCAP=cap > 0,
                 MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
@@ -726,7 +724,8 @@ class BatchAttention:
                 q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 self._int_buf, self._arrivals, kd, vd,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
-                *p.scalars[:7], *tma_geom, WRITE_LSE=lse is not None, **dict(cx, TMA=views is not None))
+                *p.scalars[:7], *tma_geom, *p.scalars[7:9], WRITE_LSE=lse is not None,
+                **dict(cx, TMA=views is not None))
             return
         if p.decode_sm90_constexprs is not None and not self._merge_out:
             pdl = pdl_launch(enable_pdl, q)
@@ -735,7 +734,7 @@ class BatchAttention:
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-                WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
+                p.scalars[7], WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
                 EARLY_KV=pdl_early_kv and pdl["PDL"], **p.decode_sm90_constexprs, **pdl)
             return
         attention_kernel[(p.grid,)](

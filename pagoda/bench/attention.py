@@ -245,8 +245,16 @@ def _put_us(row, key, seconds) -> None:
         row[key] = seconds * 1e6
 
 
-def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
-    """kernel_times: also each library's kernel_time, and the graph time of a copy of the same bytes."""
+def _window_kv(kv_lens, kw) -> list[int]:
+    """The KV tokens a decode reads per request: all, or under window_left its last window_left + 1."""
+    w = kw.get("window_left", -1)
+    return [n if w < 0 else min(n, w + 1) for n in kv_lens]
+
+
+def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, **kw):
+    """kernel_times: also each library's kernel_time, and the graph time of a copy of the same bytes. kw: plan()
+    arguments both libraries take (window_left, logits_soft_cap); kv_MB is then the bytes the window reads, and
+    the dense peer (which has neither) is left out."""
     s = PagedSetup(kv_lens, hk, d, ps, dtype)
     b = len(kv_lens)
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
@@ -255,7 +263,7 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
     # in a serving step (scripts/plan_time.py times it so too). Timed back to back, 20 plans, as up to session 27, the
     # median ran up to 2.8x plan_time.py's for the same case (the bench's process, 64 random: 398 us vs 143; s28)
     plan_us = float(np.median(host_times_us(
-        lambda: w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dtype), 100, warmup=3)))
+        lambda: w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dtype, **kw), 100, warmup=3)))
     out = w.run(q, s.cache)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -263,7 +271,8 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
         w.run(q, s.cache, out=out)
     run_host_us = (time.perf_counter() - t0) / 20 * 1e6
     torch.cuda.synchronize()
-    row = {"case": name, "kind": "decode", "kv_MB": s.kv_bytes / 1e6, "plan_us": plan_us, "run_host_us": run_host_us,
+    read_bytes = s.kv_bytes * sum(_window_kv(kv_lens, kw)) / sum(kv_lens)
+    row = {"case": name, "kind": "decode", "kv_MB": read_bytes / 1e6, "plan_us": plan_us, "run_host_us": run_host_us,
            "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
     if kernel_times:
         _put_us(row, "pagoda_kernel_us", kernel_time(lambda: w.run(q, s.cache, out=out), "pagoda"))
@@ -272,7 +281,7 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
         best = best_k = None
         for tc in (False, True):
             fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-            fw.plan(s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, q_data_type=dtype)
+            fw.plan(s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, q_data_type=dtype, **kw)
             ref = fw.run(q, s.cache)
             err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
             assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
@@ -283,7 +292,7 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False):
                 best_k = k if best_k is None else min(best_k, k)
         row["flashinfer_us"] = best
         _put_us(row, "flashinfer_kernel_us", best_k)
-    if len(set(kv_lens)) == 1:  # dense peers need equal lengths
+    if len(set(kv_lens)) == 1 and not kw:  # dense peers need equal lengths
         L = kv_lens[0]
         k = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
@@ -332,25 +341,37 @@ def fp8_decode_row(name, kv_lens, hq, hk, d, ps, dtype, kv_dtype, fi, ws):
     return row
 
 
-def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex):
+def causal_flops(qo_lens, kv_lens, hq, d, window_left=-1) -> float:
+    """FLOPs of causal attention (bottom-right aligned; query i of a request sees keys up to kv - qo + i, and
+    under window_left only the last window_left + 1 of those): 4 * hq * d per visible (query, key) pair."""
+    pairs = 0
+    for qo, kv in zip(qo_lens, kv_lens):
+        seen = np.arange(kv - qo, kv) + 1  # keys each query sees without a window
+        pairs += int(np.minimum(seen, window_left + 1).sum() if window_left >= 0 else seen.sum())
+    return 4.0 * hq * d * pairs
+
+
+def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex, **kw):
+    """kw: plan() arguments both paged libraries take (window_left, logits_soft_cap); the FLOPs count the window,
+    and the dense peers (plain causal attention) are left out."""
     s = PagedSetup(kv_lens, hk, d, ps, dtype)
     qo_indptr = torch.tensor([0] + np.cumsum(qo_lens).tolist(), dtype=torch.int32)
     q = torch.randn(int(qo_indptr[-1]), hq, d, dtype=dtype, device="cuda")
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
-    w.plan(qo_indptr, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dtype)
+    w.plan(qo_indptr, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dtype, **kw)
     out = w.run(q, s.cache)
-    flops = sum(4 * hq * d * (qo * (kv - qo) + qo * (qo + 1) / 2) for qo, kv in zip(qo_lens, kv_lens))
+    flops = causal_flops(qo_lens, kv_lens, hq, d, kw.get("window_left", -1))
     row = {"case": name, "kind": "prefill", "tflop": flops / 1e12,
            "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
     if fi is not None:
         fw = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
         fw.plan(qo_indptr.cuda(), s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, causal=True,
-                q_data_type=dtype)
+                q_data_type=dtype, **kw)
         ref = fw.run(q, s.cache)
         err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
         assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
         row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
-    if len(set(qo_lens)) == 1 and qo_lens == kv_lens:  # dense peers: plain causal self-attention
+    if len(set(qo_lens)) == 1 and qo_lens == kv_lens and not kw:  # dense peers: plain causal self-attention
         b, L = len(qo_lens), qo_lens[0]
         qd = torch.randn(b, hq, L, d, dtype=dtype, device="cuda")
         kd = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")

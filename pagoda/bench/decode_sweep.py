@@ -5,7 +5,8 @@ FlashInfer in one run:
             a replayed run() and the host time of plan() (pagoda and FlashInfer, minimum of 50 plans); FlashInfer
             on the faster of its two decode paths (use_tensor_cores False / True, the "FI path" column: in
             CUDA-graph mode its tensor-core path ran 1.2-3.4x its other one at batch 8-256 on the H200, session 28)
-  variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16
+  variants  64 x 2048 and 1 x 32768 at page_size 1 vs 16, head_dim 64 / 256, GQA group 1 / 8, fp16 (and, named in
+            --variants, a sliding window, a logits soft cap, Gemma-2's sliding layers: both libraries take them)
   prefill   the same variants in causal paged prefill, 1 x 8192 and 8 x 1024 (bench.attention.prefill_row:
             FlashInfer, and dense SDPA over the same shapes; not in the default parts)
 
@@ -23,12 +24,18 @@ from .attention import (PagedSetup, decode_row, flashinfer_or_none, gpu_time, ho
                         write_json)
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-VARIANTS = [  # (label, heads, head_dim, page_size, dtype)
-    ("base", (32, 8), 128, 16, torch.bfloat16), ("page 1", (32, 8), 128, 1, torch.bfloat16),
-    ("head_dim 64", (32, 8), 64, 16, torch.bfloat16), ("head_dim 256", (32, 8), 256, 16, torch.bfloat16),
-    ("group 1", (32, 32), 128, 16, torch.bfloat16), ("group 8", (64, 8), 128, 16, torch.bfloat16),
-    ("fp16", (32, 8), 128, 16, torch.float16),
+VARIANTS = [  # (label, heads, head_dim, page_size, dtype, plan() arguments)
+    ("base", (32, 8), 128, 16, torch.bfloat16, {}), ("page 1", (32, 8), 128, 1, torch.bfloat16, {}),
+    ("head_dim 64", (32, 8), 64, 16, torch.bfloat16, {}), ("head_dim 256", (32, 8), 256, 16, torch.bfloat16, {}),
+    ("group 1", (32, 32), 128, 16, torch.bfloat16, {}), ("group 8", (64, 8), 128, 16, torch.bfloat16, {}),
+    ("fp16", (32, 8), 128, 16, torch.float16, {}),
+    # a sliding window as Mistral's (4096 tokens: window_left 4095), a logits soft cap as Gemma-2's (50), and
+    # Gemma-2-9B's sliding layers (16 / 8 heads of 256, both)
+    ("window 4096", (32, 8), 128, 16, torch.bfloat16, {"window_left": 4095}),
+    ("soft cap 50", (32, 8), 128, 16, torch.bfloat16, {"logits_soft_cap": 50.0}),
+    ("gemma-2 local", (16, 8), 256, 16, torch.bfloat16, {"window_left": 4095, "logits_soft_cap": 50.0}),
 ]
+DEFAULT_VARIANTS = 7  # the first 7: what --variants runs by default (the issue's table: sessions 17-29)
 
 
 def _host_us(fn, n=50):
@@ -80,12 +87,13 @@ def _sweep_variants(cases, row_of, fmt, save, only):
     """row_of(case, heads, head_dim, page_size, dtype) for each case of each VARIANTS entry (those named in only,
     or all), labelled with the variant; save(rows) and a printed line after each."""
     rows = []
-    for label, (hq, hk), d, ps, dt in VARIANTS:
-        if only is not None and label not in only:
+    for label, (hq, hk), d, ps, dt, kw in VARIANTS:
+        if label not in (only or [v[0] for v in VARIANTS[:DEFAULT_VARIANTS]]):
             continue
         for case in cases:
-            row = row_of(case, hq, hk, d, ps, dt)
-            row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1])
+            row = row_of(case, hq, hk, d, ps, dt, **kw)
+            row.update(variant=label, heads=f"{hq}/{hk}", head_dim=d, page_size=ps, dtype=str(dt).split(".")[-1],
+                       **kw)
             rows.append(row)
             save(rows)
             print(fmt([row]).splitlines()[-1], flush=True)
@@ -93,13 +101,14 @@ def _sweep_variants(cases, row_of, fmt, save, only):
 
 
 def variant_rows(fi, ws, save=lambda rows: None, only=None):
-    return _sweep_variants(DECODE_CASES, lambda c, hq, hk, d, ps, dt: decode_row(*c, hq, hk, d, ps, dt, fi, ws),
+    return _sweep_variants(DECODE_CASES,
+                           lambda c, hq, hk, d, ps, dt, **kw: decode_row(*c, hq, hk, d, ps, dt, fi, ws, **kw),
                            fmt_variants, save, only)
 
 
 def prefill_variant_rows(fi, ws, save=lambda rows: None, only=None):
     return _sweep_variants(PREFILL_CASES,
-                           lambda c, hq, hk, d, ps, dt: prefill_row(*c, hq, hk, d, ps, dt, fi, ws, None),
+                           lambda c, hq, hk, d, ps, dt, **kw: prefill_row(*c, hq, hk, d, ps, dt, fi, ws, None, **kw),
                            fmt_prefill, save, only)
 
 
@@ -145,8 +154,9 @@ def main(argv=None):
     ap.add_argument("--parts", default="graph,variants")
     ap.add_argument("--json")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated labels of the variants part to run (default all: "
-                         + ", ".join(v[0] for v in VARIANTS) + ")")
+                    help="comma-separated labels of the variants (and prefill) parts to run (default: "
+                         + ", ".join(v[0] for v in VARIANTS[:DEFAULT_VARIANTS]) + "; also: "
+                         + ", ".join(v[0] for v in VARIANTS[DEFAULT_VARIANTS:]) + ")")
     args = ap.parse_args(argv)
     only = None if args.variants is None else args.variants.split(",")
     parts = args.parts.split(",")

@@ -85,21 +85,39 @@ def test_prefill_variant_table_and_parts():
 
 def test_variant_rows_label_each_case(monkeypatch):
     """The decode and prefill variant rows: each case of each chosen variant, in order, labelled with the variant's
-    heads, head_dim, page size and dtype, the row saved after each (the rows themselves stood in for: no GPU)."""
+    heads, head_dim, page size, dtype and plan() arguments (window, soft cap: passed to the row), the row saved
+    after each; by default the first DEFAULT_VARIANTS (the rows themselves stood in for: no GPU)."""
     from pagoda.bench import decode_sweep
 
-    monkeypatch.setattr(decode_sweep, "decode_row", lambda name, lens, hq, hk, d, ps, dt, fi, ws: dict(
-        case=name, kind="decode", pagoda_us=10.0, kv_MB=1.0))
-    monkeypatch.setattr(decode_sweep, "prefill_row", lambda name, qo, kv, hq, hk, d, ps, dt, fi, ws, flex: dict(
-        case=name, kind="prefill", pagoda_us=10.0, tflop=1e-6))
+    monkeypatch.setattr(decode_sweep, "decode_row", lambda name, lens, hq, hk, d, ps, dt, fi, ws, **kw: dict(
+        case=name, kind="decode", pagoda_us=10.0, kv_MB=1.0, got=kw))
+    monkeypatch.setattr(decode_sweep, "prefill_row", lambda name, qo, kv, hq, hk, d, ps, dt, fi, ws, flex, **kw: dict(
+        case=name, kind="prefill", pagoda_us=10.0, tflop=1e-6, got=kw))
     saved = []
+    chosen = ["head_dim 256", "fp16", "gemma-2 local"]
     for rows_of, cases in ((decode_sweep.variant_rows, decode_sweep.DECODE_CASES),
                            (decode_sweep.prefill_variant_rows, decode_sweep.PREFILL_CASES)):
-        rows = rows_of(None, None, lambda r: saved.append(len(r)), ["head_dim 256", "fp16"])
-        assert [(r["variant"], r["case"]) for r in rows] == [(v, c[0]) for v in ("head_dim 256", "fp16") for c in cases]
+        rows = rows_of(None, None, lambda r: saved.append(len(r)), chosen)
+        assert [(r["variant"], r["case"]) for r in rows] == [(v, c[0]) for v in chosen for c in cases]
         assert [(r["heads"], r["head_dim"], r["page_size"], r["dtype"]) for r in rows[::len(cases)]] == [
-            ("32/8", 256, 16, "bfloat16"), ("32/8", 128, 16, "float16")]
-    assert saved == [1, 2, 3, 4] * 2
+            ("32/8", 256, 16, "bfloat16"), ("32/8", 128, 16, "float16"), ("16/8", 256, 16, "bfloat16")]
+        gemma = {"window_left": 4095, "logits_soft_cap": 50.0}
+        assert [r["got"] for r in rows[::len(cases)]] == [{}, {}, gemma]
+        assert all(rows[-1][k] == v for k, v in gemma.items())
+        rows = rows_of(None, None, lambda r: None, None)
+        assert [r["variant"] for r in rows[::len(cases)]] == [v[0] for v in decode_sweep.VARIANTS[:7]]
+        assert decode_sweep.DEFAULT_VARIANTS == 7
+    assert saved == [1, 2, 3, 4, 5, 6] * 2
+
+
+def test_causal_flops_count_the_window():
+    """bench.attention.causal_flops: 4 * heads * head_dim per visible (query, key) pair of causal attention
+    (bottom-right aligned), a window keeping the last window_left + 1 keys of each query."""
+    assert bench.causal_flops([3], [3], 1, 1) == 4 * (1 + 2 + 3)
+    assert bench.causal_flops([2], [5], 2, 8) == 4 * 2 * 8 * (4 + 5)
+    assert bench.causal_flops([3], [5], 1, 1, window_left=1) == 4 * (2 + 2 + 2)
+    assert bench.causal_flops([4], [4], 1, 1, window_left=0) == 4 * 4
+    assert bench.causal_flops([1, 2], [1, 2], 1, 1, window_left=100) == bench.causal_flops([1, 2], [1, 2], 1, 1)
 
 
 def test_host_times_counts_warmup_and_timed_calls():

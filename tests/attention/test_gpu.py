@@ -22,20 +22,22 @@ def test_decode_real_sizes(page_size, heads, head_dim):
     decode_against_reference(page_size, heads, head_dim)
 
 
-def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 17, 2048, 8191), planned=None):
+def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 17, 2048, 8191), planned=None,
+                             **kw):
     """A bf16 decode batch (by default 1 token .. 8k, ends mid-page) against the float64 oracle; returns the
-    wrapper. planned(w): checks of the plan, before the run."""
+    wrapper. planned(w): checks of the plan, before the run. kw: plan() arguments (window_left, logits_soft_cap)."""
     kv_lens = list(kv_lens)
     batch = PagedBatch(kv_lens, heads[1], head_dim, page_size, torch.bfloat16)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
     w.plan(batch.indptr, batch.indices, batch.last_page_len, heads[0], heads[1], head_dim, page_size,
-           q_data_type=torch.bfloat16)
+           q_data_type=torch.bfloat16, **kw)
     if planned is not None:
         planned(w)
     q = torch.randn(len(kv_lens), heads[0], head_dim, dtype=torch.bfloat16, device="cuda")
     out, lse = poisoned_like(q)
     w.run(q, batch.cache, out=out, lse=lse)
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v])
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v],
+                    **kw)
     assert rel_err(out, ro) < TOL[torch.bfloat16]
     check_lse(lse, rl)
     return w
@@ -177,6 +179,26 @@ def test_decode_many_chunks(heads, head_dim, kv_lens):
         assert int(w._plan.work.splits[:, 1].max()) > 8
 
     decode_against_reference(16, heads, head_dim, kv_lens, many_chunks)
+
+
+@pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128),
+                                                      (16, (32, 32), 64)])
+@pytest.mark.parametrize("kw", [{"window_left": 0}, {"window_left": 100}, {"window_left": 5000},
+                                {"logits_soft_cap": 30.0}, {"logits_soft_cap": 5.0, "window_left": 777}])
+def test_decode_gluon_window_soft_cap(page_size, heads, head_dim, kw):
+    """Sliding windows (the plan's KV range, which starts mid-page and mid-block; 0: the last token only; 5000:
+    the split 32k request's window still splits) and logits soft caps (decode_sm90's SOFTCAP; a cap of 5 bends
+    most logits) on the Gluon decode kernel, against the float64 oracle with output and LSE poisoned."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+
+    def gluon(w):
+        assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
+        assert w._plan.decode_sm90_constexprs["SOFTCAP"] == ("logits_soft_cap" in kw)
+        if kw.get("window_left", -1) >= 5000:
+            assert w._plan.work.partial_rows > 0, "the windowed 32k request did not split"
+
+    decode_against_reference(page_size, heads, head_dim, (1, 4096, 333, 17, 32768, 8191), gluon, **kw)
 
 
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
@@ -472,15 +494,18 @@ def test_fp8_decode_real_sizes(fp8, q_dtype, head_dim, per_head):
     check_lse(lse, rl)
 
 
-@pytest.mark.parametrize("fp8,q_dtype,head_dim,page_size,per_head", [
-    (torch.float8_e4m3fn, torch.bfloat16, 128, 16, False), (torch.float8_e4m3fn, torch.bfloat16, 128, 1, True),
-    (torch.float8_e5m2, torch.float16, 128, 64, True), (torch.float8_e5m2, torch.float16, 64, 16, True),
-    (torch.float8_e4m3fn, torch.bfloat16, 64, 64, False)])
-def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, monkeypatch):
+@pytest.mark.parametrize("fp8,q_dtype,head_dim,page_size,per_head,kw", [
+    (torch.float8_e4m3fn, torch.bfloat16, 128, 16, False, {}), (torch.float8_e4m3fn, torch.bfloat16, 128, 1, True, {}),
+    (torch.float8_e5m2, torch.float16, 128, 64, True, {}), (torch.float8_e5m2, torch.float16, 64, 16, True, {}),
+    (torch.float8_e4m3fn, torch.bfloat16, 64, 64, False, {}),
+    (torch.float8_e4m3fn, torch.bfloat16, 128, 16, True, {"logits_soft_cap": 5.0, "window_left": 9000}),
+    (torch.float8_e5m2, torch.float16, 64, 1, False, {"logits_soft_cap": 30.0})])
+def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, kw, monkeypatch):
     """The Gluon fp8 decode kernel (the default on sm_90) against the float64 reference and the Triton kernel
     (PAGODA_FP8_DECODE_KERNEL=triton): lengths that end mid-block and mid-page, a 1-token and a split 32k
-    request, GQA 4 and group 8 (at head_dim 64), per-head and scalar scales, K and V as views of one cache
-    tensor; then CUDA-graph replays after new plans."""
+    request, GQA 4 and group 8 (at head_dim 64), per-head and scalar scales, a logits soft cap (whose scale takes
+    the cache's K scale) and a window, K and V as views of one cache tensor; then CUDA-graph replays after new
+    plans."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon fp8 decode kernel is for sm_90")
     from .test_fp8 import quantized_batch
@@ -490,13 +515,13 @@ def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, mo
     batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, hk, head_dim, page_size, fp8, per_head=per_head,
                                                    dtype=q_dtype)
     q = torch.randn(len(kv_lens), hq, head_dim, dtype=q_dtype, device="cuda")
-    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv, **kw)
     outs = {}
     for kernel in ("auto", "triton"):
         monkeypatch.setenv("PAGODA_FP8_DECODE_KERNEL", kernel)
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
         w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size, q_data_type=q_dtype,
-               kv_data_type=fp8)
+               kv_data_type=fp8, **kw)
         assert (w._plan.decode_sm90_constexprs is not None) == (kernel == "auto")
         assert kernel == "triton" or w._plan.work.partial_rows > 0  # the 32k request splits
         out, lse = poisoned_like(q)
@@ -516,7 +541,7 @@ def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, mo
     monkeypatch.setenv("PAGODA_FP8_DECODE_KERNEL", "auto")
     wg = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
     wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size, q_data_type=q_dtype,
-            kv_data_type=fp8)
+            kv_data_type=fp8, **kw)
     out = torch.empty_like(q)
     wg.run(q, cache, out=out, k_scale=ks, v_scale=vs)
     g = torch.cuda.CUDAGraph()
@@ -524,7 +549,7 @@ def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, mo
         wg.run(q, cache, out=out, k_scale=ks, v_scale=vs)
     for _ in range(2):  # replays after re-planning the same lengths (the snake schedule keeps no state)
         wg.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
-                q_data_type=q_dtype, kv_data_type=fp8)
+                q_data_type=q_dtype, kv_data_type=fp8, **kw)
         out.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
@@ -855,6 +880,28 @@ def test_prefill_sm90_head_dim_256(page_size, layout, tuple_cache, causal, monke
     assert w._plan.work.partial_rows > 0, "the plan split no tile: the merge went untested"
 
 
+@pytest.mark.parametrize("paged,page_size,head_dim", [(True, 16, 128), (False, 16, 128), (True, 16, 64),
+                                                      (False, 16, 64), (True, 16, 256), (True, 1, 128),
+                                                      (True, 24, 128), (True, 64, 256)])
+@pytest.mark.parametrize("kw", [{"window_left": 0}, {"window_left": 300}, {"window_left": 2000},
+                                {"logits_soft_cap": 30.0}, {"logits_soft_cap": 5.0, "window_left": 1000}])
+def test_prefill_sm90_window_soft_cap(paged, page_size, head_dim, kw, monkeypatch):
+    """Sliding windows and logits soft caps on the Gluon prefill kernel (SOFTCAP / WINDOW): against the float64
+    oracle and the Triton kernel, causal, with a window of 0 (the diagonal only) to 2000; the items start where
+    their first row's window does (mid-page), so with bulk copies their blocks start on the page below and the
+    columns before the item are masked (KV_ALIGN); pages of 1 and 24 tokens take the gathers (no alignment).
+    Then a plan that splits its tiles' windowed KV into chunks (few tiles, long KV), whose later chunks start
+    mid-page too and must not count the columns of the chunk before them."""
+    w = prefill_sm90_against_reference(paged, head_dim, True, (16, 4), torch.bfloat16, monkeypatch,
+                                       page_size=page_size, **kw)
+    assert w._plan.sm90_constexprs["WINDOW"] == ("window_left" in kw)
+    assert w._plan.sm90_constexprs["SOFTCAP"] == ("logits_soft_cap" in kw)
+    w = prefill_sm90_against_reference(paged, head_dim, True, (16, 4), torch.bfloat16, monkeypatch, qo_lens=(64, 1, 20),
+                                       kv_lens=(8192, 3000, 5000), page_size=page_size, **kw)
+    if kw.get("window_left", 10**9) >= 2000:
+        assert w._plan.work.partial_rows > 0, "the plan split no tile: later chunks' starts went untested"
+
+
 @pytest.mark.parametrize("paged,head_dim", [(True, 128), (False, 128), (True, 64), (False, 64)])
 def test_prefill_sm90_long_items(paged, head_dim, monkeypatch):
     """A plan whose work items read >= SM90_LONG_KV KV tokens on average runs SM90_LONG_CONFIG (128-token blocks;
@@ -875,8 +922,9 @@ def test_prefill_sm90_long_items(paged, head_dim, monkeypatch):
 
 def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkeypatch,
                                    qo_lens=(1000, 129, 1, 512, 77, 300), kv_lens=(1000, 700, 64, 4608, 77, 200),
-                                   page_size=16, layout="NHD", tuple_cache=False):
-    """test_prefill_sm90_kernel's check; returns the Gluon kernel's wrapper."""
+                                   page_size=16, layout="NHD", tuple_cache=False, **kw):
+    """test_prefill_sm90_kernel's check; returns the Gluon kernel's wrapper. kw: plan() arguments (window_left,
+    logits_soft_cap)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill kernel is for sm_90")
     hq, hk = heads
@@ -891,19 +939,19 @@ def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkey
         if paged:
             w = pagoda.BatchPrefillWithPagedKVCacheWrapper(workspace(128), kv_layout=layout)
             w.plan(qo_indptr, batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, page_size,
-                   causal=causal, q_data_type=dtype)
+                   causal=causal, q_data_type=dtype, **kw)
             out, lse = poisoned_like(q)
             w.run(q, cache, out=out, lse=lse)
         else:
             kv_indptr = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
             w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(workspace(128))
-            w.plan(qo_indptr, kv_indptr, hq, hk, head_dim, causal=causal, q_data_type=dtype)
+            w.plan(qo_indptr, kv_indptr, hq, hk, head_dim, causal=causal, q_data_type=dtype, **kw)
             out, lse = poisoned_like(q)
             w.run(q, torch.cat(batch.k), torch.cat(batch.v), out=out, lse=lse)
         assert w._plan.sm90 == (kernel == "auto"), "the plan did not pick the kernel under test"
         results[kernel] = (out, lse, w)
     ro, rl = oracle(q.cpu(), qo_indptr.tolist(), [k.cpu() for k in batch.k], [v.cpu() for v in batch.v],
-                    causal=causal)
+                    causal=causal, **kw)
     for out, lse, _ in results.values():
         assert rel_err(out, ro) < TOL[dtype]
         check_lse(lse, rl)

@@ -494,3 +494,48 @@ def test_head_dim_256_prefill_tiles_follow_the_kernel(eligible, monkeypatch):
         assert (sm90["CONSUMER_REGS"], sm90["PRODUCER_REGS"]) == (want["consumer_regs"], want["producer_regs"])
     else:
         assert w._plan.sm90_constexprs is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"window_left": 300}, {"logits_soft_cap": 30.0},
+                                {"window_left": 0, "logits_soft_cap": 5.0}])
+def test_gluon_kernels_take_windows_and_soft_caps(kw, monkeypatch):
+    """Windowed and soft-capped plans run on the Gluon kernels (prefill and decode) where those serve the plan,
+    with the kernels' WINDOW / SOFTCAP switches set from the plan and the scalars they read (cap * log2(e),
+    window_left; qk_scale = sm_scale / cap under a cap, kernels/attention.py's convention) in the launch's
+    arguments (on the CPU, the kernels' eligibility stood in for; only plan() runs)."""
+    import math
+
+    import torch
+
+    import pagoda
+    from pagoda.attention import runner
+
+    monkeypatch.setattr(runner.BatchAttention, "_sm90_eligible", lambda self, *a: True)
+    monkeypatch.setattr(runner.BatchAttention, "_decode_gluon_eligible", lambda self, *a: True)
+    kv_lens = [300, 1000]
+    pages = [-(-n // 16) for n in kv_lens]
+    indptr = torch.tensor(np.concatenate([[0], np.cumsum(pages)]), dtype=torch.int32)
+    last = torch.tensor([(n - 1) % 16 + 1 for n in kv_lens], dtype=torch.int32)
+    ws = torch.empty(1 << 22, dtype=torch.uint8)
+    cap, window = kw.get("logits_soft_cap", 0.0), kw.get("window_left", -1)
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws, backend="triton")
+    w.plan(torch.tensor([0, 300, 301], dtype=torch.int32), indptr, torch.arange(int(indptr[-1]), dtype=torch.int32),
+           last, 16, 4, 128, 16, causal=True, q_data_type=torch.bfloat16, **kw)
+    sm90 = w._plan.sm90_constexprs
+    assert (sm90["WINDOW"], sm90["SOFTCAP"]) == (window >= 0, cap > 0)
+    sm_scale = 1 / math.sqrt(128)
+    scalars = w._plan.scalars
+    assert scalars[6] == pytest.approx(sm_scale / cap if cap else sm_scale * math.log2(math.e))
+    assert scalars[7:9] == (pytest.approx(cap * math.log2(math.e)), window)
+    d = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, backend="triton")
+    d.plan(indptr, torch.arange(int(indptr[-1]), dtype=torch.int32), last, 16, 4, 128, 16,
+           q_data_type=torch.bfloat16, **kw)
+    assert d._plan.decode_sm90_constexprs["SOFTCAP"] == (cap > 0)
+    assert d._plan.scalars[7] == pytest.approx(cap * math.log2(math.e))
+    # a window is the decode items' KV range (the kernel reads no window): a request's chunks cover its last
+    # window_left + 1 tokens once
+    work = d._plan.work.work
+    for r, n in enumerate(kv_lens):
+        mine = work[work[:, 8] == r]
+        lo = max(0, n - 1 - window) if window >= 0 else 0
+        assert (mine[:, 3].min(), mine[:, 4].max(), int((mine[:, 4] - mine[:, 3]).sum())) == (lo, n, n - lo)

@@ -28,8 +28,8 @@ scripts/fp8_probe.py): fp8 1.7-1.9x the bf16 decode's KV tokens/s where that is 
 fp8: queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
 scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent grid
 in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk merges them
-(_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, groups up to 16, no window / soft
-cap / variant / custom mask, not a cascade level; the runner uses the Triton kernel for everything else
+(_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, groups up to 16, sliding windows and
+logits soft caps, no variant / custom mask, not a cascade level; the runner uses the Triton kernel for everything else
 (PAGODA_DECODE_KERNEL=triton / PAGODA_FP8_DECODE_KERNEL=triton force it).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
     from .prefill_sm90 import (TRACE_ROUNDS, TRACE_SLOTS, _cta_barrier, _epilogue, _globaltimer, _issue_kv_load,
-                               _page_ids, _q_tile, _stamp, _ws_schedule, _ws_task)
+                               _page_ids, _q_tile, _soft_cap, _stamp, _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -117,11 +117,11 @@ if HAVE_GLUON:
         stride_vp, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_lt,
         stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, k_scale, v_scale, stride_ksh, stride_vsh, soft_cap_log2,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
-        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False,
+        EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, SOFTCAP: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -145,7 +145,9 @@ if HAVE_GLUON:
         request's last token, the decode step's own K / V): round 0's first blocks (up to STAGES - 1, those before
         the block that holds the request's last token, work item field 5) are copied into the ring before the
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
-        (one commit group a block either way)."""
+        (one commit group a block either way).
+        SOFTCAP: logits soft cap (qk_scale = sm_scale / cap, soft_cap_log2 = cap * log2(e), prefill_sm90._soft_cap).
+        A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
@@ -297,6 +299,7 @@ if HAVE_GLUON:
                 else:
                     k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
                 s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
+                s, scale = _soft_cap(s, task_qk, soft_cap_log2, SOFTCAP)  # (scale: task_qk, or 1 after a soft cap)
                 if start >= full_hi:  # the last block: tokens past the end
                     offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
                     s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
@@ -304,10 +307,10 @@ if HAVE_GLUON:
                 red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
                 _cta_barrier()
                 m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
-                m_new = gl.maximum(m_i, m_blk * task_qk)
+                m_new = gl.maximum(m_i, m_blk * scale)
                 m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(s * task_qk - gl.expand_dims(m_new, 0))
+                p = gl.exp2(s * scale - gl.expand_dims(m_new, 0))
                 l_acc = l_acc * gl.expand_dims(alpha, 0) + p
                 m_i = m_new
                 p_s.store(gl.permute(p.to(CDT), (1, 0)))

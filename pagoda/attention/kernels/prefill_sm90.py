@@ -39,8 +39,12 @@ head_dim 256 (runner.SM90_CONFIG_D256): O takes 128 registers a consumer thread,
 the ring holds 4 stages of 32-token blocks beside it; a split tile's merge sums its outputs in column slices of 128
 (1 x 8192: the Triton kernel's 6313 us -> 2267, 1.07x FlashInfer, H200 session 29).
 
-Scope: 16-bit queries and cache, head_dim 64 / 128 / 256, causal or not, no window / soft cap /
-variant / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
+Logits soft cap (SOFTCAP: cap * tanh(s / cap) with tanh.approx, as FlashInfer) and sliding windows (WINDOW: the plan's
+items start where their first row's window does; with bulk copies their blocks start on the page below, and the
+columns before the item's start are masked like those left of a row's window).
+
+Scope: 16-bit queries and cache, head_dim 64 / 128 / 256, causal or not, windows and soft caps, no variant /
+custom mask / fp8. The runner uses it for such prefill plans on sm_90 (with the Triton version it was
 written for) and the Triton kernel for everything else.
 """
 from __future__ import annotations
@@ -125,21 +129,42 @@ if HAVE_GLUON:
             return offs_n
 
     @gluon.jit
-    def _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale, masked, CAUSAL: gl.constexpr,
-                       BLOCK_N: gl.constexpr, S_LAYOUT: gl.constexpr):
+    def _tanh(x):
+        """tanh.approx.f32 (one MUFU instruction, max relative error 2^-10.99, as FlashInfer's soft cap uses)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _soft_cap(s, qk_scale, soft_cap_log2, SOFTCAP: gl.constexpr):
+        """(scores, the scale still to apply to them): with SOFTCAP, cap * tanh(s * sm_scale / cap) in the log2
+        domain (qk_scale = sm_scale / cap, soft_cap_log2 = cap * log2(e): kernels/attention.py's convention),
+        already scaled; else s and qk_scale (folded into the exponent's FMA)."""
+        if SOFTCAP:
+            return soft_cap_log2 * _tanh(s * qk_scale), 1.0
+        else:
+            return s, qk_scale
+
+    @gluon.jit
+    def _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_lo, qk_scale, soft_cap_log2, masked,
+                       CAUSAL: gl.constexpr, WINDOW: gl.constexpr, SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr,
+                       S_LAYOUT: gl.constexpr):
         """Online softmax of one score block (log2 domain): P, new row max, row sum, rescale factor.
-        ``masked``: the block crosses the causal diagonal or the end of the KV (else no mask)."""
+        ``masked``: the block crosses the causal diagonal, the end of the KV or (WINDOW) a row's first visible
+        column row_lo (else no mask)."""
+        s, scale = _soft_cap(s, qk_scale, soft_cap_log2, SOFTCAP)
         if masked:
             offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
             keep = gl.expand_dims(offs_n < kv_end, 0)
             if CAUSAL:
                 keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(row_hi, 1))
+            if WINDOW:
+                keep = keep & (gl.expand_dims(offs_n, 0) >= gl.expand_dims(row_lo, 1))
             s = gl.where(keep, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
         # a row that has seen nothing keeps m = -inf: shift by 0 (no inf - inf)
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        p = gl.exp2(s * scale - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, 1)
         return p, m_new, l_i, alpha
 
@@ -432,7 +457,7 @@ if HAVE_GLUON:
                      stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                      tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
                      HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
-                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr, TMA: gl.constexpr):
+                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr, TMA: gl.constexpr, KV_ALIGN: gl.constexpr):
         """Fills ring slot it % STAGES with each task's KV blocks in turn. Without TMA every block is cp.async
         row gathers (page ids one copy ahead) and each producer thread's arrival when its copies land completes
         the slot's "ready" barrier. TMA (tensor descriptors KD / VD of the caches viewed as rows, tma_views()):
@@ -456,7 +481,7 @@ if HAVE_GLUON:
         for rnd in range(0, n_rounds):
             wp, _, kvh, _ = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
             kv_base = gl.load(wp + 2)
-            kv_start = gl.load(wp + 3)
+            kv_start = _ws_kv_start(wp, KV_ALIGN)
             kv_end = gl.load(wp + 4)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
@@ -516,12 +541,26 @@ if HAVE_GLUON:
                     it += 1
 
     @gluon.jit
-    def _ws_item(wp, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """A work item's fields and KV blocks: (q_start, q_len, kv_start, kv_end, diag, partial, blocks, and
-        full_hi: where the blocks that need a mask (causal diagonal, end of the KV) begin)."""
+    def _ws_kv_start(wp, KV_ALIGN: gl.constexpr):
+        """Where a work item's KV blocks start: its first KV position (field 3), rounded down to a multiple of
+        KV_ALIGN (> 1 with a window, whose items start anywhere: the producer's bulk copies want blocks that start
+        on a page; the positions before the item's own start are masked off, _ws_item's kv_lo)."""
+        kv_start = gl.load(wp + 3)
+        if KV_ALIGN > 1:
+            kv_start = kv_start - (kv_start.to(gl.uint32) % KV_ALIGN).to(gl.int32)
+        return kv_start
+
+    @gluon.jit
+    def _ws_item(wp, window_left, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                 KV_ALIGN: gl.constexpr):
+        """A work item's fields and KV blocks: (q_start, q_len, kv_start (_ws_kv_start), kv_lo (the item's own
+        first position), kv_end, diag, partial, blocks, and the blocks that need no mask: [full_lo, full_hi), all
+        rows of the tile see all their columns (the others cross the causal diagonal, the end of the KV, or with
+        a window a row's first visible column or the item's start))."""
         q_start = gl.load(wp)
         q_len = gl.load(wp + 1)
-        kv_start = gl.load(wp + 3)
+        kv_lo = gl.load(wp + 3)
+        kv_start = _ws_kv_start(wp, KV_ALIGN)
         kv_end = gl.load(wp + 4)
         diag = gl.load(wp + 5)
         partial = gl.load(wp + 6)
@@ -529,7 +568,21 @@ if HAVE_GLUON:
         if CAUSAL:
             hi_lim = gl.minimum(kv_end, diag + 1)
         full_hi = kv_start + gl.maximum(hi_lim - kv_start, 0) // BLOCK_N * BLOCK_N
-        return q_start, q_len, kv_start, kv_end, diag, partial, gl.cdiv(kv_end - kv_start, BLOCK_N), full_hi
+        full_lo = kv_start
+        if WINDOW:  # the tile's last row sees from diag + q_len - 1 - window_left on
+            need = gl.maximum(diag + q_len - 1 - window_left, kv_lo)
+            full_lo = kv_start + gl.cdiv(gl.maximum(need - kv_start, 0), BLOCK_N) * BLOCK_N
+        return (q_start, q_len, kv_start, kv_lo, kv_end, diag, partial, gl.cdiv(kv_end - kv_start, BLOCK_N),
+                full_lo, full_hi)
+
+    @gluon.jit
+    def _needs_mask(start, full_lo, full_hi, WINDOW: gl.constexpr):
+        """Whether the KV block at ``start`` needs a mask (_ws_item's full_lo / full_hi; full_lo is the item's
+        start without a window)."""
+        if WINDOW:
+            return (start >= full_hi) | (start < full_lo)
+        else:
+            return start >= full_hi
 
     @gluon.jit
     def _ws_wait_ready(ready, it, STAGES: gl.constexpr):
@@ -557,10 +610,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                     num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
+                     num_kv_heads, group_size, heads_per_prog, qk_scale, soft_cap_log2, window_left, q_all,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                     WG: gl.constexpr, Q_SMEM: gl.constexpr, Q_AHEAD: gl.constexpr):
+                     WG: gl.constexpr, Q_SMEM: gl.constexpr, Q_AHEAD: gl.constexpr, SOFTCAP: gl.constexpr,
+                     WINDOW: gl.constexpr, KV_ALIGN: gl.constexpr):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
         Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
         fewer at head_dim 128: room for 128-token KV blocks). Q_AHEAD: the next task's Q is copied into q_all[WG]
@@ -588,7 +642,8 @@ if HAVE_GLUON:
                         stride_qh, group_size, heads_per_prog, ROW0, BLOCK_M, HEAD_DIM, LOAD_LAYOUT)
         for rnd in range(0, n_rounds):
             wp, rem, kvh, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit, band, n_items)
-            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
+            q_start, q_len, kv_start, kv_lo, kv_end, diag, partial, n_blocks, full_lo, full_hi = _ws_item(
+                wp, window_left, BLOCK_N, CAUSAL, WINDOW, KV_ALIGN)
 
             if Q_AHEAD:
                 async_copy.wait_group(0)  # this thread's copies of the task's Q landed
@@ -617,6 +672,9 @@ if HAVE_GLUON:
                     q_op = gl.convert_layout(q, Q_LAYOUT)
 
             row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
+            row_lo = row_hi
+            if WINDOW:  # a row's first visible column: its window's, or the item's first (a chunk of a split tile)
+                row_lo = gl.maximum(row_hi - window_left, kv_lo)
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=SROW_L)
             l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=SROW_L)
             acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=O_LAYOUT)
@@ -626,8 +684,9 @@ if HAVE_GLUON:
                                   gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False,
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s,))
-                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, qk_scale,
-                                                      kv_start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, kv_start, kv_end, row_hi, row_lo, qk_scale,
+                                                      soft_cap_log2, _needs_mask(kv_start, full_lo, full_hi, WINDOW),
+                                                      CAUSAL, WINDOW, SOFTCAP, BLOCK_N, S_LAYOUT)
                 p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
                 prev = slot
                 it += 1
@@ -640,8 +699,9 @@ if HAVE_GLUON:
                     # O += P_{j-1} V_{j-1}, queued behind S_j: it runs during this block's softmax
                     acc = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
                     s = warpgroup_mma_wait(1, deps=(s,))
-                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
-                                                          start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_lo, qk_scale,
+                                                          soft_cap_log2, _needs_mask(start, full_lo, full_hi, WINDOW),
+                                                          CAUSAL, WINDOW, SOFTCAP, BLOCK_N, S_LAYOUT)
                     acc = warpgroup_mma_wait(0, deps=(acc,))
                     _cta_barrier()  # every warp of this group is done with block j - 1's slot
                     mbarrier.arrive(empty.index(prev))
@@ -670,11 +730,13 @@ if HAVE_GLUON:
         stride_vp, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_lt,
         stride_tt, stride_th, stride_tl,
-        num_kv_heads, group_size, heads_per_prog, qk_scale, tma_rpp, tma_hrows, tma_hcols,
+        num_kv_heads, group_size, heads_per_prog, qk_scale, tma_rpp, tma_hrows, tma_hcols, soft_cap_log2,
+        window_left,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
         Q_SMEM: gl.constexpr = False, TMA: gl.constexpr = False, Q_AHEAD: gl.constexpr = False,
+        SOFTCAP: gl.constexpr = False, WINDOW: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -683,8 +745,13 @@ if HAVE_GLUON:
         blocks); TMA: the producer bulk-copies whole KV blocks through the tensor descriptors KD / VD, row
         page * tma_rpp + slot + kv_head * tma_hrows, column kv_head * tma_hcols (tma_views(); without TMA,
         KD / VD are not read); Q_AHEAD: each consumer group copies the next task's Q into shared memory while
-        this task runs (_ws_consumer)."""
+        this task runs (_ws_consumer). SOFTCAP: logits soft cap (qk_scale = sm_scale / cap, soft_cap_log2 = cap *
+        log2(e), kernels/attention.py's convention); WINDOW: a sliding window of window_left columns left of each
+        row's diagonal (the plan's items start where their first row's window does; with TMA the blocks start on
+        the page below, _ws_kv_start)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
+        # with a window and bulk copies, blocks start on a copy boundary (_ws_kv_start); elsewhere where the item does
+        KV_ALIGN: gl.constexpr = ((min(PAGE_SIZE, BLOCK_N) if PAGED else BLOCK_N) if (WINDOW and TMA) else 1)
         dtype: gl.constexpr = Q.dtype.element_ty
         SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], SMEM_LAYOUT)
@@ -703,16 +770,18 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM, Q_AHEAD)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, soft_cap_log2,
+                            window_left, q_all, HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM,
+                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, q_all,
-                            HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM, Q_AHEAD)),
+                            stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, soft_cap_log2,
+                            window_left, q_all, HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM,
+                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN)),
             (_ws_producer, (K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
-                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4, TMA)),
+                            HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, STAGES, 4, TMA, KV_ALIGN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
     def tma_views(k, v, strides_k, strides_v, paged: bool, page_size: int, block_n: int, head_dim: int,
