@@ -13,6 +13,7 @@ decode run(). Runs anywhere:
     python scripts/plan_time.py --cases --flashinfer     # and FlashInfer 0.6.0's decode plan() of each case
     python scripts/plan_time.py --stats                  # also the decode-wrapper plan's median and p90,
                                                          # with the stream drained first and back to back
+    python scripts/plan_time.py --window 4095            # every decode-wrapper plan with that window_left
 
 First the host's speed: a fixed NumPy / Python workload (host_speed_us), a rough gauge of the host at the time.
 Also times the engine's way of planning a decode step (the prefill wrapper with one query per request)
@@ -34,11 +35,15 @@ def _min_us(fn, n=1500):
     return float(host_times_us(fn, n).min())
 
 
+# --window W: the decode-wrapper plans take window_left=W (a sliding-window model's decode steps)
+WINDOW = dict(window_left=int(sys.argv[sys.argv.index("--window") + 1])) if "--window" in sys.argv else {}
+
+
 def _decode_plan(wrapper, s, indices=None):
     """A call of a decode wrapper's plan() (pagoda's or FlashInfer's: the same arguments) for PagedSetup s, 32 / 8
     heads of 128; indices: the page ids to pass instead of s.indices."""
     ids = s.indices if indices is None else indices
-    return lambda: wrapper.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+    return lambda: wrapper.plan(s.indptr, ids, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16, **WINDOW)
 
 
 def _spread(fn, n, p90=False) -> str:

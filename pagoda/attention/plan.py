@@ -189,9 +189,9 @@ def plan_work(
         qo_lens = np.diff(qo_indptr)
         one_query = bool(qo_lens.size and qo_lens.min() == 1 and qo_lens.max() == 1)
     decode = one_query and len(kv_lens) > 0
-    if decode and window_left < 0 and kv_ranges is None:  # the common decode step, in few NumPy calls
+    if decode and kv_ranges is None:  # the common decode step, in few NumPy calls
         return _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
-                            total_kv)
+                            total_kv, window_left)
     if qo_lens is None:
         qo_lens = np.diff(qo_indptr)
     if decode:  # one one-token tile per request
@@ -289,30 +289,40 @@ def plan_work(
 
 
 def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
-                 total_kv=None) -> WorkPlan:
-    """plan_work for a decode batch without a window or variant (one query per request): the same
-    work list as the general path (tests/attention/test_plan.py compares them), built with a few
-    whole-array NumPy calls (a few requests: plain Python, cheaper than NumPy calls on tiny arrays);
-    plan() runs once per decode step."""
+                 total_kv=None, window_left=-1) -> WorkPlan:
+    """plan_work for a decode batch without a variant (one query per request): the same work list as the
+    general path (tests/attention/test_plan.py compares them), built with a few whole-array NumPy calls (a few
+    requests: plain Python, cheaper than NumPy calls on tiny arrays); plan() runs once per decode step. A window
+    (window_left >= 0) plans each request's last window_left + 1 tokens (its query's window)."""
     n = len(kv_lens)
     if n <= SMALL_BATCH:
-        return _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows)
-    neg = -kv_lens
+        return _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
+                                  window_left)
+    lo = None
+    if window_left >= 0:  # (the window's first token, and the ranges' total for the cost model)
+        lo = np.maximum(kv_lens - (window_left + 1), 0)
+        neg = lo - kv_lens
+        total_kv = None
+    else:
+        neg = -kv_lens
     order = np.argsort(neg, kind="stable")  # longest first (the work list's order when nothing is split)
     neg_sorted = neg[order]
-    L = _choose_chunk_len(kv_lens, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted, total_kv)
+    L = _choose_chunk_len(-neg if lo is not None else kv_lens, None, config, tasks_per_item, num_ctas,
+                          max_partial_rows, neg_sorted, total_kv)
     if L >= -int(neg_sorted[0]):  # nothing split (most steps)
-        kv_sorted = -neg_sorted
+        kv_sorted = -neg_sorted if lo is None else kv_lens[order]
         work = _unsplit_decode_rows(n)  # (the constant fields filled: q_len 1, kv_start 0, no partial / split)
         work[:, 0] = qo_indptr[:-1][order]
         work[:, 2] = kv_base[order]
+        if lo is not None:
+            work[:, 3] = lo[order]
         work[:, 4] = kv_sorted
         work[:, 5] = kv_sorted - 1
         work[:, 8] = order
         return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(L))
-    n_chunks = np.maximum(1, -(-kv_lens // L))
+    n_chunks = np.maximum(1, -(-(kv_lens if lo is None else -neg) // L))
     req, chunk = _segment_index(n_chunks)
-    kv_s = chunk * L
+    kv_s = chunk * L if lo is None else lo[req] + chunk * L
     kv_e = np.minimum(kv_s + L, kv_lens[req])
     split = n_chunks > 1
     rows = np.where(split, n_chunks, 0)  # one partial row per chunk of a split request
@@ -357,27 +367,30 @@ def _unsplit_decode_rows(n: int) -> np.ndarray:
 SMALL_BATCH = 8  # decode batches up to this size are planned in plain Python (_plan_decode_small)
 
 
-def _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows
-                       ) -> WorkPlan:
+def _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
+                       window_left=-1) -> WorkPlan:
     """_plan_decode for a few requests, in Python lists: the same work list, split table and chunk length
     (tests/attention/test_plan.py compares them)."""
     lens = kv_lens.tolist()
+    # each request's first planned token: 0, or its window's
+    los = [max(n - (window_left + 1), 0) for n in lens] if window_left >= 0 else [0] * len(lens)
     q0 = qo_indptr[:-1].tolist()
     base = kv_base.tolist()
-    L = _choose_chunk_len_small(lens, config, tasks_per_item, num_ctas, max_partial_rows)
+    L = _choose_chunk_len_small([n - a for n, a in zip(lens, los)], config, tasks_per_item, num_ctas,
+                                max_partial_rows)
     items, splits, rows = [], [], 0
-    for r, n in enumerate(lens):
-        chunks = max(1, -(-n // L))
+    for r, (n, a) in enumerate(zip(lens, los)):
+        chunks = max(1, -(-(n - a) // L))
         q, b = q0[r], base[r]
         if chunks > 1:  # chunks of L tokens, then the rest (a request of one long prompt: tens of them)
             sid, first = len(splits), rows
             splits.append((rows, chunks))
             rows += chunks
             items += [(q, 1, b, s, s + L, n - 1, first + c, sid, r)
-                      for c, s in enumerate(range(0, (chunks - 1) * L, L))]
-            items.append((q, 1, b, (chunks - 1) * L, n, n - 1, first + chunks - 1, sid, r))
+                      for c, s in enumerate(range(a, a + (chunks - 1) * L, L))]
+            items.append((q, 1, b, a + (chunks - 1) * L, n, n - 1, first + chunks - 1, sid, r))
         else:
-            items.append((q, 1, b, 0, n, n - 1, -1, -1, r))
+            items.append((q, 1, b, a, n, n - 1, -1, -1, r))
     if len(lens) > 1:  # (one request's items are longest first already: whole chunks, then the rest)
         items.sort(key=lambda it: it[3] - it[4])  # longest first, stable (Python's sort is)
     # (flattened: ~3 us faster than np.array over a list of tuples at 28 items)

@@ -157,15 +157,17 @@ def test_unsplit_fast_path_equals_general_path(decode):
     np.testing.assert_array_equal(fast.work, general.work)
 
 
+@pytest.mark.parametrize("window_left", [-1, 0, 700, 5000])
 @pytest.mark.parametrize("num_ctas", [4, 132, 528])
-def test_decode_path_equals_general_path(num_ctas):
-    """Decode batches (split or not) are planned by _plan_decode; the general path (forced through kv_ranges
-    that state each request's whole range) must give the same work list, split table and partial rows."""
+def test_decode_path_equals_general_path(num_ctas, window_left):
+    """Decode batches (split or not, with or without a window) are planned by _plan_decode; the general path
+    (forced through kv_ranges that state each request's whole range) must give the same work list, split table
+    and partial rows."""
     rng = np.random.default_rng(num_ctas)
     split_tiles = 0
     for kv in (rng.integers(1, 40000, size=7), np.array([32768] + [512] * 63), rng.integers(0, 3000, size=50)):
         qo_indptr = np.arange(len(kv) + 1)
-        args = dict(causal=False, window_left=-1, config=KernelConfig(16, 64, 4, 3, 4, 4), tasks_per_item=8,
+        args = dict(causal=False, window_left=window_left, config=KernelConfig(16, 64, 4, 3, 4, 4), tasks_per_item=8,
                     num_ctas=num_ctas, max_partial_rows=100_000)
         base = rng.integers(0, 1000, size=len(kv))
         fast = plan_work(qo_indptr, kv, base, **args)
@@ -174,7 +176,13 @@ def test_decode_path_equals_general_path(num_ctas):
         np.testing.assert_array_equal(fast.work, general.work)
         np.testing.assert_array_equal(fast.splits, general.splits)
         split_tiles += len(fast.splits)
-    assert split_tiles > 0, "no case split: the split path went untested"
+        if window_left >= 0:  # the items cover each request's window, from its first token
+            lo = np.maximum(kv - window_left - 1, 0)
+            firsts = {}
+            for r, a in zip(fast.work[:, 8], fast.work[:, 3]):
+                firsts[r] = min(firsts.get(r, a), a)
+            assert [firsts[r] for r in range(len(kv))] == lo.tolist()
+    assert split_tiles > 0 or window_left in (0, 700), "no case split: the split path went untested"
 
 
 def _chunk_len_full_search(rng, tlen, config, tasks_per_item, num_ctas, max_partial_rows):
