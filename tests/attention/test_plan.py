@@ -552,7 +552,7 @@ def test_gluon_kernels_take_windows_and_soft_caps(kw, monkeypatch):
 @pytest.mark.parametrize("graph", [False, True])
 def test_window_that_cuts_nothing_is_dropped(graph, monkeypatch):
     """A window no request's KV reaches past (kv_len <= window_left + 1 for all) is planned and run as none by an
-    eager wrapper (no window masks compiled in; a decode takes the fast planner) with the same result as the
+    eager wrapper (no window masks compiled in) with the same result as the
     reference with the window; a window that cuts one request is kept, and a CUDA-graph wrapper keeps its window
     whatever the lengths (its captured kernel must serve later plans)."""
     import torch
