@@ -372,12 +372,15 @@ def _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_
     """_plan_decode for a few requests, in Python lists: the same work list, split table and chunk length
     (tests/attention/test_plan.py compares them)."""
     lens = kv_lens.tolist()
-    # each request's first planned token: 0, or its window's
-    los = [max(n - (window_left + 1), 0) for n in lens] if window_left >= 0 else [0] * len(lens)
+    # each request's first planned token (0, or its window's) and planned tokens
+    if window_left >= 0:
+        los = [max(n - (window_left + 1), 0) for n in lens]
+        spans = [n - a for n, a in zip(lens, los)]
+    else:
+        los, spans = [0] * len(lens), lens
     q0 = qo_indptr[:-1].tolist()
     base = kv_base.tolist()
-    L = _choose_chunk_len_small([n - a for n, a in zip(lens, los)], config, tasks_per_item, num_ctas,
-                                max_partial_rows)
+    L = _choose_chunk_len_small(spans, config, tasks_per_item, num_ctas, max_partial_rows)
     items, splits, rows = [], [], 0
     for r, (n, a) in enumerate(zip(lens, los)):
         chunks = max(1, -(-(n - a) // L))
