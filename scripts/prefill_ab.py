@@ -45,10 +45,11 @@ def main():
             (runner.SM90_CONFIG, runner.SM90_LONG_CONFIG, runner.SM90_LONG_CONFIG_D64, runner.SM90_CONFIG_D256,
              runner.PREFILL_BAND) = DEFAULTS
             if cfg:
-                runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = runner.SM90_LONG_CONFIG_D64 = runner.SM90_CONFIG_D256 = dict(
-                    block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
-                    q_smem=cfg[4] if len(cfg) > 4 else 0, tma=cfg[6] if len(cfg) > 6 else 1,
-                    q_ahead=cfg[7] if len(cfg) > 7 else 0)
+                forced = dict(block_n=cfg[0], stages=cfg[1], producer_regs=cfg[2], consumer_regs=cfg[3],
+                              q_smem=cfg[4] if len(cfg) > 4 else 0, tma=cfg[6] if len(cfg) > 6 else 1,
+                              q_ahead=cfg[7] if len(cfg) > 7 else 0)
+                runner.SM90_CONFIG = runner.SM90_LONG_CONFIG = runner.SM90_LONG_CONFIG_D64 = forced
+                runner.SM90_CONFIG_D256 = forced
                 runner.PREFILL_BAND = ("off", "on", "auto")[cfg[5] if len(cfg) > 5 else 2]
             wp = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
             wp.plan(qo, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)

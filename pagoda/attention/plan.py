@@ -298,19 +298,18 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
     if n <= SMALL_BATCH:
         return _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, max_partial_rows,
                                   window_left)
-    lo = None
-    if window_left >= 0:  # (the window's first token, and the ranges' total for the cost model)
-        lo = np.maximum(kv_lens - (window_left + 1), 0)
-        neg = lo - kv_lens
-        total_kv = None
-    else:
-        neg = -kv_lens
+    # the tokens each request's query sees (all, or its window's last window_left + 1) and where they start
+    span, lo = kv_lens, None
+    if window_left >= 0:
+        span = np.minimum(kv_lens, window_left + 1)
+        lo = kv_lens - span
+        total_kv = None  # (the cost model sums the spans)
+    neg = -span
     order = np.argsort(neg, kind="stable")  # longest first (the work list's order when nothing is split)
     neg_sorted = neg[order]
-    L = _choose_chunk_len(-neg if lo is not None else kv_lens, None, config, tasks_per_item, num_ctas,
-                          max_partial_rows, neg_sorted, total_kv)
+    L = _choose_chunk_len(span, None, config, tasks_per_item, num_ctas, max_partial_rows, neg_sorted, total_kv)
     if L >= -int(neg_sorted[0]):  # nothing split (most steps)
-        kv_sorted = -neg_sorted if lo is None else kv_lens[order]
+        kv_sorted = kv_lens[order] if lo is not None else -neg_sorted
         work = _unsplit_decode_rows(n)  # (the constant fields filled: q_len 1, kv_start 0, no partial / split)
         work[:, 0] = qo_indptr[:-1][order]
         work[:, 2] = kv_base[order]
@@ -320,7 +319,7 @@ def _plan_decode(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_ctas, 
         work[:, 5] = kv_sorted - 1
         work[:, 8] = order
         return WorkPlan(work, np.empty((0, SPLIT_FIELDS), dtype=np.int32), 0, int(L))
-    n_chunks = np.maximum(1, -(-(kv_lens if lo is None else -neg) // L))
+    n_chunks = np.maximum(1, -(-span // L))
     req, chunk = _segment_index(n_chunks)
     kv_s = chunk * L if lo is None else lo[req] + chunk * L
     kv_e = np.minimum(kv_s + L, kv_lens[req])
@@ -372,10 +371,10 @@ def _plan_decode_small(qo_indptr, kv_lens, kv_base, config, tasks_per_item, num_
     """_plan_decode for a few requests, in Python lists: the same work list, split table and chunk length
     (tests/attention/test_plan.py compares them)."""
     lens = kv_lens.tolist()
-    # each request's first planned token (0, or its window's) and planned tokens
+    # the tokens each request's query sees (_plan_decode's span) and where they start
     if window_left >= 0:
-        los = [max(n - (window_left + 1), 0) for n in lens]
-        spans = [n - a for n, a in zip(lens, los)]
+        spans = [min(n, window_left + 1) for n in lens]
+        los = [n - t for n, t in zip(lens, spans)]
     else:
         los, spans = [0] * len(lens), lens
     q0 = qo_indptr[:-1].tolist()

@@ -741,8 +741,9 @@ class BatchAttention:
                 self._int_buf, self._arrivals, kt if per_head else dummy, vt if per_head else dummy,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
-                p.scalars[7], WRITE_LSE=lse is not None, SCALE_PTR=per_head, SAME_STRIDES=strides_k[:2] == strides_v[:2],
-                EARLY_KV=pdl_early_kv and pdl["PDL"], **p.decode_sm90_constexprs, **pdl)
+                p.scalars[7], WRITE_LSE=lse is not None, SCALE_PTR=per_head,
+                SAME_STRIDES=strides_k[:2] == strides_v[:2], EARLY_KV=pdl_early_kv and pdl["PDL"],
+                **p.decode_sm90_constexprs, **pdl)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,

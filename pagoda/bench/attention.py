@@ -245,12 +245,6 @@ def _put_us(row, key, seconds) -> None:
         row[key] = seconds * 1e6
 
 
-def _window_kv(kv_lens, kw) -> list[int]:
-    """The KV tokens a decode reads per request: all, or under window_left its last window_left + 1."""
-    w = kw.get("window_left", -1)
-    return [n if w < 0 else min(n, w + 1) for n in kv_lens]
-
-
 def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, **kw):
     """kernel_times: also each library's kernel_time, and the graph time of a copy of the same bytes. kw: plan()
     arguments both libraries take (window_left, logits_soft_cap); kv_MB is then the bytes the window reads, and
@@ -271,7 +265,8 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, 
         w.run(q, s.cache, out=out)
     run_host_us = (time.perf_counter() - t0) / 20 * 1e6
     torch.cuda.synchronize()
-    read_bytes = s.kv_bytes * sum(_window_kv(kv_lens, kw)) / sum(kv_lens)
+    w_left = kw.get("window_left", -1)  # (a window reads each request's last window_left + 1 tokens)
+    read_bytes = s.kv_bytes * sum(n if w_left < 0 else min(n, w_left + 1) for n in kv_lens) / sum(kv_lens)
     row = {"case": name, "kind": "decode", "kv_MB": read_bytes / 1e6, "plan_us": plan_us, "run_host_us": run_host_us,
            "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out), "pagoda") * 1e6}
     if kernel_times:

@@ -122,7 +122,8 @@ def fmt_prefill(rows):
     lines = [f"{'variant':14s} {'case':9s} {'pagoda us':>10} {'TF/s':>6} {'FI us':>8} {'x FI':>6} {'SDPA us':>8} "
              f"{'x SDPA':>6}"]
     for r in rows:
-        lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {r['tflop'] / r['pagoda_us'] * 1e6:6.0f} "
+        tfs = r['tflop'] / r['pagoda_us'] * 1e6
+        lines.append(f"{r['variant']:14s} {r['case']:9s} {r['pagoda_us']:10.1f} {tfs:6.0f} "
                      f"{_peer(r, 'flashinfer_us')} {_peer(r, 'sdpa_us')}")
     return "\n".join(lines)
 

@@ -866,8 +866,9 @@ def test_prefill_sm90_tma(block_n, page_size, layout, tuple_cache, head_dim, mon
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_sm90_head_dim_256(page_size, layout, tuple_cache, causal, monkeypatch):
     """head_dim 256 on the Gluon prefill kernel (runner.SM90_CONFIG_D256, plan CUDA_CONFIGS ("prefill-sm90", 256):
-    128-row tiles, Q in shared memory, 32-token blocks on 4 stages): bulk copies and cp.async gathers (pages of 1 and 24 tokens), and a
-    plan that splits its tiles' KV (few tiles, long KV), whose merge sums the outputs in two column slices."""
+    128-row tiles, Q in shared memory, 32-token blocks on 4 stages): bulk copies and cp.async gathers (pages of 1
+    and 24 tokens), and a plan that splits its tiles' KV (few tiles, long KV), whose merge sums the outputs in two
+    column slices."""
     from pagoda.attention import runner
 
     w = prefill_sm90_against_reference(True, 256, causal, (16, 4), torch.bfloat16, monkeypatch, page_size=page_size,
