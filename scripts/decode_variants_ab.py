@@ -10,7 +10,8 @@ drift falls on every variant alike. Each variant's output is checked against the
         [--cuda-graph]                       # (wrappers made with use_cuda_graph=True, as the engine's)
     python scripts/decode_variants_ab.py ";cfg=64:3:4:128" --head-dim 64
         # cfg=BLOCK_N:STAGES:CTAS_PER_SM:MAXNREG: the Gluon decode kernel's configuration for a 16-bit cache at
-        # this head_dim (runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM) while that variant's wrapper plans
+        # this head_dim (runner.DECODE_GLUON_CONFIG_BY_HEAD_DIM) while that variant's wrapper plans (MAXNREG 0:
+        # no cap)
 
 Prints, per case, the median of each variant's times over the rounds (and each round), GB/s and the ratio to
 the copy bandwidth measured in the same run.
@@ -38,13 +39,14 @@ def planned(env: dict, s, head_dim: int, graph: bool = False):
     saved = dict(table)
     if cfg is not None:
         bn, st, ctas, regs = (int(x) for x in cfg.split(":"))
-        table[(2, head_dim)] = dict(block_n=bn, stages=st, ctas_per_sm=ctas, maxnreg=regs, rows=8)
+        table[(2, head_dim)] = dict(block_n=bn, stages=st, ctas_per_sm=ctas, maxnreg=regs or None, rows=8)
     runner._gluon_decode_config.cache_clear()
     try:
-        with mock.patch.dict(os.environ, env):  # (the switches are read when the wrapper is made)
+        # (most switches are read when the wrapper is made, the kernel choice (PAGODA_DECODE_KERNEL) at its plan)
+        with mock.patch.dict(os.environ, env):
             w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                           use_cuda_graph=graph)
-        w.plan(s.indptr, s.indices, s.last, HQ, HK, head_dim, PS, q_data_type=DT)
+            w.plan(s.indptr, s.indices, s.last, HQ, HK, head_dim, PS, q_data_type=DT)
     finally:
         table.clear()
         table.update(saved)

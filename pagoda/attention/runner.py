@@ -80,7 +80,9 @@ DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128,
 # 3 under 168: 64x2048 82.9 -> 67.9 us, 32x8192 159.8 -> 132.8, 16x4096 43.8 -> 39.7, 128x1024 75.5 -> 69.0,
 # 256x512 80.7 -> 72.8, 1x32768 and 1x1024 the same; 3 stages x 3 / x 4 and 4 stages x 3 between the two, 5
 # programs under 96 registers (64 B of stack) slower than 4 everywhere
-DECODE_GLUON_CONFIG_BY_HEAD_DIM = {(2, 64): dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8)}
+DECODE_GLUON_CONFIG_BY_HEAD_DIM = {(2, 64): dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8),
+                                   (2, 256): dict(block_n=64, stages=3, ctas_per_sm=1, maxnreg=None, rows=8),
+                                   (1, 256): dict(block_n=64, stages=2, ctas_per_sm=2, maxnreg=None, rows=8)}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -480,7 +482,7 @@ class BatchAttention:
         """Decode plans the Gluon decode kernel serves (kernels/decode_sm90.py): on sm_90 (with the Triton the
         kernel was written for), fp16 / bf16 queries over an fp8 cache (PAGODA_FP8_DECODE_KERNEL: "auto", the
         default, or "triton" to keep the Triton kernel for comparisons) or over a cache of their own dtype
-        (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128, windows and soft caps, no
+        (PAGODA_DECODE_KERNEL: "auto", the default, or "triton"), head_dim 64 / 128 / 256, windows and soft caps, no
         variant / custom mask. Asked when a wrapper's plan changes kernel key (_plan_batch keeps its last choice):
         the switches are read then, not at every plan."""
         fp8 = kv_dtype in FP8_DTYPES
@@ -491,7 +493,7 @@ class BatchAttention:
         return (choice == "auto" and decode_sm90.HAVE_GLUON and self._backend == "triton"
                 and self.device.type == "cuda" and _capability(self.device) == (9, 0)
                 and (fp8 or kv_dtype == q_dtype) and q_dtype in (torch.float16, torch.bfloat16)
-                and head_dim in (64, 128) and no_mask and self._variant is None and self._paged)
+                and head_dim in (64, 128, 256) and no_mask and self._variant is None and self._paged)
 
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,

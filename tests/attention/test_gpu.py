@@ -169,20 +169,23 @@ def test_decode_early_pages(kv_lens, page_size, head_dim, kv_dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((32, 32), 128), ((64, 8), 128), ((40, 8), 64),
-                                            ((128, 8), 128)])
+                                            ((128, 8), 128), ((32, 8), 256), ((16, 8), 256), ((64, 8), 256)])
 @pytest.mark.parametrize("kv_lens", [[32768], [32768, 5, 3000], [65536]])
 def test_decode_many_chunks(heads, head_dim, kv_lens):
-    """Split tiles of many chunks (a lone 32k request is ~32 per KV head): the Gluon decode kernel's one-query
-    merge (prefill_sm90._merge_one_query) takes several rounds of chunks there, with groups 1, 4, 5, 8 and 16
-    (merge rows 1, 4, 8, 8, 16), against the float64 oracle; output and LSE poisoned first."""
+    """Split tiles of many chunks (a lone 32k request is ~32 per KV head at head_dim 128, ~16 at 256): the Gluon
+    decode kernel's one-query merge (prefill_sm90._merge_one_query) takes several rounds of chunks there, with
+    groups 1, 2, 4, 5, 8 and 16 (merge rows 1, 2, 4, 8, 8, 16; head_dim 256: 8 fp32 a lane), against the float64
+    oracle; output and LSE poisoned first."""
     def many_chunks(w):  # more chunks than one round of the merge's loads (4 to 16 chunks)
         assert int(w._plan.work.splits[:, 1].max()) > 8
+        if torch.cuda.get_device_capability() == (9, 0):
+            assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
 
     decode_against_reference(16, heads, head_dim, kv_lens, many_chunks)
 
 
 @pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128),
-                                                      (16, (32, 32), 64)])
+                                                      (16, (32, 32), 64), (16, (16, 8), 256)])
 @pytest.mark.parametrize("kw", [{"window_left": 0}, {"window_left": 100}, {"window_left": 5000},
                                 {"logits_soft_cap": 30.0}, {"logits_soft_cap": 5.0, "window_left": 777}])
 def test_decode_gluon_window_soft_cap(page_size, heads, head_dim, kw):
@@ -201,7 +204,8 @@ def test_decode_gluon_window_soft_cap(page_size, heads, head_dim, kw):
     decode_against_reference(page_size, heads, head_dim, (1, 4096, 333, 17, 32768, 8191), gluon, **kw)
 
 
-@pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128)])
+@pytest.mark.parametrize("page_size,heads,head_dim", [(16, (32, 8), 128), (1, (64, 8), 64), (37, (40, 8), 128),
+                                                      (16, (16, 8), 256)])
 def test_decode_triton_kernel_where_gluon_is_default(page_size, heads, head_dim, monkeypatch):
     """PAGODA_DECODE_KERNEL=triton: the Triton decode kernel (what GPUs other than sm_90 run) on plans the Gluon
     kernel serves by default on sm_90, against the same reference as test_decode_real_sizes."""
@@ -499,7 +503,9 @@ def test_fp8_decode_real_sizes(fp8, q_dtype, head_dim, per_head):
     (torch.float8_e5m2, torch.float16, 128, 64, True, {}), (torch.float8_e5m2, torch.float16, 64, 16, True, {}),
     (torch.float8_e4m3fn, torch.bfloat16, 64, 64, False, {}),
     (torch.float8_e4m3fn, torch.bfloat16, 128, 16, True, {"logits_soft_cap": 5.0, "window_left": 9000}),
-    (torch.float8_e5m2, torch.float16, 64, 1, False, {"logits_soft_cap": 30.0})])
+    (torch.float8_e5m2, torch.float16, 64, 1, False, {"logits_soft_cap": 30.0}),
+    (torch.float8_e4m3fn, torch.bfloat16, 256, 16, True, {}),
+    (torch.float8_e4m3fn, torch.bfloat16, 256, 1, False, {"logits_soft_cap": 50.0, "window_left": 4095})])
 def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, kw, monkeypatch):
     """The Gluon fp8 decode kernel (the default on sm_90) against the float64 reference and the Triton kernel
     (PAGODA_FP8_DECODE_KERNEL=triton): lengths that end mid-block and mid-page, a 1-token and a split 32k
@@ -510,7 +516,7 @@ def test_fp8_decode_gluon_kernel(fp8, q_dtype, head_dim, page_size, per_head, kw
         pytest.skip("the Gluon fp8 decode kernel is for sm_90")
     from .test_fp8 import quantized_batch
 
-    hq, hk = (32, 8) if head_dim == 128 else (64, 8)
+    hq, hk = {128: (32, 8), 64: (64, 8), 256: (16, 8)}[head_dim]
     kv_lens = [1, 4096, 333, 17, 32768, 70, 2047]
     batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, hk, head_dim, page_size, fp8, per_head=per_head,
                                                    dtype=q_dtype)

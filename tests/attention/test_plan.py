@@ -304,7 +304,7 @@ def test_latency_bound_batches_use_their_item_cost():
 
 
 @pytest.mark.parametrize("group,rows", [(1, 8), (4, 8), (8, 8), (16, 16)])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gluon_decode_config_rows(group, rows, head_dim):
     """The Gluon decode kernel's tile is the group's query heads (the wgmma's N), at least 8 rows, whatever the
     Triton decode config's minimum (16); its KV block, programs per SM and register cap come from
@@ -325,6 +325,9 @@ def test_gluon_decode_config_rows(group, rows, head_dim):
     if head_dim == 64:
         assert runner._gluon_decode_config(base, 2, 64).ctas_per_sm == 4
         assert runner._gluon_decode_config(base, 2, 64).maxnreg == 128
+    if head_dim == 256:  # 64 KB a stage (16-bit): one program per SM, no register cap under the hardware's
+        assert runner._gluon_decode_config(base, 2, 256).ctas_per_sm == 1
+        assert runner._gluon_decode_config(base, 2, 256).maxnreg is None
 
 
 def test_prefill_band_threshold():

@@ -28,9 +28,9 @@ scripts/fp8_probe.py): fp8 1.7-1.9x the bf16 decode's KV tokens/s where that is 
 fp8: queries compute in fp16 (bf16 queries are clamped to fp16's range, as in kernels/attention.py), the cache's
 scales fold into the logits' scale and the output. Tasks (item, KV head, head split) go over the persistent grid
 in the snake order of kernels/prefill_sm90.py; split tiles write partial states and the last chunk merges them
-(_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128, groups up to 16, sliding windows and
-logits soft caps, no variant / custom mask, not a cascade level; the runner uses the Triton kernel for everything else
-(PAGODA_DECODE_KERNEL=triton / PAGODA_FP8_DECODE_KERNEL=triton force it).
+(_epilogue). Scope: decode plans (one query per request), head_dim 64 / 128 / 256, groups up to 16, sliding windows
+and logits soft caps, no variant / custom mask, not a cascade level; the runner uses the Triton kernel for everything
+else (PAGODA_DECODE_KERNEL=triton / PAGODA_FP8_DECODE_KERNEL=triton force it).
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ if HAVE_GLUON:
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
-        (num_warps 4), BLOCK_N 64, HEAD_DIM 64 or 128, BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
+        (num_warps 4), BLOCK_N 64, HEAD_DIM 64, 128 or 256 (a 16-bit ring of 64 KB a stage: one program per SM),
+        BLOCK_M (the tile's query rows, the MMA's N) 8 or 16.
         SAME_STRIDES: K and V have the same page and slot strides (one row offset for both). MERGE_ROWS: the
         query heads' rows of a tile, a power of two (prefill_sm90._merge_one_query; 0: merge all BLOCK_M rows).
         TRACE (probes only, scripts/decode_timeline.py): int64 [programs, 1 + TRACE_SLOTS * TRACE_ROUNDS] of
@@ -150,7 +151,7 @@ if HAVE_GLUON:
         A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
-        gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
+        gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128 or HEAD_DIM == 256)
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)

@@ -272,10 +272,12 @@ if HAVE_GLUON:
         online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
         1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
         scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
-        TPD: gl.constexpr = HEAD_DIM // 4  # lanes along head_dim, 4 fp32 (16 bytes) each
-        L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
+        VEC: gl.constexpr = max(4, HEAD_DIM // 32)  # fp32 per thread and row (16 bytes; head_dim 256: 32)
+        TPD: gl.constexpr = HEAD_DIM // VEC  # lanes along head_dim
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, VEC], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
         RPT: gl.constexpr = max(1, ROWS // (32 // TPD * 4))  # rows per thread
-        CH: gl.constexpr = 16 // RPT  # chunks per load: 64 fp32 of partial state per thread
+        # chunks per load: 16 chunks' states (64 fp32 a thread; head_dim 256: 128, a kernel of one program per SM)
+        CH: gl.constexpr = 16 // RPT
         S_L: gl.constexpr = gl.SliceLayout(2, L3)  # [CH, ROWS]
         A_L: gl.constexpr = gl.SliceLayout(0, L3)  # [ROWS, HEAD_DIM]
         offs_c = gl.arange(0, CH, layout=gl.SliceLayout(1, S_L))
