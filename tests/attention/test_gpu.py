@@ -45,7 +45,7 @@ def decode_against_reference(page_size, heads, head_dim, kv_lens=(1, 4096, 333, 
 
 @pytest.mark.parametrize("kv_lens,page_size,head_dim", [
     ([1024], 16, 128), ([1025], 16, 128), ([65], 16, 128), ([32768], 16, 128), ([2048] * 64, 16, 128),
-    ([700, 5, 3000, 64], 1, 64), ([1, 129, 4096], 16, 128)])
+    ([700, 5, 3000, 64], 1, 64), ([1, 129, 4096], 16, 128), ([1, 129, 4096, 32768], 16, 256)])
 def test_decode_early_kv(kv_lens, page_size, head_dim):
     """run(enable_pdl=True, pdl_early_kv=True) (decode_sm90's EARLY_KV: round 0's KV blocks before the one that
     holds the request's last token copied before the PDL wait) right behind a kernel that writes each request's
