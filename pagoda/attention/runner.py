@@ -79,7 +79,13 @@ DECODE_GLUON_CONFIG = {1: dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128,
 # of the DRAM busy: H200, session 26 (`scripts/decode_variants_ab.py ";cfg=64:2:4:128" --head-dim 64`), against
 # 3 under 168: 64x2048 82.9 -> 67.9 us, 32x8192 159.8 -> 132.8, 16x4096 43.8 -> 39.7, 128x1024 75.5 -> 69.0,
 # 256x512 80.7 -> 72.8, 1x32768 and 1x1024 the same; 3 stages x 3 / x 4 and 4 stages x 3 between the two, 5
-# programs under 96 registers (64 B of stack) slower than 4 everywhere
+# programs under 96 registers (64 B of stack) slower than 4 everywhere. head_dim 256: a 64-token block of a 16-bit
+# cache is 64 KB, so 3 stages on one program per SM (229 registers, no cap needed); H200, session 31 (`python
+# scripts/decode_variants_ab.py "PAGODA_DECODE_KERNEL=triton;" --head-dim 256`), against the Triton kernel: 1x32768
+# 98.9 -> 71.0 us, 64x2048 269.4 -> 252.0, 16x4096 145.6 -> 136.1, 1x1024 33.6 -> 15.8; 2 stages within -1..+5 us.
+# fp8 at head_dim 256 (250 registers): 2 stages on 2 programs per SM, the fastest of 2 x 2, 3 x 2, 3 x 1, 4 x 1 in
+# 1x32768 / 64x2048 / 16x4096 / 1x1024 (`--kv-dtype float8_e4m3fn`: one program per SM +7 / +41 us at 1x32768 /
+# 64x2048); the Triton kernel 101.4 / 263.8 us, this one 43.6 / 130.9
 DECODE_GLUON_CONFIG_BY_HEAD_DIM = {(2, 64): dict(block_n=64, stages=2, ctas_per_sm=4, maxnreg=128, rows=8),
                                    (2, 256): dict(block_n=64, stages=3, ctas_per_sm=1, maxnreg=None, rows=8),
                                    (1, 256): dict(block_n=64, stages=2, ctas_per_sm=2, maxnreg=None, rows=8)}
