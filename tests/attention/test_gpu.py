@@ -476,6 +476,37 @@ def test_cascade_matches_flat_and_replays_in_cuda_graph():
     assert rel_err(out, flat.run(q, cache)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_decode_gluon_head_dim_256_group_16(kv_dtype):
+    """head_dim 256 with 16 query heads a KV head (the Gluon decode kernel's widest tile: 16 rows, merge rows 16,
+    4 chunks a merge round; fp8 at the hardware's 255 registers): a split 32k request and short ones against the
+    float64 oracle, output and LSE poisoned."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from .test_fp8 import quantized_batch
+
+    hq, hk, d, kv_lens = 64, 4, 256, [32768, 1, 333, 4100]
+    if kv_dtype == torch.bfloat16:
+        batch = PagedBatch(kv_lens, hk, d, 16, torch.bfloat16)
+        cache, scales, dk, dv = batch.cache, {}, [k.cpu() for k in batch.k], [v.cpu() for v in batch.v]
+    else:
+        batch, cache, ks, vs, dk, dv = quantized_batch(kv_lens, hk, d, 16, kv_dtype, per_head=True,
+                                                       dtype=torch.bfloat16)
+        scales = dict(k_scale=ks, v_scale=vs)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, d, 16, q_data_type=torch.bfloat16,
+           kv_data_type=kv_dtype)
+    assert w._plan.decode_sm90_constexprs is not None, "expected the Gluon decode kernel"
+    assert w._plan.decode_sm90_constexprs["BLOCK_M"] == 16 and w._plan.decode_sm90_constexprs["MERGE_ROWS"] == 16
+    assert int(w._plan.work.splits[:, 1].max()) > 4  # more chunks than one merge round holds at 16 rows
+    q = torch.randn(len(kv_lens), hq, d, dtype=torch.bfloat16, device="cuda")
+    out, lse = poisoned_like(q)
+    w.run(q, cache, out=out, lse=lse, **scales)
+    ro, rl = oracle(q.cpu(), list(range(len(kv_lens) + 1)), dk, dv)
+    assert rel_err(out, ro) < TOL[torch.bfloat16]
+    check_lse(lse, rl)
+
+
 # -- fp8 KV cache -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fp8,q_dtype", [(torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e5m2, torch.bfloat16),
                                           (torch.float8_e4m3fn, torch.float16)])
