@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.attention import plan as plan_mod
 from pagoda.bench.attention import PagedSetup, copy_bandwidth, gpu_time
+
+from decode_latency_probe import variant  # (forces the planner's chunk length for the next plans; scripts/)
 
 CASES = [  # (name, query heads, KV heads, KV lengths, forced chunk lengths; None: the planner's)
     ("group 1 64x2048", 32, 32, [2048] * 64, [None, 1024, 704, 512]),
@@ -23,17 +24,15 @@ CASES = [  # (name, query heads, KV heads, KV lengths, forced chunk lengths; Non
     ("128x1024", 32, 8, [1024] * 128, [None, 512, 384]),
     ("group 1 128x1024", 32, 32, [1024] * 128, [None, 512, 384]),
 ]
-_small, _large = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len
 
 
 def planned(s, hq, hk, chunk):
-    plan_mod._choose_chunk_len_small = (lambda *a: chunk) if chunk else _small
-    plan_mod._choose_chunk_len = (lambda *a: chunk) if chunk else _large
+    variant("persistent", chunk)
     try:
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
         w.plan(s.indptr, s.indices, s.last, hq, hk, 128, 16, q_data_type=torch.bfloat16)
     finally:
-        plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len = _small, _large
+        variant("persistent", None)
     return w
 
 

@@ -221,12 +221,13 @@ class BatchAttention:
         self._use_cuda_graph = bool(use_cuda_graph)
         self._backend = resolve_backend(backend, self.device)
         self._plan: PlanState | None = None
-        # CUDA-graph mode: (kernel key, mode, config) of the first plan, kept by later ones
+        # CUDA-graph mode: (kernel key, mode, config, Gluon decode, Gluon prefill) of the first plan, kept by later ones
         self._graph_kernel = None
         # pages of the smallest paged cache a run() of this wrapper was captured with (CUDA-graph wrappers): a
         # replay skips run()'s checks, so plan() checks the page ids against it (_check_captured_pages)
         self._captured_pages = None
-        # ((kernel key, mode, long decode), (config, Gluon decode kernel or not)) of the last plan (_plan_batch)
+        # ((kernel key, mode, long decode), (config, Gluon decode kernel or not, Gluon prefill kernel or not)) of the
+        # last plan (_plan_batch)
         self._config_choice = None
         self._graph_sm90 = None
         # "decode" / "prefill": plan every batch with that mode's kernel configuration (None: decode when
@@ -394,7 +395,7 @@ class BatchAttention:
         kernel_key = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, bool(causal),
                       window_left >= 0, cap > 0, mask_np is not None)
         if self._use_cuda_graph and self._graph_kernel is not None:
-            key0, mode, config, gluon_decode = self._graph_kernel
+            key0, mode, config, gluon_decode, sm90_ok = self._graph_kernel
             if key0 != kernel_key:
                 names = ("num_qo_heads", "num_kv_heads", "head_dim", "page_size", "q_data_type", "kv_data_type",
                          "causal", "window_left >= 0", "logits_soft_cap > 0", "custom mask")
@@ -414,22 +415,22 @@ class BatchAttention:
             # key repeats (every decode step of a server: -13 us a plan on the CPU machine, session 25)
             ckey = (kernel_key, mode, bool(len(kv_lens)) and total_kv >= LONG_DECODE_KV * len(kv_lens))
             if self._config_choice is not None and self._config_choice[0] == ckey:
-                config, gluon_decode = self._config_choice[1]
+                config, gluon_decode, sm90_ok = self._config_choice[1]
             else:
+                sm90_ok = mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, mask_np is None)
                 # (the tuned CUDA table is for the kernels: the reference path on a CUDA tensor takes any head_dim)
                 # (head_dim 256 prefill: the Gluon kernel's tiles are not the Triton kernel's)
-                sm90_tiles = mode == "prefill" and head_dim == 256 and self._sm90_eligible(
-                    head_dim, q_dtype, kv_dtype, mask_np is None)
                 config = select_config(mode, head_dim, group,
                                        self._backend == "triton" and self.device.type == "cuda", kv_dtype.itemsize,
-                                       total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size, sm90_tiles)
+                                       total_kv / len(kv_lens) if len(kv_lens) else 0.0, page_size,
+                                       sm90_ok and head_dim == 256)
                 gluon_decode = mode == "decode" and config.heads_per_prog <= 16 and self._decode_gluon_eligible(
                     head_dim, q_dtype, kv_dtype, mask_np is None)
                 if gluon_decode:
                     config = _gluon_decode_config(config, kv_dtype.itemsize, head_dim)
-                self._config_choice = (ckey, (config, gluon_decode))
+                self._config_choice = (ckey, (config, gluon_decode, sm90_ok))
             if self._use_cuda_graph:
-                self._graph_kernel = (kernel_key, mode, config, gluon_decode)
+                self._graph_kernel = (kernel_key, mode, config, gluon_decode, sm90_ok)
         if self._grid is None or self._grid[0] is not config:
             self._grid = (config, num_programs(self.device, config))
         grid = self._grid[1]
@@ -456,7 +457,7 @@ class BatchAttention:
                 grid = active = min(active, n_items * tasks_per_item)  # (past the tasks: read the header, leave)
         use_reqs = self._variant is not None or mask_np is not None
         sm90, band = None, 0  # the Gluon prefill kernel's configuration (SM90_CONFIG / SM90_LONG_CONFIG), task band
-        if mode == "prefill" and self._sm90_eligible(head_dim, q_dtype, kv_dtype, mask_np is None):
+        if sm90_ok:
             lens = work.work[:, 4] - work.work[:, 3]
             if self._use_cuda_graph and self._graph_sm90 is not None:  # (a captured run() replays its kernel)
                 sm90 = self._graph_sm90
@@ -504,7 +505,8 @@ class BatchAttention:
     def _sm90_eligible(self, head_dim, q_dtype, kv_dtype, no_mask) -> bool:
         """Plans the Gluon prefill kernel serves (kernels/prefill_sm90.py): sm_90, 16-bit q and KV,
         head_dim 64 / 128 / 256, windows and soft caps, no variant / custom mask.
-        PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons)."""
+        PAGODA_PREFILL_KERNEL=triton keeps the Triton kernel (for comparisons). Asked, as _decode_gluon_eligible,
+        when a wrapper's plan changes kernel key (a CUDA-graph wrapper: at its first plan only)."""
         choice = os.environ.get("PAGODA_PREFILL_KERNEL", "auto")
         if choice not in ("auto", "triton"):
             raise ValueError(f"PAGODA_PREFILL_KERNEL must be 'auto' or 'triton', got {choice!r}")
