@@ -152,6 +152,33 @@ def gpu_time(fn, what: str = "", rep_ms=200):
     return bench(g.replay, rep_ms)
 
 
+def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21) -> float | None:
+    """What fn costs inside a larger CUDA graph, as a serving step's graph holds it (seconds): a graph of n
+    rounds of (L2 flush, fn) against a graph of the n flushes alone, replayed alternately (reps each, after a
+    flush), the difference of the medians over n. gpu_time's single-call graph pays the replay's launch (~3.8 us
+    between the events for an empty kernel on the H200, session 32) once per call, which a step's graph of
+    hundreds of kernels pays once per step; kernel_time leaves out the gap between one kernel and the next, which
+    this keeps. None when fn cannot be captured."""
+    try:
+        calls = capture_graph(lambda: [(flush_l2(), fn()) for _ in range(n)])
+        flushes = capture_graph(lambda: [flush_l2() for _ in range(n)])
+    except Exception:  # noqa: BLE001 - gpu_time already named it an eager fallback
+        torch.cuda.synchronize()
+        return None
+    t = {id(calls): [], id(flushes): []}
+    for r in range(reps + 2):
+        for g in (calls, flushes):
+            flush_l2()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            if r >= 2:  # (two warm-up rounds)
+                t[id(g)].append(e0.elapsed_time(e1))
+    return (float(np.median(t[id(calls)])) - float(np.median(t[id(flushes)]))) / n * 1e-3
+
+
 def _call_spans(events, per_flush: int, per_call: int, calls: int) -> list[float]:
     """Each call's device span from the profiler's device records of ``calls`` rounds of (an L2 flush, the
     call): ``events`` the (start, end, name) of every record of the run (any order), ``per_flush`` / ``per_call``

@@ -1,0 +1,62 @@
+"""A decode's cost inside a larger CUDA graph (bench.attention.in_graph_time) beside its single-call graph time
+(gpu_time) and its kernels' own time (kernel_time), for bench.attention's decode cases, with a copy of the same
+bytes and an empty kernel as references (device only):
+
+    python scripts/in_graph_probe.py [--cases 1x32768,16x4096]
+"""
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+import pagoda
+from pagoda.bench.attention import (DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time, in_graph_time,
+                                    kernel_time)
+
+
+@triton.jit
+def empty_kernel(X):
+    tl.store(X + tl.program_id(0), 1)
+
+
+def us(x):
+    return float("nan") if x is None else x * 1e6
+
+
+def main():
+    args = sys.argv[1:]
+    names = args[args.index("--cases") + 1].split(",") if "--cases" in args else ["1x32768", "16x4096", "64x2048",
+                                                                                   "128x1024", "32x8192"]
+    copy = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}; 1 GB copy {copy / 1e9:.0f} GB/s")
+    print("| op | MB | kernel us | graph us | in-graph us | % of copy: kernel / graph / in-graph |")
+    print("|---|---|---|---|---|---|")
+    scratch = torch.zeros(4096, device="cuda")
+    fn = lambda: empty_kernel[(396,)](scratch)  # noqa: E731
+    k, g, i = kernel_time(fn, "empty"), gpu_time(fn, "empty"), in_graph_time(fn, "empty")
+    print(f"| empty kernel (396 programs) | 0 | {us(k):.2f} | {us(g):.2f} | {us(i):.2f} | |", flush=True)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for name, lens in DECODE_CASES:
+        if name not in names:
+            continue
+        s = PagedSetup(lens, 8, 128, 16, torch.bfloat16)
+        q = torch.randn(len(lens), 32, 128, dtype=torch.bfloat16, device="cuda")
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+        w.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+        out = w.run(q, s.cache)
+        fn = lambda: w.run(q, s.cache, out=out)  # noqa: E731
+        a = torch.empty(s.kv_bytes // 2, dtype=torch.uint8, device="cuda")
+        b = torch.empty_like(a)
+        fn_pdl = lambda: w.run(q, s.cache, out=out, enable_pdl=True)  # noqa: E731
+        for what, f in ((f"decode {name}", fn), (f"decode {name}, enable_pdl", fn_pdl),
+                        (f"copy of its {s.kv_bytes / 1e6:.0f} MB", lambda: b.copy_(a))):
+            k = kernel_time(f, what) if what.startswith("decode") else None
+            g, i = gpu_time(f, what), in_graph_time(f, what)
+            pct = lambda t: float("nan") if t is None else s.kv_bytes / t / copy * 100  # noqa: E731
+            print(f"| {what} | {s.kv_bytes / 1e6:.0f} | {us(k):.2f} | {us(g):.2f} | {us(i):.2f} | "
+                  f"{pct(k):.1f} / {pct(g):.1f} / {pct(i):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
