@@ -994,3 +994,80 @@ def prefill_sm90_against_reference(paged, head_dim, causal, heads, dtype, monkey
         assert rel_err(out, ro) < TOL[dtype]
         check_lse(lse, rl)
     return results["auto"][2]
+
+
+@pytest.mark.parametrize("per_chunk", ["1", "3"])
+@pytest.mark.parametrize("head_dim,kv_dtype", [(128, torch.bfloat16), (64, torch.bfloat16),
+                                               (128, torch.float8_e4m3fn)])
+def test_decode_steal(per_chunk, head_dim, kv_dtype, monkeypatch):
+    """PAGODA_DECODE_STEAL (experiment): split requests' chunks claim the blocks of a shared pool one at a time
+    (plan.steal_pools, decode_sm90's STEAL). Eager launches over batches with one or many split requests (a 32k
+    request alone, among short ones, with a window) against the float64 oracle, run three times in a row (the
+    merger clears the claims with the arrivals: a count left over would skip or repeat pool blocks); then a
+    CUDA-graph wrapper replayed over two plans with pools, each replay against the oracle."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is for sm_90")
+    from pagoda.bench.attention import capture_graph
+
+    monkeypatch.setenv("PAGODA_DECODE_STEAL", per_chunk)
+    hq, hk, ps = 32, 8, 16
+    fp8 = kv_dtype != torch.bfloat16
+    scales = dict(k_scale=0.75, v_scale=1.25) if fp8 else {}
+    tol = 3e-2 if fp8 else TOL[torch.bfloat16]
+
+    def check(out, lse, q, batch, window_left=-1):
+        ks = [(k.float() * 0.75 if fp8 else k).cpu() for k in batch.k]
+        vs = [(v.float() * 1.25 if fp8 else v).cpu() for v in batch.v]
+        if window_left >= 0:
+            ks = [k[-(window_left + 1):] for k in ks]
+            vs = [v[-(window_left + 1):] for v in vs]
+        ro, rl = oracle(q.cpu(), list(range(q.shape[0] + 1)), ks, vs)
+        assert rel_err(out, ro) < tol
+        if lse is not None:
+            check_lse(lse, rl)
+
+    pools = 0
+    for lens, window_left in (([32768], -1), ([32768] + [512] * 63, -1), ([20000, 9000, 300, 4096], -1),
+                              ([32768, 7000], 5000)):
+        batch = PagedBatch(lens, hk, head_dim, ps, torch.bfloat16)
+        cache = batch.cache.to(kv_dtype) if fp8 else batch.cache
+        if fp8:  # the oracle reads the cache's own (rounded) values
+            batch.k = [k.to(kv_dtype).to(torch.bfloat16) for k in batch.k]
+            batch.v = [v.to(kv_dtype).to(torch.bfloat16) for v in batch.v]
+        q = torch.randn(len(lens), hq, head_dim, dtype=torch.bfloat16, device="cuda")
+        w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256))
+        w.plan(batch.indptr, batch.indices, batch.last_page_len, hq, hk, head_dim, ps, q_data_type=torch.bfloat16,
+               kv_data_type=kv_dtype, window_left=window_left)
+        assert w._plan.decode_sm90_constexprs is not None and w._plan.decode_sm90_constexprs["STEAL"]
+        splits = w._plan.work.splits
+        assert splits.shape[1] == 3
+        wk = w._plan.work.work
+        pools += sum(int(splits[s, 2] < lens[wk[wk[:, 7] == s][0, 8]]) for s in range(len(splits)))
+        for _ in range(3):
+            out, lse = poisoned_like(q)
+            w.run(q, cache, out=out, lse=lse, **scales)
+            check(out, lse, q, batch, window_left)
+    assert pools > 0, "no plan had a pool: the claims went untested"
+    # a CUDA-graph wrapper: the captured kernel over later plans
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(256), use_cuda_graph=True)
+    first = PagedBatch([32768, 100], hk, head_dim, ps, torch.bfloat16, spare_pages=3000)
+    cache = first.cache.to(kv_dtype) if fp8 else first.cache
+    q = torch.randn(2, hq, head_dim, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    g = None
+    for lens in ([32768, 100], [17000, 30000], [32768, 100]):
+        nxt = PagedBatch(lens, hk, head_dim, ps, torch.bfloat16, spare_pages=0)
+        cache[: nxt.cache.shape[0]] = nxt.cache.to(kv_dtype) if fp8 else nxt.cache
+        if fp8:
+            nxt.k = [k.to(kv_dtype).to(torch.bfloat16) for k in nxt.k]
+            nxt.v = [v.to(kv_dtype).to(torch.bfloat16) for v in nxt.v]
+        w.plan(nxt.indptr, nxt.indices, nxt.last_page_len, hq, hk, head_dim, ps, q_data_type=torch.bfloat16,
+               kv_data_type=kv_dtype)
+        if g is None:
+            g = capture_graph(lambda: w.run(q, cache, out=out, **scales))
+        for _ in range(2):
+            q.copy_(torch.randn_like(q))
+            out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            check(out, None, q, nxt)

@@ -585,3 +585,44 @@ def test_window_that_cuts_nothing_is_dropped(graph, monkeypatch):
                                         window_left=window, compute_dtype=torch.float64, out_dtype=torch.float64)
             err = ((out[b:b + 1].double() - ro).norm() / ro.norm()).item()
             assert err < 1e-2, (window, b, err)
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 5])
+@pytest.mark.parametrize("window_left", [-1, 3000])
+def test_steal_pools_cover_every_token_once(per_chunk, window_left):
+    """steal_pools (decode_sm90's STEAL): each split request's chunks keep equal, block-aligned static ranges and
+    the pool runs from the split table's new column to the request's end, so static ranges and pool cover the
+    request's tokens (its window's) exactly once; unsplit items and splits too short for a pool are unchanged."""
+    from pagoda.attention.plan import steal_pools
+
+    rng = np.random.default_rng(per_chunk)
+    bn = 64
+    for kv in (np.array([32768]), np.array([32768] + [512] * 63), rng.integers(1, 40000, size=9),
+               np.array([300, 5000, 129])):
+        qo_indptr = np.arange(len(kv) + 1)
+        work = plan_work(qo_indptr, kv, rng.integers(0, 1000, size=len(kv)), causal=False, window_left=window_left,
+                         config=KernelConfig(8, bn, 4, 2, 3, 4), tasks_per_item=8, num_ctas=396,
+                         max_partial_rows=100_000)
+        stolen = steal_pools(work, per_chunk, bn)
+        assert stolen.splits.shape == (len(work.splits), work.splits.shape[1] + 1)
+        np.testing.assert_array_equal(stolen.splits[:, :2], work.splits)
+        np.testing.assert_array_equal(stolen.work[work.work[:, 7] < 0], work.work[work.work[:, 7] < 0])
+        np.testing.assert_array_equal(stolen.work[:, [0, 1, 2, 5, 6, 7, 8]], work.work[:, [0, 1, 2, 5, 6, 7, 8]])
+        for s, (first, n, pool) in enumerate(stolen.splits):
+            mine = stolen.work[stolen.work[:, 7] == s]
+            assert len(mine) == n and sorted(mine[:, 6] - first) == list(range(n))
+            req = int(mine[0, 8])
+            lo = 0 if window_left < 0 else max(0, int(kv[req]) - window_left - 1)
+            covered = np.zeros(int(kv[req]), dtype=np.int64)
+            for a, b in mine[:, 3:5]:
+                covered[a:b] += 1
+            covered[pool:] += 1
+            assert (covered[lo:] == 1).all() and (covered[:lo] == 0).all()
+            if pool < kv[req]:  # a pool: equal static parts of >= 4 blocks, per_chunk blocks each given up at least
+                lens = mine[:, 4] - mine[:, 3]
+                assert (lens == lens[0]).all() and lens[0] % bn == 0 and lens[0] >= 4 * bn
+                assert kv[req] - pool >= per_chunk * n * bn - bn
+                assert ((mine[:, 3] - lo) % bn == 0).all()
+            else:
+                np.testing.assert_array_equal(mine, work.work[work.work[:, 7] == s])
+    assert stolen.splits[0, 2] < 32768 or per_chunk == 5  # (the 32k requests do get a pool)
