@@ -263,14 +263,6 @@ def decode_sm90_cases():
                dict(types, K="*" + kv, V="*" + kv, soft_cap_log2="fp32"),
                dict(HEAD_DIM=256, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=mr, SOFTCAP=True, num_warps=4), 4, 1)
-    # the chunks' shared pool (STEAL, 2 stages): 16-bit and fp8, with PDL / EARLY_KV as the engine runs it
-    for d, kv, regs, pdl in ((128, "bf16", 168, False), (128, "bf16", 168, True), (128, "fp8e4nv", 128, False),
-                             (64, "bf16", 128, False)):
-        yield (f"decode_sm90 D={d} kv={kv} STEAL PDL={pdl}", decode_sm90.decode_sm90_kernel,
-               dict(types, K="*" + kv, V="*" + kv),
-               dict(HEAD_DIM=d, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
-                    SAME_STRIDES=True, MERGE_ROWS=4, PDL=pdl, EARLY_PAGES=pdl, EARLY_KV=pdl, STEAL=True,
-                    num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,

@@ -139,37 +139,6 @@ class WorkPlan:
     chunk_len: int  # KV chunk length chosen (>= the longest range: no split)
 
 
-def steal_pools(work: WorkPlan, per_chunk: int, block_n: int, min_static: int = 4) -> WorkPlan:
-    """A decode plan's split requests with a shared pool of blocks at the end (kernels/decode_sm90.py's STEAL):
-    each of a request's n chunks streams an equal, block-aligned static part (its blocks less ``per_chunk``), the
-    rest of the request (about n * per_chunk blocks, up to its end) is the pool, which the chunks claim a block
-    at a time once their own are done. The split table gains a column: where the pool starts (the request's end:
-    no pool, where a chunk would keep fewer than ``min_static`` blocks; the kernel claims block j + 4 at block j)."""
-    sp = work.splits
-    out = np.empty((len(sp), SPLIT_FIELDS + 1), dtype=np.int32)
-    out[:, :SPLIT_FIELDS] = sp
-    if not len(sp):
-        return dataclasses.replace(work, splits=out)
-    w = work.work.copy()
-    rows = np.flatnonzero(w[:, 7] >= 0)
-    sid = w[rows, 7]
-    lo = np.full(len(sp), np.iinfo(np.int32).max, dtype=np.int64)
-    np.minimum.at(lo, sid, w[rows, 3])
-    hi = np.zeros(len(sp), dtype=np.int64)
-    np.maximum.at(hi, sid, w[rows, 4])
-    n = sp[:, 1].astype(np.int64)
-    blocks = -(-(hi - lo) // block_n)
-    static = blocks // n - per_chunk
-    ok = static >= min_static
-    out[:, SPLIT_FIELDS] = np.where(ok, lo + n * static * block_n, hi)
-    keep = ok[sid]
-    r, s = rows[keep], sid[keep]
-    first = lo[s] + (w[r, 6] - sp[s, 0]) * static[s] * block_n
-    w[r, 3] = first
-    w[r, 4] = first + static[s] * block_n
-    return dataclasses.replace(work, work=w, splits=out)
-
-
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     out = np.zeros_like(x)
     np.cumsum(x[:-1], out=out[1:])

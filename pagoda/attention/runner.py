@@ -25,7 +25,7 @@ from .formats import FP8_DTYPES, check_dtype, check_heads, check_kv_dtype, check
 from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (ACTIVE_AT, BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS,
                                 _no_mod, attention_kernel)
-from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config, steal_pools
+from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config
 from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
 
 LOG2E = 1.4426950408889634
@@ -256,13 +256,6 @@ class BatchAttention:
         # programs per SM (down to 2) that take them in as many rounds as the whole persistent grid does
         # (balanced_grid; the others take none, and an eager wrapper with the trimmed grid does not launch them)
         self._balance_grid = env_switch("PAGODA_DECODE_BALANCE_GRID", "1")
-        # PAGODA_DECODE_STEAL (blocks of pool per chunk, default 0: off; experiment, session 32): a split decode
-        # request's chunks give up their last blocks to a pool that they claim one block at a time
-        # (plan.steal_pools, decode_sm90's STEAL), for 2-stage Gluon decode configurations
-        steal = os.environ.get("PAGODA_DECODE_STEAL", "0")
-        if not steal.isdigit():
-            raise ValueError(f"PAGODA_DECODE_STEAL must be a non-negative integer, got {steal!r}")
-        self._steal = int(steal)
         raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
         self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)  # partial results live here
         self._copy_done = None  # event: the last host-to-device copy out of the staging buffer (reused)
@@ -447,15 +440,13 @@ class BatchAttention:
                          max_partial_rows=self._partial_capacity(num_qo_heads, head_dim),
                          kv_ranges=self._variant.kv_ranges if self._variant is not None else None,
                          one_query=one_query, total_kv=total_kv)
-        if gluon_decode and self._steal and config.num_stages == 2 and not self._merge_out:
-            work = steal_pools(work, self._steal, config.block_n)
         n_items, n_splits = len(work.work), len(work.splits)
         n_pages = 0 if indices is None else int(indices.numel())
         # arrival counters: one per split tile and task slot, times two (the sm_90 kernel's warp groups); work
         # items: room for grid / tasks_per_item at least (the Gluon decode kernel loads its first item before the
         # task count)
-        self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), -(-work.splits.size // SPLIT_FIELDS),
-                              2 * n_splits * tasks_per_item, n_pages)
+        self._ensure_capacity(max(n_items, -(-grid // tasks_per_item)), n_splits, 2 * n_splits * tasks_per_item,
+                              n_pages)
         # the Gluon decode kernel's programs: those that take tasks (the plan header's ACTIVE_AT) and the launch's
         # (a captured run() keeps the whole persistent grid; an eager one launches only the active programs)
         active = grid
@@ -562,8 +553,7 @@ class BatchAttention:
             p.decode_sm90_constexprs = dict(
                 HEAD_DIM=p.head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=p.page_size,
                 STAGES=cfg.num_stages, num_warps=4, maxnreg=cfg.maxnreg, SOFTCAP=cap > 0,
-                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages,
-                STEAL=bool(self._steal) and cfg.num_stages == 2 and not self._merge_out)
+                MERGE_ROWS=min(cfg.block_m, 1 << (cfg.heads_per_prog - 1).bit_length()), EARLY_PAGES=self._early_pages)
         var = self._variant
         p.constexprs.update(
             VARIANT=var is not None or p.mask is not None,

@@ -122,7 +122,6 @@ if HAVE_GLUON:
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
         EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, SOFTCAP: gl.constexpr = False,
-        STEAL: gl.constexpr = False,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -149,11 +148,7 @@ if HAVE_GLUON:
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
         (one commit group a block either way).
         SOFTCAP: logits soft cap (qk_scale = sm_scale / cap, soft_cap_log2 = cap * log2(e), prefill_sm90._soft_cap).
-        A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work).
-        STEAL (STAGES 2; runner.steal_pools): a split request's chunks stream their own blocks, then claim the
-        blocks of the request's shared pool (split table column 2 to the request's end) one at a time, so the
-        chunks of a request end together however fast each streamed: a claim is an atomic add of 1 << 16 on the
-        split's arrival counter by one thread, issued one block ahead of the block whose page ids it names."""
+        A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128 or HEAD_DIM == 256)
@@ -273,141 +268,61 @@ if HAVE_GLUON:
                                    v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
                                    PAGE_SIZE, True, COPY, SAME_STRIDES)
                     async_copy.commit_group()
-            if STEAL:
-                # the split's pool (split table column 2 up to the request's end, field 5 + 1) and its counter
-                hi = kv_end
-                pool_lo = kv_end
-                cnt = ARRIVALS
-                if partial >= 0:
-                    sid = gl.load(wp + 7)
-                    pool_lo = gl.load(SPLITS + sid * 3 + 2)
-                    req_end = gl.load(wp + 5) + 1
-                    hi = gl.where(pool_lo < req_end, req_end, kv_end)
-                    cnt = ARRIVALS + (sid * tasks_per_item + rem)
-                claiming = pool_lo < hi
-                s1 = gl.where(1 < n_blocks, kv_start + BLOCK_N, hi)
-                s2 = gl.where(2 < n_blocks, kv_start + 2 * BLOCK_N, hi)
-                pages = _page_ids(KV_INDICES, kv_base, s1, hi, BLOCK_N, PAGE_SIZE, True, COPY)
-            else:
-                pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE,
-                                  True, COPY)
+            pages = _page_ids(KV_INDICES, kv_base, kv_start + (STAGES - 1) * BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True,
+                              COPY)
             # q into shared memory only now: waiting for its load before the page ids and the first KV copies went
             # out put one more round trip in front of every task's first block
             if not KV16:
                 q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
             q_s.store(q)
             fence_async_shared()  # (the loop's first barrier makes every warp's part of q_s visible to the MMAs)
-            if STEAL:
-                BL1: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-                lane = gl.arange(0, 128, layout=BL1)
-                cnt_ptrs = cnt + lane * 0
-                claim = gl.zeros([128], gl.int32, layout=BL1)
-                one_claim = gl.full([128], 65536, gl.int32, layout=BL1)
-                s0 = kv_start
-                j = 0
-                while s0 < hi:
-                    async_copy.wait_group(0)  # this thread's copies of block j landed
-                    fence_async_shared()
-                    _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
-                    if TRACE is not None:
-                        if j == 0:
-                            _stamp(trace, rnd, 2)
-                    nxt = (j + 1) % 2
-                    _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, s1, hi, k_head_off,
-                                   v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
-                                   PAGE_SIZE, True, COPY, SAME_STRIDES)
-                    async_copy.commit_group()
-                    pages = _page_ids(KV_INDICES, kv_base, s2, hi, BLOCK_N, PAGE_SIZE, True, COPY)
-                    # block j + 3: the chunk's own, or the pool's block that the claim of the last round names
-                    s3 = gl.where(j + 3 < n_blocks, kv_start + (j + 3) * BLOCK_N, hi)
-                    if j + 3 >= n_blocks:
-                        if claiming:
-                            c = gl.max(gl.where(lane == 0, claim, -1), 0)  # (thread 0's; one round old)
-                            s3 = gl.minimum(pool_lo + c * BLOCK_N, hi)
-                            claiming = s3 < hi
-                    if claiming:
-                        if j + 4 >= n_blocks:  # the claim of block j + 4
-                            claim = gl.atomic_add(cnt_ptrs, one_claim, mask=lane == 0, sem="relaxed") >> 16
-                    cur = j % 2
-                    if KV16:
-                        k_op = k_ring.index(cur)
-                    else:
-                        k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
-                    s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
-                    s, scale = _soft_cap(s, task_qk, soft_cap_log2, SOFTCAP)
-                    if s0 + BLOCK_N > hi:  # the pool's last block: tokens past the end
-                        offs_n = s0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
-                        s = gl.where(gl.expand_dims(offs_n < hi, 1), s, float("-inf"))
-                    red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
-                    _cta_barrier()
-                    m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
-                    m_new = gl.maximum(m_i, m_blk * scale)
-                    m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s * scale - gl.expand_dims(m_new, 0))
-                    l_acc = l_acc * gl.expand_dims(alpha, 0) + p
-                    m_i = m_new
-                    p_s.store(gl.permute(p.to(CDT), (1, 0)))
-                    fence_async_shared()
-                    _cta_barrier()
-                    if KV16:
-                        v_op = v_ring.index(cur).permute((1, 0))
-                    else:
-                        v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
-                        v_op = gl.convert_layout(v8.to(gl.float16), A_L)
-                    acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
-                    s0 = s1
-                    s1 = s2
-                    s2 = s3
-                    j += 1
-            else:
-                for j in range(0, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
-                    if KV16:
-                        fence_async_shared()  # (the MMAs read them from shared memory)
-                    _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
-                    if TRACE is not None:
-                        if j == 0:
-                            _stamp(trace, rnd, 2)
-                    ahead = start + (STAGES - 1) * BLOCK_N
-                    nxt = (j + STAGES - 1) % STAGES
-                    # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
-                    # none still reads it); the page ids of the block after it load meanwhile
-                    _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, ahead, kv_end, k_head_off,
-                                   v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
-                                   PAGE_SIZE, True, COPY, SAME_STRIDES)
-                    async_copy.commit_group()
-                    pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
-                    cur = j % STAGES
-                    if KV16:
-                        k_op = k_ring.index(cur)
-                    else:
-                        k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
-                    s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
-                    s, scale = _soft_cap(s, task_qk, soft_cap_log2, SOFTCAP)  # (scale: task_qk, or 1 after a soft cap)
-                    if start >= full_hi:  # the last block: tokens past the end
-                        offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
-                        s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
-                    # the block's column max: each warp's over its 16 rows, then one exchange through shared memory
-                    red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
-                    _cta_barrier()
-                    m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
-                    m_new = gl.maximum(m_i, m_blk * scale)
-                    m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s * scale - gl.expand_dims(m_new, 0))
-                    l_acc = l_acc * gl.expand_dims(alpha, 0) + p
-                    m_i = m_new
-                    p_s.store(gl.permute(p.to(CDT), (1, 0)))
-                    fence_async_shared()
-                    _cta_barrier()
-                    if KV16:
-                        v_op = v_ring.index(cur).permute((1, 0))
-                    else:
-                        v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
-                        v_op = gl.convert_layout(v8.to(gl.float16), A_L)
-                    acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of block j landed
+                if KV16:
+                    fence_async_shared()  # (the MMAs read them from shared memory)
+                _cta_barrier()  # everyone's; every warp is done with block j - 1 (its slot and p_s)
+                if TRACE is not None:
+                    if j == 0:
+                        _stamp(trace, rnd, 2)
+                ahead = start + (STAGES - 1) * BLOCK_N
+                nxt = (j + STAGES - 1) % STAGES
+                # block j + STAGES - 1 into the slot block j - 1 used (every warp passed the barrier above, so
+                # none still reads it); the page ids of the block after it load meanwhile
+                _issue_kv_load(K, V, k_ring.index(nxt), v_ring.index(nxt), kv_base, ahead, kv_end, k_head_off,
+                               v_head_off, stride_kp, stride_ks, stride_vp, stride_vs, pages, BLOCK_N, HEAD_DIM,
+                               PAGE_SIZE, True, COPY, SAME_STRIDES)
+                async_copy.commit_group()
+                pages = _page_ids(KV_INDICES, kv_base, ahead + BLOCK_N, kv_end, BLOCK_N, PAGE_SIZE, True, COPY)
+                cur = j % STAGES
+                if KV16:
+                    k_op = k_ring.index(cur)
+                else:
+                    k_op = gl.convert_layout(k_ring.index(cur).load(K_LOAD).to(gl.float16), A_L)
+                s = warpgroup_mma(k_op, q_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC))
+                s, scale = _soft_cap(s, task_qk, soft_cap_log2, SOFTCAP)  # (scale: task_qk, or 1 after a soft cap)
+                if start >= full_hi:  # the last block: tokens past the end
+                    offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))
+                    s = gl.where(gl.expand_dims(offs_n < kv_end, 1), s, float("-inf"))
+                # the block's column max: each warp's over its 16 rows, then one exchange through shared memory
+                red_s.store(gl.max(gl.reshape(s, [4, BLOCK_N // 4, BLOCK_M]), 1))
+                _cta_barrier()
+                m_blk = gl.convert_layout(gl.max(red_s.load(RED), 0), COL_L)
+                m_new = gl.maximum(m_i, m_blk * scale)
+                m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(s * scale - gl.expand_dims(m_new, 0))
+                l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+                m_i = m_new
+                p_s.store(gl.permute(p.to(CDT), (1, 0)))
+                fence_async_shared()
+                _cta_barrier()
+                if KV16:
+                    v_op = v_ring.index(cur).permute((1, 0))
+                else:
+                    v8 = v_ring.index(cur)._reinterpret(V.dtype.element_ty, [HEAD_DIM, BLOCK_N], V_VIEW).load(V_LOAD)
+                    v_op = gl.convert_layout(v8.to(gl.float16), A_L)
+                acc = warpgroup_mma(v_op, p_s.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
             async_copy.wait_group(0)  # (the copies past the end: nothing is left in flight into the ring)
             if TRACE is not None:
                 _stamp(trace, rnd, 3)
@@ -416,6 +331,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, STEAL)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

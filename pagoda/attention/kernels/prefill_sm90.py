@@ -333,15 +333,13 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, STEAL: gl.constexpr = False):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
         MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
-        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp). STEAL (decode_sm90's): the split
-        table has SPLIT_FIELDS + 1 columns and the arrival counter's low 16 bits count arrivals (the high ones the
-        chunks' block claims, which the merger's reset clears too)."""
+        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -365,16 +363,13 @@ if HAVE_GLUON:
                      out, mask=gl.expand_dims(valid_o, 1))
             gl.store(TMP_LSE + p_row * stride_tl + qh_o, lse_o, mask=valid_o)
             split = gl.load(wp + 7)
-            SPLIT_STRIDE: gl.constexpr = 3 if STEAL else 2
-            first = gl.load(SPLITS + split * SPLIT_STRIDE)
-            n_chunks = gl.load(SPLITS + split * SPLIT_STRIDE + 1)
+            first = gl.load(SPLITS + split * 2)
+            n_chunks = gl.load(SPLITS + split * 2 + 1)
             arrival = ARRIVALS + (split * tasks_per_item + rem) * NUM_WG + WG
             if trace is not None:
                 _stamp(trace, rnd, 5)
             _cta_barrier()  # every thread's partial is written before the (acq_rel) arrival
             arrived = gl.atomic_add(arrival, 1)
-            if STEAL:
-                arrived = arrived & 0xFFFF
             if trace is not None:
                 _stamp(trace, rnd, 6)
             if arrived == n_chunks - 1:
