@@ -19,6 +19,7 @@ from triton.experimental.gluon import language as gl
 
 import pagoda
 from pagoda.bench.attention import PagedSetup, capture_graph, flush_l2, kernel_time
+from read_floor_probe import read_kernel  # (scripts/: the plain streaming read)
 
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -35,17 +36,6 @@ def smem_kernel(X, N: gl.constexpr):
     v = gl.arange(0, 128, layout=L).to(gl.float32)
     s.slice(0, 128).store(v)
     gl.store(X + gl.program_id(0) * 128 + gl.arange(0, 128, layout=L), s.slice(0, 128).load(L))
-
-
-@triton.jit
-def read_kernel(X, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    base = pid.to(tl.int64) * ITERS * BLOCK
-    for i in tl.range(ITERS, num_stages=3):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(X + offs, mask=offs < n, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(OUT + pid, tl.sum(acc, 0))
 
 
 def timed(replay, primer, n=400):
@@ -94,7 +84,7 @@ def main():
         p()
     rk = read_kernel[(grid,)](x, out, x.numel(), BLOCK=4096, ITERS=iters, num_warps=8)
     print(f"# {torch.cuda.get_device_name()}, {SMS} SMs; read kernel shared {rk.metadata.shared} B")
-    print(f"| op | kernel (CUPTI) us | " + " | ".join(f"graph after flush + {k} (us)" for k in primers) + " |")
+    print("| op | kernel (CUPTI) us | " + " | ".join(f"graph after flush + {k} (us)" for k in primers) + " |")
     print("|---|---|" + "---|" * len(primers))
     for name, fn in ops.items():
         g = capture_graph(fn)
