@@ -50,6 +50,23 @@ def test_kernel_time_against_event_time():
     assert k is not None and 0 < k < t - 1e-6
 
 
+@pytest.mark.gpu
+def test_in_graph_time_between_kernel_and_replay_time():
+    """in_graph_time: an elementwise kernel over 1 GB costs its kernel time inside a larger graph (within the gap to
+    the kernel before it and the medians' noise); a tiny one costs more than nothing and less than its own
+    single-kernel replay, whose launch the larger graph pays once."""
+    x = torch.randn(128 << 20, device="cuda")
+    y = torch.empty_like(x)
+    k = bench.kernel_time(lambda: torch.mul(x, 2.0, out=y), "mul", calls=10)
+    i = bench.in_graph_time(lambda: torch.mul(x, 2.0, out=y), "mul", n=8, reps=7)
+    assert k is not None and i is not None and 0.98 * k < i < 1.03 * k + 2e-6, (k, i)
+    x = torch.randn(1024, device="cuda")
+    y = torch.empty_like(x)
+    t = bench.gpu_time(lambda: torch.mul(x, 2.0, out=y))
+    i = bench.in_graph_time(lambda: torch.mul(x, 2.0, out=y), "mul")
+    assert 0 < i < t - 1e-6, (i, t)
+
+
 def test_graph_table_names_flashinfer_path():
     """The decode sweep's CUDA-graph rows say which FlashInfer decode path was the faster one (and a row without
     FlashInfer prints no path), with the time ratio FlashInfer / pagoda."""
