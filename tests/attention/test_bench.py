@@ -67,6 +67,22 @@ def test_in_graph_time_between_kernel_and_replay_time():
     assert 0 < i < t - 1e-6, (i, t)
 
 
+def test_kernel_table_shows_in_graph_costs():
+    """--kernel-times' table: pagoda's cost inside a larger graph with its rate and share of the copy bandwidth,
+    FlashInfer's beside it as a time ratio; a row without them prints dashes."""
+    rows = [{"case": "1x32768", "kind": "decode", "kv_MB": 134.2, "pagoda_us": 40.0, "pagoda_kernel_us": 36.3,
+             "flashinfer_kernel_us": 55.0, "copy_same_bytes_us": 34.0, "pagoda_in_graph_us": 37.3,
+             "flashinfer_in_graph_us": 56.1},
+            {"case": "64x2048", "kind": "decode", "kv_MB": 536.9, "pagoda_us": 127.0, "pagoda_kernel_us": 123.5,
+             "copy_same_bytes_us": 127.5}]
+    lines = bench.fmt_kernel_table(rows, 4257e9).splitlines()
+    assert "in-graph" in lines[0]
+    first = lines[1].split()
+    # 134.2 MB in 37.3 us = 3598 GB/s = 84.5% of 4257 GB/s; FlashInfer 56.1 / 37.3 = 1.50x
+    assert first[-6:] == ["37.3u", "3598", "GB/s", "84.5%", "56.1u", "1.50x"], first
+    assert lines[2].split()[-3:] == ["-", "-", "-"]
+
+
 def test_graph_table_names_flashinfer_path():
     """The decode sweep's CUDA-graph rows say which FlashInfer decode path was the faster one (and a row without
     FlashInfer prints no path), with the time ratio FlashInfer / pagoda."""
