@@ -3,6 +3,9 @@
 bytes and an empty kernel as references (device only):
 
     python scripts/in_graph_probe.py [--cases 1x32768,16x4096]
+    python scripts/in_graph_probe.py --pdl-flush     # also the decode launched with enable_pdl behind an L2 flush
+                                                     # that lets its dependents launch (as the engine's RoPE +
+                                                     # append kernel does for the decode behind it)
 """
 import sys
 
@@ -11,13 +14,39 @@ import triton
 import triton.language as tl
 
 import pagoda
-from pagoda.bench.attention import (DECODE_CASES, PagedSetup, copy_bandwidth, gpu_time, in_graph_time,
-                                    kernel_time)
+from pagoda.bench.attention import (DECODE_CASES, PagedSetup, _flush_buf, copy_bandwidth, flush_l2, gpu_time,
+                                    in_graph_time, kernel_time)
+from pagoda.ops.kernels.pdl import pdl_enter
 
 
 @triton.jit
 def empty_kernel(X):
     tl.store(X + tl.program_id(0), 1)
+
+
+@triton.jit
+def pdl_flush_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """A read of X (the L2 flush's buffer) that lets the kernel after it launch at once (ops/kernels/pdl.py's
+    pdl_enter: its own wait returns at once, as it is not launched with PDL)."""
+    pdl_enter(True)
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in tl.range(ITERS, num_stages=3):
+        acc += tl.load(X + (pid.to(tl.int64) * ITERS + i) * BLOCK + tl.arange(0, BLOCK), cache_modifier=".cg")
+    tl.store(OUT + pid, tl.sum(acc, 0))
+
+
+def pdl_flush():
+    """flush_l2's emptying read (its 512 MB buffer) by pdl_flush_kernel."""
+    flush_l2()  # (makes the buffer)
+    buf = _flush_buf[0]
+    grid = 132 * 8
+    iters = buf.numel() // (grid * 4096)
+    out = _PDL_OUT.setdefault("out", torch.empty(grid, device="cuda"))
+    return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
+
+
+_PDL_OUT: dict = {}
 
 
 def us(x):
@@ -56,6 +85,10 @@ def main():
             pct = lambda t: float("nan") if t is None else s.kv_bytes / t / copy * 100  # noqa: E731
             print(f"| {what} | {s.kv_bytes / 1e6:.0f} | {us(k):.2f} | {us(g):.2f} | {us(i):.2f} | "
                   f"{pct(k):.1f} / {pct(g):.1f} / {pct(i):.1f} |", flush=True)
+            if "--pdl-flush" in args and what.endswith("enable_pdl"):
+                i = in_graph_time(f, what, flush=pdl_flush())
+                print(f"| {what}, behind a flush that triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | "
+                      f"- / - / {pct(i):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -152,16 +152,17 @@ def gpu_time(fn, what: str = "", rep_ms=200):
     return bench(g.replay, rep_ms)
 
 
-def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21) -> float | None:
+def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21, flush=None) -> float | None:
     """What fn costs inside a larger CUDA graph, as a serving step's graph holds it (seconds): a graph of n
     rounds of (L2 flush, fn) against a graph of the n flushes alone, replayed alternately (reps each, after a
     flush), the difference of the medians over n. gpu_time's single-call graph pays the replay's launch (~3.8 us
     between the events for an empty kernel on the H200, session 32) once per call, which a step's graph of
     hundreds of kernels pays once per step; kernel_time leaves out the gap between one kernel and the next, which
-    this keeps. None when fn cannot be captured."""
+    this keeps. flush: what empties L2 in both graphs (flush_l2). None when fn cannot be captured."""
+    flush = flush or flush_l2
     try:
-        calls = capture_graph(lambda: [(flush_l2(), fn()) for _ in range(n)])
-        flushes = capture_graph(lambda: [flush_l2() for _ in range(n)])
+        calls = capture_graph(lambda: [(flush(), fn()) for _ in range(n)])
+        flushes = capture_graph(lambda: [flush() for _ in range(n)])
     except Exception:  # noqa: BLE001 - gpu_time already named it an eager fallback
         torch.cuda.synchronize()
         return None
