@@ -40,7 +40,7 @@ def pdl_flush():
     """flush_l2's emptying read (its 512 MB buffer) by pdl_flush_kernel."""
     flush_l2()  # (makes the buffer)
     buf = _flush_buf[0]
-    grid = 132 * 8
+    grid = torch.cuda.get_device_properties(0).multi_processor_count * 8
     iters = buf.numel() // (grid * 4096)
     out = _PDL_OUT.setdefault("out", torch.empty(grid, device="cuda"))
     return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
