@@ -42,11 +42,8 @@ def pdl_flush():
     buf = _flush_buf[0]
     grid = torch.cuda.get_device_properties(0).multi_processor_count * 8
     iters = buf.numel() // (grid * 4096)
-    out = _PDL_OUT.setdefault("out", torch.empty(grid, device="cuda"))
+    out = torch.empty(grid, device="cuda")
     return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
-
-
-_PDL_OUT: dict = {}
 
 
 def us(x):

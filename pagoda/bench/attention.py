@@ -166,9 +166,9 @@ def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21, flush=None) -
     except Exception:  # noqa: BLE001 - gpu_time already named it an eager fallback
         torch.cuda.synchronize()
         return None
-    t = {id(calls): [], id(flushes): []}
+    times = ([], [])  # (calls, flushes), ms
     for r in range(reps + 2):
-        for g in (calls, flushes):
+        for g, ts in zip((calls, flushes), times):
             flush_l2()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
@@ -176,8 +176,8 @@ def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21, flush=None) -
             e1.record()
             torch.cuda.synchronize()
             if r >= 2:  # (two warm-up rounds)
-                t[id(g)].append(e0.elapsed_time(e1))
-    return (float(np.median(t[id(calls)])) - float(np.median(t[id(flushes)]))) / n * 1e-3
+                ts.append(e0.elapsed_time(e1))
+    return (float(np.median(times[0])) - float(np.median(times[1]))) / n * 1e-3
 
 
 def _call_spans(events, per_flush: int, per_call: int, calls: int) -> list[float]:
@@ -268,6 +268,11 @@ def flashinfer_or_none():
         return None
 
 
+def _least(a, b):
+    """The smaller of two optional times (None: not taken)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
 def _put_us(row, key, seconds) -> None:
     if seconds is not None:
         row[key] = seconds * 1e6
@@ -309,14 +314,10 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, 
             ref = fw.run(q, s.cache)
             err = ((ref.float() - out.float()).norm() / ref.float().norm()).item()
             assert err < 2e-2, f"pagoda and FlashInfer disagree on {name}: {err}"
-            t = gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6
-            best = t if best is None else min(best, t)
-            k = kernel_time(lambda: fw.run(q, s.cache), "flashinfer") if kernel_times else None
-            if k is not None:
-                best_k = k if best_k is None else min(best_k, k)
-            g = in_graph_time(lambda: fw.run(q, s.cache), "flashinfer") if kernel_times else None
-            if g is not None:
-                best_g = g if best_g is None else min(best_g, g)
+            best = _least(best, gpu_time(lambda: fw.run(q, s.cache), "flashinfer") * 1e6)
+            if kernel_times:
+                best_k = _least(best_k, kernel_time(lambda: fw.run(q, s.cache), "flashinfer"))
+                best_g = _least(best_g, in_graph_time(lambda: fw.run(q, s.cache), "flashinfer"))
         row["flashinfer_us"] = best
         _put_us(row, "flashinfer_kernel_us", best_k)
         _put_us(row, "flashinfer_in_graph_us", best_g)
