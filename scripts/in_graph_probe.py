@@ -3,9 +3,10 @@
 bytes and an empty kernel as references (device only):
 
     python scripts/in_graph_probe.py [--cases 1x32768,16x4096]
-    python scripts/in_graph_probe.py --pdl-flush     # also the decode launched with enable_pdl behind an L2 flush
-                                                     # that lets its dependents launch (as the engine's RoPE +
-                                                     # append kernel does for the decode behind it)
+    python scripts/in_graph_probe.py --pdl-flush     # also the decode launched with enable_pdl (a) behind an L2
+                                                     # flush that lets its dependents launch at its start, (b)
+                                                     # behind the plain flush and a short kernel that does (as
+                                                     # the engine's RoPE + append kernel does for the decode)
 """
 import sys
 
@@ -44,6 +45,30 @@ def pdl_flush():
     iters = buf.numel() // (grid * 4096)
     out = torch.empty(grid, device="cuda")
     return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
+
+
+@triton.jit
+def pdl_short_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """A few us of reads (one program an SM) that let the kernel after them launch at once: the engine's RoPE +
+    append kernel's place in front of the decode."""
+    pdl_enter(True)
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in tl.range(ITERS):
+        acc += tl.load(X + (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK))
+    tl.store(OUT + pid, tl.sum(acc, 0))
+
+
+def flush_then_short():
+    """flush_l2, then pdl_short_kernel: 132 programs x 8 loads of 4096 fp32 in a row (~4 MB)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(sms * 8 * 4096, device="cuda")
+    out = torch.empty(sms, device="cuda")
+
+    def f():
+        flush_l2()
+        pdl_short_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
+    return f
 
 
 def us(x):
@@ -86,6 +111,11 @@ def main():
                 i = in_graph_time(f, what, flush=pdl_flush())
                 print(f"| {what}, behind a flush that triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | "
                       f"- / - / {pct(i):.1f} |", flush=True)
+                short = flush_then_short()
+                for pdl, ff in ((False, fn), (True, f), (False, fn), (True, f)):
+                    i = in_graph_time(ff, what, flush=short)
+                    print(f"| decode {name}{', enable_pdl' if pdl else ''}, behind a flush + a short kernel that "
+                          f"triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | - / - / {pct(i):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
