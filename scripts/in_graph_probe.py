@@ -112,9 +112,11 @@ def main():
                 print(f"| {what}, behind a flush that triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | "
                       f"- / - / {pct(i):.1f} |", flush=True)
                 short = flush_then_short()
-                for pdl, ff in ((False, fn), (True, f), (False, fn), (True, f)):
+                early = lambda: w.run(q, s.cache, out=out, enable_pdl=True, pdl_early_kv=True)  # noqa: E731
+                for pdl, ff in ((False, fn), (True, f), (2, early)) * 2:
                     i = in_graph_time(ff, what, flush=short)
-                    print(f"| decode {name}{', enable_pdl' if pdl else ''}, behind a flush + a short kernel that "
+                    label = ["", ", enable_pdl", ", enable_pdl + pdl_early_kv (the engine's)"][int(pdl)]
+                    print(f"| decode {name}{label}, behind a flush + a short kernel that "
                           f"triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | - / - / {pct(i):.1f} |", flush=True)
 
 
