@@ -18,8 +18,11 @@ import warnings
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 import pagoda
+from pagoda.ops.kernels.pdl import pdl_enter
 
 DECODE_CASES = [
     ("1x32768", [32768]), ("16x4096", [4096] * 16), ("64x2048", [2048] * 64), ("128x1024", [1024] * 128),
@@ -180,6 +183,34 @@ def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21, flush=None) -
     return (float(np.median(times[0])) - float(np.median(times[1]))) / n * 1e-3
 
 
+@triton.jit
+def _step_front_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """A few us of reads, one program an SM, that let the kernel behind them launch at their start (pdl_enter):
+    the place of the engine's RoPE + append kernel in front of its decode attention (step_time)."""
+    pdl_enter(True)
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in tl.range(ITERS):
+        acc += tl.load(X + (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK))
+    tl.store(OUT + pid, tl.sum(acc, 0))
+
+
+def step_time(fn, what: str = "", n: int = 16, reps: int = 21) -> float | None:
+    """What fn costs in a serving step's graph, launched as a serving engine launches a decode (seconds):
+    in_graph_time with, in front of each call, the L2 flush and then a short kernel that lets its dependents
+    launch at its start, as pagoda's engine's RoPE + append kernel does for the decode attention behind it
+    (scripts/in_graph_probe.py --pdl-flush, notes.md session 33). fn should launch with PDL (enable_pdl=True):
+    its launch and its prologue then overlap that kernel, which a launch without PDL waits for."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    x = torch.randn(sms * 8 * 4096, device="cuda")  # (4 MB: ~3 us of one program an SM)
+    out = torch.empty(sms, device="cuda")
+
+    def front():
+        flush_l2()
+        _step_front_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
+    return in_graph_time(fn, what, n, reps, flush=front)
+
+
 def _call_spans(events, per_flush: int, per_call: int, calls: int) -> list[float]:
     """Each call's device span from the profiler's device records of ``calls`` rounds of (an L2 flush, the
     call): ``events`` the (start, end, name) of every record of the run (any order), ``per_flush`` / ``per_call``
@@ -305,9 +336,13 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, 
     if kernel_times:
         _put_us(row, "pagoda_kernel_us", kernel_time(lambda: w.run(q, s.cache, out=out), "pagoda"))
         _put_us(row, "pagoda_in_graph_us", in_graph_time(lambda: w.run(q, s.cache, out=out), "pagoda"))
+        # as the engine launches it: with PDL, its first KV blocks before the PDL wait (the kernel in front writes
+        # no KV here; the engine's writes only the new token's, which pdl_early_kv leaves to after the wait)
+        _put_us(row, "pagoda_step_us", step_time(
+            lambda: w.run(q, s.cache, out=out, enable_pdl=True, pdl_early_kv=True), "pagoda"))
         row["copy_same_bytes_us"] = same_bytes_copy_us(s.kv_bytes)
     if fi is not None:
-        best = best_k = best_g = None
+        best = best_k = best_g = best_s = None
         for tc in (False, True):
             fw = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
             fw.plan(s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps, q_data_type=dtype, **kw)
@@ -318,9 +353,11 @@ def decode_row(name, kv_lens, hq, hk, d, ps, dtype, fi, ws, kernel_times=False, 
             if kernel_times:
                 best_k = _least(best_k, kernel_time(lambda: fw.run(q, s.cache), "flashinfer"))
                 best_g = _least(best_g, in_graph_time(lambda: fw.run(q, s.cache), "flashinfer"))
+                best_s = _least(best_s, step_time(lambda: fw.run(q, s.cache, enable_pdl=True), "flashinfer"))
         row["flashinfer_us"] = best
         _put_us(row, "flashinfer_kernel_us", best_k)
         _put_us(row, "flashinfer_in_graph_us", best_g)
+        _put_us(row, "flashinfer_step_us", best_s)
     if len(set(kv_lens)) == 1 and not kw:  # dense peers need equal lengths
         L = kv_lens[0]
         k = torch.randn(b, hk, L, d, dtype=dtype, device="cuda")
@@ -449,11 +486,20 @@ def fmt_kernel_table(rows, copy_bw=None):
     """The decode rows' kernel times (--kernel-times): pagoda's and FlashInfer's kernel_time, the rate of
     pagoda's against copy_bw (the 1 GB copy, whose replay's launch is < 1% of its time), pagoda's graph time
     (gpu_time), a copy moving the same bytes (gpu_time: the harness's launch floor on a copy), and both libraries'
-    cost inside a larger CUDA graph (in_graph_time: as a serving step's graph holds the call), pagoda's also
-    against copy_bw."""
+    cost inside a larger CUDA graph (in_graph_time: as a serving step's graph holds the call) and in a step's
+    chain (step_time: behind a short kernel, launched with PDL, as a serving engine launches the decode), pagoda's
+    also against copy_bw."""
+    def inside(r, ours, peer):  # (pagoda's time, rate, share of copy_bw; FlashInfer's time, its time / pagoda's)
+        t, ft = r.get(ours), r.get(peer)
+        cell = f"{'-':>25}"
+        if t is not None:
+            cell = f"{t:8.1f}u {r['kv_MB'] * 1e6 / (t * 1e-6) / 1e9:6.0f} GB/s" + (
+                f" {r['kv_MB'] * 1e12 / t / copy_bw:5.1%}" if copy_bw else f"{'':>6}")
+        return cell + (f" {ft:10.1f}u {ft / t:5.2f}x" if ft is not None and t is not None else f" {'-':>11} {'-':>6}")
+
     lines = [f"{'case':<22} {'pagoda kern':>11} {'rate (of copy)':>16} {'FI kern':>9} {'x FI':>6} "
              f"{'pagoda graph':>12} {'same-bytes copy':>15} {'pagoda in-graph (of copy)':>25} {'FI in-graph':>11} "
-             f"{'x FI':>6}"]
+             f"{'x FI':>6} {'pagoda in a step (of copy)':>25} {'FI in a step':>11} {'x FI':>6}"]
     for r in rows:
         if "pagoda_kernel_us" not in r:
             continue
@@ -463,15 +509,9 @@ def fmt_kernel_table(rows, copy_bw=None):
             rate += f" {r['kv_MB'] * 1e12 / k / copy_bw:5.1%}"
         fk = r.get("flashinfer_kernel_us")
         fi = f"{fk:8.1f}u {fk / k:5.2f}x" if fk is not None else f"{'-':>9} {'-':>6}"
-        ig, fig = r.get("pagoda_in_graph_us"), r.get("flashinfer_in_graph_us")
-        ig_s = f"{'-':>25}"
-        if ig is not None:
-            ig_s = f"{ig:8.1f}u {r['kv_MB'] * 1e6 / (ig * 1e-6) / 1e9:6.0f} GB/s" + (
-                f" {r['kv_MB'] * 1e12 / ig / copy_bw:5.1%}" if copy_bw else f"{'':>6}")
-        fig_s = (f"{fig:10.1f}u {fig / ig:5.2f}x" if fig is not None and ig is not None
-                 else f"{'-':>11} {'-':>6}")
         lines.append(f"{'dec ' + r['case']:<22} {k:10.1f}u {rate:>16} {fi} {r['pagoda_us']:11.1f}u "
-                     f"{r['copy_same_bytes_us']:14.1f}u {ig_s:>25} {fig_s}")
+                     f"{r['copy_same_bytes_us']:14.1f}u {inside(r, 'pagoda_in_graph_us', 'flashinfer_in_graph_us')} "
+                     f"{inside(r, 'pagoda_step_us', 'flashinfer_step_us')}")
     return "\n".join(lines)
 
 
