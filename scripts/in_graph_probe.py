@@ -16,7 +16,7 @@ import triton.language as tl
 
 import pagoda
 from pagoda.bench.attention import (DECODE_CASES, PagedSetup, _flush_buf, copy_bandwidth, flush_l2, gpu_time,
-                                    in_graph_time, kernel_time)
+                                    in_graph_time, kernel_time, step_front)
 from pagoda.ops.kernels.pdl import pdl_enter
 
 
@@ -45,30 +45,6 @@ def pdl_flush():
     iters = buf.numel() // (grid * 4096)
     out = torch.empty(grid, device="cuda")
     return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
-
-
-@triton.jit
-def pdl_short_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """A few us of reads (one program an SM) that let the kernel after them launch at once: the engine's RoPE +
-    append kernel's place in front of the decode."""
-    pdl_enter(True)
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in tl.range(ITERS):
-        acc += tl.load(X + (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK))
-    tl.store(OUT + pid, tl.sum(acc, 0))
-
-
-def flush_then_short():
-    """flush_l2, then pdl_short_kernel: 132 programs x 8 loads of 4096 fp32 in a row (~4 MB)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(sms * 8 * 4096, device="cuda")
-    out = torch.empty(sms, device="cuda")
-
-    def f():
-        flush_l2()
-        pdl_short_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
-    return f
 
 
 def us(x):
@@ -111,7 +87,7 @@ def main():
                 i = in_graph_time(f, what, flush=pdl_flush())
                 print(f"| {what}, behind a flush that triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | "
                       f"- / - / {pct(i):.1f} |", flush=True)
-                short = flush_then_short()
+                short = step_front()
                 early = lambda: w.run(q, s.cache, out=out, enable_pdl=True, pdl_early_kv=True)  # noqa: E731
                 for pdl, ff in ((False, fn), (True, f), (2, early)) * 2:
                     i = in_graph_time(ff, what, flush=short)

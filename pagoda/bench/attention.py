@@ -195,20 +195,27 @@ def _step_front_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(OUT + pid, tl.sum(acc, 0))
 
 
-def step_time(fn, what: str = "", n: int = 16, reps: int = 21) -> float | None:
-    """What fn costs in a serving step's graph, launched as a serving engine launches a decode (seconds):
-    in_graph_time with, in front of each call, the L2 flush and then a short kernel that lets its dependents
-    launch at its start, as pagoda's engine's RoPE + append kernel does for the decode attention behind it
-    (scripts/in_graph_probe.py --pdl-flush, notes.md session 33). fn should launch with PDL (enable_pdl=True):
-    its launch and its prologue then overlap that kernel, which a launch without PDL waits for."""
+def step_front():
+    """What stands in front of a decode in a serving step's graph (step_time): the L2 flush, then a short kernel
+    (~3 us, one program an SM reading 4 MB) that lets its dependents launch at its start, as pagoda's engine's
+    RoPE + append kernel does for the decode attention behind it."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    x = torch.randn(sms * 8 * 4096, device="cuda")  # (4 MB: ~3 us of one program an SM)
+    x = torch.randn(sms * 8 * 4096, device="cuda")
     out = torch.empty(sms, device="cuda")
 
     def front():
         flush_l2()
         _step_front_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
-    return in_graph_time(fn, what, n, reps, flush=front)
+    return front
+
+
+def step_time(fn, what: str = "", n: int = 16, reps: int = 21) -> float | None:
+    """What fn costs in a serving step's graph, launched as a serving engine launches a decode (seconds):
+    in_graph_time with step_front in front of each call (scripts/in_graph_probe.py --pdl-flush, notes.md session
+    33). fn should launch with PDL (enable_pdl=True): its launch and its prologue then overlap the kernel in front,
+    which a launch without PDL waits for. That kernel reads little, so what fn moves before its PDL wait has the
+    DRAM to itself: a favourable bound on an engine's step, whose kernel in front may stream weights."""
+    return in_graph_time(fn, what, n, reps, flush=step_front())
 
 
 def _call_spans(events, per_flush: int, per_call: int, calls: int) -> list[float]:
