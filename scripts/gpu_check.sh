@@ -2,7 +2,8 @@
 # One device call: benchmarks, then GPU tests; a short table last.
 # Usage (from the repo root, on the device): bash scripts/gpu_check.sh [attention-bench args...]
 #   (e.g. --only decode --no-flex --kernel-times: the decode table, and each library's kernel time from the
-#   profiler beside the graph replay's, which holds the replay's ~3.6 us launch: bench.attention.kernel_time)
+#   profiler beside the graph replay's, which holds the replay's ~3.6 us launch: bench.attention.kernel_time;
+#   and each library's cost inside a larger graph and in a step's PDL chain: in_graph_time, step_time)
 #   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
 #   BENCHES="ops attention cascade decode_sweep linear mla engine"   which pagoda.bench modules to run (default:
 #                                     attention);
