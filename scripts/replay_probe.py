@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from in_graph_probe import empty_kernel  # noqa: E402
 from read_floor_probe import read_kernel  # noqa: E402
 
 import pagoda  # noqa: E402
@@ -24,15 +25,26 @@ from pagoda.bench.attention import PagedSetup, bench, copy_bandwidth, gpu_time, 
 
 
 @triton.jit
-def empty_kernel(X):
-    tl.store(X + tl.program_id(0), 1)
-
-
-@triton.jit
 def sum_kernel(X, OUT, n, BLOCK: tl.constexpr):
     """torch.sum's shape of work in Triton: one block a program, many programs, an atomic add each."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.atomic_add(OUT, tl.sum(tl.load(X + offs, mask=offs < n, other=0.0), 0), sem="relaxed")
+
+
+def read_call(x, outs):
+    """read_floor_probe's read of all of x (fp32) on 528 programs of 8 warps."""
+    n = x.numel()
+    return lambda: read_kernel[(528,)](x, outs, n, BLOCK=4096, ITERS=triton.cdiv(n, 528 * 4096), num_warps=8)
+
+
+def decode_call(kv_lens, seed=0):
+    """pagoda's decode of len(kv_lens) requests (32 / 8 heads of 128, bf16, page 16), planned, as a callable."""
+    s = PagedSetup(kv_lens, 8, 128, 16, torch.bfloat16, seed=seed)
+    q = torch.randn(len(kv_lens), 32, 128, dtype=torch.bfloat16, device="cuda")
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+    out = w.run(q, s.cache)
+    return lambda: w.run(q, s.cache, out=out)
 
 
 def raw_launcher(kernel, grid, args):
@@ -69,18 +81,11 @@ def main():
     mb134 = torch.randn(134217728 // 4, device="cuda")
     out1 = torch.zeros(1, device="cuda")
     ops.append(("torch.sum 134 MB", lambda: mb134.sum()))
-    outs = torch.empty(4096, device="cuda")
     n = mb134.numel()
-    ops.append(("triton read 134 MB (528 x 8 warps)", lambda: read_kernel[(528,)](
-        mb134, outs, n, BLOCK=4096, ITERS=triton.cdiv(n, 528 * 4096), num_warps=8)))
+    ops.append(("triton read 134 MB (528 x 8 warps)", read_call(mb134, torch.empty(4096, device="cuda"))))
     ops.append(("triton atomic sum 134 MB (8192 programs)", lambda: sum_kernel[(triton.cdiv(n, 4096),)](
         mb134, out1, n, BLOCK=4096, num_warps=8)))
-    s = PagedSetup([32768], 8, 128, 16, torch.bfloat16)
-    q = torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda")
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    w.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
-    o = w.run(q, s.cache)
-    ops.append(("decode 1x32768", lambda: w.run(q, s.cache, out=o)))
+    ops.append(("decode 1x32768", decode_call([32768])))
     print("| op | kernel us | graph us | eager us | graph - kernel | eager - kernel |")
     print("|---|---|---|---|---|---|")
     for what, fn in ops:
@@ -102,29 +107,14 @@ def flushes():
     A.flush_l2()
     buf = A._flush_buf[0]  # 512 MB fp32
     outs = torch.empty(4096, device="cuda")
-    nb = buf.numel()
-    read512 = lambda: read_kernel[(528,)](buf, outs, nb, BLOCK=4096, ITERS=triton.cdiv(nb, 528 * 4096),  # noqa
-                                          num_warps=8)
-    big = PagedSetup([32768] * 4, 8, 128, 16, torch.bfloat16, seed=1)  # 537 MB
-    qb = torch.randn(4, 32, 128, dtype=torch.bfloat16, device="cuda")
-    wb = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    wb.plan(big.indptr, big.indices, big.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
-    ob = wb.run(qb, big.cache)
-    decode537 = lambda: wb.run(qb, big.cache, out=ob)  # noqa: E731
     mb134 = torch.randn(134217728 // 4, device="cuda")
-    n = mb134.numel()
-    s = PagedSetup([32768], 8, 128, 16, torch.bfloat16)
-    q = torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda")
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    w.plan(s.indptr, s.indices, s.last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
-    o = w.run(q, s.cache)
     x1 = torch.zeros(4096, device="cuda")
     ops = [("torch.sum 134 MB", lambda: mb134.sum()),
-           ("triton read 134 MB", lambda: read_kernel[(528,)](mb134, outs, n, BLOCK=4096,
-                                                               ITERS=triton.cdiv(n, 528 * 4096), num_warps=8)),
-           ("decode 1x32768", lambda: w.run(q, s.cache, out=o)),
+           ("triton read 134 MB", read_call(mb134, outs)),
+           ("decode 1x32768", decode_call([32768])),
            ("triton empty, 396 programs", lambda: empty_kernel[(396,)](x1))]
-    fl = [("torch.sum 512 MB", A.flush_l2), ("triton read 512 MB", read512), ("decode 4x32768 (537 MB)", decode537)]
+    fl = [("torch.sum 512 MB", A.flush_l2), ("triton read 512 MB", read_call(buf, outs)),
+          ("decode 4x32768 (537 MB)", decode_call([32768] * 4, seed=1))]
     print("| op | " + " | ".join(f"after {f}: kernel / graph / gap us" for f, _ in fl) + " |")
     print("|---|" + "---|" * len(fl))
     orig = A.flush_l2
