@@ -227,7 +227,8 @@ if HAVE_GLUON:
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start, q_len, kv_start, kv_end, diag, partial, n_blocks, full_hi = _ws_item(wp, BLOCK_N, CAUSAL)
+            q_start, q_len, kv_start, _, kv_end, diag, partial, n_blocks, _, full_hi = _ws_item(
+                wp, 0, BLOCK_N, CAUSAL, False, 1)  # (no window: MLA plans have none; blocks from the item's start)
             q_pe = _mla_load_q(QN, QP, q_lo, q_hi, q_start, q_len, hsplit, num_heads, heads_per_prog,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, D_KPE, QPE_LAYOUT)
 
@@ -248,8 +249,8 @@ if HAVE_GLUON:
                 s, acc = warpgroup_mma_wait(0, deps=(s, acc))
                 if j > 0:
                     mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
-                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, qk_scale,
-                                                      start >= full_hi, CAUSAL, BLOCK_N, S_LAYOUT)
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_hi, qk_scale, 1.0,
+                                                      start >= full_hi, CAUSAL, False, False, BLOCK_N, S_LAYOUT)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
                 b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
                 if (ABLATE // 4) % 2 == 0:
@@ -285,7 +286,7 @@ if HAVE_GLUON:
         it = 0
         for rnd in range(0, n_rounds):
             wp, _, _, hsplit = _ws_task(WORK, rnd, tasks_per_item, n_hsplit)
-            q_start, q_len, _, _, _, partial, n_blocks, _ = _ws_item(wp, BLOCK_N, False)
+            q_start, q_len, _, _, _, _, partial, n_blocks, _, _ = _ws_item(wp, 0, BLOCK_N, False, False, 1)
             acc = gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT)
             for j in range(0, n_blocks):
                 slot = _ws_wait_ready(ready, it, STAGES)
