@@ -2,6 +2,10 @@
 interpreter lets through (constexpr rules, types) before device time is spent.
 
     python scripts/compile_check.py [name ...]      (NO_PARAMS=1: PTX hashes without parameter lines)
+    python scripts/compile_check.py --ci            (exactly CI_CASES: the Gluon kernels the CPU tests compile)
+    python scripts/compile_check.py --exact NAME ...   (exactly these cases; a name that is none fails)
+
+Not under TRITON_INTERPRET=1: the interpreter replaces the @triton.jit helpers that Gluon kernels call.
 """
 import hashlib
 import os
@@ -285,14 +289,42 @@ def ptxas_report(k) -> str:
     return f"; {res[0] if res else r.stderr.strip()[:200]}"
 
 
+# The Gluon kernels' cases that the CPU tests compile (tests/attention/test_compile_sm90.py, `--ci`): the interpreter
+# cannot run Gluon, so without this a shared helper's new signature can leave a kernel that no CPU test builds
+# uncompilable (mla_sm90 from session 30 to 34). One case per constexpr branch of each kernel: fp8 / 16-bit caches,
+# scales by pointer, PDL with early pages and KV, soft caps, windows, TMA or gathers, head_dim 64 / 128 / 256, the
+# long-prompt tile, the timeline probe.
+CI_CASES = [
+    "mla_sm90 PAGE_SIZE=64 causal=False TMA=True",
+    "mla_sm90 PAGE_SIZE=1 causal=True TMA=False",
+    "decode_sm90 D=128 kv=fp8e4nv SCALE_PTR=False rows=8 MERGE_ROWS=4",
+    "decode_sm90 D=64 kv=fp8e5 SCALE_PTR=True rows=16 MERGE_ROWS=16",
+    "decode_sm90 D=128 kv=bf16 page=16 STAGES=3 PDL EARLY_KV EARLY_PAGES=True",
+    "decode_sm90 D=128 kv=bf16 SOFTCAP",
+    "decode_sm90 D=256 kv=bf16 STAGES=3 rows=8 MERGE_ROWS=2",
+    "decode_sm90 D=128 kv=bf16 TRACE",
+    "prefill_sm90_ws D=128 paged=True causal=True BLOCK_N=64 TMA Q_AHEAD",
+    "prefill_sm90_ws D=256 paged=True causal=False BLOCK_N=32 STAGES=4 TMA Q_SMEM",
+    "prefill_sm90_ws D=128 paged=True causal=True BLOCK_N=64 TMA=False SOFTCAP=True WINDOW=True",
+    "prefill_sm90_ws D=64 paged=False causal=True BLOCK_N=64 TMA=True SOFTCAP=False WINDOW=True",
+    "prefill_sm90_ws D=128 paged=False causal=False",
+    "prefill_sm90_ws D=128 paged=True causal=True long (BLOCK_N=128 Q_SMEM)",
+]
+
+
 def main():
     want = sys.argv[1:]
+    exact = want[:1] in (["--ci"], ["--exact"])  # exactly these cases, each of which must exist
+    if exact:
+        want = CI_CASES if want == ["--ci"] else want[1:]
     no_params = os.environ.get("NO_PARAMS") == "1"
     failed = 0
+    seen = set()
     all_cases = [(*c, 3) if len(c) == 5 else c for c in cases()] + list(attention_cases()) + list(gluon_cases()) + list(decode_sm90_cases())
     for name, fn, types, consts, warps, stages, *maxnreg in all_cases:
-        if want and not any(w in name for w in want):
+        if exact and name not in want or want and not exact and not any(w in name for w in want):
             continue
+        seen.add(name)
         try:
             k = compile_one(fn, types, consts, warps, stages, *maxnreg)
             ptx = k.asm.get("ptx", "")
@@ -311,8 +343,15 @@ def main():
                   f"{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}; ptx {digest}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
-    sys.exit(1 if failed else 0)
+            root = e  # (a Gluon CompilationError's text is the source around the call; its first cause says why)
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            why = f" <- {type(root).__name__}: {str(root)[-1000:]}" if root is not e else ""
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}{why}")
+    missing = [w for w in want if exact and w not in seen]
+    for w in missing:
+        print(f"FAIL {w}: no such case")
+    sys.exit(1 if failed or missing else 0)
 
 
 if __name__ == "__main__":
