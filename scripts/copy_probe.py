@@ -1,7 +1,7 @@
 """Why the attention bench's "same-bytes copy" ran at ~2.7 TB/s for copies of 537-550 MB each way where smaller and
 larger ones ran at 4.2-4.3 (notes.md sessions 26 and 34): a device-to-device copy of N MB each way timed three
 ways, each after the bench's L2 flush: torch's copy_ captured in a CUDA graph (a memcpy node: what
-bench.attention.same_bytes_copy_us times), the same copy_ launched eagerly (a cudaMemcpyAsync on the stream: what
+bench.attention.same_bytes_copy_us timed until session 34; the elementwise kernel since), the same copy_ launched eagerly (a cudaMemcpyAsync on the stream: what
 copy_bandwidth times for its 1 GB), and an elementwise kernel that moves the same bytes (a multiply by 1 over float32
 views) in a graph. Device only:
 

@@ -113,12 +113,15 @@ def copy_bandwidth() -> float:
 
 def same_bytes_copy_us(kv_bytes: int) -> float:
     """gpu_time (us) of a copy that moves kv_bytes (kv_bytes / 2 read, as many written): what the harness gives
-    an op that moves a decode case's bytes at the copy rate, the replay's launch included. (Not by kernel_time:
-    a device-to-device copy is a memcpy, whose profiler records ran 1.1-1.7x the events' time for copies of
-    0.5-1 GB on the H200, session 26, where the kernels' records sit ~3.6 us under it.)"""
-    a = torch.empty(kv_bytes // 2, dtype=torch.uint8, device="cuda")
+    an op that moves a decode case's bytes at the copy rate, the replay's launch included. The copy is an
+    elementwise kernel (a multiply by 1 over float32 views), not torch's copy_: captured in a graph, copy_ is a
+    memcpy node, which ran at ~2.7 TB/s for many sizes (67-600 MB each way but 512, and 537 MB: the 1 GB cases'
+    column of sessions 26-33) where the kernel and an eager memcpy run at 3.9-4.3 (scripts/copy_probe.py, notes.md
+    session 34). (Not by kernel_time: kernel_time times the decode alone.)"""
+    n = kv_bytes // 2 // 16 * 4  # float32 elements (the bytes rounded down to 16)
+    a = torch.randn(n, device="cuda")
     b = torch.empty_like(a)
-    return gpu_time(lambda: b.copy_(a), "copy") * 1e6
+    return gpu_time(lambda: torch.mul(a, 1.0, out=b), "copy") * 1e6
 
 
 EAGER_FALLBACKS: list[str] = []  # what gpu_time could not capture (timed eagerly instead)
