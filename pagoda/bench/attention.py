@@ -115,9 +115,9 @@ def same_bytes_copy_us(kv_bytes: int) -> float:
     """gpu_time (us) of a copy that moves kv_bytes (kv_bytes / 2 read, as many written): what the harness gives
     an op that moves a decode case's bytes at the copy rate, the replay's launch included. The copy is an
     elementwise kernel (a multiply by 1 over float32 views), not torch's copy_: captured in a graph, copy_ is a
-    memcpy node, which ran at ~2.7 TB/s for many sizes (67-600 MB each way but 512, and 537 MB: the 1 GB cases'
-    column of sessions 26-33) where the kernel and an eager memcpy run at 3.9-4.3 (scripts/copy_probe.py, notes.md
-    session 34). (Not by kernel_time: kernel_time times the decode alone.)"""
+    memcpy node, which ran at ~2.7 TB/s at most sizes from 67 to 600 MB each way (at the copy rate only at some:
+    512 MB, 1 GB, the bench's smaller power-of-two cases; its 1 GB cases' 537-556 MB at 2.7: sessions 26-33) where
+    the kernel and an eager memcpy run at 3.9-4.3 TB/s (H200, scripts/copy_probe.py, notes.md session 34)."""
     n = kv_bytes // 2 // 16 * 4  # float32 elements (the bytes rounded down to 16)
     a = torch.randn(n, device="cuda")
     b = torch.empty_like(a)
