@@ -16,8 +16,7 @@ import triton.language as tl
 
 import pagoda
 from pagoda.bench.attention import (DECODE_CASES, PagedSetup, _flush_buf, copy_bandwidth, flush_l2, gpu_time,
-                                    in_graph_time, kernel_time, step_front)
-from pagoda.ops.kernels.pdl import pdl_enter
+                                    in_graph_time, kernel_time, pdl_read_kernel, step_front)
 
 
 @triton.jit
@@ -25,26 +24,15 @@ def empty_kernel(X):
     tl.store(X + tl.program_id(0), 1)
 
 
-@triton.jit
-def pdl_flush_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """A read of X (the L2 flush's buffer) that lets the kernel after it launch at once (ops/kernels/pdl.py's
-    pdl_enter: its own wait returns at once, as it is not launched with PDL)."""
-    pdl_enter(True)
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in tl.range(ITERS, num_stages=3):
-        acc += tl.load(X + (pid.to(tl.int64) * ITERS + i) * BLOCK + tl.arange(0, BLOCK), cache_modifier=".cg")
-    tl.store(OUT + pid, tl.sum(acc, 0))
-
-
 def pdl_flush():
-    """flush_l2's emptying read (its 512 MB buffer) by pdl_flush_kernel."""
+    """flush_l2's emptying read (its 512 MB buffer) by bench.attention's pdl_read_kernel, which lets the kernel
+    after it launch at its start."""
     flush_l2()  # (makes the buffer)
     buf = _flush_buf[0]
     grid = torch.cuda.get_device_properties(0).multi_processor_count * 8
     iters = buf.numel() // (grid * 4096)
     out = torch.empty(grid, device="cuda")
-    return lambda: pdl_flush_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
+    return lambda: pdl_read_kernel[(grid,)](buf, out, ITERS=iters, BLOCK=4096, num_warps=8)
 
 
 def us(x):
@@ -89,9 +77,9 @@ def main():
                       f"- / - / {pct(i):.1f} |", flush=True)
                 short = step_front()
                 early = lambda: w.run(q, s.cache, out=out, enable_pdl=True, pdl_early_kv=True)  # noqa: E731
-                for pdl, ff in ((False, fn), (True, f), (2, early)) * 2:
+                for label, ff in (("", fn), (", enable_pdl", f),
+                                  (", enable_pdl + pdl_early_kv (the engine's)", early)) * 2:
                     i = in_graph_time(ff, what, flush=short)
-                    label = ["", ", enable_pdl", ", enable_pdl + pdl_early_kv (the engine's)"][int(pdl)]
                     print(f"| decode {name}{label}, behind a flush + a short kernel that "
                           f"triggers | {s.kv_bytes / 1e6:.0f} | | | {us(i):.2f} | - / - / {pct(i):.1f} |", flush=True)
 

@@ -44,8 +44,7 @@ def main():
     print()
     print(f"{'measure':>13} | {'fixed a (us)':>12} | {'rate r (GB/s)':>13} | r / copy | 1x32768 on this device: "
           f"line / measured | at {args.copy_gbps:.0f} GB/s copy: a kept .. a scaled (% of that copy rate)")
-    mb32 = next(r["kv_MB"] for r in rows if r["case"] == "1x32768") if any(r["case"] == "1x32768" for r in rows) \
-        else 134.2
+    mb32 = next((r["kv_MB"] for r in rows if r["case"] == "1x32768"), 134.2)
     k = copy / args.copy_gbps  # how much longer every byte takes there
     for name, key in MEASURES:
         pts = [(r["kv_MB"], r[key]) for r in rows if key in r]
@@ -54,10 +53,8 @@ def main():
         a, rate = fit(*zip(*pts))
         meas = next((r[key] for r in rows if r["case"] == "1x32768" and key in r), float("nan"))
         stream = mb32 / rate * 1000 * k
-        fixed_keep = a
         launch = args.launch_us if key in ("pagoda_us", "copy_same_bytes_us", "sdpa_us") else 0.0
-        fixed_scaled = launch + (a - launch) * k
-        t_lo, t_hi = stream + fixed_keep, stream + fixed_scaled
+        t_lo, t_hi = stream + a, stream + launch + (a - launch) * k  # (the fixed part kept .. scaled)
         pct = lambda t: mb32 / t * 1000 / args.copy_gbps * 100  # noqa: E731
         print(f"{name:>13} | {a:12.2f} | {rate:13.0f} | {rate / copy:8.3f} | {a + mb32 / rate * 1000:6.2f} / "
               f"{meas:6.2f} us | {t_lo:6.2f} .. {t_hi:6.2f} us ({pct(t_lo):5.1f} .. {pct(t_hi):5.1f}%)")

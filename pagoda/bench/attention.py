@@ -187,14 +187,15 @@ def in_graph_time(fn, what: str = "", n: int = 16, reps: int = 21, flush=None) -
 
 
 @triton.jit
-def _step_front_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """A few us of reads, one program an SM, that let the kernel behind them launch at their start (pdl_enter):
-    the place of the engine's RoPE + append kernel in front of its decode attention (step_time)."""
+def pdl_read_kernel(X, OUT, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """Each program sums its ITERS blocks of X and lets the kernel behind it launch at its start (pdl_enter; its
+    own wait returns at once when it is not launched with PDL): step_front's short kernel, in the place of the
+    engine's RoPE + append kernel in front of its decode attention, and scripts/in_graph_probe.py's L2 flush."""
     pdl_enter(True)
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in tl.range(ITERS):
-        acc += tl.load(X + (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK))
+        acc += tl.load(X + (pid.to(tl.int64) * ITERS + i) * BLOCK + tl.arange(0, BLOCK))
     tl.store(OUT + pid, tl.sum(acc, 0))
 
 
@@ -208,7 +209,7 @@ def step_front():
 
     def front():
         flush_l2()
-        _step_front_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
+        pdl_read_kernel[(sms,)](x, out, ITERS=8, BLOCK=4096, num_warps=4)
     return front
 
 
@@ -463,6 +464,12 @@ def prefill_row(name, qo_lens, kv_lens, hq, hk, d, ps, dtype, fi, ws, flex, **kw
     return row
 
 
+def _rate(kv_mb, t_us, copy_bw=None, pct="5.1%"):
+    """kv_mb megabytes in t_us microseconds as "NNNN GB/s", and with copy_bw (bytes / s) its share of it."""
+    out = f"{kv_mb * 1e6 / (t_us * 1e-6) / 1e9:6.0f} GB/s"
+    return out + f" {kv_mb * 1e12 / t_us / copy_bw:{pct}}" if copy_bw else out
+
+
 def fmt_table(rows, copy_bw=None):
     """The rows as a table; copy_bw (bytes / s): decode rates also as a fraction of it."""
     lines = []
@@ -472,9 +479,7 @@ def fmt_table(rows, copy_bw=None):
     lines.append(hdr)
     for r in rows:
         if r["kind"].startswith("decode"):
-            rate = f"{r['kv_MB'] * 1e6 / (r['pagoda_us'] * 1e-6) / 1e9:6.0f} GB/s"
-            if copy_bw:
-                rate += f" {r['kv_MB'] * 1e12 / r['pagoda_us'] / copy_bw:4.0%}"
+            rate = _rate(r["kv_MB"], r["pagoda_us"], copy_bw, "4.0%")
         else:
             rate = f"{r['tflop'] / (r['pagoda_us'] * 1e-6):6.0f} TF/s"
 
@@ -505,8 +510,7 @@ def fmt_kernel_table(rows, copy_bw=None):
         t, ft = r.get(ours), r.get(peer)
         cell = f"{'-':>25}"
         if t is not None:
-            cell = f"{t:8.1f}u {r['kv_MB'] * 1e6 / (t * 1e-6) / 1e9:6.0f} GB/s" + (
-                f" {r['kv_MB'] * 1e12 / t / copy_bw:5.1%}" if copy_bw else f"{'':>6}")
+            cell = f"{t:8.1f}u {_rate(r['kv_MB'], t, copy_bw)}" + ("" if copy_bw else f"{'':>6}")
         return cell + (f" {ft:10.1f}u {ft / t:5.2f}x" if ft is not None and t is not None else f" {'-':>11} {'-':>6}")
 
     lines = [f"{'case':<22} {'pagoda kern':>11} {'rate (of copy)':>16} {'FI kern':>9} {'x FI':>6} "
@@ -516,9 +520,7 @@ def fmt_kernel_table(rows, copy_bw=None):
         if "pagoda_kernel_us" not in r:
             continue
         k = r["pagoda_kernel_us"]
-        rate = f"{r['kv_MB'] * 1e6 / (k * 1e-6) / 1e9:6.0f} GB/s"
-        if copy_bw:
-            rate += f" {r['kv_MB'] * 1e12 / k / copy_bw:5.1%}"
+        rate = _rate(r["kv_MB"], k, copy_bw)
         fk = r.get("flashinfer_kernel_us")
         fi = f"{fk:8.1f}u {fk / k:5.2f}x" if fk is not None else f"{'-':>9} {'-':>6}"
         lines.append(f"{'dec ' + r['case']:<22} {k:10.1f}u {rate:>16} {fi} {r['pagoda_us']:11.1f}u "
