@@ -1,7 +1,9 @@
 """Compile pagoda's Triton kernels for sm_90 on any machine (no GPU): catches errors that the
 interpreter lets through (constexpr rules, types) before device time is spent.
 
-    python scripts/compile_check.py [name ...]      (NO_PARAMS=1: PTX hashes without parameter lines)
+    python scripts/compile_check.py [name ...]      (NO_PARAMS=1: PTX hashes without parameter lines; PTX_DIR=dir:
+                                                     the hashed PTX text of each case written there, to diff;
+                                                     PYTHONPATH=another tree compiles that tree's kernels)
     python scripts/compile_check.py --ci            (exactly CI_CASES: the Gluon kernels the CPU tests compile)
     python scripts/compile_check.py --exact NAME ...   (exactly these cases; a name that is none fails)
 
@@ -104,6 +106,13 @@ def attention_cases():
                        dict(base, **extra, SCALE_PTR=scale_ptr, KV_DEQUANT=deq[kv], VARIANT=False,
                             SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
                             HAS_MASK_MOD=False, CUSTOM_MASK=False), warps, stages)
+    for mode, extra, warps, stages in (("decode", dict(BLOCK_M=16, BLOCK_N=64, CAUSAL=False), 4, 3),
+                                      ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
+        yield (f"attention {mode} SINKS", attention.attention_kernel,
+               dict(att, REQS="*i64", MASK="*u8", VPARAMS="*fp32", SINKS="*fp32"),
+               dict(base, **extra, WRITE_LSE=True, SCALE_PTR=False, KV_DEQUANT=0, VARIANT=False,
+                    SCORE_MOD=attention._no_mod, MASK_MOD=attention._no_mod, HAS_SCORE_MOD=False,
+                    HAS_MASK_MOD=False, CUSTOM_MASK=False), warps, stages)
     for mode, extra, warps, stages in (("decode", dict(BLOCK_M=16, BLOCK_N=32, CAUSAL=False), 4, 3),
                                       ("prefill", dict(BLOCK_M=128, BLOCK_N=64, CAUSAL=True), 8, 3)):
         yield (f"attention {mode} MERGE_OUT (a cascade level merging into out / lse)", attention.attention_kernel,
@@ -206,6 +215,14 @@ def gluon_cases():
                    prefill_sm90.prefill_sm90_ws_kernel, types,
                    dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=128, PAGE_SIZE=16, PAGED=paged, CAUSAL=True, WRITE_LSE=True,
                         STAGES=3, PRODUCER_REGS=88, CONSUMER_REGS=208, num_warps=4, Q_SMEM=True), 4, 1)
+    # attention sinks (run(sinks=)): the epilogue and the two-pass merge (head_dim 256: in column slices)
+    for d, bn, st, q_smem, regs in ((128, 64, 5, False, (88, 208)), (256, 32, 4, True, (40, 232))):
+        desc = f"tensordesc<bf16[16,{d}],{lay}>"
+        yield (f"prefill_sm90_ws D={d} paged=True causal=True BLOCK_N={bn} TMA SINKS",
+               prefill_sm90.prefill_sm90_ws_kernel, dict(types, KD=desc, VD=desc, SINKS="*fp32"),
+               dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=bn, PAGE_SIZE=16, PAGED=True, CAUSAL=True, WRITE_LSE=True,
+                    STAGES=st, PRODUCER_REGS=regs[0], CONSUMER_REGS=regs[1], num_warps=4, Q_SMEM=q_smem,
+                    TMA=True), 4, 1)
     from pagoda.attention.kernels import mla_sm90
 
     m = dict(QN="*bf16", QP="*bf16", CKV="*bf16", KPE="*bf16", O="*bf16", LSE="*fp32", TMP_O="*fp32",
@@ -267,6 +284,12 @@ def decode_sm90_cases():
                dict(types, K="*" + kv, V="*" + kv, soft_cap_log2="fp32"),
                dict(HEAD_DIM=256, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False,
                     STAGES=stages, SAME_STRIDES=True, MERGE_ROWS=mr, SOFTCAP=True, num_warps=4), 4, 1)
+    # attention sinks (run(sinks=)): the one-query merge and the unsplit epilogue add each head's sink
+    for d, kv, rows, mr, regs in ((128, "bf16", 8, 4, 168), (256, "bf16", 8, 4, None), (64, "fp8e4nv", 16, 16, 128)):
+        yield (f"decode_sm90 D={d} kv={kv} SINKS", decode_sm90.decode_sm90_kernel,
+               dict(types, K="*" + kv, V="*" + kv, SINKS="*fp32"),
+               dict(HEAD_DIM=d, BLOCK_M=rows, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False,
+                    STAGES=3 if d == 256 else 2, SAME_STRIDES=True, MERGE_ROWS=mr, num_warps=4), 4, 1, regs)
     yield ("decode_sm90 D=128 kv=bf16 TRACE", decode_sm90.decode_sm90_kernel,
            dict(types, K="*bf16", V="*bf16", TRACE="*i64"),
            dict(HEAD_DIM=128, BLOCK_M=8, BLOCK_N=64, PAGE_SIZE=16, WRITE_LSE=True, SCALE_PTR=False, STAGES=2,
@@ -293,7 +316,7 @@ def ptxas_report(k) -> str:
 # cannot run Gluon, so without this a shared helper's new signature can leave a kernel that no CPU test builds
 # uncompilable (mla_sm90 from session 30 to 34). One case per constexpr branch of each kernel: fp8 / 16-bit caches,
 # scales by pointer, PDL with early pages and KV, soft caps, windows, TMA or gathers, head_dim 64 / 128 / 256, the
-# long-prompt tile, the timeline probe.
+# long-prompt tile, the timeline probe, attention sinks.
 CI_CASES = [
     "mla_sm90 PAGE_SIZE=64 causal=False TMA=True",
     "mla_sm90 PAGE_SIZE=1 causal=True TMA=False",
@@ -309,6 +332,8 @@ CI_CASES = [
     "prefill_sm90_ws D=64 paged=False causal=True BLOCK_N=64 TMA=True SOFTCAP=False WINDOW=True",
     "prefill_sm90_ws D=128 paged=False causal=False",
     "prefill_sm90_ws D=128 paged=True causal=True long (BLOCK_N=128 Q_SMEM)",
+    "decode_sm90 D=128 kv=bf16 SINKS",
+    "prefill_sm90_ws D=256 paged=True causal=True BLOCK_N=32 TMA SINKS",
 ]
 
 
@@ -339,6 +364,11 @@ def main():
             body = "\n".join(ln for ln in code.splitlines() if not ln.lstrip().startswith(skip)
                               and not (no_params and "param" in ln))
             digest = hashlib.sha1(body.encode()).hexdigest()[:10]
+            if os.environ.get("PTX_DIR"):  # (the hashed text, to diff against another tree's)
+                os.makedirs(os.environ["PTX_DIR"], exist_ok=True)
+                with open(os.path.join(os.environ["PTX_DIR"], "".join(c if c.isalnum() else "_" for c in name)
+                                       + ".ptx"), "w") as f:
+                    f.write(body)
             print(f"ok   {name}: {k.metadata.shared} B shared{ptxas_report(k)}; cp.async "
                   f"{ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}; ptx {digest}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail

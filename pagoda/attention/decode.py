@@ -76,7 +76,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
-            enable_pdl: bool | None = None, pdl_early_kv: bool = False):
+            enable_pdl: bool | None = None, pdl_early_kv: bool = False, sinks: torch.Tensor | None = None):
         """q: [batch, num_qo_heads, head_dim]; paged_kv_cache: [max_num_pages, 2, page_size,
         num_kv_heads, head_dim] (NHD; HND swaps page_size and num_kv_heads) or a (k, v) tuple of
         [max_num_pages, page_size, num_kv_heads, head_dim].
@@ -92,8 +92,13 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
         pdl_early_kv (pagoda's, with enable_pdl): the caller promises that the kernel launched right before this
         one writes no KV but each request's last token (a decode step's own K / V, as RoPE + append does), so the
         Gluon decode kernel may copy its first KV blocks before its PDL wait (kernels/decode_sm90.py EARLY_KV);
-        elsewhere it changes nothing. A wrong promise reads stale KV."""
-        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl, pdl_early_kv)
+        elsewhere it changes nothing. A wrong promise reads stale KV.
+        sinks: attention sinks (gpt-oss; FlashInfer's run(sinks=)): float32 [num_qo_heads] learned logits, one per
+        query head, each a term exp(sinks[h]) in its softmax's sum and no value (on the logits' scale, not
+        multiplied by sm_scale); the returned lse counts it (reference.py). A CUDA graph reads the tensor it
+        captured: update it in place."""
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl, pdl_early_kv,
+                         sinks)
 
     forward = run
 
@@ -102,12 +107,14 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
                                 sm_scale: float | None = None, window_left: int = -1,
                                 logits_soft_cap: float | None = None, return_lse: bool = False,
-                                backend: str = "auto", k_scale=None, v_scale=None, variant=None):
+                                backend: str = "auto", k_scale=None, v_scale=None, variant=None,
+                                sinks: torch.Tensor | None = None):
     """Decode attention of one query against one request's KV.
 
     q: [num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim] (NHD) or
     [num_kv_heads, kv_len, head_dim] (HND). Returns out [num_qo_heads, head_dim], and
-    lse [num_qo_heads] (float32, base 2) when return_lse.
+    lse [num_qo_heads] (float32, base 2) when return_lse. sinks: float32 [num_qo_heads] attention-sink logits
+    (reference.py).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         raise ValueError(f"q must be [num_qo_heads, head_dim], got {getattr(q, 'shape', q)}")
@@ -116,7 +123,7 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     res = single_prefill_with_kv_cache(q[None], k, v, causal=False, kv_layout=kv_layout, sm_scale=sm_scale,
                                        window_left=window_left, logits_soft_cap=logits_soft_cap,
                                        return_lse=return_lse, backend=backend, k_scale=k_scale,
-                                       v_scale=v_scale, variant=variant, _mode="decode")
+                                       v_scale=v_scale, variant=variant, sinks=sinks, _mode="decode")
     if return_lse:
         return res[0][0], res[1][0]
     return res[0]

@@ -158,6 +158,26 @@ def check_kv_scale(name: str, scale, num_kv_heads: int, device: torch.device, re
     return float(scale), None
 
 
+def check_sinks(sinks, num_qo_heads: int, device: torch.device):
+    """run()'s sinks (attention sinks, reference.py): None, or a float32 tensor of num_qo_heads logits on the
+    queries' device, contiguous (the kernels read sinks[h]). Returns the tensor or None."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks must be a float32 tensor of num_qo_heads ({num_qo_heads}) logits, got "
+                         f"{type(sinks).__name__}")
+    if sinks.dtype != torch.float32:
+        raise ValueError(f"sinks must be float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (num_qo_heads,):
+        raise ValueError(f"sinks must have shape ({num_qo_heads},) (one logit per query head), got "
+                         f"{tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+    if num_qo_heads > 1 and sinks.stride(0) != 1:
+        raise ValueError(f"sinks must be contiguous, got stride {sinks.stride(0)}")
+    return sinks
+
+
 def canonical_dtype(name: str, dtype) -> torch.dtype:
     if isinstance(dtype, str):
         value = getattr(torch, dtype, None)

@@ -7,11 +7,13 @@ tile: a tile of block_m rows holds (block_m // group) tokens x group heads.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .formats import (check_indptr, check_kv_layout, check_page_indices, check_paged_lens, check_qo_indptr,
-                      paged_cache_geometry, paged_strides, unpack_paged_kv_cache)
+                      check_sinks, paged_cache_geometry, paged_strides, unpack_paged_kv_cache)
 from .reference import gather_paged_kv
 from .runner import BatchAttention
 
@@ -74,16 +76,55 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
 
     def run(self, q: torch.Tensor, paged_kv_cache, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
-            enable_pdl: bool | None = None, pdl_early_kv: bool = False):
+            enable_pdl: bool | None = None, pdl_early_kv: bool = False, sinks: torch.Tensor | None = None):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; paged_kv_cache as in the decode wrapper.
         Returns out like q, and lse [qo_indptr[-1], num_qo_heads] float32 (base 2) when return_lse.
         k_scale / v_scale: the cache holds K / k_scale and V / v_scale (float, or float32 per-KV-head
         tensor); required when kv_data_type is fp8, 1.0 by default otherwise. enable_pdl: as the decode
         wrapper's (the Triton kernel only; the sm_90 prefill kernel ignores it). pdl_early_kv: as the decode
         wrapper's (the kernel ahead writes no KV but this step's own tokens; taken by the Gluon decode kernel,
-        which runs plans of one query per request)."""
+        which runs plans of one query per request). sinks: as the decode wrapper's."""
         return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl,
-                         pdl_early_kv)
+                         pdl_early_kv, sinks)
+
+    forward = run
+
+
+class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper):
+    """FlashInfer's wrapper for attention sinks (gpt-oss), by its name and arguments: the paged prefill wrapper
+    (decode is a batch of one-query requests, which plan() gives the decode kernels) whose run() takes the sinks,
+    and FlashInfer's sm_scale, positionally::
+
+        w = pagoda.BatchAttentionWithAttentionSinkWrapper(ws, "NHD", q_data_type=torch.bfloat16,
+                                                          kv_data_type=torch.bfloat16, head_dim_qk=64, head_dim_vo=64)
+        w.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, 64, 8, 64, 16, causal=True, q_data_type=...)
+        out = w.run(q, paged_kv_cache, sinks, sm_scale)   # sinks: float32 [num_qo_heads]
+
+    The constructor's dtypes, head dims and window (FlashInfer's JIT keys) are accepted and taken from plan() instead
+    (head_dim_vo must equal head_dim_qk, as everywhere in pagoda). Every wrapper's run(sinks=) does the same
+    (reference.py's definition)."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf: torch.Tensor | None = None,
+                 paged_kv_last_page_len_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto",
+                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, q_data_type=torch.bfloat16,
+                 kv_data_type=torch.bfloat16, head_dim_qk: int = 128, head_dim_vo: int = 128,
+                 window_left: int = -1) -> None:
+        if backend in ("fa2", "fa3"):  # (FlashInfer's CUDA backends: pagoda picks its kernels by GPU)
+            backend = "auto"
+        _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, paged_kv_indptr_buf,
+                         paged_kv_indices_buf, paged_kv_last_page_len_buf, custom_mask_buf, mask_indptr_buf, backend)
+
+    def run(self, q: torch.Tensor, paged_kv_cache, sinks: torch.Tensor, sm_scale: float | None = None,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False, *,
+            k_scale=None, v_scale=None, enable_pdl: bool | None = None):
+        """FlashInfer's run(q, paged_kv_cache, sink, sm_scale): sinks float32 [num_qo_heads]; sm_scale, if given,
+        must be plan()'s (the default 1 / sqrt(head_dim) there too): pagoda folds the scale into the plan."""
+        p = self._require_plan()
+        if sm_scale is not None and not math.isclose(float(sm_scale), p.sm_scale, rel_tol=1e-6):
+            raise ValueError(f"sm_scale {sm_scale!r} differs from plan()'s {p.sm_scale!r}: pass it to plan()")
+        return run_paged(self, q, paged_kv_cache, out, lse, return_lse, k_scale, v_scale, enable_pdl, False, sinks)
 
     forward = run
 
@@ -127,11 +168,14 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
     begin_forward = plan
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+            lse: torch.Tensor | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None,
+            sinks: torch.Tensor | None = None):
         """q: [qo_indptr[-1], num_qo_heads, head_dim]; k, v: [kv_indptr[-1] or more, num_kv_heads,
-        head_dim] (NHD). Returns out like q (and lse [nnz, num_qo_heads] float32, base 2)."""
+        head_dim] (NHD). Returns out like q (and lse [nnz, num_qo_heads] float32, base 2). sinks: as the decode
+        wrapper's."""
         p = self._require_plan()
         self._check_q(q, p)
+        sinks = check_sinks(sinks, p.num_qo_heads, q.device)
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3:
                 raise ValueError(f"{name} must be a 3-D tensor [nnz_kv, num_kv_heads, head_dim]")
@@ -153,11 +197,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
             def kv_of(b):
                 s = int(p.host_kv_base[b])
                 return kk[s:s + int(p.host_kv_lens[b])], vv[s:s + int(p.host_kv_lens[b])]
-            self._run_reference(q, kv_of, out, lse, p, scales)
+            self._run_reference(q, kv_of, out, lse, p, scales, sinks)
         else:
             def strides(t):
                 return (t.stride(0), 0, t.stride(1)) if nhd else (t.stride(1), 0, t.stride(0))
-            self._launch(q, k, v, strides(k), strides(v), out, lse, p, scales)
+            self._launch(q, k, v, strides(k), strides(v), out, lse, p, scales, sinks=sinks)
         return (out, lse) if return_lse else out
 
     forward = run
@@ -181,10 +225,11 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  sm_scale: float | None = None, window_left: int = -1,
                                  logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None,
                                  return_lse: bool = False, backend: str = "auto", k_scale=None, v_scale=None,
-                                 variant=None, _mode: str = "prefill"):
+                                 variant=None, sinks: torch.Tensor | None = None, _mode: str = "prefill"):
     """Attention of one request: q [qo_len, num_qo_heads, head_dim]; k, v [kv_len, num_kv_heads,
     head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND). Causal is bottom-right aligned.
-    Returns out [qo_len, num_qo_heads, head_dim] (and lse [qo_len, num_qo_heads] float32, base 2)."""
+    Returns out [qo_len, num_qo_heads, head_dim] (and lse [qo_len, num_qo_heads] float32, base 2).
+    sinks: float32 [num_qo_heads] attention-sink logits (reference.py)."""
     check_kv_layout(kv_layout)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -201,16 +246,17 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                  packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
                  window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                  q_data_type=q.dtype, kv_data_type=k.dtype)
-    return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
 
 
 def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None,
-              enable_pdl=None, pdl_early_kv=False):
+              enable_pdl=None, pdl_early_kv=False, sinks=None):
     """run() of the paged wrappers (decode and prefill share it); pdl_early_kv: the decode wrapper's run()."""
     if not isinstance(pdl_early_kv, bool):
         raise ValueError(f"pdl_early_kv must be a bool, got {pdl_early_kv!r}")
     p = wrapper._require_plan()
     wrapper._check_q(q, p)
+    sinks = check_sinks(sinks, p.num_qo_heads, q.device)
     k, v = unpack_paged_kv_cache(paged_kv_cache, wrapper._kv_layout)
     num_pages, page_size, num_kv_heads, head_dim = paged_cache_geometry(k, wrapper._kv_layout)
     wrapper._check_kv("paged_kv_cache", k, p, num_kv_heads, head_dim)
@@ -225,10 +271,10 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, 
         def kv_of(b):
             s, e = int(p.host_kv_base[b]), int(p.host_kv_base[b]) + -(-int(p.host_kv_lens[b]) // p.page_size)
             return gather_paged_kv(k, v, p.host_indices[s:e], int(p.host_kv_lens[b]), wrapper._kv_layout)
-        wrapper._run_reference(q, kv_of, out, lse, p, scales)
+        wrapper._run_reference(q, kv_of, out, lse, p, scales, sinks)
     else:
         wrapper._launch(q, k, v, paged_strides(k, wrapper._kv_layout), paged_strides(v, wrapper._kv_layout),
-                        out, lse, p, scales, enable_pdl, pdl_early_kv)
+                        out, lse, p, scales, enable_pdl, pdl_early_kv, sinks)
     return (out, lse) if return_lse else out
 
 

@@ -6,7 +6,11 @@ Conventions shared with the kernels (and FlashInfer):
   ``j <= i + kv_len - qo_len``; ``window_left >= 0`` also requires
   ``j >= i + kv_len - qo_len - window_left``;
 - the log-sum-exp (LSE) is in base 2: ``lse = log2(sum_j exp(logit_j))``;
-- a query that sees no key gets output 0 and lse = -inf.
+- a query that sees no key gets output 0 and lse = -inf;
+- attention sinks (gpt-oss; FlashInfer's ``sinks``): one learned logit per query head, ``sinks[h]``, in the
+  softmax's denominator and nothing in its numerator (a key no value belongs to), on the logits' own scale (not
+  multiplied by sm_scale); the lse then counts it: ``lse = log2(exp(sinks[h]) + sum_j exp(logit_j))``, and a
+  query that sees no key gets output 0 and ``lse = sinks[h] * log2(e)``.
 """
 from __future__ import annotations
 
@@ -16,14 +20,15 @@ import torch
 
 
 def attention(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=None,
-              compute_dtype=torch.float32, out_dtype=None, variant=None, batch_idx=0, mask=None):
+              compute_dtype=torch.float32, out_dtype=None, variant=None, batch_idx=0, mask=None, sinks=None):
     """Attention of one request.
 
     q: [qo_len, num_qo_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim].
     Returns (out [qo_len, num_qo_heads, head_dim] in ``out_dtype`` (default q.dtype), lse
     [qo_len, num_qo_heads] float32), computed in ``compute_dtype`` (float64 for test oracles).
     variant: an AttentionVariant (its PyTorch form; request index ``batch_idx``); mask: a
-    [qo_len, kv_len] bool custom mask (True: keep).
+    [qo_len, kv_len] bool custom mask (True: keep); sinks: [num_qo_heads] attention-sink logits (module
+    docstring).
     """
     qo_len, hq, d = q.shape
     kv_len, hk = k.shape[0], k.shape[1]
@@ -50,7 +55,11 @@ def attention(q, k, v, *, causal=False, sm_scale=None, window_left=-1, logits_so
     if mask is not None:
         keep = keep & mask.to(keep.device)
     logits = logits.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [h, q], -inf where nothing is visible
+    if sinks is not None:  # (the sink's column joins the sum, then leaves: it has no value)
+        sink = sinks.to(device=logits.device, dtype=logits.dtype)[:, None, None].expand(hq, qo_len, 1)
+        lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(logits, dim=-1)  # [h, q], -inf where nothing is visible
     probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.einsum("hqk,khd->qhd", probs, vf)
     lse2 = (lse / math.log(2.0)).transpose(0, 1)

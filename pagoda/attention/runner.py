@@ -708,11 +708,16 @@ class BatchAttention:
                 check_kv_scale("v_scale", v_scale, p.num_kv_heads, self.device, fp8))
 
     def _launch(self, q, k, v, strides_k, strides_v, out, lse, p: PlanState, scales=None, enable_pdl=None,
-                pdl_early_kv=False) -> None:
+                pdl_early_kv=False, sinks=None) -> None:
         """strides_*: (page-or-token, slot, head) element strides of the KV tensors;
         scales: the result of _kv_scales (None: 1.0); enable_pdl: launch the Triton attention kernel or the Gluon
         decode kernel as a programmatic dependent launch on a Hopper GPU (ops/kernels/pdl.py; the Gluon prefill
-        kernel ignores it); pdl_early_kv: the Gluon decode kernel's EARLY_KV under PDL (decode.py's run())."""
+        kernel ignores it); pdl_early_kv: the Gluon decode kernel's EARLY_KV under PDL (decode.py's run());
+        sinks: float32 [num_qo_heads] attention-sink logits (formats.check_sinks; None: none), which the kernels
+        add to each row's softmax sum where they write the final out / lse (never into a split chunk's partial)."""
+        if sinks is not None and self._merge_out:
+            raise ValueError("sinks cannot be combined with a run() that merges into out / lse (a cascade level): "
+                             "the sink belongs to the merged softmax once")
         lse_arg = lse if lse is not None else p.tmp_lse
         (kf, kt), (vf, vt) = scales if scales is not None else ((1.0, None), (1.0, None))
         per_head = kt is not None or vt is not None
@@ -724,7 +729,7 @@ class BatchAttention:
         vparams = var.params_on(self.device) if var is not None else None
         try:
             self._launch_kernel(q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head,
-                                dummy, vparams, enable_pdl, pdl_early_kv)
+                                dummy, vparams, enable_pdl, pdl_early_kv, sinks)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is named, with the cause
             if var is None or isinstance(e, ValueError):
                 raise
@@ -732,7 +737,7 @@ class BatchAttention:
                              f"{type(e).__name__}: {e}") from e
 
     def _launch_kernel(self, q, k, v, strides_k, strides_v, out, lse, lse_arg, p, kf, vf, kt, vt, per_head, dummy,
-                       vparams, enable_pdl=None, pdl_early_kv=False):
+                       vparams, enable_pdl=None, pdl_early_kv=False, sinks=None):
         if p.sm90_constexprs is not None and kf == 1.0 and vf == 1.0 and not per_head and not self._merge_out:
             cx = p.sm90_constexprs
             views = self._prefill_tma_views(k, v, strides_k, strides_v, p) if cx["TMA"] else None
@@ -742,7 +747,7 @@ class BatchAttention:
                 self._int_buf, self._arrivals, kd, vd,
                 q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
                 *p.scalars[:7], *tma_geom, *p.scalars[7:9], WRITE_LSE=lse is not None,
-                **dict(cx, TMA=views is not None))
+                **dict(cx, TMA=views is not None), SINKS=sinks)
             return
         if p.decode_sm90_constexprs is not None and not self._merge_out:
             pdl = pdl_launch(enable_pdl, q)
@@ -753,7 +758,7 @@ class BatchAttention:
                 *p.scalars[:7], kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
                 p.scalars[7], WRITE_LSE=lse is not None, SCALE_PTR=per_head,
                 SAME_STRIDES=strides_k[:2] == strides_v[:2], EARLY_KV=pdl_early_kv and pdl["PDL"],
-                **p.decode_sm90_constexprs, **pdl)
+                **p.decode_sm90_constexprs, **pdl, SINKS=sinks)
             return
         attention_kernel[(p.grid,)](
             q, k, v, out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
@@ -764,7 +769,7 @@ class BatchAttention:
             q.stride(0), q.stride(1), *strides_k, *strides_v, out.stride(0), out.stride(1), lse_arg.stride(0),
             *p.scalars, kf, vf, kt.stride(0) if per_head else 0, vt.stride(0) if per_head else 0,
             WRITE_LSE=lse is not None, SCALE_PTR=per_head, MERGE_OUT=self._merge_out, **p.constexprs,
-            **pdl_launch(enable_pdl, q),
+            **pdl_launch(enable_pdl, q), SINKS=sinks,
         )
 
     def _prefill_tma_views(self, k, v, strides_k, strides_v, p: PlanState):
@@ -786,8 +791,9 @@ class BatchAttention:
         return (self._backend == "triton" and p is not None and p.sm90_constexprs is None
                 and p.decode_sm90_constexprs is None)
 
-    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None) -> None:
-        """backend="torch": per-request reference attention in float32 (KV dequantized by its scales)."""
+    def _run_reference(self, q, kv_of_request, out, lse, p: PlanState, scales=None, sinks=None) -> None:
+        """backend="torch": per-request reference attention in float32 (KV dequantized by its scales; sinks:
+        attention-sink logits, formats.check_sinks)."""
         deq = None
         if scales is not None:
             (kf, kt), (vf, vt) = scales
@@ -809,7 +815,7 @@ class BatchAttention:
             o, l2 = reference.attention(q[s:e], k, v, causal=p.causal, sm_scale=p.sm_scale,
                                         window_left=p.window_left,
                                         logits_soft_cap=p.logits_soft_cap or None,
-                                        variant=self._variant, batch_idx=b, mask=mask)
+                                        variant=self._variant, batch_idx=b, mask=mask, sinks=sinks)
             out[s:e] = o
             if lse is not None:
                 lse[s:e] = l2

@@ -9,8 +9,14 @@ FlashInfer in one run:
             --variants, a sliding window, a logits soft cap, Gemma-2's sliding layers: both libraries take them)
   prefill   the same variants in causal paged prefill, 1 x 8192 and 8 x 1024 (bench.attention.prefill_row:
             FlashInfer, and dense SDPA over the same shapes; not in the default parts)
+  sinks     attention sinks (gpt-oss: run(sinks=)) in decode (64 x 2048, 1 x 32768) and causal paged prefill
+            (1 x 8192, 8 x 1024) at gpt-oss's attention shape (64 / 8 heads of 64) and the table's (32 / 8 of 128):
+            pagoda with and without sinks, and FlashInfer's BatchAttentionWithAttentionSinkWrapper (its prefill
+            wrapper with the AttentionSink variant, which serves decode as one-query prefill), each output's error
+            against the exact result (pagoda's output without sinks, scaled by e^lse / (e^lse + e^sink); not in the
+            default parts)
 
-    python -m pagoda.bench.decode_sweep [--parts graph,variants,prefill] [--variants fp16,...] [--json FILE]
+    python -m pagoda.bench.decode_sweep [--parts graph,variants,prefill,sinks] [--variants fp16,...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -20,8 +26,8 @@ import torch
 
 import pagoda
 
-from .attention import (PagedSetup, decode_row, flashinfer_or_none, gpu_time, host_times_us, prefill_row,
-                        write_json)
+from .attention import (PagedSetup, causal_flops, decode_row, flashinfer_or_none, gpu_time, host_times_us,
+                        prefill_row, write_json)
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 VARIANTS = [  # (label, heads, head_dim, page_size, dtype, plan() arguments)
@@ -112,6 +118,74 @@ def prefill_variant_rows(fi, ws, save=lambda rows: None, only=None):
                            fmt_prefill, save, only)
 
 
+SINK_SHAPES = [("gpt-oss", (64, 8), 64), ("base", (32, 8), 128)]  # (label, heads, head_dim)
+SINK_CASES = [("64x2048", [1] * 64, [2048] * 64), ("1x32768", [1], [32768]), ("1x8192", [8192], [8192]),
+              ("8x1024", [1024] * 8, [1024] * 8)]  # (name, qo_lens, kv_lens): one query each is decode
+
+
+def sink_rows(fi, ws, save=lambda rows: None, only=None):
+    """pagoda's decode / prefill wrapper with run(sinks=) against the same without sinks and against FlashInfer's
+    sink wrapper (bf16, page 16, causal prefill). Errors are relative L2 against the exact sink result computed from
+    pagoda's no-sink output and lse (reference.py's identity: out * e^lse / (e^lse + e^sink))."""
+    import math
+
+    import numpy as np
+
+    rows = []
+    for label, (hq, hk), d in SINK_SHAPES:
+        for name, qo_lens, kv_lens in SINK_CASES:
+            dt, ps = torch.bfloat16, 16
+            s = PagedSetup(kv_lens, hk, d, ps, dt)
+            qo_indptr = torch.tensor([0] + np.cumsum(qo_lens).tolist(), dtype=torch.int32)
+            q = torch.randn(int(qo_indptr[-1]), hq, d, dtype=dt, device="cuda")
+            sinks = (torch.linspace(-2.0, 9.0, hq, device="cuda") + 0.3 * torch.randn(hq, device="cuda"))
+            decode = max(qo_lens) == 1
+            if decode:
+                w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
+                w.plan(s.indptr, s.indices, s.last, hq, hk, d, ps, q_data_type=dt)
+            else:
+                w = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws)
+                w.plan(qo_indptr, s.indptr, s.indices, s.last, hq, hk, d, ps, causal=True, q_data_type=dt)
+            out0, lse0 = w.run(q, s.cache, return_lse=True)
+            out1 = w.run(q, s.cache, sinks=sinks)
+            lse_nat = lse0.double() * math.log(2.0)
+            frac = 1.0 / (1.0 + torch.exp(sinks.double()[None, :] - lse_nat))
+            exact = out0.double() * frac[..., None]
+
+            def err(o):
+                return ((o.double() - exact).norm() / exact.norm()).item()
+            row = {"shape": label, "case": name, "kind": "decode" if decode else "prefill", "heads": f"{hq}/{hk}",
+                   "head_dim": d, "kv_MB": s.kv_bytes / 1e6, "tflop": causal_flops(qo_lens, kv_lens, hq, d) / 1e12,
+                   "pagoda_err": err(out1), "sink_share": float(1.0 - frac.mean()),
+                   "pagoda_nosink_us": gpu_time(lambda: w.run(q, s.cache, out=out0), "pagoda") * 1e6,
+                   "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out1, sinks=sinks), "pagoda sinks") * 1e6}
+            if fi is not None and hasattr(fi, "BatchAttentionWithAttentionSinkWrapper"):
+                fw = fi.BatchAttentionWithAttentionSinkWrapper(ws, "NHD", q_data_type=dt, kv_data_type=dt,
+                                                               head_dim_qk=d, head_dim_vo=d)
+                fw.plan(qo_indptr.cuda(), s.indptr.cuda(), s.indices.cuda(), s.last.cuda(), hq, hk, d, ps,
+                        causal=not decode, q_data_type=dt, kv_data_type=dt)
+                scale = 1.0 / math.sqrt(d)
+                fo = fw.run(q, s.cache, sinks, scale)
+                row["flashinfer_err"] = err(fo)
+                row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache, sinks, scale), "flashinfer sinks") * 1e6
+            rows.append(row)
+            save(rows)
+            print(fmt_sinks([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def fmt_sinks(rows):
+    lines = [f"{'shape':8s} {'case':8s} {'pagoda us':>10} {'rate':>9} {'no sinks':>9} {'FI us':>8} {'x FI':>6} "
+             f"{'err':>8} {'FI err':>8} {'sink share':>10}"]
+    for r in rows:
+        rate = (f"{r['kv_MB'] / r['pagoda_us'] * 1e3:5.0f} GB/s" if r["kind"] == "decode"
+                else f"{r['tflop'] / r['pagoda_us'] * 1e6:4.0f} TF/s")
+        lines.append(f"{r['shape']:8s} {r['case']:8s} {r['pagoda_us']:10.1f} {rate:>9} {r['pagoda_nosink_us']:9.1f} "
+                     f"{_peer(r, 'flashinfer_us')} {r['pagoda_err']:8.1e} {r.get('flashinfer_err', float('nan')):8.1e} "
+                     f"{r['sink_share']:10.2f}")
+    return "\n".join(lines)
+
+
 def _peer(r, key) -> str:
     """A peer's time column and its time / pagoda's time (nan where the row has no such peer)."""
     t = r.get(key)
@@ -147,7 +221,8 @@ def fmt_variants(rows):
 
 # each part: its rows (fi, ws, save, only) and its table
 PARTS = {"graph": (lambda fi, ws, save, only: graph_rows(fi, ws, save=save), fmt_graph),
-         "variants": (variant_rows, fmt_variants), "prefill": (prefill_variant_rows, fmt_prefill)}
+         "variants": (variant_rows, fmt_variants), "prefill": (prefill_variant_rows, fmt_prefill),
+         "sinks": (sink_rows, fmt_sinks)}
 
 
 def main(argv=None):

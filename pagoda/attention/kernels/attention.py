@@ -266,12 +266,28 @@ def _merge_two_states(va, sa, vb, sb):
 
 
 @triton.jit
+def _with_sinks(lse, SINKS, qo_head, row_valid):
+    """(factor, lse) of rows whose softmax also sums an attention sink (reference.py): lse (base 2) over the
+    keys becomes log2(2^lse + e^sink), and the output scales by 2^(old lse - new lse) (0 for a row that saw no
+    key; a row with neither gets 0 and -inf)."""
+    sink = tl.load(SINKS + qo_head, mask=row_valid, other=float("-inf")) * 1.4426950408889634
+    mx = tl.maximum(lse, sink)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    a = tl.exp2(lse - mx)
+    den = a + tl.exp2(sink - mx)
+    none = den == 0.0
+    den_safe = tl.where(none, 1.0, den)
+    return tl.where(none, 0.0, a / den_safe), tl.where(none, float("-inf"), mx + tl.log2(den_safe))
+
+
+@triton.jit
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
-                    UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False):
+                    UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False, SINKS=None):
     """MERGE_OUT: (O, LSE) already hold a state over other KV (a cascade's earlier level): it is merged in
-    as one more partial, and the result replaces it."""
+    as one more partial, and the result replaces it. SINKS: attention-sink logits per query head (_with_sinks),
+    added to the merged state."""
     if MERGE_OUT:
         m0 = tl.load(LSE + q_row * stride_lt + qo_head, mask=row_valid, other=float("-inf"))
         acc = tl.load(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
@@ -302,11 +318,20 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
             m = m_new
     empty = d == 0.0
     d_safe = tl.where(empty, 1.0, d)
-    tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
-             (acc / d_safe[:, None]).to(O.dtype.element_ty), mask=row_valid[:, None])
+    # (in the order of the expressions before SINKS: without it the kernels compile to the same PTX)
+    o_ptrs = O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :]
+    out = acc / d_safe[:, None]
+    if SINKS is not None:
+        factor, lse_sink = _with_sinks(tl.where(empty, float("-inf"), m + tl.log2(d_safe)), SINKS, qo_head,
+                                       row_valid)
+        out = out * factor[:, None]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
     if WRITE_LSE:
-        tl.store(LSE + q_row * stride_lt + qo_head, tl.where(empty, float("-inf"), m + tl.log2(d_safe)),
-                 mask=row_valid)
+        lse_ptrs = LSE + q_row * stride_lt + qo_head
+        lse = tl.where(empty, float("-inf"), m + tl.log2(d_safe))
+        if SINKS is not None:
+            lse = lse_sink
+        tl.store(lse_ptrs, lse, mask=row_valid)
 
 
 @triton.jit
@@ -327,13 +352,14 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
                  TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
                  stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False,
-                 DEFER_MERGE: tl.constexpr = False):
+                 DEFER_MERGE: tl.constexpr = False, SINKS=None):
     """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk of a split tile
     (split, first, n_chunks from _split_entry), its partial state; the chunk that arrives last (one counter per
     tile and task slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state
     over other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's formula),
     so a cascade needs no separate merge kernel. DEFER_MERGE: a chunk only writes its partial state, and a
-    second launch merges (MLA: kernels/mla.py's mla_combine_kernel)."""
+    second launch merges (MLA: kernels/mla.py's mla_combine_kernel). SINKS: attention-sink logits per query head
+    (_with_sinks), added where the final out / lse are written (never to a chunk's partial state)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (v_scale / l_safe)[:, None]
@@ -348,6 +374,9 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
         out = tl.where(unsplit, merged_o, out)
         lse = tl.where(unsplit, merged_s, lse)
     if partial < 0:
+        if SINKS is not None:
+            factor, lse = _with_sinks(lse, SINKS, qo_head, row_valid)
+            out = out * factor[:, None]
         tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_valid[:, None])
         if WRITE_LSE:
@@ -364,7 +393,7 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
                 tl.store(arrival, 0)  # (every chunk arrived: a plain store, not an acq_rel exchange to wait for)
                 _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head,
                                 row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
-                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT)
+                                stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, MERGE_UNROLL, MERGE_OUT, SINKS)
 
 
 @triton.jit
@@ -392,14 +421,15 @@ def attention_kernel(
     WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr, SCALE_PTR: tl.constexpr, KV_DEQUANT: tl.constexpr,
     VARIANT: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     HAS_MASK_MOD: tl.constexpr, CUSTOM_MASK: tl.constexpr, MERGE_OUT: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SINKS=None,
 ):
     """Scores are kept in the log2 domain: qk_scale = sm_scale * log2(e) (or
     sm_scale / cap with a soft cap, then multiplied back by cap * log2(e)).
     The cache holds K / k_scale and V / v_scale (fp8 caches; 1.0 otherwise): k_scale
     multiplies the logits' scale, v_scale the output; with SCALE_PTR they are also
     multiplied by per-KV-head factors K_SCALE[h * stride_ksh], V_SCALE[h * stride_vsh].
-    PDL: a programmatic dependent launch (ops/kernels/pdl.py)."""
+    PDL: a programmatic dependent launch (ops/kernels/pdl.py). SINKS (None: none): float32 attention-sink
+    logits per query head (reference.py), added to each row's softmax where out / lse are written."""
     pdl_enter(PDL)
     n_hsplit = tl.cdiv(group_size, heads_per_prog)
     tasks_per_item = num_kv_heads * n_hsplit
@@ -488,7 +518,8 @@ def attention_kernel(
 
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, split, first, n_chunks, rem, tasks_per_item, O, LSE,
                      TMP_O, TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
-                     stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT)
+                     stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT,
+                     SINKS=SINKS)
         # relaxed: a task id orders nothing (the work list is read-only; partial results are published by the
         # arrival counter's acq_rel), and acq_rel here cost a fence (waiting for this task's stores) per task
         task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1, sem="relaxed")

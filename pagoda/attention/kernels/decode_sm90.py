@@ -122,6 +122,7 @@ if HAVE_GLUON:
         WRITE_LSE: gl.constexpr, SCALE_PTR: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
         SAME_STRIDES: gl.constexpr = False, MERGE_ROWS: gl.constexpr = 0, TRACE=None, PDL: gl.constexpr = False,
         EARLY_PAGES: gl.constexpr = False, EARLY_KV: gl.constexpr = False, SOFTCAP: gl.constexpr = False,
+        SINKS=None,
     ):
         """The arguments of kernels/attention.py's attention_kernel that an fp8 decode uses (qk_scale =
         sm_scale * log2(e); k_scale / v_scale and, with SCALE_PTR, per-KV-head K_SCALE / V_SCALE). One warpgroup
@@ -148,7 +149,8 @@ if HAVE_GLUON:
         wait, so their DRAM round trip overlaps the kernel ahead; the rest of the prologue after it, in order
         (one commit group a block either way).
         SOFTCAP: logits soft cap (qk_scale = sm_scale / cap, soft_cap_log2 = cap * log2(e), prefill_sm90._soft_cap).
-        A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work)."""
+        A sliding window needs nothing here: a decode item's KV range is the query's window (plan.plan_work).
+        SINKS (None: none): float32 attention-sink logits per query head (prefill_sm90._epilogue)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N == 64)
         gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128 or HEAD_DIM == 256)
@@ -331,6 +333,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, SINKS)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

@@ -207,12 +207,26 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tpw, tpw], layout.warps_per_cta, [1, 0])
 
     @gluon.jit
+    def _with_sinks(lse, SINKS, qh, valid):
+        """(factor, lse) of rows whose softmax also sums an attention sink: kernels/attention.py's _with_sinks
+        (lse, qh, valid: one layout, which the results keep)."""
+        sink = gl.load(SINKS + qh, mask=valid, other=float("-inf")) * 1.4426950408889634
+        mx = gl.maximum(lse, sink)
+        mx = gl.where(mx == float("-inf"), 0.0, mx)
+        a = gl.exp2(lse - mx)
+        den = a + gl.exp2(sink - mx)
+        none = den == 0.0
+        den_safe = gl.where(none, 1.0, den)
+        return gl.where(none, 0.0, a / den_safe), gl.where(none, float("-inf"), mx + gl.log2(den_safe))
+
+    @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
                         heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                         BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr,
-                        LAYOUT: gl.constexpr, ROW0: gl.constexpr):
+                        LAYOUT: gl.constexpr, ROW0: gl.constexpr, SINKS=None):
         """Merge the n_chunks partial states of a split tile through their LSE (base 2) into out / lse,
-        as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them)."""
+        as kernels/attention.py's _merge_partials (.cg loads: other SMs wrote them; SINKS: attention-sink logits
+        per query head, _with_sinks)."""
         # the outputs go in column slices of at most 128 (head_dim 256: a [64, 256] fp32 sum and its chunk's load
         # at once would hold 256 registers a thread)
         DC: gl.constexpr = min(HEAD_DIM, 128)
@@ -244,6 +258,9 @@ if HAVE_GLUON:
             m2 = m_new
         m = gl.convert_layout(m2, gl.SliceLayout(1, ML))
         d = gl.convert_layout(d2, gl.SliceLayout(1, ML))
+        if SINKS is not None:
+            factor, lse_sink = _with_sinks(gl.where(d == 0.0, float("-inf"), m + gl.log2(gl.where(d == 0.0, 1.0, d))),
+                                           SINKS, qh, valid)
         UNROLL: gl.constexpr = max(1, 8192 // (BLOCK_M * DC))
         for h in gl.static_range(HEAD_DIM // DC):
             offs_d = h * DC + gl.arange(0, DC, layout=gl.SliceLayout(0, ML))
@@ -258,20 +275,29 @@ if HAVE_GLUON:
                     acc = acc + gl.expand_dims(gl.exp2(s - m), 1) * v
             empty = d == 0.0
             d_safe = gl.where(empty, 1.0, d)
-            gl.store(O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0),
-                     (acc / gl.expand_dims(d_safe, 1)).to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
+            # (in the order of the expressions before SINKS: without it the kernels compile to the same PTX)
+            o_ptrs = O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0)
+            out = acc / gl.expand_dims(d_safe, 1)
+            if SINKS is not None:
+                out = out * gl.expand_dims(factor, 1)
+            gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
         if WRITE_LSE:
-            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=valid)
+            lse_ptrs = LSE + q_row * stride_lt + qh
+            lse = gl.where(empty, float("-inf"), m + gl.log2(d_safe))
+            if SINKS is not None:
+                lse = lse_sink
+            gl.store(lse_ptrs, lse, mask=valid)
 
     @gluon.jit
     def _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size, heads_per_prog,
                          stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, ROWS: gl.constexpr,
-                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0):
+                         HEAD_DIM: gl.constexpr, WRITE_LSE: gl.constexpr, trace=None, rnd=0, SINKS=None):
         """_merge_partials for a tile of one query token (decode: chunk c's partial is row first + c) and only its
         ROWS first rows (its query heads; decode_sm90's tiles are 8 or 16 rows for a group of 4): one pass with an
         online rescale, CH chunks' states and LSEs loaded at once. The two-pass merge of all BLOCK_M rows made
         1 + n_chunks / 8 dependent round trips to L2 (1 x 32768: 5 for 32 chunks, ~5 us at the end of the kernel,
-        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4)."""
+        scripts/decode_timeline.py); this makes n_chunks / CH (2 for 32 chunks at ROWS 4). SINKS: attention-sink
+        logits per query head (_with_sinks)."""
         VEC: gl.constexpr = max(4, HEAD_DIM // 32)  # fp32 per thread and row (16 bytes; head_dim 256: 32)
         TPD: gl.constexpr = HEAD_DIM // VEC  # lanes along head_dim
         L3: gl.constexpr = gl.BlockedLayout([1, 1, VEC], [1, 32 // TPD, TPD], [1, 4, 1], [2, 1, 0])
@@ -313,11 +339,18 @@ if HAVE_GLUON:
         qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
         ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
         out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
+        if SINKS is not None:
+            factor, lse_sink = _with_sinks(gl.where(empty, float("-inf"), m + gl.log2(d_safe)), SINKS, qh, r_ok)
+            out = out * gl.expand_dims(gl.convert_layout(factor, gl.SliceLayout(1, A_L)), 1)
         q_row = q_start.to(gl.int64)
         gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
                  out.to(O.dtype.element_ty), mask=gl.expand_dims(ok_a, 1))
         if WRITE_LSE:
-            gl.store(LSE + q_row * stride_lt + qh, gl.where(empty, float("-inf"), m + gl.log2(d_safe)), mask=r_ok)
+            lse_ptrs = LSE + q_row * stride_lt + qh
+            lse = gl.where(empty, float("-inf"), m + gl.log2(d_safe))
+            if SINKS is not None:
+                lse = lse_sink
+            gl.store(lse_ptrs, lse, mask=r_ok)
 
     @gluon.jit
     def _unperm_cols(m, perm: gl.constexpr):
@@ -333,13 +366,14 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, SINKS=None):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
         MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
-        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp)."""
+        trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp). SINKS: attention-sink logits
+        per query head (_with_sinks), added where the final out / lse are written (not to a chunk's partial)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -353,6 +387,9 @@ if HAVE_GLUON:
             offs_do = _unperm_cols(offs_do, DIM_PERM)
         lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
         if partial < 0:
+            if SINKS is not None:
+                factor, lse_o = _with_sinks(lse_o, SINKS, qh_o, valid_o)
+                out = out * gl.expand_dims(factor, 1)
             gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
                      out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
             if WRITE_LSE:
@@ -379,11 +416,11 @@ if HAVE_GLUON:
                 if MERGE_ROWS > 0:
                     _merge_one_query(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, kvh, hsplit, group_size,
                                      heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd)
+                                     MERGE_ROWS, HEAD_DIM, WRITE_LSE, trace, rnd, SINKS)
                 else:
                     _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit,
                                     group_size, heads_per_prog, stride_ot, stride_oh, stride_lt, stride_tt,
-                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0)
+                                    stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, LOAD_LAYOUT, ROW0, SINKS)
 
     # -- warp-specialized version -------------------------------------------------------------
     # A producer warpgroup streams K / V blocks through the ring (page ids, cp.async, then a
@@ -616,7 +653,7 @@ if HAVE_GLUON:
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                      WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
                      WG: gl.constexpr, Q_SMEM: gl.constexpr, Q_AHEAD: gl.constexpr, SOFTCAP: gl.constexpr,
-                     WINDOW: gl.constexpr, KV_ALIGN: gl.constexpr):
+                     WINDOW: gl.constexpr, KV_ALIGN: gl.constexpr, SINKS):
         """One consumer warp group: rows WG * BLOCK_M .. of each task's tile (BLOCK_M = 64). Q_SMEM: the
         Q K^T wgmma reads Q from shared memory (q_all[WG]) instead of registers (32 registers per thread
         fewer at head_dim 128: room for 128-token KV blocks). Q_AHEAD: the next task's Q is copied into q_all[WG]
@@ -722,7 +759,7 @@ if HAVE_GLUON:
             _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                       heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                       stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
-                      ROW0, WG, 2)
+                      ROW0, WG, 2, SINKS=SINKS)
 
     @gluon.jit
     def prefill_sm90_ws_kernel(
@@ -738,7 +775,7 @@ if HAVE_GLUON:
         PAGED: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
         Q_SMEM: gl.constexpr = False, TMA: gl.constexpr = False, Q_AHEAD: gl.constexpr = False,
-        SOFTCAP: gl.constexpr = False, WINDOW: gl.constexpr = False,
+        SOFTCAP: gl.constexpr = False, WINDOW: gl.constexpr = False, SINKS=None,
     ):
         """The arguments of kernels/attention.py's attention_kernel that a 16-bit prefill uses, plus the
         register budgets of the producer and of the second consumer (module docstring). Launch with
@@ -750,7 +787,8 @@ if HAVE_GLUON:
         this task runs (_ws_consumer). SOFTCAP: logits soft cap (qk_scale = sm_scale / cap, soft_cap_log2 = cap *
         log2(e), kernels/attention.py's convention); WINDOW: a sliding window of window_left columns left of each
         row's diagonal (the plan's items start where their first row's window does; with TMA the blocks start on
-        the page below, _ws_kv_start)."""
+        the page below, _ws_kv_start). SINKS (None: none): float32 attention-sink logits per query head
+        (_epilogue)."""
         gl.static_assert(num_warps == 4, "launch with num_warps=4 (one consumer warp group)")
         # with a window and bulk copies, blocks start on a copy boundary (_ws_kv_start); elsewhere where the item does
         KV_ALIGN: gl.constexpr = ((min(PAGE_SIZE, BLOCK_N) if PAGED else BLOCK_N) if (WINDOW and TMA) else 1)
@@ -774,12 +812,12 @@ if HAVE_GLUON:
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, soft_cap_log2,
                             window_left, q_all, HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 0, Q_SMEM,
-                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN)),
+                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN, SINKS)),
             (_ws_consumer, (Q, O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS, ARRIVALS, k_ring, v_ring, ready, empty,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_tt, stride_th,
                             stride_tl, num_kv_heads, group_size, heads_per_prog, qk_scale, soft_cap_log2,
                             window_left, q_all, HEAD_DIM, HALF, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, 4, 1, Q_SMEM,
-                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN)),
+                            Q_AHEAD, SOFTCAP, WINDOW, KV_ALIGN, SINKS)),
             (_ws_producer, (K, V, KD, VD, WORK, COUNTERS, KV_INDICES, k_ring, v_ring, ready, empty,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             tma_rpp, tma_hrows, tma_hcols, num_kv_heads, group_size, heads_per_prog,
