@@ -266,11 +266,11 @@ def _merge_two_states(va, sa, vb, sb):
 
 
 @triton.jit
-def _with_sinks(lse, sink):
-    """(factor, lse) of rows whose softmax also sums an attention sink (reference.py; sink: each row's logit, -inf
-    for none): lse (base 2) over the keys becomes log2(2^lse + e^sink), and the output scales by 2^(old lse - new
-    lse) (0 for a row that saw no key; a row with neither gets 0 and -inf)."""
-    sink = sink * 1.4426950408889634
+def _with_sinks(lse, SINKS, qo_head, row_valid):
+    """(factor, lse) of rows whose softmax also sums an attention sink (reference.py): lse (base 2) over the
+    keys becomes log2(2^lse + e^sink), and the output scales by 2^(old lse - new lse) (0 for a row that saw no
+    key; a row with neither gets 0 and -inf)."""
+    sink = tl.load(SINKS + qo_head, mask=row_valid, other=float("-inf")) * 1.4426950408889634
     mx = tl.maximum(lse, sink)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     a = tl.exp2(lse - mx)
@@ -322,8 +322,8 @@ def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, 
     o_ptrs = O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :]
     out = acc / d_safe[:, None]
     if SINKS is not None:
-        factor, lse_sink = _with_sinks(tl.where(empty, float("-inf"), m + tl.log2(d_safe)),
-                                       tl.load(SINKS + qo_head, mask=row_valid, other=float("-inf")))
+        factor, lse_sink = _with_sinks(tl.where(empty, float("-inf"), m + tl.log2(d_safe)), SINKS, qo_head,
+                                       row_valid)
         out = out * factor[:, None]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
     if WRITE_LSE:
@@ -352,15 +352,14 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
                  TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh, stride_lt,
                  stride_tt, stride_th, stride_tl, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  WRITE_LSE: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_OUT: tl.constexpr = False,
-                 DEFER_MERGE: tl.constexpr = False, SINKS=None, SINK_ROWS=None):
+                 DEFER_MERGE: tl.constexpr = False, SINKS=None):
     """A task's epilogue (attention and MLA kernels): normalize, then write out / lse, or, for a chunk of a split tile
     (split, first, n_chunks from _split_entry), its partial state; the chunk that arrives last (one counter per
     tile and task slot) merges the tile's partials and resets the counter. MERGE_OUT: out / lse hold a state
     over other KV on entry (a cascade's earlier level); the result is the merge of both (merge_state's formula),
     so a cascade needs no separate merge kernel. DEFER_MERGE: a chunk only writes its partial state, and a
     second launch merges (MLA: kernels/mla.py's mla_combine_kernel). SINKS: attention-sink logits per query head
-    (_with_sinks), added where the final out / lse are written (never to a chunk's partial state); SINK_ROWS: the
-    tile rows' sinks, loaded when the task started (an unsplit tile's epilogue then waits for no load)."""
+    (_with_sinks), added where the final out / lse are written (never to a chunk's partial state)."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (v_scale / l_safe)[:, None]
@@ -376,7 +375,7 @@ def _finish_tile(acc, m_i, l_i, v_scale, partial, split, first, n_chunks, slot, 
         lse = tl.where(unsplit, merged_s, lse)
     if partial < 0:
         if SINKS is not None:
-            factor, lse = _with_sinks(lse, SINK_ROWS)
+            factor, lse = _with_sinks(lse, SINKS, qo_head, row_valid)
             out = out * factor[:, None]
         tl.store(O + q_row[:, None] * stride_ot + qo_head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_valid[:, None])
@@ -465,9 +464,6 @@ def attention_kernel(
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         row_hi = diag + tok
         row_lo = row_hi - window_left
-        sink_rows = None
-        if SINKS is not None:  # (loaded now, used in the epilogue: its latency hides under the KV loop)
-            sink_rows = tl.load(SINKS + qo_head, mask=row_valid, other=float("-inf"))
 
         # Blocks in [full_lo, full_hi) need no mask: every row sees every column.
         full_lo = kv_start
@@ -523,7 +519,7 @@ def attention_kernel(
         _finish_tile(acc, m_i, l_i, task_v_scale, partial, split, first, n_chunks, rem, tasks_per_item, O, LSE,
                      TMP_O, TMP_LSE, ARRIVALS, q_len, tok, q_row, qo_head, row_valid, offs_d, stride_ot, stride_oh,
                      stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, 8, MERGE_OUT,
-                     SINKS=SINKS, SINK_ROWS=sink_rows)
+                     SINKS=SINKS)
         # relaxed: a task id orders nothing (the work list is read-only; partial results are published by the
         # arrival counter's acq_rel), and acq_rel here cost a fence (waiting for this task's stores) per task
         task = tl.num_programs(0) + tl.atomic_add(COUNTERS, 1, sem="relaxed")

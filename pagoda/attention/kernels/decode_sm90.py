@@ -42,7 +42,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
     from .prefill_sm90 import (TRACE_ROUNDS, TRACE_SLOTS, _cta_barrier, _epilogue, _globaltimer, _issue_kv_load,
-                               _page_ids, _q_tile, _sink_rows, _soft_cap, _stamp, _ws_schedule, _ws_task)
+                               _page_ids, _q_tile, _soft_cap, _stamp, _ws_schedule, _ws_task)
 
     @gluon.constexpr_function
     def _regs_first(ll, dim):
@@ -251,10 +251,6 @@ if HAVE_GLUON:
                 task_v = task_v * gl.load(V_SCALE + kvh * stride_vsh)
             k_head_off = kvh.to(gl.int64) * stride_kh
             v_head_off = kvh.to(gl.int64) * stride_vh
-            sink_rows = None
-            if SINKS is not None:  # (the epilogue's: loaded now, so an unsplit tile's waits for no load)
-                sink_rows = _sink_rows(SINKS, 0, BLOCK_M, gl.SliceLayout(1, O_T), q_start, q_len, kvh, hsplit,
-                                       group_size, heads_per_prog)
             _cta_barrier()  # the last task's MMAs are done with the ring and q_s
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=COL_L)
             l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)  # per-thread row sums, reduced at the end
@@ -337,7 +333,6 @@ if HAVE_GLUON:
             _epilogue(out, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit,
                       group_size, heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh,
                       stride_lt, stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_T, LOAD, 0, 0, 1,
-                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, SINKS,
-                      sink_rows)
+                      None if KV16 else PERM, MERGE_ROWS, trace if TRACE is not None else None, rnd, SINKS)
             if TRACE is not None:
                 _stamp(trace, rnd, 4)

@@ -207,10 +207,10 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tpw, tpw], layout.warps_per_cta, [1, 0])
 
     @gluon.jit
-    def _with_sinks(lse, sink):
+    def _with_sinks(lse, SINKS, qh, valid):
         """(factor, lse) of rows whose softmax also sums an attention sink: kernels/attention.py's _with_sinks
-        (lse, sink: one layout, which the results keep)."""
-        sink = sink * 1.4426950408889634
+        (lse, qh, valid: one layout, which the results keep)."""
+        sink = gl.load(SINKS + qh, mask=valid, other=float("-inf")) * 1.4426950408889634
         mx = gl.maximum(lse, sink)
         mx = gl.where(mx == float("-inf"), 0.0, mx)
         a = gl.exp2(lse - mx)
@@ -218,15 +218,6 @@ if HAVE_GLUON:
         none = den == 0.0
         den_safe = gl.where(none, 1.0, den)
         return gl.where(none, 0.0, a / den_safe), gl.where(none, float("-inf"), mx + gl.log2(den_safe))
-
-    @gluon.jit
-    def _sink_rows(SINKS, ROW0: gl.constexpr, BLOCK_M: gl.constexpr, LAYOUT: gl.constexpr, q_start, q_len, kvh,
-                   hsplit, group_size, heads_per_prog):
-        """The sinks of a task's tile rows (-inf past its rows) in LAYOUT, for _epilogue's SINK_ROWS: loaded when the
-        task starts, so an unsplit tile's epilogue waits for no load (a dependent load at each task's end cost
-        ~0.3 us a task: gpt-oss 8 x 1024 prefill 272.0 -> 282.8 us, H200, session 35)."""
-        _, qh, valid, _ = _tile_rows(ROW0, BLOCK_M, LAYOUT, q_start, q_len, kvh, hsplit, group_size, heads_per_prog)
-        return gl.load(SINKS + qh, mask=valid, other=float("-inf"))
 
     @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
@@ -269,7 +260,7 @@ if HAVE_GLUON:
         d = gl.convert_layout(d2, gl.SliceLayout(1, ML))
         if SINKS is not None:
             factor, lse_sink = _with_sinks(gl.where(d == 0.0, float("-inf"), m + gl.log2(gl.where(d == 0.0, 1.0, d))),
-                                           gl.load(SINKS + qh, mask=valid, other=float("-inf")))
+                                           SINKS, qh, valid)
         UNROLL: gl.constexpr = max(1, 8192 // (BLOCK_M * DC))
         for h in gl.static_range(HEAD_DIM // DC):
             offs_d = h * DC + gl.arange(0, DC, layout=gl.SliceLayout(0, ML))
@@ -349,8 +340,7 @@ if HAVE_GLUON:
         ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
         out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
         if SINKS is not None:
-            factor, lse_sink = _with_sinks(gl.where(empty, float("-inf"), m + gl.log2(d_safe)),
-                                           gl.load(SINKS + qh, mask=r_ok, other=float("-inf")))
+            factor, lse_sink = _with_sinks(gl.where(empty, float("-inf"), m + gl.log2(d_safe)), SINKS, qh, r_ok)
             out = out * gl.expand_dims(gl.convert_layout(factor, gl.SliceLayout(1, A_L)), 1)
         q_row = q_start.to(gl.int64)
         gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
@@ -376,15 +366,14 @@ if HAVE_GLUON:
                   stride_tt, stride_th, stride_tl, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                   WRITE_LSE: gl.constexpr, O_LAYOUT: gl.constexpr, LOAD_LAYOUT: gl.constexpr,
                   ROW0: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, DIM_PERM: gl.constexpr = None,
-                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, SINKS=None, SINK_ROWS=None):
+                  MERGE_ROWS: gl.constexpr = 0, trace=None, rnd=0, SINKS=None):
         """Normalize a finished tile and write out / lse, or, for a chunk of a split tile, its partial
         state; the chunk that arrives last merges the tile (as kernels/attention.py's _finish_tile).
         ROW0: the first of the tile's rows this warp group holds (WG of NUM_WG, each with its own
         arrival counter). DIM_PERM: acc's columns are head-dim columns renumbered (decode_sm90's row order).
         MERGE_ROWS > 0: the tile is one query token whose heads are its first MERGE_ROWS rows (_merge_one_query).
         trace, rnd: a TRACE program row and the round (probes: stamps 5-7, _stamp). SINKS: attention-sink logits
-        per query head (_with_sinks), added where the final out / lse are written (not to a chunk's partial);
-        SINK_ROWS: the rows' sinks in O_LAYOUT's row layout, loaded when the task started (_sink_rows)."""
+        per query head (_with_sinks), added where the final out / lse are written (not to a chunk's partial)."""
         OROW_L: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         OCOL_L: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         l_o = gl.convert_layout(l_i, OROW_L)
@@ -399,7 +388,7 @@ if HAVE_GLUON:
         lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
         if partial < 0:
             if SINKS is not None:
-                factor, lse_o = _with_sinks(lse_o, SINK_ROWS)
+                factor, lse_o = _with_sinks(lse_o, SINKS, qh_o, valid_o)
                 out = out * gl.expand_dims(factor, 1)
             gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
                      out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
@@ -721,10 +710,6 @@ if HAVE_GLUON:
                 else:
                     q_op = gl.convert_layout(q, Q_LAYOUT)
 
-            sink_rows = None
-            if SINKS is not None:
-                sink_rows = _sink_rows(SINKS, ROW0, BLOCK_M, OROW_L, q_start, q_len, kvh, hsplit, group_size,
-                                       heads_per_prog)
             row_hi = diag + (ROW0 + gl.arange(0, BLOCK_M, layout=SROW_L)) // heads_per_prog
             row_lo = row_hi
             if WINDOW:  # a row's first visible column: its window's, or the item's first (a chunk of a split tile)
@@ -774,7 +759,7 @@ if HAVE_GLUON:
             _epilogue(acc, m_i, l_i, partial, wp, rem, tasks_per_item, q_start, q_len, kvh, hsplit, group_size,
                       heads_per_prog, O, LSE, TMP_O, TMP_LSE, SPLITS, ARRIVALS, stride_ot, stride_oh, stride_lt,
                       stride_tt, stride_th, stride_tl, BLOCK_M, HEAD_DIM, WRITE_LSE, O_LAYOUT, LOAD_LAYOUT,
-                      ROW0, WG, 2, SINKS=SINKS, SINK_ROWS=sink_rows)
+                      ROW0, WG, 2, SINKS=SINKS)
 
     @gluon.jit
     def prefill_sm90_ws_kernel(
