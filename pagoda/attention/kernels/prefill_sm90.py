@@ -51,6 +51,9 @@ from __future__ import annotations
 
 import triton
 
+# (a @triton.jit function, which the Gluon kernels here call as it is: the same PTX as a gluon.jit copy of it)
+from .attention import _with_sinks
+
 # Gluon is experimental and its API changes between releases (Triton 3.9 renamed the cp.async and
 # barrier calls used here): the kernel is used only with the Triton it was written and tested for.
 GLUON_TRITON = ("3.6",)
@@ -205,19 +208,6 @@ if HAVE_GLUON:
         if layout.threads_per_warp[1] <= tpw:
             return layout
         return gl.BlockedLayout([1, 8], [32 // tpw, tpw], layout.warps_per_cta, [1, 0])
-
-    @gluon.jit
-    def _with_sinks(lse, SINKS, qh, valid):
-        """(factor, lse) of rows whose softmax also sums an attention sink: kernels/attention.py's _with_sinks
-        (lse, qh, valid: one layout, which the results keep)."""
-        sink = gl.load(SINKS + qh, mask=valid, other=float("-inf")) * 1.4426950408889634
-        mx = gl.maximum(lse, sink)
-        mx = gl.where(mx == float("-inf"), 0.0, mx)
-        a = gl.exp2(lse - mx)
-        den = a + gl.exp2(sink - mx)
-        none = den == 0.0
-        den_safe = gl.where(none, 1.0, den)
-        return gl.where(none, 0.0, a / den_safe), gl.where(none, float("-inf"), mx + gl.log2(den_safe))
 
     @gluon.jit
     def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_start, q_len, kvh, hsplit, group_size,
