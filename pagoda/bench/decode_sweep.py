@@ -21,7 +21,9 @@ FlashInfer in one run:
 from __future__ import annotations
 
 import argparse
+import math
 
+import numpy as np
 import torch
 
 import pagoda
@@ -123,14 +125,11 @@ SINK_CASES = [("64x2048", [1] * 64, [2048] * 64), ("1x32768", [1], [32768]), ("1
               ("8x1024", [1024] * 8, [1024] * 8)]  # (name, qo_lens, kv_lens): one query each is decode
 
 
-def sink_rows(fi, ws, save=lambda rows: None, only=None, shapes=None):
+def sink_rows(fi, ws, save=lambda rows: None, shapes=None):
     """pagoda's decode / prefill wrapper with run(sinks=) against the same without sinks and against FlashInfer's
     sink wrapper (bf16, page 16, causal prefill). Errors are relative L2 against the exact sink result computed from
-    pagoda's no-sink output and lse (reference.py's identity: out * e^lse / (e^lse + e^sink))."""
-    import math
-
-    import numpy as np
-
+    pagoda's no-sink output and lse (reference.py's identity: out * e^lse / (e^lse + e^sink)). shapes: the
+    SINK_SHAPES labels to run (None: all)."""
     rows = []
     for label, (hq, hk), d in SINK_SHAPES:
         if shapes and label not in shapes:
@@ -224,10 +223,10 @@ def fmt_variants(rows):
 # each part: its rows (fi, ws, save, only) and its table
 PARTS = {"graph": (lambda fi, ws, save, only: graph_rows(fi, ws, save=save), fmt_graph),
          "variants": (variant_rows, fmt_variants), "prefill": (prefill_variant_rows, fmt_prefill),
-         "sinks": (lambda fi, ws, save, only: sink_rows(fi, ws, save, only, SHAPES_ONLY), fmt_sinks)}
+         "sinks": (lambda fi, ws, save, only: sink_rows(fi, ws, save, SINK_SHAPES_ONLY or None), fmt_sinks)}
 # --sink-shapes: the SINK_SHAPES labels the sinks part runs (FlashInfer 0.6.0 names its sink wrapper's JIT module
 # without the head_dim, so a second head_dim in one process, or one JIT cache, reuses the first's kernel: session 35)
-SHAPES_ONLY: list = []
+SINK_SHAPES_ONLY: list = []
 
 
 def main(argv=None):
@@ -240,7 +239,9 @@ def main(argv=None):
                          + ", ".join(v[0] for v in VARIANTS[DEFAULT_VARIANTS:]) + ")")
     ap.add_argument("--sink-shapes", default=None, help="labels of SINK_SHAPES for the sinks part (default: all)")
     args = ap.parse_args(argv)
-    SHAPES_ONLY[:] = args.sink_shapes.split(",") if args.sink_shapes else []
+    SINK_SHAPES_ONLY[:] = args.sink_shapes.split(",") if args.sink_shapes else []
+    if set(SINK_SHAPES_ONLY) - {v[0] for v in SINK_SHAPES}:
+        ap.error(f"--sink-shapes: unknown labels {sorted(set(SINK_SHAPES_ONLY) - {v[0] for v in SINK_SHAPES})}")
     only = None if args.variants is None else args.variants.split(",")
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):

@@ -148,6 +148,25 @@ def test_prefill_variant_table_and_parts():
         decode_sweep.main(["--parts", "prefil"])
 
 
+def test_sink_table_and_shapes():
+    """The sinks part's rows: decode as KV GB/s, prefill as TF/s, FlashInfer's time ratio and both errors (a row
+    without FlashInfer prints nan); an unknown --sink-shapes label is refused before any GPU work."""
+    from pagoda.bench import decode_sweep
+
+    rows = [{"shape": "gpt-oss", "case": "64x2048", "kind": "decode", "kv_MB": 268.4, "tflop": 0.0, "pagoda_us": 67.1,
+             "pagoda_nosink_us": 66.5, "flashinfer_us": 938.8, "pagoda_err": 2.0e-3, "flashinfer_err": 3.1e-3,
+             "sink_share": 0.11},
+            {"shape": "base", "case": "8x1024", "kind": "prefill", "kv_MB": 0.0, "tflop": 0.0687, "pagoda_us": 221.2,
+             "pagoda_nosink_us": 204.5, "pagoda_err": 2.3e-3, "sink_share": 0.25}]
+    head, *lines = decode_sweep.fmt_sinks(rows).splitlines()
+    assert head.split()[:3] == ["shape", "case", "pagoda"]
+    assert lines[0].split() == ["gpt-oss", "64x2048", "67.1", "4000", "GB/s", "66.5", "938.8", "13.99x", "2.0e-03",
+                                "3.1e-03", "0.11"]
+    assert lines[1].split()[2:6] == ["221.2", "311", "TF/s", "204.5"] and lines[1].split()[-2] == "nan"
+    with pytest.raises(SystemExit):
+        decode_sweep.main(["--parts", "sinks", "--sink-shapes", "gpt-os"])
+
+
 def test_variant_rows_label_each_case(monkeypatch):
     """The decode and prefill variant rows: each case of each chosen variant, in order, labelled with the variant's
     heads, head_dim, page size, dtype and plan() arguments (window, soft cap: passed to the row), the row saved
