@@ -5,6 +5,7 @@ import math
 
 import torch
 
+import pagoda
 from pagoda.attention import reference
 
 from ..conftest import DEVICE
@@ -88,3 +89,22 @@ def poisoned_like(q):
 
 def workspace(mb=16, device=DEVICE):
     return torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=device)
+
+
+def run_decode(batch: PagedBatch, num_qo_heads, head_dim, dtype, *, cache_form="tensor", ws_mb=16,
+               backend="triton", sinks=None, **plan_kw):
+    """A decode of ``batch`` (random q, output and lse poisoned) and the float64 oracle of it: (wrapper, out, lse,
+    oracle out, oracle lse). backend "triton" is Triton's interpreter on the CPU (conftest); sinks: run()'s."""
+    num_kv_heads = batch.k[0].shape[1] if batch.k else 1
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(ws_mb), batch.layout, backend=backend)
+    w.plan(batch.indptr, batch.indices, batch.last_page_len, num_qo_heads, num_kv_heads, head_dim,
+           batch.page_size, q_data_type=dtype, **plan_kw)
+    q = torch.randn(len(batch.kv_lens), num_qo_heads, head_dim, dtype=dtype, device=DEVICE)
+    out, lse = poisoned_like(q)
+    cache = batch.cache if cache_form == "tensor" else batch.tuple_cache()
+    o, l2 = w.run(q, cache, out=out, lse=lse, return_lse=True, sinks=sinks)
+    assert o.data_ptr() == out.data_ptr() and l2.data_ptr() == lse.data_ptr()
+    ref_kw = {k: plan_kw[k] for k in ("window_left", "logits_soft_cap", "sm_scale") if k in plan_kw}
+    ro, rl = oracle(q[:, None].reshape(-1, num_qo_heads, head_dim), list(range(len(batch.kv_lens) + 1)),
+                    batch.k, batch.v, sinks=sinks, **ref_kw)
+    return w, o, l2, ro, rl

@@ -6,26 +6,9 @@ import pagoda
 from pagoda.attention import reference
 
 from ..conftest import DEVICE
-from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, workspace
+from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, run_decode, workspace
 
 BACKEND = "triton"  # on the CPU this is Triton's interpreter (conftest)
-
-
-def run_decode(batch: PagedBatch, num_qo_heads, head_dim, dtype, *, cache_form="tensor", ws_mb=16,
-               backend=BACKEND, **plan_kw):
-    num_kv_heads = batch.k[0].shape[1] if batch.k else 1
-    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(workspace(ws_mb), batch.layout, backend=backend)
-    w.plan(batch.indptr, batch.indices, batch.last_page_len, num_qo_heads, num_kv_heads, head_dim,
-           batch.page_size, q_data_type=dtype, **plan_kw)
-    q = torch.randn(len(batch.kv_lens), num_qo_heads, head_dim, dtype=dtype, device=DEVICE)
-    out, lse = poisoned_like(q)
-    cache = batch.cache if cache_form == "tensor" else batch.tuple_cache()
-    o, l2 = w.run(q, cache, out=out, lse=lse, return_lse=True)
-    assert o.data_ptr() == out.data_ptr() and l2.data_ptr() == lse.data_ptr()
-    ref_kw = {k: plan_kw[k] for k in ("window_left", "logits_soft_cap", "sm_scale") if k in plan_kw}
-    ro, rl = oracle(q[:, None].reshape(-1, num_qo_heads, head_dim), list(range(len(batch.kv_lens) + 1)),
-                    batch.k, batch.v, **ref_kw)
-    return w, o, l2, ro, rl
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
