@@ -281,6 +281,17 @@ def _with_sinks(lse, SINKS, qo_head, row_valid):
 
 
 @triton.jit
+def _sink_divisor(l, m, SINKS, qo_head, row_valid):
+    """The divisor of rows whose output is acc / l once their softmax's sum also holds an attention sink: the
+    sum l 2^m (m the row's max, base 2) becomes l 2^m + 2^sink = 2^m (l + 2^(sink - m)), so out = acc / (l +
+    2^(sink - m)), one row vector where _with_sinks' factor scales the whole tile (notes.md session 36). 1 where
+    that is 0 (a row with no key and no sink: its acc is 0); +inf where m is -inf (no key: out 0)."""
+    sink = tl.load(SINKS + qo_head, mask=row_valid, other=float("-inf")) * 1.4426950408889634
+    den = l + tl.where(sink == float("-inf"), 0.0, tl.exp2(sink - m))
+    return tl.where(den == 0.0, 1.0, den)
+
+
+@triton.jit
 def _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, qo_head, row_valid, offs_d,
                     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,

@@ -52,7 +52,7 @@ from __future__ import annotations
 import triton
 
 # (a @triton.jit function, which the Gluon kernels here call as it is: the same PTX as a gluon.jit copy of it)
-from .attention import _with_sinks
+from .attention import _sink_divisor, _with_sinks
 
 # Gluon is experimental and its API changes between releases (Triton 3.9 renamed the cp.async and
 # barrier calls used here): the kernel is used only with the Triton it was written and tested for.
@@ -246,11 +246,16 @@ if HAVE_GLUON:
             m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
             d2 = d2 * gl.exp2(m2 - m_new) + gl.sum(gl.exp2(s - gl.expand_dims(m_new, 0)), 0)
             m2 = m_new
+        # the sink as one more term of the sum (no value): out = acc / d and lse hold it, and nothing more lives
+        # across the loops (a factor computed here spilled in the prefill kernel's task loop, notes.md session 36)
+        if SINKS is not None:
+            sink = gl.load(SINKS + qh2, mask=valid2, other=float("-inf")) * 1.4426950408889634
+            m_new = gl.maximum(m2, sink)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            d2 = d2 * gl.exp2(m2 - m_new) + gl.exp2(sink - m_new)
+            m2 = m_new
         m = gl.convert_layout(m2, gl.SliceLayout(1, ML))
         d = gl.convert_layout(d2, gl.SliceLayout(1, ML))
-        if SINKS is not None:
-            factor, lse_sink = _with_sinks(gl.where(d == 0.0, float("-inf"), m + gl.log2(gl.where(d == 0.0, 1.0, d))),
-                                           SINKS, qh, valid)
         UNROLL: gl.constexpr = max(1, 8192 // (BLOCK_M * DC))
         for h in gl.static_range(HEAD_DIM // DC):
             offs_d = h * DC + gl.arange(0, DC, layout=gl.SliceLayout(0, ML))
@@ -268,14 +273,10 @@ if HAVE_GLUON:
             # (in the order of the expressions before SINKS: without it the kernels compile to the same PTX)
             o_ptrs = O + gl.expand_dims(q_row * stride_ot + qh * stride_oh, 1) + gl.expand_dims(offs_d, 0)
             out = acc / gl.expand_dims(d_safe, 1)
-            if SINKS is not None:
-                out = out * gl.expand_dims(factor, 1)
             gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(valid, 1))
         if WRITE_LSE:
             lse_ptrs = LSE + q_row * stride_lt + qh
             lse = gl.where(empty, float("-inf"), m + gl.log2(d_safe))
-            if SINKS is not None:
-                lse = lse_sink
             gl.store(lse_ptrs, lse, mask=valid)
 
     @gluon.jit
@@ -328,10 +329,11 @@ if HAVE_GLUON:
         d_safe = gl.where(empty, 1.0, d)
         qh_a = gl.convert_layout(qh, gl.SliceLayout(1, A_L))
         ok_a = gl.convert_layout(r_ok, gl.SliceLayout(1, A_L))
-        out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
-        if SINKS is not None:
-            factor, lse_sink = _with_sinks(gl.where(empty, float("-inf"), m + gl.log2(d_safe)), SINKS, qh, r_ok)
-            out = out * gl.expand_dims(gl.convert_layout(factor, gl.SliceLayout(1, A_L)), 1)
+        if SINKS is None:
+            out = acc / gl.expand_dims(gl.convert_layout(d_safe, gl.SliceLayout(1, A_L)), 1)
+        else:
+            out = acc / gl.expand_dims(gl.convert_layout(_sink_divisor(d, m, SINKS, qh, r_ok),
+                                                         gl.SliceLayout(1, A_L)), 1)
         q_row = q_start.to(gl.int64)
         gl.store(O + q_row * stride_ot + gl.expand_dims(qh_a * stride_oh, 1) + gl.expand_dims(offs_d, 0),
                  out.to(O.dtype.element_ty), mask=gl.expand_dims(ok_a, 1))
@@ -339,7 +341,7 @@ if HAVE_GLUON:
             lse_ptrs = LSE + q_row * stride_lt + qh
             lse = gl.where(empty, float("-inf"), m + gl.log2(d_safe))
             if SINKS is not None:
-                lse = lse_sink
+                _, lse = _with_sinks(lse, SINKS, qh, r_ok)
             gl.store(lse_ptrs, lse, mask=r_ok)
 
     @gluon.jit
@@ -369,7 +371,8 @@ if HAVE_GLUON:
         l_o = gl.convert_layout(l_i, OROW_L)
         empty = l_o == 0.0
         l_safe = gl.where(empty, 1.0, l_o)
-        out = acc / gl.expand_dims(l_safe, 1)
+        if SINKS is None:
+            out = acc / gl.expand_dims(l_safe, 1)
         tok_o, qh_o, valid_o, qr_o = _tile_rows(ROW0, BLOCK_M, OROW_L, q_start, q_len, kvh, hsplit, group_size,
                                                 heads_per_prog)
         offs_do = gl.arange(0, HEAD_DIM, layout=OCOL_L)
@@ -378,13 +381,19 @@ if HAVE_GLUON:
         lse_o = gl.where(empty, float("-inf"), gl.convert_layout(m_i, OROW_L) + gl.log2(l_safe))
         if partial < 0:
             if SINKS is not None:
-                factor, lse_o = _with_sinks(lse_o, SINKS, qh_o, valid_o)
-                out = out * gl.expand_dims(factor, 1)
+                # (the sink folded into the rows' divisor, not a factor on the [BLOCK_M, HEAD_DIM] tile: with the
+                # merge's below, 8 x 1024 prefill's cost of sinks +8.2% -> +1.1%, notes.md session 36)
+                out = acc / gl.expand_dims(_sink_divisor(l_o, gl.convert_layout(m_i, OROW_L), SINKS, qh_o,
+                                                         valid_o), 1)
+                if WRITE_LSE:
+                    _, lse_o = _with_sinks(lse_o, SINKS, qh_o, valid_o)
             gl.store(O + gl.expand_dims(qr_o * stride_ot + qh_o * stride_oh, 1) + gl.expand_dims(offs_do, 0),
                      out.to(O.dtype.element_ty), mask=gl.expand_dims(valid_o, 1))
             if WRITE_LSE:
                 gl.store(LSE + qr_o * stride_lt + qh_o, lse_o, mask=valid_o)
         else:  # one KV chunk of a split tile: its partial state; the last chunk to arrive merges
+            if SINKS is not None:
+                out = acc / gl.expand_dims(l_safe, 1)
             p_row = (partial + tok_o).to(gl.int64)
             gl.store(TMP_O + gl.expand_dims(p_row * stride_tt + qh_o * stride_th, 1) + gl.expand_dims(offs_do, 0),
                      out, mask=gl.expand_dims(valid_o, 1))
