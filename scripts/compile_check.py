@@ -33,7 +33,10 @@ def compile_one(fn, types, consts, num_warps=4, num_stages=3, maxnreg=None):
         from triton.experimental.gluon._runtime import GluonASTSource as source
     # pointers and strides divisible by 16, as Triton's launcher specializes them at run time for
     # 16-byte aligned tensors with row lengths that are multiples of 16 (vectorized, async loads)
-    div = [i for i, n in enumerate(names) if sig[n].startswith("*") or n.startswith("stride_")]
+    # (and the segment GEMM's d_in / d_out, multiples of 16 in every LoRA shape: its masks along K and N then stay
+    # uniform over a vector and the loads cp.async-pipelined, as at a launch)
+    div = [i for i, n in enumerate(names)
+           if sig[n].startswith("*") or n.startswith("stride_") or n in ("d_in", "d_out")]
     src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div})
     options = dict(num_warps=num_warps, num_stages=num_stages)
@@ -65,6 +68,20 @@ def cases():
         dict(BLOCK=2048), 4
     yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",
                                                       NEXT="*i32"), dict(BLOCK=2048), 4
+    from pagoda.ops import lora as lora_host
+    from pagoda.ops.kernels import lora
+    seg = dict(X="*bf16", W="*bf16", Y="*bf16", SEG_INDPTR="*i64", WEIGHT_INDICES="*i64", TILE_INDPTR="*i32")
+    # the multi-LoRA segment GEMM (ops/lora.py): the configurations of pagoda.bench.lora's decode shrink (split K,
+    # float32 atomics) and prefill expand, both weight layouts (a launch specializes the stride that is 1)
+    for name, rows, batch, d_in, d_out in (("decode shrink", 64, 64, 4096, 16), ("prefill expand", 4096, 8, 64, 4096)):
+        bm, bn, bk, split, warps, stages = lora_host.segment_config(rows, batch, d_in, d_out, True)
+        for cm in (True, False):
+            yield (f"segment_gemm {name} column_major={cm}", lora.segment_gemm_kernel,
+                   dict(seg, Y="*fp32" if split > 1 else "*bf16"),
+                   dict(HAS_INDICES=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                        **({"stride_wk": 1} if cm else {"stride_wn": 1})), warps, stages)
+    yield "segment_tiles", lora.segment_tiles_kernel, dict(SEG_INDPTR="*i64", TILE_INDPTR="*i32"), \
+        dict(BLOCK_M=16, BLOCK=64), 4
     from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
     for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1), (0, True, 4),

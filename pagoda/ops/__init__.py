@@ -1,6 +1,7 @@
-"""Serving ops next to attention: norms, activations, RoPE, paged-KV writes, sampling (FlashInfer names), and
-a linear layer with a small-M kernel for decode at batch 1."""
+"""Serving ops next to attention: norms, activations, RoPE, paged-KV writes, sampling (FlashInfer names), a
+linear layer with a small-M kernel for decode at batch 1, and the segment GEMM of multi-LoRA serving."""
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+from .lora import SegmentGEMMWrapper, segment_gemm
 from .matmul import linear, linear_rope_append, linear_silu_and_mul
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
 from .page import append_paged_kv_cache, get_batch_indices_positions
@@ -16,6 +17,7 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids",
            "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_and_append",
            "apply_rope_with_cos_sin_cache_inplace",
+           "SegmentGEMMWrapper", "segment_gemm",
            "append_paged_kv_cache", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "get_batch_indices_positions", "linear", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
            "silu_and_mul",

@@ -1,0 +1,100 @@
+"""Segment GEMM (multi-LoRA): Y[rows of segment b] = X[rows of segment b] @ W[weight_indices[b]] for segments of
+consecutive rows of X (FlashInfer's SegmentGEMMWrapper; ops/lora.py is the host side).
+
+A LoRA layer at serving time is two of these: the shrink (d_in = hidden size, d_out = the rank, 8-128) and the
+expand (d_in = the rank, d_out = the hidden size), each request's rows with its own adapter. The grid is fixed by
+what the host knows without reading the segment table (X's row count and the number of segments), so a run is
+CUDA-graph safe with the table on the device: segment_tiles_kernel turns the segments' row pointers into
+row-tile pointers (each segment ceil(rows / BLOCK_M) tiles, one program, a running sum), and each program of
+segment_gemm_kernel finds its segment by a binary search over them. Programs past the last tile leave at once;
+there are at most as many as X has row tiles plus one per segment.
+
+SPLIT_K > 1 (the shrink, whose d_out of a few columns leaves one column tile a segment: at decode one program a
+request would read its whole adapter alone): each program sums its share of K and adds it to Y, which the host
+zeroes first, with float32 atomics (Y in float32 scratch, cast after).
+
+Rows of a segment past X's last row, and segments whose weight index lies outside W, are never read: the former
+are clamped away, the latter write NaN rows (the host checks host-side tables; a device-side table is not read
+back, as FlashInfer does not, and this keeps a bad entry visible instead of reading past W).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def segment_tiles_kernel(SEG_INDPTR, TILE_INDPTR, batch_size, n_rows, BLOCK_M: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """TILE_INDPTR[0] = 0, TILE_INDPTR[b + 1] = sum over segments <= b of ceil(rows / BLOCK_M), rows clamped to
+    0 .. n_rows (one program)."""
+    tl.store(TILE_INDPTR, 0)
+    carry = 0
+    for b0 in range(0, batch_size, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        ok = offs < batch_size
+        lo = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + offs, mask=ok, other=0), 0), n_rows)
+        hi = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + offs + 1, mask=ok, other=0), 0), n_rows)
+        tiles = tl.where(ok & (hi > lo), (hi - lo + BLOCK_M - 1) // BLOCK_M, 0).to(tl.int32)
+        run = tl.cumsum(tiles, 0) + carry
+        tl.store(TILE_INDPTR + 1 + offs, run, mask=ok)
+        carry = carry + tl.sum(tiles, 0)
+
+
+@triton.jit
+def segment_gemm_kernel(X, W, Y, SEG_INDPTR, WEIGHT_INDICES, TILE_INDPTR, n_rows, num_weights, batch_size,
+                        d_in, d_out, stride_xm, stride_wb, stride_wk, stride_wn, stride_ym,
+                        HAS_INDICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (t, n, s): row tile t (of all segments' tiles, TILE_INDPTR; the grid's first axis, which is not
+    capped at 65535), column tile n, K share s of SPLIT_K. W[w] holds element (k, n) at k * stride_wk + n *
+    stride_wn (both FlashInfer layouts)."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if t >= tl.load(TILE_INDPTR + batch_size):
+        return
+    # the segment b with TILE_INDPTR[b] <= t < TILE_INDPTR[b + 1] (the first such: empty segments hold no tile)
+    lo = 0
+    hi = batch_size
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(TILE_INDPTR + mid) <= t:
+            lo = mid
+        else:
+            hi = mid
+    b = lo
+    seg_lo = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + b), 0), n_rows)
+    seg_hi = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + b + 1), 0), n_rows)
+    row0 = seg_lo + (t - tl.load(TILE_INDPTR + b)) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_hi
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d_out
+    if HAS_INDICES:
+        w_idx = tl.load(WEIGHT_INDICES + b).to(tl.int64)
+    else:
+        w_idx = b.to(tl.int64)
+    y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    w_ok = (w_idx >= 0) & (w_idx < num_weights)
+    w_idx = tl.where(w_ok, w_idx, 0)  # (a bad index reads W[0] and writes NaN rows)
+    # this program's share of K: whole BLOCK_K steps, SPLIT_K shares
+    k_steps = tl.cdiv(d_in, BLOCK_K)
+    per = tl.cdiv(k_steps, SPLIT_K)
+    k_lo = tl.multiple_of(pid_k * per * BLOCK_K, BLOCK_K)  # (said: the loads stay aligned, cp.async-pipelined)
+    k_hi = tl.minimum(k_lo + per * BLOCK_K, d_in)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = W + w_idx * stride_wb + (k_lo + offs_k)[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        k_ok = k + offs_k < k_hi
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    mask = row_ok[:, None] & col_ok[None, :]
+    acc = tl.where(w_ok, acc, float("nan"))
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)

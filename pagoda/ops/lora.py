@@ -1,0 +1,197 @@
+"""Segment GEMM for multi-LoRA serving: FlashInfer's SegmentGEMMWrapper (flashinfer.gemm), on a Triton kernel
+(kernels/lora.py) with a PyTorch path that runs anywhere.
+
+    y[seg_indptr[b]:seg_indptr[b + 1]] = x[seg_indptr[b]:seg_indptr[b + 1]] @ W[weight_indices[b]]  (b < batch_size)
+
+weights is [num_weights, d_out, d_in] (weight_column_major=True, nn.Linear's layout: W[i].T is applied) or
+[num_weights, d_in, d_out]. A LoRA layer is a shrink (x @ A, d_out = the rank) and an expand (@ B, d_out = the
+hidden size); each request's rows form one segment and pick their adapter through weight_indices.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+
+from ._dispatch import use_triton
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_table(name: str, t, length: int, device: torch.device) -> torch.Tensor:
+    """A 1-D integer tensor of `length` entries (int32 / int64), on x's device or the host."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32 / int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {t.shape[0]}")
+    if not t.is_cpu and t.device != device:
+        raise ValueError(f"{name} must be on {device} or the host, got {t.device}")
+    return t
+
+
+def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight_column_major: bool,
+                 out: torch.Tensor | None = None, seg_lens: torch.Tensor | None = None,
+                 seg_indptr: torch.Tensor | None = None, weight_indices: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """y = x @ W per segment (module docstring). x: [rows, d_in] fp16 / bf16; seg_indptr ([batch_size + 1]) or
+    seg_lens ([batch_size]), int32 / int64, on x's device or the host (seg_indptr wins when both are given, as in
+    FlashInfer); weight_indices: [batch_size] (None: segment b takes W[b]). out: [rows, d_out] in x's dtype (None: a
+    new one). Tables on the host are checked (indptr from 0 to rows and non-decreasing, indices in range:
+    ValueError); tables on the device are not read back (a CUDA graph can capture the call), and the kernel reads
+    no row past x and no weight past W: a segment whose index lies outside W gets NaN rows, and rows that such a
+    table leaves outside every segment are zeros in a split-K run (segment_config) and untouched otherwise.
+    backend: "auto" (the Triton kernel on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton" or "torch"."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [rows, d_in], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous in its last dimension")
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 3:
+        raise ValueError(f"weights must be a 3-D tensor, got {getattr(weights, 'shape', type(weights).__name__)}")
+    if weights.dtype != x.dtype or weights.device != x.device:
+        raise ValueError(f"weights must be {x.dtype} on {x.device} like x, got {weights.dtype} on {weights.device}")
+    if not isinstance(weight_column_major, bool):
+        raise ValueError(f"weight_column_major must be a bool, got {weight_column_major!r}")
+    d_out, d_in = weights.shape[1:] if weight_column_major else weights.shape[:0:-1]
+    if d_in != x.shape[1]:
+        layout = "[num_weights, d_out, d_in]" if weight_column_major else "[num_weights, d_in, d_out]"
+        raise ValueError(f"weights {tuple(weights.shape)} read as {layout} take d_in={d_in}, but x has "
+                         f"{x.shape[1]} columns")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+        raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+    batch_size = int(batch_size)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    rows = x.shape[0]
+    if out is None:
+        out = torch.zeros(rows, d_out, dtype=x.dtype, device=x.device)
+    elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, d_out) or out.dtype != x.dtype
+          or out.device != x.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be {x.dtype} {(rows, d_out)} on {x.device}, contiguous in its last dimension; "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    if seg_indptr is not None:
+        indptr = _check_table("seg_indptr", seg_indptr, batch_size + 1, x.device)
+    elif seg_lens is not None:
+        lens = _check_table("seg_lens", seg_lens, batch_size, x.device)
+        indptr = torch.zeros(batch_size + 1, dtype=torch.int64, device=lens.device)
+        torch.cumsum(lens, 0, out=indptr[1:])
+        if lens.is_cpu and batch_size and int(lens.min()) < 0:
+            raise ValueError(f"seg_lens must be >= 0, found {int(lens.min())}")
+    else:
+        raise ValueError("either seg_lens or seg_indptr must be given")
+    if weight_indices is not None:
+        weight_indices = _check_table("weight_indices", weight_indices, batch_size, x.device)
+    elif batch_size > weights.shape[0]:
+        raise ValueError(f"without weight_indices segment b takes weights[b]: {batch_size} segments need "
+                         f"{batch_size} weights, got {weights.shape[0]}")
+    if indptr.is_cpu:  # (a host table: its values are checked here, as plan() checks an indptr)
+        ip = indptr.numpy()
+        if ip[0] != 0 or ip[-1] != rows:
+            raise ValueError(f"seg_indptr must run from 0 to x's {rows} rows, got {int(ip[0])} .. {int(ip[-1])}")
+        if batch_size and (np.diff(ip) < 0).any():
+            i = int(np.nonzero(np.diff(ip) < 0)[0][0])
+            raise ValueError(f"seg_indptr must be non-decreasing, got {int(ip[i])} then {int(ip[i + 1])} at {i}")
+    if weight_indices is not None and weight_indices.is_cpu and batch_size:
+        lo, hi = int(weight_indices.min()), int(weight_indices.max())
+        if lo < 0 or hi >= weights.shape[0]:
+            raise ValueError(f"weight_indices must be in 0..{weights.shape[0] - 1}, found {lo if lo < 0 else hi}")
+    if batch_size == 0 or rows == 0 or d_out == 0:
+        return out
+    if backend == "torch" or (backend == "auto" and not use_triton(x)):
+        return _segment_gemm_torch(x, weights, weight_column_major, out, indptr, weight_indices)
+    return _segment_gemm_triton(x, weights, weight_column_major, out, indptr, weight_indices, batch_size)
+
+
+def _segment_gemm_torch(x, weights, column_major, out, indptr, weight_indices):
+    """The PyTorch path (and the reference's form): one matmul per segment (reads the tables back)."""
+    ip = indptr.tolist()
+    wi = list(range(len(ip) - 1)) if weight_indices is None else weight_indices.tolist()
+    rows = x.shape[0]
+    for b in range(len(ip) - 1):
+        lo, hi = min(max(ip[b], 0), rows), min(max(ip[b + 1], 0), rows)
+        if hi <= lo:
+            continue
+        if not 0 <= wi[b] < weights.shape[0]:
+            out[lo:hi] = float("nan")
+            continue
+        w = weights[wi[b]]
+        out[lo:hi] = x[lo:hi] @ (w.T if column_major else w)
+    return out
+
+
+def segment_config(rows: int, batch_size: int, d_in: int, d_out: int, on_cuda: bool) -> tuple[int, int, int, int,
+                                                                                                int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a run: row tiles of 16 when segments hold
+    a few rows on average (decode), 64 otherwise; the shrink's narrow output (one column tile) splits K so that
+    each segment's adapter is read by several programs."""
+    mean = rows / max(batch_size, 1)
+    if not on_cuda:  # (the interpreter: small tiles, every boundary crossed)
+        return 16, 16, 16, 2 if d_out <= 16 and d_in > 32 else 1, 1, 1
+    bm = 16 if mean <= 16 else 64
+    bn = max(16, min(128, triton.next_power_of_2(d_out)))
+    bk = max(16, min(128 if bm == 16 else 64, triton.next_power_of_2(d_in)))
+    n_tiles = triton.cdiv(d_out, bn)
+    programs = n_tiles * (triton.cdiv(rows, bm) + batch_size)
+    split = 1
+    while split < 8 and programs * split < 264 and triton.cdiv(d_in, bk) >= 4 * split:  # (2 waves of 132 SMs)
+        split *= 2
+    return bm, bn, bk, split, 4, 3 if bm == 16 else 4
+
+
+def _segment_gemm_triton(x, weights, column_major, out, indptr, weight_indices, batch_size):
+    from .kernels.lora import segment_gemm_kernel, segment_tiles_kernel
+
+    rows, d_in = x.shape
+    d_out = out.shape[1]
+    dev = x.device
+    indptr = indptr.to(dev, non_blocking=True)
+    if weight_indices is not None:
+        weight_indices = weight_indices.to(dev, non_blocking=True)
+    bm, bn, bk, split, warps, stages = segment_config(rows, batch_size, d_in, d_out, dev.type == "cuda")
+    tile_indptr = torch.empty(batch_size + 1, dtype=torch.int32, device=dev)
+    segment_tiles_kernel[(1,)](indptr, tile_indptr, batch_size, rows, BLOCK_M=bm,
+                               BLOCK=min(1024, triton.next_power_of_2(batch_size)))
+    stride_wk, stride_wn = (weights.stride(2), weights.stride(1)) if column_major else \
+        (weights.stride(1), weights.stride(2))
+    y = out
+    if split > 1:  # float32 sums from each K share, cast into out after
+        y = torch.zeros(rows, d_out, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(rows, bm) + batch_size, triton.cdiv(d_out, bn), split)
+    segment_gemm_kernel[grid](x, weights, y, indptr, weight_indices, tile_indptr, rows, weights.shape[0],
+                              batch_size, d_in, d_out, x.stride(0), weights.stride(0), stride_wk, stride_wn,
+                              y.stride(0), HAS_INDICES=weight_indices is not None, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    if split > 1:
+        out.copy_(y)
+    return out
+
+
+class SegmentGEMMWrapper:
+    """FlashInfer's SegmentGEMMWrapper: run(x, weights, batch_size, weight_column_major, out=None, seg_lens=None,
+    seg_indptr=None, weight_indices=None) -> y (segment_gemm). The workspace is accepted for the API (the Triton
+    kernel needs none of it)."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, backend: str = "auto") -> None:
+        if not isinstance(float_workspace_buffer, torch.Tensor):
+            raise ValueError(f"float_workspace_buffer must be a tensor, got {type(float_workspace_buffer).__name__}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer = None
+        self.backend = backend
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: torch.Tensor | None = None) -> None:
+        self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer = int_workspace_buffer
+
+    def run(self, x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight_column_major: bool,
+            out: torch.Tensor | None = None, seg_lens: torch.Tensor | None = None,
+            seg_indptr: torch.Tensor | None = None, weight_indices: torch.Tensor | None = None) -> torch.Tensor:
+        return segment_gemm(x, weights, batch_size, weight_column_major, out, seg_lens, seg_indptr, weight_indices,
+                            self.backend)
+
+    forward = run

@@ -1,0 +1,209 @@
+"""pagoda.ops.segment_gemm / SegmentGEMMWrapper (multi-LoRA; kernels/lora.py) against a float64 reference: the
+Triton kernel in the interpreter on the CPU and the PyTorch path; at real LoRA sizes on the GPU (gpu marker)."""
+import pytest
+import torch
+
+import pagoda
+from pagoda.ops import lora
+
+from ..conftest import DEVICE
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def oracle(x, weights, seg_lens, column_major, weight_indices=None):
+    """float64, one segment at a time."""
+    out = torch.zeros(x.shape[0], weights.shape[1] if column_major else weights.shape[2], dtype=torch.float64)
+    start = 0
+    for b, n in enumerate(seg_lens):
+        w = weights[b if weight_indices is None else int(weight_indices[b])].double().cpu()
+        out[start:start + n] = x[start:start + n].double().cpu() @ (w.T if column_major else w)
+        start += n
+    return out
+
+
+def check_segments(y, ref, seg_lens, dtype):
+    """Every segment on its own (a wrong segment is not hidden in the whole's norm), no poisoned entry left."""
+    y = y.double().cpu()
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
+    start = 0
+    for n in seg_lens:
+        if n:
+            seg, r = y[start:start + n], ref[start:start + n]
+            assert ((seg - r).norm() / r.norm()).item() < TOL[dtype], (start, n)
+        start += n
+
+
+def make(seg_lens, d_in, d_out, num_weights, column_major, dtype, device=DEVICE):
+    x = torch.randn(sum(seg_lens), d_in, dtype=dtype, device=device)
+    shape = (num_weights, d_out, d_in) if column_major else (num_weights, d_in, d_out)
+    w = (torch.randn(shape, dtype=torch.float32, device=device) / d_in ** 0.5).to(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("seg_lens,d_in,d_out,indices", [
+    ([3, 0, 17, 1], 40, 24, [2, 0, 2, 1]),   # empty segment, a segment past a 16-row tile, reused weights
+    ([1, 1, 1, 1, 1], 64, 16, None),          # decode rows, a rank-16 shrink (split K in the interpreter)
+    ([33, 2], 16, 70, [1, 0]),                 # an expand: d_out past a column tile, not a multiple of it
+    ([5], 100, 8, [0]),                        # K not a multiple of the K step, d_out under a tile
+])
+def test_segment_gemm(dtype, column_major, backend, seg_lens, d_in, d_out, indices):
+    num_weights = 3 if indices else len(seg_lens)
+    x, w = make(seg_lens, d_in, d_out, num_weights, column_major, dtype)
+    wi = None if indices is None else torch.tensor(indices, dtype=torch.int64)
+    out = torch.full((x.shape[0], d_out), float("nan"), dtype=dtype, device=DEVICE)
+    y = lora.segment_gemm(x, w, len(seg_lens), column_major, out=out, seg_lens=torch.tensor(seg_lens),
+                          weight_indices=wi, backend=backend)
+    assert y is out
+    check_segments(y, oracle(x, w, seg_lens, column_major, wi), seg_lens, dtype)
+
+
+def test_split_k_is_taken_in_the_interpreter():
+    """The split-K form (float32 atomics, then a cast) runs in the CPU tests: a narrow d_out over a long K."""
+    assert lora.segment_config(5, 5, 64, 16, on_cuda=False)[3] > 1
+    assert lora.segment_config(5, 5, 16, 70, on_cuda=False)[3] == 1
+
+
+def test_wrapper_as_flashinfer_documents_it():
+    """FlashInfer's docstring example: seg_lens with and without weight_indices, and seg_indptr (int32) instead."""
+    ws = torch.empty(1 << 20, dtype=torch.int8, device=DEVICE)
+    g = pagoda.SegmentGEMMWrapper(ws)
+    seg_lens = [1, 2, 3, 4]
+    x = torch.randn(10, 32, dtype=torch.float16, device=DEVICE)
+    weights = torch.randn(4, 48, 32, dtype=torch.float16, device=DEVICE)
+    y = g.run(x, weights, 4, True, seg_lens=torch.tensor(seg_lens, dtype=torch.int64))
+    assert y.shape == (10, 48) and y.dtype == torch.float16
+    check_segments(y, oracle(x, weights, seg_lens, True), seg_lens, torch.float16)
+    wi = torch.tensor([0, 1, 0, 1], dtype=torch.int64)
+    y = g.run(x, weights, 4, True, seg_lens=torch.tensor(seg_lens), weight_indices=wi)
+    check_segments(y, oracle(x, weights, seg_lens, True, wi), seg_lens, torch.float16)
+    y2 = g.forward(x, weights, 4, True, seg_indptr=torch.tensor([0, 1, 3, 6, 10], dtype=torch.int32),
+                   weight_indices=wi)
+    assert torch.equal(y, y2)
+
+
+def test_device_table_guards_in_the_kernel():
+    """A table the host does not check (on the device): a weight index outside W gives NaN rows for that segment
+    only, and a row pointer past x's rows is clamped (the kernel reads no row past x)."""
+    x, w = make([4, 3, 2], 32, 24, 2, True, torch.bfloat16)
+    out = torch.full((9, 24), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    indptr = torch.tensor([0, 4, 7, 9], dtype=torch.int64, device=DEVICE)
+    wi = torch.tensor([1, 5, -1], dtype=torch.int64, device=DEVICE)
+    lora._segment_gemm_triton(x, w, True, out, indptr, wi, 3)
+    ref = oracle(x[:4], w, [4], True, torch.tensor([1]))
+    check_segments(out[:4], ref, [4], torch.bfloat16)
+    assert torch.isnan(out[4:].float()).all()
+    out2 = torch.full((9, 24), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    lora._segment_gemm_triton(x, w, True, out2, torch.tensor([0, 4, 1000], device=DEVICE), None, 2)
+    check_segments(out2, oracle(x, w, [4, 5], True), [4, 5], torch.bfloat16)
+
+
+def test_bad_input_names_the_argument():
+    x, w = make([2, 3], 32, 16, 2, True, torch.bfloat16)
+    lens = torch.tensor([2, 3])
+
+    def run(**kw):
+        args = dict(x=x, weights=w, batch_size=2, weight_column_major=True, seg_lens=lens)
+        args.update(kw)
+        return lora.segment_gemm(**args)
+    cases = [
+        (dict(x=x.float()), "x must be float16 or bfloat16"),
+        (dict(x=x[0]), "x must be a 2-D"),
+        (dict(weights=w.half()), "weights must be"),
+        (dict(weights=w[0]), "weights must be a 3-D"),
+        (dict(weight_column_major=False), "weights .* d_in=16"),
+        (dict(weight_column_major=1), "weight_column_major must be a bool"),
+        (dict(batch_size=-1), "batch_size must be"),
+        (dict(batch_size=3), "seg_lens must have 3 entries"),
+        (dict(seg_lens=None), "either seg_lens or seg_indptr"),
+        (dict(seg_lens=lens.float()), "seg_lens must be a 1-D int32 / int64"),
+        (dict(seg_lens=torch.tensor([3, -1])), "seg_lens must be >= 0"),
+        (dict(seg_lens=torch.tensor([2, 2])), "seg_indptr must run from 0 to x's 5 rows"),
+        (dict(seg_indptr=torch.tensor([0, 4, 3, 5])), "seg_indptr must have 3 entries"),
+        (dict(seg_indptr=torch.tensor([0, 4, 3]), batch_size=2, x=x[:3]), "non-decreasing"),
+        (dict(weight_indices=torch.tensor([0, 2])), "weight_indices must be in 0..1"),
+        (dict(weight_indices=torch.tensor([0, -1])), "weight_indices must be in 0..1"),
+        (dict(weight_indices=torch.tensor([0])), "weight_indices must have 2 entries"),
+        (dict(weights=w[:1]), "2 segments need 2 weights"),
+        (dict(out=torch.empty(5, 8, dtype=torch.bfloat16)), "out must be"),
+        (dict(backend="cuda"), "backend must be"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            run(**kw)
+    with pytest.raises(ValueError, match="backend"):
+        pagoda.SegmentGEMMWrapper(torch.empty(8), backend="cutlass")
+
+
+def test_empty_batch_and_rows():
+    x, w = make([0, 0], 32, 16, 2, True, torch.bfloat16)
+    assert lora.segment_gemm(x, w, 2, True, seg_lens=torch.tensor([0, 0])).shape == (0, 16)
+    x, w = make([4], 32, 16, 1, True, torch.bfloat16)
+    y = lora.segment_gemm(x[:0], w, 0, True, seg_indptr=torch.tensor([0]))
+    assert y.shape == (0, 16)
+
+
+# -- GPU: real LoRA sizes ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("seg_lens", [[1] * 64, [512, 1, 37, 2048, 1, 1, 300, 64]])
+def test_segment_gemm_real_sizes(column_major, rank, seg_lens):
+    """A LoRA layer's shrink (4096 -> rank) and expand (rank -> 4096) for 64 decode rows with 64 adapters and a
+    mixed prefill / decode batch sharing 4 adapters, device tables, against the float64 oracle."""
+    if not torch.cuda.is_available():
+        pytest.fail("gpu tests need CUDA")
+    n = len(seg_lens)
+    num_w = 4 if n < 64 else n
+    wi = torch.randint(0, num_w, (n,), device="cuda")
+    lens = torch.tensor(seg_lens, device="cuda")
+    for d_in, d_out in ((4096, rank), (rank, 4096)):
+        x, w = make(seg_lens, d_in, d_out, num_w, column_major, torch.bfloat16, "cuda")
+        out = torch.full((x.shape[0], d_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+        lora.segment_gemm(x, w, n, column_major, out=out, seg_lens=lens, weight_indices=wi)
+        check_segments(out, oracle(x, w, seg_lens, column_major, wi.cpu()), seg_lens, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_segment_gemm_in_cuda_graph():
+    """With device tables a run is captured once and replayed after the tables change in place (new segment
+    lengths within the same rows, new adapters)."""
+    if not torch.cuda.is_available():
+        pytest.fail("gpu tests need CUDA")
+    x, w = make([8] * 16, 4096, 16, 8, True, torch.bfloat16, "cuda")
+    indptr = torch.arange(0, 129, 8, device="cuda")
+    wi = torch.zeros(16, dtype=torch.int64, device="cuda")
+    out = torch.empty(128, 16, dtype=torch.bfloat16, device="cuda")
+    g = pagoda.SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device="cuda"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        g.run(x, w, 16, True, out=out, seg_indptr=indptr, weight_indices=wi)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g.run(x, w, 16, True, out=out, seg_indptr=indptr, weight_indices=wi)
+    lens = [1, 40, 0, 7, 20, 3, 9, 4, 2, 8, 8, 8, 8, 4, 4, 2]
+    indptr.copy_(torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda"))
+    wi.copy_(torch.randint(0, 8, (16,), device="cuda"))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_segments(out, oracle(x, w, lens, True, wi.cpu()), lens, torch.bfloat16)
+
+
+def test_bench_table_with_and_without_flashinfer():
+    """pagoda.bench.lora's table: ratios where FlashInfer ran, dashes where it did not."""
+    from pagoda.bench.lora import fmt
+
+    row = {"rank": 16, "case": "decode 64", "kind": "shrink", "pagoda_us": 10.0, "MB": 8.4, "gflop": 0.008,
+           "torch_us": 40.0, "pagoda_err": 1e-3}
+    text = fmt([row, dict(row, flashinfer_us=30.0, flashinfer_err=2e-3)])
+    lines = text.splitlines()
+    assert len(lines) == 3 and "x FI" in lines[0]
+    assert "4.00x" in lines[1] and "-" in lines[1].split()[7]
+    assert "3.00x" in lines[2] and " 840 " in lines[2] and "0.8" in lines[2]
