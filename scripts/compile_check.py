@@ -79,9 +79,12 @@ def cases():
             yield (f"segment_gemm {name} column_major={cm}", lora.segment_gemm_kernel,
                    dict(seg, Y="*fp32" if split > 1 else "*bf16"),
                    dict(HAS_INDICES=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                        **({"stride_wk": 1} if cm else {"stride_wn": 1})), warps, stages)
-    yield "segment_tiles", lora.segment_tiles_kernel, dict(SEG_INDPTR="*i64", TILE_INDPTR="*i32"), \
-        dict(BLOCK_M=16, BLOCK=64), 4
+                        SEARCH=lora_host.search_block(batch), **({"stride_wk": 1} if cm else {"stride_wn": 1})),
+                   warps, stages)
+    yield "segment_gemm binary search", lora.segment_gemm_kernel, seg, dict(
+        HAS_INDICES=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, SEARCH=0, stride_wk=1), 4, 3
+    yield "segment_tiles", lora.segment_tiles_kernel, dict(SEG_INDPTR="*i64", TILE_INDPTR="*i32", ZERO="*fp32"), \
+        dict(BLOCK_M=16, BLOCK=64, ZERO_BLOCK=4096), 4
     from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
     for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1), (0, True, 4),

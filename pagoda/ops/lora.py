@@ -141,6 +141,12 @@ def segment_config(rows: int, batch_size: int, d_in: int, d_out: int, on_cuda: b
     return bm, bn, bk, split, 4, 3 if bm == 16 else 4
 
 
+def search_block(batch_size: int) -> int:
+    """The kernel's SEARCH: up to 1024 segments their tile ends are one vector load a program (a power of two, so
+    batch sizes share compiled kernels), past that a binary search."""
+    return triton.next_power_of_2(batch_size) if batch_size <= 1024 else 0
+
+
 def _segment_gemm_triton(x, weights, column_major, out, indptr, weight_indices, batch_size):
     from .kernels.lora import segment_gemm_kernel, segment_tiles_kernel
 
@@ -152,18 +158,22 @@ def _segment_gemm_triton(x, weights, column_major, out, indptr, weight_indices, 
         weight_indices = weight_indices.to(dev, non_blocking=True)
     bm, bn, bk, split, warps, stages = segment_config(rows, batch_size, d_in, d_out, dev.type == "cuda")
     tile_indptr = torch.empty(batch_size + 1, dtype=torch.int32, device=dev)
-    segment_tiles_kernel[(1,)](indptr, tile_indptr, batch_size, rows, BLOCK_M=bm,
-                               BLOCK=min(1024, triton.next_power_of_2(batch_size)))
+    y = out
+    if split > 1:  # float32 sums from each K share (zeroed by segment_tiles_kernel), cast into out after
+        y = torch.empty(rows, d_out, dtype=torch.float32, device=dev)
+    n_zero = y.numel() if split > 1 else 0
+    zero_block = 4096
+    segment_tiles_kernel[(max(1, triton.cdiv(n_zero, zero_block)),)](
+        indptr, tile_indptr, batch_size, rows, y, n_zero, BLOCK_M=bm,
+        BLOCK=min(1024, triton.next_power_of_2(batch_size)), ZERO_BLOCK=zero_block)
     stride_wk, stride_wn = (weights.stride(2), weights.stride(1)) if column_major else \
         (weights.stride(1), weights.stride(2))
-    y = out
-    if split > 1:  # float32 sums from each K share, cast into out after
-        y = torch.zeros(rows, d_out, dtype=torch.float32, device=dev)
     grid = (triton.cdiv(rows, bm) + batch_size, triton.cdiv(d_out, bn), split)
     segment_gemm_kernel[grid](x, weights, y, indptr, weight_indices, tile_indptr, rows, weights.shape[0],
                               batch_size, d_in, d_out, x.stride(0), weights.stride(0), stride_wk, stride_wn,
                               y.stride(0), HAS_INDICES=weight_indices is not None, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                              BLOCK_K=bk, SPLIT_K=split, SEARCH=search_block(batch_size), num_warps=warps,
+                              num_stages=stages)
     if split > 1:
         out.copy_(y)
     return out

@@ -61,6 +61,35 @@ def test_segment_gemm(dtype, column_major, backend, seg_lens, d_in, d_out, indic
     check_segments(y, oracle(x, w, seg_lens, column_major, wi), seg_lens, dtype)
 
 
+@pytest.mark.parametrize("search", ["vector", "binary"])
+def test_both_segment_searches(search, monkeypatch):
+    """The kernel finds a row tile's segment by one vector load (<= 1024 segments) or a binary search (more):
+    both, over empty segments at the start, in the middle and at the end."""
+    if search == "binary":
+        monkeypatch.setattr(lora, "search_block", lambda batch_size: 0)
+    else:
+        assert lora.search_block(7) == 8 and lora.search_block(1025) == 0
+    seg_lens = [0, 2, 0, 0, 19, 1, 0, 33, 0]
+    x, w = make(seg_lens, 32, 24, len(seg_lens), True, torch.bfloat16)
+    out = torch.full((x.shape[0], 24), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    lora.segment_gemm(x, w, len(seg_lens), True, out=out, seg_lens=torch.tensor(seg_lens))
+    check_segments(out, oracle(x, w, seg_lens, True), seg_lens, torch.bfloat16)
+
+
+def test_tiles_kernel_zeroes_the_split_sums():
+    """segment_tiles_kernel: the row-tile pointers (rows clamped to x's, empty and negative-length segments no
+    tiles) from program 0, and every program's block of the split-K sums zeroed (poisoned first)."""
+    from pagoda.ops.kernels.lora import segment_tiles_kernel
+
+    indptr = torch.tensor([0, 3, 3, 40, 38, 50, 99], dtype=torch.int64, device=DEVICE)
+    tiles = torch.full((7,), -5, dtype=torch.int32, device=DEVICE)
+    zero = torch.full((1000,), float("nan"), dtype=torch.float32, device=DEVICE)
+    segment_tiles_kernel[(4,)](indptr, tiles, 6, 60, zero, 1000, BLOCK_M=16, BLOCK=4, ZERO_BLOCK=256)
+    # rows 0-3, 3-3, 3-40, 40-38 (none), 38-50, 50-60 (clamped): 1, 0, 3, 0, 1, 1 tiles
+    assert tiles.tolist() == [0, 1, 1, 4, 4, 5, 6]
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
 def test_split_k_is_taken_in_the_interpreter():
     """The split-K form (float32 atomics, then a cast) runs in the CPU tests: a narrow d_out over a long K."""
     assert lora.segment_config(5, 5, 64, 16, on_cuda=False)[3] > 1

@@ -22,10 +22,16 @@ import triton.language as tl
 
 
 @triton.jit
-def segment_tiles_kernel(SEG_INDPTR, TILE_INDPTR, batch_size, n_rows, BLOCK_M: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def segment_tiles_kernel(SEG_INDPTR, TILE_INDPTR, batch_size, n_rows, ZERO, n_zero, BLOCK_M: tl.constexpr,
+                         BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
     """TILE_INDPTR[0] = 0, TILE_INDPTR[b + 1] = sum over segments <= b of ceil(rows / BLOCK_M), rows clamped to
-    0 .. n_rows (one program)."""
+    0 .. n_rows (program 0); every program also zeroes its ZERO_BLOCK of the n_zero float32 at ZERO (a split-K
+    run's sums: no memset launch of their own)."""
+    if n_zero > 0:
+        offs_z = tl.program_id(0) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        tl.store(ZERO + offs_z, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs_z < n_zero)
+    if tl.program_id(0) > 0:
+        return
     tl.store(TILE_INDPTR, 0)
     carry = 0
     for b0 in range(0, batch_size, BLOCK):
@@ -43,25 +49,35 @@ def segment_tiles_kernel(SEG_INDPTR, TILE_INDPTR, batch_size, n_rows, BLOCK_M: t
 def segment_gemm_kernel(X, W, Y, SEG_INDPTR, WEIGHT_INDICES, TILE_INDPTR, n_rows, num_weights, batch_size,
                         d_in, d_out, stride_xm, stride_wb, stride_wk, stride_wn, stride_ym,
                         HAS_INDICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SEARCH: tl.constexpr = 0):
     """Program (t, n, s): row tile t (of all segments' tiles, TILE_INDPTR; the grid's first axis, which is not
     capped at 65535), column tile n, K share s of SPLIT_K. W[w] holds element (k, n) at k * stride_wk + n *
-    stride_wn (both FlashInfer layouts)."""
+    stride_wn (both FlashInfer layouts). SEARCH: a power of two >= batch_size to find the segment by one vector
+    load, or 0 for a binary search (many segments)."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if t >= tl.load(TILE_INDPTR + batch_size):
-        return
-    # the segment b with TILE_INDPTR[b] <= t < TILE_INDPTR[b + 1] (the first such: empty segments hold no tile)
-    lo = 0
-    hi = batch_size
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if tl.load(TILE_INDPTR + mid) <= t:
-            lo = mid
-        else:
-            hi = mid
-    b = lo
+    # the segment b with TILE_INDPTR[b] <= t < TILE_INDPTR[b + 1] (an empty segment holds no tile)
+    if SEARCH > 0:
+        # the segments' tile ends in one load (one round trip to L2 instead of a search's log2(batch_size), each
+        # waiting for the last: a decode expand's program is a few of them and one MMA): b = how many end <= t
+        offs = tl.arange(0, SEARCH)
+        ends = tl.load(TILE_INDPTR + 1 + offs, mask=offs < batch_size, other=0)
+        if t >= tl.max(ends, 0):
+            return
+        b = tl.sum(((ends <= t) & (offs < batch_size)).to(tl.int32), 0)
+    else:
+        if t >= tl.load(TILE_INDPTR + batch_size):
+            return
+        lo = 0
+        hi = batch_size
+        while hi - lo > 1:  # (the last b with TILE_INDPTR[b] <= t: past the empty segments before t's)
+            mid = (lo + hi) // 2
+            if tl.load(TILE_INDPTR + mid) <= t:
+                lo = mid
+            else:
+                hi = mid
+        b = lo
     seg_lo = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + b), 0), n_rows)
     seg_hi = tl.minimum(tl.maximum(tl.load(SEG_INDPTR + b + 1), 0), n_rows)
     row0 = seg_lo + (t - tl.load(TILE_INDPTR + b)) * BLOCK_M
