@@ -6,12 +6,13 @@ expand (d_in = the rank, d_out = the hidden size), each request's rows with its 
 what the host knows without reading the segment table (X's row count and the number of segments), so a run is
 CUDA-graph safe with the table on the device: segment_tiles_kernel turns the segments' row pointers into
 row-tile pointers (each segment ceil(rows / BLOCK_M) tiles, one program, a running sum), and each program of
-segment_gemm_kernel finds its segment by a binary search over them. Programs past the last tile leave at once;
-there are at most as many as X has row tiles plus one per segment.
+segment_gemm_kernel finds its segment from them (one vector load of the tile ends up to 1024 segments, a binary
+search past that). Programs past the last tile leave at once; there are at most as many as X has row tiles plus
+one per segment.
 
 SPLIT_K > 1 (the shrink, whose d_out of a few columns leaves one column tile a segment: at decode one program a
-request would read its whole adapter alone): each program sums its share of K and adds it to Y, which the host
-zeroes first, with float32 atomics (Y in float32 scratch, cast after).
+request would read its whole adapter alone): each program sums its share of K and adds it to Y with float32
+atomics (Y a float32 scratch that segment_tiles_kernel zeroes, cast into the output after).
 
 Rows of a segment past X's last row, and segments whose weight index lies outside W, are never read: the former
 are clamped away, the latter write NaN rows (the host checks host-side tables; a device-side table is not read
