@@ -4,7 +4,8 @@ The public API follows FlashInfer's names, arguments and shapes, so a serving
 framework can switch by changing an import.
 """
 from . import triton_compat  # noqa: F401  (interpreter fixes, before any kernel runs)
-from .attention import (AttentionVariant, BatchAttentionWithAttentionSinkWrapper, BatchDecodeWithPagedKVCacheWrapper,
+from .attention import (AttentionVariant, BatchAttention, BatchAttentionWithAttentionSinkWrapper,
+                        BatchDecodeWithPagedKVCacheWrapper,
                         BatchMLAPagedAttentionWrapper,
                         BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper,
                         BatchPrefillWithPagedKVCacheWrapper,
@@ -19,6 +20,7 @@ from .engine import LLM, CompletionOutput, LLMEngine, RequestOutput, SamplingPar
 __version__ = "0.1.0"
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper", "BatchAttentionWithAttentionSinkWrapper",
+    "BatchAttention",
     "BatchPrefillWithRaggedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper", "cascade_levels_from_page_table",
     "BatchMLAPagedAttentionWrapper", "AttentionVariant", "variants", "packbits", "segment_packbits",
     "BlockSparseAttentionWrapper", "VariableBlockSparseAttentionWrapper",

@@ -6,11 +6,13 @@ from .mla import BatchMLAPagedAttentionWrapper
 from . import variants
 from .variants import AttentionVariant, packbits, segment_packbits
 from .sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper
-from .prefill import (BatchAttentionWithAttentionSinkWrapper, BatchPrefillWithPagedKVCacheWrapper,
-                      BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache)
+from .prefill import (BatchAttention, BatchAttentionWithAttentionSinkWrapper,
+                      BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper,
+                      single_prefill_with_kv_cache)
 
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper", "BatchAttentionWithAttentionSinkWrapper",
+    "BatchAttention",
     "BatchPrefillWithRaggedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper", "cascade_levels_from_page_table",
     "BatchMLAPagedAttentionWrapper", "AttentionVariant", "variants", "packbits", "segment_packbits",
     "BlockSparseAttentionWrapper", "VariableBlockSparseAttentionWrapper",

@@ -1,8 +1,9 @@
 """Prefill / append attention: many query tokens per request, paged or ragged KV.
 
 FlashInfer-compatible: ``BatchPrefillWithPagedKVCacheWrapper`` (also chunked prefill and
-append: qo_len < kv_len, causal bottom-right aligned), ``BatchPrefillWithRaggedKVCacheWrapper``
-and ``single_prefill_with_kv_cache``. In prefill the GQA group is folded into the query
+append: qo_len < kv_len, causal bottom-right aligned), ``BatchPrefillWithRaggedKVCacheWrapper``,
+``single_prefill_with_kv_cache``, and FlashInfer's ``BatchAttention`` (one plan for a batch mixing prefill and
+decode, given each request's KV length). In prefill the GQA group is folded into the query
 tile: a tile of block_m rows holds (block_m // group) tokens x group heads.
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ import math
 import numpy as np
 import torch
 
-from .formats import (check_indptr, check_kv_layout, check_page_indices, check_paged_lens, check_qo_indptr,
-                      check_sinks, paged_cache_geometry, paged_strides, unpack_paged_kv_cache)
+from .formats import (MAX_PAGE_SIZE, check_indptr, check_int, check_kv_layout, check_page_indices, check_paged_lens, check_qo_indptr,
+                      check_sinks, paged_cache_geometry, paged_strides, to_host_array, unpack_paged_kv_cache)
 from .reference import gather_paged_kv
-from .runner import BatchAttention
+from .runner import BatchAttention as WrapperBase  # (pagoda.BatchAttention is FlashInfer's class below)
 
 
 def _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode):
@@ -26,7 +27,7 @@ def _check_unsupported(head_dim_qk, head_dim_vo, pos_encoding_mode):
                          f"attention (pagoda.ops) and pass 'NONE'")
 
 
-class BatchPrefillWithPagedKVCacheWrapper(BatchAttention):
+class BatchPrefillWithPagedKVCacheWrapper(WrapperBase):
     """Batch prefill / append attention: ragged queries against a paged KV cache.
 
     Request b's queries are q[qo_indptr[b]:qo_indptr[b+1]]; its KV is the paged cache's
@@ -129,7 +130,7 @@ class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper
     forward = run
 
 
-class BatchPrefillWithRaggedKVCacheWrapper(BatchAttention):
+class BatchPrefillWithRaggedKVCacheWrapper(WrapperBase):
     """Batch prefill attention with ragged (contiguous, variable-length) KV.
 
     Request b's queries are q[qo_indptr[b]:qo_indptr[b+1]] and its keys/values
@@ -249,7 +250,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return wrapper.run(q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
 
 
-def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None,
+def run_paged(wrapper: WrapperBase, q, paged_kv_cache, out, lse, return_lse, k_scale=None, v_scale=None,
               enable_pdl=None, pdl_early_kv=False, sinks=None):
     """run() of the paged wrappers (decode and prefill share it); pdl_early_kv: the decode wrapper's run()."""
     if not isinstance(pdl_early_kv, bool):
@@ -278,3 +279,68 @@ def run_paged(wrapper: BatchAttention, q, paged_kv_cache, out, lse, return_lse, 
     return (out, lse) if return_lse else out
 
 
+
+
+def last_page_lens(kv_indptr: np.ndarray, kv_len_arr, page_size: int) -> np.ndarray:
+    """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr) and its page count: a
+    request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its entry is 1,
+    which paged_kv_lens ignores)."""
+    lens = to_host_array("kv_len_arr", kv_len_arr, kv_indptr.shape[0] - 1)
+    pages = np.diff(kv_indptr)
+    fits = np.where(pages > 0, (lens > (pages - 1) * page_size) & (lens <= pages * page_size), lens == 0)
+    if not fits.all():
+        i = int(np.nonzero(~fits)[0][0])
+        raise ValueError(f"kv_len_arr[{i}]={int(lens[i])} does not fit its {int(pages[i])} pages of {page_size} "
+                         f"tokens (kv_indptr)")
+    return np.where(pages > 0, lens - (pages - 1) * page_size, 1).astype(np.int32)
+
+
+class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
+    """FlashInfer's ``BatchAttention`` (the API of its persistent "holistic" kernel), by its name and arguments: one
+    plan() for a batch that mixes prefill and decode requests over a paged cache, each request's KV given by its
+    length (``kv_len_arr``) instead of its last page's, and run() -> (out, lse)::
+
+        w = pagoda.BatchAttention(kv_layout="NHD", device="cuda")
+        w.plan(qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
+               page_size, causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        out, lse = w.run(q, paged_kv_cache)        # lse: float32 [nnz_qo, num_qo_heads], base 2
+
+    pagoda plans it as its paged prefill wrapper plans any batch: one load-balanced work list, one-query requests
+    in decode tiles. head_dim_vo must equal head_dim_qk, as everywhere in pagoda (MLA: BatchMLAPagedAttentionWrapper);
+    the profiler of FlashInfer's kernel is not there (use_profiler / profiler_buffer: ValueError)."""
+
+    def __init__(self, kv_layout: str = "NHD", device="cuda", *, backend: str = "auto") -> None:
+        # (FlashInfer allocates its 384 MB workspace here; pagoda's split-KV scratch lives in 128 MB of it. backend:
+        # pagoda's, as the other wrappers' ("torch": the PyTorch path))
+        super().__init__(torch.empty(128 << 20, dtype=torch.uint8, device=torch.device(device)), kv_layout,
+                         backend=backend)
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_qo_heads: int, num_kv_heads: int,
+             head_dim_qk: int, head_dim_vo: int, page_size: int, causal: bool = False, sm_scale: float | None = None,
+             logits_soft_cap: float | None = None, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+             use_profiler: bool = False) -> None:
+        if use_profiler:
+            raise ValueError("use_profiler: FlashInfer's kernel profiler has no pagoda counterpart")
+        ip = check_indptr("kv_indptr", kv_indptr)
+        if not 1 <= check_int("page_size", page_size) <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
+        last = last_page_lens(ip, kv_len_arr, page_size)
+        super().plan(qo_indptr, ip, kv_indices, torch.from_numpy(last), num_qo_heads, num_kv_heads, head_dim_qk,
+                     page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,
+                     logits_soft_cap=logits_soft_cap, q_data_type=q_data_type, kv_data_type=kv_data_type)
+
+    def run(self, q: torch.Tensor, kv_cache, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            k_scale=None, v_scale=None, logits_soft_cap: float = 0.0, profiler_buffer=None):
+        """Returns (out, lse). logits_soft_cap: FlashInfer passes the cap again here; 0.0 (its default) runs
+        plan()'s, another value must be plan()'s."""
+        p = self._require_plan()
+        if profiler_buffer is not None:
+            raise ValueError("profiler_buffer: FlashInfer's kernel profiler has no pagoda counterpart")
+        if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
+            raise ValueError(f"logits_soft_cap must be a float, got {logits_soft_cap!r}")
+        if logits_soft_cap != 0.0 and not math.isclose(float(logits_soft_cap), p.logits_soft_cap, rel_tol=1e-6):
+            raise ValueError(f"logits_soft_cap {logits_soft_cap!r} differs from plan()'s {p.logits_soft_cap!r}: "
+                             f"pass it to plan()")
+        return run_paged(self, q, kv_cache, out, lse, True, k_scale, v_scale)
+
+    forward = run

@@ -13,7 +13,7 @@ import pagoda
 from pagoda.attention import reference
 
 from ..conftest import DEVICE
-from .helpers import TOL, PagedBatch, check_lse, oracle, poisoned_like, rel_err, run_decode, workspace
+from .helpers import TOL, PagedBatch, check_lse, check_requests, oracle, poisoned_like, rel_err, run_decode, workspace
 
 BACKEND = "triton"
 
@@ -24,19 +24,6 @@ def sinks_for(num_qo_heads: int) -> torch.Tensor:
     scales by a visible fraction (and heads where it takes nearly all or nothing)."""
     s = torch.linspace(-2.0, 9.0, num_qo_heads) + 0.3 * torch.randn(num_qo_heads)
     return s[torch.randperm(num_qo_heads)].to(DEVICE)
-
-
-def check_requests(out, lse, ro, rl, qo_indptr, tol):
-    """Each request's rows against the oracle on their own (a batch-wide norm would let a short request's
-    error hide behind a long one's output); lse too unless it is None."""
-    for b in range(len(qo_indptr) - 1):
-        s, e = int(qo_indptr[b]), int(qo_indptr[b + 1])
-        if ro[s:e].norm() > 0:
-            assert rel_err(out[s:e], ro[s:e]) < tol, f"request {b}"
-        else:
-            assert torch.equal(out[s:e].cpu().double(), ro[s:e].cpu()), f"request {b}"
-    if lse is not None:
-        check_lse(lse, rl)
 
 
 def test_reference_sink_is_a_scale_of_the_plain_softmax():
