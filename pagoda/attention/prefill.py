@@ -13,8 +13,9 @@ import math
 import numpy as np
 import torch
 
-from .formats import (MAX_PAGE_SIZE, check_indptr, check_int, check_kv_layout, check_page_indices, check_paged_lens, check_qo_indptr,
-                      check_sinks, paged_cache_geometry, paged_strides, to_host_array, unpack_paged_kv_cache)
+from .formats import (MAX_PAGE_SIZE, check_indptr, check_int, check_kv_layout, check_page_indices, check_paged_lens,
+                      check_qo_indptr, check_sinks, paged_cache_geometry, paged_strides, to_host_array,
+                      unpack_paged_kv_cache)
 from .reference import gather_paged_kv
 from .runner import BatchAttention as WrapperBase  # (pagoda.BatchAttention is FlashInfer's class below)
 
@@ -279,8 +280,6 @@ def run_paged(wrapper: WrapperBase, q, paged_kv_cache, out, lse, return_lse, k_s
     return (out, lse) if return_lse else out
 
 
-
-
 def last_page_lens(kv_indptr: np.ndarray, kv_len_arr, page_size: int) -> np.ndarray:
     """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr) and its page count: a
     request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its entry is 1,
@@ -305,9 +304,11 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
                page_size, causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
         out, lse = w.run(q, paged_kv_cache)        # lse: float32 [nnz_qo, num_qo_heads], base 2
 
-    pagoda plans it as its paged prefill wrapper plans any batch: one load-balanced work list, one-query requests
-    in decode tiles. head_dim_vo must equal head_dim_qk, as everywhere in pagoda (MLA: BatchMLAPagedAttentionWrapper);
-    the profiler of FlashInfer's kernel is not there (use_profiler / profiler_buffer: ValueError)."""
+    pagoda plans it as its paged prefill wrapper plans any batch: one load-balanced work list and one launch; a
+    batch of one-query requests runs the decode kernels, a mixed one runs every request in the prefill kernel's tiles
+    (where many decodes sit beside short prefills that costs: notes.md session 36). head_dim_vo must equal
+    head_dim_qk, as everywhere in pagoda (MLA: BatchMLAPagedAttentionWrapper); the profiler of FlashInfer's kernel
+    is not there (use_profiler / profiler_buffer: ValueError)."""
 
     def __init__(self, kv_layout: str = "NHD", device="cuda", *, backend: str = "auto") -> None:
         # (FlashInfer allocates its 384 MB workspace here; pagoda's split-KV scratch lives in 128 MB of it. backend:
