@@ -28,7 +28,8 @@ def main():
     hq, hk, d, ps, dt = 32, 8, 128, 16, torch.bfloat16
     rows = []
     print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
-    print(f"{'case':28s} {'pagoda us':>10} {'FI us':>9} {'x FI':>6} {'max |diff|':>10}")
+    print(f"{'case':28s} {'launches':>8} {'pagoda us':>10} {'1 launch':>9} {'FI us':>9} {'x FI':>6} "
+          f"{'max |diff|':>10}")
     for name, qo_lens, kv_lens in CASES:
         s = PagedSetup(kv_lens, hk, d, ps, dt)
         qo = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -37,7 +38,20 @@ def main():
         w = pagoda.BatchAttention(device="cuda")
         w.plan(qo, s.indptr.cuda(), s.indices.cuda(), kv_len, hq, hk, d, d, ps, causal=True)
         out, lse = w.run(q, s.cache)
-        row = {"case": name, "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out, lse=lse), "pagoda") * 1e6}
+        row = {"case": name, "split": w._split is not None,
+               "pagoda_us": gpu_time(lambda: w.run(q, s.cache, out=out, lse=lse), "pagoda") * 1e6}
+        if row["split"]:  # the same batch in one launch (split_mixed off), beside it
+            from pagoda.attention import prefill
+
+            keep, prefill.split_mixed = prefill.split_mixed, (lambda *a: None)
+            try:
+                w1 = pagoda.BatchAttention(device="cuda")
+                w1.plan(qo, s.indptr.cuda(), s.indices.cuda(), kv_len, hq, hk, d, d, ps, causal=True)
+            finally:
+                prefill.split_mixed = keep
+            o1, l1 = w1.run(q, s.cache)
+            row["one_launch_us"] = gpu_time(lambda: w1.run(q, s.cache, out=o1, lse=l1), "pagoda 1 launch") * 1e6
+            row["one_launch_max_abs_diff"] = (o1.float() - out.float()).abs().max().item()
         if fi is not None:
             fw = fi.BatchAttention(kv_layout="NHD", device="cuda")
             fw.plan(qo, s.indptr.cuda(), s.indices.cuda(), kv_len, hq, hk, d, d, ps, causal=True,
@@ -47,7 +61,8 @@ def main():
             row["flashinfer_us"] = gpu_time(lambda: fw.run(q, s.cache, out=fo, lse=fl), "flashinfer") * 1e6
         rows.append(row)
         fi_us = row.get("flashinfer_us", float("nan"))
-        print(f"{name:28s} {row['pagoda_us']:10.1f} {fi_us:9.1f} {fi_us / row['pagoda_us']:5.2f}x "
+        print(f"{name:28s} {2 if row['split'] else 1:8d} {row['pagoda_us']:10.1f} "
+              f"{row.get('one_launch_us', float('nan')):9.1f} {fi_us:9.1f} {fi_us / row['pagoda_us']:5.2f}x "
               f"{row.get('max_abs_diff', float('nan')):10.2e}", flush=True)
     if EAGER_FALLBACKS:
         print(f"# timed eagerly (not capturable): {sorted(set(EAGER_FALLBACKS))}")

@@ -294,6 +294,11 @@ def last_page_lens(kv_indptr: np.ndarray, kv_len_arr, page_size: int) -> np.ndar
     return np.where(pages > 0, lens - (pages - 1) * page_size, 1).astype(np.int32)
 
 
+# BatchAttention's choice between one launch and two (a mixed batch's one-query requests to the decode kernels):
+# nominal rates of the H100 / H200 class that only their ratio matters for (dense bf16 MMA, DRAM)
+_SPLIT_FLOPS, _SPLIT_BYTES_PER_S = 5e14, 3.5e12
+
+
 class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
     """FlashInfer's ``BatchAttention`` (the API of its persistent "holistic" kernel), by its name and arguments: one
     plan() for a batch that mixes prefill and decode requests over a paged cache, each request's KV given by its
@@ -304,17 +309,21 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
                page_size, causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
         out, lse = w.run(q, paged_kv_cache)        # lse: float32 [nnz_qo, num_qo_heads], base 2
 
-    pagoda plans it as its paged prefill wrapper plans any batch: one load-balanced work list and one launch; a
-    batch of one-query requests runs the decode kernels, a mixed one runs every request in the prefill kernel's tiles
-    (where many decodes sit beside short prefills that costs: notes.md session 36). head_dim_vo must equal
-    head_dim_qk, as everywhere in pagoda (MLA: BatchMLAPagedAttentionWrapper); the profiler of FlashInfer's kernel
-    is not there (use_profiler / profiler_buffer: ValueError)."""
+    pagoda plans it as its paged prefill wrapper plans any batch (one load-balanced work list, one launch; one-query
+    requests alone run the decode kernels), except a mixed batch whose one-query requests' KV reads outweigh its
+    prefill's MMAs (split_mixed): in one launch their rows would fill 4 of the prefill kernel's 128-row tiles (a
+    GQA group of 4) and pay a whole tile's MMAs per KV block, so they go to the decode kernels in a launch of their
+    own and the rest to the prefill kernel in another (notes.md session 36). head_dim_vo must equal head_dim_qk, as
+    everywhere in pagoda (MLA: BatchMLAPagedAttentionWrapper); the profiler of FlashInfer's kernel is not there
+    (use_profiler / profiler_buffer: ValueError)."""
 
     def __init__(self, kv_layout: str = "NHD", device="cuda", *, backend: str = "auto") -> None:
         # (FlashInfer allocates its 384 MB workspace here; pagoda's split-KV scratch lives in 128 MB of it. backend:
         # pagoda's, as the other wrappers' ("torch": the PyTorch path))
         super().__init__(torch.empty(128 << 20, dtype=torch.uint8, device=torch.device(device)), kv_layout,
                          backend=backend)
+        self._split = None  # a split plan: (decode wrapper, prefill wrapper, rows of each, nnz, heads, head_dim)
+        self._parts = None  # (decode wrapper, prefill wrapper), made at the first split plan, sharing the workspace
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_qo_heads: int, num_kv_heads: int,
              head_dim_qk: int, head_dim_vo: int, page_size: int, causal: bool = False, sm_scale: float | None = None,
@@ -326,22 +335,109 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
         if not 1 <= check_int("page_size", page_size) <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
         last = last_page_lens(ip, kv_len_arr, page_size)
-        super().plan(qo_indptr, ip, kv_indices, torch.from_numpy(last), num_qo_heads, num_kv_heads, head_dim_qk,
-                     page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,
-                     logits_soft_cap=logits_soft_cap, q_data_type=q_data_type, kv_data_type=kv_data_type)
+        self._split = None
+        kw = dict(causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
+                  kv_data_type=kv_data_type)
+        qo, qo_lens, _ = check_qo_indptr("qo_indptr", qo_indptr)
+        dec = split_mixed(qo_lens, to_host_array("kv_len_arr", kv_len_arr, ip.shape[0] - 1), num_qo_heads,
+                          num_kv_heads, head_dim_qk, causal) if self._backend != "torch" else None
+        if dec is None:
+            super().plan(qo_indptr, ip, kv_indices, torch.from_numpy(last), num_qo_heads, num_kv_heads, head_dim_qk,
+                         page_size, head_dim_vo=head_dim_vo, **kw)
+            return
+        _check_unsupported(head_dim_qk, head_dim_vo, "NONE")
+        if qo.shape[0] != ip.shape[0]:
+            raise ValueError(f"qo_indptr has {qo.shape[0]} entries, kv_indptr {ip.shape[0]}")
+        if self._parts is None:
+            from .decode import BatchDecodeWithPagedKVCacheWrapper
+
+            self._parts = (BatchDecodeWithPagedKVCacheWrapper(self._float_ws, self._kv_layout, backend=self._backend),
+                           BatchPrefillWithPagedKVCacheWrapper(self._float_ws, self._kv_layout, backend=self._backend))
+        dw, pw = self._parts
+        pre = ~dec & (qo_lens > 0)
+        pages = np.diff(ip)
+
+        def page_ids(sel):  # the selected requests' page ids, in order, on kv_indices' device
+            take = np.concatenate([np.arange(ip[b], ip[b + 1]) for b in np.nonzero(sel)[0]] or [np.zeros(0, int)])
+            if isinstance(kv_indices, torch.Tensor):
+                return kv_indices.index_select(0, torch.from_numpy(take).to(kv_indices.device))
+            return np.asarray(kv_indices)[take]
+
+        def indptr_of(sel, counts):
+            return torch.from_numpy(np.concatenate([[0], np.cumsum(counts[sel])]).astype(np.int32))
+        dw.plan(indptr_of(dec, pages), page_ids(dec), torch.from_numpy(last[dec]), num_qo_heads, num_kv_heads,
+                head_dim_qk, page_size, window_left=-1, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                q_data_type=q_data_type, kv_data_type=kv_data_type)
+        pw.plan(indptr_of(pre, qo_lens), indptr_of(pre, pages), page_ids(pre), torch.from_numpy(last[pre]),
+                num_qo_heads, num_kv_heads, head_dim_qk, page_size, **kw)
+        rows = [_rows(qo, sel, self.device) for sel in (dec, pre)]
+        self._split = (rows, int(qo[-1]), int(num_qo_heads), int(head_dim_qk))
+        self._plan = None  # (a plain run() of this wrapper now needs a plan() of its own)
 
     def run(self, q: torch.Tensor, kv_cache, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
             k_scale=None, v_scale=None, logits_soft_cap: float = 0.0, profiler_buffer=None):
         """Returns (out, lse). logits_soft_cap: FlashInfer passes the cap again here; 0.0 (its default) runs
         plan()'s, another value must be plan()'s."""
-        p = self._require_plan()
+        if self._split is None:
+            p = self._require_plan()
+            cap = p.logits_soft_cap
+        else:
+            cap = self._parts[1]._require_plan().logits_soft_cap
         if profiler_buffer is not None:
             raise ValueError("profiler_buffer: FlashInfer's kernel profiler has no pagoda counterpart")
         if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
             raise ValueError(f"logits_soft_cap must be a float, got {logits_soft_cap!r}")
-        if logits_soft_cap != 0.0 and not math.isclose(float(logits_soft_cap), p.logits_soft_cap, rel_tol=1e-6):
-            raise ValueError(f"logits_soft_cap {logits_soft_cap!r} differs from plan()'s {p.logits_soft_cap!r}: "
-                             f"pass it to plan()")
-        return run_paged(self, q, kv_cache, out, lse, True, k_scale, v_scale)
+        if logits_soft_cap != 0.0 and not math.isclose(float(logits_soft_cap), cap, rel_tol=1e-6):
+            raise ValueError(f"logits_soft_cap {logits_soft_cap!r} differs from plan()'s {cap!r}: pass it to plan()")
+        if self._split is None:
+            return run_paged(self, q, kv_cache, out, lse, True, k_scale, v_scale)
+        rows, nnz, heads, head_dim = self._split
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != (nnz, heads, head_dim):
+            raise ValueError(f"q must be [{nnz}, {heads}, {head_dim}] as planned, got {getattr(q, 'shape', q)}")
+        if out is None:
+            out = torch.empty_like(q)
+        elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {getattr(out, 'shape', out)}")
+        if lse is None:
+            lse = torch.empty(nnz, heads, dtype=torch.float32, device=q.device)
+        elif not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (nnz, heads) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be float32 [{nnz}, {heads}], got {getattr(lse, 'shape', lse)}")
+        for wrapper, (span, idx) in zip(self._parts, rows):
+            if span is not None:  # the part's rows are one range: views in and out, no copies
+                wrapper.run(q[span[0]:span[1]], kv_cache, out[span[0]:span[1]], lse[span[0]:span[1]], True,
+                            k_scale=k_scale, v_scale=v_scale)
+            elif idx.numel():
+                o, part_lse = wrapper.run(q.index_select(0, idx), kv_cache, return_lse=True, k_scale=k_scale,
+                                          v_scale=v_scale)
+                out.index_copy_(0, idx, o)
+                lse.index_copy_(0, idx, part_lse)
+        return out, lse
 
     forward = run
+
+
+def split_mixed(qo_lens: np.ndarray, kv_lens: np.ndarray, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                causal: bool) -> np.ndarray | None:
+    """BatchAttention's one-query requests (a bool mask) when a mixed batch is better run in two launches, else
+    None: when their KV read (bytes at _SPLIT_BYTES_PER_S) takes longer than the other requests' MMAs (FLOPs at
+    _SPLIT_FLOPS), the one launch would make them pay prefill tiles' MMAs while a separate prefill launch is short.
+    H200, session 36 (scripts/batch_attention_probe.py, 32 / 8 heads x 128): 4 x 512 new prompts beside 128 decodes
+    of 1024 202.5 -> 180.3 us in two launches (FlashInfer's BatchAttention 176.8); a 2048-token chunk over 8k beside
+    63 decodes stays one launch (646 us; FlashInfer 919)."""
+    dec = (qo_lens == 1) & (kv_lens > 0)
+    pre = (qo_lens > 1) | ((qo_lens == 1) & (kv_lens == 0))
+    if not dec.any() or not pre.any():
+        return None
+    dec_s = float(kv_lens[dec].sum()) * num_kv_heads * head_dim * 2 * 2 / _SPLIT_BYTES_PER_S
+    q, k = qo_lens[pre].astype(np.float64), kv_lens[pre].astype(np.float64)
+    pairs = (q * (k - q) + q * (q + 1) / 2) if causal else q * k  # (causal: bottom-right aligned)
+    pre_s = float(np.maximum(pairs, 0).sum()) * num_qo_heads * head_dim * 4 / _SPLIT_FLOPS
+    return dec if pre_s < dec_s else None
+
+
+def _rows(qo: np.ndarray, sel: np.ndarray, device) -> tuple:
+    """((first, end) when the selected requests' query rows are one range, else None; their rows as an int64
+    index on device)."""
+    idx = np.concatenate([np.arange(qo[b], qo[b + 1]) for b in np.nonzero(sel)[0]] or [np.zeros(0, np.int64)])
+    span = (int(idx[0]), int(idx[-1]) + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else None
+    return span, torch.from_numpy(idx.astype(np.int64)).to(device)

@@ -1,6 +1,7 @@
 """pagoda.BatchAttention, FlashInfer's mixed prefill / decode API (plan with kv_len_arr, run -> (out, lse)), against
 the float64 oracle: the Triton kernel in the interpreter and the PyTorch path on the CPU; the sm_90 kernels on the
 GPU (gpu marker)."""
+import numpy as np
 import pytest
 import torch
 
@@ -81,9 +82,52 @@ def test_bad_input_names_the_argument():
         w.run(q[:2], batch.cache)
 
 
+@pytest.mark.parametrize("order", ["ranges", "interleaved"])
+def test_mixed_batch_split_into_two_launches(order):
+    """A mixed batch whose decodes' KV outweighs its prefills' MMAs runs in two launches (decode kernels for the
+    one-query requests, prefill kernel for the rest): rows in two ranges (views) or interleaved (index copies),
+    with a one-query request of no KV and an empty request among them; out and lse poisoned first."""
+    if order == "ranges":
+        qo_lens, kv_lens = [3, 2, 0, 1, 1, 1, 1], [3, 2, 0, 0, 300, 500, 190]
+    else:
+        qo_lens, kv_lens = [1, 3, 1, 0, 1, 2, 1], [300, 3, 500, 0, 0, 2, 190]
+    hq, hk, d, ps = 8, 2, 64, 16
+    batch, qo_indptr, q = mixed(qo_lens, kv_lens, hq, hk, d, ps, torch.bfloat16)
+    w = pagoda.BatchAttention(device=DEVICE, backend="triton")  # (the PyTorch path never splits)
+    w.plan(qo_indptr, batch.indptr, batch.indices, torch.tensor(kv_lens), hq, hk, d, d, ps, causal=True)
+    assert w._split is not None and w._plan is None
+    spans = [span for span, _ in w._split[0]]
+    assert (spans[0] is not None and spans[1] is not None) == (order == "ranges")
+    out, lse = poisoned_like(q)
+    w.run(q, batch.cache, out=out, lse=lse)
+    ro, rl = oracle(q, qo_indptr.tolist(), batch.k, batch.v, causal=True)
+    check_requests(out, lse, ro, rl, qo_indptr.tolist(), TOL[torch.bfloat16])
+    o2, l2 = w.run(q, batch.cache)  # (outputs of its own)
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+    with pytest.raises(ValueError, match="q must be"):
+        w.run(q[1:], batch.cache)
+    # the next plan of the same wrapper is one launch again when the prefill dominates
+    w.plan(qo_indptr, batch.indptr, batch.indices, torch.tensor(kv_lens), hq, hk, d, d, ps, causal=False)
+    assert w._split is not None  # (non-causal: the same pairs here, still split)
+    w.plan(torch.tensor([0, 3]), batch.indptr[:2] - batch.indptr[0], batch.indices, torch.tensor(kv_lens[:1]), hq,
+           hk, d, d, ps, causal=True)
+    assert w._split is None and w._plan is not None
+
+
+def test_split_choice():
+    """split_mixed: decodes whose KV read outweighs the prefills' MMAs split; a long prefill chunk, a batch of only
+    decodes or only prefills does not."""
+    f = prefill.split_mixed
+    dec, pre = np.array([1] * 128), np.array([512] * 4)
+    assert f(np.concatenate([pre, dec]), np.concatenate([pre, [1024] * 128]), 32, 8, 128, True) is not None
+    assert f(np.array([2048] + [1] * 63), np.array([8192] + [4096] * 63), 32, 8, 128, True) is None
+    assert f(dec, np.array([1024] * 128), 32, 8, 128, True) is None
+    assert f(pre, pre, 32, 8, 128, True) is None
+
+
 def test_last_page_lens():
     """kv_len_arr -> last_page_len for full, partial and empty requests."""
-    ip = torch.tensor([0, 2, 2, 3, 7]).numpy()
+    ip = np.array([0, 2, 2, 3, 7])
     assert prefill.last_page_lens(ip, torch.tensor([32, 0, 1, 50]), 16).tolist() == [16, 1, 1, 2]
 
 
