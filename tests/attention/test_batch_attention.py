@@ -20,16 +20,20 @@ def mixed(qo_lens, kv_lens, hq, hk, d, ps, dtype, device=DEVICE):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_mixed_prefill_and_decode(causal, backend):
+@pytest.mark.parametrize("backend", ["triton", "triton one launch", "torch"])
+def test_mixed_prefill_and_decode(causal, backend, monkeypatch):
     """Prefill, chunked prefill (qo < kv), decode and an empty request in one plan, kv_len_arr instead of
-    last_page_len; out and lse poisoned first, each request checked on its own."""
+    last_page_len; out and lse poisoned first, each request checked on its own. On the Triton kernel this batch
+    splits (its decodes' KV outweighs its prefills' MMAs); "one launch" turns the split off."""
     qo_lens, kv_lens = [37, 1, 5, 1, 0, 20], [37, 70, 21, 1, 0, 20]
     hq, hk, d, ps = 8, 2, 64, 16
     batch, qo_indptr, q = mixed(qo_lens, kv_lens, hq, hk, d, ps, torch.bfloat16)
-    w = pagoda.BatchAttention("NHD", device=DEVICE, backend=backend)
+    if backend == "triton one launch":
+        monkeypatch.setattr(prefill, "split_mixed", lambda *a: None)
+    w = pagoda.BatchAttention("NHD", device=DEVICE, backend=backend.split()[0])
     w.plan(qo_indptr, batch.indptr, batch.indices, torch.tensor(kv_lens, dtype=torch.int32), hq, hk, d, d, ps,
            causal=causal, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    assert (w._split is not None) == (backend == "triton")
     out, lse = poisoned_like(q)
     o, l2 = w.run(q, batch.cache, out=out, lse=lse)
     assert o is out and l2 is lse
