@@ -77,6 +77,27 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     if not check and use_triton(append_key):  # (the PyTorch path reads them anyway: it checks)
         return _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices,
                               kv_indptr, kv_layout, heads, dim, page_size, scales)
+    indptr = _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages)
+    if not use_triton(append_key):
+        for i, (cache, src) in enumerate(((k_cache, append_key), (v_cache, append_value))):
+            page = kv_indices.long()[indptr.to(kv_indices.device)[batch_indices.long()] + positions.long() // page_size]
+            slot = positions.long() % page_size
+            if scales is not None:
+                src = quantize_fp8(src, scales[i], cache.dtype)
+            if kv_layout == "NHD":
+                cache[page, slot] = src.to(cache.dtype)
+            else:
+                cache[page, :, slot] = src.to(cache.dtype)
+        return
+    _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
+                   kv_layout, heads, dim, page_size, scales)
+
+
+def _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size: int,
+                   num_pages: int) -> torch.Tensor:
+    """Host checks of an append's targets (a device sync for tables on the GPU): every token's request exists and
+    its position lies within that request's pages, and the page ids those pages use lie in the cache. Returns
+    kv_indptr as a host int64 tensor."""
     indptr = kv_indptr.detach().cpu().long()
     last = kv_last_page_len.detach().cpu().long()
     b_host, p_host = batch_indices.detach().cpu().long(), positions.detach().cpu().long()
@@ -92,19 +113,60 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     used = kv_indices.detach().cpu().long()[: int(indptr[-1])]
     if used.numel() and (used.min() < 0 or used.max() >= num_pages):
         raise ValueError(f"kv_indices must be in 0..{num_pages - 1}")
-    if not use_triton(append_key):
-        for i, (cache, src) in enumerate(((k_cache, append_key), (v_cache, append_value))):
-            page = kv_indices.long()[indptr.to(kv_indices.device)[batch_indices.long()] + positions.long() // page_size]
-            slot = positions.long() % page_size
-            if scales is not None:
-                src = quantize_fp8(src, scales[i], cache.dtype)
-            if kv_layout == "NHD":
-                cache[page, slot] = src.to(cache.dtype)
-            else:
-                cache[page, :, slot] = src.to(cache.dtype)
+    return indptr
+
+
+def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Each request's KV length from a page table (FlashInfer's): (pages - 1) * page_size + last_page_len, a
+    request without pages 0 + its last_page_len entry, as FlashInfer computes it."""
+    for name, t in (("kv_indptr", kv_indptr), ("kv_last_page_len", kv_last_page_len)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if kv_indptr.shape[0] != kv_last_page_len.shape[0] + 1:
+        raise ValueError(f"kv_indptr must have one entry more than kv_last_page_len, got {kv_indptr.shape[0]} and "
+                         f"{kv_last_page_len.shape[0]}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+    return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
+
+
+def append_paged_mla_kv_cache(append_ckv: torch.Tensor, append_kpe: torch.Tensor, batch_indices: torch.Tensor,
+                              positions: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                              kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, *,
+                              check: bool = True) -> None:
+    """MLA's paged cache write (FlashInfer's): append_ckv [nnz, ckv_dim] and append_kpe [nnz, kpe_dim] into
+    ckv_cache [pages, page_size, ckv_dim] and kpe_cache [pages, page_size, kpe_dim] (BatchMLAPagedAttentionWrapper's
+    caches) at each token's (request, position), as append_paged_kv_cache does for K / V: the page table must
+    already cover the new tokens (checked on the host unless check=False, pagoda's extension for callers that built
+    the targets themselves, e.g. inside a CUDA graph). Any ckv / kpe dims (FlashInfer's kernel: 512 / 64); the
+    write is PyTorch indexing, on any device."""
+    for name, src, cache in (("append_ckv", append_ckv, ckv_cache), ("append_kpe", append_kpe, kpe_cache)):
+        cname = name.replace("append_", "") + "_cache"
+        if not isinstance(cache, torch.Tensor) or cache.dim() != 3:
+            raise ValueError(f"{cname} must be [pages, page_size, dim], got {getattr(cache, 'shape', cache)}")
+        if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.shape[1] != cache.shape[2]:
+            raise ValueError(f"{name} must be [nnz, {cache.shape[2]}], got {getattr(src, 'shape', src)}")
+        if src.dtype != cache.dtype or src.device != cache.device:
+            raise ValueError(f"{name} must be {cache.dtype} on {cache.device} like {cname}, got {src.dtype} on "
+                             f"{src.device}")
+    if tuple(kpe_cache.shape[:2]) != tuple(ckv_cache.shape[:2]):
+        raise ValueError(f"kpe_cache's pages and page_size {tuple(kpe_cache.shape[:2])} differ from ckv_cache's "
+                         f"{tuple(ckv_cache.shape[:2])}")
+    nnz = append_ckv.shape[0]
+    for name, t in (("append_kpe", append_kpe), ("batch_indices", batch_indices), ("positions", positions)):
+        if t.shape[0] != nnz or (t.dim() != 1 and name != "append_kpe"):
+            raise ValueError(f"{name} must have {nnz} tokens, got {tuple(t.shape)}")
+    if nnz == 0:
         return
-    _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices, kv_indptr,
-                   kv_layout, heads, dim, page_size, scales)
+    num_pages, page_size = ckv_cache.shape[:2]
+    if check:
+        _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages)
+    dev = ckv_cache.device
+    pos = positions.to(dev).long()
+    page = kv_indices.to(dev).long()[kv_indptr.to(dev).long()[batch_indices.to(dev).long()] + pos // page_size]
+    slot = pos % page_size
+    ckv_cache[page, slot] = append_ckv
+    kpe_cache[page, slot] = append_kpe
 
 
 def quantize_fp8(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:

@@ -63,3 +63,62 @@ def test_append_bad_input():
     with pytest.raises(ValueError, match="kv_indices"):
         pagoda.append_paged_kv_cache(k, k, torch.tensor([0, 0]), torch.tensor([0, 1]), cache, torch.tensor([9]),
                                      indptr, last)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_append_paged_mla_kv_cache(check):
+    """MLA's cache write: appended tokens land at their (request, position) slots in both caches, pages in a
+    shuffled order; every other slot keeps its poison."""
+    page_size, ckv_dim, kpe_dim = 4, 32, 8
+    old_lens, new_lens = [3, 0, 6], [2, 5, 1]
+    kv_lens = [a + b for a, b in zip(old_lens, new_lens)]
+    pages = [-(-n // page_size) for n in kv_lens]
+    perm = torch.randperm(sum(pages) + 2)
+    kv_indices = perm[:sum(pages)].to(torch.int32)
+    kv_indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+    last = torch.tensor([(n - 1) % page_size + 1 for n in kv_lens], dtype=torch.int32)
+    assert pagoda.get_seq_lens(kv_indptr, last, page_size).tolist() == kv_lens
+    ckv_cache = torch.full((len(perm), page_size, ckv_dim), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    kpe_cache = torch.full((len(perm), page_size, kpe_dim), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    append_indptr = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32)
+    nnz = int(append_indptr[-1])
+    batch, pos = pagoda.get_batch_indices_positions(append_indptr, torch.tensor(kv_lens), nnz)
+    ckv = torch.randn(nnz, ckv_dim, dtype=torch.bfloat16, device=DEVICE)
+    kpe = torch.randn(nnz, kpe_dim, dtype=torch.bfloat16, device=DEVICE)
+    pagoda.append_paged_mla_kv_cache(ckv, kpe, batch.to(DEVICE), pos.to(DEVICE), ckv_cache, kpe_cache,
+                                     kv_indices.to(DEVICE), kv_indptr.to(DEVICE), last.to(DEVICE), check=check)
+    written = torch.zeros(len(perm), page_size, dtype=torch.bool)
+    for t in range(nnz):
+        b, p = int(batch[t]), int(pos[t])
+        page = int(kv_indices[int(kv_indptr[b]) + p // page_size])
+        assert torch.equal(ckv_cache[page, p % page_size], ckv[t]) and torch.equal(kpe_cache[page, p % page_size],
+                                                                                    kpe[t])
+        written[page, p % page_size] = True
+    assert torch.isnan(ckv_cache.float().cpu()[~written]).all() and torch.isnan(kpe_cache.float().cpu()[~written]).all()
+
+
+def test_append_paged_mla_kv_cache_bad_input():
+    ckv_cache = torch.zeros(3, 4, 16, dtype=torch.bfloat16)
+    kpe_cache = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
+    ckv, kpe = torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(2, 8, dtype=torch.bfloat16)
+    table = dict(kv_indices=torch.tensor([2, 0], dtype=torch.int32), kv_indptr=torch.tensor([0, 1, 2]),
+                 kv_last_page_len=torch.tensor([2, 4]))
+
+    def call(**kw):
+        args = dict(append_ckv=ckv, append_kpe=kpe, batch_indices=torch.tensor([0, 1]),
+                    positions=torch.tensor([1, 3]), ckv_cache=ckv_cache, kpe_cache=kpe_cache, **table)
+        args.update(kw)
+        pagoda.append_paged_mla_kv_cache(**args)
+    call()  # (valid)
+    for kw, msg in [(dict(append_ckv=ckv[:, :8]), "append_ckv must be"), (dict(append_kpe=kpe.half()), "append_kpe"),
+                    (dict(kpe_cache=kpe_cache[:2]), "kpe_cache's pages"), (dict(ckv_cache=ckv_cache[0]), "ckv_cache"),
+                    (dict(positions=torch.tensor([2, 3])), r"positions\[0\]=2 is outside request 0's 2"),
+                    (dict(batch_indices=torch.tensor([0, 2])), "batch_indices"),
+                    (dict(positions=torch.tensor([1])), "positions must have 2 tokens"),
+                    (dict(kv_indices=torch.tensor([5, 0], dtype=torch.int32)), "kv_indices")]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)
+    with pytest.raises(ValueError, match="page_size"):
+        pagoda.get_seq_lens(table["kv_indptr"], table["kv_last_page_len"], 0)
+    with pytest.raises(ValueError, match="one entry more"):
+        pagoda.get_seq_lens(table["kv_indptr"][:2], table["kv_last_page_len"], 4)
