@@ -280,11 +280,10 @@ def run_paged(wrapper: WrapperBase, q, paged_kv_cache, out, lse, return_lse, k_s
     return (out, lse) if return_lse else out
 
 
-def last_page_lens(kv_indptr: np.ndarray, kv_len_arr, page_size: int) -> np.ndarray:
-    """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr) and its page count: a
-    request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its entry is 1,
-    which paged_kv_lens ignores)."""
-    lens = to_host_array("kv_len_arr", kv_len_arr, kv_indptr.shape[0] - 1)
+def last_page_lens(kv_indptr: np.ndarray, lens: np.ndarray, page_size: int) -> np.ndarray:
+    """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr, on the host) and its page
+    count: a request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its
+    entry is 1, which paged_kv_lens ignores)."""
     pages = np.diff(kv_indptr)
     fits = np.where(pages > 0, (lens > (pages - 1) * page_size) & (lens <= pages * page_size), lens == 0)
     if not fits.all():
@@ -334,15 +333,16 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
         ip = check_indptr("kv_indptr", kv_indptr)
         if not 1 <= check_int("page_size", page_size) <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
-        last = last_page_lens(ip, kv_len_arr, page_size)
+        kv_lens = to_host_array("kv_len_arr", kv_len_arr, ip.shape[0] - 1)  # (once: a sync for a device tensor)
+        last = last_page_lens(ip, kv_lens, page_size)
         self._split = None
         kw = dict(causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
                   kv_data_type=kv_data_type)
         qo, qo_lens, _ = check_qo_indptr("qo_indptr", qo_indptr)
-        dec = split_mixed(qo_lens, to_host_array("kv_len_arr", kv_len_arr, ip.shape[0] - 1), num_qo_heads,
-                          num_kv_heads, head_dim_qk, causal) if self._backend != "torch" else None
-        if dec is None:
-            super().plan(qo_indptr, ip, kv_indices, torch.from_numpy(last), num_qo_heads, num_kv_heads, head_dim_qk,
+        dec = split_mixed(qo_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, causal) \
+            if self._backend != "torch" else None
+        if dec is None:  # (qo: the host copy, so that the wrapper's plan does not copy qo_indptr back again)
+            super().plan(qo, ip, kv_indices, torch.from_numpy(last), num_qo_heads, num_kv_heads, head_dim_qk,
                          page_size, head_dim_vo=head_dim_vo, **kw)
             return
         _check_unsupported(head_dim_qk, head_dim_vo, "NONE")

@@ -9,10 +9,10 @@ hidden size); each request's rows form one segment and pick their adapter throug
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 
+from ..attention.formats import check_indptr, check_int
 from ._dispatch import use_triton
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
         layout = "[num_weights, d_out, d_in]" if weight_column_major else "[num_weights, d_in, d_out]"
         raise ValueError(f"weights {tuple(weights.shape)} read as {layout} take d_in={d_in}, but x has "
                          f"{x.shape[1]} columns")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+    if check_int("batch_size", batch_size) < 0:
         raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
     batch_size = int(batch_size)
     if backend not in ("auto", "triton", "torch"):
@@ -88,12 +88,9 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
         raise ValueError(f"without weight_indices segment b takes weights[b]: {batch_size} segments need "
                          f"{batch_size} weights, got {weights.shape[0]}")
     if indptr.is_cpu:  # (a host table: its values are checked here, as plan() checks an indptr)
-        ip = indptr.numpy()
+        ip = check_indptr("seg_indptr", indptr)
         if ip[0] != 0 or ip[-1] != rows:
             raise ValueError(f"seg_indptr must run from 0 to x's {rows} rows, got {int(ip[0])} .. {int(ip[-1])}")
-        if batch_size and (np.diff(ip) < 0).any():
-            i = int(np.nonzero(np.diff(ip) < 0)[0][0])
-            raise ValueError(f"seg_indptr must be non-decreasing, got {int(ip[i])} then {int(ip[i + 1])} at {i}")
     if weight_indices is not None and weight_indices.is_cpu and batch_size:
         lo, hi = int(weight_indices.min()), int(weight_indices.max())
         if lo < 0 or hi >= weights.shape[0]:

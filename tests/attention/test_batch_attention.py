@@ -132,7 +132,7 @@ def test_split_choice():
 def test_last_page_lens():
     """kv_len_arr -> last_page_len for full, partial and empty requests."""
     ip = np.array([0, 2, 2, 3, 7])
-    assert prefill.last_page_lens(ip, torch.tensor([32, 0, 1, 50]), 16).tolist() == [16, 1, 1, 2]
+    assert prefill.last_page_lens(ip, np.array([32, 0, 1, 50]), 16).tolist() == [16, 1, 1, 2]
 
 
 @pytest.mark.gpu
