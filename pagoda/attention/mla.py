@@ -35,8 +35,10 @@ SUPPORTED_KPE = (32, 64)
 # measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
 MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
-# heads per program of the merge launch (mla_combine_kernel): a [16, 512] fp32 tile per chunk
-MLA_COMBINE_HEADS = 16
+# the merge launch (mla_combine_kernel): heads and output-column slices per program, chunks in flight, warps.
+# A [16, 64] fp32 slice per chunk, 8 chunks at once (was [16, 512], 2 at once: 18.7 / 34.8 us at 1 x 8192 /
+# 1 x 32768 on the H200, more than the attention kernel; scripts/mla_kernels.py, notes.md session 37)
+MLA_COMBINE = dict(heads=16, d_split=8, unroll=8, warps=4)
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -257,8 +259,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
                 p.tmp_lse.stride(0), h, p.tasks_per_item,
-                D=p.head_dim_ckv, BLOCK_H=MLA_COMBINE_HEADS, WRITE_LSE=lse is not None, UNROLL=2,
-                num_warps=8 if self.device.type == "cuda" else 1)
+                D=p.head_dim_ckv, BLOCK_H=MLA_COMBINE["heads"], WRITE_LSE=lse is not None,
+                UNROLL=MLA_COMBINE["unroll"], D_SPLIT=min(MLA_COMBINE["d_split"], p.head_dim_ckv // 64),
+                num_warps=MLA_COMBINE["warps"] if self.device.type == "cuda" else 1)
         return (out, lse) if return_lse else out
 
     forward = run

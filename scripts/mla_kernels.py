@@ -1,0 +1,96 @@
+"""Where a batch of MLA decode spends its device time, kernel by kernel (device): each case's CUDA-graph
+replay after an L2 flush, under torch.profiler (CUPTI), averaged per kernel name, for pagoda (the Gluon MLA
+kernel and its merge launch) and FlashInfer 0.6.0's MLA wrapper, plus the Gluon kernel with one stage left out
+(kernels/mla_sm90.py ABLATE: 1 no loads, 2 no Q K^T, 4 no P V; timing only, wrong results).
+
+    python scripts/mla_kernels.py [--cases 1x1024,1x8192,1x32768,16x1024,128x8192] [--no-ablate]
+    python scripts/mla_kernels.py --combine-sweep      (the merge launch's time under each mla.MLA_COMBINE setting)
+"""
+import argparse
+import collections
+import math
+import warnings
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import pagoda
+from pagoda.attention import mla
+from pagoda.bench.attention import capture_graph, flashinfer_or_none, flush_l2
+
+
+def per_kernel_us(fn, calls=20):
+    g = capture_graph(fn)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                flush_l2()
+                g.replay()
+            torch.cuda.synchronize()
+    tot = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            tot[e.name[:40]] += (e.time_range.end - e.time_range.start) / calls
+    return {k: v for k, v in tot.items() if "flush" not in k.lower() and v > 0.05}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1x1024,1x8192,1x32768,16x1024,128x1024,128x8192")
+    ap.add_argument("--no-ablate", action="store_true")
+    ap.add_argument("--combine-sweep", action="store_true")
+    args = ap.parse_args()
+    fi = flashinfer_or_none()
+    ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    fws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    heads, ps, dt = 128, 64, torch.bfloat16
+    print(f"# {torch.cuda.get_device_name()}, MLA {heads} heads, ckv 512 + kpe 64, bf16, page_size {ps}; us per call "
+          f"(kernel records, L2 flushed)")
+    for c in args.cases.split(","):
+        b, kv = map(int, c.split("x"))
+        pp = math.ceil(kv / ps)
+        total = b * pp
+        indices = torch.randperm(total).to(torch.int32)
+        indptr = torch.arange(0, total + 1, pp, dtype=torch.int32)
+        lens = torch.full((b,), kv, dtype=torch.int32)
+        qo = torch.arange(b + 1, dtype=torch.int32)
+        ckv = torch.randn(total, ps, 512, dtype=dt, device="cuda")
+        kpe = torch.randn(total, ps, 64, dtype=dt, device="cuda")
+        qn = torch.randn(b, heads, 512, dtype=dt, device="cuda") * 0.1
+        qp = torch.randn(b, heads, 64, dtype=dt, device="cuda")
+        sm = 1 / math.sqrt(192)
+        w = pagoda.BatchMLAPagedAttentionWrapper(ws)
+        w.plan(qo, indptr, indices, lens, heads, 512, 64, ps, False, sm, dt, dt)
+        out = w.run(qn, qp, ckv, kpe)
+        cells = [f"pagoda {per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out))}",
+                 f"tasks {w._plan.partial_rows} partial rows"]
+        if args.combine_sweep:
+            keep = dict(mla.MLA_COMBINE)
+            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 8, 8, 4), (16, 8, 16, 4), (8, 8, 16, 4),
+                                                    (16, 4, 8, 4), (32, 8, 8, 4), (16, 8, 32, 4)):
+                mla.MLA_COMBINE.update(heads=heads_b, d_split=d_split, unroll=unroll, warps=warps)
+                t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
+                cells.append(f"combine h{heads_b} ds{d_split} u{unroll} w{warps}: {t:.1f}")
+            mla.MLA_COMBINE.update(keep)
+            print(f"{c}: " + " | ".join(cells), flush=True)
+            continue
+        if not args.no_ablate:
+            for ab in (1, 2, 4, 3):
+                mla._MLA_SM90_ABLATE = ab
+                try:
+                    cells.append(f"ablate {ab}: {per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out))}")
+                except Exception as e:  # noqa: BLE001
+                    cells.append(f"ablate {ab}: {type(e).__name__}")
+            mla._MLA_SM90_ABLATE = 0
+        if fi is not None:
+            fw = fi.mla.BatchMLAPagedAttentionWrapper(fws)
+            fw.plan(qo.cuda(), indptr.cuda(), indices.cuda(), lens.cuda(), heads, 512, 64, ps, False, sm, dt, dt)
+            fw.run(qn, qp, ckv, kpe)
+            cells.append(f"FlashInfer {per_kernel_us(lambda: fw.run(qn, qp, ckv, kpe))}")
+        print(f"{c}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
