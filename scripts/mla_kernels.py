@@ -70,7 +70,7 @@ def main():
             keep = dict(mla.MLA_COMBINE)
             for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 8, 8, 4), (16, 8, 16, 4), (8, 8, 16, 4),
                                                     (16, 4, 8, 4), (32, 8, 8, 4), (16, 8, 32, 4)):
-                mla.MLA_COMBINE.update(heads=heads_b, d_split=d_split, unroll=unroll, warps=warps)
+                mla.MLA_COMBINE.update({False: (heads_b, d_split, unroll, warps), True: (heads_b, d_split, unroll, warps)})
                 t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
                 cells.append(f"combine h{heads_b} ds{d_split} u{unroll} w{warps}: {t:.1f}")
             mla.MLA_COMBINE.update(keep)

@@ -35,10 +35,14 @@ SUPPORTED_KPE = (32, 64)
 # measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
 MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
-# the merge launch (mla_combine_kernel): heads and output-column slices per program, chunks in flight, warps.
-# A [16, 64] fp32 slice per chunk, 8 chunks at once (was [16, 512], 2 at once: 18.7 / 34.8 us at 1 x 8192 /
-# 1 x 32768 on the H200, more than the attention kernel; scripts/mla_kernels.py, notes.md session 37)
-MLA_COMBINE = dict(heads=16, d_split=8, unroll=8, warps=4)
+# the merge launch (mla_combine_kernel): (heads, output-column slices, chunks in flight, warps) per program, for
+# plans whose deepest split tile has fewer than DEEP_MERGE chunks / at least that many. Deep merges are chains of
+# dependent chunk loads: [16, 64] fp32 slices, 8 chunks at once, 8x the programs (H200, merge launch alone,
+# scripts/mla_kernels.py --combine-sweep, notes.md session 37: 1 x 8192 17.5 -> 12.4 us, 1 x 32768 32.5 -> 22.6);
+# shallow ones keep whole rows (16 x 8192 10.2 us against 21.9 sliced: every program also walks the items that
+# start no split tile, 8x as many with slices)
+MLA_COMBINE = {False: (16, 1, 2, 8), True: (16, 8, 8, 4)}
+DEEP_MERGE = 16
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -98,6 +102,7 @@ class MLAPlan:
     tasks_per_item: int = 1
     tmp_o: torch.Tensor | None = None
     tmp_lse: torch.Tensor | None = None
+    deep_merge: bool = False  # a split tile of >= DEEP_MERGE chunks: the merge launch's MLA_COMBINE[True]
 
 
 class BatchMLAPagedAttentionWrapper(BatchAttention):
@@ -185,6 +190,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                              kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90,
                              self._use_cuda_graph or n_splits > 0, tasks_per_item)
         self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
+        self._plan.deep_merge = bool(n_splits) and int(work.splits[:, 1].max()) >= DEEP_MERGE
 
     begin_forward = plan
 
@@ -255,13 +261,13 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
                 DEFER_MERGE=p.combine, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self._backend != "torch" and p.combine:
+            heads_b, d_split, unroll, warps = MLA_COMBINE[p.deep_merge]
             mla_combine_kernel[(self._combine_grid(),)](
                 out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
                 p.tmp_lse.stride(0), h, p.tasks_per_item,
-                D=p.head_dim_ckv, BLOCK_H=MLA_COMBINE["heads"], WRITE_LSE=lse is not None,
-                UNROLL=MLA_COMBINE["unroll"], D_SPLIT=min(MLA_COMBINE["d_split"], p.head_dim_ckv // 64),
-                num_warps=MLA_COMBINE["warps"] if self.device.type == "cuda" else 1)
+                D=p.head_dim_ckv, BLOCK_H=heads_b, WRITE_LSE=lse is not None, UNROLL=unroll,
+                D_SPLIT=min(d_split, p.head_dim_ckv // 64), num_warps=warps if self.device.type == "cuda" else 1)
         return (out, lse) if return_lse else out
 
     forward = run
