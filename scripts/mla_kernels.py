@@ -8,7 +8,6 @@ kernel and its merge launch) and FlashInfer 0.6.0's MLA wrapper, plus the Gluon 
 """
 import argparse
 import collections
-import math
 import warnings
 
 import torch
@@ -17,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 import pagoda
 from pagoda.attention import mla
 from pagoda.bench.attention import capture_graph, flashinfer_or_none, flush_l2
+from mla_probe import case  # (scripts/, this file's directory)
 
 
 def per_kernel_us(fn, calls=20):
@@ -50,19 +50,10 @@ def main():
           f"(kernel records, L2 flushed)")
     for c in args.cases.split(","):
         b, kv = map(int, c.split("x"))
-        pp = math.ceil(kv / ps)
-        total = b * pp
-        indices = torch.randperm(total).to(torch.int32)
-        indptr = torch.arange(0, total + 1, pp, dtype=torch.int32)
-        lens = torch.full((b,), kv, dtype=torch.int32)
-        qo = torch.arange(b + 1, dtype=torch.int32)
-        ckv = torch.randn(total, ps, 512, dtype=dt, device="cuda")
-        kpe = torch.randn(total, ps, 64, dtype=dt, device="cuda")
-        qn = torch.randn(b, heads, 512, dtype=dt, device="cuda") * 0.1
-        qp = torch.randn(b, heads, 64, dtype=dt, device="cuda")
-        sm = 1 / math.sqrt(192)
+        plan_args, (qn, qp, ckv, kpe) = case(b, kv, heads, ps, dt)  # (the probe's inputs)
+        qo, indptr, indices, lens, sm = *plan_args[:4], plan_args[9]
         w = pagoda.BatchMLAPagedAttentionWrapper(ws)
-        w.plan(qo, indptr, indices, lens, heads, 512, 64, ps, False, sm, dt, dt)
+        w.plan(*plan_args)
         out = w.run(qn, qp, ckv, kpe)
         cells = [f"pagoda {per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out))}",
                  f"tasks {w._plan.partial_rows} partial rows"]
