@@ -159,8 +159,8 @@ def attention_cases():
                     WRITE_LSE=False, MERGE_UNROLL=1, DEFER_MERGE=bm == 32), warps, stages)
     for lse in (True, False):
         yield (f"mla_combine WRITE_LSE={lse}", mla.mla_combine_kernel,
-               dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32",
-                    SPLITS="*i32"), dict(D=512, BLOCK_H=16, WRITE_LSE=lse, UNROLL=8, D_SPLIT=8), 4, 1)
+               dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", COUNTERS="*i32", PLAN="*i32"),
+               dict(D=512, BLOCK_H=16, WRITE_LSE=lse, UNROLL=8, D_SPLIT=8), 4, 1)
 
 
 def gluon_cases():

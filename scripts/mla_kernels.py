@@ -59,8 +59,8 @@ def main():
                  f"tasks {w._plan.partial_rows} partial rows"]
         if args.combine_sweep:
             keep = dict(mla.MLA_COMBINE)
-            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 8, 8, 4), (16, 8, 16, 4), (8, 8, 16, 4),
-                                                    (16, 4, 8, 4), (32, 8, 8, 4), (16, 8, 32, 4)):
+            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 8, 8, 4), (16, 8, 16, 4), (8, 8, 8, 4),
+                                                    (16, 4, 8, 4), (32, 8, 8, 4), (16, 2, 4, 8)):
                 mla.MLA_COMBINE.update({False: (heads_b, d_split, unroll, warps), True: (heads_b, d_split, unroll, warps)})
                 t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
                 cells.append(f"combine h{heads_b} ds{d_split} u{unroll} w{warps}: {t:.1f}")

@@ -24,8 +24,9 @@ import torch
 
 from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
 from .kernels import mla_sm90
-from .kernels.mla import mla_combine_kernel, mla_kernel
-from .plan import KernelConfig, plan_work
+from .kernels.attention import SPLIT_FIELDS
+from .kernels.mla import MERGE_FIELDS, mla_combine_kernel, mla_kernel
+from .plan import KernelConfig, WorkPlan, plan_work
 from .reference import gather_paged_kv
 from .runner import LOG2E, BatchAttention, _capability, _sm_count, num_programs
 
@@ -182,9 +183,11 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                          tasks_per_item=tasks_per_item, num_ctas=grid,
                          max_partial_rows=self._partial_capacity(num_heads, head_dim_ckv))
         n_items, n_splits = len(work.work), len(work.splits)
-        self._ensure_capacity(n_items, n_splits, n_splits * tasks_per_item, int(idx.numel()))
+        merges = merge_list(work)  # (after the split table: capacity counted in its rows)
+        self._ensure_capacity(n_items, n_splits + -(-merges.size // SPLIT_FIELDS), n_splits * tasks_per_item,
+                              int(idx.numel()))
         if self._backend == "triton":
-            self._upload(work, n_items * tasks_per_item, idx)
+            self._upload(work, n_items * tasks_per_item, idx, merges=merges)
         self._plan = MLAPlan(num_heads, head_dim_ckv, head_dim_kpe, page_size, bool(causal), float(sm_scale),
                              q_dtype, kv_dtype, config, grid, int(qo[-1]), batch, max_page, qo, kv_lens,
                              kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90,
@@ -263,9 +266,9 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         if self._backend != "torch" and p.combine:
             heads_b, d_split, unroll, warps = MLA_COMBINE[p.deep_merge]
             mla_combine_kernel[(self._combine_grid(),)](
-                out, lse_arg, p.tmp_o, p.tmp_lse, self._work_buf, self._counters, self._int_buf,
+                out, lse_arg, p.tmp_o, p.tmp_lse, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
-                p.tmp_lse.stride(0), h, p.tasks_per_item,
+                p.tmp_lse.stride(0), h,
                 D=p.head_dim_ckv, BLOCK_H=heads_b, WRITE_LSE=lse is not None, UNROLL=unroll,
                 D_SPLIT=min(d_split, p.head_dim_ckv // 64), num_warps=warps if self.device.type == "cuda" else 1)
         return (out, lse) if return_lse else out
@@ -308,6 +311,25 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 lse[s:e] = l2
 
 
+def merge_list(work: WorkPlan) -> np.ndarray:
+    """The plan's split tiles as the merge launch reads them (kernels/mla.py's mla_combine_kernel): int32, the
+    number of tiles, then per tile (first partial row, chunks, first query row, query rows), the query rows
+    taken from the work item of the tile's first chunk (work fields 0 / 1; 6 the partial row, 7 the split)."""
+    w, sp = work.work, work.splits
+    out = np.zeros(1 + MERGE_FIELDS * len(sp), dtype=np.int32)
+    out[0] = len(sp)
+    if len(sp):
+        split = w[:, 7]
+        has = np.nonzero(split >= 0)[0]
+        first = has[w[has, 6] == sp[split[has], 0]]  # the items that start their split tile
+        tile = split[first]
+        m = out[1:].reshape(-1, MERGE_FIELDS)
+        m[tile, 0:2] = sp[tile]
+        m[tile, 2] = w[first, 0]
+        m[tile, 3] = w[first, 1]
+    return out
+
+
 def mla_reference(q_nope, q_pe, ckv, kpe, *, sm_scale, causal=False, compute_dtype=torch.float32, out_dtype=None):
     """MLA of one request in plain PyTorch: q_nope [qo, H, Dc], q_pe [qo, H, Dp], ckv [kv, Dc],
     kpe [kv, Dp]. Returns (out [qo, H, Dc], lse [qo, H] float32, base 2)."""
@@ -325,4 +347,4 @@ def mla_reference(q_nope, q_pe, ckv, kpe, *, sm_scale, causal=False, compute_dty
     return out.to(out_dtype or q_nope.dtype), (l / math.log(2.0)).transpose(0, 1).to(torch.float32)
 
 
-__all__ = ["BatchMLAPagedAttentionWrapper", "mla_reference"]
+__all__ = ["BatchMLAPagedAttentionWrapper", "merge_list", "mla_reference"]

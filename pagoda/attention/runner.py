@@ -589,25 +589,29 @@ class BatchAttention:
             self._mask[:len(mask_np)].copy_(torch.from_numpy(mask_np))
 
     def _upload(self, work: WorkPlan, num_tasks: int, indices: torch.Tensor | None, band: int = 0,
-                active: int = 0) -> None:
+                active: int = 0, merges: np.ndarray | None = None) -> None:
         """The plan buffer's contents (header, work list, split table, host page ids, packed) written
         into the pinned staging buffer with NumPy, then one asynchronous copy to the device (page ids
         already on the device: a second, device-to-device); _wait_staging() before the next write.
+        merges: the MLA merge list (int32, after the split table; header field MERGES_AT says where).
         On the device's host each torch call costs ~10 us: one copy instead of three and one reused
         event are a third of plan() for a small batch (notes.md, session 8)."""
         self._wait_staging()
         n_w, n_m = work.work.size, work.splits.size
+        n_x = 0 if merges is None else merges.size
         s0 = NUM_COUNTERS + n_w
-        i0 = -(-(s0 + n_m) // 4) * 4  # page ids 16-byte aligned
+        i0 = -(-(s0 + n_m + n_x) // 4) * 4  # page ids 16-byte aligned
         n = 0 if indices is None else indices.numel()
         host_ids = n > 0 and indices.is_cpu
         st = self._staging_np
-        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, active, 0)  # the header (_HEADER_LAYOUT)
+        st[:NUM_COUNTERS] = (0, 0, num_tasks, s0, i0, band, active, s0 + n_m if n_x else 0)  # the header
         st[NUM_COUNTERS:s0] = work.work.reshape(-1)
         st[s0:s0 + n_m] = work.splits.reshape(-1)
+        if n_x:
+            st[s0 + n_m:s0 + n_m + n_x] = merges
         if host_ids:
             st[i0:i0 + n] = indices.numpy()
-        end = i0 + n if host_ids else s0 + n_m
+        end = i0 + n if host_ids else s0 + n_m + n_x
         if self.device.type != "cuda":
             self._int_buf[:end].copy_(self._staging[:end])
             if n and not host_ids:

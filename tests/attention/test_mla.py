@@ -91,19 +91,25 @@ def test_mla_split_kv_and_fp16():
 
 @pytest.mark.parametrize("return_lse", [True, False])
 @pytest.mark.parametrize("deep", [False, True])
-def test_mla_split_append_merge(return_lse, deep, monkeypatch):
-    """Split tiles of several tokens (a causal append) and a head count that is not a multiple of the merge
-    launch's head block: the merge goes token by token over every head; with and without the LSE; whole rows
-    per program and (deep: the launch of plans with long merges) column slices of 64."""
+@pytest.mark.parametrize("heads", [20, 4])
+def test_mla_split_append_merge(return_lse, deep, heads, monkeypatch):
+    """Split tiles of a causal append: 20 heads (not a multiple of the merge launch's head block; a tile per
+    token) or 4 (a tile holds the request's 3 tokens: the merge goes token by token over the merge list's query
+    rows); with and without the LSE; whole rows per program and (deep: the launch of plans with long merges)
+    column slices of 64."""
     monkeypatch.setattr(mla_mod, "DEEP_MERGE", 2 if deep else 10**9)
     batch = MLABatch([1200, 3, 37], 16)
     qo_lens = [3, 1, 2]
     qo = torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32)
-    heads, sm = 20, 1.0 / math.sqrt(192)
+    sm = 1.0 / math.sqrt(192)
     w = pagoda.BatchMLAPagedAttentionWrapper(workspace(), backend="triton")
     w.plan(qo, batch.indptr, batch.indices, torch.tensor(batch.kv_lens, dtype=torch.int32), heads, DC, DP, 16,
            True, sm, torch.bfloat16, torch.bfloat16)
     assert w._plan.partial_rows > 0 and w._plan.combine and w._plan.deep_merge == deep
+    buf = w._int_buf.cpu()  # the merge list in the plan buffer (header field 7): query rows per split tile
+    at = int(buf[7])
+    rows = buf[at + 1:at + 1 + 4 * int(buf[at])].view(-1, 4)[:, 3]
+    assert rows.numel() > 0 and (rows.max() > 1) == (heads == 4)
     q_nope = torch.randn(int(qo[-1]), heads, DC, dtype=torch.bfloat16, device=DEVICE) * 0.3
     q_pe = torch.randn(int(qo[-1]), heads, DP, dtype=torch.bfloat16, device=DEVICE)
     out = torch.full((int(qo[-1]), heads, DC), float("nan"), dtype=torch.bfloat16, device=DEVICE)

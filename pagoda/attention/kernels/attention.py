@@ -38,9 +38,9 @@ SPLIT_FIELDS = 2
 # tasks, 3 where the split table starts, 4 where the page ids start (offsets from the buffer's start, which
 # SPLITS and KV_INDICES point at), 5 the task band of the Gluon prefill kernel (prefill_sm90._ws_task; 0 in other
 # plans), 6 the programs that take tasks in the Gluon decode kernel (runner.balanced_grid; 0 in other plans), 7
-# padding (the work list 32-byte aligned).
+# where MLA's merge list starts, after the split table (kernels/mla.py's mla_combine_kernel; 0 in other plans).
 NUM_COUNTERS = 8
-SPLITS_AT, INDICES_AT, BAND_AT, ACTIVE_AT = 3, 4, 5, 6
+SPLITS_AT, INDICES_AT, BAND_AT, ACTIVE_AT, MERGES_AT = 3, 4, 5, 6, 7
 
 
 @triton.jit

@@ -128,41 +128,43 @@ def mla_kernel(
     _reset_counters(COUNTERS)
 
 
+# one entry of the MLA merge list (kernels/attention.py header field 7; mla.merge_list): first partial row,
+# chunks, first query row, query rows
+MERGE_FIELDS = 4
+_MERGE_FIELDS = tl.constexpr(MERGE_FIELDS)
+
+
 @triton.jit
 def mla_combine_kernel(
-    O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, SPLITS,
+    O, LSE, TMP_O, TMP_LSE, COUNTERS, PLAN,
     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
-    num_heads, tasks_per_item,
+    num_heads,
     D: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr, UNROLL: tl.constexpr,
     D_SPLIT: tl.constexpr = 1,
 ):
     """Merge the split tiles of an MLA launch (mla_kernel with DEFER_MERGE, kernels/mla_sm90.py always) in a
-    second launch: (work item, block of BLOCK_H heads, slice of D / D_SPLIT output columns) go over the grid;
-    the item that is the first chunk of its split tile (its partial rows start the tile's) merges that tile's
-    n_chunks partial states for those heads and columns, token by token (every column slice writes the same
-    LSE). MLA's partial states are large (heads x 512 fp32 per token and chunk): one CTA merging a tile's 64
+    second launch: (split tile, block of BLOCK_H heads, slice of D / D_SPLIT output columns) go over the grid,
+    each merging its tile's n_chunks partial states for those heads and columns, token by token (every column
+    slice writes the same LSE). The split tiles come from the plan's merge list (PLAN: the plan buffer, whose
+    header field 7 says where the list starts; its first int is the number of entries, then MERGE_FIELDS per
+    tile). MLA's partial states are large (heads x 512 fp32 per token and chunk): one CTA merging a tile's 64
     heads, as the attention kernel's last chunk does, reads megabytes through one SM (~200 us for 64 chunks in
     the Gluon kernel's first version). A merge is a chain of dependent chunk loads (UNROLL in flight): narrow
-    column slices keep few registers per chunk, so many chunks load at once and batch-1 tiles spread over
-    n_heads / BLOCK_H x D_SPLIT programs."""
-    num_items = tl.load(COUNTERS + 2) // tasks_per_item
-    SPLITS = SPLITS + tl.load(COUNTERS + 3)  # where the split table starts in the plan buffer
+    column slices keep few registers per chunk, so more chunks load at once, over more programs."""
+    MERGES = PLAN + tl.load(COUNTERS + 7)
     n_hb = tl.cdiv(num_heads, BLOCK_H)
     offs_h = tl.arange(0, BLOCK_H)
     DC: tl.constexpr = D // D_SPLIT
-    for t in range(tl.program_id(0), num_items * n_hb * D_SPLIT, tl.num_programs(0)):
-        wp = WORK + (t // (n_hb * D_SPLIT)) * 9
-        partial = tl.load(wp + 6)
-        split = tl.load(wp + 7)
-        first = tl.load(SPLITS + tl.maximum(split, 0) * 2)
-        if (partial >= 0) & (partial == first):
-            n_chunks = tl.load(SPLITS + split * 2 + 1)
-            q_start = tl.load(wp)
-            q_len = tl.load(wp + 1)
-            head = (t // D_SPLIT % n_hb) * BLOCK_H + offs_h
-            offs_d = (t % D_SPLIT) * DC + tl.arange(0, DC)
-            for tok in range(0, q_len):
-                tokv = tl.zeros([BLOCK_H], tl.int32) + tok
-                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tokv, (q_start + tokv).to(tl.int64),
-                                head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
-                                stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, UNROLL)
+    for t in range(tl.program_id(0), tl.load(MERGES) * n_hb * D_SPLIT, tl.num_programs(0)):
+        e = MERGES + 1 + (t // (n_hb * D_SPLIT)) * _MERGE_FIELDS
+        first = tl.load(e)
+        n_chunks = tl.load(e + 1)
+        q_start = tl.load(e + 2)
+        q_len = tl.load(e + 3)
+        head = (t // D_SPLIT % n_hb) * BLOCK_H + offs_h
+        offs_d = (t % D_SPLIT) * DC + tl.arange(0, DC)
+        for tok in range(0, q_len):
+            tokv = tl.zeros([BLOCK_H], tl.int32) + tok
+            _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tokv, (q_start + tokv).to(tl.int64),
+                            head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
+                            stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, UNROLL)
