@@ -58,13 +58,15 @@ def main():
         cells = [f"pagoda {per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out))}",
                  f"tasks {w._plan.partial_rows} partial rows"]
         if args.combine_sweep:
-            keep = dict(mla.MLA_COMBINE)
-            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 8, 8, 4), (16, 8, 16, 4), (8, 8, 8, 4),
-                                                    (16, 4, 8, 4), (32, 8, 8, 4), (16, 2, 4, 8)):
-                mla.MLA_COMBINE.update({False: (heads_b, d_split, unroll, warps), True: (heads_b, d_split, unroll, warps)})
+            keep = list(mla.MLA_COMBINE)
+            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 2, 4, 8), (16, 8, 8, 4), (8, 8, 8, 4)):
+                mla.MLA_COMBINE[:] = [(heads_b, d_split, unroll, warps)]
+                w.plan(*plan_args)  # (plan() picks the merge launch's setting)
                 t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
                 cells.append(f"combine h{heads_b} ds{d_split} u{unroll} w{warps}: {t:.1f}")
-            mla.MLA_COMBINE.update(keep)
+            mla.MLA_COMBINE[:] = keep
+            w.plan(*plan_args)
+            cells.append(f"picked {w._plan.merge_config}")
             print(f"{c}: " + " | ".join(cells), flush=True)
             continue
         if not args.no_ablate:

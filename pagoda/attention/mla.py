@@ -36,14 +36,13 @@ SUPPORTED_KPE = (32, 64)
 # measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
 MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
-# the merge launch (mla_combine_kernel): (heads, output-column slices, chunks in flight, warps) per program, for
-# plans whose deepest split tile has fewer than DEEP_MERGE chunks / at least that many. Deep merges are chains of
-# dependent chunk loads: [16, 64] fp32 slices, 8 chunks at once, 8x the programs (H200, merge launch alone,
-# scripts/mla_kernels.py --combine-sweep, notes.md session 37: 1 x 8192 17.5 -> 12.4 us, 1 x 32768 32.5 -> 22.6);
-# shallow ones keep whole rows (16 x 8192 10.2 us against 21.9 sliced: every program also walks the items that
-# start no split tile, 8x as many with slices)
-MLA_COMBINE = {False: (16, 1, 2, 8), True: (16, 8, 8, 4)}
-DEEP_MERGE = 16
+# the merge launch (mla_combine_kernel): (heads, output-column slices, chunks in flight, warps) per program, the
+# first of these whose units (split tiles x head blocks x slices) fit in one round of its grid (the last always
+# serves). Each program merges a unit at a time, a chain of dependent chunk loads: few split tiles (batch 1-16) go
+# faster over more, narrower units; many (batch >= 64) over whole rows. H200, the merge launch alone
+# (scripts/mla_kernels.py --combine-sweep, notes.md session 37), us, against whole rows: 1 x 32768 16.4 vs 35.3,
+# 1 x 8192 9.4 vs 18.9, 16 x 8192 7.3 vs 8.3 (the second), 128 x 8192 28.2 (whole rows; 80.1 in the first)
+MLA_COMBINE = [(8, 8, 8, 4), (16, 2, 4, 8), (16, 1, 2, 8)]
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -103,7 +102,7 @@ class MLAPlan:
     tasks_per_item: int = 1
     tmp_o: torch.Tensor | None = None
     tmp_lse: torch.Tensor | None = None
-    deep_merge: bool = False  # a split tile of >= DEEP_MERGE chunks: the merge launch's MLA_COMBINE[True]
+    merge_config: tuple = MLA_COMBINE[-1]  # the merge launch's (heads, slices, chunks in flight, warps)
 
 
 class BatchMLAPagedAttentionWrapper(BatchAttention):
@@ -193,7 +192,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                              kv_ip[:-1], idx.cpu() if ref else None, work.partial_rows, sm90,
                              self._use_cuda_graph or n_splits > 0, tasks_per_item)
         self._plan.tmp_o, self._plan.tmp_lse = self._partial_buffers(work.partial_rows, num_heads, head_dim_ckv)
-        self._plan.deep_merge = bool(n_splits) and int(work.splits[:, 1].max()) >= DEEP_MERGE
+        self._plan.merge_config = merge_config(n_splits, num_heads, head_dim_ckv, self._combine_grid())
 
     begin_forward = plan
 
@@ -264,7 +263,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
                 DEFER_MERGE=p.combine, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self._backend != "torch" and p.combine:
-            heads_b, d_split, unroll, warps = MLA_COMBINE[p.deep_merge]
+            heads_b, d_split, unroll, warps = p.merge_config
             mla_combine_kernel[(self._combine_grid(),)](
                 out, lse_arg, p.tmp_o, p.tmp_lse, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
@@ -311,6 +310,16 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 lse[s:e] = l2
 
 
+def merge_config(n_splits: int, num_heads: int, head_dim_ckv: int, grid: int) -> tuple:
+    """The merge launch's (heads, column slices, chunks in flight, warps): the first of MLA_COMBINE whose units
+    (split tiles x head blocks x slices, slices of at least 64 columns) fit in one round of the grid; the last
+    one otherwise."""
+    for c in MLA_COMBINE[:-1]:
+        if n_splits * -(-num_heads // c[0]) * min(c[1], head_dim_ckv // 64) <= grid:
+            return c
+    return MLA_COMBINE[-1]
+
+
 def merge_list(work: WorkPlan) -> np.ndarray:
     """The plan's split tiles as the merge launch reads them (kernels/mla.py's mla_combine_kernel): int32, the
     number of tiles, then per tile (first partial row, chunks, first query row, query rows), the query rows
@@ -347,4 +356,4 @@ def mla_reference(q_nope, q_pe, ckv, kpe, *, sm_scale, causal=False, compute_dty
     return out.to(out_dtype or q_nope.dtype), (l / math.log(2.0)).transpose(0, 1).to(torch.float32)
 
 
-__all__ = ["BatchMLAPagedAttentionWrapper", "merge_list", "mla_reference"]
+__all__ = ["BatchMLAPagedAttentionWrapper", "merge_config", "merge_list", "mla_reference"]

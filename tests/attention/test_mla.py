@@ -90,14 +90,14 @@ def test_mla_split_kv_and_fp16():
 
 
 @pytest.mark.parametrize("return_lse", [True, False])
-@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("merge", [(16, 1, 2, 8), (16, 2, 4, 8), (8, 8, 8, 4)])
 @pytest.mark.parametrize("heads", [20, 4])
-def test_mla_split_append_merge(return_lse, deep, heads, monkeypatch):
+def test_mla_split_append_merge(return_lse, merge, heads, monkeypatch):
     """Split tiles of a causal append: 20 heads (not a multiple of the merge launch's head block; a tile per
     token) or 4 (a tile holds the request's 3 tokens: the merge goes token by token over the merge list's query
-    rows); with and without the LSE; whole rows per program and (deep: the launch of plans with long merges)
-    column slices of 64."""
-    monkeypatch.setattr(mla_mod, "DEEP_MERGE", 2 if deep else 10**9)
+    rows); with and without the LSE; the merge launch's settings (heads, column slices, chunks in flight, warps):
+    whole rows, halves, slices of 64."""
+    monkeypatch.setattr(mla_mod, "MLA_COMBINE", [merge])
     batch = MLABatch([1200, 3, 37], 16)
     qo_lens = [3, 1, 2]
     qo = torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32)
@@ -105,7 +105,7 @@ def test_mla_split_append_merge(return_lse, deep, heads, monkeypatch):
     w = pagoda.BatchMLAPagedAttentionWrapper(workspace(), backend="triton")
     w.plan(qo, batch.indptr, batch.indices, torch.tensor(batch.kv_lens, dtype=torch.int32), heads, DC, DP, 16,
            True, sm, torch.bfloat16, torch.bfloat16)
-    assert w._plan.partial_rows > 0 and w._plan.combine and w._plan.deep_merge == deep
+    assert w._plan.partial_rows > 0 and w._plan.combine and w._plan.merge_config == merge
     buf = w._int_buf.cpu()  # the merge list in the plan buffer (header field 7): query rows per split tile
     at = int(buf[7])
     rows = buf[at + 1:at + 1 + 4 * int(buf[at])].view(-1, 4)[:, 3]
@@ -122,6 +122,19 @@ def test_mla_split_append_merge(return_lse, deep, heads, monkeypatch):
         assert rel_err(out[s:e], o) < TOL[torch.bfloat16], b
         if return_lse:
             check_lse(lse[s:e], l2)
+
+
+def test_mla_merge_config():
+    """The merge launch's setting by the plan's split tiles (the H200's grid of 264 programs, 128 heads): one
+    long request in slices of 64 columns, 16 split requests in halves, 64 in whole rows; head_dim_ckv 128 caps
+    the slices at 2."""
+    first, halves, whole = mla_mod.MLA_COMBINE
+    assert mla_mod.merge_config(1, 128, 512, 264) == first  # 16 head blocks x 8 slices = 128 units
+    assert mla_mod.merge_config(2, 128, 512, 264) == first  # 256
+    assert mla_mod.merge_config(16, 128, 512, 264) == halves  # 8 x 2 x 16 = 256
+    assert mla_mod.merge_config(64, 128, 512, 264) == whole
+    assert mla_mod.merge_config(0, 128, 512, 264) == first
+    assert mla_mod.merge_config(8, 128, 128, 264) == first  # 8 x 16 x 2 = 256
 
 
 def test_mla_empty_request_and_small_dims():
