@@ -5,7 +5,6 @@ kernel and its merge launch) and FlashInfer 0.6.0's MLA wrapper, plus the Gluon 
 
     python scripts/mla_kernels.py [--cases 1x1024,1x8192,1x32768,16x1024,128x8192] [--no-ablate]
     python scripts/mla_kernels.py --combine-sweep      (the merge launch's time under each mla.MLA_COMBINE setting)
-    python scripts/mla_kernels.py --ahead-ab           (the Gluon kernel with and without S_AHEAD, interleaved twice)
 """
 import argparse
 import collections
@@ -42,7 +41,6 @@ def main():
     ap.add_argument("--cases", default="1x1024,1x8192,1x32768,16x1024,128x1024,128x8192")
     ap.add_argument("--no-ablate", action="store_true")
     ap.add_argument("--combine-sweep", action="store_true")
-    ap.add_argument("--ahead-ab", action="store_true", help="the Gluon kernel with and without S_AHEAD (no ablations)")
     args = ap.parse_args()
     fi = flashinfer_or_none()
     ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
@@ -71,13 +69,7 @@ def main():
             cells.append(f"picked {w._plan.merge_config}")
             print(f"{c}: " + " | ".join(cells), flush=True)
             continue
-        if args.ahead_ab:
-            for ahead in (False, True, False, True):
-                mla.MLA_SM90_CONFIG["s_ahead"] = ahead
-                t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_sm90_kernel", 0.0)
-                cells.append(f"s_ahead={ahead}: {t:.1f}")
-            mla.MLA_SM90_CONFIG["s_ahead"] = False
-        if not args.no_ablate and not args.ahead_ab:
+        if not args.no_ablate:
             for ab in (1, 2, 4, 3):
                 mla._MLA_SM90_ABLATE = ab
                 try:

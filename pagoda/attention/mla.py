@@ -51,8 +51,7 @@ MLA_PARTIAL_COST = 3.6
 # scripts/mla_probe.py). Item cost 1024, 512 for <= plan.LATENCY_BOUND_TILES requests (`scripts/mla_probe.py
 # --costs-only`, H200, session 10, against 512 everywhere: 16x8192 123.6 -> 106.3 us, 16x32768 and 64x8192 -5%,
 # 8x4096 51.9 at 512 vs 60.2 at 1024, batch 1 and 64-128 x 1k within 3%)
-MLA_SM90_CONFIG = dict(block_n=32, stages=4, pv_regs=168, producer_regs=56, item_cost=1024, small_item_cost=512,
-                       s_ahead=False)
+MLA_SM90_CONFIG = dict(block_n=32, stages=4, pv_regs=168, producer_regs=56, item_cost=1024, small_item_cost=512)
 _MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 
 
@@ -248,8 +247,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 h, p.config.heads_per_prog, p.sm_scale * LOG2E,
                 D_KPE=p.head_dim_kpe, BLOCK_N=c["block_n"], PAGE_SIZE=p.page_size, CAUSAL=p.causal,
                 WRITE_LSE=lse is not None, STAGES=c["stages"], PV_REGS=c["pv_regs"],
-                PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE,
-                S_AHEAD=c["s_ahead"])
+                PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE)
         else:
             cfg = p.config
             mla_kernel[(p.grid,)](

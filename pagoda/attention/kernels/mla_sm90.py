@@ -152,12 +152,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT: gl.constexpr,
-                    BLOCK_N: gl.constexpr, s_regs=None):
-        """S = Q_pe kpe^T + Q_lo ckv_lo^T + Q_hi ckv_hi^T of one ring slot, issued (not waited for). s_regs: a
-        consumed S whose registers this one takes (else zeros)."""
-        if s_regs is None:
-            s_regs = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT)
-        s = warpgroup_mma(q_pe, pe_ring.index(slot).permute((1, 0)), s_regs, use_acc=False, is_async=True)
+                    BLOCK_N: gl.constexpr):
+        """S = Q_pe kpe^T + Q_lo ckv_lo^T + Q_hi ckv_hi^T of one ring slot, issued (not waited for)."""
+        s = warpgroup_mma(q_pe, pe_ring.index(slot).permute((1, 0)),
+                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT), use_acc=False, is_async=True)
         s = warpgroup_mma(q_lo, lo_ring.index(slot).permute((1, 0)), s, is_async=True)
         return warpgroup_mma(q_hi, hi_ring.index(slot).permute((1, 0)), s, is_async=True)
 
@@ -212,7 +210,7 @@ if HAVE_GLUON:
                         stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                         stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr, S_AHEAD: gl.constexpr):
+                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr):
         """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring).
 
         Per block j: S_j (queued behind P_{j-1} V_{j-1}), wait, release block j - 1's slot, softmax,
@@ -240,54 +238,27 @@ if HAVE_GLUON:
             # (a pending-wgmma accumulator, as the loop leaves it)
             acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HALF], gl.float32, layout=O_LAYOUT))
             prev = 0
-            if S_AHEAD:
-                # S_{j+1} is queued right after S_j lands, so the tensor cores run it during block j's softmax,
-                # rescale and publish; P_j V_j follows it. One wait per block (both done); S stays in one register
-                # set across the loop (a copy of an accumulator in flight would make ptxas serialize every wgmma)
-                s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT))
-                it_last = it + n_blocks - 1
-                for j in range(0, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    slot = it % STAGES
-                    if j == 0:  # (issued here, not before the loop: the zeros of acc and S stay ahead of it)
-                        s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, _ws_wait_ready(ready, it, STAGES),
-                                        S_LAYOUT, BLOCK_N, s)
-                    s, acc = warpgroup_mma_wait(0, deps=(s, acc))  # S_j and P_{j-1} V_{j-1}
-                    if j > 0:
-                        mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
-                    s_j = s * qk_scale  # (S_j out of the registers that S_{j+1} takes)
-                    # (the last block queues S of its own slot again, still held: unused)
-                    s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring,
-                                    _ws_wait_ready(ready, gl.minimum(it + 1, it_last), STAGES), S_LAYOUT, BLOCK_N, s)
-                    p_f, m_i, l_i, alpha = _softmax_block(s_j, m_i, l_i, start, kv_end, row_hi, row_hi, 1.0, 1.0,
-                                                          start >= full_hi, CAUSAL, False, False, BLOCK_N, S_LAYOUT)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
-                    b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
+            for j in range(0, n_blocks):
+                start = kv_start + j * BLOCK_N
+                slot = _ws_wait_ready(ready, it, STAGES)
+                if (ABLATE // 2) % 2 == 0:
+                    s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
+                else:  # (timing: no Q K^T)
+                    s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT))
+                # S_j and (queued before it) P_{j-1} V_{j-1} complete in order
+                s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+                if j > 0:
+                    mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
+                p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_hi, qk_scale, 1.0,
+                                                      start >= full_hi, CAUSAL, False, False, BLOCK_N, S_LAYOUT)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
+                b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
+                if (ABLATE // 4) % 2 == 0:
                     acc = warpgroup_mma(p_ring.index(b), lo_ring.index(slot), acc, is_async=True)
-                    prev = slot
-                    it += 1
-            else:
-                for j in range(0, n_blocks):
-                    start = kv_start + j * BLOCK_N
-                    slot = _ws_wait_ready(ready, it, STAGES)
-                    if (ABLATE // 2) % 2 == 0:
-                        s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
-                    else:  # (timing: no Q K^T)
-                        s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT))
-                    # S_j and (queued before it) P_{j-1} V_{j-1} complete in order
-                    s, acc = warpgroup_mma_wait(0, deps=(s, acc))
-                    if j > 0:
-                        mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
-                    p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_hi, qk_scale, 1.0,
-                                                          start >= full_hi, CAUSAL, False, False, BLOCK_N, S_LAYOUT)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
-                    b = _mla_publish(p_f, alpha, p_ring, alpha0, alpha1, pfree, pfull, it)
-                    if (ABLATE // 4) % 2 == 0:
-                        acc = warpgroup_mma(p_ring.index(b), lo_ring.index(slot), acc, is_async=True)
-                    else:  # (timing: no P V)
-                        acc = warpgroup_mma_init(acc)
-                    prev = slot
-                    it += 1
+                else:  # (timing: no P V)
+                    acc = warpgroup_mma_init(acc)
+                prev = slot
+                it += 1
             acc = warpgroup_mma_wait(0, deps=(acc,))
             _cta_barrier()
             if n_blocks > 0:
@@ -352,7 +323,7 @@ if HAVE_GLUON:
         num_heads, heads_per_prog, qk_scale,
         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
         WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, PV_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        TMA: gl.constexpr, num_warps: gl.constexpr, ABLATE: gl.constexpr = 0, S_AHEAD: gl.constexpr = False,
+        TMA: gl.constexpr, num_warps: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """The arguments of kernels/mla.py's mla_kernel that a 16-bit MLA with head_dim_ckv 512 uses
         (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer, and
@@ -397,7 +368,7 @@ if HAVE_GLUON:
                                ready, empty, pfull, pfree, statfull, statfree,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                                stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
-                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE, S_AHEAD)),
+                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE)),
             (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, hi_ring, p_ring, alpha0, alpha1,
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
