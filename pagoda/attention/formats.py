@@ -212,6 +212,19 @@ def paged_kv_lens(indptr: np.ndarray, last_page_len: np.ndarray, page_size: int)
     return np.where(has, (num_pages - 1) * page_size + last_page_len, 0)
 
 
+def last_page_lens(kv_indptr: np.ndarray, lens: np.ndarray, page_size: int) -> np.ndarray:
+    """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr, on the host) and its page
+    count: a request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its
+    entry is 1, which paged_kv_lens ignores)."""
+    pages = np.diff(kv_indptr)
+    fits = np.where(pages > 0, (lens > (pages - 1) * page_size) & (lens <= pages * page_size), lens == 0)
+    if not fits.all():
+        i = int(np.nonzero(~fits)[0][0])
+        raise ValueError(f"kv_len_arr[{i}]={int(lens[i])} does not fit its {int(pages[i])} pages of {page_size} "
+                         f"tokens (kv_indptr)")
+    return np.where(pages > 0, lens - (pages - 1) * page_size, 1).astype(np.int32)
+
+
 def check_paged_lens(indptr, last_page_len, page_size: int, names=("indptr", "last_page_len"),
                      length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indptr as int64, kv_lens) of a paged batch: check_indptr + to_host_array + paged_kv_lens in few

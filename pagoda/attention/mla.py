@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, to_host_array
+from .formats import MAX_PAGE_SIZE, check_dtype, check_indptr, check_page_indices, last_page_lens, to_host_array
 from .kernels import mla_sm90
 from .kernels.attention import SPLIT_FIELDS
 from .kernels.mla import MERGE_FIELDS, mla_combine_kernel, mla_kernel
@@ -155,13 +155,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
         batch = len(qo) - 1
         kv_ip = check_indptr("kv_indptr", kv_indptr, batch + 1)
         kv_lens = to_host_array("kv_len_arr", kv_len_arr, batch)
-        pages = np.diff(kv_ip)
-        bad = (kv_lens < 0) | (kv_lens > pages * page_size) | (kv_lens <= (pages - 1) * page_size)
-        bad &= ~((pages == 0) & (kv_lens == 0))
-        if np.any(bad):
-            b = int(np.nonzero(bad)[0][0])
-            raise ValueError(f"kv_len_arr[{b}]={kv_lens[b]} does not fit request {b}'s {pages[b]} pages of "
-                             f"{page_size} tokens (needs ({pages[b]} - 1) * page_size < kv_len <= pages * page_size)")
+        last_page_lens(kv_ip, kv_lens, page_size)  # (ValueError unless every kv_len fits its pages)
         idx, max_page = check_page_indices(kv_indices, kv_ip)
         self._check_captured_pages(max_page, "kv_indices")
 

@@ -152,6 +152,13 @@ def _segment_index(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, within
 
 
+def segment_ranges(indptr: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """The positions indptr[b] .. indptr[b + 1] - 1 of every selected b (a bool mask), in order, int64."""
+    starts = np.asarray(indptr[:-1], dtype=np.int64)[sel]
+    owner, within = _segment_index(np.diff(indptr)[sel])
+    return starts[owner] + within
+
+
 def plan_work(
     qo_indptr: np.ndarray,
     kv_lens: np.ndarray,

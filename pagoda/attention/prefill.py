@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .formats import (MAX_PAGE_SIZE, check_indptr, check_int, check_kv_layout, check_page_indices, check_paged_lens,
-                      check_qo_indptr, check_sinks, paged_cache_geometry, paged_strides, to_host_array,
+                      check_qo_indptr, check_sinks, last_page_lens, paged_cache_geometry, paged_strides, to_host_array,
                       unpack_paged_kv_cache)
+from .plan import segment_ranges
 from .reference import gather_paged_kv
 from .runner import BatchAttention as WrapperBase  # (pagoda.BatchAttention is FlashInfer's class below)
 
@@ -280,19 +281,6 @@ def run_paged(wrapper: WrapperBase, q, paged_kv_cache, out, lse, return_lse, k_s
     return (out, lse) if return_lse else out
 
 
-def last_page_lens(kv_indptr: np.ndarray, lens: np.ndarray, page_size: int) -> np.ndarray:
-    """Each request's tokens in its last page from its KV length (FlashInfer's kv_len_arr, on the host) and its page
-    count: a request of n pages holds (n - 1) * page_size + 1 .. n * page_size tokens, one of no pages none (its
-    entry is 1, which paged_kv_lens ignores)."""
-    pages = np.diff(kv_indptr)
-    fits = np.where(pages > 0, (lens > (pages - 1) * page_size) & (lens <= pages * page_size), lens == 0)
-    if not fits.all():
-        i = int(np.nonzero(~fits)[0][0])
-        raise ValueError(f"kv_len_arr[{i}]={int(lens[i])} does not fit its {int(pages[i])} pages of {page_size} "
-                         f"tokens (kv_indptr)")
-    return np.where(pages > 0, lens - (pages - 1) * page_size, 1).astype(np.int32)
-
-
 # BatchAttention's choice between one launch and two (a mixed batch's one-query requests to the decode kernels):
 # nominal rates of the H100 / H200 class that only their ratio matters for (dense bf16 MMA, DRAM)
 _SPLIT_FLOPS, _SPLIT_BYTES_PER_S = 5e14, 3.5e12
@@ -358,7 +346,7 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
         pages = np.diff(ip)
 
         def page_ids(sel):  # the selected requests' page ids, in order, on kv_indices' device
-            take = np.concatenate([np.arange(ip[b], ip[b + 1]) for b in np.nonzero(sel)[0]] or [np.zeros(0, int)])
+            take = segment_ranges(ip, sel)
             if isinstance(kv_indices, torch.Tensor):
                 return kv_indices.index_select(0, torch.from_numpy(take).to(kv_indices.device))
             return np.asarray(kv_indices)[take]
@@ -438,6 +426,6 @@ def split_mixed(qo_lens: np.ndarray, kv_lens: np.ndarray, num_qo_heads: int, num
 def _rows(qo: np.ndarray, sel: np.ndarray, device) -> tuple:
     """((first, end) when the selected requests' query rows are one range, else None; their rows as an int64
     index on device)."""
-    idx = np.concatenate([np.arange(qo[b], qo[b + 1]) for b in np.nonzero(sel)[0]] or [np.zeros(0, np.int64)])
+    idx = segment_ranges(qo, sel)
     span = (int(idx[0]), int(idx[-1]) + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else None
-    return span, torch.from_numpy(idx.astype(np.int64)).to(device)
+    return span, torch.from_numpy(idx).to(device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..attention.formats import (FP8_DTYPES, FP8_MAX, check_kv_layout, check_kv_scale, paged_cache_geometry,
+from ..attention.formats import (FP8_DTYPES, FP8_MAX, check_int, check_kv_layout, check_kv_scale, paged_cache_geometry,
                                  paged_strides, unpack_paged_kv_cache)
 from ._dispatch import use_triton
 from .kernels.page import append_paged_kv_kernel
@@ -77,11 +77,10 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     if not check and use_triton(append_key):  # (the PyTorch path reads them anyway: it checks)
         return _launch_append(append_key, append_value, k_cache, v_cache, batch_indices, positions, kv_indices,
                               kv_indptr, kv_layout, heads, dim, page_size, scales)
-    indptr = _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages)
+    _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages)
     if not use_triton(append_key):
+        page, slot = _page_slots(batch_indices, positions, kv_indices, kv_indptr, page_size, k_cache.device)
         for i, (cache, src) in enumerate(((k_cache, append_key), (v_cache, append_value))):
-            page = kv_indices.long()[indptr.to(kv_indices.device)[batch_indices.long()] + positions.long() // page_size]
-            slot = positions.long() % page_size
             if scales is not None:
                 src = quantize_fp8(src, scales[i], cache.dtype)
             if kv_layout == "NHD":
@@ -96,8 +95,7 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
 def _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size: int,
                    num_pages: int) -> torch.Tensor:
     """Host checks of an append's targets (a device sync for tables on the GPU): every token's request exists and
-    its position lies within that request's pages, and the page ids those pages use lie in the cache. Returns
-    kv_indptr as a host int64 tensor."""
+    its position lies within that request's pages, and the page ids those pages use lie in the cache."""
     indptr = kv_indptr.detach().cpu().long()
     last = kv_last_page_len.detach().cpu().long()
     b_host, p_host = batch_indices.detach().cpu().long(), positions.detach().cpu().long()
@@ -113,7 +111,13 @@ def _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page
     used = kv_indices.detach().cpu().long()[: int(indptr[-1])]
     if used.numel() and (used.min() < 0 or used.max() >= num_pages):
         raise ValueError(f"kv_indices must be in 0..{num_pages - 1}")
-    return indptr
+
+
+def _page_slots(batch_indices, positions, kv_indices, kv_indptr, page_size: int, device):
+    """Each appended token's (page id, slot in the page) as int64 tensors on device (the PyTorch paths' targets)."""
+    pos = positions.to(device).long()
+    first = kv_indptr.to(device).long()[batch_indices.to(device).long()]
+    return kv_indices.to(device).long()[first + pos // page_size], pos % page_size
 
 
 def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -125,7 +129,7 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     if kv_indptr.shape[0] != kv_last_page_len.shape[0] + 1:
         raise ValueError(f"kv_indptr must have one entry more than kv_last_page_len, got {kv_indptr.shape[0]} and "
                          f"{kv_last_page_len.shape[0]}")
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+    if check_int("page_size", page_size) < 1:
         raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
 
@@ -161,10 +165,7 @@ def append_paged_mla_kv_cache(append_ckv: torch.Tensor, append_kpe: torch.Tensor
     num_pages, page_size = ckv_cache.shape[:2]
     if check:
         _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages)
-    dev = ckv_cache.device
-    pos = positions.to(dev).long()
-    page = kv_indices.to(dev).long()[kv_indptr.to(dev).long()[batch_indices.to(dev).long()] + pos // page_size]
-    slot = pos % page_size
+    page, slot = _page_slots(batch_indices, positions, kv_indices, kv_indptr, page_size, ckv_cache.device)
     ckv_cache[page, slot] = append_ckv
     kpe_cache[page, slot] = append_kpe
 
