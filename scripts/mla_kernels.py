@@ -5,6 +5,9 @@ kernel and its merge launch) and FlashInfer 0.6.0's MLA wrapper, plus the Gluon 
 
     python scripts/mla_kernels.py [--cases 1x1024,1x8192,1x32768,16x1024,128x8192] [--no-ablate]
     python scripts/mla_kernels.py --combine-sweep      (the merge launch's time under each mla.MLA_COMBINE setting)
+    python scripts/mla_kernels.py --configs 32:4:168:56,64:2:168:88 [--rounds 2]
+        (the Gluon kernel under each mla.MLA_SM90_CONFIG block_n:stages:pv_regs:producer_regs, interleaved rounds;
+        with the ablations unless --no-ablate, each under every config)
 """
 import argparse
 import collections
@@ -41,6 +44,8 @@ def main():
     ap.add_argument("--cases", default="1x1024,1x8192,1x32768,16x1024,128x1024,128x8192")
     ap.add_argument("--no-ablate", action="store_true")
     ap.add_argument("--combine-sweep", action="store_true")
+    ap.add_argument("--configs", help="block_n:stages:pv_regs:producer_regs,... of the Gluon kernel")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     fi = flashinfer_or_none()
     ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
@@ -69,7 +74,25 @@ def main():
             cells.append(f"picked {w._plan.merge_config}")
             print(f"{c}: " + " | ".join(cells), flush=True)
             continue
-        if not args.no_ablate:
+        if args.configs:
+            keep = dict(mla.MLA_SM90_CONFIG)
+            for rnd in range(args.rounds):
+                for cfg in args.configs.split(","):
+                    bn, st, pv, pr = map(int, cfg.split(":"))
+                    mla.MLA_SM90_CONFIG.update(block_n=bn, stages=st, pv_regs=pv, producer_regs=pr)
+                    w.plan(*plan_args)  # (the planner's chunks follow block_n)
+                    for ab in ((0,) if args.no_ablate or rnd else (0, 1, 2, 4)):
+                        mla._MLA_SM90_ABLATE = ab
+                        try:
+                            t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out))
+                            t = " + ".join(f"{k[:12]} {v:.1f}" for k, v in t.items())
+                        except Exception as e:  # noqa: BLE001
+                            t = type(e).__name__
+                        cells.append(f"r{rnd} {cfg}{f' ablate {ab}' if ab else ''}: {t}")
+                    mla._MLA_SM90_ABLATE = 0
+            mla.MLA_SM90_CONFIG.update(keep)
+            w.plan(*plan_args)
+        elif not args.no_ablate:
             for ab in (1, 2, 4, 3):
                 mla._MLA_SM90_ABLATE = ab
                 try:
