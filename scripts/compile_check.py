@@ -160,7 +160,7 @@ def attention_cases():
     for lse in (True, False):
         yield (f"mla_combine WRITE_LSE={lse}", mla.mla_combine_kernel,
                dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", COUNTERS="*i32", PLAN="*i32"),
-               dict(D=512, BLOCK_H=16, WRITE_LSE=lse, UNROLL=8, D_SPLIT=8), 4, 1)
+               dict(D=512, BLOCK_H=8, WRITE_LSE=lse, CHUNKS=16, D_SPLIT=8), 4, 1)
 
 
 def gluon_cases():

@@ -36,7 +36,7 @@ def per_kernel_us(fn, calls=20):
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             tot[e.name[:40]] += (e.time_range.end - e.time_range.start) / calls
-    return {k: v for k, v in tot.items() if "flush" not in k.lower() and v > 0.05}
+    return {k: v for k, v in tot.items() if ("mla" in k.lower() or "flashinfer" in k) and v > 0.05}
 
 
 def main():
@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--combine-sweep", action="store_true")
     ap.add_argument("--configs", help="block_n:stages:pv_regs:producer_regs,... of the Gluon kernel")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--combine-settings", default="16:1:2:8,16:2:4:8,8:8:16:4",
+                    help="heads:slices:chunks:warps,... of the merge launch for --combine-sweep")
     args = ap.parse_args()
     fi = flashinfer_or_none()
     ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
@@ -64,11 +66,12 @@ def main():
                  f"tasks {w._plan.partial_rows} partial rows"]
         if args.combine_sweep:
             keep = list(mla.MLA_COMBINE)
-            for heads_b, d_split, unroll, warps in ((16, 1, 2, 8), (16, 2, 4, 8), (16, 8, 8, 4), (8, 8, 8, 4)):
-                mla.MLA_COMBINE[:] = [(heads_b, d_split, unroll, warps)]
+            for setting in args.combine_settings.split(","):
+                heads_b, d_split, chunks, warps = map(int, setting.split(":"))
+                mla.MLA_COMBINE[:] = [(heads_b, d_split, chunks, warps)]
                 w.plan(*plan_args)  # (plan() picks the merge launch's setting)
                 t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
-                cells.append(f"combine h{heads_b} ds{d_split} u{unroll} w{warps}: {t:.1f}")
+                cells.append(f"combine h{heads_b} ds{d_split} c{chunks} w{warps}: {t:.1f}")
             mla.MLA_COMBINE[:] = keep
             w.plan(*plan_args)
             cells.append(f"picked {w._plan.merge_config}")

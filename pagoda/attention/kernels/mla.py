@@ -15,7 +15,7 @@ ones of the attention kernel (same WORK / SPLITS layout, same planner).
 import triton
 import triton.language as tl
 
-from .attention import _finish_tile, _load_item, _load_page_index, _merge_partials, _reset_counters, _split_entry
+from .attention import _finish_tile, _load_item, _load_page_index, _reset_counters, _split_entry
 
 
 @triton.jit
@@ -135,22 +135,58 @@ _MERGE_FIELDS = tl.constexpr(MERGE_FIELDS)
 
 
 @triton.jit
+def _merge_chunk_blocks(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_row, head, head_ok, offs_d,
+                        stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
+                        BLOCK_H: tl.constexpr, DC: tl.constexpr, WRITE_LSE: tl.constexpr, CHUNKS: tl.constexpr):
+    """One query token's merge of a split tile's n_chunks partial states (rows first + c * q_len + tok) for
+    BLOCK_H heads and DC output columns. CHUNKS chunks at a time, each block one [CHUNKS, BLOCK_H] load of
+    LSEs and one [CHUNKS, BLOCK_H, DC] load of partial outputs, so a block's loads all go out before any of
+    them is used: a merge of <= CHUNKS chunks is one round trip (kernels/attention.py's _merge_partials
+    updates its state chunk by chunk, and the code that uses a chunk's loads sits in front of the next
+    chunk's loads, so each chunk cost a round trip: 1 x 32768's 32 chunks ~16 us, notes.md session 38)."""
+    offs_c = tl.arange(0, CHUNKS)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, DC], tl.float32)
+    for c0 in range(0, n_chunks, CHUNKS):
+        live = ((c0 + offs_c) < n_chunks)[:, None] & head_ok[None, :]
+        r = (first + (c0 + offs_c) * q_len + tok).to(tl.int64)
+        s = tl.load(TMP_LSE + r[:, None] * stride_tl + head[None, :], mask=live, other=float("-inf"),
+                    cache_modifier=".cg")
+        v = tl.load(TMP_O + r[:, None, None] * stride_tt + head[None, :, None] * stride_th + offs_d[None, None, :],
+                    mask=live[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(s, 0))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(s - m_new[None, :])  # (a chunk that saw nothing: lse -inf, weight 0)
+        d = d * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * v, 0)
+        m = m_new
+    empty = d == 0.0
+    d_safe = tl.where(empty, 1.0, d)
+    tl.store(O + q_row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             (acc / d_safe[:, None]).to(O.dtype.element_ty), mask=head_ok[:, None])
+    if WRITE_LSE:
+        tl.store(LSE + q_row * stride_lt + head, tl.where(empty, float("-inf"), m + tl.log2(d_safe)), mask=head_ok)
+
+
+@triton.jit
 def mla_combine_kernel(
     O, LSE, TMP_O, TMP_LSE, COUNTERS, PLAN,
     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
     num_heads,
-    D: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr, UNROLL: tl.constexpr,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr, CHUNKS: tl.constexpr,
     D_SPLIT: tl.constexpr = 1,
 ):
     """Merge the split tiles of an MLA launch (mla_kernel with DEFER_MERGE, kernels/mla_sm90.py always) in a
     second launch: (split tile, block of BLOCK_H heads, slice of D / D_SPLIT output columns) go over the grid,
     each merging its tile's n_chunks partial states for those heads and columns, token by token (every column
-    slice writes the same LSE). The split tiles come from the plan's merge list (PLAN: the plan buffer, whose
-    header field 7 says where the list starts; its first int is the number of entries, then MERGE_FIELDS per
-    tile). MLA's partial states are large (heads x 512 fp32 per token and chunk): one CTA merging a tile's 64
-    heads, as the attention kernel's last chunk does, reads megabytes through one SM (~200 us for 64 chunks in
-    the Gluon kernel's first version). A merge is a chain of dependent chunk loads (UNROLL in flight): narrow
-    column slices keep few registers per chunk, so more chunks load at once, over more programs."""
+    slice writes the same LSE), CHUNKS chunks in one load (_merge_chunk_blocks). The split tiles come from the
+    plan's merge list (PLAN: the plan buffer, whose header field 7 says where the list starts; its first int is
+    the number of entries, then MERGE_FIELDS per tile). MLA's partial states are large (heads x 512 fp32 per
+    token and chunk): one CTA merging a tile's 64 heads, as the attention kernel's last chunk does, reads
+    megabytes through one SM (~200 us for 64 chunks in the Gluon kernel's first version); narrow column slices
+    spread a few long tiles' merges over the grid."""
     MERGES = PLAN + tl.load(COUNTERS + 7)
     n_hb = tl.cdiv(num_heads, BLOCK_H)
     offs_h = tl.arange(0, BLOCK_H)
@@ -164,7 +200,6 @@ def mla_combine_kernel(
         head = (t // D_SPLIT % n_hb) * BLOCK_H + offs_h
         offs_d = (t % D_SPLIT) * DC + tl.arange(0, DC)
         for tok in range(0, q_len):
-            tokv = tl.zeros([BLOCK_H], tl.int32) + tok
-            _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tokv, (q_start + tokv).to(tl.int64),
-                            head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
-                            stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, UNROLL)
+            _merge_chunk_blocks(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, (q_start + tok).to(tl.int64),
+                                head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
+                                stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, CHUNKS)
