@@ -157,10 +157,11 @@ def attention_cases():
         yield (f"mla BLOCK_M={bm} BLOCK_N={bn} warps={warps}", mla.mla_kernel, m,
                dict(D_CKV=512, D_KPE=64, BLOCK_M=bm, BLOCK_N=bn, PAGE_SIZE=64, INDEX_ASM=True, CAUSAL=False,
                     WRITE_LSE=False, MERGE_UNROLL=1, DEFER_MERGE=bm == 32), warps, stages)
-    for lse in (True, False):
-        yield (f"mla_combine WRITE_LSE={lse}", mla.mla_combine_kernel,
+    for lse, blocked in ((True, True), (False, False)):
+        yield (f"mla_combine WRITE_LSE={lse} BLOCKED={blocked}", mla.mla_combine_kernel,
                dict(O="*bf16", LSE="*fp32", TMP_O="*fp32", TMP_LSE="*fp32", COUNTERS="*i32", PLAN="*i32"),
-               dict(D=512, BLOCK_H=8, WRITE_LSE=lse, CHUNKS=16, D_SPLIT=8), 4, 1)
+               dict(D=512, BLOCK_H=8 if blocked else 16, WRITE_LSE=lse, CHUNKS=32 if blocked else 8,
+                    D_SPLIT=8, BLOCKED=blocked), 4, 1)
 
 
 def gluon_cases():

@@ -46,8 +46,8 @@ def main():
     ap.add_argument("--combine-sweep", action="store_true")
     ap.add_argument("--configs", help="block_n:stages:pv_regs:producer_regs,... of the Gluon kernel")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--combine-settings", default="16:1:2:8,16:2:4:8,8:8:16:4",
-                    help="heads:slices:chunks:warps,... of the merge launch for --combine-sweep")
+    ap.add_argument("--combine-settings", default="16:1:2:8:0,16:2:4:8:0,8:8:32:4:1",
+                    help="heads:slices:chunks:warps:blocked,... of the merge launch for --combine-sweep")
     args = ap.parse_args()
     fi = flashinfer_or_none()
     ws = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
@@ -67,11 +67,11 @@ def main():
         if args.combine_sweep:
             keep = list(mla.MLA_COMBINE)
             for setting in args.combine_settings.split(","):
-                heads_b, d_split, chunks, warps = map(int, setting.split(":"))
-                mla.MLA_COMBINE[:] = [(heads_b, d_split, chunks, warps)]
+                heads_b, d_split, chunks, warps, blocked = map(int, setting.split(":"))
+                mla.MLA_COMBINE[:] = [(heads_b, d_split, chunks, warps, bool(blocked))]
                 w.plan(*plan_args)  # (plan() picks the merge launch's setting)
                 t = per_kernel_us(lambda: w.run(qn, qp, ckv, kpe, out=out)).get("mla_combine_kernel", 0.0)
-                cells.append(f"combine h{heads_b} ds{d_split} c{chunks} w{warps}: {t:.1f}")
+                cells.append(f"combine h{heads_b} ds{d_split} c{chunks} w{warps} b{blocked}: {t:.1f}")
             mla.MLA_COMBINE[:] = keep
             w.plan(*plan_args)
             cells.append(f"picked {w._plan.merge_config}")

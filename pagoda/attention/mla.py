@@ -42,7 +42,7 @@ _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
 # faster over more, narrower units; many (batch >= 64) over whole rows. H200, the merge launch alone
 # (scripts/mla_kernels.py --combine-sweep, notes.md session 37), us, against whole rows: 1 x 32768 16.4 vs 35.3,
 # 1 x 8192 9.4 vs 18.9, 16 x 8192 7.3 vs 8.3 (the second), 128 x 8192 28.2 (whole rows; 80.1 in the first)
-MLA_COMBINE = [(8, 8, 16, 4), (16, 2, 4, 8), (16, 1, 2, 8)]
+MLA_COMBINE = [(8, 8, 32, 4, True), (16, 2, 4, 8, False), (16, 1, 2, 8, False)]
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -102,7 +102,7 @@ class MLAPlan:
     tasks_per_item: int = 1
     tmp_o: torch.Tensor | None = None
     tmp_lse: torch.Tensor | None = None
-    merge_config: tuple = MLA_COMBINE[-1]  # the merge launch's (heads, slices, chunks in flight, warps)
+    merge_config: tuple = MLA_COMBINE[-1]  # the merge launch's (heads, slices, chunks, warps, blocked)
 
 
 class BatchMLAPagedAttentionWrapper(BatchAttention):
@@ -257,13 +257,14 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 WRITE_LSE=lse is not None, MERGE_UNROLL=2 if p.head_dim_ckv > 256 else 4,
                 DEFER_MERGE=p.combine, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self._backend != "torch" and p.combine:
-            heads_b, d_split, chunks, warps = p.merge_config
+            heads_b, d_split, chunks, warps, blocked = p.merge_config
             mla_combine_kernel[(self._combine_grid(),)](
                 out, lse_arg, p.tmp_o, p.tmp_lse, self._counters, self._int_buf,
                 out.stride(0), out.stride(1), lse_arg.stride(0), p.tmp_o.stride(0), p.tmp_o.stride(1),
                 p.tmp_lse.stride(0), h,
                 D=p.head_dim_ckv, BLOCK_H=heads_b, WRITE_LSE=lse is not None, CHUNKS=chunks,
-                D_SPLIT=min(d_split, p.head_dim_ckv // 64), num_warps=warps if self.device.type == "cuda" else 1)
+                D_SPLIT=min(d_split, p.head_dim_ckv // 64), BLOCKED=blocked,
+                num_warps=warps if self.device.type == "cuda" else 1)
         return (out, lse) if return_lse else out
 
     forward = run

@@ -90,7 +90,8 @@ def test_mla_split_kv_and_fp16():
 
 
 @pytest.mark.parametrize("return_lse", [True, False])
-@pytest.mark.parametrize("merge", [(16, 1, 2, 8), (16, 2, 4, 8), (8, 8, 8, 4)])
+@pytest.mark.parametrize("merge", [(16, 1, 2, 8, False), (16, 2, 4, 8, False), (8, 8, 8, 4, True),
+                                   (8, 8, 2, 4, True)])
 @pytest.mark.parametrize("heads", [20, 4])
 def test_mla_split_append_merge(return_lse, merge, heads, monkeypatch):
     """Split tiles of a causal append: 20 heads (not a multiple of the merge launch's head block; a tile per

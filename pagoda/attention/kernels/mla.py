@@ -15,7 +15,7 @@ ones of the attention kernel (same WORK / SPLITS layout, same planner).
 import triton
 import triton.language as tl
 
-from .attention import _finish_tile, _load_item, _load_page_index, _reset_counters, _split_entry
+from .attention import _finish_tile, _load_item, _load_page_index, _merge_partials, _reset_counters, _split_entry
 
 
 @triton.jit
@@ -176,12 +176,14 @@ def mla_combine_kernel(
     stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl,
     num_heads,
     D: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_LSE: tl.constexpr, CHUNKS: tl.constexpr,
-    D_SPLIT: tl.constexpr = 1,
+    D_SPLIT: tl.constexpr = 1, BLOCKED: tl.constexpr = False,
 ):
     """Merge the split tiles of an MLA launch (mla_kernel with DEFER_MERGE, kernels/mla_sm90.py always) in a
     second launch: (split tile, block of BLOCK_H heads, slice of D / D_SPLIT output columns) go over the grid,
     each merging its tile's n_chunks partial states for those heads and columns, token by token (every column
-    slice writes the same LSE), CHUNKS chunks in one load (_merge_chunk_blocks). The split tiles come from the
+    slice writes the same LSE). BLOCKED: CHUNKS chunks in one load (_merge_chunk_blocks; for units of 4 x 32 x
+    num_warps elements, whose chunk axis then stays in each thread's registers); else chunk by chunk, CHUNKS
+    loads at a time (kernels/attention.py's _merge_partials; whole rows). The split tiles come from the
     plan's merge list (PLAN: the plan buffer, whose header field 7 says where the list starts; its first int is
     the number of entries, then MERGE_FIELDS per tile). MLA's partial states are large (heads x 512 fp32 per
     token and chunk): one CTA merging a tile's 64 heads, as the attention kernel's last chunk does, reads
@@ -200,6 +202,13 @@ def mla_combine_kernel(
         head = (t // D_SPLIT % n_hb) * BLOCK_H + offs_h
         offs_d = (t % D_SPLIT) * DC + tl.arange(0, DC)
         for tok in range(0, q_len):
-            _merge_chunk_blocks(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, (q_start + tok).to(tl.int64),
-                                head, head < num_heads, offs_d, stride_ot, stride_oh, stride_lt, stride_tt,
-                                stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, CHUNKS)
+            if BLOCKED:
+                _merge_chunk_blocks(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok,
+                                    (q_start + tok).to(tl.int64), head, head < num_heads, offs_d, stride_ot,
+                                    stride_oh, stride_lt, stride_tt, stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE,
+                                    CHUNKS)
+            else:
+                tokv = tl.zeros([BLOCK_H], tl.int32) + tok
+                _merge_partials(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tokv,
+                                (q_start + tokv).to(tl.int64), head, head < num_heads, offs_d, stride_ot, stride_oh,
+                                stride_lt, stride_tt, stride_th, stride_tl, BLOCK_H, DC, WRITE_LSE, CHUNKS)
