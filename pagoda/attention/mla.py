@@ -36,13 +36,16 @@ SUPPORTED_KPE = (32, 64)
 # measured best of `python -m pagoda.bench.mla --sweep` on H100 (benchmarks/results/mla_h100.md)
 MLA_CUDA_CONFIG = (32, 128, 8, 2, 1, 512)
 _MLA_INTERPRETER_CONFIG = (16, 16, 1, 1, 1, 32)
-# the merge launch (mla_combine_kernel): (heads, output-column slices, chunks in flight, warps) per program, the
-# first of these whose units (split tiles x head blocks x slices) fit in one round of its grid (the last always
-# serves). Each program merges a unit at a time, a chain of dependent chunk loads: few split tiles (batch 1-16) go
-# faster over more, narrower units; many (batch >= 64) over whole rows. H200, the merge launch alone
-# (scripts/mla_kernels.py --combine-sweep, notes.md session 37), us, against whole rows: 1 x 32768 16.4 vs 35.3,
-# 1 x 8192 9.4 vs 18.9, 16 x 8192 7.3 vs 8.3 (the second), 128 x 8192 28.2 (whole rows; 80.1 in the first)
-MLA_COMBINE = [(8, 8, 32, 4, True), (16, 2, 4, 8, False), (16, 1, 2, 8, False)]
+# the merge launch (mla_combine_kernel): (heads, output-column slices, chunks per load, warps, blocked) per
+# program, the first of these whose units (split tiles x head blocks x slices) fit in MERGE_ROUNDS rounds of its
+# grid (the last always serves). A program merges a unit at a time, each a chain of dependent loads (the merge
+# list's fields, then the chunks): a few deep split tiles (batch 1) go fastest over many narrow units that load
+# 32 chunks at once (blocked); many shallow ones (batch >= 16) over whole rows or halves, chunk by chunk.
+# H200, the merge launch alone (scripts/mla_kernels.py --combine-sweep, notes.md session 38), us, first vs the
+# session-37 choice: 1 x 32768 6.2 vs 16.5, 1 x 8192 4.2 vs 9.3, 1 x 1024 3.2 vs 3.8; 16 x 8192 7.5 (second),
+# 128 x 8192 28.0 (whole rows); blocked units of 16 x 1024's 16 split tiles (16 rounds) 26.5 vs 5.6
+MLA_COMBINE = [(4, 8, 32, 2, True), (16, 2, 4, 8, False), (16, 1, 2, 8, False)]
+MERGE_ROUNDS = 2
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
@@ -306,11 +309,11 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
 
 
 def merge_config(n_splits: int, num_heads: int, head_dim_ckv: int, grid: int) -> tuple:
-    """The merge launch's (heads, column slices, chunks in flight, warps): the first of MLA_COMBINE whose units
-    (split tiles x head blocks x slices, slices of at least 64 columns) fit in one round of the grid; the last
-    one otherwise."""
+    """The merge launch's (heads, column slices, chunks per load, warps, blocked): the first of MLA_COMBINE whose
+    units (split tiles x head blocks x slices, slices of at least 64 columns) fit in MERGE_ROUNDS rounds of the
+    grid; the last one otherwise."""
     for c in MLA_COMBINE[:-1]:
-        if n_splits * -(-num_heads // c[0]) * min(c[1], head_dim_ckv // 64) <= grid:
+        if n_splits * -(-num_heads // c[0]) * min(c[1], head_dim_ckv // 64) <= MERGE_ROUNDS * grid:
             return c
     return MLA_COMBINE[-1]
 

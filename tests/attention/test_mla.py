@@ -90,7 +90,7 @@ def test_mla_split_kv_and_fp16():
 
 
 @pytest.mark.parametrize("return_lse", [True, False])
-@pytest.mark.parametrize("merge", [(16, 1, 2, 8, False), (16, 2, 4, 8, False), (8, 8, 8, 4, True),
+@pytest.mark.parametrize("merge", [(16, 1, 2, 8, False), (16, 2, 4, 8, False), (4, 8, 32, 2, True),
                                    (8, 8, 2, 4, True)])
 @pytest.mark.parametrize("heads", [20, 4])
 def test_mla_split_append_merge(return_lse, merge, heads, monkeypatch):
@@ -126,16 +126,18 @@ def test_mla_split_append_merge(return_lse, merge, heads, monkeypatch):
 
 
 def test_mla_merge_config():
-    """The merge launch's setting by the plan's split tiles (the H200's grid of 264 programs, 128 heads): one
-    long request in slices of 64 columns, 16 split requests in halves, 64 in whole rows; head_dim_ckv 128 caps
-    the slices at 2."""
+    """The merge launch's setting by the plan's split tiles (the H200's grid of 264 programs, two rounds of it,
+    128 heads): one or two long tiles in blocked units of 4 heads x 64 columns, up to 33 split tiles in halves,
+    more in whole rows; head_dim_ckv 128 caps the slices at 2."""
     first, halves, whole = mla_mod.MLA_COMBINE
-    assert mla_mod.merge_config(1, 128, 512, 264) == first  # 16 head blocks x 8 slices = 128 units
-    assert mla_mod.merge_config(2, 128, 512, 264) == first  # 256
-    assert mla_mod.merge_config(16, 128, 512, 264) == halves  # 8 x 2 x 16 = 256
-    assert mla_mod.merge_config(64, 128, 512, 264) == whole
+    assert mla_mod.MERGE_ROUNDS == 2
+    assert mla_mod.merge_config(1, 128, 512, 264) == first  # 32 head blocks x 8 slices = 256 units
+    assert mla_mod.merge_config(2, 128, 512, 264) == first  # 512 <= 528
+    assert mla_mod.merge_config(3, 128, 512, 264) == halves  # 768 > 528; 3 x 8 x 2 = 48
+    assert mla_mod.merge_config(33, 128, 512, 264) == halves  # 528
+    assert mla_mod.merge_config(34, 128, 512, 264) == whole  # 544
     assert mla_mod.merge_config(0, 128, 512, 264) == first
-    assert mla_mod.merge_config(8, 128, 128, 264) == first  # 8 x 16 x 2 = 256
+    assert mla_mod.merge_config(8, 128, 128, 264) == first  # 32 x 2 x 8 = 512
 
 
 def test_mla_empty_request_and_small_dims():
