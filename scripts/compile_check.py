@@ -250,12 +250,15 @@ def gluon_cases():
              TMP_LSE="*fp32", WORK="*i32", COUNTERS="*i32", KV_INDICES="*i32", SPLITS="*i32", ARRIVALS="*i32",
              qk_scale="fp32")
     lay = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2, transposed=False, fp4_padded=False, cga_layout=[])"
+    from pagoda.attention.mla import MLA_SM90_CONFIG as c  # (the configuration plans launch)
+
+    bn = c["block_n"]
     for page_size, causal, tma in ((64, False, True), (1, True, False)):
-        types = dict(m, CKV_DESC=f"tensordesc<bf16[32,256],{lay}>", KPE_DESC=f"tensordesc<bf16[32,64],{lay}>")
+        types = dict(m, CKV_DESC=f"tensordesc<bf16[{bn},256],{lay}>", KPE_DESC=f"tensordesc<bf16[{bn},64],{lay}>")
         descs = {} if tma else dict(CKV_DESC=None, KPE_DESC=None)
         yield (f"mla_sm90 PAGE_SIZE={page_size} causal={causal} TMA={tma}", mla_sm90.mla_sm90_kernel, types,
-               dict(D_KPE=64, BLOCK_N=32, PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=True, STAGES=4,
-                    PV_REGS=168, PRODUCER_REGS=56, TMA=tma, num_warps=4, **descs), 4, 1)
+               dict(D_KPE=64, BLOCK_N=bn, PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=True, STAGES=c["stages"],
+                    PV_REGS=c["pv_regs"], PRODUCER_REGS=c["producer_regs"], TMA=tma, num_warps=4, **descs), 4, 1)
 
 
 def decode_sm90_cases():

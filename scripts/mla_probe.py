@@ -4,8 +4,8 @@ split-KV, at several planner item costs, against the Triton kernel.
     python scripts/mla_probe.py [--cases 1x32768,128x8192] [--costs-only]
 
 The ablations without both MMAs (ABLATE 6 "loads only", 7 "none") crash ptxas (error -11, Triton 3.6's ptxas)
-at the 32-token x 4-stage config: reproduced on the CPU by compiling for sm_90 (session 10); session 9 ran
-them at 64 x 2. They are reported as failed and the probe goes on.
+at the 32-token x 4-stage config (the default of sessions 9-37): reproduced on the CPU by compiling for sm_90
+(session 10); session 9 ran them at 64 x 2. They are reported as failed and the probe goes on.
 """
 import argparse
 import math
@@ -70,11 +70,11 @@ def main():
         print(f"{c:>9} | " + " | ".join(cells), flush=True)
         if args.costs_only:
             continue
-        for bn, stages in ((64, 2), (32, 3), (16, 8)):
+        for bn, stages in ((32, 4), (32, 3), (16, 8)):  # (the default: 64 x 2, mla.MLA_SM90_CONFIG)
             mla.MLA_SM90_CONFIG.update(block_n=bn, stages=stages)
             t, p, _ = timed(pa, ra, ws)
             cells.append(f"bn{bn}/st{stages}: {t:7.1f}us {flops / t / 1e6:4.0f}TF/s parts={p.partial_rows}")
-        mla.MLA_SM90_CONFIG.update(block_n=32, stages=4)
+        mla.MLA_SM90_CONFIG.update(defaults)
         print(f"{c:>9} | " + " | ".join(cells[-3:]), flush=True)
         # leave one stage out (kernels/mla_sm90.py ABLATE): what each costs
         cells = []

@@ -49,11 +49,16 @@ MERGE_ROUNDS = 2
 # one partial row per head: (512 + 1) fp32 written and read vs one latent token of 576 bf16 (~3.6)
 MLA_PARTIAL_COST = 3.6
 # The Gluon kernel for sm_90 (kernels/mla_sm90.py, head_dim_ckv 512 / kpe 64, 16-bit): 64-row query tile,
-# KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner
-# (32-token blocks in a 4-deep ring: loads overlap the MMAs better than 64 x 2, 1.4x at 128x8192;
-# scripts/mla_probe.py). Item cost 1024, 512 for <= plan.LATENCY_BOUND_TILES requests (`scripts/mla_probe.py
+# KV block, ring depth, registers of warp group 1 and of the producer, item cost of the planner.
+# 64-token blocks in a 2-deep ring (each m64n64k16 score MMA reads its Q tile once per 64 tokens, not 32; TMA
+# now keeps two 72 KB slots ahead of the MMAs, which cp.async gathers could not in session 9). H200, session 38
+# (scripts/mla_kernels.py --configs, kernel time): 128 x 8192 656 -> 560 us, 16 x 8192 91.0 -> 79.4, 1 x 32768
+# 31.9 -> 31.5, 1 x 8192 19.4 -> 19.7 against 32-token blocks x 4. Producer registers 80: warp group 0 keeps 256
+# (88 gives it 248, as fast here; 56 spills in the producer's gathers: 128 x 8192 +38 us).
+# Item cost 1024, 512 for <= plan.LATENCY_BOUND_TILES requests (`scripts/mla_probe.py
 # --costs-only`, H200, session 10, against 512 everywhere: 16x8192 123.6 -> 106.3 us, 16x32768 and 64x8192 -5%,
-# 8x4096 51.9 at 512 vs 60.2 at 1024, batch 1 and 64-128 x 1k within 3%)
+# 8x4096 51.9 at 512 vs 60.2 at 1024, batch 1 and 64-128 x 1k within 3%; session 38 on 64-token blocks: 16 x 8192
+# 106.7 at 512 vs 90.8 at 1024, 1 x 32768 41.9 vs 50.6, 16 x 1024 37.1 vs 34.8 at 128)
 MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=80, item_cost=1024, small_item_cost=512)
 _MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 

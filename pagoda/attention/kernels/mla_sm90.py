@@ -15,8 +15,10 @@ FlashInfer. This kernel follows FlashMLA's division of the work over three roles
   made every softmax wait for the previous P V);
 - warp group 1 rescales and accumulates O[:, 256:] += P ckv[:, 256:].
 
-Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory: q_nope
-64 KB, four ring slots of 36 KB (32-token blocks: loads run two blocks ahead of the MMAs), P 2 x 4 KB.
+Each consumer holds a [64, 256] fp32 accumulator (128 registers per thread). Shared memory (mla.py's
+MLA_SM90_CONFIG, 64-token blocks): q_nope 64 KB, two ring slots of 72 KB (TMA fills one while the MMAs read
+the other), P 2 x 8 KB: 225 KB of the 227 an SM allows. (32-token blocks in four slots also work: each score
+MMA then reads its 2 KB Q tile for 1 KB of K, and the kernel ran 17% slower at 128 x 8192.)
 Tasks (item, head split) go over the persistent grid in the snake order of kernels/prefill_sm90.py; a
 split tile's chunks write partial states, which a second launch merges in parallel (kernels/mla.py's
 mla_combine_kernel).
