@@ -6,8 +6,7 @@ kernel and its merge launch) and FlashInfer 0.6.0's MLA wrapper, plus the Gluon 
     python scripts/mla_kernels.py [--cases 1x1024,1x8192,1x32768,16x1024,128x8192] [--no-ablate]
     python scripts/mla_kernels.py --combine-sweep      (the merge launch's time under each mla.MLA_COMBINE setting)
     python scripts/mla_kernels.py --configs 32:4:168:56,64:2:168:88 [--rounds 2]
-        (the Gluon kernel under each mla.MLA_SM90_CONFIG block_n:stages:pv_regs:producer_regs[:release_early],
-        interleaved rounds;
+        (the Gluon kernel under each mla.MLA_SM90_CONFIG block_n:stages:pv_regs:producer_regs, interleaved rounds;
         with the ablations unless --no-ablate, each under every config)
 """
 import argparse
@@ -82,9 +81,8 @@ def main():
             keep = dict(mla.MLA_SM90_CONFIG)
             for rnd in range(args.rounds):
                 for cfg in args.configs.split(","):
-                    bn, st, pv, pr, *early = map(int, cfg.split(":"))
-                    mla.MLA_SM90_CONFIG.update(block_n=bn, stages=st, pv_regs=pv, producer_regs=pr,
-                                               release_early=bool(early and early[0]))
+                    bn, st, pv, pr = map(int, cfg.split(":"))
+                    mla.MLA_SM90_CONFIG.update(block_n=bn, stages=st, pv_regs=pv, producer_regs=pr)
                     w.plan(*plan_args)  # (the planner's chunks follow block_n)
                     for ab in ((0,) if args.no_ablate or rnd else (0, 1, 2, 4)):
                         mla._MLA_SM90_ABLATE = ab

@@ -59,8 +59,7 @@ MLA_PARTIAL_COST = 3.6
 # --costs-only`, H200, session 10, against 512 everywhere: 16x8192 123.6 -> 106.3 us, 16x32768 and 64x8192 -5%,
 # 8x4096 51.9 at 512 vs 60.2 at 1024, batch 1 and 64-128 x 1k within 3%; session 38 on 64-token blocks: 16 x 8192
 # 106.7 at 512 vs 90.8 at 1024, 1 x 32768 41.9 vs 50.6, 16 x 1024 37.1 vs 34.8 at 128)
-MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=80, item_cost=1024, small_item_cost=512,
-                       release_early=False)
+MLA_SM90_CONFIG = dict(block_n=64, stages=2, pv_regs=168, producer_regs=80, item_cost=1024, small_item_cost=512)
 _MLA_SM90_ABLATE = 0  # (scripts/mla_probe.py: time the kernel without a stage; wrong results)
 
 
@@ -250,8 +249,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
                 h, p.config.heads_per_prog, p.sm_scale * LOG2E,
                 D_KPE=p.head_dim_kpe, BLOCK_N=c["block_n"], PAGE_SIZE=p.page_size, CAUSAL=p.causal,
                 WRITE_LSE=lse is not None, STAGES=c["stages"], PV_REGS=c["pv_regs"],
-                PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE,
-                RELEASE_EARLY=c.get("release_early", False))
+                PRODUCER_REGS=c["producer_regs"], TMA=descs[0] is not None, num_warps=4, ABLATE=_MLA_SM90_ABLATE)
         else:
             cfg = p.config
             mla_kernel[(p.grid,)](

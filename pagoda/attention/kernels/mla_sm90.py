@@ -212,13 +212,12 @@ if HAVE_GLUON:
                         stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                         stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
                         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr,
-                        RELEASE_EARLY: gl.constexpr):
+                        WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, ABLATE: gl.constexpr):
         """Warp group 0: scores, online softmax, output columns 0 .. 255 (module docstring).
 
-        Per block j: S_j (queued behind P_{j-1} V_{j-1}), wait, release block j - 1's slot, softmax,
-        rescale O, publish P_j, queue P_j V_j: the softmax runs while warp group 1's P V holds the
-        tensor cores, and P_j V_j while this group waits for the next block."""
+        Per block j: wait for P_{j-1} V_{j-1}, release block j - 1's slot, S_j, wait, softmax, rescale O,
+        publish P_j, queue P_j V_j: the softmax runs while warp group 1's P V holds the tensor cores,
+        and P_j V_j while this group waits for the next block."""
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -243,25 +242,19 @@ if HAVE_GLUON:
             prev = 0
             for j in range(0, n_blocks):
                 start = kv_start + j * BLOCK_N
-                if RELEASE_EARLY:
-                    # P_{j-1} V_{j-1} done: block j - 1's slot goes back to the producer now, not after S_j (with
-                    # two slots, block j + 1's copies then have S_j's time more to land; waiting for it after S_j
-                    # is issued, wait_group 1, makes ptxas serialize every wgmma: C7514)
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
-                    if j > 0:
-                        mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
+                # P_{j-1} V_{j-1} done: block j - 1's slot goes back to the producer now, before S_j is issued (was:
+                # after S_j, which P V precedes in the wgmma queue; with two slots, block j + 1's copies then have
+                # S_j's time more to land: 128 x 8192 566 -> 512 us, H200, session 38; waiting for P V with
+                # wait_group 1 after S_j is issued instead makes ptxas serialize every wgmma, C7514)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                if j > 0:
+                    mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
                 slot = _ws_wait_ready(ready, it, STAGES)
                 if (ABLATE // 2) % 2 == 0:
                     s = _mla_scores(q_lo, q_hi, q_pe, lo_ring, hi_ring, pe_ring, slot, S_LAYOUT, BLOCK_N)
                 else:  # (timing: no Q K^T)
                     s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=S_LAYOUT))
-                if RELEASE_EARLY:
-                    s = warpgroup_mma_wait(0, deps=(s,))
-                else:
-                    # S_j and (queued before it) P_{j-1} V_{j-1} complete in order
-                    s, acc = warpgroup_mma_wait(0, deps=(s, acc))
-                    if j > 0:
-                        mbarrier.arrive(empty.index(prev))  # (every warp passed the publish barrier since)
+                s = warpgroup_mma_wait(0, deps=(s,))
                 p_f, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, start, kv_end, row_hi, row_hi, qk_scale, 1.0,
                                                       start >= full_hi, CAUSAL, False, False, BLOCK_N, S_LAYOUT)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, OROW_L), 1)
@@ -336,7 +329,7 @@ if HAVE_GLUON:
         num_heads, heads_per_prog, qk_scale,
         D_KPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
         WRITE_LSE: gl.constexpr, STAGES: gl.constexpr, PV_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        TMA: gl.constexpr, num_warps: gl.constexpr, ABLATE: gl.constexpr = 0, RELEASE_EARLY: gl.constexpr = False,
+        TMA: gl.constexpr, num_warps: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         """The arguments of kernels/mla.py's mla_kernel that a 16-bit MLA with head_dim_ckv 512 uses
         (qk_scale = sm_scale * log2(e)), plus the register budgets of warp group 1 and the producer, and
@@ -381,7 +374,7 @@ if HAVE_GLUON:
                                ready, empty, pfull, pfree, statfull, statfree,
                                stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_lt,
                                stride_tt, stride_th, stride_tl, num_heads, heads_per_prog, qk_scale,
-                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE, RELEASE_EARLY)),
+                               D_KPE, BLOCK_N, CAUSAL, WRITE_LSE, STAGES, ABLATE)),
             (_mla_pv_wg, (O, LSE, TMP_O, TMP_LSE, WORK, COUNTERS, hi_ring, p_ring, alpha0, alpha1,
                           m_smem, l_smem, ready, empty, pfull, pfree, statfull, statfree,
                           stride_ot, stride_oh, stride_lt, stride_tt, stride_th, stride_tl, num_heads,
