@@ -141,9 +141,9 @@ def _merge_chunk_blocks(O, LSE, TMP_O, TMP_LSE, first, n_chunks, q_len, tok, q_r
     """One query token's merge of a split tile's n_chunks partial states (rows first + c * q_len + tok) for
     BLOCK_H heads and DC output columns. CHUNKS chunks at a time, each block one [CHUNKS, BLOCK_H] load of
     LSEs and one [CHUNKS, BLOCK_H, DC] load of partial outputs, so a block's loads all go out before any of
-    them is used: a merge of <= CHUNKS chunks is one round trip (kernels/attention.py's _merge_partials
-    updates its state chunk by chunk, and the code that uses a chunk's loads sits in front of the next
-    chunk's loads, so each chunk cost a round trip: 1 x 32768's 32 chunks ~16 us, notes.md session 38)."""
+    them is used (kernels/attention.py's _merge_partials updates its state chunk by chunk between one chunk's
+    loads and the next's). In units of 4 heads x 64 columns on 2 warps this took 1 x 32768's merge launch
+    from 16.5 to 6.2 us (H200, notes.md session 38); in units of 8 heads, 16 chunks a load, it was no faster."""
     offs_c = tl.arange(0, CHUNKS)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK_H], tl.float32)
