@@ -289,9 +289,10 @@ class BatchAttention:
             return
         if self._use_cuda_graph:
             raise ValueError(f"batch too large for the CUDA-graph buffers of this wrapper: {items} work items "
-                             f"(max {self._max_items}), {splits} split tiles (max {self._max_splits}), "
-                             f"{arrivals} arrival counters (max {self._arrivals.numel()}), {pages} pages (max "
-                             f"{self._max_pages}); pass a larger paged_kv_indices_buffer or split the batch")
+                             f"(max {self._max_items}), {splits} split-table rows (max {self._max_splits}; one per "
+                             f"split tile, then MLA's merge list), {arrivals} arrival counters (max "
+                             f"{self._arrivals.numel()}), {pages} pages (max {self._max_pages}); pass a larger "
+                             f"paged_kv_indices_buffer or split the batch")
         self._wait_staging()
         if items > self._max_items or splits > self._max_splits or pages > self._max_pages:
             grow = (lambda need, have: have if need <= have else max(need, 2 * have))

@@ -125,6 +125,24 @@ def test_mla_split_append_merge(return_lse, merge, heads, monkeypatch):
             check_lse(lse[s:e], l2)
 
 
+def test_mla_cuda_graph_buffers_name_the_merge_list():
+    """A CUDA-graph wrapper cannot grow its plan buffer (the captured launches read it): a plan whose split tiles
+    and merge list need more split-table rows than it holds is a ValueError that counts those rows, and the plan
+    before stays."""
+    batch = MLABatch([400, 3, 7], 16)
+    w = pagoda.BatchMLAPagedAttentionWrapper(workspace(16), use_cuda_graph=True, backend="triton")
+    args = (torch.tensor([0, 1, 2, 3], dtype=torch.int32), batch.indptr, batch.indices,
+            torch.tensor(batch.kv_lens, dtype=torch.int32), 16, DC, DP, 16, False, 0.1, torch.bfloat16,
+            torch.bfloat16)
+    w.plan(*args)
+    kept = w._plan
+    assert kept.partial_rows > 0 and kept.combine  # split tiles, and a merge list after them
+    w._max_splits = 1
+    with pytest.raises(ValueError, match=r"split-table rows \(max 1; one per split tile, then MLA's merge list\)"):
+        w.plan(*args)
+    assert w._plan is kept
+
+
 def test_mla_merge_config():
     """The merge launch's setting by the plan's split tiles (the H200's grid of 264 programs, two rounds of it,
     128 heads): one or two long tiles in blocked units of 4 heads x 64 columns, up to 33 split tiles in halves,
