@@ -20,6 +20,7 @@ import compile_check  # noqa: E402
 from pagoda.attention.kernels import decode_sm90  # noqa: E402
 
 PARTS = 2  # the cases in this many subprocesses (~50 s of compiling in all on the CI machine)
+SM90_MAX_SHARED = 227 * 1024  # bytes of shared memory one CTA may use on sm_90 (opt-in maximum)
 
 
 def test_ci_cases_name_each_gluon_kernel():
@@ -42,6 +43,9 @@ def test_gluon_kernels_compile_for_sm90(part):
     assert r.returncode == 0 and not failed, r.stdout[-6000:] + r.stderr[-3000:]
     ok = [ln for ln in lines if ln.startswith("ok   ")]
     assert len(ok) == len(names), r.stdout[-3000:]
-    for name in names:  # each built with its shared-memory ring (more than 16 KB: K / V stages)
+    for name in names:  # each built with its shared-memory ring (more than 16 KB: K / V stages), within the
+        # 227 KB a CTA may take on sm_90 (the MLA kernel's 64-token ring leaves 1.6 KB: a launch past it fails
+        # only on the GPU, with "out of resources")
         line = next(ln for ln in ok if ln.startswith(f"ok   {name}:"))
-        assert " B shared" in line and int(line.split(": ", 1)[1].split(" B shared")[0]) > 16384, line
+        assert " B shared" in line, line
+        assert 16384 < int(line.split(": ", 1)[1].split(" B shared")[0]) <= SM90_MAX_SHARED, line
