@@ -93,7 +93,7 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
 
 
 def _check_targets(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size: int,
-                   num_pages: int) -> torch.Tensor:
+                   num_pages: int) -> None:
     """Host checks of an append's targets (a device sync for tables on the GPU): every token's request exists and
     its position lies within that request's pages, and the page ids those pages use lie in the cache."""
     indptr = kv_indptr.detach().cpu().long()
