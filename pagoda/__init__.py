@@ -15,7 +15,7 @@ from .attention import (AttentionVariant, BatchAttention, BatchAttentionWithAtte
                         variants)
 from .ops import *  # noqa: F401,F403  (FlashInfer exposes its ops at the top level too)
 from .ops import __all__ as _ops_all
-from .engine import LLM, CompletionOutput, LLMEngine, RequestOutput, SamplingParams
+from .engine import LLM, CompletionOutput, LLMEngine, LoRARequest, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
     *_ops_all,
-    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
+    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest",
 ]

@@ -1,6 +1,8 @@
 """Serving engine on pagoda's kernels: model loading, paged KV pool with a radix prefix cache,
-continuous batching with chunked prefill and preemption, CUDA-graph decode, offline LLM API."""
+continuous batching with chunked prefill and preemption, CUDA-graph decode, multi-LoRA serving, offline LLM API."""
 from .config import ModelConfig, SamplingParams
 from .llm import LLM, CompletionOutput, EngineStats, LLMEngine, RequestOutput
+from .lora import LoRARequest
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "ModelConfig", "EngineStats"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "ModelConfig", "EngineStats",
+           "LoRARequest"]

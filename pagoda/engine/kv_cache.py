@@ -9,6 +9,10 @@ an edge is the token ids of one full page, a node owns that page's KV. A new req
 the tree along its prompt and reuses the matched pages; finished (and running) requests add
 their full pages. When the pool runs dry, leaves that no request uses are evicted, least
 recently used first.
+
+Requests of a LoRA adapter (engine/lora.py) compute other K / V from the same tokens: their pages live under
+their own first-page keys (the adapter id joined to the first page's tokens), so the tree never hands one
+adapter's pages to another, or to a request without one.
 """
 from __future__ import annotations
 
@@ -76,18 +80,20 @@ class PrefixCache:
         self.query_tokens = 0
         self.hit_tokens = 0
 
-    def _pages_of(self, tokens, n_pages):
+    def _key(self, tokens, i: int, namespace: int):
+        """Page i's edge key: its tokens, the first page's joined to a LoRA adapter's id (namespace > 0)."""
         ps = self.pool.page_size
-        return [tuple(tokens[i * ps:(i + 1) * ps]) for i in range(n_pages)]
+        key = tuple(tokens[i * ps:(i + 1) * ps])
+        return (("lora", namespace),) + key if namespace and i == 0 else key
 
-    def match(self, tokens, max_pages: int | None = None) -> tuple[list[int], _Node]:
+    def match(self, tokens, max_pages: int | None = None, namespace: int = 0) -> tuple[list[int], _Node]:
         """Longest cached run of full pages at the start of tokens: (pages, last node). The caller
-        takes its own references on the pages (PagePool.ref)."""
+        takes its own references on the pages (PagePool.ref). namespace: the requests' LoRA adapter id (0: none)."""
         n = len(tokens) // self.pool.page_size
         if max_pages is not None:
             n = min(n, max_pages)
         node, pages, now = self.root, [], next(self.clock)
-        for key in self._pages_of(tokens, n):
+        for key in (self._key(tokens, i, namespace) for i in range(n)):
             child = node.children.get(key)
             if child is None:
                 break
@@ -100,14 +106,14 @@ class PrefixCache:
         self.query_tokens += query_tokens
         self.hit_tokens += hit_tokens
 
-    def insert(self, node: _Node, tokens, pages, start_page: int, end_page: int) -> _Node:
+    def insert(self, node: _Node, tokens, pages, start_page: int, end_page: int, namespace: int = 0) -> _Node:
         """Index full pages start_page..end_page-1 of a request (tokens / pages: the request's),
         continuing from ``node`` (the tree node of page start_page-1). Returns the new last node.
-        A page whose content is already indexed (another request computed it too) stays private."""
+        A page whose content is already indexed (another request computed it too) stays private.
+        namespace: the request's LoRA adapter id (0: none), as match() takes it."""
         now = next(self.clock)
-        ps = self.pool.page_size
         for i in range(start_page, end_page):
-            key = tuple(tokens[i * ps:(i + 1) * ps])
+            key = self._key(tokens, i, namespace)
             child = node.children.get(key)
             if child is None:
                 child = _Node(key, pages[i], node)

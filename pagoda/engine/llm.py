@@ -21,6 +21,7 @@ from ..attention.formats import SUPPORTED_HEAD_DIMS
 from .config import ModelConfig, SamplingParams
 from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
+from .lora import LoRAManager, LoRARequest
 from .runner import ModelRunner
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
 
@@ -117,7 +118,12 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, load_format: str = "auto", page_size: int = 16,
                  num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, enable_lora: bool = False, max_loras: int = 1,
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None):
+        """enable_lora: serve LoRA adapters (add_request's lora_request; engine/lora.py), at most max_loras of them
+        among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host."""
+        if not isinstance(enable_lora, bool):
+            raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
         path = resolve_model_path(model)
         self.model_path = path
         self.model_name = model or "pagoda-demo"
@@ -154,7 +160,10 @@ class LLMEngine:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         torch.manual_seed(seed)
-        self.model = load_model(path, config, self.dtype, self.device, load_format, seed)
+        # (a LoRA engine keeps the norm weights apart: its adapters' A matrices read the normalized input)
+        self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora)
+        self.lora = (LoRAManager(config, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras)
+                     if enable_lora else None)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         if num_kv_pages is None:
             if self.device.type == "cuda":
@@ -166,13 +175,14 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len,
-                                   window_left=(config.sliding_window - 1) if config.sliding_window else -1)
+                                   window_left=(config.sliding_window - 1) if config.sliding_window else -1,
+                                   max_loras=max_loras if enable_lora else 0)
         self.runner = ModelRunner(config, self.model, device=self.device, dtype=self.dtype,
                                   num_pages=int(num_kv_pages), page_size=page_size,
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager,
-                                  enable_cascade=enable_cascade)
+                                  enable_cascade=enable_cascade, lora=self.lora)
         if self.runner.use_graphs:
             t0 = time.perf_counter()
             self.runner.capture_graphs()
@@ -203,10 +213,17 @@ class LLMEngine:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    lora_request: LoRARequest | None = None) -> str:
+        """lora_request: the LoRA adapter the request runs with (an engine built with enable_lora); its folder is
+        read and checked here (ValueError for a bad one)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if lora_request is not None:
+            if self.lora is None:
+                raise ValueError("lora_request needs an engine built with enable_lora=True")
+            self.lora.register(lora_request)
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -228,6 +245,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
+        for r in group:
+            r.lora_request = lora_request
         if params.bad_words:
             words = self._bad_words_ids(params.bad_words)
             for r in group:
@@ -456,7 +475,10 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: LoRARequest | list[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """lora_request (an LLM built with enable_lora=True): one adapter for every prompt, or a list with one per
+        prompt (None: the base model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -469,10 +491,16 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
+        if isinstance(lora_request, list):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora_request entries for {len(prompts)} prompts")
+            loras = lora_request
+        else:
+            loras = [lora_request] * len(prompts)
         ids = []
         try:  # add all before running any: a bad prompt aborts the ones already added
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp))
+            for p, sp, lr in zip(prompts, params, loras):
+                ids.append(self.engine.add_request(p, sp, lora_request=lr))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -501,7 +529,7 @@ class LLM:
         return [done[r] for r in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"}) or a list of them."""
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
@@ -526,4 +554,4 @@ class LLM:
         prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=add_generation_prompt)
                    for c in convs]
         prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)

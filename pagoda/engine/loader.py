@@ -59,7 +59,9 @@ def iter_safetensors(files: list[str], device):
 
 
 def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_format: str = "auto",
-               seed: int = 0) -> LlamaForCausalLM:
+               seed: int = 0, fold_norms: bool = True) -> LlamaForCausalLM:
+    """The model with its weights; fold_norms: the RMSNorm weights folded into the projections after them
+    (LlamaForCausalLM.fold_norm_weights; not for LoRA serving, whose A's read the normalized input)."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     with torch.device(device):
@@ -74,7 +76,8 @@ def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_
                     p.uniform_(-0.02, 0.02, generator=g)
     else:
         model.load_weights(iter_safetensors(safetensors_files(path), device))
-    model.fold_norm_weights()
+    if fold_norms:
+        model.fold_norm_weights()
     return model.eval()
 
 

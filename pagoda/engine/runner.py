@@ -21,6 +21,7 @@ import pagoda
 
 from ..ops._dispatch import env_switch, pdl_default
 from .config import ModelConfig
+from .lora import LoRABatch, LoRAManager
 from .sampler import sample_collect, sample_launch
 
 # a decode step uses the cascade when sharing saves at least this fraction of its KV page reads and, on a
@@ -46,6 +47,7 @@ class StepInputs:
     logits_indices: np.ndarray  # [S] token rows whose logits are sampled
     sample_rows: list[int]  # [S] which requests sample
     is_decode: bool
+    lora_slots: np.ndarray | None = None  # [B] each request's LoRA slot (LoRAManager.slots_for), None: no LoRA
 
 
 def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
@@ -236,10 +238,14 @@ class _DeviceInputs:
     """The step's arrays on the device, sent in one copy."""
 
     def __init__(self, inp: StepInputs, staging: _Staging):
+        # (LoRA slots only where a request of the step has an adapter: a step without any runs no LoRA launches)
+        lora = inp.lora_slots is not None and bool(inp.lora_slots.any())
+        arrays = [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
+                  inp.kv_last_page_len, inp.logits_indices] + ([inp.lora_slots] if lora else [])
+        dev = staging.upload(arrays)
         (self.input_ids, self.positions, self.batch_indices, self.qo_indptr, self.kv_indptr, self.kv_indices,
-         self.kv_last_page_len, self.logits_indices) = staging.upload(
-            [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
-             inp.kv_last_page_len, inp.logits_indices])
+         self.kv_last_page_len, self.logits_indices) = dev[:8]
+        self.lora_slots = dev[8] if lora else None
 
 
 class _Context:
@@ -250,6 +256,9 @@ class _Context:
         the forward's last reader of the step's inputs and attention plan."""
         self.runner, self.attn, self.dev = runner, attn, dev
         self.pdl = runner.pdl
+        # the step's LoRA deltas (the model's projections call lora.add): each request's rows one segment
+        slots = getattr(dev, "lora_slots", None)
+        self.lora = None if runner.lora is None or slots is None else LoRABatch(runner.lora, dev.qo_indptr, slots)
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
 
     def _attend(self, layer: int, q, cache):
@@ -467,13 +476,17 @@ class _StaticView:
         self.kv_indptr, self.kv_last_page_len = s["kv_indptr"][:size + 1], s["kv_last_page_len"][:size]
         self.kv_indices = s["kv_indices"]
         self.qo_indptr = s["qo_indptr"][:size + 1]
+        self.lora_slots = s["lora_slots"][:size] if "lora_slots" in s else None
 
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
                  attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 enable_cuda_graph: bool, enable_cascade: bool = True):
+                 enable_cuda_graph: bool, enable_cascade: bool = True, lora: LoRAManager | None = None):
+        """lora: the engine's LoRAManager (enable_lora): each step's requests get their adapters' slots, and the
+        decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros)."""
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
+        self.lora = lora
         self.page_size, self.num_pages = page_size, num_pages
         self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
         self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
@@ -511,10 +524,13 @@ class ModelRunner:
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
         mx = self.graph_sizes[-1]
         # the graphs' inputs: one int32 buffer, regions at fixed offsets (write_static fills them in one copy)
+        # (the LoRA slots before the page ids: one copy spans the regions up to the last one written)
         regions = (("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
-                   ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("kv_indices", max_pages_step + mx))
+                   ("qo_indptr", mx + 1), ("kv_last_page_len", mx)) + ((("lora_slots", mx),) if lora is not None
+                                                                       else ()) + (("kv_indices", max_pages_step + mx),)
         offsets = np.cumsum([0] + [k for _, k in regions])
-        n_pinned = max(6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + max_pages_step, int(offsets[-1]))
+        n_pinned = max(6 * max_num_batched_tokens + (5 if lora is not None else 4) * max_num_seqs + 8
+                       + max_pages_step, int(offsets[-1]))
         self.staging = _Staging(n_pinned, self.device)
         self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
         self._graph_attn: dict[bool, _PagodaAttention] = {}
@@ -564,12 +580,16 @@ class ModelRunner:
             kv, qo = inp.kv_indptr, inp.qo_indptr
         pad = size - b
         z = np.zeros(pad, np.int32)
+        slots = None
+        if self.lora is not None:  # (padding rows: slot 0, no adapter)
+            have = None if isinstance(inp, list) else inp.lora_slots
+            slots = np.concatenate([np.zeros(b, np.int32) if have is None else have, z])
         return StepInputs(
             np.concatenate([ids, z]), np.concatenate([pos, z]), np.concatenate([bidx, np.arange(b, size, dtype=np.int32)]),
             np.concatenate([qo, qo[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
             np.concatenate([kv, kv[-1] + np.arange(1, pad + 1, dtype=np.int32)]),
             np.concatenate([kvi, z]), np.concatenate([last, np.ones(pad, np.int32)]),
-            np.arange(size, dtype=np.int32), list(range(size)), True)
+            np.arange(size, dtype=np.int32), list(range(size)), True, slots)
 
     def write_static(self, inp: StepInputs, skip_ids: bool = False) -> None:
         """The step's inputs into the graphs' buffer, in one host-to-device copy (session 18: the copy into a
@@ -577,8 +597,9 @@ class ModelRunner:
         a step at batch 1 in the profile's timeline). skip_ids: all but the input ids (the first region: the
         copy starts after it), which the step before writes on the device (prepare_next)."""
         parts = []
-        for name in ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len",
-                     "kv_indices")[int(skip_ids):]:
+        names = ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len") + (
+            ("lora_slots",) if self.lora is not None else ()) + ("kv_indices",)
+        for name in names[int(skip_ids):]:
             a, region = getattr(inp, name), self.static[name]
             if a.size > region.numel():
                 raise RuntimeError(f"{name}: {a.size} entries, the graphs' buffer holds {region.numel()}")
@@ -629,6 +650,8 @@ class ModelRunner:
         if order is not None:  # requests that share pages next to each other (levels group neighbours)
             requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
         inp = build_inputs(requests, num_new, self.page_size)
+        if self.lora is not None:  # (adapters not on the device are written into slots here, on this stream)
+            inp.lora_slots = self.lora.slots_for(requests)
         levels = self._cascade_levels(inp) if order is not None and inp.is_decode else None
         self.last_step_cascade = levels is not None
         graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
@@ -728,6 +751,8 @@ class ModelRunner:
             if not grow(r, r.num_tokens + 1):
                 return None
         inp = build_next_decode_inputs(reqs, self.page_size)
+        if self.lora is not None:  # (the same requests as the step in flight: their adapters are in their slots)
+            inp.lora_slots = self.lora.slots_for(reqs)
         # -1 marks a row whose logits were not finite (the engine ends that request); a step run ahead still
         # computes the row, so it must hold a valid token id
         positions = inp.positions.tolist()

@@ -43,6 +43,7 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.index = index  # which of the n samples
+        self.lora_request = None  # engine/lora.py's LoRARequest of the request's adapter (set by add_request)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
         # SamplingParams.prompt_logprobs (the first sample of n only: the others share its prompt): entry p is
@@ -81,6 +82,11 @@ class Request:
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator().manual_seed(params.seed + index)
+
+    @property
+    def lora_id(self) -> int:
+        """The request's LoRA adapter id, 0 without one."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -138,9 +144,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: PagePool, prefix_cache: PrefixCache | None, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, window_left: int = -1):
+                 max_num_batched_tokens: int, max_model_len: int, window_left: int = -1, max_loras: int = 0):
         """window_left >= 0: a sliding-window model (a query at position i attends to i - window_left .. i);
-        the pages wholly behind every future query's window go back to the pool after each step."""
+        the pages wholly behind every future query's window go back to the pool after each step.
+        max_loras (a LoRA engine): the running requests hold at most this many adapters; a waiting request of
+        another adapter waits (the requests behind it may go first, as in vLLM)."""
+        self.max_loras = max_loras
         self.pool, self.cache = pool, prefix_cache
         self.window_left = window_left
         self.max_num_seqs, self.budget, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
@@ -214,7 +223,8 @@ class Scheduler:
         full = min(computed, req.num_tokens) // self.pool.page_size
         if full > req.tree_pages:
             start = req.tree_node if req.tree_node is not None else self.cache.root
-            req.tree_node = self.cache.insert(start, req.all_token_ids, req.pages, req.tree_pages, full)
+            req.tree_node = self.cache.insert(start, req.all_token_ids, req.pages, req.tree_pages, full,
+                                              req.lora_id)
             req.tree_pages = full
 
     def _preempt(self, req: Request) -> None:
@@ -256,16 +266,20 @@ class Scheduler:
         budget = self.budget - sum(chosen.values())
         # admit waiting requests
         skipped = []
+        loras = {r.lora_id for r in self.running} - {0} if self.max_loras else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             if req.held_until is not None and not req.held_until():
                 skipped.append(req)
                 continue
+            if self.max_loras and req.lora_id and req.lora_id not in loras and len(loras) >= self.max_loras:
+                skipped.append(req)  # its adapter would be one more than the device's slots
+                continue
             if not req.pages and self.cache is not None:
                 # leave at least one token to compute: its logits give the next token; and the prompt positions
                 # whose logprobs are still to report (SamplingParams.prompt_logprobs)
                 limit = min(req.num_tokens - 1, req.prompt_lp_next) if req.prompt_lp_pending else req.num_tokens - 1
-                pages, node = self.cache.match(req.all_token_ids, limit // self.pool.page_size)
+                pages, node = self.cache.match(req.all_token_ids, limit // self.pool.page_size, req.lora_id)
                 self.pool.ref(pages)
                 req.pages, req.tree_node, req.tree_pages = list(pages), node, len(pages)
                 req.num_computed = len(pages) * self.pool.page_size
@@ -280,6 +294,8 @@ class Scheduler:
                 break
             req.status = Status.RUNNING
             self.running.append(req)
+            if req.lora_id:
+                loras.add(req.lora_id)
             chosen[id(req)] = n
             budget -= n
         for req in reversed(skipped):

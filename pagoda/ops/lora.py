@@ -35,7 +35,8 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
                  out: torch.Tensor | None = None, seg_lens: torch.Tensor | None = None,
                  seg_indptr: torch.Tensor | None = None, weight_indices: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
-    """y = x @ W per segment (module docstring). x: [rows, d_in] fp16 / bf16; seg_indptr ([batch_size + 1]) or
+    """y = x @ W per segment (module docstring). x: [rows, d_in] fp16 / bf16 (or fp32 on the PyTorch path: the
+    engine's CPU models); seg_indptr ([batch_size + 1]) or
     seg_lens ([batch_size]), int32 / int64, on x's device or the host (seg_indptr wins when both are given, as in
     FlashInfer); weight_indices: [batch_size] (None: segment b takes W[b]). out: [rows, d_out] in x's dtype (None: a
     new one). Tables on the host are checked (indptr from 0 to rows and non-decreasing, indices in range:
@@ -45,8 +46,8 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
     backend: "auto" (the Triton kernel on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton" or "torch"."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [rows, d_in], got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in DTYPES + (torch.float32,):
+        raise ValueError(f"x must be float16 or bfloat16 (float32 on the PyTorch path), got {x.dtype}")
     if x.stride(-1) != 1:
         raise ValueError("x must be contiguous in its last dimension")
     if not isinstance(weights, torch.Tensor) or weights.dim() != 3:
@@ -65,6 +66,10 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
     batch_size = int(batch_size)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    torch_path = backend == "torch" or (backend == "auto" and not use_triton(x))
+    if x.dtype == torch.float32 and not torch_path:
+        raise ValueError("x is float32, which only the PyTorch path takes (backend='torch', or 'auto' on a CPU "
+                         "tensor without TRITON_INTERPRET=1); the Triton kernel takes float16 / bfloat16")
     rows = x.shape[0]
     if out is None:
         out = torch.zeros(rows, d_out, dtype=x.dtype, device=x.device)
@@ -97,7 +102,7 @@ def segment_gemm(x: torch.Tensor, weights: torch.Tensor, batch_size: int, weight
             raise ValueError(f"weight_indices must be in 0..{weights.shape[0] - 1}, found {lo if lo < 0 else hi}")
     if batch_size == 0 or rows == 0 or d_out == 0:
         return out
-    if backend == "torch" or (backend == "auto" and not use_triton(x)):
+    if torch_path:
         return _segment_gemm_torch(x, weights, weight_column_major, out, indptr, weight_indices)
     return _segment_gemm_triton(x, weights, weight_column_major, out, indptr, weight_indices, batch_size)
 

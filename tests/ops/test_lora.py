@@ -8,7 +8,7 @@ from pagoda.ops import lora
 
 from ..conftest import DEVICE
 
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
 
 
 def oracle(x, weights, seg_lens, column_major, weight_indices=None):
@@ -59,6 +59,16 @@ def test_segment_gemm(dtype, column_major, backend, seg_lens, d_in, d_out, indic
                           weight_indices=wi, backend=backend)
     assert y is out
     check_segments(y, oracle(x, w, seg_lens, column_major, wi), seg_lens, dtype)
+
+
+def test_float32_on_the_torch_path():
+    """The engine's CPU models are float32: the PyTorch path takes them (the kernel does not: test below)."""
+    seg_lens, indices = [3, 0, 6], torch.tensor([1, 0, 1])
+    x, w = make(seg_lens, 24, 8, 2, True, torch.float32, device="cpu")
+    out = torch.full((9, 8), float("nan"))
+    lora.segment_gemm(x, w, 3, True, out=out, seg_indptr=torch.tensor([0, 3, 3, 9]), weight_indices=indices,
+                      backend="torch")
+    check_segments(out, oracle(x, w, seg_lens, True, indices), seg_lens, torch.float32)
 
 
 @pytest.mark.parametrize("search", ["vector", "binary"])
@@ -139,7 +149,9 @@ def test_bad_input_names_the_argument():
         args.update(kw)
         return lora.segment_gemm(**args)
     cases = [
-        (dict(x=x.float()), "x must be float16 or bfloat16"),
+        (dict(x=x.double(), weights=w.double()), "x must be float16 or bfloat16"),
+        (dict(x=x.float(), weights=w.float(), backend="triton"), "only the PyTorch path takes"),
+        (dict(x=x.float()), "weights must be torch.float32"),
         (dict(x=x[0]), "x must be a 2-D"),
         (dict(weights=w.half()), "weights must be"),
         (dict(weights=w[0]), "weights must be a 3-D"),

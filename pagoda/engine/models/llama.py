@@ -121,9 +121,13 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, cos_sin, ctx):
         t = x.shape[0]
-        o = self.attend(_project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv),
-                        cos_sin, ctx)
-        return _project(self.o_proj, o.view(t, self.hq * self.d), self.small_m_o, self.pdl, self.split_o)
+        lora = getattr(ctx, "lora", None)  # (engine/lora.py's LoRABatch of a step with adapters)
+        qkv = _project(self.qkv_proj, x, self.small_m_qkv, self.pdl, self.split_qkv)
+        if lora is not None:
+            lora.add(qkv, x, self.layer_id, "qkv")
+        o = self.attend(qkv, cos_sin, ctx).view(t, self.hq * self.d)
+        out = _project(self.o_proj, o, self.small_m_o, self.pdl, self.split_o)
+        return out if lora is None else lora.add(out, o, self.layer_id, "o")
 
     def attend(self, qkv, cos_sin, ctx):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
@@ -138,8 +142,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         small_m, split = small_m_projections(), small_m_split()
@@ -148,17 +153,22 @@ class MLP(nn.Module):
         self.fused_gate_up_act = fused_gate_up_act_default()
         self.pdl = pdl_default()
 
-    def forward(self, x):
+    def forward(self, x, lora=None):
+        """lora: the step's LoRABatch (engine/lora.py), whose deltas join gate / up before the activation and the
+        down projection's output."""
         h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up)
-        return _project(self.down_proj, pagoda.silu_and_mul(h, enable_pdl=self.pdl), self.small_m_down, self.pdl,
-                        self.split_down)
+        if lora is not None:
+            lora.add(h, x, self.layer_id, "gate_up")
+        a = pagoda.silu_and_mul(h, enable_pdl=self.pdl)
+        y = _project(self.down_proj, a, self.small_m_down, self.pdl, self.split_down)
+        return y if lora is None else lora.add(y, a, self.layer_id, "down")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, layer_id: int):
         super().__init__()
         self.self_attn = Attention(c, layer_id)
-        self.mlp = MLP(c)
+        self.mlp = MLP(c, layer_id)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -170,7 +180,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, cos_sin, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, getattr(ctx, "lora", None)), residual
 
     def forward_one_token(self, r, cos_sin, ctx) -> None:
         """The layer for one token with both norms deferred (the model's norm weights folded into qkv_proj and
@@ -257,7 +267,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("final_norm=False needs a one-token step with the final norm folded into the lm_head "
                              "(defers_final_norm)")
         x = self.embed_tokens(input_ids)
-        if self._one_token_path(x.shape[0]):
+        # (the one-token path has no LoRA deltas; a LoRA engine does not fold the norms, which keeps it off)
+        if self._one_token_path(x.shape[0]) and getattr(ctx, "lora", None) is None:
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
                 layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x) if final_norm else x
