@@ -183,8 +183,14 @@ def _field_of(msg: str, default: str | None) -> str | None:
     return "logit_bias" if msg.startswith("logit_bias") else default
 
 
-def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None) -> FastAPI:
+def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None,
+               lora_modules=None) -> FastAPI:
+    """lora_modules: LoRARequests (an engine built with enable_lora) served under their lora_name as models of their
+    own: a request whose "model" names one runs with that adapter."""
     engine = async_engine.engine
+    loras = {m.lora_name: m for m in lora_modules or ()}
+    if served_model_name in loras:
+        raise ValueError(f"a LoRA module is named {served_model_name!r}, the served model's name")
     tok = engine.tokenizer
     metrics = metrics or Metrics(engine)
     app = FastAPI(title="pagoda", version="0.1.0")
@@ -212,10 +218,15 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         return error_response(APIError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}",
                                        param=loc[0] if loc else None))
 
-    def check_model(name: str) -> None:
-        if name != served_model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{served_model_name}`.",
-                           param="model", code="model_not_found")
+    def check_model(name: str):
+        """The LoRARequest a request's model names (None: the base model); 404 for a name this server lacks."""
+        if name == served_model_name:
+            return None
+        if name in loras:
+            return loras[name]
+        names = ", ".join(f"`{n}`" for n in [served_model_name, *loras])
+        raise APIError(404, f"The model `{name}` does not exist; this server serves {names}.", param="model",
+                       code="model_not_found")
 
     def default_max(prompt_len: int) -> int:
         return max(1, engine.max_model_len - prompt_len)
@@ -244,9 +255,10 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
 
-    async def run_one(prompt, params, rid):
-        """Start a request; returns the async iterator once the engine accepted it (errors raise)."""
-        gen = async_engine.generate(prompt, params, rid)
+    async def run_one(prompt, params, rid, lora=None):
+        """Start a request (lora: its adapter's LoRARequest); returns the async iterator once the engine accepted it
+        (errors raise)."""
+        gen = async_engine.generate(prompt, params, rid, lora)
         try:
             first = await gen.__anext__()
         except Overloaded as e:
@@ -349,8 +361,12 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "pagoda", "max_model_len": engine.max_model_len}]}
+        now = int(time.time())
+        base = {"id": served_model_name, "object": "model", "created": now, "owned_by": "pagoda",
+                "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [base] + [
+            {"id": m.lora_name, "object": "model", "created": now, "owned_by": "pagoda", "root": m.lora_path,
+             "parent": served_model_name, "max_model_len": engine.max_model_len} for m in loras.values()]}
 
     @app.get("/metrics")
     async def prom():
@@ -359,7 +375,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        check_model(req.model)
+        lora = check_model(req.model)
         unsupported(req)
         p = req.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
@@ -378,7 +394,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         t0 = time.monotonic()
         if req.stream:
             got = await asyncio.gather(*(run_one(ids, _params(req, req.logprobs, default_max(len(ids)),
-                                                             prompt_lp_wanted(req)), f"{rid}-{i}")
+                                                             prompt_lp_wanted(req)), f"{rid}-{i}", lora)
                                          for i, (_, ids) in enumerate(tokenized)), return_exceptions=True)
             starts = [g for g in got if not isinstance(g, BaseException)]
             if len(starts) < len(got):  # one failed: release the others, answer with its error
@@ -390,7 +406,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
         async def one(i, text, ids):
             params = _params(req, req.logprobs, default_max(len(ids)), prompt_lp_wanted(req))
-            first, gen = await run_one(ids, params, f"{rid}-{i}")
+            first, gen = await run_one(ids, params, f"{rid}-{i}", lora)
             final, first_t = first, time.monotonic()
             async for final in gen:
                 pass
@@ -418,7 +434,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             usage["completion_tokens"] += sum(len(c.token_ids) for c in final.outputs)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         metrics.requests.labels(status="200").inc()
-        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage}
 
     async def _stream(starts, req, t0, base, choice_of, prelude=()):
@@ -478,7 +494,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 await gen.aclose()
 
     def _stream_completion(starts, req, rid, created, t0, tokenized):
-        base = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
 
         echoes = [echo_text(text, ids) if req.echo else "" for text, ids in tokenized]  # (once, not per chunk)
 
@@ -540,7 +556,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        check_model(req.model)
+        lora = check_model(req.model)
         unsupported(req)
         _, ids = truncated((None, chat_ids(req.messages, req.add_generation_prompt)), req)
         prompt_len_check(ids)
@@ -556,7 +572,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.monotonic()
-        first, gen = await run_one(ids, params, rid)
+        first, gen = await run_one(ids, params, rid, lora)
         if req.stream:
             return StreamingResponse(_stream_chat([(first, gen)], req, rid, created, t0),
                                      media_type="text/event-stream")
@@ -568,7 +584,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         n_out = sum(len(c.token_ids) for c in final.outputs)
         metrics.requests.labels(status="200").inc()
         extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_field(final)}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name, **extra,
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, **extra,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                              "logprobs": logprob_block_chat(c.logprobs or [], c.token_ids, req.top_logprobs or 0)
@@ -576,7 +592,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
     def _stream_chat(starts, req, rid, created, t0):
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]) for i in range(req.n)]
         def choice(item, c, idx, delta, ids, first):

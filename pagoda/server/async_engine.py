@@ -39,8 +39,9 @@ class AsyncEngine:
         self.thread.start()
 
     # -- handler side (event loop) -------------------------------------------------------
-    async def generate(self, prompt, params: SamplingParams, request_id: str):
-        """Async iterator of RequestOutput for one request (the last one has finished=True)."""
+    async def generate(self, prompt, params: SamplingParams, request_id: str, lora_request=None):
+        """Async iterator of RequestOutput for one request (the last one has finished=True); lora_request: its
+        LoRA adapter (LLMEngine.add_request's)."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error}")
         with self.lock:
@@ -50,7 +51,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (loop, q)
-        self.commands.put(("add", request_id, prompt, params))
+        self.commands.put(("add", request_id, prompt, params, lora_request))
         self.wake.set()
         finished = False
         try:
@@ -94,13 +95,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, lora = cmd
                 with self.lock:
                     self.pending -= 1
                 if rid not in self.streams:  # the client left before we got to it
                     continue
                 try:
-                    self.engine.add_request(prompt, params, request_id=rid)
+                    self.engine.add_request(prompt, params, request_id=rid, lora_request=lora)
                 except Exception as e:  # noqa: BLE001 - validation errors go back to the handler
                     self._push(rid, e)
                 else:

@@ -29,6 +29,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="do not prepare (or, in steady decoding, launch) the next decode step while the "
                         "current one runs")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="PEFT LoRA folders served as models of their own name (needs --enable-lora)")
+    p.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once")
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="parsed adapters kept on the host")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
 
@@ -41,16 +47,22 @@ def serve(args) -> int:
     from .async_engine import AsyncEngine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loras = parse_lora_modules(args.lora_modules or [])
+    if loras and not args.enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
     engine = LLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
                        enable_prefix_caching=not args.no_prefix_caching, load_format=args.load_format,
                        num_kv_pages=args.num_kv_pages, enforce_eager=args.enforce_eager,
-                       async_scheduling=not args.no_async_scheduling,
+                       async_scheduling=not args.no_async_scheduling, enable_lora=args.enable_lora,
+                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                        skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
     name = args.served_model_name or engine.model_name
+    for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)
+        engine.lora.register(m)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    app = create_app(async_engine, name)
+    app = create_app(async_engine, name, lora_modules=loras)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)
@@ -65,6 +77,23 @@ def serve(args) -> int:
     finally:
         async_engine.stop()
     return 0
+
+
+def parse_lora_modules(specs: list[str]):
+    """--lora-modules' NAME=PATH entries as LoRARequests (ids 1, 2, ... in order); ValueError for a malformed or
+    repeated name."""
+    from ..engine import LoRARequest
+
+    out, names = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules entries are NAME=PATH, got {spec!r}")
+        if name in names:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        names.add(name)
+        out.append(LoRARequest(name, len(out) + 1, path))
+    return out
 
 
 def _no_tokenizer(model) -> bool:

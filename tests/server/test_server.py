@@ -377,3 +377,76 @@ def test_tokenize_and_detokenize(server, client):
                               ("/tokenize", {"model": "other", "prompt": "a"}, "model")):
         bad = httpx.post(server + path, json=body)
         assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, body, bad.text)
+
+
+def demo_adapter(folder, rank=4, seed=0):
+    """A PEFT-format LoRA adapter of the bundled model (random A / B on all seven projections) in folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pagoda.engine import ModelConfig
+    from pagoda.engine.loader import DEMO_MODEL
+    from pagoda.engine.lora import module_shapes
+
+    c = ModelConfig.from_path(DEMO_MODEL)
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for layer in range(c.num_layers):
+        for m, (d_in, d_out) in module_shapes(c).items():
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            w[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
+            w[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
+    folder.mkdir()
+    save_file(w, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                           "target_modules": list(module_shapes(c))}))
+    return str(folder)
+
+
+def test_lora_module_specs():
+    from pagoda.server.cli import parse_lora_modules
+
+    got = parse_lora_modules(["sql=/a", "chat=/b=c"])
+    assert [(m.lora_name, m.lora_int_id, m.lora_path) for m in got] == [("sql", 1, "/a"), ("chat", 2, "/b=c")]
+    for specs, msg in ((["sql"], "NAME=PATH"), (["=/a"], "NAME=PATH"), (["sql="], "NAME=PATH"),
+                       (["a=/x", "a=/y"], "names 'a' twice")):
+        with pytest.raises(ValueError, match=msg):
+            parse_lora_modules(specs)
+
+
+def test_lora_modules_are_models_of_their_own(tmp_path):
+    """--enable-lora --lora-modules NAME=PATH: /v1/models lists the adapter beside the base model, a request naming
+    it gets the tokens the offline engine gives with its LoRARequest (and the name back), other requests the base
+    model's in the same server, an unknown model a 404 without stopping it; --lora-modules without --enable-lora
+    refuses to start."""
+    import pagoda
+
+    path = demo_adapter(tmp_path / "sql")
+    bad = subprocess.run([sys.executable, "-m", "pagoda", "serve", "--lora-modules", f"sql={path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--lora-modules needs --enable-lora" in bad.stderr
+    proc, url = start_server("--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"sql={path}")
+    try:
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in models] == [(MODEL, None), ("sql", MODEL)]
+        body = {"prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        lora = httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=120).json()
+        base = httpx.post(url + "/v1/completions", json=dict(body, model=MODEL), timeout=120).json()
+        assert lora["model"] == "sql" and base["model"] == MODEL
+        llm = pagoda.LLM(enable_lora=True, max_lora_rank=8, num_kv_pages=256)
+        sp = pagoda.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        want = llm.generate([body["prompt"]], sp, use_tqdm=False, lora_request=pagoda.LoRARequest("sql", 1, path))
+        plain = llm.generate([body["prompt"]], sp, use_tqdm=False)
+        assert lora["choices"][0]["text"] == want[0].outputs[0].text
+        assert base["choices"][0]["text"] == plain[0].outputs[0].text != lora["choices"][0]["text"]
+        chat = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
+        assert chat["model"] == "sql" and chat["usage"]["completion_tokens"] >= 1
+        r = httpx.post(url + "/v1/completions", json=dict(body, model="nope"), timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "`sql`" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=120).json()["choices"][0][
+            "text"] == lora["choices"][0]["text"]
+    finally:
+        assert stop(proc) == 0
