@@ -10,7 +10,9 @@ Dummy (random) weights of the bundled 8B-shaped configs, bf16, ignore_eos. Cases
   of reading the weights once per step at the copy bandwidth measured in the same run;
 - long: one 32k-token prompt, 256 output tokens: time to first token and inter-token latency;
 - parallel: 64 prompts of 512 tokens x n=8 samples (the samples share the prompt's pages).
-A backend may carry an option: "pagoda:nocascade" (cascade decode off), "pagoda:noasync" (async scheduling off).
+A backend may carry an option: "pagoda:nocascade" (cascade decode off), "pagoda:noasync" (async scheduling off),
+"pagoda:lora" (multi-LoRA: enable_lora with 4 random rank-16 adapters on all seven projections, the requests
+taking them in turn; batch 1 takes one).
 transformers' generate on a small batch gives the floor the issue asks for (--hf).
 """
 from __future__ import annotations
@@ -27,11 +29,41 @@ import pagoda
 from pagoda.bench.attention import copy_bandwidth
 
 
-def run_requests(llm, prompts, params):
-    """Drive the engine directly; returns (seconds, per-request first-token / finish times)."""
+def dummy_adapters(config, root, n=4, rank=16, seed=0):
+    """n PEFT-format LoRA adapters of config (random A / B, small enough to keep dummy activations finite) in
+    folders under root: their LoRARequests."""
+    from safetensors.torch import save_file
+
+    from pagoda.engine.lora import module_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        w = {}
+        for layer in range(config.num_layers):
+            for m, (d_in, d_out) in module_shapes(config).items():
+                part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+                w[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g).div_(d_in ** 0.5).bfloat16()
+                w[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g).mul_(0.01).bfloat16()
+        folder = f"{root}/adapter{i}"
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        save_file(w, f"{folder}/adapter_model.safetensors")
+        with open(f"{folder}/adapter_config.json", "w") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank}, f)
+        out.append(pagoda.LoRARequest(f"adapter{i}", i + 1, folder))
+    return out
+
+
+def run_requests(llm, prompts, params, loras=None):
+    """Drive the engine directly; returns (seconds, per-request first-token / finish times). loras: LoRARequests
+    the requests take in turn."""
     e = llm.engine
     t0 = time.perf_counter()
-    ids = [e.add_request(p, params) for p in prompts]
+    ids = [e.add_request(p, params, lora_request=loras[i % len(loras)] if loras else None)
+           for i, p in enumerate(prompts)]
     first, done = {}, {}
     while e.has_unfinished():
         for out in e.step():
@@ -43,26 +75,27 @@ def run_requests(llm, prompts, params):
     return time.perf_counter() - t0, [first[i] for i in ids], [done[i] for i in ids]
 
 
-def case_throughput(llm, n, rng):
+def case_throughput(llm, n, rng, loras=None):
     lens = rng.integers(256, 1025, size=n)
     vocab = llm.engine.config.vocab_size
     prompts = [rng.integers(0, vocab, size=int(k)).tolist() for k in lens]
     sp = pagoda.SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)
-    run_requests(llm, prompts[:16], pagoda.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm up
-    secs, _, _ = run_requests(llm, prompts, sp)
+    run_requests(llm, prompts[:16], pagoda.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                 loras)  # warm up
+    secs, _, _ = run_requests(llm, prompts, sp, loras)
     out_tok = 256 * n
     return {"requests": n, "seconds": secs, "output_tok_s": out_tok / secs,
             "total_tok_s": (out_tok + int(lens.sum())) / secs}
 
 
-def case_latency(llm, batch, ctx, rng, steps=128):
+def case_latency(llm, batch, ctx, rng, steps=128, loras=None):
     vocab = llm.engine.config.vocab_size
     prompts = [rng.integers(0, vocab, size=ctx).tolist() for _ in range(batch)]
     sp = pagoda.SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-    run_requests(llm, prompts, pagoda.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    run_requests(llm, prompts, pagoda.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), loras)
     e = llm.engine
-    for p in prompts:
-        e.add_request(p, sp)
+    for i, p in enumerate(prompts):
+        e.add_request(p, sp, lora_request=loras[i % len(loras)] if loras else None)
     while any(r.num_computed < r.num_tokens - 1 or not r.output_token_ids for g in e.requests.values() for r in g):
         e.step()  # prefill and the first token
     torch.cuda.synchronize()
@@ -134,10 +167,12 @@ def main(argv=None):
         # "pagoda:nocascade": the pagoda backend with cascade decode off (the parallel case's comparison);
         # "<backend>:noasync": without async scheduling (the latency case's comparison)
         attn, _, option = backend.partition(":")
+        lora = option == "lora"
         try:
             llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=attn, skip_tokenizer_init=True,
                              max_model_len=33280, max_num_batched_tokens=8192,
-                             enable_cascade=option != "nocascade", async_scheduling=option != "noasync")
+                             enable_cascade=option != "nocascade", async_scheduling=option != "noasync",
+                             enable_lora=lora, max_loras=4, max_lora_rank=16)
         except Exception as e:  # noqa: BLE001 - a missing peer must not stop the table
             print(f"# backend {backend} unavailable: {type(e).__name__}: {e}")
             continue
@@ -146,17 +181,22 @@ def main(argv=None):
               f"{llm.engine.pool.usable} KV pages")
         rng = np.random.default_rng(0)
         row = {"backend": backend, "weights_GB": weights / 1e9}
+        loras = None
+        if lora:
+            import tempfile
+
+            loras = dummy_adapters(llm.engine.config, tempfile.mkdtemp(prefix="pagoda-lora-"))
         if "throughput" in cases:
-            row["throughput"] = case_throughput(llm, args.num_requests, rng)
+            row["throughput"] = case_throughput(llm, args.num_requests, rng, loras)
             print(backend, "throughput", row["throughput"], flush=True)
         if "latency" in cases:
             floor_ms = weights / bw * 1e3
-            row["latency"] = [dict(case_latency(llm, b, 1024, rng), floor_ms=floor_ms) for b in (1, 64)]
+            row["latency"] = [dict(case_latency(llm, b, 1024, rng, loras=loras), floor_ms=floor_ms) for b in (1, 64)]
             print(backend, "latency", row["latency"], flush=True)
-        if "long" in cases:
+        if "long" in cases and not lora:
             row["long"] = case_long(llm, rng)
             print(backend, "long", row["long"], flush=True)
-        if "parallel" in cases:
+        if "parallel" in cases and not lora:
             row["parallel"] = case_parallel(llm, rng)
             print(backend, "parallel", row["parallel"], flush=True)
         row["cuda_graph_steps"] = llm.engine.stats.cuda_graph_steps
@@ -195,6 +235,9 @@ def fmt_table(res):
         if vals.get("pagoda") and vals.get("flashinfer"):
             ratio = vals["pagoda"] / vals["flashinfer"] if higher_better else vals["flashinfer"] / vals["pagoda"]
             ratio = f"{ratio:.2f}x"
+        if vals.get("pagoda") and vals.get("pagoda:lora"):  # (what serving adapters costs the same engine)
+            r = vals["pagoda:lora"] / vals["pagoda"] if higher_better else vals["pagoda"] / vals["pagoda:lora"]
+            ratio += f"{'; ' if ratio else ''}lora / base {r:.2f}x"
         lines.append(f"| {case} | {metric} | " + " | ".join(cells) + f" | {ratio} |")
 
     add("throughput", "output tok/s", lambda r: r["throughput"]["output_tok_s"])
