@@ -10,11 +10,13 @@ lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). ``LoRAManager`` keeps ``m
 slots of stacked weights (slot 0 is all zeros: the rows of requests without an adapter), loads an adapter into the
 least recently used slot that the step does not use, and keeps up to ``max_cpu_loras`` parsed adapters on the host.
 
-A step's LoRA deltas (``LoRABatch.add``) are two ops.segment_gemm launches per projection, a shrink (x @ A^T, to the
-rank) and an expand (@ B^T, scaling folded into B when the slot is written), with each request's rows one segment
-(the step's qo_indptr) and its slot the segment's weight index. The engine's fused q/k/v and gate/up projections take
-one shrink over the stacked A's of their parts and one expand through a block-diagonal B. The tables are device
-tensors, so the decode CUDA graphs capture the deltas and replay them for any mix of adapters.
+A step's LoRA deltas (``LoRABatch.add``, ops.lora.lora_delta) are two launches per projection: a split-K shrink (x @
+A^T, to the rank) and an expand (@ B^T, scaling folded into B when the slot is written) that adds into the projection's
+output in place, over the step's rows grouped by slot in tiles of one adapter (ops.lora.lora_tiles, built on the host
+with the step's inputs; rows without an adapter get no tile). The engine's fused q/k/v and gate/up projections take
+one shrink over the stacked A's of their parts and one expand through a block-diagonal B, the stacked rank padded to
+a power of two. The tables are device tensors, so the decode CUDA graphs capture the deltas and replay them for any
+mix of adapters.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import re
 import numpy as np
 import torch
 
-from ..ops.lora import segment_gemm
+from ..ops.lora import lora_delta, lora_max_tiles, lora_tiles
 from .config import ModelConfig
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -154,16 +156,17 @@ class LoRAManager:
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         shapes = module_shapes(config)
         slots, rank = max_loras + 1, max_lora_rank
-        # per layer and fused projection: A [slots, parts * rank, d_in] and B [slots, d_out, parts * rank]
-        # (segment_gemm's weight_column_major layout), B block-diagonal over the parts
+        # per layer and fused projection: A [slots, RP, d_in] and B [slots, d_out, RP], RP = parts * rank padded to a
+        # power of two >= 16 (the MMAs' size; the padding stays zero), B block-diagonal over the parts
         self.weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for _ in range(config.num_layers):
             layer = {}
             for fused, mods in FUSED.items():
                 d_in = shapes[mods[0]][0]
                 d_out = sum(shapes[m][1] for m in mods)
-                layer[fused] = (torch.zeros(slots, len(mods) * rank, d_in, dtype=dtype, device=self.device),
-                                torch.zeros(slots, d_out, len(mods) * rank, dtype=dtype, device=self.device))
+                rp = max(16, 1 << (len(mods) * rank - 1).bit_length())
+                layer[fused] = (torch.zeros(slots, rp, d_in, dtype=dtype, device=self.device),
+                                torch.zeros(slots, d_out, rp, dtype=dtype, device=self.device))
             self.weights.append(layer)
         self.slot_ids: list[int | None] = [None] * slots  # the adapter id in each slot (slot 0: none, ever)
         self.slot_of: dict[int, int] = {}
@@ -244,21 +247,34 @@ class LoRAManager:
         self.loads += 1
 
 
-class LoRABatch:
-    """One step's LoRA tables: seg_indptr (the step's qo_indptr, [batch + 1]) and slots ([batch]), device tensors
-    (or host ones on the CPU); add() puts a projection's LoRA delta into its output."""
+def block_m(rows: int) -> int:
+    """The row tile of a step's LoRA deltas: 16 for decode-sized steps (a few rows an adapter), 64 past 256 rows."""
+    return 16 if rows <= 256 else 64
 
-    def __init__(self, manager: LoRAManager, seg_indptr: torch.Tensor, slots: torch.Tensor):
-        self.m, self.indptr, self.slots = manager, seg_indptr, slots
-        self.batch = slots.shape[0]
-        self.backend = "torch" if slots.device.type == "cpu" else "auto"
+
+def step_tables(request_slots: np.ndarray, qo_indptr: np.ndarray, max_loras: int, rows: int | None = None):
+    """A step's LoRA tables on the host: (order, tiles, n_tiles, block_m) of ops.lora.lora_tiles over its tokens, each
+    taking its request's slot; n_tiles the fixed bound for `rows` rows (default: the step's tokens)."""
+    token_slots = np.repeat(np.asarray(request_slots, np.int32), np.diff(qo_indptr))
+    rows = token_slots.size if rows is None else rows
+    bm = block_m(rows)
+    n = lora_max_tiles(rows, bm, max_loras)
+    order, tiles = lora_tiles(token_slots, bm, n)
+    return order, tiles, n, bm
+
+
+class LoRABatch:
+    """One step's LoRA tables (step_tables: order, tiles, their count and row tile), device tensors (host ones on the
+    CPU); add() puts a projection's LoRA delta into its output."""
+
+    def __init__(self, manager: LoRAManager, order: torch.Tensor, tiles: torch.Tensor, n_tiles: int, block_m: int):
+        self.m, self.order, self.tiles, self.n_tiles, self.block_m = manager, order, tiles, n_tiles, block_m
+        # (the CPU's models and float32 ones take the PyTorch path: the kernels take 16-bit activations)
+        self.backend = "torch" if order.device.type == "cpu" or manager.dtype == torch.float32 else "auto"
 
     def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, proj: str) -> torch.Tensor:
         """out += the LoRA delta of x through projection proj ("qkv", "o", "gate_up", "down") of layer; returns out."""
         wa, wb = self.m.weights[layer][proj]
-        x = x.reshape(-1, x.shape[-1])
-        shrink = segment_gemm(x, wa, self.batch, True, seg_indptr=self.indptr, weight_indices=self.slots,
-                              backend=self.backend)
-        delta = segment_gemm(shrink, wb, self.batch, True, seg_indptr=self.indptr, weight_indices=self.slots,
-                             backend=self.backend)
-        return out.add_(delta.view(out.shape))
+        lora_delta(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), wa, wb, self.order, self.tiles,
+                   self.n_tiles, self.block_m, self.backend)
+        return out

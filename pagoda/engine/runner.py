@@ -21,7 +21,8 @@ import pagoda
 
 from ..ops._dispatch import env_switch, pdl_default
 from .config import ModelConfig
-from .lora import LoRABatch, LoRAManager
+from .lora import LoRABatch, LoRAManager, block_m, step_tables
+from ..ops.lora import lora_max_tiles
 from .sampler import sample_collect, sample_launch
 
 # a decode step uses the cascade when sharing saves at least this fraction of its KV page reads and, on a
@@ -237,15 +238,17 @@ class _Staging:
 class _DeviceInputs:
     """The step's arrays on the device, sent in one copy."""
 
-    def __init__(self, inp: StepInputs, staging: _Staging):
-        # (LoRA slots only where a request of the step has an adapter: a step without any runs no LoRA launches)
-        lora = inp.lora_slots is not None and bool(inp.lora_slots.any())
+    def __init__(self, inp: StepInputs, staging: _Staging, max_loras: int = 0):
+        # (LoRA tables only where a request of the step has an adapter: a step without any runs no LoRA launches)
+        lora = None
+        if inp.lora_slots is not None and inp.lora_slots.any():
+            lora = step_tables(inp.lora_slots, inp.qo_indptr, max_loras)
         arrays = [inp.input_ids, inp.positions, inp.batch_indices, inp.qo_indptr, inp.kv_indptr, inp.kv_indices,
-                  inp.kv_last_page_len, inp.logits_indices] + ([inp.lora_slots] if lora else [])
+                  inp.kv_last_page_len, inp.logits_indices] + ([lora[0], lora[1]] if lora else [])
         dev = staging.upload(arrays)
         (self.input_ids, self.positions, self.batch_indices, self.qo_indptr, self.kv_indptr, self.kv_indices,
          self.kv_last_page_len, self.logits_indices) = dev[:8]
-        self.lora_slots = dev[8] if lora else None
+        self.lora = (dev[8], dev[9], lora[2], lora[3]) if lora else None  # (order, tiles, n_tiles, block_m)
 
 
 class _Context:
@@ -256,9 +259,9 @@ class _Context:
         the forward's last reader of the step's inputs and attention plan."""
         self.runner, self.attn, self.dev = runner, attn, dev
         self.pdl = runner.pdl
-        # the step's LoRA deltas (the model's projections call lora.add): each request's rows one segment
-        slots = getattr(dev, "lora_slots", None)
-        self.lora = None if runner.lora is None or slots is None else LoRABatch(runner.lora, dev.qo_indptr, slots)
+        # the step's LoRA deltas (the model's projections call lora.add), over its rows grouped by adapter
+        tables = getattr(dev, "lora", None)
+        self.lora = None if runner.lora is None or tables is None else LoRABatch(runner.lora, *tables)
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
 
     def _attend(self, layer: int, q, cache):
@@ -422,7 +425,7 @@ class _DecodeGraph:
         else:
             self.attn = runner.graph_attention(cascade)
         s = runner.static
-        self.dev = _StaticView(s, size)
+        self.dev = _StaticView(s, size, runner.lora.max_loras if runner.lora is not None else 0)
         inp = runner.padded_decode_inputs([], size)
         runner.write_static(inp)
         self.attn.plan(inp, self.dev)
@@ -470,13 +473,17 @@ class _DecodeGraph:
 
 
 class _StaticView:
-    def __init__(self, s, size):
+    def __init__(self, s, size, max_loras: int = 0):
         self.input_ids, self.positions = s["input_ids"][:size], s["positions"][:size]
         self.batch_indices = s["batch_indices"][:size]
         self.kv_indptr, self.kv_last_page_len = s["kv_indptr"][:size + 1], s["kv_last_page_len"][:size]
         self.kv_indices = s["kv_indices"]
         self.qo_indptr = s["qo_indptr"][:size + 1]
-        self.lora_slots = s["lora_slots"][:size] if "lora_slots" in s else None
+        self.lora = None
+        if "lora_order" in s:  # (runner.write_static fills them for the padded batch: n tiles in the region's front)
+            bm = block_m(size)
+            n = lora_max_tiles(size, bm, max_loras)
+            self.lora = (s["lora_order"][:size], s["lora_tiles"][:3 * n], n, bm)
 
 
 class ModelRunner:
@@ -487,6 +494,7 @@ class ModelRunner:
         decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros)."""
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.lora = lora
+        self._max_loras = 0 if lora is None else lora.max_loras
         self.page_size, self.num_pages = page_size, num_pages
         self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
         self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
@@ -524,13 +532,15 @@ class ModelRunner:
         self.graph_sizes = [s for s in GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
         mx = self.graph_sizes[-1]
         # the graphs' inputs: one int32 buffer, regions at fixed offsets (write_static fills them in one copy)
-        # (the LoRA slots before the page ids: one copy spans the regions up to the last one written)
+        # (the LoRA tables before the page ids: one copy spans the regions up to the last one written)
+        lora_regions = () if lora is None else (("lora_order", mx),
+                                                ("lora_tiles", 3 * lora_max_tiles(mx, 16, lora.max_loras)))
         regions = (("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
-                   ("qo_indptr", mx + 1), ("kv_last_page_len", mx)) + ((("lora_slots", mx),) if lora is not None
-                                                                       else ()) + (("kv_indices", max_pages_step + mx),)
+                   ("qo_indptr", mx + 1), ("kv_last_page_len", mx)) + lora_regions + (
+                       ("kv_indices", max_pages_step + mx),)
         offsets = np.cumsum([0] + [k for _, k in regions])
-        n_pinned = max(6 * max_num_batched_tokens + (5 if lora is not None else 4) * max_num_seqs + 8
-                       + max_pages_step, int(offsets[-1]))
+        n_lora = 0 if lora is None else 4 * max_num_batched_tokens + 3 * lora.max_loras  # (order, tiles of 16 rows)
+        n_pinned = max(6 * max_num_batched_tokens + 4 * max_num_seqs + 8 + max_pages_step + n_lora, int(offsets[-1]))
         self.staging = _Staging(n_pinned, self.device)
         self.graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (padded batch size, cascade)
         self._graph_attn: dict[bool, _PagodaAttention] = {}
@@ -597,10 +607,15 @@ class ModelRunner:
         a step at batch 1 in the profile's timeline). skip_ids: all but the input ids (the first region: the
         copy starts after it), which the step before writes on the device (prepare_next)."""
         parts = []
-        names = ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len") + (
-            ("lora_slots",) if self.lora is not None else ()) + ("kv_indices",)
+        arrays = {}
+        if self.lora is not None:  # (the padded batch's tables: the graph's grid is the bound for its size)
+            size = len(inp.input_ids)
+            order, tiles, _, _ = step_tables(inp.lora_slots, inp.qo_indptr, self.lora.max_loras, rows=size)
+            arrays = {"lora_order": order, "lora_tiles": tiles}
+        names = ("input_ids", "positions", "batch_indices", "kv_indptr", "qo_indptr", "kv_last_page_len") + tuple(
+            arrays) + ("kv_indices",)
         for name in names[int(skip_ids):]:
-            a, region = getattr(inp, name), self.static[name]
+            a, region = arrays[name] if name in arrays else getattr(inp, name), self.static[name]
             if a.size > region.numel():
                 raise RuntimeError(f"{name}: {a.size} entries, the graphs' buffer holds {region.numel()}")
             parts.append((region.storage_offset(), a))
@@ -666,7 +681,7 @@ class ModelRunner:
                 self._graph_launched(graph)
         prompt_lp = None
         if graph is None:
-            dev = _DeviceInputs(inp, self.staging)
+            dev = _DeviceInputs(inp, self.staging, self._max_loras)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
             hidden = self._hidden(dev, attn)
@@ -772,7 +787,7 @@ class ModelRunner:
             graph.prepare(self.padded_decode_inputs(inp, graph.size))
             self.static["input_ids"][:len(reqs)].copy_(ids, non_blocking=True)
             return _Prepared(list(reqs), positions, graph=graph)
-        dev = _DeviceInputs(inp, self.staging)
+        dev = _DeviceInputs(inp, self.staging, self._max_loras)
         dev.input_ids.copy_(ids, non_blocking=True)
         self.attn.plan(inp, dev)
         return _Prepared(list(reqs), positions, dev=dev)

@@ -9,6 +9,7 @@ hidden size); each request's rows form one segment and pick their adapter throug
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 
@@ -207,3 +208,93 @@ class SegmentGEMMWrapper:
                             self.backend)
 
     forward = run
+
+
+# -- the serving engine's LoRA deltas (engine/lora.py) ----------------------------------------------------------------
+# Rows grouped by adapter slot and cut into tiles of one slot on the host (lora_tiles), then two launches a
+# projection: a split-K shrink into float32 partials and an expand that sums them and adds its product into the
+# projection's output in place (no zeroing, no copy, no separate add: segment_gemm's form took six launches a
+# projection, which at one token a step cost more than the adapters' bytes). Rows of slot 0 (no adapter) get no tile.
+
+def lora_max_tiles(rows: int, block_m: int, max_loras: int) -> int:
+    """The most tiles lora_tiles makes for `rows` rows of up to max_loras adapters (each adapter's last tile may be
+    partial): the fixed grid a CUDA graph captures."""
+    return -(-rows // block_m) + max_loras
+
+
+def lora_tiles(token_slots: np.ndarray, block_m: int, n_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order [rows] int32: the rows sorted by slot, stably; tiles [3 * n_tiles] int32: per tile its slot, first and
+    end position in order, at most block_m rows of one slot, slot-0 rows in none, unused tiles slot -1)."""
+    slots = np.asarray(token_slots, dtype=np.int32)
+    order = np.argsort(slots, kind="stable").astype(np.int32)
+    counts = np.bincount(slots, minlength=1) if slots.size else np.zeros(1, np.int64)
+    ends = np.cumsum(counts)
+    tiles = np.full((3, n_tiles), -1, dtype=np.int32)
+    i = 0
+    for s in np.nonzero(counts)[0]:
+        if s == 0:
+            continue
+        lo, hi = int(ends[s] - counts[s]), int(ends[s])
+        for first in range(lo, hi, block_m):
+            if i == n_tiles:
+                raise ValueError(f"n_tiles={n_tiles} is too few for {slots.size} rows of {np.count_nonzero(counts[1:])} "
+                                 f"adapters in tiles of {block_m}")
+            tiles[:, i] = (s, first, min(first + block_m, hi))
+            i += 1
+    return order, tiles.reshape(-1)
+
+
+def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor,
+               tiles: torch.Tensor, n_tiles: int, block_m: int, backend: str = "auto") -> torch.Tensor:
+    """out[r] += (x[r] @ a[slot]^T) @ b[slot]^T for the rows r of every tile (lora_tiles), in place; a [slots, RP,
+    d_in] and b [slots, d_out, RP] (RP a power of two >= 16), the shrink rounded to b's dtype, the sum in float32.
+    Tables on the device are not read back (a CUDA graph captures the launches). backend as segment_gemm's."""
+    if x.dim() != 2 or out.dim() != 2 or out.shape[0] != x.shape[0] or out.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"x [rows, d_in] and out [rows, d_out] must share rows and be contiguous in their last "
+                         f"dimension, got {tuple(x.shape)} and {tuple(out.shape)}")
+    if a.dim() != 3 or b.dim() != 3 or a.shape[2] != x.shape[1] or b.shape[1] != out.shape[1] or \
+            a.shape[:2] != (b.shape[0], b.shape[2]):
+        raise ValueError(f"a must be [slots, rank, {x.shape[1]}] and b [slots, {out.shape[1]}, rank], got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    rp = a.shape[1]
+    if rp < 16 or rp & (rp - 1):
+        raise ValueError(f"the stacked rank must be a power of two >= 16, got {rp}")
+    if tiles.numel() != 3 * n_tiles or order.numel() != x.shape[0]:
+        raise ValueError(f"tiles must have 3 * n_tiles = {3 * n_tiles} entries and order {x.shape[0]}, got "
+                         f"{tiles.numel()} and {order.numel()}")
+    if backend == "torch" or (backend == "auto" and not use_triton(x)):
+        return _lora_delta_torch(out, x, a, b, order, tiles, n_tiles)
+    if x.dtype == torch.float32:
+        raise ValueError("x is float32, which only the PyTorch path takes")
+    from .kernels.lora import lora_expand_kernel, lora_shrink_kernel
+
+    on_cuda = x.is_cuda
+    bk, bn = (64, 64) if on_cuda else (16, 16)
+    d_in, d_out = x.shape[1], out.shape[1]
+    k_steps = -(-d_in // bk)
+    split = 1
+    while split < 16 and n_tiles * split < 128 and k_steps >= 2 * split:
+        split *= 2
+    if n_tiles == 0 or x.shape[0] == 0:
+        return out
+    p = torch.empty(split, x.shape[0], rp, dtype=torch.float32, device=x.device)
+    lora_shrink_kernel[(n_tiles, split)](x, a, p, order, tiles, n_tiles, d_in, x.stride(0), a.stride(0), a.stride(1),
+                                        p.stride(0), p.stride(1), RP=rp, BLOCK_M=block_m, BLOCK_K=bk, SPLIT=split,
+                                        num_warps=4, num_stages=3 if on_cuda else 1)
+    lora_expand_kernel[(n_tiles, triton.cdiv(d_out, bn))](p, b, out, order, tiles, n_tiles, d_out, p.stride(0),
+                                                          p.stride(1), b.stride(0), b.stride(1), out.stride(0), RP=rp,
+                                                          BLOCK_M=block_m, BLOCK_N=bn, SPLIT=split, num_warps=4)
+    return out
+
+
+def _lora_delta_torch(out, x, a, b, order, tiles, n_tiles):
+    """The PyTorch path (the reference's form): tile by tile, from the tables read back."""
+    t = tiles.reshape(3, n_tiles).tolist()
+    order = order.long().to(x.device)
+    for slot, first, end in zip(*t):
+        if slot <= 0:
+            continue
+        rows = order[first:end]
+        shrunk = (x[rows].float() @ a[slot].float().T).to(b.dtype)
+        out[rows] = (out[rows].float() + shrunk.float() @ b[slot].float().T).to(out.dtype)
+    return out

@@ -622,6 +622,7 @@ def test_graph_inputs_written_in_one_copy():
         pass
 
     fake = Fake()
+    fake.lora = None  # (no LoRA engine: no LoRA tables among the regions)
     fake.staging = runner_mod._Staging(int(offsets[-1]), torch.device("cpu"))
     fake.staging.pinned = torch.full((int(offsets[-1]),), -7, dtype=torch.int32)  # (as on a GPU host)
     fake.static_flat = torch.full((int(offsets[-1]),), -9, dtype=torch.int32)
@@ -643,6 +644,45 @@ def test_graph_inputs_written_in_one_copy():
                                      [0], True)
     with pytest.raises(RuntimeError, match="kv_indices"):
         runner_mod.ModelRunner.write_static(fake, too_long)
+
+
+def test_graph_lora_tables_written_with_the_inputs():
+    """A LoRA engine's graphs: write_static also puts the padded batch's LoRA tables (rows grouped by adapter, tiles
+    of one adapter; padding rows on slot 0 get none) into their regions, ahead of the page ids, in the same copy."""
+    import numpy as np
+    import torch
+
+    from pagoda.engine import runner as runner_mod
+    from pagoda.engine.lora import step_tables
+    from pagoda.ops.lora import lora_max_tiles
+
+    mx, pages, loras = 8, 40, 2
+    regions = (("input_ids", mx), ("positions", mx), ("batch_indices", mx), ("kv_indptr", mx + 1),
+               ("qo_indptr", mx + 1), ("kv_last_page_len", mx), ("lora_order", mx),
+               ("lora_tiles", 3 * lora_max_tiles(mx, 16, loras)), ("kv_indices", pages + mx))
+    offsets = np.cumsum([0] + [k for _, k in regions])
+
+    class Fake:
+        pass
+
+    fake = Fake()
+    fake.lora = Fake()
+    fake.lora.max_loras = loras
+    fake.staging = runner_mod._Staging(int(offsets[-1]), torch.device("cpu"))
+    fake.staging.pinned = torch.full((int(offsets[-1]),), -7, dtype=torch.int32)
+    fake.static_flat = torch.full((int(offsets[-1]),), -9, dtype=torch.int32)
+    fake.static = {n: fake.static_flat[o:o + k] for (n, k), o in zip(regions, offsets)}
+    slots = np.array([2, 0, 1, 2, 0, 0, 0, 0], np.int32)  # 4 requests and 4 padding rows of a size-8 graph
+    inp = runner_mod.StepInputs(np.arange(8, dtype=np.int32), np.arange(8, dtype=np.int32), np.arange(8, dtype=np.int32),
+                                np.arange(9, dtype=np.int32), np.arange(9, dtype=np.int32), np.arange(1, 9, dtype=np.int32),
+                                np.ones(8, np.int32), np.arange(8, dtype=np.int32), list(range(8)), True, slots)
+    runner_mod.ModelRunner.write_static(fake, inp)
+    order, tiles, n, bm = step_tables(slots, inp.qo_indptr, loras)
+    assert (n, bm) == (3, 16)
+    assert fake.static["lora_order"].tolist() == order.tolist() == [1, 4, 5, 6, 7, 2, 0, 3]
+    assert fake.static["lora_tiles"][:9].tolist() == tiles.tolist() == [1, 2, -1, 5, 6, -1, 6, 8, -1]
+    view = runner_mod._StaticView(fake.static, 8, loras)
+    assert view.lora[2:] == (3, 16) and view.lora[1].tolist() == tiles.tolist()
 
 
 def test_sample_launch_takes_model_dtype_logits():

@@ -248,3 +248,57 @@ def test_bench_table_with_and_without_flashinfer():
     assert len(lines) == 3 and "x FI" in lines[0]
     assert "4.00x" in lines[1] and "-" in lines[1].split()[7]
     assert "3.00x" in lines[2] and " 840 " in lines[2] and "0.8" in lines[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("rows,rp,d_in,d_out,block_m,extra_tiles", [
+    (37, 16, 40, 24, 16, 0),   # K and d_out not multiples of the interpreter's 16-wide steps, tiles of 16
+    (9, 32, 64, 70, 16, 3),    # a 32-wide stacked rank, unused tiles past the last
+    (70, 16, 24, 16, 64, 0),   # prefill-sized tiles of 64 rows
+])
+def test_lora_delta_over_rows_grouped_by_adapter(dtype, backend, rows, rp, d_in, d_out, block_m, extra_tiles):
+    """The engine's LoRA deltas (lora_tiles + lora_delta): out[r] += (x[r] @ A[slot]^T) @ B[slot]^T for the rows of
+    adapters 1..3 in random order, against float64 (the shrink rounded to the weights' dtype, as the kernel does);
+    rows of slot 0 keep their exact bits; the split-K partials come back summed."""
+    g = torch.Generator().manual_seed(rows)
+    slots = torch.randint(0, 4, (rows,), generator=g).numpy()
+    x = torch.randn(rows, d_in, generator=g).to(dtype).to(DEVICE)
+    a = (torch.randn(4, rp, d_in, generator=g) / d_in ** 0.5).to(dtype).to(DEVICE)
+    b = (torch.randn(4, d_out, rp, generator=g) / rp ** 0.5).to(dtype).to(DEVICE)
+    out0 = torch.randn(rows, d_out, generator=g).to(dtype).to(DEVICE)
+    n_tiles = lora.lora_max_tiles(rows, block_m, 3) + extra_tiles
+    order, tiles = lora.lora_tiles(slots, block_m, n_tiles)
+    out = out0.clone()
+    lora.lora_delta(out, x, a, b, torch.from_numpy(order).to(DEVICE), torch.from_numpy(tiles).to(DEVICE), n_tiles,
+                    block_m, backend)
+    ref = out0.double().cpu().clone()
+    for r, s in enumerate(slots):
+        if s:
+            shrunk = (x[r].double().cpu() @ a[s].double().cpu().T).to(dtype).double()
+            ref[r] += shrunk @ b[s].double().cpu().T
+    keep = torch.from_numpy(slots == 0)
+    assert torch.equal(out[keep.to(out.device)], out0[keep.to(out.device)])
+    got = out.double().cpu()
+    for s in (1, 2, 3):
+        m = torch.from_numpy(slots == s)
+        if m.any():
+            err = ((got[m] - ref[m]).norm() / (ref[m] - out0.double().cpu()[m]).norm()).item()
+            assert err < 2 * TOL[dtype], (s, err)
+
+
+def test_lora_tiles_and_bad_tables():
+    order, tiles = lora.lora_tiles([3, 0, 3, 1, 3, 3], 2, 5)
+    assert order.tolist() == [1, 3, 0, 2, 4, 5]
+    assert tiles.reshape(3, 5).tolist() == [[1, 3, 3, -1, -1], [1, 2, 4, -1, -1], [2, 4, 6, -1, -1]]
+    with pytest.raises(ValueError, match="n_tiles=2 is too few"):
+        lora.lora_tiles([3, 0, 3, 1, 3, 3], 2, 2)
+    x, out = torch.randn(4, 32).bfloat16(), torch.zeros(4, 16).bfloat16()
+    a, b = torch.zeros(2, 16, 32).bfloat16(), torch.zeros(2, 16, 16).bfloat16()
+    order, tiles = (torch.from_numpy(t) for t in lora.lora_tiles([1, 0, 1, 1], 16, 3))
+    for args, msg in (((out, x, a, b[:, :8], order, tiles, 3, 16), "b \\[slots, 16, rank\\]"),
+                      ((out, x, a[:, :12], b[:, :, :12], order, tiles, 3, 16), "power of two >= 16"),
+                      ((out, x, a, b, order, tiles, 2, 16), "3 \\* n_tiles"),
+                      ((out[:3], x, a, b, order, tiles, 3, 16), "share rows")):
+        with pytest.raises(ValueError, match=msg):
+            lora.lora_delta(*args)

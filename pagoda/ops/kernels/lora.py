@@ -115,3 +115,71 @@ def segment_gemm_kernel(X, W, Y, SEG_INDPTR, WEIGHT_INDICES, TILE_INDPTR, n_rows
         tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lora_shrink_kernel(X, A, P, ORDER, TILES, n_tiles, d_in, stride_xm, stride_as, stride_ar, stride_ps, stride_pm,
+                       RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """The serving engine's LoRA shrink over rows grouped by adapter (ops/lora.py lora_delta): program (t, s) takes
+    tile t of TILES ([3, n_tiles] int32: adapter slot, first and end position in ORDER; a slot <= 0 is no work) and
+    K share s of SPLIT, and writes P[s, row, :] = X[row, share] @ A[slot, :, share]^T (float32, RP columns) for
+    the tile's rows ORDER[first:end] (at most BLOCK_M). Every share writes, an empty one zeros."""
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    slot = tl.load(TILES + t)
+    if slot <= 0:
+        return
+    first = tl.load(TILES + n_tiles + t)
+    end = tl.load(TILES + 2 * n_tiles + t)
+    offs = first + tl.arange(0, BLOCK_M)
+    ok = offs < end
+    rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+    k_steps = tl.cdiv(d_in, BLOCK_K)
+    per = tl.cdiv(k_steps, SPLIT)
+    k_lo = tl.multiple_of(s * per * BLOCK_K, BLOCK_K)
+    k_hi = tl.minimum(k_lo + per * BLOCK_K, d_in)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, RP)
+    x_ptrs = X + rows[:, None] * stride_xm + (k_lo + offs_k)[None, :]
+    a_ptrs = A + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar + (k_lo + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        k_ok = k + offs_k < k_hi
+        x = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x, a, acc)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    tl.store(P + s * stride_ps + rows[:, None] * stride_pm + offs_r[None, :], acc, mask=ok[:, None])
+
+
+@triton.jit
+def lora_expand_kernel(P, B, OUT, ORDER, TILES, n_tiles, d_out, stride_ps, stride_pm, stride_bs, stride_bn,
+                       stride_om, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLIT: tl.constexpr):
+    """Program (t, n): OUT[row, cols] += (sum over s of P[s, row, :]) @ B[slot, cols, :]^T for tile t's rows
+    (lora_shrink_kernel's tiles) and column tile n: the shrink's sum rounded to B's dtype, the product added to
+    OUT in float32 and rounded once. Each (row, column) belongs to one program: no atomics."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(TILES + t)
+    if slot <= 0:
+        return
+    first = tl.load(TILES + n_tiles + t)
+    end = tl.load(TILES + 2 * n_tiles + t)
+    offs = first + tl.arange(0, BLOCK_M)
+    ok = offs < end
+    rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+    offs_r = tl.arange(0, RP)
+    shrunk = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        shrunk += tl.load(P + s * stride_ps + rows[:, None] * stride_pm + offs_r[None, :], mask=ok[:, None], other=0.0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d_out
+    b = tl.load(B + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn + offs_r[:, None], mask=col_ok[None, :],
+                other=0.0)
+    acc = tl.dot(shrunk.to(B.dtype.element_ty), b)
+    o_ptrs = OUT + rows[:, None] * stride_om + cols[None, :]
+    mask = ok[:, None] & col_ok[None, :]
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    tl.store(o_ptrs, (o.to(tl.float32) + acc).to(OUT.dtype.element_ty), mask=mask)
