@@ -267,8 +267,11 @@ class LoRABatch:
     """One step's LoRA tables (step_tables: order, tiles, their count and row tile), device tensors (host ones on the
     CPU); add() puts a projection's LoRA delta into its output."""
 
-    def __init__(self, manager: LoRAManager, order: torch.Tensor, tiles: torch.Tensor, n_tiles: int, block_m: int):
+    def __init__(self, manager: LoRAManager, order: torch.Tensor, tiles: torch.Tensor, n_tiles: int, block_m: int,
+                 pdl: bool = False):
+        """pdl: launch the deltas as programmatic dependent launches (the engine's PAGODA_PDL)."""
         self.m, self.order, self.tiles, self.n_tiles, self.block_m = manager, order, tiles, n_tiles, block_m
+        self.pdl = pdl
         # (the CPU's models and float32 ones take the PyTorch path: the kernels take 16-bit activations)
         self.backend = "torch" if order.device.type == "cpu" or manager.dtype == torch.float32 else "auto"
 
@@ -276,5 +279,5 @@ class LoRABatch:
         """out += the LoRA delta of x through projection proj ("qkv", "o", "gate_up", "down") of layer; returns out."""
         wa, wb = self.m.weights[layer][proj]
         lora_delta(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), wa, wb, self.order, self.tiles,
-                   self.n_tiles, self.block_m, self.backend)
+                   self.n_tiles, self.block_m, self.backend, self.pdl)
         return out

@@ -261,7 +261,7 @@ class _Context:
         self.pdl = runner.pdl
         # the step's LoRA deltas (the model's projections call lora.add), over its rows grouped by adapter
         tables = getattr(dev, "lora", None)
-        self.lora = None if runner.lora is None or tables is None else LoRABatch(runner.lora, *tables)
+        self.lora = None if runner.lora is None or tables is None else LoRABatch(runner.lora, *tables, pdl=self.pdl)
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
 
     def _attend(self, layer: int, q, cache):

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..attention.formats import check_indptr, check_int
-from ._dispatch import use_triton
+from ._dispatch import pdl_launch, use_triton
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -245,10 +245,13 @@ def lora_tiles(token_slots: np.ndarray, block_m: int, n_tiles: int) -> tuple[np.
 
 
 def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor,
-               tiles: torch.Tensor, n_tiles: int, block_m: int, backend: str = "auto") -> torch.Tensor:
+               tiles: torch.Tensor, n_tiles: int, block_m: int, backend: str = "auto",
+               enable_pdl: bool = False) -> torch.Tensor:
     """out[r] += (x[r] @ a[slot]^T) @ b[slot]^T for the rows r of every tile (lora_tiles), in place; a [slots, RP,
     d_in] and b [slots, d_out, RP] (RP a power of two >= 16), the shrink rounded to b's dtype, the sum in float32.
-    Tables on the device are not read back (a CUDA graph captures the launches). backend as segment_gemm's."""
+    Tables on the device are not read back (a CUDA graph captures the launches). backend as segment_gemm's;
+    enable_pdl: both launches programmatic dependent launches (kernels/pdl.py; the tables and a / b must not be
+    written by the kernels before them in the stream, x and out may be)."""
     if x.dim() != 2 or out.dim() != 2 or out.shape[0] != x.shape[0] or out.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"x [rows, d_in] and out [rows, d_out] must share rows and be contiguous in their last "
                          f"dimension, got {tuple(x.shape)} and {tuple(out.shape)}")
@@ -280,10 +283,11 @@ def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     p = torch.empty(split, x.shape[0], rp, dtype=torch.float32, device=x.device)
     lora_shrink_kernel[(n_tiles, split)](x, a, p, order, tiles, n_tiles, d_in, x.stride(0), a.stride(0), a.stride(1),
                                         p.stride(0), p.stride(1), RP=rp, BLOCK_M=block_m, BLOCK_K=bk, SPLIT=split,
-                                        num_warps=4, num_stages=3 if on_cuda else 1)
+                                        num_warps=4, num_stages=3 if on_cuda else 1, **pdl_launch(enable_pdl, x))
     lora_expand_kernel[(n_tiles, triton.cdiv(d_out, bn))](p, b, out, order, tiles, n_tiles, d_out, p.stride(0),
                                                           p.stride(1), b.stride(0), b.stride(1), out.stride(0), RP=rp,
-                                                          BLOCK_M=block_m, BLOCK_N=bn, SPLIT=split, num_warps=4)
+                                                          BLOCK_M=block_m, BLOCK_N=bn, SPLIT=split, num_warps=4,
+                                                          **pdl_launch(enable_pdl, x))
     return out
 
 

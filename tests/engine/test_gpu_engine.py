@@ -311,17 +311,25 @@ def test_lora_in_cuda_graphs_matches_merged_weights(tmp_path):
         bf16[name] = ref.generate(PROMPTS, sp, use_tqdm=False)
         del ref
     forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    dev = {"lora": [], "bf16": []}  # per token |p - p_float32| of the LoRA engine's and the bf16 engines' choices
+    gap = {"lora": [], "bf16": []}  # per token: float32's best log-probability less that of the token chosen
     for name, model in models.items():
         ref32 = pagoda.LLM(model, dtype="float32", num_kv_pages=2048, max_num_seqs=8)
-        runs = [(i, got[i]) for i, lr in enumerate(loras) if (lr and lr.lora_name) == name]
-        runs += list(enumerate(bf16[name]))
-        for i, out in runs:
+        runs = [("lora", i, got[i]) for i, lr in enumerate(loras) if (lr and lr.lora_name) == name]
+        runs += [("bf16", i, o) for i, o in enumerate(bf16[name])]
+        for kind, i, out in runs:
             ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
             ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
             for j, t in enumerate(toks):
                 d = ref[len(ids) + j]
-                assert abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()) < 0.02, (name, i, j)
-                assert max(d.values()) - d[t] < 0.1, (name, i, j, d, t)
+                dev[kind].append(abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()).item())
+                gap[kind].append(max(d.values()) - d[t])
         del ref32
+    stats = {k: (max(dev[k]), sum(dev[k]) / len(dev[k]), max(gap[k]), sum(g > 0 for g in gap[k])) for k in dev}
+    print("max / mean |p - p_float32|, max gap, tokens not float32's best:", stats)
+    # the yardstick: bf16 engines on the merged weights (session 39, H200: max 0.037, mean 0.0045, gap 0.089, 5 of 288
+    # tokens not float32's best; the LoRA engine 0.024, 0.0043, 0.14, 4 of 96); a wrong delta is far off both
+    (lmax, lmean, lgap, lmiss), (bmax, bmean, _, bmiss) = stats["lora"], stats["bf16"]
+    assert lmean < 1.5 * bmean + 0.002 and lmax < 0.06 and lgap < 0.2 and lmiss <= 2 * bmiss + 2, stats
     for name in ("a", "b"):  # each adapter changes the base model's tokens somewhere
         assert [o.outputs[0].token_ids for o in bf16[name]] != [o.outputs[0].token_ids for o in bf16[None]], name

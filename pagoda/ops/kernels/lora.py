@@ -21,6 +21,8 @@ back, as FlashInfer does not, and this keeps a bad entry visible instead of read
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter
+
 
 @triton.jit
 def segment_tiles_kernel(SEG_INDPTR, TILE_INDPTR, batch_size, n_rows, ZERO, n_zero, BLOCK_M: tl.constexpr,
@@ -119,21 +121,25 @@ def segment_gemm_kernel(X, W, Y, SEG_INDPTR, WEIGHT_INDICES, TILE_INDPTR, n_rows
 
 @triton.jit
 def lora_shrink_kernel(X, A, P, ORDER, TILES, n_tiles, d_in, stride_xm, stride_as, stride_ar, stride_ps, stride_pm,
-                       RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+                       RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """The serving engine's LoRA shrink over rows grouped by adapter (ops/lora.py lora_delta): program (t, s) takes
     tile t of TILES ([3, n_tiles] int32: adapter slot, first and end position in ORDER; a slot <= 0 is no work) and
     K share s of SPLIT, and writes P[s, row, :] = X[row, share] @ A[slot, :, share]^T (float32, RP columns) for
-    the tile's rows ORDER[first:end] (at most BLOCK_M). Every share writes, an empty one zeros."""
+    the tile's rows ORDER[first:end] (at most BLOCK_M). Every share writes, an empty one zeros.
+    PDL (a programmatic dependent launch, kernels/pdl.py): the tables (step inputs written before the step) load
+    before the wait, X after it (the kernel before writes it); A is written only between steps."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     slot = tl.load(TILES + t)
-    if slot <= 0:
-        return
     first = tl.load(TILES + n_tiles + t)
     end = tl.load(TILES + 2 * n_tiles + t)
     offs = first + tl.arange(0, BLOCK_M)
-    ok = offs < end
+    ok = (offs < end) & (slot > 0)
     rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+    pdl_enter(PDL)  # (every program, those without work too: the chain's next kernel waits for all of them)
+    if slot <= 0:
+        return
     k_steps = tl.cdiv(d_in, BLOCK_K)
     per = tl.cdiv(k_steps, SPLIT)
     k_lo = tl.multiple_of(s * per * BLOCK_K, BLOCK_K)
@@ -156,28 +162,30 @@ def lora_shrink_kernel(X, A, P, ORDER, TILES, n_tiles, d_in, stride_xm, stride_a
 @triton.jit
 def lora_expand_kernel(P, B, OUT, ORDER, TILES, n_tiles, d_out, stride_ps, stride_pm, stride_bs, stride_bn,
                        stride_om, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """Program (t, n): OUT[row, cols] += (sum over s of P[s, row, :]) @ B[slot, cols, :]^T for tile t's rows
     (lora_shrink_kernel's tiles) and column tile n: the shrink's sum rounded to B's dtype, the product added to
-    OUT in float32 and rounded once. Each (row, column) belongs to one program: no atomics."""
+    OUT in float32 and rounded once. Each (row, column) belongs to one program: no atomics.
+    PDL: the tables and B (as lora_shrink_kernel's) load before the wait, P and OUT after it."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(TILES + t)
-    if slot <= 0:
-        return
     first = tl.load(TILES + n_tiles + t)
     end = tl.load(TILES + 2 * n_tiles + t)
     offs = first + tl.arange(0, BLOCK_M)
-    ok = offs < end
+    ok = (offs < end) & (slot > 0)
     rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
     offs_r = tl.arange(0, RP)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d_out
+    b = tl.load(B + tl.maximum(slot, 0).to(tl.int64) * stride_bs + cols[None, :] * stride_bn + offs_r[:, None],
+                mask=col_ok[None, :] & (slot > 0), other=0.0)
+    pdl_enter(PDL)
+    if slot <= 0:
+        return
     shrunk = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         shrunk += tl.load(P + s * stride_ps + rows[:, None] * stride_pm + offs_r[None, :], mask=ok[:, None], other=0.0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < d_out
-    b = tl.load(B + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn + offs_r[:, None], mask=col_ok[None, :],
-                other=0.0)
     acc = tl.dot(shrunk.to(B.dtype.element_ty), b)
     o_ptrs = OUT + rows[:, None] * stride_om + cols[None, :]
     mask = ok[:, None] & col_ok[None, :]
