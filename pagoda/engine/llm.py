@@ -119,9 +119,10 @@ class LLMEngine:
                  num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
                  async_scheduling: bool = True, enable_lora: bool = False, max_loras: int = 1,
-                 max_lora_rank: int = 16, max_cpu_loras: int | None = None):
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, lora_target_modules=None):
         """enable_lora: serve LoRA adapters (add_request's lora_request; engine/lora.py), at most max_loras of them
-        among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host."""
+        among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host;
+        lora_target_modules: the modules they may adapt (default all seven; fewer, fewer launches a step)."""
         if not isinstance(enable_lora, bool):
             raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
         path = resolve_model_path(model)
@@ -162,8 +163,8 @@ class LLMEngine:
         torch.manual_seed(seed)
         # (a LoRA engine keeps the norm weights apart: its adapters' A matrices read the normalized input)
         self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora)
-        self.lora = (LoRAManager(config, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras)
-                     if enable_lora else None)
+        self.lora = (LoRAManager(config, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
+                                 lora_target_modules) if enable_lora else None)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         if num_kv_pages is None:
             if self.device.type == "cuda":

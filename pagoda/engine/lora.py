@@ -75,9 +75,11 @@ class LoRAAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_adapter(path: str, config: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
+def load_adapter(path: str, config: ModelConfig, max_lora_rank: int,
+                 target_modules: tuple[str, ...] = TARGET_MODULES) -> LoRAAdapter:
     """A PEFT LoRA folder, checked against the model: ValueError naming what does not fit (a missing file, another
-    PEFT type, rank over max_lora_rank, a module the engine does not adapt, a weight of the wrong shape)."""
+    PEFT type, rank over max_lora_rank, a module outside target_modules (the engine's lora_target_modules), a weight
+    of the wrong shape)."""
     if not os.path.isdir(path):
         raise ValueError(f"lora_path {path!r} is not a folder")
     cfg_file = os.path.join(path, "adapter_config.json")
@@ -121,6 +123,9 @@ def load_adapter(path: str, config: ModelConfig, max_lora_rank: int) -> LoRAAdap
         if module not in shapes:
             raise ValueError(f"adapter {path!r}: weight {name!r} adapts {module!r}; the engine adapts "
                              f"{', '.join(TARGET_MODULES)}")
+        if module not in target_modules:
+            raise ValueError(f"adapter {path!r} adapts {module!r}, outside the engine's lora_target_modules "
+                             f"({', '.join(target_modules)})")
         if not 0 <= layer < config.num_layers:
             raise ValueError(f"adapter {path!r}: weight {name!r} names layer {layer}; the model has "
                              f"{config.num_layers}")
@@ -144,7 +149,10 @@ class LoRAManager:
     calls it, so a bad adapter is the caller's ValueError), slots_for() puts a step's adapters into slots."""
 
     def __init__(self, config: ModelConfig, device, dtype: torch.dtype, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None):
+                 max_cpu_loras: int | None = None, target_modules=None):
+        """target_modules (SGLang's lora_target_modules): the modules any adapter may adapt (default all seven);
+        projections none of them is in hold no slots and run no LoRA launches (PEFT's default adapters adapt
+        q_proj and v_proj: one fused projection of four)."""
         for name, v in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -152,6 +160,13 @@ class LoRAManager:
             max_cpu_loras = max_loras
         if isinstance(max_cpu_loras, bool) or not isinstance(max_cpu_loras, int) or max_cpu_loras < max_loras:
             raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({max_loras}), got {max_cpu_loras!r}")
+        if target_modules is None:
+            target_modules = TARGET_MODULES
+        if isinstance(target_modules, str) or not all(m in TARGET_MODULES for m in target_modules) or \
+                not target_modules:
+            raise ValueError(f"lora_target_modules must be a non-empty list of {', '.join(TARGET_MODULES)}, got "
+                             f"{target_modules!r}")
+        self.target_modules = tuple(m for m in TARGET_MODULES if m in target_modules)
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         shapes = module_shapes(config)
@@ -162,6 +177,8 @@ class LoRAManager:
         for _ in range(config.num_layers):
             layer = {}
             for fused, mods in FUSED.items():
+                if not set(mods) & set(self.target_modules):
+                    continue
                 d_in = shapes[mods[0]][0]
                 d_out = sum(shapes[m][1] for m in mods)
                 rp = max(16, 1 << (len(mods) * rank - 1).bit_length())
@@ -191,7 +208,7 @@ class LoRAManager:
     def _host_adapter(self, req: LoRARequest) -> LoRAAdapter:
         a = self.host.get(req.lora_int_id)
         if a is None:
-            a = load_adapter(req.lora_path, self.config, self.max_lora_rank)
+            a = load_adapter(req.lora_path, self.config, self.max_lora_rank, self.target_modules)
             self.host[req.lora_int_id] = a
             while len(self.host) > self.max_cpu_loras:
                 self.host.popitem(last=False)
@@ -229,6 +246,8 @@ class LoRAManager:
         rank, shapes = self.max_lora_rank, module_shapes(self.config)
         for layer, fused in enumerate(self.weights):
             for name, mods in FUSED.items():
+                if name not in fused:
+                    continue
                 wa, wb = fused[name]
                 wa[s].zero_()
                 wb[s].zero_()
@@ -276,7 +295,10 @@ class LoRABatch:
         self.backend = "torch" if order.device.type == "cpu" or manager.dtype == torch.float32 else "auto"
 
     def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, proj: str) -> torch.Tensor:
-        """out += the LoRA delta of x through projection proj ("qkv", "o", "gate_up", "down") of layer; returns out."""
+        """out += the LoRA delta of x through projection proj ("qkv", "o", "gate_up", "down") of layer; returns out
+        (as it is where no target module is in proj)."""
+        if proj not in self.m.weights[layer]:
+            return out
         wa, wb = self.m.weights[layer][proj]
         lora_delta(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), wa, wb, self.order, self.tiles,
                    self.n_tiles, self.block_m, self.backend, self.pdl)

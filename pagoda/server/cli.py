@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once")
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-cpu-loras", type=int, default=None, help="parsed adapters kept on the host")
+    p.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="the modules adapters may adapt (default: q_proj k_proj v_proj o_proj gate_proj up_proj "
+                        "down_proj); fewer run fewer LoRA launches a step")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
 
@@ -57,6 +60,7 @@ def serve(args) -> int:
                        num_kv_pages=args.num_kv_pages, enforce_eager=args.enforce_eager,
                        async_scheduling=not args.no_async_scheduling, enable_lora=args.enable_lora,
                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                       lora_target_modules=args.lora_target_modules,
                        skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
     name = args.served_model_name or engine.model_name
     for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)

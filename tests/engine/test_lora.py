@@ -272,3 +272,22 @@ def test_manager_slots_are_least_recently_used(tiny_models, adapters):
     wa, wb = m.weights[0]["qkv"]
     assert torch.equal(wa[1, 8:16], la) and torch.allclose(wb[1, 64:96, 8:16], lb * 2.0)  # (k: rows 64..95)
     assert not wb[1, 64:96, :8].any() and not wa[0].any() and not wb[0].any()
+
+
+def test_target_modules_limit_the_slots_and_the_launches(tiny_models, adapters):
+    """lora_target_modules=[q_proj, v_proj] (SGLang's flag; PEFT's default adapters): only the fused q/k/v projection
+    holds slots (the other three run no LoRA launch), a q / v adapter gives PEFT's tokens, an adapter of other
+    modules is refused naming the flag, and bad lists are ValueErrors."""
+    path, hf = tiny_models["llama"]
+    (ra, hfa), (rb, hfb) = adapters["llama"][1], adapters["llama"][2]
+    llm = make_llm(path, enable_lora=True, max_lora_rank=8, lora_target_modules=["v_proj", "q_proj"])
+    m = llm.engine.lora
+    assert m.target_modules == ("q_proj", "v_proj") and all(set(w) == {"qkv"} for w in m.weights)
+    outs = llm.generate(PROMPTS[:2], greedy(), use_tqdm=False, lora_request=rb)
+    for p, o in zip(PROMPTS[:2], outs):
+        check_like(hfb, p, o.outputs[0], 8)
+    with pytest.raises(ValueError, match="adapts '\\w+_proj', outside the engine's lora_target_modules"):
+        llm.generate(PROMPTS[:1], greedy(), use_tqdm=False, lora_request=ra)
+    for bad in ("q_proj", [], ["q_proj", "lm_head"]):
+        with pytest.raises(ValueError, match="lora_target_modules must be"):
+            make_llm(path, enable_lora=True, lora_target_modules=bad)
