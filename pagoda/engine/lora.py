@@ -239,10 +239,10 @@ class LoRAManager:
 
     @torch.no_grad()
     def _write_slot(self, s: int, req: LoRARequest) -> None:
+        a = self._host_adapter(req)  # (first: a folder gone since register() fails here with the slot as it was)
         old = self.slot_ids[s]
         if old is not None:
             del self.slot_of[old]
-        a = self._host_adapter(req)
         rank, shapes = self.max_lora_rank, module_shapes(self.config)
         for layer, fused in enumerate(self.weights):
             for name, mods in FUSED.items():

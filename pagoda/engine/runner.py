@@ -20,9 +20,9 @@ import torch
 import pagoda
 
 from ..ops._dispatch import env_switch, pdl_default
+from ..ops.lora import lora_max_tiles
 from .config import ModelConfig
 from .lora import LoRABatch, LoRAManager, block_m, step_tables
-from ..ops.lora import lora_max_tiles
 from .sampler import sample_collect, sample_launch
 
 # a decode step uses the cascade when sharing saves at least this fraction of its KV page reads and, on a

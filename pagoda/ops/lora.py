@@ -6,6 +6,9 @@
 weights is [num_weights, d_out, d_in] (weight_column_major=True, nn.Linear's layout: W[i].T is applied) or
 [num_weights, d_in, d_out]. A LoRA layer is a shrink (x @ A, d_out = the rank) and an expand (@ B, d_out = the
 hidden size); each request's rows form one segment and pick their adapter through weight_indices.
+
+The serving engine's own form (lora_tiles / lora_delta, at the end): rows grouped by adapter on the host, a shrink
+and an expand that adds into the projection's output, two launches a projection.
 """
 from __future__ import annotations
 
