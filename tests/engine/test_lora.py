@@ -12,7 +12,7 @@ import pagoda
 from pagoda.engine import ModelConfig
 from pagoda.engine.lora import LoRAManager, load_adapter
 
-from .test_models import hf_greedy, make_llm
+from .test_models import check_like_hf, hf_greedy, make_llm
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], list(range(40, 77)), [300, 1, 200, 13, 13, 13, 9, 8, 77, 66, 55], [11] * 9]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -49,16 +49,6 @@ def adapters(tiny_models, tmp_path_factory):
     return out
 
 
-def check_like(hf, prompt, out, n):
-    """out's greedy tokens are transformers' on hf, its top-3 log-probabilities within 1e-4 (float32)."""
-    assert out.token_ids == hf_greedy(hf, prompt, n)
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)
-    for i, step in enumerate(out.logprobs):
-        for t, lp in step.items():
-            assert abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4, (i, t)
-
-
 def greedy(n=8):
     return pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True)
 
@@ -72,14 +62,14 @@ def test_mixed_adapters_in_one_batch_match_peft(tiny_models, adapters, family):
     refs = [hfa, hfb, hf, hfa]
     outs = llm.generate(PROMPTS, greedy(), use_tqdm=False, lora_request=loras)
     for p, o, ref in zip(PROMPTS, outs, refs):
-        check_like(ref, p, o.outputs[0], 8)
+        check_like_hf(ref, p, o.outputs[0], 8)
     # the adapters matter: each one's tokens differ from the base model's on some prompt
     for model in (hfa, hfb):
         assert any(hf_greedy(model, p, 8) != hf_greedy(hf, p, 8) for p in PROMPTS)
     # one adapter for every prompt, and the chat-free single-request form
     outs = llm.generate(PROMPTS[:2], greedy(), use_tqdm=False, lora_request=rb)
     for p, o in zip(PROMPTS[:2], outs):
-        check_like(hfb, p, o.outputs[0], 8)
+        check_like_hf(hfb, p, o.outputs[0], 8)
 
 
 def test_prefix_cache_is_kept_per_adapter(tiny_models, adapters):
@@ -92,7 +82,7 @@ def test_prefix_cache_is_kept_per_adapter(tiny_models, adapters):
     for lora, ref, cached in ((ra, hfa, 0), (None, hf, 0), (rb, hfb, 0), (ra, hfa, 36), (None, hf, 36)):
         out = llm.generate([prompt], greedy(), use_tqdm=False, lora_request=lora)[0]
         assert out.num_cached_tokens == cached, lora
-        check_like(ref, prompt, out.outputs[0], 8)
+        check_like_hf(ref, prompt, out.outputs[0], 8)
 
 
 def test_more_adapters_than_slots(tiny_models, adapters, tmp_path):
@@ -118,7 +108,7 @@ def test_more_adapters_than_slots(tiny_models, adapters, tmp_path):
     outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=loras)
     for p, o, ref in zip(prompts, outs, refs):
         for c in o.outputs:
-            check_like(ref, p, c, 8)
+            check_like_hf(ref, p, c, 8)
     assert max(len(s) for s in seen) == 1
     assert llm.engine.lora.loads >= 3
 
@@ -132,7 +122,7 @@ def test_chunked_prefill_and_preemption_with_adapters(tiny_models, adapters):
     outs = llm.generate(PROMPTS, greedy(12), use_tqdm=False, lora_request=loras)
     assert llm.engine.stats.preemptions > 0
     for p, o, ref in zip(PROMPTS, outs, refs):
-        check_like(ref, p, o.outputs[0], 12)
+        check_like_hf(ref, p, o.outputs[0], 12)
     e = llm.engine
     assert e.pool.num_free + e.prefix_cache.evictable() == e.pool.usable, "pages leaked"
 
@@ -152,7 +142,7 @@ def test_adapter_bin_file_and_partial_layers(tiny_models, adapters, tmp_path):
     llm = make_llm(path, enable_lora=True, max_lora_rank=8)
     out = llm.generate([PROMPTS[0]], greedy(), use_tqdm=False,
                        lora_request=pagoda.LoRARequest("bin", 5, str(folder)))[0]
-    check_like(hfa, PROMPTS[0], out.outputs[0], 8)
+    check_like_hf(hfa, PROMPTS[0], out.outputs[0], 8)
     # layer 1's weights only: the merged model is the base with layer 1 replaced by the adapter's merged layer
     one = tmp_path / "one"
     one.mkdir()
@@ -164,7 +154,7 @@ def test_adapter_bin_file_and_partial_layers(tiny_models, adapters, tmp_path):
     ref.model.layers[1] = copy.deepcopy(hfa.model.layers[1])
     out = llm.generate([PROMPTS[2]], greedy(), use_tqdm=False,
                        lora_request=pagoda.LoRARequest("one", 6, str(one)))[0]
-    check_like(ref.eval(), PROMPTS[2], out.outputs[0], 8)
+    check_like_hf(ref.eval(), PROMPTS[2], out.outputs[0], 8)
 
 
 def test_bad_lora_input_is_a_value_error_and_the_engine_keeps_serving(tiny_models, adapters, tmp_path):
@@ -243,7 +233,7 @@ def test_bad_lora_input_is_a_value_error_and_the_engine_keeps_serving(tiny_model
         llm.generate([PROMPTS[0]], greedy(), use_tqdm=False, lora_request=pagoda.LoRARequest("other", 20, ok.lora_path))
     assert not llm.engine.has_unfinished()
     out = llm.generate([PROMPTS[0]], greedy(), use_tqdm=False)[0]  # still serving
-    check_like(hf, PROMPTS[0], out.outputs[0], 8)
+    check_like_hf(hf, PROMPTS[0], out.outputs[0], 8)
 
 
 def test_manager_slots_are_least_recently_used(tiny_models, adapters):
@@ -285,7 +275,7 @@ def test_target_modules_limit_the_slots_and_the_launches(tiny_models, adapters):
     assert m.target_modules == ("q_proj", "v_proj") and all(set(w) == {"qkv"} for w in m.weights)
     outs = llm.generate(PROMPTS[:2], greedy(), use_tqdm=False, lora_request=rb)
     for p, o in zip(PROMPTS[:2], outs):
-        check_like(hfb, p, o.outputs[0], 8)
+        check_like_hf(hfb, p, o.outputs[0], 8)
     with pytest.raises(ValueError, match="adapts '\\w+_proj', outside the engine's lora_target_modules"):
         llm.generate(PROMPTS[:1], greedy(), use_tqdm=False, lora_request=ra)
     for bad in ("q_proj", [], ["q_proj", "lm_head"]):

@@ -28,6 +28,11 @@ def assert_greedy_like_hf(llm, hf, prompt, n):
     agree with transformers' to 1e-4 (float32 models)."""
     out = llm.generate([prompt], pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
+    check_like_hf(hf, prompt, out, n)
+
+
+def check_like_hf(hf, prompt, out, n):
+    """A completion's n greedy tokens are transformers' on hf, its log-probabilities within 1e-4 (float32)."""
     assert out.token_ids == hf_greedy(hf, prompt, n)
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].double(), -1)

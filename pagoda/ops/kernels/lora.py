@@ -120,6 +120,18 @@ def segment_gemm_kernel(X, W, Y, SEG_INDPTR, WEIGHT_INDICES, TILE_INDPTR, n_rows
 
 
 @triton.jit
+def _tile_rows(TILES, ORDER, n_tiles, t, BLOCK_M: tl.constexpr):
+    """Tile t of a lora_tiles table: (its slot, its rows (int64, BLOCK_M), which of them are rows: none where the
+    slot is <= 0, no work)."""
+    slot = tl.load(TILES + t)
+    first = tl.load(TILES + n_tiles + t)
+    end = tl.load(TILES + 2 * n_tiles + t)
+    offs = first + tl.arange(0, BLOCK_M)
+    ok = (offs < end) & (slot > 0)
+    return slot, tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64), ok
+
+
+@triton.jit
 def lora_shrink_kernel(X, A, P, ORDER, TILES, n_tiles, d_in, stride_xm, stride_as, stride_ar, stride_ps, stride_pm,
                        RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
                        PDL: tl.constexpr = False):
@@ -131,12 +143,7 @@ def lora_shrink_kernel(X, A, P, ORDER, TILES, n_tiles, d_in, stride_xm, stride_a
     before the wait, X after it (the kernel before writes it); A is written only between steps."""
     t = tl.program_id(0)
     s = tl.program_id(1)
-    slot = tl.load(TILES + t)
-    first = tl.load(TILES + n_tiles + t)
-    end = tl.load(TILES + 2 * n_tiles + t)
-    offs = first + tl.arange(0, BLOCK_M)
-    ok = (offs < end) & (slot > 0)
-    rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+    slot, rows, ok = _tile_rows(TILES, ORDER, n_tiles, t, BLOCK_M)
     pdl_enter(PDL)  # (every program, those without work too: the chain's next kernel waits for all of them)
     if slot <= 0:
         return
@@ -169,12 +176,7 @@ def lora_expand_kernel(P, B, OUT, ORDER, TILES, n_tiles, d_out, stride_ps, strid
     PDL: the tables and B (as lora_shrink_kernel's) load before the wait, P and OUT after it."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(TILES + t)
-    first = tl.load(TILES + n_tiles + t)
-    end = tl.load(TILES + 2 * n_tiles + t)
-    offs = first + tl.arange(0, BLOCK_M)
-    ok = (offs < end) & (slot > 0)
-    rows = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+    slot, rows, ok = _tile_rows(TILES, ORDER, n_tiles, t, BLOCK_M)
     offs_r = tl.arange(0, RP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d_out
