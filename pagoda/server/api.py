@@ -2,13 +2,15 @@
 
 POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events, ending with
 ``data: [DONE]``; ``stream_options.include_usage``), GET /v1/models, GET /health, GET /metrics
-(Prometheus). Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+(Prometheus); with LoRA adapters, each is a model of its own name (--lora-modules, and vLLM's POST
+/v1/load_lora_adapter / /v1/unload_lora_adapter with --allow-runtime-lora-updating). Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for invalid parameters or a prompt longer than the model allows, 404 for an unknown model,
 503 with Retry-After when the waiting queue is over its limit.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -21,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import SamplingParams
+from ..engine import LoRARequest, SamplingParams
 from ..engine.llm import chat_text
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
@@ -125,6 +127,18 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRARequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter."""
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter (lora_int_id accepted and not needed: the name identifies it)."""
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
     neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
@@ -184,11 +198,15 @@ def _field_of(msg: str, default: str | None) -> str | None:
 
 
 def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None,
-               lora_modules=None) -> FastAPI:
+               lora_modules=None, allow_lora_updates: bool = False) -> FastAPI:
     """lora_modules: LoRARequests (an engine built with enable_lora) served under their lora_name as models of their
-    own: a request whose "model" names one runs with that adapter."""
+    own: a request whose "model" names one runs with that adapter. allow_lora_updates: vLLM's runtime LoRA
+    endpoints, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (404s otherwise, as routes that do not exist)."""
     engine = async_engine.engine
     loras = {m.lora_name: m for m in lora_modules or ()}
+    if allow_lora_updates and engine.lora is None:
+        raise ValueError("allow_lora_updates needs an engine built with enable_lora=True")
+    next_lora_id = itertools.count(max((m.lora_int_id for m in loras.values()), default=0) + 1)
     if served_model_name in loras:
         raise ValueError(f"a LoRA module is named {served_model_name!r}, the served model's name")
     tok = engine.tokenizer
@@ -367,6 +385,34 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         return {"object": "list", "data": [base] + [
             {"id": m.lora_name, "object": "model", "created": now, "owned_by": "pagoda", "root": m.lora_path,
              "parent": served_model_name, "max_model_len": engine.max_model_len} for m in loras.values()]}
+
+    if allow_lora_updates:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora(req: LoadLoRARequest):
+            """Serve a PEFT folder as a model named lora_name from now on (checked on the engine thread: 400 naming
+            lora_path for a folder that is no adapter of this model)."""
+            if req.lora_name in loras or req.lora_name == served_model_name:
+                raise APIError(400, f"The model `{req.lora_name}` is already served.", param="lora_name")
+            try:
+                lora = LoRARequest(req.lora_name, next(next_lora_id), req.lora_path)
+                await async_engine.call(lambda: engine.lora.register(lora))
+            except ValueError as e:
+                raise APIError(400, str(e), param="lora_name" if str(e).startswith("lora_name") else "lora_path") from None
+            except EngineDead as e:
+                raise APIError(500, str(e), type_="server_error") from None
+            loras[lora.lora_name] = lora
+            metrics.requests.labels(status="200").inc()
+            return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora(req: UnloadLoRARequest):
+            """Stop serving an adapter by name (requests running with it finish with it)."""
+            if req.lora_name not in loras:
+                raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                               type_="not_found_error", code="model_not_found")
+            del loras[req.lora_name]
+            metrics.requests.labels(status="200").inc()
+            return Response(f"Success: LoRA adapter '{req.lora_name}' removed successfully.", media_type="text/plain")
 
     @app.get("/metrics")
     async def prom():

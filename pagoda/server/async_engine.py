@@ -73,6 +73,17 @@ class AsyncEngine:
                 self.commands.put(("abort", request_id))
                 self.wake.set()
 
+    async def call(self, fn):
+        """fn() run on the engine thread between steps (what touches the engine's state from a handler: loading a
+        LoRA adapter); its result, or its exception raised here."""
+        if self.error is not None or self.stopped:
+            raise EngineDead(f"the engine stopped: {self.error}")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.commands.put(("call", fn, loop, fut))
+        self.wake.set()
+        return await fut
+
     def stop(self, timeout: float = 5.0) -> None:
         self.stopped = True
         self.wake.set()
@@ -108,6 +119,20 @@ class AsyncEngine:
                     self._push(rid, "added")
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
+            elif cmd[0] == "call":
+                _, fn, loop, fut = cmd
+                try:
+                    result, ok = fn(), True
+                except Exception as e:  # noqa: BLE001 - goes back to the handler that asked
+                    result, ok = e, False
+
+                def settle(fut=fut, result=result, ok=ok):
+                    if not fut.done():
+                        fut.set_result(result) if ok else fut.set_exception(result)
+                try:
+                    loop.call_soon_threadsafe(settle)
+                except RuntimeError:  # the event loop is closed (shutdown)
+                    pass
 
     def _loop(self) -> None:
         try:

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once")
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-cpu-loras", type=int, default=None, help="parsed adapters kept on the host")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; needs --enable-lora)")
     p.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="the modules adapters may adapt (default: q_proj k_proj v_proj o_proj gate_proj up_proj "
                         "down_proj); fewer run fewer LoRA launches a step")
@@ -53,6 +55,8 @@ def serve(args) -> int:
     loras = parse_lora_modules(args.lora_modules or [])
     if loras and not args.enable_lora:
         raise SystemExit("--lora-modules needs --enable-lora")
+    if args.allow_runtime_lora_updating and not args.enable_lora:
+        raise SystemExit("--allow-runtime-lora-updating needs --enable-lora")
     engine = LLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
@@ -66,7 +70,7 @@ def serve(args) -> int:
     for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)
         engine.lora.register(m)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    app = create_app(async_engine, name, lora_modules=loras)
+    app = create_app(async_engine, name, lora_modules=loras, allow_lora_updates=args.allow_runtime_lora_updating)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)

@@ -450,3 +450,43 @@ def test_lora_modules_are_models_of_their_own(tmp_path):
             "text"] == lora["choices"][0]["text"]
     finally:
         assert stop(proc) == 0
+
+
+def test_runtime_lora_loading(server, tmp_path):
+    """--allow-runtime-lora-updating: POST /v1/load_lora_adapter serves a PEFT folder under a new name at once (its
+    tokens the offline engine's with that LoRARequest), a bad folder or a taken name is a 400 naming the field and
+    changes nothing, /v1/unload_lora_adapter stops serving it (then a 404 for it), an unknown name a 404; a server
+    without the flag has no such routes (404) and --allow-runtime-lora-updating needs --enable-lora."""
+    import pagoda
+
+    assert httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}).status_code == 404
+    bad = subprocess.run([sys.executable, "-m", "pagoda", "serve", "--allow-runtime-lora-updating"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--allow-runtime-lora-updating needs --enable-lora" in bad.stderr
+    path = demo_adapter(tmp_path / "sql", seed=3)
+    proc, url = start_server("--enable-lora", "--allow-runtime-lora-updating")
+    try:
+        body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=60).status_code == 404
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(tmp_path / "nope")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+        assert "is not a folder" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": path})
+        assert r.status_code == 200 and "sql" in r.text
+        for name in ("sql", MODEL):
+            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [MODEL, "sql"]
+        got = httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=120).json()
+        llm = pagoda.LLM(enable_lora=True, num_kv_pages=256)
+        sp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        want = llm.generate([body["prompt"]], sp, use_tqdm=False, lora_request=pagoda.LoRARequest("sql", 1, path))
+        assert got["choices"][0]["text"] == want[0].outputs[0].text and got["model"] == "sql"
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [MODEL]
+        assert httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=60).status_code == 404
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert httpx.post(url + "/v1/completions", json=dict(body, model=MODEL), timeout=60).status_code == 200
+    finally:
+        assert stop(proc) == 0
