@@ -261,6 +261,8 @@ class LLMEngine:
             r.held_until = (lambda f=first: f.num_computed >= len(f.prompt_token_ids) or f.finished
                             or self.prefix_cache is None)
         self.requests[request_id] = group
+        if lora_request is not None:  # (its adapter stays parsed on the host until the group is done)
+            self.lora.acquire(lora_request)
         for r in group:
             self.scheduler.add(r)
         self.stats.prompt_tokens += len(ids) * params.n
@@ -284,6 +286,8 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return False
+        if group[0].lora_request is not None:
+            self.lora.release(group[0].lora_request)
         for r in group:
             if not r.finished:
                 self.scheduler.abort(r)
@@ -352,6 +356,8 @@ class LLMEngine:
             outs.append(out)
             if out.finished:
                 del self.requests[rid]
+                if group[0].lora_request is not None:
+                    self.lora.release(group[0].lora_request)
         return outs
 
     def _prepare_or_run_ahead(self, pending) -> None:

@@ -8,7 +8,8 @@ An adapter is a PEFT folder (``adapter_config.json`` + ``adapter_model.safetenso
 the projections ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``: y = W x + scaling * B (A x), scaling =
 lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). ``LoRAManager`` keeps ``max_loras`` adapters on the device in
 slots of stacked weights (slot 0 is all zeros: the rows of requests without an adapter), loads an adapter into the
-least recently used slot that the step does not use, and keeps up to ``max_cpu_loras`` parsed adapters on the host.
+least recently used slot that the step does not use, and keeps up to ``max_cpu_loras`` parsed adapters on the host
+(more while requests hold them: a step never reads an adapter's folder again).
 
 A step's LoRA deltas (``LoRABatch.add``, ops.lora.lora_delta) are two launches per projection: a split-K shrink (x @
 A^T, to the rank) and an expand (@ B^T, scaling folded into B when the slot is written) that adds into the projection's
@@ -190,6 +191,7 @@ class LoRAManager:
         self._clock = 0
         self.last_used = [0] * slots
         self.requests: dict[int, LoRARequest] = {}  # every adapter id registered, with what it was registered as
+        self.live: collections.Counter[int] = collections.Counter()  # request groups holding each adapter
         self.host: collections.OrderedDict[int, LoRAAdapter] = collections.OrderedDict()  # parsed, LRU order
         self.loads = 0  # adapters written into a slot (a statistic)
 
@@ -205,14 +207,31 @@ class LoRAManager:
         self._host_adapter(req)
         self.requests[req.lora_int_id] = req
 
+    def acquire(self, req: LoRARequest) -> None:
+        """A request group (registered) holds req's adapter: it stays parsed on the host until release(), so a step
+        never has to read its folder again (which may be gone by then)."""
+        self.live[req.lora_int_id] += 1
+
+    def release(self, req: LoRARequest) -> None:
+        self.live[req.lora_int_id] -= 1
+        if self.live[req.lora_int_id] <= 0:
+            del self.live[req.lora_int_id]
+        self._evict()
+
+    def _evict(self, keep: int = 0) -> None:
+        """Parsed adapters past max_cpu_loras go, least recently used first, but none that a request group holds
+        and not `keep` (the one just parsed for a request about to hold it)."""
+        spare = [i for i in self.host if not self.live[i] and i != keep]
+        for i in spare[:max(0, len(self.host) - self.max_cpu_loras)]:
+            del self.host[i]
+
     def _host_adapter(self, req: LoRARequest) -> LoRAAdapter:
         a = self.host.get(req.lora_int_id)
         if a is None:
             a = load_adapter(req.lora_path, self.config, self.max_lora_rank, self.target_modules)
             self.host[req.lora_int_id] = a
-            while len(self.host) > self.max_cpu_loras:
-                self.host.popitem(last=False)
         self.host.move_to_end(req.lora_int_id)
+        self._evict(keep=req.lora_int_id)
         return a
 
     def slots_for(self, requests) -> np.ndarray:

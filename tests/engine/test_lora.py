@@ -281,3 +281,31 @@ def test_target_modules_limit_the_slots_and_the_launches(tiny_models, adapters):
     for bad in ("q_proj", [], ["q_proj", "lm_head"]):
         with pytest.raises(ValueError, match="lora_target_modules must be"):
             make_llm(path, enable_lora=True, lora_target_modules=bad)
+
+
+def test_adapters_of_live_requests_stay_on_the_host(tiny_models, adapters, tmp_path):
+    """max_cpu_loras=1, one device slot, two adapters whose folders are deleted right after their requests are added:
+    every request still gets its adapter's tokens (the parsed adapters of live requests are not evicted from the host,
+    so no step reads a folder again), and once they are done the host keeps max_cpu_loras of them."""
+    import shutil
+
+    path, hf = tiny_models["llama"]
+    (ra, hfa), (rb, hfb) = adapters["llama"][1], adapters["llama"][2]
+    copies = []
+    for r in (ra, rb):
+        shutil.copytree(r.lora_path, tmp_path / r.lora_name)
+        copies.append(pagoda.LoRARequest(r.lora_name, r.lora_int_id, str(tmp_path / r.lora_name)))
+    llm = make_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    e = llm.engine
+    ids = [e.add_request(p, greedy(), lora_request=lr) for p, lr in zip(PROMPTS, copies + copies)]
+    for c in copies:
+        shutil.rmtree(c.lora_path)
+    assert len(e.lora.host) == 2
+    done = {}
+    while e.has_unfinished():
+        for out in e.step():
+            if out.finished:
+                done[out.request_id] = out
+    for rid, p, ref in zip(ids, PROMPTS, [hfa, hfb, hfa, hfb]):
+        check_like_hf(ref, p, done[rid].outputs[0], 8)
+    assert e.lora.loads >= 2 and len(e.lora.host) == 1 and not e.lora.live
