@@ -36,6 +36,17 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g
+        if e.lora is not None:  # (vLLM's lora_requests_info: the adapters of running and waiting requests by name)
+            def names(reqs):
+                return ",".join(sorted({r.lora_request.lora_name for r in reqs if r.lora_request is not None}))
+            g = GaugeMetricFamily("pagoda_lora_requests_info", "LoRA adapters of the running and waiting requests",
+                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            g.add_metric([names(list(e.scheduler.running)), names(list(e.scheduler.waiting)), str(e.lora.max_loras)],
+                         1.0)
+            yield g
+            g = GaugeMetricFamily("pagoda_lora_slot_loads", "LoRA adapters written into device slots so far")
+            g.add_metric([], float(e.lora.loads))
+            yield g
 
 
 class Metrics:

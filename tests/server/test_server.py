@@ -448,6 +448,16 @@ def test_lora_modules_are_models_of_their_own(tmp_path):
         assert "`sql`" in r.json()["error"]["message"]
         assert httpx.post(url + "/v1/completions", json=dict(body, model="sql"), timeout=120).json()["choices"][0][
             "text"] == lora["choices"][0]["text"]
+        assert metric(url, "pagoda_lora_slot_loads") >= 1  # (one slot, the adapter loaded once at least)
+        info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
+                    if ln.startswith("pagoda_lora_requests_info{"))
+        assert 'max_lora="1"' in info and 'running_lora_adapters=""' in info and info.endswith(" 1.0")
+        with httpx.stream("POST", url + "/v1/completions", timeout=120, json=dict(
+                body, model="sql", max_tokens=400, stream=True)) as r:  # (scraped while it runs)
+            next(r.iter_lines())
+            info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
+                        if ln.startswith("pagoda_lora_requests_info{"))
+        assert 'running_lora_adapters="sql"' in info, info
     finally:
         assert stop(proc) == 0
 
