@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
                         "current one runs")
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="PEFT LoRA folders served as models of their own name (needs --enable-lora)")
+                   help="PEFT LoRA folders served as models of their own name, NAME=PATH or vLLM's JSON "
+                        "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")
     p.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once")
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-cpu-loras", type=int, default=None, help="parsed adapters kept on the host")
@@ -88,13 +89,22 @@ def serve(args) -> int:
 
 
 def parse_lora_modules(specs: list[str]):
-    """--lora-modules' NAME=PATH entries as LoRARequests (ids 1, 2, ... in order); ValueError for a malformed or
-    repeated name."""
+    """--lora-modules' NAME=PATH entries (or vLLM's JSON form, '{"name": ..., "path": ...}') as LoRARequests (ids 1,
+    2, ... in order); ValueError for a malformed or repeated name."""
+    import json
+
     from ..engine import LoRARequest
 
     out, names = [], set()
     for spec in specs:
-        name, sep, path = spec.partition("=")
+        if spec.lstrip().startswith("{"):
+            try:
+                d = json.loads(spec)
+                name, path, sep = str(d["name"]), str(d["path"]), "="
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules JSON entries need \"name\" and \"path\", got {spec!r}") from None
+        else:
+            name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora-modules entries are NAME=PATH, got {spec!r}")
         if name in names:

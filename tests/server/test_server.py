@@ -407,10 +407,12 @@ def demo_adapter(folder, rank=4, seed=0):
 def test_lora_module_specs():
     from pagoda.server.cli import parse_lora_modules
 
-    got = parse_lora_modules(["sql=/a", "chat=/b=c"])
-    assert [(m.lora_name, m.lora_int_id, m.lora_path) for m in got] == [("sql", 1, "/a"), ("chat", 2, "/b=c")]
+    got = parse_lora_modules(["sql=/a", "chat=/b=c", '{"name": "j", "path": "/d", "base_model_name": "m"}'])
+    assert [(m.lora_name, m.lora_int_id, m.lora_path) for m in got] == [("sql", 1, "/a"), ("chat", 2, "/b=c"),
+                                                                         ("j", 3, "/d")]
     for specs, msg in ((["sql"], "NAME=PATH"), (["=/a"], "NAME=PATH"), (["sql="], "NAME=PATH"),
-                       (["a=/x", "a=/y"], "names 'a' twice")):
+                       (["a=/x", "a=/y"], "names 'a' twice"), (['{"name": "j"}'], "need \"name\" and \"path\""),
+                       (['{"name": '], "need \"name\" and \"path\""), (['{"name": "", "path": "/p"}'], "NAME=PATH")):
         with pytest.raises(ValueError, match=msg):
             parse_lora_modules(specs)
 
