@@ -138,3 +138,18 @@ def test_bad_words(llm):
     bare = pagoda.LLM(skip_tokenizer_init=True)
     with pytest.raises(ValueError, match="bad_words"):
         bare.generate([[5, 6, 7]], pagoda.SamplingParams(bad_words=["x"]), use_tqdm=False)
+
+
+def test_chat_with_a_lora_adapter(tmp_path):
+    """LLM.chat(lora_request=): the conversation's template ids through the adapter, as generate() gives them with
+    the same LoRARequest (the text path of a LoRA engine), and not the base model's tokens."""
+    from ..server.test_server import demo_adapter
+
+    lora = pagoda.LoRARequest("chat", 1, demo_adapter(tmp_path / "chat", seed=5))
+    llm = pagoda.LLM(enable_lora=True, num_kv_pages=256)
+    msgs = [{"role": "user", "content": "Write a Python function: Return the sum of a list."}]
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    out = llm.chat(msgs, sp, use_tqdm=False, lora_request=lora)[0]
+    again = llm.generate([out.prompt_token_ids], sp, use_tqdm=False, lora_request=lora)[0]
+    base = llm.generate([out.prompt_token_ids], sp, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == again.outputs[0].token_ids != base.outputs[0].token_ids
