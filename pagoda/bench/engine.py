@@ -33,31 +33,12 @@ from pagoda.bench.attention import copy_bandwidth
 def dummy_adapters(config, root, n=4, rank=16, seed=0, modules=None):
     """n PEFT-format LoRA adapters of config (random A / B, small enough to keep dummy activations finite) on modules
     (default all seven) in folders under root: their LoRARequests."""
-    from safetensors.torch import save_file
-
-    from pagoda.engine.lora import module_shapes
+    from pagoda.engine.lora import random_lora_weights, save_adapter
 
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        w = {}
-        for layer in range(config.num_layers):
-            for m, (d_in, d_out) in module_shapes(config).items():
-                if modules is not None and m not in modules:
-                    continue
-                part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                key = f"base_model.model.model.layers.{layer}.{part}.{m}"
-                w[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g).div_(d_in ** 0.5).bfloat16()
-                w[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g).mul_(0.01).bfloat16()
-        folder = f"{root}/adapter{i}"
-        import os
-
-        os.makedirs(folder, exist_ok=True)
-        save_file(w, f"{folder}/adapter_model.safetensors")
-        with open(f"{folder}/adapter_config.json", "w") as f:
-            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank}, f)
-        out.append(pagoda.LoRARequest(f"adapter{i}", i + 1, folder))
-    return out
+    return [pagoda.LoRARequest(f"adapter{i}", i + 1, save_adapter(
+        f"{root}/adapter{i}", random_lora_weights(config, rank, 0.01, g, modules, torch.bfloat16), rank))
+        for i in range(n)]
 
 
 def run_requests(llm, prompts, params, loras=None):

@@ -67,6 +67,42 @@ def module_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
             "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def peft_key(layer: int, module: str, ab: str) -> str:
+    """PEFT's name of layer `layer`'s LoRA `ab` ("A" / "B") weight on `module` (what load_adapter reads)."""
+    part = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{part}.{module}.lora_{ab}.weight"
+
+
+def save_adapter(folder, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], lora_alpha: float) -> str:
+    """Write a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) that load_adapter reads back:
+    weights maps (layer, module) to (A [r, in], B [out, r]), one rank r for all. Returns the folder's path."""
+    from safetensors.torch import save_file
+
+    ranks = {a.shape[0] for a, _ in weights.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter's A matrices must share one rank, got {sorted(ranks)}")
+    os.makedirs(folder, exist_ok=True)
+    save_file({peft_key(layer, m, ab): t.contiguous() for (layer, m), pair in weights.items()
+               for ab, t in zip("AB", pair)}, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": lora_alpha,
+                   "target_modules": sorted({m for _, m in weights})}, f)
+    return str(folder)
+
+
+def random_lora_weights(config: ModelConfig, rank: int, b_std: float, generator: torch.Generator, modules=None,
+                        dtype: torch.dtype = torch.float32) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Random LoRA weights for benchmarks and tests (save_adapter's input): on every layer's `modules` (default all
+    seven), A ~ N(0, 1 / in_features) and B ~ N(0, b_std^2), drawn from generator layer by layer, A before B."""
+    out = {}
+    for layer in range(config.num_layers):
+        for m, (d_in, d_out) in module_shapes(config).items():
+            if modules is None or m in modules:
+                a = torch.randn(rank, d_in, generator=generator) / d_in ** 0.5
+                out[layer, m] = (a.to(dtype), (torch.randn(d_out, rank, generator=generator) * b_std).to(dtype))
+    return out
+
+
 @dataclasses.dataclass
 class LoRAAdapter:
     """A parsed adapter on the host: rank, scaling and per (layer, module) the float32 pair (A [r, in], B [out, r])."""

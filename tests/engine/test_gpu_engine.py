@@ -263,37 +263,27 @@ def test_lora_in_cuda_graphs_matches_merged_weights(tmp_path):
     checkpoint): every token's probability within 0.02 of float32's and the greedy choice float32's best up to a
     near tie (0.1); the same check passes for bf16 engines on the merged weights (the yardstick: bf16 against
     float32); each adapter changes the base model's tokens; the LoRA engine's decode steps ran as CUDA graphs."""
-    import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from pagoda.engine import ModelConfig
     from pagoda.engine.loader import DEMO_MODEL
-    from pagoda.engine.lora import module_shapes
+    from pagoda.engine.lora import peft_key, random_lora_weights, save_adapter
 
     c = ModelConfig.from_path(DEMO_MODEL)
     base_w = load_file(f"{DEMO_MODEL}/model.safetensors")
 
     def adapter(name, rank, seed):
-        g = torch.Generator().manual_seed(seed)
-        w, merged = {}, dict(base_w)
-        for layer in range(c.num_layers):
-            for m, (d_in, d_out) in module_shapes(c).items():
-                part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                a = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
-                b = 0.1 * torch.randn(d_out, rank, generator=g) / rank ** 0.5
-                w[f"base_model.model.model.layers.{layer}.{part}.{m}.lora_A.weight"] = a
-                w[f"base_model.model.model.layers.{layer}.{part}.{m}.lora_B.weight"] = b
-                key = f"model.layers.{layer}.{part}.{m}.weight"
-                merged[key] = (base_w[key].double() + 2.0 * b.double() @ a.double()).float()
-        folder = tmp_path / name
-        folder.mkdir()
-        save_file(w, folder / "adapter_model.safetensors")
-        (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank}))
+        w = random_lora_weights(c, rank, 0.1 * rank ** -0.5, torch.Generator().manual_seed(seed))
+        folder = save_adapter(tmp_path / name, w, 2 * rank)
+        merged = dict(base_w)
+        for (layer, m), (a, b) in w.items():  # (the checkpoint's name: PEFT's without its prefix and lora_A)
+            key = peft_key(layer, m, "A").removeprefix("base_model.model.").replace(".lora_A", "")
+            merged[key] = (base_w[key].double() + 2.0 * b.double() @ a.double()).float()
         shutil.copytree(DEMO_MODEL, tmp_path / f"{name}-merged")
         save_file({k: v.float() for k, v in merged.items()}, tmp_path / f"{name}-merged" / "model.safetensors")
-        return pagoda.LoRARequest(name, seed, str(folder)), str(tmp_path / f"{name}-merged")
+        return pagoda.LoRARequest(name, seed, folder), str(tmp_path / f"{name}-merged")
 
     (ra, ma), (rb, mb) = adapter("a", 8, 1), adapter("b", 4, 2)
     models = {"a": ma, "b": mb, None: None}

@@ -309,3 +309,19 @@ def test_adapters_of_live_requests_stay_on_the_host(tiny_models, adapters, tmp_p
     for rid, p, ref in zip(ids, PROMPTS, [hfa, hfb, hfa, hfb]):
         check_like_hf(ref, p, done[rid].outputs[0], 8)
     assert e.lora.loads >= 2 and len(e.lora.host) == 1 and not e.lora.live
+
+
+def test_save_adapter_round_trip(tiny_models, tmp_path):
+    """save_adapter writes what load_adapter reads (PEFT's names and config): the same weights, rank and scaling;
+    one rank for all modules."""
+    from pagoda.engine.lora import random_lora_weights, save_adapter
+
+    path, _ = tiny_models["qwen3"]
+    cfg = ModelConfig.from_path(str(path))
+    w = random_lora_weights(cfg, 4, 0.5, torch.Generator().manual_seed(0), ["k_proj", "down_proj"])
+    a = load_adapter(save_adapter(tmp_path / "rt", w, 12), cfg, 8)
+    assert (a.rank, a.scaling) == (4, 3.0) and set(a.weights) == set(w)
+    assert all(torch.equal(a.weights[k][0], w[k][0]) and torch.equal(a.weights[k][1], w[k][1]) for k in w)
+    w[0, "k_proj"] = (w[0, "k_proj"][0][:2], w[0, "k_proj"][1][:, :2])
+    with pytest.raises(ValueError, match="share one rank"):
+        save_adapter(tmp_path / "bad", w, 4)

@@ -382,26 +382,14 @@ def test_tokenize_and_detokenize(server, client):
 def demo_adapter(folder, rank=4, seed=0):
     """A PEFT-format LoRA adapter of the bundled model (random A / B on all seven projections) in folder."""
     import torch
-    from safetensors.torch import save_file
 
     from pagoda.engine import ModelConfig
     from pagoda.engine.loader import DEMO_MODEL
-    from pagoda.engine.lora import module_shapes
+    from pagoda.engine.lora import random_lora_weights, save_adapter
 
-    c = ModelConfig.from_path(DEMO_MODEL)
     g = torch.Generator().manual_seed(seed)
-    w = {}
-    for layer in range(c.num_layers):
-        for m, (d_in, d_out) in module_shapes(c).items():
-            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
-            w[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
-            w[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
-    folder.mkdir()
-    save_file(w, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                                           "target_modules": list(module_shapes(c))}))
-    return str(folder)
+    return save_adapter(folder, random_lora_weights(ModelConfig.from_path(DEMO_MODEL), rank, rank ** -0.5, g),
+                        2 * rank)
 
 
 def test_lora_module_specs():
