@@ -13,15 +13,19 @@ import dataclasses
 import itertools
 import logging
 import os
+import pickle
 import time
+import weakref
 
 import torch
+import torch.distributed as dist
 
 from ..attention.formats import SUPPORTED_HEAD_DIMS
 from .config import ModelConfig, SamplingParams
 from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .lora import LoRAManager, LoRARequest
+from .parallel import Workers, check_tp_size, free_port, init_group, rank_device
 from .runner import ModelRunner
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
 
@@ -119,17 +123,31 @@ class LLMEngine:
                  num_kv_pages: int | None = None, enforce_eager: bool = False, device: str | None = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
                  async_scheduling: bool = True, enable_lora: bool = False, max_loras: int = 1,
-                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, lora_target_modules=None):
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, lora_target_modules=None,
+                 tensor_parallel_size: int = 1, _tp: tuple | None = None):
         """enable_lora: serve LoRA adapters (add_request's lora_request; engine/lora.py), at most max_loras of them
         among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host;
-        lora_target_modules: the modules they may adapt (default all seven; fewer, fewer launches a step)."""
+        lora_target_modules: the modules they may adapt (default all seven; fewer, fewer launches a step).
+        tensor_parallel_size: shard the model over that many GPUs (cuda:0.., one process each; engine/parallel.py);
+        _tp: (rank, size, rendezvous) of a worker rank, which parallel.worker_main builds."""
+        engine_kwargs = {k: v for k, v in locals().items() if k not in ("self", "_tp")}
+        self._workers = None
+        self.tp = None
         if not isinstance(enable_lora, bool):
             raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
         path = resolve_model_path(model)
         self.model_path = path
         self.model_name = model or "pagoda-demo"
         self.config = config = ModelConfig.from_path(path)
+        tp_size = check_tp_size(tensor_parallel_size, config)
+        if tp_size > 1 and enable_lora:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if tp_size > 1:  # (rank 0 checks what it can before it starts the workers, which would fail the same way)
+            rank, _, rendezvous = _tp or (0, tp_size, f"tcp://127.0.0.1:{free_port()}")
+            self.device = rank_device(self.device, rank, tp_size)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
         if dtype == "auto":
             self.dtype = config.dtype if self.device.type == "cuda" else torch.float32
         else:
@@ -160,25 +178,35 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if tp_size > 1:
+            if _tp is None:
+                self._workers = Workers(tp_size, rendezvous, engine_kwargs)
+                self._finalizer = weakref.finalize(self, _close_tp, self._workers)
+            self.tp = init_group(rank, tp_size, rendezvous, self.device)
+        # (every rank draws the same random numbers: the same seeds, the same sampled tokens)
         torch.manual_seed(seed)
         # (a LoRA engine keeps the norm weights apart: its adapters' A matrices read the normalized input)
-        self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora)
+        self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora,
+                                tp=self.tp)
+        shard = self.model.config  # (the rank's heads and MLP columns: what the KV cache and the plans hold)
         self.lora = (LoRAManager(config, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
                                  lora_target_modules) if enable_lora else None)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         if num_kv_pages is None:
             if self.device.type == "cuda":
-                num_kv_pages = _kv_pages_from_memory(config, self.dtype, page_size, gpu_memory_utilization,
+                num_kv_pages = _kv_pages_from_memory(shard, self.dtype, page_size, gpu_memory_utilization,
                                                      self.max_num_batched_tokens, max_num_seqs, self.device)
             else:
                 num_kv_pages = min(max_num_seqs * -(-self.max_model_len // page_size), 4096) + 1
+        if self.tp is not None:  # (every rank's scheduler must see the same pool: the smallest)
+            num_kv_pages = self.tp.min_int(num_kv_pages, self.device)
         self.pool = PagePool(int(num_kv_pages), page_size)
         self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len,
                                    window_left=(config.sliding_window - 1) if config.sliding_window else -1,
                                    max_loras=max_loras if enable_lora else 0)
-        self.runner = ModelRunner(config, self.model, device=self.device, dtype=self.dtype,
+        self.runner = ModelRunner(shard, self.model, device=self.device, dtype=self.dtype,
                                   num_pages=int(num_kv_pages), page_size=page_size,
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
@@ -201,6 +229,17 @@ class LLMEngine:
         self._ahead = None  # (batch, pending): a step launched during the previous step() call
         self.stats = EngineStats(kv_pages_total=self.pool.usable)
         self._ids = itertools.count()
+        if self._workers is not None:
+            self._workers.wait_ready()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (rank 0; a no-op for one GPU). Also done
+        when the engine is collected or the interpreter exits."""
+        if self._workers is not None:
+            self._finalizer()
+        elif self.tp is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self.tp = None
 
     # -- requests ---------------------------------------------------------------------
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -221,6 +260,12 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if self._workers is not None and params.logits_processors:
+            try:  # (every rank runs them: they go to the workers by pickle)
+                pickle.dumps(params.logits_processors)
+            except Exception as e:
+                raise ValueError(f"SamplingParams.logits_processors must be picklable with tensor_parallel_size > 1 "
+                                 f"(every rank runs them): {e}") from None
         if lora_request is not None:
             if self.lora is None:
                 raise ValueError("lora_request needs an engine built with enable_lora=True")
@@ -266,7 +311,15 @@ class LLMEngine:
         for r in group:
             self.scheduler.add(r)
         self.stats.prompt_tokens += len(ids) * params.n
+        if self._workers is not None:
+            self._forward_request(text, ids, params, request_id)
         return request_id
+
+    def _forward_request(self, text, ids, params, request_id) -> None:
+        """Rank 0: the request for the workers, as this rank has added it (the token ids; each worker adds it with
+        the same checks and the same state, so it succeeds there as here)."""
+        self._workers.send("add", dict(prompt={"prompt": text, "prompt_token_ids": ids}, params=params,
+                                       request_id=request_id))
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """SamplingParams.bad_words as token sequences, vLLM's way: each word as it stands and with one leading
@@ -286,6 +339,8 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return False
+        if self._workers is not None:
+            self._workers.send("abort", request_id)
         if group[0].lora_request is not None:
             self.lora.release(group[0].lora_request)
         for r in group:
@@ -302,6 +357,8 @@ class LLMEngine:
         """One scheduler step; returns the outputs of the request groups that made progress (with
         ``only_finished``: of those that finished, which skips building and detokenizing the
         in-progress outputs that an offline caller would throw away)."""
+        if self._workers is not None:  # (the workers run the same step: its collectives meet there)
+            self._workers.send("step", only_finished)
         if self._ahead is not None and all(r.finished for r in self._ahead[0].requests):
             self.runner.collect(self._ahead[1])  # every request it ran for ended (or was aborted): dropped
             self._ahead = None
@@ -468,6 +525,12 @@ class LLMEngine:
             s.prefix_query_tokens, s.prefix_hit_tokens = self.prefix_cache.query_tokens, self.prefix_cache.hit_tokens
 
 
+def _close_tp(workers: Workers) -> None:
+    workers.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class LLM:
     """vLLM's offline API on pagoda: ``generate`` and ``chat``."""
 
@@ -480,6 +543,10 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (also done at exit)."""
+        self.engine.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request: LoRARequest | list[LoRARequest | None] | None = None

@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .models.llama import LlamaForCausalLM
+from .parallel import TPGroup, local_config
 
 PACKAGE_MODELS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
 DEMO_MODEL = os.path.join(PACKAGE_MODELS, "pagoda-demo")
@@ -59,15 +60,19 @@ def iter_safetensors(files: list[str], device):
 
 
 def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_format: str = "auto",
-               seed: int = 0, fold_norms: bool = True) -> LlamaForCausalLM:
+               seed: int = 0, fold_norms: bool = True, tp: TPGroup | None = None) -> LlamaForCausalLM:
     """The model with its weights; fold_norms: the RMSNorm weights folded into the projections after them
-    (LlamaForCausalLM.fold_norm_weights; not for LoRA serving, whose A's read the normalized input)."""
+    (LlamaForCausalLM.fold_norm_weights; not for LoRA serving, whose A's read the normalized input); tp: this
+    rank's shard of it (engine/parallel.py; the checkpoint read on the host, each tensor's shard copied over)."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        if tp is None:
+            model = LlamaForCausalLM(config).to(dtype)
+        else:
+            model = LlamaForCausalLM(local_config(config, tp.size), tp, config).to(dtype)
     if load_format == "dummy":
-        g = torch.Generator(device=device).manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(seed + (0 if tp is None else tp.rank))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -75,7 +80,7 @@ def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_
                 else:  # small uniform values keep activations finite through many layers
                     p.uniform_(-0.02, 0.02, generator=g)
     else:
-        model.load_weights(iter_safetensors(safetensors_files(path), device))
+        model.load_weights(iter_safetensors(safetensors_files(path), device if tp is None else "cpu"))
     if fold_norms:
         model.fold_norm_weights()
     return model.eval()

@@ -6,6 +6,10 @@ are plain GEMMs, RoPE / norms / SiLU are pagoda ops, and attention goes through 
 ``AttentionContext`` (writes the new K/V into the paged cache, then paged attention).
 q/k/v and gate/up projections are fused into one GEMM each; ``load_weights`` maps Hugging
 Face checkpoint names onto them.
+
+Tensor parallelism (engine/parallel.py): built with a TPGroup and the rank's share of the heads and MLP columns
+(parallel.local_config), the model loads its shard of the checkpoint, all-reduces the o and down projections'
+partial sums and gathers the vocabulary-sharded lm_head's logits.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch.nn as nn
 import pagoda
 
 from ..config import ModelConfig
+from ..parallel import TPGroup, shard_tensor, vocab_shard, vocab_shard_rows
 from ...ops._dispatch import env_switch, pdl_default
 from ...ops.matmul import small_m_projections, small_m_split
 
@@ -102,9 +107,10 @@ def rope_cos_sin_cache(c: ModelConfig, max_positions: int, device) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig, layer_id: int):
+    def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
         super().__init__()
         self.layer_id = layer_id
+        self.tp = tp  # (c: the rank's share of the heads; o_proj's output a partial sum over the ranks)
         self.hq, self.hk, self.d = c.num_heads, c.num_kv_heads, c.head_dim
         self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
@@ -127,7 +133,9 @@ class Attention(nn.Module):
             lora.add(qkv, x, self.layer_id, "qkv")
         o = self.attend(qkv, cos_sin, ctx).view(t, self.hq * self.d)
         out = _project(self.o_proj, o, self.small_m_o, self.pdl, self.split_o)
-        return out if lora is None else lora.add(out, o, self.layer_id, "o")
+        if lora is not None:
+            out = lora.add(out, o, self.layer_id, "o")
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def attend(self, qkv, cos_sin, ctx):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
@@ -142,9 +150,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig, layer_id: int = 0):
+    def __init__(self, c: ModelConfig, layer_id: int = 0, tp: TPGroup | None = None):
         super().__init__()
         self.layer_id = layer_id
+        self.tp = tp  # (c: the rank's share of the columns; down_proj's output a partial sum over the ranks)
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         small_m, split = small_m_projections(), small_m_split()
@@ -161,14 +170,16 @@ class MLP(nn.Module):
             lora.add(h, x, self.layer_id, "gate_up")
         a = pagoda.silu_and_mul(h, enable_pdl=self.pdl)
         y = _project(self.down_proj, a, self.small_m_down, self.pdl, self.split_down)
-        return y if lora is None else lora.add(y, a, self.layer_id, "down")
+        if lora is not None:
+            y = lora.add(y, a, self.layer_id, "down")
+        return y if self.tp is None else self.tp.all_reduce(y)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, layer_id: int):
+    def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
         super().__init__()
-        self.self_attn = Attention(c, layer_id)
-        self.mlp = MLP(c, layer_id)
+        self.self_attn = Attention(c, layer_id, tp)
+        self.mlp = MLP(c, layer_id, tp)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -188,9 +199,13 @@ class DecoderLayer(nn.Module):
         norm's factor scales the qkv projection's accumulators (small-M kernel), the o projection adds its
         output into r in its epilogue, the post-attention norm's factor scales gate / up in the activation, and
         the down projection adds into r (cuBLAS with beta = 1, or the small-M kernel's epilogue): no norm
-        launch and no residual add launch; RMSNorm(r) @ W.T = rsqrt(mean(r^2) + eps) * (r @ (W * w).T)."""
+        launch and no residual add launch; RMSNorm(r) @ W.T = rsqrt(mean(r^2) + eps) * (r @ (W * w).T).
+        Tensor-parallel: rank 0's o / down projections add the residual, the others' write their partial sums
+        into r, and one in-place all-reduce of r after each makes the residual stream on every rank."""
         a, mlp = self.self_attn, self.mlp
         cuda = r.is_cuda
+        tp = a.tp
+        lead = tp is None or tp.rank == 0  # (the rank whose partial sums carry the residual)
         # (after a cuBLAS kernel the qkv projection and the activation launch without PDL: as PDL launches
         # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
         o = None
@@ -202,8 +217,10 @@ class DecoderLayer(nn.Module):
                                     pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
                                     split_k=a.split_qkv)
             o = a.attend(qkv, cos_sin, ctx)
-        pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl, residual=r,
-                          out=r, split_k=a.split_o)
+        pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl,
+                          residual=r if lead else None, out=r, split_k=a.split_o)
+        if tp is not None:
+            tp.all_reduce(r)
         if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end, and the down
             # projection after its end (as PDL launches both were slower, +0.14..0.19 and +0.065 ms a step: session 23)
             h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
@@ -214,19 +231,30 @@ class DecoderLayer(nn.Module):
                                     norm_eps=self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl and not mlp.fused_gate_up_act,
-                              residual=r, out=r, split_k=mlp.split_down)
-        else:
+                              residual=r if lead else None, out=r, split_k=mlp.split_down)
+        elif lead:
             r.addmm_(h, mlp.down_proj.weight.t())
+        else:
+            torch.mm(h, mlp.down_proj.weight.t(), out=r)
+        if tp is not None:
+            tp.all_reduce(r)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, tp: TPGroup | None = None, full_config: ModelConfig | None = None):
+        """tp: this rank of a tensor-parallel group, c its share of the model (parallel.local_config) and
+        full_config the whole model's (for sharding the checkpoint)."""
         super().__init__()
         self.config = c
+        self.tp = tp
+        self.full_config = full_config or c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if tp is not None:  # (the rank's vocabulary rows, its own copy where the embeddings are tied)
+            self.lm_head = nn.Linear(c.hidden_size, vocab_shard_rows(c.vocab_size, tp.size), bias=False)
+        else:
+            self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.norms_folded = False  # fold_norm_weights
         self.defer_norms = defer_norms_default()
@@ -301,14 +329,18 @@ class LlamaForCausalLM(nn.Module):
         greedy sampling reads them as they are; engine/sampler.py's sample_launch upcasts where it needs to)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = torch.nn.functional.linear(hidden, w)
+        if self.tp is not None:  # (each rank's vocabulary rows side by side)
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
         return logits.float() if upcast else logits
 
     # -- weights ---------------------------------------------------------------------
     def load_weights(self, weights) -> None:
-        """weights: iterable of (Hugging Face name, tensor). Every parameter must be loaded once."""
+        """weights: iterable of (Hugging Face name, tensor) of the whole model; a tensor-parallel rank takes its
+        shard of each (parallel.shard_tensor). Every parameter must be loaded once."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         c = self.config
+        tp = self.tp
         qkv_offsets = {"q_proj": (0, c.num_heads * c.head_dim),
                        "k_proj": (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim),
                        "v_proj": ((c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim)}
@@ -319,6 +351,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
             target, rows = _map_name(name, qkv_offsets, gate_up)
+            if tp is not None:
+                w = shard_tensor(name, w, self.full_config, tp.rank, tp.size)
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint (no parameter {target!r})")
             p = params[target]
@@ -327,6 +361,9 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
             dst.copy_(w)
             loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+            if tp is not None and target == "embed_tokens.weight" and c.tie_word_embeddings:
+                params["lm_head.weight"].data.copy_(vocab_shard(w, c.vocab_size, tp.rank, tp.size))
+                loaded.add("lm_head.weight")  # (a tied lm_head: the rank's rows of the embedding table)
         expected = set()
         for n, p in params.items():
             if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
