@@ -148,6 +148,8 @@ class LLMEngine:
             self.device = rank_device(self.device, rank, tp_size)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
+            else:  # (the ranks share the host's cores: more threads than cores spin against each other, 4x slower)
+                torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // tp_size))
         if dtype == "auto":
             self.dtype = config.dtype if self.device.type == "cuda" else torch.float32
         else:
