@@ -212,7 +212,9 @@ class LLMEngine:
                                   num_pages=int(num_kv_pages), page_size=page_size,
                                   attention_backend=attention_backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, enable_cuda_graph=not enforce_eager,
+                                  max_model_len=self.max_model_len,
+                                  # (gloo's collectives cannot be captured: PAGODA_TP_BACKEND=gloo on a GPU is eager)
+                                  enable_cuda_graph=not enforce_eager and (self.tp is None or self.tp.backend == "nccl"),
                                   enable_cascade=enable_cascade, lora=self.lora)
         if self.runner.use_graphs:
             t0 = time.perf_counter()

@@ -323,3 +323,40 @@ def test_lora_in_cuda_graphs_matches_merged_weights(tmp_path):
     assert lmean < 1.5 * bmean + 0.002 and lmax < 0.06 and lgap < 0.2 and lmiss <= 2 * bmiss + 2, stats
     for name in ("a", "b"):  # each adapter changes the base model's tokens somewhere
         assert [o.outputs[0].token_ids for o in bf16[name]] != [o.outputs[0].token_ids for o in bf16[None]], name
+
+
+def test_tensor_parallel_on_one_gpu(monkeypatch):
+    """Tensor parallelism's sharded model on the GPU's kernels: the bundled model over two ranks that share the one
+    GPU (PAGODA_TP_BACKEND=gloo: NCCL takes one rank per GPU, and gloo's collectives are not captured, so eager),
+    a KV head and two query heads each. Its bf16 completions (a batch of four: the general path; one prompt alone:
+    the one-token path, where rank 0's projections carry the residual) teacher-forced through a float32 engine
+    deviate no more than the one-process bf16 engine's do (the yardstick); each worker sampled rank 0's tokens."""
+    monkeypatch.setenv("PAGODA_TP_BACKEND", "gloo")
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
+    runs = {}
+    for tp in (1, 2):
+        llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, tensor_parallel_size=tp,
+                         enforce_eager=True)
+        runs[tp] = llm.generate(PROMPTS, sp, use_tqdm=False) + llm.generate(PROMPTS[:1], sp, use_tqdm=False)
+        if tp == 2:
+            assert llm.engine.model.config.num_kv_heads == 1 and llm.engine.tp.backend == "gloo"
+            probes = llm.engine._workers.request("probe")
+            want = {o.request_id: [c.token_ids for c in o.outputs] for o in runs[tp]}
+            assert probes == [want]
+        llm.shutdown()
+        del llm
+    ref32 = pagoda.LLM(dtype="float32", num_kv_pages=2048, max_num_seqs=8)
+    forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    dev, gap = {1: [], 2: []}, {1: [], 2: []}
+    for tp, outs in runs.items():
+        for out in outs:
+            ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
+            ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
+            for j, t in enumerate(toks):
+                d = ref[len(ids) + j]
+                dev[tp].append(abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()).item())
+                gap[tp].append(max(d.values()) - d[t])
+    stats = {k: (max(dev[k]), sum(dev[k]) / len(dev[k]), max(gap[k]), sum(g > 0 for g in gap[k])) for k in dev}
+    print("tp: max / mean |p - p_float32|, max gap, tokens not float32's best:", stats)
+    (tmax, tmean, tgap, tmiss), (_, omean, _, omiss) = stats[2], stats[1]
+    assert tmean < 1.5 * omean + 0.002 and tmax < 0.06 and tgap < 0.2 and tmiss <= 2 * omiss + 2, stats
