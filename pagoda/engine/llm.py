@@ -140,8 +140,6 @@ class LLMEngine:
         self.model_name = model or "pagoda-demo"
         self.config = config = ModelConfig.from_path(path)
         tp_size = check_tp_size(tensor_parallel_size, config)
-        if tp_size > 1 and enable_lora:
-            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tp_size > 1:  # (rank 0 checks what it can before it starts the workers, which would fail the same way)
             rank, _, rendezvous = _tp or (0, tp_size, f"tcp://127.0.0.1:{free_port()}")
@@ -191,8 +189,8 @@ class LLMEngine:
         self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora,
                                 tp=self.tp)
         shard = self.model.config  # (the rank's heads and MLP columns: what the KV cache and the plans hold)
-        self.lora = (LoRAManager(config, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
-                                 lora_target_modules) if enable_lora else None)
+        self.lora = (LoRAManager(shard, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
+                                 lora_target_modules, tp=self.tp, full_config=config) if enable_lora else None)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         if num_kv_pages is None:
             if self.device.type == "cuda":
@@ -270,10 +268,10 @@ class LLMEngine:
             except Exception as e:
                 raise ValueError(f"SamplingParams.logits_processors must be picklable with tensor_parallel_size > 1 "
                                  f"(every rank runs them): {e}") from None
-        if lora_request is not None:
-            if self.lora is None:
-                raise ValueError("lora_request needs an engine built with enable_lora=True")
-            self.lora.register(lora_request)
+        if lora_request is not None and self.lora is None:
+            raise ValueError("lora_request needs an engine built with enable_lora=True")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a pagoda.LoRARequest, got {type(lora_request).__name__}")
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -294,6 +292,11 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if lora_request is not None:  # (last of the checks: a request refused above leaves no trace in the cache)
+            if self._workers is not None and lora_request.lora_int_id not in self.lora.host:
+                self.add_lora(lora_request)  # (the workers read the folder now, not when they get to the request)
+            else:
+                self.lora.register(lora_request)
         group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
         for r in group:
             r.lora_request = lora_request
@@ -316,14 +319,24 @@ class LLMEngine:
             self.scheduler.add(r)
         self.stats.prompt_tokens += len(ids) * params.n
         if self._workers is not None:
-            self._forward_request(text, ids, params, request_id)
+            self._forward_request(text, ids, params, request_id, lora_request)
         return request_id
 
-    def _forward_request(self, text, ids, params, request_id) -> None:
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Check a LoRA adapter and keep it parsed on the host (vLLM's add_lora; the server's --lora-modules and
+        /v1/load_lora_adapter): ValueError for a bad one. Tensor-parallel: every rank reads it before this returns,
+        and the ranks' host caches stay alike (every register here is one there, in the same order)."""
+        if self.lora is None:
+            raise ValueError("add_lora needs an engine built with enable_lora=True")
+        self.lora.register(lora_request)
+        if self._workers is not None:
+            self._workers.request("lora", lora_request)
+
+    def _forward_request(self, text, ids, params, request_id, lora_request) -> None:
         """Rank 0: the request for the workers, as this rank has added it (the token ids; each worker adds it with
         the same checks and the same state, so it succeeds there as here)."""
         self._workers.send("add", dict(prompt={"prompt": text, "prompt_token_ids": ids}, params=params,
-                                       request_id=request_id))
+                                       request_id=request_id, lora_request=lora_request))
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """SamplingParams.bad_words as token sequences, vLLM's way: each word as it stands and with one leading

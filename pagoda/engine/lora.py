@@ -33,6 +33,7 @@ import torch
 
 from ..ops.lora import lora_delta, lora_max_tiles, lora_tiles
 from .config import ModelConfig
+from .parallel import shard_lora
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # the engine's fused projections and the PEFT modules they hold, in the fused weight's row order
@@ -186,10 +187,12 @@ class LoRAManager:
     calls it, so a bad adapter is the caller's ValueError), slots_for() puts a step's adapters into slots."""
 
     def __init__(self, config: ModelConfig, device, dtype: torch.dtype, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, target_modules=None):
+                 max_cpu_loras: int | None = None, target_modules=None, tp=None, full_config: ModelConfig | None = None):
         """target_modules (SGLang's lora_target_modules): the modules any adapter may adapt (default all seven);
         projections none of them is in hold no slots and run no LoRA launches (PEFT's default adapters adapt
-        q_proj and v_proj: one fused projection of four)."""
+        q_proj and v_proj: one fused projection of four). tp: a tensor-parallel rank's TPGroup (engine/parallel.py),
+        config its share of the model and full_config the whole model, which adapters are checked against before
+        the rank keeps its share of them (parallel.shard_lora)."""
         for name, v in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -205,6 +208,7 @@ class LoRAManager:
                              f"{target_modules!r}")
         self.target_modules = tuple(m for m in TARGET_MODULES if m in target_modules)
         self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.tp, self.full_config = tp, full_config or config
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         shapes = module_shapes(config)
         slots, rank = max_loras + 1, max_lora_rank
@@ -264,7 +268,9 @@ class LoRAManager:
     def _host_adapter(self, req: LoRARequest) -> LoRAAdapter:
         a = self.host.get(req.lora_int_id)
         if a is None:
-            a = load_adapter(req.lora_path, self.config, self.max_lora_rank, self.target_modules)
+            a = load_adapter(req.lora_path, self.full_config, self.max_lora_rank, self.target_modules)
+            if self.tp is not None:
+                a = dataclasses.replace(a, weights=shard_lora(a.weights, self.full_config, self.tp.rank, self.tp.size))
             self.host[req.lora_int_id] = a
         self.host.move_to_end(req.lora_int_id)
         self._evict(keep=req.lora_int_id)

@@ -140,6 +140,24 @@ def shard_tensor(name: str, w: torch.Tensor, config: ModelConfig, rank: int, tp:
     return w  # embeddings, norms: whole on every rank
 
 
+def shard_lora(weights: dict, config: ModelConfig, rank: int, tp: int) -> dict:
+    """A LoRA adapter's {(layer, module): (A [r, in], B [out, r])} -> rank's share: where the projection is split by
+    its outputs (q / k / v, gate / up) B's rows as the weight's, where by its inputs (o, down) A's columns as the
+    weight's. The row-split projections' partial deltas join their partial sums before the all-reduce, so B (and
+    the scaling folded into it) is whole on every rank. config: the whole model's."""
+    if tp == 1:
+        return weights
+    out = {}
+    for (layer, module), (a, b) in weights.items():
+        name = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}." \
+               f"{module}.weight"
+        if module in ("o_proj", "down_proj"):
+            out[layer, module] = (shard_tensor(name, a, config, rank, tp), b)  # (A's columns: the weight's)
+        else:
+            out[layer, module] = (a, shard_tensor(name, b, config, rank, tp))
+    return out
+
+
 def vocab_shard(w: torch.Tensor, vocab_size: int, rank: int, tp: int) -> torch.Tensor:
     """Rank's rows of an lm_head (or of the embedding table it is tied to): vocab_shard_rows of them, the last
     rank's padded with zero rows (whose logits gather_vocab cuts off)."""
@@ -323,6 +341,9 @@ def worker_main(rank: str, size: str, init_method: str, port: str, key: str) -> 
                 engine.add_request(**msg[1])
             elif op == "abort":
                 engine.abort(msg[1])
+            elif op == "lora":
+                engine.lora.register(msg[1])
+                conn.send(("lora", None))
             elif op == "probe":
                 conn.send(("probe", finished))
                 finished = {}

@@ -395,7 +395,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 raise APIError(400, f"The model `{req.lora_name}` is already served.", param="lora_name")
             try:
                 lora = LoRARequest(req.lora_name, next(next_lora_id), req.lora_path)
-                await async_engine.call(lambda: engine.lora.register(lora))
+                await async_engine.call(lambda: engine.add_lora(lora))
             except ValueError as e:
                 raise APIError(400, str(e), param="lora_name" if str(e).startswith("lora_name") else "lora_path") from None
             except EngineDead as e:

@@ -71,7 +71,7 @@ def serve(args) -> int:
                        skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
     name = args.served_model_name or engine.model_name
     for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)
-        engine.lora.register(m)
+        engine.add_lora(m)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
     app = create_app(async_engine, name, lora_modules=loras, allow_lora_updates=args.allow_runtime_lora_updating)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -13,6 +13,10 @@ from pagoda.engine.loader import DEMO_MODEL
 from pagoda.engine.parallel import (check_tp_size, local_config, rank_device, shard_tensor, vocab_shard,
                                     vocab_shard_rows)
 
+from .test_lora import PROMPTS as LORA_PROMPTS, adapters  # noqa: F401 (a fixture)
+from .test_lora import greedy as lora_greedy
+from .test_models import check_like_hf, make_llm
+
 PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range("]
 
 
@@ -97,8 +101,6 @@ def test_tensor_parallel_size_checks(monkeypatch):
     assert check_tp_size(4, c) == 4
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         pagoda.LLM(tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="enable_lora"):
-        pagoda.LLM(tensor_parallel_size=2, enable_lora=True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # (a host with one GPU)
     monkeypatch.delenv("PAGODA_TP_BACKEND", raising=False)
     with pytest.raises(ValueError, match="needs 2 GPUs"):
@@ -195,6 +197,36 @@ def test_chunked_prefill_preemption_and_prefix_cache():
         _workers_agree(llm, got)
         st, st1 = llm.engine.stats, one.engine.stats
         assert st.preemptions == st1.preemptions > 0 and st.prefix_hit_tokens == st1.prefix_hit_tokens > 0
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_over_ranks_matches_peft(tiny_models, adapters, family, tmp_path):
+    """Multi-LoRA over 2 ranks (q / k / v and gate / up B's split by rows, o and down A's by columns): requests of
+    two adapters and of none, through one device slot (the ranks swap adapters alike), each completion's greedy
+    tokens and log-probabilities those of transformers on PEFT's merged model; the adapter folders are gone right
+    after the requests are added (every rank read them by then), and the workers finished alike."""
+    import shutil
+
+    path, hf = tiny_models[family]
+    (ra, hfa), (rb, hfb) = adapters[family][1], adapters[family][2]
+    a = pagoda.LoRARequest("a", 1, str(shutil.copytree(ra.lora_path, tmp_path / "a")))
+    b = pagoda.LoRARequest("b", 2, str(shutil.copytree(rb.lora_path, tmp_path / "b")))
+    llm = make_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8, tensor_parallel_size=2)
+    eng = llm.engine
+    try:
+        loras, refs = [a, b, None, a], [hfa, hfb, hf, hfa]
+        ids = [eng.add_request(p, lora_greedy(), lora_request=lr) for p, lr in zip(LORA_PROMPTS, loras)]
+        shutil.rmtree(tmp_path / "a")
+        shutil.rmtree(tmp_path / "b")
+        outs = {}
+        while eng.has_unfinished():
+            outs.update({o.request_id: o for o in eng.step() if o.finished})
+        for rid, p, ref in zip(ids, LORA_PROMPTS, refs):
+            check_like_hf(ref, p, outs[rid].outputs[0], 8)
+        _workers_agree(llm, list(outs.values()))
+        assert eng.lora.loads >= 2 and len(eng.lora.slot_ids) == 2  # (a then b through the one slot)
     finally:
         llm.shutdown()
 

@@ -490,3 +490,28 @@ def test_runtime_lora_loading(server, tmp_path):
         assert httpx.post(url + "/v1/completions", json=dict(body, model=MODEL), timeout=60).status_code == 200
     finally:
         assert stop(proc) == 0
+
+
+def test_tensor_parallel_server(server):
+    """`pagoda serve -tp 2` on the CPU (gloo): the one-process server's greedy answers, streamed and not, for
+    several prompts at once; a bad request is a 400 and the server keeps serving; SIGTERM ends it and its worker."""
+    proc, url = start_server("--tensor-parallel-size", "2")
+    try:
+        kids = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        assert len(kids) == 1  # (the rank-1 worker)
+        body = {"model": MODEL, "prompt": ["def add(a, b):", "import os\n", "class A:"], "max_tokens": 16,
+                "temperature": 0}
+        want = [c["text"] for c in httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"]]
+        got = [c["text"] for c in httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"]]
+        assert got == want and all(want)
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [99999999], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["message"]
+        streamed = "".join(json.loads(c[6:])["choices"][0]["text"] for c in httpx.post(
+            url + "/v1/completions", json=dict(body, prompt=body["prompt"][0], stream=True), timeout=60).text.split("\n\n")
+            if c.startswith("data: {"))
+        assert streamed == want[0]
+    finally:
+        assert stop(proc) == 0
+    for pid in kids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
