@@ -141,7 +141,11 @@ class LLMEngine:
         self.config = config = ModelConfig.from_path(path)
         tp_size = check_tp_size(tensor_parallel_size, config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if tp_size > 1:  # (rank 0 checks what it can before it starts the workers, which would fail the same way)
+        # (_tp of size 1: a group of one rank, whose collectives are copies: a test of the NCCL collectives in the
+        # decode graphs on one GPU)
+        if _tp is not None:
+            tp_size = _tp[1]
+        if tp_size > 1 or _tp is not None:  # (rank 0 checks what it can before it starts workers, which would fail alike)
             rank, _, rendezvous = _tp or (0, tp_size, f"tcp://127.0.0.1:{free_port()}")
             self.device = rank_device(self.device, rank, tp_size)
             if self.device.type == "cuda":
@@ -178,7 +182,7 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if tp_size > 1:
+        if tp_size > 1 or _tp is not None:
             if _tp is None:
                 self._workers = Workers(tp_size, rendezvous, engine_kwargs)
                 self._finalizer = weakref.finalize(self, _close_tp, self._workers)

@@ -360,3 +360,27 @@ def test_tensor_parallel_on_one_gpu(monkeypatch):
     print("tp: max / mean |p - p_float32|, max gap, tokens not float32's best:", stats)
     (tmax, tmean, tgap, tmiss), (_, omean, _, omiss) = stats[2], stats[1]
     assert tmean < 1.5 * omean + 0.002 and tmax < 0.06 and tgap < 0.2 and tmiss <= 2 * omiss + 2, stats
+
+
+def test_nccl_collectives_in_cuda_graphs(tmp_path):
+    """The tensor-parallel model's NCCL collectives (the all-reduces after the o / down projections, the logits'
+    all-gather) captured in the decode CUDA graphs, in a group of one rank (this device has one GPU; a rank's share
+    is then the whole model and each collective a copy): the plain engine's tokens and log-probabilities, bit for
+    bit, in a batch (the general path) and alone (the one-token path, the residual in the projections' epilogues);
+    an untied lm_head (a tensor-parallel model always has its own, the final norm folded into it)."""
+    from pagoda.engine.parallel import free_port
+
+    model = _untied_demo(tmp_path / "untied")
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    outs = {}
+    for name, kw in (("plain", {}), ("nccl", {"_tp": (0, 1, f"tcp://127.0.0.1:{free_port()}")})):
+        llm = pagoda.LLM(model, dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, **kw)
+        outs[name] = llm.generate(PROMPTS, sp, use_tqdm=False) + llm.generate(PROMPTS[:1], sp, use_tqdm=False)
+        assert llm.engine.stats.cuda_graph_steps > 20
+        if name == "nccl":
+            assert llm.engine.tp.backend == "nccl" and llm.engine.model.tp is not None
+        llm.shutdown()
+        del llm
+    for a, b in zip(outs["plain"], outs["nccl"], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
