@@ -103,7 +103,7 @@ def _generate(args) -> int:
 
     t0 = time.perf_counter()
     llm = pagoda.LLM(args.model, max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                     load_format=args.load_format)
+                     load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size)
     load_s = time.perf_counter() - t0
     sp = pagoda.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                max_tokens=args.max_tokens, seed=args.seed)
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--attention-backend", default=None, choices=["pagoda", "flashinfer", "torch"])
     gen.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over this many GPUs")
     from .server.cli import add_parser as add_serve
     add_serve(sub)
     bench = sub.add_parser("bench", help="benchmarks: 'pagoda bench serve ...' drives an OpenAI-compatible server")

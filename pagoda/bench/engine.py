@@ -141,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--backends", default="pagoda,flashinfer")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (the floor)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="the engines sharded over this many GPUs (weights and the latency floor are per GPU)")
     args = ap.parse_args(argv)
     cases = args.cases.split(",")
     bw = copy_bandwidth()
@@ -157,7 +159,8 @@ def main(argv=None):
             llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=attn, skip_tokenizer_init=True,
                              max_model_len=33280, max_num_batched_tokens=8192,
                              enable_cascade=option != "nocascade", async_scheduling=option != "noasync",
-                             enable_lora=lora, max_loras=4, max_lora_rank=16, lora_target_modules=qv)
+                             enable_lora=lora, max_loras=4, max_lora_rank=16, lora_target_modules=qv,
+                             tensor_parallel_size=args.tensor_parallel_size)
         except Exception as e:  # noqa: BLE001 - a missing peer must not stop the table
             print(f"# backend {backend} unavailable: {type(e).__name__}: {e}")
             continue
@@ -165,7 +168,7 @@ def main(argv=None):
         print(f"# {backend}: loaded in {time.perf_counter() - t0:.0f}s, {weights / 1e9:.1f} GB of weights, "
               f"{llm.engine.pool.usable} KV pages")
         rng = np.random.default_rng(0)
-        row = {"backend": backend, "weights_GB": weights / 1e9}
+        row = {"backend": backend, "weights_GB": weights / 1e9, "tensor_parallel_size": args.tensor_parallel_size}
         loras = None
         if lora:
             import tempfile
@@ -190,6 +193,7 @@ def main(argv=None):
         row["prepared_steps"] = llm.engine.stats.prepared_steps
         row["ahead_steps"] = llm.engine.stats.ahead_steps
         results["rows"].append(row)
+        llm.shutdown()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
