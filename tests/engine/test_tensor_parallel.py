@@ -36,6 +36,10 @@ def _config(**over):
 
 def _same_tokens_and_logprobs(ref, got, tol=1e-4):
     for a, b in zip(ref, got, strict=True):
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        for pa, pb in zip(a.prompt_logprobs or (), b.prompt_logprobs or (), strict=True):
+            assert (pa is None) == (pb is None) and (pa is None or (
+                pa.keys() == pb.keys() and max(abs(pa[t] - pb[t]) for t in pa) < tol))
         for x, y in zip(a.outputs, b.outputs, strict=True):
             assert x.token_ids == y.token_ids
             if x.logprobs is not None:
@@ -141,15 +145,18 @@ def test_bundled_model_matches_one_process(tp):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
 def test_families_match_one_process(tiny_models, family):
     """q / k / v biases (Qwen2), per-head q / k norms (Qwen3), an untied lm_head with Llama 3.1 RoPE (llama) over 2
-    ranks: the one-process engine's tokens and log-probabilities."""
+    ranks: the one-process engine's tokens, log-probabilities and prompt log-probabilities (the prompt rows' logits
+    gathered too), with penalties and a logit bias (host-side, alike on every rank)."""
     path, _ = tiny_models[family]
-    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True, prompt_logprobs=2,
+                               repetition_penalty=1.3, presence_penalty=0.5, logit_bias={7: 3.0})
     prompts = [[5, 9, 33, 2, 17, 100], [44, 3, 8], [7] * 20]
     kw = dict(skip_tokenizer_init=True, num_kv_pages=128)
     ref = pagoda.LLM(str(path), **kw).generate(prompts, sp, use_tqdm=False)
     llm = pagoda.LLM(str(path), tensor_parallel_size=2, **kw)
     try:
         got = llm.generate(prompts, sp, use_tqdm=False)
+        assert all(len(o.prompt_logprobs) == len(p) and o.prompt_logprobs[1] for o, p in zip(got, prompts))
         _same_tokens_and_logprobs(ref, got)
         _workers_agree(llm, got)
     finally:
