@@ -13,7 +13,8 @@ Dummy (random) weights of the bundled 8B-shaped configs, bf16, ignore_eos. Cases
 A backend may carry an option: "pagoda:nocascade" (cascade decode off), "pagoda:noasync" (async scheduling off),
 "pagoda:lora" (multi-LoRA: enable_lora with 4 random rank-16 adapters on all seven projections, the requests
 taking them in turn; batch 1 takes one), "pagoda:lora-qv" (the same on q_proj / v_proj only, PEFT's default, with
-lora_target_modules q_proj, v_proj).
+lora_target_modules q_proj, v_proj), "pagoda:fp8" (an e4m3 KV cache, kv_cache_dtype="fp8"; --kv-cache-dtype sets
+every backend's).
 transformers' generate on a small batch gives the floor the issue asks for (--hf).
 """
 from __future__ import annotations
@@ -143,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                     help="the engines sharded over this many GPUs (weights and the latency floor are per GPU)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the engines' KV cache: auto (bf16), fp8, fp8_e5m2")
     args = ap.parse_args(argv)
     cases = args.cases.split(",")
     bw = copy_bandwidth()
@@ -155,12 +157,13 @@ def main(argv=None):
         attn, _, option = backend.partition(":")
         lora = option in ("lora", "lora-qv")
         qv = ["q_proj", "v_proj"] if option == "lora-qv" else None
+        kv = "fp8" if option == "fp8" else args.kv_cache_dtype  # ("pagoda:fp8": an e4m3 KV cache)
         try:
             llm = pagoda.LLM(args.model, load_format="dummy", attention_backend=attn, skip_tokenizer_init=True,
                              max_model_len=33280, max_num_batched_tokens=8192,
                              enable_cascade=option != "nocascade", async_scheduling=option != "noasync",
                              enable_lora=lora, max_loras=4, max_lora_rank=16, lora_target_modules=qv,
-                             tensor_parallel_size=args.tensor_parallel_size)
+                             tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=kv)
         except Exception as e:  # noqa: BLE001 - a missing peer must not stop the table
             print(f"# backend {backend} unavailable: {type(e).__name__}: {e}")
             continue
@@ -168,7 +171,8 @@ def main(argv=None):
         print(f"# {backend}: loaded in {time.perf_counter() - t0:.0f}s, {weights / 1e9:.1f} GB of weights, "
               f"{llm.engine.pool.usable} KV pages")
         rng = np.random.default_rng(0)
-        row = {"backend": backend, "weights_GB": weights / 1e9, "tensor_parallel_size": args.tensor_parallel_size}
+        row = {"backend": backend, "weights_GB": weights / 1e9, "tensor_parallel_size": args.tensor_parallel_size,
+               "kv_cache_dtype": kv}
         loras = None
         if lora:
             import tempfile

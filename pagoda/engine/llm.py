@@ -124,11 +124,14 @@ class LLMEngine:
                  seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
                  async_scheduling: bool = True, enable_lora: bool = False, max_loras: int = 1,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, lora_target_modules=None,
-                 tensor_parallel_size: int = 1, _tp: tuple | None = None):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", _tp: tuple | None = None):
         """enable_lora: serve LoRA adapters (add_request's lora_request; engine/lora.py), at most max_loras of them
         among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host;
         lora_target_modules: the modules they may adapt (default all seven; fewer, fewer launches a step).
         tensor_parallel_size: shard the model over that many GPUs (cuda:0.., one process each; engine/parallel.py);
+        kv_cache_dtype (vLLM's): "auto" (the model's dtype), "fp8" / "fp8_e4m3" or "fp8_e5m2": the KV cache in 8
+        bits, twice the tokens in the same memory and half the bytes each decode step reads (scales 1.0; K / V
+        quantized as they are appended, the attention kernels dequantizing).
         _tp: (rank, size, rendezvous) of a worker rank, which parallel.worker_main builds."""
         engine_kwargs = {k: v for k, v in locals().items() if k not in ("self", "_tp")}
         self._workers = None
@@ -158,6 +161,18 @@ class LLMEngine:
             from .config import _dtype
 
             self.dtype = _dtype(dtype)
+        kv_dtypes = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                     "fp8_e5m2": torch.float8_e5m2}
+        if kv_cache_dtype not in kv_dtypes:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(kv_dtypes)}, got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_dtypes[kv_cache_dtype] or self.dtype
+        if kv_dtypes[kv_cache_dtype] is not None and self.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs a float16 / bfloat16 model (the attention "
+                             f"kernels take 16-bit queries over an fp8 cache), dtype is {self.dtype}: pass "
+                             f"dtype='bfloat16'")
+        if kv_dtypes[kv_cache_dtype] is not None and attention_backend == "flashinfer":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} takes attention_backend 'pagoda' or 'torch', not "
+                             f"'flashinfer'")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -198,7 +213,7 @@ class LLMEngine:
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         if num_kv_pages is None:
             if self.device.type == "cuda":
-                num_kv_pages = _kv_pages_from_memory(shard, self.dtype, page_size, gpu_memory_utilization,
+                num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size, gpu_memory_utilization,
                                                      self.max_num_batched_tokens, max_num_seqs, self.device)
             else:
                 num_kv_pages = min(max_num_seqs * -(-self.max_model_len // page_size), 4096) + 1
@@ -217,7 +232,7 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   # (gloo's collectives cannot be captured: PAGODA_TP_BACKEND=gloo on a GPU is eager)
                                   enable_cuda_graph=not enforce_eager and (self.tp is None or self.tp.backend == "nccl"),
-                                  enable_cascade=enable_cascade, lora=self.lora)
+                                  enable_cascade=enable_cascade, lora=self.lora, kv_cache_dtype=self.kv_cache_dtype)
         if self.runner.use_graphs:
             t0 = time.perf_counter()
             self.runner.capture_graphs()

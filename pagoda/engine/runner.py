@@ -19,6 +19,7 @@ import torch
 
 import pagoda
 
+from ..attention.formats import FP8_DTYPES
 from ..ops._dispatch import env_switch, pdl_default
 from ..ops.lora import lora_max_tiles
 from .config import ModelConfig
@@ -307,10 +308,11 @@ class _Context:
 
 
 class _PagodaAttention:
-    fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch
-
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
+        # _Context.attention: RoPE and the K/V append in one launch (16-bit caches: an fp8 one quantizes on write
+        # through append_paged_kv_cache's scales)
+        self.fused_rope = not runner.kv_fp8
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
@@ -329,13 +331,14 @@ class _PagodaAttention:
         self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
                           torch.from_numpy(inp.kv_indices), torch.from_numpy(inp.kv_last_page_len),
                           c.num_heads, c.num_kv_heads, c.head_dim, self.r.page_size, causal=True,
-                          window_left=self.r.window_left, q_data_type=self.r.dtype, kv_data_type=self.r.dtype)
+                          window_left=self.r.window_left, q_data_type=self.r.dtype, kv_data_type=self.r.kv_dtype)
 
     def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
-        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False)
+        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False,
+                                     **self.r.kv_scales)
 
     def run(self, q, cache):
-        return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv)
+        return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv, **self.r.kv_scales)
 
 
 class _PagodaCascadeAttention(_PagodaAttention):
@@ -346,6 +349,7 @@ class _PagodaCascadeAttention(_PagodaAttention):
 
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
+        self.fused_rope = not runner.kv_fp8
         self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD",
                                                                 use_cuda_graph=use_cuda_graph, backend=backend)
 
@@ -356,10 +360,10 @@ class _PagodaCascadeAttention(_PagodaAttention):
                                                            self.r.page_size, inp.qo_indptr)
         self.wrapper.plan(**levels, num_qo_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                           page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
-                          kv_data_type=self.r.dtype)
+                          kv_data_type=self.r.kv_dtype)
 
     def run(self, q, cache):
-        return self.wrapper.run(q, cache)
+        return self.wrapper.run(q, cache, **self.r.kv_scales)
 
 
 class _FlashInferAttention:
@@ -368,6 +372,8 @@ class _FlashInferAttention:
     def __init__(self, runner):
         import flashinfer
 
+        if runner.kv_fp8:
+            raise ValueError("kv_cache_dtype fp8 takes attention_backend 'pagoda' or 'torch', not 'flashinfer'")
         self.fi, self.r = flashinfer, runner
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(runner.workspace, "NHD", use_tensor_cores=True)
@@ -489,16 +495,22 @@ class _StaticView:
 class ModelRunner:
     def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
                  attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 enable_cuda_graph: bool, enable_cascade: bool = True, lora: LoRAManager | None = None):
+                 enable_cuda_graph: bool, enable_cascade: bool = True, lora: LoRAManager | None = None,
+                 kv_cache_dtype: torch.dtype | None = None):
         """lora: the engine's LoRAManager (enable_lora): each step's requests get their adapters' slots, and the
-        decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros)."""
+        decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros).
+        kv_cache_dtype: the cache's dtype (None: the model's); an fp8 one holds K and V as they are (scales 1.0,
+        vLLM's default without calibrated scales), quantized as they are appended."""
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
+        self.kv_dtype = kv_cache_dtype or dtype
+        self.kv_fp8 = self.kv_dtype in FP8_DTYPES
+        self.kv_scales = dict(k_scale=1.0, v_scale=1.0) if self.kv_fp8 else {}
         self.lora = lora
         self._max_loras = 0 if lora is None else lora.max_loras
         self.page_size, self.num_pages = page_size, num_pages
         self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
         self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
-        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim, dtype=dtype,
+        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim, dtype=self.kv_dtype,
                                       device=self.device) for _ in range(config.num_layers)]
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
@@ -520,7 +532,7 @@ class ModelRunner:
         self.cascade_min_saved = CASCADE_MIN_SAVED
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES if self.device.type == "cuda" else 0
         self.page_bytes = (config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim
-                           * torch.finfo(dtype).bits // 8)
+                           * torch.finfo(self.kv_dtype).bits // 8)
         self.cascade_attn = (_PagodaCascadeAttention(self, "auto" if attention_backend == "pagoda" else "torch")
                              if self.enable_cascade else None)
         self.last_step_cascade = False

@@ -1,0 +1,82 @@
+"""The engine's fp8 KV cache (vLLM's kv_cache_dtype): K / V quantized to e4m3 / e5m2 as they are appended, the
+attention kernels dequantizing (scales 1.0). On the CPU in bf16 (fp8 caches take 16-bit queries); the kernels run in
+Triton's interpreter under TRITON_INTERPRET=1."""
+import pytest
+import torch
+
+import pagoda
+from pagoda.engine.loader import DEMO_MODEL
+
+PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range("]
+
+
+def _hf(fp8: bool):
+    """transformers' float32 model; fp8: its K / V (after RoPE) rounded through e4m3 before attention, the oracle of
+    an e4m3 cache with scale 1."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def fp8kv(module, query, key, value, attention_mask, **kw):
+        def q8(t):
+            return t.to(torch.float8_e4m3fn).to(t.dtype)
+
+        return sdpa_attention_forward(module, query, q8(key), q8(value), attention_mask, **kw)
+
+    AttentionInterface.register("pagoda_fp8kv", fp8kv)
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32,
+                                                attn_implementation="pagoda_fp8kv" if fp8 else "sdpa").eval()
+
+
+def _deviation(outs, hf):
+    """Mean |log p| difference of each reported token (chosen and top-3) against hf on the same tokens."""
+    d = []
+    for o in outs:
+        ids = o.prompt_token_ids + o.outputs[0].token_ids
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([ids], device=hf.device)).logits[0].double(), -1)
+        n = len(o.prompt_token_ids)
+        d += [abs(v - lp[n - 1 + i, t].item()) for i, step in enumerate(o.outputs[0].logprobs) for t, v in step.items()]
+    return sum(d) / len(d), max(d)
+
+
+def test_fp8_cache_holds_the_quantized_kv_and_matches_an_fp8_oracle():
+    """An e4m3 cache: its first layer's pages hold the bf16 engine's K / V rounded to e4m3 (the same prompts, the
+    same pages; later layers' inputs differ by the rounding before them), the rest of the pool untouched; the completions' log-probabilities against transformers with its K / V rounded the
+    same way deviate no more than twice the bf16 engine's own deviation from float32 (bf16's noise is the
+    yardstick; a wrong scale or a cache read as another dtype is far off), and less than from the unrounded model."""
+    sp = pagoda.SamplingParams(max_tokens=16, temperature=0, logprobs=3, ignore_eos=True)
+    fp8 = pagoda.LLM(None, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16")
+    bf16 = pagoda.LLM(None, num_kv_pages=128, dtype="bfloat16")
+    for llm in (fp8, bf16):  # (poison: pages the prompts do not use must stay as they were)
+        for c in llm.engine.runner.kv_caches:
+            c.copy_(torch.full(c.shape, 3.0).to(c.dtype))
+    first = pagoda.SamplingParams(max_tokens=1, temperature=0)
+    fp8.generate(PROMPTS, first, use_tqdm=False)
+    bf16.generate(PROMPTS, first, use_tqdm=False)
+    assert fp8.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    for layer, (c8, c16) in enumerate(zip(fp8.engine.runner.kv_caches, bf16.engine.runner.kv_caches, strict=True)):
+        got, want = c8.float(), c16.to(torch.float8_e4m3fn).float()
+        used = (want != 3.0).flatten(1).any(1)  # (pages the bf16 engine wrote)
+        assert used.sum() >= len(PROMPTS) and (got[~used] == 3.0).all() and (got[used] != 3.0).any()
+        if layer == 0:  # (the first layer's K / V come from the same embeddings: equal up to rounding ties)
+            same = (got == want).float().mean().item()
+            assert same > 0.99 and torch.allclose(got, want, rtol=0.13, atol=1e-3), same  # (one e4m3 step at most)
+    d8, m8 = _deviation(fp8.generate(PROMPTS, sp, use_tqdm=False), _hf(fp8=True))
+    d8_plain, _ = _deviation(fp8.generate(PROMPTS, sp, use_tqdm=False), _hf(fp8=False))
+    d16, _ = _deviation(bf16.generate(PROMPTS, sp, use_tqdm=False), _hf(fp8=False))
+    print("mean |dlogp|: fp8 engine vs fp8 oracle", d8, "vs unrounded", d8_plain, "; bf16 engine vs float32", d16)
+    assert d8 < 2 * d16 + 0.01 and m8 < 0.5 and d8 < d8_plain, (d8, d8_plain, d16, m8)
+
+
+def test_e5m2_and_bad_kv_cache_dtypes():
+    """e5m2 serves too (tokens mostly the bf16 engine's); an unknown kv_cache_dtype, an fp8 cache under a float32
+    model or with the FlashInfer backend are ValueErrors naming kv_cache_dtype."""
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = pagoda.LLM(None, num_kv_pages=64, kv_cache_dtype="fp8_e5m2", dtype="bfloat16").generate(PROMPTS[1:], sp,
+                                                                                                 use_tqdm=False)
+    ref = pagoda.LLM(None, num_kv_pages=64, dtype="bfloat16").generate(PROMPTS[1:], sp, use_tqdm=False)
+    assert sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(got, ref)) >= 2
+    for kw in ({"kv_cache_dtype": "int8"}, {"kv_cache_dtype": "fp8", "dtype": "float32"},
+               {"kv_cache_dtype": "fp8", "dtype": "bfloat16", "attention_backend": "flashinfer"}):
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
+            pagoda.LLM(None, num_kv_pages=64, **kw)
