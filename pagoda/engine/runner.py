@@ -282,7 +282,7 @@ class _Context:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
                 d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl,
-                pdl_tables_early=True)  # (the step's inputs are host copies made before the step)
+                pdl_tables_early=True, **self.runner.kv_scales)  # (the step's inputs: host copies made before it)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],
@@ -303,16 +303,15 @@ class _Context:
         q = torch.empty(1, num_heads, head_dim, dtype=x.dtype, device=x.device)
         pagoda.ops.linear_rope_append(x, weight, bias, q, d.positions[:1], cos_sin, cache, d.batch_indices[:1],
                                       d.kv_indices, d.kv_indptr[:2], d.kv_last_page_len[:1], num_heads,
-                                      num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl)
+                                      num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl,
+                                      **self.runner.kv_scales)
         return self._attend(layer, q, cache)
 
 
 class _PagodaAttention:
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
-        # _Context.attention: RoPE and the K/V append in one launch (16-bit caches: an fp8 one quantizes on write
-        # through append_paged_kv_cache's scales)
-        self.fused_rope = not runner.kv_fp8
+        self.fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch (quantized for fp8)
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
@@ -349,7 +348,7 @@ class _PagodaCascadeAttention(_PagodaAttention):
 
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
-        self.fused_rope = not runner.kv_fp8
+        self.fused_rope = True
         self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD",
                                                                 use_cuda_graph=use_cuda_graph, backend=backend)
 

@@ -215,7 +215,7 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        positions: torch.Tensor, cos_sin_cache: torch.Tensor, paged_kv_cache, batch_indices,
                        kv_indices, kv_indptr, kv_last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                        rms_norm_eps: float | None = None, kv_layout: str = "NHD", pdl: bool = False,
-                       config=None) -> torch.Tensor:
+                       config=None, *, k_scale: float | None = None, v_scale: float | None = None) -> torch.Tensor:
     """One token's qkv projection, RoPE and K / V append in one launch (pagoda's, for the engine's one-token
     layers): ``qkv = linear(x, weight, bias, rms_norm_eps=...)`` split into q / k / v heads (rows of weight: the q
     heads, then k, then v), RoPE with NeoX pairs at ``positions`` from ``cos_sin_cache`` ([max_pos, head_dim]
@@ -226,7 +226,7 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     the cache in x's dtype; without Triton, or in fp32, the same through linear() and the RoPE / append op.
     config: as linear()'s (its BLOCK_N unused: a program takes 16 rotary pairs, 32 rows of W)."""
     from .rope import apply_rope_with_cos_sin_cache_and_append
-    from ..attention.formats import paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+    from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
     from .kernels.matmul import qkv_rope_append_kernel
 
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1:
@@ -256,9 +256,15 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             raise ValueError(f"{name} must be int32 on {x.device}, got {getattr(t, 'dtype', type(t))}")
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
-    if (heads, dim) != (num_kv_heads, head_dim) or k_cache.dtype != x.dtype:
-        raise ValueError(f"paged_kv_cache must be {x.dtype} with {num_kv_heads} heads of {head_dim}, got "
+    quant = k_cache.dtype in FP8_DTYPES  # (quantized on write: k_scale / v_scale floats, as the RoPE op takes them)
+    if (heads, dim) != (num_kv_heads, head_dim) or (k_cache.dtype != x.dtype and not quant):
+        raise ValueError(f"paged_kv_cache must be {x.dtype} (or fp8) with {num_kv_heads} heads of {head_dim}, got "
                          f"{k_cache.dtype} with {heads} of {dim}")
+    if quant and not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
+                         for t in (k_scale, v_scale)):
+        raise ValueError(f"an fp8 paged_kv_cache needs k_scale / v_scale floats > 0, got {k_scale!r} / {v_scale!r}")
+    if not quant and (k_scale is not None or v_scale is not None):
+        raise ValueError("k_scale / v_scale are for an fp8 paged_kv_cache")
     k = x.shape[1]
     norm_k = triton.next_power_of_2(k) if k else 1
     if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or k == 0
@@ -268,7 +274,8 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         q_out.view(1, -1).copy_(q)
         apply_rope_with_cos_sin_cache_and_append(positions, q_out.view(1, -1), kk.contiguous(), v.contiguous(),
                                                  head_dim, cos_sin_cache, True, paged_kv_cache, batch_indices,
-                                                 kv_indices, kv_indptr, kv_last_page_len, kv_layout, check=False)
+                                                 kv_indices, kv_indptr, kv_last_page_len, kv_layout, check=False,
+                                                 k_scale=k_scale, v_scale=v_scale)
         return q_out
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
@@ -281,7 +288,8 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         NUM_Q_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0,
-        num_warps=warps, num_stages=stages, **pdl_launch(pdl, x))
+        num_warps=warps, num_stages=stages, **pdl_launch(pdl, x),
+        **(dict(k_inv=1.0 / k_scale, v_inv=1.0 / v_scale, clamp=FP8_MAX[k_cache.dtype], QUANT=True) if quant else {}))
     return q_out
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from ._dispatch import pdl_launch, use_triton
-from ..attention.formats import FP8_DTYPES, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from .kernels.rope import rope_append_kernel, rope_kernel
 from .page import append_paged_kv_cache, get_batch_indices_positions
 
@@ -204,13 +204,14 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
 def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_size: int, cos_sin_cache,
                                              is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
                                              kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
-                                             enable_pdl: bool | None = None, pdl_tables_early: bool = False) -> None:
+                                             enable_pdl: bool | None = None, pdl_tables_early: bool = False, *,
+                                             k_scale: float | None = None, v_scale: float | None = None) -> None:
     """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and
     of value, in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and
     ``key`` itself is left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value
     [nnz, kv_heads * head_size] or [nnz, kv_heads, head_size]; the cache and page-table arguments (and
-    ``check``) as in append_paged_kv_cache. 16-bit caches only (an fp8 cache quantizes on write with
-    scales: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch on a
+    ``check``) as in append_paged_kv_cache. An fp8 cache is quantized on write as append_paged_kv_cache
+    does it, with k_scale / v_scale floats (required then; per-head scale tensors: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch on a
     Hopper GPU (ops/kernels/pdl.py; None: off). pdl_tables_early (with enable_pdl): positions, batch_indices,
     kv_indices and kv_indptr are not the output of the kernel launched right before this one (host copies made
     before it, as the engine's step inputs are): the kernel reads them, and the cos / sin rows, before waiting for
@@ -221,15 +222,20 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
     v = value.reshape(k.shape)
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
-    if k_cache.dtype in FP8_DTYPES:
-        raise ValueError("paged_kv_cache is fp8: quantizing on write needs k_scale / v_scale, use "
-                         "apply_rope_with_cos_sin_cache_inplace and append_paged_kv_cache(k_scale=, v_scale=)")
+    quant = k_cache.dtype in FP8_DTYPES
+    scales = (k_scale, v_scale)
+    if quant and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales):
+        raise ValueError(f"paged_kv_cache is fp8: quantizing on write needs k_scale / v_scale floats > 0, got "
+                         f"{k_scale!r} / {v_scale!r} (per-head scale tensors: apply_rope_with_cos_sin_cache_inplace "
+                         f"and append_paged_kv_cache(k_scale=, v_scale=))")
+    if not quant and (k_scale is not None or v_scale is not None):
+        raise ValueError("k_scale / v_scale are for an fp8 paged_kv_cache")
     if check or not use_triton(q) or positions.shape != (q.shape[0],):
         # host-checked page tables, or the PyTorch path: the two ops (append checks what the kernel trusts)
         q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
         q.copy_(q_out)
         append_paged_kv_cache(k_out, v, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
-                              kv_last_page_len, kv_layout, check=check)
+                              kv_last_page_len, kv_layout, check=check, k_scale=k_scale, v_scale=v_scale)
         return
     _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
     if (heads, dim) != tuple(k.shape[1:]) or v.stride(-1) != 1 or k.stride(-1) != 1 or q.stride(-1) != 1:
@@ -252,4 +258,6 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
         BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        INTERLEAVE=not is_neox, TABLES_EARLY=early, num_warps=4, **pdl_launch(enable_pdl, q))
+        INTERLEAVE=not is_neox, TABLES_EARLY=early, num_warps=4, **pdl_launch(enable_pdl, q),
+        **(dict(k_inv=1.0 / k_scale, v_inv=1.0 / v_scale, clamp=FP8_MAX[k_cache.dtype], QUANT=True)
+           if quant else {}))

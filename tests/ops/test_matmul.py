@@ -242,6 +242,52 @@ def test_linear_rope_append(head_dim, hq, hk, k, bias, norm):
                                       None, hq, hk, head_dim)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_linear_rope_append_fp8_cache(kv_dtype):
+    """linear_rope_append into an fp8 cache (the engine's kv_cache_dtype): k rotated and v quantized on write with
+    k_scale / v_scale (clamp(x / scale) rounded to the cache dtype) against float64 quantized the same way, one
+    fp8 step at most (float32 accumulators rounded once); every other entry of the poisoned cache untouched; q as
+    with a 16-bit cache. Without the scales: a ValueError."""
+    dtype, page_size, head_dim, hq, hk, k = torch.bfloat16, 4, 64, 4, 2, 96
+    n_rows = (hq + 2 * hk) * head_dim
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE) * 3
+    w = (torch.randn(n_rows, k, device=DEVICE) / k ** 0.5).to(dtype)
+    max_pos, half, pos = 64, head_dim // 2, 9
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float().to(DEVICE)
+    kv_indices = torch.tensor([2, 0, 3, 1], dtype=torch.int32, device=DEVICE)
+    kv_indptr = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    cache = torch.randn(4, 2, page_size, hk, head_dim).to(kv_dtype).to(DEVICE)
+    before = cache.clone()
+    q_out = torch.full((1, hq, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    args = (x, w, None, q_out, torch.tensor([pos], dtype=torch.int32, device=DEVICE), cos_sin, cache,
+            torch.zeros(1, dtype=torch.int32, device=DEVICE), kv_indices, kv_indptr,
+            torch.tensor([2], dtype=torch.int32, device=DEVICE), hq, hk, head_dim)
+    ks, vs = 0.5, 2.0
+    pagoda.ops.linear_rope_append(*args, rms_norm_eps=1e-5, k_scale=ks, v_scale=vs)
+    qkv = (x.double() * rms_factor(x)) @ w.double().T
+    q, kk, v = qkv[0].split([hq * head_dim, hk * head_dim, hk * head_dim])
+    c, s_ = ang[pos].cos().to(DEVICE), ang[pos].sin().to(DEVICE)
+
+    def rope(t):
+        t = t.view(-1, head_dim)
+        return torch.cat([t[:, :half] * c - t[:, half:] * s_, t[:, half:] * c + t[:, :half] * s_], -1)
+
+    fmax = torch.finfo(kv_dtype).max
+    step = 2.0 ** -(3 if kv_dtype == torch.float8_e4m3fn else 2)
+    page, slot = int(kv_indices[pos // page_size]), pos % page_size
+    for i, (ref, scale) in enumerate(((rope(kk), ks), (v.view(hk, head_dim), vs))):
+        want = (ref / scale).clamp(-fmax, fmax).to(kv_dtype).double()
+        assert torch.allclose(cache[page, i, slot].double(), want, rtol=step, atol=1e-2 * step)
+    assert rel(q_out[0], rope(q)) < TOL[dtype]
+    written = torch.zeros(cache.shape, dtype=torch.bool, device=DEVICE)
+    written[page, :, slot] = True
+    assert torch.equal(cache.view(torch.uint8)[~written], before.view(torch.uint8)[~written])
+    with pytest.raises(ValueError, match="k_scale"):
+        pagoda.ops.linear_rope_append(*args)
+
+
 @pytest.mark.parametrize("d,k", [(48, 96), (40, 70), (16, 32)])
 @pytest.mark.parametrize("norm", [False, True])
 def test_linear_silu_and_mul(d, k, norm):

@@ -153,6 +153,46 @@ def test_rope_and_append_fused(is_neox, rd, head, layout, page_size, check, earl
     assert (base != base0).sum() > 0.9 * 2 * nnz * hk * head  # the appended slots were written, K and V
 
 
+@pytest.mark.parametrize("kv_dtype,scales", [(torch.float8_e4m3fn, (1.0, 1.0)), (torch.float8_e4m3fn, (0.5, 2.0)),
+                                             (torch.float8_e5m2, (1.0, 0.25))])
+def test_rope_and_append_fused_fp8_cache(kv_dtype, scales):
+    """An fp8 cache (the engine's kv_cache_dtype): the fused op quantizes the rotated key and the value on write
+    (k_scale / v_scale floats) as RoPE then append_paged_kv_cache(k_scale=, v_scale=) does (V bit for bit, K up to
+    the two ops' extra rounding to bf16), values past the fp8 range clamped; the rest of the poisoned cache
+    untouched (compared whole), q rotated as the RoPE op rotates it."""
+    g = torch.Generator().manual_seed(7)
+    hq, hk, head, page_size, maxpos = 8, 2, 64, 4, 256
+    inv = freq64(head, 1e4)
+    ang = torch.arange(maxpos, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1).float().to(DEVICE)
+    kv_indices = torch.tensor([3, 0, 5, 1], dtype=torch.int32, device=DEVICE)
+    kv_indptr = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEVICE)
+    last = torch.tensor([3, 2], dtype=torch.int32, device=DEVICE)
+    bidx = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor([5, 6, 5], dtype=torch.int32, device=DEVICE)
+    base = torch.randn(6, 2, page_size, hk, head, generator=g).to(kv_dtype).to(DEVICE)
+    q = torch.randn(3, hq * head, generator=g).to(torch.bfloat16).to(DEVICE)
+    k = (torch.randn(3, hk * head, generator=g) * 200).to(torch.bfloat16).to(DEVICE)  # (some past e4m3 448)
+    v = torch.randn(3, hk, head, generator=g).to(torch.bfloat16).to(DEVICE)
+    q2, cache2 = q.clone(), base.clone()
+    ks, vs = scales
+    pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, head, cos_sin, True, base, bidx, kv_indices,
+                                                    kv_indptr, last, check=False, k_scale=ks, v_scale=vs)
+    k2 = k.clone()
+    pagoda.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, head, cos_sin, is_neox=True)
+    pagoda.append_paged_kv_cache(k2.view(3, hk, head), v, bidx, pos, cache2, kv_indices, kv_indptr, last,
+                                 k_scale=ks, v_scale=vs)
+    assert torch.equal(q, q2)
+    # V bit for bit; K rotated in float32 and rounded once where the two ops round it to bf16 first: one fp8 step
+    # apart where that double rounding lands on the other side of a midpoint
+    assert torch.equal(base[:, 1].view(torch.uint8), cache2[:, 1].view(torch.uint8))
+    got, want = base[:, 0].float(), cache2[:, 0].float()
+    step = 2.0 ** -(3 if kv_dtype == torch.float8_e4m3fn else 2)
+    assert (got == want).float().mean() > 0.97 and torch.allclose(got, want, rtol=step, atol=0)
+    if kv_dtype == torch.float8_e4m3fn and ks == 1.0:  # (values past e4m3's range clamped to 448, not NaN)
+        assert got.abs().amax() == torch.finfo(kv_dtype).max and not got.isnan().any()
+
+
 def test_rope_and_append_bad_input():
     q = torch.randn(2, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 64, dtype=torch.bfloat16)
@@ -167,3 +207,11 @@ def test_rope_and_append_bad_input():
         pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, k, 64, cos_sin, True,
                                                         cache.to(torch.float8_e4m3fn), t, t[:1], torch.tensor([0, 1]),
                                                         torch.tensor([2]))
+    with pytest.raises(ValueError, match="k_scale"):  # (per-head tensors: the two ops)
+        pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, k, 64, cos_sin, True,
+                                                        cache.to(torch.float8_e4m3fn), t, t[:1], torch.tensor([0, 1]),
+                                                        torch.tensor([2]), k_scale=torch.ones(1), v_scale=1.0)
+    with pytest.raises(ValueError, match="k_scale / v_scale are for an fp8"):
+        pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, k, 64, cos_sin, True, cache, t, t[:1],
+                                                        torch.tensor([0, 1]), torch.tensor([2]), k_scale=1.0,
+                                                        v_scale=1.0)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_enter
-from .rope import _cached_cos_sin
+from .rope import _cached_cos_sin, quantize
 
 
 @triton.jit
@@ -185,14 +185,15 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
                            max_pos, page_size, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                            HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                            NORM_K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           PDL: tl.constexpr = False, k_inv=1.0, v_inv=1.0, clamp=0.0, QUANT: tl.constexpr = False):
     """One token's qkv projection with RoPE (NeoX pairs, from a [cos | sin] cache) and the paged-cache append in
     its epilogue: rope_append_kernel's work without its launch. Program p: head p // CHUNKS (q heads, then k,
     then v), rotary pairs (c * 16 + j, c * 16 + j + HEAD_DIM / 2), c = p % CHUNKS: its 32 rows of W are the
     pairs' two halves, two accumulators side by side, so each pair's two outputs meet in one thread. q rows
     rotated go to Q [heads, HEAD_DIM]; k rows rotated and v rows to the token's cache slot. NORM: the input's
     RMSNorm factor (its weight folded into W), as linear_small_m_kernel's. The positions, the cos / sin rows and
-    the page chain load before the PDL wait (step inputs: host copies made before the step)."""
+    the page chain load before the PDL wait (step inputs: host copies made before the step). QUANT (an fp8 cache):
+    k / v stored as rope_append_kernel's quantize() stores them."""
     BLOCK_M: tl.constexpr = 16
     BH: tl.constexpr = 16
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -229,13 +230,14 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
         tl.store(dst + HALF, (acc2 * cos + acc1 * sin).to(Q.dtype.element_ty), mask=row0)
     elif head < NUM_Q_HEADS + NUM_KV_HEADS:
         dst = KC + page * stride_cp + (pos % page_size) * stride_cs + (head - NUM_Q_HEADS) * stride_ch + cols
-        tl.store(dst, (acc1 * cos - acc2 * sin).to(KC.dtype.element_ty), mask=row0)
-        tl.store(dst + HALF, (acc2 * cos + acc1 * sin).to(KC.dtype.element_ty), mask=row0)
+        tl.store(dst, quantize(acc1 * cos - acc2 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty), mask=row0)
+        tl.store(dst + HALF, quantize(acc2 * cos + acc1 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
+                 mask=row0)
     else:
         dst = (VC + page * stride_vcp + (pos % page_size) * stride_vcs
                + (head - NUM_Q_HEADS - NUM_KV_HEADS) * stride_vch + cols)
-        tl.store(dst, acc1.to(VC.dtype.element_ty), mask=row0)
-        tl.store(dst + HALF, acc2.to(VC.dtype.element_ty), mask=row0)
+        tl.store(dst, quantize(acc1, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
+        tl.store(dst + HALF, quantize(acc2, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
 
 
 @triton.jit

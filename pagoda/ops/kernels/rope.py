@@ -71,6 +71,15 @@ def rope_kernel(
 
 
 @triton.jit
+def quantize(x, inv, clamp, QUANT: tl.constexpr):
+    """x (float32) as an fp8 cache stores it: clamp(x * inv, +-clamp) (then rounded by the store's cast); x as it is
+    without QUANT."""
+    if QUANT:
+        x = tl.minimum(tl.maximum(x * inv, -clamp), clamp)
+    return x
+
+
+@triton.jit
 def rope_append_kernel(
     Q, K, V, KC, VC, POS, BATCH, KV_INDICES, KV_INDPTR, COS_SIN,
     num_q_heads, num_kv_heads, head_dim, half, max_pos, page_size,
@@ -78,6 +87,7 @@ def rope_append_kernel(
     stride_cp, stride_cs, stride_ch, stride_vcp, stride_vcs, stride_vch, stride_cos,
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVE: tl.constexpr,
     PDL: tl.constexpr = False, TABLES_EARLY: tl.constexpr = False,
+    k_inv=1.0, v_inv=1.0, clamp=0.0, QUANT: tl.constexpr = False,
 ):
     """RoPE from a cos/sin cache on q (in place) and on k, whose rotated rows go straight into the paged
     cache with v's (append_paged_kv_kernel's page / slot): one launch instead of rope_kernel plus
@@ -86,7 +96,9 @@ def rope_append_kernel(
     cache writes NaN, as rope_kernel does. PDL: kernels/pdl.py. TABLES_EARLY (with PDL): the positions, the
     cos / sin rows and the page chain load before the wait for the kernel ahead (the caller promises that none
     of them is that kernel's output: the engine's step inputs are host copies made before the step), so that
-    only the q / k / v loads wait for it: at decode batch 1 the kernel is its chain of dependent loads."""
+    only the q / k / v loads wait for it: at decode batch 1 the kernel is its chain of dependent loads. QUANT (an
+    fp8 cache): k and v stored as clamp(x * k_inv / v_inv, +-clamp) rounded to the cache dtype, as
+    append_paged_kv_kernel stores them."""
     if not TABLES_EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -125,11 +137,18 @@ def rope_append_kernel(
         crow = KC + page * stride_cp + slot * stride_cs + heads[:, None] * stride_ch
         x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(crow + i1[None, :], (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=m)
-        tl.store(crow + i2[None, :], (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=m)
+        tl.store(crow + i1[None, :], quantize(x1 * cos - x2 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
+                 mask=m)
+        tl.store(crow + i2[None, :], quantize(x2 * cos + x1 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
+                 mask=m)
         rest = hm & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
-        tl.store(crow + d[None, :], tl.load(xrow + d[None, :], mask=rest).to(KC.dtype.element_ty), mask=rest)
+        x_rest = tl.load(xrow + d[None, :], mask=rest)
+        if QUANT:
+            x_rest = quantize(x_rest.to(tl.float32), k_inv, clamp, QUANT)
+        tl.store(crow + d[None, :], x_rest.to(KC.dtype.element_ty), mask=rest)
         dm = hm & (d[None, :] < head_dim)
         v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=dm)
+        if QUANT:
+            v = quantize(v.to(tl.float32), v_inv, clamp, QUANT)
         tl.store(VC + page * stride_vcp + slot * stride_vcs + heads[:, None] * stride_vch + d[None, :],
                  v.to(VC.dtype.element_ty), mask=dm)
