@@ -224,20 +224,21 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
         acc2 += tl.load(BIAS + rows1 + HALF).to(tl.float32)[None, :]
     row0 = mask_m[:, None]
     cols = offs_m[:, None] * 0 + offs_j[None, :]
+    # (a pointer per branch: with an fp8 cache the q and cache pointers differ in type)
     if head < NUM_Q_HEADS:
-        dst = Q + head * stride_qh + cols
-        tl.store(dst, (acc1 * cos - acc2 * sin).to(Q.dtype.element_ty), mask=row0)
-        tl.store(dst + HALF, (acc2 * cos + acc1 * sin).to(Q.dtype.element_ty), mask=row0)
+        q_dst = Q + head * stride_qh + cols
+        tl.store(q_dst, (acc1 * cos - acc2 * sin).to(Q.dtype.element_ty), mask=row0)
+        tl.store(q_dst + HALF, (acc2 * cos + acc1 * sin).to(Q.dtype.element_ty), mask=row0)
     elif head < NUM_Q_HEADS + NUM_KV_HEADS:
-        dst = KC + page * stride_cp + (pos % page_size) * stride_cs + (head - NUM_Q_HEADS) * stride_ch + cols
-        tl.store(dst, quantize(acc1 * cos - acc2 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty), mask=row0)
-        tl.store(dst + HALF, quantize(acc2 * cos + acc1 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
+        k_dst = KC + page * stride_cp + (pos % page_size) * stride_cs + (head - NUM_Q_HEADS) * stride_ch + cols
+        tl.store(k_dst, quantize(acc1 * cos - acc2 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty), mask=row0)
+        tl.store(k_dst + HALF, quantize(acc2 * cos + acc1 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
                  mask=row0)
     else:
-        dst = (VC + page * stride_vcp + (pos % page_size) * stride_vcs
-               + (head - NUM_Q_HEADS - NUM_KV_HEADS) * stride_vch + cols)
-        tl.store(dst, quantize(acc1, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
-        tl.store(dst + HALF, quantize(acc2, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
+        v_dst = (VC + page * stride_vcp + (pos % page_size) * stride_vcs
+                 + (head - NUM_Q_HEADS - NUM_KV_HEADS) * stride_vch + cols)
+        tl.store(v_dst, quantize(acc1, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
+        tl.store(v_dst + HALF, quantize(acc2, v_inv, clamp, QUANT).to(VC.dtype.element_ty), mask=row0)
 
 
 @triton.jit
