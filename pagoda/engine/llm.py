@@ -148,7 +148,8 @@ class LLMEngine:
         # decode graphs on one GPU)
         if _tp is not None:
             tp_size = _tp[1]
-        if tp_size > 1 or _tp is not None:  # (rank 0 checks what it can before it starts workers, which would fail alike)
+        # (rank 0 checks what it can before it starts workers, which would fail alike)
+        if tp_size > 1 or _tp is not None:
             rank, _, rendezvous = _tp or (0, tp_size, f"tcp://127.0.0.1:{free_port()}")
             self.device = rank_device(self.device, rank, tp_size)
             if self.device.type == "cuda":
@@ -197,61 +198,69 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if tp_size > 1 or _tp is not None:
-            if _tp is None:
-                self._workers = Workers(tp_size, rendezvous, engine_kwargs)
-                self._finalizer = weakref.finalize(self, _close_tp, self._workers)
-            self.tp = init_group(rank, tp_size, rendezvous, self.device)
-        # (every rank draws the same random numbers: the same seeds, the same sampled tokens)
-        torch.manual_seed(seed)
-        # (a LoRA engine keeps the norm weights apart: its adapters' A matrices read the normalized input)
-        self.model = load_model(path, config, self.dtype, self.device, load_format, seed, fold_norms=not enable_lora,
-                                tp=self.tp)
-        shard = self.model.config  # (the rank's heads and MLP columns: what the KV cache and the plans hold)
-        self.lora = (LoRAManager(shard, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
-                                 lora_target_modules, tp=self.tp, full_config=config) if enable_lora else None)
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
-        if num_kv_pages is None:
-            if self.device.type == "cuda":
-                num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size, gpu_memory_utilization,
-                                                     self.max_num_batched_tokens, max_num_seqs, self.device)
-            else:
-                num_kv_pages = min(max_num_seqs * -(-self.max_model_len // page_size), 4096) + 1
-        if self.tp is not None:  # (every rank's scheduler must see the same pool: the smallest)
-            num_kv_pages = self.tp.min_int(num_kv_pages, self.device)
-        self.pool = PagePool(int(num_kv_pages), page_size)
-        self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
-                                   self.max_model_len,
-                                   window_left=(config.sliding_window - 1) if config.sliding_window else -1,
-                                   max_loras=max_loras if enable_lora else 0)
-        self.runner = ModelRunner(shard, self.model, device=self.device, dtype=self.dtype,
-                                  num_pages=int(num_kv_pages), page_size=page_size,
-                                  attention_backend=attention_backend, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=self.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len,
-                                  # (gloo's collectives cannot be captured: PAGODA_TP_BACKEND=gloo on a GPU is eager)
-                                  enable_cuda_graph=not enforce_eager and (self.tp is None or self.tp.backend == "nccl"),
-                                  enable_cascade=enable_cascade, lora=self.lora, kv_cache_dtype=self.kv_cache_dtype)
-        if self.runner.use_graphs:
-            t0 = time.perf_counter()
-            self.runner.capture_graphs()
-            self.graph_capture_seconds = time.perf_counter() - t0
-        self.generator = torch.Generator().manual_seed(seed)
-        self.eos_ids = set(config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.requests: dict[str, list[Request]] = {}
-        # async scheduling: while a decode step runs on the device, the next one is prepared (inputs, plan)
-        # as if every request goes on, and in steady decoding launched before this one's tokens are read
-        # back (LLMEngine.step)
-        self.async_scheduling = async_scheduling
-        self._prepared = None  # a prepared step that runs if the scheduler picks its batch
-        self._ahead = None  # (batch, pending): a step launched during the previous step() call
-        self.stats = EngineStats(kv_pages_total=self.pool.usable)
-        self._ids = itertools.count()
-        if self._workers is not None:
-            self._workers.wait_ready()
+        if tp_size > 1 and _tp is None:
+            self._workers = Workers(tp_size, rendezvous, engine_kwargs)
+            self._finalizer = weakref.finalize(self, _close_tp, self._workers)
+        try:
+            if tp_size > 1 or _tp is not None:
+                self.tp = init_group(rank, tp_size, rendezvous, self.device)
+            # (every rank draws the same random numbers: the same seeds, the same sampled tokens)
+            torch.manual_seed(seed)
+            # (a LoRA engine keeps the norm weights apart: its adapters' A matrices read the normalized input)
+            self.model = load_model(path, config, self.dtype, self.device, load_format, seed,
+                                    fold_norms=not enable_lora, tp=self.tp)
+            shard = self.model.config  # (the rank's heads and MLP columns: what the KV cache and the plans hold)
+            self.lora = (LoRAManager(shard, self.device, self.dtype, max_loras, max_lora_rank, max_cpu_loras,
+                                     lora_target_modules, tp=self.tp, full_config=config) if enable_lora else None)
+            self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
+            if num_kv_pages is None:
+                if self.device.type == "cuda":
+                    num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size,
+                                                         gpu_memory_utilization, self.max_num_batched_tokens,
+                                                         max_num_seqs, self.device)
+                else:
+                    num_kv_pages = min(max_num_seqs * -(-self.max_model_len // page_size), 4096) + 1
+            if self.tp is not None:  # (every rank's scheduler must see the same pool: the smallest)
+                num_kv_pages = self.tp.min_int(num_kv_pages, self.device)
+            self.pool = PagePool(int(num_kv_pages), page_size)
+            self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
+            self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
+                                       self.max_model_len,
+                                       window_left=(config.sliding_window - 1) if config.sliding_window else -1,
+                                       max_loras=max_loras if enable_lora else 0)
+            self.runner = ModelRunner(shard, self.model, device=self.device, dtype=self.dtype,
+                                      num_pages=int(num_kv_pages), page_size=page_size,
+                                      attention_backend=attention_backend, max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_model_len=self.max_model_len,
+                                      # (gloo's collectives cannot be captured: PAGODA_TP_BACKEND=gloo on a GPU is
+                                      # eager)
+                                      enable_cuda_graph=not enforce_eager and (self.tp is None
+                                                                               or self.tp.backend == "nccl"),
+                                      enable_cascade=enable_cascade, lora=self.lora,
+                                      kv_cache_dtype=self.kv_cache_dtype)
+            if self.runner.use_graphs:
+                t0 = time.perf_counter()
+                self.runner.capture_graphs()
+                self.graph_capture_seconds = time.perf_counter() - t0
+            self.generator = torch.Generator().manual_seed(seed)
+            self.eos_ids = set(config.eos_token_ids)
+            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+                self.eos_ids.add(self.tokenizer.eos_token_id)
+            self.requests: dict[str, list[Request]] = {}
+            # async scheduling: while a decode step runs on the device, the next one is prepared (inputs, plan)
+            # as if every request goes on, and in steady decoding launched before this one's tokens are read
+            # back (LLMEngine.step)
+            self.async_scheduling = async_scheduling
+            self._prepared = None  # a prepared step that runs if the scheduler picks its batch
+            self._ahead = None  # (batch, pending): a step launched during the previous step() call
+            self.stats = EngineStats(kv_pages_total=self.pool.usable)
+            self._ids = itertools.count()
+            if self._workers is not None:
+                self._workers.wait_ready()
+        except BaseException:  # (the workers and the process group go now, not when this object is collected)
+            self.shutdown()
+            raise
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the process group (rank 0; a no-op for one GPU). Also done

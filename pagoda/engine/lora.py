@@ -187,7 +187,8 @@ class LoRAManager:
     calls it, so a bad adapter is the caller's ValueError), slots_for() puts a step's adapters into slots."""
 
     def __init__(self, config: ModelConfig, device, dtype: torch.dtype, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, target_modules=None, tp=None, full_config: ModelConfig | None = None):
+                 max_cpu_loras: int | None = None, target_modules=None, tp=None,
+                 full_config: ModelConfig | None = None):
         """target_modules (SGLang's lora_target_modules): the modules any adapter may adapt (default all seven);
         projections none of them is in hold no slots and run no LoRA launches (PEFT's default adapters adapt
         q_proj and v_proj: one fused projection of four). tp: a tensor-parallel rank's TPGroup (engine/parallel.py),

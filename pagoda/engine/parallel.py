@@ -206,11 +206,10 @@ def rank_device(device: torch.device, rank: int, size: int) -> torch.device:
 
 
 class Workers:
-    """Rank 0's handle on the worker processes: start them, send them the engine's calls, stop them.
-
-    Each worker is a fresh `python -c` that calls worker_main (not multiprocessing's spawn, which re-imports the caller's
-    main module: a script without an ``if __name__ == "__main__"`` guard would start engines recursively); it
-    connects back over a local socket with an authentication key and gets the engine's arguments there."""
+    """Rank 0's handle on the worker processes: start them, send them the engine's calls, stop them. Each worker is
+    a fresh `python -c` that calls worker_main (not multiprocessing's spawn, which re-imports the caller's main
+    module: a script without an ``if __name__ == "__main__"`` guard would start engines recursively); it connects
+    back over a local socket with an authentication key and gets the engine's arguments there."""
 
     def __init__(self, size: int, init_method: str, engine_kwargs: dict):
         key = os.urandom(16)

@@ -206,13 +206,13 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
                                              kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
                                              enable_pdl: bool | None = None, pdl_tables_early: bool = False, *,
                                              k_scale: float | None = None, v_scale: float | None = None) -> None:
-    """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and
-    of value, in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and
-    ``key`` itself is left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value
-    [nnz, kv_heads * head_size] or [nnz, kv_heads, head_size]; the cache and page-table arguments (and
-    ``check``) as in append_paged_kv_cache. An fp8 cache is quantized on write as append_paged_kv_cache
-    does it, with k_scale / v_scale floats (required then; per-head scale tensors: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch on a
-    Hopper GPU (ops/kernels/pdl.py; None: off). pdl_tables_early (with enable_pdl): positions, batch_indices,
+    """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and of value,
+    in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and ``key`` itself is
+    left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value [nnz, kv_heads * head_size] or
+    [nnz, kv_heads, head_size]; the cache and page-table arguments (and ``check``) as in append_paged_kv_cache. An
+    fp8 cache is quantized on write as append_paged_kv_cache does it, with k_scale / v_scale floats (required then;
+    per-head scale tensors: use the two ops). enable_pdl: the one-launch kernel as a programmatic dependent launch
+    on a Hopper GPU (ops/kernels/pdl.py; None: off). pdl_tables_early (with enable_pdl): positions, batch_indices,
     kv_indices and kv_indptr are not the output of the kernel launched right before this one (host copies made
     before it, as the engine's step inputs are): the kernel reads them, and the cos / sin rows, before waiting for
     that kernel, and only the query / key / value reads wait (pagoda's extension; ignored where an index tensor

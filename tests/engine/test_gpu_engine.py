@@ -387,10 +387,10 @@ def test_nccl_collectives_in_cuda_graphs(tmp_path):
 
 
 def test_fp8_kv_cache_in_cuda_graphs():
-    """The e4m3 KV cache on the GPU (the fp8 decode kernel in the CUDA graphs, fp8 prefill, the split RoPE and
-    quantizing append): its completions against transformers with K / V rounded through e4m3 deviate less than from
-    the unrounded model and no more than three times the bf16 engine's from float32 (tests/engine/test_kv_fp8.py's oracle and yardstick); a page is half a bf16
-    page's bytes."""
+    """The e4m3 KV cache on the GPU (the fp8 decode kernel in the CUDA graphs, fp8 prefill, the fused RoPE + append
+    kernels quantizing on write): its completions against transformers with K / V rounded through e4m3 deviate less than from
+    the unrounded model and no more than three times the bf16 engine's from float32 (tests/engine/test_kv_fp8.py's
+    oracle and yardstick); a page is half a bf16 page's bytes."""
     from .test_kv_fp8 import _deviation, _hf
 
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)

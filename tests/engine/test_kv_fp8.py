@@ -41,10 +41,11 @@ def _deviation(outs, hf):
 
 def test_fp8_cache_holds_the_quantized_kv_and_matches_an_fp8_oracle():
     """An e4m3 cache: its first layer's pages hold the bf16 engine's K / V rounded to e4m3 (the same prompts, the
-    same pages; later layers' inputs differ by the rounding before them), the rest of the pool untouched; the completions' log-probabilities against transformers with its K / V rounded the
-    same way deviate no more than three times the bf16 engine's own deviation from float32 (bf16's noise is the
-    yardstick, and K rounded to bf16 before e4m3 moves some values one e4m3 step: 12.5%; a wrong scale or a cache
-    read as another dtype is far off), and less than from the unrounded model."""
+    same pages; later layers' inputs differ by the rounding before them), the rest of the pool untouched; the
+    completions' log-probabilities against transformers with its K / V rounded the same way deviate no more than
+    three times the bf16 engine's own deviation from float32 (bf16's noise is the yardstick, and K rounded to bf16
+    before e4m3 moves some values one e4m3 step: 12.5%; a wrong scale or a cache read as another dtype is far off),
+    and less than from the unrounded model."""
     sp = pagoda.SamplingParams(max_tokens=16, temperature=0, logprobs=3, ignore_eos=True)
     fp8 = pagoda.LLM(None, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16")
     bf16 = pagoda.LLM(None, num_kv_pages=128, dtype="bfloat16")
