@@ -281,6 +281,8 @@ def test_bad_input_abort_and_a_failed_worker():
     finally:
         llm.shutdown()
     assert eng._workers.closed and all(p.poll() is not None for p in eng._workers.procs)
+    with pytest.raises(ValueError, match="attention_backend"):  # (refused after the workers started: they stop)
+        pagoda.LLM(None, num_kv_pages=64, tensor_parallel_size=2, attention_backend="bogus")
     again = pagoda.LLM(None, num_kv_pages=64, tensor_parallel_size=2)  # (the process group can be made anew)
     try:
         assert again.generate(["x"], pagoda.SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
