@@ -138,6 +138,22 @@ def _agree_up_to_near_ties(reference, other):
     assert same >= len(reference) * 4  # (not all differing at once: each prompt's first steps are no near-ties)
 
 
+def _forced_deviation(ref32, outs):
+    """Each greedy completion of outs (logprobs asked) teacher-forced through ref32, a float32 engine (its prompt
+    log-probabilities over prompt + completion): per token, |p - p_float32| of the token chosen, and float32's best
+    log-probability less that token's."""
+    forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    dev, gap = [], []
+    for out in outs:
+        ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
+        ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
+        for j, t in enumerate(toks):
+            d = ref[len(ids) + j]
+            dev.append(abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()).item())
+            gap.append(max(d.values()) - d[t])
+    return dev, gap
+
+
 def _untied_demo(folder):
     """The bundled model with its own lm_head (a copy of the embedding table, tie_word_embeddings false) in
     folder: the bundled model is tied, and only an untied lm_head takes the final norm's weight."""
@@ -300,20 +316,15 @@ def test_lora_in_cuda_graphs_matches_merged_weights(tmp_path):
         ref = pagoda.LLM(model, dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
         bf16[name] = ref.generate(PROMPTS, sp, use_tqdm=False)
         del ref
-    forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
     dev = {"lora": [], "bf16": []}  # per token |p - p_float32| of the LoRA engine's and the bf16 engines' choices
     gap = {"lora": [], "bf16": []}  # per token: float32's best log-probability less that of the token chosen
     for name, model in models.items():
         ref32 = pagoda.LLM(model, dtype="float32", num_kv_pages=2048, max_num_seqs=8)
-        runs = [("lora", i, got[i]) for i, lr in enumerate(loras) if (lr and lr.lora_name) == name]
-        runs += [("bf16", i, o) for i, o in enumerate(bf16[name])]
-        for kind, i, out in runs:
-            ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
-            ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
-            for j, t in enumerate(toks):
-                d = ref[len(ids) + j]
-                dev[kind].append(abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()).item())
-                gap[kind].append(max(d.values()) - d[t])
+        runs = {"lora": [got[i] for i, lr in enumerate(loras) if (lr and lr.lora_name) == name], "bf16": bf16[name]}
+        for kind, outs in runs.items():
+            d, g = _forced_deviation(ref32, outs)
+            dev[kind] += d
+            gap[kind] += g
         del ref32
     stats = {k: (max(dev[k]), sum(dev[k]) / len(dev[k]), max(gap[k]), sum(g > 0 for g in gap[k])) for k in dev}
     print("max / mean |p - p_float32|, max gap, tokens not float32's best:", stats)
@@ -346,16 +357,9 @@ def test_tensor_parallel_on_one_gpu(monkeypatch):
         llm.shutdown()
         del llm
     ref32 = pagoda.LLM(dtype="float32", num_kv_pages=2048, max_num_seqs=8)
-    forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-    dev, gap = {1: [], 2: []}, {1: [], 2: []}
+    dev, gap = {}, {}
     for tp, outs in runs.items():
-        for out in outs:
-            ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
-            ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
-            for j, t in enumerate(toks):
-                d = ref[len(ids) + j]
-                dev[tp].append(abs(torch.tensor(lps[j][t]).exp() - torch.tensor(d[t]).exp()).item())
-                gap[tp].append(max(d.values()) - d[t])
+        dev[tp], gap[tp] = _forced_deviation(ref32, outs)
     stats = {k: (max(dev[k]), sum(dev[k]) / len(dev[k]), max(gap[k]), sum(g > 0 for g in gap[k])) for k in dev}
     print("tp: max / mean |p - p_float32|, max gap, tokens not float32's best:", stats)
     (tmax, tmean, tgap, tmiss), (_, omean, _, omiss) = stats[2], stats[1]

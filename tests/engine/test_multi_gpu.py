@@ -6,7 +6,7 @@ import torch
 
 import pagoda
 
-from .test_gpu_engine import PROMPTS
+from .test_gpu_engine import PROMPTS, _forced_deviation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -37,14 +37,7 @@ def test_two_gpus_in_cuda_graphs_match_one():
         llm.shutdown()
         del llm
     ref32 = pagoda.LLM(dtype="float32", num_kv_pages=2048, max_num_seqs=8)
-    forced = pagoda.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-    dev = {1: [], 2: []}
-    for tp, outs in runs.items():
-        for out in outs:
-            ids, toks, lps = out.prompt_token_ids, out.outputs[0].token_ids, out.outputs[0].logprobs
-            ref = ref32.generate([ids + toks], forced, use_tqdm=False)[0].prompt_logprobs
-            dev[tp] += [abs(torch.tensor(lps[j][t]).exp() - torch.tensor(ref[len(ids) + j][t]).exp()).item()
-                        for j, t in enumerate(toks)]
+    dev = {tp: _forced_deviation(ref32, outs)[0] for tp, outs in runs.items()}
     mean = {k: sum(v) / len(v) for k, v in dev.items()}
     print("mean |p - p_float32| by tensor_parallel_size:", mean)
     assert mean[2] < 1.5 * mean[1] + 0.002 and max(dev[2]) < 0.06, (mean, max(dev[2]))
