@@ -82,3 +82,27 @@ def test_e5m2_and_bad_kv_cache_dtypes():
                {"kv_cache_dtype": "fp8", "dtype": "bfloat16", "attention_backend": "flashinfer"}):
         with pytest.raises(ValueError, match="kv_cache_dtype"):
             pagoda.LLM(None, num_kv_pages=64, **kw)
+
+
+def test_prefill_through_a_16_bit_scratch():
+    """A Hopper GPU's prefill steps over an fp8 cache read a 16-bit copy of the step's pages (runner
+    fp8_prefill_scratch; the Gluon prefill kernel takes 16-bit KV), planned over the copy's page order: the same
+    tokens as prefill over the fp8 cache and log-probabilities within bf16's noise (the fp8 kernels compute in
+    fp16), the scratch written (it starts as NaN), decode steps still over the cache. Forced here on the CPU."""
+    sp = pagoda.SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
+    prompts = [p * 3 for p in PROMPTS]  # (several pages a request)
+    ref = pagoda.LLM(None, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16")
+    want = ref.generate(prompts, sp, use_tqdm=False)
+    llm = pagoda.LLM(None, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16")
+    r = llm.engine.runner
+    c = r.config
+    r.fp8_prefill_scratch = torch.full((64, 2, r.page_size, c.num_kv_heads, c.head_dim), float("nan"),
+                                       dtype=torch.bfloat16)
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    pages = sum(-(-len(o.prompt_token_ids) // r.page_size) for o in got)
+    assert not r.fp8_prefill_scratch[:pages].isnan().any()  # (the step's pages, in page-table order)
+    assert r.attn.dequant is None  # (the last step a decode: over the cache)
+    for a, b in zip(want, got, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert max(abs(x[t] - y[t]) for t in x if t in y) < 0.05
