@@ -523,8 +523,10 @@ class ModelRunner:
         self.kv_scales = dict(k_scale=1.0, v_scale=1.0) if self.kv_fp8 else {}
         # a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the step's pages (_PagodaAttention.plan):
         # one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over more pages read the fp8 cache)
+        # (PAGODA_FP8_PREFILL_SCRATCH=0 turns it off: prefill over the fp8 cache, the Triton kernel)
         self.fp8_prefill_scratch = None
         if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
+                and env_switch("PAGODA_FP8_PREFILL_SCRATCH", "1")
                 and torch.cuda.get_device_capability(self.device) == (9, 0)):
             self.fp8_prefill_scratch = torch.empty(min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size,
                                                    config.num_kv_heads, config.head_dim, dtype=dtype,
