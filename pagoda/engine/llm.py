@@ -26,7 +26,7 @@ from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .lora import LoRAManager, LoRARequest
 from .parallel import Workers, check_tp_size, free_port, init_group, rank_device
-from .runner import FP8_PREFILL_SCRATCH_PAGES, ModelRunner
+from .runner import FP8_PREFILL_SCRATCH_PAGES, ModelRunner, fp8_prefill_scratch_default
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
 
 logger = logging.getLogger("pagoda.engine")
@@ -99,8 +99,7 @@ def chat_text(content) -> str:
 def _kv_pages_from_memory(config: ModelConfig, dtype, page_size, utilization, max_num_batched_tokens, max_num_seqs,
                           device, extra_bytes: int = 0) -> int:
     """KV pages that fit in gpu_memory_utilization of the device beside what is allocated already, the step's
-    activations and extra_bytes more (the fp8 cache's 16-bit prefill scratch: without it in the budget the
-    allocator ran short in every batch-64 decode step, 6.06 -> 6.8-7.0 ms, H200, session 40)."""
+    activations and extra_bytes more (the fp8 cache's 16-bit prefill scratch, PAGODA_FP8_PREFILL_SCRATCH)."""
     free, total = torch.cuda.mem_get_info(device)
     # weights and everything allocated so far; memory PyTorch's allocator holds in its cache but no tensor uses
     # (freed buffers of earlier work, e.g. a benchmark's) is free for the pool, which PyTorch allocates too
@@ -219,7 +218,8 @@ class LLMEngine:
             if num_kv_pages is None:
                 if self.device.type == "cuda":
                     scratch = (FP8_PREFILL_SCRATCH_PAGES * 2 * page_size * shard.num_kv_heads * shard.head_dim
-                               * self.dtype.itemsize if kv_dtypes[kv_cache_dtype] is not None else 0)
+                               * self.dtype.itemsize
+                               if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default() else 0)
                     num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size,
                                                          gpu_memory_utilization, self.max_num_batched_tokens,
                                                          max_num_seqs, self.device, extra_bytes=scratch)

@@ -35,6 +35,16 @@ CASCADE_MIN_SAVED_BYTES = 8 << 30
 # pages of the 16-bit scratch a Hopper prefill over an fp8 cache reads (64k tokens at page 16; 256 MiB for
 # Llama-3.1-8B's 8 KV heads of 128)
 FP8_PREFILL_SCRATCH_PAGES = 4096
+def fp8_prefill_scratch_default() -> bool:
+    """PAGODA_FP8_PREFILL_SCRATCH=1 / 0, default 0: whether a Hopper GPU's prefill steps over an fp8 KV cache read a
+    16-bit copy of the step's pages, which the Gluon prefill kernel takes (over fp8 the Triton prefill kernel runs).
+    H200, session 40, Llama-3.1-8B (`python -m pagoda.bench.engine --cases latency,long --backends pagoda:fp8`):
+    a 32k prompt's first token 1.72 -> 1.21 s (the bf16 cache's 1.20), but decode at batch 64 x 1k 6.06 -> 7.0-7.2
+    ms a token in the same process, its steps all CUDA graphs as before (272 steps, 260 graphs, both ways): not
+    understood, so off until it is."""
+    return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "0")
+
+
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
 
 
@@ -335,8 +345,7 @@ class _PagodaAttention:
         scratch = r.fp8_prefill_scratch
         if scratch is not None and not inp.is_decode and len(kv_indices) <= scratch.shape[0]:
             # (a prefill over an fp8 cache: each layer's pages of the step dequantized into a 16-bit scratch, in
-            # page-table order, which the Gluon prefill kernel reads: it takes 16-bit KV, and over fp8 the step
-            # would run the Triton prefill kernel, 1.23 -> 1.72 s for a 32k prompt on the H200, session 40)
+            # page-table order, which the Gluon prefill kernel reads: fp8_prefill_scratch_default)
             self.dequant = (dev.kv_indices, len(kv_indices))
             kv_indices, kv_dtype = np.arange(len(kv_indices), dtype=np.int32), r.dtype
         self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
@@ -521,13 +530,12 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype or dtype
         self.kv_fp8 = self.kv_dtype in FP8_DTYPES
         self.kv_scales = dict(k_scale=1.0, v_scale=1.0) if self.kv_fp8 else {}
-        # a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the step's pages (_PagodaAttention.plan):
-        # one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over more pages read the fp8 cache)
-        # (PAGODA_FP8_PREFILL_SCRATCH=0 turns it off: prefill over the fp8 cache, the Triton kernel)
+        # PAGODA_FP8_PREFILL_SCRATCH=1: a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the step's
+        # pages (_PagodaAttention.plan), one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over more pages
+        # read the fp8 cache); off by default: fp8_prefill_scratch_default
         self.fp8_prefill_scratch = None
         if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
-                and env_switch("PAGODA_FP8_PREFILL_SCRATCH", "1")
-                and torch.cuda.get_device_capability(self.device) == (9, 0)):
+                and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(self.device) == (9, 0)):
             self.fp8_prefill_scratch = torch.empty(min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size,
                                                    config.num_kv_heads, config.head_dim, dtype=dtype,
                                                    device=self.device)

@@ -85,8 +85,8 @@ def test_e5m2_and_bad_kv_cache_dtypes():
 
 
 def test_prefill_through_a_16_bit_scratch():
-    """A Hopper GPU's prefill steps over an fp8 cache read a 16-bit copy of the step's pages (runner
-    fp8_prefill_scratch; the Gluon prefill kernel takes 16-bit KV), planned over the copy's page order: the same
+    """With PAGODA_FP8_PREFILL_SCRATCH=1 a Hopper GPU's prefill steps over an fp8 cache read a 16-bit copy of the
+    step's pages (runner fp8_prefill_scratch; the Gluon prefill kernel takes 16-bit KV), planned over the copy's page order: the same
     tokens as prefill over the fp8 cache and log-probabilities within bf16's noise (the fp8 kernels compute in
     fp16), the scratch written (it starts as NaN), decode steps still over the cache. Forced here on the CPU."""
     sp = pagoda.SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
