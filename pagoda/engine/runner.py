@@ -530,6 +530,14 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype or dtype
         self.kv_fp8 = self.kv_dtype in FP8_DTYPES
         self.kv_scales = dict(k_scale=1.0, v_scale=1.0) if self.kv_fp8 else {}
+        self.lora = lora
+        self._max_loras = 0 if lora is None else lora.max_loras
+        self.page_size, self.num_pages = page_size, num_pages
+        self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
+        self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
+        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim,
+                                      dtype=self.kv_dtype,
+                                      device=self.device) for _ in range(config.num_layers)]
         # PAGODA_FP8_PREFILL_SCRATCH=1: a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the step's
         # pages (_PagodaAttention.plan), one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over more pages
         # read the fp8 cache); off by default: fp8_prefill_scratch_default
@@ -539,14 +547,6 @@ class ModelRunner:
             self.fp8_prefill_scratch = torch.empty(min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size,
                                                    config.num_kv_heads, config.head_dim, dtype=dtype,
                                                    device=self.device)
-        self.lora = lora
-        self._max_loras = 0 if lora is None else lora.max_loras
-        self.page_size, self.num_pages = page_size, num_pages
-        self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
-        self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
-        self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim,
-                                      dtype=self.kv_dtype,
-                                      device=self.device) for _ in range(config.num_layers)]
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
         if attention_backend == "flashinfer":
