@@ -248,16 +248,23 @@ class Workers:
 
     def check(self) -> None:
         for rank, (c, p) in enumerate(zip(self.conns, self.procs), start=1):
-            if c.poll():
-                kind, info = c.recv()
-                if kind == "error":
-                    raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{info}")
+            kind, info = self._receive(rank, c) if c.poll() else (None, None)
+            if kind == "error":
+                raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{info}")
             if p.poll() is not None:
                 raise RuntimeError(f"tensor-parallel rank {rank} exited (code {p.returncode})")
 
+    def _receive(self, rank: int, c):
+        """A worker's next message; its closed connection (a worker gone) is a RuntimeError naming the rank."""
+        try:
+            return c.recv()
+        except (EOFError, OSError):
+            code = self.procs[rank - 1].poll()
+            raise RuntimeError(f"tensor-parallel rank {rank} is gone (exit code {code})") from None
+
     def wait_ready(self) -> None:
         for rank, c in enumerate(self.conns, start=1):
-            kind, info = c.recv()
+            kind, info = self._receive(rank, c)
             if kind != "ready":
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{info}")
 
@@ -266,7 +273,7 @@ class Workers:
         self.send(*msg)
         out = []
         for rank, c in enumerate(self.conns, start=1):
-            kind, info = c.recv()
+            kind, info = self._receive(rank, c)
             if kind == "error":
                 raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{info}")
             out.append(info)

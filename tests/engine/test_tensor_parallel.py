@@ -238,6 +238,25 @@ def test_lora_over_ranks_matches_peft(tiny_models, adapters, family, tmp_path):
         llm.shutdown()
 
 
+def test_a_killed_worker_is_an_error_not_a_hang():
+    """A worker killed between steps (or during one: gloo's collective fails on the closed connection) is a
+    RuntimeError naming its rank at rank 0's next call, within seconds; shutdown still returns."""
+    import signal
+    import time
+
+    llm = pagoda.LLM(None, num_kv_pages=64, tensor_parallel_size=2)
+    try:
+        assert llm.generate(["x"], pagoda.SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+        llm.engine._workers.procs[0].send_signal(signal.SIGKILL)
+        llm.engine._workers.procs[0].wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1"):
+            llm.generate(["def f(x):"], pagoda.SamplingParams(max_tokens=8), use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+    finally:
+        llm.shutdown()
+
+
 def _favour_token_3(output_ids, logits):  # (a picklable logits processor: module level)
     logits[3] += 1000.0
     return logits
