@@ -130,7 +130,8 @@ def test_bundled_model_matches_one_process(tp):
     llm = pagoda.LLM(None, num_kv_pages=256, tensor_parallel_size=tp)
     try:
         assert llm.engine.model.config.num_heads == 4 // tp and llm.engine.model.config.num_kv_heads == max(1, 2 // tp)
-        assert llm.engine.model.lm_head.weight.shape[0] == 4096 // tp
+        assert llm.engine.model.lm_head.weight.shape[0] == 4096 // tp  # (the vocabulary's rows, as the embeddings')
+        assert llm.engine.model.embed_tokens.weight.shape[0] == 4096 // tp
         got = llm.generate(PROMPTS, params, use_tqdm=False)
         _same_tokens_and_logprobs([ref[i] for i in (0, 1, 3)], [got[i] for i in (0, 1, 3)])
         _workers_agree(llm, got)
@@ -180,7 +181,7 @@ def test_padded_vocabulary(tmp_path):
     ref = pagoda.LLM(str(tmp_path), **kw).generate(prompts, sp, use_tqdm=False)
     llm = pagoda.LLM(str(tmp_path), tensor_parallel_size=2, **kw)
     try:
-        assert llm.engine.model.lm_head.weight.shape[0] == 162
+        assert llm.engine.model.lm_head.weight.shape[0] == 162 == llm.engine.model.embed_tokens.weight.shape[0]
         got = llm.generate(prompts, sp, use_tqdm=False)
         _same_tokens_and_logprobs(ref, got)
     finally:

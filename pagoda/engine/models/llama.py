@@ -248,7 +248,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = c
         self.tp = tp
         self.full_config = full_config or c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # (tensor-parallel: the rank's vocabulary rows, vLLM's VocabParallelEmbedding: embed() all-reduces the rows
+        # each rank looked up)
+        self.embed_tokens = nn.Embedding(c.vocab_size if tp is None else vocab_shard_rows(c.vocab_size, tp.size),
+                                         c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if tp is not None:  # (the rank's vocabulary rows, its own copy where the embeddings are tied)
@@ -282,6 +285,17 @@ class LlamaForCausalLM(nn.Module):
     def _one_token_path(self, num_tokens: int) -> bool:
         return num_tokens == 1 and self.norms_folded and self.defer_norms and self._defer_fits
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings [num_tokens, hidden]; tensor-parallel: each rank looks up the ids in its rows
+        (zeros for the others') and an all-reduce sums them."""
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        rows = self.embed_tokens.weight.shape[0]
+        local = input_ids - self.tp.rank * rows
+        mine = (local >= 0) & (local < rows)
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
+
     def final_norm_scale(self, hidden: torch.Tensor) -> torch.Tensor:
         """rsqrt(mean(hidden^2) + eps) per row, float32 [rows]: the factor the final RMSNorm (weight folded away)
         would have applied, for the logits of forward(final_norm=False)."""
@@ -294,7 +308,7 @@ class LlamaForCausalLM(nn.Module):
         if not final_norm and not self.defers_final_norm(input_ids.shape[0]):
             raise ValueError("final_norm=False needs a one-token step with the final norm folded into the lm_head "
                              "(defers_final_norm)")
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         # (the one-token path has no LoRA deltas; a LoRA engine does not fold the norms, which keeps it off)
         if self._one_token_path(x.shape[0]) and getattr(ctx, "lora", None) is None:
             for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
@@ -351,8 +365,9 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
             target, rows = _map_name(name, qkv_offsets, gate_up)
-            if tp is not None:
-                w = shard_tensor(name, w, self.full_config, tp.rank, tp.size)
+            if tp is not None:  # (the embedding table by vocabulary rows, as the lm_head)
+                w = (vocab_shard(w, c.vocab_size, tp.rank, tp.size) if target == "embed_tokens.weight"
+                     else shard_tensor(name, w, self.full_config, tp.rank, tp.size))
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint (no parameter {target!r})")
             p = params[target]
@@ -362,8 +377,8 @@ class LlamaForCausalLM(nn.Module):
             dst.copy_(w)
             loaded.add(target if rows is None else f"{target}[{rows[0]}]")
             if tp is not None and target == "embed_tokens.weight" and c.tie_word_embeddings:
-                params["lm_head.weight"].data.copy_(vocab_shard(w, c.vocab_size, tp.rank, tp.size))
-                loaded.add("lm_head.weight")  # (a tied lm_head: the rank's rows of the embedding table)
+                params["lm_head.weight"].data.copy_(dst)  # (a tied lm_head: its own copy of the rank's rows)
+                loaded.add("lm_head.weight")
         expected = set()
         for n, p in params.items():
             if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias"):
