@@ -292,6 +292,8 @@ class LLMEngine:
                     lora_request: LoRARequest | None = None) -> str:
         """lora_request: the LoRA adapter the request runs with (an engine built with enable_lora); its folder is
         read and checked here (ValueError for a bad one)."""
+        if self._workers is not None:  # (a worker gone: parallel.WorkerGone now, before this rank adds anything)
+            self._workers.check()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -389,14 +391,14 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return False
-        if self._workers is not None:
-            self._workers.send("abort", request_id)
         if group[0].lora_request is not None:
             self.lora.release(group[0].lora_request)
         for r in group:
             if not r.finished:
                 self.scheduler.abort(r)
                 r.status, r.finish_reason = Status.FINISHED, "abort"
+        if self._workers is not None:  # (last: a worker gone raises here, with this rank's state already clean)
+            self._workers.send("abort", request_id)
         return True
 
     def has_unfinished(self) -> bool:

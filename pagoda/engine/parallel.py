@@ -205,6 +205,10 @@ def rank_device(device: torch.device, rank: int, size: int) -> torch.device:
     return torch.device("cuda", rank)
 
 
+class WorkerGone(RuntimeError):
+    """A tensor-parallel worker failed or exited: the engine cannot step any more (the server's 500 / 503)."""
+
+
 class Workers:
     """Rank 0's handle on the worker processes: start them, send them the engine's calls, stop them. Each worker is
     a fresh `python -c` that calls worker_main (not multiprocessing's spawn, which re-imports the caller's main
@@ -229,7 +233,7 @@ class Workers:
                 t.join(0.2)
                 for rank, p in enumerate(self.procs, start=1):
                     if p.poll() is not None:
-                        raise RuntimeError(f"tensor-parallel rank {rank} exited (code {p.returncode}) before it "
+                        raise WorkerGone(f"tensor-parallel rank {rank} exited (code {p.returncode}) before it "
                                            f"connected")
             for c in accepted:
                 rank = c.recv()
@@ -250,9 +254,9 @@ class Workers:
         for rank, (c, p) in enumerate(zip(self.conns, self.procs), start=1):
             kind, info = self._receive(rank, c) if c.poll() else (None, None)
             if kind == "error":
-                raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{info}")
+                raise WorkerGone(f"tensor-parallel rank {rank} failed:\n{info}")
             if p.poll() is not None:
-                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {p.returncode})")
+                raise WorkerGone(f"tensor-parallel rank {rank} exited (code {p.returncode})")
 
     def _receive(self, rank: int, c):
         """A worker's next message; its closed connection (a worker gone) is a RuntimeError naming the rank."""
@@ -260,13 +264,13 @@ class Workers:
             return c.recv()
         except (EOFError, OSError):
             code = self.procs[rank - 1].poll()
-            raise RuntimeError(f"tensor-parallel rank {rank} is gone (exit code {code})") from None
+            raise WorkerGone(f"tensor-parallel rank {rank} is gone (exit code {code})") from None
 
     def wait_ready(self) -> None:
         for rank, c in enumerate(self.conns, start=1):
             kind, info = self._receive(rank, c)
             if kind != "ready":
-                raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{info}")
+                raise WorkerGone(f"tensor-parallel rank {rank} failed to start:\n{info}")
 
     def request(self, *msg) -> list:
         """A call whose answer each worker sends back (``probe``: what the tests compare with rank 0)."""
@@ -275,7 +279,7 @@ class Workers:
         for rank, c in enumerate(self.conns, start=1):
             kind, info = self._receive(rank, c)
             if kind == "error":
-                raise RuntimeError(f"tensor-parallel rank {rank} failed:\n{info}")
+                raise WorkerGone(f"tensor-parallel rank {rank} failed:\n{info}")
             out.append(info)
         return out
 

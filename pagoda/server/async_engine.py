@@ -14,6 +14,7 @@ import time
 import traceback
 
 from ..engine import LLMEngine, SamplingParams
+from ..engine.parallel import WorkerGone
 
 
 class Overloaded(Exception):
@@ -113,6 +114,8 @@ class AsyncEngine:
                     continue
                 try:
                     self.engine.add_request(prompt, params, request_id=rid, lora_request=lora)
+                except WorkerGone:  # (not the request's fault: the engine is dead, _loop reports it to every one)
+                    raise
                 except Exception as e:  # noqa: BLE001 - validation errors go back to the handler
                     self._push(rid, e)
                 else:
@@ -151,6 +154,9 @@ class AsyncEngine:
                 self._push(rid, EngineDead(f"the engine stopped: {e}"))
         finally:
             for rid in list(self.engine.requests):
-                self.engine.abort(rid)
+                try:
+                    self.engine.abort(rid)
+                except Exception:  # noqa: BLE001 - an engine that failed (a tensor-parallel worker gone) may raise
+                    pass
             self.stopped = True
             self.stop_time = time.monotonic()

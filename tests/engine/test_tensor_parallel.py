@@ -10,8 +10,8 @@ import torch
 import pagoda
 from pagoda.engine import ModelConfig
 from pagoda.engine.loader import DEMO_MODEL
-from pagoda.engine.parallel import (check_tp_size, local_config, rank_device, shard_tensor, vocab_shard,
-                                    vocab_shard_rows)
+from pagoda.engine.parallel import (WorkerGone, check_tp_size, local_config, rank_device, shard_tensor,
+                                    vocab_shard, vocab_shard_rows)
 
 from .test_lora import PROMPTS as LORA_PROMPTS, adapters  # noqa: F401 (a fixture)
 from .test_lora import greedy as lora_greedy
@@ -275,7 +275,7 @@ def test_a_killed_worker_is_an_error_not_a_hang():
         llm.engine._workers.procs[0].send_signal(signal.SIGKILL)
         llm.engine._workers.procs[0].wait(10)
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match="rank 1"):
+        with pytest.raises(WorkerGone, match="rank 1"):
             llm.generate(["def f(x):"], pagoda.SamplingParams(max_tokens=8), use_tqdm=False)
         assert time.monotonic() - t0 < 30
     finally:
@@ -317,7 +317,7 @@ def test_bad_input_abort_and_a_failed_worker():
         assert biased[0].outputs[0].token_ids == [3, 3, 3, 3]
         _workers_agree(llm, biased)
         eng._workers.send("no such call")  # (the worker fails on it and says so)
-        with pytest.raises(RuntimeError, match="rank 1"):
+        with pytest.raises(WorkerGone, match="rank 1"):
             for _ in range(50):
                 eng._workers.check()
                 import time

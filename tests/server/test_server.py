@@ -494,7 +494,8 @@ def test_runtime_lora_loading(server, tmp_path):
 
 def test_tensor_parallel_server(server):
     """`pagoda serve -tp 2` on the CPU (gloo): the one-process server's greedy answers, streamed and not, for
-    several prompts at once; a bad request is a 400 and the server keeps serving; SIGTERM ends it and its worker."""
+    several prompts at once; a bad request is a 400 and the server keeps serving; a killed worker is a 500 with
+    OpenAI's error body and /health 503; SIGTERM ends it and its worker."""
     proc, url = start_server("--tensor-parallel-size", "2")
     try:
         kids = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
@@ -510,6 +511,10 @@ def test_tensor_parallel_server(server):
             url + "/v1/completions", json=dict(body, prompt=body["prompt"][0], stream=True), timeout=60).text.split("\n\n")
             if c.startswith("data: {"))
         assert streamed == want[0]
+        os.kill(int(kids[0]), signal.SIGKILL)  # (a worker gone: the engine stops, the server says so and stays up)
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert httpx.get(url + "/health").status_code == 503
     finally:
         assert stop(proc) == 0
     for pid in kids:
