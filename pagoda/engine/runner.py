@@ -35,6 +35,8 @@ CASCADE_MIN_SAVED_BYTES = 8 << 30
 # pages of the 16-bit scratch a Hopper prefill over an fp8 cache reads (64k tokens at page 16; 256 MiB for
 # Llama-3.1-8B's 8 KV heads of 128)
 FP8_PREFILL_SCRATCH_PAGES = 4096
+
+
 def fp8_prefill_scratch_default() -> bool:
     """PAGODA_FP8_PREFILL_SCRATCH=1 / 0, default 0: whether a Hopper GPU's prefill steps over an fp8 KV cache read a
     16-bit copy of the step's pages, which the Gluon prefill kernel takes (over fp8 the Triton prefill kernel runs).
@@ -322,9 +324,10 @@ class _Context:
 
 
 class _PagodaAttention:
+    fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch (quantized for an fp8 cache)
+
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
-        self.fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch (quantized for fp8)
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
@@ -362,7 +365,8 @@ class _PagodaAttention:
             idx, n = self.dequant
             scratch = self.r.fp8_prefill_scratch[:n]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
-            return self.wrapper.run(q, scratch, enable_pdl=self.pdl, pdl_early_kv=self.early_kv)
+            # (no early KV: the copy right before writes the KV this run reads)
+            return self.wrapper.run(q, scratch, enable_pdl=self.pdl, pdl_early_kv=False)
         return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv, **self.r.kv_scales)
 
 
@@ -374,7 +378,6 @@ class _PagodaCascadeAttention(_PagodaAttention):
 
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
-        self.fused_rope = True
         self.wrapper = pagoda.MultiLevelCascadeAttentionWrapper(2, runner.workspace, "NHD",
                                                                 use_cuda_graph=use_cuda_graph, backend=backend)
 

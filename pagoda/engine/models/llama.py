@@ -8,8 +8,9 @@ q/k/v and gate/up projections are fused into one GEMM each; ``load_weights`` map
 Face checkpoint names onto them.
 
 Tensor parallelism (engine/parallel.py): built with a TPGroup and the rank's share of the heads and MLP columns
-(parallel.local_config), the model loads its shard of the checkpoint, all-reduces the o and down projections'
-partial sums and gathers the vocabulary-sharded lm_head's logits.
+(parallel.local_config), the model loads its shard of the checkpoint, all-reduces the embedding lookup over the
+vocabulary-sharded table and the o and down projections' partial sums, and gathers the vocabulary-sharded lm_head's
+logits.
 """
 from __future__ import annotations
 
