@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import pickle
 import time
@@ -26,7 +27,7 @@ from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .lora import LoRAManager, LoRARequest
 from .parallel import Workers, check_tp_size, free_port, init_group, rank_device
-from .runner import FP8_PREFILL_SCRATCH_PAGES, ModelRunner, fp8_prefill_scratch_default
+from .runner import ModelRunner, fp8_prefill_scratch_default, fp8_prefill_scratch_shape
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
 
 logger = logging.getLogger("pagoda.engine")
@@ -217,8 +218,7 @@ class LLMEngine:
             self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
             if num_kv_pages is None:
                 if self.device.type == "cuda":
-                    scratch = (FP8_PREFILL_SCRATCH_PAGES * 2 * page_size * shard.num_kv_heads * shard.head_dim
-                               * self.dtype.itemsize
+                    scratch = (math.prod(fp8_prefill_scratch_shape(shard, page_size)) * self.dtype.itemsize
                                if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default() else 0)
                     num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size,
                                                          gpu_memory_utilization, self.max_num_batched_tokens,

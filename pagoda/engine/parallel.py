@@ -333,7 +333,10 @@ def worker_main(rank: str, size: str, init_method: str, port: str, key: str) -> 
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", None))
-    finished: dict[str, list[list[int]]] = {}  # (the token ids of the groups that finished here: `probe`)
+    # PAGODA_TP_RECORD=1 (the tests): the token ids of the groups that finish here, which `probe` returns (and
+    # clears) so that a test can compare them with rank 0's; off, nothing is kept
+    record = os.environ.get("PAGODA_TP_RECORD") == "1"
+    finished: dict[str, list[list[int]]] = {}
     try:
         while True:
             try:
@@ -344,9 +347,9 @@ def worker_main(rank: str, size: str, init_method: str, port: str, key: str) -> 
             if op == "exit":
                 break
             if op == "step":
-                for out in engine.step(only_finished=msg[1]):
-                    if out.finished:
-                        finished[out.request_id] = [c.token_ids for c in out.outputs]
+                outs = engine.step(only_finished=msg[1])
+                if record:
+                    finished.update({o.request_id: [c.token_ids for c in o.outputs] for o in outs if o.finished})
             elif op == "add":
                 engine.add_request(**msg[1])
             elif op == "abort":
@@ -354,8 +357,8 @@ def worker_main(rank: str, size: str, init_method: str, port: str, key: str) -> 
             elif op == "lora":
                 engine.lora.register(msg[1])
                 conn.send(("lora", None))
-            elif op == "probe":
-                conn.send(("probe", finished))
+            elif op == "probe":  # (None: not recording)
+                conn.send(("probe", finished if record else None))
                 finished = {}
             else:
                 raise RuntimeError(f"unknown tensor-parallel message {op!r}")

@@ -47,6 +47,12 @@ def fp8_prefill_scratch_default() -> bool:
     return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "0")
 
 
+def fp8_prefill_scratch_shape(config: ModelConfig, page_size: int, num_pages: int = FP8_PREFILL_SCRATCH_PAGES):
+    """The 16-bit prefill scratch of an fp8 cache of num_pages pages: one layer's pages, at most
+    FP8_PREFILL_SCRATCH_PAGES of them."""
+    return (min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size, config.num_kv_heads, config.head_dim)
+
+
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
 
 
@@ -328,6 +334,7 @@ class _PagodaAttention:
 
     def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
         self.r = runner
+        self.dequant = None  # (the planned step's pages to copy into the fp8 prefill scratch: plan())
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
         self.triton = backend == "triton" or (backend == "auto" and runner.device.type == "cuda")
@@ -361,7 +368,7 @@ class _PagodaAttention:
                                      **self.r.kv_scales)
 
     def run(self, q, cache):
-        if getattr(self, "dequant", None) is not None:  # (the step's pages in 16 bits: scales 1.0, a cast)
+        if self.dequant is not None:  # (the step's pages in 16 bits: scales 1.0, a cast)
             idx, n = self.dequant
             scratch = self.r.fp8_prefill_scratch[:n]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
@@ -547,9 +554,8 @@ class ModelRunner:
         self.fp8_prefill_scratch = None
         if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
                 and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(self.device) == (9, 0)):
-            self.fp8_prefill_scratch = torch.empty(min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size,
-                                                   config.num_kv_heads, config.head_dim, dtype=dtype,
-                                                   device=self.device)
+            self.fp8_prefill_scratch = torch.empty(fp8_prefill_scratch_shape(config, page_size, num_pages),
+                                                   dtype=dtype, device=self.device)
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
         if attention_backend == "flashinfer":

@@ -225,8 +225,8 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     is applied to the fp32 accumulators (not to the projection rounded to x's dtype). head_dim 64 / 128 / 256,
     the cache in x's dtype; without Triton, or in fp32, the same through linear() and the RoPE / append op.
     config: as linear()'s (its BLOCK_N unused: a program takes 16 rotary pairs, 32 rows of W)."""
-    from .rope import apply_rope_with_cos_sin_cache_and_append
-    from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
+    from .rope import apply_rope_with_cos_sin_cache_and_append, fused_store_args
+    from ..attention.formats import FP8_DTYPES, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
     from .kernels.matmul import qkv_rope_append_kernel
 
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1:
@@ -256,15 +256,10 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             raise ValueError(f"{name} must be int32 on {x.device}, got {getattr(t, 'dtype', type(t))}")
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
-    quant = k_cache.dtype in FP8_DTYPES  # (quantized on write: k_scale / v_scale floats, as the RoPE op takes them)
-    if (heads, dim) != (num_kv_heads, head_dim) or (k_cache.dtype != x.dtype and not quant):
+    if (heads, dim) != (num_kv_heads, head_dim) or (k_cache.dtype != x.dtype and k_cache.dtype not in FP8_DTYPES):
         raise ValueError(f"paged_kv_cache must be {x.dtype} (or fp8) with {num_kv_heads} heads of {head_dim}, got "
                          f"{k_cache.dtype} with {heads} of {dim}")
-    if quant and not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
-                         for t in (k_scale, v_scale)):
-        raise ValueError(f"an fp8 paged_kv_cache needs k_scale / v_scale floats > 0, got {k_scale!r} / {v_scale!r}")
-    if not quant and (k_scale is not None or v_scale is not None):
-        raise ValueError("k_scale / v_scale are for an fp8 paged_kv_cache")
+    store = fused_store_args(k_cache.dtype, k_scale, v_scale)  # (quantized on write as the RoPE op does it)
     k = x.shape[1]
     norm_k = triton.next_power_of_2(k) if k else 1
     if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or k == 0
@@ -289,7 +284,7 @@ def linear_rope_append(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         NUM_Q_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0,
         num_warps=warps, num_stages=stages, **pdl_launch(pdl, x),
-        **(dict(k_inv=1.0 / k_scale, v_inv=1.0 / v_scale, clamp=FP8_MAX[k_cache.dtype], QUANT=True) if quant else {}))
+        **store)
     return q_out
 
 

@@ -201,6 +201,21 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
     _apply(q, k, positions, rd, not is_neox, True, cos_sin=cos_sin_cache)
 
 
+def fused_store_args(cache_dtype: torch.dtype, k_scale, v_scale) -> dict:
+    """The fused RoPE + append kernels' store arguments for a cache of cache_dtype (rope_append_kernel,
+    qkv_rope_append_kernel): {} for a 16-bit cache (the scales must be None), for an fp8 one the quantize-on-write
+    constants of append_paged_kv_cache, from k_scale / v_scale floats > 0 (ValueError otherwise)."""
+    if cache_dtype not in FP8_DTYPES:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale / v_scale are for an fp8 paged_kv_cache")
+        return {}
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in (k_scale, v_scale)):
+        raise ValueError(f"paged_kv_cache is fp8: quantizing on write needs k_scale / v_scale floats > 0, got "
+                         f"{k_scale!r} / {v_scale!r} (per-head scale tensors: apply_rope_with_cos_sin_cache_inplace "
+                         f"and append_paged_kv_cache(k_scale=, v_scale=))")
+    return dict(k_inv=1.0 / k_scale, v_inv=1.0 / v_scale, clamp=FP8_MAX[cache_dtype], QUANT=True)
+
+
 def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_size: int, cos_sin_cache,
                                              is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
                                              kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
@@ -222,14 +237,7 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
     v = value.reshape(k.shape)
     k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
-    quant = k_cache.dtype in FP8_DTYPES
-    scales = (k_scale, v_scale)
-    if quant and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales):
-        raise ValueError(f"paged_kv_cache is fp8: quantizing on write needs k_scale / v_scale floats > 0, got "
-                         f"{k_scale!r} / {v_scale!r} (per-head scale tensors: apply_rope_with_cos_sin_cache_inplace "
-                         f"and append_paged_kv_cache(k_scale=, v_scale=))")
-    if not quant and (k_scale is not None or v_scale is not None):
-        raise ValueError("k_scale / v_scale are for an fp8 paged_kv_cache")
+    store = fused_store_args(k_cache.dtype, k_scale, v_scale)
     if check or not use_triton(q) or positions.shape != (q.shape[0],):
         # host-checked page tables, or the PyTorch path: the two ops (append checks what the kernel trusts)
         q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
@@ -259,5 +267,4 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
         BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
         INTERLEAVE=not is_neox, TABLES_EARLY=early, num_warps=4, **pdl_launch(enable_pdl, q),
-        **(dict(k_inv=1.0 / k_scale, v_inv=1.0 / v_scale, clamp=FP8_MAX[k_cache.dtype], QUANT=True)
-           if quant else {}))
+        **store)

@@ -343,6 +343,7 @@ def test_tensor_parallel_on_one_gpu(monkeypatch):
     the one-token path, where rank 0's projections carry the residual) teacher-forced through a float32 engine
     deviate no more than the one-process bf16 engine's do (the yardstick); each worker sampled rank 0's tokens."""
     monkeypatch.setenv("PAGODA_TP_BACKEND", "gloo")
+    monkeypatch.setenv("PAGODA_TP_RECORD", "1")  # (the worker keeps what finished, for the probe)
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
     runs = {}
     for tp in (1, 2):

@@ -17,11 +17,12 @@ def _need_two_gpus():
         pytest.fail("multigpu tests need two CUDA GPUs: deselect them with -m 'not multigpu'")
 
 
-def test_two_gpus_in_cuda_graphs_match_one():
+def test_two_gpus_in_cuda_graphs_match_one(monkeypatch):
     """The bundled model over cuda:0 and cuda:1 (NCCL, decode CUDA graphs with the collectives inside, async
     scheduling) against one GPU, both bf16, each teacher-forced through a float32 engine: the two-GPU engine's
     probabilities deviate no more than the one-GPU engine's (the yardstick); the worker sampled rank 0's tokens,
     sampled requests included."""
+    monkeypatch.setenv("PAGODA_TP_RECORD", "1")  # (the worker keeps what finished, for the probe)
     greedy = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
     sampled = pagoda.SamplingParams(max_tokens=16, temperature=0.8, n=2, seed=3, ignore_eos=True)
     runs = {}

@@ -24,8 +24,10 @@ PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class Foo:\n    def __init
 def _torch_ops(monkeypatch):
     """The ops' PyTorch forms in these tests, here and in the workers (which inherit the environment): what they
     test is the sharding and the ranks' lockstep, the same for either form, and Triton's interpreter would make
-    each engine here minutes slower (the kernels run in it in the other tests)."""
+    each engine here minutes slower (the kernels run in it in the other tests). The workers record what finished
+    (PAGODA_TP_RECORD) for the probe."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("PAGODA_TP_RECORD", "1")  # (the workers keep what finished for _workers_agree's probe)
 
 
 def _config(**over):
