@@ -38,13 +38,15 @@ FP8_PREFILL_SCRATCH_PAGES = 4096
 
 
 def fp8_prefill_scratch_default() -> bool:
-    """PAGODA_FP8_PREFILL_SCRATCH=1 / 0, default 0: whether a Hopper GPU's prefill steps over an fp8 KV cache read a
+    """PAGODA_FP8_PREFILL_SCRATCH=1 / 0, default 1: whether a Hopper GPU's prefill steps over an fp8 KV cache read a
     16-bit copy of the step's pages, which the Gluon prefill kernel takes (over fp8 the Triton prefill kernel runs).
-    H200, session 40, Llama-3.1-8B (`python -m pagoda.bench.engine --cases latency,long --backends pagoda:fp8`):
-    a 32k prompt's first token 1.72 -> 1.21 s (the bf16 cache's 1.20), but decode at batch 64 x 1k 6.06 -> 7.0-7.2
-    ms a token in the same process, its steps all CUDA graphs as before (272 steps, 260 graphs, both ways): not
-    understood, so off until it is."""
-    return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "0")
+    H200, Llama-3.1-8B (`python -m pagoda.bench.engine --cases latency,long --backends pagoda:fp8`): a 32k prompt's
+    first token 1.72 -> 1.21 s (the bf16 cache's 1.20; session 40). Session 40 also saw decode at batch 64 x 1k
+    6.06 -> 7.0-7.2 ms a token with it and left it off; session 41 found the cause (scripts/fp8_scratch_probe.py):
+    one full garbage collection of 53-77 ms that the prefill's allocations moved into the timed decode steps
+    (without the scratch it fell just outside them); the steps themselves, kernel by kernel, are the same
+    (5.92-5.94 ms both ways). The engine now freezes its start-up heap (llm.freeze_startup_heap)."""
+    return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "1")
 
 
 def fp8_prefill_scratch_shape(config: ModelConfig, page_size: int, num_pages: int = FP8_PREFILL_SCRATCH_PAGES):
@@ -548,9 +550,9 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim,
                                       dtype=self.kv_dtype,
                                       device=self.device) for _ in range(config.num_layers)]
-        # PAGODA_FP8_PREFILL_SCRATCH=1: a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the step's
-        # pages (_PagodaAttention.plan), one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over more pages
-        # read the fp8 cache); off by default: fp8_prefill_scratch_default
+        # PAGODA_FP8_PREFILL_SCRATCH (default 1): a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the
+        # step's pages (_PagodaAttention.plan), one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over
+        # more pages read the fp8 cache): fp8_prefill_scratch_default
         self.fp8_prefill_scratch = None
         if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
                 and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(self.device) == (9, 0)):

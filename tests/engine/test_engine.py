@@ -720,3 +720,39 @@ def test_sample_launch_takes_model_dtype_logits():
     tokens, lps = sample_collect(sample_launch(logits[:2], reqs(lp_params, greedy(4)), logit_scale=scale[:2]))
     ref = torch.log_softmax(logits[0].float() * 0.5, -1)
     assert tokens == want[:2] and abs(lps[0][want[0]] - ref[want[0]].item()) < 1e-6
+
+
+def test_startup_heap_freeze_collects_first_and_shutdown_unfreezes():
+    """llm.freeze_startup_heap (a CUDA engine calls it before it builds anything): garbage alive then is collected
+    first, not frozen; what the engine builds after stays collectable (an engine dropped without shutdown() is
+    freed); shutdown() unfreezes. The freeze itself runs on CUDA engines only: forced here."""
+    import gc
+    import weakref
+
+    from pagoda.engine.llm import freeze_startup_heap
+
+    class Node:
+        pass
+
+    gc.collect()
+    gc.unfreeze()
+    try:
+        a, b = Node(), Node()
+        a.b, b.a = b, a  # (cyclic garbage once dropped: only the collector frees it)
+        dead = weakref.ref(a)
+        del a, b
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 1000 and dead() is None
+        llm = pagoda.LLM(None, num_kv_pages=64)
+        llm.generate([PROMPTS[0]], greedy(3), use_tqdm=False)
+        engine = weakref.ref(llm.engine)
+        del llm
+        gc.collect()
+        assert engine() is None
+        llm = pagoda.LLM(None, num_kv_pages=64)
+        llm.engine._froze_heap = True  # (as a CUDA engine after its freeze)
+        llm.shutdown()
+        assert gc.get_freeze_count() == 0 and not llm.engine._froze_heap
+        llm.shutdown()  # (twice is fine)
+    finally:
+        gc.unfreeze()
