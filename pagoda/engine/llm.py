@@ -119,22 +119,46 @@ def _kv_pages_from_memory(config: ModelConfig, dtype, page_size, utilization, ma
     return budget // page_bytes
 
 
+_heap_frozen = False  # (freeze_startup_heap ran in this process)
+
+
 def freeze_startup_heap() -> None:
-    """Collect, then freeze the heap (gc.freeze): the objects alive before an engine is built (the modules, classes
-    and functions of torch, Triton, NumPy, transformers: ~190k tracked objects) go to the permanent generation,
-    which the collector no longer scans. Why: a full collection comes every few hundred decode steps and scanned
-    them all. H200, session 41 (`python scripts/fp8_scratch_probe.py on --b1-first --copy-first`, Llama-3.1-8B):
-    one took 53-77 ms over ~210k objects, a whole batch-64 step is 5.9 ms; it is what made session 40's decode
-    with the fp8 prefill scratch look 1 ms a token slower (it fell inside the timed steps there, outside them
-    without the scratch). Frozen first (`--gc-freeze-before`): a full collection 7.9 ms over ~29k objects. vLLM
-    freezes its heap after start-up as well. The engine's own objects come after the freeze and stay collectable:
-    an engine dropped without shutdown() is freed as before; LLMEngine.shutdown() unfreezes (objects of the
-    caller's that were alive here and became cyclic garbage since are collected again)."""
+    """Once a process (the first CUDA engine calls it before it builds anything): collect, then freeze the heap
+    (gc.freeze). The objects alive then (the modules, classes and functions of torch, Triton, NumPy, transformers:
+    ~190k tracked objects) go to the permanent generation, which the collector no longer scans. Why: a full
+    collection comes every few hundred decode steps and scanned them all. H200, session 41 (`python
+    scripts/fp8_scratch_probe.py on --b1-first --copy-first`, Llama-3.1-8B): one took 53-77 ms over ~210k objects,
+    where a whole batch-64 step is 5.9 ms; it is what made session 40's decode with the fp8 prefill scratch look 1 ms
+    a token slower (it fell inside the timed steps there, just outside them without the scratch). Frozen first
+    (`--gc-freeze-before`): 7.9 ms over ~29k objects. vLLM freezes its heap after start-up too; pagoda freezes
+    before the first engine exists (LLMEngine.__new__), so no engine's objects are ever frozen: an engine dropped,
+    shut down or not, is freed as before (a frozen engine in a reference cycle would not be), and later engines do
+    not freeze an earlier one still alive. What it costs: an object of the caller's that was alive at the first
+    engine's start and later becomes cyclic garbage is never collected (gc.unfreeze() undoes the freeze)."""
+    global _heap_frozen
+    if _heap_frozen:
+        return
+    _heap_frozen = True
     gc.collect()
     gc.freeze()
 
 
+def _freezes_heap(device) -> bool:
+    """Whether an engine on ``device`` (LLMEngine's argument) freezes the start-up heap: on CUDA (a CPU step is far
+    longer than a collection's pause). A bad device: False (__init__ says what is wrong with it)."""
+    try:
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
 class LLMEngine:
+    def __new__(cls, *args, **kwargs):
+        # (before the instance exists: the freeze must not hold the engine itself; freeze_startup_heap)
+        if _freezes_heap(kwargs.get("device")):
+            freeze_startup_heap()
+        return super().__new__(cls)
+
     def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
@@ -217,9 +241,6 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, min(self.max_model_len, 8192))
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        self._froze_heap = self.device.type == "cuda"  # (a CPU step is far longer than a collection's pause)
-        if self._froze_heap:
-            freeze_startup_heap()
         if tp_size > 1 and _tp is None:
             self._workers = Workers(tp_size, rendezvous, engine_kwargs)
             self._finalizer = weakref.finalize(self, _close_tp, self._workers)
@@ -287,12 +308,8 @@ class LLMEngine:
             raise
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers and leave the process group (rank 0; a no-op for one GPU), and unfreeze
-        the heap frozen when the engine was built (freeze_startup_heap). Also done when the engine is collected or
-        the interpreter exits (the workers, the group)."""
-        if getattr(self, "_froze_heap", False):
-            self._froze_heap = False
-            gc.unfreeze()
+        """Stop the tensor-parallel workers and leave the process group (rank 0; a no-op for one GPU). Also done
+        when the engine is collected or the interpreter exits."""
         if self._workers is not None:
             self._finalizer()
         elif self.tp is not None and dist.is_initialized():

@@ -722,18 +722,21 @@ def test_sample_launch_takes_model_dtype_logits():
     assert tokens == want[:2] and abs(lps[0][want[0]] - ref[want[0]].item()) < 1e-6
 
 
-def test_startup_heap_freeze_collects_first_and_shutdown_unfreezes():
-    """llm.freeze_startup_heap (a CUDA engine calls it before it builds anything): garbage alive then is collected
-    first, not frozen; what the engine builds after stays collectable (an engine dropped without shutdown() is
-    freed); shutdown() unfreezes. The freeze itself runs on CUDA engines only: forced here."""
+def test_startup_heap_freeze(monkeypatch):
+    """llm.freeze_startup_heap, which the first CUDA engine runs before it exists (LLMEngine.__new__; forced here on
+    the CPU): garbage alive then is collected first, not frozen; the engine is built after the freeze, so an engine
+    dropped while in a reference cycle is still collected; once a process (a second engine freezes nothing, the
+    first engine, alive, stays unfrozen)."""
     import gc
     import weakref
 
-    from pagoda.engine.llm import freeze_startup_heap
+    from pagoda.engine import llm as llm_mod
 
     class Node:
         pass
 
+    monkeypatch.setattr(llm_mod, "_heap_frozen", False)
+    monkeypatch.setattr(llm_mod, "_freezes_heap", lambda device: True)
     gc.collect()
     gc.unfreeze()
     try:
@@ -741,18 +744,16 @@ def test_startup_heap_freeze_collects_first_and_shutdown_unfreezes():
         a.b, b.a = b, a  # (cyclic garbage once dropped: only the collector frees it)
         dead = weakref.ref(a)
         del a, b
-        freeze_startup_heap()
-        assert gc.get_freeze_count() > 1000 and dead() is None
         llm = pagoda.LLM(None, num_kv_pages=64)
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000 and dead() is None
         llm.generate([PROMPTS[0]], greedy(3), use_tqdm=False)
-        engine = weakref.ref(llm.engine)
-        del llm
+        llm.engine.cycle = [llm.engine]  # (a reference cycle through the engine itself)
+        second = pagoda.LLM(None, num_kv_pages=64)
+        assert gc.get_freeze_count() <= frozen  # (once a process: the first engine not frozen by the second)
+        engines = weakref.ref(llm.engine), weakref.ref(second.engine)
+        del llm, second
         gc.collect()
-        assert engine() is None
-        llm = pagoda.LLM(None, num_kv_pages=64)
-        llm.engine._froze_heap = True  # (as a CUDA engine after its freeze)
-        llm.shutdown()
-        assert gc.get_freeze_count() == 0 and not llm.engine._froze_heap
-        llm.shutdown()  # (twice is fine)
+        assert engines[0]() is None and engines[1]() is None
     finally:
         gc.unfreeze()

@@ -393,15 +393,22 @@ def test_nccl_collectives_in_cuda_graphs(tmp_path):
 
 def test_fp8_kv_cache_in_cuda_graphs():
     """The e4m3 KV cache on the GPU (the fp8 decode kernel in the CUDA graphs, fp8 prefill, the fused RoPE + append
-    kernels quantizing on write): its completions against transformers with K / V rounded through e4m3 deviate less than from
-    the unrounded model and no more than three times the bf16 engine's from float32 (tests/engine/test_kv_fp8.py's
-    oracle and yardstick); a page is half a bf16 page's bytes."""
+    kernels quantizing on write; on Hopper the prefill steps over a 16-bit copy of their pages, runner
+    fp8_prefill_scratch, by default): its completions against transformers with K / V rounded through e4m3 deviate
+    less than from the unrounded model and no more than three times the bf16 engine's from float32
+    (tests/engine/test_kv_fp8.py's oracle and yardstick); a page is half a bf16 page's bytes."""
     from .test_kv_fp8 import _deviation, _hf
 
     sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
     fp8 = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, kv_cache_dtype="fp8", num_kv_pages=2048)
-    got = fp8.generate(PROMPTS, sp, use_tqdm=False) + fp8.generate(PROMPTS[:1], sp, use_tqdm=False)
     r = fp8.engine.runner
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert (r.fp8_prefill_scratch is not None) == hopper
+    if hopper:
+        r.fp8_prefill_scratch.fill_(float("nan"))
+    got = fp8.generate(PROMPTS, sp, use_tqdm=False) + fp8.generate(PROMPTS[:1], sp, use_tqdm=False)
+    if hopper:  # (the prefill steps read the scratch: their pages written into it, in page-table order)
+        assert not r.fp8_prefill_scratch[0].isnan().any()
     assert fp8.engine.stats.cuda_graph_steps > 20 and r.kv_caches[0].dtype == torch.float8_e4m3fn
     c = r.config  # (a page of the pool: half a bf16 page's bytes, which the memory budget divides by)
     assert r.page_bytes == c.num_layers * 2 * r.page_size * c.num_kv_heads * c.head_dim
@@ -416,3 +423,23 @@ def test_fp8_kv_cache_in_cuda_graphs():
     print("mean |dlogp|: fp8 engine vs fp8 oracle", d8, "vs unrounded", d8_plain, "; bf16 engine vs float32", d16,
           "; max", m8)
     assert d8 < 3 * d16 + 0.01 and m8 < 0.5 and d8 < d8_plain, (d8, d8_plain, d16, m8)
+
+
+def test_cuda_engine_freezes_its_start_up_heap():
+    """A CUDA engine freezes the heap before it exists (once a process: llm.freeze_startup_heap), so a full
+    collection scans the engines' objects, not the libraries' ~190k; an engine in a reference cycle is still
+    collected when dropped."""
+    import gc
+    import weakref
+
+    llm = pagoda.LLM(max_num_seqs=4, num_kv_pages=256)
+    llm.generate(PROMPTS, pagoda.SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    gc.collect()
+    frozen = gc.get_freeze_count()
+    print("frozen", frozen, "tracked", len(gc.get_objects()))
+    assert frozen > 10000 and len(gc.get_objects()) < frozen / 2
+    llm.engine.cycle = [llm.engine]
+    engine = weakref.ref(llm.engine)
+    del llm
+    gc.collect()
+    assert engine() is None
