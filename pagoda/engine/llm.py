@@ -258,8 +258,10 @@ class LLMEngine:
             self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
             if num_kv_pages is None:
                 if self.device.type == "cuda":
-                    scratch = (math.prod(fp8_prefill_scratch_shape(shard, page_size)) * self.dtype.itemsize
-                               if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default() else 0)
+                    scratch = 0
+                    if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default():
+                        scratch = math.prod(fp8_prefill_scratch_shape(shard, page_size, self.max_model_len,
+                                                                      itemsize=self.dtype.itemsize)) * self.dtype.itemsize
                     num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size,
                                                          gpu_memory_utilization, self.max_num_batched_tokens,
                                                          max_num_seqs, self.device, extra_bytes=scratch)

@@ -32,9 +32,10 @@ from .sampler import sample_collect, sample_launch
 # tokens x n=8, 14.7 GB saved per step): 19.9 s with cascade vs 18.9 s without, inside the run-to-run spread.
 CASCADE_MIN_SAVED = 0.25
 CASCADE_MIN_SAVED_BYTES = 8 << 30
-# pages of the 16-bit scratch a Hopper prefill over an fp8 cache reads (64k tokens at page 16; 256 MiB for
-# Llama-3.1-8B's 8 KV heads of 128)
+# pages of the 16-bit scratch a Hopper prefill over an fp8 cache reads: at least this many (64k tokens at page 16;
+# 256 MiB for Llama-3.1-8B's 8 KV heads of 128), more for a longer max_model_len, up to FP8_PREFILL_SCRATCH_BYTES
 FP8_PREFILL_SCRATCH_PAGES = 4096
+FP8_PREFILL_SCRATCH_BYTES = 1 << 30
 
 
 def fp8_prefill_scratch_default() -> bool:
@@ -49,10 +50,18 @@ def fp8_prefill_scratch_default() -> bool:
     return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "1")
 
 
-def fp8_prefill_scratch_shape(config: ModelConfig, page_size: int, num_pages: int = FP8_PREFILL_SCRATCH_PAGES):
-    """The 16-bit prefill scratch of an fp8 cache of num_pages pages: one layer's pages, at most
-    FP8_PREFILL_SCRATCH_PAGES of them."""
-    return (min(num_pages, FP8_PREFILL_SCRATCH_PAGES), 2, page_size, config.num_kv_heads, config.head_dim)
+def fp8_prefill_scratch_shape(config: ModelConfig, page_size: int, max_model_len: int, num_pages: int | None = None,
+                              itemsize: int = 2):
+    """The 16-bit prefill scratch of an fp8 cache: one layer's pages, enough for the last chunk of a prompt of
+    max_model_len tokens (a longer step reads the fp8 cache through the Triton kernel), at least
+    FP8_PREFILL_SCRATCH_PAGES (a step of several prompts), at most FP8_PREFILL_SCRATCH_BYTES (and the pool's
+    num_pages)."""
+    page = 2 * page_size * config.num_kv_heads * config.head_dim * itemsize
+    pages = min(max(FP8_PREFILL_SCRATCH_PAGES, -(-max_model_len // page_size)),
+                max(FP8_PREFILL_SCRATCH_PAGES, FP8_PREFILL_SCRATCH_BYTES // page))
+    if num_pages is not None:
+        pages = min(pages, num_pages)
+    return (pages, 2, page_size, config.num_kv_heads, config.head_dim)
 
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
@@ -551,13 +560,13 @@ class ModelRunner:
                                       dtype=self.kv_dtype,
                                       device=self.device) for _ in range(config.num_layers)]
         # PAGODA_FP8_PREFILL_SCRATCH (default 1): a Hopper GPU's prefill over an fp8 cache reads a 16-bit copy of the
-        # step's pages (_PagodaAttention.plan), one layer's worth of FP8_PREFILL_SCRATCH_PAGES pages (steps over
-        # more pages read the fp8 cache): fp8_prefill_scratch_default
+        # step's pages (_PagodaAttention.plan), one layer's pages of a max_model_len prompt (steps over more pages
+        # read the fp8 cache): fp8_prefill_scratch_default, fp8_prefill_scratch_shape
         self.fp8_prefill_scratch = None
         if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
                 and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(self.device) == (9, 0)):
-            self.fp8_prefill_scratch = torch.empty(fp8_prefill_scratch_shape(config, page_size, num_pages),
-                                                   dtype=dtype, device=self.device)
+            shape = fp8_prefill_scratch_shape(config, page_size, max_model_len, num_pages, torch.finfo(dtype).bits // 8)
+            self.fp8_prefill_scratch = torch.empty(shape, dtype=dtype, device=self.device)
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
         if attention_backend == "flashinfer":

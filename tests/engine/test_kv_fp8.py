@@ -106,3 +106,20 @@ def test_prefill_through_a_16_bit_scratch():
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert max(abs(x[t] - y[t]) for t in x if t in y) < 0.05
+
+
+def test_prefill_scratch_size():
+    """The 16-bit prefill scratch holds one layer's pages of a max_model_len prompt (at least 4096 pages, at most
+    1 GiB, at most the pool), so a long prompt's last chunks still prefill through it."""
+    from pagoda.engine.config import ModelConfig
+    from pagoda.engine.loader import resolve_model_path
+    from pagoda.engine.runner import fp8_prefill_scratch_shape
+
+    c = ModelConfig.from_path(resolve_model_path("Llama-3.1-8B"))  # (8 KV heads of 128: a page of 16 is 64 KiB)
+    tail = (2, 16, c.num_kv_heads, c.head_dim)
+    assert fp8_prefill_scratch_shape(c, 16, 33280) == (4096, *tail)
+    assert fp8_prefill_scratch_shape(c, 16, 131072) == (8192, *tail)
+    assert fp8_prefill_scratch_shape(c, 16, 131072 + 1) == (8193, *tail)
+    assert fp8_prefill_scratch_shape(c, 16, 1 << 20) == (16384, *tail)  # (1 GiB)
+    assert fp8_prefill_scratch_shape(c, 16, 131072, num_pages=5000) == (5000, *tail)
+    assert fp8_prefill_scratch_shape(c, 1, 131072)[0] == 131072
