@@ -1,8 +1,9 @@
 """Engine configuration: the model's shape (from a Hugging Face config.json) and sampling.
 
 ``ModelConfig.from_dict`` reads the families the engine serves: Llama (2, 3, 3.1 with
-"llama3" RoPE scaling, 3.2), Mistral, Qwen2 / Qwen2.5 (q/k/v bias) and Qwen3 (per-head q/k
-RMSNorm). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
+"llama3" RoPE scaling, 3.2), Mistral, Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k
+RMSNorm) and Gemma 2 (sliding-window and global layers in turn, logit soft caps, GeGLU,
+(1 + w) RMSNorms around both blocks). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
 (transformers 4) and ``rope_parameters`` (transformers 5).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 
@@ -44,6 +46,23 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     raw: dict
+    # which layers take sliding_window (None: all of them, where it is set); Gemma 2: every other one
+    sliding_layers: tuple[bool, ...] | None = None
+    attn_scale: float | None = None  # the logits' scale (None: head_dim ** -0.5); Gemma 2: query_pre_attn_scalar ** -0.5
+    attn_soft_cap: float | None = None  # cap * tanh(logits / cap) on the attention logits (Gemma 2)
+    final_soft_cap: float | None = None  # the same on the output logits (Gemma 2)
+
+    def layer_window_left(self, layer: int) -> int:
+        """The attention window of a layer as window_left (a query at i sees i - window_left .. i; -1: all)."""
+        if not self.sliding_window or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return -1
+        return self.sliding_window - 1
+
+    @property
+    def uniform_window_left(self) -> int | None:
+        """The one window_left of every layer, or None where the layers differ (Gemma 2)."""
+        ws = {self.layer_window_left(i) for i in range(self.num_layers)}
+        return ws.pop() if len(ws) == 1 else None
 
     @classmethod
     def from_dict(cls, c: dict, generation_config: dict | None = None) -> "ModelConfig":
@@ -71,7 +90,21 @@ class ModelConfig:
                 scaling = dict(scaling, rope_type=kind)
         eos = (generation_config or {}).get("eos_token_id", c.get("eos_token_id"))
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        sliding = c.get("sliding_window") if c.get("use_sliding_window", family == "mistral") else None
+        sliding = c.get("sliding_window") if c.get("use_sliding_window", family in ("mistral", "gemma2")) else None
+        gemma = {}
+        if family == "gemma2":
+            act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+            if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+                raise ValueError(f"unsupported Gemma 2 activation {act!r} (pagoda: gelu_pytorch_tanh)")
+            n = c["num_hidden_layers"]
+            types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+            if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"layer_types must be {n} of sliding_attention / full_attention, got {types!r}")
+            caps = [c.get("attn_logit_softcapping"), c.get("final_logit_softcapping")]
+            gemma = dict(sliding_layers=tuple(t == "sliding_attention" for t in types),
+                         attn_scale=float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
+                         attn_soft_cap=float(caps[0]) if caps[0] else None,
+                         final_soft_cap=float(caps[1]) if caps[1] else None)
         return cls(
             architecture=arch, family=family, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
@@ -82,7 +115,7 @@ class ModelConfig:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             qkv_bias=bool(c.get("attention_bias", family == "qwen2")), qk_norm=family == "qwen3",
             sliding_window=sliding, dtype=_dtype(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
-            bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids, raw=c,
+            bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids, raw=c, **gemma,
         )
 
     @classmethod

@@ -273,7 +273,9 @@ class LLMEngine:
             self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
             self.scheduler = Scheduler(self.pool, self.prefix_cache, max_num_seqs, self.max_num_batched_tokens,
                                        self.max_model_len,
-                                       window_left=(config.sliding_window - 1) if config.sliding_window else -1,
+                                       # (layers of different windows: every page stays, the global ones read them)
+                                       window_left=-1 if config.uniform_window_left is None
+                                       else config.uniform_window_left,
                                        max_loras=max_loras if enable_lora else 0)
             self.runner = ModelRunner(shard, self.model, device=self.device, dtype=self.dtype,
                                       num_pages=int(num_kv_pages), page_size=page_size,

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .config import ModelConfig
+from .models.gemma2 import Gemma2ForCausalLM
 from .models.llama import LlamaForCausalLM
 from .parallel import TPGroup, local_config
 
@@ -67,16 +68,17 @@ def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     with torch.device(device):
+        cls = Gemma2ForCausalLM if config.family == "gemma2" else LlamaForCausalLM
         if tp is None:
-            model = LlamaForCausalLM(config).to(dtype)
+            model = cls(config).to(dtype)
         else:
-            model = LlamaForCausalLM(local_config(config, tp.size), tp, config).to(dtype)
+            model = cls(local_config(config, tp.size), tp, config).to(dtype)
     if load_format == "dummy":
         g = torch.Generator(device=device).manual_seed(seed + (0 if tp is None else tp.rank))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
-                    p.fill_(1.0)
+                    p.fill_(model.dummy_norm)
                 else:  # small uniform values keep activations finite through many layers
                     p.uniform_(-0.02, 0.02, generator=g)
     else:

@@ -298,7 +298,7 @@ class _Context:
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
 
     def _attend(self, layer: int, q, cache):
-        out = self.attn.run(q, cache)
+        out = self.attn.for_layer(layer).run(q, cache)
         if self.inputs_read is not None and layer == self.last_layer:
             self.inputs_read.record()
         return out
@@ -343,8 +343,11 @@ class _Context:
 class _PagodaAttention:
     fused_rope = True  # _Context.attention: RoPE and the K/V append in one launch (quantized for an fp8 cache)
 
-    def __init__(self, runner, backend: str, use_cuda_graph: bool = False):
+    def __init__(self, runner, backend: str, use_cuda_graph: bool = False, window_left: int | None = None):
+        """window_left: the layers' window (None: the runner's, which every layer shares; _LayerWindows passes
+        each kind's)."""
         self.r = runner
+        self.window_left = runner.window_left if window_left is None else window_left
         self.dequant = None  # (the planned step's pages to copy into the fp8 prefill scratch: plan())
         self.wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", use_cuda_graph=use_cuda_graph,
                                                                   backend=backend)
@@ -372,7 +375,12 @@ class _PagodaAttention:
         self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
                           torch.from_numpy(kv_indices), torch.from_numpy(inp.kv_last_page_len),
                           c.num_heads, c.num_kv_heads, c.head_dim, r.page_size, causal=True,
-                          window_left=r.window_left, q_data_type=r.dtype, kv_data_type=kv_dtype)
+                          window_left=self.window_left, q_data_type=r.dtype, kv_data_type=kv_dtype,
+                          sm_scale=c.attn_scale, logits_soft_cap=c.attn_soft_cap)
+
+    def for_layer(self, layer: int):
+        """The attention a layer runs (_LayerWindows: its window's)."""
+        return self
 
     def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
         pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False,
@@ -386,6 +394,33 @@ class _PagodaAttention:
             # (no early KV: the copy right before writes the KV this run reads)
             return self.wrapper.run(q, scratch, enable_pdl=self.pdl, pdl_early_kv=False)
         return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv, **self.r.kv_scales)
+
+
+class _LayerWindows:
+    """Layers of two windows (Gemma 2: a sliding window every other layer, the whole context in the rest): one
+    attention a window, each planned every step (the plans differ: a windowed request's KV range starts at its
+    window), each layer running its own (_Context._attend -> for_layer). K / V go to every layer's cache alike."""
+
+    fused_rope = True
+
+    def __init__(self, make, windows: list[int]):
+        """make(window_left) -> an attention (_PagodaAttention) of that window; windows: each layer's."""
+        self.parts = {w: make(w) for w in sorted(set(windows))}
+        self.layers = [self.parts[w] for w in windows]
+
+    def plan(self, inp, dev, levels=None) -> None:
+        for part in self.parts.values():
+            part.plan(inp, dev, levels)
+
+    def for_layer(self, layer: int):
+        return self.layers[layer]
+
+    def append(self, *args) -> None:
+        self.layers[0].append(*args)
+
+    @property
+    def dequant(self):  # (the fp8 prefill scratch's step pages: alike in every part)
+        return self.layers[0].dequant
 
 
 class _PagodaCascadeAttention(_PagodaAttention):
@@ -406,7 +441,7 @@ class _PagodaCascadeAttention(_PagodaAttention):
                                                            self.r.page_size, inp.qo_indptr)
         self.wrapper.plan(**levels, num_qo_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                           page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
-                          kv_data_type=self.r.kv_dtype)
+                          kv_data_type=self.r.kv_dtype, sm_scale=c.attn_scale, logits_soft_cap=c.attn_soft_cap)
 
     def run(self, q, cache):
         return self.wrapper.run(q, cache, **self.r.kv_scales)
@@ -424,6 +459,9 @@ class _FlashInferAttention:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(runner.workspace, "NHD", use_tensor_cores=True)
         self.active = None
+
+    def for_layer(self, layer: int):
+        return self
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         c, r = self.r.config, self.r
@@ -554,7 +592,12 @@ class ModelRunner:
         self.lora = lora
         self._max_loras = 0 if lora is None else lora.max_loras
         self.page_size, self.num_pages = page_size, num_pages
-        self.window_left = (config.sliding_window - 1) if config.sliding_window else -1
+        # the layers' attention window (window_left, -1: none); layer_windows: each layer's where they differ
+        # (Gemma 2), whose steps plan one attention a window (_LayerWindows)
+        uniform = config.uniform_window_left
+        self.window_left = -1 if uniform is None else uniform
+        self.layer_windows = None if uniform is not None else [config.layer_window_left(i)
+                                                               for i in range(config.num_layers)]
         self.pdl = pdl_default()  # PAGODA_PDL: programmatic dependent launches of the decode-path Triton kernels
         self.kv_caches = [torch.zeros(num_pages, 2, page_size, config.num_kv_heads, config.head_dim,
                                       dtype=self.kv_dtype,
@@ -570,20 +613,25 @@ class ModelRunner:
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
         if attention_backend == "flashinfer":
+            if self.layer_windows is not None or config.attn_scale is not None or config.attn_soft_cap is not None:
+                raise ValueError(f"attention_backend 'flashinfer' serves models of one attention window without a "
+                                 f"logits soft cap or scale of their own; {config.architecture} takes 'pagoda' or "
+                                 f"'torch'")
             if self.device.type != "cuda":
                 raise ValueError("attention_backend='flashinfer' needs a CUDA device")
             self.attn = _FlashInferAttention(self)
         elif attention_backend == "pagoda":
-            self.attn = _PagodaAttention(self, "auto")
+            self.attn = self.make_attention("auto")
         elif attention_backend == "torch":
-            self.attn = _PagodaAttention(self, "torch")
+            self.attn = self.make_attention("torch")
         else:
             raise ValueError(f"attention_backend must be 'pagoda', 'flashinfer' or 'torch', got {attention_backend!r}")
         self.attention_backend = attention_backend
         # cascade decode (pagoda's wrappers only): used when the pages shared within groups of requests save at
         # least this fraction of the step's KV page reads
         # (not with a sliding window: the shared level would attend past it)
-        self.enable_cascade = enable_cascade and attention_backend in ("pagoda", "torch") and self.window_left < 0
+        self.enable_cascade = (enable_cascade and attention_backend in ("pagoda", "torch") and self.window_left < 0
+                               and self.layer_windows is None)
         self.cascade_min_saved = CASCADE_MIN_SAVED
         self.cascade_min_saved_bytes = CASCADE_MIN_SAVED_BYTES if self.device.type == "cuda" else 0
         self.page_bytes = (config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim
@@ -696,12 +744,19 @@ class ModelRunner:
                 self._graph_for(size, cascade)
         torch.cuda.synchronize()
 
+    def make_attention(self, backend: str, use_cuda_graph: bool = False):
+        """pagoda's attention of this model's layers: one _PagodaAttention, or one a window (_LayerWindows)."""
+        if self.layer_windows is None:
+            return _PagodaAttention(self, backend, use_cuda_graph)
+        return _LayerWindows(lambda w: _PagodaAttention(self, backend, use_cuda_graph, window_left=w),
+                             self.layer_windows)
+
     def graph_attention(self, cascade: bool):
         """The attention of the pagoda decode graphs: one CUDA-graph wrapper for every batch size (a step
         plans it, then replays its size's graph), one for the flat graphs and one for the cascade ones."""
         if cascade not in self._graph_attn:
-            cls = _PagodaCascadeAttention if cascade else _PagodaAttention
-            self._graph_attn[cascade] = cls(self, "triton", use_cuda_graph=True)
+            self._graph_attn[cascade] = (_PagodaCascadeAttention(self, "triton", use_cuda_graph=True) if cascade
+                                         else self.make_attention("triton", use_cuda_graph=True))
         return self._graph_attn[cascade]
 
     def _graph_for(self, batch: int, cascade: bool = False) -> _DecodeGraph | None:

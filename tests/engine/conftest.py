@@ -12,6 +12,10 @@ FAMILIES = {
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
     "llama-tied": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True),
+    # (a window of 8 tokens on layers 0 and 2, shorter than most prompts; soft caps and a logits scale that bite)
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", num_hidden_layers=3, head_dim=16,
+                   sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=4.0, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
 }
 
 
@@ -31,6 +35,8 @@ def build_hf_model(family: str, path, seed: int = 0):
     cfg_cls = transformers.AutoConfig.for_model(c["model_type"]).__class__
     cfg = cfg_cls(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
     cfg.architectures = c["architectures"]
+    if family == "gemma2":  # (the soft cap lives in transformers' eager attention)
+        cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, c["architectures"][0])(cfg).eval()
     if family == "qwen2":  # make the q/k/v biases matter
@@ -38,6 +44,11 @@ def build_hf_model(family: str, path, seed: int = 0):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.2)
+    if family == "gemma2":  # (its (1 + w) norms start at w = 0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.uniform_(-0.5, 0.5)
     if family == "qwen3":
         with torch.no_grad():
             for layer in model.model.layers:

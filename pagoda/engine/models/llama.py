@@ -169,11 +169,15 @@ class MLP(nn.Module):
         h = _project(self.gate_up_proj, x, self.small_m_gate_up, self.pdl, self.split_gate_up)
         if lora is not None:
             lora.add(h, x, self.layer_id, "gate_up")
-        a = pagoda.silu_and_mul(h, enable_pdl=self.pdl)
+        a = self.activation(h)
         y = _project(self.down_proj, a, self.small_m_down, self.pdl, self.split_down)
         if lora is not None:
             y = lora.add(y, a, self.layer_id, "down")
         return y if self.tp is None else self.tp.all_reduce(y)
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of the gate_up projection's [tokens, 2 * intermediate] output (SwiGLU here)."""
+        return pagoda.silu_and_mul(h, enable_pdl=self.pdl)
 
 
 class DecoderLayer(nn.Module):
@@ -242,6 +246,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class = DecoderLayer
+    norm_class = RMSNorm
+    dummy_norm = 1.0  # (load_format="dummy": the norm weights' value)
+
     def __init__(self, c: ModelConfig, tp: TPGroup | None = None, full_config: ModelConfig | None = None):
         """tp: this rank of a tensor-parallel group, c its share of the model (parallel.local_config) and
         full_config the whole model's (for sharding the checkpoint)."""
@@ -253,8 +261,8 @@ class LlamaForCausalLM(nn.Module):
         # each rank looked up)
         self.embed_tokens = nn.Embedding(c.vocab_size if tp is None else vocab_shard_rows(c.vocab_size, tp.size),
                                          c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_class(c, i, tp) for i in range(c.num_layers))
+        self.norm = self.norm_class(c.hidden_size, c.rms_norm_eps)
         if tp is not None:  # (the rank's vocabulary rows, its own copy where the embeddings are tied)
             self.lm_head = nn.Linear(c.hidden_size, vocab_shard_rows(c.vocab_size, tp.size), bias=False)
         else:

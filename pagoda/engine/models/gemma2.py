@@ -1,0 +1,90 @@
+"""Gemma 2 on pagoda's kernels (transformers' Gemma2ForCausalLM; vLLM / SGLang serve it so):
+
+- the embeddings scaled by sqrt(hidden_size) (rounded to the model's dtype, as transformers does);
+- RMSNorms of the form x / rms(x) * (1 + w) (pagoda.gemma_rmsnorm), four a layer: before and after the attention,
+  before and after the MLP, each block's output normalized before it joins the residual stream;
+- a GeGLU MLP (gelu with the tanh approximation, pagoda.gelu_tanh_and_mul);
+- attention with the logits scaled by query_pre_attn_scalar ** -0.5 and soft-capped (cap * tanh(x / cap),
+  attn_logit_softcapping: the kernels' logits_soft_cap), every other layer (layer_types) over a sliding window of
+  sliding_window tokens (the runner plans a windowed and a global attention each step and each layer takes its
+  own: runner._LayerWindows), the others over the whole context;
+- the output logits soft-capped too (final_logit_softcapping), tied to the embeddings.
+
+The rest is the Llama family's (models/llama.py): fused q / k / v and gate / up projections, RoPE and the K / V
+append fused in the attention context, tensor parallelism (the four norms replicated) and LoRA on the same
+projections. Not the one-token fused decode path (its norm folding is the Llama RMSNorm's): decode runs the
+per-op path, in CUDA graphs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import pagoda
+
+from ..config import ModelConfig
+from ..parallel import TPGroup
+from .llama import MLP, Attention, LlamaForCausalLM, RMSNorm
+
+
+class GemmaRMSNorm(RMSNorm):
+    """x / rms(x) * (1 + weight); with residual: residual += x and x <- the norm of residual, in place."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return pagoda.gemma_rmsnorm(x, self.weight, self.eps, enable_pdl=self.pdl)
+        pagoda.gemma_fused_add_rmsnorm(x, residual, self.weight, self.eps, enable_pdl=self.pdl)
+        return x, residual
+
+
+class GeGLU(MLP):
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return pagoda.gelu_tanh_and_mul(h, enable_pdl=self.pdl)
+
+
+class Gemma2DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
+        super().__init__()
+        self.self_attn = Attention(c, layer_id, tp)
+        self.mlp = GeGLU(c, layer_id, tp)
+        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, residual, positions, cos_sin, ctx):
+        """x: the last block's output (normalized by its post-norm), residual: the stream without it (None at the
+        first layer, where x is the embedding): the stream is residual + x."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, positions, cos_sin, ctx))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x, getattr(ctx, "lora", None))), residual
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma2DecoderLayer
+    norm_class = GemmaRMSNorm
+    dummy_norm = 0.0  # (load_format="dummy": a (1 + w) norm of weight 0 is the identity's scale)
+
+    def __init__(self, c: ModelConfig, tp: TPGroup | None = None, full_config: ModelConfig | None = None):
+        super().__init__(c, tp, full_config)
+        self.fold_final_norm = False  # (the norms stay: fold_norm_weights folds Llama's x * w norms only)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = super().embed(input_ids)
+        return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+
+    def fold_norm_weights(self) -> None:
+        """Nothing to fold: a (1 + w) norm's weight is no column scale of the projection after it in the model's
+        dtype without rounding 1 + w (the loader calls this; the one-token path stays off)."""
+
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """The logits, soft-capped (final_logit_softcapping) in float32: always float32 (a capped logit near the
+        cap in bf16 would be 0.125 apart from its neighbours)."""
+        logits = super().compute_logits(hidden, upcast=True)
+        cap = self.config.final_soft_cap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
