@@ -18,13 +18,12 @@ per-op path, in CUDA graphs.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 import pagoda
 
 from ..config import ModelConfig
 from ..parallel import TPGroup
-from .llama import MLP, Attention, LlamaForCausalLM, RMSNorm
+from .llama import MLP, DecoderLayer, LlamaForCausalLM, RMSNorm
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -42,13 +41,12 @@ class GeGLU(MLP):
         return pagoda.gelu_tanh_and_mul(h, enable_pdl=self.pdl)
 
 
-class Gemma2DecoderLayer(nn.Module):
+class Gemma2DecoderLayer(DecoderLayer):
+    mlp_class = GeGLU
+    norm_class = GemmaRMSNorm
+
     def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
-        super().__init__()
-        self.self_attn = Attention(c, layer_id, tp)
-        self.mlp = GeGLU(c, layer_id, tp)
-        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        super().__init__(c, layer_id, tp)
         self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
 

@@ -181,12 +181,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    mlp_class = MLP
+    norm_class = RMSNorm
+
     def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
         super().__init__()
         self.self_attn = Attention(c, layer_id, tp)
-        self.mlp = MLP(c, layer_id, tp)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = self.mlp_class(c, layer_id, tp)
+        self.input_layernorm = self.norm_class(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, residual, positions, cos_sin, ctx):
         if residual is None:
