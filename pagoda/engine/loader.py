@@ -3,7 +3,7 @@ sharded index, tokenizer files) or random weights from a config alone (``load_fo
 vLLM's convention, for benchmarks of models that cannot be downloaded here).
 
 Bundled: ``pagoda-demo`` (a 7M-parameter Llama trained on the Python standard library,
-scripts/train_demo_model.py) and the configs of Llama-3.1-8B, Qwen2.5-7B and Qwen3-8B for
+scripts/train_demo_model.py) and the configs of Llama-3.1-8B, Qwen2.5-7B, Qwen3-8B and Gemma-2-9B for
 dummy-weight runs (``pagoda/models/configs``).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .parallel import TPGroup, local_config
 PACKAGE_MODELS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
 DEMO_MODEL = os.path.join(PACKAGE_MODELS, "pagoda-demo")
 DUMMY_CONFIGS = {name: os.path.join(PACKAGE_MODELS, "configs", name)
-                 for name in ("Llama-3.1-8B", "Qwen2.5-7B", "Qwen3-8B")}
+                 for name in ("Llama-3.1-8B", "Qwen2.5-7B", "Qwen3-8B", "Gemma-2-9B")}
 
 
 def resolve_model_path(model: str | None) -> str:

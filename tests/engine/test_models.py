@@ -295,3 +295,14 @@ def test_gemma2_sliding_and_global_layers(tiny_models):
         assert_greedy_like_hf(llm, hf, prompt, 10)
     with pytest.raises(ValueError, match="one attention window"):
         make_llm(path, attention_backend="flashinfer", device="cpu")
+
+
+def test_bundled_gemma2_config():
+    """The bundled Gemma-2-9B config (`--load-format dummy` benchmarks): sliding layers first, every other one."""
+    from pagoda.engine.config import ModelConfig
+    from pagoda.engine.loader import resolve_model_path
+
+    c = ModelConfig.from_path(resolve_model_path("Gemma-2-9B"))
+    assert c.family == "gemma2" and c.uniform_window_left is None and c.head_dim == 256
+    assert [c.layer_window_left(i) for i in range(4)] == [4095, -1, 4095, -1] and len(c.sliding_layers) == 42
+    assert c.attn_scale == 256 ** -0.5 and (c.attn_soft_cap, c.final_soft_cap) == (50.0, 30.0)
