@@ -2,8 +2,9 @@
 
 ``ModelConfig.from_dict`` reads the families the engine serves: Llama (2, 3, 3.1 with
 "llama3" RoPE scaling, 3.2), Mistral, Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k
-RMSNorm) and Gemma 2 (sliding-window and global layers in turn, logit soft caps, GeGLU,
-(1 + w) RMSNorms around both blocks). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
+RMSNorm), Gemma 2 (sliding-window and global layers in turn, logit soft caps, GeGLU,
+(1 + w) RMSNorms around both blocks) and Gemma 3's text model (Gemma 2's layout, five sliding
+layers to a global one, per-head q/k norms, a RoPE base of its own for the sliding layers). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
 (transformers 4) and ``rope_parameters`` (transformers 5).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
@@ -51,6 +53,7 @@ class ModelConfig:
     attn_scale: float | None = None  # the logits' scale (None: head_dim ** -0.5); Gemma 2: query_pre_attn_scalar ** -0.5
     attn_soft_cap: float | None = None  # cap * tanh(logits / cap) on the attention logits (Gemma 2)
     final_soft_cap: float | None = None  # the same on the output logits (Gemma 2)
+    local_rope_theta: float | None = None  # the sliding layers' RoPE base, unscaled (None: rope_theta); Gemma 3
 
     def layer_window_left(self, layer: int) -> int:
         """The attention window of a layer as window_left (a query at i sees i - window_left .. i; -1: all)."""
@@ -78,7 +81,16 @@ class ModelConfig:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         heads = c["num_attention_heads"]
         rope = dict(c.get("rope_parameters") or {})
-        theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        local_theta = None  # (Gemma 3: the sliding layers' RoPE base; rope: the global layers')
+        if family == "gemma3":
+            if "full_attention" in rope or "sliding_attention" in rope:  # (transformers 5: one entry a layer type)
+                local, rope = dict(rope.get("sliding_attention") or {}), dict(rope.get("full_attention") or {})
+            else:  # (transformers 4: rope_theta / rope_scaling for the global layers, rope_local_base_freq)
+                local = {"rope_theta": c.get("rope_local_base_freq")}
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope scaling {local.get('rope_type')!r} of the sliding layers")
+            local_theta = float(local.get("rope_theta") or 10_000.0)
+        theta = float(c.get("rope_theta") or rope.get("rope_theta") or (1_000_000.0 if family == "gemma3" else 10000.0))
         scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -90,18 +102,26 @@ class ModelConfig:
                 scaling = dict(scaling, rope_type=kind)
         eos = (generation_config or {}).get("eos_token_id", c.get("eos_token_id"))
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        sliding = c.get("sliding_window") if c.get("use_sliding_window", family in ("mistral", "gemma2")) else None
+        gemma_family = family in ("gemma2", "gemma3")
+        sliding = c.get("sliding_window") if c.get("use_sliding_window", family == "mistral" or gemma_family) else None
         gemma = {}
-        if family == "gemma2":
+        if family == "gemma3":
+            if c.get("use_bidirectional_attention"):
+                raise ValueError("use_bidirectional_attention (an embedding model) is not served: pagoda's Gemma 3 is "
+                                 "the causal language model")
+            gemma["local_rope_theta"] = local_theta
+        if gemma_family:
             act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
             if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-                raise ValueError(f"unsupported Gemma 2 activation {act!r} (pagoda: gelu_pytorch_tanh)")
+                raise ValueError(f"unsupported Gemma activation {act!r} (pagoda: gelu_pytorch_tanh)")
             n = c["num_hidden_layers"]
-            types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+            every = 2 if family == "gemma2" else int(c.get("sliding_window_pattern", 6))  # (a global layer each)
+            types = c.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                             for i in range(n)]
             if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
                 raise ValueError(f"layer_types must be {n} of sliding_attention / full_attention, got {types!r}")
             caps = [c.get("attn_logit_softcapping"), c.get("final_logit_softcapping")]
-            gemma = dict(sliding_layers=tuple(t == "sliding_attention" for t in types),
+            gemma.update(sliding_layers=tuple(t == "sliding_attention" for t in types),
                          attn_scale=float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
                          attn_soft_cap=float(caps[0]) if caps[0] else None,
                          final_soft_cap=float(caps[1]) if caps[1] else None)
@@ -113,7 +133,7 @@ class ModelConfig:
             max_position_embeddings=c.get("max_position_embeddings", 4096),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=bool(c.get("attention_bias", family == "qwen2")), qk_norm=family == "qwen3",
+            qkv_bias=bool(c.get("attention_bias", family == "qwen2")), qk_norm=family in ("qwen3", "gemma3"),
             sliding_window=sliding, dtype=_dtype(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
             bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids, raw=c, **gemma,
         )

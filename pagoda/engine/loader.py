@@ -68,7 +68,7 @@ def load_model(path: str, config: ModelConfig, dtype: torch.dtype, device, load_
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     with torch.device(device):
-        cls = Gemma2ForCausalLM if config.family == "gemma2" else LlamaForCausalLM
+        cls = Gemma2ForCausalLM if config.family in ("gemma2", "gemma3") else LlamaForCausalLM
         if tp is None:
             model = cls(config).to(dtype)
         else:

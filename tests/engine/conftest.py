@@ -16,6 +16,11 @@ FAMILIES = {
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", num_hidden_layers=3, head_dim=16,
                    sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                    final_logit_softcapping=4.0, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
+    # (a window of 8 on layers 0, 1, 3, 4; global layers 2 and 5 with linear RoPE scaling; q / k norms)
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", num_hidden_layers=6, head_dim=16,
+                   sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24, tie_word_embeddings=True,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=1_000_000.0,
+                   rope_local_base_freq=10_000.0),
 }
 
 
@@ -35,7 +40,7 @@ def build_hf_model(family: str, path, seed: int = 0):
     cfg_cls = transformers.AutoConfig.for_model(c["model_type"]).__class__
     cfg = cfg_cls(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
     cfg.architectures = c["architectures"]
-    if family == "gemma2":  # (the soft cap lives in transformers' eager attention)
+    if family in ("gemma2", "gemma3"):  # (the soft cap lives in transformers' eager attention)
         cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, c["architectures"][0])(cfg).eval()
@@ -44,7 +49,7 @@ def build_hf_model(family: str, path, seed: int = 0):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.2)
-    if family == "gemma2":  # (its (1 + w) norms start at w = 0)
+    if family in ("gemma2", "gemma3"):  # (its (1 + w) norms start at w = 0)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "norm" in n:

@@ -40,7 +40,7 @@ def adapters(tiny_models, tmp_path_factory):
     merged models."""
     root = tmp_path_factory.mktemp("adapters")
     out = {}
-    for fam in ("llama", "qwen2", "qwen3", "gemma2"):
+    for fam in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
         _, hf = tiny_models[fam]
         a = peft_adapter(hf, root / f"{fam}-a", 8, 16, ALL, 1)
         b = peft_adapter(hf, root / f"{fam}-b", 4, 8, ["q_proj", "v_proj"], 2, rslora=True)
@@ -53,7 +53,7 @@ def greedy(n=8):
     return pagoda.SamplingParams(max_tokens=n, temperature=0, logprobs=3, ignore_eos=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_mixed_adapters_in_one_batch_match_peft(tiny_models, adapters, family):
     path, hf = tiny_models[family]
     (ra, hfa), (rb, hfb) = adapters[family][1], adapters[family][2]

@@ -145,10 +145,11 @@ def test_bundled_model_matches_one_process(tp):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "gemma2", "gemma3"])
 def test_families_match_one_process(tiny_models, family):
     """q / k / v biases (Qwen2), per-head q / k norms (Qwen3), an untied lm_head with Llama 3.1 RoPE (llama), layers
-    of two windows with soft caps and a scaled embedding (Gemma 2) over 2 ranks: the one-process engine's tokens, log-probabilities and prompt log-probabilities (the prompt rows' logits
+    of two windows with soft caps and a scaled embedding (Gemma 2), (1 + w) q / k norms and a RoPE base a window
+    (Gemma 3) over 2 ranks: the one-process engine's tokens, log-probabilities and prompt log-probabilities (the prompt rows' logits
     gathered too), with penalties and a logit bias (host-side, alike on every rank)."""
     path, _ = tiny_models[family]
     sp = pagoda.SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True, prompt_logprobs=2,

@@ -1,4 +1,5 @@
-"""Gemma 2 on pagoda's kernels (transformers' Gemma2ForCausalLM; vLLM / SGLang serve it so):
+"""Gemma 2 and Gemma 3's text model on pagoda's kernels (transformers' Gemma2ForCausalLM / Gemma3ForCausalLM; vLLM and
+SGLang serve them so). Gemma 2:
 
 - the embeddings scaled by sqrt(hidden_size) (rounded to the model's dtype, as transformers does);
 - RMSNorms of the form x / rms(x) * (1 + w) (pagoda.gemma_rmsnorm), four a layer: before and after the attention,
@@ -9,6 +10,11 @@
   sliding_window tokens (the runner plans a windowed and a global attention each step and each layer takes its
   own: runner._LayerWindows), the others over the whole context;
 - the output logits soft-capped too (final_logit_softcapping), tied to the embeddings.
+
+Gemma 3 (Gemma3ForCausalLM): the same layers with per-head q / k norms of the (1 + w) form before RoPE, five
+sliding layers to a global one (layer_types), no soft caps, and RoPE of two kinds: the global layers at rope_theta
+with their scaling (linear, factor 8 in the 4B-27B models), the sliding ones at rope_local_base_freq unscaled (the
+model keeps two cos / sin caches and gives each layer its own).
 
 The rest is the Llama family's (models/llama.py): fused q / k / v and gate / up projections, RoPE and the K / V
 append fused in the attention context, tensor parallelism (the four norms replicated) and LoRA on the same
@@ -23,7 +29,9 @@ import pagoda
 
 from ..config import ModelConfig
 from ..parallel import TPGroup
-from .llama import MLP, DecoderLayer, LlamaForCausalLM, RMSNorm
+import dataclasses
+
+from .llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm, rope_cos_sin_cache
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -41,7 +49,12 @@ class GeGLU(MLP):
         return pagoda.gelu_tanh_and_mul(h, enable_pdl=self.pdl)
 
 
+class GemmaAttention(Attention):
+    norm_class = GemmaRMSNorm  # (Gemma 3's q / k norms)
+
+
 class Gemma2DecoderLayer(DecoderLayer):
+    attn_class = GemmaAttention
     mlp_class = GeGLU
     norm_class = GemmaRMSNorm
 
@@ -86,3 +99,25 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden, upcast=True)
         cap = self.config.final_soft_cap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    # -- Gemma 3: RoPE of its own for the sliding layers ----------------------------------------
+    def init_rope(self, max_positions: int) -> None:
+        super().init_rope(max_positions)
+        c = self.config
+        self.cos_sin_local = self.cos_sin
+        if c.local_rope_theta is not None:  # (the sliding layers: their base, no scaling)
+            local = dataclasses.replace(c, rope_theta=c.local_rope_theta, rope_scaling=None)
+            self.cos_sin_local = rope_cos_sin_cache(local, max_positions, self.embed_tokens.weight.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, final_norm: bool = True) -> torch.Tensor:
+        """LlamaForCausalLM.forward's per-op path (the one-token path needs folded norms), each layer with its
+        RoPE cache (Gemma 3's sliding layers: cos_sin_local)."""
+        if not final_norm:
+            raise ValueError("final_norm=False: Gemma's final norm is not folded into the lm_head")
+        x, residual = self.embed(input_ids), None
+        c = self.config
+        for i, layer in enumerate(self.layers):
+            local = c.sliding_layers is not None and c.sliding_layers[i]
+            x, residual = layer(x, residual, positions, self.cos_sin_local if local else self.cos_sin, ctx)
+        x, _ = self.norm(x, residual)
+        return x

@@ -108,6 +108,8 @@ def rope_cos_sin_cache(c: ModelConfig, max_positions: int, device) -> torch.Tens
 
 
 class Attention(nn.Module):
+    norm_class = RMSNorm  # (the per-head q / k norms' form, where the model has them)
+
     def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
         super().__init__()
         self.layer_id = layer_id
@@ -116,8 +118,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=False)
         if c.qk_norm:
-            self.q_norm = RMSNorm(self.d, c.rms_norm_eps)
-            self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
+            self.q_norm = self.norm_class(self.d, c.rms_norm_eps)
+            self.k_norm = self.norm_class(self.d, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
         small_m, split = small_m_projections(), small_m_split()
         self.small_m_qkv, self.small_m_o = "qkv" in small_m, "o" in small_m
@@ -181,12 +183,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attn_class = Attention
     mlp_class = MLP
     norm_class = RMSNorm
 
     def __init__(self, c: ModelConfig, layer_id: int, tp: TPGroup | None = None):
         super().__init__()
-        self.self_attn = Attention(c, layer_id, tp)
+        self.self_attn = self.attn_class(c, layer_id, tp)
         self.mlp = self.mlp_class(c, layer_id, tp)
         self.input_layernorm = self.norm_class(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = self.norm_class(c.hidden_size, c.rms_norm_eps)
