@@ -20,8 +20,8 @@ import sys
 import time
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "on"
-B1_FIRST = "--b1-first" in sys.argv
-COPY_FIRST = "--copy-first" in sys.argv
+B1_FIRST = "--b1-first" in sys.argv  # bench.engine's latency case: batch 1 first, then batch 64, one rng
+COPY_FIRST = "--copy-first" in sys.argv  # bench.engine measures the copy bandwidth before it builds the engine
 GC_FREEZE = "--gc-freeze" in sys.argv  # gc.collect(); gc.freeze() once the engine is built (as vLLM does)
 GC_FREEZE_BEFORE = "--gc-freeze-before" in sys.argv  # ... before the engine is built (the libraries' heap only)
 GC_LOG = []  # (generation, ms, collected) of each garbage collection while a latency round runs
@@ -31,7 +31,9 @@ def _gc_hook(phase, info, _t=[0.0]):
     if phase == "start":
         _t[0] = time.perf_counter()
     else:
-        GC_LOG.append((info["generation"], (time.perf_counter() - _t[0]) * 1e3, info["collected"]))  # bench.engine measures the copy bandwidth before it builds the engine  # bench.engine's latency case: batch 1 first, then batch 64, one rng
+        GC_LOG.append((info["generation"], (time.perf_counter() - _t[0]) * 1e3, info["collected"]))
+
+
 os.environ["PAGODA_FP8_PREFILL_SCRATCH"] = "1" if mode in ("on", "alloc") else "0"
 
 import numpy as np  # noqa: E402
@@ -43,7 +45,8 @@ from pagoda.bench.engine import case_latency  # noqa: E402
 
 def counters():
     s = torch.cuda.memory_stats()
-    return {k: s.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    return {k: s.get(k, 0) for k in keys}
 
 
 def latency_steps(llm, batch, ctx, rng, steps=128):

@@ -243,7 +243,8 @@ def fmt_table(res):
         add(f"decode batch {b}, ctx 1k", "ms / token", lambda r, i=i: r["latency"][i]["ms_per_token"], False)
         add(f"decode batch {b}, ctx 1k", "x weight-read floor",
             lambda r, i=i: r["latency"][i]["ms_per_token"] / r["latency"][i]["floor_ms"], False)
-    long = next((f"{r['long']['prompt'] // 1024}k prompt + 256" for r in rows.values() if "long" in r), "32k prompt + 256")
+    long = next((f"{r['long']['prompt'] / 1024:g}k prompt + 256" for r in rows.values() if "long" in r),
+                "32k prompt + 256")
     add(long, "TTFT s", lambda r: r["long"]["ttft_s"], False)
     add(long, "ITL ms", lambda r: r["long"]["itl_ms"], False)
     add("64 prompts x n=8", "output tok/s", lambda r: r["parallel"]["output_tok_s"])

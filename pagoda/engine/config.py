@@ -4,8 +4,9 @@
 "llama3" RoPE scaling, 3.2), Mistral, Qwen2 / Qwen2.5 (q/k/v bias), Qwen3 (per-head q/k
 RMSNorm), Gemma 2 (sliding-window and global layers in turn, logit soft caps, GeGLU,
 (1 + w) RMSNorms around both blocks) and Gemma 3's text model (Gemma 2's layout, five sliding
-layers to a global one, per-head q/k norms, a RoPE base of its own for the sliding layers). Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling``
-(transformers 4) and ``rope_parameters`` (transformers 5).
+layers to a global one, per-head q/k norms, a RoPE base of its own for the sliding layers).
+Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4)
+and ``rope_parameters`` (transformers 5; Gemma 3's by layer type).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class ModelConfig:
     raw: dict
     # which layers take sliding_window (None: all of them, where it is set); Gemma 2: every other one
     sliding_layers: tuple[bool, ...] | None = None
-    attn_scale: float | None = None  # the logits' scale (None: head_dim ** -0.5); Gemma 2: query_pre_attn_scalar ** -0.5
+    attn_scale: float | None = None  # the logits' scale (None: head_dim ** -0.5); Gemma: query_pre_attn_scalar ** -0.5
     attn_soft_cap: float | None = None  # cap * tanh(logits / cap) on the attention logits (Gemma 2)
     final_soft_cap: float | None = None  # the same on the output logits (Gemma 2)
     local_rope_theta: float | None = None  # the sliding layers' RoPE base, unscaled (None: rope_theta); Gemma 3

@@ -260,8 +260,9 @@ class LLMEngine:
                 if self.device.type == "cuda":
                     scratch = 0
                     if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default():
-                        scratch = math.prod(fp8_prefill_scratch_shape(shard, page_size, self.max_model_len,
-                                                                      itemsize=self.dtype.itemsize)) * self.dtype.itemsize
+                        shape = fp8_prefill_scratch_shape(shard, page_size, self.max_model_len,
+                                                          itemsize=self.dtype.itemsize)
+                        scratch = math.prod(shape) * self.dtype.itemsize
                     num_kv_pages = _kv_pages_from_memory(shard, self.kv_cache_dtype, page_size,
                                                          gpu_memory_utilization, self.max_num_batched_tokens,
                                                          max_num_seqs, self.device, extra_bytes=scratch)
