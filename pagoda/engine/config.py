@@ -23,7 +23,15 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # (its text model: the vision tower's weights are not read)
 }
+
+# transformers' Gemma3TextConfig defaults: the Hub's 4B-27B configs give their text_config only where it differs
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+                            sliding_window_pattern=6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)
 
 
 @dataclasses.dataclass
@@ -76,6 +84,12 @@ class ModelConfig:
             raise ValueError(f"unsupported model architecture {archs or c.get('model_type')!r}: pagoda serves "
                              f"{', '.join(ARCHITECTURES)}")
         family = ARCHITECTURES[arch]
+        if family == "gemma3":  # (a multimodal checkpoint: its text_config, the top level's dtype / tied embeddings)
+            top = {k: c[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings", "eos_token_id") if k in c}
+            text = c.get("text_config") if arch == "Gemma3ForConditionalGeneration" else c
+            if not isinstance(text, dict):
+                raise ValueError(f"{arch}: config.json lacks text_config")
+            c = {**GEMMA3_TEXT_DEFAULTS, **text, **top}
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in c]
         if missing:

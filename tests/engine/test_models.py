@@ -306,3 +306,48 @@ def test_bundled_gemma2_config():
     assert c.family == "gemma2" and c.uniform_window_left is None and c.head_dim == 256
     assert [c.layer_window_left(i) for i in range(4)] == [4095, -1, 4095, -1] and len(c.sliding_layers) == 42
     assert c.attn_scale == 256 ** -0.5 and (c.attn_soft_cap, c.final_soft_cap) == (50.0, 30.0)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (Gemma 3 4B-27B: a vision tower, a projector and the text model
+    under language_model.*): the engine reads its text_config and the text weights only, and its completions are
+    transformers' on the same checkpoint given token ids alone (1e-4)."""
+    import transformers
+
+    tc = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=8, sliding_window_pattern=3,
+              query_pre_attn_scalar=24, max_position_embeddings=512, rope_scaling={"rope_type": "linear",
+                                                                                   "factor": 2.0})
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)).eval()
+    hf.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n and "vision" not in n:
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    llm = make_llm(tmp_path)
+    c = llm.engine.config
+    assert c.family == "gemma3" and c.num_layers == 3 and c.vocab_size == 320
+    for prompt in PROMPTS[2:]:
+        assert_greedy_like_hf(llm, hf, prompt, 8)
+
+
+def test_gemma3_hub_text_config_defaults():
+    """The Hub's gemma-3-4b-it config.json gives its text_config only where it differs from transformers'
+    Gemma3TextConfig: the rest comes from those defaults."""
+    from pagoda.engine.config import ModelConfig
+
+    c = ModelConfig.from_dict({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+        "torch_dtype": "bfloat16", "text_config": {
+            "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}})
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (8, 4, 256, 262_208)
+    assert [c.layer_window_left(i) for i in range(6)] == [1023] * 5 + [-1] and c.layer_window_left(33) == 1023
+    assert (c.rope_theta, c.local_rope_theta, c.rope_scaling["factor"]) == (1e6, 1e4, 8.0)
+    assert c.attn_scale == 256 ** -0.5 and c.attn_soft_cap is None and c.final_soft_cap is None
+    assert c.eos_token_ids == [1, 106] and c.dtype == torch.bfloat16 and c.tie_word_embeddings and c.qk_norm

@@ -100,6 +100,24 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         cap = self.config.final_soft_cap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def load_weights(self, weights) -> None:
+        """LlamaForCausalLM.load_weights over the text model's names: a multimodal Gemma 3 checkpoint
+        (Gemma3ForConditionalGeneration) keeps them under language_model.model. (transformers 4's layout) or
+        model.language_model. (5's), beside the vision tower and projector, which are not read."""
+        def text_weights():
+            for name, w in weights:
+                for prefix in ("language_model.model.", "model.language_model."):
+                    if name.startswith(prefix):
+                        name = "model." + name[len(prefix):]
+                if name.startswith("language_model.lm_head."):
+                    name = name[len("language_model."):]
+                if name.split(".")[0] in ("vision_tower", "multi_modal_projector") or name.startswith(
+                        ("model.vision_tower.", "model.multi_modal_projector.")):
+                    continue
+                yield name, w
+
+        super().load_weights(text_weights())
+
     # -- Gemma 3: RoPE of its own for the sliding layers ----------------------------------------
     def init_rope(self, max_positions: int) -> None:
         super().init_rope(max_positions)
