@@ -28,7 +28,7 @@ from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .lora import LoRAManager, LoRARequest
 from .parallel import Workers, check_tp_size, free_port, init_group, rank_device
-from .runner import ModelRunner, fp8_prefill_scratch_default, fp8_prefill_scratch_shape
+from .runner import ModelRunner, fp8_prefill_scratch_shape, uses_fp8_prefill_scratch
 from .scheduler import Request, ScheduledBatch, Scheduler, Status
 
 logger = logging.getLogger("pagoda.engine")
@@ -143,11 +143,16 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _engine_device(device) -> torch.device:
+    """LLMEngine's device argument as a torch.device (None: CUDA where there is one)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _freezes_heap(device) -> bool:
     """Whether an engine on ``device`` (LLMEngine's argument) freezes the start-up heap: on CUDA (a CPU step is far
     longer than a collection's pause). A bad device: False (__init__ says what is wrong with it)."""
     try:
-        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+        return _engine_device(device).type == "cuda"
     except (RuntimeError, TypeError, ValueError):
         return False
 
@@ -186,7 +191,7 @@ class LLMEngine:
         self.model_name = model or "pagoda-demo"
         self.config = config = ModelConfig.from_path(path)
         tp_size = check_tp_size(tensor_parallel_size, config)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _engine_device(device)
         # (_tp of size 1: a group of one rank, whose collectives are copies: a test of the NCCL collectives in the
         # decode graphs on one GPU)
         if _tp is not None:
@@ -259,7 +264,7 @@ class LLMEngine:
             if num_kv_pages is None:
                 if self.device.type == "cuda":
                     scratch = 0
-                    if kv_dtypes[kv_cache_dtype] is not None and fp8_prefill_scratch_default():
+                    if uses_fp8_prefill_scratch(self.kv_cache_dtype, self.device, attention_backend):
                         shape = fp8_prefill_scratch_shape(shard, page_size, self.max_model_len,
                                                           itemsize=self.dtype.itemsize)
                         scratch = math.prod(shape) * self.dtype.itemsize

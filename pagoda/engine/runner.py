@@ -50,6 +50,13 @@ def fp8_prefill_scratch_default() -> bool:
     return env_switch("PAGODA_FP8_PREFILL_SCRATCH", "1")
 
 
+def uses_fp8_prefill_scratch(kv_dtype: torch.dtype, device: torch.device, attention_backend: str) -> bool:
+    """Whether an engine's prefill steps read the 16-bit scratch (ModelRunner allocates it; the engine counts it in
+    the memory budget): an fp8 cache on a Hopper GPU under pagoda's attention, with fp8_prefill_scratch_default."""
+    return (kv_dtype in FP8_DTYPES and device.type == "cuda" and attention_backend == "pagoda"
+            and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(device) == (9, 0))
+
+
 def fp8_prefill_scratch_shape(config: ModelConfig, page_size: int, max_model_len: int, num_pages: int | None = None,
                               itemsize: int = 2):
     """The 16-bit prefill scratch of an fp8 cache: one layer's pages, enough for the last chunk of a prompt of
@@ -418,10 +425,6 @@ class _LayerWindows:
     def append(self, *args) -> None:
         self.layers[0].append(*args)
 
-    @property
-    def dequant(self):  # (the fp8 prefill scratch's step pages: alike in every part)
-        return self.layers[0].dequant
-
 
 class _PagodaCascadeAttention(_PagodaAttention):
     """Decode steps whose requests share prefix pages (parallel samples of one prompt, prefix-cache
@@ -606,8 +609,7 @@ class ModelRunner:
         # step's pages (_PagodaAttention.plan), one layer's pages of a max_model_len prompt (steps over more pages
         # read the fp8 cache): fp8_prefill_scratch_default, fp8_prefill_scratch_shape
         self.fp8_prefill_scratch = None
-        if (self.kv_fp8 and self.device.type == "cuda" and attention_backend == "pagoda"
-                and fp8_prefill_scratch_default() and torch.cuda.get_device_capability(self.device) == (9, 0)):
+        if uses_fp8_prefill_scratch(self.kv_dtype, self.device, attention_backend):
             shape = fp8_prefill_scratch_shape(config, page_size, max_model_len, num_pages, torch.finfo(dtype).bits // 8)
             self.fp8_prefill_scratch = torch.empty(shape, dtype=dtype, device=self.device)
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)

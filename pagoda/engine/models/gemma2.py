@@ -14,7 +14,7 @@ SGLang serve them so). Gemma 2:
 Gemma 3 (Gemma3ForCausalLM): the same layers with per-head q / k norms of the (1 + w) form before RoPE, five
 sliding layers to a global one (layer_types), no soft caps, and RoPE of two kinds: the global layers at rope_theta
 with their scaling (linear, factor 8 in the 4B-27B models), the sliding ones at rope_local_base_freq unscaled (the
-model keeps two cos / sin caches and gives each layer its own).
+model keeps two cos / sin caches and gives each layer its own: layer_cos_sin).
 
 The rest is the Llama family's (models/llama.py): fused q / k / v and gate / up projections, RoPE and the K / V
 append fused in the attention context, tensor parallelism (the four norms replicated) and LoRA on the same
@@ -127,15 +127,6 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             local = dataclasses.replace(c, rope_theta=c.local_rope_theta, rope_scaling=None)
             self.cos_sin_local = rope_cos_sin_cache(local, max_positions, self.embed_tokens.weight.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, final_norm: bool = True) -> torch.Tensor:
-        """LlamaForCausalLM.forward's per-op path (the one-token path needs folded norms), each layer with its
-        RoPE cache (Gemma 3's sliding layers: cos_sin_local)."""
-        if not final_norm:
-            raise ValueError("final_norm=False: Gemma's final norm is not folded into the lm_head")
-        x, residual = self.embed(input_ids), None
-        c = self.config
-        for i, layer in enumerate(self.layers):
-            local = c.sliding_layers is not None and c.sliding_layers[i]
-            x, residual = layer(x, residual, positions, self.cos_sin_local if local else self.cos_sin, ctx)
-        x, _ = self.norm(x, residual)
-        return x
+    def layer_cos_sin(self, layer: int) -> torch.Tensor:
+        sliding = self.config.sliding_layers
+        return self.cos_sin_local if sliding is not None and sliding[layer] else self.cos_sin

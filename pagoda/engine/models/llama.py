@@ -330,10 +330,14 @@ class LlamaForCausalLM(nn.Module):
                 layer.forward_one_token(x, self.cos_sin, ctx)
             return self.norm(x) if final_norm else x
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin, ctx)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, positions, self.layer_cos_sin(i), ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    def layer_cos_sin(self, layer: int) -> torch.Tensor:
+        """The RoPE cache a layer rotates with (one for all here; Gemma 3's sliding layers have their own)."""
+        return self.cos_sin
 
     @torch.no_grad()
     def fold_norm_weights(self) -> None:
