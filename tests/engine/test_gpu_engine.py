@@ -484,3 +484,55 @@ def test_gemma2_in_cuda_graphs(tmp_path):
     mean, mean_broken = sum(dev) / len(dev), sum(dev_broken) / len(dev_broken)
     print("Gemma 2 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; every layer global", mean_broken)
     assert mean < 0.02 and mean < mean_broken / 3, (mean, max(dev), mean_broken)
+
+
+def test_gemma3_in_cuda_graphs(tmp_path):
+    """A small random Gemma 3 text model (head_dim 256 as in the released models, per-head q / k norms, a window of
+    32 tokens on two layers of three, the sliding layers' own RoPE base, linear RoPE scaling on the global ones) in
+    bf16 through the GPU kernels and the decode CUDA graphs, teacher-forced through the float32 engine: per-token
+    probability deviation within bf16 noise, and well under that of the same engine with every layer over the whole
+    context, and of one whose sliding layers rotate with the global layers' RoPE (both matter here)."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=256, sliding_window=32,
+                                        sliding_window_pattern=3, query_pre_attn_scalar=96, rope_theta=1e6,
+                                        rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                        max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=True)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 77, 120, 200)]
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+    kw = dict(skip_tokenizer_init=True, max_num_seqs=8, num_kv_pages=512)
+    llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
+    c = llm.engine.config
+    assert c.family == "gemma3" and [c.layer_window_left(i) for i in range(3)] == [31, 31, -1]
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert llm.engine.stats.cuda_graph_steps > 10
+    del llm
+    broken = {}
+    for kind in ("global", "rope"):
+        b = pagoda.LLM(str(tmp_path), dtype="bfloat16", enforce_eager=True, **kw)
+        if kind == "global":  # every layer over the whole context
+            a = b.engine.runner.attn
+            a.layers = [a.parts[-1]] * len(a.layers)
+        else:  # the sliding layers at the global layers' RoPE
+            b.engine.model.cos_sin_local = b.engine.model.cos_sin
+        broken[kind] = b.generate(prompts, sp, use_tqdm=False)
+        del b
+    ref32 = pagoda.LLM(str(tmp_path), dtype="float32", **kw)
+    dev, _ = _forced_deviation(ref32, outs)
+    mean = sum(dev) / len(dev)
+    means = {}
+    for kind, o in broken.items():
+        d, _ = _forced_deviation(ref32, o)
+        means[kind] = sum(d) / len(d)
+    print("Gemma 3 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; broken", means)
+    assert mean < 0.02 and all(mean < m / 3 for m in means.values()), (mean, max(dev), means)
