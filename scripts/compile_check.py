@@ -85,7 +85,7 @@ def cases():
         HAS_INDICES=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, SEARCH=0, stride_wk=1), 4, 3
     yield "segment_tiles", lora.segment_tiles_kernel, dict(SEG_INDPTR="*i64", TILE_INDPTR="*i32", ZERO="*fp32"), \
         dict(BLOCK_M=16, BLOCK=64, ZERO_BLOCK=4096), 4
-    from pagoda.ops.kernels import activation, matmul
+    from pagoda.ops.kernels import activation, matmul, norm as norm_kernels
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
     for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1), (0, True, 4),
                              (1, True, 2)):
@@ -98,8 +98,15 @@ def cases():
             KV_INDICES="*i32", KV_INDPTR="*i32", COS_SIN="*fp32", eps="fp32"), dict(
             NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=d, HAS_BIAS=not norm, NORM=norm, NORM_K=4096, BLOCK_K=256,
             EVEN_K=True, PDL=True), 4, 4
-    yield "gate_up_act NORM PDL", matmul.gate_up_act_kernel, dict(X="*bf16", W="*bf16", Y="*bf16", eps="fp32"), \
-        dict(NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True, PDL=True), 4, 4
+    for act in (0, 2):  # SwiGLU, GeGLU (tanh)
+        yield f"gate_up_act NORM PDL ACT={act}", matmul.gate_up_act_kernel, dict(
+            X="*bf16", W="*bf16", Y="*bf16", eps="fp32"), dict(NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True,
+                                                               PDL=True, ACT=act), 4, 2
+    for into in (False, True):
+        for block in (4096, 1024):  # one pass, two passes
+            yield f"rmsnorm NORM_INTO_R={into} BLOCK={block}", norm_kernels.rmsnorm_kernel, dict(
+                X="*bf16", R="*bf16", W="*bf16", Y="*bf16", eps="fp32", weight_offset="fp32"), dict(
+                BLOCK=block, ADD_RESIDUAL=False, PDL=True, NORM_INTO_R=into), 4
     for nb in (0, 4096):
         yield f"act_and_mul NORM_BLOCK={nb}", activation.act_and_mul_kernel, dict(
             X="*bf16", Y="*bf16", N_IN="*bf16", eps="fp32"), dict(ACT=0, BLOCK=1024, NORM_BLOCK=nb, PDL=True), 4

@@ -2,8 +2,8 @@
 linear layer with a small-M kernel for decode at batch 1, and the segment GEMM of multi-LoRA serving."""
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .lora import SegmentGEMMWrapper, segment_gemm
-from .matmul import linear, linear_rope_append, linear_silu_and_mul
-from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
+from .matmul import linear, linear_gelu_tanh_and_mul, linear_rope_append, linear_silu_and_mul
+from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, gemma_rmsnorm_add, rmsnorm
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens
 from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling_from_probs, sampling_from_probs, top_k_mask_logits, top_k_renorm_probs,
                        top_k_sampling_from_probs, top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs,
@@ -19,7 +19,8 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "apply_rope_with_cos_sin_cache_inplace",
            "SegmentGEMMWrapper", "segment_gemm",
            "append_paged_kv_cache", "append_paged_mla_kv_cache", "get_seq_lens", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
-           "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "get_batch_indices_positions", "linear", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
+           "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "gemma_rmsnorm_add", "get_batch_indices_positions", "linear",
+           "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
            "silu_and_mul",
            "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",
            "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs", "top_p_sampling_from_probs",

@@ -67,11 +67,13 @@ def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pd
     return _act_and_mul(input, out, 0, enable_pdl, norm_input, norm_eps)
 
 
-def gelu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
-    """GeGLU with the exact (erf) GELU."""
-    return _act_and_mul(input, out, 1, enable_pdl)
+def gelu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None,
+                 norm_input: torch.Tensor | None = None, norm_eps: float = 1e-6):
+    """GeGLU with the exact (erf) GELU (norm_input, norm_eps: as silu_and_mul's)."""
+    return _act_and_mul(input, out, 1, enable_pdl, norm_input, norm_eps)
 
 
-def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None):
-    """GeGLU with the tanh approximation of GELU."""
-    return _act_and_mul(input, out, 2, enable_pdl)
+def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enable_pdl: bool | None = None,
+                      norm_input: torch.Tensor | None = None, norm_eps: float = 1e-6):
+    """GeGLU with the tanh approximation of GELU (norm_input, norm_eps: as silu_and_mul's)."""
+    return _act_and_mul(input, out, 2, enable_pdl, norm_input, norm_eps)

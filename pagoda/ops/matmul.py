@@ -295,7 +295,18 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     -> [1, d], without the activation's launch (the activation applied to the fp32 accumulators). Without
     Triton, or in fp32, the same through linear() and silu_and_mul. config: as linear()'s (its BLOCK_N unused:
     a program takes 16 columns, 32 rows of W), default FUSED_ACT_CONFIG."""
-    from .activation import silu_and_mul
+    return _linear_act_and_mul(x, weight, out, rms_norm_eps, pdl, config, 0)
+
+
+def linear_gelu_tanh_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                             rms_norm_eps: float | None = None, pdl: bool = False, config=None) -> torch.Tensor:
+    """linear_silu_and_mul with GeGLU (the tanh GELU, Gemma's): ``gelu_tanh_and_mul(linear(x, weight,
+    rms_norm_eps=...))`` in one launch."""
+    return _linear_act_and_mul(x, weight, out, rms_norm_eps, pdl, config, 2)
+
+
+def _linear_act_and_mul(x, weight, out, rms_norm_eps, pdl, config, act):
+    from .activation import _act_and_mul
     from .kernels.matmul import gate_up_act_kernel
 
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1 or not x.dtype.is_floating_point:
@@ -315,12 +326,12 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     norm_k = triton.next_power_of_2(k) if k else 1
     if (not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16) or k == 0 or d == 0
             or (rms_norm_eps is not None and norm_k > 16384)):
-        return silu_and_mul(linear(x, weight, rms_norm_eps=rms_norm_eps), out=out)
+        return _act_and_mul(linear(x, weight, rms_norm_eps=rms_norm_eps), out, act)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     _, bk, warps, stages = (config or FUSED_ACT_CONFIG) if x.is_cuda else _INTERPRETER_CONFIG
     gate_up_act_kernel[(triton.cdiv(d, 16),)](
         x2, w, out, k, d, w.stride(0), float(rms_norm_eps) if rms_norm_eps is not None else 0.0,
         NORM=rms_norm_eps is not None, NORM_K=norm_k, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
-        num_stages=stages, **pdl_launch(pdl, x))
+        num_stages=stages, ACT=act, **pdl_launch(pdl, x))
     return out

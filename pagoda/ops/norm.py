@@ -67,6 +67,23 @@ def _fused(input, residual, weight, eps, offset, enable_pdl=None):
                                    num_warps=4, **pdl_launch(enable_pdl, input))
 
 
+def _norm_into(input, residual, weight, eps, offset, enable_pdl=None):
+    _check(input, weight)
+    check_same("residual", residual, input)
+    if input.numel() == 0:
+        return
+    if not use_triton(input):
+        x = input.float()
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)).to(residual.dtype)
+        residual.copy_((residual.float() + y.float()).to(residual.dtype))
+        return
+    x2, r2 = rows_view("input", input), rows_view("residual", residual)
+    hidden = input.shape[-1]
+    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, r2, hidden, x2.stride(0), r2.stride(0), r2.stride(0),
+                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=False,
+                                   NORM_INTO_R=True, num_warps=4, **pdl_launch(enable_pdl, input))
+
+
 def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
             enable_pdl: bool | None = None) -> torch.Tensor:
     """out = input / sqrt(mean(input^2) + eps) * weight. enable_pdl: a programmatic dependent launch on a
@@ -90,3 +107,11 @@ def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight:
                             eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
     """In place: residual <- input + residual; input <- gemma_rmsnorm(residual)."""
     _fused(input, residual, weight, eps, 1.0, enable_pdl)
+
+
+def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                      enable_pdl: bool | None = None) -> None:
+    """In place: residual <- residual + gemma_rmsnorm(input), the norm rounded to residual's dtype first (what
+    ``residual + gemma_rmsnorm(input)`` gives in two launches; pagoda's, for Gemma 2 / 3's post-attention and
+    post-feedforward norms, whose output joins the residual stream). input is left as it is."""
+    _norm_into(input, residual, weight, eps, 1.0, enable_pdl)

@@ -33,10 +33,11 @@ def tiny_config(family: str) -> dict:
     return c
 
 
-def build_hf_model(family: str, path, seed: int = 0):
+def build_hf_model(family: str, path, seed: int = 0, **config):
+    """The tiny model of a family (config: tiny_config(family) to start from, else that), saved in path."""
     import transformers
 
-    c = tiny_config(family)
+    c = config or tiny_config(family)
     cfg_cls = transformers.AutoConfig.for_model(c["model_type"]).__class__
     cfg = cfg_cls(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
     cfg.architectures = c["architectures"]

@@ -446,6 +446,16 @@ def test_cuda_engine_freezes_its_start_up_heap():
     assert engine() is None
 
 
+def _lone_one_token_steps(llm, prompt, sp):
+    """prompt alone through llm: its decode steps replay the batch-1 CUDA graph, captured over the model's
+    one-token path (the layers' forward_one_token); its outputs."""
+    assert llm.engine.model._one_token_path(1)  # (what the batch-1 graph was captured with)
+    graphs = llm.engine.stats.cuda_graph_steps
+    out = llm.generate([prompt], sp, use_tqdm=False)
+    assert llm.engine.stats.cuda_graph_steps - graphs >= sp.max_tokens - 2
+    return out
+
+
 def test_gemma2_in_cuda_graphs(tmp_path):
     """A small random Gemma 2 (head_dim 128, a window of 32 tokens on every other layer, soft caps, a logits scale)
     in bf16 through the GPU kernels and the decode CUDA graphs, teacher-forced through the float32 engine (the
@@ -472,6 +482,7 @@ def test_gemma2_in_cuda_graphs(tmp_path):
     llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
     outs = llm.generate(prompts, sp, use_tqdm=False)
     assert llm.engine.stats.cuda_graph_steps > 10
+    lone = _lone_one_token_steps(llm, prompts[-1], sp)
     del llm
     broken = pagoda.LLM(str(tmp_path), dtype="bfloat16", enforce_eager=True, **kw)
     a = broken.engine.runner.attn
@@ -480,10 +491,14 @@ def test_gemma2_in_cuda_graphs(tmp_path):
     del broken
     ref32 = pagoda.LLM(str(tmp_path), dtype="float32", **kw)
     dev, _ = _forced_deviation(ref32, outs)
+    dev_lone, _ = _forced_deviation(ref32, lone)
     dev_broken, _ = _forced_deviation(ref32, outs_broken)
     mean, mean_broken = sum(dev) / len(dev), sum(dev_broken) / len(dev_broken)
-    print("Gemma 2 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; every layer global", mean_broken)
+    mean_lone = sum(dev_lone) / len(dev_lone)
+    print("Gemma 2 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; a lone request's one-token steps",
+          mean_lone, "max", max(dev_lone), "; every layer global", mean_broken)
     assert mean < 0.02 and mean < mean_broken / 3, (mean, max(dev), mean_broken)
+    assert mean_lone < 0.02 and mean_lone < mean_broken / 3, (mean_lone, max(dev_lone), mean_broken)
 
 
 def test_gemma3_in_cuda_graphs(tmp_path):
@@ -516,6 +531,7 @@ def test_gemma3_in_cuda_graphs(tmp_path):
     assert c.family == "gemma3" and [c.layer_window_left(i) for i in range(3)] == [31, 31, -1]
     outs = llm.generate(prompts, sp, use_tqdm=False)
     assert llm.engine.stats.cuda_graph_steps > 10
+    outs += _lone_one_token_steps(llm, prompts[-1], sp)
     del llm
     broken = {}
     for kind in ("global", "rope"):

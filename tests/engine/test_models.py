@@ -81,16 +81,18 @@ def count_calls(monkeypatch, owner, name) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("gemma")])  # (Gemma's norms: not folded)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
     """A lone request decodes one token a step: the layers run with their RMSNorms deferred into the
     projections and the activation (DecoderLayer.forward_one_token, the norm weights folded into qkv_proj and
-    gate_up_proj at load). Its greedy tokens and every step's log-probabilities equal transformers' (fp32
+    gate_up_proj at load; Gemma's (1 + w) input and pre-feedforward norms so, its post-norms added into the
+    residual stream: Gemma2DecoderLayer.forward_one_token). Its greedy tokens and every step's log-probabilities equal transformers' (fp32
     tolerance), and equal the undeferred layers' (model.defer_norms off) to fp32 rounding."""
-    from pagoda.engine.models import llama
+    from pagoda.engine.models import gemma2, llama
 
     path, hf = tiny_models[family]
-    calls = count_calls(monkeypatch, llama.DecoderLayer, "forward_one_token")
+    layer_cls = gemma2.Gemma2DecoderLayer if family.startswith("gemma") else llama.DecoderLayer
+    calls = count_calls(monkeypatch, layer_cls, "forward_one_token")
     prompt = PROMPTS[3]
     sp = pagoda.SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
     outs = {}
@@ -127,29 +129,36 @@ def test_fused_one_token_defaults(monkeypatch):
         fused_gate_up_act_default()
 
 
-def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fused_qkv_rope_one_token_steps(tmp_path, monkeypatch, family):
     """PAGODA_FUSED_QKV_ROPE=1 / PAGODA_FUSED_GATE_UP_ACT=1: the one-token layers run the qkv projection, RoPE
-    and the K/V append as one op (ops.linear_rope_append) and gate / up with SwiGLU as one
-    (ops.linear_silu_and_mul); on the CPU in float32 their PyTorch forms, the kernels themselves are tested in
-    tests/ops/test_matmul.py: greedy tokens and each step's log-probabilities equal transformers' (a Llama of
-    head_dim 64, the smallest the first op takes), and each op ran once per layer and decode step."""
+    and the K/V append as one op (ops.linear_rope_append) and gate / up with the activation as one
+    (ops.linear_silu_and_mul; Gemma 2's GeGLU ops.linear_gelu_tanh_and_mul); on the CPU in float32 their PyTorch
+    forms, the kernels themselves are tested in tests/ops/test_matmul.py: greedy tokens and each step's
+    log-probabilities equal transformers' (head_dim 64, the smallest the first op takes; norm weights that show
+    their folding), and each op ran once per layer and decode step."""
     import transformers
 
-    from .conftest import tiny_config
+    from .conftest import build_hf_model, tiny_config
 
-    c = tiny_config("llama")
-    c.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
-    cfg = transformers.LlamaConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
-    cfg.architectures = c["architectures"]
-    torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norm weights other than 1: their folding into the projections shows
-        for layer in hf.model.layers:
-            layer.input_layernorm.weight.uniform_(0.5, 1.5)
-            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    act = {"llama": "silu", "gemma2": "gelu_tanh"}[family]
+    c = tiny_config(family)
+    c.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, head_dim=64)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
+        cfg.architectures = c["architectures"]
+        torch.manual_seed(3)
+        hf = transformers.LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():  # norm weights other than 1: their folding into the projections shows
+            for layer in hf.model.layers:
+                layer.input_layernorm.weight.uniform_(0.5, 1.5)
+                layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+        hf.save_pretrained(tmp_path, safe_serialization=True)
+    else:  # (norm weights in (-0.5, 0.5))
+        hf = build_hf_model(family, tmp_path, seed=3, **c)
+    cfg = hf.config
     calls, act_calls = (count_calls(monkeypatch, pagoda.ops, name) for name in ("linear_rope_append",
-                                                                             "linear_silu_and_mul"))
+                                                                             f"linear_{act}_and_mul"))
     monkeypatch.setenv("PAGODA_FUSED_QKV_ROPE", "1")
     monkeypatch.setenv("PAGODA_FUSED_GATE_UP_ACT", "1")
     n = 6

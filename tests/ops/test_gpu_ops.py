@@ -30,6 +30,13 @@ def test_norms_real_sizes(hidden):
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     pagoda.gemma_fused_add_rmsnorm(x, r, w)
     assert rel(x, ref) < 1.2e-2
+    # residual <- residual + gemma_rmsnorm(input): the two-launch form to the last bit (both round to nearest here)
+    x = torch.randn(512, hidden, dtype=torch.bfloat16, device="cuda") * torch.linspace(0.2, 5, 512, device="cuda")[:, None]
+    r0 = torch.randn_like(x)
+    ref = r0.double() + x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
+    r = r0.clone()
+    pagoda.gemma_rmsnorm_add(x, r, w, enable_pdl=True)
+    assert rel(r, ref) < 1.2e-2 and torch.equal(r, r0 + pagoda.gemma_rmsnorm(x, w))
 
 
 def test_silu_and_mul_real_size():
@@ -277,16 +284,18 @@ def test_linear_rope_append_real_size(bias):
     assert torch.isnan(cache.float()).all(), "an entry other than the token's slot was written"
 
 
-def test_linear_silu_and_mul_real_size():
-    """ops.linear_silu_and_mul at Llama-3.1-8B's gate / up (14336 x 2, hidden 4096) with the norm factor, as a
-    PDL launch, against float64; output poisoned."""
-    d, hidden = 14336, 4096
+@pytest.mark.parametrize("act,d,hidden", [("silu", 14336, 4096), ("gelu_tanh", 14336, 3584)])
+def test_linear_silu_and_mul_real_size(act, d, hidden):
+    """ops.linear_silu_and_mul at Llama-3.1-8B's gate / up (14336 x 2, hidden 4096) and linear_gelu_tanh_and_mul at
+    Gemma-2-9B's (14336 x 2, hidden 3584) with the norm factor, as a PDL launch, against float64; output
+    poisoned."""
     x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda") * 2
     w = torch.randn(2 * d, hidden, dtype=torch.bfloat16, device="cuda") / hidden ** 0.5 * 2
     out = torch.full((1, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-    pagoda.ops.linear_silu_and_mul(x, w, out=out, rms_norm_eps=1e-5, pdl=True)
+    getattr(pagoda.ops, f"linear_{act}_and_mul")(x, w, out=out, rms_norm_eps=1e-5, pdl=True)
     h = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)) @ w.double().T
-    assert rel(out, torch.nn.functional.silu(h[:, :d]) * h[:, d:]) < 1.2e-2
+    g = torch.nn.functional.silu(h[:, :d]) if act == "silu" else torch.nn.functional.gelu(h[:, :d], approximate="tanh")
+    assert rel(out, g * h[:, d:]) < 1.2e-2
 
 
 def test_enable_pdl_changes_nothing():

@@ -290,21 +290,29 @@ def test_linear_rope_append_fp8_cache(kv_dtype):
 
 @pytest.mark.parametrize("d,k", [(48, 96), (40, 70), (16, 32)])
 @pytest.mark.parametrize("norm", [False, True])
-def test_linear_silu_and_mul(d, k, norm):
-    """One token's gate / up projection with SwiGLU in the epilogue against float64: d not a multiple of the
-    16 columns a program takes (40), K not a multiple of a block (70), with the norm factor; output poisoned."""
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_linear_silu_and_mul(d, k, norm, act):
+    """One token's gate / up projection with SwiGLU (linear_silu_and_mul) or GeGLU (linear_gelu_tanh_and_mul) in
+    the epilogue against float64: d not a multiple of the 16 columns a program takes (40), K not a multiple of a
+    block (70), with the norm factor; output poisoned."""
     dtype = torch.bfloat16
+    fn = getattr(pagoda.ops, f"linear_{act}_and_mul")
     x = torch.randn(1, k, dtype=dtype, device=DEVICE) * 3
     w = (torch.randn(2 * d, k, device=DEVICE) / k ** 0.5 * 2).to(dtype)
     out = torch.full((1, d), float("nan"), dtype=dtype, device=DEVICE)
-    y = pagoda.ops.linear_silu_and_mul(x, w, out=out, rms_norm_eps=1e-5 if norm else None)
+    y = fn(x, w, out=out, rms_norm_eps=1e-5 if norm else None)
     assert y is out
     h = (x.double() * (rms_factor(x) if norm else 1.0)) @ w.double().T
-    ref = torch.nn.functional.silu(h[:, :d]) * h[:, d:]
+    g = (torch.nn.functional.silu(h[:, :d]) if act == "silu"
+         else torch.nn.functional.gelu(h[:, :d], approximate="tanh"))
+    ref = g * h[:, d:]
     assert rel(out, ref) < TOL[dtype]
+    other = (torch.nn.functional.gelu(h[:, :d], approximate="tanh") if act == "silu"
+             else torch.nn.functional.silu(h[:, :d])) * h[:, d:]
+    assert rel(out, other) > 3 * rel(out, ref)  # (the other activation is further off: the right one ran)
     with pytest.raises(ValueError, match="x must be one token"):
-        pagoda.ops.linear_silu_and_mul(x.repeat(2, 1), w)
+        fn(x.repeat(2, 1), w)
     with pytest.raises(ValueError, match="weight"):
-        pagoda.ops.linear_silu_and_mul(x, w[:-1])
+        fn(x, w[:-1])
     with pytest.raises(ValueError, match="out"):
-        pagoda.ops.linear_silu_and_mul(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))
+        fn(x, w, out=torch.empty(1, d + 1, dtype=dtype, device=DEVICE))

@@ -46,6 +46,39 @@ def test_fused_add_rmsnorm_in_place(dtype, gemma, hidden):
     assert rel(x, ref_y) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [300, 5000])  # one pass, two passes
+def test_gemma_rmsnorm_add_in_place(dtype, hidden, monkeypatch):
+    """residual <- residual + gemma_rmsnorm(input): rows of different scales (a factor from another row shows), the
+    input left as it was; the norm rounded to the residual's dtype before the sum: the two-launch form
+    (gemma_rmsnorm, then +) to the last bit (to one unit of it in bf16 under the Triton interpreter, which rounds
+    float32 to bf16 towards zero where torch rounds to nearest); the PyTorch form too."""
+    scales = torch.linspace(0.25, 6.0, 9, device=DEVICE)[:, None]
+    x = (torch.randn(9, hidden, device=DEVICE) * scales).to(dtype)
+    r0 = torch.randn(9, hidden, dtype=dtype, device=DEVICE) * 2
+    w = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    ref = r0.double() + rms_ref(x, w, 1e-6, 1.0)
+    from pagoda.ops import norm
+
+    for triton_path in (True, False):
+        if not triton_path:
+            monkeypatch.setattr(norm, "use_triton", lambda t: False)
+        two_launches = r0 + pagoda.gemma_rmsnorm(x, w)
+        r, x_before = r0.clone(), x.clone()
+        assert pagoda.gemma_rmsnorm_add(x, r, w) is None
+        assert torch.equal(x, x_before)
+        assert rel(r, ref) < TOL[dtype]
+        if triton_path and dtype == torch.bfloat16 and not r.is_cuda:
+            ulp = two_launches.float().abs() * 2.0 ** -7
+            assert ((r.float() - two_launches.float()).abs() <= ulp).all()
+        else:
+            assert torch.equal(r, two_launches)
+    with pytest.raises(ValueError, match="residual"):
+        pagoda.gemma_rmsnorm_add(x, r0[:2].clone(), w)
+    with pytest.raises(ValueError, match="weight"):
+        pagoda.gemma_rmsnorm_add(x, r0.clone(), w[:-1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fn,ref", [
     (pagoda.silu_and_mul, lambda a: torch.nn.functional.silu(a)),
@@ -65,29 +98,33 @@ def test_act_and_mul(dtype, fn, ref, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,hidden", [((5, 2 * 48), 40), ((2, 3, 2 * 1500), 96)])
-def test_silu_and_mul_norm_input(dtype, shape, hidden, monkeypatch):
+@pytest.mark.parametrize("fn,act", [(pagoda.silu_and_mul, torch.nn.functional.silu),
+                                    (pagoda.gelu_tanh_and_mul,
+                                     lambda a: torch.nn.functional.gelu(a, approximate="tanh"))])
+def test_silu_and_mul_norm_input(dtype, shape, hidden, fn, act, monkeypatch):
     """norm_input: gate and up scaled by the RMSNorm factor of their row of norm_input first (rows of different
-    scale: a factor from the wrong row shows); output poisoned; the PyTorch form gives the same numbers."""
+    scale: a factor from the wrong row shows); output poisoned; the PyTorch form gives the same numbers. SwiGLU and
+    GeGLU (Gemma's)."""
     x = torch.randn(shape, dtype=dtype, device=DEVICE) * 2
     scales = torch.linspace(0.25, 6.0, x[..., 0].numel(), device=DEVICE).view(x.shape[:-1])[..., None]
     n_in = (torch.randn(*shape[:-1], hidden, device=DEVICE) * scales).to(dtype)
     d = shape[-1] // 2
     f = torch.rsqrt(n_in.double().pow(2).mean(-1, keepdim=True) + 1e-5)
     xd = x.double() * f
-    ref = torch.nn.functional.silu(xd[..., :d]) * xd[..., d:]
+    ref = act(xd[..., :d]) * xd[..., d:]
     out = torch.full((*shape[:-1], d), float("nan"), dtype=dtype, device=DEVICE)
-    pagoda.silu_and_mul(x, out=out, norm_input=n_in, norm_eps=1e-5)
+    fn(x, out=out, norm_input=n_in, norm_eps=1e-5)
     assert rel(out, ref) < TOL[dtype]
     from pagoda.ops import activation
 
     monkeypatch.setattr(activation, "use_triton", lambda t: False)  # the PyTorch form (CPU without Triton)
     out = torch.full((*shape[:-1], d), float("nan"), dtype=dtype, device=DEVICE)
-    pagoda.silu_and_mul(x, out=out, norm_input=n_in, norm_eps=1e-5)
+    fn(x, out=out, norm_input=n_in, norm_eps=1e-5)
     assert rel(out, ref) < TOL[dtype]
     with pytest.raises(ValueError, match="norm_input"):
-        pagoda.silu_and_mul(x, norm_input=n_in[..., :1, :] if x.dim() == 3 else n_in[:2])
+        fn(x, norm_input=n_in[..., :1, :] if x.dim() == 3 else n_in[:2])
     with pytest.raises(ValueError, match="norm_eps"):
-        pagoda.silu_and_mul(x, norm_input=n_in, norm_eps=-1.0)
+        fn(x, norm_input=n_in, norm_eps=-1.0)
 
 
 def test_bad_input():

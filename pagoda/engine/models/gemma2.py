@@ -17,9 +17,9 @@ with their scaling (linear, factor 8 in the 4B-27B models), the sliding ones at 
 model keeps two cos / sin caches and gives each layer its own: layer_cos_sin).
 
 The rest is the Llama family's (models/llama.py): fused q / k / v and gate / up projections, RoPE and the K / V
-append fused in the attention context, tensor parallelism (the four norms replicated) and LoRA on the same
-projections. Not the one-token fused decode path (its norm folding is the Llama RMSNorm's): decode runs the
-per-op path, in CUDA graphs.
+append fused in the attention context, tensor parallelism (the four norms replicated), LoRA on the same
+projections, and the one-token decode path with the input and pre-feedforward norms folded into the projections
+after them (Gemma2DecoderLayer.forward_one_token: seven launches a layer instead of eleven).
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class GeGLU(MLP):
-    def activation(self, h: torch.Tensor) -> torch.Tensor:
-        return pagoda.gelu_tanh_and_mul(h, enable_pdl=self.pdl)
+    act = "gelu_tanh"
 
 
 class GemmaAttention(Attention):
@@ -75,6 +74,31 @@ class Gemma2DecoderLayer(DecoderLayer):
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x, getattr(ctx, "lora", None))), residual
 
+    def forward_one_token(self, r, cos_sin, ctx) -> None:
+        """One token, r [1, hidden] (the residual stream) updated in place, with the input and pre-feedforward norms
+        deferred into the projections after them (their (1 + w) folded into qkv_proj and gate_up_proj:
+        Gemma2ForCausalLM.fold_norm_weights) as in DecoderLayer.forward_one_token; the o and down projections'
+        outputs join r through their post-norms, one launch each (pagoda.gemma_rmsnorm_add: r += norm(y)). Seven
+        launches a layer (qkv + RoPE + append, attention, o, norm-add, gate / up + GeGLU, down, norm-add) where the
+        per-token path takes eleven. Tensor-parallel: the o / down partial sums all-reduced, then the norm-add on
+        every rank."""
+        a, mlp = self.self_attn, self.mlp
+        cuda = r.is_cuda
+        o = self.one_token_attention(r, cos_sin, ctx)
+        y = pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl,
+                              split_k=a.split_o)
+        if a.tp is not None:
+            a.tp.all_reduce(y)
+        norm = self.post_attention_layernorm
+        pagoda.gemma_rmsnorm_add(y, r, norm.weight, norm.eps, enable_pdl=norm.pdl)
+        h = mlp.one_token_activation(r, self.pre_feedforward_layernorm.eps)
+        y = pagoda.ops.linear(h, mlp.down_proj.weight, small_m=cuda and mlp.small_m_down,
+                              pdl=mlp.pdl and not mlp.fused_gate_up_act, split_k=mlp.split_down)
+        if a.tp is not None:
+            a.tp.all_reduce(y)
+        norm = self.post_feedforward_layernorm
+        pagoda.gemma_rmsnorm_add(y, r, norm.weight, norm.eps, enable_pdl=norm.pdl)
+
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
     layer_class = Gemma2DecoderLayer
@@ -83,15 +107,27 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def __init__(self, c: ModelConfig, tp: TPGroup | None = None, full_config: ModelConfig | None = None):
         super().__init__(c, tp, full_config)
-        self.fold_final_norm = False  # (the norms stay: fold_norm_weights folds Llama's x * w norms only)
+        self.fold_final_norm = False  # (the final norm stays: the lm_head is the embedding table, tied)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = super().embed(input_ids)
         return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
 
+    @torch.no_grad()
     def fold_norm_weights(self) -> None:
-        """Nothing to fold: a (1 + w) norm's weight is no column scale of the projection after it in the model's
-        dtype without rounding 1 + w (the loader calls this; the one-token path stays off)."""
+        """Each layer's input and pre-feedforward norms' (1 + w) into the projection after it (qkv_proj,
+        gate_up_proj columns times 1 + w in fp32, rounded once), those norms' w then 0 (a scale of 1): the one-token
+        path defers them into the projections (Gemma2DecoderLayer.forward_one_token), other steps run them
+        unweighted before the same projections. The post-norms and the final norm stay. Called by the loader after
+        the weights are in; once."""
+        if self.norms_folded:
+            raise RuntimeError("the norm weights are folded already")
+        for layer in self.layers:
+            for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                               (layer.pre_feedforward_layernorm, layer.mlp.gate_up_proj)):
+                proj.weight.copy_((proj.weight.float() * (1.0 + norm.weight.float())[None, :]).to(proj.weight.dtype))
+                norm.weight.zero_()
+        self.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """The logits, soft-capped (final_logit_softcapping) in float32: always float32 (a capped logit near the

@@ -177,9 +177,22 @@ class MLP(nn.Module):
             y = lora.add(y, a, self.layer_id, "down")
         return y if self.tp is None else self.tp.all_reduce(y)
 
+    act = "silu"  # the gated activation: pagoda.{act}_and_mul, one token's pagoda.ops.linear_{act}_and_mul (SwiGLU)
+
     def activation(self, h: torch.Tensor) -> torch.Tensor:
-        """act(gate) * up of the gate_up projection's [tokens, 2 * intermediate] output (SwiGLU here)."""
-        return pagoda.silu_and_mul(h, enable_pdl=self.pdl)
+        """act(gate) * up of the gate_up projection's [tokens, 2 * intermediate] output."""
+        return getattr(pagoda, f"{self.act}_and_mul")(h, enable_pdl=self.pdl)
+
+    def one_token_activation(self, r: torch.Tensor, eps: float) -> torch.Tensor:
+        """One token's act(gate) * up of RMSNorm(r) (the norm's weight folded into gate_up_proj, its factor applied
+        to the accumulators): gate / up and the activation as one kernel (fused_gate_up_act, after the o
+        projection's end: as a PDL launch it was slower, +0.14..0.19 ms a step, session 23), or the projection and
+        the activation with the factor."""
+        if self.fused_gate_up_act:
+            return getattr(pagoda.ops, f"linear_{self.act}_and_mul")(r, self.gate_up_proj.weight, rms_norm_eps=eps)
+        gu = _project(self.gate_up_proj, r, self.small_m_gate_up, self.pdl, self.split_gate_up)
+        return getattr(pagoda, f"{self.act}_and_mul")(gu, enable_pdl=self.pdl and self.small_m_gate_up, norm_input=r,
+                                                      norm_eps=eps)
 
 
 class DecoderLayer(nn.Module):
@@ -217,29 +230,12 @@ class DecoderLayer(nn.Module):
         cuda = r.is_cuda
         tp = a.tp
         lead = tp is None or tp.rank == 0  # (the rank whose partial sums carry the residual)
-        # (after a cuBLAS kernel the qkv projection and the activation launch without PDL: as PDL launches
-        # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
-        o = None
-        if a.fused_qkv_rope:  # the projection, RoPE and the K/V append in one kernel (where ctx takes it)
-            o = ctx.qkv_rope_attention(a.layer_id, r, a.qkv_proj.weight, a.qkv_proj.bias, self.input_layernorm.eps,
-                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down)
-        if o is None:
-            qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=cuda and a.small_m_qkv,
-                                    pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
-                                    split_k=a.split_qkv)
-            o = a.attend(qkv, cos_sin, ctx)
+        o = self.one_token_attention(r, cos_sin, ctx)
         pagoda.ops.linear(o.view(1, -1), a.o_proj.weight, small_m=cuda and a.small_m_o, pdl=a.pdl,
                           residual=r if lead else None, out=r, split_k=a.split_o)
         if tp is not None:
             tp.all_reduce(r)
-        if mlp.fused_gate_up_act:  # gate / up and SwiGLU in one kernel after the o projection's end, and the down
-            # projection after its end (as PDL launches both were slower, +0.14..0.19 and +0.065 ms a step: session 23)
-            h = pagoda.ops.linear_silu_and_mul(r, mlp.gate_up_proj.weight,
-                                               rms_norm_eps=self.post_attention_layernorm.eps)
-        else:
-            gu = _project(mlp.gate_up_proj, r, mlp.small_m_gate_up, mlp.pdl, mlp.split_gate_up)
-            h = pagoda.silu_and_mul(gu, enable_pdl=mlp.pdl and mlp.small_m_gate_up, norm_input=r,
-                                    norm_eps=self.post_attention_layernorm.eps)
+        h = mlp.one_token_activation(r, self.post_attention_layernorm.eps)
         if cuda and mlp.small_m_down:
             pagoda.ops.linear(h, mlp.down_proj.weight, small_m=True, pdl=mlp.pdl and not mlp.fused_gate_up_act,
                               residual=r if lead else None, out=r, split_k=mlp.split_down)
@@ -249,6 +245,24 @@ class DecoderLayer(nn.Module):
             torch.mm(h, mlp.down_proj.weight.t(), out=r)
         if tp is not None:
             tp.all_reduce(r)
+
+    def one_token_attention(self, r, cos_sin, ctx) -> torch.Tensor:
+        """forward_one_token's attention block up to the o projection: the qkv projection of RMSNorm(r) (the input
+        norm's factor in the projection's epilogue, its weight folded), RoPE and the K/V append, attention ->
+        [1, hq, d]."""
+        a, mlp = self.self_attn, self.mlp
+        # (after a cuBLAS kernel the qkv projection and the activation launch without PDL: as PDL launches
+        # they were slower, 4.535 -> 4.444 ms per token without, H200, session 18; after a Triton kernel, PDL)
+        o = None
+        if a.fused_qkv_rope:  # the projection, RoPE and the K/V append in one kernel (where ctx takes it)
+            o = ctx.qkv_rope_attention(a.layer_id, r, a.qkv_proj.weight, a.qkv_proj.bias, self.input_layernorm.eps,
+                                       cos_sin, a.hq, a.hk, a.d, pdl=a.pdl and mlp.small_m_down)
+        if o is None:
+            qkv = pagoda.ops.linear(r, a.qkv_proj.weight, a.qkv_proj.bias, small_m=r.is_cuda and a.small_m_qkv,
+                                    pdl=a.pdl and mlp.small_m_down, rms_norm_eps=self.input_layernorm.eps,
+                                    split_k=a.split_qkv)
+            o = a.attend(qkv, cos_sin, ctx)
+        return o
 
 
 class LlamaForCausalLM(nn.Module):
@@ -326,8 +340,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed(input_ids)
         # (the one-token path has no LoRA deltas; a LoRA engine does not fold the norms, which keeps it off)
         if self._one_token_path(x.shape[0]) and getattr(ctx, "lora", None) is None:
-            for layer in self.layers:  # (x: the embedding's own output, the residual stream updated in place)
-                layer.forward_one_token(x, self.cos_sin, ctx)
+            for i, layer in enumerate(self.layers):  # (x: the embedding's output, the residual stream, in place)
+                layer.forward_one_token(x, self.layer_cos_sin(i), ctx)
             return self.norm(x) if final_norm else x
         residual = None
         for i, layer in enumerate(self.layers):

@@ -29,6 +29,7 @@ behind each other, holding SM slots), and prefetching the program's weight rows 
 import triton
 import triton.language as tl
 
+from .activation import _tanh
 from .pdl import pdl_enter
 from .rope import _cached_cos_sin, quantize
 
@@ -243,8 +244,9 @@ def qkv_rope_append_kernel(X, W, BIAS, Q, KC, VC, POS, BATCH, KV_INDICES, KV_IND
 
 @triton.jit
 def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K: tl.constexpr,
-                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
-    """One token's gate / up projection with SwiGLU in the epilogue: Y[j] = silu(g_j) * u_j, g = x @ W[j],
+                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False, ACT: tl.constexpr = 0):
+    """One token's gate / up projection with SwiGLU in the epilogue (ACT 0; 2: GeGLU with the tanh GELU, as
+    act_and_mul_kernel's codes): Y[j] = silu(g_j) * u_j, g = x @ W[j],
     u = x @ W[D + j] (W = [gate; up], [2 D, K]). Program p: columns 16 p .. 16 p + 15, its rows of W the 16 gate
     rows and the 16 up rows of those columns, two accumulators side by side (the pairs meet in one thread):
     act_and_mul_kernel's work without its launch. NORM: x's RMSNorm factor (its weight folded into W), as
@@ -263,5 +265,8 @@ def gate_up_act_kernel(X, W, Y, K, D, stride_wn, eps, NORM: tl.constexpr, NORM_K
     w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
     pdl_enter(PDL)
     acc1, acc2 = _paired_rows(X, x_ptrs, w_ptrs, K, eps, mask_m, offs_k, NORM, NORM_K, BLOCK_K, EVEN_K, BLOCK_M, BH)
-    h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
+    if ACT == 0:
+        h = acc1 / (1.0 + tl.exp(-acc1)) * acc2
+    else:
+        h = 0.5 * acc1 * (1.0 + _tanh(0.7978845608028654 * (acc1 + 0.044715 * acc1 * acc1 * acc1))) * acc2
     tl.store(Y + offs_m[:, None] * 0 + offs_j[None, :], h.to(Y.dtype.element_ty), mask=mask_m[:, None] & j_ok[None, :])

@@ -7,9 +7,11 @@ from .pdl import pdl_enter
 
 @triton.jit
 def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight_offset,
-                   BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
+                   BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False,
+                   NORM_INTO_R: tl.constexpr = False):
     """Y = X / rms(X) * (W + weight_offset), or with ADD_RESIDUAL: R <- X + R, then Y = norm(R)
-    (Y aliases X for the in-place fused form). A row of at most BLOCK elements is one pass, its weight
+    (Y aliases X for the in-place fused form), or with NORM_INTO_R: R <- R + norm(X), the norm rounded to R's
+    dtype before the sum (as the norm's own output would be; Y is R then). A row of at most BLOCK elements is one pass, its weight
     loaded with it (one round of loads: at decode batch 1 the kernel is that round's latency); longer rows
     take two passes. PDL: kernels/pdl.py."""
     pdl_enter(PDL)
@@ -26,7 +28,11 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
         inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
         if ADD_RESIDUAL:
             x = xr.to(tl.float32)  # the sum in the residual's dtype, as the two-pass form re-reads it
-        tl.store(Y + row * stride_y + offs, (x * inv * w).to(Y.dtype.element_ty), mask=m)
+        y = (x * inv * w).to(Y.dtype.element_ty)
+        if NORM_INTO_R:
+            y = (y.to(tl.float32) + tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)).to(
+                Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + offs, y, mask=m)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, hidden, BLOCK):
@@ -47,4 +53,8 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
             else:
                 x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
             w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32) + weight_offset
-            tl.store(Y + row * stride_y + offs, (x * inv * w).to(Y.dtype.element_ty), mask=m)
+            y = (x * inv * w).to(Y.dtype.element_ty)
+            if NORM_INTO_R:
+                y = (y.to(tl.float32) + tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)).to(
+                    Y.dtype.element_ty)
+            tl.store(Y + row * stride_y + offs, y, mask=m)
