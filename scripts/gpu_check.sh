@@ -12,6 +12,7 @@
 #   ENGINE_AB=DIR                     also the engine's batch-1 / batch-64 latency, this tree against the pagoda
 #                                     package in DIR (e.g. ab_base/ from `git archive REV pagoda | tar -x -C ab_base`,
 #                                     carried), interleaved over two rounds, a table last
+#   ENGINE_ARGS="--model Gemma-2-9B --max-model-len 8192"   more arguments of the engine runs of ENGINE_AB / ENGINE_ENV_AB
 #   ENGINE_ENV_AB="A;B;..."           also the engine's latency under each environment setting (e.g.
 #                                     "PAGODA_DEFER_NORMS=0;PAGODA_SMALL_M_LINEAR=qkv,o,down PAGODA_SMALL_M_SPLIT=down=4"),
 #                                     this tree, interleaved over ENV_ROUNDS rounds (default 2), a table last
@@ -50,7 +51,7 @@ if [ -n "${ENGINE_AB:-}" ]; then  # same machine, interleaved: machines of one k
       # (run from the root: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
       # base tree given by PYTHONPATH alone would be shadowed by this one; session 17's first A/B was void so)
       line=$(cd "$root" && PYTHONPATH=$root:${PYTHONPATH#$PWD:} python3 -m pagoda.bench.engine --cases latency \
-             --backends pagoda 2>&1 | grep '^pagoda latency')
+             --backends pagoda ${ENGINE_ARGS:-} 2>&1 | grep '^pagoda latency')
       echo "engine_ab round $r $side: $line" | tee -a "$OUT/engine_ab.log"
     done
   done
@@ -59,7 +60,8 @@ if [ -n "${ENGINE_ENV_AB:-}" ]; then
   IFS=';' read -r -a settings <<< "$ENGINE_ENV_AB"
   for r in $(seq 1 "${ENV_ROUNDS:-2}"); do
     for setting in "${settings[@]}"; do
-      line=$(env $setting python3 -m pagoda.bench.engine --cases latency --backends pagoda 2>&1 | grep '^pagoda latency')
+      line=$(env $setting python3 -m pagoda.bench.engine --cases latency --backends pagoda ${ENGINE_ARGS:-} 2>&1 \
+             | grep '^pagoda latency')
       echo "engine_env round $r [$setting]: $line" | tee -a "$OUT/engine_env.log"
     done
   done
