@@ -113,5 +113,7 @@ def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch
                       enable_pdl: bool | None = None) -> None:
     """In place: residual <- residual + gemma_rmsnorm(input), the norm rounded to residual's dtype first (what
     ``residual + gemma_rmsnorm(input)`` gives in two launches; pagoda's, for Gemma 2 / 3's post-attention and
-    post-feedforward norms, whose output joins the residual stream). input is left as it is."""
+    post-feedforward norms, whose output joins the residual stream; on the GPU the sum of two bf16 values rounds
+    once where torch's bf16 add rounds a float32 sum, so a rare element differs by one unit in the last place).
+    input is left as it is."""
     _norm_into(input, residual, weight, eps, 1.0, enable_pdl)

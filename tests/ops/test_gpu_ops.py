@@ -30,13 +30,16 @@ def test_norms_real_sizes(hidden):
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     pagoda.gemma_fused_add_rmsnorm(x, r, w)
     assert rel(x, ref) < 1.2e-2
-    # residual <- residual + gemma_rmsnorm(input): the two-launch form to the last bit (both round to nearest here)
+    # residual <- residual + gemma_rmsnorm(input): the two-launch form to one unit in the last place (the compiler
+    # adds in bf16, rounding the exact sum once, where torch's bf16 add rounds a float32 sum: rare double roundings)
     x = torch.randn(512, hidden, dtype=torch.bfloat16, device="cuda") * torch.linspace(0.2, 5, 512, device="cuda")[:, None]
     r0 = torch.randn_like(x)
     ref = r0.double() + x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     r = r0.clone()
     pagoda.gemma_rmsnorm_add(x, r, w, enable_pdl=True)
-    assert rel(r, ref) < 1.2e-2 and torch.equal(r, r0 + pagoda.gemma_rmsnorm(x, w))
+    two = (r0 + pagoda.gemma_rmsnorm(x, w)).float()
+    assert rel(r, ref) < 1.2e-2 and ((r.float() - two).abs() <= two.abs() * 2.0 ** -7).all()
+    assert (r.float() != two).float().mean() < 1e-3
 
 
 def test_silu_and_mul_real_size():
