@@ -13,6 +13,9 @@ replay costs by itself).
     python scripts/decode_latency_probe.py --same-tasks   # 256 tasks of 128 tokens, 4 to 32 chunks per tile
     python scripts/decode_latency_probe.py --ncu      # eager launches only, for ncu (default variant first:
         ncu --clock-control none -k regex:attention_kernel --metrics gpu__time_duration.sum python ... --ncu)
+    python scripts/decode_latency_probe.py --gemma [--quick]   # Gemma-2-9B's attention instead: 16 / 8 heads of
+                                                              # 256, logits soft cap 50 (the planner's chunk vs
+                                                              # 64..512 with --quick)
 """
 import sys
 
@@ -27,6 +30,10 @@ from pagoda.bench.attention import PagedSetup, gpu_time
 
 HQ, HK, D, PS, DT = 32, 8, 128, 16, torch.bfloat16
 CASES = [(1, 1024), (1, 2048), (2, 1024), (1, 4096), (4, 1024), (8, 1024), (1, 32768)]
+CAP = None  # the logits soft cap (--gemma: 50)
+if "--gemma" in sys.argv:
+    HQ, HK, D, CAP = 16, 8, 256, 50.0
+    CASES = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 1024), (8, 1024), (16, 1024)]
 _small, _large, _programs = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len, runner.num_programs
 
 
@@ -52,12 +59,12 @@ def build(b, ctx, grid, chunk, ws):
     q = torch.randn(b, HQ, D, generator=torch.Generator().manual_seed(1)).to(DT).cuda()  # same q per variant
     variant(grid, chunk)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-    w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+    w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, logits_soft_cap=CAP)
     if grid == "per-task":
         tasks = len(w._plan.work.work) * HK  # (one head split per KV head: the whole group in one program)
         runner.num_programs = lambda dev, cfg: tasks
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT)
+        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, logits_soft_cap=CAP)
     variant("persistent", None)
     return s, q, w
 
@@ -70,7 +77,8 @@ def reference(s, q):
         k = s.cache[pages, 0].reshape(-1, HK, D)[:n].double()
         v = s.cache[pages, 1].reshape(-1, HK, D)[:n].double()
         qq = q[r].double().view(HK, HQ // HK, D)
-        p = (torch.einsum("hgd,nhd->hgn", qq, k) / D ** 0.5).softmax(-1)
+        sc = torch.einsum("hgd,nhd->hgn", qq, k) / D ** 0.5
+        p = (sc if CAP is None else CAP * torch.tanh(sc / CAP)).softmax(-1)
         outs.append(torch.einsum("hgn,nhd->hgd", p, v).reshape(HQ, D))
     return torch.stack(outs)
 
@@ -106,6 +114,8 @@ def main():
                 ("persistent", 128), ("persistent", 256), ("per-task", 64), ("per-SM", 128), ("persistent", 32)]
     if "--quick" in sys.argv:  # the planner's choice against forced 128 / 256 / 512 chunks, persistent grid only
         variants = [("persistent", None), ("persistent", 128), ("persistent", 256), ("persistent", 512)]
+        if CAP is not None:
+            variants.insert(1, ("persistent", 64))
     for b, ctx in CASES:
         for grid, chunk in variants:
             if ncu and (b, ctx) != (1, 1024):

@@ -85,7 +85,12 @@ CUDA_CONFIGS = {
 # little: `python scripts/small_batch_probe.py` (H200, session 8), batch 1..8 x 1k / 4k at forced chunk lengths:
 # the 8 cases' sum at the planner's choice 309 us with 2048, 253 us with 512 (the best possible 247); 8x1024 42.4 ->
 # 30.1 us (FlashInfer 42.1)
-SMALL_BATCH_ITEM_COST = {("decode", 64): 512, ("decode", 128): 512}
+# head_dim 256 (the Gluon decode kernel, one program per SM; Gemma-2-9B's 16 / 8 heads with its soft cap, `python
+# scripts/decode_latency_probe.py --gemma --quick`, H200, session 42, graph replays): the planner's chunks at the tuned
+# item_cost against the best forced chunk: 1 x 1024 256 -> 15.4 us (128: 14.2), 1 x 2048 512 -> 20.7 (256: 17.2,
+# 128: 16.6), 1 x 4096 512 -> 22.5 (256: 20.6), 2 x 1024 512 -> 20.5 (256: 16.6), 4 x 1024 512 -> 21.9 (256: 19.7),
+# 8 x 1024 1024 -> 30.2 (512: 27.6); 512 picks the chunks in parentheses first (115.9 us over the six against 131.2)
+SMALL_BATCH_ITEM_COST = {("decode", 64): 512, ("decode", 128): 512, ("decode", 256): 512}
 LATENCY_BOUND_TILES = 8
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
 _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1, 1, 32)}

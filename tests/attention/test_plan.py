@@ -303,6 +303,24 @@ def test_latency_bound_batches_use_their_item_cost():
             == plan_work(np.arange(n + 2), kv, np.zeros(n + 1, dtype=np.int64), config=cfg, **args).chunk_len)
 
 
+def test_head_dim_256_latency_bound_chunks():
+    """head_dim 256 decode on the Gluon kernel (one program per SM, 64-token blocks; Gemma-2-9B's 16 / 8 heads): a
+    few requests take the latency-bound item cost, which picks the chunk lengths measured fastest (plan.py's
+    SMALL_BATCH_ITEM_COST note, session 42), where the tuned item cost split 1 x 2048 into 4 chunks a KV head and 8 x
+    1024 not at all."""
+    from pagoda.attention import runner
+    from pagoda.attention.plan import select_config
+
+    cfg = runner._gluon_decode_config(select_config("decode", 256, 2, True), 2, 256)
+    assert (cfg.block_n, cfg.ctas_per_sm, cfg.small_item_cost) == (64, 1, 512)
+    args = dict(causal=False, window_left=-1, tasks_per_item=8, num_ctas=132, max_partial_rows=10**6, one_query=True)
+    want = {(1, 1024): 128, (1, 2048): 256, (1, 4096): 256, (2, 1024): 256, (4, 1024): 256, (8, 1024): 512,
+            (16, 1024): 1024}
+    got = {(b, n): plan_work(np.arange(b + 1), np.full(b, n), np.zeros(b, dtype=np.int64), config=cfg,
+                             **args).chunk_len for b, n in want}
+    assert got == want
+
+
 @pytest.mark.parametrize("group,rows", [(1, 8), (4, 8), (8, 8), (16, 16)])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gluon_decode_config_rows(group, rows, head_dim):

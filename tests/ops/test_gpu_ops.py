@@ -32,7 +32,7 @@ def test_norms_real_sizes(hidden):
     assert rel(x, ref) < 1.2e-2
     # residual <- residual + gemma_rmsnorm(input): the two-launch form to one unit in the last place (the compiler
     # adds in bf16, rounding the exact sum once, where torch's bf16 add rounds a float32 sum: rare double roundings)
-    x = torch.randn(512, hidden, dtype=torch.bfloat16, device="cuda") * torch.linspace(0.2, 5, 512, device="cuda")[:, None]
+    x = (torch.randn(512, hidden, device="cuda") * torch.linspace(0.2, 5, 512, device="cuda")[:, None]).bfloat16()
     r0 = torch.randn_like(x)
     ref = r0.double() + x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     r = r0.clone()
