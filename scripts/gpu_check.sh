@@ -73,7 +73,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   # (the multigpu tests, tensor parallelism over NCCL, need two GPUs: left out on a machine of one)
   MARK=$([ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo gpu || echo "gpu and not multigpu")
-  python3 -m pytest -q -m "$MARK" $XDIST ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+  # (the engine tests apart: their KV pools take a fraction of the free GPU memory, which failed 61 attention tests
+  # in other workers of one session, session 42)
+  if [ -n "${TESTS:-}" ]; then
+    python3 -m pytest -q -m "$MARK" $XDIST $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+  else
+    python3 -m pytest -q -m "$MARK" $XDIST tests --ignore=tests/engine 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -m "$MARK" $XDIST tests/engine 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
+  fi
 fi
 for b in ${BENCHES-attention}; do  # the short table last
   echo "== $b"; grep -v '^#' "$OUT/bench_$b.log" | tail -n 12

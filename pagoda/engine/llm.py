@@ -78,6 +78,7 @@ class EngineStats:
     cascade_steps: int = 0  # decode steps that ran the cascade wrapper (requests sharing prefix pages)
     prepared_steps: int = 0  # decode steps prepared while the previous step ran (async scheduling)
     ahead_steps: int = 0  # of those, launched before the previous step's tokens were read back
+    split_steps: int = 0  # mixed steps whose one-token requests ran the decode kernel (PAGODA_SPLIT_MIXED)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -480,6 +481,7 @@ class LLMEngine:
             self.stats.prepared_steps += self.runner.last_step_prepared
             self.stats.cuda_graph_steps += self.runner.last_step_graph
             self.stats.cascade_steps += self.runner.last_step_cascade
+            self.stats.split_steps += self.runner.last_step_split
         if self.async_scheduling:  # the host prepares the next decode step while the device runs this one
             self._prepare_or_run_ahead(pending)
         reqs, tokens, logprobs = self.runner.collect(pending)

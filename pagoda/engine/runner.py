@@ -20,6 +20,7 @@ import torch
 import pagoda
 
 from ..attention.formats import FP8_DTYPES
+from ..attention.prefill import split_mixed
 from ..ops._dispatch import env_switch, pdl_default
 from ..ops.lora import lora_max_tiles
 from .config import ModelConfig
@@ -36,6 +37,22 @@ CASCADE_MIN_SAVED_BYTES = 8 << 30
 # 256 MiB for Llama-3.1-8B's 8 KV heads of 128), more for a longer max_model_len, up to FP8_PREFILL_SCRATCH_BYTES
 FP8_PREFILL_SCRATCH_PAGES = 4096
 FP8_PREFILL_SCRATCH_BYTES = 1 << 30
+
+
+def split_mixed_mode() -> str:
+    """PAGODA_SPLIT_MIXED: how a mixed step (one-token requests beside prompt chunks) runs its attention with pagoda's
+    wrappers. "auto" (the default): the one-token requests in the decode kernel and the rest in the prefill kernel,
+    two launches a layer, where attention.prefill.split_mixed's cost model says their KV reads outweigh the prompt
+    chunks' MMAs (in one launch they would fill prefill tiles and pay a tile's MMAs per KV block; BatchAttention's
+    rule, session 36), and always over an fp8 cache on Hopper (the one launch copies every request's pages, the
+    decodes' too, into the 16-bit prefill scratch each layer, or reads fp8 in the Triton prefill kernel once they
+    outgrow it); "1": every mixed step so; "0": one launch."""
+    import os
+
+    mode = os.environ.get("PAGODA_SPLIT_MIXED", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"PAGODA_SPLIT_MIXED must be 'auto', '0' or '1', got {mode!r}")
+    return mode
 
 
 def fp8_prefill_scratch_default() -> bool:
@@ -367,23 +384,60 @@ class _PagodaAttention:
         # 4.385 / 4.385 -> 4.354 / 4.357 ms per token, batch 64 7.142 / 7.140 -> 7.128 / 7.133
         early_kv = env_switch("PAGODA_DECODE_EARLY_KV", "1")  # (read, and so checked, without PDL too)
         self.early_kv = runner.pdl and early_kv
+        # a mixed step's one-token requests (the step's first rows: ModelRunner.launch orders them so) in the decode
+        # kernel: their count, None when the step runs in one launch (split_mixed_mode); the decode wrapper is made
+        # at the first such step and shares the workspace (its runs and the prefill wrapper's are in turn)
+        self.split_mode = runner.split_mode if not use_cuda_graph else "0"
+        self.split = None
+        self.decode_part = None
 
     def plan(self, inp: StepInputs, dev: _DeviceInputs, levels=None) -> None:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
         c, r = self.r.config, self.r
-        kv_indices, kv_dtype = inp.kv_indices, r.kv_dtype
         self.dequant = None
+        self.split = None if inp.is_decode else self._split_rows(inp)
+        qo, kv, last, kv_indices, pages = (inp.qo_indptr, inp.kv_indptr, inp.kv_last_page_len, inp.kv_indices,
+                                           dev.kv_indices)
+        if self.split is not None:  # the one-token requests (the first n) in the decode kernel, the rest below
+            n = self.split
+            p = int(kv[n])
+            if self.decode_part is None:
+                self.decode_part = pagoda.BatchDecodeWithPagedKVCacheWrapper(self.r.workspace, "NHD",
+                                                                             backend=self.wrapper._backend)
+            self.decode_part.plan(torch.from_numpy(kv[:n + 1]), torch.from_numpy(kv_indices[:p]),
+                                  torch.from_numpy(last[:n]), c.num_heads, c.num_kv_heads, c.head_dim, r.page_size,
+                                  window_left=self.window_left, logits_soft_cap=c.attn_soft_cap, sm_scale=c.attn_scale,
+                                  q_data_type=r.dtype, kv_data_type=r.kv_dtype)
+            qo, kv, last, kv_indices, pages = qo[n:] - qo[n], kv[n:] - p, last[n:], kv_indices[p:], pages[p:]
+        kv_dtype = r.kv_dtype
         scratch = r.fp8_prefill_scratch
         if scratch is not None and not inp.is_decode and len(kv_indices) <= scratch.shape[0]:
             # (a prefill over an fp8 cache: each layer's pages of the step dequantized into a 16-bit scratch, in
             # page-table order, which the Gluon prefill kernel reads: fp8_prefill_scratch_default)
-            self.dequant = (dev.kv_indices, len(kv_indices))
+            self.dequant = (pages, len(kv_indices))
             kv_indices, kv_dtype = np.arange(len(kv_indices), dtype=np.int32), r.dtype
-        self.wrapper.plan(torch.from_numpy(inp.qo_indptr), torch.from_numpy(inp.kv_indptr),
-                          torch.from_numpy(kv_indices), torch.from_numpy(inp.kv_last_page_len),
-                          c.num_heads, c.num_kv_heads, c.head_dim, r.page_size, causal=True,
+        self.wrapper.plan(torch.from_numpy(qo), torch.from_numpy(kv), torch.from_numpy(kv_indices),
+                          torch.from_numpy(last), c.num_heads, c.num_kv_heads, c.head_dim, r.page_size, causal=True,
                           window_left=self.window_left, q_data_type=r.dtype, kv_data_type=kv_dtype,
                           sm_scale=c.attn_scale, logits_soft_cap=c.attn_soft_cap)
+
+    def _split_rows(self, inp: StepInputs) -> int | None:
+        """How many of a mixed step's first requests run in the decode kernel (split_mixed_mode), or None: the
+        one-token requests with KV, when they are the step's first requests and not all of them."""
+        if self.split_mode == "0":
+            return None
+        qo_lens = np.diff(inp.qo_indptr)
+        pages = np.diff(inp.kv_indptr)
+        one = (qo_lens == 1) & (pages > 0)
+        n = int(one.argmin()) if not one.all() else len(one)
+        if n == 0 or n == len(one) or one[n:].any():
+            return None
+        if self.split_mode == "1" or self.r.fp8_prefill_scratch is not None:
+            return n
+        c = self.r.config
+        kv_lens = np.maximum(pages - 1, 0) * self.r.page_size + inp.kv_last_page_len
+        dec = split_mixed(qo_lens, kv_lens, c.num_heads, c.num_kv_heads, c.head_dim, True)
+        return n if dec is not None else None
 
     def for_layer(self, layer: int):
         """The attention a layer runs (_LayerWindows: its window's)."""
@@ -394,13 +448,25 @@ class _PagodaAttention:
                                      **self.r.kv_scales)
 
     def run(self, q, cache):
+        out = None
+        if self.split is not None:  # the decode rows first (right after the RoPE + append: early KV as a decode)
+            n = self.split
+            out = torch.empty_like(q)
+            self.decode_part.run(q[:n], cache, out=out[:n], enable_pdl=self.pdl, pdl_early_kv=self.early_kv,
+                                 **self.r.kv_scales)
+            q, early_kv = q[n:], False  # (the prompt rows after a kernel that waited for the append)
+        else:
+            early_kv = self.early_kv
+        rest = None if out is None else out[self.split:]
         if self.dequant is not None:  # (the step's pages in 16 bits: scales 1.0, a cast)
             idx, n = self.dequant
             scratch = self.r.fp8_prefill_scratch[:n]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
             # (no early KV: the copy right before writes the KV this run reads)
-            return self.wrapper.run(q, scratch, enable_pdl=self.pdl, pdl_early_kv=False)
-        return self.wrapper.run(q, cache, enable_pdl=self.pdl, pdl_early_kv=self.early_kv, **self.r.kv_scales)
+            o = self.wrapper.run(q, scratch, out=rest, enable_pdl=self.pdl, pdl_early_kv=False)
+        else:
+            o = self.wrapper.run(q, cache, out=rest, enable_pdl=self.pdl, pdl_early_kv=early_kv, **self.r.kv_scales)
+        return o if out is None else out
 
 
 class _LayerWindows:
@@ -421,6 +487,11 @@ class _LayerWindows:
 
     def for_layer(self, layer: int):
         return self.layers[layer]
+
+    @property
+    def split(self):
+        """The step's split (_PagodaAttention.split): every window's plan splits alike."""
+        return self.layers[0].split
 
     def append(self, *args) -> None:
         self.layers[0].append(*args)
@@ -614,6 +685,9 @@ class ModelRunner:
             self.fp8_prefill_scratch = torch.empty(shape, dtype=dtype, device=self.device)
         ws_bytes = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=self.device)
+        # mixed steps' one-token requests in the decode kernel (pagoda's wrappers: split_mixed_mode); launch() puts
+        # them first in such a step
+        self.split_mode = split_mixed_mode() if attention_backend in ("pagoda", "torch") else "0"
         if attention_backend == "flashinfer":
             if self.layer_windows is not None or config.attn_scale is not None or config.attn_soft_cap is not None:
                 raise ValueError(f"attention_backend 'flashinfer' serves models of one attention window without a "
@@ -663,6 +737,7 @@ class ModelRunner:
         self._graph_attn: dict[bool, _PagodaAttention] = {}
         self.last_step_graph = False
         self.last_step_prepared = False
+        self.last_step_split = False  # (the last step ran a mixed batch's one-token requests in the decode kernel)
         self.graph_pool = None
         # (a side stream inside the decode graphs: the deferred final norm's factor beside the lm_head)
         self.side_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
@@ -782,12 +857,16 @@ class ModelRunner:
         requests, num_new = batch.requests, batch.num_new_tokens
         if prepared is not None and prepared.matches(requests, num_new):
             return self.launch_prepared(prepared, generator)
-        self.last_step_prepared = False
+        self.last_step_prepared = self.last_step_split = False
         if self.step_overlap:  # (a step prepared on the copy stream and not run may still be writing the inputs)
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         order = _first_page_order(requests) if self.enable_cascade and len(requests) > 1 else None
         if order is not None:  # requests that share pages next to each other (levels group neighbours)
             requests, num_new = [requests[i] for i in order], [num_new[i] for i in order]
+        if self.split_mode != "0" and 1 in num_new and any(n > 1 for n in num_new):
+            # a mixed step: its one-token requests first (the decode kernel takes the first rows: _PagodaAttention)
+            first = sorted(range(len(requests)), key=lambda i: num_new[i] != 1)
+            requests, num_new = [requests[i] for i in first], [num_new[i] for i in first]
         inp = build_inputs(requests, num_new, self.page_size)
         if self.lora is not None:  # (adapters not on the device are written into slots here, on this stream)
             inp.lora_slots = self.lora.slots_for(requests)
@@ -808,6 +887,7 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging, self._max_loras)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
+            self.last_step_split = getattr(attn, "split", None) is not None
             hidden = self._hidden(dev, attn)
             want = _prompt_lp_rows(requests, num_new, inp.qo_indptr)
             prompt_lp = _PromptLogprobs(self.model, hidden, want) if want else None
@@ -840,7 +920,7 @@ class ModelRunner:
     def launch_prepared(self, prepared: _Prepared, generator=None) -> _Pending:
         """Queue a prepared decode step (prepare_next) and its sampling: the graph replay (or the eager
         forward) over the inputs and plan already on the device."""
-        self.last_step_prepared, self.last_step_cascade = True, False
+        self.last_step_prepared, self.last_step_cascade, self.last_step_split = True, False, False
         self.last_step_graph = prepared.graph is not None
         reqs = list(prepared.requests)
         if prepared.graph is not None:

@@ -757,3 +757,85 @@ def test_startup_heap_freeze(monkeypatch):
         assert engines[0]() is None and engines[1]() is None
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_mixed_steps_split_into_decode_and_prefill_launches(tiny_models, monkeypatch, family):
+    """PAGODA_SPLIT_MIXED=1: a mixed step's one-token requests run in the decode wrapper and its prompt chunks in the
+    prefill wrapper (engine/runner.py, _PagodaAttention.split), the one-token requests moved to the front of the
+    step (here every step comes in the reverse of the scheduler's order, so they start at the back); =0: one
+    prefill launch. Both give transformers' greedy tokens and log-probabilities (1e-4) through chunked prefill
+    beside decodes (Gemma 2: each window's attention splits, soft caps on both wrappers)."""
+    from .test_models import check_like_hf
+
+    path, hf = tiny_models[family]
+    sp = pagoda.SamplingParams(max_tokens=10, temperature=0, logprobs=3, ignore_eos=True)
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PAGODA_SPLIT_MIXED", mode)
+        llm = make_llm(path, max_num_batched_tokens=8, enable_prefix_caching=False)
+        sched = llm.engine.scheduler
+        orig = sched.schedule
+
+        def reversed_schedule():  # (any order of a step's requests is the runner's to take)
+            b = orig()
+            b.requests.reverse()
+            b.num_new_tokens.reverse()
+            return b
+        sched.schedule = reversed_schedule
+        seen = spy_batches(llm)
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        for p, o in zip(PROMPTS, outs):
+            check_like_hf(hf, p, o.outputs[0], 10)
+        mixed = [s for s in seen if any(n == 1 for *_, n in s) and any(n > 1 for *_, n in s)]
+        assert mixed and any(s[-1][2] == 1 for s in mixed)  # (one-token requests last in some mixed step)
+        assert llm.engine.stats.split_steps == (len(mixed) if mode == "1" else 0)
+    monkeypatch.setenv("PAGODA_SPLIT_MIXED", "yes")
+    with pytest.raises(ValueError, match="PAGODA_SPLIT_MIXED"):
+        make_llm(path)
+
+
+def test_split_mixed_rows(tiny_models, monkeypatch):
+    """_PagodaAttention._split_rows: the leading one-token requests of a mixed step (none when one comes after a
+    prompt chunk, when every request is one token, or under PAGODA_SPLIT_MIXED=0); under "auto" (no fp8 scratch
+    here) as attention.prefill.split_mixed's cost model decides: many long decodes beside a short chunk split,
+    one short decode beside a long chunk does not."""
+    import numpy as np
+
+    from pagoda.engine.runner import StepInputs
+
+    path, _ = tiny_models["llama"]
+
+    def step(qo_lens, kv_lens, page=4):
+        pages = [-(-k // page) for k in kv_lens]
+        i32 = np.int32
+        return StepInputs(np.zeros(sum(qo_lens), i32), np.zeros(sum(qo_lens), i32), np.zeros(sum(qo_lens), i32),
+                          np.concatenate([[0], np.cumsum(qo_lens)]).astype(i32),
+                          np.concatenate([[0], np.cumsum(pages)]).astype(i32), np.arange(sum(pages), dtype=i32),
+                          np.array([(k - 1) % page + 1 for k in kv_lens], i32), np.zeros(0, i32), [], False)
+
+    for mode, want in (("1", [3, None, None, 64, 1]), ("0", [None] * 5), ("auto", [3, None, None, 64, None])):
+        monkeypatch.setenv("PAGODA_SPLIT_MIXED", mode)
+        attn = make_llm(path).engine.runner.attn
+        got = [attn._split_rows(step(q, k)) for q, k in (
+            ([1, 1, 1, 8], [40, 9, 20, 8]), ([8, 1], [8, 30]), ([1, 1], [5, 6]),
+            ([1] * 64 + [4], [4000] * 64 + [4]), ([1, 200], [5, 200]))]
+        assert got == want, (mode, got)
+
+
+def test_mixed_steps_split_over_an_fp8_cache(tiny_models, monkeypatch):
+    """An fp8 KV cache: a mixed step split (PAGODA_SPLIT_MIXED=1: the decode wrapper reads the one-token requests'
+    fp8 pages, the prefill wrapper the rest) gives the one-launch engine's greedy tokens and log-probabilities (the
+    same fp8 values, dequantized by each wrapper: 1e-5)."""
+    path, _ = tiny_models["llama"]
+    sp = pagoda.SamplingParams(max_tokens=10, temperature=0, logprobs=3, ignore_eos=True)
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PAGODA_SPLIT_MIXED", mode)
+        llm = make_llm(path, max_num_batched_tokens=8, enable_prefix_caching=False, kv_cache_dtype="fp8",
+                       dtype="bfloat16")
+        outs[mode] = [o.outputs[0] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        assert (llm.engine.stats.split_steps > 0) == (mode == "1")
+    for a, b in zip(outs["1"], outs["0"]):
+        assert a.token_ids == b.token_ids
+        for sa, sb in zip(a.logprobs, b.logprobs):
+            assert sa.keys() == sb.keys() and all(abs(sa[t] - sb[t]) < 1e-5 for t in sa)
