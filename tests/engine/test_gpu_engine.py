@@ -552,3 +552,29 @@ def test_gemma3_in_cuda_graphs(tmp_path):
         means[kind] = sum(d) / len(d)
     print("Gemma 3 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; broken", means)
     assert mean < 0.02 and all(mean < m / 3 for m in means.values()), (mean, max(dev), means)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_split_mixed_steps_on_gpu(monkeypatch, kv):
+    """Mixed steps split (PAGODA_SPLIT_MIXED=1: the one-token requests in the Gluon decode kernel, the prompt chunks in
+    the prefill kernel; over an fp8 cache on Hopper the chunks through the 16-bit scratch of their pages only) and in
+    one launch (=0), chunked prefill beside decodes: both engines' completions deviate from transformers (float32;
+    K / V rounded through e4m3 for the fp8 cache) by about as much, and the split ran."""
+    from .test_kv_fp8 import _deviation, _hf
+
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    prompts = [p * 3 for p in PROMPTS] + PROMPTS  # (longer prompts, chunked, beside the shorter ones' decodes)
+    kw = dict(dtype="bfloat16", max_num_seqs=8, num_kv_pages=2048, max_num_batched_tokens=16,
+              enable_prefix_caching=False, **({"kv_cache_dtype": "fp8"} if kv == "fp8" else {}))
+    outs, splits = {}, {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PAGODA_SPLIT_MIXED", mode)
+        llm = pagoda.LLM(**kw)
+        outs[mode] = llm.generate(prompts, sp, use_tqdm=False)
+        splits[mode] = llm.engine.stats.split_steps
+        del llm
+    assert splits["1"] > 3 and splits["0"] == 0, splits
+    hf = _hf(fp8=kv == "fp8").cuda()
+    (d1, m1), (d0, m0) = _deviation(outs["1"], hf), _deviation(outs["0"], hf)
+    print(kv, "split steps", splits["1"], "mean / max |dlogp| split", d1, m1, "one launch", d0, m0)
+    assert d1 < 1.5 * d0 + 0.005 and m1 < 0.5, (d1, m1, d0, m0)
