@@ -13,6 +13,7 @@ wrappers on their PyTorch reference path, anywhere).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -47,8 +48,6 @@ def split_mixed_mode() -> str:
     rule, session 36), and always over an fp8 cache on Hopper (the one launch copies every request's pages, the
     decodes' too, into the 16-bit prefill scratch each layer, or reads fp8 in the Triton prefill kernel once they
     outgrow it); "1": every mixed step so; "0": one launch."""
-    import os
-
     mode = os.environ.get("PAGODA_SPLIT_MIXED", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"PAGODA_SPLIT_MIXED must be 'auto', '0' or '1', got {mode!r}")
@@ -459,8 +458,8 @@ class _PagodaAttention:
             early_kv = self.early_kv
         rest = None if out is None else out[self.split:]
         if self.dequant is not None:  # (the step's pages in 16 bits: scales 1.0, a cast)
-            idx, n = self.dequant
-            scratch = self.r.fp8_prefill_scratch[:n]
+            idx, num_pages = self.dequant
+            scratch = self.r.fp8_prefill_scratch[:num_pages]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
             # (no early KV: the copy right before writes the KV this run reads)
             o = self.wrapper.run(q, scratch, out=rest, enable_pdl=self.pdl, pdl_early_kv=False)

@@ -11,9 +11,9 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
                    NORM_INTO_R: tl.constexpr = False):
     """Y = X / rms(X) * (W + weight_offset), or with ADD_RESIDUAL: R <- X + R, then Y = norm(R)
     (Y aliases X for the in-place fused form), or with NORM_INTO_R: R <- R + norm(X), the norm rounded to R's
-    dtype before the sum (as the norm's own output would be; Y is R then). A row of at most BLOCK elements is one pass, its weight
-    loaded with it (one round of loads: at decode batch 1 the kernel is that round's latency); longer rows
-    take two passes. PDL: kernels/pdl.py."""
+    dtype before the sum (as the norm's own output would be; Y is R then; in float32 the compiler may fuse the
+    product and the sum). A row of at most BLOCK elements is one pass, its weight loaded with it (one round of
+    loads: at decode batch 1 the kernel is that round's latency); longer rows take two passes. PDL: kernels/pdl.py."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     if hidden <= BLOCK:
