@@ -48,40 +48,29 @@ def _norm(input, weight, eps, out, offset, enable_pdl=None):
     return out
 
 
-def _fused(input, residual, weight, eps, offset, enable_pdl=None):
+def _fused(input, residual, weight, eps, offset, enable_pdl=None, into=False):
+    """residual <- input + residual, input <- norm(residual); into: residual <- residual + norm(input) instead."""
     _check(input, weight)
     check_same("residual", residual, input)
     if input.numel() == 0:
         return
     if not use_triton(input):
-        x = input.float() + residual.float()
-        residual.copy_(x.to(residual.dtype))
-        x = residual.float()
-        input.copy_((x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset))
-                    .to(input.dtype))
+        x = input.float() if into else (input.float() + residual.float())
+        if not into:
+            residual.copy_(x.to(residual.dtype))
+            x = residual.float()
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)).to(input.dtype)
+        if into:
+            residual.copy_((residual.float() + y.float()).to(residual.dtype))
+        else:
+            input.copy_(y)
         return
     x2, r2 = rows_view("input", input), rows_view("residual", residual)
+    y2 = r2 if into else x2
     hidden = input.shape[-1]
-    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, x2, hidden, x2.stride(0), r2.stride(0), x2.stride(0),
-                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=True,
-                                   num_warps=4, **pdl_launch(enable_pdl, input))
-
-
-def _norm_into(input, residual, weight, eps, offset, enable_pdl=None):
-    _check(input, weight)
-    check_same("residual", residual, input)
-    if input.numel() == 0:
-        return
-    if not use_triton(input):
-        x = input.float()
-        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)).to(residual.dtype)
-        residual.copy_((residual.float() + y.float()).to(residual.dtype))
-        return
-    x2, r2 = rows_view("input", input), rows_view("residual", residual)
-    hidden = input.shape[-1]
-    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, r2, hidden, x2.stride(0), r2.stride(0), r2.stride(0),
-                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=False,
-                                   NORM_INTO_R=True, num_warps=4, **pdl_launch(enable_pdl, input))
+    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y2, hidden, x2.stride(0), r2.stride(0), y2.stride(0),
+                                   float(eps), float(offset), BLOCK=_block(hidden), ADD_RESIDUAL=not into,
+                                   NORM_INTO_R=into, num_warps=4, **pdl_launch(enable_pdl, input))
 
 
 def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None,
@@ -116,4 +105,4 @@ def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch
     post-feedforward norms, whose output joins the residual stream; on the GPU the sum of two bf16 values rounds
     once where torch's bf16 add rounds a float32 sum, so a rare element differs by one unit in the last place).
     input is left as it is."""
-    _norm_into(input, residual, weight, eps, 1.0, enable_pdl)
+    _fused(input, residual, weight, eps, 1.0, enable_pdl, into=True)

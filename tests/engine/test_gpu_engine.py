@@ -446,6 +446,23 @@ def test_cuda_engine_freezes_its_start_up_heap():
     assert engine() is None
 
 
+def _save_random_gemma(path, model_cls, cfg):
+    """A random model_cls(cfg) saved in path, its norm weights in (-0.5, 0.5) (so that their (1 + w) form shows);
+    the prompts, sampling parameters and engine arguments of the Gemma tests below."""
+    cfg.architectures = [model_cls.__name__]
+    torch.manual_seed(0)
+    hf = model_cls(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(path, safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 77, 120, 200)]
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+    return prompts, sp, dict(skip_tokenizer_init=True, max_num_seqs=8, num_kv_pages=512)
+
+
 def _lone_one_token_steps(llm, prompt, sp):
     """prompt alone through llm: its decode steps replay the batch-1 CUDA graph, captured over the model's
     one-token path (the layers' forward_one_token); its outputs."""
@@ -467,18 +484,7 @@ def test_gemma2_in_cuda_graphs(tmp_path):
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=128, sliding_window=32,
                                     query_pre_attn_scalar=96, attn_logit_softcapping=8.0, final_logit_softcapping=10.0,
                                     max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=True)
-    cfg.architectures = ["Gemma2ForCausalLM"]
-    torch.manual_seed(0)
-    hf = transformers.Gemma2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.uniform_(-0.5, 0.5)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 77, 120, 200)]
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
-    kw = dict(skip_tokenizer_init=True, max_num_seqs=8, num_kv_pages=512)
+    prompts, sp, kw = _save_random_gemma(tmp_path, transformers.Gemma2ForCausalLM, cfg)
     llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
     outs = llm.generate(prompts, sp, use_tqdm=False)
     assert llm.engine.stats.cuda_graph_steps > 10
@@ -514,18 +520,7 @@ def test_gemma3_in_cuda_graphs(tmp_path):
                                         sliding_window_pattern=3, query_pre_attn_scalar=96, rope_theta=1e6,
                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
                                         max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=True)
-    cfg.architectures = ["Gemma3ForCausalLM"]
-    torch.manual_seed(0)
-    hf = transformers.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.uniform_(-0.5, 0.5)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 77, 120, 200)]
-    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
-    kw = dict(skip_tokenizer_init=True, max_num_seqs=8, num_kv_pages=512)
+    prompts, sp, kw = _save_random_gemma(tmp_path, transformers.Gemma3ForCausalLM, cfg)
     llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
     c = llm.engine.config
     assert c.family == "gemma3" and [c.layer_window_left(i) for i in range(3)] == [31, 31, -1]
