@@ -102,6 +102,7 @@ def cases():
         yield f"gate_up_act NORM PDL ACT={act}", matmul.gate_up_act_kernel, dict(
             X="*bf16", W="*bf16", Y="*bf16", eps="fp32"), dict(NORM=True, NORM_K=4096, BLOCK_K=256, EVEN_K=True,
                                                                PDL=True, ACT=act), 4, 2
+    yield "soft_cap", activation.soft_cap_kernel, dict(X="*bf16", Y="*fp32", cap="fp32"), dict(BLOCK=4096), 8
     for into in (False, True):
         for block in (4096, 1024):  # one pass, two passes
             yield f"rmsnorm NORM_INTO_R={into} BLOCK={block}", norm_kernels.rmsnorm_kernel, dict(

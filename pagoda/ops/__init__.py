@@ -1,6 +1,6 @@
 """Serving ops next to attention: norms, activations, RoPE, paged-KV writes, sampling (FlashInfer names), a
 linear layer with a small-M kernel for decode at batch 1, and the segment GEMM of multi-LoRA serving."""
-from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul, soft_cap
 from .lora import SegmentGEMMWrapper, segment_gemm
 from .matmul import linear, linear_gelu_tanh_and_mul, linear_rope_append, linear_silu_and_mul
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, gemma_rmsnorm_add, rmsnorm
@@ -21,7 +21,7 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "append_paged_kv_cache", "append_paged_mla_kv_cache", "get_seq_lens", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "gemma_rmsnorm_add", "get_batch_indices_positions", "linear",
            "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
-           "silu_and_mul",
+           "silu_and_mul", "soft_cap",
            "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",
            "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs", "top_p_sampling_from_probs",
            "top_k_mask_logits", "top_k_renorm_probs", "top_p_renorm_probs"]

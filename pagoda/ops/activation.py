@@ -7,7 +7,7 @@ import torch
 import triton
 
 from ._dispatch import check_eps, pdl_launch, rows_view, use_triton
-from .kernels.activation import act_and_mul_kernel
+from .kernels.activation import act_and_mul_kernel, soft_cap_kernel
 
 _TORCH = {
     0: torch.nn.functional.silu,
@@ -77,3 +77,28 @@ def gelu_tanh_and_mul(input: torch.Tensor, out: torch.Tensor | None = None, enab
                       norm_input: torch.Tensor | None = None, norm_eps: float = 1e-6):
     """GeGLU with the tanh approximation of GELU (norm_input, norm_eps: as silu_and_mul's)."""
     return _act_and_mul(input, out, 2, enable_pdl, norm_input, norm_eps)
+
+
+def soft_cap(input: torch.Tensor, cap: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cap * tanh(input / cap), computed and returned in float32 (pagoda's, for logits soft caps such as Gemma 2's
+    final_logit_softcapping: one launch where ``torch.tanh(logits.float() / cap) * cap`` takes four, each over the
+    whole [rows, vocab]). input: any floating dtype, contiguous; out: float32 of input's shape."""
+    if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
+        raise ValueError(f"input must be a floating tensor, got {getattr(input, 'dtype', type(input))}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"cap must be a float > 0, got {cap!r}")
+    if out is None:
+        out = torch.empty(input.shape, dtype=torch.float32, device=input.device)
+    elif (not isinstance(out, torch.Tensor) or out.shape != input.shape or out.dtype != torch.float32
+          or out.device != input.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 {tuple(input.shape)} on {input.device}, got "
+                         f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if input.numel() == 0:
+        return out
+    if not use_triton(input):
+        torch.mul(torch.tanh(input.float() / cap), cap, out=out)
+        return out
+    x = input if input.is_contiguous() else input.contiguous()
+    block = 4096
+    soft_cap_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), float(cap), BLOCK=block, num_warps=8)
+    return out

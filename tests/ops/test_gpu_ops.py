@@ -42,6 +42,18 @@ def test_norms_real_sizes(hidden):
     assert (r.float() != two).float().mean() < 1e-3
 
 
+def test_soft_cap_real_size():
+    """pagoda.soft_cap over a batch of Gemma-2's logits (64 x 256000 bf16, cap 30) against float64, element by
+    element (relative); output poisoned."""
+    x = torch.randn(64, 256000, device="cuda") * torch.logspace(-3, 2, 256000, device="cuda")
+    x = x.bfloat16()
+    out = torch.full(x.shape, float("nan"), dtype=torch.float32, device="cuda")
+    pagoda.soft_cap(x, 30.0, out=out)
+    ref = torch.tanh(x.double() / 30.0) * 30.0
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max().item() < 1e-5
+
+
 def test_silu_and_mul_real_size():
     x = torch.randn(512, 2 * 14336, dtype=torch.bfloat16, device="cuda")
     ref = torch.nn.functional.silu(x[:, :14336].double()) * x[:, 14336:].double()

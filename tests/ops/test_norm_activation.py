@@ -139,3 +139,33 @@ def test_bad_input():
         pagoda.silu_and_mul(torch.randn(3, 7, device=DEVICE))
     with pytest.raises(ValueError, match="out"):
         pagoda.silu_and_mul(x, out=torch.empty(4, 64, dtype=torch.float16, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 1000), (2, 5, 4097)])  # (one block and a part; blocks over rows)
+def test_soft_cap(dtype, shape, monkeypatch):
+    """cap * tanh(x / cap) in float32 against float64: logits from near 0 (the series branch) through the cap's
+    range to far past it (saturated), a non-contiguous input; output poisoned; the PyTorch form too; bad input."""
+    cap = 30.0
+    x = (torch.randn(shape, device=DEVICE) * torch.logspace(-4, 2.5, shape[-1], device=DEVICE)).to(dtype)
+    ref = torch.tanh(x.double() / cap) * cap
+    from pagoda.ops import activation
+
+    for triton_path in (True, False):
+        if not triton_path:
+            monkeypatch.setattr(activation, "use_triton", lambda t: False)
+        out = torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
+        assert pagoda.soft_cap(x, cap, out=out) is out
+        assert torch.isfinite(out).all()
+        err = ((out.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max().item()
+        assert err < 1e-5, (triton_path, err)  # (relative, element by element: small logits too)
+        t = pagoda.soft_cap(x.transpose(-1, -2), cap)
+        assert t.dtype == torch.float32 and torch.allclose(t.double(), ref.transpose(-1, -2), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="cap"):
+        pagoda.soft_cap(x, 0.0)
+    with pytest.raises(ValueError, match="out"):
+        pagoda.soft_cap(x, cap, out=torch.empty(shape, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        pagoda.soft_cap(x, cap, out=torch.empty(shape[:-1], dtype=torch.float32, device=DEVICE))
+    with pytest.raises(ValueError, match="input"):
+        pagoda.soft_cap(torch.ones(3, dtype=torch.int32), cap)

@@ -131,10 +131,11 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """The logits, soft-capped (final_logit_softcapping) in float32: always float32 (a capped logit near the
-        cap in bf16 would be 0.125 apart from its neighbours)."""
-        logits = super().compute_logits(hidden, upcast=True)
+        cap in bf16 would be 0.125 apart from its neighbours), the cast and the cap in one launch
+        (pagoda.ops.soft_cap)."""
         cap = self.config.final_soft_cap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        logits = super().compute_logits(hidden, upcast=cap is None)
+        return logits if cap is None else pagoda.ops.soft_cap(logits, cap)
 
     def load_weights(self, weights) -> None:
         """LlamaForCausalLM.load_weights over the text model's names: a multimodal Gemma 3 checkpoint

@@ -38,3 +38,15 @@ def act_and_mul_kernel(X, Y, d, stride_x, stride_y, N_IN, stride_n, n_in, eps, A
     else:
         g = 0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a)))
     tl.store(Y + row * stride_y + offs, (g * b).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def soft_cap_kernel(X, Y, n, cap, BLOCK: tl.constexpr):
+    """Y = cap * tanh(X / cap) in float32 over n elements (logits: Gemma's final_logit_softcapping); tanh by
+    (1 - e) / (1 + e), e = exp(-2|x|), and by its series where |x| < 0.01 (there 1 - e loses digits)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32) / cap
+    small = x * (1.0 - x * x / 3.0)
+    t = tl.where(tl.abs(x) < 0.01, small, _tanh(x))
+    tl.store(Y + offs, (t * cap).to(Y.dtype.element_ty), mask=m)
