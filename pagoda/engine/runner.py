@@ -20,7 +20,7 @@ import torch
 
 import pagoda
 
-from ..attention.formats import FP8_DTYPES
+from ..attention.formats import FP8_DTYPES, paged_kv_lens
 from ..attention.prefill import split_mixed
 from ..ops._dispatch import env_switch, pdl_default
 from ..ops.lora import lora_max_tiles
@@ -105,6 +105,8 @@ class StepInputs:
     sample_rows: list[int]  # [S] which requests sample
     is_decode: bool
     lora_slots: np.ndarray | None = None  # [B] each request's LoRA slot (LoRAManager.slots_for), None: no LoRA
+    # a mixed step's first requests that run in the decode kernel (ModelRunner.split_rows), None: one launch
+    split: int | None = None
 
 
 def build_inputs(requests, num_new_tokens, page_size: int) -> StepInputs:
@@ -383,10 +385,8 @@ class _PagodaAttention:
         # 4.385 / 4.385 -> 4.354 / 4.357 ms per token, batch 64 7.142 / 7.140 -> 7.128 / 7.133
         early_kv = env_switch("PAGODA_DECODE_EARLY_KV", "1")  # (read, and so checked, without PDL too)
         self.early_kv = runner.pdl and early_kv
-        # a mixed step's one-token requests (the step's first rows: ModelRunner.launch orders them so) in the decode
-        # kernel: their count, None when the step runs in one launch (split_mixed_mode); the decode wrapper is made
-        # at the first such step and shares the workspace (its runs and the prefill wrapper's are in turn)
-        self.split_mode = runner.split_mode if not use_cuda_graph else "0"
+        # the planned step's split (StepInputs.split: its first requests in the decode kernel); the decode wrapper is
+        # made at the first such step and shares the workspace (its runs and the prefill wrapper's are in turn)
         self.split = None
         self.decode_part = None
 
@@ -394,7 +394,7 @@ class _PagodaAttention:
         """levels: the step's cascade levels (used by _PagodaCascadeAttention only)."""
         c, r = self.r.config, self.r
         self.dequant = None
-        self.split = None if inp.is_decode else self._split_rows(inp)
+        self.split = inp.split
         qo, kv, last, kv_indices, pages = (inp.qo_indptr, inp.kv_indptr, inp.kv_last_page_len, inp.kv_indices,
                                            dev.kv_indices)
         if self.split is not None:  # the one-token requests (the first n) in the decode kernel, the rest below
@@ -419,24 +419,6 @@ class _PagodaAttention:
                           torch.from_numpy(last), c.num_heads, c.num_kv_heads, c.head_dim, r.page_size, causal=True,
                           window_left=self.window_left, q_data_type=r.dtype, kv_data_type=kv_dtype,
                           sm_scale=c.attn_scale, logits_soft_cap=c.attn_soft_cap)
-
-    def _split_rows(self, inp: StepInputs) -> int | None:
-        """How many of a mixed step's first requests run in the decode kernel (split_mixed_mode), or None: the
-        one-token requests with KV, when they are the step's first requests and not all of them."""
-        if self.split_mode == "0":
-            return None
-        qo_lens = np.diff(inp.qo_indptr)
-        pages = np.diff(inp.kv_indptr)
-        one = (qo_lens == 1) & (pages > 0)
-        n = int(one.argmin()) if not one.all() else len(one)
-        if n == 0 or n == len(one) or one[n:].any():
-            return None
-        if self.split_mode == "1" or self.r.fp8_prefill_scratch is not None:
-            return n
-        c = self.r.config
-        kv_lens = np.maximum(pages - 1, 0) * self.r.page_size + inp.kv_last_page_len
-        dec = split_mixed(qo_lens, kv_lens, c.num_heads, c.num_kv_heads, c.head_dim, True)
-        return n if dec is not None else None
 
     def for_layer(self, layer: int):
         """The attention a layer runs (_LayerWindows: its window's)."""
@@ -486,11 +468,6 @@ class _LayerWindows:
 
     def for_layer(self, layer: int):
         return self.layers[layer]
-
-    @property
-    def split(self):
-        """The step's split (_PagodaAttention.split): every window's plan splits alike."""
-        return self.layers[0].split
 
     def append(self, *args) -> None:
         self.layers[0].append(*args)
@@ -820,6 +797,24 @@ class ModelRunner:
                 self._graph_for(size, cascade)
         torch.cuda.synchronize()
 
+    def split_rows(self, inp: StepInputs) -> int | None:
+        """How many of a mixed step's first requests run in the decode kernel (split_mixed_mode; StepInputs.split),
+        or None: the one-token requests, when they are the step's first requests (launch() orders them so) and not
+        all of them."""
+        if self.split_mode == "0":
+            return None
+        qo_lens = np.diff(inp.qo_indptr)
+        one = (qo_lens == 1) & (np.diff(inp.kv_indptr) > 0)
+        n = int(one.argmin()) if not one.all() else len(one)
+        if n == 0 or n == len(one) or one[n:].any():
+            return None
+        if self.split_mode == "1" or self.fp8_prefill_scratch is not None:
+            return n
+        c = self.config
+        kv_lens = paged_kv_lens(inp.kv_indptr, inp.kv_last_page_len, self.page_size)
+        dec = split_mixed(qo_lens, kv_lens, c.num_heads, c.num_kv_heads, c.head_dim, True)
+        return n if dec is not None else None
+
     def make_attention(self, backend: str, use_cuda_graph: bool = False):
         """pagoda's attention of this model's layers: one _PagodaAttention, or one a window (_LayerWindows)."""
         if self.layer_windows is None:
@@ -867,6 +862,9 @@ class ModelRunner:
             first = sorted(range(len(requests)), key=lambda i: num_new[i] != 1)
             requests, num_new = [requests[i] for i in first], [num_new[i] for i in first]
         inp = build_inputs(requests, num_new, self.page_size)
+        if not inp.is_decode:
+            inp.split = self.split_rows(inp)
+            self.last_step_split = inp.split is not None
         if self.lora is not None:  # (adapters not on the device are written into slots here, on this stream)
             inp.lora_slots = self.lora.slots_for(requests)
         levels = self._cascade_levels(inp) if order is not None and inp.is_decode else None
@@ -886,7 +884,6 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging, self._max_loras)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
-            self.last_step_split = getattr(attn, "split", None) is not None
             hidden = self._hidden(dev, attn)
             want = _prompt_lp_rows(requests, num_new, inp.qo_indptr)
             prompt_lp = _PromptLogprobs(self.model, hidden, want) if want else None

@@ -795,7 +795,7 @@ def test_mixed_steps_split_into_decode_and_prefill_launches(tiny_models, monkeyp
 
 
 def test_split_mixed_rows(tiny_models, monkeypatch):
-    """_PagodaAttention._split_rows: the leading one-token requests of a mixed step (none when one comes after a
+    """ModelRunner.split_rows: the leading one-token requests of a mixed step (none when one comes after a
     prompt chunk, when every request is one token, or under PAGODA_SPLIT_MIXED=0); under "auto" (no fp8 scratch
     here) as attention.prefill.split_mixed's cost model decides: many long decodes beside a short chunk split,
     one short decode beside a long chunk does not."""
@@ -815,8 +815,8 @@ def test_split_mixed_rows(tiny_models, monkeypatch):
 
     for mode, want in (("1", [3, None, None, 64, 1]), ("0", [None] * 5), ("auto", [3, None, None, 64, None])):
         monkeypatch.setenv("PAGODA_SPLIT_MIXED", mode)
-        attn = make_llm(path).engine.runner.attn
-        got = [attn._split_rows(step(q, k)) for q, k in (
+        runner = make_llm(path).engine.runner
+        got = [runner.split_rows(step(q, k)) for q, k in (
             ([1, 1, 1, 8], [40, 9, 20, 8]), ([8, 1], [8, 30]), ([1, 1], [5, 6]),
             ([1] * 64 + [4], [4000] * 64 + [4]), ([1, 200], [5, 200]))]
         assert got == want, (mode, got)
