@@ -328,18 +328,28 @@ class _Context:
             self.inputs_read.record()
         return out
 
-    def attention(self, layer: int, q, k, v, rope=None):
-        """q [t, hq, d], k / v [t, hk, d]; rope: (cos_sin_cache, is_neox) at the step's positions. pagoda's
-        attention rotates q and appends the rotated k with v in one launch
-        (apply_rope_with_cos_sin_cache_and_append); the others rotate q and k in place, then append."""
+    def attention(self, layer: int, q, k, v, rope=None, qk_norm=None):
+        """q [t, hq, d], k / v [t, hk, d]; rope: (cos_sin_cache, is_neox) at the step's positions; qk_norm: the
+        layer's per-head (q_norm, k_norm) RMSNorm modules (Qwen3, Gemma 3), applied before RoPE. pagoda's attention
+        normalizes and rotates q and appends the normalized, rotated k with v in one launch
+        (apply_rope_with_cos_sin_cache_and_append); the others normalize, rotate q and k in place, then append."""
         cache = self.runner.kv_caches[layer]
         d = self.dev
         t = q.shape[0]
-        if rope is not None and self.attn.fused_rope:
+        fused = rope is not None and self.attn.fused_rope
+        norm = {}
+        if qk_norm is not None:
+            qn, kn = qk_norm
+            if fused and qn.eps == kn.eps and qn.weight_offset == kn.weight_offset:
+                norm = dict(q_norm_weight=qn.weight, k_norm_weight=kn.weight, norm_eps=qn.eps,
+                            norm_weight_offset=qn.weight_offset)
+            else:
+                q, k = qn(q.contiguous()), kn(k.contiguous())
+        if fused:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
                 d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl,
-                pdl_tables_early=True, **self.runner.kv_scales)  # (the step's inputs: host copies made before it)
+                pdl_tables_early=True, **self.runner.kv_scales, **norm)  # (the step's inputs: host copies before it)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],

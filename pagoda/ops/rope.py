@@ -18,7 +18,7 @@ import math
 import torch
 import triton
 
-from ._dispatch import pdl_launch, use_triton
+from ._dispatch import check_eps, pdl_launch, use_triton
 from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from .kernels.rope import rope_append_kernel, rope_kernel
 from .page import append_paged_kv_cache, get_batch_indices_positions
@@ -220,7 +220,10 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
                                              is_neox: bool, paged_kv_cache, batch_indices, kv_indices, kv_indptr,
                                              kv_last_page_len, kv_layout: str = "NHD", check: bool = True,
                                              enable_pdl: bool | None = None, pdl_tables_early: bool = False, *,
-                                             k_scale: float | None = None, v_scale: float | None = None) -> None:
+                                             k_scale: float | None = None, v_scale: float | None = None,
+                                             q_norm_weight: torch.Tensor | None = None,
+                                             k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                                             norm_weight_offset: float = 0.0) -> None:
     """apply_rope_with_cos_sin_cache_inplace on query, then append_paged_kv_cache of the rotated key and of value,
     in one launch on the GPU (pagoda's extension: the rotated key goes straight to the cache and ``key`` itself is
     left as it was). query / key [nnz, heads * head_size] as in the RoPE ops, value [nnz, kv_heads * head_size] or
@@ -231,8 +234,12 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
     kv_indices and kv_indptr are not the output of the kernel launched right before this one (host copies made
     before it, as the engine's step inputs are): the kernel reads them, and the cos / sin rows, before waiting for
     that kernel, and only the query / key / value reads wait (pagoda's extension; ignored where an index tensor
-    needs a conversion, which would be that kernel)."""
+    needs a conversion, which would be that kernel). q_norm_weight / k_norm_weight ([head_size] each, both or
+    neither: pagoda's extension for Qwen3's and Gemma 3's per-head q / k RMSNorms): each head of query and of key is
+    first normalized, x * rsqrt(mean(x^2) + norm_eps) * (weight + norm_weight_offset) (offset 1 for Gemma's
+    (1 + w) form), in float32 and rounded once after RoPE."""
     q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
+    norm = _qk_norm_args(q, q_norm_weight, k_norm_weight, norm_eps, norm_weight_offset)
     if not isinstance(value, torch.Tensor) or value.shape[0] != key.shape[0] or value.numel() != key.numel():
         raise ValueError(f"value must hold key's {tuple(key.shape)} elements, got {getattr(value, 'shape', value)}")
     v = value.reshape(k.shape)
@@ -240,9 +247,11 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
     store = fused_store_args(k_cache.dtype, k_scale, v_scale)
     if check or not use_triton(q) or positions.shape != (q.shape[0],):
         # host-checked page tables, or the PyTorch path: the two ops (append checks what the kernel trusts)
-        q_out, k_out = _apply(q, k, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
+        qn, kn = (q, k) if norm is None else (_head_rms_norm(q, norm[0], norm_eps, norm_weight_offset),
+                                              _head_rms_norm(k, norm[1], norm_eps, norm_weight_offset))
+        q_out, k_out = _apply(qn, kn, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
         q.copy_(q_out)
-        append_paged_kv_cache(k_out, v, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+        append_paged_kv_cache(k_out.to(k.dtype), v, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
                               kv_last_page_len, kv_layout, check=check, k_scale=k_scale, v_scale=v_scale)
         return
     _, page_size, heads, dim = paged_cache_geometry(k_cache, kv_layout)
@@ -255,7 +264,8 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
     if nnz == 0:
         return
     dev = q.device
-    bh = min(32, triton.next_power_of_2(max(q.shape[1], heads)))
+    # (heads a program: with the norms, 16 of head_size 256, under ptxas's 255 registers without spills)
+    bh = min(16 if norm is not None and dim > 128 else 32, triton.next_power_of_2(max(q.shape[1], heads)))
     grid = (nnz, triton.cdiv(q.shape[1], bh) + triton.cdiv(heads, bh))
     tables = [positions, batch_indices, kv_indices, kv_indptr]
     conv = [t.to(dev, torch.int32) for t in tables]
@@ -267,4 +277,33 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
         *paged_strides(k_cache, kv_layout), *paged_strides(v_cache, kv_layout), cos_sin_cache.stride(0),
         BLOCK_H=bh, BLOCK_R=triton.next_power_of_2(rd // 2), BLOCK_D=max(16, triton.next_power_of_2(dim)),
         INTERLEAVE=not is_neox, TABLES_EARLY=early, num_warps=4, **pdl_launch(enable_pdl, q),
-        **store)
+        **store, **({} if norm is None else dict(QW=norm[0], KW=norm[1], norm_eps=float(norm_eps),
+                                                 norm_offset=float(norm_weight_offset), QK_NORM=True,
+                                                 NORM_REST=rd < dim)))
+
+
+def _qk_norm_args(q, q_norm_weight, k_norm_weight, norm_eps, norm_weight_offset):
+    """None without per-head norms, else (q_norm_weight, k_norm_weight), checked against q [nnz, heads, head_size]."""
+    if q_norm_weight is None and k_norm_weight is None:
+        return None
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"{name} must be a [{q.shape[2]}] tensor with the other norm weight, got {w!r}")
+        if w.shape != (q.shape[2],) or w.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [{q.shape[2]}] tensor (head_size), got {tuple(w.shape)}")
+        if not w.is_floating_point() or w.dtype in FP8_DTYPES:
+            raise ValueError(f"{name} must be float32 / bfloat16 / float16, got {w.dtype}")
+        if w.device != q.device:
+            raise ValueError(f"{name} must be on query's device {q.device}, got {w.device}")
+    check_eps("norm_eps", norm_eps)
+    x = norm_weight_offset
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"norm_weight_offset must be a finite float, got {x!r}")
+    return q_norm_weight, k_norm_weight
+
+
+def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """[nnz, heads, d] -> float32 x * rsqrt(mean(x^2) + eps) * (weight + offset) over each head (the PyTorch path of
+    the fused op's per-head norms)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)

@@ -446,16 +446,16 @@ def test_cuda_engine_freezes_its_start_up_heap():
     assert engine() is None
 
 
-def _save_random_gemma(path, model_cls, cfg):
-    """A random model_cls(cfg) saved in path, its norm weights in (-0.5, 0.5) (so that their (1 + w) form shows);
-    the prompts, sampling parameters and engine arguments of the Gemma tests below."""
+def _save_random_model(path, model_cls, cfg, norms=(-0.5, 0.5)):
+    """A random model_cls(cfg) saved in path, its norm weights uniform in norms ((-0.5, 0.5): Gemma's, so that their
+    (1 + w) form shows); the prompts, sampling parameters and engine arguments of the tests below."""
     cfg.architectures = [model_cls.__name__]
     torch.manual_seed(0)
     hf = model_cls(cfg).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if "norm" in n:
-                p.uniform_(-0.5, 0.5)
+                p.uniform_(*norms)
     hf.save_pretrained(path, safe_serialization=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 77, 120, 200)]
@@ -484,7 +484,7 @@ def test_gemma2_in_cuda_graphs(tmp_path):
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=128, sliding_window=32,
                                     query_pre_attn_scalar=96, attn_logit_softcapping=8.0, final_logit_softcapping=10.0,
                                     max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=True)
-    prompts, sp, kw = _save_random_gemma(tmp_path, transformers.Gemma2ForCausalLM, cfg)
+    prompts, sp, kw = _save_random_model(tmp_path, transformers.Gemma2ForCausalLM, cfg)
     llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
     outs = llm.generate(prompts, sp, use_tqdm=False)
     assert llm.engine.stats.cuda_graph_steps > 10
@@ -520,7 +520,7 @@ def test_gemma3_in_cuda_graphs(tmp_path):
                                         sliding_window_pattern=3, query_pre_attn_scalar=96, rope_theta=1e6,
                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
                                         max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=True)
-    prompts, sp, kw = _save_random_gemma(tmp_path, transformers.Gemma3ForCausalLM, cfg)
+    prompts, sp, kw = _save_random_model(tmp_path, transformers.Gemma3ForCausalLM, cfg)
     llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
     c = llm.engine.config
     assert c.family == "gemma3" and [c.layer_window_left(i) for i in range(3)] == [31, 31, -1]
@@ -547,6 +547,35 @@ def test_gemma3_in_cuda_graphs(tmp_path):
         means[kind] = sum(d) / len(d)
     print("Gemma 3 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; broken", means)
     assert mean < 0.02 and all(mean < m / 3 for m in means.values()), (mean, max(dev), means)
+
+
+def test_qwen3_in_cuda_graphs(tmp_path):
+    """A small random Qwen3 (head_dim 128, per-head q / k norms of weights in (0.5, 1.5), which run inside the RoPE +
+    K/V append launch) in bf16 through the GPU kernels and the decode CUDA graphs, the one-token path included,
+    teacher-forced through the float32 engine: per-token probability deviation within bf16 noise, and well under
+    that of the same engine without the q / k norms (they matter here)."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                   max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False)
+    prompts, sp, kw = _save_random_model(tmp_path, transformers.Qwen3ForCausalLM, cfg, norms=(0.5, 1.5))
+    llm = pagoda.LLM(str(tmp_path), dtype="bfloat16", **kw)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert llm.engine.stats.cuda_graph_steps > 10
+    outs += _lone_one_token_steps(llm, prompts[-1], sp)
+    del llm
+    broken = pagoda.LLM(str(tmp_path), dtype="bfloat16", enforce_eager=True, **kw)
+    for layer in broken.engine.model.layers:
+        layer.self_attn.qk_norm = False
+    outs_broken = broken.generate(prompts, sp, use_tqdm=False)
+    del broken
+    ref32 = pagoda.LLM(str(tmp_path), dtype="float32", **kw)
+    dev, _ = _forced_deviation(ref32, outs)
+    dev_broken, _ = _forced_deviation(ref32, outs_broken)
+    mean, mean_broken = sum(dev) / len(dev), sum(dev_broken) / len(dev_broken)
+    print("Qwen3 bf16 vs float32, mean |dp|", mean, "max", max(dev), "; without the q / k norms", mean_broken)
+    assert mean < 0.02 and mean < mean_broken / 3, (mean, max(dev), mean_broken)
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])

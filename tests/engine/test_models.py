@@ -81,6 +81,51 @@ def count_calls(monkeypatch, owner, name) -> dict:
     return calls
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_qk_norms_in_the_rope_append_launch(tiny_models, family, fused, monkeypatch):
+    """Qwen3's and Gemma 3's per-head q / k RMSNorms run inside the RoPE + K/V append launch (its q_norm_weight /
+    k_norm_weight, Gemma's with weight offset 1), not as norm launches of their own: prefill and decode steps
+    (eager and the one-token path) give transformers' greedy tokens and log-probabilities (fp32 tolerance).
+    fused False: an attention without that launch (FlashInfer's: fused_rope off) runs the norms' own launches and
+    RoPE in place, with the same results."""
+    from pagoda.engine import runner
+    from pagoda.engine.models import gemma2, llama
+
+    if not fused:
+        monkeypatch.setattr(runner._PagodaAttention, "fused_rope", False)
+        monkeypatch.setattr(runner._LayerWindows, "fused_rope", False)
+
+    path, hf = tiny_models[family]
+    calls = {"norm": 0, "plain": 0, "offsets": set()}
+    orig = pagoda.apply_rope_with_cos_sin_cache_and_append
+
+    def spy(*a, **kw):
+        calls["norm" if kw.get("q_norm_weight") is not None else "plain"] += 1
+        calls["offsets"].add(kw.get("norm_weight_offset"))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(pagoda, "apply_rope_with_cos_sin_cache_and_append", spy)
+    norm_cls = gemma2.GemmaRMSNorm if family == "gemma3" else llama.RMSNorm
+    per_head = {"n": 0}
+    orig_forward = norm_cls.forward
+
+    def forward(self, x, residual=None):
+        per_head["n"] += x.dim() == 3  # (the per-head norms' input: [tokens, heads, head_dim])
+        return orig_forward(self, x, residual)
+
+    monkeypatch.setattr(norm_cls, "forward", forward)
+    llm = make_llm(path, enforce_eager=True)
+    prompt = PROMPTS[3]
+    assert_greedy_like_hf(llm, hf, prompt, 6)
+    layers = llm.engine.config.num_layers
+    if fused:
+        assert calls["norm"] >= 6 * layers and calls["plain"] == 0 and per_head["n"] == 0
+        assert calls["offsets"] == {1.0 if family == "gemma3" else 0.0}
+    else:
+        assert calls["norm"] == calls["plain"] == 0 and per_head["n"] >= 2 * 6 * layers
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_token_steps_defer_the_norms(tiny_models, family, monkeypatch):
     """A lone request decodes one token a step: the layers run with their RMSNorms deferred into the

@@ -218,6 +218,63 @@ def test_rope_and_append_real_size():
     assert torch.equal(q, q2) and torch.equal(cache, cache2)
 
 
+@pytest.mark.parametrize("d,offset,kv", [(128, 0.0, torch.bfloat16), (256, 1.0, torch.bfloat16),
+                                         (128, 0.0, torch.float8_e4m3fn)])
+def test_rope_and_append_qk_norm_real_size(d, offset, kv):
+    """Qwen3-8B's shapes (32 / 8 heads of 128; and Gemma 3's head_dim 256 with its (1 + w) weights), 64 requests
+    appending 1..8 tokens, q / k / v strided views of one projection: the per-head norms in the fused launch (as a
+    PDL launch, tables early, as the engine runs it) against float64 norm then RoPE; the cache's other slots
+    untouched, key unchanged."""
+    hq, hk, ps, maxpos, eps = 32, 8, 16, 8192, 1e-6
+    inv = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d)
+    ang = torch.arange(maxpos, dtype=torch.float64, device="cuda")[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float()
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(9, 4000, (64,), generator=g)
+    new = torch.randint(1, 9, (64,), generator=g)
+    pages = (lens + ps - 1) // ps
+    kv_indices = torch.randperm(int(pages.sum()) + 10, generator=g)[:int(pages.sum())].int().cuda()
+    kv_indptr = torch.cat([torch.zeros(1), pages.cumsum(0)]).int().cuda()
+    last = ((lens - 1) % ps + 1).int().cuda()
+    bidx = torch.repeat_interleave(torch.arange(64), new).int().cuda()
+    pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens.tolist(), new.tolist())]).int().cuda()
+    nnz = pos.numel()
+    qkv = (torch.randn(nnz, (hq + 2 * hk) * d, device="cuda") * 4).to(torch.bfloat16)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    q0, k0 = q.clone(), k.clone()
+    qw = (torch.rand(d, device="cuda") + 0.5).to(torch.bfloat16)
+    kw = (torch.rand(d, device="cuda") + 0.5).to(torch.bfloat16)
+    cache = torch.randn(int(pages.sum()) + 10, 2, ps, hk, d, device="cuda").to(kv)
+    cache0 = cache.clone()
+    fp8 = dict(k_scale=1.0, v_scale=1.0) if kv != torch.bfloat16 else {}
+    pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, v, d, cos_sin, True, cache, bidx, kv_indices,
+                                                    kv_indptr, last, check=False, enable_pdl=True,
+                                                    pdl_tables_early=True, q_norm_weight=qw, k_norm_weight=kw,
+                                                    norm_eps=eps, norm_weight_offset=offset, **fp8)
+    assert torch.equal(k, k0)
+
+    def ref(x, w, heads):
+        x = x.double().view(nnz, heads, d)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + offset)
+        c, s_ = ang[pos.long()].cos()[:, None], ang[pos.long()].sin()[:, None]
+        x1, x2 = x[..., :d // 2], x[..., d // 2:]
+        return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], -1)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(q.view(nnz, hq, d), ref(q0, qw, hq)) < 1e-2
+    page = kv_indices[kv_indptr[bidx.long()].long() + pos.long() // ps].long()
+    slot = pos.long() % ps
+    tol = 1e-2 if kv == torch.bfloat16 else 5e-2
+    assert rel(cache[page, 0, slot].float(), ref(k0, kw, hk)) < tol
+    assert rel(cache[page, 1, slot].float(), v.double().view(nnz, hk, d)) < tol
+    written = torch.zeros(cache.shape[0], ps, dtype=torch.bool, device="cuda")
+    written[page, slot] = True
+    keep = ~written[:, None, :].expand(-1, 2, -1)
+    assert torch.equal(cache.float()[keep], cache0.float()[keep])
+
+
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("n,k,bias", [(6144, 4096, True), (4096, 4096, False), (4096, 14336, False),

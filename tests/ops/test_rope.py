@@ -193,6 +193,88 @@ def test_rope_and_append_fused_fp8_cache(kv_dtype, scales):
         assert got.abs().amax() == torch.finfo(kv_dtype).max and not got.isnan().any()
 
 
+def _head_norm64(x, w, eps, offset):
+    """Float64 per-head RMSNorm of x [nnz, heads, d] with weight w [d] (+ offset)."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + offset)
+
+
+@pytest.mark.parametrize("is_neox,rd,head,page_size,check,offset,kv_dtype", [
+    (True, 128, 128, 16, False, 0.0, torch.bfloat16),  # Qwen3's form
+    (True, 64, 64, 4, False, 1.0, torch.bfloat16),  # Gemma 3's (1 + w)
+    (False, 48, 64, 1, False, 0.0, torch.bfloat16),  # interleaved, partial rotary: the dims past rd normalized too
+    (True, 64, 64, 4, True, 1.0, torch.bfloat16),  # check=True: the PyTorch ops inside
+    (True, 64, 64, 4, False, 0.0, torch.float8_e4m3fn)])
+def test_rope_and_append_fused_qk_norm(is_neox, rd, head, page_size, check, offset, kv_dtype):
+    """q_norm_weight / k_norm_weight: each head of q and k RMS-normalized (weight + offset) before RoPE, in the same
+    launch. Against float64: q (in place) and the appended K slots are RoPE(norm(x)), the V slots v; every other
+    element of the poisoned cache untouched; key unchanged. GQA (12 q heads over 4 KV heads), three requests at
+    scattered positions, heads of very different scales (the norm must be per head, not per token)."""
+    g = torch.Generator().manual_seed(rd + head + int(offset) + page_size)
+    hq, hk, maxpos, eps = 12, 4, 1024, 1e-6
+    inv = freq64(rd, 1e4)
+    ang = torch.arange(maxpos, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([torch.cos(ang), torch.sin(ang)], dim=1).float().to(DEVICE)
+    kv_lens, new = [37, 5, 300], [3, 5, 1]
+    pages = [-(-n // page_size) for n in kv_lens]
+    npages = sum(pages) + 3
+    perm = torch.randperm(npages, generator=g)
+    kv_indices = perm[:sum(pages)].to(torch.int32)
+    kv_indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+    last = torch.tensor([(n - 1) % page_size + 1 for n in kv_lens], dtype=torch.int32)
+    bidx = torch.tensor(sum(([b] * m for b, m in enumerate(new)), []), dtype=torch.int32)
+    pos = torch.tensor(sum((list(range(n - m, n)) for n, m in zip(kv_lens, new)), []), dtype=torch.int32)
+    nnz = int(pos.numel())
+    base = (torch.randn(npages, 2, page_size, hk, head, generator=g) * 3).to(kv_dtype)
+    head_scale = torch.rand(1, hq + hk, 1, generator=g) * 8 + 0.05
+    qk = (torch.randn(nnz, hq + hk, head, generator=g) * head_scale).to(torch.bfloat16)
+    q, k = qk[:, :hq].reshape(nnz, -1).contiguous(), qk[:, hq:].reshape(nnz, -1).contiguous()
+    v = torch.randn(nnz, hk, head, generator=g).to(torch.bfloat16)
+    qw, kw = torch.randn(head, generator=g).to(torch.bfloat16), torch.randn(head, generator=g).to(torch.bfloat16)
+    q_before, k_before, base0 = q.clone(), k.clone(), base.clone()
+    fp8 = dict(k_scale=1.0, v_scale=1.0) if kv_dtype != torch.bfloat16 else {}
+    qd, kd, cache = q.to(DEVICE), k.to(DEVICE), base.to(DEVICE)
+    pagoda.apply_rope_with_cos_sin_cache_and_append(
+        pos.to(DEVICE), qd, kd, v.to(DEVICE), head, cos_sin, is_neox, cache, bidx.to(DEVICE), kv_indices.to(DEVICE),
+        kv_indptr.to(DEVICE), last.to(DEVICE), check=check, q_norm_weight=qw.to(DEVICE), k_norm_weight=kw.to(DEVICE),
+        norm_eps=eps, norm_weight_offset=offset, **fp8)
+    assert torch.equal(kd.cpu(), k_before)
+    rq = rope_ref(_head_norm64(q_before.view(nnz, hq, head), qw, eps, offset), pos, rd, not is_neox, inv)
+    rk = rope_ref(_head_norm64(k_before.view(nnz, hk, head), kw, eps, offset), pos, rd, not is_neox, inv)
+    assert rel(qd.view(nnz, hq, head), rq) < TOL[torch.bfloat16]
+    # the appended slots against the reference, every other element exactly as it was
+    cache = cache.cpu()
+    page = kv_indices[kv_indptr[bidx.long()].long() + pos.long() // page_size].long()
+    slot = pos.long() % page_size
+    tol = TOL[torch.bfloat16] if kv_dtype == torch.bfloat16 else 4e-2
+    assert rel(cache[page, 0, slot], rk) < tol and rel(cache[page, 1, slot], v.double()) < tol
+    written = torch.zeros(npages, page_size, dtype=torch.bool)
+    written[page, slot] = True
+    assert torch.equal(cache.float()[~written[:, None, :].expand(-1, 2, -1)],
+                       base0.float()[~written[:, None, :].expand(-1, 2, -1)])
+    # without the norms the same call gives what the norms change (the weights are not a no-op)
+    assert rel(qd.view(nnz, hq, head), rope_ref(q_before.view(nnz, hq, head), pos, rd, not is_neox, inv)) > 0.3
+
+
+def test_rope_and_append_qk_norm_bad_input():
+    q = torch.randn(2, 64, dtype=torch.bfloat16)
+    pos = torch.tensor([0, 1], dtype=torch.int32)
+    t = torch.zeros(2, dtype=torch.int32)
+    cache = torch.zeros(2, 2, 4, 1, 64, dtype=torch.bfloat16)
+    args = (pos, q, q.clone(), q.clone(), 64, torch.randn(16, 64), True, cache, t, t[:1], torch.tensor([0, 1]),
+            torch.tensor([2]))
+    w = torch.ones(64)
+    for kwargs, match in [(dict(q_norm_weight=w), "k_norm_weight"), (dict(k_norm_weight=w), "q_norm_weight"),
+                          (dict(q_norm_weight=torch.ones(32), k_norm_weight=w), "q_norm_weight.*64"),
+                          (dict(q_norm_weight=w, k_norm_weight=torch.ones(64, dtype=torch.int32)), "k_norm_weight"),
+                          (dict(q_norm_weight=w, k_norm_weight=torch.ones(128)[::2]), "k_norm_weight.*contiguous"),
+                          (dict(q_norm_weight=w, k_norm_weight=w, norm_eps=-1.0), "norm_eps"),
+                          (dict(q_norm_weight=w, k_norm_weight=w, norm_weight_offset=float("nan")),
+                           "norm_weight_offset")]:
+        with pytest.raises(ValueError, match=match):
+            pagoda.apply_rope_with_cos_sin_cache_and_append(*args, **kwargs)
+
+
 def test_rope_and_append_bad_input():
     q = torch.randn(2, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 64, dtype=torch.bfloat16)

@@ -36,6 +36,7 @@ from .llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm, rope
 
 class GemmaRMSNorm(RMSNorm):
     """x / rms(x) * (1 + weight); with residual: residual += x and x <- the norm of residual, in place."""
+    weight_offset = 1.0
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:

@@ -77,6 +77,8 @@ def _project(layer: nn.Linear, x: torch.Tensor, small_m: bool, pdl: bool = False
 
 
 class RMSNorm(nn.Module):
+    weight_offset = 0.0  # the scale is weight + weight_offset (GemmaRMSNorm: 1 + w)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -144,12 +146,11 @@ class Attention(nn.Module):
         """q / k / v of the projection ([tokens, (hq + 2 hk) d]) -> attention output [tokens, hq, d]."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
-        if self.qk_norm:
-            q = self.q_norm(q.reshape(t, self.hq, self.d).contiguous()).view(t, -1)
-            k = self.k_norm(k.reshape(t, self.hk, self.d).contiguous()).view(t, -1)
-        # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can)
+        # (RoPE at the step's positions is applied by the context, fused with the K/V append where it can, and so
+        # are the per-head q / k norms of Qwen3 / Gemma 3)
         return ctx.attention(self.layer_id, q.view(t, self.hq, self.d), k.view(t, self.hk, self.d),
-                             v.view(t, self.hk, self.d), rope=(cos_sin, True))
+                             v.view(t, self.hk, self.d), rope=(cos_sin, True),
+                             qk_norm=(self.q_norm, self.k_norm) if self.qk_norm else None)
 
 
 class MLP(nn.Module):

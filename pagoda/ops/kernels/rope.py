@@ -80,6 +80,23 @@ def quantize(x, inv, clamp, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _head_rms_norm(x1, x2, x_rest, W, i1, i2, im, d, half, head_dim, eps, offset, REST: tl.constexpr):
+    """[heads, dims] float32 rows of whole heads, held as the rotary pairs' halves x1 / x2 (dims i1 / i2) and, with
+    REST (partial rotary), the dims past them (x_rest over d, zero where masked), times rsqrt(mean(x^2) + eps) and
+    (W + offset) per dim."""
+    ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+    if REST:
+        ss += tl.sum(x_rest * x_rest, axis=1)
+    r = tl.rsqrt(ss / head_dim + eps)[:, None]
+    w1 = tl.load(W + i1, mask=im, other=0.0).to(tl.float32) + offset
+    w2 = tl.load(W + i2, mask=im, other=0.0).to(tl.float32) + offset
+    if REST:
+        wr = tl.load(W + d, mask=(d >= 2 * half) & (d < head_dim), other=0.0).to(tl.float32) + offset
+        x_rest = x_rest * r * wr[None, :]
+    return x1 * r * w1[None, :], x2 * r * w2[None, :], x_rest
+
+
+@triton.jit
 def rope_append_kernel(
     Q, K, V, KC, VC, POS, BATCH, KV_INDICES, KV_INDPTR, COS_SIN,
     num_q_heads, num_kv_heads, head_dim, half, max_pos, page_size,
@@ -88,6 +105,7 @@ def rope_append_kernel(
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVE: tl.constexpr,
     PDL: tl.constexpr = False, TABLES_EARLY: tl.constexpr = False,
     k_inv=1.0, v_inv=1.0, clamp=0.0, QUANT: tl.constexpr = False,
+    QW=None, KW=None, norm_eps=0.0, norm_offset=0.0, QK_NORM: tl.constexpr = False, NORM_REST: tl.constexpr = False,
 ):
     """RoPE from a cos/sin cache on q (in place) and on k, whose rotated rows go straight into the paged
     cache with v's (append_paged_kv_kernel's page / slot): one launch instead of rope_kernel plus
@@ -98,7 +116,9 @@ def rope_append_kernel(
     of them is that kernel's output: the engine's step inputs are host copies made before the step), so that
     only the q / k / v loads wait for it: at decode batch 1 the kernel is its chain of dependent loads. QUANT (an
     fp8 cache): k and v stored as clamp(x * k_inv / v_inv, +-clamp) rounded to the cache dtype, as
-    append_paged_kv_kernel stores them."""
+    append_paged_kv_kernel stores them. QK_NORM (Qwen3's, Gemma 3's per-head q / k norms): each head of q and of k
+    is RMS-normalized over head_dim with weight QW / KW (plus norm_offset: 1 for Gemma's (1 + w)) before it is
+    rotated, in float32, rounded once after RoPE; NORM_REST: dims past the rotary ones (partial rotary) are there."""
     if not TABLES_EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -126,6 +146,15 @@ def rope_append_kernel(
         xrow = Q + t * stride_qt + heads[:, None] * stride_qh
         x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+        if QK_NORM:  # (the dims past the rotary ones, if any, are normalized in place too)
+            rest = (heads < num_q_heads)[:, None] & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
+            q_rest = 0.0  # (q's own name: after the branch on j, a name both branches set must have one type)
+            if NORM_REST:
+                q_rest = tl.load(xrow + d[None, :], mask=rest, other=0.0).to(tl.float32)
+            x1, x2, q_rest = _head_rms_norm(x1, x2, q_rest, QW, i1, i2, im, d, half, head_dim, norm_eps, norm_offset,
+                                            NORM_REST)
+            if NORM_REST:
+                tl.store(xrow + d[None, :], q_rest.to(Q.dtype.element_ty), mask=rest)
         tl.store(xrow + i1[None, :], (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=m)
         tl.store(xrow + i2[None, :], (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=m)
     else:
@@ -137,12 +166,18 @@ def rope_append_kernel(
         crow = KC + page * stride_cp + slot * stride_cs + heads[:, None] * stride_ch
         x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+        if QK_NORM:
+            rest = hm & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
+            x_rest = tl.load(xrow + d[None, :], mask=rest, other=0.0).to(tl.float32)  # (all masked without NORM_REST)
+            x1, x2, x_rest = _head_rms_norm(x1, x2, x_rest, KW, i1, i2, im, d, half, head_dim, norm_eps, norm_offset,
+                                            NORM_REST)
         tl.store(crow + i1[None, :], quantize(x1 * cos - x2 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
                  mask=m)
         tl.store(crow + i2[None, :], quantize(x2 * cos + x1 * sin, k_inv, clamp, QUANT).to(KC.dtype.element_ty),
                  mask=m)
         rest = hm & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
-        x_rest = tl.load(xrow + d[None, :], mask=rest)
+        if not QK_NORM:
+            x_rest = tl.load(xrow + d[None, :], mask=rest)
         if QUANT:
             x_rest = quantize(x_rest.to(tl.float32), k_inv, clamp, QUANT)
         tl.store(crow + d[None, :], x_rest.to(KC.dtype.element_ty), mask=rest)
