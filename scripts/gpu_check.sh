@@ -75,11 +75,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   MARK=$([ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo gpu || echo "gpu and not multigpu")
   # (the engine tests apart: their KV pools take a fraction of the free GPU memory, which failed 61 attention tests
   # in other workers of one session, session 42)
+  # (the timing tests, which assert how long GPU work takes, alone after the others: beside 7 other workers
+  # test_step_time_overlaps_a_pdl_launch failed, session 43)
   if [ -n "${TESTS:-}" ]; then
-    python3 -m pytest -q -m "$MARK" $XDIST $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and timing" $TESTS 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
   else
-    python3 -m pytest -q -m "$MARK" $XDIST tests --ignore=tests/engine 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
-    python3 -m pytest -q -m "$MARK" $XDIST tests/engine 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST tests --ignore=tests/engine 2>&1 \
+      | tee "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST tests/engine 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and timing" tests 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
   fi
 fi
 for b in ${BENCHES-attention}; do  # the short table last

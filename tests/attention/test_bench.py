@@ -36,6 +36,7 @@ def test_call_spans_refuses_a_record_count_off_the_pattern():
 
 
 @pytest.mark.gpu
+@pytest.mark.timing
 def test_kernel_time_against_event_time():
     """An elementwise kernel over 1 GB: its kernel span and the events' time agree within the replay's launch; a
     tiny one: the kernel span is well under the events' time (which holds the launch)."""
@@ -52,6 +53,7 @@ def test_kernel_time_against_event_time():
 
 
 @pytest.mark.gpu
+@pytest.mark.timing
 @pytest.mark.parametrize("kv_bytes", [1 << 30, 1_111_261_184, 400_000_000])
 def test_same_bytes_copy_near_the_copy_rate(kv_bytes):
     """same_bytes_copy_us moves a case's bytes at about the 1 GB copy's rate whatever their size: the bench's cases
@@ -63,6 +65,7 @@ def test_same_bytes_copy_near_the_copy_rate(kv_bytes):
 
 
 @pytest.mark.gpu
+@pytest.mark.timing
 def test_in_graph_time_between_kernel_and_replay_time():
     """in_graph_time: an elementwise kernel over 1 GB costs its kernel time inside a larger graph (within the gap to
     the kernel before it and the medians' noise); a tiny one costs more than nothing and less than its own
@@ -80,6 +83,7 @@ def test_in_graph_time_between_kernel_and_replay_time():
 
 
 @pytest.mark.gpu
+@pytest.mark.timing
 def test_step_time_overlaps_a_pdl_launch():
     """step_time: pagoda's 1 x 32768 decode launched as the engine launches it (enable_pdl, pdl_early_kv) costs less
     behind the step's short kernel than the same decode without PDL inside a larger graph (its launch, prologue and
