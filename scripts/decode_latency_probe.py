@@ -16,6 +16,8 @@ replay costs by itself).
     python scripts/decode_latency_probe.py --gemma [--quick]   # Gemma-2-9B's attention instead: 16 / 8 heads of
                                                               # 256, logits soft cap 50 (the planner's chunk vs
                                                               # 64..512 with --quick)
+    python scripts/decode_latency_probe.py [--gemma] --fp8 --quick   # over an fp8 (e4m3) cache: the planner's
+                                                              # "decode-fp8" entries' chunk vs 64..1024
 """
 import sys
 
@@ -34,6 +36,7 @@ CAP = None  # the logits soft cap (--gemma: 50)
 if "--gemma" in sys.argv:
     HQ, HK, D, CAP = 16, 8, 256, 50.0
     CASES = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 1024), (8, 1024), (16, 1024)]
+KV_DT = torch.float8_e4m3fn if "--fp8" in sys.argv else DT  # (scales 1: randn fits e4m3)
 _small, _large, _programs = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len, runner.num_programs
 
 
@@ -55,16 +58,16 @@ def variant(grid: str, chunk: int | None):
 
 
 def build(b, ctx, grid, chunk, ws):
-    s = PagedSetup([ctx] * b, HK, D, PS, DT)
+    s = PagedSetup([ctx] * b, HK, D, PS, DT, kv_dtype=KV_DT)
     q = torch.randn(b, HQ, D, generator=torch.Generator().manual_seed(1)).to(DT).cuda()  # same q per variant
     variant(grid, chunk)
     w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-    w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, logits_soft_cap=CAP)
+    w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, kv_data_type=KV_DT, logits_soft_cap=CAP)
     if grid == "per-task":
         tasks = len(w._plan.work.work) * HK  # (one head split per KV head: the whole group in one program)
         runner.num_programs = lambda dev, cfg: tasks
         w = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
-        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, logits_soft_cap=CAP)
+        w.plan(s.indptr, s.indices, s.last, HQ, HK, D, PS, q_data_type=DT, kv_data_type=KV_DT, logits_soft_cap=CAP)
     variant("persistent", None)
     return s, q, w
 
@@ -114,8 +117,10 @@ def main():
                 ("persistent", 128), ("persistent", 256), ("per-task", 64), ("per-SM", 128), ("persistent", 32)]
     if "--quick" in sys.argv:  # the planner's choice against forced 128 / 256 / 512 chunks, persistent grid only
         variants = [("persistent", None), ("persistent", 128), ("persistent", 256), ("persistent", 512)]
-        if CAP is not None:
+        if CAP is not None or KV_DT != DT:
             variants.insert(1, ("persistent", 64))
+        if KV_DT != DT:  # (the fp8 entries' tuned item_cost is 2048)
+            variants.append(("persistent", 1024))
     for b, ctx in CASES:
         for grid, chunk in variants:
             if ncu and (b, ctx) != (1, 1024):
