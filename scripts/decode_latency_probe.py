@@ -37,6 +37,7 @@ if "--gemma" in sys.argv:
     HQ, HK, D, CAP = 16, 8, 256, 50.0
     CASES = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 1024), (8, 1024), (16, 1024)]
 KV_DT = torch.float8_e4m3fn if "--fp8" in sys.argv else DT  # (scales 1: randn fits e4m3)
+SCALES = dict(k_scale=1.0, v_scale=1.0) if KV_DT != DT else {}
 _small, _large, _programs = plan_mod._choose_chunk_len_small, plan_mod._choose_chunk_len, runner.num_programs
 
 
@@ -93,10 +94,10 @@ def same_tasks(ws):
     print(f"{'case':9s} {'chunks/tile':>11s} {'us':>7s}")
     for b, ctx in ((1, 4096), (2, 2048), (4, 1024), (8, 512)):
         s, q, w = build(b, ctx, "persistent", 128, ws)
-        out = w.run(q, s.cache)
+        out = w.run(q, s.cache, **SCALES)
         ref = reference(s, q)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        t = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+        t = gpu_time(lambda: w.run(q, s.cache, out=out, **SCALES)) * 1e6
         bad = "" if err < 1e-2 else f"  WRONG: rel. error {err:.3g}"
         print(f"{b}x{ctx:<7d} {ctx // 128:11d} {t:7.1f}{bad}", flush=True)
 
@@ -126,16 +127,16 @@ def main():
             if ncu and (b, ctx) != (1, 1024):
                 continue
             s, q, w = build(b, ctx, grid, chunk, ws)
-            out = w.run(q, s.cache)
+            out = w.run(q, s.cache, **SCALES)
             ref = reference(s, q)  # (each build draws its own cache)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             if ncu:
                 for _ in range(3):
-                    w.run(q, s.cache, out=out)
+                    w.run(q, s.cache, out=out, **SCALES)
                 torch.cuda.synchronize()
                 print(f"# ncu launches (1 + 3): {b}x{ctx} grid {grid} chunk {chunk} programs {w._plan.grid}")
                 continue
-            t = gpu_time(lambda: w.run(q, s.cache, out=out)) * 1e6
+            t = gpu_time(lambda: w.run(q, s.cache, out=out, **SCALES)) * 1e6
             err2 = ((out.double() - ref).norm() / ref.norm()).item()
             bad = "" if max(err, err2) < 1e-2 else f"  WRONG: rel. error {err:.3g} eager, {err2:.3g} replayed"
             print(f"{b}x{ctx:<7d} {grid:>10s} {str(w._plan.work.chunk_len):>6s} {w._plan.grid:8d} "
