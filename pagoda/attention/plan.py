@@ -90,7 +90,16 @@ CUDA_CONFIGS = {
 # item_cost against the best forced chunk: 1 x 1024 256 -> 15.4 us (128: 14.2), 1 x 2048 512 -> 20.7 (256: 17.2,
 # 128: 16.6), 1 x 4096 512 -> 22.5 (256: 20.6), 2 x 1024 512 -> 20.5 (256: 16.6), 4 x 1024 512 -> 21.9 (256: 19.7),
 # 8 x 1024 1024 -> 30.2 (512: 27.6); 512 picks the chunks in parentheses first (115.9 us over the six against 131.2)
-SMALL_BATCH_ITEM_COST = {("decode", 64): 512, ("decode", 128): 512, ("decode", 256): 512}
+# fp8 caches (the Gluon fp8 decode kernel; `python scripts/decode_latency_probe.py [--gemma] --fp8 --quick`, H200,
+# session 43, graph replays at forced chunk lengths): the tuned item_cost's chunk against the best, Llama's 32 / 8
+# heads of 128: 1 x 1024 256 -> 12.1 us (128: 10.2), 1 x 2048 256 -> 12.0 (128: 10.9), 2 x 1024 256 -> 11.8 (128:
+# 10.7), 1 x 4096 256 -> 12.6 (128: 12.6), 4 x 1024 256 -> 12.4 (128: 11.8), 8 x 1024 512 -> 15.8 (256: 14.1): 512
+# picks those, 76.7 -> 70.3 us over the six (the best 70.2); Gemma-2-9B's 16 / 8 heads of 256: 1 x 1024 256 -> 14.2
+# (128: 12.0), 1 x 2048 256 -> 14.6 (128: 13.3), 1 x 4096 512 -> 19.4 (256: 15.7), 2 x 1024 256 -> 14.4 (128: 12.9),
+# 4 x 1024 512 -> 19.2 (256: 15.1), 8 x 1024 512 -> 20.1 (256: 18.8): 512 picks those, 101.9 -> 87.8 us over the six
+# (256: 89.3, 1024: 91.9; the best 87.8); head_dim 64 over fp8 not measured (no entry)
+SMALL_BATCH_ITEM_COST = {("decode", 64): 512, ("decode", 128): 512, ("decode", 256): 512, ("decode-fp8", 128): 512,
+                         ("decode-fp8", 256): 512}
 LATENCY_BOUND_TILES = 8
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and exercise block boundaries.
 _INTERPRETER_CONFIG = {"decode": (16, 16, 1, 1, 1, 32), "prefill": (32, 16, 1, 1, 1, 32)}

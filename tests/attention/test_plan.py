@@ -321,6 +321,28 @@ def test_head_dim_256_latency_bound_chunks():
     assert got == want
 
 
+@pytest.mark.parametrize("hq,head_dim,want", [
+    (32, 128, {(1, 1024): 128, (1, 2048): 128, (2, 1024): 128, (1, 4096): 128, (4, 1024): 128, (8, 1024): 256,
+               (16, 1024): 512}),
+    (16, 256, {(1, 1024): 128, (1, 2048): 128, (1, 4096): 256, (2, 1024): 128, (4, 1024): 256, (8, 1024): 256,
+               (16, 1024): 1024})])
+def test_fp8_latency_bound_chunks(hq, head_dim, want):
+    """Decode over an fp8 cache (the Gluon fp8 kernel's configs: 4 / 2 programs per SM at head_dim 128 / 256): a few
+    requests take the latency-bound item cost, which picks the chunk lengths measured fastest (plan.py's
+    SMALL_BATCH_ITEM_COST note, session 43: 1 x 1024 in 128-token chunks 10.2 us against the tuned cost's 256, 12.1);
+    16 requests are past LATENCY_BOUND_TILES and keep the tuned cost's chunks."""
+    from pagoda.attention import runner
+    from pagoda.attention.plan import select_config
+
+    cfg = runner._gluon_decode_config(select_config("decode", head_dim, hq // 8, True, 1), 1, head_dim)
+    assert cfg.small_item_cost == 512 and cfg.item_cost == 2048
+    args = dict(causal=False, window_left=-1, tasks_per_item=8, num_ctas=132 * cfg.ctas_per_sm,
+                max_partial_rows=10**6, one_query=True)
+    got = {(b, n): plan_work(np.arange(b + 1), np.full(b, n), np.zeros(b, dtype=np.int64), config=cfg,
+                             **args).chunk_len for b, n in want}
+    assert got == want
+
+
 @pytest.mark.parametrize("group,rows", [(1, 8), (4, 8), (8, 8), (16, 16)])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gluon_decode_config_rows(group, rows, head_dim):
