@@ -30,7 +30,7 @@ def main():
         t = [gpu_time(lambda: b.copy_(a), "memcpy"), bench(lambda: b.copy_(a)),
              gpu_time(lambda: torch.mul(af, 1.0, out=bf), "kernel copy")]
         print(f"{mb:11d} | " + " | ".join(f"{x * 1e6:15.1f} {2 * n / x / 1e9:6.0f}" for x in t), flush=True)
-        del a, b, af, bf
+        a = b = af = bf = None  # (freed before the next size)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def main():
         sm = tr[:, -1]
         busy = np.isin(np.arange(tr.shape[0]), ph[:, 0].astype(int))
         per_sm = np.bincount(sm[busy].astype(int), minlength=int(sm.max()) + 1)
-        print(f"   SMs by working programs on them: "
+        print("   SMs by working programs on them: "
               + ", ".join(f"{c}: {(per_sm == c).sum()}" for c in range(per_sm.max() + 1)))
         loop_of = {int(p): lp for p, r, _, lp, *_ in ph if r == 0}
         for c in range(1, per_sm.max() + 1):

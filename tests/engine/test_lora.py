@@ -269,7 +269,7 @@ def test_target_modules_limit_the_slots_and_the_launches(tiny_models, adapters):
     holds slots (the other three run no LoRA launch), a q / v adapter gives PEFT's tokens, an adapter of other
     modules is refused naming the flag, and bad lists are ValueErrors."""
     path, hf = tiny_models["llama"]
-    (ra, hfa), (rb, hfb) = adapters["llama"][1], adapters["llama"][2]
+    (ra, _), (rb, hfb) = adapters["llama"][1], adapters["llama"][2]
     llm = make_llm(path, enable_lora=True, max_lora_rank=8, lora_target_modules=["v_proj", "q_proj"])
     m = llm.engine.lora
     assert m.target_modules == ("q_proj", "v_proj") and all(set(w) == {"qkv"} for w in m.weights)
