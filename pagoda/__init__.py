@@ -12,7 +12,8 @@ from .attention import (AttentionVariant, BatchAttention, BatchAttentionWithAtte
                         BatchPrefillWithRaggedKVCacheWrapper, MultiLevelCascadeAttentionWrapper,
                         cascade_levels_from_page_table, merge_state, merge_state_in_place, merge_states,
                         packbits, segment_packbits, single_decode_with_kv_cache, single_prefill_with_kv_cache,
-                        variants)
+                        single_prefill_with_kv_cache_return_lse, PODWithPagedKVCacheWrapper,
+                        BatchPODWithPagedKVCacheWrapper, variants)
 from .ops import *  # noqa: F401,F403  (FlashInfer exposes its ops at the top level too)
 from .ops import __all__ as _ops_all
 from .engine import LLM, CompletionOutput, LLMEngine, LoRARequest, RequestOutput, SamplingParams
@@ -25,7 +26,8 @@ __all__ = [
     "BatchMLAPagedAttentionWrapper", "AttentionVariant", "variants", "packbits", "segment_packbits",
     "BlockSparseAttentionWrapper", "VariableBlockSparseAttentionWrapper",
     "merge_state", "merge_state_in_place", "merge_states",
-    "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+    "single_decode_with_kv_cache", "single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
+    "PODWithPagedKVCacheWrapper", "BatchPODWithPagedKVCacheWrapper",
     *_ops_all,
     "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest",
 ]

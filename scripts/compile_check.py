@@ -68,6 +68,10 @@ def cases():
         Q="*bf16", K="*bf16", V="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32", KV_INDICES="*i32",
         KV_INDPTR="*i32", COS_SIN="*fp32", QW="*bf16", KW="*bf16", norm_eps="fp32", norm_offset="fp32"), dict(
         BLOCK_H=32, BLOCK_R=64, BLOCK_D=128, INTERLEAVE=False, PDL=True, TABLES_EARLY=True, QK_NORM=True), 4
+    from pagoda.ops.kernels import norm
+    for block in (4096, 1024):  # (hidden 4096 in one pass; 8192 in three)
+        yield f"layernorm BLOCK={block}", norm.layernorm_kernel, dict(X="*bf16", G="*fp32", B="*fp32", Y="*bf16",
+                                                                      eps="fp32"), dict(BLOCK=block), 8
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32"), \
         dict(BLOCK=2048), 4
     yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",

@@ -8,7 +8,8 @@ from .variants import AttentionVariant, packbits, segment_packbits
 from .sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper
 from .prefill import (BatchAttention, BatchAttentionWithAttentionSinkWrapper,
                       BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper,
-                      single_prefill_with_kv_cache)
+                      single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse)
+from .pod import BatchPODWithPagedKVCacheWrapper, PODWithPagedKVCacheWrapper
 
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper", "BatchAttentionWithAttentionSinkWrapper",
@@ -17,5 +18,6 @@ __all__ = [
     "BatchMLAPagedAttentionWrapper", "AttentionVariant", "variants", "packbits", "segment_packbits",
     "BlockSparseAttentionWrapper", "VariableBlockSparseAttentionWrapper",
     "merge_state", "merge_state_in_place", "merge_states",
-    "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+    "single_decode_with_kv_cache", "single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
+    "PODWithPagedKVCacheWrapper", "BatchPODWithPagedKVCacheWrapper",
 ]

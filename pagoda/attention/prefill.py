@@ -404,6 +404,13 @@ class BatchAttention(BatchPrefillWithPagedKVCacheWrapper):
     forward = run
 
 
+def single_prefill_with_kv_cache_return_lse(*args, **kwargs):
+    """single_prefill_with_kv_cache with return_lse=True: (out, lse) (FlashInfer's alias)."""
+    if "return_lse" in kwargs:
+        raise ValueError("single_prefill_with_kv_cache_return_lse returns the lse always: no return_lse argument")
+    return single_prefill_with_kv_cache(*args, return_lse=True, **kwargs)
+
+
 def split_mixed(qo_lens: np.ndarray, kv_lens: np.ndarray, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                 causal: bool) -> np.ndarray | None:
     """BatchAttention's one-query requests (a bool mask) when a mixed batch is better run in two launches, else

@@ -3,9 +3,11 @@ linear layer with a small-M kernel for decode at batch 1, and the segment GEMM o
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul, soft_cap
 from .lora import SegmentGEMMWrapper, segment_gemm
 from .matmul import linear, linear_gelu_tanh_and_mul, linear_rope_append, linear_silu_and_mul
-from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, gemma_rmsnorm_add, rmsnorm
+from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, gemma_rmsnorm_add, layernorm, rmsnorm
+from .topk import top_k, top_k_page_table_transform, top_k_ragged_transform, topk
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens
-from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling_from_probs, sampling_from_probs, top_k_mask_logits, top_k_renorm_probs,
+from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling_from_probs, sampling_from_logits,
+                       sampling_from_probs, softmax, top_k_mask_logits, top_k_renorm_probs,
                        top_k_sampling_from_probs, top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs,
                        top_p_renorm_probs, top_p_sampling_from_probs)
 from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
@@ -20,8 +22,10 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "SegmentGEMMWrapper", "segment_gemm",
            "append_paged_kv_cache", "append_paged_mla_kv_cache", "get_seq_lens", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "gemma_rmsnorm_add", "get_batch_indices_positions", "linear",
-           "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
+           "layernorm", "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
            "silu_and_mul", "soft_cap",
-           "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_probs", "top_k_sampling_from_probs",
+           "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_logits",
+           "sampling_from_probs", "softmax", "top_k_sampling_from_probs",
            "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs", "top_p_sampling_from_probs",
-           "top_k_mask_logits", "top_k_renorm_probs", "top_p_renorm_probs"]
+           "top_k_mask_logits", "top_k_renorm_probs", "top_p_renorm_probs",
+           "top_k", "topk", "top_k_page_table_transform", "top_k_ragged_transform"]

@@ -1,4 +1,4 @@
-"""RMSNorm and its fused-residual and Gemma forms (FlashInfer names and arguments).
+"""RMSNorm, its fused-residual and Gemma forms, and LayerNorm (FlashInfer names and arguments).
 
 All compute in fp32 and return the input dtype. ``input`` is [..., hidden] with a
 contiguous last dimension; ``weight`` is [hidden].
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._dispatch import check_same, pdl_launch, rows_view, use_triton
-from .kernels.norm import rmsnorm_kernel
+from ._dispatch import check_eps, check_same, pdl_launch, rows_view, use_triton
+from .kernels.norm import layernorm_kernel, rmsnorm_kernel
 
 
 def _block(hidden: int) -> int:
@@ -106,3 +106,29 @@ def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch
     once where torch's bf16 add rounds a float32 sum, so a rare element differs by one unit in the last place).
     input is left as it is."""
     _fused(input, residual, weight, eps, 1.0, enable_pdl, into=True)
+
+
+def layernorm(input: torch.Tensor, gemma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(input - mean) / sqrt(var + eps) * gemma + beta over the last dimension (biased variance, fp32 statistics),
+    in input's dtype (FlashInfer's layernorm: its gamma is named gemma; FlashInfer takes bf16 input and float32
+    gemma / beta only, pagoda any float dtypes)."""
+    _check(input, gemma)
+    if not isinstance(beta, torch.Tensor) or beta.shape != gemma.shape or beta.device != input.device:
+        raise ValueError(f"beta must be a [{input.shape[-1]}] tensor on input's device, got "
+                         f"{getattr(beta, 'shape', beta)}")
+    for name, t in (("gemma", gemma), ("beta", beta)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    eps = check_eps("eps", eps)
+    out = torch.empty_like(input)
+    if input.numel() == 0:
+        return out
+    if not use_triton(input):
+        x = input.float()
+        out.copy_(torch.nn.functional.layer_norm(x, x.shape[-1:], gemma.float(), beta.float(), eps).to(out.dtype))
+        return out
+    x2, y2 = rows_view("input", input), rows_view("out", out)
+    hidden = input.shape[-1]
+    layernorm_kernel[(x2.shape[0],)](x2, gemma.contiguous(), beta.contiguous(), y2, hidden, x2.stride(0),
+                                     y2.stride(0), eps, BLOCK=_block(hidden), num_warps=8 if hidden > 1024 else 4)
+    return out

@@ -173,6 +173,35 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
                                            filter_apply_order, deterministic, generator, check_nan)
 
 
+def softmax(logits, temperature=None, enable_pdl=None) -> torch.Tensor:
+    """softmax(logits / temperature) of each row, float32 [batch, vocab] (FlashInfer's sampling.softmax; PyTorch's
+    softmax kernel). temperature: None (1), a float > 0, or a [batch] tensor of each row's (a CUDA tensor is not
+    read back: a row of temperature <= 0 or NaN gives NaN probabilities, which the samplers answer with -1).
+    enable_pdl: accepted for FlashInfer's signature (PyTorch's kernel)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a float [batch, vocab] tensor, got {getattr(logits, 'shape', logits)}")
+    x = logits.float()
+    if temperature is not None:
+        t = _Param("temperature", temperature, logits.shape[0], torch.float32, logits.device, 0.0, float("inf"),
+                   lo_open=True)
+        if t.tensor is not None:
+            bad = ~(t.tensor > 0)  # (NaN and <= 0: NaN rows, as the docstring says)
+            x = x / torch.where(bad, float("nan"), t.tensor)[:, None]
+        elif t.scalar != 1.0:
+            x = x / t.scalar
+    return torch.softmax(x, dim=-1)
+
+
+def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                         offset=None):
+    """Sample one token per row from softmax(logits) (FlashInfer's name; indices / seed / offset as
+    sampling_from_probs'). check_nan: NaN logits are a ValueError (a device synchronization)."""
+    probs = softmax(logits)
+    if check_nan and torch.isnan(logits).any():
+        raise ValueError("logits hold NaN")
+    return sampling_from_probs(probs, indices, deterministic, generator, False, seed, offset)
+
+
 def _filter(x, mode, top_k=None, top_p=None, name="probs"):
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a float [batch, vocab] tensor, got {getattr(x, 'shape', x)}")

@@ -399,3 +399,35 @@ def test_enable_pdl_changes_nothing():
     res = [wrapper.run(q * 1, cache, enable_pdl=pdl) for pdl in (False, True)]
     assert torch.equal(res[0], res[1])
     assert torch.isfinite(res[1]).all()
+
+
+@pytest.mark.parametrize("hidden", [4096, 8192])
+def test_layernorm_real_size(hidden):
+    """layernorm at serving sizes (one pass at 4096, three at 8192) against float64, bf16 input and float32
+    gemma / beta as FlashInfer takes them."""
+    x = (torch.randn(257, hidden, device="cuda") * 3 + 1).to(torch.bfloat16)
+    gemma, beta = torch.rand(hidden, device="cuda") + 0.5, torch.randn(hidden, device="cuda")
+    y = pagoda.layernorm(x, gemma, beta, 1e-6)
+    xd = x.double()
+    want = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    want = want * gemma.double() + beta.double()
+    assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_top_k_transforms_real_size():
+    """A sparse decode's selection at DeepSeek's sizes (2048 of up to 32k positions, 64 rows): the page-table
+    transform's entries are the table's at the top-2048 positions of each row's first lengths[i]."""
+    rows, width, k = 64, 32768, 2048
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    table = torch.randint(0, 1 << 20, (rows, width), dtype=torch.int32, device="cuda")
+    lengths = torch.randint(1, width + 1, (rows,), dtype=torch.int32, device="cuda")
+    lengths[0] = 100
+    out = pagoda.top_k_page_table_transform(x, table, lengths, k)
+    for i in (0, 1, 17, 63):
+        n = int(lengths[i])
+        if n <= k:
+            want = table[i, :n].tolist() + [-1] * (k - n)
+            assert out[i].tolist() == want
+        else:
+            pos = torch.topk(x[i, :n].float(), k).indices
+            assert sorted(out[i].tolist()) == sorted(table[i, pos].tolist())

@@ -169,3 +169,27 @@ def test_soft_cap(dtype, shape, monkeypatch):
         pagoda.soft_cap(x, cap, out=torch.empty(shape[:-1], dtype=torch.float32, device=DEVICE))
     with pytest.raises(ValueError, match="input"):
         pagoda.soft_cap(torch.ones(3, dtype=torch.int32), cap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hidden", [100, 5000])  # (one pass; three passes past the 4096-element block)
+def test_layernorm(dtype, hidden):
+    """FlashInfer's layernorm(input, gemma, beta, eps) against float64 (biased variance), rows offset from zero so
+    the mean matters; 3-D input; bad input names the argument."""
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(3, 4, hidden, generator=g) * 2 + 5).to(dtype).to(DEVICE)
+    gemma = (torch.rand(hidden, generator=g) + 0.5).to(DEVICE)
+    beta = torch.randn(hidden, generator=g).to(DEVICE)
+    y = pagoda.layernorm(x, gemma, beta, 1e-5)
+    xd = x.double().cpu()
+    want = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    want = want * gemma.double().cpu() + beta.double().cpu()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    assert ((y.double().cpu() - want).norm() / want.norm()).item() < tol
+    for kw, msg in [(dict(beta=beta[:10]), "beta"), (dict(gemma=gemma[:10]), "weight"), (dict(eps=-1.0), "eps"),
+                    (dict(beta=beta.int()), "beta")]:
+        args = dict(input=x, gemma=gemma, beta=beta)
+        args.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            pagoda.layernorm(**args)

@@ -281,3 +281,40 @@ def test_chain_speculative_sampling():
     with pytest.raises(ValueError, match="maybe_output_emitted_draft_token_num"):
         pagoda.chain_speculative_sampling(d, torch.tensor([[2, 1]], device=DEVICE), t,
                                           maybe_output_emitted_draft_token_num=torch.zeros(3, device=DEVICE))
+
+
+def test_softmax_with_temperature():
+    """softmax(logits / temperature) against float64, per-row temperatures and a scalar; float32 out; a CPU
+    temperature <= 0 is a ValueError naming it, a device one's row NaN."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 300, generator=g) * 4).to(torch.bfloat16).to(DEVICE)
+    t = torch.tensor([0.5, 1.0, 2.0, 0.1, 7.0])
+    for temp, tt in ((None, torch.ones(5)), (0.7, torch.full((5,), 0.7)), (t, t), (t.to(DEVICE), t)):
+        p = pagoda.softmax(logits, temperature=temp)
+        want = torch.softmax(logits.double().cpu() / tt.double()[:, None], -1)
+        assert p.dtype == torch.float32 and (p.double().cpu() - want).abs().max() < 1e-6
+    for bad in (0.0, -1.0, torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            pagoda.softmax(logits, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        pagoda.softmax(logits, temperature=torch.ones(4))
+    with pytest.raises(ValueError, match="logits"):
+        pagoda.softmax(torch.arange(6).view(2, 3))
+    if DEVICE.type == "cuda":
+        p = pagoda.softmax(logits, temperature=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], device=DEVICE))
+        assert p[1].isnan().all() and not p[0].isnan().any()
+
+
+def test_sampling_from_logits(dist):
+    """Tokens drawn from softmax(logits) (the empirical distribution within the sampling bound), a seed repeats its
+    draw, indices map outputs to rows, NaN logits with check_nan are a ValueError."""
+    logits = dist.log().float().to(DEVICE)[None].expand(N, -1).contiguous() + 3.0  # (a shift softmax ignores)
+    tokens = pagoda.sampling_from_logits(logits)
+    assert tokens.dtype == torch.int32 and tv(empirical(tokens, 24), dist) < BOUND
+    a = pagoda.sampling_from_logits(logits[:64], seed=5, offset=0)
+    assert torch.equal(a, pagoda.sampling_from_logits(logits[:64], seed=5, offset=0))
+    two = torch.tensor([[0.0, 50.0, 0.0], [50.0, 0.0, 0.0]], device=DEVICE)
+    idx = torch.tensor([1, 0, 1, 1], dtype=torch.int64, device=DEVICE)
+    assert pagoda.sampling_from_logits(two, indices=idx).tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="NaN"):
+        pagoda.sampling_from_logits(torch.tensor([[0.0, float("nan")]], device=DEVICE), check_nan=True)

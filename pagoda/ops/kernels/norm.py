@@ -58,3 +58,41 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
                 y = (y.to(tl.float32) + tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)).to(
                     Y.dtype.element_ty)
             tl.store(Y + row * stride_y + offs, y, mask=m)
+
+
+@triton.jit
+def layernorm_kernel(X, G, B, Y, hidden, stride_x, stride_y, eps, BLOCK: tl.constexpr):
+    """Y = (X - mean(X)) / sqrt(var(X) + eps) * G + B over each row (biased variance, as torch's layer_norm), fp32
+    statistics. A row of at most BLOCK elements is one pass; longer rows take three (the mean, the variance about it,
+    the output)."""
+    row = tl.program_id(0).to(tl.int64)
+    if hidden <= BLOCK:
+        offs = tl.arange(0, BLOCK)
+        m = offs < hidden
+        x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / hidden
+        xc = tl.where(m, x - mean, 0.0)
+        inv = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / hidden + eps)
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + offs, (xc * inv * g + b).to(Y.dtype.element_ty), mask=m)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(X + row * stride_x + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, 0) / hidden
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < hidden
+            xc = tl.where(m, tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += xc * xc
+        inv = 1.0 / tl.sqrt(tl.sum(acc, 0) / hidden + eps)
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < hidden
+            x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(Y + row * stride_y + offs, ((x - mean) * inv * g + b).to(Y.dtype.element_ty), mask=m)

@@ -1,0 +1,104 @@
+"""Top-k selection (FlashInfer's ``top_k`` and its sparse-attention transforms, by their names and arguments).
+
+FlashInfer's radix top-k is a CUDA kernel; pagoda's runs PyTorch's ``torch.topk`` (O(n log k) per row: FlashInfer's
+own note puts its kernel ahead for rows of more than ~10k values; not measured here). The transforms are the
+selection step of a sparse decode (DeepSeek's sparse attention: an indexer scores each request's KV tokens, the
+top k go to attention): ``top_k_page_table_transform`` maps the chosen positions through a page table of page size
+1, ``top_k_ragged_transform`` offsets them into a ragged KV. A row whose length is at most k keeps all its positions
+in order; the slots past a row's length hold -1.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention.formats import check_int
+
+
+def _check_scores(input: torch.Tensor, k) -> int:
+    if not isinstance(input, torch.Tensor) or input.dim() != 2 or not input.dtype.is_floating_point:
+        raise ValueError(f"input must be a float [rows, length] tensor, got {getattr(input, 'shape', input)}")
+    if check_int("k", k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def _check_index(name: str, t, rows: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (rows,):
+        raise ValueError(f"{name} must be an int32 [{rows}] tensor, got {getattr(t, 'dtype', t)} "
+                         f"{tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on input's device {device}, got {t.device}")
+    return t.long()
+
+
+def top_k(input: torch.Tensor, k: int, sorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of input [rows, d] and their int64 indices ([rows, k] each); sorted: in
+    descending order (unsorted, FlashInfer's default, may come in any order). k must be at most d."""
+    k = _check_scores(input, k)
+    if k > input.shape[1]:
+        raise ValueError(f"k ({k}) must be at most the rows' length {input.shape[1]}")
+    if not isinstance(sorted, bool):
+        raise ValueError(f"sorted must be a bool, got {sorted!r}")
+    values, indices = torch.topk(input, k, dim=-1, largest=True, sorted=True)
+    return values, indices
+
+
+topk = top_k
+
+
+def _top_positions(input: torch.Tensor, lengths: torch.Tensor, k: int):
+    """([rows, k] int64 positions, [rows, k] bool valid): each row's top-k positions among its first lengths[i]
+    (a row of at most k keeps its first lengths[i] in order), invalid past the row's length."""
+    rows, width = input.shape
+    n = lengths.clamp(0, width)
+    pos = torch.arange(width, device=input.device)
+    scores = input.float().masked_fill(pos[None, :] >= n[:, None], float("-inf"))
+    kk = min(k, width)
+    chosen = torch.topk(scores, kk, dim=-1).indices if kk else torch.zeros(rows, 0, dtype=torch.long,
+                                                                           device=input.device)
+    first = pos[None, :kk].expand(rows, kk)
+    chosen = torch.where((n <= k)[:, None], first, chosen)
+    if kk < k:  # (k past the rows' width: every row keeps all of its positions)
+        chosen = torch.cat([chosen, torch.zeros(rows, k - kk, dtype=torch.long, device=input.device)], 1)
+    valid = torch.arange(k, device=input.device)[None, :] < n[:, None]
+    return chosen, valid
+
+
+def top_k_page_table_transform(input: torch.Tensor, src_page_table: torch.Tensor, lengths: torch.Tensor, k: int,
+                               row_to_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row i of scores input [rows, max_len]: the page-table entries src_page_table[b, j] (b =
+    row_to_batch[i], or i) of its top-k positions j among its first lengths[i]; int32 [rows, k], -1 past a row's
+    length."""
+    k = _check_scores(input, k)
+    rows = input.shape[0]
+    lengths = _check_index("lengths", lengths, rows, input.device)
+    if not isinstance(src_page_table, torch.Tensor) or src_page_table.dim() != 2 or \
+            src_page_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"src_page_table must be an int32 [batch, max_len] tensor, got "
+                         f"{getattr(src_page_table, 'shape', src_page_table)}")
+    if src_page_table.device != input.device:
+        raise ValueError(f"src_page_table must be on input's device {input.device}, got {src_page_table.device}")
+    if src_page_table.shape[1] < min(input.shape[1], k):
+        raise ValueError(f"src_page_table has {src_page_table.shape[1]} entries a row, input's rows "
+                         f"{input.shape[1]}")
+    if row_to_batch is None:
+        if src_page_table.shape[0] < rows:
+            raise ValueError(f"src_page_table has {src_page_table.shape[0]} rows for {rows} rows of input "
+                             f"(row_to_batch: None maps row i to batch i)")
+        batch = torch.arange(rows, device=input.device)
+    else:
+        batch = _check_index("row_to_batch", row_to_batch, rows, input.device)
+    chosen, valid = _top_positions(input, lengths, k)
+    entries = src_page_table[batch[:, None], chosen.clamp(max=src_page_table.shape[1] - 1)]
+    return torch.where(valid, entries, -1).to(torch.int32)
+
+
+def top_k_ragged_transform(input: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """For each row i of scores input [rows, max_len]: offsets[i] plus its top-k positions among its first
+    lengths[i]; int32 [rows, k], -1 past a row's length."""
+    k = _check_scores(input, k)
+    rows = input.shape[0]
+    offsets = _check_index("offsets", offsets, rows, input.device)
+    lengths = _check_index("lengths", lengths, rows, input.device)
+    chosen, valid = _top_positions(input, lengths, k)
+    return torch.where(valid, chosen + offsets[:, None], -1).to(torch.int32)

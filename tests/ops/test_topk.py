@@ -1,0 +1,87 @@
+"""Top-k selection (FlashInfer's top_k and its sparse-attention transforms) against a per-row Python reference."""
+import pytest
+import torch
+
+import pagoda
+
+from ..conftest import DEVICE
+
+
+def _scores(rows, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=g).to(DEVICE)  # (distinct values: a unique top-k set)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_values_and_indices(dtype):
+    x = _scores(6, 1000, 0).to(dtype)
+    for sorted_ in (False, True):
+        v, i = pagoda.top_k(x, 37, sorted=sorted_)
+        assert v.dtype == dtype and i.dtype == torch.int64 and v.shape == i.shape == (6, 37)
+        assert torch.equal(torch.gather(x, 1, i), v)
+        want = torch.topk(x.float(), 37).values
+        assert torch.equal(v.float().sort(-1).values, want.sort(-1).values)
+        if sorted_:
+            assert (v[:, :-1] >= v[:, 1:]).all()
+    assert pagoda.topk is pagoda.top_k
+    for args, msg in [((x, 0), "k"), ((x, 1001), "k"), ((x[0], 3), "input"), ((x, 2.0), "k")]:
+        with pytest.raises(ValueError, match=msg):
+            pagoda.top_k(*args)
+
+
+def _ref_positions(row, n, k):
+    """A row's top-k positions among its first n (all n in order when n <= k)."""
+    if n <= k:
+        return list(range(n))
+    return sorted(torch.topk(row[:n].float(), k).indices.tolist())
+
+
+def test_top_k_page_table_transform():
+    """Each row's top-k positions among its first lengths[i], through its batch's page table (row_to_batch, or
+    row i's), -1 past its length; rows shorter than k keep all positions in order; a length past the row's width is
+    the whole row."""
+    rows, width, k = 5, 64, 8
+    x = _scores(rows, width, 1)
+    table = torch.randint(0, 10_000, (3, width), dtype=torch.int32).to(DEVICE)
+    lengths = torch.tensor([64, 5, 8, 0, 30], dtype=torch.int32, device=DEVICE)
+    r2b = torch.tensor([2, 0, 1, 1, 2], dtype=torch.int32, device=DEVICE)
+    out = pagoda.top_k_page_table_transform(x, table, lengths, k, row_to_batch=r2b)
+    assert out.dtype == torch.int32 and out.shape == (rows, k)
+    for i in range(rows):
+        n, b = int(lengths[i]), int(r2b[i])
+        pos = _ref_positions(x[i].cpu(), n, k)
+        got = out[i].tolist()
+        want = [int(table[b, p]) for p in pos]
+        if n <= k:
+            assert got == want + [-1] * (k - len(want))
+        else:
+            assert sorted(got) == sorted(want)
+    out2 = pagoda.top_k_page_table_transform(x[:3], table, lengths[:3], k)  # (row i's own table row)
+    assert sorted(out2[1].tolist()) == sorted([int(table[1, p]) for p in range(5)] + [-1] * 3)
+    with pytest.raises(ValueError, match="src_page_table"):
+        pagoda.top_k_page_table_transform(x, table, lengths, k)  # (5 rows, 3 table rows, no row_to_batch)
+    with pytest.raises(ValueError, match="lengths"):
+        pagoda.top_k_page_table_transform(x, table, lengths[:4], k, row_to_batch=r2b)
+    with pytest.raises(ValueError, match="row_to_batch"):
+        pagoda.top_k_page_table_transform(x, table, lengths, k, row_to_batch=r2b.float())
+
+
+def test_top_k_ragged_transform():
+    rows, width, k = 4, 50, 6
+    x = _scores(rows, width, 2)
+    offsets = torch.tensor([0, 50, 100, 150], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([50, 6, 2, 20], dtype=torch.int32, device=DEVICE)
+    out = pagoda.top_k_ragged_transform(x, offsets, lengths, k)
+    assert out.dtype == torch.int32 and out.shape == (rows, k)
+    for i in range(rows):
+        n = int(lengths[i])
+        want = [int(offsets[i]) + p for p in _ref_positions(x[i].cpu(), n, k)]
+        got = out[i].tolist()
+        if n <= k:
+            assert got == want + [-1] * (k - n)
+        else:
+            assert sorted(got) == sorted(want)
+    out_wide = pagoda.top_k_ragged_transform(x[:, :4], offsets, lengths.clamp(max=4), k)  # (k past the width)
+    assert out_wide[0].tolist() == [0, 1, 2, 3, -1, -1]
+    with pytest.raises(ValueError, match="offsets"):
+        pagoda.top_k_ragged_transform(x, offsets[:2], lengths, k)
