@@ -180,14 +180,10 @@ def test_greedy_sample_real_size(dtype):
         assert out.tolist() == want.tolist()
 
 
-def test_rope_and_append_real_size():
-    """Llama-3-8B shapes (32 / 8 heads of 128), 64 requests appending 1..8 tokens at scattered positions into
-    a 16-token-page cache: the fused launch writes exactly what RoPE then append write, q identically."""
-    hq, hk, d, ps, maxpos = 32, 8, 128, 16, 8192
-    ang = torch.arange(maxpos, dtype=torch.float64, device="cuda")[:, None] * (
-        1.0 / 500000 ** (torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d))[None, :]
-    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float()
-    g = torch.Generator().manual_seed(0)
+def _append_tables(ps: int, seed: int):
+    """64 requests of 9..4000 tokens appending 1..8 each at their ends, in shuffled pages of ps tokens: (pages a
+    request, kv_indices, kv_indptr, last_page_len, batch_indices, positions), the last five on the GPU."""
+    g = torch.Generator().manual_seed(seed)
     lens = torch.randint(9, 4000, (64,), generator=g)
     new = torch.randint(1, 9, (64,), generator=g)
     pages = (lens + ps - 1) // ps
@@ -196,6 +192,17 @@ def test_rope_and_append_real_size():
     last = ((lens - 1) % ps + 1).int().cuda()
     bidx = torch.repeat_interleave(torch.arange(64), new).int().cuda()
     pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens.tolist(), new.tolist())]).int().cuda()
+    return pages, kv_indices, kv_indptr, last, bidx, pos
+
+
+def test_rope_and_append_real_size():
+    """Llama-3-8B shapes (32 / 8 heads of 128), 64 requests appending 1..8 tokens at scattered positions into
+    a 16-token-page cache: the fused launch writes exactly what RoPE then append write, q identically."""
+    hq, hk, d, ps, maxpos = 32, 8, 128, 16, 8192
+    ang = torch.arange(maxpos, dtype=torch.float64, device="cuda")[:, None] * (
+        1.0 / 500000 ** (torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d))[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float()
+    pages, kv_indices, kv_indptr, last, bidx, pos = _append_tables(ps, 0)
     nnz = pos.numel()
     qkv = torch.randn(nnz, (hq + 2 * hk) * d, dtype=torch.bfloat16, device="cuda")
     q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)  # strided views, as the engine's fused projection gives
@@ -229,15 +236,7 @@ def test_rope_and_append_qk_norm_real_size(d, offset, kv):
     inv = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=torch.float64, device="cuda") / d)
     ang = torch.arange(maxpos, dtype=torch.float64, device="cuda")[:, None] * inv[None, :]
     cos_sin = torch.cat([ang.cos(), ang.sin()], -1).float()
-    g = torch.Generator().manual_seed(1)
-    lens = torch.randint(9, 4000, (64,), generator=g)
-    new = torch.randint(1, 9, (64,), generator=g)
-    pages = (lens + ps - 1) // ps
-    kv_indices = torch.randperm(int(pages.sum()) + 10, generator=g)[:int(pages.sum())].int().cuda()
-    kv_indptr = torch.cat([torch.zeros(1), pages.cumsum(0)]).int().cuda()
-    last = ((lens - 1) % ps + 1).int().cuda()
-    bidx = torch.repeat_interleave(torch.arange(64), new).int().cuda()
-    pos = torch.cat([torch.arange(n - m, n) for n, m in zip(lens.tolist(), new.tolist())]).int().cuda()
+    pages, kv_indices, kv_indptr, last, bidx, pos = _append_tables(ps, 1)
     nnz = pos.numel()
     qkv = (torch.randn(nnz, (hq + 2 * hk) * d, device="cuda") * 4).to(torch.bfloat16)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
