@@ -55,18 +55,17 @@ class _DecodePart:
     requests), else a paged prefill wrapper without a causal mask (FlashInfer's POD runs its decode part
     NON_CAUSAL)."""
 
-    def __init__(self, workspace, kv_layout, backend, use_cuda_graph=False, **buffers):
-        self.decode = BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout, use_cuda_graph=use_cuda_graph,
-                                                         backend=backend, **buffers)
+    def __init__(self, workspace, kv_layout, backend):
+        self.decode = BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout, backend=backend)
         self.multi = None  # (made at the first plan with several queries a request)
         self.workspace, self.kv_layout, self.backend = workspace, kv_layout, backend
         self.active = None
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, **kw):
-        one_query = True
-        if qo_indptr is not None:
-            _, qo_lens, one_query = check_qo_indptr("qo_indptr_d", qo_indptr)
+        qo, _, one_query = check_qo_indptr("qo_indptr_d", qo_indptr)
+        if qo.shape[0] != len(kv_indptr):
+            raise ValueError(f"qo_indptr_d has {qo.shape[0]} entries, kv_indptr_d {len(kv_indptr)}")
         if one_query:
             self.decode.plan(kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
                              **kw)
@@ -78,9 +77,10 @@ class _DecodePart:
                         page_size, causal=False, **kw)
         self.active = self.multi
 
-    def run(self, wrapper_name, q, cache, return_lse, k_scale, v_scale, enable_pdl):
+    def run(self, owner, q, cache, return_lse, k_scale, v_scale, enable_pdl):
+        """owner: the POD wrapper (named in the error of a run() before plan())."""
         if self.active is None:
-            raise not_planned(wrapper_name)
+            raise not_planned(owner)
         return self.active.run(q, cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
                                enable_pdl=enable_pdl)
 
@@ -102,7 +102,6 @@ class BatchPODWithPagedKVCacheWrapper:
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", *, backend: str = "auto"):
         self._prefill = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
         self._decode = _DecodePart(float_workspace_buffer, kv_layout, backend)
-        self._ws, self._kv_layout, self._backend = float_workspace_buffer, kv_layout, backend
         self._p = None  # the prefill part's plan() arguments (a run() with another mask plans it again)
         self._p_mask = None  # the mask the prefill wrapper is planned for: (causal, mask tensor or None)
 

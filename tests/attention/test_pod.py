@@ -101,6 +101,25 @@ def test_batch_pod_custom_mask_and_scales():
     check_requests(op, None, rc, None, _indptr(qo_p).tolist(), TOL[BF])
 
 
+def test_batch_pod_with_an_empty_part():
+    """A step of prefills only or decodes only: the empty part's output is [0, heads, head_dim], the other part's the
+    oracle's."""
+    b = PagedBatch([20, 5], HK, D, PS, BF)
+    z, none = torch.tensor([0], dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    w = pagoda.BatchPODWithPagedKVCacheWrapper(workspace())
+    q4, q0, q2 = (torch.randn(n, HQ, D, dtype=BF, device=DEVICE) for n in (4, 0, 2))
+    w.plan(_indptr([3, 1]), b.indptr, b.indices, b.last_page_len, z, z, none, none, HQ, HK, D, PS, q_data_type=BF)
+    op, od = w.run(q4, b.cache, q0, b.cache, causal_p=True)
+    ro, _ = oracle(q4, [0, 3, 4], b.k, b.v, causal=True)
+    assert od.shape == (0, HQ, D)
+    check_requests(op, None, ro, None, [0, 3, 4], TOL[BF])
+    w.plan(z, z, none, none, _indptr([1, 1]), b.indptr, b.indices, b.last_page_len, HQ, HK, D, PS, q_data_type=BF)
+    op, od = w.run(q0, b.cache, q2, b.cache, causal_p=True)
+    rd, _ = oracle(q2, [0, 1, 2], b.k, b.v)
+    assert op.shape == (0, HQ, D)
+    check_requests(od, None, rd, None, [0, 1, 2], TOL[BF])
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_pod_single_prefill_beside_a_decode_batch(backend):
     """PODWithPagedKVCacheWrapper: one prompt over its contiguous K / V (single_prefill_with_kv_cache's arguments by
@@ -149,8 +168,9 @@ def test_pod_bad_input_names_the_argument():
     ip = torch.tensor([0, 4], dtype=torch.int32)
     plan = (ip, bd.indptr[:2], bd.indices[:int(bd.indptr[1])], bd.last_page_len[:1], torch.tensor([0, 1, 2]),
             bd.indptr, bd.indices, bd.last_page_len, HQ, HK, D, PS)
-    with pytest.raises(ValueError, match="qo_indptr_d"):
-        bw.plan(*plan[:4], torch.tensor([0, 2, 1]), *plan[5:])
+    for qo_d in (torch.tensor([0, 2, 1]), torch.tensor([0, 1])):  # (not monotonic; one request for kv's two)
+        with pytest.raises(ValueError, match="qo_indptr_d"):
+            bw.plan(*plan[:4], qo_d, *plan[5:])
     with pytest.raises(ValueError, match="pos_encoding_mode"):
         bw.plan(*plan, pos_encoding_mode="ROPE_LLAMA")
     bw.plan(*plan, q_data_type=BF)
