@@ -16,7 +16,8 @@ from .attention import (AttentionVariant, BatchAttention, BatchAttentionWithAtte
                         BatchPODWithPagedKVCacheWrapper, variants)
 from .ops import *  # noqa: F401,F403  (FlashInfer exposes its ops at the top level too)
 from .ops import __all__ as _ops_all
-from .engine import LLM, CompletionOutput, LLMEngine, LoRARequest, RequestOutput, SamplingParams
+from .engine import (LLM, CompletionOutput, GuidedDecodingParams, LLMEngine, LoRARequest, RequestOutput,
+                     SamplingParams)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
     "PODWithPagedKVCacheWrapper", "BatchPODWithPagedKVCacheWrapper",
     *_ops_all,
-    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest",
+    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest", "GuidedDecodingParams",
 ]

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .guided import GuidedDecodingParams
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -221,6 +223,9 @@ class SamplingParams:
     # logits) -> logits, on the request's float32 row of the vocabulary before penalties and sampling, each step
     # (host code on a device row: for research, not for speed; such a request is not launched ahead)
     logits_processors: list | None = None
+    # vLLM's guided (structured) decoding: a GuidedDecodingParams (engine/guided.py: a JSON schema, any JSON object,
+    # a regex, a choice or an EBNF grammar) that each sampled token must continue; needs the tokenizer and xgrammar
+    guided_decoding: GuidedDecodingParams | None = None
     # whether anything above changes the logits before sampling (penalties, logit bias, min_tokens, allowed ids,
     # bad words, logits processors: sampler._penalized; such requests are not launched ahead, since their changes
     # read the output so far): found once here, since the sampler and the engine's step ask it of every running
@@ -275,6 +280,8 @@ class SamplingParams:
             ("logits_processors", self.logits_processors is None or (
                 isinstance(self.logits_processors, (list, tuple)) and all(callable(f) for f in self.logits_processors)),
              "a list of callables"),
+            ("guided_decoding", self.guided_decoding is None or isinstance(self.guided_decoding, GuidedDecodingParams),
+             "a GuidedDecodingParams"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
                 and self.truncate_prompt_tokens >= 1), "an integer >= 1"),
@@ -288,7 +295,7 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
         self.penalized = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                               or self.logit_bias or self.min_tokens or self.allowed_token_ids or self.bad_words
-                              or self.logits_processors)
+                              or self.logits_processors or self.guided_decoding)
 
     @property
     def greedy(self) -> bool:

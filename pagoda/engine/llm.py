@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..attention.formats import SUPPORTED_HEAD_DIMS
 from .config import ModelConfig, SamplingParams
+from .guided import GrammarProcessor, GuidedCompiler
 from .kv_cache import PagePool, PrefixCache
 from .loader import load_model, load_tokenizer, resolve_model_path
 from .lora import LoRAManager, LoRARequest
@@ -300,6 +301,7 @@ class LLMEngine:
                 self.runner.capture_graphs()
                 self.graph_capture_seconds = time.perf_counter() - t0
             self.generator = torch.Generator().manual_seed(seed)
+            self._guided = None  # guided decoding's GuidedCompiler, made at the first guided request
             self.eos_ids = set(config.eos_token_ids)
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -354,6 +356,16 @@ class LLMEngine:
             except Exception as e:
                 raise ValueError(f"SamplingParams.logits_processors must be picklable with tensor_parallel_size > 1 "
                                  f"(every rank runs them): {e}") from None
+        guided = None
+        if params.guided_decoding is not None:  # (compiled before anything is added: a bad grammar leaves no trace)
+            if self._workers is not None or self.tp is not None:
+                raise ValueError("SamplingParams.guided_decoding is not supported with tensor_parallel_size > 1")
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.guided_decoding needs the model's tokenizer (the engine was built "
+                                 "without one)")
+            if self._guided is None:
+                self._guided = GuidedCompiler(self.tokenizer, self.config.vocab_size, self.eos_ids)
+            guided = self._guided.compile(params.guided_decoding)
         if lora_request is not None and self.lora is None:
             raise ValueError("lora_request needs an engine built with enable_lora=True")
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
@@ -386,6 +398,8 @@ class LLMEngine:
         group = [Request(request_id, text, ids, params, index=i) for i in range(params.n)]
         for r in group:
             r.lora_request = lora_request
+            if guided is not None:  # (a matcher each: the n samples go their own ways through the grammar)
+                r.guided = GrammarProcessor(guided, self.config.vocab_size)
         if params.bad_words:
             words = self._bad_words_ids(params.bad_words)
             for r in group:

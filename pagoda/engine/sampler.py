@@ -109,6 +109,8 @@ class _PenaltyState:
         # logits processors with whether each takes the prompt too (three parameters): inspected once here, not
         # every step
         self.processors = [(fn, _takes_prompt(fn)) for fn in p.logits_processors or ()]
+        if r.guided is not None:  # (guided decoding's grammar mask, after the user's processors: engine/guided.py)
+            self.processors.append((r.guided, False))
         self.done = 0  # output tokens counted so far
 
     def update(self, out_ids: list[int], dev: torch.device) -> None:

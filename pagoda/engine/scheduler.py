@@ -44,6 +44,7 @@ class Request:
         self.params = params
         self.index = index  # which of the n samples
         self.lora_request = None  # engine/lora.py's LoRARequest of the request's adapter (set by add_request)
+        self.guided = None  # guided decoding's GrammarProcessor (engine/guided.py; set by add_request)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
         # SamplingParams.prompt_logprobs (the first sample of n only: the others share its prompt): entry p is

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import LoRARequest, SamplingParams
+from ..engine.guided import OPENAI_FIELDS as GUIDED_FIELDS, guided_from_openai
 from ..engine.llm import chat_text
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
@@ -78,7 +79,8 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0  # (vLLM's extension)
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias
     # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
-    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
+    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored); the guided_* fields are
+    # vLLM's guided decoding (engine/guided.py, with response_format: _params)
     best_of: int | None = None
     min_tokens: int = 0  # (honoured: SamplingParams.min_tokens)
     use_beam_search: bool = False
@@ -86,6 +88,8 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # OpenAI's structured outputs: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -110,7 +114,6 @@ class ChatRequest(_Common):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -141,16 +144,15 @@ class UnloadLoRARequest(BaseModel):
 
 def unsupported(req: _Common) -> None:
     """A 400 naming the first parameter set to a value pagoda would not honour (the request's fields above their
-    neutral values): a client asking for beam search, guided decoding, tools or a response format must not get an
-    answer generated without them."""
+    neutral values): a client asking for beam search or tools must not get an answer generated without them (guided
+    decoding and response_format are honoured: _params)."""
     if req.model_extra:
         log.warning("request fields ignored (not known to this server): %s", sorted(req.model_extra))
     neutral = {"use_beam_search": False}
     for name, value in neutral.items():
         if getattr(req, name) != value:
             raise APIError(400, f"{name} is not supported by this server (pagoda); leave it at {value}", param=name)
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "suffix", "tools",
-                 "functions", "function_call"):
+    for name in ("suffix", "tools", "functions", "function_call"):
         if getattr(req, name, None):
             raise APIError(400, f"{name} is not supported by this server (pagoda)", param=name)
     if req.best_of is not None and req.best_of != req.n:
@@ -160,10 +162,6 @@ def unsupported(req: _Common) -> None:
     if choice not in (None, "none", "auto"):
         raise APIError(400, f"tool_choice {choice!r} is not supported by this server (pagoda): it has no tool calling",
                        param="tool_choice")
-    fmt = getattr(req, "response_format", None)
-    if fmt and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported by this server (pagoda)",
-                       param="response_format")
 
 
 def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprobs: int | None = None) -> SamplingParams:
@@ -176,6 +174,10 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
             raise APIError(400, f"logit_bias keys must be token ids, got {list(req.logit_bias)[:4]}",
                            param="logit_bias") from None
     try:
+        guided = guided_from_openai({k: getattr(req, k, None) for k in GUIDED_FIELDS})
+    except ValueError as e:
+        raise APIError(400, str(e), param=_field_of(str(e), None)) from None
+    try:
         return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               min_p=req.min_p, seed=req.seed, max_tokens=max_tokens if max_tokens is not None
                               else default_max, stop=req.stop, stop_token_ids=req.stop_token_ids,
@@ -184,7 +186,8 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               logit_bias=bias, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens,
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               allowed_token_ids=req.allowed_token_ids,
-                              truncate_prompt_tokens=req.truncate_prompt_tokens, bad_words=req.bad_words)
+                              truncate_prompt_tokens=req.truncate_prompt_tokens, bad_words=req.bad_words,
+                              guided_decoding=guided)
     except ValueError as e:
         raise APIError(400, str(e), param=_field_of(str(e), None)) from None
 
@@ -194,6 +197,8 @@ def _field_of(msg: str, default: str | None) -> str | None:
     logit_bias check names; default otherwise."""
     if msg.startswith("SamplingParams."):
         return msg.split(".")[1].split(" ")[0]
+    if msg.split(":")[0] in GUIDED_FIELDS:  # (guided decoding's errors: engine/guided.py names the request field)
+        return msg.split(":")[0]
     return "logit_bias" if msg.startswith("logit_bias") else default
 
 
