@@ -79,16 +79,16 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0  # (vLLM's extension)
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias
     # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
-    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored); the guided_* fields are
-    # vLLM's guided decoding (engine/guided.py, with response_format: _params)
+    # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
     best_of: int | None = None
     min_tokens: int = 0  # (honoured: SamplingParams.min_tokens)
     use_beam_search: bool = False
+    # vLLM's guided decoding and OpenAI's structured outputs (engine/guided.py; _params): response_format is
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # OpenAI's structured outputs: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     response_format: dict[str, Any] | None = None
 
 
