@@ -358,8 +358,7 @@ class LLMEngine:
                                  f"(every rank runs them): {e}") from None
         guided = None
         if params.guided_decoding is not None:  # (compiled before anything is added: a bad grammar leaves no trace)
-            if self._workers is not None or self.tp is not None:
-                raise ValueError("SamplingParams.guided_decoding is not supported with tensor_parallel_size > 1")
+            # (tensor-parallel: every rank compiles it and masks its own logits alike, as it runs logits processors)
             if self.tokenizer is None:
                 raise ValueError("SamplingParams.guided_decoding needs the model's tokenizer (the engine was built "
                                  "without one)")

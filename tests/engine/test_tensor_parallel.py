@@ -3,6 +3,7 @@ A sharded engine must give the one-process engine's tokens and log-probabilities
 same tokens as rank 0 (the probe), and bad input must fail on rank 0 with a ValueError and leave it serving."""
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -264,6 +265,23 @@ def test_fp8_kv_cache_over_ranks():
         dev[kv] = max(abs(x[t] - y[t]) for a, b in zip(ref, got)
                       for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs) for t in x if t in y)
     assert dev["fp8"] < 2 * dev["auto"] + 0.02, dev
+
+
+def test_guided_decoding_over_ranks():
+    """Guided decoding over 2 ranks: every rank compiles the grammar and masks its logits alike, so the sampled
+    completions (n=2, seeded) are in the language and every worker sampled what rank 0 did."""
+    pytest.importorskip("xgrammar")
+    llm = pagoda.LLM(None, num_kv_pages=128, tensor_parallel_size=2)
+    try:
+        sps = [pagoda.SamplingParams(max_tokens=12, temperature=0.9, n=2, seed=s, guided_decoding=g)
+               for s, g in ((1, pagoda.GuidedDecodingParams(choice=["north", "south", "east"])),
+                            (2, pagoda.GuidedDecodingParams(regex="[0-9]{2}-[a-c]{3}")))]
+        got = llm.generate(["Go", "Code"], sps, use_tqdm=False)
+        assert all(c.text in ("north", "south", "east") for c in got[0].outputs), got[0]
+        assert all(re.fullmatch("[0-9]{2}-[a-c]{3}", c.text) for c in got[1].outputs), got[1]
+        _workers_agree(llm, got)
+    finally:
+        llm.shutdown()
 
 
 def test_a_killed_worker_is_an_error_not_a_hang():
