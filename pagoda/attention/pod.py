@@ -103,7 +103,7 @@ class BatchPODWithPagedKVCacheWrapper:
         self._prefill = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
         self._decode = _DecodePart(float_workspace_buffer, kv_layout, backend)
         self._p = None  # the prefill part's plan() arguments (a run() with another mask plans it again)
-        self._p_mask = None  # the mask the prefill wrapper is planned for: (causal, mask tensor or None)
+        self._p_mask = None  # the mask the prefill wrapper is planned for: (causal, mask tensor or None); None: none
 
     def plan(self, qo_indptr_p, kv_indptr_p, kv_indices_p, last_page_len_p, qo_indptr_d, kv_indptr_d, kv_indices_d,
              last_page_len_d, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -118,7 +118,7 @@ class BatchPODWithPagedKVCacheWrapper:
             q_data_type = data_type
             kv_data_type = data_type if kv_data_type is None else kv_data_type
         common = dict(window_left=window_left, q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale)
-        self._p = None
+        self._p = self._p_mask = None
         self._prefill.plan(qo_indptr_p, kv_indptr_p, kv_indices_p, last_page_len_p, num_qo_heads, num_kv_heads,
                            head_dim, page_size, causal=False, **common)
         self._decode.active = None
@@ -132,18 +132,12 @@ class BatchPODWithPagedKVCacheWrapper:
         """The prefill wrapper planned for this mask (planned again when it differs from the last one)."""
         mask = packed_custom_mask if packed_custom_mask is not None else custom_mask
         key = (bool(causal) and mask is None, mask)
-        if self._p_mask[0] != key[0] or self._p_mask[1] is not key[1]:
+        if self._p_mask is None or self._p_mask[0] != key[0] or self._p_mask[1] is not key[1]:
             qo, kv, idx, last, hq, hk, d, ps, common = self._p
-            masks = {}
-            if packed_custom_mask is not None:
-                qo_h = check_qo_indptr("qo_indptr_p", qo)[0]
-                kv_lens = _kv_lens(kv, last, ps)
-                sizes = (qo_h[1:] - qo_h[:-1]) * kv_lens
-                masks = dict(packed_custom_mask=packed_custom_mask,
-                             mask_indptr=torch.from_numpy(np.concatenate([[0], np.cumsum((sizes + 7) // 8)])))
-            elif custom_mask is not None:
-                masks = dict(custom_mask=custom_mask)
-            self._p_mask = (False, None)  # (a plan that fails leaves the causal=False plan's key wrong otherwise)
+            # (a packed mask's per-request byte offsets: the plan's default, FlashInfer's segment_packbits layout)
+            name = "packed_custom_mask" if packed_custom_mask is not None else "custom_mask"
+            masks = {} if mask is None else {name: mask}
+            self._p_mask = None  # (until this plan is made: a plan that fails leaves no plan to trust)
             self._prefill.plan(qo, kv, idx, last, hq, hk, d, ps, causal=key[0], **masks, **common)
             self._p_mask = key
         return self._prefill
@@ -174,15 +168,6 @@ class BatchPODWithPagedKVCacheWrapper:
 
     def end_forward(self) -> None:
         """FlashInfer's deprecated no-op."""
-
-
-def _kv_lens(kv_indptr, last_page_len, page_size: int) -> np.ndarray:
-    """Each request's KV tokens from its page count and last page's length (0 pages: 0)."""
-    ip = np.asarray(kv_indptr.cpu() if isinstance(kv_indptr, torch.Tensor) else kv_indptr, dtype=np.int64)
-    last = np.asarray(last_page_len.cpu() if isinstance(last_page_len, torch.Tensor) else last_page_len,
-                      dtype=np.int64)
-    pages = ip[1:] - ip[:-1]
-    return np.where(pages > 0, (pages - 1) * page_size + last, 0)
 
 
 class PODWithPagedKVCacheWrapper:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 _BANNED = -1e30  # (sampler._BANNED: a masked token's logit, finite)
+_SHIFTS: dict = {}  # device -> int32 [32]: the bit positions that unpack xgrammar's int32 bitmask words
 
 
 @dataclasses.dataclass
@@ -122,7 +123,6 @@ class GrammarProcessor:
         self.vocab_size = vocab_size
         self.stop_ids = list(self.matcher.stop_token_ids)
         self.seen = 0
-        self._shifts = {}  # device -> int32 [32] bit positions
 
     def __call__(self, output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
         for t in output_ids[self.seen:]:
@@ -137,10 +137,10 @@ class GrammarProcessor:
             return row.masked_fill(~keep, _BANNED)
         self.matcher.fill_next_token_bitmask(self.bitmask)
         dev = row.device
-        if dev not in self._shifts:
-            self._shifts[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+        if dev not in _SHIFTS:
+            _SHIFTS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
         words = self.bitmask[0].to(dev, non_blocking=True)
-        keep = ((words[:, None] >> self._shifts[dev]) & 1).reshape(-1)[:row.shape[-1]].bool()
+        keep = ((words[:, None] >> _SHIFTS[dev]) & 1).reshape(-1)[:row.shape[-1]].bool()
         return row.masked_fill(~keep, _BANNED)
 
 

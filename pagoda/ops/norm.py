@@ -16,15 +16,22 @@ def _block(hidden: int) -> int:
     return min(4096, max(16, triton.next_power_of_2(hidden)))
 
 
-def _check(input, weight, name="input"):
+def _check(input, weight, name="input", weight_name="weight"):
     if not isinstance(input, torch.Tensor) or input.dim() < 1:
         raise ValueError(f"{name} must be a tensor [..., hidden]")
     if not isinstance(weight, torch.Tensor) or weight.shape != (input.shape[-1],):
-        raise ValueError(f"weight must have shape ({input.shape[-1]},), got {getattr(weight, 'shape', weight)}")
+        raise ValueError(f"{weight_name} must have shape ({input.shape[-1]},), got {getattr(weight, 'shape', weight)}")
     if weight.device != input.device:
-        raise ValueError("weight must be on the device of input")
+        raise ValueError(f"{weight_name} must be on the device of input")
     if not input.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor, got {input.dtype}")
+
+
+def rms_norm_float(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """The PyTorch form of the RMSNorm family over x's last dimension, in float32: x * rsqrt(mean(x^2) + eps) *
+    (weight + offset)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)
 
 
 def _norm(input, weight, eps, out, offset, enable_pdl=None):
@@ -36,9 +43,7 @@ def _norm(input, weight, eps, out, offset, enable_pdl=None):
     if input.numel() == 0:
         return out
     if not use_triton(input):
-        x = input.float()
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)
-        out.copy_(y.to(out.dtype))
+        out.copy_(rms_norm_float(input, weight, eps, offset).to(out.dtype))
         return out
     x2, y2 = rows_view("input", input), rows_view("out", out)
     hidden = input.shape[-1]
@@ -59,7 +64,7 @@ def _fused(input, residual, weight, eps, offset, enable_pdl=None, into=False):
         if not into:
             residual.copy_(x.to(residual.dtype))
             x = residual.float()
-        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)).to(input.dtype)
+        y = rms_norm_float(x, weight, eps, offset).to(input.dtype)
         if into:
             residual.copy_((residual.float() + y.float()).to(residual.dtype))
         else:
@@ -112,7 +117,7 @@ def layernorm(input: torch.Tensor, gemma: torch.Tensor, beta: torch.Tensor, eps:
     """(input - mean) / sqrt(var + eps) * gemma + beta over the last dimension (biased variance, fp32 statistics),
     in input's dtype (FlashInfer's layernorm: its gamma is named gemma; FlashInfer takes bf16 input and float32
     gemma / beta only, pagoda any float dtypes)."""
-    _check(input, gemma)
+    _check(input, gemma, weight_name="gemma (the weight)")
     if not isinstance(beta, torch.Tensor) or beta.shape != gemma.shape or beta.device != input.device:
         raise ValueError(f"beta must be a [{input.shape[-1]}] tensor on input's device, got "
                          f"{getattr(beta, 'shape', beta)}")

@@ -21,6 +21,7 @@ import triton
 from ._dispatch import check_eps, pdl_launch, use_triton
 from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from .kernels.rope import rope_append_kernel, rope_kernel
+from .norm import rms_norm_float
 from .page import append_paged_kv_cache, get_batch_indices_positions
 
 
@@ -247,8 +248,9 @@ def apply_rope_with_cos_sin_cache_and_append(positions, query, key, value, head_
     store = fused_store_args(k_cache.dtype, k_scale, v_scale)
     if check or not use_triton(q) or positions.shape != (q.shape[0],):
         # host-checked page tables, or the PyTorch path: the two ops (append checks what the kernel trusts)
-        qn, kn = (q, k) if norm is None else (_head_rms_norm(q, norm[0], norm_eps, norm_weight_offset),
-                                              _head_rms_norm(k, norm[1], norm_eps, norm_weight_offset))
+        # (the per-head norms in float32 over each head: [nnz, heads, d])
+        qn, kn = (q, k) if norm is None else (rms_norm_float(q, norm[0], norm_eps, norm_weight_offset),
+                                              rms_norm_float(k, norm[1], norm_eps, norm_weight_offset))
         q_out, k_out = _apply(qn, kn, positions, rd, not is_neox, False, cos_sin=cos_sin_cache)
         q.copy_(q_out)
         append_paged_kv_cache(k_out.to(k.dtype), v, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
@@ -302,8 +304,3 @@ def _qk_norm_args(q, q_norm_weight, k_norm_weight, norm_eps, norm_weight_offset)
     return q_norm_weight, k_norm_weight
 
 
-def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """[nnz, heads, d] -> float32 x * rsqrt(mean(x^2) + eps) * (weight + offset) over each head (the PyTorch path of
-    the fused op's per-head norms)."""
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)

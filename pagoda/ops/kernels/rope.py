@@ -166,7 +166,7 @@ def rope_append_kernel(
         crow = KC + page * stride_cp + slot * stride_cs + heads[:, None] * stride_ch
         x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
-        if QK_NORM:
+        if QK_NORM:  # (rest is set again below, where the form without the norms sets it: its PTX unchanged)
             rest = hm & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
             x_rest = tl.load(xrow + d[None, :], mask=rest, other=0.0).to(tl.float32)  # (all masked without NORM_REST)
             x1, x2, x_rest = _head_rms_norm(x1, x2, x_rest, KW, i1, i2, im, d, half, head_dim, norm_eps, norm_offset,
