@@ -602,3 +602,36 @@ def test_split_mixed_steps_on_gpu(monkeypatch, kv):
     (d1, m1), (d0, m0) = _deviation(outs["1"], hf), _deviation(outs["0"], hf)
     print(kv, "split steps", splits["1"], "mean / max |dlogp| split", d1, m1, "one launch", d0, m0)
     assert d1 < 1.5 * d0 + 0.005 and m1 < 0.5, (d1, m1, d0, m0)
+
+
+def test_guided_decoding_in_cuda_graphs():
+    """Guided requests (a JSON schema, a choice) beside plain ones in CUDA-graph decode steps: each guided output is in
+    its language, the plain requests' tokens are those of running them alone, and decode steps still replay graphs
+    (the mask is applied to the graph's logits after the replay)."""
+    import json
+    import re
+
+    pytest.importorskip("xgrammar")
+    from pagoda.engine.guided import GuidedDecodingParams
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string", "maxLength": 8},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    llm = pagoda.LLM(dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8)
+    plain = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    alone = llm.generate(PROMPTS[:2], plain, use_tqdm=False)
+    graphs = llm.engine.stats.cuda_graph_steps
+    sps = [plain, plain] + [pagoda.SamplingParams(max_tokens=64, temperature=0.9, seed=s, guided_decoding=g)
+                            for s in (1, 2) for g in (GuidedDecodingParams(json=schema, disable_any_whitespace=True),
+                                                      GuidedDecodingParams(choice=["alpha", "beta", "gamma 3"]))]
+    outs = llm.generate(PROMPTS[:2] + ["A record:"] * 4, sps, use_tqdm=False)
+    assert llm.engine.stats.cuda_graph_steps - graphs > 10
+    assert [o.outputs[0].token_ids for o in outs[:2]] == [o.outputs[0].token_ids for o in alone]
+    for i, o in enumerate(outs[2:]):
+        out = o.outputs[0]
+        assert out.finish_reason == "stop", out
+        if i % 2 == 0:
+            v = json.loads(out.text)
+            assert set(v) == {"name", "n"} and len(v["name"]) <= 8 and 0 <= v["n"] <= 99, out.text
+        else:
+            assert re.fullmatch("alpha|beta|gamma 3", out.text), out.text
