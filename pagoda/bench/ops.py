@@ -1,6 +1,6 @@
 """Serving-ops benchmark: sampling, RMSNorm, RoPE, SiLU-and-mul on one GPU, peers in the same run.
 
-    python -m pagoda.bench.ops [--parts sampling,greedy,bandwidth] [--json FILE]
+    python -m pagoda.bench.ops [--parts sampling,greedy,bandwidth,topk] [--json FILE]
 
 Sampling: batch 1..256 over a 128256-token vocabulary (Llama 3), pagoda's sorting-free
 rejection sampler against the torch sort-based top-p that servers fall back to
@@ -120,6 +120,43 @@ def greedy_rows():
     return rows
 
 
+def topk_rows(fi):
+    """top_k (float32 scores: a sampler's vocabulary rows, a sparse-attention indexer's rows) and the fused
+    top-k + page-table transform of a sparse decode (DeepSeek's 2048 of each request's KV positions), against
+    torch.topk and FlashInfer's radix kernels."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for batch, d, k in ((64, VOCAB, 50), (1, 131072, 2048), (64, 32768, 2048), (256, 16384, 2048)):
+        x = torch.randn(batch, d, device="cuda", generator=g)
+        ours = lambda: pagoda.top_k(x, k)  # noqa: E731
+        row = {"op": f"top_k k={k}", "shape": f"{batch}x{d}", "pagoda_us": bench(ours) * 1e6,
+               "wall_us": wall_per_call(ours, 50) * 1e6, "torch_us": bench(lambda: torch.topk(x, k)) * 1e6}
+        if fi is not None:
+            try:
+                v, _ = fi.top_k(x, k, sorted=True)
+                assert torch.equal(v, pagoda.top_k(x, k, sorted=True)[0]), "top_k values differ from FlashInfer's"
+                row["flashinfer_us"] = bench(lambda: fi.top_k(x, k)) * 1e6
+            except Exception as e:  # noqa: BLE001 - a peer failure must not stop the table
+                print(f"# FlashInfer top_k failed: {type(e).__name__}: {e}")
+        rows.append(row)
+    for batch, d, k in ((64, 32768, 2048), (8, 131072, 2048)):
+        x = torch.randn(batch, d, device="cuda", generator=g)
+        lens = torch.randint(d // 2, d + 1, (batch,), dtype=torch.int32, device="cuda", generator=g)
+        table = torch.randperm(batch * d, device="cuda", generator=g).to(torch.int32).view(batch, d)
+        ours = lambda: pagoda.top_k_page_table_transform(x, table, lens, k)  # noqa: E731
+        row = {"op": f"top_k_page_table_transform k={k}", "shape": f"{batch}x{d}", "pagoda_us": bench(ours) * 1e6,
+               "wall_us": wall_per_call(ours, 50) * 1e6}
+        if fi is not None:
+            try:
+                a = fi.top_k_page_table_transform(x, table, lens, k)
+                assert torch.equal(a.sort(-1).values, ours().sort(-1).values), "the transform differs from FlashInfer's"
+                row["flashinfer_us"] = bench(lambda: fi.top_k_page_table_transform(x, table, lens, k)) * 1e6
+            except Exception as e:  # noqa: BLE001
+                print(f"# FlashInfer top_k_page_table_transform failed: {type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
 def wall_per_call(fn, n=200):
     """Back-to-back calls without synchronizing: max(host cost, GPU time) per call."""
     fn()
@@ -162,17 +199,18 @@ def fmt_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="sampling,greedy,bandwidth", help="comma-separated: sampling, greedy, "
-                    "bandwidth (norm / RoPE / activation)")
+    ap.add_argument("--parts", default="sampling,greedy,bandwidth,topk", help="comma-separated: sampling, greedy, "
+                    "bandwidth (norm / RoPE / activation), topk (top_k and the sparse-attention transform)")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
-    if set(parts) - {"sampling", "greedy", "bandwidth"}:
-        ap.error(f"--parts: unknown {sorted(set(parts) - {'sampling', 'greedy', 'bandwidth'})}")
+    known = {"sampling", "greedy", "bandwidth", "topk"}
+    if set(parts) - known:
+        ap.error(f"--parts: unknown {sorted(set(parts) - known)}")
     fi = flashinfer_or_none()
     copy_bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows = ((sampling_rows(fi) if "sampling" in parts else []) + (greedy_rows() if "greedy" in parts else [])
-            + (bandwidth_rows(fi, copy_bw) if "bandwidth" in parts else []))
+            + (bandwidth_rows(fi, copy_bw) if "bandwidth" in parts else []) + (topk_rows(fi) if "topk" in parts else []))
     print(fmt_table(rows))
     if args.json:
         with open(args.json, "w") as f:
