@@ -72,6 +72,14 @@ def cases():
     for block in (4096, 1024):  # (hidden 4096 in one pass; 8192 in three)
         yield f"layernorm BLOCK={block}", norm.layernorm_kernel, dict(X="*bf16", G="*fp32", B="*fp32", Y="*bf16",
                                                                       eps="fp32"), dict(BLOCK=block), 8
+    from pagoda.ops.kernels import topk
+    for mode, extra in ((0, dict(OUT="*i64", VALS="*fp32")), (1, dict(OUT="*i32", LENS="*i64", TABLE="*i32",
+                                                                         ROW_TO_BATCH="*i64")),
+                        (2, dict(OUT="*i32", LENS="*i64", OFFSETS="*i64"))):
+        for block, wblock, warps in ((4096, 4096, 8), (16384, 4096, 16)):  # (ops.topk._launch's; 8192-wide
+            # writing steps spill under 16 warps' 128 registers)
+            yield f"topk MODE={mode} BLOCK={block} WBLOCK={wblock} warps={warps}", topk.topk_kernel, dict(
+                X="*fp32", **extra), dict(MODE=mode, BLOCK=block, WBLOCK=wblock), warps
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32"), \
         dict(BLOCK=2048), 4
     yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",

@@ -1,7 +1,9 @@
 """Top-k selection (FlashInfer's ``top_k`` and its sparse-attention transforms, by their names and arguments).
 
-FlashInfer's radix top-k is a CUDA kernel; pagoda's runs PyTorch's ``torch.topk`` (O(n log k) per row: FlashInfer's
-own note puts its kernel ahead for rows of more than ~10k values; not measured here). The transforms are the
+On a GPU (and under Triton's interpreter) one Triton kernel does each: a radix select, one program per row
+(kernels/topk.py), which returns a row's top k in position order (FlashInfer's unsorted order is unspecified;
+``sorted=True`` sorts them by value). Among values equal to the k-th largest the first positions are taken.
+Elsewhere PyTorch's ``torch.topk``. The transforms are the
 selection step of a sparse decode (DeepSeek's sparse attention: an indexer scores each request's KV tokens, the
 top k go to attention): ``top_k_page_table_transform`` maps the chosen positions through a page table of page size
 1, ``top_k_ragged_transform`` offsets them into a ragged KV. A row whose length is at most k keeps all its positions
@@ -10,8 +12,28 @@ in order; the slots past a row's length hold -1.
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..attention.formats import check_int
+from ._dispatch import use_triton
+from .kernels.topk import topk_kernel
+
+
+def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None):
+    """topk_kernel over input's rows into out [rows, k] (MODE 0: the positions, their values into vals)."""
+    rows, width = input.shape
+    if rows == 0:
+        return
+    x = input if input.stride(1) == 1 else input.contiguous()
+    if table is not None and table.stride(1) != 1:
+        table = table.contiguous()
+    # radix passes over up to 16384 values a step (64 KB of float32 in flight: one program streams a row alone), the
+    # writing pass over 4096 (its prefix sums: 16 warps hold 4096 without spilling, 8192 spill; scripts/compile_check)
+    block = min(16384, max(16, triton.next_power_of_2(width)))
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    topk_kernel[(rows,)](x, out, vals, lens, table, row_to_batch, offsets, x.stride(0), out.stride(0),
+                         0 if table is None else table.stride(0), width, k, MODE=mode, BLOCK=block,
+                         WBLOCK=min(4096, block), num_warps=warps)
 
 
 def _check_scores(input: torch.Tensor, k) -> int:
@@ -39,7 +61,14 @@ def top_k(input: torch.Tensor, k: int, sorted: bool = False) -> tuple[torch.Tens
         raise ValueError(f"k ({k}) must be at most the rows' length {input.shape[1]}")
     if not isinstance(sorted, bool):
         raise ValueError(f"sorted must be a bool, got {sorted!r}")
-    values, indices = torch.topk(input, k, dim=-1, largest=True, sorted=True)
+    if not use_triton(input):
+        return torch.topk(input, k, dim=-1, largest=True, sorted=True)
+    values = torch.empty(input.shape[0], k, dtype=input.dtype, device=input.device)
+    indices = torch.empty(input.shape[0], k, dtype=torch.int64, device=input.device)
+    _launch(input, k, indices, 0, vals=values)
+    if sorted:
+        values, order = torch.sort(values, dim=-1, descending=True, stable=True)
+        indices = torch.gather(indices, 1, order)
     return values, indices
 
 
@@ -65,10 +94,11 @@ def _top_positions(input: torch.Tensor, lengths: torch.Tensor, k: int):
 
 
 def top_k_page_table_transform(input: torch.Tensor, src_page_table: torch.Tensor, lengths: torch.Tensor, k: int,
-                               row_to_batch: torch.Tensor | None = None) -> torch.Tensor:
+                               row_to_batch: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
     """For each row i of scores input [rows, max_len]: the page-table entries src_page_table[b, j] (b =
     row_to_batch[i], or i) of its top-k positions j among its first lengths[i]; int32 [rows, k], -1 past a row's
-    length."""
+    length. check (pagoda's extension): row_to_batch's values are checked against the table's rows (a read of
+    them back to the host; False, e.g. inside a CUDA graph, trusts them)."""
     k = _check_scores(input, k)
     rows = input.shape[0]
     lengths = _check_index("lengths", lengths, rows, input.device)
@@ -78,9 +108,9 @@ def top_k_page_table_transform(input: torch.Tensor, src_page_table: torch.Tensor
                          f"{getattr(src_page_table, 'shape', src_page_table)}")
     if src_page_table.device != input.device:
         raise ValueError(f"src_page_table must be on input's device {input.device}, got {src_page_table.device}")
-    if src_page_table.shape[1] < min(input.shape[1], k):
-        raise ValueError(f"src_page_table has {src_page_table.shape[1]} entries a row, input's rows "
-                         f"{input.shape[1]}")
+    if src_page_table.shape[1] < input.shape[1]:
+        raise ValueError(f"src_page_table has {src_page_table.shape[1]} entries a row, fewer than input's rows' "
+                         f"length {input.shape[1]}")
     if row_to_batch is None:
         if src_page_table.shape[0] < rows:
             raise ValueError(f"src_page_table has {src_page_table.shape[0]} rows for {rows} rows of input "
@@ -88,6 +118,14 @@ def top_k_page_table_transform(input: torch.Tensor, src_page_table: torch.Tensor
         batch = torch.arange(rows, device=input.device)
     else:
         batch = _check_index("row_to_batch", row_to_batch, rows, input.device)
+        if check and rows and not (0 <= int(batch.min()) and int(batch.max()) < src_page_table.shape[0]):
+            raise ValueError(f"row_to_batch must be in [0, {src_page_table.shape[0]}) (src_page_table's rows), got "
+                             f"{int(batch.min())}..{int(batch.max())}")
+    if use_triton(input):
+        out = torch.empty(rows, k, dtype=torch.int32, device=input.device)
+        _launch(input, k, out, 1, lens=lengths, table=src_page_table,
+                row_to_batch=None if row_to_batch is None else batch)
+        return out
     chosen, valid = _top_positions(input, lengths, k)
     entries = src_page_table[batch[:, None], chosen.clamp(max=src_page_table.shape[1] - 1)]
     return torch.where(valid, entries, -1).to(torch.int32)
@@ -100,5 +138,9 @@ def top_k_ragged_transform(input: torch.Tensor, offsets: torch.Tensor, lengths: 
     rows = input.shape[0]
     offsets = _check_index("offsets", offsets, rows, input.device)
     lengths = _check_index("lengths", lengths, rows, input.device)
+    if use_triton(input):
+        out = torch.empty(rows, k, dtype=torch.int32, device=input.device)
+        _launch(input, k, out, 2, lens=lengths, offsets=offsets)
+        return out
     chosen, valid = _top_positions(input, lengths, k)
     return torch.where(valid, chosen + offsets[:, None], -1).to(torch.int32)

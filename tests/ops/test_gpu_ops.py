@@ -413,20 +413,39 @@ def test_layernorm_real_size(hidden):
     assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+def _top_positions_ref(row, k):
+    """A row's top-k positions in position order, the first ones among values equal to the k-th largest (the
+    radix-select kernel's choice)."""
+    row = row.double()
+    kth = torch.topk(row, k).values[-1]
+    above = (row > kth).nonzero()[:, 0]
+    ties = (row == kth).nonzero()[:, 0][:k - len(above)]
+    return torch.cat([above, ties]).sort().values
+
+
 def test_top_k_transforms_real_size():
-    """A sparse decode's selection at DeepSeek's sizes (2048 of up to 32k positions, 64 rows): the page-table
-    transform's entries are the table's at the top-2048 positions of each row's first lengths[i]."""
+    """A sparse decode's selection at DeepSeek's sizes (2048 of up to 32k positions, 64 rows, bf16 scores with
+    ties): the page-table transform's entries are the table's at each row's top-2048 positions among its first
+    lengths[i] (-1 past a short row); the ragged transform's the same positions plus the row's offset; top_k over
+    a vocabulary (k 50) and one 128k row (k 2048) against torch.topk's values."""
     rows, width, k = 64, 32768, 2048
     x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
     table = torch.randint(0, 1 << 20, (rows, width), dtype=torch.int32, device="cuda")
     lengths = torch.randint(1, width + 1, (rows,), dtype=torch.int32, device="cuda")
     lengths[0] = 100
+    offsets = torch.randint(0, 1 << 20, (rows,), dtype=torch.int32, device="cuda")
     out = pagoda.top_k_page_table_transform(x, table, lengths, k)
-    for i in (0, 1, 17, 63):
+    rag = pagoda.top_k_ragged_transform(x, offsets, lengths, k)
+    for i in range(rows):
         n = int(lengths[i])
-        if n <= k:
-            want = table[i, :n].tolist() + [-1] * (k - n)
-            assert out[i].tolist() == want
-        else:
-            pos = torch.topk(x[i, :n].float(), k).indices
-            assert sorted(out[i].tolist()) == sorted(table[i, pos].tolist())
+        pos = torch.arange(n, device="cuda") if n <= k else _top_positions_ref(x[i, :n], k)
+        pad = [-1] * (k - len(pos))
+        assert out[i].tolist() == table[i, pos].tolist() + pad, i
+        assert rag[i].tolist() == (pos + int(offsets[i])).tolist() + pad, i
+    for shape, kk in (((64, 128256), 50), ((1, 131072), 2048), ((256, 16384), 2048)):
+        s = torch.randn(*shape, device="cuda")
+        v, idx = pagoda.top_k(s, kk)
+        assert torch.equal(torch.gather(s, 1, idx), v)
+        assert torch.equal(v.sort(-1, descending=True).values, torch.topk(s, kk).values)
+        vs, _ = pagoda.top_k(s, kk, sorted=True)
+        assert torch.equal(vs, torch.topk(s, kk).values)

@@ -85,3 +85,63 @@ def test_top_k_ragged_transform():
     assert out_wide[0].tolist() == [0, 1, 2, 3, -1, -1]
     with pytest.raises(ValueError, match="offsets"):
         pagoda.top_k_ragged_transform(x, offsets[:2], lengths, k)
+
+
+def _poisoned(rows, k, dtype):
+    return torch.full((rows, k), -7 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_ties_blocks_and_every_slot(dtype):
+    """The radix-select kernel itself (ops.topk._launch into poisoned outputs, every slot written): rows of several
+    blocks (5000 wide, blocks of 4096) with many ties (values from a few
+    dozen levels, negative and positive, -0.0 among them): the positions come in position order, hold the k largest
+    values, and among the values equal to the k-th largest the first positions are taken; the transforms map the
+    same positions (page table, offsets) and fill -1 past a short row."""
+    from pagoda.ops.topk import _launch
+
+    g = torch.Generator().manual_seed(3)
+    rows, width = 5, 5000
+    x = ((torch.randint(-40, 40, (rows, width), generator=g) / 8.0)).to(dtype).to(DEVICE)
+    x[0, 10:20] = -0.0
+    for k in (1, 300, 4500):
+        idx, vals = _poisoned(rows, k, torch.int64), _poisoned(rows, k, dtype)
+        _launch(x, k, idx, 0, vals=vals)
+        for i in range(rows):
+            row = x[i].double().cpu()
+            kth = torch.topk(row, k).values[-1]
+            above = (row > kth).nonzero()[:, 0]
+            ties = (row == kth).nonzero()[:, 0][:k - len(above)]
+            want = sorted(above.tolist() + ties.tolist())
+            assert idx[i].tolist() == want, (k, i)
+            assert torch.equal(vals[i].cpu(), x[i, idx[i]].cpu())
+    lengths = torch.tensor([5000, 4000, 299, 0, 1], dtype=torch.int64, device=DEVICE)
+    table = torch.randperm(rows * width, generator=g).view(rows, width).to(torch.int32).to(DEVICE)
+    offsets = torch.tensor([3, 0, 9, 1, 100], dtype=torch.int64, device=DEVICE)
+    k = 300
+    pt, rg = _poisoned(rows, k, torch.int32), _poisoned(rows, k, torch.int32)
+    _launch(x, k, pt, 1, lens=lengths, table=table)
+    _launch(x, k, rg, 2, lens=lengths, offsets=offsets)
+    for i in range(rows):
+        n = int(lengths[i])
+        if n <= k:
+            pos = list(range(n))
+        else:
+            row = x[i, :n].double().cpu()
+            kth = torch.topk(row, k).values[-1]
+            above = (row > kth).nonzero()[:, 0]
+            pos = sorted(above.tolist() + (row == kth).nonzero()[:, 0][:k - len(above)].tolist())
+        pad = [-1] * (k - len(pos))
+        assert pt[i].tolist() == [int(table[i, p]) for p in pos] + pad, i
+        assert rg[i].tolist() == [int(offsets[i]) + p for p in pos] + pad, i
+
+
+def test_row_to_batch_out_of_range():
+    x = _scores(2, 16, 4)
+    table = torch.zeros(2, 16, dtype=torch.int32, device=DEVICE)
+    lengths = torch.full((2,), 16, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="row_to_batch"):
+        pagoda.top_k_page_table_transform(x, table, lengths, 4,
+                                          row_to_batch=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="src_page_table"):
+        pagoda.top_k_page_table_transform(x, table[:, :8], lengths, 4)

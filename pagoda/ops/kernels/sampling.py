@@ -136,7 +136,7 @@ def sample_kernel(P, OUT, TOP_K, TOP_P, MIN_P, k_val, p_val, m_val, stride_p, vo
 
 
 @triton.jit
-def _order_key(x):
+def order_key(x):
     """int32 keys that order like the float32 values (negative floats flip)."""
     b = x.to(tl.int32, bitcast=True)
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
@@ -144,9 +144,16 @@ def _order_key(x):
 
 @triton.jit
 def _kth_largest_key(row, vocab, k, BLOCK: tl.constexpr):
-    """Order key of the k-th largest of row[:vocab] (k clamped to 1..vocab): radix select, most
-    significant byte first; each pass histograms the next byte of the keys that share the bytes
-    chosen so far."""
+    """Order key of the k-th largest of row[:vocab] (k clamped to 1..vocab)."""
+    key, _ = kth_largest(row, vocab, k, BLOCK)
+    return key
+
+
+@triton.jit
+def kth_largest(row, vocab, k, BLOCK: tl.constexpr):
+    """(order key of the k-th largest of row[:vocab], how many of the values with that key are among the k largest)
+    (k clamped to 1..vocab): radix select, most significant byte first; each pass histograms the next byte of the
+    keys that share the bytes chosen so far."""
     k_rem = tl.minimum(tl.maximum(k, 1), vocab)
     prefix = 0  # raw bits of the chosen bytes
     bins = tl.arange(0, 256)
@@ -155,7 +162,7 @@ def _kth_largest_key(row, vocab, k, BLOCK: tl.constexpr):
         for s in range(0, vocab, BLOCK):
             offs = s + tl.arange(0, BLOCK)
             m = offs < vocab
-            key = _order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
+            key = order_key(tl.load(row + offs, mask=m, other=0.0).to(tl.float32))
             digit = (key >> (24 - 8 * d)) & 0xFF
             if d == 0:
                 digit = digit ^ 0x80  # the sign byte: flip so that unsigned digit order is key order
@@ -168,7 +175,7 @@ def _kth_largest_key(row, vocab, k, BLOCK: tl.constexpr):
         if d == 0:
             b = b ^ 0x80
         prefix = (prefix << 8) | b
-    return prefix
+    return prefix, k_rem
 
 
 @triton.jit
@@ -191,7 +198,7 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
             offs = s + tl.arange(0, BLOCK)
             m = offs < vocab
             x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-            key = _order_key(x)
+            key = order_key(x)
             kmin = tl.where(m, tl.minimum(kmin, key), kmin)
             kmax = tl.where(m, tl.maximum(kmax, key), kmax)
             tot += tl.where(m, x, 0.0)
@@ -207,7 +214,7 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
                 offs = s + tl.arange(0, BLOCK)
                 m = offs < vocab
                 x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-                mass += tl.where(m & (_order_key(x).to(tl.int64) >= mid), x, 0.0)
+                mass += tl.where(m & (order_key(x).to(tl.int64) >= mid), x, 0.0)
             ok = tl.sum(mass, 0) >= need
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
@@ -223,13 +230,13 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
             offs = s + tl.arange(0, BLOCK)
             m = offs < vocab
             x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-            kept += tl.where(m & (_order_key(x) >= thr), x, 0.0)
+            kept += tl.where(m & (order_key(x) >= thr), x, 0.0)
         denom = tl.sum(kept, 0)
     for s in range(0, vocab, BLOCK):
         offs = s + tl.arange(0, BLOCK)
         m = offs < vocab
         x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
-        keep = _order_key(x) >= thr
+        keep = order_key(x) >= thr
         if MODE == 2:
             y = tl.where(keep, x, float("-inf"))
         else:
@@ -261,7 +268,7 @@ def greedy_kernel(X, OUT, KEYS, COUNT, stride_x, vocab, span, BLOCK: tl.constexp
         x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
         bad = tl.maximum(bad, (m & ~(tl.abs(x) < float("inf"))).to(tl.int32))
         x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in torch.argmax (their keys differ)
-        key = _order_key(x).to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
+        key = order_key(x).to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
         best = tl.maximum(best, tl.where(m, key, -9223372036854775808))
     # (a finite float's key is at most 0x7F7FFFFF in the high word: below the largest int64)
     mine = tl.where(tl.max(bad, 0) > 0, 9223372036854775807, tl.max(best, 0))
