@@ -26,7 +26,7 @@ from .kernels import decode_sm90, prefill_sm90
 from .kernels.attention import (ACTIVE_AT, BAND_AT, INDICES_AT, NUM_COUNTERS, SPLIT_FIELDS, SPLITS_AT, WORK_FIELDS,
                                 _no_mod, attention_kernel)
 from .plan import LONG_DECODE_KV, KernelConfig, WorkPlan, plan_work, prefill_band, select_config
-from ..ops._dispatch import capability as _capability, env_switch, pdl_launch
+from ..ops._dispatch import capability as _capability, env_switch, pdl_launch, sm_count
 
 LOG2E = 1.4426950408889634
 # _upload writes the plan buffer's header as a literal tuple: the kernels read these fields there
@@ -103,9 +103,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_sm_count = sm_count  # (ops/_dispatch.py's, asked once per device)
 
 
 @functools.lru_cache(maxsize=None)

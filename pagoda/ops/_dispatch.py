@@ -49,6 +49,12 @@ def capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's streaming multiprocessors, asked once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 _PDL_ON = {"PDL": True, "launch_pdl": True}
 _PDL_OFF = {"PDL": False}
 

@@ -1,9 +1,11 @@
 """Top-k selection (FlashInfer's ``top_k`` and its sparse-attention transforms, by their names and arguments).
 
-On a GPU (and under Triton's interpreter) one Triton kernel does each: a radix select, one program per row
-(kernels/topk.py), which returns a row's top k in position order (FlashInfer's unsorted order is unspecified;
-``sorted=True`` sorts them by value). Among values equal to the k-th largest the first positions are taken.
-Elsewhere PyTorch's ``torch.topk``. The transforms are the
+A Triton kernel does the selection: a radix select, one program per row (kernels/topk.py), which returns a row's
+top k in position order (FlashInfer's unsorted order is unspecified; ``sorted=True`` sorts them by value), the first
+positions among values equal to the k-th largest. The transforms always run it on a GPU (and under Triton's
+interpreter); ``top_k`` runs it where its rows are few and short enough (TOPK_KERNEL_MAX_VALUES) and
+``torch.topk`` otherwise: one program streaming a whole row is slower than torch.topk's (and FlashInfer's) kernels
+for long rows and few of them. Off the GPU, PyTorch. The transforms are the
 selection step of a sparse decode (DeepSeek's sparse attention: an indexer scores each request's KV tokens, the
 top k go to attention): ``top_k_page_table_transform`` maps the chosen positions through a page table of page size
 1, ``top_k_ragged_transform`` offsets them into a ragged KV. A row whose length is at most k keeps all its positions
@@ -15,8 +17,25 @@ import torch
 import triton
 
 from ..attention.formats import check_int
-from ._dispatch import use_triton
+from ._dispatch import sm_count, use_triton
 from .kernels.topk import topk_kernel
+
+
+# the most values of a row that one program of the kernel streams where it measured at least torch.topk's speed (H200,
+# `python -m pagoda.bench.ops --parts topk`, session 44: one program per row runs ~3.2 ns a value, so a row's time
+# grows with its width and the rows' rounds over the SMs; 256 x 16384 (two rounds) 123 us vs torch.topk 143, 64 x 32768
+# 118 vs 112, 64 x 128256 413 vs 165, 1 x 131072 419 vs 93). The transforms always take the kernel (64 x 32768 130 us
+# against 408 for torch.topk with the masking and gathers around it; 8 x 131072 420 vs 402).
+TOPK_KERNEL_MAX_VALUES = 32768
+
+
+def _kernel_pays(input: torch.Tensor) -> bool:
+    """Whether top_k runs the kernel: under Triton's interpreter always (the CPU tests), on a GPU while each program's
+    share, rows over the SMs rounded up times the width, is at most TOPK_KERNEL_MAX_VALUES."""
+    if input.device.type != "cuda":
+        return True
+    rounds = -(-input.shape[0] // sm_count(input.device))
+    return rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
 
 
 def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None):
@@ -61,7 +80,7 @@ def top_k(input: torch.Tensor, k: int, sorted: bool = False) -> tuple[torch.Tens
         raise ValueError(f"k ({k}) must be at most the rows' length {input.shape[1]}")
     if not isinstance(sorted, bool):
         raise ValueError(f"sorted must be a bool, got {sorted!r}")
-    if not use_triton(input):
+    if not use_triton(input) or not _kernel_pays(input):
         return torch.topk(input, k, dim=-1, largest=True, sorted=True)
     values = torch.empty(input.shape[0], k, dtype=input.dtype, device=input.device)
     indices = torch.empty(input.shape[0], k, dtype=torch.int64, device=input.device)
