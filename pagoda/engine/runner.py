@@ -323,7 +323,7 @@ class _Context:
         self.inputs_read, self.last_layer = inputs_read, len(runner.kv_caches) - 1
 
     def _attend(self, layer: int, q, cache):
-        out = self.attn.for_layer(layer).run(q, cache)
+        out = self.attn.for_layer(layer).run(q, cache, self.runner.layer_kv_scales[layer])
         if self.inputs_read is not None and layer == self.last_layer:
             self.inputs_read.record()
         return out
@@ -349,13 +349,13 @@ class _Context:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
                 d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl,
-                pdl_tables_early=True, **self.runner.kv_scales, **norm)  # (the step's inputs: host copies before it)
+                pdl_tables_early=True, **self.runner.layer_kv_scales[layer], **norm)  # (the step's inputs: host copies before it)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],
                                                              rope[0], is_neox=rope[1])
             self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
-                             d.kv_last_page_len)
+                             d.kv_last_page_len, self.runner.layer_kv_scales[layer])
         return self._attend(layer, q, cache)
 
     def qkv_rope_attention(self, layer: int, x, weight, bias, rms_norm_eps, cos_sin, num_heads: int,
@@ -371,7 +371,7 @@ class _Context:
         pagoda.ops.linear_rope_append(x, weight, bias, q, d.positions[:1], cos_sin, cache, d.batch_indices[:1],
                                       d.kv_indices, d.kv_indptr[:2], d.kv_last_page_len[:1], num_heads,
                                       num_kv_heads, head_dim, rms_norm_eps=rms_norm_eps, pdl=pdl,
-                                      **self.runner.kv_scales)
+                                      **self.runner.layer_kv_scales[layer])
         return self._attend(layer, q, cache)
 
 
@@ -434,29 +434,32 @@ class _PagodaAttention:
         """The attention a layer runs (_LayerWindows: its window's)."""
         return self
 
-    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
-        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False,
-                                     **self.r.kv_scales)
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last, scales):
+        """scales: the layer's k_scale / v_scale for an fp8 cache (runner.layer_kv_scales), else {}."""
+        pagoda.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last, check=False, **scales)
 
-    def run(self, q, cache):
+    def run(self, q, cache, scales):
         out = None
         if self.split is not None:  # the decode rows first (right after the RoPE + append: early KV as a decode)
             n = self.split
             out = torch.empty_like(q)
             self.decode_part.run(q[:n], cache, out=out[:n], enable_pdl=self.pdl, pdl_early_kv=self.early_kv,
-                                 **self.r.kv_scales)
+                                 **scales)
             q, early_kv = q[n:], False  # (the prompt rows after a kernel that waited for the append)
         else:
             early_kv = self.early_kv
         rest = None if out is None else out[self.split:]
-        if self.dequant is not None:  # (the step's pages in 16 bits: scales 1.0, a cast)
+        if self.dequant is not None:  # (the step's pages in 16 bits: a cast, then the layer's scales where not 1)
             idx, num_pages = self.dequant
             scratch = self.r.fp8_prefill_scratch[:num_pages]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
+            for half, scale in enumerate((scales["k_scale"], scales["v_scale"])):
+                if scale != 1.0:
+                    scratch[:, half].mul_(scale)
             # (no early KV: the copy right before writes the KV this run reads)
             o = self.wrapper.run(q, scratch, out=rest, enable_pdl=self.pdl, pdl_early_kv=False)
         else:
-            o = self.wrapper.run(q, cache, out=rest, enable_pdl=self.pdl, pdl_early_kv=early_kv, **self.r.kv_scales)
+            o = self.wrapper.run(q, cache, out=rest, enable_pdl=self.pdl, pdl_early_kv=early_kv, **scales)
         return o if out is None else out
 
 
@@ -503,8 +506,8 @@ class _PagodaCascadeAttention(_PagodaAttention):
                           page_size=self.r.page_size, causal=True, q_data_type=self.r.dtype,
                           kv_data_type=self.r.kv_dtype, sm_scale=c.attn_scale, logits_soft_cap=c.attn_soft_cap)
 
-    def run(self, q, cache):
-        return self.wrapper.run(q, cache, **self.r.kv_scales)
+    def run(self, q, cache, scales):
+        return self.wrapper.run(q, cache, **scales)
 
 
 class _FlashInferAttention:
@@ -536,10 +539,10 @@ class _FlashInferAttention:
                               q_data_type=r.dtype, kv_data_type=r.dtype)
             self.active = self.prefill
 
-    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last):
-        self.fi.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last)
+    def append(self, k, v, bidx, pos, cache, kv_indices, kv_indptr, last, scales):
+        self.fi.append_paged_kv_cache(k, v, bidx, pos, cache, kv_indices, kv_indptr, last)  # (16-bit caches only)
 
-    def run(self, q, cache):
+    def run(self, q, cache, scales):
         return self.active.run(q.contiguous(), cache)
 
 
@@ -643,12 +646,16 @@ class ModelRunner:
                  kv_cache_dtype: torch.dtype | None = None):
         """lora: the engine's LoRAManager (enable_lora): each step's requests get their adapters' slots, and the
         decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros).
-        kv_cache_dtype: the cache's dtype (None: the model's); an fp8 one holds K and V as they are (scales 1.0,
-        vLLM's default without calibrated scales), quantized as they are appended."""
+        kv_cache_dtype: the cache's dtype (None: the model's); an fp8 one holds K / k_scale and V / v_scale,
+        quantized as they are appended, with each layer's scales from the checkpoint (model.kv_cache_scales:
+        calibrated fp8 KV checkpoints) or 1.0 (vLLM's default without them). A 16-bit cache leaves the scales."""
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.kv_dtype = kv_cache_dtype or dtype
         self.kv_fp8 = self.kv_dtype in FP8_DTYPES
-        self.kv_scales = dict(k_scale=1.0, v_scale=1.0) if self.kv_fp8 else {}
+        ckpt = getattr(model, "kv_cache_scales", None) or {}
+        # each layer's k_scale / v_scale arguments of the attention calls ({} for a 16-bit cache)
+        self.layer_kv_scales = [dict(k_scale=ckpt.get(i, {}).get("k", 1.0), v_scale=ckpt.get(i, {}).get("v", 1.0))
+                                if self.kv_fp8 else {} for i in range(config.num_layers)]
         self.lora = lora
         self._max_loras = 0 if lora is None else lora.max_loras
         self.page_size, self.num_pages = page_size, num_pages

@@ -425,6 +425,33 @@ def test_fp8_kv_cache_in_cuda_graphs():
     assert d8 < 3 * d16 + 0.01 and m8 < 0.5 and d8 < d8_plain, (d8, d8_plain, d16, m8)
 
 
+def test_checkpoint_kv_scales_in_cuda_graphs(tmp_path):
+    """A checkpoint's per-layer KV-cache scales on the GPU (the fused RoPE + append and one-token qkv kernels
+    quantizing with them, the decode graphs and the prefill's 16-bit scratch reading with them): CUDA-graph decode
+    gives eager's tokens, and the completions follow transformers with K / V rounded through the same scales within
+    three times the bf16 engine's deviation from float32 (tests/engine/test_kv_fp8.py)."""
+    from .test_kv_fp8 import SCALES, _checkpoint, _deviation, _hf, _hf_scaled, _scale_tensors
+
+    path = _checkpoint(tmp_path, _scale_tensors(SCALES))
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    outs = {}
+    for eager in (False, True):
+        llm = pagoda.LLM(path, dtype="bfloat16", max_num_seqs=8, kv_cache_dtype="fp8", num_kv_pages=2048,
+                         enforce_eager=eager)
+        assert llm.engine.runner.layer_kv_scales[1] == dict(k_scale=SCALES[1][0], v_scale=SCALES[1][1])
+        outs[eager] = llm.generate(PROMPTS, sp, use_tqdm=False)
+        assert (llm.engine.stats.cuda_graph_steps > 10) != eager
+        del llm
+    assert [o.outputs[0].token_ids for o in outs[False]] == [o.outputs[0].token_ids for o in outs[True]]
+    bf16 = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, num_kv_pages=2048)
+    ref = bf16.generate(PROMPTS, sp, use_tqdm=False)
+    del bf16
+    d8, m8 = _deviation(outs[False], _hf_scaled(SCALES).cuda())
+    d16, _ = _deviation(ref, _hf(fp8=False).cuda())
+    print("mean |dlogp|: scaled fp8 engine vs its oracle", d8, "; bf16 engine vs float32", d16, "; max", m8)
+    assert d8 < 3 * d16 + 0.01 and m8 < 0.5, (d8, d16, m8)
+
+
 def test_cuda_engine_freezes_its_start_up_heap():
     """A CUDA engine freezes the heap before it exists (once a process: llm.freeze_startup_heap), so a full
     collection scans the engines' objects, not the libraries' ~190k; an engine in a reference cycle is still

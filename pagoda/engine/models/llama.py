@@ -14,6 +14,9 @@ logits.
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 import torch.nn as nn
 
@@ -393,8 +396,11 @@ class LlamaForCausalLM(nn.Module):
                        "k_proj": (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim),
                        "v_proj": ((c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim)}
         gate_up = {"gate_proj": (0, c.intermediate_size), "up_proj": (c.intermediate_size, c.intermediate_size)}
+        self.kv_cache_scales = {}  # layer -> {"k": float, "v": float}: the checkpoint's KV-cache scales, if any
         for name, w in weights:
             if "rotary_emb" in name:
+                continue
+            if _load_kv_scale(self.kv_cache_scales, name, w, c.num_layers):
                 continue
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
@@ -424,6 +430,48 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:4]}")
+        if self.kv_cache_scales:  # (all layers' or none: a layer without would be served at scale 1 unseen)
+            lacking = [f"layer {i} {kind}_scale" for i in range(c.num_layers) for kind in "kv"
+                       if kind not in self.kv_cache_scales.get(i, {})]
+            if lacking:
+                raise ValueError(f"the checkpoint has KV-cache scales for some layers but not {lacking[:4]}")
+
+
+# A checkpoint's per-tensor KV-cache scales (fp8 KV calibrated by llm-compressor / compressed-tensors, ModelOpt,
+# Quark, AutoFP8; the names vLLM's maybe_remap_kv_scale_name reads): stored = K / k_scale, K = stored * k_scale.
+# self_attn.{k,v}_scale, self_attn.attn.{k,v}_scale, self_attn.{k,v}_proj.{k,v}_scale, self_attn.{k,v}_proj.output_scale,
+# and the older self_attn.kv_scale (one scale for both). q_scale / prob_scale (an fp8 query and fp8 probabilities, which
+# pagoda's kernels do not take: they compute those in 16 / 32 bits) are read and left.
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(?:([kv])_proj\.)?"
+                       r"(k_scale|v_scale|kv_scale|output_scale|q_scale|prob_scale)")
+
+
+def _load_kv_scale(scales: dict, name: str, w: torch.Tensor, num_layers: int) -> bool:
+    """Whether name is a KV-cache scale (or a q / prob scale, left); a KV one goes into scales[layer][kind]."""
+    m = _KV_SCALE.fullmatch(name)
+    if m is None:
+        return False
+    layer, proj, what = int(m.group(1)), m.group(2), m.group(3)
+    if what in ("q_scale", "prob_scale"):
+        return True
+    if proj is not None and what in ("k_scale", "v_scale") and what[0] != proj:
+        return False  # (k_proj.v_scale: not a name any format writes; "unexpected weight")
+    if what == "output_scale" and proj is None:
+        return False
+    kinds = "kv" if what == "kv_scale" else proj if what == "output_scale" else what[0]
+    if layer >= num_layers:
+        raise ValueError(f"{name!r}: the model has {num_layers} layers")
+    if w.numel() != 1:
+        raise ValueError(f"{name!r} has shape {tuple(w.shape)}: pagoda takes one KV-cache scale a layer (per-tensor), "
+                         f"not per head or channel")
+    value = float(w.float().reshape(()).item())
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name!r} is {value}: a KV-cache scale must be finite and > 0")
+    for kind in kinds:
+        if kind in scales.setdefault(layer, {}) and scales[layer][kind] != value:
+            raise ValueError(f"{name!r}: layer {layer}'s {kind}_scale given twice, {scales[layer][kind]} and {value}")
+        scales[layer][kind] = value
+    return True
 
 
 def _map_name(name: str, qkv_offsets, gate_up):
