@@ -210,7 +210,8 @@ def main(argv=None):
     copy_bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     rows = ((sampling_rows(fi) if "sampling" in parts else []) + (greedy_rows() if "greedy" in parts else [])
-            + (bandwidth_rows(fi, copy_bw) if "bandwidth" in parts else []) + (topk_rows(fi) if "topk" in parts else []))
+            + (bandwidth_rows(fi, copy_bw) if "bandwidth" in parts else [])
+            + (topk_rows(fi) if "topk" in parts else []))
     print(fmt_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -349,7 +349,8 @@ class _Context:
             pagoda.apply_rope_with_cos_sin_cache_and_append(
                 d.positions, q.view(t, -1), k.view(t, -1), v, q.shape[-1], rope[0], rope[1], cache, d.batch_indices,
                 d.kv_indices, d.kv_indptr, d.kv_last_page_len, check=False, enable_pdl=self.pdl,
-                pdl_tables_early=True, **self.runner.layer_kv_scales[layer], **norm)  # (the step's inputs: host copies before it)
+                pdl_tables_early=True,  # (the step's inputs: host copies before it)
+                **self.runner.layer_kv_scales[layer], **norm)
         else:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],

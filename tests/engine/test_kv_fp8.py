@@ -176,12 +176,13 @@ def _hf_scaled(scales):
 
 def test_checkpoint_kv_scales(tmp_path):
     """A calibrated fp8-KV checkpoint (per-layer self_attn.k_scale / v_scale, llm-compressor's names): each layer's
-    pages hold K / k_scale and V / v_scale in e4m3 (the first layer's equal to the bf16 engine's K / V so divided and
-    rounded, up to rounding ties, one e4m3 step at most; every layer's, multiplied back by its own scales, near the bf16 engine's and far
-    from them with a neighbour layer's scales), and the completions follow transformers with K / V rounded through
-    the same scales within three times bf16's noise. (Attention reading the pages without the scales fails the
-    pages' check from layer 1 on, whose K / V come from wrong attention: relative error 0.28 against 0.03. An e4m3
-    cache at scale 1 deviates as little from transformers: the scales move the rounding of small values only.)"""
+    pages hold K / k_scale and V / v_scale in e4m3 (the first layer's equal to the bf16 engine's K / V so divided
+    and rounded, up to rounding ties, one e4m3 step at most; every layer's, multiplied back by its own scales,
+    near the bf16 engine's and far from them with a neighbour layer's scales), and the completions follow
+    transformers with K / V rounded through the same scales within three times bf16's noise. (Attention reading
+    the pages without the scales fails the pages' check from layer 1 on, whose K / V come from wrong attention:
+    relative error 0.28 against 0.03. An e4m3 cache at scale 1 deviates as little from transformers: the scales
+    move the rounding of small values only.)"""
     path = _checkpoint(tmp_path, _scale_tensors(SCALES))
     sp = pagoda.SamplingParams(max_tokens=16, temperature=0, logprobs=3, ignore_eos=True)
     fp8 = pagoda.LLM(path, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16")

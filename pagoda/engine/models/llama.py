@@ -439,9 +439,10 @@ class LlamaForCausalLM(nn.Module):
 
 # A checkpoint's per-tensor KV-cache scales (fp8 KV calibrated by llm-compressor / compressed-tensors, ModelOpt,
 # Quark, AutoFP8; the names vLLM's maybe_remap_kv_scale_name reads): stored = K / k_scale, K = stored * k_scale.
-# self_attn.{k,v}_scale, self_attn.attn.{k,v}_scale, self_attn.{k,v}_proj.{k,v}_scale, self_attn.{k,v}_proj.output_scale,
-# and the older self_attn.kv_scale (one scale for both). q_scale / prob_scale (an fp8 query and fp8 probabilities, which
-# pagoda's kernels do not take: they compute those in 16 / 32 bits) are read and left.
+# self_attn.{k,v}_scale, self_attn.attn.{k,v}_scale, self_attn.{k,v}_proj.{k,v}_scale,
+# self_attn.{k,v}_proj.output_scale, and the older self_attn.kv_scale (one scale for both). q_scale / prob_scale (an
+# fp8 query and fp8 probabilities, which pagoda's kernels do not take: they compute those in 16 / 32 bits) are read
+# and left.
 _KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(?:([kv])_proj\.)?"
                        r"(k_scale|v_scale|kv_scale|output_scale|q_scale|prob_scale)")
 
