@@ -267,6 +267,30 @@ def test_fp8_kv_cache_over_ranks():
     assert dev["fp8"] < 2 * dev["auto"] + 0.02, dev
 
 
+def test_checkpoint_kv_scales_over_ranks(tmp_path):
+    """A checkpoint's per-layer KV-cache scales over 2 ranks (each loads them and quantizes its KV head with them):
+    the greedy tokens are the one-process engine's with the same scales, and every rank's pages hold K / k_scale
+    (rank 0's first layer against the one-process engine's own first-layer pages of its KV head)."""
+    from .test_kv_fp8 import SCALES, _checkpoint, _scale_tensors
+
+    path = _checkpoint(tmp_path, _scale_tensors(SCALES))
+    sp = pagoda.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(num_kv_pages=128, dtype="bfloat16", kv_cache_dtype="fp8")
+    one = pagoda.LLM(path, **kw)
+    ref = one.generate(PROMPTS[:3], sp, use_tqdm=False)
+    llm = pagoda.LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        assert llm.engine.runner.layer_kv_scales == one.engine.runner.layer_kv_scales
+        got = llm.generate(PROMPTS[:3], sp, use_tqdm=False)
+        _workers_agree(llm, got)
+        mine, full = llm.engine.runner.kv_caches[0].float(), one.engine.runner.kv_caches[0].float()
+        assert torch.equal(mine[:, :, :, 0], full[:, :, :, 0])  # (rank 0: KV head 0, the same pages)
+    finally:
+        llm.shutdown()
+    for a, b in zip(ref, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
 def test_guided_decoding_over_ranks():
     """Guided decoding over 2 ranks: every rank compiles the grammar and masks its logits alike, so the sampled
     completions (n=2, seeded) are in the language and every worker sampled what rank 0 did."""
