@@ -5,6 +5,8 @@
 #   profiler beside the graph replay's, which holds the replay's ~3.6 us launch: bench.attention.kernel_time;
 #   and each library's cost inside a larger graph and in a step's PDL chain: in_graph_time, step_time)
 #   TESTS=tests/ops    which GPU tests to run (default: tests; SKIP_TESTS=1 runs none)
+#   TEST_PART=gpu_py | rest   half of the suite (the whole no longer fits one call): tests/attention/test_gpu.py, or
+#                             the rest (engine tests and timing tests apart, as the default); WORKERS=12 xdist workers
 #   BENCHES="ops attention cascade decode_sweep linear mla engine"   which pagoda.bench modules to run (default:
 #                                     attention);
 #                                     "fp8" is the attention bench's decode over an fp8 cache, "fp8-triton" the
@@ -18,6 +20,10 @@
 #                                     this tree, interleaved over ENV_ROUNDS rounds (default 2), a table last
 # Peers travel as wheels in .whl/ (../shared/scripts/peer-wheels.sh) and are installed here.
 set -u
+case "${TEST_PART:-}" in
+  ""|gpu_py|rest) ;;
+  *) echo "TEST_PART must be gpu_py or rest, got $TEST_PART" >&2; exit 2 ;;
+esac
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
@@ -70,14 +76,26 @@ fi
 # still bring back the numbers (session 7 lost its benchmarks that way)
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # pytest-xdist (in the device image): 8 workers share the GPU; the whole suite took 3.6 min (session 11)
-  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
   # (the multigpu tests, tensor parallelism over NCCL, need two GPUs: left out on a machine of one)
   MARK=$([ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo gpu || echo "gpu and not multigpu")
   # (the engine tests apart: their KV pools take a fraction of the free GPU memory, which failed 61 attention tests
   # in other workers of one session, session 42)
   # (the timing tests, which assert how long GPU work takes, alone after the others: beside 7 other workers
   # test_step_time_overlaps_a_pdl_launch failed, session 43)
-  if [ -n "${TESTS:-}" ]; then
+  # (the whole suite no longer fits one 600 s call with a machine start: tests/attention/test_gpu.py alone took ~600 s
+  # under 12 workers, session 44; TEST_PART=gpu_py runs that file, TEST_PART=rest everything else, one call each)
+  if [ "${TEST_PART:-}" = gpu_py ]; then
+    TESTS=tests/attention/test_gpu.py
+  elif [ "${TEST_PART:-}" = rest ]; then
+    python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST tests --ignore=tests/engine \
+      --ignore=tests/attention/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST tests/engine 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
+    python3 -m pytest -q -rf -m "$MARK and timing" tests 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
+  fi
+  if [ "${TEST_PART:-}" = rest ]; then
+    :
+  elif [ -n "${TESTS:-}" ]; then
     python3 -m pytest -q -rf -m "$MARK and not timing" $XDIST $TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
     python3 -m pytest -q -rf -m "$MARK and timing" $TESTS 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 15
   else
