@@ -296,6 +296,13 @@ class LLMEngine:
                                                                                or self.tp.backend == "nccl"),
                                       enable_cascade=enable_cascade, lora=self.lora,
                                       kv_cache_dtype=self.kv_cache_dtype)
+            ckpt_scales = getattr(self.model, "kv_cache_scales", None)
+            if self.runner.kv_fp8 and not ckpt_scales:  # (vLLM warns so too)
+                logger.warning("kv_cache_dtype %s without KV-cache scales in the checkpoint: K / V stored at scale 1.0 "
+                               "(values past the fp8 range are clamped)", self.kv_cache_dtype)
+            elif ckpt_scales and not self.runner.kv_fp8:
+                logger.info("the checkpoint's KV-cache scales are for an fp8 cache: unused with kv_cache_dtype %s",
+                            self.runner.kv_dtype)
             if self.runner.use_graphs:
                 t0 = time.perf_counter()
                 self.runner.capture_graphs()

@@ -215,11 +215,12 @@ def test_checkpoint_kv_scales(tmp_path):
     assert d8 < 3 * d16 + 0.01 and m8 < 0.5, (d8, d8_unscaled, d16, m8)
 
 
-def test_checkpoint_kv_scale_names_and_bad_scales(tmp_path):
+def test_checkpoint_kv_scale_names_and_bad_scales(tmp_path, caplog):
     """The other formats' names (ModelOpt's k_proj.k_scale, compressed-tensors' k_proj.output_scale, vLLM's
     attn.k_scale, the older one-for-both kv_scale) give the same per-layer scales; q_scale / prob_scale are read
     and left; a 16-bit cache leaves the scales (the plain model's tokens); bad scales are ValueErrors naming the
-    tensor: some layers without, per-head shapes, zero / negative / NaN values."""
+    tensor: some layers without, per-head shapes, zero / negative / NaN values. An fp8 cache without scales is a
+    warning, scales beside a 16-bit cache a note."""
     sp = pagoda.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     for fmt in [("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),
                 ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
@@ -232,7 +233,11 @@ def test_checkpoint_kv_scale_names_and_bad_scales(tmp_path):
     llm = pagoda.LLM(_checkpoint(tmp_path, both, "kv_scale"), num_kv_pages=64, kv_cache_dtype="fp8", dtype="bfloat16")
     assert llm.engine.runner.layer_kv_scales == [dict(k_scale=i + 1.0, v_scale=i + 1.0) for i in range(8)]
     scaled = _checkpoint(tmp_path, _scale_tensors(SCALES), "plain16")
-    a = pagoda.LLM(scaled, num_kv_pages=64, dtype="bfloat16")
+    with caplog.at_level("INFO", logger="pagoda.engine"):
+        a = pagoda.LLM(scaled, num_kv_pages=64, dtype="bfloat16")
+        assert "unused with kv_cache_dtype" in caplog.text and "without KV-cache scales" not in caplog.text
+        pagoda.LLM(None, num_kv_pages=64, kv_cache_dtype="fp8", dtype="bfloat16")
+        assert "without KV-cache scales in the checkpoint" in caplog.text  # (an fp8 cache at scale 1: vLLM warns too)
     assert a.engine.runner.layer_kv_scales == [{}] * 8
     b = pagoda.LLM(None, num_kv_pages=64, dtype="bfloat16")
     assert [o.outputs[0].token_ids for o in a.generate(PROMPTS, sp, use_tqdm=False)] == \
