@@ -68,14 +68,14 @@ def cases():
         Q="*bf16", K="*bf16", V="*bf16", KC="*bf16", VC="*bf16", POS="*i32", BATCH="*i32", KV_INDICES="*i32",
         KV_INDPTR="*i32", COS_SIN="*fp32", QW="*bf16", KW="*bf16", norm_eps="fp32", norm_offset="fp32"), dict(
         BLOCK_H=32, BLOCK_R=64, BLOCK_D=128, INTERLEAVE=False, PDL=True, TABLES_EARLY=True, QK_NORM=True), 4
-    from pagoda.ops.kernels import norm
+    from pagoda.ops.kernels import norm as norm_kernels
     for block in (4096, 1024):  # (hidden 4096 in one pass; 8192 in three)
-        yield f"layernorm BLOCK={block}", norm.layernorm_kernel, dict(X="*bf16", G="*fp32", B="*fp32", Y="*bf16",
+        yield f"layernorm BLOCK={block}", norm_kernels.layernorm_kernel, dict(X="*bf16", G="*fp32", B="*fp32", Y="*bf16",
                                                                       eps="fp32"), dict(BLOCK=block), 8
     from pagoda.ops.kernels import topk
-    for mode, extra in ((0, dict(OUT="*i64", VALS="*fp32")), (1, dict(OUT="*i32", LENS="*i64", TABLE="*i32",
-                                                                         ROW_TO_BATCH="*i64")),
-                        (2, dict(OUT="*i32", LENS="*i64", OFFSETS="*i64"))):
+    for mode, extra in ((0, dict(OUT="*i64", VALS="*fp32")), (1, dict(OUT="*i32", LENS="*i32", TABLE="*i32",
+                                                                         ROW_TO_BATCH="*i32")),
+                        (2, dict(OUT="*i32", LENS="*i32", OFFSETS="*i32"))):  # (FlashInfer's int32 index tensors)
         for block, wblock, warps in ((4096, 4096, 8), (16384, 4096, 16)):  # (ops.topk._launch's; 8192-wide
             # writing steps spill under 16 warps' 128 registers)
             yield f"topk MODE={mode} BLOCK={block} WBLOCK={wblock} warps={warps}", topk.topk_kernel, dict(
@@ -101,7 +101,7 @@ def cases():
         HAS_INDICES=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, SEARCH=0, stride_wk=1), 4, 3
     yield "segment_tiles", lora.segment_tiles_kernel, dict(SEG_INDPTR="*i64", TILE_INDPTR="*i32", ZERO="*fp32"), \
         dict(BLOCK_M=16, BLOCK=64, ZERO_BLOCK=4096), 4
-    from pagoda.ops.kernels import activation, matmul, norm as norm_kernels
+    from pagoda.ops.kernels import activation, matmul
     lin = dict(X="*bf16", W="*bf16", BIAS="*bf16", R="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", eps="fp32")
     for norm, res, split in ((0, False, 1), (1, False, 1), (0, True, 1), (1, True, 1), (4, False, 1), (0, True, 4),
                              (1, True, 2)):

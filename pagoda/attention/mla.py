@@ -28,7 +28,8 @@ from .kernels.attention import SPLIT_FIELDS
 from .kernels.mla import MERGE_FIELDS, mla_combine_kernel, mla_kernel
 from .plan import KernelConfig, WorkPlan, plan_work
 from .reference import gather_paged_kv
-from .runner import LOG2E, BatchAttention, _capability, _sm_count, num_programs
+from .runner import LOG2E, BatchAttention, _capability, num_programs
+from ..ops._dispatch import sm_count
 
 SUPPORTED_CKV = (128, 256, 512)
 SUPPORTED_KPE = (32, 64)
@@ -279,7 +280,7 @@ class BatchMLAPagedAttentionWrapper(BatchAttention):
 
     def _combine_grid(self) -> int:
         """Programs of the merge launch: a fixed number (CUDA graphs), two per SM."""
-        return 2 * _sm_count(self.device) if self.device.type == "cuda" else num_programs(self.device, None)
+        return 2 * sm_count(self.device) if self.device.type == "cuda" else num_programs(self.device, None)
 
     def _tma_descriptors(self, ckv, kpe, page_size: int, block_n: int):
         """The Gluon kernel's tensor descriptors of the caches (kernels/mla_sm90.tma_descriptors), kept

@@ -103,9 +103,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-_sm_count = sm_count  # (ops/_dispatch.py's, asked once per device)
-
-
 @functools.lru_cache(maxsize=None)
 def _gluon_decode_config(config: KernelConfig, kv_bytes: int, head_dim: int) -> KernelConfig:
     """A decode config as the Gluon decode kernel runs it (DECODE_GLUON_CONFIG_BY_HEAD_DIM, else
@@ -121,7 +118,7 @@ def _gluon_decode_config(config: KernelConfig, kv_bytes: int, head_dim: int) -> 
 
 def num_programs(device: torch.device, config: KernelConfig) -> int:
     if device.type == "cuda":
-        return _sm_count(device) * config.ctas_per_sm
+        return sm_count(device) * config.ctas_per_sm
     from .plan import _INTERPRETER_CTAS
 
     return _INTERPRETER_CTAS

@@ -296,7 +296,7 @@ class LLMEngine:
                                                                                or self.tp.backend == "nccl"),
                                       enable_cascade=enable_cascade, lora=self.lora,
                                       kv_cache_dtype=self.kv_cache_dtype)
-            ckpt_scales = getattr(self.model, "kv_cache_scales", None)
+            ckpt_scales = self.model.kv_cache_scales
             if self.runner.kv_fp8 and not ckpt_scales:  # (vLLM warns so too)
                 logger.warning("kv_cache_dtype %s without KV-cache scales in the checkpoint: K / V stored at scale 1.0 "
                                "(values past the fp8 range are clamped)", self.kv_cache_dtype)

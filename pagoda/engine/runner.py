@@ -454,6 +454,8 @@ class _PagodaAttention:
             idx, num_pages = self.dequant
             scratch = self.r.fp8_prefill_scratch[:num_pages]
             scratch.copy_(cache.view(torch.uint8).index_select(0, idx).view(cache.dtype))
+            # (the scales multiplied in here, not passed to run(): the Gluon prefill kernel takes unscaled KV only, and
+            # run() with a scale other than 1 would fall back to the Triton kernel the scratch is there to avoid)
             for half, scale in enumerate((scales["k_scale"], scales["v_scale"])):
                 if scale != 1.0:
                     scratch[:, half].mul_(scale)
@@ -653,7 +655,7 @@ class ModelRunner:
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.kv_dtype = kv_cache_dtype or dtype
         self.kv_fp8 = self.kv_dtype in FP8_DTYPES
-        ckpt = getattr(model, "kv_cache_scales", None) or {}
+        ckpt = model.kv_cache_scales
         # each layer's k_scale / v_scale arguments of the attention calls ({} for a 16-bit cache)
         self.layer_kv_scales = [dict(k_scale=ckpt.get(i, {}).get("k", 1.0), v_scale=ckpt.get(i, {}).get("v", 1.0))
                                 if self.kv_fp8 else {} for i in range(config.num_layers)]

@@ -69,7 +69,7 @@ def _check_index(name: str, t, rows: int, device) -> torch.Tensor:
                          f"{tuple(getattr(t, 'shape', ()))}")
     if t.device != device:
         raise ValueError(f"{name} must be on input's device {device}, got {t.device}")
-    return t.long()
+    return t.contiguous()  # (the kernel reads element r at r)
 
 
 def top_k(input: torch.Tensor, k: int, sorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +145,8 @@ def top_k_page_table_transform(input: torch.Tensor, src_page_table: torch.Tensor
         _launch(input, k, out, 1, lens=lengths, table=src_page_table,
                 row_to_batch=None if row_to_batch is None else batch)
         return out
-    chosen, valid = _top_positions(input, lengths, k)
-    entries = src_page_table[batch[:, None], chosen.clamp(max=src_page_table.shape[1] - 1)]
+    chosen, valid = _top_positions(input, lengths.long(), k)
+    entries = src_page_table[batch.long()[:, None], chosen.clamp(max=src_page_table.shape[1] - 1)]
     return torch.where(valid, entries, -1).to(torch.int32)
 
 
@@ -161,5 +161,5 @@ def top_k_ragged_transform(input: torch.Tensor, offsets: torch.Tensor, lengths: 
         out = torch.empty(rows, k, dtype=torch.int32, device=input.device)
         _launch(input, k, out, 2, lens=lengths, offsets=offsets)
         return out
-    chosen, valid = _top_positions(input, lengths, k)
-    return torch.where(valid, chosen + offsets[:, None], -1).to(torch.int32)
+    chosen, valid = _top_positions(input, lengths.long(), k)
+    return torch.where(valid, chosen + offsets.long()[:, None], -1).to(torch.int32)

@@ -293,6 +293,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
         self.norms_folded = False  # fold_norm_weights
+        self.kv_cache_scales: dict[int, dict[str, float]] = {}  # the checkpoint's per-layer KV-cache scales (load_weights)
         self.defer_norms = defer_norms_default()
         # (the final norm's weight folded into the lm_head: an untied one only, the embedding table is no place for it)
         self.fold_final_norm = defer_final_norm_default() and self.lm_head is not None

@@ -143,13 +143,6 @@ def order_key(x):
 
 
 @triton.jit
-def _kth_largest_key(row, vocab, k, BLOCK: tl.constexpr):
-    """Order key of the k-th largest of row[:vocab] (k clamped to 1..vocab)."""
-    key, _ = kth_largest(row, vocab, k, BLOCK)
-    return key
-
-
-@triton.jit
 def kth_largest(row, vocab, k, BLOCK: tl.constexpr):
     """(order key of the k-th largest of row[:vocab], how many of the values with that key are among the k largest)
     (k clamped to 1..vocab): radix select, most significant byte first; each pass histograms the next byte of the
@@ -222,7 +215,7 @@ def filter_kernel(X, Y, TOP_K, TOP_P, k_val, p_val, stride_x, stride_y, vocab, M
     else:
         k = tl.load(TOP_K + r) if K_ROWS else k_val
         invalid = k < 1
-        thr = _kth_largest_key(row, vocab, k, BLOCK)
+        thr, _ = kth_largest(row, vocab, k, BLOCK)
     denom = 1.0
     if MODE != 2:
         kept = tl.zeros([BLOCK], tl.float32)
