@@ -78,8 +78,10 @@ def cases():
                         (2, dict(OUT="*i32", LENS="*i32", OFFSETS="*i32"))):  # (FlashInfer's int32 index tensors)
         for block, wblock, warps in ((4096, 4096, 8), (16384, 4096, 16)):  # (ops.topk._launch's; 8192-wide
             # writing steps spill under 16 warps' 128 registers)
-            yield f"topk MODE={mode} BLOCK={block} WBLOCK={wblock} warps={warps}", topk.topk_kernel, dict(
-                X="*fp32", **extra), dict(MODE=mode, BLOCK=block, WBLOCK=wblock), warps
+            for radix, compact in ((8, True), (4, True), (8, False)):
+                yield (f"topk MODE={mode} BLOCK={block} WBLOCK={wblock} warps={warps} RADIX={radix} COMPACT={compact}",
+                       topk.topk_kernel, dict(X="*fp32", SCRATCH="*fp32", **extra),
+                       dict(MODE=mode, BLOCK=block, WBLOCK=wblock, RADIX=radix, COMPACT=compact, SBLOCK=1024), warps)
     yield "greedy", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32"), \
         dict(BLOCK=2048), 4
     yield "greedy NEXT", sampling.greedy_kernel, dict(X="*fp32", OUT="*i64", KEYS="*i64", COUNT="*i32",

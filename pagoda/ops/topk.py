@@ -28,6 +28,11 @@ from .kernels.topk import topk_kernel
 # against 408 for torch.topk with the masking and gathers around it; 8 x 131072 420 vs 402).
 TOPK_KERNEL_MAX_VALUES = 32768
 
+# radix_select's digit width (8 or 4 bits) and whether its passes compact the values left into a scratch row
+# (kernels/topk.py)
+RADIX_BITS = 8
+COMPACT = True
+
 
 def _kernel_pays(input: torch.Tensor) -> bool:
     """Whether top_k runs the kernel: under Triton's interpreter always (the CPU tests), on a GPU while each program's
@@ -38,8 +43,9 @@ def _kernel_pays(input: torch.Tensor) -> bool:
     return rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
 
 
-def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None):
-    """topk_kernel over input's rows into out [rows, k] (MODE 0: the positions, their values into vals)."""
+def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None, scratch=None):
+    """topk_kernel over input's rows into out [rows, k] (MODE 0: the positions, their values into vals); scratch:
+    the compacting passes' [rows, width] of input's type (allocated here if None)."""
     rows, width = input.shape
     if rows == 0:
         return
@@ -50,9 +56,12 @@ def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=
     # writing pass over 4096 (its prefix sums: 16 warps hold 4096 without spilling, 8192 spill; scripts/compile_check)
     block = min(16384, max(16, triton.next_power_of_2(width)))
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    topk_kernel[(rows,)](x, out, vals, lens, table, row_to_batch, offsets, x.stride(0), out.stride(0),
+    if COMPACT and scratch is None:
+        scratch = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    topk_kernel[(rows,)](x, out, vals, lens, table, row_to_batch, offsets, scratch, x.stride(0), out.stride(0),
                          0 if table is None else table.stride(0), width, k, MODE=mode, BLOCK=block,
-                         WBLOCK=min(4096, block), num_warps=warps)
+                         WBLOCK=min(4096, block), RADIX=RADIX_BITS, COMPACT=COMPACT and scratch is not None,
+                         SBLOCK=min(1024, block), num_warps=warps)
 
 
 def _check_scores(input: torch.Tensor, k) -> int:

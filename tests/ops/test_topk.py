@@ -1,4 +1,6 @@
 """Top-k selection (FlashInfer's top_k and its sparse-attention transforms) against a per-row Python reference."""
+import importlib
+
 import pytest
 import torch
 
@@ -91,14 +93,23 @@ def _poisoned(rows, k, dtype):
     return torch.full((rows, k), -7 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=DEVICE)
 
 
+RADIX_CONFIGS = [(8, True), (4, True), (8, False)]  # (ops.topk.RADIX_BITS, COMPACT)
+
+
+@pytest.mark.parametrize("radix,compact", RADIX_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_ties_blocks_and_every_slot(dtype):
-    """The radix-select kernel itself (ops.topk._launch into poisoned outputs, every slot written): rows of several
-    blocks (5000 wide, blocks of 4096) with many ties (values from a few
-    dozen levels, negative and positive, -0.0 among them): the positions come in position order, hold the k largest
-    values, and among the values equal to the k-th largest the first positions are taken; the transforms map the
-    same positions (page table, offsets) and fill -1 past a short row."""
+def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, monkeypatch):
+    """The radix-select kernel itself (ops.topk._launch into poisoned outputs, every slot written), in each digit
+    width, with and without compaction: rows of several blocks (5000 wide, blocks of 4096) with many ties (values
+    from a few dozen levels, negative and positive, -0.0 among them): the positions come in position order, hold the
+    k largest values, and among the values equal to the k-th largest the first positions are taken; the transforms
+    map the same positions (page table, offsets) and fill -1 past a short row."""
     from pagoda.ops.topk import _launch
+
+    topk_mod = importlib.import_module("pagoda.ops.topk")  # (pagoda.ops.topk the attribute is top_k's alias)
+
+    monkeypatch.setattr(topk_mod, "RADIX_BITS", radix)
+    monkeypatch.setattr(topk_mod, "COMPACT", compact)
 
     g = torch.Generator().manual_seed(3)
     rows, width = 5, 5000
@@ -145,3 +156,53 @@ def test_row_to_batch_out_of_range():
                                           row_to_batch=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="src_page_table"):
         pagoda.top_k_page_table_transform(x, table[:, :8], lengths, 4)
+
+
+def _order_key(v: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int64 keys that order like them (kernels/sampling.py's order_key, widened)."""
+    b = v.float().view(torch.int32).long()
+    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@pytest.mark.parametrize("radix", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_compacting_passes(dtype, radix, monkeypatch):
+    """Bell-shaped rows (randn, 6000 wide, a few all-equal and constant-prefix rows among them), k 1 / 350 / 5999:
+    the compacting passes give the same positions as the reference (the k largest, the first among ties, in
+    position order), and on rows where the first pass keeps under half the values the scratch row (poisoned) starts
+    with the row's values that share the k-th largest key's top 8 bits, in order: the later passes read those."""
+    topk_mod = importlib.import_module("pagoda.ops.topk")
+    monkeypatch.setattr(topk_mod, "RADIX_BITS", radix)
+    monkeypatch.setattr(topk_mod, "COMPACT", True)
+    g = torch.Generator().manual_seed(5)
+    rows, width = 4, 6000
+    x = torch.randn(rows, width, generator=g)
+    x[1] = 0.75  # (every value tied)
+    x[2] = 1.0 + torch.rand(width, generator=g) / 64  # (one exponent, close mantissas: the first bytes all equal)
+    x = x.to(dtype)
+    for k in (1, 350, 5999):
+        idx = _poisoned(rows, k, torch.int64)
+        vals = _poisoned(rows, k, dtype)
+        scratch = torch.full((rows, width), float("nan"), dtype=dtype, device=DEVICE)
+        topk_mod._launch(x.to(DEVICE), k, idx, 0, vals=vals, scratch=scratch)
+        for i in range(rows):
+            row = x[i].double()
+            kth = torch.topk(row, k).values[-1]
+            above = (row > kth).nonzero()[:, 0]
+            ties = (row == kth).nonzero()[:, 0][:k - len(above)]
+            assert idx[i].tolist() == sorted(above.tolist() + ties.tolist()), (k, i)
+            assert torch.equal(vals[i].cpu(), x[i, idx[i].cpu()])
+            # the first compacting pass: the first digit after which at most half the row shares the k-th
+            # largest key's digits so far (its first RADIX, 2 RADIX, ... bits)
+            ukeys = (_order_key(x[i]) ^ 0x80000000) & 0xFFFFFFFF
+            ukth = (int(_order_key(kth.float().reshape(1))[0]) ^ 0x80000000) & 0xFFFFFFFF
+            bits = next((b for b in range(radix, 32, radix)
+                         if 2 * int(((ukeys >> (32 - b)) == (ukth >> (32 - b))).sum()) <= width), None)
+            if i == 0 and bits is not None and bits <= 8:  # (the randn row: it compacts within its first byte)
+                share = x[i][(ukeys >> (32 - bits)) == (ukth >> (32 - bits))]
+                # (the first compaction wrote share at [0, len(share)); a later one an ordered part of it in place,
+                # at the front: the end of share stays, and nothing past it is written)
+                got = scratch[i].cpu()
+                assert not torch.isnan(got[:len(share)]).any() and torch.isnan(got[len(share):]).all()
+                assert got[len(share) - 1] == share[-1]
+                assert torch.isin(got[:len(share)], share).all()
