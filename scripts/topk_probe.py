@@ -1,7 +1,8 @@
 """The top-k kernel's radix-select variants side by side on one GPU (kernels/topk.py: RADIX 8 / 4 bits a pass,
-COMPACT on / off), with torch.topk and FlashInfer's radix top-k in the same process.
+COMPACT on / off, SPLIT_ROWS: few rows split over several programs), with torch.topk and FlashInfer's radix top-k
+in the same process.
 
-    python scripts/topk_probe.py [--json FILE] [--configs 8:0,8:1,4:1,4:0]
+    python scripts/topk_probe.py [--json FILE] [--configs 8:0:0,8:1:0,4:1:0,8:1:1,4:1:1]   (RADIX:COMPACT:SPLIT)
 
 Every config runs pagoda.top_k on the kernel (the routing rule, TOPK_KERNEL_MAX_VALUES, set aside) and the
 page-table transform; each result is checked against torch.topk's values before it is timed. Times: the
@@ -27,11 +28,11 @@ TRANSFORMS = [(64, 32768, 2048), (8, 131072, 2048)]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--configs", default="8:0,8:1,4:1,4:0", help="RADIX:COMPACT pairs")
+    ap.add_argument("--configs", default="8:0:0,8:1:0,4:1:0,8:1:1,4:1:1", help="RADIX:COMPACT:SPLIT triples")
     args = ap.parse_args()
     mod = importlib.import_module("pagoda.ops.topk")
     mod.TOPK_KERNEL_MAX_VALUES = 1 << 40  # (the kernel everywhere)
-    configs = [(int(a), b == "1") for a, b in (c.split(":") for c in args.configs.split(","))]
+    configs = [(int(a), b == "1", c == "1") for a, b, c in (t.split(":") for t in args.configs.split(","))]
     fi = flashinfer_or_none()
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -45,11 +46,11 @@ def main():
                 row["flashinfer_us"] = bench(lambda: fi.top_k(x, k)) * 1e6
             except Exception as e:  # noqa: BLE001 - a peer failure must not stop the table
                 print(f"# FlashInfer top_k failed: {type(e).__name__}: {e}")
-        for radix, compact in configs:
-            mod.RADIX_BITS, mod.COMPACT = radix, compact
+        for radix, compact, split in configs:
+            mod.RADIX_BITS, mod.COMPACT, mod.SPLIT_ROWS = radix, compact, split
             v, _ = pagoda.top_k(x, k, sorted=True)
-            assert torch.equal(v, want), (radix, compact, batch, d)
-            row[f"r{radix}c{int(compact)}_us"] = bench(lambda: pagoda.top_k(x, k)) * 1e6
+            assert torch.equal(v, want), (radix, compact, split, batch, d)
+            row[f"r{radix}c{int(compact)}s{int(split)}_us"] = bench(lambda: pagoda.top_k(x, k)) * 1e6
         rows.append(row)
         print(row, flush=True)
     for batch, d, k in TRANSFORMS:
@@ -58,16 +59,16 @@ def main():
         table = torch.randperm(batch * d, device="cuda", generator=g).to(torch.int32).view(batch, d)
         row = {"op": f"top_k_page_table_transform k={k}", "shape": f"{batch}x{d}"}
         ref = None
-        for radix, compact in configs:
-            mod.RADIX_BITS, mod.COMPACT = radix, compact
+        for radix, compact, split in configs:
+            mod.RADIX_BITS, mod.COMPACT, mod.SPLIT_ROWS = radix, compact, split
             out = pagoda.top_k_page_table_transform(x, table, lens, k)
             ref = out if ref is None else ref
-            assert torch.equal(out, ref), (radix, compact, batch, d)
-            row[f"r{radix}c{int(compact)}_us"] = bench(
+            assert torch.equal(out, ref), (radix, compact, split, batch, d)
+            row[f"r{radix}c{int(compact)}s{int(split)}_us"] = bench(
                 lambda: pagoda.top_k_page_table_transform(x, table, lens, k)) * 1e6
         rows.append(row)
         print(row, flush=True)
-    cols = [f"r{r}c{int(c)}_us" for r, c in configs]
+    cols = [f"r{r}c{int(c)}s{int(p)}_us" for r, c, p in configs]
     print(f"{'op':<36} {'shape':<20} " + " ".join(f"{c[:-3]:>8}" for c in cols) + f" {'torch':>8} {'FI':>8}")
     for r in rows:
         print(f"{r['op']:<36} {r['shape']:<20} " + " ".join(f"{r[c]:8.1f}" for c in cols)

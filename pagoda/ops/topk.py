@@ -18,7 +18,7 @@ import triton
 
 from ..attention.formats import check_int
 from ._dispatch import sm_count, use_triton
-from .kernels.topk import topk_kernel
+from .kernels.topk import split_count_kernel, split_hist_kernel, split_write_kernel, topk_kernel
 
 
 # the most values of a row that one program of the kernel streams where it measured at least torch.topk's speed (H200,
@@ -32,6 +32,22 @@ TOPK_KERNEL_MAX_VALUES = 32768
 # (kernels/topk.py)
 RADIX_BITS = 8
 COMPACT = True
+# rows split over several programs where one program a row would leave most SMs idle (kernels/topk.py's split
+# kernels: one launch a digit, a counting and a writing launch): on while rows * 2 <= the SMs and a row is at least
+# SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values
+SPLIT_ROWS = True
+SPLIT_MIN_WIDTH = 8192
+SPLIT_MIN_SLICE = 1024
+
+
+def _slices(rows: int, width: int, device) -> int:
+    """How many programs a row takes (1: topk_kernel's one a row)."""
+    if not SPLIT_ROWS or width < SPLIT_MIN_WIDTH:
+        return 1
+    sms = sm_count(device) if device.type == "cuda" else 8
+    if rows * 2 > sms:
+        return 1
+    return max(1, min(-(-2 * sms // rows), width // SPLIT_MIN_SLICE))
 
 
 def _kernel_pays(input: torch.Tensor) -> bool:
@@ -43,9 +59,11 @@ def _kernel_pays(input: torch.Tensor) -> bool:
     return rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
 
 
-def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None, scratch=None):
+def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None, scratch=None,
+            split=None):
     """topk_kernel over input's rows into out [rows, k] (MODE 0: the positions, their values into vals); scratch:
-    the compacting passes' [rows, width] of input's type (allocated here if None)."""
+    the compacting passes' [rows, width] of input's type (allocated here if None); split: programs a row (None:
+    _slices' choice; > 1 the split kernels)."""
     rows, width = input.shape
     if rows == 0:
         return
@@ -56,12 +74,40 @@ def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=
     # writing pass over 4096 (its prefix sums: 16 warps hold 4096 without spilling, 8192 spill; scripts/compile_check)
     block = min(16384, max(16, triton.next_power_of_2(width)))
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    slices = _slices(rows, width, x.device) if split is None else split
+    if slices > 1:
+        _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, slices)
+        return
     if COMPACT and scratch is None:
         scratch = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     topk_kernel[(rows,)](x, out, vals, lens, table, row_to_batch, offsets, scratch, x.stride(0), out.stride(0),
                          0 if table is None else table.stride(0), width, k, MODE=mode, BLOCK=block,
                          WBLOCK=min(4096, block), RADIX=RADIX_BITS, COMPACT=COMPACT and scratch is not None,
                          SBLOCK=min(1024, block), num_warps=warps)
+
+
+def _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, slices):
+    """The split kernels over x's rows, `slices` programs a row (each a slice of S values; the last may be short)."""
+    rows, width = x.shape
+    nd, nb = 32 // RADIX_BITS, 1 << RADIX_BITS
+    s = -(-width // slices)
+    s = -(-s // 64) * 64  # (slices start 256-byte aligned for float32)
+    slices = -(-width // s)
+    hist = torch.zeros(rows, nd, nb, dtype=torch.int32, device=x.device)
+    part = torch.empty(rows, slices, 2, dtype=torch.int32, device=x.device)
+    block = min(4096, triton.next_power_of_2(s))
+    warps = 8 if block >= 2048 else 4
+    grid = (rows, slices)
+    for d in range(nd):
+        split_hist_kernel[grid](x, lens, hist, x.stride(0), width, k, s, D=d, HAS_LENS=lens is not None,
+                                RADIX=RADIX_BITS, BLOCK=block, num_warps=warps)
+    split_count_kernel[grid](x, lens, hist, part, x.stride(0), width, k, s, HAS_LENS=lens is not None,
+                             RADIX=RADIX_BITS, BLOCK=block, num_warps=warps)
+    sk = -(-k // slices)  # (a row with n <= k: each program writes sk of its slots)
+    split_write_kernel[grid](x, out, vals, lens, table, row_to_batch, offsets, hist, part, x.stride(0), out.stride(0),
+                             0 if table is None else table.stride(0), width, k, s, sk, MODE=mode, RADIX=RADIX_BITS,
+                             WBLOCK=min(4096, max(16, triton.next_power_of_2(max(s, sk)))),
+                             PBLOCK=max(16, triton.next_power_of_2(slices)), num_warps=warps)
 
 
 def _check_scores(input: torch.Tensor, k) -> int:

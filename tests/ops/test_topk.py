@@ -93,14 +93,16 @@ def _poisoned(rows, k, dtype):
     return torch.full((rows, k), -7 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=DEVICE)
 
 
-RADIX_CONFIGS = [(8, True), (4, True), (8, False)]  # (ops.topk.RADIX_BITS, COMPACT)
+# (ops.topk.RADIX_BITS, COMPACT, programs a row: 1 topk_kernel's one, 3 / 7 the split kernels')
+RADIX_CONFIGS = [(8, True, 1), (4, True, 1), (8, False, 1), (8, True, 7), (4, True, 3)]
 
 
-@pytest.mark.parametrize("radix,compact", RADIX_CONFIGS)
+@pytest.mark.parametrize("radix,compact,split", RADIX_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, monkeypatch):
-    """The radix-select kernel itself (ops.topk._launch into poisoned outputs, every slot written), in each digit
-    width, with and without compaction: rows of several blocks (5000 wide, blocks of 4096) with many ties (values
+def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, split, monkeypatch):
+    """The radix-select kernels (ops.topk._launch into poisoned outputs, every slot written), in each digit
+    width, with and without compaction, one program a row or a row split over several (slices 1728 / 768 wide: ties
+    across slices): rows of several blocks (5000 wide, blocks of 4096) with many ties (values
     from a few dozen levels, negative and positive, -0.0 among them): the positions come in position order, hold the
     k largest values, and among the values equal to the k-th largest the first positions are taken; the transforms
     map the same positions (page table, offsets) and fill -1 past a short row."""
@@ -117,7 +119,7 @@ def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, monkeypatch):
     x[0, 10:20] = -0.0
     for k in (1, 300, 4500):
         idx, vals = _poisoned(rows, k, torch.int64), _poisoned(rows, k, dtype)
-        _launch(x, k, idx, 0, vals=vals)
+        _launch(x, k, idx, 0, vals=vals, split=split)
         for i in range(rows):
             row = x[i].double().cpu()
             kth = torch.topk(row, k).values[-1]
@@ -131,8 +133,8 @@ def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, monkeypatch):
     offsets = torch.tensor([3, 0, 9, 1, 100], dtype=torch.int64, device=DEVICE)
     k = 300
     pt, rg = _poisoned(rows, k, torch.int32), _poisoned(rows, k, torch.int32)
-    _launch(x, k, pt, 1, lens=lengths, table=table)
-    _launch(x, k, rg, 2, lens=lengths, offsets=offsets)
+    _launch(x, k, pt, 1, lens=lengths, table=table, split=split)
+    _launch(x, k, rg, 2, lens=lengths, offsets=offsets, split=split)
     for i in range(rows):
         n = int(lengths[i])
         if n <= k:

@@ -52,6 +52,16 @@ def _compact(src, m, dst, prefix, NBITS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _choose(hist, k_rem, prefix, RADIX: tl.constexpr):
+    """The digit of the k_rem-th largest key given its digit's histogram: (digit, k_rem within it, prefix with it)."""
+    bins = tl.arange(0, 1 << RADIX)
+    ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # how many have this digit or a larger one
+    b = tl.max(tl.where(ge >= k_rem, bins, 0), 0)
+    k_rem -= tl.sum(tl.where(bins > b, hist, 0), 0)
+    return b, k_rem, (prefix << RADIX) | b
+
+
+@triton.jit
 def radix_select(row, n, k, scratch, RADIX: tl.constexpr, COMPACT: tl.constexpr, BLOCK: tl.constexpr,
                  CBLOCK: tl.constexpr, SBLOCK: tl.constexpr):
     """(order key of the k-th largest of row[:n], how many of the values with that key are among the k largest),
@@ -71,10 +81,7 @@ def radix_select(row, n, k, scratch, RADIX: tl.constexpr, COMPACT: tl.constexpr,
             hist = _hist_pass(src, m, prefix, d, RADIX, CBLOCK)
         else:
             hist = _hist_pass(src, m, prefix, d, RADIX, SBLOCK)
-        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # how many have this digit or a larger one
-        b = tl.max(tl.where(ge >= k_rem, bins, 0), 0)
-        k_rem -= tl.sum(tl.where(bins > b, hist, 0), 0)
-        prefix = (prefix << RADIX) | b
+        b, k_rem, prefix = _choose(hist, k_rem, prefix, RADIX)
         if COMPACT and d < 32 // RADIX - 1:
             kept = tl.sum(tl.where(bins == b, hist, 0), 0)
             if (m > SBLOCK) & (kept * 2 <= m):
@@ -97,10 +104,31 @@ def topk_kernel(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, SCRATCH, strid
     sums take more registers), SBLOCK: of a pass's one step over a few values; RADIX, COMPACT: radix_select's,
     SCRATCH [rows, width] of X's type (COMPACT)."""
     r = tl.program_id(0).to(tl.int64)
+    row, out, vals, n, table, off = _row(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, r, stride_x, stride_o,
+                                         stride_t, width, MODE)
+    if n <= K:  # (every position, in order; -1 past n)
+        _write_all(row, out, vals, table, off, n, K, 0, K, MODE, WBLOCK)
+    else:
+        if COMPACT:
+            scratch = SCRATCH + r * width
+        else:
+            scratch = row
+        thr, need_eq = radix_select(row, n, K, scratch, RADIX, COMPACT, BLOCK, WBLOCK, SBLOCK)
+        _write_selected(row, out, vals, table, off, thr, need_eq, 0, n, 0, 0, MODE, WBLOCK)
+
+
+@triton.jit
+def _row(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, r, stride_x, stride_o, stride_t, width,
+         MODE: tl.constexpr):
+    """Row r's scores, output and values rows, length n, page-table row (MODE 1) and offset (MODE 2)."""
     row = X + r * stride_x
     out = OUT + r * stride_o
+    vals = out
+    table = out
+    off = 0
     if MODE == 0:
         n = width
+        vals = VALS + r * stride_o
     else:
         n = tl.minimum(tl.maximum(tl.load(LENS + r), 0), width).to(tl.int32)
     if MODE == 1:
@@ -111,42 +139,137 @@ def topk_kernel(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, SCRATCH, strid
         table = TABLE + b * stride_t
     if MODE == 2:
         off = tl.load(OFFSETS + r)
-    if n <= K:  # (every position, in order; -1 past n)
-        for s0 in range(0, K, WBLOCK):
-            offs = s0 + tl.arange(0, WBLOCK)
-            keep = offs < n
-            if MODE == 0:
-                tl.store(out + offs, offs.to(tl.int64), mask=keep)
-                tl.store(VALS + r * stride_o + offs, tl.load(row + offs, mask=keep), mask=keep)
-            elif MODE == 1:
-                entry = tl.load(table + offs, mask=keep, other=-1)
-                tl.store(out + offs, tl.where(keep, entry, -1).to(tl.int32), mask=offs < K)
-            else:
-                tl.store(out + offs, tl.where(keep, off + offs, -1), mask=offs < K)
-    else:
-        if COMPACT:
-            scratch = SCRATCH + r * width
+    return row, out, vals, n, table, off
+
+
+@triton.jit
+def _write_all(row, out, vals, table, off, n, K, lo, hi, MODE: tl.constexpr, WBLOCK: tl.constexpr):
+    """Output slots [lo, hi) of a row with n <= K: slot i holds position i (-1 at or past n, MODES 1 / 2)."""
+    for s0 in range(lo, hi, WBLOCK):
+        offs = s0 + tl.arange(0, WBLOCK)
+        keep = (offs < n) & (offs < hi)
+        if MODE == 0:
+            tl.store(out + offs, offs.to(tl.int64), mask=keep)
+            tl.store(vals + offs, tl.load(row + offs, mask=keep), mask=keep)
+        elif MODE == 1:
+            entry = tl.load(table + offs, mask=keep, other=-1)
+            tl.store(out + offs, tl.where(keep, entry, -1).to(tl.int32), mask=(offs < K) & (offs < hi))
         else:
-            scratch = row
-        thr, need_eq = radix_select(row, n, K, scratch, RADIX, COMPACT, BLOCK, WBLOCK, SBLOCK)
-        base = 0  # output slots filled so far
-        eq_seen = 0  # values equal to the threshold seen so far
-        for s in range(0, n, WBLOCK):
-            offs = s + tl.arange(0, WBLOCK)
-            m = offs < n
-            x = tl.load(row + offs, mask=m, other=0.0)
-            key = order_key(x.to(tl.float32))
-            eq = (m & (key == thr)).to(tl.int32)
-            eq_rank = eq_seen + tl.cumsum(eq, 0) - eq
-            sel = (m & (key > thr)) | ((eq != 0) & (eq_rank < need_eq))
-            si = sel.to(tl.int32)
-            pos = base + tl.cumsum(si, 0) - si
-            if MODE == 0:
-                tl.store(out + pos, offs.to(tl.int64), mask=sel)
-                tl.store(VALS + r * stride_o + pos, x, mask=sel)
-            elif MODE == 1:
-                tl.store(out + pos, tl.load(table + offs, mask=sel).to(tl.int32), mask=sel)
-            else:
-                tl.store(out + pos, off + offs, mask=sel)
-            base += tl.sum(si, 0)
-            eq_seen += tl.sum(eq, 0)
+            tl.store(out + offs, tl.where(keep, off + offs, -1), mask=(offs < K) & (offs < hi))
+
+
+@triton.jit
+def _write_selected(row, out, vals, table, off, thr, need_eq, lo, hi, base, eq_seen, MODE: tl.constexpr,
+                    WBLOCK: tl.constexpr):
+    """The positions in [lo, hi) of the values whose order key is above thr, and of those equal to it while fewer
+    than need_eq have been taken, into output slots from base on, in position order; eq_seen: the values equal to
+    thr before lo."""
+    for s in range(lo, hi, WBLOCK):
+        offs = s + tl.arange(0, WBLOCK)
+        m = offs < hi
+        x = tl.load(row + offs, mask=m, other=0.0)
+        key = order_key(x.to(tl.float32))
+        eq = (m & (key == thr)).to(tl.int32)
+        eq_rank = eq_seen + tl.cumsum(eq, 0) - eq
+        sel = (m & (key > thr)) | ((eq != 0) & (eq_rank < need_eq))
+        si = sel.to(tl.int32)
+        pos = base + tl.cumsum(si, 0) - si
+        if MODE == 0:
+            tl.store(out + pos, offs.to(tl.int64), mask=sel)
+            tl.store(vals + pos, x, mask=sel)
+        elif MODE == 1:
+            tl.store(out + pos, tl.load(table + offs, mask=sel).to(tl.int32), mask=sel)
+        else:
+            tl.store(out + pos, off + offs, mask=sel)
+        base += tl.sum(si, 0)
+        eq_seen += tl.sum(eq, 0)
+
+
+# Rows split over several programs (few rows, long ones: one program a row leaves SMs idle). One launch a digit:
+# each program histograms its slice's digit among the keys sharing the digits chosen so far (every program replays
+# the choices from the row's histograms of the earlier digits) and adds its histogram into the row's; then a launch
+# counts each slice's values above and equal to the k-th largest key, and one writes each slice's positions from the
+# slots the slices before it fill.
+
+@triton.jit
+def _replay(HIST, r, D: tl.constexpr, K, RADIX: tl.constexpr):
+    """(prefix, k_rem) after row r's digits 0..D-1, from its histograms HIST [rows, 32 / RADIX, 2^RADIX]."""
+    NB: tl.constexpr = 1 << RADIX
+    ND: tl.constexpr = 32 // RADIX
+    k_rem = K
+    prefix = 0
+    for d in tl.static_range(D):
+        hist = tl.load(HIST + (r * ND + d) * NB + tl.arange(0, NB))
+        _, k_rem, prefix = _choose(hist, k_rem, prefix, RADIX)
+    return prefix, k_rem
+
+
+@triton.jit
+def split_hist_kernel(X, LENS, HIST, stride_x, width, K, S, D: tl.constexpr, HAS_LENS: tl.constexpr,
+                      RADIX: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (r, p): digit D's histogram of row r's values [p S, p S + S) among its first n, added into HIST[r, D]
+    (rows with n <= K are left to the writing launch)."""
+    NB: tl.constexpr = 1 << RADIX
+    ND: tl.constexpr = 32 // RADIX
+    r = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * S
+    n = width
+    if HAS_LENS:
+        n = tl.minimum(tl.maximum(tl.load(LENS + r), 0), width).to(tl.int32)
+    if n > K:
+        prefix, k_rem = _replay(HIST, r, D, K, RADIX)
+        h = _hist_pass(X + r * stride_x + lo, tl.minimum(tl.maximum(n - lo, 0), S), prefix, D, RADIX, BLOCK)
+        tl.atomic_add(HIST + (r * ND + D) * NB + tl.arange(0, NB), h, mask=h > 0, sem="relaxed")
+
+
+@triton.jit
+def split_count_kernel(X, LENS, HIST, PART, stride_x, width, K, S, HAS_LENS: tl.constexpr, RADIX: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Program (r, p): how many of row r's values [p S, p S + S) among its first n are above the k-th largest key
+    and equal to it, into PART[r, p, 0:2]."""
+    r = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    lo = p * S
+    n = width
+    if HAS_LENS:
+        n = tl.minimum(tl.maximum(tl.load(LENS + r), 0), width).to(tl.int32)
+    if n > K:
+        prefix, _ = _replay(HIST, r, 32 // RADIX, K, RADIX)
+        thr = prefix ^ SIGN
+        hi = tl.minimum(lo + S, n)
+        gt = tl.zeros([BLOCK], tl.int32)
+        eq = tl.zeros([BLOCK], tl.int32)
+        for s in range(lo, hi, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            key = order_key(tl.load(X + r * stride_x + offs, mask=offs < hi, other=0.0).to(tl.float32))
+            gt += ((offs < hi) & (key > thr)).to(tl.int32)
+            eq += ((offs < hi) & (key == thr)).to(tl.int32)
+        part = PART + (r * tl.num_programs(1) + p) * 2
+        tl.store(part, tl.sum(gt, 0))
+        tl.store(part + 1, tl.sum(eq, 0))
+
+
+@triton.jit
+def split_write_kernel(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, HIST, PART, stride_x, stride_o, stride_t,
+                       width, K, S, SK, MODE: tl.constexpr, RADIX: tl.constexpr, WBLOCK: tl.constexpr,
+                       PBLOCK: tl.constexpr):
+    """Program (r, p) writes row r's output as topk_kernel does: a row with n > K its slice [p S, p S + S)'s
+    selected positions, from the slots the slices before it fill (PART's counts; the values equal to the k-th
+    largest taken in position order); a row with n <= K its slots [p SK, p SK + SK)."""
+    r = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    row, out, vals, n, table, off = _row(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, r, stride_x, stride_o,
+                                         stride_t, width, MODE)
+    if n <= K:
+        _write_all(row, out, vals, table, off, n, K, p * SK, tl.minimum(p * SK + SK, K), MODE, WBLOCK)
+    else:
+        prefix, need_eq = _replay(HIST, r, 32 // RADIX, K, RADIX)
+        q = tl.arange(0, PBLOCK)
+        before = q < p
+        part = PART + (r * tl.num_programs(1) + q) * 2
+        gt_before = tl.sum(tl.load(part, mask=before, other=0), 0)
+        eq_before = tl.sum(tl.load(part + 1, mask=before, other=0), 0)
+        base = gt_before + tl.minimum(eq_before, need_eq)
+        lo = p * S
+        _write_selected(row, out, vals, table, off, prefix ^ SIGN, need_eq, lo, tl.minimum(lo + S, n), base,
+                        eq_before, MODE, WBLOCK)
