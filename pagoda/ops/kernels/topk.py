@@ -164,6 +164,8 @@ def _write_selected(row, out, vals, table, off, thr, need_eq, lo, hi, base, eq_s
     """The positions in [lo, hi) of the values whose order key is above thr, and of those equal to it while fewer
     than need_eq have been taken, into output slots from base on, in position order; eq_seen: the values equal to
     thr before lo."""
+    base = tl.zeros([], tl.int32) + base  # (loop-carried: a tensor where the caller passes 0)
+    eq_seen = tl.zeros([], tl.int32) + eq_seen
     for s in range(lo, hi, WBLOCK):
         offs = s + tl.arange(0, WBLOCK)
         m = offs < hi
