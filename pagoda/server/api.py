@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import LoRARequest, SamplingParams
 from ..engine.guided import OPENAI_FIELDS as GUIDED_FIELDS, guided_from_openai
-from ..engine.llm import chat_text
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
+from .tools import (StreamSplitter, ToolError, check_tools, guided_for, parse_forced, parse_tool_calls,
+                    template_messages, tool_mode)
 
 log = logging.getLogger("pagoda.server")
 
@@ -102,6 +103,9 @@ class CompletionRequest(_Common):
 class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # (an assistant's earlier calls)
+    tool_call_id: str | None = None  # (a tool message's answer to a call)
+    name: str | None = None
 
 
 class ChatRequest(_Common):
@@ -121,6 +125,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -152,19 +157,19 @@ def unsupported(req: _Common) -> None:
     for name, value in neutral.items():
         if getattr(req, name) != value:
             raise APIError(400, f"{name} is not supported by this server (pagoda); leave it at {value}", param=name)
-    for name in ("suffix", "tools", "functions", "function_call"):
+    for name in ("suffix", "functions", "function_call"):  # (functions / function_call: OpenAI's deprecated form
+        # of tools, which vLLM does not take either)
         if getattr(req, name, None):
             raise APIError(400, f"{name} is not supported by this server (pagoda)", param=name)
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of (other than n) is not supported by this server (pagoda), got {req.best_of}",
                        param="best_of")
-    choice = getattr(req, "tool_choice", None)
-    if choice not in (None, "none", "auto"):
-        raise APIError(400, f"tool_choice {choice!r} is not supported by this server (pagoda): it has no tool calling",
-                       param="tool_choice")
 
 
-def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprobs: int | None = None) -> SamplingParams:
+def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprobs: int | None = None,
+            tool_guided=None) -> SamplingParams:
+    """tool_guided: the guided decoding of a "required" or named tool_choice (tools.guided_for), which no other
+    guided field may accompany."""
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     bias = None
     if req.logit_bias:
@@ -177,6 +182,11 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
         guided = guided_from_openai({k: getattr(req, k, None) for k in GUIDED_FIELDS})
     except ValueError as e:
         raise APIError(400, str(e), param=_field_of(str(e), None)) from None
+    if tool_guided is not None:
+        if guided is not None:
+            raise APIError(400, f"tool_choice 'required' or a named function generates guided JSON: {guided.source} "
+                                f"cannot be given with it", param="tool_choice")
+        guided = tool_guided
     try:
         return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               min_p=req.min_p, seed=req.seed, max_tokens=max_tokens if max_tokens is not None
@@ -203,10 +213,13 @@ def _field_of(msg: str, default: str | None) -> str | None:
 
 
 def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metrics | None = None,
-               lora_modules=None, allow_lora_updates: bool = False) -> FastAPI:
+               lora_modules=None, allow_lora_updates: bool = False, tool_parser: str | None = None,
+               chat_template: str | None = None) -> FastAPI:
     """lora_modules: LoRARequests (an engine built with enable_lora) served under their lora_name as models of their
     own: a request whose "model" names one runs with that adapter. allow_lora_updates: vLLM's runtime LoRA
-    endpoints, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (404s otherwise, as routes that do not exist)."""
+    endpoints, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (404s otherwise, as routes that do not exist).
+    tool_parser: the parser of tool_choice "auto"'s outputs (tools.PARSERS; None: "auto" with tools is a 400, as
+    vLLM without --enable-auto-tool-choice). chat_template: a Jinja chat template used instead of the tokenizer's."""
     engine = async_engine.engine
     loras = {m.lora_name: m for m in lora_modules or ()}
     if allow_lora_updates and engine.lora is None:
@@ -563,13 +576,20 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
 
         return _stream(starts, req, t0, base, choice)
 
-    def chat_ids(messages, add_generation_prompt: bool) -> list[int]:
-        """The chat template's token ids of the messages (400s for a model without one and a template error)."""
-        if tok is None or not getattr(tok, "chat_template", None):
+    def chat_ids(messages, add_generation_prompt: bool, tools=None) -> list[int]:
+        """The chat template's token ids of the messages and tools (400s for a model without one and a template
+        error)."""
+        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
             raise APIError(400, "this model has no chat template", param="messages")
-        msgs = [{"role": m.role, "content": chat_text(m.content)} for m in messages]
         try:
-            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
+            msgs = template_messages(messages)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        try:
+            ids = tok.apply_chat_template(msgs, tools=tools or None, chat_template=chat_template, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         if hasattr(ids, "keys"):
@@ -591,7 +611,11 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
-            ids = chat_ids(req.messages, req.add_generation_prompt)
+            try:
+                tools = check_tools(req.tools)
+            except ToolError as e:
+                raise APIError(400, str(e), param=e.param) from None
+            ids = chat_ids(req.messages, req.add_generation_prompt, tools)
         else:
             ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
@@ -609,7 +633,12 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
     async def chat(req: ChatRequest):
         lora = check_model(req.model)
         unsupported(req)
-        _, ids = truncated((None, chat_ids(req.messages, req.add_generation_prompt)), req)
+        try:
+            tools = check_tools(req.tools)
+            mode = tool_mode(req.tool_choice, tools, tool_parser)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        _, ids = truncated((None, chat_ids(req.messages, req.add_generation_prompt, tools)), req)
         prompt_len_check(ids)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, "top_logprobs must be in 0..20", param="top_logprobs")
@@ -619,13 +648,13 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",
                            param="prompt_logprobs")
-        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs)
+        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs, guided_for(mode, tools))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.monotonic()
         first, gen = await run_one(ids, params, rid, lora)
         if req.stream:
-            return StreamingResponse(_stream_chat([(first, gen)], req, rid, created, t0),
+            return StreamingResponse(_stream_chat([(first, gen)], req, rid, created, t0, mode),
                                      media_type="text/event-stream")
         final, first_t = first, time.monotonic()
         async for final in gen:
@@ -636,18 +665,43 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         metrics.requests.labels(status="200").inc()
         extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_field(final)}
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, **extra,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                "choices": [{"index": c.index, **chat_message(c, mode), "stop_reason": c.stop_reason,
                              "logprobs": logprob_block_chat(c.logprobs or [], c.token_ids, req.top_logprobs or 0)
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
-    def _stream_chat(starts, req, rid, created, t0):
+    def chat_message(c, mode) -> dict[str, Any]:
+        """A finished choice's message and finish_reason: its text, or under tool calling the calls parsed from it
+        (finish_reason "tool_calls" where "auto" or "required" made calls; a named function's call keeps the
+        engine's reason, as OpenAI's forced calls)."""
+        if mode == "none":
+            return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+        if mode == "auto":
+            content, calls = parse_tool_calls(c.text, tool_parser)
+        else:
+            calls = parse_forced(c.text, mode)
+            content = "" if calls else c.text
+        reason = "tool_calls" if calls and not isinstance(mode, dict) else c.finish_reason
+        return {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": reason}
+
+    def _stream_chat(starts, req, rid, created, t0, mode="none"):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         prelude = [dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]) for i in range(req.n)]
+        splitters: dict[int, StreamSplitter] = {}
+
         def choice(item, c, idx, delta, ids, first):
-            out = {"index": idx, "delta": {"content": delta} if delta else {}, "finish_reason": c.finish_reason}
+            split = splitters.setdefault(idx, StreamSplitter(mode, tool_parser))
+            text = split.feed(delta)
+            out = {"index": idx, "delta": {"content": text} if text else {}, "finish_reason": c.finish_reason}
+            if c.finish_reason is not None and mode != "none":
+                rest, calls = split.finish()
+                if rest:
+                    out["delta"]["content"] = text + rest
+                if calls:
+                    out["delta"]["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
+                    if not isinstance(mode, dict):
+                        out["finish_reason"] = "tool_calls"
             if req.logprobs:
                 done = len(c.token_ids) - len(ids)
                 out["logprobs"] = logprob_block_chat((c.logprobs or [])[done:done + len(ids)], ids,

@@ -6,6 +6,7 @@ SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish for 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 
@@ -45,6 +46,13 @@ def add_parser(sub) -> None:
                    help="the KV cache's dtype (fp8: twice the tokens in the same memory)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over this many GPUs of the host (one process each)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto": the model\'s outputs parsed for tool calls (--tool-call-parser)')
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="how tool calls are written in the model's outputs (hermes: <tool_call> tags, Qwen / Hermes; "
+                        "llama3_json: JSON objects, Llama 3.1+)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
 
@@ -62,6 +70,12 @@ def serve(args) -> int:
         raise SystemExit("--lora-modules needs --enable-lora")
     if args.allow_runtime_lora_updating and not args.enable_lora:
         raise SystemExit("--allow-runtime-lora-updating needs --enable-lora")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    chat_template = args.chat_template
+    if chat_template is not None and os.path.isfile(chat_template):
+        with open(chat_template) as f:
+            chat_template = f.read()
     engine = LLMEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
@@ -76,7 +90,9 @@ def serve(args) -> int:
     for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)
         engine.add_lora(m)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    app = create_app(async_engine, name, lora_modules=loras, allow_lora_updates=args.allow_runtime_lora_updating)
+    app = create_app(async_engine, name, lora_modules=loras, allow_lora_updates=args.allow_runtime_lora_updating,
+                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                     chat_template=chat_template)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)

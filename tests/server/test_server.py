@@ -179,7 +179,7 @@ def test_error_paths_keep_serving(server, client):
                        ("/v1/completions", {"prompt": "x", "suffix": "y"}),
                        ("/v1/completions", {"prompt": "x", "best_of": 3}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                 "tools": [{"type": "function", "function": {"name": "f"}}]})):
+                                                 "functions": [{"name": "f"}]})):  # (tools: test_tool_calling)
         r = httpx.post(server + url, json={"model": MODEL, "max_tokens": 2, **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == next(k for k in extra if k not in ("prompt", "messages")), r.text
@@ -566,3 +566,121 @@ def test_tensor_parallel_server(server):
     for pid in kids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                                           "required": ["city"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {}, "additionalProperties": False}}}]
+
+
+def _sse_chat(text):
+    """(content, tool calls accumulated as OpenAI's clients do, finish reasons) of a chat stream's chunks."""
+    content, calls, reasons = "", {}, []
+    for c in text.split("\n\n"):
+        if not c.startswith("data: {"):
+            continue
+        for ch in json.loads(c[6:])["choices"]:
+            d = ch["delta"]
+            content += d.get("content") or ""
+            for tc in d.get("tool_calls") or []:
+                slot = calls.setdefault(tc["index"], {"id": "", "name": "", "arguments": ""})
+                slot["id"] += tc.get("id") or ""
+                slot["name"] += (tc.get("function") or {}).get("name") or ""
+                slot["arguments"] += (tc.get("function") or {}).get("arguments") or ""
+            if ch.get("finish_reason"):
+                reasons.append(ch["finish_reason"])
+    return content, [calls[i] for i in sorted(calls)], reasons
+
+
+def test_tool_calling(tmp_path):
+    """vLLM's tool calling: tools reach the chat template (--chat-template), and so do an assistant's earlier
+    calls and a tool's answer; tool_choice "auto" under --tool-call-parser hermes gives message.tool_calls (an
+    output forced into a call by guided_regex, streamed or not: the stream holds the call back and sends it whole),
+    "required" and a named function generate guided JSON calls; bad tools / tool_choice / messages are 400s naming
+    the field, and the server goes on."""
+    pytest.importorskip("xgrammar")
+    template = os.path.join(os.path.dirname(__file__), "tool_template.jinja")
+    proc, url = start_server("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--chat-template", template)
+    try:
+        msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+        tok = httpx.post(url + "/tokenize", json={"messages": msgs, "tools": TOOLS}).json()
+        plain = httpx.post(url + "/tokenize", json={"messages": msgs}).json()
+        text = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+        assert tok["count"] > plain["count"] and 'get_weather: {"type": "object"' in text, text
+        turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+        tok = httpx.post(url + "/tokenize", json={"messages": turn, "tools": TOOLS}).json()
+        text = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+        assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text, text
+        assert "<|tool|>\nsunny, 21 C" in text, text
+
+        forced = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+        body = {"model": MODEL, "messages": msgs, "tools": TOOLS, "tool_choice": "auto", "max_tokens": 60,
+                "temperature": 0, "guided_regex": "Checking\\. " + re.escape(forced)}
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] == "Checking. ", ch
+        (call,) = ch["message"]["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Rome"} and call["id"].startswith("chatcmpl-tool")
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text)
+        assert content == "Checking. " and reasons == ["tool_calls"], (content, reasons)
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
+        # without a call in the output: plain content, the engine's finish reason
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "guided_regex": "No tool <needed>\\."}).json()
+        assert r["choices"][0]["message"] == {"role": "assistant", "content": "No tool <needed>.", "tool_calls": []}
+        assert r["choices"][0]["finish_reason"] == "stop"
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={
+            **body, "guided_regex": "No tool <needed>\\.", "stream": True}).text)
+        assert (content, calls, reasons) == ("No tool <needed>.", [], ["stop"])
+
+        named = {"model": MODEL, "messages": msgs, "tools": TOOLS, "max_tokens": 40, "temperature": 0.8, "seed": 1,
+                 "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+        ch = httpx.post(url + "/v1/chat/completions", json=named).json()["choices"][0]
+        (call,) = ch["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and ch["message"]["content"] == ""
+        assert json.loads(call["function"]["arguments"]) in ({"city": "Paris"}, {"city": "Rome"}), call
+        assert ch["finish_reason"] == "stop"
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**named, "stream": True}).text)
+        assert content == "" and len(calls) == 1 and json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
+        ch = httpx.post(url + "/v1/chat/completions", json={**named, "tool_choice": "required",
+                                                             "max_tokens": 200}).json()["choices"][0]
+        calls = ch["message"]["tool_calls"]
+        assert ch["finish_reason"] == "tool_calls" and calls, ch
+        for c in calls:
+            args = json.loads(c["function"]["arguments"])
+            assert (c["function"]["name"], args) in (("get_weather", {"city": "Paris"}),
+                                                     ("get_weather", {"city": "Rome"}), ("get_time", {})), c
+
+        for extra, param in (({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),
+                             ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                             ({"tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
+                             ({"tool_choice": "required", "tools": None}, "tool_choice"),
+                             ({"functions": [{"name": "f"}]}, "functions"),
+                             ({"messages": [{"role": "assistant", "tool_calls": [
+                                 {"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages")):
+            r = httpx.post(url + "/v1/chat/completions", json={**named, **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        assert httpx.post(url + "/v1/chat/completions", json=named).status_code == 200
+    finally:
+        assert stop(proc) == 0
+
+
+def test_auto_tool_choice_needs_the_parser(server):
+    """Without --enable-auto-tool-choice: tools with tool_choice "auto" (or none given, OpenAI's default then) are a
+    400 naming tool_choice, as vLLM's; "none" answers in text; "auto" without tools is taken."""
+    msgs = [{"role": "user", "content": "hi"}]
+    for extra in ({"tool_choice": "auto"}, {}):
+        r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "tools": TOOLS,
+                                                              "max_tokens": 4, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
+    for extra in ({"tools": TOOLS, "tool_choice": "none"}, {"tool_choice": "auto"}):
+        r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 4,
+                                                              **extra})
+        assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"], r.text

@@ -1,0 +1,283 @@
+"""Tool calling for the chat endpoint, as vLLM's OpenAI server does it.
+
+- ``tools`` (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]) go to the chat
+  template (transformers' ``apply_chat_template(tools=...)``), and assistant messages' ``tool_calls`` / tool
+  messages' ``tool_call_id`` back to it on the next turn.
+- ``tool_choice``: "none" (text only), "auto" (the model decides; its output is parsed for calls by the server's
+  ``--tool-call-parser``, which ``--enable-auto-tool-choice`` turns on), "required" (guided decoding to a JSON
+  array of {"name", "parameters"} of the given tools, at least one) or {"type": "function", "function": {"name"}}
+  (guided decoding to that function's parameters schema).
+- Parsers: ``hermes`` (Hermes 2 Pro / Qwen 2.5 / Qwen 3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
+  text before the first call as content) and ``llama3_json`` (Llama 3.1+ / 3.2: an output that is JSON objects
+  ``{"name": ..., "parameters": {...}}``, separated by ";", after an optional ``<|python_tag|>``).
+
+Streams hold back what may be the start of a call (a prefix of ``<tool_call>``, or a ``llama3_json`` output that
+opens with "{") and send the parsed calls in the last chunk, each whole in one delta (OpenAI's clients accumulate
+deltas, so a whole call is a valid one). An output that does not parse is content, as vLLM's.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from ..engine.guided import GuidedDecodingParams
+
+PARSERS = ("hermes", "llama3_json")
+
+
+class ToolError(ValueError):
+    """A bad tools / tool_choice / messages field: the server answers 400 naming ``param``."""
+
+    def __init__(self, msg: str, param: str):
+        super().__init__(msg)
+        self.param = param
+
+
+def check_tools(tools) -> list[dict[str, Any]]:
+    """The request's tools as OpenAI function tools ({"type": "function", "function": {...}}), each with a name
+    and a parameters schema (an empty object schema when left out); ToolError (param "tools") otherwise."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise ToolError(f"tools must be a list of function tools, got {type(tools).__name__}", "tools")
+    out, names = [], set()
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}, got {t!r:.80}", "tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolError(f"tools[{i}].function.name must be a non-empty string, got {name!r}", "tools")
+        if name in names:
+            raise ToolError(f"tools[{i}]: the function name {name!r} is given twice", "tools")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object, got {params!r:.80}",
+                            "tools")
+        names.add(name)
+        out.append({"type": "function", "function": dict(fn, parameters=params)})
+    return out
+
+
+def tool_mode(tool_choice, tools: list[dict], parser: str | None) -> str | dict:
+    """"none", "auto", "required" or the named function's tool dict; ToolError (param "tool_choice") for a choice
+    this request or server cannot honour. With tools and no tool_choice, "auto" (OpenAI's default)."""
+    if tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if tool_choice == "none":
+        return "none"
+    if tool_choice == "auto":
+        if not tools:
+            return "none"
+        if parser is None:
+            raise ToolError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '
+                            'on this server (pagoda)', "tool_choice")
+        return "auto"
+    if not tools:
+        raise ToolError(f"tool_choice {tool_choice!r} needs tools", "tool_choice")
+    if tool_choice == "required":
+        return "required"
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function" or \
+            not isinstance(name, str):
+        raise ToolError(f"tool_choice must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                        f"{{'name': ...}}}}, got {tool_choice!r:.80}", "tool_choice")
+    for t in tools:
+        if t["function"]["name"] == name:
+            return t
+    raise ToolError(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
+
+
+def guided_for(mode, tools: list[dict]) -> GuidedDecodingParams | None:
+    """The guided decoding that "required" and a named tool_choice generate under (vLLM's schemas), as compact
+    JSON (no whitespace between tokens: a model cannot spend its max_tokens on whitespace and leave the call cut)."""
+    if mode == "required":
+        items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                                   "parameters": t["function"]["parameters"]},
+                  "required": ["name", "parameters"]} for t in tools]
+        return GuidedDecodingParams(json={"type": "array", "minItems": 1, "items": {"anyOf": items}},
+                                    disable_any_whitespace=True, source="tool_choice")
+    if isinstance(mode, dict):
+        return GuidedDecodingParams(json=mode["function"]["parameters"], disable_any_whitespace=True,
+                                    source="tool_choice")
+    return None
+
+
+def template_messages(messages) -> list[dict[str, Any]]:
+    """Chat messages as chat templates take them: an assistant's tool_calls with their arguments as objects (the
+    API carries them as JSON text; templates render them with tojson), a tool message's tool_call_id and name."""
+    from ..engine.llm import chat_text
+
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": m.role, "content": chat_text(m.content)}
+        if m.tool_calls:
+            calls = []
+            for j, c in enumerate(m.tool_calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ToolError(f"messages[{i}].tool_calls[{j}] must hold a function with a name, got {c!r:.80}",
+                                    "messages")
+                args = fn.get("arguments", "{}")
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except ValueError:
+                        raise ToolError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {args!r:.80}",
+                                        "messages") from None
+                calls.append({"id": c.get("id"), "type": "function",
+                              "function": {"name": fn["name"], "arguments": args}})
+            msg["tool_calls"] = calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def _call(name: str, arguments) -> dict[str, Any]:
+    """An OpenAI tool call (arguments as JSON text)."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _objects(text: str, sep: str = "") -> list | None:
+    """The JSON values that text is made of (whitespace and sep between them), or None if it is anything else."""
+    dec, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and (text[pos].isspace() or (sep and text[pos] == sep and out)):
+            pos += 1
+        if pos == len(text):
+            return out
+        try:
+            value, pos = dec.raw_decode(text, pos)
+        except ValueError:
+            return None
+        out.append(value)
+
+
+def _named(obj, args_keys=("arguments", "parameters")):
+    """(name, arguments) of a {"name": ..., "arguments" / "parameters": {...}} object, or None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    for k in args_keys:
+        if k in obj:
+            return obj["name"], obj[k]
+    return obj["name"], {}
+
+
+def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a model's output under a --tool-call-parser; no calls (and the whole text as
+    content) where the output does not parse."""
+    if parser == "hermes":
+        start = text.find("<tool_call>")
+        if start < 0:
+            return text, []
+        calls, pos = [], start
+        while pos >= 0:
+            end = text.find("</tool_call>", pos)
+            body = text[pos + len("<tool_call>"):end if end >= 0 else len(text)]
+            objs = _objects(body)
+            named = [_named(o) for o in objs or ()]
+            if not objs or None in named:
+                return text, []
+            calls += [_call(*n) for n in named]
+            if end < 0:  # (an unclosed last call: the output ended in it)
+                break
+            rest = text[end + len("</tool_call>"):]
+            nxt = rest.find("<tool_call>")
+            if nxt < 0:
+                if rest.strip():  # (text after the calls: not a tool-call output)
+                    return text, []
+                break
+            if rest[:nxt].strip():
+                return text, []
+            pos = end + len("</tool_call>") + nxt
+        content = text[:start]
+        return (content if content.strip() else None), calls
+    if parser == "llama3_json":
+        body = text.strip()
+        if body.startswith("<|python_tag|>"):
+            body = body[len("<|python_tag|>"):]
+        if not body.lstrip().startswith("{"):
+            return text, []
+        objs = _objects(body, sep=";")
+        named = [_named(o, ("parameters", "arguments")) for o in objs or ()]
+        if not objs or None in named:
+            return text, []
+        return None, [_call(*n) for n in named]
+    raise ValueError(f"unknown tool-call parser {parser!r}; one of {PARSERS}")
+
+
+def parse_forced(text: str, mode) -> list[dict[str, Any]]:
+    """The calls of an output generated under "required" or a named tool_choice (guided JSON; an output cut short
+    by max_tokens may not parse: no calls then)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    if isinstance(mode, dict):
+        return [_call(mode["function"]["name"], value)]
+    named = [_named(o, ("parameters",)) for o in value] if isinstance(value, list) else [None]
+    return [] if None in named else [_call(*n) for n in named]
+
+
+class StreamSplitter:
+    """One streamed choice's text under tool calling: feed() returns the content that can go out now, holding
+    back what may be a call; finish() the held-back content (when it was no call) and the calls."""
+
+    def __init__(self, mode, parser: str | None):
+        self.mode, self.parser = mode, parser
+        self.text = ""  # everything generated
+        self.sent = 0  # characters of text sent as content
+
+    def _held_from(self) -> int:
+        """Where the text that must wait begins (len(text): nothing waits)."""
+        t = self.text
+        if self.mode != "auto":
+            return 0 if self.mode in ("required",) or isinstance(self.mode, dict) else len(t)
+        if self.parser == "hermes":
+            start = t.find("<tool_call>")
+            if start >= 0:
+                return start
+            for k in range(min(len(t), len("<tool_call>") - 1), 0, -1):  # (a tail that may begin the tag)
+                if "<tool_call>".startswith(t[-k:]):
+                    return len(t) - k
+            return len(t)
+        # llama3_json: an output whose first non-blank text is "{" or the python tag waits whole
+        head = t.lstrip()
+        if not head or "<|python_tag|>".startswith(head[:len("<|python_tag|>")]) or head.startswith("{") or \
+                head.startswith("<|python_tag|>"):
+            return 0
+        return len(t)
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.mode == "none":
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        cut = max(self._held_from(), self.sent)
+        out, self.sent = self.text[self.sent:cut], cut
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """(content not yet sent, calls) once the choice has finished."""
+        if self.mode == "none":
+            return "", []
+        if self.mode == "auto":
+            content, calls = parse_tool_calls(self.text, self.parser)
+        else:
+            content, calls = None, parse_forced(self.text, self.mode)
+            if not calls:
+                content = self.text
+        if not calls:
+            rest, self.sent = self.text[self.sent:], len(self.text)
+            return rest, []
+        content = content or ""
+        rest = content[self.sent:] if len(content) > self.sent else ""
+        self.sent = len(self.text)
+        return rest, calls

@@ -1,0 +1,127 @@
+"""Tool calling's parts without a server (pagoda/server/tools.py): tools and tool_choice checks, the guided
+schemas of "required" / a named function, the hermes and llama3_json parsers, and a stream's holding back."""
+import json
+
+import pytest
+
+from pagoda.server.tools import (StreamSplitter, ToolError, check_tools, guided_for, parse_forced, parse_tool_calls,
+                                 template_messages, tool_mode)
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # (no parameters: an empty object schema)
+
+
+def _calls(calls):
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def test_tools_and_tool_choice():
+    tools = check_tools([WEATHER, TIME])
+    assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert tool_mode(None, tools, "hermes") == "auto" and tool_mode(None, [], None) == "none"
+    assert tool_mode("auto", [], None) == "none"  # (clients send "auto" without tools)
+    assert tool_mode("none", tools, None) == "none" and tool_mode("required", tools, None) == "required"
+    assert tool_mode({"type": "function", "function": {"name": "get_time"}}, tools, None) is tools[1]
+    for bad_tools in ("x", [{"type": "retrieval"}], [{"function": {"name": ""}}], [WEATHER, WEATHER],
+                      [{"function": {"name": "f", "parameters": []}}]):
+        with pytest.raises(ToolError) as e:
+            check_tools(bad_tools)
+        assert e.value.param == "tools"
+    for choice, tl, parser in (("auto", tools, None), (None, tools, None), ("required", [], None),
+                               ({"type": "function", "function": {"name": "nope"}}, tools, None),
+                               ({"type": "function"}, tools, None), ("sometimes", tools, "hermes")):
+        with pytest.raises(ToolError) as e:
+            tool_mode(choice, tl, parser)
+        assert e.value.param == "tool_choice", choice
+
+
+def test_guided_schemas():
+    tools = check_tools([WEATHER, TIME])
+    assert guided_for("none", tools) is None and guided_for("auto", tools) is None
+    req = guided_for("required", tools)
+    assert req.disable_any_whitespace and req.json["minItems"] == 1
+    names = [i["properties"]["name"]["enum"] for i in req.json["items"]["anyOf"]]
+    assert names == [["get_weather"], ["get_time"]]
+    assert guided_for(tools[0], tools).json == WEATHER["function"]["parameters"]
+    assert _calls(parse_forced('[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"get_time",'
+                               '"parameters":{}}]', "required")) == [("get_weather", {"city": "Oslo"}),
+                                                                      ("get_time", {})]
+    assert _calls(parse_forced('{"city":"Rome"}', tools[0])) == [("get_weather", {"city": "Rome"})]
+    assert parse_forced('[{"name":"get_weather","param', "required") == []  # (cut by max_tokens)
+
+
+def test_hermes_parser():
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n' \
+           '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    content, calls = parse_tool_calls(text, "hermes")
+    assert content == "Let me check.\n" and _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert calls[0]["type"] == "function" and calls[0]["id"] != calls[1]["id"]
+    content, calls = parse_tool_calls('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "hermes")
+    assert content is None and len(calls) == 1
+    # an unclosed last call (the output ended in it) still parses; text that is no call stays content
+    assert len(parse_tool_calls('<tool_call>{"name": "get_time", "arguments": {}}', "hermes")[1]) == 1
+    for text in ("no calls here", '<tool_call>{"name": "get_time", "argum', "<tool_call>[1, 2]</tool_call>",
+                 '<tool_call>{"name": "get_time"}</tool_call> and then prose'):
+        assert parse_tool_calls(text, "hermes") == (text, []), text
+
+
+def test_llama3_json_parser():
+    content, calls = parse_tool_calls('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+                                      '{"name": "get_time", "parameters": {}}', "llama3_json")
+    assert content is None and _calls(calls) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert _calls(parse_tool_calls(' {"name": "get_time", "arguments": {}}', "llama3_json")[1]) == [("get_time", {})]
+    for text in ("Sure: {}", '{"name": "get_weather", "parameters": {"ci', '{"city": "Oslo"}', "[1]"):
+        assert parse_tool_calls(text, "llama3_json") == (text, []), text
+    with pytest.raises(ValueError, match="parser"):
+        parse_tool_calls("x", "mistral")
+
+
+def _stream(mode, parser, pieces):
+    s = StreamSplitter(mode, parser)
+    sent = [s.feed(p) for p in pieces]
+    rest, calls = s.finish()
+    return "".join(sent) + rest, sent, calls
+
+
+def test_stream_splitter():
+    call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    pieces = ["Hi", " there <", "tool", "_call>", call[len("<tool_call>"):]]
+    content, sent, calls = _stream("auto", "hermes", pieces)
+    # the text before the tag goes out as it comes, a tail that may begin the tag waits, the call never goes out
+    assert sent[:2] == ["Hi", " there "] and content == "Hi there " and _calls(calls) == [("get_time", {})]
+    content, sent, calls = _stream("auto", "hermes", ["a <b", "> c <tool", "s>"])
+    assert content == "a <b> c <tools>" and calls == [] and sent[0] == "a <b"
+    content, sent, calls = _stream("auto", "hermes", ["<tool_call>{\"name\": 1}", "</tool_call>"])
+    assert content == '<tool_call>{"name": 1}</tool_call>' and calls == [] and sent == ["", ""]
+    # llama3_json: an output opening with "{" (or the python tag) waits whole; prose streams
+    content, sent, calls = _stream("auto", "llama3_json", [" {\"name\": \"get_time\",", " \"parameters\": {}}"])
+    assert sent == ["", ""] and content == "" and _calls(calls) == [("get_time", {})]
+    content, sent, calls = _stream("auto", "llama3_json", ["The", " answer"])
+    assert sent == ["The", " answer"] and calls == []
+    content, sent, calls = _stream("none", None, ["<tool_call>", "x"])
+    assert sent == ["<tool_call>", "x"] and calls == []
+    content, sent, calls = _stream("required", None, ['[{"name":"get_time",', '"parameters":{}}]'])
+    assert sent == ["", ""] and content == "" and _calls(calls) == [("get_time", {})]
+    content, sent, calls = _stream("required", None, ['[{"name":"get_t'])  # (cut short: sent as content at the end)
+    assert content == '[{"name":"get_t' and calls == []
+
+
+def test_template_messages():
+    class M:
+        def __init__(self, role, content=None, tool_calls=None, tool_call_id=None, name=None):
+            self.role, self.content, self.tool_calls = role, content, tool_calls
+            self.tool_call_id, self.name = tool_call_id, name
+
+    msgs = template_messages([
+        M("user", "weather?"),
+        M("assistant", None, [{"id": "c1", "type": "function",
+                               "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]),
+        M("tool", "sunny", tool_call_id="c1", name="get_weather")])
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"} and msgs[1]["content"] == ""
+    assert msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "get_weather"}
+    for bad in ([{"function": {"name": "f", "arguments": "{oops"}}], [{"type": "function"}]):
+        with pytest.raises(ToolError) as e:
+            template_messages([M("assistant", None, bad)])
+        assert e.value.param == "messages"
