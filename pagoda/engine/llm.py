@@ -727,11 +727,16 @@ class LLM:
         return [done[r] for r in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"}) or a list of them."""
+             add_generation_prompt: bool = True, lora_request: LoRARequest | None = None,
+             chat_template: str | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"}) or a list of them; chat_template: a Jinja
+        template used instead of the tokenizer's; tools: OpenAI-style function tools, handed to the template (as
+        vLLM's LLM.chat: the outputs are text, which the server's tool-call parsers read)."""
         tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
             raise ValueError("this model's tokenizer has no chat template")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"tools must be a list of tool dicts, got {tools!r:.80}")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts (or a list of such "
                              f"lists), got {messages!r:.80}")
@@ -749,7 +754,7 @@ class LLM:
                     raise ValueError(f"message {j} of conversation {i} must be a dict with a string 'role' and a "
                                      f"string (or text parts) 'content', got {m!r:.80}") from None
             convs[i] = msgs
-        prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=add_generation_prompt)
-                   for c in convs]
+        prompts = [tok.apply_chat_template(c, tools=tools or None, chat_template=chat_template, tokenize=True,
+                                           add_generation_prompt=add_generation_prompt) for c in convs]
         prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)

@@ -60,6 +60,25 @@ def test_chat_uses_the_template(llm):
     assert "def " in out.outputs[0].text
 
 
+def test_chat_with_a_template_and_tools(llm):
+    """chat(chat_template=, tools=) as vLLM's LLM.chat: the given template renders the conversation and the tools
+    (the server's tool-call test template), and the answer is the one generate() gives for that prompt."""
+    import os
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "server", "tool_template.jinja")) as f:
+        template = f.read()
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    sp = pagoda.SamplingParams(max_tokens=8, temperature=0)
+    msgs = [{"role": "user", "content": "time?"}]
+    out = llm.chat(msgs, sp, use_tqdm=False, chat_template=template, tools=tools)[0]
+    text = llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert 'get_time: {"type": "object"}' in text and text.endswith("<|assistant|>\n"), text
+    assert out.outputs[0].token_ids == llm.generate([out.prompt_token_ids], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert "get_time" not in llm.get_tokenizer().decode(llm.chat(msgs, sp, use_tqdm=False)[0].prompt_token_ids)
+    with pytest.raises(ValueError, match="tools"):
+        llm.chat(msgs, sp, use_tqdm=False, tools="get_time")
+
+
 def test_chat_messages_are_checked_and_text_parts_taken(llm):
     """chat() names what is wrong with its messages (ValueError), and takes OpenAI-style text parts as the server
     does: the same prompt as the plain string."""
