@@ -116,6 +116,7 @@ class ChatRequest(_Common):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True  # (False: one call at most; the first where a model makes more)
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
 
@@ -648,7 +649,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",
                            param="prompt_logprobs")
-        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs, guided_for(mode, tools))
+        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs, guided_for(mode, tools, req.parallel_tool_calls))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.monotonic()
@@ -665,12 +666,13 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         metrics.requests.labels(status="200").inc()
         extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_field(final)}
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, **extra,
-                "choices": [{"index": c.index, **chat_message(c, mode), "stop_reason": c.stop_reason,
+                "choices": [{"index": c.index, **chat_message(c, mode, req.parallel_tool_calls),
+                             "stop_reason": c.stop_reason,
                              "logprobs": logprob_block_chat(c.logprobs or [], c.token_ids, req.top_logprobs or 0)
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
-    def chat_message(c, mode) -> dict[str, Any]:
+    def chat_message(c, mode, req_parallel: bool = True) -> dict[str, Any]:
         """A finished choice's message and finish_reason: its text, or under tool calling the calls parsed from it
         (finish_reason "tool_calls" where "auto" or "required" made calls; a named function's call keeps the
         engine's reason, as OpenAI's forced calls)."""
@@ -681,6 +683,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         else:
             calls = parse_forced(c.text, mode)
             content = "" if calls else c.text
+        calls = calls if req_parallel else calls[:1]
         reason = "tool_calls" if calls and not isinstance(mode, dict) else c.finish_reason
         return {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": reason}
 
@@ -698,6 +701,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                 rest, calls = split.finish()
                 if rest:
                     out["delta"]["content"] = text + rest
+                calls = calls if req.parallel_tool_calls else calls[:1]
                 if calls:
                     out["delta"]["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
                     if not isinstance(mode, dict):

@@ -89,14 +89,18 @@ def tool_mode(tool_choice, tools: list[dict], parser: str | None) -> str | dict:
     raise ToolError(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
 
 
-def guided_for(mode, tools: list[dict]) -> GuidedDecodingParams | None:
+def guided_for(mode, tools: list[dict], parallel: bool = True) -> GuidedDecodingParams | None:
     """The guided decoding that "required" and a named tool_choice generate under (vLLM's schemas), as compact
-    JSON (no whitespace between tokens: a model cannot spend its max_tokens on whitespace and leave the call cut)."""
+    JSON (no whitespace between tokens: a model cannot spend its max_tokens on whitespace and leave the call cut);
+    parallel False (OpenAI's parallel_tool_calls): one call at most."""
     if mode == "required":
         items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
                                                    "parameters": t["function"]["parameters"]},
                   "required": ["name", "parameters"]} for t in tools]
-        return GuidedDecodingParams(json={"type": "array", "minItems": 1, "items": {"anyOf": items}},
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        if not parallel:
+            array["maxItems"] = 1
+        return GuidedDecodingParams(json=array,
                                     disable_any_whitespace=True, source="tool_choice")
     if isinstance(mode, dict):
         return GuidedDecodingParams(json=mode["function"]["parameters"], disable_any_whitespace=True,

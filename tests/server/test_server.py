@@ -631,6 +631,16 @@ def test_tool_calling(tmp_path):
         content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text)
         assert content == "Checking. " and reasons == ["tool_calls"], (content, reasons)
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
+        # two calls; parallel_tool_calls False keeps the first, as vLLM's
+        two = "<tool_call>" + json.dumps({"name": "get_time", "arguments": {}}) + "</tool_call>" + forced
+        for parallel, want in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
+            for stream in (False, True):
+                r = httpx.post(url + "/v1/chat/completions", json={
+                    **body, "guided_regex": re.escape(two), "max_tokens": 200, "parallel_tool_calls": parallel,
+                    "stream": stream})
+                calls = (_sse_chat(r.text)[1] if stream else
+                         [c["function"] for c in r.json()["choices"][0]["message"]["tool_calls"]])
+                assert [c["name"] for c in calls] == want, (parallel, stream, r.text)
         # without a call in the output: plain content, the engine's finish reason
         r = httpx.post(url + "/v1/chat/completions", json={**body, "guided_regex": "No tool <needed>\\."}).json()
         assert r["choices"][0]["message"] == {"role": "assistant", "content": "No tool <needed>.", "tool_calls": []}

@@ -44,6 +44,7 @@ def test_guided_schemas():
     assert req.disable_any_whitespace and req.json["minItems"] == 1
     names = [i["properties"]["name"]["enum"] for i in req.json["items"]["anyOf"]]
     assert names == [["get_weather"], ["get_time"]]
+    assert "maxItems" not in req.json and guided_for("required", tools, parallel=False).json["maxItems"] == 1
     assert guided_for(tools[0], tools).json == WEATHER["function"]["parameters"]
     assert _calls(parse_forced('[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"get_time",'
                                '"parameters":{}}]', "required")) == [("get_weather", {"city": "Oslo"}),
