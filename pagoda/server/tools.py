@@ -242,8 +242,8 @@ class StreamSplitter:
     def _held_from(self) -> int:
         """Where the text that must wait begins (len(text): nothing waits)."""
         t = self.text
-        if self.mode != "auto":
-            return 0 if self.mode in ("required",) or isinstance(self.mode, dict) else len(t)
+        if self.mode != "auto":  # ("required" / a named function: the whole output is the calls; "none": feed())
+            return 0
         if self.parser == "hermes":
             start = t.find("<tool_call>")
             if start >= 0:
