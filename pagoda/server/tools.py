@@ -8,8 +8,10 @@
   array of {"name", "parameters"} of the given tools, at least one) or {"type": "function", "function": {"name"}}
   (guided decoding to that function's parameters schema).
 - Parsers: ``hermes`` (Hermes 2 Pro / Qwen 2.5 / Qwen 3: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
-  text before the first call as content) and ``llama3_json`` (Llama 3.1+ / 3.2: an output that is JSON objects
-  ``{"name": ..., "parameters": {...}}``, separated by ";", after an optional ``<|python_tag|>``).
+  text before the first call as content), ``llama3_json`` (Llama 3.1+ / 3.2: an output that is JSON objects
+  ``{"name": ..., "parameters": {...}}``, separated by ";", after an optional ``<|python_tag|>``) and ``pythonic``
+  (Llama 3.2 / 4's and others' prompted format: an output that is a Python list of calls with literal keyword
+  arguments, ``[get_weather(city="Paris"), get_time()]``).
 
 Streams hold back what may be the start of a call (a prefix of ``<tool_call>``, or a ``llama3_json`` output that
 opens with "{") and send the parsed calls in the last chunk, each whole in one delta (OpenAI's clients accumulate
@@ -23,7 +25,7 @@ from typing import Any
 
 from ..engine.guided import GuidedDecodingParams
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "pythonic")
 
 
 class ToolError(ValueError):
@@ -214,7 +216,34 @@ def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict[str,
         if not objs or None in named:
             return text, []
         return None, [_call(*n) for n in named]
+    if parser == "pythonic":
+        calls = _pythonic(text)
+        return (text, []) if calls is None else (None, calls)
     raise ValueError(f"unknown tool-call parser {parser!r}; one of {PARSERS}")
+
+
+def _pythonic(text: str) -> list[dict[str, Any]] | None:
+    """The calls of a Python list of calls with literal keyword arguments, or None (anything else)."""
+    import ast
+
+    body = text.strip()
+    if body.startswith("<|python_start|>"):  # (Llama 4's)
+        body = body[len("<|python_start|>"):].removesuffix("<|python_end|>").strip()
+    if not body.startswith("["):
+        return None
+    try:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args or \
+                    any(k.arg is None for k in node.keywords):
+                return None
+            calls.append(_call(node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}))
+        return calls
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
 
 
 def parse_forced(text: str, mode) -> list[dict[str, Any]]:
@@ -252,8 +281,11 @@ class StreamSplitter:
                 if "<tool_call>".startswith(t[-k:]):
                     return len(t) - k
             return len(t)
-        # llama3_json: an output whose first non-blank text is "{" or the python tag waits whole
         head = t.lstrip()
+        if self.parser == "pythonic":  # (an output opening with "[" or Llama 4's python tag waits whole)
+            tag = "<|python_start|>"
+            return 0 if not head or head.startswith("[") or head.startswith(tag) or tag.startswith(head) else len(t)
+        # llama3_json: an output whose first non-blank text is "{" or the python tag waits whole
         if not head or "<|python_tag|>".startswith(head[:len("<|python_tag|>")]) or head.startswith("{") or \
                 head.startswith("<|python_tag|>"):
             return 0

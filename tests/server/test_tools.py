@@ -79,6 +79,20 @@ def test_llama3_json_parser():
         parse_tool_calls("x", "mistral")
 
 
+def test_pythonic_parser():
+    content, calls = parse_tool_calls('[get_weather(city="Oslo", days=[1, 2]), get_time()]', "pythonic")
+    assert content is None and _calls(calls) == [("get_weather", {"city": "Oslo", "days": [1, 2]}), ("get_time", {})]
+    assert _calls(parse_tool_calls('<|python_start|>[get_time(tz="UTC")]<|python_end|>', "pythonic")[1]) == \
+        [("get_time", {"tz": "UTC"})]
+    for text in ("[1, 2]", "get_time()", "[get_time(1)]", "[os.system('x')]", "[f(a=g())]", "[]", "[f(**kw)]",
+                 "[f(a=1)", "Sure, [f()] works"):
+        assert parse_tool_calls(text, "pythonic") == (text, []), text
+    content, sent, calls = _stream("auto", "pythonic", [" [get_time(", ")]"])
+    assert sent == ["", ""] and _calls(calls) == [("get_time", {})]
+    content, sent, calls = _stream("auto", "pythonic", ["Hello", " [x]"])
+    assert sent == ["Hello", " [x]"] and calls == []
+
+
 def _stream(mode, parser, pieces):
     s = StreamSplitter(mode, parser)
     sent = [s.feed(p) for p in pieces]
