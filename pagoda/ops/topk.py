@@ -1,11 +1,11 @@
 """Top-k selection (FlashInfer's ``top_k`` and its sparse-attention transforms, by their names and arguments).
 
-A Triton kernel does the selection: a radix select, one program per row (kernels/topk.py), which returns a row's
-top k in position order (FlashInfer's unsorted order is unspecified; ``sorted=True`` sorts them by value), the first
-positions among values equal to the k-th largest. The transforms always run it on a GPU (and under Triton's
-interpreter); ``top_k`` runs it where its rows are few and short enough (TOPK_KERNEL_MAX_VALUES) and
-``torch.topk`` otherwise: one program streaming a whole row is slower than torch.topk's (and FlashInfer's) kernels
-for long rows and few of them. Off the GPU, PyTorch. The transforms are the
+Triton kernels do the selection by radix select (kernels/topk.py): one program a row (topk_kernel, its passes
+compacting the values left into a scratch row), or, where rows are few, each row split over several programs (the
+split kernels: a launch a digit). Both return a row's top k in position order (FlashInfer's unsorted order is
+unspecified; ``sorted=True`` sorts them by value), the first positions among values equal to the k-th largest. The
+transforms always run them on a GPU (and under Triton's interpreter); ``top_k`` runs them where they measured at
+least torch.topk's speed (_kernel_pays) and ``torch.topk`` otherwise. Off the GPU, PyTorch. The transforms are the
 selection step of a sparse decode (DeepSeek's sparse attention: an indexer scores each request's KV tokens, the
 top k go to attention): ``top_k_page_table_transform`` maps the chosen positions through a page table of page size
 1, ``top_k_ragged_transform`` offsets them into a ragged KV. A row whose length is at most k keeps all its positions
@@ -21,21 +21,27 @@ from ._dispatch import sm_count, use_triton
 from .kernels.topk import split_count_kernel, split_hist_kernel, split_write_kernel, topk_kernel
 
 
-# the most values of a row that one program of the kernel streams where it measured at least torch.topk's speed (H200,
-# `python -m pagoda.bench.ops --parts topk`, session 44: one program per row runs ~3.2 ns a value, so a row's time
-# grows with its width and the rows' rounds over the SMs; 256 x 16384 (two rounds) 123 us vs torch.topk 143, 64 x 32768
-# 118 vs 112, 64 x 128256 413 vs 165, 1 x 131072 419 vs 93). The transforms always take the kernel (64 x 32768 130 us
-# against 408 for torch.topk with the masking and gathers around it; 8 x 131072 420 vs 402).
+# top_k: the most values of a row that one program of topk_kernel streams where it measured at least torch.topk's
+# speed on float32 rows (H200, `python scripts/topk_probe.py`, session 45, RADIX 4 with compaction: 256 x 16384 (two
+# rounds over the SMs) 113 us vs torch.topk 144, 64 x 32768 104 vs 111, 64 x 128256 261 vs 163); torch.topk's
+# 16-bit path is faster (64 x 32768 bf16 81 us vs 104), so 16-bit rows take it unless they split. Rows that split
+# (SPLIT_ROWS) always take the kernels (1 x 131072 47.6 us vs torch.topk 92.6, FlashInfer 45.6). The transforms
+# always take them (64 x 32768 97 us against 408 for torch.topk with the masking and gathers around it; 8 x 131072
+# split 67 vs 402).
 TOPK_KERNEL_MAX_VALUES = 32768
 
-# radix_select's digit width (8 or 4 bits) and whether its passes compact the values left into a scratch row
-# (kernels/topk.py)
-RADIX_BITS = 8
+# topk_kernel's radix_select: its digit width (4 or 8 bits) and whether its passes compact the values left into a
+# scratch row (kernels/topk.py). Session 45 (H200, `python scripts/topk_probe.py`; session 44's kernel: 8 bits, no
+# compaction): compaction 0.72-0.87x the time, 4-bit digits 0.91-1.0x that.
+RADIX_BITS = 4
 COMPACT = True
 # rows split over several programs where one program a row would leave most SMs idle (kernels/topk.py's split
-# kernels: one launch a digit, a counting and a writing launch): on while rows * 2 <= the SMs and a row is at least
-# SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values
+# kernels: one launch a digit of SPLIT_RADIX_BITS, a counting and a writing launch): while rows * 4 <= the SMs and
+# a row is at least SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values. Session 45: 1 x 131072
+# 421 -> 47.6 us, 8 x 131072 (transform) 419 -> 67; at 64 rows no gain (64 x 32768 105 -> 107); 4-bit digits there
+# 4-8x slower (twice the launches, each ~6 us: 208 us at 1 x 131072).
 SPLIT_ROWS = True
+SPLIT_RADIX_BITS = 8
 SPLIT_MIN_WIDTH = 8192
 SPLIT_MIN_SLICE = 1024
 
@@ -45,18 +51,19 @@ def _slices(rows: int, width: int, device) -> int:
     if not SPLIT_ROWS or width < SPLIT_MIN_WIDTH:
         return 1
     sms = sm_count(device) if device.type == "cuda" else 8
-    if rows * 2 > sms:
+    if rows * 4 > sms:
         return 1
     return max(1, min(-(-2 * sms // rows), width // SPLIT_MIN_SLICE))
 
 
 def _kernel_pays(input: torch.Tensor) -> bool:
-    """Whether top_k runs the kernel: under Triton's interpreter always (the CPU tests), on a GPU while each program's
-    share, rows over the SMs rounded up times the width, is at most TOPK_KERNEL_MAX_VALUES."""
-    if input.device.type != "cuda":
+    """Whether top_k runs the kernels: under Triton's interpreter always (the CPU tests); on a GPU where its rows
+    split, or for float32 rows while each program's share, rows over the SMs rounded up times the width, is at most
+    TOPK_KERNEL_MAX_VALUES."""
+    if input.device.type != "cuda" or _slices(*input.shape, input.device) > 1:
         return True
     rounds = -(-input.shape[0] // sm_count(input.device))
-    return rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
+    return input.dtype == torch.float32 and rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
 
 
 def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=None, offsets=None, scratch=None,
@@ -89,7 +96,8 @@ def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=
 def _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, slices):
     """The split kernels over x's rows, `slices` programs a row (each a slice of S values; the last may be short)."""
     rows, width = x.shape
-    nd, nb = 32 // RADIX_BITS, 1 << RADIX_BITS
+    radix = SPLIT_RADIX_BITS
+    nd, nb = 32 // radix, 1 << radix
     s = -(-width // slices)
     s = -(-s // 64) * 64  # (slices start 256-byte aligned for float32)
     slices = -(-width // s)
@@ -100,12 +108,12 @@ def _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, sli
     grid = (rows, slices)
     for d in range(nd):
         split_hist_kernel[grid](x, lens, hist, x.stride(0), width, k, s, D=d, HAS_LENS=lens is not None,
-                                RADIX=RADIX_BITS, BLOCK=block, num_warps=warps)
+                                RADIX=radix, BLOCK=block, num_warps=warps)
     split_count_kernel[grid](x, lens, hist, part, x.stride(0), width, k, s, HAS_LENS=lens is not None,
-                             RADIX=RADIX_BITS, BLOCK=block, num_warps=warps)
+                             RADIX=radix, BLOCK=block, num_warps=warps)
     sk = -(-k // slices)  # (a row with n <= k: each program writes sk of its slots)
     split_write_kernel[grid](x, out, vals, lens, table, row_to_batch, offsets, hist, part, x.stride(0), out.stride(0),
-                             0 if table is None else table.stride(0), width, k, s, sk, MODE=mode, RADIX=RADIX_BITS,
+                             0 if table is None else table.stride(0), width, k, s, sk, MODE=mode, RADIX=radix,
                              WBLOCK=min(4096, max(16, triton.next_power_of_2(max(s, sk)))),
                              PBLOCK=max(16, triton.next_power_of_2(slices)), num_warps=warps)
 

@@ -111,6 +111,7 @@ def test_kernel_ties_blocks_and_every_slot(dtype, radix, compact, split, monkeyp
     topk_mod = importlib.import_module("pagoda.ops.topk")  # (pagoda.ops.topk the attribute is top_k's alias)
 
     monkeypatch.setattr(topk_mod, "RADIX_BITS", radix)
+    monkeypatch.setattr(topk_mod, "SPLIT_RADIX_BITS", radix)
     monkeypatch.setattr(topk_mod, "COMPACT", compact)
 
     g = torch.Generator().manual_seed(3)
