@@ -83,10 +83,9 @@ def cases():
                        topk.topk_kernel, dict(X="*fp32", SCRATCH="*fp32", **extra),
                        dict(MODE=mode, BLOCK=block, WBLOCK=wblock, RADIX=radix, COMPACT=compact, SBLOCK=1024), warps)
     for radix in (8, 4):  # (ops.topk._launch_split's: slices of up to 4096 values at 8 warps)
-        yield f"topk split_hist RADIX={radix}", topk.split_hist_kernel, dict(X="*fp32", LENS="*i32", HIST="*i32"), \
-            dict(D=1, HAS_LENS=True, RADIX=radix, BLOCK=4096), 8
-        yield f"topk split_count RADIX={radix}", topk.split_count_kernel, dict(
-            X="*fp32", LENS="*i32", HIST="*i32", PART="*i32"), dict(HAS_LENS=True, RADIX=radix, BLOCK=4096), 8
+        for d in (1, 32 // radix - 1):  # (a digit's launch; the last one's, which keeps the slices' counts)
+            yield f"topk split_hist RADIX={radix} D={d}", topk.split_hist_kernel, dict(
+                X="*fp32", LENS="*i32", HIST="*i32", PART="*i32"), dict(D=d, HAS_LENS=True, RADIX=radix, BLOCK=4096), 8
         yield f"topk split_write MODE=1 RADIX={radix}", topk.split_write_kernel, dict(
             X="*fp32", OUT="*i32", LENS="*i32", TABLE="*i32", ROW_TO_BATCH="*i32", HIST="*i32", PART="*i32"), dict(
             MODE=1, RADIX=radix, WBLOCK=4096, PBLOCK=256), 8

@@ -18,7 +18,7 @@ import triton
 
 from ..attention.formats import check_int
 from ._dispatch import sm_count, use_triton
-from .kernels.topk import split_count_kernel, split_hist_kernel, split_write_kernel, topk_kernel
+from .kernels.topk import split_hist_kernel, split_write_kernel, topk_kernel
 
 
 # top_k: the most values of a row that one program of topk_kernel streams where it measured at least torch.topk's
@@ -36,13 +36,15 @@ TOPK_KERNEL_MAX_VALUES = 32768
 RADIX_BITS = 4
 COMPACT = True
 # rows split over several programs where one program a row would leave most SMs idle (kernels/topk.py's split
-# kernels: one launch a digit of SPLIT_RADIX_BITS, a counting and a writing launch): while rows * 4 <= the SMs and
-# a row is at least SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values. Session 45: 1 x 131072
-# 421 -> 47.6 us, 8 x 131072 (transform) 419 -> 67; at 64 rows no gain (64 x 32768 105 -> 107); 4-bit digits there
-# 4-8x slower (twice the launches, each ~6 us: 208 us at 1 x 131072).
+# kernels: one launch a digit of SPLIT_RADIX_BITS and a writing launch): while rows * 16 <= the SMs and a row is
+# at least SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values. Session 45 (H200, GPU time between
+# events): 1 x 131072 421 -> 47.6-53.5 us, 8 x 131072 (transform) 419 -> 67-127; at 64 rows no gain (64 x 32768 105
+# -> 107); 4-bit digits there 4-8x slower (twice the launches: 208 us at 1 x 131072). Its launches cost the host
+# ~190 us a call (`bench.ops` wall/call of 1 x 131072, then 8 launches), which eager callers wait for and CUDA
+# graphs do not: from 16 rows on (16 x 65536, 32 x 32768) an eager call took 225 us, over one program a row's.
 SPLIT_ROWS = True
 SPLIT_RADIX_BITS = 8
-SPLIT_MIN_WIDTH = 8192
+SPLIT_MIN_WIDTH = 32768
 SPLIT_MIN_SLICE = 1024
 
 
@@ -51,7 +53,7 @@ def _slices(rows: int, width: int, device) -> int:
     if not SPLIT_ROWS or width < SPLIT_MIN_WIDTH:
         return 1
     sms = sm_count(device) if device.type == "cuda" else 8
-    if rows * 4 > sms:
+    if rows * 16 > sms:
         return 1
     return max(1, min(-(-2 * sms // rows), width // SPLIT_MIN_SLICE))
 
@@ -102,15 +104,13 @@ def _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, sli
     s = -(-s // 64) * 64  # (slices start 256-byte aligned for float32)
     slices = -(-width // s)
     hist = torch.zeros(rows, nd, nb, dtype=torch.int32, device=x.device)
-    part = torch.empty(rows, slices, 2, dtype=torch.int32, device=x.device)
+    part = torch.empty(rows, slices, nb + 2, dtype=torch.int32, device=x.device)
     block = min(4096, triton.next_power_of_2(s))
     warps = 8 if block >= 2048 else 4
     grid = (rows, slices)
     for d in range(nd):
-        split_hist_kernel[grid](x, lens, hist, x.stride(0), width, k, s, D=d, HAS_LENS=lens is not None,
+        split_hist_kernel[grid](x, lens, hist, part, x.stride(0), width, k, s, D=d, HAS_LENS=lens is not None,
                                 RADIX=radix, BLOCK=block, num_warps=warps)
-    split_count_kernel[grid](x, lens, hist, part, x.stride(0), width, k, s, HAS_LENS=lens is not None,
-                             RADIX=radix, BLOCK=block, num_warps=warps)
     sk = -(-k // slices)  # (a row with n <= k: each program writes sk of its slots)
     split_write_kernel[grid](x, out, vals, lens, table, row_to_batch, offsets, hist, part, x.stride(0), out.stride(0),
                              0 if table is None else table.stride(0), width, k, s, sk, MODE=mode, RADIX=radix,

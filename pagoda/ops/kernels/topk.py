@@ -189,9 +189,9 @@ def _write_selected(row, out, vals, table, off, thr, need_eq, lo, hi, base, eq_s
 
 # Rows split over several programs (few rows, long ones: one program a row leaves SMs idle). One launch a digit:
 # each program histograms its slice's digit among the keys sharing the digits chosen so far (every program replays
-# the choices from the row's histograms of the earlier digits) and adds its histogram into the row's; then a launch
-# counts each slice's values above and equal to the k-th largest key, and one writes each slice's positions from the
-# slots the slices before it fill.
+# the choices from the row's histograms of the earlier digits) and adds its histogram into the row's; the last one
+# also keeps each slice's counts (values above the chosen digits so far, and by last digit), from which a writing
+# launch gives each slice the output slots the slices before it fill.
 
 @triton.jit
 def _replay(HIST, r, D: tl.constexpr, K, RADIX: tl.constexpr):
@@ -207,28 +207,14 @@ def _replay(HIST, r, D: tl.constexpr, K, RADIX: tl.constexpr):
 
 
 @triton.jit
-def split_hist_kernel(X, LENS, HIST, stride_x, width, K, S, D: tl.constexpr, HAS_LENS: tl.constexpr,
+def split_hist_kernel(X, LENS, HIST, PART, stride_x, width, K, S, D: tl.constexpr, HAS_LENS: tl.constexpr,
                       RADIX: tl.constexpr, BLOCK: tl.constexpr):
     """Program (r, p): digit D's histogram of row r's values [p S, p S + S) among its first n, added into HIST[r, D]
-    (rows with n <= K are left to the writing launch)."""
+    (rows with n <= K are left to the writing launch). The last digit's launch also writes PART[r, p] [2^RADIX + 2]:
+    how many of the slice's keys are above the chosen digits so far, then for each last digit d how many of those
+    sharing them have a last digit >= d (0 past the last)."""
     NB: tl.constexpr = 1 << RADIX
     ND: tl.constexpr = 32 // RADIX
-    r = tl.program_id(0).to(tl.int64)
-    lo = tl.program_id(1) * S
-    n = width
-    if HAS_LENS:
-        n = tl.minimum(tl.maximum(tl.load(LENS + r), 0), width).to(tl.int32)
-    if n > K:
-        prefix, k_rem = _replay(HIST, r, D, K, RADIX)
-        h = _hist_pass(X + r * stride_x + lo, tl.minimum(tl.maximum(n - lo, 0), S), prefix, D, RADIX, BLOCK)
-        tl.atomic_add(HIST + (r * ND + D) * NB + tl.arange(0, NB), h, mask=h > 0, sem="relaxed")
-
-
-@triton.jit
-def split_count_kernel(X, LENS, HIST, PART, stride_x, width, K, S, HAS_LENS: tl.constexpr, RADIX: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """Program (r, p): how many of row r's values [p S, p S + S) among its first n are above the k-th largest key
-    and equal to it, into PART[r, p, 0:2]."""
     r = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     lo = p * S
@@ -236,19 +222,27 @@ def split_count_kernel(X, LENS, HIST, PART, stride_x, width, K, S, HAS_LENS: tl.
     if HAS_LENS:
         n = tl.minimum(tl.maximum(tl.load(LENS + r), 0), width).to(tl.int32)
     if n > K:
-        prefix, _ = _replay(HIST, r, 32 // RADIX, K, RADIX)
-        thr = prefix ^ SIGN
-        hi = tl.minimum(lo + S, n)
-        gt = tl.zeros([BLOCK], tl.int32)
-        eq = tl.zeros([BLOCK], tl.int32)
-        for s in range(lo, hi, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            key = order_key(tl.load(X + r * stride_x + offs, mask=offs < hi, other=0.0).to(tl.float32))
-            gt += ((offs < hi) & (key > thr)).to(tl.int32)
-            eq += ((offs < hi) & (key == thr)).to(tl.int32)
-        part = PART + (r * tl.num_programs(1) + p) * 2
-        tl.store(part, tl.sum(gt, 0))
-        tl.store(part + 1, tl.sum(eq, 0))
+        prefix, k_rem = _replay(HIST, r, D, K, RADIX)
+        src = X + r * stride_x + lo
+        m = tl.minimum(tl.maximum(n - lo, 0), S)
+        bins = tl.arange(0, NB)
+        if D < ND - 1:
+            h = _hist_pass(src, m, prefix, D, RADIX, BLOCK)
+        else:
+            h = tl.zeros([NB], tl.int32)
+            above = tl.zeros([BLOCK], tl.int32)
+            for s in range(0, m, BLOCK):
+                offs = s + tl.arange(0, BLOCK)
+                msk = offs < m
+                u = order_key(tl.load(src + offs, mask=msk, other=0.0).to(tl.float32)) ^ SIGN
+                high = (u >> RADIX) & ((1 << (32 - RADIX)) - 1)
+                above += (msk & (high > prefix)).to(tl.int32)
+                h += tl.histogram(u & (NB - 1), NB, mask=msk & (high == prefix))
+            part = PART + (r * tl.num_programs(1) + p) * (NB + 2)
+            tl.store(part, tl.sum(above, 0))
+            tl.store(part + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # (digit >= d)
+            tl.store(part + 1 + NB, 0)
+        tl.atomic_add(HIST + (r * ND + D) * NB + bins, h, mask=h > 0, sem="relaxed")
 
 
 @triton.jit
@@ -256,8 +250,8 @@ def split_write_kernel(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, HIST, P
                        width, K, S, SK, MODE: tl.constexpr, RADIX: tl.constexpr, WBLOCK: tl.constexpr,
                        PBLOCK: tl.constexpr):
     """Program (r, p) writes row r's output as topk_kernel does: a row with n > K its slice [p S, p S + S)'s
-    selected positions, from the slots the slices before it fill (PART's counts; the values equal to the k-th
-    largest taken in position order); a row with n <= K its slots [p SK, p SK + SK)."""
+    selected positions, from the slots the slices before it fill (split_hist_kernel's PART counts; the values equal
+    to the k-th largest taken in position order); a row with n <= K its slots [p SK, p SK + SK)."""
     r = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     row, out, vals, n, table, off = _row(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, r, stride_x, stride_o,
@@ -266,11 +260,14 @@ def split_write_kernel(X, OUT, VALS, LENS, TABLE, ROW_TO_BATCH, OFFSETS, HIST, P
         _write_all(row, out, vals, table, off, n, K, p * SK, tl.minimum(p * SK + SK, K), MODE, WBLOCK)
     else:
         prefix, need_eq = _replay(HIST, r, 32 // RADIX, K, RADIX)
+        b = prefix & ((1 << RADIX) - 1)  # (the last digit)
         q = tl.arange(0, PBLOCK)
         before = q < p
-        part = PART + (r * tl.num_programs(1) + q) * 2
-        gt_before = tl.sum(tl.load(part, mask=before, other=0), 0)
-        eq_before = tl.sum(tl.load(part + 1, mask=before, other=0), 0)
+        part = PART + (r * tl.num_programs(1) + q) * ((1 << RADIX) + 2)
+        ge_b = tl.load(part + 1 + b, mask=before, other=0)  # (the slices' counts sharing the first digits, last >= b)
+        gt_b = tl.load(part + 2 + b, mask=before, other=0)
+        gt_before = tl.sum(tl.load(part, mask=before, other=0) + gt_b, 0)
+        eq_before = tl.sum(ge_b - gt_b, 0)
         base = gt_before + tl.minimum(eq_before, need_eq)
         lo = p * S
         _write_selected(row, out, vals, table, off, prefix ^ SIGN, need_eq, lo, tl.minimum(lo + S, n), base,
