@@ -1,4 +1,5 @@
-"""Top-k selection by radix select, one program per row (ops/topk.py's top_k and sparse-attention transforms).
+"""Top-k selection by radix select (ops/topk.py's top_k and sparse-attention transforms): topk_kernel, one program a
+row; the split kernels further down, a few wide rows each over several programs.
 
 Radix select finds the k-th largest order key and how many of the values equal to it are among the k largest, one
 RADIX-bit digit a pass (most significant first; each pass histograms the next digit of the keys that share the
