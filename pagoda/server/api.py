@@ -649,7 +649,8 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",
                            param="prompt_logprobs")
-        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs, guided_for(mode, tools, req.parallel_tool_calls))
+        params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs,
+                         guided_for(mode, tools, req.parallel_tool_calls))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.monotonic()
@@ -672,7 +673,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
                              if req.logprobs else None} for c in final.outputs],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
 
-    def chat_message(c, mode, req_parallel: bool = True) -> dict[str, Any]:
+    def chat_message(c, mode, parallel: bool = True) -> dict[str, Any]:
         """A finished choice's message and finish_reason: its text, or under tool calling the calls parsed from it
         (finish_reason "tool_calls" where "auto" or "required" made calls; a named function's call keeps the
         engine's reason, as OpenAI's forced calls)."""
@@ -683,7 +684,7 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         else:
             calls = parse_forced(c.text, mode)
             content = "" if calls else c.text
-        calls = calls if req_parallel else calls[:1]
+        calls = calls if parallel else calls[:1]
         reason = "tool_calls" if calls and not isinstance(mode, dict) else c.finish_reason
         return {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": reason}
 
