@@ -611,7 +611,8 @@ def test_tool_calling(tmp_path):
         text = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
         assert tok["count"] > plain["count"] and 'get_weather: {"type": "object"' in text, text
         turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
         tok = httpx.post(url + "/tokenize", json={"messages": turn, "tools": TOOLS}).json()
         text = httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
@@ -628,7 +629,8 @@ def test_tool_calling(tmp_path):
         (call,) = ch["message"]["tool_calls"]
         assert call["type"] == "function" and call["function"]["name"] == "get_weather"
         assert json.loads(call["function"]["arguments"]) == {"city": "Rome"} and call["id"].startswith("chatcmpl-tool")
-        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text)
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions",
+                                                       json={**body, "stream": True}).text)
         assert content == "Checking. " and reasons == ["tool_calls"], (content, reasons)
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
         # two calls; parallel_tool_calls False keeps the first, as vLLM's
@@ -656,7 +658,8 @@ def test_tool_calling(tmp_path):
         assert call["function"]["name"] == "get_weather" and ch["message"]["content"] == ""
         assert json.loads(call["function"]["arguments"]) in ({"city": "Paris"}, {"city": "Rome"}), call
         assert ch["finish_reason"] == "stop"
-        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**named, "stream": True}).text)
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions",
+                                                       json={**named, "stream": True}).text)
         assert content == "" and len(calls) == 1 and json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
         ch = httpx.post(url + "/v1/chat/completions", json={**named, "tool_choice": "required",
                                                              "max_tokens": 200}).json()["choices"][0]

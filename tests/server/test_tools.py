@@ -7,9 +7,9 @@ import pytest
 from pagoda.server.tools import (StreamSplitter, ToolError, check_tools, guided_for, parse_forced, parse_tool_calls,
                                  template_messages, tool_mode)
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                            "required": ["city"]}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}  # (no parameters: an empty object schema)
 
 
