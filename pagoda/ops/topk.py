@@ -48,11 +48,10 @@ SPLIT_MIN_WIDTH = 32768
 SPLIT_MIN_SLICE = 1024
 
 
-def _slices(rows: int, width: int, device) -> int:
-    """How many programs a row takes (1: topk_kernel's one a row)."""
-    if not SPLIT_ROWS or width < SPLIT_MIN_WIDTH:
+def _slices(rows: int, width: int, sms: int) -> int:
+    """How many programs a row takes on a GPU of `sms` SMs (1: topk_kernel's one a row)."""
+    if not SPLIT_ROWS or width < SPLIT_MIN_WIDTH or rows == 0:
         return 1
-    sms = sm_count(device) if device.type == "cuda" else 8
     if rows * 16 > sms:
         return 1
     return max(1, min(-(-2 * sms // rows), width // SPLIT_MIN_SLICE))
@@ -62,7 +61,7 @@ def _kernel_pays(input: torch.Tensor) -> bool:
     """Whether top_k runs the kernels: under Triton's interpreter always (the CPU tests); on a GPU where its rows
     split, or for float32 rows while each program's share, rows over the SMs rounded up times the width, is at most
     TOPK_KERNEL_MAX_VALUES."""
-    if input.device.type != "cuda" or _slices(*input.shape, input.device) > 1:
+    if input.device.type != "cuda" or _slices(*input.shape, sm_count(input.device)) > 1:
         return True
     rounds = -(-input.shape[0] // sm_count(input.device))
     return input.dtype == torch.float32 and rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
@@ -83,7 +82,9 @@ def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=
     # writing pass over 4096 (its prefix sums: 16 warps hold 4096 without spilling, 8192 spill; scripts/compile_check)
     block = min(16384, max(16, triton.next_power_of_2(width)))
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    slices = _slices(rows, width, x.device) if split is None else split
+    if split is None:
+        split = _slices(rows, width, sm_count(x.device)) if x.device.type == "cuda" else 1
+    slices = split
     if slices > 1:
         _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, slices)
         return

@@ -26,6 +26,8 @@ def test_top_k_values_and_indices(dtype):
         if sorted_:
             assert (v[:, :-1] >= v[:, 1:]).all()
     assert pagoda.topk is pagoda.top_k
+    v, i = pagoda.top_k(x[:0], 5)  # (no rows)
+    assert v.shape == i.shape == (0, 5)
     for args, msg in [((x, 0), "k"), ((x, 1001), "k"), ((x[0], 3), "input"), ((x, 2.0), "k")]:
         with pytest.raises(ValueError, match=msg):
             pagoda.top_k(*args)
@@ -159,6 +161,13 @@ def test_row_to_batch_out_of_range():
                                           row_to_batch=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="src_page_table"):
         pagoda.top_k_page_table_transform(x, table[:, :8], lengths, 4)
+
+
+def test_split_rule():
+    """How many programs a row takes (ops.topk._slices): split only few wide rows, never an empty batch."""
+    slices = importlib.import_module("pagoda.ops.topk")._slices
+    assert slices(0, 1 << 17, 132) == 1 and slices(1, 1 << 14, 132) == 1 and slices(16, 1 << 17, 132) == 1
+    assert slices(1, 1 << 17, 132) == 128 and slices(8, 1 << 17, 132) == 33 and slices(1, 1 << 15, 132) == 32
 
 
 def _order_key(v: torch.Tensor) -> torch.Tensor:
