@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 
+from .tools import PARSERS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: the bundled pagoda-demo)")
@@ -48,7 +50,7 @@ def add_parser(sub) -> None:
                    help="shard the model over this many GPUs of the host (one process each)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto": the model\'s outputs parsed for tool calls (--tool-call-parser)')
-    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "pythonic"],
+    p.add_argument("--tool-call-parser", default=None, choices=PARSERS,
                    help="how tool calls are written in the model's outputs (hermes: <tool_call> tags, Qwen / Hermes; "
                         "llama3_json: JSON objects, Llama 3.1+; pythonic: a Python list of calls)")
     p.add_argument("--chat-template", default=None,
