@@ -25,9 +25,9 @@ from .kernels.topk import split_hist_kernel, split_write_kernel, topk_kernel
 # speed on float32 rows (H200, `python scripts/topk_probe.py`, session 45, RADIX 4 with compaction: 256 x 16384 (two
 # rounds over the SMs) 113 us vs torch.topk 144, 64 x 32768 104 vs 111, 64 x 128256 261 vs 163); torch.topk's
 # 16-bit path is faster (64 x 32768 bf16 81 us vs 104), so 16-bit rows take it unless they split. Rows that split
-# (SPLIT_ROWS) always take the kernels (1 x 131072 47.6 us vs torch.topk 92.6, FlashInfer 45.6). The transforms
+# (SPLIT_ROWS) always take the kernels (1 x 131072 28.5 us vs torch.topk 92.7, FlashInfer 45.4). The transforms
 # always take them (64 x 32768 97 us against 408 for torch.topk with the masking and gathers around it; 8 x 131072
-# split 67 vs 402).
+# split 55 vs 402).
 TOPK_KERNEL_MAX_VALUES = 32768
 
 # topk_kernel's radix_select: its digit width (4 or 8 bits) and whether its passes compact the values left into a
@@ -38,10 +38,10 @@ COMPACT = True
 # rows split over several programs where one program a row would leave most SMs idle (kernels/topk.py's split
 # kernels: one launch a digit of SPLIT_RADIX_BITS and a writing launch): while rows * 16 <= the SMs and a row is
 # at least SPLIT_MIN_WIDTH wide, each program taking >= SPLIT_MIN_SLICE values. Session 45 (H200, GPU time between
-# events): 1 x 131072 421 -> 47.6-53.5 us, 8 x 131072 (transform) 419 -> 67-127; at 64 rows no gain (64 x 32768 105
-# -> 107); 4-bit digits there 4-8x slower (twice the launches: 208 us at 1 x 131072). Its launches cost the host
-# ~190 us a call (`bench.ops` wall/call of 1 x 131072, then 8 launches), which eager callers wait for and CUDA
-# graphs do not: from 16 rows on (16 x 65536, 32 x 32768) an eager call took 225 us, over one program a row's.
+# events): 1 x 131072 421 -> 28.5 us, 8 x 131072 (transform) 419 -> 55; at 64 rows no gain (64 x 32768 105 -> 107);
+# 4-bit digits there 4-8x slower (twice the launches: 208 us at 1 x 131072). Its launches cost the host ~125 us a
+# call (`bench.ops` wall/call), which eager callers wait for and CUDA graphs do not: from 16 rows on (16 x 65536,
+# 32 x 32768) an eager call of a counting launch more took ~225 us, over one program a row's.
 SPLIT_ROWS = True
 SPLIT_RADIX_BITS = 8
 SPLIT_MIN_WIDTH = 32768
