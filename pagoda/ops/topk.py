@@ -57,11 +57,16 @@ def _slices(rows: int, width: int, sms: int) -> int:
     return max(1, min(-(-2 * sms // rows), width // SPLIT_MIN_SLICE))
 
 
-def _kernel_pays(input: torch.Tensor) -> bool:
-    """Whether top_k runs the kernels: under Triton's interpreter always (the CPU tests); on a GPU where its rows
-    split, or for float32 rows while each program's share, rows over the SMs rounded up times the width, is at most
-    TOPK_KERNEL_MAX_VALUES."""
-    if input.device.type != "cuda" or _slices(*input.shape, sm_count(input.device)) > 1:
+def _default_slices(input: torch.Tensor) -> int:
+    """_slices on input's GPU (1 off it: the interpreter runs one program a row unless a test asks)."""
+    return _slices(*input.shape, sm_count(input.device)) if input.device.type == "cuda" else 1
+
+
+def _kernel_pays(input: torch.Tensor, slices: int) -> bool:
+    """Whether top_k runs the kernels (slices: _default_slices(input)): under Triton's interpreter always (the CPU
+    tests); on a GPU where its rows split, or for float32 rows while each program's share, rows over the SMs rounded
+    up times the width, is at most TOPK_KERNEL_MAX_VALUES."""
+    if input.device.type != "cuda" or slices > 1:
         return True
     rounds = -(-input.shape[0] // sm_count(input.device))
     return input.dtype == torch.float32 and rounds * input.shape[1] <= TOPK_KERNEL_MAX_VALUES
@@ -78,16 +83,14 @@ def _launch(input, k, out, mode, vals=None, lens=None, table=None, row_to_batch=
     x = input if input.stride(1) == 1 else input.contiguous()
     if table is not None and table.stride(1) != 1:
         table = table.contiguous()
+    split = _default_slices(x) if split is None else split
+    if split > 1:
+        _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, split)
+        return
     # radix passes over up to 16384 values a step (64 KB of float32 in flight: one program streams a row alone), the
     # writing pass over 4096 (its prefix sums: 16 warps hold 4096 without spilling, 8192 spill; scripts/compile_check)
     block = min(16384, max(16, triton.next_power_of_2(width)))
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    if split is None:
-        split = _slices(rows, width, sm_count(x.device)) if x.device.type == "cuda" else 1
-    slices = split
-    if slices > 1:
-        _launch_split(x, k, out, mode, vals, lens, table, row_to_batch, offsets, slices)
-        return
     if COMPACT and scratch is None:
         scratch = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     topk_kernel[(rows,)](x, out, vals, lens, table, row_to_batch, offsets, scratch, x.stride(0), out.stride(0),
@@ -144,11 +147,12 @@ def top_k(input: torch.Tensor, k: int, sorted: bool = False) -> tuple[torch.Tens
         raise ValueError(f"k ({k}) must be at most the rows' length {input.shape[1]}")
     if not isinstance(sorted, bool):
         raise ValueError(f"sorted must be a bool, got {sorted!r}")
-    if not use_triton(input) or not _kernel_pays(input):
+    slices = _default_slices(input)
+    if not use_triton(input) or not _kernel_pays(input, slices):
         return torch.topk(input, k, dim=-1, largest=True, sorted=True)
     values = torch.empty(input.shape[0], k, dtype=input.dtype, device=input.device)
     indices = torch.empty(input.shape[0], k, dtype=torch.int64, device=input.device)
-    _launch(input, k, indices, 0, vals=values)
+    _launch(input, k, indices, 0, vals=values, split=slices)
     if sorted:
         values, order = torch.sort(values, dim=-1, descending=True, stable=True)
         indices = torch.gather(indices, 1, order)

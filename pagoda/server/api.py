@@ -27,8 +27,7 @@ from ..engine import LoRARequest, SamplingParams
 from ..engine.guided import OPENAI_FIELDS as GUIDED_FIELDS, guided_from_openai
 from .async_engine import AsyncEngine, EngineDead, Overloaded
 from .metrics import Metrics
-from .tools import (StreamSplitter, ToolError, check_tools, guided_for, parse_forced, parse_tool_calls,
-                    template_messages, tool_mode)
+from .tools import StreamSplitter, ToolError, check_tools, finished_output, guided_for, template_messages, tool_mode
 
 log = logging.getLogger("pagoda.server")
 
@@ -679,14 +678,9 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         engine's reason, as OpenAI's forced calls)."""
         if mode == "none":
             return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-        if mode == "auto":
-            content, calls = parse_tool_calls(c.text, tool_parser)
-        else:
-            calls = parse_forced(c.text, mode)
-            content = "" if calls else c.text
-        calls = calls if parallel else calls[:1]
-        reason = "tool_calls" if calls and not isinstance(mode, dict) else c.finish_reason
-        return {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": reason}
+        content, calls, called = finished_output(c.text, mode, tool_parser, parallel)
+        return {"message": {"role": "assistant", "content": content, "tool_calls": calls},
+                "finish_reason": "tool_calls" if called else c.finish_reason}
 
     def _stream_chat(starts, req, rid, created, t0, mode="none"):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
@@ -699,14 +693,13 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
             text = split.feed(delta)
             out = {"index": idx, "delta": {"content": text} if text else {}, "finish_reason": c.finish_reason}
             if c.finish_reason is not None and mode != "none":
-                rest, calls = split.finish()
+                rest, calls, called = split.finish(req.parallel_tool_calls)
                 if rest:
                     out["delta"]["content"] = text + rest
-                calls = calls if req.parallel_tool_calls else calls[:1]
                 if calls:
                     out["delta"]["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
-                    if not isinstance(mode, dict):
-                        out["finish_reason"] = "tool_calls"
+                if called:
+                    out["finish_reason"] = "tool_calls"
             if req.logprobs:
                 done = len(c.token_ids) - len(ids)
                 out["logprobs"] = logprob_block_chat((c.logprobs or [])[done:done + len(ids)], ids,

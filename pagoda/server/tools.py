@@ -259,6 +259,22 @@ def parse_forced(text: str, mode) -> list[dict[str, Any]]:
     return [] if None in named else [_call(*n) for n in named]
 
 
+def finished_output(text: str, mode, parser: str | None, parallel: bool = True):
+    """(content, calls, whether the calls set finish_reason to "tool_calls") of a finished choice's text under
+    tool_mode's mode: "auto" parsed by parser, "required" / a named function from their guided JSON (content "" when
+    they parse); parallel False keeps the first call. A named function's call keeps the engine's finish_reason, as
+    OpenAI's forced calls."""
+    if mode == "none":
+        return text, [], False
+    if mode == "auto":
+        content, calls = parse_tool_calls(text, parser)
+    else:
+        calls = parse_forced(text, mode)
+        content = "" if calls else text
+    calls = calls if parallel else calls[:1]
+    return content, calls, bool(calls) and not isinstance(mode, dict)
+
+
 class StreamSplitter:
     """One streamed choice's text under tool calling: feed() returns the content that can go out now, holding
     back what may be a call; finish() the held-back content (when it was no call) and the calls."""
@@ -300,20 +316,11 @@ class StreamSplitter:
         out, self.sent = self.text[self.sent:cut], cut
         return out
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(content not yet sent, calls) once the choice has finished."""
-        if self.mode == "none":
-            return "", []
-        if self.mode == "auto":
-            content, calls = parse_tool_calls(self.text, self.parser)
-        else:
-            content, calls = None, parse_forced(self.text, self.mode)
-            if not calls:
-                content = self.text
-        if not calls:
-            rest, self.sent = self.text[self.sent:], len(self.text)
-            return rest, []
+    def finish(self, parallel: bool = True) -> tuple[str, list[dict[str, Any]], bool]:
+        """(content not yet sent, calls, whether they set finish_reason to "tool_calls": finished_output's) once the
+        choice has finished."""
+        content, calls, reason = finished_output(self.text, self.mode, self.parser, parallel)
         content = content or ""
         rest = content[self.sent:] if len(content) > self.sent else ""
         self.sent = len(self.text)
-        return rest, calls
+        return rest, calls, reason

@@ -96,7 +96,7 @@ def test_pythonic_parser():
 def _stream(mode, parser, pieces):
     s = StreamSplitter(mode, parser)
     sent = [s.feed(p) for p in pieces]
-    rest, calls = s.finish()
+    rest, calls, _ = s.finish()
     return "".join(sent) + rest, sent, calls
 
 

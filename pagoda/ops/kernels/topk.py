@@ -18,20 +18,24 @@ SIGN = tl.constexpr(-2147483648)  # (int32 0x80000000: an order key xor this ord
 
 
 @triton.jit
-def _hist_pass(src, m, prefix, d: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of digit d (RADIX bits, most significant first) of the unsigned order keys of src[:m] whose higher
-    digits equal prefix."""
+def _hist_pass(src, m, prefix, d: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.constexpr = False):
+    """(histogram of digit d (RADIX bits, most significant first) of the unsigned order keys of src[:m] whose higher
+    digits equal prefix, ABOVE: how many keys' higher digits are above prefix (else 0))."""
     NB: tl.constexpr = 1 << RADIX
     SHIFT: tl.constexpr = 32 - RADIX * (d + 1)
     hist = tl.zeros([NB], tl.int32)
+    above = tl.zeros([BLOCK], tl.int32)
     for s in range(0, m, BLOCK):
         offs = s + tl.arange(0, BLOCK)
         msk = offs < m
         u = order_key(tl.load(src + offs, mask=msk, other=0.0).to(tl.float32)) ^ SIGN
         if d > 0:
-            msk = msk & (((u >> (SHIFT + RADIX)) & ((1 << (RADIX * d)) - 1)) == prefix)
+            high = (u >> (SHIFT + RADIX)) & ((1 << (RADIX * d)) - 1)
+            if ABOVE:
+                above += (msk & (high > prefix)).to(tl.int32)
+            msk = msk & (high == prefix)
         hist += tl.histogram((u >> SHIFT) & (NB - 1), NB, mask=msk)
-    return hist
+    return hist, tl.sum(above, 0)
 
 
 @triton.jit
@@ -77,11 +81,11 @@ def radix_select(row, n, k, scratch, RADIX: tl.constexpr, COMPACT: tl.constexpr,
     m = n  # values in src
     for d in tl.static_range(32 // RADIX):
         if m > BLOCK:
-            hist = _hist_pass(src, m, prefix, d, RADIX, BLOCK)
+            hist, _ = _hist_pass(src, m, prefix, d, RADIX, BLOCK)
         elif m > SBLOCK:
-            hist = _hist_pass(src, m, prefix, d, RADIX, CBLOCK)
+            hist, _ = _hist_pass(src, m, prefix, d, RADIX, CBLOCK)
         else:
-            hist = _hist_pass(src, m, prefix, d, RADIX, SBLOCK)
+            hist, _ = _hist_pass(src, m, prefix, d, RADIX, SBLOCK)
         b, k_rem, prefix = _choose(hist, k_rem, prefix, RADIX)
         if COMPACT and d < 32 // RADIX - 1:
             kept = tl.sum(tl.where(bins == b, hist, 0), 0)
@@ -227,20 +231,10 @@ def split_hist_kernel(X, LENS, HIST, PART, stride_x, width, K, S, D: tl.constexp
         src = X + r * stride_x + lo
         m = tl.minimum(tl.maximum(n - lo, 0), S)
         bins = tl.arange(0, NB)
-        if D < ND - 1:
-            h = _hist_pass(src, m, prefix, D, RADIX, BLOCK)
-        else:
-            h = tl.zeros([NB], tl.int32)
-            above = tl.zeros([BLOCK], tl.int32)
-            for s in range(0, m, BLOCK):
-                offs = s + tl.arange(0, BLOCK)
-                msk = offs < m
-                u = order_key(tl.load(src + offs, mask=msk, other=0.0).to(tl.float32)) ^ SIGN
-                high = (u >> RADIX) & ((1 << (32 - RADIX)) - 1)
-                above += (msk & (high > prefix)).to(tl.int32)
-                h += tl.histogram(u & (NB - 1), NB, mask=msk & (high == prefix))
+        h, above = _hist_pass(src, m, prefix, D, RADIX, BLOCK, D == ND - 1)
+        if D == ND - 1:
             part = PART + (r * tl.num_programs(1) + p) * (NB + 2)
-            tl.store(part, tl.sum(above, 0))
+            tl.store(part, above)
             tl.store(part + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # (digit >= d)
             tl.store(part + 1 + NB, 0)
         tl.atomic_add(HIST + (r * ND + D) * NB + bins, h, mask=h > 0, sem="relaxed")
