@@ -148,13 +148,32 @@ def topk_rows(fi):
                "wall_us": wall_per_call(ours, 50) * 1e6}
         if fi is not None:
             try:
-                a = fi.top_k_page_table_transform(x, table, lens, k)
-                assert torch.equal(a.sort(-1).values, ours().sort(-1).values), "the transform differs from FlashInfer's"
+                a, b = fi.top_k_page_table_transform(x, table, lens, k), ours()
+                if not torch.equal(a.sort(-1).values, b.sort(-1).values):
+                    raise AssertionError(f"the transform differs from FlashInfer's; of the rows that differ, the "
+                                         f"reference's (torch.topk) agree with pagoda in "
+                                         f"{_transform_agrees(x, table, lens, k, a, b)}")
                 row["flashinfer_us"] = bench(lambda: fi.top_k_page_table_transform(x, table, lens, k)) * 1e6
             except Exception as e:  # noqa: BLE001
                 print(f"# FlashInfer top_k_page_table_transform failed: {type(e).__name__}: {e}")
         rows.append(row)
     return rows
+
+
+def _transform_agrees(x, table, lens, k, fi_out, ours):
+    """For the rows where FlashInfer's and pagoda's page-table transforms differ (as sets): which of them holds
+    the table's entries at torch.topk's top-k positions of the row's first lengths[i] values ("pagoda n, FlashInfer
+    m of r rows")."""
+    rows = [i for i in range(x.shape[0]) if not torch.equal(fi_out[i].sort().values, ours[i].sort().values)]
+    mine = theirs = 0
+    for i in rows:
+        n = int(lens[i])
+        want = table[i, torch.topk(x[i, :n], min(k, n)).indices].sort().values
+        pad = torch.full((k - len(want),), -1, dtype=want.dtype, device=want.device)
+        want = torch.cat([pad, want])  # (-1 sorts first)
+        mine += torch.equal(ours[i].sort().values, want)
+        theirs += torch.equal(fi_out[i].sort().values, want)
+    return f"pagoda {mine}, FlashInfer {theirs} of {len(rows)} rows"
 
 
 def wall_per_call(fn, n=200):

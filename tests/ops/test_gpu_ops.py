@@ -442,6 +442,18 @@ def test_top_k_transforms_real_size():
         pad = [-1] * (k - len(pos))
         assert out[i].tolist() == table[i, pos].tolist() + pad, i
         assert rag[i].tolist() == (pos + int(offsets[i])).tolist() + pad, i
+    # float32 scores at the benchmark's sizes: one program a row (64 x 32768) and rows split over programs
+    # (8 x 131072, split kernels), lengths from half a row to all of it (session 46: FlashInfer's transform
+    # disagreed with pagoda's at these sizes in bench.ops, and only bf16 had been checked at real size)
+    for rows, width in ((64, 32768), (8, 131072)):
+        x = torch.randn(rows, width, device="cuda")
+        table = torch.randperm(rows * width, device="cuda").to(torch.int32).view(rows, width)
+        lengths = torch.randint(width // 2, width + 1, (rows,), dtype=torch.int32, device="cuda")
+        lengths[-1] = width
+        out = pagoda.top_k_page_table_transform(x, table, lengths, k)
+        for i in range(rows):
+            pos = _top_positions_ref(x[i, :int(lengths[i])], k)
+            assert out[i].tolist() == table[i, pos].tolist(), (rows, width, i)
     for shape, kk in (((64, 128256), 50), ((1, 131072), 2048), ((256, 16384), 2048)):
         s = torch.randn(*shape, device="cuda")
         v, idx = pagoda.top_k(s, kk)
