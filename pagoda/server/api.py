@@ -689,17 +689,18 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         splitters: dict[int, StreamSplitter] = {}
 
         def choice(item, c, idx, delta, ids, first):
-            split = splitters.setdefault(idx, StreamSplitter(mode, tool_parser))
+            split = splitters.setdefault(idx, StreamSplitter(mode, tool_parser, req.parallel_tool_calls))
             text = split.feed(delta)
             out = {"index": idx, "delta": {"content": text} if text else {}, "finish_reason": c.finish_reason}
+            calls = split.calls() if c.finish_reason is None else []
             if c.finish_reason is not None and mode != "none":
-                rest, calls, called = split.finish(req.parallel_tool_calls)
+                rest, calls, called = split.finish()
                 if rest:
                     out["delta"]["content"] = text + rest
-                if calls:
-                    out["delta"]["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
                 if called:
                     out["finish_reason"] = "tool_calls"
+            if calls:  # (vLLM's: a call's index, id and name first, then pieces of its arguments)
+                out["delta"]["tool_calls"] = calls
             if req.logprobs:
                 done = len(c.token_ids) - len(ids)
                 out["logprobs"] = logprob_block_chat((c.logprobs or [])[done:done + len(ids)], ids,

@@ -14,18 +14,24 @@
   arguments, ``[get_weather(city="Paris"), get_time()]``).
 
 Streams hold back what may be the start of a call (a prefix of ``<tool_call>``, or a ``llama3_json`` output that
-opens with "{") and send the parsed calls in the last chunk, each whole in one delta (OpenAI's clients accumulate
-deltas, so a whole call is a valid one). An output that does not parse is content, as vLLM's.
+opens with "{") and stream the calls as vLLM does: a call's first delta (its index, id, type and name, arguments
+"") once its name is whole, then its arguments' JSON text as the model writes it (``hermes``, ``llama3_json``,
+"required" and a named function; ``pythonic`` calls, whose arguments are Python literals, go whole in the last
+chunk). Concatenated, a call's argument deltas are the JSON that the finished output parses to (the model's own
+spacing); the last chunk completes what the output's final parse holds. An output that does not parse is content,
+as vLLM's; one whose calls streamed and that then stops parsing (text after a hermes call, say) has sent both.
 """
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
 from ..engine.guided import GuidedDecodingParams
 
 PARSERS = ("hermes", "llama3_json", "pythonic")
+log = logging.getLogger("pagoda.server")
 
 
 class ToolError(ValueError):
@@ -275,14 +281,106 @@ def finished_output(text: str, mode, parser: str | None, parallel: bool = True):
     return content, calls, bool(calls) and not isinstance(mode, dict)
 
 
+_WS = " \t\r\n"
+
+
+def _skip_ws(t: str, i: int, extra: str = "") -> int:
+    while i < len(t) and (t[i] in _WS or t[i] in extra):
+        i += 1
+    return i
+
+
+def _string_end(t: str, i: int) -> int | None:
+    """t[i] opens a JSON string: the index after its closing quote, or None (the text ends inside it)."""
+    j = i + 1
+    while j < len(t):
+        if t[j] == "\\":
+            j += 2
+        elif t[j] == '"':
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _value_end(t: str, i: int) -> int | None:
+    """The index after the JSON value that starts at t[i], or None where the text ends inside it."""
+    if t[i] == '"':
+        return _string_end(t, i)
+    if t[i] in "{[":
+        depth, j = 0, i
+        while j < len(t):
+            c = t[j]
+            if c == '"':
+                j = _string_end(t, j)
+                if j is None:
+                    return None
+                continue
+            if c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+        return None
+    j = i
+    while j < len(t) and t[j] not in _WS + ",}]":
+        j += 1
+    return j if j < len(t) else None  # (a number at the text's end may go on)
+
+
+def _scan_call(t: str, i: int, args_keys) -> tuple[str | None, int | None, int | None, int | None]:
+    """A call object being written from t[i] == "{": (its name once whole, where its arguments' value starts, where
+    that ends, where the object ends); None for what the text has not reached yet (or malformed: its end stays
+    None, so that nothing after it is scanned)."""
+    name = a0 = a1 = None
+    j = i + 1
+    while True:
+        j = _skip_ws(t, j, ",")
+        if j >= len(t) or t[j] == "}":
+            return name, a0, a1, (j + 1 if j < len(t) else None)
+        if t[j] != '"':
+            return name, a0, a1, None
+        k_end = _string_end(t, j)
+        if k_end is None:
+            return name, a0, a1, None
+        try:
+            key = json.loads(t[j:k_end])
+        except ValueError:
+            return name, a0, a1, None
+        j = _skip_ws(t, k_end)
+        if j >= len(t) or t[j] != ":":
+            return name, a0, a1, None
+        j = _skip_ws(t, j + 1)
+        if j >= len(t):
+            return name, a0, a1, None
+        v_end = _value_end(t, j)
+        if key == "name" and v_end is not None:
+            try:
+                v = json.loads(t[j:v_end])
+            except ValueError:
+                return name, a0, a1, None
+            name = v if isinstance(v, str) else None
+        elif key in args_keys and a0 is None:
+            a0, a1 = j, v_end
+        if v_end is None:
+            return name, a0, a1, None
+        j = v_end
+
+
 class StreamSplitter:
     """One streamed choice's text under tool calling: feed() returns the content that can go out now, holding
-    back what may be a call; finish() the held-back content (when it was no call) and the calls."""
+    back what may be a call; calls() the tool-call deltas that can go out now (OpenAI's: a call's index, id, type
+    and name first, then pieces of its arguments); finish() the held-back content (when it was no call) and the
+    deltas that complete the calls of the finished output's parse. parallel False (parallel_tool_calls): the first
+    call only."""
 
-    def __init__(self, mode, parser: str | None):
-        self.mode, self.parser = mode, parser
+    def __init__(self, mode, parser: str | None, parallel: bool = True):
+        self.mode, self.parser, self.parallel = mode, parser, parallel
         self.text = ""  # everything generated
         self.sent = 0  # characters of text sent as content
+        self.streamed: list[dict[str, Any]] = []  # calls begun: id, name, arguments start, characters sent
 
     def _held_from(self) -> int:
         """Where the text that must wait begins (len(text): nothing waits)."""
@@ -316,11 +414,116 @@ class StreamSplitter:
         out, self.sent = self.text[self.sent:cut], cut
         return out
 
-    def finish(self, parallel: bool = True) -> tuple[str, list[dict[str, Any]], bool]:
-        """(content not yet sent, calls, whether they set finish_reason to "tool_calls": finished_output's) once the
-        choice has finished."""
-        content, calls, reason = finished_output(self.text, self.mode, self.parser, parallel)
+    def _scan(self) -> list[tuple[str | None, int | None, int | None]]:
+        """The calls written so far, in order, as (name, arguments start, arguments end) (None: not yet written)."""
+        t, out = self.text, []
+        if self.mode == "none" or (self.mode == "auto" and self.parser == "pythonic"):
+            return out
+        if isinstance(self.mode, dict):  # (a named function: the output is its arguments)
+            a0 = _skip_ws(t, 0)
+            return [(self.mode["function"]["name"], a0 if a0 < len(t) else None,
+                     _value_end(t, a0) if a0 < len(t) else None)]
+        if self.mode == "required":
+            j, keys, sep, blocks = _skip_ws(t, 0), ("parameters",), ",", None
+            if j >= len(t) or t[j] != "[":
+                return out
+            j += 1
+        elif self.parser == "llama3_json":
+            j, keys, sep, blocks = _skip_ws(t, 0), ("parameters", "arguments"), ";", None
+            if t.startswith("<|python_tag|>", j):
+                j += len("<|python_tag|>")
+        else:  # hermes
+            j, keys, sep, blocks = t.find("<tool_call>"), ("arguments", "parameters"), "", "<tool_call>"
+            if j < 0:
+                return out
+            j += len(blocks)
+        while True:
+            j = _skip_ws(t, j, sep if out else "")
+            if blocks and t.startswith("</tool_call>", j):  # (the next block, with nothing but blanks between)
+                j = _skip_ws(t, j + len("</tool_call>"))
+                if not t.startswith(blocks, j):
+                    return out
+                j = _skip_ws(t, j + len(blocks))
+            if j >= len(t) or t[j] != "{":
+                return out
+            name, a0, a1, end = _scan_call(t, j, keys)
+            out.append((name, a0, a1))
+            if end is None:
+                return out
+            j = end
+
+    def _arguments_delta(self, call: dict[str, Any], a1: int | None) -> str:
+        """The next piece of a begun call's arguments: the object's text as written (a1 None: up to the text's
+        end), or a value of another kind whole once written (as _call turns it into arguments)."""
+        t, a0 = self.text, call["start"]
+        if t[a0] == "{":
+            piece = t[a0 + call["sent"]:len(t) if a1 is None else a1]
+        elif a1 is not None and call["sent"] == 0:
+            try:
+                piece = _call("", json.loads(t[a0:a1]))["function"]["arguments"]
+            except ValueError:
+                piece = ""
+        else:
+            piece = ""
+        call["sent"] += len(piece) if t[a0] == "{" else (a1 - a0 if piece else 0)
+        return piece
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The tool-call deltas that can go out now (each with its index)."""
+        out = []
+        for i, (name, a0, a1) in enumerate(self._scan()[:None if self.parallel else 1]):
+            if i == len(self.streamed):
+                if name is None:
+                    break
+                self.streamed.append({"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "name": name, "start": None,
+                                      "sent": 0})
+                out.append({"index": i, "id": self.streamed[i]["id"], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+            call = self.streamed[i]
+            if a0 is None or self.text[a0] != "{" and a1 is None:
+                continue
+            call["start"] = a0 if call["start"] is None else call["start"]
+            piece = self._arguments_delta(call, a1)
+            if piece:
+                out.append({"index": i, "function": {"arguments": piece}})
+        return _merged(out)
+
+    def finish(self) -> tuple[str, list[dict[str, Any]], bool]:
+        """(content not yet sent, the tool-call deltas that complete the finished output's calls, whether they set
+        finish_reason to "tool_calls": finished_output's) once the choice has finished."""
+        content, calls, reason = finished_output(self.text, self.mode, self.parser, self.parallel)
         content = content or ""
         rest = content[self.sent:] if len(content) > self.sent else ""
         self.sent = len(self.text)
-        return rest, calls, reason
+        out = self.calls() if calls else []
+        scan = self._scan()
+        for i, call in enumerate(calls):
+            if i < len(self.streamed):
+                begun = self.streamed[i]
+                a0, a1 = scan[i][1:] if i < len(scan) else (None, None)
+                ok = begun["name"] == call["function"]["name"] and a0 is not None and a1 is not None
+                if ok:  # (the arguments streamed are the JSON that the parse read: a string's value is the text)
+                    try:
+                        raw, args = json.loads(self.text[a0:a1]), call["function"]["arguments"]
+                        ok = raw == args if isinstance(raw, str) else raw == json.loads(args)
+                    except ValueError:
+                        ok = False
+                if not ok:  # (a stream that began a call the final parse reads otherwise: cannot be taken back)
+                    log.warning("a streamed tool call differs from the finished output's parse: %.200r", self.text)
+                continue
+            out.append({"index": i, **call})
+        if len(self.streamed) > len(calls):
+            log.warning("tool calls streamed that the finished output does not parse to: %.200r", self.text)
+        return rest, _merged(out), reason
+
+
+def _merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Deltas of one chunk, one per call index (a call's first delta and its first arguments together)."""
+    out: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        if d["index"] not in out:
+            out[d["index"]] = {**d, "function": dict(d["function"])}
+        else:
+            f = out[d["index"]]["function"]
+            f["arguments"] = f.get("arguments", "") + d["function"]["arguments"]
+    return list(out.values())

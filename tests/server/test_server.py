@@ -598,7 +598,8 @@ def _sse_chat(text):
 def test_tool_calling(tmp_path):
     """vLLM's tool calling: tools reach the chat template (--chat-template), and so do an assistant's earlier
     calls and a tool's answer; tool_choice "auto" under --tool-call-parser hermes gives message.tool_calls (an
-    output forced into a call by guided_regex, streamed or not: the stream holds the call back and sends it whole),
+    output forced into a call by guided_regex, streamed or not: the stream holds the call back from the content and
+    streams it as vLLM's, its name first, then its arguments as they come),
     "required" and a named function generate guided JSON calls; bad tools / tool_choice / messages are 400s naming
     the field, and the server goes on."""
     pytest.importorskip("xgrammar")
@@ -629,10 +630,15 @@ def test_tool_calling(tmp_path):
         (call,) = ch["message"]["tool_calls"]
         assert call["type"] == "function" and call["function"]["name"] == "get_weather"
         assert json.loads(call["function"]["arguments"]) == {"city": "Rome"} and call["id"].startswith("chatcmpl-tool")
-        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions",
-                                                       json={**body, "stream": True}).text)
+        sse = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text
+        content, calls, reasons = _sse_chat(sse)
         assert content == "Checking. " and reasons == ["tool_calls"], (content, reasons)
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
+        # (streamed as vLLM's: the call's id and name in one chunk, its arguments over the chunks after it)
+        chunks = [json.loads(c[6:])["choices"][0]["delta"].get("tool_calls") for c in sse.split("\n\n")
+                  if c.startswith("data: {")]
+        chunks = [c for c in chunks if c]
+        assert len(chunks) > 2 and "id" in chunks[0][0] and not any("id" in c[0] for c in chunks[1:]), chunks
         # two calls; parallel_tool_calls False keeps the first, as vLLM's
         two = "<tool_call>" + json.dumps({"name": "get_time", "arguments": {}}) + "</tool_call>" + forced
         for parallel, want in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):

@@ -93,11 +93,79 @@ def test_pythonic_parser():
     assert sent == ["Hello", " [x]"] and calls == []
 
 
-def _stream(mode, parser, pieces):
-    s = StreamSplitter(mode, parser)
-    sent = [s.feed(p) for p in pieces]
-    rest, calls, _ = s.finish()
-    return "".join(sent) + rest, sent, calls
+def _accumulate(calls, deltas):
+    """A client's accumulation of tool-call deltas (the first of a call carries its id and name, each an index)."""
+    for d in deltas:
+        slot = calls.setdefault(d["index"], {"id": "", "type": "", "function": {"name": "", "arguments": ""}})
+        assert not (slot["id"] and d.get("id")), "a call's id sent twice"
+        slot["id"] += d.get("id", "")
+        slot["type"] += d.get("type", "")
+        slot["function"]["name"] += d["function"].get("name", "")
+        slot["function"]["arguments"] += d["function"].get("arguments", "")
+
+
+def _stream(mode, parser, pieces, parallel=True, steps=None):
+    """(content, content sent by each feed, the calls a client accumulates); steps: each feed's call deltas."""
+    s = StreamSplitter(mode, parser, parallel)
+    sent, calls = [], {}
+    for p in pieces:
+        sent.append(s.feed(p))
+        deltas = s.calls()
+        if steps is not None:
+            steps.append(deltas)
+        _accumulate(calls, deltas)
+    rest, deltas, _ = s.finish()
+    _accumulate(calls, deltas)
+    assert all(c["id"] and c["type"] == "function" for c in calls.values())
+    return "".join(sent) + rest, sent, [calls[i] for i in sorted(calls)]
+
+
+def _pieces(text, n=3):
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+def test_stream_calls_incrementally():
+    """Calls stream as vLLM's: the first delta once a call's name is whole (id, type, name, arguments ""), then the
+    arguments' JSON text as it comes, which concatenated parses to the finished output's arguments; every parser
+    but pythonic, and "required" / a named function; a call whose arguments are a JSON string goes once written;
+    parallel False streams the first call alone."""
+    hermes = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo \\"}{", "days": [1, 2]}}'
+              '\n</tool_call>\n<tool_call>{"arguments": {}, "name": "get_time"}</tool_call>')
+    for n in (1, 2, 5, 1000):
+        steps = []
+        content, sent, calls = _stream("auto", "hermes", _pieces(hermes, n), steps=steps)
+        assert content == "Let me look. " and _calls(calls) == [
+            ("get_weather", {"city": 'Oslo "}{', "days": [1, 2]}), ("get_time", {})], n
+        if n == 1:  # (the first call's name goes out before its arguments end, and its arguments in many pieces)
+            first = [i for i, d in enumerate(steps) if any("id" in c and c["index"] == 0 for c in d)]
+            pieces = [c for d in steps for c in d if c["index"] == 0 and c["function"].get("arguments")]
+            assert first and first[0] < hermes.index("Oslo") and len(pieces) > 20
+    llama = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", ' \
+            '"parameters": {"tz": "UTC"}}'
+    content, sent, calls = _stream("auto", "llama3_json", _pieces(llama, 4))
+    assert not content and _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+    content, sent, calls = _stream("auto", "llama3_json", _pieces(llama, 4), parallel=False)
+    assert _calls(calls) == [("get_weather", {"city": "Paris"})]
+    req = '[{"name":"get_weather","parameters":{"city":"Rome"}},{"name":"get_time","parameters":{}}]'
+    steps = []
+    content, sent, calls = _stream("required", None, _pieces(req, 2), steps=steps)
+    assert content == "" and _calls(calls) == [("get_weather", {"city": "Rome"}), ("get_time", {})]
+    assert sum(1 for d in steps for c in d if c["index"] == 0 and c["function"].get("arguments")) > 5
+    steps = []
+    content, sent, calls = _stream(check_tools([WEATHER])[0], None, _pieces('{"city":"Kyiv"}', 2), steps=steps)
+    assert content == "" and _calls(calls) == [("get_weather", {"city": "Kyiv"})] and steps[0][0]["id"]
+    # arguments written as a JSON string (the string is the arguments): sent once whole
+    content, sent, calls = _stream("auto", "hermes", _pieces('<tool_call>{"name": "get_time", "arguments": '
+                                                             '"{\\"tz\\": 1}"}</tool_call>', 3))
+    assert calls[0]["function"]["arguments"] == '{"tz": 1}'
+    # pythonic: whole at the end
+    steps = []
+    content, sent, calls = _stream("auto", "pythonic", _pieces('[get_time(tz="UTC")]', 2), steps=steps)
+    assert not any(steps) and _calls(calls) == [("get_time", {"tz": "UTC"})]
+    # a call that stops parsing after it began (text after the hermes call): its content is sent too
+    content, sent, calls = _stream("auto", "hermes", _pieces('<tool_call>{"name": "get_time", "arguments": {}}'
+                                                             '</tool_call> and more', 4))
+    assert content.endswith(" and more") and [c["function"]["name"] for c in calls] == ["get_time"]
 
 
 def test_stream_splitter():
