@@ -174,7 +174,8 @@ class LLMEngine:
                  seed: int = 0, skip_tokenizer_init: bool = False, enable_cascade: bool = True,
                  async_scheduling: bool = True, enable_lora: bool = False, max_loras: int = 1,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, lora_target_modules=None,
-                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", _tp: tuple | None = None):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
+                 _tp: tuple | None = None):
         """enable_lora: serve LoRA adapters (add_request's lora_request; engine/lora.py), at most max_loras of them
         among the running requests, of rank <= max_lora_rank, max_cpu_loras parsed adapters kept on the host;
         lora_target_modules: the modules they may adapt (default all seven; fewer, fewer launches a step).
@@ -182,6 +183,9 @@ class LLMEngine:
         kv_cache_dtype (vLLM's): "auto" (the model's dtype), "fp8" / "fp8_e4m3" or "fp8_e5m2": the KV cache in 8
         bits, twice the tokens in the same memory and half the bytes each decode step reads (scales 1.0; K / V
         quantized as they are appended, the attention kernels dequantizing).
+        calculate_kv_scales (vLLM's; an fp8 cache): each layer's k_scale / v_scale from the first step's K / V
+        (max |K| / 200, max |V| / 100, vLLM's constants) instead of the checkpoint's or 1.0; that step runs eagerly
+        and the CUDA graphs are captured after it.
         _tp: (rank, size, rendezvous) of a worker rank, which parallel.worker_main builds."""
         engine_kwargs = {k: v for k, v in locals().items() if k not in ("self", "_tp")}
         self._workers = None
@@ -221,6 +225,11 @@ class LLMEngine:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs a float16 / bfloat16 model (the attention "
                              f"kernels take 16-bit queries over an fp8 cache), dtype is {self.dtype}: pass "
                              f"dtype='bfloat16'")
+        if not isinstance(calculate_kv_scales, bool):
+            raise ValueError(f"calculate_kv_scales must be a bool, got {calculate_kv_scales!r}")
+        if calculate_kv_scales and kv_dtypes[kv_cache_dtype] is None:
+            raise ValueError(f"calculate_kv_scales sets the scales of an fp8 KV cache: it needs kv_cache_dtype 'fp8' "
+                             f"/ 'fp8_e4m3' / 'fp8_e5m2', got {kv_cache_dtype!r}")
         if kv_dtypes[kv_cache_dtype] is not None and attention_backend == "flashinfer":
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} takes attention_backend 'pagoda' or 'torch', not "
                              f"'flashinfer'")
@@ -295,9 +304,13 @@ class LLMEngine:
                                       enable_cuda_graph=not enforce_eager and (self.tp is None
                                                                                or self.tp.backend == "nccl"),
                                       enable_cascade=enable_cascade, lora=self.lora,
-                                      kv_cache_dtype=self.kv_cache_dtype)
+                                      kv_cache_dtype=self.kv_cache_dtype, calculate_kv_scales=calculate_kv_scales)
             ckpt_scales = self.model.kv_cache_scales
-            if self.runner.kv_fp8 and not ckpt_scales:  # (vLLM warns so too)
+            if calculate_kv_scales:
+                if ckpt_scales:
+                    logger.info("calculate_kv_scales: the first step's K / V set the KV-cache scales, not the "
+                                "checkpoint's")
+            elif self.runner.kv_fp8 and not ckpt_scales:  # (vLLM warns so too)
                 logger.warning("kv_cache_dtype %s without KV-cache scales in the checkpoint: K / V stored at scale 1.0 "
                                "(values past the fp8 range are clamped)", self.kv_cache_dtype)
             elif ckpt_scales and not self.runner.kv_fp8:

@@ -13,6 +13,8 @@ wrappers on their PyTorch reference path, anywhere).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 
 import numpy as np
@@ -38,6 +40,12 @@ CASCADE_MIN_SAVED_BYTES = 8 << 30
 # 256 MiB for Llama-3.1-8B's 8 KV heads of 128), more for a longer max_model_len, up to FP8_PREFILL_SCRATCH_BYTES
 FP8_PREFILL_SCRATCH_PAGES = 4096
 FP8_PREFILL_SCRATCH_BYTES = 1 << 30
+# calculate_kv_scales: the first step's largest |K| / |V| of a layer is stored at this value (vLLM's
+# K_SCALE_CONSTANT / V_SCALE_CONSTANT defaults; e4m3 reaches 448)
+K_SCALE_CONSTANT = 200.0
+V_SCALE_CONSTANT = 100.0
+
+logger = logging.getLogger("pagoda.engine")
 
 
 def split_mixed_mode() -> str:
@@ -336,7 +344,8 @@ class _Context:
         cache = self.runner.kv_caches[layer]
         d = self.dev
         t = q.shape[0]
-        fused = rope is not None and self.attn.fused_rope
+        calibrate = self.runner.kv_scales_pending  # (calculate_kv_scales: this step's K / V set the scales)
+        fused = rope is not None and self.attn.fused_rope and not calibrate
         norm = {}
         if qk_norm is not None:
             qn, kn = qk_norm
@@ -355,6 +364,8 @@ class _Context:
             if rope is not None:
                 pagoda.apply_rope_with_cos_sin_cache_inplace(d.positions, q.view(t, -1), k.view(t, -1), q.shape[-1],
                                                              rope[0], is_neox=rope[1])
+            if calibrate:
+                self.runner.calibrate_kv_scales(layer, k, v)
             self.attn.append(k, v, d.batch_indices, d.positions, cache, d.kv_indices, d.kv_indptr,
                              d.kv_last_page_len, self.runner.layer_kv_scales[layer])
         return self._attend(layer, q, cache)
@@ -364,7 +375,7 @@ class _Context:
         """One token: the qkv projection with RoPE and the K/V append in its epilogue (ops.linear_rope_append),
         then attention over the cache; None where this context's attention does not take it (its RoPE is not
         pagoda's fused one)."""
-        if not self.attn.fused_rope:
+        if not self.attn.fused_rope or self.runner.kv_scales_pending:
             return None
         cache = self.runner.kv_caches[layer]
         d = self.dev
@@ -646,12 +657,15 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, model, *, device, dtype, num_pages: int, page_size: int,
                  attention_backend: str, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  enable_cuda_graph: bool, enable_cascade: bool = True, lora: LoRAManager | None = None,
-                 kv_cache_dtype: torch.dtype | None = None):
+                 kv_cache_dtype: torch.dtype | None = None, calculate_kv_scales: bool = False):
         """lora: the engine's LoRAManager (enable_lora): each step's requests get their adapters' slots, and the
         decode graphs capture the LoRA deltas over their padded rows (padding takes slot 0, all zeros).
         kv_cache_dtype: the cache's dtype (None: the model's); an fp8 one holds K / k_scale and V / v_scale,
         quantized as they are appended, with each layer's scales from the checkpoint (model.kv_cache_scales:
-        calibrated fp8 KV checkpoints) or 1.0 (vLLM's default without them). A 16-bit cache leaves the scales."""
+        calibrated fp8 KV checkpoints) or 1.0 (vLLM's default without them). A 16-bit cache leaves the scales.
+        calculate_kv_scales (vLLM's, an fp8 cache): the first step's K / V set each layer's scales instead
+        (calibrate_kv_scales), a step run eagerly; the decode graphs are captured after it (capture_graphs waits
+        for it)."""
         self.config, self.model, self.device, self.dtype = config, model, torch.device(device), dtype
         self.kv_dtype = kv_cache_dtype or dtype
         self.kv_fp8 = self.kv_dtype in FP8_DTYPES
@@ -659,6 +673,7 @@ class ModelRunner:
         # each layer's k_scale / v_scale arguments of the attention calls ({} for a 16-bit cache)
         self.layer_kv_scales = [dict(k_scale=ckpt.get(i, {}).get("k", 1.0), v_scale=ckpt.get(i, {}).get("v", 1.0))
                                 if self.kv_fp8 else {} for i in range(config.num_layers)]
+        self.kv_scales_pending = bool(calculate_kv_scales) and self.kv_fp8
         self.lora = lora
         self._max_loras = 0 if lora is None else lora.max_loras
         self.page_size, self.num_pages = page_size, num_pages
@@ -809,9 +824,26 @@ class ModelRunner:
             parts.append((region.storage_offset(), a))
         self.staging.upload_into(self.static_flat, parts)
 
+    def calibrate_kv_scales(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """calculate_kv_scales: a layer's k_scale / v_scale from the first step's K (after RoPE) and V, as vLLM's
+        (max |K| / K_SCALE_CONSTANT, max |V| / V_SCALE_CONSTANT: the step's largest value stored at 200 / 100 of
+        e4m3's 448, room for larger ones later); 1.0 where a tensor's max is 0 or not finite. The last layer's ends
+        the calibration."""
+        for name, t, const in (("k_scale", k, K_SCALE_CONSTANT), ("v_scale", v, V_SCALE_CONSTANT)):
+            top = float(t.detach().abs().amax()) if t.numel() else 0.0
+            self.layer_kv_scales[layer][name] = top / const if math.isfinite(top) and top > 0 else 1.0
+        if layer == len(self.kv_caches) - 1:
+            self.kv_scales_pending = False
+            logger.info("calculate_kv_scales: k_scale %.4g..%.4g, v_scale %.4g..%.4g over %d layers",
+                        *(f(s[n] for s in self.layer_kv_scales) for n in ("k_scale", "v_scale") for f in (min, max)),
+                        len(self.layer_kv_scales))
+
     def capture_graphs(self) -> None:
         """Capture every decode batch size now (as vLLM does at start-up), so no request waits for a
-        capture when the running batch reaches a new size; with cascade decode, its graphs too."""
+        capture when the running batch reaches a new size; with cascade decode, its graphs too. Under
+        calculate_kv_scales, nothing before the first step has set the scales (launch() captures after it)."""
+        if self.kv_scales_pending:
+            return
         for cascade in (False, True) if self.enable_cascade else (False,):
             for size in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its memory pool
                 self._graph_for(size, cascade)
@@ -889,7 +921,8 @@ class ModelRunner:
             inp.lora_slots = self.lora.slots_for(requests)
         levels = self._cascade_levels(inp) if order is not None and inp.is_decode else None
         self.last_step_cascade = levels is not None
-        graph = self._graph_for(len(requests), levels is not None) if (self.use_graphs and inp.is_decode) else None
+        graph = self._graph_for(len(requests), levels is not None) if (
+            self.use_graphs and inp.is_decode and not self.kv_scales_pending) else None
         self.last_step_graph = graph is not None
         scale = None  # (sample_launch's logit_scale: a graph that leaves the final norm out)
         if graph is not None:
@@ -904,7 +937,11 @@ class ModelRunner:
             dev = _DeviceInputs(inp, self.staging, self._max_loras)
             attn = self.cascade_attn if levels is not None else self.attn
             attn.plan(inp, dev, levels)
+            calibrating = self.kv_scales_pending
             hidden = self._hidden(dev, attn)
+            if calibrating and not self.kv_scales_pending and self.use_graphs:  # (the scales are set: the graphs
+                torch.cuda.synchronize(self.device)  # hold them as constants, so they are captured now, as at
+                self.capture_graphs()  # start-up)
             want = _prompt_lp_rows(requests, num_new, inp.qo_indptr)
             prompt_lp = _PromptLogprobs(self.model, hidden, want) if want else None
             if not inp.sample_rows:  # prefill chunks only: the forward fills the cache, nothing samples

@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
                         "down_proj); fewer run fewer LoRA launches a step")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="the KV cache's dtype (fp8: twice the tokens in the same memory)")
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="an fp8 KV cache's scales from the first step's K / V (vLLM's), not the checkpoint's or 1.0")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over this many GPUs of the host (one process each)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -86,7 +88,7 @@ def serve(args) -> int:
                        async_scheduling=not args.no_async_scheduling, enable_lora=args.enable_lora,
                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                        lora_target_modules=args.lora_target_modules, tensor_parallel_size=args.tensor_parallel_size,
-                       kv_cache_dtype=args.kv_cache_dtype,
+                       kv_cache_dtype=args.kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
                        skip_tokenizer_init=False if args.load_format != "dummy" else _no_tokenizer(args.model))
     name = args.served_model_name or engine.model_name
     for m in loras:  # (a folder that is no adapter of this model stops the server here, not a request later)

@@ -452,6 +452,36 @@ def test_checkpoint_kv_scales_in_cuda_graphs(tmp_path):
     assert d8 < 3 * d16 + 0.01 and m8 < 0.5, (d8, d16, m8)
 
 
+def test_calculate_kv_scales_in_cuda_graphs():
+    """calculate_kv_scales on the GPU: no graph before the first step (it runs eagerly and sets the scales), the
+    decode graphs captured after it hold the calculated scales (CUDA-graph decode gives an eager engine's tokens
+    and scales), and the completions follow transformers with K / V rounded through those scales within three times
+    the bf16 engine's deviation from float32 (tests/engine/test_kv_fp8.py)."""
+    from .test_kv_fp8 import _deviation, _hf, _hf_scaled
+
+    sp = pagoda.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    outs, scales = {}, {}
+    for eager in (False, True):
+        llm = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, kv_cache_dtype="fp8", num_kv_pages=2048,
+                         enforce_eager=eager, calculate_kv_scales=True)
+        r = llm.engine.runner
+        assert r.kv_scales_pending and not r.graphs
+        outs[eager] = llm.generate(PROMPTS, sp, use_tqdm=False)
+        assert not r.kv_scales_pending and (len(r.graphs) > 0) != eager
+        assert (llm.engine.stats.cuda_graph_steps > 10) != eager
+        scales[eager] = [(s["k_scale"], s["v_scale"]) for s in r.layer_kv_scales]
+        del llm, r
+    assert scales[False] == scales[True] and all(k != 1.0 and v != 1.0 for k, v in scales[True])
+    assert [o.outputs[0].token_ids for o in outs[False]] == [o.outputs[0].token_ids for o in outs[True]]
+    bf16 = pagoda.LLM(dtype="bfloat16", max_num_seqs=8, num_kv_pages=2048)
+    ref = bf16.generate(PROMPTS, sp, use_tqdm=False)
+    del bf16
+    d8, m8 = _deviation(outs[False], _hf_scaled(scales[False]).cuda())
+    d16, _ = _deviation(ref, _hf(fp8=False).cuda())
+    print("mean |dlogp|: calculated-scale fp8 engine vs its oracle", d8, "; bf16 engine vs float32", d16, "; max", m8)
+    assert d8 < 3 * d16 + 0.01 and m8 < 0.5, (d8, d16, m8)
+
+
 def test_cuda_engine_freezes_its_start_up_heap():
     """A CUDA engine freezes the heap before it exists (once a process: llm.freeze_startup_heap), so a full
     collection scans the engines' objects, not the libraries' ~190k; an engine in a reference cycle is still

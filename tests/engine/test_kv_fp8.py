@@ -254,3 +254,59 @@ def test_checkpoint_kv_scale_names_and_bad_scales(tmp_path, caplog):
         with pytest.raises(ValueError, match=msg):
             pagoda.LLM(_checkpoint(tmp_path, extra, f"bad{i}"), num_kv_pages=64, kv_cache_dtype="fp8",
                        dtype="bfloat16")
+
+
+def test_calculate_kv_scales(caplog):
+    """calculate_kv_scales (vLLM's): the first step's K (after RoPE) and V set each layer's scales, max |K| / 200
+    and max |V| / 100 (the first layer's equal to the bf16 engine's cache maxima over the same prompts, which holds
+    that K / V in bf16; every layer's near them), the pages hold K / V so divided in e4m3, the completions follow
+    transformers with K / V rounded through the same scales within three times bf16's noise, and later steps keep
+    the scales. A first step of one token (the fused projection + RoPE + append path, which calibrating leaves for
+    the separate one) calibrates too. Bad values are ValueErrors naming calculate_kv_scales."""
+    from pagoda.engine.runner import K_SCALE_CONSTANT, V_SCALE_CONSTANT
+
+    sp = pagoda.SamplingParams(max_tokens=16, temperature=0, logprobs=3, ignore_eos=True)
+    caplog.set_level("INFO", logger="pagoda.engine")
+    fp8 = pagoda.LLM(None, num_kv_pages=128, kv_cache_dtype="fp8", dtype="bfloat16", calculate_kv_scales=True)
+    assert "without KV-cache scales" not in caplog.text
+    bf16 = pagoda.LLM(None, num_kv_pages=128, dtype="bfloat16")
+    r = fp8.engine.runner
+    assert r.kv_scales_pending and r.layer_kv_scales == [dict(k_scale=1.0, v_scale=1.0)] * 8
+    for llm in (fp8, bf16):
+        for c in llm.engine.runner.kv_caches:
+            c.copy_(torch.full(c.shape, 3.0).to(c.dtype))
+    first = pagoda.SamplingParams(max_tokens=1, temperature=0)
+    fp8.generate(PROMPTS, first, use_tqdm=False)  # (one step: the four prompts' prefill)
+    bf16.generate(PROMPTS, first, use_tqdm=False)
+    assert not r.kv_scales_pending and "calculate_kv_scales: k_scale" in caplog.text
+    scales = [(s["k_scale"], s["v_scale"]) for s in r.layer_kv_scales]
+    for layer, (c8, c16) in enumerate(zip(r.kv_caches, bf16.engine.runner.kv_caches, strict=True)):
+        used = (c16.float() != 3.0).flatten(1).any(1)
+        written = c16[used].float() != 3.0
+        ref_k, ref_v = c16[used][:, 0].float(), c16[used][:, 1].float()
+        top_k = ref_k[written[:, 0]].abs().max().item()
+        top_v = ref_v[written[:, 1]].abs().max().item()
+        want = (top_k / K_SCALE_CONSTANT, top_v / V_SCALE_CONSTANT)
+        tol = 0.02 if layer == 0 else 0.25  # (later layers' inputs differ by the fp8 rounding before them)
+        assert all(abs(g - w) <= tol * w for g, w in zip(scales[layer], want)), (layer, scales[layer], want)
+        s = torch.tensor(scales[layer]).view(1, 2, 1, 1, 1).expand(c8[used].shape)[written]
+        got, ref = c8[used].float()[written], c16[used].float()[written]
+        if layer == 0:
+            exact = (ref * (1.0 / s)).to(torch.float8_e4m3fn).float()
+            same = (got == exact).float().mean().item()
+            assert same > 0.95 and torch.allclose(got, exact, rtol=0.13, atol=2.0 ** -9), same
+            assert got.abs().max().item() <= 448 and got.abs().max().item() >= 50  # (the max near 200 / 100)
+        assert ((got * s - ref).norm() / ref.norm()).item() < 0.1, layer
+    d8, m8 = _deviation(fp8.generate(PROMPTS, sp, use_tqdm=False), _hf_scaled(scales))
+    d16, _ = _deviation(bf16.generate(PROMPTS, sp, use_tqdm=False), _hf(fp8=False))
+    assert [(s["k_scale"], s["v_scale"]) for s in r.layer_kv_scales] == scales  # (set once)
+    print("mean |dlogp|: calculated-scale fp8 engine vs its oracle", d8, "; bf16", d16, "; max", m8)
+    assert d8 < 3 * d16 + 0.01 and m8 < 0.5, (d8, d16, m8)
+    one = pagoda.LLM(None, num_kv_pages=64, kv_cache_dtype="fp8", dtype="bfloat16", calculate_kv_scales=True)
+    out = one.generate([{"prompt_token_ids": [1]}], pagoda.SamplingParams(max_tokens=4, temperature=0,
+                                                                          ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and not one.engine.runner.kv_scales_pending
+    assert all(s["k_scale"] != 1.0 and s["v_scale"] != 1.0 for s in one.engine.runner.layer_kv_scales)
+    for kw in ({"calculate_kv_scales": True}, {"calculate_kv_scales": 1, "kv_cache_dtype": "fp8"}):
+        with pytest.raises(ValueError, match="calculate_kv_scales"):
+            pagoda.LLM(None, num_kv_pages=64, dtype="bfloat16", **kw)
