@@ -77,6 +77,7 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # (vLLM's extension)
+    skip_special_tokens: bool = True  # (vLLM's extension: special tokens left out of the text)
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias
     # OpenAI / vLLM parameters that change what is generated and that pagoda does not implement: taken at their
     # neutral values, a 400 naming them otherwise (unsupported(); never silently ignored)
@@ -197,7 +198,7 @@ def _params(req: _Common, logprobs: int | None, default_max: int, prompt_logprob
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               allowed_token_ids=req.allowed_token_ids,
                               truncate_prompt_tokens=req.truncate_prompt_tokens, bad_words=req.bad_words,
-                              guided_decoding=guided)
+                              guided_decoding=guided, skip_special_tokens=req.skip_special_tokens)
     except ValueError as e:
         raise APIError(400, str(e), param=_field_of(str(e), None)) from None
 
@@ -648,6 +649,8 @@ def create_app(async_engine: AsyncEngine, served_model_name: str, metrics: Metri
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream on chat completions",
                            param="prompt_logprobs")
+        if mode == "auto" and tool_parser == "mistral":  # ([TOOL_CALLS] is a special token: kept, as vLLM's)
+            req.skip_special_tokens = False
         params = _params(req, n_lp, default_max(len(ids)), req.prompt_logprobs,
                          guided_for(mode, tools, req.parallel_tool_calls))
         rid = f"chatcmpl-{uuid.uuid4().hex}"

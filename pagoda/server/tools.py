@@ -11,7 +11,11 @@
   text before the first call as content), ``llama3_json`` (Llama 3.1+ / 3.2: an output that is JSON objects
   ``{"name": ..., "parameters": {...}}``, separated by ";", after an optional ``<|python_tag|>``) and ``pythonic``
   (Llama 3.2 / 4's and others' prompted format: an output that is a Python list of calls with literal keyword
-  arguments, ``[get_weather(city="Paris"), get_time()]``).
+  arguments, ``[get_weather(city="Paris"), get_time()]``) and ``mistral`` (Mistral's ``[TOOL_CALLS]`` special token,
+  which the server then keeps in the text (skip_special_tokens false, as vLLM's), before a JSON array of {"name",
+  "arguments"} (Mistral 7B v0.3, Nemo) or before each ``name[ARGS]{...}`` call (tokenizers v11+: Mistral Small 3.2,
+  Devstral, Magistral); text before it is content; call ids of 9 letters and digits, which Mistral's chat templates
+  require of the calls sent back to them).
 
 Streams hold back what may be the start of a call (a prefix of ``<tool_call>``, or a ``llama3_json`` output that
 opens with "{") and stream the calls as vLLM does: a call's first delta (its index, id, type and name, arguments
@@ -25,12 +29,17 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
+import string
 import uuid
 from typing import Any
 
 from ..engine.guided import GuidedDecodingParams
 
-PARSERS = ("hermes", "llama3_json", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+MISTRAL_BOT = "[TOOL_CALLS]"
+_MISTRAL_NAME = re.compile(r"\s*([A-Za-z0-9_\-.]+)(?:\[CALL_ID\][A-Za-z0-9]+)?(?:\[ARGS\])?")
 log = logging.getLogger("pagoda.server")
 
 
@@ -149,12 +158,19 @@ def template_messages(messages) -> list[dict[str, Any]]:
     return out
 
 
-def _call(name: str, arguments) -> dict[str, Any]:
+def call_id(parser: str | None = None) -> str:
+    """A tool call's id: vLLM's "chatcmpl-tool-<hex>", or for the mistral parser 9 letters and digits (Mistral's
+    chat templates refuse others in the calls sent back)."""
+    if parser == "mistral":
+        return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def _call(name: str, arguments, parser: str | None = None) -> dict[str, Any]:
     """An OpenAI tool call (arguments as JSON text)."""
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": call_id(parser), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _objects(text: str, sep: str = "") -> list | None:
@@ -225,7 +241,35 @@ def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict[str,
     if parser == "pythonic":
         calls = _pythonic(text)
         return (text, []) if calls is None else (None, calls)
+    if parser == "mistral":
+        calls = _mistral(text)
+        if calls is None:
+            return text, []
+        content = text[:text.find(MISTRAL_BOT)]
+        return (content if content.strip() else None), calls
     raise ValueError(f"unknown tool-call parser {parser!r}; one of {PARSERS}")
+
+
+def _mistral(text: str) -> list[dict[str, Any]] | None:
+    """The calls after the first [TOOL_CALLS] (a JSON array / object of {"name", "arguments"}, or name[ARGS]{...}
+    after each [TOOL_CALLS]), or None (no such token, or anything else after it)."""
+    start = text.find(MISTRAL_BOT)
+    if start < 0:
+        return None
+    body = text[start + len(MISTRAL_BOT):]
+    if body.lstrip()[:1] in ("[", "{"):
+        objs = _objects(body.replace(MISTRAL_BOT, " "))  # (arrays after several [TOOL_CALLS] are one list of calls)
+        objs = objs and [c for o in objs for c in (o if isinstance(o, list) else [o])]
+        named = [_named(o) for o in objs or ()]
+        return None if not objs or None in named else [_call(*n, "mistral") for n in named]
+    calls = []
+    for part in body.split(MISTRAL_BOT):
+        m = _MISTRAL_NAME.match(part)
+        objs = _objects(part[m.end():]) if m else None
+        if not objs or len(objs) != 1:
+            return None
+        calls.append(_call(m.group(1), objs[0], "mistral"))
+    return calls
 
 
 def _pythonic(text: str) -> list[dict[str, Any]] | None:
@@ -387,12 +431,13 @@ class StreamSplitter:
         t = self.text
         if self.mode != "auto":  # ("required" / a named function: the whole output is the calls; "none": feed())
             return 0
-        if self.parser == "hermes":
-            start = t.find("<tool_call>")
+        if self.parser in ("hermes", "mistral"):
+            tag = "<tool_call>" if self.parser == "hermes" else MISTRAL_BOT
+            start = t.find(tag)
             if start >= 0:
                 return start
-            for k in range(min(len(t), len("<tool_call>") - 1), 0, -1):  # (a tail that may begin the tag)
-                if "<tool_call>".startswith(t[-k:]):
+            for k in range(min(len(t), len(tag) - 1), 0, -1):  # (a tail that may begin the tag)
+                if tag.startswith(t[-k:]):
                     return len(t) - k
             return len(t)
         head = t.lstrip()
@@ -428,6 +473,8 @@ class StreamSplitter:
             if j >= len(t) or t[j] != "[":
                 return out
             j += 1
+        elif self.parser == "mistral":
+            return self._scan_mistral()
         elif self.parser == "llama3_json":
             j, keys, sep, blocks = _skip_ws(t, 0), ("parameters", "arguments"), ";", None
             if t.startswith("<|python_tag|>", j):
@@ -452,6 +499,38 @@ class StreamSplitter:
                 return out
             j = end
 
+    def _scan_mistral(self) -> list[tuple[str | None, int | None, int | None]]:
+        """_scan of the mistral parser: after [TOOL_CALLS], a JSON array of calls or name[ARGS]{...} calls."""
+        t, out = self.text, []
+        j = t.find(MISTRAL_BOT)
+        if j < 0:
+            return out
+        j = _skip_ws(t, j + len(MISTRAL_BOT))
+        if j < len(t) and t[j] in "[{":  # (the JSON form: objects in an array, or one object)
+            j += t[j] == "["
+            while True:
+                j = _skip_ws(t, j, "," if out else "")
+                if j >= len(t) or t[j] != "{":
+                    return out
+                name, a0, a1, end = _scan_call(t, j, ("arguments", "parameters"))
+                out.append((name, a0, a1))
+                if end is None:
+                    return out
+                j = end
+        while True:  # (name[ARGS]{...} after each [TOOL_CALLS])
+            m = _MISTRAL_NAME.match(t, j)
+            if m is None or m.end() >= len(t) or t[m.end()] != "{":  # (the name is whole once its arguments begin)
+                return out
+            a0 = m.end()
+            a1 = _value_end(t, a0)
+            out.append((m.group(1), a0, a1))
+            if a1 is None:
+                return out
+            j = _skip_ws(t, a1)
+            if not t.startswith(MISTRAL_BOT, j):
+                return out
+            j += len(MISTRAL_BOT)
+
     def _arguments_delta(self, call: dict[str, Any], a1: int | None) -> str:
         """The next piece of a begun call's arguments: the object's text as written (a1 None: up to the text's
         end), or a value of another kind whole once written (as _call turns it into arguments)."""
@@ -475,8 +554,7 @@ class StreamSplitter:
             if i == len(self.streamed):
                 if name is None:
                     break
-                self.streamed.append({"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "name": name, "start": None,
-                                      "sent": 0})
+                self.streamed.append({"id": call_id(self.parser), "name": name, "start": None, "sent": 0})
                 out.append({"index": i, "id": self.streamed[i]["id"], "type": "function",
                             "function": {"name": name, "arguments": ""}})
             call = self.streamed[i]

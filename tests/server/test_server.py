@@ -690,6 +690,38 @@ def test_tool_calling(tmp_path):
         assert stop(proc) == 0
 
 
+def test_mistral_tool_parser(tmp_path):
+    """--tool-call-parser mistral: "auto" requests keep special tokens in the text (Mistral's [TOOL_CALLS] is one;
+    vLLM's adjust_request), the calls after it parsed and streamed with ids of 9 letters and digits; other requests
+    leave special tokens out unless skip_special_tokens is false (vLLM's request field)."""
+    pytest.importorskip("xgrammar")
+    template = os.path.join(os.path.dirname(__file__), "tool_template.jinja")
+    proc, url = start_server("--enable-auto-tool-choice", "--tool-call-parser", "mistral", "--chat-template", template)
+    try:
+        msgs = [{"role": "user", "content": "What is the weather in Rome?"}]
+        forced = 'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+        body = {"model": MODEL, "messages": msgs, "tools": TOOLS, "max_tokens": 60, "temperature": 0,
+                "guided_regex": re.escape(forced)}
+        ch = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+        (call,) = ch["message"]["tool_calls"]
+        assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] == "Sure. ", ch
+        assert re.fullmatch("[A-Za-z0-9]{9}", call["id"]) and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text)
+        assert (content, reasons) == ("Sure. ", ["tool_calls"]) and len(calls) == 1
+        assert json.loads(calls[0]["arguments"]) == {"city": "Rome"} and re.fullmatch("[A-Za-z0-9]{9}", calls[0]["id"])
+        # a special token (the demo tokenizer's <|user|>, id 3, forced by logit_bias) stays in an "auto" answer's text
+        special = {"model": MODEL, "messages": msgs, "max_tokens": 2, "temperature": 0, "logit_bias": {"3": 100},
+                   "ignore_eos": True}
+        auto = httpx.post(url + "/v1/chat/completions", json={**special, "tools": TOOLS}).json()["choices"][0]
+        plain = httpx.post(url + "/v1/chat/completions", json=special).json()["choices"][0]
+        kept = httpx.post(url + "/v1/chat/completions", json={**special, "skip_special_tokens": False}).json()
+        assert auto["message"]["content"] == "<|user|><|user|>" and auto["message"]["tool_calls"] == [], auto
+        assert plain["message"]["content"] == "" and kept["choices"][0]["message"]["content"] == "<|user|><|user|>"
+    finally:
+        assert stop(proc) == 0
+
+
 def test_auto_tool_choice_needs_the_parser(server):
     """Without --enable-auto-tool-choice: tools with tool_choice "auto" (or none given, OpenAI's default then) are a
     400 naming tool_choice, as vLLM's; "none" answers in text; "auto" without tools is taken."""

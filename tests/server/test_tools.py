@@ -76,7 +76,38 @@ def test_llama3_json_parser():
     for text in ("Sure: {}", '{"name": "get_weather", "parameters": {"ci', '{"city": "Oslo"}', "[1]"):
         assert parse_tool_calls(text, "llama3_json") == (text, []), text
     with pytest.raises(ValueError, match="parser"):
-        parse_tool_calls("x", "mistral")
+        parse_tool_calls("x", "mistral_v9")
+
+
+def test_mistral_parser():
+    """Mistral's [TOOL_CALLS]: the JSON-array form (7B v0.3, Nemo) and the name[ARGS]{...} form (tokenizers v11+),
+    text before it as content, ids of 9 letters and digits (Mistral's templates refuse others); anything else after
+    the token is content; streamed as the others (the array form and the name form)."""
+    import re
+
+    text = 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lyon"}}, {"name": "get_time", ' \
+           '"arguments": {}}]'
+    content, calls = parse_tool_calls(text, "mistral")
+    assert content == "Sure. " and _calls(calls) == [("get_weather", {"city": "Lyon"}), ("get_time", {})]
+    assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in calls) and calls[0]["id"] != calls[1]["id"]
+    v11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon"}[TOOL_CALLS]get_time[ARGS]{}'
+    content, calls = parse_tool_calls(v11, "mistral")
+    assert content is None and _calls(calls) == [("get_weather", {"city": "Lyon"}), ("get_time", {})]
+    assert _calls(parse_tool_calls('[TOOL_CALLS]get_time{"tz": "UTC"}', "mistral")[1]) == [("get_time", {"tz": "UTC"})]
+    assert _calls(parse_tool_calls('[TOOL_CALLS][{"name": "get_time", "arguments": {}}][TOOL_CALLS][{"name": "f", '
+                                   '"arguments": {"a": 1}}]', "mistral")[1]) == [("get_time", {}), ("f", {"a": 1})]
+    for bad in ("no calls", "[TOOL_CALLS]", "[TOOL_CALLS] [1]", '[TOOL_CALLS]get_time[ARGS]{"tz": ', "[TOOL_CALLS]x y",
+                '[TOOL_CALLS]get_time[ARGS]{} trailing'):
+        assert parse_tool_calls(bad, "mistral") == (bad, []), bad
+    for form, n in ((text, 3), (v11, 2)):
+        steps = []
+        content, sent, calls = _stream("auto", "mistral", _pieces(form, n), steps=steps)
+        want = [("get_weather", {"city": "Lyon"}), ("get_time", {})]
+        assert _calls(calls) == want and content == ("Sure. " if form == text else ""), form
+        assert sum(1 for d in steps for c in d if c["index"] == 0 and c["function"].get("arguments")) > 2, form
+        assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in calls)
+    content, sent, calls = _stream("auto", "mistral", ["Hi [TOOL", "_CALLS]", "x"])
+    assert sent[0] == "Hi " and content == "Hi [TOOL_CALLS]x" and calls == []
 
 
 def test_pythonic_parser():
