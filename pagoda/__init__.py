@@ -5,7 +5,9 @@ framework can switch by changing an import.
 """
 from . import triton_compat  # noqa: F401  (interpreter fixes, before any kernel runs)
 from .attention import (AttentionVariant, BatchAttention, BatchAttentionWithAttentionSinkWrapper,
-                        BatchDecodeWithPagedKVCacheWrapper,
+                        BatchDecodeWithPagedKVCacheWrapper, BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
+                        BatchPrefillWithSharedPrefixPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+                        fast_decode_plan,
                         BatchMLAPagedAttentionWrapper,
                         BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper,
                         BatchPrefillWithPagedKVCacheWrapper,
@@ -29,6 +31,8 @@ __all__ = [
     "merge_state", "merge_state_in_place", "merge_states",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse",
     "PODWithPagedKVCacheWrapper", "BatchPODWithPagedKVCacheWrapper",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper", "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan",
     *_ops_all,
     "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest", "GuidedDecodingParams",
 ]

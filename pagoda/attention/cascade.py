@@ -233,6 +233,125 @@ class MultiLevelCascadeAttentionWrapper:
     forward = run
 
 
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """FlashInfer's shared-prefix decode (its older cascade API; MultiLevelCascadeAttentionWrapper is the general
+    one): every request's query attends to one shared prefix, given as contiguous k_shared / v_shared, then to its
+    own pages of a paged cache; the two states merge exactly (merge_state_in_place). The shared part runs as one
+    non-causal prefill of all the batch's queries over the prefix (the prefix read once for the batch)."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", backend: str = "auto") -> None:
+        from .decode import BatchDecodeWithPagedKVCacheWrapper
+
+        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
+                                                                        backend=backend)
+        self._kv_layout = kv_layout
+        self._backend = backend
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+
+    def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int,
+                      num_kv_heads: int, head_dim: int, page_size: int, data_type="float16", *,
+                      q_data_type=None, sm_scale: float | None = None,
+                      logits_soft_cap: float | None = None) -> None:
+        """Plan the unique (paged) part: the batch's page tables as in BatchDecodeWithPagedKVCacheWrapper.plan;
+        data_type the cache's (and the queries', unless q_data_type); sm_scale / logits_soft_cap (pagoda's
+        keywords) apply to both parts."""
+        self._batch_decode_wrapper.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads,
+                                        num_kv_heads, head_dim, page_size, q_data_type=q_data_type or data_type,
+                                        kv_data_type=data_type, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
+
+    plan = begin_forward
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
+                return_lse: bool = False):
+        """q [batch, num_qo_heads, head_dim]; k_shared / v_shared [shared_len, num_kv_heads, head_dim] (NHD) or
+        [num_kv_heads, shared_len, head_dim] (HND); unique_kv_cache as BatchDecodeWithPagedKVCacheWrapper.run
+        takes it. Returns out like q (and the merged lse [batch, num_qo_heads], base 2, with return_lse)."""
+        from .prefill import single_prefill_with_kv_cache
+
+        w = self._batch_decode_wrapper
+        if w._plan is None:
+            raise not_planned(self)
+        p = w._plan
+        v_s, s_s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
+                                                sm_scale=p.sm_scale, logits_soft_cap=p.logits_soft_cap or None,
+                                                return_lse=True, backend=self._backend)
+        v_u, s_u = w.run(q, unique_kv_cache, return_lse=True)
+        merge_state_in_place(v_s, s_s, v_u, s_u)
+        return (v_s, s_s) if return_lse else v_s
+
+    run = forward
+
+    def end_forward(self) -> None:
+        """FlashInfer's (deprecated there, no effect)."""
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+    """FlashInfer's shared-prefix prefill / append (its older cascade API): each request's queries attend to one
+    shared prefix (contiguous k_shared / v_shared, no mask: the queries come after it) and to the request's own
+    pages, causally when forward(causal=True) (bottom-right aligned); the states merge exactly. As FlashInfer's,
+    causal and the scale come with forward(): the paged part is planned at the first forward() of each (causal,
+    sm_scale) after begin_forward()."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", backend: str = "auto") -> None:
+        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
+                                                                          backend=backend)
+        self._kv_layout = kv_layout
+        self._backend = backend
+        self._args = None  # begin_forward()'s arguments
+        self._planned_for = None  # (causal, sm_scale, dtypes) of the paged part's last plan
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._planned_for = None
+
+    def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+                      num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> None:
+        """The batch's queries (qo_indptr) and their unique pages, as BatchPrefillWithPagedKVCacheWrapper.plan
+        takes them; checked here (a plan without a mask), planned again by forward() as it needs."""
+        self._args = None
+        self._batch_prefill_wrapper.plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+                                         num_qo_heads, num_kv_heads, head_dim, page_size)
+        self._args = (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+                      num_kv_heads, head_dim, page_size)
+        self._planned_for = None
+
+    plan = begin_forward
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
+                causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+                rope_scale=None, rope_theta=None, return_lse: bool = False):
+        """q [qo_indptr[-1], num_qo_heads, head_dim]; k_shared / v_shared [shared_len, num_kv_heads, head_dim]
+        (NHD) or [num_kv_heads, shared_len, head_dim] (HND); unique_kv_cache as the paged wrappers take it.
+        Returns out like q (and the merged lse, base 2, with return_lse). rope_scale / rope_theta: RoPE is the
+        caller's (pagoda.ops); None only."""
+        from .prefill import single_prefill_with_kv_cache
+
+        if self._args is None:
+            raise not_planned(self)
+        if rope_scale is not None or rope_theta is not None:
+            raise ValueError("rope_scale / rope_theta: apply RoPE before attention (pagoda.ops) and pass None")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be a bool, got {causal!r}")
+        cache_dtype = (unique_kv_cache[0] if isinstance(unique_kv_cache, (tuple, list)) else unique_kv_cache).dtype
+        want = (causal, sm_scale, q.dtype, cache_dtype)
+        if self._planned_for != want:
+            self._batch_prefill_wrapper.plan(*self._args, causal=causal, sm_scale=sm_scale, q_data_type=q.dtype,
+                                             kv_data_type=cache_dtype)
+            self._planned_for = want
+        v_s, s_s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
+                                                sm_scale=sm_scale, return_lse=True, backend=self._backend)
+        v_u, s_u = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
+        merge_state_in_place(v_s, s_s, v_u, s_u)
+        return (v_s, s_s) if return_lse else v_s
+
+    run = forward
+
+    def end_forward(self) -> None:
+        """FlashInfer's (deprecated there, no effect)."""
+
+
 def cascade_levels_from_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size: int,
                                    qo_indptr=None):
     """Two cascade levels from a batch's page tables (for a serving engine's prefix cache).

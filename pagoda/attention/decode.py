@@ -103,6 +103,42 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchAttention):
     forward = run
 
 
+class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
+    """FlashInfer's CUDA-graph decode wrapper: BatchDecodeWithPagedKVCacheWrapper(use_cuda_graph=True) with the
+    caller's buffers (indices_buffer sizes the page ids a plan may hold; the indptr / last-page buffers are
+    accepted: the plan reduces them to its work list)."""
+
+    def __init__(self, workspace_buffer: torch.Tensor, indptr_buffer: torch.Tensor, indices_buffer: torch.Tensor,
+                 last_page_len_buffer: torch.Tensor, kv_layout: str = "NHD", use_tensor_cores: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__(workspace_buffer, kv_layout, use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
+                         paged_kv_indptr_buffer=indptr_buffer, paged_kv_indices_buffer=indices_buffer,
+                         paged_kv_last_page_len_buffer=last_page_len_buffer, backend=backend)
+
+
+def fast_decode_plan(self: BatchDecodeWithPagedKVCacheWrapper, indptr, indices, last_page_len, num_qo_heads: int,
+                     num_kv_heads: int, head_dim: int, page_size: int, pos_encoding_mode: str = "NONE",
+                     window_left: int = -1, logits_soft_cap: float | None = None, q_data_type=None,
+                     kv_data_type=None, data_type=None, sm_scale: float | None = None, rope_scale=None,
+                     rope_theta=None, non_blocking: bool = True, fixed_split_size: int | None = None,
+                     disable_split_kv: bool = False, global_override_indptr_cpu=None) -> None:
+    """FlashInfer's fast_decode_plan (SGLang binds it to its decode wrappers as their plan): the wrapper's plan();
+    pagoda's plan() copies nothing device-to-device already. global_override_indptr_cpu: a host copy of indptr
+    (no device read). fixed_split_size / disable_split_kv (FlashInfer's deterministic split) are not taken:
+    ValueError unless at their defaults."""
+    if fixed_split_size not in (None, -1) or disable_split_kv:
+        raise ValueError("fast_decode_plan: fixed_split_size / disable_split_kv are not supported by pagoda's "
+                         "planner (it sizes the splits from its cost model); leave them at None / False")
+    if data_type is not None:
+        q_data_type = data_type if q_data_type is None else q_data_type
+        kv_data_type = data_type if kv_data_type is None else kv_data_type
+    self.plan(indptr if global_override_indptr_cpu is None else global_override_indptr_cpu, indices, last_page_len,
+              num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode=pos_encoding_mode,
+              window_left=window_left, logits_soft_cap=logits_soft_cap,
+              q_data_type="float16" if q_data_type is None else q_data_type, kv_data_type=kv_data_type,
+              sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking)
+
+
 def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",
                                 pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
                                 sm_scale: float | None = None, window_left: int = -1,

@@ -265,6 +265,22 @@ class BatchAttention:
         self._alloc_int(items, splits, pages)
         self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
 
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
+        """FlashInfer's: the float workspace (split partial results) moves to float_workspace_buffer, on the same
+        device; plan() again before run(). int_workspace_buffer is accepted and not used (the plan buffer is the
+        wrapper's own). Not for a CUDA-graph wrapper that has planned: its captured runs read the old buffer."""
+        if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device != self.device:
+            raise ValueError(f"float_workspace_buffer must be a tensor on {self.device}, got "
+                             f"{getattr(float_workspace_buffer, 'device', float_workspace_buffer)}")
+        if self._use_cuda_graph and self._graph_kernel is not None:
+            raise ValueError("reset_workspace_buffer: a CUDA-graph wrapper's captured runs read its workspace; make "
+                             "a new wrapper instead")
+        self._float_ws = float_workspace_buffer
+        raw = float_workspace_buffer.reshape(-1).view(torch.uint8)
+        self._ws_f32 = raw[:raw.numel() // 4 * 4].view(torch.float32)
+        self._plan = None
+        self._launch_cache = None
+
     # -- buffers -------------------------------------------------------------------
     def _alloc_int(self, items: int, splits: int, pages: int) -> None:
         """The plan buffer (kernels/attention.py: header, work list, split table, page ids, packed in this
