@@ -265,6 +265,10 @@ class BatchAttention:
         self._alloc_int(items, splits, pages)
         self._arrivals = torch.zeros(arrivals, dtype=torch.int32, device=self.device)
 
+    def run_return_lse(self, *args, **kwargs):
+        """FlashInfer's: run(..., return_lse=True), (out, lse)."""
+        return self.run(*args, return_lse=True, **kwargs)
+
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
         """FlashInfer's: the float workspace (split partial results) moves to float_workspace_buffer, on the same
         device; plan() again before run(). int_workspace_buffer is accepted and not used (the plan buffer is the

@@ -95,11 +95,12 @@ def test_cuda_graph_decode_class_fast_plan_and_workspace_reset():
     plain.begin_forward(batch.indptr.to(DEVICE), batch.indices, batch.last_page_len, hq, hk, d, ps, data_type=dtype,
                         global_override_indptr_cpu=batch.indptr)
     for wrapper in (w, plain):
-        out = wrapper.run(q, batch.cache)
+        out, lse = wrapper.run_return_lse(q, batch.cache)  # (FlashInfer's name for run(return_lse=True))
         for b in range(3):
-            ro, _ = reference.attention(q[b:b + 1], batch.k[b], batch.v[b], compute_dtype=torch.float64,
-                                        out_dtype=torch.float64)
+            ro, rl = reference.attention(q[b:b + 1], batch.k[b], batch.v[b], compute_dtype=torch.float64,
+                                         out_dtype=torch.float64)
             assert rel_err(out[b:b + 1], ro) < TOL[dtype]
+            check_lse(lse[b:b + 1], rl)
     for kw in ({"disable_split_kv": True}, {"fixed_split_size": 64}):
         with pytest.raises(ValueError, match="split"):
             pagoda.fast_decode_plan(plain, batch.indptr, batch.indices, batch.last_page_len, hq, hk, d, ps, **kw)
