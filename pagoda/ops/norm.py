@@ -1,4 +1,5 @@
-"""RMSNorm, its fused-residual and Gemma forms, and LayerNorm (FlashInfer names and arguments).
+"""RMSNorm, its fused-residual and Gemma forms, their fp8-output forms (rmsnorm_quant, fused_add_rmsnorm_quant:
+the input of an fp8 GEMM), and LayerNorm (FlashInfer names and arguments).
 
 All compute in fp32 and return the input dtype. ``input`` is [..., hidden] with a
 contiguous last dimension; ``weight`` is [hidden].
@@ -111,6 +112,63 @@ def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch
     once where torch's bf16 add rounds a float32 sum, so a rare element differs by one unit in the last place).
     input is left as it is."""
     _fused(input, residual, weight, eps, 1.0, enable_pdl, into=True)
+
+
+def _check_quant(out, input, scale) -> tuple[float, float]:
+    """(1 / scale, the fp8 dtype's largest value) of rmsnorm_quant's out / scale, or ValueError naming them."""
+    from ..attention.formats import FP8_DTYPES
+
+    if not isinstance(out, torch.Tensor) or out.dtype not in FP8_DTYPES or out.shape != input.shape or \
+            out.device != input.device:
+        raise ValueError(f"out must be a float8_e4m3fn / float8_e5m2 tensor of input's shape {tuple(input.shape)} on "
+                         f"{input.device}, got {getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if out.numel() and out.stride(-1) != 1:
+        raise ValueError("out must have a contiguous last dimension")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
+        raise ValueError(f"scale must be a float > 0 (out = the norm / scale), got {scale!r}")
+    return 1.0 / float(scale), float(torch.finfo(out.dtype).max)
+
+
+def _norm_quant(out, input, residual, weight, scale, eps, enable_pdl):
+    _check(input, weight)
+    eps = check_eps("eps", eps)
+    scale_inv, clamp = _check_quant(out, input, scale)
+    if residual is not None:
+        check_same("residual", residual, input)
+    if input.numel() == 0:
+        return
+    if not use_triton(input):
+        x = input.float()
+        if residual is not None:
+            x = x + residual.float()
+            residual.copy_(x.to(residual.dtype))
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        if residual is not None and input.shape[-1] > _block(input.shape[-1]):
+            x = residual.float()  # (a two-pass row normalizes the rounded sum by the float sum's rms, as the kernel)
+        out.copy_((x * inv * weight.float() * scale_inv).clamp(-clamp, clamp).to(out.dtype))
+        return
+    x2, y2 = rows_view("input", input), rows_view("out", out)
+    r2 = x2 if residual is None else rows_view("residual", residual)
+    hidden = input.shape[-1]
+    rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y2, hidden, x2.stride(0), r2.stride(0), y2.stride(0), eps, 0.0,
+                                   BLOCK=_block(hidden), ADD_RESIDUAL=residual is not None, QUANT=True,
+                                   scale_inv=scale_inv, clamp=clamp, num_warps=4, **pdl_launch(enable_pdl, input))
+
+
+def rmsnorm_quant(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, scale: float, eps: float = 1e-6,
+                  enable_pdl: bool | None = None) -> torch.Tensor:
+    """FlashInfer's: out (float8_e4m3fn / e5m2, input's shape) = rmsnorm(input) * weight / scale, clamped to the
+    fp8 dtype's range (the input of an fp8 GEMM with per-tensor activation scale ``scale``). Returns out."""
+    _norm_quant(out, input, None, weight, scale, eps, enable_pdl)
+    return out
+
+
+def fused_add_rmsnorm_quant(out: torch.Tensor, input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            scale: float, eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
+    """FlashInfer's: residual <- input + residual (in residual's dtype); out (fp8) = rmsnorm of the sum * weight /
+    scale, clamped to the fp8 range (the float32 sum's norm, as FlashInfer's kernel; rows over 4096 read the rounded
+    sum). input is left as it is."""
+    _norm_quant(out, input, residual, weight, scale, eps, enable_pdl)
 
 
 def layernorm(input: torch.Tensor, gemma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

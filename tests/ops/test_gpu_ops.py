@@ -413,6 +413,30 @@ def test_layernorm_real_size(hidden):
     assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("hidden", [4096, 8192])
+def test_rmsnorm_quant_real_size(hidden):
+    """rmsnorm_quant / fused_add_rmsnorm_quant at serving sizes (one pass at 4096, two at 8192): e4m3 output
+    against the float64 norm / scale so quantized (equal but for rounding ties), residual updated."""
+    x = (torch.randn(257, hidden, device="cuda") * 3).to(torch.bfloat16)
+    r0 = torch.randn(257, hidden, device="cuda").to(torch.bfloat16)
+    w = torch.rand(hidden, device="cuda").to(torch.bfloat16) + 0.5
+    for fused in (False, True):
+        out = torch.full(x.shape, float("nan"), device="cuda").to(torch.float8_e4m3fn)
+        r = r0.clone()
+        if fused:
+            pagoda.fused_add_rmsnorm_quant(out, x, r, w, 0.02)
+            s = x.double() + r0.double()
+            assert torch.equal(r, s.to(torch.bfloat16)) or ((r.double() - s).abs() <= 2 ** -7 * s.abs()).all()
+            base = s if hidden <= 4096 else r.double()
+        else:
+            pagoda.rmsnorm_quant(out, x, w, 0.02)
+            s = base = x.double()
+        want = (base * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double() / 0.02).clamp(-448, 448)
+        got = out.double()
+        assert torch.isfinite(got).all() and (got == want.to(torch.float8_e4m3fn).double()).double().mean() > 0.99
+        assert ((got - want).abs() <= 0.13 * want.abs() + 2.0 ** -9).all()
+
+
 def _top_positions_ref(row, k):
     """A row's top-k positions in position order, the first ones among values equal to the k-th largest (the
     radix-select kernel's choice)."""

@@ -193,3 +193,50 @@ def test_layernorm(dtype, hidden):
         args.update(kw)
         with pytest.raises(ValueError, match=msg):
             pagoda.layernorm(**args)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("hidden", [300, 5000])  # one pass, two passes
+@pytest.mark.parametrize("fused", [False, True])
+def test_rmsnorm_quant(fp8, hidden, fused, monkeypatch):
+    """FlashInfer's rmsnorm_quant / fused_add_rmsnorm_quant: out (fp8, poisoned first) = the norm / scale clamped
+    to the fp8 range: against the float64 norm so quantized, equal but for rounding ties (one fp8 step at most),
+    the clamped elements at the range's end (scale 0.004 pushes the largest past it); fused: residual <- input +
+    residual, input untouched; the PyTorch form alike; bad out / scale are ValueErrors naming them."""
+    dtype = torch.bfloat16
+    x = torch.randn(9, hidden, dtype=dtype, device=DEVICE) * 3
+    r0 = torch.randn(9, hidden, dtype=dtype, device=DEVICE)
+    w = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    big = float(torch.finfo(fp8).max)
+    for scale in (0.05, 0.004 if fp8 == torch.float8_e4m3fn else 1e-5):
+        for triton_path in (True, False):
+            if not triton_path:
+                monkeypatch.setattr("pagoda.ops.norm.use_triton", lambda t: False)
+            xi, r = x.clone(), r0.clone()
+            out = torch.full(x.shape, float("nan"), device=DEVICE).to(fp8)
+            if fused:
+                assert pagoda.fused_add_rmsnorm_quant(out, xi, r, w, scale, eps=1e-6) is None
+                summed = x.double() + r0.double()
+                assert torch.equal(xi, x) and rel(r, summed) < TOL[dtype]
+                # (a two-pass row normalizes the sum rounded to bf16 by the float sum's rms)
+                base = summed if hidden <= 4096 else r.double()
+            else:
+                assert pagoda.rmsnorm_quant(out, xi, w, scale, eps=1e-6) is out
+                summed = base = x.double()
+            want = (base * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double() / scale)
+            want = want.clamp(-big, big)
+            got = out.double()
+            assert torch.isfinite(got).all()
+            exact = want.to(fp8).double()
+            assert (got == exact).double().mean() > 0.99, (scale, triton_path)
+            step = 0.13 if fp8 == torch.float8_e4m3fn else 0.26
+            assert ((got - want).abs() <= step * want.abs() + 2.0 ** -9).all()
+            if scale < 0.01:
+                assert (got.abs() == big).any()  # (clamped, not inf / NaN)
+            monkeypatch.undo()
+    bad_out = torch.empty(9, hidden, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="out"):
+        pagoda.rmsnorm_quant(bad_out, x, w, 1.0)
+    for scale in (0.0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="scale"):
+            pagoda.rmsnorm_quant(torch.empty(9, hidden, device=DEVICE).to(fp8), x, w, scale)

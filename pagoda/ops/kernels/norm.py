@@ -8,12 +8,15 @@ from .pdl import pdl_enter
 @triton.jit
 def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight_offset,
                    BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False,
-                   NORM_INTO_R: tl.constexpr = False):
+                   NORM_INTO_R: tl.constexpr = False, QUANT: tl.constexpr = False, scale_inv=1.0, clamp=448.0):
     """Y = X / rms(X) * (W + weight_offset), or with ADD_RESIDUAL: R <- X + R, then Y = norm(R)
     (Y aliases X for the in-place fused form), or with NORM_INTO_R: R <- R + norm(X), the norm rounded to R's
     dtype before the sum (as the norm's own output would be; Y is R then; in float32 the compiler may fuse the
-    product and the sum). A row of at most BLOCK elements is one pass, its weight loaded with it (one round of
-    loads: at decode batch 1 the kernel is that round's latency); longer rows take two passes. PDL: kernels/pdl.py."""
+    product and the sum). QUANT (FlashInfer's rmsnorm_quant): Y (fp8) = the norm * scale_inv clamped to +-clamp,
+    and with ADD_RESIDUAL the norm of the float32 sum in a one-pass row (FlashInfer's quant kernel keeps it in
+    float; its other kernels and a two-pass row read the sum rounded to R's dtype). A row of at most BLOCK elements
+    is one pass, its weight loaded with it (one round of loads: at decode batch 1 the kernel is that round's
+    latency); longer rows take two passes. PDL: kernels/pdl.py."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     if hidden <= BLOCK:
@@ -26,9 +29,12 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
             xr = x.to(R.dtype.element_ty)
             tl.store(R + row * stride_r + offs, xr, mask=m)
         inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
-        if ADD_RESIDUAL:
+        if ADD_RESIDUAL and not QUANT:
             x = xr.to(tl.float32)  # the sum in the residual's dtype, as the two-pass form re-reads it
-        y = (x * inv * w).to(Y.dtype.element_ty)
+        if QUANT:
+            y = tl.minimum(tl.maximum(x * inv * w * scale_inv, -clamp), clamp).to(Y.dtype.element_ty)
+        else:
+            y = (x * inv * w).to(Y.dtype.element_ty)
         if NORM_INTO_R:
             y = (y.to(tl.float32) + tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)).to(
                 Y.dtype.element_ty)
@@ -53,7 +59,10 @@ def rmsnorm_kernel(X, R, W, Y, hidden, stride_x, stride_r, stride_y, eps, weight
             else:
                 x = tl.load(X + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
             w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32) + weight_offset
-            y = (x * inv * w).to(Y.dtype.element_ty)
+            if QUANT:
+                y = tl.minimum(tl.maximum(x * inv * w * scale_inv, -clamp), clamp).to(Y.dtype.element_ty)
+            else:
+                y = (x * inv * w).to(Y.dtype.element_ty)
             if NORM_INTO_R:
                 y = (y.to(tl.float32) + tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)).to(
                     Y.dtype.element_ty)
