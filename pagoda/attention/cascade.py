@@ -233,22 +233,57 @@ class MultiLevelCascadeAttentionWrapper:
     forward = run
 
 
+class _SharedPrefix:
+    """The shared part of the shared-prefix wrappers: every query over the whole contiguous prefix, one request of a
+    ragged batch prefill, planned for each (queries, prefix length, heads, dtypes, scale) as it comes: its planner
+    splits the long prefix over the SMs (single_prefill_with_kv_cache does not split: 64 queries over an 8192-token
+    prefix took ~600 us on the H200 that way, session 46)."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, backend: str):
+        from .prefill import BatchPrefillWithRaggedKVCacheWrapper
+
+        self._w = BatchPrefillWithRaggedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
+        self._nhd = kv_layout == "NHD"
+        self._key = None
+
+    def run(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, sm_scale, soft_cap):
+        if not isinstance(q, torch.Tensor) or q.dim() != 3:
+            raise ValueError(f"q must be [nnz, num_qo_heads, head_dim], got {getattr(q, 'shape', q)}")
+        if not isinstance(k_shared, torch.Tensor) or k_shared.dim() != 3:
+            raise ValueError(f"k_shared must be a 3-D tensor, got {getattr(k_shared, 'shape', k_shared)}")
+        length, heads = (k_shared.shape[0], k_shared.shape[1]) if self._nhd else (k_shared.shape[1], k_shared.shape[0])
+        key = (q.shape[0], length, q.shape[1], heads, q.shape[2], q.dtype, k_shared.dtype, sm_scale, soft_cap)
+        if key != self._key:
+            self._key = None
+            self._w.plan(torch.tensor([0, q.shape[0]], dtype=torch.int32), torch.tensor([0, length], dtype=torch.int32),
+                         q.shape[1], heads, q.shape[2], causal=False, sm_scale=sm_scale, logits_soft_cap=soft_cap,
+                         q_data_type=q.dtype, kv_data_type=k_shared.dtype)
+            self._key = key
+        return self._w.run(q, k_shared, v_shared, return_lse=True)
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor) -> None:
+        self._w.reset_workspace_buffer(float_workspace_buffer)
+        self._key = None
+
+
 class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     """FlashInfer's shared-prefix decode (its older cascade API; MultiLevelCascadeAttentionWrapper is the general
     one): every request's query attends to one shared prefix, given as contiguous k_shared / v_shared, then to its
     own pages of a paged cache; the two states merge exactly (merge_state_in_place). The shared part runs as one
-    non-causal prefill of all the batch's queries over the prefix (the prefix read once for the batch)."""
+    non-causal ragged prefill of all the batch's queries over the prefix (the prefix read once for the batch, split
+    over the SMs), planned at the first forward() of each prefix length."""
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", backend: str = "auto") -> None:
         from .decode import BatchDecodeWithPagedKVCacheWrapper
 
         self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
                                                                         backend=backend)
+        self._shared = _SharedPrefix(float_workspace_buffer, kv_layout, backend)
         self._kv_layout = kv_layout
-        self._backend = backend
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
         self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._shared.reset_workspace_buffer(float_workspace_buffer)
 
     def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int,
                       num_kv_heads: int, head_dim: int, page_size: int, data_type="float16", *,
@@ -268,15 +303,11 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         """q [batch, num_qo_heads, head_dim]; k_shared / v_shared [shared_len, num_kv_heads, head_dim] (NHD) or
         [num_kv_heads, shared_len, head_dim] (HND); unique_kv_cache as BatchDecodeWithPagedKVCacheWrapper.run
         takes it. Returns out like q (and the merged lse [batch, num_qo_heads], base 2, with return_lse)."""
-        from .prefill import single_prefill_with_kv_cache
-
         w = self._batch_decode_wrapper
         if w._plan is None:
             raise not_planned(self)
         p = w._plan
-        v_s, s_s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
-                                                sm_scale=p.sm_scale, logits_soft_cap=p.logits_soft_cap or None,
-                                                return_lse=True, backend=self._backend)
+        v_s, s_s = self._shared.run(q, k_shared, v_shared, p.sm_scale, p.logits_soft_cap or None)
         v_u, s_u = w.run(q, unique_kv_cache, return_lse=True)
         merge_state_in_place(v_s, s_s, v_u, s_u)
         return (v_s, s_s) if return_lse else v_s
@@ -297,13 +328,14 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", backend: str = "auto") -> None:
         self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
                                                                           backend=backend)
+        self._shared = _SharedPrefix(float_workspace_buffer, kv_layout, backend)
         self._kv_layout = kv_layout
-        self._backend = backend
         self._args = None  # begin_forward()'s arguments
         self._planned_for = None  # (causal, sm_scale, dtypes) of the paged part's last plan
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
         self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._shared.reset_workspace_buffer(float_workspace_buffer)
         self._planned_for = None
 
     def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
@@ -326,8 +358,6 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         (NHD) or [num_kv_heads, shared_len, head_dim] (HND); unique_kv_cache as the paged wrappers take it.
         Returns out like q (and the merged lse, base 2, with return_lse). rope_scale / rope_theta: RoPE is the
         caller's (pagoda.ops); None only."""
-        from .prefill import single_prefill_with_kv_cache
-
         if self._args is None:
             raise not_planned(self)
         if rope_scale is not None or rope_theta is not None:
@@ -340,8 +370,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
             self._batch_prefill_wrapper.plan(*self._args, causal=causal, sm_scale=sm_scale, q_data_type=q.dtype,
                                              kv_data_type=cache_dtype)
             self._planned_for = want
-        v_s, s_s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
-                                                sm_scale=sm_scale, return_lse=True, backend=self._backend)
+        v_s, s_s = self._shared.run(q, k_shared, v_shared, sm_scale, None)
         v_u, s_u = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
         merge_state_in_place(v_s, s_s, v_u, s_u)
         return (v_s, s_s) if return_lse else v_s

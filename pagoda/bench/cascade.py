@@ -4,7 +4,10 @@
 
 pagoda's MultiLevelCascadeAttentionWrapper (levels from cascade_levels_from_page_table)
 against pagoda's flat paged decode over the same page tables and FlashInfer 0.6's
-cascade wrapper when importable. Llama-3.1-8B attention shape, bf16, page_size 16.
+cascade wrapper when importable; then FlashInfer's older shared-prefix API
+(BatchDecodeWithSharedPrefixPagedKVCacheWrapper: the prefix as contiguous K / V, each
+request's own pages) against FlashInfer's class of that name (in fp16: FlashInfer's takes bf16
+queries only through its private plan). Llama-3.1-8B attention shape, bf16, page_size 16.
 """
 from __future__ import annotations
 
@@ -90,9 +93,47 @@ def main(argv=None):
             f_t, c_t = r[f"flat{sfx}_us"], r[f"cascade{sfx}_us"]
             print(f"{r['case']:<28} {f_t:8.1f}u {c_t:8.1f}u {f_t / c_t:8.2f}x "
                   + (f"{fi_t:9.1f}u {fi_t / c_t:8.2f}x" if fi_t else f"{'-':>10} {'-':>9}"))
+    # (fp16: FlashInfer 0.6.0's shared-prefix begin_forward(data_type=) sets its cache's dtype and leaves the
+    # queries' at fp16, so bf16 queries fail its check)
+    shared = shared_prefix_rows(fi, hq, hk, d, ps, torch.float16)
+    print(f"\n{'shared-prefix decode (fp16)':<28} {'pagoda':>9} {'FlashInfer':>10} {'FI/pagoda':>9}")
+    for r in shared:
+        fi_t = r.get("flashinfer_us")
+        print(f"{r['case']:<28} {r['pagoda_us']:8.1f}u " + (f"{fi_t:9.1f}u {fi_t / r['pagoda_us']:8.2f}x" if fi_t
+                                                            else f"{'-':>10} {'-':>9}"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "shared_prefix_rows": shared}, f,
+                      indent=1)
+
+
+def shared_prefix_rows(fi, hq, hk, d, ps, dtype):
+    """BatchDecodeWithSharedPrefixPagedKVCacheWrapper over CASES: the prefix as contiguous K / V, the suffixes in
+    pages; pagoda and FlashInfer on the same tensors (their outputs compared), eager, each its own workspace."""
+    rows = []
+    for name, n, prefix, suffix in CASES:
+        cache, indptr, indices, last = setup(n, 0, suffix, hk, d, ps, dtype)
+        ks, vs = (torch.randn(prefix, hk, d, dtype=dtype, device="cuda") for _ in range(2))
+        q = torch.randn(n, hq, d, dtype=dtype, device="cuda")
+        w = pagoda.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8,
+                                                                              device="cuda"))
+        w.begin_forward(indptr, indices, last, hq, hk, d, ps, data_type=dtype)
+        out = w.forward(q, ks, vs, cache)
+        row = {"case": name, "pagoda_us": bench(lambda: w.forward(q, ks, vs, cache)) * 1e6}
+        if fi is not None:
+            try:
+                fw = fi.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(
+                    torch.empty(256 << 20, dtype=torch.uint8, device="cuda"), "NHD")
+                fw.begin_forward(indptr.cuda(), indices.cuda(), last.cuda(), hq, hk, d, ps, data_type=dtype)
+                fo = fw.forward(q, ks, vs, cache)
+                err = ((fo.float() - out.float()).norm() / fo.float().norm()).item()
+                assert err < 2e-2, f"pagoda's and FlashInfer's shared-prefix decode disagree on {name}: {err}"
+                row["flashinfer_us"] = bench(lambda: fw.forward(q, ks, vs, cache)) * 1e6
+            except Exception as e:  # noqa: BLE001 - a peer failure is reported, not fatal
+                print(f"# FlashInfer shared-prefix decode failed: {type(e).__name__}: {e}")
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 if __name__ == "__main__":
