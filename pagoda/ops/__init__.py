@@ -14,9 +14,10 @@ from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling
 from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
                    apply_llama31_rope_pos_ids_inplace, apply_rope, apply_rope_inplace, apply_rope_pos_ids,
                    apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache, apply_rope_with_cos_sin_cache_and_append,
-                   apply_rope_with_cos_sin_cache_inplace)
+                   apply_rope_with_cos_sin_cache_inplace, mla_rope_quantize_fp8, rope_quantize_fp8)
 
 __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
+           "rope_quantize_fp8", "mla_rope_quantize_fp8",
            "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids",
            "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_and_append",
            "apply_rope_with_cos_sin_cache_inplace",

@@ -20,7 +20,7 @@ import triton
 
 from ._dispatch import check_eps, pdl_launch, use_triton
 from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
-from .kernels.rope import rope_append_kernel, rope_kernel
+from .kernels.rope import rope_append_kernel, rope_kernel, rope_quantize_kernel
 from .norm import rms_norm_float
 from .page import append_paged_kv_cache, get_batch_indices_positions
 
@@ -200,6 +200,105 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size: int,
                                           is_neox: bool = True) -> None:
     q, k, rd = _cos_sin_args(positions, query, key, head_size, cos_sin_cache)
     _apply(q, k, positions, rd, not is_neox, True, cos_sin=cos_sin_cache)
+
+
+def _heads3(name: str, t, nnz: int | None = None) -> torch.Tensor:
+    """t as [nnz, heads, dim] (a 2-D MLA tensor [nnz, dim] as one head), its last dimension contiguous."""
+    if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [nnz, heads, dim] (or [nnz, dim] for MLA's k), got "
+                         f"{getattr(t, 'shape', t)}")
+    if nnz is not None and t.shape[0] != nnz:
+        raise ValueError(f"{name} must have nnz = {nnz} rows, got {tuple(t.shape)}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+    return t if t.dim() == 3 else t.unsqueeze(1)
+
+
+def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is_neox: bool = True,
+                      quantize_dtype=None, quant_scale_q: float = 1.0, quant_scale_kv: float = 1.0, q_rope_out=None,
+                      k_rope_out=None, q_nope_out=None, k_nope_out=None, enable_pdl: bool = False):
+    """FlashInfer's: RoPE on the rotary parts and every part quantized to fp8, in one launch. q_rope [nnz,
+    num_qo_heads, rope_dim], k_rope [nnz, num_kv_heads, rope_dim] (MLA: [nnz, rope_dim]), 16-bit; q_nope / k_nope the
+    same with no_rope_dim (None: none); cos_sin_cache float32 [max_pos, rope_dim] = [cos | sin]; pos_ids [nnz];
+    is_neox: pairs (i, i + rope_dim / 2), else (2i, 2i + 1). Each output = value * quant_scale_q (q) or
+    quant_scale_kv (k), saturated to the fp8 range, in quantize_dtype (float8_e4m3fn by default, or the given
+    outputs'). Returns (q_rope_out, k_rope_out, q_nope_out, k_nope_out), allocated where not given. A position
+    outside the cache writes NaN (positions on the GPU are not read back)."""
+    nnz = q_rope.shape[0] if isinstance(q_rope, torch.Tensor) else None
+    qr, kr = _heads3("q_rope", q_rope), _heads3("k_rope", k_rope, nnz)
+    if q_rope.dim() != 3:
+        raise ValueError(f"q_rope must be [nnz, num_qo_heads, rope_dim], got {tuple(q_rope.shape)}")
+    for name, t in (("q_rope", q_rope), ("k_rope", k_rope)):
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} must be float16 / bfloat16, got {t.dtype}")
+    rope_dim = q_rope.shape[-1]
+    if k_rope.shape[-1] != rope_dim or rope_dim % 2:
+        raise ValueError(f"q_rope and k_rope must share an even rope_dim, got {q_rope.shape[-1]} / {k_rope.shape[-1]}")
+    dev = q_rope.device
+    if q_nope is None:
+        q_nope = torch.empty(nnz, q_rope.shape[1], 0, dtype=q_rope.dtype, device=dev)
+    if k_nope is None:
+        k_nope = torch.empty(*k_rope.shape[:-1], 0, dtype=k_rope.dtype, device=dev)
+    qn, kn = _heads3("q_nope", q_nope, nnz), _heads3("k_nope", k_nope, nnz)
+    nope = q_nope.shape[-1]
+    if qn.shape[:2] != qr.shape[:2] or kn.shape[:2] != kr.shape[:2] or k_nope.shape[-1] != nope or \
+            q_nope.dim() != q_rope.dim() or k_nope.dim() != k_rope.dim():
+        raise ValueError(f"q_nope / k_nope must match q_rope / k_rope but for their last dimension (one no_rope_dim): "
+                         f"{tuple(q_nope.shape)}, {tuple(k_nope.shape)} against {tuple(q_rope.shape)}, "
+                         f"{tuple(k_rope.shape)}")
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dtype != torch.float32 or \
+            cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rope_dim:
+        raise ValueError(f"cos_sin_cache must be float32 [max_pos, rope_dim ({rope_dim})], got "
+                         f"{getattr(cos_sin_cache, 'dtype', None)} {tuple(getattr(cos_sin_cache, 'shape', ()))}")
+    if not isinstance(pos_ids, torch.Tensor) or pos_ids.shape != (nnz,) or pos_ids.dtype.is_floating_point:
+        raise ValueError(f"pos_ids must be an integer [{nnz}] tensor, got {getattr(pos_ids, 'shape', pos_ids)}")
+    for name, t in (("k_rope", k_rope), ("q_nope", q_nope), ("k_nope", k_nope), ("cos_sin_cache", cos_sin_cache),
+                    ("pos_ids", pos_ids)):
+        if t.device != dev:
+            raise ValueError(f"{name} must be on q_rope's device {dev}, got {t.device}")
+    if pos_ids.device.type == "cpu" and nnz and (int(pos_ids.min()) < 0 or
+                                                 int(pos_ids.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"pos_ids must be in 0..{cos_sin_cache.shape[0] - 1}")
+    outs = [q_rope_out, k_rope_out, q_nope_out, k_nope_out]
+    if quantize_dtype is None:
+        quantize_dtype = next((o.dtype for o in outs if o is not None), torch.float8_e4m3fn)
+    if quantize_dtype not in FP8_DTYPES:
+        raise ValueError(f"quantize_dtype must be float8_e4m3fn / float8_e5m2, got {quantize_dtype}")
+    for name, scale in (("quant_scale_q", quant_scale_q), ("quant_scale_kv", quant_scale_kv)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"{name} must be a float > 0, got {scale!r}")
+    names = ("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out")
+    for i, (name, src) in enumerate(zip(names, (q_rope, k_rope, q_nope, k_nope))):
+        if outs[i] is None:
+            outs[i] = torch.empty(src.shape, dtype=quantize_dtype, device=dev)
+        elif not isinstance(outs[i], torch.Tensor) or outs[i].shape != src.shape or outs[i].dtype != quantize_dtype \
+                or outs[i].device != dev:
+            raise ValueError(f"{name} must be {quantize_dtype} {tuple(src.shape)} on {dev}, got "
+                             f"{getattr(outs[i], 'dtype', type(outs[i]))} {tuple(getattr(outs[i], 'shape', ()))}")
+    clamp = float(torch.finfo(quantize_dtype).max)
+    if nnz:
+        ys = [_heads3(n, o) for n, o in zip(names, outs)]
+        if not use_triton(q_rope):
+            half = rope_dim // 2
+            for x, y, xn, yn, sc in ((qr, ys[0], qn, ys[2], quant_scale_q), (kr, ys[1], kn, ys[3], quant_scale_kv)):
+                rot = torch.empty(x.shape, dtype=torch.float32, device=dev)
+                _rotate_torch(x, rot, pos_ids, None, cos_sin_cache, half, not is_neox)
+                y.copy_((rot * sc).clamp(-clamp, clamp).to(quantize_dtype))
+                yn.copy_((xn.float() * sc).clamp(-clamp, clamp).to(quantize_dtype))
+        else:
+            bh = min(32, triton.next_power_of_2(max(qr.shape[1], kr.shape[1])))
+            grid = (nnz, triton.cdiv(qr.shape[1], bh) + triton.cdiv(kr.shape[1], bh))
+            st = [s for t in (qr, kr, qn, kn, *ys) for s in (t.stride(0), t.stride(1))]
+            rope_quantize_kernel[grid](qr, kr, qn, kn, *ys, pos_ids, cos_sin_cache, qr.shape[1], kr.shape[1],
+                                       rope_dim // 2, nope, cos_sin_cache.shape[0], *st, cos_sin_cache.stride(0),
+                                       float(quant_scale_q), float(quant_scale_kv), clamp, BLOCK_H=bh,
+                                       BLOCK_R=triton.next_power_of_2(rope_dim // 2),
+                                       BLOCK_N=triton.next_power_of_2(max(nope, 1)), INTERLEAVE=not is_neox,
+                                       HAS_NOPE=nope > 0, num_warps=4, **pdl_launch(enable_pdl, q_rope))
+    return tuple(outs)
+
+
+mla_rope_quantize_fp8 = rope_quantize_fp8  # (FlashInfer's MLA name for the same function)
 
 
 def fused_store_args(cache_dtype: torch.dtype, k_scale, v_scale) -> dict:

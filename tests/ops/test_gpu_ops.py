@@ -437,6 +437,38 @@ def test_rmsnorm_quant_real_size(hidden):
         assert ((got - want).abs() <= 0.13 * want.abs() + 2.0 ** -9).all()
 
 
+@pytest.mark.parametrize("mla", [False, True])
+def test_rope_quantize_fp8_real_size(mla):
+    """rope_quantize_fp8 at serving sizes: GQA (32 / 8 heads, 64 rotary + 64 other dims) and DeepSeek's MLA (128 query
+    heads, rope 64, nope 512 for q and the 2-D k): against float64 rotated, scaled and quantized to e4m3 (equal but for
+    rounding ties), into outputs poisoned first."""
+    nnz = 2048
+    hq, hk, nope = (128, 1, 512) if mla else (32, 8, 64)
+    q_r = torch.randn(nnz, hq, 64, device="cuda").to(torch.bfloat16)
+    q_n = torch.randn(nnz, hq, nope, device="cuda").to(torch.bfloat16)
+    kshape = (nnz, 64) if mla else (nnz, hk, 64)
+    k_r = torch.randn(kshape, device="cuda").to(torch.bfloat16)
+    k_n = torch.randn(kshape[:-1] + (nope,), device="cuda").to(torch.bfloat16)
+    pos = torch.randint(0, 8192, (nnz,), device="cuda", dtype=torch.int32)
+    ang = torch.arange(8192, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(32) / 32)
+    cache = torch.cat([ang.cos(), ang.sin()], 1).float().cuda()
+    outs = [torch.full(t.shape, float("nan"), device="cuda").to(torch.float8_e4m3fn) for t in (q_r, k_r, q_n, k_n)]
+    pagoda.rope_quantize_fp8(q_r, k_r, q_n, k_n, cache, pos, quant_scale_q=2.0, quant_scale_kv=0.5,
+                             q_rope_out=outs[0], k_rope_out=outs[1], q_nope_out=outs[2], k_nope_out=outs[3])
+
+    def rot(x):
+        x = x.double() if x.dim() == 3 else x.double()[:, None]
+        c, s_ = cache[pos.long(), :32].double()[:, None], cache[pos.long(), 32:].double()[:, None]
+        return torch.cat([x[..., :32] * c - x[..., 32:] * s_, x[..., 32:] * c + x[..., :32] * s_], -1)
+
+    want = [rot(q_r) * 2.0, rot(k_r) * 0.5, q_n.double() * 2.0, k_n.double().reshape(nnz, -1, nope) * 0.5]
+    for got, w in zip(outs, want):
+        got = got.double().reshape(w.shape)
+        assert torch.isfinite(got).all()
+        assert (got == w.clamp(-448, 448).to(torch.float8_e4m3fn).double()).double().mean() > 0.97
+        assert ((got - w).abs() <= 0.13 * w.abs() + 2.0 ** -9).all()
+
+
 def _top_positions_ref(row, k):
     """A row's top-k positions in position order, the first ones among values equal to the k-th largest (the
     radix-select kernel's choice)."""

@@ -297,3 +297,67 @@ def test_rope_and_append_bad_input():
         pagoda.apply_rope_with_cos_sin_cache_and_append(pos, q, k, k, 64, cos_sin, True, cache, t, t[:1],
                                                         torch.tensor([0, 1]), torch.tensor([2]), k_scale=1.0,
                                                         v_scale=1.0)
+
+
+def _rot64(x, pos, cos_sin, interleave):
+    """float64 rotation of x [nnz, h, d] by a [cos | sin] cache at pos."""
+    half = x.shape[-1] // 2
+    c = cos_sin[pos.long(), :half].double()[:, None, :]
+    s = cos_sin[pos.long(), half:].double()[:, None, :]
+    xd = x.double()
+    idx = torch.arange(half)
+    i1, i2 = (2 * idx, 2 * idx + 1) if interleave else (idx, idx + half)
+    y = xd.clone()
+    y[..., i1], y[..., i2] = xd[..., i1] * c - xd[..., i2] * s, xd[..., i2] * c + xd[..., i1] * s
+    return y
+
+
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rope_quantize_fp8(mla, is_neox, fp8, monkeypatch):
+    """FlashInfer's rope_quantize_fp8 (and its MLA name): the rotary parts rotated by the cache at pos_ids, every part
+    times its side's scale, saturated and rounded to fp8, into outputs poisoned first (given ones and allocated
+    ones): against float64 so quantized, equal but for rounding ties and at most one fp8 step off; GQA (q 8 heads, k 2)
+    and MLA (k 2-D), the interpreter's kernel and the PyTorch form; bad arguments are ValueErrors naming them."""
+    nnz, hq, hk, rope, nope = 5, 8, 2, 64, 48
+    q_r = torch.randn(nnz, hq, rope, dtype=torch.bfloat16) * 4
+    q_n = torch.randn(nnz, hq, nope, dtype=torch.bfloat16) * 4
+    kshape = (nnz, rope) if mla else (nnz, hk, rope)
+    k_r = torch.randn(kshape, dtype=torch.bfloat16) * 4
+    k_n = torch.randn(kshape[:-1] + (nope,), dtype=torch.bfloat16) * 4
+    pos = torch.tensor([0, 7, 3, 30, 12], dtype=torch.int32)
+    ang = torch.arange(32, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(rope // 2) / (rope // 2))
+    cache = torch.cat([ang.cos(), ang.sin()], 1).float()
+    big = float(torch.finfo(fp8).max)
+    sq, sk = 3.0, (60.0 if fp8 == torch.float8_e4m3fn else 20000.0)  # (k's scale saturates some values)
+    fn = pagoda.mla_rope_quantize_fp8 if mla else pagoda.rope_quantize_fp8
+    for torch_path in (False, True):
+        if torch_path:
+            monkeypatch.setattr("pagoda.ops.rope.use_triton", lambda t: False)
+        given = torch.full(q_r.shape, float("nan")).to(fp8)
+        outs = fn(q_r, k_r, q_n, k_n, cache, pos, is_neox=is_neox, quant_scale_q=sq, quant_scale_kv=sk,
+                  q_rope_out=given)
+        assert outs[0] is given and all(o.dtype == fp8 for o in outs)
+        k3 = lambda t: t if t.dim() == 3 else t[:, None]  # noqa: E731
+        want = [_rot64(q_r, pos, cache, not is_neox) * sq, _rot64(k3(k_r), pos, cache, not is_neox) * sk,
+                q_n.double() * sq, k3(k_n).double() * sk]
+        for got, w in zip(outs, want):
+            got, w = k3(got).double(), w.clamp(-big, big)
+            assert torch.isfinite(got).all()
+            assert (got == w.to(fp8).double()).double().mean() > 0.97, torch_path
+            step = 0.13 if fp8 == torch.float8_e4m3fn else 0.26
+            assert ((got - w).abs() <= step * w.abs() + 2.0 ** -9 * max(sq, sk)).all()
+        assert (k3(outs[1]).double().abs() == big).any()  # (saturated, not inf)
+        monkeypatch.undo()
+    # no nope parts: size-0 outputs
+    outs = pagoda.rope_quantize_fp8(q_r, k_r, None, None, cache, pos)
+    assert outs[2].shape == (nnz, hq, 0) and outs[0].dtype == torch.float8_e4m3fn
+    bad = [(dict(cos_sin_cache=cache.double()), "cos_sin_cache"), (dict(pos_ids=pos[:3]), "pos_ids"),
+           (dict(pos_ids=torch.tensor([0, 1, 2, 3, 99])), "pos_ids"), (dict(quantize_dtype=torch.int8), "quantize_dtype"),
+           (dict(quant_scale_q=0.0), "quant_scale_q"), (dict(k_rope_out=torch.empty(3).to(fp8)), "k_rope_out"),
+           (dict(q_rope=q_r.float()), "q_rope"), (dict(k_nope=k_n[..., :8]), "q_nope / k_nope")]
+    base = dict(q_rope=q_r, k_rope=k_r, q_nope=q_n, k_nope=k_n, cos_sin_cache=cache, pos_ids=pos)
+    for kw, name in bad:
+        with pytest.raises(ValueError, match=name.split()[0]):
+            pagoda.rope_quantize_fp8(**{**base, **kw})

@@ -71,6 +71,54 @@ def rope_kernel(
 
 
 @triton.jit
+def rope_quantize_kernel(
+    QR, KR, QN, KN, QRO, KRO, QNO, KNO, POS, COS_SIN, num_q_heads, num_k_heads, half, nope_dim, max_pos,
+    s_qr_t, s_qr_h, s_kr_t, s_kr_h, s_qn_t, s_qn_h, s_kn_t, s_kn_h,
+    s_qro_t, s_qro_h, s_kro_t, s_kro_h, s_qno_t, s_qno_h, s_kno_t, s_kno_h, stride_cs, scale_q, scale_kv, clamp,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVE: tl.constexpr,
+    HAS_NOPE: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """FlashInfer's rope_quantize_fp8: program (t, j), token t, head block j of q (j < q blocks) or of k: the rotary
+    part (2 * half dims, cos / sin from COS_SIN[pos]) rotated, times the side's scale, clamped to +-clamp, stored in
+    the outputs' fp8 dtype; the non-rotary part (nope_dim dims, HAS_NOPE) scaled, clamped and stored alike. A
+    position outside the cache writes NaN (as rope_kernel). PDL: kernels/pdl.py."""
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    if j < q_blocks:
+        XR, XN, YR, YN, num_heads, hb, scale = QR, QN, QRO, QNO, num_q_heads, j, scale_q
+        sxr_t, sxr_h, sxn_t, sxn_h = s_qr_t, s_qr_h, s_qn_t, s_qn_h
+        syr_t, syr_h, syn_t, syn_h = s_qro_t, s_qro_h, s_qno_t, s_qno_h
+    else:
+        XR, XN, YR, YN, num_heads, hb, scale = KR, KN, KRO, KNO, num_k_heads, j - q_blocks, scale_kv
+        sxr_t, sxr_h, sxn_t, sxn_h = s_kr_t, s_kr_h, s_kn_t, s_kn_h
+        syr_t, syr_h, syn_t, syn_h = s_kro_t, s_kro_h, s_kno_t, s_kno_h
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < num_heads
+    pos = tl.load(POS + t)
+    i = tl.arange(0, BLOCK_R)
+    im = i < half
+    cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs)
+    i1, i2 = _pairs(i, half, INTERLEAVE)
+    m = hm[:, None] & im[None, :]
+    xrow = XR + t * sxr_t + heads[:, None] * sxr_h
+    yrow = YR + t * syr_t + heads[:, None] * syr_h
+    x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    y1 = quantize(x1 * cos[None, :] - x2 * sin[None, :], scale, clamp, True)
+    y2 = quantize(x2 * cos[None, :] + x1 * sin[None, :], scale, clamp, True)
+    tl.store(yrow + i1[None, :], y1.to(YR.dtype.element_ty), mask=m)
+    tl.store(yrow + i2[None, :], y2.to(YR.dtype.element_ty), mask=m)
+    if HAS_NOPE:
+        d = tl.arange(0, BLOCK_N)
+        dm = hm[:, None] & (d[None, :] < nope_dim)
+        xn = tl.load(XN + t * sxn_t + heads[:, None] * sxn_h + d[None, :], mask=dm, other=0.0).to(tl.float32)
+        tl.store(YN + t * syn_t + heads[:, None] * syn_h + d[None, :],
+                 quantize(xn, scale, clamp, True).to(YN.dtype.element_ty), mask=dm)
+
+
+@triton.jit
 def quantize(x, inv, clamp, QUANT: tl.constexpr):
     """x (float32) as an fp8 cache stores it: clamp(x * inv, +-clamp) (then rounded by the store's cast); x as it is
     without QUANT."""
