@@ -235,34 +235,54 @@ class MultiLevelCascadeAttentionWrapper:
 
 class _SharedPrefix:
     """The shared part of the shared-prefix wrappers: every query over the whole contiguous prefix, one request of a
-    ragged batch prefill, planned for each (queries, prefix length, heads, dtypes, scale) as it comes: its planner
-    splits the long prefix over the SMs (single_prefill_with_kv_cache does not split: 64 queries over an 8192-token
-    prefix took ~600 us on the H200 that way, session 46)."""
+    batch prefill, planned for each (queries, prefix length, heads, dtypes, scale) as it comes: its planner splits
+    the long prefix over the SMs (single_prefill_with_kv_cache does not split: 64 queries over an 8192-token prefix
+    took 690 us on the H200 that way, a ragged request 354, session 46)."""
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, backend: str):
         from .prefill import BatchPrefillWithRaggedKVCacheWrapper
 
-        self._w = BatchPrefillWithRaggedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
+        # NHD: the prefix seen as a paged cache of one request (pages of 16 tokens, or 1 where its length is no
+        # multiple of 16: views, no copy), planned as MultiLevelCascadeAttentionWrapper's shared level is (the paged
+        # prefill kernels; on sm_90 the Gluon one); HND: a ragged request (its pages would not be views)
+        self._paged = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, "NHD", backend=backend)
+        self._ragged = BatchPrefillWithRaggedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
         self._nhd = kv_layout == "NHD"
         self._key = None
 
     def run(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, sm_scale, soft_cap):
         if not isinstance(q, torch.Tensor) or q.dim() != 3:
             raise ValueError(f"q must be [nnz, num_qo_heads, head_dim], got {getattr(q, 'shape', q)}")
-        if not isinstance(k_shared, torch.Tensor) or k_shared.dim() != 3:
-            raise ValueError(f"k_shared must be a 3-D tensor, got {getattr(k_shared, 'shape', k_shared)}")
+        for name, t in (("k_shared", k_shared), ("v_shared", v_shared)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D tensor, got {getattr(t, 'shape', t)}")
+        if k_shared.shape != v_shared.shape:
+            raise ValueError(f"k_shared and v_shared must have one shape, got {tuple(k_shared.shape)} and "
+                             f"{tuple(v_shared.shape)}")
         length, heads = (k_shared.shape[0], k_shared.shape[1]) if self._nhd else (k_shared.shape[1], k_shared.shape[0])
-        key = (q.shape[0], length, q.shape[1], heads, q.shape[2], q.dtype, k_shared.dtype, sm_scale, soft_cap)
+        paged = self._nhd and length > 0 and k_shared.is_contiguous() and v_shared.is_contiguous()
+        ps = (16 if length % 16 == 0 else 1) if paged else 0
+        key = (q.shape[0], length, q.shape[1], heads, q.shape[2], q.dtype, k_shared.dtype, sm_scale, soft_cap, ps)
+        qo = torch.tensor([0, q.shape[0]], dtype=torch.int32)
         if key != self._key:
             self._key = None
-            self._w.plan(torch.tensor([0, q.shape[0]], dtype=torch.int32), torch.tensor([0, length], dtype=torch.int32),
-                         q.shape[1], heads, q.shape[2], causal=False, sm_scale=sm_scale, logits_soft_cap=soft_cap,
-                         q_data_type=q.dtype, kv_data_type=k_shared.dtype)
+            kw = dict(causal=False, sm_scale=sm_scale, logits_soft_cap=soft_cap, q_data_type=q.dtype,
+                      kv_data_type=k_shared.dtype)
+            if paged:
+                pages = length // ps
+                self._paged.plan(qo, torch.tensor([0, pages], dtype=torch.int32), torch.arange(pages, dtype=torch.int32),
+                                 torch.tensor([ps], dtype=torch.int32), q.shape[1], heads, q.shape[2], ps, **kw)
+            else:
+                self._ragged.plan(qo, torch.tensor([0, length], dtype=torch.int32), q.shape[1], heads, q.shape[2], **kw)
             self._key = key
-        return self._w.run(q, k_shared, v_shared, return_lse=True)
+        if paged:
+            cache = (k_shared.view(length // ps, ps, heads, -1), v_shared.view(length // ps, ps, heads, -1))
+            return self._paged.run(q, cache, return_lse=True)
+        return self._ragged.run(q, k_shared, v_shared, return_lse=True)
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor) -> None:
-        self._w.reset_workspace_buffer(float_workspace_buffer)
+        self._paged.reset_workspace_buffer(float_workspace_buffer)
+        self._ragged.reset_workspace_buffer(float_workspace_buffer)
         self._key = None
 
 

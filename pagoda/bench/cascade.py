@@ -39,13 +39,18 @@ def setup(n, prefix, suffix, hk, d, ps, dtype):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
+    ap.add_argument("--parts", default="cascade,shared",
+                    help="comma-separated: cascade (multi-level cascade vs flat), shared (the shared-prefix wrappers)")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"cascade", "shared"}:
+        raise SystemExit(f"--parts takes cascade and / or shared, got {args.parts!r}")
     hq, hk, d, ps, dtype = 32, 8, 128, 16, torch.bfloat16
     fi = flashinfer_or_none()
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     print(f"# device: {torch.cuda.get_device_name()}, FlashInfer {getattr(fi, '__version__', 'absent')}")
-    for name, n, prefix, suffix in CASES:
+    for name, n, prefix, suffix in CASES if "cascade" in parts else ():
         cache, indptr, indices, last = setup(n, prefix, suffix, hk, d, ps, dtype)
         q = torch.randn(n, hq, d, dtype=dtype, device="cuda")
         flat = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws)
@@ -95,7 +100,7 @@ def main(argv=None):
                   + (f"{fi_t:9.1f}u {fi_t / c_t:8.2f}x" if fi_t else f"{'-':>10} {'-':>9}"))
     # (fp16: FlashInfer 0.6.0's shared-prefix begin_forward(data_type=) sets its cache's dtype and leaves the
     # queries' at fp16, so bf16 queries fail its check)
-    shared = shared_prefix_rows(fi, hq, hk, d, ps, torch.float16)
+    shared = shared_prefix_rows(fi, hq, hk, d, ps, torch.float16) if "shared" in parts else []
     print(f"\n{'shared-prefix decode (fp16)':<28} {'pagoda':>9} {'FlashInfer':>10} {'FI/pagoda':>9}")
     for r in shared:
         fi_t = r.get("flashinfer_us")

@@ -30,13 +30,14 @@ def _check(out, lse, q, qo, shared, batch, causal=False, sm_scale=None, dtype=to
             check_lse(lse[rows], rl)
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_shared_prefix_decode(layout):
-    """Each request's query over a 19-token shared prefix (contiguous) and its own pages (none for one request),
-    merged: the oracle over the concatenation; the lse too; sm_scale / soft cap through begin_forward's keywords."""
+@pytest.mark.parametrize("layout,prefix", [("NHD", 19), ("NHD", 32), ("HND", 19)])
+def test_shared_prefix_decode(layout, prefix):
+    """Each request's query over a shared prefix (contiguous: NHD seen as pages of 16 tokens, or of 1 where its
+    length is no multiple of 16; HND a ragged request) and its own pages (none for one request), merged: the oracle
+    over the concatenation; the lse too; sm_scale through begin_forward's keywords."""
     hq, hk, d, ps, dtype = 8, 2, 64, 8, torch.bfloat16
     batch = PagedBatch([0, 5, 16, 23], hk, d, ps, dtype, layout=layout)
-    k0, v0, ks, vs = _shared(19, hk, d, dtype, layout)
+    k0, v0, ks, vs = _shared(prefix, hk, d, dtype, layout)
     w = pagoda.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(workspace(), layout, backend="triton")
     q = torch.randn(4, hq, d, dtype=dtype, device=DEVICE)
     with pytest.raises(NotPlannedError):
