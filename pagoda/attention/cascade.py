@@ -263,15 +263,16 @@ class _SharedPrefix:
         paged = self._nhd and length > 0 and k_shared.is_contiguous() and v_shared.is_contiguous()
         ps = (16 if length % 16 == 0 else 1) if paged else 0
         key = (q.shape[0], length, q.shape[1], heads, q.shape[2], q.dtype, k_shared.dtype, sm_scale, soft_cap, ps)
-        qo = torch.tensor([0, q.shape[0]], dtype=torch.int32)
         if key != self._key:
             self._key = None
+            qo = torch.tensor([0, q.shape[0]], dtype=torch.int32)
             kw = dict(causal=False, sm_scale=sm_scale, logits_soft_cap=soft_cap, q_data_type=q.dtype,
                       kv_data_type=k_shared.dtype)
             if paged:
                 pages = length // ps
-                self._paged.plan(qo, torch.tensor([0, pages], dtype=torch.int32), torch.arange(pages, dtype=torch.int32),
-                                 torch.tensor([ps], dtype=torch.int32), q.shape[1], heads, q.shape[2], ps, **kw)
+                self._paged.plan(qo, torch.tensor([0, pages], dtype=torch.int32),
+                                 torch.arange(pages, dtype=torch.int32), torch.tensor([ps], dtype=torch.int32),
+                                 q.shape[1], heads, q.shape[2], ps, **kw)
             else:
                 self._ragged.plan(qo, torch.tensor([0, length], dtype=torch.int32), q.shape[1], heads, q.shape[2], **kw)
             self._key = key

@@ -3,8 +3,8 @@ linear layer with a small-M kernel for decode at batch 1, and the segment GEMM o
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul, soft_cap
 from .lora import SegmentGEMMWrapper, segment_gemm
 from .matmul import linear, linear_gelu_tanh_and_mul, linear_rope_append, linear_silu_and_mul
-from .norm import (fused_add_rmsnorm, fused_add_rmsnorm_quant, gemma_fused_add_rmsnorm, gemma_rmsnorm, gemma_rmsnorm_add,
-                   layernorm, rmsnorm, rmsnorm_quant)
+from .norm import (fused_add_rmsnorm, fused_add_rmsnorm_quant, gemma_fused_add_rmsnorm, gemma_rmsnorm,
+                   gemma_rmsnorm_add, layernorm, rmsnorm, rmsnorm_quant)
 from .topk import top_k, top_k_page_table_transform, top_k_ragged_transform, topk
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens
 from .sampling import (chain_speculative_sampling, greedy_sample, min_p_sampling_from_probs, sampling_from_logits,
@@ -24,7 +24,8 @@ __all__ = ["apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_ro
            "SegmentGEMMWrapper", "segment_gemm",
            "append_paged_kv_cache", "append_paged_mla_kv_cache", "get_seq_lens", "fused_add_rmsnorm", "gelu_and_mul", "gelu_tanh_and_mul",
            "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "gemma_rmsnorm_add", "get_batch_indices_positions", "linear",
-           "layernorm", "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm", "rmsnorm_quant", "fused_add_rmsnorm_quant",
+           "layernorm", "linear_gelu_tanh_and_mul", "linear_rope_append", "linear_silu_and_mul", "rmsnorm",
+           "rmsnorm_quant", "fused_add_rmsnorm_quant",
            "silu_and_mul", "soft_cap",
            "chain_speculative_sampling", "greedy_sample", "min_p_sampling_from_probs", "sampling_from_logits",
            "sampling_from_probs", "softmax", "top_k_sampling_from_probs",

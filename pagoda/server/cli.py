@@ -54,8 +54,8 @@ def add_parser(sub) -> None:
                    help='tool_choice "auto": the model\'s outputs parsed for tool calls (--tool-call-parser)')
     p.add_argument("--tool-call-parser", default=None, choices=PARSERS,
                    help="how tool calls are written in the model's outputs (hermes: <tool_call> tags, Qwen / Hermes; "
-                        "llama3_json: JSON objects, Llama 3.1+; mistral: after Mistral's [TOOL_CALLS] token; pythonic: a Python list "
-                        "of calls)")
+                        "llama3_json: JSON objects, Llama 3.1+; mistral: after Mistral's [TOOL_CALLS] token; "
+                        "pythonic: a Python list of calls)")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)

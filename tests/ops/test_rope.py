@@ -354,7 +354,8 @@ def test_rope_quantize_fp8(mla, is_neox, fp8, monkeypatch):
     outs = pagoda.rope_quantize_fp8(q_r, k_r, None, None, cache, pos)
     assert outs[2].shape == (nnz, hq, 0) and outs[0].dtype == torch.float8_e4m3fn
     bad = [(dict(cos_sin_cache=cache.double()), "cos_sin_cache"), (dict(pos_ids=pos[:3]), "pos_ids"),
-           (dict(pos_ids=torch.tensor([0, 1, 2, 3, 99])), "pos_ids"), (dict(quantize_dtype=torch.int8), "quantize_dtype"),
+           (dict(pos_ids=torch.tensor([0, 1, 2, 3, 99])), "pos_ids"),
+           (dict(quantize_dtype=torch.int8), "quantize_dtype"),
            (dict(quant_scale_q=0.0), "quant_scale_q"), (dict(k_rope_out=torch.empty(3).to(fp8)), "k_rope_out"),
            (dict(q_rope=q_r.float()), "q_rope"), (dict(k_nope=k_n[..., :8]), "q_nope / k_nope")]
     base = dict(q_rope=q_r, k_rope=k_r, q_nope=q_n, k_nope=k_n, cos_sin_cache=cache, pos_ids=pos)

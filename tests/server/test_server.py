@@ -707,7 +707,8 @@ def test_mistral_tool_parser(tmp_path):
         assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] == "Sure. ", ch
         assert re.fullmatch("[A-Za-z0-9]{9}", call["id"]) and call["function"]["name"] == "get_weather"
         assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
-        content, calls, reasons = _sse_chat(httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text)
+        sse = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).text
+        content, calls, reasons = _sse_chat(sse)
         assert (content, reasons) == ("Sure. ", ["tool_calls"]) and len(calls) == 1
         assert json.loads(calls[0]["arguments"]) == {"city": "Rome"} and re.fullmatch("[A-Za-z0-9]{9}", calls[0]["id"])
         # a special token (the demo tokenizer's <|user|>, id 3, forced by logit_bias) stays in an "auto" answer's text
