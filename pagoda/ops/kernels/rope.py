@@ -25,6 +25,27 @@ def _pairs(i, half, INTERLEAVE: tl.constexpr):
 
 
 @triton.jit
+def _head_block(POS, t, hb, num_heads, half, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Head block hb: its heads and their mask, token t's position, the rotary pair indices and their mask."""
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_R)
+    return heads, heads < num_heads, tl.load(POS + t), i, i < half
+
+
+@triton.jit
+def _rotate_rows(xrow, yrow, i, half, m, cos, sin, scale, clamp, INTERLEAVE: tl.constexpr, QUANT: tl.constexpr):
+    """yrow's rotary pairs = xrow's rotated by (cos, sin) (QUANT: then times scale, clamped to +-clamp), stored in
+    yrow's dtype."""
+    i1, i2 = _pairs(i, half, INTERLEAVE)
+    x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    y1 = quantize(x1 * cos[None, :] - x2 * sin[None, :], scale, clamp, QUANT)
+    y2 = quantize(x2 * cos[None, :] + x1 * sin[None, :], scale, clamp, QUANT)
+    tl.store(yrow + i1[None, :], y1.to(yrow.dtype.element_ty), mask=m)
+    tl.store(yrow + i2[None, :], y2.to(yrow.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def rope_kernel(
     Q, K, QO, KO, POS, FREQ, COS_SIN, num_q_heads, num_k_heads, head_dim, half, max_pos,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
@@ -45,25 +66,17 @@ def rope_kernel(
     else:
         X, Y, num_heads, hb = K, KO, num_k_heads, j - q_blocks
         sxt, sxh, syt, syh = stride_kt, stride_kh, stride_kot, stride_koh
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = heads < num_heads
-    pos = tl.load(POS + t)
-    i = tl.arange(0, BLOCK_R)
-    im = i < half
+    heads, hm, pos, i, im = _head_block(POS, t, hb, num_heads, half, BLOCK_H, BLOCK_R)
     if FROM_CACHE:
         cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs)
     else:
         ang = pos.to(tl.float32) * tl.load(FREQ + i, mask=im, other=0.0)
         cos = tl.cos(ang)
         sin = tl.sin(ang)
-    i1, i2 = _pairs(i, half, INTERLEAVE)
     m = hm[:, None] & im[None, :]
     xrow = X + t * sxt + heads[:, None] * sxh
     yrow = Y + t * syt + heads[:, None] * syh
-    x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(yrow + i1[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(Y.dtype.element_ty), mask=m)
-    tl.store(yrow + i2[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(Y.dtype.element_ty), mask=m)
+    _rotate_rows(xrow, yrow, i, half, m, cos, sin, 1.0, 0.0, INTERLEAVE, False)
     if COPY_REST:
         d = tl.arange(0, BLOCK_D)
         dm = hm[:, None] & (d[None, :] >= 2 * half) & (d[None, :] < head_dim)
@@ -94,22 +107,11 @@ def rope_quantize_kernel(
         XR, XN, YR, YN, num_heads, hb, scale = KR, KN, KRO, KNO, num_k_heads, j - q_blocks, scale_kv
         sxr_t, sxr_h, sxn_t, sxn_h = s_kr_t, s_kr_h, s_kn_t, s_kn_h
         syr_t, syr_h, syn_t, syn_h = s_kro_t, s_kro_h, s_kno_t, s_kno_h
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = heads < num_heads
-    pos = tl.load(POS + t)
-    i = tl.arange(0, BLOCK_R)
-    im = i < half
+    heads, hm, pos, i, im = _head_block(POS, t, hb, num_heads, half, BLOCK_H, BLOCK_R)
     cos, sin = _cached_cos_sin(COS_SIN, pos, i, im, half, max_pos, stride_cs)
-    i1, i2 = _pairs(i, half, INTERLEAVE)
     m = hm[:, None] & im[None, :]
-    xrow = XR + t * sxr_t + heads[:, None] * sxr_h
-    yrow = YR + t * syr_t + heads[:, None] * syr_h
-    x1 = tl.load(xrow + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xrow + i2[None, :], mask=m, other=0.0).to(tl.float32)
-    y1 = quantize(x1 * cos[None, :] - x2 * sin[None, :], scale, clamp, True)
-    y2 = quantize(x2 * cos[None, :] + x1 * sin[None, :], scale, clamp, True)
-    tl.store(yrow + i1[None, :], y1.to(YR.dtype.element_ty), mask=m)
-    tl.store(yrow + i2[None, :], y2.to(YR.dtype.element_ty), mask=m)
+    _rotate_rows(XR + t * sxr_t + heads[:, None] * sxr_h, YR + t * syr_t + heads[:, None] * syr_h, i, half, m, cos,
+                 sin, scale, clamp, INTERLEAVE, True)
     if HAS_NOPE:
         d = tl.arange(0, BLOCK_N)
         dm = hm[:, None] & (d[None, :] < nope_dim)
