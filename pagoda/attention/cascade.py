@@ -27,9 +27,10 @@ import triton
 
 from . import reference
 from .kernels.attention import merge_states_kernel, merge_two_kernel
+from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .formats import check_indptr, not_planned, to_host_array
 from .plan import _segment_index
-from .prefill import BatchPrefillWithPagedKVCacheWrapper
+from .prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -240,14 +241,14 @@ class _SharedPrefix:
     took 690 us on the H200 that way, a ragged request 354, session 46)."""
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, backend: str):
-        from .prefill import BatchPrefillWithRaggedKVCacheWrapper
-
         # NHD: the prefix seen as a paged cache of one request (pages of 16 tokens, or 1 where its length is no
         # multiple of 16: views, no copy), planned as MultiLevelCascadeAttentionWrapper's shared level is (the paged
         # prefill kernels; on sm_90 the Gluon one); HND: a ragged request (its pages would not be views)
-        self._paged = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, "NHD", backend=backend)
-        self._ragged = BatchPrefillWithRaggedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend)
         self._nhd = kv_layout == "NHD"
+        self._ws, self._layout, self._backend = float_workspace_buffer, kv_layout, backend
+        self._paged = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, "NHD", backend=backend) \
+            if self._nhd else None
+        self._ragged = None  # (made at the first prefix that needs it: HND, or a strided NHD one)
         self._key = None
 
     def run(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, sm_scale, soft_cap):
@@ -274,6 +275,8 @@ class _SharedPrefix:
                                  torch.arange(pages, dtype=torch.int32), torch.tensor([ps], dtype=torch.int32),
                                  q.shape[1], heads, q.shape[2], ps, **kw)
             else:
+                if self._ragged is None:
+                    self._ragged = BatchPrefillWithRaggedKVCacheWrapper(self._ws, self._layout, backend=self._backend)
                 self._ragged.plan(qo, torch.tensor([0, length], dtype=torch.int32), q.shape[1], heads, q.shape[2], **kw)
             self._key = key
         if paged:
@@ -282,8 +285,10 @@ class _SharedPrefix:
         return self._ragged.run(q, k_shared, v_shared, return_lse=True)
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor) -> None:
-        self._paged.reset_workspace_buffer(float_workspace_buffer)
-        self._ragged.reset_workspace_buffer(float_workspace_buffer)
+        self._ws = float_workspace_buffer
+        for w in (self._paged, self._ragged):
+            if w is not None:
+                w.reset_workspace_buffer(float_workspace_buffer)
         self._key = None
 
 
@@ -295,8 +300,6 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     over the SMs), planned at the first forward() of each prefix length."""
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", backend: str = "auto") -> None:
-        from .decode import BatchDecodeWithPagedKVCacheWrapper
-
         self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
                                                                         backend=backend)
         self._shared = _SharedPrefix(float_workspace_buffer, kv_layout, backend)

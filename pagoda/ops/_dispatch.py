@@ -18,6 +18,13 @@ def check_same(name: str, t, like: torch.Tensor) -> None:
                          f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
 
 
+def check_scale(name: str, value) -> float:
+    """A quantization scale: a finite real number > 0 (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a float > 0, got {value!r}")
+    return float(value)
+
+
 def check_eps(name: str, value) -> float:
     """A norm's epsilon: a real number >= 0 (bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

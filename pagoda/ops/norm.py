@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._dispatch import check_eps, check_same, pdl_launch, rows_view, use_triton
+from ..attention.formats import FP8_DTYPES, FP8_MAX
+from ._dispatch import check_eps, check_same, check_scale, pdl_launch, rows_view, use_triton
 from .kernels.norm import layernorm_kernel, rmsnorm_kernel
 
 
@@ -116,17 +117,13 @@ def gemma_rmsnorm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch
 
 def _check_quant(out, input, scale) -> tuple[float, float]:
     """(1 / scale, the fp8 dtype's largest value) of rmsnorm_quant's out / scale, or ValueError naming them."""
-    from ..attention.formats import FP8_DTYPES
-
     if not isinstance(out, torch.Tensor) or out.dtype not in FP8_DTYPES or out.shape != input.shape or \
             out.device != input.device:
         raise ValueError(f"out must be a float8_e4m3fn / float8_e5m2 tensor of input's shape {tuple(input.shape)} on "
                          f"{input.device}, got {getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
     if out.numel() and out.stride(-1) != 1:
         raise ValueError("out must have a contiguous last dimension")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
-        raise ValueError(f"scale must be a float > 0 (out = the norm / scale), got {scale!r}")
-    return 1.0 / float(scale), float(torch.finfo(out.dtype).max)
+    return 1.0 / check_scale("scale", scale), FP8_MAX[out.dtype]
 
 
 def _norm_quant(out, input, residual, weight, scale, eps, enable_pdl):

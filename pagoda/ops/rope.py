@@ -18,7 +18,7 @@ import math
 import torch
 import triton
 
-from ._dispatch import check_eps, pdl_launch, use_triton
+from ._dispatch import check_eps, check_scale, pdl_launch, use_triton
 from ..attention.formats import FP8_DTYPES, FP8_MAX, paged_cache_geometry, paged_strides, unpack_paged_kv_cache
 from .kernels.rope import rope_append_kernel, rope_kernel, rope_quantize_kernel
 from .norm import rms_norm_float
@@ -264,9 +264,8 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
         quantize_dtype = next((o.dtype for o in outs if o is not None), torch.float8_e4m3fn)
     if quantize_dtype not in FP8_DTYPES:
         raise ValueError(f"quantize_dtype must be float8_e4m3fn / float8_e5m2, got {quantize_dtype}")
-    for name, scale in (("quant_scale_q", quant_scale_q), ("quant_scale_kv", quant_scale_kv)):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-            raise ValueError(f"{name} must be a float > 0, got {scale!r}")
+    quant_scale_q, quant_scale_kv = check_scale("quant_scale_q", quant_scale_q), check_scale("quant_scale_kv",
+                                                                                           quant_scale_kv)
     names = ("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out")
     for i, (name, src) in enumerate(zip(names, (q_rope, k_rope, q_nope, k_nope))):
         if outs[i] is None:
@@ -275,7 +274,7 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
                 or outs[i].device != dev:
             raise ValueError(f"{name} must be {quantize_dtype} {tuple(src.shape)} on {dev}, got "
                              f"{getattr(outs[i], 'dtype', type(outs[i]))} {tuple(getattr(outs[i], 'shape', ()))}")
-    clamp = float(torch.finfo(quantize_dtype).max)
+    clamp = FP8_MAX[quantize_dtype]
     if nnz:
         ys = [_heads3(n, o) for n, o in zip(names, outs)]
         if not use_triton(q_rope):
@@ -291,7 +290,7 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
             st = [s for t in (qr, kr, qn, kn, *ys) for s in (t.stride(0), t.stride(1))]
             rope_quantize_kernel[grid](qr, kr, qn, kn, *ys, pos_ids, cos_sin_cache, qr.shape[1], kr.shape[1],
                                        rope_dim // 2, nope, cos_sin_cache.shape[0], *st, cos_sin_cache.stride(0),
-                                       float(quant_scale_q), float(quant_scale_kv), clamp, BLOCK_H=bh,
+                                       quant_scale_q, quant_scale_kv, clamp, BLOCK_H=bh,
                                        BLOCK_R=triton.next_power_of_2(rope_dim // 2),
                                        BLOCK_N=triton.next_power_of_2(max(nope, 1)), INTERLEAVE=not is_neox,
                                        HAS_NOPE=nope > 0, num_warps=4, **pdl_launch(enable_pdl, q_rope))

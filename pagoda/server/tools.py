@@ -549,6 +549,8 @@ class StreamSplitter:
 
     def calls(self) -> list[dict[str, Any]]:
         """The tool-call deltas that can go out now (each with its index)."""
+        if self.mode == "auto" and self.sent >= len(self.text):  # (all of it went out as content: no call begun)
+            return []
         out = []
         for i, (name, a0, a1) in enumerate(self._scan()[:None if self.parallel else 1]):
             if i == len(self.streamed):
